@@ -1,0 +1,1 @@
+"""transferkit: reproducible transfer learning on CIFAR."""

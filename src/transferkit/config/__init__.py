@@ -1,0 +1,1 @@
+"""Configuration: compose conf/ with Hydra, write and check params.yaml, validate values."""

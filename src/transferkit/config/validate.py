@@ -1,0 +1,95 @@
+"""Check every value a stage will use before any data is loaded or training starts.
+
+Hydra already refuses unknown keys in overrides (struct mode); this catches impossible
+values, each with a message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from transferkit.errors import TransferkitError
+
+TRAIN_STAGES = ("pretrain", "transfer", "probe", "scratch")
+
+
+def _fail(key: str, value, need: str) -> None:
+    raise TransferkitError(f"{key}={value!r} is invalid: {need}. Fix: set {key} in conf/ or as an override.")
+
+
+def _check_number(cfg, key: str, *, low=None, high=None, low_open=False, integer=False, allow_none=False):
+    node, *path = key.split(".")
+    value = cfg[node]
+    for p in path:
+        value = value[p]
+    if value is None and allow_none:
+        return
+    if integer and (not isinstance(value, int) or isinstance(value, bool)):
+        _fail(key, value, "must be an integer")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        _fail(key, value, "must be a number")
+    if low is not None and (value <= low if low_open else value < low):
+        _fail(key, value, f"must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        _fail(key, value, f"must be <= {high}")
+
+
+def validate_train(cfg: DictConfig, stage: str) -> None:
+    # pretrain.epochs=0 exports published weights (model.weights) without source training
+    _check_number(cfg, f"{stage}.epochs", low=0 if stage == "pretrain" else 1, integer=True)
+    _check_number(cfg, f"{stage}.batch_size", low=1, integer=True)
+    _check_number(cfg, f"{stage}.lr", low=0, low_open=True)
+    _check_number(cfg, f"{stage}.momentum", low=0, high=1)
+    _check_number(cfg, f"{stage}.weight_decay", low=0)
+    _check_number(cfg, f"{stage}.label_smoothing", low=0, high=1)
+    _check_number(cfg, f"{stage}.warmup_fraction", low=0, high=1)
+    _check_number(cfg, f"{stage}.translate", low=0, high=8, integer=True)
+
+
+def validate_data(cfg: DictConfig) -> None:
+    d = cfg.data
+    for role in ("source", "target"):
+        _check_number(cfg, f"data.{role}.train_per_class", low=1, integer=True, allow_none=True)
+        _check_number(cfg, f"data.{role}.val_per_class", low=0, integer=True)
+        _check_number(cfg, f"data.{role}.test_per_class", low=1, integer=True, allow_none=True)
+    if d.source.dataset == d.target.dataset:
+        both = sorted(set(d.source.classes) & set(d.target.classes))
+        if both:
+            raise TransferkitError(
+                f"classes {both} are in both data.source.classes and data.target.classes: the target "
+                f"test images of a class the backbone was pretrained on would leak. Fix: remove them "
+                f"from one of the two lists.")
+    if "synthetic" in (d.source.dataset, d.target.dataset):
+        _check_number(cfg, "data.synthetic.train_per_class", low=1, integer=True)
+        _check_number(cfg, "data.synthetic.test_per_class", low=1, integer=True)
+
+
+def validate_transfer(cfg: DictConfig, num_blocks: int) -> None:
+    _check_number(cfg, "transfer.backbone_lr_mult", low=0)
+    _check_number(cfg, "transfer.unfreeze_every_epochs", low=0, integer=True)
+    _check_number(cfg, "transfer.freeze_depth", low=0, integer=True)
+    if cfg.transfer.freeze_depth > num_blocks:
+        _fail("transfer.freeze_depth", cfg.transfer.freeze_depth,
+              f"model '{cfg.model.name}' has {num_blocks} blocks, so it must be in 0..{num_blocks}")
+    if cfg.transfer.unfreeze_every_epochs and cfg.trainer.strategy not in ("auto", None, "single_device"):
+        raise TransferkitError("transfer.unfreeze_every_epochs > 0 is not supported with strategy "
+                               f"'{cfg.trainer.strategy}' (DDP fixes its parameter set at start). Fix: set "
+                               "transfer.unfreeze_every_epochs=0 or use trainer=cpu/gpu.")
+
+
+def validate_probe(cfg: DictConfig, num_blocks: int) -> None:
+    _check_number(cfg, "probe.depth", low=1, integer=True, allow_none=True)
+    if cfg.probe.depth is not None and cfg.probe.depth > num_blocks:
+        _fail("probe.depth", cfg.probe.depth, f"model '{cfg.model.name}' has {num_blocks} blocks, so it "
+              f"must be in 1..{num_blocks} or null")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need no model or data; stage-specific ones run in each stage."""
+    _check_number(cfg, "seed", low=0, integer=True)
+    validate_data(cfg)
+    for stage in TRAIN_STAGES:
+        validate_train(cfg, stage)
+    _check_number(cfg, "evaluate.latency_repeats", low=1, integer=True)
+    _check_number(cfg, "evaluate.throughput_batch", low=1, integer=True)
+    _check_number(cfg, "evaluate.batch_size", low=1, integer=True)

@@ -1,0 +1,240 @@
+"""Raw datasets: official CIFAR pickles, image-folder trees or .tar.gz archives, and
+synthetic images made in-process. Each loader returns uint8 NCHW tensors, decoded once."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import socket
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from transferkit.errors import TransferkitError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    labels: torch.Tensor  # int64 [N], indices into RawDataset.classes
+
+
+@dataclass
+class RawDataset:
+    name: str
+    classes: list[str]
+    train: Split
+    test: Split
+
+
+# --------------------------------------------------------------------------- official CIFAR
+# name -> (folder inside data_dir, train files, test files, meta file, label key, names key)
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", b"labels", b"label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
+}
+
+
+def _official_md5s(name: str) -> dict[str, str]:
+    """The checksums torchvision publishes for the extracted pickle files."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    return {f: md5 for f, md5 in cls.train_list + cls.test_list}
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -> RawDataset:
+    """Read the official python-pickle layout (what torchvision downloads and extracts)."""
+    _, train_files, test_files, meta_file, label_key, names_key = _CIFAR[name]
+    md5s = _official_md5s(name) if verify_checksums else {}
+
+    def unpickle(fname: str) -> dict:
+        path = folder / fname
+        if not path.exists():
+            raise TransferkitError(f"{path} is missing: the official {name} folder is incomplete. "
+                                   f"Fix: re-extract the official archive into {folder.parent}.")
+        if fname in md5s and _md5(path) != md5s[fname]:
+            raise TransferkitError(
+                f"{path} does not match the official {name} checksum: the file is corrupt or not "
+                f"the official release. Fix: delete {folder} and download or extract it again "
+                f"(or set data.verify_checksums=false for a deliberately modified copy).")
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="bytes")
+        except Exception as e:
+            raise TransferkitError(f"{path} is not a readable CIFAR pickle ({e}). "
+                                   f"Fix: delete {folder} and extract the official archive again.") from e
+
+    classes = [c.decode() for c in unpickle(meta_file)[names_key]]
+
+    def split(files: list[str]) -> Split:
+        batches = [unpickle(f) for f in files]
+        data = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
+        return Split(torch.from_numpy(data.copy()), torch.from_numpy(labels).long())
+
+    return RawDataset(name, classes, split(train_files), split(test_files))
+
+
+def download_cifar(name: str, data_dir: Path) -> None:
+    """torchvision's download: fetches the official archive and verifies its md5."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # an offline machine should fail in seconds, not hang
+    try:
+        cls(root=str(data_dir), train=True, download=True)
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+# --------------------------------------------------------------------------- image folders
+def _decode(data: bytes, where: str, image_size: int) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise TransferkitError(f"corrupt image {where} ({e}). Fix: delete or replace that file.") from e
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(img).transpose(2, 0, 1)
+
+
+def _parse_member(path: str) -> tuple[str, str] | None:
+    """'.../train/<class>/<file>' -> ('train', class); anything else -> None."""
+    parts = Path(path).parts
+    if len(parts) < 3 or Path(path).suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    split, cls = parts[-3], parts[-2]
+    return (split, cls) if split in ("train", "test") else None
+
+
+def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None = None) -> RawDataset:
+    """Read `train/<class>/*` and `test/<class>/*` from a folder or a .tar(.gz) archive.
+
+    Only classes in `wanted` are decoded (all if None): the rest of the archive is skipped.
+    Files are sorted by path so the result does not depend on archive or filesystem order.
+    """
+    items: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
+    seen_classes: set[str] = set()
+    if path.is_dir():
+        for f in sorted(path.rglob("*")):
+            key = _parse_member(str(f.relative_to(path)))
+            if key and f.is_file():
+                seen_classes.add(key[1])
+                if wanted is None or key[1] in wanted:
+                    items.setdefault(key, []).append((str(f), f.read_bytes()))
+    else:
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                for m in tar:
+                    key = _parse_member(m.name) if m.isfile() else None
+                    if key:
+                        seen_classes.add(key[1])
+                        if wanted is None or key[1] in wanted:
+                            items.setdefault(key, []).append((m.name, tar.extractfile(m).read()))
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise TransferkitError(
+                f"corrupt or unreadable archive {path} ({type(e).__name__}: {e}). Fix: copy the "
+                f"archive again (e.g. `cp ../shared/datasets/cifar10-jpeg.tar.gz data/`).") from e
+    if not seen_classes:
+        raise TransferkitError(
+            f"no images found in {path}: expected train/<class>/<image> and test/<class>/<image>. "
+            f"Fix: arrange the images in that layout.")
+    classes = sorted(seen_classes)
+    index = {c: i for i, c in enumerate(classes)}
+
+    def split(name: str) -> Split:
+        imgs, labels = [], []
+        for (s, c), files in sorted(items.items()):
+            if s != name:
+                continue
+            for where, data in sorted(files):
+                imgs.append(_decode(data, where, image_size))
+                labels.append(index[c])
+        if not imgs:
+            return Split(torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8),
+                         torch.zeros(0, dtype=torch.long))
+        return Split(torch.from_numpy(np.stack(imgs)), torch.tensor(labels, dtype=torch.long))
+
+    return RawDataset(path.name, classes, split("train"), split("test"))
+
+
+# --------------------------------------------------------------------------- synthetic
+def make_synthetic(classes: list[str], train_per_class: int, test_per_class: int,
+                   image_size: int = 32, seed: int = 0) -> RawDataset:
+    """Learnable class-conditional images: each class is an oriented colour grating
+    (its look fixed by the class name) with random phase and noise per image."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(image_size), torch.arange(image_size), indexing="ij")
+
+    def images(cls: str, n: int) -> torch.Tensor:
+        look = torch.Generator().manual_seed(zlib.crc32(cls.encode()))
+        colour = torch.rand(3, 1, 1, generator=look) * 0.6 + 0.2
+        angle = torch.rand(1, generator=look) * torch.pi
+        freq = 0.2 + torch.rand(1, generator=look) * 0.6
+        phase = torch.rand(n, 1, 1, 1, generator=gen) * 2 * torch.pi
+        wave = torch.sin(freq * (xx * torch.cos(angle) + yy * torch.sin(angle)) + phase)
+        x = colour * (0.5 + 0.4 * wave) + 0.15 * torch.randn(n, 3, image_size, image_size, generator=gen)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def split(n: int) -> Split:
+        return Split(torch.cat([images(c, n) for c in classes]),
+                     torch.arange(len(classes)).repeat_interleave(n))
+
+    return RawDataset("synthetic", list(classes), split(train_per_class), split(test_per_class))
+
+
+# --------------------------------------------------------------------------- resolution
+def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
+    folder = _CIFAR[name][0]
+    return TransferkitError(
+        f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Provide it one of "
+        f"three ways: (1) the official python version: extract it to {data_dir}/{folder}/ (or run "
+        f"with network access and data.download=true); (2) an image-folder tree or .tar.gz "
+        f"(train/<class>/*, test/<class>/*) at {data_dir}/{name}-jpeg.tar.gz or given as the "
+        f"dataset path; on this project's machines: `mkdir -p {data_dir} && cp "
+        f"../shared/datasets/cifar10-jpeg.tar.gz {data_dir}/`; (3) synthetic images, no files "
+        f"needed: `experiment=smoke`.")
+
+
+def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksums: bool,
+                 image_size: int, wanted: set[str] | None) -> RawDataset:
+    """Resolve a dataset name ('cifar10', 'cifar100') or a path to an image folder/archive."""
+    if dataset in _CIFAR:
+        official = data_dir / _CIFAR[dataset][0]
+        if official.is_dir():
+            return read_cifar_pickles(official, dataset, verify_checksums)
+        for candidate in (data_dir / f"{dataset}-jpeg.tar.gz", data_dir / f"{dataset}-jpeg"):
+            if candidate.exists():
+                return read_image_folder(candidate, image_size, wanted)
+        if not download:
+            raise _not_found(dataset, data_dir, "data.download=false")
+        try:
+            download_cifar(dataset, data_dir)
+        except Exception as e:  # URLError, timeouts, DNS failures, checksum mismatch
+            raise _not_found(dataset, data_dir, f"download failed: {type(e).__name__}: {e}") from e
+        return read_cifar_pickles(official, dataset, verify_checksums)
+    path = Path(dataset)
+    if not path.is_absolute() and not path.exists():
+        path = data_dir / dataset
+    if not path.exists():
+        raise TransferkitError(
+            f"dataset '{dataset}' is neither 'cifar10', 'cifar100', 'synthetic' nor an existing "
+            f"image folder or archive. Fix: give one of those names or the path to a folder/.tar.gz "
+            f"laid out as train/<class>/*, test/<class>/*.")
+    return read_image_folder(path, image_size, wanted)

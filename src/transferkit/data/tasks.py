@@ -1,0 +1,70 @@
+"""Carve a task (classes by name, per-class counts, a validation split) out of a raw dataset.
+
+A prepared task is a plain dict of uint8 tensors, written once by the prepare stage and
+read by every training stage: no image is decoded twice.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+
+from transferkit.data.sources import RawDataset
+from transferkit.errors import TransferkitError
+
+
+def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
+    if len(classes) < 2:
+        raise TransferkitError(f"data.{role}.classes needs at least 2 classes, got {classes}.")
+    dupes = sorted({c for c in classes if classes.count(c) > 1})
+    if dupes:
+        raise TransferkitError(f"data.{role}.classes lists {dupes} more than once. Fix: list each class once.")
+    for c in classes:
+        if c not in raw.classes:
+            near = difflib.get_close_matches(c, raw.classes, n=3)
+            hint = f" Did you mean {near}?" if near else ""
+            raise TransferkitError(
+                f"unknown class '{c}' in data.{role}.classes: {raw.name} has {raw.classes}.{hint} "
+                f"Fix: use one of those names.")
+
+
+def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | None,
+                val_per_class: int, test_per_class: int | None, seed: int, role: str) -> dict:
+    """Per class: a seeded shuffle of its train images, the first `train_per_class` for
+    training and the next `val_per_class` for validation (None = all that remain);
+    test images come from the official test split only."""
+    _check_classes(raw, classes, role)
+    gen = torch.Generator().manual_seed(seed)
+    parts: dict[str, list] = {k: [] for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
+    for new_label, name in enumerate(classes):
+        old = raw.classes.index(name)
+        idx = torch.nonzero(raw.train.labels == old).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_train = len(idx) - val_per_class if train_per_class is None else train_per_class
+        if n_train <= 0 or n_train + val_per_class > len(idx):
+            raise TransferkitError(
+                f"class '{name}' has {len(idx)} train images in {raw.name}, but data.{role} asks for "
+                f"{train_per_class if train_per_class is not None else 'all'} train + {val_per_class} val. "
+                f"Fix: lower data.{role}.train_per_class or data.{role}.val_per_class.")
+        train_idx, val_idx = idx[:n_train], idx[n_train:n_train + val_per_class]
+        test_idx = torch.nonzero(raw.test.labels == old).flatten()
+        if test_per_class is not None:
+            if test_per_class > len(test_idx):
+                raise TransferkitError(
+                    f"class '{name}' has {len(test_idx)} test images, data.{role}.test_per_class is "
+                    f"{test_per_class}. Fix: lower it or set it to null (all).")
+            test_idx = test_idx[:test_per_class]
+        for split, ix, images in (("train", train_idx, raw.train), ("val", val_idx, raw.train),
+                                  ("test", test_idx, raw.test)):
+            parts[f"{split}_x"].append(images.images[ix])
+            parts[f"{split}_y"].append(torch.full((len(ix),), new_label, dtype=torch.long))
+    task = {k: torch.cat(v) for k, v in parts.items()}
+    task["classes"] = list(classes)
+    task["dataset"] = raw.name
+    return task
+
+
+def task_summary(task: dict) -> dict:
+    return {"dataset": task["dataset"], "classes": task["classes"],
+            **{f"n_{s}": int(len(task[f"{s}_y"])) for s in ("train", "val", "test")}}

@@ -1,0 +1,57 @@
+"""What a model costs to keep and to run: parameters, MACs, file size, CPU latency at
+batch 1 (median) and throughput at a large batch. Latency and throughput are measurements,
+so they go to timing.json, not to the bit-reproducible metrics.json."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: torch.nn.Module, input_size: int = 32) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (torch's FLOP counter / 2)."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, input_size, input_size))
+    return counter.get_total_flops() // 2
+
+
+@torch.inference_mode()
+def cpu_latency_ms(model: torch.nn.Module, repeats: int, input_size: int = 32, warmup: int = 5) -> float:
+    model.eval()
+    x = torch.rand(1, 3, input_size, input_size)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+@torch.inference_mode()
+def cpu_throughput(model: torch.nn.Module, batch: int, repeats: int, input_size: int = 32) -> float:
+    """Images per second at `batch`, best of `repeats` (the least disturbed run)."""
+    model.eval()
+    x = torch.rand(batch, 3, input_size, input_size)
+    model(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(x)
+        best = min(best, time.perf_counter() - t)
+    return batch / best
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size

@@ -1,0 +1,89 @@
+"""report.md: the page a person reads first."""
+
+from __future__ import annotations
+
+# The source material's reference experiment (mini-VGG+BN, CIFAR-10 -> 10 aquatic CIFAR-100
+# classes, 400 train / 100 eval per class, conv1-6 frozen, 50 epochs, hours on a CPU).
+SOURCE_MATERIAL = {"scratch": 0.574, "transfer": 0.601, "n_test": 1000}
+
+LABELS = {"scratch": "scratch (baseline)", "probe": "linear probe", "transfer": "transfer (fine-tuned)"}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -> str:
+    models = metrics["models"]
+    lines = [f"# transferkit report: `{cfg_summary['experiment']}`", ""]
+    lines += ["## What was run", ""]
+    src, tgt = data_summary["source"], data_summary["target"]
+    lines += [
+        f"- source task: {src['dataset']} {', '.join(src['classes'])} "
+        f"({src['n_train']} train, {src['n_val']} val images)",
+        f"- target task: {tgt['dataset']} {', '.join(tgt['classes'])} "
+        f"({tgt['n_train']} train, {tgt['n_val']} val, **{tgt['n_test']} test** images)",
+        f"- model: `{cfg_summary['model']}`; transfer: freeze_depth={cfg_summary['freeze_depth']}, "
+        f"backbone_lr_mult={cfg_summary['backbone_lr_mult']}; probe depth={cfg_summary['probe_depth']}",
+        f"- budgets (epochs): pretrain {cfg_summary['epochs']['pretrain']}, transfer "
+        f"{cfg_summary['epochs']['transfer']}, scratch {cfg_summary['epochs']['scratch']}, probe "
+        f"{cfg_summary['epochs']['probe']}; seed {cfg_summary['seed']}; test-time flip: "
+        f"{cfg_summary['tta_flip']}",
+        "",
+        "## Results on the target test set", "",
+        "| model | top-1 | 95% interval | params | MACs | file | CPU latency (batch 1) | CPU throughput |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in models.items():
+        t = timing.get(name, {})
+        lines.append(
+            f"| {LABELS.get(name, name)} | **{_pct(m['top1'])}** | {_pct(m['top1_ci95'][0])} – "
+            f"{_pct(m['top1_ci95'][1])} | {m['params'] / 1e6:.2f} M | {m['macs'] / 1e6:.1f} M | "
+            f"{_mb(m['size_bytes'])} | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "
+            f"{t.get('throughput_img_s', float('nan')):.0f} img/s |")
+    lines.append("")
+    gain = metrics.get("transfer_vs_scratch")
+    if gain:
+        lo, hi = gain["ci95"]
+        verdict = ("transfer is better than scratch (the interval excludes 0)" if lo > 0 else
+                   "scratch is better than transfer (the interval excludes 0)" if hi < 0 else
+                   "the difference is within noise (the interval includes 0)")
+        sm = SOURCE_MATERIAL
+        sm_half = 1.96 * ((sm["scratch"] * (1 - sm["scratch"]) + sm["transfer"] * (1 - sm["transfer"]))
+                          / sm["n_test"]) ** 0.5
+        lines += [
+            "## Does transfer pay?", "",
+            f"Transfer minus scratch: **{100 * gain['difference']:+.1f} points** "
+            f"(95% paired interval {100 * lo:+.1f} to {100 * hi:+.1f}, {gain['n']} test images): {verdict}.",
+            "",
+            "| | scratch | transfer | gain |", "|---|---|---|---|",
+            f"| this run | {_pct(models['scratch']['top1'])} | {_pct(models['transfer']['top1'])} | "
+            f"{100 * gain['difference']:+.1f} points |",
+            f"| source material (mini-VGG, CIFAR-10 -> aquatic CIFAR-100, hours on a CPU) | "
+            f"{_pct(sm['scratch'])} | {_pct(sm['transfer'])} | "
+            f"{100 * (sm['transfer'] - sm['scratch']):+.1f} points (about ±{100 * sm_half:.1f} on "
+            f"{sm['n_test']} images, unpaired) |",
+            "",
+        ]
+    lines += ["## Per-class accuracy", "", "| class | " + " | ".join(LABELS.get(n, n) for n in models) + " |",
+              "|---|" + "---|" * len(models)]
+    for c in next(iter(models.values()))["per_class"]:
+        lines.append(f"| {c} | " + " | ".join(_pct(m["per_class"][c]) for m in models.values()) + " |")
+    lines += ["", "## Plots", "", "Training curves (validation accuracy, training loss):", "",
+              "![curves](curves.png)", ""]
+    for name in models:
+        lines += [f"![confusion matrix: {name}](confusion_{name}.png)", ""]
+    lines += [
+        "## Reproduce", "",
+        "```",
+        "uv sync && uv run dvc repro      # this whole pipeline; reruns only what changed",
+        "uv run dvc metrics show          # the numbers above",
+        "uv run dvc plots show            # curves and confusion matrices (HTML)",
+        "```", "",
+        "Latency and throughput are measured on the machine that ran `evaluate` (timing.json); "
+        "every other number is in metrics.json and is identical from run to run.", ""]
+    return "\n".join(lines)

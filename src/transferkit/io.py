@@ -1,0 +1,77 @@
+"""Atomic file writes: a stage that fails half-way never leaves a half-written file
+where a later stage (or DVC) would read it. Everything is written to a temporary
+sibling first and renamed into place, which is atomic on POSIX filesystems."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from transferkit.errors import TransferkitError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only on success."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise TransferkitError(
+            f"cannot write to {path.parent}: {e.strerror}. Fix: make the folder writable "
+            f"or point paths.artifacts_dir somewhere writable."
+        ) from e
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise TransferkitError(
+                f"disk full while writing {path}. Fix: free space on that disk; "
+                f"the previous {path.name} (if any) is untouched."
+            ) from e
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_text(text: str, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def load_torch(path: str | Path, what: str, produced_by: str) -> Any:
+    """Load a file a previous stage wrote, with an error that says which stage to run."""
+    path = Path(path)
+    if not path.exists():
+        raise TransferkitError(
+            f"{what} not found at {path}. Fix: run the '{produced_by}' stage first "
+            f"(`dvc repro {produced_by}`)."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign file: torch raises many types
+        raise TransferkitError(
+            f"{what} at {path} is unreadable ({type(e).__name__}: {e}). Fix: delete it and "
+            f"rerun the '{produced_by}' stage (`dvc repro -f {produced_by}`)."
+        ) from e

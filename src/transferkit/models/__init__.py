@@ -1,0 +1,82 @@
+"""Model zoo: architectures by name, each built as a BlockNet (blocks + head)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from transferkit.errors import TransferkitError
+from transferkit.models.blocknet import BlockNet
+from transferkit.models.fastnet import fastnet_blocks
+from transferkit.models.resnet import resnet18_blocks
+from transferkit.models.vgg import vgg_mini_blocks
+
+# name -> (blocks builder, head pooling, head bias)
+ARCHITECTURES = {
+    "fastnet": (fastnet_blocks, "max", False),
+    "vgg_mini": (vgg_mini_blocks, "avg", True),
+    "resnet18": (resnet18_blocks, "avg", True),
+}
+
+CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR_STD = [0.2470, 0.2435, 0.2616]
+
+
+def build_model(name: str, num_classes: int, *, mean=CIFAR_MEAN, std=CIFAR_STD,
+                depth: int | None = None, **kwargs) -> BlockNet:
+    if name not in ARCHITECTURES:
+        raise TransferkitError(f"unknown model.name '{name}'. Fix: use one of {sorted(ARCHITECTURES)}.")
+    builder, pool, bias = ARCHITECTURES[name]
+    try:
+        blocks = builder(**kwargs)
+    except TypeError as e:
+        raise TransferkitError(f"bad settings for model '{name}': {e}. Fix: check conf/model/{name}.yaml.") from e
+    arch = {"name": name, "mean": list(mean), "std": list(std), **kwargs}
+    model = BlockNet(blocks, num_classes, mean=mean, std=std, arch=arch, pool=pool, head_bias=bias)
+    if depth is not None:
+        model.truncate(depth, num_classes)
+    return model
+
+
+def model_from_config(model_cfg: dict, num_classes: int) -> BlockNet:
+    cfg = dict(model_cfg)
+    return build_model(cfg.pop("name"), num_classes, **cfg)
+
+
+def save_checkpoint(model: BlockNet, path: str | Path, classes: list[str], **extra) -> None:
+    """A self-describing checkpoint: enough to rebuild the model without any config."""
+    from transferkit.io import save_torch
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_torch({"arch": model.arch, "classes": list(classes), "state_dict": state, **extra}, path)
+
+
+def load_checkpoint(path: str | Path, produced_by: str) -> tuple[BlockNet, dict]:
+    from transferkit.io import load_torch
+
+    ckpt = load_torch(path, "model checkpoint", produced_by)
+    if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
+        raise TransferkitError(f"{path} is not a transferkit checkpoint (no 'arch'/'state_dict'). "
+                               f"Fix: point at a model.pt written by a transferkit stage.")
+    arch = dict(ckpt["arch"])
+    model = build_model(arch.pop("name"), len(ckpt["classes"]), **arch)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise TransferkitError(f"{path} does not fit its own architecture {ckpt['arch']}: {e}") from e
+    return model, ckpt
+
+
+def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_by: str) -> BlockNet:
+    """Load pretrained blocks into the configured architecture, with a fresh head."""
+    model, ckpt = load_checkpoint(path, produced_by)
+    wanted = {k: v for k, v in dict(model_cfg).items() if k != "weights"}
+    saved = {k: v for k, v in ckpt["arch"].items() if k in wanted and k != "weights"}
+    if {k: wanted[k] for k in saved} != saved or ckpt["arch"].get("depth") is not None:
+        raise TransferkitError(
+            f"checkpoint {path} holds architecture {ckpt['arch']}, but the config asks for {wanted}. "
+            f"Fix: rerun '{produced_by}' with this model config (`dvc repro {produced_by}`) or set "
+            f"model to match the checkpoint.")
+    model.new_head(num_classes)
+    return model

@@ -1,0 +1,88 @@
+"""BlockNet: every architecture is `normalize -> blocks[0..n-1] -> head`.
+
+Because every model is an ordered list of blocks, `freeze_depth=k` means one thing for
+every architecture (blocks[:k] frozen, BatchNorm statistics included), and a linear probe
+on an earlier block is just `truncate(j)` plus a fresh head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """Input scaling lives in the model so an exported model takes plain [0, 1] images."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Head(nn.Module):
+    """Global pooling (for 4-D features) + linear classifier."""
+
+    def __init__(self, in_features: int, num_classes: int, pool: str = "avg", bias: bool = True):
+        super().__init__()
+        self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1)}[pool]
+        self.fc = nn.Linear(in_features, num_classes, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = self.pool(x).flatten(1)
+        return self.fc(x)
+
+
+class BlockNet(nn.Module):
+    def __init__(self, blocks: list[nn.Module], num_classes: int, *, mean, std, arch: dict,
+                 pool: str = "avg", head_bias: bool = True, input_size: int = 32):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.blocks = nn.ModuleList(blocks)
+        self.arch = dict(arch)  # how to rebuild this model: saved inside every checkpoint
+        self.input_size = input_size
+        self._pool, self._head_bias = pool, head_bias
+        self.head = Head(self.feature_dim(len(self.blocks)), num_classes, pool, head_bias)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.fc.out_features
+
+    def features(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        x = self.normalize(x)
+        for block in self.blocks[: self.num_blocks if depth is None else depth]:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    @torch.no_grad()
+    def feature_dim(self, depth: int) -> int:
+        """Channels (or features) after blocks[:depth], found by a dry run (no BN update)."""
+        was_training = self.training
+        self.eval()
+        probe = torch.zeros(1, 3, self.input_size, self.input_size, device=self.normalize.mean.device)
+        out = self.features(probe, depth)
+        self.train(was_training)
+        return out.shape[1]
+
+    def new_head(self, num_classes: int) -> None:
+        """Replace the classifier (transfer to a task with other classes)."""
+        self.head = Head(self.feature_dim(self.num_blocks), num_classes, self._pool, self._head_bias)
+        self.head.to(self.normalize.mean.device)
+
+    def truncate(self, depth: int, num_classes: int) -> "BlockNet":
+        """Keep blocks[:depth] and put a fresh head on their features (linear probe)."""
+        self.blocks = self.blocks[:depth]
+        self.arch["depth"] = depth
+        self.head = Head(self.feature_dim(depth), num_classes, "avg", True)
+        return self

@@ -1,0 +1,33 @@
+"""torchvision's ResNet-18 adapted to 32x32 inputs: stride-1 stem and no max pool, so the
+last stage still sees 4x4 maps. ImageNet weights come through torchvision's weights API;
+they keep the 7x7 stem kernel (weights and shapes must match) but at stride 1."""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+from transferkit.errors import TransferkitError
+
+
+def resnet18_blocks(weights: str | None = None) -> list[nn.Module]:
+    """Blocks: [stem, layer1, layer2, layer3, layer4]."""
+    if weights:
+        try:
+            enum = ResNet18_Weights[weights]
+        except KeyError:
+            raise TransferkitError(f"unknown ResNet-18 weights '{weights}'. Fix: use one of "
+                                   f"{[w.name for w in ResNet18_Weights]} or null.") from None
+        try:
+            net = resnet18(weights=enum)
+        except Exception as e:  # offline: URLError / socket errors from the hub download
+            raise TransferkitError(
+                f"could not load ResNet-18 {weights} weights ({type(e).__name__}: {e}). Fix: put the "
+                f"file {enum.url.rsplit('/', 1)[-1]} in $TORCH_HOME/hub/checkpoints/ or set "
+                f"model.weights=null.") from e
+        net.conv1.stride = (1, 1)
+    else:
+        net = resnet18(weights=None)
+        net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu)  # no max pool at 32x32
+    return [stem, net.layer1, net.layer2, net.layer3, net.layer4]

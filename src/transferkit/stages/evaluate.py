@@ -1,0 +1,71 @@
+"""evaluate: every trained target model on the target test set, side by side: accuracy
+with intervals, per-class accuracy, confusion matrices, cost; metrics.json and report.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from transferkit.errors import TransferkitError
+from transferkit.evaluation import cost, plots, report
+from transferkit.evaluation.metrics import classification_metrics, paired_difference, predict
+from transferkit.io import atomic_path, save_json, save_text
+from transferkit.models import load_checkpoint
+from transferkit.stages.common import stage_dir
+from transferkit.stages.training import load_task
+
+MODELS = ("scratch", "probe", "transfer")  # report order: baseline first
+
+
+def _write_predictions(path: Path, labels: torch.Tensor, pred: torch.Tensor, classes: list[str]) -> None:
+    """actual,predicted rows: what `dvc plots show` draws as a confusion matrix."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["actual", "predicted"])
+        w.writerows((classes[a], classes[p]) for a, p in zip(labels.tolist(), pred.tolist()))
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    task = load_task(cfg, "target")
+    classes, x, y = task["classes"], task["test_x"], task["test_y"]
+    ev = cfg.evaluate
+    torch.manual_seed(cfg.seed)
+    models, timing, correct = {}, {}, {}
+    for name in MODELS:
+        path = stage_dir(cfg, name) / "model.pt"
+        model, ckpt = load_checkpoint(path, name)
+        if ckpt["classes"] != classes:
+            raise TransferkitError(
+                f"{path} was trained on classes {ckpt['classes']}, but the target task is {classes}. "
+                f"Fix: rerun '{name}' on this task (`dvc repro {name}`).")
+        logits = predict(model, x, ev.batch_size, ev.tta_flip)
+        pred = logits.argmax(1)
+        correct[name] = pred == y
+        m = classification_metrics(logits, y, classes)
+        plots.confusion_png(m.pop("confusion"), classes, f"{name}: top-1 {100 * m['top1']:.1f}%",
+                            out / f"confusion_{name}.png")
+        _write_predictions(out / "predictions" / f"{name}.csv", y, pred, classes)
+        m.update(params=cost.count_params(model), macs=cost.count_macs(model),
+                 size_bytes=cost.file_size(path))
+        models[name] = m
+        timing[name] = {"latency_ms_bs1": round(cost.cpu_latency_ms(model, ev.latency_repeats), 3),
+                        "throughput_img_s": round(cost.cpu_throughput(model, ev.throughput_batch,
+                                                                      ev.throughput_repeats), 1)}
+    metrics = {"models": models,
+               "transfer_vs_scratch": paired_difference(correct["transfer"], correct["scratch"])}
+    save_json(metrics, out / "metrics.json")
+    save_json(timing, out / "timing.json")
+    plots.curves_png({n: stage_dir(cfg, n) / "dvclive" for n in ("pretrain", *MODELS)}, out / "curves.png")
+    summary = json.loads((stage_dir(cfg, "prepare") / "summary.json").read_text())
+    cfg_summary = {
+        "experiment": cfg.name, "model": cfg.model.name, "seed": cfg.seed, "tta_flip": ev.tta_flip,
+        "freeze_depth": cfg.transfer.freeze_depth, "backbone_lr_mult": cfg.transfer.backbone_lr_mult,
+        "probe_depth": cfg.probe.depth,
+        "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe")},
+    }
+    save_text(report.render(cfg_summary, metrics, timing, summary), out / "report.md")
+    return metrics

@@ -1,0 +1,40 @@
+"""prepare: decode the raw dataset(s) once into compact uint8 tensors for the source task
+(train/val/test) and the target task (train/val/test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transferkit.data.sources import RawDataset, load_dataset, make_synthetic
+from transferkit.data.tasks import select_task, task_summary
+from transferkit.io import save_json, save_torch
+
+
+def load_raw(cfg: DictConfig, role: str, wanted: set[str]) -> RawDataset:
+    d = cfg.data
+    if d[role].dataset == "synthetic":
+        # one seed for both tasks; the images differ because the class names do
+        return make_synthetic(list(d[role].classes), d.synthetic.train_per_class,
+                              d.synthetic.test_per_class, d.image_size, cfg.seed)
+    return load_dataset(d[role].dataset, Path(cfg.paths.data_dir), download=d.download,
+                        verify_checksums=d.verify_checksums, image_size=d.image_size, wanted=wanted)
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    d = cfg.data
+    same = d.source.dataset == d.target.dataset and d.source.dataset != "synthetic"
+    # cifar10_split takes both tasks from one archive: read (and decode) it once
+    shared = load_raw(cfg, "source", set(d.source.classes) | set(d.target.classes)) if same else None
+    summary = {}
+    for role in ("source", "target"):
+        spec = d[role]
+        raw = shared or load_raw(cfg, role, set(spec.classes))
+        task = select_task(raw, list(spec.classes), train_per_class=spec.train_per_class,
+                           val_per_class=spec.val_per_class, test_per_class=spec.test_per_class,
+                           seed=cfg.seed, role=role)
+        save_torch(task, out / f"{role}.pt")
+        summary[role] = task_summary(task)
+    save_json(summary, out / "summary.json")
+    return summary

@@ -1,0 +1,17 @@
+"""pretrain: train the backbone on the source task (or start from published weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transferkit.models import model_from_config
+from transferkit.stages.common import container
+from transferkit.stages.training import load_task, train_stage
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    task = load_task(cfg, "source")
+    model = model_from_config(container(cfg.model), len(task["classes"]))
+    return train_stage(cfg, "pretrain", model, task, out)

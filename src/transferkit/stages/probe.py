@@ -1,0 +1,23 @@
+"""probe: a linear classifier on frozen features of the pretrained backbone, taken after
+blocks[:depth] (an earlier block = the "small and different data" scenario)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transferkit.config.validate import validate_probe
+from transferkit.models import load_backbone
+from transferkit.stages.common import container, stage_dir
+from transferkit.stages.training import load_task, train_stage
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    task = load_task(cfg, "target")
+    n = len(task["classes"])
+    model = load_backbone(stage_dir(cfg, "pretrain") / "model.pt", container(cfg.model), n, "pretrain")
+    validate_probe(cfg, model.num_blocks)
+    if cfg.probe.depth is not None and cfg.probe.depth < model.num_blocks:
+        model.truncate(cfg.probe.depth, n)
+    return train_stage(cfg, "probe", model, task, out, freeze_depth=model.num_blocks)

@@ -1,0 +1,19 @@
+"""scratch: the baseline. The same architecture and budget as transfer, from random init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transferkit.models import model_from_config
+from transferkit.stages.common import container
+from transferkit.stages.training import load_task, train_stage
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    task = load_task(cfg, "target")
+    model_cfg = container(cfg.model)
+    model_cfg.pop("weights", None)  # random init, even when pretrain starts from published weights
+    model = model_from_config(model_cfg, len(task["classes"]))
+    return train_stage(cfg, "scratch", model, task, out)

@@ -1,0 +1,42 @@
+"""Freezing blocks for transfer learning.
+
+A frozen block gets requires_grad=False *and* stays in eval mode, so its BatchNorm running
+statistics do not drift toward the target data. (Lightning's BaseFinetuning.freeze sets
+`track_running_stats=False` instead, which makes BatchNorm normalise with batch statistics
+at inference too; that is why this is done here by hand.)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from transferkit.models.blocknet import BlockNet
+
+
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(trainable)
+    module.train(trainable)
+
+
+def freeze_blocks(model: BlockNet, depth: int) -> None:
+    """Freeze blocks[:depth] (and the input normalisation); the rest stays trainable."""
+    for i, block in enumerate(model.blocks):
+        set_trainable(block, i >= depth)
+
+
+def frozen_depth(model: BlockNet) -> int:
+    """How many leading blocks are frozen right now."""
+    depth = 0
+    for block in model.blocks:
+        params = list(block.parameters())
+        if params and any(p.requires_grad for p in params):
+            break
+        depth += 1
+    return depth
+
+
+def keep_frozen_in_eval(model: BlockNet) -> None:
+    """Lightning calls model.train() at the start of fit; put frozen blocks back in eval."""
+    for block in model.blocks[: frozen_depth(model)]:
+        block.eval()

@@ -1,0 +1,57 @@
+"""Build a Lightning Trainer from the `trainer` config group and fit a module.
+
+Accelerator, devices, strategy, nodes and precision come only from config: the same stage
+code runs on a CPU, a GPU, or DDP over many processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+
+from transferkit.models.blocknet import BlockNet
+
+TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision", "deterministic",
+                "sync_batchnorm", "benchmark")
+
+
+def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int) -> pl.Trainer:
+    from dvclive.lightning import DVCLiveLogger
+
+    cfg = dict(trainer_cfg)
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg["num_threads"]))
+    # dvcyaml=None: dvclive must not rewrite the project's dvc.yaml; the stage declares
+    # its metrics and plots there itself.
+    logger = DVCLiveLogger(dir=str(out_dir / "dvclive"), dvcyaml=None, save_dvc_exp=False,
+                           report=None)
+    callbacks = [
+        ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_last=False,
+                        save_top_k=1, monitor=None, every_n_epochs=1),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    show_bar = bool(cfg.get("progress_bar", True))
+    if show_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))))
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=show_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=int(cfg.get("log_every_n_steps", 10)),
+        default_root_dir=str(out_dir),
+        **{k: cfg[k] for k in TRAINER_KEYS if k in cfg and cfg[k] is not None},
+    )
+
+
+def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: dict,
+        out_dir: Path, max_epochs: int) -> BlockNet:
+    """Train; return the trained model on the CPU."""
+    trainer = make_trainer(trainer_cfg, out_dir, max_epochs)
+    trainer.fit(module, datamodule=datamodule)
+    return module.model.to("cpu")
