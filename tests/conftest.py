@@ -1,0 +1,132 @@
+"""Shared test fixtures: tiny configs composed from the real conf/, and fake datasets written
+in the real on-disk formats (official CIFAR pickles, image-folder trees and archives)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# Tiny-but-real settings layered on any experiment preset: one short epoch per stage.
+TINY = [
+    "pretrain.epochs=1", "transfer.epochs=1", "probe.epochs=1", "scratch.epochs=1",
+    "pretrain.batch_size=16", "transfer.batch_size=8", "probe.batch_size=8", "scratch.batch_size=8",
+    "evaluate.latency_repeats=2", "evaluate.throughput_batch=8", "evaluate.throughput_repeats=1",
+    "evaluate.batch_size=32", "trainer.progress_bar=false",
+]
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+
+
+def compose(*overrides: str, tmp: Path | None = None):
+    from transferkit.config.compose import compose as _compose
+
+    extra = [f"paths.artifacts_dir={tmp / 'artifacts'}", f"paths.data_dir={tmp / 'data'}"] if tmp else []
+    return _compose([*overrides, *extra], CONF)
+
+
+def run(stage: str, cfg) -> dict:
+    """Run one stage in-process exactly as the CLI does (validation, seeding, staged output)."""
+    from transferkit.cli import run_stage
+    from transferkit.stages.common import stage_dir
+
+    return run_stage(stage, cfg, stage_dir(cfg, stage))
+
+
+def run_all(cfg, stages=("prepare", "pretrain", "transfer", "probe", "scratch", "evaluate")) -> dict:
+    return {s: run(s, cfg) for s in stages}
+
+
+@pytest.fixture
+def smoke(tmp_path):
+    """The smoke experiment with its artifacts in a temporary folder."""
+    return compose("experiment=smoke", tmp=tmp_path)
+
+
+@pytest.fixture(scope="session")
+def smoke_artifacts(tmp_path_factory):
+    """One full smoke pipeline run, shared by tests that only read its outputs."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    cfg = compose("experiment=smoke", tmp=tmp)
+    results = run_all(cfg)
+    return cfg, results
+
+
+# ------------------------------------------------------------------ fake datasets on disk
+def random_images(n: int, seed: int, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def write_cifar_pickles(root: Path, name: str, classes: list[str], train_per_class: int,
+                        test_per_class: int) -> Path:
+    """The official python layout (cifar-10-batches-py / cifar-100-python), tiny."""
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = b"labels" if name == "cifar10" else b"fine_labels"
+
+    def batch(per_class: int, seed: int) -> dict:
+        labels = np.repeat(np.arange(len(classes)), per_class)
+        data = random_images(len(labels), seed).transpose(0, 3, 1, 2).reshape(len(labels), -1)
+        return {b"data": data, label_key: labels.tolist()}
+
+    def dump(obj, fname):
+        with open(folder / fname, "wb") as f:
+            pickle.dump(obj, f)
+
+    if name == "cifar10":
+        for i in range(1, 6):  # the 5 official training batches
+            per = train_per_class // 5 + (1 if i <= train_per_class % 5 else 0)
+            dump(batch(per, i), f"data_batch_{i}")
+        dump(batch(test_per_class, 99), "test_batch")
+        dump({b"label_names": [c.encode() for c in classes]}, "batches.meta")
+    else:
+        dump(batch(train_per_class, 1), "train")
+        dump(batch(test_per_class, 99), "test")
+        dump({b"fine_label_names": [c.encode() for c in classes]}, "meta")
+    return folder
+
+
+def write_image_folder(root: Path, classes: list[str], train_per_class: int, test_per_class: int,
+                       archive: bool = True, top: str = "cifar10-jpeg") -> Path:
+    """train/<class>/*.jpg + test/<class>/*.jpg, as a .tar.gz (default) or a folder."""
+    files = {}
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for ci, c in enumerate(classes):
+            for i, img in enumerate(random_images(n, seed=ci * 1000 + (split == "test"))):
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="JPEG", quality=90)
+                files[f"{top}/{split}/{c}/{i:04d}.jpg"] = buf.getvalue()
+    root.mkdir(parents=True, exist_ok=True)
+    if not archive:
+        for name, data in files.items():
+            p = root / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        return root / top
+    path = root / f"{top}.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    # tests run many tiny models: one thread avoids OpenMP spin-waits on a busy 2-core box
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("TRANSFERKIT_TEST_THREADS", "1")))
