@@ -84,8 +84,15 @@ def validate_probe(cfg: DictConfig, num_blocks: int) -> None:
               f"must be in 1..{num_blocks} or null")
 
 
+def validate_trainer(cfg: DictConfig) -> None:
+    if cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu":
+        raise TransferkitError("trainer.sync_batchnorm=true works only on GPUs (torch's SyncBatchNorm). "
+                               "Fix: set trainer.sync_batchnorm=false for CPU processes.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that need no model or data; stage-specific ones run in each stage."""
+    validate_trainer(cfg)
     _check_number(cfg, "seed", low=0, integer=True)
     validate_data(cfg)
     for stage in TRAIN_STAGES:

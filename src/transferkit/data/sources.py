@@ -202,13 +202,14 @@ def make_synthetic(classes: list[str], train_per_class: int, test_per_class: int
 # --------------------------------------------------------------------------- resolution
 def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
     folder = _CIFAR[name][0]
+    offline_copy = (f"; on this project's machines: `mkdir -p {data_dir} && cp "
+                    f"../shared/datasets/cifar10-jpeg.tar.gz {data_dir}/`" if name == "cifar10" else "")
     return TransferkitError(
         f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Provide it one of "
         f"three ways: (1) the official python version: extract it to {data_dir}/{folder}/ (or run "
         f"with network access and data.download=true); (2) an image-folder tree or .tar.gz "
         f"(train/<class>/*, test/<class>/*) at {data_dir}/{name}-jpeg.tar.gz or given as the "
-        f"dataset path; on this project's machines: `mkdir -p {data_dir} && cp "
-        f"../shared/datasets/cifar10-jpeg.tar.gz {data_dir}/`; (3) synthetic images, no files "
+        f"dataset path{offline_copy}; (3) synthetic images, no files "
         f"needed: `experiment=smoke`.")
 
 

@@ -33,7 +33,8 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (centre - half, centre + half)
+    # clamp: at p = 0 or 1 rounding can put a bound a hair on the wrong side of p
+    return (max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p)))
 
 
 def paired_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, z: float = Z95) -> dict:

@@ -24,12 +24,13 @@ CIFAR_STD = [0.2470, 0.2435, 0.2616]
 
 
 def build_model(name: str, num_classes: int, *, mean=CIFAR_MEAN, std=CIFAR_STD,
-                depth: int | None = None, **kwargs) -> BlockNet:
+                depth: int | None = None, fetch_weights: bool = True, **kwargs) -> BlockNet:
     if name not in ARCHITECTURES:
         raise TransferkitError(f"unknown model.name '{name}'. Fix: use one of {sorted(ARCHITECTURES)}.")
     builder, pool, bias = ARCHITECTURES[name]
     try:
-        blocks = builder(**kwargs)
+        extra = {} if fetch_weights or not kwargs.get("weights") else {"load_weights": False}
+        blocks = builder(**kwargs, **extra)
     except TypeError as e:
         raise TransferkitError(f"bad settings for model '{name}': {e}. Fix: check conf/model/{name}.yaml.") from e
     arch = {"name": name, "mean": list(mean), "std": list(std), **kwargs}
@@ -60,7 +61,8 @@ def load_checkpoint(path: str | Path, produced_by: str) -> tuple[BlockNet, dict]
         raise TransferkitError(f"{path} is not a transferkit checkpoint (no 'arch'/'state_dict'). "
                                f"Fix: point at a model.pt written by a transferkit stage.")
     arch = dict(ckpt["arch"])
-    model = build_model(arch.pop("name"), len(ckpt["classes"]), **arch)
+    # the state_dict below overwrites every tensor: never fetch pretrained weights again
+    model = build_model(arch.pop("name"), len(ckpt["classes"]), fetch_weights=False, **arch)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -10,8 +10,9 @@ from torchvision.models import ResNet18_Weights, resnet18
 from transferkit.errors import TransferkitError
 
 
-def resnet18_blocks(weights: str | None = None) -> list[nn.Module]:
-    """Blocks: [stem, layer1, layer2, layer3, layer4]."""
+def resnet18_blocks(weights: str | None = None, load_weights: bool = True) -> list[nn.Module]:
+    """Blocks: [stem, layer1, layer2, layer3, layer4]. load_weights=False builds the
+    architecture `weights` implies (7x7 stem) without reading the file: for checkpoints."""
     if weights:
         try:
             enum = ResNet18_Weights[weights]
@@ -19,7 +20,7 @@ def resnet18_blocks(weights: str | None = None) -> list[nn.Module]:
             raise TransferkitError(f"unknown ResNet-18 weights '{weights}'. Fix: use one of "
                                    f"{[w.name for w in ResNet18_Weights]} or null.") from None
         try:
-            net = resnet18(weights=enum)
+            net = resnet18(weights=enum if load_weights else None)
         except Exception as e:  # offline: URLError / socket errors from the hub download
             raise TransferkitError(
                 f"could not load ResNet-18 {weights} weights ({type(e).__name__}: {e}). Fix: put the "

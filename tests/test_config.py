@@ -1,0 +1,98 @@
+"""conf/ is the source of truth: params.yaml must equal its composition, every preset must
+compose and validate, and bad values fail before any work with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import CONF, ROOT, compose
+from transferkit.config.compose import params_drift, params_text
+from transferkit.config.validate import validate, validate_probe, validate_transfer
+from transferkit.errors import TransferkitError
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_params_yaml_matches_conf():
+    drift = params_drift(ROOT / "params.yaml", CONF)
+    assert drift == [], "params.yaml drifted from conf/; run `transferkit params`:\n" + "\n".join(drift)
+
+
+def test_drift_is_detected(tmp_path):
+    changed = (ROOT / "params.yaml").read_text().replace("freeze_depth: 1", "freeze_depth: 3")
+    assert changed != (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(changed)
+    drift = params_drift(tmp_path / "params.yaml", CONF)
+    assert any(d.startswith("transfer.freeze_depth") for d in drift)
+
+
+def test_params_yaml_is_the_default_experiment():
+    assert params_text(compose()) == (ROOT / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = compose(f"experiment={experiment}")
+    validate(cfg)
+    assert cfg.name == experiment
+    assert "hydra" not in cfg
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
+def test_every_trainer_preset_composes(trainer):
+    cfg = compose(f"trainer={trainer}")
+    assert cfg.trainer.accelerator in ("cpu", "gpu", "auto")
+
+
+def test_unknown_override_key_is_refused():
+    with pytest.raises(TransferkitError, match="freez_depth"):
+        compose("transfer.freez_depth=2")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("transfer.lr=-0.1", "transfer.lr"),
+    ("pretrain.lr=0", "pretrain.lr"),
+    ("scratch.epochs=0", "scratch.epochs"),
+    ("transfer.batch_size=2.5", "transfer.batch_size"),
+    ("probe.momentum=1.5", "probe.momentum"),
+    ("transfer.label_smoothing=-1", "transfer.label_smoothing"),
+    ("seed=-3", "seed"),
+    ("data.target.train_per_class=0", "data.target.train_per_class"),
+    ("data.target.val_per_class=-1", "data.target.val_per_class"),
+    ("evaluate.latency_repeats=0", "evaluate.latency_repeats"),
+])
+def test_bad_numbers_name_the_key(override, key):
+    with pytest.raises(TransferkitError, match=key.replace(".", r"\.")):
+        validate(compose(override))
+
+
+def test_class_in_both_source_and_target_is_refused():
+    with pytest.raises(TransferkitError, match=r"\['cat'\].*both"):
+        validate(compose("data.source.classes=[airplane,cat]"))
+
+
+def test_freeze_depth_beyond_the_number_of_blocks():
+    cfg = compose("transfer.freeze_depth=5")
+    with pytest.raises(TransferkitError, match=r"4 blocks.*0\.\.4"):
+        validate_transfer(cfg, num_blocks=4)
+    validate_transfer(compose("transfer.freeze_depth=4"), num_blocks=4)  # linear probe: allowed
+
+
+def test_negative_backbone_lr_mult_and_probe_depth():
+    with pytest.raises(TransferkitError, match="transfer.backbone_lr_mult"):
+        validate_transfer(compose("transfer.backbone_lr_mult=-1"), num_blocks=4)
+    with pytest.raises(TransferkitError, match="probe.depth"):
+        validate_probe(compose("probe.depth=9"), num_blocks=4)
+
+
+def test_gradual_unfreezing_under_ddp_is_refused():
+    with pytest.raises(TransferkitError, match="unfreeze_every_epochs"):
+        validate_transfer(compose("trainer=ddp", "transfer.unfreeze_every_epochs=2"), num_blocks=4)
+
+
+def test_dvc_is_set_up_to_compose_conf_for_experiments():
+    # `dvc exp run -S key=value` recomposes conf/ into params.yaml only with this setting
+    assert "enabled = True" in (ROOT / ".dvc" / "config").read_text()
+    assert Path(ROOT / "data.dvc").exists()

@@ -1,0 +1,495 @@
+"""Data layer: raw sources (official CIFAR pickles, image folders/archives, synthetic),
+task selection, batched augmentation and atomic file writes. Tiny fake datasets only;
+no test ever downloads anything (download=False, or download_cifar is replaced)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import stat
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import CIFAR10_CLASSES, random_images, write_cifar_pickles, write_image_folder
+from transferkit.data import sources
+from transferkit.data.augment import augment_batch, random_flip, random_translate
+from transferkit.data.sources import (RawDataset, Split, load_dataset, make_synthetic, read_cifar_pickles,
+                                      read_image_folder)
+from transferkit.data.tasks import select_task, task_summary
+from transferkit.errors import TransferkitError
+from transferkit.io import atomic_path, load_torch, save_json, save_torch
+
+CIFAR100_SOME = ["beaver", "dolphin", "otter"]
+
+
+def _load(dataset, data_dir, **kw):
+    args = dict(download=False, verify_checksums=False, image_size=32, wanted=None)
+    args.update(kw)
+    return load_dataset(dataset, data_dir, **args)
+
+
+@pytest.fixture(autouse=True)
+def _no_download(monkeypatch):
+    """Any attempt to download in this file is a test failure, never a network access."""
+    def refuse(*a, **k):
+        raise AssertionError("a test tried to download CIFAR")
+
+    monkeypatch.setattr(sources, "download_cifar", refuse)
+
+
+# ============================================================== official CIFAR pickles
+def test_cifar10_pickles_are_read(tmp_path):
+    write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=5, test_per_class=2)
+    raw = _load("cifar10", tmp_path)
+    assert raw.name == "cifar10"
+    assert raw.classes == CIFAR10_CLASSES
+    assert raw.train.images.shape == (50, 3, 32, 32) and raw.train.images.dtype == torch.uint8
+    assert raw.test.images.shape == (20, 3, 32, 32) and raw.test.images.dtype == torch.uint8
+    assert raw.train.labels.dtype == torch.int64 and raw.test.labels.dtype == torch.int64
+    assert torch.bincount(raw.train.labels, minlength=10).tolist() == [5] * 10
+    assert torch.bincount(raw.test.labels, minlength=10).tolist() == [2] * 10
+    # the 5 training batches are concatenated in order; pixels keep the CHW layout of the file
+    assert raw.train.labels[:10].tolist() == list(range(10))
+    first_batch = random_images(10, seed=1)  # data_batch_1, HWC
+    assert torch.equal(raw.train.images[:10], torch.from_numpy(first_batch.transpose(0, 3, 1, 2).copy()))
+    test_batch = random_images(20, seed=99)
+    assert torch.equal(raw.test.images, torch.from_numpy(test_batch.transpose(0, 3, 1, 2).copy()))
+
+
+def test_cifar100_pickles_are_read(tmp_path):
+    folder = write_cifar_pickles(tmp_path, "cifar100", CIFAR100_SOME, train_per_class=4, test_per_class=3)
+    raw = read_cifar_pickles(folder, "cifar100", verify_checksums=False)
+    assert raw.classes == CIFAR100_SOME
+    assert raw.train.images.shape == (12, 3, 32, 32) and raw.train.images.dtype == torch.uint8
+    assert raw.test.images.shape == (9, 3, 32, 32)
+    assert raw.train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # fine_labels, not coarse
+    assert raw.test.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    via_load = _load("cifar100", tmp_path)
+    assert torch.equal(via_load.train.images, raw.train.images)
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", CIFAR10_CLASSES), ("cifar100", CIFAR100_SOME)])
+def test_checksums_reject_non_official_files(tmp_path, name, classes):
+    write_cifar_pickles(tmp_path, name, classes, train_per_class=5, test_per_class=1)
+    with pytest.raises(TransferkitError, match="checksum") as e:
+        _load(name, tmp_path, verify_checksums=True)
+    assert "verify_checksums" in str(e.value)  # the way out for a deliberately modified copy
+
+
+def test_missing_batch_file_is_named(tmp_path):
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=5, test_per_class=1)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(TransferkitError) as e:
+        _load("cifar10", tmp_path)
+    msg = str(e.value)
+    assert "data_batch_3" in msg and "missing" in msg and "Fix" in msg
+
+
+def test_unreadable_pickle_is_reported(tmp_path):
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=5, test_per_class=1)
+    (folder / "test_batch").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(TransferkitError, match="test_batch.*not a readable CIFAR pickle"):
+        _load("cifar10", tmp_path)
+
+
+# ============================================================== image folders and archives
+CLASSES4 = ["bird", "cat", "dog", "frog"]
+
+
+@pytest.fixture
+def jpeg_pair(tmp_path):
+    """The same tiny image tree as a folder and as a .tar.gz."""
+    folder = write_image_folder(tmp_path / "dir", CLASSES4, 3, 2, archive=False)
+    archive = write_image_folder(tmp_path / "tar", CLASSES4, 3, 2, archive=True)
+    return folder, archive
+
+
+def test_image_folder_and_archive_agree(jpeg_pair):
+    folder, archive = jpeg_pair
+    a, b = read_image_folder(folder), read_image_folder(archive)
+    for raw in (a, b):
+        assert raw.classes == CLASSES4
+        assert raw.train.images.shape == (12, 3, 32, 32) and raw.train.images.dtype == torch.uint8
+        assert raw.test.images.shape == (8, 3, 32, 32)
+        assert raw.train.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+        assert raw.test.labels.tolist() == [0] * 2 + [1] * 2 + [2] * 2 + [3] * 2
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
+    # image k of the train split is the k-th file in sorted order, decoded by PIL as-is
+    for k, rel in ((0, "train/bird/0000.jpg"), (4, "train/cat/0001.jpg"), (5, "test/dog/0001.jpg")):
+        split = a.train if rel.startswith("train") else a.test
+        expected = np.asarray(Image.open(folder / rel).convert("RGB")).transpose(2, 0, 1)
+        assert torch.equal(split.images[k], torch.from_numpy(expected.copy())), rel
+
+
+def test_image_archive_via_load_dataset(tmp_path):
+    write_image_folder(tmp_path, CLASSES4, 2, 1)  # -> tmp_path/cifar10-jpeg.tar.gz
+    raw = _load("cifar10", tmp_path)
+    assert raw.classes == CLASSES4 and len(raw.train.labels) == 8 and len(raw.test.labels) == 4
+    by_path = _load(str(tmp_path / "cifar10-jpeg.tar.gz"), tmp_path / "elsewhere")
+    assert torch.equal(by_path.train.images, raw.train.images)
+    relative = _load("cifar10-jpeg.tar.gz", tmp_path)  # a relative path is looked up in data_dir
+    assert torch.equal(relative.test.images, raw.test.images)
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_wanted_restricts_decoded_classes(tmp_path, as_archive):
+    path = write_image_folder(tmp_path, CLASSES4, 3, 2, archive=as_archive)
+    full = read_image_folder(path)
+    raw = read_image_folder(path, wanted={"cat", "frog"})
+    assert raw.classes == CLASSES4  # every class seen keeps its index
+    assert sorted(set(raw.train.labels.tolist())) == [1, 3]
+    assert len(raw.train.labels) == 6 and len(raw.test.labels) == 4
+    keep = (full.train.labels == 1) | (full.train.labels == 3)
+    assert torch.equal(raw.train.images, full.train.images[keep])
+    assert torch.equal(raw.train.labels, full.train.labels[keep])
+
+
+def test_wanted_files_are_the_only_ones_decoded(tmp_path):
+    """A corrupt image in an unwanted class is never decoded, so it does not matter."""
+    folder = write_image_folder(tmp_path, CLASSES4, 2, 1, archive=False)
+    (folder / "train" / "bird" / "0000.jpg").write_bytes(b"garbage" * 20)
+    raw = read_image_folder(folder, wanted={"cat", "dog"})
+    assert len(raw.train.labels) == 4
+    with pytest.raises(TransferkitError):
+        read_image_folder(folder)
+
+
+def test_archive_member_order_does_not_matter(tmp_path):
+    folder = write_image_folder(tmp_path / "src", CLASSES4, 3, 2, archive=False)
+    files = [p for p in folder.rglob("*.jpg")]
+    random.Random(7).shuffle(files)
+    shuffled = tmp_path / "shuffled.tar.gz"
+    with tarfile.open(shuffled, "w:gz") as tar:
+        for p in files:
+            tar.add(p, arcname=str(p.relative_to(folder.parent)))
+    with tarfile.open(shuffled) as tar:
+        names = tar.getnames()
+    assert names != sorted(names)  # really out of order
+    a, b = read_image_folder(folder), read_image_folder(shuffled)
+    assert a.classes == b.classes
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
+    assert torch.equal(a.test.images, b.test.images) and torch.equal(a.test.labels, b.test.labels)
+
+
+def test_other_image_sizes_are_resized(tmp_path):
+    root = tmp_path / "imgs"
+    colours = {"red": (200, 10, 10), "blue": (10, 20, 230)}
+    for split in ("train", "test"):
+        for name, rgb in colours.items():
+            d = root / split / name
+            d.mkdir(parents=True)
+            Image.new("RGB", (48, 40), rgb).save(d / "a.png")
+            Image.new("RGB", (20, 20), rgb).save(d / "b.png")
+    raw = read_image_folder(root, image_size=32)
+    assert raw.train.images.shape == (4, 3, 32, 32) and raw.test.images.shape == (4, 3, 32, 32)
+    for img, label in zip(raw.train.images, raw.train.labels):
+        rgb = colours[raw.classes[label]]
+        assert torch.equal(img, torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32))
+    small = read_image_folder(root, image_size=16)
+    assert small.train.images.shape == (4, 3, 16, 16)
+
+
+def test_greyscale_and_rgba_become_rgb(tmp_path):
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            Image.new("L", (32, 32), 77).save(root / split / c / "g.png")
+            Image.new("RGBA", (32, 32), (1, 2, 3, 255)).save(root / split / c / "r.png")
+    raw = read_image_folder(root)
+    assert raw.train.images.shape == (4, 3, 32, 32)
+    assert raw.train.images[0, :, 0, 0].tolist() == [77, 77, 77]  # g.png sorts before r.png
+    assert raw.train.images[1, :, 0, 0].tolist() == [1, 2, 3]
+
+
+def test_empty_image_folder_is_an_error(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(TransferkitError, match="no images found"):
+        read_image_folder(tmp_path / "empty")
+
+
+# ============================================================== corrupt inputs
+def test_truncated_archive_names_the_archive(tmp_path):
+    path = write_image_folder(tmp_path, CLASSES4, 10, 2)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TransferkitError) as e:
+        read_image_folder(path)
+    assert str(path) in str(e.value) and "corrupt" in str(e.value)
+
+
+def test_random_bytes_archive_names_the_archive(tmp_path):
+    path = tmp_path / "cifar10-jpeg.tar.gz"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(TransferkitError) as e:
+        _load("cifar10", tmp_path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("payload", ["garbage", "truncated"])
+def test_corrupt_image_in_folder_names_the_file(tmp_path, payload):
+    folder = write_image_folder(tmp_path, CLASSES4, 3, 1, archive=False)
+    bad = folder / "train" / "dog" / "0001.jpg"
+    good = bad.read_bytes()
+    bad.write_bytes(b"this is not a jpeg at all" * 8 if payload == "garbage" else good[: len(good) // 3])
+    with pytest.raises(TransferkitError) as e:
+        read_image_folder(folder)
+    assert str(bad) in str(e.value) and "corrupt image" in str(e.value)
+
+
+def test_corrupt_image_in_archive_names_the_member(tmp_path):
+    path = tmp_path / "x.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in (("top/train/a/0.jpg", b"nope" * 30), ("top/test/a/0.jpg", b"nope")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(TransferkitError, match="top/test/a/0.jpg|top/train/a/0.jpg"):
+        read_image_folder(path)
+
+
+# ============================================================== missing dataset
+@pytest.mark.parametrize("name,folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_missing_dataset_names_all_three_ways(tmp_path, name, folder):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    with pytest.raises(TransferkitError) as e:
+        _load(name, empty)
+    msg = str(e.value)
+    assert f"{empty}/{folder}" in msg  # (1) official pickles
+    assert "data.download=true" in msg
+    assert f"{name}-jpeg.tar.gz" in msg and "cp ../shared/datasets/cifar10-jpeg.tar.gz" in msg  # (2)
+    assert "experiment=smoke" in msg  # (3)
+    assert "data.download=false" in msg  # why nothing was attempted
+
+
+def test_failed_download_gives_the_same_advice(tmp_path, monkeypatch):
+    def offline(name, data_dir):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(sources, "download_cifar", offline)
+    with pytest.raises(TransferkitError) as e:
+        _load("cifar10", tmp_path, download=True)
+    msg = str(e.value)
+    assert "download failed" in msg and "Network is unreachable" in msg
+    assert "cp ../shared/datasets/cifar10-jpeg.tar.gz" in msg and "experiment=smoke" in msg
+
+
+def test_unknown_dataset_name(tmp_path):
+    with pytest.raises(TransferkitError, match="neither"):
+        _load("cifar11", tmp_path)
+
+
+# ============================================================== task selection
+RAW_CLASSES = ["ant", "bee", "cat", "dog", "eel"]
+N_TRAIN, N_TEST = 20, 6
+
+
+def _tagged_raw() -> RawDataset:
+    """Every image carries its split (pixel [0,0,0]) and its index (pixels [1,0,0], [2,0,0])."""
+    def split(n_per_class: int, tag: int) -> Split:
+        n = n_per_class * len(RAW_CLASSES)
+        images = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+        images[:, 0, 0, 0] = tag
+        images[:, 1, 0, 0] = torch.arange(n) // 256
+        images[:, 2, 0, 0] = torch.arange(n) % 256
+        return Split(images, torch.arange(n) % len(RAW_CLASSES))  # classes interleaved
+
+    return RawDataset("tagged", list(RAW_CLASSES), split(N_TRAIN, 0), split(N_TEST, 1))
+
+
+def _ids(x: torch.Tensor) -> list[int]:
+    return (x[:, 1, 0, 0].long() * 256 + x[:, 2, 0, 0].long()).tolist()
+
+
+def _select(raw, classes=("dog", "ant"), seed=0, **kw):
+    args = dict(train_per_class=6, val_per_class=4, test_per_class=3, seed=seed, role="target")
+    args.update(kw)
+    return select_task(raw, list(classes), **args)
+
+
+def test_select_task_classes_counts_and_disjoint_splits():
+    raw = _tagged_raw()
+    task = _select(raw)
+    assert task["classes"] == ["dog", "ant"] and task["dataset"] == "tagged"
+    assert task_summary(task) == {"dataset": "tagged", "classes": ["dog", "ant"],
+                                  "n_train": 12, "n_val": 8, "n_test": 6}
+    for split, per in (("train", 6), ("val", 4), ("test", 3)):
+        assert torch.bincount(task[f"{split}_y"], minlength=2).tolist() == [per, per]
+        assert task[f"{split}_x"].dtype == torch.uint8 and task[f"{split}_y"].dtype == torch.int64
+    # labels follow the config order: 0 = dog, 1 = ant, whatever the raw indices are
+    for split, source, tag in (("train", raw.train, 0), ("val", raw.train, 0), ("test", raw.test, 1)):
+        x, y = task[f"{split}_x"], task[f"{split}_y"]
+        assert (x[:, 0, 0, 0] == tag).all()  # train/val from the train split, test from test
+        raw_labels = source.labels[_ids(x)]
+        expected = torch.where(y == 0, RAW_CLASSES.index("dog"), RAW_CLASSES.index("ant"))
+        assert torch.equal(raw_labels, expected)
+    train_ids, val_ids = _ids(task["train_x"]), _ids(task["val_x"])
+    assert len(set(train_ids)) == 12 and len(set(val_ids)) == 8
+    assert not set(train_ids) & set(val_ids)
+
+
+def test_select_task_is_seeded():
+    raw = _tagged_raw()
+    a, b, c = _select(raw, seed=3), _select(raw, seed=3), _select(raw, seed=4)
+    for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(a[k], b[k])
+    assert _ids(a["train_x"]) != _ids(c["train_x"])
+
+
+def test_select_task_all_remaining_for_training():
+    task = _select(_tagged_raw(), train_per_class=None, val_per_class=5, test_per_class=None)
+    assert torch.bincount(task["train_y"]).tolist() == [N_TRAIN - 5] * 2
+    assert torch.bincount(task["test_y"]).tolist() == [N_TEST] * 2
+    assert not set(_ids(task["train_x"])) & set(_ids(task["val_x"]))
+
+
+def test_unknown_class_suggests_close_match():
+    with pytest.raises(TransferkitError) as e:
+        _select(_tagged_raw(), classes=("dgo", "ant"))
+    msg = str(e.value)
+    assert "'dgo'" in msg and "Did you mean ['dog']" in msg and "data.target.classes" in msg
+
+
+def test_too_many_samples_names_class_and_keys():
+    with pytest.raises(TransferkitError) as e:
+        _select(_tagged_raw(), train_per_class=18, val_per_class=4)
+    msg = str(e.value)
+    assert "'dog'" in msg and "20 train images" in msg
+    assert "data.target.train_per_class" in msg and "data.target.val_per_class" in msg
+    with pytest.raises(TransferkitError, match="'dog'.*test_per_class"):
+        _select(_tagged_raw(), test_per_class=N_TEST + 1)
+
+
+def test_duplicated_or_single_class_is_an_error():
+    with pytest.raises(TransferkitError, match="more than once"):
+        _select(_tagged_raw(), classes=("dog", "ant", "dog"))
+    with pytest.raises(TransferkitError, match="at least 2"):
+        _select(_tagged_raw(), classes=("dog",))
+
+
+# ============================================================== synthetic
+def test_synthetic_is_deterministic_and_shaped():
+    a = make_synthetic(["x", "y", "z"], 8, 4, image_size=32, seed=0)
+    b = make_synthetic(["x", "y", "z"], 8, 4, image_size=32, seed=0)
+    c = make_synthetic(["x", "y", "z"], 8, 4, image_size=32, seed=1)
+    assert a.classes == ["x", "y", "z"] and a.name == "synthetic"
+    assert a.train.images.shape == (24, 3, 32, 32) and a.train.images.dtype == torch.uint8
+    assert a.test.images.shape == (12, 3, 32, 32)
+    assert a.train.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
+    assert not torch.equal(a.train.images, c.train.images)
+    assert make_synthetic(["x", "y"], 2, 1, image_size=16).train.images.shape == (4, 3, 16, 16)
+
+
+def test_synthetic_classes_differ_visibly():
+    raw = make_synthetic(["x", "y", "z"], 16, 2, seed=0)
+    means = [raw.train.images[raw.train.labels == i].float().mean(0) for i in range(3)]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert (means[i] - means[j]).abs().mean() > 5, (i, j)
+    # images of one class are not all identical (random phase + noise)
+    cls0 = raw.train.images[raw.train.labels == 0].float()
+    assert (cls0[0] - cls0[1]).abs().mean() > 1
+
+
+# ============================================================== augmentation
+def _batch(n=64, seed=0, size=8):
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def test_random_flip_flips_about_half():
+    x = _batch(400)
+    y = random_flip(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    same = (y == x).flatten(1).all(1)
+    flipped = (y == x.flip(-1)).flatten(1).all(1)
+    assert (same | flipped).all() and not (same & flipped).any()
+    assert 0.4 < flipped.float().mean() < 0.6
+    again = random_flip(x, torch.Generator().manual_seed(0))
+    assert torch.equal(y, again)
+    assert not torch.equal(y, random_flip(x, torch.Generator().manual_seed(1)))
+
+
+def test_translate_pad0_is_identity():
+    x = _batch(4)
+    assert torch.equal(random_translate(x, 0), x)
+    xf = x.float() / 255
+    assert torch.equal(random_translate(xf, 0, torch.Generator().manual_seed(0)), xf)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_translate_is_a_crop_of_the_reflect_padded_image(dtype):
+    pad, h = 2, 8
+    x = _batch(100, seed=1, size=h).to(dtype)
+    y = random_translate(x, pad, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
+    shifts = set()
+    for i in range(len(x)):
+        matches = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                   if torch.equal(y[i].float(), padded[i, :, dy:dy + h, dx:dx + h])]
+        assert matches, f"image {i} is not a shifted crop of its padded input"
+        shifts.update(matches)
+    assert len(shifts) >= 20  # the 25 possible shifts are actually used, per image
+    assert (2, 2) in shifts  # the centre crop (no shift) is possible
+    assert torch.equal(y, random_translate(x, pad, torch.Generator().manual_seed(0)))
+
+
+def test_augment_batch_keeps_float_batch_shape():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 8, 8)
+    y = augment_batch(x, flip=True, translate=1)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert torch.equal(augment_batch(x, flip=False, translate=0), x)
+
+
+# ============================================================== atomic writes
+def test_atomic_path_keeps_old_content_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half-written")
+            assert tmp.parent == target.parent and tmp != target
+            raise RuntimeError("stage crashed")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp file left
+
+
+def test_atomic_path_replaces_on_success(tmp_path):
+    target = tmp_path / "deep" / "er" / "out.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert not target.exists()  # nothing visible until the body finished
+    assert target.read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["out.txt"]
+
+
+def test_save_json_sorted_readable_normal_permissions(tmp_path):
+    target = tmp_path / "m.json"
+    save_json({"b": 1, "a": {"z": 2, "y": [1, 2]}}, target)
+    text = target.read_text()
+    assert json.loads(text) == {"a": {"y": [1, 2], "z": 2}, "b": 1}
+    assert text.index('"a"') < text.index('"b"') and text.index('"y"') < text.index('"z"')
+    assert text.endswith("\n") and "\n  " in text  # indented, one key per line
+    mode = stat.S_IMODE(target.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode != 0o600
+    assert mode == 0o666 & ~umask
+
+
+def test_save_and_load_torch(tmp_path):
+    save_torch({"x": torch.arange(3)}, tmp_path / "t.pt")
+    assert torch.equal(load_torch(tmp_path / "t.pt", "thing", "prepare")["x"], torch.arange(3))
+    with pytest.raises(TransferkitError, match="run the 'prepare' stage"):
+        load_torch(tmp_path / "missing.pt", "thing", "prepare")

@@ -1,0 +1,37 @@
+"""DDP with 2 CPU processes (gloo): the multi-device path runs for real, through the CLI
+exactly as dvc repro calls it, with no code change: only `trainer=ddp`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import compose, run
+from transferkit.config.compose import params_text
+from transferkit.models import load_checkpoint
+
+
+@pytest.mark.slow
+def test_transfer_under_ddp_with_two_cpu_processes(tmp_path):
+    stage = "transfer"
+    cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  "trainer.num_threads=1", tmp=tmp_path)
+    single = compose("experiment=smoke", tmp=tmp_path)  # inputs made on one process
+    run("prepare", single)
+    run("pretrain", single)
+    params = tmp_path / "params.yaml"
+    params.write_text(params_text(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "transferkit.cli", stage, "--params", str(params)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size: 2" in proc.stderr + proc.stdout or "Initializing distributed" in proc.stderr
+    out = tmp_path / "artifacts" / stage
+    model, ckpt = load_checkpoint(out / "model.pt", stage)
+    assert ckpt["classes"] == ["tgt_a", "tgt_b", "tgt_c"]
+    assert 0.0 <= json.loads((out / "metrics.json").read_text())["val_acc"] <= 1.0
+    assert not (tmp_path / "artifacts" / f".{stage}.incomplete").exists()

@@ -1,0 +1,86 @@
+"""Freezing really freezes: frozen weights and BatchNorm statistics do not move during
+transfer, the unfrozen part does, and the learning-rate multiplier is applied."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import compose
+from transferkit.data.datamodule import TaskDataModule
+from transferkit.data.sources import make_synthetic
+from transferkit.data.tasks import select_task
+from transferkit.models import build_model
+from transferkit.training.classifier import ClassifierModule
+from transferkit.training.trainer import fit
+
+SETTINGS = dict(lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1,
+                flip=True, translate=2)
+
+
+def _task():
+    raw = make_synthetic(["a", "b", "c"], 24, 4, seed=1)
+    return select_task(raw, ["a", "b", "c"], train_per_class=20, val_per_class=4, test_per_class=None,
+                       seed=0, role="target")
+
+
+def _train(model, tmp_path, epochs=2, **kwargs):
+    pl.seed_everything(0, verbose=False)
+    module = ClassifierModule(model, **SETTINGS, **kwargs)
+    trainer_cfg = dict(compose("experiment=smoke").trainer)
+    return fit(module, TaskDataModule(_task(), 16, 64), trainer_cfg, tmp_path, epochs)
+
+
+def _block_state(model, i):
+    return {k: v.clone() for k, v in model.blocks[i].state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_frozen_blocks_and_their_batchnorm_statistics_do_not_change(tmp_path, depth):
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
+    before = [_block_state(model, i) for i in range(model.num_blocks)]
+    head_before = copy.deepcopy(model.head.state_dict())
+    _train(model, tmp_path, freeze_depth=depth)
+    for i in range(model.num_blocks):
+        after = _block_state(model, i)
+        if i < depth:
+            assert _same(before[i], after), f"frozen block {i} changed"
+        else:
+            assert not _same(before[i], after), f"trainable block {i} did not change"
+            bn = [k for k in after if k.endswith("running_mean")]
+            assert bn and any(not torch.equal(before[i][k], after[k]) for k in bn)
+    assert not _same(head_before, model.head.state_dict())
+
+
+def test_backbone_lr_mult_zero_freezes_the_whole_backbone(tmp_path):
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
+    before = [_block_state(model, i) for i in range(model.num_blocks)]
+    _train(model, tmp_path, freeze_depth=0, backbone_lr_mult=0.0)
+    assert all(_same(before[i], _block_state(model, i)) for i in range(model.num_blocks))
+
+
+def test_discriminative_learning_rate_groups():
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
+    module = ClassifierModule(model, **SETTINGS, freeze_depth=1, backbone_lr_mult=0.1)
+    module.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    opt = module.configure_optimizers()["optimizer"]
+    head_group, backbone_group = opt.param_groups
+    assert head_group["initial_lr"] == pytest.approx(0.05)
+    assert backbone_group["initial_lr"] == pytest.approx(0.005)
+    assert {id(p) for p in head_group["params"]} == {id(p) for p in model.head.parameters()}
+
+
+def test_gradual_unfreezing_releases_one_block_per_interval(tmp_path):
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
+    before = [_block_state(model, i) for i in range(model.num_blocks)]
+    _train(model, tmp_path, epochs=3, freeze_depth=4, unfreeze_every_epochs=1)
+    # epochs 1 and 2 each unfreeze one block from the top: blocks 3 and 2 train, 0 and 1 never do
+    changed = [not _same(before[i], _block_state(model, i)) for i in range(model.num_blocks)]
+    assert changed == [False, False, True, True]

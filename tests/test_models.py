@@ -1,0 +1,278 @@
+"""Model zoo: architectures, block structure, truncation, checkpoints, ImageNet weights
+(from a fake local hub cache, never the network) and cost counting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.hub
+import yaml
+from torch import nn
+
+from conftest import CONF
+from transferkit.errors import TransferkitError
+from transferkit.evaluation.cost import count_macs, count_params
+from transferkit.models import (ARCHITECTURES, build_model, load_backbone, load_checkpoint,
+                                model_from_config, save_checkpoint)
+from transferkit.training.freeze import freeze_blocks, frozen_depth
+
+# small settings per architecture so every test runs in a fraction of a second
+SMALL = {
+    "fastnet": {"name": "fastnet", "widths": [8, 16, 16], "stem_width": 8},
+    "vgg_mini": {"name": "vgg_mini", "widths": [4, 4, 4, 8, 8, 8, 8, 8, 8], "fc_width": 16},
+    "resnet18": {"name": "resnet18", "weights": None},
+}
+BLOCKS = {"fastnet": 4, "vgg_mini": 11, "resnet18": 5}
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """torch.hub may read its cache but never download in these tests."""
+    def refuse(url, *a, **k):
+        raise ConnectionError(f"network disabled in tests: {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def _x(n=2, seed=0):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _warm_bn(model: nn.Module) -> None:
+    """Move BatchNorm running statistics away from their init, so a round trip must keep them."""
+    model.train()
+    with torch.no_grad():
+        model(_x(4, seed=1))
+    model.eval()
+
+
+def test_every_architecture_is_tested():
+    assert set(ARCHITECTURES) == set(SMALL) == set(BLOCKS)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_default_config_builds_with_documented_blocks(name):
+    cfg = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())
+    model = model_from_config(cfg, 5).eval()
+    assert model.num_blocks == BLOCKS[name]
+    assert model.num_classes == 5
+    with torch.no_grad():
+        out = model(_x(2))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    assert model.arch["name"] == name
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_small_models_train_step(name):
+    cfg = dict(SMALL[name])
+    model = build_model(cfg.pop("name"), 5, **cfg)
+    assert model.num_blocks == BLOCKS[name]
+    out = model(_x(3))
+    assert out.shape == (3, 5)
+    out.logsumexp(1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_vgg_freeze_depth_6_is_the_first_six_convs():
+    model = model_from_config(SMALL["vgg_mini"], 5)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 9
+    linears = [m for b in model.blocks for m in b.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 2  # fc1, fc2 are blocks; fc3 is the head
+    freeze_blocks(model, 6)
+    assert frozen_depth(model) == 6
+    frozen = [m for b in model.blocks[:6] for m in b.modules() if isinstance(m, nn.Conv2d)]
+    assert frozen == convs[:6]
+    assert all(not p.requires_grad for c in convs[:6] for p in c.parameters())
+    assert all(p.requires_grad for c in convs[6:] for p in c.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert not any(isinstance(m, nn.Linear) for b in model.blocks[:6] for m in b.modules())
+
+
+@pytest.mark.parametrize("name,depth,features", [
+    ("fastnet", 1, 8), ("fastnet", 2, 8), ("fastnet", 3, 16),
+    ("vgg_mini", 3, 4), ("vgg_mini", 6, 8), ("vgg_mini", 10, 16),
+    ("resnet18", 2, 64), ("resnet18", 4, 256),
+])
+def test_truncate_probes_an_earlier_block(name, depth, features):
+    cfg = dict(SMALL[name])
+    full = build_model(cfg["name"], 5, **{k: v for k, v in cfg.items() if k != "name"})
+    model = build_model(cfg.pop("name"), 5, depth=depth, **cfg).eval()
+    assert model.num_blocks == depth and model.arch["depth"] == depth
+    assert model.head.fc.in_features == features
+    assert model.features(_x(2)).shape[1] == features
+    assert model.features(_x(2)).shape[1] == full.eval().features(_x(2), depth).shape[1]
+    with torch.no_grad():
+        assert model(_x(2)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("name", ["fastnet", "vgg_mini"])
+def test_checkpoint_round_trip(tmp_path, name):
+    model = model_from_config(SMALL[name], 5)
+    _warm_bn(model)
+    save_checkpoint(model, tmp_path / "model.pt", ["a", "b", "c", "d", "e"], epoch=3)
+    loaded, ckpt = load_checkpoint(tmp_path / "model.pt", "pretrain")
+    loaded.eval()
+    assert ckpt["classes"] == ["a", "b", "c", "d", "e"] and ckpt["epoch"] == 3
+    assert loaded.arch == model.arch
+    x = _x(4, seed=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_truncated_model_checkpoint_round_trip(tmp_path):
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, depth=2)
+    _warm_bn(model)
+    save_checkpoint(model, tmp_path / "probe.pt", ["a", "b", "c"])
+    loaded, _ = load_checkpoint(tmp_path / "probe.pt", "probe")
+    assert loaded.num_blocks == 2
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(_x(2)), model(_x(2)))
+
+
+def test_load_backbone_matching_config_gets_fresh_head(tmp_path):
+    model = model_from_config(SMALL["fastnet"], 10)
+    _warm_bn(model)
+    save_checkpoint(model, tmp_path / "model.pt", [str(i) for i in range(10)])
+    backbone = load_backbone(tmp_path / "model.pt", SMALL["fastnet"], 3, "pretrain").eval()
+    assert backbone.num_classes == 3
+    x = _x(2)
+    with torch.no_grad():
+        assert torch.equal(backbone.features(x), model.features(x))
+        assert backbone(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("other", [
+    {"name": "fastnet", "widths": [8, 16, 32], "stem_width": 8},
+    {"name": "fastnet", "widths": [8, 16, 16], "stem_width": 4},
+    SMALL["vgg_mini"],
+])
+def test_load_backbone_with_other_config_names_architecture(tmp_path, other):
+    model = model_from_config(SMALL["fastnet"], 10)
+    save_checkpoint(model, tmp_path / "model.pt", [str(i) for i in range(10)])
+    with pytest.raises(TransferkitError) as e:
+        load_backbone(tmp_path / "model.pt", other, 3, "pretrain")
+    msg = str(e.value)
+    assert "architecture" in msg and "'fastnet'" in msg and "[8, 16, 16]" in msg
+    assert "dvc repro pretrain" in msg
+
+
+def test_load_backbone_refuses_a_truncated_probe(tmp_path):
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, depth=2)
+    save_checkpoint(model, tmp_path / "probe.pt", ["a", "b", "c"])
+    with pytest.raises(TransferkitError, match="architecture"):
+        load_backbone(tmp_path / "probe.pt", SMALL["fastnet"], 3, "probe")
+
+
+def test_non_checkpoint_files_give_clear_errors(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(torch.randint(0, 256, (2048,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(TransferkitError) as e:
+        load_checkpoint(junk, "pretrain")
+    assert str(junk) in str(e.value) and "unreadable" in str(e.value)
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(TransferkitError, match="not a transferkit checkpoint"):
+        load_checkpoint(foreign, "pretrain")
+
+    with pytest.raises(TransferkitError, match="not found.*run the 'pretrain' stage"):
+        load_checkpoint(tmp_path / "absent.pt", "pretrain")
+
+
+def test_truncated_checkpoint_says_rerun_the_stage(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(model_from_config(SMALL["fastnet"], 5), path, list("abcde"))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TransferkitError) as e:
+        load_checkpoint(path, "transfer")
+    msg = str(e.value)
+    assert str(path) in msg and "rerun the 'transfer' stage" in msg and "dvc repro -f transfer" in msg
+
+
+# ------------------------------------------------------------------ ImageNet weights, offline
+def _fake_imagenet_cache(tmp_path: Path, monkeypatch) -> dict:
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(123)
+    state = resnet18().state_dict()  # random init, but a real ResNet-18 (1000 classes) state dict
+    fname = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    target = tmp_path / "torch" / "hub" / "checkpoints" / fname
+    target.parent.mkdir(parents=True)
+    torch.save(state, target)
+    return state
+
+
+def test_resnet18_imagenet_weights_from_local_cache(tmp_path, monkeypatch):
+    state = _fake_imagenet_cache(tmp_path, monkeypatch)
+    model = build_model("resnet18", 5, weights="IMAGENET1K_V1").eval()
+    stem_conv = model.blocks[0][0]
+    assert stem_conv.kernel_size == (7, 7) and stem_conv.stride == (1, 1)  # 7x7 kernel kept, stride 1
+    assert torch.equal(stem_conv.weight, state["conv1.weight"])
+    assert torch.equal(model.blocks[4][1].conv2.weight, state["layer4.1.conv2.weight"])
+    assert torch.equal(model.blocks[0][1].running_mean, state["bn1.running_mean"])
+    assert model.arch["weights"] == "IMAGENET1K_V1"
+    with torch.no_grad():
+        assert model(_x(2)).shape == (2, 5)
+
+
+def test_resnet18_unknown_weights_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(TransferkitError, match="unknown ResNet-18 weights 'IMAGENET9K'.*IMAGENET1K_V1"):
+        build_model("resnet18", 5, weights="IMAGENET9K")
+
+
+def test_resnet18_weights_missing_offline_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(TransferkitError) as e:
+        build_model("resnet18", 5, weights="IMAGENET1K_V1")
+    msg = str(e.value)
+    assert "resnet18-f37072fd.pth" in msg and "TORCH_HOME" in msg and "model.weights=null" in msg
+
+
+def test_imagenet_initialised_checkpoint_loads_without_imagenet_file(tmp_path, monkeypatch):
+    _fake_imagenet_cache(tmp_path, monkeypatch)
+    model = build_model("resnet18", 5, weights="IMAGENET1K_V1").eval()
+    save_checkpoint(model, tmp_path / "model.pt", list("abcde"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "other-machine"))  # no hub cache here
+    loaded, _ = load_checkpoint(tmp_path / "model.pt", "pretrain")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(_x(2)), model(_x(2)))
+
+
+def test_unknown_architecture_and_bad_settings():
+    with pytest.raises(TransferkitError, match="unknown model.name 'vgg'"):
+        build_model("vgg", 5)
+    with pytest.raises(TransferkitError, match="bad settings for model 'fastnet'.*conf/model/fastnet.yaml"):
+        build_model("fastnet", 5, widths=[8], depthh=3)
+
+
+# ------------------------------------------------------------------ cost
+def test_count_macs_of_a_single_conv_by_hand():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False))
+    assert count_params(conv) == 8 * 3 * 3 * 3
+    assert count_macs(conv) == 8 * 3 * 9 * 32 * 32  # C_out * C_in * k*k * H_out * W_out
+    assert count_macs(conv, input_size=16) == 8 * 3 * 9 * 16 * 16
+    strided = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True))
+    assert count_params(strided) == 8 * 27 + 8
+    assert count_macs(strided) == 8 * 27 * 16 * 16
+
+
+def test_count_macs_conv_plus_linear():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 5, bias=False))
+    assert count_params(net) == 216 + 40
+    assert count_macs(net) == 216 * 32 * 32 + 40
+
+
+def test_resnet18_cost_is_plausible():
+    model = build_model("resnet18", 5)
+    # CIFAR ResNet-18 (3x3 stride-1 stem): ~11.17M parameters and ~0.56 GMACs at 32x32
+    assert count_params(model) == 11_173_962 - 5 * 513
+    assert 0.50e9 < count_macs(model) < 0.60e9
+    tiny = model_from_config(SMALL["fastnet"], 5)
+    assert 0 < count_macs(tiny) < count_macs(model) / 100

@@ -1,0 +1,131 @@
+"""Every stage and every experiment preset, for real, on tiny data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import CIFAR10_CLASSES, TINY, compose, run, run_all, write_cifar_pickles, write_image_folder
+from transferkit.errors import TransferkitError
+from transferkit.models import load_checkpoint
+
+AQUATIC = ["beaver", "dolphin", "otter", "seal", "whale", "aquarium_fish", "flatfish", "ray", "shark", "trout"]
+
+
+def _metrics(cfg) -> str:
+    from pathlib import Path
+
+    return (Path(cfg.paths.artifacts_dir) / "evaluate" / "metrics.json").read_text()
+
+
+def test_smoke_pipeline_produces_every_output(smoke_artifacts):
+    cfg, results = smoke_artifacts
+    art = __import__("pathlib").Path(cfg.paths.artifacts_dir)
+    for stage in ("pretrain", "transfer", "probe", "scratch"):
+        assert (art / stage / "model.pt").exists()
+        assert (art / stage / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").exists()
+        assert 0.0 <= results[stage]["val_acc"] <= 1.0
+    metrics = json.loads((art / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"scratch", "probe", "transfer"}
+    for m in metrics["models"].values():
+        lo, hi = m["top1_ci95"]
+        assert lo <= m["top1"] <= hi and m["n_test"] == 3 * 16
+        assert m["params"] > 0 and m["macs"] > 0 and m["size_bytes"] > 0
+        assert set(m["per_class"]) == {"tgt_a", "tgt_b", "tgt_c"}
+    timing = json.loads((art / "evaluate" / "timing.json").read_text())
+    assert all(t["latency_ms_bs1"] > 0 and t["throughput_img_s"] > 0 for t in timing.values())
+    report = (art / "evaluate" / "report.md").read_text()
+    assert "57.4%" in report and "60.1%" in report and "Transfer minus scratch" in report
+    for png in ("curves.png", "confusion_transfer.png", "confusion_scratch.png", "confusion_probe.png"):
+        assert (art / "evaluate" / png).read_bytes()[:4] == b"\x89PNG"
+    rows = (art / "evaluate" / "predictions" / "transfer.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 1 + 48
+
+
+def test_smoke_learns_something(smoke_artifacts):
+    # synthetic classes are easy: a model that learned nothing would sit at 1/3
+    cfg, results = smoke_artifacts
+    assert results["evaluate"]["models"]["scratch"]["top1"] > 0.5
+
+
+def test_same_config_gives_identical_metrics(smoke_artifacts, tmp_path):
+    cfg, _ = smoke_artifacts
+    again = compose("experiment=smoke", tmp=tmp_path)
+    run_all(again)
+    assert _metrics(again) == _metrics(cfg)
+
+
+def test_cifar10_split_preset_on_a_tiny_image_archive(tmp_path):
+    # the default experiment's real code path: the image-folder archive in data/
+    write_image_folder(tmp_path / "data", CIFAR10_CLASSES, train_per_class=12, test_per_class=4)
+    cfg = compose("experiment=cifar10_split", *TINY, "model.widths=[8,16,16]", "model.stem_width=8",
+                  "data.target.train_per_class=8", "data.target.val_per_class=2", tmp=tmp_path)
+    results = run_all(cfg)
+    summary = results["prepare"]
+    assert summary["source"]["n_train"] == 5 * 12 and summary["target"]["n_test"] == 5 * 4
+    assert summary["target"]["classes"] == ["cat", "deer", "dog", "frog", "horse"]
+    assert results["evaluate"]["models"]["transfer"]["n_test"] == 20
+
+
+def test_seed_aquatic_preset_on_tiny_official_pickles(tmp_path):
+    # CIFAR-100 is not available offline: the official formats, written small by the test
+    write_cifar_pickles(tmp_path / "data", "cifar10", CIFAR10_CLASSES, train_per_class=6, test_per_class=2)
+    write_cifar_pickles(tmp_path / "data", "cifar100", [f"other{i}" for i in range(5)] + AQUATIC,
+                        train_per_class=8, test_per_class=3)
+    cfg = compose("experiment=seed_aquatic", *TINY, "data.verify_checksums=false",
+                  "data.target.train_per_class=5", "data.target.val_per_class=2",
+                  "model.widths=[8,8,8,8,8,8,8,8,8]", "model.fc_width=16", tmp=tmp_path)
+    results = run_all(cfg)
+    assert results["prepare"]["target"]["classes"] == AQUATIC
+    assert results["prepare"]["target"]["n_test"] == 30
+    model, ckpt = load_checkpoint(tmp_path / "artifacts" / "transfer" / "model.pt", "transfer")
+    assert ckpt["arch"]["name"] == "vgg_mini" and model.num_blocks == 11
+
+
+@pytest.mark.parametrize("model", ["fastnet", "vgg_mini", "resnet18"])
+def test_every_model_runs_transfer(tmp_path, model):
+    extra = {"fastnet": ["model.widths=[8,16,16]"], "vgg_mini": ["model.widths=[8,8,8,8,8,8,8,8,8]",
+             "model.fc_width=16"], "resnet18": []}[model]
+    cfg = compose("experiment=smoke", f"model={model}", *TINY, *extra, "transfer.freeze_depth=2", tmp=tmp_path)
+    for stage in ("prepare", "pretrain", "transfer"):
+        run(stage, cfg)
+
+
+def test_gradual_unfreezing_and_earlier_block_probe(tmp_path):
+    cfg = compose("experiment=smoke", "transfer.freeze_depth=3", "transfer.unfreeze_every_epochs=1",
+                  "transfer.epochs=3", "probe.depth=2", tmp=tmp_path)
+    for stage in ("prepare", "pretrain", "transfer", "probe"):
+        run(stage, cfg)
+    probe, ckpt = load_checkpoint(tmp_path / "artifacts" / "probe" / "model.pt", "probe")
+    assert probe.num_blocks == 2 and ckpt["arch"]["depth"] == 2
+
+
+def test_failed_stage_keeps_previous_outputs(tmp_path):
+    cfg = compose("experiment=smoke", tmp=tmp_path)
+    for stage in ("prepare", "pretrain", "transfer"):
+        run(stage, cfg)
+    out = tmp_path / "artifacts" / "transfer"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    bad = compose("experiment=smoke", "transfer.freeze_depth=99", tmp=tmp_path)
+    with pytest.raises(TransferkitError, match="transfer.freeze_depth"):
+        run("transfer", bad)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not any(p.name.endswith(".incomplete") for p in out.parent.iterdir())
+
+
+def test_pretrain_checkpoint_from_another_architecture_is_refused(tmp_path):
+    cfg = compose("experiment=smoke", tmp=tmp_path)
+    run("prepare", cfg)
+    run("pretrain", cfg)
+    other = compose("experiment=smoke", "model.widths=[8,16,32]", tmp=tmp_path)
+    with pytest.raises(TransferkitError, match="architecture"):
+        run("transfer", other)
+
+
+def test_stage_before_its_input_exists_says_what_to_run(tmp_path):
+    cfg = compose("experiment=smoke", tmp=tmp_path)
+    with pytest.raises(TransferkitError, match="dvc repro prepare"):
+        run("pretrain", cfg)
