@@ -30,8 +30,9 @@ Configuration:
   transferkit params [key=value ...]   compose conf/ (+ overrides) into params.yaml
   transferkit check-params             exit 1 if params.yaml differs from conf/
 
-Experiments (experiment=NAME): cifar10_split (default), seed_aquatic, smoke
-Models (model=NAME): fastnet, vgg_mini, resnet18      Trainers (trainer=NAME): cpu, gpu, ddp
+Experiments: experiment=cifar10_split (default) | experiment=seed_aquatic | experiment=smoke
+Models: model=fastnet | model=vgg_mini | model=resnet18
+Trainers: trainer=cpu | trainer=gpu | trainer=ddp (DDP over trainer.devices processes/GPUs)
 Common overrides:
   transfer.freeze_depth=K  transfer.backbone_lr_mult=X  transfer.unfreeze_every_epochs=N
   probe.depth=K  pretrain.epochs=N  transfer.epochs=N  seed=N  trainer.devices=N
@@ -65,7 +66,13 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from transferkit.config.compose import find_conf_dir
+    from transferkit.config.compose import compose, find_conf_dir
+
+    # Compose the plain key=value overrides once up front so a typo'd key ends in our one-line
+    # error; sweep values (a=1,2 / range()) and hydra.* settings are left to Hydra itself.
+    plain = [a for a in argv if "=" in a and not a.startswith(("-", "hydra.", "hydra/"))
+             and "," not in a.split("=", 1)[1] and "(" not in a.split("=", 1)[1]]
+    compose(plain)
 
     @hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base="1.3")
     def app(cfg) -> None:
