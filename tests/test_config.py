@@ -96,3 +96,13 @@ def test_dvc_is_set_up_to_compose_conf_for_experiments():
     # `dvc exp run -S key=value` recomposes conf/ into params.yaml only with this setting
     assert "enabled = True" in (ROOT / ".dvc" / "config").read_text()
     assert Path(ROOT / "data.dvc").exists()
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_preset_builds(model):
+    from transferkit.models import model_from_config
+    from transferkit.stages.common import container
+
+    cfg = compose(f"model={model}")
+    net = model_from_config(container(cfg.model), 5)
+    assert net.num_blocks >= 4 and net.num_classes == 5

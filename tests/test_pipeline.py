@@ -85,10 +85,10 @@ def test_seed_aquatic_preset_on_tiny_official_pickles(tmp_path):
     assert ckpt["arch"]["name"] == "vgg_mini" and model.num_blocks == 11
 
 
-@pytest.mark.parametrize("model", ["fastnet", "vgg_mini", "resnet18"])
+@pytest.mark.parametrize("model", ["fastnet", "fastnet_tiny", "vgg_mini", "resnet18"])
 def test_every_model_runs_transfer(tmp_path, model):
     extra = {"fastnet": ["model.widths=[8,16,16]"], "vgg_mini": ["model.widths=[8,8,8,8,8,8,8,8,8]",
-             "model.fc_width=16"], "resnet18": []}[model]
+             "model.fc_width=16"], "resnet18": [], "fastnet_tiny": []}[model]
     cfg = compose("experiment=smoke", f"model={model}", *TINY, *extra, "transfer.freeze_depth=2", tmp=tmp_path)
     for stage in ("prepare", "pretrain", "transfer"):
         run(stage, cfg)
