@@ -21,7 +21,7 @@ def test_params_yaml_matches_conf():
 
 
 def test_drift_is_detected(tmp_path):
-    changed = (ROOT / "params.yaml").read_text().replace("freeze_depth: 1", "freeze_depth: 3")
+    changed = (ROOT / "params.yaml").read_text().replace("freeze_depth: 0", "freeze_depth: 3")
     assert changed != (ROOT / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(changed)
     drift = params_drift(tmp_path / "params.yaml", CONF)

@@ -71,10 +71,14 @@ def test_discriminative_learning_rate_groups():
     module = ClassifierModule(model, **SETTINGS, freeze_depth=1, backbone_lr_mult=0.1)
     module.trainer = type("T", (), {"estimated_stepping_batches": 10})()
     opt = module.configure_optimizers()["optimizer"]
-    head_group, backbone_group = opt.param_groups
+    head_group, *backbone_groups = opt.param_groups
     assert head_group["initial_lr"] == pytest.approx(0.05)
-    assert backbone_group["initial_lr"] == pytest.approx(0.005)
+    assert [g["initial_lr"] for g in backbone_groups] == pytest.approx([0.005, 0.005])
     assert {id(p) for p in head_group["params"]} == {id(p) for p in model.head.parameters()}
+    backbone = {id(p) for b in model.blocks for p in b.parameters()}
+    assert {id(p) for g in backbone_groups for p in g["params"]} == backbone
+    # no weight decay on BatchNorm parameters and biases
+    assert all(p.ndim <= 1 for p in backbone_groups[1]["params"]) and backbone_groups[1]["weight_decay"] == 0
 
 
 def test_gradual_unfreezing_releases_one_block_per_interval(tmp_path):

@@ -8,15 +8,15 @@ import torch
 
 from transferkit.errors import TransferkitError
 from transferkit.models.blocknet import BlockNet
-from transferkit.models.fastnet import fastnet_blocks
+from transferkit.models.fastnet import fastnet_blocks, whiten_stem
 from transferkit.models.resnet import resnet18_blocks
 from transferkit.models.vgg import vgg_mini_blocks
 
-# name -> (blocks builder, head pooling, head bias)
+# name -> (blocks builder, head pooling, head bias, logit scale)
 ARCHITECTURES = {
-    "fastnet": (fastnet_blocks, "max", False),
-    "vgg_mini": (vgg_mini_blocks, "avg", True),
-    "resnet18": (resnet18_blocks, "avg", True),
+    "fastnet": (fastnet_blocks, "max", False, 1 / 9),
+    "vgg_mini": (vgg_mini_blocks, "avg", True, 1.0),
+    "resnet18": (resnet18_blocks, "avg", True, 1.0),
 }
 
 CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
@@ -27,17 +27,27 @@ def build_model(name: str, num_classes: int, *, mean=CIFAR_MEAN, std=CIFAR_STD,
                 depth: int | None = None, fetch_weights: bool = True, **kwargs) -> BlockNet:
     if name not in ARCHITECTURES:
         raise TransferkitError(f"unknown model.name '{name}'. Fix: use one of {sorted(ARCHITECTURES)}.")
-    builder, pool, bias = ARCHITECTURES[name]
+    builder, pool, bias, scale = ARCHITECTURES[name]
     try:
         extra = {} if fetch_weights or not kwargs.get("weights") else {"load_weights": False}
         blocks = builder(**kwargs, **extra)
     except TypeError as e:
         raise TransferkitError(f"bad settings for model '{name}': {e}. Fix: check conf/model/{name}.yaml.") from e
     arch = {"name": name, "mean": list(mean), "std": list(std), **kwargs}
-    model = BlockNet(blocks, num_classes, mean=mean, std=std, arch=arch, pool=pool, head_bias=bias)
+    model = BlockNet(blocks, num_classes, mean=mean, std=std, arch=arch, pool=pool, head_bias=bias,
+                     head_scale=scale)
     if depth is not None:
         model.truncate(depth, num_classes)
     return model
+
+
+@torch.no_grad()
+def init_from_data(model: BlockNet, images: torch.Tensor, max_images: int = 5000) -> None:
+    """Data-dependent initialisation for models trained from random init (fastnet's whitening
+    stem); a no-op for other architectures. `images`: uint8 [N, 3, H, W]."""
+    if model.arch["name"] == "fastnet":
+        x = model.normalize(images[:max_images].float() / 255)
+        whiten_stem(model.blocks[0][0], x)
 
 
 def model_from_config(model_cfg: dict, num_classes: int) -> BlockNet:

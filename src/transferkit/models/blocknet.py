@@ -26,27 +26,31 @@ class Normalize(nn.Module):
 class Head(nn.Module):
     """Global pooling (for 4-D features) + linear classifier."""
 
-    def __init__(self, in_features: int, num_classes: int, pool: str = "avg", bias: bool = True):
+    def __init__(self, in_features: int, num_classes: int, pool: str = "avg", bias: bool = True,
+                 scale: float = 1.0):
         super().__init__()
         self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1)}[pool]
         self.fc = nn.Linear(in_features, num_classes, bias=bias)
+        self.scale = scale  # airbench scales logits down (1/9): a calmer start at high learning rates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             x = self.pool(x).flatten(1)
-        return self.fc(x)
+        x = self.fc(x)
+        return x * self.scale if self.scale != 1.0 else x
 
 
 class BlockNet(nn.Module):
     def __init__(self, blocks: list[nn.Module], num_classes: int, *, mean, std, arch: dict,
-                 pool: str = "avg", head_bias: bool = True, input_size: int = 32):
+                 pool: str = "avg", head_bias: bool = True, head_scale: float = 1.0,
+                 input_size: int = 32):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.blocks = nn.ModuleList(blocks)
         self.arch = dict(arch)  # how to rebuild this model: saved inside every checkpoint
         self.input_size = input_size
-        self._pool, self._head_bias = pool, head_bias
-        self.head = Head(self.feature_dim(len(self.blocks)), num_classes, pool, head_bias)
+        self._head = dict(pool=pool, bias=head_bias, scale=head_scale)
+        self.head = Head(self.feature_dim(len(self.blocks)), num_classes, **self._head)
 
     @property
     def num_blocks(self) -> int:
@@ -77,12 +81,12 @@ class BlockNet(nn.Module):
 
     def new_head(self, num_classes: int) -> None:
         """Replace the classifier (transfer to a task with other classes)."""
-        self.head = Head(self.feature_dim(self.num_blocks), num_classes, self._pool, self._head_bias)
+        self.head = Head(self.feature_dim(self.num_blocks), num_classes, **self._head)
         self.head.to(self.normalize.mean.device)
 
     def truncate(self, depth: int, num_classes: int) -> "BlockNet":
         """Keep blocks[:depth] and put a fresh head on their features (linear probe)."""
         self.blocks = self.blocks[:depth]
         self.arch["depth"] = depth
-        self.head = Head(self.feature_dim(depth), num_classes, "avg", True)
+        self.head = Head(self.feature_dim(depth), num_classes, "avg", True, self._head["scale"])
         return self

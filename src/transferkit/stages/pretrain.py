@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferkit.models import model_from_config
+from transferkit.models import init_from_data, model_from_config
 from transferkit.stages.common import container
 from transferkit.stages.training import load_task, train_stage
 
@@ -14,4 +14,6 @@ from transferkit.stages.training import load_task, train_stage
 def run(cfg: DictConfig, out: Path) -> dict:
     task = load_task(cfg, "source")
     model = model_from_config(container(cfg.model), len(task["classes"]))
+    if not cfg.model.get("weights"):  # published weights are the init; else a data-dependent one
+        init_from_data(model, task["train_x"])
     return train_stage(cfg, "pretrain", model, task, out)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferkit.models import model_from_config
+from transferkit.models import init_from_data, model_from_config
 from transferkit.stages.common import container
 from transferkit.stages.training import load_task, train_stage
 
@@ -16,4 +16,5 @@ def run(cfg: DictConfig, out: Path) -> dict:
     model_cfg = container(cfg.model)
     model_cfg.pop("weights", None)  # random init, even when pretrain starts from published weights
     model = model_from_config(model_cfg, len(task["classes"]))
+    init_from_data(model, task["train_x"])
     return train_stage(cfg, "scratch", model, task, out)

@@ -6,8 +6,6 @@ the backbone's learning-rate multiplier, gradual unfreezing), not code.
 
 from __future__ import annotations
 
-import math
-
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -79,18 +77,21 @@ class ClassifierModule(pl.LightningModule):
         # every block is in the optimiser (frozen ones receive no gradient, so SGD skips
         # them): gradual unfreezing then needs no optimiser surgery
         backbone = [p for b in self.model.blocks for p in b.parameters()]
-        groups = [{"params": head, "lr": hp.lr}]
+        groups = [{"params": head, "lr": hp.lr, "weight_decay": hp.weight_decay}]
         if hp.backbone_lr_mult > 0 and backbone:
-            groups.append({"params": backbone, "lr": hp.lr * hp.backbone_lr_mult})
-        opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0,
-                              weight_decay=hp.weight_decay)
+            lr = hp.lr * hp.backbone_lr_mult
+            # no weight decay on BatchNorm scales/shifts and biases (1-D tensors)
+            groups += [{"params": [p for p in backbone if p.ndim > 1], "lr": lr, "weight_decay": hp.weight_decay},
+                       {"params": [p for p in backbone if p.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(total * hp.warmup_fraction))
 
-        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to zero
+        def schedule(step: int) -> float:  # linear warm-up, then linear decay to zero (airbench)
             if step < warmup:
                 return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            return max(0.0, (total - step) / max(1, total - warmup))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
