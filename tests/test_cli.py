@@ -73,3 +73,19 @@ def test_missing_dataset_through_the_cli_keeps_previous_outputs(tmp_path):
     line = _one_error_line(_cli("prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path))
     assert "CIFAR10 not found" in line and "experiment=smoke" in line
     assert (tmp_path / "artifacts" / "prepare" / "target.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_hydra_multirun_sweeps_freeze_depth_into_separate_folders(tmp_path):
+    cfg = compose("experiment=smoke", tmp=tmp_path)
+    run("prepare", cfg)
+    run("pretrain", cfg)
+    proc = _cli("transfer", "-m", "experiment=smoke", f"paths.artifacts_dir={tmp_path / 'artifacts'}",
+                "transfer.freeze_depth=0,2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, depth in ((0, 0), (1, 2)):
+        out = tmp_path / "sweep" / str(job)
+        assert f"transfer.freeze_depth={depth}" in (out / ".hydra" / "overrides.yaml").read_text()
+        assert (out / "transfer" / "model.pt").exists() and (out / "transfer" / "metrics.json").exists()
+    # the pipeline's own outputs are inputs here, never overwritten by a sweep
+    assert not (tmp_path / "artifacts" / "transfer").exists()

@@ -6,6 +6,7 @@ code runs on a CPU, a GPU, or DDP over many processes.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,6 +14,12 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
 from transferkit.models.blocknet import BlockNet
+
+# Lightning warnings that are about choices made on purpose here:
+warnings.filterwarnings("ignore", r".*module\(s\) in eval mode.*")  # frozen blocks stay in eval mode
+warnings.filterwarnings("ignore", r".*overridden `on_after_batch_transfer`.*")  # augmentation lives there
+warnings.filterwarnings("ignore", r".*does not have many workers.*")  # batches are slices of in-memory tensors
+warnings.filterwarnings("ignore", r".*smaller than the logging interval.*")  # tiny smoke datasets
 
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision", "deterministic",
                 "sync_batchnorm", "benchmark")
