@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from transferkit.errors import TransferkitError
 
-TRAIN_STAGES = ("pretrain", "transfer", "probe", "scratch")
+TRAIN_STAGES = ("pretrain", "transfer", "probe", "scratch", "distill")
 
 
 def _fail(key: str, value, need: str) -> None:
@@ -84,6 +84,16 @@ def validate_probe(cfg: DictConfig, num_blocks: int) -> None:
               f"must be in 1..{num_blocks} or null")
 
 
+def validate_distill(cfg: DictConfig) -> None:
+    from transferkit.distill.losses import get_loss
+
+    get_loss(cfg.distill.method)  # unknown name -> error listing the registered methods
+    _check_number(cfg, "distill.temperature", low=0, low_open=True)
+    _check_number(cfg, "distill.alpha", low=0, high=1)
+    _check_number(cfg, "distill.dkd_alpha", low=0)
+    _check_number(cfg, "distill.dkd_beta", low=0)
+
+
 def validate_trainer(cfg: DictConfig) -> None:
     if cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu":
         raise TransferkitError("trainer.sync_batchnorm=true works only on GPUs (torch's SyncBatchNorm). "
@@ -93,10 +103,13 @@ def validate_trainer(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Checks that need no model or data; stage-specific ones run in each stage."""
     validate_trainer(cfg)
+    if "distill" in cfg:
+        validate_distill(cfg)
     _check_number(cfg, "seed", low=0, integer=True)
     validate_data(cfg)
     for stage in TRAIN_STAGES:
-        validate_train(cfg, stage)
+        if stage in cfg:
+            validate_train(cfg, stage)
     _check_number(cfg, "evaluate.latency_repeats", low=1, integer=True)
     _check_number(cfg, "evaluate.throughput_batch", low=1, integer=True)
     _check_number(cfg, "evaluate.batch_size", low=1, integer=True)

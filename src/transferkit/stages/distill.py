@@ -1,0 +1,50 @@
+"""distill: the transferred model (teacher) teaches a much smaller student on the target
+task with soft targets (method picked by name: kd, dkd)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transferkit.config.validate import validate_distill
+from transferkit.distill.module import DistillerModule
+from transferkit.errors import TransferkitError
+from transferkit.evaluation.cost import count_macs, count_params
+from transferkit.models import load_checkpoint
+from transferkit.stages.common import stage_dir
+from transferkit.stages.student import build_student
+from transferkit.stages.training import load_task, train_stage
+
+log = logging.getLogger(__name__)
+
+
+def load_teacher(cfg: DictConfig, classes: list[str]):
+    path = stage_dir(cfg, "transfer") / "model.pt"
+    teacher, ckpt = load_checkpoint(path, "transfer")
+    if ckpt["classes"] != classes:
+        raise TransferkitError(
+            f"teacher {path} was trained on classes {ckpt['classes']}, but the target task is {classes}. "
+            f"Fix: rerun transfer on this task (`dvc repro transfer`) or point distill at a teacher "
+            f"trained on these classes.")
+    return teacher
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    validate_distill(cfg)
+    task = load_task(cfg, "target")
+    teacher = load_teacher(cfg, task["classes"])
+    student = build_student(cfg, task)
+    ratio_params = count_params(student) / count_params(teacher)
+    ratio_macs = count_macs(student) / count_macs(teacher)
+    if ratio_params >= 1 or ratio_macs >= 1:
+        log.warning("the student (%s) is not smaller than its teacher: %.2fx the parameters, %.2fx the "
+                    "MACs. Distillation still runs, but the point is usually a smaller model: set "
+                    "distill.student to a narrower network.", student.arch["name"], ratio_params, ratio_macs)
+    d = cfg.distill
+    method_kwargs = {"temperature": d.temperature, "alpha": d.alpha, "dkd_alpha": d.dkd_alpha,
+                     "dkd_beta": d.dkd_beta, "label_smoothing": d.label_smoothing}
+    metrics = train_stage(cfg, "distill", student, task, out, module_cls=DistillerModule,
+                          teacher=teacher, method=d.method, method_kwargs=method_kwargs)
+    return metrics

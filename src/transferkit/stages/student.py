@@ -1,0 +1,28 @@
+"""student: the distillation baseline. The student network trained alone on the labels,
+with exactly the distill stage's budget and recipe: the only difference is the teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transferkit.models import init_from_data, load_backbone, model_from_config
+from transferkit.stages.common import container
+from transferkit.stages.training import load_task, train_stage
+
+
+def build_student(cfg: DictConfig, task: dict):
+    """Random init (with the architecture's data-dependent init), or the student's own
+    pretrained weights when distill.student_init names a checkpoint."""
+    n = len(task["classes"])
+    if cfg.distill.student_init:
+        return load_backbone(cfg.distill.student_init, container(cfg.distill.student), n, "pretrain")
+    student = model_from_config(container(cfg.distill.student), n)
+    init_from_data(student, task["train_x"])
+    return student
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    task = load_task(cfg, "target")
+    return train_stage(cfg, "distill", build_student(cfg, task), task, out, stage_name="student")
