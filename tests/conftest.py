@@ -20,8 +20,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 # Tiny-but-real settings layered on any experiment preset: one short epoch per stage.
 TINY = [
-    "pretrain.epochs=1", "transfer.epochs=1", "probe.epochs=1", "scratch.epochs=1",
+    "pretrain.epochs=1", "transfer.epochs=1", "probe.epochs=1", "scratch.epochs=1", "distill.epochs=1",
     "pretrain.batch_size=16", "transfer.batch_size=8", "probe.batch_size=8", "scratch.batch_size=8",
+    "distill.batch_size=8",
     "evaluate.latency_repeats=2", "evaluate.throughput_batch=8", "evaluate.throughput_repeats=1",
     "evaluate.batch_size=32", "trainer.progress_bar=false",
 ]
@@ -45,8 +46,10 @@ def run(stage: str, cfg) -> dict:
     return run_stage(stage, cfg, stage_dir(cfg, stage))
 
 
-def run_all(cfg, stages=("prepare", "pretrain", "transfer", "probe", "scratch", "evaluate")) -> dict:
-    return {s: run(s, cfg) for s in stages}
+def run_all(cfg, stages=None) -> dict:
+    from transferkit.stages import STAGES
+
+    return {s: run(s, cfg) for s in stages or STAGES}
 
 
 @pytest.fixture

@@ -24,12 +24,12 @@ def _metrics(cfg) -> str:
 def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     cfg, results = smoke_artifacts
     art = __import__("pathlib").Path(cfg.paths.artifacts_dir)
-    for stage in ("pretrain", "transfer", "probe", "scratch"):
+    for stage in ("pretrain", "transfer", "probe", "scratch", "student", "distill"):
         assert (art / stage / "model.pt").exists()
         assert (art / stage / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").exists()
         assert 0.0 <= results[stage]["val_acc"] <= 1.0
     metrics = json.loads((art / "evaluate" / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"scratch", "probe", "transfer"}
+    assert set(metrics["models"]) == {"scratch", "probe", "transfer", "student", "distill"}
     for m in metrics["models"].values():
         lo, hi = m["top1_ci95"]
         assert lo <= m["top1"] <= hi and m["n_test"] == 3 * 16
@@ -39,7 +39,10 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     assert all(t["latency_ms_bs1"] > 0 and t["throughput_img_s"] > 0 for t in timing.values())
     report = (art / "evaluate" / "report.md").read_text()
     assert "57.4%" in report and "60.1%" in report and "Transfer minus scratch" in report
-    for png in ("curves.png", "confusion_transfer.png", "confusion_scratch.png", "confusion_probe.png"):
+    assert "## Distillation" in report and "of the gap between" in report
+    assert 0 < metrics["distillation"]["student_params_ratio"] < 1
+    for png in ("curves.png", "confusion_transfer.png", "confusion_scratch.png", "confusion_probe.png",
+                "confusion_student.png", "confusion_distill.png"):
         assert (art / "evaluate" / png).read_bytes()[:4] == b"\x89PNG"
     rows = (art / "evaluate" / "predictions" / "transfer.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 48

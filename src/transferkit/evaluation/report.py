@@ -6,7 +6,8 @@ from __future__ import annotations
 # classes, 400 train / 100 eval per class, conv1-6 frozen, 50 epochs, hours on a CPU).
 SOURCE_MATERIAL = {"scratch": 0.574, "transfer": 0.601, "n_test": 1000}
 
-LABELS = {"scratch": "scratch (baseline)", "probe": "linear probe", "transfer": "transfer (fine-tuned)"}
+LABELS = {"scratch": "scratch (baseline)", "probe": "linear probe", "transfer": "transfer (fine-tuned)",
+          "student": "student alone", "distill": "student distilled"}
 
 
 def _pct(x: float) -> str:
@@ -31,7 +32,8 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         f"backbone_lr_mult={cfg_summary['backbone_lr_mult']}; probe depth={cfg_summary['probe_depth']}",
         f"- budgets (epochs): pretrain {cfg_summary['epochs']['pretrain']}, transfer "
         f"{cfg_summary['epochs']['transfer']}, scratch {cfg_summary['epochs']['scratch']}, probe "
-        f"{cfg_summary['epochs']['probe']}; seed {cfg_summary['seed']}; test-time flip: "
+        f"{cfg_summary['epochs']['probe']}, distill and student alone {cfg_summary['epochs']['distill']}; "
+        f"seed {cfg_summary['seed']}; test-time flip: "
         f"{cfg_summary['tta_flip']}",
         "",
         "## Results on the target test set", "",
@@ -69,6 +71,28 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
             f"{sm['n_test']} images, unpaired) |",
             "",
         ]
+    dist = metrics.get("distillation")
+    if dist:
+        t = timing.get("transfer", {}).get("latency_ms_bs1")
+        st = timing.get("distill", {}).get("latency_ms_bs1")
+        d = dist["distill_vs_student"]
+        rec = dist["gap_recovered"]
+        lines += [
+            "## Distillation", "",
+            f"Teacher: the transfer model. Student: `{cfg_summary['student']}`, "
+            f"{dist['student_params_ratio']:.2f}x the teacher's parameters and "
+            f"{dist['student_macs_ratio']:.2f}x its MACs; method `{cfg_summary['distill_method']}`, "
+            f"T={cfg_summary['distill_temperature']}. The student alone is the same network and budget "
+            "without the teacher.", "",
+            "| | top-1 | CPU latency (batch 1) |", "|---|---|---|",
+            f"| teacher (transfer) | {_pct(models['transfer']['top1'])} | {t:.2f} ms |",
+            f"| student alone | {_pct(models['student']['top1'])} | "
+            f"{timing.get('student', {}).get('latency_ms_bs1', float('nan')):.2f} ms |",
+            f"| student distilled | {_pct(models['distill']['top1'])} | {st:.2f} ms |", "",
+            f"Distillation recovers **{'n/a' if rec is None else f'{100 * rec:.0f}%'}** of the gap between "
+            f"the student alone and the teacher (distilled minus alone: {100 * d['difference']:+.1f} points, "
+            f"95% paired interval {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}); the distilled "
+            f"student runs {t / st:.1f}x faster than the teacher at batch 1.", ""]
     lines += ["## Per-class accuracy", "", "| class | " + " | ".join(LABELS.get(n, n) for n in models) + " |",
               "|---|" + "---|" * len(models)]
     for c in next(iter(models.values()))["per_class"]:

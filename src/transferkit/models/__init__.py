@@ -9,6 +9,7 @@ import torch
 from transferkit.errors import TransferkitError
 from transferkit.models.blocknet import BlockNet
 from transferkit.models.fastnet import fastnet_blocks, whiten_stem
+from transferkit.models.mobilenet import mobilenet_blocks
 from transferkit.models.resnet import resnet18_blocks
 from transferkit.models.vgg import vgg_mini_blocks
 
@@ -17,6 +18,7 @@ ARCHITECTURES = {
     "fastnet": (fastnet_blocks, "max", False, 1 / 9),
     "vgg_mini": (vgg_mini_blocks, "avg", True, 1.0),
     "resnet18": (resnet18_blocks, "avg", True, 1.0),
+    "mobilenet": (mobilenet_blocks, "avg", True, 1.0),
 }
 
 CIFAR_MEAN = [0.4914, 0.4822, 0.4465]

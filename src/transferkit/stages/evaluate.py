@@ -18,7 +18,7 @@ from transferkit.models import load_checkpoint
 from transferkit.stages.common import stage_dir
 from transferkit.stages.training import load_task
 
-MODELS = ("scratch", "probe", "transfer")  # report order: baseline first
+MODELS = ("scratch", "probe", "transfer", "student", "distill")  # report order: baselines first
 
 
 def _write_predictions(path: Path, labels: torch.Tensor, pred: torch.Tensor, classes: list[str]) -> None:
@@ -27,6 +27,18 @@ def _write_predictions(path: Path, labels: torch.Tensor, pred: torch.Tensor, cla
         w = csv.writer(f)
         w.writerow(["actual", "predicted"])
         w.writerows((classes[a], classes[p]) for a, p in zip(labels.tolist(), pred.tolist()))
+
+
+def distillation_summary(models: dict, correct: dict) -> dict:
+    """How much of the teacher-student gap distillation closes, and what the student saves."""
+    teacher, alone, distilled = (models[k] for k in ("transfer", "student", "distill"))
+    gap = teacher["top1"] - alone["top1"]
+    return {
+        "gap_recovered": (distilled["top1"] - alone["top1"]) / gap if gap > 0 else None,
+        "distill_vs_student": paired_difference(correct["distill"], correct["student"]),
+        "student_params_ratio": distilled["params"] / teacher["params"],
+        "student_macs_ratio": distilled["macs"] / teacher["macs"],
+    }
 
 
 def run(cfg: DictConfig, out: Path) -> dict:
@@ -56,7 +68,8 @@ def run(cfg: DictConfig, out: Path) -> dict:
                         "throughput_img_s": round(cost.cpu_throughput(model, ev.throughput_batch,
                                                                       ev.throughput_repeats), 1)}
     metrics = {"models": models,
-               "transfer_vs_scratch": paired_difference(correct["transfer"], correct["scratch"])}
+               "transfer_vs_scratch": paired_difference(correct["transfer"], correct["scratch"]),
+               "distillation": distillation_summary(models, correct)}
     save_json(metrics, out / "metrics.json")
     save_json(timing, out / "timing.json")
     plots.curves_png({n: stage_dir(cfg, n) / "dvclive" for n in ("pretrain", *MODELS)}, out / "curves.png")
@@ -64,8 +77,9 @@ def run(cfg: DictConfig, out: Path) -> dict:
     cfg_summary = {
         "experiment": cfg.name, "model": cfg.model.name, "seed": cfg.seed, "tta_flip": ev.tta_flip,
         "freeze_depth": cfg.transfer.freeze_depth, "backbone_lr_mult": cfg.transfer.backbone_lr_mult,
-        "probe_depth": cfg.probe.depth,
-        "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe")},
+        "probe_depth": cfg.probe.depth, "distill_method": cfg.distill.method,
+        "distill_temperature": cfg.distill.temperature, "student": cfg.distill.student.name,
+        "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe", "distill")},
     }
     save_text(report.render(cfg_summary, metrics, timing, summary), out / "report.md")
     return metrics

@@ -22,11 +22,14 @@ def load_task(cfg: DictConfig, role: str) -> dict:
     return load_torch(stage_dir(cfg, "prepare") / f"{role}.pt", f"prepared {role} task", "prepare")
 
 
-def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: Path,
-                **module_kwargs) -> dict:
+def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: Path, *,
+                module_cls=ClassifierModule, stage_name: str | None = None, **module_kwargs) -> dict:
+    """Train `model` with the optimisation block cfg[stage]; `stage_name` (default: stage) is
+    what the checkpoint records, e.g. 'student' trains with the distill block's budget."""
     settings = cfg[stage]
-    module = ClassifierModule(model, **train_settings(settings), **module_kwargs,
-                              channels_last=cfg.trainer.accelerator != "mps")
+    stage_name = stage_name or stage
+    module = module_cls(model, **train_settings(settings), **module_kwargs,
+                        channels_last=cfg.trainer.accelerator != "mps")
     has_val = len(task["val_y"]) > 0
     datamodule = TaskDataModule(task, settings.batch_size, cfg.evaluate.batch_size,
                                 val_split="val" if has_val else "none")
@@ -37,11 +40,11 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     if global_rank() != 0:
         return {}
     metrics = {}
-    for split in ("val", "test") if stage == "pretrain" else ("val",):
+    for split in ("val", "test") if stage_name == "pretrain" else ("val",):
         if len(task[f"{split}_y"]):
             pred = predict(model, task[f"{split}_x"], cfg.evaluate.batch_size, tta_flip=False).argmax(1)
             metrics[f"{split}_acc"] = float((pred == task[f"{split}_y"]).float().mean())
-    save_checkpoint(model, out / "model.pt", task["classes"], stage=stage, experiment=cfg.name)
+    save_checkpoint(model, out / "model.pt", task["classes"], stage=stage_name, experiment=cfg.name)
     save_json(metrics, out / "metrics.json")
     save_json({"train_seconds": round(timer.seconds, 1),
                "train_images_per_second": round(settings.epochs * len(task["train_y"]) / max(timer.seconds, 1e-9), 1)},

@@ -22,7 +22,7 @@ class ClassifierModule(pl.LightningModule):
                  backbone_lr_mult: float = 1.0, unfreeze_every_epochs: int = 0,
                  flip: bool = True, translate: int = 2, channels_last: bool = True):
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "student", "teacher"])
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         # backbone_lr_mult == 0 is the source material's "LRateMultiplier 0": a frozen backbone
         self.start_depth = model.num_blocks if backbone_lr_mult == 0 else freeze_depth

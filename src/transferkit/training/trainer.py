@@ -20,6 +20,7 @@ warnings.filterwarnings("ignore", r".*module\(s\) in eval mode.*")  # frozen blo
 warnings.filterwarnings("ignore", r".*overridden `on_after_batch_transfer`.*")  # augmentation lives there
 warnings.filterwarnings("ignore", r".*does not have many workers.*")  # batches are slices of in-memory tensors
 warnings.filterwarnings("ignore", r".*smaller than the logging interval.*")  # tiny smoke datasets
+warnings.filterwarnings("ignore", r".*Total length of .* across ranks is zero.*")  # no val split (pretrain)
 
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision", "deterministic",
                 "sync_batchnorm", "benchmark")

@@ -1,0 +1,155 @@
+"""Distillation: the loss math, a teacher that never changes, every registered method for
+real on the smoke experiment, DDP, and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from conftest import compose, run
+from transferkit.config.compose import params_text
+from transferkit.data.datamodule import TaskDataModule
+from transferkit.distill.losses import LOSSES, dkd_loss, kd_loss, soft_target_loss
+from transferkit.distill.module import DistillerModule
+from transferkit.errors import TransferkitError
+from transferkit.models import build_model, load_checkpoint
+from transferkit.stages.training import load_task
+from transferkit.training.trainer import fit
+
+
+def _logits(seed, n=16, k=5):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_student_equal_to_teacher_gives_zero_soft_target_term():
+    t = _logits(0)
+    assert soft_target_loss(t, t, 4.0).abs().item() < 1e-6
+    labels = torch.randint(0, 5, (16,))
+    # kd then reduces to (1 - alpha) * cross-entropy
+    assert kd_loss(t, t, labels, temperature=4.0, alpha=0.9).item() == pytest.approx(
+        0.1 * F.cross_entropy(t, labels).item(), rel=1e-5)
+
+
+def test_soft_target_term_is_scaled_by_t_squared():
+    s, t = _logits(1), _logits(2)
+    for temp in (1.0, 2.0, 4.0, 8.0):
+        kl = F.kl_div(F.log_softmax(s / temp, 1), F.softmax(t / temp, 1), reduction="batchmean")
+        assert soft_target_loss(s, t, temp).item() == pytest.approx(temp * temp * kl.item(), rel=1e-5)
+
+
+def test_alpha_zero_is_plain_cross_entropy():
+    s, t, y = _logits(3), _logits(4), torch.randint(0, 5, (16,))
+    assert kd_loss(s, t, y, temperature=4.0, alpha=0.0).item() == pytest.approx(F.cross_entropy(s, y).item())
+
+
+def test_dkd_is_zero_beyond_cross_entropy_when_student_equals_teacher():
+    t, y = _logits(5), torch.randint(0, 5, (16,))
+    assert dkd_loss(t, t, y).item() == pytest.approx(F.cross_entropy(t, y).item(), abs=1e-5)
+    s = _logits(6)
+    assert dkd_loss(s, t, y).item() > F.cross_entropy(s, y).item()
+
+
+def _smoke_with_teacher(tmp_path, *overrides):
+    cfg = compose("experiment=smoke", *overrides, tmp=tmp_path)
+    for stage in ("prepare", "pretrain", "transfer"):
+        run(stage, cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("method", sorted(LOSSES))
+def test_every_method_runs_on_the_smoke_experiment(tmp_path, method):
+    cfg = _smoke_with_teacher(tmp_path, f"distill.method={method}")
+    metrics = run("distill", cfg)
+    assert 0.0 <= metrics["val_acc"] <= 1.0
+    student, ckpt = load_checkpoint(tmp_path / "artifacts" / "distill" / "model.pt", "distill")
+    teacher, _ = load_checkpoint(tmp_path / "artifacts" / "transfer" / "model.pt", "transfer")
+    assert ckpt["stage"] == "distill"
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+
+
+def test_teacher_weights_and_batchnorm_statistics_do_not_change(tmp_path):
+    cfg = _smoke_with_teacher(tmp_path)
+    teacher, _ = load_checkpoint(tmp_path / "artifacts" / "transfer" / "model.pt", "transfer")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = build_model("fastnet", 3, widths=[4, 8, 8], stem_width=4)
+    pl.seed_everything(0, verbose=False)
+    module = DistillerModule(student, teacher, method="kd", method_kwargs={"temperature": 4.0, "alpha": 0.9},
+                             lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0,
+                             warmup_fraction=0.1, flip=True, translate=2)
+    task = load_task(cfg, "target")
+    fit(module, TaskDataModule(task, 16, 64), dict(cfg.trainer), tmp_path / "fit", 2)
+    after = teacher.state_dict()
+    assert any(k.endswith("running_mean") for k in before)
+    assert all(torch.equal(before[k], after[k].to(before[k].dtype)) for k in before)
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_student_alone_is_the_same_network_and_budget(tmp_path):
+    cfg = _smoke_with_teacher(tmp_path)
+    run("student", cfg)
+    run("distill", cfg)
+    alone, a = load_checkpoint(tmp_path / "artifacts" / "student" / "model.pt", "student")
+    distilled, d = load_checkpoint(tmp_path / "artifacts" / "distill" / "model.pt", "distill")
+    assert a["arch"] == d["arch"] and a["stage"] == "student"
+    assert not torch.equal(alone.head.fc.weight, distilled.head.fc.weight)  # the teacher made a difference
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("distill.method=fitnet", "unknown distill.method 'fitnet'"),
+    ("distill.temperature=0", "distill.temperature"),
+    ("distill.alpha=1.5", "distill.alpha"),
+    ("distill.alpha=-0.1", "distill.alpha"),
+])
+def test_bad_distill_settings_fail_before_training(tmp_path, override, needle):
+    cfg = _smoke_with_teacher(tmp_path)
+    run("distill", cfg)
+    before = (tmp_path / "artifacts" / "distill" / "model.pt").read_bytes()
+    with pytest.raises(TransferkitError, match=needle):
+        run("distill", compose("experiment=smoke", override, tmp=tmp_path))
+    assert (tmp_path / "artifacts" / "distill" / "model.pt").read_bytes() == before
+
+
+def test_teacher_from_another_task_is_refused(tmp_path):
+    _smoke_with_teacher(tmp_path)
+    other = compose("experiment=smoke", "data.target.classes=[tgt_a,tgt_b,tgt_x]", tmp=tmp_path)
+    run("prepare", other)
+    with pytest.raises(TransferkitError, match="teacher .* trained on classes"):
+        run("distill", other)
+
+
+def test_student_larger_than_teacher_warns(tmp_path, caplog):
+    cfg = _smoke_with_teacher(tmp_path, "distill.student.widths=[32,64,64]", "distill.student.stem_width=16",
+                              "distill.epochs=1")
+    with caplog.at_level("WARNING"):
+        run("distill", cfg)
+    assert "not smaller than its teacher" in caplog.text
+
+
+def test_mobile_student_distills(tmp_path):
+    cfg = _smoke_with_teacher(tmp_path, "model@distill.student=mobilenet", "distill.student.width_mult=0.35",
+                              "distill.epochs=1")
+    run("distill", cfg)
+    student, ckpt = load_checkpoint(tmp_path / "artifacts" / "distill" / "model.pt", "distill")
+    assert ckpt["arch"]["name"] == "mobilenet"
+
+
+@pytest.mark.slow
+def test_distill_under_ddp_with_two_cpu_processes(tmp_path):
+    single = _smoke_with_teacher(tmp_path)
+    cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  "trainer.num_threads=1", tmp=tmp_path)
+    (tmp_path / "params.yaml").write_text(params_text(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "transferkit.cli", "distill", "--params",
+                           str(tmp_path / "params.yaml")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size: 2" in proc.stderr + proc.stdout or "Initializing distributed" in proc.stderr
+    _, ckpt = load_checkpoint(tmp_path / "artifacts" / "distill" / "model.pt", "distill")
+    assert ckpt["classes"] == list(single.data.target.classes)
