@@ -21,7 +21,7 @@ def test_params_yaml_matches_conf():
 
 
 def test_drift_is_detected(tmp_path):
-    changed = (ROOT / "params.yaml").read_text().replace("freeze_depth: 0", "freeze_depth: 3")
+    changed = (ROOT / "params.yaml").read_text().replace("transfer: {freeze_depth: 1", "transfer: {freeze_depth: 3")
     assert changed != (ROOT / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(changed)
     drift = params_drift(tmp_path / "params.yaml", CONF)
@@ -62,6 +62,7 @@ def test_unknown_override_key_is_refused():
     ("data.target.train_per_class=0", "data.target.train_per_class"),
     ("data.target.val_per_class=-1", "data.target.val_per_class"),
     ("evaluate.latency_repeats=0", "evaluate.latency_repeats"),
+    ("scratch.freeze_depth=2", "scratch.freeze_depth"),
 ])
 def test_bad_numbers_name_the_key(override, key):
     with pytest.raises(TransferkitError, match=key.replace(".", r"\.")):

@@ -77,6 +77,10 @@ def validate_transfer(cfg: DictConfig, num_blocks: int) -> None:
                                "transfer.unfreeze_every_epochs=0 or use trainer=cpu/gpu.")
 
 
+def validate_scratch(cfg: DictConfig) -> None:
+    _check_number(cfg, "scratch.freeze_depth", low=0, high=1, integer=True)
+
+
 def validate_probe(cfg: DictConfig, num_blocks: int) -> None:
     _check_number(cfg, "probe.depth", low=1, integer=True, allow_none=True)
     if cfg.probe.depth is not None and cfg.probe.depth > num_blocks:
@@ -103,6 +107,7 @@ def validate_trainer(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Checks that need no model or data; stage-specific ones run in each stage."""
     validate_trainer(cfg)
+    validate_scratch(cfg)
     if "distill" in cfg:
         validate_distill(cfg)
     _check_number(cfg, "seed", low=0, integer=True)

@@ -17,4 +17,5 @@ def run(cfg: DictConfig, out: Path) -> dict:
     model_cfg.pop("weights", None)  # random init, even when pretrain starts from published weights
     model = model_from_config(model_cfg, len(task["classes"]))
     init_from_data(model, task["train_x"])
-    return train_stage(cfg, "scratch", model, task, out)
+    # freeze_depth here can only keep data-initialised blocks fixed (fastnet's whitening stem)
+    return train_stage(cfg, "scratch", model, task, out, freeze_depth=cfg.scratch.freeze_depth)
