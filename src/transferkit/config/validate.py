@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from transferkit.errors import TransferkitError
 
-TRAIN_STAGES = ("pretrain", "transfer", "probe", "scratch", "distill")
+TRAIN_STAGES = ("pretrain", "transfer", "probe", "scratch", "distill", "prune")
 
 
 def _fail(key: str, value, need: str) -> None:
@@ -98,6 +98,22 @@ def validate_distill(cfg: DictConfig) -> None:
     _check_number(cfg, "distill.dkd_beta", low=0)
 
 
+def validate_prune(cfg: DictConfig) -> None:
+    from transferkit.prune.structured import CRITERIA
+
+    p = cfg.prune
+    if p.mode not in ("structured", "unstructured"):
+        _fail("prune.mode", p.mode, "must be 'structured' or 'unstructured'")
+    if p.criterion not in CRITERIA:
+        raise TransferkitError(f"unknown prune.criterion '{p.criterion}'. Fix: use one of {sorted(CRITERIA)}.")
+    if p.target not in ("macs", "channels"):
+        _fail("prune.target", p.target, "must be 'macs' or 'channels'")
+    _check_number(cfg, "prune.ratio", low=0, low_open=True)
+    if p.ratio >= 1:
+        _fail("prune.ratio", p.ratio, "must be in (0, 1): the share of MACs, channels or weights removed")
+    _check_number(cfg, "prune.steps", low=1, integer=True)
+
+
 def validate_trainer(cfg: DictConfig) -> None:
     if cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu":
         raise TransferkitError("trainer.sync_batchnorm=true works only on GPUs (torch's SyncBatchNorm). "
@@ -110,6 +126,8 @@ def validate(cfg: DictConfig) -> None:
     validate_scratch(cfg)
     if "distill" in cfg:
         validate_distill(cfg)
+    if "prune" in cfg:
+        validate_prune(cfg)
     _check_number(cfg, "seed", low=0, integer=True)
     validate_data(cfg)
     for stage in TRAIN_STAGES:

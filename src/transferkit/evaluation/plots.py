@@ -63,3 +63,18 @@ def curves_png(runs: dict[str, Path], path: Path) -> None:
         if ax.lines:
             ax.legend()
     _save(fig, path)
+
+
+def pareto_png(models: dict, timing: dict, path: Path) -> None:
+    """Accuracy against measured CPU latency at batch 1: the deployer's trade-off view."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in models.items():
+        latency = timing.get(name, {}).get("latency_ms_bs1")
+        if latency is None:
+            continue
+        ax.scatter(latency, 100 * m["top1"], s=20 + m["macs"] / 2e6)
+        ax.annotate(name, (latency, 100 * m["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set(xlabel="CPU latency at batch 1 (ms)", ylabel="top-1 (%)",
+           title="accuracy vs latency (marker size ~ MACs)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)

@@ -63,8 +63,13 @@ def save_checkpoint(model: BlockNet, path: str | Path, classes: list[str], **ext
     """A self-describing checkpoint: enough to rebuild the model without any config."""
     from transferkit.io import save_torch
 
+    from transferkit.prune.serialize import layer_shapes
+
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch({"arch": model.arch, "classes": list(classes), "state_dict": state, **extra}, path)
+    # pruned models: record every layer's channel counts so loading needs no pruning plan
+    shapes = layer_shapes(model) if model.arch.get("pruned") else None
+    save_torch({"arch": model.arch, "classes": list(classes), "state_dict": state,
+                "layer_shapes": shapes, **extra}, path)
 
 
 def load_checkpoint(path: str | Path, produced_by: str) -> tuple[BlockNet, dict]:
@@ -75,11 +80,18 @@ def load_checkpoint(path: str | Path, produced_by: str) -> tuple[BlockNet, dict]
         raise TransferkitError(f"{path} is not a transferkit checkpoint (no 'arch'/'state_dict'). "
                                f"Fix: point at a model.pt written by a transferkit stage.")
     arch = dict(ckpt["arch"])
+    pruned = arch.pop("pruned", False)
     # the state_dict below overwrites every tensor: never fetch pretrained weights again
     model = build_model(arch.pop("name"), len(ckpt["classes"]), fetch_weights=False, **arch)
     try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+        if pruned:  # rebuild the original, then shrink each layer to its saved channel counts
+            from transferkit.prune.serialize import shrink_to
+
+            shrink_to(model, ckpt["layer_shapes"], ckpt["state_dict"])
+            model.arch["pruned"] = True
+        else:
+            model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as e:
         raise TransferkitError(f"{path} does not fit its own architecture {ckpt['arch']}: {e}") from e
     return model, ckpt
 

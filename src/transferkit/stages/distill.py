@@ -31,6 +31,12 @@ def load_teacher(cfg: DictConfig, classes: list[str]):
     return teacher
 
 
+def method_settings(cfg: DictConfig) -> dict:
+    d = cfg.distill
+    return {"temperature": d.temperature, "alpha": d.alpha, "dkd_alpha": d.dkd_alpha,
+            "dkd_beta": d.dkd_beta, "label_smoothing": d.label_smoothing}
+
+
 def run(cfg: DictConfig, out: Path) -> dict:
     validate_distill(cfg)
     task = load_task(cfg, "target")
@@ -42,9 +48,5 @@ def run(cfg: DictConfig, out: Path) -> dict:
         log.warning("the student (%s) is not smaller than its teacher: %.2fx the parameters, %.2fx the "
                     "MACs. Distillation still runs, but the point is usually a smaller model: set "
                     "distill.student to a narrower network.", student.arch["name"], ratio_params, ratio_macs)
-    d = cfg.distill
-    method_kwargs = {"temperature": d.temperature, "alpha": d.alpha, "dkd_alpha": d.dkd_alpha,
-                     "dkd_beta": d.dkd_beta, "label_smoothing": d.label_smoothing}
-    metrics = train_stage(cfg, "distill", student, task, out, module_cls=DistillerModule,
-                          teacher=teacher, method=d.method, method_kwargs=method_kwargs)
-    return metrics
+    return train_stage(cfg, "distill", student, task, out, module_cls=DistillerModule,
+                       teacher=teacher, method=cfg.distill.method, method_kwargs=method_settings(cfg))

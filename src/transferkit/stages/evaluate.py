@@ -18,7 +18,7 @@ from transferkit.models import load_checkpoint
 from transferkit.stages.common import stage_dir
 from transferkit.stages.training import load_task
 
-MODELS = ("scratch", "probe", "transfer", "student", "distill")  # report order: baselines first
+MODELS = ("scratch", "probe", "transfer", "student", "distill", "prune")  # report order: baselines first
 
 
 def _write_predictions(path: Path, labels: torch.Tensor, pred: torch.Tensor, classes: list[str]) -> None:
@@ -72,6 +72,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
                "distillation": distillation_summary(models, correct)}
     save_json(metrics, out / "metrics.json")
     save_json(timing, out / "timing.json")
+    plots.pareto_png(models, timing, out / "pareto.png")
     plots.curves_png({n: stage_dir(cfg, n) / "dvclive" for n in ("pretrain", *MODELS)}, out / "curves.png")
     summary = json.loads((stage_dir(cfg, "prepare") / "summary.json").read_text())
     cfg_summary = {
@@ -79,7 +80,8 @@ def run(cfg: DictConfig, out: Path) -> dict:
         "freeze_depth": cfg.transfer.freeze_depth, "backbone_lr_mult": cfg.transfer.backbone_lr_mult,
         "probe_depth": cfg.probe.depth, "distill_method": cfg.distill.method,
         "distill_temperature": cfg.distill.temperature, "student": cfg.distill.student.name,
-        "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe", "distill")},
+        "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe", "distill", "prune")},
+        "prune": {k: cfg.prune[k] for k in ("mode", "criterion", "target", "ratio", "steps")},
     }
     save_text(report.render(cfg_summary, metrics, timing, summary), out / "report.md")
     return metrics

@@ -23,9 +23,12 @@ def load_task(cfg: DictConfig, role: str) -> dict:
 
 
 def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: Path, *,
-                module_cls=ClassifierModule, stage_name: str | None = None, **module_kwargs) -> dict:
+                module_cls=ClassifierModule, stage_name: str | None = None, finalize=None,
+                extra_metrics: dict | None = None, **module_kwargs) -> dict:
     """Train `model` with the optimisation block cfg[stage]; `stage_name` (default: stage) is
-    what the checkpoint records, e.g. 'student' trains with the distill block's budget."""
+    what the checkpoint records, e.g. 'student' trains with the distill block's budget.
+    `finalize(model)` runs after training, before evaluation and saving; it may return
+    metrics to record (as may `extra_metrics`)."""
     settings = cfg[stage]
     stage_name = stage_name or stage
     module = module_cls(model, **train_settings(settings), **module_kwargs,
@@ -37,9 +40,11 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
         if settings.epochs > 0:  # pretrain.epochs=0: export published weights as they are
             model = fit(module, datamodule, dict(cfg.trainer), out, settings.epochs)
         model = model.float().to(memory_format=torch.contiguous_format).eval()
+        metrics = dict(extra_metrics or {})
+        if finalize is not None:
+            metrics.update(finalize(model) or {})
     if global_rank() != 0:
         return {}
-    metrics = {}
     for split in ("val", "test") if stage_name == "pretrain" else ("val",):
         if len(task[f"{split}_y"]):
             pred = predict(model, task[f"{split}_x"], cfg.evaluate.batch_size, tta_flip=False).argmax(1)

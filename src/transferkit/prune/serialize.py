@@ -1,0 +1,47 @@
+"""Save and load pruned models without the pruning plan.
+
+A checkpoint of a pruned model records, besides the weights, the channel counts of every
+layer (`layer_shapes`). Loading builds the original architecture, shrinks each layer to
+the recorded size and loads the weights: a user needs neither Torch-Pruning nor the plan.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SHAPE_ATTRS = {
+    nn.Conv2d: ("in_channels", "out_channels", "groups"),
+    nn.BatchNorm2d: ("num_features",),
+    nn.BatchNorm1d: ("num_features",),
+    nn.Linear: ("in_features", "out_features"),
+}
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    shapes = {}
+    for name, m in model.named_modules():
+        for cls, attrs in SHAPE_ATTRS.items():
+            if type(m) is cls:
+                shapes[name] = {a: int(getattr(m, a)) for a in attrs}
+    return shapes
+
+
+@torch.no_grad()
+def shrink_to(model: nn.Module, shapes: dict[str, dict[str, int]], state_dict: dict) -> nn.Module:
+    """Resize layers of a freshly built model to the recorded shapes, then load weights."""
+    modules = dict(model.named_modules())
+    for name, attrs in shapes.items():
+        for attr, value in attrs.items():
+            setattr(modules[name], attr, value)
+    for key, tensor in state_dict.items():
+        module_name, _, attr = key.rpartition(".")
+        module = modules[module_name]
+        current = getattr(module, attr)
+        if isinstance(current, torch.Tensor) and current.shape != tensor.shape:
+            if isinstance(current, nn.Parameter):
+                setattr(module, attr, nn.Parameter(torch.empty_like(tensor), current.requires_grad))
+            else:
+                module._buffers[attr] = torch.empty_like(tensor)
+    model.load_state_dict(state_dict)
+    return model

@@ -1,0 +1,70 @@
+"""prune: make the distilled student physically smaller and faster (structured channel
+pruning), or sparse (unstructured), then recover accuracy with a short fine-tune distilled
+from the teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transferkit.config.validate import validate_prune
+from transferkit.data.datamodule import TaskDataModule
+from transferkit.distill.module import DistillerModule
+from transferkit.errors import TransferkitError
+from transferkit.models import load_checkpoint
+from transferkit.prune.structured import kept_modules, prune_channels
+from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
+from transferkit.stages.common import stage_dir, train_settings
+from transferkit.stages.distill import load_teacher, method_settings
+from transferkit.stages.training import load_task, train_stage
+from transferkit.training.trainer import fit
+
+
+def _recover(cfg, model, teacher, task, out, epochs):
+    """An intermediate recovery round (iterative pruning): KD fine-tune, nothing saved."""
+    p = cfg.prune
+    module = DistillerModule(model, teacher, method=cfg.distill.method, method_kwargs=method_settings(cfg),
+                             **train_settings(p))
+    fit(module, TaskDataModule(task, p.batch_size, cfg.evaluate.batch_size), dict(cfg.trainer),
+        out / "rounds", epochs)
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    validate_prune(cfg)
+    p = cfg.prune
+    task = load_task(cfg, "target")
+    teacher = load_teacher(cfg, task["classes"])
+    student, ckpt = load_checkpoint(stage_dir(cfg, "distill") / "model.pt", "distill")
+    if ckpt["classes"] != task["classes"]:
+        raise TransferkitError(f"the distilled student was trained on {ckpt['classes']}, not the target task "
+                               f"{task['classes']}. Fix: `dvc repro distill`.")
+    keep = list(p.keep)
+    kept_modules(student, keep)  # unknown names fail here, before any work
+    info: dict = {"mode": p.mode}
+    if p.mode == "structured":
+        calibration = (task["train_x"][:256].float() / 255, task["train_y"][:256])  # for taylor
+        for step in range(1, p.steps + 1):
+            # cumulative target: round k of n removes k/n of the requested share
+            ratio = p.ratio * step / p.steps
+            if p.target == "macs" and step > 1:
+                ratio = 1 - (1 - p.ratio * step / p.steps) / (1 - p.ratio * (step - 1) / p.steps)
+            result = prune_channels(student, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
+                                    calibration=calibration)
+            info.setdefault("macs_before", result["macs_before"])
+            info.setdefault("params_before", result["params_before"])
+            info.update(macs_after=result["macs_after"], params_after=result["params_after"])
+            if step < p.steps:
+                _recover(cfg, student, teacher, task, out, max(1, p.epochs // p.steps))
+        student.arch["pruned"] = True
+        info["macs_reduction"] = info["macs_before"] / info["macs_after"]
+        finalize = None
+    else:
+        prune_weights(student, p.ratio, keep)
+
+        def finalize(model):  # masks become plain zeros in ordinary weight tensors
+            make_permanent(model)
+            return {"sparsity": sparsity(model, keep)}
+    return train_stage(cfg, "prune", student, task, out, module_cls=DistillerModule, teacher=teacher,
+                       method=cfg.distill.method, method_kwargs=method_settings(cfg), finalize=finalize,
+                       extra_metrics=info)

@@ -1,0 +1,124 @@
+"""Pruning: channels really go, outputs stay finite, a pruned model reloads without the
+pruning plan, every criterion runs on the smoke experiment, and bad input is refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import compose, run
+from transferkit.errors import TransferkitError
+from transferkit.evaluation.cost import count_macs, count_params
+from transferkit.models import build_model, load_checkpoint, save_checkpoint
+from transferkit.prune.structured import CRITERIA, prune_channels
+from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
+from transferkit.training.freeze import freeze_blocks
+
+
+def _student():
+    torch.manual_seed(0)
+    return build_model("fastnet", 5, widths=[16, 32, 32], stem_width=8).eval()
+
+
+def _conv_widths(model):
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_structured_pruning_removes_channels(criterion):
+    model = _student()
+    before_params, before_macs, before_widths = count_params(model), count_macs(model), _conv_widths(model)
+    calib = (torch.rand(16, 3, 32, 32), torch.randint(0, 5, (16,)))
+    result = prune_channels(model, criterion=criterion, target="macs", ratio=0.5, keep=["head"], calibration=calib)
+    assert count_macs(model) <= 0.5 * before_macs and count_params(model) < before_params
+    assert result["macs_after"] < result["macs_before"]
+    assert all(a <= b for a, b in zip(_conv_widths(model), before_widths)) and _conv_widths(model) != before_widths
+    assert model.head.fc.out_features == 5  # the kept head still predicts every class
+    out = model(torch.rand(4, 3, 32, 32))
+    assert out.shape == (4, 5) and torch.isfinite(out).all()
+
+
+def test_channel_target_removes_that_share_of_each_layer():
+    model = _student()
+    prune_channels(model, criterion="l1", target="channels", ratio=0.5, keep=["head"])
+    assert _conv_widths(model)[1:] == [8, 8, 16, 16, 16, 16]
+
+
+@pytest.mark.parametrize("arch, kwargs", [("fastnet", {"widths": [16, 32, 32], "stem_width": 8}),
+                                          ("mobilenet", {"width_mult": 0.35}), ("resnet18", {})])
+def test_pruned_model_reloads_without_the_plan(tmp_path, arch, kwargs):
+    model = build_model(arch, 5, **kwargs).eval()
+    prune_channels(model, criterion="l2", target="channels", ratio=0.3, keep=["head"])
+    model.arch["pruned"] = True
+    save_checkpoint(model, tmp_path / "model.pt", list("abcde"))
+    loaded, ckpt = load_checkpoint(tmp_path / "model.pt", "prune")
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(loaded.eval()(x), model(x))
+    assert count_params(loaded) == count_params(model)
+
+
+def test_frozen_parameters_do_not_break_the_dependency_graph():
+    model = _student()
+    freeze_blocks(model, 2)  # requires_grad=False on the first blocks, as after transfer
+    before = count_macs(model)
+    prune_channels(model, criterion="l2", target="macs", ratio=0.5, keep=["head"])
+    assert count_macs(model) <= 0.5 * before
+    assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
+
+
+def test_unstructured_pruning_is_sparsity_not_smaller_tensors():
+    model = _student()
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    prune_weights(model, 0.7, keep=["head"])
+    make_permanent(model)
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert sparsity(model, ["head"]) == pytest.approx(0.7, abs=0.01)
+    assert not any(n.endswith("_orig") for n, _ in model.named_parameters())
+
+
+def _smoke_with_student(tmp_path, *overrides):
+    cfg = compose("experiment=smoke", *overrides, tmp=tmp_path)
+    for stage in ("prepare", "pretrain", "transfer", "distill"):
+        run(stage, cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_every_criterion_runs_the_prune_stage(tmp_path, criterion):
+    cfg = _smoke_with_student(tmp_path, f"prune.criterion={criterion}", "prune.epochs=1")
+    metrics = run("prune", cfg)
+    assert metrics["macs_after"] <= 0.4 * metrics["macs_before"] + 1
+    model, ckpt = load_checkpoint(tmp_path / "artifacts" / "prune" / "model.pt", "prune")
+    assert ckpt["arch"]["pruned"] and count_macs(model) == metrics["macs_after"]
+
+
+def test_iterative_and_unstructured_modes_run(tmp_path):
+    cfg = _smoke_with_student(tmp_path, "prune.steps=2", "prune.epochs=2")
+    metrics = run("prune", cfg)
+    assert metrics["macs_after"] <= 0.4 * metrics["macs_before"] + 1
+    un = compose("experiment=smoke", "prune.mode=unstructured", "prune.ratio=0.5", "prune.epochs=1", tmp=tmp_path)
+    metrics = run("prune", un)
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=0.02)
+    saved = json.loads((tmp_path / "artifacts" / "prune" / "metrics.json").read_text())
+    assert saved["sparsity"] == metrics["sparsity"]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("prune.ratio=0", "prune.ratio"),
+    ("prune.ratio=1", "prune.ratio"),
+    ("prune.ratio=1.5", "prune.ratio"),
+    ("prune.criterion=entropy", "unknown prune.criterion 'entropy'"),
+    ("prune.keep=[head,classifier]", "prune.keep names \\['classifier'\\]"),
+    ("prune.ratio=0.999", "could not reach prune.ratio"),
+    ("prune.mode=magic", "prune.mode"),
+])
+def test_bad_prune_settings_fail_and_keep_outputs(tmp_path, override, needle):
+    cfg = _smoke_with_student(tmp_path, "prune.epochs=1")
+    run("prune", cfg)
+    before = (tmp_path / "artifacts" / "prune" / "model.pt").read_bytes()
+    with pytest.raises(TransferkitError, match=needle):
+        run("prune", compose("experiment=smoke", "prune.epochs=1", override, tmp=tmp_path))
+    assert (tmp_path / "artifacts" / "prune" / "model.pt").read_bytes() == before
