@@ -45,7 +45,9 @@ def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path):
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], proj)
 
     first = _sh(["dvc", "repro"], proj)
-    for stage in ("prepare", "pretrain", "transfer", "probe", "scratch", "evaluate"):
+    from transferkit.stages import STAGES
+
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first
     second = _sh(["dvc", "repro"], proj)
     assert "Running stage" not in second

@@ -24,12 +24,12 @@ def _metrics(cfg) -> str:
 def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     cfg, results = smoke_artifacts
     art = __import__("pathlib").Path(cfg.paths.artifacts_dir)
-    for stage in ("pretrain", "transfer", "probe", "scratch", "student", "distill"):
+    for stage in ("pretrain", "transfer", "probe", "scratch", "student", "distill", "prune"):
         assert (art / stage / "model.pt").exists()
         assert (art / stage / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").exists()
         assert 0.0 <= results[stage]["val_acc"] <= 1.0
     metrics = json.loads((art / "evaluate" / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"scratch", "probe", "transfer", "student", "distill"}
+    assert set(metrics["models"]) == {"scratch", "probe", "transfer", "student", "distill", "prune"}
     for m in metrics["models"].values():
         lo, hi = m["top1_ci95"]
         assert lo <= m["top1"] <= hi and m["n_test"] == 3 * 16
@@ -41,8 +41,10 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     assert "57.4%" in report and "60.1%" in report and "Transfer minus scratch" in report
     assert "## Distillation" in report and "of the gap between" in report
     assert 0 < metrics["distillation"]["student_params_ratio"] < 1
+    assert "## Pruning" in report
+    assert metrics["models"]["prune"]["macs"] <= 0.4 * metrics["models"]["distill"]["macs"] + 1
     for png in ("curves.png", "confusion_transfer.png", "confusion_scratch.png", "confusion_probe.png",
-                "confusion_student.png", "confusion_distill.png"):
+                "confusion_student.png", "confusion_distill.png", "confusion_prune.png", "pareto.png"):
         assert (art / "evaluate" / png).read_bytes()[:4] == b"\x89PNG"
     rows = (art / "evaluate" / "predictions" / "transfer.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 48
