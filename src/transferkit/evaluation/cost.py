@@ -26,17 +26,23 @@ def count_macs(model: torch.nn.Module, input_size: int = 32) -> int:
 
 
 @torch.inference_mode()
-def cpu_latency_ms(model: torch.nn.Module, repeats: int, input_size: int = 32, warmup: int = 5) -> float:
-    model.eval()
+def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size: int = 32,
+                   warmup: int = 5) -> dict[str, float]:
+    """Median batch-1 latency of each model. The models take turns, one call each per round,
+    so a slow spell of the machine (other processes, frequency changes) hits all of them
+    alike and the ratios between models stay fair."""
     x = torch.rand(1, 3, input_size, input_size)
-    for _ in range(warmup):
-        model(x)
-    times = []
+    for model in models.values():
+        model.eval()
+        for _ in range(warmup):
+            model(x)
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+        for name, model in models.items():
+            t = time.perf_counter()
+            model(x)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1000 for name, ts in times.items()}
 
 
 @torch.inference_mode()
