@@ -69,6 +69,15 @@ def run(cfg: DictConfig, out: Path) -> dict:
                                                                       ev.throughput_repeats), 1)}
     for name, ms in cost.cpu_latency_ms(loaded, ev.latency_repeats).items():
         timing[name]["latency_ms_bs1"] = round(ms, 3)
+    # one thread too: how a model often runs when deployed beside other work, and where
+    # small models are not dominated by the cost of waking up a second thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, ms in cost.cpu_latency_ms(loaded, ev.latency_repeats).items():
+            timing[name]["latency_ms_bs1_1thread"] = round(ms, 3)
+    finally:
+        torch.set_num_threads(threads)
     metrics = {"models": models,
                "transfer_vs_scratch": paired_difference(correct["transfer"], correct["scratch"]),
                "distillation": distillation_summary(models, correct)}
