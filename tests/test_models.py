@@ -23,8 +23,9 @@ SMALL = {
     "fastnet": {"name": "fastnet", "widths": [8, 16, 16], "stem_width": 8},
     "vgg_mini": {"name": "vgg_mini", "widths": [4, 4, 4, 8, 8, 8, 8, 8, 8], "fc_width": 16},
     "resnet18": {"name": "resnet18", "weights": None},
+    "mobilenet": {"name": "mobilenet", "width_mult": 0.35},
 }
-BLOCKS = {"fastnet": 4, "vgg_mini": 11, "resnet18": 5}
+BLOCKS = {"fastnet": 4, "vgg_mini": 11, "resnet18": 5, "mobilenet": 5}
 
 
 @pytest.fixture(autouse=True)
