@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -36,6 +38,22 @@ def compose(*overrides: str, tmp: Path | None = None):
 
     extra = [f"paths.artifacts_dir={tmp / 'artifacts'}", f"paths.data_dir={tmp / 'data'}"] if tmp else []
     return _compose([*overrides, *extra], CONF)
+
+
+def cli(*args, cwd=ROOT, timeout=300):
+    """The `transferkit` command in a fresh process, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "transferkit.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(proc) -> str:
+    """The contract for bad input: exit code 2, no traceback, exactly one `error:` line."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
 
 
 def run(stage: str, cfg) -> dict:

@@ -3,49 +3,31 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from conftest import ROOT, compose, run
+from conftest import ROOT, cli, compose, one_error_line, run
 from transferkit.config.compose import params_text
 
 
-def _cli(*args, cwd=ROOT):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "transferkit.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_help_lists_stages_experiments_and_overrides():
-    out = _cli("--help").stdout
+    out = cli("--help").stdout
     for word in ("prepare", "pretrain", "transfer", "probe", "scratch", "evaluate", "cifar10_split",
-                 "seed_aquatic", "smoke", "transfer.freeze_depth", "trainer=ddp"):
+                 "seed_aquatic", "smoke", "transfer.freeze_depth", "trainer=ddp", "collect", "check-repro"):
         assert word in out
 
 
 def test_check_params_passes_on_the_committed_params():
-    proc = _cli("check-params")
+    proc = cli("check-params")
     assert proc.returncode == 0, proc.stderr
 
 
 def test_unknown_command():
-    proc = _cli("pretrian")
+    proc = cli("pretrian")
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr
 
 
-def _one_error_line(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
 def test_unknown_override_key_via_hydra_mode(tmp_path):
-    line = _one_error_line(_cli("transfer", "experiment=smoke", "transfer.freez_depth=1", cwd=ROOT))
+    line = one_error_line(cli("transfer", "experiment=smoke", "transfer.freez_depth=1", cwd=ROOT))
     assert "freez_depth" in line
 
 
@@ -60,7 +42,7 @@ def test_bad_data_choices_on_the_real_layout(tmp_path, override, needle):
     write_image_folder(tmp_path / "data", CIFAR10_CLASSES, train_per_class=5000 // 1000, test_per_class=1)
     cfg = compose(override, tmp=tmp_path)
     (tmp_path / "params.yaml").write_text(params_text(cfg))
-    line = _one_error_line(_cli("prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path))
+    line = one_error_line(cli("prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path))
     assert needle.split(" has ")[0] in line
 
 
@@ -70,22 +52,6 @@ def test_missing_dataset_through_the_cli_keeps_previous_outputs(tmp_path):
     before = (tmp_path / "artifacts" / "prepare" / "target.pt").read_bytes()
     cfg = compose("data.download=false", tmp=tmp_path)  # cifar10_split with an empty data/
     (tmp_path / "params.yaml").write_text(params_text(cfg))
-    line = _one_error_line(_cli("prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path))
+    line = one_error_line(cli("prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path))
     assert "CIFAR10 not found" in line and "experiment=smoke" in line
     assert (tmp_path / "artifacts" / "prepare" / "target.pt").read_bytes() == before
-
-
-@pytest.mark.slow
-def test_hydra_multirun_sweeps_freeze_depth_into_separate_folders(tmp_path):
-    cfg = compose("experiment=smoke", tmp=tmp_path)
-    run("prepare", cfg)
-    run("pretrain", cfg)
-    proc = _cli("transfer", "-m", "experiment=smoke", f"paths.artifacts_dir={tmp_path / 'artifacts'}",
-                "transfer.freeze_depth=0,2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for job, depth in ((0, 0), (1, 2)):
-        out = tmp_path / "sweep" / str(job)
-        assert f"transfer.freeze_depth={depth}" in (out / ".hydra" / "overrides.yaml").read_text()
-        assert (out / "transfer" / "model.pt").exists() and (out / "transfer" / "metrics.json").exists()
-    # the pipeline's own outputs are inputs here, never overwritten by a sweep
-    assert not (tmp_path / "artifacts" / "transfer").exists()

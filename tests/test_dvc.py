@@ -4,45 +4,26 @@ the project, then a second `dvc repro` that does nothing, a clean `dvc status`, 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, compose
-from transferkit.config.compose import params_text
+from conftest import ROOT
+from transferkit.reproducibility.check import child_env, copy_project
 
 
 def _sh(cmd: list[str], cwd: Path, timeout=600) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # transferkit, dvc
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # the environment check-repro gives its commands: this venv's transferkit and dvc first on PATH
+    proc = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
 def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path):
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    for item in ("conf", "src", "dvc.yaml", ".dvcignore"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy(src, proj / item)
-    (proj / "params.yaml").write_text(params_text(compose("experiment=smoke")))
-    (proj / "data").mkdir()
-    (proj / "data" / "README").write_text("smoke runs on synthetic data\n")
-    _sh(["git", "init", "-q"], proj)
-    _sh(["dvc", "init", "-q"], proj)
-    _sh(["dvc", "add", "-q", "data"], proj)
-    # dvclive needs a commit to exist (it reads HEAD); every real clone has one
-    _sh(["git", "add", "-A"], proj)
-    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], proj)
+    # a fresh clone: code and conf/, params.yaml for the smoke experiment, data/ tracked, one commit
+    proj = copy_project(ROOT, tmp_path / "proj", "smoke")
 
     first = _sh(["dvc", "repro"], proj)
     from transferkit.stages import STAGES

@@ -6,6 +6,8 @@
                                                are, outputs to artifacts/<stage>/
     transferkit params [key=value ...]         write params.yaml from conf/
     transferkit check-params                   fail if params.yaml differs from conf/
+    transferkit collect DIR                    a sweep folder -> one table and plot
+    transferkit check-repro                    run the smoke pipeline twice, fail unless identical
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ Configuration:
   transferkit params [key=value ...]   compose conf/ (+ overrides) into params.yaml
   transferkit check-params             exit 1 if params.yaml differs from conf/
 
+Sweeps and reproducibility:
+  transferkit transfer -m transfer.freeze_depth=0,1,2,3,4 seed=0,1,2
+                                       a Hydra multirun into multirun/<experiment>/<overrides>/;
+                                       rerun it after a crash and finished points are skipped
+  transferkit collect multirun/cifar10_split [--out DIR]
+                                       every point -> table (mean ± std over seeds, test minus
+                                       scratch with a 95% interval) and plot
+  transferkit check-repro [--target STAGE]
+                                       the smoke pipeline twice from a clean state: fails unless
+                                       metrics.json match, dvc status is clean, a 2nd repro is a no-op
+
 Experiments: experiment=cifar10_split (default) | experiment=seed_aquatic | experiment=smoke
 Models: model=fastnet | model=vgg_mini | model=resnet18
 Trainers: trainer=cpu | trainer=gpu | trainer=ddp (DDP over trainer.devices processes/GPUs)
@@ -43,22 +56,54 @@ Common overrides:
 def run_stage(stage: str, cfg, out: Path) -> dict:
     import importlib
 
+    import yaml
+
+    from transferkit.config.compose import to_params
     from transferkit.config.validate import validate
-    from transferkit.stages.common import seed_everything, staged_output
+    from transferkit.io import save_text
+    from transferkit.stages.common import global_rank, seed_everything, staged_output
+    from transferkit.sweep.points import PARAMS_FILE
 
     validate(cfg)
     seed_everything(cfg.seed)
     module = importlib.import_module(f"transferkit.stages.{stage}")
     with staged_output(out) as work:
-        return module.run(cfg, work)
+        result = module.run(cfg, work)
+        if global_rank() == 0:  # what produced these outputs: sweeps resume and collect by it
+            save_text(yaml.safe_dump(to_params(cfg), sort_keys=False), work / PARAMS_FILE)
+        return result
 
 
-def _params_mode(stage: str, params: Path) -> None:
+def _params_mode(stage: str, params: Path, out: Path | None = None) -> None:
     from transferkit.config.compose import load_params
     from transferkit.stages.common import stage_dir
 
     cfg = load_params(params)
-    run_stage(stage, cfg, stage_dir(cfg, stage))
+    run_stage(stage, cfg, out or stage_dir(cfg, stage))
+
+
+def _multi_process(cfg) -> bool:
+    return str(cfg.trainer.strategy) not in ("auto", "single_device", "None")
+
+
+def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
+    """Run one Hydra job's stage as `transferkit STAGE --params FILE --out DIR` in a fresh
+    process. Under DDP, Lightning starts the other ranks by re-running the command line; under
+    Hydra it re-runs the whole (multi)run, which makes duplicate output folders and, in a
+    sweep, launches every point again. A child that knows nothing of Hydra avoids both."""
+    import subprocess
+
+    import yaml
+
+    from transferkit.config.compose import to_params
+    from transferkit.io import save_text
+
+    params = job_dir / f"{stage}.params.yaml"
+    save_text(yaml.safe_dump(to_params(cfg), sort_keys=False), params)
+    code = subprocess.run([sys.executable, "-m", "transferkit.cli", stage, "--params", str(params),
+                           "--out", str(out)]).returncode
+    if code:
+        sys.exit(code)  # the child has already printed its one error line
 
 
 def _hydra_mode(stage: str, argv: list[str]) -> None:
@@ -66,20 +111,37 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from transferkit.config.compose import compose, find_conf_dir
+    from transferkit.config.compose import find_conf_dir
+    from transferkit.sweep.points import already_done, check_points
 
-    # Compose the plain key=value overrides once up front so a typo'd key ends in our one-line
-    # error; sweep values (a=1,2 / range()) and hydra.* settings are left to Hydra itself.
-    plain = [a for a in argv if "=" in a and not a.startswith(("-", "hydra.", "hydra/"))
-             and "," not in a.split("=", 1)[1] and "(" not in a.split("=", 1)[1]]
-    compose(plain)
+    # Compose and validate every point of a sweep before the first one trains, so a typo'd
+    # key or an out-of-range value ends in one error line at once, not after hours.
+    check_points(stage, [a for a in argv if "=" in a and not a.startswith("-")])
 
     @hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base="1.3")
     def app(cfg) -> None:
-        run_stage(stage, cfg, Path(HydraConfig.get().runtime.output_dir) / stage)
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        out = job_dir / stage
+        try:
+            if already_done(out, cfg):  # a rerun of an interrupted sweep skips the finished points
+                print(f"transferkit {stage}: {out} already finished with this config; skipped")
+            elif _multi_process(cfg):
+                _run_job_in_subprocess(stage, cfg, job_dir, out)
+            else:
+                run_stage(stage, cfg, out)
+        except TransferkitError as e:  # Hydra would print it with its own wrapper and exit 1
+            print(f"transferkit {stage}: error: {e}", file=sys.stderr)
+            sys.exit(2)
 
     sys.argv = [f"transferkit {stage}", *argv]
     app()
+
+
+def _option(args: list[str], name: str) -> str | None:
+    if name in args:
+        i = args.index(name)
+        return args[i + 1] if i + 1 < len(args) else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,10 +168,18 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 1
             print("params.yaml matches conf/")
+        elif command == "collect":
+            from transferkit.sweep.collect import main as collect_main
+
+            return collect_main(rest)
+        elif command == "check-repro":
+            from transferkit.reproducibility.check import main as check_main
+
+            return check_main(rest)
         elif command in STAGES:
             if "--params" in rest:
-                i = rest.index("--params")
-                _params_mode(command, Path(rest[i + 1] if i + 1 < len(rest) else "params.yaml"))
+                _params_mode(command, Path(_option(rest, "--params") or "params.yaml"),
+                             Path(out) if (out := _option(rest, "--out")) else None)
             else:
                 _hydra_mode(command, rest)
         else:

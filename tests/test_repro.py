@@ -1,0 +1,107 @@
+"""`transferkit check-repro`: it passes on this project, and it can fail: on nondeterminism
+injected from outside the code (no test hook in transferkit) and on params.yaml drifting
+from conf/. The runs use `--target pretrain` (prepare + pretrain of the smoke experiment)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from transferkit.config.compose import compose, params_text
+from transferkit.reproducibility.check import describe_difference, main
+
+# Imported by every Python process started with its folder on PYTHONPATH (dvc, the stages).
+# When a process imports torch, torch.manual_seed is replaced by one that ignores the seed it
+# is given, so every stage starts from a different random state. Hooking the import instead
+# of importing torch here keeps dvc and git-side processes free of the cost.
+UNSEEDED_TORCH = textwrap.dedent('''
+    import importlib.machinery
+    import os
+    import sys
+
+
+    class _SeedFromUrandom:
+        def find_spec(self, name, path=None, target=None):
+            if name != "torch":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            exec_module = spec.loader.exec_module
+
+            def exec_and_unseed(module):
+                exec_module(module)
+                seeded = module.manual_seed
+                module.manual_seed = lambda _seed: seeded(int.from_bytes(os.urandom(4), "little"))
+
+            spec.loader.exec_module = exec_and_unseed
+            return spec
+
+
+    sys.meta_path.insert(0, _SeedFromUrandom())
+''')
+
+
+def _check_repro(*args: str, env: dict | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "transferkit.reproducibility.check", *args], cwd=cwd,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_check_repro_passes_on_the_project(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    code = main(["--target", "pretrain"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "FAIL" not in out
+    assert "PASS  artifacts/pretrain/metrics.json is identical in both runs" in out
+    assert "check-repro: reproducible" in out
+
+
+@pytest.mark.slow
+def test_check_repro_fails_when_seeding_is_not_deterministic(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(UNSEEDED_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+    proc = _check_repro("--target", "pretrain", env=env)
+
+    assert proc.returncode == 1, proc.stdout
+    # the losses are floats, so dvclive's metrics.json differs whatever the accuracies do
+    assert re.search(r"FAIL  artifacts/pretrain/(dvclive/)?metrics\.json differs between the two runs", proc.stdout), proc.stdout
+    assert "in run 1" in proc.stdout and "in run 2" in proc.stdout  # the differing keys and values
+    assert "check-repro: FAILED" in proc.stdout
+
+
+def test_check_repro_fails_on_params_drift_before_any_run(tmp_path, monkeypatch, capsys):
+    proj = tmp_path / "proj"
+    shutil.copytree(ROOT / "conf", proj / "conf")
+    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
+    params = yaml.safe_load(params_text(compose(["experiment=smoke"], proj / "conf")))
+    params["pretrain"]["epochs"] += 1  # edited by hand instead of in conf/
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(proj)
+
+    code = main(["--target", "pretrain"])
+
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "FAIL  params.yaml differs from conf/" in out
+    assert "pretrain.epochs: params.yaml has 5, conf/ composes 4" in out
+    assert "transferkit params" in out  # the fix
+    assert "dvc repro" not in out  # stopped before any run
+    assert "check-repro: FAILED (0/1 checks passed)" in out
+
+
+def test_a_metrics_difference_names_the_keys_and_both_values():
+    a = b'{"models": {"transfer": {"top1": 0.5, "top5": 0.9}}, "n": 10}'
+    b = b'{"models": {"transfer": {"top1": 0.625, "top5": 0.9}}, "n": 10}'
+    assert describe_difference(a, b) == "models.transfer.top1: 0.5 in run 1, 0.625 in run 2"
+    assert "key order" in describe_difference(b'{"a": 1, "b": 2}', b'{"b": 2, "a": 1}')
