@@ -53,6 +53,16 @@ Common overrides:
 """
 
 
+# Commands beside the stages: each module has main(argv) -> exit code, and its own --help.
+TOOLS = {
+    "collect": "transferkit.sweep.collect",
+    "check-repro": "transferkit.reproducibility.check",
+    "scenarios": "transferkit.scenarios.runner",
+    "export": "transferkit.deploy.export",
+    "predict": "transferkit.deploy.predict",
+}
+
+
 def run_stage(stage: str, cfg, out: Path) -> dict:
     import importlib
 
@@ -61,13 +71,13 @@ def run_stage(stage: str, cfg, out: Path) -> dict:
     from transferkit.config.compose import to_params
     from transferkit.config.validate import validate
     from transferkit.io import save_text
-    from transferkit.stages.common import global_rank, seed_everything, staged_output
+    from transferkit.stages.common import global_rank, seed_everything, staged_output, storage_errors
     from transferkit.sweep.points import PARAMS_FILE
 
     validate(cfg)
     seed_everything(cfg.seed)
     module = importlib.import_module(f"transferkit.stages.{stage}")
-    with staged_output(out) as work:
+    with storage_errors(out), staged_output(out) as work:
         result = module.run(cfg, work)
         if global_rank() == 0:  # what produced these outputs: sweeps resume and collect by it
             save_text(yaml.safe_dump(to_params(cfg), sort_keys=False), work / PARAMS_FILE)
@@ -168,14 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 1
             print("params.yaml matches conf/")
-        elif command == "collect":
-            from transferkit.sweep.collect import main as collect_main
+        elif command in TOOLS:
+            import importlib
 
-            return collect_main(rest)
-        elif command == "check-repro":
-            from transferkit.reproducibility.check import main as check_main
-
-            return check_main(rest)
+            return importlib.import_module(TOOLS[command]).main(rest)
         elif command in STAGES:
             if "--params" in rest:
                 _params_mode(command, Path(_option(rest, "--params") or "params.yaml"),
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 _hydra_mode(command, rest)
         else:
             print(f"transferkit: unknown command '{command}'. Fix: use one of "
-                  f"{', '.join(STAGES)}, params, check-params (see `transferkit --help`).", file=sys.stderr)
+                  f"{', '.join([*STAGES, 'params', 'check-params', *TOOLS])} (see `transferkit --help`).", file=sys.stderr)
             return 2
     except TransferkitError as e:
         print(f"transferkit {command}: error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@ output folder so that a failed or killed run never replaces the previous good on
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -62,6 +63,33 @@ def staged_output(final: Path) -> Iterator[Path]:
         final.rename(old)
     work.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# How a full disk shows up: OSError from Python writes (dvclive, json), RuntimeError from
+# torch.save's C++ writer (model and Lightning checkpoints).
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "file write failed", "Disk quota exceeded")
+
+
+@contextmanager
+def storage_errors(final: Path) -> Iterator[None]:
+    """Turn a full disk or an unwritable folder, wherever in a stage it strikes, into one
+    message; staged_output has already removed the half-built folder by then."""
+    try:
+        yield
+    except TransferkitError:
+        raise
+    except (OSError, RuntimeError) as e:
+        full = (isinstance(e, OSError) and e.errno in _DISK_FULL) or any(t in str(e) for t in _DISK_FULL_TEXT)
+        denied = isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        if full:
+            raise TransferkitError(f"the disk is full: writing {final} failed ({e}). Fix: free disk space or set "
+                                   f"paths.artifacts_dir to a disk with room; the previous {final.name} outputs "
+                                   f"are intact.") from e
+        if denied:
+            raise TransferkitError(f"cannot write {getattr(e, 'filename', None) or final}: {e.strerror}. Fix: make "
+                                   f"{final.parent} writable or set paths.artifacts_dir elsewhere.") from e
+        raise
 
 
 def seed_everything(seed: int) -> None:

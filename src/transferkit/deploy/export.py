@@ -1,0 +1,268 @@
+"""transferkit export: a trained model -> ONNX + TorchScript, each checked against PyTorch.
+
+    transferkit export MODEL.pt [--out DIR] [--test-set artifacts/prepare/target.pt]
+
+Loads any checkpoint a stage wrote (pruned models are rebuilt from their recorded layer
+shapes), exports ONNX (dynamic batch axis, torch.export-based exporter by default) and
+TorchScript (traced), runs both and the PyTorch model in fp32 on the test set images
+(uint8 / 255, as `evaluate` feeds them; normalisation is inside the model), and reports for
+each the largest absolute logit difference from PyTorch and the top-1 agreement, then the
+batch-1 CPU latency of PyTorch eager, ONNX Runtime and TorchScript (median of --repeats calls,
+the three taking turns). Writes DIR/model.onnx, DIR/model.torchscript.pt and DIR/export.json
+(these numbers and the class names). Every file goes to a temporary name first and is renamed
+into place only after the checks pass: a failed export leaves the previous one untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHSCRIPT_FILE, Classifier,
+                                        load_pipeline_checkpoint, ort_session)
+from transferkit.errors import TransferkitError
+
+DEFAULT_TEST_SET = Path("artifacts/prepare/target.pt")
+RANDOM_IMAGES = 256  # checked on these (seeded) when no test set fits the model
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="transferkit export", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="a model.pt written by any stage (artifacts/<stage>/model.pt)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: outputs/export/<stage>, outside artifacts/)")
+    p.add_argument("--test-set", type=Path, default=None,
+                   help=f"prepared task (prepare's target.pt) whose test images the exports are checked on "
+                        f"(default: {DEFAULT_TEST_SET} if it exists and has the model's classes, "
+                        f"else {RANDOM_IMAGES} random images)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed absolute logit difference from PyTorch (default 1e-4)")
+    p.add_argument("--repeats", type=int, default=300, help="latency: batch-1 calls per runtime (default 300)")
+    p.add_argument("--batch-size", type=int, default=500, help="batch size of the checks (default 500)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for every runtime in the checks and the latency (default: torch's, "
+                        f"{torch.get_num_threads()} here)")
+    p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
+                   help="ONNX exporter: torch.export-based (default) or the TorchScript-based legacy one")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    args = p.parse_args(argv)
+    if args.tolerance <= 0:
+        p.error("--tolerance must be > 0")
+    if args.repeats < 1 or args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--repeats, --batch-size and --threads must be >= 1")
+    return args
+
+
+# --------------------------------------------------------------------------- images to check on
+def check_images(test_set: Path | None, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """uint8 [N, 3, S, S] images (+ labels when from a test set) and a description."""
+    from transferkit.io import load_torch
+
+    explicit = test_set is not None
+    path = test_set if explicit else DEFAULT_TEST_SET
+    if path.exists() or explicit:
+        if path.is_file() and not zipfile.is_zipfile(path):  # not written by torch.save
+            raise TransferkitError(f"--test-set {path} is not a prepared task. Fix: pass the target.pt "
+                                   f"that the prepare stage wrote (artifacts/prepare/target.pt).")
+        task = load_torch(path, "prepared task", "prepare")
+        if not isinstance(task, dict) or "test_x" not in task or "classes" not in task:
+            raise TransferkitError(f"{path} is not a prepared task (no 'test_x'/'classes'). Fix: pass "
+                                   f"the target.pt that the prepare stage wrote (artifacts/prepare/target.pt).")
+        if list(task["classes"]) == classes and tuple(task["test_x"].shape[1:]) == (3, size, size):
+            return task["test_x"], task["test_y"], f"test set of {path} ({len(task['test_x'])} images)"
+        if explicit:
+            raise TransferkitError(
+                f"{path} holds classes {list(task['classes'])} at {tuple(task['test_x'].shape[2:])} px, but the "
+                f"model predicts {classes} at {size}x{size}. Fix: pass the target.pt of the task this model "
+                f"was trained on, or leave --test-set out to check on random images.")
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, 256, (RANDOM_IMAGES, 3, size, size), dtype=torch.uint8, generator=g), None,
+            f"{RANDOM_IMAGES} random images (no test set with the model's classes)")
+
+
+# --------------------------------------------------------------------------- exporters
+def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, opset: int | None) -> None:
+    example = (torch.rand(2, 3, size, size),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if exporter == "dynamo":
+                program = torch.onnx.export(
+                    model, example, dynamo=True, input_names=["images"], output_names=["logits"],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
+                    external_data=False, verbose=False)
+                program.save(str(path), external_data=False)
+            else:
+                torch.onnx.export(model, example, str(path), dynamo=False, input_names=["images"],
+                                  output_names=["logits"],
+                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=opset or 17)
+        except Exception as e:  # exporter failures come in many types
+            other = "legacy" if exporter == "dynamo" else "dynamo"
+            raise TransferkitError(f"ONNX export ({exporter}) failed: {type(e).__name__}: {str(e)[:500]}. "
+                                   f"Fix: try --exporter {other}.") from e
+
+
+def add_onnx_metadata(path: Path, meta: dict) -> int:
+    """Embed class names (so the ONNX file alone is enough), check the model; returns its opset."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {META_KEY: json.dumps(meta)})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def export_torchscript(model: torch.nn.Module, path: Path, size: int, meta: dict) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream, still the TorchScript format
+        traced = torch.jit.trace(model, torch.rand(2, 3, size, size), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={META_KEY: json.dumps(meta)})
+
+
+# --------------------------------------------------------------------------- checks and latency
+def logits_of(run, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    out = [run(images[i:i + batch_size].float().div_(255).numpy()) for i in range(0, len(images), batch_size)]
+    return np.concatenate(out)
+
+
+def compare(ref: np.ndarray, other: np.ndarray, labels: torch.Tensor | None) -> dict:
+    res = {"max_abs_diff": float(np.abs(ref - other).max()),
+           "top1_agreement": float((ref.argmax(1) == other.argmax(1)).mean())}
+    if labels is not None:
+        res["top1"] = float((other.argmax(1) == labels.numpy()).mean())
+    return res
+
+
+def latency_ms(runners: dict, size: int, repeats: int, block: int = 10) -> dict[str, float]:
+    """Median batch-1 latency of each runtime. They take turns in blocks of `block` calls (order
+    rotating every round), so a slow spell of the machine hits all of them alike; the first call
+    of each block is not timed, so one runtime's idle threads (ONNX Runtime and OpenMP spin for a
+    while after a call) do not bill the next one."""
+    x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    names = list(runners)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(5):  # warm up every runtime
+        for run in runners.values():
+            run(x)
+    for r in range(-(-repeats // block)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = runners[name]
+            run(x)
+            for _ in range(min(block, repeats - len(times[name]))):
+                t = time.perf_counter()
+                run(x)
+                times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def export(model_path: Path, out: Path, test_set: Path | None = None, *, tolerance: float = 1e-4,
+           repeats: int = 300, batch_size: int = 500, exporter: str = "dynamo", opset: int | None = None,
+           threads: int | None = None, log=print) -> dict:
+    model, ckpt = load_pipeline_checkpoint(model_path)
+    classes, size = list(ckpt["classes"]), int(model.input_size)
+    images, labels, checked_on = check_images(test_set, classes, size)
+    meta = {"classes": classes, "input_size": size, "arch": ckpt["arch"],
+            "input": f"float32 [N, 3, {size}, {size}] RGB in [0, 1] (uint8 / 255); normalisation is inside the model",
+            "output": "logits [N, classes]"}
+    previous_threads = torch.get_num_threads()
+    threads = threads or previous_threads
+    torch.set_num_threads(threads)
+    try:
+        result = _export(model, ckpt, model_path, out, images, labels, checked_on, meta, threads,
+                         tolerance, repeats, batch_size, exporter, opset)
+    finally:
+        torch.set_num_threads(previous_threads)
+    log(summary(result, out))
+    return result
+
+
+def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, threads, tolerance, repeats,
+            batch_size, exporter, opset) -> dict:
+    from transferkit.io import atomic_path, save_json
+
+    classes, size = meta["classes"], meta["input_size"]
+    with atomic_path(out / ONNX_FILE) as onnx_tmp, atomic_path(out / TORCHSCRIPT_FILE) as ts_tmp:
+        t = time.perf_counter()
+        export_onnx(model, onnx_tmp, size, exporter, opset)
+        used_opset = add_onnx_metadata(onnx_tmp, meta)
+        export_torchscript(model, ts_tmp, size, meta)
+        export_s = time.perf_counter() - t
+
+        def eager(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x)).numpy()
+
+        session, ts = ort_session(onnx_tmp, threads), Classifier(ts_tmp, threads)
+        onnx_run = lambda x, s=session, name=session.get_inputs()[0].name: s.run(None, {name: x})[0]  # noqa: E731
+        ref = logits_of(eager, images, batch_size)
+        checks = {"onnx": compare(ref, logits_of(onnx_run, images, batch_size), labels),
+                  "torchscript": compare(ref, logits_of(ts, images, batch_size), labels)}
+        failed = {k: v["max_abs_diff"] for k, v in checks.items() if not v["max_abs_diff"] <= tolerance}
+        if failed:
+            raise TransferkitError(
+                f"exported model differs from PyTorch on {checked_on}: max abs logit difference "
+                f"{', '.join(f'{k} {v:.3g}' for k, v in failed.items())} > tolerance {tolerance:g}; nothing written. "
+                f"Fix: try --exporter {'legacy' if exporter == 'dynamo' else 'dynamo'} or report the architecture.")
+        latency = latency_ms({"pytorch": eager, "onnxruntime": onnx_run, "torchscript": ts}, size, repeats)
+        import onnx
+        import onnxruntime
+
+        result = {
+            "model": str(model_path), "stage": ckpt.get("stage"), "classes": classes, "input_size": size,
+            "arch": ckpt["arch"], "input": meta["input"], "output": meta["output"],
+            "files": {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE},
+            "bytes": {"onnx": onnx_tmp.stat().st_size, "torchscript": ts_tmp.stat().st_size,
+                      "checkpoint": model_path.stat().st_size},
+            "exporter": {"onnx": exporter, "opset": used_opset, "torchscript": "torch.jit.trace"},
+            "checked_on": checked_on, "n_checked": len(images), "tolerance": tolerance,
+            "pytorch": {"top1": float((ref.argmax(1) == labels.numpy()).mean())} if labels is not None else {},
+            **checks,
+            "latency_ms_batch1": {**latency, "repeats": repeats, "threads": threads,
+                                  "statistic": "median, runtimes taking turns in blocks of 10 calls",
+                                  "load_average_1min": round(os.getloadavg()[0], 2)},
+            "export_seconds": round(export_s, 2),
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+        }
+        save_json(result, out / EXPORT_JSON)
+    return result
+
+
+def summary(r: dict, out: Path) -> str:
+    lat = r["latency_ms_batch1"]
+    rows = [f"exported {r['model']} ({r['arch']['name']}{', pruned' if r['arch'].get('pruned') else ''}, "
+            f"{len(r['classes'])} classes) -> {out}/{{{ONNX_FILE}, {TORCHSCRIPT_FILE}, {EXPORT_JSON}}}",
+            f"checked in fp32 on {r['checked_on']}, against PyTorch eager:",
+            f"  {'runtime':<13} {'max |logit diff|':>16} {'top-1 agreement':>16} {'top-1':>7} {'latency b=1':>12}"]
+    top1 = lambda d: f"{d['top1']:.2%}" if "top1" in d else "-"  # noqa: E731
+    rows.append(f"  {'pytorch':<13} {'(reference)':>16} {'':>16} {top1(r['pytorch']):>7} {lat['pytorch']:>9.3f} ms")
+    for key, name in (("onnx", "onnxruntime"), ("torchscript", "torchscript")):
+        c = r[key]
+        rows.append(f"  {name:<13} {c['max_abs_diff']:>16.3g} {c['top1_agreement']:>16.2%} {top1(c):>7} "
+                    f"{lat[name]:>9.3f} ms")
+    rows.append(f"  (tolerance {r['tolerance']:g}; latency: median of {lat['repeats']} batch-1 calls each on "
+                f"{lat['threads']} CPU thread(s), 1-min load average {lat['load_average_1min']}; "
+                f"ONNX opset {r['exporter']['opset']}, {r['exporter']['onnx']} exporter)")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    out = args.out or Path("outputs/export") / args.model.parent.name
+    export(args.model, out, args.test_set, tolerance=args.tolerance, repeats=args.repeats,
+           batch_size=args.batch_size, exporter=args.exporter, opset=args.opset, threads=args.threads)
+    return 0

@@ -1,0 +1,90 @@
+"""transferkit predict: classify image files with any model the project produced.
+
+    transferkit predict MODEL IMAGE [IMAGE ...] [--json] [--top K]
+
+MODEL: a model.pt written by any stage (pruned included), or a model.onnx / model.torchscript.pt
+written by `transferkit export` (class names are inside the file; export.json beside it is the
+fallback). IMAGE: files PIL opens (PNG, JPEG, ...) or folders of them; each is converted to RGB
+and resized (bilinear) to the model's input size, as the image-folder source does for training.
+Prints one line per image: path, predicted class, its probability, and the top 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.deploy.runtime import Classifier, read_images
+from transferkit.errors import TransferkitError
+
+BATCH = 256
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="transferkit predict", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="model.pt (any stage), model.onnx or model.torchscript.pt")
+    p.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    p.add_argument("--top", type=int, default=3, help="how many classes to list per image (default 3)")
+    args = p.parse_args(argv)
+    if args.top < 1:
+        p.error("--top must be >= 1")
+    return args
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Folders -> the image files inside them (sorted, recursive); files stay as given."""
+    from transferkit.data.sources import IMAGE_SUFFIXES
+
+    out = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise TransferkitError(f"folder {p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}). "
+                                       f"Fix: pass image files or a folder that contains some.")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def predict(model: str | Path | Classifier, images: list[str | Path], top: int = 3) -> list[dict]:
+    """[{path, class, probability, top: [{class, probability}, ...]}] for each image, in order."""
+    clf = model if isinstance(model, Classifier) else Classifier(model)
+    paths = expand([Path(p) for p in images])
+    pixels = read_images(paths, clf.input_size)
+    probs = np.concatenate([softmax(clf(pixels[i:i + BATCH].astype(np.float32) / 255))
+                            for i in range(0, len(pixels), BATCH)]) if len(pixels) else np.zeros((0, 1))
+    results = []
+    for path, p in zip(paths, probs):
+        order = np.argsort(-p, kind="stable")[:top]
+        results.append({"path": str(path), "class": clf.classes[order[0]], "probability": float(p[order[0]]),
+                        "top": [{"class": clf.classes[i], "probability": float(p[i])} for i in order]})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    results = predict(args.model, args.images, args.top)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        width = max(len(r["path"]) for r in results)
+        cls = max(len(r["class"]) for r in results)
+        for r in results:
+            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+            print(f"{r['path']:<{width}}  {r['class']:<{cls}}  {r['probability']:.3f}  top-{len(r['top'])}: {top}")
+    return 0

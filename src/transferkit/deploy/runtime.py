@@ -1,0 +1,155 @@
+"""One interface over every kind of model file the project produces, for `predict` and
+`export`: a pipeline checkpoint (`model.pt`, any stage, pruned included), an exported ONNX
+file or an exported TorchScript file. Each takes float32 NCHW RGB images in [0, 1] (uint8 / 255)
+and returns logits; normalisation is inside the model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferkit.errors import TransferkitError
+
+EXPORT_JSON = "export.json"
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+# written into the ONNX file's metadata_props and the TorchScript file's extra files, so either
+# file alone is enough to classify images (export.json beside it says the same)
+META_KEY = "transferkit"
+
+
+def stage_of(path: Path) -> str:
+    """The stage that wrote artifacts/<stage>/model.pt (for error messages); 'prune' otherwise."""
+    from transferkit.stages import STAGES
+
+    return path.parent.name if path.parent.name in STAGES else "prune"
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with code/ and constants.pkl; torch.save files are
+    zip files without them."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_pipeline_checkpoint(path: Path):
+    """`load_checkpoint` with messages for a missing file and for files that are no checkpoint."""
+    from transferkit.models import load_checkpoint
+
+    path = Path(path)
+    produced_by = stage_of(path)
+    if not path.is_file():
+        raise TransferkitError(
+            f"model {path} not found. Fix: pass a model.pt that a stage wrote, e.g. "
+            f"artifacts/prune/model.pt (`dvc repro {produced_by}` makes it).")
+    if is_torchscript(path):
+        raise TransferkitError(
+            f"{path} is a TorchScript file, not a transferkit checkpoint. Fix: pass the model.pt "
+            f"a stage wrote (artifacts/<stage>/model.pt); `transferkit predict` takes this file as it is.")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is foreign
+        raise TransferkitError(
+            f"{path} is not a transferkit checkpoint (not a file written by torch.save). Fix: pass "
+            f"the model.pt a stage wrote, e.g. artifacts/prune/model.pt.")
+    model, ckpt = load_checkpoint(path, produced_by)
+    return model.eval(), ckpt
+
+
+def ort_session(path: Path | str, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for broken files
+        raise TransferkitError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e}). "
+                               f"Fix: export it again (`transferkit export MODEL.pt`).") from e
+
+
+class Classifier:
+    """Any model file -> logits for float32 [N, 3, S, S] images in [0, 1]."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = Path(path)
+        threads = threads or torch.get_num_threads()
+        if not self.path.is_file():
+            raise TransferkitError(
+                f"model {self.path} not found. Fix: pass a model.pt a stage wrote "
+                f"(artifacts/<stage>/model.pt) or a model.onnx / {TORCHSCRIPT_FILE} from `transferkit export`.")
+        if self.path.suffix.lower() == ".onnx":
+            self.kind = "onnx"
+            self.session = ort_session(self.path, threads)
+            meta = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+            info = json.loads(meta) if meta else self._export_json()
+            self._input = self.session.get_inputs()[0].name
+        elif is_torchscript(self.path):
+            self.kind = "torchscript"
+            extra = {META_KEY: ""}
+            try:
+                with warnings.catch_warnings():  # torch.jit is deprecated upstream; the format still loads
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.module = torch.jit.load(str(self.path), map_location="cpu", _extra_files=extra).eval()
+            except Exception as e:
+                raise TransferkitError(f"{self.path} is not a readable TorchScript model ({e}). "
+                                       f"Fix: export it again (`transferkit export MODEL.pt`).") from e
+            info = json.loads(extra[META_KEY]) if extra[META_KEY] else self._export_json()
+        else:
+            self.kind = "pytorch"
+            self.module, ckpt = load_pipeline_checkpoint(self.path)
+            info = {"classes": list(ckpt["classes"]), "input_size": int(self.module.input_size)}
+        self.classes: list[str] = list(info["classes"])
+        self.input_size: int = int(info.get("input_size", 32))
+
+    def _export_json(self) -> dict:
+        meta = self.path.parent / EXPORT_JSON
+        if not meta.is_file():
+            raise TransferkitError(
+                f"{self.path} carries no class names and there is no {EXPORT_JSON} beside it. "
+                f"Fix: keep the {EXPORT_JSON} that `transferkit export` wrote next to the model file, "
+                f"or export again.")
+        try:
+            return json.loads(meta.read_text())
+        except (json.JSONDecodeError, OSError) as e:
+            raise TransferkitError(f"{meta} is unreadable ({e}). Fix: export the model again.") from e
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, S, S] in [0, 1] -> float32 logits [N, classes]."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if self.kind == "onnx":
+            return self.session.run(None, {self._input: images})[0]
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(images)).float().numpy()
+
+
+def read_images(paths: list[Path], size: int) -> np.ndarray:
+    """Image files (anything PIL opens) -> uint8 [N, 3, size, size], resized (bilinear) exactly
+    as the image-folder source does. Every unreadable file is named in one error."""
+    from transferkit.data.sources import _decode
+
+    out, bad = [], []
+    for p in paths:
+        try:
+            out.append(_decode(p.read_bytes(), str(p), size))
+        except FileNotFoundError:
+            bad.append(f"{p} (no such file)")
+        except IsADirectoryError:
+            bad.append(f"{p} (a folder)")
+        except OSError as e:
+            bad.append(f"{p} ({e.strerror or e})")
+        except TransferkitError:
+            bad.append(f"{p} (not an image PIL can read)")
+    if bad:
+        raise TransferkitError(
+            f"cannot read {len(bad)} of {len(paths)} image(s): {'; '.join(bad)}. "
+            f"Fix: pass image files PIL can open (PNG, JPEG, BMP, ...).")
+    return np.stack(out) if out else np.zeros((0, 3, size, size), np.uint8)

@@ -1,0 +1,213 @@
+"""Export and predict: ONNX and TorchScript of tiny fastnet, mobilenet (depthwise) and pruned
+models match PyTorch (ONNX within 1e-4, TorchScript exactly), `predict` classifies PNG/JPEG
+files like the PyTorch model with every kind of model file, and bad input ends in one error line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transferkit import cli
+from transferkit.deploy.export import export
+from transferkit.deploy.predict import predict
+from transferkit.deploy.runtime import Classifier
+from transferkit.models import build_model, load_checkpoint, model_from_config, save_checkpoint
+from transferkit.prune.structured import prune_channels
+
+CLASSES = ["cat", "deer", "dog", "frog", "horse"]
+MODELS = ["fastnet", "mobilenet", "pruned"]
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+
+
+@torch.no_grad()
+def _busy_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Fresh BatchNorm layers are identities; give them statistics so the check means something."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+def _make(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "fastnet":  # conf/model/fastnet_tiny.yaml
+        return _busy_batchnorm(model_from_config(
+            {"name": "fastnet", "widths": [8, 16, 16], "stem_width": 8, "bn_momentum": 0.2}, 5))
+    if kind == "mobilenet":
+        return _busy_batchnorm(model_from_config({"name": "mobilenet", "width_mult": 0.35}, 5))
+    model = _busy_batchnorm(build_model("fastnet", 5, widths=[16, 32, 32], stem_width=8))
+    prune_channels(model, criterion="l2", target="channels", ratio=0.3, keep=["head"])
+    model.arch["pruned"] = True  # as the prune stage records it
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each model saved as a stage would save it, plus its export, checked on a fake test set."""
+    root = tmp_path_factory.mktemp("export")
+    g = torch.Generator().manual_seed(0)
+    test_set = root / "target.pt"
+    torch.save({"classes": CLASSES, "test_x": torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=g),
+                "test_y": torch.randint(0, 5, (48,), generator=g)}, test_set)
+    out = {}
+    for kind in MODELS:
+        save_checkpoint(_make(kind), root / kind / "model.pt", CLASSES, stage="prune")
+        result = export(root / kind / "model.pt", root / kind / "export", test_set, repeats=5, batch_size=16, threads=1,
+                        log=lambda *_: None)
+        out[kind] = (root / kind, result)
+    return root, test_set, out
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_exports_match_pytorch(exported, kind):
+    import onnxruntime as ort
+
+    folder, result = exported[2][kind]
+    assert result["n_checked"] == 48 and "target.pt" in result["checked_on"]
+    assert result["onnx"]["max_abs_diff"] <= 1e-4 and result["onnx"]["top1_agreement"] == 1.0
+    # TorchScript runs PyTorch's own kernels: equal up to the kernel choice oneDNN makes for the
+    # input buffer's memory alignment (eager PyTorch differs from itself by as much, ~1e-6)
+    assert result["torchscript"]["max_abs_diff"] <= 1e-5 and result["torchscript"]["top1_agreement"] == 1.0
+    assert set(result["latency_ms_batch1"]) >= {"pytorch", "onnxruntime", "torchscript"}
+    saved = json.loads((folder / "export" / "export.json").read_text())
+    assert saved["classes"] == CLASSES and saved["onnx"] == result["onnx"]
+    assert not [p for p in (folder / "export").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+    # an independent check: another batch size (the batch axis is dynamic) and other images
+    model, _ = load_checkpoint(folder / "model.pt", "prune")
+    x = torch.rand(7, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    session = ort.InferenceSession(str(folder / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == (7, 5) and np.abs(got - ref).max() <= 1e-4
+    ts = torch.jit.load(str(folder / "export" / "model.torchscript.pt"))
+    with torch.no_grad():
+        assert torch.equal(ts(x), model(x))  # the same input tensor: bit for bit
+
+
+def _write_images(folder) -> list:
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):  # already 32x32
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(paths[-1])
+    paths.append(folder / "big_rgba.png")  # resized and converted to RGB
+    Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA").save(paths[-1])
+    paths.append(folder / "gray.jpg")
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), "L").save(paths[-1])
+    return paths
+
+
+def _reference(model, paths) -> np.ndarray:
+    """What the PyTorch model says, with the preprocessing written out independently."""
+    x = []
+    for p in paths:
+        img = Image.open(p).convert("RGB")
+        if img.size != (32, 32):
+            img = img.resize((32, 32), Image.BILINEAR)
+        x.append(np.asarray(img).transpose(2, 0, 1))
+    with torch.no_grad():
+        return torch.softmax(model.eval()(torch.from_numpy(np.stack(x)).float() / 255), 1).numpy()
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_predict_agrees_with_pytorch_for_every_model_file(exported, tmp_path, kind):
+    folder, _ = exported[2][kind]
+    paths = _write_images(tmp_path / "images")
+    model, _ = load_checkpoint(folder / "model.pt", "prune")
+    probs = _reference(model, paths)
+    for file in ("model.pt", "export/model.onnx", "export/model.torchscript.pt"):
+        results = predict(folder / file, paths)
+        assert [r["path"] for r in results] == [str(p) for p in paths]
+        assert [r["class"] for r in results] == [CLASSES[i] for i in probs.argmax(1)], file
+        assert np.allclose([r["probability"] for r in results], probs.max(1), atol=1e-4)
+        assert all(len(r["top"]) == 3 and r["top"][0]["class"] == r["class"] for r in results)
+
+
+def test_predict_command_lines_json_and_folders(exported, tmp_path, capsys):
+    folder, _ = exported[2]["fastnet"]
+    paths = _write_images(tmp_path / "images")
+    onnx = str(folder / "export" / "model.onnx")
+    assert cli.main(["predict", onnx, *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(paths)
+    assert all(ln.startswith(str(p)) and "top-3:" in ln for ln, p in zip(lines, paths))
+    assert cli.main(["predict", onnx, str(tmp_path / "images"), "--json"]) == 0  # a folder: every image in it
+    results = json.loads(capsys.readouterr().out)
+    assert sorted(r["path"] for r in results) == sorted(map(str, paths))
+    assert all(r["class"] in CLASSES and 0 < r["probability"] <= 1 for r in results)
+
+
+def test_onnx_without_embedded_names_reads_export_json(exported, tmp_path):
+    import onnx
+
+    folder, _ = exported[2]["fastnet"]
+    model = onnx.load(str(folder / "export" / "model.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(Exception, match="no export.json beside it"):
+        Classifier(tmp_path / "model.onnx")
+    (tmp_path / "export.json").write_text((folder / "export" / "export.json").read_text())
+    assert Classifier(tmp_path / "model.onnx").classes == CLASSES
+
+
+def _one_error(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in err and "Fix:" in lines[0], err
+    return lines[0]
+
+
+def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
+    root, test_set, models = exported
+    folder = models["fastnet"][0]
+    (tmp_path / "notes.txt").write_text("not a model")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    torch.save({"classes": ["a", "b"], "test_x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+                "test_y": torch.zeros(2, dtype=torch.long)}, tmp_path / "other_task.pt")
+    good = str(_write_images(tmp_path / "images")[0])
+
+    assert "not found" in _one_error(capsys, ["export", str(tmp_path / "missing.pt")])
+    assert "not a transferkit checkpoint" in _one_error(capsys, ["export", str(tmp_path / "notes.txt")])
+    assert "not a transferkit checkpoint" in _one_error(capsys, ["export", str(tmp_path / "other.pt")])
+    assert "TorchScript" in _one_error(capsys, ["export", str(folder / "export" / "model.torchscript.pt")])
+    assert "holds classes ['a', 'b']" in _one_error(
+        capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "other_task.pt"),
+                 "--out", str(tmp_path / "out")])
+    assert "not a prepared task" in _one_error(
+        capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "notes.txt")])
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+    assert "not found" in _one_error(capsys, ["predict", str(tmp_path / "missing.onnx"), good])
+    assert "not a transferkit checkpoint" in _one_error(capsys, ["predict", str(tmp_path / "notes.txt"), good])
+    line = _one_error(capsys, ["predict", str(folder / "model.pt"), good, str(tmp_path / "broken.png"),
+                               str(tmp_path / "nope.jpg")])
+    assert "cannot read 2 of 3" in line and "broken.png" in line and "nope.jpg (no such file)" in line
+
+
+def test_failed_check_keeps_the_previous_export(exported, monkeypatch, capsys):
+    import transferkit.deploy.export as export_module
+
+    root, test_set, models = exported
+    folder = models["fastnet"][0]
+    out = folder / "export"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    wrong = lambda ref, other, labels: {"max_abs_diff": 0.5, "top1_agreement": 0.9}  # noqa: E731
+    monkeypatch.setattr(export_module, "compare", wrong)  # as if the exporter had mistranslated a layer
+    line = _one_error(capsys, ["export", str(folder / "model.pt"), "--out", str(out), "--test-set", str(test_set),
+                               "--repeats", "1", "--threads", "1"])
+    assert "differs from PyTorch" in line and "nothing written" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
