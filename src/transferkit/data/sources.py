@@ -205,8 +205,8 @@ def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
     offline_copy = (f"; on this project's machines: `mkdir -p {data_dir} && cp "
                     f"../shared/datasets/cifar10-jpeg.tar.gz {data_dir}/`" if name == "cifar10" else "")
     return TransferkitError(
-        f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Provide it one of "
-        f"three ways: (1) the official python version: extract it to {data_dir}/{folder}/ (or run "
+        f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Fix: provide it one "
+        f"of three ways: (1) the official python version: extract it to {data_dir}/{folder}/ (or run "
         f"with network access and data.download=true); (2) an image-folder tree or .tar.gz "
         f"(train/<class>/*, test/<class>/*) at {data_dir}/{name}-jpeg.tar.gz or given as the "
         f"dataset path{offline_copy}; (3) synthetic images, no files "

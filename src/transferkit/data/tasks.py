@@ -16,7 +16,8 @@ from transferkit.errors import TransferkitError
 
 def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
     if len(classes) < 2:
-        raise TransferkitError(f"data.{role}.classes needs at least 2 classes, got {classes}.")
+        raise TransferkitError(f"data.{role}.classes needs at least 2 classes, got {classes}. "
+                               f"Fix: list two or more class names.")
     dupes = sorted({c for c in classes if classes.count(c) > 1})
     if dupes:
         raise TransferkitError(f"data.{role}.classes lists {dupes} more than once. Fix: list each class once.")

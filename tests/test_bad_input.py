@@ -1,0 +1,218 @@
+"""Every input a user controls, in one table: each bad value or file ends in one
+TransferkitError whose message names the problem and the fix, before any training, and the
+stage's previous outputs stay byte-for-byte intact.
+
+Each case starts from a copy of a finished smoke pipeline, breaks one thing, runs the stage
+that reads it exactly as the CLI does (validation, seeding, staged output) and checks the
+message and the outputs. The CLI's one-line `error:` contract is checked in test_cli.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from conftest import CIFAR10_CLASSES, compose, run, write_cifar_pickles, write_image_folder
+from transferkit.errors import TransferkitError
+
+
+@dataclass
+class Case:
+    stage: str
+    overrides: tuple[str, ...] = ()
+    needle: str = ""
+    setup: Callable[[Path], tuple[str, ...]] | None = None  # breaks a file; may return more overrides
+    experiment: str = "smoke"
+
+
+# --------------------------------------------------------------------- file breakers
+def _archive_with(tmp: Path, **kw) -> Path:
+    return write_image_folder(tmp / "data", CIFAR10_CLASSES, train_per_class=kw.get("train", 3),
+                              test_per_class=1)
+
+
+def _image_folder_overrides(path: Path) -> tuple[str, ...]:
+    return (f"data.source.dataset={path}", f"data.target.dataset={path}", "data.target.train_per_class=2",
+            "data.target.val_per_class=1", "data.source.classes=[airplane,ship]",
+            "data.target.classes=[cat,dog]")
+
+
+def corrupt_archive(tmp):
+    path = _archive_with(tmp)
+    path.write_bytes(path.read_bytes()[:200])  # truncated mid-member
+    return _image_folder_overrides(path)
+
+
+def random_bytes_archive(tmp):
+    path = tmp / "data" / "cifar10-jpeg.tar.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(range(256)) * 40)
+    return _image_folder_overrides(path)
+
+
+def corrupt_image(tmp):
+    root = write_image_folder(tmp / "data", CIFAR10_CLASSES, 3, 1, archive=False)
+    (root / "train" / "cat" / "0001.jpg").write_bytes(b"\xff\xd8not really a jpeg")
+    return _image_folder_overrides(root)
+
+
+def unknown_class_in_folder(tmp):
+    root = write_image_folder(tmp / "data", CIFAR10_CLASSES, 3, 1, archive=False)
+    return (*_image_folder_overrides(root), "data.target.classes=[cat,dgo]")
+
+
+def too_many_per_class(tmp):
+    root = write_image_folder(tmp / "data", CIFAR10_CLASSES, 3, 1, archive=False)
+    return (*_image_folder_overrides(root), "data.target.train_per_class=50")
+
+
+def empty_folder(tmp):
+    (tmp / "empty" / "train").mkdir(parents=True)
+    return _image_folder_overrides(tmp / "empty")
+
+
+def unofficial_cifar_pickles(tmp):
+    write_cifar_pickles(tmp / "data", "cifar10", CIFAR10_CLASSES, 5, 1)  # md5s cannot match
+    return ("data.download=false",)
+
+
+def unreadable_cifar_pickle(tmp):
+    folder = write_cifar_pickles(tmp / "data", "cifar10", CIFAR10_CLASSES, 5, 1)
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    return ("data.download=false", "data.verify_checksums=false")
+
+
+def truncated_checkpoint(tmp):
+    path = tmp / "artifacts" / "pretrain" / "model.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    return ()
+
+
+def foreign_file_as_checkpoint(tmp):
+    torch.save({"weights": torch.zeros(3)}, tmp / "artifacts" / "pretrain" / "model.pt")
+    return ()
+
+
+def checkpoint_of_other_architecture(tmp):
+    from transferkit.models import model_from_config, save_checkpoint
+
+    other = model_from_config({"name": "vgg_mini", "widths": [8] * 9, "fc_width": 16}, 4)
+    save_checkpoint(other, tmp / "artifacts" / "pretrain" / "model.pt", ["src_a", "src_b", "src_c", "src_d"],
+                    stage="pretrain", experiment="smoke")
+    return ()
+
+
+def teacher_of_other_classes(tmp):
+    shutil.copy(tmp / "artifacts" / "pretrain" / "model.pt", tmp / "artifacts" / "transfer" / "model.pt")
+    return ()
+
+
+def missing_prepared_task(tmp):
+    shutil.rmtree(tmp / "artifacts" / "prepare")
+    return ()
+
+
+def truncated_prepared_task(tmp):
+    path = tmp / "artifacts" / "prepare" / "target.pt"
+    path.write_bytes(path.read_bytes()[:500])
+    return ()
+
+
+def student_of_other_classes(tmp):
+    shutil.copy(tmp / "artifacts" / "pretrain" / "model.pt", tmp / "artifacts" / "distill" / "model.pt")
+    return ()
+
+
+CASES = {
+    # ---- dataset paths and formats
+    "missing dataset": Case("prepare", ("data.download=false",), "three ways", experiment="cifar10_split"),
+    "corrupt archive": Case("prepare", needle="archive", setup=corrupt_archive, experiment="cifar10_split"),
+    "archive of random bytes": Case("prepare", needle="archive", setup=random_bytes_archive, experiment="cifar10_split"),
+    "corrupt image": Case("prepare", needle="0001.jpg", setup=corrupt_image, experiment="cifar10_split"),
+    "empty image folder": Case("prepare", needle="empty", setup=empty_folder, experiment="cifar10_split"),
+    "CIFAR pickles failing their checksum": Case("prepare", needle="checksum", setup=unofficial_cifar_pickles,
+                                                 experiment="cifar10_split"),
+    "unreadable CIFAR pickle": Case("prepare", needle="data_batch_3", setup=unreadable_cifar_pickle,
+                                    experiment="cifar10_split"),
+    "unknown dataset name": Case("prepare", ("data.target.dataset=cifar1000",), "cifar1000"),
+    # ---- class names and counts
+    "unknown class name": Case("prepare", needle="unknown class 'dgo'", setup=unknown_class_in_folder,
+                               experiment="cifar10_split"),
+    "more images per class than exist": Case("prepare", needle="train images", setup=too_many_per_class,
+                                             experiment="cifar10_split"),
+    "class in source and target": Case("prepare", ("data.target.dataset=cifar10", "data.source.dataset=cifar10",
+                                                   "data.source.classes=[cat,ship]", "data.target.classes=[cat,dog]"),
+                                       "both"),
+    "class listed twice": Case("prepare", ("data.target.classes=[tgt_a,tgt_a,tgt_b]",), "more than once"),
+    "a single class": Case("prepare", ("data.target.classes=[tgt_a]",), "at least 2 classes"),
+    "negative val count": Case("prepare", ("data.target.val_per_class=-1",), "data.target.val_per_class"),
+    # ---- config groups and numeric ranges
+    "unknown model": Case("pretrain", ("model.name=alexnet",), "alexnet"),
+    "freeze_depth beyond the blocks": Case("transfer", ("transfer.freeze_depth=9",), "transfer.freeze_depth"),
+    "negative freeze_depth": Case("transfer", ("transfer.freeze_depth=-1",), "transfer.freeze_depth"),
+    "negative learning rate": Case("transfer", ("transfer.lr=-0.1",), "transfer.lr"),
+    "zero learning rate": Case("pretrain", ("pretrain.lr=0",), "pretrain.lr"),
+    "negative backbone LR multiplier": Case("transfer", ("transfer.backbone_lr_mult=-1",), "backbone_lr_mult"),
+    "zero epochs": Case("scratch", ("scratch.epochs=0",), "scratch.epochs"),
+    "zero batch size": Case("transfer", ("transfer.batch_size=0",), "transfer.batch_size"),
+    "momentum above 1": Case("transfer", ("transfer.momentum=1.5",), "transfer.momentum"),
+    "label smoothing above 1": Case("transfer", ("transfer.label_smoothing=2",), "label_smoothing"),
+    "translation too large": Case("transfer", ("transfer.translate=20",), "transfer.translate"),
+    "negative weight decay": Case("pretrain", ("pretrain.weight_decay=-1",), "pretrain.weight_decay"),
+    "probe depth beyond the blocks": Case("probe", ("probe.depth=9",), "probe.depth"),
+    "scratch freeze_depth above 1": Case("scratch", ("scratch.freeze_depth=3",), "scratch.freeze_depth"),
+    "negative seed": Case("transfer", ("seed=-1",), "seed"),
+    "SyncBatchNorm on CPU": Case("transfer", ("trainer.sync_batchnorm=true",), "sync_batchnorm"),
+    "unknown distillation method": Case("distill", ("distill.method=fitnets",), "fitnets"),
+    "temperature 0": Case("distill", ("distill.temperature=0",), "distill.temperature"),
+    "alpha above 1": Case("distill", ("distill.alpha=1.5",), "distill.alpha"),
+    "pruning ratio 1": Case("prune", ("prune.ratio=1",), "prune.ratio"),
+    "pruning ratio negative": Case("prune", ("prune.ratio=-0.2",), "prune.ratio"),
+    "unknown pruning criterion": Case("prune", ("prune.criterion=magic",), "magic"),
+    "unknown pruning mode": Case("prune", ("prune.mode=sparse",), "prune.mode"),
+    "unknown pruning target": Case("prune", ("prune.target=flops",), "prune.target"),
+    "zero pruning steps": Case("prune", ("prune.steps=0",), "prune.steps"),
+    "layer to keep that does not exist": Case("prune", ("prune.keep=[head,blocks.77]",), "blocks.77"),
+    "zero latency repeats": Case("evaluate", ("evaluate.latency_repeats=0",), "evaluate.latency_repeats"),
+    # ---- checkpoints and files from other runs, truncated or foreign
+    "truncated checkpoint": Case("transfer", needle="unreadable", setup=truncated_checkpoint),
+    "not a transferkit checkpoint": Case("transfer", needle="not a transferkit checkpoint",
+                                         setup=foreign_file_as_checkpoint),
+    "checkpoint of another architecture": Case("transfer", needle="vgg_mini", setup=checkpoint_of_other_architecture),
+    "teacher trained on other classes": Case("distill", needle="classes", setup=teacher_of_other_classes),
+    "student trained on other classes": Case("prune", needle="trained on", setup=student_of_other_classes),
+    "prepared task missing": Case("pretrain", needle="run the 'prepare' stage", setup=missing_prepared_task),
+    "prepared task truncated": Case("transfer", needle="unreadable", setup=truncated_prepared_task),
+}
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} if folder.exists() else {}
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, smoke_artifacts, tmp_path):
+    case = CASES[name]
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    (tmp_path / "data").mkdir(exist_ok=True)
+    extra = case.setup(tmp_path) if case.setup else ()
+    out = tmp_path / "artifacts" / case.stage
+    before = _snapshot(out)
+    with pytest.raises(TransferkitError) as err:
+        cfg = compose(f"experiment={case.experiment}", *case.overrides, *extra, tmp=tmp_path)
+        run(case.stage, cfg)
+    message = str(err.value)
+    assert case.needle in message, message
+    assert "Fix" in message or "fix" in message, f"no fix named: {message}"
+    assert _snapshot(out) == before, f"{case.stage}'s previous outputs changed"
+    assert not (tmp_path / "artifacts" / f".{case.stage}.incomplete").exists()
