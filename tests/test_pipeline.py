@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,23 @@ def test_stage_before_its_input_exists_says_what_to_run(tmp_path):
     cfg = compose("experiment=smoke", tmp=tmp_path)
     with pytest.raises(TransferkitError, match="dvc repro prepare"):
         run("pretrain", cfg)
+
+
+def test_tensorboard_and_csv_loggers_are_selectable(smoke_artifacts, tmp_path):
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    cfg = compose("experiment=smoke", "trainer.loggers=[dvclive,tensorboard,csv]", "transfer.epochs=2", tmp=tmp_path)
+    run("transfer", cfg)
+    out = tmp_path / "artifacts" / "transfer"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert "val/acc" in (out / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert (out / "dvclive" / "plots" / "metrics" / "val" / "acc.tsv").exists()
+
+
+def test_unknown_logger_is_refused(smoke):
+    from transferkit.config.validate import validate
+    from transferkit.errors import TransferkitError
+
+    cfg = compose("experiment=smoke", "trainer.loggers=[wandb]")
+    with pytest.raises(TransferkitError, match="unknown logger 'wandb'.*Fix"):
+        validate(cfg)

@@ -115,6 +115,11 @@ def validate_prune(cfg: DictConfig) -> None:
 
 
 def validate_trainer(cfg: DictConfig) -> None:
+    from transferkit.training.trainer import LOGGERS
+
+    for name in cfg.trainer.get("loggers") or []:
+        if name not in LOGGERS:
+            raise TransferkitError(f"unknown logger '{name}' in trainer.loggers. Fix: use any of {list(LOGGERS)}.")
     if cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu":
         raise TransferkitError("trainer.sync_batchnorm=true works only on GPUs (torch's SyncBatchNorm). "
                                "Fix: set trainer.sync_batchnorm=false for CPU processes.")

@@ -26,16 +26,41 @@ TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision", 
                 "sync_batchnorm", "benchmark")
 
 
-def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int) -> pl.Trainer:
-    from dvclive.lightning import DVCLiveLogger
+LOGGERS = ("dvclive", "tensorboard", "csv")
 
+
+def make_loggers(names, out_dir: Path) -> list:
+    """dvclive feeds `dvc metrics/plots` and the report's curves; TensorBoard and CSV are
+    there for users who already read their runs that way (trainer.loggers=[dvclive,tensorboard])."""
+    from transferkit.errors import TransferkitError
+
+    loggers = []
+    for name in names or []:
+        if name == "dvclive":
+            from dvclive.lightning import DVCLiveLogger
+
+            # dvcyaml=None: dvclive must not rewrite the project's dvc.yaml; the stage declares
+            # its metrics and plots there itself.
+            loggers.append(DVCLiveLogger(dir=str(out_dir / "dvclive"), dvcyaml=None, save_dvc_exp=False,
+                                         report=None))
+        elif name == "tensorboard":
+            from pytorch_lightning.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version=""))
+        elif name == "csv":
+            from pytorch_lightning.loggers import CSVLogger
+
+            loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
+        else:
+            raise TransferkitError(f"unknown logger '{name}' in trainer.loggers. Fix: use any of {list(LOGGERS)}.")
+    return loggers
+
+
+def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int) -> pl.Trainer:
     cfg = dict(trainer_cfg)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
-    # dvcyaml=None: dvclive must not rewrite the project's dvc.yaml; the stage declares
-    # its metrics and plots there itself.
-    logger = DVCLiveLogger(dir=str(out_dir / "dvclive"), dvcyaml=None, save_dvc_exp=False,
-                           report=None)
+    loggers = make_loggers(cfg.get("loggers", ["dvclive"]), out_dir)
     callbacks = [
         ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_last=False,
                         save_top_k=1, monitor=None, every_n_epochs=1),
@@ -46,7 +71,7 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int) -> pl.Traine
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))))
     return pl.Trainer(
         max_epochs=max_epochs,
-        logger=logger,
+        logger=loggers or False,
         callbacks=callbacks,
         enable_progress_bar=show_bar,
         enable_model_summary=False,
