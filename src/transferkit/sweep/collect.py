@@ -132,13 +132,22 @@ def check_same_config(runs: list[Run]) -> None:
                     f"with the same conf/.")
 
 
-def score(runs: list[Run]) -> None:
-    """Top-1 of every run on the target test set it was trained for."""
+def score(runs: list[Run], cache_file: Path | None = None) -> None:
+    """Top-1 of every run on the target test set it was trained for. Per-image results are
+    cached by model and test-set file stamps, so collecting a growing sweep again only scores
+    the new points."""
     from transferkit.models import load_checkpoint
 
+    cache = torch.load(cache_file) if cache_file and cache_file.exists() else {}
     tasks: dict[Path, dict] = {}
     for run in runs:
         task_file = Path(run.params["paths"]["artifacts_dir"]) / "prepare" / "target.pt"
+        stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in (run.folder / "model.pt", task_file))
+        key = f"{run.folder.resolve()}|{stamp}|{run.params.get('evaluate')}"
+        if key in cache:
+            run.correct = cache[key]
+            run.test_acc = float(run.correct.float().mean())
+            continue
         if task_file not in tasks:
             tasks[task_file] = load_torch(task_file, "prepared target task", "prepare")
         task = tasks[task_file]
@@ -151,6 +160,11 @@ def score(runs: list[Run]) -> None:
         pred = predict(model, task["test_x"], batch, tta_flip=tta).argmax(1)
         run.correct = (pred == task["test_y"])
         run.test_acc = float(run.correct.float().mean())
+        cache[key] = run.correct
+    if cache_file:
+        from transferkit.io import save_torch
+
+        save_torch(cache, cache_file)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -295,9 +309,9 @@ def plot(summary: dict, path: Path) -> bool:
 def collect(dirs: list[Path], out: Path) -> dict:
     runs = find_runs(dirs)
     check_same_config(runs)
-    score(runs)
-    summary = summarize(runs)
     out.mkdir(parents=True, exist_ok=True)
+    score(runs, out / "scores.pt")
+    summary = summarize(runs)
     save_json(summary, out / "sweep.json")
     save_text(table_markdown(summary), out / "sweep.md")
     plot(summary, out / "sweep.png")

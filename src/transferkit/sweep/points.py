@@ -19,7 +19,7 @@ from transferkit.errors import TransferkitError
 
 # Settings that change how a run looks, not what it computes: ignored when a finished
 # point is compared with the one about to run.
-COSMETIC = ("trainer.progress_bar",)
+COSMETIC = ("trainer.progress_bar", "trainer.loggers")
 PARAMS_FILE = "params.yaml"  # the resolved config a stage ran with, saved beside its outputs
 
 
