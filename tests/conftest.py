@@ -145,9 +145,11 @@ def write_image_folder(root: Path, classes: list[str], train_per_class: int, tes
     return path
 
 
-@pytest.fixture(autouse=True)
-def _quiet_threads(monkeypatch):
-    # tests run many tiny models: one thread avoids OpenMP spin-waits on a busy 2-core box
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_threads():
+    # tests run many tiny models: one thread avoids OpenMP spin-waits on a busy 2-core box.
+    # Session scope, so it is set before any session fixture trains: results depend on the
+    # thread count, and tests compare runs made at different times.
     import torch
 
     torch.set_num_threads(int(os.environ.get("TRANSFERKIT_TEST_THREADS", "1")))

@@ -43,6 +43,8 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     assert "## Distillation" in report and "of the gap between" in report
     assert 0 < metrics["distillation"]["student_params_ratio"] < 1
     assert "## Pruning" in report
+    html = (art / "evaluate" / "report.html").read_text()  # the same report, plots embedded
+    assert "<table>" in html and "Transfer minus scratch" in html and "data:image/png;base64," in html
     assert metrics["models"]["prune"]["macs"] <= 0.4 * metrics["models"]["distill"]["macs"] + 1
     for png in ("curves.png", "confusion_transfer.png", "confusion_scratch.png", "confusion_probe.png",
                 "confusion_student.png", "confusion_distill.png", "confusion_prune.png", "pareto.png"):

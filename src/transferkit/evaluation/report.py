@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # The source material's reference experiment (mini-VGG+BN, CIFAR-10 -> 10 aquatic CIFAR-100
 # classes, 400 train / 100 eval per class, conv1-6 frozen, 50 epochs, hours on a CPU).
 SOURCE_MATERIAL = {"scratch": 0.574, "transfer": 0.601, "n_test": 1000}
@@ -116,6 +118,21 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
                   f"top-1 {100 * (after['top1'] - before['top1']):+.1f} points. MACs ratios overstate "
                   "wall-clock gains on small models (fixed per-layer overheads); both are shown.", "",
                   "![accuracy vs latency](pareto.png)", ""]
+    export = cfg_summary.get("export")
+    if export:
+        lat = export["latency_ms_batch1"]
+        lines += [
+            "## The model to ship", "",
+            f"`{export['model']}` exported by the `export` stage to ONNX (opset {export['exporter']['opset']}) and "
+            f"TorchScript, then checked against PyTorch in fp32 on the {export['n_checked']} test images:", "",
+            "| runtime | max abs logit difference vs PyTorch | top-1 agreement | CPU latency (batch 1) |",
+            "|---|---|---|---|",
+            f"| PyTorch (eager) | – | – | {lat['pytorch']:.2f} ms |",
+            *[f"| {name} | {export[key]['max_abs_diff']:.1e} | {100 * export[key]['top1_agreement']:.2f}% | "
+              f"{lat[key]:.2f} ms |" for name, key in (("ONNX Runtime", "onnxruntime"), ("TorchScript", "torchscript"))
+              if key in export and key in lat],
+            "", "Classify image files with it: `uv run transferkit predict artifacts/export/model.onnx IMAGE ...`.",
+            ""]
     lines += ["## Per-class accuracy", "", "| class | " + " | ".join(LABELS.get(n, n) for n in models) + " |",
               "|---|" + "---|" * len(models)]
     for c in next(iter(models.values()))["per_class"]:
@@ -130,7 +147,34 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         "uv sync && uv run dvc repro      # this whole pipeline; reruns only what changed",
         "uv run dvc metrics show          # the numbers above",
         "uv run dvc plots show            # curves and confusion matrices (HTML)",
+        "uv run transferkit transfer -m transfer.freeze_depth=0,1,2,3,4 seed=0,1,2   # how many blocks to freeze",
+        "uv run transferkit scratch -m seed=0,1,2 && uv run transferkit probe -m seed=0,1,2",
+        f"uv run transferkit collect multirun/{cfg_summary['experiment']}      # -> accuracy vs freeze depth",
+        "uv run transferkit check-repro   # the smoke pipeline twice: identical metrics, clean dvc status",
         "```", "",
         "Latency and throughput are measured on the machine that ran `evaluate` (timing.json); "
         "every other number is in metrics.json and is identical from run to run.", ""]
     return "\n".join(lines)
+
+
+def to_html(markdown_text: str, folder: Path) -> str:
+    """The same report as one self-contained HTML file (plots embedded), to open or mail."""
+    import base64
+    import re
+
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
+
+    def embed(match: re.Match) -> str:
+        src = folder / match.group(1)
+        if not src.exists():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(src.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^":]+\.png)"', embed, body)
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left}th{background:#f3f3f3}img{max-width:100%}code,pre{background:#f6f6f6}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>transferkit report</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>\n")

@@ -94,5 +94,10 @@ def run(cfg: DictConfig, out: Path) -> dict:
         "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe", "distill", "prune")},
         "prune": {k: cfg.prune[k] for k in ("mode", "criterion", "target", "ratio", "steps")},
     }
-    save_text(report.render(cfg_summary, metrics, timing, summary), out / "report.md")
+    export_file = stage_dir(cfg, "export") / "export.json"
+    if export_file.exists():  # the deployable model's checks (dvc.yaml runs export first)
+        cfg_summary["export"] = json.loads(export_file.read_text())
+    text = report.render(cfg_summary, metrics, timing, summary)
+    save_text(text, out / "report.md")
+    save_text(report.to_html(text, out), out / "report.html")
     return metrics
