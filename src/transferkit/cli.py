@@ -43,9 +43,18 @@ Sweeps and reproducibility:
                                        the smoke pipeline twice from a clean state: fails unless
                                        metrics.json match, dvc status is clean, a 2nd repro is a no-op
 
-Experiments: experiment=cifar10_split (default) | experiment=seed_aquatic | experiment=smoke
-Models: model=fastnet | model=vgg_mini | model=resnet18
-Trainers: trainer=cpu | trainer=gpu | trainer=ddp (DDP over trainer.devices processes/GPUs)
+Experiments: experiment=cifar10_split (default) | seed_aquatic | smoke
+             | scenario_{{small,large}}_{{similar,different}} (the four scenarios; `transferkit scenarios`)
+Models: model=fastnet | vgg_mini | resnet18 | mobilenet | fastnet_student
+        (students: model@distill.student=mobilenet)
+Trainers: trainer=cpu | gpu | ddp (DDP over trainer.devices processes/GPUs) | ddp_multinode
+Loggers: trainer.loggers=[dvclive] (default) | [dvclive,tensorboard,csv]
+Launchers (with -m): hydra/launcher=local_parallel (joblib) | slurm (submitit)
+
+Deploying:
+  transferkit export artifacts/prune/model.pt --out DIR   ONNX + TorchScript, checked against PyTorch
+  transferkit predict MODEL IMAGE [IMAGE ...]             classify image files (model.pt or .onnx)
+
 Common overrides:
   transfer.freeze_depth=K  transfer.backbone_lr_mult=X  transfer.unfreeze_every_epochs=N
   probe.depth=K  pretrain.epochs=N  transfer.epochs=N  seed=N  trainer.devices=N
