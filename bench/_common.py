@@ -1,0 +1,81 @@
+"""Shared by the bench/ scripts (not a package: each script puts bench/ on sys.path by being
+run as `uv run python bench/NAME.py`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def params(path: Path | None = None) -> dict:
+    """The composed pipeline settings (params.yaml): batch sizes and model widths."""
+    return yaml.safe_load((path or ROOT / "params.yaml").read_text())
+
+
+def load_target_task(artifacts: Path, seed: int = 0) -> tuple[dict, str]:
+    """The prepared CIFAR target task if `prepare` has run, else synthetic uint8 images of
+    the same shape and size (2,000 train images of 32x32, 5 classes)."""
+    path = artifacts / "prepare" / "target.pt"
+    if path.exists():
+        task = torch.load(path, map_location="cpu", weights_only=False)
+        return task, f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} ({len(task['train_y'])} train images)"
+    g = torch.Generator().manual_seed(seed)
+    n, classes = 2000, ["a", "b", "c", "d", "e"]
+    task = {"train_x": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+            "train_y": torch.arange(n) % len(classes), "classes": classes}
+    return task, f"synthetic uint8 ({n} train images; {path} not found)"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; columns: (key, header, format spec)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join("" if r.get(k) is None else format(r[k], f) for k, _, f in columns) + " |"
+            for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+class Clock:
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t

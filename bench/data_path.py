@@ -1,0 +1,201 @@
+"""Our data path vs the usual torchvision one, training the same model for the same steps.
+
+ours:        uint8 tensors prepared once -> TaskDataModule's DataLoader (slices of in-memory
+             tensors, no workers) -> float, batched flip + translate on the whole batch
+             (transferkit.data.augment, as ClassifierModule.on_after_batch_transfer does)
+torchvision: the same images as a CIFAR10-style dataset (HWC uint8 array, one
+             PIL.Image.fromarray per image) -> RandomCrop(32, padding=2) + RandomHorizontalFlip
+             + ToTensor + Normalize per image -> DataLoader with worker processes
+
+Both train fastnet (the teacher: params.yaml model widths) with bf16 autocast, channels_last,
+SGD with Nesterov momentum, at the transfer stage's batch size, for the same number of steps on
+the same images; the model's own Normalize layer is skipped on the torchvision arm (its
+transform normalises). Also measured: the data path alone (no model).
+
+    uv run python bench/data_path.py [--seconds 40] [--workers 2] [--artifacts artifacts]
+
+Prints a table and writes bench/results/data_path.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, Clock, load_target_task, machine, now, params, save, table  # noqa: E402
+
+from transferkit.data.augment import augment_batch  # noqa: E402
+from transferkit.data.datamodule import TaskDataModule  # noqa: E402
+from transferkit.models import CIFAR_MEAN, CIFAR_STD, model_from_config  # noqa: E402
+
+
+class CifarLike(torch.utils.data.Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: numpy HWC uint8 -> PIL -> transform."""
+
+    def __init__(self, images_nchw: torch.Tensor, labels: torch.Tensor, transform):
+        self.data = images_nchw.permute(0, 2, 3, 1).contiguous().numpy()  # HWC, as CIFAR10 stores it
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
+
+
+def torchvision_loader(task: dict, batch: int, workers: int) -> torch.utils.data.DataLoader:
+    from torchvision import transforms as T
+
+    transform = T.Compose([T.RandomCrop(32, padding=2), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    ds = CifarLike(task["train_x"], task["train_y"], transform)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                                       persistent_workers=workers > 0)
+
+
+def ours_loader(task: dict, batch: int) -> torch.utils.data.DataLoader:
+    return TaskDataModule(task, batch).train_dataloader()
+
+
+def ours_batches(loader):
+    """Our loader plus what ClassifierModule.on_after_batch_transfer does to a training batch."""
+    for x, y in _forever(loader):
+        x = augment_batch(x.float().div_(255), flip=True, translate=2)
+        yield x.contiguous(memory_format=torch.channels_last), y
+
+
+def torchvision_batches(loader):
+    for x, y in _forever(loader):
+        yield x.contiguous(memory_format=torch.channels_last), y
+
+
+def _forever(loader):
+    while True:  # a new epoch (a new shuffle) each pass, as a Trainer does
+        yield from loader
+
+
+def train(model: nn.Module, batches, steps: int, warmup: int) -> tuple[float, float]:
+    """(seconds for `steps` steps after `warmup` untimed ones, final loss)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model.train()
+
+    def step():
+        x, y = next(batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    with Clock() as c:
+        for _ in range(steps):
+            loss = step()
+    return c.seconds, float(loss.detach())
+
+
+def data_only(batches, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        next(batches)
+    with Clock() as c:
+        for _ in range(steps):
+            next(batches)
+    return c.seconds
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=40, help="target length of our training arm")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision arm")
+    ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    ap.add_argument("--steps", type=int, default=None, help="fixed step count (default: from --seconds)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's, all cores, as trainer.num_threads=null does)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    p = params()
+    batch = int(p["transfer"]["batch_size"])
+    task, source = load_target_task(args.artifacts)
+    torch.manual_seed(0)
+    base = model_from_config(p["model"], len(task["classes"])).to(memory_format=torch.channels_last)
+    state = copy.deepcopy(base.state_dict())
+    info = {"when": now(), "machine": machine(), "data": source, "batch_size": batch,
+            "model": p["model"], "precision": "bf16 autocast, channels_last"}
+    print(f"data: {source}; model: {p['model']['name']} {p['model']['widths']}; batch {batch}; "
+          f"torch threads {torch.get_num_threads()}; load average {info['machine']['loadavg']}", flush=True)
+
+    # our arm: calibrate the step count on it, then run it
+    warmup = 5
+    torch.manual_seed(0)
+    ours_model = copy.deepcopy(base)
+    ours = ours_batches(ours_loader(task, batch))
+    if args.steps:
+        steps = args.steps
+    else:
+        t, _ = train(ours_model, ours, 5, warmup)
+        steps = max(20, int(args.seconds / (t / 5)))
+    print(f"{steps} timed steps per arm ({warmup} untimed warm-up steps each)", flush=True)
+    rows = []
+    ours_model.load_state_dict(state)
+    secs, loss = train(ours_model, ours, steps, warmup)
+    rows.append({"arm": "ours: uint8 tensors + batched augment", "what": "train", "steps": steps,
+                 "seconds": secs, "img_s": steps * batch / secs, "loss": loss})
+    print(table(rows[-1:], COLUMNS), flush=True)
+
+    torch.manual_seed(0)
+    tv_model = copy.deepcopy(base)
+    tv_model.load_state_dict(state)
+    tv_model.normalize = nn.Identity()  # the transform has normalised already
+    tv_loader = torchvision_loader(task, batch, args.workers)
+    secs, loss = train(tv_model, torchvision_batches(tv_loader), steps, warmup)
+    rows.append({"arm": f"torchvision: PIL per image, {args.workers} workers", "what": "train", "steps": steps,
+                 "seconds": secs, "img_s": steps * batch / secs, "loss": loss})
+    print(table(rows[-1:], COLUMNS), flush=True)
+
+    # the data paths alone: what each can feed at most
+    data_steps = 200
+    secs = data_only(ours_batches(ours_loader(task, batch)), data_steps, warmup)
+    rows.append({"arm": "ours: uint8 tensors + batched augment", "what": "data only", "steps": data_steps,
+                 "seconds": secs, "img_s": data_steps * batch / secs})
+    for w in sorted({1, args.workers}):
+        loader = tv_loader if w == args.workers else torchvision_loader(task, batch, w)
+        secs = data_only(torchvision_batches(loader), data_steps, warmup)
+        rows.append({"arm": f"torchvision: PIL per image, {w} worker{'s' if w > 1 else ''}", "what": "data only",
+                     "steps": data_steps, "seconds": secs, "img_s": data_steps * batch / secs})
+    del tv_loader
+
+    train_ratio = rows[0]["img_s"] / rows[1]["img_s"]
+    data_ratio = rows[2]["img_s"] / rows[3 if args.workers == 1 else 4]["img_s"]
+    print()
+    print(table(rows, COLUMNS))
+    print(f"\ntraining: ours / torchvision = {train_ratio:.2f}x (bar: >= 3x) -> "
+          f"{'met' if train_ratio >= 3 else 'NOT met'}")
+    print(f"data path alone: ours / torchvision ({args.workers} workers) = {data_ratio:.1f}x")
+    info["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average before / after: {info['machine']['loadavg']} / {info['machine']['loadavg_after']}")
+    path = save("data_path" + (f"-threads{args.threads}" if args.threads else ""), {**info, "rows": rows, "train_ratio": train_ratio, "data_only_ratio": data_ratio,
+                              "bar": 3.0, "bar_met": train_ratio >= 3})
+    print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+COLUMNS = [("arm", "data path", "s"), ("what", "measures", "s"), ("steps", "steps", "d"),
+           ("seconds", "seconds", ".1f"), ("img_s", "images/s", ",.0f")]
+
+if __name__ == "__main__":
+    sys.exit(main())

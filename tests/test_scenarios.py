@@ -1,0 +1,141 @@
+"""The four scenarios of the source material: presets that promise one target task and two
+sources of the same size, and `transferkit scenarios` end to end on a tiny image folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import CIFAR10_CLASSES, compose, write_image_folder
+from transferkit.config.validate import validate
+from transferkit.errors import TransferkitError
+from transferkit.scenarios.runner import QUADRANTS, main, run, split_argv
+
+TARGET = ["cat", "dog", "horse"]
+ANIMALS = ["bird", "deer", "frog"]
+VEHICLES = ["airplane", "automobile", "truck"]
+STRATEGIES = ["linear_probe", "early_probe", "partial_freeze", "fine_tune", "scratch"]
+
+
+@pytest.mark.parametrize("preset", list(QUADRANTS))
+def test_preset_promises_its_quadrant(preset):
+    size, similarity = QUADRANTS[preset]
+    cfg = compose(f"experiment={preset}")
+    validate(cfg)
+    d = cfg.data
+    assert cfg.name == preset and d.source.dataset == d.target.dataset == "cifar10"
+    assert list(d.target.classes) == TARGET
+    assert list(d.source.classes) == (ANIMALS if similarity == "similar" else VEHICLES)
+    assert not set(d.source.classes) & set(d.target.classes)
+    # the whole train split of each source class (5,000 x 3 = 15,000 images), nothing held out
+    assert d.source.train_per_class is None and d.source.val_per_class == 0
+    assert d.target.train_per_class == (400 if size == "small" else None)  # None: 5,000 - 100 val
+    assert d.target.val_per_class == 100 and d.target.test_per_class is None
+    # a fair budget: the five strategies of a quadrant train for the same number of epochs
+    assert cfg.transfer.epochs == cfg.probe.epochs == cfg.scratch.epochs
+    assert cfg.pretrain.epochs < compose().pretrain.epochs
+
+
+def test_quadrants_differ_only_in_their_axis():
+    cfgs = {p: compose(f"experiment={p}") for p in QUADRANTS}
+    small, large = cfgs["scenario_small_similar"], cfgs["scenario_large_similar"]
+    assert small.data.source == large.data.source and small.pretrain == large.pretrain
+    similar, different = cfgs["scenario_small_similar"], cfgs["scenario_small_different"]
+    assert similar.data.target == different.data.target and similar.transfer == different.transfer
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--only", "medium_similar"], "unknown scenario 'medium_similar'"),
+    (["experiment=smoke"], "--only NAME"),
+    (["--early-depth", "9"], "probe.depth"),
+])
+def test_bad_requests_fail_before_any_work(tmp_path, argv, needle):
+    with pytest.raises(TransferkitError, match=needle):
+        main(["--out", str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists()
+
+
+def test_overrides_are_told_apart_from_options():
+    overrides, options = split_argv(["--out", "runs/seed=1", "seed=1", "--only", "small_similar",
+                                     "large_different", "model=vgg_mini", "--early-depth", "3"])
+    assert overrides == ["seed=1", "model=vgg_mini"]
+    assert options == ["--out", "runs/seed=1", "--only", "small_similar", "large_different", "--early-depth", "3"]
+
+
+# ------------------------------------------------------------------ end to end, tiny
+TINY = ["model=fastnet_tiny", "trainer.progress_bar=false", "data.target.val_per_class=4",
+        "pretrain.epochs=1", "transfer.epochs=1", "probe.epochs=1", "scratch.epochs=1",
+        "pretrain.batch_size=64", "transfer.batch_size=64", "probe.batch_size=64", "scratch.batch_size=64",
+        "evaluate.batch_size=256"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """An image folder with the CIFAR-10 class names: enough target images for the small
+    quadrants' 400 per class, a handful of source images; then one full run."""
+    tmp = tmp_path_factory.mktemp("scenarios")
+    others = [c for c in CIFAR10_CLASSES if c not in TARGET]
+    write_image_folder(tmp / "data", TARGET, train_per_class=410, test_per_class=6, archive=False)
+    write_image_folder(tmp / "data", others, train_per_class=10, test_per_class=2, archive=False)
+    overrides = [*TINY, f"paths.data_dir={tmp / 'data'}"]
+    summary = run(tmp / "out", overrides=overrides)
+    return tmp, overrides, summary
+
+
+@pytest.mark.slow
+def test_runner_fills_four_quadrants_by_five_strategies(tiny):
+    tmp, _, summary = tiny
+    quadrants = summary["quadrants"]
+    assert [q["preset"] for q in quadrants] == list(QUADRANTS)
+    for q in quadrants:
+        assert [r["strategy"] for r in q["rows"]] == STRATEGIES
+        assert q["n_train"] == 3 * (400 if q["size"] == "small" else 406) and q["n_val"] == 12
+        assert q["n_test"] == 18 and q["target_classes"] == TARGET
+        chosen = [r for r in q["rows"] if r["chosen_on_val"]]
+        assert len(chosen) == 1 and chosen[0]["strategy"] == q["winner_on_val"]
+        assert chosen[0]["val_acc"] == max(r["val_acc"] for r in q["rows"])
+        assert q["agrees"] == (q["winner_on_val"] == q["guidance"]["strategy"])
+        for r in q["rows"]:
+            lo, hi = r["test_ci95"]
+            assert lo <= r["test_acc"] <= hi
+    table = (tmp / "out" / "scenarios.md").read_text()
+    assert table.count("** ◀ val") == 4 and "linear classifier on the features" in table
+    assert "fine-tune all from the pretrained init" in table and "classifier on earlier-layer features" in table
+
+
+@pytest.mark.slow
+def test_same_source_quadrants_share_one_pretraining(tiny):
+    tmp, _, summary = tiny
+    out = tmp / "out"
+    for first, second in (("small_similar", "large_similar"), ("small_different", "large_different")):
+        a, b = out / f"scenario_{first}" / "pretrain", out / f"scenario_{second}" / "pretrain"
+        assert (a / "model.pt").read_bytes() == (b / "model.pt").read_bytes()
+        assert json.loads((b / "shared_from.json").read_text())["copied_from"] == str(a)
+    # different sources, different backbones
+    assert ((out / "scenario_small_similar" / "pretrain" / "model.pt").read_bytes()
+            != (out / "scenario_small_different" / "pretrain" / "model.pt").read_bytes())
+    from transferkit.models import load_checkpoint
+
+    probe, ckpt = load_checkpoint(out / "scenario_small_similar" / "early_probe" / "model.pt", "probe")
+    assert probe.num_blocks == 2 and ckpt["arch"]["depth"] == 2
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_work_and_refuses_another_config(tiny, capsys):
+    tmp, overrides, summary = tiny
+    out = tmp / "out"
+    models = sorted(out.rglob("model.pt"))
+    assert len(models) == 4 * 6  # pretrain + 5 strategies per quadrant
+    stamps = {p: p.stat().st_mtime_ns for p in models}
+    capsys.readouterr()
+    assert main(["--out", str(out), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already finished with this config; skipped") == 4 * 7
+    assert "running" not in printed
+    assert {p: p.stat().st_mtime_ns for p in models} == stamps
+    assert json.loads((out / "scenarios.json").read_text()) == json.loads(json.dumps(summary))
+    # another config into the same folder is refused, nothing is overwritten
+    with pytest.raises(TransferkitError, match="different config.*--out"):
+        run(out, only=["small_similar"], overrides=[*overrides, "transfer.lr=0.5"])
+    assert {p: p.stat().st_mtime_ns for p in models} == stamps
