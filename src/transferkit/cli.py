@@ -47,7 +47,7 @@ Experiments: experiment=cifar10_split (default) | seed_aquatic | smoke
              | scenario_{{small,large}}_{{similar,different}} (the four scenarios; `transferkit scenarios`)
 Models: model=fastnet | vgg_mini | resnet18 | mobilenet | fastnet_student
         (students: model@distill.student=mobilenet)
-Trainers: trainer=cpu | gpu | ddp (DDP over trainer.devices processes/GPUs) | ddp_multinode
+Trainers: trainer=cpu | trainer=gpu | trainer=ddp (DDP over trainer.devices processes/GPUs) | trainer=ddp_multinode
 Loggers: trainer.loggers=[dvclive] (default) | [dvclive,tensorboard,csv]
 Launchers (with -m): hydra/launcher=local_parallel (joblib) | slurm (submitit)
 
