@@ -148,7 +148,8 @@ def main(argv=None) -> int:
         steps = args.steps
     else:
         t, _ = train(ours_model, ours, 5, warmup)
-        steps = max(20, int(args.seconds / (t / 5)))
+        # capped: a quiet spell during calibration on a shared machine must not make a 5-minute arm
+        steps = min(300, max(20, int(args.seconds / (t / 5))))
     print(f"{steps} timed steps per arm ({warmup} untimed warm-up steps each)", flush=True)
     rows = []
     ours_model.load_state_dict(state)

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import ROOT
 from transferkit.config.compose import compose, params_text
-from transferkit.reproducibility.check import describe_difference, main
+from transferkit.reproducibility.check import describe_difference, main, weights_difference
 
 # Imported by every Python process started with its folder on PYTHONPATH (dvc, the stages).
 # When a process imports torch, torch.manual_seed is replaced by one that ignores the seed it
@@ -61,6 +61,7 @@ def test_check_repro_passes_on_the_project(monkeypatch, capsys):
     assert code == 0, out
     assert "FAIL" not in out
     assert "PASS  artifacts/pretrain/metrics.json is identical in both runs" in out
+    assert "PASS  artifacts/pretrain/model.pt is identical in both runs" in out  # weights, bit for bit
     assert "check-repro: reproducible" in out
 
 
@@ -77,6 +78,8 @@ def test_check_repro_fails_when_seeding_is_not_deterministic(tmp_path):
     # the losses are floats, so dvclive's metrics.json differs whatever the accuracies do
     assert re.search(r"FAIL  artifacts/pretrain/(dvclive/)?metrics\.json differs between the two runs", proc.stdout), proc.stdout
     assert "in run 1" in proc.stdout and "in run 2" in proc.stdout  # the differing keys and values
+    assert "FAIL  artifacts/pretrain/model.pt differs between the two runs" in proc.stdout
+    assert "max |difference|" in proc.stdout  # which tensors drifted, and how far
     assert "check-repro: FAILED" in proc.stdout
 
 
@@ -105,3 +108,29 @@ def test_a_metrics_difference_names_the_keys_and_both_values():
     b = b'{"models": {"transfer": {"top1": 0.625, "top5": 0.9}}, "n": 10}'
     assert describe_difference(a, b) == "models.transfer.top1: 0.5 in run 1, 0.625 in run 2"
     assert "key order" in describe_difference(b'{"a": 1, "b": 2}', b'{"b": 2, "a": 1}')
+
+
+def test_a_weights_difference_names_the_tensors_and_how_far_they_drifted(tmp_path):
+    import torch
+
+    from transferkit.io import save_torch
+
+    state = {"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}
+    save_torch({"state_dict": state}, tmp_path / "a.pt")
+    save_torch({"state_dict": {**state, "fc.bias": torch.tensor([0.0, 0.25])}}, tmp_path / "b.pt")
+    save_torch({"state_dict": state, "stage": "other"}, tmp_path / "c.pt")
+    assert weights_difference(tmp_path / "a.pt", tmp_path / "b.pt") == "fc.bias: max |difference| 0.25"
+    assert "same tensors" in weights_difference(tmp_path / "a.pt", tmp_path / "c.pt")
+
+
+def test_the_same_checkpoint_saved_twice_is_byte_identical(tmp_path):
+    """save_torch goes through a randomly named temporary file: its name must not reach the
+    bytes, or DVC and check-repro would see new weights on every run."""
+    import torch
+
+    from transferkit.io import save_torch
+
+    obj = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}}
+    save_torch(obj, tmp_path / "a" / "model.pt")
+    save_torch(obj, tmp_path / "b" / "model.pt")
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()

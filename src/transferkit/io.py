@@ -51,8 +51,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # through a file object, not the temporary's name: torch names the zip's root folder after
+    # the file it is given, so saving by name would put the random temporary name into the
+    # bytes and the same weights would hash differently on every run (DVC, check-repro)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_json(obj: Any, path: str | Path) -> None:

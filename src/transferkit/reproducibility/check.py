@@ -10,9 +10,10 @@ CI runs it.
    commit, no artifacts, no cache): `dvc repro [STAGE]`; then, in the same copy, a second
    `dvc repro` must run nothing and `dvc status` must be clean. A stage that reruns means
    something it depends on changes under DVC's feet, so DVC's caching cannot be trusted.
-3. Every metrics.json under artifacts/ is byte-identical in the two copies. metrics.json
-   holds only numbers that must not vary (timings go to timing.json), so any difference is
-   unseeded randomness or a nondeterministic operation.
+3. Every metrics.json and every model.pt under artifacts/ is byte-identical in the two
+   copies. metrics.json holds only numbers that must not vary (timings go to timing.json),
+   and a checkpoint holds only weights and settings, so any difference is unseeded
+   randomness or a nondeterministic operation.
 
 Prints one PASS/FAIL line per check and a summary; exits 0 when all pass, 1 otherwise
 (2 for a usage error, as argparse reports it).
@@ -249,27 +250,58 @@ def describe_difference(a: bytes, b: bytes) -> str:
     return "\n".join(lines)
 
 
-def metrics_files(proj: Path) -> set[str]:
-    return {p.relative_to(proj).as_posix() for p in (proj / "artifacts").rglob("metrics.json")}
+def weights_difference(a: Path, b: Path) -> str:
+    """Which tensors of two checkpoints differ, and by how much (or why they cannot be read)."""
+    import torch
+
+    try:
+        sa, sb = (torch.load(p, map_location="cpu", weights_only=False)["state_dict"] for p in (a, b))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not raised
+        return f"cannot compare the weights: {e}"
+    keys = [k for k in dict.fromkeys([*sa, *sb]) if k not in sa or k not in sb
+            or sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k])]
+    if not keys:
+        return "same tensors, different bytes (checkpoint metadata differs)"
+    lines = []
+    for k in keys[:SHOWN_KEYS]:
+        if k in sa and k in sb and sa[k].shape == sb[k].shape:
+            lines.append(f"{k}: max |difference| {(sa[k].double() - sb[k].double()).abs().max().item():.3g}")
+        else:
+            lines.append(f"{k}: missing or another shape in one run")
+    if len(keys) > SHOWN_KEYS:
+        lines.append(f"... and {len(keys) - SHOWN_KEYS} more tensors")
+    return "\n".join(lines)
 
 
-def compare_metrics(run1: Path, run2: Path, report: Report) -> None:
-    """Check 3: every metrics.json is byte-identical in the two runs."""
-    files1, files2 = metrics_files(run1), metrics_files(run2)
-    if not files1 | files2:
+# What must be byte-identical between the two runs, and how to explain a difference. Models
+# too: equal metrics on a small test set can hide weights that drifted in the last bits.
+COMPARED = {
+    "metrics.json": lambda a, b: describe_difference(a.read_bytes(), b.read_bytes()),
+    "model.pt": weights_difference,
+}
+
+
+def compared_files(proj: Path, name: str) -> set[str]:
+    return {p.relative_to(proj).as_posix() for p in (proj / "artifacts").rglob(name)}
+
+
+def compare_outputs(run1: Path, run2: Path, report: Report) -> None:
+    """Check 3: every metrics.json and model.pt is byte-identical in the two runs."""
+    if not compared_files(run1, "metrics.json") | compared_files(run2, "metrics.json"):
         report.fail("no metrics.json under artifacts/ to compare",
                     "Fix: choose a --target that trains (e.g. pretrain), or none for the whole pipeline.")
         return
-    for name in sorted(files1 ^ files2):
-        report.fail(f"{name} exists only in run {1 if name in files1 else 2}")
-    for name in sorted(files1 & files2):
-        a, b = (run1 / name).read_bytes(), (run2 / name).read_bytes()
-        if a == b:
-            report.ok(f"{name} is identical in both runs")
-        else:
-            report.fail(f"{name} differs between the two runs",
-                        f"{describe_difference(a, b)}\n"
-                        f"Unseeded randomness or a nondeterministic operation changed it.")
+    for kind, describe in COMPARED.items():
+        files1, files2 = compared_files(run1, kind), compared_files(run2, kind)
+        for name in sorted(files1 ^ files2):
+            report.fail(f"{name} exists only in run {1 if name in files1 else 2}")
+        for name in sorted(files1 & files2):
+            a, b = run1 / name, run2 / name
+            if a.read_bytes() == b.read_bytes():
+                report.ok(f"{name} is identical in both runs")
+            else:
+                report.fail(f"{name} differs between the two runs",
+                            f"{describe(a, b)}\nUnseeded randomness or a nondeterministic operation changed it.")
 
 
 # ------------------------------------------------------------------------------ the command
@@ -295,7 +327,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="transferkit check-repro",
         description="Check that params.yaml matches conf/ and that two clean `dvc repro` runs "
-                    "give byte-identical metrics.json files.")
+                    "give byte-identical metrics.json and model.pt files.")
     parser.add_argument("--target", metavar="STAGE", help="run `dvc repro STAGE` (default: the whole pipeline)")
     parser.add_argument("--keep", metavar="DIR", help="keep the two run folders in DIR (default: a temporary folder)")
     parser.add_argument("--experiment", metavar="NAME", default="smoke",
@@ -319,7 +351,7 @@ def main(argv: list[str]) -> int:
             for i, proj in enumerate(runs, start=1):
                 copy_project(root, proj, args.experiment)
                 reproduce(proj, args.target, f"run {i}", report)
-            compare_metrics(*runs, report)
+            compare_outputs(*runs, report)
     except CommandFailed as e:
         report.fail(e.what, e.output)
     except TransferkitError as e:

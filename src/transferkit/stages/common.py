@@ -39,11 +39,14 @@ def staged_output(final: Path) -> Iterator[Path]:
     The folder name is the same in every DDP process, so ranks agree on paths; only rank 0
     creates, swaps and cleans it."""
     work = final.parent / f".{final.name}.incomplete"
+    old = final.parent / f".{final.name}.old"
     rank0 = global_rank() == 0
     if rank0:
         try:
             if work.exists():  # left by a killed run
                 shutil.rmtree(work)
+            if old.exists() and not final.exists():  # killed between the two renames below
+                old.rename(final)
             work.mkdir(parents=True)
         except OSError as e:
             raise TransferkitError(f"cannot create {work}: {e.strerror}. Fix: make {final.parent} "
@@ -56,7 +59,6 @@ def staged_output(final: Path) -> Iterator[Path]:
         raise
     if not rank0:
         return
-    old = final.parent / f".{final.name}.old"
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
