@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from conftest import ROOT, cli, compose, one_error_line, run
@@ -55,3 +58,54 @@ def test_missing_dataset_through_the_cli_keeps_previous_outputs(tmp_path):
     line = one_error_line(cli("prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path))
     assert "CIFAR10 not found" in line and "experiment=smoke" in line
     assert (tmp_path / "artifacts" / "prepare" / "target.pt").read_bytes() == before
+
+
+def test_prepare_and_evaluate_draw_progress_bars_on_a_terminal_only(smoke_artifacts, tmp_path):
+    """The long steps outside training show tqdm bars on a terminal, and nothing in a log."""
+    import fcntl
+    import pty
+    import shutil
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from conftest import CIFAR10_CLASSES, compose, write_image_folder
+    from transferkit.config.compose import params_text
+
+    archive = write_image_folder(tmp_path / "data", CIFAR10_CLASSES, train_per_class=3, test_per_class=1)
+    cfg = compose("experiment=smoke", f"data.source.dataset={archive}", f"data.target.dataset={archive}",
+                  "data.target.train_per_class=2", "data.target.val_per_class=1", "data.source.val_per_class=1",
+                  "data.source.classes=[airplane,ship]", "data.target.classes=[cat,dog]", tmp=tmp_path)
+    (tmp_path / "params.yaml").write_text(params_text(cfg))
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "smoke")
+    smoke = compose("experiment=smoke", f"paths.artifacts_dir={tmp_path / 'smoke'}")
+    (tmp_path / "smoke.yaml").write_text(params_text(smoke))
+
+    def stderr_of(stage: str, params: str, terminal: bool) -> str:
+        cmd = [sys.executable, "-m", "transferkit.cli", stage, "--params", params]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": ""}
+        if not terminal:
+            return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300).stderr
+        leader, follower = pty.openpty()
+        # a terminal of 100 columns: a fresh pty has 0, where tqdm draws nothing
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=follower)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=300) == 0, b"".join(chunks).decode(errors="replace")[-2000:]
+        os.close(leader)
+        return b"".join(chunks).decode(errors="replace")
+
+    assert "decoding train images" in stderr_of("prepare", "params.yaml", terminal=True)
+    assert "scoring models" in stderr_of("evaluate", "smoke.yaml", terminal=True)
+    assert "decoding" not in stderr_of("prepare", "params.yaml", terminal=False)

@@ -77,6 +77,25 @@ def validate_transfer(cfg: DictConfig, num_blocks: int) -> None:
                                "transfer.unfreeze_every_epochs=0 or use trainer=cpu/gpu.")
 
 
+def validate_freeze_curve(cfg: DictConfig, num_blocks: int | None = None) -> None:
+    """freeze_curve.depths: distinct integers, each a valid transfer.freeze_depth (the block
+    count is known once the backbone is loaded)."""
+    from omegaconf import ListConfig
+
+    depths = cfg.freeze_curve.depths
+    if not isinstance(depths, (list, ListConfig)):
+        _fail("freeze_curve.depths", depths, "must be a list of block counts, e.g. [0, 2, 3, 4] (or [])")
+    for k in depths:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            _fail("freeze_curve.depths", list(depths), f"{k!r} is not a block count (an integer >= 0)")
+    if len(set(depths)) != len(depths):
+        _fail("freeze_curve.depths", list(depths), "lists a depth twice")
+    too_deep = [k for k in depths if num_blocks is not None and k > num_blocks]
+    if too_deep:
+        _fail("freeze_curve.depths", list(depths), f"model '{cfg.model.name}' has {num_blocks} blocks, so "
+              f"every depth must be in 0..{num_blocks} ({too_deep} is not)")
+
+
 def validate_scratch(cfg: DictConfig) -> None:
     _check_number(cfg, "scratch.freeze_depth", low=0, high=1, integer=True)
 
@@ -129,6 +148,8 @@ def validate(cfg: DictConfig) -> None:
     """Checks that need no model or data; stage-specific ones run in each stage."""
     validate_trainer(cfg)
     validate_scratch(cfg)
+    if "freeze_curve" in cfg:
+        validate_freeze_curve(cfg)
     if "distill" in cfg:
         validate_distill(cfg)
     if "prune" in cfg:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from transferkit.errors import TransferkitError
+from transferkit.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -141,7 +142,7 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
     else:
         try:
             with tarfile.open(path, "r:*") as tar:
-                for m in tar:
+                for m in progress(tar, f"reading {path.name}", "file"):
                     key = _parse_member(m.name) if m.isfile() else None
                     if key:
                         seen_classes.add(key[1])
@@ -160,12 +161,10 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
 
     def split(name: str) -> Split:
         imgs, labels = [], []
-        for (s, c), files in sorted(items.items()):
-            if s != name:
-                continue
-            for where, data in sorted(files):
-                imgs.append(_decode(data, where, image_size))
-                labels.append(index[c])
+        todo = [(where, data, c) for (s, c), files in sorted(items.items()) if s == name for where, data in sorted(files)]
+        for where, data, c in progress(todo, f"decoding {name} images", "img"):
+            imgs.append(_decode(data, where, image_size))
+            labels.append(index[c])
         if not imgs:
             return Split(torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8),
                          torch.zeros(0, dtype=torch.long))

@@ -78,3 +78,28 @@ def pareto_png(models: dict, timing: dict, path: Path) -> None:
            title="accuracy vs latency (marker size ~ MACs)")
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def freeze_curve_png(rows: list[dict], models: dict, probe_depth: int | None, path: Path) -> None:
+    """Test accuracy (with 95% intervals) against the number of frozen blocks, with scratch and
+    the linear probe as reference lines; the depth best on val is ringed."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if rows:
+        depths = [r["freeze_depth"] for r in rows]
+        top1 = [100 * r["top1"] for r in rows]
+        err = [[100 * (r["top1"] - r["top1_ci95"][0]) for r in rows], [100 * (r["top1_ci95"][1] - r["top1"]) for r in rows]]
+        ax.errorbar(depths, top1, yerr=err, marker="o", capsize=3, label="transfer (fine-tuned), test top-1")
+        with_val = [r for r in rows if r.get("val_acc") is not None]
+        if with_val:
+            best = max(with_val, key=lambda r: r["val_acc"])
+            ax.scatter([best["freeze_depth"]], [100 * best["top1"]], s=160, facecolors="none", edgecolors="k",
+                       label=f"best on val (depth {best['freeze_depth']})")
+        ax.set_xticks(depths)
+    for name, style, label in (("scratch", "--", "scratch"), ("probe", ":", f"linear probe (depth {probe_depth or 'all'})")):
+        if name in models:
+            ax.axhline(100 * models[name]["top1"], linestyle=style, color="grey" if name == "scratch" else "tab:red",
+                       label=f"{label}: {100 * models[name]['top1']:.1f}%")
+    ax.set(xlabel="blocks frozen (transfer.freeze_depth)", ylabel="test top-1 (%)", title="accuracy vs freeze depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -20,6 +20,31 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def freeze_curve_section(rows: list[dict], models: dict, cfg_summary: dict) -> list[str]:
+    """How many blocks to freeze: one row per depth, the best on val marked."""
+    if len(rows) < 2:
+        return []
+    with_val = [r for r in rows if r.get("val_acc") is not None]
+    best = max(with_val, key=lambda r: r["val_acc"])["freeze_depth"] if with_val else None
+    lines = ["## How many blocks to freeze?", "",
+             "The transfer recipe at each freeze depth (blocks[:k] frozen, the rest fine-tuned), same seed "
+             "and budget; the `transfer` stage's own depth is "
+             f"{cfg_summary['freeze_depth']}. Choose by val: the test set only reports.", "",
+             "| blocks frozen | val top-1 | test top-1 | 95% interval | minus scratch (95% paired interval) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        d = r["vs_scratch"]
+        mark = " (best on val)" if r["freeze_depth"] == best else ""
+        val = "–" if r.get("val_acc") is None else _pct(r["val_acc"])
+        lines.append(f"| {r['freeze_depth']}{mark} | {val} | **{_pct(r['top1'])}** | {_pct(r['top1_ci95'][0])} – "
+                     f"{_pct(r['top1_ci95'][1])} | {100 * d['difference']:+.1f} ({100 * d['ci95'][0]:+.1f} to "
+                     f"{100 * d['ci95'][1]:+.1f}) |")
+    refs = [f"{LABELS[k]} {_pct(models[k]['top1'])}" for k in ("scratch", "probe") if k in models]
+    lines += ["", f"Reference lines: {', '.join(refs)}. One seed: the sweep commands under Reproduce "
+              "give mean ± std over seeds.", "", "![accuracy vs freeze depth](freeze_curve.png)", ""]
+    return lines
+
+
 def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -> str:
     models = metrics["models"]
     lines = [f"# transferkit report: `{cfg_summary['experiment']}`", ""]
@@ -74,6 +99,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
             f"{sm['n_test']} images, unpaired) |",
             "",
         ]
+    lines += freeze_curve_section(metrics.get("freeze_curve") or [], models, cfg_summary)
     dist = metrics.get("distillation")
     if dist:
         t = timing.get("transfer", {}).get("latency_ms_bs1")
@@ -149,7 +175,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         "uv run dvc plots show            # curves and confusion matrices (HTML)",
         "uv run transferkit transfer -m transfer.freeze_depth=0,1,2,3,4 seed=0,1,2   # how many blocks to freeze",
         "uv run transferkit scratch -m seed=0,1,2 && uv run transferkit probe -m seed=0,1,2",
-        f"uv run transferkit collect multirun/{cfg_summary['experiment']}      # -> accuracy vs freeze depth",
+        f"uv run transferkit collect multirun/{cfg_summary['experiment']}      # -> accuracy vs freeze depth, over seeds",
         "uv run transferkit check-repro   # the smoke pipeline twice: identical metrics, clean dvc status",
         "```", "",
         "Latency and throughput are measured on the machine that ran `evaluate` (timing.json); "

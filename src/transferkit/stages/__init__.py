@@ -1,4 +1,4 @@
 """Pipeline stages. Each module has `run(cfg, out_dir)`; the logic lives in the library
 packages (data, models, training, evaluation) so tests can call it directly."""
 
-STAGES = ("prepare", "pretrain", "transfer", "probe", "scratch", "distill", "student", "prune", "evaluate")
+STAGES = ("prepare", "pretrain", "transfer", "probe", "scratch", "freeze_curve", "distill", "student", "prune", "evaluate")

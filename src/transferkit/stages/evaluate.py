@@ -12,10 +12,12 @@ from omegaconf import DictConfig
 
 from transferkit.errors import TransferkitError
 from transferkit.evaluation import cost, plots, report
-from transferkit.evaluation.metrics import classification_metrics, paired_difference, predict
+from transferkit.evaluation.metrics import classification_metrics, paired_difference, predict, wilson_interval
 from transferkit.io import atomic_path, save_json, save_text
 from transferkit.models import load_checkpoint
+from transferkit.progress import progress
 from transferkit.stages.common import stage_dir
+from transferkit.stages.freeze_curve import point_dir
 from transferkit.stages.training import load_task
 
 MODELS = ("scratch", "probe", "transfer", "student", "distill", "prune")  # report order: baselines first
@@ -41,19 +43,46 @@ def distillation_summary(models: dict, correct: dict) -> dict:
     }
 
 
+def load_target_model(path: Path, produced_by: str, classes: list[str]):
+    model, ckpt = load_checkpoint(path, produced_by)
+    if ckpt["classes"] != classes:
+        raise TransferkitError(
+            f"{path} was trained on classes {ckpt['classes']}, but the target task is {classes}. "
+            f"Fix: rerun '{produced_by}' on this task (`dvc repro {produced_by}`).")
+    return model
+
+
+def freeze_curve(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, classes: list[str], correct: dict) -> list[dict]:
+    """Test accuracy at every freeze depth: the transfer stage's own point and freeze_curve's,
+    each with its 95% interval, its difference to scratch (paired by image) and its val
+    accuracy (the number to choose a depth by: the test set only reports)."""
+    ev = cfg.evaluate
+    points = {cfg.transfer.freeze_depth: ("transfer", stage_dir(cfg, "transfer"))}
+    for depth in cfg.freeze_curve.depths:
+        points.setdefault(depth, ("freeze_curve", point_dir(stage_dir(cfg, "freeze_curve"), depth)))
+    rows = []
+    for depth, (stage, folder) in progress(sorted(points.items()), "scoring the freeze curve", "depth"):
+        if stage == "transfer":
+            hits = correct["transfer"]
+        else:
+            model = load_target_model(folder / "model.pt", stage, classes)
+            hits = predict(model, x, ev.batch_size, ev.tta_flip).argmax(1) == y
+        val = json.loads((folder / "metrics.json").read_text()).get("val_acc")
+        n_correct = int(hits.sum())
+        rows.append({"freeze_depth": depth, "top1": n_correct / len(y), "top1_ci95": list(wilson_interval(n_correct, len(y))),
+                     "val_acc": val, "vs_scratch": paired_difference(hits, correct["scratch"]), "stage": stage})
+    return rows
+
+
 def run(cfg: DictConfig, out: Path) -> dict:
     task = load_task(cfg, "target")
     classes, x, y = task["classes"], task["test_x"], task["test_y"]
     ev = cfg.evaluate
     torch.manual_seed(cfg.seed)
     models, timing, correct, loaded = {}, {}, {}, {}
-    for name in MODELS:
+    for name in progress(MODELS, "scoring models", "model"):
         path = stage_dir(cfg, name) / "model.pt"
-        model, ckpt = load_checkpoint(path, name)
-        if ckpt["classes"] != classes:
-            raise TransferkitError(
-                f"{path} was trained on classes {ckpt['classes']}, but the target task is {classes}. "
-                f"Fix: rerun '{name}' on this task (`dvc repro {name}`).")
+        model = load_target_model(path, name, classes)
         logits = predict(model, x, ev.batch_size, ev.tta_flip)
         pred = logits.argmax(1)
         correct[name] = pred == y
@@ -80,8 +109,11 @@ def run(cfg: DictConfig, out: Path) -> dict:
         torch.set_num_threads(threads)
     metrics = {"models": models,
                "transfer_vs_scratch": paired_difference(correct["transfer"], correct["scratch"]),
-               "distillation": distillation_summary(models, correct)}
+               "distillation": distillation_summary(models, correct),
+               "freeze_curve": freeze_curve(cfg, x, y, classes, correct)}
     save_json(metrics, out / "metrics.json")
+    save_json(metrics["freeze_curve"], out / "freeze_curve.json")  # `dvc plots show` draws it
+    plots.freeze_curve_png(metrics["freeze_curve"], models, cfg.probe.depth, out / "freeze_curve.png")
     save_json(timing, out / "timing.json")
     plots.pareto_png(models, timing, out / "pareto.png")
     plots.curves_png({n: stage_dir(cfg, n) / "dvclive" for n in ("pretrain", *MODELS)}, out / "curves.png")

@@ -1,0 +1,33 @@
+"""freeze_curve: the transfer recipe once more at every depth of freeze_curve.depths, so each
+`dvc repro` answers "how many blocks should I freeze?" and evaluate can plot accuracy vs
+freeze depth. Each point is exactly `transferkit transfer transfer.freeze_depth=K` (same seed,
+same settings; only the depth differs) and lands in depthK/ with its own model and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from transferkit.config.validate import validate_freeze_curve
+from transferkit.models import load_backbone
+from transferkit.stages import transfer
+from transferkit.stages.common import container, seed_everything, stage_dir
+from transferkit.stages.training import load_task
+
+
+def point_dir(out: Path, depth: int) -> Path:
+    return out / f"depth{depth}"
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    # every depth checked before the first one trains
+    classes = load_task(cfg, "target")["classes"]
+    backbone = load_backbone(stage_dir(cfg, "pretrain") / "model.pt", container(cfg.model), len(classes), "pretrain")
+    validate_freeze_curve(cfg, backbone.num_blocks)
+    results = {}
+    for depth in cfg.freeze_curve.depths:
+        point = OmegaConf.merge(cfg, {"transfer": {"freeze_depth": depth}})
+        seed_everything(cfg.seed)  # every point starts where a lone transfer run would
+        results[f"depth{depth}"] = transfer.run(point, point_dir(out, depth))
+    return results

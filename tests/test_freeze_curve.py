@@ -1,0 +1,59 @@
+"""The freeze_curve stage and the report's accuracy-vs-freeze-depth view."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from conftest import compose, run
+
+
+def test_every_curve_point_is_a_lone_transfer_run_at_that_depth(smoke_artifacts, tmp_path):
+    ref_cfg, _ = smoke_artifacts
+    ref = Path(ref_cfg.paths.artifacts_dir)
+    depths = list(ref_cfg.freeze_curve.depths)
+    assert depths == [0]  # the smoke preset's curve
+    shutil.copytree(ref, tmp_path / "artifacts", ignore=lambda d, names: ["transfer"] if Path(d) == ref else [])
+    lone = compose("experiment=smoke", "transfer.freeze_depth=0", tmp=tmp_path)
+    run("transfer", lone)
+    # same seed, same settings, only the depth differs: bit for bit what `transferkit transfer
+    # transfer.freeze_depth=0` gives, so a curve point and a sweep point can be compared
+    assert (ref / "freeze_curve" / "depth0" / "metrics.json").read_bytes() == \
+        (tmp_path / "artifacts" / "transfer" / "metrics.json").read_bytes()
+    assert (ref / "freeze_curve" / "depth0" / "model.pt").read_bytes() == \
+        (tmp_path / "artifacts" / "transfer" / "model.pt").read_bytes()
+
+
+def test_evaluate_reports_accuracy_vs_freeze_depth(smoke_artifacts):
+    cfg, _ = smoke_artifacts
+    ev = Path(cfg.paths.artifacts_dir) / "evaluate"
+    metrics = json.loads((ev / "metrics.json").read_text())
+    rows = metrics["freeze_curve"]
+    # the curve's depth 0 and the transfer stage's own depth 1, in depth order
+    assert [(r["freeze_depth"], r["stage"]) for r in rows] == [(0, "freeze_curve"), (1, "transfer")]
+    transfer_row = rows[1]
+    assert transfer_row["top1"] == metrics["models"]["transfer"]["top1"]
+    for r in rows:
+        lo, hi = r["top1_ci95"]
+        assert 0 <= lo <= r["top1"] <= hi <= 1
+        assert 0 <= r["val_acc"] <= 1
+        assert abs(r["vs_scratch"]["difference"] - (r["top1"] - metrics["models"]["scratch"]["top1"])) < 1e-6  # float32 mean
+    assert json.loads((ev / "freeze_curve.json").read_text()) == rows  # what `dvc plots show` draws
+    assert (ev / "freeze_curve.png").stat().st_size > 5000
+    report = (ev / "report.md").read_text()
+    assert "## How many blocks to freeze?" in report
+    assert "![accuracy vs freeze depth](freeze_curve.png)" in report
+    assert "(best on val)" in report
+    assert "data:image/png;base64" in (ev / "report.html").read_text()
+
+
+def test_an_empty_curve_skips_the_stage_and_the_section(smoke_artifacts, tmp_path):
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    cfg = compose("experiment=smoke", "freeze_curve.depths=[]", tmp=tmp_path)
+    run("freeze_curve", cfg)
+    assert not list((tmp_path / "artifacts" / "freeze_curve").glob("depth*"))
+    metrics = run("evaluate", cfg)
+    assert [r["stage"] for r in metrics["freeze_curve"]] == ["transfer"]
+    assert "How many blocks to freeze" not in (tmp_path / "artifacts" / "evaluate" / "report.md").read_text()
