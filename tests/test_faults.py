@@ -23,7 +23,7 @@ import pytest
 from conftest import compose
 from transferkit.config.compose import params_text
 
-TRAIN_STAGES = ("pretrain", "transfer", "probe", "scratch", "student", "distill", "prune")
+TRAIN_STAGES = ("pretrain", "transfer", "probe", "scratch", "freeze_curve", "student", "distill", "prune")
 STAGES = TRAIN_STAGES if os.environ.get("KILL_STAGES") == "all" else ("pretrain", "distill")
 TRIALS = int(os.environ.get("KILL_TRIALS", "1"))
 
@@ -50,7 +50,8 @@ def _kill_mid_training(stage: str, params: Path, cwd: Path, rng: random.Random,
     for _ in range(6):
         proc = _start(stage, params, cwd)
         deadline = time.monotonic() + 120
-        while not (work / "dvclive").exists() and proc.poll() is None and time.monotonic() < deadline:
+        # dvclive/ appears when Lightning starts (freeze_curve: depthK/dvclive/, one per point)
+        while not next(work.glob("**/dvclive"), None) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(delay)
         if proc.poll() is None:
