@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferkit.config.compose import compose, to_params
 from transferkit.errors import TransferkitError
 from transferkit.io import save_json, save_text
-from transferkit.sweep.points import COSMETIC, PARAMS_FILE, already_done, config_difference
+from transferkit.sweep.points import COSMETIC, PARAMS_FILE, already_done
 
 # preset -> (target size, source similarity), in the order of the report
 QUADRANTS = {
@@ -171,15 +171,7 @@ def build_quadrants(presets: list[str], overrides: list[str], out: Path, plan: l
 # ------------------------------------------------------------------ running the stages
 def finished(out: Path, cfg: DictConfig) -> bool:
     """already_done, with a fix that fits this command."""
-    saved = out / PARAMS_FILE
-    if saved.exists():
-        diff = config_difference(yaml.safe_load(saved.read_text()), to_params(cfg))
-        if diff:
-            raise TransferkitError(
-                f"{out} already holds a finished run made with a different config ({'; '.join(diff[:3])}"
-                f"{'; ...' if len(diff) > 3 else ''}). Fix: run the scenarios into another folder "
-                f"(--out DIR) or delete {out}.")
-    return already_done(out, cfg)
+    return already_done(out, cfg, fix="run the scenarios into another folder (--out DIR)")
 
 
 def _pretrain_view(params: dict) -> dict:

@@ -84,10 +84,12 @@ def config_difference(a: dict, b: dict, ignore=COSMETIC) -> list[str]:
             if k not in ignore and fa.get(k, "<missing>") != fb.get(k, "<missing>")]
 
 
-def already_done(out: Path, cfg: DictConfig) -> bool:
+def already_done(out: Path, cfg: DictConfig,
+                 fix: str = "sweep into a new folder (hydra.sweep.dir=...)") -> bool:
     """True when `out` holds this exact point's finished outputs (a stage folder only
     appears once its stage succeeded: see stages.common.staged_output). A folder made by
-    a different config is an error rather than silently reused or overwritten."""
+    a different config is an error rather than silently reused or overwritten; `fix` is
+    the caller's way out, named in that error."""
     saved = out / PARAMS_FILE
     if not saved.exists():
         return False
@@ -95,6 +97,5 @@ def already_done(out: Path, cfg: DictConfig) -> bool:
     if diff:
         raise TransferkitError(
             f"{out} already holds a finished run made with a different config ({'; '.join(diff[:3])}"
-            f"{'; ...' if len(diff) > 3 else ''}). Fix: sweep into a new folder (hydra.sweep.dir=...) "
-            f"or delete {out}.")
+            f"{'; ...' if len(diff) > 3 else ''}). Fix: {fix} or delete {out}.")
     return True
