@@ -95,6 +95,18 @@ def test_exports_match_pytorch(exported, kind):
         assert torch.equal(ts(x), model(x))  # the same input tensor: bit for bit
 
 
+def test_report_shows_every_runtime_the_export_checked(exported):
+    from transferkit.evaluation.report import export_section
+
+    folder, _ = exported[2]["pruned"]
+    saved = json.loads((folder / "export" / "export.json").read_text())
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in export_section(saved) if line.startswith("| ")}
+    assert set(rows) >= {"PyTorch (eager)", "ONNX Runtime", "TorchScript"}
+    assert f"{saved['onnx']['max_abs_diff']:.1e}" in rows["ONNX Runtime"]
+    assert f"{saved['latency_ms_batch1']['onnxruntime']:.2f} ms" in rows["ONNX Runtime"]
+    assert f"{saved['torchscript']['max_abs_diff']:.1e}" in rows["TorchScript"]
+
+
 def _write_images(folder) -> list:
     folder.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)

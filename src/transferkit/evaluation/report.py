@@ -45,6 +45,25 @@ def freeze_curve_section(rows: list[dict], models: dict, cfg_summary: dict) -> l
     return lines
 
 
+def export_section(export: dict) -> list[str]:
+    """The deployable model as the export stage checked it (its export.json)."""
+    lat = export["latency_ms_batch1"]
+    return [
+        "## The model to ship", "",
+        f"`{export['model']}` exported by the `export` stage to ONNX (opset {export['exporter']['opset']}) and "
+        f"TorchScript, then checked against PyTorch in fp32 on the {export['n_checked']} test images:", "",
+        "| runtime | max abs logit difference vs PyTorch | top-1 agreement | CPU latency (batch 1) |",
+        "|---|---|---|---|",
+        f"| PyTorch (eager) | – | – | {lat['pytorch']:.2f} ms |",
+        # export.json keys the checks by format ("onnx") and the latency by runtime ("onnxruntime")
+        *[f"| {name} | {export[fmt]['max_abs_diff']:.1e} | {100 * export[fmt]['top1_agreement']:.2f}% | "
+          f"{lat[runtime]:.2f} ms |"
+          for name, fmt, runtime in (("ONNX Runtime", "onnx", "onnxruntime"), ("TorchScript", "torchscript", "torchscript"))
+          if fmt in export and runtime in lat],
+        "", "Classify image files with it: `uv run transferkit predict artifacts/export/model.onnx IMAGE ...`.",
+        ""]
+
+
 def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -> str:
     models = metrics["models"]
     lines = [f"# transferkit report: `{cfg_summary['experiment']}`", ""]
@@ -144,21 +163,8 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
                   f"top-1 {100 * (after['top1'] - before['top1']):+.1f} points. MACs ratios overstate "
                   "wall-clock gains on small models (fixed per-layer overheads); both are shown.", "",
                   "![accuracy vs latency](pareto.png)", ""]
-    export = cfg_summary.get("export")
-    if export:
-        lat = export["latency_ms_batch1"]
-        lines += [
-            "## The model to ship", "",
-            f"`{export['model']}` exported by the `export` stage to ONNX (opset {export['exporter']['opset']}) and "
-            f"TorchScript, then checked against PyTorch in fp32 on the {export['n_checked']} test images:", "",
-            "| runtime | max abs logit difference vs PyTorch | top-1 agreement | CPU latency (batch 1) |",
-            "|---|---|---|---|",
-            f"| PyTorch (eager) | – | – | {lat['pytorch']:.2f} ms |",
-            *[f"| {name} | {export[key]['max_abs_diff']:.1e} | {100 * export[key]['top1_agreement']:.2f}% | "
-              f"{lat[key]:.2f} ms |" for name, key in (("ONNX Runtime", "onnxruntime"), ("TorchScript", "torchscript"))
-              if key in export and key in lat],
-            "", "Classify image files with it: `uv run transferkit predict artifacts/export/model.onnx IMAGE ...`.",
-            ""]
+    if cfg_summary.get("export"):
+        lines += export_section(cfg_summary["export"])
     lines += ["## Per-class accuracy", "", "| class | " + " | ".join(LABELS.get(n, n) for n in models) + " |",
               "|---|" + "---|" * len(models)]
     for c in next(iter(models.values()))["per_class"]:
