@@ -10,6 +10,9 @@ stages the table splits the time into training (the stage's own timing.json) and
 - one parameter changed (`evaluate.latency_repeats` + 1 in params.yaml): what DVC reruns, and
   how long it takes.
 
+The machine's bf16 matrix-multiply peak is measured before and after (bench/mfu.py's
+machine_peak): shared VMs drift, and a wall clock means little without the speed it ran at.
+
     uv run python bench/end_to_end.py [--experiment cifar10_split] [--keep DIR]
 """
 
@@ -25,8 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from _common import ROOT, machine, now, save, table
+from mfu import machine_peak
 
 from transferkit.reproducibility.check import copy_project
 
@@ -69,6 +74,8 @@ def main(argv=None) -> int:
     info = {"when": now(), "machine": machine(), "experiment": args.experiment}
     print(f"experiment {args.experiment}; {info['machine']['cpu']}, {info['machine']['cores']} cores; "
           f"load average {info['machine']['loadavg']}", flush=True)
+    peak_before = machine_peak(torch.bfloat16)["flops"]
+    print(f"bf16 matmul peak before: {peak_before / 1e9:.0f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="transferkit-e2e-") as tmp:
         proj = copy_project(ROOT, (args.keep or Path(tmp) / "project").resolve(), args.experiment)
         stages = list(yaml.safe_load((proj / "dvc.yaml").read_text())["stages"])  # written in pipeline order
@@ -99,7 +106,10 @@ def main(argv=None) -> int:
           f"- `dvc repro` again, nothing changed: {noop:.1f} s, ran {noop_ran or 'no stage'}\n"
           f"- `dvc repro` after evaluate.latency_repeats + 1: {changed:.1f} s, ran {changed_ran or 'no stage'}")
     info["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(f"load average before / after: {info['machine']['loadavg']} / {info['machine']['loadavg_after']}")
+    peak_after = machine_peak(torch.bfloat16)["flops"]
+    info["machine"]["bf16_peak_gflops"] = {"before": round(peak_before / 1e9), "after": round(peak_after / 1e9)}
+    print(f"load average before / after: {info['machine']['loadavg']} / {info['machine']['loadavg_after']}; "
+          f"bf16 matmul peak before / after: {peak_before / 1e9:.0f} / {peak_after / 1e9:.0f} GFLOP/s")
     path = save(f"end_to_end-{args.experiment}", {**info, "stages": rows, "total_seconds": total,
                                                    "noop_repro_seconds": noop, "noop_ran": noop_ran,
                                                    "one_param_changed_seconds": changed, "one_param_changed_ran": changed_ran})
