@@ -71,8 +71,8 @@ def _kill_mid_training(stage: str, params: Path, cwd: Path, rng: random.Random,
         if not out.exists():  # killed between the swap's two renames: the next run restores it
             assert _files(out.parent / f".{stage}.old") == previous
             return delay
-        # the only other state allowed: the whole new output, swapped in (torch.save stamps
-        # every file with a fresh serialization id, so model bytes differ: compare metrics)
+        # the only other state allowed: the whole new output, swapped in (timing.json holds
+        # measured seconds and differs from run to run: compare the metrics)
         assert now.keys() == previous.keys(), f"{stage}'s outputs are half-written after a kill"
         assert _metrics(now) == reference_metrics, f"{stage} finished with other metrics"
         previous.clear()
