@@ -14,7 +14,9 @@
    forward) or x 2 (inference) per image x images/s, with MACs from
    transferkit.evaluation.cost.count_macs (convolutions and linear layers, what `evaluate`
    reports); MFU = achieved / measured peak of the same dtype.
-4. Where the training step's time goes (torch.profiler, by op kind) and each convolution of
+4. The student pruned to any channel count vs to multiples of prune.round_to: what rounding
+   the channel counts buys in speed and MFU.
+5. Where the training step's time goes (torch.profiler, by op kind) and each convolution of
    the teacher alone: the evidence for what bounds MFU.
 
     uv run python bench/mfu.py [--window 3] [--artifacts artifacts]
@@ -132,8 +134,9 @@ def stage_models(p: dict, artifacts: Path, num_classes: int) -> dict[str, tuple[
         model = copy.deepcopy(student[0])
         pr = p["prune"]
         prune_channels(model, criterion="l2" if pr["criterion"] == "taylor" else pr["criterion"],
-                       target=pr["target"], ratio=pr["ratio"], keep=list(pr["keep"]))
-        pruned = (model, f"pruned here from the student (prune.ratio={pr['ratio']}, {pr['target']}): "
+                       target=pr["target"], ratio=pr["ratio"], keep=list(pr["keep"]), round_to=pr.get("round_to"))
+        pruned = (model, f"pruned here from the student (prune.ratio={pr['ratio']}, {pr['target']}, "
+                         f"round_to={pr.get('round_to')}): "
                          f"the stage's layer widths, not its weights")
     return {"teacher": teacher, "student": student, "pruned": pruned}
 
@@ -279,6 +282,35 @@ def conv_layers(model: nn.Module, batch: int, window: float, peak: float) -> lis
     return rows
 
 
+def rounding_rows(p: dict, student: nn.Module, teacher: nn.Module, num_classes: int, window: float,
+                  peaks: dict[str, float]) -> list[dict]:
+    """The student pruned at prune.ratio twice, to any channel count and to multiples of
+    prune.round_to (16 if unset): MACs, training-step and fp32 inference throughput, MFU.
+    oneDNN's convolution kernels work on blocks of 16 channels, so the rounded widths should
+    turn more of their MACs into speed."""
+    from transferkit.prune.structured import prune_channels
+
+    pr = p["prune"]
+    batch, ev_batch = pr["batch_size"], p["evaluate"]["throughput_batch"]
+    rows = []
+    for round_to in (None, pr.get("round_to") or 16):
+        model = copy.deepcopy(student)
+        used = prune_channels(model, criterion="l2" if pr["criterion"] == "taylor" else pr["criterion"],
+                              target=pr["target"], ratio=pr["ratio"], keep=list(pr["keep"]),
+                              round_to=round_to)["round_to"]
+        macs, tmacs = count_macs(copy.deepcopy(model)), count_macs(copy.deepcopy(teacher))
+        alone, _ = best_rate(train_step_fn(copy.deepcopy(model), batch, num_classes), batch, window)
+        with_t, _ = best_rate(train_step_fn(copy.deepcopy(model), batch, num_classes, copy.deepcopy(teacher)),
+                              batch, window)
+        infer, _ = best_rate(infer_fn(copy.deepcopy(model), ev_batch, bf16=False), ev_batch, window)
+        rows.append({"round_to": str(used), "convs": widths(model), "mmacs": macs / 1e6,
+                     "train_img_s": alone, "train_mfu": alone * macs * 6 / peaks["bf16"],
+                     "recovery_img_s": with_t, "recovery_mfu": with_t * (macs * 6 + tmacs * 2) / peaks["bf16"],
+                     "infer_img_s": infer, "infer_mfu": infer * macs * 2 / peaks["fp32"]})
+        print(table(rows[-1:], ROUNDING_COLUMNS), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--window", type=float, default=3.0, help="seconds per timing window (best of 3)")
@@ -318,7 +350,9 @@ def main(argv=None) -> int:
             ("transfer", "teacher", p["transfer"]["batch_size"], False),
             ("distill (student only)", "student", p["distill"]["batch_size"], False),
             ("distill (+ teacher fwd)", "student", p["distill"]["batch_size"], True),
-            ("prune recovery (pruned only)", "pruned", p["prune"]["batch_size"], False)]
+            ("prune recovery (pruned only)", "pruned", p["prune"]["batch_size"], False),
+            # the stage as it runs: the recovery fine-tune distils from the teacher (DistillerModule)
+            ("prune recovery (+ teacher fwd)", "pruned", p["prune"]["batch_size"], True)]
     rows = []
     peak16, peak32 = peaks["bf16"]["flops"], peaks["fp32"]["flops"]
     for stage, name, batch, with_teacher in runs:
@@ -344,6 +378,16 @@ def main(argv=None) -> int:
 
     print("\nmodel-FLOPs utilisation (MFU = achieved / measured peak of the same dtype):")
     print(table(rows, COLUMNS))
+
+    print(f"\nthe student pruned at prune.ratio={p['prune']['ratio']} ({p['prune']['target']}) to any channel count vs "
+          f"multiples of prune.round_to (training: bf16, batch {p['prune']['batch_size']}; inference: fp32 as "
+          f"evaluate measures it, batch {ev_batch}):", flush=True)
+    rounding = rounding_rows(p, models["student"][0], models["teacher"][0], num_classes, args.window,
+                             {"bf16": peak16, "fp32": peak32})
+    if len(rounding) == 2:
+        a, b = rounding
+        print(f"rounded / any count: training {b['train_img_s'] / a['train_img_s']:.2f}x, recovery step "
+              f"{b['recovery_img_s'] / a['recovery_img_s']:.2f}x, inference {b['infer_img_s'] / a['infer_img_s']:.2f}x")
 
     teacher_step = train_step_fn(copy.deepcopy(models["teacher"][0]), p["transfer"]["batch_size"], num_classes)
     kinds = time_by_kind(teacher_step)
@@ -372,11 +416,16 @@ def main(argv=None) -> int:
                         "peak_conv1x1_per_size": {k: v["conv1x1_per_size"] for k, v in peaks.items()},
                         "models": {k: {"source": src, "macs": macs[k], "params": count_params(m), "convs": widths(m)}
                                    for k, (m, src) in models.items()},
-                        "rows": rows, "teacher_step_time_by_kind": kinds, "pruned_step_time_by_kind": student_kinds,
+                        "rows": rows, "pruned_rounding": rounding, "teacher_step_time_by_kind": kinds, "pruned_step_time_by_kind": student_kinds,
                         "teacher_convs": convs})
     print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
+
+ROUNDING_COLUMNS = [("round_to", "round_to", "s"), ("convs", "conv widths", "s"), ("mmacs", "M MACs", ".2f"),
+                    ("train_img_s", "train img/s", ",.0f"), ("train_mfu", "train MFU", ".1%"),
+                    ("recovery_img_s", "+ teacher fwd img/s", ",.0f"), ("recovery_mfu", "+ teacher MFU", ".1%"),
+                    ("infer_img_s", "fp32 infer img/s", ",.0f"), ("infer_mfu", "fp32 infer MFU", ".1%")]
 
 COLUMNS = [("run", "run", "s"), ("model", "model", "s"), ("batch", "batch", "d"), ("dtype", "dtype", "s"),
            ("img_s", "images/s", ",.0f"), ("gflops", "GFLOP/s", ",.1f"), ("mfu", "MFU", ".1%")]

@@ -182,6 +182,7 @@ CASES = {
     "unknown pruning mode": Case("prune", ("prune.mode=sparse",), "prune.mode"),
     "unknown pruning target": Case("prune", ("prune.target=flops",), "prune.target"),
     "zero pruning steps": Case("prune", ("prune.steps=0",), "prune.steps"),
+    "pruning channel multiple zero": Case("prune", ("prune.round_to=0",), "prune.round_to"),
     "layer to keep that does not exist": Case("prune", ("prune.keep=[head,blocks.77]",), "blocks.77"),
     "zero latency repeats": Case("evaluate", ("evaluate.latency_repeats=0",), "evaluate.latency_repeats"),
     # ---- checkpoints and files from other runs, truncated or foreign

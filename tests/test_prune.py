@@ -47,6 +47,27 @@ def test_channel_target_removes_that_share_of_each_layer():
     assert _conv_widths(model)[1:] == [8, 8, 16, 16, 16, 16]
 
 
+@pytest.mark.parametrize("target", ["macs", "channels"])
+def test_round_to_keeps_channel_counts_a_multiple(target):
+    model = build_model("fastnet", 5, widths=[32, 64, 64], stem_width=16).eval()
+    before = count_macs(model)
+    result = prune_channels(model, criterion="l2", target=target, ratio=0.5, keep=["head"], round_to=8)
+    assert result["round_to"] == 8
+    widths = _conv_widths(model)
+    assert all(w % 8 == 0 for w in widths), widths
+    assert widths != _conv_widths(build_model("fastnet", 5, widths=[32, 64, 64], stem_width=16))
+    if target == "macs":
+        assert count_macs(model) <= 0.5 * before
+    assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
+
+
+def test_round_to_gives_way_when_the_model_is_too_narrow_for_it():
+    model = _student()  # 8-32 channels: multiples of 32 cannot remove half the MACs
+    before = count_macs(model)
+    result = prune_channels(model, criterion="l2", target="macs", ratio=0.5, keep=["head"], round_to=32)
+    assert result["round_to"] is None and count_macs(model) <= 0.5 * before
+
+
 @pytest.mark.parametrize("arch, kwargs", [("fastnet", {"widths": [16, 32, 32], "stem_width": 8}),
                                           ("mobilenet", {"width_mult": 0.35}), ("resnet18", {})])
 def test_pruned_model_reloads_without_the_plan(tmp_path, arch, kwargs):

@@ -131,6 +131,7 @@ def validate_prune(cfg: DictConfig) -> None:
     if p.ratio >= 1:
         _fail("prune.ratio", p.ratio, "must be in (0, 1): the share of MACs, channels or weights removed")
     _check_number(cfg, "prune.steps", low=1, integer=True)
+    _check_number(cfg, "prune.round_to", low=1, integer=True, allow_none=True)
 
 
 def validate_trainer(cfg: DictConfig) -> None:

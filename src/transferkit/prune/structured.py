@@ -8,6 +8,7 @@ real hardware, not a masked one.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -57,18 +58,37 @@ def smallest_channel_count(model: nn.Module) -> int:
 
 def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],
                    calibration: tuple[torch.Tensor, torch.Tensor] | None = None, input_size: int = 32,
-                   max_search_steps: int = 40) -> dict:
+                   max_search_steps: int = 40, round_to: int | None = None) -> dict:
     """Remove channels in place until `target` is met:
     - target="channels": remove `ratio` of the channels of every prunable layer;
     - target="macs": remove channels in small uniform steps until MACs <= (1 - ratio) x before.
+    `round_to` keeps every pruned layer's channel count a multiple of it. CPU convolution
+    kernels (oneDNN) work on blocks of 8 or 16 channels and pad the rest with zeros, so a
+    13-channel layer costs about what a 16-channel one does: rounding buys speed per MAC
+    (bench/mfu.py measures it). It is a preference, the target is not: a model too narrow to
+    reach the target in multiples of `round_to` is pruned to any channel count, and the
+    result's "round_to" says which was used.
     `calibration` (images, labels) feeds the gradient-based criterion (taylor)."""
+    settings = dict(criterion=criterion, target=target, ratio=ratio, keep=keep, calibration=calibration,
+                    input_size=input_size, max_search_steps=max_search_steps)
+    if round_to:
+        try:  # on a copy first: Torch-Pruning changes the model in place, and a failed try cannot be undone
+            _prune(copy.deepcopy(model), round_to=round_to, **settings)
+        except TransferkitError:
+            round_to = None
+    return {**_prune(model, round_to=round_to, **settings), "round_to": round_to}
+
+
+def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],
+           calibration: tuple[torch.Tensor, torch.Tensor] | None, input_size: int, max_search_steps: int,
+           round_to: int | None) -> dict:
     example = torch.zeros(1, 3, input_size, input_size)
     base_macs, base_params = count_macs_params(model, input_size)
     imp = importance(criterion)
     steps = 1 if target == "channels" else max_search_steps
     max_ratio = ratio if target == "channels" else 0.95
     pruner = tp.pruner.MetaPruner(model, example, imp, pruning_ratio=max_ratio, iterative_steps=steps,
-                                  ignored_layers=kept_modules(model, keep), round_to=None)
+                                  ignored_layers=kept_modules(model, keep), round_to=round_to)
     model.eval()
     for _ in range(steps):
         if criterion == "taylor":

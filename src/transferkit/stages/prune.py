@@ -50,10 +50,11 @@ def run(cfg: DictConfig, out: Path) -> dict:
             if p.target == "macs" and step > 1:
                 ratio = 1 - (1 - p.ratio * step / p.steps) / (1 - p.ratio * (step - 1) / p.steps)
             result = prune_channels(student, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
-                                    calibration=calibration)
+                                    calibration=calibration, round_to=p.round_to)
             info.setdefault("macs_before", result["macs_before"])
             info.setdefault("params_before", result["params_before"])
-            info.update(macs_after=result["macs_after"], params_after=result["params_after"])
+            info.update(macs_after=result["macs_after"], params_after=result["params_after"],
+                        round_to=result["round_to"])
             if step < p.steps:
                 _recover(cfg, student, teacher, task, out, max(1, p.epochs // p.steps))
         student.arch["pruned"] = True
