@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -114,6 +115,14 @@ def test_every_criterion_runs_the_prune_stage(tmp_path, criterion):
     assert metrics["macs_after"] <= 0.4 * metrics["macs_before"] + 1
     model, ckpt = load_checkpoint(tmp_path / "artifacts" / "prune" / "model.pt", "prune")
     assert ckpt["arch"]["pruned"] and count_macs(model) == metrics["macs_after"]
+
+
+def test_the_stage_says_when_the_student_is_too_narrow_for_round_to(tmp_path, caplog):
+    cfg = _smoke_with_student(tmp_path, "prune.epochs=1", "prune.round_to=16")  # fastnet_micro: 4-8 channels
+    with caplog.at_level(logging.WARNING, logger="transferkit.stages.prune"):
+        metrics = run("prune", cfg)
+    assert metrics["round_to"] is None and metrics["macs_after"] <= 0.4 * metrics["macs_before"] + 1
+    assert "prune.round_to=16" in caplog.text and "too narrow" in caplog.text
 
 
 def test_iterative_and_unstructured_modes_run(tmp_path):

@@ -4,8 +4,10 @@ from the teacher."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from transferkit.config.validate import validate_prune
@@ -19,6 +21,8 @@ from transferkit.stages.common import stage_dir, train_settings
 from transferkit.stages.distill import load_teacher, method_settings
 from transferkit.stages.training import load_task, train_stage
 from transferkit.training.trainer import fit
+
+log = logging.getLogger(__name__)
 
 
 def _recover(cfg, model, teacher, task, out, epochs):
@@ -51,6 +55,12 @@ def run(cfg: DictConfig, out: Path) -> dict:
                 ratio = 1 - (1 - p.ratio * step / p.steps) / (1 - p.ratio * (step - 1) / p.steps)
             result = prune_channels(student, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
                                     calibration=calibration, round_to=p.round_to)
+            if p.round_to and result["round_to"] is None:
+                widths = "/".join(str(m.out_channels) for m in student.modules() if isinstance(m, torch.nn.Conv2d))
+                log.warning("prune.round_to=%s: the student is too narrow to reach the target in multiples of %s "
+                            "channels, so it was pruned to any channel count (conv widths %s). Fix: set "
+                            "prune.round_to to a smaller multiple, or null to silence this.",
+                            p.round_to, p.round_to, widths)
             info.setdefault("macs_before", result["macs_before"])
             info.setdefault("params_before", result["params_before"])
             info.update(macs_after=result["macs_after"], params_after=result["params_after"],
