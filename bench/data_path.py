@@ -7,12 +7,14 @@ torchvision: the same images as a CIFAR10-style dataset (HWC uint8 array, one
              PIL.Image.fromarray per image) -> RandomCrop(32, padding=2) + RandomHorizontalFlip
              + ToTensor + Normalize per image -> DataLoader with worker processes
 
-Both train fastnet (the teacher: params.yaml model widths) with bf16 autocast, channels_last,
-SGD with Nesterov momentum, at the transfer stage's batch size, for the same number of steps on
-the same images; the model's own Normalize layer is skipped on the torchvision arm (its
+Both train the same model with bf16 autocast, channels_last, SGD with Nesterov momentum, for
+the same number of steps on the same images. `--model` picks it, at its stage's batch size:
+teacher (params.yaml model, transfer.batch_size; the default), student (distill.student,
+distill.batch_size) or pruned (that student pruned as params.yaml prune says, prune.batch_size).
+The smaller the model, the larger the share of a step the data path takes; the model's own Normalize layer is skipped on the torchvision arm (its
 transform normalises). Also measured: the data path alone (no model).
 
-    uv run python bench/data_path.py [--seconds 40] [--workers 2] [--artifacts artifacts]
+    uv run python bench/data_path.py [--model teacher|student|pruned] [--seconds 40] [--workers 2]
 
 Prints a table and writes bench/results/data_path.json.
 """
@@ -116,8 +118,26 @@ def data_only(batches, steps: int, warmup: int) -> float:
     return c.seconds
 
 
+def bench_model(p: dict, which: str, num_classes: int) -> tuple[nn.Module, int]:
+    """(freshly built model, its stage's batch size). Speed depends on the layer widths, not the
+    weights, so a random init is what a trained model costs."""
+    if which == "teacher":
+        return model_from_config(p["model"], num_classes), int(p["transfer"]["batch_size"])
+    student = model_from_config(p["distill"]["student"], num_classes)
+    if which == "student":
+        return student, int(p["distill"]["batch_size"])
+    from transferkit.prune.structured import prune_channels
+
+    pr = p["prune"]
+    prune_channels(student.eval(), criterion="l2" if pr["criterion"] == "taylor" else pr["criterion"],
+                   target=pr["target"], ratio=pr["ratio"], keep=list(pr["keep"]), round_to=pr.get("round_to"))
+    return student, int(pr["batch_size"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=["teacher", "student", "pruned"], default="teacher",
+                    help="which stage's model both arms train (at that stage's batch size)")
     ap.add_argument("--seconds", type=float, default=40, help="target length of our training arm")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision arm")
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
@@ -129,14 +149,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     p = params()
-    batch = int(p["transfer"]["batch_size"])
     task, source = load_target_task(args.artifacts)
     torch.manual_seed(0)
-    base = model_from_config(p["model"], len(task["classes"])).to(memory_format=torch.channels_last)
+    base, batch = bench_model(p, args.model, len(task["classes"]))
+    base = base.to(memory_format=torch.channels_last)
     state = copy.deepcopy(base.state_dict())
-    info = {"when": now(), "machine": machine(), "data": source, "batch_size": batch,
-            "model": p["model"], "precision": "bf16 autocast, channels_last"}
-    print(f"data: {source}; model: {p['model']['name']} {p['model']['widths']}; batch {batch}; "
+    widths = "/".join(str(m.out_channels) for m in base.modules() if isinstance(m, nn.Conv2d))
+    info = {"when": now(), "machine": machine(), "data": source, "batch_size": batch, "model": args.model,
+            "conv_widths": widths, "precision": "bf16 autocast, channels_last"}
+    print(f"data: {source}; model: {args.model} (convs {widths}); batch {batch}; "
           f"torch threads {torch.get_num_threads()}; load average {info['machine']['loadavg']}", flush=True)
 
     # our arm: calibrate the step count on it, then run it
@@ -189,7 +210,8 @@ def main(argv=None) -> int:
     print(f"data path alone: ours / torchvision ({args.workers} workers) = {data_ratio:.1f}x")
     info["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average before / after: {info['machine']['loadavg']} / {info['machine']['loadavg_after']}")
-    path = save("data_path" + (f"-threads{args.threads}" if args.threads else ""), {**info, "rows": rows, "train_ratio": train_ratio, "data_only_ratio": data_ratio,
+    path = save("data_path" + (f"-{args.model}" if args.model != "teacher" else "")
+                + (f"-threads{args.threads}" if args.threads else ""), {**info, "rows": rows, "train_ratio": train_ratio, "data_only_ratio": data_ratio,
                               "bar": 3.0, "bar_met": train_ratio >= 3})
     print(f"wrote {path.relative_to(ROOT)}")
     return 0
