@@ -17,6 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
+def conv_widths(model: torch.nn.Module) -> str:
+    """Output channels of every convolution, e.g. 16/16/16/64/64/64/64."""
+    return "/".join(str(m.out_channels) for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def prune_like_the_stage(model: torch.nn.Module, prune: dict, **overrides) -> dict:
+    """prune_channels with params.yaml's `prune` settings (overrides win). taylor needs
+    calibration images and is replaced by l2: every layer loses the same share of channels (no
+    global ranking), so the layer widths, which is what speed depends on, are the same."""
+    from transferkit.prune.structured import prune_channels
+
+    settings = {"criterion": "l2" if prune["criterion"] == "taylor" else prune["criterion"],
+                "target": prune["target"], "ratio": prune["ratio"], "keep": list(prune["keep"]),
+                "round_to": prune.get("round_to")}
+    return prune_channels(model, **{**settings, **overrides})
+
+
 def params(path: Path | None = None) -> dict:
     """The composed pipeline settings (params.yaml): batch sizes and model widths."""
     return yaml.safe_load((path or ROOT / "params.yaml").read_text())

@@ -11,7 +11,8 @@ Both train the same model with bf16 autocast, channels_last, SGD with Nesterov m
 the same number of steps on the same images. `--model` picks it, at its stage's batch size:
 teacher (params.yaml model, transfer.batch_size; the default), student (distill.student,
 distill.batch_size) or pruned (that student pruned as params.yaml prune says, prune.batch_size).
-The smaller the model, the larger the share of a step the data path takes; the model's own Normalize layer is skipped on the torchvision arm (its
+The smaller the model, the larger the share of a step the data path takes. The model's own
+Normalize layer is skipped on the torchvision arm (its
 transform normalises). Also measured: the data path alone (no model).
 
     uv run python bench/data_path.py [--model teacher|student|pruned] [--seconds 40] [--workers 2]
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, Clock, load_target_task, machine, now, params, save, table  # noqa: E402
+from _common import (ROOT, Clock, conv_widths, load_target_task, machine, now, params,  # noqa: E402
+                     prune_like_the_stage, save, table)
 
 from transferkit.data.augment import augment_batch  # noqa: E402
 from transferkit.data.datamodule import TaskDataModule  # noqa: E402
@@ -126,12 +128,8 @@ def bench_model(p: dict, which: str, num_classes: int) -> tuple[nn.Module, int]:
     student = model_from_config(p["distill"]["student"], num_classes)
     if which == "student":
         return student, int(p["distill"]["batch_size"])
-    from transferkit.prune.structured import prune_channels
-
-    pr = p["prune"]
-    prune_channels(student.eval(), criterion="l2" if pr["criterion"] == "taylor" else pr["criterion"],
-                   target=pr["target"], ratio=pr["ratio"], keep=list(pr["keep"]), round_to=pr.get("round_to"))
-    return student, int(pr["batch_size"])
+    prune_like_the_stage(student.eval(), p["prune"])
+    return student, int(p["prune"]["batch_size"])
 
 
 def main(argv=None) -> int:
@@ -154,7 +152,7 @@ def main(argv=None) -> int:
     base, batch = bench_model(p, args.model, len(task["classes"]))
     base = base.to(memory_format=torch.channels_last)
     state = copy.deepcopy(base.state_dict())
-    widths = "/".join(str(m.out_channels) for m in base.modules() if isinstance(m, nn.Conv2d))
+    widths = conv_widths(base)
     info = {"when": now(), "machine": machine(), "data": source, "batch_size": batch, "model": args.model,
             "conv_widths": widths, "precision": "bf16 autocast, channels_last"}
     print(f"data: {source}; model: {args.model} (convs {widths}); batch {batch}; "

@@ -42,7 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, load_target_task, machine, now, params, save, table  # noqa: E402
+from _common import (ROOT, conv_widths, load_target_task, machine, now, params,  # noqa: E402
+                     prune_like_the_stage, save, table)
 
 from transferkit.evaluation.cost import count_macs, count_params  # noqa: E402
 from transferkit.models import load_checkpoint, model_from_config  # noqa: E402
@@ -127,22 +128,14 @@ def stage_models(p: dict, artifacts: Path, num_classes: int) -> dict[str, tuple[
         model_from_config(p["distill"]["student"], num_classes), "built from params.yaml distill.student (random init)")
     pruned = load("prune")
     if pruned is None:
-        # prune_channels removes the same share of channels in every layer (no global ranking),
-        # so the layer widths do not depend on the weights: the same shapes as the real stage
-        from transferkit.prune.structured import prune_channels
-
+        # the layer widths do not depend on the weights: the same shapes as the real stage
         model = copy.deepcopy(student[0])
         pr = p["prune"]
-        prune_channels(model, criterion="l2" if pr["criterion"] == "taylor" else pr["criterion"],
-                       target=pr["target"], ratio=pr["ratio"], keep=list(pr["keep"]), round_to=pr.get("round_to"))
+        prune_like_the_stage(model, pr)
         pruned = (model, f"pruned here from the student (prune.ratio={pr['ratio']}, {pr['target']}, "
                          f"round_to={pr.get('round_to')}): "
                          f"the stage's layer widths, not its weights")
     return {"teacher": teacher, "student": student, "pruned": pruned}
-
-
-def widths(model: nn.Module) -> str:
-    return "/".join(str(m.out_channels) for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 def train_step_fn(model: nn.Module, batch: int, num_classes: int, teacher: nn.Module | None = None):
@@ -288,22 +281,18 @@ def rounding_rows(p: dict, student: nn.Module, teacher: nn.Module, num_classes: 
     prune.round_to (16 if unset): MACs, training-step and fp32 inference throughput, MFU.
     oneDNN's convolution kernels work on blocks of 16 channels, so the rounded widths should
     turn more of their MACs into speed."""
-    from transferkit.prune.structured import prune_channels
-
     pr = p["prune"]
     batch, ev_batch = pr["batch_size"], p["evaluate"]["throughput_batch"]
     rows = []
     for round_to in (None, pr.get("round_to") or 16):
         model = copy.deepcopy(student)
-        used = prune_channels(model, criterion="l2" if pr["criterion"] == "taylor" else pr["criterion"],
-                              target=pr["target"], ratio=pr["ratio"], keep=list(pr["keep"]),
-                              round_to=round_to)["round_to"]
+        used = prune_like_the_stage(model, pr, round_to=round_to)["round_to"]
         macs, tmacs = count_macs(copy.deepcopy(model)), count_macs(copy.deepcopy(teacher))
         alone, _ = best_rate(train_step_fn(copy.deepcopy(model), batch, num_classes), batch, window)
         with_t, _ = best_rate(train_step_fn(copy.deepcopy(model), batch, num_classes, copy.deepcopy(teacher)),
                               batch, window)
         infer, _ = best_rate(infer_fn(copy.deepcopy(model), ev_batch, bf16=False), ev_batch, window)
-        rows.append({"round_to": str(used), "convs": widths(model), "mmacs": macs / 1e6,
+        rows.append({"round_to": str(used), "convs": conv_widths(model), "mmacs": macs / 1e6,
                      "train_img_s": alone, "train_mfu": alone * macs * 6 / peaks["bf16"],
                      "recovery_img_s": with_t, "recovery_mfu": with_t * (macs * 6 + tmacs * 2) / peaks["bf16"],
                      "infer_img_s": infer, "infer_mfu": infer * macs * 2 / peaks["fp32"]})
@@ -343,7 +332,7 @@ def main(argv=None) -> int:
     macs = {k: count_macs(copy.deepcopy(m)) for k, (m, _) in models.items()}
     print("\nmodels:")
     for k, (m, src) in models.items():
-        print(f"  {k}: convs {widths(m)}, {count_params(m) / 1e6:.2f} M params, {macs[k] / 1e6:.1f} M MACs; {src}")
+        print(f"  {k}: convs {conv_widths(m)}, {count_params(m) / 1e6:.2f} M params, {macs[k] / 1e6:.1f} M MACs; {src}")
 
     # training steps: (stage, model, batch, teacher forward too?)
     runs = [("pretrain", "teacher", p["pretrain"]["batch_size"], False),
@@ -414,7 +403,7 @@ def main(argv=None) -> int:
                         "peak_one_core_x_threads": {k: v["one_core_x_threads"] for k, v in peaks.items()},
                         "peak_matmul_per_size": {k: v["per_size"] for k, v in peaks.items()},
                         "peak_conv1x1_per_size": {k: v["conv1x1_per_size"] for k, v in peaks.items()},
-                        "models": {k: {"source": src, "macs": macs[k], "params": count_params(m), "convs": widths(m)}
+                        "models": {k: {"source": src, "macs": macs[k], "params": count_params(m), "convs": conv_widths(m)}
                                    for k, (m, src) in models.items()},
                         "rows": rows, "pruned_rounding": rounding, "teacher_step_time_by_kind": kinds, "pruned_step_time_by_kind": student_kinds,
                         "teacher_convs": convs})
