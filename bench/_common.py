@@ -19,7 +19,9 @@ RESULTS = ROOT / "bench" / "results"
 
 def conv_widths(model: torch.nn.Module) -> str:
     """Output channels of every convolution, e.g. 16/16/16/64/64/64/64."""
-    return "/".join(str(m.out_channels) for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    from transferkit.prune.structured import conv_widths as widths
+
+    return "/".join(map(str, widths(model)))
 
 
 def prune_like_the_stage(model: torch.nn.Module, prune: dict, **overrides) -> dict:

@@ -14,7 +14,7 @@ from conftest import compose, run
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.cost import count_macs, count_params
 from transferkit.models import build_model, load_checkpoint, save_checkpoint
-from transferkit.prune.structured import CRITERIA, prune_channels
+from transferkit.prune.structured import CRITERIA, conv_widths, prune_channels
 from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
 from transferkit.training.freeze import freeze_blocks
 
@@ -24,19 +24,15 @@ def _student():
     return build_model("fastnet", 5, widths=[16, 32, 32], stem_width=8).eval()
 
 
-def _conv_widths(model):
-    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-
-
 @pytest.mark.parametrize("criterion", sorted(CRITERIA))
 def test_structured_pruning_removes_channels(criterion):
     model = _student()
-    before_params, before_macs, before_widths = count_params(model), count_macs(model), _conv_widths(model)
+    before_params, before_macs, before_widths = count_params(model), count_macs(model), conv_widths(model)
     calib = (torch.rand(16, 3, 32, 32), torch.randint(0, 5, (16,)))
     result = prune_channels(model, criterion=criterion, target="macs", ratio=0.5, keep=["head"], calibration=calib)
     assert count_macs(model) <= 0.5 * before_macs and count_params(model) < before_params
     assert result["macs_after"] < result["macs_before"]
-    assert all(a <= b for a, b in zip(_conv_widths(model), before_widths)) and _conv_widths(model) != before_widths
+    assert all(a <= b for a, b in zip(conv_widths(model), before_widths)) and conv_widths(model) != before_widths
     assert model.head.fc.out_features == 5  # the kept head still predicts every class
     out = model(torch.rand(4, 3, 32, 32))
     assert out.shape == (4, 5) and torch.isfinite(out).all()
@@ -45,7 +41,7 @@ def test_structured_pruning_removes_channels(criterion):
 def test_channel_target_removes_that_share_of_each_layer():
     model = _student()
     prune_channels(model, criterion="l1", target="channels", ratio=0.5, keep=["head"])
-    assert _conv_widths(model)[1:] == [8, 8, 16, 16, 16, 16]
+    assert conv_widths(model)[1:] == [8, 8, 16, 16, 16, 16]
 
 
 @pytest.mark.parametrize("target", ["macs", "channels"])
@@ -54,9 +50,9 @@ def test_round_to_keeps_channel_counts_a_multiple(target):
     before = count_macs(model)
     result = prune_channels(model, criterion="l2", target=target, ratio=0.5, keep=["head"], round_to=8)
     assert result["round_to"] == 8
-    widths = _conv_widths(model)
+    widths = conv_widths(model)
     assert all(w % 8 == 0 for w in widths), widths
-    assert widths != _conv_widths(build_model("fastnet", 5, widths=[32, 64, 64], stem_width=16))
+    assert widths != conv_widths(build_model("fastnet", 5, widths=[32, 64, 64], stem_width=16))
     if target == "macs":
         assert count_macs(model) <= 0.5 * before
     assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()

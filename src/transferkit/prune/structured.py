@@ -52,8 +52,13 @@ def count_macs_params(model: nn.Module, input_size: int = 32) -> tuple[int, int]
     return macs, params
 
 
+def conv_widths(model: nn.Module) -> list[int]:
+    """Output channels of every convolution, in order."""
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
 def smallest_channel_count(model: nn.Module) -> int:
-    return min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    return min(conv_widths(model))
 
 
 def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],

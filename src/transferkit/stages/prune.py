@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from transferkit.config.validate import validate_prune
@@ -15,7 +14,7 @@ from transferkit.data.datamodule import TaskDataModule
 from transferkit.distill.module import DistillerModule
 from transferkit.errors import TransferkitError
 from transferkit.models import load_checkpoint
-from transferkit.prune.structured import kept_modules, prune_channels
+from transferkit.prune.structured import conv_widths, kept_modules, prune_channels
 from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
 from transferkit.stages.common import stage_dir, train_settings
 from transferkit.stages.distill import load_teacher, method_settings
@@ -56,7 +55,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
             result = prune_channels(student, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
                                     calibration=calibration, round_to=p.round_to)
             if p.round_to and result["round_to"] is None:
-                widths = "/".join(str(m.out_channels) for m in student.modules() if isinstance(m, torch.nn.Conv2d))
+                widths = "/".join(map(str, conv_widths(student)))
                 log.warning("prune.round_to=%s: the student is too narrow to reach the target in multiples of %s "
                             "channels, so it was pruned to any channel count (conv widths %s). Fix: set "
                             "prune.round_to to a smaller multiple, or null to silence this.",
