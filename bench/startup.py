@@ -5,8 +5,8 @@ more, so importing torch, Lightning and torchvision is paid again and again. Thi
 fresh `python -c "import M"` for the modules a training stage imports, two ways, in the same
 run:
 
-- installed bytecode: the .pyc files `uv sync` writes for every package (pyproject.toml sets
-  `[tool.uv] compile-bytecode = true`);
+- installed bytecode: the .pyc files `uv sync --compile-bytecode` writes for every package
+  (the README's setup command and .ci/run use it);
 - compiled from source (the baseline): PYTHONPYCACHEPREFIX points at an empty folder, so
   Python finds no .pyc and compiles every module, as it does on each start when it may not
   write bytecode (PYTHONDONTWRITEBYTECODE=1, as on this project's machines; a read-only venv)
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     print(f"{info['machine']['cpu']}, {info['machine']['cores']} cores; load average {info['machine']['loadavg']}; "
           f"{pyc} .pyc files under {site / 'torch'}", flush=True)
     if not pyc:
-        print("no installed bytecode: both ways compile from source. Run `uv sync` (pyproject.toml sets "
-              "compile-bytecode) to measure the difference.", flush=True)
+        print("no installed bytecode: both ways compile from source. Run `uv sync --compile-bytecode` "
+              "to measure the difference.", flush=True)
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="transferkit-nopyc-") as empty:
