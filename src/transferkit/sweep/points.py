@@ -48,8 +48,8 @@ def expand(argv: list[str]) -> list[list[str]]:
 def check_points(stage: str, argv: list[str]) -> int:
     """Compose and validate every point of the sweep; return how many there are."""
     points = expand(argv)
-    # Composing first makes a mistyped key (the commonest mistake) fail in about a second: the
-    # value checks below import torch and Lightning, which take seconds to load.
+    # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
+    # the value checks below import torch and Lightning, which take seconds to load.
     composed = [compose(point) for point in points]
 
     from transferkit.config.validate import validate, validate_probe, validate_transfer
