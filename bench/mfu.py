@@ -9,7 +9,7 @@
    32/128/128 for distill, the pruned student for prune; loaded from artifacts/*/model.pt when
    present): training-step throughput (forward + backward + SGD step, bf16 autocast,
    channels_last, the stage's batch size from params.yaml) and inference throughput at
-   evaluate.throughput_batch (bf16 + channels_last, and fp32 as `evaluate` measures it).
+   evaluate.throughput_batch (channels_last; bf16, and fp32 as `evaluate` runs it).
 3. Achieved FLOP/s = MACs x 2 x 3 (training: forward + backward, which is about twice the
    forward) or x 2 (inference) per image x images/s, with MACs from
    transferkit.evaluation.cost.count_macs (convolutions and linear layers, what `evaluate`
@@ -166,13 +166,10 @@ def train_step_fn(model: nn.Module, batch: int, num_classes: int, teacher: nn.Mo
 
 
 def infer_fn(model: nn.Module, batch: int, bf16: bool):
-    model = model.eval()
-    x = torch.rand(batch, 3, 32, 32)
-    if bf16:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    else:  # as evaluate's cpu_throughput: fp32, default memory format
-        model = model.to(memory_format=torch.contiguous_format)
+    """bf16 autocast, or fp32 as `evaluate` runs it; channels_last either way (transferkit/layout.py;
+    bench/inference.py compares the layouts)."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def run():

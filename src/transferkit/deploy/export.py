@@ -31,6 +31,7 @@ import torch
 from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHSCRIPT_FILE, Classifier,
                                         load_pipeline_checkpoint, ort_session)
 from transferkit.errors import TransferkitError
+from transferkit.layout import channels_last, to_nhwc
 
 DEFAULT_TEST_SET = Path("artifacts/prepare/target.pt")
 RANDOM_IMAGES = 256  # checked on these (seeded) when no test set fits the model
@@ -202,22 +203,23 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
         export_torchscript(model, ts_tmp, size, meta)
         export_s = time.perf_counter() - t
 
-        def eager(x):
+        def eager(x):  # as `transferkit predict` runs a model.pt: channels_last (transferkit/layout.py)
             with torch.inference_mode():
-                return model(torch.from_numpy(x)).numpy()
+                return model(to_nhwc(torch.from_numpy(x))).numpy()
 
         session, ts = ort_session(onnx_tmp, threads), Classifier(ts_tmp, threads)
         onnx_run = lambda x, s=session, name=session.get_inputs()[0].name: s.run(None, {name: x})[0]  # noqa: E731
-        ref = logits_of(eager, images, batch_size)
-        checks = {"onnx": compare(ref, logits_of(onnx_run, images, batch_size), labels),
-                  "torchscript": compare(ref, logits_of(ts, images, batch_size), labels)}
-        failed = {k: v["max_abs_diff"] for k, v in checks.items() if not v["max_abs_diff"] <= tolerance}
-        if failed:
-            raise TransferkitError(
-                f"exported model differs from PyTorch on {checked_on}: max abs logit difference "
-                f"{', '.join(f'{k} {v:.3g}' for k, v in failed.items())} > tolerance {tolerance:g}; nothing written. "
-                f"Fix: try --exporter {'legacy' if exporter == 'dynamo' else 'dynamo'} or report the architecture.")
-        latency = latency_ms({"pytorch": eager, "onnxruntime": onnx_run, "torchscript": ts}, size, repeats)
+        with channels_last(model):
+            ref = logits_of(eager, images, batch_size)
+            checks = {"onnx": compare(ref, logits_of(onnx_run, images, batch_size), labels),
+                      "torchscript": compare(ref, logits_of(ts, images, batch_size), labels)}
+            failed = {k: v["max_abs_diff"] for k, v in checks.items() if not v["max_abs_diff"] <= tolerance}
+            if failed:
+                raise TransferkitError(
+                    f"exported model differs from PyTorch on {checked_on}: max abs logit difference "
+                    f"{', '.join(f'{k} {v:.3g}' for k, v in failed.items())} > tolerance {tolerance:g}; nothing written. "
+                    f"Fix: try --exporter {'legacy' if exporter == 'dynamo' else 'dynamo'} or report the architecture.")
+            latency = latency_ms({"pytorch": eager, "onnxruntime": onnx_run, "torchscript": ts}, size, repeats)
         import onnx
         import onnxruntime
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from transferkit.errors import TransferkitError
+from transferkit.layout import to_nhwc
 
 EXPORT_JSON = "export.json"
 ONNX_FILE = "model.onnx"
@@ -106,6 +107,8 @@ class Classifier:
         else:
             self.kind = "pytorch"
             self.module, ckpt = load_pipeline_checkpoint(self.path)
+            # this object only runs the model, never saves it: channels_last for good (transferkit/layout.py)
+            self.module.to(memory_format=torch.channels_last)
             info = {"classes": list(ckpt["classes"]), "input_size": int(self.module.input_size)}
         self.classes: list[str] = list(info["classes"])
         self.input_size: int = int(info.get("input_size", 32))
@@ -127,8 +130,9 @@ class Classifier:
         images = np.ascontiguousarray(images, dtype=np.float32)
         if self.kind == "onnx":
             return self.session.run(None, {self._input: images})[0]
+        x = torch.from_numpy(images)
         with torch.inference_mode():
-            return self.module(torch.from_numpy(images)).float().numpy()
+            return self.module(to_nhwc(x) if self.kind == "pytorch" else x).float().numpy()
 
 
 def read_images(paths: list[Path], size: int) -> np.ndarray:

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from transferkit.layout import all_channels_last, channels_last, to_nhwc
+
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -25,37 +27,37 @@ def count_macs(model: torch.nn.Module, input_size: int = 32) -> int:
     return counter.get_total_flops() // 2
 
 
-@torch.inference_mode()
 def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size: int = 32,
                    warmup: int = 5) -> dict[str, float]:
-    """Median batch-1 latency of each model. The models take turns, one call each per round,
-    so a slow spell of the machine (other processes, frequency changes) hits all of them
-    alike and the ratios between models stay fair."""
-    x = torch.rand(1, 3, input_size, input_size)
-    for model in models.values():
-        model.eval()
-        for _ in range(warmup):
-            model(x)
+    """Median batch-1 latency of each model, in channels_last as `predict` runs it. The models
+    take turns, one call each per round, so a slow spell of the machine (other processes,
+    frequency changes) hits all of them alike and the ratios between models stay fair."""
+    x = to_nhwc(torch.rand(1, 3, input_size, input_size))
     times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            t = time.perf_counter()
-            model(x)
-            times[name].append(time.perf_counter() - t)
+    with all_channels_last(models.values()), torch.inference_mode():
+        for model in models.values():
+            model.eval()
+            for _ in range(warmup):
+                model(x)
+        for _ in range(repeats):
+            for name, model in models.items():
+                t = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) * 1000 for name, ts in times.items()}
 
 
-@torch.inference_mode()
 def cpu_throughput(model: torch.nn.Module, batch: int, repeats: int, input_size: int = 32) -> float:
-    """Images per second at `batch`, best of `repeats` (the least disturbed run)."""
+    """Images per second at `batch` in channels_last, best of `repeats` (the least disturbed run)."""
     model.eval()
-    x = torch.rand(batch, 3, input_size, input_size)
-    model(x)
+    x = to_nhwc(torch.rand(batch, 3, input_size, input_size))
     best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+    with channels_last(model), torch.inference_mode():
         model(x)
-        best = min(best, time.perf_counter() - t)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(x)
+            best = min(best, time.perf_counter() - t)
     return batch / best
 
 

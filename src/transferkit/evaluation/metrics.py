@@ -8,20 +8,23 @@ import math
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
+from transferkit.layout import channels_last, to_nhwc
+
 Z95 = 1.959963984540054
 
 
-@torch.inference_mode()
 def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, tta_flip: bool) -> torch.Tensor:
-    """Logits for uint8 images, batched, without gradients; optional mirror test-time augmentation."""
+    """Logits for uint8 images, batched, without gradients, in channels_last (transferkit/layout.py);
+    optional mirror test-time augmentation."""
     model.eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].float().div_(255)
-        logits = model(x)
-        if tta_flip:
-            logits = (logits + model(x.flip(-1))) / 2
-        out.append(logits.float())
+    with channels_last(model), torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = to_nhwc(images[start:start + batch_size].float().div_(255))
+            logits = model(x)
+            if tta_flip:
+                logits = (logits + model(x.flip(-1))) / 2
+            out.append(logits.float())
     return torch.cat(out) if out else torch.zeros(0)
 
 

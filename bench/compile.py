@@ -1,0 +1,78 @@
+"""Does torch.compile pay for training on this machine? One training step of each stage's
+model as the Trainer runs it (bf16 autocast, channels_last, SGD Nesterov, the stage's batch
+size; bench/mfu.py's train_step_fn), eager (the baseline, what the stages run) vs under
+torch.compile (inductor, default mode), in the same run: images/s, seconds to compile (the
+first step), and how many steps it takes to win that time back (none: never).
+
+    uv run python bench/compile.py [--window 3] [--artifacts artifacts]
+
+Prints a table and writes bench/results/compile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import copy
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# a fresh inductor cache: compile times are what a first run pays, not hits from an earlier run
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache = tempfile.mkdtemp(prefix="transferkit-inductor-")
+atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, load_target_task, machine, now, params, save, table  # noqa: E402
+from mfu import best_rate, stage_models, train_step_fn  # noqa: E402
+
+COLUMNS = [("stage", "training step", "s"), ("batch", "batch", "d"), ("eager_img_s", "eager img/s", ",.0f"),
+           ("compiled_img_s", "torch.compile img/s", ",.0f"), ("ratio", "compiled / eager", ".2f"),
+           ("compile_s", "compile s", ".1f"), ("break_even_steps", "steps to break even (blank: never)", ",.0f"),
+           ("stage_steps", "steps in the stage", ",d")]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--window", type=float, default=3.0, help="seconds per timing window (best of 3)")
+    ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    args = ap.parse_args(argv)
+    p = params()
+    info = {"when": now(), "machine": machine()}
+    print(f"{info['machine']['cpu']}, {info['machine']['cores']} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; load average {info['machine']['loadavg']}", flush=True)
+    task, _ = load_target_task(args.artifacts)
+    n_classes, n_train = len(task["classes"]), len(task["train_y"])
+    models = {k: m for k, (m, _) in stage_models(p, args.artifacts, n_classes).items()}
+    runs = [("transfer", "teacher"), ("distill", "student"), ("prune", "pruned")]  # pretrain: the teacher too
+    rows = []
+    for stage, name in runs:
+        batch = p[stage]["batch_size"]
+        eager, _ = best_rate(train_step_fn(copy.deepcopy(models[name]), batch, n_classes), batch, args.window)
+        torch._dynamo.reset()
+        step = train_step_fn(torch.compile(copy.deepcopy(models[name])), batch, n_classes)
+        t = time.perf_counter()
+        step()  # compiles forward and backward
+        compile_s = time.perf_counter() - t
+        compiled, _ = best_rate(step, batch, args.window)
+        saved = batch / eager - batch / compiled  # seconds per step
+        rows.append({"stage": f"{stage} ({name})", "batch": batch, "eager_img_s": eager, "compiled_img_s": compiled,
+                     "ratio": compiled / eager, "compile_s": compile_s,
+                     "break_even_steps": compile_s / saved if saved > 0 else None,
+                     "stage_steps": p[stage]["epochs"] * (n_train // batch)})
+        print(table(rows[-1:], COLUMNS), flush=True)
+    print("\ntraining step, eager vs torch.compile (bf16 autocast, channels_last):")
+    print(table(rows, COLUMNS))
+    info["machine_after"] = machine()
+    print(f"\nload average after: {info['machine_after']['loadavg']}")
+    print(f"wrote {save('compile', {**info, 'rows': rows})}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Inference runs in channels_last (transferkit/layout.py): same logits as the default layout,
+and the model comes back unchanged, in the default layout and still trainable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_models import SMALL, _warm_bn
+from transferkit.evaluation import cost
+from transferkit.evaluation.metrics import predict
+from transferkit.layout import channels_last
+from transferkit.models import build_model
+
+
+def _model(name: str) -> torch.nn.Module:
+    cfg = dict(SMALL[name])
+    torch.manual_seed(0)
+    model = build_model(cfg.pop("name"), 5, **cfg)
+    _warm_bn(model)
+    return model
+
+
+def _images(n: int = 37) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+
+
+def _default_layout(model: torch.nn.Module) -> bool:
+    return all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("tta_flip", [False, True])
+def test_predict_matches_the_default_layout(name, tta_flip):
+    model = _model(name).eval()
+    images = _images()
+    x = images.float() / 255
+    with torch.no_grad():
+        want = model(x)
+        if tta_flip:
+            want = (want + model(x.flip(-1))) / 2
+    got = predict(model, images, batch_size=16, tta_flip=tta_flip)  # 3 batches, the last one short
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_model_comes_back_in_the_default_layout_and_trainable():
+    model = _model("fastnet")
+    conv = model.blocks[1][0][0].weight
+    assert conv.dim() == 4 and conv.is_contiguous()
+    predict(model, _images(8), batch_size=4, tta_flip=True)
+    cost.cpu_throughput(model, batch=4, repeats=1)
+    cost.cpu_latency_ms({"a": model}, repeats=2)
+    assert _default_layout(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    # a model predicted on can be trained again (the training stages predict, then may go on)
+    model.train()
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_inside_the_block_the_weights_are_channels_last():
+    model = _model("fastnet")
+    conv = model.blocks[1][0][0].weight
+    with channels_last(model):
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert conv.is_contiguous()
+
+
+def test_layout_is_restored_when_the_block_raises():
+    model = _model("fastnet")
+    with pytest.raises(RuntimeError, match="boom"):
+        with channels_last(model):
+            raise RuntimeError("boom")
+    assert _default_layout(model)
