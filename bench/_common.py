@@ -3,9 +3,12 @@ run as `uv run python bench/NAME.py`)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,6 +92,22 @@ def save(name: str, result: dict) -> Path:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def fresh_inductor_cache() -> None:
+    """Point torch.compile (inductor) at an empty cache folder, removed at exit: compile times
+    are then what a first run pays, not hits left by an earlier run. inductor reads the
+    variable when it first compiles, so call this before any torch.compile call."""
+    folder = tempfile.mkdtemp(prefix="transferkit-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+def finish(name: str, info: dict, rows: list[dict]) -> None:
+    """The closing lines every script prints: the load average after, and where the JSON went."""
+    info["machine_after"] = machine()
+    print(f"\nload average after: {info['machine_after']['loadavg']}")
+    print(f"wrote {save(name, {**info, 'rows': rows})}")
 
 
 class Clock:

@@ -12,23 +12,15 @@ Prints a table and writes bench/results/compile.json.
 from __future__ import annotations
 
 import argparse
-import atexit
 import copy
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-# a fresh inductor cache: compile times are what a first run pays, not hits from an earlier run
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache = tempfile.mkdtemp(prefix="transferkit-inductor-")
-atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, load_target_task, machine, now, params, save, table  # noqa: E402
+from _common import ROOT, finish, fresh_inductor_cache, load_target_task, machine, now, params, table  # noqa: E402
 from mfu import best_rate, stage_models, train_step_fn  # noqa: E402
 
 COLUMNS = [("stage", "training step", "s"), ("batch", "batch", "d"), ("eager_img_s", "eager img/s", ",.0f"),
@@ -42,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=float, default=3.0, help="seconds per timing window (best of 3)")
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     args = ap.parse_args(argv)
+    fresh_inductor_cache()
     p = params()
     info = {"when": now(), "machine": machine()}
     print(f"{info['machine']['cpu']}, {info['machine']['cores']} cores, torch {torch.__version__}, "
@@ -68,9 +61,7 @@ def main(argv=None) -> int:
         print(table(rows[-1:], COLUMNS), flush=True)
     print("\ntraining step, eager vs torch.compile (bf16 autocast, channels_last):")
     print(table(rows, COLUMNS))
-    info["machine_after"] = machine()
-    print(f"\nload average after: {info['machine_after']['loadavg']}")
-    print(f"wrote {save('compile', {**info, 'rows': rows})}")
+    finish("compile", info, rows)
     return 0
 
 

@@ -20,25 +20,17 @@ Prints a table and writes bench/results/inference.json.
 from __future__ import annotations
 
 import argparse
-import atexit
 import copy
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-# a fresh inductor cache: compile times are what a first run pays, not hits from an earlier run
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache = tempfile.mkdtemp(prefix="transferkit-inductor-")
-atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, load_target_task, machine, now, params, save, table  # noqa: E402
+from _common import ROOT, finish, fresh_inductor_cache, load_target_task, machine, now, params, table  # noqa: E402
 from mfu import best_rate, stage_models  # noqa: E402
 
 from transferkit.models import model_from_config  # noqa: E402
@@ -120,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     args = ap.parse_args(argv)
+    fresh_inductor_cache()
     p = params()
     batch = p["evaluate"]["batch_size"]
     info = {"when": now(), "machine": machine(), "batch": batch}
@@ -149,9 +142,7 @@ def main(argv=None) -> int:
         print("\nchannels_last vs channels_last + torch.compile (inductor), fp32, batch "
               f"{batch}; break-even: images scored before the compile time is paid back (none: never)")
         print(table(rows, COMPILE_COLUMNS))
-    info["machine_after"] = machine()
-    print(f"\nload average after: {info['machine_after']['loadavg']}")
-    print(f"wrote {save('inference', {**info, 'rows': rows})}")
+    finish("inference", info, rows)
     return 0
 
 
