@@ -6,7 +6,7 @@ throughout. Which layout a model ran in used to depend on where its images came 
 image-folder source prepares NHWC tensors (decoded HWC images), the official CIFAR pickles
 NCHW ones, and latency and throughput were measured on NCHW batches. Run in channels_last
 explicitly, fp32 inference is 1.3-2.3x faster than NCHW for every architecture of the zoo, and
-batch-1 latency 1.3-1.6x lower for fastnet (`bench/inference.py`), with the same logits up to
+batch-1 latency 1.2-1.7x lower for fastnet (`bench/inference.py`), with the same logits up to
 float rounding. Checkpoints stay in the default layout: the conversion lasts only while the
 model runs.
 """
