@@ -120,7 +120,9 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads; load average {info['machine']['loadavg']}", flush=True)
 
     task, source = load_target_task(args.artifacts)
-    images = (task["test_x"] if "test_x" in task else task["train_x"])[:2000].float() / 255
+    # .contiguous(): the reference arm must be NCHW; image-folder tasks are stored NHWC, and an
+    # NHWC input would put the "default" arm in channels_last too
+    images = ((task["test_x"] if "test_x" in task else task["train_x"])[:2000].float() / 255).contiguous()
     n_classes = len(task["classes"])
     models = {k: m for k, (m, _) in stage_models(p, args.artifacts, n_classes).items()}
     for f in sorted((ROOT / "conf" / "model").glob("*.yaml")):
