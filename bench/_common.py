@@ -49,7 +49,7 @@ def load_target_task(artifacts: Path, seed: int = 0) -> tuple[dict, str]:
     the same shape and size (2,000 train images of 32x32, 5 classes)."""
     path = artifacts / "prepare" / "target.pt"
     if path.exists():
-        task = torch.load(path, map_location="cpu", weights_only=False)
+        task = torch.load(path, map_location="cpu", weights_only=True)
         return task, f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} ({len(task['train_y'])} train images)"
     g = torch.Generator().manual_seed(seed)
     n, classes = 2000, ["a", "b", "c", "d", "e"]

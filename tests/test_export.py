@@ -140,7 +140,7 @@ def test_predict_agrees_with_pytorch_for_every_model_file(exported, tmp_path, ki
     model, _ = load_checkpoint(folder / "model.pt", "prune")
     probs = _reference(model, paths)
     for file in ("model.pt", "export/model.onnx", "export/model.torchscript.pt"):
-        results = predict(folder / file, paths)
+        results = predict(folder / file, paths, trust_code=file.endswith("torchscript.pt"))
         assert [r["path"] for r in results] == [str(p) for p in paths]
         assert [r["class"] for r in results] == [CLASSES[i] for i in probs.argmax(1)], file
         assert np.allclose([r["probability"] for r in results], probs.max(1), atol=1e-4)
@@ -205,6 +205,8 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
 
     assert "not found" in _one_error(capsys, ["predict", str(tmp_path / "missing.onnx"), good])
     assert "not a transferkit checkpoint" in _one_error(capsys, ["predict", str(tmp_path / "notes.txt"), good])
+    line = _one_error(capsys, ["predict", str(folder / "export" / "model.torchscript.pt"), good])
+    assert "TorchScript" in line and "--trust-code" in line  # a program: never run unless asked
     line = _one_error(capsys, ["predict", str(folder / "model.pt"), good, str(tmp_path / "broken.png"),
                                str(tmp_path / "nope.jpg")])
     assert "cannot read 2 of 3" in line and "broken.png" in line and "nope.jpg (no such file)" in line

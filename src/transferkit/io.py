@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,32 @@ def save_text(text: str, path: str | Path) -> None:
         tmp.write_text(text)
 
 
+def not_plain_data(path: str | Path, detail: str, fix: str) -> TransferkitError:
+    """The one message for a file that would need code to load (a foreign or tampered pickle)."""
+    return TransferkitError(
+        f"{path} is not plain data: loading it would run code from the file ({detail}), so it was "
+        f"refused and nothing in it ran. transferkit reads only tensors, numbers, strings, lists and "
+        f"dicts. Fix: {fix}")
+
+
+def _unpickling_detail(e: Exception) -> str:
+    """The part of torch's weights-only refusal that names the offending global."""
+    text = str(e)
+    marker = "Unsupported global:"
+    if marker in text:
+        return text[text.index(marker):].split(" was not an allowed", 1)[0].replace("GLOBAL ", "")
+    return text.strip().splitlines()[-1][:200] if text.strip() else type(e).__name__
+
+
+def load_plain(path: str | Path, fix: str) -> Any:
+    """torch.load restricted to plain data (weights_only=True): tensors, numbers, strings,
+    lists, dicts. A file holding anything else is refused before any of it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise not_plain_data(path, _unpickling_detail(e), fix) from e
+
+
 def load_torch(path: str | Path, what: str, produced_by: str) -> Any:
     """Load a file a previous stage wrote, with an error that says which stage to run."""
     path = Path(path)
@@ -76,10 +103,12 @@ def load_torch(path: str | Path, what: str, produced_by: str) -> Any:
             f"{what} not found at {path}. Fix: run the '{produced_by}' stage first "
             f"(`dvc repro {produced_by}`)."
         )
+    rerun = f"delete it and rerun the '{produced_by}' stage (`dvc repro -f {produced_by}`)."
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_plain(path, f"do not use this file; {rerun}")
+    except TransferkitError:
+        raise
     except Exception as e:  # truncated or foreign file: torch raises many types
         raise TransferkitError(
-            f"{what} at {path} is unreadable ({type(e).__name__}: {e}). Fix: delete it and "
-            f"rerun the '{produced_by}' stage (`dvc repro -f {produced_by}`)."
+            f"{what} at {path} is unreadable ({type(e).__name__}: {e}). Fix: {rerun}"
         ) from e

@@ -2,9 +2,10 @@
 
     transferkit predict MODEL IMAGE [IMAGE ...] [--json] [--top K]
 
-MODEL: a model.pt written by any stage (pruned included), or a model.onnx / model.torchscript.pt
-written by `transferkit export` (class names are inside the file; export.json beside it is the
-fallback). IMAGE: files PIL opens (PNG, JPEG, ...) or folders of them; each is converted to RGB
+MODEL: a model.pt written by any stage (pruned included), or a model.onnx written by
+`transferkit export` (class names are inside the file; export.json beside it is the fallback).
+Both are read as data: neither can run code. A model.torchscript.pt is a program and is run only
+with --trust-code. IMAGE: files PIL opens (PNG, JPEG, ...) or folders of them; each is converted to RGB
 and resized (bilinear) to the model's input size, as the image-folder source does for training.
 Prints one line per image: path, predicted class, its probability, and the top 3.
 """
@@ -32,6 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     p.add_argument("--top", type=int, default=3, help="how many classes to list per image (default 3)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow a TorchScript model file, which is a program: only for files you made yourself")
     args = p.parse_args(argv)
     if args.top < 1:
         p.error("--top must be >= 1")
@@ -61,9 +64,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def predict(model: str | Path | Classifier, images: list[str | Path], top: int = 3) -> list[dict]:
+def predict(model: str | Path | Classifier, images: list[str | Path], top: int = 3,
+            trust_code: bool = False) -> list[dict]:
     """[{path, class, probability, top: [{class, probability}, ...]}] for each image, in order."""
-    clf = model if isinstance(model, Classifier) else Classifier(model)
+    clf = model if isinstance(model, Classifier) else Classifier(model, trust_code=trust_code)
     paths = expand([Path(p) for p in images])
     pixels = read_images(paths, clf.input_size)
     probs = np.concatenate([softmax(clf(pixels[i:i + BATCH].astype(np.float32) / 255))
@@ -78,7 +82,7 @@ def predict(model: str | Path | Classifier, images: list[str | Path], top: int =
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    results = predict(args.model, args.images, args.top)
+    results = predict(args.model, args.images, args.top, args.trust_code)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -78,9 +78,12 @@ def ort_session(path: Path | str, threads: int):
 
 
 class Classifier:
-    """Any model file -> logits for float32 [N, 3, S, S] images in [0, 1]."""
+    """Any model file -> logits for float32 [N, 3, S, S] images in [0, 1].
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    model.pt files are read as plain data and ONNX files by ONNX Runtime, so neither can run
+    code. A TorchScript file is a program: it is loaded only with `trust_code=True`."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, trust_code: bool = False):
         self.path = Path(path)
         threads = threads or torch.get_num_threads()
         if not self.path.is_file():
@@ -94,6 +97,11 @@ class Classifier:
             info = json.loads(meta) if meta else self._export_json()
             self._input = self.session.get_inputs()[0].name
         elif is_torchscript(self.path):
+            if not trust_code:
+                raise TransferkitError(
+                    f"{self.path} is a TorchScript file: a program, which loading would run, not plain data. "
+                    f"Fix: classify with the model.onnx or model.pt instead, or pass --trust-code if you "
+                    f"exported this file yourself.")
             self.kind = "torchscript"
             extra = {META_KEY: ""}
             try:

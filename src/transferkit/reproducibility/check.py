@@ -254,9 +254,11 @@ def weights_difference(a: Path, b: Path) -> str:
     """Which tensors of two checkpoints differ, and by how much (or why they cannot be read)."""
     import torch
 
+    from transferkit.io import load_plain
+
     try:
-        sa, sb = (torch.load(p, map_location="cpu", weights_only=False)["state_dict"] for p in (a, b))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not raised
+        sa, sb = (load_plain(p, "delete the run folders and run check-repro again.")["state_dict"] for p in (a, b))
+    except Exception as e:  # noqa: BLE001 - any unreadable or refused file is reported, not raised
         return f"cannot compare the weights: {e}"
     keys = [k for k in dict.fromkeys([*sa, *sb]) if k not in sa or k not in sb
             or sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k])]

@@ -138,7 +138,10 @@ def score(runs: list[Run], cache_file: Path | None = None) -> None:
     the new points."""
     from transferkit.models import load_checkpoint
 
-    cache = torch.load(cache_file) if cache_file and cache_file.exists() else {}
+    from transferkit.io import load_plain
+
+    cache = load_plain(cache_file, f"delete {cache_file} (a cache: collect rebuilds it).") \
+        if cache_file and cache_file.exists() else {}
     tasks: dict[Path, dict] = {}
     for run in runs:
         task_file = Path(run.params["paths"]["artifacts_dir"]) / "prepare" / "target.pt"

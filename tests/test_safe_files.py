@@ -1,0 +1,199 @@
+"""Files are data, never code: every reader of a file the project writes or takes from a user
+is fed a poisoned file (a pickle whose __reduce__ creates a marker file when unpickled). Each
+must end in one clear error naming the file, and the marker must not exist afterwards."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CIFAR10_CLASSES, compose, one_error_line, run, write_cifar_pickles
+from transferkit import cli
+from transferkit.errors import TransferkitError
+
+
+class Payload:
+    """Unpickling this calls open(marker, "w"): the file appears only if the loader ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def poison_torch_file(path: Path, marker: Path) -> None:
+    """A torch.save file that looks like the real one but carries the payload inside."""
+    real = torch.load(path, weights_only=True) if path.exists() else {}
+    torch.save({**real, "extra": [1, {"nested": Payload(marker)}]}, path)
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def project(smoke_artifacts, tmp_path):
+    """A finished smoke pipeline copied into tmp_path (artifacts/ and the config for it)."""
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    return tmp_path, compose("experiment=smoke", tmp=tmp_path), tmp_path / "marker"
+
+
+def test_predict_refuses_a_poisoned_model_file(project, capsys):
+    root, _, marker = project
+    evil = root / "model.pt"
+    torch.save({"arch": {"name": "fastnet"}, "classes": ["a", "b"], "state_dict": Payload(marker)}, evil)
+    image = root / "cat.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    line = _cli_error(capsys, ["predict", str(evil), str(image)])
+    assert "not plain data" in line and str(evil) in line and "io.open" in line
+    assert not marker.exists()
+
+
+def test_export_refuses_a_poisoned_model_file(project, capsys):
+    root, _, marker = project
+    model = root / "artifacts" / "prune" / "model.pt"
+    poison_torch_file(model, marker)
+    line = _cli_error(capsys, ["export", str(model), "--out", str(root / "exported")])
+    assert "not plain data" in line and str(model) in line
+    assert not marker.exists() and not (root / "exported").exists()
+
+
+@pytest.mark.parametrize("stage,poisoned", [
+    ("transfer", "prepare/target.pt"),     # a prepared task
+    ("transfer", "pretrain/model.pt"),     # an upstream backbone
+    ("distill", "transfer/model.pt"),      # an upstream teacher
+    ("evaluate", "prune/model.pt"),        # a model evaluate scores
+])
+def test_a_stage_refuses_a_poisoned_upstream_file(project, stage, poisoned):
+    root, cfg, marker = project
+    path = root / "artifacts" / poisoned
+    poison_torch_file(path, marker)
+    before = {p: p.read_bytes() for p in (root / "artifacts" / stage).rglob("*") if p.is_file()}
+    with pytest.raises(TransferkitError, match="not plain data") as e:
+        run(stage, cfg)
+    assert str(path) in str(e.value) and "Fix:" in str(e.value)
+    assert not marker.exists()
+    assert {p: p.read_bytes() for p in (root / "artifacts" / stage).rglob("*") if p.is_file()} == before
+
+
+def test_collect_refuses_a_poisoned_score_cache(project, capsys):
+    root, _, marker = project
+    cache = root / "artifacts" / "collected" / "scores.pt"
+    cache.parent.mkdir()
+    torch.save({"some|key": Payload(marker)}, cache)
+    line = _cli_error(capsys, ["collect", str(root / "artifacts")])
+    assert "not plain data" in line and str(cache) in line and "delete" in line
+    assert not marker.exists()
+
+
+def test_check_repro_checkpoint_comparison_refuses_a_poisoned_checkpoint(project, capsys):
+    from transferkit.reproducibility.check import Report, compare_outputs
+
+    root, _, marker = project
+    for name in ("run1", "run2"):
+        shutil.copytree(root / "artifacts", root / name / "artifacts")
+    poison_torch_file(root / "run2" / "artifacts" / "distill" / "model.pt", marker)
+    report = Report()
+    compare_outputs(root / "run1", root / "run2", report)
+    out = capsys.readouterr().out
+    assert report.failed == 1 and "FAIL  artifacts/distill/model.pt differs" in out
+    assert "not plain data" in out
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("poisoned,verify", [
+    ("batches.meta", False),   # unverified by its md5 unless verify_checksums is on
+    ("data_batch_1", False),   # a deliberately modified copy, read with verify_checksums=false
+    ("batches.meta", True),    # verified: refused by its checksum before it is read
+])
+def test_official_cifar_pickles_cannot_run_code(tmp_path, poisoned, verify):
+    marker = tmp_path / "marker"
+    folder = write_cifar_pickles(tmp_path / "data", "cifar10", CIFAR10_CLASSES, 10, 2)
+    original = pickle.loads((folder / poisoned).read_bytes())
+    key = b"label_names" if poisoned == "batches.meta" else b"labels"
+    with open(folder / poisoned, "wb") as f:
+        pickle.dump({**original, key: Payload(marker)}, f)
+    cfg = compose("experiment=smoke", "data.source.dataset=cifar10", "data.target.dataset=cifar10",
+                  "data.source.classes=[airplane,ship]", "data.target.classes=[cat,dog]",
+                  "data.target.train_per_class=2", "data.target.val_per_class=1",
+                  f"data.verify_checksums={str(verify).lower()}", tmp=tmp_path)
+    with pytest.raises(TransferkitError) as e:
+        run("prepare", cfg)
+    assert str(folder / poisoned) in str(e.value)
+    assert ("checksum" if verify else "not plain data") in str(e.value)
+    assert not marker.exists()
+
+
+def test_the_cifar_reader_still_reads_protocol_2_pickles(tmp_path):
+    """The official files are Python 2 pickles (protocol 2, numpy arrays via _codecs.encode)."""
+    import numpy as np
+
+    from transferkit.data.sources import read_cifar_pickles
+
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, 5, 1)
+    for f in folder.iterdir():
+        obj = pickle.loads(f.read_bytes())
+        f.write_bytes(pickle.dumps(obj, protocol=2))
+    raw = read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+    assert raw.classes == CIFAR10_CLASSES and raw.train.images.dtype == torch.uint8
+    assert len(raw.train.labels) == 50 and np.asarray(raw.test.images).shape == (10, 3, 32, 32)
+
+
+def test_cli_stage_with_poisoned_input_prints_one_error_line(project):
+    from conftest import cli as run_cli
+    from transferkit.config.compose import params_text
+
+    root, cfg, marker = project
+    poison_torch_file(root / "artifacts" / "prepare" / "target.pt", marker)
+    (root / "params.yaml").write_text(params_text(cfg))
+    line = one_error_line(run_cli("scratch", "--params", str(root / "params.yaml"), cwd=root))
+    assert "not plain data" in line
+    assert not marker.exists()
+
+
+def test_download_extracts_without_unpickling(tmp_path, monkeypatch):
+    """The download step fetches, checks the archive's md5 and extracts; it reads no pickle
+    (torchvision's dataset classes would unpickle batches.meta on construction)."""
+    import hashlib
+    import tarfile
+
+    from torchvision.datasets import CIFAR10
+
+    from transferkit.data.sources import download_cifar
+
+    marker = tmp_path / "marker"
+    folder = write_cifar_pickles(tmp_path / "src", "cifar10", CIFAR10_CLASSES, 5, 1)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": Payload(marker)}, f)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    import torchvision.datasets.utils as tv_utils
+
+    fetched = []
+
+    def fetch(url, root, filename=None, md5=None, **_):  # the network, replaced by a local copy
+        fetched.append((url, md5))
+        Path(root).mkdir(parents=True, exist_ok=True)
+        shutil.copy(archive, Path(root) / filename)
+        assert tv_utils.check_integrity(str(Path(root) / filename), md5)
+
+    monkeypatch.setattr(tv_utils, "download_url", fetch)
+    monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    download_cifar("cifar10", tmp_path / "data")
+    assert fetched == [(CIFAR10.url, CIFAR10.tgz_md5)]  # the official address, checked by md5
+    assert (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1").exists()
+    assert not marker.exists()
