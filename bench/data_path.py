@@ -1,8 +1,7 @@
 """Our data path vs the usual torchvision one, training the same model for the same steps.
 
-ours:        uint8 tensors prepared once -> TaskDataModule's DataLoader (slices of in-memory
-             tensors, no workers) -> float, batched flip + translate on the whole batch
-             (transferkit.data.augment, as ClassifierModule.on_after_batch_transfer does)
+ours:        uint8 tensors prepared once, on the training device -> DeviceBatches (a permutation
+             sliced into batches, gathered, float, batched flip + translate: data/loader.py)
 torchvision: the same images as a CIFAR10-style dataset (HWC uint8 array, one
              PIL.Image.fromarray per image) -> RandomCrop(32, padding=2) + RandomHorizontalFlip
              + ToTensor + Normalize per image -> DataLoader with worker processes
@@ -36,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, Clock, conv_widths, load_target_task, machine, now, params,  # noqa: E402
                      prune_like_the_stage, save, table)
 
-from transferkit.data.augment import augment_batch  # noqa: E402
-from transferkit.data.datamodule import TaskDataModule  # noqa: E402
+from transferkit.data.loader import DeviceBatches  # noqa: E402
 from transferkit.models import CIFAR_MEAN, CIFAR_STD, model_from_config  # noqa: E402
 
 
@@ -68,15 +66,14 @@ def torchvision_loader(task: dict, batch: int, workers: int) -> torch.utils.data
                                        persistent_workers=workers > 0)
 
 
-def ours_loader(task: dict, batch: int) -> torch.utils.data.DataLoader:
-    return TaskDataModule(task, batch).train_dataloader()
+def ours_loader(task: dict, batch: int) -> DeviceBatches:
+    epoch = iter(range(1 << 30))  # a new permutation each pass, as the Trainer's epochs give
+    return DeviceBatches(task["train_x"], task["train_y"], batch, device="cpu", train=True, flip="random",
+                         translate=2, epoch=lambda: next(epoch))
 
 
 def ours_batches(loader):
-    """Our loader plus what ClassifierModule.on_after_batch_transfer does to a training batch."""
-    for x, y in _forever(loader):
-        x = augment_batch(x.float().div_(255), flip=True, translate=2)
-        yield x.contiguous(memory_format=torch.channels_last), y
+    yield from _forever(loader)  # batches arrive augmented and in channels_last
 
 
 def torchvision_batches(loader):

@@ -21,9 +21,11 @@ def test_params_yaml_matches_conf():
 
 
 def test_drift_is_detected(tmp_path):
-    changed = (ROOT / "params.yaml").read_text().replace("transfer: {freeze_depth: 1", "transfer: {freeze_depth: 3")
-    assert changed != (ROOT / "params.yaml").read_text()
-    (tmp_path / "params.yaml").write_text(changed)
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["transfer"]["freeze_depth"] += 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     drift = params_drift(tmp_path / "params.yaml", CONF)
     assert any(d.startswith("transfer.freeze_depth") for d in drift)
 

@@ -19,7 +19,8 @@ from PIL import Image
 
 from conftest import CIFAR10_CLASSES, random_images, write_cifar_pickles, write_image_folder
 from transferkit.data import sources
-from transferkit.data.augment import augment_batch, random_flip, random_translate
+from transferkit.data.augment import augment, draw_flips, draw_shifts, flip, translate
+from transferkit.data.loader import DeviceBatches
 from transferkit.data.sources import (RawDataset, Split, load_dataset, make_synthetic, read_cifar_pickles,
                                       read_image_folder)
 from transferkit.data.tasks import select_task, task_summary
@@ -408,50 +409,92 @@ def _batch(n=64, seed=0, size=8):
                          generator=torch.Generator().manual_seed(seed))
 
 
-def test_random_flip_flips_about_half():
-    x = _batch(400)
-    y = random_flip(x, torch.Generator().manual_seed(0))
+def test_flip_mirrors_exactly_the_masked_images():
+    x = _batch(400).float()
+    mask = draw_flips(len(x), torch.Generator().manual_seed(0), "cpu")
+    y = flip(x, mask)
     assert y.shape == x.shape and y.dtype == x.dtype
-    same = (y == x).flatten(1).all(1)
-    flipped = (y == x.flip(-1)).flatten(1).all(1)
-    assert (same | flipped).all() and not (same & flipped).any()
-    assert 0.4 < flipped.float().mean() < 0.6
-    again = random_flip(x, torch.Generator().manual_seed(0))
-    assert torch.equal(y, again)
-    assert not torch.equal(y, random_flip(x, torch.Generator().manual_seed(1)))
+    assert torch.equal(y[mask], x[mask].flip(-1)) and torch.equal(y[~mask], x[~mask])
+    assert 0.4 < mask.float().mean() < 0.6
+    assert torch.equal(mask, draw_flips(len(x), torch.Generator().manual_seed(0), "cpu"))
+    assert not torch.equal(mask, draw_flips(len(x), torch.Generator().manual_seed(1), "cpu"))
 
 
-def test_translate_pad0_is_identity():
-    x = _batch(4)
-    assert torch.equal(random_translate(x, 0), x)
-    xf = x.float() / 255
-    assert torch.equal(random_translate(xf, 0, torch.Generator().manual_seed(0)), xf)
-
-
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-def test_translate_is_a_crop_of_the_reflect_padded_image(dtype):
+def test_translate_is_the_crop_of_the_reflect_padded_image_at_the_drawn_shift():
     pad, h = 2, 8
-    x = _batch(100, seed=1, size=h).to(dtype)
-    y = random_translate(x, pad, torch.Generator().manual_seed(0))
+    x = _batch(100, seed=1, size=h).float()
+    shifts = draw_shifts(len(x), pad, torch.Generator().manual_seed(0), "cpu")
+    y = translate(x, shifts, pad)
     assert y.shape == x.shape and y.dtype == x.dtype
-    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
-    shifts = set()
-    for i in range(len(x)):
-        matches = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-                   if torch.equal(y[i].float(), padded[i, :, dy:dy + h, dx:dx + h])]
-        assert matches, f"image {i} is not a shifted crop of its padded input"
-        shifts.update(matches)
-    assert len(shifts) >= 20  # the 25 possible shifts are actually used, per image
-    assert (2, 2) in shifts  # the centre crop (no shift) is possible
-    assert torch.equal(y, random_translate(x, pad, torch.Generator().manual_seed(0)))
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        assert torch.equal(y[i], padded[i, :, dy:dy + h, dx:dx + h]), f"image {i}"
+    assert len({tuple(s) for s in shifts.tolist()}) >= 20  # the 25 possible shifts are used
+    assert torch.equal(translate(x, torch.full((len(x), 2), pad), pad), x)  # no shift: the image itself
 
 
-def test_augment_batch_keeps_float_batch_shape():
-    torch.manual_seed(0)
+def test_augment_keeps_float_batch_shape_and_is_identity_when_off():
     x = torch.rand(8, 3, 8, 8)
-    y = augment_batch(x, flip=True, translate=1)
+    gen = torch.Generator().manual_seed(0)
+    y = augment(x, draw_flips(8, gen, "cpu"), draw_shifts(8, 1, gen, "cpu"), 1)
     assert y.shape == x.shape and y.dtype == torch.float32
-    assert torch.equal(augment_batch(x, flip=False, translate=0), x)
+    assert torch.equal(augment(x, None, None, 0), x)
+
+
+def test_augment_has_no_host_synchronisation():
+    """Graph capture fails on anything that needs a value from the device in Python (.item(),
+    a data-dependent `if`, boolean-mask indexing): fullgraph=True proves there is none."""
+    compiled = torch.compile(augment, fullgraph=True, backend="eager", dynamic=False)
+    x = torch.rand(16, 3, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    mask, shifts = draw_flips(16, gen, "cpu"), draw_shifts(16, 2, gen, "cpu")
+    assert torch.equal(compiled(x, mask, shifts, 2), augment(x, mask, shifts, 2))
+
+
+def _batches(n=40, **kw):
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    args = dict(device="cpu", train=True, seed=0, channels_last=False)
+    return DeviceBatches(images, torch.arange(n), **{**args, **kw})
+
+
+def test_device_batches_epoch_is_a_permutation_fixed_by_seed_and_epoch():
+    b = _batches(batch_size=8)
+    assert len(b) == 5
+    labels = torch.cat([y for _, y in b])
+    assert sorted(labels.tolist()) == list(range(40))
+    again = torch.cat([y for _, y in _batches(batch_size=8)])
+    other_epoch = torch.cat([y for _, y in _batches(batch_size=8, epoch=lambda: 1)])
+    assert torch.equal(labels, again) and not torch.equal(labels, other_epoch)
+    for x, y in b:  # images stay paired with their labels through the gather
+        assert torch.equal((x[:, 0, 0, 0] * 255).round().long(), y)
+
+
+def test_device_batches_shard_across_ranks_and_drop_the_remainder():
+    shards = [torch.cat([y for _, y in _batches(n=41, batch_size=4, rank=r, world_size=2)]) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 20  # 41 // 2 each, in whole batches of 4
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    evals = [torch.cat([y for _, y in _batches(n=41, batch_size=8, train=False, rank=r, world_size=2)])
+             for r in (0, 1)]
+    assert sorted(torch.cat(evals).tolist()) == list(range(41))  # evaluation sees every image once
+    assert torch.equal(torch.cat([y for _, y in _batches(n=10, batch_size=4, train=False)]), torch.arange(10))
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    n = 64
+    images = torch.rand(n, 3, 4, 4).mul(255).round().to(torch.uint8)
+    ref = images.float() / 255
+
+    def flipped(epoch):
+        b = DeviceBatches(images, torch.arange(n), 16, device="cpu", train=True, flip="alternating",
+                          seed=3, epoch=lambda: epoch, channels_last=False)
+        out = torch.zeros(n, dtype=torch.bool)
+        for x, y in b:
+            out[y] = (x != ref[y]).flatten(1).any(1)
+        return out
+
+    even, odd = flipped(0), flipped(1)
+    assert torch.equal(even, ~odd) and torch.equal(even, flipped(2))
+    assert 0.3 < even.float().mean() < 0.7
 
 
 # ============================================================== atomic writes

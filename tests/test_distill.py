@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose, run
+from transferkit.stages.common import load_task
 from transferkit.config.compose import params_text
-from transferkit.data.datamodule import TaskDataModule
+from transferkit.data.loader import TaskDataModule
 from transferkit.distill.losses import LOSSES, dkd_loss, kd_loss, soft_target_loss
 from transferkit.distill.module import DistillerModule
 from transferkit.errors import TransferkitError
 from transferkit.models import build_model, load_checkpoint
-from transferkit.stages.training import load_task
 from transferkit.training.trainer import fit
 
 
@@ -81,7 +81,7 @@ def test_teacher_weights_and_batchnorm_statistics_do_not_change(tmp_path):
     pl.seed_everything(0, verbose=False)
     module = DistillerModule(student, teacher, method="kd", method_kwargs={"temperature": 4.0, "alpha": 0.9},
                              lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0,
-                             warmup_fraction=0.1, flip=True, translate=2)
+                             warmup_fraction=0.1)
     task = load_task(cfg, "target")
     fit(module, TaskDataModule(task, 16, 64), dict(cfg.trainer), tmp_path / "fit", 2)
     after = teacher.state_dict()

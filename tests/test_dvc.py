@@ -40,7 +40,7 @@ def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path):
     assert (tmp_path / "plots" / "index.html").exists()
 
     # a changed parameter reruns only the stages that depend on it
-    text = (proj / "params.yaml").read_text().replace("tta_flip: true", "tta_flip: false")
+    text = (proj / "params.yaml").read_text().replace("tta: flip", "tta: none")
     (proj / "params.yaml").write_text(text)
     third = _sh(["dvc", "repro"], proj)
     assert "Running stage 'evaluate'" in third and "Running stage 'pretrain'" not in third

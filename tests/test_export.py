@@ -225,3 +225,24 @@ def test_failed_check_keeps_the_previous_export(exported, monkeypatch, capsys):
                                "--repeats", "1", "--threads", "1"])
     assert "differs from PyTorch" in line and "nothing written" in line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("failing", [None, "dynamo"])
+def test_auto_exporter_falls_back_to_the_torchscript_based_one(exported, tmp_path, monkeypatch, failing):
+    """Both exporters produce a checked file; where the dynamo one fails (it did on torch 2.11),
+    auto uses the other and export.json says which produced the file and why."""
+    import transferkit.deploy.export as export_module
+
+    root, test_set, models = exported
+    if failing:
+        def broken(*args, **kwargs):
+            raise RuntimeError("ConversionError: as on the GPU image")
+
+        monkeypatch.setitem(export_module.EXPORTERS, failing, broken)
+    for exporter in (["auto"] if failing else ["dynamo", "legacy"]):
+        result = export(models["fastnet"][0] / "model.pt", tmp_path / exporter, test_set, repeats=2, batch_size=16,
+                        threads=1, exporter=exporter, log=lambda *_: None)
+        used = result["exporter"]
+        assert used["onnx"] == ("legacy" if failing else exporter) and used["requested"] == exporter
+        assert ("ConversionError" in used["failed"]["dynamo"]) if failing else "failed" not in used
+        assert result["onnx"]["max_abs_diff"] <= 1e-4 and result["onnx"]["top1_agreement"] == 1.0

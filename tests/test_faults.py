@@ -9,6 +9,7 @@ tests/test_faults.py` runs the issue's bar: 5 random kills of every training sta
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -45,7 +46,8 @@ def _metrics(files: dict[Path, bytes]) -> dict[Path, bytes]:
 
 
 def _kill_mid_training(stage: str, params: Path, cwd: Path, rng: random.Random,
-                       previous: dict[Path, bytes], reference_metrics: dict[Path, bytes]) -> float:
+                       previous: dict[Path, bytes], reference_metrics: dict[Path, bytes],
+                       wait_for: str = "**/dvclive") -> float:
     """Start the stage, wait until it trains (its side folder has Lightning's logs), then
     kill -9 after a random delay. Returns the delay once a kill landed before the stage
     swapped its new outputs in; a stage that won the race (it may still be alive, tearing
@@ -57,7 +59,7 @@ def _kill_mid_training(stage: str, params: Path, cwd: Path, rng: random.Random,
         proc = _start(stage, params, cwd)
         deadline = time.monotonic() + 120
         # dvclive/ appears when Lightning starts (freeze_curve: depthK/dvclive/, one per point)
-        while not next(work.glob("**/dvclive"), None) and proc.poll() is None and time.monotonic() < deadline:
+        while not next(work.glob(wait_for), None) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(delay)
         if proc.poll() is None:
@@ -81,12 +83,18 @@ def _kill_mid_training(stage: str, params: Path, cwd: Path, rng: random.Random,
     pytest.fail(f"{stage} always finished before the kill")
 
 
+# pretrain once more with a checkpoint every epoch and a longer run: killed after a checkpoint,
+# the rerun resumes from it (instead of starting over) and must still give identical metrics
+RESUME = ("trainer.checkpoint_budget=1", "pretrain.epochs=30")
+CASES = [(stage, ()) for stage in STAGES] + [("pretrain", RESUME)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
-def test_kill_9_mid_stage_then_rerun_gives_identical_metrics(smoke_artifacts, tmp_path, stage):
+@pytest.mark.parametrize("stage,overrides", CASES, ids=[s + ("-resume" if o else "") for s, o in CASES])
+def test_kill_9_mid_stage_then_rerun_gives_identical_metrics(smoke_artifacts, tmp_path, stage, overrides):
     ref_cfg, _ = smoke_artifacts
     ref = Path(ref_cfg.paths.artifacts_dir)
-    cfg = compose("experiment=smoke", tmp=tmp_path)
+    cfg = compose("experiment=smoke", *overrides, tmp=tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(params_text(cfg))
     # every stage's inputs as the pipeline made them; then the stage once, uninterrupted, in
@@ -103,11 +111,14 @@ def test_kill_9_mid_stage_then_rerun_gives_identical_metrics(smoke_artifacts, tm
     rng = random.Random(stage)
     for trial in range(TRIALS):
         # killed mid-training: the previous outputs are untouched, nothing half-written is visible
-        delay = _kill_mid_training(stage, params, tmp_path, rng, previous, reference_metrics)
+        delay = _kill_mid_training(stage, params, tmp_path, rng, previous, reference_metrics,
+                                   "**/checkpoints/last.ckpt" if overrides else "**/dvclive")
         proc = _start(stage, params, tmp_path)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
         assert _metrics(_files(out)) == reference_metrics, f"trial {trial}: metrics differ"
+        if overrides and _files(out) != previous:  # this rerun trained: it resumed, not started over
+            assert json.loads((out / "timing.json").read_text())["resumed_at_epoch"], f"trial {trial}"
         assert not (tmp_path / "artifacts" / f".{stage}.incomplete").exists(), f"trial {trial} (kill after {delay:.2f}s)"
         previous = _files(out)
 

@@ -10,15 +10,14 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import compose
-from transferkit.data.datamodule import TaskDataModule
+from transferkit.data.loader import TaskDataModule
 from transferkit.data.sources import make_synthetic
 from transferkit.data.tasks import select_task
 from transferkit.models import build_model
 from transferkit.training.classifier import ClassifierModule
 from transferkit.training.trainer import fit
 
-SETTINGS = dict(lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1,
-                flip=True, translate=2)
+SETTINGS = dict(lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1)
 
 
 def _task():
@@ -31,7 +30,7 @@ def _train(model, tmp_path, epochs=2, **kwargs):
     pl.seed_everything(0, verbose=False)
     module = ClassifierModule(model, **SETTINGS, **kwargs)
     trainer_cfg = dict(compose("experiment=smoke").trainer)
-    return fit(module, TaskDataModule(_task(), 16, 64), trainer_cfg, tmp_path, epochs)
+    return fit(module, TaskDataModule(_task(), 16, 64), trainer_cfg, tmp_path, epochs).model
 
 
 def _block_state(model, i):
@@ -73,12 +72,28 @@ def test_discriminative_learning_rate_groups():
     opt = module.configure_optimizers()["optimizer"]
     head_group, *backbone_groups = opt.param_groups
     assert head_group["initial_lr"] == pytest.approx(0.05)
-    assert [g["initial_lr"] for g in backbone_groups] == pytest.approx([0.005, 0.005])
+    assert [g["initial_lr"] for g in backbone_groups] == pytest.approx([0.005, 0.005, 0.005])
     assert {id(p) for p in head_group["params"]} == {id(p) for p in model.head.parameters()}
     backbone = {id(p) for b in model.blocks for p in b.parameters()}
     assert {id(p) for g in backbone_groups for p in g["params"]} == backbone
     # no weight decay on BatchNorm parameters and biases
-    assert all(p.ndim <= 1 for p in backbone_groups[1]["params"]) and backbone_groups[1]["weight_decay"] == 0
+    assert all(p.ndim <= 1 for g in backbone_groups[1:] for p in g["params"])
+    assert [g["weight_decay"] for g in backbone_groups] == [5e-4, 0, 0]
+
+
+def test_batchnorm_shifts_can_learn_faster_and_decay_like_weights():
+    """airbench's setting: BatchNorm shifts at 64x the learning rate, decayed by the same amount
+    per step as the weights (lr x weight_decay equal); BatchNorm scales and biases untouched."""
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
+    module = ClassifierModule(model, **{**SETTINGS, "bn_bias_lr_mult": 64.0, "bn_bias_decay": True})
+    module.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    head, weights, shifts, other = module.configure_optimizers()["optimizer"].param_groups
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {id(p) for p in shifts["params"]} == {id(m.bias) for m in bn}
+    assert {id(m.weight) for m in bn} <= {id(p) for p in other["params"]}
+    assert shifts["initial_lr"] == pytest.approx(64 * 0.05)
+    assert shifts["initial_lr"] * shifts["weight_decay"] == pytest.approx(weights["initial_lr"] * weights["weight_decay"])
+    assert other["weight_decay"] == 0 and other["initial_lr"] == pytest.approx(0.05)
 
 
 def test_gradual_unfreezing_releases_one_block_per_interval(tmp_path):

@@ -30,26 +30,41 @@ def _default_layout(model: torch.nn.Module) -> bool:
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
-@pytest.mark.parametrize("tta_flip", [False, True])
-def test_predict_matches_the_default_layout(name, tta_flip):
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_predict_matches_the_default_layout(name, tta):
     model = _model(name).eval()
     images = _images()
     x = images.float() / 255
     with torch.no_grad():
         want = model(x)
-        if tta_flip:
+        if tta == "flip":
             want = (want + model(x.flip(-1))) / 2
-    got = predict(model, images, batch_size=16, tta_flip=tta_flip)  # 3 batches, the last one short
+    got = predict(model, images, batch_size=16, tta=tta)  # 3 batches, the last one short
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_flip_translate_tta_averages_airbenchs_six_views():
+    import torch.nn.functional as F
+
+    model = _model("fastnet").eval()
+    images = _images(8)
+    x = images.float() / 255
+    with torch.no_grad():
+        def mirror(v):
+            return 0.5 * model(v) + 0.5 * model(v.flip(-1))
+
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        want = 0.5 * mirror(x) + 0.5 * (mirror(padded[..., :32, :32]) + mirror(padded[..., 2:, 2:])) / 2
+    torch.testing.assert_close(predict(model, images, batch_size=4, tta="flip_translate"), want, rtol=1e-4, atol=1e-5)
 
 
 def test_model_comes_back_in_the_default_layout_and_trainable():
     model = _model("fastnet")
     conv = model.blocks[1][0][0].weight
     assert conv.dim() == 4 and conv.is_contiguous()
-    predict(model, _images(8), batch_size=4, tta_flip=True)
+    predict(model, _images(8), batch_size=4, tta="flip_translate")
     cost.cpu_throughput(model, batch=4, repeats=1)
     cost.cpu_latency_ms({"a": model}, repeats=2)
     assert _default_layout(model)

@@ -79,18 +79,16 @@ def run_stage(stage: str, cfg, out: Path) -> dict:
 
     from transferkit.config.compose import to_params
     from transferkit.config.validate import validate
-    from transferkit.io import save_text
-    from transferkit.stages.common import global_rank, seed_everything, staged_output, storage_errors
-    from transferkit.sweep.points import PARAMS_FILE
+    from transferkit.stages.common import seed_everything, staged_output, storage_errors
 
     validate(cfg)
     seed_everything(cfg.seed)
     module = importlib.import_module(f"transferkit.stages.{stage}")
-    with storage_errors(out), staged_output(out) as work:
-        result = module.run(cfg, work)
-        if global_rank() == 0:  # what produced these outputs: sweeps resume and collect by it
-            save_text(yaml.safe_dump(to_params(cfg), sort_keys=False), work / PARAMS_FILE)
-        return result
+    # the params saved with the outputs say what produced them: sweeps resume and collect by
+    # them, and a killed run's folder is resumed only by a run with the same params
+    params = yaml.safe_dump(to_params(cfg), sort_keys=False)
+    with storage_errors(out), staged_output(out, params) as work:
+        return module.run(cfg, work)
 
 
 def _params_mode(stage: str, params: Path, out: Path | None = None) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from transferkit.data.augment import FLIP_MODES
 from transferkit.errors import TransferkitError
+from transferkit.evaluation.metrics import TTA
 
 TRAIN_STAGES = ("pretrain", "transfer", "probe", "scratch", "distill", "prune")
 
@@ -44,6 +46,21 @@ def validate_train(cfg: DictConfig, stage: str) -> None:
     _check_number(cfg, f"{stage}.label_smoothing", low=0, high=1)
     _check_number(cfg, f"{stage}.warmup_fraction", low=0, high=1)
     _check_number(cfg, f"{stage}.translate", low=0, high=8, integer=True)
+    _check_number(cfg, f"{stage}.warmup_from", low=0, high=1)
+    _check_number(cfg, f"{stage}.decay_to", low=0, high=1)
+    _check_number(cfg, f"{stage}.bn_bias_lr_mult", low=0, low_open=True)
+    _check_choice(cfg, f"{stage}.flip", FLIP_MODES)
+    for key in ("bn_bias_decay", "lookahead"):
+        _check_choice(cfg, f"{stage}.{key}", (True, False))
+
+
+def _check_choice(cfg, key: str, choices) -> None:
+    node, *path = key.split(".")
+    value = cfg[node]
+    for p in path:
+        value = value[p]
+    if value not in choices or (isinstance(value, (bool, int)) and type(value) is not type(choices[0])):
+        _fail(key, value, f"must be one of {list(choices)}")
 
 
 def validate_data(cfg: DictConfig) -> None:
@@ -97,7 +114,8 @@ def validate_freeze_curve(cfg: DictConfig, num_blocks: int | None = None) -> Non
 
 
 def validate_scratch(cfg: DictConfig) -> None:
-    _check_number(cfg, "scratch.freeze_depth", low=0, high=1, integer=True)
+    for stage in ("pretrain", "scratch"):
+        _check_number(cfg, f"{stage}.freeze_depth", low=0, high=1, integer=True)
 
 
 def validate_probe(cfg: DictConfig, num_blocks: int) -> None:
@@ -134,9 +152,14 @@ def validate_prune(cfg: DictConfig) -> None:
     _check_number(cfg, "prune.round_to", low=1, integer=True, allow_none=True)
 
 
-def validate_trainer(cfg: DictConfig) -> None:
-    from transferkit.training.trainer import LOGGERS
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
 
+
+def validate_trainer(cfg: DictConfig) -> None:
+    from transferkit.training import LOGGERS
+
+    _check_choice(cfg, "trainer.precision", PRECISIONS)
+    _check_number(cfg, "trainer.checkpoint_budget", low=0, high=1)
     for name in cfg.trainer.get("loggers") or []:
         if name not in LOGGERS:
             raise TransferkitError(f"unknown logger '{name}' in trainer.loggers. Fix: use any of {list(LOGGERS)}.")
@@ -160,6 +183,7 @@ def validate(cfg: DictConfig) -> None:
     for stage in TRAIN_STAGES:
         if stage in cfg:
             validate_train(cfg, stage)
+    _check_choice(cfg, "evaluate.tta", TTA)
     _check_number(cfg, "evaluate.latency_repeats", low=1, integer=True)
     _check_number(cfg, "evaluate.throughput_batch", low=1, integer=True)
     _check_number(cfg, "evaluate.batch_size", low=1, integer=True)

@@ -55,8 +55,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every runtime in the checks and the latency (default: torch's, "
                         f"{torch.get_num_threads()} here)")
-    p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
-                   help="ONNX exporter: torch.export-based (default) or the TorchScript-based legacy one")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",
+                   help="ONNX exporter: torch.export-based (dynamo), the TorchScript-based one (legacy), or auto "
+                        "(default): dynamo, and legacy where dynamo fails")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     args = p.parse_args(argv)
     if args.tolerance <= 0:
@@ -94,26 +95,40 @@ def check_images(test_set: Path | None, classes: list[str], size: int) -> tuple[
 
 
 # --------------------------------------------------------------------------- exporters
-def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, opset: int | None) -> None:
+def _export_dynamo(model: torch.nn.Module, path: Path, example: tuple, opset: int | None) -> None:
+    program = torch.onnx.export(model, example, dynamo=True, input_names=["images"], output_names=["logits"],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
+                                external_data=False, verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def _export_legacy(model: torch.nn.Module, path: Path, example: tuple, opset: int | None) -> None:
+    torch.onnx.export(model, example, str(path), dynamo=False, input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset or 17)
+
+
+EXPORTERS = {"dynamo": _export_dynamo, "legacy": _export_legacy}
+
+
+def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, opset: int | None, log=print) -> dict:
+    """Export with `exporter`; 'auto' tries the torch.export-based exporter and falls back to the
+    TorchScript-based one, which some torch versions need. Returns which one produced the file
+    (and why the first failed)."""
     example = (torch.rand(2, 3, size, size),)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    tried = {}
+    for name in (("dynamo", "legacy") if exporter == "auto" else (exporter,)):
         try:
-            if exporter == "dynamo":
-                program = torch.onnx.export(
-                    model, example, dynamo=True, input_names=["images"], output_names=["logits"],
-                    dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
-                    external_data=False, verbose=False)
-                program.save(str(path), external_data=False)
-            else:
-                torch.onnx.export(model, example, str(path), dynamo=False, input_names=["images"],
-                                  output_names=["logits"],
-                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                                  opset_version=opset or 17)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                EXPORTERS[name](model, path, example, opset)
+            return {"used": name, **({"failed": tried} if tried else {})}
         except Exception as e:  # exporter failures come in many types
-            other = "legacy" if exporter == "dynamo" else "dynamo"
-            raise TransferkitError(f"ONNX export ({exporter}) failed: {type(e).__name__}: {str(e)[:500]}. "
-                                   f"Fix: try --exporter {other}.") from e
+            tried[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            if exporter == "auto" and name == "dynamo":
+                log(f"transferkit export: the dynamo ONNX exporter failed ({tried[name][:200]}); "
+                    f"falling back to the TorchScript-based exporter")
+    raise TransferkitError(f"ONNX export failed: {'; '.join(f'{k}: {v}' for k, v in tried.items())}. Fix: "
+                           + ("report the architecture." if exporter == "auto" else "try --exporter auto."))
 
 
 def add_onnx_metadata(path: Path, meta: dict) -> int:
@@ -171,7 +186,7 @@ def latency_ms(runners: dict, size: int, repeats: int, block: int = 10) -> dict[
 
 
 def export(model_path: Path, out: Path, test_set: Path | None = None, *, tolerance: float = 1e-4,
-           repeats: int = 300, batch_size: int = 500, exporter: str = "dynamo", opset: int | None = None,
+           repeats: int = 300, batch_size: int = 500, exporter: str = "auto", opset: int | None = None,
            threads: int | None = None, log=print) -> dict:
     model, ckpt = load_pipeline_checkpoint(model_path)
     classes, size = list(ckpt["classes"]), int(model.input_size)
@@ -198,7 +213,7 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
     classes, size = meta["classes"], meta["input_size"]
     with atomic_path(out / ONNX_FILE) as onnx_tmp, atomic_path(out / TORCHSCRIPT_FILE) as ts_tmp:
         t = time.perf_counter()
-        export_onnx(model, onnx_tmp, size, exporter, opset)
+        used = export_onnx(model, onnx_tmp, size, exporter, opset)
         used_opset = add_onnx_metadata(onnx_tmp, meta)
         export_torchscript(model, ts_tmp, size, meta)
         export_s = time.perf_counter() - t
@@ -218,7 +233,7 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
                 raise TransferkitError(
                     f"exported model differs from PyTorch on {checked_on}: max abs logit difference "
                     f"{', '.join(f'{k} {v:.3g}' for k, v in failed.items())} > tolerance {tolerance:g}; nothing written. "
-                    f"Fix: try --exporter {'legacy' if exporter == 'dynamo' else 'dynamo'} or report the architecture.")
+                    f"Fix: try --exporter {'dynamo' if used['used'] == 'legacy' else 'legacy'} or report the architecture.")
             latency = latency_ms({"pytorch": eager, "onnxruntime": onnx_run, "torchscript": ts}, size, repeats)
         import onnx
         import onnxruntime
@@ -229,7 +244,8 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
             "files": {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE},
             "bytes": {"onnx": onnx_tmp.stat().st_size, "torchscript": ts_tmp.stat().st_size,
                       "checkpoint": model_path.stat().st_size},
-            "exporter": {"onnx": exporter, "opset": used_opset, "torchscript": "torch.jit.trace"},
+            "exporter": {"onnx": used["used"], "requested": exporter, **({"failed": used["failed"]} if "failed" in used else {}),
+                         "opset": used_opset, "torchscript": "torch.jit.trace"},
             "checked_on": checked_on, "n_checked": len(images), "tolerance": tolerance,
             "pytorch": {"top1": float((ref.argmax(1) == labels.numpy()).mean())} if labels is not None else {},
             **checks,

@@ -146,12 +146,12 @@ class Classifier:
 def read_images(paths: list[Path], size: int) -> np.ndarray:
     """Image files (anything PIL opens) -> uint8 [N, 3, size, size], resized (bilinear) exactly
     as the image-folder source does. Every unreadable file is named in one error."""
-    from transferkit.data.sources import _decode
+    from transferkit.data.sources import decode_image
 
     out, bad = [], []
     for p in paths:
         try:
-            out.append(_decode(p.read_bytes(), str(p), size))
+            out.append(decode_image(p.read_bytes(), str(p), size))
         except FileNotFoundError:
             bad.append(f"{p} (no such file)")
         except IsADirectoryError:

@@ -29,13 +29,7 @@ class DistillerModule(ClassifierModule):
         super().on_train_epoch_start()
         self.teacher.eval()  # Lightning's model.train() at fit start would wake its BatchNorm up
 
-    def training_step(self, batch, batch_idx: int):
-        x, y = batch
+    def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # the teacher's forward pass builds no graph: no backward cost
             teacher_logits = self.teacher(x)
-        logits = self.model(x)
-        loss = self.loss_fn(logits, teacher_logits, y, **self.method_kwargs)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
+        return self.loss_fn(logits, teacher_logits, y, **self.method_kwargs)

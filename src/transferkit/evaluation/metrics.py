@@ -4,28 +4,68 @@ the saved model, so the numbers are identical from run to run."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
+import torch.nn.functional as F
 
 from transferkit.layout import channels_last, to_nhwc
 
 Z95 = 1.959963984540054
 
 
-def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, tta_flip: bool) -> torch.Tensor:
-    """Logits for uint8 images, batched, without gradients, in channels_last (transferkit/layout.py);
-    optional mirror test-time augmentation."""
+TTA = ("none", "flip", "flip_translate")
+
+
+def _views(model: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Logits of one batch, averaged over the test-time views: the image and its mirror (flip);
+    and also both shifted by one pixel up-left and down-right (flip_translate: airbench's six
+    views, the unshifted pair weighted as much as the two shifted pairs together)."""
+    logits = model(x)
+    if tta == "none":
+        return logits
+    logits = (logits + model(x.flip(-1))) / 2
+    if tta == "flip":
+        return logits
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    h, w = x.shape[-2:]
+    shifted = [to_nhwc(padded[..., :h, :w]), to_nhwc(padded[..., 2:, 2:])]
+    return 0.5 * logits + 0.25 * sum((model(v) + model(v.flip(-1))) / 2 for v in shifted)
+
+
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, tta: str = "none",
+            device: str | torch.device = "cpu") -> torch.Tensor:
+    """Logits (on the CPU) for uint8 images, batched, without gradients, in fp32 and channels_last
+    (transferkit/layout.py), with optional test-time augmentation (TTA). On a GPU the kernels are
+    the deterministic ones and TF32 is off, so the numbers repeat from run to run there too."""
+    device = torch.device(device)
     model.eval()
     out = []
-    with channels_last(model), torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            x = to_nhwc(images[start:start + batch_size].float().div_(255))
-            logits = model(x)
-            if tta_flip:
-                logits = (logits + model(x.flip(-1))) / 2
-            out.append(logits.float())
+    with channels_last(model):
+        model.to(device)  # outside inference_mode: the weights must stay trainable tensors
+        try:
+            with torch.inference_mode(), deterministic_kernels(device):
+                for start in range(0, len(images), batch_size):
+                    x = to_nhwc(images[start:start + batch_size].to(device).float().div_(255))
+                    out.append(_views(model, x, tta).float().cpu())
+        finally:
+            model.to("cpu")
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    if device.type != "cuda":
+        yield
+        return
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -51,6 +91,8 @@ def paired_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, z: float
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
+
     k = len(classes)
     pred = logits.argmax(1)
     correct = int((pred == labels).sum())

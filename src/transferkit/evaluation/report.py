@@ -79,8 +79,9 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         f"- budgets (epochs): pretrain {cfg_summary['epochs']['pretrain']}, transfer "
         f"{cfg_summary['epochs']['transfer']}, scratch {cfg_summary['epochs']['scratch']}, probe "
         f"{cfg_summary['epochs']['probe']}, distill and student alone {cfg_summary['epochs']['distill']}; "
-        f"seed {cfg_summary['seed']}; test-time flip: "
-        f"{cfg_summary['tta_flip']}",
+        f"seed {cfg_summary['seed']}; test-time augmentation: {cfg_summary['tta']}",
+        "- trained in: " + "; ".join(f"{stage} {t['precision']} on {t['device']}"
+                                     for stage, t in cfg_summary.get("training", {}).items() if t.get("precision")),
         "",
         "## Results on the target test set", "",
         "| model | top-1 | 95% interval | params | MACs | file | CPU latency (batch 1) | same, 1 thread | CPU throughput |",

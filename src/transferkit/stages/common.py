@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +13,7 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.errors import TransferkitError
+from transferkit.training import RESUME_CHECKPOINT
 
 
 def global_rank() -> int:
@@ -32,29 +32,56 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     return Path(cfg.paths.artifacts_dir) / stage
 
 
-@contextmanager
-def staged_output(final: Path) -> Iterator[Path]:
-    """Yield a fresh work folder; on success swap it into `final`, on failure delete it.
+def point_dir(freeze_curve_dir: Path, depth: int) -> Path:
+    """Where freeze_curve keeps the run at one freeze depth (evaluate reads it there)."""
+    return freeze_curve_dir / f"depth{depth}"
 
-    The folder name is the same in every DDP process, so ranks agree on paths; only rank 0
-    creates, swaps and cleans it."""
+
+def load_task(cfg: DictConfig, role: str) -> dict:
+    from transferkit.io import load_torch
+
+    return load_torch(stage_dir(cfg, "prepare") / f"{role}.pt", f"prepared {role} task", "prepare")
+
+
+def eval_device(cfg: DictConfig) -> str:
+    """Where models are scored: the training GPU if there is one (fp32, deterministic kernels)."""
+    from transferkit.training.precision import uses_cuda
+
+    return "cuda" if uses_cuda(str(cfg.trainer.accelerator)) else "cpu"
+
+
+PARAMS_FILE = "params.yaml"  # the resolved config a stage ran with, saved beside its outputs
+
+
+@contextmanager
+def staged_output(final: Path, params: str = "") -> Iterator[Path]:
+    """Yield a work folder; on success swap it into `final`, on failure delete it.
+
+    The work folder starts with `params` (the resolved config) in PARAMS_FILE. A folder left by
+    a killed run with the same params is kept: its fits resume from their checkpoints
+    (training/trainer.py). Any other leftover is deleted. The folder name is the same in every
+    DDP process, so ranks agree on paths; only rank 0 creates, swaps and cleans it."""
     work = final.parent / f".{final.name}.incomplete"
     old = final.parent / f".{final.name}.old"
     rank0 = global_rank() == 0
     if rank0:
         try:
-            if work.exists():  # left by a killed run
+            resumable = (work / PARAMS_FILE).is_file() and (work / PARAMS_FILE).read_text() == params
+            if work.exists() and not resumable:  # left by a killed run of another config
                 shutil.rmtree(work)
             if old.exists() and not final.exists():  # killed between the two renames below
                 old.rename(final)
-            work.mkdir(parents=True)
+            work.mkdir(parents=True, exist_ok=True)
+            if params:
+                (work / PARAMS_FILE).write_text(params)
         except OSError as e:
             raise TransferkitError(f"cannot create {work}: {e.strerror}. Fix: make {final.parent} "
                                    f"writable or set paths.artifacts_dir elsewhere.") from e
     try:
         yield work
     except BaseException:
-        if rank0:
+        # a failed run's folder goes, unless a fit in it can resume (Ctrl+C, a crash mid-training)
+        if rank0 and not any(work.rglob(RESUME_CHECKPOINT)):
             shutil.rmtree(work, ignore_errors=True)
         raise
     if not rank0:
@@ -95,25 +122,31 @@ def storage_errors(final: Path) -> Iterator[None]:
 
 
 def seed_everything(seed: int) -> None:
-    import pytorch_lightning as pl
+    """Python's, NumPy's and torch's generators (every device), as Lightning's seed_everything
+    does, without importing Lightning into the stages that do not train."""
+    import random
 
-    pl.seed_everything(seed, workers=True, verbose=False)
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def train_settings(stage_cfg: DictConfig) -> dict:
-    """The optimisation block every training stage shares, as ClassifierModule kwargs."""
-    keys = ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_fraction", "flip", "translate")
-    return {k: stage_cfg[k] for k in keys}
+OPTIMISER_KEYS = ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_fraction", "warmup_from",
+                  "decay_to", "bn_bias_lr_mult", "bn_bias_decay")
+
+
+def train_settings(stage_cfg: DictConfig, seed: int) -> dict:
+    """The optimisation block every training stage shares (conf/optim/), as ClassifierModule kwargs."""
+    return {**{k: stage_cfg[k] for k in OPTIMISER_KEYS}, "seed": seed}
+
+
+def data_settings(stage_cfg: DictConfig, seed: int) -> dict:
+    """The block's augmentation, as TaskDataModule kwargs."""
+    return {"flip": stage_cfg.flip, "translate": stage_cfg.translate, "seed": seed}
 
 
 def container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start

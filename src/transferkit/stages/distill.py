@@ -13,9 +13,9 @@ from transferkit.distill.module import DistillerModule
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.cost import count_macs, count_params
 from transferkit.models import load_checkpoint
-from transferkit.stages.common import stage_dir
+from transferkit.stages.common import load_task, stage_dir
 from transferkit.stages.student import build_student
-from transferkit.stages.training import load_task, train_stage
+from transferkit.stages.training import train_stage
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,7 @@ from transferkit.evaluation.metrics import classification_metrics, paired_differ
 from transferkit.io import atomic_path, save_json, save_text
 from transferkit.models import load_checkpoint
 from transferkit.progress import progress
-from transferkit.stages.common import stage_dir
-from transferkit.stages.freeze_curve import point_dir
-from transferkit.stages.training import load_task
+from transferkit.stages.common import eval_device, load_task, point_dir, stage_dir
 
 MODELS = ("scratch", "probe", "transfer", "student", "distill", "prune")  # report order: baselines first
 
@@ -66,7 +64,7 @@ def freeze_curve(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, classes: lis
             hits = correct["transfer"]
         else:
             model = load_target_model(folder / "model.pt", stage, classes)
-            hits = predict(model, x, ev.batch_size, ev.tta_flip).argmax(1) == y
+            hits = predict(model, x, ev.batch_size, ev.tta, eval_device(cfg)).argmax(1) == y
         val = json.loads((folder / "metrics.json").read_text()).get("val_acc")
         n_correct = int(hits.sum())
         rows.append({"freeze_depth": depth, "top1": n_correct / len(y), "top1_ci95": list(wilson_interval(n_correct, len(y))),
@@ -83,7 +81,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
     for name in progress(MODELS, "scoring models", "model"):
         path = stage_dir(cfg, name) / "model.pt"
         model = load_target_model(path, name, classes)
-        logits = predict(model, x, ev.batch_size, ev.tta_flip)
+        logits = predict(model, x, ev.batch_size, ev.tta, eval_device(cfg))
         pred = logits.argmax(1)
         correct[name] = pred == y
         m = classification_metrics(logits, y, classes)
@@ -119,13 +117,18 @@ def run(cfg: DictConfig, out: Path) -> dict:
     plots.curves_png({n: stage_dir(cfg, n) / "dvclive" for n in ("pretrain", *MODELS)}, out / "curves.png")
     summary = json.loads((stage_dir(cfg, "prepare") / "summary.json").read_text())
     cfg_summary = {
-        "experiment": cfg.name, "model": cfg.model.name, "seed": cfg.seed, "tta_flip": ev.tta_flip,
+        "experiment": cfg.name, "model": cfg.model.name, "seed": cfg.seed, "tta": ev.tta,
         "freeze_depth": cfg.transfer.freeze_depth, "backbone_lr_mult": cfg.transfer.backbone_lr_mult,
         "probe_depth": cfg.probe.depth, "distill_method": cfg.distill.method,
         "distill_temperature": cfg.distill.temperature, "student": cfg.distill.student.name,
         "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe", "distill", "prune")},
         "prune": {k: cfg.prune[k] for k in ("mode", "criterion", "target", "ratio", "steps")},
     }
+    cfg_summary["training"] = {}  # the precision and device each model trained in (its timing.json)
+    for stage in ("pretrain", *MODELS):
+        t = stage_dir(cfg, stage) / "timing.json"
+        if t.exists():
+            cfg_summary["training"][stage] = json.loads(t.read_text())
     export_file = stage_dir(cfg, "export") / "export.json"
     if export_file.exists():  # the deployable model's checks (dvc.yaml runs export first)
         cfg_summary["export"] = json.loads(export_file.read_text())

@@ -12,12 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferkit.config.validate import validate_freeze_curve
 from transferkit.models import load_backbone
 from transferkit.stages import transfer
-from transferkit.stages.common import container, seed_everything, stage_dir
-from transferkit.stages.training import load_task
-
-
-def point_dir(out: Path, depth: int) -> Path:
-    return out / f"depth{depth}"
+from transferkit.stages.common import container, load_task, point_dir, seed_everything, stage_dir
 
 
 def run(cfg: DictConfig, out: Path) -> dict:

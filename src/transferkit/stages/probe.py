@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 
 from transferkit.config.validate import validate_probe
 from transferkit.models import load_backbone
-from transferkit.stages.common import container, stage_dir
-from transferkit.stages.training import load_task, train_stage
+from transferkit.stages.common import container, load_task, stage_dir
+from transferkit.stages.training import train_stage
 
 
 def run(cfg: DictConfig, out: Path) -> dict:

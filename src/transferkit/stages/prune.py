@@ -10,27 +10,22 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from transferkit.config.validate import validate_prune
-from transferkit.data.datamodule import TaskDataModule
 from transferkit.distill.module import DistillerModule
 from transferkit.errors import TransferkitError
 from transferkit.models import load_checkpoint
 from transferkit.prune.structured import conv_widths, kept_modules, prune_channels
 from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
-from transferkit.stages.common import stage_dir, train_settings
+from transferkit.stages.common import load_task, stage_dir
 from transferkit.stages.distill import load_teacher, method_settings
-from transferkit.stages.training import load_task, train_stage
-from transferkit.training.trainer import fit
+from transferkit.stages.training import fit_stage, train_stage
 
 log = logging.getLogger(__name__)
 
 
-def _recover(cfg, model, teacher, task, out, epochs):
+def _recover(cfg, model, teacher, task, out, epochs, step):
     """An intermediate recovery round (iterative pruning): KD fine-tune, nothing saved."""
-    p = cfg.prune
-    module = DistillerModule(model, teacher, method=cfg.distill.method, method_kwargs=method_settings(cfg),
-                             **train_settings(p))
-    fit(module, TaskDataModule(task, p.batch_size, cfg.evaluate.batch_size), dict(cfg.trainer),
-        out / "rounds", epochs)
+    fit_stage(cfg, cfg.prune, model, task, out / "rounds" / f"round{step}", module_cls=DistillerModule,
+              epochs=epochs, teacher=teacher, method=cfg.distill.method, method_kwargs=method_settings(cfg))
 
 
 def run(cfg: DictConfig, out: Path) -> dict:
@@ -65,7 +60,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
             info.update(macs_after=result["macs_after"], params_after=result["params_after"],
                         round_to=result["round_to"])
             if step < p.steps:
-                _recover(cfg, student, teacher, task, out, max(1, p.epochs // p.steps))
+                _recover(cfg, student, teacher, task, out, max(1, p.epochs // p.steps), step)
         student.arch["pruned"] = True
         info["macs_reduction"] = info["macs_before"] / info["macs_after"]
         finalize = None

@@ -7,8 +7,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from transferkit.models import init_from_data, model_from_config
-from transferkit.stages.common import container
-from transferkit.stages.training import load_task, train_stage
+from transferkit.stages.common import container, load_task
+from transferkit.stages.training import train_stage
 
 
 def run(cfg: DictConfig, out: Path) -> dict:

@@ -8,8 +8,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from transferkit.models import init_from_data, load_backbone, model_from_config
-from transferkit.stages.common import container
-from transferkit.stages.training import load_task, train_stage
+from transferkit.stages.common import container, load_task
+from transferkit.stages.training import train_stage
 
 
 def build_student(cfg: DictConfig, task: dict):

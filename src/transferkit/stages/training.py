@@ -8,18 +8,31 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from transferkit.data.datamodule import TaskDataModule
+from transferkit.data.loader import TaskDataModule
 from transferkit.evaluation.metrics import predict
-from transferkit.io import load_torch, save_json
+from transferkit.io import save_json
 from transferkit.models import save_checkpoint
 from transferkit.models.blocknet import BlockNet
-from transferkit.stages.common import Timer, global_rank, stage_dir, train_settings
+from transferkit.stages.common import data_settings, eval_device, global_rank, train_settings
 from transferkit.training.classifier import ClassifierModule
 from transferkit.training.trainer import fit
 
 
-def load_task(cfg: DictConfig, role: str) -> dict:
-    return load_torch(stage_dir(cfg, "prepare") / f"{role}.pt", f"prepared {role} task", "prepare")
+def channels_last(cfg: DictConfig) -> bool:
+    return cfg.trainer.accelerator != "mps"
+
+
+def fit_stage(cfg: DictConfig, settings: DictConfig, model: BlockNet, task: dict, out: Path, *,
+              module_cls=ClassifierModule, epochs: int | None = None, **module_kwargs):
+    """Fit `model` on the task's train split with the optimisation block `settings`."""
+    from transferkit.training.lookahead import Lookahead
+
+    module = module_cls(model, **train_settings(settings, cfg.seed), **module_kwargs, channels_last=channels_last(cfg))
+    has_val = len(task["val_y"]) > 0
+    datamodule = TaskDataModule(task, settings.batch_size, cfg.evaluate.batch_size, val_split="val" if has_val else "none",
+                                channels_last=channels_last(cfg), **data_settings(settings, cfg.seed))
+    callbacks = (Lookahead(),) if settings.lookahead else ()
+    return fit(module, datamodule, dict(cfg.trainer), out, settings.epochs if epochs is None else epochs, callbacks)
 
 
 def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: Path, *,
@@ -31,29 +44,30 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     metrics to record (as may `extra_metrics`)."""
     settings = cfg[stage]
     stage_name = stage_name or stage
-    module = module_cls(model, **train_settings(settings), **module_kwargs,
-                        channels_last=cfg.trainer.accelerator != "mps")
-    has_val = len(task["val_y"]) > 0
-    datamodule = TaskDataModule(task, settings.batch_size, cfg.evaluate.batch_size,
-                                val_split="val" if has_val else "none")
-    with Timer() as timer:
-        if settings.epochs > 0:  # pretrain.epochs=0: export published weights as they are
-            model = fit(module, datamodule, dict(cfg.trainer), out, settings.epochs)
-        model = model.float().to(memory_format=torch.contiguous_format).eval()
-        metrics = dict(extra_metrics or {})
-        if finalize is not None:
-            metrics.update(finalize(model) or {})
+    run = {"train_seconds": 0.0, "train_images_per_second": None, "precision": None, "device": None,
+           "resumed_at_epoch": None}
+    if settings.epochs > 0:  # pretrain.epochs=0: export published weights as they are
+        result = fit_stage(cfg, settings, model, task, out, module_cls=module_cls, **module_kwargs)
+        model = result.model
+        epochs_run = settings.epochs - (result.resumed_at_epoch or 0)
+        run = {"train_seconds": round(result.seconds, 2),
+               "train_images_per_second": round(epochs_run * len(task["train_y"]) / max(result.seconds, 1e-9), 1),
+               "precision": result.precision, "device": result.device, "resumed_at_epoch": result.resumed_at_epoch}
+    model = model.float().to(memory_format=torch.contiguous_format).eval()
+    metrics = dict(extra_metrics or {})
+    if finalize is not None:
+        metrics.update(finalize(model) or {})
     if global_rank() != 0:
         return {}
+    ev = cfg.evaluate
     for split in ("val", "test") if stage_name == "pretrain" else ("val",):
         if len(task[f"{split}_y"]):
-            pred = predict(model, task[f"{split}_x"], cfg.evaluate.batch_size, tta_flip=False).argmax(1)
-            metrics[f"{split}_acc"] = float((pred == task[f"{split}_y"]).float().mean())
+            hits = predict(model, task[f"{split}_x"], ev.batch_size, "none", eval_device(cfg)).argmax(1) == task[f"{split}_y"]
+            metrics[f"{split}_acc"] = float(hits.float().mean())
+    if stage_name == "pretrain" and len(task["test_y"]) and ev.tta != "none":  # the source task's score with TTA
+        hits = predict(model, task["test_x"], ev.batch_size, ev.tta, eval_device(cfg)).argmax(1) == task["test_y"]
+        metrics["test_acc_tta"] = float(hits.float().mean())
     save_checkpoint(model, out / "model.pt", task["classes"], stage=stage_name, experiment=cfg.name)
     save_json(metrics, out / "metrics.json")
-    save_json({"train_seconds": round(timer.seconds, 1),
-               "train_images_per_second": round(settings.epochs * len(task["train_y"]) / max(timer.seconds, 1e-9), 1)},
-              out / "timing.json")
+    save_json(run, out / "timing.json")  # how this machine ran it: not part of the reproducible metrics
     return metrics
-
-

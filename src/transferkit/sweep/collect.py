@@ -158,9 +158,9 @@ def score(runs: list[Run], cache_file: Path | None = None) -> None:
         if list(ckpt["classes"]) != list(task["classes"]):
             raise TransferkitError(f"{run.folder / 'model.pt'} classifies {ckpt['classes']} but {task_file} holds "
                                    f"{task['classes']}. Fix: collect from the project the sweep ran in.")
-        tta = bool(run.params.get("evaluate", {}).get("tta_flip", True))
+        tta = run.params.get("evaluate", {}).get("tta", "flip")
         batch = int(run.params.get("evaluate", {}).get("batch_size", 1000))
-        pred = predict(model, task["test_x"], batch, tta_flip=tta).argmax(1)
+        pred = predict(model, task["test_x"], batch, tta).argmax(1)
         run.correct = (pred == task["test_y"])
         run.test_acc = float(run.correct.float().mean())
         cache[key] = run.correct

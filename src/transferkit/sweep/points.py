@@ -16,11 +16,11 @@ from omegaconf import DictConfig
 
 from transferkit.config.compose import compose, to_params
 from transferkit.errors import TransferkitError
+from transferkit.stages.common import PARAMS_FILE
 
 # Settings that change how a run looks, not what it computes: ignored when a finished
 # point is compared with the one about to run.
 COSMETIC = ("trainer.progress_bar", "trainer.loggers")
-PARAMS_FILE = "params.yaml"  # the resolved config a stage ran with, saved beside its outputs
 
 
 def expand(argv: list[str]) -> list[list[str]]:

@@ -2,6 +2,9 @@
 
 The differences between those stages are data and settings (which blocks are frozen,
 the backbone's learning-rate multiplier, gradual unfreezing), not code.
+
+The step never waits for the host: batches arrive on the device (data/loader.py), and loss and
+accuracy are summed into device tensors that are read once, at the end of the epoch.
 """
 
 from __future__ import annotations
@@ -9,66 +12,74 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
-from transferkit.data.augment import augment_batch
+from transferkit.data.loader import epoch_seed
 from transferkit.models.blocknet import BlockNet
 from transferkit.training.freeze import freeze_blocks, frozen_depth, keep_frozen_in_eval, set_trainable
 
 
 class ClassifierModule(pl.LightningModule):
     def __init__(self, model: BlockNet, *, lr: float, weight_decay: float, momentum: float,
-                 label_smoothing: float, warmup_fraction: float, freeze_depth: int = 0,
-                 backbone_lr_mult: float = 1.0, unfreeze_every_epochs: int = 0,
-                 flip: bool = True, translate: int = 2, channels_last: bool = True):
+                 label_smoothing: float, warmup_fraction: float, warmup_from: float = 0.0,
+                 decay_to: float = 0.0, bn_bias_lr_mult: float = 1.0, bn_bias_decay: bool = False,
+                 freeze_depth: int = 0, backbone_lr_mult: float = 1.0, unfreeze_every_epochs: int = 0,
+                 seed: int = 0, channels_last: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "student", "teacher"])
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         # backbone_lr_mult == 0 is the source material's "LRateMultiplier 0": a frozen backbone
         self.start_depth = model.num_blocks if backbone_lr_mult == 0 else freeze_depth
         freeze_blocks(model, self.start_depth)
-        n = model.num_classes
-        self.train_acc = MulticlassAccuracy(n, average="micro")
-        self.val_acc = MulticlassAccuracy(n, average="micro")
-
-    # ---------------------------------------------------------------- data on device
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y = batch
-        x = x.float().div_(255)
-        if self.trainer.training:
-            x = augment_batch(x, self.hparams.flip, self.hparams.translate)
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
 
     # ---------------------------------------------------------------- steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
+    def _tally(self, sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """sums += [loss * n, correct, n], all on the device: no .item(), and no host value copied
+        to the device either (that would wait for the queue too); n is a shape, known on the host."""
+        n = len(y)
+        sums += torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(), loss.new_full((), n, dtype=torch.float32)])
+
     def training_step(self, batch, batch_idx: int):
         x, y = batch
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        loss = self.loss(logits, x, y)
+        self._tally(self._train_sums, loss, logits, y)
         return loss
 
     def validation_step(self, batch, batch_idx: int):
         x, y = batch
         logits = self.model(x)
-        self.val_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
-        self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True)
+        self._tally(self._val_sums, F.cross_entropy(logits, y), logits, y)
 
-    # ---------------------------------------------------------------- freezing
+    def _log_sums(self, prefix: str, sums: torch.Tensor) -> None:
+        loss_sum, correct, n = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        self.log(f"{prefix}/loss", loss_sum / n, prog_bar=prefix == "train")
+        self.log(f"{prefix}/acc", correct / n, prog_bar=prefix == "val")
+
     def on_train_epoch_start(self) -> None:
+        # the epoch's randomness (dropout) depends on (seed, epoch) only: a resumed run repeats it
+        torch.manual_seed(epoch_seed(self.hparams.seed, self.current_epoch))
+        self._train_sums = torch.zeros(3, device=self.device)
         every = self.hparams.unfreeze_every_epochs
         if every and self.current_epoch and self.current_epoch % every == 0:
             depth = frozen_depth(self.model)  # gradual unfreezing: one more block from the top
             if depth > 0:
                 set_trainable(self.model.blocks[depth - 1], True)
         keep_frozen_in_eval(self.model)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_sums("train", self._train_sums)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, device=self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_sums("val", self._val_sums)
 
     # ---------------------------------------------------------------- optimiser
     def configure_optimizers(self):
@@ -77,21 +88,31 @@ class ClassifierModule(pl.LightningModule):
         # every block is in the optimiser (frozen ones receive no gradient, so SGD skips
         # them): gradual unfreezing then needs no optimiser surgery
         backbone = [p for b in self.model.blocks for p in b.parameters()]
+        bn_shifts = {id(m.bias) for m in self.model.blocks.modules()
+                     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.bias is not None}
         groups = [{"params": head, "lr": hp.lr, "weight_decay": hp.weight_decay}]
         if hp.backbone_lr_mult > 0 and backbone:
             lr = hp.lr * hp.backbone_lr_mult
-            # no weight decay on BatchNorm scales/shifts and biases (1-D tensors)
+            # BatchNorm shifts learn at bn_bias_lr_mult x the rate, with either no weight decay or,
+            # with bn_bias_decay, the same shrink per step as the weights (airbench's decoupled form:
+            # lr x weight_decay is what shrinks a parameter per step); other 1-D tensors (BatchNorm
+            # scales, biases) learn at the rate without weight decay
+            shift_wd = hp.weight_decay / hp.bn_bias_lr_mult if hp.bn_bias_decay else 0.0
             groups += [{"params": [p for p in backbone if p.ndim > 1], "lr": lr, "weight_decay": hp.weight_decay},
-                       {"params": [p for p in backbone if p.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
+                       {"params": [p for p in backbone if id(p) in bn_shifts], "lr": lr * hp.bn_bias_lr_mult,
+                        "weight_decay": shift_wd},
+                       {"params": [p for p in backbone if p.ndim <= 1 and id(p) not in bn_shifts], "lr": lr,
+                        "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(total * hp.warmup_fraction))
+        start, end = hp.warmup_from, hp.decay_to
 
-        def schedule(step: int) -> float:  # linear warm-up, then linear decay to zero (airbench)
+        def schedule(step: int) -> float:  # linear warm-up, then linear decay (airbench)
             if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, (total - step) / max(1, total - warmup))
+                return start + (1 - start) * (step + 1) / warmup
+            return end + (1 - end) * max(0.0, (total - step) / max(1, total - warmup))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -2,38 +2,57 @@
 
 Accelerator, devices, strategy, nodes and precision come only from config: the same stage
 code runs on a CPU, a GPU, or DDP over many processes.
+
+A fit that is killed resumes: `ResumeCheckpoint` saves the training state (and a copy of the
+logs as they were then) at epoch ends, as often as a budget of the training time allows, and
+`fit` picks it up when the stage runs again in the same work folder.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, TQDMProgressBar
 
+from transferkit.errors import TransferkitError
 from transferkit.models.blocknet import BlockNet
+from transferkit.training import LOGGERS, RESUME_CHECKPOINT
+from transferkit.training.precision import resolve_precision
 
 # Lightning warnings that are about choices made on purpose here:
 warnings.filterwarnings("ignore", r".*module\(s\) in eval mode.*")  # frozen blocks stay in eval mode
-warnings.filterwarnings("ignore", r".*overridden `on_after_batch_transfer`.*")  # augmentation lives there
-warnings.filterwarnings("ignore", r".*does not have many workers.*")  # batches are slices of in-memory tensors
 warnings.filterwarnings("ignore", r".*smaller than the logging interval.*")  # tiny smoke datasets
 warnings.filterwarnings("ignore", r".*Total length of .* across ranks is zero.*")  # no val split (pretrain)
-
-TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision", "deterministic",
-                "sync_batchnorm", "benchmark")
+warnings.filterwarnings("ignore", r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")  # Lightning vs torch 2.15
 
 
-LOGGERS = ("dvclive", "tensorboard", "csv")
+class _DropMessages(logging.Filter):
+    """Lightning's info lines that say nothing about this run: an advertisement, and a note on
+    the default of save_checkpoint's weights_only (the resume checkpoint saves all state)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("💡 Tip", "`weights_only` was not set"))
 
 
-def make_loggers(names, out_dir: Path) -> list:
+for _name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector"):
+    logging.getLogger(_name).addFilter(_DropMessages())
+
+TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "deterministic", "sync_batchnorm", "benchmark")
+CHECKPOINT = Path("checkpoints") / RESUME_CHECKPOINT
+LOG_SNAPSHOT = Path("checkpoints") / "logs"
+
+
+def make_loggers(names, out_dir: Path, resume: bool = False) -> list:
     """dvclive feeds `dvc metrics/plots` and the report's curves; TensorBoard and CSV are
     there for users who already read their runs that way (trainer.loggers=[dvclive,tensorboard])."""
-    from transferkit.errors import TransferkitError
-
     loggers = []
     for name in names or []:
         if name == "dvclive":
@@ -42,7 +61,7 @@ def make_loggers(names, out_dir: Path) -> list:
             # dvcyaml=None: dvclive must not rewrite the project's dvc.yaml; the stage declares
             # its metrics and plots there itself.
             loggers.append(DVCLiveLogger(dir=str(out_dir / "dvclive"), dvcyaml=None, save_dvc_exp=False,
-                                         report=None))
+                                         report=None, resume=resume))
         elif name == "tensorboard":
             from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -56,16 +75,63 @@ def make_loggers(names, out_dir: Path) -> list:
     return loggers
 
 
-def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int) -> pl.Trainer:
+class ResumeCheckpoint(Checkpoint):
+    """Saves the training state at an epoch end whenever the time spent saving so far, plus the
+    expected cost of this save, stays within `budget` x the training time: a slow epoch is
+    checkpointed every time, fast ones (a GPU, a tiny model) only now and then. budget 0 never
+    saves, 1 saves every epoch. The state goes to a temporary file; at the next epoch's start,
+    once the loggers have written that epoch's metrics, a copy of the logs joins it and the pair
+    replaces the previous checkpoint, so a kill at any moment leaves one whole checkpoint."""
+
+    def __init__(self, out_dir: Path, budget: float):
+        self.out_dir, self.budget = out_dir, budget
+        self.pending: Path | None = None
+
+    def on_train_start(self, trainer, module) -> None:
+        self.start, self.spent = time.perf_counter(), 0.0
+        # before the first save, assume a slow disk: state (weights, momentum) at 200 MB/s
+        self.expected = 2 * sum(p.numel() * p.element_size() for p in module.parameters()) / 200e6
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if self.budget <= 0 or trainer.current_epoch + 1 >= trainer.max_epochs:
+            return  # no checkpoint after the last epoch: training is over
+        elapsed = time.perf_counter() - self.start
+        due = self.budget >= 1 or self.spent + self.expected <= self.budget * elapsed
+        if not trainer.strategy.broadcast(due):  # every rank decides as rank 0 does
+            return
+        t = time.perf_counter()
+        self.pending = self.out_dir / CHECKPOINT.with_suffix(".tmp")
+        trainer.save_checkpoint(self.pending)  # the whole state (optimiser, schedule, loops): a resume
+        self.expected = time.perf_counter() - t
+        self.spent += self.expected
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        if self.pending is None or trainer.global_rank != 0:
+            self.pending = None
+            return
+        t = time.perf_counter()
+        logs_tmp = self.out_dir / LOG_SNAPSHOT.with_suffix(".tmp")
+        shutil.rmtree(logs_tmp, ignore_errors=True)
+        logs_tmp.mkdir(parents=True)
+        for name in ("dvclive", "csv", "tensorboard"):
+            if (self.out_dir / name).is_dir():
+                shutil.copytree(self.out_dir / name, logs_tmp / name)
+        shutil.rmtree(self.out_dir / LOG_SNAPSHOT, ignore_errors=True)
+        (self.out_dir / CHECKPOINT).unlink(missing_ok=True)  # never a checkpoint with another epoch's logs
+        logs_tmp.rename(self.out_dir / LOG_SNAPSHOT)
+        os.replace(self.pending, self.out_dir / CHECKPOINT)
+        self.pending = None
+        self.spent += time.perf_counter() - t
+
+
+def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: bool = False,
+                 callbacks: tuple = ()) -> pl.Trainer:
     cfg = dict(trainer_cfg)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
-    loggers = make_loggers(cfg.get("loggers", ["dvclive"]), out_dir)
-    callbacks = [
-        ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_last=False,
-                        save_top_k=1, monitor=None, every_n_epochs=1),
-        LearningRateMonitor(logging_interval="epoch"),
-    ]
+    loggers = make_loggers(cfg.get("loggers", ["dvclive"]), out_dir, resume)
+    callbacks = [ResumeCheckpoint(out_dir, float(cfg.get("checkpoint_budget", 0.02))),
+                 LearningRateMonitor(logging_interval="epoch"), *callbacks]
     show_bar = bool(cfg.get("progress_bar", True))
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))))
@@ -75,16 +141,62 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int) -> pl.Traine
         callbacks=callbacks,
         enable_progress_bar=show_bar,
         enable_model_summary=False,
+        enable_checkpointing=True,
         num_sanity_val_steps=0,
         log_every_n_steps=int(cfg.get("log_every_n_steps", 10)),
         default_root_dir=str(out_dir),
+        precision=resolve_precision(cfg.get("precision", "auto"), str(cfg.get("accelerator", "cpu"))),
         **{k: cfg[k] for k in TRAINER_KEYS if k in cfg and cfg[k] is not None},
     )
 
 
+@dataclass
+class Fit:
+    model: BlockNet       # trained, on the CPU
+    precision: str        # what the trainer ran in (trainer.precision resolved)
+    device: str
+    resumed_at_epoch: int | None
+    seconds: float
+
+
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: dict,
-        out_dir: Path, max_epochs: int) -> BlockNet:
-    """Train; return the trained model on the CPU."""
-    trainer = make_trainer(trainer_cfg, out_dir, max_epochs)
-    trainer.fit(module, datamodule=datamodule)
-    return module.model.to("cpu")
+        out_dir: Path, max_epochs: int, callbacks: tuple = ()) -> Fit:
+    """Train, resuming from out_dir's checkpoint if a killed run left one."""
+    from transferkit.io import load_plain
+
+    ckpt = out_dir / CHECKPOINT
+    resume = ckpt.exists() and (out_dir / LOG_SNAPSHOT).is_dir()
+    resumed_at = None
+    if resume:  # checked like any file: plain data only, nothing in it may run
+        state = load_plain(ckpt, f"delete {out_dir} (the work folder of an interrupted run) and run the stage again.")
+        resumed_at = int(state["epoch"]) + 1
+        for name in ("dvclive", "csv", "tensorboard"):  # the logs as they were at the checkpoint
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            if (out_dir / LOG_SNAPSHOT / name).is_dir():
+                shutil.copytree(out_dir / LOG_SNAPSHOT / name, out_dir / name)
+    with warnings.catch_warnings():  # the CSV logger's warning that it deletes its file: _resume_csv restores it
+        warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")
+        trainer = make_trainer(trainer_cfg, out_dir, max_epochs, resume=resume, callbacks=callbacks)
+    if resume:
+        _resume_csv(trainer, out_dir / LOG_SNAPSHOT / "csv" / "metrics.csv")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out_dir / CHECKPOINT.parent, ignore_errors=True)  # finished: nothing to resume
+    return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds)
+
+
+
+def _resume_csv(trainer: pl.Trainer, saved: Path) -> None:
+    """Lightning's CSV logger cannot resume: it deletes metrics.csv when it starts. Put the rows
+    logged up to the checkpoint back and tell it their columns, so it appends after them."""
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger) and saved.is_file():
+            writer = logger.experiment
+            shutil.copy(saved, writer.metrics_file_path)
+            with open(saved, newline="") as f:
+                writer.metrics_keys = list(csv.DictReader(f).fieldnames or [])

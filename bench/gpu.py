@@ -1,0 +1,334 @@
+"""One GPU: the default pipeline with the GPU trainer, and full CIFAR-10 pretraining.
+
+    python bench/gpu.py [--out DIR] [--dry-run]
+
+1. The bf16 matrix-multiply peak of this device (8192^3 products), the yardstick for MFU.
+2. Every stage of dvc.yaml, in its order and with its command, in a fresh folder (conf/ composed
+   with trainer=gpu and CSV logs; the repository's data/): wall seconds measured outside the
+   process, training seconds from the stage's timing.json, the rest (start-up, loading,
+   evaluation, saving), training images/s, model-FLOPs utilisation and the stage's accuracy.
+3. experiment=cifar10_full: pretraining on all 50,000 CIFAR-10 training images, scored on the
+   10,000 test images without and with test-time augmentation (without CIFAR-100 in data/, the
+   target task is made synthetic: only pretraining is measured).
+4. Costs of settings, each against the pipeline's own pretrain run: trainer.deterministic=true;
+   torch.compile of the training step (compile seconds and steady step time, in-process).
+5. Host synchronisations per training step, counted by CUDA's sync debug mode over two fits of
+   different lengths.
+
+Without a CUDA device it says so and exits 0; --dry-run runs the same code on the CPU with the
+smoke experiment and a tiny CIFAR-10 subset (to check the script before spending GPU time).
+Prints one table per part and writes DIR/gpu.json (default bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, now, table  # noqa: E402
+
+TRAINED = {"pretrain", "transfer", "probe", "scratch", "freeze_curve", "distill", "student", "prune"}
+
+
+def peak_tflops(device: str) -> float:
+    n = 8192 if device == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * 10 / (time.perf_counter() - t) / 1e12
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def compose_params(folder: Path, overrides: list[str]) -> Path:
+    from transferkit.config.compose import compose, params_text
+
+    path = folder / "params.yaml"
+    path.write_text(params_text(compose(overrides, ROOT / "conf")))
+    return path
+
+
+def workdir(root: Path, name: str, data: Path) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "data").symlink_to(data.resolve())
+    return folder
+
+
+def run_command(cmd: str, cwd: Path) -> float:
+    argv = cmd.split()
+    if argv[0] == "transferkit":
+        argv = [sys.executable, "-m", "transferkit.cli", *argv[1:]]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"`{cmd}` failed after {seconds:.1f} s:\n{proc.stdout[-3000:]}")
+    return seconds
+
+
+def timings(folder: Path) -> list[dict]:
+    files = [folder / "timing.json"] if (folder / "timing.json").exists() else sorted(folder.glob("*/timing.json"))
+    return [json.loads(f.read_text()) for f in files]
+
+
+def train_flops_per_image(artifacts: Path, stage: str) -> float | None:
+    """Forward FLOPs x 3 (forward and backward) of the trained model, + the teacher's forward for
+    distillation; a linear probe trains its head alone (forward only). Frozen blocks (transfer's
+    freeze_depth) are counted as trained: an upper bound."""
+    from transferkit.evaluation.cost import count_macs
+    from transferkit.models import load_checkpoint
+
+    path = artifacts / stage / "model.pt"
+    if stage == "freeze_curve":
+        path = next((artifacts / stage).glob("*/model.pt"), path)
+    if not path.exists():
+        return None
+    fwd = 2 * count_macs(load_checkpoint(path, stage)[0])
+    if stage == "probe":
+        return fwd
+    teacher = 0
+    if stage in ("distill", "prune"):
+        teacher = 2 * count_macs(load_checkpoint(artifacts / "transfer" / "model.pt", "transfer")[0])
+    return 3 * fwd + teacher
+
+
+def accuracy(artifacts: Path, stage: str) -> str:
+    folder = artifacts / stage
+    if stage == "evaluate":
+        m = json.loads((folder / "metrics.json").read_text())["models"]
+        return ", ".join(f"{k} {100 * v['top1']:.1f}" for k, v in m.items())
+    if stage == "export":
+        e = json.loads((folder / "export.json").read_text())
+        return f"ONNX by {e['exporter']['onnx']}, agreement {100 * e['onnx']['top1_agreement']:.1f}%"
+    if stage == "prepare":
+        return ""
+    files = [folder / "metrics.json"] if (folder / "metrics.json").exists() else sorted(folder.glob("*/metrics.json"))
+    parts = []
+    for f in files:
+        m = json.loads(f.read_text())
+        label = f"{f.parent.name} " if f.parent != folder else ""
+        parts += [f"{label}{k} {100 * v:.1f}" for k, v in m.items() if k.endswith("_acc") and isinstance(v, float)]
+    return ", ".join(parts)
+
+
+def pipeline(root: Path, data: Path, trainer: list[str], experiment: list[str], peak: float) -> list[dict]:
+    folder = workdir(root, "pipeline", data)
+    compose_params(folder, [*experiment, *trainer])
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    rows = []
+    for name, stage in stages.items():
+        wall = run_command(stage["cmd"], folder)
+        t = timings(folder / "artifacts" / name)
+        train = sum(x["train_seconds"] for x in t) if name in TRAINED and t else None
+        imgs = sum(x["train_images_per_second"] * x["train_seconds"] for x in t) / train if train else None
+        flops = train_flops_per_image(folder / "artifacts", name) if train else None
+        rows.append({"stage": name, "wall": wall, "train": train, "rest": wall - (train or 0), "img_s": imgs,
+                     "mfu": flops * imgs / (peak * 1e12) * 100 if flops and imgs else None,
+                     "precision": t[0]["precision"] if t else None, "accuracy": accuracy(folder / "artifacts", name)})
+        print(table(rows[-1:], PIPELINE), flush=True)
+    rows.append({"stage": "**all**", "wall": sum(r["wall"] for r in rows), "train": sum(r["train"] or 0 for r in rows),
+                 "rest": sum(r["rest"] for r in rows)})
+    return rows
+
+
+def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], peak: float) -> dict:
+    folder = workdir(root, "cifar10_full", data)
+    overrides = ["experiment=cifar10_full", *trainer, *extra]
+    if not (data / "cifar-100-python").is_dir():  # pretraining alone is measured: any target will do
+        overrides += ["data.target.dataset=synthetic", "data.target.classes=[a,b]", "data.synthetic.train_per_class=8",
+                      "data.synthetic.test_per_class=2", "data.target.train_per_class=4", "data.target.val_per_class=2"]
+    compose_params(folder, overrides)
+    prepare = run_command("transferkit prepare --params params.yaml", folder)
+    wall = run_command("transferkit pretrain --params params.yaml", folder)
+    t = timings(folder / "artifacts" / "pretrain")[0]
+    m = json.loads((folder / "artifacts" / "pretrain" / "metrics.json").read_text())
+    flops = train_flops_per_image(folder / "artifacts", "pretrain")
+    summary = json.loads((folder / "artifacts" / "prepare" / "summary.json").read_text())["source"]
+    return {"prepare_wall": prepare, "pretrain_wall": wall, "train": t["train_seconds"],
+            "img_s": t["train_images_per_second"], "mfu": flops * t["train_images_per_second"] / (peak * 1e12) * 100,
+            "n_train": summary["n_train"], "n_test": summary["n_test"], "test_acc": m.get("test_acc"),
+            "test_acc_tta": m.get("test_acc_tta"), "precision": t["precision"]}
+
+
+def deterministic_cost(root: Path, data: Path, trainer: list[str], experiment: list[str]) -> dict:
+    """pretrain again with trainer.deterministic=true, on the pipeline's prepared data."""
+    folder = workdir(root, "deterministic", data)
+    shutil.copytree(root / "pipeline" / "artifacts" / "prepare", folder / "artifacts" / "prepare")
+    compose_params(folder, [*experiment, *trainer, "trainer.deterministic=true"])
+    wall = run_command("transferkit pretrain --params params.yaml", folder)
+    t = timings(folder / "artifacts" / "pretrain")[0]
+    base = timings(root / "pipeline" / "artifacts" / "pretrain")[0]
+    return {"deterministic_train": t["train_seconds"], "default_train": base["train_seconds"], "wall": wall,
+            "cost": t["train_seconds"] / base["train_seconds"] - 1}
+
+
+def _fit_counting_syncs(task: dict, steps: int, device: str, tmp: Path) -> int:
+    import pytorch_lightning as pl
+
+    from transferkit.data.loader import TaskDataModule
+    from transferkit.models import build_model
+    from transferkit.training.classifier import ClassifierModule
+    from transferkit.training.trainer import fit
+
+    n = steps * 256
+    sub = {**task, "train_x": task["train_x"][:n], "train_y": task["train_y"][:n], "val_y": task["val_y"][:0],
+           "val_x": task["val_x"][:0]}
+    pl.seed_everything(0, verbose=False)
+    module = ClassifierModule(build_model("fastnet", len(task["classes"]), widths=[64, 256, 256]), lr=0.5,
+                              weight_decay=5e-4, momentum=0.9, label_smoothing=0.2, warmup_fraction=0.1)
+    trainer = {"accelerator": "gpu" if device == "cuda" else "cpu", "devices": 1, "precision": "auto",
+               "deterministic": False, "benchmark": True, "loggers": ["csv"], "progress_bar": False,
+               "checkpoint_budget": 0.0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fit(module, TaskDataModule(sub, 256, 1024, val_split="none"), trainer, tmp / f"sync{steps}", 1)
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def host_syncs(root: Path, device: str) -> dict:
+    from transferkit.io import load_torch
+
+    task = load_torch(root / "pipeline" / "artifacts" / "prepare" / "source.pt", "task", "prepare")
+    few, many = (_fit_counting_syncs(task, s, device, root) for s in (8, 24))
+    return {"steps": [8, 24], "syncs": [few, many], "per_step": (many - few) / 16}
+
+
+def compile_cost(device: str, batch: int) -> dict:
+    """One training step of the default fastnet at `batch` (bf16 autocast), eager vs torch.compile."""
+    import torch.nn.functional as F
+
+    from transferkit.models import build_model
+
+    def make():
+        torch.manual_seed(0)
+        model = build_model("fastnet", 10, widths=[64, 256, 256]).to(device).to(memory_format=torch.channels_last)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+
+    x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+
+    out = {}
+    for name in ("eager", "compiled"):
+        model, opt = make()
+        if name == "compiled":
+            model = torch.compile(model)
+        t = time.perf_counter()
+        steps(model, opt, 3)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        steps(model, opt, 50)
+        out[name] = {"first_3_steps_s": first, "step_ms": (time.perf_counter() - t) / 50 * 1000}
+    saved = out["eager"]["step_ms"] - out["compiled"]["step_ms"]
+    extra = out["compiled"]["first_3_steps_s"] - out["eager"]["first_3_steps_s"]
+    out["steps_to_win_back"] = extra * 1000 / saved if saved > 0 else None
+    return out
+
+
+def attempt(name: str, fn, results: dict):
+    print(f"\n== {name}", flush=True)
+    start = time.perf_counter()
+    try:
+        results[name] = fn()
+    except Exception as e:  # one part failing must not lose the others' numbers
+        traceback.print_exc()
+        results[name] = {"error": f"{type(e).__name__}: {e}"[:3000]}
+    print(f"({name}: {time.perf_counter() - start:.1f} s)", flush=True)
+    return results[name]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--data", type=Path, default=ROOT / "data")
+    ap.add_argument("--dry-run", action="store_true", help="the same code on the CPU, tiny settings")
+    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: pipeline full deterministic syncs compile")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() and not args.dry_run:
+        print("bench/gpu.py: no CUDA device here; nothing measured (--dry-run runs the code on the CPU).")
+        return 0
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    info = {"when": now(), "machine": machine(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    peak = peak_tflops(device)
+    info["bf16_peak_tflops"] = peak
+    print(f"{info['device']}; torch {torch.__version__}; bf16 matmul peak {peak:.1f} TFLOP/s; host "
+          f"{info['machine']['cpu']}, {info['machine']['cores']} cores", flush=True)
+    trainer = ["trainer=gpu", "trainer.loggers=[csv]", "trainer.progress_bar=false"] if device == "cuda" else \
+        ["trainer.loggers=[csv]", "trainer.progress_bar=false"]
+    experiment = ["experiment=smoke"] if args.dry_run else []
+    full_extra = ["data.source.train_per_class=40", "data.source.test_per_class=10", "pretrain.epochs=1",
+                  "pretrain.batch_size=64"] if args.dry_run else []
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="transferkit-gpu-") as tmp:
+        root = Path(tmp)
+        if "pipeline" not in args.skip:
+            attempt("pipeline", lambda: pipeline(root, args.data, trainer, experiment, peak), results)
+        if "full" not in args.skip:
+            full = attempt("full", lambda: full_cifar10(root, args.data, trainer, full_extra, peak), results)
+            if "error" not in full:
+                print(table([full], FULL))
+        if "deterministic" not in args.skip and "error" not in results.get("pipeline", {"error": 1}):
+            attempt("deterministic", lambda: deterministic_cost(root, args.data, trainer, experiment), results)
+        if "syncs" not in args.skip and "error" not in results.get("pipeline", {"error": 1}):
+            attempt("syncs", lambda: host_syncs(root, device), results)
+        if "compile" not in args.skip:
+            attempt("compile", lambda: compile_cost(device, 1024 if device == "cuda" else 32), results)
+    if isinstance(results.get("pipeline"), list):
+        print("\nThe default pipeline, stage by stage (dvc.yaml's commands, GPU trainer):")
+        print(table(results["pipeline"], PIPELINE))
+    for name in ("deterministic", "syncs", "compile"):
+        if name in results:
+            print(f"\n{name}: {json.dumps(results[name], default=str)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("gpu-dry-run.json" if args.dry_run else "gpu.json")
+    path.write_text(json.dumps({**info, **results}, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+PIPELINE = [("stage", "stage", "s"), ("wall", "wall s", ".1f"), ("train", "training s", ".1f"),
+            ("rest", "outside training s", ".1f"), ("img_s", "train img/s", ",.0f"), ("mfu", "MFU %", ".1f"),
+            ("precision", "precision", "s"), ("accuracy", "accuracy %", "s")]
+FULL = [("n_train", "train images", ",d"), ("train", "training s", ".1f"), ("img_s", "img/s", ",.0f"),
+        ("mfu", "MFU %", ".1f"), ("test_acc", "test top-1", ".4f"), ("test_acc_tta", "with TTA", ".4f"),
+        ("prepare_wall", "prepare wall s", ".1f"), ("pretrain_wall", "pretrain wall s", ".1f")]
+
+if __name__ == "__main__":
+    sys.exit(main())

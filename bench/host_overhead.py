@@ -1,0 +1,119 @@
+"""Per-step host overhead of our training loop against a plain PyTorch loop.
+
+ours:  what a training stage runs: Lightning's Trainer from the cpu trainer preset (callbacks,
+       resume checkpoints, learning-rate monitor, the logger), ClassifierModule, TaskDataModule;
+       once as the stages run it and once without progress bar and logger
+plain: `for x, y in batches: loss = cross_entropy(model(x), y); loss.backward(); opt.step();
+       sched.step(); opt.zero_grad()`
+
+Same tiny model (fastnet 8/16/16), same batches (DeviceBatches: gather, flip, translate), same
+SGD and schedule, fp32, one thread. A step's time is the slope between a short and a long epoch,
+so start-up and epoch-end work cancel out; each arm runs --repeats times, taking turns, and the
+median slope counts. The difference is what our loop adds per step.
+
+    uv run python bench/host_overhead.py [--batch 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, now, save, table  # noqa: E402
+
+from transferkit.data.loader import DeviceBatches, TaskDataModule  # noqa: E402
+from transferkit.models import build_model  # noqa: E402
+from transferkit.training.classifier import ClassifierModule  # noqa: E402
+from transferkit.training.precision import matmul_gflops  # noqa: E402
+from transferkit.training.trainer import fit  # noqa: E402
+
+SETTINGS = dict(lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.2, warmup_fraction=0.1)
+STEPS = (40, 200)
+
+
+def task(n: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return {"train_x": x, "train_y": y, "val_x": x[:0], "val_y": y[:0], "classes": [str(i) for i in range(10)]}
+
+
+def model():
+    torch.manual_seed(0)
+    return build_model("fastnet", 10, widths=[8, 16, 16], stem_width=8)
+
+
+def run_ours(steps: int, batch: int, tmp: Path, bar_and_logger: bool) -> float:
+    from transferkit.config.compose import compose
+
+    cfg = dict(compose([], Path(__file__).resolve().parents[1] / "conf").trainer)
+    cfg.update(precision="32-true", num_threads=1)
+    if not bar_and_logger:
+        cfg.update(progress_bar=False, loggers=[])
+    module = ClassifierModule(model(), **SETTINGS)
+    data = TaskDataModule(task(steps * batch), batch, 256, val_split="none")
+    start = time.perf_counter()
+    fit(module, data, cfg, tmp / f"ours{steps}{bar_and_logger}{time.perf_counter_ns()}", max_epochs=1)
+    return time.perf_counter() - start
+
+
+def run_plain(steps: int, batch: int) -> float:
+    torch.set_num_threads(1)
+    net = model().to(memory_format=torch.channels_last).train()
+    t = task(steps * batch)
+    batches = DeviceBatches(t["train_x"], t["train_y"], batch, device="cpu", train=True, flip="random", translate=2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    start = time.perf_counter()
+    for x, y in batches:
+        loss = F.cross_entropy(net(x), y, label_smoothing=0.2)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    info = {"when": now(), "machine": machine(), "fp32_gflops": matmul_gflops(torch.float32),
+            "bf16_gflops": matmul_gflops(torch.bfloat16)}
+    print(f"{info['machine']['cpu']}; matmul peak fp32 {info['fp32_gflops']:.0f} / bf16 {info['bf16_gflops']:.0f} "
+          f"GFLOP/s (1 thread); load average {info['machine']['loadavg']}", flush=True)
+    arms = {"plain PyTorch loop": lambda n, tmp: run_plain(n, args.batch),
+            "ours, as the stages run it": lambda n, tmp: run_ours(n, args.batch, tmp, True),
+            "ours, no progress bar or logger": lambda n, tmp: run_ours(n, args.batch, tmp, False)}
+    slopes: dict[str, list[float]] = {name: [] for name in arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, arm in arms.items():  # warm-up: imports, first kernels
+            arm(STEPS[0], Path(tmp))
+        for _ in range(args.repeats):
+            for name, arm in arms.items():
+                short, long = (arm(n, Path(tmp)) for n in STEPS)
+                slopes[name].append((long - short) / (STEPS[1] - STEPS[0]) * 1000)
+    base = statistics.median(slopes["plain PyTorch loop"])
+    rows = [{"loop": name, "ms": statistics.median(v), "spread": f"{min(v):.3f}-{max(v):.3f}",
+             "over": statistics.median(v) - base} for name, v in slopes.items()]
+    print(f"\nms per training step (batch {args.batch}, fastnet 8/16/16, fp32, 1 thread; slope between "
+          f"{STEPS[0]} and {STEPS[1]} steps, median of {args.repeats}):")
+    print(table(rows, [("loop", "loop", "s"), ("ms", "ms/step", ".3f"), ("spread", "range", "s"),
+                       ("over", "above plain, ms", "+.3f")]))
+    print(f"\nload average after: {machine()['loadavg']}")
+    print(f"wrote {save('host_overhead', {**info, 'rows': rows, 'slopes_ms': slopes})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The training loop: no host synchronisation per step, resume after an interruption with
+identical results, precision chosen by the machine, lookahead weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import compose, run
+from transferkit.data.loader import TaskDataModule
+from transferkit.data.sources import make_synthetic
+from transferkit.data.tasks import select_task
+from transferkit.models import build_model
+from transferkit.training.classifier import ClassifierModule
+from transferkit.training.trainer import fit
+
+SETTINGS = dict(lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.1, warmup_fraction=0.1)
+# Every way Python code reads a value back from a tensor: on a GPU each one waits for the queue.
+READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _task(train_per_class: int):
+    raw = make_synthetic(["a", "b", "c"], train_per_class + 4, 4, seed=1)
+    return select_task(raw, ["a", "b", "c"], train_per_class=train_per_class, val_per_class=4,
+                       test_per_class=None, seed=0, role="target")
+
+
+def _count_reads(monkeypatch, train_per_class: int, tmp_path: Path) -> int:
+    pl.seed_everything(0, verbose=False)
+    module = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), **SETTINGS)
+    datamodule = TaskDataModule(_task(train_per_class), 8, 64, flip="random", translate=2)
+    trainer_cfg = {**compose("experiment=smoke").trainer, "loggers": ["csv"], "checkpoint_budget": 0}
+    count = [0]
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    fit(module, datamodule, trainer_cfg, tmp_path, max_epochs=1)
+    monkeypatch.undo()
+    return count[0]
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path):
+    """An epoch of 3x the steps reads exactly as many values back: none of them per step
+    (what is read happens at the epoch's end: the logged loss and accuracy)."""
+    few = _count_reads(monkeypatch, 8, tmp_path / "few")      # 24 images: 3 steps of 8
+    many = _count_reads(monkeypatch, 24, tmp_path / "many")   # 72 images: 9 steps of 8
+    assert few == many, f"{many - few} reads of device values in 6 more steps"
+
+
+class Interrupt(pl.Callback):
+    """Raises at the start of epoch `at`, as a crash or Ctrl+C would, after the checkpoint of
+    the epoch before has been completed."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.at:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results(tmp_path, monkeypatch):
+    import transferkit.training.trainer as trainer_module
+
+    overrides = ("experiment=smoke", "trainer.checkpoint_budget=1", "trainer.loggers=[dvclive,csv]",
+                 "pretrain.lookahead=true")
+    straight = compose(*overrides, tmp=tmp_path / "straight")
+    run("prepare", straight)
+    run("pretrain", straight)
+
+    resumed = compose(*overrides, tmp=tmp_path / "resumed")
+    shutil.copytree(tmp_path / "straight" / "artifacts" / "prepare", tmp_path / "resumed" / "artifacts" / "prepare")
+    make = trainer_module.make_trainer
+    monkeypatch.setattr(trainer_module, "make_trainer",
+                        lambda *a, callbacks=(), **k: make(*a, callbacks=(*callbacks, Interrupt(3)), **k))
+    with pytest.raises(SystemExit):  # Lightning turns the interrupt into exit(1), as on Ctrl+C
+        run("pretrain", resumed)
+    work = tmp_path / "resumed" / "artifacts" / ".pretrain.incomplete"
+    assert (work / "checkpoints" / "last.ckpt").exists(), "the interrupted run left nothing to resume"
+    monkeypatch.setattr(trainer_module, "make_trainer", make)
+    run("pretrain", resumed)
+
+    a, b = (tmp_path / name / "artifacts" / "pretrain" for name in ("straight", "resumed"))
+    assert 1 <= json.loads((b / "timing.json").read_text())["resumed_at_epoch"] <= 3  # not from scratch
+    assert (a / "metrics.json").read_bytes() == (b / "metrics.json").read_bytes()
+    assert torch.equal(torch.load(a / "model.pt")["state_dict"]["head.fc.weight"],
+                       torch.load(b / "model.pt")["state_dict"]["head.fc.weight"])
+    for log in ("dvclive/metrics.json", "dvclive/plots/metrics/train/loss.tsv", "csv/metrics.csv"):
+        assert (a / log).read_text() == (b / log).read_text(), log  # the curves carry on where they stopped
+    assert not (b / "checkpoints").exists() and not work.exists()
+
+
+def test_a_poisoned_resume_checkpoint_is_refused(tmp_path, monkeypatch):
+    from test_safe_files import Payload
+
+    from transferkit.errors import TransferkitError
+
+    cfg = compose("experiment=smoke", tmp=tmp_path)
+    run("prepare", cfg)
+    work = tmp_path / "artifacts" / ".pretrain.incomplete"
+    (work / "checkpoints" / "logs").mkdir(parents=True)
+    from transferkit.config.compose import to_params
+    import yaml
+
+    (work / "params.yaml").write_text(yaml.safe_dump(to_params(cfg), sort_keys=False))  # looks resumable
+    marker = tmp_path / "marker"
+    torch.save({"epoch": 1, "state_dict": Payload(marker)}, work / "checkpoints" / "last.ckpt")
+    with pytest.raises(TransferkitError, match="not plain data"):
+        run("pretrain", cfg)
+    assert not marker.exists()
+
+
+def test_checkpoint_budget_bounds_the_time_spent_saving(tmp_path):
+    from transferkit.training.trainer import ResumeCheckpoint
+
+    saved = []
+
+    class Trainer:  # just what the callback reads
+        current_epoch, max_epochs, global_rank = 0, 100, 0
+
+        class strategy:
+            broadcast = staticmethod(lambda x: x)
+
+        def save_checkpoint(self, path):
+            import time
+            time.sleep(0.01)
+            saved.append(path)
+
+    cb = ResumeCheckpoint(tmp_path, budget=0.02)
+    cb.on_train_start(Trainer(), torch.nn.Linear(1000, 1000))
+    trainer = Trainer()
+    import time
+    for epoch in range(30):  # epochs of 10 ms: saving every one would cost as much as training
+        trainer.current_epoch = epoch
+        time.sleep(0.01)
+        cb.on_train_epoch_end(trainer, None)
+        cb.pending = None
+    assert cb.spent <= 0.02 * (time.perf_counter() - cb.start) + 0.011
+    assert len(saved) <= 2
+
+
+def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
+    from transferkit.training import precision
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert precision.resolve_precision("32-true", "cpu") == "32-true"  # an explicit setting wins
+    for speedup, want in ((2.0, "bf16-mixed"), (0.5, "32-true"), (1.1, "32-true")):
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda s=speedup: s)
+        assert precision.resolve_precision("auto", "cpu") == want
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = precision.cpu_bf16_speedup()  # measured once, then read from the cache
+    cache = json.loads(precision.cache_file().read_text())
+    assert len(cache) == 1 and next(iter(cache.values()))["speedup"] == first
+    monkeypatch.setattr(precision, "matmul_gflops", lambda *a, **k: pytest.fail("measured twice"))
+    assert precision.cpu_bf16_speedup() == first
+
+
+def test_the_precision_used_is_recorded_and_reported(smoke_artifacts):
+    cfg, _ = smoke_artifacts
+    artifacts = Path(cfg.paths.artifacts_dir)
+    timing = json.loads((artifacts / "pretrain" / "timing.json").read_text())
+    assert timing["precision"] in ("bf16-mixed", "32-true") and timing["device"] == "cpu"
+    assert f"pretrain {timing['precision']} on cpu" in (artifacts / "evaluate" / "report.md").read_text()
+
+
+def test_lookahead_ends_on_the_averaged_weights():
+    from transferkit.training.lookahead import Lookahead
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Linear(2, 2)
+    cb = Lookahead(every=2)
+
+    class Trainer:
+        global_step, estimated_stepping_batches = 0, 4
+
+    cb.on_train_start(Trainer(), model)
+    start = model.model.weight.detach().clone()
+    trainer = Trainer()
+    for step in range(1, 5):
+        with torch.no_grad():
+            model.model.weight.add_(1.0)  # an optimiser step
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, model, None, None, step)
+    # step 2: decay 0.95^2 * (2/4)^3; step 4: 0.95^2 * 1; the weights end on the average
+    d2 = 0.95 ** 2 * (2 / 4) ** 3
+    avg = start + (1 - d2) * 2                  # after step 2 (weights were start + 2)
+    avg = d2 * 0 + avg                          # weights reset onto it
+    w4 = avg + 2                                # two more steps
+    want = 0.95 ** 2 * avg + (1 - 0.95 ** 2) * w4
+    torch.testing.assert_close(model.model.weight, want)
+    torch.testing.assert_close(cb.average[0], want)
