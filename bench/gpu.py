@@ -14,6 +14,12 @@
    torch.compile of the training step (compile seconds and steady step time, in-process).
 5. Host synchronisations per training step, counted by CUDA's sync debug mode over two fits of
    different lengths.
+6. Where a stage's time outside training goes: process start-up (Python, torch, a training
+   stage's imports, CUDA's initialisation) and a profile of `export` and `evaluate` (cProfile,
+   the top entries by cumulative time, written to DIR).
+7. With --airbench PATH (legacy/airbench94.py of github.com/KellerJordan/cifar10-airbench, not
+   part of this project): the published trainer on the same prepared images as part 3
+   (bench/airbench_reference.py).
 
 Without a CUDA device it says so and exits 0; --dry-run runs the same code on the CPU with the
 smoke experiment and a tiny CIFAR-10 subset (to check the script before spending GPU time).
@@ -141,20 +147,22 @@ def pipeline(root: Path, data: Path, trainer: list[str], experiment: list[str], 
     rows = []
     for name, stage in stages.items():
         wall = run_command(stage["cmd"], folder)
-        t = timings(folder / "artifacts" / name)
+        t = timings(folder / "artifacts" / name) if name in TRAINED else []
         train = sum(x["train_seconds"] for x in t) if name in TRAINED and t else None
         imgs = sum(x["train_images_per_second"] * x["train_seconds"] for x in t) / train if train else None
         flops = train_flops_per_image(folder / "artifacts", name) if train else None
         rows.append({"stage": name, "wall": wall, "train": train, "rest": wall - (train or 0), "img_s": imgs,
                      "mfu": flops * imgs / (peak * 1e12) * 100 if flops and imgs else None,
-                     "precision": t[0]["precision"] if t else None, "accuracy": accuracy(folder / "artifacts", name)})
+                     "precision": t[0].get("precision") if t else None, "accuracy": accuracy(folder / "artifacts", name)})
         print(table(rows[-1:], PIPELINE), flush=True)
     rows.append({"stage": "**all**", "wall": sum(r["wall"] for r in rows), "train": sum(r["train"] or 0 for r in rows),
                  "rest": sum(r["rest"] for r in rows)})
     return rows
 
 
-def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], peak: float) -> dict:
+def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], peak: float,
+                 epochs: list[int]) -> list[dict]:
+    """Prepare once, then pretrain for each of `epochs` (the experiment's own count first)."""
     folder = workdir(root, "cifar10_full", data)
     overrides = ["experiment=cifar10_full", *trainer, *extra]
     if not (data / "cifar-100-python").is_dir():  # pretraining alone is measured: any target will do
@@ -162,15 +170,22 @@ def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], p
                       "data.synthetic.test_per_class=2", "data.target.train_per_class=4", "data.target.val_per_class=2"]
     compose_params(folder, overrides)
     prepare = run_command("transferkit prepare --params params.yaml", folder)
-    wall = run_command("transferkit pretrain --params params.yaml", folder)
-    t = timings(folder / "artifacts" / "pretrain")[0]
-    m = json.loads((folder / "artifacts" / "pretrain" / "metrics.json").read_text())
-    flops = train_flops_per_image(folder / "artifacts", "pretrain")
     summary = json.loads((folder / "artifacts" / "prepare" / "summary.json").read_text())["source"]
-    return {"prepare_wall": prepare, "pretrain_wall": wall, "train": t["train_seconds"],
-            "img_s": t["train_images_per_second"], "mfu": flops * t["train_images_per_second"] / (peak * 1e12) * 100,
-            "n_train": summary["n_train"], "n_test": summary["n_test"], "test_acc": m.get("test_acc"),
-            "test_acc_tta": m.get("test_acc_tta"), "precision": t["precision"]}
+    rows = []
+    for n in epochs or [None]:
+        compose_params(folder, overrides + ([f"pretrain.epochs={n}"] if n else []))
+        wall = run_command("transferkit pretrain --params params.yaml", folder)
+        t = timings(folder / "artifacts" / "pretrain")[0]
+        m = json.loads((folder / "artifacts" / "pretrain" / "metrics.json").read_text())
+        flops = train_flops_per_image(folder / "artifacts", "pretrain")
+        used = yaml.safe_load((folder / "params.yaml").read_text())["pretrain"]["epochs"]
+        rows.append({"epochs": used, "prepare_wall": prepare, "pretrain_wall": wall, "train": t["train_seconds"],
+                     "img_s": t["train_images_per_second"],
+                     "mfu": flops * t["train_images_per_second"] / (peak * 1e12) * 100,
+                     "n_train": summary["n_train"], "n_test": summary["n_test"], "test_acc": m.get("test_acc"),
+                     "test_acc_tta": m.get("test_acc_tta"), "precision": t["precision"]})
+        print(table(rows[-1:], FULL), flush=True)
+    return rows
 
 
 def deterministic_cost(root: Path, data: Path, trainer: list[str], experiment: list[str]) -> dict:
@@ -262,7 +277,49 @@ def compile_cost(device: str, batch: int) -> dict:
     return out
 
 
-def attempt(name: str, fn, results: dict):
+def startup(device: str) -> dict:
+    """Seconds a fresh process takes for: nothing, `import torch`, a training stage's imports, and
+    those plus CUDA's initialisation (median of 3)."""
+    code = {"python": "pass", "torch": "import torch", "stage imports": "import transferkit.stages.pretrain",
+            "stage imports + device init": "import transferkit.stages.pretrain, torch; "
+                                           f"torch.zeros(1, device='{device}').sum().item()"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = {}
+    for name, c in code.items():
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", c], env=env, check=True)
+            times.append(time.perf_counter() - start)
+        out[name] = sorted(times)[1]
+    return out
+
+
+def profile_stages(root: Path, out: Path) -> dict:
+    """export and evaluate once more under cProfile, in the pipeline's folder (its outputs are replaced
+    by identical ones): the top of the cumulative-time table goes to DIR/profile-STAGE.txt."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    walls = {}
+    for name in ("export", "evaluate"):
+        argv = stages[name]["cmd"].split()
+        cmd = " ".join([sys.executable, "-m", "cProfile", "-s", "cumtime", "-m", "transferkit.cli", *argv[1:]])
+        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        start = time.perf_counter()
+        proc = subprocess.run(cmd.split(), cwd=root / "pipeline", env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        walls[name] = time.perf_counter() - start
+        (out / f"profile-{name}.txt").write_text("\n".join(proc.stdout.splitlines()[:120]) + "\n")
+    return walls
+
+
+def airbench(root: Path, path: Path) -> dict:
+    import airbench_reference
+
+    task = root / "cifar10_full" / "artifacts" / "prepare" / "source.pt"
+    return {"exit": airbench_reference.main([str(path), "--task", str(task), "--runs", "3"])}
+
+
+def attempt(name: str, fn, results: dict, save=None):
     print(f"\n== {name}", flush=True)
     start = time.perf_counter()
     try:
@@ -271,6 +328,8 @@ def attempt(name: str, fn, results: dict):
         traceback.print_exc()
         results[name] = {"error": f"{type(e).__name__}: {e}"[:3000]}
     print(f"({name}: {time.perf_counter() - start:.1f} s)", flush=True)
+    if save:
+        save()
     return results[name]
 
 
@@ -279,7 +338,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--data", type=Path, default=ROOT / "data")
     ap.add_argument("--dry-run", action="store_true", help="the same code on the CPU, tiny settings")
-    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: pipeline full deterministic syncs compile")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="parts to skip: pipeline full airbench syncs deterministic startup profile compile")
+    ap.add_argument("--full-epochs", type=int, nargs="*", default=[],
+                    help="part 3 once per value of pretrain.epochs (default: the experiment's own)")
+    ap.add_argument("--airbench", type=Path, help="legacy/airbench94.py, to run it on the same images (part 7)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.dry_run:
         print("bench/gpu.py: no CUDA device here; nothing measured (--dry-run runs the code on the CPU).")
@@ -296,29 +359,41 @@ def main(argv=None) -> int:
     full_extra = ["data.source.train_per_class=40", "data.source.test_per_class=10", "pretrain.epochs=1",
                   "pretrain.batch_size=64"] if args.dry_run else []
     results: dict = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("gpu-dry-run.json" if args.dry_run else "gpu.json")
+
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        path.write_text(json.dumps({**info, **results}, indent=2, default=str) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="transferkit-gpu-") as tmp:
         root = Path(tmp)
+        ok = lambda part: part not in args.skip and "error" not in results.get("pipeline", {"error": 1})  # noqa: E731
         if "pipeline" not in args.skip:
-            attempt("pipeline", lambda: pipeline(root, args.data, trainer, experiment, peak), results)
+            attempt("pipeline", lambda: pipeline(root, args.data, trainer, experiment, peak), results, save)
         if "full" not in args.skip:
-            full = attempt("full", lambda: full_cifar10(root, args.data, trainer, full_extra, peak), results)
+            full = attempt("full", lambda: full_cifar10(root, args.data, trainer, full_extra, peak, args.full_epochs),
+                           results)
             if "error" not in full:
-                print(table([full], FULL))
-        if "deterministic" not in args.skip and "error" not in results.get("pipeline", {"error": 1}):
-            attempt("deterministic", lambda: deterministic_cost(root, args.data, trainer, experiment), results)
-        if "syncs" not in args.skip and "error" not in results.get("pipeline", {"error": 1}):
-            attempt("syncs", lambda: host_syncs(root, device), results)
+                print(table(full, FULL))
+                if args.airbench and "airbench" not in args.skip:
+                    attempt("airbench", lambda: airbench(root, args.airbench), results, save)
+        if ok("syncs"):
+            attempt("syncs", lambda: host_syncs(root, device), results, save)
+        if ok("deterministic"):
+            attempt("deterministic", lambda: deterministic_cost(root, args.data, trainer, experiment), results, save)
+        if "startup" not in args.skip:
+            attempt("startup", lambda: startup(device), results, save)
+        if ok("profile"):
+            attempt("profile", lambda: profile_stages(root, args.out), results, save)
         if "compile" not in args.skip:
-            attempt("compile", lambda: compile_cost(device, 1024 if device == "cuda" else 32), results)
+            attempt("compile", lambda: compile_cost(device, 1024 if device == "cuda" else 32), results, save)
     if isinstance(results.get("pipeline"), list):
         print("\nThe default pipeline, stage by stage (dvc.yaml's commands, GPU trainer):")
         print(table(results["pipeline"], PIPELINE))
-    for name in ("deterministic", "syncs", "compile"):
+    for name in ("airbench", "syncs", "deterministic", "startup", "profile", "compile"):
         if name in results:
             print(f"\n{name}: {json.dumps(results[name], default=str)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("gpu-dry-run.json" if args.dry_run else "gpu.json")
-    path.write_text(json.dumps({**info, **results}, indent=2, default=str) + "\n")
+    save()
     print(f"wrote {path}")
     return 0
 
@@ -326,7 +401,7 @@ def main(argv=None) -> int:
 PIPELINE = [("stage", "stage", "s"), ("wall", "wall s", ".1f"), ("train", "training s", ".1f"),
             ("rest", "outside training s", ".1f"), ("img_s", "train img/s", ",.0f"), ("mfu", "MFU %", ".1f"),
             ("precision", "precision", "s"), ("accuracy", "accuracy %", "s")]
-FULL = [("n_train", "train images", ",d"), ("train", "training s", ".1f"), ("img_s", "img/s", ",.0f"),
+FULL = [("epochs", "epochs", "d"), ("n_train", "train images", ",d"), ("train", "training s", ".1f"), ("img_s", "img/s", ",.0f"),
         ("mfu", "MFU %", ".1f"), ("test_acc", "test top-1", ".4f"), ("test_acc_tta", "with TTA", ".4f"),
         ("prepare_wall", "prepare wall s", ".1f"), ("pretrain_wall", "pretrain wall s", ".1f")]
 
