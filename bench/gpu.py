@@ -372,7 +372,7 @@ def main(argv=None) -> int:
             attempt("pipeline", lambda: pipeline(root, args.data, trainer, experiment, peak), results, save)
         if "full" not in args.skip:
             full = attempt("full", lambda: full_cifar10(root, args.data, trainer, full_extra, peak, args.full_epochs),
-                           results)
+                           results, save)
             if "error" not in full:
                 print(table(full, FULL))
                 if args.airbench and "airbench" not in args.skip:

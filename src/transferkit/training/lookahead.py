@@ -20,6 +20,7 @@ class Lookahead(Callback):
         return [t for t in module.model.state_dict().values() if t.is_floating_point()]
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.total = max(1, int(trainer.estimated_stepping_batches))
         if self.average is None:  # a resumed run brings its average from the checkpoint
             self.average = [t.detach().clone() for t in self._tensors(module)]
         else:
@@ -27,7 +28,7 @@ class Lookahead(Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        step, total = trainer.global_step, max(1, int(trainer.estimated_stepping_batches))
+        step, total = trainer.global_step, self.total
         due = step % self.every == 0
         if not due and step < total:
             return
