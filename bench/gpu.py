@@ -140,12 +140,15 @@ def accuracy(artifacts: Path, stage: str) -> str:
     return ", ".join(parts)
 
 
-def pipeline(root: Path, data: Path, trainer: list[str], experiment: list[str], peak: float) -> list[dict]:
+def pipeline(root: Path, data: Path, trainer: list[str], experiment: list[str], peak: float,
+             only: list[str] | None = None) -> list[dict]:
     folder = workdir(root, "pipeline", data)
     compose_params(folder, [*experiment, *trainer])
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     rows = []
     for name, stage in stages.items():
+        if only and name not in only:
+            continue
         wall = run_command(stage["cmd"], folder)
         t = timings(folder / "artifacts" / name) if name in TRAINED else []
         train = sum(x["train_seconds"] for x in t) if name in TRAINED and t else None
@@ -277,9 +280,9 @@ def compile_cost(device: str, batch: int) -> dict:
     return out
 
 
-def startup(device: str) -> dict:
+def startup(device: str, repeats: int) -> dict:
     """Seconds a fresh process takes for: nothing, `import torch`, a training stage's imports, and
-    those plus CUDA's initialisation (median of 3)."""
+    those plus CUDA's initialisation (median of `repeats`)."""
     code = {"python": "pass", "torch": "import torch", "stage imports": "import transferkit.stages.pretrain",
             "stage imports + device init": "import transferkit.stages.pretrain, torch; "
                                            f"torch.zeros(1, device='{device}').sum().item()"}
@@ -287,11 +290,11 @@ def startup(device: str) -> dict:
     out = {}
     for name, c in code.items():
         times = []
-        for _ in range(3):
+        for _ in range(repeats):
             start = time.perf_counter()
             subprocess.run([sys.executable, "-c", c], env=env, check=True)
             times.append(time.perf_counter() - start)
-        out[name] = sorted(times)[1]
+        out[name] = sorted(times)[len(times) // 2]
     return out
 
 
@@ -342,12 +345,18 @@ def main(argv=None) -> int:
                     help="parts to skip: pipeline full airbench syncs deterministic startup profile compile")
     ap.add_argument("--full-epochs", type=int, nargs="*", default=[],
                     help="part 3 once per value of pretrain.epochs (default: the experiment's own)")
+    ap.add_argument("--stages", nargs="*", default=[], help="part 2 for these dvc.yaml stages only (default: all)")
+    ap.add_argument("--startup-repeats", type=int, default=3)
+    ap.add_argument("--pycache", type=Path, help="PYTHONPYCACHEPREFIX for every process started: on an image "
+                    "whose packages ship without bytecode, each module is then compiled once, not per process")
     ap.add_argument("--airbench", type=Path, help="legacy/airbench94.py, to run it on the same images (part 7)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.dry_run:
         print("bench/gpu.py: no CUDA device here; nothing measured (--dry-run runs the code on the CPU).")
         return 0
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    if args.pycache:
+        os.environ["PYTHONPYCACHEPREFIX"] = str(args.pycache.resolve())
     info = {"when": now(), "machine": machine(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     peak = peak_tflops(device)
     info["bf16_peak_tflops"] = peak
@@ -369,7 +378,7 @@ def main(argv=None) -> int:
         root = Path(tmp)
         ok = lambda part: part not in args.skip and "error" not in results.get("pipeline", {"error": 1})  # noqa: E731
         if "pipeline" not in args.skip:
-            attempt("pipeline", lambda: pipeline(root, args.data, trainer, experiment, peak), results, save)
+            attempt("pipeline", lambda: pipeline(root, args.data, trainer, experiment, peak, args.stages), results, save)
         if "full" not in args.skip:
             full = attempt("full", lambda: full_cifar10(root, args.data, trainer, full_extra, peak, args.full_epochs),
                            results, save)
@@ -382,7 +391,7 @@ def main(argv=None) -> int:
         if ok("deterministic"):
             attempt("deterministic", lambda: deterministic_cost(root, args.data, trainer, experiment), results, save)
         if "startup" not in args.skip:
-            attempt("startup", lambda: startup(device), results, save)
+            attempt("startup", lambda: startup(device, args.startup_repeats), results, save)
         if ok("profile"):
             attempt("profile", lambda: profile_stages(root, args.out), results, save)
         if "compile" not in args.skip:

@@ -200,3 +200,10 @@ def test_lookahead_ends_on_the_averaged_weights():
     want = 0.95 ** 2 * avg + (1 - 0.95 ** 2) * w4
     torch.testing.assert_close(model.model.weight, want)
     torch.testing.assert_close(cb.average[0], want)
+
+
+def test_a_stage_trains_without_any_logger(tmp_path):
+    cfg = compose("experiment=smoke", "trainer.loggers=[]", tmp=tmp_path)
+    run("prepare", cfg)
+    assert "val_acc" in run("pretrain", cfg)
+    assert not (tmp_path / "artifacts" / "pretrain" / "dvclive").exists()

@@ -91,15 +91,15 @@ def paired_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, z: float
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
-
     k = len(classes)
     pred = logits.argmax(1)
     correct = int((pred == labels).sum())
     n = len(labels)
     lo, hi = wilson_interval(correct, n)
-    per_class = multiclass_accuracy(pred, labels, num_classes=k, average=None)
-    confusion = multiclass_confusion_matrix(pred, labels, num_classes=k)
+    # by hand, not torchmetrics: two bincounts, where importing torchmetrics costs seconds per
+    # process on machines that have its optional dependencies (it imports transformers)
+    confusion = torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
+    per_class = confusion.diag().float() / confusion.sum(1).clamp_min(1).float()
     return {
         "top1": correct / n,
         "top1_ci95": [lo, hi],

@@ -8,6 +8,7 @@ on an earlier block is just `truncate(j)` plus a fresh head.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,13 +24,21 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class GlobalMaxPool(nn.Module):
+    """Max over each feature map, through max_pool2d: the same values and gradients as
+    AdaptiveMaxPool2d(1), whose CUDA backward has no deterministic version (trainer.deterministic)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, x.shape[-2:])
+
+
 class Head(nn.Module):
     """Global pooling (for 4-D features) + linear classifier."""
 
     def __init__(self, in_features: int, num_classes: int, pool: str = "avg", bias: bool = True,
                  scale: float = 1.0):
         super().__init__()
-        self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1)}[pool]
+        self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": GlobalMaxPool()}[pool]
         self.fc = nn.Linear(in_features, num_classes, bias=bias)
         self.scale = scale  # airbench scales logits down (1/9): a calmer start at high learning rates
 

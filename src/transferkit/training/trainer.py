@@ -130,8 +130,9 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
     loggers = make_loggers(cfg.get("loggers", ["dvclive"]), out_dir, resume)
-    callbacks = [ResumeCheckpoint(out_dir, float(cfg.get("checkpoint_budget", 0.02))),
-                 LearningRateMonitor(logging_interval="epoch"), *callbacks]
+    callbacks = [ResumeCheckpoint(out_dir, float(cfg.get("checkpoint_budget", 0.02))), *callbacks]
+    if loggers:  # the learning rate goes to the logs (there are none with trainer.loggers=[])
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     show_bar = bool(cfg.get("progress_bar", True))
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))))

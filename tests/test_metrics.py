@@ -1,0 +1,30 @@
+"""The evaluation metrics: per-class accuracy and confusion matrix (hand-written with bincount to
+keep torchmetrics' import out of `evaluate`) agree with torchmetrics; intervals behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
+
+from transferkit.evaluation.metrics import classification_metrics, paired_difference, wilson_interval
+
+
+@pytest.mark.parametrize("k", [2, 5, 10])
+def test_classification_metrics_agree_with_torchmetrics(k):
+    g = torch.Generator().manual_seed(k)
+    labels = torch.randint(0, k, (997,), generator=g)
+    logits = torch.randn(997, k, generator=g) + 2 * torch.nn.functional.one_hot(labels, k)  # better than chance
+    m = classification_metrics(logits, labels, [f"c{i}" for i in range(k)])
+    pred = logits.argmax(1)
+    assert m["confusion"] == multiclass_confusion_matrix(pred, labels, num_classes=k).tolist()
+    assert list(m["per_class"].values()) == [float(a) for a in multiclass_accuracy(pred, labels, num_classes=k, average=None)]
+    assert m["top1"] == pytest.approx(float((pred == labels).float().mean()))
+    lo, hi = m["top1_ci95"]
+    assert lo < m["top1"] < hi
+
+
+def test_intervals():
+    assert wilson_interval(0, 100)[0] == 0.0 and wilson_interval(100, 100)[1] == 1.0
+    d = paired_difference(torch.tensor([1, 1, 0, 1]), torch.tensor([1, 0, 0, 0]))
+    assert d["difference"] == 0.5 and d["ci95"][0] < 0.5 < d["ci95"][1] and d["n"] == 4
