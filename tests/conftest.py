@@ -58,16 +58,16 @@ def one_error_line(proc) -> str:
 
 def run(stage: str, cfg) -> dict:
     """Run one stage in-process exactly as the CLI does (validation, seeding, staged output)."""
-    from transferkit.cli import run_stage
-    from transferkit.stages.common import stage_dir
+    from transferkit.stages.run import run_stage
 
-    return run_stage(stage, cfg, stage_dir(cfg, stage))
+    return run_stage(stage, cfg, Path(cfg.paths.artifacts_dir) / stage)
 
 
 def run_all(cfg, stages=None) -> dict:
-    from transferkit.stages import STAGES
+    """Every stage run in-process (export is a command of its own: tests run it where needed)."""
+    from transferkit.stages import PIPELINE
 
-    return {s: run(s, cfg) for s in stages or STAGES}
+    return {s: run(s, cfg) for s in stages or [s.name for s in PIPELINE if not s.command]}
 
 
 @pytest.fixture

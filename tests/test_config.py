@@ -9,7 +9,7 @@ import pytest
 
 from conftest import CONF, ROOT, compose
 from transferkit.config.compose import params_drift, params_text
-from transferkit.config.validate import validate, validate_probe, validate_transfer
+from transferkit.config.schema import validate, validate_probe, validate_transfer
 from transferkit.errors import TransferkitError
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -85,7 +85,7 @@ def test_freeze_depth_beyond_the_number_of_blocks():
 
 def test_negative_backbone_lr_mult_and_probe_depth():
     with pytest.raises(TransferkitError, match="transfer.backbone_lr_mult"):
-        validate_transfer(compose("transfer.backbone_lr_mult=-1"), num_blocks=4)
+        validate(compose("transfer.backbone_lr_mult=-1"))
     with pytest.raises(TransferkitError, match="probe.depth"):
         validate_probe(compose("probe.depth=9"), num_blocks=4)
 
@@ -98,7 +98,7 @@ def test_gradual_unfreezing_under_ddp_is_refused():
 def test_dvc_is_set_up_to_compose_conf_for_experiments():
     # `dvc exp run -S key=value` recomposes conf/ into params.yaml only with this setting
     assert "enabled = True" in (ROOT / ".dvc" / "config").read_text()
-    assert Path(ROOT / "data.dvc").exists()
+    assert (ROOT / "data" / "README.md").exists()  # data/ is prepare's dependency, even before any download
 
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))

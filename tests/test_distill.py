@@ -82,7 +82,7 @@ def test_teacher_weights_and_batchnorm_statistics_do_not_change(tmp_path):
     module = DistillerModule(student, teacher, method="kd", method_kwargs={"temperature": 4.0, "alpha": 0.9},
                              lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0,
                              warmup_fraction=0.1)
-    task = load_task(cfg, "target")
+    task = load_task(tmp_path / "artifacts" / "prepare", "target")
     fit(module, TaskDataModule(task, 16, 64), dict(cfg.trainer), tmp_path / "fit", 2)
     after = teacher.state_dict()
     assert any(k.endswith("running_mean") for k in before)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from transferkit.reproducibility.check import child_env, copy_project
+from transferkit.project import child_env, copy_project
 
 
 def _sh(cmd: list[str], cwd: Path, timeout=600) -> str:
@@ -23,7 +23,9 @@ def _sh(cmd: list[str], cwd: Path, timeout=600) -> str:
 @pytest.mark.slow
 def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path):
     # a fresh clone: code and conf/, params.yaml for the smoke experiment, data/ tracked, one commit
-    proj = copy_project(ROOT, tmp_path / "proj", "smoke")
+    from transferkit.config.compose import compose, params_text
+
+    proj = copy_project(ROOT, tmp_path / "proj", params_text(compose(["experiment=smoke"])))
 
     first = _sh(["dvc", "repro"], proj)
     from transferkit.stages import STAGES
@@ -46,59 +48,48 @@ def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path):
     assert "Running stage 'evaluate'" in third and "Running stage 'pretrain'" not in third
 
 
-# Imported by stages but unable to change what a stage writes: error messages, progress bars,
-# value checks that only refuse, package docstrings, and the command line that reads
-# params.yaml (itself tracked through `params:`). Anything else a stage imports must be a dep,
-# or editing it would leave `dvc repro` reusing stale outputs.
-OUTPUT_NEUTRAL = {"__init__.py", "errors.py", "progress.py", "cli.py", "config/__init__.py", "config/compose.py",
-                  "config/validate.py", "data/__init__.py", "evaluation/__init__.py", "stages/__init__.py",
-                  "training/__init__.py", "deploy/__init__.py", "prune/__init__.py"}
-STAGE_MODULES = {"export": "transferkit/deploy/export.py"}  # the rest: transferkit/stages/<stage>.py
+def test_dvc_yaml_is_generated_from_the_stage_table():
+    from transferkit.config.dvcyaml import dvc_yaml_text
 
-
-def _imported_files(start: Path, src: Path) -> set[str]:
-    """Every transferkit source file `start` imports, directly or not, top-level or inside
-    functions (read from the source, so lazy imports count too)."""
-    import ast
-
-    seen, todo = set(), [start]
-    while todo:
-        path = todo.pop()
-        rel = path.relative_to(src / "transferkit").as_posix()
-        if rel in seen:
-            continue
-        seen.add(rel)
-        if rel in OUTPUT_NEUTRAL:  # what a neutral module imports serves its messages and checks
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transferkit"):
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names if a.name.startswith("transferkit")]
-            for name in names:
-                base = src / Path(*name.split("."))
-                parts = base.relative_to(src).parts
-                for i in range(1, len(parts) + 1):  # a package import runs every __init__ on the way
-                    init = src.joinpath(*parts[:i]) / "__init__.py"
-                    if init.exists():
-                        todo.append(init)
-                if base.with_suffix(".py").exists():
-                    todo.append(base.with_suffix(".py"))
-    return seen
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml_text(), "run `transferkit params` and commit dvc.yaml"
 
 
 def test_every_stage_depends_on_the_code_it_imports():
+    """dvc.yaml's deps come from an import walk: an edit to anything a stage imports reruns it."""
     import yaml
 
-    src = ROOT / "src"
+    from transferkit.config.dvcyaml import NEUTRAL, imported_files
+    from transferkit.stages import PIPELINE, module_of
+
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    gaps = {}
-    for name, stage in stages.items():
-        module = src / STAGE_MODULES.get(name, f"transferkit/stages/{name}.py")
-        deps = [d.removeprefix("src/transferkit/").rstrip("/") for d in stage["deps"] if d.startswith("src/")]
-        missing = sorted(f for f in _imported_files(module, src) - OUTPUT_NEUTRAL
-                         if not any(f == d or f.startswith(d + "/") for d in deps))
-        if missing:
-            gaps[name] = missing
-    assert not gaps, f"dvc.yaml: stages import code they do not list as deps: {gaps}"
+    for stage in PIPELINE:
+        deps = {d.removeprefix("src/transferkit/") for d in stages[stage.name]["deps"] if d.startswith("src/")}
+        assert imported_files(module_of(stage.name)) - NEUTRAL == deps, stage.name
+    assert "training/trainer.py" in imported_files("transferkit.stages.pretrain")  # the walk reaches far
+    assert "prune/structured.py" in imported_files("transferkit.stages.prune")
+
+
+def test_stage_modules_read_only_the_inputs_the_table_declares():
+    """No stage module computes another stage's folder: each reads inputs[NAME] for the NAMEs its
+    table entry lists, and every declared input is read (by it or the stages it reuses)."""
+    import ast
+    import importlib
+
+    from transferkit.stages import BY_NAME, PIPELINE, STAGES, module_of
+
+    src = ROOT / "src" / "transferkit"
+    for stage in PIPELINE:
+        if stage.command:  # a tool with its own command line (export): paths come from dvc.yaml's cmd
+            assert all(f"{{{name}}}" in stage.command for name in stage.reads), stage.name
+            continue
+        text = (src / "stages" / f"{stage.name}.py").read_text()
+        used = {node.slice.value for node in ast.walk(ast.parse(text))
+                if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "inputs"
+                and isinstance(node.slice, ast.Constant)}
+        reused = [a.name for n in ast.walk(ast.parse(text)) if isinstance(n, ast.ImportFrom)
+                  and n.module == "transferkit.stages" for a in n.names if a.name in STAGES]
+        for other in reused:  # freeze_curve runs transfer.run: transfer's reads are its reads
+            used |= set(BY_NAME[other].reads)
+        assert used == set(stage.reads) or (used <= set(stage.reads) and stage.name == "evaluate"), stage.name
+        assert "artifacts_dir" not in text and "stage_dir" not in text, stage.name
+        assert callable(getattr(importlib.import_module(module_of(stage.name)), "run", None))

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, cli, compose, run
 from transferkit.config.compose import params_text, to_params
-from transferkit.config.validate import validate
+from transferkit.config.schema import validate
 
 
 def hydra_compose(*overrides: str):

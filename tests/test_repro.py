@@ -96,8 +96,8 @@ def test_check_repro_fails_on_params_drift_before_any_run(tmp_path, monkeypatch,
 
     out = capsys.readouterr().out
     assert code == 1, out
-    assert "FAIL  params.yaml differs from conf/" in out
-    assert "pretrain.epochs: params.yaml has 5, conf/ composes 4" in out
+    assert "FAIL  params.yaml and dvc.yaml differ from what they are made from" in out
+    assert "params.yaml differs from conf/: pretrain.epochs: params.yaml has 5, conf/ composes 4" in out
     assert "transferkit params" in out  # the fix
     assert "dvc repro" not in out  # stopped before any run
     assert "check-repro: FAILED (0/1 checks passed)" in out

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from conftest import CIFAR10_CLASSES, compose, write_image_folder
-from transferkit.config.validate import validate
+from transferkit.config.schema import validate
 from transferkit.errors import TransferkitError
-from transferkit.scenarios.runner import QUADRANTS, main, run, split_argv
+from transferkit.scenarios.report import QUADRANTS, main, run, split_argv
 
 TARGET = ["cat", "dog", "horse"]
 ANIMALS = ["bird", "deer", "frog"]
@@ -64,30 +65,39 @@ def test_overrides_are_told_apart_from_options():
 
 
 # ------------------------------------------------------------------ end to end, tiny
+ONE_PER_SOURCE = ["small_similar", "large_different"]  # each stage is a process: two quadrants keep it short
 TINY = ["model=fastnet_tiny", "trainer.progress_bar=false", "data.target.val_per_class=4",
         "pretrain.epochs=1", "transfer.epochs=1", "probe.epochs=1", "scratch.epochs=1",
         "pretrain.batch_size=64", "transfer.batch_size=64", "probe.batch_size=64", "scratch.batch_size=64",
         "evaluate.batch_size=256"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+@pytest.mark.slow
+def test_scenarios_end_to_end(tmp_path):
     """An image folder with the CIFAR-10 class names: enough target images for the small
-    quadrants' 400 per class, a handful of source images; then one full run."""
-    tmp = tmp_path_factory.mktemp("scenarios")
+    quadrants' 400 per class, a handful of source images; one full run, then a rerun (one test:
+    every stage is a process, and a fixture shared by several tests may run once per worker)."""
+    tiny = _tiny(tmp_path)
+    _fills_its_quadrants_by_five_strategies(tiny)
+    _same_source_quadrants_share_one_pretraining(tiny)
+    _rerun_skips_finished_work_and_reruns_what_a_change_touches(tiny)
+
+
+def _tiny(tmp):
     others = [c for c in CIFAR10_CLASSES if c not in TARGET]
     write_image_folder(tmp / "data", TARGET, train_per_class=410, test_per_class=6, archive=False)
     write_image_folder(tmp / "data", others, train_per_class=10, test_per_class=2, archive=False)
     overrides = [*TINY, f"paths.data_dir={tmp / 'data'}"]
-    summary = run(tmp / "out", overrides=overrides)
+    summary = run(tmp / "out", only=ONE_PER_SOURCE, overrides=overrides)
     return tmp, overrides, summary
 
 
-@pytest.mark.slow
-def test_runner_fills_four_quadrants_by_five_strategies(tiny):
+def _fills_its_quadrants_by_five_strategies(tiny):
     tmp, _, summary = tiny
     quadrants = summary["quadrants"]
-    assert [q["preset"] for q in quadrants] == list(QUADRANTS)
+    assert [q["preset"] for q in quadrants] == [f"scenario_{q}" for q in ONE_PER_SOURCE]
+    stages = yaml.safe_load((tmp / "out" / "dvc.yaml").read_text())["stages"]  # all four are declared
+    assert len(stages) == 4 + 2 + 4 * 5
     for q in quadrants:
         assert [r["strategy"] for r in q["rows"]] == STRATEGIES
         assert q["n_train"] == 3 * (400 if q["size"] == "small" else 406) and q["n_val"] == 12
@@ -100,42 +110,41 @@ def test_runner_fills_four_quadrants_by_five_strategies(tiny):
             lo, hi = r["test_ci95"]
             assert lo <= r["test_acc"] <= hi
     table = (tmp / "out" / "scenarios.md").read_text()
-    assert table.count("** ◀ val") == 4 and "linear classifier on the features" in table
-    assert "fine-tune all from the pretrained init" in table and "classifier on earlier-layer features" in table
+    assert table.count("** ◀ val") == 2 and "linear classifier on the features" in table
+    assert "fine-tune all from the pretrained init" in table
 
 
-@pytest.mark.slow
-def test_same_source_quadrants_share_one_pretraining(tiny):
+def _same_source_quadrants_share_one_pretraining(tiny):
     tmp, _, summary = tiny
     out = tmp / "out"
-    for first, second in (("small_similar", "large_similar"), ("small_different", "large_different")):
-        a, b = out / f"scenario_{first}" / "pretrain", out / f"scenario_{second}" / "pretrain"
-        assert (a / "model.pt").read_bytes() == (b / "model.pt").read_bytes()
-        assert json.loads((b / "shared_from.json").read_text())["copied_from"] == str(a)
+    assert {q["preset"]: q["pretrain_folder"] for q in summary["quadrants"]} == {
+        "scenario_small_similar": "pretrain-similar", "scenario_large_different": "pretrain-different"}
+    assert sorted(p.name for p in out.glob("pretrain-*")) == ["pretrain-different", "pretrain-similar"]
+    stages = yaml.safe_load((out / "dvc.yaml").read_text())["stages"]
+    # one pretraining per source: the large quadrant's strategies read the small quadrant's
+    assert "--in pretrain=pretrain-similar --out scenario_large_similar/fine_tune" in stages["scenario_large_similar-fine_tune"]["cmd"]
+    assert "similar-pretrain" in stages and "large_similar-pretrain" not in " ".join(stages)
     # different sources, different backbones
-    assert ((out / "scenario_small_similar" / "pretrain" / "model.pt").read_bytes()
-            != (out / "scenario_small_different" / "pretrain" / "model.pt").read_bytes())
+    assert (out / "pretrain-similar" / "model.pt").read_bytes() != (out / "pretrain-different" / "model.pt").read_bytes()
     from transferkit.models import load_checkpoint
 
     probe, ckpt = load_checkpoint(out / "scenario_small_similar" / "early_probe" / "model.pt", "probe")
     assert probe.num_blocks == 2 and ckpt["arch"]["depth"] == 2
 
 
-@pytest.mark.slow
-def test_rerun_skips_finished_work_and_refuses_another_config(tiny, capsys):
+def _rerun_skips_finished_work_and_reruns_what_a_change_touches(tiny):
     tmp, overrides, summary = tiny
     out = tmp / "out"
     models = sorted(out.rglob("model.pt"))
-    assert len(models) == 4 * 6  # pretrain + 5 strategies per quadrant
+    assert len(models) == 2 + 2 * 5  # two pretrainings, five strategies per quadrant
     stamps = {p: p.stat().st_mtime_ns for p in models}
-    capsys.readouterr()
-    assert main(["--out", str(out), *overrides]) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("already finished with this config; skipped") == 4 * 7
-    assert "running" not in printed
+    assert main(["--out", str(out), "--only", *ONE_PER_SOURCE, *overrides]) == 0
+    assert json.loads((out / "scenarios_timing.json").read_text())["stages_run"] == []  # DVC: all up to date
     assert {p: p.stat().st_mtime_ns for p in models} == stamps
     assert json.loads((out / "scenarios.json").read_text()) == json.loads(json.dumps(summary))
-    # another config into the same folder is refused, nothing is overwritten
-    with pytest.raises(TransferkitError, match="different config.*--out"):
-        run(out, only=["small_similar"], overrides=[*overrides, "transfer.lr=0.5"])
-    assert {p: p.stat().st_mtime_ns for p in models} == stamps
+    # another setting: DVC reruns the stages whose settings changed, nothing else
+    run(out, only=["small_similar"], overrides=[*overrides, "transfer.lr=0.5"])
+    ran = json.loads((out / "scenarios_timing.json").read_text())["stages_run"]
+    assert sorted(ran) == ["scenario_small_similar-fine_tune", "scenario_small_similar-partial_freeze"], ran
+    assert (out / "scenario_large_different" / "scratch" / "model.pt").stat().st_mtime_ns == \
+        stamps[out / "scenario_large_different" / "scratch" / "model.pt"]

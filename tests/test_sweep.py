@@ -1,6 +1,7 @@
 """Sweeps as users run them: a Hydra multirun over freeze depth (and seeds) into one folder
-per point, checked before the first point trains, resumable after a crash, under DDP without
-duplicate folders, and collected into one table and plot."""
+per point, checked before the first point trains, under DDP without duplicate folders; the same
+sweep as DVC stages (`transferkit sweep`), where a rerun trains only what is missing; and
+collected into one table and plot."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _sweep(base, sweep_dir, stage, *overrides):
 
 
 @pytest.mark.slow
-def test_multirun_writes_one_folder_per_point_and_resumes(base, tmp_path):
+def test_multirun_writes_one_folder_per_point(base, tmp_path):
     sweep = tmp_path / "sweep"
     _sweep(base, sweep, "transfer", "transfer.freeze_depth=0,2")
     points = {p.name for p in sweep.iterdir() if p.is_dir()}
@@ -43,22 +44,25 @@ def test_multirun_writes_one_folder_per_point_and_resumes(base, tmp_path):
     # the pipeline's own outputs are inputs here, never overwritten by a sweep
     assert not (base / "artifacts" / "transfer").exists()
 
-    # a crash lost point 2 (its folder never got swapped in); the rerun trains only that one
-    kept = sweep / "transfer.freeze_depth=0" / "transfer" / "model.pt"
-    stamp = kept.stat().st_mtime_ns
-    shutil.rmtree(sweep / "transfer.freeze_depth=2" / "transfer")
-    proc = _sweep(base, sweep, "transfer", "transfer.freeze_depth=0,2")
-    assert "already finished with this config; skipped" in proc.stdout
-    assert kept.stat().st_mtime_ns == stamp
-    assert (sweep / "transfer.freeze_depth=2" / "transfer" / "model.pt").exists()
 
-    # a finished point made by another config is refused, not reused or overwritten
-    saved = sweep / "transfer.freeze_depth=0" / "transfer" / "params.yaml"
-    saved.write_text(saved.read_text().replace("epochs: 6", "epochs: 7", 1))
-    line = one_error_line(cli("transfer", "-m", "experiment=smoke", f"paths.artifacts_dir={base / 'artifacts'}",
-                              f"hydra.sweep.dir={sweep}", "transfer.freeze_depth=0"))
-    assert "different config" in line and "epochs" in line and "hydra.sweep.dir" in line
+@pytest.mark.slow
+def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path):
+    out = tmp_path / "dvc-sweep"
+
+    def sweep(depths: str):
+        proc = cli("sweep", "transfer", "experiment=smoke", f"paths.artifacts_dir={base / 'artifacts'}",
+                   f"transfer.freeze_depth={depths}", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "2 of 2 points ran" in sweep("0,2")
+    kept = out / "transfer.freeze_depth=0" / "transfer" / "model.pt"
+    stamp = kept.stat().st_mtime_ns
+    grown = sweep("0,2,3")  # a point added: only it trains
+    assert "1 of 3 points ran" in grown and "| transfer transfer.freeze_depth=3 |" in grown
     assert kept.stat().st_mtime_ns == stamp
+    shutil.rmtree(kept.parent)  # an output deleted by hand comes back from DVC's cache, untrained
+    assert "0 of 3 points ran" in sweep("0,2,3") and kept.exists()
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -124,17 +128,21 @@ def test_collect_makes_one_table_and_plot(collected_sweep, base, tmp_path):
 
 
 @pytest.mark.slow
-def test_collect_refuses_folders_from_different_configs(collected_sweep, base, tmp_path):
-    # two points whose runs disagree on a setting that no override changed
+def test_collect_tells_settings_apart_and_refuses_other_experiments(collected_sweep, base, tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(collected_sweep / "seed=0", mixed / "a")
     shutil.copytree(collected_sweep / "seed=1", mixed / "b")
     p = mixed / "b" / "scratch" / "params.yaml"
     params = yaml.safe_load(p.read_text())
-    params["scratch"]["weight_decay"] = 0.001
+    params["scratch"]["weight_decay"] = 0.001  # a setting that differs: its own row
     p.write_text(yaml.safe_dump(params))
-    line = one_error_line(cli("collect", str(mixed), "--out", str(tmp_path / "out"), cwd=base))
-    assert "scratch.weight_decay" in line and "different configs" in line
+    proc = cli("collect", str(mixed), "--out", str(tmp_path / "out"), cwd=base)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| scratch scratch.weight_decay=0.001" in proc.stdout and "| scratch scratch.weight_decay=0.0005" in proc.stdout
+    params["data"]["target"]["classes"] = ["tgt_a", "tgt_b"]  # another task: another test set
+    p.write_text(yaml.safe_dump(params))
+    line = one_error_line(cli("collect", str(mixed), "--out", str(tmp_path / "out2"), cwd=base))
+    assert "different experiments or data" in line
 
 
 def test_collect_without_runs(tmp_path):

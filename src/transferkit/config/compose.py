@@ -74,3 +74,34 @@ def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
             yield f"{prefix[:-1]}: params.yaml has {a!r}, conf/ composes {b!r}"
 
     return list(walk(saved, fresh))
+
+
+def write_generated(overrides: list[str]) -> list[Path]:
+    """params.yaml (conf/ composed with `overrides`) and dvc.yaml (the stage table), in the project."""
+    from transferkit.config.dvcyaml import dvc_yaml_text
+    from transferkit.io import save_text
+
+    root = find_conf_dir().parent
+    cfg = compose(overrides)
+    files = {root / "params.yaml": params_text(cfg),
+             root / "dvc.yaml": dvc_yaml_text(cfg.paths.artifacts_dir, cfg.paths.data_dir)}
+    for path, text in files.items():
+        save_text(text, path)
+    return list(files)
+
+
+def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
+    """What differs between the committed params.yaml / dvc.yaml and what they are made from."""
+    from transferkit.config.dvcyaml import dvc_yaml_text
+
+    if not params_path.exists():
+        return [f"{params_path} not found"]
+    drift = [f"params.yaml differs from conf/: {d}" for d in params_drift(params_path, conf_dir)]
+    saved = yaml.safe_load(params_path.read_text()) or {}
+    dvc_file = params_path.parent / "dvc.yaml"
+    paths = saved.get("paths", {})
+    want = dvc_yaml_text(paths.get("artifacts_dir", "artifacts"), paths.get("data_dir", "data"))
+    if not dvc_file.exists() or dvc_file.read_text() != want:
+        drift.append(f"{dvc_file} differs from the stage table (src/transferkit/stages/__init__.py) or the "
+                     f"code its stages import")
+    return drift

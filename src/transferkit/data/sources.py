@@ -235,7 +235,7 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             raise TransferkitError(
                 f"corrupt or unreadable archive {path} ({type(e).__name__}: {e}). Fix: copy the "
-                f"archive again (e.g. `cp ../shared/datasets/cifar10-jpeg.tar.gz data/`).") from e
+                f"archive into {path.parent}/ again.") from e
     if not seen_classes:
         raise TransferkitError(
             f"no images found in {path}: expected train/<class>/<image> and test/<class>/<image>. "
@@ -279,14 +279,12 @@ def make_synthetic(classes: list[str], train_per_class: int, test_per_class: int
 # --------------------------------------------------------------------------- resolution
 def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
     folder = _CIFAR[name][0]
-    offline_copy = (f"; on this project's machines: `mkdir -p {data_dir} && cp "
-                    f"../shared/datasets/cifar10-jpeg.tar.gz {data_dir}/`" if name == "cifar10" else "")
     return TransferkitError(
         f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Fix: provide it one "
         f"of three ways: (1) the official python version: extract it to {data_dir}/{folder}/ (or run "
         f"with network access and data.download=true); (2) an image-folder tree or .tar.gz "
         f"(train/<class>/*, test/<class>/*) at {data_dir}/{name}-jpeg.tar.gz or given as the "
-        f"dataset path{offline_copy}; (3) synthetic images, no files "
+        f"dataset path; (3) synthetic images, no files "
         f"needed: `experiment=smoke`.")
 
 

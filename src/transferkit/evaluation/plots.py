@@ -103,3 +103,36 @@ def freeze_curve_png(rows: list[dict], models: dict, probe_depth: int | None, pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def sweep_png(summary: dict, path: Path) -> bool:
+    """A sweep's accuracy (mean ± std over seeds) against its swept setting, for the sweep's main
+    stage; scratch and the linear probe as reference lines. Returns whether the x axis is numeric."""
+    main = summary["stage"]
+    rows = [r for r in summary["rows"] if r["stage"] == main]
+    keys = {o.split("=", 1)[0] for r in rows for o in r["setting"]}
+    numeric = len(keys) == 1 and all(len(r["setting"]) == 1 for r in rows)
+    try:
+        xs = [float(r["setting"][0].split("=", 1)[1]) for r in rows] if numeric else list(range(len(rows)))
+    except ValueError:
+        numeric, xs = False, list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.errorbar(xs, [100 * r["test_mean"] for r in rows], yerr=[100 * r["test_std"] for r in rows],
+                marker="o", capsize=3, label=f"{main}, test")
+    ax.plot(xs, [100 * r["val_mean"] for r in rows], "o--", alpha=0.6, label=f"{main}, val")
+    for ref, colour, style in (("scratch", "k", "-"), ("probe", "g", ":")):
+        for r in summary["rows"]:
+            if r["stage"] == ref != main and not r["setting"]:
+                ax.axhline(100 * r["test_mean"], color=colour, linestyle=style,
+                           label=f"{ref}, test ({len(r['seeds'])} seed{'s' * (len(r['seeds']) > 1)})")
+    if numeric:
+        ax.set_xlabel(next(iter(keys)))
+        ax.set_xticks(xs)
+    else:
+        ax.set_xticks(xs, [" ".join(r["setting"]) or "default" for r in rows], rotation=30, ha="right")
+    ax.set(ylabel="top-1 accuracy (%)", title=f"{main} sweep (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return numeric

@@ -72,13 +72,19 @@ def save_checkpoint(model: BlockNet, path: str | Path, classes: list[str], **ext
                 "layer_shapes": shapes, **extra}, path)
 
 
-def load_checkpoint(path: str | Path, produced_by: str) -> tuple[BlockNet, dict]:
+def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | None = None,
+                    what: str = "model") -> tuple[BlockNet, dict]:
+    """A model.pt a stage wrote, rebuilt; with `classes`, it must classify exactly those."""
     from transferkit.io import load_torch
 
     ckpt = load_torch(path, "model checkpoint", produced_by)
     if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
         raise TransferkitError(f"{path} is not a transferkit checkpoint (no 'arch'/'state_dict'). "
                                f"Fix: point at a model.pt written by a transferkit stage.")
+    if classes is not None and list(ckpt["classes"]) != list(classes):
+        raise TransferkitError(
+            f"{what} {path} was trained on classes {list(ckpt['classes'])}, but the target task is {list(classes)}. "
+            f"Fix: rerun '{produced_by}' on this task (`dvc repro {produced_by}`).")
     arch = dict(ckpt["arch"])
     pruned = arch.pop("pruned", False)
     # the state_dict below overwrites every tensor: never fetch pretrained weights again

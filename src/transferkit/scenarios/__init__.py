@@ -1,3 +1,3 @@
 """The four scenarios of the source material (target data small or large x source similar or
-different), each an experiment preset, run strategy by strategy and compared in one report
-(`transferkit scenarios`, see runner.py)."""
+different): experiment presets run as one DVC pipeline of stages and compared in one report
+(`transferkit scenarios`, report.py)."""

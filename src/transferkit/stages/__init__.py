@@ -1,4 +1,65 @@
-"""Pipeline stages. Each module has `run(cfg, out_dir)`; the logic lives in the library
-packages (data, models, training, evaluation) so tests can call it directly."""
+"""The pipeline, declared once: every stage, the stages whose outputs it reads, and the settings
+that configure it. dvc.yaml is generated from this table (`transferkit params`, with the code each
+stage imports as its deps), the CLI and evaluate take their lists from it, and a stage module is
+handed its inputs' folders: it never computes another stage's folder.
 
-STAGES = ("prepare", "pretrain", "transfer", "probe", "scratch", "freeze_curve", "distill", "student", "prune", "evaluate")
+Each stage is a module here with `run(cfg, inputs, out)`: `inputs` maps each name in `reads` to
+that stage's output folder. Adding a stage is one entry below plus one module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    reads: tuple[str, ...] = ()     # stages whose output folders it reads, by name
+    params: tuple[str, ...] = ()    # the config keys that change what it computes (DVC's params)
+    trains: bool = False            # fits models with an optimisation block (conf/optim/)
+    target_model: bool = False      # writes a model.pt for the target task that evaluate scores
+    module: str = ""                # its code, if not transferkit.stages.<name>
+    command: str = ""               # its dvc.yaml command, if not `transferkit NAME --params params.yaml`
+
+
+COMMON = ("seed", "trainer")
+PIPELINE = (
+    Stage("prepare", params=("seed", "data", "paths.data_dir")),
+    Stage("pretrain", ("prepare",), (*COMMON, "model", "pretrain"), trains=True),
+    Stage("transfer", ("prepare", "pretrain"), (*COMMON, "model", "transfer"), trains=True, target_model=True),
+    Stage("probe", ("prepare", "pretrain"), (*COMMON, "model", "probe"), trains=True, target_model=True),
+    Stage("scratch", ("prepare",), (*COMMON, "model", "scratch"), trains=True, target_model=True),
+    Stage("distill", ("prepare", "transfer"), (*COMMON, "distill"), trains=True, target_model=True),
+    # the distillation baseline: the same student and budget, no teacher
+    Stage("student", ("prepare",), (*COMMON, "distill.student", "distill.student_init", "student"), trains=True,
+          target_model=True),
+    # the distillation settings the recovery fine-tune uses (stages/distill.py: method_settings)
+    Stage("prune", ("prepare", "transfer", "distill"),
+          (*COMMON, "prune", "distill.method", "distill.temperature", "distill.alpha", "distill.dkd_alpha",
+           "distill.dkd_beta", "distill.label_smoothing"), trains=True, target_model=True),
+    # the deployable model: ONNX + TorchScript, checked against PyTorch on the test set
+    Stage("export", ("prune", "prepare"), module="transferkit.deploy.export",
+          command="transferkit export {prune}/model.pt --out {out} --test-set {prepare}/target.pt"),
+    # accuracy vs freeze depth: the transfer recipe at each of freeze_curve.depths
+    Stage("freeze_curve", ("prepare", "pretrain"), (*COMMON, "model", "transfer", "freeze_curve"), trains=True),
+    Stage("evaluate", ("prepare", "pretrain", "scratch", "probe", "transfer", "student", "distill", "prune",
+                       "freeze_curve", "export"),
+          ("name", "evaluate", "freeze_curve", "transfer.freeze_depth", "probe.depth", "trainer.accelerator")),
+)
+
+BY_NAME = {s.name: s for s in PIPELINE}
+STAGES = tuple(s.name for s in PIPELINE)
+# The models evaluate scores, baselines first: the order of the report's tables.
+TARGET_MODELS = tuple(name for name in BY_NAME["evaluate"].reads if BY_NAME[name].target_model)
+
+
+def module_of(stage: str) -> str:
+    return BY_NAME[stage].module or f"transferkit.stages.{stage}"
+
+
+def inputs_of(stage: str, artifacts_dir) -> dict:
+    """Where a stage finds what it reads when it runs in a project: artifacts/<stage>/."""
+    from pathlib import Path
+
+    return {name: Path(artifacts_dir) / name for name in BY_NAME[stage].reads}

@@ -27,20 +27,16 @@ def global_rank() -> int:
     return 0
 
 
-def stage_dir(cfg: DictConfig, stage: str) -> Path:
-    """The DVC-tracked output folder of a stage (also where later stages read it)."""
-    return Path(cfg.paths.artifacts_dir) / stage
-
-
 def point_dir(freeze_curve_dir: Path, depth: int) -> Path:
     """Where freeze_curve keeps the run at one freeze depth (evaluate reads it there)."""
     return freeze_curve_dir / f"depth{depth}"
 
 
-def load_task(cfg: DictConfig, role: str) -> dict:
+def load_task(prepare_dir: Path, role: str) -> dict:
+    """The source or target task the prepare stage wrote into `prepare_dir`."""
     from transferkit.io import load_torch
 
-    return load_torch(stage_dir(cfg, "prepare") / f"{role}.pt", f"prepared {role} task", "prepare")
+    return load_torch(Path(prepare_dir) / f"{role}.pt", f"prepared {role} task", "prepare")
 
 
 def eval_device(cfg: DictConfig) -> str:

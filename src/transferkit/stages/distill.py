@@ -8,27 +8,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferkit.config.validate import validate_distill
 from transferkit.distill.module import DistillerModule
-from transferkit.errors import TransferkitError
 from transferkit.evaluation.cost import count_macs, count_params
 from transferkit.models import load_checkpoint
-from transferkit.stages.common import load_task, stage_dir
+from transferkit.stages.common import load_task
 from transferkit.stages.student import build_student
 from transferkit.stages.training import train_stage
 
 log = logging.getLogger(__name__)
 
 
-def load_teacher(cfg: DictConfig, classes: list[str]):
-    path = stage_dir(cfg, "transfer") / "model.pt"
-    teacher, ckpt = load_checkpoint(path, "transfer")
-    if ckpt["classes"] != classes:
-        raise TransferkitError(
-            f"teacher {path} was trained on classes {ckpt['classes']}, but the target task is {classes}. "
-            f"Fix: rerun transfer on this task (`dvc repro transfer`) or point distill at a teacher "
-            f"trained on these classes.")
-    return teacher
+def load_teacher(transfer_dir: Path, classes: list[str]):
+    return load_checkpoint(transfer_dir / "model.pt", "transfer", classes, what="teacher")[0]
 
 
 def method_settings(cfg: DictConfig) -> dict:
@@ -37,10 +28,9 @@ def method_settings(cfg: DictConfig) -> dict:
             "dkd_beta": d.dkd_beta, "label_smoothing": d.label_smoothing}
 
 
-def run(cfg: DictConfig, out: Path) -> dict:
-    validate_distill(cfg)
-    task = load_task(cfg, "target")
-    teacher = load_teacher(cfg, task["classes"])
+def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
+    task = load_task(inputs["prepare"], "target")
+    teacher = load_teacher(inputs["transfer"], task["classes"])
     student = build_student(cfg, task)
     ratio_params = count_params(student) / count_params(teacher)
     ratio_macs = count_macs(student) / count_macs(teacher)

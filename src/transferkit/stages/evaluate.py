@@ -10,15 +10,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from transferkit.errors import TransferkitError
 from transferkit.evaluation import cost, plots, report
 from transferkit.evaluation.metrics import classification_metrics, paired_difference, predict, wilson_interval
 from transferkit.io import atomic_path, save_json, save_text
 from transferkit.models import load_checkpoint
 from transferkit.progress import progress
-from transferkit.stages.common import eval_device, load_task, point_dir, stage_dir
+from transferkit.stages import TARGET_MODELS
+from transferkit.stages.common import eval_device, load_task, point_dir
 
-MODELS = ("scratch", "probe", "transfer", "student", "distill", "prune")  # report order: baselines first
 
 
 def _write_predictions(path: Path, labels: torch.Tensor, pred: torch.Tensor, classes: list[str]) -> None:
@@ -41,29 +40,21 @@ def distillation_summary(models: dict, correct: dict) -> dict:
     }
 
 
-def load_target_model(path: Path, produced_by: str, classes: list[str]):
-    model, ckpt = load_checkpoint(path, produced_by)
-    if ckpt["classes"] != classes:
-        raise TransferkitError(
-            f"{path} was trained on classes {ckpt['classes']}, but the target task is {classes}. "
-            f"Fix: rerun '{produced_by}' on this task (`dvc repro {produced_by}`).")
-    return model
-
-
-def freeze_curve(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, classes: list[str], correct: dict) -> list[dict]:
+def freeze_curve(cfg: DictConfig, inputs: dict[str, Path], x: torch.Tensor, y: torch.Tensor, classes: list[str],
+                 correct: dict) -> list[dict]:
     """Test accuracy at every freeze depth: the transfer stage's own point and freeze_curve's,
     each with its 95% interval, its difference to scratch (paired by image) and its val
     accuracy (the number to choose a depth by: the test set only reports)."""
     ev = cfg.evaluate
-    points = {cfg.transfer.freeze_depth: ("transfer", stage_dir(cfg, "transfer"))}
+    points = {cfg.transfer.freeze_depth: ("transfer", inputs["transfer"])}
     for depth in cfg.freeze_curve.depths:
-        points.setdefault(depth, ("freeze_curve", point_dir(stage_dir(cfg, "freeze_curve"), depth)))
+        points.setdefault(depth, ("freeze_curve", point_dir(inputs["freeze_curve"], depth)))
     rows = []
     for depth, (stage, folder) in progress(sorted(points.items()), "scoring the freeze curve", "depth"):
         if stage == "transfer":
             hits = correct["transfer"]
         else:
-            model = load_target_model(folder / "model.pt", stage, classes)
+            model, _ = load_checkpoint(folder / "model.pt", stage, classes)
             hits = predict(model, x, ev.batch_size, ev.tta, eval_device(cfg)).argmax(1) == y
         val = json.loads((folder / "metrics.json").read_text()).get("val_acc")
         n_correct = int(hits.sum())
@@ -72,15 +63,15 @@ def freeze_curve(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, classes: lis
     return rows
 
 
-def run(cfg: DictConfig, out: Path) -> dict:
-    task = load_task(cfg, "target")
+def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
+    task = load_task(inputs["prepare"], "target")
     classes, x, y = task["classes"], task["test_x"], task["test_y"]
     ev = cfg.evaluate
     torch.manual_seed(cfg.seed)
     models, timing, correct, loaded = {}, {}, {}, {}
-    for name in progress(MODELS, "scoring models", "model"):
-        path = stage_dir(cfg, name) / "model.pt"
-        model = load_target_model(path, name, classes)
+    for name in progress(TARGET_MODELS, "scoring models", "model"):
+        path = inputs[name] / "model.pt"
+        model, _ = load_checkpoint(path, name, classes)
         logits = predict(model, x, ev.batch_size, ev.tta, eval_device(cfg))
         pred = logits.argmax(1)
         correct[name] = pred == y
@@ -108,14 +99,14 @@ def run(cfg: DictConfig, out: Path) -> dict:
     metrics = {"models": models,
                "transfer_vs_scratch": paired_difference(correct["transfer"], correct["scratch"]),
                "distillation": distillation_summary(models, correct),
-               "freeze_curve": freeze_curve(cfg, x, y, classes, correct)}
+               "freeze_curve": freeze_curve(cfg, inputs, x, y, classes, correct)}
     save_json(metrics, out / "metrics.json")
     save_json(metrics["freeze_curve"], out / "freeze_curve.json")  # `dvc plots show` draws it
     plots.freeze_curve_png(metrics["freeze_curve"], models, cfg.probe.depth, out / "freeze_curve.png")
     save_json(timing, out / "timing.json")
     plots.pareto_png(models, timing, out / "pareto.png")
-    plots.curves_png({n: stage_dir(cfg, n) / "dvclive" for n in ("pretrain", *MODELS)}, out / "curves.png")
-    summary = json.loads((stage_dir(cfg, "prepare") / "summary.json").read_text())
+    plots.curves_png({n: inputs[n] / "dvclive" for n in ("pretrain", *TARGET_MODELS)}, out / "curves.png")
+    summary = json.loads((inputs["prepare"] / "summary.json").read_text())
     cfg_summary = {
         "experiment": cfg.name, "model": cfg.model.name, "seed": cfg.seed, "tta": ev.tta,
         "freeze_depth": cfg.transfer.freeze_depth, "backbone_lr_mult": cfg.transfer.backbone_lr_mult,
@@ -125,11 +116,11 @@ def run(cfg: DictConfig, out: Path) -> dict:
         "prune": {k: cfg.prune[k] for k in ("mode", "criterion", "target", "ratio", "steps")},
     }
     cfg_summary["training"] = {}  # the precision and device each model trained in (its timing.json)
-    for stage in ("pretrain", *MODELS):
-        t = stage_dir(cfg, stage) / "timing.json"
+    for stage in ("pretrain", *TARGET_MODELS):
+        t = inputs[stage] / "timing.json"
         if t.exists():
             cfg_summary["training"][stage] = json.loads(t.read_text())
-    export_file = stage_dir(cfg, "export") / "export.json"
+    export_file = inputs["export"] / "export.json"
     if export_file.exists():  # the deployable model's checks (dvc.yaml runs export first)
         cfg_summary["export"] = json.loads(export_file.read_text())
     text = report.render(cfg_summary, metrics, timing, summary)

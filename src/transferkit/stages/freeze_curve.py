@@ -9,20 +9,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.validate import validate_freeze_curve
+from transferkit.config.schema import validate_freeze_curve
 from transferkit.models import load_backbone
 from transferkit.stages import transfer
-from transferkit.stages.common import container, load_task, point_dir, seed_everything, stage_dir
+from transferkit.stages.common import container, load_task, point_dir, seed_everything
 
 
-def run(cfg: DictConfig, out: Path) -> dict:
+def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     # every depth checked before the first one trains
-    classes = load_task(cfg, "target")["classes"]
-    backbone = load_backbone(stage_dir(cfg, "pretrain") / "model.pt", container(cfg.model), len(classes), "pretrain")
+    classes = load_task(inputs["prepare"], "target")["classes"]
+    backbone = load_backbone(inputs["pretrain"] / "model.pt", container(cfg.model), len(classes), "pretrain")
     validate_freeze_curve(cfg, backbone.num_blocks)
     results = {}
     for depth in cfg.freeze_curve.depths:
         point = OmegaConf.merge(cfg, {"transfer": {"freeze_depth": depth}})
         seed_everything(cfg.seed)  # every point starts where a lone transfer run would
-        results[f"depth{depth}"] = transfer.run(point, point_dir(out, depth))
+        results[f"depth{depth}"] = transfer.run(point, inputs, point_dir(out, depth))
     return results

@@ -22,7 +22,7 @@ def load_raw(cfg: DictConfig, role: str, wanted: set[str]) -> RawDataset:
                         verify_checksums=d.verify_checksums, image_size=d.image_size, wanted=wanted)
 
 
-def run(cfg: DictConfig, out: Path) -> dict:
+def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     d = cfg.data
     same = d.source.dataset == d.target.dataset and d.source.dataset != "synthetic"
     # cifar10_split takes both tasks from one archive: read (and decode) it once

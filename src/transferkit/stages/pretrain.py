@@ -11,8 +11,8 @@ from transferkit.stages.common import container, load_task
 from transferkit.stages.training import train_stage
 
 
-def run(cfg: DictConfig, out: Path) -> dict:
-    task = load_task(cfg, "source")
+def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
+    task = load_task(inputs["prepare"], "source")
     model = model_from_config(container(cfg.model), len(task["classes"]))
     if not cfg.model.get("weights"):  # published weights are the init; else a data-dependent one
         init_from_data(model, task["train_x"])

@@ -7,16 +7,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferkit.config.validate import validate_probe
+from transferkit.config.schema import validate_probe
 from transferkit.models import load_backbone
-from transferkit.stages.common import container, load_task, stage_dir
+from transferkit.stages.common import container, load_task
 from transferkit.stages.training import train_stage
 
 
-def run(cfg: DictConfig, out: Path) -> dict:
-    task = load_task(cfg, "target")
+def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
+    task = load_task(inputs["prepare"], "target")
     n = len(task["classes"])
-    model = load_backbone(stage_dir(cfg, "pretrain") / "model.pt", container(cfg.model), n, "pretrain")
+    model = load_backbone(inputs["pretrain"] / "model.pt", container(cfg.model), n, "pretrain")
     validate_probe(cfg, model.num_blocks)
     if cfg.probe.depth is not None and cfg.probe.depth < model.num_blocks:
         model.truncate(cfg.probe.depth, n)

@@ -9,13 +9,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferkit.config.validate import validate_prune
 from transferkit.distill.module import DistillerModule
-from transferkit.errors import TransferkitError
 from transferkit.models import load_checkpoint
 from transferkit.prune.structured import conv_widths, kept_modules, prune_channels
 from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
-from transferkit.stages.common import load_task, stage_dir
+from transferkit.stages.common import load_task
 from transferkit.stages.distill import load_teacher, method_settings
 from transferkit.stages.training import fit_stage, train_stage
 
@@ -28,15 +26,11 @@ def _recover(cfg, model, teacher, task, out, epochs, step):
               epochs=epochs, teacher=teacher, method=cfg.distill.method, method_kwargs=method_settings(cfg))
 
 
-def run(cfg: DictConfig, out: Path) -> dict:
-    validate_prune(cfg)
+def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     p = cfg.prune
-    task = load_task(cfg, "target")
-    teacher = load_teacher(cfg, task["classes"])
-    student, ckpt = load_checkpoint(stage_dir(cfg, "distill") / "model.pt", "distill")
-    if ckpt["classes"] != task["classes"]:
-        raise TransferkitError(f"the distilled student was trained on {ckpt['classes']}, not the target task "
-                               f"{task['classes']}. Fix: `dvc repro distill`.")
+    task = load_task(inputs["prepare"], "target")
+    teacher = load_teacher(inputs["transfer"], task["classes"])
+    student, _ = load_checkpoint(inputs["distill"] / "model.pt", "distill", task["classes"], what="the distilled student")
     keep = list(p.keep)
     kept_modules(student, keep)  # unknown names fail here, before any work
     info: dict = {"mode": p.mode}

@@ -11,8 +11,8 @@ from transferkit.stages.common import container, load_task
 from transferkit.stages.training import train_stage
 
 
-def run(cfg: DictConfig, out: Path) -> dict:
-    task = load_task(cfg, "target")
+def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
+    task = load_task(inputs["prepare"], "target")
     model_cfg = container(cfg.model)
     model_cfg.pop("weights", None)  # random init, even when pretrain starts from published weights
     model = model_from_config(model_cfg, len(task["classes"]))

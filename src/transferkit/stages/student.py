@@ -1,5 +1,6 @@
 """student: the distillation baseline. The student network trained alone on the labels,
-with exactly the distill stage's budget and recipe: the only difference is the teacher."""
+with its own block (`student`), which must match the distill stage's budget and recipe: the
+only difference is the teacher."""
 
 from __future__ import annotations
 
@@ -23,6 +24,6 @@ def build_student(cfg: DictConfig, task: dict):
     return student
 
 
-def run(cfg: DictConfig, out: Path) -> dict:
-    task = load_task(cfg, "target")
-    return train_stage(cfg, "distill", build_student(cfg, task), task, out, stage_name="student")
+def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
+    task = load_task(inputs["prepare"], "target")
+    return train_stage(cfg, "student", build_student(cfg, task), task, out)

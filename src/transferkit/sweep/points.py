@@ -1,5 +1,4 @@
-"""The points of a Hydra sweep, checked before any of them runs, and skipped when a
-previous (crashed or interrupted) sweep already finished them.
+"""The points of a Hydra sweep, checked before any of them runs.
 
 Hydra itself only finds a bad value when it reaches that job, after the earlier points
 have trained for minutes; expanding the sweep up front makes a typo or an out-of-range
@@ -9,18 +8,9 @@ depth fail at once, with the same one-line message a single run gives.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
-
-import yaml
-from omegaconf import DictConfig
 
 from transferkit.config.compose import compose, to_params
 from transferkit.errors import TransferkitError
-from transferkit.stages.common import PARAMS_FILE
-
-# Settings that change how a run looks, not what it computes: ignored when a finished
-# point is compared with the one about to run.
-COSMETIC = ("trainer.progress_bar", "trainer.loggers")
 
 
 def expand(argv: list[str]) -> list[list[str]]:
@@ -52,7 +42,7 @@ def check_points(stage: str, argv: list[str]) -> int:
     # the value checks below import torch and Lightning, which take seconds to load.
     composed = [compose(point) for point in points]
 
-    from transferkit.config.validate import validate, validate_probe, validate_transfer
+    from transferkit.config.schema import validate, validate_probe, validate_transfer
     from transferkit.models import model_from_config
 
     blocks: dict[str, int] = {}  # model config -> number of blocks (building a model is cheap, but not free)
@@ -72,33 +62,46 @@ def check_points(stage: str, argv: list[str]) -> int:
     return len(points)
 
 
-def _flat(d, prefix=""):
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield from _flat(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], d
+def point_name(point: list[str], points: list[list[str]]) -> str:
+    """The overrides that vary across the sweep, as Hydra names its folders: `seed=1,transfer.freeze_depth=2`."""
+    varying = [o for o in point if any(o not in other for other in points)]
+    return ",".join(sorted(varying)) or "default"
 
 
-def config_difference(a: dict, b: dict, ignore=COSMETIC) -> list[str]:
-    fa, fb = dict(_flat(a)), dict(_flat(b))
-    return [f"{k}: {fa.get(k, '<missing>')!r} vs {fb.get(k, '<missing>')!r}"
-            for k in sorted(set(fa) | set(fb))
-            if k not in ignore and fa.get(k, "<missing>") != fb.get(k, "<missing>")]
+def main(argv: list[str]) -> int:
+    """`transferkit sweep STAGE key=a,b ... [--out DIR]`: every point of the sweep as a DVC stage
+    in DIR/dvc.yaml, reading the project's artifacts/; DVC runs the points not yet done (a rerun
+    after a crash trains only what is missing) and `collect` makes the table."""
+    import argparse
+    from pathlib import Path
 
+    from transferkit.config.compose import params_text
+    from transferkit.io import save_text
+    from transferkit.project import run_pipeline
+    from transferkit.stages import BY_NAME, STAGES
+    from transferkit.sweep.collect import collect, table_markdown
 
-def already_done(out: Path, cfg: DictConfig,
-                 fix: str = "sweep into a new folder (hydra.sweep.dir=...)") -> bool:
-    """True when `out` holds this exact point's finished outputs (a stage folder only
-    appears once its stage succeeded: see stages.common.staged_output). A folder made by
-    a different config is an error rather than silently reused or overwritten; `fix` is
-    the caller's way out, named in that error."""
-    saved = out / PARAMS_FILE
-    if not saved.exists():
-        return False
-    diff = config_difference(yaml.safe_load(saved.read_text()), to_params(cfg))
-    if diff:
-        raise TransferkitError(
-            f"{out} already holds a finished run made with a different config ({'; '.join(diff[:3])}"
-            f"{'; ...' if len(diff) > 3 else ''}). Fix: {fix} or delete {out}.")
-    return True
+    parser = argparse.ArgumentParser(prog="transferkit sweep", description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=[s for s in STAGES if BY_NAME[s].trains])
+    parser.add_argument("--out", type=Path, help="the sweep's folder (default sweeps/<experiment>-<stage>)")
+    args, overrides = parser.parse_known_args(argv)
+    check_points(args.stage, overrides)
+    points = expand(overrides)
+    cfgs = [compose(point) for point in points]
+    out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
+    stages, code = {}, str(Path(__file__).resolve().parents[1])
+    for i, (point, cfg) in enumerate(zip(points, cfgs)):
+        name, artifacts = point_name(point, points), Path(cfg.paths.artifacts_dir).resolve()
+        params = out / "params" / f"{name}.yaml"
+        text = params_text(cfg)
+        if not params.exists() or params.read_text() != text:
+            save_text(text, params)
+        inputs = [f"--in {r}={artifacts / r}" for r in BY_NAME[args.stage].reads]
+        stages[f"point{i}"] = {"cmd": " ".join([f"transferkit {args.stage} --params 'params/{name}.yaml'", *inputs,
+                                                 f"--out '{name}/{args.stage}'"]),
+                               "deps": [code, f"params/{name}.yaml", *(str(artifacts / r) for r in BY_NAME[args.stage].reads)],
+                               "outs": [f"{name}/{args.stage}"]}
+    ran = run_pipeline(out, stages)
+    print(f"{len(ran)} of {len(stages)} points ran; the rest were done already")
+    print(table_markdown(collect([out], out / "collected")))
+    return 0

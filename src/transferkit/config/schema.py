@@ -1,0 +1,207 @@
+"""The config's schema: each block a dataclass whose fields carry their type and allowed values,
+checked before any data is loaded or training starts. Hydra already refuses unknown keys
+(struct mode); this refuses impossible values, each with one message naming the key and the fix.
+The checks that need a model (how many blocks it has) run in the stage that builds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import get_type_hints
+
+from omegaconf import DictConfig, ListConfig
+
+from transferkit.errors import TransferkitError
+
+from transferkit.data.augment import FLIP_MODES  # noqa: E402
+from transferkit.evaluation.metrics import TTA as TTA_MODES  # noqa: E402
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
+
+
+def rule(low=None, high=None, *, open_low: bool = False, open_high: bool = False, choices: tuple = (),
+         optional: bool = False):
+    return field(default=None, metadata={"low": low, "high": high, "open_low": open_low, "open_high": open_high,
+                                         "choices": choices, "optional": optional})
+
+
+def fail(key: str, value, need: str):
+    raise TransferkitError(f"{key}={value!r} is invalid: {need}. Fix: set {key} in conf/ or as an override.")
+
+
+def check_value(key: str, value, kind: type, m: dict) -> None:
+    if value is None and m.get("optional"):
+        return
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+        fail(key, value, "must be an integer")
+    if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        fail(key, value, "must be a number")
+    if kind is bool and not isinstance(value, bool):
+        fail(key, value, "must be true or false")
+    if m.get("choices") and value not in m["choices"]:
+        fail(key, value, f"must be one of {list(m['choices'])}")
+    low, high = m.get("low"), m.get("high")
+    if low is not None and (value <= low if m["open_low"] else value < low):
+        fail(key, value, f"must be {'>' if m['open_low'] else '>='} {low}")
+    if high is not None and (value >= high if m.get("open_high") else value > high):
+        fail(key, value, f"must be {'<' if m.get('open_high') else '<='} {high}")
+
+
+def check(schema, node: DictConfig, prefix: str) -> None:
+    for f, kind in ((f, get_type_hints(schema)[f.name]) for f in fields(schema)):
+        if f.name in node:
+            check_value(f"{prefix}.{f.name}", node[f.name], kind, f.metadata)
+
+
+@dataclass
+class Optim:  # conf/optim/sgd.yaml
+    epochs: int = rule(1)
+    batch_size: int = rule(1)
+    lr: float = rule(0, open_low=True)
+    momentum: float = rule(0, 1)
+    weight_decay: float = rule(0)
+    label_smoothing: float = rule(0, 1)
+    warmup_fraction: float = rule(0, 1)
+    warmup_from: float = rule(0, 1)
+    decay_to: float = rule(0, 1)
+    bn_bias_lr_mult: float = rule(0, open_low=True)
+    bn_bias_decay: bool = rule()
+    lookahead: bool = rule()
+    flip: str = rule(choices=FLIP_MODES)
+    translate: int = rule(0, 8)
+
+
+@dataclass
+class Pretrain(Optim):
+    epochs: int = rule(0)  # 0 exports published weights (model.weights) without source training
+    freeze_depth: int = rule(0, 1)
+
+
+@dataclass
+class Transfer(Optim):
+    freeze_depth: int = rule(0)
+    backbone_lr_mult: float = rule(0)
+    unfreeze_every_epochs: int = rule(0)
+
+
+@dataclass
+class Scratch(Optim):
+    freeze_depth: int = rule(0, 1)
+
+
+@dataclass
+class Probe(Optim):
+    depth: int = rule(1, optional=True)
+
+
+@dataclass
+class Distill(Optim):
+    temperature: float = rule(0, open_low=True)
+    alpha: float = rule(0, 1)
+    dkd_alpha: float = rule(0)
+    dkd_beta: float = rule(0)
+
+
+@dataclass
+class Prune(Optim):
+    mode: str = rule(choices=("structured", "unstructured"))
+    target: str = rule(choices=("macs", "channels"))
+    ratio: float = rule(0, 1, open_low=True, open_high=True)  # the share of MACs, channels or weights removed
+    steps: int = rule(1)
+    round_to: int = rule(1, optional=True)
+
+
+@dataclass
+class Split:  # data.source / data.target
+    train_per_class: int = rule(1, optional=True)
+    val_per_class: int = rule(0)
+    test_per_class: int = rule(1, optional=True)
+
+
+@dataclass
+class Trainer:
+    precision: str = rule(choices=PRECISIONS)
+    checkpoint_budget: float = rule(0, 1)
+
+
+@dataclass
+class Evaluate:
+    tta: str = rule(choices=TTA_MODES)
+    latency_repeats: int = rule(1)
+    throughput_batch: int = rule(1)
+    batch_size: int = rule(1)
+
+
+BLOCKS = {"pretrain": Pretrain, "transfer": Transfer, "probe": Probe, "scratch": Scratch, "distill": Distill,
+          "student": Optim, "prune": Prune, "trainer": Trainer, "evaluate": Evaluate}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every check that needs no model or data."""
+    from transferkit.distill.losses import get_loss
+    from transferkit.prune.structured import CRITERIA
+    from transferkit.training import LOGGERS
+
+    check_value("seed", cfg.seed, int, {"low": 0, "open_low": False})
+    for name, schema in BLOCKS.items():
+        if name in cfg:
+            check(schema, cfg[name], name)
+    for role in ("source", "target"):
+        check(Split, cfg.data[role], f"data.{role}")
+    d = cfg.data
+    if d.source.dataset == d.target.dataset and (both := sorted(set(d.source.classes) & set(d.target.classes))):
+        raise TransferkitError(f"classes {both} are in both data.source.classes and data.target.classes: the target "
+                               f"test images of a class the backbone was pretrained on would leak. Fix: remove them "
+                               f"from one of the two lists.")
+    if "synthetic" in (d.source.dataset, d.target.dataset):
+        for key in ("train_per_class", "test_per_class"):
+            check_value(f"data.synthetic.{key}", d.synthetic[key], int, {"low": 1, "open_low": False})
+    for name in cfg.trainer.get("loggers") or []:
+        if name not in LOGGERS:
+            raise TransferkitError(f"unknown logger '{name}' in trainer.loggers. Fix: use any of {list(LOGGERS)}.")
+    if cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu":
+        raise TransferkitError("trainer.sync_batchnorm=true works only on GPUs (torch's SyncBatchNorm). "
+                               "Fix: set trainer.sync_batchnorm=false for CPU processes.")
+    if "distill" in cfg:
+        get_loss(cfg.distill.method)  # an unknown name -> an error listing the registered methods
+    if "prune" in cfg and cfg.prune.criterion not in CRITERIA:
+        raise TransferkitError(f"unknown prune.criterion '{cfg.prune.criterion}'. Fix: use one of {sorted(CRITERIA)}.")
+    if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
+        differ = [f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}"
+                  for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
+        if differ:
+            raise TransferkitError(f"the student baseline trains unlike distill ({'; '.join(differ)}): the comparison "
+                                   f"would measure more than the teacher. Fix: set the same values for both.")
+    if "freeze_curve" in cfg:
+        validate_freeze_curve(cfg)
+
+
+def validate_transfer(cfg: DictConfig, num_blocks: int) -> None:
+    if cfg.transfer.freeze_depth > num_blocks:
+        fail("transfer.freeze_depth", cfg.transfer.freeze_depth,
+             f"model '{cfg.model.name}' has {num_blocks} blocks, so it must be in 0..{num_blocks}")
+    if cfg.transfer.unfreeze_every_epochs and cfg.trainer.strategy not in ("auto", None, "single_device"):
+        raise TransferkitError("transfer.unfreeze_every_epochs > 0 is not supported with strategy "
+                               f"'{cfg.trainer.strategy}' (DDP fixes its parameter set at start). Fix: set "
+                               "transfer.unfreeze_every_epochs=0 or use trainer=cpu/gpu.")
+
+
+def validate_freeze_curve(cfg: DictConfig, num_blocks: int | None = None) -> None:
+    """freeze_curve.depths: distinct integers, each a valid transfer.freeze_depth (the block
+    count is known once the backbone is loaded)."""
+    depths = cfg.freeze_curve.depths
+    if not isinstance(depths, (list, ListConfig)):
+        fail("freeze_curve.depths", depths, "must be a list of block counts, e.g. [0, 2, 3, 4] (or [])")
+    for k in depths:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            fail("freeze_curve.depths", list(depths), f"{k!r} is not a block count (an integer >= 0)")
+    if len(set(depths)) != len(depths):
+        fail("freeze_curve.depths", list(depths), "lists a depth twice")
+    if too_deep := [k for k in depths if num_blocks is not None and k > num_blocks]:
+        fail("freeze_curve.depths", list(depths), f"model '{cfg.model.name}' has {num_blocks} blocks, so "
+             f"every depth must be in 0..{num_blocks} ({too_deep} is not)")
+
+
+def validate_probe(cfg: DictConfig, num_blocks: int) -> None:
+    if cfg.probe.depth is not None and cfg.probe.depth > num_blocks:
+        fail("probe.depth", cfg.probe.depth, f"model '{cfg.model.name}' has {num_blocks} blocks, so it "
+             f"must be in 1..{num_blocks} or null")

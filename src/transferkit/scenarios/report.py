@@ -1,0 +1,262 @@
+"""`transferkit scenarios`: the four scenarios of the source material, measured.
+
+    transferkit scenarios [--out DIR] [--only NAME ...] [--early-depth K] [--partial-depth K]
+                          [key=value ...]
+
+Target data small or large x source similar or different, one experiment preset each
+(conf/experiment/scenario_*.yaml). DIR/dvc.yaml holds them as DVC stages: each quadrant's
+prepare, one pretraining per source (the two quadrants with the same source share it: their
+source images and pretraining settings are the same) and five strategies per quadrant with the
+same epochs (a fair budget). DVC runs what is missing or changed and skips the rest; a killed
+strategy resumes from its checkpoint. Every model is then scored on its quadrant's target test
+set, and DIR/scenarios.md and scenarios.json hold the table: val and test top-1 with 95%
+intervals, the winner chosen on validation accuracy, the best on test, and the source
+material's guidance beside it. key=value overrides apply to every quadrant (seed=1, model=vgg_mini).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from transferkit.config.compose import compose, params_text, to_params
+from transferkit.errors import TransferkitError
+from transferkit.io import save_json, save_text
+from transferkit.stages import BY_NAME
+
+# preset -> (target size, source similarity), in the order of the report
+QUADRANTS = {"scenario_small_similar": ("small", "similar"), "scenario_small_different": ("small", "different"),
+             "scenario_large_similar": ("large", "similar"), "scenario_large_different": ("large", "different")}
+# The source material's four scenarios and the strategy each names.
+GUIDANCE = {("small", "similar"): ("linear_probe", "linear classifier on the features"),
+            ("small", "different"): ("early_probe", "classifier on earlier-layer features"),
+            ("large", "similar"): ("fine_tune", "fine-tune all"),
+            ("large", "different"): ("fine_tune", "fine-tune all from the pretrained init")}
+SHARED_BY_SOURCE = ("seed", "model", "pretrain", "data.source", "data.image_size")  # what pretraining reads
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str        # output folder
+    label: str
+    stage: str       # the pipeline stage that trains it
+    overrides: dict  # on top of the quadrant's config
+    what: str        # what is trained, for the report
+
+
+def strategies(early: int = 2, partial: int = 2) -> list[Strategy]:
+    return [Strategy("linear_probe", "linear probe", "probe", {"probe.depth": None}, "new head on all pretrained blocks (frozen)"),
+            Strategy("early_probe", f"probe on block {early}", "probe", {"probe.depth": early},
+                     f"new head on pretrained blocks[:{early}] (frozen)"),
+            Strategy("partial_freeze", f"partial freeze ({partial})", "transfer", {"transfer.freeze_depth": partial},
+                     f"pretrained blocks[:{partial}] frozen, the rest fine-tuned"),
+            Strategy("fine_tune", "full fine-tune", "transfer", {"transfer.freeze_depth": 0}, "every pretrained block fine-tuned"),
+            Strategy("scratch", "scratch", "scratch", {}, "every block from random init")]
+
+
+def _get(params: dict, key: str):
+    for part in key.split("."):
+        params = params[part]
+    return params
+
+
+def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
+    """Compose and check every quadrant and strategy (a bad override fails in a second, before
+    anything trains), write each quadrant's params file and return the DVC stages."""
+    from transferkit.config.schema import validate, validate_probe, validate_transfer
+    from transferkit.models import model_from_config
+
+    for o in overrides:
+        if o.split("=", 1)[0].lstrip("+~") in ("experiment", "name", "paths.artifacts_dir") or o.startswith("hydra"):
+            raise TransferkitError(f"override '{o}' cannot be used here: each quadrant sets its experiment and "
+                                   f"folders. Fix: use --only NAME and --out DIR.")
+    code = str(Path(__file__).resolve().parents[1])
+    stages, sources = {}, {}
+    for preset, (size, similarity) in QUADRANTS.items():
+        cfg = compose([f"experiment={preset}", "trainer.progress_bar=false", *overrides])
+        data_dir = str(Path(cfg.paths.data_dir).resolve())
+        cfg.paths.data_dir = data_dir
+        blocks = model_from_config(to_params(cfg.model), 2).num_blocks
+        for s in [None, *plan]:
+            try:
+                point = compose([f"experiment={preset}", *overrides, *(f"{k}={'null' if v is None else v}"
+                                                                     for k, v in (s.overrides if s else {}).items())])
+                validate(point)
+                {"probe": validate_probe, "transfer": validate_transfer}.get(s.stage if s else "", lambda *_: None)(point, blocks)
+            except TransferkitError as e:
+                raise TransferkitError(f"{preset}{f', strategy {s.name}' if s else ''}: {e}") from e
+        params = to_params(cfg)
+        first = sources.setdefault(similarity, (preset, params))
+        if any(_get(first[1], k) != _get(params, k) for k in SHARED_BY_SOURCE):
+            raise TransferkitError(f"{preset} and {first[0]} have the same source but other pretraining settings: "
+                                   f"they cannot share one pretraining. Fix: override only what both may share.")
+        (out / "params").mkdir(parents=True, exist_ok=True)
+        text = params_text(cfg)
+        if not (out / "params" / f"{preset}.yaml").exists() or (out / "params" / f"{preset}.yaml").read_text() != text:
+            save_text(text, out / "params" / f"{preset}.yaml")
+        run = f"transferkit {{}} --params params/{preset}.yaml --in prepare={preset}/prepare"
+
+        def params_of(stage: str) -> list:  # the keys DVC watches: the stage table's, in this quadrant's file
+            return [{f"params/{preset}.yaml": [k for k in BY_NAME[stage].params if k != "paths.data_dir"]}]
+
+        stages[f"{preset}-prepare"] = {"cmd": f"transferkit prepare --params params/{preset}.yaml --out {preset}/prepare",
+                                       "deps": [data_dir, code], "params": params_of("prepare"),
+                                       "outs": [f"{preset}/prepare"]}
+        if first[0] == preset:
+            stages[f"{similarity}-pretrain"] = {"cmd": run.format("pretrain") + f" --out pretrain-{similarity}",
+                                                "deps": [code, f"{preset}/prepare"], "params": params_of("pretrain"),
+                                                "outs": [f"pretrain-{similarity}"]}
+        for s in plan:
+            sets = " ".join(f"{k}={'null' if v is None else v}" for k, v in s.overrides.items())
+            stages[f"{preset}-{s.name}"] = {
+                "cmd": f"{run.format(s.stage)} --in pretrain=pretrain-{similarity} --out {preset}/{s.name} {sets}".rstrip(),
+                "deps": [code, f"{preset}/prepare", f"pretrain-{similarity}"], "params": params_of(s.stage),
+                "outs": [f"{preset}/{s.name}"]}
+    return stages
+
+
+def score_quadrant(out: Path, preset: str, plan: list[Strategy]) -> dict:
+    from transferkit.evaluation.metrics import paired_difference, wilson_interval
+    from transferkit.stages.common import load_task
+    from transferkit.sweep.collect import read_run, score
+
+    size, similarity = QUADRANTS[preset]
+    task = load_task(out / preset / "prepare", "target")
+    runs = {s.name: read_run(out / preset / s.name, s.stage) for s in plan}
+    score(list(runs.values()), task)
+    n_val, n_test = len(task["val_y"]), len(task["test_y"])
+
+    def interval(acc, n):
+        return list(wilson_interval(round(acc * n), n)) if acc is not None and n else None
+
+    rows = [{"strategy": s.name, "label": s.label, "stage": s.stage, "what": s.what, "folder": str(runs[s.name].folder),
+             "epochs": int(runs[s.name].params[s.stage]["epochs"]), "val_acc": runs[s.name].val_acc,
+             "val_ci95": interval(runs[s.name].val_acc, n_val), "test_acc": runs[s.name].test_acc,
+             "test_ci95": interval(runs[s.name].test_acc, n_test), "train_seconds": runs[s.name].train_seconds}
+            for s in plan]
+    with_val = [r for r in rows if r["val_acc"] is not None]
+    winner = max(with_val, key=lambda r: r["val_acc"], default=None)  # ties: the earlier (cheaper) strategy
+    best = max(rows, key=lambda r: r["test_acc"])
+    guided_name, guidance = GUIDANCE[(size, similarity)]
+    for r in rows:
+        r["chosen_on_val"], r["best_on_test"] = r is winner, r is best
+    versus = None
+    if winner and winner["strategy"] != guided_name:
+        d = paired_difference(runs[guided_name].correct, runs[winner["strategy"]].correct)
+        versus = {**d, "method": "test images, paired by image (one seed: test-set noise only)"}
+    pretrain = json.loads((out / f"pretrain-{similarity}" / "metrics.json").read_text())
+    source = json.loads((out / preset / "prepare" / "summary.json").read_text())["source"]
+    return {"preset": preset, "size": size, "similarity": similarity, "title": f"{size} target + {similarity} source",
+            "source_classes": source["classes"], "n_source_train": source["n_train"], "target_classes": list(task["classes"]),
+            "pretrain_epochs": int(runs[plan[0].name].params["pretrain"]["epochs"]), "pretrain_folder": f"pretrain-{similarity}",
+            "pretrain_source_test_acc": pretrain.get("test_acc"), "n_train": len(task["train_y"]), "n_val": n_val,
+            "n_test": n_test, "rows": rows, "winner_on_val": winner["strategy"] if winner else None,
+            "best_on_test": best["strategy"], "guidance": {"strategy": guided_name, "text": guidance},
+            "agrees": (winner["strategy"] == guided_name) if winner else None,
+            "guided_ties_winner_on_val": bool(winner and versus and runs[guided_name].val_acc == winner["val_acc"]),
+            "guided_minus_winner_test": versus}
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _verdict(q: dict) -> str:
+    if q["agrees"] is None:
+        return "– (no validation split)"
+    if q["agrees"]:
+        return "yes"
+    lo, hi = q["guided_minus_winner_test"]["ci95"]
+    noise = "within noise" if lo <= 0 <= hi else ("guidance better on test" if lo > 0 else "guidance worse")
+    tie = ", tied on val (ties go to the earlier strategy)" if q["guided_ties_winner_on_val"] else ""
+    label = next(r["label"] for r in q["rows"] if r["strategy"] == q["guidance"]["strategy"])
+    return (f"no{tie}: {label} is {100 * q['guided_minus_winner_test']['difference']:+.1f} points on test vs the "
+            f"winner ({100 * lo:+.1f} to {100 * hi:+.1f}; {noise})")
+
+
+def report_markdown(results: list[dict]) -> str:
+    first = results[0]
+    lines = ["# The four transfer scenarios, measured", "",
+             f"Target: {', '.join(first['target_classes'])} in every quadrant, so the quadrants compare; test = "
+             f"{first['n_test']:,} official test images. Every strategy of a quadrant trains for the same number of "
+             "epochs. The winner is chosen on validation accuracy (◀ val); test accuracy is reported, never used to "
+             "choose. Intervals: 95% (Wilson). One seed.", "", "## Summary", "",
+             "| quadrant | target train | source (pretrain epochs: source test top-1) | source material says | "
+             "winner on val | its test top-1 % | best on test | agrees? |", "|---|---|---|---|---|---|---|---|"]
+    for q in results:
+        win = next((r for r in q["rows"] if r["chosen_on_val"]), None)
+        best = next(r for r in q["rows"] if r["best_on_test"])
+        lines.append(f"| {q['title']} | {q['n_train']:,} | {', '.join(q['source_classes'])} ({q['pretrain_epochs']} ep: "
+                     f"{_pct(q['pretrain_source_test_acc'])}%) | {q['guidance']['text']} | {win['label'] if win else '–'} | "
+                     f"{_pct(win['test_acc']) if win else '–'} | {best['label']} ({_pct(best['test_acc'])}) | {_verdict(q)} |")
+    for q in results:
+        lines += ["", f"## {q['title']} (`{q['preset']}`)", "",
+                  f"Target train {q['n_train']:,}, val {q['n_val']:,}, test {q['n_test']:,}. Source "
+                  f"{', '.join(q['source_classes'])}: {q['n_source_train']:,} images, pretrained {q['pretrain_epochs']} epochs "
+                  f"({q['pretrain_folder']}/, shared by the quadrants with this source).", "",
+                  "| strategy | what is trained | epochs | val top-1 % (95% interval) | test top-1 % (95% interval) | train s |",
+                  "|---|---|---|---|---|---|"]
+        for r in q["rows"]:
+            name = f"**{r['label']}** ◀ val" if r["chosen_on_val"] else r["label"]
+            val = "–" if r["val_acc"] is None else f"{_pct(r['val_acc'])} ({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])})"
+            test = f"{_pct(r['test_acc'])} ({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])})"
+            lines.append(f"| {name} | {r['what']} | {r['epochs']} | {val} | {test}{' (best on test)' * r['best_on_test']} | "
+                         f"{'–' if r['train_seconds'] is None else round(r['train_seconds'])} |")
+        lines += ["", f"Source material: {q['guidance']['text']}. Agrees with the val winner: {_verdict(q)}."]
+    return "\n".join(lines) + "\n"
+
+
+def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = None,
+        early_depth: int = 2, partial_depth: int = 2) -> dict:
+    from transferkit.project import run_pipeline
+
+    chosen = [p for p in QUADRANTS if not only or p in {o if o in QUADRANTS else f"scenario_{o}" for o in only}]
+    unknown = [o for o in only or [] if o not in QUADRANTS and f"scenario_{o}" not in QUADRANTS]
+    if unknown:
+        raise TransferkitError(f"unknown scenario '{unknown[0]}'. Fix: use one of {', '.join(QUADRANTS)} "
+                               f"(or without the scenario_ prefix).")
+    plan = strategies(early_depth, partial_depth)
+    stages = pipeline(out, list(overrides or []), plan)
+    start = time.perf_counter()
+    ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen])
+    results = [score_quadrant(out, preset, plan) for preset in chosen]
+    summary = {"quadrants": results, "overrides": list(overrides or []),
+               "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides} for s in plan]}
+    save_json(summary, out / "scenarios.json")
+    save_text(report_markdown(results), out / "scenarios.md")
+    save_json({"this_run_seconds": round(time.perf_counter() - start, 1), "stages_run": ran}, out / "scenarios_timing.json")
+    return summary
+
+
+VALUE_OPTIONS = ("--out", "--early-depth", "--partial-depth")
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """key=value overrides apart from the options (--only takes several names; an --out path
+    may contain '=' too)."""
+    overrides, options, value_next = [], [], False
+    for a in argv:
+        if value_next or a.startswith("-") or "=" not in a:
+            options.append(a)
+            value_next = a in VALUE_OPTIONS
+        else:
+            overrides.append(a)
+    return overrides, options
+
+
+def main(argv: list[str]) -> int:
+    overrides, options = split_argv(argv)
+    parser = argparse.ArgumentParser(prog="transferkit scenarios", description=__doc__.split("\n\n")[0],
+                                     epilog="key=value overrides (Hydra syntax) apply to every quadrant.")
+    parser.add_argument("--out", type=Path, default=Path("scenarios"), help="output folder (default scenarios/)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these of {', '.join(QUADRANTS)}")
+    parser.add_argument("--early-depth", type=int, default=2, help="probe.depth of the earlier-block probe (2)")
+    parser.add_argument("--partial-depth", type=int, default=2, help="transfer.freeze_depth of partial freeze (2)")
+    args = parser.parse_args(options)
+    run(args.out, args.only, overrides, args.early_depth, args.partial_depth)
+    print((args.out / "scenarios.md").read_text())
+    print(f"wrote {args.out / 'scenarios.md'}, {args.out / 'scenarios.json'}, {args.out / 'scenarios_timing.json'}")
+    return 0
