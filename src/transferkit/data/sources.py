@@ -4,144 +4,22 @@ synthetic images made in-process. Each loader returns uint8 NCHW tensors, decode
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
-import pickle
-import socket
 import tarfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from transferkit.data.cifar import CIFAR, download_cifar, read_cifar_pickles
+from transferkit.data.dataset import RawDataset, Split
 from transferkit.errors import TransferkitError
 from transferkit.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-
-
-@dataclass
-class Split:
-    images: torch.Tensor  # uint8 [N, 3, H, W]
-    labels: torch.Tensor  # int64 [N], indices into RawDataset.classes
-
-
-@dataclass
-class RawDataset:
-    name: str
-    classes: list[str]
-    train: Split
-    test: Split
-
-
-# --------------------------------------------------------------------------- official CIFAR
-# name -> (folder inside data_dir, train files, test files, meta file, label key, names key)
-_CIFAR = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "batches.meta", b"labels", b"label_names"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
-}
-
-
-def _official_md5s(name: str) -> dict[str, str]:
-    """The checksums torchvision publishes for the extracted pickle files, meta file included."""
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    cls = CIFAR10 if name == "cifar10" else CIFAR100
-    return {**{f: md5 for f, md5 in cls.train_list + cls.test_list}, cls.meta["filename"]: cls.meta["md5"]}
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-# What the official CIFAR pickles hold besides builtin containers, numbers and bytes: numpy
-# arrays (rebuilt by these three) and, in protocol-2 files, bytes encoded through _codecs.
-_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    """A global the official files never reference: loading it would run code."""
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Admits only what the official files hold, so a tampered file cannot call anything else.
-    Hand-written because the format is a pickle: torch's weights-only loader reads torch files only."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _CIFAR_GLOBALS:
-            return super().find_class(module, name)
-        raise _RefusedGlobal(f"{module}.{name}")
-
-
-def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -> RawDataset:
-    """Read the official python-pickle layout (what torchvision downloads and extracts)."""
-    from transferkit.io import not_plain_data
-
-    _, train_files, test_files, meta_file, label_key, names_key = _CIFAR[name]
-    md5s = _official_md5s(name) if verify_checksums else {}
-    refetch = f"delete {folder} and extract the official archive again."
-
-    def unpickle(fname: str) -> dict:
-        path = folder / fname
-        if not path.exists():
-            raise TransferkitError(f"{path} is missing: the official {name} folder is incomplete. "
-                                   f"Fix: re-extract the official archive into {folder.parent}.")
-        if fname in md5s and _md5(path) != md5s[fname]:
-            raise TransferkitError(
-                f"{path} does not match the official {name} checksum: the file is corrupt or not "
-                f"the official release. Fix: delete {folder} and download or extract it again "
-                f"(or set data.verify_checksums=false for a deliberately modified copy).")
-        try:
-            with open(path, "rb") as f:
-                data = _CifarUnpickler(f, encoding="bytes").load()
-        except _RefusedGlobal as e:
-            raise not_plain_data(path, f"it calls {e}", refetch) from e
-        except Exception as e:
-            raise TransferkitError(f"{path} is not a readable CIFAR pickle ({e}). Fix: {refetch}") from e
-        if not isinstance(data, dict):
-            raise TransferkitError(f"{path} is not a CIFAR pickle (it holds a {type(data).__name__}, not a "
-                                   f"dict). Fix: {refetch}")
-        return data
-
-    def field(batch: dict, key: bytes, fname: str):
-        if key not in batch:
-            raise TransferkitError(f"{folder / fname} has no {key.decode()!r} entry: it is not an official "
-                                   f"{name} file. Fix: {refetch}")
-        return batch[key]
-
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in field(unpickle(meta_file), names_key, meta_file)]
-
-    def split(files: list[str]) -> Split:
-        batches = {f: unpickle(f) for f in files}
-        arrays = [np.asarray(field(b, b"data", f)) for f, b in batches.items()]
-        if any(a.dtype != np.uint8 or a.size % (3 * 32 * 32) for a in arrays):
-            raise TransferkitError(f"the images in {folder} are not uint8 32x32 RGB rows. Fix: {refetch}")
-        data = np.concatenate(arrays).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([np.asarray(field(b, label_key, f), dtype=np.int64) for f, b in batches.items()])
-        return Split(torch.from_numpy(data.copy()), torch.from_numpy(labels))
-
-    return RawDataset(name, classes, split(train_files), split(test_files))
-
-
-def download_cifar(name: str, data_dir: Path) -> None:
-    """Fetch the official archive, verify its md5 and extract it. torchvision's download helper
-    alone: its dataset classes would also unpickle the files, which read_cifar_pickles does safely."""
-    from torchvision.datasets import CIFAR10, CIFAR100
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    cls = CIFAR10 if name == "cifar10" else CIFAR100
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)  # an offline machine should fail in seconds, not hang
-    try:
-        download_and_extract_archive(cls.url, str(data_dir), filename=cls.filename, md5=cls.tgz_md5)
-    finally:
-        socket.setdefaulttimeout(old)
 
 
 # --------------------------------------------------------------------------- image folders
@@ -278,7 +156,7 @@ def make_synthetic(classes: list[str], train_per_class: int, test_per_class: int
 
 # --------------------------------------------------------------------------- resolution
 def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
-    folder = _CIFAR[name][0]
+    folder = CIFAR[name][0]
     return TransferkitError(
         f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Fix: provide it one "
         f"of three ways: (1) the official python version: extract it to {data_dir}/{folder}/ (or run "
@@ -291,8 +169,8 @@ def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
 def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksums: bool,
                  image_size: int, wanted: set[str] | None) -> RawDataset:
     """Resolve a dataset name ('cifar10', 'cifar100') or a path to an image folder/archive."""
-    if dataset in _CIFAR:
-        official = data_dir / _CIFAR[dataset][0]
+    if dataset in CIFAR:
+        official = data_dir / CIFAR[dataset][0]
         if official.is_dir():
             return read_cifar_pickles(official, dataset, verify_checksums)
         for candidate in (data_dir / f"{dataset}-jpeg.tar.gz", data_dir / f"{dataset}-jpeg"):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from transferkit.config.compose import compose, params_text, to_params
 from transferkit.errors import TransferkitError
+from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
 from transferkit.stages import BY_NAME
 
@@ -160,55 +161,6 @@ def score_quadrant(out: Path, preset: str, plan: list[Strategy]) -> dict:
             "guided_minus_winner_test": versus}
 
 
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _verdict(q: dict) -> str:
-    if q["agrees"] is None:
-        return "– (no validation split)"
-    if q["agrees"]:
-        return "yes"
-    lo, hi = q["guided_minus_winner_test"]["ci95"]
-    noise = "within noise" if lo <= 0 <= hi else ("guidance better on test" if lo > 0 else "guidance worse")
-    tie = ", tied on val (ties go to the earlier strategy)" if q["guided_ties_winner_on_val"] else ""
-    label = next(r["label"] for r in q["rows"] if r["strategy"] == q["guidance"]["strategy"])
-    return (f"no{tie}: {label} is {100 * q['guided_minus_winner_test']['difference']:+.1f} points on test vs the "
-            f"winner ({100 * lo:+.1f} to {100 * hi:+.1f}; {noise})")
-
-
-def report_markdown(results: list[dict]) -> str:
-    first = results[0]
-    lines = ["# The four transfer scenarios, measured", "",
-             f"Target: {', '.join(first['target_classes'])} in every quadrant, so the quadrants compare; test = "
-             f"{first['n_test']:,} official test images. Every strategy of a quadrant trains for the same number of "
-             "epochs. The winner is chosen on validation accuracy (◀ val); test accuracy is reported, never used to "
-             "choose. Intervals: 95% (Wilson). One seed.", "", "## Summary", "",
-             "| quadrant | target train | source (pretrain epochs: source test top-1) | source material says | "
-             "winner on val | its test top-1 % | best on test | agrees? |", "|---|---|---|---|---|---|---|---|"]
-    for q in results:
-        win = next((r for r in q["rows"] if r["chosen_on_val"]), None)
-        best = next(r for r in q["rows"] if r["best_on_test"])
-        lines.append(f"| {q['title']} | {q['n_train']:,} | {', '.join(q['source_classes'])} ({q['pretrain_epochs']} ep: "
-                     f"{_pct(q['pretrain_source_test_acc'])}%) | {q['guidance']['text']} | {win['label'] if win else '–'} | "
-                     f"{_pct(win['test_acc']) if win else '–'} | {best['label']} ({_pct(best['test_acc'])}) | {_verdict(q)} |")
-    for q in results:
-        lines += ["", f"## {q['title']} (`{q['preset']}`)", "",
-                  f"Target train {q['n_train']:,}, val {q['n_val']:,}, test {q['n_test']:,}. Source "
-                  f"{', '.join(q['source_classes'])}: {q['n_source_train']:,} images, pretrained {q['pretrain_epochs']} epochs "
-                  f"({q['pretrain_folder']}/, shared by the quadrants with this source).", "",
-                  "| strategy | what is trained | epochs | val top-1 % (95% interval) | test top-1 % (95% interval) | train s |",
-                  "|---|---|---|---|---|---|"]
-        for r in q["rows"]:
-            name = f"**{r['label']}** ◀ val" if r["chosen_on_val"] else r["label"]
-            val = "–" if r["val_acc"] is None else f"{_pct(r['val_acc'])} ({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])})"
-            test = f"{_pct(r['test_acc'])} ({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])})"
-            lines.append(f"| {name} | {r['what']} | {r['epochs']} | {val} | {test}{' (best on test)' * r['best_on_test']} | "
-                         f"{'–' if r['train_seconds'] is None else round(r['train_seconds'])} |")
-        lines += ["", f"Source material: {q['guidance']['text']}. Agrees with the val winner: {_verdict(q)}."]
-    return "\n".join(lines) + "\n"
-
-
 def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = None,
         early_depth: int = 2, partial_depth: int = 2) -> dict:
     from transferkit.project import run_pipeline
@@ -226,7 +178,7 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
     summary = {"quadrants": results, "overrides": list(overrides or []),
                "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides} for s in plan]}
     save_json(summary, out / "scenarios.json")
-    save_text(report_markdown(results), out / "scenarios.md")
+    save_text(scenarios_markdown(results), out / "scenarios.md")
     save_json({"this_run_seconds": round(time.perf_counter() - start, 1), "stages_run": ran}, out / "scenarios_timing.json")
     return summary
 

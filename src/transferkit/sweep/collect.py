@@ -24,8 +24,9 @@ import torch
 import yaml
 
 from transferkit.errors import TransferkitError
-from transferkit.evaluation.metrics import paired_difference, predict
+from transferkit.evaluation.metrics import mean_difference, paired_difference, predict
 from transferkit.evaluation.plots import sweep_png
+from transferkit.evaluation.tables import sweep_table
 from transferkit.io import save_json, save_text
 from transferkit.stages import TARGET_MODELS
 from transferkit.stages.common import PARAMS_FILE
@@ -33,14 +34,6 @@ from transferkit.stages.common import PARAMS_FILE
 REFERENCES = ("scratch", "probe")
 NOT_SWEPT = ("seed", "trainer.progress_bar", "trainer.loggers", "paths")  # never what sets runs apart
 NOT_A_STAGE_BLOCK = ("model", "trainer")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}  # two-sided 95% Student t by degrees of freedom
-
-
-def t95(df: int) -> float:
-    return 1.96 if df > 30 else T95[max(k for k in T95 if k <= df)]  # lower df: a slightly wider interval
-
-
 def flat(d, prefix: str = "") -> dict:
     if not isinstance(d, dict):
         return {prefix[:-1]: d}
@@ -132,10 +125,7 @@ def versus(group: list[Run], baseline: list[Run]) -> dict | None:
     by_seed = {r.seed: r for r in baseline}
     pairs = [(r, by_seed[r.seed]) for r in group if r.seed in by_seed]
     if len(pairs) >= 2:
-        diffs = [a.test_acc - b.test_acc for a, b in pairs]
-        mean, half = statistics.fmean(diffs), t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        return {"difference": mean, "ci95": [mean - half, mean + half], "pairs": len(diffs),
-                "method": f"paired by seed over {len(diffs)} seeds (t interval)"}
+        return mean_difference([a.test_acc - b.test_acc for a, b in pairs])
     if not baseline:
         return None
     d = paired_difference(torch.stack([r.correct.float() for r in group]).mean(0),
@@ -184,33 +174,13 @@ def summarize(runs: list[Run]) -> dict:
     return {"stage": main, "rows": rows, "swept": sorted({o.split("=")[0] for r in runs for o in r.setting})}
 
 
-def _pct(x: float) -> str:
-    return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}"
-
-
-def table_markdown(summary: dict) -> str:
-    lines = ["| run | seeds | val top-1 % (mean ± std) | test top-1 % (mean ± std) | test − scratch, points (95% interval) "
-             "| beats scratch? |", "|---|---|---|---|---|---|"]
-    for r in summary["rows"]:
-        vs = r.get("vs_scratch")
-        diff, verdict = "–", "–"
-        if vs:
-            lo, hi = vs["ci95"]
-            diff = f"{100 * vs['difference']:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
-            verdict = "yes" if lo > 0 else ("no: worse" if hi < 0 else "not shown (interval includes 0)")
-        lines.append(f"| {r['label']}{' ← best on val' * r['chosen_on_val']} | {len(r['seeds'])} | {_pct(r['val_mean'])} ± "
-                     f"{_pct(r['val_std'])} | {_pct(r['test_mean'])} ± {_pct(r['test_std'])} | {diff} | {verdict} |")
-    methods = sorted({r["vs_scratch"]["method"] for r in summary["rows"] if r.get("vs_scratch")})
-    return "\n".join(lines + [""] + [f"Intervals: {m}." for m in methods]) + "\n"
-
-
 def collect(dirs: list[Path], out: Path) -> dict:
     runs = find_runs(dirs)
     out.mkdir(parents=True, exist_ok=True)
     score(runs, cache_file=out / "scores.pt")
     summary = summarize(runs)
     save_json(summary, out / "sweep.json")
-    save_text(table_markdown(summary), out / "sweep.md")
+    save_text(sweep_table(summary), out / "sweep.md")
     sweep_png(summary, out / "sweep.png")
     return summary
 
@@ -224,6 +194,6 @@ def main(argv: list[str]) -> int:
         raise TransferkitError("collect needs a sweep folder. Fix: `transferkit collect multirun/<experiment>`.")
     out = args.out or args.dirs[0] / "collected"
     summary = collect(args.dirs, out)
-    print(table_markdown(summary))
+    print(sweep_table(summary))
     print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
     return 0

@@ -79,7 +79,8 @@ def main(argv: list[str]) -> int:
     from transferkit.io import save_text
     from transferkit.project import run_pipeline
     from transferkit.stages import BY_NAME, STAGES
-    from transferkit.sweep.collect import collect, table_markdown
+    from transferkit.evaluation.tables import sweep_table
+    from transferkit.sweep.collect import collect
 
     parser = argparse.ArgumentParser(prog="transferkit sweep", description=main.__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=[s for s in STAGES if BY_NAME[s].trains])
@@ -103,5 +104,5 @@ def main(argv: list[str]) -> int:
                                "outs": [f"{name}/{args.stage}"]}
     ran = run_pipeline(out, stages)
     print(f"{len(ran)} of {len(stages)} points ran; the rest were done already")
-    print(table_markdown(collect([out], out / "collected")))
+    print(sweep_table(collect([out], out / "collected")))
     return 0

@@ -1,0 +1,72 @@
+"""Markdown tables of many runs: a sweep's (`transferkit collect`) and the four scenarios'."""
+
+from __future__ import annotations
+
+import math
+
+
+def pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def sweep_table(summary: dict) -> str:
+    lines = ["| run | seeds | val top-1 % (mean ± std) | test top-1 % (mean ± std) | test − scratch, points (95% interval) "
+             "| beats scratch? |", "|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        vs = r.get("vs_scratch")
+        diff, verdict = "–", "–"
+        if vs:
+            lo, hi = vs["ci95"]
+            diff = f"{100 * vs['difference']:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+            verdict = "yes" if lo > 0 else ("no: worse" if hi < 0 else "not shown (interval includes 0)")
+        lines.append(f"| {r['label']}{' ← best on val' * r['chosen_on_val']} | {len(r['seeds'])} | {pct(r['val_mean'])} ± "
+                     f"{pct(r['val_std'])} | {pct(r['test_mean'])} ± {pct(r['test_std'])} | {diff} | {verdict} |")
+    methods = sorted({r["vs_scratch"]["method"] for r in summary["rows"] if r.get("vs_scratch")})
+    return "\n".join(lines + [""] + [f"Intervals: {m}." for m in methods]) + "\n"
+
+
+def scenario_verdict(q: dict) -> str:
+    """Whether the source material's advice won on val, and if not, how far it is on test."""
+    if q["agrees"] is None:
+        return "– (no validation split)"
+    if q["agrees"]:
+        return "yes"
+    lo, hi = q["guided_minus_winner_test"]["ci95"]
+    noise = "within noise" if lo <= 0 <= hi else ("guidance better on test" if lo > 0 else "guidance worse")
+    tie = ", tied on val (ties go to the earlier strategy)" if q["guided_ties_winner_on_val"] else ""
+    label = next(r["label"] for r in q["rows"] if r["strategy"] == q["guidance"]["strategy"])
+    return (f"no{tie}: {label} is {100 * q['guided_minus_winner_test']['difference']:+.1f} points on test vs the "
+            f"winner ({100 * lo:+.1f} to {100 * hi:+.1f}; {noise})")
+
+
+def scenarios_markdown(results: list[dict]) -> str:
+    first = results[0]
+    lines = ["# The four transfer scenarios, measured", "",
+             f"Target: {', '.join(first['target_classes'])} in every quadrant, so the quadrants compare; test = "
+             f"{first['n_test']:,} official test images. Every strategy of a quadrant trains for the same number of "
+             "epochs. The winner is chosen on validation accuracy (◀ val); test accuracy is reported, never used to "
+             "choose. Intervals: 95% (Wilson). One seed.", "", "## Summary", "",
+             "| quadrant | target train | source (pretrain epochs: source test top-1) | source material says | "
+             "winner on val | its test top-1 % | best on test | agrees? |", "|---|---|---|---|---|---|---|---|"]
+    for q in results:
+        win = next((r for r in q["rows"] if r["chosen_on_val"]), None)
+        best = next(r for r in q["rows"] if r["best_on_test"])
+        lines.append(f"| {q['title']} | {q['n_train']:,} | {', '.join(q['source_classes'])} ({q['pretrain_epochs']} ep: "
+                     f"{pct(q['pretrain_source_test_acc'])}%) | {q['guidance']['text']} | {win['label'] if win else '–'} | "
+                     f"{pct(win['test_acc']) if win else '–'} | {best['label']} ({pct(best['test_acc'])}) | "
+                     f"{scenario_verdict(q)} |")
+    for q in results:
+        lines += ["", f"## {q['title']} (`{q['preset']}`)", "",
+                  f"Target train {q['n_train']:,}, val {q['n_val']:,}, test {q['n_test']:,}. Source "
+                  f"{', '.join(q['source_classes'])}: {q['n_source_train']:,} images, pretrained {q['pretrain_epochs']} epochs "
+                  f"({q['pretrain_folder']}/, shared by the quadrants with this source).", "",
+                  "| strategy | what is trained | epochs | val top-1 % (95% interval) | test top-1 % (95% interval) | train s |",
+                  "|---|---|---|---|---|---|"]
+        for r in q["rows"]:
+            name = f"**{r['label']}** ◀ val" if r["chosen_on_val"] else r["label"]
+            val = "–" if r["val_acc"] is None else f"{pct(r['val_acc'])} ({pct(r['val_ci95'][0])}–{pct(r['val_ci95'][1])})"
+            test = f"{pct(r['test_acc'])} ({pct(r['test_ci95'][0])}–{pct(r['test_ci95'][1])})"
+            lines.append(f"| {name} | {r['what']} | {r['epochs']} | {val} | {test}{' (best on test)' * r['best_on_test']} | "
+                         f"{'–' if r['train_seconds'] is None else round(r['train_seconds'])} |")
+        lines += ["", f"Source material: {q['guidance']['text']}. Agrees with the val winner: {scenario_verdict(q)}."]
+    return "\n".join(lines) + "\n"
