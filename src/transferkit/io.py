@@ -20,6 +20,14 @@ from transferkit.errors import TransferkitError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# How a full disk shows up: OSError from Python writes, RuntimeError from torch.save's C++ writer.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "file write failed", "Disk quota exceeded")
+
+
+def disk_full(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and e.errno in _DISK_FULL) or \
+        (isinstance(e, (OSError, RuntimeError)) and any(t in str(e) for t in _DISK_FULL_TEXT))
 
 
 @contextmanager
@@ -40,12 +48,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise TransferkitError(
-                f"disk full while writing {path}. Fix: free space on that disk; "
-                f"the previous {path.name} (if any) is untouched."
-            ) from e
+    except (OSError, RuntimeError) as e:
+        if disk_full(e):
+            raise TransferkitError(f"the disk is full: writing {path} failed ({e}). Fix: free disk space; "
+                                   f"the previous {path.name} (if any) is untouched.") from e
         raise
     finally:
         tmp.unlink(missing_ok=True)

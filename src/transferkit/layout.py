@@ -1,14 +1,10 @@
 """Memory layout for CPU inference.
 
-oneDNN's CPU convolutions work on channels-last (NHWC) tensors. Given NCHW, PyTorch reorders
-every activation on the way in and out of each convolution; given NHWC input, it runs NHWC
-throughout. Which layout a model ran in used to depend on where its images came from: the
-image-folder source prepares NHWC tensors (decoded HWC images), the official CIFAR pickles
-NCHW ones, and latency and throughput were measured on NCHW batches. Run in channels_last
-explicitly, fp32 inference is 1.3-2.3x faster than NCHW for every architecture of the zoo, and
-batch-1 latency 1.2-1.7x lower for fastnet (`bench/inference.py`), with the same logits up to
-float rounding. Checkpoints stay in the default layout: the conversion lasts only while the
-model runs.
+oneDNN's CPU convolutions work on channels-last (NHWC) tensors: given NCHW ones, PyTorch
+reorders every activation on the way in and out of each convolution. Models are therefore run
+in channels_last whatever layout their images come in (bench/inference.py measures the gain),
+with the same logits up to float rounding. Checkpoints stay in the default layout: the
+conversion lasts only while the model runs.
 """
 
 from __future__ import annotations

@@ -58,22 +58,24 @@ def load_params(path: Path) -> DictConfig:
     return cfg
 
 
+def flatten(obj, lists: bool = False, prefix: str = "") -> dict[str, object]:
+    """{'models': {'transfer': {'top1': 0.5}}} -> {'models.transfer.top1': 0.5}; with `lists`,
+    list items too, by index."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if lists and isinstance(obj, list) else None
+    if not items:
+        return {prefix: obj}
+    return {k: v for key, value in items for k, v in flatten(value, lists, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
 def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
     """Keys whose values differ between params.yaml and the composition of conf/ with the
     experiment params.yaml names (so `-S experiment=smoke` runs are not flagged)."""
     saved = yaml.safe_load(params_path.read_text()) or {}
     exp = saved.get("name")
     overrides = [f"experiment={exp}"] if exp else []
-    fresh = to_params(compose(overrides, conf_dir))
-
-    def walk(a, b, prefix=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                yield from walk(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
-        elif a != b:
-            yield f"{prefix[:-1]}: params.yaml has {a!r}, conf/ composes {b!r}"
-
-    return list(walk(saved, fresh))
+    a, b = flatten(saved), flatten(to_params(compose(overrides, conf_dir)))
+    return [f"{k}: params.yaml has {a.get(k, '<missing>')!r}, conf/ composes {b.get(k, '<missing>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
 
 
 def write_generated(overrides: list[str]) -> list[Path]:

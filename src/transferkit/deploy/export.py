@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -31,6 +30,7 @@ import torch
 from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHSCRIPT_FILE, Classifier,
                                         load_pipeline_checkpoint, ort_session)
 from transferkit.errors import TransferkitError
+from transferkit.evaluation.cost import latency_ms
 from transferkit.layout import channels_last, to_nhwc
 
 DEFAULT_TEST_SET = Path("artifacts/prepare/target.pt")
@@ -163,28 +163,6 @@ def compare(ref: np.ndarray, other: np.ndarray, labels: torch.Tensor | None) -> 
     return res
 
 
-def latency_ms(runners: dict, size: int, repeats: int, block: int = 10) -> dict[str, float]:
-    """Median batch-1 latency of each runtime. They take turns in blocks of `block` calls (order
-    rotating every round), so a slow spell of the machine hits all of them alike; the first call
-    of each block is not timed, so one runtime's idle threads (ONNX Runtime and OpenMP spin for a
-    while after a call) do not bill the next one."""
-    x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-    names = list(runners)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for _ in range(5):  # warm up every runtime
-        for run in runners.values():
-            run(x)
-    for r in range(-(-repeats // block)):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            run = runners[name]
-            run(x)
-            for _ in range(min(block, repeats - len(times[name]))):
-                t = time.perf_counter()
-                run(x)
-                times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1000 for k, v in times.items()}
-
-
 def export(model_path: Path, out: Path, test_set: Path | None = None, *, tolerance: float = 1e-4,
            repeats: int = 300, batch_size: int = 500, exporter: str = "auto", opset: int | None = None,
            threads: int | None = None, log=print) -> dict:
@@ -234,7 +212,9 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
                     f"exported model differs from PyTorch on {checked_on}: max abs logit difference "
                     f"{', '.join(f'{k} {v:.3g}' for k, v in failed.items())} > tolerance {tolerance:g}; nothing written. "
                     f"Fix: try --exporter {'dynamo' if used['used'] == 'legacy' else 'legacy'} or report the architecture.")
-            latency = latency_ms({"pytorch": eager, "onnxruntime": onnx_run, "torchscript": ts}, size, repeats)
+            x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+            latency = latency_ms({name: (lambda run=run: run(x)) for name, run in
+                                  {"pytorch": eager, "onnxruntime": onnx_run, "torchscript": ts}.items()}, repeats)
         import onnx
         import onnxruntime
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,24 +28,31 @@ def count_macs(model: torch.nn.Module, input_size: int = 32) -> int:
     return counter.get_total_flops() // 2
 
 
-def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size: int = 32,
-                   warmup: int = 5) -> dict[str, float]:
-    """Median batch-1 latency of each model, in channels_last as `predict` runs it. The models
-    take turns, one call each per round, so a slow spell of the machine (other processes,
-    frequency changes) hits all of them alike and the ratios between models stay fair."""
-    x = to_nhwc(torch.rand(1, 3, input_size, input_size))
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with all_channels_last(models.values()), torch.inference_mode():
-        for model in models.values():
-            model.eval()
-            for _ in range(warmup):
-                model(x)
-        for _ in range(repeats):
-            for name, model in models.items():
+def latency_ms(runners: dict[str, Callable[[], object]], repeats: int, block: int = 10) -> dict[str, float]:
+    """Median seconds x 1000 of each runner (a call with its input bound). They take turns in
+    blocks of `block` calls, the order rotating every round, so a slow spell of the machine
+    hits all of them alike; the first call of a block is not timed, so one runtime's idle
+    threads (ONNX Runtime and OpenMP spin for a while after a call) do not bill the next."""
+    names = list(runners)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for run in runners.values():
+        for _ in range(5):  # warm up every runner
+            run()
+    for r in range(-(-repeats // block)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runners[name]()
+            for _ in range(min(block, repeats - len(times[name]))):
                 t = time.perf_counter()
-                model(x)
+                runners[name]()
                 times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) * 1000 for name, ts in times.items()}
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size: int = 32) -> dict[str, float]:
+    """Median batch-1 latency of each model, in channels_last as `predict` runs it."""
+    x = to_nhwc(torch.rand(1, 3, input_size, input_size))
+    with all_channels_last(models.values()), torch.inference_mode():
+        return latency_ms({name: (lambda m=m.eval(): m(x)) for name, m in models.items()}, repeats)
 
 
 def cpu_throughput(model: torch.nn.Module, batch: int, repeats: int, input_size: int = 32) -> float:

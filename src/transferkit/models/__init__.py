@@ -63,7 +63,7 @@ def save_checkpoint(model: BlockNet, path: str | Path, classes: list[str], **ext
     """A self-describing checkpoint: enough to rebuild the model without any config."""
     from transferkit.io import save_torch
 
-    from transferkit.prune.serialize import layer_shapes
+    from transferkit.models.serialize import layer_shapes
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # pruned models: record every layer's channel counts so loading needs no pruning plan
@@ -91,7 +91,7 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
     model = build_model(arch.pop("name"), len(ckpt["classes"]), fetch_weights=False, **arch)
     try:
         if pruned:  # rebuild the original, then shrink each layer to its saved channel counts
-            from transferkit.prune.serialize import shrink_to
+            from transferkit.models.serialize import shrink_to
 
             shrink_to(model, ckpt["layer_shapes"], ckpt["state_dict"])
             model.arch["pruned"] = True

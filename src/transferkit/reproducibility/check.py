@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from transferkit.config.compose import compose, find_conf_dir, generated_drift, params_text
+from transferkit.config.compose import compose, find_conf_dir, flatten, generated_drift, params_text
 from transferkit.errors import TransferkitError
 from transferkit.project import copy_project, run, stages_run
 
@@ -49,14 +49,6 @@ class Report:
         return 1 if self.failed else 0
 
 
-def flatten(obj, prefix: str = "") -> dict[str, object]:
-    """{'models': {'transfer': {'top1': 0.5}}} -> {'models.transfer.top1': 0.5} (lists by index)."""
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else None
-    if not items:
-        return {prefix: obj}
-    return {k: v for key, value in items for k, v in flatten(value, f"{prefix}.{key}" if prefix else str(key)).items()}
-
-
 def _listed(lines: list[str], more: int) -> str:
     return "\n".join(lines[:SHOWN] + ([f"... and {more - SHOWN} more"] if more > SHOWN else []))
 
@@ -64,7 +56,7 @@ def _listed(lines: list[str], more: int) -> str:
 def describe_difference(a: bytes, b: bytes) -> str:
     """The first keys whose values differ between two metrics.json files, one per line."""
     try:
-        fa, fb = flatten(json.loads(a)), flatten(json.loads(b))
+        fa, fb = flatten(json.loads(a), lists=True), flatten(json.loads(b), lists=True)
     except ValueError:
         return "not valid JSON in both runs, and the bytes differ"
     keys = [k for k in dict.fromkeys([*fa, *fb]) if fa.get(k, "<missing>") != fb.get(k, "<missing>")]

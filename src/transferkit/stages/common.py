@@ -90,12 +90,6 @@ def staged_output(final: Path, params: str = "") -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-# How a full disk shows up: OSError from Python writes (dvclive, json), RuntimeError from
-# torch.save's C++ writer (model and Lightning checkpoints).
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_TEXT = ("No space left on device", "file write failed", "Disk quota exceeded")
-
-
 @contextmanager
 def storage_errors(final: Path) -> Iterator[None]:
     """Turn a full disk or an unwritable folder, wherever in a stage it strikes, into one
@@ -105,9 +99,10 @@ def storage_errors(final: Path) -> Iterator[None]:
     except TransferkitError:
         raise
     except (OSError, RuntimeError) as e:
-        full = (isinstance(e, OSError) and e.errno in _DISK_FULL) or any(t in str(e) for t in _DISK_FULL_TEXT)
+        from transferkit.io import disk_full
+
         denied = isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-        if full:
+        if disk_full(e):
             raise TransferkitError(f"the disk is full: writing {final} failed ({e}). Fix: free disk space or set "
                                    f"paths.artifacts_dir to a disk with room; the previous {final.name} outputs "
                                    f"are intact.") from e

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from transferkit.config.compose import flatten
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.metrics import mean_difference, paired_difference, predict
 from transferkit.evaluation.plots import sweep_png
@@ -34,12 +35,6 @@ from transferkit.stages.common import PARAMS_FILE
 REFERENCES = ("scratch", "probe")
 NOT_SWEPT = ("seed", "trainer.progress_bar", "trainer.loggers", "paths")  # never what sets runs apart
 NOT_A_STAGE_BLOCK = ("model", "trainer")
-def flat(d, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-
-
 @dataclass
 class Run:
     stage: str
@@ -82,7 +77,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
     if not runs:
         raise TransferkitError(f"no finished runs under {', '.join(map(str, dirs))}. Fix: run a sweep first, "
                                f"e.g. `transferkit transfer -m transfer.freeze_depth=0,1,2`.")
-    flats = [flat(r.params) for r in runs]
+    flats = [flatten(r.params) for r in runs]
     if len({(f.get("name"), json.dumps({k: v for k, v in f.items() if k.startswith("data.")}, sort_keys=True)) for f in flats}) > 1:
         raise TransferkitError("the runs come from different experiments or data, so they score different test sets. "
                                "Fix: collect each experiment's sweep folder on its own.")
