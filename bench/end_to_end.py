@@ -1,7 +1,7 @@
 """End to end: the wall clock of every stage of `dvc repro` from a clean state.
 
 In a fresh copy of the project (what a clone has: conf/, src/, dvc.yaml, params.yaml composed
-for --experiment, data/ tracked by DVC; no artifacts, no DVC cache), each stage runs as
+for --experiment, data/; no artifacts, no DVC cache), each stage runs as
 `dvc repro --single-item STAGE` in pipeline order and is timed from outside. For the training
 stages the table splits the time into training (the stage's own timing.json) and the rest
 (start-up, loading, evaluation on val, saving, DVC hashing). Baselines measured in the same run:
@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,27 +31,14 @@ import yaml
 from _common import ROOT, machine, now, save, table
 from mfu import machine_peak
 
-from transferkit.reproducibility.check import copy_project
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
-    e.setdefault("DVC_NO_ANALYTICS", "1")
-    return e
+from transferkit.config.compose import compose, params_text
+from transferkit.project import copy_project, run, stages_run
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        sys.exit(f"`{' '.join(cmd)}` failed in {cwd}:\n{proc.stdout[-3000:]}")
-    return seconds, proc.stdout
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
+    out = run(cmd, cwd, tail=60)
+    return time.perf_counter() - start, out
 
 
 def train_seconds(proj: Path, stage: str) -> float | None:
@@ -75,9 +60,11 @@ def main(argv=None) -> int:
     print(f"experiment {args.experiment}; {info['machine']['cpu']}, {info['machine']['cores']} cores; "
           f"load average {info['machine']['loadavg']}", flush=True)
     peak_before = machine_peak(torch.bfloat16)["flops"]
-    print(f"bf16 matmul peak before: {peak_before / 1e9:.0f} GFLOP/s", flush=True)
+    fp32_before = machine_peak(torch.float32)["flops"]
+    print(f"matmul peak before: bf16 {peak_before / 1e9:.0f}, fp32 {fp32_before / 1e9:.0f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="transferkit-e2e-") as tmp:
-        proj = copy_project(ROOT, (args.keep or Path(tmp) / "project").resolve(), args.experiment)
+        proj = copy_project(ROOT, (args.keep or Path(tmp) / "project").resolve(),
+                            params_text(compose([f"experiment={args.experiment}"], ROOT / "conf")))
         stages = list(yaml.safe_load((proj / "dvc.yaml").read_text())["stages"])  # written in pipeline order
         rows = []
         for stage in stages:
@@ -107,9 +94,12 @@ def main(argv=None) -> int:
           f"- `dvc repro` after evaluate.latency_repeats + 1: {changed:.1f} s, ran {changed_ran or 'no stage'}")
     info["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     peak_after = machine_peak(torch.bfloat16)["flops"]
+    fp32_after = machine_peak(torch.float32)["flops"]
     info["machine"]["bf16_peak_gflops"] = {"before": round(peak_before / 1e9), "after": round(peak_after / 1e9)}
-    print(f"load average before / after: {info['machine']['loadavg']} / {info['machine']['loadavg_after']}; "
-          f"bf16 matmul peak before / after: {peak_before / 1e9:.0f} / {peak_after / 1e9:.0f} GFLOP/s")
+    info["machine"]["fp32_peak_gflops"] = {"before": round(fp32_before / 1e9), "after": round(fp32_after / 1e9)}
+    print(f"{info['machine']['cpu']}; load average before / after: {info['machine']['loadavg']} / "
+          f"{info['machine']['loadavg_after']}; matmul peak before / after: bf16 {peak_before / 1e9:.0f} / "
+          f"{peak_after / 1e9:.0f}, fp32 {fp32_before / 1e9:.0f} / {fp32_after / 1e9:.0f} GFLOP/s")
     path = save(f"end_to_end-{args.experiment}", {**info, "stages": rows, "total_seconds": total,
                                                    "noop_repro_seconds": noop, "noop_ran": noop_ran,
                                                    "one_param_changed_seconds": changed, "one_param_changed_ran": changed_ran})

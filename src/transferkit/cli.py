@@ -45,6 +45,9 @@ Trainers: trainer=cpu | trainer=gpu | trainer=ddp | trainer=ddp_multinode;  trai
 Loggers: trainer.loggers=[dvclive] (default) | [dvclive,tensorboard,csv] | []
 Launchers (with -m): hydra/launcher=local_parallel (joblib) | slurm (submitit)
 
+  transferkit results [artifacts/evaluate]
+                                       the pipeline's results as one markdown table, naming the machine
+
 Deploying:
   transferkit export artifacts/prune/model.pt --out DIR   ONNX + TorchScript, checked against PyTorch
   transferkit predict MODEL IMAGE [IMAGE ...]             classify image files (model.pt or .onnx)
@@ -55,6 +58,7 @@ TOOLS = {
     "collect": "transferkit.sweep.collect",
     "sweep": "transferkit.sweep.points",
     "check-repro": "transferkit.reproducibility.check",
+    "results": "transferkit.evaluation.tables",
     "scenarios": "transferkit.scenarios.report",
     "export": "transferkit.deploy.export",
     "predict": "transferkit.deploy.predict",

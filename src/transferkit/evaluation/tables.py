@@ -70,3 +70,41 @@ def scenarios_markdown(results: list[dict]) -> str:
                          f"{'–' if r['train_seconds'] is None else round(r['train_seconds'])} |")
         lines += ["", f"Source material: {q['guidance']['text']}. Agrees with the val winner: {scenario_verdict(q)}."]
     return "\n".join(lines) + "\n"
+
+
+LABELS = {"scratch": "scratch (baseline)", "probe": "linear probe", "transfer": "transfer (fine-tuned)",
+          "student": "student alone", "distill": "student distilled", "prune": "student pruned + recovered"}
+
+
+def results_table(metrics: dict, timing: dict) -> str:
+    """The pipeline's results from evaluate's metrics.json and timing.json, naming the machine."""
+    m = timing.get("machine", {})
+    lines = ["| model | test top-1 % (95% interval) | params | MACs | CPU latency, batch 1 | CPU img/s, batch "
+             f"{timing.get('throughput_batch', 256)} |", "|---|---|---|---|---|---|"]
+    from transferkit.stages import TARGET_MODELS
+
+    for name in [n for n in TARGET_MODELS if n in metrics["models"]]:  # baselines first
+        r, t = metrics["models"][name], timing.get(name, {})
+        lines.append(f"| {LABELS.get(name, name)} | {pct(r['top1'])} ({pct(r['top1_ci95'][0])}–{pct(r['top1_ci95'][1])}) | "
+                     f"{r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "
+                     f"{t.get('throughput_img_s', float('nan')):,.0f} |")
+    d = metrics["transfer_vs_scratch"]
+    lines += ["", f"Transfer minus scratch: {100 * d['difference']:+.1f} points (95% paired interval "
+                  f"{100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}), {d['n']:,} test images. Latency and "
+                  f"throughput: {m.get('cpu', 'unknown CPU')}, {m.get('threads', '?')} threads (matmul peak fp32 "
+                  f"{m.get('fp32_gflops', '?')} / bf16 {m.get('bf16_gflops', '?')} GFLOP/s), torch {m.get('torch', '?')}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    """`transferkit results [DIR]`: the results table of a pipeline run (DIR: evaluate's output folder)."""
+    import json
+    from pathlib import Path
+
+    from transferkit.errors import TransferkitError
+
+    folder = Path(argv[0] if argv else "artifacts/evaluate")
+    if not (folder / "metrics.json").is_file():
+        raise TransferkitError(f"no metrics.json in {folder}. Fix: run the pipeline first (`dvc repro`).")
+    print(results_table(*(json.loads((folder / f).read_text()) for f in ("metrics.json", "timing.json"))), end="")
+    return 0

@@ -103,6 +103,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     save_json(metrics, out / "metrics.json")
     save_json(metrics["freeze_curve"], out / "freeze_curve.json")  # `dvc plots show` draws it
     plots.freeze_curve_png(metrics["freeze_curve"], models, cfg.probe.depth, out / "freeze_curve.png")
+    from transferkit.training.precision import cpu_matmul
+
+    timing["machine"] = {**cpu_matmul(), "torch": torch.__version__}  # what the latencies above ran on
+    timing["throughput_batch"] = ev.throughput_batch
     save_json(timing, out / "timing.json")
     plots.pareto_png(models, timing, out / "pareto.png")
     plots.curves_png({n: inputs[n] / "dvclive" for n in ("pretrain", *TARGET_MODELS)}, out / "curves.png")
