@@ -11,46 +11,29 @@ from transferkit.stages import BY_NAME, STAGES
 
 HELP = f"""usage: transferkit COMMAND [options] [key=value ...]
 
-Pipeline stages (dvc repro runs them in order; each can also run alone):
-  {', '.join(STAGES)}
-      transferkit STAGE [key=value ...] [-m]    compose conf/ with Hydra overrides; outputs go to
-                                                Hydra's run folder (outputs/, or multirun/ with -m)
-      transferkit STAGE --params params.yaml [--out DIR] [--in STAGE=DIR ...] [key=value ...]
-                                                the composed params (what dvc.yaml runs); outputs go
-                                                to artifacts/STAGE/, inputs come from artifacts/
-
+Stages ({', '.join(STAGES)}):
+  transferkit STAGE --params params.yaml [--out DIR] [--in STAGE=DIR ...] [key=value ...]
+                        what dvc.yaml runs: outputs to artifacts/STAGE/, inputs from artifacts/
+  transferkit STAGE [key=value ...] [-m]
+                        compose conf/ (a Hydra app); outputs to outputs/, or multirun/ with -m
 Configuration:
-  transferkit params [key=value ...]   compose conf/ (+ overrides) into params.yaml; write dvc.yaml
-                                       from the stage table
-  transferkit check-params             exit 1 if params.yaml or dvc.yaml differ from what they are made from
-
-Sweeps, scenarios and reproducibility:
-  transferkit sweep transfer transfer.freeze_depth=0,1,2,3,4 seed=0,1,2 [--out DIR]
-                                       every point a DVC stage in sweeps/<experiment>-transfer/: a
-                                       rerun trains only the points not done yet; then collect
-  transferkit transfer -m transfer.freeze_depth=0,1,2 seed=0,1
-                                       the same as a Hydra multirun (launchers: joblib, SLURM)
-  transferkit collect DIR [--out DIR]  every run in sweep folders -> table (mean ± std over seeds,
-                                       minus scratch with a 95% interval) and plot
-  transferkit scenarios [key=value ...] [--only NAME ...]
-                                       the four transfer scenarios (dvc repro scenarios/dvc.yaml) and their report
-  transferkit check-repro [--target STAGE]
-                                       the smoke pipeline twice from a clean state: fails unless
-                                       metrics.json match, dvc status is clean, a 2nd repro is a no-op
-
-Experiments: experiment=cifar10_split (default) | cifar10_full | seed_aquatic | smoke
-             | scenario_{{small,large}}_{{similar,different}}
-Models: model=fastnet | vgg_mini | resnet18 | mobilenet | fastnet_student (students: model@distill.student=NAME)
-Trainers: trainer=cpu | trainer=gpu | trainer=ddp | trainer=ddp_multinode;  trainer.precision=auto | 32-true | bf16-mixed
-Loggers: trainer.loggers=[dvclive] (default) | [dvclive,tensorboard,csv] | []
-Launchers (with -m): hydra/launcher=local_parallel (joblib) | slurm (submitit)
-
-  transferkit results [artifacts/evaluate]
-                                       the pipeline's results as one markdown table, naming the machine
-
+  transferkit params [key=value ...]   write params.yaml (conf/ composed) and dvc.yaml (the stage table)
+  transferkit check-params             exit 1 if either differs from what it is made from
+Runs and results:
+  transferkit sweep STAGE key=a,b seed=0,1,2 [--out DIR]   a sweep as DVC stages, then collect
+  transferkit collect DIR [--out DIR]  runs in sweep folders -> table (over seeds, minus scratch) and plot
+  transferkit scenarios [key=value ...] [--only NAME ...]   the four transfer scenarios and their report
+  transferkit results [DIR]            the pipeline's results table (artifacts/evaluate)
+  transferkit check-repro [--target STAGE]   two clean `dvc repro` runs must give identical outputs
 Deploying:
-  transferkit export artifacts/prune/model.pt --out DIR   ONNX + TorchScript, checked against PyTorch
-  transferkit predict MODEL IMAGE [IMAGE ...]             classify image files (model.pt or .onnx)
+  transferkit export MODEL.pt --out DIR       ONNX + TorchScript, checked against PyTorch
+  transferkit predict MODEL IMAGE [IMAGE ...] classify image files (model.pt or .onnx)
+
+Experiments: experiment=cifar10_split (default) | cifar10_full | seed_aquatic | smoke | scenario_...
+Models: model=fastnet | vgg_mini | resnet18 | mobilenet | fastnet_student;  model@distill.student=NAME
+Trainers: trainer=cpu | trainer=gpu | trainer=ddp | trainer=ddp_multinode;  trainer.precision=auto
+Common overrides: transfer.freeze_depth=K  seed=N  pretrain.epochs=N  trainer.loggers=[dvclive,csv]
+Each command has --help; docs/ has the details.
 """
 
 # Commands beside the stages: each module has main(argv) -> exit code, and its own --help.

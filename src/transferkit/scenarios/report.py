@@ -122,7 +122,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
 def score_quadrant(out: Path, preset: str, plan: list[Strategy]) -> dict:
     from transferkit.evaluation.metrics import paired_difference, wilson_interval
     from transferkit.stages.common import load_task
-    from transferkit.sweep.collect import read_run, score
+    from transferkit.evaluation.runs import read_run, score
 
     size, similarity = QUADRANTS[preset]
     task = load_task(out / preset / "prepare", "target")

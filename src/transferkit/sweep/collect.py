@@ -14,55 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-import yaml
 
 from transferkit.config.compose import flatten
 from transferkit.errors import TransferkitError
-from transferkit.evaluation.metrics import mean_difference, paired_difference, predict
 from transferkit.evaluation.plots import sweep_png
+from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import save_json, save_text
 from transferkit.stages import TARGET_MODELS
-from transferkit.stages.common import PARAMS_FILE
 
-REFERENCES = ("scratch", "probe")
 NOT_SWEPT = ("seed", "trainer.progress_bar", "trainer.loggers", "paths")  # never what sets runs apart
 NOT_A_STAGE_BLOCK = ("model", "trainer")
-@dataclass
-class Run:
-    stage: str
-    folder: Path
-    params: dict
-    val_acc: float | None
-    train_seconds: float | None = None
-    setting: tuple[str, ...] = ()
-    test_acc: float = math.nan
-    correct: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def seed(self) -> int:
-        return int(self.params.get("seed", 0))
-
-    @property
-    def label(self) -> str:
-        return " ".join([self.stage, *self.setting])
-
-
-def read_run(folder: Path, stage: str) -> Run:
-    if not (folder / PARAMS_FILE).exists():
-        raise TransferkitError(f"{folder} has a model but no {PARAMS_FILE} saying how it was made. Fix: rerun it, "
-                               f"or move it out of the sweep folder.")
-    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
-    timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").exists() else {}
-    return Run(stage, folder, yaml.safe_load((folder / PARAMS_FILE).read_text()), metrics.get("val_acc"),
-               timing.get("train_seconds"))
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
@@ -87,86 +50,6 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         r.setting = tuple(f"{k}={f.get(k)}" for k in swept if k.split(".")[0] in (r.stage, *NOT_A_STAGE_BLOCK)
                           or k.split(".")[0] not in TARGET_MODELS)
     return runs
-
-
-def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = None) -> None:
-    """Top-1 of every run on its target test set (the prepared task named by its params, or
-    `task`), with the per-image results cached by model and test-set file stamps."""
-    from transferkit.io import load_plain, load_torch, save_torch
-    from transferkit.models import load_checkpoint
-
-    cache = load_plain(cache_file, f"delete {cache_file} (a cache: collect rebuilds it).") \
-        if cache_file and cache_file.exists() else {}
-    tasks: dict[Path, dict] = {}
-    for run in runs:
-        task_file = Path(run.params["paths"]["artifacts_dir"]) / "prepare" / "target.pt"
-        key = f"{run.folder.resolve()}|{(run.folder / 'model.pt').stat().st_mtime_ns}|{run.params.get('evaluate')}"
-        if key not in cache:
-            if task is None and task_file not in tasks:
-                tasks[task_file] = load_torch(task_file, "prepared target task", "prepare")
-            t = task if task is not None else tasks[task_file]
-            model, _ = load_checkpoint(run.folder / "model.pt", run.stage, t["classes"])
-            ev = run.params.get("evaluate", {})
-            cache[key] = predict(model, t["test_x"], int(ev.get("batch_size", 1000)), ev.get("tta", "flip")).argmax(1) == t["test_y"]
-        run.correct = cache[key]
-        run.test_acc = float(run.correct.float().mean())
-    if cache_file:
-        save_torch(cache, cache_file)
-
-
-def versus(group: list[Run], baseline: list[Run]) -> dict | None:
-    """Test accuracy of `group` minus `baseline` with a 95% interval: paired by seed over the spread
-    across seeds (training noise included) with two or more seeds, else paired by image."""
-    by_seed = {r.seed: r for r in baseline}
-    pairs = [(r, by_seed[r.seed]) for r in group if r.seed in by_seed]
-    if len(pairs) >= 2:
-        return mean_difference([a.test_acc - b.test_acc for a, b in pairs])
-    if not baseline:
-        return None
-    d = paired_difference(torch.stack([r.correct.float() for r in group]).mean(0),
-                          torch.stack([r.correct.float() for r in baseline]).mean(0))
-    return {"difference": d["difference"], "ci95": d["ci95"], "pairs": 1,
-            "method": "paired by image (one seed: test-set noise only)"}
-
-
-def _mean_std(values: list) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _order(setting: tuple[str, ...]):
-    """Numeric values sort as numbers (freeze_depth=10 after 9)."""
-    def one(o: str):
-        value = o.split("=", 1)[-1]
-        try:
-            return (0, float(value), "")
-        except ValueError:
-            return (1, 0.0, value)
-    return tuple(one(o) for o in setting)
-
-
-def summarize(runs: list[Run]) -> dict:
-    groups: dict[tuple, list[Run]] = defaultdict(list)
-    for r in runs:
-        groups[(r.stage, r.setting)].append(r)
-    refs = {stage: [r for r in runs if r.stage == stage and not r.setting] for stage in REFERENCES}
-    rows = []
-    for (stage, setting), group in sorted(groups.items(), key=lambda kv: (TARGET_MODELS.index(kv[0][0]), _order(kv[0][1]))):
-        (val_mean, val_std), (test_mean, test_std) = (_mean_std([getattr(r, a) for r in group]) for a in ("val_acc", "test_acc"))
-        rows.append({"stage": stage, "setting": list(setting), "label": group[0].label, "seeds": sorted(r.seed for r in group),
-                     "val_mean": val_mean, "val_std": val_std, "test_mean": test_mean, "test_std": test_std,
-                     "runs": [{"folder": str(r.folder), "seed": r.seed, "val_acc": r.val_acc, "test_acc": r.test_acc}
-                              for r in sorted(group, key=lambda r: r.seed)],
-                     **({"vs_scratch": versus(group, refs["scratch"])} if stage != "scratch" else {})})
-    stages = [r["stage"] for r in rows]
-    swept = [s for s in stages if s not in REFERENCES] or stages
-    main = "transfer" if "transfer" in stages else max(set(swept), key=swept.count)
-    best = max((r for r in rows if r["stage"] == main and not math.isnan(r["val_mean"])), key=lambda r: r["val_mean"], default=None)
-    for r in rows:
-        r["chosen_on_val"] = r is best
-    return {"stage": main, "rows": rows, "swept": sorted({o.split("=")[0] for r in runs for o in r.setting})}
 
 
 def collect(dirs: list[Path], out: Path) -> dict:
