@@ -128,6 +128,17 @@ def student_of_other_classes(tmp):
     return ()
 
 
+def broken_onnx(tmp):
+    path = tmp / "artifacts" / "export" / "model.onnx"
+    path.write_bytes(path.read_bytes()[:300])  # truncated: no ONNX graph
+    return ()
+
+
+def weaker_int8(tmp):
+    """max_drop=0 refuses any top-1 the toy INT8 model loses (it loses some: see conf/experiment/smoke.yaml)."""
+    return ()
+
+
 CASES = {
     # ---- dataset paths and formats
     "missing dataset": Case("prepare", ("data.download=false",), "three ways", experiment="cifar10_split"),
@@ -185,6 +196,14 @@ CASES = {
     "pruning channel multiple zero": Case("prune", ("prune.round_to=0",), "prune.round_to"),
     "layer to keep that does not exist": Case("prune", ("prune.keep=[head,blocks.77]",), "blocks.77"),
     "zero latency repeats": Case("evaluate", ("evaluate.latency_repeats=0",), "evaluate.latency_repeats"),
+    "unknown quantization method": Case("quantize", ("quantize.method=kl",), "quantize.method"),
+    "unknown quantization format": Case("quantize", ("quantize.format=int4",), "quantize.format"),
+    "zero calibration images": Case("quantize", ("quantize.calibration_images=0",), "quantize.calibration_images"),
+    "more calibration images than training images": Case("quantize", ("quantize.calibration_images=100000",),
+                                                          "72 training images"),
+    "an ONNX file ONNX Runtime cannot quantize": Case("quantize", needle="cannot quantize", setup=broken_onnx),
+    "an INT8 model that loses too much": Case("quantize", ("quantize.max_drop=0",), "quantize.max_drop",
+                                              setup=weaker_int8),
     # ---- checkpoints and files from other runs, truncated or foreign
     "truncated checkpoint": Case("transfer", needle="unreadable", setup=truncated_checkpoint),
     "not a transferkit checkpoint": Case("transfer", needle="not a transferkit checkpoint",

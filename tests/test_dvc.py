@@ -46,6 +46,11 @@ def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path):
     (proj / "params.yaml").write_text(text)
     third = _sh(["dvc", "repro"], proj)
     assert "Running stage 'evaluate'" in third and "Running stage 'pretrain'" not in third
+    text = (proj / "params.yaml").read_text().replace("calibration_images: 32", "calibration_images: 24")
+    (proj / "params.yaml").write_text(text)
+    from transferkit.project import stages_run
+
+    assert stages_run(_sh(["dvc", "repro"], proj)) == ["quantize", "evaluate"]
 
 
 def test_dvc_yaml_is_generated_from_the_stage_table():

@@ -30,14 +30,16 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
         assert (art / stage / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").exists()
         assert 0.0 <= results[stage]["val_acc"] <= 1.0
     metrics = json.loads((art / "evaluate" / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"scratch", "probe", "transfer", "student", "distill", "prune"}
+    assert set(metrics["models"]) == {"scratch", "probe", "transfer", "student", "distill", "prune",
+                                      "onnx_fp32", "onnx_int8"}  # the pruned student as deployed, fp32 and INT8
     for m in metrics["models"].values():
         lo, hi = m["top1_ci95"]
         assert lo <= m["top1"] <= hi and m["n_test"] == 3 * 16
         assert m["params"] > 0 and m["macs"] > 0 and m["size_bytes"] > 0
         assert set(m["per_class"]) == {"tgt_a", "tgt_b", "tgt_c"}
     timing = json.loads((art / "evaluate" / "timing.json").read_text())
-    assert all(t["latency_ms_bs1"] > 0 and t["throughput_img_s"] > 0 for t in timing.values())
+    assert all(timing[n]["latency_ms_bs1"] > 0 and timing[n]["throughput_img_s"] > 0 for n in metrics["models"])
+    assert timing["machine"]["cpu"] and timing["machine"]["fp32_gflops"] > 0  # what the timings ran on
     report = (art / "evaluate" / "report.md").read_text()
     assert "57.4%" in report and "60.1%" in report and "Transfer minus scratch" in report
     assert "## Distillation" in report and "of the gap between" in report

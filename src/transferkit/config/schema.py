@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig
 from transferkit.errors import TransferkitError
 
 from transferkit.data.augment import FLIP_MODES  # noqa: E402
+from transferkit.deploy.quantize import FORMATS as QUANTIZE_FORMATS, METHODS as QUANTIZE_METHODS  # noqa: E402
 from transferkit.evaluation.metrics import TTA as TTA_MODES  # noqa: E402
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
@@ -124,6 +125,15 @@ class Trainer:
 
 
 @dataclass
+class Quantize:
+    calibration_images: int = rule(1)
+    method: str = rule(choices=QUANTIZE_METHODS)
+    format: str = rule(choices=QUANTIZE_FORMATS)
+    per_channel: bool = rule()
+    max_drop: float = rule(0, 1)
+
+
+@dataclass
 class Evaluate:
     tta: str = rule(choices=TTA_MODES)
     latency_repeats: int = rule(1)
@@ -132,7 +142,7 @@ class Evaluate:
 
 
 BLOCKS = {"pretrain": Pretrain, "transfer": Transfer, "probe": Probe, "scratch": Scratch, "distill": Distill,
-          "student": Optim, "prune": Prune, "trainer": Trainer, "evaluate": Evaluate}
+          "student": Optim, "prune": Prune, "quantize": Quantize, "trainer": Trainer, "evaluate": Evaluate}
 
 
 def validate(cfg: DictConfig) -> None:

@@ -48,11 +48,34 @@ def latency_ms(runners: dict[str, Callable[[], object]], repeats: int, block: in
     return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
-def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size: int = 32) -> dict[str, float]:
-    """Median batch-1 latency of each model, in channels_last as `predict` runs it."""
+def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size: int = 32,
+                   onnx_files: dict[str, Path] | None = None) -> dict[str, float]:
+    """Median batch-1 latency of each model, in channels_last as `predict` runs it, and of each
+    ONNX file under ONNX Runtime with as many threads as torch uses; all take turns."""
+    from transferkit.deploy.runtime import ort_session
+
     x = to_nhwc(torch.rand(1, 3, input_size, input_size))
+    sessions = {name: ort_session(path, torch.get_num_threads()) for name, path in (onnx_files or {}).items()}
+    feed = x.contiguous().numpy()
     with all_channels_last(models.values()), torch.inference_mode():
-        return latency_ms({name: (lambda m=m.eval(): m(x)) for name, m in models.items()}, repeats)
+        runners = {name: (lambda m=m.eval(): m(x)) for name, m in models.items()}
+        runners |= {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for name, s in sessions.items()}
+        return latency_ms(runners, repeats)
+
+
+def onnx_throughput(path: Path, batch: int, repeats: int, input_size: int = 32) -> float:
+    """Images per second of an ONNX file under ONNX Runtime at `batch`, best of `repeats`."""
+    from transferkit.deploy.runtime import ort_session
+
+    session = ort_session(path, torch.get_num_threads())
+    feed = {session.get_inputs()[0].name: torch.rand(batch, 3, input_size, input_size).numpy()}
+    session.run(None, feed)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(None, feed)
+        best = min(best, time.perf_counter() - t)
+    return batch / best
 
 
 def cpu_throughput(model: torch.nn.Module, batch: int, repeats: int, input_size: int = 32) -> float:

@@ -54,6 +54,20 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, tta: 
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def predict_onnx(path, images: torch.Tensor, batch_size: int, tta: str = "none", threads: int | None = None) -> torch.Tensor:
+    """`predict` for an ONNX file, run by ONNX Runtime on the CPU: the same views and averaging."""
+    from transferkit.deploy.runtime import ort_session
+
+    session = ort_session(path, threads or torch.get_num_threads())
+    name = session.get_inputs()[0].name
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0])
+
+    return torch.cat([_views(model, images[i:i + batch_size].float().div(255), tta)
+                      for i in range(0, len(images), batch_size)]) if len(images) else torch.zeros(0)
+
+
 @contextmanager
 def deterministic_kernels(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":

@@ -9,7 +9,8 @@ from pathlib import Path
 SOURCE_MATERIAL = {"scratch": 0.574, "transfer": 0.601, "n_test": 1000}
 
 LABELS = {"scratch": "scratch (baseline)", "probe": "linear probe", "transfer": "transfer (fine-tuned)",
-          "student": "student alone", "distill": "student distilled", "prune": "student pruned + recovered"}
+          "student": "student alone", "distill": "student distilled", "prune": "student pruned + recovered",
+          "onnx_fp32": "pruned, ONNX fp32", "onnx_int8": "pruned, ONNX INT8"}
 
 
 def _pct(x: float) -> str:
@@ -62,6 +63,27 @@ def export_section(export: dict) -> list[str]:
           if fmt in export and runtime in lat],
         "", "Classify image files with it: `uv run transferkit predict artifacts/export/model.onnx IMAGE ...`.",
         ""]
+
+
+def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
+    """The INT8 model beside the fp32 ONNX model and the PyTorch model it came from."""
+    rows = [(LABELS[k], k) for k in ("prune", "onnx_fp32", "onnx_int8") if k in models]
+    fp32, int8 = timing.get("onnx_fp32", {}), timing.get("onnx_int8", {})
+    return [
+        "## INT8", "",
+        f"The fp32 ONNX model quantized by {q['produced_by']} (ONNX Runtime, {q['format']} format, per-channel "
+        f"weights: {q['per_channel']}), activation ranges calibrated ({q['method']}) on {q['calibration_images']} "
+        f"training images. On the {q['n_test']:,} test images it agrees with fp32 on "
+        f"{100 * q['top1_agreement']:.2f}% (largest logit difference {q['max_abs_logit_diff']:.3g}).", "",
+        "| model | top-1 | file | CPU latency (batch 1) | same, 1 thread | CPU throughput |", "|---|---|---|---|---|---|",
+        *[f"| {label} | {_pct(models[k]['top1'])} | {_mb(models[k]['size_bytes'])} | "
+          f"{timing.get(k, {}).get('latency_ms_bs1', float('nan')):.2f} ms | "
+          f"{timing.get(k, {}).get('latency_ms_bs1_1thread', float('nan')):.2f} ms | "
+          f"{timing.get(k, {}).get('throughput_img_s', float('nan')):.0f} img/s |" for label, k in rows], "",
+        f"INT8 against fp32 ONNX: the file {q['size_ratio']:.2f}x smaller, the throughput "
+        f"x{int8.get('throughput_img_s', float('nan')) / fp32.get('throughput_img_s', float('nan')):.2f}, the batch-1 "
+        f"latency x{int8.get('latency_ms_bs1', float('nan')) / fp32.get('latency_ms_bs1', float('nan')):.2f}. "
+        "Classify image files with it: `uv run transferkit predict artifacts/quantize/model.onnx IMAGE ...`.", ""]
 
 
 def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -> str:
@@ -166,6 +188,8 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
                   "![accuracy vs latency](pareto.png)", ""]
     if cfg_summary.get("export"):
         lines += export_section(cfg_summary["export"])
+    if cfg_summary.get("quantize"):
+        lines += quantize_section(cfg_summary["quantize"], models, timing)
     lines += ["## Per-class accuracy", "", "| class | " + " | ".join(LABELS.get(n, n) for n in models) + " |",
               "|---|" + "---|" * len(models)]
     for c in next(iter(models.values()))["per_class"]:
@@ -173,11 +197,12 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
     lines += ["", "## Plots", "", "Training curves (validation accuracy, training loss):", "",
               "![curves](curves.png)", ""]
     for name in models:
-        lines += [f"![confusion matrix: {name}](confusion_{name}.png)", ""]
+        if not name.startswith("onnx_"):  # the ONNX models are the pruned one's: its matrix is theirs
+            lines += [f"![confusion matrix: {name}](confusion_{name}.png)", ""]
     lines += [
         "## Reproduce", "",
         "```",
-        "uv sync && uv run dvc repro      # this whole pipeline; reruns only what changed",
+        "uv sync --compile-bytecode && uv run dvc repro   # this whole pipeline; reruns only what changed",
         "uv run dvc metrics show          # the numbers above",
         "uv run dvc plots show            # curves and confusion matrices (HTML)",
         "uv run transferkit transfer -m transfer.freeze_depth=0,1,2,3,4 seed=0,1,2   # how many blocks to freeze",

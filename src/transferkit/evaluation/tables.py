@@ -72,18 +72,14 @@ def scenarios_markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-LABELS = {"scratch": "scratch (baseline)", "probe": "linear probe", "transfer": "transfer (fine-tuned)",
-          "student": "student alone", "distill": "student distilled", "prune": "student pruned + recovered"}
-
-
 def results_table(metrics: dict, timing: dict) -> str:
     """The pipeline's results from evaluate's metrics.json and timing.json, naming the machine."""
     m = timing.get("machine", {})
     lines = ["| model | test top-1 % (95% interval) | params | MACs | CPU latency, batch 1 | CPU img/s, batch "
              f"{timing.get('throughput_batch', 256)} |", "|---|---|---|---|---|---|"]
-    from transferkit.stages import TARGET_MODELS
+    from transferkit.evaluation.report import LABELS
 
-    for name in [n for n in TARGET_MODELS if n in metrics["models"]]:  # baselines first
+    for name in [n for n in LABELS if n in metrics["models"]]:  # baselines first, the deployed model last
         r, t = metrics["models"][name], timing.get(name, {})
         lines.append(f"| {LABELS.get(name, name)} | {pct(r['top1'])} ({pct(r['top1_ci95'][0])}–{pct(r['top1_ci95'][1])}) | "
                      f"{r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "

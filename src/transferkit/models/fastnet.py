@@ -9,8 +9,12 @@ import torch
 from torch import nn
 
 
-def conv_bn(c_in: int, c_out: int, bn_momentum: float, pool: bool = False, dirac_init: bool = False) -> nn.Sequential:
-    # pooling before BatchNorm/GELU: same result as after, on 4x fewer values
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def conv_bn(c_in: int, c_out: int, bn_momentum: float, pool: bool = False, dirac_init: bool = False,
+            activation: str = "gelu") -> nn.Sequential:
+    # pooling before BatchNorm/activation: same result as after, on 4x fewer values
     conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
     if dirac_init:  # airbench: the first c_in filters start as the identity, so signals pass at first
         with torch.no_grad():
@@ -18,22 +22,28 @@ def conv_bn(c_in: int, c_out: int, bn_momentum: float, pool: bool = False, dirac
     layers = [conv]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [nn.BatchNorm2d(c_out, momentum=bn_momentum), nn.GELU()]
+    layers += [nn.BatchNorm2d(c_out, momentum=bn_momentum), ACTIVATIONS[activation]()]
     return nn.Sequential(*layers)
 
 
-def conv_group(c_in: int, c_out: int, bn_momentum: float, dirac_init: bool = False) -> nn.Sequential:
-    return nn.Sequential(conv_bn(c_in, c_out, bn_momentum, pool=True, dirac_init=dirac_init),
-                         conv_bn(c_out, c_out, bn_momentum, dirac_init=dirac_init))
+def conv_group(c_in: int, c_out: int, bn_momentum: float, dirac_init: bool = False,
+               activation: str = "gelu") -> nn.Sequential:
+    return nn.Sequential(conv_bn(c_in, c_out, bn_momentum, pool=True, dirac_init=dirac_init, activation=activation),
+                         conv_bn(c_out, c_out, bn_momentum, dirac_init=dirac_init, activation=activation))
 
 
 def fastnet_blocks(widths: list[int], stem_width: int = 24, bn_momentum: float = 0.2,
-                   dirac_init: bool = False) -> list[nn.Module]:
-    """Blocks: [stem, group1, group2, group3]."""
-    stem = nn.Sequential(nn.Conv2d(3, stem_width, 2, padding=0, bias=True), nn.GELU())
+                   dirac_init: bool = False, activation: str = "gelu") -> list[nn.Module]:
+    """Blocks: [stem, group1, group2, group3]. `activation`: gelu (airbench's choice) or relu,
+    which INT8 kernels fuse into the convolution (deploy/quantize.py)."""
+    if activation not in ACTIVATIONS:
+        from transferkit.errors import TransferkitError
+
+        raise TransferkitError(f"unknown model activation '{activation}'. Fix: use one of {sorted(ACTIVATIONS)}.")
+    stem = nn.Sequential(nn.Conv2d(3, stem_width, 2, padding=0, bias=True), ACTIVATIONS[activation]())
     blocks, c_in = [stem], stem_width
     for w in widths:
-        blocks.append(conv_group(c_in, w, bn_momentum, dirac_init))
+        blocks.append(conv_group(c_in, w, bn_momentum, dirac_init, activation))
         c_in = w
     return blocks
 

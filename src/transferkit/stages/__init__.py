@@ -41,10 +41,12 @@ PIPELINE = (
     # the deployable model: ONNX + TorchScript, checked against PyTorch on the test set
     Stage("export", ("prune", "prepare"), module="transferkit.deploy.export",
           command="transferkit export {prune}/model.pt --out {out} --test-set {prepare}/target.pt"),
+    # the deployable model in INT8, calibrated on training images, checked against fp32
+    Stage("quantize", ("export", "prepare"), ("quantize",)),
     # accuracy vs freeze depth: the transfer recipe at each of freeze_curve.depths
     Stage("freeze_curve", ("prepare", "pretrain"), (*COMMON, "model", "transfer", "freeze_curve"), trains=True),
     Stage("evaluate", ("prepare", "pretrain", "scratch", "probe", "transfer", "student", "distill", "prune",
-                       "freeze_curve", "export"),
+                       "freeze_curve", "export", "quantize"),
           ("name", "evaluate", "freeze_curve", "transfer.freeze_depth", "probe.depth", "trainer.accelerator")),
 )
 

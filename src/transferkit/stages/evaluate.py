@@ -11,13 +11,18 @@ import torch
 from omegaconf import DictConfig
 
 from transferkit.evaluation import cost, plots, report
-from transferkit.evaluation.metrics import classification_metrics, paired_difference, predict, wilson_interval
+from transferkit.evaluation.metrics import (classification_metrics, paired_difference, predict, predict_onnx,
+                                            wilson_interval)
 from transferkit.io import atomic_path, save_json, save_text
 from transferkit.models import load_checkpoint
 from transferkit.progress import progress
 from transferkit.stages import TARGET_MODELS
 from transferkit.stages.common import eval_device, load_task, point_dir
 
+
+
+# The pruned student as deployed (export's fp32 ONNX file, quantize's INT8 one): name -> the stage that wrote it.
+DEPLOYED = {"onnx_fp32": "export", "onnx_int8": "quantize"}
 
 
 def _write_predictions(path: Path, labels: torch.Tensor, pred: torch.Tensor, classes: list[str]) -> None:
@@ -85,14 +90,24 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         loaded[name] = model
         timing[name] = {"throughput_img_s": round(cost.cpu_throughput(model, ev.throughput_batch,
                                                                       ev.throughput_repeats), 1)}
-    for name, ms in cost.cpu_latency_ms(loaded, ev.latency_repeats).items():
+    # the deployable model as shipped: the pruned student in ONNX, fp32 and INT8, run by ONNX Runtime
+    onnx = {name: inputs[stage] / "model.onnx" for name, stage in DEPLOYED.items() if (inputs[stage] / "model.onnx").exists()}
+    for name, path in onnx.items():
+        logits = predict_onnx(path, x, ev.batch_size, ev.tta)
+        correct[name] = logits.argmax(1) == y
+        m = classification_metrics(logits, y, classes)
+        m.pop("confusion")
+        models[name] = {**m, "params": models["prune"]["params"], "macs": models["prune"]["macs"],
+                        "size_bytes": cost.file_size(path)}
+        timing[name] = {"throughput_img_s": round(cost.onnx_throughput(path, ev.throughput_batch, ev.throughput_repeats), 1)}
+    for name, ms in cost.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
         timing[name]["latency_ms_bs1"] = round(ms, 3)
     # one thread too: how a model often runs when deployed beside other work, and where
     # small models are not dominated by the cost of waking up a second thread
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, ms in cost.cpu_latency_ms(loaded, ev.latency_repeats).items():
+        for name, ms in cost.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
             timing[name]["latency_ms_bs1_1thread"] = round(ms, 3)
     finally:
         torch.set_num_threads(threads)
@@ -127,6 +142,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     export_file = inputs["export"] / "export.json"
     if export_file.exists():  # the deployable model's checks (dvc.yaml runs export first)
         cfg_summary["export"] = json.loads(export_file.read_text())
+    if (inputs["quantize"] / "quantize.json").exists():
+        cfg_summary["quantize"] = json.loads((inputs["quantize"] / "quantize.json").read_text())
     text = report.render(cfg_summary, metrics, timing, summary)
     save_text(text, out / "report.md")
     save_text(report.to_html(text, out), out / "report.html")

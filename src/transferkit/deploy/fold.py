@@ -1,0 +1,33 @@
+"""BatchNorm folded into the convolution before it: the deployed graph has one op where training
+needed two, in fp32 as in INT8. Max pooling between the two is no obstacle when every BatchNorm
+scale is positive, since pooling then commutes with the per-channel affine map (fastnet pools
+between its convolution and BatchNorm)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` (eval mode) with every Conv2d -> [MaxPool2d] -> BatchNorm2d folded."""
+    model = copy.deepcopy(model).eval()
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i, conv in enumerate(list(seq)):
+            j = i + 1 + (i + 1 < len(seq) and isinstance(seq[i + 1], nn.MaxPool2d))
+            if not isinstance(conv, nn.Conv2d) or j >= len(seq) or not isinstance(seq[j], nn.BatchNorm2d):
+                continue
+            bn = seq[j]
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            if j > i + 1 and not bool((scale > 0).all()):
+                continue  # a negative scale would turn the max into a min
+            shift = bn.bias - bn.running_mean * scale
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift)
+            seq[j] = nn.Identity()
+    return model

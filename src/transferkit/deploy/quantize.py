@@ -1,0 +1,103 @@
+"""INT8 post-training static quantization of an exported ONNX model, with ONNX Runtime's own
+tools (onnxruntime.quantization): per-channel int8 weights, uint8 activations whose ranges are
+calibrated on training images, in a format ONNX Runtime's CPU kernels execute natively. The
+result is checked against the fp32 model on the test set before it is kept."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferkit.deploy.runtime import META_KEY, ort_session
+from transferkit.errors import TransferkitError
+
+METHODS = ("minmax", "entropy", "percentile")
+FORMATS = ("qoperator", "qdq")
+
+
+def calibration_images(task: dict, n: int) -> np.ndarray:
+    """`n` training images spread evenly over the (class-sorted) train split, as the model takes them."""
+    x = task["train_x"]
+    if not 1 <= n <= len(x):
+        raise TransferkitError(f"quantize.calibration_images={n} is invalid: the target task has {len(x)} training "
+                               f"images to calibrate on. Fix: set it in 1..{len(x)}.")
+    idx = torch.linspace(0, len(x) - 1, n).round().long()
+    return (x[idx].float() / 255).contiguous().numpy()
+
+
+def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt: str, per_channel: bool) -> float:
+    """Write the INT8 model to `out`; returns the seconds it took."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_static)
+
+    if method not in METHODS or fmt not in FORMATS:
+        raise TransferkitError(f"quantize.method={method!r} / quantize.format={fmt!r}: use a method of {list(METHODS)} "
+                               f"and a format of {list(FORMATS)}. Fix: set them in conf/ or as overrides.")
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter({"images": calibration[i:i + 64]} for i in range(0, len(calibration), 64))
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        try:  # shape inference and graph clean-up first, as ONNX Runtime recommends
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(out), Batches(), per_channel=per_channel,
+                            quant_format={"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}[fmt],
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                              "percentile": CalibrationMethod.Percentile}[method])
+        except Exception as e:  # onnx/onnxruntime raise many types for models they cannot handle
+            raise TransferkitError(f"ONNX Runtime cannot quantize {fp32} ({type(e).__name__}: {str(e)[:300]}). Fix: "
+                                   f"export the model again (`dvc repro export`), or try quantize.format=qdq.") from e
+    _copy_metadata(fp32, out)
+    return time.perf_counter() - start
+
+
+def _copy_metadata(src: Path, dest: Path) -> None:
+    """The class names travel with the file, as in the fp32 model."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    model = onnx.load(str(dest))
+    if META_KEY in meta:
+        onnx.helper.set_model_props(model, {META_KEY: meta[META_KEY]})
+    onnx.save(model, str(dest))
+
+
+def onnx_logits(path: Path, images: torch.Tensor, threads: int, batch: int = 500) -> np.ndarray:
+    session = ort_session(path, threads)
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: images[i:i + batch].float().div(255).numpy()})[0]
+                           for i in range(0, len(images), batch)])
+
+
+def check(fp32: Path, int8: Path, task: dict, threads: int, max_drop: float) -> dict:
+    """Top-1 of both models, how often they agree and their largest logit difference, on the test set."""
+    a, b = (onnx_logits(p, task["test_x"], threads) for p in (fp32, int8))
+    y = task["test_y"].numpy()
+    result = {"fp32_top1": float((a.argmax(1) == y).mean()), "int8_top1": float((b.argmax(1) == y).mean()),
+              "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+              "max_abs_logit_diff": float(np.abs(a - b).max()), "n_test": int(len(y)),
+              "bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}}
+    result["size_ratio"] = result["bytes"]["fp32"] / result["bytes"]["int8"]
+    drop = result["fp32_top1"] - result["int8_top1"]
+    if drop > max_drop:
+        raise TransferkitError(f"the INT8 model loses {100 * drop:.2f} points of top-1 against fp32 "
+                               f"({100 * result['int8_top1']:.2f}% vs {100 * result['fp32_top1']:.2f}%), more than "
+                               f"quantize.max_drop={max_drop}. Fix: calibrate on more images "
+                               f"(quantize.calibration_images) or with another quantize.method.")
+    return result
+
+
+def describe(result: dict) -> str:
+    return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})

@@ -1,0 +1,47 @@
+"""The quantize stage: the smoke pipeline's deployable model in INT8 for real (smaller, mostly in
+agreement with fp32, the class names inside, runnable by `predict`), scored by evaluate beside
+fp32 ONNX and PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def test_int8_model_is_smaller_and_agrees_with_fp32(smoke_artifacts):
+    cfg, _ = smoke_artifacts
+    out = Path(cfg.paths.artifacts_dir) / "quantize"
+    q = json.loads((out / "quantize.json").read_text())
+    assert q["bytes"]["int8"] < q["bytes"]["fp32"] and q["size_ratio"] > 1.5
+    assert q["top1_agreement"] > 0.5 and q["n_test"] == 48  # most test images: the same class as fp32
+    assert q["calibration_images"] == cfg.quantize.calibration_images and q["produced_by"]
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert any(n.op_type == "QLinearConv" for n in graph.node)  # ONNX Runtime's native INT8 kernels
+
+
+def test_predict_takes_the_int8_file(smoke_artifacts, tmp_path):
+    from transferkit.deploy.predict import predict
+
+    cfg, _ = smoke_artifacts
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+    result = predict(Path(cfg.paths.artifacts_dir) / "quantize" / "model.onnx", [image])
+    assert result[0]["class"] in list(cfg.data.target.classes)  # the class names travel inside the file
+
+
+def test_evaluate_scores_int8_beside_fp32_and_pytorch(smoke_artifacts):
+    cfg, _ = smoke_artifacts
+    folder = Path(cfg.paths.artifacts_dir) / "evaluate"
+    models = json.loads((folder / "metrics.json").read_text())["models"]
+    timing = json.loads((folder / "timing.json").read_text())
+    for name in ("prune", "onnx_fp32", "onnx_int8"):
+        assert {"top1", "top1_ci95", "per_class", "size_bytes", "macs"} <= set(models[name])
+        assert {"latency_ms_bs1", "latency_ms_bs1_1thread", "throughput_img_s"} <= set(timing[name])
+    assert models["onnx_fp32"]["top1"] == models["prune"]["top1"]  # the same model, another runtime
+    assert models["onnx_int8"]["size_bytes"] < models["onnx_fp32"]["size_bytes"]
+    assert "## INT8" in (folder / "report.md").read_text()
