@@ -201,6 +201,8 @@ CASES = {
     "zero calibration images": Case("quantize", ("quantize.calibration_images=0",), "quantize.calibration_images"),
     "more calibration images than training images": Case("quantize", ("quantize.calibration_images=100000",),
                                                           "72 training images"),
+    "a float layer that is not in the model": Case("quantize", ("quantize.keep_float=[Gemm,node_nowhere]",),
+                                                   "node_nowhere"),
     "an ONNX file ONNX Runtime cannot quantize": Case("quantize", needle="cannot quantize", setup=broken_onnx),
     "an INT8 model that loses too much": Case("quantize", ("quantize.max_drop=0",), "quantize.max_drop",
                                               setup=weaker_int8),

@@ -45,3 +45,19 @@ def test_evaluate_scores_int8_beside_fp32_and_pytorch(smoke_artifacts):
     assert models["onnx_fp32"]["top1"] == models["prune"]["top1"]  # the same model, another runtime
     assert models["onnx_int8"]["size_bytes"] < models["onnx_fp32"]["size_bytes"]
     assert "## INT8" in (folder / "report.md").read_text()
+
+
+def test_keep_float_leaves_the_classifier_in_float(smoke_artifacts, tmp_path):
+    import onnx
+
+    from transferkit.deploy.quantize import calibration_images, quantize
+    from transferkit.stages.common import load_task
+
+    cfg, _ = smoke_artifacts
+    artifacts = Path(cfg.paths.artifacts_dir)
+    images = calibration_images(load_task(artifacts / "prepare", "target"), 16)
+    out = tmp_path / "int8.onnx"
+    quantize(artifacts / "export" / "model.onnx", out, images, method="minmax", fmt="qoperator", per_channel=True,
+             keep_float=["Gemm"])
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "Gemm" in ops and "QLinearConv" in ops  # the classifier in float, the convolutions in INT8

@@ -30,7 +30,22 @@ def calibration_images(task: dict, n: int) -> np.ndarray:
     return (x[idx].float() / 255).contiguous().numpy()
 
 
-def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt: str, per_channel: bool) -> float:
+def float_nodes(model_path: Path, keep_float) -> list[str]:
+    """The names of the nodes that stay in float: each entry of `keep_float` is a node name or an op type."""
+    import onnx
+
+    nodes = onnx.load(str(model_path)).graph.node
+    known = {n.name for n in nodes} | {n.op_type for n in nodes}
+    unknown = [k for k in keep_float if k not in known]
+    if unknown:
+        raise TransferkitError(f"quantize.keep_float={list(keep_float)}: {unknown} is neither a node name nor an op "
+                               f"type of {model_path} (nodes: {[n.name for n in nodes]}). Fix: use names or op "
+                               f"types from that list (Gemm keeps the classifier in float).")
+    return [n.name for n in nodes if n.name in keep_float or n.op_type in keep_float]
+
+
+def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt: str, per_channel: bool,
+             keep_float=()) -> float:
     """Write the INT8 model to `out`; returns the seconds it took."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quant_pre_process, quantize_static)
@@ -51,11 +66,14 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
         prepared = Path(tmp) / "prepared.onnx"
         try:  # shape inference and graph clean-up first, as ONNX Runtime recommends
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-            quantize_static(str(prepared), str(out), Batches(), per_channel=per_channel,
+            excluded = float_nodes(prepared, keep_float)
+            quantize_static(str(prepared), str(out), Batches(), per_channel=per_channel, nodes_to_exclude=excluded,
                             quant_format={"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}[fmt],
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                               "percentile": CalibrationMethod.Percentile}[method])
+        except TransferkitError:
+            raise
         except Exception as e:  # onnx/onnxruntime raise many types for models they cannot handle
             raise TransferkitError(f"ONNX Runtime cannot quantize {fp32} ({type(e).__name__}: {str(e)[:300]}). Fix: "
                                    f"export the model again (`dvc repro export`), or try quantize.format=qdq.") from e

@@ -21,9 +21,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     calibration = calibration_images(task, q.calibration_images)
     fp32 = inputs["export"] / "model.onnx"
     with atomic_path(out / INT8_FILE) as tmp:
-        seconds = quantize(fp32, tmp, calibration, method=q.method, fmt=q.format, per_channel=q.per_channel)
+        seconds = quantize(fp32, tmp, calibration, method=q.method, fmt=q.format, per_channel=q.per_channel,
+                           keep_float=list(q.keep_float))
         result = check(fp32, tmp, task, torch.get_num_threads(), q.max_drop)
-    save_json({"method": q.method, "format": q.format, "per_channel": q.per_channel,
+    save_json({"method": q.method, "format": q.format, "per_channel": q.per_channel, "keep_float": list(q.keep_float),
                "calibration_images": q.calibration_images, "produced_by": "post-training quantization", **result},
               out / "quantize.json")
     save_json({"quantize_seconds": round(seconds, 2)}, out / "timing.json")
