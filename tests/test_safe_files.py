@@ -89,6 +89,25 @@ def test_a_stage_refuses_a_poisoned_upstream_file(project, stage, poisoned):
     assert {p: p.read_bytes() for p in (root / "artifacts" / stage).rglob("*") if p.is_file()} == before
 
 
+def test_a_stage_refuses_a_poisoned_resume_checkpoint(project):
+    """A killed run's work folder holds a Lightning checkpoint that the next run resumes from."""
+    import yaml
+
+    from transferkit.config.compose import to_params
+    from transferkit.stages.common import PARAMS_FILE
+    from transferkit.training.trainer import CHECKPOINT, LOG_SNAPSHOT
+
+    root, cfg, marker = project
+    work = root / "artifacts" / ".scratch.incomplete"  # resumed only by a run with the same params
+    (work / LOG_SNAPSHOT).mkdir(parents=True)
+    (work / PARAMS_FILE).write_text(yaml.safe_dump(to_params(cfg), sort_keys=False))
+    torch.save({"epoch": 0, "state_dict": {}, "callbacks": Payload(marker)}, work / CHECKPOINT)
+    with pytest.raises(TransferkitError, match="not plain data") as e:
+        run("scratch", cfg)
+    assert str(work / CHECKPOINT) in str(e.value) and "Fix:" in str(e.value)
+    assert not marker.exists()
+
+
 def test_collect_refuses_a_poisoned_score_cache(project, capsys):
     root, _, marker = project
     cache = root / "artifacts" / "collected" / "scores.pt"
