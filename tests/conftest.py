@@ -27,6 +27,7 @@ TINY = [
     "distill.batch_size=8",
     "evaluate.latency_repeats=2", "evaluate.throughput_batch=8", "evaluate.throughput_repeats=1",
     "evaluate.batch_size=32", "trainer.progress_bar=false", "quantize.calibration_images=8", "quantize.max_drop=1",
+    "quantize.qat_epochs=1",
 ]
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

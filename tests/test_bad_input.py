@@ -204,7 +204,8 @@ CASES = {
     "a float layer that is not in the model": Case("quantize", ("quantize.keep_float=[Gemm,node_nowhere]",),
                                                    "node_nowhere"),
     "an ONNX file ONNX Runtime cannot quantize": Case("quantize", needle="cannot quantize", setup=broken_onnx),
-    "an INT8 model that loses too much": Case("quantize", ("quantize.max_drop=0",), "quantize.max_drop",
+    "an INT8 model that loses too much": Case("quantize", ("quantize.max_drop=0", "quantize.qat_epochs=0"),
+                                              "quantize.qat_epochs",
                                               setup=weaker_int8),
     # ---- checkpoints and files from other runs, truncated or foreign
     "truncated checkpoint": Case("transfer", needle="unreadable", setup=truncated_checkpoint),

@@ -61,3 +61,53 @@ def test_keep_float_leaves_the_classifier_in_float(smoke_artifacts, tmp_path):
              keep_float=["Gemm"])
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert "Gemm" in ops and "QLinearConv" in ops  # the classifier in float, the convolutions in INT8
+
+
+def test_fake_quantization_trains_and_comes_off_without_a_trace():
+    import copy
+
+    import torch
+
+    from transferkit.deploy.fold import fold_batchnorm
+    from transferkit.deploy.qat import add_fake_quant, remove_fake_quant
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    plain = fold_batchnorm(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu"))
+    model = copy.deepcopy(plain)
+    hooks = add_fake_quant(model, per_channel=True)
+    x = torch.rand(4, 3, 32, 32)
+    model.train()(x)  # the observers see a batch
+    model.eval()
+    fake, ref = model(x), plain(x)
+    assert not torch.equal(fake, ref) and (fake - ref).abs().max() < 0.1 * ref.abs().max()  # INT8 rounding, no more
+    fake.sum().backward()  # straight-through: the float weights get gradients
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    remove_fake_quant(model, hooks)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)  # the weights untouched by the forwards above, no hooks left
+
+
+def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_artifacts, tmp_path):
+    """max_drop=0: the toy's post-training INT8 loses some top-1, so the stage fine-tunes for INT8
+    and quantizes again; the result passes, or fails naming the fine-tuning it tried."""
+    import shutil
+
+    from conftest import compose, run
+    from transferkit.errors import TransferkitError
+
+    ref_cfg, _ = smoke_artifacts
+    first = json.loads((Path(ref_cfg.paths.artifacts_dir) / "quantize" / "quantize.json").read_text())
+    assert first["fp32_top1"] > first["int8_top1"]  # the precondition: post-training loses some
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    cfg = compose("experiment=smoke", "quantize.max_drop=0", "quantize.qat_epochs=2", tmp=tmp_path)
+    try:
+        run("quantize", cfg)
+    except TransferkitError as e:
+        assert "after 2 epochs of quantization-aware fine-tuning" in str(e)
+        return
+    q = json.loads((tmp_path / "artifacts" / "quantize" / "quantize.json").read_text())
+    assert q["produced_by"].startswith("quantization-aware fine-tuning (2 epochs")
+    assert q["int8_top1"] >= q["fp32_top1"] and q["post_training"]["int8_top1"] < q["fp32_top1"]
+    assert (tmp_path / "artifacts" / "quantize" / "qat" / "model_fp32.onnx").is_file()

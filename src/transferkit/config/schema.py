@@ -131,6 +131,8 @@ class Quantize:
     format: str = rule(choices=QUANTIZE_FORMATS)
     per_channel: bool = rule()
     max_drop: float = rule(0, 1)
+    qat_epochs: int = rule(0)
+    qat_lr: float = rule(0, open_low=True)
 
 
 @dataclass

@@ -77,11 +77,11 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
         except Exception as e:  # onnx/onnxruntime raise many types for models they cannot handle
             raise TransferkitError(f"ONNX Runtime cannot quantize {fp32} ({type(e).__name__}: {str(e)[:300]}). Fix: "
                                    f"export the model again (`dvc repro export`), or try quantize.format=qdq.") from e
-    _copy_metadata(fp32, out)
+    copy_metadata(fp32, out)
     return time.perf_counter() - start
 
 
-def _copy_metadata(src: Path, dest: Path) -> None:
+def copy_metadata(src: Path, dest: Path) -> None:
     """The class names travel with the file, as in the fp32 model."""
     import onnx
 
@@ -99,7 +99,7 @@ def onnx_logits(path: Path, images: torch.Tensor, threads: int, batch: int = 500
                            for i in range(0, len(images), batch)])
 
 
-def check(fp32: Path, int8: Path, task: dict, threads: int, max_drop: float) -> dict:
+def check(fp32: Path, int8: Path, task: dict, threads: int) -> dict:
     """Top-1 of both models, how often they agree and their largest logit difference, on the test set."""
     a, b = (onnx_logits(p, task["test_x"], threads) for p in (fp32, int8))
     y = task["test_y"].numpy()
@@ -108,13 +108,23 @@ def check(fp32: Path, int8: Path, task: dict, threads: int, max_drop: float) -> 
               "max_abs_logit_diff": float(np.abs(a - b).max()), "n_test": int(len(y)),
               "bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}}
     result["size_ratio"] = result["bytes"]["fp32"] / result["bytes"]["int8"]
-    drop = result["fp32_top1"] - result["int8_top1"]
-    if drop > max_drop:
-        raise TransferkitError(f"the INT8 model loses {100 * drop:.2f} points of top-1 against fp32 "
-                               f"({100 * result['int8_top1']:.2f}% vs {100 * result['fp32_top1']:.2f}%), more than "
-                               f"quantize.max_drop={max_drop}. Fix: calibrate on more images "
-                               f"(quantize.calibration_images) or with another quantize.method.")
     return result
+
+
+def loss_of(result: dict) -> float:
+    """Top-1 points (as a fraction) the INT8 model loses against fp32."""
+    return result["fp32_top1"] - result["int8_top1"]
+
+
+def refuse(result: dict, max_drop: float, qat_epochs: int) -> TransferkitError:
+    how = (f"after {qat_epochs} epochs of quantization-aware fine-tuning" if qat_epochs else "after post-training "
+           "quantization")
+    fix = ("more quantize.qat_epochs, more calibration images (quantize.calibration_images) or another "
+           "quantize.method" if qat_epochs else "set quantize.qat_epochs (e.g. 5) to fine-tune the model for INT8, "
+           "or calibrate on more images (quantize.calibration_images) or with another quantize.method")
+    return TransferkitError(f"the INT8 model loses {100 * loss_of(result):.2f} points of top-1 against fp32 "
+                            f"({100 * result['int8_top1']:.2f}% vs {100 * result['fp32_top1']:.2f}%) {how}, more "
+                            f"than quantize.max_drop={max_drop}. Fix: {fix}.")
 
 
 def describe(result: dict) -> str:

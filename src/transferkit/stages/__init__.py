@@ -24,6 +24,9 @@ class Stage:
 
 
 COMMON = ("seed", "trainer")
+# prune's recovery settings, with the distillation settings it uses (stages/distill.py: method_settings)
+PRUNE_PARAMS = ("prune", "distill.method", "distill.temperature", "distill.alpha", "distill.dkd_alpha",
+                "distill.dkd_beta", "distill.label_smoothing")
 PIPELINE = (
     Stage("prepare", params=("seed", "data", "paths.data_dir")),
     Stage("pretrain", ("prepare",), (*COMMON, "model", "pretrain"), trains=True),
@@ -35,14 +38,13 @@ PIPELINE = (
     Stage("student", ("prepare",), (*COMMON, "distill.student", "distill.student_init", "student"), trains=True,
           target_model=True),
     # the distillation settings the recovery fine-tune uses (stages/distill.py: method_settings)
-    Stage("prune", ("prepare", "transfer", "distill"),
-          (*COMMON, "prune", "distill.method", "distill.temperature", "distill.alpha", "distill.dkd_alpha",
-           "distill.dkd_beta", "distill.label_smoothing"), trains=True, target_model=True),
+    Stage("prune", ("prepare", "transfer", "distill"), (*COMMON, *PRUNE_PARAMS), trains=True, target_model=True),
     # the deployable model: ONNX + TorchScript, checked against PyTorch on the test set
     Stage("export", ("prune", "prepare"), module="transferkit.deploy.export",
           command="transferkit export {prune}/model.pt --out {out} --test-set {prepare}/target.pt"),
-    # the deployable model in INT8, calibrated on training images, checked against fp32
-    Stage("quantize", ("export", "prepare"), ("quantize",)),
+    # the deployable model in INT8, calibrated on training images, checked against fp32; past
+    # quantize.max_drop, fine-tuned for INT8 (distilled from the teacher, as prune recovers) and quantized again
+    Stage("quantize", ("export", "prepare", "prune", "transfer"), (*COMMON, "quantize", *PRUNE_PARAMS)),
     # accuracy vs freeze depth: the transfer recipe at each of freeze_curve.depths
     Stage("freeze_curve", ("prepare", "pretrain"), (*COMMON, "model", "transfer", "freeze_curve"), trains=True),
     Stage("evaluate", ("prepare", "pretrain", "scratch", "probe", "transfer", "student", "distill", "prune",

@@ -1,31 +1,71 @@
 """quantize: the exported fp32 model (the pruned student) -> INT8, calibrated on training images
-of the target task (never test images), checked against fp32 on the test set (deploy/quantize.py)."""
+of the target task (never test images), checked against fp32 on the test set (deploy/quantize.py).
+Where post-training quantization loses more than quantize.max_drop and quantize.qat_epochs > 0,
+the model is fine-tuned for INT8 (deploy/qat.py), distilled from the teacher, and quantized again."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from transferkit.deploy.quantize import calibration_images, check, quantize
+from transferkit.deploy.quantize import calibration_images, check, copy_metadata, loss_of, quantize, refuse
 from transferkit.io import atomic_path, save_json
 from transferkit.stages.common import load_task
 
 INT8_FILE = "model.onnx"  # an INT8 ONNX model, read by ONNX Runtime (and `transferkit predict`)
+QAT_DIR = "qat"           # the fine-tuning's logs and its fp32 ONNX model
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     q = cfg.quantize
     task = load_task(inputs["prepare"], "target")
     calibration = calibration_images(task, q.calibration_images)
+    settings = dict(method=q.method, fmt=q.format, per_channel=q.per_channel, keep_float=list(q.keep_float))
     fp32 = inputs["export"] / "model.onnx"
+    threads = torch.get_num_threads()
+    produced_by = "post-training quantization"
     with atomic_path(out / INT8_FILE) as tmp:
-        seconds = quantize(fp32, tmp, calibration, method=q.method, fmt=q.format, per_channel=q.per_channel,
-                           keep_float=list(q.keep_float))
-        result = check(fp32, tmp, task, torch.get_num_threads(), q.max_drop)
+        seconds = quantize(fp32, tmp, calibration, **settings)
+        result = check(fp32, tmp, task, threads)
+        if loss_of(result) > q.max_drop and q.qat_epochs > 0:
+            post_training = {k: result[k] for k in ("int8_top1", "top1_agreement", "max_abs_logit_diff")}
+            tuned = fine_tune(cfg, inputs, task, out / QAT_DIR)
+            copy_metadata(fp32, tuned)
+            seconds += quantize(tuned, tmp, calibration, **settings)
+            result = {**check(fp32, tmp, task, threads), "post_training": post_training}  # against the model it came from
+            produced_by = f"quantization-aware fine-tuning ({q.qat_epochs} epochs, distilled from the teacher)"
+        if loss_of(result) > q.max_drop:
+            raise refuse(result, q.max_drop, q.qat_epochs if "post_training" in result else 0)
     save_json({"method": q.method, "format": q.format, "per_channel": q.per_channel, "keep_float": list(q.keep_float),
-               "calibration_images": q.calibration_images, "produced_by": "post-training quantization", **result},
+               "calibration_images": q.calibration_images, "produced_by": produced_by, **result},
               out / "quantize.json")
     save_json({"quantize_seconds": round(seconds, 2)}, out / "timing.json")
     return result
+
+
+def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -> Path:
+    """The pruned student as deployed (BatchNorm folded), trained with fake INT8 quantization and
+    distilled from the teacher with prune's recovery settings; returns its fp32 ONNX file."""
+    from transferkit.deploy.export import export_onnx
+    from transferkit.deploy.fold import fold_batchnorm
+    from transferkit.deploy.qat import add_fake_quant, remove_fake_quant
+    from transferkit.distill.module import DistillerModule
+    from transferkit.models import load_checkpoint
+    from transferkit.stages.distill import load_teacher, method_settings
+    from transferkit.stages.training import fit_stage
+
+    q = cfg.quantize
+    student, _ = load_checkpoint(inputs["prune"] / "model.pt", "prune", task["classes"], what="the pruned student")
+    model = fold_batchnorm(student).train()
+    hooks = add_fake_quant(model, q.per_channel)
+    settings = OmegaConf.merge(cfg.prune, {"epochs": q.qat_epochs, "lr": q.qat_lr})
+    fp32_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true"}})  # fake quantization runs in fp32
+    fit = fit_stage(fp32_cfg, settings, model, task, out, module_cls=DistillerModule,
+                    teacher=load_teacher(inputs["transfer"], task["classes"]), method=cfg.distill.method,
+                    method_kwargs=method_settings(cfg))
+    tuned = remove_fake_quant(fit.model, hooks).eval()
+    path = out / "model_fp32.onnx"
+    export_onnx(tuned, path, int(student.input_size), "auto", None, log=lambda *_: None)
+    return path

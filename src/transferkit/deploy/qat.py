@@ -1,0 +1,61 @@
+"""Quantization-aware fine-tuning, for when post-training INT8 loses too much: the deployed model
+(BatchNorm folded, as export writes it) trains a few epochs with every convolution's and linear
+layer's weights and inputs fake-quantized as ONNX Runtime quantizes them (int8 weights with one
+symmetric scale per output channel, uint8 inputs with a running min/max), so its weights learn to
+sit where INT8 rounds them well. The fake quantization is then removed: the result is an
+ordinary fp32 model, exported and quantized again by the quantize stage.
+
+Written with torch's parametrizations and FakeQuantize modules rather than torch.ao's QAT flows,
+because those produce PyTorch INT8 modules, while the deployed INT8 model is ONNX Runtime's."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+from torch.nn.utils import parametrize
+
+QUANTIZED = (nn.Conv2d, nn.Linear)
+
+
+class FakeQuantWeight(nn.Module):
+    """int8 weights, symmetric, one scale per output channel (or one in all); straight-through gradients."""
+
+    def __init__(self, per_channel: bool):
+        super().__init__()
+        self.per_channel = per_channel
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.per_channel:
+            scale = float(w.detach().abs().max().clamp_min(1e-8)) / 127
+            return torch.fake_quantize_per_tensor_affine(w, scale, 0, -127, 127)
+        scale = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / 127
+        zero = torch.zeros(len(scale), dtype=torch.int32, device=w.device)
+        return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -127, 127)
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_quant(args[0]), *args[1:])
+
+
+def add_fake_quant(model: nn.Module, per_channel: bool) -> list:
+    """Fake-quantize every convolution and linear layer of `model` in place; returns the hooks."""
+    hooks = []
+    for layer in [m for m in model.modules() if isinstance(m, QUANTIZED)]:
+        parametrize.register_parametrization(layer, "weight", FakeQuantWeight(per_channel))
+        layer.input_quant = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                                         dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+        hooks.append(layer.register_forward_pre_hook(_quantize_input))
+    return hooks
+
+
+def remove_fake_quant(model: nn.Module, hooks: list) -> nn.Module:
+    """The trained fp32 weights, without fake quantization: an ordinary model again."""
+    for hook in hooks:
+        hook.remove()
+    for layer in [m for m in model.modules() if isinstance(m, QUANTIZED)]:
+        if parametrize.is_parametrized(layer, "weight"):
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        if hasattr(layer, "input_quant"):
+            del layer.input_quant
+    return model
