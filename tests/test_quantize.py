@@ -111,3 +111,16 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
     assert q["produced_by"].startswith("quantization-aware fine-tuning (2 epochs")
     assert q["int8_top1"] >= q["fp32_top1"] and q["post_training"]["int8_top1"] < q["fp32_top1"]
     assert (tmp_path / "artifacts" / "quantize" / "qat" / "model_fp32.onnx").is_file()
+
+
+def test_report_says_which_quantization_produced_the_model():
+    from transferkit.evaluation.report import quantize_section
+
+    q = {"format": "qoperator", "per_channel": True, "method": "minmax", "calibration_images": 512, "n_test": 100,
+         "top1_agreement": 0.99, "max_abs_logit_diff": 0.5, "size_ratio": 3.9, "fp32_top1": 0.78, "int8_top1": 0.775}
+    models = {"onnx_fp32": {"top1": 0.78, "size_bytes": 4e5}, "onnx_int8": {"top1": 0.775, "size_bytes": 1e5}}
+    ptq = "\n".join(quantize_section({**q, "produced_by": "post-training quantization"}, models, {}))
+    qat = "\n".join(quantize_section({**q, "produced_by": "quantization-aware fine-tuning (5 epochs, distilled from "
+                                      "the teacher)", "post_training": {"int8_top1": 0.74}}, models, {}))
+    assert "quantized by post-training quantization" in ptq and "Post-training quantization alone" not in ptq
+    assert "quantized by quantization-aware fine-tuning (5 epochs" in qat and "alone reached 74.0" in qat

@@ -74,7 +74,9 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
         f"The fp32 ONNX model quantized by {q['produced_by']} (ONNX Runtime, {q['format']} format, per-channel "
         f"weights: {q['per_channel']}), activation ranges calibrated ({q['method']}) on {q['calibration_images']} "
         f"training images. On the {q['n_test']:,} test images it agrees with fp32 on "
-        f"{100 * q['top1_agreement']:.2f}% (largest logit difference {q['max_abs_logit_diff']:.3g}).", "",
+        f"{100 * q['top1_agreement']:.2f}% (largest logit difference {q['max_abs_logit_diff']:.3g})."
+        + (f" Post-training quantization alone reached {_pct(q['post_training']['int8_top1'])} top-1 (fp32: "
+           f"{_pct(q['fp32_top1'])}), more loss than quantize.max_drop allows." if "post_training" in q else ""), "",
         "| model | top-1 | file | CPU latency (batch 1) | same, 1 thread | CPU throughput |", "|---|---|---|---|---|---|",
         *[f"| {label} | {_pct(models[k]['top1'])} | {_mb(models[k]['size_bytes'])} | "
           f"{timing.get(k, {}).get('latency_ms_bs1', float('nan')):.2f} ms | "
