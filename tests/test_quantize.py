@@ -124,3 +124,32 @@ def test_report_says_which_quantization_produced_the_model():
                                       "the teacher)", "post_training": {"int8_top1": 0.74}}, models, {}))
     assert "quantized by post-training quantization" in ptq and "Post-training quantization alone" not in ptq
     assert "quantized by quantization-aware fine-tuning (5 epochs" in qat and "alone reached 74.0" in qat
+
+
+def test_int8_keeps_the_relu_after_max_pooling(tmp_path):
+    """fastnet's Conv -> MaxPool -> BatchNorm -> ReLU, folded for deployment: ONNX Runtime's INT8
+    operators fuse a ReLU straight after a convolution and mishandle one after max pooling, so the
+    deployed model has the ReLU before the pooling, where it computes the same."""
+    import torch
+
+    from transferkit.deploy.export import export_onnx
+    from transferkit.deploy.fold import fold_batchnorm
+    from transferkit.deploy.quantize import onnx_logits, quantize
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu").eval()
+    for bn in [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]:  # as if trained
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_(0, 0.5), bn.running_mean.normal_(0, 0.5)
+    deployed = fold_batchnorm(model)
+    for seq in [m for m in deployed.modules() if isinstance(m, torch.nn.Sequential)]:
+        ops = [m for m in seq if not isinstance(m, torch.nn.Identity)]  # as the exported graph has them
+        assert not any(isinstance(a, torch.nn.MaxPool2d) and isinstance(b, torch.nn.ReLU) for a, b in zip(ops, ops[1:]))
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(deployed(images.float() / 255), model(images.float() / 255), atol=1e-5)
+    export_onnx(deployed, tmp_path / "fp32.onnx", 32, "auto", None, log=lambda *_: None)
+    quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", (images.float() / 255).numpy(), method="minmax",
+             fmt="qoperator", per_channel=True)
+    a, b = (onnx_logits(tmp_path / f, images, 1) for f in ("fp32.onnx", "int8.onnx"))
+    assert np.abs(a - b).max() < 0.1 * np.abs(a).max()  # INT8 rounding, not a lost ReLU

@@ -1,7 +1,9 @@
 """BatchNorm folded into the convolution before it: the deployed graph has one op where training
 needed two, in fp32 as in INT8. Max pooling between the two is no obstacle when every BatchNorm
 scale is positive, since pooling then commutes with the per-channel affine map (fastnet pools
-between its convolution and BatchNorm)."""
+between its convolution and BatchNorm). A ReLU after the pooling then moves before it (max
+pooling commutes with any non-decreasing function), so that runtimes fuse it into the
+convolution: ONNX Runtime's INT8 operators do, and mishandle Conv -> MaxPool -> Relu."""
 
 from __future__ import annotations
 
@@ -30,4 +32,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             conv.weight.mul_(scale.view(-1, 1, 1, 1))
             conv.bias = nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift)
             seq[j] = nn.Identity()
+            if j > i + 1 and j + 1 < len(seq) and isinstance(seq[j + 1], nn.ReLU):
+                seq[i + 1], seq[i + 2], seq[j + 1] = seq[j + 1], seq[i + 1], nn.Identity()
     return model
