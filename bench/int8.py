@@ -1,0 +1,86 @@
+"""INT8 formats and settings against the fp32 ONNX model they come from, side by side in one run:
+the deployable model (export's fp32 ONNX file) quantized as the quantize stage does in ONNX
+Runtime's QOperator format (QLinearConv and friends: the default) and in its QDQ format
+(Quantize/DequantizeLinear pairs around float operators, which the runtime fuses), per-channel
+or not. For each: top-1 on the target test set (no TTA), agreement with fp32, file size, batch-1
+latency on 2 threads and on 1 (median, models taking turns), throughput at batch 256.
+
+    uv run python bench/int8.py --artifacts DIR [--repeats 300]
+
+DIR holds a finished pipeline's `prepare` and `export` (e.g. artifacts/). Prints the CPU, whether
+it has AVX-512 VNNI (the int8 dot-product instructions ONNX Runtime's kernels use), and its
+measured matmul peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, now, save, table  # noqa: E402
+
+from transferkit.config.compose import load_params  # noqa: E402
+from transferkit.deploy.quantize import calibration_images, onnx_logits, quantize  # noqa: E402
+from transferkit.deploy.runtime import ort_session  # noqa: E402
+from transferkit.evaluation.cost import latency_ms, onnx_throughput  # noqa: E402
+from transferkit.stages.common import load_task  # noqa: E402
+from transferkit.training.precision import cpu_matmul  # noqa: E402
+
+VARIANTS = {"int8 qoperator, per-channel (default)": {"fmt": "qoperator", "per_channel": True},
+            "int8 qdq, per-channel": {"fmt": "qdq", "per_channel": True},
+            "int8 qoperator, per-tensor": {"fmt": "qoperator", "per_channel": False}}
+
+
+def latencies(files: dict[str, Path], threads: int, repeats: int) -> dict[str, float]:
+    x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+    sessions = {name: ort_session(path, threads) for name, path in files.items()}
+    return latency_ms({name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()},
+                      repeats)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    ap.add_argument("--repeats", type=int, default=300)
+    args = ap.parse_args(argv)
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    info = {"when": now(), "machine": machine(), "matmul": cpu_matmul(), "vnni": "avx512_vnni" in flags}
+    print(f"{info['machine']['cpu']}; AVX-512 VNNI: {'yes' if info['vnni'] else 'no'}; matmul peak fp32 "
+          f"{info['matmul']['fp32_gflops']} / bf16 {info['matmul']['bf16_gflops']} GFLOP/s", flush=True)
+    q = OmegaConf.to_container(load_params(ROOT / "params.yaml").quantize)
+    task = load_task(args.artifacts / "prepare", "target")
+    calibration = calibration_images(task, q["calibration_images"])
+    fp32 = args.artifacts / "export" / "model.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"fp32": fp32}
+        for name, v in VARIANTS.items():
+            files[name] = Path(tmp) / f"{len(files)}.onnx"
+            quantize(fp32, files[name], calibration, method=q["method"], keep_float=q["keep_float"], **v)
+        y = task["test_y"].numpy()
+        logits = {name: onnx_logits(path, task["test_x"], torch.get_num_threads()) for name, path in files.items()}
+        two, one = latencies(files, 2, args.repeats), latencies(files, 1, args.repeats)
+        rows = [{"model": name, "top1": 100 * float((logits[name].argmax(1) == y).mean()),
+                 "agree": 100 * float((logits[name].argmax(1) == logits["fp32"].argmax(1)).mean()),
+                 "kb": path.stat().st_size / 1024, "size_x": fp32.stat().st_size / path.stat().st_size,
+                 "ms2": two[name], "ms1": one[name], "img_s": onnx_throughput(path, 256, 10)}
+                for name, path in files.items()]
+    base = rows[0]
+    for r in rows:
+        r["speed_x"], r["latency_x"] = r["img_s"] / base["img_s"], r["ms2"] / base["ms2"]
+    print(table(rows, [("model", "model", "s"), ("top1", "top-1 %", ".2f"), ("agree", "agrees with fp32 %", ".2f"),
+                       ("kb", "file KB", ".0f"), ("size_x", "smaller (x)", ".2f"), ("ms2", "batch 1, 2 threads ms", ".3f"),
+                       ("ms1", "batch 1, 1 thread ms", ".3f"), ("latency_x", "latency vs fp32", ".2f"),
+                       ("img_s", "img/s, batch 256", ",.0f"), ("speed_x", "throughput vs fp32", ".2f")]))
+    print(f"wrote {save('int8', {**info, 'rows': rows})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
