@@ -135,7 +135,18 @@ def broken_onnx(tmp):
 
 
 def weaker_int8(tmp):
-    """max_drop=0 refuses any top-1 the toy INT8 model loses (it loses some: see conf/experiment/smoke.yaml)."""
+    """An INT8 model that must lose top-1: calibrated on blank images (its activation ranges
+    collapse) and scored on test labels that the fp32 model gets all right."""
+    import torch
+
+    from transferkit.deploy.quantize import onnx_logits
+
+    path = tmp / "artifacts" / "prepare" / "target.pt"
+    task = torch.load(path, weights_only=True)
+    task["train_x"] = torch.zeros_like(task["train_x"])
+    fp32 = onnx_logits(tmp / "artifacts" / "export" / "model.onnx", task["test_x"], 1)
+    task["test_y"] = torch.from_numpy(fp32.argmax(1)).to(task["test_y"].dtype)
+    torch.save(task, path)
     return ()
 
 

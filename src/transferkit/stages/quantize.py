@@ -61,7 +61,9 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     model = fold_batchnorm(student).train()
     hooks = add_fake_quant(model, q.per_channel)
     settings = OmegaConf.merge(cfg.prune, {"epochs": q.qat_epochs, "lr": q.qat_lr})
-    fp32_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true"}})  # fake quantization runs in fp32
+    # in fp32 (the fake quantization's arithmetic), in this one process: a few epochs of a small model
+    fp32_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true", "devices": 1, "num_nodes": 1,
+                                                 "strategy": "auto", "sync_batchnorm": False}})
     fit = fit_stage(fp32_cfg, settings, model, task, out, module_cls=DistillerModule,
                     teacher=load_teacher(inputs["transfer"], task["classes"]), method=cfg.distill.method,
                     method_kwargs=method_settings(cfg))
