@@ -19,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -28,8 +27,7 @@ from _common import ROOT, machine, now, save, table  # noqa: E402
 
 from transferkit.config.compose import load_params  # noqa: E402
 from transferkit.deploy.quantize import calibration_images, onnx_logits, quantize  # noqa: E402
-from transferkit.deploy.runtime import ort_session  # noqa: E402
-from transferkit.evaluation.cost import latency_ms, onnx_throughput  # noqa: E402
+from transferkit.evaluation.cost import cpu_latency_ms, onnx_throughput  # noqa: E402
 from transferkit.stages.common import load_task  # noqa: E402
 from transferkit.training.precision import cpu_matmul  # noqa: E402
 
@@ -39,10 +37,13 @@ VARIANTS = {"int8 qoperator, per-channel (default)": {"fmt": "qoperator", "per_c
 
 
 def latencies(files: dict[str, Path], threads: int, repeats: int) -> dict[str, float]:
-    x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
-    sessions = {name: ort_session(path, threads) for name, path in files.items()}
-    return latency_ms({name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()},
-                      repeats)
+    """Batch-1 latency as evaluate measures it, on `threads` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return cpu_latency_ms({}, repeats, onnx_files=files)
+    finally:
+        torch.set_num_threads(before)
 
 
 def main(argv=None) -> int:
