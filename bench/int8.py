@@ -5,7 +5,10 @@ Runtime's QOperator format (QLinearConv and friends: the default) and in its QDQ
 or not. For each: top-1 on the target test set (no TTA), agreement with fp32, file size, batch-1
 latency on 2 threads and on 1 (median, models taking turns), throughput at batch 256.
 
-    uv run python bench/int8.py --artifacts DIR [--repeats 300]
+    uv run python bench/int8.py --artifacts DIR [--repeats 300] [--profile]
+
+--profile adds where the time goes at batch 256: ONNX Runtime's profiler, share of kernel time
+by operator, for fp32 and the default INT8 model.
 
 DIR holds a finished pipeline's `prepare` and `export` (e.g. artifacts/). Prints the CPU, whether
 it has AVX-512 VNNI (the int8 dot-product instructions ONNX Runtime's kernels use), and its
@@ -46,10 +49,36 @@ def latencies(files: dict[str, Path], threads: int, repeats: int) -> dict[str, f
         torch.set_num_threads(before)
 
 
+def op_shares(path: Path, threads: int, runs: int = 20) -> dict:
+    """Share of kernel time by operator type at batch 256 (ONNX Runtime's profiler), and ms per run."""
+    import collections
+    import json
+    import os
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling, options.intra_op_num_threads = True, threads
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "transferkit_int8_profile")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: torch.rand(256, 3, 32, 32).numpy()}
+    for _ in range(runs):
+        session.run(None, feed)
+    trace = session.end_profiling()
+    spent = collections.Counter()
+    for event in json.loads(Path(trace).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            spent[event["args"]["op_name"]] += event["dur"]
+    os.remove(trace)
+    total = sum(spent.values())
+    return {"ms_per_run": total / runs / 1000, **{op: round(100 * us / total, 1) for op, us in spent.most_common()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--profile", action="store_true", help="where the time goes at batch 256, by operator")
     args = ap.parse_args(argv)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     info = {"when": now(), "machine": machine(), "matmul": cpu_matmul(), "vnni": "avx512_vnni" in flags}
@@ -72,6 +101,9 @@ def main(argv=None) -> int:
                  "kb": path.stat().st_size / 1024, "size_x": fp32.stat().st_size / path.stat().st_size,
                  "ms2": two[name], "ms1": one[name], "img_s": onnx_throughput(path, 256, 10)}
                 for name, path in files.items()]
+        if args.profile:
+            default = next(iter(VARIANTS))
+            info["profile"] = {name: op_shares(files[name], torch.get_num_threads()) for name in ("fp32", default)}
     base = rows[0]
     for r in rows:
         r["speed_x"], r["latency_x"] = r["img_s"] / base["img_s"], r["ms2"] / base["ms2"]
@@ -79,6 +111,9 @@ def main(argv=None) -> int:
                        ("kb", "file KB", ".0f"), ("size_x", "smaller (x)", ".2f"), ("ms2", "batch 1, 2 threads ms", ".3f"),
                        ("ms1", "batch 1, 1 thread ms", ".3f"), ("latency_x", "latency vs fp32", ".2f"),
                        ("img_s", "img/s, batch 256", ",.0f"), ("speed_x", "throughput vs fp32", ".2f")]))
+    for name, shares in info.get("profile", {}).items():
+        print(f"{name}, batch 256: {shares['ms_per_run']:.1f} ms of kernels per run; share by operator: "
+              + ", ".join(f"{op} {share}%" for op, share in shares.items() if op != "ms_per_run"))
     print(f"wrote {save('int8', {**info, 'rows': rows})}")
     return 0
 
