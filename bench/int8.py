@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, now, save, table  # noqa: E402
 
 from transferkit.config.compose import load_params  # noqa: E402
-from transferkit.deploy.quantize import calibration_images, onnx_logits, quantize  # noqa: E402
+from transferkit.deploy.quantize import calibration_images, quantize  # noqa: E402
 from transferkit.evaluation.cost import cpu_latency_ms, onnx_throughput  # noqa: E402
+from transferkit.evaluation.metrics import predict_onnx  # noqa: E402
 from transferkit.stages.common import load_task  # noqa: E402
 from transferkit.training.precision import cpu_matmul  # noqa: E402
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
             files[name] = Path(tmp) / f"{len(files)}.onnx"
             quantize(fp32, files[name], calibration, method=q["method"], keep_float=q["keep_float"], **v)
         y = task["test_y"].numpy()
-        logits = {name: onnx_logits(path, task["test_x"], torch.get_num_threads()) for name, path in files.items()}
+        logits = {name: predict_onnx(path, task["test_x"], 500).numpy() for name, path in files.items()}
         two, one = latencies(files, 2, args.repeats), latencies(files, 1, args.repeats)
         rows = [{"model": name, "top1": 100 * float((logits[name].argmax(1) == y).mean()),
                  "agree": 100 * float((logits[name].argmax(1) == logits["fp32"].argmax(1)).mean()),

@@ -139,12 +139,12 @@ def weaker_int8(tmp):
     collapse) and scored on test labels that the fp32 model gets all right."""
     import torch
 
-    from transferkit.deploy.quantize import onnx_logits
+    from transferkit.evaluation.metrics import predict_onnx
 
     path = tmp / "artifacts" / "prepare" / "target.pt"
     task = torch.load(path, weights_only=True)
     task["train_x"] = torch.zeros_like(task["train_x"])
-    fp32 = onnx_logits(tmp / "artifacts" / "export" / "model.onnx", task["test_x"], 1)
+    fp32 = predict_onnx(tmp / "artifacts" / "export" / "model.onnx", task["test_x"], 500, threads=1).numpy()
     task["test_y"] = torch.from_numpy(fp32.argmax(1)).to(task["test_y"].dtype)
     torch.save(task, path)
     return ()

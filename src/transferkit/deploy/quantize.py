@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.deploy.runtime import META_KEY, ort_session
+from transferkit.deploy.runtime import META_KEY
 from transferkit.errors import TransferkitError
+from transferkit.evaluation.metrics import predict_onnx
 
 METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qoperator", "qdq")
@@ -92,16 +93,9 @@ def copy_metadata(src: Path, dest: Path) -> None:
     onnx.save(model, str(dest))
 
 
-def onnx_logits(path: Path, images: torch.Tensor, threads: int, batch: int = 500) -> np.ndarray:
-    session = ort_session(path, threads)
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: images[i:i + batch].float().div(255).numpy()})[0]
-                           for i in range(0, len(images), batch)])
-
-
 def check(fp32: Path, int8: Path, task: dict, threads: int) -> dict:
     """Top-1 of both models, how often they agree and their largest logit difference, on the test set."""
-    a, b = (onnx_logits(p, task["test_x"], threads) for p in (fp32, int8))
+    a, b = (predict_onnx(p, task["test_x"], 500, threads=threads).numpy() for p in (fp32, int8))
     y = task["test_y"].numpy()
     result = {"fp32_top1": float((a.argmax(1) == y).mean()), "int8_top1": float((b.argmax(1) == y).mean()),
               "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
