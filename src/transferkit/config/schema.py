@@ -217,3 +217,19 @@ def validate_probe(cfg: DictConfig, num_blocks: int) -> None:
     if cfg.probe.depth is not None and cfg.probe.depth > num_blocks:
         fail("probe.depth", cfg.probe.depth, f"model '{cfg.model.name}' has {num_blocks} blocks, so it "
              f"must be in 1..{num_blocks} or null")
+
+
+def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int]) -> None:
+    """Every check a run of `stage` can pass before it loads data: `validate`, and for transfer
+    and probe the depths against the model's block count (`blocks` caches it per model config)."""
+    validate(cfg)
+    check = {"transfer": validate_transfer, "probe": validate_probe}.get(stage or "")
+    if check:
+        from transferkit.config.compose import to_params
+        from transferkit.models import model_from_config
+
+        model_cfg = to_params(cfg.model)
+        key = repr(model_cfg)
+        if key not in blocks:  # building a model is cheap, but not free
+            blocks[key] = model_from_config(model_cfg, 2).num_blocks
+        check(cfg, blocks[key])

@@ -67,26 +67,23 @@ def _get(params: dict, key: str):
 def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     """Compose and check every quadrant and strategy (a bad override fails in a second, before
     anything trains), write each quadrant's params file and return the DVC stages."""
-    from transferkit.config.schema import validate, validate_probe, validate_transfer
-    from transferkit.models import model_from_config
+    from transferkit.config.schema import validate_run
 
     for o in overrides:
         if o.split("=", 1)[0].lstrip("+~") in ("experiment", "name", "paths.artifacts_dir") or o.startswith("hydra"):
             raise TransferkitError(f"override '{o}' cannot be used here: each quadrant sets its experiment and "
                                    f"folders. Fix: use --only NAME and --out DIR.")
     code = str(Path(__file__).resolve().parents[1])
-    stages, sources = {}, {}
+    stages, sources, blocks = {}, {}, {}
     for preset, (size, similarity) in QUADRANTS.items():
         cfg = compose([f"experiment={preset}", "trainer.progress_bar=false", *overrides])
         data_dir = str(Path(cfg.paths.data_dir).resolve())
         cfg.paths.data_dir = data_dir
-        blocks = model_from_config(to_params(cfg.model), 2).num_blocks
         for s in [None, *plan]:
             try:
                 point = compose([f"experiment={preset}", *overrides, *(f"{k}={'null' if v is None else v}"
                                                                      for k, v in (s.overrides if s else {}).items())])
-                validate(point)
-                {"probe": validate_probe, "transfer": validate_transfer}.get(s.stage if s else "", lambda *_: None)(point, blocks)
+                validate_run(point, s.stage if s else None, blocks)
             except TransferkitError as e:
                 raise TransferkitError(f"{preset}{f', strategy {s.name}' if s else ''}: {e}") from e
         params = to_params(cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 
-from transferkit.config.compose import compose, to_params
+from transferkit.config.compose import compose
 from transferkit.errors import TransferkitError
 
 
@@ -42,19 +42,12 @@ def check_points(stage: str, argv: list[str]) -> int:
     # the value checks below import torch and Lightning, which take seconds to load.
     composed = [compose(point) for point in points]
 
-    from transferkit.config.schema import validate, validate_probe, validate_transfer
-    from transferkit.models import model_from_config
+    from transferkit.config.schema import validate_run
 
-    blocks: dict[str, int] = {}  # model config -> number of blocks (building a model is cheap, but not free)
+    blocks: dict[str, int] = {}
     for point, cfg in zip(points, composed):
         try:
-            validate(cfg)
-            if stage in ("transfer", "probe"):
-                model_cfg = to_params(cfg.model)
-                key = repr(model_cfg)
-                if key not in blocks:
-                    blocks[key] = model_from_config(model_cfg, 2).num_blocks
-                (validate_transfer if stage == "transfer" else validate_probe)(cfg, blocks[key])
+            validate_run(cfg, stage, blocks)
         except TransferkitError as e:
             if len(points) == 1:
                 raise
