@@ -8,7 +8,8 @@ latency on 2 threads and on 1 (median, models taking turns), throughput at batch
     uv run python bench/int8.py --artifacts DIR [--repeats 300] [--profile]
 
 --profile adds where the time goes at batch 256: ONNX Runtime's profiler, share of kernel time
-by operator, for fp32 and the default INT8 model.
+by operator and milliseconds by node, for fp32 and the default INT8 model. The last variant keeps
+the first convolution (fastnet's 3-channel stem) in float.
 
 DIR holds a finished pipeline's `prepare` and `export` (e.g. artifacts/). Prints the CPU, whether
 it has AVX-512 VNNI (the int8 dot-product instructions ONNX Runtime's kernels use), and its
@@ -51,7 +52,8 @@ def latencies(files: dict[str, Path], threads: int, repeats: int) -> dict[str, f
 
 
 def op_shares(path: Path, threads: int, runs: int = 20) -> dict:
-    """Share of kernel time by operator type at batch 256 (ONNX Runtime's profiler), and ms per run."""
+    """Share of kernel time by operator type at batch 256 (ONNX Runtime's profiler), ms per run,
+    and ms per run of each node (the runtime's own node names: its layout passes rename them)."""
     import collections
     import json
     import os
@@ -66,13 +68,21 @@ def op_shares(path: Path, threads: int, runs: int = 20) -> dict:
     for _ in range(runs):
         session.run(None, feed)
     trace = session.end_profiling()
-    spent = collections.Counter()
+    spent, nodes = collections.Counter(), collections.Counter()
     for event in json.loads(Path(trace).read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             spent[event["args"]["op_name"]] += event["dur"]
+            nodes[f"{event['args']['op_name']} {event['name'].removesuffix('_kernel_time')}"] += event["dur"]
     os.remove(trace)
     total = sum(spent.values())
-    return {"ms_per_run": total / runs / 1000, **{op: round(100 * us / total, 1) for op, us in spent.most_common()}}
+    return {"ms_per_run": total / runs / 1000, **{op: round(100 * us / total, 1) for op, us in spent.most_common()},
+            "nodes_ms": {node: round(us / runs / 1000, 3) for node, us in nodes.most_common()}}
+
+
+def first_conv(path: Path) -> str:
+    import onnx
+
+    return next(n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv")
 
 
 def main(argv=None) -> int:
@@ -91,9 +101,11 @@ def main(argv=None) -> int:
     fp32 = args.artifacts / "export" / "model.onnx"
     with tempfile.TemporaryDirectory() as tmp:
         files = {"fp32": fp32}
-        for name, v in VARIANTS.items():
+        variants = {**VARIANTS, "int8 qoperator, per-channel, first conv in float":
+                    {"fmt": "qoperator", "per_channel": True, "keep_float": [first_conv(fp32)]}}
+        for name, v in variants.items():
             files[name] = Path(tmp) / f"{len(files)}.onnx"
-            quantize(fp32, files[name], calibration, method=q["method"], keep_float=q["keep_float"], **v)
+            quantize(fp32, files[name], calibration, method=q["method"], **{"keep_float": q["keep_float"], **v})
         y = task["test_y"].numpy()
         logits = {name: predict_onnx(path, task["test_x"], 500).numpy() for name, path in files.items()}
         two, one = latencies(files, 2, args.repeats), latencies(files, 1, args.repeats)
@@ -114,7 +126,8 @@ def main(argv=None) -> int:
                        ("img_s", "img/s, batch 256", ",.0f"), ("speed_x", "throughput vs fp32", ".2f")]))
     for name, shares in info.get("profile", {}).items():
         print(f"{name}, batch 256: {shares['ms_per_run']:.1f} ms of kernels per run; share by operator: "
-              + ", ".join(f"{op} {share}%" for op, share in shares.items() if op != "ms_per_run"))
+              + ", ".join(f"{op} {share}%" for op, share in shares.items() if op not in ("ms_per_run", "nodes_ms")))
+        print("  ms per run by node: " + ", ".join(f"{node} {ms}" for node, ms in shares["nodes_ms"].items()))
     print(f"wrote {save('int8', {**info, 'rows': rows})}")
     return 0
 

@@ -3,7 +3,8 @@ needed two, in fp32 as in INT8. Max pooling between the two is no obstacle when 
 scale is positive, since pooling then commutes with the per-channel affine map (fastnet pools
 between its convolution and BatchNorm). A ReLU after the pooling then moves before it (max
 pooling commutes with any non-decreasing function), so that runtimes fuse it into the
-convolution: ONNX Runtime's INT8 operators do, and mishandle Conv -> MaxPool -> Relu."""
+convolution: ONNX Runtime's INT8 operators do, and mishandle Conv -> MaxPool -> Relu.
+The input scaling folds into the first convolution too, where that convolution pads nothing."""
 
 from __future__ import annotations
 
@@ -34,4 +35,22 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             seq[j] = nn.Identity()
             if j > i + 1 and j + 1 < len(seq) and isinstance(seq[j + 1], nn.ReLU):
                 seq[i + 1], seq[i + 2], seq[j + 1] = seq[j + 1], seq[i + 1], nn.Identity()
+    return model
+
+
+@torch.no_grad()
+def fold_input_scaling(model: nn.Module) -> nn.Module:
+    """`model` (a copy from fold_batchnorm) with its input scaling, (x - mean) / std, folded into
+    the first convolution when that is the first thing the scaled images meet and it pads nothing
+    (zero padding after scaling is not zero padding before it); otherwise `model` as it is."""
+    first = getattr(model, "blocks", [None])[0]
+    conv = first[0] if isinstance(first, nn.Sequential) and len(first) else None
+    if not (isinstance(conv, nn.Conv2d) and hasattr(model, "normalize") and conv.groups == 1
+            and all(p == 0 for p in conv.padding)):
+        return model
+    mean, std = model.normalize.mean, model.normalize.std
+    conv.weight.div_(std.view(1, -1, 1, 1))
+    shift = (conv.weight * mean.view(1, -1, 1, 1)).sum((1, 2, 3))
+    conv.bias = nn.Parameter(-shift if conv.bias is None else conv.bias - shift)
+    model.normalize = nn.Identity()
     return model
