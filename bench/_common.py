@@ -29,13 +29,13 @@ def conv_widths(model: torch.nn.Module) -> str:
 
 def prune_like_the_stage(model: torch.nn.Module, prune: dict, **overrides) -> dict:
     """prune_channels with params.yaml's `prune` settings (overrides win). taylor needs
-    calibration images and is replaced by l2: every layer loses the same share of channels (no
-    global ranking), so the layer widths, which is what speed depends on, are the same."""
+    calibration images and is replaced by l2: with prune.scope=layer every layer loses the same
+    share of channels, so the layer widths, which is what speed depends on, are the same."""
     from transferkit.prune.structured import prune_channels
 
     settings = {"criterion": "l2" if prune["criterion"] == "taylor" else prune["criterion"],
                 "target": prune["target"], "ratio": prune["ratio"], "keep": list(prune["keep"]),
-                "round_to": prune.get("round_to")}
+                "round_to": prune.get("round_to"), "scope": prune.get("scope", "layer")}
     return prune_channels(model, **{**settings, **overrides})
 
 

@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,12 +42,18 @@ def top1(folder: Path, stage: str, task: dict, cfg) -> float:
                   == task["test_y"]).float().mean())
 
 
+# Settings added after runs were made, with the value that does what those runs did: left out of
+# the key at that value, so the earlier runs keep their folders.
+SINCE_ADDED = {"prune.scope": "layer", "prune.teacher": "transfer"}
+
+
 def settings_key(params: dict) -> str:
     """What the prune stage's outputs depend on (its params in the stage table), hashed: the name of
     its folder, so that two recipes with the same settings share one run and a changed default
     never reuses a run of the old one."""
     flat = flatten(params)
-    chosen = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in BY_NAME["prune"].params)}
+    chosen = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in BY_NAME["prune"].params)
+              and SINCE_ADDED.get(k, object()) != v}
     return hashlib.sha1(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

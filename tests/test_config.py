@@ -3,13 +3,12 @@ compose and validate, and bad values fail before any work with a message naming 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from conftest import CONF, ROOT, compose
 from transferkit.config.compose import params_drift, params_text
-from transferkit.config.schema import validate, validate_probe, validate_transfer
+from transferkit.config.schema import validate, validate_depths
 from transferkit.errors import TransferkitError
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -79,20 +78,20 @@ def test_class_in_both_source_and_target_is_refused():
 def test_freeze_depth_beyond_the_number_of_blocks():
     cfg = compose("transfer.freeze_depth=5")
     with pytest.raises(TransferkitError, match=r"4 blocks.*0\.\.4"):
-        validate_transfer(cfg, num_blocks=4)
-    validate_transfer(compose("transfer.freeze_depth=4"), num_blocks=4)  # linear probe: allowed
+        validate_depths(cfg, "transfer", num_blocks=4)
+    validate_depths(compose("transfer.freeze_depth=4"), "transfer", num_blocks=4)  # linear probe: allowed
 
 
 def test_negative_backbone_lr_mult_and_probe_depth():
     with pytest.raises(TransferkitError, match="transfer.backbone_lr_mult"):
         validate(compose("transfer.backbone_lr_mult=-1"))
     with pytest.raises(TransferkitError, match="probe.depth"):
-        validate_probe(compose("probe.depth=9"), num_blocks=4)
+        validate_depths(compose("probe.depth=9"), "probe", num_blocks=4)
 
 
 def test_gradual_unfreezing_under_ddp_is_refused():
     with pytest.raises(TransferkitError, match="unfreeze_every_epochs"):
-        validate_transfer(compose("trainer=ddp", "transfer.unfreeze_every_epochs=2"), num_blocks=4)
+        validate(compose("trainer=ddp", "transfer.unfreeze_every_epochs=2"))
 
 
 def test_dvc_is_set_up_to_compose_conf_for_experiments():

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import CIFAR10_CLASSES, TINY, compose, run, run_all, write_cifar_pickles, write_image_folder
 from transferkit.errors import TransferkitError

@@ -3,7 +3,6 @@ pruning plan, every criterion runs on the smoke experiment, and bad input is ref
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 
@@ -14,7 +13,7 @@ from conftest import compose, run
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.cost import count_macs, count_params
 from transferkit.models import build_model, load_checkpoint, save_checkpoint
-from transferkit.prune.structured import CRITERIA, conv_widths, prune_channels
+from transferkit.prune.structured import CRITERIA, SCOPES, conv_widths, prune_channels
 from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
 from transferkit.training.freeze import freeze_blocks
 
@@ -36,6 +35,18 @@ def test_structured_pruning_removes_channels(criterion):
     assert model.head.fc.out_features == 5  # the kept head still predicts every class
     out = model(torch.rand(4, 3, 32, 32))
     assert out.shape == (4, 5) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("scope", sorted(SCOPES))
+def test_every_scope_reaches_the_macs_target(scope):
+    model = build_model("fastnet", 5, widths=[32, 64, 64], stem_width=16).eval()
+    before = count_macs(model)
+    prune_channels(model, criterion="l2", target="macs", ratio=0.5, keep=["head"], scope=scope)
+    widths = conv_widths(model)
+    assert count_macs(model) <= 0.5 * before and torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
+    shares = [w / b for w, b in zip(widths[1:], [32, 32, 64, 64, 64, 64])]
+    # only the layer scope removes the same share everywhere (up to rounding to whole channels)
+    assert (max(shares) - min(shares) < 0.05) == (scope == "layer"), widths
 
 
 def test_channel_target_removes_that_share_of_each_layer():

@@ -54,35 +54,28 @@ def _multi_process(cfg) -> bool:
 
 def _params_mode(stage: str, args: list[str]) -> None:
     """`--params FILE [--out DIR] [--in NAME=DIR ...] [key=value ...]`."""
+    import argparse
+
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from transferkit.config.compose import load_params
     from transferkit.stages.run import run_stage
 
-    options = {"--params": [], "--out": [], "--in": []}
-    overrides, it = [], iter(args)
-    for a in it:
-        if a in options:
-            options[a].append(next(it, None))
-        else:
-            overrides.append(a)
-    if None in options["--params"] + options["--out"] + options["--in"] or not options["--params"]:
-        raise TransferkitError(f"{' '.join(options)} each need a value. Fix: e.g. `transferkit {stage} --params params.yaml`.")
-    cfg = load_params(Path(options["--params"][-1]))
+    parser = argparse.ArgumentParser(prog=f"transferkit {stage}", allow_abbrev=False)
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help=f"default: paths.artifacts_dir/{stage}")
+    parser.add_argument("--in", dest="inputs", action="append", default=[], metavar="STAGE=DIR")
+    opts, overrides = parser.parse_known_args(args)
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.merge(load_params(opts.params), OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:
         raise TransferkitError(f"bad override in {overrides}: {e}. Fix: use keys that params.yaml has.") from e
-    inputs = {}
-    for item in options["--in"]:
-        name, _, folder = item.partition("=")
-        if name not in STAGES or not folder:  # a stage ignores inputs it does not read
-            raise TransferkitError(f"--in {item}: no stage is called {name!r}. Fix: --in STAGE=DIR, with STAGE one of "
-                                   f"{', '.join(STAGES)} ({stage} reads {', '.join(BY_NAME[stage].reads) or 'none'}).")
-        inputs[name] = Path(folder)
-    out = Path(options["--out"][-1]) if options["--out"] else Path(cfg.paths.artifacts_dir) / stage
-    run_stage(stage, cfg, out, inputs)
+    inputs = dict(item.partition("=")[::2] for item in opts.inputs)
+    if bad := [f"{k}={v}" for k, v in inputs.items() if k not in STAGES or not v]:  # unread inputs are ignored
+        raise TransferkitError(f"--in {bad[0]}: no stage by that name. Fix: --in STAGE=DIR, with STAGE one of "
+                               f"{', '.join(STAGES)} ({stage} reads {', '.join(BY_NAME[stage].reads) or 'none'}).")
+    run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir) / stage, {k: Path(v) for k, v in inputs.items()})
 
 
 def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:

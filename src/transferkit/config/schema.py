@@ -15,6 +15,7 @@ from transferkit.errors import TransferkitError
 from transferkit.data.augment import FLIP_MODES  # noqa: E402
 from transferkit.deploy.quantize import FORMATS as QUANTIZE_FORMATS, METHODS as QUANTIZE_METHODS  # noqa: E402
 from transferkit.evaluation.metrics import TTA as TTA_MODES  # noqa: E402
+from transferkit.prune.structured import SCOPES  # noqa: E402
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
 
@@ -106,6 +107,8 @@ class Distill(Optim):
 class Prune(Optim):
     mode: str = rule(choices=("structured", "unstructured"))
     target: str = rule(choices=("macs", "channels"))
+    scope: str = rule(choices=tuple(SCOPES))
+    teacher: str = rule(choices=("transfer", "student"))
     ratio: float = rule(0, 1, open_low=True, open_high=True)  # the share of MACs, channels or weights removed
     steps: int = rule(1)
     round_to: int = rule(1, optional=True)
@@ -148,7 +151,7 @@ BLOCKS = {"pretrain": Pretrain, "transfer": Transfer, "probe": Probe, "scratch":
 
 
 def validate(cfg: DictConfig) -> None:
-    """Every check that needs no model or data."""
+    """Every check that needs no model or data (validate_run adds those that need the model)."""
     from transferkit.distill.losses import get_loss
     from transferkit.prune.structured import importance
     from transferkit.training import LOGGERS
@@ -183,53 +186,44 @@ def validate(cfg: DictConfig) -> None:
         if differ:
             raise TransferkitError(f"the student baseline trains unlike distill ({'; '.join(differ)}): the comparison "
                                    f"would measure more than the teacher. Fix: set the same values for both.")
-    if "freeze_curve" in cfg:
-        validate_freeze_curve(cfg)
-
-
-def validate_transfer(cfg: DictConfig, num_blocks: int) -> None:
-    if cfg.transfer.freeze_depth > num_blocks:
-        fail("transfer.freeze_depth", cfg.transfer.freeze_depth,
-             f"model '{cfg.model.name}' has {num_blocks} blocks, so it must be in 0..{num_blocks}")
-    if cfg.transfer.unfreeze_every_epochs and cfg.trainer.strategy not in ("auto", None, "single_device"):
+    if cfg.get("transfer", {}).get("unfreeze_every_epochs") and cfg.trainer.strategy not in ("auto", None, "single_device"):
         raise TransferkitError("transfer.unfreeze_every_epochs > 0 is not supported with strategy "
                                f"'{cfg.trainer.strategy}' (DDP fixes its parameter set at start). Fix: set "
                                "transfer.unfreeze_every_epochs=0 or use trainer=cpu/gpu.")
+    if "freeze_curve" in cfg:
+        depths = cfg.freeze_curve.depths
+        if not isinstance(depths, (list, ListConfig)):
+            fail("freeze_curve.depths", depths, "must be a list of block counts, e.g. [0, 2, 3, 4] (or [])")
+        for k in depths:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                fail("freeze_curve.depths", list(depths), f"{k!r} is not a block count (an integer >= 0)")
+        if len(set(depths)) != len(depths):
+            fail("freeze_curve.depths", list(depths), "lists a depth twice")
 
 
-def validate_freeze_curve(cfg: DictConfig, num_blocks: int | None = None) -> None:
-    """freeze_curve.depths: distinct integers, each a valid transfer.freeze_depth (the block
-    count is known once the backbone is loaded)."""
-    depths = cfg.freeze_curve.depths
-    if not isinstance(depths, (list, ListConfig)):
-        fail("freeze_curve.depths", depths, "must be a list of block counts, e.g. [0, 2, 3, 4] (or [])")
-    for k in depths:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            fail("freeze_curve.depths", list(depths), f"{k!r} is not a block count (an integer >= 0)")
-    if len(set(depths)) != len(depths):
-        fail("freeze_curve.depths", list(depths), "lists a depth twice")
-    if too_deep := [k for k in depths if num_blocks is not None and k > num_blocks]:
-        fail("freeze_curve.depths", list(depths), f"model '{cfg.model.name}' has {num_blocks} blocks, so "
-             f"every depth must be in 0..{num_blocks} ({too_deep} is not)")
+# The depths each stage takes from its block, checked once the model's block count is known.
+DEPTHS = {"transfer": lambda cfg: [cfg.transfer.freeze_depth], "freeze_curve": lambda cfg: list(cfg.freeze_curve.depths),
+          "probe": lambda cfg: [d for d in [cfg.probe.depth] if d is not None]}
+DEPTH_KEYS = {"transfer": "transfer.freeze_depth", "freeze_curve": "freeze_curve.depths", "probe": "probe.depth"}
 
 
-def validate_probe(cfg: DictConfig, num_blocks: int) -> None:
-    if cfg.probe.depth is not None and cfg.probe.depth > num_blocks:
-        fail("probe.depth", cfg.probe.depth, f"model '{cfg.model.name}' has {num_blocks} blocks, so it "
-             f"must be in 1..{num_blocks} or null")
+def validate_depths(cfg: DictConfig, stage: str, num_blocks: int) -> None:
+    """The stage's block depths against the model's block count (0..n; a probe needs >= 1)."""
+    depths = DEPTHS[stage](cfg)
+    if too_deep := [k for k in depths if k > num_blocks]:
+        fail(DEPTH_KEYS[stage], depths if stage == "freeze_curve" else depths[0], f"model '{cfg.model.name}' has {num_blocks} "
+             f"blocks, so every depth must be in {int(stage == 'probe')}..{num_blocks} ({too_deep} is not)")
 
 
 def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int]) -> None:
-    """Every check a run of `stage` can pass before it loads data: `validate`, and for transfer
-    and probe the depths against the model's block count (`blocks` caches it per model config)."""
+    """Every check a run of `stage` can pass before it loads data: `validate`, and the stage's
+    depths against the model's block count (`blocks` caches it per model config)."""
     validate(cfg)
-    check = {"transfer": validate_transfer, "probe": validate_probe}.get(stage or "")
-    if check:
+    if stage in DEPTHS:
         from transferkit.config.compose import to_params
         from transferkit.models import model_from_config
 
-        model_cfg = to_params(cfg.model)
-        key = repr(model_cfg)
+        key = repr(to_params(cfg.model))
         if key not in blocks:  # building a model is cheap, but not free
-            blocks[key] = model_from_config(model_cfg, 2).num_blocks
-        check(cfg, blocks[key])
+            blocks[key] = model_from_config(to_params(cfg.model), 2).num_blocks
+        validate_depths(cfg, stage, blocks[key])

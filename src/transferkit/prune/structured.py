@@ -27,6 +27,12 @@ CRITERIA: dict[str, Callable[[], object]] = {
 }
 
 
+# How the removed channels are spread over the layers (Torch-Pruning's options):
+SCOPES = {"layer": {},                                               # every layer loses the same share
+          "global": {"global_pruning": True},                        # channels ranked against all layers'
+          "isomorphic": {"global_pruning": True, "isomorphic": True}}  # ranked within same-shaped groups
+
+
 def importance(name: str):
     if name not in CRITERIA:
         raise TransferkitError(f"unknown prune.criterion '{name}'. Fix: use one of {sorted(CRITERIA)}.")
@@ -63,7 +69,7 @@ def smallest_channel_count(model: nn.Module) -> int:
 
 def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],
                    calibration: tuple[torch.Tensor, torch.Tensor] | None = None, input_size: int = 32,
-                   max_search_steps: int = 40, round_to: int | None = None) -> dict:
+                   max_search_steps: int = 40, round_to: int | None = None, scope: str = "layer") -> dict:
     """Remove channels in place until `target` is met:
     - target="channels": remove `ratio` of the channels of every prunable layer;
     - target="macs": remove channels in small uniform steps until MACs <= (1 - ratio) x before.
@@ -73,9 +79,11 @@ def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: floa
     (bench/mfu.py measures it). It is a preference, the target is not: a model too narrow to
     reach the target in multiples of `round_to` is pruned to any channel count, and the
     result's "round_to" says which was used.
-    `calibration` (images, labels) feeds the gradient-based criterion (taylor)."""
+    `calibration` (images, labels) feeds the gradient-based criterion (taylor); `scope` is one of SCOPES."""
+    if scope not in SCOPES:
+        raise TransferkitError(f"unknown prune.scope '{scope}'. Fix: use one of {list(SCOPES)}.")
     settings = dict(criterion=criterion, target=target, ratio=ratio, keep=keep, calibration=calibration,
-                    input_size=input_size, max_search_steps=max_search_steps)
+                    input_size=input_size, max_search_steps=max_search_steps, scope=scope)
     if round_to:
         try:  # on a copy first: Torch-Pruning changes the model in place, and a failed try cannot be undone
             _prune(copy.deepcopy(model), round_to=round_to, **settings)
@@ -86,14 +94,14 @@ def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: floa
 
 def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],
            calibration: tuple[torch.Tensor, torch.Tensor] | None, input_size: int, max_search_steps: int,
-           round_to: int | None) -> dict:
+           round_to: int | None, scope: str) -> dict:
     example = torch.zeros(1, 3, input_size, input_size)
     base_macs, base_params = count_macs_params(model, input_size)
     imp = importance(criterion)
     steps = 1 if target == "channels" else max_search_steps
     max_ratio = ratio if target == "channels" else 0.95
     pruner = tp.pruner.MetaPruner(model, example, imp, pruning_ratio=max_ratio, iterative_steps=steps,
-                                  ignored_layers=kept_modules(model, keep), round_to=round_to)
+                                  ignored_layers=kept_modules(model, keep), round_to=round_to, **SCOPES[scope])
     model.eval()
     for _ in range(steps):
         if criterion == "taylor":

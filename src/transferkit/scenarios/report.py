@@ -17,13 +17,13 @@ material's guidance beside it. key=value overrides apply to every quadrant (seed
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from transferkit.config.compose import compose, params_text, to_params
 from transferkit.errors import TransferkitError
+from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
 from transferkit.stages import BY_NAME
@@ -31,11 +31,6 @@ from transferkit.stages import BY_NAME
 # preset -> (target size, source similarity), in the order of the report
 QUADRANTS = {"scenario_small_similar": ("small", "similar"), "scenario_small_different": ("small", "different"),
              "scenario_large_similar": ("large", "similar"), "scenario_large_different": ("large", "different")}
-# The source material's four scenarios and the strategy each names.
-GUIDANCE = {("small", "similar"): ("linear_probe", "linear classifier on the features"),
-            ("small", "different"): ("early_probe", "classifier on earlier-layer features"),
-            ("large", "similar"): ("fine_tune", "fine-tune all"),
-            ("large", "different"): ("fine_tune", "fine-tune all from the pretrained init")}
 SHARED_BY_SOURCE = ("seed", "model", "pretrain", "data.source", "data.image_size")  # what pretraining reads
 
 
@@ -116,48 +111,6 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     return stages
 
 
-def score_quadrant(out: Path, preset: str, plan: list[Strategy]) -> dict:
-    from transferkit.evaluation.metrics import paired_difference, wilson_interval
-    from transferkit.stages.common import load_task
-    from transferkit.evaluation.runs import read_run, score
-
-    size, similarity = QUADRANTS[preset]
-    task = load_task(out / preset / "prepare", "target")
-    runs = {s.name: read_run(out / preset / s.name, s.stage) for s in plan}
-    score(list(runs.values()), task)
-    n_val, n_test = len(task["val_y"]), len(task["test_y"])
-
-    def interval(acc, n):
-        return list(wilson_interval(round(acc * n), n)) if acc is not None and n else None
-
-    rows = [{"strategy": s.name, "label": s.label, "stage": s.stage, "what": s.what, "folder": str(runs[s.name].folder),
-             "epochs": int(runs[s.name].params[s.stage]["epochs"]), "val_acc": runs[s.name].val_acc,
-             "val_ci95": interval(runs[s.name].val_acc, n_val), "test_acc": runs[s.name].test_acc,
-             "test_ci95": interval(runs[s.name].test_acc, n_test), "train_seconds": runs[s.name].train_seconds}
-            for s in plan]
-    with_val = [r for r in rows if r["val_acc"] is not None]
-    winner = max(with_val, key=lambda r: r["val_acc"], default=None)  # ties: the earlier (cheaper) strategy
-    best = max(rows, key=lambda r: r["test_acc"])
-    guided_name, guidance = GUIDANCE[(size, similarity)]
-    for r in rows:
-        r["chosen_on_val"], r["best_on_test"] = r is winner, r is best
-    versus = None
-    if winner and winner["strategy"] != guided_name:
-        d = paired_difference(runs[guided_name].correct, runs[winner["strategy"]].correct)
-        versus = {**d, "method": "test images, paired by image (one seed: test-set noise only)"}
-    pretrain = json.loads((out / f"pretrain-{similarity}" / "metrics.json").read_text())
-    source = json.loads((out / preset / "prepare" / "summary.json").read_text())["source"]
-    return {"preset": preset, "size": size, "similarity": similarity, "title": f"{size} target + {similarity} source",
-            "source_classes": source["classes"], "n_source_train": source["n_train"], "target_classes": list(task["classes"]),
-            "pretrain_epochs": int(runs[plan[0].name].params["pretrain"]["epochs"]), "pretrain_folder": f"pretrain-{similarity}",
-            "pretrain_source_test_acc": pretrain.get("test_acc"), "n_train": len(task["train_y"]), "n_val": n_val,
-            "n_test": n_test, "rows": rows, "winner_on_val": winner["strategy"] if winner else None,
-            "best_on_test": best["strategy"], "guidance": {"strategy": guided_name, "text": guidance},
-            "agrees": (winner["strategy"] == guided_name) if winner else None,
-            "guided_ties_winner_on_val": bool(winner and versus and runs[guided_name].val_acc == winner["val_acc"]),
-            "guided_minus_winner_test": versus}
-
-
 def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = None,
         early_depth: int = 2, partial_depth: int = 2) -> dict:
     from transferkit.project import run_pipeline
@@ -171,7 +124,7 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
     stages = pipeline(out, list(overrides or []), plan)
     start = time.perf_counter()
     ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen])
-    results = [score_quadrant(out, preset, plan) for preset in chosen]
+    results = [score_quadrant(out, preset, *QUADRANTS[preset], plan) for preset in chosen]
     summary = {"quadrants": results, "overrides": list(overrides or []),
                "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides} for s in plan]}
     save_json(summary, out / "scenarios.json")

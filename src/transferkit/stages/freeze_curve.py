@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.schema import validate_freeze_curve
+from transferkit.config.schema import validate_depths
 from transferkit.models import load_backbone
 from transferkit.stages import transfer
 from transferkit.stages.common import container, load_task, point_dir, seed_everything
@@ -19,7 +19,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     # every depth checked before the first one trains
     classes = load_task(inputs["prepare"], "target")["classes"]
     backbone = load_backbone(inputs["pretrain"] / "model.pt", container(cfg.model), len(classes), "pretrain")
-    validate_freeze_curve(cfg, backbone.num_blocks)
+    validate_depths(cfg, "freeze_curve", backbone.num_blocks)
     results = {}
     for depth in cfg.freeze_curve.depths:
         point = OmegaConf.merge(cfg, {"transfer": {"freeze_depth": depth}})

@@ -4,6 +4,7 @@ from the teacher."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -29,8 +30,9 @@ def _recover(cfg, model, teacher, task, out, epochs, step):
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     p = cfg.prune
     task = load_task(inputs["prepare"], "target")
-    teacher = load_teacher(inputs["transfer"], task["classes"])
     student, _ = load_checkpoint(inputs["distill"] / "model.pt", "distill", task["classes"], what="the distilled student")
+    # the recovery learns from distill's teacher, or from the student as it was before pruning
+    teacher = load_teacher(inputs["transfer"], task["classes"]) if p.teacher == "transfer" else copy.deepcopy(student)
     keep = list(p.keep)
     kept_modules(student, keep)  # unknown names fail here, before any work
     info: dict = {"mode": p.mode}
@@ -42,7 +44,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             if p.target == "macs" and step > 1:
                 ratio = 1 - (1 - p.ratio * step / p.steps) / (1 - p.ratio * (step - 1) / p.steps)
             result = prune_channels(student, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
-                                    calibration=calibration, round_to=p.round_to)
+                                    calibration=calibration, round_to=p.round_to, scope=p.scope)
             if p.round_to and result["round_to"] is None:
                 widths = "/".join(map(str, conv_widths(student)))
                 log.warning("prune.round_to=%s: the student is too narrow to reach the target in multiples of %s "
