@@ -21,11 +21,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferkit.config.compose import compose, params_text, to_params
+from omegaconf import OmegaConf
+
+from transferkit.config.compose import compose, params_text
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
+from transferkit.project import stage_run
 from transferkit.stages import BY_NAME
 
 # preset -> (target size, source similarity), in the order of the report
@@ -53,12 +56,6 @@ def strategies(early: int = 2, partial: int = 2) -> list[Strategy]:
             Strategy("scratch", "scratch", "scratch", {}, "every block from random init")]
 
 
-def _get(params: dict, key: str):
-    for part in key.split("."):
-        params = params[part]
-    return params
-
-
 def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     """Compose and check every quadrant and strategy (a bad override fails in a second, before
     anything trains), write each quadrant's params file and return the DVC stages."""
@@ -70,6 +67,8 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                                    f"folders. Fix: use --only NAME and --out DIR.")
     code = str(Path(__file__).resolve().parents[1])
     stages, sources, blocks = {}, {}, {}
+    # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
+    keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
     for preset, (size, similarity) in QUADRANTS.items():
         cfg = compose([f"experiment={preset}", "trainer.progress_bar=false", *overrides])
         data_dir = str(Path(cfg.paths.data_dir).resolve())
@@ -81,33 +80,21 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                 validate_run(point, s.stage if s else None, blocks)
             except TransferkitError as e:
                 raise TransferkitError(f"{preset}{f', strategy {s.name}' if s else ''}: {e}") from e
-        params = to_params(cfg)
-        first = sources.setdefault(similarity, (preset, params))
-        if any(_get(first[1], k) != _get(params, k) for k in SHARED_BY_SOURCE):
+        first = sources.setdefault(similarity, (preset, cfg))
+        if any(OmegaConf.select(first[1], k) != OmegaConf.select(cfg, k) for k in SHARED_BY_SOURCE):
             raise TransferkitError(f"{preset} and {first[0]} have the same source but other pretraining settings: "
                                    f"they cannot share one pretraining. Fix: override only what both may share.")
-        (out / "params").mkdir(parents=True, exist_ok=True)
-        text = params_text(cfg)
-        if not (out / "params" / f"{preset}.yaml").exists() or (out / "params" / f"{preset}.yaml").read_text() != text:
-            save_text(text, out / "params" / f"{preset}.yaml")
-        run = f"transferkit {{}} --params params/{preset}.yaml --in prepare={preset}/prepare"
-
-        def params_of(stage: str) -> list:  # the keys DVC watches: the stage table's, in this quadrant's file
-            return [{f"params/{preset}.yaml": [k for k in BY_NAME[stage].params if k != "paths.data_dir"]}]
-
-        stages[f"{preset}-prepare"] = {"cmd": f"transferkit prepare --params params/{preset}.yaml --out {preset}/prepare",
-                                       "deps": [data_dir, code], "params": params_of("prepare"),
-                                       "outs": [f"{preset}/prepare"]}
+        params = f"params/{preset}.yaml"
+        save_text(params_text(cfg), out / params)
+        prepared = {"prepare": f"{preset}/prepare"}
+        stages[f"{preset}-prepare"] = stage_run("prepare", params, f"{preset}/prepare", {}, [data_dir, code], keys["prepare"])
         if first[0] == preset:
-            stages[f"{similarity}-pretrain"] = {"cmd": run.format("pretrain") + f" --out pretrain-{similarity}",
-                                                "deps": [code, f"{preset}/prepare"], "params": params_of("pretrain"),
-                                                "outs": [f"pretrain-{similarity}"]}
+            stages[f"{similarity}-pretrain"] = stage_run("pretrain", params, f"pretrain-{similarity}", prepared, [code],
+                                                         keys["pretrain"])
         for s in plan:
-            sets = " ".join(f"{k}={'null' if v is None else v}" for k, v in s.overrides.items())
-            stages[f"{preset}-{s.name}"] = {
-                "cmd": f"{run.format(s.stage)} --in pretrain=pretrain-{similarity} --out {preset}/{s.name} {sets}".rstrip(),
-                "deps": [code, f"{preset}/prepare", f"pretrain-{similarity}"], "params": params_of(s.stage),
-                "outs": [f"{preset}/{s.name}"]}
+            stages[f"{preset}-{s.name}"] = stage_run(
+                s.stage, params, f"{preset}/{s.name}", {**prepared, "pretrain": f"pretrain-{similarity}"}, [code],
+                keys[s.stage], [f"{k}={'null' if v is None else v}" for k, v in s.overrides.items()])
     return stages
 
 
