@@ -201,17 +201,17 @@ def validate(cfg: DictConfig) -> None:
             fail("freeze_curve.depths", list(depths), "lists a depth twice")
 
 
-# The depths each stage takes from its block, checked once the model's block count is known.
-DEPTHS = {"transfer": lambda cfg: [cfg.transfer.freeze_depth], "freeze_curve": lambda cfg: list(cfg.freeze_curve.depths),
-          "probe": lambda cfg: [d for d in [cfg.probe.depth] if d is not None]}
-DEPTH_KEYS = {"transfer": "transfer.freeze_depth", "freeze_curve": "freeze_curve.depths", "probe": "probe.depth"}
+# The block depths each stage takes (key, values), checked once the model's block count is known.
+DEPTHS = {"transfer": lambda cfg: ("transfer.freeze_depth", [cfg.transfer.freeze_depth]),
+          "freeze_curve": lambda cfg: ("freeze_curve.depths", list(cfg.freeze_curve.depths)),
+          "probe": lambda cfg: ("probe.depth", [d for d in [cfg.probe.depth] if d is not None])}
 
 
 def validate_depths(cfg: DictConfig, stage: str, num_blocks: int) -> None:
     """The stage's block depths against the model's block count (0..n; a probe needs >= 1)."""
-    depths = DEPTHS[stage](cfg)
+    key, depths = DEPTHS[stage](cfg)
     if too_deep := [k for k in depths if k > num_blocks]:
-        fail(DEPTH_KEYS[stage], depths if stage == "freeze_curve" else depths[0], f"model '{cfg.model.name}' has {num_blocks} "
+        fail(key, depths if stage == "freeze_curve" else depths[0], f"model '{cfg.model.name}' has {num_blocks} "
              f"blocks, so every depth must be in {int(stage == 'probe')}..{num_blocks} ({too_deep} is not)")
 
 
@@ -223,7 +223,8 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int]) -> 
         from transferkit.config.compose import to_params
         from transferkit.models import model_from_config
 
-        key = repr(to_params(cfg.model))
+        model_cfg = to_params(cfg.model)
+        key = repr(model_cfg)
         if key not in blocks:  # building a model is cheap, but not free
-            blocks[key] = model_from_config(to_params(cfg.model), 2).num_blocks
+            blocks[key] = model_from_config(model_cfg, 2).num_blocks
         validate_depths(cfg, stage, blocks[key])
