@@ -204,6 +204,7 @@ CASES = {
     "unknown pruning mode": Case("prune", ("prune.mode=sparse",), "prune.mode"),
     "unknown pruning target": Case("prune", ("prune.target=flops",), "prune.target"),
     "unknown pruning scope": Case("prune", ("prune.scope=everywhere",), "prune.scope"),
+    "unknown recovery teacher": Case("prune", ("prune.teacher=oracle",), "prune.teacher"),
     "zero pruning steps": Case("prune", ("prune.steps=0",), "prune.steps"),
     "pruning channel multiple zero": Case("prune", ("prune.round_to=0",), "prune.round_to"),
     "layer to keep that does not exist": Case("prune", ("prune.keep=[head,blocks.77]",), "blocks.77"),
