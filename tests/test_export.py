@@ -13,7 +13,7 @@ from PIL import Image
 
 from transferkit import cli
 from transferkit.deploy.export import export
-from transferkit.deploy.fold import fold_batchnorm, fold_input_scaling
+from transferkit.deploy.fold import deployable, fold_batchnorm
 from transferkit.deploy.predict import predict
 from transferkit.deploy.runtime import Classifier
 from transferkit.models import build_model, load_checkpoint, model_from_config, save_checkpoint
@@ -94,7 +94,7 @@ def test_exports_match_pytorch(exported, kind):
     ts = torch.jit.load(str(folder / "export" / "model.torchscript.pt"))
     with torch.no_grad():
         # the exports are of the deployable model (BatchNorm and input scaling folded): bit for bit
-        assert torch.equal(ts(x), fold_input_scaling(fold_batchnorm(model))(x))
+        assert torch.equal(ts(x), deployable(model)(x))
 
 
 def test_report_shows_every_runtime_the_export_checked(exported):
@@ -254,7 +254,7 @@ def test_auto_exporter_falls_back_to_the_torchscript_based_one(exported, tmp_pat
 def test_folding_the_input_scaling_keeps_the_logits(kind):
     """fastnet's stem pads nothing, so the scaling folds into it; mobilenet's first conv pads: left alone."""
     model = _make(kind).eval()
-    folded = fold_input_scaling(fold_batchnorm(model))
+    folded = deployable(model)
     x = torch.rand(16, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)

@@ -111,8 +111,8 @@ def test_multinode_trainer_composes_and_validates():
     # a sweep through SLURM with it is checked up front like any other
     from transferkit.sweep.points import check_points
 
-    assert check_points("transfer", ["hydra/launcher=slurm", "trainer=ddp_multinode",
-                                      "transfer.freeze_depth=0,1"]) == 2
+    assert len(check_points("transfer", ["hydra/launcher=slurm", "trainer=ddp_multinode",
+                                          "transfer.freeze_depth=0,1"])) == 2
 
 
 # ------------------------------------------------------------------ launchers run

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.deploy.fold import fold_batchnorm, fold_input_scaling
+from transferkit.deploy.fold import deployable
 from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHSCRIPT_FILE, Classifier,
                                         load_pipeline_checkpoint, ort_session)
 from transferkit.errors import TransferkitError
@@ -192,7 +192,7 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
     classes, size = meta["classes"], meta["input_size"]
     with atomic_path(out / ONNX_FILE) as onnx_tmp, atomic_path(out / TORCHSCRIPT_FILE) as ts_tmp:
         t = time.perf_counter()
-        deployed = fold_input_scaling(fold_batchnorm(model))  # checked below against the model as trained
+        deployed = deployable(model)  # checked below against the model as trained
         used = export_onnx(deployed, onnx_tmp, size, exporter, opset)
         used_opset = add_onnx_metadata(onnx_tmp, meta)
         export_torchscript(deployed, ts_tmp, size, meta)

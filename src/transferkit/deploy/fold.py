@@ -54,3 +54,9 @@ def fold_input_scaling(model: nn.Module) -> nn.Module:
     conv.bias = nn.Parameter(-shift if conv.bias is None else conv.bias - shift)
     model.normalize = nn.Identity()
     return model
+
+
+def deployable(model: nn.Module) -> nn.Module:
+    """The model as export writes it and INT8 fine-tuning trains it: a copy with BatchNorm and the
+    input scaling folded."""
+    return fold_input_scaling(fold_batchnorm(model))

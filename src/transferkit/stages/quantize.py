@@ -46,10 +46,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
 
 
 def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -> Path:
-    """The pruned student as deployed (BatchNorm folded), trained with fake INT8 quantization and
+    """The pruned student as deployed (fold.deployable), trained with fake INT8 quantization and
     distilled from the teacher with prune's recovery settings; returns its fp32 ONNX file."""
     from transferkit.deploy.export import export_onnx
-    from transferkit.deploy.fold import fold_batchnorm, fold_input_scaling
+    from transferkit.deploy.fold import deployable
     from transferkit.deploy.qat import add_fake_quant, remove_fake_quant
     from transferkit.distill.module import DistillerModule
     from transferkit.models import load_checkpoint
@@ -58,7 +58,7 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
 
     q = cfg.quantize
     student, _ = load_checkpoint(inputs["prune"] / "model.pt", "prune", task["classes"], what="the pruned student")
-    model = fold_input_scaling(fold_batchnorm(student)).train()
+    model = deployable(student).train()
     hooks = add_fake_quant(model, q.per_channel)
     settings = OmegaConf.merge(cfg.prune, {"epochs": q.qat_epochs, "lr": q.qat_lr})
     # in fp32 (the fake quantization's arithmetic), in this one process: a few epochs of a small model

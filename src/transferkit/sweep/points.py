@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 
+from omegaconf import DictConfig
+
 from transferkit.config.compose import compose
 from transferkit.errors import TransferkitError
 
@@ -35,8 +37,8 @@ def expand(argv: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def check_points(stage: str, argv: list[str]) -> int:
-    """Compose and validate every point of the sweep; return how many there are."""
+def check_points(stage: str, argv: list[str]) -> list[tuple[list[str], DictConfig]]:
+    """Compose and validate every point of the sweep; return each point's overrides and config."""
     points = expand(argv)
     # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
     # the value checks below import torch and Lightning, which take seconds to load.
@@ -52,7 +54,7 @@ def check_points(stage: str, argv: list[str]) -> int:
             if len(points) == 1:
                 raise
             raise TransferkitError(f"sweep point [{' '.join(point)}]: {e}") from e
-    return len(points)
+    return list(zip(points, composed))
 
 
 def point_name(point: list[str], points: list[list[str]]) -> str:
@@ -79,9 +81,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("stage", choices=[s for s in STAGES if BY_NAME[s].trains])
     parser.add_argument("--out", type=Path, help="the sweep's folder (default sweeps/<experiment>-<stage>)")
     args, overrides = parser.parse_known_args(argv)
-    check_points(args.stage, overrides)
-    points = expand(overrides)
-    cfgs = [compose(point) for point in points]
+    points, cfgs = map(list, zip(*check_points(args.stage, overrides)))
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
     stages, code, reads = {}, str(Path(__file__).resolve().parents[1]), BY_NAME[args.stage].reads
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
