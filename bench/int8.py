@@ -8,10 +8,11 @@ latency on 2 threads and on 1 (median, models taking turns), throughput at batch
     uv run python bench/int8.py --artifacts DIR [--repeats 300] [--profile]
 
 --profile adds where the time goes at batch 256: ONNX Runtime's profiler, share of kernel time
-by operator and milliseconds by node, for fp32 and the default INT8 model. The last variant keeps
-the first convolution (fastnet's 3-channel stem) in float.
+by operator and milliseconds by node, for fp32 and the default INT8 model. Two more variants keep
+the first convolution (fastnet's 3-channel stem) in float, or export the pruned student without
+padding its input to 4 channels (deploy/fold.py: pad_input_channels), in fp32 and INT8.
 
-DIR holds a finished pipeline's `prepare` and `export` (e.g. artifacts/). Prints the CPU, whether
+DIR holds a finished pipeline's `prepare`, `prune` and `export` (e.g. artifacts/). Prints the CPU, whether
 it has AVX-512 VNNI (the int8 dot-product instructions ONNX Runtime's kernels use), and its
 measured matmul peaks.
 """
@@ -30,9 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, now, save, table  # noqa: E402
 
 from transferkit.config.compose import load_params  # noqa: E402
+from transferkit.deploy.export import export_onnx  # noqa: E402
+from transferkit.deploy.fold import fold_batchnorm, fold_input_scaling  # noqa: E402
 from transferkit.deploy.quantize import calibration_images, quantize  # noqa: E402
 from transferkit.evaluation.cost import cpu_latency_ms, onnx_throughput  # noqa: E402
 from transferkit.evaluation.metrics import predict_onnx  # noqa: E402
+from transferkit.models import load_checkpoint  # noqa: E402
 from transferkit.stages.common import load_task  # noqa: E402
 from transferkit.training.precision import cpu_matmul  # noqa: E402
 
@@ -85,6 +89,14 @@ def first_conv(path: Path) -> str:
     return next(n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv")
 
 
+def export_unpadded(artifacts: Path, path: Path) -> Path:
+    """The pruned student as export writes it, but for the input padding: 3 input channels."""
+    model, _ = load_checkpoint(artifacts / "prune" / "model.pt", "prune", what="the pruned student")
+    export_onnx(fold_input_scaling(fold_batchnorm(model)), path, int(model.input_size), "auto", None,
+                log=lambda *_: None)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
@@ -100,12 +112,15 @@ def main(argv=None) -> int:
     calibration = calibration_images(task, q["calibration_images"])
     fp32 = args.artifacts / "export" / "model.onnx"
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"fp32": fp32}
+        unpadded = export_unpadded(args.artifacts, Path(tmp) / "unpadded.onnx")
+        files = {"fp32": fp32, "fp32, 3 input channels": unpadded}
         variants = {**VARIANTS, "int8 qoperator, per-channel, first conv in float":
-                    {"fmt": "qoperator", "per_channel": True, "keep_float": [first_conv(fp32)]}}
+                    {"fmt": "qoperator", "per_channel": True, "keep_float": [first_conv(fp32)]},
+                    "int8 qoperator, per-channel, 3 input channels": {"fmt": "qoperator", "per_channel": True}}
         for name, v in variants.items():
             files[name] = Path(tmp) / f"{len(files)}.onnx"
-            quantize(fp32, files[name], calibration, method=q["method"], **{"keep_float": q["keep_float"], **v})
+            quantize(unpadded if "3 input" in name else fp32, files[name], calibration, method=q["method"],
+                     **{"keep_float": q["keep_float"], **v})
         y = task["test_y"].numpy()
         logits = {name: predict_onnx(path, task["test_x"], 500).numpy() for name, path in files.items()}
         two, one = latencies(files, 2, args.repeats), latencies(files, 1, args.repeats)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from transferkit import cli
 from transferkit.deploy.export import export
-from transferkit.deploy.fold import deployable, fold_batchnorm
+from transferkit.deploy.fold import deployable, first_conv, fold_batchnorm
 from transferkit.deploy.predict import predict
 from transferkit.deploy.runtime import Classifier
 from transferkit.models import build_model, load_checkpoint, model_from_config, save_checkpoint
@@ -252,7 +252,8 @@ def test_auto_exporter_falls_back_to_the_torchscript_based_one(exported, tmp_pat
 
 @pytest.mark.parametrize("kind", MODELS)
 def test_folding_the_input_scaling_keeps_the_logits(kind):
-    """fastnet's stem pads nothing, so the scaling folds into it; mobilenet's first conv pads: left alone."""
+    """fastnet's stem pads nothing, so the scaling folds into it; mobilenet's first conv pads: left alone.
+    Either way the first convolution's input is padded to 4 channels."""
     model = _make(kind).eval()
     folded = deployable(model)
     x = torch.rand(16, 3, 32, 32)
@@ -260,6 +261,9 @@ def test_folding_the_input_scaling_keeps_the_logits(kind):
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
     assert isinstance(folded.normalize, torch.nn.Identity) == (kind != "mobilenet")
     assert not isinstance(model.normalize, torch.nn.Identity)  # the original is left as it was
+    # the input is padded to 4 channels, whose weights are zero, for ONNX Runtime's INT8 kernels
+    assert (first_conv(model).in_channels, first_conv(folded).in_channels) == (3, 4)
+    assert not first_conv(folded).weight[:, 3:].any()
 
 
 @pytest.mark.parametrize("kind", MODELS)

@@ -4,13 +4,17 @@ scale is positive, since pooling then commutes with the per-channel affine map (
 between its convolution and BatchNorm). A ReLU after the pooling then moves before it (max
 pooling commutes with any non-decreasing function), so that runtimes fuse it into the
 convolution: ONNX Runtime's INT8 operators do, and mishandle Conv -> MaxPool -> Relu.
-The input scaling folds into the first convolution too, where that convolution pads nothing."""
+The input scaling folds into the first convolution too, where that convolution pads nothing.
+Last, the first convolution's input gains zero channels up to a multiple of 4 (weights zero too,
+so the output is the same): ONNX Runtime's INT8 convolution runs a 3-channel input on a slow path
+(bench/int8.py measures both, docs/deploy.md says by how much)."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,15 +42,29 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _first_slot(model: nn.Module) -> tuple[nn.Sequential | None, nn.Conv2d | None]:
+    """The innermost Sequential that starts blocks[0], and the convolution at its start (the one the
+    images meet first) if that is an ungrouped one."""
+    seq = getattr(model, "blocks", [None])[0]
+    while isinstance(seq, nn.Sequential) and len(seq) and isinstance(seq[0], nn.Sequential):
+        seq = seq[0]
+    if not (isinstance(seq, nn.Sequential) and len(seq)):
+        return None, None
+    conv = seq[0]
+    return seq, conv if isinstance(conv, nn.Conv2d) and conv.groups == 1 else None
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d | None:
+    return _first_slot(model)[1]
+
+
 @torch.no_grad()
 def fold_input_scaling(model: nn.Module) -> nn.Module:
     """`model` (a copy from fold_batchnorm) with its input scaling, (x - mean) / std, folded into
     the first convolution when that is the first thing the scaled images meet and it pads nothing
     (zero padding after scaling is not zero padding before it); otherwise `model` as it is."""
-    first = getattr(model, "blocks", [None])[0]
-    conv = first[0] if isinstance(first, nn.Sequential) and len(first) else None
-    if not (isinstance(conv, nn.Conv2d) and hasattr(model, "normalize") and conv.groups == 1
-            and all(p == 0 for p in conv.padding)):
+    conv = first_conv(model)
+    if not (conv is not None and hasattr(model, "normalize") and all(p == 0 for p in conv.padding)):
         return model
     mean, std = model.normalize.mean, model.normalize.std
     conv.weight.div_(std.view(1, -1, 1, 1))
@@ -56,7 +74,35 @@ def fold_input_scaling(model: nn.Module) -> nn.Module:
     return model
 
 
+class ChannelPaddedConv2d(nn.Conv2d):
+    """A convolution whose input gains `extra` zero channels first (an ONNX Pad before the Conv)."""
+
+    extra: int = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (0, 0, 0, 0, 0, self.extra)))
+
+
+@torch.no_grad()
+def pad_input_channels(model: nn.Module, multiple: int = 4) -> nn.Module:
+    """`model` (a copy) with its first convolution taking its input padded with zero channels up to
+    a multiple of `multiple`, those channels' weights zero: the same output."""
+    seq, conv = _first_slot(model)
+    if conv is None or conv.in_channels % multiple == 0 or isinstance(conv, ChannelPaddedConv2d):
+        return model
+    extra = -conv.in_channels % multiple
+    wide = ChannelPaddedConv2d(conv.in_channels + extra, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                               padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                               padding_mode=conv.padding_mode).to(conv.weight)
+    wide.extra = extra
+    wide.weight.zero_()[:, :conv.in_channels] = conv.weight
+    if conv.bias is not None:
+        wide.bias.copy_(conv.bias)
+    seq[0] = wide
+    return model
+
+
 def deployable(model: nn.Module) -> nn.Module:
     """The model as export writes it and INT8 fine-tuning trains it: a copy with BatchNorm and the
-    input scaling folded."""
-    return fold_input_scaling(fold_batchnorm(model))
+    input scaling folded and the input channels padded to 4."""
+    return pad_input_channels(fold_input_scaling(fold_batchnorm(model)))
