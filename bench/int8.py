@@ -3,9 +3,9 @@ the deployable model (export's fp32 ONNX file) quantized as the quantize stage d
 Runtime's QOperator format (QLinearConv and friends: the default) and in its QDQ format
 (Quantize/DequantizeLinear pairs around float operators, which the runtime fuses), per-channel
 or not. For each: top-1 on the target test set (no TTA), agreement with fp32, file size, batch-1
-latency on 2 threads and on 1 (median, models taking turns), throughput at batch 256.
+latency (median) and throughput at batch 256 (best round) on 2 threads and on 1, the models taking turns.
 
-    uv run python bench/int8.py --artifacts DIR [--repeats 300] [--profile]
+    uv run python bench/int8.py --artifacts DIR [--repeats 300] [--throughput-repeats 10] [--profile]
 
 --profile adds where the time goes at batch 256: ONNX Runtime's profiler, share of kernel time
 by operator and milliseconds by node, for fp32 and the default INT8 model. Two more variants keep
@@ -45,12 +45,12 @@ VARIANTS = {"int8 qoperator, per-channel (default)": {"fmt": "qoperator", "per_c
             "int8 qoperator, per-tensor": {"fmt": "qoperator", "per_channel": False}}
 
 
-def latencies(files: dict[str, Path], threads: int, repeats: int) -> dict[str, float]:
-    """Batch-1 latency as evaluate measures it, on `threads` threads."""
+def on_threads(threads: int, measure, *args):
+    """`measure(*args)` with ONNX Runtime (and torch) on `threads` threads, as evaluate sets them."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return cpu_latency_ms({}, repeats, onnx_files=files)
+        return measure(*args)
     finally:
         torch.set_num_threads(before)
 
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--throughput-repeats", type=int, default=10, help="rounds at batch 256, the models taking turns")
     ap.add_argument("--profile", action="store_true", help="where the time goes at batch 256, by operator")
     args = ap.parse_args(argv)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -123,11 +124,12 @@ def main(argv=None) -> int:
                      **{"keep_float": q["keep_float"], **v})
         y = task["test_y"].numpy()
         logits = {name: predict_onnx(path, task["test_x"], 500).numpy() for name, path in files.items()}
-        two, one = latencies(files, 2, args.repeats), latencies(files, 1, args.repeats)
+        two, one = (on_threads(n, lambda: cpu_latency_ms({}, args.repeats, onnx_files=files)) for n in (2, 1))
+        img_s2, img_s1 = (on_threads(n, onnx_throughput, files, 256, args.throughput_repeats) for n in (2, 1))
         rows = [{"model": name, "top1": 100 * float((logits[name].argmax(1) == y).mean()),
                  "agree": 100 * float((logits[name].argmax(1) == logits["fp32"].argmax(1)).mean()),
                  "kb": path.stat().st_size / 1024, "size_x": fp32.stat().st_size / path.stat().st_size,
-                 "ms2": two[name], "ms1": one[name], "img_s": onnx_throughput(path, 256, 10)}
+                 "ms2": two[name], "ms1": one[name], "img_s": img_s2[name], "img_s1": img_s1[name]}
                 for name, path in files.items()]
         if args.profile:
             default = next(iter(VARIANTS))
@@ -135,10 +137,12 @@ def main(argv=None) -> int:
     base = rows[0]
     for r in rows:
         r["speed_x"], r["latency_x"] = r["img_s"] / base["img_s"], r["ms2"] / base["ms2"]
+        r["speed1_x"] = r["img_s1"] / base["img_s1"]
     print(table(rows, [("model", "model", "s"), ("top1", "top-1 %", ".2f"), ("agree", "agrees with fp32 %", ".2f"),
                        ("kb", "file KB", ".0f"), ("size_x", "smaller (x)", ".2f"), ("ms2", "batch 1, 2 threads ms", ".3f"),
                        ("ms1", "batch 1, 1 thread ms", ".3f"), ("latency_x", "latency vs fp32", ".2f"),
-                       ("img_s", "img/s, batch 256", ",.0f"), ("speed_x", "throughput vs fp32", ".2f")]))
+                       ("img_s", "img/s, batch 256, 2 threads", ",.0f"), ("speed_x", "vs fp32", ".2f"),
+                       ("img_s1", "img/s, batch 256, 1 thread", ",.0f"), ("speed1_x", "vs fp32", ".2f")]))
     for name, shares in info.get("profile", {}).items():
         print(f"{name}, batch 256: {shares['ms_per_run']:.1f} ms of kernels per run; share by operator: "
               + ", ".join(f"{op} {share}%" for op, share in shares.items() if op not in ("ms_per_run", "nodes_ms")))

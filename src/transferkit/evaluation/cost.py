@@ -63,19 +63,25 @@ def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size:
         return latency_ms(runners, repeats)
 
 
-def onnx_throughput(path: Path, batch: int, repeats: int, input_size: int = 32) -> float:
-    """Images per second of an ONNX file under ONNX Runtime at `batch`, best of `repeats`."""
+def onnx_throughput(files: dict[str, Path], batch: int, repeats: int, input_size: int = 32) -> dict[str, float]:
+    """Images per second of each ONNX file under ONNX Runtime at `batch`, best of `repeats` rounds.
+    The files take turns within a round, so a slow spell of the machine hits them alike, with one
+    session alive at a time: an idle session's threads slow the running one down."""
     from transferkit.deploy.runtime import ort_session
 
-    session = ort_session(path, torch.get_num_threads())
-    feed = {session.get_inputs()[0].name: torch.rand(batch, 3, input_size, input_size).numpy()}
-    session.run(None, feed)
-    best = float("inf")
+    feed = torch.rand(batch, 3, input_size, input_size).numpy()
+    best = dict.fromkeys(files, float("inf"))
     for _ in range(repeats):
-        t = time.perf_counter()
-        session.run(None, feed)
-        best = min(best, time.perf_counter() - t)
-    return batch / best
+        for name, path in files.items():
+            session = ort_session(path, torch.get_num_threads())
+            run = lambda s=session: s.run(None, {s.get_inputs()[0].name: feed})  # noqa: E731
+            run()
+            for _ in range(2):
+                t = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - t)
+            del session, run
+    return {name: batch / seconds for name, seconds in best.items()}
 
 
 def cpu_throughput(model: torch.nn.Module, batch: int, repeats: int, input_size: int = 32) -> float:
