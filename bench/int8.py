@@ -34,7 +34,7 @@ from transferkit.config.compose import load_params  # noqa: E402
 from transferkit.deploy.export import export_onnx  # noqa: E402
 from transferkit.deploy.fold import fold_batchnorm, fold_input_scaling  # noqa: E402
 from transferkit.deploy.quantize import calibration_images, quantize  # noqa: E402
-from transferkit.evaluation.cost import cpu_latency_ms, onnx_throughput  # noqa: E402
+from transferkit.evaluation.speed import cpu_latency_ms, onnx_throughput  # noqa: E402
 from transferkit.evaluation.metrics import predict_onnx  # noqa: E402
 from transferkit.models import load_checkpoint  # noqa: E402
 from transferkit.stages.common import load_task  # noqa: E402

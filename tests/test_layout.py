@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_models import SMALL, _warm_bn
-from transferkit.evaluation import cost
+from transferkit.evaluation import speed
 from transferkit.evaluation.metrics import predict
 from transferkit.layout import channels_last
 from transferkit.models import build_model
@@ -65,8 +65,8 @@ def test_model_comes_back_in_the_default_layout_and_trainable():
     conv = model.blocks[1][0][0].weight
     assert conv.dim() == 4 and conv.is_contiguous()
     predict(model, _images(8), batch_size=4, tta="flip_translate")
-    cost.cpu_throughput(model, batch=4, repeats=1)
-    cost.cpu_latency_ms({"a": model}, repeats=2)
+    speed.cpu_throughput(model, batch=4, repeats=1)
+    speed.cpu_latency_ms({"a": model}, repeats=2)
     assert _default_layout(model)
     assert not any(p.is_inference() for p in model.parameters())
     # a model predicted on can be trained again (the training stages predict, then may go on)

@@ -31,7 +31,7 @@ from transferkit.deploy.fold import deployable
 from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHSCRIPT_FILE, Classifier,
                                         load_pipeline_checkpoint, ort_session)
 from transferkit.errors import TransferkitError
-from transferkit.evaluation.cost import latency_ms
+from transferkit.evaluation.speed import latency_ms
 from transferkit.layout import channels_last, to_nhwc
 
 DEFAULT_TEST_SET = Path("artifacts/prepare/target.pt")

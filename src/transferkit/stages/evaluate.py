@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from transferkit.evaluation import cost, plots, report
+from transferkit.evaluation import cost, plots, report, speed
 from transferkit.evaluation.metrics import (classification_metrics, paired_difference, predict, predict_onnx,
                                             wilson_interval)
 from transferkit.io import atomic_path, save_json, save_text
@@ -88,7 +88,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                  size_bytes=cost.file_size(path))
         models[name] = m
         loaded[name] = model
-        timing[name] = {"throughput_img_s": round(cost.cpu_throughput(model, ev.throughput_batch,
+        timing[name] = {"throughput_img_s": round(speed.cpu_throughput(model, ev.throughput_batch,
                                                                       ev.throughput_repeats), 1)}
     # the deployable model as shipped: the pruned student in ONNX, fp32 and INT8, run by ONNX Runtime
     onnx = {name: inputs[stage] / "model.onnx" for name, stage in DEPLOYED.items() if (inputs[stage] / "model.onnx").exists()}
@@ -99,16 +99,16 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         m.pop("confusion")
         models[name] = {**m, "params": models["prune"]["params"], "macs": models["prune"]["macs"],
                         "size_bytes": cost.file_size(path)}
-    for name, img_s in cost.onnx_throughput(onnx, ev.throughput_batch, ev.throughput_repeats).items():
+    for name, img_s in speed.onnx_throughput(onnx, ev.throughput_batch, ev.throughput_repeats).items():
         timing[name] = {"throughput_img_s": round(img_s, 1)}
-    for name, ms in cost.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
+    for name, ms in speed.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
         timing[name]["latency_ms_bs1"] = round(ms, 3)
     # one thread too: how a model often runs when deployed beside other work, and where
     # small models are not dominated by the cost of waking up a second thread
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, ms in cost.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
+        for name, ms in speed.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
             timing[name]["latency_ms_bs1_1thread"] = round(ms, 3)
     finally:
         torch.set_num_threads(threads)

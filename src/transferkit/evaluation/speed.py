@@ -1,0 +1,84 @@
+"""How fast a model runs on this CPU: latency at batch 1 (median) and throughput at a large
+batch. Measurements, so they go to timing.json, not to the bit-reproducible metrics.json; kept
+apart from evaluation/cost.py so that a change to how speed is measured reruns no training stage."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from transferkit.layout import all_channels_last, channels_last, to_nhwc
+
+
+def latency_ms(runners: dict[str, Callable[[], object]], repeats: int, block: int = 10) -> dict[str, float]:
+    """Median seconds x 1000 of each runner (a call with its input bound). They take turns in
+    blocks of `block` calls, the order rotating every round, so a slow spell of the machine
+    hits all of them alike; the first call of a block is not timed, so one runtime's idle
+    threads (ONNX Runtime and OpenMP spin for a while after a call) do not bill the next."""
+    names = list(runners)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for run in runners.values():
+        for _ in range(5):  # warm up every runner
+            run()
+    for r in range(-(-repeats // block)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runners[name]()
+            for _ in range(min(block, repeats - len(times[name]))):
+                t = time.perf_counter()
+                runners[name]()
+                times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size: int = 32,
+                   onnx_files: dict[str, Path] | None = None) -> dict[str, float]:
+    """Median batch-1 latency of each model, in channels_last as `predict` runs it, and of each
+    ONNX file under ONNX Runtime with as many threads as torch uses; all take turns."""
+    from transferkit.deploy.runtime import ort_session
+
+    x = to_nhwc(torch.rand(1, 3, input_size, input_size))
+    sessions = {name: ort_session(path, torch.get_num_threads()) for name, path in (onnx_files or {}).items()}
+    feed = x.contiguous().numpy()
+    with all_channels_last(models.values()), torch.inference_mode():
+        runners = {name: (lambda m=m.eval(): m(x)) for name, m in models.items()}
+        runners |= {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for name, s in sessions.items()}
+        return latency_ms(runners, repeats)
+
+
+def onnx_throughput(files: dict[str, Path], batch: int, repeats: int, input_size: int = 32) -> dict[str, float]:
+    """Images per second of each ONNX file under ONNX Runtime at `batch`, best of `repeats` rounds.
+    The files take turns within a round, so a slow spell of the machine hits them alike, with one
+    session alive at a time: an idle session's threads slow the running one down."""
+    from transferkit.deploy.runtime import ort_session
+
+    feed = torch.rand(batch, 3, input_size, input_size).numpy()
+    best = dict.fromkeys(files, float("inf"))
+    for _ in range(repeats):
+        for name, path in files.items():
+            session = ort_session(path, torch.get_num_threads())
+            run = lambda s=session: s.run(None, {s.get_inputs()[0].name: feed})  # noqa: E731
+            run()
+            for _ in range(2):
+                t = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - t)
+            del session, run
+    return {name: batch / seconds for name, seconds in best.items()}
+
+
+def cpu_throughput(model: torch.nn.Module, batch: int, repeats: int, input_size: int = 32) -> float:
+    """Images per second at `batch` in channels_last, best of `repeats` (the least disturbed run)."""
+    model.eval()
+    x = to_nhwc(torch.rand(batch, 3, input_size, input_size))
+    best = float("inf")
+    with channels_last(model), torch.inference_mode():
+        model(x)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(x)
+            best = min(best, time.perf_counter() - t)
+    return batch / best
