@@ -42,9 +42,12 @@ def test_evaluate_scores_int8_beside_fp32_and_pytorch(smoke_artifacts):
     for name in ("prune", "onnx_fp32", "onnx_int8"):
         assert {"top1", "top1_ci95", "per_class", "size_bytes", "macs"} <= set(models[name])
         assert {"latency_ms_bs1", "latency_ms_bs1_1thread", "throughput_img_s"} <= set(timing[name])
+    for name in ("onnx_fp32", "onnx_int8"):  # the deployed files' throughput on 1 thread as well
+        assert timing[name]["throughput_img_s_1thread"] > 0
     assert models["onnx_fp32"]["top1"] == models["prune"]["top1"]  # the same model, another runtime
     assert models["onnx_int8"]["size_bytes"] < models["onnx_fp32"]["size_bytes"]
-    assert "## INT8" in (folder / "report.md").read_text()
+    report = (folder / "report.md").read_text()
+    assert "## INT8" in report and "(on 1 thread x" in report
 
 
 def test_keep_float_leaves_the_classifier_in_float(smoke_artifacts, tmp_path):

@@ -77,13 +77,17 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
         f"{100 * q['top1_agreement']:.2f}% (largest logit difference {q['max_abs_logit_diff']:.3g})."
         + (f" Post-training quantization alone reached {_pct(q['post_training']['int8_top1'])} top-1 (fp32: "
            f"{_pct(q['fp32_top1'])}), more loss than quantize.max_drop allows." if "post_training" in q else ""), "",
-        "| model | top-1 | file | CPU latency (batch 1) | same, 1 thread | CPU throughput |", "|---|---|---|---|---|---|",
+        "| model | top-1 | file | CPU latency (batch 1) | same, 1 thread | CPU throughput | same, 1 thread |",
+        "|---|---|---|---|---|---|---|",
         *[f"| {label} | {_pct(models[k]['top1'])} | {_mb(models[k]['size_bytes'])} | "
           f"{timing.get(k, {}).get('latency_ms_bs1', float('nan')):.2f} ms | "
           f"{timing.get(k, {}).get('latency_ms_bs1_1thread', float('nan')):.2f} ms | "
-          f"{timing.get(k, {}).get('throughput_img_s', float('nan')):.0f} img/s |" for label, k in rows], "",
+          f"{timing.get(k, {}).get('throughput_img_s', float('nan')):.0f} img/s | "
+          + (f"{timing[k]['throughput_img_s_1thread']:.0f} img/s |" if "throughput_img_s_1thread" in timing.get(k, {})
+             else "– |") for label, k in rows], "",
         f"INT8 against fp32 ONNX: the file {q['size_ratio']:.2f}x smaller, the throughput "
-        f"x{int8.get('throughput_img_s', float('nan')) / fp32.get('throughput_img_s', float('nan')):.2f}, the batch-1 "
+        f"x{int8.get('throughput_img_s', float('nan')) / fp32.get('throughput_img_s', float('nan')):.2f} (on 1 thread "
+        f"x{int8.get('throughput_img_s_1thread', float('nan')) / fp32.get('throughput_img_s_1thread', float('nan')):.2f}), the batch-1 "
         f"latency x{int8.get('latency_ms_bs1', float('nan')) / fp32.get('latency_ms_bs1', float('nan')):.2f}. "
         "Classify image files with it: `uv run transferkit predict artifacts/quantize/model.onnx IMAGE ...`.", ""]
 

@@ -110,6 +110,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     try:
         for name, ms in speed.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
             timing[name]["latency_ms_bs1_1thread"] = round(ms, 3)
+        # the deployed files' throughput too: on a shared VM the second thread's speed varies the most
+        for name, img_s in speed.onnx_throughput(onnx, ev.throughput_batch, ev.throughput_repeats).items():
+            timing[name]["throughput_img_s_1thread"] = round(img_s, 1)
     finally:
         torch.set_num_threads(threads)
     metrics = {"models": models,
