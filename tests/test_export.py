@@ -248,9 +248,6 @@ def test_auto_exporter_falls_back_to_the_torchscript_based_one(exported, tmp_pat
         assert used["onnx"] == ("legacy" if failing else exporter) and used["requested"] == exporter
         assert ("ConversionError" in used["failed"]["dynamo"]) if failing else "failed" not in used
         assert result["onnx"]["max_abs_diff"] <= 1e-4 and result["onnx"]["top1_agreement"] == 1.0
-        # no trace of the machine that built it (the dynamo exporter records stack traces per node)
-        data = (tmp_path / exporter / "model.onnx").read_bytes()
-        assert b"site-packages" not in data and b"transferkit/models" not in data
 
 
 @pytest.mark.parametrize("kind", MODELS)

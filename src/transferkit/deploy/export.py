@@ -133,14 +133,10 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
 
 
 def add_onnx_metadata(path: Path, meta: dict) -> int:
-    """Embed class names (so the ONNX file alone is enough), check the model; returns its opset.
-    The dynamo exporter's per-node records (each node's Python stack trace, with this machine's
-    paths) are dropped: a shipped file should not carry them, nor differ by where it was built."""
+    """Embed class names (so the ONNX file alone is enough), check the model; returns its opset."""
     import onnx
 
     model = onnx.load(str(path))
-    for item in [*model.graph.node, *model.graph.value_info, *model.graph.input, *model.graph.output]:
-        del item.metadata_props[:]
     onnx.helper.set_model_props(model, {META_KEY: json.dumps(meta)})
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
