@@ -83,7 +83,7 @@ def op_shares(path: Path, threads: int, runs: int = 20) -> dict:
             "nodes_ms": {node: round(us / runs / 1000, 3) for node, us in nodes.most_common()}}
 
 
-def first_conv(path: Path) -> str:
+def first_conv_node(path: Path) -> str:
     import onnx
 
     return next(n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv")
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         unpadded = export_unpadded(args.artifacts, Path(tmp) / "unpadded.onnx")
         files = {"fp32": fp32, "fp32, 3 input channels": unpadded}
         variants = {**VARIANTS, "int8 qoperator, per-channel, first conv in float":
-                    {"fmt": "qoperator", "per_channel": True, "keep_float": [first_conv(fp32)]},
+                    {"fmt": "qoperator", "per_channel": True, "keep_float": [first_conv_node(fp32)]},
                     "int8 qoperator, per-channel, 3 input channels": {"fmt": "qoperator", "per_channel": True}}
         for name, v in variants.items():
             files[name] = Path(tmp) / f"{len(files)}.onnx"
