@@ -5,12 +5,14 @@ with a 95% t interval over seeds (paired by seed), on the test set and on the va
 (the stages' own val accuracy: the one to choose a recipe by), and the MACs reduction.
 
     uv run python bench/prune_seeds.py --artifacts DIR [--seeds 0 1 2] [--recipe "prune.epochs=80" ...]
-                                       [--only-done]
+                                       [--base "distill.translate=4"] [--only-done]
 
 DIR holds a finished `prepare` and `transfer` (the teacher, for every seed) of the default
 experiment. Each recipe is a space-separated list of overrides on params.yaml; the empty recipe
-is the default. Runs in-process, stage after stage, into DIR/prune_seeds/seedS/, one folder per
-distinct prune setting (a rerun reuses it); the table goes to bench/results/prune_seeds.json.
+is the default; `--base` overrides apply to every stage, the student's distillation included.
+Runs in-process, stage after stage, into DIR/prune_seeds/seedS/: one folder per distinct
+distillation setting and per distinct prune setting of each student (a rerun reuses it). The
+table goes to bench/results/prune_seeds.json.
 """
 
 from __future__ import annotations
@@ -47,12 +49,12 @@ def top1(folder: Path, stage: str, task: dict, cfg) -> float:
 SINCE_ADDED = {"prune.scope": "layer", "prune.teacher": "transfer"}
 
 
-def settings_key(params: dict) -> str:
-    """What the prune stage's outputs depend on (its params in the stage table), hashed: the name of
+def settings_key(params: dict, stage: str = "prune") -> str:
+    """What the stage's outputs depend on (its params in the stage table), hashed: the name of
     its folder, so that two recipes with the same settings share one run and a changed default
     never reuses a run of the old one."""
     flat = flatten(params)
-    chosen = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in BY_NAME["prune"].params)
+    chosen = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in BY_NAME[stage].params)
               and SINCE_ADDED.get(k, object()) != v}
     return hashlib.sha1(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -62,18 +64,22 @@ def main(argv=None) -> int:
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--recipe", nargs="*", default=[""], help='e.g. "" "prune.epochs=80" "prune.steps=2"')
+    ap.add_argument("--base", default="", help='overrides for every stage, e.g. "distill.translate=4"')
     ap.add_argument("--only-done", action="store_true", help="score the runs already made; train nothing")
     args = ap.parse_args(argv)
-    info = {"when": now(), "machine": machine(), "matmul": cpu_matmul(), "seeds": args.seeds, "recipes": args.recipe}
+    info = {"when": now(), "machine": machine(), "matmul": cpu_matmul(), "seeds": args.seeds, "recipes": args.recipe,
+            "base": args.base}
     print(f"{info['machine']['cpu']}; matmul peak fp32 {info['matmul']['fp32_gflops']} / bf16 "
-          f"{info['matmul']['bf16_gflops']} GFLOP/s", flush=True)
+          f"{info['matmul']['bf16_gflops']} GFLOP/s; every stage with: {args.base or '(params.yaml)'}", flush=True)
     base = load_params(ROOT / "params.yaml")
     task = load_task(args.artifacts / "prepare", "target")
     work = args.artifacts / "prune_seeds"
     rows = []
     for seed in args.seeds:
-        cfg = OmegaConf.merge(base, {"seed": seed, "trainer": {"progress_bar": False}})
-        distill = work / f"seed{seed}" / "distill"
+        cfg = OmegaConf.merge(base, {"seed": seed, "trainer": {"progress_bar": False}},
+                              OmegaConf.from_dotlist(args.base.split()))
+        student = settings_key(to_params(cfg), "distill")
+        distill = work / f"seed{seed}" / f"distill-{student}"
         inputs = {"prepare": args.artifacts / "prepare", "transfer": args.artifacts / "transfer", "distill": distill}
         start = time.perf_counter()
         if not (distill / "model.pt").exists():
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
         print(f"seed {seed}: distilled {100 * distilled:.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
         for recipe in args.recipe:
             rcfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(recipe.split()))
-            out = work / f"seed{seed}" / f"prune-{settings_key(to_params(rcfg))}"
+            out = work / f"seed{seed}" / f"prune-{settings_key(to_params(rcfg))}-{student}"
             start = time.perf_counter()
             if not (out / "model.pt").exists():
                 if args.only_done:
