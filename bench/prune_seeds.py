@@ -100,6 +100,7 @@ def main(argv=None) -> int:
             m = json.loads((out / "metrics.json").read_text())
             pruned = top1(out, "prune", task, rcfg)
             rows.append({"recipe": recipe or "(default)", "seed": seed, "distilled": distilled, "pruned": pruned,
+                         "distilled_val": distilled_val,
                          "difference": pruned - distilled, "val_difference": m["val_acc"] - distilled_val,
                          "macs_reduction": m.get("macs_reduction"),
                          "seconds": time.perf_counter() - start})
@@ -109,13 +110,16 @@ def main(argv=None) -> int:
         mine = [r for r in rows if r["recipe"] == recipe]
         d, v = ({"difference": mine[0][key], "ci95": [float("nan")] * 2} if len(mine) == 1 else
                 mean_difference([r[key] for r in mine]) for key in ("difference", "val_difference"))
-        summary.append({"recipe": recipe, "seeds": len(mine), "mean": 100 * d["difference"], "lo": 100 * d["ci95"][0],
+        summary.append({"recipe": recipe, "seeds": len(mine),
+                        **{key: 100 * sum(r[key] for r in mine) / len(mine) for key in ("distilled_val", "distilled", "pruned")},
+                        "mean": 100 * d["difference"], "lo": 100 * d["ci95"][0],
                         "hi": 100 * d["ci95"][1], "val": 100 * v["difference"], "val_lo": 100 * v["ci95"][0],
                         "val_hi": 100 * v["ci95"][1], "macs_reduction": min(r["macs_reduction"] or 0 for r in mine)})
     print("\nper seed (top-1 on the target test set, evaluate's TTA):")
     print(table(rows, COLUMNS))
-    print("\npruned minus distilled, points (mean over seeds, 95% t interval paired by seed):")
-    print(table(summary, [("recipe", "recipe", "s"), ("seeds", "seeds", "d"), ("val", "val", "+.2f"),
+    print("\nmeans over seeds; pruned minus distilled in points, 95% t interval paired by seed:")
+    print(table(summary, [("recipe", "recipe", "s"), ("seeds", "seeds", "d"), ("distilled_val", "distilled val %", ".2f"),
+                          ("distilled", "distilled %", ".2f"), ("pruned", "pruned %", ".2f"), ("val", "val", "+.2f"),
                           ("val_lo", "val 95% lo", "+.2f"), ("val_hi", "val 95% hi", "+.2f"), ("mean", "test", "+.2f"),
                           ("lo", "test 95% lo", "+.2f"), ("hi", "test 95% hi", "+.2f"),
                           ("macs_reduction", "MACs fewer (x)", ".2f")]))
@@ -123,7 +127,8 @@ def main(argv=None) -> int:
     return 0
 
 
-COLUMNS = [("recipe", "recipe", "s"), ("seed", "seed", "d"), ("distilled", "distilled", ".4f"), ("pruned", "pruned", ".4f"),
+COLUMNS = [("recipe", "recipe", "s"), ("seed", "seed", "d"), ("distilled_val", "distilled val", ".4f"),
+           ("distilled", "distilled", ".4f"), ("pruned", "pruned", ".4f"),
            ("difference", "pruned - distilled", "+.4f"), ("val_difference", "same on val", "+.4f"),
            ("macs_reduction", "MACs fewer (x)", ".2f"), ("seconds", "s", ".0f")]
 
