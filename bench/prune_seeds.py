@@ -78,8 +78,8 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         cfg = OmegaConf.merge(base, {"seed": seed, "trainer": {"progress_bar": False}},
                               OmegaConf.from_dotlist(args.base.split()))
-        student = settings_key(to_params(cfg), "distill")
-        distill = work / f"seed{seed}" / f"distill-{student}"
+        student_key = settings_key(to_params(cfg), "distill")  # the student that is pruned
+        distill = work / f"seed{seed}" / f"distill-{student_key}"
         inputs = {"prepare": args.artifacts / "prepare", "transfer": args.artifacts / "transfer", "distill": distill}
         start = time.perf_counter()
         if not (distill / "model.pt").exists():
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         print(f"seed {seed}: distilled {100 * distilled:.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
         for recipe in args.recipe:
             rcfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(recipe.split()))
-            out = work / f"seed{seed}" / f"prune-{settings_key(to_params(rcfg))}-{student}"
+            out = work / f"seed{seed}" / f"prune-{settings_key(to_params(rcfg))}-{student_key}"
             start = time.perf_counter()
             if not (out / "model.pt").exists():
                 if args.only_done:
