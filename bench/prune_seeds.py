@@ -8,8 +8,9 @@ with a 95% t interval over seeds (paired by seed), on the test set and on the va
                                        [--base "distill.translate=4"] [--only-done]
 
 DIR holds a finished `prepare` and `transfer` (the teacher, for every seed) of the default
-experiment. Each recipe is a space-separated list of overrides on params.yaml; the empty recipe
-is the default; `--base` overrides apply to every stage, the student's distillation included.
+experiment. Each recipe is a space-separated list of overrides on params.yaml (Hydra syntax); the
+empty recipe is the default; `--base` overrides apply to every stage, the student's distillation
+included.
 Runs in-process, stage after stage, into DIR/prune_seeds/seedS/: one folder per distinct
 distillation setting and per distinct prune setting of each student (a rerun reuses it). The
 table goes to bench/results/prune_seeds.json.
@@ -24,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +48,7 @@ def top1(folder: Path, stage: str, task: dict, cfg) -> float:
 
 # Settings added after runs were made, with the value that does what those runs did: left out of
 # the key at that value, so the earlier runs keep their folders.
-SINCE_ADDED = {"prune.scope": "layer", "prune.teacher": "transfer"}
+SINCE_ADDED = {"prune.scope": "layer", "prune.teacher": "transfer", "prune.rates": [], "prune.sparse_epochs": 0, "prune.sparse_reg": 1.0e-4}
 
 
 def settings_key(params: dict, stage: str = "prune") -> str:
@@ -57,6 +59,15 @@ def settings_key(params: dict, stage: str = "prune") -> str:
     chosen = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in BY_NAME[stage].params)
               and SINCE_ADDED.get(k, object()) != v}
     return hashlib.sha1(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def overrides(text: str):
+    """Space-separated overrides in Hydra's syntax (so `prune.keep=[head,blocks.0]` parses as it does
+    on the command line), as a config to merge."""
+    cfg = OmegaConf.create()
+    for o in OverridesParser.create().parse_overrides(text.split()):
+        OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+    return cfg
 
 
 def main(argv=None) -> int:
@@ -77,7 +88,7 @@ def main(argv=None) -> int:
     rows = []
     for seed in args.seeds:
         cfg = OmegaConf.merge(base, {"seed": seed, "trainer": {"progress_bar": False}},
-                              OmegaConf.from_dotlist(args.base.split()))
+                              overrides(args.base))
         student_key = settings_key(to_params(cfg), "distill")  # the student that is pruned
         distill = work / f"seed{seed}" / f"distill-{student_key}"
         inputs = {"prepare": args.artifacts / "prepare", "transfer": args.artifacts / "transfer", "distill": distill}
@@ -90,7 +101,7 @@ def main(argv=None) -> int:
         distilled_val = json.loads((distill / "metrics.json").read_text())["val_acc"]
         print(f"seed {seed}: distilled {100 * distilled:.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
         for recipe in args.recipe:
-            rcfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(recipe.split()))
+            rcfg = OmegaConf.merge(cfg, overrides(recipe))
             out = work / f"seed{seed}" / f"prune-{settings_key(to_params(rcfg))}-{student_key}"
             start = time.perf_counter()
             if not (out / "model.pt").exists():

@@ -13,7 +13,7 @@ from conftest import compose, run
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.cost import count_macs, count_params
 from transferkit.models import build_model, load_checkpoint, save_checkpoint
-from transferkit.prune.structured import CRITERIA, SCOPES, conv_widths, prune_channels
+from transferkit.prune.structured import CRITERIA, SCOPES, conv_widths, group_regularizer, prune_channels
 from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
 from transferkit.training.freeze import freeze_blocks
 
@@ -47,6 +47,17 @@ def test_every_scope_reaches_the_macs_target(scope):
     shares = [w / b for w, b in zip(widths[1:], [32, 32, 64, 64, 64, 64])]
     # only the layer scope removes the same share everywhere (up to rounding to whole channels)
     assert (max(shares) - min(shares) < 0.05) == (scope == "layer"), widths
+
+
+def test_rates_spare_the_blocks_they_slow_down():
+    model = build_model("fastnet", 5, widths=[32, 64, 64], stem_width=16).eval()
+    before = count_macs(model)
+    prune_channels(model, criterion="l2", target="macs", ratio=0.5, keep=["head"], rates=[1, 1, 1, 0.25])
+    widths = conv_widths(model)  # stem, block 1 (2 convs), block 2 (2), block 3 (2)
+    assert count_macs(model) <= 0.5 * before
+    assert widths[5] / 64 > widths[3] / 64 and widths[5] == widths[6], widths
+    with pytest.raises(TransferkitError, match="one rate per block"):
+        prune_channels(_student(), criterion="l2", target="macs", ratio=0.5, keep=["head"], rates=[1, 0.5])
 
 
 def test_channel_target_removes_that_share_of_each_layer():
@@ -98,6 +109,22 @@ def test_frozen_parameters_do_not_break_the_dependency_graph():
     assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
 
 
+def test_group_regularizer_pulls_the_weakest_channel_group_hardest():
+    model = _student()
+    first, bn, second = model.blocks[1][0][0], model.blocks[1][0][2], model.blocks[1][1][0]
+    with torch.no_grad():  # channel 0 of block 1's first conv, its BatchNorm entry and the next conv's input
+        first.weight[0] *= 0.01
+        bn.weight[0] *= 0.01
+        second.weight[:, 0] *= 0.01
+    regularize = group_regularizer(model, reg=1e-3, keep=["head"])
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    regularize()
+    pull = (bn.weight.grad / bn.weight.detach()).tolist()  # reg x (1 .. 16), by the group's importance
+    assert pull[0] == pytest.approx(16e-3) and min(pull) == pytest.approx(1e-3)
+    assert int((first.weight.grad / first.weight.detach()).flatten(1).mean(1).argmax()) == 0
+
+
 def test_unstructured_pruning_is_sparsity_not_smaller_tensors():
     model = _student()
     shapes = {n: p.shape for n, p in model.named_parameters()}
@@ -130,6 +157,13 @@ def test_the_stage_says_when_the_student_is_too_narrow_for_round_to(tmp_path, ca
         metrics = run("prune", cfg)
     assert metrics["round_to"] is None and metrics["macs_after"] <= 0.4 * metrics["macs_before"] + 1
     assert "prune.round_to=16" in caplog.text and "too narrow" in caplog.text
+
+
+def test_sparse_learning_runs_before_the_cut(tmp_path):
+    cfg = _smoke_with_student(tmp_path, "prune.sparse_epochs=2", "prune.sparse_reg=0.01", "prune.epochs=1")
+    metrics = run("prune", cfg)
+    assert metrics["macs_after"] <= 0.4 * metrics["macs_before"] + 1
+    assert (tmp_path / "artifacts" / "prune" / "rounds" / "sparse" / "dvclive").is_dir()
 
 
 def test_iterative_and_unstructured_modes_run(tmp_path):

@@ -112,6 +112,8 @@ class Prune(Optim):
     ratio: float = rule(0, 1, open_low=True, open_high=True)  # the share of MACs, channels or weights removed
     steps: int = rule(1)
     round_to: int = rule(1, optional=True)
+    sparse_epochs: int = rule(0)
+    sparse_reg: float = rule(0)
 
 
 @dataclass
@@ -180,6 +182,10 @@ def validate(cfg: DictConfig) -> None:
         get_loss(cfg.distill.method)  # an unknown name -> an error listing the registered methods
     if "prune" in cfg:
         importance(cfg.prune.criterion)  # likewise for the pruning criteria
+        rates = cfg.prune.rates
+        if not isinstance(rates, (list, ListConfig)) or any(isinstance(r, bool) or not isinstance(r, (int, float))
+                                                            or r < 0 for r in rates):
+            fail("prune.rates", rates, "must be a list of numbers >= 0, one per block of the model (or [])")
     if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
         differ = [f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}"
                   for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]

@@ -50,6 +50,26 @@ def kept_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
     return [modules[n] for n in names]
 
 
+def group_regularizer(model: nn.Module, reg: float, keep: list[str], input_size: int = 32) -> Callable[[], None]:
+    """Torch-Pruning's group-norm regularisation (DepGraph's sparse learning): called after each
+    backward pass, it pulls every channel group of the model (a conv's filters, its BatchNorm
+    entries, the next layer's inputs) towards zero, the least important groups hardest, so that
+    the channels the cut removes carry little by the time it removes them."""
+    was = model.training
+    model.eval()  # tracing the graph runs a forward pass: BatchNorm statistics must not move
+    pruner = tp.pruner.GroupNormPruner(model, torch.zeros(1, 3, input_size, input_size),
+                                       tp.importance.GroupMagnitudeImportance(p=2), reg=reg,
+                                       ignored_layers=kept_modules(model, keep))
+    model.train(was)
+    return lambda: pruner.regularize(model)
+
+
+def check_rates(model: nn.Module, rates: list[float]) -> None:
+    if rates and len(rates) != len(model.blocks):
+        raise TransferkitError(f"prune.rates has {len(rates)} values but the model has {len(model.blocks)} blocks. "
+                               f"Fix: give one rate per block (1 = the common share), or [] for none.")
+
+
 def count_macs_params(model: nn.Module, input_size: int = 32) -> tuple[int, int]:
     """The same MAC count evaluate reports (torch's FLOP counter), so targets and reports agree."""
     was = model.training
@@ -69,7 +89,8 @@ def smallest_channel_count(model: nn.Module) -> int:
 
 def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],
                    calibration: tuple[torch.Tensor, torch.Tensor] | None = None, input_size: int = 32,
-                   max_search_steps: int = 40, round_to: int | None = None, scope: str = "layer") -> dict:
+                   max_search_steps: int = 40, round_to: int | None = None, scope: str = "layer",
+                   rates: list[float] | None = None) -> dict:
     """Remove channels in place until `target` is met:
     - target="channels": remove `ratio` of the channels of every prunable layer;
     - target="macs": remove channels in small uniform steps until MACs <= (1 - ratio) x before.
@@ -79,11 +100,14 @@ def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: floa
     (bench/mfu.py measures it). It is a preference, the target is not: a model too narrow to
     reach the target in multiples of `round_to` is pruned to any channel count, and the
     result's "round_to" says which was used.
-    `calibration` (images, labels) feeds the gradient-based criterion (taylor); `scope` is one of SCOPES."""
+    `calibration` (images, labels) feeds the gradient-based criterion (taylor); `scope` is one of SCOPES.
+    `rates` (one per block of the model, in order) cuts each block's channels at that many times the
+    share of the others (0.5: half as fast), so the cut can spare the blocks where channels cost
+    few MACs; none or [] cuts every block at the same share."""
     if scope not in SCOPES:
         raise TransferkitError(f"unknown prune.scope '{scope}'. Fix: use one of {list(SCOPES)}.")
     settings = dict(criterion=criterion, target=target, ratio=ratio, keep=keep, calibration=calibration,
-                    input_size=input_size, max_search_steps=max_search_steps, scope=scope)
+                    input_size=input_size, max_search_steps=max_search_steps, scope=scope, rates=list(rates or []))
     if round_to:
         try:  # on a copy first: Torch-Pruning changes the model in place, and a failed try cannot be undone
             _prune(copy.deepcopy(model), round_to=round_to, **settings)
@@ -94,13 +118,16 @@ def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: floa
 
 def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],
            calibration: tuple[torch.Tensor, torch.Tensor] | None, input_size: int, max_search_steps: int,
-           round_to: int | None, scope: str) -> dict:
+           round_to: int | None, scope: str, rates: list[float]) -> dict:
     example = torch.zeros(1, 3, input_size, input_size)
     base_macs, base_params = count_macs_params(model, input_size)
     imp = importance(criterion)
     steps = 1 if target == "channels" else max_search_steps
     max_ratio = ratio if target == "channels" else 0.95
+    check_rates(model, rates)
+    per_module = {block: min(rate * max_ratio, 0.95) for block, rate in zip(model.blocks, rates) if rate != 1}
     pruner = tp.pruner.MetaPruner(model, example, imp, pruning_ratio=max_ratio, iterative_steps=steps,
+                                  pruning_ratio_dict=per_module,
                                   ignored_layers=kept_modules(model, keep), round_to=round_to, **SCOPES[scope])
     model.eval()
     for _ in range(steps):

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from transferkit.distill.module import DistillerModule
 from transferkit.models import load_checkpoint
-from transferkit.prune.structured import conv_widths, kept_modules, prune_channels
+from transferkit.prune.structured import check_rates, conv_widths, group_regularizer, kept_modules, prune_channels
 from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
 from transferkit.stages.common import load_task
 from transferkit.stages.distill import load_teacher, method_settings
@@ -27,6 +27,17 @@ def _recover(cfg, model, teacher, task, out, epochs, step):
               epochs=epochs, teacher=teacher, method=cfg.distill.method, method_kwargs=method_settings(cfg))
 
 
+class SparseDistiller(DistillerModule):
+    """Distillation with group-norm regularisation added to the gradients before each step."""
+
+    def __init__(self, *args, regularize, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.regularize = regularize
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.regularize()
+
+
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     p = cfg.prune
     task = load_task(inputs["prepare"], "target")
@@ -34,17 +45,23 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     # the recovery learns from distill's teacher, or from the student as it was before pruning
     teacher = load_teacher(inputs["transfer"], task["classes"]) if p.teacher == "transfer" else copy.deepcopy(student)
     keep = list(p.keep)
-    kept_modules(student, keep)  # unknown names fail here, before any work
+    kept_modules(student, keep)  # unknown names and a wrong count of rates fail here, before any work
+    check_rates(student, list(p.rates))
     info: dict = {"mode": p.mode}
     if p.mode == "structured":
         calibration = (task["train_x"][:256].float() / 255, task["train_y"][:256])  # for taylor
+        if p.sparse_epochs:  # KD fine-tune that empties the channel groups the cut will remove
+            fit_stage(cfg, cfg.prune, student, task, out / "rounds" / "sparse", module_cls=SparseDistiller,
+                      epochs=p.sparse_epochs, teacher=teacher, method=cfg.distill.method,
+                      method_kwargs=method_settings(cfg), regularize=group_regularizer(student, p.sparse_reg, keep))
         for step in range(1, p.steps + 1):
             # cumulative target: round k of n removes k/n of the requested share
             ratio = p.ratio * step / p.steps
             if p.target == "macs" and step > 1:
                 ratio = 1 - (1 - p.ratio * step / p.steps) / (1 - p.ratio * (step - 1) / p.steps)
             result = prune_channels(student, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
-                                    calibration=calibration, round_to=p.round_to, scope=p.scope)
+                                    calibration=calibration, round_to=p.round_to, scope=p.scope,
+                                    rates=p.rates)
             if p.round_to and result["round_to"] is None:
                 widths = "/".join(map(str, conv_widths(student)))
                 log.warning("prune.round_to=%s: the student is too narrow to reach the target in multiples of %s "
