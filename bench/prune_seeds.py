@@ -48,7 +48,8 @@ def top1(folder: Path, stage: str, task: dict, cfg) -> float:
 
 # Settings added after runs were made, with the value that does what those runs did: left out of
 # the key at that value, so the earlier runs keep their folders.
-SINCE_ADDED = {"prune.scope": "layer", "prune.teacher": "transfer", "prune.rates": [], "prune.sparse_epochs": 0, "prune.sparse_reg": 1.0e-4}
+SINCE_ADDED = {"prune.scope": "layer", "prune.teacher": "transfer", "prune.rates": [], "prune.sparse_epochs": 0,
+               "prune.sparse_reg": 1.0e-4}
 
 
 def settings_key(params: dict, stage: str = "prune") -> str:
