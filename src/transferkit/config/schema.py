@@ -183,9 +183,10 @@ def validate(cfg: DictConfig) -> None:
     if "prune" in cfg:
         importance(cfg.prune.criterion)  # likewise for the pruning criteria
         rates = cfg.prune.rates
-        if not isinstance(rates, (list, ListConfig)) or any(isinstance(r, bool) or not isinstance(r, (int, float))
-                                                            or r < 0 for r in rates):
+        if not isinstance(rates, (list, ListConfig)):
             fail("prune.rates", rates, "must be a list of numbers >= 0, one per block of the model (or [])")
+        for rate in rates:
+            check_value("prune.rates", rate, float, {"low": 0, "open_low": False})
     if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
         differ = [f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}"
                   for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
