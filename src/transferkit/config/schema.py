@@ -148,6 +148,9 @@ class Evaluate:
     batch_size: int = rule(1)
 
 
+# The structured-only prune keys whose default turns them off (criterion, round_to, ... have live defaults).
+STRUCTURED_ONLY = {"rates": [], "sparse_epochs": 0, "steps": 1}
+
 BLOCKS = {"pretrain": Pretrain, "transfer": Transfer, "probe": Probe, "scratch": Scratch, "distill": Distill,
           "student": Optim, "prune": Prune, "quantize": Quantize, "trainer": Trainer, "evaluate": Evaluate}
 
@@ -187,6 +190,12 @@ def validate(cfg: DictConfig) -> None:
             fail("prune.rates", rates, "must be a list of numbers >= 0, one per block of the model (or [])")
         for rate in rates:
             check_value("prune.rates", rate, float, {"low": 0, "open_low": False})
+        # unstructured pruning zeroes weights in one shot: a set structured-only key would be ignored
+        ignored = [k for k, off in STRUCTURED_ONLY.items() if cfg.prune[k] != off]
+        if cfg.prune.mode == "unstructured" and ignored:
+            raise TransferkitError(f"{', '.join(f'prune.{k}={cfg.prune[k]}' for k in ignored)} act only in structured "
+                                   f"pruning, and prune.mode=unstructured would ignore them. Fix: set "
+                                   f"prune.mode=structured, or {', '.join(f'prune.{k}={STRUCTURED_ONLY[k]}' for k in ignored)}.")
     if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
         differ = [f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}"
                   for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
