@@ -2,7 +2,8 @@
 and recover it with each recipe given (the prune stage), and score both on the target test set as
 `evaluate` does. Prints, per recipe, the pruned-minus-distilled difference per seed and its mean
 with a 95% t interval over seeds (paired by seed), on the test set and on the validation set
-(the stages' own val accuracy: the one to choose a recipe by), and the MACs reduction.
+(the stages' own val accuracy: the one to choose a recipe by), each recipe's pruned accuracy
+against the first recipe's (paired by seed likewise), and the MACs reduction.
 
     uv run python bench/prune_seeds.py --artifacts DIR [--seeds 0 1 2] [--recipe "prune.epochs=80" ...]
                                        [--base "distill.translate=4"] [--only-done]
@@ -71,6 +72,14 @@ def overrides(text: str):
     return cfg
 
 
+def points(diffs: list[float], mean: str, lo: str, hi: str) -> dict:
+    """The mean of paired differences in points and its 95% interval (none from one seed)."""
+    if len(diffs) < 2:
+        return {mean: 100 * diffs[0] if diffs else None, lo: None, hi: None}
+    d = mean_difference(diffs)
+    return {mean: 100 * d["difference"], lo: 100 * d["ci95"][0], hi: 100 * d["ci95"][1]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--artifacts", type=Path, required=True)
@@ -118,22 +127,27 @@ def main(argv=None) -> int:
                          "seconds": time.perf_counter() - start})
             print(table(rows[-1:], COLUMNS), flush=True)
     summary = []
+    # each recipe's pruned accuracy against the first recipe's on the same seeds: which recipe prunes better
+    reference = {r["seed"]: r for r in rows if r["recipe"] == (rows[0]["recipe"] if rows else None)}
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == recipe]
-        d, v = ({"difference": mine[0][key], "ci95": [float("nan")] * 2} if len(mine) == 1 else
-                mean_difference([r[key] for r in mine]) for key in ("difference", "val_difference"))
+        gains = [r["pruned"] - reference[r["seed"]]["pruned"] for r in mine if r["seed"] in reference]
         summary.append({"recipe": recipe, "seeds": len(mine),
                         **{key: 100 * sum(r[key] for r in mine) / len(mine) for key in ("distilled_val", "distilled", "pruned")},
-                        "mean": 100 * d["difference"], "lo": 100 * d["ci95"][0],
-                        "hi": 100 * d["ci95"][1], "val": 100 * v["difference"], "val_lo": 100 * v["ci95"][0],
-                        "val_hi": 100 * v["ci95"][1], "macs_reduction": min(r["macs_reduction"] or 0 for r in mine)})
+                        **points([r["difference"] for r in mine], "mean", "lo", "hi"),
+                        **points([r["val_difference"] for r in mine], "val", "val_lo", "val_hi"),
+                        **points(gains if recipe != rows[0]["recipe"] else [], "gain", "gain_lo", "gain_hi"),
+                        "macs_reduction": min(r["macs_reduction"] or 0 for r in mine)})
     print("\nper seed (top-1 on the target test set, evaluate's TTA):")
     print(table(rows, COLUMNS))
-    print("\nmeans over seeds; pruned minus distilled in points, 95% t interval paired by seed:")
+    print("\nmeans over seeds; pruned minus distilled in points, and pruned against the first recipe's pruned "
+          "model, 95% t intervals paired by seed:")
     print(table(summary, [("recipe", "recipe", "s"), ("seeds", "seeds", "d"), ("distilled_val", "distilled val %", ".2f"),
                           ("distilled", "distilled %", ".2f"), ("pruned", "pruned %", ".2f"), ("val", "val", "+.2f"),
                           ("val_lo", "val 95% lo", "+.2f"), ("val_hi", "val 95% hi", "+.2f"), ("mean", "test", "+.2f"),
                           ("lo", "test 95% lo", "+.2f"), ("hi", "test 95% hi", "+.2f"),
+                          ("gain", "vs first", "+.2f"), ("gain_lo", "vs first 95% lo", "+.2f"),
+                          ("gain_hi", "vs first 95% hi", "+.2f"),
                           ("macs_reduction", "MACs fewer (x)", ".2f")]))
     print(f"wrote {save('prune_seeds', {**info, 'rows': rows, 'summary': summary})}")
     return 0
