@@ -197,6 +197,8 @@ CASES = {
     "SyncBatchNorm on CPU": Case("transfer", ("trainer.sync_batchnorm=true",), "sync_batchnorm"),
     "unknown distillation method": Case("distill", ("distill.method=fitnets",), "fitnets"),
     "temperature 0": Case("distill", ("distill.temperature=0",), "distill.temperature"),
+    "mixup with a method that needs one label per image": Case("distill", ("distill.method=dkd", "distill.mixup=1"),
+                                                               "distill.mixup"),
     "alpha above 1": Case("distill", ("distill.alpha=1.5",), "distill.alpha"),
     "pruning ratio 1": Case("prune", ("prune.ratio=1",), "prune.ratio"),
     "pruning ratio negative": Case("prune", ("prune.ratio=-0.2",), "prune.ratio"),

@@ -55,6 +55,40 @@ def test_dkd_is_zero_beyond_cross_entropy_when_student_equals_teacher():
     assert dkd_loss(s, t, y).item() > F.cross_entropy(s, y).item()
 
 
+def test_mixed_cross_entropy_is_split_between_the_two_labels_by_lam():
+    s, t = _logits(7), _logits(8)
+    y, other = torch.randint(0, 5, (16,)), torch.randint(0, 5, (16,))
+    kw = {"temperature": 4.0, "alpha": 0.5}
+    one, zero = torch.ones(16), torch.zeros(16)
+    assert kd_loss(s, t, y, mixed_with=(other, one), **kw).item() == pytest.approx(kd_loss(s, t, y, **kw).item())
+    assert kd_loss(s, t, y, mixed_with=(other, zero), **kw).item() == pytest.approx(kd_loss(s, t, other, **kw).item())
+    half = kd_loss(s, t, y, mixed_with=(other, one / 2), **kw).item()
+    assert half == pytest.approx((kd_loss(s, t, y, **kw).item() + kd_loss(s, t, other, **kw).item()) / 2)
+
+
+def test_mixup_shows_teacher_and_student_the_same_blend_of_two_images():
+    teacher = build_model("fastnet", 3, widths=[4, 8, 8], stem_width=4).eval()
+    student = build_model("fastnet", 3, widths=[4, 4, 4], stem_width=4)
+    module = DistillerModule(student, teacher, method="kd",
+                             method_kwargs={"temperature": 4.0, "alpha": 0.9, "mixup": 1.0},
+                             lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1,
+                             channels_last=False)
+    seen = {}
+    teacher.register_forward_pre_hook(lambda m, a: seen.__setitem__("teacher", a[0].clone()))
+    student.register_forward_pre_hook(lambda m, a: seen.__setitem__("student", a[0].clone()))
+    values = torch.arange(8.0) / 8
+    x = values.view(-1, 1, 1, 1).expand(8, 3, 32, 32).contiguous()  # image i: every pixel i/8
+    module._train_sums = torch.zeros(3)
+    torch.manual_seed(0)
+    loss = module.training_step((x, torch.arange(8) % 3), 0)
+    assert torch.isfinite(loss)
+    assert torch.equal(seen["teacher"], seen["student"])  # consistent: one blend for both
+    mixed = seen["student"].flatten(1)
+    assert torch.allclose(mixed, mixed[:, :1].expand_as(mixed))  # a blend of two flat images is flat
+    assert not torch.allclose(mixed[:, 0], values)  # and the images did change
+    assert ((mixed[:, 0] >= 0) & (mixed[:, 0] <= values.max())).all()
+
+
 def _smoke_with_teacher(tmp_path, *overrides):
     cfg = compose("experiment=smoke", *overrides, tmp=tmp_path)
     for stage in ("prepare", "pretrain", "transfer"):
@@ -100,8 +134,17 @@ def test_student_alone_is_the_same_network_and_budget(tmp_path):
     assert not torch.equal(alone.head.fc.weight, distilled.head.fc.weight)  # the teacher made a difference
 
 
+def test_mixup_distills_and_recovers_the_pruned_student(tmp_path):
+    cfg = _smoke_with_teacher(tmp_path, "distill.mixup=1.0", "prune.epochs=1")
+    assert 0.0 <= run("distill", cfg)["val_acc"] <= 1.0
+    assert 0.0 <= run("prune", cfg)["val_acc"] <= 1.0
+    pruned, _ = load_checkpoint(tmp_path / "artifacts" / "prune" / "model.pt", "prune")
+    assert pruned.arch.get("pruned")
+
+
 @pytest.mark.parametrize("override, needle", [
     ("distill.method=fitnet", "unknown distill.method 'fitnet'"),
+    ("distill.mixup=-1", "distill.mixup"),
     ("distill.temperature=0", "distill.temperature"),
     ("distill.alpha=1.5", "distill.alpha"),
     ("distill.alpha=-0.1", "distill.alpha"),

@@ -101,6 +101,7 @@ class Distill(Optim):
     alpha: float = rule(0, 1)
     dkd_alpha: float = rule(0)
     dkd_beta: float = rule(0)
+    mixup: float = rule(0)
 
 
 @dataclass
@@ -183,6 +184,9 @@ def validate(cfg: DictConfig) -> None:
                                "Fix: set trainer.sync_batchnorm=false for CPU processes.")
     if "distill" in cfg:
         get_loss(cfg.distill.method)  # an unknown name -> an error listing the registered methods
+        if cfg.distill.mixup and cfg.distill.method != "kd":  # dkd splits its loss by each image's one label
+            raise TransferkitError(f"distill.mixup={cfg.distill.mixup} works with distill.method=kd only (a mixed "
+                                   f"image has two labels). Fix: set distill.method=kd or distill.mixup=0.")
     if "prune" in cfg:
         importance(cfg.prune.criterion)  # likewise for the pruning criteria
         rates = cfg.prune.rates

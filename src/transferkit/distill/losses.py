@@ -40,9 +40,17 @@ def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: 
 
 @register("kd")
 def kd_loss(student, teacher, labels, *, temperature: float = 4.0, alpha: float = 0.9,
-            label_smoothing: float = 0.0, **_) -> torch.Tensor:
-    """Hinton's knowledge distillation: alpha * soft targets + (1 - alpha) * cross-entropy."""
-    ce = F.cross_entropy(student.float(), labels, label_smoothing=label_smoothing)
+            label_smoothing: float = 0.0, mixed_with: tuple | None = None, **_) -> torch.Tensor:
+    """Hinton's knowledge distillation: alpha * soft targets + (1 - alpha) * cross-entropy.
+    `mixed_with` (labels, lam): the images are lam x theirs + (1 - lam) x others' (mixup), and
+    each one's cross-entropy is split between its two labels in the same proportion."""
+    if mixed_with is None:
+        ce = F.cross_entropy(student.float(), labels, label_smoothing=label_smoothing)
+    else:
+        other, lam = mixed_with
+        ce = (lam * F.cross_entropy(student.float(), labels, label_smoothing=label_smoothing, reduction="none")
+              + (1 - lam) * F.cross_entropy(student.float(), other, label_smoothing=label_smoothing,
+                                            reduction="none")).mean()
     return alpha * soft_target_loss(student, teacher, temperature) + (1 - alpha) * ce
 
 

@@ -2,6 +2,9 @@
 
 It is a ClassifierModule whose training loss comes from the distillation registry: the
 data path, augmentation, optimiser, schedule and validation are the student's, unchanged.
+With `mixup` > 0 it matches the teacher's function on mixed images too (Beyer et al., "Knowledge
+distillation: A good teacher is patient and consistent", 2022): teacher and student see the same
+mix of two training images, which gives a student of few images many more inputs to match on.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ class DistillerModule(ClassifierModule):
         super().__init__(student, **train_kwargs)
         self.loss_fn = get_loss(method)
         self.method_kwargs = dict(method_kwargs)
+        self.mixup = float(self.method_kwargs.pop("mixup", 0.0))
         for p in teacher.parameters():
             p.requires_grad_(False)
         if train_kwargs.get("channels_last", True):
@@ -29,7 +33,23 @@ class DistillerModule(ClassifierModule):
         super().on_train_epoch_start()
         self.teacher.eval()  # Lightning's model.train() at fit start would wake its BatchNorm up
 
-    def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int):
+        if not self.mixup:
+            return super().training_step(batch, batch_idx)
+        x, y = batch
+        # each image blended with another of the batch, lam ~ Beta(m, m) per image, sampled on the device
+        c = torch.full((len(y),), self.mixup, device=x.device)
+        lam = torch.distributions.Beta(c, c).sample()
+        other = torch.randperm(len(y), device=x.device)
+        w = lam.view(-1, 1, 1, 1).to(x.dtype)
+        x = w * x + (1 - w) * x[other]
+        logits = self.model(x)
+        loss = self.loss(logits, x, y, mixed_with=(y[other], lam))
+        self._tally(self._train_sums, loss, logits, y)
+        return loss
+
+    def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, **mixed) -> torch.Tensor:
         with torch.no_grad():  # the teacher's forward pass builds no graph: no backward cost
             teacher_logits = self.teacher(x)
-        return self.loss_fn(logits, teacher_logits, y, **self.method_kwargs)
+        return self.loss_fn(logits, teacher_logits, y, **self.method_kwargs, **mixed)
+

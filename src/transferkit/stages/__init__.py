@@ -26,7 +26,7 @@ class Stage:
 COMMON = ("seed", "trainer")
 # prune's recovery settings, with the distillation settings it uses (stages/distill.py: method_settings)
 PRUNE_PARAMS = ("prune", "distill.method", "distill.temperature", "distill.alpha", "distill.dkd_alpha",
-                "distill.dkd_beta", "distill.label_smoothing")
+                "distill.dkd_beta", "distill.label_smoothing", "distill.mixup")
 PIPELINE = (
     Stage("prepare", params=("seed", "data", "paths.data_dir")),
     Stage("pretrain", ("prepare",), (*COMMON, "model", "pretrain"), trains=True),

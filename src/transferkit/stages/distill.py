@@ -25,7 +25,7 @@ def load_teacher(transfer_dir: Path, classes: list[str]):
 def method_settings(cfg: DictConfig) -> dict:
     d = cfg.distill
     return {"temperature": d.temperature, "alpha": d.alpha, "dkd_alpha": d.dkd_alpha,
-            "dkd_beta": d.dkd_beta, "label_smoothing": d.label_smoothing}
+            "dkd_beta": d.dkd_beta, "label_smoothing": d.label_smoothing, "mixup": d.mixup}
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
