@@ -1,17 +1,17 @@
-"""Pruning's accuracy over seeds: for each seed, distill the student (the distill stage), then prune
-and recover it with each recipe given (the prune stage), and score both on the target test set as
-`evaluate` does. Prints, per recipe, the pruned-minus-distilled difference per seed and its mean
-with a 95% t interval over seeds (paired by seed), on the test set and on the validation set
-(the stages' own val accuracy: the one to choose a recipe by), each recipe's pruned accuracy
-against the first recipe's (paired by seed likewise), and the MACs reduction.
+"""Pruning's accuracy over seeds: for each seed and recipe, distill the student (the distill stage),
+then prune and recover it (the prune stage), and score both on the target test set as `evaluate`
+does. Prints, per recipe, the pruned-minus-distilled difference per seed and its mean with a 95% t
+interval over seeds (paired by seed), on the test set and on the validation set (the stages' own
+val accuracy: the one to choose a recipe by), each recipe's distilled and pruned accuracy against
+the first recipe's (paired by seed likewise), and the MACs reduction.
 
     uv run python bench/prune_seeds.py --artifacts DIR [--seeds 0 1 2] [--recipe "prune.epochs=80" ...]
                                        [--base "distill.translate=4"] [--only-done]
 
 DIR holds a finished `prepare` and `transfer` (the teacher, for every seed) of the default
-experiment. Each recipe is a space-separated list of overrides on params.yaml (Hydra syntax); the
-empty recipe is the default; `--base` overrides apply to every stage, the student's distillation
-included.
+experiment. Each recipe is a space-separated list of overrides on params.yaml (Hydra syntax) for
+both stages, so recipes that change only `prune.*` keys prune one and the same distilled student;
+the empty recipe is the default; `--base` overrides apply to every recipe.
 Runs in-process, stage after stage, into DIR/prune_seeds/seedS/: one folder per distinct
 distillation setting and per distinct prune setting of each student (a rerun reuses it). The
 table goes to bench/results/prune_seeds.json.
@@ -50,7 +50,7 @@ def top1(folder: Path, stage: str, task: dict, cfg) -> float:
 # Settings added after runs were made, with the value that does what those runs did: left out of
 # the key at that value, so the earlier runs keep their folders.
 SINCE_ADDED = {"prune.scope": "layer", "prune.teacher": "transfer", "prune.rates": [], "prune.sparse_epochs": 0,
-               "prune.sparse_reg": 1.0e-4}
+               "prune.sparse_reg": 1.0e-4, "distill.mixup": 0.0}
 
 
 def settings_key(params: dict, stage: str = "prune") -> str:
@@ -96,22 +96,27 @@ def main(argv=None) -> int:
     task = load_task(args.artifacts / "prepare", "target")
     work = args.artifacts / "prune_seeds"
     rows = []
+    students = {}  # (seed, distillation settings) -> (test top-1, val top-1) of the distilled student
     for seed in args.seeds:
         cfg = OmegaConf.merge(base, {"seed": seed, "trainer": {"progress_bar": False}},
                               overrides(args.base))
-        student_key = settings_key(to_params(cfg), "distill")  # the student that is pruned
-        distill = work / f"seed{seed}" / f"distill-{student_key}"
-        inputs = {"prepare": args.artifacts / "prepare", "transfer": args.artifacts / "transfer", "distill": distill}
-        start = time.perf_counter()
-        if not (distill / "model.pt").exists():
-            if args.only_done:
-                continue
-            run_stage("distill", cfg, distill, inputs)
-        distilled = top1(distill, "distill", task, cfg)
-        distilled_val = json.loads((distill / "metrics.json").read_text())["val_acc"]
-        print(f"seed {seed}: distilled {100 * distilled:.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
         for recipe in args.recipe:
             rcfg = OmegaConf.merge(cfg, overrides(recipe))
+            student_key = settings_key(to_params(rcfg), "distill")  # the student that is pruned
+            distill = work / f"seed{seed}" / f"distill-{student_key}"
+            inputs = {"prepare": args.artifacts / "prepare", "transfer": args.artifacts / "transfer",
+                      "distill": distill}
+            start = time.perf_counter()
+            if not (distill / "model.pt").exists():
+                if args.only_done:
+                    continue
+                run_stage("distill", rcfg, distill, inputs)
+            if (seed, student_key) not in students:
+                students[seed, student_key] = (top1(distill, "distill", task, rcfg),
+                                               json.loads((distill / "metrics.json").read_text())["val_acc"])
+                print(f"seed {seed}: distilled {100 * students[seed, student_key][0]:.2f}% "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+            distilled, distilled_val = students[seed, student_key]
             out = work / f"seed{seed}" / f"prune-{settings_key(to_params(rcfg))}-{student_key}"
             start = time.perf_counter()
             if not (out / "model.pt").exists():
@@ -127,27 +132,32 @@ def main(argv=None) -> int:
                          "seconds": time.perf_counter() - start})
             print(table(rows[-1:], COLUMNS), flush=True)
     summary = []
-    # each recipe's pruned accuracy against the first recipe's on the same seeds: which recipe prunes better
+    # each recipe's models against the first recipe's on the same seeds: which recipe does better
     reference = {r["seed"]: r for r in rows if r["recipe"] == (rows[0]["recipe"] if rows else None)}
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == recipe]
-        gains = [r["pruned"] - reference[r["seed"]]["pruned"] for r in mine if r["seed"] in reference]
+        first = recipe == rows[0]["recipe"]
+        gains = {key: [] if first else [r[key] - reference[r["seed"]][key] for r in mine if r["seed"] in reference]
+                 for key in ("distilled", "pruned")}
         summary.append({"recipe": recipe, "seeds": len(mine),
                         **{key: 100 * sum(r[key] for r in mine) / len(mine) for key in ("distilled_val", "distilled", "pruned")},
                         **points([r["difference"] for r in mine], "mean", "lo", "hi"),
                         **points([r["val_difference"] for r in mine], "val", "val_lo", "val_hi"),
-                        **points(gains if recipe != rows[0]["recipe"] else [], "gain", "gain_lo", "gain_hi"),
+                        **points(gains["distilled"], "dgain", "dgain_lo", "dgain_hi"),
+                        **points(gains["pruned"], "gain", "gain_lo", "gain_hi"),
                         "macs_reduction": min(r["macs_reduction"] or 0 for r in mine)})
     print("\nper seed (top-1 on the target test set, evaluate's TTA):")
     print(table(rows, COLUMNS))
-    print("\nmeans over seeds; pruned minus distilled in points, and pruned against the first recipe's pruned "
-          "model, 95% t intervals paired by seed:")
+    print("\nmeans over seeds; pruned minus distilled in points, and each model against the first recipe's, "
+          "95% t intervals paired by seed:")
     print(table(summary, [("recipe", "recipe", "s"), ("seeds", "seeds", "d"), ("distilled_val", "distilled val %", ".2f"),
                           ("distilled", "distilled %", ".2f"), ("pruned", "pruned %", ".2f"), ("val", "val", "+.2f"),
                           ("val_lo", "val 95% lo", "+.2f"), ("val_hi", "val 95% hi", "+.2f"), ("mean", "test", "+.2f"),
                           ("lo", "test 95% lo", "+.2f"), ("hi", "test 95% hi", "+.2f"),
-                          ("gain", "vs first", "+.2f"), ("gain_lo", "vs first 95% lo", "+.2f"),
-                          ("gain_hi", "vs first 95% hi", "+.2f"),
+                          ("dgain", "distilled vs first", "+.2f"), ("dgain_lo", "95% lo", "+.2f"),
+                          ("dgain_hi", "95% hi", "+.2f"),
+                          ("gain", "pruned vs first", "+.2f"), ("gain_lo", "95% lo", "+.2f"),
+                          ("gain_hi", "95% hi", "+.2f"),
                           ("macs_reduction", "MACs fewer (x)", ".2f")]))
     print(f"wrote {save('prune_seeds', {**info, 'rows': rows, 'summary': summary})}")
     return 0
