@@ -137,9 +137,13 @@ def test_student_alone_is_the_same_network_and_budget(tmp_path):
 def test_mixup_distills_and_recovers_the_pruned_student(tmp_path):
     cfg = _smoke_with_teacher(tmp_path, "distill.mixup=1.0", "prune.epochs=1")
     assert 0.0 <= run("distill", cfg)["val_acc"] <= 1.0
+    mixed, _ = load_checkpoint(tmp_path / "artifacts" / "distill" / "model.pt", "distill")
     assert 0.0 <= run("prune", cfg)["val_acc"] <= 1.0
     pruned, _ = load_checkpoint(tmp_path / "artifacts" / "prune" / "model.pt", "prune")
     assert pruned.arch.get("pruned")
+    run("distill", compose("experiment=smoke", tmp=tmp_path))  # the same seed without mixup
+    plain, _ = load_checkpoint(tmp_path / "artifacts" / "distill" / "model.pt", "distill")
+    assert not torch.equal(mixed.head.fc.weight, plain.head.fc.weight)
 
 
 @pytest.mark.parametrize("override, needle", [

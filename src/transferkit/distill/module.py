@@ -52,4 +52,3 @@ class DistillerModule(ClassifierModule):
         with torch.no_grad():  # the teacher's forward pass builds no graph: no backward cost
             teacher_logits = self.teacher(x)
         return self.loss_fn(logits, teacher_logits, y, **self.method_kwargs, **mixed)
-
