@@ -133,11 +133,11 @@ def main(argv=None) -> int:
             print(table(rows[-1:], COLUMNS), flush=True)
     summary = []
     # each recipe's models against the first recipe's on the same seeds: which recipe does better
-    reference = {r["seed"]: r for r in rows if r["recipe"] == (rows[0]["recipe"] if rows else None)}
+    first = rows[0]["recipe"] if rows else None
+    reference = {r["seed"]: r for r in rows if r["recipe"] == first}
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == recipe]
-        first = recipe == rows[0]["recipe"]
-        gains = {key: [] if first else [r[key] - reference[r["seed"]][key] for r in mine if r["seed"] in reference]
+        gains = {key: [] if recipe == first else [r[key] - reference[r["seed"]][key] for r in mine if r["seed"] in reference]
                  for key in ("distilled", "pruned")}
         summary.append({"recipe": recipe, "seeds": len(mine),
                         **{key: 100 * sum(r[key] for r in mine) / len(mine) for key in ("distilled_val", "distilled", "pruned")},

@@ -24,7 +24,7 @@ class Stage:
 
 
 COMMON = ("seed", "trainer")
-# prune's recovery settings, with the distillation settings it uses (stages/distill.py: method_settings)
+# prune's recovery settings, with the distillation settings it uses (stages/distill.py: distillation)
 PRUNE_PARAMS = ("prune", "distill.method", "distill.temperature", "distill.alpha", "distill.dkd_alpha",
                 "distill.dkd_beta", "distill.label_smoothing", "distill.mixup")
 PIPELINE = (
@@ -37,7 +37,7 @@ PIPELINE = (
     # the distillation baseline: the same student and budget, no teacher
     Stage("student", ("prepare",), (*COMMON, "distill.student", "distill.student_init", "student"), trains=True,
           target_model=True),
-    # the distillation settings the recovery fine-tune uses (stages/distill.py: method_settings)
+    # the distillation settings the recovery fine-tune uses (stages/distill.py: distillation)
     Stage("prune", ("prepare", "transfer", "distill"), (*COMMON, *PRUNE_PARAMS), trains=True, target_model=True),
     # the deployable model: ONNX + TorchScript, checked against PyTorch on the test set
     Stage("export", ("prune", "prepare"), module="transferkit.deploy.export",

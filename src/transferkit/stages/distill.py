@@ -22,10 +22,13 @@ def load_teacher(transfer_dir: Path, classes: list[str]):
     return load_checkpoint(transfer_dir / "model.pt", "transfer", classes, what="teacher")[0]
 
 
-def method_settings(cfg: DictConfig) -> dict:
+def distillation(cfg: DictConfig, teacher) -> dict:
+    """DistillerModule's settings from the distill block: every stage that distils (distill,
+    prune's recovery, quantize's fine-tune) learns from `teacher` the same way."""
     d = cfg.distill
-    return {"temperature": d.temperature, "alpha": d.alpha, "dkd_alpha": d.dkd_alpha,
-            "dkd_beta": d.dkd_beta, "label_smoothing": d.label_smoothing, "mixup": d.mixup}
+    return {"teacher": teacher, "method": d.method,
+            "method_kwargs": {"temperature": d.temperature, "alpha": d.alpha, "dkd_alpha": d.dkd_alpha,
+                              "dkd_beta": d.dkd_beta, "label_smoothing": d.label_smoothing, "mixup": d.mixup}}
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
@@ -39,4 +42,4 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                     "MACs. Distillation still runs, but the point is usually a smaller model: set "
                     "distill.student to a narrower network.", student.arch["name"], ratio_params, ratio_macs)
     return train_stage(cfg, "distill", student, task, out, module_cls=DistillerModule,
-                       teacher=teacher, method=cfg.distill.method, method_kwargs=method_settings(cfg))
+                       **distillation(cfg, teacher))

@@ -15,7 +15,7 @@ from transferkit.models import load_checkpoint
 from transferkit.prune.structured import check_rates, conv_widths, group_regularizer, kept_modules, prune_channels
 from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
 from transferkit.stages.common import load_task
-from transferkit.stages.distill import load_teacher, method_settings
+from transferkit.stages.distill import distillation, load_teacher
 from transferkit.stages.training import fit_stage, train_stage
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def _recover(cfg, model, teacher, task, out, epochs, step):
     """An intermediate recovery round (iterative pruning): KD fine-tune, nothing saved."""
     fit_stage(cfg, cfg.prune, model, task, out / "rounds" / f"round{step}", module_cls=DistillerModule,
-              epochs=epochs, teacher=teacher, method=cfg.distill.method, method_kwargs=method_settings(cfg))
+              epochs=epochs, **distillation(cfg, teacher))
 
 
 class SparseDistiller(DistillerModule):
@@ -52,8 +52,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         calibration = (task["train_x"][:256].float() / 255, task["train_y"][:256])  # for taylor
         if p.sparse_epochs:  # KD fine-tune that empties the channel groups the cut will remove
             fit_stage(cfg, cfg.prune, student, task, out / "rounds" / "sparse", module_cls=SparseDistiller,
-                      epochs=p.sparse_epochs, teacher=teacher, method=cfg.distill.method,
-                      method_kwargs=method_settings(cfg), regularize=group_regularizer(student, p.sparse_reg, keep))
+                      epochs=p.sparse_epochs, **distillation(cfg, teacher),
+                      regularize=group_regularizer(student, p.sparse_reg, keep))
         for step in range(1, p.steps + 1):
             # cumulative target: round k of n removes k/n of the requested share
             ratio = p.ratio * step / p.steps
@@ -83,6 +83,5 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         def finalize(model):  # masks become plain zeros in ordinary weight tensors
             make_permanent(model)
             return {"sparsity": sparsity(model, keep)}
-    return train_stage(cfg, "prune", student, task, out, module_cls=DistillerModule, teacher=teacher,
-                       method=cfg.distill.method, method_kwargs=method_settings(cfg), finalize=finalize,
-                       extra_metrics=info)
+    return train_stage(cfg, "prune", student, task, out, module_cls=DistillerModule, **distillation(cfg, teacher),
+                       finalize=finalize, extra_metrics=info)

@@ -53,7 +53,7 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     from transferkit.deploy.qat import add_fake_quant, remove_fake_quant
     from transferkit.distill.module import DistillerModule
     from transferkit.models import load_checkpoint
-    from transferkit.stages.distill import load_teacher, method_settings
+    from transferkit.stages.distill import distillation, load_teacher
     from transferkit.stages.training import fit_stage
 
     q = cfg.quantize
@@ -65,8 +65,7 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     fp32_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true", "devices": 1, "num_nodes": 1,
                                                  "strategy": "auto", "sync_batchnorm": False}})
     fit = fit_stage(fp32_cfg, settings, model, task, out, module_cls=DistillerModule,
-                    teacher=load_teacher(inputs["transfer"], task["classes"]), method=cfg.distill.method,
-                    method_kwargs=method_settings(cfg))
+                    **distillation(cfg, load_teacher(inputs["transfer"], task["classes"])))
     tuned = remove_fake_quant(fit.model, hooks).eval()
     path = out / "model_fp32.onnx"
     export_onnx(tuned, path, int(student.input_size), "auto", None, log=lambda *_: None)
