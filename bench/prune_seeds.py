@@ -51,6 +51,9 @@ def top1(folder: Path, stage: str, task: dict, cfg) -> float:
 # the key at that value, so the earlier runs keep their folders.
 SINCE_ADDED = {"prune.scope": "layer", "prune.teacher": "transfer", "prune.rates": [], "prune.sparse_epochs": 0,
                "prune.sparse_reg": 1.0e-4, "distill.mixup": 0.0}
+# Settings dropped from a stage's params since runs were made, with the value every such run had
+# (prune's recovery now smooths its labels by prune.label_smoothing, 0.0 as distill's was).
+SINCE_REMOVED = {"prune": {"distill.label_smoothing": 0.0}}
 
 
 def settings_key(params: dict, stage: str = "prune") -> str:
@@ -59,7 +62,7 @@ def settings_key(params: dict, stage: str = "prune") -> str:
     never reuses a run of the old one."""
     flat = flatten(params)
     chosen = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in BY_NAME[stage].params)
-              and SINCE_ADDED.get(k, object()) != v}
+              and SINCE_ADDED.get(k, object()) != v} | SINCE_REMOVED.get(stage, {})
     return hashlib.sha1(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

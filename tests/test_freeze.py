@@ -15,6 +15,7 @@ from transferkit.data.sources import make_synthetic
 from transferkit.data.tasks import select_task
 from transferkit.models import build_model
 from transferkit.training.classifier import ClassifierModule
+from transferkit.training.freeze import frozen_depth
 from transferkit.training.trainer import fit
 
 SETTINGS = dict(lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1)
@@ -103,3 +104,12 @@ def test_gradual_unfreezing_releases_one_block_per_interval(tmp_path):
     # epochs 1 and 2 each unfreeze one block from the top: blocks 3 and 2 train, 0 and 1 never do
     changed = [not _same(before[i], _block_state(model, i)) for i in range(model.num_blocks)]
     assert changed == [False, False, True, True]
+
+
+@pytest.mark.parametrize("epoch, frozen", [(0, 4), (1, 4), (2, 3), (5, 2), (9, 0)])
+def test_a_resumed_run_starts_with_the_blocks_unfrozen_before(monkeypatch, epoch, frozen):
+    module = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), **SETTINGS,
+                              freeze_depth=4, unfreeze_every_epochs=2)
+    monkeypatch.setattr(ClassifierModule, "current_epoch", property(lambda self: epoch))  # as a resume sets it
+    module.on_train_epoch_start()
+    assert frozen_depth(module.model) == frozen

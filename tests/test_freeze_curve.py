@@ -51,9 +51,11 @@ def test_evaluate_reports_accuracy_vs_freeze_depth(smoke_artifacts):
 def test_an_empty_curve_skips_the_stage_and_the_section(smoke_artifacts, tmp_path):
     ref_cfg, _ = smoke_artifacts
     shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
-    cfg = compose("experiment=smoke", "freeze_curve.depths=[]", tmp=tmp_path)
+    # transfer's own depth (1) is not trained again: an empty curve too
+    cfg = compose("experiment=smoke", "freeze_curve.depths=[1]", tmp=tmp_path)
     run("freeze_curve", cfg)
     assert not list((tmp_path / "artifacts" / "freeze_curve").glob("depth*"))
+    cfg = compose("experiment=smoke", "freeze_curve.depths=[]", tmp=tmp_path)
     metrics = run("evaluate", cfg)
     assert [r["stage"] for r in metrics["freeze_curve"]] == ["transfer"]
     assert "How many blocks to freeze" not in (tmp_path / "artifacts" / "evaluate" / "report.md").read_text()

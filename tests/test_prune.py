@@ -56,6 +56,10 @@ def test_rates_spare_the_blocks_they_slow_down():
     widths = conv_widths(model)  # stem, block 1 (2 convs), block 2 (2), block 3 (2)
     assert count_macs(model) <= 0.5 * before
     assert widths[5] / 64 > widths[3] / 64 and widths[5] == widths[6], widths
+    faster = build_model("fastnet", 5, widths=[32, 64, 64], stem_width=16).eval()
+    prune_channels(faster, criterion="l2", target="macs", ratio=0.5, keep=["head"], rates=[1, 1, 1, 2])
+    widths = conv_widths(faster)  # a rate above 1 makes a block lose channels faster than the rest
+    assert count_macs(faster) <= 0.5 * before and widths[5] < widths[3] and widths[5] == widths[6], widths
     with pytest.raises(TransferkitError, match="one rate per block"):
         prune_channels(_student(), criterion="l2", target="macs", ratio=0.5, keep=["head"], rates=[1, 0.5])
 
@@ -170,6 +174,13 @@ def test_iterative_and_unstructured_modes_run(tmp_path):
     cfg = _smoke_with_student(tmp_path, "prune.steps=2", "prune.epochs=2")
     metrics = run("prune", cfg)
     assert metrics["macs_after"] <= 0.4 * metrics["macs_before"] + 1
+    # rounds of a channel target remove the share once in all, not once per round
+    halved = compose("experiment=smoke", "prune.target=channels", "prune.ratio=0.5", "prune.steps=2",
+                     "prune.round_to=null", "prune.epochs=2", tmp=tmp_path)
+    run("prune", halved)
+    artifacts = tmp_path / "artifacts"
+    before, after = (conv_widths(load_checkpoint(artifacts / stage / "model.pt", stage)[0]) for stage in ("distill", "prune"))
+    assert all(abs(a - b / 2) <= 1 for a, b in zip(after, before)), (before, after)
     un = compose("experiment=smoke", "prune.mode=unstructured", "prune.ratio=0.5", "prune.epochs=1", tmp=tmp_path)
     metrics = run("prune", un)
     assert metrics["sparsity"] == pytest.approx(0.5, abs=0.02)

@@ -149,3 +149,38 @@ def test_collect_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     line = one_error_line(cli("collect", str(tmp_path / "empty")))
     assert "no finished runs" in line
+
+
+def test_score_cache_is_renewed_when_the_task_is_prepared_again(tmp_path):
+    import os
+
+    import torch
+
+    from transferkit.data.sources import make_synthetic
+    from transferkit.data.tasks import select_task
+    from transferkit.evaluation.runs import Run, score
+    from transferkit.io import save_torch
+    from transferkit.models import build_model, save_checkpoint
+
+    classes = ["a", "b", "c"]
+    task = select_task(make_synthetic(classes, 8, 6, seed=0), classes, train_per_class=8, val_per_class=0,
+                       test_per_class=None, seed=0, role="target")
+    task_file = tmp_path / "artifacts" / "prepare" / "target.pt"
+    save_torch(task, task_file)
+    torch.manual_seed(0)
+    save_checkpoint(build_model("fastnet", 3, widths=[8, 8, 8], stem_width=8).eval(), tmp_path / "run" / "model.pt",
+                    classes, stage="transfer")
+    params = {"paths": {"artifacts_dir": str(tmp_path / "artifacts")}, "evaluate": {"tta": "none", "batch_size": 64}}
+    cache = tmp_path / "scores.pt"
+
+    def scored() -> torch.Tensor:
+        run = Run("transfer", tmp_path / "run", params, None)
+        score([run], cache_file=cache)
+        return run.correct
+
+    first = scored()
+    task["test_y"] = (task["test_y"] + 1) % 3  # prepare ran again and the test labels moved
+    save_torch(task, task_file)
+    os.utime(task_file, ns=(task_file.stat().st_atime_ns, task_file.stat().st_mtime_ns + 10**9))
+    second = scored()
+    assert first.any() and not (first & second).any()  # scored again: every image right before is wrong now

@@ -69,3 +69,10 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
 def task_summary(task: dict) -> dict:
     return {"dataset": task["dataset"], "classes": task["classes"],
             **{f"n_{s}": int(len(task[f"{s}_y"])) for s in ("train", "val", "test")}}
+
+
+def train_sample(task: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` training images (uint8) and labels spread evenly over the train split, which is sorted
+    by class: the first `n` would be one class."""
+    idx = torch.linspace(0, len(task["train_y"]) - 1, n).round().long()
+    return task["train_x"][idx], task["train_y"][idx]

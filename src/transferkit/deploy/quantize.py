@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from transferkit.data.tasks import train_sample
 from transferkit.deploy.runtime import META_KEY
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.metrics import predict_onnx
@@ -23,12 +23,10 @@ FORMATS = ("qoperator", "qdq")
 
 def calibration_images(task: dict, n: int) -> np.ndarray:
     """`n` training images spread evenly over the (class-sorted) train split, as the model takes them."""
-    x = task["train_x"]
-    if not 1 <= n <= len(x):
-        raise TransferkitError(f"quantize.calibration_images={n} is invalid: the target task has {len(x)} training "
-                               f"images to calibrate on. Fix: set it in 1..{len(x)}.")
-    idx = torch.linspace(0, len(x) - 1, n).round().long()
-    return (x[idx].float() / 255).contiguous().numpy()
+    if not 1 <= n <= (count := len(task["train_y"])):
+        raise TransferkitError(f"quantize.calibration_images={n} is invalid: the target task has {count} training "
+                               f"images to calibrate on. Fix: set it in 1..{count}.")
+    return (train_sample(task, n)[0].float() / 255).contiguous().numpy()
 
 
 def float_nodes(model_path: Path, keep_float) -> list[str]:

@@ -51,4 +51,5 @@ class DistillerModule(ClassifierModule):
     def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, **mixed) -> torch.Tensor:
         with torch.no_grad():  # the teacher's forward pass builds no graph: no backward cost
             teacher_logits = self.teacher(x)
-        return self.loss_fn(logits, teacher_logits, y, **self.method_kwargs, **mixed)
+        return self.loss_fn(logits, teacher_logits, y, label_smoothing=self.hparams.label_smoothing,
+                            **self.method_kwargs, **mixed)

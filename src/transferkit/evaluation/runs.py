@@ -53,7 +53,8 @@ def read_run(folder: Path, stage: str) -> Run:
 
 def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = None) -> None:
     """Top-1 of every run on its target test set (the prepared task named by its params, or
-    `task`), with the per-image results cached by model and test-set file stamps."""
+    `task`), with the per-image results cached by model and test-set file stamps: a retrained
+    model or a re-prepared task is scored again."""
     from transferkit.io import load_plain, load_torch, save_torch
     from transferkit.models import load_checkpoint
 
@@ -62,7 +63,9 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
     tasks: dict[Path, dict] = {}
     for run in runs:
         task_file = Path(run.params["paths"]["artifacts_dir"]) / "prepare" / "target.pt"
-        key = f"{run.folder.resolve()}|{(run.folder / 'model.pt').stat().st_mtime_ns}|{run.params.get('evaluate')}"
+        stamp = task_file.stat().st_mtime_ns if task is None and task_file.exists() else None
+        key = (f"{run.folder.resolve()}|{(run.folder / 'model.pt').stat().st_mtime_ns}|{stamp}|"
+               f"{run.params.get('evaluate')}")
         if key not in cache:
             if task is None and task_file not in tasks:
                 tasks[task_file] = load_torch(task_file, "prepared target task", "prepare")

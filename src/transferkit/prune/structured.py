@@ -123,8 +123,9 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
     base_macs, base_params = count_macs_params(model, input_size)
     imp = importance(criterion)
     steps = 1 if target == "channels" else max_search_steps
-    max_ratio = ratio if target == "channels" else 0.95
     check_rates(model, rates)
+    # the search ramps every share linearly to its maximum: the fastest block's is 0.95, the others' in proportion
+    max_ratio = ratio if target == "channels" else 0.95 / max([1, *rates])
     per_module = {block: min(rate * max_ratio, 0.95) for block, rate in zip(model.blocks, rates) if rate != 1}
     pruner = tp.pruner.MetaPruner(model, example, imp, pruning_ratio=max_ratio, iterative_steps=steps,
                                   pruning_ratio_dict=per_module,

@@ -24,11 +24,12 @@ def load_teacher(transfer_dir: Path, classes: list[str]):
 
 def distillation(cfg: DictConfig, teacher) -> dict:
     """DistillerModule's settings from the distill block: every stage that distils (distill,
-    prune's recovery, quantize's fine-tune) learns from `teacher` the same way."""
+    prune's recovery, quantize's fine-tune) learns from `teacher` the same way (the labels' share
+    of the loss is smoothed by the label_smoothing of the block each stage trains with)."""
     d = cfg.distill
     return {"teacher": teacher, "method": d.method,
             "method_kwargs": {"temperature": d.temperature, "alpha": d.alpha, "dkd_alpha": d.dkd_alpha,
-                              "dkd_beta": d.dkd_beta, "label_smoothing": d.label_smoothing, "mixup": d.mixup}}
+                              "dkd_beta": d.dkd_beta, "mixup": d.mixup}}
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:

@@ -1,7 +1,8 @@
 """freeze_curve: the transfer recipe once more at every depth of freeze_curve.depths, so each
 `dvc repro` answers "how many blocks should I freeze?" and evaluate can plot accuracy vs
 freeze depth. Each point is exactly `transferkit transfer transfer.freeze_depth=K` (same seed,
-same settings; only the depth differs) and lands in depthK/ with its own model and metrics."""
+same settings; only the depth differs) and lands in depthK/ with its own model and metrics.
+The transfer stage's own depth is not trained again: evaluate takes that point from it."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     backbone = load_backbone(inputs["pretrain"] / "model.pt", container(cfg.model), len(classes), "pretrain")
     validate_depths(cfg, "freeze_curve", backbone.num_blocks)
     results = {}
-    for depth in cfg.freeze_curve.depths:
+    for depth in [d for d in cfg.freeze_curve.depths if d != cfg.transfer.freeze_depth]:
         point = OmegaConf.merge(cfg, {"transfer": {"freeze_depth": depth}})
         seed_everything(cfg.seed)  # every point starts where a lone transfer run would
         results[f"depth{depth}"] = transfer.run(point, inputs, point_dir(out, depth))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from transferkit.data.tasks import train_sample
 from transferkit.distill.module import DistillerModule
 from transferkit.models import load_checkpoint
 from transferkit.prune.structured import check_rates, conv_widths, group_regularizer, kept_modules, prune_channels
@@ -49,16 +50,17 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     check_rates(student, list(p.rates))
     info: dict = {"mode": p.mode}
     if p.mode == "structured":
-        calibration = (task["train_x"][:256].float() / 255, task["train_y"][:256])  # for taylor
+        images, labels = train_sample(task, min(256, len(task["train_y"])))  # taylor ranks channels by gradients on these
+        calibration = (images.float() / 255, labels)
         if p.sparse_epochs:  # KD fine-tune that empties the channel groups the cut will remove
             fit_stage(cfg, cfg.prune, student, task, out / "rounds" / "sparse", module_cls=SparseDistiller,
                       epochs=p.sparse_epochs, **distillation(cfg, teacher),
                       regularize=group_regularizer(student, p.sparse_reg, keep))
         for step in range(1, p.steps + 1):
-            # cumulative target: round k of n removes k/n of the requested share
-            ratio = p.ratio * step / p.steps
-            if p.target == "macs" and step > 1:
-                ratio = 1 - (1 - p.ratio * step / p.steps) / (1 - p.ratio * (step - 1) / p.steps)
+            # round k of n has removed k/n of the requested share of the original MACs or channels;
+            # each round's ratio applies to what the earlier rounds left
+            done, goal = p.ratio * (step - 1) / p.steps, p.ratio * step / p.steps
+            ratio = (goal - done) / (1 - done)
             result = prune_channels(student, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
                                     calibration=calibration, round_to=p.round_to, scope=p.scope,
                                     rates=p.rates)

@@ -1,4 +1,5 @@
-"""ClassifierModule: one LightningModule for pretrain, transfer, scratch and probe.
+"""ClassifierModule: one LightningModule for pretrain, transfer, scratch, probe and student
+(distill, prune and quantize's fine-tune use it through DistillerModule).
 
 The differences between those stages are data and settings (which blocks are frozen,
 the backbone's learning-rate multiplier, gradual unfreezing), not code.
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from transferkit.data.loader import epoch_seed
 from transferkit.models.blocknet import BlockNet
-from transferkit.training.freeze import freeze_blocks, frozen_depth, keep_frozen_in_eval, set_trainable
+from transferkit.training.freeze import freeze_blocks, keep_frozen_in_eval
 
 
 class ClassifierModule(pl.LightningModule):
@@ -65,11 +66,10 @@ class ClassifierModule(pl.LightningModule):
         # the epoch's randomness (dropout) depends on (seed, epoch) only: a resumed run repeats it
         torch.manual_seed(epoch_seed(self.hparams.seed, self.current_epoch))
         self._train_sums = torch.zeros(3, device=self.device)
-        every = self.hparams.unfreeze_every_epochs
-        if every and self.current_epoch and self.current_epoch % every == 0:
-            depth = frozen_depth(self.model)  # gradual unfreezing: one more block from the top
-            if depth > 0:
-                set_trainable(self.model.blocks[depth - 1], True)
+        if every := self.hparams.unfreeze_every_epochs:
+            # gradual unfreezing: one more block from the top every `every` epochs, from the epoch
+            # number alone, so a resumed run starts with the blocks it had unfrozen before
+            freeze_blocks(self.model, max(0, self.start_depth - self.current_epoch // every))
         keep_frozen_in_eval(self.model)
 
     def on_train_epoch_end(self) -> None:
