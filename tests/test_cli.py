@@ -24,6 +24,15 @@ def test_check_params_passes_on_the_committed_params():
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.parametrize("command", ["params", "check-params", "results", "collect", "sweep", "scenarios",
+                                     "check-repro", "export", "predict"])
+def test_every_command_has_help(command):
+    before = (ROOT / "params.yaml").read_bytes()
+    proc = cli(command, "--help")
+    assert proc.returncode == 0 and f"transferkit {command}" in proc.stdout, proc.stdout + proc.stderr
+    assert (ROOT / "params.yaml").read_bytes() == before  # asking for help writes nothing
+
+
 def test_unknown_command():
     proc = cli("pretrian")
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr

@@ -29,6 +29,14 @@ def test_drift_is_detected(tmp_path):
     assert any(d.startswith("transfer.freeze_depth") for d in drift)
 
 
+def test_overrides_recorded_by_transferkit_params_are_not_drift(tmp_path):
+    overrides = ["transfer.freeze_depth=2", "prune.keep=[head,blocks.0]"]
+    (tmp_path / "params.yaml").write_text(params_text(compose(*overrides), overrides))
+    assert params_drift(tmp_path / "params.yaml", CONF) == []
+    (tmp_path / "params.yaml").write_text(params_text(compose(*overrides)))  # not recorded: drift
+    assert {d.split(":")[0] for d in params_drift(tmp_path / "params.yaml", CONF)} == {"transfer.freeze_depth", "prune.keep"}
+
+
 def test_params_yaml_is_the_default_experiment():
     assert params_text(compose()) == (ROOT / "params.yaml").read_text()
 
@@ -64,6 +72,7 @@ def test_unknown_override_key_is_refused():
     ("data.target.val_per_class=-1", "data.target.val_per_class"),
     ("evaluate.latency_repeats=0", "evaluate.latency_repeats"),
     ("scratch.freeze_depth=2", "scratch.freeze_depth"),
+    ("data.image_size=64", "data.image_size"),
 ])
 def test_bad_numbers_name_the_key(override, key):
     with pytest.raises(TransferkitError, match=key.replace(".", r"\.")):

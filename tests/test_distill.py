@@ -89,6 +89,23 @@ def test_mixup_shows_teacher_and_student_the_same_blend_of_two_images():
     assert ((mixed[:, 0] >= 0) & (mixed[:, 0] <= values.max())).all()
 
 
+@pytest.mark.parametrize("method", sorted(LOSSES))
+def test_the_labels_are_smoothed_by_the_block_the_module_trains_with(method):
+    # prune's recovery and quantize's fine-tune distil with their own block's label_smoothing
+    teacher = build_model("fastnet", 3, widths=[4, 8, 8], stem_width=4).eval()
+    student = build_model("fastnet", 3, widths=[4, 4, 4], stem_width=4)
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8) % 3
+    losses = []
+    for smoothing in (0.0, 0.3):
+        module = DistillerModule(student, teacher, method=method, method_kwargs={"temperature": 4.0, "alpha": 0.5},
+                                 lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=smoothing,
+                                 warmup_fraction=0.1, channels_last=False)
+        losses.append(module.loss(student(x), x, y))
+    t, s = teacher(x), student(x)
+    want = LOSSES[method](s, t, y, temperature=4.0, alpha=0.5, label_smoothing=0.3)
+    assert losses[1].item() == pytest.approx(want.item()) and losses[1].item() != pytest.approx(losses[0].item())
+
+
 def _smoke_with_teacher(tmp_path, *overrides):
     cfg = compose("experiment=smoke", *overrides, tmp=tmp_path)
     for stage in ("prepare", "pretrain", "transfer"):
@@ -200,3 +217,21 @@ def test_distill_under_ddp_with_two_cpu_processes(tmp_path):
     assert "world_size: 2" in proc.stderr + proc.stdout or "Initializing distributed" in proc.stderr
     _, ckpt = load_checkpoint(tmp_path / "artifacts" / "distill" / "model.pt", "distill")
     assert ckpt["classes"] == list(single.data.target.classes)
+
+
+def test_student_init_starts_the_student_from_a_checkpoint_dvc_tracks(tmp_path):
+    from transferkit.config.dvcyaml import dvc_yaml
+
+    cfg = _smoke_with_teacher(tmp_path, "distill.epochs=1")
+    run("student", cfg)  # a model.pt of the student's architecture
+    init = tmp_path / "init.pt"
+    init.write_bytes((tmp_path / "artifacts" / "student" / "model.pt").read_bytes())
+    weights = {}
+    for name, start in (("random", "null"), ("init", str(init))):
+        run("distill", compose("experiment=smoke", "distill.epochs=1", f"distill.student_init={start}", tmp=tmp_path))
+        weights[name] = load_checkpoint(tmp_path / "artifacts" / "distill" / "model.pt", "distill")[0].state_dict()
+    assert any(not torch.equal(weights["random"][k], weights["init"][k]) for k in weights["init"])
+    with pytest.raises(TransferkitError, match=r"distill.student_init='.*missing.pt': no such file"):
+        run("distill", compose("experiment=smoke", f"distill.student_init={tmp_path / 'missing.pt'}", tmp=tmp_path))
+    stages = dvc_yaml({"distill": {"student_init": "models/student.pt"}})["stages"]
+    assert "models/student.pt" in stages["distill"]["deps"] and "models/student.pt" in stages["student"]["deps"]

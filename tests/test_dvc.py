@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT
 from transferkit.project import child_env, copy_project
@@ -42,8 +43,9 @@ def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path):
     assert (tmp_path / "plots" / "index.html").exists()
 
     # a changed parameter reruns only the stages that depend on it
-    text = (proj / "params.yaml").read_text().replace("tta: flip", "tta: none")
-    (proj / "params.yaml").write_text(text)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["evaluate"]["tta"] = "none"
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _sh(["dvc", "repro"], proj)
     assert "Running stage 'evaluate'" in third and "Running stage 'pretrain'" not in third
     text = (proj / "params.yaml").read_text().replace("calibration_images: 32", "calibration_images: 24")

@@ -9,9 +9,11 @@ from pathlib import Path
 from transferkit.errors import TransferkitError
 from transferkit.stages import BY_NAME, STAGES
 
+# export is a stage of dvc.yaml with a command of its own (under Deploying below)
+RUNNABLE = tuple(s for s in STAGES if not BY_NAME[s].command)
 HELP = f"""usage: transferkit COMMAND [options] [key=value ...]
 
-Stages ({', '.join(STAGES)}):
+Stages ({', '.join(RUNNABLE)}):
   transferkit STAGE --params params.yaml [--out DIR] [--in STAGE=DIR ...] [key=value ...]
                         what dvc.yaml runs: outputs to artifacts/STAGE/, inputs from artifacts/
   transferkit STAGE [key=value ...] [-m]
@@ -46,10 +48,6 @@ TOOLS = {
     "export": "transferkit.deploy.export",
     "predict": "transferkit.deploy.predict",
 }
-
-
-def _multi_process(cfg) -> bool:
-    return str(cfg.trainer.strategy) not in ("auto", "single_device", "None")
 
 
 def _params_mode(stage: str, args: list[str]) -> None:
@@ -103,6 +101,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
 
     from transferkit.config.compose import find_conf_dir
     from transferkit.sweep.points import check_points
+    from transferkit.training import multi_process
 
     # Compose and validate every point of a sweep before the first one trains, so a typo'd
     # key or an out-of-range value ends in one error line at once, not after hours.
@@ -114,7 +113,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
 
         job_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            if _multi_process(cfg):
+            if multi_process(cfg.trainer):
                 _run_job_in_subprocess(stage, cfg, job_dir, job_dir / stage)
             else:
                 run_stage(stage, cfg, job_dir / stage)
@@ -132,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP)
         return 0
     command, rest = argv[0], argv[1:]
+    if command in ("params", "check-params") and {"-h", "--help"} & set(rest):
+        print("\n".join(line for line in HELP.splitlines() if line.lstrip().startswith(f"transferkit {command} ")))
+        return 0
     try:
         if command == "params":
             from transferkit.config.compose import write_generated
@@ -143,22 +145,22 @@ def main(argv: list[str] | None = None) -> int:
 
             drift = generated_drift(Path(rest[0] if rest else "params.yaml"))
             if drift:
-                print("\n".join(drift) + "\nFix: run `transferkit params` (add experiment=NAME if you use one) "
-                      "and commit the files it writes.", file=sys.stderr)
+                print("\n".join(drift) + "\nFix: run `transferkit params` with the overrides you want (params.yaml "
+                      "records them) and commit the files it writes.", file=sys.stderr)
                 return 1
             print("params.yaml and dvc.yaml match conf/ and the stage table")
         elif command in TOOLS:
             import importlib
 
             return importlib.import_module(TOOLS[command]).main(rest)
-        elif command in STAGES:
+        elif command in RUNNABLE:
             if "--params" in rest:
                 _params_mode(command, rest)
             else:
                 _hydra_mode(command, rest)
         else:
             print(f"transferkit: unknown command '{command}'. Fix: use one of "
-                  f"{', '.join([*STAGES, 'params', 'check-params', *TOOLS])} (see `transferkit --help`).", file=sys.stderr)
+                  f"{', '.join([*RUNNABLE, 'params', 'check-params', *TOOLS])} (see `transferkit --help`).", file=sys.stderr)
             return 2
     except TransferkitError as e:
         print(f"transferkit {command}: error: {e}", file=sys.stderr)

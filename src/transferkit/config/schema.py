@@ -76,6 +76,7 @@ class Optim:  # conf/optim/sgd.yaml
 class Pretrain(Optim):
     epochs: int = rule(0)  # 0 exports published weights (model.weights) without source training
     freeze_depth: int = rule(0, 1)
+    tta: str = rule(choices=TTA_MODES)
 
 
 @dataclass
@@ -160,7 +161,7 @@ def validate(cfg: DictConfig) -> None:
     """Every check that needs no model or data (validate_run adds those that need the model)."""
     from transferkit.distill.losses import get_loss
     from transferkit.prune.structured import importance
-    from transferkit.training import LOGGERS
+    from transferkit.training import LOGGERS, multi_process
 
     check_value("seed", cfg.seed, int, {"low": 0, "open_low": False})
     for name, schema in BLOCKS.items():
@@ -169,6 +170,9 @@ def validate(cfg: DictConfig) -> None:
     for role in ("source", "target"):
         check(Split, cfg.data[role], f"data.{role}")
     d = cfg.data
+    if d.image_size != 32:  # the official CIFAR files are read as they are; model cost and export assume 32
+        fail("data.image_size", d.image_size, "the models and CIFAR's own files are 32x32 pixels, the only size "
+             "supported")
     if d.source.dataset == d.target.dataset and (both := sorted(set(d.source.classes) & set(d.target.classes))):
         raise TransferkitError(f"classes {both} are in both data.source.classes and data.target.classes: the target "
                                f"test images of a class the backbone was pretrained on would leak. Fix: remove them "
@@ -206,7 +210,7 @@ def validate(cfg: DictConfig) -> None:
         if differ:
             raise TransferkitError(f"the student baseline trains unlike distill ({'; '.join(differ)}): the comparison "
                                    f"would measure more than the teacher. Fix: set the same values for both.")
-    if cfg.get("transfer", {}).get("unfreeze_every_epochs") and cfg.trainer.strategy not in ("auto", None, "single_device"):
+    if cfg.get("transfer", {}).get("unfreeze_every_epochs") and multi_process(cfg.trainer):
         raise TransferkitError("transfer.unfreeze_every_epochs > 0 is not supported with strategy "
                                f"'{cfg.trainer.strategy}' (DDP fixes its parameter set at start). Fix: set "
                                "transfer.unfreeze_every_epochs=0 or use trainer=cpu/gpu.")

@@ -94,12 +94,16 @@ def results_table(metrics: dict, timing: dict) -> str:
 
 def main(argv: list[str]) -> int:
     """`transferkit results [DIR]`: the results table of a pipeline run (DIR: evaluate's output folder)."""
+    import argparse
     import json
     from pathlib import Path
 
     from transferkit.errors import TransferkitError
 
-    folder = Path(argv[0] if argv else "artifacts/evaluate")
+    parser = argparse.ArgumentParser(prog="transferkit results", description=main.__doc__)
+    parser.add_argument("dir", nargs="?", type=Path, default=Path("artifacts/evaluate"),
+                        help="evaluate's output folder (default artifacts/evaluate)")
+    folder = parser.parse_args(argv).dir
     if not (folder / "metrics.json").is_file():
         raise TransferkitError(f"no metrics.json in {folder}. Fix: run the pipeline first (`dvc repro`).")
     print(results_table(*(json.loads((folder / f).read_text()) for f in ("metrics.json", "timing.json"))), end="")

@@ -21,22 +21,24 @@ class Stage:
     target_model: bool = False      # writes a model.pt for the target task that evaluate scores
     module: str = ""                # its code, if not transferkit.stages.<name>
     command: str = ""               # its dvc.yaml command, if not `transferkit NAME --params params.yaml`
+    files: tuple[str, ...] = ()     # config keys that may name a file it reads (a dep when set)
 
 
 COMMON = ("seed", "trainer")
 # prune's recovery settings, with the distillation settings it uses (stages/distill.py: distillation)
 PRUNE_PARAMS = ("prune", "distill.method", "distill.temperature", "distill.alpha", "distill.dkd_alpha",
-                "distill.dkd_beta", "distill.label_smoothing", "distill.mixup")
+                "distill.dkd_beta", "distill.mixup")
 PIPELINE = (
     Stage("prepare", params=("seed", "data", "paths.data_dir")),
     Stage("pretrain", ("prepare",), (*COMMON, "model", "pretrain"), trains=True),
     Stage("transfer", ("prepare", "pretrain"), (*COMMON, "model", "transfer"), trains=True, target_model=True),
     Stage("probe", ("prepare", "pretrain"), (*COMMON, "model", "probe"), trains=True, target_model=True),
     Stage("scratch", ("prepare",), (*COMMON, "model", "scratch"), trains=True, target_model=True),
-    Stage("distill", ("prepare", "transfer"), (*COMMON, "distill"), trains=True, target_model=True),
+    Stage("distill", ("prepare", "transfer"), (*COMMON, "distill"), trains=True, target_model=True,
+          files=("distill.student_init",)),
     # the distillation baseline: the same student and budget, no teacher
     Stage("student", ("prepare",), (*COMMON, "distill.student", "distill.student_init", "student"), trains=True,
-          target_model=True),
+          target_model=True, files=("distill.student_init",)),
     # the distillation settings the recovery fine-tune uses (stages/distill.py: distillation)
     Stage("prune", ("prepare", "transfer", "distill"), (*COMMON, *PRUNE_PARAMS), trains=True, target_model=True),
     # the deployable model: ONNX + TorchScript, checked against PyTorch on the test set

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from transferkit.errors import TransferkitError
 from transferkit.models import init_from_data, load_backbone, model_from_config
 from transferkit.stages.common import container, load_task
 from transferkit.stages.training import train_stage
@@ -17,8 +18,12 @@ def build_student(cfg: DictConfig, task: dict):
     """Random init (with the architecture's data-dependent init), or the student's own
     pretrained weights when distill.student_init names a checkpoint."""
     n = len(task["classes"])
-    if cfg.distill.student_init:
-        return load_backbone(cfg.distill.student_init, container(cfg.distill.student), n, "pretrain")
+    if init := cfg.distill.student_init:
+        if not Path(init).is_file():
+            raise TransferkitError(f"distill.student_init={init!r}: no such file. Fix: point it at a model.pt of "
+                                   f"distill.student's architecture (`transferkit pretrain model=NAME` writes one), "
+                                   f"or set it to null for random init.")
+        return load_backbone(init, container(cfg.distill.student), n, "pretrain")
     student = model_from_config(container(cfg.distill.student), n)
     init_from_data(student, task["train_x"])
     return student

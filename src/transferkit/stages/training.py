@@ -1,5 +1,5 @@
-"""The part of pretrain / transfer / probe / scratch that is the same: build the module,
-fit it under the configured Trainer, save a self-describing checkpoint and a metrics file."""
+"""What every training stage shares: build the module, fit it under the configured Trainer,
+save a self-describing checkpoint and a metrics file."""
 
 from __future__ import annotations
 
@@ -36,14 +36,11 @@ def fit_stage(cfg: DictConfig, settings: DictConfig, model: BlockNet, task: dict
 
 
 def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: Path, *,
-                module_cls=ClassifierModule, stage_name: str | None = None, finalize=None,
-                extra_metrics: dict | None = None, **module_kwargs) -> dict:
-    """Train `model` with the optimisation block cfg[stage]; `stage_name` (default: stage) is
-    what the checkpoint records, e.g. 'student' trains with the distill block's budget.
-    `finalize(model)` runs after training, before evaluation and saving; it may return
-    metrics to record (as may `extra_metrics`)."""
+                module_cls=ClassifierModule, finalize=None, extra_metrics: dict | None = None,
+                **module_kwargs) -> dict:
+    """Train `model` with the optimisation block cfg[stage]. `finalize(model)` runs after
+    training, before evaluation and saving; it may return metrics to record (as may `extra_metrics`)."""
     settings = cfg[stage]
-    stage_name = stage_name or stage
     run = {"train_seconds": 0.0, "train_images_per_second": None, "precision": None, "device": None,
            "resumed_at_epoch": None}
     if settings.epochs > 0:  # pretrain.epochs=0: export published weights as they are
@@ -60,14 +57,14 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     if global_rank() != 0:
         return {}
     ev = cfg.evaluate
-    for split in ("val", "test") if stage_name == "pretrain" else ("val",):
+    for split in ("val", "test") if stage == "pretrain" else ("val",):
         if len(task[f"{split}_y"]):
             hits = predict(model, task[f"{split}_x"], ev.batch_size, "none", eval_device(cfg)).argmax(1) == task[f"{split}_y"]
             metrics[f"{split}_acc"] = float(hits.float().mean())
-    if stage_name == "pretrain" and len(task["test_y"]) and ev.tta != "none":  # the source task's score with TTA
-        hits = predict(model, task["test_x"], ev.batch_size, ev.tta, eval_device(cfg)).argmax(1) == task["test_y"]
+    if stage == "pretrain" and len(task["test_y"]) and settings.tta != "none":  # the source task's score with TTA
+        hits = predict(model, task["test_x"], ev.batch_size, settings.tta, eval_device(cfg)).argmax(1) == task["test_y"]
         metrics["test_acc_tta"] = float(hits.float().mean())
-    save_checkpoint(model, out / "model.pt", task["classes"], stage=stage_name, experiment=cfg.name)
+    save_checkpoint(model, out / "model.pt", task["classes"], stage=stage, experiment=cfg.name)
     save_json(metrics, out / "metrics.json")
     save_json(run, out / "timing.json")  # how this machine ran it: not part of the reproducible metrics
     return metrics

@@ -73,12 +73,12 @@ def main(argv: list[str]) -> int:
     from transferkit.config.compose import params_text
     from transferkit.io import save_text
     from transferkit.project import run_pipeline, stage_run
-    from transferkit.stages import BY_NAME, STAGES
+    from transferkit.stages import BY_NAME, TARGET_MODELS
     from transferkit.evaluation.tables import sweep_table
     from transferkit.sweep.collect import collect
 
     parser = argparse.ArgumentParser(prog="transferkit sweep", description=main.__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=[s for s in STAGES if BY_NAME[s].trains])
+    parser.add_argument("stage", choices=TARGET_MODELS, help="a stage whose models collect scores")
     parser.add_argument("--out", type=Path, help="the sweep's folder (default sweeps/<experiment>-<stage>)")
     args, overrides = parser.parse_known_args(argv)
     points, cfgs = map(list, zip(*check_points(args.stage, overrides)))
