@@ -1,5 +1,5 @@
-"""Accuracy and its uncertainty. Computed on the CPU in fp32, exactly as a user would run
-the saved model, so the numbers are identical from run to run."""
+"""Accuracy and its uncertainty. Computed in fp32 with deterministic kernels, exactly as a user
+would run the saved model, so the numbers are identical from run to run."""
 
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
 
 def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -> Path:
     """The pruned student as deployed (fold.deployable), trained with fake INT8 quantization and
-    distilled from the teacher with prune's recovery settings; returns its fp32 ONNX file."""
+    distilled from the transfer model with prune's optimisation block (prune.teacher is not read:
+    the student before pruning is not among this stage's inputs); returns its fp32 ONNX file."""
     from transferkit.deploy.export import export_onnx
     from transferkit.deploy.fold import deployable
     from transferkit.deploy.qat import add_fake_quant, remove_fake_quant
