@@ -97,6 +97,23 @@ def test_exports_match_pytorch(exported, kind):
         assert torch.equal(ts(x), deployable(model)(x))
 
 
+def test_exported_files_hold_no_path_of_this_machine(exported):
+    # the same model exported from a clone in another folder gives the same bytes, and a shipped
+    # file does not tell where its maker's files live
+    import zipfile
+    from pathlib import Path
+
+    import transferkit
+
+    _, _, out = exported
+    src = str(Path(transferkit.__file__).resolve().parents[1]).encode()
+    for folder, result in out.values():
+        files = folder / "export"
+        assert src not in (files / "model.onnx").read_bytes()
+        names = zipfile.ZipFile(files / "model.torchscript.pt").namelist()
+        assert all(n.startswith("archive/") for n in names), names[:3]
+
+
 def test_report_shows_every_runtime_the_export_checked(exported):
     from transferkit.evaluation.report import export_section
 

@@ -133,10 +133,17 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
 
 
 def add_onnx_metadata(path: Path, meta: dict) -> int:
-    """Embed class names (so the ONNX file alone is enough), check the model; returns its opset."""
+    """Embed class names (so the ONNX file alone is enough), check the model; returns its opset.
+    The dynamo exporter annotates the graph with its Python stack traces, which hold this machine's
+    file paths: they go, so the shipped file carries none and its bytes do not depend on where the
+    project lives."""
     import onnx
 
     model = onnx.load(str(path))
+    g = model.graph
+    for item in (g, *g.node, *g.value_info, *g.input, *g.output, *g.initializer):
+        if hasattr(item, "metadata_props"):
+            del item.metadata_props[:]
     onnx.helper.set_model_props(model, {META_KEY: json.dumps(meta)})
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -147,7 +154,8 @@ def export_torchscript(model: torch.nn.Module, path: Path, size: int, meta: dict
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated upstream, still the TorchScript format
         traced = torch.jit.trace(model, torch.rand(2, 3, size, size), check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={META_KEY: json.dumps(meta)})
+        with open(path, "wb") as f:  # saved to a path, the archive's folder would be named after it (a temporary name)
+            torch.jit.save(traced, f, _extra_files={META_KEY: json.dumps(meta)})
 
 
 # --------------------------------------------------------------------------- checks and latency

@@ -8,10 +8,10 @@ CI runs it.
 2. Twice, each in a fresh copy of the project (what a clone has, plus data/): `dvc repro
    [STAGE]`; then a second `dvc repro` must run nothing and `dvc status` must be clean. A stage
    that reruns means something it depends on changes under DVC's feet.
-3. Every metrics.json and model.pt under artifacts/ is byte-identical in the two copies:
-   metrics.json holds only numbers that must not vary (timings go to timing.json) and a
-   checkpoint only weights and settings, so any difference is unseeded randomness or a
-   nondeterministic operation.
+3. Every metrics.json, model.pt and exported model under artifacts/ is byte-identical in the two
+   copies: metrics.json holds only numbers that must not vary (timings go to timing.json), a
+   checkpoint only weights and settings and an export only the model, so any difference is
+   unseeded randomness, a nondeterministic operation or the copy's own path.
 
 Prints one PASS/FAIL line per check and a summary; exits 0 when all pass, 1 otherwise.
 """
@@ -83,9 +83,14 @@ def weights_difference(a: Path, b: Path) -> str:
                     for k in keys], len(keys))
 
 
-# Equal metrics on a small test set can hide weights that drifted in the last bits: both compared.
+def size_difference(a: Path, b: Path) -> str:
+    return f"{a.stat().st_size:,} bytes in run 1, {b.stat().st_size:,} in run 2"
+
+
+# Equal metrics on a small test set can hide weights that drifted in the last bits: both compared,
+# and the deployed files, which must not depend on where the project lives either.
 COMPARED = {"metrics.json": lambda a, b: describe_difference(a.read_bytes(), b.read_bytes()),
-            "model.pt": weights_difference}
+            "model.pt": weights_difference, "model.onnx": size_difference, "model.torchscript.pt": size_difference}
 
 
 def reproduce(proj: Path, target: str | None, label: str, report: Report) -> None:
@@ -106,7 +111,7 @@ def reproduce(proj: Path, target: str | None, label: str, report: Report) -> Non
 
 
 def compare_outputs(run1: Path, run2: Path, report: Report) -> None:
-    """Check 3: every metrics.json and model.pt is byte-identical in the two runs."""
+    """Check 3: every file of a COMPARED name is byte-identical in the two runs."""
     def files(proj: Path, name: str) -> set[str]:
         return {p.relative_to(proj).as_posix() for p in (proj / "artifacts").rglob(name)}
 
