@@ -181,7 +181,7 @@ CASES = {
                                                  "freeze_curve.depths=[0, 9] is invalid: model 'fastnet' has 4 blocks"),
     "freeze curve depth twice": Case("freeze_curve", ("freeze_curve.depths=[2,2]",), "freeze_curve.depths=[2, 2] is invalid: lists a depth twice"),
     "freeze curve depth not a number": Case("freeze_curve", ("freeze_curve.depths=[a]",),
-                                            "'a' is not a block count"),
+                                            "freeze_curve.depths=['a'] is invalid: must be a valid integer (item 0: 'a')"),
     "negative learning rate": Case("transfer", ("transfer.lr=-0.1",), "transfer.lr"),
     "zero learning rate": Case("pretrain", ("pretrain.lr=0",), "pretrain.lr"),
     "negative backbone LR multiplier": Case("transfer", ("transfer.backbone_lr_mult=-1",), "backbone_lr_mult"),

@@ -11,7 +11,7 @@ import yaml
 from conftest import CIFAR10_CLASSES, compose, write_image_folder
 from transferkit.config.schema import validate
 from transferkit.errors import TransferkitError
-from transferkit.scenarios.report import QUADRANTS, main, run, split_argv
+from transferkit.scenarios.report import QUADRANTS, main, parse, run
 
 TARGET = ["cat", "dog", "horse"]
 ANIMALS = ["bird", "deer", "frog"]
@@ -58,10 +58,10 @@ def test_bad_requests_fail_before_any_work(tmp_path, argv, needle):
 
 
 def test_overrides_are_told_apart_from_options():
-    overrides, options = split_argv(["--out", "runs/seed=1", "seed=1", "--only", "small_similar",
-                                     "large_different", "model=vgg_mini", "--early-depth", "3"])
-    assert overrides == ["seed=1", "model=vgg_mini"]
-    assert options == ["--out", "runs/seed=1", "--only", "small_similar", "large_different", "--early-depth", "3"]
+    args, overrides = parse(["--out", "runs/seed=1", "seed=1", "--only", "small_similar",
+                             "large_different", "model=vgg_mini", "--early-depth", "3"])
+    assert sorted(overrides) == ["model=vgg_mini", "seed=1"]
+    assert (str(args.out), args.only, args.early_depth) == ("runs/seed=1", ["small_similar", "large_different"], 3)
 
 
 # ------------------------------------------------------------------ end to end, tiny

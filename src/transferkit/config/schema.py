@@ -1,175 +1,175 @@
-"""The config's schema: each block a dataclass whose fields carry their type and allowed values,
+"""The config's schema: pydantic models whose fields carry each key's type and allowed values,
 checked before any data is loaded or training starts. Hydra already refuses unknown keys
 (struct mode); this refuses impossible values, each with one message naming the key and the fix.
 The checks that need a model (how many blocks it has) run in the stage that builds it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import get_type_hints
+from typing import Annotated, Literal, Optional
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from transferkit.data.augment import FLIP_MODES
+from transferkit.deploy.quantize import FORMATS as QUANTIZE_FORMATS, METHODS as QUANTIZE_METHODS
 from transferkit.errors import TransferkitError
-
-from transferkit.data.augment import FLIP_MODES  # noqa: E402
-from transferkit.deploy.quantize import FORMATS as QUANTIZE_FORMATS, METHODS as QUANTIZE_METHODS  # noqa: E402
-from transferkit.evaluation.metrics import TTA as TTA_MODES  # noqa: E402
-from transferkit.prune.structured import SCOPES  # noqa: E402
+from transferkit.evaluation.metrics import TTA as TTA_MODES
+from transferkit.prune.structured import SCOPES
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
 
 
-def rule(low=None, high=None, *, open_low: bool = False, open_high: bool = False, choices: tuple = (),
-         optional: bool = False):
-    return field(default=None, metadata={"low": low, "high": high, "open_low": open_low, "open_high": open_high,
-                                         "choices": choices, "optional": optional})
+def rule(**limits):
+    """A key that may be absent (the blocks a config has differ) but, when set, obeys `limits`."""
+    return Field(None, **limits)
+
+
+class Schema(BaseModel):
+    # strict: no bool for a number or "3" for an int; extra: keys not listed here are not checked
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class Optim(Schema):  # conf/optim/sgd.yaml
+    epochs: int = rule(ge=1)
+    batch_size: int = rule(ge=1)
+    lr: float = rule(gt=0)
+    momentum: float = rule(ge=0, le=1)
+    weight_decay: float = rule(ge=0)
+    label_smoothing: float = rule(ge=0, le=1)
+    warmup_fraction: float = rule(ge=0, le=1)
+    warmup_from: float = rule(ge=0, le=1)
+    decay_to: float = rule(ge=0, le=1)
+    bn_bias_lr_mult: float = rule(gt=0)
+    bn_bias_decay: bool = rule()
+    lookahead: bool = rule()
+    flip: Literal[FLIP_MODES] = rule()
+    translate: int = rule(ge=0, le=8)
+
+
+class Pretrain(Optim):
+    epochs: int = rule(ge=0)  # 0 exports published weights (model.weights) without source training
+    freeze_depth: int = rule(ge=0, le=1)
+    tta: Literal[TTA_MODES] = rule()
+
+
+class Transfer(Optim):
+    freeze_depth: int = rule(ge=0)
+    backbone_lr_mult: float = rule(ge=0)
+    unfreeze_every_epochs: int = rule(ge=0)
+
+
+class Scratch(Optim):
+    freeze_depth: int = rule(ge=0, le=1)
+
+
+class Probe(Optim):
+    depth: Optional[int] = rule(ge=1)
+
+
+class Distill(Optim):
+    temperature: float = rule(gt=0)
+    alpha: float = rule(ge=0, le=1)
+    dkd_alpha: float = rule(ge=0)
+    dkd_beta: float = rule(ge=0)
+    mixup: float = rule(ge=0)
+
+
+class Prune(Optim):
+    mode: Literal["structured", "unstructured"] = rule()
+    target: Literal["macs", "channels"] = rule()
+    scope: Literal[tuple(SCOPES)] = rule()
+    teacher: Literal["transfer", "student"] = rule()
+    ratio: float = rule(gt=0, lt=1)  # the share of MACs, channels or weights removed
+    rates: list[Annotated[float, Field(ge=0)]] = rule()  # one per block of the model (or [])
+    steps: int = rule(ge=1)
+    round_to: Optional[int] = rule(ge=1)
+    sparse_epochs: int = rule(ge=0)
+    sparse_reg: float = rule(ge=0)
+
+
+class Split(Schema):  # data.source / data.target
+    train_per_class: Optional[int] = rule(ge=1)
+    val_per_class: int = rule(ge=0)
+    test_per_class: Optional[int] = rule(ge=1)
+
+
+class Synthetic(Schema):
+    train_per_class: int = rule(ge=1)
+    test_per_class: int = rule(ge=1)
+
+
+class Data(Schema):
+    source: Split = rule()
+    target: Split = rule()
+    synthetic: Synthetic = rule()
+
+
+class Trainer(Schema):
+    precision: Literal[PRECISIONS] = rule()
+    checkpoint_budget: float = rule(ge=0, le=1)
+
+
+class Quantize(Schema):
+    calibration_images: int = rule(ge=1)
+    method: Literal[QUANTIZE_METHODS] = rule()
+    format: Literal[QUANTIZE_FORMATS] = rule()
+    per_channel: bool = rule()
+    max_drop: float = rule(ge=0, le=1)
+    qat_epochs: int = rule(ge=0)
+    qat_lr: float = rule(gt=0)
+
+
+class Evaluate(Schema):
+    tta: Literal[TTA_MODES] = rule()
+    latency_repeats: int = rule(ge=1)
+    throughput_batch: int = rule(ge=1)
+    batch_size: int = rule(ge=1)
+
+
+class FreezeCurve(Schema):
+    depths: list[Annotated[int, Field(ge=0)]] = rule()  # block counts, e.g. [0, 2, 3, 4] (or [])
+
+
+BLOCKS = {"pretrain": Pretrain, "transfer": Transfer, "probe": Probe, "scratch": Scratch, "distill": Distill,
+          "student": Optim, "prune": Prune, "quantize": Quantize, "trainer": Trainer, "evaluate": Evaluate,
+          "freeze_curve": FreezeCurve, "data": Data}
+Config = create_model("Config", __base__=Schema, seed=(int, rule(ge=0)),
+                      **{name: (schema, rule()) for name, schema in BLOCKS.items()})
 
 
 def fail(key: str, value, need: str):
     raise TransferkitError(f"{key}={value!r} is invalid: {need}. Fix: set {key} in conf/ or as an override.")
 
 
-def check_value(key: str, value, kind: type, m: dict) -> None:
-    if value is None and m.get("optional"):
-        return
-    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
-        fail(key, value, "must be an integer")
-    if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-        fail(key, value, "must be a number")
-    if kind is bool and not isinstance(value, bool):
-        fail(key, value, "must be true or false")
-    if m.get("choices") and value not in m["choices"]:
-        fail(key, value, f"must be one of {list(m['choices'])}")
-    low, high = m.get("low"), m.get("high")
-    if low is not None and (value <= low if m["open_low"] else value < low):
-        fail(key, value, f"must be {'>' if m['open_low'] else '>='} {low}")
-    if high is not None and (value >= high if m.get("open_high") else value > high):
-        fail(key, value, f"must be {'<' if m.get('open_high') else '<='} {high}")
-
-
-def check(schema, node: DictConfig, prefix: str) -> None:
-    for f, kind in ((f, get_type_hints(schema)[f.name]) for f in fields(schema)):
-        if f.name in node:
-            check_value(f"{prefix}.{f.name}", node[f.name], kind, f.metadata)
-
-
-@dataclass
-class Optim:  # conf/optim/sgd.yaml
-    epochs: int = rule(1)
-    batch_size: int = rule(1)
-    lr: float = rule(0, open_low=True)
-    momentum: float = rule(0, 1)
-    weight_decay: float = rule(0)
-    label_smoothing: float = rule(0, 1)
-    warmup_fraction: float = rule(0, 1)
-    warmup_from: float = rule(0, 1)
-    decay_to: float = rule(0, 1)
-    bn_bias_lr_mult: float = rule(0, open_low=True)
-    bn_bias_decay: bool = rule()
-    lookahead: bool = rule()
-    flip: str = rule(choices=FLIP_MODES)
-    translate: int = rule(0, 8)
-
-
-@dataclass
-class Pretrain(Optim):
-    epochs: int = rule(0)  # 0 exports published weights (model.weights) without source training
-    freeze_depth: int = rule(0, 1)
-    tta: str = rule(choices=TTA_MODES)
-
-
-@dataclass
-class Transfer(Optim):
-    freeze_depth: int = rule(0)
-    backbone_lr_mult: float = rule(0)
-    unfreeze_every_epochs: int = rule(0)
-
-
-@dataclass
-class Scratch(Optim):
-    freeze_depth: int = rule(0, 1)
-
-
-@dataclass
-class Probe(Optim):
-    depth: int = rule(1, optional=True)
-
-
-@dataclass
-class Distill(Optim):
-    temperature: float = rule(0, open_low=True)
-    alpha: float = rule(0, 1)
-    dkd_alpha: float = rule(0)
-    dkd_beta: float = rule(0)
-    mixup: float = rule(0)
-
-
-@dataclass
-class Prune(Optim):
-    mode: str = rule(choices=("structured", "unstructured"))
-    target: str = rule(choices=("macs", "channels"))
-    scope: str = rule(choices=tuple(SCOPES))
-    teacher: str = rule(choices=("transfer", "student"))
-    ratio: float = rule(0, 1, open_low=True, open_high=True)  # the share of MACs, channels or weights removed
-    steps: int = rule(1)
-    round_to: int = rule(1, optional=True)
-    sparse_epochs: int = rule(0)
-    sparse_reg: float = rule(0)
-
-
-@dataclass
-class Split:  # data.source / data.target
-    train_per_class: int = rule(1, optional=True)
-    val_per_class: int = rule(0)
-    test_per_class: int = rule(1, optional=True)
-
-
-@dataclass
-class Trainer:
-    precision: str = rule(choices=PRECISIONS)
-    checkpoint_budget: float = rule(0, 1)
-
-
-@dataclass
-class Quantize:
-    calibration_images: int = rule(1)
-    method: str = rule(choices=QUANTIZE_METHODS)
-    format: str = rule(choices=QUANTIZE_FORMATS)
-    per_channel: bool = rule()
-    max_drop: float = rule(0, 1)
-    qat_epochs: int = rule(0)
-    qat_lr: float = rule(0, open_low=True)
-
-
-@dataclass
-class Evaluate:
-    tta: str = rule(choices=TTA_MODES)
-    latency_repeats: int = rule(1)
-    throughput_batch: int = rule(1)
-    batch_size: int = rule(1)
+def check_schema(params: dict) -> None:
+    """The first value that breaks the schema, as one error naming its key (a list by its item)."""
+    try:
+        Config.model_validate(params)
+    except ValidationError as e:
+        error = e.errors()[0]
+        keys = [k for k in error["loc"] if isinstance(k, str)]
+        value = params
+        for k in keys:
+            value = value[k]
+        item = f" (item {error['loc'][-1]}: {error['input']!r})" if isinstance(error["loc"][-1], int) else ""
+        fail(".".join(keys), value, error["msg"].replace("Input should be", "must be") + item)
 
 
 # The structured-only prune keys whose default turns them off (criterion, round_to, ... have live defaults).
 STRUCTURED_ONLY = {"rates": [], "sparse_epochs": 0, "steps": 1}
 
-BLOCKS = {"pretrain": Pretrain, "transfer": Transfer, "probe": Probe, "scratch": Scratch, "distill": Distill,
-          "student": Optim, "prune": Prune, "quantize": Quantize, "trainer": Trainer, "evaluate": Evaluate}
-
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model or data (validate_run adds those that need the model)."""
+    from transferkit.config.compose import to_params
     from transferkit.distill.losses import get_loss
     from transferkit.prune.structured import importance
     from transferkit.training import LOGGERS, multi_process
 
-    check_value("seed", cfg.seed, int, {"low": 0, "open_low": False})
-    for name, schema in BLOCKS.items():
-        if name in cfg:
-            check(schema, cfg[name], name)
-    for role in ("source", "target"):
-        check(Split, cfg.data[role], f"data.{role}")
-    d = cfg.data
+    d, params = cfg.data, to_params(cfg)
+    if "synthetic" not in (d.source.dataset, d.target.dataset):
+        params["data"].pop("synthetic", None)  # read only when a split is synthetic
+    check_schema(params)
     if d.image_size != 32:  # the official CIFAR files are read as they are; model cost and export assume 32
         fail("data.image_size", d.image_size, "the models and CIFAR's own files are 32x32 pixels, the only size "
              "supported")
@@ -177,9 +177,6 @@ def validate(cfg: DictConfig) -> None:
         raise TransferkitError(f"classes {both} are in both data.source.classes and data.target.classes: the target "
                                f"test images of a class the backbone was pretrained on would leak. Fix: remove them "
                                f"from one of the two lists.")
-    if "synthetic" in (d.source.dataset, d.target.dataset):
-        for key in ("train_per_class", "test_per_class"):
-            check_value(f"data.synthetic.{key}", d.synthetic[key], int, {"low": 1, "open_low": False})
     for name in cfg.trainer.get("loggers") or []:
         if name not in LOGGERS:
             raise TransferkitError(f"unknown logger '{name}' in trainer.loggers. Fix: use any of {list(LOGGERS)}.")
@@ -193,11 +190,6 @@ def validate(cfg: DictConfig) -> None:
                                    f"image has two labels). Fix: set distill.method=kd or distill.mixup=0.")
     if "prune" in cfg:
         importance(cfg.prune.criterion)  # likewise for the pruning criteria
-        rates = cfg.prune.rates
-        if not isinstance(rates, (list, ListConfig)):
-            fail("prune.rates", rates, "must be a list of numbers >= 0, one per block of the model (or [])")
-        for rate in rates:
-            check_value("prune.rates", rate, float, {"low": 0, "open_low": False})
         # unstructured pruning zeroes weights in one shot: a set structured-only key would be ignored
         ignored = [k for k, off in STRUCTURED_ONLY.items() if cfg.prune[k] != off]
         if cfg.prune.mode == "unstructured" and ignored:
@@ -214,15 +206,8 @@ def validate(cfg: DictConfig) -> None:
         raise TransferkitError("transfer.unfreeze_every_epochs > 0 is not supported with strategy "
                                f"'{cfg.trainer.strategy}' (DDP fixes its parameter set at start). Fix: set "
                                "transfer.unfreeze_every_epochs=0 or use trainer=cpu/gpu.")
-    if "freeze_curve" in cfg:
-        depths = cfg.freeze_curve.depths
-        if not isinstance(depths, (list, ListConfig)):
-            fail("freeze_curve.depths", depths, "must be a list of block counts, e.g. [0, 2, 3, 4] (or [])")
-        for k in depths:
-            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-                fail("freeze_curve.depths", list(depths), f"{k!r} is not a block count (an integer >= 0)")
-        if len(set(depths)) != len(depths):
-            fail("freeze_curve.depths", list(depths), "lists a depth twice")
+    if "freeze_curve" in cfg and len(set(cfg.freeze_curve.depths)) != len(cfg.freeze_curve.depths):
+        fail("freeze_curve.depths", list(cfg.freeze_curve.depths), "lists a depth twice")
 
 
 # The block depths each stage takes (key, values), checked once the model's block count is known.

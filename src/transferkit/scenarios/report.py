@@ -120,31 +120,25 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
     return summary
 
 
-VALUE_OPTIONS = ("--out", "--early-depth", "--partial-depth")
-
-
-def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """key=value overrides apart from the options (--only takes several names; an --out path
-    may contain '=' too)."""
-    overrides, options, value_next = [], [], False
-    for a in argv:
-        if value_next or a.startswith("-") or "=" not in a:
-            options.append(a)
-            value_next = a in VALUE_OPTIONS
-        else:
-            overrides.append(a)
-    return overrides, options
-
-
-def main(argv: list[str]) -> int:
-    overrides, options = split_argv(argv)
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The options, and the key=value overrides among the other arguments (--only takes several
+    names, and would take the overrides after it too)."""
     parser = argparse.ArgumentParser(prog="transferkit scenarios", description=__doc__.split("\n\n")[0],
                                      epilog="key=value overrides (Hydra syntax) apply to every quadrant.")
     parser.add_argument("--out", type=Path, default=Path("scenarios"), help="output folder (default scenarios/)")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these of {', '.join(QUADRANTS)}")
+    parser.add_argument("--only", nargs="+", default=[], metavar="NAME", help=f"run only these of {', '.join(QUADRANTS)}")
     parser.add_argument("--early-depth", type=int, default=2, help="probe.depth of the earlier-block probe (2)")
     parser.add_argument("--partial-depth", type=int, default=2, help="transfer.freeze_depth of partial freeze (2)")
-    args = parser.parse_args(options)
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in args.only if "=" in a] + rest
+    if bad := [a for a in overrides if "=" not in a]:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.only = [a for a in args.only if "=" not in a]
+    return args, overrides
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = parse(argv)
     run(args.out, args.only, overrides, args.early_depth, args.partial_depth)
     print((args.out / "scenarios.md").read_text())
     print(f"wrote {args.out / 'scenarios.md'}, {args.out / 'scenarios.json'}, {args.out / 'scenarios_timing.json'}")
