@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -59,17 +58,20 @@ def load_target_task(artifacts: Path, seed: int = 0) -> tuple[dict, str]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    """The CPU, torch, the fp32 and bf16 matmul peaks measured now (not the precision probe's
+    cache: this VM's speed changes by the hour) at the current torch threads, the load average."""
+    from transferkit.training.precision import cpu_model, matmul_gflops
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "fp32_gflops": round(matmul_gflops(torch.float32)), "bf16_gflops": round(matmul_gflops(torch.bfloat16)),
             "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def describe(m: dict) -> str:
+    """machine() in one line: what every script prints before its timings and after them."""
+    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['cpu_capability']}), {m['torch_threads']} "
+            f"threads; matmul peak fp32 {m['fp32_gflops']} / bf16 {m['bf16_gflops']} GFLOP/s; load average {m['loadavg']}")
 
 
 def now() -> str:
@@ -104,9 +106,9 @@ def fresh_inductor_cache() -> None:
 
 
 def finish(name: str, info: dict, rows: list[dict]) -> None:
-    """The closing lines every script prints: the load average after, and where the JSON went."""
+    """The closing lines every script prints: the machine after the run, and where the JSON went."""
     info["machine_after"] = machine()
-    print(f"\nload average after: {info['machine_after']['loadavg']}")
+    print(f"\nafter: {describe(info['machine_after'])}")
     print(f"wrote {save(name, {**info, 'rows': rows})}")
 
 

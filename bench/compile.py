@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, finish, fresh_inductor_cache, load_target_task, machine, now, params, table  # noqa: E402
+from _common import ROOT, describe, finish, fresh_inductor_cache, load_target_task, machine, now, params, table  # noqa: E402
 from mfu import best_rate, stage_models, train_step_fn  # noqa: E402
 
 COLUMNS = [("stage", "training step", "s"), ("batch", "batch", "d"), ("eager_img_s", "eager img/s", ",.0f"),
@@ -37,8 +37,7 @@ def main(argv=None) -> int:
     fresh_inductor_cache()
     p = params()
     info = {"when": now(), "machine": machine()}
-    print(f"{info['machine']['cpu']}, {info['machine']['cores']} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; load average {info['machine']['loadavg']}", flush=True)
+    print(describe(info["machine"]), flush=True)
     task, _ = load_target_task(args.artifacts)
     n_classes, n_train = len(task["classes"]), len(task["train_y"])
     models = {k: m for k, (m, _) in stage_models(p, args.artifacts, n_classes).items()}

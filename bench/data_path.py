@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, Clock, conv_widths, load_target_task, machine, now, params,  # noqa: E402
+from _common import (ROOT, Clock, conv_widths, describe, load_target_task, machine, now, params,  # noqa: E402
                      prune_like_the_stage, save, table)
 
 from transferkit.data.loader import DeviceBatches  # noqa: E402
@@ -152,8 +151,8 @@ def main(argv=None) -> int:
     widths = conv_widths(base)
     info = {"when": now(), "machine": machine(), "data": source, "batch_size": batch, "model": args.model,
             "conv_widths": widths, "precision": "bf16 autocast, channels_last"}
-    print(f"data: {source}; model: {args.model} (convs {widths}); batch {batch}; "
-          f"torch threads {torch.get_num_threads()}; load average {info['machine']['loadavg']}", flush=True)
+    print(f"{describe(info['machine'])}\ndata: {source}; model: {args.model} (convs {widths}); batch {batch}",
+          flush=True)
 
     # our arm: calibrate the step count on it, then run it
     warmup = 5
@@ -203,8 +202,8 @@ def main(argv=None) -> int:
     print(f"\ntraining: ours / torchvision = {train_ratio:.2f}x (bar: >= 3x) -> "
           f"{'met' if train_ratio >= 3 else 'NOT met'}")
     print(f"data path alone: ours / torchvision ({args.workers} workers) = {data_ratio:.1f}x")
-    info["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(f"load average before / after: {info['machine']['loadavg']} / {info['machine']['loadavg_after']}")
+    info["machine_after"] = machine()
+    print(f"after: {describe(info['machine_after'])}")
     path = save("data_path" + (f"-{args.model}" if args.model != "teacher" else "")
                 + (f"-threads{args.threads}" if args.threads else ""), {**info, "rows": rows, "train_ratio": train_ratio, "data_only_ratio": data_ratio,
                               "bar": 3.0, "bar_met": train_ratio >= 3})

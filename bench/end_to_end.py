@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import ROOT, machine, now, save, table
+from _common import ROOT, describe, machine, now, save, table
 from mfu import machine_peak
 
 from transferkit.config.compose import compose, params_text
@@ -57,8 +57,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     info = {"when": now(), "machine": machine(), "experiment": args.experiment}
-    print(f"experiment {args.experiment}; {info['machine']['cpu']}, {info['machine']['cores']} cores; "
-          f"load average {info['machine']['loadavg']}", flush=True)
+    print(f"experiment {args.experiment}; {describe(info['machine'])}", flush=True)
     peak_before = machine_peak(torch.bfloat16)["flops"]
     fp32_before = machine_peak(torch.float32)["flops"]
     print(f"matmul peak before: bf16 {peak_before / 1e9:.0f}, fp32 {fp32_before / 1e9:.0f} GFLOP/s", flush=True)

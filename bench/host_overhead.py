@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, now, save, table  # noqa: E402
+from _common import describe, finish, machine, now, table  # noqa: E402
 
 from transferkit.data.loader import DeviceBatches, TaskDataModule  # noqa: E402
 from transferkit.models import build_model  # noqa: E402
 from transferkit.training.classifier import ClassifierModule  # noqa: E402
-from transferkit.training.precision import matmul_gflops  # noqa: E402
 from transferkit.training.trainer import fit  # noqa: E402
 
 SETTINGS = dict(lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.2, warmup_fraction=0.1)
@@ -88,10 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    info = {"when": now(), "machine": machine(), "fp32_gflops": matmul_gflops(torch.float32),
-            "bf16_gflops": matmul_gflops(torch.bfloat16)}
-    print(f"{info['machine']['cpu']}; matmul peak fp32 {info['fp32_gflops']:.0f} / bf16 {info['bf16_gflops']:.0f} "
-          f"GFLOP/s (1 thread); load average {info['machine']['loadavg']}", flush=True)
+    info = {"when": now(), "machine": machine()}
+    print(describe(info["machine"]), flush=True)
     arms = {"plain PyTorch loop": lambda n, tmp: run_plain(n, args.batch),
             "ours, as the stages run it": lambda n, tmp: run_ours(n, args.batch, tmp, True),
             "ours, no progress bar or logger": lambda n, tmp: run_ours(n, args.batch, tmp, False)}
@@ -110,8 +107,7 @@ def main(argv=None) -> int:
           f"{STEPS[0]} and {STEPS[1]} steps, median of {args.repeats}):")
     print(table(rows, [("loop", "loop", "s"), ("ms", "ms/step", ".3f"), ("spread", "range", "s"),
                        ("over", "above plain, ms", "+.3f")]))
-    print(f"\nload average after: {machine()['loadavg']}")
-    print(f"wrote {save('host_overhead', {**info, 'rows': rows, 'slopes_ms': slopes})}")
+    finish("host_overhead", {**info, "slopes_ms": slopes}, rows)
     return 0
 
 

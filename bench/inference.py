@@ -30,7 +30,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, finish, fresh_inductor_cache, load_target_task, machine, now, params, table  # noqa: E402
+from _common import ROOT, describe, finish, fresh_inductor_cache, load_target_task, machine, now, params, table  # noqa: E402
 from mfu import best_rate, stage_models  # noqa: E402
 
 from transferkit.models import model_from_config  # noqa: E402
@@ -116,8 +116,7 @@ def main(argv=None) -> int:
     p = params()
     batch = p["evaluate"]["batch_size"]
     info = {"when": now(), "machine": machine(), "batch": batch}
-    print(f"{info['machine']['cpu']}, {info['machine']['cores']} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; load average {info['machine']['loadavg']}", flush=True)
+    print(describe(info["machine"]), flush=True)
 
     task, source = load_target_task(args.artifacts)
     # .contiguous(): the reference arm must be NCHW; image-folder tasks are stored NHWC, and an

@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, now, save, table  # noqa: E402
+from _common import ROOT, describe, finish, machine, now, table  # noqa: E402
 
 from transferkit.config.compose import load_params  # noqa: E402
 from transferkit.deploy.export import add_onnx_metadata, export_onnx  # noqa: E402
@@ -38,7 +38,6 @@ from transferkit.evaluation.speed import cpu_latency_ms, onnx_throughput  # noqa
 from transferkit.evaluation.metrics import predict_onnx  # noqa: E402
 from transferkit.models import load_checkpoint  # noqa: E402
 from transferkit.stages.common import load_task  # noqa: E402
-from transferkit.training.precision import cpu_matmul  # noqa: E402
 
 VARIANTS = {"int8 qoperator, per-channel (default)": {"fmt": "qoperator", "per_channel": True},
             "int8 qdq, per-channel": {"fmt": "qdq", "per_channel": True},
@@ -106,9 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="where the time goes at batch 256, by operator")
     args = ap.parse_args(argv)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    info = {"when": now(), "machine": machine(), "matmul": cpu_matmul(), "vnni": "avx512_vnni" in flags}
-    print(f"{info['machine']['cpu']}; AVX-512 VNNI: {'yes' if info['vnni'] else 'no'}; matmul peak fp32 "
-          f"{info['matmul']['fp32_gflops']} / bf16 {info['matmul']['bf16_gflops']} GFLOP/s", flush=True)
+    info = {"when": now(), "machine": machine(), "vnni": "avx512_vnni" in flags}
+    print(f"{describe(info['machine'])}; AVX-512 VNNI: {'yes' if info['vnni'] else 'no'}", flush=True)
     q = OmegaConf.to_container(load_params(ROOT / "params.yaml").quantize)
     task = load_task(args.artifacts / "prepare", "target")
     calibration = calibration_images(task, q["calibration_images"])
@@ -148,7 +146,7 @@ def main(argv=None) -> int:
         print(f"{name}, batch 256: {shares['ms_per_run']:.1f} ms of kernels per run; share by operator: "
               + ", ".join(f"{op} {share}%" for op, share in shares.items() if op not in ("ms_per_run", "nodes_ms")))
         print("  ms per run by node: " + ", ".join(f"{node} {ms}" for node, ms in shares["nodes_ms"].items()))
-    print(f"wrote {save('int8', {**info, 'rows': rows})}")
+    finish("int8", info, rows)
     return 0
 
 

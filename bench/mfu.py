@@ -1,8 +1,8 @@
 """Model-FLOPs utilisation of every training stage's model on this machine.
 
 1. Peak: the best FLOP/s of large torch.matmul calls in bf16 and fp32, and of the same GEMMs
-   run as 1x1 convolutions (oneDNN: fp32 torch.matmul goes to MKL, which is about half as fast
-   as oneDNN on this AMD CPU); with all torch threads, and one core's best x threads (the larger
+   run as 1x1 convolutions (fp32 torch.matmul goes to MKL and convolutions to oneDNN, whose
+   speeds differ by CPU: the peak is the faster of the two); with all torch threads, and one core's best x threads (the larger
    is used: on a shared machine the all-threads run understates the cores). Measured in the
    same run, so the ratio does not depend on a spec sheet or clock speed.
 2. For each stage's model (teacher fastnet 64/256/256 for pretrain/transfer, student fastnet
@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, conv_widths, load_target_task, machine, now, params,  # noqa: E402
+from _common import (ROOT, conv_widths, describe, load_target_task, machine, now, params,  # noqa: E402
                      prune_like_the_stage, save, table)
 
 from transferkit.evaluation.cost import count_macs, count_params  # noqa: E402
@@ -308,9 +308,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     p = params()
     info = {"when": now(), "machine": machine()}
-    print(f"{info['machine']['cpu']}, {info['machine']['cores']} cores, torch {torch.__version__} "
-          f"({info['machine']['cpu_capability']}), {torch.get_num_threads()} threads; "
-          f"load average {info['machine']['loadavg']}", flush=True)
+    print(describe(info["machine"]), flush=True)
 
     peaks = {"bf16": machine_peak(torch.bfloat16), "fp32": machine_peak(torch.float32)}
     print("\nmatrix-multiply peak (best of 5; n x n times n x n as torch.matmul and as a 1x1 conv):")
@@ -393,8 +391,8 @@ def main(argv=None) -> int:
                         ("train_gflops", "fwd+bwd GFLOP/s", ",.0f"), ("train_mfu", "fwd+bwd MFU", ".0%"),
                         ("flop_per_byte", "fwd FLOP/byte", ".0f")]))
 
-    info["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(f"\nload average before / after: {info['machine']['loadavg']} / {info['machine']['loadavg_after']}")
+    info["machine_after"] = machine()
+    print(f"\nafter: {describe(info['machine_after'])}")
     path = save("mfu" + (f"-threads{args.threads}" if args.threads else ""), {**info, "peak_flops": {k: v["flops"] for k, v in peaks.items()},
                         "peak_all_threads": {k: v["all_threads"] for k, v in peaks.items()},
                         "peak_one_core_x_threads": {k: v["one_core_x_threads"] for k, v in peaks.items()},

@@ -30,7 +30,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, now, save, table  # noqa: E402
+from _common import ROOT, describe, finish, machine, now, table  # noqa: E402
 
 from transferkit.config.compose import flatten, load_params, to_params  # noqa: E402
 from transferkit.evaluation.metrics import mean_difference, predict  # noqa: E402
@@ -38,7 +38,6 @@ from transferkit.models import load_checkpoint  # noqa: E402
 from transferkit.stages.common import load_task  # noqa: E402
 from transferkit.stages import BY_NAME  # noqa: E402
 from transferkit.stages.run import run_stage  # noqa: E402
-from transferkit.training.precision import cpu_matmul  # noqa: E402
 
 
 def top1(folder: Path, stage: str, task: dict, cfg) -> float:
@@ -91,10 +90,9 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="", help='overrides for every stage, e.g. "distill.translate=4"')
     ap.add_argument("--only-done", action="store_true", help="score the runs already made; train nothing")
     args = ap.parse_args(argv)
-    info = {"when": now(), "machine": machine(), "matmul": cpu_matmul(), "seeds": args.seeds, "recipes": args.recipe,
+    info = {"when": now(), "machine": machine(), "seeds": args.seeds, "recipes": args.recipe,
             "base": args.base}
-    print(f"{info['machine']['cpu']}; matmul peak fp32 {info['matmul']['fp32_gflops']} / bf16 "
-          f"{info['matmul']['bf16_gflops']} GFLOP/s; every stage with: {args.base or '(params.yaml)'}", flush=True)
+    print(f"{describe(info['machine'])}\nevery stage with: {args.base or '(params.yaml)'}", flush=True)
     base = load_params(ROOT / "params.yaml")
     task = load_task(args.artifacts / "prepare", "target")
     work = args.artifacts / "prune_seeds"
@@ -162,7 +160,7 @@ def main(argv=None) -> int:
                           ("gain", "pruned vs first", "+.2f"), ("gain_lo", "95% lo", "+.2f"),
                           ("gain_hi", "95% hi", "+.2f"),
                           ("macs_reduction", "MACs fewer (x)", ".2f")]))
-    print(f"wrote {save('prune_seeds', {**info, 'rows': rows, 'summary': summary})}")
+    finish("prune_seeds", {**info, "summary": summary}, rows)
     return 0
 
 

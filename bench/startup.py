@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, machine, now, save, table
+from _common import describe, finish, machine, now, table
 
 MODULES = ["torch", "torchvision", "pytorch_lightning", "transferkit.stages.pretrain"]
 
@@ -48,8 +48,7 @@ def main(argv=None) -> int:
     site = Path(sysconfig.get_paths()["purelib"])
     pyc = sum(1 for _ in (site / "torch").rglob("*.pyc"))
     info = {"when": now(), "machine": machine(), "torch_pyc_files": pyc}
-    print(f"{info['machine']['cpu']}, {info['machine']['cores']} cores; load average {info['machine']['loadavg']}; "
-          f"{pyc} .pyc files under {site / 'torch'}", flush=True)
+    print(f"{describe(info['machine'])}; {pyc} .pyc files under {site / 'torch'}", flush=True)
     if not pyc:
         print("no installed bytecode: both ways compile from source. Run `uv sync --compile-bytecode` "
               "to measure the difference.", flush=True)
@@ -71,9 +70,7 @@ def main(argv=None) -> int:
 
     print(f"\nfresh-process `import M`, median of {args.repeats} (seconds):")
     print(table(rows, COLUMNS))
-    info["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    path = save("startup", {**info, "repeats": args.repeats, "rows": rows})
-    print(f"wrote {path.relative_to(ROOT)}")
+    finish("startup", {**info, "repeats": args.repeats}, rows)
     return 0
 
 

@@ -44,18 +44,18 @@ def test_unknown_override_key_via_hydra_mode(tmp_path):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("data.target.classes=[cat,dgo,horse]", "unknown class 'dgo'"),
-    ("data.target.train_per_class=5000", "class 'cat' has 5000 train images"),
+    ("data.target.classes=[cat,dgo,horse]", ("unknown class 'dgo'",)),
+    ("data.target.train_per_class=5000", ("class 'cat' has 5 train images", "asks for 5000")),
 ])
 def test_bad_data_choices_on_the_real_layout(tmp_path, override, needle):
     # a tiny image-folder archive with the real CIFAR-10 class names
     from conftest import CIFAR10_CLASSES, write_image_folder
 
-    write_image_folder(tmp_path / "data", CIFAR10_CLASSES, train_per_class=5000 // 1000, test_per_class=1)
+    write_image_folder(tmp_path / "data", CIFAR10_CLASSES, train_per_class=5, test_per_class=1)
     cfg = compose(override, tmp=tmp_path)
     (tmp_path / "params.yaml").write_text(params_text(cfg))
     line = one_error_line(cli("prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path))
-    assert needle.split(" has ")[0] in line
+    assert all(part in line for part in needle), line
 
 
 def test_missing_dataset_through_the_cli_keeps_previous_outputs(tmp_path):

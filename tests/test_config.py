@@ -49,10 +49,28 @@ def test_every_experiment_composes_and_validates(experiment):
     assert "hydra" not in cfg
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
-def test_every_trainer_preset_composes(trainer):
+@pytest.mark.parametrize("trainer, expected", [
+    ("cpu", {"accelerator": "cpu", "deterministic": True, "benchmark": None}),
+    ("gpu", {"accelerator": "gpu", "deterministic": False, "benchmark": True}),
+    ("ddp", {"strategy": "ddp", "devices": 2, "deterministic": "warn"}),
+    ("ddp_multinode", {"strategy": "ddp", "num_nodes": 2})])
+def test_every_trainer_preset_reaches_lightning(trainer, expected, tmp_path):
+    import torch
+
+    from transferkit.config.compose import to_params
+    from transferkit.training.trainer import make_trainer
+
     cfg = compose(f"trainer={trainer}")
-    assert cfg.trainer.accelerator in ("cpu", "gpu", "auto")
+    validate(cfg)
+    assert {k: cfg.trainer[k] for k in expected} == expected
+    if trainer == "gpu":  # built as on a GPU machine, on the CPU: the settings reach Lightning and cuDNN
+        before = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+        try:
+            make_trainer({**to_params(cfg.trainer), "accelerator": "cpu", "loggers": []}, tmp_path, 1)
+            assert torch.backends.cudnn.benchmark is True and not torch.are_deterministic_algorithms_enabled()
+        finally:
+            torch.backends.cudnn.benchmark = before[0]
+            torch.use_deterministic_algorithms(before[1])
 
 
 def test_unknown_override_key_is_refused():

@@ -79,6 +79,22 @@ def test_cifar10_split_preset_on_a_tiny_image_archive(tmp_path):
     assert results["evaluate"]["models"]["transfer"]["n_test"] == 20
 
 
+def test_cifar10_full_preset_on_tiny_official_pickles(tmp_path):
+    # all of CIFAR-10 as the source, airbench's recipe: whitened stem kept frozen, lookahead,
+    # alternating flips, multi-view test-time augmentation
+    write_cifar_pickles(tmp_path / "data", "cifar10", CIFAR10_CLASSES, train_per_class=6, test_per_class=2)
+    write_cifar_pickles(tmp_path / "data", "cifar100", [f"other{i}" for i in range(5)] + AQUATIC,
+                        train_per_class=8, test_per_class=3)
+    cfg = compose("experiment=cifar10_full", *TINY, "data.verify_checksums=false", "data.target.train_per_class=5",
+                  "data.target.val_per_class=2", "model.widths=[8,16,16]", "model.stem_width=8", tmp=tmp_path)
+    assert cfg.model.dirac_init and cfg.pretrain.lookahead and cfg.pretrain.tta == "flip_translate"
+    results = {stage: run(stage, cfg) for stage in ("prepare", "pretrain", "transfer")}
+    assert results["prepare"]["source"]["n_train"] == 10 * 6 and results["prepare"]["target"]["classes"] == AQUATIC
+    assert 0.0 <= results["pretrain"]["test_acc_tta"] <= 1.0
+    _, ckpt = load_checkpoint(tmp_path / "artifacts" / "pretrain" / "model.pt", "pretrain")
+    assert ckpt["arch"]["dirac_init"] is True
+
+
 def test_seed_aquatic_preset_on_tiny_official_pickles(tmp_path):
     # CIFAR-100 is not available offline: the official formats, written small by the test
     write_cifar_pickles(tmp_path / "data", "cifar10", CIFAR10_CLASSES, train_per_class=6, test_per_class=2)
@@ -94,13 +110,38 @@ def test_seed_aquatic_preset_on_tiny_official_pickles(tmp_path):
     assert ckpt["arch"]["name"] == "vgg_mini" and model.num_blocks == 11
 
 
-@pytest.mark.parametrize("model", ["fastnet", "fastnet_tiny", "vgg_mini", "resnet18"])
+@pytest.mark.parametrize("model", ["fastnet", "fastnet_tiny", "vgg_mini", "resnet18", "mobilenet"])
 def test_every_model_runs_transfer(tmp_path, model):
+    import torch
+
     extra = {"fastnet": ["model.widths=[8,16,16]"], "vgg_mini": ["model.widths=[8,8,8,8,8,8,8,8,8]",
-             "model.fc_width=16"], "resnet18": [], "fastnet_tiny": []}[model]
+             "model.fc_width=16"], "resnet18": [], "fastnet_tiny": [], "mobilenet": []}[model]
     cfg = compose("experiment=smoke", f"model={model}", *TINY, *extra, "transfer.freeze_depth=2", tmp=tmp_path)
-    for stage in ("prepare", "pretrain", "transfer"):
-        run(stage, cfg)
+    results = {stage: run(stage, cfg) for stage in ("prepare", "pretrain", "transfer")}
+    assert 0.0 <= results["transfer"]["val_acc"] <= 1.0
+    art = tmp_path / "artifacts"
+    pretrained, _ = load_checkpoint(art / "pretrain" / "model.pt", "pretrain")
+    transferred, ckpt = load_checkpoint(art / "transfer" / "model.pt", "transfer", ["tgt_a", "tgt_b", "tgt_c"])
+    assert ckpt["arch"]["name"] == cfg.model.name
+    # the two frozen blocks keep the pretrained weights and statistics; the next block trained
+    for k in (0, 1):
+        for (name, a), b in zip(pretrained.blocks[k].state_dict().items(), transferred.blocks[k].state_dict().values()):
+            assert torch.equal(a, b), f"frozen block {k}: {name} changed"
+    assert any(not torch.equal(a, b) for a, b in zip(pretrained.blocks[2].state_dict().values(),
+                                                     transferred.blocks[2].state_dict().values()))
+
+
+def test_results_command_prints_the_models_and_each_stage_training(smoke_artifacts, capsys):
+    from transferkit.evaluation.tables import main
+
+    cfg, results = smoke_artifacts
+    assert main([str(Path(cfg.paths.artifacts_dir) / "evaluate")]) == 0
+    out = capsys.readouterr().out
+    top1 = results["evaluate"]["models"]["transfer"]["top1"]
+    assert f"| transfer (fine-tuned) | {100 * top1:.1f} (" in out and "matmul peak fp32" in out
+    timing = json.loads((Path(cfg.paths.artifacts_dir) / "pretrain" / "timing.json").read_text())
+    assert f"| pretrain | {timing['train_seconds']:,.0f} | {timing['train_images_per_second']:,.0f} | cpu |" in out
+    assert "| distill |" in out and "| prune |" in out and "Training in all:" in out
 
 
 def test_gradual_unfreezing_and_earlier_block_probe(tmp_path):

@@ -155,6 +155,13 @@ def test_every_criterion_runs_the_prune_stage(tmp_path, criterion):
     assert ckpt["arch"]["pruned"] and count_macs(model) == metrics["macs_after"]
 
 
+def test_recovery_can_learn_from_the_unpruned_student(tmp_path):
+    cfg = _smoke_with_student(tmp_path, "prune.teacher=student", "prune.epochs=1")
+    (tmp_path / "artifacts" / "transfer" / "model.pt").unlink()  # the transfer teacher is not read at all
+    metrics = run("prune", cfg)
+    assert metrics["macs_after"] <= 0.4 * metrics["macs_before"] + 1
+
+
 def test_the_stage_says_when_the_student_is_too_narrow_for_round_to(tmp_path, caplog):
     cfg = _smoke_with_student(tmp_path, "prune.epochs=1", "prune.round_to=16")  # fastnet_micro: 4-8 channels
     with caplog.at_level(logging.WARNING, logger="transferkit.stages.prune"):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import numpy as np
 from PIL import Image
 
@@ -95,6 +97,26 @@ def test_keep_float_leaves_the_classifier_in_float(smoke_artifacts, tmp_path):
              keep_float=["Gemm"])
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert "Gemm" in ops and "QLinearConv" in ops  # the classifier in float, the convolutions in INT8
+
+
+@pytest.mark.parametrize("method, fmt", [("entropy", "qoperator"), ("percentile", "qoperator"), ("minmax", "qdq")])
+def test_every_calibration_method_and_format_quantizes(smoke_artifacts, tmp_path, method, fmt):
+    import onnx
+
+    from transferkit.deploy.quantize import calibration_images, quantize
+    from transferkit.evaluation.metrics import predict_onnx
+    from transferkit.stages.common import load_task
+
+    cfg, _ = smoke_artifacts
+    artifacts = Path(cfg.paths.artifacts_dir)
+    task = load_task(artifacts / "prepare", "target")
+    out = tmp_path / "int8.onnx"
+    quantize(artifacts / "export" / "model.onnx", out, calibration_images(task, 16), method=method, fmt=fmt,
+             per_channel=True)
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert ({"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops) if fmt == "qdq" else ("QLinearConv" in ops)
+    fp32, int8 = (predict_onnx(f, task["test_x"], 64, threads=1).argmax(1) for f in (artifacts / "export" / "model.onnx", out))
+    assert (fp32 == int8).float().mean() > 0.5  # most test images: the same class as fp32
 
 
 def test_fake_quantization_trains_and_comes_off_without_a_trace():

@@ -92,6 +92,16 @@ def results_table(metrics: dict, timing: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def training_table(stages: dict[str, dict]) -> str:
+    """Each training stage's timing.json (stage -> its contents): how long it trained, how fast, in what."""
+    lines = ["| stage | training s | train img/s | device | precision | resumed at epoch |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {t['train_seconds']:,.0f} | {t['train_images_per_second']:,.0f} | {t.get('device', '?')} | "
+              f"{t.get('precision', '?')} | {'–' if t.get('resumed_at_epoch') is None else t['resumed_at_epoch']} |"
+              for name, t in stages.items() if "train_seconds" in t]
+    total = sum(t["train_seconds"] for t in stages.values() if "train_seconds" in t)
+    return "\n".join(lines + ["", f"Training in all: {total:,.0f} s."]) + "\n"
+
+
 def main(argv: list[str]) -> int:
     """`transferkit results [DIR]`: the results table of a pipeline run (DIR: evaluate's output folder)."""
     import argparse
@@ -107,4 +117,11 @@ def main(argv: list[str]) -> int:
     if not (folder / "metrics.json").is_file():
         raise TransferkitError(f"no metrics.json in {folder}. Fix: run the pipeline first (`dvc repro`).")
     print(results_table(*(json.loads((folder / f).read_text()) for f in ("metrics.json", "timing.json"))), end="")
+    from transferkit.stages import PIPELINE
+
+    runs = folder.parent  # the stages' folders beside evaluate's (freeze_curve's runs one level down)
+    timings = {path.parent.relative_to(runs).as_posix(): json.loads(path.read_text()) for s in PIPELINE if s.trains
+               for path in [*(runs / s.name).glob("timing.json"), *sorted((runs / s.name).glob("*/timing.json"))]}
+    if timings:
+        print(f"\nTraining, from each stage's timing.json:\n\n{training_table(timings)}", end="")
     return 0

@@ -122,9 +122,12 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     save_json(metrics, out / "metrics.json")
     save_json(metrics["freeze_curve"], out / "freeze_curve.json")  # `dvc plots show` draws it
     plots.freeze_curve_png(metrics["freeze_curve"], models, cfg.probe.depth, out / "freeze_curve.png")
-    from transferkit.training.precision import cpu_matmul
+    from transferkit.training.precision import cpu_model, matmul_gflops
 
-    timing["machine"] = {**cpu_matmul(), "torch": torch.__version__}  # what the latencies above ran on
+    # the speed the latencies above ran at, measured now: the precision probe's cache is from another hour
+    timing["machine"] = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         **{f"{n}_gflops": round(matmul_gflops(d), 1) for n, d in (("fp32", torch.float32),
+                                                                                   ("bf16", torch.bfloat16))}}
     timing["throughput_batch"] = ev.throughput_batch
     save_json(timing, out / "timing.json")
     plots.pareto_png(models, timing, out / "pareto.png")
