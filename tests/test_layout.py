@@ -65,7 +65,7 @@ def test_model_comes_back_in_the_default_layout_and_trainable():
     conv = model.blocks[1][0][0].weight
     assert conv.dim() == 4 and conv.is_contiguous()
     predict(model, _images(8), batch_size=4, tta="flip_translate")
-    speed.cpu_throughput(model, batch=4, repeats=1)
+    speed.cpu_throughput({"a": model}, batch=4, repeats=1)
     speed.cpu_latency_ms({"a": model}, repeats=2)
     assert _default_layout(model)
     assert not any(p.is_inference() for p in model.parameters())

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from transferkit.layout import all_channels_last, channels_last, to_nhwc
+from transferkit.layout import all_channels_last, to_nhwc
 
 
 def latency_ms(runners: dict[str, Callable[[], object]], repeats: int, block: int = 10) -> dict[str, float]:
@@ -70,15 +70,17 @@ def onnx_throughput(files: dict[str, Path], batch: int, repeats: int, input_size
     return {name: batch / seconds for name, seconds in best.items()}
 
 
-def cpu_throughput(model: torch.nn.Module, batch: int, repeats: int, input_size: int = 32) -> float:
-    """Images per second at `batch` in channels_last, best of `repeats` (the least disturbed run)."""
-    model.eval()
+def cpu_throughput(models: dict[str, torch.nn.Module], batch: int, repeats: int, input_size: int = 32) -> dict[str, float]:
+    """Images per second of each model at `batch` in channels_last, best of `repeats` rounds in
+    which the models take turns, so a slow spell of the machine hits them alike."""
     x = to_nhwc(torch.rand(batch, 3, input_size, input_size))
-    best = float("inf")
-    with channels_last(model), torch.inference_mode():
-        model(x)
+    best = dict.fromkeys(models, float("inf"))
+    with all_channels_last(models.values()), torch.inference_mode():
+        for model in models.values():
+            model.eval()(x)  # warm up every model
         for _ in range(repeats):
-            t = time.perf_counter()
-            model(x)
-            best = min(best, time.perf_counter() - t)
-    return batch / best
+            for name, model in models.items():
+                t = time.perf_counter()
+                model(x)
+                best[name] = min(best[name], time.perf_counter() - t)
+    return {name: batch / seconds for name, seconds in best.items()}

@@ -88,8 +88,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                  size_bytes=cost.file_size(path))
         models[name] = m
         loaded[name] = model
-        timing[name] = {"throughput_img_s": round(speed.cpu_throughput(model, ev.throughput_batch,
-                                                                      ev.throughput_repeats), 1)}
+    for name, img_s in speed.cpu_throughput(loaded, ev.throughput_batch, ev.throughput_repeats).items():
+        timing[name] = {"throughput_img_s": round(img_s, 1)}
     # the deployable model as shipped: the pruned student in ONNX, fp32 and INT8, run by ONNX Runtime
     onnx = {name: inputs[stage] / "model.onnx" for name, stage in DEPLOYED.items() if (inputs[stage] / "model.onnx").exists()}
     for name, path in onnx.items():
