@@ -219,6 +219,7 @@ CASES = {
     "pruning rates in unstructured mode": Case("prune", ("prune.mode=unstructured", "prune.rates=[1,1,1,0.5]"),
                                                "prune.rates"),
     "zero latency repeats": Case("evaluate", ("evaluate.latency_repeats=0",), "evaluate.latency_repeats"),
+    "zero throughput repeats": Case("evaluate", ("evaluate.throughput_repeats=0",), "evaluate.throughput_repeats"),
     "unknown quantization method": Case("quantize", ("quantize.method=kl",), "quantize.method"),
     "unknown quantization format": Case("quantize", ("quantize.format=int4",), "quantize.format"),
     "zero calibration images": Case("quantize", ("quantize.calibration_images=0",), "quantize.calibration_images"),

@@ -59,9 +59,11 @@ def test_bad_requests_fail_before_any_work(tmp_path, argv, needle):
 
 def test_overrides_are_told_apart_from_options():
     args, overrides = parse(["--out", "runs/seed=1", "seed=1", "--only", "small_similar",
-                             "large_different", "model=vgg_mini", "--early-depth", "3"])
-    assert sorted(overrides) == ["model=vgg_mini", "seed=1"]
+                             "large_different", "model=vgg_mini", "--early-depth", "3", "seed=2"])
+    assert overrides == ["seed=1", "model=vgg_mini", "seed=2"]  # argv's order: the last seed wins
     assert (str(args.out), args.only, args.early_depth) == ("runs/seed=1", ["small_similar", "large_different"], 3)
+    with pytest.raises(SystemExit):  # --only with no scenario name, not "all four"
+        parse(["--only", "seed=1"])
 
 
 # ------------------------------------------------------------------ end to end, tiny

@@ -123,6 +123,7 @@ class Evaluate(Schema):
     tta: Literal[TTA_MODES] = rule()
     latency_repeats: int = rule(ge=1)
     throughput_batch: int = rule(ge=1)
+    throughput_repeats: int = rule(ge=1)
     batch_size: int = rule(ge=1)
 
 

@@ -130,11 +130,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--early-depth", type=int, default=2, help="probe.depth of the earlier-block probe (2)")
     parser.add_argument("--partial-depth", type=int, default=2, help="transfer.freeze_depth of partial freeze (2)")
     args, rest = parser.parse_known_args(argv)
-    overrides = [a for a in args.only if "=" in a] + rest
-    if bad := [a for a in overrides if "=" not in a]:
+    if bad := [a for a in rest if "=" not in a]:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.only = [a for a in args.only if "=" not in a]
-    return args, overrides
+    names = [a for a in args.only if "=" not in a]
+    if args.only and not names:
+        parser.error("argument --only: expected at least one scenario name")
+    extra = {*rest, *(a for a in args.only if "=" in a)}
+    args.only = names
+    return args, [a for a in argv if a in extra]  # in argv's order: of two values for a key, the last wins
 
 
 def main(argv: list[str]) -> int:
