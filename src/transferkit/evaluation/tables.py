@@ -94,14 +94,15 @@ def results_table(metrics: dict, timing: dict) -> str:
 
 def training_table(stages: dict[str, dict]) -> str:
     """Each training stage's timing.json (stage -> its contents): how long it trained, how fast, in what."""
-    lines = ["| stage | training s | train img/s | device | precision | resumed at epoch |", "|---|---|---|---|---|---|"]
     def cell(value, spec: str = "") -> str:  # pretrain.epochs=0 trains nothing: no images per second
         return "–" if value is None else format(value, spec)
 
+    trained = {name: t for name, t in stages.items() if "train_seconds" in t}
+    lines = ["| stage | training s | train img/s | device | precision | resumed at epoch |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {cell(t['train_seconds'], ',.0f')} | {cell(t.get('train_images_per_second'), ',.0f')} | "
               f"{cell(t.get('device'))} | {cell(t.get('precision'))} | {cell(t.get('resumed_at_epoch'))} |"
-              for name, t in stages.items() if "train_seconds" in t]
-    total = sum(t["train_seconds"] or 0 for t in stages.values() if "train_seconds" in t)
+              for name, t in trained.items()]
+    total = sum(t["train_seconds"] or 0 for t in trained.values())
     return "\n".join(lines + ["", f"Training in all: {total:,.0f} s."]) + "\n"
 
 
