@@ -37,16 +37,20 @@ def latency_ms(runners: dict[str, Callable[[], object]], repeats: int, block: in
 def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size: int = 32,
                    onnx_files: dict[str, Path] | None = None) -> dict[str, float]:
     """Median batch-1 latency of each model, in channels_last as `predict` runs it, and of each
-    ONNX file under ONNX Runtime with as many threads as torch uses; all take turns."""
+    ONNX file under ONNX Runtime with as many threads as torch uses. Each runtime's models take
+    turns among themselves: ONNX Runtime's threads keep spinning after a call (its default, which
+    deployments get too) and would slow down whichever PyTorch model ran next."""
     from transferkit.deploy.runtime import ort_session
 
     x = to_nhwc(torch.rand(1, 3, input_size, input_size))
+    with all_channels_last(models.values()), torch.inference_mode():
+        result = latency_ms({name: (lambda m=m.eval(): m(x)) for name, m in models.items()}, repeats) if models else {}
     sessions = {name: ort_session(path, torch.get_num_threads()) for name, path in (onnx_files or {}).items()}
     feed = x.contiguous().numpy()
-    with all_channels_last(models.values()), torch.inference_mode():
-        runners = {name: (lambda m=m.eval(): m(x)) for name, m in models.items()}
-        runners |= {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for name, s in sessions.items()}
-        return latency_ms(runners, repeats)
+    if sessions:
+        result |= latency_ms({name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}))
+                              for name, s in sessions.items()}, repeats)
+    return result
 
 
 def onnx_throughput(files: dict[str, Path], batch: int, repeats: int, input_size: int = 32) -> dict[str, float]:
