@@ -16,6 +16,7 @@ into place only after the checks pass: a failed export leaves the previous one u
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -154,8 +155,14 @@ def export_torchscript(model: torch.nn.Module, path: Path, size: int, meta: dict
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated upstream, still the TorchScript format
         traced = torch.jit.trace(model, torch.rand(2, 3, size, size), check_trace=False)
-        with open(path, "wb") as f:  # saved to a path, the archive's folder would be named after it (a temporary name)
-            torch.jit.save(traced, f, _extra_files={META_KEY: json.dumps(meta)})
+        saved = io.BytesIO()  # saved to a path, the archive's folder would be named after it (a temporary name)
+        torch.jit.save(traced, saved, _extra_files={META_KEY: json.dumps(meta)})
+    # the debug records map the code to the source files it was traced from, by their absolute paths
+    # (this machine's folders), and the serialization id hashes them; loading needs neither
+    with zipfile.ZipFile(saved) as archive, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info in archive.infolist():
+            if not info.filename.endswith((".debug_pkl", "/.data/serialization_id")):
+                out.writestr(info, archive.read(info))
 
 
 # --------------------------------------------------------------------------- checks and latency
