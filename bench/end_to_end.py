@@ -10,8 +10,9 @@ stages the table splits the time into training (the stage's own timing.json) and
 - one parameter changed (`evaluate.latency_repeats` + 1 in params.yaml): what DVC reruns, and
   how long it takes.
 
-The machine's bf16 matrix-multiply peak is measured before and after (bench/mfu.py's
-machine_peak): shared VMs drift, and a wall clock means little without the speed it ran at.
+The machine's fp32 and bf16 matrix-multiply peaks are measured before and after (_common.machine(),
+as every bench script does): shared VMs drift, and a wall clock means little without the speed it
+ran at.
 
     uv run python bench/end_to_end.py [--experiment cifar10_split] [--keep DIR]
 """
@@ -20,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from _common import ROOT, describe, machine, now, save, table
-from mfu import machine_peak
 
 from transferkit.config.compose import compose, params_text
 from transferkit.project import copy_project, run, stages_run
@@ -58,9 +56,6 @@ def main(argv=None) -> int:
 
     info = {"when": now(), "machine": machine(), "experiment": args.experiment}
     print(f"experiment {args.experiment}; {describe(info['machine'])}", flush=True)
-    peak_before = machine_peak(torch.bfloat16)["flops"]
-    fp32_before = machine_peak(torch.float32)["flops"]
-    print(f"matmul peak before: bf16 {peak_before / 1e9:.0f}, fp32 {fp32_before / 1e9:.0f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="transferkit-e2e-") as tmp:
         proj = copy_project(ROOT, (args.keep or Path(tmp) / "project").resolve(),
                             params_text(compose([f"experiment={args.experiment}"], ROOT / "conf")))
@@ -91,14 +86,8 @@ def main(argv=None) -> int:
     print(f"\nbaselines in the same copy:\n"
           f"- `dvc repro` again, nothing changed: {noop:.1f} s, ran {noop_ran or 'no stage'}\n"
           f"- `dvc repro` after evaluate.latency_repeats + 1: {changed:.1f} s, ran {changed_ran or 'no stage'}")
-    info["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    peak_after = machine_peak(torch.bfloat16)["flops"]
-    fp32_after = machine_peak(torch.float32)["flops"]
-    info["machine"]["bf16_peak_gflops"] = {"before": round(peak_before / 1e9), "after": round(peak_after / 1e9)}
-    info["machine"]["fp32_peak_gflops"] = {"before": round(fp32_before / 1e9), "after": round(fp32_after / 1e9)}
-    print(f"{info['machine']['cpu']}; load average before / after: {info['machine']['loadavg']} / "
-          f"{info['machine']['loadavg_after']}; matmul peak before / after: bf16 {peak_before / 1e9:.0f} / "
-          f"{peak_after / 1e9:.0f}, fp32 {fp32_before / 1e9:.0f} / {fp32_after / 1e9:.0f} GFLOP/s")
+    info["machine_after"] = machine()
+    print(f"after: {describe(info['machine_after'])}")
     path = save(f"end_to_end-{args.experiment}", {**info, "stages": rows, "total_seconds": total,
                                                    "noop_repro_seconds": noop, "noop_ran": noop_ran,
                                                    "one_param_changed_seconds": changed, "one_param_changed_ran": changed_ran})
