@@ -103,11 +103,11 @@ def test_exported_files_hold_no_path_of_this_machine(exported):
     import zipfile
     from pathlib import Path
 
+    import torch
+
     import transferkit
 
     _, _, out = exported
-    import torch
-
     paths = [str(Path(m.__file__).resolve().parents[1]).encode() for m in (transferkit, torch)]  # src/, site-packages/
     for folder, result in out.values():
         files = folder / "export"

@@ -79,12 +79,17 @@ def test_cifar10_split_preset_on_a_tiny_image_archive(tmp_path):
     assert results["evaluate"]["models"]["transfer"]["n_test"] == 20
 
 
-def test_cifar10_full_preset_on_tiny_official_pickles(tmp_path):
-    # all of CIFAR-10 as the source, airbench's recipe: whitened stem kept frozen, lookahead,
-    # alternating flips, multi-view test-time augmentation
+def _official_pickles(tmp_path):
+    """CIFAR-100 is not available offline: the official formats, written small (the aquatic classes among others)."""
     write_cifar_pickles(tmp_path / "data", "cifar10", CIFAR10_CLASSES, train_per_class=6, test_per_class=2)
     write_cifar_pickles(tmp_path / "data", "cifar100", [f"other{i}" for i in range(5)] + AQUATIC,
                         train_per_class=8, test_per_class=3)
+
+
+def test_cifar10_full_preset_on_tiny_official_pickles(tmp_path):
+    # all of CIFAR-10 as the source, airbench's recipe: whitened stem kept frozen, lookahead,
+    # alternating flips, multi-view test-time augmentation
+    _official_pickles(tmp_path)
     cfg = compose("experiment=cifar10_full", *TINY, "data.verify_checksums=false", "data.target.train_per_class=5",
                   "data.target.val_per_class=2", "model.widths=[8,16,16]", "model.stem_width=8", tmp=tmp_path)
     assert cfg.model.dirac_init and cfg.pretrain.lookahead and cfg.pretrain.tta == "flip_translate"
@@ -96,10 +101,7 @@ def test_cifar10_full_preset_on_tiny_official_pickles(tmp_path):
 
 
 def test_seed_aquatic_preset_on_tiny_official_pickles(tmp_path):
-    # CIFAR-100 is not available offline: the official formats, written small by the test
-    write_cifar_pickles(tmp_path / "data", "cifar10", CIFAR10_CLASSES, train_per_class=6, test_per_class=2)
-    write_cifar_pickles(tmp_path / "data", "cifar100", [f"other{i}" for i in range(5)] + AQUATIC,
-                        train_per_class=8, test_per_class=3)
+    _official_pickles(tmp_path)
     cfg = compose("experiment=seed_aquatic", *TINY, "data.verify_checksums=false",
                   "data.target.train_per_class=5", "data.target.val_per_class=2",
                   "model.widths=[8,8,8,8,8,8,8,8,8]", "model.fc_width=16", tmp=tmp_path)
