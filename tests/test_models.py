@@ -168,8 +168,9 @@ def test_load_backbone_refuses_a_truncated_probe(tmp_path):
 
 
 def test_non_checkpoint_files_give_clear_errors(tmp_path):
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(torch.randint(0, 256, (2048,), dtype=torch.uint8).numpy().tobytes())
+    whole, junk = tmp_path / "whole.pt", tmp_path / "junk.pt"  # a copy cut short
+    save_checkpoint(model_from_config(SMALL["fastnet"], 3), whole, ["a", "b", "c"])
+    junk.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(TransferkitError) as e:
         load_checkpoint(junk, "pretrain")
     assert str(junk) in str(e.value) and "unreadable" in str(e.value)

@@ -102,8 +102,8 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
     return model, ckpt
 
 
-def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_by: str) -> BlockNet:
-    """Load pretrained blocks into the configured architecture, with a fresh head."""
+def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_by: str, key: str = "model") -> BlockNet:
+    """Load pretrained blocks into the architecture `model_cfg` (the config key `key`), with a fresh head."""
     model, ckpt = load_checkpoint(path, produced_by)
     wanted = {k: v for k, v in dict(model_cfg).items() if k != "weights"}
     saved = {k: v for k, v in ckpt["arch"].items() if k in wanted and k != "weights"}
@@ -111,6 +111,6 @@ def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_
         raise TransferkitError(
             f"checkpoint {path} holds architecture {ckpt['arch']}, but the config asks for {wanted}. "
             f"Fix: rerun '{produced_by}' with this model config (`dvc repro {produced_by}`) or set "
-            f"model to match the checkpoint.")
+            f"{key} to match the checkpoint.")
     model.new_head(num_classes)
     return model
