@@ -60,11 +60,10 @@ def load_target_task(artifacts: Path, seed: int = 0) -> tuple[dict, str]:
 def machine() -> dict:
     """The CPU, torch, the fp32 and bf16 matmul peaks measured now (not the precision probe's
     cache: this VM's speed changes by the hour) at the current torch threads, the load average."""
-    from transferkit.training.precision import cpu_model, matmul_gflops
+    from transferkit.training.precision import cpu_isa, cpu_model, matmul_peaks
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "fp32_gflops": round(matmul_gflops(torch.float32)), "bf16_gflops": round(matmul_gflops(torch.bfloat16)),
+            "torch": torch.__version__, "cpu_capability": cpu_isa(), **matmul_peaks(),
             "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 

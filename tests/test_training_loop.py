@@ -166,6 +166,21 @@ def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
     assert precision.cpu_bf16_speedup() == first
 
 
+def test_the_matmul_probe_stops_growing_once_a_product_is_slow(monkeypatch):
+    """bf16 on a CPU without AVX-512 runs at about 1 GFLOP/s: a 1024 x 1024 product takes seconds,
+    so the probe measures at the first size whose product takes `slow_s`."""
+    from transferkit.training import precision
+
+    sizes, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda n, m, **k: sizes.append(n) or randn(n, m, **k))
+    assert precision.matmul_gflops(torch.float32, max_n=512, slow_s=float("inf")) > 0
+    assert sorted(set(sizes)) == [128, 256, 512]  # fast: up to max_n
+    sizes.clear()
+    assert precision.matmul_gflops(torch.float32, max_n=4096, slow_s=0) > 0
+    assert set(sizes) == {128}  # every product counts as slow: the first size is the measure
+    assert precision.cpu_isa().split()[0] == torch.backends.cpu.get_cpu_capability()
+
+
 def test_the_precision_used_is_recorded_and_reported(smoke_artifacts):
     cfg, _ = smoke_artifacts
     artifacts = Path(cfg.paths.artifacts_dir)

@@ -19,6 +19,8 @@ def latency_ms(runners: dict[str, Callable[[], object]], repeats: int, block: in
     blocks of `block` calls, the order rotating every round, so a slow spell of the machine
     hits all of them alike; the first call of a block is not timed, so one runtime's idle
     threads (ONNX Runtime and OpenMP spin for a while after a call) do not bill the next."""
+    if not runners:
+        return {}
     names = list(runners)
     times: dict[str, list[float]] = {k: [] for k in names}
     for run in runners.values():
@@ -44,7 +46,7 @@ def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size:
 
     x = to_nhwc(torch.rand(1, 3, input_size, input_size))
     with all_channels_last(models.values()), torch.inference_mode():
-        result = latency_ms({name: (lambda m=m.eval(): m(x)) for name, m in models.items()}, repeats) if models else {}
+        result = latency_ms({name: (lambda m=m.eval(): m(x)) for name, m in models.items()}, repeats)
     sessions = {name: ort_session(path, torch.get_num_threads()) for name, path in (onnx_files or {}).items()}
     feed = x.contiguous().numpy()
     if sessions:

@@ -18,7 +18,7 @@ from transferkit.models import load_checkpoint
 from transferkit.progress import progress
 from transferkit.stages import TARGET_MODELS
 from transferkit.stages.common import eval_device, load_task, point_dir
-from transferkit.training.precision import cpu_model, matmul_gflops
+from transferkit.training.precision import cpu_isa, cpu_model, matmul_peaks
 
 # The pruned student as deployed (export's fp32 ONNX file, quantize's INT8 one): name -> the stage that wrote it.
 DEPLOYED = {"onnx_fp32": "export", "onnx_int8": "quantize"}
@@ -67,11 +67,6 @@ def freeze_curve(cfg: DictConfig, inputs: dict[str, Path], x: torch.Tensor, y: t
     return rows
 
 
-def peaks() -> dict:
-    """The matmul peaks now: the precision probe's cache is from another hour."""
-    return {f"{n}_gflops": round(matmul_gflops(d), 1) for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-
-
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     task = load_task(inputs["prepare"], "target")
     classes, x, y = task["classes"], task["test_x"], task["test_y"]
@@ -92,7 +87,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                  size_bytes=cost.file_size(path))
         models[name] = m
         loaded[name] = model
-    before = peaks()
+    before = matmul_peaks()  # now: the precision probe's cache is from another hour
     for name, img_s in speed.cpu_throughput(loaded, ev.throughput_batch, ev.throughput_repeats).items():
         timing[name] = {"throughput_img_s": round(img_s, 1)}
     # the deployable model as shipped: the pruned student in ONNX, fp32 and INT8, run by ONNX Runtime
@@ -128,8 +123,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     save_json(metrics["freeze_curve"], out / "freeze_curve.json")  # `dvc plots show` draws it
     plots.freeze_curve_png(metrics["freeze_curve"], models, cfg.probe.depth, out / "freeze_curve.png")
     # the speed the timings above ran at, before and after them: a shared machine's speed drifts
-    timing["machine"] = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                         **{f"{k}_before": v for k, v in before.items()}, **peaks()}
+    timing["machine"] = {"cpu": cpu_model(), "isa": cpu_isa(), "threads": torch.get_num_threads(),
+                         "torch": torch.__version__, **{f"{k}_before": v for k, v in before.items()}, **matmul_peaks()}
     timing["throughput_batch"] = ev.throughput_batch
     save_json(timing, out / "timing.json")
     plots.pareto_png(models, timing, out / "pareto.png")

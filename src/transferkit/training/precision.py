@@ -1,10 +1,11 @@
 """`trainer.precision: auto`: the precision this machine trains fastest in.
 
-bf16 autocast is about twice as fast as fp32 on CPUs whose matrix units do bf16 natively and
-about half as fast on CPUs that emulate it, so no fixed default suits every machine. auto picks
-bf16-mixed on CUDA GPUs that support it, and on a CPU only where a bf16 matrix multiply measures
-clearly faster than an fp32 one; the probe takes a fraction of a second and its result is cached
-per CPU model, torch version and thread count, so every stage of a run agrees.
+bf16 autocast is about twice as fast as fp32 on CPUs whose matrix units do bf16 natively, about
+half as fast on CPUs that emulate it in AVX-512, and a hundred times slower on CPUs without
+AVX-512 at all, so no fixed default suits every machine. auto picks bf16-mixed on CUDA GPUs that
+support it, and on a CPU only where a bf16 matrix multiply measures clearly faster than an fp32
+one; the probe takes a fraction of a second and its result is cached per CPU (model name and
+instruction set), torch version and thread count, so every stage of a run agrees.
 """
 
 from __future__ import annotations
@@ -34,29 +35,51 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
-    """Best-of-`repeats` GFLOP/s of an n x n matrix product on the CPU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up: thread pool, kernel selection
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+def matmul_gflops(dtype: torch.dtype, max_n: int = 1024, repeats: int = 3, slow_s: float = 0.02) -> float:
+    """Best-of-`repeats` GFLOP/s of an n x n matrix product on the CPU, n doubling from 128 up to
+    `max_n` until one product takes `slow_s`: an emulated dtype is measured in a fraction of a
+    second, not in the seconds a 1024 x 1024 product of it takes."""
+    n = 128
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up: thread pool, kernel selection
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        if n >= max_n or best >= slow_s:
+            return 2 * n ** 3 / best / 1e9
+        n *= 2
+
+
+def matmul_peaks() -> dict[str, float]:
+    """This CPU's fp32 and bf16 matmul GFLOP/s, measured now."""
+    return {f"{name}_gflops": round(matmul_gflops(dtype), 1) for name, dtype in (("fp32", torch.float32),
+                                                                              ("bf16", torch.bfloat16))}
+
+
+def cpu_isa() -> str:
+    """The instruction set torch dispatches to, and the CPU's bf16 extensions: a VM's model name
+    (often just "AMD EPYC") is shared by CPUs with and without them."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    return " ".join([torch.backends.cpu.get_cpu_capability(), *(f for f in ("avx512_bf16", "amx_bf16") if f in flags)])
 
 
 def cpu_matmul() -> dict:
     """This CPU's measured fp32 and bf16 matmul GFLOP/s and their ratio (measured once, cached)."""
-    key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    key = f"{cpu_model()} | {cpu_isa()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = cache_file()
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
-        cache[key] = {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1), "speedup": round(bf16 / fp32, 3)}
+        peaks = matmul_peaks()
+        cache[key] = {**peaks, "speedup": round(peaks["bf16_gflops"] / peaks["fp32_gflops"], 3)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -64,7 +87,7 @@ def cpu_matmul() -> dict:
             tmp.replace(path)
         except OSError:  # a read-only home: probe again next time
             pass
-    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), **cache[key]}
+    return {"cpu": cpu_model(), "isa": cpu_isa(), "threads": torch.get_num_threads(), **cache[key]}
 
 
 def cpu_bf16_speedup() -> float:
