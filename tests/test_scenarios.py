@@ -58,12 +58,14 @@ def test_bad_requests_fail_before_any_work(tmp_path, argv, needle):
 
 
 def test_overrides_are_told_apart_from_options():
-    args, overrides = parse(["--out", "runs/seed=1", "seed=1", "--only", "small_similar",
-                             "large_different", "model=vgg_mini", "--early-depth", "3", "seed=2"])
+    args, overrides = parse(["--out", "runs/seed=1", "seed=1", "--only", "small_similar,large_different",
+                             "model=vgg_mini", "--early-depth", "3", "--only", "small_different", "seed=2"])
     assert overrides == ["seed=1", "model=vgg_mini", "seed=2"]  # argv's order: the last seed wins
-    assert (str(args.out), args.only, args.early_depth) == ("runs/seed=1", ["small_similar", "large_different"], 3)
-    with pytest.raises(SystemExit):  # --only with no scenario name, not "all four"
-        parse(["--only", "seed=1"])
+    assert (str(args.out), args.only, args.early_depth) == (
+        "runs/seed=1", ["small_similar", "large_different", "small_different"], 3)
+    for argv in (["--only", "seed=1"], ["--only", "small_similar", "large_different"]):
+        with pytest.raises(SystemExit):  # an override or a second name where --only takes NAME,NAME
+            parse(argv)
 
 
 # ------------------------------------------------------------------ end to end, tiny
@@ -140,7 +142,7 @@ def _rerun_skips_finished_work_and_reruns_what_a_change_touches(tiny):
     models = sorted(out.rglob("model.pt"))
     assert len(models) == 2 + 2 * 5  # two pretrainings, five strategies per quadrant
     stamps = {p: p.stat().st_mtime_ns for p in models}
-    assert main(["--out", str(out), "--only", *ONE_PER_SOURCE, *overrides]) == 0
+    assert main(["--out", str(out), "--only", ",".join(ONE_PER_SOURCE), *overrides]) == 0
     assert json.loads((out / "scenarios_timing.json").read_text())["stages_run"] == []  # DVC: all up to date
     assert {p: p.stat().st_mtime_ns for p in models} == stamps
     assert json.loads((out / "scenarios.json").read_text()) == json.loads(json.dumps(summary))

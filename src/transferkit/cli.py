@@ -24,7 +24,7 @@ Configuration:
 Runs and results:
   transferkit sweep STAGE key=a,b seed=0,1,2 [--out DIR]   a sweep as DVC stages, then collect
   transferkit collect DIR [--out DIR]  runs in sweep folders -> table (over seeds, minus scratch) and plot
-  transferkit scenarios [key=value ...] [--only NAME ...]   the four transfer scenarios and their report
+  transferkit scenarios [key=value ...] [--only NAME,...]   the four transfer scenarios and their report
   transferkit results [DIR]            the pipeline's results table (artifacts/evaluate)
   transferkit check-repro [--target STAGE]   two clean `dvc repro` runs must give identical outputs
 Deploying:

@@ -21,14 +21,6 @@ from transferkit.errors import TransferkitError
 PROJECT_ITEMS = ("conf", "src", "dvc.yaml", ".dvcignore")
 
 
-class CommandFailed(TransferkitError):
-    """A command failed: the message says which, `output` holds the end of what it printed."""
-
-    def __init__(self, what: str, output: str = "") -> None:
-        super().__init__(f"{what}\n{output}" if output else what)
-        self.what, self.output = what, output
-
-
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     # the `transferkit` and `dvc` of this Python's environment, also when it is not activated
@@ -38,15 +30,15 @@ def child_env() -> dict[str, str]:
 
 
 def run(cmd: list[str], cwd: Path, tail: int = 25, env: dict | None = None) -> str:
-    """Run `cmd` in `cwd`; its output (stdout and stderr together), or CommandFailed with the end of it."""
+    """Run `cmd` in `cwd`; its output (stdout and stderr together), or an error with the end of it."""
     try:
         proc = subprocess.run(cmd, cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     except OSError as e:  # e.g. git is not installed
-        raise CommandFailed(f"`{' '.join(cmd)}` could not start: {e}") from e
+        raise TransferkitError(f"`{' '.join(cmd)}` could not start: {e}") from e
     if proc.returncode:
-        raise CommandFailed(f"`{' '.join(cmd)}` exited with code {proc.returncode} in {cwd}; its output ends:",
-                            "\n".join(proc.stdout.rstrip().splitlines()[-tail:]))
+        raise TransferkitError(f"`{' '.join(cmd)}` exited with code {proc.returncode} in {cwd}; its output ends:\n"
+                               + "\n".join(proc.stdout.rstrip().splitlines()[-tail:]))
     return proc.stdout
 
 

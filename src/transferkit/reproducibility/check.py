@@ -1,19 +1,9 @@
-"""`transferkit check-repro`: the project's reproducibility promise, checked the way a user's
-CI runs it.
-
-    transferkit check-repro [--target STAGE] [--keep DIR] [--experiment NAME]
-
-1. params.yaml and dvc.yaml are what conf/ and the stage table make: `dvc repro` reads them and
-   never composes, so a stale one silently runs other settings or stages.
-2. Twice, each in a fresh copy of the project (what a clone has, plus data/): `dvc repro
-   [STAGE]`; then a second `dvc repro` must run nothing and `dvc status` must be clean. A stage
-   that reruns means something it depends on changes under DVC's feet.
-3. Every metrics.json, model.pt and exported model under artifacts/ is byte-identical in the two
-   copies: metrics.json holds only numbers that must not vary (timings go to timing.json), a
-   checkpoint only weights and settings and an export only the model, so any difference is
-   unseeded randomness, a nondeterministic operation or the copy's own path.
-
-Prints one PASS/FAIL line per check and a summary; exits 0 when all pass, 1 otherwise.
+"""`transferkit check-repro [--target STAGE] [--keep DIR] [--experiment NAME]`: the project's
+reproducibility promise, checked the way a user's CI runs it (docs/pipeline.md, Reproducibility):
+params.yaml and dvc.yaml are what they are made from; twice, in a fresh copy of the project,
+`dvc repro` runs, a second one runs nothing and `dvc status` is clean; every metrics.json,
+checkpoint and exported model is byte-identical in the two copies. One PASS/FAIL line per
+check; exits 0 when all pass, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -37,8 +27,7 @@ class Report:
 
     def check(self, ok: bool, what: str, details: str = "") -> bool:
         """One PASS or FAIL line as the check completes (the runs take minutes)."""
-        self.passed += ok
-        self.failed += not ok
+        self.passed, self.failed = self.passed + ok, self.failed + (not ok)
         indented = "".join(f"\n      {line}" for line in details.rstrip().splitlines()) if not ok else ""
         print(f"{'PASS' if ok else 'FAIL'}  {what}{indented}", flush=True)
         return ok
@@ -49,8 +38,14 @@ class Report:
         return 1 if self.failed else 0
 
 
-def _listed(lines: list[str], more: int) -> str:
-    return "\n".join(lines[:SHOWN] + ([f"... and {more - SHOWN} more"] if more > SHOWN else []))
+def _differing(a: dict, b: dict, line) -> str:
+    """`line(key)` for the first SHOWN keys whose values differ between `a` and `b`, or ''."""
+    keys = [k for k in dict.fromkeys([*a, *b]) if k not in a or k not in b or not _same(a[k], b[k])]
+    return "\n".join([line(k) for k in keys[:SHOWN]] + ([f"... and {len(keys) - SHOWN} more"] if len(keys) > SHOWN else []))
+
+
+def _same(x, y) -> bool:
+    return x.shape == y.shape and x.equal(y) if hasattr(x, "equal") else x == y
 
 
 def describe_difference(a: bytes, b: bytes) -> str:
@@ -59,11 +54,8 @@ def describe_difference(a: bytes, b: bytes) -> str:
         fa, fb = flatten(json.loads(a), lists=True), flatten(json.loads(b), lists=True)
     except ValueError:
         return "not valid JSON in both runs, and the bytes differ"
-    keys = [k for k in dict.fromkeys([*fa, *fb]) if fa.get(k, "<missing>") != fb.get(k, "<missing>")]
-    if not keys:
-        return "same values, different bytes (key order or number formatting)"
-    return _listed([f"{k}: {fa.get(k, '<missing>')!r} in run 1, {fb.get(k, '<missing>')!r} in run 2" for k in keys],
-                   len(keys))
+    return _differing(fa, fb, lambda k: f"{k}: {fa.get(k, '<missing>')!r} in run 1, {fb.get(k, '<missing>')!r} in run 2") \
+        or "same values, different bytes (key order or number formatting)"
 
 
 def weights_difference(a: Path, b: Path) -> str:
@@ -74,13 +66,9 @@ def weights_difference(a: Path, b: Path) -> str:
         sa, sb = (load_plain(p, "delete the run folders and run check-repro again.")["state_dict"] for p in (a, b))
     except Exception as e:  # noqa: BLE001 - any unreadable or refused file is reported, not raised
         return f"cannot compare the weights: {e}"
-    keys = [k for k in dict.fromkeys([*sa, *sb]) if k not in sa or k not in sb
-            or sa[k].shape != sb[k].shape or not sa[k].equal(sb[k])]
-    if not keys:
-        return "same tensors, different bytes (checkpoint metadata differs)"
-    return _listed([f"{k}: max |difference| {(sa[k].double() - sb[k].double()).abs().max().item():.3g}"
-                    if k in sa and k in sb and sa[k].shape == sb[k].shape else f"{k}: missing or another shape in one run"
-                    for k in keys], len(keys))
+    return _differing(sa, sb, lambda k: f"{k}: max |difference| {(sa[k].double() - sb[k].double()).abs().max().item():.3g}"
+                      if k in sa and k in sb and sa[k].shape == sb[k].shape else f"{k}: missing or another shape in one run") \
+        or "same tensors, different bytes (checkpoint metadata differs)"
 
 
 def size_difference(a: Path, b: Path) -> str:
@@ -94,7 +82,7 @@ COMPARED = {"metrics.json": lambda a, b: describe_difference(a.read_bytes(), b.r
 
 
 def reproduce(proj: Path, target: str | None, label: str, report: Report) -> None:
-    """Check 2 in one fresh copy: repro runs stages, a second repro runs none, status is clean."""
+    """In one fresh copy: repro runs stages, a second repro runs none, status is clean."""
     targets = [target] if target else []
     what = " ".join(["dvc repro", *targets])
     print(f"....  {label}: {what} in {proj}", flush=True)
@@ -106,12 +94,12 @@ def reproduce(proj: Path, target: str | None, label: str, report: Report) -> Non
     report.check(not rerun, f"{label}: a second {what} ran {', '.join(rerun) or 'nothing'}",
                  "A dependency or output of these stages changed while the pipeline ran.")
     status = run(["dvc", "status", *targets], proj)
-    report.check("up to date" in status, f"{label}: dvc status is {'' if 'up to date' in status else 'not '}up to date",
-                 status)
+    clean = "up to date" in status
+    report.check(clean, f"{label}: dvc status is {'' if clean else 'not '}up to date", status)
 
 
 def compare_outputs(run1: Path, run2: Path, report: Report) -> None:
-    """Check 3: every file of a COMPARED name is byte-identical in the two runs."""
+    """Every file of a COMPARED name is byte-identical in the two runs."""
     def files(proj: Path, name: str) -> set[str]:
         return {p.relative_to(proj).as_posix() for p in (proj / "artifacts").rglob(name)}
 

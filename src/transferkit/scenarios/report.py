@@ -1,25 +1,15 @@
-"""`transferkit scenarios`: the four scenarios of the source material, measured.
-
-    transferkit scenarios [--out DIR] [--only NAME ...] [--early-depth K] [--partial-depth K]
-                          [key=value ...]
-
-Target data small or large x source similar or different, one experiment preset each
-(conf/experiment/scenario_*.yaml). DIR/dvc.yaml holds them as DVC stages: each quadrant's
-prepare, one pretraining per source (the two quadrants with the same source share it: their
-source images and pretraining settings are the same) and five strategies per quadrant with the
-same epochs (a fair budget). DVC runs what is missing or changed and skips the rest; a killed
-strategy resumes from its checkpoint. Every model is then scored on its quadrant's target test
-set, and DIR/scenarios.md and scenarios.json hold the table: val and test top-1 with 95%
-intervals, the winner chosen on validation accuracy, the best on test, and the source
-material's guidance beside it. key=value overrides apply to every quadrant (seed=1, model=vgg_mini).
+"""`transferkit scenarios [--out DIR] [--only NAME,...] [--early-depth K] [--partial-depth K] [key=value ...]`:
+the four scenarios (target data small or large x source similar or different, one preset each in
+conf/experiment/scenario_*.yaml) as one DVC pipeline in DIR, scored into DIR/scenarios.md and
+scenarios.json (docs/sweeps.md). key=value overrides apply to every quadrant (seed=1, model=vgg_mini).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import OmegaConf
 
@@ -28,8 +18,9 @@ from transferkit.errors import TransferkitError
 from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
-from transferkit.project import stage_run
+from transferkit.project import run_pipeline, stage_run
 from transferkit.stages import BY_NAME
+from transferkit.sweep.points import check_points
 
 # preset -> (target size, source similarity), in the order of the report
 QUADRANTS = {"scenario_small_similar": ("small", "similar"), "scenario_small_different": ("small", "different"),
@@ -37,13 +28,15 @@ QUADRANTS = {"scenario_small_similar": ("small", "similar"), "scenario_small_dif
 SHARED_BY_SOURCE = ("seed", "model", "pretrain", "data.source", "data.image_size")  # what pretraining reads
 
 
-@dataclass(frozen=True)
-class Strategy:
+class Strategy(NamedTuple):
     name: str        # output folder
     label: str
     stage: str       # the pipeline stage that trains it
     overrides: dict  # on top of the quadrant's config
     what: str        # what is trained, for the report
+
+    def sets(self) -> list[str]:
+        return [f"{k}={'null' if v is None else v}" for k, v in self.overrides.items()]
 
 
 def strategies(early: int = 2, partial: int = 2) -> list[Strategy]:
@@ -59,55 +52,45 @@ def strategies(early: int = 2, partial: int = 2) -> list[Strategy]:
 def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     """Compose and check every quadrant and strategy (a bad override fails in a second, before
     anything trains), write each quadrant's params file and return the DVC stages."""
-    from transferkit.config.schema import validate_run
-
-    for o in overrides:
-        if o.split("=", 1)[0].lstrip("+~") in ("experiment", "name", "paths.artifacts_dir") or o.startswith("hydra"):
-            raise TransferkitError(f"override '{o}' cannot be used here: each quadrant sets its experiment and "
-                                   f"folders. Fix: use --only NAME and --out DIR.")
-    code = str(Path(__file__).resolve().parents[1])
-    stages, sources, blocks = {}, {}, {}
+    if bad := [o for o in overrides if o.startswith("hydra") or
+               o.split("=", 1)[0].lstrip("+~") in ("experiment", "name", "paths.artifacts_dir")]:
+        raise TransferkitError(f"override '{bad[0]}' cannot be used here: each quadrant sets its experiment and "
+                               f"folders. Fix: use --only NAME and --out DIR.")
+    code, stages, sources = str(Path(__file__).resolve().parents[1]), {}, {}
     # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
     keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
     for preset, (size, similarity) in QUADRANTS.items():
-        cfg = compose([f"experiment={preset}", "trainer.progress_bar=false", *overrides])
-        data_dir = str(Path(cfg.paths.data_dir).resolve())
-        cfg.paths.data_dir = data_dir
         for s in [None, *plan]:
             try:
-                point = compose([f"experiment={preset}", *overrides, *(f"{k}={'null' if v is None else v}"
-                                                                     for k, v in (s.overrides if s else {}).items())])
-                validate_run(point, s.stage if s else None, blocks)
+                check_points(s.stage if s else None, [f"experiment={preset}", *overrides, *(s.sets() if s else [])])
             except TransferkitError as e:
                 raise TransferkitError(f"{preset}{f', strategy {s.name}' if s else ''}: {e}") from e
+        cfg = compose([f"experiment={preset}", "trainer.progress_bar=false", *overrides])
+        cfg.paths.data_dir = data_dir = str(Path(cfg.paths.data_dir).resolve())
         first = sources.setdefault(similarity, (preset, cfg))
         if any(OmegaConf.select(first[1], k) != OmegaConf.select(cfg, k) for k in SHARED_BY_SOURCE):
             raise TransferkitError(f"{preset} and {first[0]} have the same source but other pretraining settings: "
                                    f"they cannot share one pretraining. Fix: override only what both may share.")
-        params = f"params/{preset}.yaml"
+        params, prepared = f"params/{preset}.yaml", {"prepare": f"{preset}/prepare"}
         save_text(params_text(cfg), out / params)
-        prepared = {"prepare": f"{preset}/prepare"}
         stages[f"{preset}-prepare"] = stage_run("prepare", params, f"{preset}/prepare", {}, [data_dir, code], keys["prepare"])
         if first[0] == preset:
             stages[f"{similarity}-pretrain"] = stage_run("pretrain", params, f"pretrain-{similarity}", prepared, [code],
                                                          keys["pretrain"])
         for s in plan:
-            stages[f"{preset}-{s.name}"] = stage_run(
-                s.stage, params, f"{preset}/{s.name}", {**prepared, "pretrain": f"pretrain-{similarity}"}, [code],
-                keys[s.stage], [f"{k}={'null' if v is None else v}" for k, v in s.overrides.items()])
+            stages[f"{preset}-{s.name}"] = stage_run(s.stage, params, f"{preset}/{s.name}",
+                                                     {**prepared, "pretrain": f"pretrain-{similarity}"}, [code],
+                                                     keys[s.stage], s.sets())
     return stages
 
 
 def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = None,
         early_depth: int = 2, partial_depth: int = 2) -> dict:
-    from transferkit.project import run_pipeline
-
-    chosen = [p for p in QUADRANTS if not only or p in {o if o in QUADRANTS else f"scenario_{o}" for o in only}]
-    unknown = [o for o in only or [] if o not in QUADRANTS and f"scenario_{o}" not in QUADRANTS]
-    if unknown:
+    named = {o if o in QUADRANTS else f"scenario_{o}": o for o in only or []}
+    if unknown := [o for name, o in named.items() if name not in QUADRANTS]:
         raise TransferkitError(f"unknown scenario '{unknown[0]}'. Fix: use one of {', '.join(QUADRANTS)} "
                                f"(or without the scenario_ prefix).")
-    plan = strategies(early_depth, partial_depth)
+    chosen, plan = [p for p in QUADRANTS if not named or p in named], strategies(early_depth, partial_depth)
     stages = pipeline(out, list(overrides or []), plan)
     start = time.perf_counter()
     ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen])
@@ -121,23 +104,17 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """The options, and the key=value overrides among the other arguments (--only takes several
-    names, and would take the overrides after it too)."""
-    parser = argparse.ArgumentParser(prog="transferkit scenarios", description=__doc__.split("\n\n")[0],
-                                     epilog="key=value overrides (Hydra syntax) apply to every quadrant.")
+    """The options, and the key=value overrides (the other arguments, in argv's order: the last value of a key wins)."""
+    parser = argparse.ArgumentParser(prog="transferkit scenarios", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("scenarios"), help="output folder (default scenarios/)")
-    parser.add_argument("--only", nargs="+", default=[], metavar="NAME", help=f"run only these of {', '.join(QUADRANTS)}")
+    parser.add_argument("--only", action="extend", type=lambda names: names.split(","), default=[], metavar="NAME,...",
+                        help=f"run only these of {', '.join(QUADRANTS)}")
     parser.add_argument("--early-depth", type=int, default=2, help="probe.depth of the earlier-block probe (2)")
     parser.add_argument("--partial-depth", type=int, default=2, help="transfer.freeze_depth of partial freeze (2)")
     args, rest = parser.parse_known_args(argv)
-    if bad := [a for a in rest if "=" not in a]:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    names = [a for a in args.only if "=" not in a]
-    if args.only and not names:
-        parser.error("argument --only: expected at least one scenario name")
-    extra = {*rest, *(a for a in args.only if "=" in a)}
-    args.only = names
-    return args, [a for a in argv if a in extra]  # in argv's order: of two values for a key, the last wins
+    if bad := [a for a in rest if "=" not in a] + [n for n in args.only if "=" in n or not n]:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (--only takes NAME,NAME; the rest is key=value overrides)")
+    return args, rest
 
 
 def main(argv: list[str]) -> int:

@@ -1,17 +1,20 @@
-"""The points of a Hydra sweep, checked before any of them runs.
+"""`transferkit sweep STAGE key=a,b ... [--out DIR]`: every point of a sweep as a DVC stage in
+DIR/dvc.yaml, reading the project's artifacts/; DVC runs the points not yet done (a rerun after a
+crash trains only what is missing) and `collect` makes the table (docs/sweeps.md).
 
-Hydra itself only finds a bad value when it reaches that job, after the earlier points
-have trained for minutes; expanding the sweep up front makes a typo or an out-of-range
-depth fail at once, with the same one-line message a single run gives.
+Every point is composed and validated before any runs: Hydra itself finds a bad value only when
+it reaches that job, after the earlier points have trained for minutes.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferkit.config.compose import compose
+from transferkit.config.compose import compose, params_text
 from transferkit.errors import TransferkitError
 
 
@@ -21,23 +24,18 @@ def expand(argv: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    plain = [a for a in argv if not a.startswith("-")]
     try:
-        overrides = OverridesParser.create().parse_overrides(plain)
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
     except HydraException as e:
         raise TransferkitError(f"cannot parse the overrides: {e}. Fix: write them as key=value, "
                                f"sweeps as key=a,b or key='range(0,5)'.") from e
-    axes = []
-    for o in overrides:
-        if o.is_hydra_override():
-            continue
-        key = o.get_key_element()
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        axes.append([f"{key}={v}" for v in values])
+    axes = [[f"{o.get_key_element()}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override()
+                                                    else [o.get_value_element_as_str()])]
+            for o in overrides if not o.is_hydra_override()]
     return [list(point) for point in itertools.product(*axes)]
 
 
-def check_points(stage: str, argv: list[str]) -> list[tuple[list[str], DictConfig]]:
+def check_points(stage: str | None, argv: list[str]) -> list[tuple[list[str], DictConfig]]:
     """Compose and validate every point of the sweep; return each point's overrides and config."""
     points = expand(argv)
     # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
@@ -59,36 +57,29 @@ def check_points(stage: str, argv: list[str]) -> list[tuple[list[str], DictConfi
 
 def point_name(point: list[str], points: list[list[str]]) -> str:
     """The overrides that vary across the sweep, as Hydra names its folders: `seed=1,transfer.freeze_depth=2`."""
-    varying = [o for o in point if any(o not in other for other in points)]
-    return ",".join(sorted(varying)) or "default"
+    return ",".join(sorted(o for o in point if any(o not in other for other in points))) or "default"
 
 
 def main(argv: list[str]) -> int:
-    """`transferkit sweep STAGE key=a,b ... [--out DIR]`: every point of the sweep as a DVC stage
-    in DIR/dvc.yaml, reading the project's artifacts/; DVC runs the points not yet done (a rerun
-    after a crash trains only what is missing) and `collect` makes the table."""
-    import argparse
-    from pathlib import Path
-
-    from transferkit.config.compose import params_text
+    from transferkit.evaluation.tables import sweep_table
     from transferkit.io import save_text
     from transferkit.project import run_pipeline, stage_run
     from transferkit.stages import BY_NAME, TARGET_MODELS
-    from transferkit.evaluation.tables import sweep_table
     from transferkit.sweep.collect import collect
 
-    parser = argparse.ArgumentParser(prog="transferkit sweep", description=main.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="transferkit sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=TARGET_MODELS, help="a stage whose models collect scores")
     parser.add_argument("--out", type=Path, help="the sweep's folder (default sweeps/<experiment>-<stage>)")
     args, overrides = parser.parse_known_args(argv)
     points, cfgs = map(list, zip(*check_points(args.stage, overrides)))
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
-    stages, code, reads = {}, str(Path(__file__).resolve().parents[1]), BY_NAME[args.stage].reads
+    stages, code = {}, str(Path(__file__).resolve().parents[1])
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
         name, artifacts = point_name(point, points), Path(cfg.paths.artifacts_dir).resolve()
         save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
         stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
-                                        {r: str(artifacts / r) for r in reads}, [code, f"params/{name}.yaml"])
+                                        {r: str(artifacts / r) for r in BY_NAME[args.stage].reads},
+                                        [code, f"params/{name}.yaml"])
     ran = run_pipeline(out, stages)
     print(f"{len(ran)} of {len(stages)} points ran; the rest were done already")
     print(sweep_table(collect([out], out / "collected")))
