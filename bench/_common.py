@@ -19,6 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
+def train_bf16() -> bool:
+    """Whether the stages train in bf16 autocast on this machine (what trainer.precision=auto picks):
+    a benchmark of the training step runs as they do, never in one machine's best setting."""
+    from transferkit.training.precision import resolve_precision
+
+    return resolve_precision("auto", "cpu") == "bf16-mixed"
+
+
 def conv_widths(model: torch.nn.Module) -> str:
     """Output channels of every convolution, e.g. 16/16/16/64/64/64/64."""
     from transferkit.prune.structured import conv_widths as widths

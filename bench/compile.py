@@ -1,5 +1,5 @@
 """Does torch.compile pay for training on this machine? One training step of each stage's
-model as the Trainer runs it (bf16 autocast, channels_last, SGD Nesterov, the stage's batch
+model as the Trainer runs it (its precision on this machine, channels_last, SGD Nesterov, the stage's batch
 size; bench/mfu.py's train_step_fn), eager (the baseline, what the stages run) vs under
 torch.compile (inductor, default mode), in the same run: images/s, seconds to compile (the
 first step), and how many steps it takes to win that time back (none: never).
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, describe, finish, fresh_inductor_cache, load_target_task, machine, now, params, table  # noqa: E402
-from mfu import best_rate, stage_models, train_step_fn  # noqa: E402
+from mfu import TRAIN, best_rate, stage_models, train_step_fn  # noqa: E402
 
 COLUMNS = [("stage", "training step", "s"), ("batch", "batch", "d"), ("eager_img_s", "eager img/s", ",.0f"),
            ("compiled_img_s", "torch.compile img/s", ",.0f"), ("ratio", "compiled / eager", ".2f"),
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                      "break_even_steps": compile_s / saved if saved > 0 else None,
                      "stage_steps": p[stage]["epochs"] * (n_train // batch)})
         print(table(rows[-1:], COLUMNS), flush=True)
-    print("\ntraining step, eager vs torch.compile (bf16 autocast, channels_last):")
+    print(f"\ntraining step, eager vs torch.compile ({TRAIN}, channels_last):")
     print(table(rows, COLUMNS))
     finish("compile", info, rows)
     return 0

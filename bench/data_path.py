@@ -6,7 +6,8 @@ torchvision: the same images as a CIFAR10-style dataset (HWC uint8 array, one
              PIL.Image.fromarray per image) -> RandomCrop(32, padding=2) + RandomHorizontalFlip
              + ToTensor + Normalize per image -> DataLoader with worker processes
 
-Both train the same model with bf16 autocast, channels_last, SGD with Nesterov momentum, for
+Both train the same model as the stages do here (bf16 autocast where `trainer.precision: auto`
+picks it, else fp32), channels_last, SGD with Nesterov momentum, for
 the same number of steps on the same images. `--model` picks it, at its stage's batch size:
 teacher (params.yaml model, transfer.batch_size; the default), student (distill.student,
 distill.batch_size) or pruned (that student pruned as params.yaml prune says, prune.batch_size).
@@ -31,11 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, Clock, conv_widths, describe, load_target_task, machine, now, params,  # noqa: E402
+from _common import (ROOT, Clock, conv_widths, describe, load_target_task, machine, now, params, train_bf16,  # noqa: E402
                      prune_like_the_stage, save, table)
 
 from transferkit.data.loader import DeviceBatches  # noqa: E402
 from transferkit.models import CIFAR_MEAN, CIFAR_STD, model_from_config  # noqa: E402
+
+BF16 = train_bf16()  # the stages' precision on this machine
 
 
 class CifarLike(torch.utils.data.Dataset):
@@ -92,7 +95,7 @@ def train(model: nn.Module, batches, steps: int, warmup: int) -> tuple[float, fl
 
     def step():
         x, y = next(batches)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
             loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
         loss.backward()
         opt.step()
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     state = copy.deepcopy(base.state_dict())
     widths = conv_widths(base)
     info = {"when": now(), "machine": machine(), "data": source, "batch_size": batch, "model": args.model,
-            "conv_widths": widths, "precision": "bf16 autocast, channels_last"}
+            "conv_widths": widths, "precision": f"{'bf16 autocast' if BF16 else 'fp32'}, channels_last"}
     print(f"{describe(info['machine'])}\ndata: {source}; model: {args.model} (convs {widths}); batch {batch}",
           flush=True)
 

@@ -1,15 +1,18 @@
 """Model-FLOPs utilisation of every training stage's model on this machine.
 
-1. Peak: the best FLOP/s of large torch.matmul calls in bf16 and fp32, and of the same GEMMs
-   run as 1x1 convolutions (fp32 torch.matmul goes to MKL and convolutions to oneDNN, whose
-   speeds differ by CPU: the peak is the faster of the two); with all torch threads, and one core's best x threads (the larger
-   is used: on a shared machine the all-threads run understates the cores). Measured in the
-   same run, so the ratio does not depend on a spec sheet or clock speed.
-2. For each stage's model (teacher fastnet 64/256/256 for pretrain/transfer, student fastnet
-   32/128/128 for distill, the pruned student for prune; loaded from artifacts/*/model.pt when
-   present): training-step throughput (forward + backward + SGD step, bf16 autocast,
-   channels_last, the stage's batch size from params.yaml) and inference throughput at
-   evaluate.throughput_batch (channels_last; bf16, and fp32 as `evaluate` runs it).
+1. Peak: the best FLOP/s of large torch.matmul calls in fp32 (and bf16 where the stages train
+   in it), and of the same GEMMs run as 1x1 convolutions (fp32 torch.matmul goes to MKL and
+   convolutions to oneDNN, whose speeds differ by CPU: the peak is the faster of the two); with
+   all torch threads, and one core's best x threads (the larger is used: on a shared machine the
+   all-threads run understates the cores). Measured in the same run, so the ratio does not
+   depend on a spec sheet or clock speed.
+2. For each stage's model (params.yaml's model for pretrain/transfer, distill.student for
+   distill, the pruned student for prune; loaded from artifacts/*/model.pt when
+   present): training-step throughput (forward + backward + SGD step in the stages' precision
+   on this machine: bf16 autocast where `trainer.precision: auto` picks it, else fp32;
+   channels_last; the stage's batch size from params.yaml) and inference throughput at
+   evaluate.throughput_batch (channels_last; fp32 as `evaluate` runs it, and bf16 where the
+   stages train in it).
 3. Achieved FLOP/s = MACs x 2 x 3 (training: forward + backward, which is about twice the
    forward) or x 2 (inference) per image x images/s, with MACs from
    transferkit.evaluation.cost.count_macs (convolutions and linear layers, what `evaluate`
@@ -43,10 +46,12 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, conv_widths, describe, load_target_task, machine, now, params,  # noqa: E402
-                     prune_like_the_stage, save, table)
+                     prune_like_the_stage, save, table, train_bf16)
 
 from transferkit.evaluation.cost import count_macs, count_params  # noqa: E402
 from transferkit.models import load_checkpoint, model_from_config  # noqa: E402
+
+TRAIN = "bf16" if train_bf16() else "fp32"  # what the stages train in on this machine
 
 
 # ------------------------------------------------------------------ timing
@@ -139,7 +144,7 @@ def stage_models(p: dict, artifacts: Path, num_classes: int) -> dict[str, tuple[
 
 
 def train_step_fn(model: nn.Module, batch: int, num_classes: int, teacher: nn.Module | None = None):
-    """One training step as the Trainer runs it (bf16 autocast, channels_last, SGD Nesterov);
+    """One training step as the Trainer runs it (its precision here, channels_last, SGD Nesterov);
     with `teacher`: also the frozen teacher's forward pass (the distill / prune recovery step)."""
     model = model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -150,7 +155,7 @@ def train_step_fn(model: nn.Module, batch: int, num_classes: int, teacher: nn.Mo
         teacher = teacher.to(memory_format=torch.channels_last).eval()
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=TRAIN == "bf16"):
             logits = model(x)
             if teacher is not None:
                 with torch.no_grad():
@@ -228,7 +233,7 @@ def time_by_kind(step, steps: int = 6) -> dict[str, float]:
 
 
 def conv_layers(model: nn.Module, batch: int, window: float, peak: float) -> list[dict]:
-    """Each convolution alone, forward, bf16 channels_last, at its real input shape."""
+    """Each convolution alone, forward, in the training precision, channels_last, at its real input shape."""
     shapes = {}
 
     def record(name):
@@ -250,13 +255,13 @@ def conv_layers(model: nn.Module, batch: int, window: float, peak: float) -> lis
 
         @torch.inference_mode()
         def run(conv=conv, x=x):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=TRAIN == "bf16"):
                 conv(x)
 
         xg = x.clone().requires_grad_(name != "blocks.0.0")  # the stem's input needs no gradient
 
         def train(conv=conv, x=xg):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=TRAIN == "bf16"):
                 out = conv(x)
             out.backward(torch.ones_like(out))
             conv.weight.grad = None
@@ -290,8 +295,8 @@ def rounding_rows(p: dict, student: nn.Module, teacher: nn.Module, num_classes: 
                               batch, window)
         infer, _ = best_rate(infer_fn(copy.deepcopy(model), ev_batch, bf16=False), ev_batch, window)
         rows.append({"round_to": str(used), "convs": conv_widths(model), "mmacs": macs / 1e6,
-                     "train_img_s": alone, "train_mfu": alone * macs * 6 / peaks["bf16"],
-                     "recovery_img_s": with_t, "recovery_mfu": with_t * (macs * 6 + tmacs * 2) / peaks["bf16"],
+                     "train_img_s": alone, "train_mfu": alone * macs * 6 / peaks[TRAIN],
+                     "recovery_img_s": with_t, "recovery_mfu": with_t * (macs * 6 + tmacs * 2) / peaks[TRAIN],
                      "infer_img_s": infer, "infer_mfu": infer * macs * 2 / peaks["fp32"]})
         print(table(rows[-1:], ROUNDING_COLUMNS), flush=True)
     return rows
@@ -310,7 +315,9 @@ def main(argv=None) -> int:
     info = {"when": now(), "machine": machine()}
     print(describe(info["machine"]), flush=True)
 
-    peaks = {"bf16": machine_peak(torch.bfloat16), "fp32": machine_peak(torch.float32)}
+    # bf16's peak only where the stages train in it: emulated bf16 takes minutes at these sizes
+    peaks = {d: machine_peak(dtype) for d, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+             if d in (TRAIN, "fp32")}
     print("\nmatrix-multiply peak (best of 5; n x n times n x n as torch.matmul and as a 1x1 conv):")
     print(table([{"dtype": d, "op": op, **{f"n{n}": f / 1e9 for n, f in pk[key].items()},
                   "best": max(pk[key].values()) / 1e9}
@@ -338,36 +345,35 @@ def main(argv=None) -> int:
             # the stage as it runs: the recovery fine-tune distils from the teacher (DistillerModule)
             ("prune recovery (+ teacher fwd)", "pruned", p["prune"]["batch_size"], True)]
     rows = []
-    peak16, peak32 = peaks["bf16"]["flops"], peaks["fp32"]["flops"]
+    peak = {d: pk["flops"] for d, pk in peaks.items()}
     for stage, name, batch, with_teacher in runs:
         model = copy.deepcopy(models[name][0])
         teacher = copy.deepcopy(models["teacher"][0]) if with_teacher else None
         rate, rates = best_rate(train_step_fn(model, batch, num_classes, teacher), batch, args.window)
         flop_per_img = macs[name] * 2 * 3 + (macs["teacher"] * 2 if with_teacher else 0)
-        rows.append({"run": f"train: {stage}", "model": name, "batch": batch, "dtype": "bf16", "img_s": rate,
-                     "gflops": rate * flop_per_img / 1e9, "mfu": rate * flop_per_img / peak16,
+        rows.append({"run": f"train: {stage}", "model": name, "batch": batch, "dtype": TRAIN, "img_s": rate,
+                     "gflops": rate * flop_per_img / 1e9, "mfu": rate * flop_per_img / peak[TRAIN],
                      "windows": rates})
         print(table(rows[-1:], COLUMNS), flush=True)
     ev_batch = p["evaluate"]["throughput_batch"]
     for name in models:
-        for bf16 in (True, False):
+        for bf16 in (True, False) if TRAIN == "bf16" else (False,):
             model = copy.deepcopy(models[name][0])
             rate, rates = best_rate(infer_fn(model, ev_batch, bf16), ev_batch, args.window)
             flop_per_img = macs[name] * 2
-            peak = peak16 if bf16 else peak32
             rows.append({"run": "inference" + ("" if bf16 else " (as evaluate)"), "model": name, "batch": ev_batch,
                          "dtype": "bf16" if bf16 else "fp32", "img_s": rate, "gflops": rate * flop_per_img / 1e9,
-                         "mfu": rate * flop_per_img / peak, "windows": rates})
+                         "mfu": rate * flop_per_img / peak["bf16" if bf16 else "fp32"], "windows": rates})
             print(table(rows[-1:], COLUMNS), flush=True)
 
     print("\nmodel-FLOPs utilisation (MFU = achieved / measured peak of the same dtype):")
     print(table(rows, COLUMNS))
 
     print(f"\nthe student pruned at prune.ratio={p['prune']['ratio']} ({p['prune']['target']}) to any channel count vs "
-          f"multiples of prune.round_to (training: bf16, batch {p['prune']['batch_size']}; inference: fp32 as "
+          f"multiples of prune.round_to (training: {TRAIN}, batch {p['prune']['batch_size']}; inference: fp32 as "
           f"evaluate measures it, batch {ev_batch}):", flush=True)
     rounding = rounding_rows(p, models["student"][0], models["teacher"][0], num_classes, args.window,
-                             {"bf16": peak16, "fp32": peak32})
+                             peak)
     if len(rounding) == 2:
         a, b = rounding
         print(f"rounded / any count: training {b['train_img_s'] / a['train_img_s']:.2f}x, recovery step "
@@ -383,9 +389,9 @@ def main(argv=None) -> int:
     print(table([{"kind": k, "share": v} for k, v in student_kinds.items()],
                 [("kind", "op kind", "s"), ("share", "share", ".0%")]))
 
-    convs = conv_layers(copy.deepcopy(models["teacher"][0]), p["transfer"]["batch_size"], args.window, peak16)
-    print(f"\neach convolution of the teacher alone (bf16 autocast, channels_last, batch {p['transfer']['batch_size']}; "
-          f"MFU against the bf16 peak):")
+    convs = conv_layers(copy.deepcopy(models["teacher"][0]), p["transfer"]["batch_size"], args.window, peak[TRAIN])
+    print(f"\neach convolution of the teacher alone ({TRAIN}, channels_last, batch {p['transfer']['batch_size']}; "
+          f"MFU against the {TRAIN} peak):")
     print(table(convs, [("layer", "layer", "s"), ("shape", "conv", "s"), ("mmacs", "M MACs/img", ".1f"),
                         ("gflops", "fwd GFLOP/s", ",.0f"), ("mfu", "fwd MFU", ".0%"),
                         ("train_gflops", "fwd+bwd GFLOP/s", ",.0f"), ("train_mfu", "fwd+bwd MFU", ".0%"),
