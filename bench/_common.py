@@ -20,11 +20,12 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def train_bf16() -> bool:
-    """Whether the stages train in bf16 autocast on this machine (what trainer.precision=auto picks):
-    a benchmark of the training step runs as they do, never in one machine's best setting."""
+    """Whether the stages train in bf16 autocast on this machine (params.yaml's trainer.precision;
+    auto: the precision probe decides): a benchmark of the training step runs as they do, never
+    in one machine's best setting."""
     from transferkit.training.precision import resolve_precision
 
-    return resolve_precision("auto", "cpu") == "bf16-mixed"
+    return resolve_precision(params()["trainer"]["precision"], "cpu") == "bf16-mixed"
 
 
 def conv_widths(model: torch.nn.Module) -> str:
@@ -71,13 +72,13 @@ def machine() -> dict:
     from transferkit.training.precision import cpu_isa, cpu_model, matmul_peaks
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cpu_capability": cpu_isa(), **matmul_peaks(),
+            "torch": torch.__version__, "isa": cpu_isa(), **matmul_peaks(),
             "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def describe(m: dict) -> str:
     """machine() in one line: what every script prints before its timings and after them."""
-    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['cpu_capability']}), {m['torch_threads']} "
+    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['isa']}), {m['torch_threads']} "
             f"threads; matmul peak fp32 {m['fp32_gflops']} / bf16 {m['bf16_gflops']} GFLOP/s; load average {m['loadavg']}")
 
 

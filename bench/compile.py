@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     fresh_inductor_cache()
     p = params()
-    info = {"when": now(), "machine": machine()}
+    info = {"when": now(), "machine": machine(), "precision": TRAIN}
     print(describe(info["machine"]), flush=True)
     task, _ = load_target_task(args.artifacts)
     n_classes, n_train = len(task["classes"]), len(task["train_y"])

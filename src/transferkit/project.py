@@ -37,8 +37,9 @@ def run(cmd: list[str], cwd: Path, tail: int = 25, env: dict | None = None) -> s
     except OSError as e:  # e.g. git is not installed
         raise TransferkitError(f"`{' '.join(cmd)}` could not start: {e}") from e
     if proc.returncode:
-        raise TransferkitError(f"`{' '.join(cmd)}` exited with code {proc.returncode} in {cwd}; its output ends:\n"
-                               + "\n".join(proc.stdout.rstrip().splitlines()[-tail:]))
+        end = "\n".join(proc.stdout.rstrip().splitlines()[-tail:])
+        raise TransferkitError(f"`{' '.join(cmd)}` exited with code {proc.returncode} in {cwd}"
+                               + (f"; its output ends:\n{end}" if end else ""))
     return proc.stdout
 
 

@@ -88,7 +88,7 @@ def results_table(metrics: dict, timing: dict) -> str:
     fp32, bf16 = m.get("fp32_gflops", "?"), m.get("bf16_gflops", "?")  # evaluate's older files: after only
     peaks = (f"fp32 {m['fp32_gflops_before']} / bf16 {m['bf16_gflops_before']} GFLOP/s before the timings, {fp32} / "
              f"{bf16} after" if "fp32_gflops_before" in m else f"fp32 {fp32} / bf16 {bf16} GFLOP/s after the timings")
-    cpu = f"{m.get('cpu', 'unknown CPU')}" + (f" ({m['isa']})" if m.get("isa") else "")
+    cpu = m.get("cpu", "unknown CPU") + (f" ({m['isa']})" if m.get("isa") else "")
     lines += ["", f"Transfer minus scratch: {100 * d['difference']:+.1f} points (95% paired interval "
                   f"{100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}), {d['n']:,} test images. Latency and "
                   f"throughput: {cpu}, {m.get('threads', '?')} threads (matmul peak {peaks}), "

@@ -20,7 +20,7 @@ from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
 from transferkit.project import run_pipeline, stage_run
 from transferkit.stages import BY_NAME
-from transferkit.sweep.points import check_points
+from transferkit.sweep.points import check_points, expand
 
 # preset -> (target size, source similarity), in the order of the report
 QUADRANTS = {"scenario_small_similar": ("small", "similar"), "scenario_small_different": ("small", "different"),
@@ -55,7 +55,10 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     if bad := [o for o in overrides if o.startswith("hydra") or
                o.split("=", 1)[0].lstrip("+~") in ("experiment", "name", "paths.artifacts_dir")]:
         raise TransferkitError(f"override '{bad[0]}' cannot be used here: each quadrant sets its experiment and "
-                               f"folders. Fix: use --only NAME and --out DIR.")
+                               f"folders. Fix: use --only NAME,... and --out DIR.")
+    if len(expand(overrides)) > 1:
+        raise TransferkitError(f"{' '.join(overrides)}: a sweep of scenarios is one run per setting. Fix: give one "
+                               f"value per key and a separate --out DIR per run.")
     code, stages, sources = str(Path(__file__).resolve().parents[1]), {}, {}
     # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
     keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
@@ -113,7 +116,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--partial-depth", type=int, default=2, help="transfer.freeze_depth of partial freeze (2)")
     args, rest = parser.parse_known_args(argv)
     if bad := [a for a in rest if "=" not in a] + [n for n in args.only if "=" in n or not n]:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (--only takes NAME,NAME; the rest is key=value overrides)")
+        parser.error(f"unrecognized arguments: {' '.join(map(repr, bad))} (--only takes NAME,NAME; the rest is "
+                     f"key=value overrides)")
     return args, rest
 
 
