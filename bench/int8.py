@@ -2,7 +2,8 @@
 the deployable model (export's fp32 ONNX file) quantized as the quantize stage does in ONNX
 Runtime's QOperator format (QLinearConv and friends: the default) and in its QDQ format
 (Quantize/DequantizeLinear pairs around float operators, which the runtime fuses), per-channel
-or not. For each: top-1 on the target test set (no TTA), agreement with fp32, file size, batch-1
+or not, with 7-bit weights (quantize.reduce_range, the default) or 8-bit ones (accurate only on
+CPUs with VNNI: deploy/quantize.py). For each: top-1 on the target test set (no TTA), agreement with fp32, file size, batch-1
 latency (median) and throughput at batch 256 (best round) on 2 threads and on 1, the models taking turns.
 
     uv run python bench/int8.py --artifacts DIR [--repeats 300] [--throughput-repeats 10] [--profile]
@@ -39,9 +40,11 @@ from transferkit.evaluation.metrics import predict_onnx  # noqa: E402
 from transferkit.models import load_checkpoint  # noqa: E402
 from transferkit.stages.common import load_task  # noqa: E402
 
-VARIANTS = {"int8 qoperator, per-channel (default)": {"fmt": "qoperator", "per_channel": True},
-            "int8 qdq, per-channel": {"fmt": "qdq", "per_channel": True},
-            "int8 qoperator, per-tensor": {"fmt": "qoperator", "per_channel": False}}
+VARIANTS = {"int8 qoperator, per-channel, 7-bit weights (default)": {"fmt": "qoperator", "per_channel": True,
+                                                                    "reduce_range": True},
+            "int8 qoperator, per-channel, 8-bit weights": {"fmt": "qoperator", "per_channel": True, "reduce_range": False},
+            "int8 qdq, per-channel, 7-bit weights": {"fmt": "qdq", "per_channel": True, "reduce_range": True},
+            "int8 qoperator, per-tensor, 7-bit weights": {"fmt": "qoperator", "per_channel": False, "reduce_range": True}}
 
 
 def on_threads(threads: int, measure, *args):
@@ -115,8 +118,9 @@ def main(argv=None) -> int:
         unpadded = export_unpadded(args.artifacts, Path(tmp) / "unpadded.onnx")
         files = {"fp32": fp32, "fp32, 3 input channels": unpadded}
         variants = {**VARIANTS, "int8 qoperator, per-channel, first conv in float":
-                    {"fmt": "qoperator", "per_channel": True, "keep_float": [first_conv_node(fp32)]},
-                    "int8 qoperator, per-channel, 3 input channels": {"fmt": "qoperator", "per_channel": True}}
+                    {"fmt": "qoperator", "per_channel": True, "reduce_range": True, "keep_float": [first_conv_node(fp32)]},
+                    "int8 qoperator, per-channel, 3 input channels": {"fmt": "qoperator", "per_channel": True,
+                                                                      "reduce_range": True}}
         for name, v in variants.items():
             files[name] = Path(tmp) / f"{len(files)}.onnx"
             quantize(unpadded if "3 input" in name else fp32, files[name], calibration, method=q["method"],

@@ -51,8 +51,36 @@ def test_int8_file_of_a_real_sized_model_is_over_3x_smaller(tmp_path):
     export(tmp_path / "model.pt", tmp_path / "export", None, repeats=2, batch_size=64, threads=1, log=lambda *_: None)
     fp32, int8 = tmp_path / "export" / "model.onnx", tmp_path / "int8.onnx"
     calibration = np.random.default_rng(0).random((32, 3, 32, 32), dtype=np.float32)
-    quantize(fp32, int8, calibration, method="minmax", fmt="qoperator", per_channel=True)
+    quantize(fp32, int8, calibration, method="minmax", fmt="qoperator", per_channel=True, reduce_range=True)
     assert int8.stat().st_size * 3 < fp32.stat().st_size
+
+
+def test_reduce_range_keeps_every_int8_weight_within_7_bits(tmp_path):
+    """8-bit weights overflow the 16-bit pair sums of CPUs without VNNI (AVX2): reduce_range
+    keeps them in [-64, 64], in the file and in the fake quantization that fine-tunes for it."""
+    import numpy as np
+    import torch
+    import onnx
+    from onnx import numpy_helper
+
+    from transferkit.deploy.export import export_onnx
+    from transferkit.deploy.qat import FakeQuantWeight
+    from transferkit.deploy.quantize import quantize
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    export_onnx(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8).eval(), tmp_path / "fp32.onnx", 32, "auto",
+                None, log=lambda *_: None)
+    calibration = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
+    for reduce_range, bound in ((True, 64), (False, 127)):
+        out = tmp_path / f"int8_{reduce_range}.onnx"
+        quantize(tmp_path / "fp32.onnx", out, calibration, method="minmax", fmt="qoperator", per_channel=True,
+                 reduce_range=reduce_range)
+        weights = [numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        assert weights and max(int(np.abs(w).max()) for w in weights) == bound
+        w = torch.randn(4, 3, 3, 3)
+        levels = FakeQuantWeight(per_channel=True, reduce_range=reduce_range)(w) / (w.abs().flatten(1).amax(1) / bound).view(-1, 1, 1, 1)
+        assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= bound + 1e-4
 
 
 def test_predict_takes_the_int8_file(smoke_artifacts, tmp_path):
@@ -94,7 +122,7 @@ def test_keep_float_leaves_the_classifier_in_float(smoke_artifacts, tmp_path):
     images = calibration_images(load_task(artifacts / "prepare", "target"), 16)
     out = tmp_path / "int8.onnx"
     quantize(artifacts / "export" / "model.onnx", out, images, method="minmax", fmt="qoperator", per_channel=True,
-             keep_float=["Gemm"])
+             reduce_range=True, keep_float=["Gemm"])
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert "Gemm" in ops and "QLinearConv" in ops  # the classifier in float, the convolutions in INT8
 
@@ -112,7 +140,7 @@ def test_every_calibration_method_and_format_quantizes(smoke_artifacts, tmp_path
     task = load_task(artifacts / "prepare", "target")
     out = tmp_path / "int8.onnx"
     quantize(artifacts / "export" / "model.onnx", out, calibration_images(task, 16), method=method, fmt=fmt,
-             per_channel=True)
+             per_channel=True, reduce_range=True)
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert ({"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops) if fmt == "qdq" else ("QLinearConv" in ops)
     fp32, int8 = (predict_onnx(f, task["test_x"], 64, threads=1).argmax(1) for f in (artifacts / "export" / "model.onnx", out))
@@ -131,7 +159,7 @@ def test_fake_quantization_trains_and_comes_off_without_a_trace():
     torch.manual_seed(0)
     plain = fold_batchnorm(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu"))
     model = copy.deepcopy(plain)
-    hooks = add_fake_quant(model, per_channel=True)
+    hooks = add_fake_quant(model, per_channel=True, reduce_range=True)
     x = torch.rand(4, 3, 32, 32)
     model.train()(x)  # the observers see a batch
     model.eval()
@@ -209,6 +237,6 @@ def test_int8_keeps_the_relu_after_max_pooling(tmp_path):
         assert torch.allclose(deployed(images.float() / 255), model(images.float() / 255), atol=1e-5)
     export_onnx(deployed, tmp_path / "fp32.onnx", 32, "auto", None, log=lambda *_: None)
     quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", (images.float() / 255).numpy(), method="minmax",
-             fmt="qoperator", per_channel=True)
+             fmt="qoperator", per_channel=True, reduce_range=True)
     a, b = (predict_onnx(tmp_path / f, images, 500, threads=1).numpy() for f in ("fp32.onnx", "int8.onnx"))
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()  # INT8 rounding, not a lost ReLU

@@ -114,6 +114,7 @@ class Quantize(Schema):
     method: Literal[QUANTIZE_METHODS] = rule()
     format: Literal[QUANTIZE_FORMATS] = rule()
     per_channel: bool = rule()
+    reduce_range: bool = rule()
     max_drop: float = rule(ge=0, le=1)
     qat_epochs: int = rule(ge=0)
     qat_lr: float = rule(gt=0)

@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning, for when post-training INT8 loses too much: the deployed model
 (BatchNorm folded, as export writes it) trains a few epochs with every convolution's and linear
 layer's weights and inputs fake-quantized as ONNX Runtime quantizes them (int8 weights with one
-symmetric scale per output channel, uint8 inputs with a running min/max), so its weights learn to
+symmetric scale per output channel, 7-bit with reduce_range; uint8 inputs with a running min/max), so its weights learn to
 sit where INT8 rounds them well. The fake quantization is then removed: the result is an
 ordinary fp32 model, exported and quantized again by the quantize stage.
 
@@ -19,30 +19,32 @@ QUANTIZED = (nn.Conv2d, nn.Linear)
 
 
 class FakeQuantWeight(nn.Module):
-    """int8 weights, symmetric, one scale per output channel (or one in all); straight-through gradients."""
+    """int8 weights, symmetric, one scale per output channel (or one in all), in [-127, 127] or
+    with reduce_range in [-64, 64], as ONNX Runtime quantizes them; straight-through gradients."""
 
-    def __init__(self, per_channel: bool):
+    def __init__(self, per_channel: bool, reduce_range: bool):
         super().__init__()
-        self.per_channel = per_channel
+        self.per_channel, self.levels = per_channel, 64 if reduce_range else 127
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        n = self.levels
         if not self.per_channel:
-            scale = float(w.detach().abs().max().clamp_min(1e-8)) / 127
-            return torch.fake_quantize_per_tensor_affine(w, scale, 0, -127, 127)
-        scale = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / 127
+            scale = float(w.detach().abs().max().clamp_min(1e-8)) / n
+            return torch.fake_quantize_per_tensor_affine(w, scale, 0, -n, n)
+        scale = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / n
         zero = torch.zeros(len(scale), dtype=torch.int32, device=w.device)
-        return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -127, 127)
+        return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -n, n)
 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quant(args[0]), *args[1:])
 
 
-def add_fake_quant(model: nn.Module, per_channel: bool) -> list:
+def add_fake_quant(model: nn.Module, per_channel: bool, reduce_range: bool) -> list:
     """Fake-quantize every convolution and linear layer of `model` in place; returns the hooks."""
     hooks = []
     for layer in [m for m in model.modules() if isinstance(m, QUANTIZED)]:
-        parametrize.register_parametrization(layer, "weight", FakeQuantWeight(per_channel))
+        parametrize.register_parametrization(layer, "weight", FakeQuantWeight(per_channel, reduce_range))
         layer.input_quant = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
                                          dtype=torch.quint8, qscheme=torch.per_tensor_affine)
         hooks.append(layer.register_forward_pre_hook(_quantize_input))

@@ -72,7 +72,7 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
     return [
         "## INT8", "",
         f"The fp32 ONNX model quantized by {q['produced_by']} (ONNX Runtime, {q['format']} format, per-channel "
-        f"weights: {q['per_channel']}), activation ranges calibrated ({q['method']}) on {q['calibration_images']} "
+        f"weights: {q['per_channel']}, 7-bit weights: {q.get('reduce_range', False)}), activation ranges calibrated ({q['method']}) on {q['calibration_images']} "
         f"training images. On the {q['n_test']:,} test images it agrees with fp32 on "
         f"{100 * q['top1_agreement']:.2f}% (largest logit difference {q['max_abs_logit_diff']:.3g})."
         + (f" Post-training quantization alone reached {_pct(q['post_training']['int8_top1'])} top-1 (fp32: "

@@ -22,7 +22,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     q = cfg.quantize
     task = load_task(inputs["prepare"], "target")
     calibration = calibration_images(task, q.calibration_images)
-    settings = dict(method=q.method, fmt=q.format, per_channel=q.per_channel, keep_float=list(q.keep_float))
+    settings = dict(method=q.method, fmt=q.format, per_channel=q.per_channel, reduce_range=q.reduce_range,
+                    keep_float=list(q.keep_float))
     fp32 = inputs["export"] / "model.onnx"
     threads = torch.get_num_threads()
     produced_by = "post-training quantization"
@@ -38,7 +39,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             produced_by = f"quantization-aware fine-tuning ({q.qat_epochs} epochs, distilled from the teacher)"
         if loss_of(result) > q.max_drop:
             raise refuse(result, q.max_drop, q.qat_epochs if "post_training" in result else 0)
-    save_json({"method": q.method, "format": q.format, "per_channel": q.per_channel, "keep_float": list(q.keep_float),
+    save_json({"method": q.method, "format": q.format, "per_channel": q.per_channel, "reduce_range": q.reduce_range,
+               "keep_float": list(q.keep_float),
                "calibration_images": q.calibration_images, "produced_by": produced_by, **result},
               out / "quantize.json")
     save_json({"quantize_seconds": round(seconds, 2)}, out / "timing.json")
@@ -60,7 +62,7 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     q = cfg.quantize
     student, _ = load_checkpoint(inputs["prune"] / "model.pt", "prune", task["classes"], what="the pruned student")
     model = deployable(student).train()
-    hooks = add_fake_quant(model, q.per_channel)
+    hooks = add_fake_quant(model, q.per_channel, q.reduce_range)
     settings = OmegaConf.merge(cfg.prune, {"epochs": q.qat_epochs, "lr": q.qat_lr})
     # in fp32 (the fake quantization's arithmetic), in this one process: a few epochs of a small model
     fp32_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true", "devices": 1, "num_nodes": 1,
