@@ -27,7 +27,8 @@ class Report:
 
     def check(self, ok: bool, what: str, details: str = "") -> bool:
         """One PASS or FAIL line as the check completes (the runs take minutes)."""
-        self.passed, self.failed = self.passed + ok, self.failed + (not ok)
+        self.passed += ok
+        self.failed += not ok
         indented = "".join(f"\n      {line}" for line in details.rstrip().splitlines()) if not ok else ""
         print(f"{'PASS' if ok else 'FAIL'}  {what}{indented}", flush=True)
         return ok

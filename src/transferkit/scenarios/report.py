@@ -59,13 +59,14 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     if len(expand(overrides)) > 1:
         raise TransferkitError(f"{' '.join(overrides)}: a sweep of scenarios is one run per setting. Fix: give one "
                                f"value per key and a separate --out DIR per run.")
-    code, stages, sources = str(Path(__file__).resolve().parents[1]), {}, {}
+    code, stages, sources, blocks = str(Path(__file__).resolve().parents[1]), {}, {}, {}
     # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
     keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
     for preset, (size, similarity) in QUADRANTS.items():
         for s in [None, *plan]:
             try:
-                check_points(s.stage if s else None, [f"experiment={preset}", *overrides, *(s.sets() if s else [])])
+                check_points(s.stage if s else None, [f"experiment={preset}", *overrides, *(s.sets() if s else [])],
+                             blocks)
             except TransferkitError as e:
                 raise TransferkitError(f"{preset}{f', strategy {s.name}' if s else ''}: {e}") from e
         cfg = compose([f"experiment={preset}", "trainer.progress_bar=false", *overrides])

@@ -35,8 +35,10 @@ def expand(argv: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def check_points(stage: str | None, argv: list[str]) -> list[tuple[list[str], DictConfig]]:
-    """Compose and validate every point of the sweep; return each point's overrides and config."""
+def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | None = None
+                 ) -> list[tuple[list[str], DictConfig]]:
+    """Compose and validate every point of the sweep; return each point's overrides and config.
+    `blocks` caches each model config's block count across calls (validate_run)."""
     points = expand(argv)
     # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
     # the value checks below import torch and Lightning, which take seconds to load.
@@ -44,7 +46,7 @@ def check_points(stage: str | None, argv: list[str]) -> list[tuple[list[str], Di
 
     from transferkit.config.schema import validate_run
 
-    blocks: dict[str, int] = {}
+    blocks = {} if blocks is None else blocks
     for point, cfg in zip(points, composed):
         try:
             validate_run(cfg, stage, blocks)
