@@ -11,7 +11,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import cli, compose, one_error_line, run
+from conftest import ROOT, cli, compose, one_error_line, run
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +47,20 @@ def test_multirun_writes_one_folder_per_point(base, tmp_path):
 
 @pytest.mark.slow
 def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path):
-    out = tmp_path / "dvc-sweep"
+    """In a project whose params.yaml is the smoke experiment: the points compose as it does."""
+    from transferkit.config.compose import params_text
+    from transferkit.project import copy_project
+
+    out, composed_with = tmp_path / "dvc-sweep", ["experiment=smoke", f"paths.artifacts_dir={base / 'artifacts'}"]
+    proj = copy_project(ROOT, tmp_path / "proj", params_text(compose(*composed_with), composed_with))
 
     def sweep(depths: str):
-        proc = cli("sweep", "transfer", "experiment=smoke", f"paths.artifacts_dir={base / 'artifacts'}",
-                   f"transfer.freeze_depth={depths}", "--out", str(out))
+        proc = cli("sweep", "transfer", f"transfer.freeze_depth={depths}", "--out", str(out), cwd=proj)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
     assert "2 of 2 points ran" in sweep("0,2")
+    assert yaml.safe_load((out / "params" / "transfer.freeze_depth=0.yaml").read_text())["name"] == "smoke"
     kept = out / "transfer.freeze_depth=0" / "transfer" / "model.pt"
     stamp = kept.stat().st_mtime_ns
     grown = sweep("0,2,3")  # a point added: only it trains
@@ -70,6 +75,9 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path):
     (["transfer.freeze_depth=range(3,6)"], "transfer.freeze_depth=5"),
     (["transfer.freez_depth=0,1"], "freez_depth"),                         # unknown key
     (["transfer.freeze_depth=0,1", "transfer.lr=-1"], "transfer.lr"),
+    # settings of the stages whose outputs the points read: every point would reuse the one result
+    (["pretrain.epochs=1,2"], "pretrain.epochs=1 here, but "),
+    (["data.target.train_per_class=5,10"], "data.target.train_per_class=5 here, but "),
 ])
 def test_bad_sweeps_fail_before_any_point_trains(base, tmp_path, overrides, needle):
     sweep = tmp_path / "sweep"
@@ -77,6 +85,12 @@ def test_bad_sweeps_fail_before_any_point_trains(base, tmp_path, overrides, need
                f"hydra.sweep.dir={sweep}", *overrides)
     assert needle in one_error_line(proc)
     assert not sweep.exists()
+
+
+def test_a_run_of_another_experiment_than_its_inputs_is_refused(base, tmp_path):
+    proc = cli("transfer", f"paths.artifacts_dir={base / 'artifacts'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert "made by experiment=smoke, this run composes experiment=cifar10_split" in one_error_line(proc)
+    assert "Fix: add experiment=smoke" in proc.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

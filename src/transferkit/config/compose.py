@@ -80,16 +80,23 @@ def flatten(obj, lists: bool = False, prefix: str = "") -> dict[str, object]:
     return {k: v for key, value in items for k, v in flatten(value, lists, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
-def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
-    """Keys whose values differ between params.yaml and the composition of conf/ with the
-    overrides `transferkit params` recorded in it or, where it recorded none, the experiment it
-    names (so `dvc exp run -S experiment=smoke` runs are not flagged)."""
+def project_overrides(params_path: Path) -> list[str]:
+    """What params.yaml composes conf/ with: the overrides `transferkit params` recorded in it or,
+    where it recorded none, the experiment it names (as `dvc exp run -S experiment=smoke` leaves it)."""
+    if not params_path.is_file():
+        return []
     text = params_path.read_text()
-    saved = yaml.safe_load(text) or {}
     overrides = recorded_overrides(text)
     if overrides is None:
-        overrides = [f"experiment={saved['name']}"] if saved.get("name") else []
-    a, b = flatten(saved), flatten(to_params(compose(overrides, conf_dir)))
+        name = (yaml.safe_load(text) or {}).get("name")
+        overrides = [f"experiment={name}"] if name else []
+    return overrides
+
+
+def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
+    """Keys whose values differ between params.yaml and conf/ composed with project_overrides."""
+    saved = yaml.safe_load(params_path.read_text()) or {}
+    a, b = flatten(saved), flatten(to_params(compose(project_overrides(params_path), conf_dir)))
     return [f"{k}: params.yaml has {a.get(k, '<missing>')!r}, conf/ composes {b.get(k, '<missing>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
 

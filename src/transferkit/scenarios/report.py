@@ -66,7 +66,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
         for s in [None, *plan]:
             try:
                 check_points(s.stage if s else None, [f"experiment={preset}", *overrides, *(s.sets() if s else [])],
-                             blocks)
+                             blocks, reads_artifacts=False)  # each quadrant's stages read its own folders
             except TransferkitError as e:
                 raise TransferkitError(f"{preset}{f', strategy {s.name}' if s else ''}: {e}") from e
         cfg = compose([f"experiment={preset}", "trainer.progress_bar=false", *overrides])

@@ -1,6 +1,7 @@
 """`transferkit sweep STAGE key=a,b ... [--out DIR]`: every point of a sweep as a DVC stage in
-DIR/dvc.yaml, reading the project's artifacts/; DVC runs the points not yet done (a rerun after a
-crash trains only what is missing) and `collect` makes the table (docs/sweeps.md).
+DIR/dvc.yaml, reading the project's artifacts/ and composed as params.yaml is, plus the sweep; DVC
+runs the points not yet done (a rerun after a crash trains only what is missing) and `collect`
+makes the table (docs/sweeps.md).
 
 Every point is composed and validated before any runs: Hydra itself finds a bad value only when
 it reaches that job, after the earlier points have trained for minutes.
@@ -12,10 +13,16 @@ import argparse
 import itertools
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig
 
-from transferkit.config.compose import compose, params_text
+from transferkit.config.compose import compose, flatten, params_text, to_params
 from transferkit.errors import TransferkitError
+from transferkit.stages import BY_NAME
+
+# May differ between a run and the outputs it reads: a seed sweep keeps the data split and the
+# backbone, and trainer and paths say how and where a stage ran, not what it computed.
+RUN_SETTINGS = ("seed", "trainer", "paths")
 
 
 def expand(argv: list[str]) -> list[list[str]]:
@@ -35,10 +42,40 @@ def expand(argv: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | None = None
-                 ) -> list[tuple[list[str], DictConfig]]:
+def made_with(stage: str) -> set[str]:
+    """The config keys that change what `stage` computes, its own and those of every stage it reads."""
+    keys = {k for k in BY_NAME[stage].params if k.split(".")[0] not in RUN_SETTINGS}
+    return keys.union(*(made_with(r) for r in BY_NAME[stage].reads))
+
+
+def check_inputs(stage: str, cfg: DictConfig) -> None:
+    """A run reads the outputs of earlier stages under paths.artifacts_dir, whatever its own settings
+    say: a setting of theirs that differs (a swept pretrain.epochs, data.target.train_per_class) would
+    make every point reuse one earlier result. Each output's saved params.yaml says what made it."""
+    mine = flatten(to_params(cfg))
+    for name in BY_NAME[stage].reads:
+        saved_file = Path(cfg.paths.artifacts_dir) / name / "params.yaml"
+        if not saved_file.is_file():  # not made yet (the stage says so when it runs), or no params saved
+            continue
+        saved, keys = flatten(yaml.safe_load(saved_file.read_text()) or {}), made_with(name)
+        if mine.get("name") != saved.get("name"):
+            raise TransferkitError(f"{saved_file.parent} was made by experiment={saved.get('name')}, this run composes "
+                                   f"experiment={mine.get('name')}, and {stage} reads it. Fix: add "
+                                   f"experiment={saved.get('name')}.")
+        for k in sorted(set(mine) | set(saved)):
+            if any(k == key or k.startswith(f"{key}.") for key in keys) and mine.get(k, "?") != saved.get(k, "?"):
+                raise TransferkitError(
+                    f"{k}={mine.get(k, '<missing>')!r} here, but {saved_file.parent} was made with "
+                    f"{k}={saved.get(k, '<missing>')!r}, and {stage} reads it. Fix: vary only what {stage} alone "
+                    f"reads; to vary what {name} computes, run the pipeline once per value "
+                    f"(`dvc exp run --queue -S {k}=...`).")
+
+
+def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | None = None,
+                 reads_artifacts: bool = True) -> list[tuple[list[str], DictConfig]]:
     """Compose and validate every point of the sweep; return each point's overrides and config.
-    `blocks` caches each model config's block count across calls (validate_run)."""
+    `blocks` caches each model config's block count across calls (validate_run); with
+    `reads_artifacts`, the points read earlier stages' outputs under paths.artifacts_dir (check_inputs)."""
     points = expand(argv)
     # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
     # the value checks below import torch and Lightning, which take seconds to load.
@@ -50,6 +87,8 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     for point, cfg in zip(points, composed):
         try:
             validate_run(cfg, stage, blocks)
+            if stage and reads_artifacts:
+                check_inputs(stage, cfg)
         except TransferkitError as e:
             if len(points) == 1:
                 raise
@@ -66,14 +105,19 @@ def main(argv: list[str]) -> int:
     from transferkit.evaluation.tables import sweep_table
     from transferkit.io import save_text
     from transferkit.project import run_pipeline, stage_run
-    from transferkit.stages import BY_NAME, TARGET_MODELS
+    from transferkit.config.compose import find_conf_dir, project_overrides
+    from transferkit.stages import TARGET_MODELS
     from transferkit.sweep.collect import collect
 
     parser = argparse.ArgumentParser(prog="transferkit sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=TARGET_MODELS, help="a stage whose models collect scores")
     parser.add_argument("--out", type=Path, help="the sweep's folder (default sweeps/<experiment>-<stage>)")
     args, overrides = parser.parse_known_args(argv)
-    points, cfgs = map(list, zip(*check_points(args.stage, overrides)))
+    # the points read what params.yaml made: composed as it is, then with the overrides given here
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    base = [o for o in project_overrides(find_conf_dir().parent / "params.yaml")
+            if o.split("=", 1)[0].lstrip("+~") not in given]
+    points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides])))
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
     stages, code = {}, str(Path(__file__).resolve().parents[1])
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
