@@ -153,6 +153,12 @@ def test_collect_tells_settings_apart_and_refuses_other_experiments(collected_sw
     proc = cli("collect", str(mixed), "--out", str(tmp_path / "out"), cwd=base)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| scratch scratch.weight_decay=0.001" in proc.stdout and "| scratch scratch.weight_decay=0.0005" in proc.stdout
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.collect import find_runs
+
+    shutil.copytree(collected_sweep / "seed=0", tmp_path / "again")  # the same runs twice: not two seeds
+    with pytest.raises(TransferkitError, match=r"are the same run \(\w+, seed 0"):
+        find_runs([mixed, tmp_path / "again"])
     params["data"]["target"]["classes"] = ["tgt_a", "tgt_b"]  # another task: another test set
     p.write_text(yaml.safe_dump(params))
     line = one_error_line(cli("collect", str(mixed), "--out", str(tmp_path / "out2"), cwd=base))

@@ -46,9 +46,15 @@ def find_runs(dirs: list[Path]) -> list[Run]:
                                "Fix: collect each experiment's sweep folder on its own.")
     swept = sorted({k for f in flats for k in f if len({json.dumps(g.get(k)) for g in flats}) > 1
                     and not k.startswith(NOT_SWEPT)})
+    seen = {}
     for r, f in zip(runs, flats):  # a run's setting: the swept keys of its own block and of no stage's block
         r.setting = tuple(f"{k}={f.get(k)}" for k in swept if k.split(".")[0] in (r.stage, *NOT_A_STAGE_BLOCK)
                           or k.split(".")[0] not in TARGET_MODELS)
+        if twin := seen.get((r.stage, r.setting, r.seed)):  # two seeds' worth of confidence from one seed
+            raise TransferkitError(f"{twin.folder} and {r.folder} are the same run ({r.stage}, seed {r.seed}"
+                                   f"{''.join(f', {o}' for o in r.setting)}), which the table would count as two "
+                                   f"seeds. Fix: collect one of them, or run the other with another seed.")
+        seen[(r.stage, r.setting, r.seed)] = r
     return runs
 
 
