@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from pathlib import Path
 
 import yaml
@@ -64,11 +65,11 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
                                    f"experiment={saved.get('name')}.")
         for k in sorted(set(mine) | set(saved)):
             if any(k == key or k.startswith(f"{key}.") for key in keys) and mine.get(k, "?") != saved.get(k, "?"):
+                here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
                 raise TransferkitError(
-                    f"{k}={mine.get(k, '<missing>')!r} here, but {saved_file.parent} was made with "
-                    f"{k}={saved.get(k, '<missing>')!r}, and {stage} reads it. Fix: vary only what {stage} alone "
-                    f"reads; to vary what {name} computes, run the pipeline once per value "
-                    f"(`dvc exp run --queue -S {k}=...`).")
+                    f"{k}={here} here, but {saved_file.parent} was made with {k}={there}, and {stage} reads "
+                    f"it. Fix: run with {k}={there}; to vary what {name} computes, run the pipeline once per "
+                    f"value (`dvc exp run --queue -S {k}=...`).")
 
 
 def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | None = None,
