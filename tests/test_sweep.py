@@ -204,3 +204,31 @@ def test_score_cache_is_renewed_when_the_task_is_prepared_again(tmp_path):
     os.utime(task_file, ns=(task_file.stat().st_atime_ns, task_file.stat().st_mtime_ns + 10**9))
     second = scored()
     assert first.any() and not (first & second).any()  # scored again: every image right before is wrong now
+
+
+def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path):
+    """check_inputs on its own: a differing setting (run with the input's value), a key the input
+    was made without (make it again), and an unreadable params file (left to the stage)."""
+    from transferkit.config.compose import to_params
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import check_inputs
+
+    cfg = compose("experiment=smoke", tmp=tmp_path)
+    saved = to_params(cfg)
+    saved["data"]["target"]["train_per_class"] += 1
+    (tmp_path / "artifacts" / "prepare").mkdir(parents=True)
+    params = tmp_path / "artifacts" / "prepare" / "params.yaml"
+    params.write_text(yaml.safe_dump(saved))
+    n = saved["data"]["target"]["train_per_class"]
+    with pytest.raises(TransferkitError, match=rf"Fix: run with data.target.train_per_class={n};"):
+        check_inputs("pretrain", cfg)
+    saved["data"]["target"].pop("train_per_class")
+    params.write_text(yaml.safe_dump(saved))
+    with pytest.raises(TransferkitError, match=r"Fix: make it again with this code and config \(`dvc repro prepare`\)"):
+        check_inputs("pretrain", cfg)
+    params.write_text("data: [unclosed")
+    check_inputs("pretrain", cfg)
+    saved["seed"], saved["trainer"]["precision"] = 7, "32-true"  # how a run is made, not what it reads
+    saved["data"]["target"]["train_per_class"] = n - 1
+    params.write_text(yaml.safe_dump(saved))
+    check_inputs("pretrain", cfg)

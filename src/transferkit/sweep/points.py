@@ -58,7 +58,10 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
         saved_file = Path(cfg.paths.artifacts_dir) / name / "params.yaml"
         if not saved_file.is_file():  # not made yet (the stage says so when it runs), or no params saved
             continue
-        saved, keys = flatten(yaml.safe_load(saved_file.read_text()) or {}), made_with(name)
+        try:
+            saved, keys = flatten(yaml.safe_load(saved_file.read_text()) or {}), made_with(name)
+        except (yaml.YAMLError, AttributeError):  # unreadable: the stage checks the files it reads itself
+            continue
         if mine.get("name") != saved.get("name"):
             raise TransferkitError(f"{saved_file.parent} was made by experiment={saved.get('name')}, this run composes "
                                    f"experiment={mine.get('name')}, and {stage} reads it. Fix: add "
@@ -66,10 +69,11 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
         for k in sorted(set(mine) | set(saved)):
             if any(k == key or k.startswith(f"{key}.") for key in keys) and mine.get(k, "?") != saved.get(k, "?"):
                 here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
-                raise TransferkitError(
-                    f"{k}={here} here, but {saved_file.parent} was made with {k}={there}, and {stage} reads "
-                    f"it. Fix: run with {k}={there}; to vary what {name} computes, run the pipeline once per "
-                    f"value (`dvc exp run --queue -S {k}=...`).")
+                fix = (f"run with {k}={there}; to vary what {name} computes, run the pipeline once per value "
+                       f"(`dvc exp run --queue -S {k}=...`)" if k in mine and k in saved
+                       else f"make it again with this code and config (`dvc repro {name}`)")
+                raise TransferkitError(f"{k}={here} here, but {saved_file.parent} was made with {k}={there}, "
+                                       f"and {stage} reads it. Fix: {fix}.")
 
 
 def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | None = None,
