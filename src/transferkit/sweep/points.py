@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from transferkit.config.compose import compose, flatten, params_text, to_params
+from transferkit.config.compose import compose, find_conf_dir, flatten, params_text, project_overrides, to_params
 from transferkit.errors import TransferkitError
 from transferkit.stages import BY_NAME
 
@@ -59,9 +59,12 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
         if not saved_file.is_file():  # not made yet (the stage says so when it runs), or no params saved
             continue
         try:
-            saved, keys = flatten(yaml.safe_load(saved_file.read_text()) or {}), made_with(name)
-        except (yaml.YAMLError, AttributeError):  # unreadable: the stage checks the files it reads itself
+            data = yaml.safe_load(saved_file.read_text())
+        except yaml.YAMLError:
+            data = None
+        if not isinstance(data, dict):  # unreadable: the stage checks the files it reads itself
             continue
+        saved, keys = flatten(data), made_with(name)
         if mine.get("name") != saved.get("name"):
             raise TransferkitError(f"{saved_file.parent} was made by experiment={saved.get('name')}, this run composes "
                                    f"experiment={mine.get('name')}, and {stage} reads it. Fix: add "
@@ -110,7 +113,6 @@ def main(argv: list[str]) -> int:
     from transferkit.evaluation.tables import sweep_table
     from transferkit.io import save_text
     from transferkit.project import run_pipeline, stage_run
-    from transferkit.config.compose import find_conf_dir, project_overrides
     from transferkit.stages import TARGET_MODELS
     from transferkit.sweep.collect import collect
 
