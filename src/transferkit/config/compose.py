@@ -80,6 +80,11 @@ def flatten(obj, lists: bool = False, prefix: str = "") -> dict[str, object]:
     return {k: v for key, value in items for k, v in flatten(value, lists, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
+def differing(a: dict, b: dict) -> list[str]:
+    """The keys of two flattened configs whose values differ (a key only one has counts), sorted."""
+    return [k for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+
+
 def project_overrides(params_path: Path) -> list[str]:
     """What params.yaml composes conf/ with: the overrides `transferkit params` recorded in it or,
     where it recorded none, the experiment it names (as `dvc exp run -S experiment=smoke` leaves it)."""
@@ -98,7 +103,7 @@ def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
     saved = yaml.safe_load(params_path.read_text()) or {}
     a, b = flatten(saved), flatten(to_params(compose(project_overrides(params_path), conf_dir)))
     return [f"{k}: params.yaml has {a.get(k, '<missing>')!r}, conf/ composes {b.get(k, '<missing>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+            for k in differing(a, b)]
 
 
 def write_generated(overrides: list[str]) -> list[Path]:

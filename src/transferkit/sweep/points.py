@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from transferkit.config.compose import compose, find_conf_dir, flatten, params_text, project_overrides, to_params
+from transferkit.config.compose import (compose, differing, find_conf_dir, flatten, params_text, project_overrides,
+                                        to_params)
 from transferkit.errors import TransferkitError
 from transferkit.stages import BY_NAME
 
@@ -69,8 +70,8 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
             raise TransferkitError(f"{saved_file.parent} was made by experiment={saved.get('name')}, this run composes "
                                    f"experiment={mine.get('name')}, and {stage} reads it. Fix: add "
                                    f"experiment={saved.get('name')}.")
-        for k in sorted(set(mine) | set(saved)):
-            if any(k == key or k.startswith(f"{key}.") for key in keys) and mine.get(k, "?") != saved.get(k, "?"):
+        for k in differing(mine, saved):
+            if any(k == key or k.startswith(f"{key}.") for key in keys):
                 here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
                 fix = (f"run with {k}={there}; to vary what {name} computes, run the pipeline once per value "
                        f"(`dvc exp run --queue -S {k}=...`)" if k in mine and k in saved
