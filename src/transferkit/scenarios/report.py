@@ -20,7 +20,7 @@ from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
 from transferkit.project import run_pipeline, stage_run
 from transferkit.stages import BY_NAME
-from transferkit.sweep.points import check_points, expand
+from transferkit.sweep.points import check_points, expand, override_key
 
 # preset -> (target size, source similarity), in the order of the report
 QUADRANTS = {"scenario_small_similar": ("small", "similar"), "scenario_small_different": ("small", "different"),
@@ -53,7 +53,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     """Compose and check every quadrant and strategy (a bad override fails in a second, before
     anything trains), write each quadrant's params file and return the DVC stages."""
     if bad := [o for o in overrides if o.startswith("hydra") or
-               o.split("=", 1)[0].lstrip("+~") in ("experiment", "name", "paths.artifacts_dir")]:
+               override_key(o) in ("experiment", "name", "paths.artifacts_dir")]:
         raise TransferkitError(f"override '{bad[0]}' cannot be used here: each quadrant sets its experiment and "
                                f"folders. Fix: use --only NAME,... and --out DIR.")
     if len(expand(overrides)) > 1:

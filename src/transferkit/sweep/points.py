@@ -27,6 +27,11 @@ from transferkit.stages import BY_NAME
 RUN_SETTINGS = ("seed", "trainer", "paths")
 
 
+def override_key(override: str) -> str:
+    """The key an override sets: `+a.b=1`, `~a.b` and `a.b=1` all set a.b."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def expand(argv: list[str]) -> list[list[str]]:
     """Every combination of the sweep values in `argv` (Hydra's own parser: a=1,2, range(),
     choice(), glob()), as plain override lists; hydra.* settings are left out."""
@@ -122,9 +127,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="the sweep's folder (default sweeps/<experiment>-<stage>)")
     args, overrides = parser.parse_known_args(argv)
     # the points read what params.yaml made: composed as it is, then with the overrides given here
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    base = [o for o in project_overrides(find_conf_dir().parent / "params.yaml")
-            if o.split("=", 1)[0].lstrip("+~") not in given]
+    given = {override_key(o) for o in overrides}
+    base = [o for o in project_overrides(find_conf_dir().parent / "params.yaml") if override_key(o) not in given]
     points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides])))
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
     stages, code = {}, str(Path(__file__).resolve().parents[1])
