@@ -9,7 +9,10 @@ plain: `for x, y in batches: loss = cross_entropy(model(x), y); loss.backward();
 Same tiny model (fastnet 8/16/16), same batches (DeviceBatches: gather, flip, translate), same
 SGD and schedule, fp32, one thread. A step's time is the slope between a short and a long epoch,
 so start-up and epoch-end work cancel out; each arm runs --repeats times, taking turns, and the
-median slope counts. The difference is what our loop adds per step.
+median slope counts. The difference is what our loop adds per step: as the median of the
+differences of slopes measured back to back (a VM whose speed drifts between repeats moves both
+slopes of a pair alike), and, immune to that noise, as the Python function calls a step makes
+(cProfile's count, the same slope), which is where a loop's host time goes.
 
     uv run python bench/host_overhead.py [--batch 32] [--repeats 3]
 """
@@ -17,6 +20,8 @@ median slope counts. The difference is what our loop adds per step.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import sys
 import tempfile
@@ -81,6 +86,16 @@ def run_plain(steps: int, batch: int) -> float:
     return time.perf_counter() - start
 
 
+def calls_per_step(arm, tmp: Path) -> float:
+    """Python function calls per step: the slope of cProfile's count between the two epoch lengths."""
+    counts = []
+    for n in STEPS:
+        profiler = cProfile.Profile()
+        profiler.runcall(arm, n, tmp)
+        counts.append(pstats.Stats(profiler).total_calls)
+    return (counts[1] - counts[0]) / (STEPS[1] - STEPS[0])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=32)
@@ -100,14 +115,20 @@ def main(argv=None) -> int:
             for name, arm in arms.items():
                 short, long = (arm(n, Path(tmp)) for n in STEPS)
                 slopes[name].append((long - short) / (STEPS[1] - STEPS[0]) * 1000)
-    base = statistics.median(slopes["plain PyTorch loop"])
-    rows = [{"loop": name, "ms": statistics.median(v), "spread": f"{min(v):.3f}-{max(v):.3f}",
-             "over": statistics.median(v) - base} for name, v in slopes.items()]
+        calls = {name: calls_per_step(arm, Path(tmp)) for name, arm in arms.items()}
+    plain = slopes["plain PyTorch loop"]
+    rows = []
+    for name, v in slopes.items():
+        over = [a - b for a, b in zip(v, plain)]  # each repeat's arms ran back to back
+        rows.append({"loop": name, "ms": statistics.median(v), "spread": f"{min(v):.3f}-{max(v):.3f}",
+                     "over": statistics.median(over), "over_spread": f"{min(over):+.3f} to {max(over):+.3f}",
+                     "calls": calls[name]})
     print(f"\nms per training step (batch {args.batch}, fastnet 8/16/16, fp32, 1 thread; slope between "
           f"{STEPS[0]} and {STEPS[1]} steps, median of {args.repeats}):")
     print(table(rows, [("loop", "loop", "s"), ("ms", "ms/step", ".3f"), ("spread", "range", "s"),
-                       ("over", "above plain, ms", "+.3f")]))
-    finish("host_overhead", {**info, "slopes_ms": slopes}, rows)
+                       ("over", "above plain, ms (paired)", "+.3f"), ("over_spread", "range", "s"),
+                       ("calls", "Python calls/step", ",.0f")]))
+    finish("host_overhead", {**info, "slopes_ms": slopes, "calls_per_step": calls}, rows)
     return 0
 
 
