@@ -33,6 +33,23 @@ def test_every_command_has_help(command):
     assert (ROOT / "params.yaml").read_bytes() == before  # asking for help writes nothing
 
 
+def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from transferkit import cli as transferkit_cli
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    for name in ("params.yaml", "dvc.yaml"):
+        (tmp_path / name).write_text(f"# the {name} of an earlier, valid composition\n")
+    monkeypatch.chdir(tmp_path)
+    for bad, needle in (("transfer.lr=-1", "transfer.lr=-1 is invalid"), ("transfer.freeze_depth=9", "has 4 blocks")):
+        assert transferkit_cli.main(["params", bad]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "transferkit params" in err, err
+    for name in ("params.yaml", "dvc.yaml"):
+        assert (tmp_path / name).read_text() == f"# the {name} of an earlier, valid composition\n"
+
+
 def test_unknown_command():
     proc = cli("pretrian")
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr

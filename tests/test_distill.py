@@ -234,7 +234,8 @@ def test_student_init_starts_the_student_from_a_checkpoint_dvc_tracks(tmp_path):
     with pytest.raises(TransferkitError, match=r"distill.student_init='.*missing.pt': no such file"):
         run("distill", compose("experiment=smoke", f"distill.student_init={tmp_path / 'missing.pt'}", tmp=tmp_path))
     teacher = tmp_path / "artifacts" / "pretrain" / "model.pt"  # the teacher's architecture, not the student's
-    with pytest.raises(TransferkitError, match=r"holds architecture .* set distill.student to match the checkpoint"):
+    fix = r"Fix: point distill.student_init at a model.pt of that architecture .* or set distill.student to match"
+    with pytest.raises(TransferkitError, match=r"holds architecture .* " + fix):
         run("distill", compose("experiment=smoke", f"distill.student_init={teacher}", tmp=tmp_path))
     stages = dvc_yaml({"distill": {"student_init": "models/student.pt"}})["stages"]
     assert "models/student.pt" in stages["distill"]["deps"] and "models/student.pt" in stages["student"]["deps"]

@@ -240,3 +240,11 @@ def test_int8_keeps_the_relu_after_max_pooling(tmp_path):
              fmt="qoperator", per_channel=True, reduce_range=True)
     a, b = (predict_onnx(tmp_path / f, images, 500, threads=1).numpy() for f in ("fp32.onnx", "int8.onnx"))
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()  # INT8 rounding, not a lost ReLU
+
+
+def test_a_refusal_with_8_bit_weights_suggests_7_bit_ones():
+    from transferkit.deploy.quantize import refuse
+
+    result = {"fp32_top1": 0.76, "int8_top1": 0.73}
+    assert "quantize.reduce_range=true" in str(refuse(result, 0.01, 5, reduce_range=False))
+    assert "reduce_range" not in str(refuse(result, 0.01, 5, reduce_range=True))  # 7-bit already: not a fix

@@ -71,7 +71,8 @@ def _params_mode(stage: str, args: list[str]) -> None:
         raise TransferkitError(f"bad override in {overrides}: {e}. Fix: use keys that params.yaml has.") from e
     inputs = dict(item.partition("=")[::2] for item in opts.inputs)
     if bad := [f"{k}={v}" for k, v in inputs.items() if k not in STAGES or not v]:  # unread inputs are ignored
-        raise TransferkitError(f"--in {bad[0]}: no stage by that name. Fix: --in STAGE=DIR, with STAGE one of "
+        what = "no folder given" if bad[0].partition("=")[0] in STAGES else "no stage by that name"
+        raise TransferkitError(f"--in {bad[0]}: {what}. Fix: --in STAGE=DIR, with STAGE one of "
                                f"{', '.join(STAGES)} ({stage} reads {', '.join(BY_NAME[stage].reads) or 'none'}).")
     run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir) / stage, {k: Path(v) for k, v in inputs.items()})
 

@@ -29,10 +29,10 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, tail: int = 25, env: dict | None = None) -> str:
+def run(cmd: list[str], cwd: Path, tail: int = 25) -> str:
     """Run `cmd` in `cwd`; its output (stdout and stderr together), or an error with the end of it."""
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE,
+        proc = subprocess.run(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     except OSError as e:  # e.g. git is not installed
         raise TransferkitError(f"`{' '.join(cmd)}` could not start: {e}") from e

@@ -140,7 +140,8 @@ Config = create_model("Config", __base__=Schema, seed=(int, rule(ge=0)),
 
 
 def fail(key: str, value, need: str):
-    raise TransferkitError(f"{key}={value!r} is invalid: {need}. Fix: set {key} in conf/ or as an override.")
+    raise TransferkitError(f"{key}={value!r} is invalid: {need}. Fix: set {key} in conf/ or as an override "
+                           f"(for dvc repro: `transferkit params {key}=VALUE`).")
 
 
 def check_schema(params: dict) -> None:
@@ -226,11 +227,12 @@ def validate_depths(cfg: DictConfig, stage: str, num_blocks: int) -> None:
              f"blocks, so every depth must be in {int(stage == 'probe')}..{num_blocks} ({too_deep} is not)")
 
 
-def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int]) -> None:
-    """Every check a run of `stage` can pass before it loads data: `validate`, and the stage's
-    depths against the model's block count (`blocks` caches it per model config)."""
+def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all_stages: bool = False) -> None:
+    """Every check a run of `stage` (with `all_stages`, of every stage) can pass before it loads data:
+    `validate`, and the stages' depths against the model's block count (`blocks` caches it per model config)."""
     validate(cfg)
-    if stage in DEPTHS:
+    stages = [s for s in DEPTHS if s in cfg] if all_stages else [stage] if stage in DEPTHS else []
+    if stages:
         from transferkit.config.compose import to_params
         from transferkit.models import model_from_config
 
@@ -238,4 +240,5 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int]) -> 
         key = repr(model_cfg)
         if key not in blocks:  # building a model is cheap, but not free
             blocks[key] = model_from_config(model_cfg, 2).num_blocks
-        validate_depths(cfg, stage, blocks[key])
+    for name in stages:
+        validate_depths(cfg, name, blocks[key])

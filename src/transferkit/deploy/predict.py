@@ -3,7 +3,8 @@
     transferkit predict MODEL IMAGE [IMAGE ...] [--json] [--top K]
 
 MODEL: a model.pt written by any stage (pruned included), or a model.onnx written by
-`transferkit export` (class names are inside the file; export.json beside it is the fallback).
+`transferkit export` or the quantize stage (class names are inside the file; for an ONNX file
+without them, the export.json that `transferkit export` wrote beside it).
 Both are read as data: neither can run code. A model.torchscript.pt is a program and is run only
 with --trust-code. IMAGE: files PIL opens (PNG, JPEG, ...) or folders of them; each is converted to RGB
 and resized (bilinear) to the model's input size, as the image-folder source does for training.

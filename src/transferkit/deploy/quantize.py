@@ -113,12 +113,14 @@ def loss_of(result: dict) -> float:
     return result["fp32_top1"] - result["int8_top1"]
 
 
-def refuse(result: dict, max_drop: float, qat_epochs: int) -> TransferkitError:
+def refuse(result: dict, max_drop: float, qat_epochs: int, reduce_range: bool = True) -> TransferkitError:
     how = (f"after {qat_epochs} epochs of quantization-aware fine-tuning" if qat_epochs else "after post-training "
            "quantization")
     fix = ("more quantize.qat_epochs, more calibration images (quantize.calibration_images) or another "
            "quantize.method" if qat_epochs else "set quantize.qat_epochs (e.g. 5) to fine-tune the model for INT8, "
            "or calibrate on more images (quantize.calibration_images) or with another quantize.method")
+    if not reduce_range:  # 8-bit weights overflow the u8 x s8 multiply of x86 CPUs without VNNI
+        fix += ", or quantize.reduce_range=true (7-bit weights)"
     return TransferkitError(f"the INT8 model loses {100 * loss_of(result):.2f} points of top-1 against fp32 "
                             f"({100 * result['int8_top1']:.2f}% vs {100 * result['fp32_top1']:.2f}%) {how}, more "
                             f"than quantize.max_drop={max_drop}. Fix: {fix}.")

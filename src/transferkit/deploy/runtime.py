@@ -53,8 +53,8 @@ def load_pipeline_checkpoint(path: Path):
             f"artifacts/prune/model.pt (`dvc repro {produced_by}` makes it).")
     if is_torchscript(path):
         raise TransferkitError(
-            f"{path} is a TorchScript file, not a transferkit checkpoint. Fix: pass the model.pt "
-            f"a stage wrote (artifacts/<stage>/model.pt); `transferkit predict` takes this file as it is.")
+            f"{path} is a TorchScript file, not a transferkit checkpoint. Fix: pass the model.pt a stage "
+            f"wrote (artifacts/<stage>/model.pt); `transferkit predict --trust-code` takes this file, if you made it.")
     if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is foreign
         raise TransferkitError(
             f"{path} is not a transferkit checkpoint (not a file written by torch.save). Fix: pass "
@@ -74,7 +74,8 @@ def ort_session(path: Path | str, threads: int):
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for broken files
         raise TransferkitError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e}). "
-                               f"Fix: export it again (`transferkit export MODEL.pt`).") from e
+                               f"Fix: write it again: `dvc repro` for the pipeline's own (export, quantize), "
+                               f"`transferkit export MODEL.pt` for one you exported.") from e
 
 
 class Classifier:

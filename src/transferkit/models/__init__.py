@@ -102,15 +102,17 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
     return model, ckpt
 
 
-def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_by: str, key: str = "model") -> BlockNet:
-    """Load pretrained blocks into the architecture `model_cfg` (the config key `key`), with a fresh head."""
+def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_by: str, key: str = "model",
+                  remake: str | None = None) -> BlockNet:
+    """Load pretrained blocks into the architecture `model_cfg` (the config key `key`), with a fresh head;
+    `remake` says how to write a checkpoint of that architecture (default: rerun `produced_by`)."""
     model, ckpt = load_checkpoint(path, produced_by)
     wanted = {k: v for k, v in dict(model_cfg).items() if k != "weights"}
     saved = {k: v for k, v in ckpt["arch"].items() if k in wanted and k != "weights"}
     if {k: wanted[k] for k in saved} != saved or ckpt["arch"].get("depth") is not None:
         raise TransferkitError(
             f"checkpoint {path} holds architecture {ckpt['arch']}, but the config asks for {wanted}. "
-            f"Fix: rerun '{produced_by}' with this model config (`dvc repro {produced_by}`) or set "
+            f"Fix: {remake or f'rerun {produced_by!r} with this model config (`dvc repro {produced_by}`)'} or set "
             f"{key} to match the checkpoint.")
     model.new_head(num_classes)
     return model

@@ -134,7 +134,8 @@ def main(argv: list[str]) -> int:
         drift = generated_drift(root / "params.yaml", root / "conf")
         if not report.check(not drift, "params.yaml and dvc.yaml " + ("differ from what they are made from:" if drift
                                                                       else "match conf/ and the stage table"),
-                            "\n".join(drift) + "\nFix: run `transferkit params` and commit what it writes."):
+                            "\n".join(drift) + "\nFix: run `transferkit params` with the overrides you want "
+                            "(params.yaml records them) and commit the files it writes."):
             return report.summary()
         if args.keep and any((args.keep / name).exists() for name in ("run1", "run2")):
             raise TransferkitError(f"{args.keep}/run1 or run2 already exists. Fix: delete them or pass another --keep folder.")

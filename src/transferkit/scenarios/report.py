@@ -62,7 +62,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     code, stages, sources, blocks = str(Path(__file__).resolve().parents[1]), {}, {}, {}
     # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
     keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
-    for preset, (size, similarity) in QUADRANTS.items():
+    for preset, (_, similarity) in QUADRANTS.items():
         for s in [None, *plan]:
             try:
                 check_points(s.stage if s else None, [f"experiment={preset}", *overrides, *(s.sets() if s else [])],

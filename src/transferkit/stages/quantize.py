@@ -38,7 +38,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             result = {**check(fp32, tmp, task, threads), "post_training": post_training}  # against the model it came from
             produced_by = f"quantization-aware fine-tuning ({q.qat_epochs} epochs, distilled from the teacher)"
         if loss_of(result) > q.max_drop:
-            raise refuse(result, q.max_drop, q.qat_epochs if "post_training" in result else 0)
+            raise refuse(result, q.max_drop, q.qat_epochs if "post_training" in result else 0, q.reduce_range)
     save_json({"method": q.method, "format": q.format, "per_channel": q.per_channel, "reduce_range": q.reduce_range,
                "keep_float": list(q.keep_float),
                "calibration_images": q.calibration_images, "produced_by": produced_by, **result},

@@ -23,7 +23,9 @@ def build_student(cfg: DictConfig, task: dict):
             raise TransferkitError(f"distill.student_init={init!r}: no such file. Fix: point it at a model.pt of "
                                    f"distill.student's architecture (`transferkit pretrain model=NAME` writes one), "
                                    f"or set it to null for random init.")
-        return load_backbone(init, container(cfg.distill.student), n, "pretrain", key="distill.student")
+        return load_backbone(init, container(cfg.distill.student), n, "pretrain", key="distill.student",
+                             remake="point distill.student_init at a model.pt of that architecture "
+                                    "(`transferkit pretrain model=NAME` writes one)")
     student = model_from_config(container(cfg.distill.student), n)
     init_from_data(student, task["train_x"])
     return student

@@ -1,5 +1,5 @@
-"""`transferkit collect DIR [DIR ...]`: the runs in sweep folders (Hydra multiruns, scenario
-folders, any folders of stage outputs) -> one table and one plot (accuracy against the swept
+"""`transferkit collect DIR [DIR ...]`: the runs in sweep folders (Hydra multiruns, `transferkit
+sweep` folders, any folders of stage outputs) -> one table and one plot (accuracy against the swept
 setting, scratch and linear probe as reference lines).
 
 A run is a folder with the model.pt and params.yaml a stage wrote. What sets runs apart is read
@@ -34,7 +34,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         if not d.is_dir():
             raise TransferkitError(f"{d} is not a folder. Fix: pass a sweep folder (by default multirun/<experiment>).")
         for model in sorted(d.rglob("model.pt")):
-            stage = model.parent.name if model.parent.name in TARGET_MODELS else model.parent.name.split("-")[-1]
+            stage = model.parent.name.split("-")[-1]  # STAGE, or NAME-STAGE
             if stage in TARGET_MODELS and not any(p.startswith(".") for p in model.relative_to(d).parts):
                 runs.append(read_run(model.parent, stage))  # (dot folders: a stage's unfinished work)
     if not runs:
@@ -71,7 +71,7 @@ def collect(dirs: list[Path], out: Path) -> dict:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="transferkit collect", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="*", type=Path, help="sweep folders (hydra.sweep.dir, a scenarios folder, ...)")
+    parser.add_argument("dirs", nargs="*", type=Path, help="sweep folders (hydra.sweep.dir, sweeps/NAME, ...)")
     parser.add_argument("--out", type=Path, help="where sweep.md/.json/.png go (default DIR/collected)")
     args = parser.parse_args(argv)
     if not args.dirs:

@@ -62,13 +62,11 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
     mine = flatten(to_params(cfg))
     for name in BY_NAME[stage].reads:
         saved_file = Path(cfg.paths.artifacts_dir) / name / "params.yaml"
-        if not saved_file.is_file():  # not made yet (the stage says so when it runs), or no params saved
-            continue
-        try:
+        try:  # missing (not made yet) or unreadable: the stage checks the files it reads itself
             data = yaml.safe_load(saved_file.read_text())
-        except yaml.YAMLError:
-            data = None
-        if not isinstance(data, dict):  # unreadable: the stage checks the files it reads itself
+        except (OSError, yaml.YAMLError):
+            continue
+        if not isinstance(data, dict):
             continue
         saved, keys = flatten(data), made_with(name)
         if mine.get("name") != saved.get("name"):
