@@ -245,6 +245,22 @@ def test_corrupt_image_in_folder_names_the_file(tmp_path, payload):
     assert str(bad) in str(e.value) and "corrupt image" in str(e.value)
 
 
+def test_a_decompression_bomb_is_refused_by_name(tmp_path):
+    """A PNG whose header claims 200 M pixels: PIL refuses it with its own exception class, which
+    is not an OSError; it still ends in one error naming the file."""
+    import struct
+    import zlib
+
+    from transferkit.data.sources import decode_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    with pytest.raises(TransferkitError, match=r"corrupt image bomb.png \(.*exceeds limit.*Fix: delete or replace"):
+        decode_image(bomb, "bomb.png", 32)
+
+
 def test_corrupt_image_in_archive_names_the_member(tmp_path):
     path = tmp_path / "x.tar.gz"
     with tarfile.open(path, "w:gz") as tar:

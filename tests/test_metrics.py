@@ -28,3 +28,16 @@ def test_intervals():
     assert wilson_interval(0, 100)[0] == 0.0 and wilson_interval(100, 100)[1] == 1.0
     d = paired_difference(torch.tensor([1, 1, 0, 1]), torch.tensor([1, 0, 0, 0]))
     assert d["difference"] == 0.5 and d["ci95"][0] < 0.5 < d["ci95"][1] and d["n"] == 4
+
+
+def test_intervals_match_their_textbook_values():
+    """Worked by hand: Wilson's score interval; the paired one is mean +- 1.96 s / sqrt(n) with the
+    unbiased s (here sqrt(1/3)); over seeds, Student's t with n - 1 = 2 degrees of freedom, 4.303."""
+    from transferkit.evaluation.metrics import mean_difference
+
+    assert wilson_interval(50, 100) == pytest.approx((0.403832, 0.596168), abs=1e-6)
+    assert wilson_interval(90, 100) == pytest.approx((0.825634, 0.944771), abs=1e-6)
+    d = paired_difference(torch.tensor([1, 1, 0, 1]), torch.tensor([1, 0, 0, 0]))
+    assert d["ci95"] == pytest.approx([0.5 - 0.565793, 0.5 + 0.565793], abs=1e-6)
+    m = mean_difference([0.01, 0.03, 0.05])
+    assert m["difference"] == pytest.approx(0.03) and m["ci95"] == pytest.approx([0.03 - 0.049687, 0.03 + 0.049687], abs=1e-6)

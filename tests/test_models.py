@@ -183,6 +183,16 @@ def test_non_checkpoint_files_give_clear_errors(tmp_path):
     with pytest.raises(TransferkitError, match="not found.*run the 'pretrain' stage"):
         load_checkpoint(tmp_path / "absent.pt", "pretrain")
 
+    saved = torch.load(whole, weights_only=True)
+    edited = tmp_path / "edited.pt"
+    torch.save({k: v for k, v in saved.items() if k != "classes"}, edited)  # no class names
+    with pytest.raises(TransferkitError, match="not a transferkit checkpoint.*'classes'"):
+        load_checkpoint(edited, "pretrain")
+    torch.save({**saved, "state_dict": dict(list(saved["state_dict"].items())[1:])}, edited)  # a tensor gone
+    with pytest.raises(TransferkitError, match=r"does not fit its own architecture .*Missing key.* altered after a stage "
+                                                r"wrote it\. Fix: write it again \(`dvc repro pretrain`\)"):
+        load_checkpoint(edited, "pretrain")
+
 
 def test_truncated_checkpoint_says_rerun_the_stage(tmp_path):
     path = tmp_path / "model.pt"

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import CIFAR10_CLASSES, TINY, compose, run, run_all, write_cifar_pickles, write_image_folder
 from transferkit.errors import TransferkitError
@@ -164,6 +165,12 @@ def test_gradual_unfreezing_and_earlier_block_probe(tmp_path):
         run(stage, cfg)
     probe, ckpt = load_checkpoint(tmp_path / "artifacts" / "probe" / "model.pt", "probe")
     assert probe.num_blocks == 2 and ckpt["arch"]["depth"] == 2
+    # 3 frozen, then one more block unfrozen per epoch: blocks[2] trains from epoch 1, blocks[1]
+    # from epoch 2, blocks[0] never (a static freeze_depth=3 would leave all three as pretrained)
+    pretrained, tuned = (load_checkpoint(tmp_path / "artifacts" / s / "model.pt", s)[0].blocks for s in ("pretrain", "transfer"))
+    same = [all(torch.equal(a, b) for a, b in zip(p.state_dict().values(), t.state_dict().values()))
+            for p, t in zip(pretrained[:3], tuned[:3])]
+    assert same == [True, False, False]
 
 
 def test_failed_stage_keeps_previous_outputs(tmp_path):

@@ -170,11 +170,23 @@ def test_the_stage_says_when_the_student_is_too_narrow_for_round_to(tmp_path, ca
     assert "prune.round_to=16" in caplog.text and "too narrow" in caplog.text
 
 
-def test_sparse_learning_runs_before_the_cut(tmp_path):
+def test_sparse_learning_runs_before_the_cut(tmp_path, monkeypatch):
+    import transferkit.stages.prune as prune_stage
+    from transferkit.stages.common import load_task
+
+    calls = []
+
+    def counted(*args, **kwargs):  # the regulariser the stage builds, counting each optimiser step's call
+        regularize = group_regularizer(*args, **kwargs)
+        return lambda: (calls.append(1), regularize())
+
+    monkeypatch.setattr(prune_stage, "group_regularizer", counted)
     cfg = _smoke_with_student(tmp_path, "prune.sparse_epochs=2", "prune.sparse_reg=0.01", "prune.epochs=1")
     metrics = run("prune", cfg)
     assert metrics["macs_after"] <= 0.4 * metrics["macs_before"] + 1
     assert (tmp_path / "artifacts" / "prune" / "rounds" / "sparse" / "dvclive").is_dir()
+    steps = len(load_task(tmp_path / "artifacts" / "prepare", "target")["train_y"]) // cfg.prune.batch_size
+    assert len(calls) == 2 * steps  # before every step of the two sparse epochs, and only then
 
 
 def test_iterative_and_unstructured_modes_run(tmp_path):

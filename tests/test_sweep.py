@@ -206,12 +206,17 @@ def test_score_cache_is_renewed_when_the_task_is_prepared_again(tmp_path):
     assert first.any() and not (first & second).any()  # scored again: every image right before is wrong now
 
 
-def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path):
-    """check_inputs on its own: a differing setting (run with the input's value), a key the input
-    was made without (make it again), and an unreadable params file (left to the stage)."""
-    from transferkit.config.compose import to_params
+def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkeypatch):
+    """check_inputs on its own: a differing setting (run with the input's value, or vary it with a
+    DVC experiment that keeps the project's overrides), a key the input was made without (make it
+    again), and an unreadable params file (left to the stage)."""
+    from transferkit.config.compose import params_text, to_params
     from transferkit.errors import TransferkitError
     from transferkit.sweep.points import check_inputs
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")  # a project whose params.yaml is the smoke experiment
+    (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke"), ["experiment=smoke"]))
+    monkeypatch.chdir(tmp_path)
 
     cfg = compose("experiment=smoke", tmp=tmp_path)
     saved = to_params(cfg)
@@ -220,7 +225,8 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path):
     params = tmp_path / "artifacts" / "prepare" / "params.yaml"
     params.write_text(yaml.safe_dump(saved))
     n = saved["data"]["target"]["train_per_class"]
-    with pytest.raises(TransferkitError, match=rf"Fix: run with data.target.train_per_class={n};"):
+    with pytest.raises(TransferkitError, match=rf"Fix: run with data.target.train_per_class={n};.*`dvc exp run "
+                                               rf"--queue -S experiment=smoke -S data.target.train_per_class=\.\.\.`"):
         check_inputs("pretrain", cfg)
     saved["data"]["target"].pop("train_per_class")
     params.write_text(yaml.safe_dump(saved))

@@ -28,7 +28,7 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
         img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise TransferkitError(f"corrupt image {where} ({e}). Fix: delete or replace that file.") from e
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)

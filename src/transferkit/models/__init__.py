@@ -78,8 +78,8 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
     from transferkit.io import load_torch
 
     ckpt = load_torch(path, "model checkpoint", produced_by)
-    if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
-        raise TransferkitError(f"{path} is not a transferkit checkpoint (no 'arch'/'state_dict'). "
+    if not isinstance(ckpt, dict) or not {"arch", "state_dict", "classes"} <= ckpt.keys():
+        raise TransferkitError(f"{path} is not a transferkit checkpoint (no 'arch'/'state_dict'/'classes'). "
                                f"Fix: point at a model.pt written by a transferkit stage.")
     if classes is not None and list(ckpt["classes"]) != list(classes):
         raise TransferkitError(
@@ -98,7 +98,9 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
         else:
             model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, TypeError) as e:
-        raise TransferkitError(f"{path} does not fit its own architecture {ckpt['arch']}: {e}") from e
+        why = " ".join(str(e).split())  # torch's message spans lines; the error is one
+        raise TransferkitError(f"{path} does not fit its own architecture {ckpt['arch']} ({why}): it was altered "
+                               f"after a stage wrote it. Fix: write it again (`dvc repro {produced_by}`).") from e
     return model, ckpt
 
 

@@ -55,6 +55,15 @@ def made_with(stage: str) -> set[str]:
     return keys.union(*(made_with(r) for r in BY_NAME[stage].reads))
 
 
+def exp_run_sets(key: str) -> str:
+    """`-S` for each override params.yaml records but `key`: DVC composes conf/ with the -S values
+    alone, so an experiment without them would lose the project's own (experiment=smoke, say)."""
+    import shlex
+
+    base = project_overrides(find_conf_dir().parent / "params.yaml")
+    return "".join(f"-S {shlex.quote(o)} " for o in base if override_key(o) != key)
+
+
 def check_inputs(stage: str, cfg: DictConfig) -> None:
     """A run reads the outputs of earlier stages under paths.artifacts_dir, whatever its own settings
     say: a setting of theirs that differs (a swept pretrain.epochs, data.target.train_per_class) would
@@ -77,7 +86,7 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
             if any(k == key or k.startswith(f"{key}.") for key in keys):
                 here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
                 fix = (f"run with {k}={there}; to vary what {name} computes, run the pipeline once per value "
-                       f"(`dvc exp run --queue -S {k}=...`)" if k in mine and k in saved
+                       f"(`dvc exp run --queue {exp_run_sets(k)}-S {k}=...`)" if k in mine and k in saved
                        else f"make it again with this code and config (`dvc repro {name}`)")
                 raise TransferkitError(f"{k}={here} here, but {saved_file.parent} was made with {k}={there}, "
                                        f"and {stage} reads it. Fix: {fix}.")

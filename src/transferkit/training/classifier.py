@@ -26,7 +26,8 @@ class ClassifierModule(pl.LightningModule):
                  freeze_depth: int = 0, backbone_lr_mult: float = 1.0, unfreeze_every_epochs: int = 0,
                  seed: int = 0, channels_last: bool = True):
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "student", "teacher"])
+        # not the networks, nor prune's regularizer: a logger "sanitizes" a callable by calling it
+        self.save_hyperparameters(ignore=["model", "student", "teacher", "regularize"])
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         # backbone_lr_mult == 0 is the source material's "LRateMultiplier 0": a frozen backbone
         self.start_depth = model.num_blocks if backbone_lr_mult == 0 else freeze_depth
