@@ -195,11 +195,11 @@ def main(argv=None) -> int:
         loader = tv_loader if w == args.workers else torchvision_loader(task, batch, w)
         secs = data_only(torchvision_batches(loader), data_steps, warmup)
         rows.append({"arm": f"torchvision: PIL per image, {w} worker{'s' if w > 1 else ''}", "what": "data only",
-                     "steps": data_steps, "seconds": secs, "img_s": data_steps * batch / secs})
+                     "steps": data_steps, "seconds": secs, "img_s": data_steps * batch / secs, "workers": w})
     del tv_loader
 
     train_ratio = rows[0]["img_s"] / rows[1]["img_s"]
-    data_ratio = rows[2]["img_s"] / rows[3 if args.workers == 1 else 4]["img_s"]
+    data_ratio = rows[2]["img_s"] / next(r for r in rows if r.get("workers") == args.workers)["img_s"]
     print()
     print(table(rows, COLUMNS))
     print(f"\ntraining: ours / torchvision = {train_ratio:.2f}x (bar: >= 3x) -> "

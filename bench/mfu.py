@@ -273,7 +273,8 @@ def conv_layers(model: nn.Module, batch: int, window: float, peak: float) -> lis
                                               f"@{ishape[-1]}x{ishape[-2]}",
                      "mmacs": macs / 1e6, "gflops": rate * macs * 2 / 1e9, "mfu": rate * macs * 2 / peak,
                      "train_gflops": train_rate * train_flops / 1e9, "train_mfu": train_rate * train_flops / peak,
-                     "flop_per_byte": macs * 2 * batch / ((ishape.numel() + oshape.numel()) * 2 + conv.weight.numel() * 2)})
+                     "flop_per_byte": macs * 2 * batch / ((ishape.numel() + oshape.numel() + conv.weight.numel())
+                                                          * (2 if TRAIN == "bf16" else 4))})
     return rows
 
 

@@ -30,7 +30,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, describe, finish, machine, now, table  # noqa: E402
+from _common import ROOT, conv_widths, describe, finish, machine, now, table  # noqa: E402
 
 from transferkit.config.compose import flatten, load_params, to_params  # noqa: E402
 from transferkit.evaluation.metrics import mean_difference, predict  # noqa: E402
@@ -129,7 +129,8 @@ def main(argv=None) -> int:
             rows.append({"recipe": recipe or "(default)", "seed": seed, "distilled": distilled, "pruned": pruned,
                          "distilled_val": distilled_val,
                          "difference": pruned - distilled, "val_difference": m["val_acc"] - distilled_val,
-                         "macs_reduction": m.get("macs_reduction"),
+                         "macs_reduction": m.get("macs_reduction"), "macs_after": m.get("macs_after"),
+                         "widths": conv_widths(load_checkpoint(out / "model.pt", "prune")[0]),
                          "seconds": time.perf_counter() - start})
             print(table(rows[-1:], COLUMNS), flush=True)
     summary = []
@@ -146,7 +147,8 @@ def main(argv=None) -> int:
                         **points([r["val_difference"] for r in mine], "val", "val_lo", "val_hi"),
                         **points(gains["distilled"], "dgain", "dgain_lo", "dgain_hi"),
                         **points(gains["pruned"], "gain", "gain_lo", "gain_hi"),
-                        "macs_reduction": min(r["macs_reduction"] or 0 for r in mine)})
+                        "macs_reduction": min(r["macs_reduction"] or 0 for r in mine),
+                        "macs_after": max(r["macs_after"] or 0 for r in mine) / 1e6})
     print("\nper seed (top-1 on the target test set, evaluate's TTA):")
     print(table(rows, COLUMNS))
     print("\nmeans over seeds; pruned minus distilled in points, and each model against the first recipe's, "
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
                           ("dgain_hi", "95% hi", "+.2f"),
                           ("gain", "pruned vs first", "+.2f"), ("gain_lo", "95% lo", "+.2f"),
                           ("gain_hi", "95% hi", "+.2f"),
-                          ("macs_reduction", "MACs fewer (x)", ".2f")]))
+                          ("macs_reduction", "MACs fewer (x)", ".2f"), ("macs_after", "MACs after (M, most)", ".1f")]))
     finish("prune_seeds", {**info, "summary": summary}, rows)
     return 0
 
@@ -167,7 +169,8 @@ def main(argv=None) -> int:
 COLUMNS = [("recipe", "recipe", "s"), ("seed", "seed", "d"), ("distilled_val", "distilled val", ".4f"),
            ("distilled", "distilled", ".4f"), ("pruned", "pruned", ".4f"),
            ("difference", "pruned - distilled", "+.4f"), ("val_difference", "same on val", "+.4f"),
-           ("macs_reduction", "MACs fewer (x)", ".2f"), ("seconds", "s", ".0f")]
+           ("macs_reduction", "MACs fewer (x)", ".2f"), ("macs_after", "MACs after", ",d"), ("widths", "conv widths", "s"),
+           ("seconds", "s", ".0f")]
 
 if __name__ == "__main__":
     sys.exit(main())
