@@ -100,6 +100,37 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results
     assert not (b / "checkpoints").exists() and not work.exists()
 
 
+@pytest.mark.slow
+def test_stages_with_several_fits_or_mixup_resume_with_identical_results(tmp_path, monkeypatch):
+    """The same promise where one stage fits more than once (prune: sparse learning, a recovery
+    per round, the final one; freeze_curve: one fit per depth) or draws per-step randomness
+    (distill with mixup): interrupted in a later epoch, run again, the outputs are byte-identical."""
+    import transferkit.training.trainer as trainer_module
+
+    overrides = ("experiment=smoke", "trainer.checkpoint_budget=1", "distill.mixup=1.0", "prune.sparse_epochs=2",
+                 "prune.sparse_reg=0.01", "prune.steps=2", "prune.epochs=4", "freeze_curve.depths=[0,2]")
+    straight = compose(*overrides, tmp=tmp_path / "straight")
+    for stage in ("prepare", "pretrain", "transfer", "distill", "prune", "freeze_curve"):
+        run(stage, straight)
+    resumed = compose(*overrides, tmp=tmp_path / "resumed")
+    for stage in ("prepare", "pretrain", "transfer"):
+        shutil.copytree(tmp_path / "straight" / "artifacts" / stage, tmp_path / "resumed" / "artifacts" / stage)
+    make = trainer_module.make_trainer
+    for stage in ("distill", "prune", "freeze_curve"):  # each stops in epoch 3 of the first fit that has one
+        monkeypatch.setattr(trainer_module, "make_trainer",
+                            lambda *a, callbacks=(), **k: make(*a, callbacks=(*callbacks, Interrupt(3)), **k))
+        with pytest.raises(SystemExit):
+            run(stage, resumed)
+        monkeypatch.setattr(trainer_module, "make_trainer", make)
+        run(stage, resumed)
+        a, b = (tmp_path / name / "artifacts" / stage for name in ("straight", "resumed"))
+        timings = [json.loads(f.read_text()) for f in sorted(b.glob("**/timing.json"))]
+        assert any(t["resumed_at_epoch"] for t in timings), f"{stage} started again from scratch"
+        for f in sorted(a.glob("**/metrics.json")) + sorted(a.glob("**/model.pt")):
+            assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f"{stage}: {f.relative_to(a)} differs"
+        assert not (tmp_path / "resumed" / "artifacts" / f".{stage}.incomplete").exists()
+
+
 def test_a_poisoned_resume_checkpoint_is_refused(tmp_path, monkeypatch):
     from test_safe_files import Payload
 
@@ -222,3 +253,34 @@ def test_a_stage_trains_without_any_logger(tmp_path):
     run("prepare", cfg)
     assert "val_acc" in run("pretrain", cfg)
     assert not (tmp_path / "artifacts" / "pretrain" / "dvclive").exists()
+
+
+def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_swap_cut_short(tmp_path):
+    """A killed run's work folder is resumed only by a run with the same params; a kill between
+    the two renames of the swap (final -> .old, work -> final) leaves .old, which comes back."""
+    from transferkit.stages.common import PARAMS_FILE, staged_output
+
+    final = tmp_path / "pretrain"
+    work = tmp_path / ".pretrain.incomplete"
+    work.mkdir()
+    (work / PARAMS_FILE).write_text("lr: 0.1\n")
+    (work / "checkpoint").write_text("epoch 3")
+    with staged_output(final, "lr: 0.1\n") as folder:  # same config: the leftover is resumed
+        assert (folder / "checkpoint").read_text() == "epoch 3"
+        (folder / "model.pt").write_text("trained with lr 0.1")
+    assert (final / "model.pt").read_text() == "trained with lr 0.1" and not work.exists()
+
+    work.mkdir()
+    (work / PARAMS_FILE).write_text("lr: 0.1\n")
+    (work / "checkpoint").write_text("epoch 3")
+    with staged_output(final, "lr: 0.02\n") as folder:  # another config: the leftover goes
+        assert not (folder / "checkpoint").exists() and (folder / PARAMS_FILE).read_text() == "lr: 0.02\n"
+        (folder / "model.pt").write_text("trained with lr 0.02")
+    assert (final / "model.pt").read_text() == "trained with lr 0.02"
+
+    final.rename(tmp_path / ".pretrain.old")  # killed after the first rename of a swap
+    with pytest.raises(RuntimeError):
+        with staged_output(final, "lr: 0.5\n"):
+            assert (final / "model.pt").read_text() == "trained with lr 0.02"  # back before any work
+            raise RuntimeError("this run fails")
+    assert (final / "model.pt").read_text() == "trained with lr 0.02" and not work.exists()
