@@ -207,6 +207,21 @@ def test_iterative_and_unstructured_modes_run(tmp_path):
     assert saved["sparsity"] == metrics["sparsity"]
 
 
+def test_an_unreachable_ratio_fails_before_sparse_learning_or_a_round_trains(tmp_path, monkeypatch):
+    import transferkit.stages.prune as prune_stage
+
+    _smoke_with_student(tmp_path, "prune.epochs=1")  # prepare .. distill, then no training may follow
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the stage trained before it refused the ratio")
+
+    monkeypatch.setattr(prune_stage, "fit_stage", no_training)
+    monkeypatch.setattr(prune_stage, "train_stage", no_training)
+    for more in (["prune.sparse_epochs=2"], ["prune.steps=3"]):
+        with pytest.raises(TransferkitError, match="could not reach prune.ratio=0.999"):
+            run("prune", compose("experiment=smoke", "prune.epochs=1", "prune.ratio=0.999", *more, tmp=tmp_path))
+
+
 @pytest.mark.parametrize("override, needle", [
     ("prune.ratio=0", "prune.ratio"),
     ("prune.ratio=1", "prune.ratio"),

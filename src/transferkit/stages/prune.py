@@ -8,6 +8,7 @@ import copy
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from transferkit.data.tasks import train_sample
@@ -52,6 +53,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     if p.mode == "structured":
         images, labels = train_sample(task, min(256, len(task["train_y"])))  # taylor ranks channels by gradients on these
         calibration = (images.float() / 255, labels)
+        if p.sparse_epochs or p.steps > 1:  # training comes before the last cut: a target it cannot reach fails now
+            with torch.random.fork_rng(devices=[]):  # a trial cut of a copy: the run's randomness is untouched
+                prune_channels(copy.deepcopy(student), criterion=p.criterion, target=p.target, ratio=p.ratio,
+                               keep=keep, calibration=calibration, round_to=p.round_to, scope=p.scope, rates=p.rates)
         if p.sparse_epochs:  # KD fine-tune that empties the channel groups the cut will remove
             fit_stage(cfg, cfg.prune, student, task, out / "rounds" / "sparse", module_cls=SparseDistiller,
                       epochs=p.sparse_epochs, **distillation(cfg, teacher),
