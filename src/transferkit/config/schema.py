@@ -232,13 +232,14 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
     `validate`, and the stages' depths against the model's block count (`blocks` caches it per model config)."""
     validate(cfg)
     stages = [s for s in DEPTHS if s in cfg] if all_stages else [stage] if stage in DEPTHS else []
-    if stages:
-        from transferkit.config.compose import to_params
-        from transferkit.models import model_from_config
+    if not stages:
+        return
+    from transferkit.config.compose import to_params
+    from transferkit.models import model_from_config
 
-        model_cfg = to_params(cfg.model)
-        key = repr(model_cfg)
-        if key not in blocks:  # building a model is cheap, but not free
-            blocks[key] = model_from_config(model_cfg, 2).num_blocks
+    model_cfg = to_params(cfg.model)
+    key = repr(model_cfg)
+    if key not in blocks:  # building a model is cheap, but not free
+        blocks[key] = model_from_config(model_cfg, 2).num_blocks
     for name in stages:
         validate_depths(cfg, name, blocks[key])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 from pathlib import Path
 
 import yaml
@@ -58,8 +59,6 @@ def made_with(stage: str) -> set[str]:
 def exp_run_sets(key: str) -> str:
     """`-S` for each override params.yaml records but `key`: DVC composes conf/ with the -S values
     alone, so an experiment without them would lose the project's own (experiment=smoke, say)."""
-    import shlex
-
     base = project_overrides(find_conf_dir().parent / "params.yaml")
     return "".join(f"-S {shlex.quote(o)} " for o in base if override_key(o) != key)
 
