@@ -37,6 +37,26 @@ def test_structured_pruning_removes_channels(criterion):
     assert out.shape == (4, 5) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "random"])
+def test_the_criterion_decides_which_channels_go(criterion):
+    """A block whose channel k has weights, BatchNorm scale and next-layer inputs all (k+1) times
+    larger: the magnitude criteria keep the upper half, the random control does not. A tag in the
+    BatchNorm's running mean says which channels survived."""
+    model = _student()
+    conv, bn, following = model.blocks[1][0][0], model.blocks[1][0][2], model.blocks[1][1][0]
+    scale = torch.arange(1, 17, dtype=torch.float32)
+    with torch.no_grad():
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        bn.weight.copy_(0.1 * scale)
+        following.weight.mul_(scale.view(1, -1, 1, 1))
+        bn.running_mean.copy_(torch.arange(16, dtype=torch.float32))
+    torch.manual_seed(1)
+    prune_channels(model, criterion=criterion, target="channels", ratio=0.5, keep=["head"])
+    kept = sorted(int(t) for t in model.blocks[1][0][2].running_mean)
+    assert len(kept) == 8
+    assert (kept == list(range(8, 16))) == (criterion != "random"), kept
+
+
 @pytest.mark.parametrize("scope", sorted(SCOPES))
 def test_every_scope_reaches_the_macs_target(scope):
     model = build_model("fastnet", 5, widths=[32, 64, 64], stem_width=16).eval()
