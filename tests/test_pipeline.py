@@ -43,7 +43,16 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     assert machine["cpu"] and machine["fp32_gflops_before"] > 0 and machine["bf16_gflops"] > 0
     report = (art / "evaluate" / "report.md").read_text()
     assert "57.4%" in report and "60.1%" in report and "Transfer minus scratch" in report
+    # the run's own numbers, each in its place (scratch before transfer, the paired gain after)
+    m, gain = metrics["models"], metrics["transfer_vs_scratch"]
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    assert (f"| this run | {pct(m['scratch']['top1'])} | {pct(m['transfer']['top1'])} | "
+            f"{100 * gain['difference']:+.1f} points |") in report
+    assert f"Transfer minus scratch: **{100 * gain['difference']:+.1f} points** (95% paired interval " \
+           f"{100 * gain['ci95'][0]:+.1f} to {100 * gain['ci95'][1]:+.1f}, {gain['n']} test images)" in report
+    assert gain["difference"] == pytest.approx(m["transfer"]["top1"] - m["scratch"]["top1"])
     assert "## Distillation" in report and "of the gap between" in report
+    assert f"| student distilled | {pct(m['distill']['top1'])} |" in report
     assert 0 < metrics["distillation"]["student_params_ratio"] < 1
     assert "## Pruning" in report
     html = (art / "evaluate" / "report.html").read_text()  # the same report, plots embedded
