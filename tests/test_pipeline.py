@@ -102,13 +102,24 @@ def test_cifar10_full_preset_on_tiny_official_pickles(tmp_path):
     # alternating flips, multi-view test-time augmentation
     _official_pickles(tmp_path)
     cfg = compose("experiment=cifar10_full", *TINY, "data.verify_checksums=false", "data.target.train_per_class=5",
-                  "data.target.val_per_class=2", "model.widths=[8,16,16]", "model.stem_width=8", tmp=tmp_path)
+                  "data.target.val_per_class=2", "model.widths=[8,16,16]", "model.stem_width=8", "pretrain.epochs=2",
+                  tmp=tmp_path)  # 2 epochs: lookahead averages in at step 5, after 1 the weights are the initial ones
     assert cfg.model.dirac_init and cfg.pretrain.lookahead and cfg.pretrain.tta == "flip_translate"
     results = {stage: run(stage, cfg) for stage in ("prepare", "pretrain", "transfer")}
     assert results["prepare"]["source"]["n_train"] == 10 * 6 and results["prepare"]["target"]["classes"] == AQUATIC
     assert 0.0 <= results["pretrain"]["test_acc_tta"] <= 1.0
     _, ckpt = load_checkpoint(tmp_path / "artifacts" / "pretrain" / "model.pt", "pretrain")
     assert ckpt["arch"]["dirac_init"] is True
+    # pretrain.freeze_depth=1: the stem whitened from the source images is the stem that was saved
+    from transferkit.config.compose import to_params
+    from transferkit.models import init_from_data, model_from_config
+    from transferkit.stages.common import load_task
+
+    source = load_task(tmp_path / "artifacts" / "prepare", "source")
+    fresh = model_from_config(to_params(cfg.model), len(source["classes"]))
+    init_from_data(fresh, source["train_x"])
+    assert cfg.pretrain.freeze_depth == 1
+    assert torch.equal(fresh.blocks[0][0].weight, ckpt["state_dict"]["blocks.0.0.weight"])
 
 
 def test_seed_aquatic_preset_on_tiny_official_pickles(tmp_path):
