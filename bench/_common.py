@@ -108,12 +108,17 @@ def commit() -> str | None:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if head.returncode == 0 else None
 
 
+def provenance() -> dict:
+    """What produced a result: the command line and the commit."""
+    return {"command": " ".join(sys.argv), "commit": commit()}
+
+
 def save(name: str, result: dict) -> Path:
     """bench/results/NAME.json, with the command line and the commit that produced it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"command": " ".join(sys.argv), "commit": commit(), **result}, indent=2) + "\n")
+    tmp.write_text(json.dumps({**provenance(), **result}, indent=2) + "\n")
     tmp.replace(path)
     return path
 

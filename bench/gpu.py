@@ -45,7 +45,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, commit, describe, machine, now, table  # noqa: E402
+from _common import ROOT, describe, machine, now, provenance, table  # noqa: E402
 
 TRAINED = {"pretrain", "transfer", "probe", "scratch", "freeze_curve", "distill", "student", "prune"}
 
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     if args.pycache:
         os.environ["PYTHONPYCACHEPREFIX"] = str(args.pycache.resolve())
-    info = {"when": now(), "command": " ".join(sys.argv), "commit": commit(), "machine": machine(),
+    info = {"when": now(), **provenance(), "machine": machine(),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     peak = peak_tflops(device)
     info["bf16_peak_tflops"] = peak
