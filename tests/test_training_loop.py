@@ -57,6 +57,14 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_pat
     assert few == many, f"{many - few} reads of device values in 6 more steps"
 
 
+def test_the_training_rate_counts_the_images_trained_on(tmp_path):
+    """30 images in batches of 8 are 3 steps an epoch (the remainder is dropped): 24 images, not 30."""
+    module = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), **SETTINGS)
+    datamodule = TaskDataModule(_task(10), 8, 64)
+    trainer_cfg = {**compose("experiment=smoke").trainer, "loggers": [], "checkpoint_budget": 0}
+    assert fit(module, datamodule, trainer_cfg, tmp_path, max_epochs=2).images == 2 * 3 * 8
+
+
 class Interrupt(pl.Callback):
     """Raises at the start of epoch `at`, as a crash or Ctrl+C would, after the checkpoint of
     the epoch before has been completed."""

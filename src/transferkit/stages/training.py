@@ -46,9 +46,8 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     if settings.epochs > 0:  # pretrain.epochs=0: export published weights as they are
         result = fit_stage(cfg, settings, model, task, out, module_cls=module_cls, **module_kwargs)
         model = result.model
-        epochs_run = settings.epochs - (result.resumed_at_epoch or 0)
         run = {"train_seconds": round(result.seconds, 2),
-               "train_images_per_second": round(epochs_run * len(task["train_y"]) / max(result.seconds, 1e-9), 1),
+               "train_images_per_second": round(result.images / max(result.seconds, 1e-9), 1),
                "precision": result.precision, "device": result.device, "resumed_at_epoch": result.resumed_at_epoch}
     model = model.float().to(memory_format=torch.contiguous_format).eval()
     metrics = dict(extra_metrics or {})

@@ -32,6 +32,7 @@ class ClassifierModule(pl.LightningModule):
         # backbone_lr_mult == 0 is the source material's "LRateMultiplier 0": a frozen backbone
         self.start_depth = model.num_blocks if backbone_lr_mult == 0 else freeze_depth
         freeze_blocks(model, self.start_depth)
+        self.trained_images = 0  # by this process, this run: what a training rate is computed from
 
     # ---------------------------------------------------------------- steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,9 @@ class ClassifierModule(pl.LightningModule):
         loss = self.loss(logits, x, y)
         self._tally(self._train_sums, loss, logits, y)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.trained_images += len(batch[1])  # a shape, known on the host: no wait
 
     def validation_step(self, batch, batch_idx: int):
         x, y = batch

@@ -158,6 +158,7 @@ class Fit:
     device: str
     resumed_at_epoch: int | None
     seconds: float
+    images: int           # trained on in those seconds, by every process together
 
 
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: dict,
@@ -184,7 +185,8 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
     seconds = time.perf_counter() - start
     shutil.rmtree(out_dir / CHECKPOINT.parent, ignore_errors=True)  # finished: nothing to resume
-    return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds)
+    return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds,
+               getattr(module, "trained_images", 0) * trainer.world_size)
 
 
 
