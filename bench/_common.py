@@ -97,6 +97,15 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, rule, *body])
 
 
+def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    """Seconds `cmd` took in `cwd` (transferkit and dvc of this environment), and its output."""
+    from transferkit.project import run
+
+    start = time.perf_counter()
+    out = run(cmd, cwd, tail=60)
+    return time.perf_counter() - start, out
+
+
 def commit() -> str | None:
     """The checkout's commit (with '+changes' when files differ from it), or None outside git."""
     try:

@@ -23,20 +23,13 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
-from _common import ROOT, describe, machine, now, save, table
+from _common import ROOT, describe, machine, now, save, table, timed
 
 from transferkit.config.compose import compose, params_text
-from transferkit.project import copy_project, run, stages_run
-
-
-def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
-    start = time.perf_counter()
-    out = run(cmd, cwd, tail=60)
-    return time.perf_counter() - start, out
+from transferkit.project import copy_project, stages_run
 
 
 def train_seconds(proj: Path, stage: str) -> float | None:

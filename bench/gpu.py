@@ -45,7 +45,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, describe, machine, now, provenance, table  # noqa: E402
+from _common import ROOT, describe, machine, now, provenance, table, timed  # noqa: E402
 
 TRAINED = {"pretrain", "transfer", "probe", "scratch", "freeze_curve", "distill", "student", "prune"}
 
@@ -84,16 +84,11 @@ def workdir(root: Path, name: str, data: Path) -> Path:
 
 
 def run_command(cmd: str, cwd: Path) -> float:
+    """Seconds `cmd` took; `transferkit` as `python -m transferkit.cli` (a device image has no script)."""
     argv = cmd.split()
     if argv[0] == "transferkit":
         argv = [sys.executable, "-m", "transferkit.cli", *argv[1:]]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    start = time.perf_counter()
-    proc = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"`{cmd}` failed after {seconds:.1f} s:\n{proc.stdout[-3000:]}")
-    return seconds
+    return timed(argv, cwd)[0]
 
 
 def timings(folder: Path) -> list[dict]:
@@ -195,9 +190,9 @@ def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], p
         print(table(rows[-1:], FULL), flush=True)
     if len(rows) >= 2 and rows[-1]["train"] > rows[0]["train"]:
         # the rate of the extra epochs alone: what a fit costs at its start (evaluation at the end,
-        # data setup) cancels out of the difference
+        # data setup) cancels out of the difference; images as the stages counted them (img/s x s)
         a, b = rows[0], rows[-1]
-        rate = (b["epochs"] - a["epochs"]) * a["n_train"] / (b["train"] - a["train"])
+        rate = (b["img_s"] * b["train"] - a["img_s"] * a["train"]) / (b["train"] - a["train"])
         rows.append({"epochs": f"{a['epochs']}->{b['epochs']}", "n_train": a["n_train"], "train": b["train"] - a["train"],
                      "img_s": rate, "mfu": rows[0]["mfu"] * rate / a["img_s"]})
         print(table(rows[-1:], FULL), flush=True)
