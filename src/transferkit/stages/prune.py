@@ -53,10 +53,14 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     if p.mode == "structured":
         images, labels = train_sample(task, min(256, len(task["train_y"])))  # taylor ranks channels by gradients on these
         calibration = (images.float() / 255, labels)
+
+        def cut(model, ratio: float) -> dict:  # the trial cut and every round cut alike
+            return prune_channels(model, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
+                                  calibration=calibration, round_to=p.round_to, scope=p.scope, rates=p.rates)
+
         if p.sparse_epochs or p.steps > 1:  # training comes before the last cut: a target it cannot reach fails now
             with torch.random.fork_rng(devices=[]):  # a trial cut of a copy: the run's randomness is untouched
-                prune_channels(copy.deepcopy(student), criterion=p.criterion, target=p.target, ratio=p.ratio,
-                               keep=keep, calibration=calibration, round_to=p.round_to, scope=p.scope, rates=p.rates)
+                cut(copy.deepcopy(student), p.ratio)
         if p.sparse_epochs:  # KD fine-tune that empties the channel groups the cut will remove
             fit_stage(cfg, cfg.prune, student, task, out / "rounds" / "sparse", module_cls=SparseDistiller,
                       epochs=p.sparse_epochs, **distillation(cfg, teacher),
@@ -66,9 +70,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             # each round's ratio applies to what the earlier rounds left
             done, goal = p.ratio * (step - 1) / p.steps, p.ratio * step / p.steps
             ratio = (goal - done) / (1 - done)
-            result = prune_channels(student, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
-                                    calibration=calibration, round_to=p.round_to, scope=p.scope,
-                                    rates=p.rates)
+            result = cut(student, ratio)
             if p.round_to and result["round_to"] is None:
                 widths = "/".join(map(str, conv_widths(student)))
                 log.warning("prune.round_to=%s: the student is too narrow to reach the target in multiples of %s "
