@@ -97,6 +97,21 @@ def test_exports_match_pytorch(exported, kind):
         assert torch.equal(ts(x), deployable(model)(x))
 
 
+@pytest.mark.parametrize("tta", ["flip", "flip_translate"])
+def test_onnx_scores_with_the_same_test_time_views_as_pytorch(exported, tta):
+    """evaluate scores the ONNX files with evaluate.tta (cifar10_full: flip_translate) as it scores
+    the PyTorch models: the same views, averaged alike, in batches whose last one is short."""
+    from transferkit.evaluation.metrics import predict as predict_torch, predict_onnx
+
+    folder, _ = exported[2]["fastnet"]
+    model, _ = load_checkpoint(folder / "model.pt", "prune")
+    images = torch.load(exported[1], weights_only=True)["test_x"][:20]
+    want = predict_torch(model, images, batch_size=8, tta=tta)
+    got = predict_onnx(folder / "export" / "model.onnx", images, batch_size=8, tta=tta, threads=1)
+    views = (want - predict_torch(model, images, batch_size=8, tta="none")).abs().max()
+    assert (got - want).abs().max() < views / 100  # far closer to PyTorch's views than the views are to one view
+
+
 def test_exported_files_hold_no_path_of_this_machine(exported):
     # the same model exported from a clone in another folder gives the same bytes, and a shipped
     # file does not tell where its maker's files live

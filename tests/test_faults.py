@@ -2,9 +2,10 @@
 metrics identical to an uninterrupted run, and the previous outputs stay readable the whole
 time (a stage builds its folder aside and swaps it in only on success).
 
-By default one random kill of pretrain (the classifier module) and of distill (the
-distiller), to keep the suite short; `KILL_STAGES=all KILL_TRIALS=5 uv run pytest
-tests/test_faults.py` runs the issue's bar: 5 random kills of every training stage.
+By default one random kill of pretrain (the classifier module), of distill (the distiller)
+and of quantize's quantization-aware fine-tuning, to keep the suite short;
+`KILL_STAGES=all KILL_TRIALS=5 uv run pytest tests/test_faults.py` runs the issue's bar: 5
+random kills of every training stage.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ STAGES = TRAIN_STAGES if os.environ.get("KILL_STAGES") == "all" else ("pretrain"
 TRIALS = int(os.environ.get("KILL_TRIALS", "1"))
 
 
-def _start(stage: str, params: Path, cwd: Path) -> subprocess.Popen:
+def _start(stage: str, params: Path, cwd: Path, entry: tuple[str, ...] = ("-m", "transferkit.cli")) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "transferkit.cli", stage, "--params", str(params)],
+    return subprocess.Popen([sys.executable, *entry, stage, "--params", str(params)],
                             cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -48,7 +49,7 @@ def _metrics(files: dict[Path, bytes]) -> dict[Path, bytes]:
 
 def _kill_mid_training(stage: str, params: Path, cwd: Path, rng: random.Random,
                        previous: dict[Path, bytes], reference_metrics: dict[Path, bytes],
-                       wait_for: str = "**/dvclive") -> float:
+                       wait_for: str = "**/dvclive", start=_start, results=_metrics) -> float:
     """Start the stage, wait until it trains (its side folder has Lightning's logs), then
     kill -9 after a random delay. Returns the delay once a kill landed before the stage
     swapped its new outputs in; a stage that won the race (it may still be alive, tearing
@@ -57,7 +58,7 @@ def _kill_mid_training(stage: str, params: Path, cwd: Path, rng: random.Random,
     out = cwd / "artifacts" / stage
     delay = rng.uniform(0.0, 2.0)
     for _ in range(6):
-        proc = _start(stage, params, cwd)
+        proc = start(stage, params, cwd)
         deadline = time.monotonic() + 120
         # dvclive/ appears when Lightning starts (freeze_curve: depthK/dvclive/, one per point)
         while not next(work.glob(wait_for), None) and proc.poll() is None and time.monotonic() < deadline:
@@ -76,7 +77,7 @@ def _kill_mid_training(stage: str, params: Path, cwd: Path, rng: random.Random,
             return delay
         # the only other state allowed: the whole new output, swapped in
         assert now.keys() == previous.keys(), f"{stage}'s outputs are half-written after a kill"
-        assert _metrics(now) == reference_metrics, f"{stage} finished with other metrics or weights"
+        assert results(now) == reference_metrics, f"{stage} finished with other metrics or weights"
         previous.clear()
         previous.update(now)
         delay /= 4  # the stage finished before the kill: try an earlier moment
@@ -121,6 +122,51 @@ def test_kill_9_mid_stage_then_rerun_gives_identical_metrics_and_weights(smoke_a
             assert json.loads((out / "timing.json").read_text())["resumed_at_epoch"], f"trial {trial}"
         assert not (tmp_path / "artifacts" / f".{stage}.incomplete").exists(), f"trial {trial} (kill after {delay:.2f}s)"
         previous = _files(out)
+
+
+# quantize with post-training quantization reported as a failure, so that it fine-tunes for INT8
+# (the module a subprocess runs instead of transferkit.cli; the check's real result counts after)
+FORCE_QAT = """import sys
+from transferkit import cli
+from transferkit.stages import quantize
+real, calls = quantize.check, []
+def check(*args):
+    calls.append(real(*args))
+    return {**calls[-1], "int8_top1": 0.0} if len(calls) == 1 else calls[-1]
+quantize.check = check
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_quantization_aware_fine_tuning_then_rerun_gives_identical_files(smoke_artifacts, tmp_path):
+    ref = Path(smoke_artifacts[0].paths.artifacts_dir)
+    cfg = compose("experiment=smoke", "quantize.max_drop=0.3", "quantize.qat_epochs=2", tmp=tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(params_text(cfg))
+    (tmp_path / "force_qat.py").write_text(FORCE_QAT)
+    shutil.copytree(ref, tmp_path / "artifacts", ignore=lambda d, names: ["quantize"] if Path(d) == ref else [])
+
+    def start(stage, params, cwd):
+        return _start(stage, params, cwd, entry=(str(tmp_path / "force_qat.py"),))
+
+    def results(files):  # the INT8 model, its fine-tuned fp32 source and what the check measured
+        return {p: data for p, data in files.items() if p.suffix == ".onnx" or p.name == "quantize.json"}
+
+    out = tmp_path / "artifacts" / "quantize"
+    _, err = start("quantize", params, tmp_path).communicate(timeout=300)
+    previous = _files(out)
+    reference = results(previous)
+    assert json.loads(reference[Path("quantize.json")])["produced_by"].startswith("quantization-aware"), err[-2000:]
+    assert Path("qat/model_fp32.onnx") in reference
+
+    _kill_mid_training("quantize", params, tmp_path, random.Random("quantize"), previous, reference,
+                       "**/qat/dvclive", start, results)
+    proc = start("quantize", params, tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert results(_files(out)) == reference
+    assert not (tmp_path / "artifacts" / ".quantize.incomplete").exists()
 
 
 def test_full_disk_gives_one_message_and_keeps_previous_outputs(smoke_artifacts, tmp_path, monkeypatch):

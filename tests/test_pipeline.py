@@ -103,7 +103,7 @@ def test_cifar10_full_preset_on_tiny_official_pickles(tmp_path):
     _official_pickles(tmp_path)
     cfg = compose("experiment=cifar10_full", *TINY, "data.verify_checksums=false", "data.target.train_per_class=5",
                   "data.target.val_per_class=2", "model.widths=[8,16,16]", "model.stem_width=8", "pretrain.epochs=2",
-                  tmp=tmp_path)  # 2 epochs: lookahead averages in at step 5, after 1 the weights are the initial ones
+                  tmp=tmp_path)  # 2 epochs: enough steps for lookahead to average (at step 5)
     assert cfg.model.dirac_init and cfg.pretrain.lookahead and cfg.pretrain.tta == "flip_translate"
     results = {stage: run(stage, cfg) for stage in ("prepare", "pretrain", "transfer")}
     assert results["prepare"]["source"]["n_train"] == 10 * 6 and results["prepare"]["target"]["classes"] == AQUATIC

@@ -256,6 +256,28 @@ def test_lookahead_ends_on_the_averaged_weights():
     torch.testing.assert_close(cb.average[0], want)
 
 
+def test_lookahead_keeps_the_trained_weights_of_a_run_shorter_than_its_interval():
+    from transferkit.training.lookahead import Lookahead
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Linear(2, 2)
+    cb = Lookahead(every=5)
+
+    class Trainer:
+        global_step, estimated_stepping_batches = 0, 3
+
+    cb.on_train_start(Trainer(), model)
+    trained = model.model.weight.detach().clone()
+    trainer = Trainer()
+    for step in range(1, 4):  # three optimiser steps: none of them reaches the averaging interval
+        with torch.no_grad():
+            model.model.weight.add_(1.0)
+        trained += 1.0
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, model, None, None, step)
+    torch.testing.assert_close(model.model.weight, trained)  # not reset onto the initial weights
+
+
 def test_a_stage_trains_without_any_logger(tmp_path):
     cfg = compose("experiment=smoke", "trainer.loggers=[]", tmp=tmp_path)
     run("prepare", cfg)

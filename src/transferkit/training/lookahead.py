@@ -2,7 +2,8 @@
 average of themselves, whose decay grows from 0 to 0.95^every over training as (step/total)^3,
 and at the last step the averaged weights become the model. Averaging late in training, when
 the learning rate is small, lands between the last steps' noisy weights: higher accuracy for the
-same number of steps. BatchNorm statistics are averaged with the weights, as airbench does."""
+same number of steps. BatchNorm statistics are averaged with the weights, as airbench does.
+A run of fewer than `every` steps has no average to land on: it keeps the weights it trained."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Lookahead(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.total = max(1, int(trainer.estimated_stepping_batches))
+        self.active = self.total >= self.every  # else the average would still be the initial weights at the end
         if self.average is None:  # a resumed run brings its average from the checkpoint
             self.average = [t.detach().clone() for t in self._tensors(module)]
         else:
@@ -30,7 +32,7 @@ class Lookahead(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         step, total = trainer.global_step, self.total
         due = step % self.every == 0
-        if not due and step < total:
+        if not self.active or (not due and step < total):
             return
         current = self._tensors(module)
         if due:  # move the average toward the weights...
