@@ -154,6 +154,25 @@ def test_every_model_runs_transfer(tmp_path, model):
     assert any(not torch.equal(a, b) for a, b in zip(pretrained.blocks[2].parameters(), transferred.blocks[2].parameters()))
 
 
+def test_a_mobilenet_student_goes_through_distill_prune_export_quantize_and_evaluate(smoke_artifacts, tmp_path):
+    # the other student the docs offer (model@distill.student=mobilenet): depthwise convolutions
+    # through Torch-Pruning, the exporters and the INT8 quantizer; the teacher's stages are reused
+    ref = Path(smoke_artifacts[0].paths.artifacts_dir)
+    student_stages = ("distill", "student", "prune", "export", "quantize", "evaluate")
+    shutil.copytree(ref, tmp_path / "artifacts", ignore=lambda d, names: student_stages if Path(d) == ref else [])
+    cfg = compose("experiment=smoke", "model@distill.student=mobilenet", tmp=tmp_path)
+    for stage in student_stages:
+        run(stage, cfg)
+    art = tmp_path / "artifacts"
+    for stage in ("distill", "student", "prune"):
+        assert load_checkpoint(art / stage / "model.pt", stage)[1]["arch"]["name"] == "mobilenet"
+    exported = json.loads((art / "export" / "export.json").read_text())
+    assert exported["onnx"]["top1_agreement"] == 1.0 and exported["onnx"]["max_abs_diff"] <= 1e-4
+    models = json.loads((art / "evaluate" / "metrics.json").read_text())["models"]
+    assert models["prune"]["macs"] <= 0.4 * models["distill"]["macs"] + 1  # prune.ratio=0.7 of the MACs
+    assert models["onnx_fp32"]["macs"] == models["prune"]["macs"] and models["onnx_int8"]["n_test"] == 3 * 16
+
+
 def test_results_command_prints_the_models_and_each_stage_training(smoke_artifacts, capsys):
     from transferkit.evaluation.tables import main
 
