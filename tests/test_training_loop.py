@@ -228,54 +228,44 @@ def test_the_precision_used_is_recorded_and_reported(smoke_artifacts):
     assert f"pretrain {timing['precision']} on cpu" in (artifacts / "evaluate" / "report.md").read_text()
 
 
-def test_lookahead_ends_on_the_averaged_weights():
+def _lookahead_run(every: int, steps: int):
+    """A Lookahead callback over `steps` optimiser steps that each add 1 to a linear layer's
+    weights; returns the weights it started from, the layer and the callback."""
     from transferkit.training.lookahead import Lookahead
 
     model = torch.nn.Module()
     model.model = torch.nn.Linear(2, 2)
-    cb = Lookahead(every=2)
+    cb = Lookahead(every=every)
 
     class Trainer:
-        global_step, estimated_stepping_batches = 0, 4
+        global_step, estimated_stepping_batches = 0, steps
 
     cb.on_train_start(Trainer(), model)
     start = model.model.weight.detach().clone()
     trainer = Trainer()
-    for step in range(1, 5):
+    for step in range(1, steps + 1):
         with torch.no_grad():
             model.model.weight.add_(1.0)  # an optimiser step
         trainer.global_step = step
         cb.on_train_batch_end(trainer, model, None, None, step)
+    return start, model.model, cb
+
+
+def test_lookahead_ends_on_the_averaged_weights():
+    start, layer, cb = _lookahead_run(every=2, steps=4)
     # step 2: decay 0.95^2 * (2/4)^3; step 4: 0.95^2 * 1; the weights end on the average
     d2 = 0.95 ** 2 * (2 / 4) ** 3
     avg = start + (1 - d2) * 2                  # after step 2 (weights were start + 2)
     avg = d2 * 0 + avg                          # weights reset onto it
     w4 = avg + 2                                # two more steps
     want = 0.95 ** 2 * avg + (1 - 0.95 ** 2) * w4
-    torch.testing.assert_close(model.model.weight, want)
+    torch.testing.assert_close(layer.weight, want)
     torch.testing.assert_close(cb.average[0], want)
 
 
 def test_lookahead_keeps_the_trained_weights_of_a_run_shorter_than_its_interval():
-    from transferkit.training.lookahead import Lookahead
-
-    model = torch.nn.Module()
-    model.model = torch.nn.Linear(2, 2)
-    cb = Lookahead(every=5)
-
-    class Trainer:
-        global_step, estimated_stepping_batches = 0, 3
-
-    cb.on_train_start(Trainer(), model)
-    trained = model.model.weight.detach().clone()
-    trainer = Trainer()
-    for step in range(1, 4):  # three optimiser steps: none of them reaches the averaging interval
-        with torch.no_grad():
-            model.model.weight.add_(1.0)
-        trained += 1.0
-        trainer.global_step = step
-        cb.on_train_batch_end(trainer, model, None, None, step)
-    torch.testing.assert_close(model.model.weight, trained)  # not reset onto the initial weights
+    start, layer, _ = _lookahead_run(every=5, steps=3)  # no step reaches the averaging interval
+    torch.testing.assert_close(layer.weight, start + 3)  # not reset onto the initial weights
 
 
 def test_a_stage_trains_without_any_logger(tmp_path):
