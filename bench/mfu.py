@@ -312,6 +312,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        global TRAIN  # decided again as a stage with trainer.num_threads decides it: probed at that count
+        TRAIN = "bf16" if train_bf16() else "fp32"
     p = params()
     info = {"when": now(), "machine": machine()}
     print(describe(info["machine"]), flush=True)
