@@ -294,19 +294,24 @@ def compile_cost(device: str, batch: int) -> dict:
     return out
 
 
+def src_env() -> dict[str, str]:
+    """The environment with this checkout's src/ first on the path: the device machine runs a copy
+    of the tree that is not installed, and `python -m transferkit.cli` must find it."""
+    return {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def startup(device: str, repeats: int) -> dict:
     """Seconds a fresh process takes for: nothing, `import torch`, a training stage's imports, and
     those plus CUDA's initialisation (median of `repeats`)."""
     code = {"python": "pass", "torch": "import torch", "stage imports": "import transferkit.stages.pretrain",
             "stage imports + device init": "import transferkit.stages.pretrain, torch; "
                                            f"torch.zeros(1, device='{device}').sum().item()"}
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = {}
     for name, c in code.items():
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", c], env=env, check=True)
+            subprocess.run([sys.executable, "-c", c], env=src_env(), check=True)
             times.append(time.perf_counter() - start)
         out[name] = sorted(times)[len(times) // 2]
     return out
@@ -320,9 +325,8 @@ def profile_stages(root: Path, out: Path) -> dict:
     for name in ("export", "evaluate"):
         argv = stages[name]["cmd"].split()
         cmd = " ".join([sys.executable, "-m", "cProfile", "-s", "cumtime", "-m", "transferkit.cli", *argv[1:]])
-        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         start = time.perf_counter()
-        proc = subprocess.run(cmd.split(), cwd=root / "pipeline", env=env, stdout=subprocess.PIPE,
+        proc = subprocess.run(cmd.split(), cwd=root / "pipeline", env=src_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
         walls[name] = time.perf_counter() - start
         (out / f"profile-{name}.txt").write_text("\n".join(proc.stdout.splitlines()[:120]) + "\n")
