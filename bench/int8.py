@@ -39,6 +39,7 @@ from transferkit.evaluation.speed import cpu_latency_ms, onnx_throughput  # noqa
 from transferkit.evaluation.metrics import predict_onnx  # noqa: E402
 from transferkit.models import load_checkpoint  # noqa: E402
 from transferkit.stages.common import load_task  # noqa: E402
+from transferkit.training.precision import cpuinfo  # noqa: E402
 
 VARIANTS = {"int8 qoperator, per-channel, 7-bit weights (default)": {"fmt": "qoperator", "per_channel": True,
                                                                     "reduce_range": True},
@@ -107,8 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--throughput-repeats", type=int, default=10, help="rounds at batch 256, the models taking turns")
     ap.add_argument("--profile", action="store_true", help="where the time goes at batch 256, by operator")
     args = ap.parse_args(argv)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    info = {"when": now(), "machine": machine(), "vnni": "avx512_vnni" in flags}
+    info = {"when": now(), "machine": machine(), "vnni": "avx512_vnni" in cpuinfo("flags").split()}
     print(f"{describe(info['machine'])}; AVX-512 VNNI: {'yes' if info['vnni'] else 'no'}", flush=True)
     q = OmegaConf.to_container(load_params(ROOT / "params.yaml").quantize)
     task = load_task(args.artifacts / "prepare", "target")

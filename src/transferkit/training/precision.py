@@ -25,14 +25,17 @@ def cache_file() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transferkit" / "precision.json"
 
 
-def cpu_model() -> str:
+def cpuinfo(field: str) -> str:
+    """The value of /proc/cpuinfo's first `field` line ('' where there is none, or no such file)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(field)), "")
+
+
+def cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def matmul_gflops(dtype: torch.dtype, max_n: int = 1024, repeats: int = 3, slow_s: float = 0.02) -> float:
@@ -62,10 +65,7 @@ def matmul_peaks() -> dict[str, float]:
 def cpu_isa() -> str:
     """The instruction set torch dispatches to, and the CPU's bf16 extensions: a VM's model name
     (often just "AMD EPYC") is shared by CPUs with and without them."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        flags = []
+    flags = cpuinfo("flags").split()
     return " ".join([torch.backends.cpu.get_cpu_capability(), *(f for f in ("avx512_bf16", "amx_bf16") if f in flags)])
 
 
