@@ -22,7 +22,6 @@ class Lookahead(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.total = max(1, int(trainer.estimated_stepping_batches))
-        self.active = self.total >= self.every  # else the average would still be the initial weights at the end
         if self.average is None:  # a resumed run brings its average from the checkpoint
             self.average = [t.detach().clone() for t in self._tensors(module)]
         else:
@@ -32,7 +31,7 @@ class Lookahead(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         step, total = trainer.global_step, self.total
         due = step % self.every == 0
-        if not self.active or (not due and step < total):
+        if total < self.every or (not due and step < total):  # too short a run: no average to land on
             return
         current = self._tensors(module)
         if due:  # move the average toward the weights...
