@@ -159,6 +159,51 @@ def test_unstructured_pruning_is_sparsity_not_smaller_tensors():
     assert not any(n.endswith("_orig") for n, _ in model.named_parameters())
 
 
+def _zeroed(model, before: dict) -> dict:
+    """Each pruned layer's zeroed weights, as a mask over its weights before pruning."""
+    return {name: m.weight == 0 for name, m in model.named_modules() if name + ".weight" in before}
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("criterion", ["l2", "taylor", "random"])
+def test_unstructured_pruning_zeroes_the_lowest_scoring_weights_of_each_layer_or_of_all(criterion, scope):
+    model = _student()
+    calib = (torch.rand(16, 3, 32, 32), torch.randint(0, 5, (16,)))
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(calib[0]), calib[1]).backward()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+              and not name.startswith("head")}
+    weight = {name + ".weight": m.weight.detach().clone() for name, m in layers.items()}
+    score = {k: (w.abs() if criterion == "l2" else (w * layers[k[:-7]].weight.grad).abs()) for k, w in weight.items()}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    prune_weights(model, 0.6, ["head"], criterion, scope, calib)
+    make_permanent(model)
+    zeroed = _zeroed(model, weight)
+    shares = [float(z.float().mean()) for z in zeroed.values()]
+    assert sparsity(model, ["head"]) == pytest.approx(0.6, abs=0.01)
+    if scope == "layer":  # every layer loses the same share
+        assert all(s == pytest.approx(0.6, abs=0.01) for s in shares), shares
+    if criterion == "random":  # the control: zeroed and kept weights alike in size, as they are in no other criterion
+        gone, kept = (torch.cat([weight[k + ".weight"][z == zero].abs() for k, z in zeroed.items()]) for zero in (1, 0))
+        assert 0.9 < gone.mean() / kept.mean() < 1.1
+        return
+    if scope == "global":  # one threshold for all: every zeroed weight scores at most any kept one
+        kept = torch.cat([score[k + ".weight"][~z] for k, z in zeroed.items()])
+        gone = torch.cat([score[k + ".weight"][z] for k, z in zeroed.items()])
+        assert gone.max() <= kept.min() and len({round(s, 2) for s in shares}) > 1  # layers lose unlike shares
+    else:
+        for k, z in zeroed.items():
+            assert score[k + ".weight"][z].max() <= score[k + ".weight"][~z].min(), k
+
+
+def test_unstructured_pruning_refuses_channel_criteria_and_scopes():
+    for criterion, scope, needle in (("bn_scale", "layer", "prune.criterion=bn_scale"),
+                                     ("l1", "isomorphic", "prune.scope=isomorphic")):
+        with pytest.raises(TransferkitError, match=needle):
+            prune_weights(_student(), 0.5, ["head"], criterion, scope)
+
+
 def _smoke_with_student(tmp_path, *overrides):
     cfg = compose("experiment=smoke", *overrides, tmp=tmp_path)
     for stage in ("prepare", "pretrain", "transfer", "distill"):

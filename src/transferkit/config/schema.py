@@ -158,7 +158,8 @@ def check_schema(params: dict) -> None:
         fail(".".join(keys), value, error["msg"].replace("Input should be", "must be") + item)
 
 
-# The structured-only prune keys whose default turns them off (criterion, round_to, ... have live defaults).
+# The structured-only prune keys whose default turns them off (target and round_to have live defaults,
+# which unstructured pruning, a share of single weights, ignores).
 STRUCTURED_ONLY = {"rates": [], "sparse_epochs": 0, "steps": 1}
 
 
@@ -166,6 +167,7 @@ def validate(cfg: DictConfig) -> None:
     """Every check that needs no model or data (validate_run adds those that need the model)."""
     from transferkit.config.compose import to_params
     from transferkit.distill.losses import get_loss
+    from transferkit.prune import unstructured
     from transferkit.prune.structured import importance
     from transferkit.training import LOGGERS, multi_process
 
@@ -193,6 +195,8 @@ def validate(cfg: DictConfig) -> None:
                                    f"image has two labels). Fix: set distill.method=kd or distill.mixup=0.")
     if "prune" in cfg:
         importance(cfg.prune.criterion)  # likewise for the pruning criteria
+        if cfg.prune.mode == "unstructured":
+            unstructured.check_settings(cfg.prune.criterion, cfg.prune.scope)  # those of channels have no weight form
         # unstructured pruning zeroes weights in one shot: a set structured-only key would be ignored
         ignored = [k for k, off in STRUCTURED_ONLY.items() if cfg.prune[k] != off]
         if cfg.prune.mode == "unstructured" and ignored:

@@ -1,11 +1,44 @@
-"""Unstructured magnitude pruning (torch.nn.utils.prune): zeroes the smallest weights of
-every conv and linear layer globally. The tensors keep their shapes, so dense kernels run
-no faster; the report states sparsity, and speed only from measurement."""
+"""Unstructured pruning (torch.nn.utils.prune): zeroes single weights of every conv and linear
+layer, ranked by prune.criterion, within each layer or across layers (prune.scope). The tensors
+keep their shapes, so dense kernels run no faster; the report states sparsity, and speed only
+from measurement."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.utils import prune
+
+from transferkit.errors import TransferkitError
+
+def _magnitude(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().abs()
+
+
+def _taylor(weight: torch.Tensor) -> torch.Tensor:
+    """|w x dL/dw|: the first-order estimate of the loss change when w is zeroed."""
+    return (weight.detach() * weight.grad).abs()
+
+
+def _random(weight: torch.Tensor) -> torch.Tensor:
+    return torch.rand_like(weight, dtype=torch.float32)
+
+
+# A single weight's score per prune.criterion. For one weight its L1 and L2 norms are both |w|;
+# bn_scale ranks whole channels by their BatchNorm scale and has no per-weight form.
+SCORES = {"l1": _magnitude, "l2": _magnitude, "taylor": _taylor, "random": _random}
+# layer: each layer loses `ratio` of its weights; global: weights ranked against all layers'.
+SCOPES = ("layer", "global")
+
+
+def check_settings(criterion: str, scope: str) -> None:
+    if criterion not in SCORES:
+        raise TransferkitError(f"prune.criterion={criterion} ranks channels, not single weights, so "
+                               f"prune.mode=unstructured cannot use it. Fix: set prune.criterion to one of "
+                               f"{sorted(SCORES)}, or prune.mode=structured.")
+    if scope not in SCOPES:
+        raise TransferkitError(f"prune.scope={scope} groups channels, not single weights, so prune.mode=unstructured "
+                               f"cannot use it. Fix: set prune.scope to one of {list(SCOPES)}, or prune.mode=structured.")
 
 
 def prunable(model: nn.Module, keep: list[str]) -> list[tuple[nn.Module, str]]:
@@ -13,9 +46,28 @@ def prunable(model: nn.Module, keep: list[str]) -> list[tuple[nn.Module, str]]:
             if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(name == k or name.startswith(k + ".") for k in keep)]
 
 
-def prune_weights(model: nn.Module, ratio: float, keep: list[str]) -> None:
-    """Mask the `ratio` smallest-magnitude weights (masks stay during recovery training)."""
-    prune.global_unstructured(prunable(model, keep), pruning_method=prune.L1Unstructured, amount=ratio)
+def prune_weights(model: nn.Module, ratio: float, keep: list[str], criterion: str = "l1", scope: str = "global",
+                  calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Mask the `ratio` lowest-scoring weights (masks stay during recovery training).
+    `calibration` (images, labels) feeds the gradient-based criterion (taylor)."""
+    check_settings(criterion, scope)
+    targets = prunable(model, keep)
+    if criterion == "taylor":
+        if calibration is None:
+            raise TransferkitError("prune.criterion=taylor needs calibration images (none given).")
+        was = model.training
+        model.eval()  # BatchNorm statistics must not move
+        model.zero_grad()
+        nn.functional.cross_entropy(model(calibration[0]), calibration[1]).backward()
+        model.train(was)
+    scores = {(m, name): SCORES[criterion](getattr(m, name)) for m, name in targets}
+    model.zero_grad(set_to_none=True)
+    # L1Unstructured on the scores drops the lowest-scoring weights: torch's methods take any ranking this way
+    if scope == "global":
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, importance_scores=scores, amount=ratio)
+    else:
+        for m, name in targets:
+            prune.l1_unstructured(m, name, amount=ratio, importance_scores=scores[(m, name)])
 
 
 def make_permanent(model: nn.Module) -> None:
@@ -29,4 +81,3 @@ def sparsity(model: nn.Module, keep: list[str]) -> float:
     weights = [m.weight for m, _ in prunable(model, keep)]
     zeros = sum(int((w == 0).sum()) for w in weights)
     return zeros / max(1, sum(w.numel() for w in weights))
-

@@ -50,10 +50,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     kept_modules(student, keep)  # unknown names and a wrong count of rates fail here, before any work
     check_rates(student, list(p.rates))
     info: dict = {"mode": p.mode}
+    images, labels = train_sample(task, min(256, len(task["train_y"])))  # taylor ranks by gradients on these
+    calibration = (images.float() / 255, labels)
     if p.mode == "structured":
-        images, labels = train_sample(task, min(256, len(task["train_y"])))  # taylor ranks channels by gradients on these
-        calibration = (images.float() / 255, labels)
-
         def cut(model, ratio: float) -> dict:  # the trial cut and every round cut alike
             return prune_channels(model, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
                                   calibration=calibration, round_to=p.round_to, scope=p.scope, rates=p.rates)
@@ -87,7 +86,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         info["macs_reduction"] = info["macs_before"] / info["macs_after"]
         finalize = None
     else:
-        prune_weights(student, p.ratio, keep)
+        prune_weights(student, p.ratio, keep, p.criterion, p.scope, calibration)
 
         def finalize(model):  # masks become plain zeros in ordinary weight tensors
             make_permanent(model)
