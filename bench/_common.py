@@ -60,7 +60,8 @@ def load_target_task(artifacts: Path, seed: int = 0) -> tuple[dict, str]:
     path = artifacts / "prepare" / "target.pt"
     if path.exists():
         task = torch.load(path, map_location="cpu", weights_only=True)
-        return task, f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} ({len(task['train_y'])} train images)"
+        return task, (f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} "
+                      f"({len(task['train_y'])} train images)")
     g = torch.Generator().manual_seed(seed)
     n, classes = 2000, ["a", "b", "c", "d", "e"]
     task = {"train_x": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
@@ -81,7 +82,8 @@ def machine() -> dict:
 def describe(m: dict) -> str:
     """machine() in one line: what every script prints before its timings and after them."""
     return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['isa']}), {m['torch_threads']} "
-            f"threads; matmul peak fp32 {m['fp32_gflops']} / bf16 {m['bf16_gflops']} GFLOP/s; load average {m['loadavg']}")
+            f"threads; matmul peak fp32 {m['fp32_gflops']} / bf16 {m['bf16_gflops']} GFLOP/s; "
+            f"load average {m['loadavg']}")
 
 
 def now() -> str:

@@ -208,8 +208,9 @@ def main(argv=None) -> int:
     info["machine_after"] = machine()
     print(f"after: {describe(info['machine_after'])}")
     path = save("data_path" + (f"-{args.model}" if args.model != "teacher" else "")
-                + (f"-threads{args.threads}" if args.threads else ""), {**info, "rows": rows, "train_ratio": train_ratio, "data_only_ratio": data_ratio,
-                              "bar": 3.0, "bar_met": train_ratio >= 3})
+                + (f"-threads{args.threads}" if args.threads else ""),
+                {**info, "rows": rows, "train_ratio": train_ratio, "data_only_ratio": data_ratio,
+                 "bar": 3.0, "bar_met": train_ratio >= 3})
     print(f"wrote {path.relative_to(ROOT)}")
     return 0
 

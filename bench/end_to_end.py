@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     print(f"after: {describe(info['machine_after'])}")
     path = save(f"end_to_end-{args.experiment}", {**info, "stages": rows, "total_seconds": total,
                                                    "noop_repro_seconds": noop, "noop_ran": noop_ran,
-                                                   "one_param_changed_seconds": changed, "one_param_changed_ran": changed_ran})
+                                                   "one_param_changed_seconds": changed,
+                                                   "one_param_changed_ran": changed_ran})
     print(f"wrote {path.relative_to(ROOT)}")
     return 0
 

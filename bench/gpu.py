@@ -152,7 +152,8 @@ def pipeline(root: Path, data: Path, trainer: list[str], experiment: list[str], 
         flops = train_flops_per_image(folder / "artifacts", name) if train else None
         rows.append({"stage": name, "wall": wall, "train": train, "rest": wall - (train or 0), "img_s": imgs,
                      "mfu": flops * imgs / (peak * 1e12) * 100 if flops and imgs else None,
-                     "precision": t[0].get("precision") if t else None, "accuracy": accuracy(folder / "artifacts", name)})
+                     "precision": t[0].get("precision") if t else None,
+                     "accuracy": accuracy(folder / "artifacts", name)})
         print(table(rows[-1:], PIPELINE), flush=True)
     rows.append({"stage": "**all**", "wall": sum(r["wall"] for r in rows), "train": sum(r["train"] or 0 for r in rows),
                  "rest": sum(r["rest"] for r in rows)})
@@ -193,7 +194,8 @@ def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], p
         # data setup) cancels out of the difference; images as the stages counted them (img/s x s)
         a, b = rows[0], rows[-1]
         rate = (b["img_s"] * b["train"] - a["img_s"] * a["train"]) / (b["train"] - a["train"])
-        rows.append({"epochs": f"{a['epochs']}->{b['epochs']}", "n_train": a["n_train"], "train": b["train"] - a["train"],
+        rows.append({"epochs": f"{a['epochs']}->{b['epochs']}", "n_train": a["n_train"],
+                     "train": b["train"] - a["train"],
                      "img_s": rate, "mfu": rows[0]["mfu"] * rate / a["img_s"]})
         print(table(rows[-1:], FULL), flush=True)
     return rows
@@ -398,7 +400,8 @@ def main(argv=None) -> int:
         root = Path(tmp)
         ok = lambda part: part not in args.skip and "error" not in results.get("pipeline", {"error": 1})  # noqa: E731
         if "pipeline" not in args.skip:
-            attempt("pipeline", lambda: pipeline(root, args.data, trainer, experiment, peak, args.stages), results, save)
+            attempt("pipeline", lambda: pipeline(root, args.data, trainer, experiment, peak, args.stages),
+                    results, save)
         if "full" not in args.skip:
             full = attempt("full", lambda: full_cifar10(root, args.data, trainer, full_extra, peak, args.full_epochs),
                            results, save)
@@ -430,7 +433,8 @@ def main(argv=None) -> int:
 PIPELINE = [("stage", "stage", "s"), ("wall", "wall s", ".1f"), ("train", "training s", ".1f"),
             ("rest", "outside training s", ".1f"), ("img_s", "train img/s", ",.0f"), ("mfu", "MFU %", ".1f"),
             ("precision", "precision", "s"), ("accuracy", "accuracy %", "s")]
-FULL = [("epochs", "epochs", ""), ("n_train", "train images", ",d"), ("train", "training s", ".1f"), ("img_s", "img/s", ",.0f"),
+FULL = [("epochs", "epochs", ""), ("n_train", "train images", ",d"), ("train", "training s", ".1f"),
+        ("img_s", "img/s", ",.0f"),
         ("mfu", "MFU %", ".1f"), ("test_acc", "test top-1", ".4f"), ("test_acc_tta", "with TTA", ".4f"),
         ("prepare_wall", "prepare wall s", ".1f"), ("pretrain_wall", "pretrain wall s", ".1f")]
 

@@ -3,8 +3,9 @@ the deployable model (export's fp32 ONNX file) quantized as the quantize stage d
 Runtime's QOperator format (QLinearConv and friends: the default) and in its QDQ format
 (Quantize/DequantizeLinear pairs around float operators, which the runtime fuses), per-channel
 or not, with 7-bit weights (quantize.reduce_range, the default) or 8-bit ones (accurate only on
-CPUs with VNNI: deploy/quantize.py). For each: top-1 on the target test set (no TTA), agreement with fp32, file size, batch-1
-latency (median) and throughput at batch 256 (best round) on 2 threads and on 1, the models taking turns.
+CPUs with VNNI: deploy/quantize.py). For each: top-1 on the target test set (no TTA), agreement
+with fp32, file size, batch-1 latency (median) and throughput at batch 256 (best round) on 2
+threads and on 1, the models taking turns.
 
     uv run python bench/int8.py --artifacts DIR [--repeats 300] [--throughput-repeats 10] [--profile]
 
@@ -43,9 +44,11 @@ from transferkit.training.precision import cpuinfo  # noqa: E402
 
 VARIANTS = {"int8 qoperator, per-channel, 7-bit weights (default)": {"fmt": "qoperator", "per_channel": True,
                                                                     "reduce_range": True},
-            "int8 qoperator, per-channel, 8-bit weights": {"fmt": "qoperator", "per_channel": True, "reduce_range": False},
+            "int8 qoperator, per-channel, 8-bit weights": {"fmt": "qoperator", "per_channel": True,
+                                                           "reduce_range": False},
             "int8 qdq, per-channel, 7-bit weights": {"fmt": "qdq", "per_channel": True, "reduce_range": True},
-            "int8 qoperator, per-tensor, 7-bit weights": {"fmt": "qoperator", "per_channel": False, "reduce_range": True}}
+            "int8 qoperator, per-tensor, 7-bit weights": {"fmt": "qoperator", "per_channel": False,
+                                                          "reduce_range": True}}
 
 
 def on_threads(threads: int, measure, *args):
@@ -118,7 +121,8 @@ def main(argv=None) -> int:
         unpadded = export_unpadded(args.artifacts, Path(tmp) / "unpadded.onnx")
         files = {"fp32": fp32, "fp32, 3 input channels": unpadded}
         variants = {**VARIANTS, "int8 qoperator, per-channel, first conv in float":
-                    {"fmt": "qoperator", "per_channel": True, "reduce_range": True, "keep_float": [first_conv_node(fp32)]},
+                    {"fmt": "qoperator", "per_channel": True, "reduce_range": True,
+                     "keep_float": [first_conv_node(fp32)]},
                     "int8 qoperator, per-channel, 3 input channels": {"fmt": "qoperator", "per_channel": True,
                                                                       "reduce_range": True}}
         for name, v in variants.items():
@@ -142,7 +146,8 @@ def main(argv=None) -> int:
         r["speed_x"], r["latency_x"] = r["img_s"] / base["img_s"], r["ms2"] / base["ms2"]
         r["speed1_x"] = r["img_s1"] / base["img_s1"]
     print(table(rows, [("model", "model", "s"), ("top1", "top-1 %", ".2f"), ("agree", "agrees with fp32 %", ".2f"),
-                       ("kb", "file KB", ".0f"), ("size_x", "smaller (x)", ".2f"), ("ms2", "batch 1, 2 threads ms", ".3f"),
+                       ("kb", "file KB", ".0f"), ("size_x", "smaller (x)", ".2f"),
+                       ("ms2", "batch 1, 2 threads ms", ".3f"),
                        ("ms1", "batch 1, 1 thread ms", ".3f"), ("latency_x", "latency vs fp32", ".2f"),
                        ("img_s", "img/s, batch 256, 2 threads", ",.0f"), ("speed_x", "vs fp32", ".2f"),
                        ("img_s1", "img/s, batch 256, 1 thread", ",.0f"), ("speed1_x", "vs fp32", ".2f")]))

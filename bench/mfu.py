@@ -329,7 +329,8 @@ def main(argv=None) -> int:
                  ("n2048", "n=2048", ",.0f"), ("n4096", "n=4096", ",.0f"), ("best", "best", ",.0f")]), flush=True)
     for d, pk in peaks.items():
         print(f"{d} peak used: {pk['flops'] / 1e9:,.0f} GFLOP/s (all {torch.get_num_threads()} threads at once: "
-              f"{pk['all_threads'] / 1e9:,.0f}; one core x {torch.get_num_threads()}: {pk['one_core_x_threads'] / 1e9:,.0f})")
+              f"{pk['all_threads'] / 1e9:,.0f}; one core x {torch.get_num_threads()}: "
+              f"{pk['one_core_x_threads'] / 1e9:,.0f})")
 
     task, _ = load_target_task(args.artifacts)
     num_classes = len(task["classes"])
@@ -386,8 +387,10 @@ def main(argv=None) -> int:
     kinds = time_by_kind(teacher_step)
     print(f"\nwhere a teacher training step's time goes (torch.profiler, self CPU time, batch "
           f"{p['transfer']['batch_size']}):")
-    print(table([{"kind": k, "share": v} for k, v in kinds.items()], [("kind", "op kind", "s"), ("share", "share", ".0%")]))
-    student_kinds = time_by_kind(train_step_fn(copy.deepcopy(models["pruned"][0]), p["prune"]["batch_size"], num_classes))
+    print(table([{"kind": k, "share": v} for k, v in kinds.items()],
+                [("kind", "op kind", "s"), ("share", "share", ".0%")]))
+    student_kinds = time_by_kind(train_step_fn(copy.deepcopy(models["pruned"][0]), p["prune"]["batch_size"],
+                                               num_classes))
     print(f"\nthe same for the pruned student (batch {p['prune']['batch_size']}):")
     print(table([{"kind": k, "share": v} for k, v in student_kinds.items()],
                 [("kind", "op kind", "s"), ("share", "share", ".0%")]))
@@ -402,15 +405,17 @@ def main(argv=None) -> int:
 
     info["machine_after"] = machine()
     print(f"\nafter: {describe(info['machine_after'])}")
-    path = save("mfu" + (f"-threads{args.threads}" if args.threads else ""), {**info, "peak_flops": {k: v["flops"] for k, v in peaks.items()},
-                        "peak_all_threads": {k: v["all_threads"] for k, v in peaks.items()},
-                        "peak_one_core_x_threads": {k: v["one_core_x_threads"] for k, v in peaks.items()},
-                        "peak_matmul_per_size": {k: v["per_size"] for k, v in peaks.items()},
-                        "peak_conv1x1_per_size": {k: v["conv1x1_per_size"] for k, v in peaks.items()},
-                        "models": {k: {"source": src, "macs": macs[k], "params": count_params(m), "convs": conv_widths(m)}
-                                   for k, (m, src) in models.items()},
-                        "rows": rows, "pruned_rounding": rounding, "teacher_step_time_by_kind": kinds, "pruned_step_time_by_kind": student_kinds,
-                        "teacher_convs": convs})
+    path = save("mfu" + (f"-threads{args.threads}" if args.threads else ""),
+                {**info, "peak_flops": {k: v["flops"] for k, v in peaks.items()},
+                 "peak_all_threads": {k: v["all_threads"] for k, v in peaks.items()},
+                 "peak_one_core_x_threads": {k: v["one_core_x_threads"] for k, v in peaks.items()},
+                 "peak_matmul_per_size": {k: v["per_size"] for k, v in peaks.items()},
+                 "peak_conv1x1_per_size": {k: v["conv1x1_per_size"] for k, v in peaks.items()},
+                 "models": {k: {"source": src, "macs": macs[k], "params": count_params(m), "convs": conv_widths(m)}
+                            for k, (m, src) in models.items()},
+                 "rows": rows, "pruned_rounding": rounding, "teacher_step_time_by_kind": kinds,
+                 "pruned_step_time_by_kind": student_kinds,
+                 "teacher_convs": convs})
     print(f"wrote {path.relative_to(ROOT)}")
     return 0
 

@@ -139,10 +139,12 @@ def main(argv=None) -> int:
     reference = {r["seed"]: r for r in rows if r["recipe"] == first}
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == recipe]
-        gains = {key: [] if recipe == first else [r[key] - reference[r["seed"]][key] for r in mine if r["seed"] in reference]
+        gains = {key: [] if recipe == first else [r[key] - reference[r["seed"]][key] for r in mine
+                                                  if r["seed"] in reference]
                  for key in ("distilled", "pruned")}
         summary.append({"recipe": recipe, "seeds": len(mine),
-                        **{key: 100 * sum(r[key] for r in mine) / len(mine) for key in ("distilled_val", "distilled", "pruned")},
+                        **{key: 100 * sum(r[key] for r in mine) / len(mine)
+                           for key in ("distilled_val", "distilled", "pruned")},
                         **points([r["difference"] for r in mine], "mean", "lo", "hi"),
                         **points([r["val_difference"] for r in mine], "val", "val_lo", "val_hi"),
                         **points(gains["distilled"], "dgain", "dgain_lo", "dgain_hi"),
@@ -153,7 +155,8 @@ def main(argv=None) -> int:
     print(table(rows, COLUMNS))
     print("\nmeans over seeds; pruned minus distilled in points, and each model against the first recipe's, "
           "95% t intervals paired by seed:")
-    print(table(summary, [("recipe", "recipe", "s"), ("seeds", "seeds", "d"), ("distilled_val", "distilled val %", ".2f"),
+    print(table(summary, [("recipe", "recipe", "s"), ("seeds", "seeds", "d"),
+                          ("distilled_val", "distilled val %", ".2f"),
                           ("distilled", "distilled %", ".2f"), ("pruned", "pruned %", ".2f"), ("val", "val", "+.2f"),
                           ("val_lo", "val 95% lo", "+.2f"), ("val_hi", "val 95% hi", "+.2f"), ("mean", "test", "+.2f"),
                           ("lo", "test 95% lo", "+.2f"), ("hi", "test 95% hi", "+.2f"),
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
 COLUMNS = [("recipe", "recipe", "s"), ("seed", "seed", "d"), ("distilled_val", "distilled val", ".4f"),
            ("distilled", "distilled", ".4f"), ("pruned", "pruned", ".4f"),
            ("difference", "pruned - distilled", "+.4f"), ("val_difference", "same on val", "+.4f"),
-           ("macs_reduction", "MACs fewer (x)", ".2f"), ("macs_after", "MACs after", ",d"), ("widths", "conv widths", "s"),
+           ("macs_reduction", "MACs fewer (x)", ".2f"), ("macs_after", "MACs after", ",d"),
+           ("widths", "conv widths", "s"),
            ("seconds", "s", ".0f")]
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 # Tiny-but-real settings layered on any experiment preset: one short epoch per stage.
 TINY = [
     "pretrain.epochs=1", "transfer.epochs=1", "probe.epochs=1", "scratch.epochs=1", "distill.epochs=1",
-    "prune.epochs=1", "prune.batch_size=8", "pretrain.batch_size=16", "transfer.batch_size=8", "probe.batch_size=8", "scratch.batch_size=8",
+    "prune.epochs=1", "prune.batch_size=8", "pretrain.batch_size=16", "transfer.batch_size=8", "probe.batch_size=8",
+    "scratch.batch_size=8",
     "distill.batch_size=8",
     "evaluate.latency_repeats=2", "evaluate.throughput_batch=8", "evaluate.throughput_repeats=1",
     "evaluate.batch_size=32", "trainer.progress_bar=false", "quantize.calibration_images=8", "quantize.max_drop=1",

@@ -146,7 +146,8 @@ def weaker_int8(tmp):
     path = tmp / "artifacts" / "prepare" / "target.pt"
     task = torch.load(path, weights_only=True)
     task["train_x"] = torch.zeros_like(task["train_x"])
-    task["test_x"] = torch.randint(0, 256, task["test_x"].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    task["test_x"] = torch.randint(0, 256, task["test_x"].shape, dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(0))
     fp32 = predict_onnx(tmp / "artifacts" / "export" / "model.onnx", task["test_x"], 500, threads=1).numpy()
     task["test_y"] = torch.from_numpy(fp32.argmax(1)).to(task["test_y"].dtype)
     torch.save(task, path)
@@ -157,7 +158,8 @@ CASES = {
     # ---- dataset paths and formats
     "missing dataset": Case("prepare", ("data.download=false",), "three ways", experiment="cifar10_split"),
     "corrupt archive": Case("prepare", needle="archive", setup=corrupt_archive, experiment="cifar10_split"),
-    "archive of random bytes": Case("prepare", needle="archive", setup=random_bytes_archive, experiment="cifar10_split"),
+    "archive of random bytes": Case("prepare", needle="archive", setup=random_bytes_archive,
+                                    experiment="cifar10_split"),
     "corrupt image": Case("prepare", needle="0001.jpg", setup=corrupt_image, experiment="cifar10_split"),
     "empty image folder": Case("prepare", needle="empty", setup=empty_folder, experiment="cifar10_split"),
     "CIFAR pickles failing their checksum": Case("prepare", needle="checksum", setup=unofficial_cifar_pickles,
@@ -182,9 +184,11 @@ CASES = {
     "negative freeze_depth": Case("transfer", ("transfer.freeze_depth=-1",), "transfer.freeze_depth"),
     "freeze curve depth beyond the blocks": Case("freeze_curve", ("freeze_curve.depths=[0,9]",),
                                                  "freeze_curve.depths=[0, 9] is invalid: model 'fastnet' has 4 blocks"),
-    "freeze curve depth twice": Case("freeze_curve", ("freeze_curve.depths=[2,2]",), "freeze_curve.depths=[2, 2] is invalid: lists a depth twice"),
+    "freeze curve depth twice": Case("freeze_curve", ("freeze_curve.depths=[2,2]",),
+                                     "freeze_curve.depths=[2, 2] is invalid: lists a depth twice"),
     "freeze curve depth not a number": Case("freeze_curve", ("freeze_curve.depths=[a]",),
-                                            "freeze_curve.depths=['a'] is invalid: must be a valid integer (item 0: 'a')"),
+                                            "freeze_curve.depths=['a'] is invalid: must be a valid integer "
+                                            "(item 0: 'a')"),
     "negative learning rate": Case("transfer", ("transfer.lr=-0.1",), "transfer.lr"),
     "zero learning rate": Case("pretrain", ("pretrain.lr=0",), "pretrain.lr"),
     "negative backbone LR multiplier": Case("transfer", ("transfer.backbone_lr_mult=-1",), "backbone_lr_mult"),

@@ -34,7 +34,8 @@ def test_overrides_recorded_by_transferkit_params_are_not_drift(tmp_path):
     (tmp_path / "params.yaml").write_text(params_text(compose(*overrides), overrides))
     assert params_drift(tmp_path / "params.yaml", CONF) == []
     (tmp_path / "params.yaml").write_text(params_text(compose(*overrides)))  # not recorded: drift
-    assert {d.split(":")[0] for d in params_drift(tmp_path / "params.yaml", CONF)} == {"transfer.freeze_depth", "prune.keep"}
+    assert ({d.split(":")[0] for d in params_drift(tmp_path / "params.yaml", CONF)}
+            == {"transfer.freeze_depth", "prune.keep"})
 
 
 def test_params_yaml_is_the_default_experiment():
@@ -71,7 +72,8 @@ def test_every_trainer_preset_reaches_lightning(trainer, tmp_path):
     try:
         t = make_trainer({**to_params(cfg.trainer), "accelerator": "cpu", "loggers": []}, tmp_path, 1)
         assert (type(t.strategy).__name__, t.num_devices, t.num_nodes, torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark) == TRAINERS[trainer]
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark) == TRAINERS[trainer]
     finally:  # Lightning sets these process-wide
         torch.backends.cudnn.benchmark = before[0]
         torch.use_deterministic_algorithms(before[1], warn_only=before[2])

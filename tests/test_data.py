@@ -256,7 +256,8 @@ def test_a_decompression_bomb_is_refused_by_name(tmp_path):
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
     with pytest.raises(TransferkitError, match=r"corrupt image bomb.png \(.*exceeds limit.*Fix: delete or replace"):
         decode_image(bomb, "bomb.png", 32)
 

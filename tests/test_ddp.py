@@ -36,6 +36,6 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path):
     assert 0.0 <= json.loads((out / "metrics.json").read_text())["val_acc"] <= 1.0
     timing = json.loads((out / "timing.json").read_text())
     # 72 target images, 36 a rank: 2 steps of 16 an epoch on each of the 2 ranks (one process alone: 4 steps)
-    assert timing["train_images_per_second"] * timing["train_seconds"] == pytest.approx(cfg.transfer.epochs * 2 * 2 * 16,
-                                                                                        rel=0.02)
+    assert (timing["train_images_per_second"] * timing["train_seconds"]
+            == pytest.approx(cfg.transfer.epochs * 2 * 2 * 16, rel=0.02))
     assert not (tmp_path / "artifacts" / f".{stage}.incomplete").exists()

@@ -120,7 +120,8 @@ def test_kill_9_mid_stage_then_rerun_gives_identical_metrics_and_weights(smoke_a
         assert _metrics(_files(out)) == reference_metrics, f"trial {trial}: metrics or weights differ"
         if overrides and _files(out) != previous:  # this rerun trained: it resumed, not started over
             assert json.loads((out / "timing.json").read_text())["resumed_at_epoch"], f"trial {trial}"
-        assert not (tmp_path / "artifacts" / f".{stage}.incomplete").exists(), f"trial {trial} (kill after {delay:.2f}s)"
+        assert not (tmp_path / "artifacts"
+                    / f".{stage}.incomplete").exists(), f"trial {trial} (kill after {delay:.2f}s)"
         previous = _files(out)
 
 

@@ -93,7 +93,8 @@ def test_batchnorm_shifts_can_learn_faster_and_decay_like_weights():
     assert {id(p) for p in shifts["params"]} == {id(m.bias) for m in bn}
     assert {id(m.weight) for m in bn} <= {id(p) for p in other["params"]}
     assert shifts["initial_lr"] == pytest.approx(64 * 0.05)
-    assert shifts["initial_lr"] * shifts["weight_decay"] == pytest.approx(weights["initial_lr"] * weights["weight_decay"])
+    assert (shifts["initial_lr"] * shifts["weight_decay"]
+            == pytest.approx(weights["initial_lr"] * weights["weight_decay"]))
     assert other["weight_decay"] == 0 and other["initial_lr"] == pytest.approx(0.05)
 
 

@@ -38,7 +38,8 @@ def test_evaluate_reports_accuracy_vs_freeze_depth(smoke_artifacts):
         lo, hi = r["top1_ci95"]
         assert 0 <= lo <= r["top1"] <= hi <= 1
         assert 0 <= r["val_acc"] <= 1
-        assert abs(r["vs_scratch"]["difference"] - (r["top1"] - metrics["models"]["scratch"]["top1"])) < 1e-6  # float32 mean
+        # float32 mean
+        assert abs(r["vs_scratch"]["difference"] - (r["top1"] - metrics["models"]["scratch"]["top1"])) < 1e-6
     assert json.loads((ev / "freeze_curve.json").read_text()) == rows  # what `dvc plots show` draws
     assert (ev / "freeze_curve.png").stat().st_size > 5000
     report = (ev / "report.md").read_text()

@@ -18,7 +18,8 @@ def test_classification_metrics_agree_with_torchmetrics(k):
     m = classification_metrics(logits, labels, [f"c{i}" for i in range(k)])
     pred = logits.argmax(1)
     assert m["confusion"] == multiclass_confusion_matrix(pred, labels, num_classes=k).tolist()
-    assert list(m["per_class"].values()) == [float(a) for a in multiclass_accuracy(pred, labels, num_classes=k, average=None)]
+    assert list(m["per_class"].values()) == [float(a) for a in multiclass_accuracy(pred, labels, num_classes=k,
+                                                                                   average=None)]
     assert m["top1"] == pytest.approx(float((pred == labels).float().mean()))
     lo, hi = m["top1_ci95"]
     assert lo < m["top1"] < hi
@@ -40,4 +41,5 @@ def test_intervals_match_their_textbook_values():
     d = paired_difference(torch.tensor([1, 1, 0, 1]), torch.tensor([1, 0, 0, 0]))
     assert d["ci95"] == pytest.approx([0.5 - 0.565793, 0.5 + 0.565793], abs=1e-6)
     m = mean_difference([0.01, 0.03, 0.05])
-    assert m["difference"] == pytest.approx(0.03) and m["ci95"] == pytest.approx([0.03 - 0.049687, 0.03 + 0.049687], abs=1e-6)
+    assert (m["difference"] == pytest.approx(0.03)
+            and m["ci95"] == pytest.approx([0.03 - 0.049687, 0.03 + 0.049687], abs=1e-6))

@@ -189,8 +189,8 @@ def test_non_checkpoint_files_give_clear_errors(tmp_path):
     with pytest.raises(TransferkitError, match="not a transferkit checkpoint.*'classes'"):
         load_checkpoint(edited, "pretrain")
     torch.save({**saved, "state_dict": dict(list(saved["state_dict"].items())[1:])}, edited)  # a tensor gone
-    with pytest.raises(TransferkitError, match=r"does not fit its own architecture .*Missing key.* altered after a stage "
-                                                r"wrote it\. Fix: write it again \(`dvc repro pretrain`\)"):
+    with pytest.raises(TransferkitError, match=r"does not fit its own architecture .*Missing key.* altered after "
+                                                r"a stage wrote it\. Fix: write it again \(`dvc repro pretrain`\)"):
         load_checkpoint(edited, "pretrain")
 
 

@@ -151,7 +151,8 @@ def test_every_model_runs_transfer(tmp_path, model):
     for k in (0, 1):
         for (name, a), b in zip(pretrained.blocks[k].state_dict().items(), transferred.blocks[k].state_dict().values()):
             assert torch.equal(a, b), f"frozen block {k}: {name} changed"
-    assert any(not torch.equal(a, b) for a, b in zip(pretrained.blocks[2].parameters(), transferred.blocks[2].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(pretrained.blocks[2].parameters(),
+                                                     transferred.blocks[2].parameters()))
 
 
 def test_a_mobilenet_student_goes_through_distill_prune_export_quantize_and_evaluate(smoke_artifacts, tmp_path):
@@ -180,7 +181,8 @@ def test_results_command_prints_the_models_and_each_stage_training(smoke_artifac
     assert main([str(Path(cfg.paths.artifacts_dir) / "evaluate")]) == 0
     out = capsys.readouterr().out
     top1 = results["evaluate"]["models"]["transfer"]["top1"]
-    assert f"| transfer (fine-tuned) | {100 * top1:.1f} (" in out and "matmul peak fp32" in out and "before the timings" in out
+    assert (f"| transfer (fine-tuned) | {100 * top1:.1f} (" in out and "matmul peak fp32" in out
+            and "before the timings" in out)
     timing = json.loads((Path(cfg.paths.artifacts_dir) / "pretrain" / "timing.json").read_text())
     assert f"| pretrain | {timing['train_seconds']:,.0f} | {timing['train_images_per_second']:,.0f} | cpu |" in out
     assert "| distill |" in out and "| prune |" in out and "Training in all:" in out
@@ -206,7 +208,8 @@ def test_gradual_unfreezing_and_earlier_block_probe(tmp_path):
     assert probe.num_blocks == 2 and ckpt["arch"]["depth"] == 2
     # 3 frozen, then one more block unfrozen per epoch: blocks[2] trains from epoch 1, blocks[1]
     # from epoch 2, blocks[0] never (a static freeze_depth=3 would leave all three as pretrained)
-    pretrained, tuned = (load_checkpoint(tmp_path / "artifacts" / s / "model.pt", s)[0].blocks for s in ("pretrain", "transfer"))
+    pretrained, tuned = (load_checkpoint(tmp_path / "artifacts" / s / "model.pt", s)[0].blocks
+                         for s in ("pretrain", "transfer"))
     same = [all(torch.equal(a, b) for a, b in zip(p.state_dict().values(), t.state_dict().values()))
             for p, t in zip(pretrained[:3], tuned[:3])]
     assert same == [True, False, False]

@@ -263,7 +263,8 @@ def test_iterative_and_unstructured_modes_run(tmp_path):
                      "prune.round_to=null", "prune.epochs=2", tmp=tmp_path)
     run("prune", halved)
     artifacts = tmp_path / "artifacts"
-    before, after = (conv_widths(load_checkpoint(artifacts / stage / "model.pt", stage)[0]) for stage in ("distill", "prune"))
+    before, after = (conv_widths(load_checkpoint(artifacts / stage / "model.pt", stage)[0])
+                     for stage in ("distill", "prune"))
     assert all(abs(a - b / 2) <= 1 for a, b in zip(after, before)), (before, after)
     un = compose("experiment=smoke", "prune.mode=unstructured", "prune.ratio=0.5", "prune.epochs=1", tmp=tmp_path)
     metrics = run("prune", un)

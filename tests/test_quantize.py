@@ -76,10 +76,12 @@ def test_reduce_range_keeps_every_int8_weight_within_7_bits(tmp_path):
         out = tmp_path / f"int8_{reduce_range}.onnx"
         quantize(tmp_path / "fp32.onnx", out, calibration, method="minmax", fmt="qoperator", per_channel=True,
                  reduce_range=reduce_range)
-        weights = [numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        weights = [numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8]
         assert weights and max(int(np.abs(w).max()) for w in weights) == bound
         w = torch.randn(4, 3, 3, 3)
-        levels = FakeQuantWeight(per_channel=True, reduce_range=reduce_range)(w) / (w.abs().flatten(1).amax(1) / bound).view(-1, 1, 1, 1)
+        levels = (FakeQuantWeight(per_channel=True, reduce_range=reduce_range)(w)
+                  / (w.abs().flatten(1).amax(1) / bound).view(-1, 1, 1, 1))
         assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= bound + 1e-4
 
 
@@ -105,7 +107,8 @@ def test_evaluate_scores_int8_beside_fp32_and_pytorch(smoke_artifacts):
         assert timing[name]["throughput_img_s_1thread"] > 0
     assert models["onnx_fp32"]["top1"] == models["prune"]["top1"]  # the same model, another runtime
     artifacts = Path(cfg.paths.artifacts_dir)
-    for name, file in (("onnx_fp32", artifacts / "export" / "model.onnx"), ("onnx_int8", artifacts / "quantize" / "model.onnx")):
+    for name, file in (("onnx_fp32", artifacts / "export" / "model.onnx"),
+                       ("onnx_int8", artifacts / "quantize" / "model.onnx")):
         assert models[name]["size_bytes"] == file.stat().st_size
     report = (folder / "report.md").read_text()
     assert "## INT8" in report and "(on 1 thread x" in report
@@ -143,7 +146,8 @@ def test_every_calibration_method_and_format_quantizes(smoke_artifacts, tmp_path
              per_channel=True, reduce_range=True)
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert ({"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops) if fmt == "qdq" else ("QLinearConv" in ops)
-    fp32, int8 = (predict_onnx(f, task["test_x"], 64, threads=1).argmax(1) for f in (artifacts / "export" / "model.onnx", out))
+    fp32, int8 = (predict_onnx(f, task["test_x"], 64, threads=1).argmax(1)
+                  for f in (artifacts / "export" / "model.onnx", out))
     assert (fp32 == int8).float().mean() > 0.5  # most test images: the same class as fp32
 
 

@@ -76,7 +76,8 @@ def test_check_repro_fails_when_seeding_is_not_deterministic(tmp_path):
 
     assert proc.returncode == 1, proc.stdout
     # the losses are floats, so dvclive's metrics.json differs whatever the accuracies do
-    assert re.search(r"FAIL  artifacts/pretrain/(dvclive/)?metrics\.json differs between the two runs", proc.stdout), proc.stdout
+    assert re.search(r"FAIL  artifacts/pretrain/(dvclive/)?metrics\.json differs between the two runs",
+                     proc.stdout), proc.stdout
     assert "in run 1" in proc.stdout and "in run 2" in proc.stdout  # the differing keys and values
     assert "FAIL  artifacts/pretrain/model.pt differs between the two runs" in proc.stdout
     assert "max |difference|" in proc.stdout  # which tensors drifted, and how far

@@ -126,10 +126,12 @@ def _same_source_quadrants_share_one_pretraining(tiny):
     assert sorted(p.name for p in out.glob("pretrain-*")) == ["pretrain-different", "pretrain-similar"]
     stages = yaml.safe_load((out / "dvc.yaml").read_text())["stages"]
     # one pretraining per source: the large quadrant's strategies read the small quadrant's
-    assert "--in pretrain=pretrain-similar --out scenario_large_similar/fine_tune" in stages["scenario_large_similar-fine_tune"]["cmd"]
+    assert ("--in pretrain=pretrain-similar --out scenario_large_similar/fine_tune"
+            in stages["scenario_large_similar-fine_tune"]["cmd"])
     assert "similar-pretrain" in stages and "large_similar-pretrain" not in " ".join(stages)
     # different sources, different backbones
-    assert (out / "pretrain-similar" / "model.pt").read_bytes() != (out / "pretrain-different" / "model.pt").read_bytes()
+    assert ((out / "pretrain-similar" / "model.pt").read_bytes()
+            != (out / "pretrain-different" / "model.pt").read_bytes())
     from transferkit.models import load_checkpoint
 
     probe, ckpt = load_checkpoint(out / "scenario_small_similar" / "early_probe" / "model.pt", "probe")

@@ -152,7 +152,8 @@ def test_collect_tells_settings_apart_and_refuses_other_experiments(collected_sw
     p.write_text(yaml.safe_dump(params))
     proc = cli("collect", str(mixed), "--out", str(tmp_path / "out"), cwd=base)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| scratch scratch.weight_decay=0.001" in proc.stdout and "| scratch scratch.weight_decay=0.0005" in proc.stdout
+    assert ("| scratch scratch.weight_decay=0.001" in proc.stdout
+            and "| scratch scratch.weight_decay=0.0005" in proc.stdout)
     from transferkit.errors import TransferkitError
     from transferkit.sweep.collect import find_runs
 

@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 _hydra_mode(command, rest)
         else:
             print(f"transferkit: unknown command '{command}'. Fix: use one of "
-                  f"{', '.join([*RUNNABLE, 'params', 'check-params', *TOOLS])} (see `transferkit --help`).", file=sys.stderr)
+                  f"{', '.join([*RUNNABLE, 'params', 'check-params', *TOOLS])} (see `transferkit --help`).",
+                  file=sys.stderr)
             return 2
     except TransferkitError as e:
         print(f"transferkit {command}: error: {e}", file=sys.stderr)

@@ -77,9 +77,10 @@ def stage_run(stage: str, params: str, out: str, inputs: dict[str, str], deps: l
     """A DVC stage running `transferkit STAGE --params FILE --in NAME=DIR ... --out DIR [key=value ...]`:
     the input folders are deps beside `deps`, and DVC watches `keys` of the params file."""
     cmd = " ".join([f"transferkit {stage} --params {shlex.quote(params)}",
-                    *(f"--in {name}={shlex.quote(folder)}" for name, folder in inputs.items()), f"--out {shlex.quote(out)}",
-                    *sets])
-    return {"cmd": cmd, "deps": [*deps, *inputs.values()], **({"params": [{params: keys}]} if keys else {}), "outs": [out]}
+                    *(f"--in {name}={shlex.quote(folder)}" for name, folder in inputs.items()),
+                    f"--out {shlex.quote(out)}", *sets])
+    return {"cmd": cmd, "deps": [*deps, *inputs.values()], **({"params": [{params: keys}]} if keys else {}),
+            "outs": [out]}
 
 
 def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None) -> list[str]:

@@ -67,7 +67,8 @@ def flatten(obj, lists: bool = False, prefix: str = "") -> dict[str, object]:
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if lists and isinstance(obj, list) else None
     if not items:
         return {prefix: obj}
-    return {k: v for key, value in items for k, v in flatten(value, lists, f"{prefix}.{key}" if prefix else str(key)).items()}
+    return {k: v for key, value in items
+            for k, v in flatten(value, lists, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
 def differing(a: dict, b: dict) -> list[str]:

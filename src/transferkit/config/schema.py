@@ -202,7 +202,8 @@ def validate(cfg: DictConfig) -> None:
         if cfg.prune.mode == "unstructured" and ignored:
             raise TransferkitError(f"{', '.join(f'prune.{k}={cfg.prune[k]}' for k in ignored)} act only in structured "
                                    f"pruning, and prune.mode=unstructured would ignore them. Fix: set "
-                                   f"prune.mode=structured, or {', '.join(f'prune.{k}={STRUCTURED_ONLY[k]}' for k in ignored)}.")
+                                   f"prune.mode=structured, or "
+                                   f"{', '.join(f'prune.{k}={STRUCTURED_ONLY[k]}' for k in ignored)}.")
     if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
         differ = [f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}"
                   for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]

@@ -53,7 +53,8 @@ class DeviceBatches:
 
     def _order(self, gen: torch.Generator | None) -> torch.Tensor:
         n = len(self.labels)
-        order = torch.randperm(n, device=self.device, generator=gen) if self.train else torch.arange(n, device=self.device)
+        order = (torch.randperm(n, device=self.device, generator=gen) if self.train
+                 else torch.arange(n, device=self.device))
         return order[self.rank::self.world_size][:self.per_rank]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

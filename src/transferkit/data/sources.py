@@ -122,7 +122,8 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
     index = {c: i for i, c in enumerate(classes)}
 
     def split(name: str) -> Split:
-        todo = [(where, data, c) for (s, c), files in sorted(items.items()) if s == name for where, data in sorted(files)]
+        todo = [(where, data, c) for (s, c), files in sorted(items.items()) if s == name
+                for where, data in sorted(files)]
         images = decode_images([(where, data) for where, data, _ in todo], image_size, f"decoding {name} images")
         return Split(images, torch.tensor([index[c] for _, _, c in todo], dtype=torch.long))
 

@@ -227,8 +227,9 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
             if failed:
                 raise TransferkitError(
                     f"exported model differs from PyTorch on {checked_on}: max abs logit difference "
-                    f"{', '.join(f'{k} {v:.3g}' for k, v in failed.items())} > tolerance {tolerance:g}; nothing written. "
-                    f"Fix: try --exporter {'dynamo' if used['used'] == 'legacy' else 'legacy'} or report the architecture.")
+                    f"{', '.join(f'{k} {v:.3g}' for k, v in failed.items())} > tolerance {tolerance:g}; "
+                    f"nothing written. Fix: try --exporter {'dynamo' if used['used'] == 'legacy' else 'legacy'} "
+                    f"or report the architecture.")
             x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
             latency = latency_ms({name: (lambda run=run: run(x)) for name, run in
                                   {"pytorch": eager, "onnxruntime": onnx_run, "torchscript": ts}.items()}, repeats)
@@ -241,7 +242,8 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
             "files": {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE},
             "bytes": {"onnx": onnx_tmp.stat().st_size, "torchscript": ts_tmp.stat().st_size,
                       "checkpoint": model_path.stat().st_size},
-            "exporter": {"onnx": used["used"], "requested": exporter, **({"failed": used["failed"]} if "failed" in used else {}),
+            "exporter": {"onnx": used["used"], "requested": exporter,
+                         **({"failed": used["failed"]} if "failed" in used else {}),
                          "opset": used_opset, "torchscript": "torch.jit.trace"},
             "checked_on": checked_on, "n_checked": len(images), "tolerance": tolerance,
             "pytorch": {"top1": float((ref.argmax(1) == labels.numpy()).mean())} if labels is not None else {},

@@ -1,9 +1,9 @@
 """Quantization-aware fine-tuning, for when post-training INT8 loses too much: the deployed model
 (BatchNorm folded, as export writes it) trains a few epochs with every convolution's and linear
 layer's weights and inputs fake-quantized as ONNX Runtime quantizes them (int8 weights with one
-symmetric scale per output channel, 7-bit with reduce_range; uint8 inputs with a running min/max), so its weights learn to
-sit where INT8 rounds them well. The fake quantization is then removed: the result is an
-ordinary fp32 model, exported and quantized again by the quantize stage.
+symmetric scale per output channel, 7-bit with reduce_range; uint8 inputs with a running
+min/max), so its weights learn to sit where INT8 rounds them well. The fake quantization is then
+removed: the result is an ordinary fp32 model, exported and quantized again by the quantize stage.
 
 Written with torch's parametrizations and FakeQuantize modules rather than torch.ao's QAT flows,
 because those produce PyTorch INT8 modules, while the deployed INT8 model is ONNX Runtime's."""

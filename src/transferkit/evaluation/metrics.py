@@ -54,7 +54,8 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, tta: 
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def predict_onnx(path, images: torch.Tensor, batch_size: int, tta: str = "none", threads: int | None = None) -> torch.Tensor:
+def predict_onnx(path, images: torch.Tensor, batch_size: int, tta: str = "none",
+                 threads: int | None = None) -> torch.Tensor:
     """`predict` for an ONNX file, run by ONNX Runtime on the CPU: the same views and averaging."""
     from transferkit.deploy.runtime import ort_session
 

@@ -87,7 +87,8 @@ def freeze_curve_png(rows: list[dict], models: dict, probe_depth: int | None, pa
     if rows:
         depths = [r["freeze_depth"] for r in rows]
         top1 = [100 * r["top1"] for r in rows]
-        err = [[100 * (r["top1"] - r["top1_ci95"][0]) for r in rows], [100 * (r["top1_ci95"][1] - r["top1"]) for r in rows]]
+        err = [[100 * (r["top1"] - r["top1_ci95"][0]) for r in rows],
+               [100 * (r["top1_ci95"][1] - r["top1"]) for r in rows]]
         ax.errorbar(depths, top1, yerr=err, marker="o", capsize=3, label="transfer (fine-tuned), test top-1")
         with_val = [r for r in rows if r.get("val_acc") is not None]
         if with_val:
@@ -95,7 +96,8 @@ def freeze_curve_png(rows: list[dict], models: dict, probe_depth: int | None, pa
             ax.scatter([best["freeze_depth"]], [100 * best["top1"]], s=160, facecolors="none", edgecolors="k",
                        label=f"best on val (depth {best['freeze_depth']})")
         ax.set_xticks(depths)
-    for name, style, label in (("scratch", "--", "scratch"), ("probe", ":", f"linear probe (depth {probe_depth or 'all'})")):
+    for name, style, label in (("scratch", "--", "scratch"),
+                               ("probe", ":", f"linear probe (depth {probe_depth or 'all'})")):
         if name in models:
             ax.axhline(100 * models[name]["top1"], linestyle=style, color="grey" if name == "scratch" else "tab:red",
                        label=f"{label}: {100 * models[name]['top1']:.1f}%")

@@ -59,7 +59,8 @@ def export_section(export: dict) -> list[str]:
         # export.json keys the checks by format ("onnx") and the latency by runtime ("onnxruntime")
         *[f"| {name} | {export[fmt]['max_abs_diff']:.1e} | {100 * export[fmt]['top1_agreement']:.2f}% | "
           f"{lat[runtime]:.2f} ms |"
-          for name, fmt, runtime in (("ONNX Runtime", "onnx", "onnxruntime"), ("TorchScript", "torchscript", "torchscript"))
+          for name, fmt, runtime in (("ONNX Runtime", "onnx", "onnxruntime"),
+                                     ("TorchScript", "torchscript", "torchscript"))
           if fmt in export and runtime in lat],
         "", "Classify image files with it: `uv run transferkit predict artifacts/export/model.onnx IMAGE ...`.",
         ""]
@@ -69,10 +70,15 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
     """The INT8 model beside the fp32 ONNX model and the PyTorch model it came from."""
     rows = [(LABELS[k], k) for k in ("prune", "onnx_fp32", "onnx_int8") if k in models]
     fp32, int8 = timing.get("onnx_fp32", {}), timing.get("onnx_int8", {})
+
+    def speedup(key: str) -> float:  # INT8 over fp32 ONNX; nan where either was not timed
+        return int8.get(key, float("nan")) / fp32.get(key, float("nan"))
+
     return [
         "## INT8", "",
         f"The fp32 ONNX model quantized by {q['produced_by']} (ONNX Runtime, {q['format']} format, per-channel "
-        f"weights: {q['per_channel']}, 7-bit weights: {q.get('reduce_range', False)}), activation ranges calibrated ({q['method']}) on {q['calibration_images']} "
+        f"weights: {q['per_channel']}, 7-bit weights: {q.get('reduce_range', False)}), activation ranges "
+        f"calibrated ({q['method']}) on {q['calibration_images']} "
         f"training images. On the {q['n_test']:,} test images it agrees with fp32 on "
         f"{100 * q['top1_agreement']:.2f}% (largest logit difference {q['max_abs_logit_diff']:.3g})."
         + (f" Post-training quantization alone reached {_pct(q['post_training']['int8_top1'])} top-1 (fp32: "
@@ -86,9 +92,8 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
           + (f"{timing[k]['throughput_img_s_1thread']:.0f} img/s |" if "throughput_img_s_1thread" in timing.get(k, {})
              else "– |") for label, k in rows], "",
         f"INT8 against fp32 ONNX: the file {q['size_ratio']:.2f}x smaller, the throughput "
-        f"x{int8.get('throughput_img_s', float('nan')) / fp32.get('throughput_img_s', float('nan')):.2f} (on 1 thread "
-        f"x{int8.get('throughput_img_s_1thread', float('nan')) / fp32.get('throughput_img_s_1thread', float('nan')):.2f}), the batch-1 "
-        f"latency x{int8.get('latency_ms_bs1', float('nan')) / fp32.get('latency_ms_bs1', float('nan')):.2f}. "
+        f"x{speedup('throughput_img_s'):.2f} (on 1 thread x{speedup('throughput_img_s_1thread'):.2f}), the batch-1 "
+        f"latency x{speedup('latency_ms_bs1'):.2f}. "
         "Classify image files with it: `uv run transferkit predict artifacts/quantize/model.onnx IMAGE ...`.", ""]
 
 
@@ -112,7 +117,8 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
                                      for stage, t in cfg_summary.get("training", {}).items() if t.get("precision")),
         "",
         "## Results on the target test set", "",
-        "| model | top-1 | 95% interval | params | MACs | file | CPU latency (batch 1) | same, 1 thread | CPU throughput |",
+        "| model | top-1 | 95% interval | params | MACs | file | CPU latency (batch 1) | same, 1 thread "
+        "| CPU throughput |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in models.items():
@@ -213,7 +219,8 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         "uv run dvc plots show            # curves and confusion matrices (HTML)",
         "uv run transferkit transfer -m transfer.freeze_depth=0,1,2,3,4 seed=0,1,2   # how many blocks to freeze",
         "uv run transferkit scratch -m seed=0,1,2 && uv run transferkit probe -m seed=0,1,2",
-        f"uv run transferkit collect multirun/{cfg_summary['experiment']}      # -> accuracy vs freeze depth, over seeds",
+        f"uv run transferkit collect multirun/{cfg_summary['experiment']}"
+        "      # -> accuracy vs freeze depth, over seeds",
         "uv run transferkit check-repro   # the smoke pipeline twice: identical metrics, clean dvc status",
         "```", "",
         "Latency and throughput are measured on the machine that ran `evaluate` (timing.json); "

@@ -72,7 +72,8 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
             t = task if task is not None else tasks[task_file]
             model, _ = load_checkpoint(run.folder / "model.pt", run.stage, t["classes"])
             ev = run.params.get("evaluate", {})
-            cache[key] = predict(model, t["test_x"], int(ev.get("batch_size", 1000)), ev.get("tta", "flip")).argmax(1) == t["test_y"]
+            logits = predict(model, t["test_x"], int(ev.get("batch_size", 1000)), ev.get("tta", "flip"))
+            cache[key] = logits.argmax(1) == t["test_y"]
         run.correct = cache[key]
         run.test_acc = float(run.correct.float().mean())
     if cache_file:
@@ -118,17 +119,21 @@ def summarize(runs: list[Run]) -> dict:
         groups[(r.stage, r.setting)].append(r)
     refs = {stage: [r for r in runs if r.stage == stage and not r.setting] for stage in REFERENCES}
     rows = []
-    for (stage, setting), group in sorted(groups.items(), key=lambda kv: (TARGET_MODELS.index(kv[0][0]), _order(kv[0][1]))):
-        (val_mean, val_std), (test_mean, test_std) = (_mean_std([getattr(r, a) for r in group]) for a in ("val_acc", "test_acc"))
-        rows.append({"stage": stage, "setting": list(setting), "label": group[0].label, "seeds": sorted(r.seed for r in group),
-                     "val_mean": val_mean, "val_std": val_std, "test_mean": test_mean, "test_std": test_std,
+    for (stage, setting), group in sorted(groups.items(),
+                                          key=lambda kv: (TARGET_MODELS.index(kv[0][0]), _order(kv[0][1]))):
+        (val_mean, val_std), (test_mean, test_std) = (_mean_std([getattr(r, a) for r in group])
+                                                      for a in ("val_acc", "test_acc"))
+        rows.append({"stage": stage, "setting": list(setting), "label": group[0].label,
+                     "seeds": sorted(r.seed for r in group), "val_mean": val_mean, "val_std": val_std,
+                     "test_mean": test_mean, "test_std": test_std,
                      "runs": [{"folder": str(r.folder), "seed": r.seed, "val_acc": r.val_acc, "test_acc": r.test_acc}
                               for r in sorted(group, key=lambda r: r.seed)],
                      **({"vs_scratch": versus(group, refs["scratch"])} if stage != "scratch" else {})})
     stages = [r["stage"] for r in rows]
     swept = [s for s in stages if s not in REFERENCES] or stages
     main = "transfer" if "transfer" in stages else max(set(swept), key=swept.count)
-    best = max((r for r in rows if r["stage"] == main and not math.isnan(r["val_mean"])), key=lambda r: r["val_mean"], default=None)
+    best = max((r for r in rows if r["stage"] == main and not math.isnan(r["val_mean"])), key=lambda r: r["val_mean"],
+               default=None)
     for r in rows:
         r["chosen_on_val"] = r is best
     return {"stage": main, "rows": rows, "swept": sorted({o.split("=")[0] for r in runs for o in r.setting})}

@@ -46,8 +46,10 @@ def score_quadrant(out: Path, preset: str, size: str, similarity: str, plan: lis
     pretrain = json.loads((out / f"pretrain-{similarity}" / "metrics.json").read_text())
     source = json.loads((out / preset / "prepare" / "summary.json").read_text())["source"]
     return {"preset": preset, "size": size, "similarity": similarity, "title": f"{size} target + {similarity} source",
-            "source_classes": source["classes"], "n_source_train": source["n_train"], "target_classes": list(task["classes"]),
-            "pretrain_epochs": int(runs[plan[0].name].params["pretrain"]["epochs"]), "pretrain_folder": f"pretrain-{similarity}",
+            "source_classes": source["classes"], "n_source_train": source["n_train"],
+            "target_classes": list(task["classes"]),
+            "pretrain_epochs": int(runs[plan[0].name].params["pretrain"]["epochs"]),
+            "pretrain_folder": f"pretrain-{similarity}",
             "pretrain_source_test_acc": pretrain.get("test_acc"), "n_train": len(task["train_y"]), "n_val": n_val,
             "n_test": n_test, "rows": rows, "winner_on_val": winner["strategy"] if winner else None,
             "best_on_test": best["strategy"], "guidance": {"strategy": guided_name, "text": guidance},

@@ -76,7 +76,8 @@ def onnx_throughput(files: dict[str, Path], batch: int, repeats: int, input_size
     return {name: batch / seconds for name, seconds in best.items()}
 
 
-def cpu_throughput(models: dict[str, torch.nn.Module], batch: int, repeats: int, input_size: int = 32) -> dict[str, float]:
+def cpu_throughput(models: dict[str, torch.nn.Module], batch: int, repeats: int,
+                   input_size: int = 32) -> dict[str, float]:
     """Images per second of each model at `batch` in channels_last, best of `repeats` rounds in
     which the models take turns, so a slow spell of the machine hits them alike."""
     x = to_nhwc(torch.rand(batch, 3, input_size, input_size))

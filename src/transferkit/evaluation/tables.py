@@ -10,8 +10,8 @@ def pct(x) -> str:
 
 
 def sweep_table(summary: dict) -> str:
-    lines = ["| run | seeds | val top-1 % (mean ± std) | test top-1 % (mean ± std) | test − scratch, points (95% interval) "
-             "| beats scratch? |", "|---|---|---|---|---|---|"]
+    lines = ["| run | seeds | val top-1 % (mean ± std) | test top-1 % (mean ± std) "
+             "| test − scratch, points (95% interval) | beats scratch? |", "|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         vs = r.get("vs_scratch")
         diff, verdict = "–", "–"
@@ -19,8 +19,9 @@ def sweep_table(summary: dict) -> str:
             lo, hi = vs["ci95"]
             diff = f"{100 * vs['difference']:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
             verdict = "yes" if lo > 0 else ("no: worse" if hi < 0 else "not shown (interval includes 0)")
-        lines.append(f"| {r['label']}{' ← best on val' * r['chosen_on_val']} | {len(r['seeds'])} | {pct(r['val_mean'])} ± "
-                     f"{pct(r['val_std'])} | {pct(r['test_mean'])} ± {pct(r['test_std'])} | {diff} | {verdict} |")
+        lines.append(f"| {r['label']}{' ← best on val' * r['chosen_on_val']} | {len(r['seeds'])} | "
+                     f"{pct(r['val_mean'])} ± {pct(r['val_std'])} | {pct(r['test_mean'])} ± {pct(r['test_std'])} | "
+                     f"{diff} | {verdict} |")
     methods = sorted({r["vs_scratch"]["method"] for r in summary["rows"] if r.get("vs_scratch")})
     return "\n".join(lines + [""] + [f"Intervals: {m}." for m in methods]) + "\n"
 
@@ -51,22 +52,27 @@ def scenarios_markdown(results: list[dict]) -> str:
     for q in results:
         win = next((r for r in q["rows"] if r["chosen_on_val"]), None)
         best = next(r for r in q["rows"] if r["best_on_test"])
-        lines.append(f"| {q['title']} | {q['n_train']:,} | {', '.join(q['source_classes'])} ({q['pretrain_epochs']} ep: "
-                     f"{pct(q['pretrain_source_test_acc'])}%) | {q['guidance']['text']} | {win['label'] if win else '–'} | "
-                     f"{pct(win['test_acc']) if win else '–'} | {best['label']} ({pct(best['test_acc'])}) | "
+        lines.append(f"| {q['title']} | {q['n_train']:,} | {', '.join(q['source_classes'])} "
+                     f"({q['pretrain_epochs']} ep: {pct(q['pretrain_source_test_acc'])}%) | {q['guidance']['text']} | "
+                     f"{win['label'] if win else '–'} | {pct(win['test_acc']) if win else '–'} | "
+                     f"{best['label']} ({pct(best['test_acc'])}) | "
                      f"{scenario_verdict(q)} |")
     for q in results:
         lines += ["", f"## {q['title']} (`{q['preset']}`)", "",
                   f"Target train {q['n_train']:,}, val {q['n_val']:,}, test {q['n_test']:,}. Source "
-                  f"{', '.join(q['source_classes'])}: {q['n_source_train']:,} images, pretrained {q['pretrain_epochs']} epochs "
+                  f"{', '.join(q['source_classes'])}: {q['n_source_train']:,} images, "
+                  f"pretrained {q['pretrain_epochs']} epochs "
                   f"({q['pretrain_folder']}/, shared by the quadrants with this source).", "",
-                  "| strategy | what is trained | epochs | val top-1 % (95% interval) | test top-1 % (95% interval) | train s |",
+                  "| strategy | what is trained | epochs | val top-1 % (95% interval) "
+                  "| test top-1 % (95% interval) | train s |",
                   "|---|---|---|---|---|---|"]
         for r in q["rows"]:
             name = f"**{r['label']}** ◀ val" if r["chosen_on_val"] else r["label"]
-            val = "–" if r["val_acc"] is None else f"{pct(r['val_acc'])} ({pct(r['val_ci95'][0])}–{pct(r['val_ci95'][1])})"
+            val = ("–" if r["val_acc"] is None
+                   else f"{pct(r['val_acc'])} ({pct(r['val_ci95'][0])}–{pct(r['val_ci95'][1])})")
             test = f"{pct(r['test_acc'])} ({pct(r['test_ci95'][0])}–{pct(r['test_ci95'][1])})"
-            lines.append(f"| {name} | {r['what']} | {r['epochs']} | {val} | {test}{' (best on test)' * r['best_on_test']} | "
+            lines.append(f"| {name} | {r['what']} | {r['epochs']} | {val} | "
+                         f"{test}{' (best on test)' * r['best_on_test']} | "
                          f"{'–' if r['train_seconds'] is None else round(r['train_seconds'])} |")
         lines += ["", f"Source material: {q['guidance']['text']}. Agrees with the val winner: {scenario_verdict(q)}."]
     return "\n".join(lines) + "\n"
@@ -81,8 +87,10 @@ def results_table(metrics: dict, timing: dict) -> str:
 
     for name in [n for n in LABELS if n in metrics["models"]]:  # baselines first, the deployed model last
         r, t = metrics["models"][name], timing.get(name, {})
-        lines.append(f"| {LABELS.get(name, name)} | {pct(r['top1'])} ({pct(r['top1_ci95'][0])}–{pct(r['top1_ci95'][1])}) | "
-                     f"{r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "
+        lines.append(f"| {LABELS.get(name, name)} | {pct(r['top1'])} "
+                     f"({pct(r['top1_ci95'][0])}–{pct(r['top1_ci95'][1])}) | "
+                     f"{r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | "
+                     f"{t.get('latency_ms_bs1', float('nan')):.2f} ms | "
                      f"{t.get('throughput_img_s', float('nan')):,.0f} |")
     d = metrics["transfer_vs_scratch"]
     fp32, bf16 = m.get("fp32_gflops", "?"), m.get("bf16_gflops", "?")  # evaluate's older files: after only
@@ -102,7 +110,8 @@ def training_table(stages: dict[str, dict]) -> str:
         return "–" if value is None else format(value, spec)
 
     trained = {name: t for name, t in stages.items() if "train_seconds" in t}
-    lines = ["| stage | training s | train img/s | device | precision | resumed at epoch |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | training s | train img/s | device | precision | resumed at epoch |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {cell(t['train_seconds'], ',.0f')} | {cell(t.get('train_images_per_second'), ',.0f')} | "
               f"{cell(t.get('device'))} | {cell(t.get('precision'))} | {cell(t.get('resumed_at_epoch'))} |"
               for name, t in trained.items()]

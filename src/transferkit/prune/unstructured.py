@@ -37,8 +37,9 @@ def check_settings(criterion: str, scope: str) -> None:
                                f"prune.mode=unstructured cannot use it. Fix: set prune.criterion to one of "
                                f"{sorted(SCORES)}, or prune.mode=structured.")
     if scope not in SCOPES:
-        raise TransferkitError(f"prune.scope={scope} groups channels, not single weights, so prune.mode=unstructured "
-                               f"cannot use it. Fix: set prune.scope to one of {list(SCOPES)}, or prune.mode=structured.")
+        raise TransferkitError(f"prune.scope={scope} groups channels, not single weights, so "
+                               f"prune.mode=unstructured cannot use it. Fix: set prune.scope to one of "
+                               f"{list(SCOPES)}, or prune.mode=structured.")
 
 
 def prunable(model: nn.Module, keep: list[str]) -> list[tuple[nn.Module, str]]:

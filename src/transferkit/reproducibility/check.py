@@ -42,7 +42,8 @@ class Report:
 def _differing(a: dict, b: dict, line) -> str:
     """`line(key)` for the first SHOWN keys whose values differ between `a` and `b`, or ''."""
     keys = [k for k in dict.fromkeys([*a, *b]) if k not in a or k not in b or not _same(a[k], b[k])]
-    return "\n".join([line(k) for k in keys[:SHOWN]] + ([f"... and {len(keys) - SHOWN} more"] if len(keys) > SHOWN else []))
+    more = [f"... and {len(keys) - SHOWN} more"] if len(keys) > SHOWN else []
+    return "\n".join([line(k) for k in keys[:SHOWN]] + more)
 
 
 def _same(x, y) -> bool:
@@ -55,8 +56,10 @@ def describe_difference(a: bytes, b: bytes) -> str:
         fa, fb = flatten(json.loads(a), lists=True), flatten(json.loads(b), lists=True)
     except ValueError:
         return "not valid JSON in both runs, and the bytes differ"
-    return _differing(fa, fb, lambda k: f"{k}: {fa.get(k, '<missing>')!r} in run 1, {fb.get(k, '<missing>')!r} in run 2") \
-        or "same values, different bytes (key order or number formatting)"
+    def line(k: str) -> str:
+        return f"{k}: {fa.get(k, '<missing>')!r} in run 1, {fb.get(k, '<missing>')!r} in run 2"
+
+    return _differing(fa, fb, line) or "same values, different bytes (key order or number formatting)"
 
 
 def weights_difference(a: Path, b: Path) -> str:
@@ -67,9 +70,12 @@ def weights_difference(a: Path, b: Path) -> str:
         sa, sb = (load_plain(p, "delete the run folders and run check-repro again.")["state_dict"] for p in (a, b))
     except Exception as e:  # noqa: BLE001 - any unreadable or refused file is reported, not raised
         return f"cannot compare the weights: {e}"
-    return _differing(sa, sb, lambda k: f"{k}: max |difference| {(sa[k].double() - sb[k].double()).abs().max().item():.3g}"
-                      if k in sa and k in sb and sa[k].shape == sb[k].shape else f"{k}: missing or another shape in one run") \
-        or "same tensors, different bytes (checkpoint metadata differs)"
+    def line(k: str) -> str:
+        if k in sa and k in sb and sa[k].shape == sb[k].shape:
+            return f"{k}: max |difference| {(sa[k].double() - sb[k].double()).abs().max().item():.3g}"
+        return f"{k}: missing or another shape in one run"
+
+    return _differing(sa, sb, line) or "same tensors, different bytes (checkpoint metadata differs)"
 
 
 def size_difference(a: Path, b: Path) -> str:
@@ -138,7 +144,8 @@ def main(argv: list[str]) -> int:
                             "(params.yaml records them) and commit the files it writes."):
             return report.summary()
         if args.keep and any((args.keep / name).exists() for name in ("run1", "run2")):
-            raise TransferkitError(f"{args.keep}/run1 or run2 already exists. Fix: delete them or pass another --keep folder.")
+            raise TransferkitError(f"{args.keep}/run1 or run2 already exists. Fix: delete them or pass another "
+                                   f"--keep folder.")
         with tempfile.TemporaryDirectory(prefix="transferkit-repro-", ignore_cleanup_errors=True) as tmp:
             work = (args.keep or Path(tmp)).resolve()
             text = params_text(compose([f"experiment={args.experiment}"], root / "conf"))

@@ -40,12 +40,14 @@ class Strategy(NamedTuple):
 
 
 def strategies(early: int = 2, partial: int = 2) -> list[Strategy]:
-    return [Strategy("linear_probe", "linear probe", "probe", {"probe.depth": None}, "new head on all pretrained blocks (frozen)"),
+    return [Strategy("linear_probe", "linear probe", "probe", {"probe.depth": None},
+                     "new head on all pretrained blocks (frozen)"),
             Strategy("early_probe", f"probe on block {early}", "probe", {"probe.depth": early},
                      f"new head on pretrained blocks[:{early}] (frozen)"),
             Strategy("partial_freeze", f"partial freeze ({partial})", "transfer", {"transfer.freeze_depth": partial},
                      f"pretrained blocks[:{partial}] frozen, the rest fine-tuned"),
-            Strategy("fine_tune", "full fine-tune", "transfer", {"transfer.freeze_depth": 0}, "every pretrained block fine-tuned"),
+            Strategy("fine_tune", "full fine-tune", "transfer", {"transfer.freeze_depth": 0},
+                     "every pretrained block fine-tuned"),
             Strategy("scratch", "scratch", "scratch", {}, "every block from random init")]
 
 
@@ -77,7 +79,8 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                                    f"they cannot share one pretraining. Fix: override only what both may share.")
         params, prepared = f"params/{preset}.yaml", {"prepare": f"{preset}/prepare"}
         save_text(params_text(cfg), out / params)
-        stages[f"{preset}-prepare"] = stage_run("prepare", params, f"{preset}/prepare", {}, [data_dir, code], keys["prepare"])
+        stages[f"{preset}-prepare"] = stage_run("prepare", params, f"{preset}/prepare", {}, [data_dir, code],
+                                                keys["prepare"])
         if first[0] == preset:
             stages[f"{similarity}-pretrain"] = stage_run("pretrain", params, f"pretrain-{similarity}", prepared, [code],
                                                          keys["pretrain"])
@@ -100,10 +103,12 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
     ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen])
     results = [score_quadrant(out, preset, *QUADRANTS[preset], plan) for preset in chosen]
     summary = {"quadrants": results, "overrides": list(overrides or []),
-               "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides} for s in plan]}
+               "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides}
+                              for s in plan]}
     save_json(summary, out / "scenarios.json")
     save_text(scenarios_markdown(results), out / "scenarios.md")
-    save_json({"this_run_seconds": round(time.perf_counter() - start, 1), "stages_run": ran}, out / "scenarios_timing.json")
+    save_json({"this_run_seconds": round(time.perf_counter() - start, 1), "stages_run": ran},
+              out / "scenarios_timing.json")
     return summary
 
 

@@ -62,8 +62,9 @@ def freeze_curve(cfg: DictConfig, inputs: dict[str, Path], x: torch.Tensor, y: t
             hits = predict(model, x, ev.batch_size, ev.tta, eval_device(cfg)).argmax(1) == y
         val = json.loads((folder / "metrics.json").read_text()).get("val_acc")
         n_correct = int(hits.sum())
-        rows.append({"freeze_depth": depth, "top1": n_correct / len(y), "top1_ci95": list(wilson_interval(n_correct, len(y))),
-                     "val_acc": val, "vs_scratch": paired_difference(hits, correct["scratch"]), "stage": stage})
+        rows.append({"freeze_depth": depth, "top1": n_correct / len(y),
+                     "top1_ci95": list(wilson_interval(n_correct, len(y))), "val_acc": val,
+                     "vs_scratch": paired_difference(hits, correct["scratch"]), "stage": stage})
     return rows
 
 
@@ -91,7 +92,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     for name, img_s in speed.cpu_throughput(loaded, ev.throughput_batch, ev.throughput_repeats).items():
         timing[name] = {"throughput_img_s": round(img_s, 1)}
     # the deployable model as shipped: the pruned student in ONNX, fp32 and INT8, run by ONNX Runtime
-    onnx = {name: inputs[stage] / "model.onnx" for name, stage in DEPLOYED.items() if (inputs[stage] / "model.onnx").exists()}
+    onnx = {name: inputs[stage] / "model.onnx" for name, stage in DEPLOYED.items()
+            if (inputs[stage] / "model.onnx").exists()}
     for name, path in onnx.items():
         logits = predict_onnx(path, x, ev.batch_size, ev.tta)
         correct[name] = logits.argmax(1) == y

@@ -43,7 +43,8 @@ class SparseDistiller(DistillerModule):
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     p = cfg.prune
     task = load_task(inputs["prepare"], "target")
-    student, _ = load_checkpoint(inputs["distill"] / "model.pt", "distill", task["classes"], what="the distilled student")
+    student, _ = load_checkpoint(inputs["distill"] / "model.pt", "distill", task["classes"],
+                                 what="the distilled student")
     # the recovery learns from distill's teacher, or from the student as it was before pruning
     teacher = load_teacher(inputs["transfer"], task["classes"]) if p.teacher == "transfer" else copy.deepcopy(student)
     keep = list(p.keep)

@@ -35,7 +35,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             tuned = fine_tune(cfg, inputs, task, out / QAT_DIR)
             copy_metadata(fp32, tuned)
             seconds += quantize(tuned, tmp, calibration, **settings)
-            result = {**check(fp32, tmp, task, threads), "post_training": post_training}  # against the model it came from
+            # checked against the model it came from
+            result = {**check(fp32, tmp, task, threads), "post_training": post_training}
             produced_by = f"quantization-aware fine-tuning ({q.qat_epochs} epochs, distilled from the teacher)"
         if loss_of(result) > q.max_drop:
             raise refuse(result, q.max_drop, q.qat_epochs if "post_training" in result else 0, q.reduce_range)

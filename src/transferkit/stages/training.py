@@ -29,8 +29,9 @@ def fit_stage(cfg: DictConfig, settings: DictConfig, model: BlockNet, task: dict
 
     module = module_cls(model, **train_settings(settings, cfg.seed), **module_kwargs, channels_last=channels_last(cfg))
     has_val = len(task["val_y"]) > 0
-    datamodule = TaskDataModule(task, settings.batch_size, cfg.evaluate.batch_size, val_split="val" if has_val else "none",
-                                channels_last=channels_last(cfg), **data_settings(settings, cfg.seed))
+    datamodule = TaskDataModule(task, settings.batch_size, cfg.evaluate.batch_size,
+                                val_split="val" if has_val else "none", channels_last=channels_last(cfg),
+                                **data_settings(settings, cfg.seed))
     callbacks = (Lookahead(),) if settings.lookahead else ()
     return fit(module, datamodule, dict(cfg.trainer), out, settings.epochs if epochs is None else epochs, callbacks)
 
@@ -58,7 +59,8 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     ev = cfg.evaluate
     for split in ("val", "test") if stage == "pretrain" else ("val",):
         if len(task[f"{split}_y"]):
-            hits = predict(model, task[f"{split}_x"], ev.batch_size, "none", eval_device(cfg)).argmax(1) == task[f"{split}_y"]
+            logits = predict(model, task[f"{split}_x"], ev.batch_size, "none", eval_device(cfg))
+            hits = logits.argmax(1) == task[f"{split}_y"]
             metrics[f"{split}_acc"] = float(hits.float().mean())
     if stage == "pretrain" and len(task["test_y"]) and settings.tta != "none":  # the source task's score with TTA
         hits = predict(model, task["test_x"], ev.batch_size, settings.tta, eval_device(cfg)).argmax(1) == task["test_y"]

@@ -41,7 +41,9 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         raise TransferkitError(f"no finished runs under {', '.join(map(str, dirs))}. Fix: run a sweep first, "
                                f"e.g. `transferkit transfer -m transfer.freeze_depth=0,1,2`.")
     flats = [flatten(r.params) for r in runs]
-    if len({(f.get("name"), json.dumps({k: v for k, v in f.items() if k.startswith("data.")}, sort_keys=True)) for f in flats}) > 1:
+    data = {(f.get("name"), json.dumps({k: v for k, v in f.items() if k.startswith("data.")}, sort_keys=True))
+            for f in flats}
+    if len(data) > 1:
         raise TransferkitError("the runs come from different experiments or data, so they score different test sets. "
                                "Fix: collect each experiment's sweep folder on its own.")
     swept = sorted({k for f in flats for k in f if len({json.dumps(g.get(k)) for g in flats}) > 1

@@ -45,7 +45,8 @@ class ClassifierModule(pl.LightningModule):
         """sums += [loss * n, correct, n], all on the device: no .item(), and no host value copied
         to the device either (that would wait for the queue too); n is a shape, known on the host."""
         n = len(y)
-        sums += torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(), loss.new_full((), n, dtype=torch.float32)])
+        sums += torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(),
+                             loss.new_full((), n, dtype=torch.float32)])
 
     def training_step(self, batch, batch_idx: int):
         x, y = batch

@@ -28,7 +28,8 @@ class Lookahead(Callback):
             self.average = [a.to(t.device) for a, t in zip(self.average, self._tensors(module))]
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         step, total = trainer.global_step, self.total
         due = step % self.every == 0
         if total < self.every or (not due and step < total):  # too short a run: no average to land on
