@@ -33,6 +33,18 @@ SCOPES = {"layer": {},                                               # every lay
           "isomorphic": {"global_pruning": True, "isomorphic": True}}  # ranked within same-shaped groups
 
 
+def taylor_gradients(model: nn.Module, calibration: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """The cross-entropy's gradients on `calibration` (images, labels), which taylor ranks by, with
+    the model in eval mode so that BatchNorm statistics do not move."""
+    if calibration is None:
+        raise TransferkitError("prune.criterion=taylor needs calibration images (none given).")
+    was = model.training
+    model.eval()
+    model.zero_grad()
+    nn.functional.cross_entropy(model(calibration[0]), calibration[1]).backward()
+    model.train(was)
+
+
 def importance(name: str):
     if name not in CRITERIA:
         raise TransferkitError(f"unknown prune.criterion '{name}'. Fix: use one of {sorted(CRITERIA)}.")
@@ -133,11 +145,7 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
     model.eval()
     for _ in range(steps):
         if criterion == "taylor":
-            if calibration is None:
-                raise TransferkitError("prune.criterion=taylor needs calibration images (none given).")
-            x, y = calibration
-            model.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
+            taylor_gradients(model, calibration)
         pruner.step()
         macs, _ = count_macs_params(model, input_size)
         if smallest_channel_count(model) < 1:

@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from transferkit.errors import TransferkitError
+from transferkit.prune.structured import taylor_gradients
+
 
 def _magnitude(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs()
@@ -54,13 +56,7 @@ def prune_weights(model: nn.Module, ratio: float, keep: list[str], criterion: st
     check_settings(criterion, scope)
     targets = prunable(model, keep)
     if criterion == "taylor":
-        if calibration is None:
-            raise TransferkitError("prune.criterion=taylor needs calibration images (none given).")
-        was = model.training
-        model.eval()  # BatchNorm statistics must not move
-        model.zero_grad()
-        nn.functional.cross_entropy(model(calibration[0]), calibration[1]).backward()
-        model.train(was)
+        taylor_gradients(model, calibration)
     scores = {(m, name): SCORES[criterion](getattr(m, name)) for m, name in targets}
     model.zero_grad(set_to_none=True)
     # L1Unstructured on the scores drops the lowest-scoring weights: torch's methods take any ranking this way
