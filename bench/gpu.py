@@ -434,8 +434,8 @@ PIPELINE = [("stage", "stage", "s"), ("wall", "wall s", ".1f"), ("train", "train
             ("rest", "outside training s", ".1f"), ("img_s", "train img/s", ",.0f"), ("mfu", "MFU %", ".1f"),
             ("precision", "precision", "s"), ("accuracy", "accuracy %", "s")]
 FULL = [("epochs", "epochs", ""), ("n_train", "train images", ",d"), ("train", "training s", ".1f"),
-        ("img_s", "img/s", ",.0f"),
-        ("mfu", "MFU %", ".1f"), ("test_acc", "test top-1", ".4f"), ("test_acc_tta", "with TTA", ".4f"),
+        ("img_s", "img/s", ",.0f"), ("mfu", "MFU %", ".1f"), ("test_acc", "test top-1", ".4f"),
+        ("test_acc_tta", "with TTA", ".4f"),
         ("prepare_wall", "prepare wall s", ".1f"), ("pretrain_wall", "pretrain wall s", ".1f")]
 
 if __name__ == "__main__":

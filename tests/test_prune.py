@@ -152,7 +152,7 @@ def test_group_regularizer_pulls_the_weakest_channel_group_hardest():
 def test_unstructured_pruning_is_sparsity_not_smaller_tensors():
     model = _student()
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    prune_weights(model, 0.7, keep=["head"])
+    prune_weights(model, 0.7, ["head"], criterion="l1", scope="global")
     make_permanent(model)
     assert {n: p.shape for n, p in model.named_parameters()} == shapes
     assert sparsity(model, ["head"]) == pytest.approx(0.7, abs=0.01)
@@ -177,7 +177,7 @@ def test_unstructured_pruning_zeroes_the_lowest_scoring_weights_of_each_layer_or
     score = {k: (w.abs() if criterion == "l2" else (w * layers[k[:-7]].weight.grad).abs()) for k, w in weight.items()}
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)
-    prune_weights(model, 0.6, ["head"], criterion, scope, calib)
+    prune_weights(model, 0.6, ["head"], criterion=criterion, scope=scope, calibration=calib)
     make_permanent(model)
     zeroed = _zeroed(model, weight)
     shares = [float(z.float().mean()) for z in zeroed.values()]
@@ -201,7 +201,7 @@ def test_unstructured_pruning_refuses_channel_criteria_and_scopes():
     for criterion, scope, needle in (("bn_scale", "layer", "prune.criterion=bn_scale"),
                                      ("l1", "isomorphic", "prune.scope=isomorphic")):
         with pytest.raises(TransferkitError, match=needle):
-            prune_weights(_student(), 0.5, ["head"], criterion, scope)
+            prune_weights(_student(), 0.5, ["head"], criterion=criterion, scope=scope)
 
 
 def _smoke_with_student(tmp_path, *overrides):

@@ -49,7 +49,7 @@ def prunable(model: nn.Module, keep: list[str]) -> list[tuple[nn.Module, str]]:
             if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(name == k or name.startswith(k + ".") for k in keep)]
 
 
-def prune_weights(model: nn.Module, ratio: float, keep: list[str], criterion: str = "l1", scope: str = "global",
+def prune_weights(model: nn.Module, ratio: float, keep: list[str], *, criterion: str, scope: str,
                   calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Mask the `ratio` lowest-scoring weights (masks stay during recovery training).
     `calibration` (images, labels) feeds the gradient-based criterion (taylor)."""

@@ -87,7 +87,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         info["macs_reduction"] = info["macs_before"] / info["macs_after"]
         finalize = None
     else:
-        prune_weights(student, p.ratio, keep, p.criterion, p.scope, calibration)
+        prune_weights(student, p.ratio, keep, criterion=p.criterion, scope=p.scope, calibration=calibration)
 
         def finalize(model):  # masks become plain zeros in ordinary weight tensors
             make_permanent(model)
