@@ -122,9 +122,40 @@ def test_negative_backbone_lr_mult_and_probe_depth():
         validate_depths(compose("probe.depth=9"), "probe", num_blocks=4)
 
 
-def test_gradual_unfreezing_under_ddp_is_refused():
-    with pytest.raises(TransferkitError, match="unfreeze_every_epochs"):
-        validate(compose("trainer=ddp", "transfer.unfreeze_every_epochs=2"))
+@pytest.mark.parametrize("overrides", [["trainer=ddp"], ["trainer.devices=2"], ["trainer.num_nodes=2"],
+                                       ["trainer=gpu", "trainer.devices=[0,1]"]])
+def test_gradual_unfreezing_in_several_processes_is_refused(overrides):
+    with pytest.raises(TransferkitError, match="unfreeze_every_epochs > 0 is not supported in several processes"):
+        validate(compose(*overrides, "transfer.unfreeze_every_epochs=2"))
+
+
+@pytest.mark.parametrize("overrides", [[], ["trainer.devices=auto"], ["trainer.devices=2"], ["trainer=ddp"],
+                                       ["trainer.num_nodes=2"], ["trainer=ddp_multinode"]])
+def test_multi_process_says_what_lightning_runs(overrides, tmp_path):
+    """strategy auto with two devices or nodes is DDP in Lightning: the checks that depend on
+    several processes must see it too."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from transferkit.config.compose import to_params
+    from transferkit.training import multi_process
+    from transferkit.training.trainer import make_trainer
+
+    trainer_cfg = OmegaConf.merge(compose(*overrides).trainer, {"accelerator": "cpu", "loggers": []})
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        t = make_trainer(to_params(trainer_cfg), tmp_path, 1)
+        assert multi_process(trainer_cfg) == (t.num_devices * t.num_nodes > 1), type(t.strategy).__name__
+    finally:  # Lightning sets these process-wide
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+
+
+def test_gradual_unfreezing_of_a_frozen_backbone_is_refused():
+    with pytest.raises(TransferkitError, match="transfer.backbone_lr_mult=0 keeps frozen"):
+        validate(compose("transfer.backbone_lr_mult=0", "transfer.unfreeze_every_epochs=1"))
+    validate(compose("transfer.backbone_lr_mult=0"))  # a frozen backbone alone is the linear probe's setting
 
 
 def test_dvc_is_set_up_to_compose_conf_for_experiments():

@@ -30,9 +30,20 @@ def _task(train_per_class: int):
                        test_per_class=None, seed=0, role="target")
 
 
-def _count_reads(monkeypatch, train_per_class: int, tmp_path: Path) -> int:
+def _module(kind: str):
+    student = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
+    if kind == "classifier":
+        return ClassifierModule(student, **SETTINGS)
+    from transferkit.distill.module import DistillerModule
+
+    teacher = build_model("fastnet", 3, widths=[16, 16, 16], stem_width=8)  # distilled on mixed images
+    return DistillerModule(student, teacher, method="kd", method_kwargs={"temperature": 4.0, "alpha": 0.5,
+                                                                         "mixup": 1.0}, **SETTINGS)
+
+
+def _count_reads(monkeypatch, train_per_class: int, tmp_path: Path, kind: str = "classifier") -> int:
     pl.seed_everything(0, verbose=False)
-    module = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), **SETTINGS)
+    module = _module(kind)
     datamodule = TaskDataModule(_task(train_per_class), 8, 64, flip="random", translate=2)
     trainer_cfg = {**compose("experiment=smoke").trainer, "loggers": ["csv"], "checkpoint_budget": 0}
     count = [0]
@@ -49,11 +60,12 @@ def _count_reads(monkeypatch, train_per_class: int, tmp_path: Path) -> int:
     return count[0]
 
 
-def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path):
+@pytest.mark.parametrize("kind", ["classifier", "distiller with mixup"])
+def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path, kind):
     """An epoch of 3x the steps reads exactly as many values back: none of them per step
     (what is read happens at the epoch's end: the logged loss and accuracy)."""
-    few = _count_reads(monkeypatch, 8, tmp_path / "few")      # 24 images: 3 steps of 8
-    many = _count_reads(monkeypatch, 24, tmp_path / "many")   # 72 images: 9 steps of 8
+    few = _count_reads(monkeypatch, 8, tmp_path / "few", kind)      # 24 images: 3 steps of 8
+    many = _count_reads(monkeypatch, 24, tmp_path / "many", kind)   # 72 images: 9 steps of 8
     assert few == many, f"{many - few} reads of device values in 6 more steps"
 
 
@@ -106,6 +118,20 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results
     for log in ("dvclive/metrics.json", "dvclive/plots/metrics/train/loss.tsv", "csv/metrics.csv"):
         assert (a / log).read_text() == (b / log).read_text(), log  # the curves carry on where they stopped
     assert not (b / "checkpoints").exists() and not work.exists()
+
+
+@pytest.mark.parametrize("env, rank, first", [({}, 0, True), ({"NODE_RANK": "1"}, 0, False), ({}, 1, False)])
+def test_only_the_first_process_restores_the_logs_on_resume(monkeypatch, env, rank, first):
+    """torchrun and SLURM start every rank at once on a shared folder: one rewrites the logs."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    from transferkit.training.trainer import _first_process
+
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    assert _first_process() == first
 
 
 @pytest.mark.slow
@@ -196,6 +222,10 @@ def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
     for speedup, want in ((2.0, "bf16-mixed"), (0.5, "32-true"), (1.1, "32-true")):
         monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda s=speedup: s)
         assert precision.resolve_precision("auto", "cpu") == want
+    for native, want in ((True, "bf16-mixed"), (False, "16-mixed")):  # a GPU before Ampere emulates bf16
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native:
+                            n or including_emulation)
+        assert precision.resolve_precision("auto", "gpu") == want
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = precision.cpu_bf16_speedup()  # measured once, then read from the cache

@@ -211,9 +211,16 @@ def validate(cfg: DictConfig) -> None:
             raise TransferkitError(f"the student baseline trains unlike distill ({'; '.join(differ)}): the comparison "
                                    f"would measure more than the teacher. Fix: set the same values for both.")
     if cfg.get("transfer", {}).get("unfreeze_every_epochs") and multi_process(cfg.trainer):
-        raise TransferkitError("transfer.unfreeze_every_epochs > 0 is not supported with strategy "
-                               f"'{cfg.trainer.strategy}' (DDP fixes its parameter set at start). Fix: set "
-                               "transfer.unfreeze_every_epochs=0 or use trainer=cpu/gpu.")
+        t = cfg.trainer
+        raise TransferkitError(f"transfer.unfreeze_every_epochs > 0 is not supported in several processes (strategy "
+                               f"{t.strategy}, devices {t.devices}, num_nodes {t.num_nodes}): DDP fixes its parameter "
+                               f"set at start. Fix: set transfer.unfreeze_every_epochs=0, or train in one process "
+                               f"(trainer=cpu/gpu, trainer.devices=1).")
+    if cfg.get("transfer", {}).get("unfreeze_every_epochs") and cfg.transfer.backbone_lr_mult == 0:
+        # a zero backbone rate keeps every block frozen: unfreezing would only let BatchNorm statistics drift
+        raise TransferkitError(f"transfer.unfreeze_every_epochs={cfg.transfer.unfreeze_every_epochs} unfreezes blocks "
+                               f"that transfer.backbone_lr_mult=0 keeps frozen. Fix: set transfer.backbone_lr_mult > 0 "
+                               f"for gradual unfreezing, or transfer.unfreeze_every_epochs=0 for a frozen backbone.")
     if "freeze_curve" in cfg and len(set(cfg.freeze_curve.depths)) != len(cfg.freeze_curve.depths):
         fail("freeze_curve.depths", list(cfg.freeze_curve.depths), "lists a depth twice")
 

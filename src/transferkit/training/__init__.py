@@ -1,10 +1,33 @@
 """Training: the Lightning module, freezing / discriminative learning rates, and the
 Trainer built from the `trainer` config group."""
 
+from collections.abc import Sequence
+
 RESUME_CHECKPOINT = "last.ckpt"  # what an interrupted fit resumes from (trainer.py)
 LOGGERS = ("dvclive", "tensorboard", "csv")  # trainer.loggers: any of these (trainer.py builds them)
 
 
 def multi_process(trainer) -> bool:
-    """Whether the `trainer` config runs several processes (DDP and its kin)."""
-    return str(trainer.strategy) not in ("auto", "single_device", "None")
+    """Whether the `trainer` config runs several processes: a DDP strategy, or several devices or
+    nodes, which Lightning runs as DDP under strategy auto too."""
+    if str(trainer.strategy) not in ("auto", "single_device", "None"):
+        return True
+    return int(trainer.get("num_nodes") or 1) > 1 or device_count(trainer) > 1
+
+
+def device_count(trainer) -> int:
+    """The devices per node Lightning trains on: a count, a list or "0,1" of ids, or -1 / auto
+    (every visible GPU; one process on a CPU)."""
+    devices = trainer.devices
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        return len(devices)
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        from transferkit.training.precision import uses_cuda
+
+        if not uses_cuda(str(trainer.get("accelerator", "auto"))):
+            return 1
+        import torch
+
+        return torch.cuda.device_count()
+    return len([i for i in text.split(",") if i.strip()]) if "," in text else int(text)

@@ -3,9 +3,10 @@
 bf16 autocast is about twice as fast as fp32 on CPUs whose matrix units do bf16 natively, about
 half as fast on CPUs that emulate it in AVX-512, and a hundred times slower on CPUs without
 AVX-512 at all, so no fixed default suits every machine. auto picks bf16-mixed on CUDA GPUs that
-support it, and on a CPU only where a bf16 matrix multiply measures clearly faster than an fp32
-one; the probe takes a fraction of a second and its result is cached per CPU (model name and
-instruction set), torch version and thread count, so every stage of a run agrees.
+run bf16 natively (16-mixed on older ones), and on a CPU only where a bf16 matrix multiply
+measures clearly faster than an fp32 one; the probe takes a fraction of a second and its result
+is cached per CPU (model name and instruction set), torch version and thread count, so every
+stage of a run agrees.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def resolve_precision(setting, accelerator: str) -> str:
     if str(setting) != "auto":
         return str(setting)
     if uses_cuda(accelerator):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        # native bf16 only: torch also reports GPUs that emulate it (before Ampere), where it is slower
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
     if accelerator == "mps":
         return "32-true"
     return "bf16-mixed" if cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP else "32-true"

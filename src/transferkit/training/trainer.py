@@ -172,14 +172,14 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     if resume:  # checked like any file: plain data only, nothing in it may run
         state = load_plain(ckpt, f"delete {out_dir} (the work folder of an interrupted run) and run the stage again.")
         resumed_at = int(state["epoch"]) + 1
-        for name in ("dvclive", "csv", "tensorboard"):  # the logs as they were at the checkpoint
+        for name in ("dvclive", "csv", "tensorboard") if _first_process() else ():  # the logs as at the checkpoint
             shutil.rmtree(out_dir / name, ignore_errors=True)
             if (out_dir / LOG_SNAPSHOT / name).is_dir():
                 shutil.copytree(out_dir / LOG_SNAPSHOT / name, out_dir / name)
     with warnings.catch_warnings():  # the CSV logger's warning that it deletes its file: _resume_csv restores it
         warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")
         trainer = make_trainer(trainer_cfg, out_dir, max_epochs, resume=resume, callbacks=callbacks)
-    if resume:
+    if resume and _first_process():  # the other ranks' loggers write nothing
         _resume_csv(trainer, out_dir / LOG_SNAPSHOT / "csv" / "metrics.csv")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
@@ -188,6 +188,13 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds,
                getattr(module, "trained_images", 0) * trainer.world_size)
 
+
+def _first_process() -> bool:
+    """Global rank 0, before the Trainer knows it: torchrun and SLURM start every rank at once, and
+    only one may rewrite the shared logs (a node's first process is rank 0 only on node 0)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def _resume_csv(trainer: pl.Trainer, saved: Path) -> None:
