@@ -210,6 +210,103 @@ def test_greyscale_and_rgba_become_rgb(tmp_path):
     assert raw.train.images[1, :, 0, 0].tolist() == [1, 2, 3]
 
 
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_plain_8bit_rgb_files_decode_as_before(tmp_path):
+    """CIFAR-like files (8-bit RGB PNG and JPEG, no EXIF, no alpha) decode to the bytes of a plain
+    convert("RGB"), the decoding before orientation, bit-depth and alpha handling: prepare's outputs
+    do not move."""
+    from transferkit.data.sources import decode_image
+
+    pixels = random_images(1, seed=5, size=48)[0]
+    png = _encode(Image.fromarray(pixels), "PNG")
+    assert np.array_equal(decode_image(png, "a.png", 48), pixels.transpose(2, 0, 1))
+    for data in (png, _encode(Image.fromarray(pixels), "JPEG", quality=90)):
+        for size in (48, 32):  # as stored, and resized
+            before = Image.open(io.BytesIO(data)).convert("RGB")
+            before = before if size == 48 else before.resize((size, size), Image.BILINEAR)
+            assert np.array_equal(decode_image(data, "a", size), np.asarray(before).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_grey_decodes_like_its_8bit_version(mode):
+    """A 16-bit PNG (I;16) or a 32-bit integer / float TIFF holds more than 8 bits per sample;
+    a plain convert("RGB") clips it to white instead of scaling it."""
+    from transferkit.data.sources import decode_image
+
+    wide = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    eight = (wide >> 8).astype(np.uint8)
+    if mode == "I;16":
+        data = _encode(Image.fromarray(wide), "PNG")
+    elif mode == "I":
+        data = _encode(Image.fromarray(wide.astype(np.int32)), "TIFF")
+    else:
+        data = _encode(Image.fromarray(wide.astype(np.float32) / 65535), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    got = decode_image(data, "wide", 32).astype(int)
+    want = decode_image(_encode(Image.fromarray(eight), "PNG"), "eight", 32).astype(int)
+    assert np.abs(got - want).max() <= 1
+    assert np.array_equal(want[0], eight) and 120 <= got.mean() <= 135  # mid grey on average, not white
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone stores its pixels sideways with EXIF orientation 6 (display rotated 90 degrees clockwise);
+    prepare (image folders, JPEG fast path included) and predict see the upright image."""
+    from transferkit.data.sources import decode_image
+    from transferkit.deploy.runtime import read_images
+
+    ramp = np.linspace(0, 255, 32)
+    upright = np.stack([ramp[None, :].repeat(32, 0), ramp[:, None].repeat(32, 1), np.full((32, 32), 90.0)], -1)
+    upright = upright.astype(np.uint8)
+    sideways = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # what the sensor stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    png = _encode(sideways, "PNG", exif=exif.tobytes())
+    assert np.array_equal(decode_image(png, "a.png", 32), upright.transpose(2, 0, 1))  # lossless: exact
+
+    jpeg = _encode(sideways, "JPEG", exif=exif.tobytes(), quality=95)
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        (root / split / "a" / "0.jpg").write_bytes(jpeg)
+    (tmp_path / "p.jpg").write_bytes(jpeg)
+    want = upright.transpose(2, 0, 1).astype(int)
+    for got in (read_image_folder(root).train.images[0].numpy(), read_images([tmp_path / "p.jpg"], 32)[0]):
+        assert np.abs(got.astype(int) - want).mean() < 3  # JPEG tolerance
+        assert np.abs(got.astype(int) - np.asarray(sideways).transpose(2, 0, 1)).mean() > 40
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_decode_to_white(mode):
+    """Transparent pixels often store black; a viewer shows them on a white page, and so does the decoder."""
+    from transferkit.data.sources import decode_image
+
+    rgba = np.zeros((32, 32, 4), np.uint8)  # left half: transparent black
+    rgba[:, 16:] = (10, 200, 30, 255) if mode != "LA" else (90, 90, 90, 255)
+    img = Image.fromarray(rgba)
+    if mode == "LA":
+        img = img.convert("LA")
+    elif mode == "P":  # palette with one transparent index, as in GIFs
+        img = img.convert("RGB").quantize(4)
+        img.info["transparency"] = img.getpixel((0, 0))
+    data = _encode(img, "PNG")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    got = decode_image(data, "t.png", 32)
+    assert (got[:, :, :16] == 255).all()
+    assert got[:, 0, 16].tolist() == ([10, 200, 30] if mode != "LA" else [90, 90, 90])
+
+
+def test_half_transparent_pixels_blend_with_white():
+    from transferkit.data.sources import decode_image
+
+    data = _encode(Image.new("RGBA", (32, 32), (0, 0, 0, 128)), "PNG")
+    assert decode_image(data, "t.png", 32)[:, 5, 5].tolist() == [127, 127, 127]
+
+
 def test_empty_image_folder_is_an_error(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(TransferkitError, match="no images found"):

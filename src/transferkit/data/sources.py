@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transferkit.data.cifar import CIFAR, download_cifar, read_cifar_pickles
 from transferkit.data.dataset import RawDataset, Split
@@ -23,11 +23,28 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 # --------------------------------------------------------------------------- image folders
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB as a viewer shows the file. 8-bit RGB without EXIF orientation or
+    transparency (every CIFAR file) takes only the plain convert, so its pixels do not change."""
+    ImageOps.exif_transpose(img, in_place=True)  # phone cameras store pixels sideways plus a rotation tag
+    # convert() clips values above 255, so wider samples are scaled to 8 bits first: integer
+    # modes (I;16*, I) hold 16-bit data (0..65535) and float mode F holds 0..1
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = Image.fromarray((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(np.round(np.clip(np.asarray(img), 0.0, 1.0) * 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        # transparent pixels show the white of the page a viewer draws them on, not the colour stored under them
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
-    """Any image file's bytes -> uint8 [3, S, S] RGB, resized (bilinear) when not S x S."""
+    """Any image file's bytes -> uint8 [3, S, S] RGB, resized (bilinear) when not S x S: EXIF
+    orientation applied, 16-bit and float images scaled to 8 bits, transparency over white."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img = img.convert("RGB")
+        img = _to_rgb(Image.open(io.BytesIO(data)))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise TransferkitError(f"corrupt image {where} ({e}). Fix: delete or replace that file.") from e
     if img.size != (image_size, image_size):
@@ -37,15 +54,15 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
 
 def _decode_part(part: list[tuple[str, bytes]], image_size: int) -> list[torch.Tensor]:
     """JPEG files through torchvision's decoder (libjpeg-turbo, the same pixels as PIL, several
-    times faster, and it lets other threads run); other formats, other sizes and any file it
-    refuses through decode_image."""
+    times faster, and it lets other threads run; it applies EXIF orientation as decode_image does);
+    other formats, other sizes and any file it refuses through decode_image."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     jpeg = [i for i, (_, data) in enumerate(part) if data[:2] == b"\xff\xd8"]
     out: list[torch.Tensor | None] = [None] * len(part)
     try:
         decoded = decode_jpeg([torch.frombuffer(bytearray(part[i][1]), dtype=torch.uint8) for i in jpeg],
-                              mode=ImageReadMode.RGB) if jpeg else []
+                              mode=ImageReadMode.RGB, apply_exif_orientation=True) if jpeg else []
     except RuntimeError:  # a corrupt file among them: decode_image names it
         decoded = []
     for i, img in zip(jpeg, decoded):
