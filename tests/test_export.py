@@ -249,6 +249,35 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
     assert "cannot read 2 of 3" in line and "broken.png" in line and "nope.jpg (no such file)" in line
 
 
+def test_checkpoint_errors_name_the_stage_the_path_says_wrote_it(tmp_path):
+    """A model.pt one folder below its stage's (freeze_curve/depthK) names that stage; a path that
+    names no stage gets a placeholder, never another stage."""
+    from transferkit.deploy.runtime import UNKNOWN_STAGE, load_pipeline_checkpoint, stage_of
+    from transferkit.errors import TransferkitError
+    from transferkit.io import save_torch
+
+    artifacts = tmp_path / "artifacts"
+    assert stage_of(artifacts / "distill" / "model.pt") == "distill"
+    assert stage_of(artifacts / "freeze_curve" / "depth2" / "model.pt") == "freeze_curve"
+    assert stage_of(tmp_path / "sweeps" / "smoke-transfer" / "point0" / "model.pt") == UNKNOWN_STAGE == "<stage>"
+
+    with pytest.raises(TransferkitError, match=r"`dvc repro freeze_curve` writes this one"):
+        load_pipeline_checkpoint(artifacts / "freeze_curve" / "depth3" / "model.pt")
+    with pytest.raises(TransferkitError, match="not found") as missing:
+        load_pipeline_checkpoint(tmp_path / "elsewhere" / "model.pt")
+    assert "writes this one" not in str(missing.value)
+
+    model = _make("fastnet")
+    for folder, stage in [(artifacts / "freeze_curve" / "depth2", "freeze_curve"), (tmp_path / "mine", "<stage>")]:
+        folder.mkdir(parents=True)
+        # its weights removed after a stage wrote it: the fix reruns the stage the path names
+        save_torch({"arch": model.arch, "classes": CLASSES, "state_dict": {}, "layer_shapes": None},
+                   folder / "model.pt")
+        with pytest.raises(TransferkitError, match="does not fit its own architecture") as altered:
+            load_pipeline_checkpoint(folder / "model.pt")
+        assert str(altered.value).endswith(f"(`dvc repro {stage}`).") and "dvc repro prune" not in str(altered.value)
+
+
 def test_failed_check_keeps_the_previous_export(exported, monkeypatch, capsys):
     import transferkit.deploy.export as export_module
 

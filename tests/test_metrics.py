@@ -43,3 +43,16 @@ def test_intervals_match_their_textbook_values():
     m = mean_difference([0.01, 0.03, 0.05])
     assert (m["difference"] == pytest.approx(0.03)
             and m["ci95"] == pytest.approx([0.03 - 0.049687, 0.03 + 0.049687], abs=1e-6))
+
+
+def test_t_critical_value_beyond_30_degrees_of_freedom_is_t_not_the_normal():
+    """Student's t's 95% quantiles (2.021 at df 40, 2.000 at 60, 1.980 at 120); a df between two
+    tabulated ones takes the lower one's larger value, so the interval is never narrower than t's."""
+    from transferkit.evaluation.metrics import mean_difference, t95
+
+    assert [round(t95(df), 3) for df in (30, 40, 60, 120)] == [2.042, 2.021, 2.000, 1.980]
+    assert t95(50) == t95(40) and t95(1000) == t95(120) > 1.96
+    diffs = [0.01 * (i % 5) for i in range(41)]  # 41 seeds: df 40
+    m = mean_difference(diffs)
+    s = torch.tensor(diffs, dtype=torch.float64).std().item()
+    assert m["ci95"][1] - m["difference"] == pytest.approx(2.021 * s / 41 ** 0.5, rel=1e-9)

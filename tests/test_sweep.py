@@ -239,3 +239,49 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
     saved["data"]["target"]["train_per_class"] = n - 1
     params.write_text(yaml.safe_dump(saved))
     check_inputs("pretrain", cfg)
+
+
+def _run(stage: str, seed: int, accuracy: float, n: int = 5000):
+    """A scored run whose first `accuracy * n` of `n` test images (shuffled by seed) are right."""
+    import torch
+
+    from transferkit.evaluation.runs import Run
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10 + len(stage)))
+    correct = torch.zeros(n, dtype=torch.bool)
+    correct[order[:round(accuracy * n)]] = True
+    return Run(stage, ROOT / stage / str(seed), {"seed": seed}, 0.5, test_acc=float(correct.float().mean()),
+               correct=correct)
+
+
+def test_versus_scratch_pairs_only_the_seeds_both_ran():
+    """Transfer over seeds 0, 1, 2 against scratch run once with seed 0: seed 0's runs, paired by image,
+    not the three seeds' mean against it with an interval that leaves out the spread across seeds."""
+    from transferkit.evaluation.metrics import mean_difference, paired_difference
+    from transferkit.evaluation.runs import summarize, versus
+    from transferkit.evaluation.tables import sweep_table
+
+    transfer = [_run("transfer", 0, 0.74), _run("transfer", 1, 0.78), _run("transfer", 2, 0.80)]
+    scratch = [_run("scratch", 0, 0.74)]
+    vs = versus(transfer, scratch)
+    alone = paired_difference(transfer[0].correct, scratch[0].correct)
+    assert vs["difference"] == pytest.approx(0.0) and vs["ci95"] == pytest.approx(alone["ci95"])
+    assert vs["pairs"] == 1 and vs["method"] == "paired by image on the one seed both ran (test-set noise only)"
+    assert vs["ci95"][0] < 0 < vs["ci95"][1]
+    table = sweep_table(summarize(transfer + scratch))
+    assert "best on val | 3 |" in table and "| +0.0 (-1.7 to +1.7) | not shown (interval includes 0) |" in table
+
+    # no seed in common: no difference and no interval, and the table says why
+    vs = versus(transfer[1:], scratch)
+    assert vs == {"difference": None, "ci95": None, "pairs": 0,
+                  "method": "none where no seed pairs with the baseline's"}
+    table = sweep_table(summarize(transfer[1:] + scratch))
+    assert "| no paired seed | – |" in table and "Intervals: none where no seed pairs" in table
+
+    # as before: two or more paired seeds, a t interval over seeds; one run each of one seed, per image
+    scratch += [_run("scratch", 1, 0.75)]
+    vs = versus(transfer, scratch)
+    assert vs == mean_difference([t.test_acc - s.test_acc for t, s in zip(transfer, scratch)]) and vs["pairs"] == 2
+    assert vs["difference"] == pytest.approx(0.015, abs=1e-6)  # (74 - 74 + 78 - 75) / 2 points
+    assert versus(transfer[:1], scratch[:1])["ci95"] == pytest.approx(alone["ci95"])
+    assert versus(transfer, []) is None

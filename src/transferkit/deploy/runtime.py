@@ -24,11 +24,16 @@ TORCHSCRIPT_FILE = "model.torchscript.pt"
 META_KEY = "transferkit"
 
 
+# stands in for the stage in error messages when the path does not say which stage wrote the file
+UNKNOWN_STAGE = "<stage>"
+
+
 def stage_of(path: Path) -> str:
-    """The stage that wrote artifacts/<stage>/model.pt (for error messages); 'prune' otherwise."""
+    """The stage that wrote artifacts/<stage>/model.pt or artifacts/<stage>/<point>/model.pt
+    (freeze_curve/depthK), for error messages; UNKNOWN_STAGE for a path that names no stage."""
     from transferkit.stages import STAGES
 
-    return path.parent.name if path.parent.name in STAGES else "prune"
+    return next((p.name for p in (path.parent, path.parent.parent) if p.name in STAGES), UNKNOWN_STAGE)
 
 
 def is_torchscript(path: Path) -> bool:
@@ -48,9 +53,10 @@ def load_pipeline_checkpoint(path: Path):
     path = Path(path)
     produced_by = stage_of(path)
     if not path.is_file():
+        remake = "" if produced_by == UNKNOWN_STAGE else f"`dvc repro {produced_by}` writes this one, or "
         raise TransferkitError(
-            f"model {path} not found. Fix: pass a model.pt that a stage wrote, e.g. "
-            f"artifacts/prune/model.pt (`dvc repro {produced_by}` makes it).")
+            f"model {path} not found. Fix: {remake}pass a model.pt that a stage wrote, e.g. "
+            f"artifacts/prune/model.pt (`dvc repro prune` makes it).")
     if is_torchscript(path):
         raise TransferkitError(
             f"{path} is a TorchScript file, not a transferkit checkpoint. Fix: pass the model.pt a stage "

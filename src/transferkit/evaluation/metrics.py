@@ -124,19 +124,24 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     }
 
 
-# Two-sided 95% quantiles of Student's t by degrees of freedom (above 30: the normal's).
+# Two-sided 95% quantiles of Student's t by degrees of freedom.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+       12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t95(df: int) -> float:
+    """The 95% critical value of t; a df not tabulated takes the next lower one's, which is larger
+    (the quantile falls as df grows), so the interval errs wide."""
+    return T95[max(k for k in T95 if k <= df)]
 
 
 def mean_difference(diffs: list[float]) -> dict:
     """The mean of paired differences (one per seed) with a 95% t interval: the spread across
-    seeds, training noise included. A df not tabulated takes the next lower one (wider)."""
+    seeds, training noise included (critical value: `t95`)."""
     import statistics
 
     n = len(diffs)
     mean = statistics.fmean(diffs)
-    t = 1.96 if n - 1 > 30 else T95[max(k for k in T95 if k <= n - 1)]
-    half = t * statistics.stdev(diffs) / math.sqrt(n)
+    half = t95(n - 1) * statistics.stdev(diffs) / math.sqrt(n)
     return {"difference": mean, "ci95": [mean - half, mean + half], "pairs": n,
             "method": f"paired by seed over {n} seeds (t interval)"}

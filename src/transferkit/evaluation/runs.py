@@ -81,18 +81,22 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
 
 
 def versus(group: list[Run], baseline: list[Run]) -> dict | None:
-    """Test accuracy of `group` minus `baseline` with a 95% interval: paired by seed over the spread
-    across seeds (training noise included) with two or more seeds, else paired by image."""
+    """Test accuracy of `group` minus `baseline` with a 95% interval, over the seeds both ran: paired by
+    seed over the spread across seeds (training noise included) with two or more, paired by image on the
+    one with one (test-set noise only), no interval with none. Unpaired seeds are left out: averaging
+    them into a per-image interval would hide the spread across seeds."""
+    if not baseline:
+        return None
     by_seed = {r.seed: r for r in baseline}
     pairs = [(r, by_seed[r.seed]) for r in group if r.seed in by_seed]
     if len(pairs) >= 2:
         return mean_difference([a.test_acc - b.test_acc for a, b in pairs])
-    if not baseline:
-        return None
-    d = paired_difference(torch.stack([r.correct.float() for r in group]).mean(0),
-                          torch.stack([r.correct.float() for r in baseline]).mean(0))
+    if not pairs:
+        return {"difference": None, "ci95": None, "pairs": 0, "method": "none where no seed pairs with the baseline's"}
+    (a, b), = pairs
+    d = paired_difference(a.correct, b.correct)
     return {"difference": d["difference"], "ci95": d["ci95"], "pairs": 1,
-            "method": "paired by image (one seed: test-set noise only)"}
+            "method": "paired by image on the one seed both ran (test-set noise only)"}
 
 
 def _mean_std(values: list) -> tuple[float, float]:

@@ -15,7 +15,9 @@ def sweep_table(summary: dict) -> str:
     for r in summary["rows"]:
         vs = r.get("vs_scratch")
         diff, verdict = "–", "–"
-        if vs:
+        if vs and vs["ci95"] is None:  # no seed in common with scratch: nothing to pair
+            diff = "no paired seed"
+        elif vs:
             lo, hi = vs["ci95"]
             diff = f"{100 * vs['difference']:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
             verdict = "yes" if lo > 0 else ("no: worse" if hi < 0 else "not shown (interval includes 0)")
