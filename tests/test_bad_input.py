@@ -135,10 +135,10 @@ def broken_onnx(tmp):
 
 
 def weaker_int8(tmp):
-    """An INT8 model that must lose top-1: calibrated on blank images and scored on noise images,
-    far outside every calibrated range, labelled with what the fp32 model predicts (so fp32 is all
-    right). Noise, not the test images: a smoke model may give every test image one class, which a
-    badly quantized model keeps giving."""
+    """An INT8 model that must lose top-1: calibrated on blank images and judged on noise images in
+    the val split, far outside every calibrated range, labelled with what the fp32 model predicts
+    (so fp32 is all right). Noise, not the val images: a smoke model may give every image one
+    class, which a badly quantized model keeps giving."""
     import torch
 
     from transferkit.evaluation.metrics import predict_onnx
@@ -146,10 +146,10 @@ def weaker_int8(tmp):
     path = tmp / "artifacts" / "prepare" / "target.pt"
     task = torch.load(path, weights_only=True)
     task["train_x"] = torch.zeros_like(task["train_x"])
-    task["test_x"] = torch.randint(0, 256, task["test_x"].shape, dtype=torch.uint8,
-                                   generator=torch.Generator().manual_seed(0))
-    fp32 = predict_onnx(tmp / "artifacts" / "export" / "model.onnx", task["test_x"], 500, threads=1).numpy()
-    task["test_y"] = torch.from_numpy(fp32.argmax(1)).to(task["test_y"].dtype)
+    task["val_x"] = torch.randint(0, 256, task["val_x"].shape, dtype=torch.uint8,
+                                  generator=torch.Generator().manual_seed(0))
+    fp32 = predict_onnx(tmp / "artifacts" / "export" / "model.onnx", task["val_x"], 500, threads=1).numpy()
+    task["val_y"] = torch.from_numpy(fp32.argmax(1)).to(task["val_y"].dtype)
     torch.save(task, path)
     return ()
 

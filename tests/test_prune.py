@@ -304,3 +304,18 @@ def test_bad_prune_settings_fail_and_keep_outputs(tmp_path, override, needle):
     with pytest.raises(TransferkitError, match=needle):
         run("prune", compose("experiment=smoke", "prune.epochs=1", override, tmp=tmp_path))
     assert (tmp_path / "artifacts" / "prune" / "model.pt").read_bytes() == before
+
+
+def test_report_describes_unstructured_pruning_by_its_sparsity():
+    from transferkit.evaluation.report import prune_section
+
+    models = {"distill": {"top1": 0.78, "params": 1.1e6, "macs": 69e6, "size_bytes": 4.4e6},
+              "prune": {"top1": 0.77, "params": 1.1e6, "macs": 69e6, "size_bytes": 4.4e6}}
+    timing = {"distill": {"latency_ms_bs1": 2.0}, "prune": {"latency_ms_bs1": 2.0}}
+    settings = {"criterion": "l2", "target": "macs", "ratio": 0.5, "steps": 1, "scope": "layer"}
+    weights = "\n".join(prune_section({**settings, "mode": "unstructured", "sparsity": 0.4987}, models, timing))
+    assert "unstructured: single weights zeroed, criterion `l2`, scope layer, sparsity 49.9%" in weights
+    assert "target macs" not in weights and "MACs do not fall" in weights and "x fewer" not in weights
+    channels = "\n".join(prune_section({**settings, "mode": "structured"},
+                                       {**models, "prune": {**models["prune"], "macs": 23e6}}, timing))
+    assert "structured, criterion `l2`, target macs ratio 0.5, 1 step(s)" in channels and "MACs 3.00x fewer" in channels

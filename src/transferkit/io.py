@@ -101,15 +101,16 @@ def load_plain(path: str | Path, fix: str) -> Any:
         raise not_plain_data(path, _unpickling_detail(e), fix) from e
 
 
-def load_torch(path: str | Path, what: str, produced_by: str) -> Any:
-    """Load a file a previous stage wrote, with an error that says which stage to run."""
+def load_torch(path: str | Path, what: str, produced_by: str, remake: str | None = None) -> Any:
+    """Load a file a previous stage wrote, with an error that says which stage to run (or, for a
+    file the user names, `remake`: how to write one)."""
     path = Path(path)
     if not path.exists():
         raise TransferkitError(
             f"{what} not found at {path}. Fix: run the '{produced_by}' stage first "
             f"(`dvc repro {produced_by}`)."
         )
-    rerun = f"delete it and rerun the '{produced_by}' stage (`dvc repro -f {produced_by}`)."
+    rerun = f"{remake}." if remake else f"delete it and rerun the '{produced_by}' stage (`dvc repro -f {produced_by}`)."
     try:
         return load_plain(path, f"do not use this file; {rerun}")
     except TransferkitError:

@@ -123,6 +123,7 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 EXPORTERS[name](model, path, example, opset)
+            _drop_stack_traces(path)
             return {"used": name, **({"failed": tried} if tried else {})}
         except Exception as e:  # exporter failures come in many types
             tried[name] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -133,11 +134,10 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
                            + ("report the architecture." if exporter == "auto" else "try --exporter auto."))
 
 
-def add_onnx_metadata(path: Path, meta: dict) -> int:
-    """Embed class names (so the ONNX file alone is enough), check the model; returns its opset.
-    The dynamo exporter annotates the graph with its Python stack traces, which hold this machine's
-    file paths: they go, so the shipped file carries none and its bytes do not depend on where the
-    project lives."""
+def _drop_stack_traces(path: Path) -> None:
+    """The dynamo exporter annotates the graph with its Python stack traces, which hold this
+    machine's file paths: they go, so no exported file carries them and its bytes do not depend
+    on where the project lives."""
     import onnx
 
     model = onnx.load(str(path))
@@ -145,6 +145,14 @@ def add_onnx_metadata(path: Path, meta: dict) -> int:
     for item in (g, *g.node, *g.value_info, *g.input, *g.output, *g.initializer):
         if hasattr(item, "metadata_props"):
             del item.metadata_props[:]
+    onnx.save(model, str(path))
+
+
+def add_onnx_metadata(path: Path, meta: dict) -> int:
+    """Embed class names (so the ONNX file alone is enough), check the model; returns its opset."""
+    import onnx
+
+    model = onnx.load(str(path))
     onnx.helper.set_model_props(model, {META_KEY: json.dumps(meta)})
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

@@ -1,7 +1,8 @@
 """INT8 post-training static quantization of an exported ONNX model, with ONNX Runtime's own
 tools (onnxruntime.quantization): per-channel int8 weights, uint8 activations whose ranges are
 calibrated on training images, in a format ONNX Runtime's CPU kernels execute natively. The
-result is checked against the fp32 model on the test set before it is kept.
+result is judged against the fp32 model on the val images before it is kept (decision_split) and
+scored against it on the test set.
 
 reduce_range keeps the weights to 7 bits ([-64, 64]): x86 CPUs without VNNI (AVX2, AVX-512
 before VNNI) multiply uint8 by int8 and add each pair of products in 16 bits, which full-range
@@ -96,16 +97,19 @@ def copy_metadata(src: Path, dest: Path) -> None:
     onnx.save(model, str(dest))
 
 
-def check(fp32: Path, int8: Path, task: dict, threads: int) -> dict:
-    """Top-1 of both models, how often they agree and their largest logit difference, on the test set."""
-    a, b = (predict_onnx(p, task["test_x"], 500, threads=threads).numpy() for p in (fp32, int8))
-    y = task["test_y"].numpy()
-    result = {"fp32_top1": float((a.argmax(1) == y).mean()), "int8_top1": float((b.argmax(1) == y).mean()),
-              "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
-              "max_abs_logit_diff": float(np.abs(a - b).max()), "n_test": int(len(y)),
-              "bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}}
-    result["size_ratio"] = result["bytes"]["fp32"] / result["bytes"]["int8"]
-    return result
+def check(fp32: Path, int8: Path, task: dict, threads: int, split: str = "test") -> dict:
+    """Top-1 of both models, how often they agree and their largest logit difference, on a split."""
+    a, b = (predict_onnx(p, task[f"{split}_x"], 500, threads=threads).numpy() for p in (fp32, int8))
+    y = task[f"{split}_y"].numpy()
+    return {"fp32_top1": float((a.argmax(1) == y).mean()), "int8_top1": float((b.argmax(1) == y).mean()),
+            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+            "max_abs_logit_diff": float(np.abs(a - b).max()), f"n_{split}": int(len(y))}
+
+
+def sizes(fp32: Path, int8: Path) -> dict:
+    """Both files' bytes and how many times smaller the INT8 one is."""
+    size = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
+    return {"bytes": size, "size_ratio": size["fp32"] / size["int8"]}
 
 
 def loss_of(result: dict) -> float:
@@ -113,7 +117,14 @@ def loss_of(result: dict) -> float:
     return result["fp32_top1"] - result["int8_top1"]
 
 
-def refuse(result: dict, max_drop: float, qat_epochs: int, reduce_range: bool = True) -> TransferkitError:
+def decision_split(task: dict) -> str:
+    """Where the INT8 model's loss is judged, to choose fine-tuning or refuse: held-out val images,
+    or the training images where the task keeps none; never the test images it is scored on."""
+    return "val" if len(task["val_y"]) else "train"
+
+
+def refuse(result: dict, max_drop: float, qat_epochs: int, reduce_range: bool = True,
+           split: str = "val") -> TransferkitError:
     how = (f"after {qat_epochs} epochs of quantization-aware fine-tuning" if qat_epochs else "after post-training "
            "quantization")
     fix = ("more quantize.qat_epochs, more calibration images (quantize.calibration_images) or another "
@@ -121,8 +132,9 @@ def refuse(result: dict, max_drop: float, qat_epochs: int, reduce_range: bool = 
            "or calibrate on more images (quantize.calibration_images) or with another quantize.method")
     if not reduce_range:  # 8-bit weights overflow the u8 x s8 multiply of x86 CPUs without VNNI
         fix += ", or quantize.reduce_range=true (7-bit weights)"
-    return TransferkitError(f"the INT8 model loses {100 * loss_of(result):.2f} points of top-1 against fp32 "
-                            f"({100 * result['int8_top1']:.2f}% vs {100 * result['fp32_top1']:.2f}%) {how}, more "
+    return TransferkitError(f"the INT8 model loses {100 * loss_of(result):.2f} points of top-1 against fp32 on the "
+                            f"{split} images ({100 * result['int8_top1']:.2f}% vs {100 * result['fp32_top1']:.2f}%) "
+                            f"{how}, more "
                             f"than quantize.max_drop={max_drop}. Fix: {fix}.")
 
 

@@ -66,6 +66,43 @@ def export_section(export: dict) -> list[str]:
         ""]
 
 
+def prune_section(pc: dict, models: dict, timing: dict) -> list[str]:
+    """The pruned student beside the distilled one it was cut from."""
+    before, after = models["distill"], models["prune"]
+    tb, ta = timing.get("distill", {}), timing.get("prune", {})
+    how = (f"unstructured: single weights zeroed, criterion `{pc['criterion']}`, scope {pc.get('scope')}, "
+           f"sparsity {100 * pc['sparsity']:.1f}% of the prunable weights" if pc["mode"] == "unstructured" else
+           f"{pc['mode']}, criterion `{pc['criterion']}`, target {pc['target']} ratio {pc['ratio']}, "
+           f"{pc['steps']} step(s)")
+    lines = [
+        "## Pruning", "",
+        f"The distilled student, pruned ({how}) and recovered by a short fine-tune distilled from the "
+        "teacher.", "",
+        "| | top-1 | params | MACs | file | CPU latency (batch 1) | CPU throughput |",
+        "|---|---|---|---|---|---|---|"]
+    for label, m, t in (("before (distilled)", before, tb), ("after (pruned + recovered)", after, ta)):
+        lines.append(f"| {label} | {_pct(m['top1'])} | {m['params'] / 1e6:.3f} M | {m['macs'] / 1e6:.1f} M | "
+                     f"{_mb(m['size_bytes'])} | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "
+                     f"{t.get('throughput_img_s', float('nan')):.0f} img/s |")
+    lat = tb.get("latency_ms_bs1", float("nan")) / ta.get("latency_ms_bs1", float("nan"))
+    lat1 = tb.get("latency_ms_bs1_1thread", float("nan")) / ta.get("latency_ms_bs1_1thread", float("nan"))
+    measured = (f"measured batch-1 latency {lat:.2f}x lower ({lat1:.2f}x on one thread), "
+                f"top-1 {100 * (after['top1'] - before['top1']):+.1f} points.")
+    cost = ("Zeroed weights keep their tensors' shapes, so MACs do not fall and dense kernels run no "
+            f"faster; {measured}" if pc["mode"] == "unstructured" else
+            f"MACs {before['macs'] / after['macs']:.2f}x fewer, {measured} MACs ratios overstate wall-clock "
+            "gains on small models (fixed per-layer overheads); both are shown.")
+    return lines + ["", cost, "", "![accuracy vs latency](pareto.png)", ""]
+
+
+def _judged(q: dict, key: str) -> str:
+    """Where the stage judged the INT8 model's loss against fp32 (val images; never the test images)."""
+    if not (j := q.get(key)):
+        return ""
+    split = q["judged_on"]
+    return f"on the {j[f'n_{split}']:,} {split} images ({_pct(j['int8_top1'])} top-1, fp32 {_pct(j['fp32_top1'])})"
+
+
 def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
     """The INT8 model beside the fp32 ONNX model and the PyTorch model it came from."""
     rows = [(LABELS[k], k) for k in ("prune", "onnx_fp32", "onnx_int8") if k in models]
@@ -74,15 +111,18 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
     def speedup(key: str) -> float:  # INT8 over fp32 ONNX; nan where either was not timed
         return int8.get(key, float("nan")) / fp32.get(key, float("nan"))
 
+    split = q.get("judged_on", "")
     return [
         "## INT8", "",
         f"The fp32 ONNX model quantized by {q['produced_by']} (ONNX Runtime, {q['format']} format, per-channel "
         f"weights: {q['per_channel']}, 7-bit weights: {q.get('reduce_range', False)}), activation ranges "
         f"calibrated ({q['method']}) on {q['calibration_images']} "
-        f"training images. On the {q['n_test']:,} test images it agrees with fp32 on "
-        f"{100 * q['top1_agreement']:.2f}% (largest logit difference {q['max_abs_logit_diff']:.3g})."
-        + (f" Post-training quantization alone reached {_pct(q['post_training']['int8_top1'])} top-1 (fp32: "
-           f"{_pct(q['fp32_top1'])}), more loss than quantize.max_drop allows." if "post_training" in q else ""), "",
+        f"training images{f', and its loss judged {_judged(q, split)}' if _judged(q, split) else ''}. On the "
+        f"{q['n_test']:,} test images it agrees with fp32 on {100 * q['top1_agreement']:.2f}% (largest logit "
+        f"difference {q['max_abs_logit_diff']:.3g})."
+        + (f" Post-training quantization alone lost more than quantize.max_drop allows "
+           f"{_judged(q, f'post_training_{split}')}, and reached {_pct(q['post_training']['int8_top1'])} top-1 "
+           f"on the test images (fp32: {_pct(q['fp32_top1'])})." if "post_training" in q else ""), "",
         "| model | top-1 | file | CPU latency (batch 1) | same, 1 thread | CPU throughput | same, 1 thread |",
         "|---|---|---|---|---|---|---|",
         *[f"| {label} | {_pct(models[k]['top1'])} | {_mb(models[k]['size_bytes'])} | "
@@ -177,27 +217,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
             f"95% paired interval {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}); the distilled "
             f"student runs {t / st:.1f}x faster than the teacher at batch 1.", ""]
     if "prune" in models and "distill" in models:
-        before, after = models["distill"], models["prune"]
-        tb, ta = timing.get("distill", {}), timing.get("prune", {})
-        pc = cfg_summary["prune"]
-        lines += [
-            "## Pruning", "",
-            f"The distilled student, pruned ({pc['mode']}, criterion `{pc['criterion']}`, target "
-            f"{pc['target']} ratio {pc['ratio']}, {pc['steps']} step(s)) and recovered by a short fine-tune "
-            "distilled from the teacher.", "",
-            "| | top-1 | params | MACs | file | CPU latency (batch 1) | CPU throughput |",
-            "|---|---|---|---|---|---|---|"]
-        for label, m, t in (("before (distilled)", before, tb), ("after (pruned + recovered)", after, ta)):
-            lines.append(f"| {label} | {_pct(m['top1'])} | {m['params'] / 1e6:.3f} M | {m['macs'] / 1e6:.1f} M | "
-                         f"{_mb(m['size_bytes'])} | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "
-                         f"{t.get('throughput_img_s', float('nan')):.0f} img/s |")
-        lat = tb.get("latency_ms_bs1", float("nan")) / ta.get("latency_ms_bs1", float("nan"))
-        lat1 = tb.get("latency_ms_bs1_1thread", float("nan")) / ta.get("latency_ms_bs1_1thread", float("nan"))
-        lines += ["", f"MACs {before['macs'] / after['macs']:.2f}x fewer, measured batch-1 latency {lat:.2f}x "
-                  f"lower ({lat1:.2f}x on one thread), "
-                  f"top-1 {100 * (after['top1'] - before['top1']):+.1f} points. MACs ratios overstate "
-                  "wall-clock gains on small models (fixed per-layer overheads); both are shown.", "",
-                  "![accuracy vs latency](pareto.png)", ""]
+        lines += prune_section(cfg_summary["prune"], models, timing)
     if cfg_summary.get("export"):
         lines += export_section(cfg_summary["export"])
     if cfg_summary.get("quantize"):

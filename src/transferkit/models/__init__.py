@@ -73,11 +73,12 @@ def save_checkpoint(model: BlockNet, path: str | Path, classes: list[str], **ext
 
 
 def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | None = None,
-                    what: str = "model") -> tuple[BlockNet, dict]:
-    """A model.pt a stage wrote, rebuilt; with `classes`, it must classify exactly those."""
+                    what: str = "model", remake: str | None = None) -> tuple[BlockNet, dict]:
+    """A model.pt a stage wrote, rebuilt; with `classes`, it must classify exactly those. `remake`
+    says how to write a readable one where the user names the file (default: rerun `produced_by`)."""
     from transferkit.io import load_torch
 
-    ckpt = load_torch(path, "model checkpoint", produced_by)
+    ckpt = load_torch(path, "model checkpoint", produced_by, remake)
     if not isinstance(ckpt, dict) or not {"arch", "state_dict", "classes"} <= ckpt.keys():
         raise TransferkitError(f"{path} is not a transferkit checkpoint (no 'arch'/'state_dict'/'classes'). "
                                f"Fix: point at a model.pt written by a transferkit stage.")
@@ -108,7 +109,7 @@ def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_
                   remake: str | None = None) -> BlockNet:
     """Load pretrained blocks into the architecture `model_cfg` (the config key `key`), with a fresh head;
     `remake` says how to write a checkpoint of that architecture (default: rerun `produced_by`)."""
-    model, ckpt = load_checkpoint(path, produced_by)
+    model, ckpt = load_checkpoint(path, produced_by, remake=remake)
     wanted = {k: v for k, v in dict(model_cfg).items() if k != "weights"}
     saved = {k: v for k, v in ckpt["arch"].items() if k in wanted and k != "weights"}
     if {k: wanted[k] for k in saved} != saved or ckpt["arch"].get("depth") is not None:

@@ -138,8 +138,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         "probe_depth": cfg.probe.depth, "distill_method": cfg.distill.method,
         "distill_temperature": cfg.distill.temperature, "student": cfg.distill.student.name,
         "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe", "distill", "prune")},
-        "prune": {k: cfg.prune[k] for k in ("mode", "criterion", "target", "ratio", "steps")},
+        "prune": {k: cfg.prune[k] for k in ("mode", "criterion", "target", "ratio", "steps", "scope")},
     }
+    if "sparsity" in (pruned := json.loads((inputs["prune"] / "metrics.json").read_text())):  # unstructured
+        cfg_summary["prune"]["sparsity"] = pruned["sparsity"]
     cfg_summary["training"] = {}  # the precision and device each model trained in (its timing.json)
     for stage in ("pretrain", *TARGET_MODELS):
         t = inputs[stage] / "timing.json"

@@ -1,7 +1,8 @@
 """quantize: the exported fp32 model (the pruned student) -> INT8, calibrated on training images
-of the target task (never test images), checked against fp32 on the test set (deploy/quantize.py).
-Where post-training quantization loses more than quantize.max_drop and quantize.qat_epochs > 0,
-the model is fine-tuned for INT8 (deploy/qat.py), distilled from the teacher, and quantized again."""
+of the target task (never test images), judged against fp32 on the val images and scored against
+it on the test set (deploy/quantize.py). Where post-training quantization loses more than
+quantize.max_drop on val and quantize.qat_epochs > 0, the model is fine-tuned for INT8
+(deploy/qat.py), distilled from the teacher, and quantized again."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.deploy.quantize import calibration_images, check, copy_metadata, loss_of, quantize, refuse
+from transferkit.deploy.quantize import (calibration_images, check, copy_metadata, decision_split, loss_of, quantize,
+                                         refuse, sizes)
 from transferkit.io import atomic_path, save_json
 from transferkit.stages.common import load_task
 
@@ -27,22 +29,27 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     fp32 = inputs["export"] / "model.onnx"
     threads = torch.get_num_threads()
     produced_by = "post-training quantization"
+    split, post_training = decision_split(task), {}
     with atomic_path(out / INT8_FILE) as tmp:
         seconds = quantize(fp32, tmp, calibration, **settings)
-        result = check(fp32, tmp, task, threads)
-        if loss_of(result) > q.max_drop and q.qat_epochs > 0:
-            post_training = {k: result[k] for k in ("int8_top1", "top1_agreement", "max_abs_logit_diff")}
+        judged = check(fp32, tmp, task, threads, split)
+        if loss_of(judged) > q.max_drop and q.qat_epochs > 0:
+            scored = check(fp32, tmp, task, threads)  # reported beside the fine-tuned model, never used to choose
+            post_training = {"post_training": {k: scored[k] for k in ("int8_top1", "top1_agreement",
+                                                                        "max_abs_logit_diff")},
+                             f"post_training_{split}": judged}
             tuned = fine_tune(cfg, inputs, task, out / QAT_DIR)
             copy_metadata(fp32, tuned)
             seconds += quantize(tuned, tmp, calibration, **settings)
-            # checked against the model it came from
-            result = {**check(fp32, tmp, task, threads), "post_training": post_training}
+            judged = check(fp32, tmp, task, threads, split)  # against the model it came from
             produced_by = f"quantization-aware fine-tuning ({q.qat_epochs} epochs, distilled from the teacher)"
-        if loss_of(result) > q.max_drop:
-            raise refuse(result, q.max_drop, q.qat_epochs if "post_training" in result else 0, q.reduce_range)
+        if loss_of(judged) > q.max_drop:
+            raise refuse(judged, q.max_drop, q.qat_epochs if post_training else 0, q.reduce_range, split)
+        result = {**check(fp32, tmp, task, threads), **sizes(fp32, tmp)}
     save_json({"method": q.method, "format": q.format, "per_channel": q.per_channel, "reduce_range": q.reduce_range,
                "keep_float": list(q.keep_float),
-               "calibration_images": q.calibration_images, "produced_by": produced_by, **result},
+               "calibration_images": q.calibration_images, "produced_by": produced_by, **result,
+               "judged_on": split, split: judged, **post_training},
               out / "quantize.json")
     save_json({"quantize_seconds": round(seconds, 2)}, out / "timing.json")
     return result
