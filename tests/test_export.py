@@ -268,14 +268,18 @@ def test_checkpoint_errors_name_the_stage_the_path_says_wrote_it(tmp_path):
     assert "writes this one" not in str(missing.value)
 
     model = _make("fastnet")
-    for folder, stage in [(artifacts / "freeze_curve" / "depth2", "freeze_curve"), (tmp_path / "mine", "<stage>")]:
+    fixes = {artifacts / "freeze_curve" / "depth2": "Fix: write it again (`dvc repro freeze_curve`).",
+             tmp_path / "mine": "Fix: write it again with the stage that made it, or pass a model.pt that a stage "
+                                "wrote, e.g. artifacts/prune/model.pt."}
+    for folder, fix in fixes.items():
         folder.mkdir(parents=True)
-        # its weights removed after a stage wrote it: the fix reruns the stage the path names
+        # its weights removed after a stage wrote it: the fix reruns the stage the path names, or none
         save_torch({"arch": model.arch, "classes": CLASSES, "state_dict": {}, "layer_shapes": None},
                    folder / "model.pt")
         with pytest.raises(TransferkitError, match="does not fit its own architecture") as altered:
             load_pipeline_checkpoint(folder / "model.pt")
-        assert str(altered.value).endswith(f"(`dvc repro {stage}`).") and "dvc repro prune" not in str(altered.value)
+        message = str(altered.value)
+        assert message.endswith(fix) and "dvc repro prune" not in message and "<stage>" not in message
 
 
 def test_failed_check_keeps_the_previous_export(exported, monkeypatch, capsys):

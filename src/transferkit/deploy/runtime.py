@@ -24,7 +24,7 @@ TORCHSCRIPT_FILE = "model.torchscript.pt"
 META_KEY = "transferkit"
 
 
-# stands in for the stage in error messages when the path does not say which stage wrote the file
+# what stage_of says when the path does not name the stage that wrote the file
 UNKNOWN_STAGE = "<stage>"
 
 
@@ -65,7 +65,9 @@ def load_pipeline_checkpoint(path: Path):
         raise TransferkitError(
             f"{path} is not a transferkit checkpoint (not a file written by torch.save). Fix: pass "
             f"the model.pt a stage wrote, e.g. artifacts/prune/model.pt.")
-    model, ckpt = load_checkpoint(path, produced_by)
+    model, ckpt = load_checkpoint(path, produced_by, remake=None if produced_by != UNKNOWN_STAGE else
+                                  "write it again with the stage that made it, or pass a model.pt that a stage "
+                                  "wrote, e.g. artifacts/prune/model.pt")
     return model.eval(), ckpt
 
 

@@ -100,8 +100,9 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
             model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, TypeError) as e:
         why = " ".join(str(e).split())  # torch's message spans lines; the error is one
+        fix = remake or f"write it again (`dvc repro {produced_by}`)"
         raise TransferkitError(f"{path} does not fit its own architecture {ckpt['arch']} ({why}): it was altered "
-                               f"after a stage wrote it. Fix: write it again (`dvc repro {produced_by}`).") from e
+                               f"after a stage wrote it. Fix: {fix}.") from e
     return model, ckpt
 
 
