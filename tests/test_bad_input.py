@@ -178,8 +178,19 @@ CASES = {
     "class listed twice": Case("prepare", ("data.target.classes=[tgt_a,tgt_a,tgt_b]",), "more than once"),
     "a single class": Case("prepare", ("data.target.classes=[tgt_a]",), "at least 2 classes"),
     "negative val count": Case("prepare", ("data.target.val_per_class=-1",), "data.target.val_per_class"),
+    "no classes": Case("prepare", ("data.target.classes=[]",), "data.target.classes=[] is invalid"),
+    "classes as a string, not a list": Case("prepare", ("data.target.classes=tgt_a",), "must be a valid list"),
     # ---- config groups and numeric ranges
     "unknown model": Case("pretrain", ("model.name=alexnet",), "alexnet"),
+    "a block of zero channels": Case("pretrain", ("model.widths=[0,8,8]",), "model.widths=[0, 8, 8] is invalid"),
+    "a stem wider than the whitening fills": Case("pretrain", ("model.stem_width=32",), "at most 24 filters"),
+    "a setting the student network does not take": Case("student", ("+distill.student.width_mult=0.5",),
+                                                         "bad settings for distill.student"),
+    "no source training and no published weights": Case("pretrain", ("pretrain.epochs=0",), "model.weights"),
+    "zero devices": Case("transfer", ("trainer.devices=0",), "trainer.devices=0 is invalid"),
+    "zero nodes": Case("transfer", ("trainer.num_nodes=0",), "trainer.num_nodes"),
+    "negative thread count": Case("transfer", ("trainer.num_threads=-1",), "trainer.num_threads"),
+    "unknown accelerator": Case("transfer", ("trainer.accelerator=tpu",), "trainer.accelerator='tpu'"),
     "freeze_depth beyond the blocks": Case("transfer", ("transfer.freeze_depth=9",), "transfer.freeze_depth"),
     "negative freeze_depth": Case("transfer", ("transfer.freeze_depth=-1",), "transfer.freeze_depth"),
     "freeze curve depth beyond the blocks": Case("freeze_curve", ("freeze_curve.depths=[0,9]",),
@@ -222,6 +233,7 @@ CASES = {
     "zero pruning steps": Case("prune", ("prune.steps=0",), "prune.steps"),
     "pruning channel multiple zero": Case("prune", ("prune.round_to=0",), "prune.round_to"),
     "layer to keep that does not exist": Case("prune", ("prune.keep=[head,blocks.77]",), "blocks.77"),
+    "layers to keep as a string, not a list": Case("prune", ("prune.keep=head",), "prune.keep='head' is invalid"),
     "pruning rates, one too few": Case("prune", ("prune.rates=[1,1,0.5]",), "prune.rates"),
     "negative pruning rate": Case("prune", ("prune.rates=[1,1,1,-1]",), "prune.rates"),
     "negative sparse-learning epochs": Case("prune", ("prune.sparse_epochs=-1",), "prune.sparse_epochs"),
@@ -243,6 +255,8 @@ CASES = {
                                                           "72 training images"),
     "a float layer that is not in the model": Case("quantize", ("quantize.keep_float=[Gemm,node_nowhere]",),
                                                    "node_nowhere"),
+    "float layers as a string, not a list": Case("quantize", ("quantize.keep_float=Gemm",),
+                                                 "quantize.keep_float='Gemm' is invalid"),
     "an ONNX file ONNX Runtime cannot quantize": Case("quantize", needle="cannot quantize", setup=broken_onnx),
     "an INT8 model that loses too much": Case("quantize", ("quantize.max_drop=0", "quantize.qat_epochs=0"),
                                               "quantize.qat_epochs",
@@ -284,3 +298,39 @@ def test_bad_input(name, smoke_artifacts, tmp_path):
     assert "Fix" in message or "fix" in message, f"no fix named: {message}"
     assert _snapshot(out) == before, f"{case.stage}'s previous outputs changed"
     assert not (tmp_path / "artifacts" / f".{case.stage}.incomplete").exists()
+
+
+@pytest.mark.parametrize("out, needle", [("artifacts", "holds .*prepare, which this stage reads"),
+                                         ("artifacts/transfer/../prepare", "prepare, which this stage reads"),
+                                         ("notes", "files no stage wrote")])
+def test_an_output_folder_that_holds_other_things_is_never_replaced(smoke_artifacts, tmp_path, out, needle):
+    """`--out DIR` names the stage's own folder: the swap that installs a stage's outputs would delete
+    whatever else DIR holds (every stage's outputs, for `--out artifacts`), or an input it reads."""
+    from transferkit.stages.run import run_stage
+
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("a user's own file")
+    before = _snapshot(tmp_path)
+    with pytest.raises(TransferkitError, match=needle):
+        run_stage("scratch", compose("experiment=smoke", tmp=tmp_path), tmp_path / out)
+    assert _snapshot(tmp_path) == before
+    (tmp_path / "mine").mkdir()  # an empty folder, or a stage's earlier outputs, may be replaced
+    run_stage("scratch", compose("experiment=smoke", "scratch.epochs=1", tmp=tmp_path), tmp_path / "mine")
+    assert (tmp_path / "mine" / "model.pt").exists()
+
+
+def test_a_gpu_trainer_on_a_machine_without_one(smoke_artifacts, tmp_path, monkeypatch):
+    """Refused when the stage runs, not by `transferkit params`: params.yaml may be written for another machine."""
+    from transferkit.config.schema import validate_run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    before = _snapshot(tmp_path / "artifacts")
+    cfg = compose("experiment=smoke", "trainer=gpu", tmp=tmp_path)
+    validate_run(cfg, None, {}, all_stages=True)
+    with pytest.raises(TransferkitError, match="trainer.accelerator=gpu, but torch sees no CUDA GPU.*Fix: train on"):
+        run("transfer", cfg)
+    assert _snapshot(tmp_path / "artifacts") == before

@@ -50,6 +50,51 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
         assert (tmp_path / name).read_text() == f"# the {name} of an earlier, valid composition\n"
 
 
+def _error(capsys, argv: list[str]) -> str:
+    """The one `error:` line of an in-process command that ends with exit code 2."""
+    from transferkit import cli as transferkit_cli
+
+    assert transferkit_cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], lines
+    return lines[0]
+
+
+def test_params_files_that_are_not_or_no_longer_params_files(tmp_path, capsys):
+    """--params FILE and --params=FILE alike; another YAML file, invalid YAML, or a params.yaml that lacks a
+    key the stage reads (written from another conf/) end in one line that says to write it again."""
+    import yaml
+
+    cfg = compose("experiment=smoke", tmp=tmp_path)
+    good = tmp_path / "params.yaml"
+    good.write_text(params_text(cfg))
+    assert not (tmp_path / "artifacts" / "prepare").exists()
+    from transferkit import cli as transferkit_cli
+
+    assert transferkit_cli.main(["prepare", f"--params={good}"]) == 0
+    assert (tmp_path / "artifacts" / "prepare" / "target.pt").exists()
+    assert "is not a params file composed from conf/" in _error(capsys, ["prepare", "--params", str(ROOT / "dvc.yaml")])
+    conflicted = tmp_path / "conflicted.yaml"
+    conflicted.write_text(good.read_text().replace("seed: 0\n", "<<<<<<< HEAD\nseed: 0\n=======\nseed: 1\n>>>>>>> b\n"))
+    assert "is not valid YAML" in _error(capsys, ["prepare", "--params", str(conflicted)])
+    stale = yaml.safe_load(good.read_text())
+    del stale["trainer"]["sync_batchnorm"]
+    (tmp_path / "stale.yaml").write_text(yaml.safe_dump(stale))
+    line = _error(capsys, ["scratch", "--params", str(tmp_path / "stale.yaml")])
+    assert "has no trainer.sync_batchnorm" in line and "transferkit params" in line
+
+
+def test_check_params_on_invalid_yaml_says_so_in_one_line(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    conflict = "<<<<<<< HEAD\nseed: 0\n=======\nseed: 1\n>>>>>>> b\n"
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("seed: 0\n", conflict))
+    proc = cli("check-params", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "params.yaml is not valid YAML" in proc.stderr and "transferkit params" in proc.stderr
+
+
 def test_unknown_command():
     proc = cli("pretrian")
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr

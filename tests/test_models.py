@@ -160,6 +160,39 @@ def test_load_backbone_with_other_config_names_architecture(tmp_path, other):
     assert "dvc repro pretrain" in msg
 
 
+def test_load_backbone_compares_the_settings_a_checkpoint_left_to_its_builder(tmp_path):
+    """A checkpoint built without `activation` (fastnet's default, gelu) is no backbone for a config asking
+    for relu, and is one for a config that spells the default out."""
+    save_checkpoint(model_from_config(SMALL["fastnet"], 10), tmp_path / "model.pt", [str(i) for i in range(10)])
+    with pytest.raises(TransferkitError, match="architecture"):
+        load_backbone(tmp_path / "model.pt", {**SMALL["fastnet"], "activation": "relu"}, 3, "pretrain")
+    loaded = load_backbone(tmp_path / "model.pt", {**SMALL["fastnet"], "activation": "gelu"}, 3, "pretrain")
+    assert isinstance(loaded.blocks[0][1], nn.GELU)
+
+
+def test_scratch_builds_the_architecture_of_published_weights_from_random_init(tmp_path, monkeypatch):
+    """resnet18 with ImageNet weights keeps their 7x7 stem: scratch trains that network (never the 3x3
+    stem of weights=null) and never reads the weights."""
+    import transferkit.models.resnet as resnet
+    from transferkit.stages import scratch
+
+    from conftest import compose, run
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("scratch read published weights")
+
+    monkeypatch.setattr(resnet.ResNet18_Weights.IMAGENET1K_V1, "get_state_dict", no_download, raising=False)
+    cfg = compose("experiment=smoke", "model=resnet18", "model.weights=IMAGENET1K_V1", "scratch.epochs=1",
+                  tmp=tmp_path)
+    run("prepare", cfg)
+    built = []
+    monkeypatch.setattr(scratch, "init_from_data", lambda model, images: built.append(model))
+    run("scratch", cfg)
+    assert built[0].blocks[0][0].weight.shape == (64, 3, 7, 7)
+    reference = build_model("resnet18", 3, weights="IMAGENET1K_V1", fetch_weights=False)
+    assert count_params(built[0]) == count_params(reference)
+
+
 def test_load_backbone_refuses_a_truncated_probe(tmp_path):
     model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, depth=2)
     save_checkpoint(model, tmp_path / "probe.pt", ["a", "b", "c"])
@@ -259,8 +292,11 @@ def test_imagenet_initialised_checkpoint_loads_without_imagenet_file(tmp_path, m
 def test_unknown_architecture_and_bad_settings():
     with pytest.raises(TransferkitError, match="unknown model.name 'vgg'"):
         build_model("vgg", 5)
-    with pytest.raises(TransferkitError, match="bad settings for model 'fastnet'.*conf/model/fastnet.yaml"):
+    with pytest.raises(TransferkitError, match=r"bad settings for model \(model 'fastnet'\).*conf/model/fastnet.yaml"):
         build_model("fastnet", 5, widths=[8], depthh=3)
+    with pytest.raises(TransferkitError, match=r"bad settings for distill.student \(model 'fastnet'\).*give "
+                                               r"distill.student only the keys"):
+        build_model("fastnet", 5, widths=[8], width_mult=0.5, key="distill.student")
 
 
 # ------------------------------------------------------------------ cost

@@ -55,7 +55,7 @@ def _params_mode(stage: str, args: list[str]) -> None:
     import argparse
 
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     from transferkit.config.compose import load_params
     from transferkit.stages.run import run_stage
@@ -74,7 +74,13 @@ def _params_mode(stage: str, args: list[str]) -> None:
         what = "no folder given" if bad[0].partition("=")[0] in STAGES else "no stage by that name"
         raise TransferkitError(f"--in {bad[0]}: {what}. Fix: --in STAGE=DIR, with STAGE one of "
                                f"{', '.join(STAGES)} ({stage} reads {', '.join(BY_NAME[stage].reads) or 'none'}).")
-    run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir) / stage, {k: Path(v) for k, v in inputs.items()})
+    try:
+        run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir) / stage,
+                  {k: Path(v) for k, v in inputs.items()})
+    except (ConfigAttributeError, ConfigKeyError) as e:  # struct mode: a key the code reads is not in the file
+        raise TransferkitError(f"{opts.params} has no {e.full_key}: it was written from another conf/ or edited by "
+                               f"hand. Fix: write it again with `transferkit params` (`transferkit check-params` "
+                               f"lists what differs).") from e
 
 
 def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return importlib.import_module(TOOLS[command]).main(rest)
         elif command in RUNNABLE:
-            if "--params" in rest:
+            if any(a == "--params" or a.startswith("--params=") for a in rest):
                 _params_mode(command, rest)
             else:
                 _hydra_mode(command, rest)

@@ -49,13 +49,25 @@ def params_text(cfg: DictConfig, overrides: list[str] = ()) -> str:
     return PARAMS_HEADER + recorded + yaml.safe_dump(to_params(cfg), sort_keys=False, default_flow_style=None)
 
 
+PARAMS_KEYS = {"name", "seed", "paths", "trainer"}  # what every stage reads: a file without them is another file
+
+
+def read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TransferkitError(f"{path} is not valid YAML ({' '.join(str(e).split())}). Fix: write it again with "
+                               f"`transferkit params`.") from e
+
+
 def load_params(path: Path) -> DictConfig:
     if not path.exists():
         raise TransferkitError(f"{path} not found. Fix: run `transferkit params` to compose it from conf/.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TransferkitError(f"{path} is not valid YAML ({e}). Fix: regenerate it with `transferkit params`.") from e
+    data = read_yaml(path)
+    if not isinstance(data, dict) or not PARAMS_KEYS <= data.keys():
+        raise TransferkitError(f"{path} is not a params file composed from conf/ (it lacks "
+                               f"{sorted(PARAMS_KEYS - (data.keys() if isinstance(data, dict) else set()))}). Fix: "
+                               f"pass the params.yaml that `transferkit params` writes.")
     cfg = OmegaConf.create(data)
     OmegaConf.set_struct(cfg, True)
     return cfg
@@ -87,13 +99,14 @@ def project_overrides(params_path: Path) -> list[str]:
             break
         if line.startswith(OVERRIDES_LINE):
             return shlex.split(line[len(OVERRIDES_LINE):])
-    name = (yaml.safe_load(text) or {}).get("name")
+    data = read_yaml(params_path)
+    name = data.get("name") if isinstance(data, dict) else None
     return [f"experiment={name}"] if name else []
 
 
 def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
     """Keys whose values differ between params.yaml and conf/ composed with project_overrides."""
-    saved = yaml.safe_load(params_path.read_text()) or {}
+    saved = read_yaml(params_path) or {}
     a, b = flatten(saved), flatten(to_params(compose(project_overrides(params_path), conf_dir)))
     return [f"{k}: params.yaml has {a.get(k, '<missing>')!r}, conf/ composes {b.get(k, '<missing>')!r}"
             for k in differing(a, b)]
@@ -121,8 +134,11 @@ def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str
 
     if not params_path.exists():
         return [f"{params_path} not found"]
+    try:
+        saved = read_yaml(params_path) or {}
+    except TransferkitError as e:
+        return [str(e).split(" Fix: ")[0]]
     drift = [f"params.yaml differs from conf/: {d}" for d in params_drift(params_path, conf_dir)]
-    saved = yaml.safe_load(params_path.read_text()) or {}
     dvc_file = params_path.parent / "dvc.yaml"
     want = dvc_yaml_text(saved)
     if not dvc_file.exists() or dvc_file.read_text() != want:

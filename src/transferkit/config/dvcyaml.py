@@ -56,8 +56,14 @@ def imported_files(module: str, src: Path = SRC) -> set[str]:
     return seen
 
 
+# what `transferkit STAGE` runs every stage through (validation, seeding, the staged output folder);
+# a stage with a command of its own (export) does not pass through it
+RUNNER = "transferkit.stages.run"
+
+
 def code_deps(stage: Stage) -> list[str]:
-    return sorted(f"src/transferkit/{f}" for f in imported_files(module_of(stage.name)) - NEUTRAL)
+    files = imported_files(module_of(stage.name)) | (set() if stage.command else imported_files(RUNNER))
+    return sorted(f"src/transferkit/{f}" for f in files - NEUTRAL)
 
 
 def stage_entry(stage: Stage, artifacts: str, data: str, files: list[str] = ()) -> dict:

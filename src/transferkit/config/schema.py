@@ -7,16 +7,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from transferkit.data.augment import FLIP_MODES
 from transferkit.deploy.quantize import FORMATS as QUANTIZE_FORMATS, METHODS as QUANTIZE_METHODS
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.metrics import TTA as TTA_MODES
+from transferkit.models.fastnet import ACTIVATIONS, MAX_STEM_WIDTH
 from transferkit.prune.structured import SCOPES
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 def rule(**limits):
@@ -27,6 +29,21 @@ def rule(**limits):
 class Schema(BaseModel):
     # strict: no bool for a number or "3" for an int; extra: keys not listed here are not checked
     model_config = ConfigDict(strict=True, extra="allow")
+
+
+Names = list[str]  # a YAML list: a bare string would be read as its letters
+
+
+class Model(Schema):  # conf/model/: model and distill.student; the builders check which keys a network takes
+    name: str = rule()
+    widths: list[Annotated[int, Field(ge=1)]] = rule(min_length=1)
+    stem_width: int = rule(ge=1)
+    fc_width: int = rule(ge=1)
+    width_mult: float = rule(gt=0)
+    bn_momentum: float = rule(ge=0, le=1)
+    dirac_init: bool = rule()
+    activation: Literal[tuple(ACTIVATIONS)] = rule()
+    weights: Optional[str] = rule()
 
 
 class Optim(Schema):  # conf/optim/sgd.yaml
@@ -67,6 +84,7 @@ class Probe(Optim):
 
 
 class Distill(Optim):
+    student: Model = rule()
     temperature: float = rule(gt=0)
     alpha: float = rule(ge=0, le=1)
     dkd_alpha: float = rule(ge=0)
@@ -81,6 +99,7 @@ class Prune(Optim):
     teacher: Literal["transfer", "student"] = rule()
     ratio: float = rule(gt=0, lt=1)  # the share of MACs, channels or weights removed
     rates: list[Annotated[float, Field(ge=0)]] = rule()  # one per block of the model (or [])
+    keep: Names = rule()
     steps: int = rule(ge=1)
     round_to: Optional[int] = rule(ge=1)
     sparse_epochs: int = rule(ge=0)
@@ -88,6 +107,7 @@ class Prune(Optim):
 
 
 class Split(Schema):  # data.source / data.target
+    classes: Names = rule(min_length=1)
     train_per_class: Optional[int] = rule(ge=1)
     val_per_class: int = rule(ge=0)
     test_per_class: Optional[int] = rule(ge=1)
@@ -105,6 +125,9 @@ class Data(Schema):
 
 
 class Trainer(Schema):
+    accelerator: Literal[ACCELERATORS] = rule()
+    num_nodes: int = rule(ge=1)
+    num_threads: Optional[int] = rule(ge=1)
     precision: Literal[PRECISIONS] = rule()
     checkpoint_budget: float = rule(ge=0, le=1)
 
@@ -118,6 +141,7 @@ class Quantize(Schema):
     max_drop: float = rule(ge=0, le=1)
     qat_epochs: int = rule(ge=0)
     qat_lr: float = rule(gt=0)
+    keep_float: Names = rule()
 
 
 class Evaluate(Schema):
@@ -132,9 +156,9 @@ class FreezeCurve(Schema):
     depths: list[Annotated[int, Field(ge=0)]] = rule()  # block counts, e.g. [0, 2, 3, 4] (or [])
 
 
-BLOCKS = {"pretrain": Pretrain, "transfer": Transfer, "probe": Probe, "scratch": Scratch, "distill": Distill,
-          "student": Optim, "prune": Prune, "quantize": Quantize, "trainer": Trainer, "evaluate": Evaluate,
-          "freeze_curve": FreezeCurve, "data": Data}
+BLOCKS = {"model": Model, "pretrain": Pretrain, "transfer": Transfer, "probe": Probe, "scratch": Scratch,
+          "distill": Distill, "student": Optim, "prune": Prune, "quantize": Quantize, "trainer": Trainer,
+          "evaluate": Evaluate, "freeze_curve": FreezeCurve, "data": Data}
 Config = create_model("Config", __base__=Schema, seed=(int, rule(ge=0)),
                       **{name: (schema, rule()) for name, schema in BLOCKS.items()})
 
@@ -182,6 +206,18 @@ def validate(cfg: DictConfig) -> None:
         raise TransferkitError(f"classes {both} are in both data.source.classes and data.target.classes: the target "
                                f"test images of a class the backbone was pretrained on would leak. Fix: remove them "
                                f"from one of the two lists.")
+    for key in ("model", "distill.student"):
+        if (m := OmegaConf.select(cfg, key)) is not None and m.name == "fastnet" and m.stem_width > MAX_STEM_WIDTH:
+            fail(f"{key}.stem_width", m.stem_width, f"fastnet's whitened stem has at most {MAX_STEM_WIDTH} filters")
+    if "pretrain" in cfg and cfg.pretrain.epochs == 0 and not cfg.model.get("weights"):
+        raise TransferkitError(f"pretrain.epochs=0 passes on published weights untrained, and model '{cfg.model.name}' "
+                               f"has none set (model.weights): the backbone would be random. Fix: set pretrain.epochs "
+                               f">= 1, or model.weights (model=resnet18 model.weights=IMAGENET1K_V1).")
+    devices = cfg.trainer.devices
+    if not (devices in (-1, "auto") or (type(devices) is int and devices >= 1) or isinstance(devices, str)
+            or (OmegaConf.is_list(devices) and len(devices) and all(type(d) is int and d >= 0 for d in devices))):
+        fail("trainer.devices", devices, "must be a count >= 1, -1 or auto (every device), or a list of device "
+             "indices")
     for name in cfg.trainer.get("loggers") or []:
         if name not in LOGGERS:
             raise TransferkitError(f"unknown logger '{name}' in trainer.loggers. Fix: use any of {list(LOGGERS)}.")
@@ -241,17 +277,21 @@ def validate_depths(cfg: DictConfig, stage: str, num_blocks: int) -> None:
 
 def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all_stages: bool = False) -> None:
     """Every check a run of `stage` (with `all_stages`, of every stage) can pass before it loads data:
-    `validate`, and the stages' depths against the model's block count (`blocks` caches it per model config)."""
+    `validate`, the networks built (model, distill.student), and the stages' depths against the model's
+    block count (`blocks` caches it per model config)."""
     validate(cfg)
-    stages = [s for s in DEPTHS if s in cfg] if all_stages else [stage] if stage in DEPTHS else []
-    if not stages:
-        return
     from transferkit.config.compose import to_params
     from transferkit.models import model_from_config
 
-    model_cfg = to_params(cfg.model)
-    key = repr(model_cfg)
-    if key not in blocks:  # building a model is cheap, but not free
-        blocks[key] = model_from_config(model_cfg, 2).num_blocks
+    def num_blocks(key: str) -> int:
+        model_cfg = to_params(OmegaConf.select(cfg, key))
+        if repr(model_cfg) not in blocks:  # building a model is cheap, but not free
+            blocks[repr(model_cfg)] = model_from_config(model_cfg, 2, key=key, fetch_weights=False).num_blocks
+        return blocks[repr(model_cfg)]
+
+    if "distill" in cfg:
+        num_blocks("distill.student")
+    stages = [s for s in DEPTHS if s in cfg] if all_stages else [stage] if stage in DEPTHS else []
     for name in stages:
-        validate_depths(cfg, name, blocks[key])
+        validate_depths(cfg, name, num_blocks("model"))
+    num_blocks("model")

@@ -26,15 +26,17 @@ CIFAR_STD = [0.2470, 0.2435, 0.2616]
 
 
 def build_model(name: str, num_classes: int, *, mean=CIFAR_MEAN, std=CIFAR_STD,
-                depth: int | None = None, fetch_weights: bool = True, **kwargs) -> BlockNet:
+                depth: int | None = None, fetch_weights: bool = True, key: str = "model", **kwargs) -> BlockNet:
+    """`key`: the config key the settings come from (model, distill.student), for error messages."""
     if name not in ARCHITECTURES:
-        raise TransferkitError(f"unknown model.name '{name}'. Fix: use one of {sorted(ARCHITECTURES)}.")
+        raise TransferkitError(f"unknown {key}.name '{name}'. Fix: use one of {sorted(ARCHITECTURES)}.")
     builder, pool, bias, scale = ARCHITECTURES[name]
     try:
         extra = {} if fetch_weights or not kwargs.get("weights") else {"load_weights": False}
         blocks = builder(**kwargs, **extra)
     except TypeError as e:
-        raise TransferkitError(f"bad settings for model '{name}': {e}. Fix: check conf/model/{name}.yaml.") from e
+        raise TransferkitError(f"bad settings for {key} (model '{name}'): {e}. Fix: give {key} only the keys "
+                               f"that conf/model/{name}.yaml sets.") from e
     arch = {"name": name, "mean": list(mean), "std": list(std), **kwargs}
     model = BlockNet(blocks, num_classes, mean=mean, std=std, arch=arch, pool=pool, head_bias=bias,
                      head_scale=scale)
@@ -54,9 +56,18 @@ def init_from_data(model: BlockNet, images: torch.Tensor, max_images: int = 5000
         whiten_stem(model.blocks[0][0], x)
 
 
-def model_from_config(model_cfg: dict, num_classes: int) -> BlockNet:
+def model_from_config(model_cfg: dict, num_classes: int, **options) -> BlockNet:
+    """`options`: build_model's own (key, fetch_weights, depth)."""
     cfg = dict(model_cfg)
-    return build_model(cfg.pop("name"), num_classes, **cfg)
+    return build_model(cfg.pop("name"), num_classes, **cfg, **options)
+
+
+def builder_defaults(name: str) -> dict:
+    """The settings an architecture takes when its config leaves them out (its builder's defaults)."""
+    import inspect
+
+    params = inspect.signature(ARCHITECTURES[name][0]).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 def save_checkpoint(model: BlockNet, path: str | Path, classes: list[str], **extra) -> None:
@@ -112,8 +123,9 @@ def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_
     `remake` says how to write a checkpoint of that architecture (default: rerun `produced_by`)."""
     model, ckpt = load_checkpoint(path, produced_by, remake=remake)
     wanted = {k: v for k, v in dict(model_cfg).items() if k != "weights"}
-    saved = {k: v for k, v in ckpt["arch"].items() if k in wanted and k != "weights"}
-    if {k: wanted[k] for k in saved} != saved or ckpt["arch"].get("depth") is not None:
+    # a setting the checkpoint does not record is the one its builder used: its default
+    made = {**builder_defaults(ckpt["arch"]["name"]), **ckpt["arch"]}
+    if {k: made.get(k) for k in wanted} != wanted or ckpt["arch"].get("depth") is not None:
         raise TransferkitError(
             f"checkpoint {path} holds architecture {ckpt['arch']}, but the config asks for {wanted}. "
             f"Fix: {remake or f'rerun {produced_by!r} with this model config (`dvc repro {produced_by}`)'} or set "

@@ -10,6 +10,8 @@ from torch import nn
 
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+# whiten_stem sets the stem to +/- each eigenvector of the 2x2x3 pixel patches: 2 x 12 filters at most
+MAX_STEM_WIDTH = 2 * 2 * 2 * 3
 
 
 def conv_bn(c_in: int, c_out: int, bn_momentum: float, pool: bool = False, dirac_init: bool = False,

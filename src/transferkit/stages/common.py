@@ -8,7 +8,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,14 +49,31 @@ def eval_device(cfg: DictConfig) -> str:
 PARAMS_FILE = "params.yaml"  # the resolved config a stage ran with, saved beside its outputs
 
 
+def check_replaceable(final: Path, inputs: Iterable[Path] = ()) -> None:
+    """The swap in staged_output deletes what `final` held: only a stage's earlier outputs (a folder
+    with its PARAMS_FILE) may go, never a folder of other things (`--out artifacts`) or one it reads."""
+    target = final.resolve()
+    for folder in map(Path, inputs):
+        if target == folder.resolve() or target in folder.resolve().parents:
+            raise TransferkitError(f"the output folder {final} is or holds {folder}, which this stage reads, and the "
+                                   f"stage's outputs would replace it. Fix: write them to a folder of their own "
+                                   f"(--out DIR, a new or empty folder).")
+    if final.exists() and not (final / PARAMS_FILE).is_file() and (not final.is_dir() or any(final.iterdir())):
+        raise TransferkitError(f"the output folder {final} holds files no stage wrote (it has no {PARAMS_FILE}), "
+                               f"and the stage's outputs would replace all of them. Fix: write them to a new or "
+                               f"empty folder (--out DIR: the stage's own folder, e.g. artifacts/<stage>).")
+
+
 @contextmanager
-def staged_output(final: Path, params: str = "") -> Iterator[Path]:
+def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a work folder; on success swap it into `final`, on failure delete it.
 
     The work folder starts with `params` (the resolved config) in PARAMS_FILE. A folder left by
     a killed run with the same params is kept: its fits resume from their checkpoints
     (training/trainer.py). Any other leftover is deleted. The folder name is the same in every
-    DDP process, so ranks agree on paths; only rank 0 creates, swaps and cleans it."""
+    DDP process, so ranks agree on paths; only rank 0 creates, swaps and cleans it. `final` must
+    be replaceable (check_replaceable, given the folders the stage reads)."""
+    check_replaceable(final, inputs)  # on every rank: a rank that went on alone would wait for rank 0
     work = final.parent / f".{final.name}.incomplete"
     old = final.parent / f".{final.name}.old"
     rank0 = global_rank() == 0

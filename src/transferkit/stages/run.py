@@ -17,13 +17,15 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     from transferkit.config.compose import to_params
     from transferkit.config.schema import validate
     from transferkit.stages.common import seed_everything, staged_output, storage_errors
+    from transferkit.training.precision import check_accelerator
 
     validate(cfg)
+    check_accelerator(str(cfg.trainer.accelerator))
     seed_everything(cfg.seed)
     inputs = {**inputs_of(stage, cfg.paths.artifacts_dir), **(inputs or {})}
     module = importlib.import_module(module_of(stage))
     # the params saved with the outputs say what produced them: collect reads them, and a killed
     # run's folder is resumed only by a run with the same params
     params = yaml.safe_dump(to_params(cfg), sort_keys=False)
-    with storage_errors(out), staged_output(out, params) as work:
+    with storage_errors(out), staged_output(out, params, inputs.values()) as work:
         return module.run(cfg, inputs, work)

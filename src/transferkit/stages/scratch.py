@@ -13,9 +13,9 @@ from transferkit.stages.training import train_stage
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     task = load_task(inputs["prepare"], "target")
-    model_cfg = container(cfg.model)
-    model_cfg.pop("weights", None)  # random init, even when pretrain starts from published weights
-    model = model_from_config(model_cfg, len(task["classes"]))
+    # random init, even when pretrain starts from published weights: their architecture (resnet18's
+    # 7x7 stem), never their values
+    model = model_from_config(container(cfg.model), len(task["classes"]), fetch_weights=False)
     init_from_data(model, task["train_x"])
     # freeze_depth here can only keep data-initialised blocks fixed (fastnet's whitening stem)
     return train_stage(cfg, "scratch", model, task, out, freeze_depth=cfg.scratch.freeze_depth)

@@ -26,7 +26,7 @@ def build_student(cfg: DictConfig, task: dict):
         return load_backbone(init, container(cfg.distill.student), n, "pretrain", key="distill.student",
                              remake="point distill.student_init at a model.pt of that architecture "
                                     "(`transferkit pretrain model=NAME` writes one)")
-    student = model_from_config(container(cfg.distill.student), n)
+    student = model_from_config(container(cfg.distill.student), n, key="distill.student")
     init_from_data(student, task["train_x"])
     return student
 

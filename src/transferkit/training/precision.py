@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from transferkit.errors import TransferkitError
+
 CPU_BF16_MIN_SPEEDUP = 1.2  # below this the probe's noise could flip the choice between runs
 
 
@@ -98,6 +100,15 @@ def cpu_bf16_speedup() -> float:
 
 def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def check_accelerator(accelerator: str) -> None:
+    """At run time, not in the config's checks: params.yaml may be written for another machine."""
+    missing = {"gpu": "CUDA GPU", "cuda": "CUDA GPU", "mps": "Apple GPU (MPS)"}.get(accelerator)
+    if missing and not (torch.backends.mps.is_available() if accelerator == "mps" else torch.cuda.is_available()):
+        raise TransferkitError(f"trainer.accelerator={accelerator}, but torch sees no {missing} on this machine. "
+                               f"Fix: train on the CPU here (trainer=cpu; for dvc repro `transferkit params "
+                               f"trainer=cpu`), or run where torch sees that device.")
 
 
 def resolve_precision(setting, accelerator: str) -> str:
