@@ -306,25 +306,35 @@ def test_a_stage_trains_without_any_logger(tmp_path):
 
 
 def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_swap_cut_short(tmp_path):
-    """A killed run's work folder is resumed only by a run with the same params; a kill between
-    the two renames of the swap (final -> .old, work -> final) leaves .old, which comes back."""
+    """A killed run's work folder is resumed only by a run with the same params and only when it
+    holds a resume checkpoint (anything else in it could only be stale); a kill between the two
+    renames of the swap (final -> .old, work -> final) leaves .old, which comes back."""
     from transferkit.stages.common import PARAMS_FILE, staged_output
+    from transferkit.training import RESUME_CHECKPOINT
 
     final = tmp_path / "pretrain"
     work = tmp_path / ".pretrain.incomplete"
-    work.mkdir()
-    (work / PARAMS_FILE).write_text("lr: 0.1\n")
-    (work / "checkpoint").write_text("epoch 3")
+
+    def leftover(*files: str) -> None:
+        (work / "checkpoints").mkdir(parents=True)
+        (work / PARAMS_FILE).write_text("lr: 0.1\n")
+        for name in files:
+            (work / "checkpoints" / name).write_text("epoch 3")
+
+    leftover(RESUME_CHECKPOINT)
     with staged_output(final, "lr: 0.1\n") as folder:  # same config: the leftover is resumed
-        assert (folder / "checkpoint").read_text() == "epoch 3"
+        assert (folder / "checkpoints" / RESUME_CHECKPOINT).read_text() == "epoch 3"
         (folder / "model.pt").write_text("trained with lr 0.1")
     assert (final / "model.pt").read_text() == "trained with lr 0.1" and not work.exists()
 
-    work.mkdir()
-    (work / PARAMS_FILE).write_text("lr: 0.1\n")
-    (work / "checkpoint").write_text("epoch 3")
+    leftover("table.csv")  # same config, nothing to resume from: the leftover goes
+    with staged_output(final, "lr: 0.1\n") as folder:
+        assert not (folder / "checkpoints").exists()
+        (folder / "model.pt").write_text("trained with lr 0.1, again")
+
+    leftover(RESUME_CHECKPOINT)
     with staged_output(final, "lr: 0.02\n") as folder:  # another config: the leftover goes
-        assert not (folder / "checkpoint").exists() and (folder / PARAMS_FILE).read_text() == "lr: 0.02\n"
+        assert not (folder / "checkpoints").exists() and (folder / PARAMS_FILE).read_text() == "lr: 0.02\n"
         (folder / "model.pt").write_text("trained with lr 0.02")
     assert (final / "model.pt").read_text() == "trained with lr 0.02"
 

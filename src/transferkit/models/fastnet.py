@@ -53,8 +53,9 @@ def fastnet_blocks(widths: list[int], stem_width: int = 24, bn_momentum: float =
 @torch.no_grad()
 def whiten_stem(stem_conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
     """Set the 2x2 stem filters to the eigenvectors of the patch covariance of `images`
-    (normalised), scaled to unit variance, in +/- pairs: a data-dependent init from airbench
-    that lets the first layer start out decorrelating pixels."""
+    (normalised), scaled to unit variance, then their negatives: the first `stem_width` of those
+    24 (+/- pairs only at 24). A data-dependent init from airbench that lets the first layer start
+    out decorrelating pixels."""
     c, h, w = stem_conv.weight.shape[1:]
     patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w).float()
     cov = patches.T @ patches / len(patches)

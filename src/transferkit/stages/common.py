@@ -69,7 +69,7 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = ()) ->
     """Yield a work folder; on success swap it into `final`, on failure delete it.
 
     The work folder starts with `params` (the resolved config) in PARAMS_FILE. A folder left by
-    a killed run with the same params is kept: its fits resume from their checkpoints
+    a killed run with the same params and resume checkpoints is kept: its fits resume from them
     (training/trainer.py). Any other leftover is deleted. The folder name is the same in every
     DDP process, so ranks agree on paths; only rank 0 creates, swaps and cleans it. `final` must
     be replaceable (check_replaceable, given the folders the stage reads)."""
@@ -79,7 +79,9 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = ()) ->
     rank0 = global_rank() == 0
     if rank0:
         try:
-            resumable = (work / PARAMS_FILE).is_file() and (work / PARAMS_FILE).read_text() == params
+            # only fits resume: a leftover without their checkpoints could only add stale files
+            resumable = ((work / PARAMS_FILE).is_file() and (work / PARAMS_FILE).read_text() == params
+                         and any(work.rglob(RESUME_CHECKPOINT)))
             if work.exists() and not resumable:  # left by a killed run of another config
                 shutil.rmtree(work)
             if old.exists() and not final.exists():  # killed between the two renames below
