@@ -393,8 +393,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("gpu-dry-run.json" if args.dry_run else "gpu.json")
 
-    def save() -> None:  # after every part: a run cut short keeps what it measured
-        path.write_text(json.dumps({**info, **results}, indent=2, default=str) + "\n")
+    def save() -> None:  # after every part: a run cut short keeps what it measured, never a half-written file
+        from transferkit.io import save_text
+
+        save_text(json.dumps({**info, **results}, indent=2, default=str) + "\n", path)
 
     with tempfile.TemporaryDirectory(prefix="transferkit-gpu-") as tmp:
         root = Path(tmp)

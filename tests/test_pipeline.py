@@ -188,6 +188,30 @@ def test_results_command_prints_the_models_and_each_stage_training(smoke_artifac
     assert "| distill |" in out and "| prune |" in out and "Training in all:" in out
 
 
+@pytest.mark.parametrize("folder, needle", [
+    ("artifacts/transfer", "artifacts/transfer/metrics.json is not evaluate's: it scores no models. "
+                           "Fix: pass evaluate's folder, `transferkit results artifacts/evaluate`."),
+    ("artifacts", "the results are in evaluate's. Fix: `transferkit results artifacts/evaluate`."),
+    ("elsewhere", "cannot read elsewhere/metrics.json (No such file or directory). "
+                  "Fix: pass evaluate's output folder (`transferkit results artifacts/evaluate`)"),
+    ("artifacts/evaluate", "cannot read artifacts/evaluate/timing.json (No such file or directory). "
+                           "Fix: run evaluate again (`dvc repro evaluate`)"),
+])
+def test_results_command_names_evaluates_folder(tmp_path, monkeypatch, folder, needle):
+    """Another stage's folder, the artifacts folder, no folder, and evaluate's without its timing.json:
+    one error each, naming the folder to pass."""
+    from transferkit.evaluation.tables import main
+
+    monkeypatch.chdir(tmp_path)
+    for stage, metrics in (("transfer", {"val_acc": 0.5}), ("evaluate", {"models": {}, "transfer_vs_scratch": {}})):
+        (tmp_path / "artifacts" / stage).mkdir(parents=True)
+        (tmp_path / "artifacts" / stage / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "artifacts" / "transfer" / "timing.json").write_text(json.dumps({"train_seconds": 1.0}))
+    with pytest.raises(TransferkitError) as e:
+        main([folder])
+    assert needle in str(e.value)
+
+
 def test_training_table_shows_a_stage_that_trained_nothing():
     from transferkit.evaluation.tables import training_table
 

@@ -49,12 +49,40 @@ def test_quadrants_differ_only_in_their_axis():
 @pytest.mark.parametrize("argv, needle", [
     (["--only", "medium_similar"], "unknown scenario 'medium_similar'"),
     (["experiment=smoke"], "--only NAME"),
-    (["--early-depth", "9"], "probe.depth"),
+    # a depth out of the model's range names the option that set it, not the config key it sets
+    (["--early-depth", "9"], r"--early-depth 9 is out of range: model 'fastnet' has 4 blocks .*"
+                             r"Fix: --early-depth K with K in 1\.\.4\.$"),
+    (["--partial-depth", "-1"], r"Fix: --partial-depth K with K in 0\.\.4\.$"),
+    # the strategies' own keys: an override would be replaced by each strategy's value
+    (["transfer.freeze_depth=3"], r"override 'transfer.freeze_depth=3' .* Fix: use --partial-depth K\.$"),
+    (["+probe.depth=1"], r"Fix: use --early-depth K\.$"),
 ])
 def test_bad_requests_fail_before_any_work(tmp_path, argv, needle):
     with pytest.raises(TransferkitError, match=needle):
         main(["--out", str(tmp_path / "out"), *argv])
     assert not (tmp_path / "out").exists()
+
+
+def _quadrant(epochs: dict) -> dict:
+    rows = [{"strategy": name, "label": name.replace("_", " "), "what": "", "epochs": n, "val_acc": 0.5,
+             "val_ci95": [0.4, 0.6], "test_acc": 0.5, "test_ci95": [0.4, 0.6], "train_seconds": 1.0,
+             "chosen_on_val": name == "linear_probe", "best_on_test": name == "linear_probe"}
+            for name, n in epochs.items()]
+    return {"preset": "scenario_small_similar", "title": "small target + similar source", "target_classes": TARGET,
+            "source_classes": ANIMALS, "n_train": 1200, "n_val": 300, "n_test": 3000, "n_source_train": 15000,
+            "pretrain_epochs": 1, "pretrain_folder": "pretrain-similar", "pretrain_source_test_acc": 0.5,
+            "rows": rows, "agrees": True, "guidance": {"strategy": "linear_probe", "text": "linear classifier"}}
+
+
+def test_the_report_says_whether_the_strategies_train_equally_long():
+    from transferkit.evaluation.tables import scenarios_markdown
+
+    even = scenarios_markdown([_quadrant(dict.fromkeys(STRATEGIES, 4))])
+    assert "Every strategy of a quadrant trains for the same number of epochs." in even
+    uneven = scenarios_markdown([_quadrant({**dict.fromkeys(STRATEGIES, 4), "partial_freeze": 3, "fine_tune": 3})])
+    assert "same number of epochs" not in uneven
+    assert ("The strategies train for different numbers of epochs, so their budgets differ: small target + similar "
+            "source: linear probe 4, early probe 4, partial freeze 3, fine tune 3, scratch 4.") in uneven
 
 
 def test_overrides_are_told_apart_from_options():
@@ -63,8 +91,8 @@ def test_overrides_are_told_apart_from_options():
     assert overrides == ["seed=1", "model=vgg_mini", "seed=2"]  # argv's order: the last seed wins
     assert (str(args.out), args.only, args.early_depth) == (
         "runs/seed=1", ["small_similar", "large_different", "small_different"], 3)
-    for argv in (["--only", "seed=1"], ["--only", "small_similar", "large_different"]):
-        with pytest.raises(SystemExit):  # an override or a second name where --only takes NAME,NAME
+    for argv in (["--only", "seed=1"], ["--only", "small_similar", "large_different"], ["--uot=runs"]):
+        with pytest.raises(SystemExit):  # an override or a second name where --only takes NAME,NAME; a typo'd option
             parse(argv)
 
 

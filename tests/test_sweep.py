@@ -54,20 +54,42 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path):
     out, composed_with = tmp_path / "dvc-sweep", ["experiment=smoke", f"paths.artifacts_dir={base / 'artifacts'}"]
     proj = copy_project(ROOT, tmp_path / "proj", params_text(compose(*composed_with), composed_with))
 
-    def sweep(depths: str):
-        proc = cli("sweep", "transfer", f"transfer.freeze_depth={depths}", "--out", str(out), cwd=proj)
+    def sweep(depths: str, seeds: str = "0"):
+        proc = cli("sweep", "transfer", f"transfer.freeze_depth={depths}", f"seed={seeds}", "--out", str(out), cwd=proj)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
     assert "2 of 2 points ran" in sweep("0,2")
-    assert yaml.safe_load((out / "params" / "transfer.freeze_depth=0.yaml").read_text())["name"] == "smoke"
-    kept = out / "transfer.freeze_depth=0" / "transfer" / "model.pt"
+    # a point is named by every override given, varying or not (seed=0 here)
+    assert yaml.safe_load((out / "params" / "seed=0,transfer.freeze_depth=0.yaml").read_text())["name"] == "smoke"
+    kept = out / "seed=0,transfer.freeze_depth=0" / "transfer" / "model.pt"
     stamp = kept.stat().st_mtime_ns
     grown = sweep("0,2,3")  # a point added: only it trains
     assert "1 of 3 points ran" in grown and "| transfer transfer.freeze_depth=3 |" in grown
     assert kept.stat().st_mtime_ns == stamp
     shutil.rmtree(kept.parent)  # an output deleted by hand comes back from DVC's cache, untrained
     assert "0 of 3 points ran" in sweep("0,2,3") and kept.exists()
+    # an axis of one value grown: the points done keep their names, and the table is this sweep's points only
+    seeds = sweep("0", "0,1")
+    assert "1 of 2 points ran" in seeds and "| transfer ← best on val | 2 |" in seeds and "depth=3" not in seeds
+
+
+def test_a_point_is_named_by_the_overrides_given():
+    from transferkit.sweep.points import point_name
+
+    point = ["experiment=smoke", "seed=0", "distill.student_init=/runs/a/model.pt", "transfer.freeze_depth=2"]
+    assert point_name(point, {"transfer.freeze_depth", "seed", "distill.student_init"}) == \
+        "distill.student_init=%2Fruns%2Fa%2Fmodel.pt,seed=0,transfer.freeze_depth=2"  # one folder, not three
+    assert point_name(point, set()) == "default"  # params.yaml's overrides (experiment=smoke) name nothing
+
+
+@pytest.mark.parametrize("option", ["--dry-run", "--uot=/elsewhere"])
+def test_sweep_refuses_an_unknown_option(option, capsys):
+    from transferkit.sweep.points import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["transfer", option, "transfer.freeze_depth=0,1"])
+    assert e.value.code == 2 and f"unrecognized arguments: {option}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -172,9 +194,9 @@ def test_collect_without_runs(tmp_path):
     assert "no finished runs" in line
 
 
-def test_score_cache_is_renewed_when_the_task_is_prepared_again(tmp_path):
-    import os
-
+def _scorable(tmp_path):
+    """A prepared task (with the params.yaml prepare saves beside it), a model trained for it, and `scored()`:
+    the model scored by score() with tmp_path/scores.pt as the cache."""
     import torch
 
     from transferkit.data.sources import make_synthetic
@@ -188,23 +210,78 @@ def test_score_cache_is_renewed_when_the_task_is_prepared_again(tmp_path):
                        test_per_class=None, seed=0, role="target")
     task_file = tmp_path / "artifacts" / "prepare" / "target.pt"
     save_torch(task, task_file)
+    data = {"target": {"classes": classes, "train_per_class": 8}}
+    (task_file.parent / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "data": data}))
     torch.manual_seed(0)
     save_checkpoint(build_model("fastnet", 3, widths=[8, 8, 8], stem_width=8).eval(), tmp_path / "run" / "model.pt",
                     classes, stage="transfer")
-    params = {"paths": {"artifacts_dir": str(tmp_path / "artifacts")}, "evaluate": {"tta": "none", "batch_size": 64}}
-    cache = tmp_path / "scores.pt"
+    params = {"seed": 1, "data": data, "paths": {"artifacts_dir": str(tmp_path / "artifacts")},
+              "evaluate": {"tta": "none", "batch_size": 64}}  # another seed: a seed sweep reads one prepare
 
     def scored() -> torch.Tensor:
         run = Run("transfer", tmp_path / "run", params, None)
-        score([run], cache_file=cache)
+        score([run], cache_file=tmp_path / "scores.pt")
         return run.correct
 
+    return task, task_file, params, scored
+
+
+def test_score_cache_is_renewed_when_the_task_is_prepared_again(tmp_path):
+    import os
+
+    from transferkit.io import save_torch
+
+    task, task_file, _, scored = _scorable(tmp_path)
     first = scored()
     task["test_y"] = (task["test_y"] + 1) % 3  # prepare ran again and the test labels moved
     save_torch(task, task_file)
     os.utime(task_file, ns=(task_file.stat().st_atime_ns, task_file.stat().st_mtime_ns + 10**9))
     second = scored()
     assert first.any() and not (first & second).any()  # scored again: every image right before is wrong now
+
+
+def test_a_damaged_score_cache_is_rebuilt(tmp_path, caplog):
+    from transferkit.io import load_plain
+
+    _, _, _, scored = _scorable(tmp_path)
+    first, cache = scored(), tmp_path / "scores.pt"
+    whole = cache.read_bytes()
+    for damaged in (whole[:300], b"not a zip", b"\x80\x02c__builtin__\neval\n."):  # truncated, garbage, code
+        cache.write_bytes(damaged)
+        caplog.clear()
+        assert scored().equal(first)
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert f"{cache} is unreadable (" in caplog.text and "rebuild it" in caplog.text
+        assert load_plain(cache, "")  # written again whole
+    cache.write_bytes(whole)
+    caplog.clear()
+    assert scored().equal(first) and not caplog.records
+
+
+def test_runs_are_scored_only_on_the_task_they_were_trained_for(tmp_path, monkeypatch):
+    """The test set at paths.artifacts_dir (relative: from the current folder) must be the one the run's
+    data block prepared; a missing one names the path it looked at."""
+    from transferkit.errors import TransferkitError
+
+    _, task_file, params, scored = _scorable(tmp_path)
+    saved = yaml.safe_load((task_file.parent / "params.yaml").read_text())
+    saved["data"]["target"]["train_per_class"] = 4  # prepare ran again with other settings
+    (task_file.parent / "params.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(TransferkitError, match=r"trained with data.target.train_per_class=8, but the target test set "
+                                               r"at .*target.pt was prepared with data.target.train_per_class=4 .*"
+                                               r"Fix: run collect from the project folder that made the runs"):
+        scored()
+    params["paths"]["artifacts_dir"] = "artifacts"
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(TransferkitError, match=r"at artifacts/prepare/target.pt, which does not exist \(a relative "
+                                               r"paths.artifacts_dir resolves from the current folder, .*/run\)"):
+        scored()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransferkitError, match="prepared with data.target.train_per_class=4"):
+        scored()
+    saved["data"]["target"]["train_per_class"] = 8
+    (task_file.parent / "params.yaml").write_text(yaml.safe_dump(saved))
+    assert scored().any()
 
 
 def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkeypatch):
@@ -285,3 +362,48 @@ def test_versus_scratch_pairs_only_the_seeds_both_ran():
     assert vs["difference"] == pytest.approx(0.015, abs=1e-6)  # (74 - 74 + 78 - 75) / 2 points
     assert versus(transfer[:1], scratch[:1])["ci95"] == pytest.approx(alone["ci95"])
     assert versus(transfer, []) is None
+
+
+def test_a_student_sweep_over_its_network_is_told_apart(tmp_path):
+    """distill.student.* is the student stage's own setting (its params in the stage table), though
+    its block is distill's; a transfer run beside it keeps none of it."""
+    from transferkit.sweep.collect import find_runs
+
+    for name, stage, widths, lr in (("micro", "student", [4, 8], 0.1), ("tiny", "student", [8, 8], 0.1),
+                                    ("lr1", "transfer", [8, 8], 0.1), ("lr2", "transfer", [8, 8], 0.2)):
+        (tmp_path / name / stage).mkdir(parents=True)
+        (tmp_path / name / stage / "model.pt").touch()
+        (tmp_path / name / stage / "params.yaml").write_text(yaml.safe_dump(
+            {"name": "smoke", "seed": 0, "data": {}, "distill": {"student": {"widths": widths}},
+             "transfer": {"lr": lr}}))
+    assert sorted(r.label for r in find_runs([tmp_path])) == [
+        "student distill.student.widths=[4, 8]", "student distill.student.widths=[8, 8]",
+        "transfer transfer.lr=0.1", "transfer transfer.lr=0.2"]
+
+
+def test_the_main_stage_of_a_tie_is_the_same_in_every_process():
+    """Two stages with as many rows, no transfer: the first in the stage table's order (student before
+    distill), whatever the process's hash seed."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from pathlib import Path\nfrom transferkit.evaluation.runs import Run, summarize\n"
+            "print(summarize([Run(s, Path(s + v), {'seed': 0}, 0.5, setting=(f'{s}.x={v}',), test_acc=0.5) "
+            "for s in ('distill', 'student') for v in '12'])['stage'])")
+    mains = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                            capture_output=True, text=True, check=True).stdout.strip() for seed in ("0", "1")}
+    assert mains == {"student"}
+
+
+def test_one_seed_has_no_spread_and_intervals_stay_within_100_points():
+    from transferkit.evaluation.runs import summarize
+    from transferkit.evaluation.tables import sweep_table
+
+    summary = summarize([_run("transfer", 0, 0.70), _run("scratch", 0, 0.60)])
+    assert [(r["val_std"], r["test_std"]) for r in summary["rows"]] == [(None, None)] * 2
+    assert "| scratch | 1 | 50.0 ± – | 60.0 ± – |" in sweep_table(summary)  # unknown, not 0.0
+    # two seeds that disagree wildly: a t interval far wider than an accuracy difference can be
+    table = sweep_table(summarize([_run("transfer", 0, 0.90), _run("transfer", 1, 0.30),
+                                   _run("scratch", 0, 0.30), _run("scratch", 1, 0.40)]))
+    assert "| +25.0 (-100.0 to +100.0) | not shown (interval includes 0) |" in table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import matplotlib
@@ -119,8 +120,8 @@ def sweep_png(summary: dict, path: Path) -> bool:
     except ValueError:
         numeric, xs = False, list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.errorbar(xs, [100 * r["test_mean"] for r in rows], yerr=[100 * r["test_std"] for r in rows],
-                marker="o", capsize=3, label=f"{main}, test")
+    spread = [math.nan if r["test_std"] is None else 100 * r["test_std"] for r in rows]  # one seed: no bar
+    ax.errorbar(xs, [100 * r["test_mean"] for r in rows], yerr=spread, marker="o", capsize=3, label=f"{main}, test")
     ax.plot(xs, [100 * r["val_mean"] for r in rows], "o--", alpha=0.6, label=f"{main}, val")
     for ref, colour, style in (("scratch", "k", "-"), ("probe", "g", ":")):
         for r in summary["rows"]:

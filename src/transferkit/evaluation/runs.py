@@ -4,6 +4,7 @@ scored again on the target test set it was trained for, and summarized over seed
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 from collections import defaultdict
@@ -13,12 +14,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from transferkit.config.compose import differing, flatten
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.metrics import mean_difference, paired_difference, predict
 from transferkit.stages import TARGET_MODELS
 from transferkit.stages.common import PARAMS_FILE
 
 REFERENCES = ("scratch", "probe")  # the baselines a sweep's runs are compared with
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,19 +54,63 @@ def read_run(folder: Path, stage: str) -> Run:
                timing.get("train_seconds"))
 
 
+def check_task(run: Run, task_file: Path, prepared: dict[Path, dict]) -> None:
+    """The prepared task at `task_file` is the one `run` was trained for: the data block of the params
+    prepare saved beside it is the run's (seeds may differ: a seed sweep reads one prepare).
+    `prepared` caches each task file's data block."""
+    where = f"a relative paths.artifacts_dir resolves from the current folder, {Path.cwd()}"
+    fix = "Fix: run collect from the project folder that made the runs"
+    if task_file not in prepared:
+        if not task_file.is_file():
+            raise TransferkitError(f"{run.folder} is scored on the target test set at {task_file}, which does not "
+                                   f"exist ({where}). {fix}, after its 'prepare' stage ran (`dvc repro prepare`).")
+        try:
+            saved = yaml.safe_load((task_file.parent / PARAMS_FILE).read_text())
+        except (OSError, yaml.YAMLError):
+            saved = None
+        if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict):
+            raise TransferkitError(f"{task_file.parent} has no readable {PARAMS_FILE} saying which data it was "
+                                   f"prepared with. Fix: prepare it again (`dvc repro prepare`).")
+        prepared[task_file] = flatten({"data": saved["data"]})
+    mine = flatten({"data": run.params.get("data")})
+    if keys := differing(mine, prepared[task_file]):
+        here, there = (json.dumps(d.get(keys[0], "<missing>")) for d in (mine, prepared[task_file]))
+        raise TransferkitError(f"{run.folder} was trained with {keys[0]}={here}, but the target test set at "
+                               f"{task_file} was prepared with {keys[0]}={there} ({where}). {fix}.")
+
+
+def load_cache(cache_file: Path | None) -> dict:
+    """The per-image results of an earlier collect; a cache, so an unreadable one is rebuilt, never refused."""
+    from transferkit.io import load_plain
+
+    if not cache_file or not cache_file.exists():
+        return {}
+    try:
+        cache = load_plain(cache_file, "")
+        if isinstance(cache, dict) and all(isinstance(v, torch.Tensor) for v in cache.values()):
+            return cache
+        problem = "not per-image results"
+    except TransferkitError:  # what torch's restricted unpickler refuses: damaged, or not plain data
+        problem = "damaged, or not plain data"
+    except Exception as e:  # truncated or damaged: torch raises many types
+        problem = str(e).strip().split(". ")[0].splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    log.warning("%s is unreadable (%s): scoring every run again to rebuild it", cache_file, problem)
+    return {}
+
+
 def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = None) -> None:
     """Top-1 of every run on its target test set (the prepared task named by its params, or
     `task`), with the per-image results cached by model and test-set file stamps: a retrained
     model or a re-prepared task is scored again."""
-    from transferkit.io import load_plain, load_torch, save_torch
+    from transferkit.io import load_torch, save_torch
     from transferkit.models import load_checkpoint
 
-    cache = load_plain(cache_file, f"delete {cache_file} (a cache: collect rebuilds it).") \
-        if cache_file and cache_file.exists() else {}
-    tasks: dict[Path, dict] = {}
+    cache, tasks, prepared = load_cache(cache_file), {}, {}
     for run in runs:
         task_file = Path(run.params["paths"]["artifacts_dir"]) / "prepare" / "target.pt"
-        stamp = task_file.stat().st_mtime_ns if task is None and task_file.exists() else None
+        if task is None:
+            check_task(run, task_file, prepared)
+        stamp = task_file.stat().st_mtime_ns if task is None else None
         key = (f"{run.folder.resolve()}|{(run.folder / 'model.pt').stat().st_mtime_ns}|{stamp}|"
                f"{run.params.get('evaluate')}")
         if key not in cache:
@@ -99,11 +146,12 @@ def versus(group: list[Run], baseline: list[Run]) -> dict | None:
             "method": "paired by image on the one seed both ran (test-set noise only)"}
 
 
-def _mean_std(values: list) -> tuple[float, float]:
+def _mean_std(values: list) -> tuple[float, float | None]:
+    """Mean and standard deviation; the spread of one value is unknown (None), not zero."""
     values = [v for v in values if v is not None]
     if not values:
         return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def _order(setting: tuple[str, ...]):
@@ -135,7 +183,8 @@ def summarize(runs: list[Run]) -> dict:
                      **({"vs_scratch": versus(group, refs["scratch"])} if stage != "scratch" else {})})
     stages = [r["stage"] for r in rows]
     swept = [s for s in stages if s not in REFERENCES] or stages
-    main = "transfer" if "transfer" in stages else max(set(swept), key=swept.count)
+    # ties: the first in row order (TARGET_MODELS'), so the choice is the same in every process
+    main = "transfer" if "transfer" in stages else max(swept, key=swept.count)
     best = max((r for r in rows if r["stage"] == main and not math.isnan(r["val_mean"])), key=lambda r: r["val_mean"],
                default=None)
     for r in rows:

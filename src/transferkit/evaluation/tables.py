@@ -9,6 +9,11 @@ def pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def interval(lo: float, hi: float) -> str:
+    """A 95% interval of an accuracy difference in points, clipped to the -100 to +100 it can be."""
+    return f"{100 * max(lo, -1.0):+.1f} to {100 * min(hi, 1.0):+.1f}"
+
+
 def sweep_table(summary: dict) -> str:
     lines = ["| run | seeds | val top-1 % (mean ± std) | test top-1 % (mean ± std) "
              "| test − scratch, points (95% interval) | beats scratch? |", "|---|---|---|---|---|---|"]
@@ -19,7 +24,7 @@ def sweep_table(summary: dict) -> str:
             diff = "no paired seed"
         elif vs:
             lo, hi = vs["ci95"]
-            diff = f"{100 * vs['difference']:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+            diff = f"{100 * vs['difference']:+.1f} ({interval(lo, hi)})"
             verdict = "yes" if lo > 0 else ("no: worse" if hi < 0 else "not shown (interval includes 0)")
         lines.append(f"| {r['label']}{' ← best on val' * r['chosen_on_val']} | {len(r['seeds'])} | "
                      f"{pct(r['val_mean'])} ± {pct(r['val_std'])} | {pct(r['test_mean'])} ± {pct(r['test_std'])} | "
@@ -39,15 +44,26 @@ def scenario_verdict(q: dict) -> str:
     tie = ", tied on val (ties go to the earlier strategy)" if q["guided_ties_winner_on_val"] else ""
     label = next(r["label"] for r in q["rows"] if r["strategy"] == q["guidance"]["strategy"])
     return (f"no{tie}: {label} is {100 * q['guided_minus_winner_test']['difference']:+.1f} points on test vs the "
-            f"winner ({100 * lo:+.1f} to {100 * hi:+.1f}; {noise})")
+            f"winner ({interval(lo, hi)}; {noise})")
+
+
+def epochs_sentence(results: list[dict]) -> str:
+    """Whether the strategies of each quadrant train for as many epochs (an override such as transfer.epochs=3
+    changes some of them), and if not, which differ."""
+    uneven = [q for q in results if len({r["epochs"] for r in q["rows"]}) > 1]
+    if not uneven:
+        return "Every strategy of a quadrant trains for the same number of epochs."
+    return ("The strategies train for different numbers of epochs, so their budgets differ: " +
+            "; ".join(f"{q['title']}: " + ", ".join(f"{r['label']} {r['epochs']}" for r in q["rows"]) for q in uneven)
+            + ".")
 
 
 def scenarios_markdown(results: list[dict]) -> str:
     first = results[0]
     lines = ["# The four transfer scenarios, measured", "",
              f"Target: {', '.join(first['target_classes'])} in every quadrant, so the quadrants compare; test = "
-             f"{first['n_test']:,} official test images. Every strategy of a quadrant trains for the same number of "
-             "epochs. The winner is chosen on validation accuracy (◀ val); test accuracy is reported, never used to "
+             f"{first['n_test']:,} official test images. {epochs_sentence(results)} The winner is chosen on "
+             "validation accuracy (◀ val); test accuracy is reported, never used to "
              "choose. Intervals: 95% (Wilson). One seed.", "", "## Summary", "",
              "| quadrant | target train | source (pretrain epochs: source test top-1) | source material says | "
              "winner on val | its test top-1 % | best on test | agrees? |", "|---|---|---|---|---|---|---|---|"]
@@ -100,7 +116,7 @@ def results_table(metrics: dict, timing: dict) -> str:
              f"{bf16} after" if "fp32_gflops_before" in m else f"fp32 {fp32} / bf16 {bf16} GFLOP/s after the timings")
     cpu = m.get("cpu", "unknown CPU") + (f" ({m['isa']})" if m.get("isa") else "")
     lines += ["", f"Transfer minus scratch: {100 * d['difference']:+.1f} points (95% paired interval "
-                  f"{100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}), {d['n']:,} test images. Latency and "
+                  f"{interval(*d['ci95'])}), {d['n']:,} test images. Latency and "
                   f"throughput: {cpu}, {m.get('threads', '?')} threads (matmul peak {peaks}), "
                   f"torch {m.get('torch', '?')}."]
     return "\n".join(lines) + "\n"
@@ -128,16 +144,35 @@ def main(argv: list[str]) -> int:
     from pathlib import Path
 
     from transferkit.errors import TransferkitError
+    from transferkit.stages import PIPELINE, STAGES
 
     parser = argparse.ArgumentParser(prog="transferkit results", description=main.__doc__)
     parser.add_argument("dir", nargs="?", type=Path, default=Path("artifacts/evaluate"),
                         help="evaluate's output folder (default artifacts/evaluate)")
     folder = parser.parse_args(argv).dir
-    if not (folder / "metrics.json").is_file():
-        raise TransferkitError(f"no metrics.json in {folder}. Fix: run the pipeline first (`dvc repro`).")
-    print(results_table(*(json.loads((folder / f).read_text()) for f in ("metrics.json", "timing.json"))), end="")
-    from transferkit.stages import PIPELINE
+    if any((folder / s).is_dir() for s in STAGES):  # the artifacts folder itself
+        done = (folder / "evaluate" / "metrics.json").is_file()
+        raise TransferkitError(f"{folder} holds the stages' folders; the results are in evaluate's"
+                               f"{'' if done else ', which has none yet'}. Fix: "
+                               f"{'' if done else 'run the pipeline (`dvc repro`), then '}"
+                               f"`transferkit results {folder / 'evaluate'}`.")
 
+    def read(name: str, fix: str) -> dict:
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError) as e:
+            raise TransferkitError(f"cannot read {folder / name} ({getattr(e, 'strerror', None) or e}). "
+                                   f"Fix: {fix}.") from e
+        return data if isinstance(data, dict) else {}
+
+    rerun = "run evaluate again (`dvc repro evaluate`), which writes metrics.json and timing.json"
+    metrics = read("metrics.json", "pass evaluate's output folder (`transferkit results artifacts/evaluate`), "
+                                   "after running the pipeline (`dvc repro`)")
+    if "models" not in metrics or "transfer_vs_scratch" not in metrics:  # another stage's metrics.json
+        raise TransferkitError(f"{folder / 'metrics.json'} is not evaluate's: it scores no models. Fix: "
+                               + (rerun if folder.name == "evaluate" else
+                                  f"pass evaluate's folder, `transferkit results {folder.parent / 'evaluate'}`") + ".")
+    print(results_table(metrics, read("timing.json", rerun)), end="")
     runs = folder.parent  # the stages' folders beside evaluate's (freeze_curve's runs one level down)
     timings = {path.parent.relative_to(runs).as_posix(): json.loads(path.read_text()) for s in PIPELINE if s.trains
                for path in [*(runs / s.name).glob("timing.json"), *sorted((runs / s.name).glob("*/timing.json"))]}

@@ -34,6 +34,7 @@ class Strategy(NamedTuple):
     stage: str       # the pipeline stage that trains it
     overrides: dict  # on top of the quadrant's config
     what: str        # what is trained, for the report
+    option: str = ""  # the command-line option that sets its depth, if one does
 
     def sets(self) -> list[str]:
         return [f"{k}={'null' if v is None else v}" for k, v in self.overrides.items()]
@@ -43,9 +44,9 @@ def strategies(early: int = 2, partial: int = 2) -> list[Strategy]:
     return [Strategy("linear_probe", "linear probe", "probe", {"probe.depth": None},
                      "new head on all pretrained blocks (frozen)"),
             Strategy("early_probe", f"probe on block {early}", "probe", {"probe.depth": early},
-                     f"new head on pretrained blocks[:{early}] (frozen)"),
+                     f"new head on pretrained blocks[:{early}] (frozen)", "--early-depth"),
             Strategy("partial_freeze", f"partial freeze ({partial})", "transfer", {"transfer.freeze_depth": partial},
-                     f"pretrained blocks[:{partial}] frozen, the rest fine-tuned"),
+                     f"pretrained blocks[:{partial}] frozen, the rest fine-tuned", "--partial-depth"),
             Strategy("fine_tune", "full fine-tune", "transfer", {"transfer.freeze_depth": 0},
                      "every pretrained block fine-tuned"),
             Strategy("scratch", "scratch", "scratch", {}, "every block from random init")]
@@ -58,6 +59,11 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                override_key(o) in ("experiment", "name", "paths.artifacts_dir")]:
         raise TransferkitError(f"override '{bad[0]}' cannot be used here: each quadrant sets its experiment and "
                                f"folders. Fix: use --only NAME,... and --out DIR.")
+    # each strategy sets its own depth: an override of it would be replaced, unseen, by the strategy's value
+    options = {k: s.option for s in plan if s.option for k in s.overrides}
+    if bad := [o for o in overrides if override_key(o) in options]:
+        raise TransferkitError(f"override '{bad[0]}' cannot be used here: each strategy sets "
+                               f"{override_key(bad[0])} itself. Fix: use {options[override_key(bad[0])]} K.")
     if len(expand(overrides)) > 1:
         raise TransferkitError(f"{' '.join(overrides)}: a sweep of scenarios is one run per setting. Fix: give one "
                                f"value per key and a separate --out DIR per run.")
@@ -70,6 +76,8 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                 check_points(s.stage if s else None, [f"experiment={preset}", *overrides, *(s.sets() if s else [])],
                              blocks, reads_artifacts=False)  # each quadrant's stages read its own folders
             except TransferkitError as e:
+                if s and s.option and str(e).startswith(tuple(f"{k}=" for k in s.overrides)):
+                    raise depth_error(preset, overrides, s) from e  # the option's value, not a config key's
                 raise TransferkitError(f"{preset}{f', strategy {s.name}' if s else ''}: {e}") from e
         cfg = compose([f"experiment={preset}", "trainer.progress_bar=false", *overrides])
         cfg.paths.data_dir = data_dir = str(Path(cfg.paths.data_dir).resolve())
@@ -89,6 +97,19 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                                                      {**prepared, "pretrain": f"pretrain-{similarity}"}, [code],
                                                      keys[s.stage], s.sets())
     return stages
+
+
+def depth_error(preset: str, overrides: list[str], s: Strategy) -> TransferkitError:
+    """A strategy's depth out of its model's range, named by the option that set it."""
+    from transferkit.config.compose import to_params
+    from transferkit.models import model_from_config
+
+    cfg = compose([f"experiment={preset}", *overrides])
+    n = model_from_config(to_params(cfg.model), 2, key="model", fetch_weights=False).num_blocks
+    low = int(s.stage == "probe")  # a probe needs one block at least
+    return TransferkitError(f"{s.option} {next(iter(s.overrides.values()))} is out of range: model "
+                            f"'{cfg.model.name}' has {n} blocks ({preset}, strategy {s.name}). "
+                            f"Fix: {s.option} K with K in {low}..{n}.")
 
 
 def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = None,
@@ -121,7 +142,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--early-depth", type=int, default=2, help="probe.depth of the earlier-block probe (2)")
     parser.add_argument("--partial-depth", type=int, default=2, help="transfer.freeze_depth of partial freeze (2)")
     args, rest = parser.parse_known_args(argv)
-    if bad := [a for a in rest if "=" not in a] + [n for n in args.only if "=" in n or not n]:
+    if bad := [a for a in rest if "=" not in a or a.startswith("-")] + [n for n in args.only if "=" in n or not n]:
         parser.error(f"unrecognized arguments: {' '.join(map(repr, bad))} (--only takes NAME,NAME; the rest is "
                      f"key=value overrides)")
     return args, rest

@@ -22,10 +22,9 @@ from transferkit.evaluation.plots import sweep_png
 from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import save_json, save_text
-from transferkit.stages import TARGET_MODELS
+from transferkit.stages import BY_NAME, TARGET_MODELS
 
 NOT_SWEPT = ("seed", "trainer.progress_bar", "trainer.loggers", "paths")  # never what sets runs apart
-NOT_A_STAGE_BLOCK = ("model", "trainer")
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
@@ -49,9 +48,10 @@ def find_runs(dirs: list[Path]) -> list[Run]:
     swept = sorted({k for f in flats for k in f if len({json.dumps(g.get(k)) for g in flats}) > 1
                     and not k.startswith(NOT_SWEPT)})
     seen = {}
-    for r, f in zip(runs, flats):  # a run's setting: the swept keys of its own block and of no stage's block
-        r.setting = tuple(f"{k}={f.get(k)}" for k in swept if k.split(".")[0] in (r.stage, *NOT_A_STAGE_BLOCK)
-                          or k.split(".")[0] not in TARGET_MODELS)
+    for r, f in zip(runs, flats):  # a run's setting: the swept keys of no target model's block, and of its stage's
+        own = BY_NAME[r.stage].params  # params (student's include distill.student, prune's distill.temperature)
+        r.setting = tuple(f"{k}={f.get(k)}" for k in swept if k.split(".")[0] not in TARGET_MODELS
+                          or any(k == p or k.startswith(f"{p}.") for p in own))
         if twin := seen.get((r.stage, r.setting, r.seed)):  # two seeds' worth of confidence from one seed
             raise TransferkitError(f"{twin.folder} and {r.folder} are the same run ({r.stage}, seed {r.seed}"
                                    f"{''.join(f', {o}' for o in r.setting)}), which the table would count as two "

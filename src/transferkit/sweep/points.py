@@ -116,9 +116,11 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     return list(zip(points, composed))
 
 
-def point_name(point: list[str], points: list[list[str]]) -> str:
-    """The overrides that vary across the sweep, as Hydra names its folders: `seed=1,transfer.freeze_depth=2`."""
-    return ",".join(sorted(o for o in point if any(o not in other for other in points))) or "default"
+def point_name(point: list[str], given: set[str]) -> str:
+    """The point's overrides of the keys `given` on the command line, varying or not, as Hydra names its
+    folders: `seed=1,transfer.freeze_depth=2`. A point keeps its name when the sweep grows along an axis
+    of one value, so DVC runs only the new points; a "/" in a value would make a subfolder."""
+    return ",".join(sorted(o.replace("/", "%2F") for o in point if override_key(o) in given)) or "default"
 
 
 def main(argv: list[str]) -> int:
@@ -132,19 +134,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("stage", choices=TARGET_MODELS, help="a stage whose models collect scores")
     parser.add_argument("--out", type=Path, help="the sweep's folder (default sweeps/<experiment>-<stage>)")
     args, overrides = parser.parse_known_args(argv)
+    if unknown := [o for o in overrides if o.startswith("-")]:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (the options are --out DIR; the rest is "
+                     f"key=value overrides)")
     # the points read what params.yaml made: composed as it is, then with the overrides given here
     given = {override_key(o) for o in overrides}
     base = [o for o in project_overrides(find_conf_dir().parent / "params.yaml") if override_key(o) not in given]
     points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides])))
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
-    stages, code = {}, str(Path(__file__).resolve().parents[1])
+    stages, code, names = {}, str(Path(__file__).resolve().parents[1]), []
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
-        name, artifacts = point_name(point, points), Path(cfg.paths.artifacts_dir).resolve()
+        name, artifacts = point_name(point, given), Path(cfg.paths.artifacts_dir).resolve()
+        names.append(name)
         save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
         stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
                                         {r: str(artifacts / r) for r in BY_NAME[args.stage].reads},
                                         [code, f"params/{name}.yaml"])
     ran = run_pipeline(out, stages)
     print(f"{len(ran)} of {len(stages)} points ran; the rest were done already")
-    print(sweep_table(collect([out], out / "collected")))
+    # this sweep's points only: out/ may keep the points of an earlier, other sweep
+    print(sweep_table(collect([out / name for name in names], out / "collected")))
     return 0
