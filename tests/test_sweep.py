@@ -241,18 +241,22 @@ def test_score_cache_is_renewed_when_the_task_is_prepared_again(tmp_path):
 
 
 def test_a_damaged_score_cache_is_rebuilt(tmp_path, caplog):
+    from transferkit.errors import TransferkitError
     from transferkit.io import load_plain
 
     _, _, _, scored = _scorable(tmp_path)
     first, cache = scored(), tmp_path / "scores.pt"
     whole = cache.read_bytes()
-    for damaged in (whole[:300], b"not a zip", b"\x80\x02c__builtin__\neval\n."):  # truncated, garbage, code
+    for damaged in (whole[:300], b"not a zip"):  # truncated, garbage
         cache.write_bytes(damaged)
         caplog.clear()
         assert scored().equal(first)
         assert [r.levelname for r in caplog.records] == ["WARNING"]
         assert f"{cache} is unreadable (" in caplog.text and "rebuild it" in caplog.text
         assert load_plain(cache, "")  # written again whole
+    cache.write_bytes(b"\x80\x02c__builtin__\neval\n.")  # code: refused, as test_safe_files checks in full
+    with pytest.raises(TransferkitError, match="not plain data"):
+        scored()
     cache.write_bytes(whole)
     caplog.clear()
     assert scored().equal(first) and not caplog.records

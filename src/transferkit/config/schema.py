@@ -289,9 +289,6 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
             blocks[repr(model_cfg)] = model_from_config(model_cfg, 2, key=key, fetch_weights=False).num_blocks
         return blocks[repr(model_cfg)]
 
-    if "distill" in cfg:
-        num_blocks("distill.student")
-    stages = [s for s in DEPTHS if s in cfg] if all_stages else [stage] if stage in DEPTHS else []
-    for name in stages:
-        validate_depths(cfg, name, num_blocks("model"))
-    num_blocks("model")
+    n = {key: num_blocks(key) for key in ("model", "distill.student") if OmegaConf.select(cfg, key) is not None}
+    for name in [s for s in DEPTHS if s in cfg] if all_stages else [stage] if stage in DEPTHS else []:
+        validate_depths(cfg, name, n["model"])

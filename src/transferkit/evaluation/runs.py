@@ -80,18 +80,21 @@ def check_task(run: Run, task_file: Path, prepared: dict[Path, dict]) -> None:
 
 
 def load_cache(cache_file: Path | None) -> dict:
-    """The per-image results of an earlier collect; a cache, so an unreadable one is rebuilt, never refused."""
+    """The per-image results of an earlier collect. A damaged one is a cache: rebuilt, with a warning. One
+    that would run code is refused, as every file transferkit reads back is (docs/faults.md)."""
     from transferkit.io import load_plain
 
     if not cache_file or not cache_file.exists():
         return {}
     try:
-        cache = load_plain(cache_file, "")
+        cache = load_plain(cache_file, f"delete {cache_file} (a cache: collect rebuilds it).")
         if isinstance(cache, dict) and all(isinstance(v, torch.Tensor) for v in cache.values()):
             return cache
         problem = "not per-image results"
-    except TransferkitError:  # what torch's restricted unpickler refuses: damaged, or not plain data
-        problem = "damaged, or not plain data"
+    except TransferkitError as e:  # torch's restricted unpickler refused it: code, or bytes that are no pickle
+        if "Unsupported global" in str(e.__cause__):
+            raise
+        problem = "damaged"
     except Exception as e:  # truncated or damaged: torch raises many types
         problem = str(e).strip().split(". ")[0].splitlines()[0][:120] if str(e).strip() else type(e).__name__
     log.warning("%s is unreadable (%s): scoring every run again to rebuild it", cache_file, problem)
