@@ -55,6 +55,20 @@ def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path):
     assert stages_run(_sh(["dvc", "repro"], proj)) == ["quantize", "evaluate"]
 
 
+def test_a_copy_of_the_project_gets_the_dvc_yaml_of_its_own_params(tmp_path):
+    """check-repro and the benchmarks copy the project composed as they choose (smoke, say): the copy's
+    dvc.yaml is made from those params, never the project's own, which may name other folders or files."""
+    from transferkit.config.compose import compose, params_text, to_params
+    from transferkit.config.dvcyaml import dvc_yaml_text
+
+    cfg = compose(["experiment=smoke", "paths.artifacts_dir=elsewhere"])
+    proj = copy_project(ROOT, tmp_path / "proj", params_text(cfg))
+    made = (proj / "dvc.yaml").read_text()
+    assert made == dvc_yaml_text(to_params(cfg)) and "elsewhere/prepare" in made
+    assert "elsewhere/prepare" not in (ROOT / "dvc.yaml").read_text()
+    assert "Running stage" not in _sh(["dvc", "status"], proj)  # a valid pipeline DVC reads
+
+
 def test_dvc_yaml_is_generated_from_the_stage_table():
     from transferkit.config.dvcyaml import dvc_yaml_text
 

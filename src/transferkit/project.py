@@ -16,9 +16,9 @@ import yaml
 
 from transferkit.errors import TransferkitError
 
-# What a clone of the project holds that `dvc repro` needs (params.yaml is composed per copy;
+# What a clone of the project holds that `dvc repro` needs (params.yaml and dvc.yaml are made per copy;
 # data/ is copied; artifacts/, outputs and caches are left behind: the copy starts clean).
-PROJECT_ITEMS = ("conf", "src", "dvc.yaml", ".dvcignore")
+PROJECT_ITEMS = ("conf", "src", ".dvcignore")
 
 
 def child_env() -> dict[str, str]:
@@ -49,8 +49,12 @@ def stages_run(output: str) -> list[str]:
 
 
 def copy_project(root: Path, dest: Path, params_text: str) -> Path:
-    """`dest` as a fresh clone has it, plus data/: the pipeline's code and config, params.yaml,
-    one git commit (dvclive reads HEAD), no artifacts and no DVC cache."""
+    """`dest` as a fresh clone of a project composed as `params_text` has it, plus data/: the pipeline's
+    code and config, params.yaml, the dvc.yaml `transferkit params` makes for it (its folders and the files
+    its settings name, which the project's own dvc.yaml may not share), one git commit (dvclive reads
+    HEAD), no artifacts and no DVC cache."""
+    from transferkit.config.dvcyaml import dvc_yaml_text
+
     dest.mkdir(parents=True)
     for item in PROJECT_ITEMS:
         src = root / item
@@ -59,6 +63,7 @@ def copy_project(root: Path, dest: Path, params_text: str) -> Path:
         elif src.exists():
             shutil.copy(src, dest / item)
     (dest / "params.yaml").write_text(params_text)
+    (dest / "dvc.yaml").write_text(dvc_yaml_text(yaml.safe_load(params_text)))
     if (root / "data").is_dir():
         shutil.copytree(root / "data", dest / "data")
     else:
