@@ -52,9 +52,10 @@ def params_text(cfg: DictConfig, overrides: list[str] = ()) -> str:
 PARAMS_KEYS = {"name", "seed", "paths", "trainer"}  # what every stage reads: a file without them is another file
 
 
-def read_yaml(path: Path):
+def read_yaml(path: Path, text: str | None = None):
+    """`path` parsed (or its `text`, where the caller has read it already)."""
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text() if text is None else text)
     except yaml.YAMLError as e:
         raise TransferkitError(f"{path} is not valid YAML ({' '.join(str(e).split())}). Fix: write it again with "
                                f"`transferkit params`.") from e
@@ -99,7 +100,7 @@ def project_overrides(params_path: Path) -> list[str]:
             break
         if line.startswith(OVERRIDES_LINE):
             return shlex.split(line[len(OVERRIDES_LINE):])
-    data = read_yaml(params_path)
+    data = read_yaml(params_path, text)
     name = data.get("name") if isinstance(data, dict) else None
     return [f"experiment={name}"] if name else []
 
