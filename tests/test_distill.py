@@ -80,7 +80,7 @@ def test_mixup_shows_teacher_and_student_the_same_blend_of_two_images():
     x = values.view(-1, 1, 1, 1).expand(8, 3, 32, 32).contiguous()  # image i: every pixel i/8
     module._train_sums = torch.zeros(3)
     torch.manual_seed(0)
-    loss = module.training_step((x, torch.arange(8) % 3), 0)
+    loss = module.training_loss((x, torch.arange(8) % 3))
     assert torch.isfinite(loss)
     assert torch.equal(seen["teacher"], seen["student"])  # consistent: one blend for both
     mixed = seen["student"].flatten(1)

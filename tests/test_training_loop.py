@@ -30,15 +30,28 @@ def _task(train_per_class: int):
                        test_per_class=None, seed=0, role="target")
 
 
-def _module(kind: str):
-    student = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
-    if kind == "classifier":
-        return ClassifierModule(student, **SETTINGS)
+class _Automatic:
+    """A module trained by Lightning's automatic optimization: the loop our training_step writes out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = True
+
+    def training_step(self, batch, batch_idx: int):
+        return self.training_loss(batch)
+
+
+def _module(kind: str, automatic: bool = False, **settings):
     from transferkit.distill.module import DistillerModule
 
+    base = ClassifierModule if kind == "classifier" else DistillerModule
+    cls = type(f"Automatic{base.__name__}", (_Automatic, base), {}) if automatic else base
+    student = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
+    if kind == "classifier":
+        return cls(student, **SETTINGS, **settings)
     teacher = build_model("fastnet", 3, widths=[16, 16, 16], stem_width=8)  # distilled on mixed images
-    return DistillerModule(student, teacher, method="kd", method_kwargs={"temperature": 4.0, "alpha": 0.5,
-                                                                         "mixup": 1.0}, **SETTINGS)
+    return cls(student, teacher, method="kd", method_kwargs={"temperature": 4.0, "alpha": 0.5, "mixup": 1.0},
+               **SETTINGS, **settings)
 
 
 def _count_reads(monkeypatch, train_per_class: int, tmp_path: Path, kind: str = "classifier") -> int:
@@ -67,6 +80,26 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_pat
     few = _count_reads(monkeypatch, 8, tmp_path / "few", kind)      # 24 images: 3 steps of 8
     many = _count_reads(monkeypatch, 24, tmp_path / "many", kind)   # 72 images: 9 steps of 8
     assert few == many, f"{many - few} reads of device values in 6 more steps"
+
+
+@pytest.mark.parametrize("kind,precision", [("classifier", "32-true"), ("distill", "bf16-mixed")])
+def test_the_training_step_trains_as_lightnings_automatic_optimization_does(tmp_path, kind, precision):
+    # gradual unfreezing, the step schedule and lookahead all see the same steps in the same order
+    from transferkit.training.lookahead import Lookahead
+
+    trainer_cfg = {**compose("experiment=smoke").trainer, "loggers": [], "checkpoint_budget": 0,
+                   "precision": precision}
+    weights = []
+    for automatic in (True, False):
+        pl.seed_everything(0, verbose=False)
+        module = _module(kind, automatic, freeze_depth=1, unfreeze_every_epochs=1)
+        datamodule = TaskDataModule(_task(16), 8, 64, flip="random", translate=2)
+        trained = fit(module, datamodule, trainer_cfg, tmp_path / str(automatic), max_epochs=2,
+                      callbacks=(Lookahead(every=2),))
+        assert trained.precision == precision
+        weights.append(trained.model.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_the_training_rate_counts_the_images_trained_on(tmp_path):

@@ -33,9 +33,9 @@ class DistillerModule(ClassifierModule):
         super().on_train_epoch_start()
         self.teacher.eval()  # Lightning's model.train() at fit start would wake its BatchNorm up
 
-    def training_step(self, batch, batch_idx: int):
+    def training_loss(self, batch) -> torch.Tensor:
         if not self.mixup:
-            return super().training_step(batch, batch_idx)
+            return super().training_loss(batch)
         x, y = batch
         # each image blended with another of the batch, lam ~ Beta(m, m) per image, sampled on the device
         c = torch.full((len(y),), self.mixup, device=x.device)

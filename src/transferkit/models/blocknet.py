@@ -73,7 +73,8 @@ class BlockNet(nn.Module):
 
     def features(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         x = self.normalize(x)
-        for block in self.blocks[: self.num_blocks if depth is None else depth]:
+        # slicing a ModuleList builds a new one (dozens of Python calls): not on every forward
+        for block in self.blocks if depth is None else self.blocks[:depth]:
             x = block(x)
         return x
 

@@ -32,7 +32,16 @@ class ClassifierModule(pl.LightningModule):
         # backbone_lr_mult == 0 is the source material's "LRateMultiplier 0": a frozen backbone
         self.start_depth = model.num_blocks if backbone_lr_mult == 0 else freeze_depth
         freeze_blocks(model, self.start_depth)
+        self.automatic_optimization = False
         self.trained_images = 0  # by this process, this run: what a training rate is computed from
+
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning sets _current_fx_name twice around every hook call, dozens of times a step: a
+        # string needs none of nn.Module's checks for parameters, buffers and submodules
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ---------------------------------------------------------------- steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,12 +57,22 @@ class ClassifierModule(pl.LightningModule):
         sums += torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(),
                              loss.new_full((), n, dtype=torch.float32)])
 
-    def training_step(self, batch, batch_idx: int):
+    def training_loss(self, batch) -> torch.Tensor:
         x, y = batch
         logits = self.model(x)
         loss = self.loss(logits, x, y)
         self._tally(self._train_sums, loss, logits, y)
         return loss
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        # the steps of Lightning's automatic optimization, in its order, without the closure and
+        # the hook calls around it that it makes on every step
+        loss = self.training_loss(batch)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.lr_schedulers().step()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.trained_images += len(batch[1])  # a shape, known on the host: no wait

@@ -10,6 +10,7 @@ logs as they were then) at epoch ends, as often as a budget of the training time
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, TQDMProgressBar
+from pytorch_lightning.profilers import PassThroughProfiler
 
 from transferkit.errors import TransferkitError
 from transferkit.models.blocknet import BlockNet
@@ -124,6 +126,17 @@ class ResumeCheckpoint(Checkpoint):
         self.spent += time.perf_counter() - t
 
 
+class NoProfiler(PassThroughProfiler):
+    """Lightning's default profiler records nothing, yet enters a generator-based context manager
+    (about ten Python calls) around every hook call, dozens of times a training step; this one
+    enters a reusable null context."""
+
+    _null = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> contextlib.nullcontext:
+        return self._null
+
+
 def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: bool = False,
                  callbacks: tuple = ()) -> pl.Trainer:
     cfg = dict(trainer_cfg)
@@ -142,6 +155,7 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
         callbacks=callbacks,
         enable_progress_bar=show_bar,
         enable_model_summary=False,
+        profiler=NoProfiler(),
         enable_checkpointing=True,
         num_sanity_val_steps=0,
         log_every_n_steps=int(cfg.get("log_every_n_steps", 10)),
