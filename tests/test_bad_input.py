@@ -93,6 +93,11 @@ def truncated_checkpoint(tmp):
     return ()
 
 
+def bytes_that_are_no_checkpoint(tmp):
+    (tmp / "artifacts" / "pretrain" / "model.pt").write_bytes(bytes(range(189, 256)) * 4)
+    return ()
+
+
 def foreign_file_as_checkpoint(tmp):
     torch.save({"weights": torch.zeros(3)}, tmp / "artifacts" / "pretrain" / "model.pt")
     return ()
@@ -263,6 +268,8 @@ CASES = {
                                               setup=weaker_int8),
     # ---- checkpoints and files from other runs, truncated or foreign
     "truncated checkpoint": Case("transfer", needle="unreadable", setup=truncated_checkpoint),
+    "bytes that are no checkpoint at all": Case("transfer", needle="damaged, or not a file PyTorch wrote",
+                                                setup=bytes_that_are_no_checkpoint),
     "not a transferkit checkpoint": Case("transfer", needle="not a transferkit checkpoint",
                                          setup=foreign_file_as_checkpoint),
     "checkpoint of another architecture": Case("transfer", needle="vgg_mini", setup=checkpoint_of_other_architecture),

@@ -133,6 +133,26 @@ def test_check_repro_checkpoint_comparison_refuses_a_poisoned_checkpoint(project
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", [b"\xbd" * 64, b"plain text, no pickle", b"PK\x03\x04" + bytes(60)],
+                         ids=["unknown opcode", "text", "cut-off zip"])
+def test_a_damaged_file_is_called_unreadable_not_code(tmp_path, content):
+    # only a file that names something to run is "not plain data"; damage is damage, with its own fix
+    from transferkit.errors import NotPlainData
+    from transferkit.io import load_plain, load_torch
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(TransferkitError, match="unreadable") as e:
+        load_torch(path, "the backbone", "pretrain")
+    assert not isinstance(e.value, NotPlainData) and "not plain data" not in str(e.value)
+    assert str(e.value).startswith(f"the backbone at {path} is unreadable") and "dvc repro -f pretrain" in str(e.value)
+    path.unlink()
+    poison_torch_file(path, tmp_path / "marker")
+    with pytest.raises(NotPlainData, match="not plain data"):
+        load_plain(path, "delete it.")
+    assert not (tmp_path / "marker").exists()
+
+
 @pytest.mark.parametrize("poisoned,verify", [
     ("batches.meta", False),   # unverified by its md5 unless verify_checksums is on
     ("data_batch_1", False),   # a deliberately modified copy, read with verify_checksums=false

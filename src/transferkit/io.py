@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import NotPlainData, TransferkitError
 
 
 _UMASK = os.umask(0)
@@ -75,30 +75,41 @@ def save_text(text: str, path: str | Path) -> None:
         tmp.write_text(text)
 
 
-def not_plain_data(path: str | Path, detail: str, fix: str) -> TransferkitError:
+def not_plain_data(path: str | Path, detail: str, fix: str) -> NotPlainData:
     """The one message for a file that would need code to load (a foreign or tampered pickle)."""
-    return TransferkitError(
+    return NotPlainData(
         f"{path} is not plain data: loading it would run code from the file ({detail}), so it was "
         f"refused and nothing in it ran. transferkit reads only tensors, numbers, strings, lists and "
         f"dicts. Fix: {fix}")
 
 
 def _unpickling_detail(e: Exception) -> str:
-    """The part of torch's weights-only refusal that names the offending global."""
+    """The part of torch's weights-only refusal that names the offending global, or the problem."""
     text = str(e)
     marker = "Unsupported global:"
     if marker in text:
         return text[text.index(marker):].split(" was not an allowed", 1)[0].replace("GLOBAL ", "")
-    return text.strip().splitlines()[-1][:200] if text.strip() else type(e).__name__
+    marker = "WeightsUnpickler error:"  # the unpickler's own words, between torch's advice
+    lines = [line.strip() for line in text.split(marker, 1)[-1].splitlines() if line.strip()]
+    return lines[0 if marker in text else -1][:200] if lines else type(e).__name__
 
 
-def load_plain(path: str | Path, fix: str) -> Any:
+def load_plain(path: str | Path, fix: str, what: str = "") -> Any:
     """torch.load restricted to plain data (weights_only=True): tensors, numbers, strings,
-    lists, dicts. A file holding anything else is refused before any of it runs."""
+    lists, dicts. A file holding anything else is refused before any of it runs; a damaged one
+    is reported as unreadable (`what` names it in the message)."""
+    subject = f"{what} at {path}" if what else str(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise not_plain_data(path, _unpickling_detail(e), fix) from e
+        detail = _unpickling_detail(e)
+        # the refusals that name a global, a class or a function to call: what a pickle would run
+        if any(word in str(e) for word in ("GLOBAL", "allowlisted", "reduce")):
+            raise not_plain_data(path, detail, fix) from e
+        raise TransferkitError(f"{subject} is unreadable: damaged, or not a file PyTorch wrote ({detail}). "
+                               f"Fix: {fix}") from e
+    except Exception as e:  # truncated or foreign: torch raises many types
+        raise TransferkitError(f"{subject} is unreadable ({type(e).__name__}: {e}). Fix: {fix}") from e
 
 
 def load_torch(path: str | Path, what: str, produced_by: str, remake: str | None = None) -> Any:
@@ -111,11 +122,4 @@ def load_torch(path: str | Path, what: str, produced_by: str, remake: str | None
             f"(`dvc repro {produced_by}`)."
         )
     rerun = f"{remake}." if remake else f"delete it and rerun the '{produced_by}' stage (`dvc repro -f {produced_by}`)."
-    try:
-        return load_plain(path, f"do not use this file; {rerun}")
-    except TransferkitError:
-        raise
-    except Exception as e:  # truncated or foreign file: torch raises many types
-        raise TransferkitError(
-            f"{what} at {path} is unreadable ({type(e).__name__}: {e}). Fix: {rerun}"
-        ) from e
+    return load_plain(path, f"do not use this file; {rerun}", what)

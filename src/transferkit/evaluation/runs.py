@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from transferkit.config.compose import differing, flatten
-from transferkit.errors import TransferkitError
+from transferkit.errors import NotPlainData, TransferkitError
 from transferkit.evaluation.metrics import mean_difference, paired_difference, predict
 from transferkit.stages import TARGET_MODELS
 from transferkit.stages.common import PARAMS_FILE
@@ -90,14 +90,12 @@ def load_cache(cache_file: Path | None) -> dict:
         cache = load_plain(cache_file, f"delete {cache_file} (a cache: collect rebuilds it).")
         if isinstance(cache, dict) and all(isinstance(v, torch.Tensor) for v in cache.values()):
             return cache
-        problem = "not per-image results"
-    except TransferkitError as e:  # torch's restricted unpickler refused it: code, or bytes that are no pickle
-        if "Unsupported global" in str(e.__cause__):
-            raise
-        problem = "damaged"
-    except Exception as e:  # truncated or damaged: torch raises many types
-        problem = str(e).strip().split(". ")[0].splitlines()[0][:120] if str(e).strip() else type(e).__name__
-    log.warning("%s is unreadable (%s): scoring every run again to rebuild it", cache_file, problem)
+        problem = f"{cache_file} is unreadable (not per-image results)"
+    except NotPlainData:
+        raise
+    except TransferkitError as e:  # truncated, damaged, or no pickle at all
+        problem = str(e).split(" Fix:", 1)[0].rstrip(".")
+    log.warning("%s: scoring every run again to rebuild it", problem)
     return {}
 
 
