@@ -113,7 +113,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     info = {"when": now(), "machine": machine(), "vnni": "avx512_vnni" in cpuinfo("flags").split()}
     print(f"{describe(info['machine'])}; AVX-512 VNNI: {'yes' if info['vnni'] else 'no'}", flush=True)
-    q = OmegaConf.to_container(load_params(ROOT / "params.yaml").quantize)
+    # the settings the quantize stage of DIR ran with, not this checkout's (which may differ)
+    ran_with = args.artifacts / "quantize" / "params.yaml"
+    q = OmegaConf.to_container(load_params(ran_with if ran_with.is_file() else ROOT / "params.yaml").quantize)
     task = load_task(args.artifacts / "prepare", "target")
     calibration = calibration_images(task, q["calibration_images"])
     fp32 = args.artifacts / "export" / "model.onnx"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -66,10 +67,10 @@ def settings_key(params: dict, stage: str = "prune") -> str:
 
 
 def overrides(text: str):
-    """Space-separated overrides in Hydra's syntax (so `prune.keep=[head,blocks.0]` parses as it does
-    on the command line), as a config to merge."""
+    """Overrides in Hydra's syntax, split as a shell splits them (so `prune.keep=[head,blocks.0]` and
+    `'prune.keep=[head, blocks.0]'` parse as they do on the command line), as a config to merge."""
     cfg = OmegaConf.create()
-    for o in OverridesParser.create().parse_overrides(text.split()):
+    for o in OverridesParser.create().parse_overrides(shlex.split(text)):
         OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
     return cfg
 

@@ -60,3 +60,13 @@ def test_an_empty_curve_skips_the_stage_and_the_section(smoke_artifacts, tmp_pat
     metrics = run("evaluate", cfg)
     assert [r["stage"] for r in metrics["freeze_curve"]] == ["transfer"]
     assert "How many blocks to freeze" not in (tmp_path / "artifacts" / "evaluate" / "report.md").read_text()
+
+
+def test_the_report_clips_intervals_to_what_an_accuracy_difference_can_be():
+    # a handful of test images gives a normal-approximation interval wider than -100 to +100 points
+    from transferkit.evaluation.report import freeze_curve_section
+
+    rows = [{"freeze_depth": k, "val_acc": 0.5, "top1": 0.5, "top1_ci95": [0.1, 0.9],
+             "vs_scratch": {"difference": 0.25, "ci95": [-1.3, 1.8]}} for k in (0, 1)]
+    text = "\n".join(freeze_curve_section(rows, {"scratch": {"top1": 0.25}}, {"freeze_depth": 1}))
+    assert text.count("+25.0 (-100.0 to +100.0)") == 2 and "-130.0" not in text and "+180.0" not in text

@@ -17,6 +17,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def interval(lo: float, hi: float) -> str:
+    """A 95% interval of an accuracy difference in points, clipped to the -100 to +100 it can be."""
+    return f"{100 * max(lo, -1.0):+.1f} to {100 * min(hi, 1.0):+.1f}"
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -38,8 +43,7 @@ def freeze_curve_section(rows: list[dict], models: dict, cfg_summary: dict) -> l
         mark = " (best on val)" if r["freeze_depth"] == best else ""
         val = "–" if r.get("val_acc") is None else _pct(r["val_acc"])
         lines.append(f"| {r['freeze_depth']}{mark} | {val} | **{_pct(r['top1'])}** | {_pct(r['top1_ci95'][0])} – "
-                     f"{_pct(r['top1_ci95'][1])} | {100 * d['difference']:+.1f} ({100 * d['ci95'][0]:+.1f} to "
-                     f"{100 * d['ci95'][1]:+.1f}) |")
+                     f"{_pct(r['top1_ci95'][1])} | {100 * d['difference']:+.1f} ({interval(*d['ci95'])}) |")
     refs = [f"{LABELS[k]} {_pct(models[k]['top1'])}" for k in ("scratch", "probe") if k in models]
     lines += ["", f"Reference lines: {', '.join(refs)}. One seed: the sweep commands under Reproduce "
               "give mean ± std over seeds.", "", "![accuracy vs freeze depth](freeze_curve.png)", ""]
@@ -182,7 +186,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         lines += [
             "## Does transfer pay?", "",
             f"Transfer minus scratch: **{100 * gain['difference']:+.1f} points** "
-            f"(95% paired interval {100 * lo:+.1f} to {100 * hi:+.1f}, {gain['n']} test images): {verdict}.",
+            f"(95% paired interval {interval(lo, hi)}, {gain['n']} test images): {verdict}.",
             "",
             "| | scratch | transfer | gain |", "|---|---|---|---|",
             f"| this run | {_pct(models['scratch']['top1'])} | {_pct(models['transfer']['top1'])} | "
@@ -214,7 +218,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
                                ("student distilled", "distill"))], "",
             f"Distillation recovers **{'n/a' if rec is None else f'{100 * rec:.0f}%'}** of the gap between "
             f"the student alone and the teacher (distilled minus alone: {100 * d['difference']:+.1f} points, "
-            f"95% paired interval {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}); the distilled "
+            f"95% paired interval {interval(*d['ci95'])}); the distilled "
             f"student runs {t / st:.1f}x faster than the teacher at batch 1.", ""]
     if "prune" in models and "distill" in models:
         lines += prune_section(cfg_summary["prune"], models, timing)

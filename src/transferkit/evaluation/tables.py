@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import math
 
+from transferkit.evaluation.report import interval
+
 
 def pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def interval(lo: float, hi: float) -> str:
-    """A 95% interval of an accuracy difference in points, clipped to the -100 to +100 it can be."""
-    return f"{100 * max(lo, -1.0):+.1f} to {100 * min(hi, 1.0):+.1f}"
 
 
 def sweep_table(summary: dict) -> str:
