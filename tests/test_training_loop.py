@@ -102,6 +102,23 @@ def test_the_training_step_trains_as_lightnings_automatic_optimization_does(tmp_
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_the_training_step_scales_fp16_gradients_as_automatic_optimization_does():
+    # 16-mixed (older GPUs) steps through a GradScaler; Lightning's plugin runs it on a CPU too
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    weights, scales = [], []
+    for automatic in (True, False):
+        pl.seed_everything(0, verbose=False)
+        module = _module("classifier", automatic)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, plugins=[MixedPrecision("16-mixed", "cpu")],
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(module, datamodule=TaskDataModule(_task(16), 8, 64, flip="random", translate=2))
+        weights.append(module.model.state_dict())
+        scales.append(trainer.precision_plugin.scaler.get_scale())
+    assert scales[0] == scales[1] and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_the_training_rate_counts_the_images_trained_on(tmp_path):
     """30 images in batches of 8 are 3 steps an epoch (the remainder is dropped): 24 images, not 30."""
     module = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), **SETTINGS)
