@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,7 +175,8 @@ def test_load_backbone_compares_the_settings_a_checkpoint_left_to_its_builder(tm
 def test_scratch_builds_the_architecture_of_published_weights_from_random_init(tmp_path, monkeypatch):
     """resnet18 with ImageNet weights keeps their 7x7 stem: scratch trains that network (never the 3x3
     stem of weights=null) and never reads the weights."""
-    import transferkit.models.resnet as resnet
+    from torchvision.models import ResNet18_Weights
+
     from transferkit.stages import scratch
 
     from conftest import compose, run
@@ -181,7 +184,7 @@ def test_scratch_builds_the_architecture_of_published_weights_from_random_init(t
     def no_download(*args, **kwargs):
         raise AssertionError("scratch read published weights")
 
-    monkeypatch.setattr(resnet.ResNet18_Weights.IMAGENET1K_V1, "get_state_dict", no_download, raising=False)
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1, "get_state_dict", no_download, raising=False)
     cfg = compose("experiment=smoke", "model=resnet18", "model.weights=IMAGENET1K_V1", "scratch.epochs=1",
                   tmp=tmp_path)
     run("prepare", cfg)
@@ -324,3 +327,13 @@ def test_resnet18_cost_is_plausible():
     assert 0.50e9 < count_macs(model) < 0.60e9
     tiny = model_from_config(SMALL["fastnet"], 5)
     assert 0 < count_macs(tiny) < count_macs(model) / 100
+
+
+def test_loading_a_model_file_does_not_import_torchvision():
+    # torchvision's import brings torch._dynamo with it (seconds): `transferkit predict model.pt`, export and
+    # evaluate build fastnet and vgg_mini without it; resnet18 and mobilenet import it when built
+    code = ("import sys\nimport transferkit.deploy.predict, transferkit.models as m\n"
+            "m.build_model('fastnet', 3, widths=[4, 8, 8], stem_width=4)\n"
+            "assert 'torchvision' not in sys.modules, 'imported torchvision'\n"
+            "m.build_model('mobilenet', 3)\nassert 'torchvision' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,11 +5,12 @@ other models here. `width_mult` scales every layer (0.5 = half the channels)."""
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import mobilenet_v2
 
 
 def mobilenet_blocks(width_mult: float = 0.5) -> list[nn.Module]:
     """Blocks by resolution stage: [stem+first, 16x16 stage, 8x8 stage, 4x4 stage, last 1x1 conv]."""
+    from torchvision.models import mobilenet_v2  # here: importing torchvision takes seconds (torch._dynamo)
+
     f = mobilenet_v2(weights=None, width_mult=width_mult).features
     f[0][0].stride = (1, 1)          # stem: 32x32 stays 32x32
     f[2].conv[1][0].stride = (1, 1)  # first stride-2 stage: stays at 32x32

@@ -5,7 +5,6 @@ they keep the 7x7 stem kernel (weights and shapes must match) but at stride 1.""
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
 
 from transferkit.errors import TransferkitError
 
@@ -13,6 +12,8 @@ from transferkit.errors import TransferkitError
 def resnet18_blocks(weights: str | None = None, load_weights: bool = True) -> list[nn.Module]:
     """Blocks: [stem, layer1, layer2, layer3, layer4]. load_weights=False builds the
     architecture `weights` implies (7x7 stem) without reading the file: for checkpoints."""
+    from torchvision.models import ResNet18_Weights, resnet18  # here: importing torchvision takes seconds
+
     if weights:
         try:
             enum = ResNet18_Weights[weights]
