@@ -355,6 +355,26 @@ def test_a_stage_trains_without_any_logger(tmp_path):
     assert not (tmp_path / "artifacts" / "pretrain" / "dvclive").exists()
 
 
+@pytest.mark.parametrize("setting, terminal, drawn", [(True, True, True), (True, False, False), (False, True, False)])
+def test_the_training_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, setting, terminal, drawn):
+    """As tqdm draws every other bar: never redrawn, step after step, into a log file or a pipe."""
+    import io
+    import sys
+
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    from transferkit.training.trainer import make_trainer
+
+    class Stdout(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    trainer_cfg = {**compose().trainer, "progress_bar": setting, "loggers": []}
+    trainer = make_trainer(trainer_cfg, tmp_path, max_epochs=1)
+    assert any(isinstance(c, TQDMProgressBar) for c in trainer.callbacks) == drawn
+
+
 def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_swap_cut_short(tmp_path):
     """A killed run's work folder is resumed only by a run with the same params and only when it
     holds a resume checkpoint (anything else in it could only be stale); a kill between the two

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -146,7 +147,8 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
     callbacks = [ResumeCheckpoint(out_dir, float(cfg.get("checkpoint_budget", 0.02))), *callbacks]
     if loggers:  # the learning rate goes to the logs (there are none with trainer.loggers=[])
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-    show_bar = bool(cfg.get("progress_bar", True))
+    # as tqdm draws the other bars (progress.py): on a terminal only, never redrawn into a log file
+    show_bar = bool(cfg.get("progress_bar", True)) and sys.stdout.isatty()
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))))
     return pl.Trainer(
