@@ -355,9 +355,11 @@ def test_a_stage_trains_without_any_logger(tmp_path):
     assert not (tmp_path / "artifacts" / "pretrain" / "dvclive").exists()
 
 
-@pytest.mark.parametrize("setting, terminal, drawn", [(True, True, True), (True, False, False), (False, True, False)])
+@pytest.mark.parametrize("setting, terminal, drawn", [(True, True, True), (True, False, False), (False, True, False),
+                                                     (True, None, False)])
 def test_the_training_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, setting, terminal, drawn):
-    """As tqdm draws every other bar: never redrawn, step after step, into a log file or a pipe."""
+    """As tqdm draws every other bar: never redrawn, step after step, into a log file or a pipe
+    (terminal None: a process whose stdout was closed, where Python sets sys.stdout to None)."""
     import io
     import sys
 
@@ -369,7 +371,7 @@ def test_the_training_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, set
         def isatty(self) -> bool:
             return terminal
 
-    monkeypatch.setattr(sys, "stdout", Stdout())
+    monkeypatch.setattr(sys, "stdout", None if terminal is None else Stdout())
     trainer_cfg = {**compose().trainer, "progress_bar": setting, "loggers": []}
     trainer = make_trainer(trainer_cfg, tmp_path, max_epochs=1)
     assert any(isinstance(c, TQDMProgressBar) for c in trainer.callbacks) == drawn

@@ -148,7 +148,8 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
     if loggers:  # the learning rate goes to the logs (there are none with trainer.loggers=[])
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     # as tqdm draws the other bars (progress.py): on a terminal only, never redrawn into a log file
-    show_bar = bool(cfg.get("progress_bar", True)) and sys.stdout.isatty()
+    # (no stdout at all, as when it was closed: no bar either)
+    show_bar = bool(cfg.get("progress_bar", True)) and sys.stdout is not None and sys.stdout.isatty()
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))))
     return pl.Trainer(
