@@ -6,20 +6,26 @@
 2. Every stage of dvc.yaml, in its order and with its command, in a fresh folder (conf/ composed
    with trainer=gpu and CSV logs; the repository's data/): wall seconds measured outside the
    process, training seconds from the stage's timing.json, the rest (start-up, loading,
-   evaluation, saving), training images/s, model-FLOPs utilisation and the stage's accuracy.
+   evaluation, saving), training images/s, model-FLOPs utilisation and the stage's accuracy; a
+   stage that fails is marked so, and the stages after it run where their inputs exist.
 3. experiment=cifar10_full: pretraining on all 50,000 CIFAR-10 training images, scored on the
    10,000 test images without and with test-time augmentation (without CIFAR-100 in data/, the
    target task is made synthetic: only pretraining is measured).
-4. Costs of settings, each against the pipeline's own pretrain run: trainer.deterministic=true;
-   torch.compile of the training step (compile seconds and steady step time, in-process).
-5. Host synchronisations per training step, counted by CUDA's sync debug mode over two fits of
+4. Where a stage's time outside training goes: process start-up (Python, torch, a training stage's
+   imports, CUDA's initialisation) with everything installed on the path and with the project's
+   dependencies alone (a device image holds many more packages, which some of ours import where
+   present), and the slowest imports of each.
+5. torch.compile of the training step: compile seconds and steady step time against eager, in-process.
+6. Host synchronisations per training step, counted by CUDA's sync debug mode over two fits of
    different lengths.
-6. Where a stage's time outside training goes: process start-up (Python, torch, a training
-   stage's imports, CUDA's initialisation) and a profile of `export` and `evaluate` (cProfile,
-   the top entries by cumulative time, written to DIR).
-7. With --airbench PATH (legacy/airbench94.py of github.com/KellerJordan/cifar10-airbench, not
+7. A profile of `export` and `evaluate` (cProfile, the top entries by cumulative time, written to DIR).
+8. The cost of trainer.deterministic=true, against the default, taking turns twice.
+9. With --airbench PATH (legacy/airbench94.py of github.com/KellerJordan/cifar10-airbench, not
    part of this project): the published trainer on the same prepared images as part 3
    (bench/airbench_reference.py).
+
+The parts run in this order, so a run stopped by a time limit loses the last ones; --skip leaves
+parts out. Each part's results are written as soon as it ends.
 
 Without a CUDA device it says so and exits 0; --dry-run runs the same code on the CPU with the
 smoke experiment and a tiny CIFAR-10 subset (to check the script before spending GPU time).
@@ -145,7 +151,12 @@ def pipeline(root: Path, data: Path, trainer: list[str], experiment: list[str], 
     for name, stage in stages.items():
         if only and name not in only:
             continue
-        wall = run_command(stage["cmd"], folder)
+        try:
+            wall = run_command(stage["cmd"], folder)
+        except Exception as e:  # reported in the table; the stages after it still run where their inputs exist
+            print(f"{name} failed: {e}"[-3000:], flush=True)
+            rows.append({"stage": name, "accuracy": f"failed: {type(e).__name__}"})
+            continue
         t = timings(folder / "artifacts" / name) if name in TRAINED else []
         train = sum(x["train_seconds"] for x in t) if name in TRAINED and t else None
         imgs = sum(x["train_images_per_second"] * x["train_seconds"] for x in t) / train if train else None
@@ -155,8 +166,8 @@ def pipeline(root: Path, data: Path, trainer: list[str], experiment: list[str], 
                      "precision": t[0].get("precision") if t else None,
                      "accuracy": accuracy(folder / "artifacts", name)})
         print(table(rows[-1:], PIPELINE), flush=True)
-    rows.append({"stage": "**all**", "wall": sum(r["wall"] for r in rows), "train": sum(r["train"] or 0 for r in rows),
-                 "rest": sum(r["rest"] for r in rows)})
+    rows.append({"stage": "**all**", "wall": sum(r.get("wall") or 0 for r in rows),
+                 "train": sum(r.get("train") or 0 for r in rows), "rest": sum(r.get("rest") or 0 for r in rows)})
     return rows
 
 
@@ -302,20 +313,83 @@ def src_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def startup(device: str, repeats: int) -> dict:
+def project_site(folder: Path) -> Path:
+    """A folder of links to the installed distributions this project needs (pyproject's dependencies
+    and theirs, as installed here, markers evaluated) and nothing else. A device image holds many more
+    (transformers, scikit-learn, ...), and some of our dependencies import optional packages wherever
+    they are installed (torchmetrics imports transformers): `python -S` with this folder on the path
+    starts a stage as the project's own environment would on that machine."""
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    dists: dict = {}
+    for d in md.distributions():  # in sys.path order: the first of a name is the one imported
+        dists.setdefault(norm(d.metadata["Name"]), d)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r).name for r in project["dependencies"]]
+    needed: set[str] = set()
+    while todo:
+        name = norm(todo.pop())
+        if name in needed or name not in dists:
+            continue
+        needed.add(name)
+        for r in dists[name].requires or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    folder.mkdir(parents=True)
+    for name in sorted(needed):
+        for top in sorted({Path(f).parts[0] for f in dists[name].files or []}):
+            target = Path(dists[name].locate_file(top))
+            if top in ("..", "__pycache__") or top.endswith(".pth") or not target.exists():
+                continue
+            if not (folder / top).exists():
+                (folder / top).symlink_to(target)
+    return folder
+
+
+def import_times(argv: list[str], env: dict, top: int = 20) -> list[list]:
+    """The `top` imports by cumulative seconds under `python -X importtime` (nesting shown by indent),
+    each as [module, cumulative s, own s]."""
+    proc = subprocess.run([*argv, "-X", "importtime", "-c", "import transferkit.stages.pretrain"], env=env,
+                          stderr=subprocess.PIPE, text=True, check=True)
+    rows = []
+    for line in proc.stderr.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append([parts[2].rstrip(), int(parts[1]) / 1e6, int(parts[0]) / 1e6])
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
+def startup(root: Path, device: str, repeats: int) -> dict:
     """Seconds a fresh process takes for: nothing, `import torch`, a training stage's imports, and
-    those plus CUDA's initialisation (median of `repeats`)."""
+    those plus CUDA's initialisation (median of `repeats`), with everything installed here on the
+    path and with the project's dependencies alone (`project_site`); and the slowest imports of each."""
     code = {"python": "pass", "torch": "import torch", "stage imports": "import transferkit.stages.pretrain",
             "stage imports + device init": "import transferkit.stages.pretrain, torch; "
                                            f"torch.zeros(1, device='{device}').sum().item()"}
-    out = {}
-    for name, c in code.items():
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", c], env=src_env(), check=True)
-            times.append(time.perf_counter() - start)
-        out[name] = sorted(times)[len(times) // 2]
+    site = project_site(root / "project-site")
+    envs = {"installed": ([sys.executable], src_env()),
+            "project dependencies only": ([sys.executable, "-S"],
+                                          {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{site}"})}
+    out: dict = {}
+    for label, (argv, env) in envs.items():
+        times = {}
+        for name, c in code.items():
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                subprocess.run([*argv, "-c", c], env=env, check=True)
+                runs.append(time.perf_counter() - start)
+            times[name] = sorted(runs)[len(runs) // 2]
+        out[label] = {**times, "slowest imports": import_times(argv, env)}
+        print(label, json.dumps(times), flush=True)
     return out
 
 
@@ -409,18 +483,19 @@ def main(argv=None) -> int:
                            results, save)
             if "error" not in full:
                 print(table(full, FULL))
-                if args.airbench and "airbench" not in args.skip:
-                    attempt("airbench", lambda: airbench(root, args.airbench), results, save)
-        if ok("syncs"):
-            attempt("syncs", lambda: host_syncs(root, device), results, save)
-        if ok("deterministic"):
-            attempt("deterministic", lambda: deterministic_cost(root, args.data, trainer, experiment), results, save)
+        # most wanted first: a run cut short by its time limit loses the last parts only
         if "startup" not in args.skip:
-            attempt("startup", lambda: startup(device, args.startup_repeats), results, save)
-        if ok("profile"):
-            attempt("profile", lambda: profile_stages(root, args.out), results, save)
+            attempt("startup", lambda: startup(root, device, args.startup_repeats), results, save)
         if "compile" not in args.skip:
             attempt("compile", lambda: compile_cost(device, 1024 if device == "cuda" else 32), results, save)
+        if ok("syncs"):
+            attempt("syncs", lambda: host_syncs(root, device), results, save)
+        if ok("profile"):
+            attempt("profile", lambda: profile_stages(root, args.out), results, save)
+        if ok("deterministic"):
+            attempt("deterministic", lambda: deterministic_cost(root, args.data, trainer, experiment), results, save)
+        if args.airbench and "airbench" not in args.skip and "error" not in results.get("full", {"error": 1}):
+            attempt("airbench", lambda: airbench(root, args.airbench), results, save)
     if isinstance(results.get("pipeline"), list):
         print("\nThe default pipeline, stage by stage (dvc.yaml's commands, GPU trainer):")
         print(table(results["pipeline"], PIPELINE))
