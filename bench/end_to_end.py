@@ -10,17 +10,22 @@ stages the table splits the time into training (the stage's own timing.json) and
 - one parameter changed (`evaluate.latency_repeats` + 1 in params.yaml): what DVC reruns, and
   how long it takes.
 
+With --warm, the same stages again in a second fresh copy with TRANSFERKIT_WARM=1 (each stage a
+worker forked from a server that imported torch and Lightning once; the first stage pays for the
+server's imports), and the two side by side.
+
 The machine's fp32 and bf16 matrix-multiply peaks are measured before and after (_common.machine(),
 as every bench script does): shared VMs drift, and a wall clock means little without the speed it
 ran at.
 
-    uv run python bench/end_to_end.py [--experiment cifar10_split] [--keep DIR]
+    uv run python bench/end_to_end.py [--experiment cifar10_split] [--keep DIR] [--warm]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -41,29 +46,35 @@ def train_seconds(proj: Path, stage: str) -> float | None:
     return round(sum(values), 1) if values else None
 
 
+def stage_by_stage(proj: Path) -> list[dict]:
+    """`dvc repro --single-item STAGE` for each stage in pipeline order, timed; a total row last."""
+    rows = []
+    for stage in yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]:  # written in pipeline order
+        seconds, out = timed(["dvc", "repro", "--single-item", stage], proj)
+        train = train_seconds(proj, stage)
+        rows.append({"stage": stage, "wall": seconds, "train": train,
+                     "rest": None if train is None else seconds - train,
+                     "ran": ", ".join(stages_run(out)) or "(nothing)"})
+        print(table(rows[-1:], COLUMNS), flush=True)
+    rows.append({"stage": "**total**", "wall": sum(r["wall"] for r in rows),
+                 "train": sum(r["train"] or 0 for r in rows), "rest": None, "ran": ""})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", default="cifar10_split")
     ap.add_argument("--keep", type=Path, help="run in this (new) folder and keep it (default: a temporary folder)")
+    ap.add_argument("--warm", action="store_true", help="then the same stages with TRANSFERKIT_WARM=1, side by side")
     args = ap.parse_args(argv)
 
     info = {"when": now(), "machine": machine(), "experiment": args.experiment}
     print(f"experiment {args.experiment}; {describe(info['machine'])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="transferkit-e2e-") as tmp:
-        proj = copy_project(ROOT, (args.keep or Path(tmp) / "project").resolve(),
-                            params_text(compose([f"experiment={args.experiment}"], ROOT / "conf")))
-        stages = list(yaml.safe_load((proj / "dvc.yaml").read_text())["stages"])  # written in pipeline order
-        rows = []
-        for stage in stages:
-            seconds, out = timed(["dvc", "repro", "--single-item", stage], proj)
-            train = train_seconds(proj, stage)
-            rows.append({"stage": stage, "wall": seconds, "train": train,
-                         "rest": None if train is None else seconds - train,
-                         "ran": ", ".join(stages_run(out)) or "(nothing)"})
-            print(table(rows[-1:], COLUMNS), flush=True)
-        total = sum(r["wall"] for r in rows)
-        rows.append({"stage": "**total**", "wall": total, "train": sum(r["train"] or 0 for r in rows),
-                     "rest": None, "ran": ""})
+        composed = params_text(compose([f"experiment={args.experiment}"], ROOT / "conf"))
+        proj = copy_project(ROOT, (args.keep or Path(tmp) / "project").resolve(), composed)
+        rows = stage_by_stage(proj)
+        total = rows[-1]["wall"]
 
         noop, out = timed(["dvc", "repro"], proj)
         noop_ran = stages_run(out)
@@ -72,6 +83,14 @@ def main(argv=None) -> int:
         (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         changed, out = timed(["dvc", "repro"], proj)
         changed_ran = stages_run(out)
+        warm_rows = []
+        if args.warm:
+            warm_proj = copy_project(ROOT, Path(tmp) / "warm", composed)
+            os.environ.update(TRANSFERKIT_WARM="1", TRANSFERKIT_WARM_IDLE="60")
+            try:
+                warm_rows = stage_by_stage(warm_proj)
+            finally:
+                os.environ.pop("TRANSFERKIT_WARM")
 
     print(f"\n`dvc repro` of experiment {args.experiment} from a clean copy, stage by stage "
           f"(wall seconds, measured outside the stage):")
@@ -79,9 +98,15 @@ def main(argv=None) -> int:
     print(f"\nbaselines in the same copy:\n"
           f"- `dvc repro` again, nothing changed: {noop:.1f} s, ran {noop_ran or 'no stage'}\n"
           f"- `dvc repro` after evaluate.latency_repeats + 1: {changed:.1f} s, ran {changed_ran or 'no stage'}")
+    if warm_rows:
+        both = [{"stage": a["stage"], "fresh": a["wall"], "warm": b["wall"], "saved": a["wall"] - b["wall"],
+                 "fresh_train": a["train"], "warm_train": b["train"]} for a, b in zip(rows, warm_rows)]
+        print("\nThe same stages in a second fresh copy with TRANSFERKIT_WARM=1 (the first stage starts the server):")
+        print(table(both, WARM_COLUMNS))
     info["machine_after"] = machine()
     print(f"after: {describe(info['machine_after'])}")
     path = save(f"end_to_end-{args.experiment}", {**info, "stages": rows, "total_seconds": total,
+                                                   "warm_stages": warm_rows,
                                                    "noop_repro_seconds": noop, "noop_ran": noop_ran,
                                                    "one_param_changed_seconds": changed,
                                                    "one_param_changed_ran": changed_ran})
@@ -91,6 +116,9 @@ def main(argv=None) -> int:
 
 COLUMNS = [("stage", "stage", "s"), ("wall", "wall s", ".1f"), ("train", "of which training s", ".1f"),
            ("rest", "rest s", ".1f"), ("ran", "DVC ran", "s")]
+WARM_COLUMNS = [("stage", "stage", "s"), ("fresh", "fresh processes s", ".1f"), ("warm", "TRANSFERKIT_WARM=1 s", ".1f"),
+                ("saved", "saved s", ".1f"), ("fresh_train", "training s (fresh)", ".1f"),
+                ("warm_train", "training s (warm)", ".1f")]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,8 @@
    process, training seconds from the stage's timing.json, the rest (start-up, loading,
    evaluation, saving), training images/s, model-FLOPs utilisation and the stage's accuracy; a
    stage that fails is marked so, and the stages after it run where their inputs exist.
+   Then the same in another fresh folder with TRANSFERKIT_WARM=1 (part "warm"): each stage a worker
+   forked from a server that imported torch and Lightning once.
 3. experiment=cifar10_full: pretraining on all 50,000 CIFAR-10 training images, scored on the
    10,000 test images without and with test-time augmentation (without CIFAR-100 in data/, the
    target task is made synthetic: only pretraining is measured).
@@ -143,8 +145,18 @@ def accuracy(artifacts: Path, stage: str) -> str:
 
 
 def pipeline(root: Path, data: Path, trainer: list[str], experiment: list[str], peak: float,
-             only: list[str] | None = None) -> list[dict]:
-    folder = workdir(root, "pipeline", data)
+             only: list[str] | None = None, warm: bool = False) -> list[dict]:
+    """Each stage as its own fresh process, or with `warm` as a worker of the TRANSFERKIT_WARM server."""
+    folder = workdir(root, "pipeline-warm" if warm else "pipeline", data)
+    if warm:
+        os.environ.update(TRANSFERKIT_WARM="1", TRANSFERKIT_WARM_IDLE="120")
+    try:
+        return _stages(folder, trainer, experiment, peak, only)
+    finally:
+        os.environ.pop("TRANSFERKIT_WARM", None)
+
+
+def _stages(folder: Path, trainer: list[str], experiment: list[str], peak: float, only: list[str] | None) -> list[dict]:
     compose_params(folder, [*experiment, *trainer])
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     rows = []
@@ -436,7 +448,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "data")
     ap.add_argument("--dry-run", action="store_true", help="the same code on the CPU, tiny settings")
     ap.add_argument("--skip", nargs="*", default=[],
-                    help="parts to skip: pipeline full airbench syncs deterministic startup profile compile")
+                    help="parts to skip: pipeline warm full startup compile syncs profile deterministic airbench")
     ap.add_argument("--full-epochs", type=int, nargs="*", default=[],
                     help="part 3 once per value of pretrain.epochs (default: the experiment's own)")
     ap.add_argument("--stages", nargs="*", default=[], help="part 2 for these dvc.yaml stages only (default: all)")
@@ -478,6 +490,9 @@ def main(argv=None) -> int:
         if "pipeline" not in args.skip:
             attempt("pipeline", lambda: pipeline(root, args.data, trainer, experiment, peak, args.stages),
                     results, save)
+        if "warm" not in args.skip:
+            attempt("warm", lambda: pipeline(root, args.data, trainer, experiment, peak, args.stages, warm=True),
+                    results, save)
         if "full" not in args.skip:
             full = attempt("full", lambda: full_cifar10(root, args.data, trainer, full_extra, peak, args.full_epochs),
                            results, save)
@@ -496,9 +511,10 @@ def main(argv=None) -> int:
             attempt("deterministic", lambda: deterministic_cost(root, args.data, trainer, experiment), results, save)
         if args.airbench and "airbench" not in args.skip and "error" not in results.get("full", {"error": 1}):
             attempt("airbench", lambda: airbench(root, args.airbench), results, save)
-    if isinstance(results.get("pipeline"), list):
-        print("\nThe default pipeline, stage by stage (dvc.yaml's commands, GPU trainer):")
-        print(table(results["pipeline"], PIPELINE))
+    for name, how in (("pipeline", "fresh processes"), ("warm", "TRANSFERKIT_WARM=1")):
+        if isinstance(results.get(name), list):
+            print(f"\nThe default pipeline, stage by stage (dvc.yaml's commands, GPU trainer, {how}):")
+            print(table(results[name], PIPELINE))
     for name in ("airbench", "syncs", "deterministic", "startup", "profile", "compile"):
         if name in results:
             print(f"\n{name}: {json.dumps(results[name], default=str)}")

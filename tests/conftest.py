@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -92,6 +94,18 @@ def smoke_artifacts(tmp_path_factory):
     cfg = compose("experiment=smoke", tmp=tmp)
     results = run_all(cfg)
     return cfg, results
+
+
+@pytest.fixture
+def server_dir(monkeypatch):
+    """A private temporary folder for this test's TRANSFERKIT_WARM servers (a short path: a
+    socket's path is limited to about 100 bytes), and servers that exit soon after the test."""
+    folder = tempfile.mkdtemp(prefix="tkw")
+    monkeypatch.setenv("TMPDIR", folder)
+    monkeypatch.setattr(tempfile, "tempdir", folder)
+    monkeypatch.setenv("TRANSFERKIT_WARM_IDLE", "20")
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ fake datasets on disk

@@ -16,7 +16,10 @@ from transferkit.models import load_checkpoint
 
 
 @pytest.mark.slow
-def test_transfer_under_ddp_with_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
+def test_transfer_under_ddp_with_two_cpu_processes(tmp_path, server_dir, warm):
+    """warm: the command runs in a worker of the TRANSFERKIT_WARM server, and the second rank is
+    started as the command would be (`python -m transferkit.cli ...`), not as the server."""
     stage = "transfer"
     cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                   "trainer.num_threads=1", tmp=tmp_path)
@@ -25,7 +28,7 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path):
     run("pretrain", single)
     params = tmp_path / "params.yaml"
     params.write_text(params_text(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TRANSFERKIT_WARM": str(int(warm))}
     proc = subprocess.run([sys.executable, "-m", "transferkit.cli", stage, "--params", str(params)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,3 +42,4 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path):
     assert (timing["train_images_per_second"] * timing["train_seconds"]
             == pytest.approx(cfg.transfer.epochs * 2 * 2 * 16, rel=0.02))
     assert not (tmp_path / "artifacts" / f".{stage}.incomplete").exists()
+    assert bool(list(server_dir.glob("*/*.sock"))) == warm

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from transferkit import warm
 from transferkit.errors import TransferkitError
 from transferkit.stages import BY_NAME, STAGES
 
@@ -138,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP)
         return 0
     command, rest = argv[0], argv[1:]
+    dvc_runs_it = command == "export" or (command in RUNNABLE and any(a.split("=")[0] == "--params" for a in rest))
+    if dvc_runs_it and warm.enabled():
+        code = warm.run(argv)
+        if code is not None:
+            return code
     if command in ("params", "check-params") and {"-h", "--help"} & set(rest):
         print("\n".join(line for line in HELP.splitlines() if line.lstrip().startswith(f"transferkit {command} ")))
         return 0

@@ -1,0 +1,253 @@
+"""`TRANSFERKIT_WARM=1`: each `transferkit` command starts in a process that has torch and Lightning
+imported already.
+
+DVC runs every stage as a process of its own, and importing torch, torchvision and Lightning is
+most of a short stage's time outside training (docs/benchmarks.md measures it). With
+TRANSFERKIT_WARM=1 the command hands its arguments, folder, environment and standard streams to a
+server that imported those libraries once, and the server forks a worker that runs the command and
+sends back its exit code. Hand-written: the standard library's forkserver serves the children of
+one process only, and no kept library serves separate commands.
+
+- The server never imports this project's code (only this module), so a worker runs the code on
+  disk: an edited stage runs as edited.
+- One server per user and environment: its socket lives in a folder only its user can open,
+  peers of another user are refused, and the interpreter, `sys.path` (and when each folder on it
+  last changed: an install), the variables that shape imports and threads, and this file pick the
+  server; another environment gets another one.
+- It serves the commands dvc.yaml runs (`transferkit STAGE --params ...` and `export`); the
+  others start as usual.
+- It exits after TRANSFERKIT_WARM_IDLE seconds (default 600) without a command.
+- Killing the command (kill -9 too) kills its worker; SIGINT, SIGTERM and SIGHUP are passed on.
+- It never initialises CUDA itself (a forked child could not use a CUDA the parent initialised):
+  the device is set up in each worker, as in a fresh process.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+PRELOAD = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "omegaconf", "hydra", "pydantic", "onnx",
+           "onnxruntime")
+SHAPES_IMPORTS = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_", "TORCH", "PYTORCH", "LD_", "NCCL_")
+STREAMS = 3
+
+
+def enabled() -> bool:
+    wanted = os.environ.get("TRANSFERKIT_WARM", "") not in ("", "0")
+    return wanted and hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")
+
+
+def socket_path() -> Path:
+    """This user's and this environment's server socket, in a folder only this user can open."""
+    folder = Path(tempfile.gettempdir()) / f"transferkit-warm-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.lstat()  # not a link someone else planted
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(f"{folder} is not a folder private to this user")
+    key = hashlib.sha256()
+    for part in (sys.executable, sys.version, Path(__file__).read_text(), *sys.path,
+                 *(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(SHAPES_IMPORTS))):
+        key.update(part.encode() + b"\0")
+    for entry in sys.path:  # an install or removal changes its folder
+        if os.path.isdir(entry) and os.path.basename(entry) in ("site-packages", "dist-packages"):
+            key.update(str(os.stat(entry).st_mtime_ns).encode())
+    path = folder / f"{key.hexdigest()[:20]}.sock"
+    if len(str(path).encode()) > 100:  # a socket's address holds about 100 bytes
+        raise OSError(f"{path} is too long for a socket's address")
+    return path
+
+
+# --- the command's side ---------------------------------------------------------------------------
+
+def run(argv: list[str]) -> int | None:
+    """Run `transferkit ARGV` in a worker of the warm server; None where none can be reached (the
+    caller then runs the command itself)."""
+    try:
+        path = socket_path()
+        conn = _connect(path)
+    except OSError:
+        return None
+    with conn:
+        header = json.dumps({"argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(), "env": dict(os.environ),
+                             "path": sys.path}).encode()
+        socket.send_fds(conn, [struct.pack("!I", len(header)) + header], list(range(STREAMS)))
+        pid_bytes = _recv_exactly(conn, 4)
+        if pid_bytes is None:
+            return None  # the server went away before forking: run here
+        pid = struct.unpack("!I", pid_bytes)[0]
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda s, _f: os.kill(pid, s))
+        code = _recv_exactly(conn, 4)
+    if code is None:
+        print("transferkit: the warm worker ended without an exit code (killed?)", file=sys.stderr)
+        return 1
+    return struct.unpack("!i", code)[0]
+
+
+def _connect(path: Path, wait: float = 60.0) -> socket.socket:
+    import subprocess
+    import time
+
+    server = None
+    deadline = time.monotonic() + wait
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(str(path))
+            return conn
+        except OSError:
+            conn.close()
+            if time.monotonic() > deadline or (server and server.poll() is not None):
+                raise
+        if server is None:  # the server binds its socket before it imports, so this wait is short
+            env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_WARM"}
+            with open(path.with_suffix(".log"), "ab") as log:
+                server = subprocess.Popen([sys.executable, "-P", "-m", "transferkit.warm", str(path)], cwd="/",
+                                          env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                          start_new_session=True)
+        time.sleep(0.05)
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+# --- the server's side ----------------------------------------------------------------------------
+
+def serve(path: Path, idle: float) -> None:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(path))
+    except OSError:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            return  # another server has it
+        except OSError:
+            path.unlink(missing_ok=True)  # a dead server's socket
+            server.bind(str(path))
+        finally:
+            probe.close()
+    server.listen(64)
+    inode = path.stat().st_ino
+    preload()
+    # the imported objects move out of the collector's sight: a worker's collections then leave the
+    # pages it shares with the server unwritten, so they are not copied (Python's gc.freeze docs)
+    gc.collect()
+    gc.freeze()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
+    server.settimeout(idle)
+    while True:
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            break
+        if _peer_uid(conn) != os.getuid():
+            conn.close()
+            continue
+        if os.fork() == 0:
+            server.close()
+            _work(conn)  # never returns
+        conn.close()
+    if path.exists() and path.stat().st_ino == inode:
+        path.unlink()
+
+
+def preload() -> None:
+    """Import the libraries every command needs, and nothing of this project's."""
+    import importlib
+
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # a CUDA check while importing must not initialise CUDA
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # the worker meets the same error and reports it
+            pass
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    if not hasattr(socket, "SO_PEERCRED"):
+        return os.getuid()  # the socket's folder alone keeps others out
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+
+
+def _work(conn: socket.socket) -> None:
+    """In the forked worker: become the command, run it, send its exit code, exit."""
+    import importlib.util
+    import threading
+
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        conn.settimeout(None)
+        conn.sendall(struct.pack("!I", os.getpid()))  # first, whatever happens next
+        first, fds, _, _ = socket.recv_fds(conn, 4, STREAMS)
+        size = struct.unpack("!I", first + (_recv_exactly(conn, 4 - len(first)) or b""))[0]
+        header = json.loads(_recv_exactly(conn, size))
+        for number, fd in enumerate(fds):
+            os.dup2(fd, number)
+            os.close(fd)
+        os.chdir(header["cwd"])
+        os.environ.clear()
+        os.environ.update({k: v for k, v in header["env"].items() if k != "TRANSFERKIT_WARM"})
+        sys.path[:] = header["path"]
+        # the streams as a fresh process opens them: line-buffered on a terminal, stderr always
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1 if os.isatty(1) or os.environ.get("PYTHONUNBUFFERED") else -1,
+                          closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+        sys.argv = [header["argv0"], *header["argv"]]
+        # what Lightning's DDP launcher re-runs for the other ranks: the command, not this server
+        sys.modules["__main__"].__spec__ = importlib.util.find_spec("transferkit.cli")
+
+        def watch() -> None:  # the command was killed: so is its worker
+            while conn.recv(1):
+                pass
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, daemon=True).start()
+        from transferkit.cli import main
+
+        try:
+            code = main(header["argv"]) or 0
+        except SystemExit as e:  # as the interpreter ends on it: an int is the code, anything else is printed
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        import atexit
+
+        atexit._run_exitfuncs()
+    except BaseException:  # reported on the command's stderr, as an uncaught error would be
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a stream the command closed
+                pass
+        try:
+            conn.sendall(struct.pack("!i", code))
+        finally:
+            os._exit(code & 0xFF)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]), float(os.environ.get("TRANSFERKIT_WARM_IDLE", "600")))

@@ -1,0 +1,101 @@
+"""TRANSFERKIT_WARM=1: stage commands run in workers forked from a server that imported torch and
+Lightning once. They must write what a fresh process writes, report errors and exit codes the same
+way, die with their command, and never run stale project code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, compose, one_error_line
+from transferkit import warm
+from transferkit.config.compose import params_text
+
+
+def _params(folder: Path, *overrides: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(params_text(compose("experiment=smoke", *TINY, *overrides)))
+    return path
+
+
+def _transferkit(args: list[str], cwd: Path, warm_on: bool, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "1" if warm_on else "0"}
+    return subprocess.run([sys.executable, "-m", "transferkit.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "timing.json"}
+
+
+@pytest.mark.slow
+def test_warm_stages_write_what_fresh_processes_write(tmp_path, server_dir, monkeypatch):
+    for name, warm_on in (("cold", False), ("warm", True)):
+        _params(tmp_path / name)
+        for stage in ("prepare", "pretrain", "transfer"):
+            proc = _transferkit([stage, "--params", "params.yaml"], tmp_path / name, warm_on)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "Trainer.fit" in proc.stderr or stage == "prepare"  # the worker's output reached the command's
+    assert list(server_dir.glob("*/*.sock")), "no warm server was started"
+    cold, hot = _outputs(tmp_path / "cold" / "artifacts"), _outputs(tmp_path / "warm" / "artifacts")
+    assert cold.keys() == hot.keys() and any(k.endswith("model.pt") for k in cold)
+    assert [k for k in cold if cold[k] != hot[k]] == []
+    # and the command was served, not run by itself: warm.run answers None when no server serves it
+    monkeypatch.chdir(tmp_path / "warm")
+    monkeypatch.setenv("TRANSFERKIT_WARM", "1")
+    assert warm.run(["prepare", "--params", "params.yaml"]) == 0
+
+
+def test_bad_input_gives_the_same_one_error_line_and_exit_code(tmp_path, server_dir):
+    lines = [one_error_line(_transferkit(["pretrain", "--params", "missing.yaml"], tmp_path, warm_on))
+             for warm_on in (False, True)]
+    assert lines[0] == lines[1]
+    assert list(server_dir.glob("*/*.sock"))
+
+
+def test_the_server_imports_no_project_code_and_leaves_cuda_alone():
+    code = ("import sys, torch; from transferkit import warm; warm.preload(); "
+            "print(sorted(m for m in sys.modules if m.startswith('transferkit')), torch.cuda.is_initialized(), "
+            "'pytorch_lightning' in sys.modules)")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['transferkit',", "'transferkit.warm']", "False", "True"]
+
+
+@pytest.mark.slow
+def test_killing_a_warm_command_kills_its_worker(tmp_path, server_dir):
+    _params(tmp_path, "pretrain.epochs=50")
+    assert _transferkit(["prepare", "--params", "params.yaml"], tmp_path, True).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "1"}
+    command = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "pretrain", "--params", "params.yaml"],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers() -> list[int]:  # processes working in this test's folder, but the command itself
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int(entry.name) != command.pid and \
+                        Path(os.readlink(entry / "cwd")) == tmp_path:
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+        return found
+
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "artifacts" / ".pretrain.incomplete").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers(), "the worker never started"
+    command.send_signal(signal.SIGKILL)
+    command.wait()
+    deadline = time.monotonic() + 10
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers() == []
+    assert not (tmp_path / "artifacts" / "pretrain").exists()  # nothing half-written took the output's place
