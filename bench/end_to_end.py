@@ -86,11 +86,14 @@ def main(argv=None) -> int:
         warm_rows = []
         if args.warm:
             warm_proj = copy_project(ROOT, Path(tmp) / "warm", composed)
-            os.environ.update(TRANSFERKIT_WARM="1", TRANSFERKIT_WARM_IDLE="60")
+            saved = dict(os.environ)
+            (Path(tmp) / "w").mkdir()  # a temporary folder of its own: a new server, started by the first stage
+            os.environ.update(TRANSFERKIT_WARM="1", TRANSFERKIT_WARM_IDLE="60", TMPDIR=str(Path(tmp) / "w"))
             try:
                 warm_rows = stage_by_stage(warm_proj)
             finally:
-                os.environ.pop("TRANSFERKIT_WARM")
+                os.environ.clear()
+                os.environ.update(saved)
 
     print(f"\n`dvc repro` of experiment {args.experiment} from a clean copy, stage by stage "
           f"(wall seconds, measured outside the stage):")

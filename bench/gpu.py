@@ -148,12 +148,15 @@ def pipeline(root: Path, data: Path, trainer: list[str], experiment: list[str], 
              only: list[str] | None = None, warm: bool = False) -> list[dict]:
     """Each stage as its own fresh process, or with `warm` as a worker of the TRANSFERKIT_WARM server."""
     folder = workdir(root, "pipeline-warm" if warm else "pipeline", data)
-    if warm:
-        os.environ.update(TRANSFERKIT_WARM="1", TRANSFERKIT_WARM_IDLE="120")
+    saved = dict(os.environ)
+    if warm:  # a temporary folder of its own: a new server, started by the first stage
+        (root / "w").mkdir()
+        os.environ.update(TRANSFERKIT_WARM="1", TRANSFERKIT_WARM_IDLE="120", TMPDIR=str(root / "w"))
     try:
         return _stages(folder, trainer, experiment, peak, only)
     finally:
-        os.environ.pop("TRANSFERKIT_WARM", None)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _stages(folder: Path, trainer: list[str], experiment: list[str], peak: float, only: list[str] | None) -> list[dict]:
