@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP)
         return 0
     command, rest = argv[0], argv[1:]
-    dvc_runs_it = command == "export" or (command in RUNNABLE and any(a.split("=")[0] == "--params" for a in rest))
-    if dvc_runs_it and warm.enabled():
+    params_mode = any(a == "--params" or a.startswith("--params=") for a in rest)
+    if (command == "export" or (command in RUNNABLE and params_mode)) and warm.enabled():  # what dvc.yaml runs
         code = warm.run(argv)
         if code is not None:
             return code
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return importlib.import_module(TOOLS[command]).main(rest)
         elif command in RUNNABLE:
-            if any(a == "--params" or a.startswith("--params=") for a in rest):
+            if params_mode:
                 _params_mode(command, rest)
             else:
                 _hydra_mode(command, rest)
