@@ -4,6 +4,7 @@ run as `uv run python bench/NAME.py`)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -106,6 +107,20 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     start = time.perf_counter()
     out = run(cmd, cwd, tail=60)
     return time.perf_counter() - start, out
+
+
+@contextlib.contextmanager
+def warm_commands(folder: Path, idle: int):
+    """Commands started inside run with TRANSFERKIT_WARM=1 and `folder` (new, created here) as their
+    temporary folder: a server of their own, started by the first of them, gone `idle` s after the last."""
+    saved = dict(os.environ)
+    folder.mkdir()
+    os.environ.update(TRANSFERKIT_WARM="1", TRANSFERKIT_WARM_IDLE=str(idle), TMPDIR=str(folder))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def commit() -> str | None:

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-from _common import ROOT, describe, machine, now, save, table, timed
+from _common import ROOT, describe, machine, now, save, table, timed, warm_commands
 
 from transferkit.config.compose import compose, params_text
 from transferkit.project import copy_project, stages_run
@@ -86,14 +85,8 @@ def main(argv=None) -> int:
         warm_rows = []
         if args.warm:
             warm_proj = copy_project(ROOT, Path(tmp) / "warm", composed)
-            saved = dict(os.environ)
-            (Path(tmp) / "w").mkdir()  # a temporary folder of its own: a new server, started by the first stage
-            os.environ.update(TRANSFERKIT_WARM="1", TRANSFERKIT_WARM_IDLE="60", TMPDIR=str(Path(tmp) / "w"))
-            try:
+            with warm_commands(Path(tmp) / "w", idle=60):
                 warm_rows = stage_by_stage(warm_proj)
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
 
     print(f"\n`dvc repro` of experiment {args.experiment} from a clean copy, stage by stage "
           f"(wall seconds, measured outside the stage):")

@@ -37,6 +37,7 @@ Prints one table per part and writes DIR/gpu.json (default bench/results/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -53,7 +54,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, describe, machine, now, provenance, table, timed  # noqa: E402
+from _common import ROOT, describe, machine, now, provenance, table, timed, warm_commands  # noqa: E402
 
 TRAINED = {"pretrain", "transfer", "probe", "scratch", "freeze_curve", "distill", "student", "prune"}
 
@@ -148,15 +149,8 @@ def pipeline(root: Path, data: Path, trainer: list[str], experiment: list[str], 
              only: list[str] | None = None, warm: bool = False) -> list[dict]:
     """Each stage as its own fresh process, or with `warm` as a worker of the TRANSFERKIT_WARM server."""
     folder = workdir(root, "pipeline-warm" if warm else "pipeline", data)
-    saved = dict(os.environ)
-    if warm:  # a temporary folder of its own: a new server, started by the first stage
-        (root / "w").mkdir()
-        os.environ.update(TRANSFERKIT_WARM="1", TRANSFERKIT_WARM_IDLE="120", TMPDIR=str(root / "w"))
-    try:
+    with warm_commands(root / "w", idle=120) if warm else contextlib.nullcontext():
         return _stages(folder, trainer, experiment, peak, only)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _stages(folder: Path, trainer: list[str], experiment: list[str], peak: float, only: list[str] | None) -> list[dict]:

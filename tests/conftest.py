@@ -44,9 +44,9 @@ def compose(*overrides: str, tmp: Path | None = None):
     return _compose([*overrides, *extra], CONF)
 
 
-def cli(*args, cwd=ROOT, timeout=300):
-    """The `transferkit` command in a fresh process, as a user runs it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def cli(*args, cwd=ROOT, timeout=300, env=None):
+    """The `transferkit` command in a fresh process, as a user runs it (`env`: variables to add)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "transferkit.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

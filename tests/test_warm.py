@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, compose, one_error_line
+from conftest import TINY, cli, compose, one_error_line
 from transferkit import warm
 from transferkit.config.compose import params_text
 
@@ -25,10 +25,8 @@ def _params(folder: Path, *overrides: str) -> Path:
     return path
 
 
-def _transferkit(args: list[str], cwd: Path, warm_on: bool, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "1" if warm_on else "0"}
-    return subprocess.run([sys.executable, "-m", "transferkit.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300, **kw)
+def _transferkit(args: list[str], cwd: Path, warm_on: bool) -> subprocess.CompletedProcess:
+    return cli(*args, cwd=cwd, env={"TRANSFERKIT_WARM": "1" if warm_on else "0"})
 
 
 def _outputs(folder: Path) -> dict[str, bytes]:
