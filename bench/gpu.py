@@ -20,7 +20,9 @@
 5. torch.compile of the training step: compile seconds and steady step time against eager, in-process.
 6. Host synchronisations per training step, counted by CUDA's sync debug mode over two fits of
    different lengths.
-7. A profile of `export` and `evaluate` (cProfile, the top entries by cumulative time, written to DIR).
+7. Where a warm stage's seconds go: `transfer`, `export` and `evaluate` under cProfile, each in a
+   process that imported what the warm server imports first (the top entries and this project's
+   functions by cumulative time, written to DIR/profile-STAGE.txt).
 8. The cost of trainer.deterministic=true, against the default, taking turns twice.
 9. With --airbench PATH (legacy/airbench94.py of github.com/KellerJordan/cifar10-airbench, not
    part of this project): the published trainer on the same prepared images as part 3
@@ -402,19 +404,35 @@ def startup(root: Path, device: str, repeats: int) -> dict:
     return out
 
 
-def profile_stages(root: Path, out: Path) -> dict:
-    """export and evaluate once more under cProfile, in the pipeline's folder (its outputs are replaced
-    by identical ones): the top of the cumulative-time table goes to DIR/profile-STAGE.txt."""
+PROFILED = """import cProfile, pstats, sys
+from transferkit import warm
+warm.preload()  # what a TRANSFERKIT_WARM worker starts with: the profile shows the stage's own seconds
+from transferkit.cli import main
+profile = cProfile.Profile()
+code = profile.runcall(main, sys.argv[2:])
+stats = pstats.Stats(profile, stream=open(sys.argv[1], "w")).sort_stats("cumulative")
+stats.print_stats(70)
+stats.print_stats("transferkit", 50)
+sys.exit(code)
+"""
+
+
+def profile_stages(root: Path, out: Path, folder: str) -> dict:
+    """transfer, export and evaluate once more under cProfile, in the folder of part 2 or "warm" (their
+    outputs are replaced by equivalent ones), each in a process that imported what the warm server
+    imports first: DIR/profile-STAGE.txt holds the top of the cumulative-time table and this
+    project's functions."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     walls = {}
-    for name in ("export", "evaluate"):
+    for name in ("transfer", "export", "evaluate"):
         argv = stages[name]["cmd"].split()
-        cmd = " ".join([sys.executable, "-m", "cProfile", "-s", "cumtime", "-m", "transferkit.cli", *argv[1:]])
         start = time.perf_counter()
-        proc = subprocess.run(cmd.split(), cwd=root / "pipeline", env=src_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run([sys.executable, "-c", PROFILED, str(out / f"profile-{name}.txt"), *argv[1:]],
+                              cwd=root / folder, env=src_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
         walls[name] = time.perf_counter() - start
-        (out / f"profile-{name}.txt").write_text("\n".join(proc.stdout.splitlines()[:120]) + "\n")
+        if proc.returncode:
+            raise RuntimeError(f"{name} under cProfile failed: {proc.stdout[-2000:]}")
     return walls
 
 
@@ -502,8 +520,10 @@ def main(argv=None) -> int:
             attempt("compile", lambda: compile_cost(device, 1024 if device == "cuda" else 32), results, save)
         if ok("syncs"):
             attempt("syncs", lambda: host_syncs(root, device), results, save)
-        if ok("profile"):
-            attempt("profile", lambda: profile_stages(root, args.out), results, save)
+        ran = [part for part in ("pipeline", "warm") if isinstance(results.get(part), list)]
+        if ran and "profile" not in args.skip:
+            folder = "pipeline" if ran[0] == "pipeline" else "pipeline-warm"
+            attempt("profile", lambda: profile_stages(root, args.out, folder), results, save)
         if ok("deterministic"):
             attempt("deterministic", lambda: deterministic_cost(root, args.data, trainer, experiment), results, save)
         if args.airbench and "airbench" not in args.skip and "error" not in results.get("full", {"error": 1}):
