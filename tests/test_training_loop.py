@@ -127,6 +127,29 @@ def test_the_training_rate_counts_the_images_trained_on(tmp_path):
     assert fit(module, datamodule, trainer_cfg, tmp_path, max_epochs=2).images == 2 * 3 * 8
 
 
+def test_dvclive_writes_its_files_at_the_calls_its_own_stack_inspection_picks(tmp_path, monkeypatch):
+    """Our dvclive logger decides `sync` by the frames' names, dvclive by inspect.stack(): at every
+    log call of a fit with a validation split, both decide alike (and both decisions occur)."""
+    import dvclive.fabric
+    import dvclive.lightning
+
+    decisions = []
+    original = dvclive.fabric.DVCLiveLogger.log_metrics
+
+    def recorded(self, metrics, step=None, sync=True):
+        decisions.append((sync, dvclive.lightning._should_sync()))
+        return original(self, metrics, step, sync)
+
+    monkeypatch.setattr(dvclive.fabric.DVCLiveLogger, "log_metrics", recorded)
+    module = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), **SETTINGS)
+    trainer_cfg = {**compose("experiment=smoke").trainer, "loggers": ["dvclive"], "checkpoint_budget": 0,
+                   "log_every_n_steps": 1, "progress_bar": False}
+    fit(module, TaskDataModule(_task(10), 8, 64), trainer_cfg, tmp_path, max_epochs=2)
+    assert [ours for ours, _ in decisions] == [theirs for _, theirs in decisions]
+    assert {ours for ours, _ in decisions} == {True, False}
+    assert (tmp_path / "dvclive" / "metrics.json").exists()
+
+
 class Interrupt(pl.Callback):
     """Raises at the start of epoch `at`, as a crash or Ctrl+C would, after the checkpoint of
     the epoch before has been completed."""

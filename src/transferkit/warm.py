@@ -112,7 +112,9 @@ def _connect(path: Path, wait: float = 60.0) -> socket.socket:
         if server is None:  # the server binds its socket before it imports, so this wait is short
             env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_WARM"}
             with open(path.with_suffix(".log"), "ab") as log:
-                server = subprocess.Popen([sys.executable, "-P", "-m", "transferkit.warm", str(path)], cwd="/",
+                # the file, not `-m`: runpy's frames at the bottom of every worker's stack have no source
+                # file, and inspect.stack() then searches every loaded module for them at each call
+                server = subprocess.Popen([sys.executable, "-P", __file__, str(path)], cwd="/",
                                           env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                           start_new_session=True)
         time.sleep(0.05)

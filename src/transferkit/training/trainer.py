@@ -53,18 +53,45 @@ CHECKPOINT = Path("checkpoints") / RESUME_CHECKPOINT
 LOG_SNAPSHOT = Path("checkpoints") / "logs"
 
 
+# The Lightning calls after which dvclive writes its files out (dvclive.lightning._should_sync's list).
+DVCLIVE_SYNC_CALLERS = frozenset({"update_train_step_metrics", "update_train_epoch_metrics", "log_eval_end_metrics"})
+
+
+def _called_from(names: frozenset) -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in names:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _dvclive_class() -> type:
+    from dvclive.lightning import DVCLiveLogger
+    from pytorch_lightning.utilities import rank_zero_only
+
+    class FrameNameDVCLiveLogger(DVCLiveLogger):
+        """dvclive's own log_metrics picks `sync` by inspect.stack(), which reads the source lines of
+        every frame on the stack at every call (and, in a TRANSFERKIT_WARM worker, searches all
+        loaded modules for runpy's frames); the frames' function names alone decide the same."""
+
+        @rank_zero_only
+        def log_metrics(self, metrics, step=None, sync=False) -> None:
+            super(DVCLiveLogger, self).log_metrics(metrics, step, sync or _called_from(DVCLIVE_SYNC_CALLERS))
+
+    return FrameNameDVCLiveLogger
+
+
 def make_loggers(names, out_dir: Path, resume: bool = False) -> list:
     """dvclive feeds `dvc metrics/plots` and the report's curves; TensorBoard and CSV are
     there for users who already read their runs that way (trainer.loggers=[dvclive,tensorboard])."""
     loggers = []
     for name in names or []:
         if name == "dvclive":
-            from dvclive.lightning import DVCLiveLogger
-
             # dvcyaml=None: dvclive must not rewrite the project's dvc.yaml; the stage declares
             # its metrics and plots there itself.
-            loggers.append(DVCLiveLogger(dir=str(out_dir / "dvclive"), dvcyaml=None, save_dvc_exp=False,
-                                         report=None, resume=resume))
+            loggers.append(_dvclive_class()(dir=str(out_dir / "dvclive"), dvcyaml=None, save_dvc_exp=False,
+                                            report=None, resume=resume))
         elif name == "tensorboard":
             from pytorch_lightning.loggers import TensorBoardLogger
 
