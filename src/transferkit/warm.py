@@ -172,7 +172,9 @@ def serve(path: Path, idle: float) -> None:
 
 
 def preload() -> None:
-    """Import the libraries every command needs, and nothing of this project's."""
+    """Import the libraries every command needs, and nothing of this project's. Import only, never
+    compute: a worker forked after its server ran an OpenMP parallel region hangs in its first one
+    (GNU libgomp's thread pool does not survive a fork)."""
     import importlib
 
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # a CUDA check while importing must not initialise CUDA
@@ -253,3 +255,4 @@ def _work(conn: socket.socket) -> None:
 
 if __name__ == "__main__":
     serve(Path(sys.argv[1]), float(os.environ.get("TRANSFERKIT_WARM_IDLE", "600")))
+    os._exit(0)  # the frozen objects are never freed: the interpreter's teardown would only report them as leaks
