@@ -4,7 +4,7 @@
 
 1. The bf16 matrix-multiply peak of this device (8192^3 products), the yardstick for MFU.
 2. Every stage of dvc.yaml, in its order and with its command, in a fresh folder (conf/ composed
-   with trainer=gpu and CSV logs; the repository's data/): wall seconds measured outside the
+   with trainer=gpu, its loggers the default; the repository's data/): wall seconds measured outside the
    process, training seconds from the stage's timing.json, the rest (start-up, loading,
    evaluation, saving), training images/s, model-FLOPs utilisation and the stage's accuracy; a
    stage that fails is marked so, and the stages after it run where their inputs exist.
@@ -485,7 +485,7 @@ def main(argv=None) -> int:
     print(f"{info['device']}; torch {torch.__version__}; bf16 matmul peak {peak:.1f} TFLOP/s; host: "
           f"{describe(info['machine'])}", flush=True)
     # the dry run composes the GPU preset too (autotuning, no deterministic kernels), on the CPU
-    trainer = ["trainer=gpu", "trainer.loggers=[csv]", "trainer.progress_bar=false",
+    trainer = ["trainer=gpu", "trainer.progress_bar=false",
                *([] if device == "cuda" else ["trainer.accelerator=cpu"])]
     experiment = ["experiment=smoke"] if args.dry_run else []
     full_extra = ["data.source.train_per_class=40", "data.source.test_per_class=10", "pretrain.epochs=1",
