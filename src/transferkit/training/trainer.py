@@ -11,6 +11,7 @@ logs as they were then) at epoch ends, as often as a budget of the training time
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -66,6 +67,7 @@ def _called_from(names: frozenset) -> bool:
     return False
 
 
+@functools.cache  # one class, made on first use: dvclive is imported only where it logs
 def _dvclive_class() -> type:
     from dvclive.lightning import DVCLiveLogger
     from pytorch_lightning.utilities import rank_zero_only
