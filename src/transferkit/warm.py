@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 PRELOAD = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "omegaconf", "hydra", "pydantic", "onnx",
-           "onnxruntime")
+           "onnxruntime", "onnxscript", "dvclive.lightning", "dvc.repo")
 SHAPES_IMPORTS = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_", "TORCH", "PYTORCH", "LD_", "NCCL_")
 STREAMS = 3
 
