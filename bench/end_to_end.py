@@ -11,8 +11,8 @@ stages the table splits the time into training (the stage's own timing.json) and
   how long it takes.
 
 With --warm, the same stages again in a second fresh copy with TRANSFERKIT_WARM=1 (each stage a
-worker forked from a server that imported torch and Lightning once; the first stage pays for the
-server's imports), and the two side by side.
+worker forked from a server that imported torch and Lightning once; the first stage starts the
+server and runs as a fresh process while it imports), and the two side by side.
 
 The machine's fp32 and bf16 matrix-multiply peaks are measured before and after (_common.machine(),
 as every bench script does): shared VMs drift, and a wall clock means little without the speed it

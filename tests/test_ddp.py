@@ -24,11 +24,13 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path, server_dir, warm):
     cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                   "trainer.num_threads=1", tmp=tmp_path)
     single = compose("experiment=smoke", tmp=tmp_path)  # inputs made on one process
-    run("prepare", single)
-    run("pretrain", single)
     params = tmp_path / "params.yaml"
     params.write_text(params_text(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TRANSFERKIT_WARM": str(int(warm))}
+    # a command, as dvc runs it: with warm, this first one starts the server that serves the one under test
+    subprocess.run([sys.executable, "-m", "transferkit.cli", "prepare", "--params", str(params)], cwd=tmp_path,
+                   env=env, check=True, capture_output=True, timeout=300)
+    run("pretrain", single)
     proc = subprocess.run([sys.executable, "-m", "transferkit.cli", stage, "--params", str(params)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,7 +15,8 @@ one process only, and no kept library serves separate commands.
   last changed: an install), the variables that shape imports and threads, and this file pick the
   server; another environment gets another one.
 - It serves the commands dvc.yaml runs (`transferkit STAGE --params ...` and `export`); the
-  others start as usual.
+  others start as usual. A command that finds no server starts one and runs itself while the
+  server imports; the commands after it are served.
 - It exits after TRANSFERKIT_WARM_IDLE seconds (default 600) without a command.
 - Killing the command (kill -9 too) kills its worker; SIGINT, SIGTERM and SIGHUP are passed on.
 - It never initialises CUDA itself (a forked child could not use a CUDA the parent initialised):
@@ -71,10 +72,17 @@ def socket_path() -> Path:
 
 def run(argv: list[str]) -> int | None:
     """Run `transferkit ARGV` in a worker of the warm server; None where none can be reached (the
-    caller then runs the command itself)."""
+    caller then runs the command itself). Where none runs yet, this starts one and answers None: the
+    command runs here while the server imports, and the commands after it are served."""
     try:
         path = socket_path()
-        conn = _connect(path)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(str(path))  # a server still importing has bound its socket: its worker comes later
+        except OSError:
+            conn.close()
+            _start_server(path)
+            return None
     except OSError:
         return None
     with conn:
@@ -94,30 +102,15 @@ def run(argv: list[str]) -> int | None:
     return struct.unpack("!i", code)[0]
 
 
-def _connect(path: Path, wait: float = 60.0) -> socket.socket:
+def _start_server(path: Path) -> None:
     import subprocess
-    import time
 
-    server = None
-    deadline = time.monotonic() + wait
-    while True:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            conn.connect(str(path))
-            return conn
-        except OSError:
-            conn.close()
-            if time.monotonic() > deadline or (server and server.poll() is not None):
-                raise
-        if server is None:  # the server binds its socket before it imports, so this wait is short
-            env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_WARM"}
-            with open(path.with_suffix(".log"), "ab") as log:
-                # the file, not `-m`: runpy's frames at the bottom of every worker's stack have no source
-                # file, and inspect.stack() then searches every loaded module for them at each call
-                server = subprocess.Popen([sys.executable, "-P", __file__, str(path)], cwd="/",
-                                          env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                          start_new_session=True)
-        time.sleep(0.05)
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_WARM"}
+    with open(path.with_suffix(".log"), "ab") as log:
+        # the file, not `-m`: runpy's frames at the bottom of every worker's stack have no source
+        # file, and inspect.stack() then searches every loaded module for them at each call
+        subprocess.Popen([sys.executable, "-P", __file__, str(path)], cwd="/", env=env, stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=log, start_new_session=True)
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
