@@ -410,9 +410,10 @@ warm.preload()  # what a TRANSFERKIT_WARM worker starts with: the profile shows 
 from transferkit.cli import main
 profile = cProfile.Profile()
 code = profile.runcall(main, sys.argv[2:])
-stats = pstats.Stats(profile, stream=open(sys.argv[1], "w")).sort_stats("cumulative")
-stats.print_stats(70)
-stats.print_stats("transferkit", 50)
+with open(sys.argv[1], "w") as out:
+    stats = pstats.Stats(profile, stream=out).sort_stats("cumulative")
+    stats.print_stats(70)
+    stats.print_stats("transferkit", 50)
 sys.exit(code)
 """
 
