@@ -4,6 +4,7 @@ no test ever downloads anything (download=False, or download_cifar is replaced).
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -160,6 +161,45 @@ def test_wanted_files_are_the_only_ones_decoded(tmp_path):
     assert len(raw.train.labels) == 4
     with pytest.raises(TransferkitError):
         read_image_folder(folder)
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+@pytest.mark.parametrize("compression", ["gz", "bz2", ""])
+def test_archives_read_by_header_scan_or_by_tarfile_give_the_same_images(tmp_path, fmt, compression):
+    """Plain headers (names in ustar's prefix field too) are read by the header scan, the rest (long
+    names as pax records or GNU entries, links) by tarfile: the same files and pixels either way."""
+    folder = write_image_folder(tmp_path / "src", CLASSES4, 2, 1, archive=False)
+    deep = "d" * 60 + "/" + "e" * 60  # a 150-character path does not fit ustar's 100-character name field
+    path = tmp_path / f"{fmt}.tar{'.' + compression if compression else ''}"
+    with tarfile.open(path, f"w:{compression}", format=getattr(tarfile, f"{fmt.upper()}_FORMAT")) as tar:
+        for p in sorted(folder.rglob("*")):
+            tar.add(p, arcname=f"{deep}/{p.relative_to(folder.parent)}", recursive=False)
+        if fmt == "gnu":  # a link: tarfile's to read (and skip)
+            link = tarfile.TarInfo(f"{deep}/cifar10-jpeg/train/cat/link.jpg")
+            link.type, link.linkname = tarfile.SYMTYPE, "0000.jpg"
+            tar.addfile(link)
+    with tarfile.open(path) as tar:
+        want = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    raw = bytearray(path.read_bytes())
+    if compression == "gz":
+        raw = bytearray(gzip.decompress(raw))
+    scanned = sources._tar_files(raw)
+    assert (scanned is None) == (compression == "bz2" or fmt != "ustar")  # by tarfile, or the scan read them
+    if scanned is not None:
+        assert {name: bytes(data) for name, data in scanned} == want
+    assert {name: bytes(data) for name, data in sources._archive_files(path)} == want
+    a, b = read_image_folder(folder), read_image_folder(path)
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
+
+
+def test_a_damaged_tar_header_is_reported_by_tarfile(tmp_path):
+    path = write_image_folder(tmp_path, CLASSES4, 2, 1)
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[10] ^= 0xFF  # a byte of the first header's name: its checksum no longer matches
+    assert sources._tar_files(raw) is None
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(TransferkitError, match="corrupt or unreadable archive"):
+        read_image_folder(path)
 
 
 def test_archive_member_order_does_not_matter(tmp_path):

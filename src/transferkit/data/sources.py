@@ -60,8 +60,8 @@ def _decode_part(part: list[tuple[str, bytes]], image_size: int) -> list[torch.T
 
     jpeg = [i for i, (_, data) in enumerate(part) if data[:2] == b"\xff\xd8"]
     out: list[torch.Tensor | None] = [None] * len(part)
-    try:
-        decoded = decode_jpeg([torch.frombuffer(bytearray(part[i][1]), dtype=torch.uint8) for i in jpeg],
+    try:  # a writable buffer (an archive's memoryview) is read in place, anything else copied once
+        decoded = decode_jpeg([torch.frombuffer(_writable(part[i][1]), dtype=torch.uint8) for i in jpeg],
                               mode=ImageReadMode.RGB, apply_exif_orientation=True) if jpeg else []
     except RuntimeError:  # a corrupt file among them: decode_image names it
         decoded = []
@@ -94,13 +94,50 @@ def _parse_member(path: str) -> tuple[str, str] | None:
     return (split, cls) if split in ("train", "test") else None
 
 
-def _open_archive(path: Path) -> tarfile.TarFile:
-    """A .tar.gz is decompressed into memory in one go: tarfile reading through gzip seeks and
-    decompresses in small pieces, member by member, which costs more than the whole file."""
-    raw = path.read_bytes()
+ZERO_BLOCK = bytes(512)
+
+
+def _writable(data: bytes | memoryview) -> bytearray | memoryview:
+    return data if isinstance(data, memoryview) and not data.readonly else bytearray(data)
+
+
+def _tar_files(raw: bytearray) -> list[tuple[str, memoryview]] | None:
+    """The regular files of an uncompressed tar, as (name, bytes in place), read from its 512-byte
+    headers; None where it holds anything else (pax records, long names, links, a damaged or cut
+    header), which tarfile then reads and reports. By hand because tarfile builds a full TarInfo in
+    Python for every member, which costs more than decoding a small JPEG."""
+    files, headers, checksums, view, off = [], [], [], memoryview(raw), 0
+    while off + 512 <= len(raw) and (header := raw[off:off + 512]) != ZERO_BLOCK:  # two of them end a tar
+        try:
+            size, checksum = int(header[124:136].strip(b"\0 ") or b"0", 8), int(header[148:156].strip(b"\0 "), 8)
+        except ValueError:
+            return None
+        kind, start = header[156:157], off + 512
+        if kind not in (b"0", b"\0", b"5") or start + size > len(raw):
+            return None
+        name = header[:100].partition(b"\0")[0]
+        if header[257:263] == b"ustar\0" and header[345]:  # POSIX ustar: a long path's folders
+            name = header[345:500].partition(b"\0")[0] + b"/" + name
+        if kind != b"5":
+            files.append((name.decode("utf-8", "surrogateescape"), view[start:start + size]))
+        headers.append(off // 512)
+        checksums.append(checksum)
+        off = start + -(-size // 512) * 512
+    # a header's checksum: the sum of its bytes, its own 8 counted as spaces (all headers at once)
+    blocks = np.frombuffer(raw, np.uint8, count=len(raw) // 512 * 512).reshape(-1, 512)[headers].astype(np.int64)
+    return files if np.array_equal(blocks.sum(1) - blocks[:, 148:156].sum(1) + 8 * 32, checksums) else None
+
+
+def _archive_files(path: Path) -> list[tuple[str, bytes | memoryview]]:
+    """Every regular file of a .tar, .tar.gz, .tar.bz2 or .tar.xz, decompressed into memory in one go
+    (reading through gzip member by member seeks and inflates in small pieces, which costs more)."""
+    raw = bytearray(path.read_bytes())
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    return tarfile.open(fileobj=io.BytesIO(raw), mode="r:*")
+        raw = bytearray(gzip.decompress(raw))
+    if (files := _tar_files(raw)) is not None:
+        return files
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
 
 
 def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None = None) -> RawDataset:
@@ -109,7 +146,7 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
     Only classes in `wanted` are decoded (all if None): the rest of the archive is skipped.
     Files are sorted by path so the result does not depend on archive or filesystem order.
     """
-    items: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
+    items: dict[tuple[str, str], list[tuple[str, bytes | memoryview]]] = {}
     seen_classes: set[str] = set()
     if path.is_dir():
         for f in sorted(path.rglob("*")):
@@ -120,13 +157,11 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
                     items.setdefault(key, []).append((str(f), f.read_bytes()))
     else:
         try:
-            with _open_archive(path) as tar:
-                for m in progress(tar, f"reading {path.name}", "file"):
-                    key = _parse_member(m.name) if m.isfile() else None
-                    if key:
-                        seen_classes.add(key[1])
-                        if wanted is None or key[1] in wanted:
-                            items.setdefault(key, []).append((m.name, tar.extractfile(m).read()))
+            for name, data in _archive_files(path):
+                if key := _parse_member(name):
+                    seen_classes.add(key[1])
+                    if wanted is None or key[1] in wanted:
+                        items.setdefault(key, []).append((name, data))
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             raise TransferkitError(
                 f"corrupt or unreadable archive {path} ({type(e).__name__}: {e}). Fix: copy the "
@@ -140,7 +175,7 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
 
     def split(name: str) -> Split:
         todo = [(where, data, c) for (s, c), files in sorted(items.items()) if s == name
-                for where, data in sorted(files)]
+                for where, data in sorted(files, key=lambda file: file[0])]
         images = decode_images([(where, data) for where, data, _ in todo], image_size, f"decoding {name} images")
         return Split(images, torch.tensor([index[c] for _, _, c in todo], dtype=torch.long))
 
