@@ -154,12 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             for path in write_generated(rest):
                 print(f"wrote {path}")
         elif command == "check-params":
-            from transferkit.config.compose import generated_drift
+            from transferkit.config.compose import REGENERATE, generated_drift
 
             drift = generated_drift(Path(rest[0] if rest else "params.yaml"))
             if drift:
-                print("\n".join(drift) + "\nFix: run `transferkit params` with the overrides you want (params.yaml "
-                      "records them) and commit the files it writes.", file=sys.stderr)
+                print("\n".join([*drift, REGENERATE]), file=sys.stderr)
                 return 1
             print("params.yaml and dvc.yaml match conf/ and the stage table")
         elif command in TOOLS:

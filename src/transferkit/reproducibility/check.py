@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from transferkit.config.compose import compose, find_conf_dir, flatten, generated_drift, params_text
+from transferkit.config.compose import REGENERATE, compose, find_conf_dir, flatten, generated_drift, params_text
 from transferkit.errors import TransferkitError
 from transferkit.project import copy_project, run, stages_run
 
@@ -140,8 +140,7 @@ def main(argv: list[str]) -> int:
         drift = generated_drift(root / "params.yaml", root / "conf")
         if not report.check(not drift, "params.yaml and dvc.yaml " + ("differ from what they are made from:" if drift
                                                                       else "match conf/ and the stage table"),
-                            "\n".join(drift) + "\nFix: run `transferkit params` with the overrides you want "
-                            "(params.yaml records them) and commit the files it writes."):
+                            "\n".join([*drift, REGENERATE])):
             return report.summary()
         if args.keep and any((args.keep / name).exists() for name in ("run1", "run2")):
             raise TransferkitError(f"{args.keep}/run1 or run2 already exists. Fix: delete them or pass another "
