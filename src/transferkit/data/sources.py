@@ -60,7 +60,7 @@ def _decode_part(part: list[tuple[str, bytes]], image_size: int) -> list[torch.T
 
     jpeg = [i for i, (_, data) in enumerate(part) if data[:2] == b"\xff\xd8"]
     out: list[torch.Tensor | None] = [None] * len(part)
-    try:  # a writable buffer (an archive's memoryview) is read in place, anything else copied once
+    try:  # torch reads a bytearray in place; bytes, which it cannot, are copied into one
         decoded = decode_jpeg([torch.frombuffer(_writable(part[i][1]), dtype=torch.uint8) for i in jpeg],
                               mode=ImageReadMode.RGB, apply_exif_orientation=True) if jpeg else []
     except RuntimeError:  # a corrupt file among them: decode_image names it
@@ -97,16 +97,16 @@ def _parse_member(path: str) -> tuple[str, str] | None:
 ZERO_BLOCK = bytes(512)
 
 
-def _writable(data: bytes | memoryview) -> bytearray | memoryview:
-    return data if isinstance(data, memoryview) and not data.readonly else bytearray(data)
+def _writable(data: bytes | bytearray) -> bytearray:
+    return data if isinstance(data, bytearray) else bytearray(data)
 
 
-def _tar_files(raw: bytearray) -> list[tuple[str, memoryview]] | None:
-    """The regular files of an uncompressed tar, as (name, bytes in place), read from its 512-byte
+def _tar_files(raw: bytearray) -> list[tuple[str, bytearray]] | None:
+    """The regular files of an uncompressed tar, as (name, bytes), read from its 512-byte
     headers; None where it holds anything else (pax records, long names, links, a damaged or cut
     header), which tarfile then reads and reports. By hand because tarfile builds a full TarInfo in
     Python for every member, which costs more than decoding a small JPEG."""
-    files, headers, checksums, view, off = [], [], [], memoryview(raw), 0
+    files, headers, checksums, off = [], [], [], 0
     while off + 512 <= len(raw) and (header := raw[off:off + 512]) != ZERO_BLOCK:  # two of them end a tar
         try:
             size, checksum = int(header[124:136].strip(b"\0 ") or b"0", 8), int(header[148:156].strip(b"\0 "), 8)
@@ -119,7 +119,7 @@ def _tar_files(raw: bytearray) -> list[tuple[str, memoryview]] | None:
         if header[257:263] == b"ustar\0" and header[345]:  # POSIX ustar: a long path's folders
             name = header[345:500].partition(b"\0")[0] + b"/" + name
         if kind != b"5":
-            files.append((name.decode("utf-8", "surrogateescape"), view[start:start + size]))
+            files.append((name.decode("utf-8", "surrogateescape"), raw[start:start + size]))
         headers.append(off // 512)
         checksums.append(checksum)
         off = start + -(-size // 512) * 512
@@ -128,7 +128,7 @@ def _tar_files(raw: bytearray) -> list[tuple[str, memoryview]] | None:
     return files if np.array_equal(blocks.sum(1) - blocks[:, 148:156].sum(1) + 8 * 32, checksums) else None
 
 
-def _archive_files(path: Path) -> list[tuple[str, bytes | memoryview]]:
+def _archive_files(path: Path) -> list[tuple[str, bytes | bytearray]]:
     """Every regular file of a .tar, .tar.gz, .tar.bz2 or .tar.xz, decompressed into memory in one go
     (reading through gzip member by member seeks and inflates in small pieces, which costs more)."""
     raw = bytearray(path.read_bytes())
@@ -146,7 +146,7 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
     Only classes in `wanted` are decoded (all if None): the rest of the archive is skipped.
     Files are sorted by path so the result does not depend on archive or filesystem order.
     """
-    items: dict[tuple[str, str], list[tuple[str, bytes | memoryview]]] = {}
+    items: dict[tuple[str, str], list[tuple[str, bytes | bytearray]]] = {}
     seen_classes: set[str] = set()
     if path.is_dir():
         for f in sorted(path.rglob("*")):
