@@ -49,7 +49,7 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
         raise TransferkitError(f"corrupt image {where} ({e}). Fix: delete or replace that file.") from e
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
-    return np.asarray(img).transpose(2, 0, 1)
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # a copy: PIL's own array is read-only
 
 
 def _decode_part(part: list[tuple[str, bytes]], image_size: int) -> list[torch.Tensor]:
