@@ -9,7 +9,10 @@ message and the outputs. The CLI's one-line `error:` contract is checked in test
 
 from __future__ import annotations
 
+import gzip
+import io
 import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,6 +48,16 @@ def _image_folder_overrides(path: Path) -> tuple[str, ...]:
 def corrupt_archive(tmp):
     path = _archive_with(tmp)
     path.write_bytes(path.read_bytes()[:200])  # truncated mid-member
+    return _image_folder_overrides(path)
+
+
+def damaged_header_archive(tmp):
+    path = _archive_with(tmp)
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        offset = tar.getmembers()[7].offset  # a header in the middle: tarfile alone would end the archive there
+    raw[offset + 10] ^= 0xFF
+    path.write_bytes(gzip.compress(bytes(raw)))
     return _image_folder_overrides(path)
 
 
@@ -163,6 +176,8 @@ CASES = {
     # ---- dataset paths and formats
     "missing dataset": Case("prepare", ("data.download=false",), "three ways", experiment="cifar10_split"),
     "corrupt archive": Case("prepare", needle="archive", setup=corrupt_archive, experiment="cifar10_split"),
+    "archive with a damaged header": Case("prepare", needle="is damaged", setup=damaged_header_archive,
+                                          experiment="cifar10_split"),
     "archive of random bytes": Case("prepare", needle="archive", setup=random_bytes_archive,
                                     experiment="cifar10_split"),
     "corrupt image": Case("prepare", needle="0001.jpg", setup=corrupt_image, experiment="cifar10_split"),

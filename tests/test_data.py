@@ -192,14 +192,34 @@ def test_archives_read_by_header_scan_or_by_tarfile_give_the_same_images(tmp_pat
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
 
 
-def test_a_damaged_tar_header_is_reported_by_tarfile(tmp_path):
+@pytest.mark.parametrize("member", [0, 5])
+def test_a_damaged_tar_header_is_reported_not_read_as_the_end(tmp_path, member):
+    """The first header damaged: tarfile reports it; a later one: the scan reports it, where tarfile
+    alone would end the archive there and leave the images after it out without a word."""
     path = write_image_folder(tmp_path, CLASSES4, 2, 1)
     raw = bytearray(gzip.decompress(path.read_bytes()))
-    raw[10] ^= 0xFF  # a byte of the first header's name: its checksum no longer matches
-    assert sources._tar_files(raw) is None
+    offset = [info.offset for info in tarfile.open(fileobj=io.BytesIO(raw)).getmembers()][member]
+    raw[offset + 10] ^= 0xFF  # a byte of that header's name: its checksum no longer matches
     path.write_bytes(gzip.compress(bytes(raw)))
-    with pytest.raises(TransferkitError, match="corrupt or unreadable archive"):
+    with pytest.raises(TransferkitError, match="corrupt or unreadable archive") as error:
         read_image_folder(path)
+    assert member == 0 or f"header at byte {offset} is damaged" in str(error.value)
+
+
+def test_a_tar_header_summed_as_signed_bytes_is_read(tmp_path):
+    """Some old tars summed a header's bytes as signed numbers; tarfile accepts either sum, and so does the scan."""
+    path = write_image_folder(tmp_path, CLASSES4, 2, 1)
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    want = sources._tar_files(raw)
+    raw[99] = 0xB4  # a byte above 127 in the name field, after the name's end (both readers ignore it)
+    header = raw[:512]
+    signed = sum(b - 256 * (b >= 128) for b in header[:148] + header[156:]) + 8 * ord(" ")
+    raw[148:156] = b"%06o\0 " % signed
+    assert signed != sum(header[:148] + header[156:]) + 8 * ord(" ")  # the unsigned sum would differ
+    got = sources._tar_files(raw)
+    assert got is not None and [(n, bytes(d)) for n, d in got] == [(n, bytes(d)) for n, d in want]
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:  # tarfile reads it alike
+        assert [m.name for m in tar if m.isfile()] == [n for n, _ in want]
 
 
 def test_archive_member_order_does_not_matter(tmp_path):

@@ -102,30 +102,43 @@ def _writable(data: bytes | bytearray) -> bytearray:
 
 
 def _tar_files(raw: bytearray) -> list[tuple[str, bytearray]] | None:
-    """The regular files of an uncompressed tar, as (name, bytes), read from its 512-byte
-    headers; None where it holds anything else (pax records, long names, links, a damaged or cut
-    header), which tarfile then reads and reports. By hand because tarfile builds a full TarInfo in
-    Python for every member, which costs more than decoding a small JPEG."""
-    files, headers, checksums, off = [], [], [], 0
+    """The regular files of an uncompressed tar, as (name, bytes), read from its 512-byte headers;
+    None where it holds anything else (pax records, long names, links; no tar, or one compressed by
+    bz2 or xz), which tarfile then reads. A damaged header after the first raises tarfile.ReadError:
+    tarfile would end the archive there without a word. By hand because tarfile builds a full
+    TarInfo in Python for every member, which costs more than decoding a small JPEG."""
+    files, offsets, checksums, off, plain = [], [], [], 0, True
     while off + 512 <= len(raw) and (header := raw[off:off + 512]) != ZERO_BLOCK:  # two of them end a tar
         try:
             size, checksum = int(header[124:136].strip(b"\0 ") or b"0", 8), int(header[148:156].strip(b"\0 "), 8)
         except ValueError:
-            return None
+            size = checksum = -1
+        offsets.append(off)
+        checksums.append(checksum)
         kind, start = header[156:157], off + 512
-        if kind not in (b"0", b"\0", b"5") or start + size > len(raw):
-            return None
+        if size < 0 or kind not in (b"0", b"\0", b"5") or start + size > len(raw):
+            plain = False  # a header this scan does not read, or a damaged one: its checksum tells
+            break
         name = header[:100].partition(b"\0")[0]
         if header[257:263] == b"ustar\0" and header[345]:  # POSIX ustar: a long path's folders
             name = header[345:500].partition(b"\0")[0] + b"/" + name
         if kind != b"5":
             files.append((name.decode("utf-8", "surrogateescape"), raw[start:start + size]))
-        headers.append(off // 512)
-        checksums.append(checksum)
         off = start + -(-size // 512) * 512
-    # a header's checksum: the sum of its bytes, its own 8 counted as spaces (all headers at once)
-    blocks = np.frombuffer(raw, np.uint8, count=len(raw) // 512 * 512).reshape(-1, 512)[headers].astype(np.int64)
-    return files if np.array_equal(blocks.sum(1) - blocks[:, 148:156].sum(1) + 8 * 32, checksums) else None
+    ok = _checksums_hold(raw, offsets, checksums)
+    if not ok.all() and ok[:1].all():
+        raise tarfile.ReadError(f"the header at byte {offsets[int(np.argmin(ok))]} is damaged (wrong checksum)")
+    return files if plain and ok.all() and offsets else None
+
+
+def _checksums_hold(raw: bytearray, offsets: list[int], checksums: list[int]) -> np.ndarray:
+    """Whether each header holds its checksum: the sum of its bytes, its own 8 counted as spaces,
+    unsigned or (as some old tars wrote it, and tarfile accepts) signed."""
+    blocks = np.frombuffer(raw, np.uint8, count=len(raw) // 512 * 512).reshape(-1, 512)
+    headers = blocks[np.asarray(offsets, dtype=np.int64) // 512].astype(np.int64)
+    headers[:, 148:156] = ord(" ")
+    unsigned = headers.sum(1)
+    return (unsigned == checksums) | (unsigned - 256 * (headers >= 128).sum(1) == checksums)
 
 
 def _archive_files(path: Path) -> list[tuple[str, bytes | bytearray]]:
