@@ -126,9 +126,11 @@ def _tar_files(raw: bytearray) -> list[tuple[str, bytearray]] | None:
             files.append((name.decode("utf-8", "surrogateescape"), raw[start:start + size]))
         off = start + -(-size // 512) * 512
     ok = _checksums_hold(raw, offsets, checksums)
-    if not ok.all() and ok[:1].all():
+    if not ok.all():
+        if not ok[0]:  # no tar at all, or a compressed one: tarfile decides
+            return None
         raise tarfile.ReadError(f"the header at byte {offsets[int(np.argmin(ok))]} is damaged (wrong checksum)")
-    return files if plain and ok.all() and offsets else None
+    return files if plain and offsets else None
 
 
 def _checksums_hold(raw: bytearray, offsets: list[int], checksums: list[int]) -> np.ndarray:
