@@ -66,6 +66,17 @@ def test_bad_input_gives_the_same_one_error_line_and_exit_code(tmp_path, server_
     assert list(server_dir.glob("*/*.sock"))
 
 
+def test_the_server_is_picked_by_what_shapes_imports_not_by_what_torch_sets_while_running(server_dir, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    first = warm.socket_path()
+    # torch sets this in its own process once it uses its compiler's cache; a script's later commands
+    # pass it on and must still reach the server its earlier ones started
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(server_dir / "inductor"))
+    assert warm.socket_path() == first
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # imports run under it: another server
+    assert warm.socket_path() != first
+
+
 def test_the_server_imports_no_project_code_and_leaves_cuda_alone():
     code = ("import sys, torch; from transferkit import warm; warm.preload(); "
             "print(sorted(m for m in sys.modules if m.startswith('transferkit')), torch.cuda.is_initialized(), "

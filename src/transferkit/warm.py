@@ -38,8 +38,13 @@ import tempfile
 from pathlib import Path
 
 PRELOAD = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "omegaconf", "hydra", "pydantic", "onnx",
-           "onnxruntime", "onnxscript", "dvclive.lightning", "dvc.repo")
+           "onnxruntime", "onnxscript", "dvclive.lightning", "dvc.repo",
+           # what the dynamo ONNX exporter imports on first use: torchlib's op table and torch.export's partitioner
+           "onnxscript.function_libs.torch_lib.ops", "torch._functorch.partitioners")
 SHAPES_IMPORTS = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_", "TORCH", "PYTORCH", "LD_", "NCCL_")
+# set by torch in its own process the first time it uses its compiler's cache, so a script's commands
+# before and after that differ in it; read at run time, from the environment the worker takes on
+SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
 STREAMS = 3
 
 
@@ -57,7 +62,8 @@ def socket_path() -> Path:
         raise OSError(f"{folder} is not a folder private to this user")
     key = hashlib.sha256()
     for part in (sys.executable, sys.version, Path(__file__).read_text(), *sys.path,
-                 *(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(SHAPES_IMPORTS))):
+                 *(f"{k}={v}" for k, v in sorted(os.environ.items())
+                   if k.startswith(SHAPES_IMPORTS) and k not in SET_BY_TORCH)):
         key.update(part.encode() + b"\0")
     for entry in sys.path:  # an install or removal changes its folder
         if os.path.isdir(entry) and os.path.basename(entry) in ("site-packages", "dist-packages"):
