@@ -66,7 +66,7 @@ def test_bad_input_gives_the_same_one_error_line_and_exit_code(tmp_path, server_
     assert list(server_dir.glob("*/*.sock"))
 
 
-def test_the_server_is_picked_by_what_shapes_imports_not_by_what_torch_sets_while_running(server_dir, monkeypatch):
+def test_the_server_is_picked_by_what_shapes_imports_and_threads_not_by_what_torch_sets(server_dir, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     first = warm.socket_path()
     # torch sets this in its own process once it uses its compiler's cache; a script's later commands
@@ -75,6 +75,12 @@ def test_the_server_is_picked_by_what_shapes_imports_not_by_what_torch_sets_whil
     assert warm.socket_path() == first
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # imports run under it: another server
     assert warm.socket_path() != first
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    if hasattr(os, "sched_getaffinity"):  # other CPUs (taskset, a batch job's share): another server, as
+        # torch sizes its thread pool by them and a worker runs on its server's CPUs
+        cpus = set(range(len(os.sched_getaffinity(0)) + 1))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
+        assert warm.socket_path() != first
 
 
 def test_the_server_imports_no_project_code_and_leaves_cuda_alone():
