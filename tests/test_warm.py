@@ -76,8 +76,16 @@ def test_the_server_is_picked_by_what_shapes_imports_and_threads_not_by_what_tor
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # imports run under it: another server
     assert warm.socket_path() != first
     monkeypatch.delenv("OMP_NUM_THREADS")
-    if hasattr(os, "sched_getaffinity"):  # other CPUs (taskset, a batch job's share): another server, as
-        # torch sizes its thread pool by them and a worker runs on its server's CPUs
+    # what a worker keeps from its server: another umask (the permissions of what a stage writes) or
+    # other CPUs (taskset, a batch job's share; torch sizes its thread pool by them): another server
+    mask = os.umask(0o077)
+    os.umask(0o027 if mask == 0o077 else 0o077)  # another umask than this process's
+    try:
+        assert warm.socket_path() != first
+    finally:
+        os.umask(mask)
+    assert warm.socket_path() == first
+    if hasattr(os, "sched_getaffinity"):
         cpus = set(range(len(os.sched_getaffinity(0)) + 1))
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
         assert warm.socket_path() != first

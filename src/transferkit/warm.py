@@ -12,9 +12,9 @@ one process only, and no kept library serves separate commands.
   disk: an edited stage runs as edited.
 - One server per user and environment: its socket lives in a folder only its user can open,
   peers of another user are refused, and the interpreter, `sys.path` (and when each folder on it
-  last changed: an install), the variables that shape imports and threads, the CPUs the command
-  may run on (`taskset`, a batch job's share) and this file pick the server; another environment
-  gets another one.
+  last changed: an install), the variables that shape imports and threads, what a forked worker
+  keeps from its server (CPUs, control group, niceness, umask) and this file pick the server;
+  another environment gets another one.
 - It serves the commands dvc.yaml runs (`transferkit STAGE --params ...` and `export`); the
   others start as usual. A command that finds no server starts one and runs itself while the
   server imports; the commands after it are served.
@@ -66,8 +66,7 @@ def socket_path() -> Path:
                  *(f"{k}={v}" for k, v in sorted(os.environ.items())
                    if k.startswith(SHAPES_IMPORTS) and k not in SET_BY_TORCH)):
         key.update(part.encode() + b"\0")
-    if hasattr(os, "sched_getaffinity"):  # the CPUs it may run on: torch's thread count follows them
-        key.update(str(sorted(os.sched_getaffinity(0))).encode())
+    key.update(_process_traits().encode())
     for entry in sys.path:  # an install or removal changes its folder
         if os.path.isdir(entry) and os.path.basename(entry) in ("site-packages", "dist-packages"):
             key.update(str(os.stat(entry).st_mtime_ns).encode())
@@ -75,6 +74,20 @@ def socket_path() -> Path:
     if len(str(path).encode()) > 100:  # a socket's address holds about 100 bytes
         raise OSError(f"{path} is too long for a socket's address")
     return path
+
+
+def _process_traits() -> str:
+    """What a worker keeps from its server, not from the command, and a server from the command that
+    started it: the CPUs it may run on (torch sizes its thread pool by them), its control group (a
+    batch job's share, which ends with the job), niceness and umask (the permissions of what it writes)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    try:
+        group = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        group = None
+    return repr((cpus, group, os.nice(0), mask))
 
 
 # --- the command's side ---------------------------------------------------------------------------
