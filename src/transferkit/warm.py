@@ -13,7 +13,7 @@ one process only, and no kept library serves separate commands.
 - One server per user and environment: its socket lives in a folder only its user can open,
   peers of another user are refused, and the interpreter, `sys.path` (and when each folder on it
   last changed: an install), the variables that shape imports and threads, what a forked worker
-  keeps from its server (CPUs, control group, niceness, umask) and this file pick the server;
+  keeps from its server (CPUs, control group, niceness, groups, umask) and this file pick the server;
   another environment gets another one.
 - It serves the commands dvc.yaml runs (`transferkit STAGE --params ...` and `export`); the
   others start as usual. A command that finds no server starts one and runs itself while the
@@ -79,7 +79,8 @@ def socket_path() -> Path:
 def _process_traits() -> str:
     """What a worker keeps from its server, not from the command, and a server from the command that
     started it: the CPUs it may run on (torch sizes its thread pool by them), its control group (a
-    batch job's share, which ends with the job), niceness and umask (the permissions of what it writes)."""
+    batch job's share, which ends with the job), niceness, and the groups and umask that set the owner
+    and permissions of what it writes."""
     mask = os.umask(0o022)
     os.umask(mask)
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -87,7 +88,7 @@ def _process_traits() -> str:
         group = Path("/proc/self/cgroup").read_text()
     except OSError:
         group = None
-    return repr((cpus, group, os.nice(0), mask))
+    return repr((cpus, group, os.nice(0), os.getegid(), sorted(os.getgroups()), mask))
 
 
 # --- the command's side ---------------------------------------------------------------------------
