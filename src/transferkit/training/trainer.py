@@ -222,11 +222,12 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
             shutil.rmtree(out_dir / name, ignore_errors=True)
             if (out_dir / LOG_SNAPSHOT / name).is_dir():
                 shutil.copytree(out_dir / LOG_SNAPSHOT / name, out_dir / name)
-    with warnings.catch_warnings():  # the CSV logger's warning that it deletes its file: _resume_csv restores it
+    # the CSV logger warns, as _resume_csv opens it, that it deletes its file: _resume_csv restores it
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")
         trainer = make_trainer(trainer_cfg, out_dir, max_epochs, resume=resume, callbacks=callbacks)
-    if resume and _first_process():  # the other ranks' loggers write nothing
-        _resume_csv(trainer, out_dir / LOG_SNAPSHOT / "csv" / "metrics.csv")
+        if resume and _first_process():  # the other ranks' loggers write nothing
+            _resume_csv(trainer, out_dir / LOG_SNAPSHOT / "csv" / "metrics.csv")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
     seconds = time.perf_counter() - start
