@@ -444,3 +444,17 @@ def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_sw
             assert (final / "model.pt").read_text() == "trained with lr 0.02"  # back before any work
             raise RuntimeError("this run fails")
     assert (final / "model.pt").read_text() == "trained with lr 0.02" and not work.exists()
+
+
+def test_lightnings_routine_info_lines_are_dropped_and_the_telling_ones_kept():
+    import logging
+
+    from transferkit.training.trainer import _DropMessages
+
+    def shown(msg: str) -> bool:
+        return _DropMessages().filter(logging.LogRecord("pytorch_lightning", logging.INFO, "", 0, msg, None, None))
+
+    assert not shown("`Trainer.fit` stopped: `max_epochs=3` reached.")
+    assert not shown("Loading `train_dataloader` to estimate number of stepping batches.")
+    assert shown("`Trainer.fit` stopped: No training batches.")  # a task too small for one batch
+    assert shown("GPU available: False, used: False")  # where a stage trains

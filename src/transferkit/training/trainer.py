@@ -39,11 +39,13 @@ warnings.filterwarnings("ignore", r".*`isinstance\(treespec, LeafSpec\)` is depr
 
 
 class _DropMessages(logging.Filter):
-    """Lightning's info lines that say nothing about this run: an advertisement, and a note on
-    the default of save_checkpoint's weights_only (the resume checkpoint saves all state)."""
+    """Lightning's info lines that say nothing about this run: an advertisement, a note on the
+    default of save_checkpoint's weights_only (the resume checkpoint saves all state), the data
+    loaded to count the steps the schedule needs, and that training ended as planned."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("💡 Tip", "`weights_only` was not set"))
+        return not str(record.msg).startswith(("💡 Tip", "`weights_only` was not set", "Loading `train_dataloader` to "
+                                               "estimate", "`Trainer.fit` stopped: `max_epochs="))
 
 
 for _name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector"):
