@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from transferkit.evaluation import cost, plots, report, speed
 from transferkit.evaluation.metrics import (classification_metrics, paired_difference, predict, predict_onnx,
                                             wilson_interval)
+from transferkit.evaluation.tables import results_table
 from transferkit.io import atomic_path, save_json, save_text
 from transferkit.models import load_checkpoint
 from transferkit.progress import progress
@@ -155,4 +156,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     text = report.render(cfg_summary, metrics, timing, summary)
     save_text(text, out / "report.md")
     save_text(report.to_html(text, out), out / "report.html")
+    # the answer at the end of `dvc repro`, as `transferkit results` prints it again later
+    print(f"{results_table(metrics, timing)}\nreport.md, report.html and the plots are in evaluate's output folder; "
+          f"`transferkit results` prints this table again.")
     return metrics
