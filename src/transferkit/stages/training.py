@@ -68,4 +68,18 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     save_checkpoint(model, out / "model.pt", task["classes"], stage=stage, experiment=cfg.name)
     save_json(metrics, out / "metrics.json")
     save_json(run, out / "timing.json")  # how this machine ran it: not part of the reproducible metrics
+    print(summary_line(stage, settings, metrics, run))
     return metrics
+
+
+SCORES = {"val_acc": "val", "test_acc": "test", "test_acc_tta": "test with TTA"}
+
+
+def summary_line(stage: str, settings: DictConfig, metrics: dict, run: dict) -> str:
+    """What a training stage ends with on the console: its scores and how it trained."""
+    name = (f"transfer (freeze depth {settings.freeze_depth})" if stage == "transfer"
+            else "pretrain (source task)" if stage == "pretrain" else stage)
+    scores = ", ".join(f"{label} {100 * metrics[k]:.1f}%" for k, label in SCORES.items() if k in metrics)
+    how = (f"{run['train_seconds']:.0f} s of training at {run['train_images_per_second']:,.0f} img/s "
+           f"({run['precision']} on {run['device']})" if run["precision"] else "not trained (epochs 0)")
+    return f"{name}: top-1 {scores or 'not scored (no val split)'}; {how}"
