@@ -43,9 +43,11 @@ class _DropMessages(logging.Filter):
     default of save_checkpoint's weights_only (the resume checkpoint saves all state), the data
     loaded to count the steps the schedule needs, and that training ended as planned."""
 
+    DROPPED = ("💡 Tip", "`weights_only` was not set", "Loading `train_dataloader` to estimate",
+               "`Trainer.fit` stopped: `max_epochs=")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("💡 Tip", "`weights_only` was not set", "Loading `train_dataloader` to "
-                                               "estimate", "`Trainer.fit` stopped: `max_epochs="))
+        return not str(record.msg).startswith(self.DROPPED)
 
 
 for _name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector"):
