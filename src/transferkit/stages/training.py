@@ -3,6 +3,7 @@ save a self-describing checkpoint and a metrics file."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -68,7 +69,8 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     save_checkpoint(model, out / "model.pt", task["classes"], stage=stage, experiment=cfg.name)
     save_json(metrics, out / "metrics.json")
     save_json(run, out / "timing.json")  # how this machine ran it: not part of the reproducible metrics
-    print(summary_line(stage, settings, metrics, run))
+    # logged: Hydra's job log keeps it beside Lightning's lines (the command line prints it, cli.py)
+    logging.getLogger("transferkit").info(summary_line(stage, settings, metrics, run))
     return metrics
 
 
