@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -62,11 +61,6 @@ def _params_mode(stage: str, args: list[str]) -> None:
     from transferkit.config.compose import load_params
     from transferkit.stages.run import run_stage
 
-    # the stage's own log lines (its scores) on the console; a Hydra app logs them through Hydra's handlers
-    log = logging.getLogger("transferkit")
-    log.setLevel(logging.INFO)
-    log.handlers[:] = [logging.StreamHandler(sys.stdout)]  # this call's stdout (a warm worker's is the command's)
-    log.propagate = False
     parser = argparse.ArgumentParser(prog=f"transferkit {stage}", allow_abbrev=False)
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("--out", type=Path, help=f"default: paths.artifacts_dir/{stage}")

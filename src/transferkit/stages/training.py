@@ -69,8 +69,11 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     save_checkpoint(model, out / "model.pt", task["classes"], stage=stage, experiment=cfg.name)
     save_json(metrics, out / "metrics.json")
     save_json(run, out / "timing.json")  # how this machine ran it: not part of the reproducible metrics
-    # logged: Hydra's job log keeps it beside Lightning's lines (the command line prints it, cli.py)
-    logging.getLogger("transferkit").info(summary_line(stage, settings, metrics, run))
+    line, log = summary_line(stage, settings, metrics, run), logging.getLogger("transferkit")
+    if log.hasHandlers():  # a Hydra app: its job log keeps the line beside Lightning's
+        log.info(line)
+    else:  # a stage command (`--params`) configures no logging
+        print(line)
     return metrics
 
 
