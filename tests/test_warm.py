@@ -68,7 +68,8 @@ def test_bad_input_gives_the_same_one_error_line_and_exit_code(tmp_path, server_
 
 
 def test_the_server_is_picked_by_what_shapes_imports_and_threads_not_by_what_torch_sets(server_dir, monkeypatch):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "OMP_NUM_THREADS"):  # set below, then removed again
+        monkeypatch.delenv(name, raising=False)
     first = warm.socket_path()
     # torch sets this in its own process once it uses its compiler's cache; a script's later commands
     # pass it on and must still reach the server its earlier ones started
