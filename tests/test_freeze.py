@@ -66,6 +66,19 @@ def test_backbone_lr_mult_zero_freezes_the_whole_backbone(tmp_path):
     assert all(_same(before[i], _block_state(model, i)) for i in range(model.num_blocks))
 
 
+
+@pytest.mark.parametrize("overrides, says", [
+    ([], "transfer (freeze depth 1): top-1 val 81.2%; "),
+    (["transfer.backbone_lr_mult=0"], "transfer (backbone frozen: backbone_lr_mult 0): "),
+    (["transfer.unfreeze_every_epochs=3"], "transfer (freeze depth 1, one block unfrozen every 3 epochs): "),
+])
+def test_the_line_a_transfer_ends_with_says_what_stayed_frozen(overrides, says):
+    from transferkit.stages.training import summary_line
+
+    run = {"train_seconds": 2.0, "train_images_per_second": 500.0, "precision": "32-true", "device": "cpu"}
+    line = summary_line("transfer", compose(*overrides).transfer, {"val_acc": 0.8125}, run)
+    assert line.startswith(says) and line.endswith("; 2 s of training at 500 img/s (32-true on cpu)")
+
 def test_discriminative_learning_rate_groups():
     model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
     module = ClassifierModule(model, **SETTINGS, freeze_depth=1, backbone_lr_mult=0.1)

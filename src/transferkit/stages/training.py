@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from transferkit.data.loader import TaskDataModule
 from transferkit.evaluation.metrics import predict
+from transferkit.evaluation.tables import pct
 from transferkit.io import save_json
 from transferkit.models import save_checkpoint
 from transferkit.models.blocknet import BlockNet
@@ -82,9 +83,17 @@ SCORES = {"val_acc": "val", "test_acc": "test", "test_acc_tta": "test with TTA"}
 
 def summary_line(stage: str, settings: DictConfig, metrics: dict, run: dict) -> str:
     """What a training stage ends with on the console: its scores and how it trained."""
-    name = (f"transfer (freeze depth {settings.freeze_depth})" if stage == "transfer"
-            else "pretrain (source task)" if stage == "pretrain" else stage)
-    scores = ", ".join(f"{label} {100 * metrics[k]:.1f}%" for k, label in SCORES.items() if k in metrics)
+    name = ("pretrain (source task)" if stage == "pretrain" else f"transfer ({frozen(settings)})" if stage == "transfer"
+            else stage)
+    scores = ", ".join(f"{label} {pct(metrics[k])}%" for k, label in SCORES.items() if k in metrics)
     how = (f"{run['train_seconds']:.0f} s of training at {run['train_images_per_second']:,.0f} img/s "
            f"({run['precision']} on {run['device']})" if run["precision"] else "not trained (epochs 0)")
     return f"{name}: top-1 {scores or 'not scored (no val split)'}; {how}"
+
+
+def frozen(transfer: DictConfig) -> str:
+    """What transfer kept frozen, as ClassifierModule applies the settings."""
+    if transfer.backbone_lr_mult == 0:  # no rate for any block: the whole backbone stays as pretrained
+        return "backbone frozen: backbone_lr_mult 0"
+    every = transfer.unfreeze_every_epochs
+    return f"freeze depth {transfer.freeze_depth}" + (f", one block unfrozen every {every} epochs" if every else "")
