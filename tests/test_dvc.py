@@ -69,6 +69,9 @@ def test_a_copy_of_the_project_gets_the_dvc_yaml_of_its_own_params(tmp_path):
     assert made == dvc_yaml_text(to_params(cfg)) and "elsewhere/prepare" in made
     assert "elsewhere/prepare" not in (ROOT / "dvc.yaml").read_text()
     assert "Running stage" not in _sh(["dvc", "status"], proj)  # a valid pipeline DVC reads
+    # as in a clone, `dvc exp run -S key=value` composes conf/ (DVC's Hydra setting), not edits params.yaml
+    assert (proj / ".dvc" / "config").read_text() == (ROOT / ".dvc" / "config").read_text()
+    assert _sh(["dvc", "config", "hydra.enabled"], proj).strip() == "True"
 
 
 def test_dvc_yaml_is_generated_from_the_stage_table():

@@ -51,8 +51,8 @@ def stages_run(output: str) -> list[str]:
 def copy_project(root: Path, dest: Path, params_text: str) -> Path:
     """`dest` as a fresh clone of a project composed as `params_text` has it, plus data/: the pipeline's
     code and config, params.yaml, the dvc.yaml `transferkit params` makes for it (its folders and the files
-    its settings name, which the project's own dvc.yaml may not share), one git commit (dvclive reads
-    HEAD), no artifacts and no DVC cache."""
+    its settings name, which the project's own dvc.yaml may not share), DVC's tracked config, one git
+    commit (dvclive reads HEAD), no artifacts and no DVC cache."""
     from transferkit.config.dvcyaml import dvc_yaml_text
 
     dest.mkdir(parents=True)
@@ -70,6 +70,8 @@ def copy_project(root: Path, dest: Path, params_text: str) -> Path:
         (dest / "data").mkdir()
     run(["git", "init", "-q"], dest)
     run(["dvc", "init", "-q"], dest)
+    if (root / ".dvc" / "config").is_file():  # tracked, so a clone has it: `dvc exp run -S` composes conf/
+        shutil.copy(root / ".dvc" / "config", dest / ".dvc" / "config")
     run(["git", "add", "-A"], dest)
     # -c options: independent of the user's git identity and signing setup
     run(["git", "-c", "user.name=transferkit", "-c", "user.email=transferkit@localhost",
