@@ -55,6 +55,8 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     assert f"| student distilled | {pct(m['distill']['top1'])} |" in report
     assert 0 < metrics["distillation"]["student_params_ratio"] < 1
     assert "## Pruning" in report
+    # the smoke models' sizes as counts (a student of a few thousand parameters is not "0.00 M")
+    assert f"| {m['prune']['params']:,} | {m['prune']['macs']:,} |" in report and "| 0.00 M |" not in report
     html = (art / "evaluate" / "report.html").read_text()  # the same report, plots embedded
     assert "<table>" in html and "Transfer minus scratch" in html and "data:image/png;base64," in html
     assert metrics["models"]["prune"]["macs"] <= 0.4 * metrics["models"]["distill"]["macs"] + 1

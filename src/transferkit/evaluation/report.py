@@ -22,6 +22,12 @@ def interval(lo: float, hi: float) -> str:
     return f"{100 * max(lo, -1.0):+.1f} to {100 * min(hi, 1.0):+.1f}"
 
 
+def millions(n: int, digits: int) -> str:
+    """A count of parameters or MACs in millions where that keeps two significant digits, else as it is
+    (a tiny model's 9,834 would print as 0.01 M)."""
+    return f"{n / 1e6:.{digits}f} M" if n >= 10 ** (7 - digits) else f"{n:,}"
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -85,7 +91,7 @@ def prune_section(pc: dict, models: dict, timing: dict) -> list[str]:
         "| | top-1 | params | MACs | file | CPU latency (batch 1) | CPU throughput |",
         "|---|---|---|---|---|---|---|"]
     for label, m, t in (("before (distilled)", before, tb), ("after (pruned + recovered)", after, ta)):
-        lines.append(f"| {label} | {_pct(m['top1'])} | {m['params'] / 1e6:.3f} M | {m['macs'] / 1e6:.1f} M | "
+        lines.append(f"| {label} | {_pct(m['top1'])} | {millions(m['params'], 3)} | {millions(m['macs'], 1)} | "
                      f"{_mb(m['size_bytes'])} | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "
                      f"{t.get('throughput_img_s', float('nan')):.0f} img/s |")
     lat = tb.get("latency_ms_bs1", float("nan")) / ta.get("latency_ms_bs1", float("nan"))
@@ -169,7 +175,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         t = timing.get(name, {})
         lines.append(
             f"| {LABELS.get(name, name)} | **{_pct(m['top1'])}** | {_pct(m['top1_ci95'][0])} – "
-            f"{_pct(m['top1_ci95'][1])} | {m['params'] / 1e6:.2f} M | {m['macs'] / 1e6:.1f} M | "
+            f"{_pct(m['top1_ci95'][1])} | {millions(m['params'], 2)} | {millions(m['macs'], 1)} | "
             f"{_mb(m['size_bytes'])} | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "
             f"{t.get('latency_ms_bs1_1thread', float('nan')):.2f} ms | "
             f"{t.get('throughput_img_s', float('nan')):.0f} img/s |")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from transferkit.evaluation.report import interval
+from transferkit.evaluation.report import interval, millions
 
 
 def pct(x) -> str:
@@ -104,7 +104,7 @@ def results_table(metrics: dict, timing: dict) -> str:
         r, t = metrics["models"][name], timing.get(name, {})
         lines.append(f"| {LABELS.get(name, name)} | {pct(r['top1'])} "
                      f"({pct(r['top1_ci95'][0])}–{pct(r['top1_ci95'][1])}) | "
-                     f"{r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | "
+                     f"{millions(r['params'], 2)} | {millions(r['macs'], 1)} | "
                      f"{t.get('latency_ms_bs1', float('nan')):.2f} ms | "
                      f"{t.get('throughput_img_s', float('nan')):,.0f} |")
     d = metrics["transfer_vs_scratch"]
