@@ -7,13 +7,15 @@ scenarios.json (docs/sweeps.md). key=value overrides apply to every quadrant (se
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.compose import compose, params_text
+from transferkit.config.compose import params_text
+from transferkit.config.schema import validate_run
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
@@ -38,6 +40,13 @@ class Strategy(NamedTuple):
 
     def sets(self) -> list[str]:
         return [f"{k}={'null' if v is None else v}" for k, v in self.overrides.items()]
+
+    def applied(self, cfg: DictConfig) -> DictConfig:
+        """`cfg` with this strategy's settings, as composing with sets() gives it."""
+        cfg = copy.deepcopy(cfg)
+        for key, value in self.overrides.items():
+            OmegaConf.update(cfg, key, value)
+        return cfg
 
 
 def strategies(early: int = 2, partial: int = 2) -> list[Strategy]:
@@ -71,15 +80,19 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
     keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
     for preset, (_, similarity) in QUADRANTS.items():
-        for s in [None, *plan]:
+        try:  # each quadrant's stages read its own folders, not paths.artifacts_dir
+            cfg = check_points(None, [f"experiment={preset}", *overrides], blocks, reads_artifacts=False)[0][1]
+        except TransferkitError as e:
+            raise TransferkitError(f"{preset}: {e}") from e
+        for s in plan:  # a strategy's settings are plain values: set on the composed quadrant, not composed again
             try:
-                check_points(s.stage if s else None, [f"experiment={preset}", *overrides, *(s.sets() if s else [])],
-                             blocks, reads_artifacts=False)  # each quadrant's stages read its own folders
+                validate_run(s.applied(cfg), s.stage, blocks)
             except TransferkitError as e:
-                if s and s.option and str(e).startswith(tuple(f"{k}=" for k in s.overrides)):
-                    raise depth_error(preset, overrides, s) from e  # the option's value, not a config key's
-                raise TransferkitError(f"{preset}{f', strategy {s.name}' if s else ''}: {e}") from e
-        cfg = compose([f"experiment={preset}", "trainer.progress_bar=false", *overrides])
+                if s.option and str(e).startswith(tuple(f"{k}=" for k in s.overrides)):
+                    raise depth_error(preset, cfg, s) from e  # the option's value, not a config key's
+                raise TransferkitError(f"{preset}, strategy {s.name}: {e}") from e
+        if "trainer.progress_bar" not in map(override_key, overrides):
+            cfg.trainer.progress_bar = False
         cfg.paths.data_dir = data_dir = str(Path(cfg.paths.data_dir).resolve())
         first = sources.setdefault(similarity, (preset, cfg))
         if any(OmegaConf.select(first[1], k) != OmegaConf.select(cfg, k) for k in SHARED_BY_SOURCE):
@@ -99,12 +112,11 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     return stages
 
 
-def depth_error(preset: str, overrides: list[str], s: Strategy) -> TransferkitError:
+def depth_error(preset: str, cfg: DictConfig, s: Strategy) -> TransferkitError:
     """A strategy's depth out of its model's range, named by the option that set it."""
     from transferkit.config.compose import to_params
     from transferkit.models import model_from_config
 
-    cfg = compose([f"experiment={preset}", *overrides])
     n = model_from_config(to_params(cfg.model), 2, key="model", fetch_weights=False).num_blocks
     low = int(s.stage == "probe")  # a probe needs one block at least
     return TransferkitError(f"{s.option} {next(iter(s.overrides.values()))} is out of range: model "
