@@ -105,10 +105,14 @@ TINY = ["model=fastnet_tiny", "trainer.progress_bar=false", "data.target.val_per
 
 
 @pytest.mark.slow
-def test_scenarios_end_to_end(tmp_path):
+def test_scenarios_end_to_end(tmp_path, server_dir, monkeypatch):
     """An image folder with the CIFAR-10 class names: enough target images for the small
     quadrants' 400 per class, a handful of source images; one full run, then a rerun (one test:
-    every stage is a process, and a fixture shared by several tests may run once per worker)."""
+    every stage is a process, and a fixture shared by several tests may run once per worker).
+    The stages run warm (TRANSFERKIT_WARM=1, as a user may): each of the 16 processes would
+    otherwise spend most of its time importing torch and Lightning, and test_warm finds the
+    outputs of warm and fresh stages identical."""
+    monkeypatch.setenv("TRANSFERKIT_WARM", "1")
     tiny = _tiny(tmp_path)
     _fills_its_quadrants_by_five_strategies(tiny)
     _same_source_quadrants_share_one_pretraining(tiny)
