@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import shutil
 import stat
 import tarfile
 
@@ -237,6 +238,28 @@ def test_archive_member_order_does_not_matter(tmp_path):
     assert a.classes == b.classes
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
     assert torch.equal(a.test.images, b.test.images) and torch.equal(a.test.labels, b.test.labels)
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_hidden_files_and_folders_are_not_images(tmp_path, as_archive):
+    """An archive made on macOS holds a `._NAME` file (no image) beside every file; Jupyter leaves
+    .ipynb_checkpoints folders: neither adds images, nor a class."""
+    clean = write_image_folder(tmp_path / "clean", CLASSES4, 3, 2, archive=False)
+    folder = shutil.copytree(clean, tmp_path / "messy" / clean.name)
+    for f in list(folder.rglob("*.jpg")):
+        (f.parent / f"._{f.name}").write_bytes(b"\0\5\26\7\0\2\0\0Mac OS X        ")
+    (folder / "train" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(folder / "train" / "cat" / "0000.jpg", folder / "train" / ".ipynb_checkpoints" / "0000.jpg")
+    path = folder
+    if as_archive:
+        path = tmp_path / "messy.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            tar.add(folder, arcname=f"./{folder.name}")  # "./" first, as `tar -C DIR .` writes it
+    want, got = read_image_folder(clean), read_image_folder(path)
+    assert got.classes == want.classes == sorted(CLASSES4)
+    for split in ("train", "test"):
+        assert torch.equal(getattr(got, split).images, getattr(want, split).images)
+        assert torch.equal(getattr(got, split).labels, getattr(want, split).labels)
 
 
 def test_other_image_sizes_are_resized(tmp_path):

@@ -192,6 +192,9 @@ def test_predict_command_lines_json_and_folders(exported, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(paths)
     assert all(ln.startswith(str(p)) and "top-3:" in ln for ln, p in zip(lines, paths))
+    (tmp_path / "images" / f"._{paths[0].name}").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS's copy: no image
+    (tmp_path / "images" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "images" / ".ipynb_checkpoints" / paths[0].name).write_bytes(paths[0].read_bytes())
     assert cli.main(["predict", onnx, str(tmp_path / "images"), "--json"]) == 0  # a folder: every image in it
     results = json.loads(capsys.readouterr().out)
     assert sorted(r["path"] for r in results) == sorted(map(str, paths))

@@ -83,12 +83,20 @@ def decode_images(files: list[tuple[str, bytes]], image_size: int, desc: str = "
         return torch.stack([img for chunk in decoded for img in chunk])
 
 
-def _parse_member(path: str) -> tuple[str, str] | None:
-    """'.../train/<class>/<file>' -> ('train', class); anything else -> None. (String operations,
-    not pathlib: this runs once per archive member.)"""
-    parts = path.replace("\\", "/").split("/")
+def is_image_file(parts: list[str] | tuple[str, ...]) -> bool:
+    """Whether the file at these path parts is an image to read: an image suffix, and no hidden file
+    or folder among them (macOS puts a `._` copy of every file into an archive made there; Jupyter
+    leaves .ipynb_checkpoints): never a picture. (String operations, not pathlib: this runs once
+    per archive member.)"""
     name = parts[-1]
-    if len(parts) < 3 or "." not in name or "." + name.rsplit(".", 1)[1].lower() not in IMAGE_SUFFIXES:
+    return ("." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_SUFFIXES
+            and not any(p.startswith(".") and p not in (".", "..") for p in parts))
+
+
+def _parse_member(path: str) -> tuple[str, str] | None:
+    """'.../train/<class>/<file>' -> ('train', class); anything else -> None."""
+    parts = path.replace("\\", "/").split("/")
+    if len(parts) < 3 or not is_image_file(parts[-3:]):  # the folders above the split are not the data's
         return None
     split, cls = parts[-3], parts[-2]
     return (split, cls) if split in ("train", "test") else None

@@ -44,12 +44,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def expand(paths: list[Path]) -> list[Path]:
     """Folders -> the image files inside them (sorted, recursive); files stay as given."""
-    from transferkit.data.sources import IMAGE_SUFFIXES
+    from transferkit.data.sources import IMAGE_SUFFIXES, is_image_file
 
     out = []
     for p in paths:
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if is_image_file(f.relative_to(p).parts) and f.is_file())
             if not found:
                 raise TransferkitError(f"folder {p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}). "
                                        f"Fix: pass image files or a folder that contains some.")
