@@ -240,26 +240,50 @@ def test_archive_member_order_does_not_matter(tmp_path):
     assert torch.equal(a.test.images, b.test.images) and torch.equal(a.test.labels, b.test.labels)
 
 
-@pytest.mark.parametrize("as_archive", [False, True])
-def test_hidden_files_and_folders_are_not_images(tmp_path, as_archive):
-    """An archive made on macOS holds a `._NAME` file (no image) beside every file; Jupyter leaves
-    .ipynb_checkpoints folders: neither adds images, nor a class."""
+@pytest.mark.parametrize("kind", ["folder", "tar.gz", "zip"])
+def test_hidden_files_and_folders_are_not_images(tmp_path, kind):
+    """An archive made on macOS holds a `._NAME` file (no image) beside every file, or under
+    __MACOSX/ in a zip; Jupyter leaves .ipynb_checkpoints folders: none adds images, nor a class."""
+    import zipfile
+
     clean = write_image_folder(tmp_path / "clean", CLASSES4, 3, 2, archive=False)
     folder = shutil.copytree(clean, tmp_path / "messy" / clean.name)
     for f in list(folder.rglob("*.jpg")):
         (f.parent / f"._{f.name}").write_bytes(b"\0\5\26\7\0\2\0\0Mac OS X        ")
     (folder / "train" / ".ipynb_checkpoints").mkdir()
     shutil.copy(folder / "train" / "cat" / "0000.jpg", folder / "train" / ".ipynb_checkpoints" / "0000.jpg")
-    path = folder
-    if as_archive:
-        path = tmp_path / "messy.tar.gz"
+    path = folder if kind == "folder" else tmp_path / f"messy.{kind}"
+    if kind == "tar.gz":
         with tarfile.open(path, "w:gz") as tar:
             tar.add(folder, arcname=f"./{folder.name}")  # "./" first, as `tar -C DIR .` writes it
+    elif kind == "zip":  # as macOS's Finder writes one: the ._ files under __MACOSX/
+        with zipfile.ZipFile(path, "w") as archive:
+            for f in sorted(folder.rglob("*")):
+                name = f.relative_to(folder.parent).as_posix()
+                archive.write(f, f"__MACOSX/{name}" if f.name.startswith("._") else name)
     want, got = read_image_folder(clean), read_image_folder(path)
     assert got.classes == want.classes == sorted(CLASSES4)
     for split in ("train", "test"):
         assert torch.equal(getattr(got, split).images, getattr(want, split).images)
         assert torch.equal(getattr(got, split).labels, getattr(want, split).labels)
+
+
+def test_a_zip_archive_is_found_and_read_as_a_tar_is(tmp_path):
+    import zipfile
+
+    folder = write_image_folder(tmp_path / "src", CLASSES4, 2, 1, archive=False)
+    (tmp_path / "data").mkdir()
+    with zipfile.ZipFile(tmp_path / "data" / "cifar10-jpeg.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        for f in sorted(folder.rglob("*")):
+            archive.write(f, f.relative_to(folder.parent).as_posix())
+    a = read_image_folder(folder)
+    b = load_dataset("cifar10", tmp_path / "data", download=False, verify_checksums=True, image_size=32, wanted=None)
+    assert a.classes == b.classes and torch.equal(a.train.images, b.train.images)
+    assert torch.equal(a.test.labels, b.test.labels)
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes((tmp_path / "data" / "cifar10-jpeg.zip").read_bytes()[:-40])  # its directory cut
+    with pytest.raises(TransferkitError, match=r"corrupt or unreadable archive .* Fix: copy the archive .*\.zip\)"):
+        read_image_folder(damaged)
 
 
 def test_other_image_sizes_are_resized(tmp_path):

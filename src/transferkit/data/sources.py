@@ -1,4 +1,4 @@
-"""Raw datasets: official CIFAR pickles, image-folder trees or .tar.gz archives, and
+"""Raw datasets: official CIFAR pickles, image-folder trees or their .tar.gz / .zip archives, and
 synthetic images made in-process. Each loader returns uint8 NCHW tensors, decoded once."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import gzip
 import io
 import os
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -152,9 +153,12 @@ def _checksums_hold(raw: bytearray, offsets: list[int], checksums: list[int]) ->
 
 
 def _archive_files(path: Path) -> list[tuple[str, bytes | bytearray]]:
-    """Every regular file of a .tar, .tar.gz, .tar.bz2 or .tar.xz, decompressed into memory in one go
+    """Every regular file of a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip, decompressed into memory in one go
     (reading through gzip member by member seeks and inflates in small pieces, which costs more)."""
     raw = bytearray(path.read_bytes())
+    if raw[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record (a file; the directory of an empty one)
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            return [(m.filename, archive.read(m)) for m in archive.infolist() if not m.is_dir()]
     if raw[:2] == b"\x1f\x8b":
         raw = bytearray(gzip.decompress(raw))
     if (files := _tar_files(raw)) is not None:
@@ -164,7 +168,7 @@ def _archive_files(path: Path) -> list[tuple[str, bytes | bytearray]]:
 
 
 def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None = None) -> RawDataset:
-    """Read `train/<class>/*` and `test/<class>/*` from a folder or a .tar(.gz) archive.
+    """Read `train/<class>/*` and `test/<class>/*` from a folder or a .tar(.gz) or .zip archive.
 
     Only classes in `wanted` are decoded (all if None): the rest of the archive is skipped.
     Files are sorted by path so the result does not depend on archive or filesystem order.
@@ -185,10 +189,10 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
                     seen_classes.add(key[1])
                     if wanted is None or key[1] in wanted:
                         items.setdefault(key, []).append((name, data))
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
             raise TransferkitError(
-                f"corrupt or unreadable archive {path} ({type(e).__name__}: {e}). Fix: copy the "
-                f"archive into {path.parent}/ again.") from e
+                f"corrupt or unreadable archive {path} ({type(e).__name__}: {' '.join(str(e).split())}). Fix: copy the "
+                f"archive into {path.parent}/ again (a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip).") from e
     if not seen_classes:
         raise TransferkitError(
             f"no images found in {path}: expected train/<class>/<image> and test/<class>/<image>. "
@@ -236,8 +240,8 @@ def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
     return TransferkitError(
         f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Fix: provide it one "
         f"of three ways: (1) the official python version: extract it to {data_dir}/{folder}/ (or run "
-        f"with network access and data.download=true); (2) an image-folder tree or .tar.gz "
-        f"(train/<class>/*, test/<class>/*) at {data_dir}/{name}-jpeg.tar.gz or given as the "
+        f"with network access and data.download=true); (2) an image-folder tree, .tar.gz or .zip "
+        f"(train/<class>/*, test/<class>/*) at {data_dir}/{name}-jpeg.tar.gz (or .zip) or given as the "
         f"dataset path; (3) synthetic images, no files "
         f"needed: `experiment=smoke`.")
 
@@ -249,7 +253,7 @@ def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksu
         official = data_dir / CIFAR[dataset][0]
         if official.is_dir():
             return read_cifar_pickles(official, dataset, verify_checksums)
-        for candidate in (data_dir / f"{dataset}-jpeg.tar.gz", data_dir / f"{dataset}-jpeg"):
+        for candidate in (data_dir / f"{dataset}-jpeg{ext}" for ext in (".tar.gz", ".zip", "")):
             if candidate.exists():
                 return read_image_folder(candidate, image_size, wanted)
         if not download:
@@ -265,6 +269,6 @@ def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksu
     if not path.exists():
         raise TransferkitError(
             f"dataset '{dataset}' is neither 'cifar10', 'cifar100', 'synthetic' nor an existing "
-            f"image folder or archive. Fix: give one of those names or the path to a folder/.tar.gz "
+            f"image folder or archive. Fix: give one of those names or the path to a folder, .tar.gz or .zip "
             f"laid out as train/<class>/*, test/<class>/*.")
     return read_image_folder(path, image_size, wanted)
