@@ -75,9 +75,10 @@ def test_backbone_lr_mult_zero_freezes_the_whole_backbone(tmp_path):
 def test_the_line_a_transfer_ends_with_says_what_stayed_frozen(overrides, says):
     from transferkit.stages.training import summary_line
 
-    run = {"train_seconds": 2.0, "train_images_per_second": 500.0, "precision": "32-true", "device": "cpu"}
+    run = {"train_seconds": 0.43, "train_images_per_second": 500.0, "precision": "32-true", "device": "cpu"}
     line = summary_line("transfer", compose(*overrides).transfer, {"val_acc": 0.8125}, run)
-    assert line.startswith(says) and line.endswith("; 2 s of training at 500 img/s (32-true on cpu)")
+    assert line.startswith(says) and line.endswith("; 0.4 s of training at 500 img/s (32-true on cpu)")
+    assert "; 12 s of training" in summary_line("transfer", compose().transfer, {}, {**run, "train_seconds": 12.4})
 
 def test_discriminative_learning_rate_groups():
     model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)

@@ -86,7 +86,8 @@ def summary_line(stage: str, settings: DictConfig, metrics: dict, run: dict) -> 
     name = ("pretrain (source task)" if stage == "pretrain" else f"transfer ({frozen(settings)})" if stage == "transfer"
             else stage)
     scores = ", ".join(f"{label} {pct(metrics[k])}%" for k, label in SCORES.items() if k in metrics)
-    how = (f"{run['train_seconds']:.0f} s of training at {run['train_images_per_second']:,.0f} img/s "
+    seconds = run["train_seconds"]
+    how = (f"{seconds:.{int(seconds < 10)}f} s of training at {run['train_images_per_second']:,.0f} img/s "
            f"({run['precision']} on {run['device']})" if run["precision"] else "not trained (epochs 0)")
     return f"{name}: top-1 {scores or 'not scored (no val split)'}; {how}"
 
