@@ -284,6 +284,16 @@ def test_a_zip_archive_is_found_and_read_as_a_tar_is(tmp_path):
     damaged.write_bytes((tmp_path / "data" / "cifar10-jpeg.zip").read_bytes()[:-40])  # its directory cut
     with pytest.raises(TransferkitError, match=r"corrupt or unreadable archive .* Fix: copy the archive .*\.zip\)"):
         read_image_folder(damaged)
+    stored = tmp_path / "stored.zip"  # its members' method set to deflate64, which zipfile cannot read
+    with zipfile.ZipFile(stored, "w") as archive:
+        archive.writestr("cifar10-jpeg/train/cat/0000.jpg", b"\xff\xd8 a jpeg")
+    raw = bytearray(stored.read_bytes())
+    for header, at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        where = raw.find(header)
+        raw[where + at:where + at + 2] = (9).to_bytes(2, "little")
+    stored.write_bytes(raw)
+    with pytest.raises(TransferkitError, match=r"corrupt or unreadable archive .*\(BadZipFile: .*compression method"):
+        read_image_folder(stored)
 
 
 def test_other_image_sizes_are_resized(tmp_path):

@@ -158,7 +158,10 @@ def _archive_files(path: Path) -> list[tuple[str, bytes | bytearray]]:
     raw = bytearray(path.read_bytes())
     if raw[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record (a file; the directory of an empty one)
         with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            return [(m.filename, archive.read(m)) for m in archive.infolist() if not m.is_dir()]
+            try:
+                return [(m.filename, archive.read(m)) for m in archive.infolist() if not m.is_dir()]
+            except (RuntimeError, NotImplementedError) as e:  # an encrypted member; a method zipfile lacks
+                raise zipfile.BadZipFile(str(e)) from e
     if raw[:2] == b"\x1f\x8b":
         raw = bytearray(gzip.decompress(raw))
     if (files := _tar_files(raw)) is not None:
