@@ -7,7 +7,6 @@ scenarios.json (docs/sweeps.md). key=value overrides apply to every quadrant (se
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -40,13 +39,6 @@ class Strategy(NamedTuple):
 
     def sets(self) -> list[str]:
         return [f"{k}={'null' if v is None else v}" for k, v in self.overrides.items()]
-
-    def applied(self, cfg: DictConfig) -> DictConfig:
-        """`cfg` with this strategy's settings, as composing with sets() gives it."""
-        cfg = copy.deepcopy(cfg)
-        for key, value in self.overrides.items():
-            OmegaConf.update(cfg, key, value)
-        return cfg
 
 
 def strategies(early: int = 2, partial: int = 2) -> list[Strategy]:
@@ -86,7 +78,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
             raise TransferkitError(f"{preset}: {e}") from e
         for s in plan:  # a strategy's settings are plain values: set on the composed quadrant, not composed again
             try:
-                validate_run(s.applied(cfg), s.stage, blocks)
+                validate_run(OmegaConf.merge(cfg, OmegaConf.from_dotlist(s.sets())), s.stage, blocks)
             except TransferkitError as e:
                 if s.option and str(e).startswith(tuple(f"{k}=" for k in s.overrides)):
                     raise depth_error(preset, cfg, s) from e  # the option's value, not a config key's
