@@ -66,7 +66,6 @@ def test_backbone_lr_mult_zero_freezes_the_whole_backbone(tmp_path):
     assert all(_same(before[i], _block_state(model, i)) for i in range(model.num_blocks))
 
 
-
 @pytest.mark.parametrize("overrides, says", [
     ([], "transfer (freeze depth 1): top-1 val 81.2%; "),
     (["transfer.backbone_lr_mult=0"], "transfer (backbone frozen: backbone_lr_mult 0): "),
@@ -79,6 +78,7 @@ def test_the_line_a_transfer_ends_with_says_what_stayed_frozen(overrides, says):
     line = summary_line("transfer", compose(*overrides).transfer, {"val_acc": 0.8125}, run)
     assert line.startswith(says) and line.endswith("; 0.4 s of training at 500 img/s (32-true on cpu)")
     assert "; 12 s of training" in summary_line("transfer", compose().transfer, {}, {**run, "train_seconds": 12.4})
+
 
 def test_discriminative_learning_rate_groups():
     model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
