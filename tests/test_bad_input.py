@@ -68,6 +68,25 @@ def random_bytes_archive(tmp):
     return _image_folder_overrides(path)
 
 
+def damaged_zip(tmp):
+    import zipfile
+
+    root = write_image_folder(tmp / "src", CIFAR10_CLASSES, 3, 1, archive=False)
+    path = tmp / "data" / "cifar10-jpeg.zip"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        for f in sorted(root.rglob("*.jpg")):
+            archive.write(f, f.relative_to(root.parent).as_posix())
+    path.write_bytes(path.read_bytes()[:-100])  # its central directory cut off
+    return _image_folder_overrides(path)
+
+
+def class_without_test_images(tmp):
+    root = write_image_folder(tmp / "data", CIFAR10_CLASSES, 3, 1, archive=False)
+    shutil.rmtree(root / "test" / "dog")
+    return _image_folder_overrides(root)
+
+
 def corrupt_image(tmp):
     root = write_image_folder(tmp / "data", CIFAR10_CLASSES, 3, 1, archive=False)
     (root / "train" / "cat" / "0001.jpg").write_bytes(b"\xff\xd8not really a jpeg")
@@ -180,6 +199,7 @@ CASES = {
                                           experiment="cifar10_split"),
     "archive of random bytes": Case("prepare", needle="archive", setup=random_bytes_archive,
                                     experiment="cifar10_split"),
+    "damaged zip archive": Case("prepare", needle="BadZipFile", setup=damaged_zip, experiment="cifar10_split"),
     "corrupt image": Case("prepare", needle="0001.jpg", setup=corrupt_image, experiment="cifar10_split"),
     "empty image folder": Case("prepare", needle="empty", setup=empty_folder, experiment="cifar10_split"),
     "CIFAR pickles failing their checksum": Case("prepare", needle="checksum", setup=unofficial_cifar_pickles,
@@ -192,6 +212,8 @@ CASES = {
                                experiment="cifar10_split"),
     "more images per class than exist": Case("prepare", needle="train images", setup=too_many_per_class,
                                              experiment="cifar10_split"),
+    "a class without test images": Case("prepare", needle="['dog'] of data.target.classes have no test images",
+                                        setup=class_without_test_images, experiment="cifar10_split"),
     "class in source and target": Case("prepare", ("data.target.dataset=cifar10", "data.source.dataset=cifar10",
                                                    "data.source.classes=[cat,ship]", "data.target.classes=[cat,dog]"),
                                        "both"),

@@ -601,6 +601,24 @@ def test_too_many_samples_names_class_and_keys():
         _select(_tagged_raw(), test_per_class=N_TEST + 1)
 
 
+def test_a_class_without_test_images_beside_classes_with_some_is_an_error(tmp_path):
+    """An image folder whose test/dog/ is missing: the task's test score would be the other
+    classes' alone. A dataset with no test split at all (a source task may have none) stays allowed."""
+    folder = write_image_folder(tmp_path, ["cat", "dog", "fox"], 10, 3, archive=False)
+    shutil.rmtree(folder / "test" / "dog")
+    raw = read_image_folder(folder)
+    with pytest.raises(TransferkitError, match=r"classes \['dog'\] of data.target.classes have no test images "
+                                               r".* Fix: add test/<class>/ images for them"):
+        select_task(raw, ["cat", "dog"], train_per_class=8, val_per_class=2, test_per_class=None, seed=0,
+                    role="target")
+    assert len(select_task(raw, ["cat", "fox"], train_per_class=8, val_per_class=2, test_per_class=None, seed=0,
+                           role="target")["test_y"]) == 6
+    shutil.rmtree(folder / "test")
+    no_test = select_task(read_image_folder(folder), ["cat", "dog"], train_per_class=8, val_per_class=2,
+                          test_per_class=None, seed=0, role="source")
+    assert len(no_test["test_y"]) == 0 and len(no_test["train_y"]) == 16
+
+
 def test_duplicated_or_single_class_is_an_error():
     with pytest.raises(TransferkitError, match="more than once"):
         _select(_tagged_raw(), classes=("dog", "ant", "dog"))
