@@ -22,7 +22,11 @@ def _sh(cmd: list[str], cwd: Path, timeout=600) -> str:
 
 
 @pytest.mark.slow
-def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path):
+def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path, server_dir, monkeypatch):
+    """The stages run warm (TRANSFERKIT_WARM=1): each of the 15 stage runs would otherwise spend most
+    of its time importing torch and Lightning. test_warm finds warm and fresh stages' outputs
+    identical, and `.ci/run`'s check-repro runs every stage of this pipeline fresh, twice."""
+    monkeypatch.setenv("TRANSFERKIT_WARM", "1")
     # a fresh clone: code and conf/, params.yaml for the smoke experiment, data/ tracked, one commit
     from transferkit.config.compose import compose, params_text
 
