@@ -3,7 +3,9 @@ in the real on-disk formats (official CIFAR pickles, image-folder trees and arch
 
 from __future__ import annotations
 
+import fcntl
 import io
+import json
 import os
 import pickle
 import shutil
@@ -87,13 +89,32 @@ def smoke(tmp_path):
     return compose("experiment=smoke", tmp=tmp_path)
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder that `make(folder)` fills once per test session, for tests that only read it: under
+    pytest-xdist, once for all workers, as xdist documents it (a lock in their common temporary
+    folder), not once per worker that runs such a test."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' own folders sit side by side in the session's
+        root = root.parent
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():  # not yet, or an earlier attempt failed: from the start
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smoke_artifacts(tmp_path_factory):
     """One full smoke pipeline run, shared by tests that only read its outputs."""
-    tmp = tmp_path_factory.mktemp("smoke")
-    cfg = compose("experiment=smoke", tmp=tmp)
-    results = run_all(cfg)
-    return cfg, results
+    def make(tmp: Path) -> None:
+        (tmp / "results.json").write_text(json.dumps(run_all(compose("experiment=smoke", tmp=tmp))))
+
+    tmp = made_once(tmp_path_factory, "smoke", make)
+    return compose("experiment=smoke", tmp=tmp), json.loads((tmp / "results.json").read_text())
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import CONF, cli, compose, run
+from conftest import CONF, cli, compose, made_once, run
 from transferkit.config.compose import params_text, to_params
 from transferkit.config.schema import validate
 
@@ -39,11 +39,12 @@ def hydra_compose(*overrides: str):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """prepare + pretrain of the smoke experiment: the inputs every point reads."""
-    tmp = tmp_path_factory.mktemp("launchers")
-    cfg = compose("experiment=smoke", "trainer.progress_bar=false", tmp=tmp)
-    run("prepare", cfg)
-    run("pretrain", cfg)
-    return tmp
+    def make(tmp):
+        cfg = compose("experiment=smoke", "trainer.progress_bar=false", tmp=tmp)
+        run("prepare", cfg)
+        run("pretrain", cfg)
+
+    return made_once(tmp_path_factory, "launchers", make)
 
 
 # ------------------------------------------------------------------ configs compose

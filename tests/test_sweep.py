@@ -11,17 +11,18 @@ import shutil
 import pytest
 import yaml
 
-from conftest import ROOT, cli, compose, one_error_line, run
+from conftest import ROOT, cli, compose, made_once, one_error_line, run
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """prepare + pretrain of the smoke experiment: the inputs every sweep point reads."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    cfg = compose("experiment=smoke", tmp=tmp)
-    run("prepare", cfg)
-    run("pretrain", cfg)
-    return tmp
+    def make(tmp):
+        cfg = compose("experiment=smoke", tmp=tmp)
+        run("prepare", cfg)
+        run("pretrain", cfg)
+
+    return made_once(tmp_path_factory, "sweep", make)
 
 
 def _sweep(base, sweep_dir, stage, *overrides):
@@ -133,11 +134,12 @@ def test_ddp_multirun_makes_no_duplicate_folders(base, tmp_path):
 
 @pytest.fixture(scope="module")
 def collected_sweep(base, tmp_path_factory):
-    sweep = tmp_path_factory.mktemp("collect") / "sweep"
-    _sweep(base, sweep, "transfer", "seed=0,1", "transfer.freeze_depth=0,1,2")
-    _sweep(base, sweep, "scratch", "seed=0,1")
-    _sweep(base, sweep, "probe", "seed=0")
-    return sweep
+    def make(sweep):
+        _sweep(base, sweep, "transfer", "seed=0,1", "transfer.freeze_depth=0,1,2")
+        _sweep(base, sweep, "scratch", "seed=0,1")
+        _sweep(base, sweep, "probe", "seed=0")
+
+    return made_once(tmp_path_factory, "collect", make)
 
 
 @pytest.mark.slow
