@@ -118,6 +118,13 @@ def smoke_artifacts(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread(monkeypatch):
+    """The processes this test starts through dvc train at one thread, as every test does (cli()
+    likewise): two threads spin-wait for each other while the test beside it holds the other core."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
 def server_dir(monkeypatch):
     """A private temporary folder for this test's TRANSFERKIT_WARM servers (a short path: a
     socket's path is limited to about 100 bytes), and servers that exit soon after the test."""

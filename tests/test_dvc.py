@@ -22,7 +22,7 @@ def _sh(cmd: list[str], cwd: Path, timeout=600) -> str:
 
 
 @pytest.mark.slow
-def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path, server_dir, monkeypatch):
+def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path, server_dir, one_thread, monkeypatch):
     """The stages run warm (TRANSFERKIT_WARM=1): each of the 15 stage runs would otherwise spend most
     of its time importing torch and Lightning. test_warm finds warm and fresh stages' outputs
     identical, and `.ci/run`'s check-repro runs every stage of this pipeline fresh, twice."""

@@ -54,7 +54,7 @@ def _check_repro(*args: str, env: dict | None = None, cwd=ROOT) -> subprocess.Co
 
 
 @pytest.mark.slow
-def test_check_repro_passes_on_the_project(monkeypatch, capsys):
+def test_check_repro_passes_on_the_project(monkeypatch, one_thread, capsys):
     monkeypatch.chdir(ROOT)
     code = main(["--target", "pretrain"])
     out = capsys.readouterr().out
@@ -70,7 +70,8 @@ def test_check_repro_fails_when_seeding_is_not_deterministic(tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(UNSEEDED_TORCH)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # as one_thread, as every test trains
+           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
     proc = _check_repro("--target", "pretrain", env=env)
 

@@ -47,7 +47,7 @@ def test_multirun_writes_one_folder_per_point(base, tmp_path):
 
 
 @pytest.mark.slow
-def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, monkeypatch):
+def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one_thread, monkeypatch):
     """In a project whose params.yaml is the smoke experiment: the points compose as it does. The
     points train warm (TRANSFERKIT_WARM=1), as test_scenarios_end_to_end's stages do."""
     monkeypatch.setenv("TRANSFERKIT_WARM", "1")
