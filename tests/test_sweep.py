@@ -62,16 +62,16 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
-    assert "2 of 2 points ran" in sweep("0,2")
+    assert "2 of 2 points ran\n" in sweep("0,2")
     # a point is named by every override given, varying or not (seed=0 here)
     assert yaml.safe_load((out / "params" / "seed=0,transfer.freeze_depth=0.yaml").read_text())["name"] == "smoke"
     kept = out / "seed=0,transfer.freeze_depth=0" / "transfer" / "model.pt"
     stamp = kept.stat().st_mtime_ns
     grown = sweep("0,2,3")  # a point added: only it trains
-    assert "1 of 3 points ran" in grown and "| transfer transfer.freeze_depth=3 |" in grown
+    assert "1 of 3 points ran; 2 were done already" in grown and "| transfer transfer.freeze_depth=3 |" in grown
     assert kept.stat().st_mtime_ns == stamp
     shutil.rmtree(kept.parent)  # an output deleted by hand comes back from DVC's cache, untrained
-    assert "0 of 3 points ran" in sweep("0,2,3") and kept.exists()
+    assert "0 of 3 points ran; 3 were done already" in sweep("0,2,3") and kept.exists()
     # an axis of one value grown: the points done keep their names, and the table is this sweep's points only
     seeds = sweep("0", "0,1")
     assert "1 of 2 points ran" in seeds and "| transfer ← best on val | 2 |" in seeds and "depth=3" not in seeds

@@ -151,7 +151,8 @@ def main(argv: list[str]) -> int:
                                         {r: str(artifacts / r) for r in BY_NAME[args.stage].reads},
                                         [code, f"params/{name}.yaml"])
     ran = run_pipeline(out, stages)
-    print(f"{len(ran)} of {len(stages)} points ran; the rest were done already")
+    done = len(stages) - len(ran)
+    print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} were done already" if done else ""))
     # this sweep's points only: out/ may keep the points of an earlier, other sweep
     print(sweep_table(collect([out / name for name in names], out / "collected")))
     return 0
