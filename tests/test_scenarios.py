@@ -108,7 +108,7 @@ TINY = ["model=fastnet_tiny", "trainer.progress_bar=false", "data.target.val_per
 def test_scenarios_end_to_end(tmp_path, server_dir, one_thread, monkeypatch):
     """An image folder with the CIFAR-10 class names: enough target images for the small
     quadrants' 400 per class, a handful of source images; one full run, then a rerun (one test:
-    every stage is a process, and a fixture shared by several tests may run once per worker).
+    the rerun changes the folder that the checks before it read).
     The stages run warm (TRANSFERKIT_WARM=1, as a user may): each of the 16 processes would
     otherwise spend most of its time importing torch and Lightning, and test_warm finds the
     outputs of warm and fresh stages identical."""
