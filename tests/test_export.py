@@ -5,12 +5,14 @@ files like the PyTorch model with every kind of model file, and bad input ends i
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import made_once
 from transferkit import cli
 from transferkit.deploy.export import export
 from transferkit.deploy.fold import deployable, first_conv, fold_batchnorm
@@ -53,19 +55,23 @@ def _make(kind: str) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Each model saved as a stage would save it, plus its export, checked on a fake test set."""
-    root = tmp_path_factory.mktemp("export")
-    g = torch.Generator().manual_seed(0)
-    test_set = root / "target.pt"
-    torch.save({"classes": CLASSES, "test_x": torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=g),
-                "test_y": torch.randint(0, 5, (48,), generator=g)}, test_set)
-    out = {}
-    for kind in MODELS:
-        save_checkpoint(_make(kind), root / kind / "model.pt", CLASSES, stage="prune")
-        result = export(root / kind / "model.pt", root / kind / "export", test_set, repeats=5, batch_size=16, threads=1,
-                        log=lambda *_: None)
-        out[kind] = (root / kind, result)
-    return root, test_set, out
+    """Each model saved as a stage would save it, plus its export, checked on a fake test set (tests
+    only read them: one that writes an export works on a copy)."""
+    def make(root):
+        g = torch.Generator().manual_seed(0)
+        torch.save({"classes": CLASSES, "test_x": torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8,
+                                                                generator=g),
+                    "test_y": torch.randint(0, 5, (48,), generator=g)}, root / "target.pt")
+        results = {}
+        for kind in MODELS:
+            save_checkpoint(_make(kind), root / kind / "model.pt", CLASSES, stage="prune")
+            results[kind] = export(root / kind / "model.pt", root / kind / "export", root / "target.pt", repeats=5,
+                                   batch_size=16, threads=1, log=lambda *_: None)
+        (root / "results.json").write_text(json.dumps(results))
+
+    root = made_once(tmp_path_factory, "export", make)
+    results = json.loads((root / "results.json").read_text())
+    return root, root / "target.pt", {kind: (root / kind, results[kind]) for kind in MODELS}
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -285,11 +291,12 @@ def test_checkpoint_errors_name_the_stage_the_path_says_wrote_it(tmp_path):
         assert message.endswith(fix) and "dvc repro prune" not in message and "<stage>" not in message
 
 
-def test_failed_check_keeps_the_previous_export(exported, monkeypatch, capsys):
+def test_failed_check_keeps_the_previous_export(exported, tmp_path, monkeypatch, capsys):
     import transferkit.deploy.export as export_module
 
     root, test_set, models = exported
-    folder = models["fastnet"][0]
+    folder = tmp_path / "fastnet"
+    shutil.copytree(models["fastnet"][0], folder)
     out = folder / "export"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     wrong = lambda ref, other, labels: {"max_abs_diff": 0.5, "top1_agreement": 0.9}  # noqa: E731
