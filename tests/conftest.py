@@ -14,6 +14,7 @@ import sys
 import tarfile
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -171,8 +172,9 @@ def write_cifar_pickles(root: Path, name: str, classes: list[str], train_per_cla
 
 
 def write_image_folder(root: Path, classes: list[str], train_per_class: int, test_per_class: int,
-                       archive: bool = True, top: str = "cifar10-jpeg") -> Path:
-    """train/<class>/*.jpg + test/<class>/*.jpg, as a .tar.gz (default) or a folder."""
+                       archive: bool | str = True, top: str = "cifar10-jpeg") -> Path:
+    """train/<class>/*.jpg + test/<class>/*.jpg, as a .tar.gz (default), a .zip (archive="zip") or a
+    folder (archive=False)."""
     files = {}
     for split, n in (("train", train_per_class), ("test", test_per_class)):
         for ci, c in enumerate(classes):
@@ -187,6 +189,12 @@ def write_image_folder(root: Path, classes: list[str], train_per_class: int, tes
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
         return root / top
+    if archive == "zip":
+        path = root / f"{top}.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in sorted(files.items()):
+                zf.writestr(name, data)
+        return path
     path = root / f"{top}.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
         for name, data in sorted(files.items()):

@@ -69,14 +69,7 @@ def random_bytes_archive(tmp):
 
 
 def damaged_zip(tmp):
-    import zipfile
-
-    root = write_image_folder(tmp / "src", CIFAR10_CLASSES, 3, 1, archive=False)
-    path = tmp / "data" / "cifar10-jpeg.zip"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as archive:
-        for f in sorted(root.rglob("*.jpg")):
-            archive.write(f, f.relative_to(root.parent).as_posix())
+    path = write_image_folder(tmp / "data", CIFAR10_CLASSES, 3, 1, archive="zip")
     path.write_bytes(path.read_bytes()[:-100])  # its central directory cut off
     return _image_folder_overrides(path)
 

@@ -272,10 +272,7 @@ def test_a_zip_archive_is_found_and_read_as_a_tar_is(tmp_path):
     import zipfile
 
     folder = write_image_folder(tmp_path / "src", CLASSES4, 2, 1, archive=False)
-    (tmp_path / "data").mkdir()
-    with zipfile.ZipFile(tmp_path / "data" / "cifar10-jpeg.zip", "w", zipfile.ZIP_DEFLATED) as archive:
-        for f in sorted(folder.rglob("*")):
-            archive.write(f, f.relative_to(folder.parent).as_posix())
+    write_image_folder(tmp_path / "data", CLASSES4, 2, 1, archive="zip")  # the same images: data/cifar10-jpeg.zip
     a = read_image_folder(folder)
     b = load_dataset("cifar10", tmp_path / "data", download=False, verify_checksums=True, image_size=32, wanted=None)
     assert a.classes == b.classes and torch.equal(a.train.images, b.train.images)
