@@ -42,6 +42,9 @@ def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path, server_dir, on
     second = _sh(["dvc", "repro"], proj)
     assert "Running stage" not in second
     assert "up to date" in _sh(["dvc", "status"], proj)
+    with open(proj / "data" / "README.md", "a") as readme:  # documentation beside the data, not data
+        readme.write("A note of the user's.\n")
+    assert "up to date" in _sh(["dvc", "status"], proj)
 
     metrics = _sh(["dvc", "metrics", "show"], proj)
     assert "artifacts/evaluate/metrics.json" in metrics and "models.transfer.top1" in metrics
