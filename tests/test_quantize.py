@@ -177,6 +177,39 @@ def test_fake_quantization_trains_and_comes_off_without_a_trace():
         assert torch.equal(model(x), ref)  # the weights untouched by the forwards above, no hooks left
 
 
+def test_lookahead_averages_weights_and_batchnorm_statistics_not_the_fake_quantization_observers():
+    """Quantization-aware fine-tuning trains with prune's block, lookahead included where it is on: the
+    observers' running min and max start at +-inf, and averaging them too turned every weight into NaN
+    once the average's weight fell below one half (late in training)."""
+    import torch
+
+    from transferkit.deploy.fold import deployable
+    from transferkit.deploy.qat import add_fake_quant
+    from transferkit.models import build_model
+    from transferkit.training.lookahead import Lookahead
+
+    torch.manual_seed(0)
+    model = deployable(build_model("fastnet", 3, widths=[8, 8, 8], stem_width=8).eval()).train()
+    add_fake_quant(model, per_channel=True, reduce_range=True)
+    holder, lookahead, steps = torch.nn.Module(), Lookahead(every=2), 10
+
+    class Trainer:
+        global_step, estimated_stepping_batches = 0, steps
+
+    holder.model, trainer = model, Trainer()
+    lookahead.on_train_start(trainer, holder)
+    assert len(lookahead.average) == len(list(model.parameters())) + 2 * sum(  # weights and BN statistics only
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        model(torch.rand(8, 3, 32, 32)).logsumexp(1).mean().backward()
+        opt.step()
+        trainer.global_step = step
+        lookahead.on_train_batch_end(trainer, holder, None, None, step)
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+
+
 def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_artifacts, tmp_path, monkeypatch):
     """Post-training INT8 made to score 0 on the val images (the stage's first check, doctored):
     the stage fine-tunes the model for INT8, quantizes it again, judges it on val for real, scores

@@ -2,8 +2,10 @@
 average of themselves, whose decay grows from 0 to 0.95^every over training as (step/total)^3,
 and at the last step the averaged weights become the model. Averaging late in training, when
 the learning rate is small, lands between the last steps' noisy weights: higher accuracy for the
-same number of steps. BatchNorm statistics are averaged with the weights, as airbench does.
-A run of fewer than `every` steps has no average to land on: it keeps the weights it trained."""
+same number of steps. BatchNorm statistics are averaged with the weights, as airbench does; no
+other buffer is (fake quantization's observers start their running min and max at +-inf, which
+would turn the average into NaN). A run of fewer than `every` steps has no average to land on:
+it keeps the weights it trained."""
 
 from __future__ import annotations
 
@@ -18,7 +20,12 @@ class Lookahead(Callback):
         self.average: list[torch.Tensor] | None = None
 
     def _tensors(self, module: pl.LightningModule) -> list[torch.Tensor]:
-        return [t for t in module.model.state_dict().values() if t.is_floating_point()]
+        """The model's weights and BatchNorm statistics, in the order of its state_dict."""
+        model, batchnorm = module.model, torch.nn.modules.batchnorm._BatchNorm
+        averaged = {name for name, _ in model.named_parameters()} | {
+            f"{name}.{stat}" for name, m in model.named_modules() if isinstance(m, batchnorm)
+            for stat in ("running_mean", "running_var")}
+        return [t for name, t in model.state_dict().items() if name in averaged]
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.total = max(1, int(trainer.estimated_stepping_batches))
