@@ -78,6 +78,22 @@ def run(stage: str, cfg) -> dict:
     return run_stage(stage, cfg, artifacts / stage)
 
 
+def resumable_leftover(stage: str, cfg) -> Path:
+    """The work folder a killed run of `stage` leaves, as the next run with `cfg` resumes it: the
+    params and resume key staged_output wrote (a test adds the checkpoint)."""
+    import yaml
+
+    from transferkit.config.compose import to_params
+    from transferkit.stages import inputs_of
+    from transferkit.stages.common import PARAMS_FILE, RESUME_KEY, resume_key
+
+    work = Path(cfg.paths.artifacts_dir) / f".{stage}.incomplete"
+    work.mkdir(parents=True)
+    (work / PARAMS_FILE).write_text(yaml.safe_dump(to_params(cfg), sort_keys=False))
+    (work / RESUME_KEY).write_text(resume_key(inputs_of(stage, cfg.paths.artifacts_dir).values()))
+    return work
+
+
 def run_all(cfg, stages=None) -> dict:
     from transferkit.stages import STAGES
 

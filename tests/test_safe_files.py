@@ -91,16 +91,12 @@ def test_a_stage_refuses_a_poisoned_upstream_file(project, stage, poisoned):
 
 def test_a_stage_refuses_a_poisoned_resume_checkpoint(project):
     """A killed run's work folder holds a Lightning checkpoint that the next run resumes from."""
-    import yaml
-
-    from transferkit.config.compose import to_params
-    from transferkit.stages.common import PARAMS_FILE
+    from conftest import resumable_leftover
     from transferkit.training.trainer import CHECKPOINT, LOG_SNAPSHOT
 
     root, cfg, marker = project
-    work = root / "artifacts" / ".scratch.incomplete"  # resumed only by a run with the same params
+    work = resumable_leftover("scratch", cfg)
     (work / LOG_SNAPSHOT).mkdir(parents=True)
-    (work / PARAMS_FILE).write_text(yaml.safe_dump(to_params(cfg), sort_keys=False))
     torch.save({"epoch": 0, "state_dict": {}, "callbacks": Payload(marker)}, work / CHECKPOINT)
     with pytest.raises(TransferkitError, match="not plain data") as e:
         run("scratch", cfg)

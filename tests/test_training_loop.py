@@ -244,23 +244,45 @@ def test_stages_with_several_fits_or_mixup_resume_with_identical_results(tmp_pat
 
 
 def test_a_poisoned_resume_checkpoint_is_refused(tmp_path, monkeypatch):
+    from conftest import resumable_leftover
     from test_safe_files import Payload
 
     from transferkit.errors import TransferkitError
 
     cfg = compose("experiment=smoke", tmp=tmp_path)
     run("prepare", cfg)
-    work = tmp_path / "artifacts" / ".pretrain.incomplete"
+    work = resumable_leftover("pretrain", cfg)
     (work / "checkpoints" / "logs").mkdir(parents=True)
-    from transferkit.config.compose import to_params
-    import yaml
-
-    (work / "params.yaml").write_text(yaml.safe_dump(to_params(cfg), sort_keys=False))  # looks resumable
     marker = tmp_path / "marker"
     torch.save({"epoch": 1, "state_dict": Payload(marker)}, work / "checkpoints" / "last.ckpt")
     with pytest.raises(TransferkitError, match="not plain data"):
         run("pretrain", cfg)
     assert not marker.exists()
+
+
+def test_the_resume_key_changes_with_the_code_and_with_any_input_file(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    import transferkit
+    from transferkit.stages.common import resume_key
+
+    code = tmp_path / "transferkit"  # a copy of the package, as resume_key reads it
+    shutil.copytree(Path(transferkit.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(transferkit, "__file__", str(code / "__init__.py"))
+    inputs = [tmp_path / "prepare", tmp_path / "pretrain"]
+    for folder in inputs:
+        (folder / "dvclive").mkdir(parents=True)
+        (folder / "dvclive" / "metrics.json").write_text("{}")
+    key = resume_key(inputs)
+    assert resume_key(inputs) == key and resume_key(inputs[:1]) != key
+    for change in (lambda: (inputs[1] / "dvclive" / "metrics.json").write_text("{}  "),  # size
+                   lambda: os.utime(inputs[0] / "dvclive" / "metrics.json", ns=(1, 1)),  # remade, same size
+                   lambda: (inputs[0] / "target.pt").write_text(""),  # a new file
+                   lambda: (code / "errors.py").write_text((code / "errors.py").read_text() + "# edited\n")):
+        change()
+        assert resume_key(inputs) != key
+        key = resume_key(inputs)
 
 
 def test_checkpoint_budget_bounds_the_time_spent_saving(tmp_path):
@@ -409,15 +431,16 @@ def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_sw
     """A killed run's work folder is resumed only by a run with the same params and only when it
     holds a resume checkpoint (anything else in it could only be stale); a kill between the two
     renames of the swap (final -> .old, work -> final) leaves .old, which comes back."""
-    from transferkit.stages.common import PARAMS_FILE, staged_output
+    from transferkit.stages.common import PARAMS_FILE, RESUME_KEY, resume_key, staged_output
     from transferkit.training import RESUME_CHECKPOINT
 
     final = tmp_path / "pretrain"
     work = tmp_path / ".pretrain.incomplete"
 
-    def leftover(*files: str) -> None:
+    def leftover(*files: str, inputs=()) -> None:
         (work / "checkpoints").mkdir(parents=True)
         (work / PARAMS_FILE).write_text("lr: 0.1\n")
+        (work / RESUME_KEY).write_text(resume_key(inputs))
         for name in files:
             (work / "checkpoints" / name).write_text("epoch 3")
 
@@ -426,6 +449,21 @@ def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_sw
         assert (folder / "checkpoints" / RESUME_CHECKPOINT).read_text() == "epoch 3"
         (folder / "model.pt").write_text("trained with lr 0.1")
     assert (final / "model.pt").read_text() == "trained with lr 0.1" and not work.exists()
+    assert sorted(p.name for p in final.iterdir()) == ["checkpoints", "model.pt", PARAMS_FILE]  # no resume key
+
+    prepared = tmp_path / "prepare"
+    prepared.mkdir()
+    (prepared / "source.pt").write_text("images")
+    leftover(RESUME_CHECKPOINT, inputs=[prepared])
+    (prepared / "source.pt").write_text("images, made again")  # an earlier stage ran again meanwhile
+    with staged_output(final, "lr: 0.1\n", [prepared]) as folder:  # same config, another input: the leftover goes
+        assert not (folder / "checkpoints").exists()
+        (folder / "model.pt").write_text("trained with lr 0.1 on the new input")
+    leftover(RESUME_CHECKPOINT)
+    (work / RESUME_KEY).unlink()  # left by a version that wrote no key: what it trained from is unknown
+    with staged_output(final, "lr: 0.1\n") as folder:
+        assert not (folder / "checkpoints").exists()
+        (folder / "model.pt").write_text("trained with lr 0.1, again")
 
     leftover("table.csv")  # same config, nothing to resume from: the leftover goes
     with staged_output(final, "lr: 0.1\n") as folder:

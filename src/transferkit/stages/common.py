@@ -47,6 +47,24 @@ def eval_device(cfg: DictConfig) -> str:
 
 
 PARAMS_FILE = "params.yaml"  # the resolved config a stage ran with, saved beside its outputs
+RESUME_KEY = ".resume_key"  # in a work folder only: what else its resume checkpoints were trained from
+
+
+def resume_key(inputs: Iterable[Path]) -> str:
+    """What a run trains from besides its params: this package's code, and each file of the folders
+    it reads by path, size and modification time (a file remade by an earlier stage is a new file;
+    hashing the contents would cost a second per stage)."""
+    import hashlib
+
+    import transferkit
+
+    digest, package = hashlib.sha256(), Path(transferkit.__file__).parent
+    for f in sorted(package.rglob("*.py")):
+        digest.update(f"{f.relative_to(package).as_posix()}\0".encode() + f.read_bytes())
+    for f in sorted(f for folder in inputs for f in Path(folder).rglob("*") if f.is_file()):
+        stat = f.stat()
+        digest.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def check_replaceable(final: Path, inputs: Iterable[Path] = ()) -> None:
@@ -69,26 +87,31 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = ()) ->
     """Yield a work folder; on success swap it into `final`, on failure delete it.
 
     The work folder starts with `params` (the resolved config) in PARAMS_FILE. A folder left by
-    a killed run with the same params and resume checkpoints is kept: its fits resume from them
-    (training/trainer.py). Any other leftover is deleted. The folder name is the same in every
+    a killed run with the same params, code and inputs (resume_key) and resume checkpoints is kept:
+    its fits resume from them (training/trainer.py). Any other leftover is deleted: resuming it
+    would mix two runs' training in one model. The folder name is the same in every
     DDP process, so ranks agree on paths; only rank 0 creates, swaps and cleans it. `final` must
     be replaceable (check_replaceable, given the folders the stage reads)."""
+    inputs = list(inputs)
     check_replaceable(final, inputs)  # on every rank: a rank that went on alone would wait for rank 0
     work = final.parent / f".{final.name}.incomplete"
     old = final.parent / f".{final.name}.old"
     rank0 = global_rank() == 0
     if rank0:
         try:
+            key = resume_key(inputs)
             # only fits resume: a leftover without their checkpoints could only add stale files
-            resumable = ((work / PARAMS_FILE).is_file() and (work / PARAMS_FILE).read_text() == params
-                         and any(work.rglob(RESUME_CHECKPOINT)))
-            if work.exists() and not resumable:  # left by a killed run of another config
+            resumable = all((work / name).is_file() and (work / name).read_text() == text
+                            for name, text in ((PARAMS_FILE, params), (RESUME_KEY, key))) and any(
+                work.rglob(RESUME_CHECKPOINT))
+            if work.exists() and not resumable:  # left by a killed run of another config, code or input
                 shutil.rmtree(work)
             if old.exists() and not final.exists():  # killed between the two renames below
                 old.rename(final)
             work.mkdir(parents=True, exist_ok=True)
             if params:
                 (work / PARAMS_FILE).write_text(params)
+            (work / RESUME_KEY).write_text(key)
         except OSError as e:
             raise TransferkitError(f"cannot create {work}: {e.strerror}. Fix: make {final.parent} "
                                    f"writable or set paths.artifacts_dir elsewhere.") from e
@@ -101,6 +124,7 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = ()) ->
         raise
     if not rank0:
         return
+    (work / RESUME_KEY).unlink()  # the outputs are what they are: no longer a run to resume
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
