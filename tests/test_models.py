@@ -337,3 +337,16 @@ def test_loading_a_model_file_does_not_import_torchvision():
             "assert 'torchvision' not in sys.modules, 'imported torchvision'\n"
             "m.build_model('mobilenet', 3)\nassert 'torchvision' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("per_class", [10, 2_500, 5_000])
+def test_the_whitening_subset_takes_images_of_every_class(monkeypatch, per_class):
+    """Prepared tasks are sorted by class: a stride rounded down took the first 5,000 of 7,500 images,
+    two classes of three."""
+    import transferkit.models as models
+
+    seen = []
+    monkeypatch.setattr(models, "whiten_stem", lambda conv, x: seen.append(x))
+    images = torch.arange(3, dtype=torch.uint8).repeat_interleave(per_class).mul(100)[:, None, None, None]
+    models.init_from_data(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), images.expand(-1, 3, 32, 32))
+    assert len(seen[0]) <= 5_000 and len(seen[0][:, 0, 0, 0].unique()) == 3

@@ -50,8 +50,9 @@ def init_from_data(model: BlockNet, images: torch.Tensor, max_images: int = 5000
     """Data-dependent initialisation for models trained from random init (fastnet's whitening
     stem); a no-op for other architectures. `images`: uint8 [N, 3, H, W]."""
     if model.arch["name"] == "fastnet":
-        # a strided subset: prepared tasks are sorted by class, so the first N would be one class
-        subset = images[:: max(1, len(images) // max_images)][:max_images]
+        # a strided subset: prepared tasks are sorted by class, so the first N would be one class;
+        # the stride rounds up, so that the subset reaches the last image's class
+        subset = images[:: max(1, -(-len(images) // max_images))]
         x = model.normalize(subset.float() / 255)
         whiten_stem(model.blocks[0][0], x)
 
