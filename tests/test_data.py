@@ -724,6 +724,28 @@ def test_device_batches_shard_across_ranks_and_drop_the_remainder():
     assert torch.equal(torch.cat([y for _, y in _batches(n=10, batch_size=4, train=False)]), torch.arange(10))
 
 
+def test_each_rank_draws_its_own_augmentation_and_rank_0_draws_as_one_process(monkeypatch):
+    """Under DDP the ranks share the epoch's permutation (disjoint shards) but not its flips and shifts:
+    with one generator for both, the i-th image of every rank's batch was flipped and shifted alike."""
+    from transferkit.data import loader
+
+    drawn = []
+    for name in ("draw_flips", "draw_shifts"):
+        draw = getattr(loader, name)
+        monkeypatch.setattr(loader, name, lambda *a, draw=draw: drawn.append(draw(*a)) or drawn[-1])
+
+    def draws(rank: int, world_size: int) -> tuple[list[int], list[torch.Tensor]]:
+        drawn.clear()
+        labels = [int(i) for _, y in _batches(n=64, batch_size=8, flip="random", translate=2, rank=rank,
+                                              world_size=world_size) for i in y]
+        return labels, list(drawn)
+
+    (_, alone_draws), (rank0, draws0), (rank1, draws1) = draws(0, 1), draws(0, 2), draws(1, 2)
+    assert not set(rank0) & set(rank1) and len(draws0) == len(draws1) == 8  # 4 batches: flips and shifts
+    assert not any(torch.equal(a, b) for a, b in zip(draws0, draws1))
+    assert all(torch.equal(a, b) for a, b in zip(draws0, alone_draws))  # rank 0 draws on as one process does
+
+
 def test_alternating_flip_mirrors_each_image_every_other_epoch():
     n = 64
     images = torch.rand(n, 3, 4, 4).mul(255).round().to(torch.uint8)

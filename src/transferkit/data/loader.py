@@ -5,7 +5,8 @@ permutation sliced into batches; each batch is gathered, converted to float and 
 with batched tensor ops. Nothing is collated sample by sample and nothing waits for the host:
 the random draws of an epoch come from a device generator seeded by (seed, epoch), so an epoch is
 the same whether the run went straight through or resumed from a checkpoint. Under DDP each rank
-takes every world_size-th item of the permutation.
+takes every world_size-th item of the permutation, and draws its augmentation from its own seed
+(rank_seed).
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from transferkit.data.augment import FLIP_MODES, augment, draw_flips, draw_shift
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one DDP rank's own draws in an epoch (flips, shifts, dropout, mixup), so that the
+    i-th images of the ranks' batches are not augmented alike. Rank 0's is the epoch seed: one
+    process draws as a run without DDP does."""
+    return epoch_seed(epoch_seed(seed, epoch), rank) if rank else epoch_seed(seed, epoch)
 
 
 class DeviceBatches:
@@ -60,7 +68,9 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch()
         gen = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, epoch)) if self.train else None
-        order = self._order(gen)
+        order = self._order(gen)  # the same permutation on every rank: each takes its own shard of it
+        if self.train and self.rank:  # rank 0 draws on from the permutation's generator, as one process does
+            gen.manual_seed(rank_seed(self.seed, epoch, self.rank))
         for i in range(self.steps):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[idx].float().div_(255)
