@@ -52,8 +52,8 @@ RESUME_KEY = ".resume_key"  # in a work folder only: what else its resume checkp
 
 def resume_key(inputs: Iterable[Path]) -> str:
     """What a run trains from besides its params: this package's code, and each file of the folders
-    it reads by path, size and modification time (a file remade by an earlier stage is a new file;
-    hashing the contents would cost a second per stage)."""
+    it reads by path, size and modification time (a file remade by an earlier stage is a new file,
+    and no stage start has to read every input through a hash)."""
     import hashlib
 
     import transferkit
