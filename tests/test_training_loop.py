@@ -4,7 +4,9 @@ identical results, precision chosen by the machine, lookahead weights."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -153,17 +155,23 @@ def test_dvclive_writes_its_files_at_the_calls_its_own_stack_inspection_picks(tm
 
 class Interrupt(pl.Callback):
     """Raises at the start of epoch `at`, as a crash or Ctrl+C would, after the checkpoint of
-    the epoch before has been completed."""
+    the epoch before has been completed; with `sigterm`, sends the process a SIGTERM instead (as
+    `kill`, a scheduler or `docker stop` do), which Lightning turns into an exception at the next step."""
 
-    def __init__(self, at: int):
-        self.at = at
+    def __init__(self, at: int, sigterm: bool = False):
+        self.at, self.sigterm = at, sigterm
 
     def on_train_epoch_start(self, trainer, module):
         if trainer.current_epoch == self.at:
-            raise KeyboardInterrupt
+            if not self.sigterm:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sigterm, code", [(False, 1), (True, 143)], ids=["ctrl_c", "sigterm"])
+def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results(tmp_path, monkeypatch, sigterm, code):
+    """The stage exits non-zero, so that DVC does not record it as done (Lightning ends a SIGTERM with
+    an exit code of 0, which it turns to 143), and the next run resumes."""
     import transferkit.training.trainer as trainer_module
 
     overrides = ("experiment=smoke", "trainer.checkpoint_budget=1", "trainer.loggers=[dvclive,csv]",
@@ -176,9 +184,10 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results
     shutil.copytree(tmp_path / "straight" / "artifacts" / "prepare", tmp_path / "resumed" / "artifacts" / "prepare")
     make = trainer_module.make_trainer
     monkeypatch.setattr(trainer_module, "make_trainer",
-                        lambda *a, callbacks=(), **k: make(*a, callbacks=(*callbacks, Interrupt(3)), **k))
-    with pytest.raises(SystemExit):  # Lightning turns the interrupt into exit(1), as on Ctrl+C
+                        lambda *a, callbacks=(), **k: make(*a, callbacks=(*callbacks, Interrupt(3, sigterm)), **k))
+    with pytest.raises(SystemExit) as stopped:  # Lightning turns Ctrl+C into exit(1)
         run("pretrain", resumed)
+    assert stopped.value.code == code
     work = tmp_path / "resumed" / "artifacts" / ".pretrain.incomplete"
     assert (work / "checkpoints" / "last.ckpt").exists(), "the interrupted run left nothing to resume"
     monkeypatch.setattr(trainer_module, "make_trainer", make)

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -25,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.profilers import PassThroughProfiler
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from transferkit.errors import TransferkitError
 from transferkit.models.blocknet import BlockNet
@@ -233,7 +235,10 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
         if resume and _first_process():  # the other ranks' loggers write nothing
             _resume_csv(trainer, out_dir / LOG_SNAPSHOT / "csv" / "metrics.csv")
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
+    except SIGTERMException as e:  # a SystemExit without a code: the process would exit 0 and DVC record the stage
+        raise SystemExit(128 + signal.SIGTERM) from e  # as done; 143 is what a shell reports for a SIGTERM
     seconds = time.perf_counter() - start
     shutil.rmtree(out_dir / CHECKPOINT.parent, ignore_errors=True)  # finished: nothing to resume
     return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds,
