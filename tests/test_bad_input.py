@@ -337,21 +337,33 @@ def test_bad_input(name, smoke_artifacts, tmp_path):
     assert not (tmp_path / "artifacts" / f".{case.stage}.incomplete").exists()
 
 
-@pytest.mark.parametrize("out, needle", [("artifacts", "holds .*prepare, which this stage reads"),
-                                         ("artifacts/transfer/../prepare", "prepare, which this stage reads"),
-                                         ("notes", "files no stage wrote")])
-def test_an_output_folder_that_holds_other_things_is_never_replaced(smoke_artifacts, tmp_path, out, needle):
+@pytest.mark.parametrize("stage, out, needle", [
+    ("scratch", "artifacts", "holds .*prepare, which this stage reads"),
+    ("scratch", "artifacts/transfer/../prepare", "prepare, which this stage reads"),
+    ("scratch", "notes", "files no stage wrote"),
+    ("scratch", "artifacts/transfer", "is the transfer stage's"),
+    ("prepare", "project", r"holds a project \(dvc.yaml, conf\)"),  # its params.yaml, as a stage's folder has
+    ("prepare", "project/..", "is or holds the current folder")])
+def test_an_output_folder_that_holds_other_things_is_never_replaced(smoke_artifacts, tmp_path, monkeypatch, stage, out,
+                                                                     needle):
     """`--out DIR` names the stage's own folder: the swap that installs a stage's outputs would delete
-    whatever else DIR holds (every stage's outputs, for `--out artifacts`), or an input it reads."""
+    whatever else DIR holds (every stage's outputs, for `--out artifacts`; a project, whose params.yaml
+    looks like a stage's), an input it reads, or another stage's outputs."""
     from transferkit.stages.run import run_stage
 
     ref_cfg, _ = smoke_artifacts
     shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("a user's own file")
+    for name in ("params.yaml", "dvc.yaml", "conf/config.yaml"):
+        (tmp_path / "project" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "project" / name).write_text("the project's own")
+    (tmp_path / "params.yaml").write_text("looks like a stage's output folder")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
     before = _snapshot(tmp_path)
     with pytest.raises(TransferkitError, match=needle):
-        run_stage("scratch", compose("experiment=smoke", tmp=tmp_path), tmp_path / out)
+        run_stage(stage, compose("experiment=smoke", tmp=tmp_path), tmp_path / out)
     assert _snapshot(tmp_path) == before
     (tmp_path / "mine").mkdir()  # an empty folder, or a stage's earlier outputs, may be replaced
     run_stage("scratch", compose("experiment=smoke", "scratch.epochs=1", tmp=tmp_path), tmp_path / "mine")

@@ -67,15 +67,27 @@ def resume_key(inputs: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def check_replaceable(final: Path, inputs: Iterable[Path] = ()) -> None:
+def check_replaceable(final: Path, inputs: Iterable[Path] = (), others: Iterable[Path] = ()) -> None:
     """The swap in staged_output deletes what `final` held: only a stage's earlier outputs (a folder
-    with its PARAMS_FILE) may go, never a folder of other things (`--out artifacts`) or one it reads."""
-    target = final.resolve()
+    with its PARAMS_FILE) may go, never a folder of other things (`--out artifacts`), one it reads,
+    the current folder, a project (`--out .`: the project's own params.yaml is a PARAMS_FILE too) or
+    the folder of another stage (`others`)."""
+    target, here = final.resolve(), Path.cwd().resolve()
+    fix = "Fix: write them to a folder of their own (--out DIR, a new or empty folder)."
+    if target == here or target in here.parents:
+        raise TransferkitError(f"the output folder {final} is or holds the current folder, and the stage's outputs "
+                               f"would replace everything in it. {fix}")
+    if project := [name for name in ("dvc.yaml", "conf", ".dvc", ".git") if (final / name).exists()]:
+        raise TransferkitError(f"the output folder {final} holds a project ({', '.join(project)}), and the stage's "
+                               f"outputs would replace all of it. {fix}")
     for folder in map(Path, inputs):
         if target == folder.resolve() or target in folder.resolve().parents:
             raise TransferkitError(f"the output folder {final} is or holds {folder}, which this stage reads, and the "
-                                   f"stage's outputs would replace it. Fix: write them to a folder of their own "
-                                   f"(--out DIR, a new or empty folder).")
+                                   f"stage's outputs would replace it. {fix}")
+    for folder in map(Path, others):
+        if target == folder.resolve():
+            raise TransferkitError(f"the output folder {final} is the {folder.name} stage's, and this stage's outputs "
+                                   f"would replace that stage's. {fix}")
     if final.exists() and not (final / PARAMS_FILE).is_file() and (not final.is_dir() or any(final.iterdir())):
         raise TransferkitError(f"the output folder {final} holds files no stage wrote (it has no {PARAMS_FILE}), "
                                f"and the stage's outputs would replace all of them. Fix: write them to a new or "
@@ -83,7 +95,8 @@ def check_replaceable(final: Path, inputs: Iterable[Path] = ()) -> None:
 
 
 @contextmanager
-def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = ()) -> Iterator[Path]:
+def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), others: Iterable[Path] = ()
+                  ) -> Iterator[Path]:
     """Yield a work folder; on success swap it into `final`, on failure delete it.
 
     The work folder starts with `params` (the resolved config) in PARAMS_FILE. A folder left by
@@ -91,9 +104,9 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = ()) ->
     its fits resume from them (training/trainer.py). Any other leftover is deleted: resuming it
     would mix two runs' training in one model. The folder name is the same in every
     DDP process, so ranks agree on paths; only rank 0 creates, swaps and cleans it. `final` must
-    be replaceable (check_replaceable, given the folders the stage reads)."""
+    be replaceable (check_replaceable, given the folders the stage reads and other stages' folders)."""
     inputs = list(inputs)
-    check_replaceable(final, inputs)  # on every rank: a rank that went on alone would wait for rank 0
+    check_replaceable(final, inputs, others)  # on every rank: a rank that went on alone would wait for rank 0
     work = final.parent / f".{final.name}.incomplete"
     old = final.parent / f".{final.name}.old"
     rank0 = global_rank() == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from transferkit.stages import inputs_of, module_of
+from transferkit.stages import BY_NAME, inputs_of, module_of
 
 
 def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | None = None) -> dict:
@@ -27,5 +27,6 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     # the params saved with the outputs say what produced them: collect reads them, and a killed
     # run's folder is resumed only by a run with the same params
     params = yaml.safe_dump(to_params(cfg), sort_keys=False)
-    with storage_errors(out), staged_output(out, params, inputs.values()) as work:
+    others = [Path(cfg.paths.artifacts_dir) / name for name in BY_NAME if name != stage]  # dvc.yaml's outputs
+    with storage_errors(out), staged_output(out, params, inputs.values(), others) as work:
         return module.run(cfg, inputs, work)
