@@ -77,6 +77,22 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     assert "1 of 2 points ran" in seeds and "| transfer ← best on val | 2 |" in seeds and "depth=3" not in seeds
 
 
+@pytest.mark.parametrize("command", ["transferkit.sweep.points", "transferkit.scenarios.report"])
+def test_a_folder_with_a_pipeline_of_its_own_is_never_overwritten(tmp_path, command):
+    """`--out .` in a project: the runs' dvc.yaml and params/ would replace and litter the project's."""
+    import importlib
+
+    from transferkit.errors import TransferkitError
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: transferkit prepare --params params.yaml\n")
+    argv = ["transfer", "transfer.freeze_depth=0"] if command.endswith("points") else ["seed=1"]
+    with pytest.raises(TransferkitError, match=r"dvc.yaml was not written by a sweep or scenarios run.*Fix: pass"):
+        importlib.import_module(command).main([*argv, "--out", str(project)])
+    assert [p.name for p in project.iterdir()] == ["dvc.yaml"] and "prepare" in (project / "dvc.yaml").read_text()
+
+
 def test_a_point_is_named_by_the_overrides_given():
     from transferkit.sweep.points import point_name
 

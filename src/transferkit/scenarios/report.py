@@ -19,7 +19,7 @@ from transferkit.errors import TransferkitError
 from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
-from transferkit.project import run_pipeline, stage_run
+from transferkit.project import check_runs_folder, run_pipeline, stage_run
 from transferkit.stages import BY_NAME
 from transferkit.sweep.points import check_points, expand, override_key
 
@@ -68,6 +68,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     if len(expand(overrides)) > 1:
         raise TransferkitError(f"{' '.join(overrides)}: a sweep of scenarios is one run per setting. Fix: give one "
                                f"value per key and a separate --out DIR per run.")
+    check_runs_folder(out)
     code, stages, sources, blocks = str(Path(__file__).resolve().parents[1]), {}, {}, {}
     # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
     keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}

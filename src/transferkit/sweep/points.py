@@ -126,7 +126,7 @@ def point_name(point: list[str], given: set[str]) -> str:
 def main(argv: list[str]) -> int:
     from transferkit.evaluation.tables import sweep_table
     from transferkit.io import save_text
-    from transferkit.project import run_pipeline, stage_run
+    from transferkit.project import check_runs_folder, run_pipeline, stage_run
     from transferkit.stages import TARGET_MODELS
     from transferkit.sweep.collect import collect
 
@@ -142,6 +142,7 @@ def main(argv: list[str]) -> int:
     base = [o for o in project_overrides(find_conf_dir().parent / "params.yaml") if override_key(o) not in given]
     points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides])))
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
+    check_runs_folder(out)
     stages, code, names = {}, str(Path(__file__).resolve().parents[1]), []
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
         name, artifacts = point_name(point, given), Path(cfg.paths.artifacts_dir).resolve()
