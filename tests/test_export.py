@@ -241,6 +241,11 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
     assert "not found" in _one_error(capsys, ["export", str(tmp_path / "missing.pt")])
     assert "not a transferkit checkpoint" in _one_error(capsys, ["export", str(tmp_path / "notes.txt")])
     assert "not a transferkit checkpoint" in _one_error(capsys, ["export", str(tmp_path / "other.pt")])
+    data = (folder / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])  # a copy cut off: damaged, not foreign
+    for argv in (["export", str(tmp_path / "cut.pt")], ["predict", str(tmp_path / "cut.pt"), good]):
+        line = _one_error(capsys, argv)
+        assert "unreadable" in line and "write it again with the stage that made it" in line, line
     assert "TorchScript" in _one_error(capsys, ["export", str(folder / "export" / "model.torchscript.pt")])
     assert "holds classes ['a', 'b']" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "other_task.pt"),

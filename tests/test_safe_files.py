@@ -62,6 +62,23 @@ def test_predict_refuses_a_poisoned_model_file(project, capsys):
     assert not marker.exists()
 
 
+def test_the_refusal_names_what_the_file_would_have_run(tmp_path):
+    """torch words a global of a module it allows differently from one of a module it blocks (os.system)."""
+    import os
+
+    from transferkit.io import load_plain
+
+    class Shell:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "marker"),))
+
+    torch.save({"state_dict": Shell()}, tmp_path / "model.pt")
+    with pytest.raises(TransferkitError, match=r"run code from the file \(Trying to load unsupported posix.system "
+                                               r"whose module posix is blocked\)"):
+        load_plain(tmp_path / "model.pt", "do not use it.")
+    assert not (tmp_path / "marker").exists()
+
+
 def test_export_refuses_a_poisoned_model_file(project, capsys):
     root, _, marker = project
     model = root / "artifacts" / "prune" / "model.pt"

@@ -89,6 +89,9 @@ def _unpickling_detail(e: Exception) -> str:
     marker = "Unsupported global:"
     if marker in text:
         return text[text.index(marker):].split(" was not an allowed", 1)[0].replace("GLOBAL ", "")
+    # a module torch blocks outright: "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+    if named := [line.strip().rstrip(".") for line in text.splitlines() if " GLOBAL " in line]:
+        return named[0].replace("GLOBAL ", "")[:200]
     marker = "WeightsUnpickler error:"  # the unpickler's own words, between torch's advice
     lines = [line.strip() for line in text.split(marker, 1)[-1].splitlines() if line.strip()]
     return lines[0 if marker in text else -1][:200] if lines else type(e).__name__

@@ -61,7 +61,9 @@ def load_pipeline_checkpoint(path: Path):
         raise TransferkitError(
             f"{path} is a TorchScript file, not a transferkit checkpoint. Fix: pass the model.pt a stage "
             f"wrote (artifacts/<stage>/model.pt); `transferkit predict --trust-code` takes this file, if you made it.")
-    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is foreign
+    with open(path, "rb") as f:  # torch.save writes zip archives: anything else is foreign (a cut-off
+        foreign = f.read(4) != b"PK\x03\x04"  # one is damaged, and load_checkpoint says which stage remakes it)
+    if foreign:
         raise TransferkitError(
             f"{path} is not a transferkit checkpoint (not a file written by torch.save). Fix: pass "
             f"the model.pt a stage wrote, e.g. artifacts/prune/model.pt.")
