@@ -82,17 +82,28 @@ def test_params_files_that_are_not_or_no_longer_params_files(tmp_path, capsys):
     (tmp_path / "stale.yaml").write_text(yaml.safe_dump(stale))
     line = _error(capsys, ["scratch", "--params", str(tmp_path / "stale.yaml")])
     assert "has no trainer.sync_batchnorm" in line and "transferkit params" in line
+    (tmp_path / "binary.yaml").write_bytes(b"\x00\xff\xfe garbage")
+    assert "is not valid YAML" in _error(capsys, ["transfer", "--params", str(tmp_path / "binary.yaml")])
+    (tmp_path / "scalar.yaml").write_text("name: x\nseed: 0\npaths: 5\ntrainer: {}\n")
+    line = _error(capsys, ["transfer", "--params", str(tmp_path / "scalar.yaml")])
+    assert "is not a params file composed from conf/ (its paths is 5, not a block of keys)" in line
 
 
-def test_check_params_on_invalid_yaml_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize("content, needle", [
+    ((ROOT / "params.yaml").read_text().replace("seed: 0\n", "<<<<<<< HEAD\nseed: 0\n=======\nseed: 1\n>>>>>>> b\n"),
+     "params.yaml is not valid YAML"),
+    (b"\x00\xff\xfe garbage", "params.yaml is not valid YAML"),
+    ("", "params.yaml is not a params file composed from conf/ (it lacks ['name', 'paths', 'seed', 'trainer'])"),
+    ("- a list\n", "params.yaml is not a params file composed from conf/")])
+def test_check_params_on_a_file_that_is_no_params_file_says_so_in_one_line(tmp_path, content, needle):
     import shutil
 
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
-    conflict = "<<<<<<< HEAD\nseed: 0\n=======\nseed: 1\n>>>>>>> b\n"
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("seed: 0\n", conflict))
+    params = tmp_path / "params.yaml"
+    params.write_bytes(content) if isinstance(content, bytes) else params.write_text(content)
     proc = cli("check-params", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "params.yaml is not valid YAML" in proc.stderr and "transferkit params" in proc.stderr
+    assert needle in proc.stderr and "transferkit params" in proc.stderr and len(proc.stderr.splitlines()) == 2
 
 
 def test_unknown_command():

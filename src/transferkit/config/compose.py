@@ -54,23 +54,30 @@ def params_text(cfg: DictConfig, overrides: list[str] = ()) -> str:
 PARAMS_KEYS = {"name", "seed", "paths", "trainer"}  # what every stage reads: a file without them is another file
 
 
-def read_yaml(path: Path, text: str | None = None):
-    """`path` parsed (or its `text`, where the caller has read it already)."""
+def read_yaml(path: Path):
     try:
-        return yaml.safe_load(path.read_text() if text is None else text)
-    except yaml.YAMLError as e:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # bytes that are no UTF-8 text are no YAML either
         raise TransferkitError(f"{path} is not valid YAML ({' '.join(str(e).split())}). Fix: write it again with "
                                f"`transferkit params`.") from e
+
+
+def not_params(data) -> str | None:
+    """Why `data` (a parsed params.yaml) is no params file composed from conf/, or None."""
+    if not isinstance(data, dict) or not PARAMS_KEYS <= data.keys():
+        return f"it lacks {sorted(PARAMS_KEYS - (data.keys() if isinstance(data, dict) else set()))}"
+    if blocks := [k for k in ("paths", "trainer") if not isinstance(data[k], dict)]:
+        return f"its {blocks[0]} is {data[blocks[0]]!r}, not a block of keys"
+    return None
 
 
 def load_params(path: Path) -> DictConfig:
     if not path.exists():
         raise TransferkitError(f"{path} not found. Fix: run `transferkit params` to compose it from conf/.")
     data = read_yaml(path)
-    if not isinstance(data, dict) or not PARAMS_KEYS <= data.keys():
-        raise TransferkitError(f"{path} is not a params file composed from conf/ (it lacks "
-                               f"{sorted(PARAMS_KEYS - (data.keys() if isinstance(data, dict) else set()))}). Fix: "
-                               f"pass the params.yaml that `transferkit params` writes.")
+    if problem := not_params(data):
+        raise TransferkitError(f"{path} is not a params file composed from conf/ ({problem}). Fix: pass the "
+                               f"params.yaml that `transferkit params` writes.")
     cfg = OmegaConf.create(data)
     OmegaConf.set_struct(cfg, True)
     return cfg
@@ -96,13 +103,12 @@ def project_overrides(params_path: Path) -> list[str]:
     where it recorded none, the experiment it names (as `dvc exp run -S experiment=smoke` leaves it)."""
     if not params_path.is_file():
         return []
-    text = params_path.read_text()
-    for line in text.splitlines():  # the header params_text wrote
+    data = read_yaml(params_path)
+    for line in params_path.read_text().splitlines():  # the header params_text wrote
         if not line.startswith("#"):
             break
         if line.startswith(OVERRIDES_LINE):
             return shlex.split(line[len(OVERRIDES_LINE):])
-    data = read_yaml(params_path, text)
     name = data.get("name") if isinstance(data, dict) else None
     return [f"experiment={name}"] if name else []
 
@@ -138,9 +144,11 @@ def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str
     if not params_path.exists():
         return [f"{params_path} not found"]
     try:
-        saved = read_yaml(params_path) or {}
+        saved = read_yaml(params_path)
     except TransferkitError as e:
         return [str(e).split(" Fix: ")[0]]
+    if problem := not_params(saved):
+        return [f"{params_path} is not a params file composed from conf/ ({problem})"]
     drift = [f"params.yaml differs from conf/: {d}" for d in params_drift(params_path, conf_dir)]
     dvc_file = params_path.parent / "dvc.yaml"
     want = dvc_yaml_text(saved)
