@@ -18,6 +18,7 @@ from transferkit.deploy.export import export
 from transferkit.deploy.fold import deployable, first_conv, fold_batchnorm
 from transferkit.deploy.predict import predict
 from transferkit.deploy.runtime import Classifier
+from transferkit.errors import TransferkitError
 from transferkit.models import build_model, load_checkpoint, model_from_config, save_checkpoint
 from transferkit.prune.structured import prune_channels
 
@@ -218,6 +219,26 @@ def test_onnx_without_embedded_names_reads_export_json(exported, tmp_path):
         Classifier(tmp_path / "model.onnx")
     (tmp_path / "export.json").write_text((folder / "export" / "export.json").read_text())
     assert Classifier(tmp_path / "model.onnx").classes == CLASSES
+
+
+@pytest.mark.parametrize("metadata, needle", [
+    ("not json", "metadata is damaged"),
+    ('["a", "b"]', "is not what `transferkit export` writes"),
+    ('{"classes": ["a"]}', r"scores 5 classes, and its metadata names 1 \(\['a'\]\)"),
+    ('{"classes": ["a", "b", "c"], "input_size": 64}', "does not take the 64x64 images its metadata names")])
+def test_an_onnx_file_with_damaged_or_mismatched_metadata_is_refused(exported, tmp_path, metadata, needle):
+    """The class names travel inside the file: edited or damaged, they would name the wrong class."""
+    import onnx
+
+    from transferkit.deploy.runtime import META_KEY
+
+    folder, _ = exported[2]["fastnet"]
+    model = onnx.load(str(folder / "export" / "model.onnx"))
+    next(p for p in model.metadata_props if p.key == META_KEY).value = metadata
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(TransferkitError, match=needle) as e:
+        Classifier(tmp_path / "model.onnx")
+    assert "Fix: export the model again" in str(e.value)
 
 
 def _one_error(capsys, argv) -> str:

@@ -104,8 +104,7 @@ class Classifier:
         if self.path.suffix.lower() == ".onnx":
             self.kind = "onnx"
             self.session = ort_session(self.path, threads)
-            meta = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
-            info = json.loads(meta) if meta else self._export_json()
+            info = self._metadata(self.session.get_modelmeta().custom_metadata_map.get(META_KEY))
             self._input = self.session.get_inputs()[0].name
         elif is_torchscript(self.path):
             if not trust_code:
@@ -122,7 +121,7 @@ class Classifier:
             except Exception as e:
                 raise TransferkitError(f"{self.path} is not a readable TorchScript model ({e}). "
                                        f"Fix: export it again (`transferkit export MODEL.pt`).") from e
-            info = json.loads(extra[META_KEY]) if extra[META_KEY] else self._export_json()
+            info = self._metadata(extra[META_KEY])
         else:
             self.kind = "pytorch"
             self.module, ckpt = load_pipeline_checkpoint(self.path)
@@ -131,18 +130,40 @@ class Classifier:
             info = {"classes": list(ckpt["classes"]), "input_size": int(self.module.input_size)}
         self.classes: list[str] = list(info["classes"])
         self.input_size: int = int(info.get("input_size", 32))
+        try:  # one image of that size through the model: the class names must match its outputs
+            width = self(np.zeros((1, 3, self.input_size, self.input_size), np.float32)).shape[-1]
+        except Exception as e:  # ONNX Runtime and TorchScript raise their own types for a wrong input shape
+            raise TransferkitError(f"{self.path} does not take the {self.input_size}x{self.input_size} images its "
+                                   f"metadata names ({' '.join(str(e).split())[:300]}). Fix: export the model "
+                                   f"again (`transferkit export MODEL.pt`).") from e
+        if width != len(self.classes):
+            raise TransferkitError(f"{self.path} scores {width} classes, and its metadata names {len(self.classes)} "
+                                   f"({self.classes}). Fix: export the model again (`transferkit export MODEL.pt`).")
 
-    def _export_json(self) -> dict:
-        meta = self.path.parent / EXPORT_JSON
-        if not meta.is_file():
-            raise TransferkitError(
-                f"{self.path} carries no class names and there is no {EXPORT_JSON} beside it. "
-                f"Fix: keep the {EXPORT_JSON} that `transferkit export` wrote next to the model file, "
-                f"or export again.")
+    def _metadata(self, text: str | None) -> dict:
+        """The class names and input size an exported file carries, or the export.json beside it."""
+        source = f"{self.path}'s {META_KEY} metadata"
+        fix = "Fix: export the model again (`transferkit export MODEL.pt`)."
+        if not text:
+            source = self.path.parent / EXPORT_JSON
+            if not source.is_file():
+                raise TransferkitError(
+                    f"{self.path} carries no class names and there is no {EXPORT_JSON} beside it. "
+                    f"Fix: keep the {EXPORT_JSON} that `transferkit export` wrote next to the model file, "
+                    f"or export again.")
+            try:
+                text = source.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise TransferkitError(f"{source} is unreadable ({e}). {fix}") from e
         try:
-            return json.loads(meta.read_text())
-        except (json.JSONDecodeError, OSError) as e:
-            raise TransferkitError(f"{meta} is unreadable ({e}). Fix: export the model again.") from e
+            info = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TransferkitError(f"{source} is damaged ({e}). {fix}") from e
+        if not (isinstance(info, dict) and isinstance(info.get("classes"), list)
+                and type(info.get("input_size", 32)) is int):
+            raise TransferkitError(f"{source} is not what `transferkit export` writes (class names and an input "
+                                   f"size). {fix}")
+        return info
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """float32 [N, 3, S, S] in [0, 1] -> float32 logits [N, classes]."""
