@@ -273,6 +273,10 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     assert "not a prepared task" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "notes.txt")])
+    assert f"--test-set {tmp_path} is a folder. Fix: pass the target.pt" in _one_error(
+        capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path)])
+    line = _one_error(capsys, ["export", str(folder / "model.pt"), "--out", str(tmp_path / "notes.txt")])
+    assert "a file stands where the folder would be" in line and "--out DIR" in line
     assert not (tmp_path / "out" / "model.onnx").exists()
 
     assert "not found" in _one_error(capsys, ["predict", str(tmp_path / "missing.onnx"), good])

@@ -340,6 +340,12 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
     saved["data"]["target"]["train_per_class"] = n - 1
     params.write_text(yaml.safe_dump(saved))
     check_inputs("pretrain", cfg)
+    # a backbone of another model: its keys differ, and a key of its that this model lacks is no code change
+    (tmp_path / "artifacts" / "pretrain").mkdir()
+    saved["model"] = {**saved["model"], "name": "vgg_mini", "a_key_of_vgg_mini": 1}
+    (tmp_path / "artifacts" / "pretrain" / "params.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(TransferkitError, match=r'model.name="\w+" here, but .* Fix: run with model.name="vgg_mini"'):
+        check_inputs("transfer", cfg)
 
 
 def _run(stage: str, seed: int, accuracy: float, n: int = 5000):

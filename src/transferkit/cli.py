@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except TransferkitError as e:
         print(f"transferkit {command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `transferkit results | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 1
     return 0
 
 

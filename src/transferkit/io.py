@@ -40,9 +40,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
     except OSError as e:
+        problem = "a file stands where the folder would be" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror
         raise TransferkitError(
-            f"cannot write to {path.parent}: {e.strerror}. Fix: make the folder writable "
-            f"or point paths.artifacts_dir somewhere writable."
+            f"cannot write to {path.parent}: {problem}. Fix: make it a writable folder, or write elsewhere "
+            f"(--out DIR; for the pipeline's stages, paths.artifacts_dir)."
         ) from e
     tmp = Path(tmp)
     try:

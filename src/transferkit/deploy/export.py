@@ -76,6 +76,9 @@ def check_images(test_set: Path | None, classes: list[str], size: int) -> tuple[
 
     explicit = test_set is not None
     path = test_set if explicit else DEFAULT_TEST_SET
+    if explicit and not path.is_file():
+        raise TransferkitError(f"--test-set {path} {'is a folder' if path.is_dir() else 'not found'}. Fix: pass the "
+                               f"target.pt that the prepare stage wrote (artifacts/prepare/target.pt).")
     if path.exists() or explicit:
         if path.is_file() and not zipfile.is_zipfile(path):  # not written by torch.save
             raise TransferkitError(f"--test-set {path} is not a prepared task. Fix: pass the target.pt "

@@ -81,7 +81,9 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
             raise TransferkitError(f"{saved_file.parent} was made by experiment={saved.get('name')}, this run composes "
                                    f"experiment={mine.get('name')}, and {stage} reads it. Fix: add "
                                    f"experiment={saved.get('name')}.")
-        for k in differing(mine, saved):
+        # a key both have first: a key only one has follows from another that differs (model=vgg_mini has
+        # no model.bn_momentum), or from code that changed since
+        for k in sorted(differing(mine, saved), key=lambda k: k not in mine or k not in saved):
             if any(k == key or k.startswith(f"{key}.") for key in keys):
                 here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
                 fix = (f"run with {k}={there}; to vary what {name} computes, run the pipeline once per value "
