@@ -191,3 +191,16 @@ def test_prepare_and_evaluate_draw_progress_bars_on_a_terminal_only(smoke_artifa
     assert "decoding train images" in stderr_of("prepare", "params.yaml", terminal=True)
     assert "scoring models" in stderr_of("evaluate", "smoke.yaml", terminal=True)
     assert "decoding" not in stderr_of("prepare", "params.yaml", terminal=False)
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(smoke_artifacts):
+    """`transferkit results | head -1`: once head exits, the next write fails with EPIPE."""
+    import shlex
+    import subprocess
+    import sys
+
+    evaluate = Path(smoke_artifacts[0].paths.artifacts_dir) / "evaluate"
+    command = f"{shlex.quote(sys.executable)} -m transferkit.cli results {shlex.quote(str(evaluate))}"
+    proc = subprocess.run(f"{command} | head -c 1", shell=True, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout == "|" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
