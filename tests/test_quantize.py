@@ -265,6 +265,10 @@ def test_report_says_which_quantization_produced_the_model():
     assert "quantized by quantization-aware fine-tuning (5 epochs" in qat and judged in qat
     assert ("alone lost more than quantize.max_drop allows on the 500 val images (70.0% top-1, fp32 80.0%), and "
             "reached 74.0% top-1 on the test images (fp32: 78.0%)") in qat
+    assert "the file 3.90x smaller" in ptq
+    tiny = "\n".join(quantize_section({**q, "size_ratio": 7796 / 9398, "produced_by": "post-training quantization"},
+                                      models, {}))
+    assert "the file 1.21x larger" in tiny  # a tiny model: INT8's scales outweigh what its weights save
 
 
 def test_int8_keeps_the_relu_after_max_pooling(tmp_path):

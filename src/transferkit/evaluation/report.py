@@ -28,6 +28,12 @@ def millions(n: int, digits: int) -> str:
     return f"{n / 1e6:.{digits}f} M" if n >= 10 ** (7 - digits) else f"{n:,}"
 
 
+def _times(ratio: float, less: str, more: str) -> str:
+    """A ratio (before / after) in words: "3.90x smaller", or "1.20x larger" for 0.83 (a tiny model's
+    INT8 file, whose scales and zero points outweigh the bytes its weights save)."""
+    return f"{ratio:.2f}x {less}" if ratio >= 1 else f"{1 / ratio:.2f}x {more}"
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -141,7 +147,7 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
           f"{timing.get(k, {}).get('throughput_img_s', float('nan')):.0f} img/s | "
           + (f"{timing[k]['throughput_img_s_1thread']:.0f} img/s |" if "throughput_img_s_1thread" in timing.get(k, {})
              else "– |") for label, k in rows], "",
-        f"INT8 against fp32 ONNX: the file {q['size_ratio']:.2f}x smaller, the throughput "
+        f"INT8 against fp32 ONNX: the file {_times(q['size_ratio'], 'smaller', 'larger')}, the throughput "
         f"x{speedup('throughput_img_s'):.2f} (on 1 thread x{speedup('throughput_img_s_1thread'):.2f}), the batch-1 "
         f"latency x{speedup('latency_ms_bs1'):.2f}. "
         "Classify image files with it: `uv run transferkit predict artifacts/quantize/model.onnx IMAGE ...`.", ""]
