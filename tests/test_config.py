@@ -172,3 +172,16 @@ def test_every_model_preset_builds(model):
     cfg = compose(f"model={model}")
     net = model_from_config(container(cfg.model), 5)
     assert net.num_blocks >= 4 and net.num_classes == 5
+
+
+def test_the_baselines_take_their_recipe_from_the_stage_they_are_compared_with():
+    """scratch trains as transfer does and student as distill does, key for key: a change to the
+    compared stage's block changes the baseline's with it (an explicit value of the baseline's own stays)."""
+    from transferkit.stages.common import OPTIMISER_KEYS
+
+    cfg = compose("experiment=smoke", "transfer.epochs=7", "transfer.lr=0.2", "distill.batch_size=8")
+    for baseline, compared in (("scratch", "transfer"), ("student", "distill")):
+        assert all(cfg[baseline][k] == cfg[compared][k] for k in (*OPTIMISER_KEYS, "epochs", "batch_size"))
+    assert (cfg.scratch.epochs, cfg.scratch.lr, cfg.student.batch_size) == (7, 0.2, 8)
+    assert cfg.scratch.freeze_depth == 0 != cfg.transfer.freeze_depth  # from random init: its own depth
+    assert compose("scratch.epochs=9").scratch.epochs == 9 != compose().transfer.epochs
