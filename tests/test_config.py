@@ -158,6 +158,17 @@ def test_gradual_unfreezing_of_a_frozen_backbone_is_refused():
     validate(compose("transfer.backbone_lr_mult=0"))  # a frozen backbone alone is the linear probe's setting
 
 
+def test_a_freeze_curve_of_a_frozen_backbone_is_refused():
+    """Every point would train the fully frozen model and be labelled with its own depth."""
+    from transferkit.config.schema import validate_run
+
+    with pytest.raises(TransferkitError, match=r"freeze_curve.depths=\[0, 3\] is invalid: transfer.backbone_lr_mult=0 "
+                                               r"keeps every block frozen.*freeze_curve.depths=\[\]"):
+        validate_run(compose("transfer.backbone_lr_mult=0"), "freeze_curve", {})
+    validate_run(compose("transfer.backbone_lr_mult=0", "freeze_curve.depths=[]"), None, {}, all_stages=True)
+    validate_run(compose("transfer.backbone_lr_mult=0"), "transfer", {})  # the other stages run as they did
+
+
 def test_dvc_is_set_up_to_compose_conf_for_experiments():
     # `dvc exp run -S key=value` recomposes conf/ into params.yaml only with this setting
     assert "enabled = True" in (ROOT / ".dvc" / "config").read_text()

@@ -270,6 +270,10 @@ DEPTHS = {"transfer": lambda cfg: ("transfer.freeze_depth", [cfg.transfer.freeze
 def validate_depths(cfg: DictConfig, stage: str, num_blocks: int) -> None:
     """The stage's block depths against the model's block count (0..n; a probe needs >= 1)."""
     key, depths = DEPTHS[stage](cfg)
+    if stage == "freeze_curve" and depths and cfg.transfer.backbone_lr_mult == 0:
+        fail(key, depths, "transfer.backbone_lr_mult=0 keeps every block frozen whatever the depth, so each point "
+             "would train the same model under another label; set freeze_curve.depths=[] (no curve) or "
+             "transfer.backbone_lr_mult > 0")
     if too_deep := [k for k in depths if k > num_blocks]:
         fail(key, depths if stage == "freeze_curve" else depths[0], f"model '{cfg.model.name}' has {num_blocks} "
              f"blocks, so every depth must be in {int(stage == 'probe')}..{num_blocks} ({too_deep} is not)")
