@@ -253,8 +253,11 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         "uv sync --compile-bytecode && uv run dvc repro   # this whole pipeline; reruns only what changed",
         "uv run dvc metrics show          # the numbers above",
         "uv run dvc plots show            # curves and confusion matrices (HTML)",
-        "uv run transferkit transfer -m transfer.freeze_depth=0,1,2,3,4 seed=0,1,2   # how many blocks to freeze",
-        "uv run transferkit scratch -m seed=0,1,2 && uv run transferkit probe -m seed=0,1,2",
+        # a Hydra app composes conf/ afresh: the runs name the experiment whose outputs they read
+        f"uv run transferkit transfer -m experiment={cfg_summary['experiment']} transfer.freeze_depth=0,1,2,3,4 "
+        "seed=0,1,2   # how many blocks to freeze",
+        f"uv run transferkit scratch -m experiment={cfg_summary['experiment']} seed=0,1,2 && "
+        f"uv run transferkit probe -m experiment={cfg_summary['experiment']} seed=0,1,2",
         f"uv run transferkit collect multirun/{cfg_summary['experiment']}"
         "      # -> accuracy vs freeze depth, over seeds",
         "uv run transferkit check-repro   # the smoke pipeline twice: identical metrics, clean dvc status",
