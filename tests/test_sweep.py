@@ -93,6 +93,23 @@ def test_a_folder_with_a_pipeline_of_its_own_is_never_overwritten(tmp_path, comm
     assert [p.name for p in project.iterdir()] == ["dvc.yaml"] and "prepare" in (project / "dvc.yaml").read_text()
 
 
+def test_a_sweep_in_a_project_whose_params_record_no_overrides_is_refused(tmp_path, monkeypatch):
+    """`dvc exp run -S experiment=smoke -S transfer.lr=0.2` writes params.yaml without the overrides line:
+    composed again from what it names (the experiment), the points would lose transfer.lr silently."""
+    from transferkit.config.compose import params_text
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import main
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke", "transfer.lr=0.2")))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransferkitError, match=r"params.yaml is not conf/ composed with experiment=smoke \(scratch.lr: "
+                                               r"params.yaml has 0.2, conf/ composes 0.05; 1 more\).*Fix: write it "
+                                               r"with `transferkit params`"):
+        main(["transfer", "seed=0,1"])
+    assert not (tmp_path / "sweeps").exists()
+
+
 def test_a_point_is_named_by_the_overrides_given():
     from transferkit.sweep.points import point_name
 

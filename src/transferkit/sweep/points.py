@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from transferkit.config.compose import (compose, differing, find_conf_dir, flatten, params_text, project_overrides,
-                                        to_params)
+from transferkit.config.compose import (compose, differing, find_conf_dir, flatten, params_drift, params_text,
+                                        project_overrides, to_params)
 from transferkit.errors import TransferkitError
 from transferkit.stages import BY_NAME
 
@@ -140,8 +140,14 @@ def main(argv: list[str]) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (the options are --out DIR; the rest is "
                      f"key=value overrides)")
     # the points read what params.yaml made: composed as it is, then with the overrides given here
-    given = {override_key(o) for o in overrides}
-    base = [o for o in project_overrides(find_conf_dir().parent / "params.yaml") if override_key(o) not in given]
+    given, params_file = {override_key(o) for o in overrides}, find_conf_dir().parent / "params.yaml"
+    recorded = project_overrides(params_file)
+    if params_file.is_file() and (drift := params_drift(params_file)):  # `dvc exp run -S` records no overrides
+        raise TransferkitError(f"params.yaml is not conf/ composed with {' '.join(recorded) or 'no overrides'} "
+                               f"({drift[0]}{f'; {len(drift) - 1} more' if len(drift) > 1 else ''}), so the points "
+                               f"could not compose as it is. Fix: write it with `transferkit params` and the overrides "
+                               f"it was made with (it records them), then sweep.")
+    base = [o for o in recorded if override_key(o) not in given]
     points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides])))
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
     check_runs_folder(out)
