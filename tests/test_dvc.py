@@ -128,3 +128,28 @@ def test_stage_modules_read_only_the_inputs_the_table_declares():
         assert used == set(stage.reads) or (used <= set(stage.reads) and stage.name == "evaluate"), stage.name
         assert "artifacts_dir" not in text and "stage_dir" not in text, stage.name
         assert callable(getattr(importlib.import_module(module_of(stage.name)), "run", None))
+
+
+def test_a_file_a_setting_names_must_be_a_dep_of_the_stage_dvc_runs(tmp_path, monkeypatch):
+    """`dvc exp run -S distill.student_init=init.pt` writes params.yaml, not dvc.yaml: the stage DVC runs
+    (DVC_STAGE, DVC_ROOT) would not depend on the file, and would not run again when it changes."""
+    from transferkit.config.dvcyaml import dvc_yaml_text
+    from transferkit.errors import TransferkitError
+    from transferkit.stages.run import check_files_tracked
+    from transferkit.config.compose import compose, to_params
+
+    tracked = compose(["experiment=smoke", "distill.student_init=init.pt"])
+    (tmp_path / "dvc.yaml").write_text(dvc_yaml_text(to_params(tracked)))  # as `transferkit params` writes it
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_STAGE", "distill")
+    check_files_tracked("distill", tracked)
+    check_files_tracked("distill", compose(["experiment=smoke"]))  # no file named: nothing to track
+    untracked = compose(["experiment=smoke", "distill.student_init=other.pt"])
+    with pytest.raises(TransferkitError, match=r"distill.student_init=other.pt names a file that is not among the deps "
+                                               r"of distill in .*Fix: set it with `transferkit params`"):
+        check_files_tracked("distill", untracked)
+    monkeypatch.setenv("DVC_STAGE", "student")
+    with pytest.raises(TransferkitError, match="not among the deps of student"):
+        check_files_tracked("student", untracked)
+    monkeypatch.delenv("DVC_STAGE")  # run by hand, not by DVC: nothing to check
+    check_files_tracked("distill", untracked)

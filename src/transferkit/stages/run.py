@@ -4,6 +4,7 @@ folder that replaces its output folder only when the stage succeeds."""
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,7 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     from transferkit.training.precision import check_accelerator
 
     validate(cfg)
+    check_files_tracked(stage, cfg)
     check_accelerator(str(cfg.trainer.accelerator))
     seed_everything(cfg.seed)
     inputs = {**inputs_of(stage, cfg.paths.artifacts_dir), **(inputs or {})}
@@ -30,3 +32,28 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     others = [Path(cfg.paths.artifacts_dir) / name for name in BY_NAME if name != stage]  # dvc.yaml's outputs
     with storage_errors(out), staged_output(out, params, inputs.values(), others) as work:
         return module.run(cfg, inputs, work)
+
+
+def check_files_tracked(stage: str, cfg: DictConfig) -> None:
+    """Under `dvc repro` (which sets DVC_STAGE): every file a setting of the stage names (the stage
+    table's `files`) is a dep of the stage's dvc.yaml entry, or DVC would not run the stage again when
+    the file changes. `dvc exp run -S` sets such a value in params.yaml without writing dvc.yaml."""
+    from omegaconf import OmegaConf
+
+    from transferkit.errors import TransferkitError
+
+    address = os.environ.get("DVC_STAGE")
+    if not address or not BY_NAME[stage].files:
+        return
+    file, _, name = address.rpartition(":")
+    dvc_file = Path(os.environ.get("DVC_ROOT", ".")) / (file or "dvc.yaml")
+    try:
+        deps = yaml.safe_load(dvc_file.read_text())["stages"][name].get("deps") or []
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):  # not one of ours: nothing to check
+        return
+    for key in BY_NAME[stage].files:
+        if (value := OmegaConf.select(cfg, key)) and str(value) not in deps:
+            raise TransferkitError(f"{key}={value} names a file that is not among the deps of {name} in {dvc_file}, "
+                                   f"so DVC would not run {name} again when that file changes (params.yaml was set "
+                                   f"without `transferkit params`, as `dvc exp run -S` sets it). Fix: set it with "
+                                   f"`transferkit params` (it writes the dep into dvc.yaml), then `dvc repro`.")

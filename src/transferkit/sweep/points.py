@@ -16,7 +16,7 @@ import shlex
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import (compose, differing, find_conf_dir, flatten, params_drift, params_text,
                                         project_overrides, to_params)
@@ -155,10 +155,15 @@ def main(argv: list[str]) -> int:
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
         name, artifacts = point_name(point, given), Path(cfg.paths.artifacts_dir).resolve()
         names.append(name)
+        files = []  # the files the point's settings name: absolute (the points run in out/), and deps
+        for key in BY_NAME[args.stage].files:
+            if value := OmegaConf.select(cfg, key):
+                OmegaConf.update(cfg, key, str(Path(value).resolve()))
+                files.append(str(Path(value).resolve()))
         save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
         stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
                                         {r: str(artifacts / r) for r in BY_NAME[args.stage].reads},
-                                        [code, f"params/{name}.yaml"])
+                                        [code, f"params/{name}.yaml", *files])
     ran = run_pipeline(out, stages)
     done = len(stages) - len(ran)
     print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} were done already" if done else ""))
