@@ -45,6 +45,10 @@ def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path, server_dir, on
     with open(proj / "data" / "README.md", "a") as readme:  # documentation beside the data, not data
         readme.write("A note of the user's.\n")
     assert "up to date" in _sh(["dvc", "status"], proj)
+    shown = yaml.safe_load((proj / "params.yaml").read_text())
+    shown["trainer"].update(progress_bar=True, checkpoint_budget=1)  # how a run looks and saves, not what it writes
+    (proj / "params.yaml").write_text(yaml.safe_dump(shown, sort_keys=False))
+    assert "up to date" in _sh(["dvc", "status"], proj)
 
     metrics = _sh(["dvc", "metrics", "show"], proj)
     assert "artifacts/evaluate/metrics.json" in metrics and "models.transfer.top1" in metrics
@@ -84,7 +88,11 @@ def test_a_copy_of_the_project_gets_the_dvc_yaml_of_its_own_params(tmp_path):
 def test_dvc_yaml_is_generated_from_the_stage_table():
     from transferkit.config.dvcyaml import dvc_yaml_text
 
-    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml_text(), "run `transferkit params` and commit dvc.yaml"
+    made = dvc_yaml_text(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert (ROOT / "dvc.yaml").read_text() == made, "run `transferkit params` and commit dvc.yaml"
+    stages = yaml.safe_load(made)["stages"]  # the trainer's settings that change results, not how a run looks
+    assert "trainer.precision" in stages["pretrain"]["params"] and "trainer" not in stages["pretrain"]["params"]
+    assert not any(k in stages["pretrain"]["params"] for k in ("trainer.progress_bar", "trainer.checkpoint_budget"))
 
 
 def test_every_stage_depends_on_the_code_it_imports():

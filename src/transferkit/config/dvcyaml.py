@@ -67,7 +67,19 @@ def code_deps(stage: Stage) -> list[str]:
     return sorted(f"src/transferkit/{f}" for f in files - NEUTRAL)
 
 
-def stage_entry(stage: Stage, artifacts: str, data: str, files: list[str] = ()) -> dict:
+# Trainer settings that change how a run looks or how often it saves, never what it writes.
+TRAINER_DISPLAY = ("progress_bar", "checkpoint_budget")
+
+
+def tracked_params(names: tuple[str, ...], trainer_keys: list[str]) -> list[str]:
+    """A stage's params for DVC, the trainer block as its keys less TRAINER_DISPLAY: turning the
+    progress bar on reruns nothing."""
+    return [n for name in names for n in ([f"trainer.{k}" for k in trainer_keys if k not in TRAINER_DISPLAY]
+                                          if name == "trainer" and trainer_keys else [name])]
+
+
+def stage_entry(stage: Stage, artifacts: str, data: str, files: list[str] = (), trainer_keys: list[str] = ()
+                ) -> dict:
     folders = {name: f"{artifacts}/{name}" for name in stage.reads}
     out = f"{artifacts}/{stage.name}"
     cmd = (stage.command.format(out=out, **folders) if stage.command
@@ -75,7 +87,7 @@ def stage_entry(stage: Stage, artifacts: str, data: str, files: list[str] = ()) 
     entry = {"cmd": cmd, "deps": ([data] if not stage.reads else []) + list(folders.values()) + list(files)
              + code_deps(stage)}
     if stage.params:
-        entry["params"] = list(stage.params)
+        entry["params"] = tracked_params(stage.params, list(trainer_keys))
     entry["outs"] = [{out: {"persist": True}}]
     return entry
 
@@ -88,8 +100,8 @@ def dvc_yaml(params: dict | None = None) -> dict:
     models = [s.name for s in PIPELINE if s.target_model]
     curves = [name for name in trained if name != "prune"]
     return {
-        "stages": {s.name: stage_entry(s, artifacts, data, [flat[k] for k in s.files if flat.get(k)])
-                   for s in PIPELINE},
+        "stages": {s.name: stage_entry(s, artifacts, data, [flat[k] for k in s.files if flat.get(k)],
+                                       list((params or {}).get("trainer") or {})) for s in PIPELINE},
         "metrics": [f"{artifacts}/evaluate/metrics.json", f"{artifacts}/evaluate/timing.json",
                     *(f"{artifacts}/{name}/metrics.json" for name in trained)],
         "plots": [
