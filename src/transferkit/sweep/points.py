@@ -158,8 +158,8 @@ def main(argv: list[str]) -> int:
         files = []  # the files the point's settings name: absolute (the points run in out/), and deps
         for key in BY_NAME[args.stage].files:
             if value := OmegaConf.select(cfg, key):
-                OmegaConf.update(cfg, key, str(Path(value).resolve()))
                 files.append(str(Path(value).resolve()))
+                OmegaConf.update(cfg, key, files[-1])
         save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
         stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
                                         {r: str(artifacts / r) for r in BY_NAME[args.stage].reads},
