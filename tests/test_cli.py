@@ -194,7 +194,7 @@ def test_prepare_and_evaluate_draw_progress_bars_on_a_terminal_only(smoke_artifa
 
 
 def test_output_cut_short_by_its_reader_ends_quietly(smoke_artifacts):
-    """`transferkit results | head -1`: once head exits, the next write fails with EPIPE."""
+    """`transferkit results | head -c 1`: once head exits, the next write fails with EPIPE."""
     import shlex
     import subprocess
     import sys
