@@ -18,7 +18,7 @@ from transferkit.errors import TransferkitError
 
 # What a clone of the project holds that `dvc repro` needs (params.yaml and dvc.yaml are made per copy;
 # data/ is copied; artifacts/, outputs and caches are left behind: the copy starts clean).
-PROJECT_ITEMS = ("conf", "src", ".dvcignore")
+PROJECT_ITEMS = ("conf", "src", ".dvcignore", "data")
 
 
 def child_env() -> dict[str, str]:
@@ -55,19 +55,11 @@ def copy_project(root: Path, dest: Path, params_text: str) -> Path:
     commit (dvclive reads HEAD), no artifacts and no DVC cache."""
     from transferkit.config.dvcyaml import dvc_yaml_text
 
-    dest.mkdir(parents=True)
-    for item in PROJECT_ITEMS:
-        src = root / item
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy(src, dest / item)
+    shutil.copytree(root, dest, ignore=lambda d, names: [n for n in names if n == "__pycache__"
+                                                         or Path(d) == root and n not in PROJECT_ITEMS])
+    (dest / "data").mkdir(exist_ok=True)
     (dest / "params.yaml").write_text(params_text)
     (dest / "dvc.yaml").write_text(dvc_yaml_text(yaml.safe_load(params_text)))
-    if (root / "data").is_dir():
-        shutil.copytree(root / "data", dest / "data")
-    else:
-        (dest / "data").mkdir()
     run(["git", "init", "-q"], dest)
     run(["dvc", "init", "-q"], dest)
     if (root / ".dvc" / "config").is_file():  # tracked, so a clone has it: `dvc exp run -S` composes conf/

@@ -62,23 +62,23 @@ def read_yaml(path: Path):
                                f"`transferkit params`.") from e
 
 
-def not_params(data) -> str | None:
-    """Why `data` (a parsed params.yaml) is no params file composed from conf/, or None."""
-    if not isinstance(data, dict) or not PARAMS_KEYS <= data.keys():
-        return f"it lacks {sorted(PARAMS_KEYS - (data.keys() if isinstance(data, dict) else set()))}"
-    if blocks := [k for k in ("paths", "trainer") if not isinstance(data[k], dict)]:
-        return f"its {blocks[0]} is {data[blocks[0]]!r}, not a block of keys"
-    return None
-
-
-def load_params(path: Path) -> DictConfig:
+def read_params(path: Path) -> dict:
+    """A parsed params.yaml, or an error saying why it is none (missing, no YAML, no params file)."""
     if not path.exists():
         raise TransferkitError(f"{path} not found. Fix: run `transferkit params` to compose it from conf/.")
     data = read_yaml(path)
-    if problem := not_params(data):
-        raise TransferkitError(f"{path} is not a params file composed from conf/ ({problem}). Fix: pass the "
-                               f"params.yaml that `transferkit params` writes.")
-    cfg = OmegaConf.create(data)
+    if not isinstance(data, dict) or not PARAMS_KEYS <= data.keys():
+        problem = f"it lacks {sorted(PARAMS_KEYS - (data.keys() if isinstance(data, dict) else set()))}"
+    elif blocks := [k for k in ("paths", "trainer") if not isinstance(data[k], dict)]:
+        problem = f"its {blocks[0]} is {data[blocks[0]]!r}, not a block of keys"
+    else:
+        return data
+    raise TransferkitError(f"{path} is not a params file composed from conf/ ({problem}). Fix: pass the "
+                           f"params.yaml that `transferkit params` writes.")
+
+
+def load_params(path: Path) -> DictConfig:
+    cfg = OmegaConf.create(read_params(path))
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -141,14 +141,10 @@ def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str
     """What differs between the committed params.yaml / dvc.yaml and what they are made from."""
     from transferkit.config.dvcyaml import dvc_yaml_text
 
-    if not params_path.exists():
-        return [f"{params_path} not found"]
     try:
-        saved = read_yaml(params_path)
-    except TransferkitError as e:
+        saved = read_params(params_path)
+    except TransferkitError as e:  # the message without its fix, which REGENERATE gives
         return [str(e).split(" Fix: ")[0]]
-    if problem := not_params(saved):
-        return [f"{params_path} is not a params file composed from conf/ ({problem})"]
     drift = [f"params.yaml differs from conf/: {d}" for d in params_drift(params_path, conf_dir)]
     dvc_file = params_path.parent / "dvc.yaml"
     want = dvc_yaml_text(saved)

@@ -74,7 +74,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
     for preset, (_, similarity) in QUADRANTS.items():
         try:  # each quadrant's stages read its own folders, not paths.artifacts_dir
-            cfg = check_points(None, [f"experiment={preset}", *overrides], blocks, reads_artifacts=False)[0][1]
+            cfg = check_points(None, [f"experiment={preset}", *overrides], blocks)[0][1]
         except TransferkitError as e:
             raise TransferkitError(f"{preset}: {e}") from e
         for s in plan:  # a strategy's settings are plain values: set on the composed quadrant, not composed again

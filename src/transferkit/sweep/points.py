@@ -93,11 +93,11 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
                                        f"and {stage} reads it. Fix: {fix}.")
 
 
-def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | None = None,
-                 reads_artifacts: bool = True) -> list[tuple[list[str], DictConfig]]:
+def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | None = None
+                 ) -> list[tuple[list[str], DictConfig]]:
     """Compose and validate every point of the sweep; return each point's overrides and config.
-    `blocks` caches each model config's block count across calls (validate_run); with
-    `reads_artifacts`, the points read earlier stages' outputs under paths.artifacts_dir (check_inputs)."""
+    `blocks` caches each model config's block count across calls (validate_run); a `stage`'s points read
+    earlier stages' outputs under paths.artifacts_dir (check_inputs)."""
     points = expand(argv)
     # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
     # the value checks below import torch and Lightning, which take seconds to load.
@@ -109,7 +109,7 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     for point, cfg in zip(points, composed):
         try:
             validate_run(cfg, stage, blocks)
-            if stage and reads_artifacts:
+            if stage:
                 check_inputs(stage, cfg)
         except TransferkitError as e:
             if len(points) == 1:
