@@ -381,6 +381,8 @@ def _run(stage: str, seed: int, accuracy: float, n: int = 5000):
 def test_versus_scratch_pairs_only_the_seeds_both_ran():
     """Transfer over seeds 0, 1, 2 against scratch run once with seed 0: seed 0's runs, paired by image,
     not the three seeds' mean against it with an interval that leaves out the spread across seeds."""
+    import torch
+
     from transferkit.evaluation.metrics import mean_difference, paired_difference
     from transferkit.evaluation.runs import summarize, versus
     from transferkit.evaluation.tables import sweep_table
@@ -402,13 +404,50 @@ def test_versus_scratch_pairs_only_the_seeds_both_ran():
     table = sweep_table(summarize(transfer[1:] + scratch))
     assert "| no paired seed | – |" in table and "Intervals: none where no seed pairs" in table
 
-    # as before: two or more paired seeds, a t interval over seeds; one run each of one seed, per image
+    # two or more paired seeds: the t interval over seeds and the per-image one in quadrature; one seed, per image
     scratch += [_run("scratch", 1, 0.75)]
     vs = versus(transfer, scratch)
-    assert vs == mean_difference([t.test_acc - s.test_acc for t, s in zip(transfer, scratch)]) and vs["pairs"] == 2
-    assert vs["difference"] == pytest.approx(0.015, abs=1e-6)  # (74 - 74 + 78 - 75) / 2 points
+    seeds = mean_difference([t.test_acc - s.test_acc for t, s in zip(transfer, scratch)])
+    images = paired_difference(torch.stack([t.correct for t in transfer[:2]]).float().mean(0),
+                               torch.stack([s.correct for s in scratch]).float().mean(0))
+    half = ((seeds["ci95"][1] - seeds["difference"]) ** 2 + (images["ci95"][1] - images["difference"]) ** 2) ** 0.5
+    assert vs["pairs"] == 2 and vs["difference"] == pytest.approx(0.015, abs=1e-6)  # (74 - 74 + 78 - 75) / 2 points
+    assert vs["ci95"] == pytest.approx([0.015 - half, 0.015 + half])
+    assert half > seeds["ci95"][1] - seeds["difference"]
     assert versus(transfer[:1], scratch[:1])["ci95"] == pytest.approx(alone["ci95"])
     assert versus(transfer, []) is None
+
+
+def test_seeds_that_agree_leave_the_test_sets_noise_in_the_interval():
+    """Two seeds each 2 points apart on 100 test images: the spread across seeds is zero, but the 100
+    images are one sample, so the interval keeps their noise (about +-2.8 points per seed pair) and
+    includes 0; a t interval over seeds alone would be +2.0 to +2.0 and call it significant."""
+    from transferkit.evaluation.runs import summarize
+    from transferkit.evaluation.tables import sweep_table
+
+    runs = [_run("transfer", 0, 0.62, 100), _run("transfer", 1, 0.63, 100),
+            _run("scratch", 0, 0.60, 100), _run("scratch", 1, 0.61, 100)]
+    row = next(r for r in summarize(runs)["rows"] if r["stage"] == "transfer")
+    lo, hi = row["vs_scratch"]["ci95"]
+    assert row["vs_scratch"]["difference"] == pytest.approx(0.02) and lo < 0 < hi and hi - lo > 0.04
+    assert "not shown (interval includes 0)" in sweep_table(summarize(runs))
+
+
+def test_a_sweep_over_a_setting_scratch_reads_compares_each_row_with_its_own_scratch():
+    """model.widths swept for transfer and scratch: each transfer row against the scratch runs of its own
+    widths, not against no scratch run at all (no scratch run has an empty setting)."""
+    from transferkit.evaluation.runs import summarize
+
+    runs = []
+    for widths, (t, s) in (("[8, 16]", (0.70, 0.60)), ("[16, 32]", (0.80, 0.79))):
+        for seed in (0, 1):
+            for stage, acc in (("transfer", t + seed / 100), ("scratch", s)):
+                run = _run(stage, seed, acc)
+                run.setting = (f"model.widths={widths}",)
+                runs.append(run)
+    rows = {r["setting"][0]: r for r in summarize(runs)["rows"] if r["stage"] == "transfer"}
+    assert rows["model.widths=[8, 16]"]["vs_scratch"]["difference"] == pytest.approx(0.105)
+    assert rows["model.widths=[16, 32]"]["vs_scratch"]["difference"] == pytest.approx(0.015)
 
 
 def test_a_student_sweep_over_its_network_is_told_apart(tmp_path):

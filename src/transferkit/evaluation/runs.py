@@ -129,16 +129,23 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
 
 
 def versus(group: list[Run], baseline: list[Run]) -> dict | None:
-    """Test accuracy of `group` minus `baseline` with a 95% interval, over the seeds both ran: paired by
-    seed over the spread across seeds (training noise included) with two or more, paired by image on the
-    one with one (test-set noise only), no interval with none. Unpaired seeds are left out: averaging
-    them into a per-image interval would hide the spread across seeds."""
+    """Test accuracy of `group` minus `baseline` with a 95% interval, over the seeds both ran. With two or
+    more, both noises: the spread across seeds (training noise; a t interval) and the test set's (every
+    seed scores the same images; paired by image, on the per-image differences averaged over seeds), their
+    half-widths added in quadrature. With one, paired by image (test-set noise only); with none, no
+    interval. Unpaired seeds are left out: averaging them in would hide the spread across seeds."""
     if not baseline:
         return None
     by_seed = {r.seed: r for r in baseline}
     pairs = [(r, by_seed[r.seed]) for r in group if r.seed in by_seed]
     if len(pairs) >= 2:
-        return mean_difference([a.test_acc - b.test_acc for a, b in pairs])
+        seeds = mean_difference([a.test_acc - b.test_acc for a, b in pairs])
+        images = paired_difference(torch.stack([a.correct for a, _ in pairs]).float().mean(0),
+                                   torch.stack([b.correct for _, b in pairs]).float().mean(0))
+        mean = seeds["difference"]
+        half = math.hypot(seeds["ci95"][1] - mean, images["ci95"][1] - images["difference"])
+        return {**seeds, "ci95": [mean - half, mean + half],
+                "method": f"paired by seed over {len(pairs)} seeds (t interval) and by image, combined"}
     if not pairs:
         return {"difference": None, "ci95": None, "pairs": 0, "method": "none where no seed pairs with the baseline's"}
     (a, b), = pairs
@@ -170,7 +177,7 @@ def summarize(runs: list[Run]) -> dict:
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.stage, r.setting)].append(r)
-    refs = {stage: [r for r in runs if r.stage == stage and not r.setting] for stage in REFERENCES}
+    scratch = [r for r in runs if r.stage == "scratch"]
     rows = []
     for (stage, setting), group in sorted(groups.items(),
                                           key=lambda kv: (TARGET_MODELS.index(kv[0][0]), _order(kv[0][1]))):
@@ -181,7 +188,10 @@ def summarize(runs: list[Run]) -> dict:
                      "test_mean": test_mean, "test_std": test_std,
                      "runs": [{"folder": str(r.folder), "seed": r.seed, "val_acc": r.val_acc, "test_acc": r.test_acc}
                               for r in sorted(group, key=lambda r: r.seed)],
-                     **({"vs_scratch": versus(group, refs["scratch"])} if stage != "scratch" else {})})
+                     # against the scratch runs made with the same swept settings that scratch reads (all of
+                     # them, when the sweep is over a key of its own stage only)
+                     **({"vs_scratch": versus(group, [r for r in scratch if set(r.setting) <= set(setting)])}
+                        if stage != "scratch" else {})})
     stages = [r["stage"] for r in rows]
     swept = [s for s in stages if s not in REFERENCES] or stages
     # ties: the first in row order (TARGET_MODELS'), so the choice is the same in every process
