@@ -245,3 +245,39 @@ def test_student_init_starts_the_student_from_a_checkpoint_dvc_tracks(tmp_path):
         run("distill", compose("experiment=smoke", f"distill.student_init={teacher}", tmp=tmp_path))
     stages = dvc_yaml({"distill": {"student_init": "models/student.pt"}})["stages"]
     assert "models/student.pt" in stages["distill"]["deps"] and "models/student.pt" in stages["student"]["deps"]
+
+
+def test_the_share_of_the_gap_is_given_only_where_the_gap_is_resolved():
+    """Teacher 4 points over the student alone on 48 images is within noise: no "recovers -150%"."""
+    from transferkit.stages.evaluate import distillation_summary
+
+    def hits(n_right: int, n: int) -> torch.Tensor:
+        return torch.arange(n) < n_right
+
+    models = {k: {"top1": a / 48, "params": p, "macs": p} for k, a, p in
+              (("transfer", 30, 4), ("student", 28, 1), ("distill", 31, 1))}
+    correct = {"transfer": hits(30, 48), "student": hits(28, 48), "distill": hits(31, 48)}
+    summary = distillation_summary(models, correct)
+    assert summary["gap_recovered"] is None and summary["teacher_vs_student"]["ci95"][0] < 0
+    # 900 of 1000 against 700: resolved; distilled 800 recovers half the gap
+    models = {k: {"top1": a / 1000, "params": 1, "macs": 1} for k, a in
+              (("transfer", 900), ("student", 700), ("distill", 800))}
+    correct = {k: hits(round(m["top1"] * 1000), 1000) for k, m in models.items()}
+    assert distillation_summary(models, correct)["gap_recovered"] == pytest.approx(0.5)
+
+
+def test_the_report_says_a_slower_student_is_slower_and_gives_no_share_of_an_unresolved_gap():
+    from transferkit.evaluation.report import distillation_section
+
+    models = {k: {"top1": a} for k, a in (("transfer", 0.625), ("student", 0.583), ("distill", 0.646))}
+    dist = {"distill_vs_student": {"difference": 0.063, "ci95": [-0.05, 0.17]}, "gap_recovered": None,
+            "teacher_vs_student": {"difference": 0.042, "ci95": [-0.09, 0.17]},
+            "student_params_ratio": 0.5, "student_macs_ratio": 0.5}
+    timing = {"transfer": {"latency_ms_bs1": 1.0}, "distill": {"latency_ms_bs1": 2.0}}
+    cfg = {"student": "fastnet", "distill_method": "kd", "distill_temperature": 4.0}
+    text = "\n".join(distillation_section(dist, models, timing, cfg))
+    assert "the distilled student runs 2.0x slower than the teacher" in text and "faster" not in text
+    assert "(+4.2 points, -9.0 to +17.0) is not resolved on these test images" in text and "% of the gap" not in text
+    text = "\n".join(distillation_section({**dist, "gap_recovered": 1.5}, models, {}, cfg))
+    assert "that is 150% of the gap between the student alone and the teacher" in text
+    assert "not measured" not in text and "than the teacher at batch 1" not in text

@@ -26,7 +26,9 @@ def test_classification_metrics_agree_with_torchmetrics(k):
 
 
 def test_intervals():
-    assert wilson_interval(0, 100)[0] == 0.0 and wilson_interval(100, 100)[1] == 1.0
+    # at 0 and 100%: one-sided, the upper bound z^2 / (n + z^2) (3.7% at n = 100), never the zero width of Wald
+    assert wilson_interval(0, 100) == pytest.approx((0.0, 0.036994), abs=1e-6)
+    assert wilson_interval(100, 100) == pytest.approx((0.963006, 1.0), abs=1e-6)
     d = paired_difference(torch.tensor([1, 1, 0, 1]), torch.tensor([1, 0, 0, 0]))
     assert d["difference"] == 0.5 and d["ci95"][0] < 0.5 < d["ci95"][1] and d["n"] == 4
 

@@ -319,3 +319,9 @@ def test_report_describes_unstructured_pruning_by_its_sparsity():
     channels = "\n".join(prune_section({**settings, "mode": "structured"},
                                        {**models, "prune": {**models["prune"], "macs": 23e6}}, timing))
     assert "structured, criterion `l2`, target macs ratio 0.5, 1 step(s)" in channels and "MACs 3.00x fewer" in channels
+    # a pruned model that runs slower says so: 3.5 times the latency is "3.50x higher", not "0.29x lower"
+    slower = "\n".join(prune_section({**settings, "mode": "structured"}, models,
+                                     {"distill": {"latency_ms_bs1": 2.0, "latency_ms_bs1_1thread": 2.0},
+                                      "prune": {"latency_ms_bs1": 7.0, "latency_ms_bs1_1thread": 1.0}}))
+    assert "measured batch-1 latency 3.50x higher (2.00x lower on one thread)" in slower
+    assert "(not measured on one thread)" in channels

@@ -15,7 +15,9 @@ from transferkit.layout import channels_last, to_nhwc
 Z95 = 1.959963984540054
 
 
-TTA = ("none", "flip", "flip_translate")
+# each test-time augmentation setting and the forward passes it costs per image
+VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}
+TTA = tuple(VIEWS)
 
 
 def _views(model: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 # The source material's reference experiment (mini-VGG+BN, CIFAR-10 -> 10 aquatic CIFAR-100
@@ -28,10 +29,13 @@ def millions(n: int, digits: int) -> str:
     return f"{n / 1e6:.{digits}f} M" if n >= 10 ** (7 - digits) else f"{n:,}"
 
 
-def _times(ratio: float, less: str, more: str) -> str:
+def _times(ratio: float, less: str, more: str, digits: int = 2) -> str:
     """A ratio (before / after) in words: "3.90x smaller", or "1.20x larger" for 0.83 (a tiny model's
-    INT8 file, whose scales and zero points outweigh the bytes its weights save)."""
-    return f"{ratio:.2f}x {less}" if ratio >= 1 else f"{1 / ratio:.2f}x {more}"
+    INT8 file, whose scales and zero points outweigh the bytes its weights save; a pruned model whose
+    latency rose); "not measured" where either side was not."""
+    if not math.isfinite(ratio) or ratio <= 0:
+        return "not measured"
+    return f"{ratio:.{digits}f}x {less}" if ratio >= 1 else f"{1 / ratio:.{digits}f}x {more}"
 
 
 def _mb(n: int) -> str:
@@ -60,6 +64,18 @@ def freeze_curve_section(rows: list[dict], models: dict, cfg_summary: dict) -> l
     lines += ["", f"Reference lines: {', '.join(refs)}. One seed: the sweep commands under Reproduce "
               "give mean ± std over seeds.", "", "![accuracy vs freeze depth](freeze_curve.png)", ""]
     return lines
+
+
+def one_view_note(tta: str, views: int, models: dict) -> list[str]:
+    """What the top-1 column costs, and the deployed files' accuracy as `transferkit predict` gets it."""
+    if tta == "none":
+        return ["Top-1, MACs, latency and throughput are each of one forward pass per image."]
+    deployed = [f"{_pct(models[k]['top1_one_view'])} ({LABELS[k]})" for k in ("onnx_fp32", "onnx_int8")
+                if "top1_one_view" in models.get(k, {})]
+    return [f"Top-1 averages each test image's {views} views (`evaluate.tta: {tta}`), {views} forward "
+            "passes; MACs, latency and throughput are one pass's."
+            + (f" `transferkit predict` runs one view: there the deployed files score {' and '.join(deployed)}."
+               if deployed else "")]
 
 
 def export_section(export: dict) -> list[str]:
@@ -102,13 +118,42 @@ def prune_section(pc: dict, models: dict, timing: dict) -> list[str]:
                      f"{t.get('throughput_img_s', float('nan')):.0f} img/s |")
     lat = tb.get("latency_ms_bs1", float("nan")) / ta.get("latency_ms_bs1", float("nan"))
     lat1 = tb.get("latency_ms_bs1_1thread", float("nan")) / ta.get("latency_ms_bs1_1thread", float("nan"))
-    measured = (f"measured batch-1 latency {lat:.2f}x lower ({lat1:.2f}x on one thread), "
+    measured = (f"measured batch-1 latency {_times(lat, 'lower', 'higher')} ({_times(lat1, 'lower', 'higher')} "
+                f"on one thread), "
                 f"top-1 {100 * (after['top1'] - before['top1']):+.1f} points.")
     cost = ("Zeroed weights keep their tensors' shapes, so MACs do not fall and dense kernels run no "
             f"faster; {measured}" if pc["mode"] == "unstructured" else
             f"MACs {before['macs'] / after['macs']:.2f}x fewer, {measured} MACs ratios overstate wall-clock "
             "gains on small models (fixed per-layer overheads); both are shown.")
     return lines + ["", cost, "", "![accuracy vs latency](pareto.png)", ""]
+
+
+def distillation_section(dist: dict, models: dict, timing: dict, cfg_summary: dict) -> list[str]:
+    """The distilled student beside the student alone and its teacher."""
+    t = timing.get("transfer", {}).get("latency_ms_bs1")
+    st = timing.get("distill", {}).get("latency_ms_bs1")
+    d = dist["distill_vs_student"]
+    rec, gap = dist["gap_recovered"], dist["teacher_vs_student"]
+    return [
+        "## Distillation", "",
+        f"Teacher: the transfer model. Student: `{cfg_summary['student']}`, "
+        f"{dist['student_params_ratio']:.2f}x the teacher's parameters and "
+        f"{dist['student_macs_ratio']:.2f}x its MACs; method `{cfg_summary['distill_method']}`, "
+        f"T={cfg_summary['distill_temperature']}. The student alone is the same network and budget "
+        "without the teacher.", "",
+        "| | top-1 | CPU latency (batch 1) | same, 1 thread |", "|---|---|---|---|",
+        *[f"| {label} | {_pct(models[k]['top1'])} | {timing.get(k, {}).get('latency_ms_bs1', float('nan')):.2f} ms"
+          f" | {timing.get(k, {}).get('latency_ms_bs1_1thread', float('nan')):.2f} ms |"
+          for label, k in (("teacher (transfer)", "transfer"), ("student alone", "student"),
+                           ("student distilled", "distill"))], "",
+        f"Distilled minus alone: **{100 * d['difference']:+.1f} points** (95% paired interval "
+        f"{interval(*d['ci95'])}); " + (
+            f"that is {100 * rec:.0f}% of the gap between the student alone and the teacher "
+            f"({100 * gap['difference']:+.1f} points, {interval(*gap['ci95'])})" if rec is not None else
+            f"the gap between the student alone and the teacher ({100 * gap['difference']:+.1f} points, "
+            f"{interval(*gap['ci95'])}) is not resolved on these test images, so no share of it is given")
+        + (f"; the distilled student runs {_times(t / st, 'faster', 'slower', 1)} than the teacher at batch 1"
+           if t and st else "") + ".", ""]
 
 
 def _judged(q: dict, key: str) -> str:
@@ -134,8 +179,8 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
         f"weights: {q['per_channel']}, 7-bit weights: {q.get('reduce_range', False)}), activation ranges "
         f"calibrated ({q['method']}) on {q['calibration_images']} "
         f"training images{f', and its loss judged {_judged(q, split)}' if _judged(q, split) else ''}. On the "
-        f"{q['n_test']:,} test images it agrees with fp32 on {100 * q['top1_agreement']:.2f}% (largest logit "
-        f"difference {q['max_abs_logit_diff']:.3g})."
+        f"{q['n_test']:,} test images, one view each, it agrees with fp32 on {100 * q['top1_agreement']:.2f}% "
+        f"(largest logit difference {q['max_abs_logit_diff']:.3g})."
         + (f" Post-training quantization alone lost more than quantize.max_drop allows "
            f"{_judged(q, f'post_training_{split}')}, and reached {_pct(q['post_training']['int8_top1'])} top-1 "
            f"on the test images (fp32: {_pct(q['fp32_top1'])})." if "post_training" in q else ""), "",
@@ -185,7 +230,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
             f"{_mb(m['size_bytes'])} | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "
             f"{t.get('latency_ms_bs1_1thread', float('nan')):.2f} ms | "
             f"{t.get('throughput_img_s', float('nan')):.0f} img/s |")
-    lines.append("")
+    lines += ["", *one_view_note(cfg_summary["tta"], cfg_summary["tta_views"], models), ""]
     gain = metrics.get("transfer_vs_scratch")
     if gain:
         lo, hi = gain["ci95"]
@@ -198,7 +243,8 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         lines += [
             "## Does transfer pay?", "",
             f"Transfer minus scratch: **{100 * gain['difference']:+.1f} points** "
-            f"(95% paired interval {interval(lo, hi)}, {gain['n']} test images): {verdict}.",
+            f"(95% paired interval {interval(lo, hi)}, {gain['n']} test images; one seed, so the test set's "
+            f"noise and not training's): {verdict}.",
             "",
             "| | scratch | transfer | gain |", "|---|---|---|---|",
             f"| this run | {_pct(models['scratch']['top1'])} | {_pct(models['transfer']['top1'])} | "
@@ -210,28 +256,8 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
             "",
         ]
     lines += freeze_curve_section(metrics.get("freeze_curve") or [], models, cfg_summary)
-    dist = metrics.get("distillation")
-    if dist:
-        t = timing.get("transfer", {}).get("latency_ms_bs1")
-        st = timing.get("distill", {}).get("latency_ms_bs1")
-        d = dist["distill_vs_student"]
-        rec = dist["gap_recovered"]
-        lines += [
-            "## Distillation", "",
-            f"Teacher: the transfer model. Student: `{cfg_summary['student']}`, "
-            f"{dist['student_params_ratio']:.2f}x the teacher's parameters and "
-            f"{dist['student_macs_ratio']:.2f}x its MACs; method `{cfg_summary['distill_method']}`, "
-            f"T={cfg_summary['distill_temperature']}. The student alone is the same network and budget "
-            "without the teacher.", "",
-            "| | top-1 | CPU latency (batch 1) | same, 1 thread |", "|---|---|---|---|",
-            *[f"| {label} | {_pct(models[k]['top1'])} | {timing.get(k, {}).get('latency_ms_bs1', float('nan')):.2f} ms"
-              f" | {timing.get(k, {}).get('latency_ms_bs1_1thread', float('nan')):.2f} ms |"
-              for label, k in (("teacher (transfer)", "transfer"), ("student alone", "student"),
-                               ("student distilled", "distill"))], "",
-            f"Distillation recovers **{'n/a' if rec is None else f'{100 * rec:.0f}%'}** of the gap between "
-            f"the student alone and the teacher (distilled minus alone: {100 * d['difference']:+.1f} points, "
-            f"95% paired interval {interval(*d['ci95'])}); the distilled "
-            f"student runs {t / st:.1f}x faster than the teacher at batch 1.", ""]
+    if dist := metrics.get("distillation"):
+        lines += distillation_section(dist, models, timing, cfg_summary)
     if "prune" in models and "distill" in models:
         lines += prune_section(cfg_summary["prune"], models, timing)
     if cfg_summary.get("export"):
