@@ -45,3 +45,28 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path, server_dir, warm):
             == pytest.approx(cfg.transfer.epochs * 2 * 2 * 16, rel=0.02))
     assert not (tmp_path / "artifacts" / f".{stage}.incomplete").exists()
     assert bool(list(server_dir.glob("*/*.sock"))) == warm
+
+
+@pytest.mark.parametrize("env, first", [
+    ({}, True), ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True), ({"SLURM_PROCID": "0"}, True),
+    # `NODE_RANK=1 transferkit STAGE` on a second node (ddp_multinode's plain launch): before Lightning starts
+    # that node's processes, the first has no LOCAL_RANK, and it is not rank 0
+    ({"NODE_RANK": "1"}, False), ({"LOCAL_RANK": "1"}, False), ({"RANK": "3"}, False),
+    ({"GROUP_RANK": "1", "LOCAL_RANK": "0"}, False), ({"SLURM_PROCID": "5"}, False)])
+def test_only_the_global_first_process_creates_and_swaps_a_stage_folder(tmp_path, monkeypatch, env, first):
+    from transferkit.stages.common import staged_output
+    from transferkit.training import RANK_VARIABLES
+
+    for var in RANK_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("the previous outputs")
+    (tmp_path / "out" / "params.yaml").write_text("seed: 1\n")
+    with staged_output(tmp_path / "out", "seed: 0\n") as work:
+        assert work.is_dir() == first  # another rank waits for rank 0's folder; it never makes or deletes one
+        if first:
+            (work / "new.txt").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == (["new.txt", "params.yaml"] if first
+                                                                    else ["old.txt", "params.yaml"])

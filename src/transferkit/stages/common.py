@@ -4,7 +4,6 @@ output folder so that a failed or killed run never replaces the previous good on
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,18 +12,7 @@ from typing import Iterable, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.errors import TransferkitError
-from transferkit.training import RESUME_CHECKPOINT
-
-
-def global_rank() -> int:
-    """This process's rank under DDP (set by Lightning's launcher, torchrun or SLURM); 0 alone."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            rank = int(os.environ[var])
-            if var == "LOCAL_RANK":
-                rank += int(os.environ.get("NODE_RANK", 0)) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            return rank
-    return 0
+from transferkit.training import RESUME_CHECKPOINT, first_process
 
 
 def point_dir(freeze_curve_dir: Path, depth: int) -> Path:
@@ -109,7 +97,7 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), ot
     check_replaceable(final, inputs, others)  # on every rank: a rank that went on alone would wait for rank 0
     work = final.parent / f".{final.name}.incomplete"
     old = final.parent / f".{final.name}.old"
-    rank0 = global_rank() == 0
+    rank0 = first_process()
     if rank0:
         try:
             key = resume_key(inputs)

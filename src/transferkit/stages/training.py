@@ -15,7 +15,8 @@ from transferkit.evaluation.tables import pct
 from transferkit.io import save_json
 from transferkit.models import save_checkpoint
 from transferkit.models.blocknet import BlockNet
-from transferkit.stages.common import data_settings, eval_device, global_rank, train_settings
+from transferkit.stages.common import data_settings, eval_device, train_settings
+from transferkit.training import first_process
 from transferkit.training.classifier import ClassifierModule
 from transferkit.training.trainer import fit
 
@@ -56,7 +57,7 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     metrics = dict(extra_metrics or {})
     if finalize is not None:
         metrics.update(finalize(model) or {})
-    if global_rank() != 0:
+    if not first_process():
         return {}
     ev = cfg.evaluate
     for split in ("val", "test") if stage == "pretrain" else ("val",):

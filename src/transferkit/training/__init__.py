@@ -1,10 +1,22 @@
 """Training: the Lightning module, freezing / discriminative learning rates, and the
 Trainer built from the `trainer` config group."""
 
+import os
 from collections.abc import Sequence
 
 RESUME_CHECKPOINT = "last.ckpt"  # what an interrupted fit resumes from (trainer.py)
 LOGGERS = ("dvclive", "tensorboard", "csv")  # trainer.loggers: any of these (trainer.py builds them)
+
+
+# What launchers set to a process's rank: Lightning's own (LOCAL_RANK beside the NODE_RANK a user gives each
+# node), torchrun (RANK, GROUP_RANK), SLURM (SLURM_PROCID), LSF's jsrun (JSM_NAMESPACE_RANK)
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def first_process() -> bool:
+    """Global rank 0 (or a run without DDP), from the environment, before a Trainer exists and without
+    importing Lightning: a node's first process is rank 0 only on node 0."""
+    return all(os.environ.get(var, "0") == "0" for var in RANK_VARIABLES)
 
 
 def multi_process(trainer) -> bool:

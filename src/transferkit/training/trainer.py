@@ -30,7 +30,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from transferkit.errors import TransferkitError
 from transferkit.models.blocknet import BlockNet
-from transferkit.training import LOGGERS, RESUME_CHECKPOINT
+from transferkit.training import LOGGERS, RESUME_CHECKPOINT, first_process
 from transferkit.training.precision import resolve_precision
 
 # Lightning warnings that are about choices made on purpose here:
@@ -224,7 +224,7 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     if resume:  # checked like any file: plain data only, nothing in it may run
         state = load_plain(ckpt, f"delete {out_dir} (the work folder of an interrupted run) and run the stage again.")
         resumed_at = int(state["epoch"]) + 1
-        for name in ("dvclive", "csv", "tensorboard") if _first_process() else ():  # the logs as at the checkpoint
+        for name in ("dvclive", "csv", "tensorboard") if first_process() else ():  # the logs as at the checkpoint
             shutil.rmtree(out_dir / name, ignore_errors=True)
             if (out_dir / LOG_SNAPSHOT / name).is_dir():
                 shutil.copytree(out_dir / LOG_SNAPSHOT / name, out_dir / name)
@@ -232,7 +232,7 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")
         trainer = make_trainer(trainer_cfg, out_dir, max_epochs, resume=resume, callbacks=callbacks)
-        if resume and _first_process():  # the other ranks' loggers write nothing
+        if resume and first_process():  # the other ranks' loggers write nothing
             _resume_csv(trainer, out_dir / LOG_SNAPSHOT / "csv" / "metrics.csv")
     start = time.perf_counter()
     try:
@@ -243,14 +243,6 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     shutil.rmtree(out_dir / CHECKPOINT.parent, ignore_errors=True)  # finished: nothing to resume
     return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds,
                getattr(module, "trained_images", 0) * trainer.world_size)
-
-
-def _first_process() -> bool:
-    """Global rank 0, before the Trainer knows it: torchrun and SLURM start every rank at once, and
-    only one may rewrite the shared logs (a node's first process is rank 0 only on node 0)."""
-    from pytorch_lightning.utilities.rank_zero import rank_zero_only
-
-    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def _resume_csv(trainer: pl.Trainer, saved: Path) -> None:
