@@ -131,6 +131,32 @@ def test_image_folder_and_archive_agree(jpeg_pair):
         assert torch.equal(split.images[k], torch.from_numpy(expected.copy())), rel
 
 
+def test_a_hard_linked_image_in_an_archive_counts_as_in_its_folder(jpeg_pair, tmp_path):
+    """GNU tar stores a second name of one inode as a hard link: the archive must still hold that image
+    (a deduplicated dataset, `cp -al`), as the folder it was made from does. A link to nothing is a damaged
+    archive, in one error."""
+    import subprocess
+
+    folder, _ = jpeg_pair
+    copy = tmp_path / "linked"
+    shutil.copytree(folder, copy)
+    os.link(copy / "train" / "bird" / "0000.jpg", copy / "train" / "cat" / "0099.jpg")
+    archive = tmp_path / "linked.tar.gz"
+    subprocess.run(["tar", "czf", str(archive), "-C", str(tmp_path), "linked"], check=True)
+    with tarfile.open(archive) as tar:
+        assert any(m.islnk() for m in tar)  # what this test is about
+    a, b = read_image_folder(copy), read_image_folder(archive)
+    assert len(b.train.labels) == len(a.train.labels) == 13 and b.train.labels.tolist() == a.train.labels.tolist()
+    assert torch.equal(a.train.images, b.train.images)
+    # the same archive without the file the link names: a damaged archive, not a traceback
+    with tarfile.open(archive) as tar, tarfile.open(tmp_path / "broken.tar", "w") as out:
+        for m in tar:
+            if not (m.isfile() and m.name.endswith("bird/0000.jpg")):
+                out.addfile(m, tar.extractfile(m) if m.isfile() else None)
+    with pytest.raises(TransferkitError, match="corrupt or unreadable archive .*broken.tar"):
+        read_image_folder(tmp_path / "broken.tar")
+
+
 def test_image_archive_via_load_dataset(tmp_path):
     write_image_folder(tmp_path, CLASSES4, 2, 1)  # -> tmp_path/cifar10-jpeg.tar.gz
     raw = _load("cifar10", tmp_path)

@@ -167,7 +167,9 @@ def _archive_files(path: Path) -> list[tuple[str, bytes | bytearray]]:
     if (files := _tar_files(raw)) is not None:
         return files
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+        # a hard link is a file stored once under two names (GNU tar writes one per inode it met before):
+        # extractfile reads its target's bytes. Symbolic links are skipped: they may point out of the archive.
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile() or m.islnk()]
 
 
 def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None = None) -> RawDataset:
@@ -192,7 +194,8 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
                     seen_classes.add(key[1])
                     if wanted is None or key[1] in wanted:
                         items.setdefault(key, []).append((name, data))
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError, KeyError) as e:  # KeyError:
+            # a hard link whose target the archive lacks
             raise TransferkitError(
                 f"corrupt or unreadable archive {path} ({type(e).__name__}: {' '.join(str(e).split())}). Fix: copy the "
                 f"archive into {path.parent}/ again (a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip).") from e
