@@ -5,9 +5,11 @@ way, die with their command, and never run stale project code."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,3 +133,84 @@ def test_killing_a_warm_command_kills_its_worker(tmp_path, server_dir):
         time.sleep(0.1)
     assert workers() == []
     assert not (tmp_path / "artifacts" / "pretrain").exists()  # nothing half-written took the output's place
+
+
+FAKE_CLI = '''import os, signal, sys, time
+def main(argv):
+    if argv[0] == "sleep":  # until a signal ends it
+        print("ready", flush=True)
+        try:
+            time.sleep(30)
+        except KeyboardInterrupt:
+            return 130
+        return 0
+    return 3
+'''
+
+
+def _fake_project(folder: Path) -> Path:
+    """A `transferkit` package of this warm.py and a cli whose commands take no time to import: the
+    warm machinery under test, not a stage."""
+    package = folder / "fake" / "transferkit"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "warm.py").write_text(Path(warm.__file__).read_text())
+    (package / "cli.py").write_text(FAKE_CLI)
+    return package.parent
+
+
+def _warm_client(fake: Path, server_dir: Path, *argv: str, **popen) -> subprocess.Popen:
+    """warm.run(ARGV) in a process of its own, exiting with its code (100: not served)."""
+    code = "import sys; from transferkit import warm; r = warm.run(sys.argv[1:]); sys.exit(100 if r is None else r)"
+    env = {**os.environ, "PYTHONPATH": str(fake), "TRANSFERKIT_WARM": "1", "TMPDIR": str(server_dir)}
+    return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=subprocess.PIPE, text=True, **popen)
+
+
+def test_a_warm_command_takes_its_own_signal_dispositions_and_dies_of_the_signal_it_passed_on(tmp_path, server_dir):
+    """The server is started by a command that ignores SIGINT and SIGHUP (a script's background job,
+    nohup): a later command's Ctrl+C must still reach its worker. A worker ended by the SIGTERM its
+    command passed on ends the command by SIGTERM too (-15, 143 in a shell), as a process run there
+    would, not with exit 1."""
+    fake = _fake_project(tmp_path)
+
+    def ignoring() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    assert _warm_client(fake, server_dir, "none", preexec_fn=ignoring).wait(60) == 100  # started the server
+    for sig, expected in ((signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)):
+        client = _warm_client(fake, server_dir, "sleep")
+        assert client.stdout.readline() == "ready\n"  # served: the worker runs the command
+        start = time.monotonic()
+        client.send_signal(sig)
+        assert client.wait(20) == expected and time.monotonic() - start < 10
+
+
+def test_a_server_that_closes_as_a_command_connects_leaves_the_command_to_run_itself(tmp_path, monkeypatch):
+    """Its idle timeout, or a kill, closes the server's socket with this connection in its backlog: the
+    command runs locally (None), not a traceback."""
+    import socket
+    import threading
+
+    path = Path(tempfile.mkdtemp(prefix="tkw")) / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)  # never accepts
+    monkeypatch.setattr(warm, "socket_path", lambda: path)
+    threading.Timer(0.5, listener.close).start()
+    assert warm.run(["prepare", "--params", "params.yaml"]) is None
+    shutil.rmtree(path.parent)
+
+
+def test_a_command_under_other_resource_limits_gets_a_server_of_its_own(server_dir):
+    """A worker keeps its server's limits, so `ulimit -n 256` or a memory cap must pick another server."""
+    import resource
+
+    first = warm.socket_path()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 1, hard))
+    try:
+        assert warm.socket_path() != first
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert warm.socket_path() == first

@@ -13,13 +13,15 @@ one process only, and no kept library serves separate commands.
 - One server per user and environment: its socket lives in a folder only its user can open,
   peers of another user are refused, and the interpreter, `sys.path` (and when each folder on it
   last changed: an install), the variables that shape imports and threads, what a forked worker
-  keeps from its server (CPUs, control group, niceness, groups, umask) and this file pick the server;
+  keeps from its server (CPUs, control group, niceness, groups, umask, resource limits) and this file
+  pick the server;
   another environment gets another one.
 - It serves the commands dvc.yaml runs (`transferkit STAGE --params ...` and `export`); the
   others start as usual. A command that finds no server starts one and runs itself while the
   server imports; the commands after it are served.
 - It exits after TRANSFERKIT_WARM_IDLE seconds (default 600) without a command.
-- Killing the command (kill -9 too) kills its worker; SIGINT, SIGTERM and SIGHUP are passed on.
+- Killing the command (kill -9 too) kills its worker; SIGINT, SIGTERM and SIGHUP are passed on (or
+  ignored, where the command ignores them), and a worker ended by one ends its command by it too.
 - It never initialises CUDA itself (a forked child could not use a CUDA the parent initialised):
   the device is set up in each worker, as in a fresh process.
 """
@@ -47,6 +49,7 @@ SHAPES_IMPORTS = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_", "TORCH"
 # before and after that differ in it; read at run time, from the environment the worker takes on
 SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
 STREAMS = 3
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # passed from a command to its worker
 
 
 def enabled() -> bool:
@@ -79,8 +82,8 @@ def socket_path() -> Path:
 def _process_traits() -> str:
     """What a worker keeps from its server, not from the command, and a server from the command that
     started it: the CPUs it may run on (torch sizes its thread pool by them), its control group (a
-    batch job's share, which ends with the job), niceness, and the groups and umask that set the owner
-    and permissions of what it writes."""
+    batch job's share, which ends with the job), niceness, the groups and umask that set the owner
+    and permissions of what it writes, and its resource limits (`ulimit`: memory, open files, CPU time)."""
     mask = os.umask(0o022)
     os.umask(mask)
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -88,7 +91,10 @@ def _process_traits() -> str:
         group = Path("/proc/self/cgroup").read_text()
     except OSError:
         group = None
-    return repr((cpus, group, os.nice(0), os.getegid(), sorted(os.getgroups()), mask))
+    import resource
+
+    limits = [resource.getrlimit(getattr(resource, n)) for n in sorted(dir(resource)) if n.startswith("RLIMIT_")]
+    return repr((cpus, group, os.nice(0), os.getegid(), sorted(os.getgroups()), mask, limits))
 
 
 # --- the command's side ---------------------------------------------------------------------------
@@ -108,21 +114,35 @@ def run(argv: list[str]) -> int | None:
             return None
     except OSError:
         return None
+    # a signal this command ignores (a script's background job ignores SIGINT, nohup SIGHUP) its worker
+    # ignores too, as a process started here would; the others it passes on
+    ignored = [sig for sig in FORWARDED if signal.getsignal(sig) == signal.SIG_IGN]
     with conn:
         header = json.dumps({"argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(), "env": dict(os.environ),
-                             "path": sys.path}).encode()
-        socket.send_fds(conn, [struct.pack("!I", len(header)) + header], list(range(STREAMS)))
-        pid_bytes = _recv_exactly(conn, 4)
+                             "path": sys.path, "ignored": ignored}).encode()
+        try:
+            socket.send_fds(conn, [struct.pack("!I", len(header)) + header], list(range(STREAMS)))
+            pid_bytes = _recv_exactly(conn, 4)
+        except OSError:  # the server closed as this connected (its idle timeout; killed): nothing ran yet
+            pid_bytes = None
         if pid_bytes is None:
             return None  # the server went away before forking: run here
-        pid = struct.unpack("!I", pid_bytes)[0]
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, lambda s, _f: os.kill(pid, s))
+        pid, passed = struct.unpack("!I", pid_bytes)[0], []
+
+        def forward(sig: int, _frame) -> None:
+            passed.append(sig)
+            os.kill(pid, sig)
+
+        for sig in set(FORWARDED) - set(ignored):
+            signal.signal(sig, forward)
         code = _recv_exactly(conn, 4)
-    if code is None:
-        print("transferkit: the warm worker ended without an exit code (killed?)", file=sys.stderr)
-        return 1
-    return struct.unpack("!i", code)[0]
+    if code is not None:
+        return struct.unpack("!i", code)[0]
+    if passed:  # the worker died of the signal passed on: so does this command, as a process run here would
+        signal.signal(passed[-1], signal.SIG_DFL)
+        os.kill(os.getpid(), passed[-1])
+    print("transferkit: the warm worker ended without an exit code (killed?)", file=sys.stderr)
+    return 1
 
 
 def _start_server(path: Path) -> None:
@@ -220,6 +240,10 @@ def _work(conn: socket.socket) -> None:
         first, fds, _, _ = socket.recv_fds(conn, 4, STREAMS)
         size = struct.unpack("!I", first + (_recv_exactly(conn, 4 - len(first)) or b""))[0]
         header = json.loads(_recv_exactly(conn, size))
+        # the command's dispositions, not those the server inherited from whatever command started it
+        for sig in FORWARDED:
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, signal.SIG_IGN if sig in header.get("ignored", ()) else default)
         for number, fd in enumerate(fds):
             os.dup2(fd, number)
             os.close(fd)
