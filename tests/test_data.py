@@ -831,3 +831,20 @@ def test_save_and_load_torch(tmp_path):
     assert torch.equal(load_torch(tmp_path / "t.pt", "thing", "prepare")["x"], torch.arange(3))
     with pytest.raises(TransferkitError, match="run the 'prepare' stage"):
         load_torch(tmp_path / "missing.pt", "thing", "prepare")
+
+
+@pytest.mark.parametrize("target", ["cifar10-jpeg.tar.gz", "data/cifar10-jpeg.tar.gz", "ABSOLUTE"])
+def test_one_archive_under_two_names_shares_no_class_between_the_tasks(tmp_path, monkeypatch, target):
+    """`cifar10` resolves to data/cifar10-jpeg.tar.gz offline: a target named by that file's path is the
+    same dataset, so a class in both tasks would leak its test images into pretraining."""
+    from conftest import compose, run
+
+    write_image_folder(tmp_path / "data", CIFAR10_CLASSES, 2, 1)
+    monkeypatch.chdir(tmp_path)
+    target = str(tmp_path / "data" / "cifar10-jpeg.tar.gz") if target == "ABSOLUTE" else target
+    cfg = compose("experiment=smoke", "data.source.dataset=cifar10", "data.source.classes=[airplane,ship]",
+                  f"data.target.dataset={target}", "data.target.classes=[ship,cat]", "data.source.val_per_class=0",
+                  "data.target.val_per_class=0", "data.target.train_per_class=2", "data.source.train_per_class=2",
+                  tmp=tmp_path)
+    with pytest.raises(TransferkitError, match=r"classes \['ship'\] are in both data.source.classes"):
+        run("prepare", cfg)

@@ -252,16 +252,29 @@ def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
         f"needed: `experiment=smoke`.")
 
 
+def dataset_location(dataset: str, data_dir: Path) -> Path | None:
+    """The folder or archive `load_dataset` reads `dataset` from, resolved (so that two names of one file
+    compare equal); None where it is not on disk (a CIFAR name to download, or a missing path)."""
+    if dataset in CIFAR:
+        official = data_dir / CIFAR[dataset][0]
+        candidates = [official, *(data_dir / f"{dataset}-jpeg{ext}" for ext in (".tar.gz", ".zip", ""))]
+        found = next((c for c in candidates if (c.is_dir() if c == official else c.exists())), None)
+        return found.resolve() if found else None
+    path = Path(dataset)
+    if not path.is_absolute() and not path.exists():
+        path = data_dir / dataset
+    return path.resolve() if path.exists() else None
+
+
 def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksums: bool,
                  image_size: int, wanted: set[str] | None) -> RawDataset:
     """Resolve a dataset name ('cifar10', 'cifar100') or a path to an image folder/archive."""
+    where = dataset_location(dataset, data_dir)
     if dataset in CIFAR:
         official = data_dir / CIFAR[dataset][0]
-        if official.is_dir():
-            return read_cifar_pickles(official, dataset, verify_checksums)
-        for candidate in (data_dir / f"{dataset}-jpeg{ext}" for ext in (".tar.gz", ".zip", "")):
-            if candidate.exists():
-                return read_image_folder(candidate, image_size, wanted)
+        if where is not None:
+            return (read_cifar_pickles(where, dataset, verify_checksums) if where == official.resolve()
+                    else read_image_folder(where, image_size, wanted))
         if not download:
             raise _not_found(dataset, data_dir, "data.download=false")
         try:
@@ -269,12 +282,9 @@ def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksu
         except Exception as e:  # URLError, timeouts, DNS failures, checksum mismatch
             raise _not_found(dataset, data_dir, f"download failed: {type(e).__name__}: {e}") from e
         return read_cifar_pickles(official, dataset, verify_checksums)
-    path = Path(dataset)
-    if not path.is_absolute() and not path.exists():
-        path = data_dir / dataset
-    if not path.exists():
+    if where is None:
         raise TransferkitError(
             f"dataset '{dataset}' is neither 'cifar10', 'cifar100', 'synthetic' nor an existing "
             f"image folder or archive. Fix: give one of those names or the path to a folder, .tar.gz or .zip "
             f"laid out as train/<class>/*, test/<class>/*.")
-    return read_image_folder(path, image_size, wanted)
+    return read_image_folder(where, image_size, wanted)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferkit.data.sources import RawDataset, load_dataset, make_synthetic
+from transferkit.config.schema import check_disjoint
+from transferkit.data.sources import RawDataset, dataset_location, load_dataset, make_synthetic
 from transferkit.data.tasks import select_task, task_summary
 from transferkit.io import save_json, save_torch
 
@@ -24,7 +25,12 @@ def load_raw(cfg: DictConfig, role: str, wanted: set[str]) -> RawDataset:
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     d = cfg.data
-    same = d.source.dataset == d.target.dataset and d.source.dataset != "synthetic"
+    # one dataset under two names (cifar10 and the archive it resolves to): one read, and no shared class
+    where = [dataset_location(d[role].dataset, Path(cfg.paths.data_dir)) for role in ("source", "target")]
+    same = "synthetic" not in (d.source.dataset, d.target.dataset) and (
+        d.source.dataset == d.target.dataset or where[0] is not None and where[0] == where[1])
+    if same:
+        check_disjoint(d)
     # cifar10_split takes both tasks from one archive: read (and decode) it once
     shared = load_raw(cfg, "source", set(d.source.classes) | set(d.target.classes)) if same else None
     summary = {}
