@@ -308,3 +308,34 @@ def test_a_refusal_with_8_bit_weights_suggests_7_bit_ones():
     assert "3.00 points of top-1 against fp32 on the val images" in str(refuse(result, 0.01, 5))
     assert "quantize.reduce_range=true" in str(refuse(result, 0.01, 5, reduce_range=False))
     assert "reduce_range" not in str(refuse(result, 0.01, 5, reduce_range=True))  # 7-bit already: not a fix
+
+
+def test_quantization_aware_fine_tuning_keeps_an_unstructured_pruned_model_sparse():
+    """The INT8 model of an unstructured-pruned student is that student: fine-tuning for INT8 must not
+    regrow the weights pruning zeroed (the quantize stage passes keep_zeros for prune.mode=unstructured)."""
+    import torch
+
+    from transferkit.deploy.fold import deployable
+    from transferkit.deploy.qat import add_fake_quant, remove_fake_quant
+    from transferkit.models import build_model
+    from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
+
+    def tuned(keep_zeros: bool) -> float:
+        torch.manual_seed(0)
+        student = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu")
+        prune_weights(student, 0.6, ["head"], criterion="l1", scope="layer")
+        make_permanent(student)
+        model = deployable(student.eval()).train()
+        before = sparsity(model, ["head"])
+        hooks = add_fake_quant(model, per_channel=True, reduce_range=True, keep_zeros=keep_zeros)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.randint(0, 3, (8,))).backward()
+            opt.step()
+        remove_fake_quant(model, hooks)
+        assert before == pytest.approx(0.6, abs=0.01)
+        return sparsity(model, ["head"])
+
+    assert tuned(keep_zeros=True) == pytest.approx(0.6, abs=0.01)
+    assert tuned(keep_zeros=False) < 0.3  # what the stage did before: most zeros grew back

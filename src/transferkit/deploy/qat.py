@@ -22,12 +22,15 @@ class FakeQuantWeight(nn.Module):
     """int8 weights, symmetric, one scale per output channel (or one in all), in [-127, 127] or
     with reduce_range in [-64, 64], as ONNX Runtime quantizes them; straight-through gradients."""
 
-    def __init__(self, per_channel: bool, reduce_range: bool):
+    def __init__(self, per_channel: bool, reduce_range: bool, mask: torch.Tensor | None = None):
         super().__init__()
         self.per_channel, self.levels = per_channel, 64 if reduce_range else 127
+        self.mask = mask
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         n = self.levels
+        if self.mask is not None:  # a pruned weight stays zero: it gets no gradient, so its float value stays 0
+            w = w * self.mask
         if not self.per_channel:
             scale = float(w.detach().abs().max().clamp_min(1e-8)) / n
             return torch.fake_quantize_per_tensor_affine(w, scale, 0, -n, n)
@@ -40,11 +43,13 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quant(args[0]), *args[1:])
 
 
-def add_fake_quant(model: nn.Module, per_channel: bool, reduce_range: bool) -> list:
-    """Fake-quantize every convolution and linear layer of `model` in place; returns the hooks."""
+def add_fake_quant(model: nn.Module, per_channel: bool, reduce_range: bool, keep_zeros: bool = False) -> list:
+    """Fake-quantize every convolution and linear layer of `model` in place; returns the hooks. With
+    `keep_zeros` (an unstructured-pruned model) the weights that are zero now stay zero."""
     hooks = []
     for layer in [m for m in model.modules() if isinstance(m, QUANTIZED)]:
-        parametrize.register_parametrization(layer, "weight", FakeQuantWeight(per_channel, reduce_range))
+        mask = (layer.weight.detach() != 0).to(layer.weight.dtype) if keep_zeros else None
+        parametrize.register_parametrization(layer, "weight", FakeQuantWeight(per_channel, reduce_range, mask))
         layer.input_quant = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
                                          dtype=torch.quint8, qscheme=torch.per_tensor_affine)
         hooks.append(layer.register_forward_pre_hook(_quantize_input))

@@ -70,7 +70,8 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     q = cfg.quantize
     student, _ = load_checkpoint(inputs["prune"] / "model.pt", "prune", task["classes"], what="the pruned student")
     model = deployable(student).train()
-    hooks = add_fake_quant(model, q.per_channel, q.reduce_range)
+    # an unstructured-pruned student ships sparse: its zeroed weights stay zero
+    hooks = add_fake_quant(model, q.per_channel, q.reduce_range, keep_zeros=cfg.prune.mode == "unstructured")
     settings = OmegaConf.merge(cfg.prune, {"epochs": q.qat_epochs, "lr": q.qat_lr})
     # in fp32 (the fake quantization's arithmetic), in this one process: a few epochs of a small model
     fp32_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true", "devices": 1, "num_nodes": 1,
