@@ -249,3 +249,28 @@ def test_download_extracts_without_unpickling(tmp_path, monkeypatch):
     assert fetched == [(CIFAR10.url, CIFAR10.tgz_md5)]  # the official address, checked by md5
     assert (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1").exists()
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("layer_shapes", None, "layer_shapes"), ("arch", {"widths": [8, 8, 8]}, "'arch'"), ("arch", "fastnet", "'arch'"),
+    ("arch", {"name": ["fastnet"], "pruned": True}, "'arch'"), ("classes", "abc", "'classes'"),
+    ("state_dict", {"head.fc.weight": 3}, "'state_dict'"), ("layer_shapes", {"head.fc": 5}, "layer_shapes"),
+    # plain data, but not a channel count: setting a module's `forward` (or any attribute) is refused
+    ("layer_shapes", {"head": {"forward": 1}}, "head.forward is no channel count")])
+def test_a_pruned_model_file_with_a_field_altered_is_one_error(tmp_path, field, value, problem):
+    """A model.pt is plain data, so what a stranger can send is a checkpoint with fields of the wrong kind:
+    each is one error naming the field, never a traceback or a model with other attributes set."""
+    from transferkit.models import build_model, load_checkpoint, save_checkpoint
+    from transferkit.prune.structured import prune_channels
+
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8).eval()
+    prune_channels(model, criterion="l2", target="channels", ratio=0.5, keep=["head"])
+    model.arch["pruned"] = True
+    save_checkpoint(model, tmp_path / "model.pt", ["a", "b", "c"])
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    ckpt[field] = value if not (field == "arch" and isinstance(value, dict) and "name" not in value) else {
+        **{k: v for k, v in ckpt["arch"].items() if k != "name"}, **value}
+    torch.save(ckpt, tmp_path / "altered.pt")
+    with pytest.raises(TransferkitError, match="altered.pt (is not a transferkit checkpoint|does not fit)") as e:
+        load_checkpoint(tmp_path / "altered.pt", "prune")
+    assert problem in str(e.value) and "Fix:" in str(e.value)

@@ -91,8 +91,8 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
     from transferkit.io import load_torch
 
     ckpt = load_torch(path, "model checkpoint", produced_by, remake)
-    if not isinstance(ckpt, dict) or not {"arch", "state_dict", "classes"} <= ckpt.keys():
-        raise TransferkitError(f"{path} is not a transferkit checkpoint (no 'arch'/'state_dict'/'classes'). "
+    if problem := _not_a_checkpoint(ckpt):
+        raise TransferkitError(f"{path} is not a transferkit checkpoint ({problem}). "
                                f"Fix: point at a model.pt written by a transferkit stage.")
     if classes is not None and list(ckpt["classes"]) != list(classes):
         raise TransferkitError(
@@ -100,9 +100,9 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
             f"Fix: rerun '{produced_by}' on this task (`dvc repro {produced_by}`).")
     arch = dict(ckpt["arch"])
     pruned = arch.pop("pruned", False)
-    # the state_dict below overwrites every tensor: never fetch pretrained weights again
-    model = build_model(arch.pop("name"), len(ckpt["classes"]), fetch_weights=False, **arch)
     try:
+        # the state_dict below overwrites every tensor: never fetch pretrained weights again
+        model = build_model(arch.pop("name"), len(ckpt["classes"]), fetch_weights=False, **arch)
         if pruned:  # rebuild the original, then shrink each layer to its saved channel counts
             from transferkit.models.serialize import shrink_to
 
@@ -110,12 +110,31 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
             model.arch["pruned"] = True
         else:
             model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError, TypeError) as e:
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
         why = " ".join(str(e).split())  # torch's message spans lines; the error is one
         fix = remake or f"write it again (`dvc repro {produced_by}`)"
         raise TransferkitError(f"{path} does not fit its own architecture {ckpt['arch']} ({why}): it was altered "
                                f"after a stage wrote it. Fix: {fix}.") from e
     return model, ckpt
+
+
+def _not_a_checkpoint(ckpt) -> str | None:
+    """What a file read as plain data lacks of a checkpoint save_checkpoint writes, or None."""
+    if not isinstance(ckpt, dict) or not {"arch", "state_dict", "classes"} <= ckpt.keys():
+        return "no 'arch'/'state_dict'/'classes'"
+    arch, state, classes = ckpt["arch"], ckpt["state_dict"], ckpt["classes"]
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not all(isinstance(k, str) for k in arch):
+        return "its 'arch' is no settings with a 'name'"
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        return "its 'classes' are no list of names"
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        return "its 'state_dict' is no tensors by name"
+    shapes = ckpt.get("layer_shapes")
+    if arch.get("pruned") and not (isinstance(shapes, dict) and all(
+            isinstance(a, dict) and all(type(v) is int and v > 0 for v in a.values()) for a in shapes.values())):
+        return "a pruned model's 'layer_shapes' are no channel counts by layer"
+    return None
 
 
 def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_by: str, key: str = "model",

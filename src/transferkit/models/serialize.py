@@ -33,6 +33,8 @@ def shrink_to(model: nn.Module, shapes: dict[str, dict[str, int]], state_dict: d
     modules = dict(model.named_modules())
     for name, attrs in shapes.items():
         for attr, value in attrs.items():
+            if attr not in SHAPE_ATTRS.get(type(modules[name]), ()):  # a file sets sizes, nothing else
+                raise KeyError(f"{name}.{attr} is no channel count")
             setattr(modules[name], attr, value)
     for key, tensor in state_dict.items():
         module_name, _, attr = key.rpartition(".")
