@@ -187,17 +187,10 @@ def check_schema(params: dict) -> None:
 STRUCTURED_ONLY = {"rates": [], "sparse_epochs": 0, "steps": 1}
 
 
-def check_disjoint(data: DictConfig) -> None:
-    """Source and target tasks drawn from one dataset share no class."""
-    if both := sorted(set(data.source.classes) & set(data.target.classes)):
-        raise TransferkitError(f"classes {both} are in both data.source.classes and data.target.classes: the target "
-                               f"test images of a class the backbone was pretrained on would leak. Fix: remove them "
-                               f"from one of the two lists.")
-
-
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model or data (validate_run adds those that need the model)."""
     from transferkit.config.compose import to_params
+    from transferkit.data.tasks import check_disjoint
     from transferkit.distill.losses import get_loss
     from transferkit.prune import unstructured
     from transferkit.prune.structured import importance
@@ -211,7 +204,7 @@ def validate(cfg: DictConfig) -> None:
         fail("data.image_size", d.image_size, "the models and CIFAR's own files are 32x32 pixels, the only size "
              "supported")
     if d.source.dataset == d.target.dataset:  # other names of one file: prepare checks where they resolve
-        check_disjoint(d)
+        check_disjoint(d.source.classes, d.target.classes)
     for key in ("model", "distill.student"):
         if (m := OmegaConf.select(cfg, key)) is not None and m.name == "fastnet" and m.stem_width > MAX_STEM_WIDTH:
             fail(f"{key}.stem_width", m.stem_width, f"fastnet's whitened stem has at most {MAX_STEM_WIDTH} filters")

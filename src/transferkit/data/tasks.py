@@ -14,6 +14,14 @@ from transferkit.data.sources import RawDataset
 from transferkit.errors import TransferkitError
 
 
+def check_disjoint(source_classes, target_classes) -> None:
+    """Source and target tasks drawn from one dataset share no class."""
+    if both := sorted(set(source_classes) & set(target_classes)):
+        raise TransferkitError(f"classes {both} are in both data.source.classes and data.target.classes: the target "
+                               f"test images of a class the backbone was pretrained on would leak. Fix: remove them "
+                               f"from one of the two lists.")
+
+
 def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
     if len(classes) < 2:
         raise TransferkitError(f"data.{role}.classes needs at least 2 classes, got {classes}. "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 # The source material's reference experiment (mini-VGG+BN, CIFAR-10 -> 10 aquatic CIFAR-100
 # classes, 400 train / 100 eval per class, conv1-6 frozen, 50 epochs, hours on a CPU).
@@ -291,26 +290,3 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         "Latency and throughput are measured on the machine that ran `evaluate` (timing.json); "
         "every other number is in metrics.json and is identical from run to run.", ""]
     return "\n".join(lines)
-
-
-def to_html(markdown_text: str, folder: Path) -> str:
-    """The same report as one self-contained HTML file (plots embedded), to open or mail."""
-    import base64
-    import re
-
-    import markdown
-
-    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
-
-    def embed(match: re.Match) -> str:
-        src = folder / match.group(1)
-        if not src.exists():
-            return match.group(0)
-        return f'src="data:image/png;base64,{base64.b64encode(src.read_bytes()).decode()}"'
-
-    body = re.sub(r'src="([^":]+\.png)"', embed, body)
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:left}th{background:#f3f3f3}img{max-width:100%}code,pre{background:#f6f6f6}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>transferkit report</title>"
-            f"<style>{style}</style></head><body>{body}</body></html>\n")

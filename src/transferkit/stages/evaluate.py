@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from transferkit.evaluation import cost, plots, report, speed
+from transferkit.evaluation import cost, html, plots, report, speed
 from transferkit.evaluation.metrics import (VIEWS, classification_metrics, paired_difference, predict, predict_onnx,
                                             wilson_interval)
 from transferkit.evaluation.tables import results_table
@@ -160,7 +160,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         cfg_summary["quantize"] = json.loads((inputs["quantize"] / "quantize.json").read_text())
     text = report.render(cfg_summary, metrics, timing, summary)
     save_text(text, out / "report.md")
-    save_text(report.to_html(text, out), out / "report.html")
+    save_text(html.to_html(text, out), out / "report.html")
     # the answer at the end of `dvc repro`, as `transferkit results` prints it again later
     print(f"{results_table(metrics, timing)}\nreport.md, report.html and the plots are in evaluate's output folder; "
           f"`transferkit results` prints this table again.")

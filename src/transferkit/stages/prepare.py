@@ -7,9 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferkit.config.schema import check_disjoint
 from transferkit.data.sources import RawDataset, dataset_location, load_dataset, make_synthetic
-from transferkit.data.tasks import select_task, task_summary
+from transferkit.data.tasks import check_disjoint, select_task, task_summary
 from transferkit.io import save_json, save_torch
 
 
@@ -30,7 +29,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     same = "synthetic" not in (d.source.dataset, d.target.dataset) and (
         d.source.dataset == d.target.dataset or where[0] is not None and where[0] == where[1])
     if same:
-        check_disjoint(d)
+        check_disjoint(d.source.classes, d.target.classes)
     # cifar10_split takes both tasks from one archive: read (and decode) it once
     shared = load_raw(cfg, "source", set(d.source.classes) | set(d.target.classes)) if same else None
     summary = {}
