@@ -54,6 +54,7 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path, server_dir, warm):
     ({"NODE_RANK": "1"}, False), ({"LOCAL_RANK": "1"}, False), ({"RANK": "3"}, False),
     ({"GROUP_RANK": "1", "LOCAL_RANK": "0"}, False), ({"SLURM_PROCID": "5"}, False)])
 def test_only_the_global_first_process_creates_and_swaps_a_stage_folder(tmp_path, monkeypatch, env, first):
+    """first_process decides it, and which process restores the logs on resume (training/trainer.py)."""
     from transferkit.stages.common import staged_output
     from transferkit.training import RANK_VARIABLES
 

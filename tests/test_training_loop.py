@@ -207,20 +207,6 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results
     assert not (b / "checkpoints").exists() and not work.exists()
 
 
-@pytest.mark.parametrize("env, rank, first", [({}, 0, True), ({"NODE_RANK": "1"}, 0, False), ({}, 1, False)])
-def test_only_the_first_process_restores_the_logs_on_resume(monkeypatch, env, rank, first):
-    """torchrun and SLURM start every rank at once on a shared folder: one rewrites the logs."""
-    from pytorch_lightning.utilities.rank_zero import rank_zero_only
-
-    from transferkit.training.trainer import _first_process
-
-    monkeypatch.delenv("NODE_RANK", raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(rank_zero_only, "rank", rank)
-    assert _first_process() == first
-
-
 @pytest.mark.slow
 def test_stages_with_several_fits_or_mixup_resume_with_identical_results(tmp_path, monkeypatch):
     """The same promise where one stage fits more than once (prune: sparse learning, a recovery
