@@ -848,3 +848,16 @@ def test_one_archive_under_two_names_shares_no_class_between_the_tasks(tmp_path,
                   tmp=tmp_path)
     with pytest.raises(TransferkitError, match=r"classes \['ship'\] are in both data.source.classes"):
         run("prepare", cfg)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_modules_draws_are_another_stream_than_the_batches(rank):
+    """Dropout and mixup draw from the global generator the module seeds at each epoch; the batches' flips
+    and shifts from the loader's. One seed for both drew the same numbers: a dropout mask equal to the flips."""
+    from transferkit.data.loader import module_seed, rank_seed
+
+    for seed, epoch in ((0, 0), (0, 3), (7, 1)):
+        batches = torch.Generator().manual_seed(rank_seed(seed, epoch, rank))
+        module = torch.Generator().manual_seed(module_seed(seed, epoch, rank))
+        assert not torch.equal(torch.rand(64, generator=batches), torch.rand(64, generator=module))
+    assert module_seed(0, 0, rank) != module_seed(0, 1, rank) != module_seed(1, 0, rank)  # per seed and epoch

@@ -24,8 +24,14 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def module_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of the training module's own draws in an epoch (dropout, mixup): another stream than the
+    batches' (rank_seed), whose seed would draw the very same numbers (a dropout mask equal to the flips)."""
+    return epoch_seed(rank_seed(seed, epoch, rank), 1)
+
+
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of one DDP rank's own draws in an epoch (flips, shifts, dropout, mixup), so that the
+    """The seed of one DDP rank's own draws in an epoch (flips, shifts), so that the
     i-th images of the ranks' batches are not augmented alike. Rank 0's is the epoch seed: one
     process draws as a run without DDP does."""
     return epoch_seed(epoch_seed(seed, epoch), rank) if rank else epoch_seed(seed, epoch)

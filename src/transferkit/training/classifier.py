@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from transferkit.data.loader import rank_seed
+from transferkit.data.loader import module_seed
 from transferkit.models.blocknet import BlockNet
 from transferkit.training.freeze import freeze_blocks, keep_frozen_in_eval
 
@@ -89,7 +89,7 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # the epoch's randomness (dropout, mixup) depends on (seed, epoch, rank) only: a resumed run repeats it
-        torch.manual_seed(rank_seed(self.hparams.seed, self.current_epoch, self.global_rank))
+        torch.manual_seed(module_seed(self.hparams.seed, self.current_epoch, self.global_rank))
         self._train_sums = torch.zeros(3, device=self.device)
         if every := self.hparams.unfreeze_every_epochs:
             # gradual unfreezing: one more block from the top every `every` epochs, from the epoch
