@@ -45,15 +45,18 @@ def main(argv=None) -> int:
     rows = []
     for stage, name in runs:
         batch = p[stage]["batch_size"]
-        eager, _ = best_rate(train_step_fn(copy.deepcopy(models[name]), batch, n_classes), batch, args.window)
+        # distill and prune's recovery run the frozen teacher's forward too, eagerly: in both arms
+        teacher = models["teacher"] if stage in ("distill", "prune") else None
+        eager, _ = best_rate(train_step_fn(copy.deepcopy(models[name]), batch, n_classes, teacher), batch, args.window)
         torch._dynamo.reset()
-        step = train_step_fn(torch.compile(copy.deepcopy(models[name])), batch, n_classes)
+        step = train_step_fn(torch.compile(copy.deepcopy(models[name])), batch, n_classes, teacher)
         t = time.perf_counter()
         step()  # compiles forward and backward
         compile_s = time.perf_counter() - t
         compiled, _ = best_rate(step, batch, args.window)
         saved = batch / eager - batch / compiled  # seconds per step
-        rows.append({"stage": f"{stage} ({name})", "batch": batch, "eager_img_s": eager, "compiled_img_s": compiled,
+        label = f"{stage} ({name}{' + teacher fwd' if teacher is not None else ''})"
+        rows.append({"stage": label, "batch": batch, "eager_img_s": eager, "compiled_img_s": compiled,
                      "ratio": compiled / eager, "compile_s": compile_s,
                      "break_even_steps": compile_s / saved if saved > 0 else None,
                      "stage_steps": p[stage]["epochs"] * (n_train // batch)})

@@ -2,7 +2,7 @@
 
     python bench/gpu.py [--out DIR] [--dry-run]
 
-1. The bf16 matrix-multiply peak of this device (8192^3 products), the yardstick for MFU.
+1. The bf16 matrix-multiply peak of this device (8192^3 products), the yardstick for MFU (of bf16 stages).
 2. Every stage of dvc.yaml, in its order and with its command, in a fresh folder (conf/ composed
    with trainer=gpu, its loggers the default; the repository's data/): wall seconds measured outside the
    process, training seconds from the stage's timing.json, the rest (start-up, loading,
@@ -173,13 +173,21 @@ def _stages(folder: Path, trainer: list[str], experiment: list[str], peak: float
         imgs = sum(x["train_images_per_second"] * x["train_seconds"] for x in t) / train if train else None
         flops = train_flops_per_image(folder / "artifacts", name) if train else None
         rows.append({"stage": name, "wall": wall, "train": train, "rest": wall - (train or 0), "img_s": imgs,
-                     "mfu": flops * imgs / (peak * 1e12) * 100 if flops and imgs else None,
+                     "mfu": mfu(flops, imgs, t[0].get("precision") if t else None, peak),
                      "precision": t[0].get("precision") if t else None,
                      "accuracy": accuracy(folder / "artifacts", name)})
         print(table(rows[-1:], PIPELINE), flush=True)
     rows.append({"stage": "**all**", "wall": sum(r.get("wall") or 0 for r in rows),
                  "train": sum(r.get("train") or 0 for r in rows), "rest": sum(r.get("rest") or 0 for r in rows)})
     return rows
+
+
+def mfu(flops: float | None, img_s: float | None, precision: str | None, peak: float) -> float | None:
+    """Model-FLOPs utilisation, % of the bf16 peak measured in this run: for a bf16 stage only (an fp32 or
+    fp16 one against the bf16 peak would measure nothing), else None (a blank cell)."""
+    if not (flops and img_s and str(precision).startswith("bf16")):
+        return None
+    return flops * img_s / (peak * 1e12) * 100
 
 
 def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], peak: float,
@@ -207,7 +215,7 @@ def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], p
         used = yaml.safe_load((folder / "params.yaml").read_text())["pretrain"]["epochs"]
         rows.append({"epochs": used, "prepare_wall": prepare, "pretrain_wall": wall, "train": t["train_seconds"],
                      "img_s": t["train_images_per_second"],
-                     "mfu": flops * t["train_images_per_second"] / (peak * 1e12) * 100,
+                     "mfu": mfu(flops, t["train_images_per_second"], t["precision"], peak),
                      "n_train": summary["n_train"], "n_test": summary["n_test"], "test_acc": m.get("test_acc"),
                      "test_acc_tta": m.get("test_acc_tta"), "precision": t["precision"]})
         print(table(rows[-1:], FULL), flush=True)
@@ -218,7 +226,7 @@ def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], p
         rate = (b["img_s"] * b["train"] - a["img_s"] * a["train"]) / (b["train"] - a["train"])
         rows.append({"epochs": f"{a['epochs']}->{b['epochs']}", "n_train": a["n_train"],
                      "train": b["train"] - a["train"],
-                     "img_s": rate, "mfu": rows[0]["mfu"] * rate / a["img_s"]})
+                     "img_s": rate, "mfu": rows[0]["mfu"] and rows[0]["mfu"] * rate / a["img_s"]})
         print(table(rows[-1:], FULL), flush=True)
     return rows
 
@@ -471,7 +479,7 @@ def main(argv=None) -> int:
     ap.add_argument("--startup-repeats", type=int, default=3)
     ap.add_argument("--pycache", type=Path, help="PYTHONPYCACHEPREFIX for every process started: on an image "
                     "whose packages ship without bytecode, each module is then compiled once, not per process")
-    ap.add_argument("--airbench", type=Path, help="legacy/airbench94.py, to run it on the same images (part 7)")
+    ap.add_argument("--airbench", type=Path, help="legacy/airbench94.py, to run it on the same images (part 9)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.dry_run:
         print("bench/gpu.py: no CUDA device here; nothing measured (--dry-run runs the code on the CPU).")
@@ -502,7 +510,16 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="transferkit-gpu-") as tmp:
         root = Path(tmp)
-        ok = lambda part: part not in args.skip and "error" not in results.get("pipeline", {"error": 1})  # noqa: E731
+        def ok(part: str) -> bool:  # parts 6 and 8 train in part 2's prepared folder
+            if part in args.skip:
+                return False
+            if "error" in results.get("pipeline", {"error": 1}):
+                results[part] = {"skipped": "it needs part 2 (pipeline), which was skipped or failed"}
+                print(f"\n== {part}: skipped: {results[part]['skipped']}", flush=True)
+                save()
+                return False
+            return True
+
         if "pipeline" not in args.skip:
             attempt("pipeline", lambda: pipeline(root, args.data, trainer, experiment, peak, args.stages),
                     results, save)
