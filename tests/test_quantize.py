@@ -339,3 +339,9 @@ def test_quantization_aware_fine_tuning_keeps_an_unstructured_pruned_model_spars
 
     assert tuned(keep_zeros=True) == pytest.approx(0.6, abs=0.01)
     assert tuned(keep_zeros=False) < 0.3  # what the stage did before: most zeros grew back
+    # the mask moves with the model, as Lightning moves it to the GPU (here: to the meta device)
+    model = build_model("fastnet", 3, widths=[8, 8, 8], stem_width=8)
+    add_fake_quant(model, per_channel=True, reduce_range=True, keep_zeros=True)
+    model.to("meta")
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert all(m.parametrizations.weight[0].mask.is_meta for m in layers)

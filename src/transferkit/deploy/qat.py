@@ -25,7 +25,7 @@ class FakeQuantWeight(nn.Module):
     def __init__(self, per_channel: bool, reduce_range: bool, mask: torch.Tensor | None = None):
         super().__init__()
         self.per_channel, self.levels = per_channel, 64 if reduce_range else 127
-        self.mask = mask
+        self.register_buffer("mask", mask, persistent=False)  # a buffer: it moves with the model (.to(device))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         n = self.levels
