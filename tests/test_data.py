@@ -861,3 +861,16 @@ def test_the_modules_draws_are_another_stream_than_the_batches(rank):
         module = torch.Generator().manual_seed(module_seed(seed, epoch, rank))
         assert not torch.equal(torch.rand(64, generator=batches), torch.rand(64, generator=module))
     assert module_seed(0, 0, rank) != module_seed(0, 1, rank) != module_seed(1, 0, rank)  # per seed and epoch
+    # nor any other rank's batches (rank 0's module seed was rank 1's batch seed), in any epoch
+    batch_seeds = {rank_seed(s, e, r) for s in range(3) for e in range(5) for r in range(8)}
+    assert not batch_seeds & {module_seed(s, e, rank) for s in range(3) for e in range(5)}
+
+
+def test_a_linked_archive_is_named_by_its_link(tmp_path):
+    """data/cifar10-jpeg.tar.gz as a link (DVC's cache names the file it points at by its md5): the
+    dataset keeps the name the project gives it, in summary.json and the report."""
+    write_image_folder(tmp_path / "store", CIFAR10_CLASSES, 2, 1)
+    (tmp_path / "store" / "cifar10-jpeg.tar.gz").rename(tmp_path / "store" / "3fa9c1e0")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cifar10-jpeg.tar.gz").symlink_to(tmp_path / "store" / "3fa9c1e0")
+    assert _load("cifar10", tmp_path / "data").name == "cifar10-jpeg.tar.gz"

@@ -11,6 +11,7 @@ takes every world_size-th item of the permutation, and draws its augmentation fr
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Callable, Iterator
 
@@ -25,9 +26,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def module_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of the training module's own draws in an epoch (dropout, mixup): another stream than the
-    batches' (rank_seed), whose seed would draw the very same numbers (a dropout mask equal to the flips)."""
-    return epoch_seed(rank_seed(seed, epoch, rank), 1)
+    """The seed of the training module's own draws in an epoch (dropout, mixup): another stream than every
+    rank's batches (rank_seed), whose seed would draw the very same numbers (a dropout mask equal to the
+    flips). A hash, so that no arithmetic on (seed, epoch, rank) lands on a batch seed."""
+    digest = hashlib.blake2b(f"module {seed} {epoch} {rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: any seed torch takes
 
 
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
