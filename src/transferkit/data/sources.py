@@ -253,17 +253,16 @@ def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
 
 
 def dataset_location(dataset: str, data_dir: Path) -> Path | None:
-    """The folder or archive `load_dataset` reads `dataset` from, resolved (so that two names of one file
-    compare equal); None where it is not on disk (a CIFAR name to download, or a missing path)."""
+    """The folder or archive `load_dataset` reads `dataset` from (its name names the dataset; resolve it to
+    compare two), None where it is not on disk (a CIFAR name to download, or a missing path)."""
     if dataset in CIFAR:
         official = data_dir / CIFAR[dataset][0]
         candidates = [official, *(data_dir / f"{dataset}-jpeg{ext}" for ext in (".tar.gz", ".zip", ""))]
-        found = next((c for c in candidates if (c.is_dir() if c == official else c.exists())), None)
-        return found.resolve() if found else None
+        return next((c for c in candidates if (c.is_dir() if c == official else c.exists())), None)
     path = Path(dataset)
     if not path.is_absolute() and not path.exists():
         path = data_dir / dataset
-    return path.resolve() if path.exists() else None
+    return path if path.exists() else None
 
 
 def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksums: bool,
@@ -273,7 +272,7 @@ def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksu
     if dataset in CIFAR:
         official = data_dir / CIFAR[dataset][0]
         if where is not None:
-            return (read_cifar_pickles(where, dataset, verify_checksums) if where == official.resolve()
+            return (read_cifar_pickles(where, dataset, verify_checksums) if where == official
                     else read_image_folder(where, image_size, wanted))
         if not download:
             raise _not_found(dataset, data_dir, "data.download=false")

@@ -27,7 +27,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     # one dataset under two names (cifar10 and the archive it resolves to): one read, and no shared class
     where = [dataset_location(d[role].dataset, Path(cfg.paths.data_dir)) for role in ("source", "target")]
     same = "synthetic" not in (d.source.dataset, d.target.dataset) and (
-        d.source.dataset == d.target.dataset or where[0] is not None and where[0] == where[1])
+        d.source.dataset == d.target.dataset or None not in where and where[0].resolve() == where[1].resolve())
     if same:
         check_disjoint(d.source.classes, d.target.classes)
     # cifar10_split takes both tasks from one archive: read (and decode) it once
