@@ -113,6 +113,11 @@ def test_channels_target_removes_the_ratio_to_the_nearest_multiple_of_round_to()
     nearest = [max(16, round(0.7 * w / 16) * 16) for w in before]
     assert conv_widths(model) == nearest and 48 in nearest and 176 in nearest, (before, conv_widths(model))
     assert all(abs((b - a) / b - 0.3) <= 8 / b for b, a in zip(before, conv_widths(model)))
+    # a layer the nearest multiple would leave whole (32 channels at 0.2 keep 25.6 -> 32): the ratio wins,
+    # as round_to is a preference (any channel count, result["round_to"] None and the stage's warning)
+    narrow = build_model("fastnet", 5, widths=[16, 32, 32], stem_width=8).eval()
+    result = prune_channels(narrow, criterion="l2", target="channels", ratio=0.2, keep=["head"], round_to=16)
+    assert result["round_to"] is None and all(a < b for a, b in zip(conv_widths(narrow), [8, 16, 16, 32, 32, 32, 32]))
 
 
 def test_round_to_gives_way_when_the_model_is_too_narrow_for_it():

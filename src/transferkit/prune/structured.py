@@ -142,6 +142,8 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
            round_to: int | None, scope: str, rates: list[float]) -> dict:
     example = torch.zeros(1, 3, input_size, input_size)
     base_macs, base_params = count_macs_params(model, input_size)
+    widths = {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+              and not any(name == k or name.startswith(f"{k}.") for k in keep)}
     imp = importance(criterion)
     steps = 1 if target == "channels" else max_search_steps
     check_rates(model, rates)
@@ -164,6 +166,12 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
         if target == "macs" and macs <= (1 - ratio) * base_macs:
             break
     macs, params = count_macs_params(model, input_size)
+    modules = dict(model.named_modules())
+    # channels: rounding to the nearest multiple may not leave whole a layer the ratio cuts (then: any count)
+    if target == "channels" and round_to and not rates and (whole := [
+            n for n, c in widths.items() if int(ratio * c) >= 1 and modules[n].out_channels == c]):
+        raise TransferkitError(f"round_to={round_to} keeps {whole[0]} whole ({widths[whole[0]]} channels) at "
+                               f"prune.ratio={ratio}. Fix: lower prune.round_to or raise prune.ratio.")
     if target == "macs" and macs > (1 - ratio) * base_macs:
         raise TransferkitError(f"could not reach prune.ratio={ratio} of MACs (reached "
                                f"{1 - macs / base_macs:.2f}) without emptying a layer. Fix: lower prune.ratio "
