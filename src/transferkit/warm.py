@@ -28,8 +28,10 @@ one process only, and no kept library serves separate commands.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -38,6 +40,8 @@ import stat
 import struct
 import sys
 import tempfile
+import threading
+import traceback
 from pathlib import Path
 
 PRELOAD = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "omegaconf", "hydra", "pydantic", "onnx",
@@ -122,11 +126,10 @@ def run(argv: list[str]) -> int | None:
                              "path": sys.path, "ignored": ignored}).encode()
         try:
             socket.send_fds(conn, [struct.pack("!I", len(header)) + header], list(range(STREAMS)))
-            pid_bytes = _recv_exactly(conn, 4)
+            if (pid_bytes := _recv_exactly(conn, 4)) is None:
+                return None  # the server went away before forking: run here
         except OSError:  # the server closed as this connected (its idle timeout; killed): nothing ran yet
-            pid_bytes = None
-        if pid_bytes is None:
-            return None  # the server went away before forking: run here
+            return None
         pid, passed = struct.unpack("!I", pid_bytes)[0], []
 
         def forward(sig: int, _frame) -> None:
@@ -136,11 +139,13 @@ def run(argv: list[str]) -> int | None:
         for sig in set(FORWARDED) - set(ignored):
             signal.signal(sig, forward)
         code = _recv_exactly(conn, 4)
-    if code is not None:
-        return struct.unpack("!i", code)[0]
-    if passed:  # the worker died of the signal passed on: so does this command, as a process run here would
+    code = None if code is None else struct.unpack("!i", code)[0]
+    # the worker died of the signal passed on, or ended on its KeyboardInterrupt: so does this command
+    if passed and code in (None, 128 + passed[-1]):
         signal.signal(passed[-1], signal.SIG_DFL)
         os.kill(os.getpid(), passed[-1])
+    if code is not None:
+        return code
     print("transferkit: the warm worker ended without an exit code (killed?)", file=sys.stderr)
     return 1
 
@@ -211,8 +216,6 @@ def preload() -> None:
     """Import the libraries every command needs, and nothing of this project's. Import only, never
     compute: a worker forked after its server ran an OpenMP parallel region hangs in its first one
     (GNU libgomp's thread pool does not survive a fork)."""
-    import importlib
-
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # a CUDA check while importing must not initialise CUDA
     for name in PRELOAD:
         try:
@@ -229,9 +232,6 @@ def _peer_uid(conn: socket.socket) -> int:
 
 def _work(conn: socket.socket) -> None:
     """In the forked worker: become the command, run it, send its exit code, exit."""
-    import importlib.util
-    import threading
-
     code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -274,12 +274,11 @@ def _work(conn: socket.socket) -> None:
             if e.code is not None and not isinstance(e.code, int):
                 print(e.code, file=sys.stderr)
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        import atexit
-
+        except KeyboardInterrupt:  # the interpreter prints it and dies of SIGINT: the command does (run())
+            traceback.print_exc()
+            code = 128 + signal.SIGINT
         atexit._run_exitfuncs()
     except BaseException:  # reported on the command's stderr, as an uncaught error would be
-        import traceback
-
         traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
