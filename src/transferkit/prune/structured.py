@@ -153,8 +153,8 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
     # channels: each layer's share is the target; macs: the search cuts until MACs meet it, so rounding down is safe
     pruner_class = NearestMultiplePruner if target == "channels" else tp.pruner.MetaPruner
     pruner = pruner_class(model, example, imp, pruning_ratio=max_ratio, iterative_steps=steps,
-                                  pruning_ratio_dict=per_module,
-                                  ignored_layers=kept_modules(model, keep), round_to=round_to, **SCOPES[scope])
+                          pruning_ratio_dict=per_module,
+                          ignored_layers=kept_modules(model, keep), round_to=round_to, **SCOPES[scope])
     model.eval()
     for _ in range(steps):
         if criterion == "taylor":
