@@ -246,6 +246,11 @@ CASES = {
     "negative weight decay": Case("pretrain", ("pretrain.weight_decay=-1",), "pretrain.weight_decay"),
     "probe depth beyond the blocks": Case("probe", ("probe.depth=9",), "probe.depth"),
     "scratch freeze_depth above 1": Case("scratch", ("scratch.freeze_depth=3",), "scratch.freeze_depth"),
+    # only fastnet's first block is initialised from the data: another's, frozen, would stay random
+    "scratch freezing a random first block": Case("scratch", ("scratch.freeze_depth=1", "model=vgg_mini"),
+                                                  "scratch.freeze_depth=1 keeps the first block fixed"),
+    "pretrain freezing a random first block": Case("pretrain", ("pretrain.freeze_depth=1", "model=vgg_mini"),
+                                                   "model 'vgg_mini' starts it at random"),
     "negative seed": Case("transfer", ("seed=-1",), "seed"),
     "SyncBatchNorm on CPU": Case("transfer", ("trainer.sync_batchnorm=true",), "sync_batchnorm"),
     "gradual unfreezing on two CPU processes": Case("transfer", ("transfer.unfreeze_every_epochs=1",

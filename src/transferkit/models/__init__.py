@@ -46,15 +46,17 @@ def build_model(name: str, num_classes: int, *, mean=CIFAR_MEAN, std=CIFAR_STD,
 
 
 @torch.no_grad()
-def init_from_data(model: BlockNet, images: torch.Tensor, max_images: int = 5000) -> None:
+def init_from_data(model: BlockNet, images: torch.Tensor, max_images: int = 5000) -> bool:
     """Data-dependent initialisation for models trained from random init (fastnet's whitening
-    stem); a no-op for other architectures. `images`: uint8 [N, 3, H, W]."""
-    if model.arch["name"] == "fastnet":
-        # a strided subset: prepared tasks are sorted by class, so the first N would be one class;
-        # the stride rounds up, so that the subset reaches the last image's class
-        subset = images[:: max(1, -(-len(images) // max_images))]
-        x = model.normalize(subset.float() / 255)
-        whiten_stem(model.blocks[0][0], x)
+    stem); a no-op for other architectures. `images`: uint8 [N, 3, H, W]. Returns whether it
+    initialised anything (the first block, which freeze_depth=1 may then keep fixed)."""
+    if model.arch["name"] != "fastnet":
+        return False
+    # a strided subset: prepared tasks are sorted by class, so the first N would be one class;
+    # the stride rounds up, so that the subset reaches the last image's class
+    subset = images[:: max(1, -(-len(images) // max_images))]
+    whiten_stem(model.blocks[0][0], model.normalize(subset.float() / 255))
+    return True
 
 
 def model_from_config(model_cfg: dict, num_classes: int, **options) -> BlockNet:
