@@ -278,6 +278,12 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
     line = _one_error(capsys, ["export", str(folder / "model.pt"), "--out", str(tmp_path / "notes.txt")])
     assert "a file stands where the folder would be" in line and "--out DIR" in line
     assert not (tmp_path / "out" / "model.onnx").exists()
+    (tmp_path / "quantize").mkdir()  # another stage's folder: its INT8 model.onnx would become the fp32 one
+    for name, data in (("params.yaml", "seed: 0\n"), ("model.onnx", "int8")):
+        (tmp_path / "quantize" / name).write_text(data)
+    line = _one_error(capsys, ["export", str(folder / "model.pt"), "--out", str(tmp_path / "quantize")])
+    assert "holds params.yaml: a stage's outputs" in line
+    assert (tmp_path / "quantize" / "model.onnx").read_text() == "int8"
 
     assert "not found" in _one_error(capsys, ["predict", str(tmp_path / "missing.onnx"), good])
     assert "not a transferkit checkpoint" in _one_error(capsys, ["predict", str(tmp_path / "notes.txt"), good])

@@ -291,6 +291,9 @@ def summary(r: dict, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     out = args.out or Path("outputs/export") / args.model.parent.name
+    if held := [name for name in ("params.yaml", "dvc.yaml", "conf") if (out / name).exists()]:  # a stage's, a project
+        raise TransferkitError(f"--out {out} holds {held[0]}: a stage's outputs or a project, whose files the export "
+                               f"would overwrite (a quantize folder's model.onnx). Fix: --out a folder of its own.")
     export(args.model, out, args.test_set, tolerance=args.tolerance, repeats=args.repeats,
            batch_size=args.batch_size, exporter=args.exporter, opset=args.opset, threads=args.threads)
     return 0
