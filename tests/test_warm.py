@@ -80,6 +80,9 @@ def test_the_server_is_picked_by_what_shapes_imports_and_threads_not_by_what_tor
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # imports run under it: another server
     assert warm.socket_path() != first
     monkeypatch.delenv("OMP_NUM_THREADS")
+    with monkeypatch.context() as m:  # the locale: the encoding of the streams a worker opens
+        m.setenv("LC_ALL", "C" if os.environ.get("LC_ALL") != "C" else "C.UTF-8")
+        assert warm.socket_path() != first
     # what a worker keeps from its server: another umask (the permissions of what a stage writes) or
     # other CPUs (taskset, a batch job's share; torch sizes its thread pool by them): another server
     mask = os.umask(0o077)

@@ -12,10 +12,9 @@ one process only, and no kept library serves separate commands.
   disk: an edited stage runs as edited.
 - One server per user and environment: its socket lives in a folder only its user can open,
   peers of another user are refused, and the interpreter, `sys.path` (and when each folder on it
-  last changed: an install), the variables that shape imports and threads, what a forked worker
-  keeps from its server (CPUs, control group, niceness, groups, umask, resource limits) and this file
-  pick the server;
-  another environment gets another one.
+  last changed: an install), the variables that shape imports, threads and the locale, what a
+  forked worker keeps from its server (CPUs, control group, niceness, groups, umask, resource
+  limits) and this file pick the server; another environment gets another one.
 - It serves the commands dvc.yaml runs (`transferkit STAGE --params ...` and `export`); the
   others start as usual. A command that finds no server starts one and runs itself while the
   server imports; the commands after it are served.
@@ -48,7 +47,10 @@ PRELOAD = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "omegaco
            "onnxruntime", "onnxscript", "dvclive.lightning", "dvc.repo",
            # what the dynamo ONNX exporter imports on first use: torchlib's op table and torch.export's partitioner
            "onnxscript.function_libs.torch_lib.ops", "torch._functorch.partitioners")
-SHAPES_IMPORTS = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_", "TORCH", "PYTORCH", "LD_", "NCCL_")
+# the variables that pick the server: what shapes imports and threads, and the locale, which the interpreter
+# reads once at start-up (the encoding of the streams a worker opens)
+SHAPES_IMPORTS = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_", "TORCH", "PYTORCH", "LD_", "NCCL_", "LANG",
+                  "LC_")
 # set by torch in its own process the first time it uses its compiler's cache, so a script's commands
 # before and after that differ in it; read at run time, from the environment the worker takes on
 SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
