@@ -269,7 +269,8 @@ def test_archive_member_order_does_not_matter(tmp_path):
 @pytest.mark.parametrize("kind", ["folder", "tar.gz", "zip"])
 def test_hidden_files_and_folders_are_not_images(tmp_path, kind):
     """An archive made on macOS holds a `._NAME` file (no image) beside every file, or under
-    __MACOSX/ in a zip; Jupyter leaves .ipynb_checkpoints folders: none adds images, nor a class."""
+    __MACOSX/ in a zip; Jupyter leaves .ipynb_checkpoints folders; a hidden folder above the split
+    (`.old/train/...`): none adds images, nor a class."""
     import zipfile
 
     clean = write_image_folder(tmp_path / "clean", CLASSES4, 3, 2, archive=False)
@@ -278,6 +279,7 @@ def test_hidden_files_and_folders_are_not_images(tmp_path, kind):
         (f.parent / f"._{f.name}").write_bytes(b"\0\5\26\7\0\2\0\0Mac OS X        ")
     (folder / "train" / ".ipynb_checkpoints").mkdir()
     shutil.copy(folder / "train" / "cat" / "0000.jpg", folder / "train" / ".ipynb_checkpoints" / "0000.jpg")
+    shutil.copytree(folder / "train", folder / ".old" / "train")  # a hidden folder above the split too
     path = folder if kind == "folder" else tmp_path / f"messy.{kind}"
     if kind == "tar.gz":
         with tarfile.open(path, "w:gz") as tar:

@@ -97,7 +97,7 @@ def is_image_file(parts: list[str] | tuple[str, ...]) -> bool:
 def _parse_member(path: str) -> tuple[str, str] | None:
     """'.../train/<class>/<file>' -> ('train', class); anything else -> None."""
     parts = path.replace("\\", "/").split("/")
-    if len(parts) < 3 or not is_image_file(parts[-3:]):  # the folders above the split are not the data's
+    if len(parts) < 3 or not is_image_file(parts):  # a hidden folder anywhere in the dataset, as data/README says
         return None
     split, cls = parts[-3], parts[-2]
     return (split, cls) if split in ("train", "test") else None
