@@ -120,6 +120,22 @@ def test_channels_target_removes_the_ratio_to_the_nearest_multiple_of_round_to()
     assert result["round_to"] is None and all(a < b for a, b in zip(conv_widths(narrow), [8, 16, 16, 32, 32, 32, 32]))
 
 
+def test_the_random_criterion_cuts_the_channels_the_round_to_trial_tried():
+    """With round_to, prune_channels first cuts a copy to see that the multiples reach the target: the real
+    cut must draw the same random ranking, not the next one (which the trial never checked)."""
+    from transferkit.prune.structured import _prune
+
+    models = [build_model("fastnet", 5, widths=[32, 64, 64], stem_width=16).eval() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    settings = dict(criterion="random", target="channels", ratio=0.3, keep=["head"])
+    torch.manual_seed(0)
+    assert prune_channels(models[0], round_to=8, **settings)["round_to"] == 8
+    torch.manual_seed(0)
+    _prune(models[1], round_to=8, calibration=None, input_size=32, max_search_steps=40, scope="layer", rates=[],
+           **settings)  # the trial's cut alone
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
+
+
 def test_round_to_gives_way_when_the_model_is_too_narrow_for_it():
     model = _student()  # 8-32 channels: multiples of 32 cannot remove half the MACs
     before = count_macs(model)

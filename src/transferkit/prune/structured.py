@@ -130,10 +130,12 @@ def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: floa
     settings = dict(criterion=criterion, target=target, ratio=ratio, keep=keep, calibration=calibration,
                     input_size=input_size, max_search_steps=max_search_steps, scope=scope, rates=list(rates or []))
     if round_to:
+        rng = torch.get_rng_state()  # the random criterion's draws: the cut below is the one tried here
         try:  # on a copy first: Torch-Pruning changes the model in place, and a failed try cannot be undone
             _prune(copy.deepcopy(model), round_to=round_to, **settings)
         except TransferkitError:
             round_to = None
+        torch.set_rng_state(rng)
     return {**_prune(model, round_to=round_to, **settings), "round_to": round_to}
 
 
