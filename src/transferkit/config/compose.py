@@ -34,12 +34,46 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     from omegaconf.errors import OmegaConfBaseException
 
     conf_dir = conf_dir or find_conf_dir()
+    overrides = list(overrides or [])
     try:
         with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
-            return hydra_compose("config", overrides=list(overrides or []))
+            cfg = hydra_compose("config", overrides=overrides)
+            if added := [o for o in overrides if o.startswith("+") and not o.startswith("++")]:
+                # `+key=value` adds a setting no stage reads (the schema lets unlisted keys through)
+                base = hydra_compose("config", overrides=[o for o in overrides if o not in added])
+                unknown = [o for o in added if OmegaConf.select(base, o.lstrip("+").split("=")[0]) is None]
+                if unknown:
+                    raise TransferkitError(_unknown_key(unknown[0].lstrip("+").split("=")[0], base))
+            return cfg
     except (HydraException, OmegaConfBaseException) as e:
-        raise TransferkitError(f"bad override: {e}. Fix: check the key against conf/ "
-                               f"(`transferkit --help` lists the common ones).") from e
+        raise TransferkitError(_override_error(str(e), conf_dir)) from e
+
+
+def _unknown_key(key: str, cfg: DictConfig) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(flatten(OmegaConf.to_container(cfg))), n=3)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return (f"conf/ has no setting {key}{hint}, so no stage would read it. Fix: override a setting conf/ has "
+            f"(`transferkit --help` lists the common ones).")
+
+
+def _override_error(message: str, conf_dir: Path) -> str:
+    """Hydra's report of a bad override, as one line that names the problem and the fix."""
+    import re
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    if m := re.match(r"Could not override '([^']+)'", message):  # a key conf/ does not have
+        with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
+            return _unknown_key(m.group(1), hydra_compose("config"))
+    if m := re.search(r"Could not find '([^']+)/([^']+)'", message):  # an option a config group does not have
+        group, option = m.groups()
+        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        return f"{group}={option}: conf/{group}/ has no such option. Fix: use one of {', '.join(options)}."
+    return (f"bad override: {message.splitlines()[0]}. Fix: write overrides as key=value with keys from conf/ "
+            f"(`transferkit --help` lists the common ones).")
 
 
 def to_params(cfg: DictConfig) -> dict:
