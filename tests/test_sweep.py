@@ -93,6 +93,21 @@ def test_a_folder_with_a_pipeline_of_its_own_is_never_overwritten(tmp_path, comm
     assert [p.name for p in project.iterdir()] == ["dvc.yaml"] and "prepare" in (project / "dvc.yaml").read_text()
 
 
+def test_a_missing_input_is_refused_before_dvc_removes_any_output(tmp_path):
+    """DVC stops at a missing dep only after removing that stage's outputs (a finished point's model)."""
+    from transferkit.errors import TransferkitError
+    from transferkit.project import run_pipeline, stage_run
+
+    out, missing = tmp_path / "runs", tmp_path / "artifacts" / "pretrain"
+    (out / "seed=0" / "transfer").mkdir(parents=True)
+    (out / "seed=0" / "transfer" / "model.pt").write_text("a finished point")
+    stages = {"point0": stage_run("transfer", "params/seed=0.yaml", "seed=0/transfer", {"pretrain": str(missing)}, [])}
+    with pytest.raises(TransferkitError, match=rf"{missing} does not exist, and point0 reads it\. Fix:"):
+        run_pipeline(out, stages)
+    assert sorted(p.name for p in out.iterdir()) == ["seed=0"]
+    assert (out / "seed=0" / "transfer" / "model.pt").read_text() == "a finished point"
+
+
 def test_a_sweep_in_a_project_whose_params_record_no_overrides_is_refused(tmp_path, monkeypatch):
     """`dvc exp run -S experiment=smoke -S transfer.lr=0.2` writes params.yaml without the overrides line:
     composed again from what it names (the experiment), the points would lose transfer.lr silently."""
@@ -340,6 +355,9 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
     cfg = compose("experiment=smoke", tmp=tmp_path)
     saved = to_params(cfg)
     saved["data"]["target"]["train_per_class"] += 1
+    with pytest.raises(TransferkitError, match=r"artifacts/prepare does not exist, and pretrain reads it\. Fix: make "
+                                               r"it first \(`dvc repro prepare`\)"):
+        check_inputs("pretrain", cfg)
     (tmp_path / "artifacts" / "prepare").mkdir(parents=True)
     params = tmp_path / "artifacts" / "prepare" / "params.yaml"
     params.write_text(yaml.safe_dump(saved))

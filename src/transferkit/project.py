@@ -100,6 +100,11 @@ def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None) -
     not one) and `dvc repro` them: DVC runs what is missing or changed, skips the rest and
     resumes nothing by hand. Returns the stages that ran."""
     check_runs_folder(folder)
+    # a missing dep outside the folder stops `dvc repro` only after it has removed that stage's earlier outputs
+    if missing := [(name, dep) for name, stage in stages.items() for dep in stage["deps"]
+                   if Path(dep).is_absolute() and not Path(dep).exists()]:
+        raise TransferkitError(f"{missing[0][1]} does not exist, and {missing[0][0]} reads it. Fix: make it, or set "
+                               f"the setting that names it to a path that exists.")
     dvc_file = folder / "dvc.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / ".dvc").is_dir():

@@ -70,7 +70,10 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
     mine = flatten(to_params(cfg))
     for name in BY_NAME[stage].reads:
         saved_file = Path(cfg.paths.artifacts_dir) / name / "params.yaml"
-        try:  # missing (not made yet) or unreadable: the stage checks the files it reads itself
+        if not saved_file.parent.is_dir():  # DVC would stop at it, after removing the points' earlier outputs
+            raise TransferkitError(f"{saved_file.parent} does not exist, and {stage} reads it. Fix: make it first "
+                                   f"(`dvc repro {name}`).")
+        try:  # unreadable: the stage checks the files it reads itself
             data = yaml.safe_load(saved_file.read_text())
         except (OSError, yaml.YAMLError):
             continue
