@@ -511,3 +511,28 @@ def test_one_seed_has_no_spread_and_intervals_stay_within_100_points():
     table = sweep_table(summarize([_run("transfer", 0, 0.90), _run("transfer", 1, 0.30),
                                    _run("scratch", 0, 0.30), _run("scratch", 1, 0.40)]))
     assert "| +25.0 (-100.0 to +100.0) | not shown (interval includes 0) |" in table
+
+
+def test_a_sweep_over_a_transfer_setting_scratch_follows_pairs_each_row_with_its_scratch():
+    """transfer.epochs=1,2 and scratch with the same overrides: a transfer run records transfer.epochs, a scratch
+    run scratch.epochs (which conf/ sets to ${transfer.epochs}); each row is still compared with its own."""
+    from transferkit.evaluation.runs import summarize
+    from transferkit.evaluation.tables import sweep_table
+
+    runs = []
+    for epochs, (t, s) in ((1, (0.70, 0.60)), (2, (0.80, 0.79))):
+        for seed in (0, 1):
+            for stage, acc in (("transfer", t + seed / 100), ("scratch", s)):
+                run = _run(stage, seed, acc)
+                run.params.update(transfer={"epochs": epochs}, scratch={"epochs": epochs})
+                run.setting = (f"{stage}.epochs={epochs}",)
+                runs.append(run)
+    rows = {r["setting"][0]: r for r in summarize(runs)["rows"] if r["stage"] == "transfer"}
+    assert rows["transfer.epochs=1"]["vs_scratch"]["difference"] == pytest.approx(0.105)
+    assert rows["transfer.epochs=2"]["vs_scratch"]["difference"] == pytest.approx(0.015)
+    # scratch run with other settings only: the row says so, not the "–" of a sweep without scratch
+    table = sweep_table(summarize([r for r in runs if r.stage == "transfer" or "epochs=1" in r.setting[0]]))
+    row = next(line for line in table.splitlines() if line.startswith("| transfer transfer.epochs=2"))
+    assert row.endswith("| 80.5 ± 0.7 | no scratch run with its settings | – |")
+    alone = sweep_table(summarize([r for r in runs if r.stage == "transfer"]))
+    assert "| no scratch run with its settings |" not in alone

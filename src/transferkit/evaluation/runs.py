@@ -189,9 +189,11 @@ def summarize(runs: list[Run]) -> dict:
                      "runs": [{"folder": str(r.folder), "seed": r.seed, "val_acc": r.val_acc, "test_acc": r.test_acc}
                               for r in sorted(group, key=lambda r: r.seed)],
                      # against the scratch runs made with the same swept settings that scratch reads (all of
-                     # them, when the sweep is over a key of its own stage only)
-                     **({"vs_scratch": versus(group, [r for r in scratch if set(r.setting) <= set(setting)])}
-                        if stage != "scratch" else {})})
+                     # them, when the sweep is over a key of its own stage only); a row's run holds scratch's
+                     # values too (scratch.epochs follows transfer.epochs, and a transfer.epochs sweep
+                     # records only the latter in the row's setting)
+                     **({"vs_scratch": versus(group, [r for r in scratch if set(r.setting) <= set(setting) | {
+                         f"{k}={v}" for k, v in flatten(group[0].params).items()}])} if stage != "scratch" else {})})
     stages = [r["stage"] for r in rows]
     swept = [s for s in stages if s not in REFERENCES] or stages
     # ties: the first in row order (TARGET_MODELS'), so the choice is the same in every process

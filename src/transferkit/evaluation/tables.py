@@ -14,10 +14,13 @@ def pct(x) -> str:
 def sweep_table(summary: dict) -> str:
     lines = ["| run | seeds | val top-1 % (mean ± std) | test top-1 % (mean ± std) "
              "| test − scratch, points (95% interval) | beats scratch? |", "|---|---|---|---|---|---|"]
+    scratch_ran = any(r["stage"] == "scratch" for r in summary["rows"])
     for r in summary["rows"]:
         vs = r.get("vs_scratch")
         diff, verdict = "–", "–"
-        if vs and vs["ci95"] is None:  # no seed in common with scratch: nothing to pair
+        if vs is None and scratch_ran and r["stage"] != "scratch":  # scratch ran, but with other settings only
+            diff = "no scratch run with its settings"
+        elif vs and vs["ci95"] is None:  # no seed in common with scratch: nothing to pair
             diff = "no paired seed"
         elif vs:
             lo, hi = vs["ci95"]
