@@ -106,6 +106,16 @@ def test_check_params_on_a_file_that_is_no_params_file_says_so_in_one_line(tmp_p
     assert needle in proc.stderr and "transferkit params" in proc.stderr and len(proc.stderr.splitlines()) == 2
 
 
+@pytest.mark.parametrize("given, needle", [
+    ("pretrain=/no/such/folder", "--in pretrain=/no/such/folder: no such folder. Fix: give the folder the 'pretrain' "
+                                 "stage wrote its outputs to."),
+    ("pretrian=/tmp", "--in pretrian=/tmp: no stage by that name. Fix: --in STAGE=DIR"),
+])
+def test_a_bad_input_folder_is_named_as_given(given, needle):
+    line = one_error_line(cli("transfer", "--params", "params.yaml", "--in", given, "--out", "/no/such/out"))
+    assert needle in line
+
+
 def test_unknown_command():
     proc = cli("pretrian")
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr

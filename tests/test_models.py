@@ -238,7 +238,7 @@ def test_truncated_checkpoint_says_rerun_the_stage(tmp_path):
     with pytest.raises(TransferkitError) as e:
         load_checkpoint(path, "transfer")
     msg = str(e.value)
-    assert str(path) in msg and "rerun the 'transfer' stage" in msg and "dvc repro -f transfer" in msg
+    assert str(path) in msg and "rerun the 'transfer' stage" in msg and "dvc repro -s -f transfer" in msg
 
 
 # ------------------------------------------------------------------ ImageNet weights, offline

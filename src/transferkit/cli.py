@@ -75,6 +75,9 @@ def _params_mode(stage: str, args: list[str]) -> None:
         what = "no folder given" if bad[0].partition("=")[0] in STAGES else "no stage by that name"
         raise TransferkitError(f"--in {bad[0]}: {what}. Fix: --in STAGE=DIR, with STAGE one of "
                                f"{', '.join(STAGES)} ({stage} reads {', '.join(BY_NAME[stage].reads) or 'none'}).")
+    if missing := [f"{k}={v}" for k, v in inputs.items() if not Path(v).is_dir()]:
+        raise TransferkitError(f"--in {missing[0]}: no such folder. Fix: give the folder the "
+                               f"'{missing[0].partition('=')[0]}' stage wrote its outputs to.")
     try:
         run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir) / stage,
                   {k: Path(v) for k, v in inputs.items()})

@@ -125,5 +125,7 @@ def load_torch(path: str | Path, what: str, produced_by: str, remake: str | None
             f"{what} not found at {path}. Fix: run the '{produced_by}' stage first "
             f"(`dvc repro {produced_by}`)."
         )
-    rerun = f"{remake}." if remake else f"delete it and rerun the '{produced_by}' stage (`dvc repro -f {produced_by}`)."
+    # -s: -f alone would rerun every stage before it too
+    rerun = (f"{remake}." if remake
+             else f"delete it and rerun the '{produced_by}' stage (`dvc repro -s -f {produced_by}`).")
     return load_plain(path, f"do not use this file; {rerun}", what)
