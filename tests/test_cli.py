@@ -50,6 +50,24 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
         assert (tmp_path / name).read_text() == f"# the {name} of an earlier, valid composition\n"
 
 
+def test_params_says_which_earlier_overrides_it_no_longer_composes_with(tmp_path, monkeypatch, capsys):
+    """Overrides replace the earlier ones: on the smoke experiment, `params transfer.freeze_depth=2` alone would
+    make every stage of the default (real-data) experiment stale, which no line said."""
+    import shutil
+
+    from transferkit import cli as transferkit_cli
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    monkeypatch.chdir(tmp_path)
+    assert transferkit_cli.main(["params", "experiment=smoke"]) == 0
+    assert "no longer" not in capsys.readouterr().out
+    assert transferkit_cli.main(["params", "experiment=smoke", "transfer.freeze_depth=2"]) == 0
+    assert "no longer" not in capsys.readouterr().out
+    assert transferkit_cli.main(["params", "transfer.freeze_depth=2"]) == 0
+    assert ("composed with transfer.freeze_depth=2; no longer with experiment=smoke (give every override you want "
+            "each time)") in capsys.readouterr().out
+
+
 def _error(capsys, argv: list[str]) -> str:
     """The one `error:` line of an in-process command that ends with exit code 2."""
     from transferkit import cli as transferkit_cli

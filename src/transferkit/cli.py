@@ -152,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if command == "params":
-            from transferkit.config.compose import write_generated
+            from transferkit.config.compose import find_conf_dir, project_overrides, write_generated
 
+            before = project_overrides(find_conf_dir().parent / "params.yaml")
             for path in write_generated(rest):
                 print(f"wrote {path}")
+            if dropped := [o for o in before if o not in rest]:  # overrides replace the earlier ones
+                print(f"composed with {' '.join(rest) or 'no overrides'}; no longer with {' '.join(dropped)} (give "
+                      f"every override you want each time)")
         elif command == "check-params":
             from transferkit.config.compose import REGENERATE, generated_drift
 

@@ -165,7 +165,7 @@ Config = create_model("Config", __base__=Schema, seed=(int, rule(ge=0)),
 
 def fail(key: str, value, need: str):
     raise TransferkitError(f"{key}={value!r} is invalid: {need}. Fix: set {key} in conf/ or as an override "
-                           f"(for dvc repro: `transferkit params {key}=VALUE`).")
+                           f"(for dvc repro: `transferkit params {key}=VALUE` with the other overrides you use).")
 
 
 def check_schema(params: dict) -> None:
