@@ -24,7 +24,9 @@ from transferkit.evaluation.tables import sweep_table
 from transferkit.io import save_json, save_text
 from transferkit.stages import BY_NAME, TARGET_MODELS
 
-NOT_SWEPT = ("seed", "trainer.progress_bar", "trainer.loggers", "paths")  # never what sets runs apart
+# never what sets runs apart: where a run went, what it showed and how it shared the machine
+NOT_SWEPT = ("seed", "trainer.progress_bar", "trainer.loggers", "trainer.num_threads", "trainer.checkpoint_budget",
+             "paths")
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
