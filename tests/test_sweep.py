@@ -151,6 +151,11 @@ def test_sweep_refuses_an_unknown_option(option, capsys):
     # settings of the stages whose outputs the points read: every point would reuse the one result
     (["pretrain.epochs=1,2"], "pretrain.epochs=1 here, but "),
     (["data.target.train_per_class=5,10"], "data.target.train_per_class=5 here, but "),
+    # a setting transfer does not read: both points would be one run, trained twice
+    (["distill.temperature=2,4", "seed=0"], "the sweep points with distill.temperature=2 and with "
+                                            "distill.temperature=4 are the same transfer run: transfer does not read "
+                                            "distill.temperature. Fix: sweep settings transfer reads (seed, trainer, "
+                                            "model, transfer,"),
 ])
 def test_bad_sweeps_fail_before_any_point_trains(base, tmp_path, overrides, needle):
     sweep = tmp_path / "sweep"
@@ -483,6 +488,19 @@ def test_a_student_sweep_over_its_network_is_told_apart(tmp_path):
     assert sorted(r.label for r in find_runs([tmp_path])) == [
         "student distill.student.widths=[4, 8]", "student distill.student.widths=[8, 8]",
         "transfer transfer.lr=0.1", "transfer transfer.lr=0.2"]
+
+
+def test_seeds_run_with_other_thread_counts_are_one_row(tmp_path):
+    """hydra/launcher=local_parallel asks for trainer.num_threads: a seed run without it is the same setting."""
+    from transferkit.sweep.collect import find_runs
+
+    for seed, threads, budget in ((0, None, 0.02), (1, 1, 0.02), (2, 1, 0.0)):
+        (tmp_path / str(seed) / "transfer").mkdir(parents=True)
+        (tmp_path / str(seed) / "transfer" / "model.pt").touch()
+        (tmp_path / str(seed) / "transfer" / "params.yaml").write_text(yaml.safe_dump(
+            {"name": "smoke", "seed": seed, "data": {}, "transfer": {"lr": 0.1},
+             "trainer": {"num_threads": threads, "checkpoint_budget": budget}}))
+    assert [r.label for r in find_runs([tmp_path])] == ["transfer"] * 3
 
 
 def test_the_main_stage_of_a_tie_is_the_same_in_every_process():

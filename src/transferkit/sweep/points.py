@@ -118,6 +118,17 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
             if len(points) == 1:
                 raise
             raise TransferkitError(f"sweep point [{' '.join(point)}]: {e}") from e
+    if stage:  # two points the stage cannot tell apart would train one run twice, and collect count it twice
+        keys, seen = {*BY_NAME[stage].params, *made_with(stage)}, {}
+        for point, cfg in zip(points, composed):
+            run = json.dumps({k: v for k, v in flatten(to_params(cfg)).items() if k.split(".")[0] in keys or any(
+                k == key or k.startswith(f"{key}.") for key in keys)}, sort_keys=True)
+            if (twin := seen.setdefault(run, point)) is not point:
+                a, b = (" ".join(o for o in p if o not in q) for p, q in ((twin, point), (point, twin)))
+                unread = ", ".join(override_key(o) for o in point if o not in twin)
+                raise TransferkitError(f"the sweep points with {a} and with {b} are the same {stage} run: {stage} does "
+                                       f"not read {unread}. Fix: sweep settings {stage} reads "
+                                       f"({', '.join(BY_NAME[stage].params)}, and those of the stages it reads).")
     return list(zip(points, composed))
 
 
