@@ -370,6 +370,11 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
     with pytest.raises(TransferkitError, match=rf"Fix: run with data.target.train_per_class={n};.*`dvc exp run "
                                                rf"--queue -S experiment=smoke -S data.target.train_per_class=\.\.\.`"):
         check_inputs("pretrain", cfg)
+    with pytest.raises(TransferkitError, match=r"Fix: run with data.target.train_per_class="):  # a block given
+        check_inputs("pretrain", cfg, given={"seed", "data"})
+    # the value is params.yaml's, not the sweep's: the input is older than params.yaml
+    with pytest.raises(TransferkitError, match=r"Fix: make it again with this code and config \(`dvc repro prepare`\)"):
+        check_inputs("pretrain", cfg, given={"seed"})
     saved["data"]["target"].pop("train_per_class")
     params.write_text(yaml.safe_dump(saved))
     with pytest.raises(TransferkitError, match=r"Fix: make it again with this code and config \(`dvc repro prepare`\)"):

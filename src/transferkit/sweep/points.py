@@ -63,10 +63,12 @@ def exp_run_sets(key: str) -> str:
     return "".join(f"-S {shlex.quote(o)} " for o in base if override_key(o) != key)
 
 
-def check_inputs(stage: str, cfg: DictConfig) -> None:
+def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None) -> None:
     """A run reads the outputs of earlier stages under paths.artifacts_dir, whatever its own settings
     say: a setting of theirs that differs (a swept pretrain.epochs, data.target.train_per_class) would
-    make every point reuse one earlier result. Each output's saved params.yaml says what made it."""
+    make every point reuse one earlier result. Each output's saved params.yaml says what made it. `given`:
+    the keys the command line set (None: all); the others come from the project's params.yaml, so an
+    output made with another value of one is older than params.yaml, not another sweep's."""
     mine = flatten(to_params(cfg))
     for name in BY_NAME[stage].reads:
         saved_file = Path(cfg.paths.artifacts_dir) / name / "params.yaml"
@@ -90,17 +92,20 @@ def check_inputs(stage: str, cfg: DictConfig) -> None:
             if any(k == key or k.startswith(f"{key}.") for key in keys):
                 here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
                 fix = (f"run with {k}={there}; to vary what {name} computes, run the pipeline once per value "
-                       f"(`dvc exp run --queue {exp_run_sets(k)}-S {k}=...`)" if k in mine and k in saved
+                       f"(`dvc exp run --queue {exp_run_sets(k)}-S {k}=...`)"
+                       if k in mine and k in saved and (given is None or any(
+                           k == g or k.startswith(f"{g}.") for g in given))
                        else f"make it again with this code and config (`dvc repro {name}`)")
                 raise TransferkitError(f"{k}={here} here, but {saved_file.parent} was made with {k}={there}, "
                                        f"and {stage} reads it. Fix: {fix}.")
 
 
-def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | None = None
+def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | None = None, given: set[str] | None = None
                  ) -> list[tuple[list[str], DictConfig]]:
     """Compose and validate every point of the sweep; return each point's overrides and config.
     `blocks` caches each model config's block count across calls (validate_run); a `stage`'s points read
-    earlier stages' outputs under paths.artifacts_dir (check_inputs)."""
+    earlier stages' outputs under paths.artifacts_dir (check_inputs); `given`: the keys the command line
+    set, where the others come from the project's params.yaml (None: every key is the command line's)."""
     points = expand(argv)
     # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
     # the value checks below import torch and Lightning, which take seconds to load.
@@ -113,7 +118,7 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
         try:
             validate_run(cfg, stage, blocks)
             if stage:
-                check_inputs(stage, cfg)
+                check_inputs(stage, cfg, given)
         except TransferkitError as e:
             if len(points) == 1:
                 raise
@@ -162,7 +167,7 @@ def main(argv: list[str]) -> int:
                                f"could not compose as it is. Fix: write it with `transferkit params` and the overrides "
                                f"it was made with (it records them), then sweep.")
     base = [o for o in recorded if override_key(o) not in given]
-    points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides])))
+    points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides], given=given)))
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
     check_runs_folder(out)
     stages, code, names = {}, str(Path(__file__).resolve().parents[1]), []
