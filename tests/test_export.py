@@ -286,6 +286,11 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
     assert (tmp_path / "quantize" / "model.onnx").read_text() == "int8"
 
     assert "not found" in _one_error(capsys, ["predict", str(tmp_path / "missing.onnx"), good])
+    # a stage's folder for the model: the file in it, not "not found"
+    assert f"{folder / 'export'} is a folder. Fix: pass the model file in it ({folder / 'export' / 'model.onnx'})" \
+        in _one_error(capsys, ["predict", str(folder / "export"), good])
+    assert f"{folder} is a folder. Fix: pass the model file in it ({folder / 'model.pt'})" \
+        in _one_error(capsys, ["export", str(folder), "--out", str(tmp_path / "out")])
     assert "not a transferkit checkpoint" in _one_error(capsys, ["predict", str(tmp_path / "notes.txt"), good])
     line = _one_error(capsys, ["predict", str(folder / "export" / "model.torchscript.pt"), good])
     assert "TorchScript" in line and "--trust-code" in line  # a program: never run unless asked

@@ -46,6 +46,15 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
+def not_a_file(path: Path, fix: str) -> TransferkitError:
+    """A model path that names no file: a folder (a stage's, say) gets the model file in it as the fix."""
+    if path.is_dir():
+        found = [name for name in ("model.onnx", "model.pt", TORCHSCRIPT_FILE) if (path / name).is_file()]
+        return TransferkitError(f"model {path} is a folder. Fix: pass the model file in it "
+                                f"({path / (found[0] if found else 'model.pt')}).")
+    return TransferkitError(f"model {path} not found. Fix: {fix}")
+
+
 def load_pipeline_checkpoint(path: Path):
     """`load_checkpoint` with messages for a missing file and for files that are no checkpoint."""
     from transferkit.models import load_checkpoint
@@ -54,9 +63,8 @@ def load_pipeline_checkpoint(path: Path):
     produced_by = stage_of(path)
     if not path.is_file():
         remake = "" if produced_by == UNKNOWN_STAGE else f"`dvc repro {produced_by}` writes this one, or "
-        raise TransferkitError(
-            f"model {path} not found. Fix: {remake}pass a model.pt that a stage wrote, e.g. "
-            f"artifacts/prune/model.pt (`dvc repro prune` makes it).")
+        raise not_a_file(path, f"{remake}pass a model.pt that a stage wrote, e.g. artifacts/prune/model.pt "
+                               f"(`dvc repro prune` makes it).")
     if is_torchscript(path):
         raise TransferkitError(
             f"{path} is a TorchScript file, not a transferkit checkpoint. Fix: pass the model.pt a stage "
@@ -98,9 +106,8 @@ class Classifier:
         self.path = Path(path)
         threads = threads or torch.get_num_threads()
         if not self.path.is_file():
-            raise TransferkitError(
-                f"model {self.path} not found. Fix: pass a model.pt a stage wrote "
-                f"(artifacts/<stage>/model.pt) or a model.onnx / {TORCHSCRIPT_FILE} from `transferkit export`.")
+            raise not_a_file(self.path, f"pass a model.pt a stage wrote (artifacts/<stage>/model.pt) or a model.onnx "
+                                        f"/ {TORCHSCRIPT_FILE} from `transferkit export`.")
         if self.path.suffix.lower() == ".onnx":
             self.kind = "onnx"
             self.session = ort_session(self.path, threads)
