@@ -134,6 +134,11 @@ def test_a_bad_input_folder_is_named_as_given(given, needle):
     assert needle in line
 
 
+def test_check_params_refuses_overrides(capsys):
+    line = _error(capsys, ["check-params", "experiment=smoke"])
+    assert "check-params takes a params file, not overrides (experiment=smoke)" in line and "Fix:" in line
+
+
 def test_unknown_command():
     proc = cli("pretrian")
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr

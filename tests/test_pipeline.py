@@ -205,6 +205,8 @@ def test_results_command_prints_the_models_and_each_stage_training(smoke_artifac
                   "Fix: pass evaluate's output folder (`transferkit results artifacts/evaluate`)"),
     ("artifacts/evaluate", "cannot read artifacts/evaluate/timing.json (No such file or directory). "
                            "Fix: run evaluate again (`dvc repro evaluate`)"),
+    ("artifacts/evaluate/metrics.json", "cannot read artifacts/evaluate/timing.json (No such file or directory)"),
+    (None, "cannot read ../artifacts/evaluate/timing.json"),  # no folder given, run from a folder in the project
 ])
 def test_results_command_names_evaluates_folder(tmp_path, monkeypatch, folder, needle):
     """Another stage's folder, the artifacts folder, no folder, and evaluate's without its timing.json:
@@ -216,8 +218,13 @@ def test_results_command_names_evaluates_folder(tmp_path, monkeypatch, folder, n
         (tmp_path / "artifacts" / stage).mkdir(parents=True)
         (tmp_path / "artifacts" / stage / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "artifacts" / "transfer" / "timing.json").write_text(json.dumps({"train_seconds": 1.0}))
+    if folder is None:
+        (tmp_path / "conf").mkdir()
+        (tmp_path / "conf" / "config.yaml").touch()
+        (tmp_path / "docs").mkdir()
+        monkeypatch.chdir(tmp_path / "docs")
     with pytest.raises(TransferkitError) as e:
-        main([folder])
+        main([folder] if folder else [])
     assert needle in str(e.value)
 
 

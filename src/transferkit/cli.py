@@ -21,7 +21,7 @@ Stages ({', '.join(RUNNABLE)}):
                         compose conf/ (a Hydra app); outputs to outputs/, or multirun/ with -m
 Configuration:
   transferkit params [key=value ...]   write params.yaml (conf/ composed) and dvc.yaml (the stage table)
-  transferkit check-params             exit 1 if either differs from what it is made from
+  transferkit check-params [FILE]      exit 1 if either differs from what it is made from
 Runs and results:
   transferkit sweep STAGE key=a,b seed=0,1,2 [--out DIR]   a sweep as DVC stages, then collect
   transferkit collect DIR [--out DIR]  runs in sweep folders -> table (over seeds, minus scratch) and plot
@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "check-params":
             from transferkit.config.compose import REGENERATE, generated_drift
 
+            if any("=" in a for a in rest):  # it reads the overrides params.yaml records, so takes none
+                raise TransferkitError(f"check-params takes a params file, not overrides ({rest[0]}): it composes "
+                                       f"conf/ with the overrides params.yaml records. Fix: `transferkit check-params "
+                                       f"[PARAMS_FILE]`.")
             drift = generated_drift(Path(rest[0] if rest else "params.yaml"))
             if drift:
                 print("\n".join([*drift, REGENERATE]), file=sys.stderr)

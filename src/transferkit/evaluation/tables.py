@@ -141,15 +141,25 @@ def main(argv: list[str]) -> int:
     """`transferkit results [DIR]`: the results table of a pipeline run (DIR: evaluate's output folder)."""
     import argparse
     import json
+    import os
     from pathlib import Path
 
     from transferkit.errors import TransferkitError
     from transferkit.stages import PIPELINE, STAGES
 
     parser = argparse.ArgumentParser(prog="transferkit results", description=main.__doc__)
-    parser.add_argument("dir", nargs="?", type=Path, default=Path("artifacts/evaluate"),
-                        help="evaluate's output folder (default artifacts/evaluate)")
+    parser.add_argument("dir", nargs="?", type=Path,
+                        help="evaluate's output folder or its metrics.json (default: the project's artifacts/evaluate)")
     folder = parser.parse_args(argv).dir
+    if folder is None:  # the project's, from any folder inside it
+        from transferkit.config.compose import find_conf_dir
+
+        try:
+            folder = Path(os.path.relpath(find_conf_dir().parent / "artifacts" / "evaluate"))
+        except TransferkitError:
+            folder = Path("artifacts/evaluate")
+    elif folder.name == "metrics.json" and folder.is_file():
+        folder = folder.parent
     if any((folder / s).is_dir() for s in STAGES):  # the artifacts folder itself
         done = (folder / "evaluate" / "metrics.json").is_file()
         raise TransferkitError(f"{folder} holds the stages' folders; the results are in evaluate's"
