@@ -66,6 +66,11 @@ def test_params_says_which_earlier_overrides_it_no_longer_composes_with(tmp_path
     assert transferkit_cli.main(["params", "transfer.freeze_depth=2"]) == 0
     assert ("composed with transfer.freeze_depth=2; no longer with experiment=smoke (give every override you want "
             "each time)") in capsys.readouterr().out
+    (tmp_path / "params.yaml").write_text("name: cifar10_split\nseed: 0\n")  # recorded none: nothing dropped
+    assert transferkit_cli.main(["params"]) == 0
+    assert "no longer" not in capsys.readouterr().out
+    (tmp_path / "params.yaml").write_text("name: [unclosed\n")  # damaged: params writes it again, as its fix says
+    assert transferkit_cli.main(["params"]) == 0
 
 
 def _error(capsys, argv: list[str]) -> str:
@@ -134,9 +139,15 @@ def test_a_bad_input_folder_is_named_as_given(given, needle):
     assert needle in line
 
 
-def test_check_params_refuses_overrides(capsys):
+def test_check_params_refuses_overrides(capsys, tmp_path):
     line = _error(capsys, ["check-params", "experiment=smoke"])
     assert "check-params takes a params file, not overrides (experiment=smoke)" in line and "Fix:" in line
+    (tmp_path / "seed=1").mkdir()  # a Hydra job folder: a path with "=" in it
+    (tmp_path / "seed=1" / "params.yaml").write_text("seed: [unclosed\n")
+    from transferkit import cli as transferkit_cli
+
+    assert transferkit_cli.main(["check-params", str(tmp_path / "seed=1" / "params.yaml")]) == 1  # read, and drifted
+    assert "is not valid YAML" in capsys.readouterr().err
 
 
 def test_unknown_command():

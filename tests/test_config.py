@@ -79,26 +79,38 @@ def test_every_trainer_preset_reaches_lightning(trainer, tmp_path):
         torch.use_deterministic_algorithms(before[1], warn_only=before[2])
 
 
-@pytest.mark.parametrize("override", ["transfer.freez_depth=2", "+transfer.freez_depth=2"])
-def test_unknown_override_key_is_refused_with_the_key_it_meant(override):
-    # Hydra's own advice (append it with +) would add a setting no stage reads: refused as well
+def test_unknown_override_key_is_refused_with_the_key_it_meant():
+    # not Hydra's own advice (append it with +), which would add a setting no stage reads
     with pytest.raises(TransferkitError) as e:
-        compose(override)
+        compose("transfer.freez_depth=2")
     message = str(e.value)
-    assert "no setting transfer.freez_depth (did you mean transfer.freeze_depth" in message
+    assert message.startswith("conf/ has no setting transfer.freez_depth (did you mean transfer.freeze_depth")
     assert "\n" not in message and "+transfer" not in message
 
 
-def test_unknown_config_group_option_is_one_line_with_the_options():
+@pytest.mark.parametrize("override, needle", [
+    ("experiment=smok", "experiment=smok: conf/experiment/ has no such option. Fix: use one of "
+                        + ", ".join(EXPERIMENTS) + "."),
+    ("model@distill.student=mobilnet", "model@distill.student=mobilnet: conf/model/ has no such option. Fix: use "
+                                       "one of fastnet, "),
+    ("hydra/launcher=local_paralel", "hydra/launcher=local_paralel: conf/hydra/launcher/ has no such option. Fix: "
+                                     "use one of local_parallel, slurm or a Hydra plugin's."),
+])
+def test_unknown_config_group_option_is_one_line_with_the_options(override, needle):
     with pytest.raises(TransferkitError) as e:
-        compose("experiment=smok")
-    message = str(e.value)
-    assert message.startswith("experiment=smok: conf/experiment/ has no such option")
-    assert ", ".join(EXPERIMENTS) in message and "\n" not in message and "provider=" not in message
+        compose(override)
+    assert str(e.value).startswith(needle) and "\n" not in str(e.value) and "provider=" not in str(e.value)
 
 
-def test_forced_override_of_a_known_key_composes():
-    assert compose("++transfer.freeze_depth=2").transfer.freeze_depth == 2
+@pytest.mark.parametrize("override, key, value", [
+    ("++transfer.freeze_depth=2", "transfer.freeze_depth", 2),
+    ("+probe.depth=1", "probe.depth", 1),  # a key conf/ sets to null
+    ("model@distill.student=mobilenet", "distill.student.name", "mobilenet"),
+])
+def test_overrides_hydra_accepts_compose(override, key, value):
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.select(compose(override), key) == value
 
 
 @pytest.mark.parametrize("override, key", [

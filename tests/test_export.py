@@ -291,6 +291,9 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
         in _one_error(capsys, ["predict", str(folder / "export"), good])
     assert f"{folder} is a folder. Fix: pass the model file in it ({folder / 'model.pt'})" \
         in _one_error(capsys, ["export", str(folder), "--out", str(tmp_path / "out")])
+    # export reads a checkpoint: a folder of ONNX files holds none
+    assert f"{folder / 'export'} is a folder, with no model.pt in it. Fix: pass a model.pt that a stage wrote" \
+        in _one_error(capsys, ["export", str(folder / "export"), "--out", str(tmp_path / "out")])
     assert "not a transferkit checkpoint" in _one_error(capsys, ["predict", str(tmp_path / "notes.txt"), good])
     line = _one_error(capsys, ["predict", str(folder / "export" / "model.torchscript.pt"), good])
     assert "TorchScript" in line and "--trust-code" in line  # a program: never run unless asked

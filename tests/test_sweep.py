@@ -93,6 +93,29 @@ def test_a_folder_with_a_pipeline_of_its_own_is_never_overwritten(tmp_path, comm
     assert [p.name for p in project.iterdir()] == ["dvc.yaml"] and "prepare" in (project / "dvc.yaml").read_text()
 
 
+def test_a_sweep_whose_inputs_are_not_made_names_the_stage_to_run(tmp_path, monkeypatch):
+    from transferkit.config.compose import params_text
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import main
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke"), ["experiment=smoke"]))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransferkitError, match=r"^artifacts/prepare does not exist, and transfer reads it\. "
+                                               r"Fix: make it first \(`dvc repro prepare`\)\.$"):
+        main(["transfer", "seed=0,1"])
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("axis", ["evaluate.tta=none,flip", "trainer.precision=32-true,bf16-mixed", "seed=0,1"])
+def test_points_that_train_or_score_differently_are_a_sweep(tmp_path, axis):
+    """collect scores each run with its own evaluate.tta; precision changes what a run computes."""
+    from transferkit.sweep.points import check_points
+
+    base = ["experiment=smoke", f"paths.artifacts_dir={tmp_path}", "seed=0"]
+    assert len(check_points("transfer", [*base, axis])) == 2
+
+
 def test_a_missing_input_is_refused_before_dvc_removes_any_output(tmp_path):
     """DVC stops at a missing dep only after removing that stage's outputs (a finished point's model)."""
     from transferkit.errors import TransferkitError
@@ -153,9 +176,10 @@ def test_sweep_refuses_an_unknown_option(option, capsys):
     (["data.target.train_per_class=5,10"], "data.target.train_per_class=5 here, but "),
     # a setting transfer does not read: both points would be one run, trained twice
     (["distill.temperature=2,4", "seed=0"], "the sweep points with distill.temperature=2 and with "
-                                            "distill.temperature=4 are the same transfer run: transfer does not read "
-                                            "distill.temperature. Fix: sweep settings transfer reads (seed, trainer, "
-                                            "model, transfer,"),
+                                            "distill.temperature=4 are one transfer run: transfer does not read "
+                                            "distill.temperature, or it changes only how the run shares the machine. "
+                                            "Fix: sweep settings transfer reads (seed, trainer, model, transfer,"),
+    (["trainer.num_threads=1,2", "seed=0"], "are one transfer run: transfer does not read trainer.num_threads, or"),
 ])
 def test_bad_sweeps_fail_before_any_point_trains(base, tmp_path, overrides, needle):
     sweep = tmp_path / "sweep"
@@ -360,9 +384,7 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
     cfg = compose("experiment=smoke", tmp=tmp_path)
     saved = to_params(cfg)
     saved["data"]["target"]["train_per_class"] += 1
-    with pytest.raises(TransferkitError, match=r"artifacts/prepare does not exist, and pretrain reads it\. Fix: make "
-                                               r"it first \(`dvc repro prepare`\)"):
-        check_inputs("pretrain", cfg)
+    check_inputs("pretrain", cfg)  # no input yet: left to the stage (a Hydra run's --help and --cfg need none)
     (tmp_path / "artifacts" / "prepare").mkdir(parents=True)
     params = tmp_path / "artifacts" / "prepare" / "params.yaml"
     params.write_text(yaml.safe_dump(saved))
@@ -372,6 +394,8 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
         check_inputs("pretrain", cfg)
     with pytest.raises(TransferkitError, match=r"Fix: run with data.target.train_per_class="):  # a block given
         check_inputs("pretrain", cfg, given={"seed", "data"})
+    with pytest.raises(TransferkitError, match=r"Fix: run with data.target.train_per_class="):  # a group's package
+        check_inputs("pretrain", cfg, given={"seed", "dataset@data.target"})
     # the value is params.yaml's, not the sweep's: the input is older than params.yaml
     with pytest.raises(TransferkitError, match=r"Fix: make it again with this code and config \(`dvc repro prepare`\)"):
         check_inputs("pretrain", cfg, given={"seed"})

@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if command == "params":
-            from transferkit.config.compose import find_conf_dir, project_overrides, write_generated
+            from transferkit.config.compose import find_conf_dir, recorded_overrides, write_generated
 
-            before = project_overrides(find_conf_dir().parent / "params.yaml")
+            before = recorded_overrides(find_conf_dir().parent / "params.yaml") or []
             for path in write_generated(rest):
                 print(f"wrote {path}")
             if dropped := [o for o in before if o not in rest]:  # overrides replace the earlier ones
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "check-params":
             from transferkit.config.compose import REGENERATE, generated_drift
 
-            if any("=" in a for a in rest):  # it reads the overrides params.yaml records, so takes none
+            if any("=" in a and not Path(a).exists() for a in rest):  # it composes with params.yaml's overrides
                 raise TransferkitError(f"check-params takes a params file, not overrides ({rest[0]}): it composes "
                                        f"conf/ with the overrides params.yaml records. Fix: `transferkit check-params "
                                        f"[PARAMS_FILE]`.")

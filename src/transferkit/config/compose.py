@@ -37,29 +37,15 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     overrides = list(overrides or [])
     try:
         with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=overrides)
-            if added := [o for o in overrides if o.startswith("+") and not o.startswith("++")]:
-                # `+key=value` adds a setting no stage reads (the schema lets unlisted keys through)
-                base = hydra_compose("config", overrides=[o for o in overrides if o not in added])
-                unknown = [o for o in added if OmegaConf.select(base, o.lstrip("+").split("=")[0]) is None]
-                if unknown:
-                    raise TransferkitError(_unknown_key(unknown[0].lstrip("+").split("=")[0], base))
-            return cfg
+            return hydra_compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise TransferkitError(_override_error(str(e), conf_dir)) from e
+        raise TransferkitError(_override_error(str(e), overrides, conf_dir)) from e
 
 
-def _unknown_key(key: str, cfg: DictConfig) -> str:
+def _override_error(message: str, overrides: list[str], conf_dir: Path) -> str:
+    """Hydra's report of a bad override, as one line that names the problem and the fix (Hydra's own
+    advice for a key conf/ lacks, `+key=value`, would add a setting no stage reads)."""
     import difflib
-
-    close = difflib.get_close_matches(key, list(flatten(OmegaConf.to_container(cfg))), n=3)
-    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    return (f"conf/ has no setting {key}{hint}, so no stage would read it. Fix: override a setting conf/ has "
-            f"(`transferkit --help` lists the common ones).")
-
-
-def _override_error(message: str, conf_dir: Path) -> str:
-    """Hydra's report of a bad override, as one line that names the problem and the fix."""
     import re
 
     from hydra import compose as hydra_compose
@@ -67,11 +53,18 @@ def _override_error(message: str, conf_dir: Path) -> str:
 
     if m := re.match(r"Could not override '([^']+)'", message):  # a key conf/ does not have
         with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
-            return _unknown_key(m.group(1), hydra_compose("config"))
+            keys = list(flatten(OmegaConf.to_container(hydra_compose("config"))))
+        close = difflib.get_close_matches(m.group(1), keys, n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return f"conf/ has no setting {m.group(1)}{hint}. Fix: override a setting conf/ has (`transferkit --help` " \
+               f"lists the common ones)."
     if m := re.search(r"Could not find '([^']+)/([^']+)'", message):  # an option a config group does not have
         group, option = m.groups()
-        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-        return f"{group}={option}: conf/{group}/ has no such option. Fix: use one of {', '.join(options)}."
+        given = next((o for o in overrides if o.lstrip("+~").split("=")[0].split("@")[0] == group
+                      and o.endswith(f"={option}")), f"{group}={option}")  # as typed: model@distill.student=...
+        options = ", ".join(sorted(p.stem for p in (conf_dir / group).glob("*.yaml")))
+        plugins = " or a Hydra plugin's" if group.startswith("hydra/") else ""
+        return f"{given}: conf/{group}/ has no such option. Fix: use one of {options}{plugins}."
     return (f"bad override: {message.splitlines()[0]}. Fix: write overrides as key=value with keys from conf/ "
             f"(`transferkit --help` lists the common ones).")
 
@@ -137,14 +130,25 @@ def project_overrides(params_path: Path) -> list[str]:
     where it recorded none, the experiment it names (as `dvc exp run -S experiment=smoke` leaves it)."""
     if not params_path.is_file():
         return []
+    if (recorded := recorded_overrides(params_path)) is not None:
+        return recorded
     data = read_yaml(params_path)
-    for line in params_path.read_text().splitlines():  # the header params_text wrote
+    name = data.get("name") if isinstance(data, dict) else None
+    return [f"experiment={name}"] if name else []
+
+
+def recorded_overrides(params_path: Path) -> list[str] | None:
+    """The overrides line of the header params_text wrote (None: none, or no readable file)."""
+    try:
+        lines = params_path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
         if not line.startswith("#"):
             break
         if line.startswith(OVERRIDES_LINE):
             return shlex.split(line[len(OVERRIDES_LINE):])
-    name = data.get("name") if isinstance(data, dict) else None
-    return [f"experiment={name}"] if name else []
+    return None
 
 
 def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:

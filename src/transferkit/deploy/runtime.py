@@ -46,12 +46,13 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
-def not_a_file(path: Path, fix: str) -> TransferkitError:
-    """A model path that names no file: a folder (a stage's, say) gets the model file in it as the fix."""
+def not_a_file(path: Path, fix: str, names: tuple[str, ...] = ("model.pt",)) -> TransferkitError:
+    """A model path that names no file: a folder (a stage's, say) gets the model file in it as the fix,
+    the first of `names` (the files the command reads) that it holds."""
     if path.is_dir():
-        found = [name for name in ("model.onnx", "model.pt", TORCHSCRIPT_FILE) if (path / name).is_file()]
-        return TransferkitError(f"model {path} is a folder. Fix: pass the model file in it "
-                                f"({path / (found[0] if found else 'model.pt')}).")
+        if found := [name for name in names if (path / name).is_file()]:
+            return TransferkitError(f"model {path} is a folder. Fix: pass the model file in it ({path / found[0]}).")
+        return TransferkitError(f"model {path} is a folder, with no {' or '.join(names)} in it. Fix: {fix}")
     return TransferkitError(f"model {path} not found. Fix: {fix}")
 
 
@@ -62,7 +63,8 @@ def load_pipeline_checkpoint(path: Path):
     path = Path(path)
     produced_by = stage_of(path)
     if not path.is_file():
-        remake = "" if produced_by == UNKNOWN_STAGE else f"`dvc repro {produced_by}` writes this one, or "
+        remake = ("" if produced_by == UNKNOWN_STAGE or path.is_dir()
+                  else f"`dvc repro {produced_by}` writes this one, or ")
         raise not_a_file(path, f"{remake}pass a model.pt that a stage wrote, e.g. artifacts/prune/model.pt "
                                f"(`dvc repro prune` makes it).")
     if is_torchscript(path):
@@ -107,7 +109,8 @@ class Classifier:
         threads = threads or torch.get_num_threads()
         if not self.path.is_file():
             raise not_a_file(self.path, f"pass a model.pt a stage wrote (artifacts/<stage>/model.pt) or a model.onnx "
-                                        f"/ {TORCHSCRIPT_FILE} from `transferkit export`.")
+                                        f"/ {TORCHSCRIPT_FILE} from `transferkit export`.",
+                             ("model.onnx", "model.pt", TORCHSCRIPT_FILE))
         if self.path.suffix.lower() == ".onnx":
             self.kind = "onnx"
             self.session = ort_session(self.path, threads)

@@ -23,10 +23,8 @@ from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import save_json, save_text
 from transferkit.stages import BY_NAME, TARGET_MODELS
+from transferkit.sweep.points import NOT_SWEPT
 
-# never what sets runs apart: where a run went, what it showed and how it shared the machine
-NOT_SWEPT = ("seed", "trainer.progress_bar", "trainer.loggers", "trainer.num_threads", "trainer.checkpoint_budget",
-             "paths")
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:

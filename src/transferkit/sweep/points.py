@@ -26,6 +26,9 @@ from transferkit.stages import BY_NAME
 # May differ between a run and the outputs it reads: a seed sweep keeps the data split and the
 # backbone, and trainer and paths say how and where a stage ran, not what it computed.
 RUN_SETTINGS = ("seed", "trainer", "paths")
+# never what sets runs apart: where a run went, what it showed and how it shared the machine
+NOT_SWEPT = ("seed", "trainer.progress_bar", "trainer.loggers", "trainer.num_threads", "trainer.checkpoint_budget",
+             "paths")
 
 
 def override_key(override: str) -> str:
@@ -72,10 +75,7 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None) -> 
     mine = flatten(to_params(cfg))
     for name in BY_NAME[stage].reads:
         saved_file = Path(cfg.paths.artifacts_dir) / name / "params.yaml"
-        if not saved_file.parent.is_dir():  # DVC would stop at it, after removing the points' earlier outputs
-            raise TransferkitError(f"{saved_file.parent} does not exist, and {stage} reads it. Fix: make it first "
-                                   f"(`dvc repro {name}`).")
-        try:  # unreadable: the stage checks the files it reads itself
+        try:  # missing (not made yet) or unreadable: the stage checks the files it reads itself
             data = yaml.safe_load(saved_file.read_text())
         except (OSError, yaml.YAMLError):
             continue
@@ -93,8 +93,8 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None) -> 
                 here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
                 fix = (f"run with {k}={there}; to vary what {name} computes, run the pipeline once per value "
                        f"(`dvc exp run --queue {exp_run_sets(k)}-S {k}=...`)"
-                       if k in mine and k in saved and (given is None or any(
-                           k == g or k.startswith(f"{g}.") for g in given))
+                       if k in mine and k in saved and (given is None or any(  # model@distill.student: its package
+                           k == g or k.startswith(f"{g}.") for g in (o.split("@")[-1] for o in given)))
                        else f"make it again with this code and config (`dvc repro {name}`)")
                 raise TransferkitError(f"{k}={here} here, but {saved_file.parent} was made with {k}={there}, "
                                        f"and {stage} reads it. Fix: {fix}.")
@@ -123,17 +123,19 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
             if len(points) == 1:
                 raise
             raise TransferkitError(f"sweep point [{' '.join(point)}]: {e}") from e
-    if stage:  # two points the stage cannot tell apart would train one run twice, and collect count it twice
-        keys, seen = {*BY_NAME[stage].params, *made_with(stage)}, {}
+    if stage:  # points that differ in nothing the stage or collect reads: one run, trained twice, counted twice
+        keys, seen = {*BY_NAME[stage].params, *made_with(stage), "evaluate"}, {}  # collect scores with evaluate.*
         for point, cfg in zip(points, composed):
-            run = json.dumps({k: v for k, v in flatten(to_params(cfg)).items() if k.split(".")[0] in keys or any(
-                k == key or k.startswith(f"{key}.") for key in keys)}, sort_keys=True)
+            run = json.dumps({k: v for k, v in flatten(to_params(cfg)).items()
+                              if any(k == key or k.startswith(f"{key}.") for key in keys)
+                              and (k == "seed" or not k.startswith(NOT_SWEPT))}, sort_keys=True)
             if (twin := seen.setdefault(run, point)) is not point:
                 a, b = (" ".join(o for o in p if o not in q) for p, q in ((twin, point), (point, twin)))
                 unread = ", ".join(override_key(o) for o in point if o not in twin)
-                raise TransferkitError(f"the sweep points with {a} and with {b} are the same {stage} run: {stage} does "
-                                       f"not read {unread}. Fix: sweep settings {stage} reads "
-                                       f"({', '.join(BY_NAME[stage].params)}, and those of the stages it reads).")
+                raise TransferkitError(f"the sweep points with {a} and with {b} are one {stage} run: {stage} does not "
+                                       f"read {unread}, or it changes only how the run shares the machine. Fix: sweep "
+                                       f"settings {stage} reads ({', '.join(BY_NAME[stage].params)}, and those of the "
+                                       f"stages it reads).")
     return list(zip(points, composed))
 
 
@@ -168,6 +170,11 @@ def main(argv: list[str]) -> int:
                                f"it was made with (it records them), then sweep.")
     base = [o for o in recorded if override_key(o) not in given]
     points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides], given=given)))
+    # DVC would stop at a missing input only after removing the points' earlier outputs (run_pipeline refuses)
+    artifacts = Path(cfgs[0].paths.artifacts_dir)
+    if missing := [name for name in BY_NAME[args.stage].reads if not (artifacts / name).is_dir()]:
+        raise TransferkitError(f"{artifacts / missing[0]} does not exist, and {args.stage} reads it. Fix: make it "
+                               f"first (`dvc repro {missing[0]}`).")
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
     check_runs_folder(out)
     stages, code, names = {}, str(Path(__file__).resolve().parents[1]), []
