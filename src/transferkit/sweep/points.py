@@ -170,13 +170,13 @@ def main(argv: list[str]) -> int:
                                f"it was made with (it records them), then sweep.")
     base = [o for o in recorded if override_key(o) not in given]
     points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides], given=given)))
+    out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
+    check_runs_folder(out)
     # DVC would stop at a missing input only after removing the points' earlier outputs (run_pipeline refuses)
     artifacts = Path(cfgs[0].paths.artifacts_dir)
     if missing := [name for name in BY_NAME[args.stage].reads if not (artifacts / name).is_dir()]:
         raise TransferkitError(f"{artifacts / missing[0]} does not exist, and {args.stage} reads it. Fix: make it "
                                f"first (`dvc repro {missing[0]}`).")
-    out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
-    check_runs_folder(out)
     stages, code, names = {}, str(Path(__file__).resolve().parents[1]), []
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
         name, artifacts = point_name(point, given), Path(cfg.paths.artifacts_dir).resolve()
