@@ -26,7 +26,6 @@ from transferkit.stages import BY_NAME, TARGET_MODELS
 from transferkit.sweep.points import NOT_SWEPT
 
 
-
 def find_runs(dirs: list[Path]) -> list[Run]:
     runs = []
     for d in dirs:

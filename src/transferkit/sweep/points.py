@@ -173,9 +173,9 @@ def main(argv: list[str]) -> int:
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
     check_runs_folder(out)
     # DVC would stop at a missing input only after removing the points' earlier outputs (run_pipeline refuses)
-    artifacts = Path(cfgs[0].paths.artifacts_dir)
-    if missing := [name for name in BY_NAME[args.stage].reads if not (artifacts / name).is_dir()]:
-        raise TransferkitError(f"{artifacts / missing[0]} does not exist, and {args.stage} reads it. Fix: make it "
+    inputs = Path(cfgs[0].paths.artifacts_dir)
+    if missing := [name for name in BY_NAME[args.stage].reads if not (inputs / name).is_dir()]:
+        raise TransferkitError(f"{inputs / missing[0]} does not exist, and {args.stage} reads it. Fix: make it "
                                f"first (`dvc repro {missing[0]}`).")
     stages, code, names = {}, str(Path(__file__).resolve().parents[1]), []
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
