@@ -60,8 +60,9 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     assert f"| student distilled | {pct(m['distill']['top1'])} |" in report
     assert 0 < metrics["distillation"]["student_params_ratio"] < 1
     assert "## Pruning" in report
-    # its commands for more runs compose the experiment whose outputs they read (a Hydra app composes conf/ afresh)
-    assert "transferkit transfer -m experiment=smoke transfer.freeze_depth=0,1,2,3,4" in report
+    # its commands for more runs are DVC sweeps, composed as params.yaml is, into sweeps/<name>-<stage>
+    assert "transferkit sweep transfer transfer.freeze_depth=0,1,2,3,4 seed=0,1,2" in report
+    assert "transferkit collect sweeps/smoke-transfer sweeps/smoke-scratch sweeps/smoke-probe" in report
     # the smoke models' sizes as counts (a student of a few thousand parameters is not "0.00 M")
     assert f"| {m['prune']['params']:,} | {m['prune']['macs']:,} |" in report and "| 0.00 M |" not in report
     html = (art / "evaluate" / "report.html").read_text()  # the same report, plots embedded

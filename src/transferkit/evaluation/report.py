@@ -278,13 +278,12 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         "uv sync --compile-bytecode && uv run dvc repro   # this whole pipeline; reruns only what changed",
         "uv run dvc metrics show          # the numbers above",
         "uv run dvc plots show            # curves and confusion matrices (HTML)",
-        # a Hydra app composes conf/ afresh: the runs name the experiment whose outputs they read
-        f"uv run transferkit transfer -m experiment={cfg_summary['experiment']} transfer.freeze_depth=0,1,2,3,4 "
-        "seed=0,1,2   # how many blocks to freeze",
-        f"uv run transferkit scratch -m experiment={cfg_summary['experiment']} seed=0,1,2 && "
-        f"uv run transferkit probe -m experiment={cfg_summary['experiment']} seed=0,1,2",
-        f"uv run transferkit collect multirun/{cfg_summary['experiment']}"
-        "      # -> accuracy vs freeze depth, over seeds",
+        # sweeps compose as params.yaml does (its overrides kept) and go to sweeps/<name>-<stage>
+        "uv run transferkit sweep transfer transfer.freeze_depth=0,1,2,3,4 seed=0,1,2   # how many blocks to freeze",
+        "uv run transferkit sweep scratch seed=0,1,2 && uv run transferkit sweep probe seed=0,1,2",
+        "uv run transferkit collect " + " ".join(f"sweeps/{cfg_summary['experiment']}-{stage}"
+                                                 for stage in ("transfer", "scratch", "probe"))
+        + "   # -> accuracy vs freeze depth over seeds, minus scratch",
         "uv run transferkit check-repro   # the smoke pipeline twice: identical metrics, clean dvc status",
         "```", "",
         "Latency and throughput are measured on the machine that ran `evaluate` (timing.json); "
