@@ -144,6 +144,12 @@ def main(argv):
         print("ready", flush=True)
         time.sleep(30)
         return 0
+    if argv[0] == "masks":  # each thread's blocked signals (/proc: SigBlk, a hex bit mask), the main thread first
+        tasks = sorted(os.listdir("/proc/self/task"), key=lambda t: int(t) != os.getpid())
+        for task in tasks:
+            status = open(f"/proc/self/task/{task}/status").read()
+            print(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")))
+        return 0
     return 3
 '''
 
@@ -184,6 +190,20 @@ def test_a_warm_command_takes_its_own_signal_dispositions_and_dies_of_the_signal
         start = time.monotonic()
         client.send_signal(sig)
         assert client.wait(20) == -sig and time.monotonic() - start < 10  # as `python -c ...` dies of either
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads each thread's signal mask from /proc")
+def test_only_the_workers_main_thread_takes_the_signals_a_command_passes_on(tmp_path, server_dir):
+    """The kernel gives a process signal to any thread that does not block it: one the worker's watcher
+    thread took would wait until the main thread's blocking call returned (a Ctrl+C ignored for the 30 s of
+    the fake command's sleep), so the watcher blocks them."""
+    fake = _fake_project(tmp_path)
+    assert _warm_client(fake, server_dir, "none").wait(60) == 100  # started the server
+    client = _warm_client(fake, server_dir, "masks")
+    masks = [int(line, 16) for line in client.stdout.read().split()]
+    assert client.wait(60) == 0 and len(masks) >= 2  # the main thread and the watcher
+    forwarded = sum(1 << (sig - 1) for sig in warm.FORWARDED)
+    assert masks[0] & forwarded == 0 and all(m & forwarded == forwarded for m in masks[1:])
 
 
 def test_a_server_that_closes_as_a_command_connects_leaves_the_command_to_run_itself(tmp_path, monkeypatch):

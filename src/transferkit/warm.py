@@ -267,7 +267,11 @@ def _work(conn: socket.socket) -> None:
                 pass
             os.kill(os.getpid(), signal.SIGKILL)
 
+        # started with the passed-on signals blocked, so the kernel gives them to the main thread: one the
+        # watcher took would wait until the main thread's blocking call (a sleep, a read) returned by itself
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         threading.Thread(target=watch, daemon=True).start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         from transferkit.cli import main
 
         try:
