@@ -90,8 +90,7 @@ def _process_traits() -> str:
     started it: the CPUs it may run on (torch sizes its thread pool by them), its control group (a
     batch job's share, which ends with the job), niceness, the groups and umask that set the owner
     and permissions of what it writes, and its resource limits (`ulimit`: memory, open files, CPU time)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
+    os.umask(mask := os.umask(0o022))
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     try:
         group = Path("/proc/self/cgroup").read_text()
@@ -166,8 +165,7 @@ def _start_server(path: Path) -> None:
 def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
     data = b""
     while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
+        if not (chunk := conn.recv(n - len(data))):
             return None
         data += chunk
     return data
@@ -267,8 +265,7 @@ def _work(conn: socket.socket) -> None:
                 pass
             os.kill(os.getpid(), signal.SIGKILL)
 
-        # started with the passed-on signals blocked, so the kernel gives them to the main thread: one the
-        # watcher took would wait until the main thread's blocking call (a sleep, a read) returned by itself
+        # the watcher blocks passed-on signals: one it took would wait out the main thread's blocking call
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         threading.Thread(target=watch, daemon=True).start()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
