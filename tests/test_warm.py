@@ -183,9 +183,12 @@ def test_a_warm_command_takes_its_own_signal_dispositions_and_dies_of_the_signal
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
+    def default() -> None:  # as from a terminal, whatever this test inherited (a script's `cmd &` ignores SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     assert _warm_client(fake, server_dir, "none", preexec_fn=ignoring).wait(60) == 100  # started the server
     for sig in (signal.SIGINT, signal.SIGTERM):
-        client = _warm_client(fake, server_dir, "sleep")
+        client = _warm_client(fake, server_dir, "sleep", preexec_fn=default)
         assert client.stdout.readline() == "ready\n"  # served: the worker runs the command
         start = time.monotonic()
         client.send_signal(sig)
