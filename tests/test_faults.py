@@ -47,6 +47,15 @@ def _metrics(files: dict[Path, bytes]) -> dict[Path, bytes]:
     return {path: data for path, data in files.items() if path.name in ("metrics.json", "model.pt")}
 
 
+def _appeared(folder: Path, pattern: str) -> bool:
+    """Whether anything under folder matches pattern; the stage renames and deletes folders while
+    the glob walks them, so a folder that vanishes mid-walk means "not yet", never an error."""
+    try:
+        return next(folder.glob(pattern), None) is not None
+    except FileNotFoundError:
+        return False
+
+
 def _kill_mid_training(stage: str, params: Path, cwd: Path, rng: random.Random,
                        previous: dict[Path, bytes], reference_metrics: dict[Path, bytes],
                        wait_for: str = "**/dvclive", start=_start, results=_metrics) -> float:
@@ -61,7 +70,7 @@ def _kill_mid_training(stage: str, params: Path, cwd: Path, rng: random.Random,
         proc = start(stage, params, cwd)
         deadline = time.monotonic() + 120
         # dvclive/ appears when Lightning starts (freeze_curve: depthK/dvclive/, one per point)
-        while not next(work.glob(wait_for), None) and proc.poll() is None and time.monotonic() < deadline:
+        while not _appeared(work, wait_for) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(delay)
         if proc.poll() is None:
