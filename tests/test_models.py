@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,30 @@ def test_resnet18_imagenet_weights_from_local_cache(tmp_path, monkeypatch):
     assert model.arch["weights"] == "IMAGENET1K_V1"
     with torch.no_grad():
         assert model(_x(2)).shape == (2, 5)
+
+
+class _RunsCode:
+    """A pickle that calls os.mkdir when unpickled: what a planted weights file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_resnet18_imagenet_file_is_read_as_data_never_code(tmp_path, monkeypatch):
+    """The message for missing weights asks users to copy the file into the hub cache, and torch.hub
+    checks no hash of a cached file: reading it must never run code."""
+    from torchvision.models import ResNet18_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    target = tmp_path / "torch" / "hub" / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": _RunsCode(tmp_path / "ran")}, target)
+    with pytest.raises(TransferkitError, match="could not load ResNet-18 IMAGENET1K_V1 weights"):
+        build_model("resnet18", 5, weights="IMAGENET1K_V1")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_resnet18_unknown_weights_name(tmp_path, monkeypatch):

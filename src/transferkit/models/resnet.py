@@ -20,9 +20,11 @@ def resnet18_blocks(weights: str | None = None, load_weights: bool = True) -> li
         except KeyError:
             raise TransferkitError(f"unknown ResNet-18 weights '{weights}'. Fix: use one of "
                                    f"{[w.name for w in ResNet18_Weights]} or null.") from None
+        net = resnet18(weights=None)  # 1000 classes, as the published file has
         try:
-            net = resnet18(weights=enum if load_weights else None)
-        except Exception as e:  # offline: URLError / socket errors from the hub download
+            if load_weights:  # weights_only: torch.hub unpickles without it, and checks no hash of a cached file
+                net.load_state_dict(enum.get_state_dict(progress=False, check_hash=True, weights_only=True))
+        except Exception as e:  # offline: URLError / socket errors from the hub download; a file that is no weights
             raise TransferkitError(
                 f"could not load ResNet-18 {weights} weights ({type(e).__name__}: {e}). Fix: put the "
                 f"file {enum.url.rsplit('/', 1)[-1]} in $TORCH_HOME/hub/checkpoints/ or set "
