@@ -375,7 +375,12 @@ def test_an_output_folder_that_holds_other_things_is_never_replaced(smoke_artifa
     assert (tmp_path / "mine" / "model.pt").exists()
 
 
-def test_a_gpu_trainer_on_a_machine_without_one(smoke_artifacts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides, needle", [
+    (("trainer=gpu",), "trainer.accelerator=gpu, but torch sees no CUDA GPU.*Fix: train on"),
+    # the ddp preset's accelerator is auto: the CPU here, where SyncBatchNorm fails on the first batch
+    (("trainer=ddp", "trainer.sync_batchnorm=true"), "sync_batchnorm=true works only on CUDA GPUs.*auto.*Fix"),
+])
+def test_a_gpu_trainer_on_a_machine_without_one(smoke_artifacts, tmp_path, monkeypatch, overrides, needle):
     """Refused when the stage runs, not by `transferkit params`: params.yaml may be written for another machine."""
     from transferkit.config.schema import validate_run
 
@@ -383,8 +388,8 @@ def test_a_gpu_trainer_on_a_machine_without_one(smoke_artifacts, tmp_path, monke
     ref_cfg, _ = smoke_artifacts
     shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
     before = _snapshot(tmp_path / "artifacts")
-    cfg = compose("experiment=smoke", "trainer=gpu", tmp=tmp_path)
+    cfg = compose("experiment=smoke", *overrides, tmp=tmp_path)
     validate_run(cfg, None, {}, all_stages=True)
-    with pytest.raises(TransferkitError, match="trainer.accelerator=gpu, but torch sees no CUDA GPU.*Fix: train on"):
+    with pytest.raises(TransferkitError, match=needle):
         run("transfer", cfg)
     assert _snapshot(tmp_path / "artifacts") == before

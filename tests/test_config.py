@@ -126,6 +126,19 @@ def test_overrides_hydra_accepts_compose(override, key, value):
     ("evaluate.latency_repeats=0", "evaluate.latency_repeats"),
     ("scratch.freeze_depth=2", "scratch.freeze_depth"),
     ("data.image_size=64", "data.image_size"),
+    ("seed=4294967296", "seed"),  # numpy's generator, which every stage seeds, takes 32 bits
+    # Lightning acts on true and "warn" only: any other value turns determinism off without a word
+    ("trainer.deterministic=1", "trainer.deterministic"),
+    ("trainer.deterministic=warm", "trainer.deterministic"),
+    ("trainer.sync_batchnorm=maybe", "trainer.sync_batchnorm='maybe' is invalid"),
+    ("trainer.benchmark=yes", "trainer.benchmark"),
+    ("trainer.progress_bar=2", "trainer.progress_bar"),
+    ("trainer.loggers=csv", "trainer.loggers='csv' is invalid"),  # a string would be read as its letters
+    ("data.download=maybe", "data.download"),
+    ("data.verify_checksums=no_thanks", "data.verify_checksums"),
+    # prepare refuses these too, but `transferkit params` must not write them into params.yaml
+    ("data.target.classes=[cat]", "at least 2 classes"),
+    ("data.source.classes=[airplane,ship,ship]", "data.source.classes lists"),
 ])
 def test_bad_numbers_name_the_key(override, key):
     with pytest.raises(TransferkitError, match=key.replace(".", r"\.")):

@@ -868,6 +868,17 @@ def test_the_modules_draws_are_another_stream_than_the_batches(rank):
     assert not batch_seeds & {module_seed(s, e, rank) for s in range(3) for e in range(5)}
 
 
+def test_every_seed_the_config_allows_seeds_every_rank():
+    """seed < 2**32 (numpy's limit): a rank's seed, seed x 10**12 and more, must still fit torch's 64 bits
+    (it overflowed from seed 18.5 million: every rank but 0 died on its first batch); small seeds keep theirs."""
+    from transferkit.data.loader import rank_seed
+
+    for seed in (0, 18_500_000, 2**32 - 1):
+        for rank in (0, 1, 7):
+            torch.Generator().manual_seed(rank_seed(seed, 10_000, rank))
+    assert rank_seed(3, 2, 1) == (3 * 1_000_003 + 2) * 1_000_003 + 1
+
+
 def test_a_linked_archive_is_named_by_its_link(tmp_path):
     """data/cifar10-jpeg.tar.gz as a link (DVC's cache names the file it points at by its md5): the
     dataset keeps the name the project gives it, in summary.json and the report."""

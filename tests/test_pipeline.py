@@ -300,5 +300,6 @@ def test_unknown_logger_is_refused(smoke):
     from transferkit.errors import TransferkitError
 
     cfg = compose("experiment=smoke", "trainer.loggers=[wandb]")
-    with pytest.raises(TransferkitError, match="unknown logger 'wandb'.*Fix"):
+    with pytest.raises(TransferkitError,
+                       match=r"trainer.loggers=\['wandb'\] is invalid: must be 'dvclive', 'tensorboard' or 'csv'.*Fix"):
         validate(cfg)

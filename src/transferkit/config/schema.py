@@ -16,6 +16,7 @@ from transferkit.errors import TransferkitError
 from transferkit.evaluation.metrics import TTA as TTA_MODES
 from transferkit.models.fastnet import ACTIVATIONS, MAX_STEM_WIDTH
 from transferkit.prune.structured import SCOPES
+from transferkit.training import LOGGERS
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -119,6 +120,8 @@ class Synthetic(Schema):
 
 
 class Data(Schema):
+    download: bool = rule()
+    verify_checksums: bool = rule()
     source: Split = rule()
     target: Split = rule()
     synthetic: Synthetic = rule()
@@ -130,6 +133,11 @@ class Trainer(Schema):
     num_threads: Optional[int] = rule(ge=1)
     precision: Literal[PRECISIONS] = rule()
     checkpoint_budget: float = rule(ge=0, le=1)
+    deterministic: bool | Literal["warn"] = rule()  # Lightning ignores any other value: determinism off
+    benchmark: Optional[bool] = rule()
+    sync_batchnorm: bool = rule()
+    progress_bar: bool = rule()
+    loggers: list[Literal[LOGGERS]] = rule()
 
 
 class Quantize(Schema):
@@ -159,7 +167,7 @@ class FreezeCurve(Schema):
 BLOCKS = {"model": Model, "pretrain": Pretrain, "transfer": Transfer, "probe": Probe, "scratch": Scratch,
           "distill": Distill, "student": Optim, "prune": Prune, "quantize": Quantize, "trainer": Trainer,
           "evaluate": Evaluate, "freeze_curve": FreezeCurve, "data": Data}
-Config = create_model("Config", __base__=Schema, seed=(int, rule(ge=0)),
+Config = create_model("Config", __base__=Schema, seed=(int, rule(ge=0, lt=2**32)),
                       **{name: (schema, rule()) for name, schema in BLOCKS.items()})
 
 
@@ -169,17 +177,20 @@ def fail(key: str, value, need: str):
 
 
 def check_schema(params: dict) -> None:
-    """The first value that breaks the schema, as one error naming its key (a list by its item)."""
+    """The first value that breaks the schema, as one error naming its key (a list by its item); a key
+    that allows several types (bool or "warn") fails once per type: their needs joined by "or"."""
     try:
         Config.model_validate(params)
     except ValidationError as e:
-        error = e.errors()[0]
-        keys = [k for k in error["loc"] if isinstance(k, str)]
-        value = params
-        for k in keys:
-            value = value[k]
-        item = f" (item {error['loc'][-1]}: {error['input']!r})" if isinstance(error["loc"][-1], int) else ""
-        fail(".".join(keys), value, error["msg"].replace("Input should be", "must be") + item)
+        errors = e.errors()
+        first, value, keys = errors[0], params, []
+        for k in first["loc"]:  # keys, then a list's item or the type a union tried
+            if isinstance(k, str) and isinstance(value, dict):
+                value, keys = value[k], [*keys, k]
+        same = [err for err in errors if [k for k in err["loc"] if isinstance(k, str)][:len(keys)] == keys]
+        need = " or ".join(dict.fromkeys(err["msg"].replace("Input should be", "must be") for err in same))
+        fail(".".join(keys), value, need + (f" (item {first['loc'][-1]}: {first['input']!r})"
+                                            if isinstance(first["loc"][-1], int) else ""))
 
 
 # The structured-only prune keys whose default turns them off (target and round_to have live defaults,
@@ -190,19 +201,20 @@ STRUCTURED_ONLY = {"rates": [], "sparse_epochs": 0, "steps": 1}
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model or data (validate_run adds those that need the model)."""
     from transferkit.config.compose import to_params
-    from transferkit.data.tasks import check_disjoint
+    from transferkit.data.tasks import check_class_list, check_disjoint
     from transferkit.distill.losses import get_loss
     from transferkit.prune import unstructured
     from transferkit.prune.structured import importance
-    from transferkit.training import LOGGERS, multi_process
+    from transferkit.training import multi_process
 
     d, params = cfg.data, to_params(cfg)
     if "synthetic" not in (d.source.dataset, d.target.dataset):
         params["data"].pop("synthetic", None)  # read only when a split is synthetic
     check_schema(params)
     if d.image_size != 32:  # the official CIFAR files are read as they are; model cost and export assume 32
-        fail("data.image_size", d.image_size, "the models and CIFAR's own files are 32x32 pixels, the only size "
-             "supported")
+        fail("data.image_size", d.image_size, "the models and CIFAR's own files are 32x32 pixels, the only size")
+    for role in ("source", "target"):
+        check_class_list(list(d[role].classes), role)
     if d.source.dataset == d.target.dataset:  # other names of one file: prepare checks where they resolve
         check_disjoint(d.source.classes, d.target.classes)
     for key in ("model", "distill.student"):
@@ -215,14 +227,7 @@ def validate(cfg: DictConfig) -> None:
     devices = cfg.trainer.devices
     if not (devices in (-1, "auto") or (type(devices) is int and devices >= 1) or isinstance(devices, str)
             or (OmegaConf.is_list(devices) and len(devices) and all(type(d) is int and d >= 0 for d in devices))):
-        fail("trainer.devices", devices, "must be a count >= 1, -1 or auto (every device), or a list of device "
-             "indices")
-    for name in cfg.trainer.get("loggers") or []:
-        if name not in LOGGERS:
-            raise TransferkitError(f"unknown logger '{name}' in trainer.loggers. Fix: use any of {list(LOGGERS)}.")
-    if cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu":
-        raise TransferkitError("trainer.sync_batchnorm=true works only on GPUs (torch's SyncBatchNorm). "
-                               "Fix: set trainer.sync_batchnorm=false for CPU processes.")
+        fail("trainer.devices", devices, "must be a count >= 1, -1 or auto (every device), or a list of device ids")
     if "distill" in cfg:
         get_loss(cfg.distill.method)  # an unknown name -> an error listing the registered methods
         if cfg.distill.mixup and cfg.distill.method != "kd":  # dkd splits its loss by each image's one label
@@ -236,9 +241,8 @@ def validate(cfg: DictConfig) -> None:
         ignored = [k for k, off in STRUCTURED_ONLY.items() if cfg.prune[k] != off]
         if cfg.prune.mode == "unstructured" and ignored:
             raise TransferkitError(f"{', '.join(f'prune.{k}={cfg.prune[k]}' for k in ignored)} act only in structured "
-                                   f"pruning, and prune.mode=unstructured would ignore them. Fix: set "
-                                   f"prune.mode=structured, or "
-                                   f"{', '.join(f'prune.{k}={STRUCTURED_ONLY[k]}' for k in ignored)}.")
+                                   f"pruning, which prune.mode=unstructured ignores. Fix: set prune.mode=structured, "
+                                   f"or {', '.join(f'prune.{k}={STRUCTURED_ONLY[k]}' for k in ignored)}.")
     if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
         differ = [f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}"
                   for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
@@ -248,9 +252,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("transfer", {}).get("unfreeze_every_epochs") and multi_process(cfg.trainer):
         t = cfg.trainer
         raise TransferkitError(f"transfer.unfreeze_every_epochs > 0 is not supported in several processes (strategy "
-                               f"{t.strategy}, devices {t.devices}, num_nodes {t.num_nodes}): DDP fixes its parameter "
-                               f"set at start. Fix: set transfer.unfreeze_every_epochs=0, or train in one process "
-                               f"(trainer=cpu/gpu, trainer.devices=1).")
+                               f"{t.strategy}, devices {t.devices}, num_nodes {t.num_nodes}): DDP fixes its parameters "
+                               f"at start. Fix: set it to 0, or train in one process (trainer=cpu/gpu, devices=1).")
     if cfg.get("transfer", {}).get("unfreeze_every_epochs") and cfg.transfer.backbone_lr_mult == 0:
         # a zero backbone rate keeps every block frozen: unfreezing would only let BatchNorm statistics drift
         raise TransferkitError(f"transfer.unfreeze_every_epochs={cfg.transfer.unfreeze_every_epochs} unfreezes blocks "

@@ -22,13 +22,17 @@ def check_disjoint(source_classes, target_classes) -> None:
                                f"from one of the two lists.")
 
 
-def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
+def check_class_list(classes: list[str], role: str) -> None:
     if len(classes) < 2:
         raise TransferkitError(f"data.{role}.classes needs at least 2 classes, got {classes}. "
                                f"Fix: list two or more class names.")
     dupes = sorted({c for c in classes if classes.count(c) > 1})
     if dupes:
         raise TransferkitError(f"data.{role}.classes lists {dupes} more than once. Fix: list each class once.")
+
+
+def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
+    check_class_list(classes, role)
     for c in classes:
         if c not in raw.classes:
             near = difflib.get_close_matches(c, raw.classes, n=3)

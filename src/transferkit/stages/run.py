@@ -22,7 +22,7 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
 
     validate(cfg)
     check_files_tracked(stage, cfg)
-    check_accelerator(str(cfg.trainer.accelerator))
+    check_accelerator(cfg.trainer)
     seed_everything(cfg.seed)
     inputs = {**inputs_of(stage, cfg.paths.artifacts_dir), **(inputs or {})}
     module = importlib.import_module(module_of(stage))

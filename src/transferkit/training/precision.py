@@ -102,8 +102,13 @@ def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def check_accelerator(accelerator: str) -> None:
+def check_accelerator(trainer) -> None:
     """At run time, not in the config's checks: params.yaml may be written for another machine."""
+    accelerator = str(trainer.accelerator)
+    if trainer.sync_batchnorm and not uses_cuda(accelerator):
+        raise TransferkitError(f"trainer.sync_batchnorm=true works only on CUDA GPUs (torch's SyncBatchNorm), and "
+                               f"trainer.accelerator={accelerator} trains on the CPU here. Fix: set "
+                               f"trainer.sync_batchnorm=false, or run on GPUs.")
     missing = {"gpu": "CUDA GPU", "cuda": "CUDA GPU", "mps": "Apple GPU (MPS)"}.get(accelerator)
     if missing and not (torch.backends.mps.is_available() if accelerator == "mps" else torch.cuda.is_available()):
         raise TransferkitError(f"trainer.accelerator={accelerator}, but torch sees no {missing} on this machine. "
