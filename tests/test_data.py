@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 import stat
@@ -64,6 +65,23 @@ def test_cifar10_pickles_are_read(tmp_path):
     assert torch.equal(raw.train.images[:10], torch.from_numpy(first_batch.transpose(0, 3, 1, 2).copy()))
     test_batch = random_images(20, seed=99)
     assert torch.equal(raw.test.images, torch.from_numpy(test_batch.transpose(0, 3, 1, 2).copy()))
+
+
+@pytest.mark.parametrize("labels, fault", [
+    (lambda y: y[:-3], "17 labels for 20 images"),  # later labels would shift onto the wrong images
+    (lambda y: [*y[:-1], 12], "label 12"),
+    (lambda y: [-1, *y[1:]], "label -1"),
+    (lambda y: [0.5] * len(y), "not integers"),
+])
+def test_cifar_labels_that_do_not_fit_the_images_are_refused(tmp_path, labels, fault):
+    """verify_checksums=false reads a modified copy: its labels must still fit its images and classes."""
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=10, test_per_class=2)
+    with open(folder / "data_batch_1", "rb") as f:
+        batch = pickle.load(f)
+    batch[b"labels"] = labels(batch[b"labels"])
+    (folder / "data_batch_1").write_bytes(pickle.dumps(batch))
+    with pytest.raises(TransferkitError, match=f"data_batch_1.*{fault}.*Fix"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
 
 
 def test_cifar100_pickles_are_read(tmp_path):
@@ -628,7 +646,8 @@ def test_too_many_samples_names_class_and_keys():
 
 def test_a_class_without_test_images_beside_classes_with_some_is_an_error(tmp_path):
     """An image folder whose test/dog/ is missing: the task's test score would be the other
-    classes' alone. A dataset with no test split at all (a source task may have none) stays allowed."""
+    classes' alone. A dataset with no test split at all stays allowed for the source task (pretraining
+    needs none), never for the target."""
     folder = write_image_folder(tmp_path, ["cat", "dog", "fox"], 10, 3, archive=False)
     shutil.rmtree(folder / "test" / "dog")
     raw = read_image_folder(folder)
@@ -642,6 +661,10 @@ def test_a_class_without_test_images_beside_classes_with_some_is_an_error(tmp_pa
     no_test = select_task(read_image_folder(folder), ["cat", "dog"], train_per_class=8, val_per_class=2,
                           test_per_class=None, seed=0, role="source")
     assert len(no_test["test_y"]) == 0 and len(no_test["train_y"]) == 16
+    # the target's test images are what evaluate scores every model on: refused now, not after training
+    with pytest.raises(TransferkitError, match=r"data.target.classes have no test images.*Fix: add test/<class>/"):
+        select_task(read_image_folder(folder), ["cat", "dog"], train_per_class=8, val_per_class=2,
+                    test_per_class=None, seed=0, role="target")
 
 
 def test_duplicated_or_single_class_is_an_error():

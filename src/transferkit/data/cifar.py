@@ -93,13 +93,22 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in field(unpickle(meta_file), names_key, meta_file)]
 
     def split(files: list[str]) -> Split:
-        batches = {f: unpickle(f) for f in files}
-        arrays = [np.asarray(field(b, b"data", f)) for f, b in batches.items()]
-        if any(a.dtype != np.uint8 or a.size % (3 * 32 * 32) for a in arrays):
-            raise TransferkitError(f"the images in {folder} are not uint8 32x32 RGB rows. Fix: {refetch}")
-        data = np.concatenate(arrays).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([np.asarray(field(b, label_key, f), dtype=np.int64) for f, b in batches.items()])
-        return Split(torch.from_numpy(data.copy()), torch.from_numpy(labels))
+        images, labels = [], []
+        for f in files:
+            batch = unpickle(f)
+            x, y = np.asarray(field(batch, b"data", f)), np.asarray(field(batch, label_key, f))
+            if x.dtype != np.uint8 or x.size % (3 * 32 * 32):
+                raise TransferkitError(f"the images in {folder} are not uint8 32x32 RGB rows. Fix: {refetch}")
+            images.append(x.reshape(-1, 3, 32, 32))
+            # a label too few or too many shifts every later one onto another image
+            fault = (f"{len(y)} labels for {len(images[-1])} images" if y.ndim != 1 or len(y) != len(images[-1])
+                     else "labels that are not integers" if len(y) and y.dtype.kind not in "iu"
+                     else next((f"label {v}" for v in y[(y < 0) | (y >= len(classes))]), None))
+            if fault:
+                raise TransferkitError(f"{folder / f} has {fault} (each image needs one label in 0..{len(classes) - 1}"
+                                       f", its class's index). Fix: {refetch}")
+            labels.append(y.astype(np.int64))
+        return Split(torch.from_numpy(np.concatenate(images).copy()), torch.from_numpy(np.concatenate(labels)))
 
     return RawDataset(name, classes, split(train_files), split(test_files))
 

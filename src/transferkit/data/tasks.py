@@ -73,12 +73,13 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
             parts[f"{split}_x"].append(images.images[ix])
             parts[f"{split}_y"].append(torch.full((len(ix),), new_label, dtype=torch.long))
     tested = [name for name, y in zip(classes, parts["test_y"]) if len(y)]
-    if tested and len(tested) < len(classes):  # a score over the others alone would read as the task's
+    # a score over the others alone would read as the task's; pretraining needs no test split, evaluate does
+    if (tested or role == "target") and len(tested) < len(classes):
         missing = [c for c in classes if c not in tested]
-        raise TransferkitError(
-            f"classes {missing} of data.{role}.classes have no test images in {raw.name}, which has some for "
-            f"{tested}: the test score would leave them out. Fix: add test/<class>/ images for them, or "
-            f"remove them from data.{role}.classes.")
+        why = f", which has some for {tested}: the test score would leave them out" if tested else \
+            " (no test split): evaluate scores every model on the target's test images"
+        raise TransferkitError(f"classes {missing} of data.{role}.classes have no test images in {raw.name}{why}. "
+                               f"Fix: add test/<class>/ images for them, or remove them from data.{role}.classes.")
     task = {k: torch.cat(v) for k, v in parts.items()}
     task["classes"] = list(classes)
     task["dataset"] = raw.name
