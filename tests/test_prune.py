@@ -136,6 +136,34 @@ def test_the_random_criterion_cuts_the_channels_the_round_to_trial_tried():
     assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
 
 
+@pytest.mark.parametrize("target", ["macs", "channels"])
+@pytest.mark.parametrize("keep", [[], ["blocks.0"]])
+def test_the_classifier_keeps_every_class_whatever_keep_lists(target, keep):
+    """prune.keep=[blocks.0] drops the default [head]: the head's outputs are the classes, never channels
+    to cut (Torch-Pruning cut 5 to 2, and the recovery failed on a label out of range)."""
+    model = _student()
+    prune_channels(model, criterion="l2", target=target, ratio=0.5, keep=keep)
+    assert model.head.fc.out_features == 5 and model(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_a_channel_ratio_that_would_empty_a_layer_is_refused():
+    """Torch-Pruning leaves whole a layer whose kept count rounds to 0 channels: the cut reported a
+    reduction of nothing, or left the narrow layers alone, without a word."""
+    for round_to in (None, 16):
+        with pytest.raises(TransferkitError, match=r"prune.ratio=0.9 would leave .* no channel.*prune.ratio <= 0.875"):
+            prune_channels(_student(), criterion="l2", target="channels", ratio=0.9, keep=["head"], round_to=round_to)
+
+
+def test_round_to_gives_way_when_its_smallest_multiple_keeps_more_than_the_ratio():
+    """A 24-channel layer at ratio 0.9 keeps 2; round_to=16 never goes below 16, a third of the ratio:
+    the ratio is the target, round_to a preference (as when a multiple would leave a layer whole)."""
+    model = build_model("fastnet", 5, widths=[64, 256, 256], stem_width=24).eval()
+    before = conv_widths(model)
+    result = prune_channels(model, criterion="l2", target="channels", ratio=0.9, keep=["head"], round_to=16)
+    assert result["round_to"] is None
+    assert all(a <= b - int(0.9 * b) + 1 for b, a in zip(before, conv_widths(model))), (before, conv_widths(model))
+
+
 def test_round_to_gives_way_when_the_model_is_too_narrow_for_it():
     model = _student()  # 8-32 channels: multiples of 32 cannot remove half the MACs
     before = count_macs(model)

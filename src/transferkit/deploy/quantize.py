@@ -34,8 +34,9 @@ def calibration_images(task: dict, n: int) -> np.ndarray:
     return (train_sample(task, n)[0].float() / 255).contiguous().numpy()
 
 
-def float_nodes(model_path: Path, keep_float) -> list[str]:
-    """The names of the nodes that stay in float: each entry of `keep_float` is a node name or an op type."""
+def float_nodes(model_path: Path, keep_float, shown: Path | None = None) -> list[str]:
+    """The names of the nodes that stay in float: each entry of `keep_float` is a node name or an op type.
+    `shown`: the file an error names, when `model_path` is a temporary copy of it."""
     import onnx
 
     nodes = onnx.load(str(model_path)).graph.node
@@ -43,8 +44,8 @@ def float_nodes(model_path: Path, keep_float) -> list[str]:
     unknown = [k for k in keep_float if k not in known]
     if unknown:
         raise TransferkitError(f"quantize.keep_float={list(keep_float)}: {unknown} is neither a node name nor an op "
-                               f"type of {model_path} (nodes: {[n.name for n in nodes]}). Fix: use names or op "
-                               f"types from that list (Gemm keeps the classifier in float).")
+                               f"type of {shown or model_path} (nodes: {[n.name for n in nodes]}). Fix: use names or "
+                               f"op types from that list (Gemm keeps the classifier in float).")
     return [n.name for n in nodes if n.name in keep_float or n.op_type in keep_float]
 
 
@@ -70,7 +71,7 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
         prepared = Path(tmp) / "prepared.onnx"
         try:  # shape inference and graph clean-up first, as ONNX Runtime recommends
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-            excluded = float_nodes(prepared, keep_float)
+            excluded = float_nodes(prepared, keep_float, shown=fp32)
             quantize_static(str(prepared), str(out), Batches(), per_channel=per_channel, reduce_range=reduce_range,
                             nodes_to_exclude=excluded,
                             quant_format={"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}[fmt],

@@ -52,14 +52,14 @@ def importance(name: str):
 
 
 def kept_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
-    """Modules named in prune.keep (e.g. 'head'): never pruned."""
+    """Modules named in prune.keep (e.g. 'blocks.0') and the head, whose outputs are the classes: never pruned."""
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
         top = sorted({n.split(".")[0] for n in modules if n})
         raise TransferkitError(f"prune.keep names {missing}, which the model does not have. Fix: use module "
                                f"names such as {top} (or dotted paths below them).")
-    return [modules[n] for n in names]
+    return [modules[n] for n in names] + [model.head]
 
 
 def group_regularizer(model: nn.Module, reg: float, keep: list[str], input_size: int = 32) -> Callable[[], None]:
@@ -149,6 +149,12 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
     imp = importance(criterion)
     steps = 1 if target == "channels" else max_search_steps
     check_rates(model, rates)
+    # channels: Torch-Pruning leaves whole a layer whose kept count rounds down to 0, without a word
+    each_layer = target == "channels" and scope == "layer" and not rates
+    if each_layer and (empty := sorted((c, n) for n, c in widths.items() if int(c * (1 - ratio)) < 1)):
+        c, name = empty[0]
+        raise TransferkitError(f"prune.ratio={ratio} would leave {name} ({c} channels) no channel. Fix: set "
+                               f"prune.ratio <= {1 - 1 / c:.3g}, or name the layer in prune.keep.")
     # the search ramps every share linearly to its maximum: the fastest block's is 0.95, the others' in proportion
     max_ratio = ratio if target == "channels" else 0.95 / max([1, *rates])
     per_module = {block: min(rate * max_ratio, 0.95) for block, rate in zip(model.blocks, rates) if rate != 1}
@@ -169,11 +175,14 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
             break
     macs, params = count_macs_params(model, input_size)
     modules = dict(model.named_modules())
-    # channels: rounding to the nearest multiple may not leave whole a layer the ratio cuts (then: any count)
+    # channels: rounding to the nearest multiple may not leave whole a layer the ratio cuts, nor keep more than
+    # the nearest (round_to is the least it keeps); then any count
     if target == "channels" and round_to and not rates and (whole := [
-            n for n, c in widths.items() if int(ratio * c) >= 1 and modules[n].out_channels == c]):
-        raise TransferkitError(f"round_to={round_to} keeps {whole[0]} whole ({widths[whole[0]]} channels) at "
-                               f"prune.ratio={ratio}. Fix: lower prune.round_to or raise prune.ratio.")
+            n for n, c in widths.items() if int(ratio * c) >= 1 and modules[n].out_channels == c
+            or each_layer and modules[n].out_channels > int(c * (1 - ratio)) + round_to // 2]):
+        raise TransferkitError(f"round_to={round_to} keeps {modules[whole[0]].out_channels} of {whole[0]}'s "
+                               f"{widths[whole[0]]} channels at prune.ratio={ratio}. Fix: lower prune.round_to or "
+                               f"raise prune.ratio.")
     if target == "macs" and macs > (1 - ratio) * base_macs:
         raise TransferkitError(f"could not reach prune.ratio={ratio} of MACs (reached "
                                f"{1 - macs / base_macs:.2f}) without emptying a layer. Fix: lower prune.ratio "
