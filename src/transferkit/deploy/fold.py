@@ -18,11 +18,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, scale: torch.Tensor) -> None:
+    shift = bn.bias - bn.running_mean * scale
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    conv.bias = nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift)
+
+
+# torchvision's ResNet blocks hold their pairs as attributes (convK feeds bnK), not in a Sequential
+RESNET_BLOCKS = ("torchvision.models.resnet.BasicBlock", "torchvision.models.resnet.Bottleneck")
+
+
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of `model` (eval mode) with every Conv2d -> [MaxPool2d] -> BatchNorm2d folded."""
     model = copy.deepcopy(model).eval()
     for seq in model.modules():
+        if f"{type(seq).__module__}.{type(seq).__name__}" in RESNET_BLOCKS:
+            for k in (1, 2, 3):
+                if isinstance(bn := getattr(seq, f"bn{k}", None), nn.BatchNorm2d):
+                    _fold(getattr(seq, f"conv{k}"), bn, bn.weight / torch.sqrt(bn.running_var + bn.eps))
+                    setattr(seq, f"bn{k}", nn.Identity())
         if not isinstance(seq, nn.Sequential):
             continue
         for i, conv in enumerate(list(seq)):
@@ -33,9 +48,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             if j > i + 1 and not bool((scale > 0).all()):
                 continue  # a negative scale would turn the max into a min
-            shift = bn.bias - bn.running_mean * scale
-            conv.weight.mul_(scale.view(-1, 1, 1, 1))
-            conv.bias = nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift)
+            _fold(conv, bn, scale)
             seq[j] = nn.Identity()
             if j > i + 1 and j + 1 < len(seq) and isinstance(seq[j + 1], nn.ReLU):
                 seq[i + 1], seq[i + 2], seq[j + 1] = seq[j + 1], seq[i + 1], nn.Identity()
