@@ -161,7 +161,10 @@ def _archive_files(path: Path) -> list[tuple[str, bytes | bytearray]]:
             try:
                 return [(m.filename, archive.read(m)) for m in archive.infolist() if not m.is_dir()]
             except (RuntimeError, NotImplementedError) as e:  # an encrypted member; a method zipfile lacks
-                raise zipfile.BadZipFile(str(e)) from e
+                raise TransferkitError(f"{path} holds a member Python's zipfile cannot read ({e}): a password, or a "
+                                       f"compression such as Deflate64, which Windows uses for large folders. Fix: "
+                                       f"re-create it with standard Deflate and no password (`zip -r`), or as a "
+                                       f".tar.gz.") from e
     if raw[:2] == b"\x1f\x8b":
         raw = bytearray(gzip.decompress(raw))
     if (files := _tar_files(raw)) is not None:
