@@ -875,23 +875,6 @@ def test_one_archive_under_two_names_shares_no_class_between_the_tasks(tmp_path,
         run("prepare", cfg)
 
 
-def test_one_dataset_in_two_copies_shares_no_class_between_the_tasks(tmp_path, monkeypatch):
-    """CIFAR-10's official pickles as the source and an image-folder copy of CIFAR-10 as the target: two
-    files, one dataset. Datasets with the same classes count as one, so a shared class is refused."""
-    from conftest import compose, run
-
-    write_cifar_pickles(tmp_path / "data", "cifar10", CIFAR10_CLASSES, train_per_class=10, test_per_class=2)
-    write_image_folder(tmp_path / "data", CIFAR10_CLASSES, 2, 1, top="my-cifar10")
-    monkeypatch.chdir(tmp_path)
-    overrides = ("experiment=smoke", "data.source.dataset=cifar10", "data.source.classes=[airplane,ship]",
-                 "data.target.dataset=data/my-cifar10.tar.gz", "data.verify_checksums=false",
-                 "data.source.val_per_class=0", "data.target.val_per_class=0", "data.target.train_per_class=2",
-                 "data.source.train_per_class=2")
-    with pytest.raises(TransferkitError, match=r"classes \['ship'\] are in both data.source.classes"):
-        run("prepare", compose(*overrides, "data.target.classes=[ship,cat]", tmp=tmp_path))
-    assert run("prepare", compose(*overrides, "data.target.classes=[dog,cat]", tmp=tmp_path))["source"]["n_train"] == 4
-
-
 @pytest.mark.parametrize("rank", [0, 1])
 def test_the_modules_draws_are_another_stream_than_the_batches(rank):
     """Dropout and mixup draw from the global generator the module seeds at each epoch; the batches' flips

@@ -32,13 +32,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         check_disjoint(d.source.classes, d.target.classes)
     # cifar10_split takes both tasks from one archive: read (and decode) it once
     shared = load_raw(cfg, "source", set(d.source.classes) | set(d.target.classes)) if same else None
-    raws = {role: shared or load_raw(cfg, role, set(d[role].classes)) for role in ("source", "target")}
-    if not same and "synthetic" not in (d.source.dataset, d.target.dataset) and \
-            sorted(raws["source"].classes) == sorted(raws["target"].classes):  # one dataset in two copies
-        check_disjoint(d.source.classes, d.target.classes)
     summary = {}
-    for role, raw in raws.items():
+    for role in ("source", "target"):
         spec = d[role]
+        raw = shared or load_raw(cfg, role, set(spec.classes))
         task = select_task(raw, list(spec.classes), train_per_class=spec.train_per_class,
                            val_per_class=spec.val_per_class, test_per_class=spec.test_per_class,
                            seed=cfg.seed, role=role)
