@@ -150,18 +150,33 @@ def test_a_channel_ratio_that_would_empty_a_layer_is_refused():
     """Torch-Pruning leaves whole a layer whose kept count rounds to 0 channels: the cut reported a
     reduction of nothing, or left the narrow layers alone, without a word."""
     for round_to in (None, 16):
-        with pytest.raises(TransferkitError, match=r"prune.ratio=0.9 would leave .* no channel.*prune.ratio <= 0.875"):
+        with pytest.raises(TransferkitError, match=r"prune.ratio=0.9 would leave 1 layer\(s\) no channel "
+                                                   r"\(blocks.0.0; the narrowest has 8\).*prune.ratio <= 0.875"):
             prune_channels(_student(), criterion="l2", target="channels", ratio=0.9, keep=["head"], round_to=round_to)
 
 
-def test_round_to_gives_way_when_its_smallest_multiple_keeps_more_than_the_ratio():
-    """A 24-channel layer at ratio 0.9 keeps 2; round_to=16 never goes below 16, a third of the ratio:
-    the ratio is the target, round_to a preference (as when a multiple would leave a layer whole)."""
-    model = build_model("fastnet", 5, widths=[64, 256, 256], stem_width=24).eval()
-    before = conv_widths(model)
-    result = prune_channels(model, criterion="l2", target="channels", ratio=0.9, keep=["head"], round_to=16)
-    assert result["round_to"] is None
-    assert all(a <= b - int(0.9 * b) + 1 for b, a in zip(before, conv_widths(model))), (before, conv_widths(model))
+@pytest.mark.parametrize("width, ratio, bound", [(10, 0.9, 0.899), (12, 0.92, 0.916), (8, 0.9, 0.875)])
+def test_the_bound_a_refusal_gives_is_one_the_cut_takes(width, ratio, bound):
+    """10 x (1 - 0.9) is just under 1 in floats: the bound to set must itself pass."""
+    def model():
+        torch.manual_seed(0)
+        return build_model("vgg_mini", 5, widths=[width] * 9, fc_width=16).eval()
+
+    with pytest.raises(TransferkitError, match=rf"prune.ratio <= {bound}\b"):
+        prune_channels(model(), criterion="l2", target="channels", ratio=ratio, keep=["head"])
+    pruned = model()
+    prune_channels(pruned, criterion="l2", target="channels", ratio=bound, keep=["head"])
+    assert all(w == 1 for w in conv_widths(pruned)), conv_widths(pruned)
+
+
+def test_rounds_of_a_channel_cut_are_checked_as_a_whole(tmp_path):
+    """prune.steps=2 at a ratio one cut can take: the second round's own ratio, on layers the first
+    narrowed, may round a layer to no channel; the trial cut checked prune.ratio before any training,
+    so that round prunes what it can rather than fail after the first round's recovery."""
+    cfg = _smoke_with_student(tmp_path, "prune.target=channels", "prune.ratio=0.7", "prune.steps=2",
+                              "prune.round_to=null", "prune.epochs=2")
+    metrics = run("prune", cfg)
+    assert metrics["macs_after"] < metrics["macs_before"]
 
 
 def test_round_to_gives_way_when_the_model_is_too_narrow_for_it():

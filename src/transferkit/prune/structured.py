@@ -9,6 +9,7 @@ real hardware, not a masked one.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import torch
@@ -108,10 +109,31 @@ def smallest_channel_count(model: nn.Module) -> int:
     return min(conv_widths(model))
 
 
+def prunable_widths(model: nn.Module, keep: list[str]) -> dict[str, int]:
+    """Output channels of each convolution that prune.keep does not name (nor a module above it)."""
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+            and not any(name == k or name.startswith(f"{k}.") for k in keep)}
+
+
+def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str]) -> None:
+    """target=channels keeps int(c x (1 - ratio)) of a layer's c channels: where that is 0, Torch-Pruning
+    leaves the layer whole without a word (a cut that reports a reduction of nothing)."""
+    if empty := sorted((c, n) for n, c in prunable_widths(model, keep).items() if int(c * (1 - ratio)) < 1):
+        c = empty[0][0]
+        bound = math.floor((1 - 1 / c) * 1000) / 1000
+        while int(c * (1 - bound)) < 1:  # the float product can fall just under 1
+            bound = round(bound - 0.001, 3)
+        names = [n for _, n in empty]
+        listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise TransferkitError(f"prune.ratio={ratio} would leave {len(names)} layer(s) no channel ({listed}; the "
+                               f"narrowest has {c}). Fix: set prune.ratio <= {bound}, or name those layers in "
+                               f"prune.keep.")
+
+
 def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],
                    calibration: tuple[torch.Tensor, torch.Tensor] | None = None, input_size: int = 32,
                    max_search_steps: int = 40, round_to: int | None = None, scope: str = "layer",
-                   rates: list[float] | None = None) -> dict:
+                   rates: list[float] | None = None, refuse_empty: bool = True) -> dict:
     """Remove channels in place until `target` is met:
     - target="channels": remove `ratio` of the channels of every prunable layer;
     - target="macs": remove channels in small uniform steps until MACs <= (1 - ratio) x before.
@@ -124,9 +146,12 @@ def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: floa
     `calibration` (images, labels) feeds the gradient-based criterion (taylor); `scope` is one of SCOPES.
     `rates` (one per block of the model, in order) cuts each block's channels at that many times the
     share of the others (0.5: half as fast), so the cut can spare the blocks where channels cost
-    few MACs; none or [] cuts every block at the same share."""
+    few MACs; none or [] cuts every block at the same share. `refuse_empty`: with target="channels",
+    refuse a ratio that would leave a layer no channel (rounds of a cut checked as a whole pass False)."""
     if scope not in SCOPES:
         raise TransferkitError(f"unknown prune.scope '{scope}'. Fix: use one of {list(SCOPES)}.")
+    if refuse_empty and target == "channels" and scope == "layer" and not rates:
+        check_no_layer_emptied(model, ratio, keep)
     settings = dict(criterion=criterion, target=target, ratio=ratio, keep=keep, calibration=calibration,
                     input_size=input_size, max_search_steps=max_search_steps, scope=scope, rates=list(rates or []))
     if round_to:
@@ -144,17 +169,10 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
            round_to: int | None, scope: str, rates: list[float]) -> dict:
     example = torch.zeros(1, 3, input_size, input_size)
     base_macs, base_params = count_macs_params(model, input_size)
-    widths = {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
-              and not any(name == k or name.startswith(f"{k}.") for k in keep)}
+    widths = prunable_widths(model, keep)
     imp = importance(criterion)
     steps = 1 if target == "channels" else max_search_steps
     check_rates(model, rates)
-    # channels: Torch-Pruning leaves whole a layer whose kept count rounds down to 0, without a word
-    each_layer = target == "channels" and scope == "layer" and not rates
-    if each_layer and (empty := sorted((c, n) for n, c in widths.items() if int(c * (1 - ratio)) < 1)):
-        c, name = empty[0]
-        raise TransferkitError(f"prune.ratio={ratio} would leave {name} ({c} channels) no channel. Fix: set "
-                               f"prune.ratio <= {1 - 1 / c:.3g}, or name the layer in prune.keep.")
     # the search ramps every share linearly to its maximum: the fastest block's is 0.95, the others' in proportion
     max_ratio = ratio if target == "channels" else 0.95 / max([1, *rates])
     per_module = {block: min(rate * max_ratio, 0.95) for block, rate in zip(model.blocks, rates) if rate != 1}
@@ -175,11 +193,9 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
             break
     macs, params = count_macs_params(model, input_size)
     modules = dict(model.named_modules())
-    # channels: rounding to the nearest multiple may not leave whole a layer the ratio cuts, nor keep more than
-    # the nearest (round_to is the least it keeps); then any count
+    # channels: rounding to the nearest multiple may not leave whole a layer the ratio cuts (then: any count)
     if target == "channels" and round_to and not rates and (whole := [
-            n for n, c in widths.items() if int(ratio * c) >= 1 and modules[n].out_channels == c
-            or each_layer and modules[n].out_channels > int(c * (1 - ratio)) + round_to // 2]):
+            n for n, c in widths.items() if int(ratio * c) >= 1 and modules[n].out_channels == c]):
         raise TransferkitError(f"round_to={round_to} keeps {modules[whole[0]].out_channels} of {whole[0]}'s "
                                f"{widths[whole[0]]} channels at prune.ratio={ratio}. Fix: lower prune.round_to or "
                                f"raise prune.ratio.")
