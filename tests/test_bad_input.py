@@ -398,7 +398,7 @@ def test_an_output_folder_that_holds_other_things_is_never_replaced(smoke_artifa
 ])
 def test_a_gpu_trainer_on_a_machine_without_one(smoke_artifacts, tmp_path, monkeypatch, overrides, needle):
     """Refused when the stage runs, not by `transferkit params`: params.yaml may be written for another machine."""
-    from transferkit.config.schema import validate_run
+    from transferkit.config.checks import validate_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ref_cfg, _ = smoke_artifacts

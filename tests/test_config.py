@@ -8,7 +8,7 @@ import pytest
 
 from conftest import CONF, ROOT, compose
 from transferkit.config.compose import params_drift, params_text
-from transferkit.config.schema import validate, validate_depths
+from transferkit.config.checks import validate, validate_depths
 from transferkit.errors import TransferkitError
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -145,6 +145,23 @@ def test_bad_numbers_name_the_key(override, key):
         validate(compose(override))
 
 
+@pytest.mark.parametrize("override, need", [
+    # a key of two types (bool or "warn") fails once per type: both named, whatever the value is
+    ("trainer.deterministic={a:1}", "trainer.deterministic={'a': 1} is invalid: must be a valid boolean or must be "
+                                    "'warn'. Fix"),
+    ("trainer.deterministic={bool:1}", "trainer.deterministic={'bool': 1} is invalid: must be a valid boolean or "
+                                       "must be 'warn'. Fix"),  # pydantic's tag of the type tried is no key
+    # two bad items of a list: the first one's need alone, under its own index
+    ("prune.rates=[-1,abc]", "prune.rates=[-1, 'abc'] is invalid: must be greater than or equal to 0 (item 0: -1). "
+                             "Fix"),
+    ("model.widths=[8,x]", "model.widths=[8, 'x'] is invalid: must be a valid integer (item 1: 'x'). Fix"),
+])
+def test_a_schema_error_names_the_key_and_the_one_value_it_is_about(override, need):
+    with pytest.raises(TransferkitError) as e:
+        validate(compose(override))
+    assert str(e.value).startswith(need), str(e.value)
+
+
 def test_class_in_both_source_and_target_is_refused():
     with pytest.raises(TransferkitError, match=r"\['cat'\].*both"):
         validate(compose("data.source.classes=[airplane,cat]"))
@@ -202,7 +219,7 @@ def test_gradual_unfreezing_of_a_frozen_backbone_is_refused():
 
 def test_a_freeze_curve_of_a_frozen_backbone_is_refused():
     """Every point would train the fully frozen model and be labelled with its own depth."""
-    from transferkit.config.schema import validate_run
+    from transferkit.config.checks import validate_run
 
     with pytest.raises(TransferkitError, match=r"freeze_curve.depths=\[0, 3\] is invalid: transfer.backbone_lr_mult=0 "
                                                r"keeps every block frozen.*freeze_curve.depths=\[\]"):

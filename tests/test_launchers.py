@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, cli, compose, made_once, run
 from transferkit.config.compose import params_text, to_params
-from transferkit.config.schema import validate
+from transferkit.config.checks import validate
 
 
 def hydra_compose(*overrides: str):

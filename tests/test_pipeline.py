@@ -296,7 +296,7 @@ def test_tensorboard_and_csv_loggers_are_selectable(smoke_artifacts, tmp_path):
 
 
 def test_unknown_logger_is_refused(smoke):
-    from transferkit.config.schema import validate
+    from transferkit.config.checks import validate
     from transferkit.errors import TransferkitError
 
     cfg = compose("experiment=smoke", "trainer.loggers=[wandb]")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import CIFAR10_CLASSES, compose, write_image_folder
-from transferkit.config.schema import validate
+from transferkit.config.checks import validate
 from transferkit.errors import TransferkitError
 from transferkit.scenarios.report import QUADRANTS, main, parse, run
 

@@ -163,7 +163,7 @@ def write_generated(overrides: list[str]) -> list[Path]:
     """params.yaml (conf/ composed with `overrides`) and dvc.yaml (the stage table), in the project;
     a value no stage could run with is refused before either file is touched."""
     from transferkit.config.dvcyaml import dvc_yaml_text
-    from transferkit.config.schema import validate_run
+    from transferkit.config.checks import validate_run
     from transferkit.io import save_text
 
     root = find_conf_dir().parent

@@ -14,7 +14,7 @@ from typing import NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import params_text
-from transferkit.config.schema import validate_run
+from transferkit.config.checks import validate_run
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.schema import validate_depths
+from transferkit.config.checks import validate_depths
 from transferkit.models import load_backbone
 from transferkit.stages import transfer
 from transferkit.stages.common import container, load_task, point_dir, seed_everything

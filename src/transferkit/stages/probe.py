@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferkit.config.schema import validate_depths
+from transferkit.config.checks import validate_depths
 from transferkit.models import load_backbone
 from transferkit.stages.common import container, load_task
 from transferkit.stages.training import train_stage

@@ -16,7 +16,7 @@ from transferkit.stages import BY_NAME, inputs_of, module_of
 def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | None = None) -> dict:
     """`inputs` defaults to the stages' folders under paths.artifacts_dir (the stage table's reads)."""
     from transferkit.config.compose import to_params
-    from transferkit.config.schema import validate
+    from transferkit.config.checks import validate
     from transferkit.stages.common import seed_everything, staged_output, storage_errors
     from transferkit.training.precision import check_accelerator
 

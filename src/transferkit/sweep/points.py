@@ -111,7 +111,7 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     # the value checks below import torch and Lightning, which take seconds to load.
     composed = [compose(point) for point in points]
 
-    from transferkit.config.schema import validate_run
+    from transferkit.config.checks import validate_run
 
     blocks = {} if blocks is None else blocks
     for point, cfg in zip(points, composed):

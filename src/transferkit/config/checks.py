@@ -1,0 +1,117 @@
+"""The config's rules between keys (a method and the setting it needs, a device count, a stage's
+depths against the model's blocks), each refusing with one message naming the key and the fix;
+check_schema (schema.py) first checks each key alone."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from transferkit.config.schema import check_schema, fail
+from transferkit.errors import TransferkitError
+from transferkit.models.fastnet import MAX_STEM_WIDTH
+
+# The structured-only prune keys whose default turns them off (target and round_to have live defaults,
+# which unstructured pruning, a share of single weights, ignores).
+STRUCTURED_ONLY = {"rates": [], "sparse_epochs": 0, "steps": 1}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every check that needs no model or data (validate_run adds those that need the model)."""
+    from transferkit.config.compose import to_params
+    from transferkit.data.tasks import check_class_list, check_disjoint
+    from transferkit.distill.losses import get_loss
+    from transferkit.prune import unstructured
+    from transferkit.prune.structured import importance
+    from transferkit.training import multi_process
+
+    d, params = cfg.data, to_params(cfg)
+    if "synthetic" not in (d.source.dataset, d.target.dataset):
+        params["data"].pop("synthetic", None)  # read only when a split is synthetic
+    check_schema(params)
+    if d.image_size != 32:  # the official CIFAR files are read as they are; model cost and export assume 32
+        fail("data.image_size", d.image_size, "the models and CIFAR's own files are 32x32 pixels, the only size")
+    for role in ("source", "target"):
+        check_class_list(list(d[role].classes), role)
+    if d.source.dataset == d.target.dataset:  # other names of one file: prepare checks where they resolve
+        check_disjoint(d.source.classes, d.target.classes)
+    for key in ("model", "distill.student"):
+        if (m := OmegaConf.select(cfg, key)) is not None and m.name == "fastnet" and m.stem_width > MAX_STEM_WIDTH:
+            fail(f"{key}.stem_width", m.stem_width, f"fastnet's whitened stem has at most {MAX_STEM_WIDTH} filters")
+    if "pretrain" in cfg and cfg.pretrain.epochs == 0 and not cfg.model.get("weights"):
+        raise TransferkitError(f"pretrain.epochs=0 passes on published weights untrained, and model '{cfg.model.name}' "
+                               f"has none set (model.weights): the backbone would be random. Fix: set pretrain.epochs "
+                               f">= 1, or model.weights (model=resnet18 model.weights=IMAGENET1K_V1).")
+    devices = cfg.trainer.devices
+    if not (devices in (-1, "auto") or (type(devices) is int and devices >= 1) or isinstance(devices, str)
+            or (OmegaConf.is_list(devices) and len(devices) and all(type(d) is int and d >= 0 for d in devices))):
+        fail("trainer.devices", devices, "must be a count >= 1, -1 or auto (every device), or a list of device ids")
+    if "distill" in cfg:
+        get_loss(cfg.distill.method)  # an unknown name -> an error listing the registered methods
+        if cfg.distill.mixup and cfg.distill.method != "kd":  # dkd splits its loss by each image's one label
+            raise TransferkitError(f"distill.mixup={cfg.distill.mixup} works with distill.method=kd only (a mixed "
+                                   f"image has two labels). Fix: set distill.method=kd or distill.mixup=0.")
+    if "prune" in cfg:
+        importance(cfg.prune.criterion)  # likewise for the pruning criteria
+        if cfg.prune.mode == "unstructured":
+            unstructured.check_settings(cfg.prune.criterion, cfg.prune.scope)  # those of channels have no weight form
+        # unstructured pruning zeroes weights in one shot: a set structured-only key would be ignored
+        ignored = [k for k, off in STRUCTURED_ONLY.items() if cfg.prune[k] != off]
+        if cfg.prune.mode == "unstructured" and ignored:
+            raise TransferkitError(f"{', '.join(f'prune.{k}={cfg.prune[k]}' for k in ignored)} act only in structured "
+                                   f"pruning, which prune.mode=unstructured ignores. Fix: set prune.mode=structured, "
+                                   f"or {', '.join(f'prune.{k}={STRUCTURED_ONLY[k]}' for k in ignored)}.")
+    if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
+        differ = [f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}"
+                  for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
+        if differ:
+            raise TransferkitError(f"the student baseline trains unlike distill ({'; '.join(differ)}): the comparison "
+                                   f"would measure more than the teacher. Fix: set the same values for both.")
+    if cfg.get("transfer", {}).get("unfreeze_every_epochs") and multi_process(cfg.trainer):
+        t = cfg.trainer
+        raise TransferkitError(f"transfer.unfreeze_every_epochs > 0 is not supported in several processes (strategy "
+                               f"{t.strategy}, devices {t.devices}, num_nodes {t.num_nodes}): DDP fixes its parameters "
+                               f"at start. Fix: set it to 0, or train in one process (trainer=cpu/gpu, devices=1).")
+    if cfg.get("transfer", {}).get("unfreeze_every_epochs") and cfg.transfer.backbone_lr_mult == 0:
+        # a zero backbone rate keeps every block frozen: unfreezing would only let BatchNorm statistics drift
+        raise TransferkitError(f"transfer.unfreeze_every_epochs={cfg.transfer.unfreeze_every_epochs} unfreezes blocks "
+                               f"that transfer.backbone_lr_mult=0 keeps frozen. Fix: set transfer.backbone_lr_mult > 0 "
+                               f"for gradual unfreezing, or transfer.unfreeze_every_epochs=0 for a frozen backbone.")
+    if "freeze_curve" in cfg and len(set(cfg.freeze_curve.depths)) != len(cfg.freeze_curve.depths):
+        fail("freeze_curve.depths", list(cfg.freeze_curve.depths), "lists a depth twice")
+
+
+# The block depths each stage takes (key, values), checked once the model's block count is known.
+DEPTHS = {"transfer": lambda cfg: ("transfer.freeze_depth", [cfg.transfer.freeze_depth]),
+          "freeze_curve": lambda cfg: ("freeze_curve.depths", list(cfg.freeze_curve.depths)),
+          "probe": lambda cfg: ("probe.depth", [d for d in [cfg.probe.depth] if d is not None])}
+
+
+def validate_depths(cfg: DictConfig, stage: str, num_blocks: int) -> None:
+    """The stage's block depths against the model's block count (0..n; a probe needs >= 1)."""
+    key, depths = DEPTHS[stage](cfg)
+    if stage == "freeze_curve" and depths and cfg.transfer.backbone_lr_mult == 0:
+        fail(key, depths, "transfer.backbone_lr_mult=0 keeps every block frozen whatever the depth, so each point "
+             "would train the same model under another label; set freeze_curve.depths=[] (no curve) or "
+             "transfer.backbone_lr_mult > 0")
+    if too_deep := [k for k in depths if k > num_blocks]:
+        fail(key, depths if stage == "freeze_curve" else depths[0], f"model '{cfg.model.name}' has {num_blocks} "
+             f"blocks, so every depth must be in {int(stage == 'probe')}..{num_blocks} ({too_deep} is not)")
+
+
+def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all_stages: bool = False) -> None:
+    """Every check a run of `stage` (with `all_stages`, of every stage) can pass before it loads data:
+    `validate`, the networks built (model, distill.student), and the stages' depths against the model's
+    block count (`blocks` caches it per model config)."""
+    validate(cfg)
+    from transferkit.config.compose import to_params
+    from transferkit.models import model_from_config
+
+    def num_blocks(key: str) -> int:
+        model_cfg = to_params(OmegaConf.select(cfg, key))
+        if repr(model_cfg) not in blocks:  # building a model is cheap, but not free
+            blocks[repr(model_cfg)] = model_from_config(model_cfg, 2, key=key, fetch_weights=False).num_blocks
+        return blocks[repr(model_cfg)]
+
+    n = {key: num_blocks(key) for key in ("model", "distill.student") if OmegaConf.select(cfg, key) is not None}
+    for name in [s for s in DEPTHS if s in cfg] if all_stages else [stage] if stage in DEPTHS else []:
+        validate_depths(cfg, name, n["model"])
