@@ -162,6 +162,12 @@ def test_a_schema_error_names_the_key_and_the_one_value_it_is_about(override, ne
     assert str(e.value).startswith(need), str(e.value)
 
 
+@pytest.mark.parametrize("override", ["trainer.loggers=null", "trainer.deterministic=null", "trainer.benchmark=null",
+                                      "trainer.deterministic=warn"])
+def test_values_lightning_takes_pass_the_schema(override):
+    validate(compose(override))
+
+
 def test_class_in_both_source_and_target_is_refused():
     with pytest.raises(TransferkitError, match=r"\['cat'\].*both"):
         validate(compose("data.source.classes=[airplane,cat]"))

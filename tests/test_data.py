@@ -72,6 +72,8 @@ def test_cifar10_pickles_are_read(tmp_path):
     (lambda y: [*y[:-1], 12], "label 12"),
     (lambda y: [-1, *y[1:]], "label -1"),
     (lambda y: [0.5] * len(y), "not integers"),
+    (lambda y: 5, "labels that are no flat list"),
+    (lambda y: [[v] for v in y], "labels that are no flat list"),
 ])
 def test_cifar_labels_that_do_not_fit_the_images_are_refused(tmp_path, labels, fault):
     """verify_checksums=false reads a modified copy: its labels must still fit its images and classes."""
@@ -900,6 +902,7 @@ def test_every_seed_the_config_allows_seeds_every_rank():
         for rank in (0, 1, 7):
             torch.Generator().manual_seed(rank_seed(seed, 10_000, rank))
     assert rank_seed(3, 2, 1) == (3 * 1_000_003 + 2) * 1_000_003 + 1
+    assert rank_seed(10_000_000, 0, 1) == 10_000_000 * 1_000_003 ** 2 + 1  # above 2**63, below 2**64: as it was
 
 
 def test_a_linked_archive_is_named_by_its_link(tmp_path):

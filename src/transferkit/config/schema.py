@@ -132,11 +132,11 @@ class Trainer(Schema):
     num_threads: Optional[int] = rule(ge=1)
     precision: Literal[PRECISIONS] = rule()
     checkpoint_budget: float = rule(ge=0, le=1)
-    deterministic: bool | Literal["warn"] = rule()  # Lightning ignores any other value: determinism off
+    deterministic: Optional[bool | Literal["warn"]] = rule()  # Lightning ignores any other value: determinism off
     benchmark: Optional[bool] = rule()
     sync_batchnorm: bool = rule()
     progress_bar: bool = rule()
-    loggers: list[Literal[LOGGERS]] = rule()
+    loggers: Optional[list[Literal[LOGGERS]]] = rule()  # null or []: none
 
 
 class Quantize(Schema):

@@ -101,7 +101,8 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
                 raise TransferkitError(f"the images in {folder} are not uint8 32x32 RGB rows. Fix: {refetch}")
             images.append(x.reshape(-1, 3, 32, 32))
             # a label too few or too many shifts every later one onto another image
-            fault = (f"{len(y)} labels for {len(images[-1])} images" if y.ndim != 1 or len(y) != len(images[-1])
+            fault = ("labels that are no flat list" if y.ndim != 1
+                     else f"{len(y)} labels for {len(images[-1])} images" if len(y) != len(images[-1])
                      else "labels that are not integers" if len(y) and y.dtype.kind not in "iu"
                      else next((f"label {v}" for v in y[(y < 0) | (y >= len(classes))]), None))
             if fault:

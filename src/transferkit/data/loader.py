@@ -36,8 +36,8 @@ def module_seed(seed: int, epoch: int, rank: int) -> int:
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of one DDP rank's own draws in an epoch (flips, shifts), so that the
     i-th images of the ranks' batches are not augmented alike. Rank 0's is the epoch seed: one
-    process draws as a run without DDP does. Modulo 2**63, the seeds torch takes (a large seed's exceed them)."""
-    return epoch_seed(epoch_seed(seed, epoch), rank) % 2**63 if rank else epoch_seed(seed, epoch)
+    process draws as a run without DDP does. Modulo 2**64, the seeds torch takes (a large seed's exceed them)."""
+    return epoch_seed(epoch_seed(seed, epoch), rank) % 2**64 if rank else epoch_seed(seed, epoch)
 
 
 class DeviceBatches:

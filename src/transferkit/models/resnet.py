@@ -27,8 +27,8 @@ def resnet18_blocks(weights: str | None = None, load_weights: bool = True) -> li
         except Exception as e:  # offline: URLError / socket errors from the hub download; a file that is no weights
             raise TransferkitError(
                 f"could not load ResNet-18 {weights} weights ({type(e).__name__}: {e}). Fix: put the "
-                f"file {enum.url.rsplit('/', 1)[-1]} in $TORCH_HOME/hub/checkpoints/ or set "
-                f"model.weights=null.") from e
+                f"published file {enum.url.rsplit('/', 1)[-1]} in $TORCH_HOME/hub/checkpoints/ (replacing a "
+                f"copy there that cannot be read) or set model.weights=null.") from e
         net.conv1.stride = (1, 1)
     else:
         net = resnet18(weights=None)
