@@ -62,6 +62,18 @@ def test_an_empty_curve_skips_the_stage_and_the_section(smoke_artifacts, tmp_pat
     assert "How many blocks to freeze" not in (tmp_path / "artifacts" / "evaluate" / "report.md").read_text()
 
 
+def test_a_frozen_backbone_is_the_curves_deepest_point(smoke_artifacts, tmp_path):
+    """transfer.backbone_lr_mult=0 trains the head alone whatever transfer.freeze_depth says: the transfer
+    run is the point with every block frozen (it was filed under freeze_depth, 1)."""
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    cfg = compose("experiment=smoke", "transfer.backbone_lr_mult=0", "freeze_curve.depths=[]", tmp=tmp_path)
+    metrics = run("evaluate", cfg)
+    assert [(r["freeze_depth"], r["stage"]) for r in metrics["freeze_curve"]] == [(4, "transfer")]
+    report = (tmp_path / "artifacts" / "evaluate" / "report.md").read_text()
+    assert "probe depth=all" in report  # probe.depth null: every block, never "None"
+
+
 def test_the_report_clips_intervals_to_what_an_accuracy_difference_can_be():
     # a handful of test images gives a normal-approximation interval wider than -100 to +100 points
     from transferkit.evaluation.report import freeze_curve_section

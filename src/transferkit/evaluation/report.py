@@ -208,7 +208,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         f"- target task: {tgt['dataset']} {', '.join(tgt['classes'])} "
         f"({tgt['n_train']} train, {tgt['n_val']} val, **{tgt['n_test']} test** images)",
         f"- model: `{cfg_summary['model']}`; transfer: freeze_depth={cfg_summary['freeze_depth']}, "
-        f"backbone_lr_mult={cfg_summary['backbone_lr_mult']}; probe depth={cfg_summary['probe_depth']}",
+        f"backbone_lr_mult={cfg_summary['backbone_lr_mult']}; probe depth={cfg_summary['probe_depth'] or 'all'}",
         f"- budgets (epochs): pretrain {cfg_summary['epochs']['pretrain']}, transfer "
         f"{cfg_summary['epochs']['transfer']}, scratch {cfg_summary['epochs']['scratch']}, probe "
         f"{cfg_summary['epochs']['probe']}, distill and student alone {cfg_summary['epochs']['distill']}; "

@@ -19,6 +19,7 @@ from transferkit.models import load_checkpoint
 from transferkit.progress import progress
 from transferkit.stages import TARGET_MODELS
 from transferkit.stages.common import eval_device, load_task, point_dir
+from transferkit.training.freeze import start_depth
 from transferkit.training.precision import cpu_isa, cpu_model, matmul_peaks
 
 # The pruned student as deployed (export's fp32 ONNX file, quantize's INT8 one): name -> the stage that wrote it.
@@ -48,12 +49,12 @@ def distillation_summary(models: dict, correct: dict) -> dict:
 
 
 def freeze_curve(cfg: DictConfig, inputs: dict[str, Path], x: torch.Tensor, y: torch.Tensor, classes: list[str],
-                 correct: dict) -> list[dict]:
+                 correct: dict, num_blocks: int) -> list[dict]:
     """Test accuracy at every freeze depth: the transfer stage's own point and freeze_curve's,
     each with its 95% interval, its difference to scratch (paired by image) and its val
     accuracy (the number to choose a depth by: the test set only reports)."""
-    ev = cfg.evaluate
-    points = {cfg.transfer.freeze_depth: ("transfer", inputs["transfer"])}
+    ev, t = cfg.evaluate, cfg.transfer
+    points = {start_depth(t.freeze_depth, t.backbone_lr_mult, num_blocks): ("transfer", inputs["transfer"])}
     for depth in cfg.freeze_curve.depths:
         points.setdefault(depth, ("freeze_curve", point_dir(inputs["freeze_curve"], depth)))
     rows = []
@@ -126,7 +127,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     metrics = {"models": models,
                "transfer_vs_scratch": paired_difference(correct["transfer"], correct["scratch"]),
                "distillation": distillation_summary(models, correct),
-               "freeze_curve": freeze_curve(cfg, inputs, x, y, classes, correct)}
+               "freeze_curve": freeze_curve(cfg, inputs, x, y, classes, correct, loaded["transfer"].num_blocks)}
     save_json(metrics, out / "metrics.json")
     save_json(metrics["freeze_curve"], out / "freeze_curve.json")  # `dvc plots show` draws it
     plots.freeze_curve_png(metrics["freeze_curve"], models, cfg.probe.depth, out / "freeze_curve.png")

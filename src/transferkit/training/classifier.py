@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from transferkit.data.loader import module_seed
 from transferkit.models.blocknet import BlockNet
-from transferkit.training.freeze import freeze_blocks, keep_frozen_in_eval
+from transferkit.training.freeze import freeze_blocks, keep_frozen_in_eval, start_depth
 
 
 class ClassifierModule(pl.LightningModule):
@@ -29,8 +29,7 @@ class ClassifierModule(pl.LightningModule):
         # not the networks, nor prune's regularizer: a logger "sanitizes" a callable by calling it
         self.save_hyperparameters(ignore=["model", "student", "teacher", "regularize"])
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
-        # backbone_lr_mult == 0 is the source material's "LRateMultiplier 0": a frozen backbone
-        self.start_depth = model.num_blocks if backbone_lr_mult == 0 else freeze_depth
+        self.start_depth = start_depth(freeze_depth, backbone_lr_mult, model.num_blocks)
         freeze_blocks(model, self.start_depth)
         self.automatic_optimization = False
         self.trained_images = 0  # by this process, this run: what a training rate is computed from

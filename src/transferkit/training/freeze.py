@@ -25,6 +25,12 @@ def freeze_blocks(model: BlockNet, depth: int) -> None:
         set_trainable(block, i >= depth)
 
 
+def start_depth(freeze_depth: int, backbone_lr_mult: float, num_blocks: int) -> int:
+    """The blocks a fine-tune keeps frozen at its start: every one when the backbone gets no rate
+    (backbone_lr_mult 0, the source material's "LRateMultiplier 0"), else freeze_depth."""
+    return num_blocks if backbone_lr_mult == 0 else freeze_depth
+
+
 def frozen_depth(model: BlockNet) -> int:
     """How many leading blocks are frozen right now."""
     depth = 0
