@@ -58,7 +58,11 @@ def test_warm_stages_write_what_fresh_processes_write(tmp_path, server_dir, monk
     deadline = time.monotonic() + 60
     while not warm.socket_path().exists() and time.monotonic() < deadline:  # the server binds, then imports
         time.sleep(0.05)
+    handlers = {sig: signal.getsignal(sig) for sig in warm.FORWARDED}
     assert warm.run(["prepare", "--params", "params.yaml"]) == 0
+    # the handlers that pass signals on to the worker end with its command: a caller in this process (cli.main
+    # as a library, pytest) kept one that killed a pid long gone at its next SIGTERM (a later test's failure)
+    assert {sig: signal.getsignal(sig) for sig in warm.FORWARDED} == handlers
 
 
 def test_bad_input_gives_the_same_one_error_line_and_exit_code(tmp_path, server_dir):

@@ -28,6 +28,7 @@ one process only, and no kept library serves separate commands.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import hashlib
 import importlib.util
@@ -92,10 +93,7 @@ def _process_traits() -> str:
     and permissions of what it writes, and its resource limits (`ulimit`: memory, open files, CPU time)."""
     os.umask(mask := os.umask(0o022))
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    try:
-        group = Path("/proc/self/cgroup").read_text()
-    except OSError:
-        group = None
+    group = Path("/proc/self/cgroup").read_text() if os.path.exists("/proc/self/cgroup") else None
     import resource
 
     limits = [resource.getrlimit(getattr(resource, n)) for n in sorted(dir(resource)) if n.startswith("RLIMIT_")]
@@ -137,9 +135,13 @@ def run(argv: list[str]) -> int | None:
             passed.append(sig)
             os.kill(pid, sig)
 
-        for sig in set(FORWARDED) - set(ignored):
-            signal.signal(sig, forward)
-        code = _recv_exactly(conn, 4)
+        # for the command's time only: a caller in this process (cli.main as a library) keeps its own handlers
+        previous = {sig: signal.signal(sig, forward) for sig in set(FORWARDED) - set(ignored)}
+        try:
+            code = _recv_exactly(conn, 4)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     code = None if code is None else struct.unpack("!i", code)[0]
     # the worker died of the signal passed on, or ended on its KeyboardInterrupt: so does this command
     if passed and code in (None, 128 + passed[-1]):
@@ -218,10 +220,8 @@ def preload() -> None:
     (GNU libgomp's thread pool does not survive a fork)."""
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # a CUDA check while importing must not initialise CUDA
     for name in PRELOAD:
-        try:
+        with contextlib.suppress(Exception):  # the worker meets the same error and reports it
             importlib.import_module(name)
-        except Exception:  # the worker meets the same error and reports it
-            pass
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -285,10 +285,8 @@ def _work(conn: socket.socket) -> None:
         traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(Exception):  # a stream the command closed
                 stream.flush()
-            except Exception:  # a stream the command closed
-                pass
         try:
             conn.sendall(struct.pack("!i", code))
         finally:
