@@ -307,6 +307,21 @@ def _scorable(tmp_path):
     return task, task_file, params, scored
 
 
+def test_collect_scores_where_evaluate_does(tmp_path, monkeypatch):
+    """A run trained on the GPU is scored there, as evaluate scores it (eval_device): on the CPU, an image
+    whose logits nearly tie could count otherwise, and collect would report another top-1."""
+    from transferkit.evaluation import runs
+
+    _, _, params, scored = _scorable(tmp_path)
+    devices = []
+    real = runs.predict
+    monkeypatch.setattr(runs, "predict", lambda *a, device="cpu", **k: devices.append(device) or real(*a, **k))
+    scored()
+    params["trainer"] = {"accelerator": "gpu"}  # the cached CPU score is not this run's
+    scored()
+    assert devices == ["cpu", "cuda"]
+
+
 def test_score_cache_is_renewed_when_the_task_is_prepared_again(tmp_path):
     import os
 

@@ -105,6 +105,7 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
     model or a re-prepared task is scored again."""
     from transferkit.io import load_torch, save_torch
     from transferkit.models import load_checkpoint
+    from transferkit.training.precision import uses_cuda
 
     cache, tasks, prepared = load_cache(cache_file), {}, {}
     for run in runs:
@@ -112,15 +113,17 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
         if task is None:
             check_task(run, task_file, prepared)
         stamp = task_file.stat().st_mtime_ns if task is None else None
+        # where evaluate scores the run (eval_device): its training GPU, if it had one
+        device = "cuda" if uses_cuda(str(run.params.get("trainer", {}).get("accelerator", "cpu"))) else "cpu"
         key = (f"{run.folder.resolve()}|{(run.folder / 'model.pt').stat().st_mtime_ns}|{stamp}|"
-               f"{run.params.get('evaluate')}")
+               f"{run.params.get('evaluate')}|{device}")
         if key not in cache:
             if task is None and task_file not in tasks:
                 tasks[task_file] = load_torch(task_file, "prepared target task", "prepare")
             t = task if task is not None else tasks[task_file]
             model, _ = load_checkpoint(run.folder / "model.pt", run.stage, t["classes"])
             ev = run.params.get("evaluate", {})
-            logits = predict(model, t["test_x"], int(ev.get("batch_size", 1000)), ev.get("tta", "flip"))
+            logits = predict(model, t["test_x"], int(ev.get("batch_size", 1000)), ev.get("tta", "flip"), device=device)
             cache[key] = logits.argmax(1) == t["test_y"]
         run.correct = cache[key]
         run.test_acc = float(run.correct.float().mean())
