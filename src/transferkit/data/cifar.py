@@ -109,7 +109,7 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
                 raise TransferkitError(f"{folder / f} has {fault} (each image needs one label in 0..{len(classes) - 1}"
                                        f", its class's index). Fix: {refetch}")
             labels.append(y.astype(np.int64))
-        return Split(torch.from_numpy(np.concatenate(images).copy()), torch.from_numpy(np.concatenate(labels)))
+        return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))  # copies
 
     return RawDataset(name, classes, split(train_files), split(test_files))
 

@@ -54,10 +54,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     images, labels = train_sample(task, min(256, len(task["train_y"])))  # taylor ranks by gradients on these
     calibration = (images.float() / 255, labels)
     if p.mode == "structured":
-        def cut(model, ratio: float, whole: bool = True) -> dict:  # the trial cut and every round cut alike
+        def cut(model, ratio: float, refuse_empty: bool = True) -> dict:  # the trial cut and every round cut alike
             return prune_channels(model, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
                                   calibration=calibration, round_to=p.round_to, scope=p.scope, rates=p.rates,
-                                  refuse_empty=whole)
+                                  refuse_empty=refuse_empty)
 
         if p.sparse_epochs or p.steps > 1:  # training comes before the last cut: a target it cannot reach fails now
             with torch.random.fork_rng(devices=[]):  # a trial cut of a copy: the run's randomness is untouched
@@ -71,7 +71,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             # each round's ratio applies to what the earlier rounds left
             done, goal = p.ratio * (step - 1) / p.steps, p.ratio * step / p.steps
             ratio = (goal - done) / (1 - done)
-            result = cut(student, ratio, whole=p.steps == 1)  # rounds: the trial cut checked prune.ratio
+            result = cut(student, ratio, refuse_empty=p.steps == 1)  # rounds: the trial cut checked prune.ratio
             if p.round_to and result["round_to"] is None:
                 widths = "/".join(map(str, conv_widths(student)))
                 log.warning("prune.round_to=%s: the student is too narrow to reach the target in multiples of %s "
