@@ -26,7 +26,9 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path, server_dir, warm):
     single = compose("experiment=smoke", tmp=tmp_path)  # inputs made on one process
     params = tmp_path / "params.yaml"
     params.write_text(params_text(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TRANSFERKIT_WARM": str(int(warm))}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TRANSFERKIT_WARM": str(int(warm)),
+           # the in-process pretrain below may outlast the fixture's 20 s idle: the server must wait for it
+           "TRANSFERKIT_WARM_IDLE": "120"}
     # a command, as dvc runs it: with warm, this first one starts the server that serves the one under test
     subprocess.run([sys.executable, "-m", "transferkit.cli", "prepare", "--params", str(params)], cwd=tmp_path,
                    env=env, check=True, capture_output=True, timeout=300)

@@ -83,7 +83,7 @@ def test_exports_match_pytorch(exported, kind):
 
     folder, result = exported[2][kind]
     assert result["n_checked"] == 48 and "target.pt" in result["checked_on"]
-    assert result["onnx"]["max_abs_diff"] <= 1e-4 and result["onnx"]["top1_agreement"] == 1.0
+    assert result["onnx"]["within"] and result["onnx"]["top1_agreement"] == 1.0
     # TorchScript runs PyTorch's own kernels: equal up to the kernel choice oneDNN makes for the
     # input buffer's memory alignment (eager PyTorch differs from itself by as much, ~1e-6)
     assert result["torchscript"]["max_abs_diff"] <= 1e-5 and result["torchscript"]["top1_agreement"] == 1.0
@@ -386,7 +386,7 @@ def test_auto_exporter_falls_back_to_the_torchscript_based_one(exported, tmp_pat
         used = result["exporter"]
         assert used["onnx"] == ("legacy" if failing else exporter) and used["requested"] == exporter
         assert ("ConversionError" in used["failed"]["dynamo"]) if failing else "failed" not in used
-        assert result["onnx"]["max_abs_diff"] <= 1e-4 and result["onnx"]["top1_agreement"] == 1.0
+        assert result["onnx"]["within"] and result["onnx"]["top1_agreement"] == 1.0
 
 
 @pytest.mark.parametrize("kind", MODELS)

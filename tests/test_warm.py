@@ -158,6 +158,15 @@ def main(argv):
 '''
 
 
+def _started_server(fake: Path, server_dir: Path, **popen) -> None:
+    """A client that finds no server starts one and runs its command itself (100 here); the server
+    binds its socket a moment later, and a client that came before that would start another."""
+    assert _warm_client(fake, server_dir, "none", **popen).wait(60) == 100
+    deadline = time.monotonic() + 60
+    while not list(server_dir.glob("*/*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _fake_project(folder: Path) -> Path:
     """A `transferkit` package of this warm.py and a cli whose commands take no time to import: the
     warm machinery under test, not a stage."""
@@ -190,7 +199,7 @@ def test_a_warm_command_takes_its_own_signal_dispositions_and_dies_of_the_signal
     def default() -> None:  # as from a terminal, whatever this test inherited (a script's `cmd &` ignores SIGINT)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    assert _warm_client(fake, server_dir, "none", preexec_fn=ignoring).wait(60) == 100  # started the server
+    _started_server(fake, server_dir, preexec_fn=ignoring)
     for sig in (signal.SIGINT, signal.SIGTERM):
         client = _warm_client(fake, server_dir, "sleep", preexec_fn=default)
         assert client.stdout.readline() == "ready\n"  # served: the worker runs the command
@@ -205,7 +214,7 @@ def test_only_the_workers_main_thread_takes_the_signals_a_command_passes_on(tmp_
     thread took would wait until the main thread's blocking call returned (a Ctrl+C ignored for the 30 s of
     the fake command's sleep), so the watcher blocks them."""
     fake = _fake_project(tmp_path)
-    assert _warm_client(fake, server_dir, "none").wait(60) == 100  # started the server
+    _started_server(fake, server_dir)
     client = _warm_client(fake, server_dir, "masks")
     masks = [int(line, 16) for line in client.stdout.read().split()]
     assert client.wait(60) == 0 and len(masks) >= 2  # the main thread and the watcher
