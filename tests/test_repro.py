@@ -105,6 +105,18 @@ def test_check_repro_fails_on_params_drift_before_any_run(tmp_path, monkeypatch,
     assert "check-repro: FAILED (0/1 checks passed)" in out
 
 
+def test_check_repro_refuses_bad_input_before_copying_anything(tmp_path, capsys):
+    from transferkit import cli
+
+    assert cli.main(["check-repro", "--target", "pretrian"]) == 2  # argparse names the stages
+    assert "invalid choice: 'pretrian'" in capsys.readouterr().err
+    (tmp_path / "run1").mkdir()
+    for argv, needle in ((["--experiment", "smok"], "smok"), (["--keep", str(tmp_path)], "run1 or run2 already")):
+        assert cli.main(["check-repro", *argv]) == 2
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and needle in errors[0], errors
+
+
 def test_a_metrics_difference_names_the_keys_and_both_values():
     a = b'{"models": {"transfer": {"top1": 0.5, "top5": 0.9}}, "n": 10}'
     b = b'{"models": {"transfer": {"top1": 0.625, "top5": 0.9}}, "n": 10}'

@@ -134,6 +134,8 @@ def _fills_its_quadrants_by_five_strategies(tiny):
     assert [q["preset"] for q in quadrants] == [f"scenario_{q}" for q in ONE_PER_SOURCE]
     stages = yaml.safe_load((tmp / "out" / "dvc.yaml").read_text())["stages"]  # all four are declared
     assert len(stages) == 4 + 2 + 4 * 5
+    code = [d for stage in stages.values() for d in stage["deps"] if "/src/transferkit" in d]
+    assert code and all(d.endswith(".py") for d in code)  # files, not the package folder bytecode is written into
     for q in quadrants:
         assert [r["strategy"] for r in q["rows"]] == STRATEGIES
         assert q["n_train"] == 3 * (400 if q["size"] == "small" else 406) and q["n_val"] == 12

@@ -63,6 +63,13 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
         return proc.stdout
 
     assert "2 of 2 points ran\n" in sweep("0,2")
+    # a point's code deps are its stage's source files, as in dvc.yaml: the package folder would hold the
+    # bytecode later imports write (every point done would be stale) and files that change no result
+    from transferkit.config.dvcyaml import code_files
+    from transferkit.stages import BY_NAME
+
+    deps = yaml.safe_load((out / "dvc.yaml").read_text())["stages"]["point0"]["deps"]
+    assert [d for d in deps if "transferkit" in d] == code_files(BY_NAME["transfer"])
     # a point is named by every override given, varying or not (seed=0 here)
     assert yaml.safe_load((out / "params" / "seed=0,transfer.freeze_depth=0.yaml").read_text())["name"] == "smoke"
     kept = out / "seed=0,transfer.freeze_depth=0" / "transfer" / "model.pt"
@@ -75,6 +82,12 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     # an axis of one value grown: the points done keep their names, and the table is this sweep's points only
     seeds = sweep("0", "0,1")
     assert "1 of 2 points ran" in seeds and "| transfer ← best on val | 2 |" in seeds and "depth=3" not in seeds
+    # collect on the folder takes the points its dvc.yaml lists now, not the earlier sweeps' left on disk
+    from transferkit.sweep.collect import find_runs
+
+    assert (out / "seed=0,transfer.freeze_depth=3").is_dir()
+    points = sorted(r.folder.parent.name for r in find_runs([out]))
+    assert points == [f"seed={s},transfer.freeze_depth=0" for s in (0, 1)]
 
 
 @pytest.mark.parametrize("command", ["transferkit.sweep.points", "transferkit.scenarios.report"])
@@ -164,6 +177,17 @@ def test_sweep_refuses_an_unknown_option(option, capsys):
     with pytest.raises(SystemExit) as e:
         main(["transfer", option, "transfer.freeze_depth=0,1"])
     assert e.value.code == 2 and f"unrecognized arguments: {option}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["hydra/launcher=local_parallel", "+hydra.launcher.n_jobs=2"])
+def test_sweep_refuses_hydra_settings_it_would_ignore(override):
+    import re
+
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import main
+
+    with pytest.raises(TransferkitError, match=rf"override '{re.escape(override)}' cannot be used here.*-m"):
+        main(["transfer", "transfer.freeze_depth=0,1", override])
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -334,6 +358,22 @@ def test_score_cache_is_renewed_when_the_task_is_prepared_again(tmp_path):
     os.utime(task_file, ns=(task_file.stat().st_atime_ns, task_file.stat().st_mtime_ns + 10**9))
     second = scored()
     assert first.any() and not (first & second).any()  # scored again: every image right before is wrong now
+
+
+def test_score_cache_is_renewed_when_the_scoring_code_changes(tmp_path, monkeypatch):
+    """An edit to predict or a model (which reruns evaluate) scores the runs of a multirun again too."""
+    from transferkit.evaluation import runs
+
+    _, _, _, scored = _scorable(tmp_path)
+    calls, real = [], runs.predict
+    monkeypatch.setattr(runs, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    scored()
+    scored()
+    assert len(calls) == 1  # the second from the cache
+    code = runs.scoring_code()
+    monkeypatch.setattr(runs, "scoring_code", lambda: code + "-edited")
+    scored()
+    assert len(calls) == 2
 
 
 def test_a_damaged_score_cache_is_rebuilt(tmp_path, caplog):

@@ -67,6 +67,12 @@ def code_deps(stage: Stage) -> list[str]:
     return sorted(f"src/transferkit/{f}" for f in files - NEUTRAL)
 
 
+def code_files(stage: Stage) -> list[str]:
+    """code_deps as absolute paths, for runs outside the project (sweep points, scenarios): the files,
+    not the folder, which holds bytecode the next stage's imports rewrite and neutral files."""
+    return [str(SRC.parent / f) for f in code_deps(stage)]
+
+
 # Trainer settings that change how a run looks or how often it saves, never what it writes.
 TRAINER_DISPLAY = ("progress_bar", "checkpoint_budget")
 

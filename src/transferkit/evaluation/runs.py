@@ -3,6 +3,7 @@ scored again on the target test set it was trained for, and summarized over seed
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -99,15 +100,24 @@ def load_cache(cache_file: Path | None) -> dict:
     return {}
 
 
+def scoring_code() -> str:
+    """A digest of the source files that score a run (predict, the models, checkpoint loading): an edit
+    to one scores every run again, as it reruns evaluate."""
+    from transferkit.config.dvcyaml import SRC, imported_files
+
+    files = imported_files("transferkit.evaluation.metrics") | imported_files("transferkit.models.__init__")
+    return hashlib.sha256(b"".join((SRC / "transferkit" / f).read_bytes() for f in sorted(files))).hexdigest()[:16]
+
+
 def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = None) -> None:
     """Top-1 of every run on its target test set (the prepared task named by its params, or
-    `task`), with the per-image results cached by model and test-set file stamps: a retrained
-    model or a re-prepared task is scored again."""
+    `task`), with the per-image results cached by model and test-set file stamps and the scoring code: a
+    retrained model, a re-prepared task or edited scoring code is scored again."""
     from transferkit.io import load_torch, save_torch
     from transferkit.models import load_checkpoint
     from transferkit.training.precision import uses_cuda
 
-    cache, tasks, prepared = load_cache(cache_file), {}, {}
+    cache, tasks, prepared, code = load_cache(cache_file), {}, {}, scoring_code()
     for run in runs:
         task_file = Path(run.params["paths"]["artifacts_dir"]) / "prepare" / "target.pt"
         if task is None:
@@ -116,7 +126,7 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
         # where evaluate scores the run (eval_device): its training GPU, if it had one
         device = "cuda" if uses_cuda(str(run.params.get("trainer", {}).get("accelerator", "cpu"))) else "cpu"
         key = (f"{run.folder.resolve()}|{(run.folder / 'model.pt').stat().st_mtime_ns}|{stamp}|"
-               f"{run.params.get('evaluate')}|{device}")
+               f"{run.params.get('evaluate')}|{device}|{code}")
         if key not in cache:
             if task is None and task_file not in tasks:
                 tasks[task_file] = load_torch(task_file, "prepared target task", "prepare")

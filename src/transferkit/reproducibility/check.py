@@ -17,6 +17,7 @@ from pathlib import Path
 from transferkit.config.compose import REGENERATE, compose, find_conf_dir, flatten, generated_drift, params_text
 from transferkit.errors import TransferkitError
 from transferkit.project import copy_project, run, stages_run
+from transferkit.stages import STAGES
 
 SHOWN = 5  # differing keys or tensors listed per file
 
@@ -127,27 +128,29 @@ def compare_outputs(run1: Path, run2: Path, report: Report) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="transferkit check-repro", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", metavar="STAGE", help="run `dvc repro STAGE` (default: the whole pipeline)")
+    parser.add_argument("--target", metavar="STAGE", choices=STAGES,
+                        help=f"run `dvc repro STAGE` (default: the whole pipeline), one of {', '.join(STAGES)}")
     parser.add_argument("--keep", metavar="DIR", type=Path, help="keep the two run folders in DIR (default: temporary)")
     parser.add_argument("--experiment", metavar="NAME", default="smoke", help="what the runs compose (default: smoke)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
         return int(e.code or 0)
+    # bad input is one error line and exit code 2 (cli.main), before anything is copied or run
+    root = find_conf_dir().parent
+    text = params_text(compose([f"experiment={args.experiment}"], root / "conf"))
+    if args.keep and any((args.keep / name).exists() for name in ("run1", "run2")):
+        raise TransferkitError(f"{args.keep}/run1 or run2 already exists. Fix: delete them or pass another "
+                               f"--keep folder.")
     report = Report()
     try:
-        root = find_conf_dir().parent
         drift = generated_drift(root / "params.yaml", root / "conf")
         if not report.check(not drift, "params.yaml and dvc.yaml " + ("differ from what they are made from:" if drift
                                                                       else "match conf/ and the stage table"),
                             "\n".join([*drift, REGENERATE])):
             return report.summary()
-        if args.keep and any((args.keep / name).exists() for name in ("run1", "run2")):
-            raise TransferkitError(f"{args.keep}/run1 or run2 already exists. Fix: delete them or pass another "
-                                   f"--keep folder.")
         with tempfile.TemporaryDirectory(prefix="transferkit-repro-", ignore_cleanup_errors=True) as tmp:
             work = (args.keep or Path(tmp)).resolve()
-            text = params_text(compose([f"experiment={args.experiment}"], root / "conf"))
             runs = [copy_project(root, work / name, text) for name in ("run1", "run2")]
             for i, proj in enumerate(runs, start=1):
                 reproduce(proj, args.target, f"run {i}", report)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import params_text
+from transferkit.config.dvcyaml import code_files
 from transferkit.config.checks import validate_run
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.scenarios import score_quadrant
@@ -56,7 +57,7 @@ def strategies(early: int = 2, partial: int = 2) -> list[Strategy]:
 def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     """Compose and check every quadrant and strategy (a bad override fails in a second, before
     anything trains), write each quadrant's params file and return the DVC stages."""
-    if bad := [o for o in overrides if o.startswith("hydra") or
+    if bad := [o for o in overrides if override_key(o).startswith("hydra") or
                override_key(o) in ("experiment", "name", "paths.artifacts_dir")]:
         raise TransferkitError(f"override '{bad[0]}' cannot be used here: each quadrant sets its experiment and "
                                f"folders. Fix: use --only NAME,... and --out DIR.")
@@ -69,9 +70,10 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
         raise TransferkitError(f"{' '.join(overrides)}: a sweep of scenarios is one run per setting. Fix: give one "
                                f"value per key and a separate --out DIR per run.")
     check_runs_folder(out)
-    code, stages, sources, blocks = str(Path(__file__).resolve().parents[1]), {}, {}, {}
+    stages, sources, blocks = {}, {}, {}
     # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
     keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
+    code = {stage: code_files(BY_NAME[stage]) for stage in {"prepare", "pretrain", *(s.stage for s in plan)}}
     for preset, (_, similarity) in QUADRANTS.items():
         try:  # each quadrant's stages read its own folders, not paths.artifacts_dir
             cfg = check_points(None, [f"experiment={preset}", *overrides], blocks)[0][1]
@@ -93,15 +95,15 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                                    f"they cannot share one pretraining. Fix: override only what both may share.")
         params, prepared = f"params/{preset}.yaml", {"prepare": f"{preset}/prepare"}
         save_text(params_text(cfg), out / params)
-        stages[f"{preset}-prepare"] = stage_run("prepare", params, f"{preset}/prepare", {}, [data_dir, code],
-                                                keys["prepare"])
+        stages[f"{preset}-prepare"] = stage_run("prepare", params, f"{preset}/prepare", {},
+                                                [data_dir, *code["prepare"]], keys["prepare"])
         if first[0] == preset:
-            stages[f"{similarity}-pretrain"] = stage_run("pretrain", params, f"pretrain-{similarity}", prepared, [code],
-                                                         keys["pretrain"])
+            stages[f"{similarity}-pretrain"] = stage_run("pretrain", params, f"pretrain-{similarity}", prepared,
+                                                         code["pretrain"], keys["pretrain"])
         for s in plan:
             stages[f"{preset}-{s.name}"] = stage_run(s.stage, params, f"{preset}/{s.name}",
-                                                     {**prepared, "pretrain": f"pretrain-{similarity}"}, [code],
-                                                     keys[s.stage], s.sets())
+                                                     {**prepared, "pretrain": f"pretrain-{similarity}"},
+                                                     code[s.stage], keys[s.stage], s.sets())
     return stages
 
 

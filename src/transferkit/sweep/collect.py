@@ -16,14 +16,26 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
 from transferkit.config.compose import flatten
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.plots import sweep_png
 from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import save_json, save_text
+from transferkit.project import RUNS_HEADER
 from transferkit.stages import BY_NAME, TARGET_MODELS
 from transferkit.sweep.points import NOT_SWEPT
+
+
+def run_roots(d: Path) -> list[Path]:
+    """Where d's runs are: a `transferkit sweep` folder's runs are the outputs its dvc.yaml lists now
+    (the points of an earlier sweep into it stay on disk, unlisted); any other folder, all of it."""
+    dvc_file = d / "dvc.yaml"
+    if not (dvc_file.is_file() and dvc_file.read_text().startswith(RUNS_HEADER)):
+        return [d]
+    return [d / out for stage in yaml.safe_load(dvc_file.read_text())["stages"].values() for out in stage["outs"]]
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
@@ -31,7 +43,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
     for d in dirs:
         if not d.is_dir():
             raise TransferkitError(f"{d} is not a folder. Fix: pass a sweep folder (by default multirun/<experiment>).")
-        for model in sorted(d.rglob("model.pt")):
+        for model in sorted(m for root in run_roots(d) if root.is_dir() for m in root.rglob("model.pt")):
             stage = model.parent.name.split("-")[-1]  # STAGE, or NAME-STAGE
             if stage in TARGET_MODELS and not any(p.startswith(".") for p in model.relative_to(d).parts):
                 runs.append(read_run(model.parent, stage))  # (dot folders: a stage's unfinished work)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import (compose, differing, find_conf_dir, flatten, params_drift, params_text,
                                         project_overrides, to_params)
+from transferkit.config.dvcyaml import code_files
 from transferkit.errors import TransferkitError
 from transferkit.stages import BY_NAME
 
@@ -160,6 +161,10 @@ def main(argv: list[str]) -> int:
     if unknown := [o for o in overrides if o.startswith("-")]:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (the options are --out DIR; the rest is "
                      f"key=value overrides)")
+    if hydra := [o for o in overrides if override_key(o).startswith("hydra")]:
+        raise TransferkitError(f"override '{hydra[0]}' cannot be used here: the points run as DVC stages, not through "
+                               f"Hydra. Fix: leave it out, or run them as a Hydra multirun (`transferkit {args.stage} "
+                               f"-m ...`), where hydra/launcher applies.")
     # the points read what params.yaml made: composed as it is, then with the overrides given here
     given, params_file = {override_key(o) for o in overrides}, find_conf_dir().parent / "params.yaml"
     recorded = project_overrides(params_file)
@@ -177,7 +182,7 @@ def main(argv: list[str]) -> int:
     if missing := [name for name in BY_NAME[args.stage].reads if not (inputs / name).is_dir()]:
         raise TransferkitError(f"{inputs / missing[0]} does not exist, and {args.stage} reads it. Fix: make it "
                                f"first (`dvc repro {missing[0]}`).")
-    stages, code, names = {}, str(Path(__file__).resolve().parents[1]), []
+    stages, code, names = {}, code_files(BY_NAME[args.stage]), []
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
         name, artifacts = point_name(point, given), Path(cfg.paths.artifacts_dir).resolve()
         names.append(name)
@@ -189,7 +194,7 @@ def main(argv: list[str]) -> int:
         save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
         stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
                                         {r: str(artifacts / r) for r in BY_NAME[args.stage].reads},
-                                        [code, f"params/{name}.yaml", *files])
+                                        [*code, f"params/{name}.yaml", *files])
     ran = run_pipeline(out, stages)
     done = len(stages) - len(ran)
     print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} were done already" if done else ""))
