@@ -280,33 +280,108 @@ def test_the_resume_key_changes_with_the_code_and_with_any_input_file(tmp_path, 
         key = resume_key(inputs)
 
 
-def test_checkpoint_budget_bounds_the_time_spent_saving(tmp_path):
-    from transferkit.training.trainer import ResumeCheckpoint
+def test_checkpoint_budget_bounds_the_time_spent_saving(tmp_path, monkeypatch):
+    """On a clock the test moves (a real one on a busy machine would test nothing): epochs of 1 s and
+    saves of 0.1 s under budgets of 2%, every epoch (1) and never (0)."""
+    from types import SimpleNamespace
 
-    saved = []
+    from transferkit.training import trainer as tr
+
+    now = [0.0]
+    monkeypatch.setattr(tr, "time", SimpleNamespace(perf_counter=lambda: now[0]))
 
     class Trainer:  # just what the callback reads
+        current_epoch, max_epochs, global_rank = 0, 1000, 0
+
+        class strategy:
+            broadcast = staticmethod(lambda x: x)
+
+        def save_checkpoint(self, path):
+            now[0] += 0.1
+            saved.append(self.current_epoch)
+
+    for budget, expected in ((0.02, range(35, 42)), (1, [200]), (0, [0])):
+        now[0], saved, trainer = 0.0, [], Trainer()
+        cb = tr.ResumeCheckpoint(tmp_path, budget=budget)
+        cb.on_train_start(trainer, torch.nn.Linear(1000, 1000))
+        for epoch in range(200):
+            trainer.current_epoch = epoch
+            now[0] += 1.0  # an epoch's training
+            cb.on_train_epoch_end(trainer, None)
+            cb.pending = None  # the swap at the next epoch's start is another test's
+        assert len(saved) in expected, (budget, len(saved))
+        if budget < 1:
+            assert cb.spent <= budget * now[0] + 1e-9  # within the budget at every save, so at the end
+
+
+class _Killed(BaseException):
+    """What a kill -9 does to the callback: it stops between two file operations."""
+
+
+def test_a_kill_at_any_step_of_a_checkpoint_swap_leaves_a_whole_pair(tmp_path, monkeypatch):
+    """Each file operation of a save and its swap in turn is where the process dies: what it leaves
+    always resumes from one checkpoint with the logs of that checkpoint's own epoch."""
+    import os
+    import shutil
+
+    from transferkit.training.trainer import RESUME_CHECKPOINT, ResumeCheckpoint, resume_folder
+
+    class Trainer:  # just what the callback reads; the state file and the logs name their epoch
         current_epoch, max_epochs, global_rank = 0, 100, 0
 
         class strategy:
             broadcast = staticmethod(lambda x: x)
 
         def save_checkpoint(self, path):
-            import time
-            time.sleep(0.01)
-            saved.append(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"epoch {self.current_epoch}")
 
-    cb = ResumeCheckpoint(tmp_path, budget=0.02)
-    cb.on_train_start(Trainer(), torch.nn.Linear(1000, 1000))
-    trainer = Trainer()
-    import time
-    for epoch in range(30):  # epochs of 10 ms: saving every one would cost as much as training
-        trainer.current_epoch = epoch
-        time.sleep(0.01)
+    def epoch(cb, trainer, out, n):  # epoch n: trained, saved, its metrics logged, the next one starts
+        trainer.current_epoch = n
         cb.on_train_epoch_end(trainer, None)
-        cb.pending = None
-    assert cb.spent <= 0.02 * (time.perf_counter() - cb.start) + 0.011
-    assert len(saved) <= 2
+        (out / "dvclive").mkdir(exist_ok=True)
+        (out / "dvclive" / "metrics.json").write_text(f"epoch {n}")
+        trainer.current_epoch = n + 1
+        cb.on_train_epoch_start(trainer, None)
+
+    ops, kill_at = [0], [None]
+
+    def mortal(fn):
+        def op(*args, **kwargs):
+            ops[0] += 1
+            if kill_at[0] is not None and ops[0] > kill_at[0]:
+                raise _Killed
+            return fn(*args, **kwargs)
+        return op
+
+    for name in ("rmtree", "copytree"):
+        monkeypatch.setattr(shutil, name, mortal(getattr(shutil, name)))
+    monkeypatch.setattr(os, "replace", mortal(os.replace))
+    monkeypatch.setattr(Path, "rename", mortal(Path.rename))
+    left = set()
+    for k in range(100):
+        out = tmp_path / str(k)
+        out.mkdir()
+        cb, trainer = ResumeCheckpoint(out, budget=1), Trainer()
+        cb.on_train_start(trainer, torch.nn.Linear(1, 1))
+        kill_at[0] = None
+        epoch(cb, trainer, out, 0)  # a whole pair of epoch 0
+        ops[0], kill_at[0] = 0, k
+        try:
+            epoch(cb, trainer, out, 1)  # dies after k operations
+        except _Killed:
+            pass
+        else:
+            break
+        finally:
+            kill_at[0] = None
+        saved = resume_folder(out)
+        assert saved is not None, f"killed after {k} operations: nothing to resume from"
+        state = (saved / RESUME_CHECKPOINT).read_text()
+        assert state == (saved / "logs" / "dvclive" / "metrics.json").read_text(), k
+        left.add((saved.name, state))
+    assert k > 5  # every operation of the save and the swap was a place to die
+    assert ("checkpoints", "epoch 1") in left and ("checkpoints.previous", "epoch 0") in left
 
 
 def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):

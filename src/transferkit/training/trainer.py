@@ -56,8 +56,18 @@ for _name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.traine
     logging.getLogger(_name).addFilter(_DropMessages())
 
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "deterministic", "sync_batchnorm", "benchmark")
-CHECKPOINT = Path("checkpoints") / RESUME_CHECKPOINT
-LOG_SNAPSHOT = Path("checkpoints") / "logs"
+CHECKPOINTS = Path("checkpoints")  # a pair: the training state and the logs as they were at its epoch
+CHECKPOINT, LOG_SNAPSHOT = CHECKPOINTS / RESUME_CHECKPOINT, CHECKPOINTS / "logs"
+# the next pair is made beside it and swapped in by renames: at every moment one folder holds a whole pair
+NEXT, PREVIOUS = Path("checkpoints.next"), Path("checkpoints.previous")
+
+
+def resume_folder(out_dir: Path) -> Path | None:
+    """The folder of a whole pair, if a killed run left one: checkpoints/, or its neighbour mid-swap."""
+    for folder in (CHECKPOINTS, PREVIOUS, NEXT):  # NEXT gets its state file last, once its logs are whole
+        if (out_dir / folder / RESUME_CHECKPOINT).is_file() and (out_dir / folder / "logs").is_dir():
+            return out_dir / folder
+    return None
 
 
 # The Lightning calls after which dvclive writes its files out (dvclive.lightning._should_sync's list).
@@ -117,9 +127,9 @@ class ResumeCheckpoint(Checkpoint):
     """Saves the training state at an epoch end whenever the time spent saving so far, plus the
     expected cost of this save, stays within `budget` x the training time: a slow epoch is
     checkpointed every time, fast ones (a GPU, a tiny model) only now and then. budget 0 never
-    saves, 1 saves every epoch. The state goes to a temporary file; at the next epoch's start,
-    once the loggers have written that epoch's metrics, a copy of the logs joins it and the pair
-    replaces the previous checkpoint, so a kill at any moment leaves one whole checkpoint."""
+    saves, 1 saves every epoch. The state goes to a temporary file in checkpoints.next/; at the next
+    epoch's start, once the loggers have written that epoch's metrics, a copy of the logs joins it and
+    the folder replaces checkpoints/ by renames, so a kill at any moment leaves one whole pair."""
 
     def __init__(self, out_dir: Path, budget: float):
         self.out_dir, self.budget = out_dir, budget
@@ -138,7 +148,9 @@ class ResumeCheckpoint(Checkpoint):
         if not trainer.strategy.broadcast(due):  # every rank decides as rank 0 does
             return
         t = time.perf_counter()
-        self.pending = self.out_dir / CHECKPOINT.with_suffix(".tmp")
+        if trainer.global_rank == 0:  # the others' save_checkpoint writes nothing: they never touch the files
+            shutil.rmtree(self.out_dir / NEXT, ignore_errors=True)
+        self.pending = self.out_dir / NEXT / "state.tmp"
         trainer.save_checkpoint(self.pending)  # the whole state (optimiser, schedule, loops): a resume
         self.expected = time.perf_counter() - t
         self.spent += self.expected
@@ -148,16 +160,17 @@ class ResumeCheckpoint(Checkpoint):
             self.pending = None
             return
         t = time.perf_counter()
-        logs_tmp = self.out_dir / LOG_SNAPSHOT.with_suffix(".tmp")
-        shutil.rmtree(logs_tmp, ignore_errors=True)
-        logs_tmp.mkdir(parents=True)
+        current, following, previous = (self.out_dir / f for f in (CHECKPOINTS, NEXT, PREVIOUS))
+        (following / "logs").mkdir()
         for name in ("dvclive", "csv", "tensorboard"):
             if (self.out_dir / name).is_dir():
-                shutil.copytree(self.out_dir / name, logs_tmp / name)
-        shutil.rmtree(self.out_dir / LOG_SNAPSHOT, ignore_errors=True)
-        (self.out_dir / CHECKPOINT).unlink(missing_ok=True)  # never a checkpoint with another epoch's logs
-        logs_tmp.rename(self.out_dir / LOG_SNAPSHOT)
-        os.replace(self.pending, self.out_dir / CHECKPOINT)
+                shutil.copytree(self.out_dir / name, following / "logs" / name)
+        os.replace(self.pending, following / RESUME_CHECKPOINT)  # a whole pair from here on
+        if current.exists():  # while checkpoints/ is whole, a PREVIOUS a kill left is stale
+            shutil.rmtree(previous, ignore_errors=True)
+            current.rename(previous)
+        following.rename(current)
+        shutil.rmtree(previous, ignore_errors=True)
         self.pending = None
         self.spent += time.perf_counter() - t
 
@@ -218,29 +231,30 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     """Train, resuming from out_dir's checkpoint if a killed run left one."""
     from transferkit.io import load_plain
 
-    ckpt = out_dir / CHECKPOINT
-    resume = ckpt.exists() and (out_dir / LOG_SNAPSHOT).is_dir()
+    saved = resume_folder(out_dir)
+    resume, ckpt = saved is not None, saved and saved / RESUME_CHECKPOINT
     resumed_at = None
     if resume:  # checked like any file: plain data only, nothing in it may run
         state = load_plain(ckpt, f"delete {out_dir} (the work folder of an interrupted run) and run the stage again.")
         resumed_at = int(state["epoch"]) + 1
         for name in ("dvclive", "csv", "tensorboard") if first_process() else ():  # the logs as at the checkpoint
             shutil.rmtree(out_dir / name, ignore_errors=True)
-            if (out_dir / LOG_SNAPSHOT / name).is_dir():
-                shutil.copytree(out_dir / LOG_SNAPSHOT / name, out_dir / name)
+            if (saved / "logs" / name).is_dir():
+                shutil.copytree(saved / "logs" / name, out_dir / name)
     # the CSV logger warns, as _resume_csv opens it, that it deletes its file: _resume_csv restores it
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")
         trainer = make_trainer(trainer_cfg, out_dir, max_epochs, resume=resume, callbacks=callbacks)
         if resume and first_process():  # the other ranks' loggers write nothing
-            _resume_csv(trainer, out_dir / LOG_SNAPSHOT / "csv" / "metrics.csv")
+            _resume_csv(trainer, saved / "logs" / "csv" / "metrics.csv")
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
     except SIGTERMException as e:  # a SystemExit without a code: the process would exit 0 and DVC record the stage
         raise SystemExit(128 + signal.SIGTERM) from e  # as done; 143 is what a shell reports for a SIGTERM
     seconds = time.perf_counter() - start
-    shutil.rmtree(out_dir / CHECKPOINT.parent, ignore_errors=True)  # finished: nothing to resume
+    for folder in (CHECKPOINTS, NEXT, PREVIOUS):  # finished: nothing to resume
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
     return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds,
                getattr(module, "trained_images", 0) * trainer.world_size)
 
