@@ -506,6 +506,25 @@ def test_corrupt_image_in_folder_names_the_file(tmp_path, payload):
     assert str(bad) in str(e.value) and "corrupt image" in str(e.value)
 
 
+def _cut_png() -> bytes:
+    """A PNG cut short inside its second IDAT chunk, as an interrupted download leaves it."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = buf.getvalue()
+    return data[: data.index(b"IDAT", data.index(b"IDAT") + 4) + 2]
+
+
+@pytest.mark.parametrize("name, data", [("cut.png", _cut_png()),
+                                        ("empty.gif", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;")])
+def test_a_file_cut_short_is_a_corrupt_image_by_name(name, data):
+    """PIL raises SyntaxError for a broken PNG chunk and EOFError for a GIF without a frame: no
+    traceback either way."""
+    from transferkit.data.sources import decode_image
+
+    with pytest.raises(TransferkitError, match=rf"corrupt image {name} \(.*Fix: delete or replace"):
+        decode_image(data, name, 32)
+
+
 def test_a_decompression_bomb_is_refused_by_name(tmp_path):
     """A PNG whose header claims 200 M pixels: PIL refuses it with its own exception class, which
     is not an OSError; it still ends in one error naming the file."""

@@ -147,7 +147,7 @@ def test_report_shows_every_runtime_the_export_checked(exported):
     folder, _ = exported[2]["pruned"]
     saved = json.loads((folder / "export" / "export.json").read_text())
     rows = {line.split(" | ")[0].lstrip("| "): line for line in export_section(saved) if line.startswith("| ")}
-    assert set(rows) >= {"PyTorch (eager)", "ONNX Runtime", "TorchScript"}
+    assert set(rows) >= {"PyTorch (eager; BatchNorm not folded, as the exports fold it)", "ONNX Runtime", "TorchScript"}
     assert f"{saved['onnx']['max_abs_diff']:.1e}" in rows["ONNX Runtime"]
     assert f"{saved['latency_ms_batch1']['onnxruntime']:.2f} ms" in rows["ONNX Runtime"]
     assert f"{saved['torchscript']['max_abs_diff']:.1e}" in rows["TorchScript"]
@@ -226,6 +226,7 @@ def test_onnx_without_embedded_names_reads_export_json(exported, tmp_path):
 @pytest.mark.parametrize("metadata, needle", [
     ("not json", "metadata is damaged"),
     ('["a", "b"]', "is not what `transferkit export` writes"),
+    ('{"classes": [0, 1, 2, 3, 4]}', "is not what `transferkit export` writes"),  # names, not numbers
     ('{"classes": ["a"]}', r"scores 5 classes, and its metadata names 1 \(\['a'\]\)"),
     ('{"classes": ["a", "b", "c"], "input_size": 64}', "does not take the 64x64 images its metadata names")])
 def test_an_onnx_file_with_damaged_or_mismatched_metadata_is_refused(exported, tmp_path, metadata, needle):
@@ -241,6 +242,39 @@ def test_an_onnx_file_with_damaged_or_mismatched_metadata_is_refused(exported, t
     with pytest.raises(TransferkitError, match=needle) as e:
         Classifier(tmp_path / "model.onnx")
     assert "Fix: export the model again" in str(e.value)
+
+
+def test_an_onnx_file_with_a_fixed_batch_size_classifies_any_number_of_images(exported, tmp_path):
+    """torch.onnx.export without dynamic axes fixes the batch at what it traced (often 1): predict runs
+    such a file batch by batch, padding the last one, rather than failing on a second image."""
+    import onnx
+
+    folder, _ = exported[2]["fastnet"]
+    model = onnx.load(str(folder / "export" / "model.onnx"))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    paths = _write_images(tmp_path / "images")  # 5 images: two full batches of 2 and one padded
+    fixed = [(r["class"], r["probability"]) for r in predict(tmp_path / "model.onnx", paths)]
+    dynamic = [(r["class"], r["probability"]) for r in predict(folder / "export" / "model.onnx", paths)]
+    assert [c for c, _ in fixed] == [c for c, _ in dynamic]
+    assert np.allclose([p for _, p in fixed], [p for _, p in dynamic], atol=1e-6)
+
+
+def test_an_onnx_file_that_takes_other_than_float_images_is_refused(exported, tmp_path):
+    import onnx
+
+    folder, _ = exported[2]["fastnet"]
+    model = onnx.load(str(folder / "export" / "model.onnx"))
+    images = model.graph.input[0]  # a valid model that takes uint8: a Cast in front of the float input
+    model.graph.node.insert(0, onnx.helper.make_node("Cast", ["raw"], [images.name], to=onnx.TensorProto.FLOAT))
+    raw = model.graph.input.add()
+    raw.CopyFrom(images)
+    raw.name, raw.type.tensor_type.elem_type = "raw", onnx.TensorProto.UINT8
+    model.graph.input.remove(images)
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(TransferkitError, match=r"takes tensor\(uint8\) input, not float32 images.*Fix: export"):
+        Classifier(tmp_path / "model.onnx")
 
 
 def _one_error(capsys, argv) -> str:
@@ -266,7 +300,9 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
     assert "not a transferkit checkpoint" in _one_error(capsys, ["export", str(tmp_path / "other.pt")])
     data = (folder / "model.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])  # a copy cut off: damaged, not foreign
-    for argv in (["export", str(tmp_path / "cut.pt")], ["predict", str(tmp_path / "cut.pt"), good]):
+    (tmp_path / "empty.pt").write_bytes(b"")  # a full disk's
+    for argv in (["export", str(tmp_path / "cut.pt")], ["predict", str(tmp_path / "cut.pt"), good],
+                 ["export", str(tmp_path / "empty.pt")]):
         line = _one_error(capsys, argv)
         assert "unreadable" in line and "write it again with the stage that made it" in line, line
     assert "TorchScript" in _one_error(capsys, ["export", str(folder / "export" / "model.torchscript.pt")])
@@ -275,11 +311,18 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     assert "not a prepared task" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "notes.txt")])
+    torch.save({"classes": CLASSES, "test_x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)}, tmp_path / "no_y.pt")
+    assert "not a prepared task (test_x, test_y, classes)" in _one_error(
+        capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "no_y.pt")])
     assert f"--test-set {tmp_path} is a folder. Fix: pass the target.pt" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path)])
     line = _one_error(capsys, ["export", str(folder / "model.pt"), "--out", str(tmp_path / "notes.txt")])
     assert "a file stands where the folder would be" in line and "--out DIR" in line
     assert not (tmp_path / "out" / "model.onnx").exists()
+    (tmp_path / "taken" / "model.onnx").mkdir(parents=True)  # a folder where the ONNX file goes: nothing written
+    line = _one_error(capsys, ["export", str(folder / "model.pt"), "--out", str(tmp_path / "taken")])
+    assert f"cannot write {tmp_path / 'taken' / 'model.onnx'}" in line
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["model.onnx"]
     (tmp_path / "quantize").mkdir()  # another stage's folder: its INT8 model.onnx would become the fp32 one
     for name, data in (("params.yaml", "seed: 0\n"), ("model.onnx", "int8")):
         (tmp_path / "quantize" / name).write_text(data)

@@ -48,7 +48,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            if not disk_full(e):  # a folder standing at `path`, a read-only file system, ...
+                raise TransferkitError(f"cannot write {path}: {e.strerror or e}. Fix: move away what stands "
+                                       f"there, or write elsewhere (--out DIR).") from e
+            raise
     except (OSError, RuntimeError) as e:
         if disk_full(e):
             raise TransferkitError(f"the disk is full: writing {path} failed ({e}). Fix: free disk space; "

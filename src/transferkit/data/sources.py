@@ -46,7 +46,8 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
     orientation applied, 16-bit and float images scaled to 8 bits, transparency over white."""
     try:
         img = _to_rgb(Image.open(io.BytesIO(data)))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+    # a broken file raises whatever its format's reader hits: a PNG chunk SyntaxError, a frameless GIF EOFError
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise TransferkitError(f"corrupt image {where} ({e}). Fix: delete or replace that file.") from e
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)

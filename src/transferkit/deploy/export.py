@@ -8,10 +8,9 @@ TorchScript (traced), runs both and the PyTorch model in fp32 on the test set im
 (uint8 / 255, as `evaluate` feeds them; normalisation is inside the model), and reports for
 each the largest absolute logit difference from PyTorch and the top-1 agreement, then the
 batch-1 CPU latency of PyTorch eager, ONNX Runtime and TorchScript (median of --repeats calls,
-the three taking turns). Writes DIR/model.onnx, DIR/model.torchscript.pt and DIR/export.json
-(these numbers and the class names). Every file goes to a temporary name first and is renamed
-into place only after the checks pass: a failed export leaves the previous one untouched.
-"""
+the three taking turns). Writes DIR/model.onnx, DIR/model.torchscript.pt and DIR/export.json (these
+numbers, the class names), each renamed into place only after the checks pass: a failed export leaves the
+previous one untouched."""
 
 from __future__ import annotations
 
@@ -38,6 +37,7 @@ from transferkit.layout import channels_last, to_nhwc
 DEFAULT_TEST_SET = Path("artifacts/prepare/target.pt")
 RANDOM_IMAGES = 256  # checked on these (seeded) when no test set fits the model
 TEST_SET_FIX = "Fix: pass the target.pt that the prepare stage wrote (artifacts/prepare/target.pt)."
+XY = ("test_x", "test_y")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -80,11 +80,10 @@ def check_images(test_set: Path | None, classes: list[str], size: int) -> tuple[
     if explicit and not path.is_file():
         raise TransferkitError(f"--test-set {path} {'is a folder' if path.is_dir() else 'not found'}. {TEST_SET_FIX}")
     if path.exists() or explicit:
-        if path.is_file() and not zipfile.is_zipfile(path):  # not written by torch.save
-            raise TransferkitError(f"--test-set {path} is not a prepared task. {TEST_SET_FIX}")
-        task = load_torch(path, "prepared task", "prepare")
-        if not isinstance(task, dict) or "test_x" not in task or "classes" not in task:
-            raise TransferkitError(f"{path} is not a prepared task (no 'test_x'/'classes'). {TEST_SET_FIX}")
+        task = load_torch(path, "prepared task", "prepare") if zipfile.is_zipfile(path) else None  # torch.save's
+        if not (isinstance(task, dict) and "classes" in task and all(torch.is_tensor(task.get(k)) for k in XY)):
+            raise TransferkitError(f"{'--test-set ' * explicit}{path} is not a prepared task (test_x, test_y, classes)"
+                                   f" or cut short. {TEST_SET_FIX}")
         if list(task["classes"]) == classes and tuple(task["test_x"].shape[1:]) == (3, size, size):
             return task["test_x"], task["test_y"], f"test set of {path} ({len(task['test_x'])} images)"
         if explicit:
@@ -266,7 +265,7 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
         }
-        save_json(result, out / EXPORT_JSON)
+    save_json(result, out / EXPORT_JSON)  # the record last: it describes files that are in place
     return result
 
 
@@ -274,7 +273,7 @@ def summary(r: dict, out: Path) -> str:
     lat = r["latency_ms_batch1"]
     rows = [f"exported {r['model']} ({r['arch']['name']}{', pruned' if r['arch'].get('pruned') else ''}, "
             f"{len(r['classes'])} classes) -> {out}/{{{ONNX_FILE}, {TORCHSCRIPT_FILE}, {EXPORT_JSON}}}",
-            f"checked in fp32 on {r['checked_on']}, against PyTorch eager:",
+            f"checked in fp32 on {r['checked_on']}, against model.pt in PyTorch eager (BatchNorm not folded):",
             f"  {'runtime':<13} {'max |logit diff|':>16} {'top-1 agreement':>16} {'top-1':>7} {'latency b=1':>12}"]
     top1 = lambda d: f"{d['top1']:.2%}" if "top1" in d else "-"  # noqa: E731
     rows.append(f"  {'pytorch':<13} {'(reference)':>16} {'':>16} {top1(r['pytorch']):>7} {lat['pytorch']:>9.3f} ms")
@@ -294,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     if held := [name for name in ("params.yaml", "dvc.yaml", "conf") if (out / name).exists()]:  # a stage's, a project
         raise TransferkitError(f"--out {out} holds {held[0]}: a stage's outputs or a project, whose files the export "
                                f"would overwrite (a quantize folder's model.onnx). Fix: --out a folder of its own.")
+    if taken := [name for name in (ONNX_FILE, TORCHSCRIPT_FILE, EXPORT_JSON) if (out / name).is_dir()]:
+        raise TransferkitError(f"cannot write {out / taken[0]}: it is a folder. Fix: move it away, or --out elsewhere.")
     export(args.model, out, args.test_set, tolerance=args.tolerance, repeats=args.repeats,
            batch_size=args.batch_size, exporter=args.exporter, opset=args.opset, threads=args.threads)
     return 0

@@ -72,7 +72,8 @@ def load_pipeline_checkpoint(path: Path):
             f"{path} is a TorchScript file, not a transferkit checkpoint. Fix: pass the model.pt a stage "
             f"wrote (artifacts/<stage>/model.pt); `transferkit predict --trust-code` takes this file, if you made it.")
     with open(path, "rb") as f:  # torch.save writes zip archives: anything else is foreign (a cut-off
-        foreign = f.read(4) != b"PK\x03\x04"  # one is damaged, and load_checkpoint says which stage remakes it)
+        head = f.read(4)  # or empty one is damaged, and load_checkpoint says which stage remakes it)
+    foreign = len(head) == 4 and head != b"PK\x03\x04"
     if foreign:
         raise TransferkitError(
             f"{path} is not a transferkit checkpoint (not a file written by torch.save). Fix: pass "
@@ -115,7 +116,13 @@ class Classifier:
             self.kind = "onnx"
             self.session = ort_session(self.path, threads)
             info = self._metadata(self.session.get_modelmeta().custom_metadata_map.get(META_KEY))
-            self._input = self.session.get_inputs()[0].name
+            inp = self.session.get_inputs()[0]
+            if inp.type != "tensor(float)":
+                raise TransferkitError(f"{self.path} takes {inp.type} input, not float32 images in [0, 1] as "
+                                       f"transferkit's exports do. Fix: export the model again "
+                                       f"(`transferkit export MODEL.pt`).")
+            # a file exported without a dynamic batch axis takes batches of exactly its traced size
+            self._input, self._batch = inp.name, inp.shape[0] if isinstance(inp.shape[0], int) else None
         elif is_torchscript(self.path):
             if not trust_code:
                 raise TransferkitError(
@@ -170,7 +177,7 @@ class Classifier:
         except json.JSONDecodeError as e:
             raise TransferkitError(f"{source} is damaged ({e}). {fix}") from e
         if not (isinstance(info, dict) and isinstance(info.get("classes"), list)
-                and type(info.get("input_size", 32)) is int):
+                and all(isinstance(c, str) for c in info["classes"]) and type(info.get("input_size", 32)) is int):
             raise TransferkitError(f"{source} is not what `transferkit export` writes (class names and an input "
                                    f"size). {fix}")
         return info
@@ -179,7 +186,12 @@ class Classifier:
         """float32 [N, 3, S, S] in [0, 1] -> float32 logits [N, classes]."""
         images = np.ascontiguousarray(images, dtype=np.float32)
         if self.kind == "onnx":
-            return self.session.run(None, {self._input: images})[0]
+            if self._batch in (None, len(images)):
+                return self.session.run(None, {self._input: images})[0]
+            pad = -len(images) % self._batch if len(images) else self._batch  # at least one run: the output's width
+            padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
+            return np.concatenate([self.session.run(None, {self._input: padded[i:i + self._batch]})[0]
+                                   for i in range(0, len(padded), self._batch)])[:len(images)]
         x = torch.from_numpy(images)
         with torch.inference_mode():
             return self.module(to_nhwc(x) if self.kind == "pytorch" else x).float().numpy()
@@ -200,8 +212,8 @@ def read_images(paths: list[Path], size: int) -> np.ndarray:
             bad.append(f"{p} (a folder)")
         except OSError as e:
             bad.append(f"{p} ({e.strerror or e})")
-        except TransferkitError:
-            bad.append(f"{p} (not an image PIL can read)")
+        except TransferkitError as e:
+            bad.append(f"{p} (not an image PIL can read: {e.__cause__})")
     if bad:
         raise TransferkitError(
             f"cannot read {len(bad)} of {len(paths)} image(s): {'; '.join(bad)}. "

@@ -86,7 +86,7 @@ def export_section(export: dict) -> list[str]:
         f"TorchScript, then checked against PyTorch in fp32 on the {export['n_checked']} test images:", "",
         "| runtime | max abs logit difference vs PyTorch | top-1 agreement | CPU latency (batch 1) |",
         "|---|---|---|---|",
-        f"| PyTorch (eager) | – | – | {lat['pytorch']:.2f} ms |",
+        f"| PyTorch (eager; BatchNorm not folded, as the exports fold it) | – | – | {lat['pytorch']:.2f} ms |",
         # export.json keys the checks by format ("onnx") and the latency by runtime ("onnxruntime")
         *[f"| {name} | {export[fmt]['max_abs_diff']:.1e} | {100 * export[fmt]['top1_agreement']:.2f}% | "
           f"{lat[runtime]:.2f} ms |"
