@@ -24,6 +24,7 @@ import pytest
 
 from conftest import compose
 from transferkit.config.compose import params_text
+from transferkit.training.trainer import resume_folder
 
 TRAIN_STAGES = ("pretrain", "transfer", "probe", "scratch", "freeze_curve", "student", "distill", "prune")
 STAGES = TRAIN_STAGES if os.environ.get("KILL_STAGES") == "all" else ("pretrain", "distill")
@@ -123,10 +124,10 @@ def test_kill_9_mid_stage_then_rerun_gives_identical_metrics_and_weights(smoke_a
         # killed mid-training: the previous outputs are untouched, nothing half-written is visible
         delay = _kill_mid_training(stage, params, tmp_path, rng, previous, reference_metrics,
                                    "**/checkpoints/last.ckpt" if overrides else "**/dvclive")
-        # a resume needs a checkpoint and its logs: a kill in the millisecond an epoch's pair is
-        # swapped, or after training (the pair is gone, the outputs not yet in place), leaves none
+        # a resume needs a whole pair (checkpoint and logs): a kill before the first or after training
+        # (the pair is gone, the outputs not yet in place) leaves none
         work = tmp_path / "artifacts" / f".{stage}.incomplete"
-        resumable = any((c.parent / "logs").is_dir() for c in work.glob("**/checkpoints/last.ckpt"))
+        resumable = any(resume_folder(c.parent.parent) for c in work.glob("**/checkpoints*/last.ckpt"))
         proc = _start(stage, params, tmp_path)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
