@@ -318,38 +318,47 @@ class _Killed(BaseException):
     """What a kill -9 does to the callback: it stops between two file operations."""
 
 
-def test_a_kill_at_any_step_of_a_checkpoint_swap_leaves_a_whole_pair(tmp_path, monkeypatch):
-    """Each file operation of a save and its swap in turn is where the process dies: what it leaves
-    always resumes from one checkpoint with the logs of that checkpoint's own epoch."""
+class _SavingTrainer:  # just what the callback reads; the state file and the logs name their epoch
+    current_epoch, max_epochs, global_rank = 0, 100, 0
+
+    class strategy:
+        broadcast = staticmethod(lambda x: x)
+
+    def save_checkpoint(self, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"epoch {self.current_epoch}")
+
+
+def _started(out: Path):
+    from transferkit.training.trainer import ResumeCheckpoint
+
+    cb, trainer = ResumeCheckpoint(out, budget=1), _SavingTrainer()
+    cb.on_train_start(trainer, torch.nn.Linear(1, 1))
+    return cb, trainer
+
+
+def _epoch(cb, trainer, out: Path, n: int) -> None:
+    """Epoch n ends: saved, its metrics logged; the next one starts (the swap)."""
+    trainer.current_epoch = n
+    cb.on_train_epoch_end(trainer, None)
+    (out / "dvclive").mkdir(exist_ok=True)
+    (out / "dvclive" / "metrics.json").write_text(f"epoch {n}")
+    trainer.current_epoch = n + 1
+    cb.on_train_epoch_start(trainer, None)
+
+
+@pytest.fixture
+def killed_after(monkeypatch):
+    """killed_after(k, step): run step() and die as a kill -9 would after k file operations; True if it died."""
     import os
     import shutil
 
-    from transferkit.training.trainer import RESUME_CHECKPOINT, ResumeCheckpoint, resume_folder
-
-    class Trainer:  # just what the callback reads; the state file and the logs name their epoch
-        current_epoch, max_epochs, global_rank = 0, 100, 0
-
-        class strategy:
-            broadcast = staticmethod(lambda x: x)
-
-        def save_checkpoint(self, path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"epoch {self.current_epoch}")
-
-    def epoch(cb, trainer, out, n):  # epoch n: trained, saved, its metrics logged, the next one starts
-        trainer.current_epoch = n
-        cb.on_train_epoch_end(trainer, None)
-        (out / "dvclive").mkdir(exist_ok=True)
-        (out / "dvclive" / "metrics.json").write_text(f"epoch {n}")
-        trainer.current_epoch = n + 1
-        cb.on_train_epoch_start(trainer, None)
-
-    ops, kill_at = [0], [None]
+    state = {"ops": 0, "at": None}
 
     def mortal(fn):
         def op(*args, **kwargs):
-            ops[0] += 1
-            if kill_at[0] is not None and ops[0] > kill_at[0]:
+            state["ops"] += 1
+            if state["at"] is not None and state["ops"] > state["at"]:
                 raise _Killed
             return fn(*args, **kwargs)
         return op
@@ -358,30 +367,59 @@ def test_a_kill_at_any_step_of_a_checkpoint_swap_leaves_a_whole_pair(tmp_path, m
         monkeypatch.setattr(shutil, name, mortal(getattr(shutil, name)))
     monkeypatch.setattr(os, "replace", mortal(os.replace))
     monkeypatch.setattr(Path, "rename", mortal(Path.rename))
+
+    def run(k: int, step) -> bool:
+        state["ops"], state["at"] = 0, k
+        try:
+            step()
+        except _Killed:
+            return True
+        finally:
+            state["at"] = None
+        return False
+    return run
+
+
+def _whole_pair(out: Path) -> tuple[str, str]:
+    from transferkit.training.trainer import RESUME_CHECKPOINT, resume_folder
+
+    saved = resume_folder(out)
+    assert saved is not None, "nothing to resume from"
+    state = (saved / RESUME_CHECKPOINT).read_text()
+    assert state == (saved / "logs" / "dvclive" / "metrics.json").read_text()  # the logs of its own epoch
+    return saved.name, state
+
+
+def test_a_kill_at_any_step_of_a_checkpoint_swap_leaves_a_whole_pair(tmp_path, killed_after):
+    """Each file operation of a save and its swap in turn is where the process dies: what it leaves
+    always resumes from one checkpoint with the logs of that checkpoint's own epoch."""
     left = set()
     for k in range(100):
         out = tmp_path / str(k)
         out.mkdir()
-        cb, trainer = ResumeCheckpoint(out, budget=1), Trainer()
-        cb.on_train_start(trainer, torch.nn.Linear(1, 1))
-        kill_at[0] = None
-        epoch(cb, trainer, out, 0)  # a whole pair of epoch 0
-        ops[0], kill_at[0] = 0, k
-        try:
-            epoch(cb, trainer, out, 1)  # dies after k operations
-        except _Killed:
-            pass
-        else:
+        cb, trainer = _started(out)
+        _epoch(cb, trainer, out, 0)  # a whole pair of epoch 0
+        if not killed_after(k, lambda: _epoch(cb, trainer, out, 1)):
             break
-        finally:
-            kill_at[0] = None
-        saved = resume_folder(out)
-        assert saved is not None, f"killed after {k} operations: nothing to resume from"
-        state = (saved / RESUME_CHECKPOINT).read_text()
-        assert state == (saved / "logs" / "dvclive" / "metrics.json").read_text(), k
-        left.add((saved.name, state))
+        left.add(_whole_pair(out))
     assert k > 5  # every operation of the save and the swap was a place to die
     assert ("checkpoints", "epoch 1") in left and ("checkpoints.previous", "epoch 0") in left
+
+
+def test_a_run_resumed_from_a_pair_mid_swap_keeps_it_until_its_own_is_whole(tmp_path, killed_after):
+    """The first swap killed once its state file is in checkpoints.next/ (the only whole pair), the
+    run resumed from there, then killed again at each step of its next save and swap."""
+    for k in range(100):
+        out = tmp_path / str(k)
+        out.mkdir()
+        cb, trainer = _started(out)
+        assert killed_after(3, lambda: _epoch(cb, trainer, out, 0))  # before checkpoints.next/ is renamed
+        assert _whole_pair(out) == ("checkpoints.next", "epoch 0")
+        cb, trainer = _started(out)  # the rerun, resumed at epoch 1
+        if not killed_after(k, lambda: _epoch(cb, trainer, out, 1)):
+            break
+        _whole_pair(out)
+    assert k > 5 and _whole_pair(out) == ("checkpoints", "epoch 1")
 
 
 def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):

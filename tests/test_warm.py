@@ -165,6 +165,7 @@ def _started_server(fake: Path, server_dir: Path, **popen) -> None:
     deadline = time.monotonic() + 60
     while not list(server_dir.glob("*/*.sock")) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert list(server_dir.glob("*/*.sock")), "the server never bound its socket"
 
 
 def _fake_project(folder: Path) -> Path:

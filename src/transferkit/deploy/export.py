@@ -215,7 +215,8 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
     from transferkit.io import atomic_path, save_json
 
     classes, size = meta["classes"], meta["input_size"]
-    with atomic_path(out / ONNX_FILE) as onnx_tmp, atomic_path(out / TORCHSCRIPT_FILE) as ts_tmp:
+    with (atomic_path(out / EXPORT_JSON) as record, atomic_path(out / ONNX_FILE) as onnx_tmp,
+          atomic_path(out / TORCHSCRIPT_FILE) as ts_tmp):  # all written inside; the record renamed last
         t = time.perf_counter()
         deployed = deployable(model)  # checked below against the model as trained
         used = export_onnx(deployed, onnx_tmp, size, exporter, opset)
@@ -261,11 +262,10 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
             "latency_ms_batch1": {**latency, "repeats": repeats, "threads": threads,
                                   "statistic": "median, runtimes taking turns in blocks of 10 calls",
                                   "load_average_1min": round(os.getloadavg()[0], 2)},
-            "export_seconds": round(export_s, 2),
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+            "export_seconds": round(export_s, 2), "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
         }
-    save_json(result, out / EXPORT_JSON)  # the record last: it describes files that are in place
+        save_json(result, record)
     return result
 
 

@@ -149,6 +149,8 @@ class ResumeCheckpoint(Checkpoint):
             return
         t = time.perf_counter()
         if trainer.global_rank == 0:  # the others' save_checkpoint writes nothing: they never touch the files
+            if resume_folder(self.out_dir) == self.out_dir / NEXT:  # the pair this run resumed from: kept whole
+                (self.out_dir / NEXT).rename(self.out_dir / CHECKPOINTS)
             shutil.rmtree(self.out_dir / NEXT, ignore_errors=True)
         self.pending = self.out_dir / NEXT / "state.tmp"
         trainer.save_checkpoint(self.pending)  # the whole state (optimiser, schedule, loops): a resume
