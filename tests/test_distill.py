@@ -151,6 +151,32 @@ def test_student_alone_is_the_same_network_and_budget(tmp_path):
     assert not torch.equal(alone.head.fc.weight, distilled.head.fc.weight)  # the teacher made a difference
 
 
+class _Started(Exception):
+    """Raised in place of training: the stage built its model."""
+
+
+def test_distill_and_student_start_from_the_same_weights(tmp_path, monkeypatch):
+    """At one seed the baseline and the distilled student begin as one network, so the teacher is the only
+    difference (distill loaded its teacher first, whose construction drew from the same random stream)."""
+    from transferkit.stages import distill, student
+
+    cfg = _smoke_with_teacher(tmp_path)
+    starts = {}
+
+    def started(name):
+        def train_stage(cfg, stage, model, *args, **kwargs):
+            starts[name] = {k: v.clone() for k, v in model.state_dict().items()}
+            raise _Started
+        return train_stage
+
+    for module, name in ((student, "student"), (distill, "distill")):
+        monkeypatch.setattr(module, "train_stage", started(name))
+        with pytest.raises(_Started):
+            run(name, cfg)
+    assert starts["student"].keys() == starts["distill"].keys()
+    assert [k for k in starts["student"] if not torch.equal(starts["student"][k], starts["distill"][k])] == []
+
+
 def test_mixup_distills_and_recovers_the_pruned_student(tmp_path):
     cfg = _smoke_with_teacher(tmp_path, "distill.mixup=1.0", "prune.epochs=1")
     assert 0.0 <= run("distill", cfg)["val_acc"] <= 1.0

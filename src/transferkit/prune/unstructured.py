@@ -45,6 +45,7 @@ def check_settings(criterion: str, scope: str) -> None:
 
 
 def prunable(model: nn.Module, keep: list[str]) -> list[tuple[nn.Module, str]]:
+    keep = [*keep, "head"]  # its outputs are the classes: kept, as structured pruning keeps it
     return [(m, "weight") for name, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(name == k or name.startswith(k + ".") for k in keep)]
 

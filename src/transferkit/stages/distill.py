@@ -34,8 +34,8 @@ def distillation(cfg: DictConfig, teacher) -> dict:
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     task = load_task(inputs["prepare"], "target")
+    student = build_student(cfg, task)  # first, as the student stage builds it: the same start at one seed
     teacher = load_teacher(inputs["transfer"], task["classes"])
-    student = build_student(cfg, task)
     ratio_params = count_params(student) / count_params(teacher)
     ratio_macs = count_macs(student) / count_macs(teacher)
     if ratio_params >= 1 or ratio_macs >= 1:

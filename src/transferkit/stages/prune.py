@@ -67,21 +67,23 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                       epochs=p.sparse_epochs, **distillation(cfg, teacher),
                       regularize=group_regularizer(student, p.sparse_reg, keep))
         for step in range(1, p.steps + 1):
-            # round k of n has removed k/n of the requested share of the original MACs or channels;
-            # each round's ratio applies to what the earlier rounds left
-            done, goal = p.ratio * (step - 1) / p.steps, p.ratio * step / p.steps
-            ratio = (goal - done) / (1 - done)
-            result = cut(student, ratio, refuse_empty=p.steps == 1)  # rounds: the trial cut checked prune.ratio
-            if p.round_to and result["round_to"] is None:
-                widths = "/".join(map(str, conv_widths(student)))
-                log.warning("prune.round_to=%s: the student is too narrow to reach the target in multiples of %s "
-                            "channels, so it was pruned to any channel count (conv widths %s). Fix: set "
-                            "prune.round_to to a smaller multiple, or null to silence this.",
-                            p.round_to, p.round_to, widths)
-            info.setdefault("macs_before", result["macs_before"])
-            info.setdefault("params_before", result["params_before"])
-            info.update(macs_after=result["macs_after"], params_after=result["params_after"],
-                        round_to=result["round_to"])
+            # round k of n has removed k/n of the requested share of the original MACs or channels; its ratio
+            # applies to what the earlier rounds left: MACs as measured (each round's search overshoots its goal)
+            goal = p.ratio * step / p.steps
+            left = (info["macs_after"] / info["macs_before"] if p.target == "macs" and "macs_after" in info
+                    else 1 - p.ratio * (step - 1) / p.steps)
+            if (ratio := 1 - (1 - goal) / left) > 0:  # else the earlier rounds' overshoot reached this goal
+                result = cut(student, ratio, refuse_empty=p.steps == 1)  # rounds: the trial cut checked prune.ratio
+                if p.round_to and result["round_to"] is None:
+                    widths = "/".join(map(str, conv_widths(student)))
+                    log.warning("prune.round_to=%s: the student is too narrow to reach the target in multiples of "
+                                "%s channels, so it was pruned to any channel count (conv widths %s). Fix: set "
+                                "prune.round_to to a smaller multiple, or null to silence this.",
+                                p.round_to, p.round_to, widths)
+                info.setdefault("macs_before", result["macs_before"])
+                info.setdefault("params_before", result["params_before"])
+                info.update(macs_after=result["macs_after"], params_after=result["params_after"],
+                            round_to=result["round_to"])
             if step < p.steps:
                 _recover(cfg, student, teacher, task, out, max(1, p.epochs // p.steps), step)
         student.arch["pruned"] = True

@@ -164,7 +164,7 @@ class ResumeCheckpoint(Checkpoint):
         t = time.perf_counter()
         current, following, previous = (self.out_dir / f for f in (CHECKPOINTS, NEXT, PREVIOUS))
         (following / "logs").mkdir()
-        for name in ("dvclive", "csv", "tensorboard"):
+        for name in LOGGERS:
             if (self.out_dir / name).is_dir():
                 shutil.copytree(self.out_dir / name, following / "logs" / name)
         os.replace(self.pending, following / RESUME_CHECKPOINT)  # a whole pair from here on
@@ -239,7 +239,7 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     if resume:  # checked like any file: plain data only, nothing in it may run
         state = load_plain(ckpt, f"delete {out_dir} (the work folder of an interrupted run) and run the stage again.")
         resumed_at = int(state["epoch"]) + 1
-        for name in ("dvclive", "csv", "tensorboard") if first_process() else ():  # the logs as at the checkpoint
+        for name in LOGGERS if first_process() else ():  # the logs as at the checkpoint
             shutil.rmtree(out_dir / name, ignore_errors=True)
             if (saved / "logs" / name).is_dir():
                 shutil.copytree(saved / "logs" / name, out_dir / name)
