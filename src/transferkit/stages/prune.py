@@ -76,10 +76,12 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                 result = cut(student, ratio, refuse_empty=p.steps == 1)  # rounds: the trial cut checked prune.ratio
                 if p.round_to and result["round_to"] is None:
                     widths = "/".join(map(str, conv_widths(student)))
-                    log.warning("prune.round_to=%s: the student is too narrow to reach the target in multiples of "
-                                "%s channels, so it was pruned to any channel count (conv widths %s). Fix: set "
-                                "prune.round_to to a smaller multiple, or null to silence this.",
-                                p.round_to, p.round_to, widths)
+                    why = ("the student is too narrow to reach the target" if p.steps == 1 else  # else: a small share
+                           f"round {step} of {p.steps} could not take its share")  # rounded back to a layer's width
+                    log.warning("prune.round_to=%s: %s in multiples of %s channels, so it was pruned to any channel "
+                                "count (conv widths %s). Fix: set prune.round_to to a smaller multiple%s, or null to "
+                                "silence this.", p.round_to, why, p.round_to, widths,
+                                "" if p.steps == 1 else " or fewer prune.steps")
                 info.setdefault("macs_before", result["macs_before"])
                 info.setdefault("params_before", result["params_before"])
                 info.update(macs_after=result["macs_after"], params_after=result["params_after"],
