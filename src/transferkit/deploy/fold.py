@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, scale: torch.Tensor) -> None:
     shift = bn.bias - bn.running_mean * scale
     conv.weight.mul_(scale.view(-1, 1, 1, 1))
@@ -36,7 +40,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         if f"{type(seq).__module__}.{type(seq).__name__}" in RESNET_BLOCKS:
             for k in (1, 2, 3):
                 if isinstance(bn := getattr(seq, f"bn{k}", None), nn.BatchNorm2d):
-                    _fold(getattr(seq, f"conv{k}"), bn, bn.weight / torch.sqrt(bn.running_var + bn.eps))
+                    _fold(getattr(seq, f"conv{k}"), bn, _scale(bn))
                     setattr(seq, f"bn{k}", nn.Identity())
         if not isinstance(seq, nn.Sequential):
             continue
@@ -45,7 +49,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             if not isinstance(conv, nn.Conv2d) or j >= len(seq) or not isinstance(seq[j], nn.BatchNorm2d):
                 continue
             bn = seq[j]
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            scale = _scale(bn)
             if j > i + 1 and not bool((scale > 0).all()):
                 continue  # a negative scale would turn the max into a min
             _fold(conv, bn, scale)
