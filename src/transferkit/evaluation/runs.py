@@ -115,7 +115,7 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
     retrained model, a re-prepared task or edited scoring code is scored again."""
     from transferkit.io import load_torch, save_torch
     from transferkit.models import load_checkpoint
-    from transferkit.training.precision import uses_cuda
+    from transferkit.training.precision import eval_device
 
     cache, tasks, prepared, code = load_cache(cache_file), {}, {}, scoring_code()
     for run in runs:
@@ -123,8 +123,7 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
         if task is None:
             check_task(run, task_file, prepared)
         stamp = task_file.stat().st_mtime_ns if task is None else None
-        # where evaluate scores the run (eval_device): its training GPU, if it had one
-        device = "cuda" if uses_cuda(str(run.params.get("trainer", {}).get("accelerator", "cpu"))) else "cpu"
+        device = eval_device(str(run.params.get("trainer", {}).get("accelerator", "cpu")))  # as evaluate scores it
         key = (f"{run.folder.resolve()}|{(run.folder / 'model.pt').stat().st_mtime_ns}|{stamp}|"
                f"{run.params.get('evaluate')}|{device}|{code}")
         if key not in cache:

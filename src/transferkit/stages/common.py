@@ -27,13 +27,6 @@ def load_task(prepare_dir: Path, role: str) -> dict:
     return load_torch(Path(prepare_dir) / f"{role}.pt", f"prepared {role} task", "prepare")
 
 
-def eval_device(cfg: DictConfig) -> str:
-    """Where models are scored: the training GPU if there is one (fp32, deterministic kernels)."""
-    from transferkit.training.precision import uses_cuda
-
-    return "cuda" if uses_cuda(str(cfg.trainer.accelerator)) else "cpu"
-
-
 PARAMS_FILE = "params.yaml"  # the resolved config a stage ran with, saved beside its outputs
 RESUME_KEY = ".resume_key"  # in a work folder only: what else its resume checkpoints were trained from
 

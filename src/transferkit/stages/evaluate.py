@@ -18,9 +18,9 @@ from transferkit.io import atomic_path, save_json, save_text
 from transferkit.models import load_checkpoint
 from transferkit.progress import progress
 from transferkit.stages import TARGET_MODELS
-from transferkit.stages.common import eval_device, load_task, point_dir
+from transferkit.stages.common import load_task, point_dir
 from transferkit.training.freeze import start_depth
-from transferkit.training.precision import cpu_isa, cpu_model, matmul_peaks
+from transferkit.training.precision import cpu_isa, cpu_model, eval_device, matmul_peaks
 
 # The pruned student as deployed (export's fp32 ONNX file, quantize's INT8 one): name -> the stage that wrote it.
 DEPLOYED = {"onnx_fp32": "export", "onnx_int8": "quantize"}
@@ -63,7 +63,7 @@ def freeze_curve(cfg: DictConfig, inputs: dict[str, Path], x: torch.Tensor, y: t
             hits = correct["transfer"]
         else:
             model, _ = load_checkpoint(folder / "model.pt", stage, classes)
-            hits = predict(model, x, ev.batch_size, ev.tta, eval_device(cfg)).argmax(1) == y
+            hits = predict(model, x, ev.batch_size, ev.tta, eval_device(str(cfg.trainer.accelerator))).argmax(1) == y
         val = json.loads((folder / "metrics.json").read_text()).get("val_acc")
         n_correct = int(hits.sum())
         rows.append({"freeze_depth": depth, "top1": n_correct / len(y),
@@ -81,7 +81,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     for name in progress(TARGET_MODELS, "scoring models", "model"):
         path = inputs[name] / "model.pt"
         model, _ = load_checkpoint(path, name, classes)
-        logits = predict(model, x, ev.batch_size, ev.tta, eval_device(cfg))
+        logits = predict(model, x, ev.batch_size, ev.tta, eval_device(str(cfg.trainer.accelerator)))
         pred = logits.argmax(1)
         correct[name] = pred == y
         m = classification_metrics(logits, y, classes)

@@ -16,9 +16,10 @@ from transferkit.evaluation.tables import pct
 from transferkit.io import save_json
 from transferkit.models import save_checkpoint
 from transferkit.models.blocknet import BlockNet
-from transferkit.stages.common import data_settings, eval_device, train_settings
+from transferkit.stages.common import data_settings, train_settings
 from transferkit.training import first_process
 from transferkit.training.classifier import ClassifierModule
+from transferkit.training.precision import eval_device
 from transferkit.training.trainer import fit
 
 
@@ -70,14 +71,14 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
         metrics.update(finalize(model) or {})
     if not first_process():
         return {}
-    ev = cfg.evaluate
+    ev, device = cfg.evaluate, eval_device(str(cfg.trainer.accelerator))
     for split in ("val", "test") if stage == "pretrain" else ("val",):
         if len(task[f"{split}_y"]):
-            logits = predict(model, task[f"{split}_x"], ev.batch_size, "none", eval_device(cfg))
+            logits = predict(model, task[f"{split}_x"], ev.batch_size, "none", device)
             hits = logits.argmax(1) == task[f"{split}_y"]
             metrics[f"{split}_acc"] = float(hits.float().mean())
     if stage == "pretrain" and len(task["test_y"]) and settings.tta != "none":  # the source task's score with TTA
-        hits = predict(model, task["test_x"], ev.batch_size, settings.tta, eval_device(cfg)).argmax(1) == task["test_y"]
+        hits = predict(model, task["test_x"], ev.batch_size, settings.tta, device).argmax(1) == task["test_y"]
         metrics["test_acc_tta"] = float(hits.float().mean())
     save_checkpoint(model, out / "model.pt", task["classes"], stage=stage, experiment=cfg.name)
     save_json(metrics, out / "metrics.json")

@@ -102,6 +102,11 @@ def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def eval_device(accelerator: str) -> str:
+    """Where a run's models are scored: its training GPU if it had one (fp32, deterministic kernels)."""
+    return "cuda" if uses_cuda(accelerator) else "cpu"
+
+
 def check_accelerator(trainer) -> None:
     """At run time, not in the config's checks: params.yaml may be written for another machine."""
     accelerator = str(trainer.accelerator)
