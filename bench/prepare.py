@@ -1,6 +1,6 @@
 """Reading an image-folder archive, as `prepare` does: the archive's members listed by tarfile (the
 baseline: a full TarInfo per member, built in Python) against the header scan `prepare` uses
-(`transferkit/data/sources.py`), each alone and as part of `read_image_folder` (decompress, list,
+(`transferkit/data/archives.py`), each alone and as part of `read_image_folder` (decompress, list,
 decode every JPEG, stack), the two ways taking turns in one process.
 
     uv run python bench/prepare.py [--archive data/cifar10-jpeg.tar.gz] [--repeats 3]
@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from _common import ROOT, describe, finish, machine, now, table
 
-from transferkit.data import sources
+from transferkit.data import archives, sources
 
 
-def by_tarfile(raw: bytearray) -> None:
+def by_tarfile(raw: bytearray, keep=None) -> None:
     """What `prepare` did before the header scan: every archive through tarfile."""
     return None
 
@@ -42,9 +42,9 @@ def main(argv=None) -> int:
         return 2
     info = {"when": now(), "machine": machine(), "archive": str(args.archive)}
     print(describe(info["machine"]), flush=True)
-    scan = sources._tar_files
+    scan = archives._tar_files
     ways = {"tarfile (baseline)": by_tarfile, "header scan": scan}
-    parts = {"list members": lambda: sources._archive_files(args.archive),
+    parts = {"list members": lambda: archives.archive_files(args.archive),
              "read_image_folder": lambda: sources.read_image_folder(args.archive)}
     images = len(sources.read_image_folder(args.archive).train.labels)  # also warms the decoder once
     rows = []
@@ -53,12 +53,12 @@ def main(argv=None) -> int:
             times = {w: [] for w in ways}
             for _ in range(args.repeats):  # interleaved, so drift of the VM hits both ways alike
                 for way, tar_files in ways.items():
-                    sources._tar_files = tar_files
+                    archives._tar_files = tar_files
                     times[way].append(seconds(fn))
             rows += [{"part": part, "way": w, "seconds": statistics.median(t)} for w, t in times.items()]
             print(table(rows[-2:], COLUMNS), flush=True)
     finally:
-        sources._tar_files = scan
+        archives._tar_files = scan
     print(f"\n{args.archive.name} ({images:,} train images), {torch.get_num_threads()} torch threads, "
           f"median of {args.repeats} (seconds):")
     print(table(rows, COLUMNS))

@@ -12,7 +12,9 @@ import pickle
 import random
 import shutil
 import stat
+import struct
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import CIFAR10_CLASSES, random_images, write_cifar_pickles, write_image_folder
-from transferkit.data import sources
+from transferkit.data import archives, sources
 from transferkit.data.augment import augment, draw_flips, draw_shifts, flip, translate
 from transferkit.data.loader import DeviceBatches
 from transferkit.data.sources import (RawDataset, Split, load_dataset, make_synthetic, read_cifar_pickles,
@@ -83,6 +85,56 @@ def test_cifar_labels_that_do_not_fit_the_images_are_refused(tmp_path, labels, f
     batch[b"labels"] = labels(batch[b"labels"])
     (folder / "data_batch_1").write_bytes(pickle.dumps(batch))
     with pytest.raises(TransferkitError, match=f"data_batch_1.*{fault}.*Fix"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
+def _strided_array(n: int, dtype: str, item: bytes) -> bytes:
+    """Pickle opcodes that call numpy.ndarray(shape=(n,), dtype, buffer=item, offset=0, strides=(0,)):
+    an n-element array over one item's bytes, which pickle.dumps never writes for a real array."""
+    return (b"cnumpy\nndarray\n(\x8a\x08" + struct.pack("<q", n) + b"\x85cnumpy\ndtype\n(X"
+            + struct.pack("<I", len(dtype)) + dtype.encode() + b"\x89\x88tRC" + bytes([len(item)]) + item
+            + b"K\x00K\x00\x85tR")
+
+
+@pytest.mark.parametrize("key", [b"data", b"labels"])
+def test_a_cifar_array_larger_than_its_file_is_refused(tmp_path, key):
+    """A few bytes of pickle can build an array of any size by a zero stride (no official file does):
+    refused before anything copies it, instead of filling the machine's memory."""
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=10, test_per_class=2)
+    if key == b"data":  # 600 MB of images from one byte
+        pickled = b"\x80\x02}(C\x04data" + _strided_array(2 * 10 ** 5 * 3072, "u1", b"\0") + b"C\x06labels]u."
+    else:  # 8 MB of labels from 8 bytes, beside 200 real images
+        images = pickle.dumps({b"data": np.zeros((200, 3072), np.uint8)}, protocol=2)[:-1]  # no STOP opcode
+        pickled = images + b"C\x06labels" + _strided_array(10 ** 6, "i8", bytes(8)) + b"s."
+    (folder / "data_batch_2").write_bytes(pickled)
+    with pytest.raises(TransferkitError, match=r"data_batch_2 holds an array of .* bytes in a file of "
+                                               r"\d+ bytes.*Fix: delete"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
+@pytest.mark.parametrize("names, fault", [
+    ([b"a\xff", b"b"], "class names that are not UTF-8 text"),
+    (5, "class names that are no list"),
+    (None, "class names that are no list"),
+    ([b"cat", 3], "class names that are not text"),
+    ([b"cat", b"dog", b"cat"], "class 'cat' twice"),
+])
+def test_cifar_class_names_that_are_not_a_list_of_distinct_names_are_refused(tmp_path, names, fault):
+    folder = write_cifar_pickles(tmp_path, "cifar10", ["cat", "dog", "frog"], train_per_class=5, test_per_class=1)
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    with pytest.raises(TransferkitError, match=f"batches.meta has {fault}.*Fix: delete"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
+@pytest.mark.parametrize("data", [np.zeros((3072, 10), np.uint8), np.zeros((10, 3, 32, 32), np.uint8),
+                                  np.zeros(30720, np.uint8)])
+def test_cifar_images_not_in_rows_of_3072_are_refused(tmp_path, data):
+    """The official layout is one row of 3072 bytes per image: a transposed or reshaped array of the
+    same size would read as scrambled images."""
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=10, test_per_class=2)
+    batch = pickle.loads((folder / "data_batch_1").read_bytes())
+    (folder / "data_batch_1").write_bytes(pickle.dumps({**batch, b"data": data}))
+    with pytest.raises(TransferkitError, match="data_batch_1 holds images that are not uint8 rows of 3072.*Fix"):
         read_cifar_pickles(folder, "cifar10", verify_checksums=False)
 
 
@@ -230,11 +282,11 @@ def test_archives_read_by_header_scan_or_by_tarfile_give_the_same_images(tmp_pat
     raw = bytearray(path.read_bytes())
     if compression == "gz":
         raw = bytearray(gzip.decompress(raw))
-    scanned = sources._tar_files(raw)
+    scanned = archives._tar_files(raw)
     assert (scanned is None) == (compression == "bz2" or fmt != "ustar")  # by tarfile, or the scan read them
     if scanned is not None:
         assert {name: bytes(data) for name, data in scanned} == want
-    assert {name: bytes(data) for name, data in sources._archive_files(path)} == want
+    assert {name: bytes(data) for name, data in archives.archive_files(path)} == want
     a, b = read_image_folder(folder), read_image_folder(path)
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
 
@@ -257,13 +309,13 @@ def test_a_tar_header_summed_as_signed_bytes_is_read(tmp_path):
     """Some old tars summed a header's bytes as signed numbers; tarfile accepts either sum, and so does the scan."""
     path = write_image_folder(tmp_path, CLASSES4, 2, 1)
     raw = bytearray(gzip.decompress(path.read_bytes()))
-    want = sources._tar_files(raw)
+    want = archives._tar_files(raw)
     raw[99] = 0xB4  # a byte above 127 in the name field, after the name's end (both readers ignore it)
     header = raw[:512]
     signed = sum(b - 256 * (b >= 128) for b in header[:148] + header[156:]) + 8 * ord(" ")
     raw[148:156] = b"%06o\0 " % signed
     assert signed != sum(header[:148] + header[156:]) + 8 * ord(" ")  # the unsigned sum would differ
-    got = sources._tar_files(raw)
+    got = archives._tar_files(raw)
     assert got is not None and [(n, bytes(d)) for n, d in got] == [(n, bytes(d)) for n, d in want]
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:  # tarfile reads it alike
         assert [m.name for m in tar if m.isfile()] == [n for n, _ in want]
@@ -341,6 +393,70 @@ def test_a_zip_archive_is_found_and_read_as_a_tar_is(tmp_path):
     with pytest.raises(TransferkitError, match=r"stored.zip holds a member Python's zipfile cannot read \(That "
                                                r"compression method is not supported\).*Deflate64.*Fix: re-create it"):
         read_image_folder(stored)
+
+
+def test_a_zip_whose_directory_points_outside_it_is_one_error(tmp_path):
+    """zipfile raises ValueError (a negative seek) for a directory offset moved past the start."""
+    path = write_image_folder(tmp_path, CLASSES4, 2, 1, archive="zip")
+    raw = bytearray(path.read_bytes())
+    end = raw.rfind(b"PK\x05\x06")  # the end-of-directory record: the directory's offset at +16
+    raw[end + 16:end + 20] = (int.from_bytes(raw[end + 16:end + 20], "little") + 100).to_bytes(4, "little")
+    path.write_bytes(raw)
+    with pytest.raises(TransferkitError, match=r"corrupt or unreadable archive .*ValueError.* Fix: copy the archive"):
+        read_image_folder(path)
+
+
+def _archive_with(tmp_path, fmt: str, members: dict[str, bytes]):
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / f"big.{fmt}"
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
+        return path
+    with tarfile.open(path, f"w:{fmt.split('.')[-1] if '.' in fmt else ''}") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["tar", "tar.gz", "tar.bz2", "zip"])
+def test_an_archive_that_expands_past_the_memory_limit_is_refused_before_it_is_read(tmp_path, monkeypatch, fmt):
+    """A few kilobytes of zeros compressed can claim gigabytes: the archive is refused once what it expands to
+    passes the limit (a quarter of the machine's memory; 1 MB here), naming the way around it."""
+    monkeypatch.setattr(archives, "memory_limit", lambda: 10 ** 6)
+    small = write_image_folder(tmp_path / "small", CLASSES4, 2, 1, archive=False)
+    members = {str(f.relative_to(small.parent)): f.read_bytes() for f in sorted(small.rglob("*.jpg"))}
+    fits = _archive_with(tmp_path / "fits", fmt, {**members, "cifar10-jpeg/README.txt": bytes(300_000)})
+    assert len(read_image_folder(fits).train.labels) == 8
+    bomb = _archive_with(tmp_path, fmt, {**members, "cifar10-jpeg/train/cat/big.png": bytes(3 * 10 ** 6)})
+    with pytest.raises(TransferkitError, match=rf"big.{fmt} expands to more than 1.0 MB, over a quarter of this "
+                                               r"machine's memory.*Fix: extract it .* give that folder"):
+        read_image_folder(bomb)
+
+
+def test_a_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(monkeypatch):
+    """The batched JPEG decoder would decode every file of a part at its full size before the size check;
+    a file is sent to it only where its header says image_size x image_size, the rest through PIL, whose
+    decompression-bomb limit refuses 645 bytes that claim 20,000 x 20,000 pixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 20000, 20000)  # height, width
+    assert sources.jpeg_size(bytes(data)) == (20000, 20000)
+    assert sources.jpeg_size(buf.getvalue()) == (8, 8)
+    assert sources.jpeg_size(b"\xff\xd8 no segments") is None
+    import torchvision.io
+
+    batched, decode_jpeg = [], torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg",
+                        lambda files, **kw: batched.extend(files) or decode_jpeg(files, **kw))
+    with pytest.raises(TransferkitError, match=r"corrupt image huge.jpg \(.*exceeds limit.*Fix: delete or replace"):
+        sources.decode_images([("fine.jpg", buf.getvalue()), ("huge.jpg", bytes(data))], 8)
+    assert len(batched) == 1  # fine.jpg alone went to the batched decoder
 
 
 def test_other_image_sizes_are_resized(tmp_path):

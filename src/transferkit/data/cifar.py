@@ -90,15 +90,21 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
                                    f"{name} file. Fix: {refetch}")
         return batch[key]
 
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in field(unpickle(meta_file), names_key, meta_file)]
+    classes = class_names(field(unpickle(meta_file), names_key, meta_file), folder / meta_file, refetch)
 
     def split(files: list[str]) -> Split:
         images, labels = [], []
         for f in files:
             batch = unpickle(f)
             x, y = np.asarray(field(batch, b"data", f)), np.asarray(field(batch, label_key, f))
-            if x.dtype != np.uint8 or x.size % (3 * 32 * 32):
-                raise TransferkitError(f"the images in {folder} are not uint8 32x32 RGB rows. Fix: {refetch}")
+            # numpy.ndarray, which the files need to name, can also be called to build an array of any size
+            # over a few bytes by a zero stride: no array of a real file holds more bytes than the file
+            if (big := max(x.nbytes, y.nbytes)) > (size := (folder / f).stat().st_size):
+                raise TransferkitError(f"{folder / f} holds an array of {big} bytes in a file of {size} bytes: no "
+                                       f"official file does. Fix: {refetch}")
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+                raise TransferkitError(f"{folder / f} holds images that are not uint8 rows of 3072 bytes (32x32 RGB "
+                                       f"planes) but a {x.dtype} array of shape {x.shape}. Fix: {refetch}")
             images.append(x.reshape(-1, 3, 32, 32))
             # a label too few or too many shifts every later one onto another image
             fault = ("labels that are no flat list" if y.ndim != 1
@@ -112,6 +118,22 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
         return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))  # copies
 
     return RawDataset(name, classes, split(train_files), split(test_files))
+
+
+def class_names(names, path: Path, refetch: str) -> list[str]:
+    """The meta file's class names: a list of distinct texts (a label is an index into it)."""
+    fault = ("class names that are no list" if not isinstance(names, list)
+             else "class names that are not text" if not all(isinstance(c, (bytes, str)) for c in names) else None)
+    if fault is None:
+        try:
+            names = [c.decode() if isinstance(c, bytes) else c for c in names]
+        except UnicodeDecodeError:
+            fault = "class names that are not UTF-8 text"
+        else:
+            fault = next((f"class {c!r} twice" for i, c in enumerate(names) if c in names[:i]), None)
+    if fault:
+        raise TransferkitError(f"{path} has {fault}. Fix: {refetch}")
+    return names
 
 
 def download_cifar(name: str, data_dir: Path) -> None:

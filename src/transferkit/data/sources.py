@@ -3,11 +3,8 @@ synthetic images made in-process. Each loader returns uint8 NCHW tensors, decode
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
-import tarfile
-import zipfile
 import zlib
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from transferkit.data.archives import archive_files
 from transferkit.data.cifar import CIFAR, download_cifar, read_cifar_pickles
 from transferkit.data.dataset import RawDataset, Split
 from transferkit.errors import TransferkitError
@@ -54,13 +52,35 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # a copy: PIL's own array is read-only
 
 
+# the frame headers that hold a JPEG's size: SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC)
+_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header; None where the segments before it do not parse. By
+    hand: PIL's header read builds an image object, about ten times the cost, once per file of a dataset."""
+    at = 2
+    while at + 9 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker in _FRAME_MARKERS:
+            return int.from_bytes(data[at + 7:at + 9], "big"), int.from_bytes(data[at + 5:at + 7], "big")
+        at += 1 if marker == 0xFF else 2 + int.from_bytes(data[at + 2:at + 4], "big")  # 0xFF: a fill byte
+    return None
+
+
+def _writable(data: bytes | bytearray) -> bytearray:
+    return data if isinstance(data, bytearray) else bytearray(data)
+
+
 def _decode_part(part: list[tuple[str, bytes]], image_size: int) -> list[torch.Tensor]:
-    """JPEG files through torchvision's decoder (libjpeg-turbo, the same pixels as PIL, several
-    times faster, and it lets other threads run; it applies EXIF orientation as decode_image does);
-    other formats, other sizes and any file it refuses through decode_image."""
+    """JPEG files whose header says S x S through torchvision's decoder (libjpeg-turbo, the same pixels
+    as PIL, several times faster, and it lets other threads run; it applies EXIF orientation as
+    decode_image does), which decodes the whole part at full size before anything checks it; other
+    formats, other sizes (through PIL's decompression-bomb limit) and any file it refuses through decode_image."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    jpeg = [i for i, (_, data) in enumerate(part) if data[:2] == b"\xff\xd8"]
+    jpeg = [i for i, (_, data) in enumerate(part)
+            if data[:2] == b"\xff\xd8" and jpeg_size(data) == (image_size, image_size)]
     out: list[torch.Tensor | None] = [None] * len(part)
     try:  # torch reads a bytearray in place; bytes, which it cannot, are copied into one
         decoded = decode_jpeg([torch.frombuffer(_writable(part[i][1]), dtype=torch.uint8) for i in jpeg],
@@ -104,78 +124,6 @@ def _parse_member(path: str) -> tuple[str, str] | None:
     return (split, cls) if split in ("train", "test") else None
 
 
-ZERO_BLOCK = bytes(512)
-
-
-def _writable(data: bytes | bytearray) -> bytearray:
-    return data if isinstance(data, bytearray) else bytearray(data)
-
-
-def _tar_files(raw: bytearray) -> list[tuple[str, bytearray]] | None:
-    """The regular files of an uncompressed tar, as (name, bytes), read from its 512-byte headers;
-    None where it holds anything else (pax records, long names, links; no tar, or one compressed by
-    bz2 or xz), which tarfile then reads. A damaged header after the first raises tarfile.ReadError:
-    tarfile would end the archive there without a word. By hand because tarfile builds a full
-    TarInfo in Python for every member, which costs more than decoding a small JPEG."""
-    files, offsets, checksums, off, plain = [], [], [], 0, True
-    while off + 512 <= len(raw) and (header := raw[off:off + 512]) != ZERO_BLOCK:  # two of them end a tar
-        try:
-            size, checksum = int(header[124:136].strip(b"\0 ") or b"0", 8), int(header[148:156].strip(b"\0 "), 8)
-        except ValueError:
-            size = checksum = -1
-        offsets.append(off)
-        checksums.append(checksum)
-        kind, start = header[156:157], off + 512
-        if size < 0 or kind not in (b"0", b"\0", b"5") or start + size > len(raw):
-            plain = False  # a header this scan does not read, or a damaged one: its checksum tells
-            break
-        name = header[:100].partition(b"\0")[0]
-        if header[257:263] == b"ustar\0" and header[345]:  # POSIX ustar: a long path's folders
-            name = header[345:500].partition(b"\0")[0] + b"/" + name
-        if kind != b"5":
-            files.append((name.decode("utf-8", "surrogateescape"), raw[start:start + size]))
-        off = start + -(-size // 512) * 512
-    ok = _checksums_hold(raw, offsets, checksums)
-    if not ok.all():
-        if not ok[0]:  # no tar at all, or a compressed one: tarfile decides
-            return None
-        raise tarfile.ReadError(f"the header at byte {offsets[int(np.argmin(ok))]} is damaged (wrong checksum)")
-    return files if plain and offsets else None
-
-
-def _checksums_hold(raw: bytearray, offsets: list[int], checksums: list[int]) -> np.ndarray:
-    """Whether each header holds its checksum: the sum of its bytes, its own 8 counted as spaces,
-    unsigned or (as some old tars wrote it, and tarfile accepts) signed."""
-    blocks = np.frombuffer(raw, np.uint8, count=len(raw) // 512 * 512).reshape(-1, 512)
-    headers = blocks[np.asarray(offsets, dtype=np.int64) // 512].astype(np.int64)
-    headers[:, 148:156] = ord(" ")
-    unsigned = headers.sum(1)
-    return (unsigned == checksums) | (unsigned - 256 * (headers >= 128).sum(1) == checksums)
-
-
-def _archive_files(path: Path) -> list[tuple[str, bytes | bytearray]]:
-    """Every regular file of a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip, decompressed into memory in one go
-    (reading through gzip member by member seeks and inflates in small pieces, which costs more)."""
-    raw = bytearray(path.read_bytes())
-    if raw[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record (a file; the directory of an empty one)
-        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            try:
-                return [(m.filename, archive.read(m)) for m in archive.infolist() if not m.is_dir()]
-            except (RuntimeError, NotImplementedError) as e:  # an encrypted member; a method zipfile lacks
-                raise TransferkitError(f"{path} holds a member Python's zipfile cannot read ({e}): a password, or a "
-                                       f"compression such as Deflate64, which Windows uses for large folders. Fix: "
-                                       f"re-create it with standard Deflate and no password (`zip -r`), or as a "
-                                       f".tar.gz.") from e
-    if raw[:2] == b"\x1f\x8b":
-        raw = bytearray(gzip.decompress(raw))
-    if (files := _tar_files(raw)) is not None:
-        return files
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
-        # a hard link is a file stored once under two names (GNU tar writes one per inode it met before):
-        # extractfile reads its target's bytes. Symbolic links are skipped: they may point out of the archive.
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile() or m.islnk()]
-
-
 def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None = None) -> RawDataset:
     """Read `train/<class>/*` and `test/<class>/*` from a folder or a .tar(.gz) or .zip archive.
 
@@ -192,17 +140,14 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
                 if wanted is None or key[1] in wanted:
                     items.setdefault(key, []).append((str(f), f.read_bytes()))
     else:
-        try:
-            for name, data in _archive_files(path):
-                if key := _parse_member(name):
-                    seen_classes.add(key[1])
-                    if wanted is None or key[1] in wanted:
-                        items.setdefault(key, []).append((name, data))
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError, KeyError) as e:  # KeyError:
-            # a hard link whose target the archive lacks
-            raise TransferkitError(
-                f"corrupt or unreadable archive {path} ({type(e).__name__}: {' '.join(str(e).split())}). Fix: copy the "
-                f"archive into {path.parent}/ again (a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip).") from e
+        def keep(name: str) -> bool:  # only the wanted classes' images are held in memory
+            return (key := _parse_member(name)) is not None and (wanted is None or key[1] in wanted)
+
+        for name, data in archive_files(path, keep):
+            if key := _parse_member(name):
+                seen_classes.add(key[1])
+                if data is not None:
+                    items.setdefault(key, []).append((name, data))
     if not seen_classes:
         raise TransferkitError(
             f"no images found in {path}: expected train/<class>/<image> and test/<class>/<image>. "

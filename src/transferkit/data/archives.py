@@ -1,0 +1,140 @@
+"""Image-folder archives (.tar, .tar.gz, .tar.bz2, .tar.xz, .zip) read into memory in one go: every
+regular member's name, and the bytes of the members a caller keeps, with what the archive expands
+to capped by this machine's memory (a few kilobytes of compressed zeros can claim gigabytes)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from transferkit.errors import TransferkitError
+
+ZERO_BLOCK = bytes(512)
+Members = list[tuple[str, "bytes | bytearray | None"]]
+
+
+def memory_limit() -> int:
+    """The most bytes an archive may expand to: a quarter of this machine's memory, as decoding its
+    images holds about three copies of what it read."""
+    import psutil
+
+    return psutil.virtual_memory().total // 4
+
+
+class _TooLarge(Exception):
+    """The archive expands past memory_limit()."""
+
+
+def _bounded(read: Callable[[int], bytes], total: int, limit: int) -> bytes:
+    """At most what is left of the limit, plus one byte to tell that it did not fit."""
+    data = read(limit - total + 1)
+    if total + len(data) > limit:
+        raise _TooLarge
+    return data
+
+
+def _tar_files(raw: bytearray, keep: Callable[[str], bool] = lambda name: True) -> Members | None:
+    """The regular files of an uncompressed tar, as (name, bytes), read from its 512-byte headers;
+    None where it holds anything else (pax records, long names, links; no tar, or one compressed by
+    bz2 or xz), which tarfile then reads. A damaged header after the first raises tarfile.ReadError:
+    tarfile would end the archive there without a word. By hand because tarfile builds a full
+    TarInfo in Python for every member, which costs more than decoding a small JPEG."""
+    files, offsets, checksums, off, plain = [], [], [], 0, True
+    while off + 512 <= len(raw) and (header := raw[off:off + 512]) != ZERO_BLOCK:  # two of them end a tar
+        try:
+            size, checksum = int(header[124:136].strip(b"\0 ") or b"0", 8), int(header[148:156].strip(b"\0 "), 8)
+        except ValueError:
+            size = checksum = -1
+        offsets.append(off)
+        checksums.append(checksum)
+        kind, start = header[156:157], off + 512
+        if size < 0 or kind not in (b"0", b"\0", b"5") or start + size > len(raw):
+            plain = False  # a header this scan does not read, or a damaged one: its checksum tells
+            break
+        name = header[:100].partition(b"\0")[0]
+        if header[257:263] == b"ustar\0" and header[345]:  # POSIX ustar: a long path's folders
+            name = header[345:500].partition(b"\0")[0] + b"/" + name
+        if kind != b"5":
+            name = name.decode("utf-8", "surrogateescape")
+            files.append((name, raw[start:start + size] if keep(name) else None))
+        off = start + -(-size // 512) * 512
+    ok = _checksums_hold(raw, offsets, checksums)
+    if not ok.all():
+        if not ok[0]:  # no tar at all, or a compressed one: tarfile decides
+            return None
+        raise tarfile.ReadError(f"the header at byte {offsets[int(np.argmin(ok))]} is damaged (wrong checksum)")
+    return files if plain and offsets else None
+
+
+def _checksums_hold(raw: bytearray, offsets: list[int], checksums: list[int]) -> np.ndarray:
+    """Whether each header holds its checksum: the sum of its bytes, its own 8 counted as spaces,
+    unsigned or (as some old tars wrote it, and tarfile accepts) signed."""
+    blocks = np.frombuffer(raw, np.uint8, count=len(raw) // 512 * 512).reshape(-1, 512)
+    headers = blocks[np.asarray(offsets, dtype=np.int64) // 512].astype(np.int64)
+    headers[:, 148:156] = ord(" ")
+    unsigned = headers.sum(1)
+    return (unsigned == checksums) | (unsigned - 256 * (headers >= 128).sum(1) == checksums)
+
+
+def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
+    if path.stat().st_size > limit:
+        raise _TooLarge
+    raw = bytearray(path.read_bytes())
+    total = 0
+    if raw[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record (a file; the directory of an empty one)
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            files = []
+            try:
+                for m in (m for m in archive.infolist() if not m.is_dir()):
+                    data = None
+                    if keep(m.filename):
+                        with archive.open(m) as member:
+                            data = _bounded(member.read, total, limit)
+                        total += len(data)
+                    files.append((m.filename, data))
+            except (RuntimeError, NotImplementedError) as e:  # an encrypted member; a method zipfile lacks
+                raise TransferkitError(f"{path} holds a member Python's zipfile cannot read ({e}): a password, or a "
+                                       f"compression such as Deflate64, which Windows uses for large folders. Fix: "
+                                       f"re-create it with standard Deflate and no password (`zip -r`), or as a "
+                                       f".tar.gz.") from e
+            return files
+    if raw[:2] == b"\x1f\x8b":  # in one call: through tarfile, gzip seeks and inflates in small pieces
+        raw = bytearray(_bounded(gzip.GzipFile(fileobj=io.BytesIO(raw)).read, 0, limit))
+    if (files := _tar_files(raw, keep)) is not None:
+        return files
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
+        # a hard link is a file stored once under two names (GNU tar writes one per inode it met before):
+        # extractfile reads its target's bytes. Symbolic links are skipped: they may point out of the archive.
+        files = []
+        for m in (m for m in tar if m.isfile() or m.islnk()):
+            data = _bounded(tar.extractfile(m).read, total, limit) if keep(m.name) else None
+            total += len(data or b"")
+            files.append((m.name, data))
+        return files
+
+
+def archive_files(path: Path, keep: Callable[[str], bool] = lambda name: True) -> Members:
+    """Every regular file of the archive at `path` as (name, bytes), the bytes None for a name `keep` refuses."""
+    limit = memory_limit()
+    try:
+        return _read(path, keep, limit)
+    except _TooLarge:
+        size = f"{limit / 1e9:.1f} GB" if limit >= 1e9 else f"{limit / 1e6:.1f} MB"
+        raise TransferkitError(
+            f"{path} expands to more than {size}, over a quarter of this machine's memory, into which archives are "
+            f"read. Fix: extract it (`tar -xf` or `unzip`) and give that folder as the dataset: a folder is read "
+            f"image by image, and only the classes asked for.") from None
+    # KeyError: a hard link whose target the archive lacks; ValueError, struct.error: a zip directory that lies
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError, KeyError, ValueError,
+            struct.error) as e:
+        raise TransferkitError(
+            f"corrupt or unreadable archive {path} ({type(e).__name__}: {' '.join(str(e).split())}). Fix: copy the "
+            f"archive into {path.parent}/ again (a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip).") from e
