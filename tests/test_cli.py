@@ -150,6 +150,49 @@ def test_check_params_refuses_overrides(capsys, tmp_path):
     assert "is not valid YAML" in capsys.readouterr().err
 
 
+def test_params_refuses_what_a_stage_would_refuse_and_keeps_its_files(tmp_path, monkeypatch, capsys):
+    """A params.yaml without seed or with a null folder would be refused by every stage (or crash it):
+    `transferkit params` refuses it before writing."""
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    monkeypatch.chdir(tmp_path)
+    for name in ("params.yaml", "dvc.yaml"):
+        (tmp_path / name).write_text("# earlier\n")
+    for bad, needle in (("~seed", "seed is missing"),
+                        ("paths.artifacts_dir=null", "paths.artifacts_dir=None is invalid"),
+                        ("paths=5", "paths=5 is invalid"), ("name=[1]", "name=[1] is invalid"),
+                        ("+transfer.lrr=0.1", "conf/ has no setting transfer.lrr (did you mean transfer.lr")):
+        assert needle in _error(capsys, ["params", bad])
+    for name in ("params.yaml", "dvc.yaml"):
+        assert (tmp_path / name).read_text() == "# earlier\n"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--params", "/tmp"], "/tmp is not a file"),
+    (["--params", "params.yaml", "seed"], "seed: an override is key=value"),
+    (["--params", "params.yaml", "transfer.lr=[1"], "transfer.lr=[1: not a value"),
+    (["--params", "params.yaml", "transfer.lrr=1"],
+     "params.yaml has no setting transfer.lrr (did you mean transfer.lr"),
+])
+def test_a_stage_given_a_bad_params_file_or_override_says_so_in_one_line(capsys, args, needle):
+    line = _error(capsys, ["pretrain", *args])
+    assert needle in line and "Fix:" in line, line
+
+
+def test_check_params_finds_the_project_from_a_subfolder_and_names_what_it_refuses(capsys):
+    proc = cli("check-params", cwd=ROOT / "src")
+    assert proc.returncode == 0, proc.stderr
+    assert "(seed=1)" in _error(capsys, ["check-params", "params.yaml", "seed=1"])
+    assert "--foo" in _error(capsys, ["check-params", "--foo"])
+    assert "one params file" in _error(capsys, ["check-params", "params.yaml", "params.yaml"])
+
+
+def test_a_sweep_value_without_multirun_is_one_line_naming_the_two_ways(tmp_path):
+    line = one_error_line(cli("transfer", "experiment=smoke", "transfer.freeze_depth=0,1", cwd=ROOT))
+    assert "transfer.freeze_depth=0,1 lists several values" in line and "-m" in line and "transferkit sweep" in line
+
+
 def test_unknown_command():
     proc = cli("pretrian")
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr

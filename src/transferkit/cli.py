@@ -55,10 +55,9 @@ def _params_mode(stage: str, args: list[str]) -> None:
     """`--params FILE [--out DIR] [--in NAME=DIR ...] [key=value ...]`."""
     import argparse
 
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    from transferkit.config.compose import load_params
+    from transferkit.config.compose import load_params, merge_overrides
     from transferkit.stages.run import run_stage
 
     parser = argparse.ArgumentParser(prog=f"transferkit {stage}", allow_abbrev=False)
@@ -66,10 +65,7 @@ def _params_mode(stage: str, args: list[str]) -> None:
     parser.add_argument("--out", type=Path, help=f"default: paths.artifacts_dir/{stage}")
     parser.add_argument("--in", dest="inputs", action="append", default=[], metavar="STAGE=DIR")
     opts, overrides = parser.parse_known_args(args)
-    try:
-        cfg = OmegaConf.merge(load_params(opts.params), OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as e:
-        raise TransferkitError(f"bad override in {overrides}: {e}. Fix: use keys that params.yaml has.") from e
+    cfg = merge_overrides(load_params(opts.params), overrides, opts.params)
     inputs = dict(item.partition("=")[::2] for item in opts.inputs)
     if bad := [f"{k}={v}" for k, v in inputs.items() if k not in STAGES or not v]:  # unread inputs are ignored
         what = "no folder given" if bad[0].partition("=")[0] in STAGES else "no stage by that name"
@@ -111,12 +107,17 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from transferkit.config.compose import find_conf_dir
-    from transferkit.sweep.points import check_points
+    from transferkit.sweep.points import check_points, expand
     from transferkit.training import multi_process
 
     # Compose and validate every point of a sweep before the first one trains, so a typo'd
     # key or an out-of-range value ends in one error line at once, not after hours.
-    check_points(stage, [a for a in argv if "=" in a and not a.startswith("-")])
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    if not {"-m", "--multirun"} & set(argv) and (swept := [o for o in overrides if len(expand([o])) > 1]):
+        raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a Hydra "
+                               f"multirun, into multirun/), or run `transferkit sweep {stage} {' '.join(overrides)}` "
+                               f"(DVC stages: cached and resumable).")
+    check_points(stage, overrides)
 
     @hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base="1.3")
     def app(cfg) -> None:
@@ -161,13 +162,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"composed with {' '.join(rest) or 'no overrides'}; no longer with {' '.join(dropped)} (give "
                       f"every override you want each time)")
         elif command == "check-params":
-            from transferkit.config.compose import REGENERATE, generated_drift
+            from transferkit.config.compose import REGENERATE, find_conf_dir, generated_drift
 
-            if any("=" in a and not Path(a).exists() for a in rest):  # it composes with params.yaml's overrides
-                raise TransferkitError(f"check-params takes a params file, not overrides ({rest[0]}): it composes "
-                                       f"conf/ with the overrides params.yaml records. Fix: `transferkit check-params "
-                                       f"[PARAMS_FILE]`.")
-            drift = generated_drift(Path(rest[0] if rest else "params.yaml"))
+            usage = "Fix: `transferkit check-params [PARAMS_FILE]`."
+            if options := [a for a in rest if a.startswith("-")]:
+                raise TransferkitError(f"check-params has no option {options[0]}. {usage}")
+            if overrides := [a for a in rest if "=" in a and not Path(a).exists()]:  # a Hydra job folder has "="
+                raise TransferkitError(f"check-params takes a params file, not overrides ({overrides[0]}): it "
+                                       f"composes conf/ with the overrides params.yaml records. {usage}")
+            if len(rest) > 1:
+                raise TransferkitError(f"check-params checks one params file, not {len(rest)} ({' '.join(rest)}). "
+                                       f"{usage}")
+            drift = generated_drift(Path(rest[0]) if rest else find_conf_dir().parent / "params.yaml")
             if drift:
                 print("\n".join([*drift, REGENERATE]), file=sys.stderr)
                 return 1

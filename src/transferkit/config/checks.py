@@ -24,10 +24,12 @@ def validate(cfg: DictConfig) -> None:
     from transferkit.prune.structured import importance
     from transferkit.training import multi_process
 
-    d, params = cfg.data, to_params(cfg)
-    if "synthetic" not in (d.source.dataset, d.target.dataset):
-        params["data"].pop("synthetic", None)  # read only when a split is synthetic
+    params = to_params(cfg)
+    splits = [(params.get("data") or {}).get(role) for role in ("source", "target")]
+    if not any(isinstance(s, dict) and s.get("dataset") == "synthetic" for s in splits):
+        params.get("data", {}).pop("synthetic", None)  # read only when a split is synthetic
     check_schema(params)
+    d = cfg.data
     if d.image_size != 32:  # the official CIFAR files are read as they are; model cost and export assume 32
         fail("data.image_size", d.image_size, "the models and CIFAR's own files are 32x32 pixels, the only size")
     for role in ("source", "target"):
@@ -41,10 +43,7 @@ def validate(cfg: DictConfig) -> None:
         raise TransferkitError(f"pretrain.epochs=0 passes on published weights untrained, and model '{cfg.model.name}' "
                                f"has none set (model.weights): the backbone would be random. Fix: set pretrain.epochs "
                                f">= 1, or model.weights (model=resnet18 model.weights=IMAGENET1K_V1).")
-    devices = cfg.trainer.devices
-    if not (devices in (-1, "auto") or (type(devices) is int and devices >= 1) or isinstance(devices, str)
-            or (OmegaConf.is_list(devices) and len(devices) and all(type(d) is int and d >= 0 for d in devices))):
-        fail("trainer.devices", devices, "must be a count >= 1, -1 or auto (every device), or a list of device ids")
+    check_devices(cfg.trainer)
     if "distill" in cfg:
         get_loss(cfg.distill.method)  # an unknown name -> an error listing the registered methods
         if cfg.distill.mixup and cfg.distill.method != "kd":  # dkd splits its loss by each image's one label
@@ -78,6 +77,29 @@ def validate(cfg: DictConfig) -> None:
                                f"for gradual unfreezing, or transfer.unfreeze_every_epochs=0 for a frozen backbone.")
     if "freeze_curve" in cfg and len(set(cfg.freeze_curve.depths)) != len(cfg.freeze_curve.depths):
         fail("freeze_curve.depths", list(cfg.freeze_curve.depths), "lists a depth twice")
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """trainer.devices as Lightning reads it (a count, -1 or auto, or distinct device ids: a list or "0,1"),
+    ids only on an accelerator that has them; trainer.strategy a name Lightning registers."""
+    import re
+
+    devices, ids = trainer.devices, None
+    if OmegaConf.is_list(devices):
+        ids = list(devices)
+    elif isinstance(devices, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)+,?\s*|\s*\d+\s*,\s*", devices):
+        ids = [int(i) for i in devices.split(",") if i.strip()]
+    count = devices in (-1, "auto", "-1") or (type(devices) is int and devices >= 1) or (
+        isinstance(devices, str) and devices.strip().isdigit() and int(devices) >= 1)
+    if not count and not (ids and len(set(ids)) == len(ids) and trainer.accelerator != "cpu"):
+        fail("trainer.devices", devices, "must be a count >= 1, -1 or auto (every device), or distinct device ids "
+             "(a list, or \"0,1\") of a GPU; a CPU takes a count")
+    if trainer.strategy not in ("auto", "ddp"):
+        from pytorch_lightning.strategies import StrategyRegistry
+
+        if trainer.strategy not in StrategyRegistry:
+            fail("trainer.strategy", trainer.strategy, f"must be auto or a strategy Lightning registers: "
+                 f"{', '.join(sorted(StrategyRegistry.available_strategies()))}")
 
 
 # The block depths each stage takes (key, values), checked once the model's block count is known.

@@ -37,15 +37,21 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     overrides = list(overrides or [])
     try:
         with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
-            return hydra_compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
+            cfg = hydra_compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: a group set to null
         raise TransferkitError(_override_error(str(e), overrides, conf_dir)) from e
+    try:  # values refer to others (${transfer.lr}): a block replaced or a key deleted breaks them here
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise TransferkitError(f"conf/ composed with {' '.join(overrides)} does not resolve: "
+                               f"{' '.join(str(e).split())}. Fix: override single settings (key=value), not whole "
+                               f"blocks, and delete (~key) none that another setting refers to.") from e
+    return cfg
 
 
 def _override_error(message: str, overrides: list[str], conf_dir: Path) -> str:
     """Hydra's report of a bad override, as one line that names the problem and the fix (Hydra's own
     advice for a key conf/ lacks, `+key=value`, would add a setting no stage reads)."""
-    import difflib
     import re
 
     from hydra import compose as hydra_compose
@@ -53,11 +59,7 @@ def _override_error(message: str, overrides: list[str], conf_dir: Path) -> str:
 
     if m := re.match(r"Could not override '([^']+)'", message):  # a key conf/ does not have
         with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
-            keys = list(flatten(OmegaConf.to_container(hydra_compose("config"))))
-        close = difflib.get_close_matches(m.group(1), keys, n=3)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        return f"conf/ has no setting {m.group(1)}{hint}. Fix: override a setting conf/ has (`transferkit --help` " \
-               f"lists the common ones)."
+            return no_such_setting(m.group(1), list(flatten(OmegaConf.to_container(hydra_compose("config")))))
     if m := re.search(r"Could not find '([^']+)/([^']+)'", message):  # an option a config group does not have
         group, option = m.groups()
         given = next((o for o in overrides if o.lstrip("+~").split("=")[0].split("@")[0] == group
@@ -65,8 +67,23 @@ def _override_error(message: str, overrides: list[str], conf_dir: Path) -> str:
         options = ", ".join(sorted(p.stem for p in (conf_dir / group).glob("*.yaml")))
         plugins = " or a Hydra plugin's" if group.startswith("hydra/") else ""
         return f"{given}: conf/{group}/ has no such option. Fix: use one of {options}{plugins}."
+    if message.startswith("Config group override must be"):  # a group set to null
+        given = next((o for o in overrides if o.partition("=")[2] in ("null", "")), "a config group")
+        group = given.partition("=")[0].lstrip("+~").split("@")[0]
+        options = ", ".join(sorted(p.stem for p in (conf_dir / group).glob("*.yaml")))
+        return f"{given}: a config group takes one of its options. Fix: use one of {options}."
     return (f"bad override: {message.splitlines()[0]}. Fix: write overrides as key=value with keys from conf/ "
             f"(`transferkit --help` lists the common ones).")
+
+
+def no_such_setting(key: str, keys: list[str], where: str = "conf/") -> str:
+    """The one message for a key conf/ (or a params file) lacks, with the keys it has that look like it."""
+    import difflib
+
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return (f"{where} has no setting {key}{hint}. Fix: override a setting {where} has (`transferkit --help` lists "
+            f"the common ones).")
 
 
 def to_params(cfg: DictConfig) -> dict:
@@ -84,6 +101,8 @@ PARAMS_KEYS = {"name", "seed", "paths", "trainer"}  # what every stage reads: a 
 def read_yaml(path: Path):
     try:
         return yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise TransferkitError(f"{path} cannot be read ({e.strerror}). Fix: give a params file you can read.") from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:  # bytes that are no UTF-8 text are no YAML either
         raise TransferkitError(f"{path} is not valid YAML ({' '.join(str(e).split())}). Fix: write it again with "
                                f"`transferkit params`.") from e
@@ -91,6 +110,9 @@ def read_yaml(path: Path):
 
 def read_params(path: Path) -> dict:
     """A parsed params.yaml, or an error saying why it is none (missing, no YAML, no params file)."""
+    if path.is_dir():
+        raise TransferkitError(f"{path} is not a file but a folder. Fix: pass the params.yaml that `transferkit "
+                               f"params` writes.")
     if not path.exists():
         raise TransferkitError(f"{path} not found. Fix: run `transferkit params` to compose it from conf/.")
     data = read_yaml(path)
@@ -102,6 +124,24 @@ def read_params(path: Path) -> dict:
         return data
     raise TransferkitError(f"{path} is not a params file composed from conf/ ({problem}). Fix: pass the "
                            f"params.yaml that `transferkit params` writes.")
+
+
+def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path) -> DictConfig:
+    """A loaded params file with key=value overrides (values read as YAML), each refused alone by name."""
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    for override in overrides:
+        if "=" not in override:
+            raise TransferkitError(f"{override}: an override is key=value (and the options are --params, --out and "
+                                   f"--in). Fix: write it as key=value (key=null for none).")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+        except ConfigKeyError as e:  # struct mode: a key the file lacks
+            raise TransferkitError(no_such_setting(e.full_key, list(flatten(to_params(cfg))), str(path))) from e
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise TransferkitError(f"{override}: not a value YAML reads ({' '.join(str(e).split())}). Fix: write a "
+                                   f"number, a word, a list [a,b] or null, or quote it.") from e
+    return cfg
 
 
 def load_params(path: Path) -> DictConfig:

@@ -27,14 +27,16 @@ def rule(**limits):
 
 
 class Schema(BaseModel):
-    # strict: no bool for a number or "3" for an int; extra: keys not listed here are not checked
-    model_config = ConfigDict(strict=True, extra="allow")
+    # strict: no bool for a number or "3" for an int; forbid: a key conf/ lacks (added by `+key=value`) is
+    # read by no stage, so a typo would pass unnoticed
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 Names = list[str]  # a YAML list: a bare string would be read as its letters
 
 
 class Model(Schema):  # conf/model/: model and distill.student; the builders check which keys a network takes
+    model_config = ConfigDict(strict=True, extra="allow")
     name: str = rule()
     widths: list[Annotated[int, Field(ge=1)]] = rule(min_length=1)
     stem_width: int = rule(ge=1)
@@ -85,6 +87,8 @@ class Probe(Optim):
 
 class Distill(Optim):
     student: Model = rule()
+    student_init: Optional[str] = rule(min_length=1)  # a model.pt to start the student from
+    method: str = rule()  # a name of the distill.losses registry (checks.py)
     temperature: float = rule(gt=0)
     alpha: float = rule(ge=0, le=1)
     dkd_alpha: float = rule(ge=0)
@@ -93,6 +97,7 @@ class Distill(Optim):
 
 
 class Prune(Optim):
+    criterion: str = rule()  # a name of the prune.structured importance registry (checks.py)
     mode: Literal["structured", "unstructured"] = rule()
     target: Literal["macs", "channels"] = rule()
     scope: Literal[tuple(SCOPES)] = rule()
@@ -107,6 +112,7 @@ class Prune(Optim):
 
 
 class Split(Schema):  # data.source / data.target
+    dataset: str = rule(min_length=1)  # cifar10, cifar100, synthetic or a path
     classes: Names = rule(min_length=1)
     train_per_class: Optional[int] = rule(ge=1)
     val_per_class: int = rule(ge=0)
@@ -121,6 +127,7 @@ class Synthetic(Schema):
 class Data(Schema):
     download: bool = rule()
     verify_checksums: bool = rule()
+    image_size: int = rule(ge=1)
     source: Split = rule()
     target: Split = rule()
     synthetic: Synthetic = rule()
@@ -128,6 +135,8 @@ class Data(Schema):
 
 class Trainer(Schema):
     accelerator: Literal[ACCELERATORS] = rule()
+    strategy: str = rule()  # a name Lightning registers (checks.py)
+    devices: int | str | list[int] = rule()  # a count, "auto" or device ids (checks.py)
     num_nodes: int = rule(ge=1)
     num_threads: Optional[int] = rule(ge=1)
     precision: Literal[PRECISIONS] = rule()
@@ -163,11 +172,16 @@ class FreezeCurve(Schema):
     depths: list[Annotated[int, Field(ge=0)]] = rule()  # block counts, e.g. [0, 2, 3, 4] (or [])
 
 
+class Paths(Schema):
+    data_dir: str = Field(min_length=1)
+    artifacts_dir: str = Field(min_length=1)
+
+
 BLOCKS = {"model": Model, "pretrain": Pretrain, "transfer": Transfer, "probe": Probe, "scratch": Scratch,
           "distill": Distill, "student": Optim, "prune": Prune, "quantize": Quantize, "trainer": Trainer,
           "evaluate": Evaluate, "freeze_curve": FreezeCurve, "data": Data}
-Config = create_model("Config", __base__=Schema, seed=(int, rule(ge=0, lt=2**32)),
-                      **{name: (schema, rule()) for name, schema in BLOCKS.items()})
+Config = create_model("Config", __base__=Schema, seed=(int, Field(ge=0, lt=2**32)), name=(str, Field(min_length=1)),
+                      paths=(Paths, ...), **{name: (schema, rule()) for name, schema in BLOCKS.items()})
 
 
 def fail(key: str, value, need: str):
@@ -196,7 +210,15 @@ def check_schema(params: dict) -> None:
         Config.model_validate(params)
     except ValidationError as e:
         errors = e.errors()
+        if errors[0]["type"] == "extra_forbidden":  # what compose says of a key conf/ lacks
+            from transferkit.config.compose import flatten, no_such_setting
+
+            key = ".".join(map(str, errors[0]["loc"]))
+            raise TransferkitError(no_such_setting(key, list(flatten(params)))) from None
         keys, item = _where(errors[0]["loc"])
+        if errors[0]["type"] == "missing":
+            raise TransferkitError(f"{'.'.join(keys)} is missing: every stage reads it. Fix: leave it in conf/ (no "
+                                   f"~{'.'.join(keys)}), or set it with {'.'.join(keys)}=VALUE.") from None
         value = params
         for k in keys:
             value = value[k]

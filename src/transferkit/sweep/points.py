@@ -46,7 +46,7 @@ def expand(argv: list[str]) -> list[list[str]]:
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
     except HydraException as e:
-        raise TransferkitError(f"cannot parse the overrides: {e}. Fix: write them as key=value, "
+        raise TransferkitError(f"cannot parse the overrides: {str(e).splitlines()[0]}. Fix: write them as key=value, "
                                f"sweeps as key=a,b or key='range(0,5)'.") from e
     axes = [[f"{o.get_key_element()}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override()
                                                     else [o.get_value_element_as_str()])]
