@@ -91,7 +91,8 @@ def check_devices(trainer: DictConfig) -> None:
         ids = [int(i) for i in devices.split(",") if i.strip()]
     count = devices in (-1, "auto", "-1") or (type(devices) is int and devices >= 1) or (
         isinstance(devices, str) and devices.strip().isdigit() and int(devices) >= 1)
-    if not count and not (ids and len(set(ids)) == len(ids) and trainer.accelerator != "cpu"):
+    distinct_ids = ids and all(type(i) is int and i >= 0 for i in ids) and len(set(ids)) == len(ids)
+    if not count and not (distinct_ids and trainer.accelerator != "cpu"):
         fail("trainer.devices", devices, "must be a count >= 1, -1 or auto (every device), or distinct device ids "
              "(a list, or \"0,1\") of a GPU; a CPU takes a count")
     if trainer.strategy not in ("auto", "ddp"):
