@@ -414,7 +414,7 @@ def startup(root: Path, device: str, repeats: int) -> dict:
 
 PROFILED = """import cProfile, pstats, sys
 from transferkit import warm
-warm.preload()  # what a TRANSFERKIT_WARM worker starts with: the profile shows the stage's own seconds
+warm.server.preload()  # what a TRANSFERKIT_WARM worker starts with: the profile shows the stage's own seconds
 from transferkit.cli import main
 profile = cProfile.Profile()
 code = profile.runcall(main, sys.argv[2:])

@@ -229,6 +229,23 @@ def test_missing_dataset_through_the_cli_keeps_previous_outputs(tmp_path):
     assert (tmp_path / "artifacts" / "prepare" / "target.pt").read_bytes() == before
 
 
+def test_tqdm_disable_turns_the_progress_bars_off_on_a_terminal_too(monkeypatch):
+    import io
+    import sys
+
+    from transferkit.progress import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for value, drawn in (("1", False), ("", True)):
+        monkeypatch.setenv("TQDM_DISABLE", value)
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        assert list(progress(range(3), "scoring", "model")) == [0, 1, 2]
+        assert ("scoring" in sys.stderr.getvalue()) == drawn
+
+
 def test_prepare_and_evaluate_draw_progress_bars_on_a_terminal_only(smoke_artifacts, tmp_path):
     """The long steps outside training show tqdm bars on a terminal, and nothing in a log."""
     import fcntl

@@ -103,11 +103,12 @@ def test_the_server_is_picked_by_what_shapes_imports_and_threads_not_by_what_tor
 
 
 def test_the_server_imports_no_project_code_and_leaves_cuda_alone():
-    code = ("import sys, torch; from transferkit import warm; warm.preload(); "
+    """The server runs warm/server.py as a file (as _start_server starts it), not as part of the package."""
+    code = (f"import runpy, sys, torch; runpy.run_path({warm.server.__file__!r})['preload'](); "
             "print(sorted(m for m in sys.modules if m.startswith('transferkit')), torch.cuda.is_initialized(), "
             "'pytorch_lightning' in sys.modules)")
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["['transferkit',", "'transferkit.warm']", "False", "True"]
+    assert out.split() == ["[]", "False", "True"]
 
 
 @pytest.mark.slow
@@ -148,6 +149,14 @@ def main(argv):
         print("ready", flush=True)
         time.sleep(30)
         return 0
+    if argv[0] == "pid":  # its pid, then a sleep that a signal may end
+        print(os.getpid(), flush=True)
+        time.sleep(30)
+        return 0
+    if argv[0] == "crash":  # an exit handler, then an error nothing catches
+        import atexit
+        atexit.register(lambda: open(argv[1], "w").write("ran"))
+        raise RuntimeError("crash")
     if argv[0] == "masks":  # each thread's blocked signals (/proc: SigBlk, a hex bit mask), the main thread first
         tasks = sorted(os.listdir("/proc/self/task"), key=lambda t: int(t) != os.getpid())
         for task in tasks:
@@ -169,12 +178,14 @@ def _started_server(fake: Path, server_dir: Path, **popen) -> None:
 
 
 def _fake_project(folder: Path) -> Path:
-    """A `transferkit` package of this warm.py and a cli whose commands take no time to import: the
+    """A `transferkit` package of this warm package and a cli whose commands take no time to import: the
     warm machinery under test, not a stage."""
     package = folder / "fake" / "transferkit"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "warm.py").write_text(Path(warm.__file__).read_text())
+    (package / "warm").mkdir()
+    for module in (warm, warm.server):
+        (package / "warm" / Path(module.__file__).name).write_text(Path(module.__file__).read_text())
     (package / "cli.py").write_text(FAKE_CLI)
     return package.parent
 
@@ -221,6 +232,73 @@ def test_only_the_workers_main_thread_takes_the_signals_a_command_passes_on(tmp_
     assert client.wait(60) == 0 and len(masks) >= 2  # the main thread and the watcher
     forwarded = sum(1 << (sig - 1) for sig in warm.FORWARDED)
     assert masks[0] & forwarded == 0 and all(m & forwarded == forwarded for m in masks[1:])
+
+
+def test_a_worker_killed_by_a_signal_ends_its_command_by_that_signal(tmp_path, server_dir):
+    """kill -9 (or the kernel's out-of-memory killer) leaves the worker no time to send its exit code: the
+    server, which reaps it, sends the signal, and the command dies of it (-9; 137 in a shell), as it would cold."""
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    client = _warm_client(fake, server_dir, "pid")
+    worker = int(client.stdout.readline())
+    os.kill(worker, signal.SIGKILL)
+    assert client.wait(20) == -signal.SIGKILL
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the worker's state from /proc")
+def test_ctrl_z_stops_the_worker_with_its_command_and_fg_resumes_both(tmp_path, server_dir):
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    client = _warm_client(fake, server_dir, "pid", preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
+    worker = int(client.stdout.readline())
+    client.send_signal(signal.SIGTSTP)
+    deadline = time.monotonic() + 10
+    while (_state(worker), _state(client.pid)) != ("T", "T") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (_state(worker), _state(client.pid)) == ("T", "T")
+    client.send_signal(signal.SIGCONT)
+    while _state(worker) == "T" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(worker) != "T" and _state(client.pid) != "T"
+    os.kill(worker, signal.SIGTERM)
+    assert client.wait(20) == -signal.SIGTERM
+
+
+def test_a_command_that_fails_runs_its_exit_handlers_warm_too(tmp_path, server_dir):
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    client = _warm_client(fake, server_dir, "crash", str(tmp_path / "handler-ran"))
+    assert client.wait(20) == 1 and (tmp_path / "handler-ran").read_text() == "ran"
+
+
+def test_a_stopped_server_leaves_the_command_to_run_itself(tmp_path, monkeypatch):
+    """A server that accepts nothing (stopped with SIGSTOP, stuck) would leave its commands waiting forever."""
+    import socket
+
+    path = Path(tempfile.mkdtemp(prefix="tkw")) / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)  # never accepts, never closes
+    monkeypatch.setattr(warm, "socket_path", lambda: path)
+    monkeypatch.setattr(warm, "HANDSHAKE_S", 0.5)
+    start = time.monotonic()
+    assert warm.run(["prepare", "--params", "params.yaml"]) is None and time.monotonic() - start < 5
+    listener.close()
+    shutil.rmtree(path.parent)
+
+
+@pytest.mark.parametrize("idle", ["0", "-5", "soon"])
+def test_an_idle_time_that_is_no_positive_number_turns_warm_off_in_one_line(monkeypatch, capsys, idle):
+    monkeypatch.setenv("TRANSFERKIT_WARM", "1")
+    monkeypatch.setenv("TRANSFERKIT_WARM_IDLE", idle)
+    assert not warm.enabled()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"transferkit: TRANSFERKIT_WARM_IDLE={idle} is no number of seconds > 0, so no warm server starts. Fix: "
+        f"unset it or set a number such as 600."]
 
 
 def test_a_server_that_closes_as_a_command_connects_leaves_the_command_to_run_itself(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ tests stay clean; TQDM_DISABLE=1 turns them off everywhere."""
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -12,4 +13,6 @@ T = TypeVar("T")
 def progress(items: Iterable[T], desc: str, unit: str, total: int | None = None) -> Iterator[T]:
     from tqdm import tqdm
 
-    return iter(tqdm(items, desc=desc, unit=unit, total=total, disable=None, leave=False, dynamic_ncols=True))
+    # an argument given wins over tqdm's TQDM_* defaults, so TQDM_DISABLE is read here
+    disable = True if os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false") else None
+    return iter(tqdm(items, desc=desc, unit=unit, total=total, disable=disable, leave=False, dynamic_ncols=True))

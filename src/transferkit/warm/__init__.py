@@ -1,0 +1,193 @@
+"""`TRANSFERKIT_WARM=1`: each `transferkit` command starts in a process that has torch and Lightning
+imported already.
+
+DVC runs every stage as a process of its own, and importing torch, torchvision and Lightning is
+most of a short stage's time outside training (docs/benchmarks.md measures it). With
+TRANSFERKIT_WARM=1 the command hands its arguments, folder, environment and standard streams to a
+server that imported those libraries once, and the server forks a worker that runs the command and
+sends back its exit code. Hand-written: the standard library's forkserver serves the children of
+one process only, and no kept library serves separate commands.
+
+- The server never imports this project's code (it runs warm/server.py as a file), so a worker runs
+  the code on disk: an edited stage runs as edited.
+- One server per user and environment: its socket lives in a folder only its user can open,
+  peers of another user are refused, and the interpreter, `sys.path` (and when each folder on it
+  last changed: an install), the variables that shape imports, threads and the locale, what a
+  forked worker keeps from its server (CPUs, control group, niceness, groups, umask, resource
+  limits) and the two files of this package pick the server; another environment gets another one.
+- It serves the commands dvc.yaml runs (`transferkit STAGE --params ...` and `export`); the
+  others start as usual. A command that finds no server starts one and runs itself while the
+  server imports; the commands after it are served.
+- It exits after TRANSFERKIT_WARM_IDLE seconds (default 600) without a command.
+- Killing the command (kill -9 too) kills its worker; SIGINT, SIGTERM and SIGHUP are passed on (or
+  ignored, where the command ignores them), Ctrl+Z stops the worker with its command, and a worker
+  ended by a signal (passed on, or any other: kill -9, out of memory) ends its command by it too.
+- A server that has not forked a worker within HANDSHAKE_S (stopped, stuck) leaves the command to run
+  itself.
+- It never initialises CUDA itself (a forked child could not use a CUDA the parent initialised):
+  the device is set up in each worker, as in a fresh process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+from transferkit.warm import server
+from transferkit.warm.server import FORWARDED, STREAMS, recv_exactly
+
+# the variables that pick the server: what shapes imports and threads, the locale and the time zone, which
+# the interpreter reads once at start-up (the encoding of the streams a worker opens), and tqdm's defaults,
+# which it reads once on import
+SHAPES_IMPORTS = ("PYTHON", "OMP_", "GOMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_", "TORCH", "PYTORCH", "LD_", "NCCL_",
+                  "LANG", "LC_", "TZ", "TQDM_")
+# set by torch in its own process the first time it uses its compiler's cache, so a script's commands
+# before and after that differ in it; read at run time, from the environment the worker takes on
+SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
+HANDSHAKE_S = 30.0  # a server that has not forked a worker by then is stopped or stuck: the command runs itself
+
+
+def enabled() -> bool:
+    wanted = os.environ.get("TRANSFERKIT_WARM", "") not in ("", "0")
+    return wanted and hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds") and (
+        idle_seconds() is not None)
+
+
+def idle_seconds() -> float | None:
+    """TRANSFERKIT_WARM_IDLE (600 by default); None, said in one line, where it is no number of seconds > 0."""
+    text = os.environ.get("TRANSFERKIT_WARM_IDLE", "600")
+    try:
+        if (idle := float(text)) > 0:
+            return idle
+    except ValueError:
+        pass
+    print(f"transferkit: TRANSFERKIT_WARM_IDLE={text} is no number of seconds > 0, so no warm server starts. Fix: "
+          f"unset it or set a number such as 600.", file=sys.stderr)
+    return None
+
+
+def socket_path() -> Path:
+    """This user's and this environment's server socket, in a folder only this user can open."""
+    folder = Path(tempfile.gettempdir()) / f"transferkit-warm-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.lstat()  # not a link someone else planted
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(f"{folder} is not a folder private to this user")
+    key = hashlib.sha256()
+    for part in (sys.executable, sys.version, Path(__file__).read_text(), Path(server.__file__).read_text(), *sys.path,
+                 *(f"{k}={v}" for k, v in sorted(os.environ.items())
+                   if k.startswith(SHAPES_IMPORTS) and k not in SET_BY_TORCH)):
+        key.update(part.encode() + b"\0")
+    key.update(_process_traits().encode())
+    for entry in sys.path:  # an install or removal changes its folder
+        if os.path.isdir(entry) and os.path.basename(entry) in ("site-packages", "dist-packages"):
+            key.update(str(os.stat(entry).st_mtime_ns).encode())
+    path = folder / f"{key.hexdigest()[:20]}.sock"
+    if len(str(path).encode()) > 100:  # a socket's address holds about 100 bytes
+        raise OSError(f"{path} is too long for a socket's address")
+    return path
+
+
+def _process_traits() -> str:
+    """What a worker keeps from its server, not from the command, and a server from the command that
+    started it: the CPUs it may run on (torch sizes its thread pool by them), its control group (a
+    batch job's share, which ends with the job), niceness, the groups and umask that set the owner
+    and permissions of what it writes, and its resource limits (`ulimit`: memory, open files, CPU time)."""
+    os.umask(mask := os.umask(0o022))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    group = Path("/proc/self/cgroup").read_text() if os.path.exists("/proc/self/cgroup") else None
+    import resource
+
+    limits = [resource.getrlimit(getattr(resource, n)) for n in sorted(dir(resource)) if n.startswith("RLIMIT_")]
+    return repr((cpus, group, os.nice(0), os.getegid(), sorted(os.getgroups()), mask, limits))
+
+
+# --- the command's side ---------------------------------------------------------------------------
+
+def run(argv: list[str]) -> int | None:
+    """Run `transferkit ARGV` in a worker of the warm server; None where none can be reached (the
+    caller then runs the command itself). Where none runs yet, this starts one and answers None: the
+    command runs here while the server imports, and the commands after it are served."""
+    try:
+        path = socket_path()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(HANDSHAKE_S)
+        try:
+            conn.connect(str(path))  # a server still importing has bound its socket: its worker comes later
+        except OSError:
+            conn.close()
+            _start_server(path)
+            return None
+    except OSError:
+        return None
+    # a signal this command ignores (a script's background job ignores SIGINT, nohup SIGHUP) its worker
+    # ignores too, as a process started here would; the others it passes on
+    ignored = [sig for sig in FORWARDED if signal.getsignal(sig) == signal.SIG_IGN]
+    with conn:
+        header = json.dumps({"argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(), "env": dict(os.environ),
+                             "path": sys.path, "ignored": ignored}).encode()
+        try:
+            socket.send_fds(conn, [struct.pack("!I", len(header)) + header], list(range(STREAMS)))
+            if (pid_bytes := recv_exactly(conn, 4)) is None:
+                return None  # the server went away before forking: run here
+        except OSError:  # closed as this connected (its idle timeout; killed), or stopped (timeout): nothing ran
+            return None
+        conn.settimeout(None)
+        pid, passed = struct.unpack("!I", pid_bytes)[0], []
+
+        def forward(sig: int, _frame) -> None:
+            passed.append(sig)
+            os.kill(pid, sig)
+
+        def stop(_sig: int, _frame) -> None:  # Ctrl+Z: the worker is in no terminal's process group
+            os.kill(pid, signal.SIGSTOP)
+            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTSTP)  # stops here until `fg` or `bg`
+
+        def resume(_sig: int, _frame) -> None:
+            os.kill(pid, signal.SIGCONT)
+            signal.signal(signal.SIGTSTP, stop)
+
+        # for the command's time only: a caller in this process (cli.main as a library) keeps its own handlers
+        handlers = {**{sig: forward for sig in set(FORWARDED) - set(ignored)}, signal.SIGCONT: resume}
+        if signal.getsignal(signal.SIGTSTP) == signal.SIG_DFL:
+            handlers[signal.SIGTSTP] = stop
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+        try:
+            code = recv_exactly(conn, 4)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    # what the worker sent, or what the server saw it die of (-signal); the command ends the same way
+    code = None if code is None else struct.unpack("!i", code)[0]
+    if passed and code in (None, 128 + passed[-1]):  # a KeyboardInterrupt from the SIGINT passed on
+        code = -passed[-1]
+    if code is not None and code < 0:
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL's handler cannot be set, and needs none
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code  # a signal this process ignores after all
+    if code is not None:
+        return code
+    print("transferkit: the warm worker ended without an exit code", file=sys.stderr)
+    return 1
+
+
+def _start_server(path: Path) -> None:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_WARM"}
+    with open(path.with_suffix(".log"), "ab") as log:
+        # the file, not `-m`: runpy's frames at the bottom of every worker's stack have no source
+        # file, and inspect.stack() then searches every loaded module for them at each call
+        subprocess.Popen([sys.executable, "-P", server.__file__, str(path)], cwd="/", env=env, stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=log, start_new_session=True)

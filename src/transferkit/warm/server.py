@@ -1,0 +1,188 @@
+"""The warm server (transferkit/warm/__init__.py says what it is for), run as a file, never imported as
+part of the project by the server: it imports the libraries in PRELOAD, then forks a worker per command
+that becomes the command, and reports how each worker ended."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import importlib.util
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+PRELOAD = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "omegaconf", "hydra", "pydantic", "onnx",
+           "onnxruntime", "onnxscript", "dvclive.lightning", "dvc.repo",
+           # what the dynamo ONNX exporter imports on first use: torchlib's op table and torch.export's partitioner
+           "onnxscript.function_libs.torch_lib.ops", "torch._functorch.partitioners")
+STREAMS = 3
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # passed from a command to its worker
+
+
+def recv_exactly(conn: socket.socket, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        if not (chunk := conn.recv(n - len(data))):
+            return None
+        data += chunk
+    return data
+
+
+def serve(path: Path, idle: float) -> None:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(path))
+    except OSError:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            return  # another server has it
+        except OSError:
+            path.unlink(missing_ok=True)  # a dead server's socket
+            server.bind(str(path))
+        finally:
+            probe.close()
+    server.listen(64)
+    inode = path.stat().st_ino
+    preload()
+    # the imported objects move out of the collector's sight: a worker's collections then leave the
+    # pages it shares with the server unwritten, so they are not copied (Python's gc.freeze docs)
+    gc.collect()
+    gc.freeze()
+    server.settimeout(idle)
+    workers: dict[int, socket.socket] = {}  # each running worker's connection to its command
+
+    def reap(_sig=None, _frame=None, wait: bool = False) -> None:
+        while workers:
+            try:
+                pid, status = os.waitpid(-1, 0 if wait else os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if (conn := workers.pop(pid, None)) is not None:
+                _report(conn, status)
+
+    signal.signal(signal.SIGCHLD, reap)
+    while True:
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            break
+        if _peer_uid(conn) != os.getuid():
+            conn.close()
+            continue
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # a worker that ends at once is still known
+        if (pid := os.fork()) == 0:
+            server.close()
+            _work(conn)  # never returns
+        workers[pid] = conn
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    if path.exists() and path.stat().st_ino == inode:
+        path.unlink()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    reap(wait=True)  # the workers still running are reported as they end
+
+
+def _report(conn: socket.socket, status: int) -> None:
+    """A worker killed by a signal (kill -9, out of memory, a crash) sent no exit code: send -signal, so
+    that its command dies of the same signal."""
+    with conn, contextlib.suppress(OSError):  # its command is gone too
+        if os.WIFSIGNALED(status):
+            conn.sendall(struct.pack("!i", -os.WTERMSIG(status)))
+
+
+def preload() -> None:
+    """Import the libraries every command needs, and nothing of this project's. Import only, never
+    compute: a worker forked after its server ran an OpenMP parallel region hangs in its first one
+    (GNU libgomp's thread pool does not survive a fork)."""
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # a CUDA check while importing must not initialise CUDA
+    for name in PRELOAD:
+        with contextlib.suppress(Exception):  # the worker meets the same error and reports it
+            importlib.import_module(name)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    if not hasattr(socket, "SO_PEERCRED"):
+        return os.getuid()  # the socket's folder alone keeps others out
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+
+
+def _work(conn: socket.socket) -> None:
+    """In the forked worker: become the command, run it, send its exit code, exit."""
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        conn.settimeout(None)
+        conn.sendall(struct.pack("!I", os.getpid()))  # first, whatever happens next
+        first, fds, _, _ = socket.recv_fds(conn, 4, STREAMS)
+        size = struct.unpack("!I", first + (recv_exactly(conn, 4 - len(first)) or b""))[0]
+        header = json.loads(recv_exactly(conn, size))
+        # the command's dispositions, not those the server inherited from whatever command started it
+        for sig in FORWARDED:
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, signal.SIG_IGN if sig in header.get("ignored", ()) else default)
+        for number, fd in enumerate(fds):
+            os.dup2(fd, number)
+            os.close(fd)
+        os.chdir(header["cwd"])
+        os.environ.clear()
+        os.environ.update({k: v for k, v in header["env"].items() if k != "TRANSFERKIT_WARM"})
+        sys.path[:] = header["path"]
+        # the streams as a fresh process opens them: line-buffered on a terminal, stderr always
+        unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1 if os.isatty(1) or unbuffered else -1, closefd=False,
+                          errors=sys.__stdout__.errors)  # the locale's choice, which picked this server
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+        for stream in (sys.stdout, sys.stderr) if unbuffered else ():
+            stream.reconfigure(write_through=True)
+        sys.argv = [header["argv0"], *header["argv"]]
+        # what Lightning's DDP launcher re-runs for the other ranks: the command, not this server
+        sys.modules["__main__"].__spec__ = importlib.util.find_spec("transferkit.cli")
+
+        def watch() -> None:  # the command was killed: so is its worker
+            while conn.recv(1):
+                pass
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        # the watcher blocks passed-on signals: one it took would wait out the main thread's blocking call
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        threading.Thread(target=watch, daemon=True).start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        from transferkit.cli import main
+
+        try:
+            code = main(header["argv"]) or 0
+        except SystemExit as e:  # as the interpreter ends on it: an int is the code, anything else is printed
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except KeyboardInterrupt:  # the interpreter prints it and dies of SIGINT: the command does (run())
+            traceback.print_exc()
+            code = 128 + signal.SIGINT
+    except BaseException:  # reported on the command's stderr, as an uncaught error would be
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):  # on every path, as the interpreter runs them
+            atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a stream the command closed
+                stream.flush()
+        try:
+            conn.sendall(struct.pack("!i", code))
+        finally:
+            os._exit(code & 0xFF)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]), float(os.environ.get("TRANSFERKIT_WARM_IDLE", "600")))  # checked by the command
+    os._exit(0)  # the frozen objects are never freed: the interpreter's teardown would only report them as leaks
