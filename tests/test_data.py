@@ -560,6 +560,23 @@ def test_exif_orientation_is_applied(tmp_path):
         assert np.abs(got.astype(int) - np.asarray(sideways).transpose(2, 0, 1)).mean() > 40
 
 
+@pytest.mark.parametrize("blob", [b"Exif\x00\x00garbage",  # no TIFF header: PIL's EXIF reader raises
+                                  b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00"
+                                  b"\x00\x00\x06\x00"])  # an orientation entry cut short: read by PIL alone
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_damaged_exif_block_is_read_alike_by_prepare_and_predict(blob, fmt):
+    """A photo whose EXIF block is damaged is still a picture: prepare (its batched JPEG decoder too) and
+    predict (PIL alone) decode it to the same pixels, instead of refusing it or turning it one way only."""
+    from transferkit.data.sources import decode_image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    data = _encode(image, fmt, exif=blob, **({"quality": 95} if fmt == "JPEG" else {}))
+    alone = decode_image(data, "a", 32)
+    assert np.array_equal(sources.decode_images([("a", data)], 32)[0].numpy(), alone)
+    if fmt == "PNG":
+        assert np.array_equal(alone, np.asarray(image).transpose(2, 0, 1))
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
 def test_transparent_pixels_decode_to_white(mode):
     """Transparent pixels often store black; a viewer shows them on a white page, and so does the decoder."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import zlib
 from pathlib import Path
 
@@ -25,7 +26,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Upright 8-bit RGB as a viewer shows the file. 8-bit RGB without EXIF orientation or
     transparency (every CIFAR file) takes only the plain convert, so its pixels do not change."""
-    ImageOps.exif_transpose(img, in_place=True)  # phone cameras store pixels sideways plus a rotation tag
+    try:  # phone cameras store pixels sideways plus a rotation tag
+        ImageOps.exif_transpose(img, in_place=True)
+    except (SyntaxError, ValueError, OSError, struct.error):  # a damaged EXIF block: the pixels as stored
+        pass
     # convert() clips values above 255, so wider samples are scaled to 8 bits first: integer
     # modes (I;16*, I) hold 16-bit data (0..65535) and float mode F holds 0..1
     if img.mode.startswith("I;16") or img.mode == "I":
@@ -73,18 +77,19 @@ def _writable(data: bytes | bytearray) -> bytearray:
 
 
 def _decode_part(part: list[tuple[str, bytes]], image_size: int) -> list[torch.Tensor]:
-    """JPEG files whose header says S x S through torchvision's decoder (libjpeg-turbo, the same pixels
-    as PIL, several times faster, and it lets other threads run; it applies EXIF orientation as
-    decode_image does), which decodes the whole part at full size before anything checks it; other
-    formats, other sizes (through PIL's decompression-bomb limit) and any file it refuses through decode_image."""
+    """JPEG files whose header says S x S and that hold no EXIF block through torchvision's decoder
+    (libjpeg-turbo, the same pixels as PIL, several times faster, and it lets other threads run), which
+    decodes the whole part at full size before anything checks it; other formats, other sizes (through
+    PIL's decompression-bomb limit), files with EXIF (whose orientation, damaged, the two readers read
+    differently) and any file it refuses through decode_image, as predict reads them."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    jpeg = [i for i, (_, data) in enumerate(part)
-            if data[:2] == b"\xff\xd8" and jpeg_size(data) == (image_size, image_size)]
+    jpeg = [i for i, (_, data) in enumerate(part) if data[:2] == b"\xff\xd8" and data.find(b"Exif\0\0", 0, 65536) < 0
+            and jpeg_size(data) == (image_size, image_size)]
     out: list[torch.Tensor | None] = [None] * len(part)
     try:  # torch reads a bytearray in place; bytes, which it cannot, are copied into one
         decoded = decode_jpeg([torch.frombuffer(_writable(part[i][1]), dtype=torch.uint8) for i in jpeg],
-                              mode=ImageReadMode.RGB, apply_exif_orientation=True) if jpeg else []
+                              mode=ImageReadMode.RGB) if jpeg else []
     except RuntimeError:  # a corrupt file among them: decode_image names it
         decoded = []
     for i, img in zip(jpeg, decoded):
