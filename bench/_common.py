@@ -165,6 +165,18 @@ def finish(name: str, info: dict, rows: list[dict]) -> None:
     print(f"wrote {save(name, {**info, 'rows': rows})}")
 
 
+def main_of(main) -> int:
+    """A script's exit code: a bad argument or a missing input (TransferkitError) ends in one line, exit 2,
+    as transferkit's own commands end."""
+    from transferkit.errors import TransferkitError
+
+    try:
+        return main()
+    except TransferkitError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 2
+
+
 class Clock:
     def __enter__(self):
         self.t = time.perf_counter()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, describe, finish, fresh_inductor_cache, load_target_task, machine, now, params, table  # noqa: E402
+from _common import ROOT, describe, finish, fresh_inductor_cache, load_target_task, machine, main_of, now, params, table  # noqa: E402
 from mfu import TRAIN, best_rate, stage_models, train_step_fn  # noqa: E402
 
 COLUMNS = [("stage", "training step", "s"), ("batch", "batch", "d"), ("eager_img_s", "eager img/s", ",.0f"),
@@ -68,4 +68,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main_of(main))

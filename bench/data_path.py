@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, Clock, conv_widths, describe, load_target_task, machine, now, params, train_bf16,  # noqa: E402
+from _common import (ROOT, Clock, conv_widths, describe, load_target_task, machine, main_of, now, params, train_bf16,  # noqa: E402
                      prune_like_the_stage, save, table)
 
 from transferkit.data.loader import DeviceBatches  # noqa: E402
 from transferkit.models import CIFAR_MEAN, CIFAR_STD, model_from_config  # noqa: E402
 
-BF16 = train_bf16()  # the stages' precision on this machine
+BF16 = False  # the stages' precision on this machine: main() probes it at the thread count it runs at
+
 
 
 class CifarLike(torch.utils.data.Dataset):
@@ -144,6 +145,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global BF16
+    BF16 = train_bf16()  # the stages' precision on this machine, at this thread count (the probe's cache key)
 
     p = params()
     task, source = load_target_task(args.artifacts)
@@ -219,4 +222,4 @@ COLUMNS = [("arm", "data path", "s"), ("what", "measures", "s"), ("steps", "step
            ("seconds", "seconds", ".1f"), ("img_s", "images/s", ",.0f")]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_of(main))

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from _common import ROOT, describe, machine, now, save, table, timed, warm_commands
+from _common import ROOT, describe, machine, main_of, now, save, table, timed, warm_commands
 
 from transferkit.config.compose import compose, params_text
 from transferkit.project import copy_project, stages_run
@@ -66,11 +66,11 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=Path, help="run in this (new) folder and keep it (default: a temporary folder)")
     ap.add_argument("--warm", action="store_true", help="then the same stages with TRANSFERKIT_WARM=1, side by side")
     args = ap.parse_args(argv)
+    composed = params_text(compose([f"experiment={args.experiment}"], ROOT / "conf"))  # before the peaks' seconds
 
     info = {"when": now(), "machine": machine(), "experiment": args.experiment}
     print(f"experiment {args.experiment}; {describe(info['machine'])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="transferkit-e2e-") as tmp:
-        composed = params_text(compose([f"experiment={args.experiment}"], ROOT / "conf"))
         proj = copy_project(ROOT, (args.keep or Path(tmp) / "project").resolve(), composed)
         rows = stage_by_stage(proj)
         total = rows[-1]["wall"]
@@ -117,4 +117,4 @@ WARM_COLUMNS = [("stage", "stage", "s"), ("fresh", "fresh processes s", ".1f"), 
                 ("warm_train", "training s (warm)", ".1f")]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_of(main))

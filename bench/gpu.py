@@ -56,7 +56,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, describe, machine, now, provenance, table, timed, warm_commands  # noqa: E402
+from _common import ROOT, describe, machine, main_of, now, provenance, table, timed, warm_commands  # noqa: E402
 
 TRAINED = {"pretrain", "transfer", "probe", "scratch", "freeze_curve", "distill", "student", "prune"}
 
@@ -418,10 +418,13 @@ warm.server.preload()  # what a TRANSFERKIT_WARM worker starts with: the profile
 from transferkit.cli import main
 profile = cProfile.Profile()
 code = profile.runcall(main, sys.argv[2:])
-with open(sys.argv[1], "w") as out:
-    stats = pstats.Stats(profile, stream=out).sort_stats("cumulative")
-    stats.print_stats(70)
-    stats.print_stats("transferkit", 50)
+import io
+from transferkit.io import save_text
+out = io.StringIO()
+stats = pstats.Stats(profile, stream=out).sort_stats("cumulative")
+stats.print_stats(70)
+stats.print_stats("transferkit", 50)
+save_text(out.getvalue(), sys.argv[1])
 sys.exit(code)
 """
 
@@ -466,13 +469,16 @@ def attempt(name: str, fn, results: dict, save=None):
     return results[name]
 
 
+PARTS = ("pipeline", "warm", "full", "startup", "compile", "syncs", "profile", "deterministic", "airbench")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--data", type=Path, default=ROOT / "data")
     ap.add_argument("--dry-run", action="store_true", help="the same code on the CPU, tiny settings")
-    ap.add_argument("--skip", nargs="*", default=[],
-                    help="parts to skip: pipeline warm full startup compile syncs profile deterministic airbench")
+    ap.add_argument("--skip", nargs="*", default=[], choices=PARTS, metavar="PART",
+                    help=f"parts to skip: {' '.join(PARTS)}")
     ap.add_argument("--full-epochs", type=int, nargs="*", default=[],
                     help="part 3 once per value of pretrain.epochs (default: the experiment's own)")
     ap.add_argument("--stages", nargs="*", default=[], help="part 2 for these dvc.yaml stages only (default: all)")
@@ -481,6 +487,10 @@ def main(argv=None) -> int:
                     "whose packages ship without bytecode, each module is then compiled once, not per process")
     ap.add_argument("--airbench", type=Path, help="legacy/airbench94.py, to run it on the same images (part 9)")
     args = ap.parse_args(argv)
+    from transferkit.stages import STAGES
+
+    if unknown := [s for s in args.stages if s not in STAGES]:
+        ap.error(f"--stages {unknown[0]}: no stage by that name (dvc.yaml's: {', '.join(STAGES)})")
     if not torch.cuda.is_available() and not args.dry_run:
         print("bench/gpu.py: no CUDA device here; nothing measured (--dry-run runs the code on the CPU).")
         return 0
@@ -553,6 +563,8 @@ def main(argv=None) -> int:
     for name in ("airbench", "syncs", "deterministic", "startup", "profile", "compile"):
         if name in results:
             print(f"\n{name}: {json.dumps(results[name], default=str)}")
+    info["machine_after"] = machine()  # the host's speed drifts: its peaks after the timings too
+    print(f"\nafter: {describe(info['machine_after'])}")
     save()
     print(f"wrote {path}")
     return 0
@@ -567,4 +579,4 @@ FULL = [("epochs", "epochs", ""), ("n_train", "train images", ",d"), ("train", "
         ("prepare_wall", "prepare wall s", ".1f"), ("pretrain_wall", "pretrain wall s", ".1f")]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_of(main))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import describe, finish, machine, now, table  # noqa: E402
+from _common import describe, finish, machine, main_of, now, table  # noqa: E402
 
 from transferkit.data.loader import DeviceBatches, TaskDataModule  # noqa: E402
 from transferkit.models import build_model  # noqa: E402
@@ -161,4 +161,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_of(main))

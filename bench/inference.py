@@ -30,7 +30,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, describe, finish, fresh_inductor_cache, load_target_task, machine, now, params, table  # noqa: E402
+from _common import ROOT, describe, finish, fresh_inductor_cache, load_target_task, machine, main_of, now, params, table  # noqa: E402
 from mfu import best_rate, stage_models  # noqa: E402
 
 from transferkit.models import model_from_config  # noqa: E402
@@ -148,4 +148,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main_of(main))

@@ -30,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, describe, finish, machine, now, table  # noqa: E402
+from _common import ROOT, describe, finish, machine, main_of, now, table  # noqa: E402
 
 from transferkit.config.compose import load_params  # noqa: E402
 from transferkit.deploy.export import add_onnx_metadata, export_onnx  # noqa: E402
@@ -111,12 +111,12 @@ def main(argv=None) -> int:
     ap.add_argument("--throughput-repeats", type=int, default=10, help="rounds at batch 256, the models taking turns")
     ap.add_argument("--profile", action="store_true", help="where the time goes at batch 256, by operator")
     args = ap.parse_args(argv)
+    task = load_task(args.artifacts / "prepare", "target")  # the inputs first, before the seconds of the peaks
     info = {"when": now(), "machine": machine(), "vnni": "avx512_vnni" in cpuinfo("flags").split()}
     print(f"{describe(info['machine'])}; AVX-512 VNNI: {'yes' if info['vnni'] else 'no'}", flush=True)
     # the settings the quantize stage of DIR ran with, not this checkout's (which may differ)
     ran_with = args.artifacts / "quantize" / "params.yaml"
     q = OmegaConf.to_container(load_params(ran_with if ran_with.is_file() else ROOT / "params.yaml").quantize)
-    task = load_task(args.artifacts / "prepare", "target")
     calibration = calibration_images(task, q["calibration_images"])
     fp32 = args.artifacts / "export" / "model.onnx"
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         r["speed_x"], r["latency_x"] = r["img_s"] / base["img_s"], r["ms2"] / base["ms2"]
         r["speed1_x"] = r["img_s1"] / base["img_s1"]
     print(table(rows, [("model", "model", "s"), ("top1", "top-1 %", ".2f"), ("agree", "agrees with fp32 %", ".2f"),
-                       ("kb", "file KB", ".0f"), ("size_x", "smaller (x)", ".2f"),
+                       ("kb", "file KiB", ".0f"), ("size_x", "smaller (x)", ".2f"),
                        ("ms2", "batch 1, 2 threads ms", ".3f"),
                        ("ms1", "batch 1, 1 thread ms", ".3f"), ("latency_x", "latency vs fp32", ".2f"),
                        ("img_s", "img/s, batch 256, 2 threads", ",.0f"), ("speed_x", "vs fp32", ".2f"),
@@ -162,4 +162,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_of(main))

@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, conv_widths, describe, load_target_task, machine, now, params,  # noqa: E402
+from _common import (ROOT, conv_widths, describe, load_target_task, machine, main_of, now, params,  # noqa: E402
                      prune_like_the_stage, save, table, train_bf16)
 
 from transferkit.evaluation.cost import count_macs, count_params  # noqa: E402
@@ -429,4 +429,4 @@ COLUMNS = [("run", "run", "s"), ("model", "model", "s"), ("batch", "batch", "d")
            ("img_s", "images/s", ",.0f"), ("gflops", "GFLOP/s", ",.1f"), ("mfu", "MFU", ".1%")]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_of(main))

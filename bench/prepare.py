@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, describe, finish, machine, now, table
+from _common import ROOT, describe, finish, machine, main_of, now, table
 
 from transferkit.data import archives, sources
 
@@ -69,4 +69,4 @@ def main(argv=None) -> int:
 COLUMNS = [("part", "part", "s"), ("way", "archive read by", "s"), ("seconds", "seconds", ".2f")]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_of(main))

@@ -31,7 +31,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, conv_widths, describe, finish, machine, now, table  # noqa: E402
+from _common import ROOT, conv_widths, describe, finish, machine, main_of, now, table  # noqa: E402
 
 from transferkit.config.compose import flatten, load_params, to_params  # noqa: E402
 from transferkit.evaluation.metrics import mean_difference, predict  # noqa: E402
@@ -91,11 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="", help='overrides for every stage, e.g. "distill.translate=4"')
     ap.add_argument("--only-done", action="store_true", help="score the runs already made; train nothing")
     args = ap.parse_args(argv)
+    base = load_params(ROOT / "params.yaml")
+    task = load_task(args.artifacts / "prepare", "target")  # the inputs first, before the seconds of the peaks
     info = {"when": now(), "machine": machine(), "seeds": args.seeds, "recipes": args.recipe,
             "base": args.base}
     print(f"{describe(info['machine'])}\nevery stage with: {args.base or '(params.yaml)'}", flush=True)
-    base = load_params(ROOT / "params.yaml")
-    task = load_task(args.artifacts / "prepare", "target")
     work = args.artifacts / "prune_seeds"
     rows = []
     students = {}  # (seed, distillation settings) -> (test top-1, val top-1) of the distilled student
@@ -178,4 +178,4 @@ COLUMNS = [("recipe", "recipe", "s"), ("seed", "seed", "d"), ("distilled_val", "
            ("seconds", "s", ".0f")]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_of(main))

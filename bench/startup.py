@@ -7,10 +7,11 @@ run:
 
 - installed bytecode: the .pyc files `uv sync --compile-bytecode` writes for every package
   (the README's setup command and .ci/run use it);
-- compiled from source (the baseline): PYTHONPYCACHEPREFIX points at an empty folder, so
-  Python finds no .pyc and compiles every module, as it does on each start when it may not
-  write bytecode (PYTHONDONTWRITEBYTECODE=1, as on this project's machines; a read-only venv)
-  and the installer wrote none.
+- compiled from source (the baseline): PYTHONPYCACHEPREFIX points at a folder holding only the
+  standard library's .pyc files (which the interpreter ships), so Python compiles every installed
+  package's module, as it does on each start when it may not write bytecode
+  (PYTHONDONTWRITEBYTECODE=1, as on this project's machines; a read-only venv) and the installer
+  wrote none.
 
 Both ways run with PYTHONDONTWRITEBYTECODE=1, so no run leaves files that change the next.
 
@@ -29,9 +30,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import describe, finish, machine, now, table
+from _common import describe, finish, machine, main_of, now, table
 
 MODULES = ["torch", "torchvision", "pytorch_lightning", "transferkit.stages.pretrain"]
+
+
+def seed_stdlib_bytecode(prefix: Path) -> int:
+    """Copy the standard library's .pyc files to where PYTHONPYCACHEPREFIX=prefix looks for them (the
+    source's folder, under prefix, without __pycache__): the prefix hides every __pycache__ folder."""
+    import shutil
+
+    stdlib, copied = Path(sysconfig.get_paths()["stdlib"]).resolve(), 0
+    for pyc in stdlib.rglob("__pycache__/*.pyc"):
+        if "site-packages" in pyc.parts:
+            continue
+        target = prefix / pyc.parent.parent.relative_to("/") / pyc.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(pyc, target)
+        copied += 1
+    return copied
 
 
 def import_seconds(module: str, env: dict[str, str]) -> float:
@@ -54,10 +71,11 @@ def main(argv=None) -> int:
               "to measure the difference.", flush=True)
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="transferkit-nopyc-") as empty:
+    with tempfile.TemporaryDirectory(prefix="transferkit-nopyc-") as stdlib_only:
+        info["stdlib_pyc_files"] = seed_stdlib_bytecode(Path(stdlib_only))
         base = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         base.pop("PYTHONPYCACHEPREFIX", None)
-        ways = {"bytecode": base, "source": {**base, "PYTHONPYCACHEPREFIX": empty}}
+        ways = {"bytecode": base, "source": {**base, "PYTHONPYCACHEPREFIX": stdlib_only}}
         for module in MODULES:
             times = {w: [] for w in ways}
             for _ in range(args.repeats):  # interleaved, so drift of the VM hits both ways alike
@@ -78,4 +96,4 @@ COLUMNS = [("module", "import", "s"), ("source", "compiled from source s", ".2f"
            ("bytecode", "installed bytecode s", ".2f"), ("speedup", "speed-up", ".1f")]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_of(main))
