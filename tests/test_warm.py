@@ -253,7 +253,9 @@ def _state(pid: int) -> str:
 def test_ctrl_z_stops_the_worker_with_its_command_and_fg_resumes_both(tmp_path, server_dir):
     fake = _fake_project(tmp_path)
     _started_server(fake, server_dir)
-    client = _warm_client(fake, server_dir, "pid", preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
+    # a process group of its own whose parent is in this session: not orphaned, so SIGTSTP stops it
+    client = _warm_client(fake, server_dir, "pid", process_group=0,
+                          preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
     worker = int(client.stdout.readline())
     client.send_signal(signal.SIGTSTP)
     deadline = time.monotonic() + 10
@@ -264,6 +266,22 @@ def test_ctrl_z_stops_the_worker_with_its_command_and_fg_resumes_both(tmp_path, 
     while _state(worker) == "T" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _state(worker) != "T" and _state(client.pid) != "T"
+    os.kill(worker, signal.SIGTERM)
+    assert client.wait(20) == -signal.SIGTERM
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the worker's state from /proc")
+def test_a_stop_that_an_orphaned_command_never_takes_leaves_its_worker_running(tmp_path, server_dir):
+    """The kernel discards SIGTSTP for a process group no parent in its session watches (a session of its
+    own, a job whose shell has gone): the command runs on, as it would cold, and so must its worker."""
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    client = _warm_client(fake, server_dir, "pid", start_new_session=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
+    worker = int(client.stdout.readline())
+    client.send_signal(signal.SIGTSTP)
+    time.sleep(1)
+    assert _state(client.pid) != "T" and _state(worker) != "T"
     os.kill(worker, signal.SIGTERM)
     assert client.wait(20) == -signal.SIGTERM
 

@@ -151,11 +151,12 @@ def run(argv: list[str]) -> int | None:
         def stop(_sig: int, _frame) -> None:  # Ctrl+Z: the worker is in no terminal's process group
             os.kill(pid, signal.SIGSTOP)
             signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTSTP)  # stops here until `fg` or `bg`
+            os.kill(os.getpid(), signal.SIGTSTP)  # stops here until `fg` or `bg`; an orphaned group discards it
+            os.kill(pid, signal.SIGCONT)
+            signal.signal(signal.SIGTSTP, stop)
 
         def resume(_sig: int, _frame) -> None:
             os.kill(pid, signal.SIGCONT)
-            signal.signal(signal.SIGTSTP, stop)
 
         # for the command's time only: a caller in this process (cli.main as a library) keeps its own handlers
         handlers = {**{sig: forward for sig in set(FORWARDED) - set(ignored)}, signal.SIGCONT: resume}
