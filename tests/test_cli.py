@@ -193,6 +193,15 @@ def test_a_sweep_value_without_multirun_is_one_line_naming_the_two_ways(tmp_path
     assert "transfer.freeze_depth=0,1 lists several values" in line and "-m" in line and "transferkit sweep" in line
 
 
+def test_hydra_mode_multirun_runs_a_sweep_as_minus_m_does(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    proc = cli("prepare", "experiment=smoke", "hydra.mode=MULTIRUN", "seed=0,1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "multirun").rglob("target.pt"))) == 2
+
+
 def test_unknown_command():
     proc = cli("pretrian")
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr

@@ -437,6 +437,22 @@ def test_an_archive_that_expands_past_the_memory_limit_is_refused_before_it_is_r
         read_image_folder(bomb)
 
 
+def test_an_archive_is_read_in_chunks_never_asking_for_the_whole_limit(tmp_path, monkeypatch):
+    """A reader allocates what it is asked for up front: asking for the limit (a quarter of the memory) at
+    once fails under `ulimit -v` and costs time for every small member."""
+    monkeypatch.setattr(archives, "CHUNK", 1000)
+    asked = []
+    data = io.BytesIO(bytes(4500))
+
+    def read(n: int) -> bytes:
+        asked.append(n)
+        return data.read(n)
+
+    assert bytes(archives._bounded(read, 0, 10 ** 9)) == bytes(4500) and max(asked) == 1000
+    with pytest.raises(archives._TooLarge):
+        archives._bounded(io.BytesIO(bytes(4500)).read, 0, 4499)
+
+
 def test_a_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(monkeypatch):
     """The batched JPEG decoder would decode every file of a part at its full size before the size check;
     a file is sent to it only where its header says image_size x image_size, the rest through PIL, whose

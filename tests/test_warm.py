@@ -271,6 +271,37 @@ def test_ctrl_z_stops_the_worker_with_its_command_and_fg_resumes_both(tmp_path, 
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the worker's state from /proc")
+def test_a_worker_stopped_with_its_command_dies_when_the_command_is_killed(tmp_path, server_dir):
+    """A stopped worker cannot run the thread that watches its command: the server kills it once the
+    command is gone (Ctrl+Z, then kill -9), instead of keeping it, and its memory, stopped for ever."""
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    client = _warm_client(fake, server_dir, "pid", process_group=0,
+                          preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
+    worker = int(client.stdout.readline())
+    client.send_signal(signal.SIGTSTP)
+    deadline = time.monotonic() + 10
+    while _state(worker) != "T" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(worker) == "T"
+    client.kill()
+    client.wait()
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline + 10:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{worker}").exists()
+
+
+def test_a_server_without_an_idle_limit_serves(tmp_path, server_dir, monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_WARM_IDLE", "inf")
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    client = _warm_client(fake, server_dir, "pid")
+    worker = int(client.stdout.readline())
+    os.kill(worker, signal.SIGTERM)
+    assert client.wait(20) == -signal.SIGTERM  # served (the fake cli's pid is a worker's), and reported
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the worker's state from /proc")
 def test_a_stop_that_an_orphaned_command_never_takes_leaves_its_worker_running(tmp_path, server_dir):
     """The kernel discards SIGTSTP for a process group no parent in its session watches (a session of its
     own, a job whose shell has gone): the command runs on, as it would cold, and so must its worker."""

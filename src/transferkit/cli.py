@@ -113,7 +113,8 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     # Compose and validate every point of a sweep before the first one trains, so a typo'd
     # key or an out-of-range value ends in one error line at once, not after hours.
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    if not {"-m", "--multirun"} & set(argv) and (swept := [o for o in overrides if len(expand([o])) > 1]):
+    multirun = {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(argv)  # Hydra's two ways to ask for one
+    if not multirun and (swept := [o for o in overrides if len(expand([o])) > 1]):
         raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a Hydra "
                                f"multirun, into multirun/), or run `transferkit sweep {stage} {' '.join(overrides)}` "
                                f"(DVC stages: cached and resumable).")

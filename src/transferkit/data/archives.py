@@ -33,11 +33,16 @@ class _TooLarge(Exception):
     """The archive expands past memory_limit()."""
 
 
-def _bounded(read: Callable[[int], bytes], total: int, limit: int) -> bytes:
-    """At most what is left of the limit, plus one byte to tell that it did not fit."""
-    data = read(limit - total + 1)
-    if total + len(data) > limit:
-        raise _TooLarge
+CHUNK = 1 << 24  # what one read asks for: a reader allocates the size asked up front, whatever it then finds
+
+
+def _bounded(read: Callable[[int], bytes], total: int, limit: int) -> bytearray:
+    """Everything `read` gives, in chunks, refused as soon as it passes what is left of the limit."""
+    data = bytearray()
+    while chunk := read(min(CHUNK, limit - total - len(data) + 1)):
+        data += chunk
+        if total + len(data) > limit:
+            raise _TooLarge
     return data
 
 
@@ -107,7 +112,7 @@ def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
                                        f".tar.gz.") from e
             return files
     if raw[:2] == b"\x1f\x8b":  # in one call: through tarfile, gzip seeks and inflates in small pieces
-        raw = bytearray(_bounded(gzip.GzipFile(fileobj=io.BytesIO(raw)).read, 0, limit))
+        raw = _bounded(gzip.GzipFile(fileobj=io.BytesIO(raw)).read, 0, limit)
     if (files := _tar_files(raw, keep)) is not None:
         return files
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:

@@ -15,6 +15,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -23,6 +24,7 @@ PRELOAD = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "omegaco
            # what the dynamo ONNX exporter imports on first use: torchlib's op table and torch.export's partitioner
            "onnxscript.function_libs.torch_lib.ops", "torch._functorch.partitioners")
 STREAMS = 3
+TICK_S = 1.0  # how often the server looks for commands gone and for its idle time
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # passed from a command to its worker
 
 
@@ -56,13 +58,13 @@ def serve(path: Path, idle: float) -> None:
     # pages it shares with the server unwritten, so they are not copied (Python's gc.freeze docs)
     gc.collect()
     gc.freeze()
-    server.settimeout(idle)
+    server.settimeout(TICK_S)
     workers: dict[int, socket.socket] = {}  # each running worker's connection to its command
 
-    def reap(_sig=None, _frame=None, wait: bool = False) -> None:
+    def reap(_sig=None, _frame=None) -> None:
         while workers:
             try:
-                pid, status = os.waitpid(-1, 0 if wait else os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -71,24 +73,37 @@ def serve(path: Path, idle: float) -> None:
                 _report(conn, status)
 
     signal.signal(signal.SIGCHLD, reap)
-    while True:
+    accepting, last = True, time.monotonic()
+    while accepting or workers:
+        # a command gone while its worker is stopped (Ctrl+Z, then kill -9): the worker's own watcher cannot run
+        for pid, conn in list(workers.items()):
+            with contextlib.suppress(OSError):  # BlockingIOError: the command is there, and quiet
+                if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    os.kill(pid, signal.SIGKILL)
+        if not accepting:
+            time.sleep(TICK_S)
+            continue
         try:
             conn, _ = server.accept()
         except TimeoutError:
-            break
+            if time.monotonic() - last >= idle:  # no new commands; the running ones are still reported
+                accepting = False
+                if path.exists() and path.stat().st_ino == inode:
+                    path.unlink()
+                server.close()
+            continue
+        last = time.monotonic()
         if _peer_uid(conn) != os.getuid():
             conn.close()
             continue
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # a worker that ends at once is still known
         if (pid := os.fork()) == 0:
             server.close()
+            for other in workers.values():  # another command sees its worker end only when no copy of it is open
+                other.close()
             _work(conn)  # never returns
         workers[pid] = conn
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-    if path.exists() and path.stat().st_ino == inode:
-        path.unlink()
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    reap(wait=True)  # the workers still running are reported as they end
 
 
 def _report(conn: socket.socket, status: int) -> None:
