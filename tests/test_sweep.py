@@ -293,6 +293,28 @@ def test_collect_tells_settings_apart_and_refuses_other_experiments(collected_sw
     assert "different experiments or data" in line
 
 
+@pytest.mark.slow
+def test_transfer_from_another_pretraining_is_compared_with_the_one_scratch_baseline(collected_sweep, base, tmp_path,
+                                                                                     monkeypatch):
+    """scratch reads no pretrain.* setting: runs transferred from a shorter pretraining compare with the same
+    scratch runs, which are not told apart by a setting that did not make them."""
+    from transferkit.evaluation.runs import score, summarize
+    from transferkit.sweep.collect import find_runs
+
+    shutil.copytree(collected_sweep, tmp_path / "runs")
+    for params_file in (tmp_path / "runs").rglob("transfer/params.yaml"):
+        params = yaml.safe_load(params_file.read_text())
+        params["pretrain"]["epochs"] += 1
+        params_file.write_text(yaml.safe_dump(params))
+    runs = find_runs([tmp_path / "runs"])
+    assert {r.setting for r in runs if r.stage == "scratch"} == {()}
+    assert all(any(o.startswith("pretrain.epochs=") for o in r.setting) for r in runs if r.stage == "transfer")
+    monkeypatch.chdir(base)  # the runs' artifacts_dir (the test set) is relative to the project
+    score(runs)
+    rows = [r for r in summarize(runs)["rows"] if r["stage"] == "transfer"]
+    assert rows and all(r["vs_scratch"]["difference"] is not None for r in rows)
+
+
 def test_collect_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     line = one_error_line(cli("collect", str(tmp_path / "empty")))

@@ -25,8 +25,8 @@ from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import save_json, save_text
 from transferkit.project import RUNS_HEADER
-from transferkit.stages import BY_NAME, TARGET_MODELS
-from transferkit.sweep.points import NOT_SWEPT
+from transferkit.stages import TARGET_MODELS
+from transferkit.sweep.points import NOT_SWEPT, made_with
 
 
 def run_roots(d: Path) -> list[Path]:
@@ -59,10 +59,11 @@ def find_runs(dirs: list[Path]) -> list[Run]:
     swept = sorted({k for f in flats for k in f if len({json.dumps(g.get(k)) for g in flats}) > 1
                     and not k.startswith(NOT_SWEPT)})
     seen = {}
-    for r, f in zip(runs, flats):  # a run's setting: the swept keys of no target model's block, and of its stage's
-        own = BY_NAME[r.stage].params  # params (student's include distill.student, prune's distill.temperature)
-        r.setting = tuple(f"{k}={f.get(k)}" for k in swept if k.split(".")[0] not in TARGET_MODELS
-                          or any(k == p or k.startswith(f"{p}.") for p in own))
+    for r, f in zip(runs, flats):  # a run's setting: the swept keys of what made it (its stage's params and those
+        # of the stages it reads: student's include distill.student, transfer's pretrain) and of how collect scores
+        # it; not another stage's (scratch is the same run whatever pretrain.epochs says)
+        made = made_with(r.stage) | {"evaluate"}
+        r.setting = tuple(f"{k}={f.get(k)}" for k in swept if any(k == p or k.startswith(f"{p}.") for p in made))
         if twin := seen.get((r.stage, r.setting, r.seed)):  # two seeds' worth of confidence from one seed
             raise TransferkitError(f"{twin.folder} and {r.folder} are the same run ({r.stage}, seed {r.seed}"
                                    f"{''.join(f', {o}' for o in r.setting)}), which the table would count as two "
