@@ -249,8 +249,15 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the worker's state from /proc")
-def test_ctrl_z_stops_the_worker_with_its_command_and_fg_resumes_both(tmp_path, server_dir):
+def _until(condition, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def _stopped_client(tmp_path: Path, server_dir: Path) -> tuple[subprocess.Popen, int]:
+    """A served command and its worker, after Ctrl+Z (SIGTSTP) reached the command."""
     fake = _fake_project(tmp_path)
     _started_server(fake, server_dir)
     # a process group of its own whose parent is in this session: not orphaned, so SIGTSTP stops it
@@ -258,14 +265,15 @@ def test_ctrl_z_stops_the_worker_with_its_command_and_fg_resumes_both(tmp_path, 
                           preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
     worker = int(client.stdout.readline())
     client.send_signal(signal.SIGTSTP)
-    deadline = time.monotonic() + 10
-    while (_state(worker), _state(client.pid)) != ("T", "T") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert (_state(worker), _state(client.pid)) == ("T", "T")
+    return client, worker
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the worker's state from /proc")
+def test_ctrl_z_stops_the_worker_with_its_command_and_fg_resumes_both(tmp_path, server_dir):
+    client, worker = _stopped_client(tmp_path, server_dir)
+    assert _until(lambda: (_state(worker), _state(client.pid)) == ("T", "T"))
     client.send_signal(signal.SIGCONT)
-    while _state(worker) == "T" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _state(worker) != "T" and _state(client.pid) != "T"
+    assert _until(lambda: _state(worker) != "T") and _state(client.pid) != "T"
     os.kill(worker, signal.SIGTERM)
     assert client.wait(20) == -signal.SIGTERM
 
@@ -274,21 +282,11 @@ def test_ctrl_z_stops_the_worker_with_its_command_and_fg_resumes_both(tmp_path, 
 def test_a_worker_stopped_with_its_command_dies_when_the_command_is_killed(tmp_path, server_dir):
     """A stopped worker cannot run the thread that watches its command: the server kills it once the
     command is gone (Ctrl+Z, then kill -9), instead of keeping it, and its memory, stopped for ever."""
-    fake = _fake_project(tmp_path)
-    _started_server(fake, server_dir)
-    client = _warm_client(fake, server_dir, "pid", process_group=0,
-                          preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
-    worker = int(client.stdout.readline())
-    client.send_signal(signal.SIGTSTP)
-    deadline = time.monotonic() + 10
-    while _state(worker) != "T" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _state(worker) == "T"
+    client, worker = _stopped_client(tmp_path, server_dir)
+    assert _until(lambda: _state(worker) == "T")
     client.kill()
     client.wait()
-    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline + 10:
-        time.sleep(0.1)
-    assert not Path(f"/proc/{worker}").exists()
+    assert _until(lambda: not Path(f"/proc/{worker}").exists())
 
 
 def test_a_server_without_an_idle_limit_serves(tmp_path, server_dir, monkeypatch):

@@ -93,37 +93,38 @@ def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
     if path.stat().st_size > limit:
         raise _TooLarge
     raw = bytearray(path.read_bytes())
-    total = 0
     if raw[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record (a file; the directory of an empty one)
         with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            files = []
             try:
-                for m in (m for m in archive.infolist() if not m.is_dir()):
-                    data = None
-                    if keep(m.filename):
-                        with archive.open(m) as member:
-                            data = _bounded(member.read, total, limit)
-                        total += len(data)
-                    files.append((m.filename, data))
+                return _kept(((m.filename, lambda m=m: archive.open(m)) for m in archive.infolist() if not m.is_dir()),
+                             keep, limit)
             except (RuntimeError, NotImplementedError) as e:  # an encrypted member; a method zipfile lacks
                 raise TransferkitError(f"{path} holds a member Python's zipfile cannot read ({e}): a password, or a "
                                        f"compression such as Deflate64, which Windows uses for large folders. Fix: "
                                        f"re-create it with standard Deflate and no password (`zip -r`), or as a "
                                        f".tar.gz.") from e
-            return files
-    if raw[:2] == b"\x1f\x8b":  # in one call: through tarfile, gzip seeks and inflates in small pieces
+    if raw[:2] == b"\x1f\x8b":  # decompressed here: through tarfile, gzip seeks and inflates in small pieces
         raw = _bounded(gzip.GzipFile(fileobj=io.BytesIO(raw)).read, 0, limit)
     if (files := _tar_files(raw, keep)) is not None:
         return files
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
         # a hard link is a file stored once under two names (GNU tar writes one per inode it met before):
         # extractfile reads its target's bytes. Symbolic links are skipped: they may point out of the archive.
-        files = []
-        for m in (m for m in tar if m.isfile() or m.islnk()):
-            data = _bounded(tar.extractfile(m).read, total, limit) if keep(m.name) else None
-            total += len(data or b"")
-            files.append((m.name, data))
-        return files
+        return _kept(((m.name, lambda m=m: tar.extractfile(m)) for m in tar if m.isfile() or m.islnk()), keep, limit)
+
+
+def _kept(members, keep: Callable[[str], bool], limit: int) -> Members:
+    """(name, a function opening the member) pairs -> (name, bytes), the bytes read for the names kept only,
+    together within the limit."""
+    files, total = [], 0
+    for name, opened in members:
+        data = None
+        if keep(name):
+            with opened() as member:
+                data = _bounded(member.read, total, limit)
+            total += len(data)
+        files.append((name, data))
+    return files
 
 
 def archive_files(path: Path, keep: Callable[[str], bool] = lambda name: True) -> Members:
