@@ -289,14 +289,19 @@ def test_a_worker_stopped_with_its_command_dies_when_the_command_is_killed(tmp_p
     assert _until(lambda: not Path(f"/proc/{worker}").exists())
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the server from /proc")
 def test_a_server_without_an_idle_limit_serves(tmp_path, server_dir, monkeypatch):
     monkeypatch.setenv("TRANSFERKIT_WARM_IDLE", "inf")
     fake = _fake_project(tmp_path)
     _started_server(fake, server_dir)
     client = _warm_client(fake, server_dir, "pid")
     worker = int(client.stdout.readline())
-    os.kill(worker, signal.SIGTERM)
-    assert client.wait(20) == -signal.SIGTERM  # served (the fake cli's pid is a worker's), and reported
+    server = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the worker's parent
+    try:
+        os.kill(worker, signal.SIGTERM)
+        assert client.wait(20) == -signal.SIGTERM  # served (the fake cli's pid is a worker's), and reported
+    finally:
+        os.kill(server, signal.SIGTERM)  # it would wait for commands for ever
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the worker's state from /proc")
