@@ -18,7 +18,8 @@ one process only, and no kept library serves separate commands.
 - It serves the commands dvc.yaml runs (`transferkit STAGE --params ...` and `export`); the
   others start as usual. A command that finds no server starts one and runs itself while the
   server imports; the commands after it are served.
-- It exits after TRANSFERKIT_WARM_IDLE seconds (default 600) without a command.
+- After TRANSFERKIT_WARM_IDLE seconds (default 600) without a command it takes no more, and it exits
+  once the workers still running have ended.
 - Killing the command (kill -9 too) kills its worker; SIGINT, SIGTERM and SIGHUP are passed on (or
   ignored, where the command ignores them), Ctrl+Z stops the worker with its command, and a worker
   ended by a signal (passed on, or any other: kill -9, out of memory) ends its command by it too.
@@ -190,5 +191,5 @@ def _start_server(path: Path) -> None:
     with open(path.with_suffix(".log"), "ab") as log:
         # the file, not `-m`: runpy's frames at the bottom of every worker's stack have no source
         # file, and inspect.stack() then searches every loaded module for them at each call
-        subprocess.Popen([sys.executable, "-P", server.__file__, str(path)], cwd="/", env=env, stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=log, start_new_session=True)
+        subprocess.Popen([sys.executable, "-P", server.__file__, str(path), str(idle_seconds())], cwd="/", env=env,
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)

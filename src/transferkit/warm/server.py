@@ -199,5 +199,5 @@ def _work(conn: socket.socket) -> None:
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]), float(os.environ.get("TRANSFERKIT_WARM_IDLE", "600")))  # checked by the command
+    serve(Path(sys.argv[1]), float(sys.argv[2]))  # the command's idle_seconds(), checked there
     os._exit(0)  # the frozen objects are never freed: the interpreter's teardown would only report them as leaks
