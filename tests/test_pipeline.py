@@ -229,6 +229,43 @@ def test_results_command_names_evaluates_folder(tmp_path, monkeypatch, folder, n
     assert needle in str(e.value)
 
 
+def test_results_command_names_a_stages_unreadable_timing(smoke_artifacts, tmp_path):
+    """A damaged timing.json of a training stage: one error naming it and the fix, before any table."""
+    import shutil
+
+    from transferkit.evaluation.tables import main
+
+    cfg, _ = smoke_artifacts
+    art = tmp_path / "artifacts"
+    for stage in ("evaluate", "transfer"):
+        shutil.copytree(Path(cfg.paths.artifacts_dir) / stage, art / stage)
+    (art / "transfer" / "timing.json").write_text('{"train_seconds": 3')
+    with pytest.raises(TransferkitError, match=r"cannot read .*transfer/timing.json \(.*\)\. Fix: run transfer "
+                                               r"again \(`dvc repro transfer`\)\.$"):
+        main([str(art / "evaluate")])
+
+
+def test_report_html_shows_names_from_the_data_as_text(tmp_path):
+    """Class names come from folder names in an archive: in report.html they are text, never HTML or links,
+    and a | in one does not split its table row."""
+    from transferkit.evaluation.html import to_html
+    from transferkit.evaluation.report import render
+
+    bad = ["<img src=x onerror=alert(1)>", "b|c", "[x](javascript:alert(1))"]
+    m = {"top1": .5, "top1_ci95": [.4, .6], "params": 1000, "macs": 1000, "size_bytes": 100,
+         "per_class": dict.fromkeys(bad, 0.5)}
+    cfg = {"experiment": "<script>alert(1)</script>", "model": "fastnet", "freeze_depth": 1, "backbone_lr_mult": 0,
+           "probe_depth": None, "epochs": dict.fromkeys(["pretrain", "transfer", "scratch", "probe", "distill"], 1),
+           "seed": 0, "tta": "none", "tta_views": 1}
+    data = {"source": {"dataset": "d", "classes": ["a"], "n_train": 1, "n_val": 1},
+            "target": {"dataset": "archive.tar", "classes": bad, "n_train": 1, "n_val": 1, "n_test": 2}}
+    text = render(cfg, {"models": {"scratch": m}}, {}, data)
+    page = to_html(text, tmp_path)
+    assert "<img src=x" not in page and "<script>" not in page and "href=" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "<td>b|c</td>" in page
+    assert "| – | – | – |" in text  # no timings measured: a dash, not nan
+
+
 def test_training_table_shows_a_stage_that_trained_nothing():
     from transferkit.evaluation.tables import training_table
 

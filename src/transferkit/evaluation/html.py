@@ -12,7 +12,11 @@ def to_html(markdown_text: str, folder: Path) -> str:
 
     import markdown
 
-    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
+    converter = markdown.Markdown(extensions=["tables", "fenced_code"])
+    # HTML in the text (a class named after a folder can hold any) shows as text, never runs
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    body = converter.convert(markdown_text)
 
     def embed(match: re.Match) -> str:
         src = folder / match.group(1)

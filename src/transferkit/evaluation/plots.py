@@ -122,7 +122,8 @@ def sweep_png(summary: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     spread = [math.nan if r["test_std"] is None else 100 * r["test_std"] for r in rows]  # one seed: no bar
     ax.errorbar(xs, [100 * r["test_mean"] for r in rows], yerr=spread, marker="o", capsize=3, label=f"{main}, test")
-    ax.plot(xs, [100 * r["val_mean"] for r in rows], "o--", alpha=0.6, label=f"{main}, val")
+    val = [math.nan if r["val_mean"] is None else 100 * r["val_mean"] for r in rows]  # no val split: nothing drawn
+    ax.plot(xs, val, "o--", alpha=0.6, label=f"{main}, val")
     for ref, colour, style in (("scratch", "k", "-"), ("probe", "g", ":")):
         for r in summary["rows"]:
             if r["stage"] == ref != main and not r["setting"]:

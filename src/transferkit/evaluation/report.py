@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from transferkit.evaluation.formats import interval, measured, millions, names, times
 
 # The source material's reference experiment (mini-VGG+BN, CIFAR-10 -> 10 aquatic CIFAR-100
 # classes, 400 train / 100 eval per class, conv1-6 frozen, 50 epochs, hours on a CPU).
@@ -15,26 +15,6 @@ LABELS = {"scratch": "scratch (baseline)", "probe": "linear probe", "transfer": 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
-
-
-def interval(lo: float, hi: float) -> str:
-    """A 95% interval of an accuracy difference in points, clipped to the -100 to +100 it can be."""
-    return f"{100 * max(lo, -1.0):+.1f} to {100 * min(hi, 1.0):+.1f}"
-
-
-def millions(n: int, digits: int) -> str:
-    """A count of parameters or MACs in millions where that keeps two significant digits, else as it is
-    (a tiny model's 9,834 would print as 0.01 M)."""
-    return f"{n / 1e6:.{digits}f} M" if n >= 10 ** (7 - digits) else f"{n:,}"
-
-
-def _times(ratio: float, less: str, more: str, digits: int = 2) -> str:
-    """A ratio (before / after) in words: "3.90x smaller", or "1.20x larger" for 0.83 (a tiny model's
-    INT8 file, whose scales and zero points outweigh the bytes its weights save; a pruned model whose
-    latency rose); "not measured" where either side was not."""
-    if not math.isfinite(ratio) or ratio <= 0:
-        return "not measured"
-    return f"{ratio:.{digits}f}x {less}" if ratio >= 1 else f"{1 / ratio:.{digits}f}x {more}"
 
 
 def _mb(n: int) -> str:
@@ -113,16 +93,15 @@ def prune_section(pc: dict, models: dict, timing: dict) -> list[str]:
         "|---|---|---|---|---|---|---|"]
     for label, m, t in (("before (distilled)", before, tb), ("after (pruned + recovered)", after, ta)):
         lines.append(f"| {label} | {_pct(m['top1'])} | {millions(m['params'], 3)} | {millions(m['macs'], 1)} | "
-                     f"{_mb(m['size_bytes'])} | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "
-                     f"{t.get('throughput_img_s', float('nan')):.0f} img/s |")
+                     f"{_mb(m['size_bytes'])} | {measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
+                     f"{measured(t, 'throughput_img_s', '.0f', ' img/s')} |")
     lat = tb.get("latency_ms_bs1", float("nan")) / ta.get("latency_ms_bs1", float("nan"))
     lat1 = tb.get("latency_ms_bs1_1thread", float("nan")) / ta.get("latency_ms_bs1_1thread", float("nan"))
-    measured = (f"measured batch-1 latency {_times(lat, 'lower', 'higher')} ({_times(lat1, 'lower', 'higher')} "
-                f"on one thread), "
-                f"top-1 {100 * (after['top1'] - before['top1']):+.1f} points.")
+    effect = (f"measured batch-1 latency {times(lat, 'lower', 'higher')} ({times(lat1, 'lower', 'higher')} "
+              f"on one thread), top-1 {100 * (after['top1'] - before['top1']):+.1f} points.")
     cost = ("Zeroed weights keep their tensors' shapes, so MACs do not fall and dense kernels run no "
-            f"faster; {measured}" if pc["mode"] == "unstructured" else
-            f"MACs {before['macs'] / after['macs']:.2f}x fewer, {measured} MACs ratios overstate wall-clock "
+            f"faster; {effect}" if pc["mode"] == "unstructured" else
+            f"MACs {before['macs'] / after['macs']:.2f}x fewer, {effect} MACs ratios overstate wall-clock "
             "gains on small models (fixed per-layer overheads); both are shown.")
     return lines + ["", cost, "", "![accuracy vs latency](pareto.png)", ""]
 
@@ -141,17 +120,19 @@ def distillation_section(dist: dict, models: dict, timing: dict, cfg_summary: di
         f"T={cfg_summary['distill_temperature']}. The student alone is the same network and budget "
         "without the teacher.", "",
         "| | top-1 | CPU latency (batch 1) | same, 1 thread |", "|---|---|---|---|",
-        *[f"| {label} | {_pct(models[k]['top1'])} | {timing.get(k, {}).get('latency_ms_bs1', float('nan')):.2f} ms"
-          f" | {timing.get(k, {}).get('latency_ms_bs1_1thread', float('nan')):.2f} ms |"
+        *[f"| {label} | {_pct(models[k]['top1'])} | {measured(timing.get(k, {}), 'latency_ms_bs1', '.2f', ' ms')}"
+          f" | {measured(timing.get(k, {}), 'latency_ms_bs1_1thread', '.2f', ' ms')} |"
           for label, k in (("teacher (transfer)", "transfer"), ("student alone", "student"),
                            ("student distilled", "distill"))], "",
         f"Distilled minus alone: **{100 * d['difference']:+.1f} points** (95% paired interval "
         f"{interval(*d['ci95'])}); " + (
             f"that is {100 * rec:.0f}% of the gap between the student alone and the teacher "
             f"({100 * gap['difference']:+.1f} points, {interval(*gap['ci95'])})" if rec is not None else
+            f"the student alone beats the teacher, by {-100 * gap['difference']:.1f} points "
+            f"({interval(-gap['ci95'][1], -gap['ci95'][0])}), so there is no gap to close" if gap["ci95"][1] < 0 else
             f"the gap between the student alone and the teacher ({100 * gap['difference']:+.1f} points, "
             f"{interval(*gap['ci95'])}) is not resolved on these test images, so no share of it is given")
-        + (f"; the distilled student runs {_times(t / st, 'faster', 'slower', 1)} than the teacher at batch 1"
+        + (f"; the distilled student runs {times(t / st, 'faster', 'slower', 1)} than the teacher at batch 1"
            if t and st else "") + ".", ""]
 
 
@@ -186,12 +167,12 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
         "| model | top-1 | file | CPU latency (batch 1) | same, 1 thread | CPU throughput | same, 1 thread |",
         "|---|---|---|---|---|---|---|",
         *[f"| {label} | {_pct(models[k]['top1'])} | {_mb(models[k]['size_bytes'])} | "
-          f"{timing.get(k, {}).get('latency_ms_bs1', float('nan')):.2f} ms | "
-          f"{timing.get(k, {}).get('latency_ms_bs1_1thread', float('nan')):.2f} ms | "
-          f"{timing.get(k, {}).get('throughput_img_s', float('nan')):.0f} img/s | "
+          f"{measured(timing.get(k, {}), 'latency_ms_bs1', '.2f', ' ms')} | "
+          f"{measured(timing.get(k, {}), 'latency_ms_bs1_1thread', '.2f', ' ms')} | "
+          f"{measured(timing.get(k, {}), 'throughput_img_s', '.0f', ' img/s')} | "
           + (f"{timing[k]['throughput_img_s_1thread']:.0f} img/s |" if "throughput_img_s_1thread" in timing.get(k, {})
              else "– |") for label, k in rows], "",
-        f"INT8 against fp32 ONNX: the file {_times(q['size_ratio'], 'smaller', 'larger')}, the throughput "
+        f"INT8 against fp32 ONNX: the file {times(q['size_ratio'], 'smaller', 'larger')}, the throughput "
         f"x{speedup('throughput_img_s'):.2f} (on 1 thread x{speedup('throughput_img_s_1thread'):.2f}), the batch-1 "
         f"latency x{speedup('latency_ms_bs1'):.2f}. "
         "Classify image files with it: `uv run transferkit predict artifacts/quantize/model.onnx IMAGE ...`.", ""]
@@ -199,13 +180,13 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
 
 def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -> str:
     models = metrics["models"]
-    lines = [f"# transferkit report: `{cfg_summary['experiment']}`", ""]
+    lines = [f"# transferkit report: {names([cfg_summary['experiment']])}", ""]
     lines += ["## What was run", ""]
     src, tgt = data_summary["source"], data_summary["target"]
     lines += [
-        f"- source task: {src['dataset']} {', '.join(src['classes'])} "
+        f"- source task: {names([src['dataset']])} {names(src['classes'])} "
         f"({src['n_train']} train, {src['n_val']} val images)",
-        f"- target task: {tgt['dataset']} {', '.join(tgt['classes'])} "
+        f"- target task: {names([tgt['dataset']])} {names(tgt['classes'])} "
         f"({tgt['n_train']} train, {tgt['n_val']} val, **{tgt['n_test']} test** images)",
         f"- model: `{cfg_summary['model']}`; transfer: freeze_depth={cfg_summary['freeze_depth']}, "
         f"backbone_lr_mult={cfg_summary['backbone_lr_mult']}; probe depth={cfg_summary['probe_depth'] or 'all'}",
@@ -226,9 +207,9 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         lines.append(
             f"| {LABELS.get(name, name)} | **{_pct(m['top1'])}** | {_pct(m['top1_ci95'][0])} – "
             f"{_pct(m['top1_ci95'][1])} | {millions(m['params'], 2)} | {millions(m['macs'], 1)} | "
-            f"{_mb(m['size_bytes'])} | {t.get('latency_ms_bs1', float('nan')):.2f} ms | "
-            f"{t.get('latency_ms_bs1_1thread', float('nan')):.2f} ms | "
-            f"{t.get('throughput_img_s', float('nan')):.0f} img/s |")
+            f"{_mb(m['size_bytes'])} | {measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
+            f"{measured(t, 'latency_ms_bs1_1thread', '.2f', ' ms')} | "
+            f"{measured(t, 'throughput_img_s', '.0f', ' img/s')} |")
     lines += ["", *one_view_note(cfg_summary["tta"], cfg_summary["tta_views"], models), ""]
     gain = metrics.get("transfer_vs_scratch")
     if gain:
@@ -266,7 +247,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
     lines += ["## Per-class accuracy", "", "| class | " + " | ".join(LABELS.get(n, n) for n in models) + " |",
               "|---|" + "---|" * len(models)]
     for c in next(iter(models.values()))["per_class"]:
-        lines.append(f"| {c} | " + " | ".join(_pct(m["per_class"][c]) for m in models.values()) + " |")
+        lines.append(f"| {names([c])} | " + " | ".join(_pct(m["per_class"][c]) for m in models.values()) + " |")
     lines += ["", "## Plots", "", "Training curves (validation accuracy, training loss):", "",
               "![curves](curves.png)", ""]
     for name in models:

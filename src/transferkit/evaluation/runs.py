@@ -49,10 +49,17 @@ def read_run(folder: Path, stage: str) -> Run:
     if not (folder / PARAMS_FILE).exists():
         raise TransferkitError(f"{folder} has a model but no {PARAMS_FILE} saying how it was made. Fix: rerun it, "
                                f"or move it out of the sweep folder.")
-    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
-    timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").exists() else {}
-    return Run(stage, folder, yaml.safe_load((folder / PARAMS_FILE).read_text()), metrics.get("val_acc"),
-               timing.get("train_seconds"))
+    try:
+        params = yaml.safe_load((folder / PARAMS_FILE).read_text())
+        metrics, timing = (json.loads((folder / name).read_text()) if (folder / name).exists() else {}
+                           for name in ("metrics.json", "timing.json"))
+        if not all(isinstance(d, dict) for d in (params, metrics, timing)):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise TransferkitError(f"{folder} holds a damaged {PARAMS_FILE}, metrics.json or timing.json "
+                               f"({' '.join(str(e).split())[:200]}). Fix: rerun it, or move it out of the sweep "
+                               f"folder.") from e
+    return Run(stage, folder, params, metrics.get("val_acc"), timing.get("train_seconds"))
 
 
 def check_task(run: Run, task_file: Path, prepared: dict[Path, dict]) -> None:
@@ -166,11 +173,12 @@ def versus(group: list[Run], baseline: list[Run]) -> dict | None:
             "method": "paired by image on the one seed both ran (test-set noise only)"}
 
 
-def _mean_std(values: list) -> tuple[float, float | None]:
-    """Mean and standard deviation; the spread of one value is unknown (None), not zero."""
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and standard deviation; the spread of one value is unknown (None), not zero, and so is the
+    mean of none (runs without a val split): None, which JSON has, where NaN is not JSON."""
     values = [v for v in values if v is not None]
     if not values:
-        return math.nan, math.nan
+        return None, None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
@@ -210,7 +218,7 @@ def summarize(runs: list[Run]) -> dict:
     swept = [s for s in stages if s not in REFERENCES] or stages
     # ties: the first in row order (TARGET_MODELS'), so the choice is the same in every process
     main = "transfer" if "transfer" in stages else max(swept, key=swept.count)
-    best = max((r for r in rows if r["stage"] == main and not math.isnan(r["val_mean"])), key=lambda r: r["val_mean"],
+    best = max((r for r in rows if r["stage"] == main and r["val_mean"] is not None), key=lambda r: r["val_mean"],
                default=None)
     for r in rows:
         r["chosen_on_val"] = r is best

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from transferkit.evaluation.report import interval, millions
+from transferkit.evaluation.formats import interval, measured, millions, names
 
 
 def pct(x) -> str:
@@ -61,16 +61,17 @@ def epochs_sentence(results: list[dict]) -> str:
 def scenarios_markdown(results: list[dict]) -> str:
     first = results[0]
     lines = ["# The four transfer scenarios, measured", "",
-             f"Target: {', '.join(first['target_classes'])} in every quadrant, so the quadrants compare; test = "
+             f"Target: {names(first['target_classes'])} in every quadrant, so the quadrants compare; test = "
              f"{first['n_test']:,} official test images. {epochs_sentence(results)} The winner is chosen on "
              "validation accuracy (◀ val); test accuracy is reported, never used to "
-             "choose. Intervals: 95% (Wilson). One seed.", "", "## Summary", "",
+             "choose. Intervals: 95%, Wilson for an accuracy, paired by image for a difference (agrees?). One seed.",
+             "", "## Summary", "",
              "| quadrant | target train | source (pretrain epochs: source test top-1) | source material says | "
              "winner on val | its test top-1 % | best on test | agrees? |", "|---|---|---|---|---|---|---|---|"]
     for q in results:
         win = next((r for r in q["rows"] if r["chosen_on_val"]), None)
         best = next(r for r in q["rows"] if r["best_on_test"])
-        lines.append(f"| {q['title']} | {q['n_train']:,} | {', '.join(q['source_classes'])} "
+        lines.append(f"| {q['title']} | {q['n_train']:,} | {names(q['source_classes'])} "
                      f"({q['pretrain_epochs']} ep: {pct(q['pretrain_source_test_acc'])}%) | {q['guidance']['text']} | "
                      f"{win['label'] if win else '–'} | {pct(win['test_acc']) if win else '–'} | "
                      f"{best['label']} ({pct(best['test_acc'])}) | "
@@ -78,7 +79,7 @@ def scenarios_markdown(results: list[dict]) -> str:
     for q in results:
         lines += ["", f"## {q['title']} (`{q['preset']}`)", "",
                   f"Target train {q['n_train']:,}, val {q['n_val']:,}, test {q['n_test']:,}. Source "
-                  f"{', '.join(q['source_classes'])}: {q['n_source_train']:,} images, "
+                  f"{names(q['source_classes'])}: {q['n_source_train']:,} images, "
                   f"pretrained {q['pretrain_epochs']} epochs "
                   f"({q['pretrain_folder']}/, shared by the quadrants with this source).", "",
                   "| strategy | what is trained | epochs | val top-1 % (95% interval) "
@@ -108,8 +109,8 @@ def results_table(metrics: dict, timing: dict) -> str:
         lines.append(f"| {LABELS.get(name, name)} | {pct(r['top1'])} "
                      f"({pct(r['top1_ci95'][0])}–{pct(r['top1_ci95'][1])}) | "
                      f"{millions(r['params'], 2)} | {millions(r['macs'], 1)} | "
-                     f"{t.get('latency_ms_bs1', float('nan')):.2f} ms | "
-                     f"{t.get('throughput_img_s', float('nan')):,.0f} |")
+                     f"{measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
+                     f"{measured(t, 'throughput_img_s', ',.0f')} |")
     d = metrics["transfer_vs_scratch"]
     fp32, bf16 = m.get("fp32_gflops", "?"), m.get("bf16_gflops", "?")  # evaluate's older files: after only
     peaks = (f"fp32 {m['fp32_gflops_before']} / bf16 {m['bf16_gflops_before']} GFLOP/s before the timings, {fp32} / "
@@ -167,25 +168,26 @@ def main(argv: list[str]) -> int:
                                f"{'' if done else 'run the pipeline (`dvc repro`), then '}"
                                f"`transferkit results {folder / 'evaluate'}`.")
 
-    def read(name: str, fix: str) -> dict:
+    def read(path: Path, fix: str) -> dict:
         try:
-            data = json.loads((folder / name).read_text())
+            data = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise TransferkitError(f"cannot read {folder / name} ({getattr(e, 'strerror', None) or e}). "
-                                   f"Fix: {fix}.") from e
+            raise TransferkitError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}). Fix: {fix}.") from e
         return data if isinstance(data, dict) else {}
 
     rerun = "run evaluate again (`dvc repro evaluate`), which writes metrics.json and timing.json"
-    metrics = read("metrics.json", "pass evaluate's output folder (`transferkit results artifacts/evaluate`), "
+    metrics = read(folder / "metrics.json", "pass evaluate's output folder (`transferkit results artifacts/evaluate`), "
                                    "after running the pipeline (`dvc repro`)")
     if "models" not in metrics or "transfer_vs_scratch" not in metrics:  # another stage's metrics.json
         raise TransferkitError(f"{folder / 'metrics.json'} is not evaluate's: it scores no models. Fix: "
                                + (rerun if folder.name == "evaluate" else
                                   f"pass evaluate's folder, `transferkit results {folder.parent / 'evaluate'}`") + ".")
-    print(results_table(metrics, read("timing.json", rerun)), end="")
+    timing = read(folder / "timing.json", rerun)
     runs = folder.parent  # the stages' folders beside evaluate's (freeze_curve's runs one level down)
-    timings = {path.parent.relative_to(runs).as_posix(): json.loads(path.read_text()) for s in PIPELINE if s.trains
+    timings = {path.parent.relative_to(runs).as_posix(): read(path, f"run {s.name} again (`dvc repro {s.name}`)")
+               for s in PIPELINE if s.trains
                for path in [*(runs / s.name).glob("timing.json"), *sorted((runs / s.name).glob("*/timing.json"))]}
+    print(results_table(metrics, timing), end="")
     if timings:
         print(f"\nTraining, from each stage's timing.json:\n\n{training_table(timings)}", end="")
     return 0

@@ -1,0 +1,38 @@
+"""Numbers and names as the report and the tables print them."""
+
+from __future__ import annotations
+
+import math
+
+
+def interval(lo: float, hi: float) -> str:
+    """A 95% interval of an accuracy difference in points, clipped to the -100 to +100 it can be."""
+    return f"{100 * max(lo, -1.0):+.1f} to {100 * min(hi, 1.0):+.1f}"
+
+
+def millions(n: int, digits: int) -> str:
+    """A count of parameters or MACs in millions where that keeps two significant digits, else as it is
+    (a tiny model's 9,834 would print as 0.01 M)."""
+    return f"{n / 1e6:.{digits}f} M" if n >= 10 ** (7 - digits) else f"{n:,}"
+
+
+def times(ratio: float, less: str, more: str, digits: int = 2) -> str:
+    """A ratio (before / after) in words: "3.90x smaller", or "1.20x larger" for 0.83 (a tiny model's
+    INT8 file, whose scales and zero points outweigh the bytes its weights save; a pruned model whose
+    latency rose); "not measured" where either side was not."""
+    if not math.isfinite(ratio) or ratio <= 0:
+        return "not measured"
+    return f"{ratio:.{digits}f}x {less}" if ratio >= 1 else f"{1 / ratio:.{digits}f}x {more}"
+
+
+def measured(timing: dict, key: str, spec: str, unit: str = "") -> str:
+    """A timing as `spec` formats it, or – where timing.json has none."""
+    return f"{timing[key]:{spec}}{unit}" if isinstance(timing.get(key), (int, float)) else "–"
+
+
+# a name from the data (a class, a dataset path) stays literal text: never a link, emphasis or a table cell's end
+LITERAL = str.maketrans({c: f"\\{c}" for c in "\\`*[]|"})
+
+
+def names(items) -> str:
+    return ", ".join(str(i).translate(LITERAL) for i in items)
