@@ -217,10 +217,24 @@ def test_onnx_without_embedded_names_reads_export_json(exported, tmp_path):
     model = onnx.load(str(folder / "export" / "model.onnx"))
     del model.metadata_props[:]
     onnx.save(model, str(tmp_path / "model.onnx"))
-    with pytest.raises(Exception, match="no export.json beside it"):
+    with pytest.raises(TransferkitError, match="no export.json beside it"):
         Classifier(tmp_path / "model.onnx")
     (tmp_path / "export.json").write_text((folder / "export" / "export.json").read_text())
     assert Classifier(tmp_path / "model.onnx").classes == CLASSES
+
+
+def test_a_pruned_checkpoint_whose_weights_do_not_fit_together_is_refused(exported, tmp_path):
+    """A pruned model.pt sets its layers' sizes from the file: one weight of another width (altered or
+    damaged) loads, then fails on the first image, which `predict` reports as the file's fault."""
+    ckpt = torch.load(exported[2]["pruned"][0] / "model.pt", weights_only=True)
+    assert ckpt["arch"]["pruned"]
+    key = [k for k, v in ckpt["state_dict"].items() if k.startswith("blocks.") and v.ndim == 4][1]  # a conv weight
+    w = ckpt["state_dict"][key]
+    ckpt["state_dict"][key] = torch.zeros(w.shape[0], w.shape[1] + 1, *w.shape[2:])
+    torch.save(ckpt, tmp_path / "model.pt")
+    with pytest.raises(TransferkitError, match=r"does not take the 32x32 images its metadata names \(.*\): its "
+                                               r"weights do not fit together .* Fix: write it again with the stage"):
+        Classifier(tmp_path / "model.pt")
 
 
 @pytest.mark.parametrize("metadata, needle", [
@@ -312,8 +326,12 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
     assert "not a prepared task" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "notes.txt")])
     torch.save({"classes": CLASSES, "test_x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)}, tmp_path / "no_y.pt")
-    assert "not a prepared task (test_x, test_y, classes)" in _one_error(
+    assert "not a prepared task (uint8 test_x, test_y, classes)" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "no_y.pt")])
+    torch.save({"classes": CLASSES, "test_x": torch.zeros(2, 3, 32, 32), "test_y": torch.zeros(2, dtype=torch.long)},
+               tmp_path / "float_x.pt")  # images as floats: scaled twice (/255 of /255), the check would fail wrongly
+    assert "not a prepared task (uint8 test_x" in _one_error(
+        capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "float_x.pt")])
     assert f"--test-set {tmp_path} is a folder. Fix: pass the target.pt" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path)])
     line = _one_error(capsys, ["export", str(folder / "model.pt"), "--out", str(tmp_path / "notes.txt")])
@@ -343,8 +361,9 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
     line = _one_error(capsys, ["predict", str(folder / "export" / "model.torchscript.pt"), good])
     assert "TorchScript" in line and "--trust-code" in line  # a program: never run unless asked
     line = _one_error(capsys, ["predict", str(folder / "model.pt"), good, str(tmp_path / "broken.png"),
-                               str(tmp_path / "nope.jpg")])
-    assert "cannot read 2 of 3" in line and "broken.png" in line and "nope.jpg (no such file)" in line
+                               str(tmp_path / "nope.jpg"), "/dev/zero"])  # a device: reading it would never end
+    assert "cannot read 3 of 4" in line and "broken.png" in line and "nope.jpg (no such file)" in line
+    assert "/dev/zero (not a file)" in line
 
 
 def test_checkpoint_errors_name_the_stage_the_path_says_wrote_it(tmp_path):
@@ -430,6 +449,25 @@ def test_auto_exporter_falls_back_to_the_torchscript_based_one(exported, tmp_pat
         assert used["onnx"] == ("legacy" if failing else exporter) and used["requested"] == exporter
         assert ("ConversionError" in used["failed"]["dynamo"]) if failing else "failed" not in used
         assert result["onnx"]["within"] and result["onnx"]["top1_agreement"] == 1.0
+
+
+def test_an_opset_the_exporter_did_not_write_is_not_passed_off_as_done(exported, tmp_path, monkeypatch):
+    """The dynamo exporter keeps its own opset where it cannot convert to the one asked for, without a word:
+    auto then uses the other exporter, and an explicit dynamo stops with one error."""
+    import transferkit.deploy.export as export_module
+
+    root, test_set, models = exported
+    legacy = export_module.EXPORTERS["legacy"]
+    monkeypatch.setitem(export_module.EXPORTERS, "dynamo", lambda model, path, example, opset: legacy(
+        model, path, example, 18))  # as dynamo does when its version converter fails
+    result = export(models["fastnet"][0] / "model.pt", tmp_path / "auto", test_set, repeats=2, batch_size=16,
+                    threads=1, opset=17, log=lambda *_: None)
+    assert result["exporter"]["onnx"] == "legacy" and result["exporter"]["opset"] == 17
+    assert "it wrote opset 18, not the 17 asked for" in result["exporter"]["failed"]["dynamo"]
+    with pytest.raises(TransferkitError, match="dynamo: ValueError: it wrote opset 18, not the 17 asked for"):
+        export(models["fastnet"][0] / "model.pt", tmp_path / "dynamo", test_set, repeats=2, batch_size=16,
+               threads=1, opset=17, exporter="dynamo", log=lambda *_: None)
+    assert not (tmp_path / "dynamo" / "model.onnx").exists()
 
 
 @pytest.mark.parametrize("kind", MODELS)

@@ -2,15 +2,13 @@
 
     transferkit export MODEL.pt [--out DIR] [--test-set artifacts/prepare/target.pt]
 
-Loads any checkpoint a stage wrote (pruned models are rebuilt from their recorded layer
-shapes), exports ONNX (dynamic batch axis, torch.export-based exporter by default) and
-TorchScript (traced), runs both and the PyTorch model in fp32 on the test set images
-(uint8 / 255, as `evaluate` feeds them; normalisation is inside the model), and reports for
-each the largest absolute logit difference from PyTorch and the top-1 agreement, then the
-batch-1 CPU latency of PyTorch eager, ONNX Runtime and TorchScript (median of --repeats calls,
-the three taking turns). Writes DIR/model.onnx, DIR/model.torchscript.pt and DIR/export.json (these
-numbers, the class names), each renamed into place only after the checks pass: a failed export leaves the
-previous one untouched."""
+Loads any checkpoint a stage wrote (pruned models are rebuilt from their recorded layer shapes), exports
+ONNX (dynamic batch axis, torch.export-based exporter by default) and TorchScript (traced), runs both and
+the PyTorch model in fp32 on the test set images (uint8 / 255, as `evaluate` feeds them), and reports for
+each the largest absolute logit difference from PyTorch and the top-1 agreement, then the batch-1 CPU
+latency of the three (median of --repeats calls, taking turns). Writes DIR/model.onnx,
+DIR/model.torchscript.pt and DIR/export.json (these numbers, the class names), each renamed into place only
+after the checks pass: a failed export leaves the previous one untouched."""
 
 from __future__ import annotations
 
@@ -81,9 +79,10 @@ def check_images(test_set: Path | None, classes: list[str], size: int) -> tuple[
         raise TransferkitError(f"--test-set {path} {'is a folder' if path.is_dir() else 'not found'}. {TEST_SET_FIX}")
     if path.exists() or explicit:
         task = load_torch(path, "prepared task", "prepare") if zipfile.is_zipfile(path) else None  # torch.save's
-        if not (isinstance(task, dict) and "classes" in task and all(torch.is_tensor(task.get(k)) for k in XY)):
-            raise TransferkitError(f"{'--test-set ' * explicit}{path} is not a prepared task (test_x, test_y, classes)"
-                                   f" or cut short. {TEST_SET_FIX}")
+        if not (isinstance(task, dict) and "classes" in task and all(torch.is_tensor(task.get(k)) for k in XY)
+                and task["test_x"].dtype == torch.uint8):
+            raise TransferkitError(f"{'--test-set ' * explicit}{path} is not a prepared task (uint8 test_x, test_y, "
+                                   f"classes) or cut short. {TEST_SET_FIX}")
         if list(task["classes"]) == classes and tuple(task["test_x"].shape[1:]) == (3, size, size):
             return task["test_x"], task["test_y"], f"test set of {path} ({len(task['test_x'])} images)"
         if explicit:
@@ -123,7 +122,8 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 EXPORTERS[name](model, path, example, opset)
-            _drop_stack_traces(path)
+            if (got := _drop_stack_traces(path)) != (opset or got):  # dynamo keeps its own where it cannot convert
+                raise ValueError(f"it wrote opset {got}, not the {opset} asked for")
             return {"used": name, **({"failed": tried} if tried else {})}
         except Exception as e:  # exporter failures come in many types
             tried[name] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -134,10 +134,10 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
                            + ("report the architecture." if exporter == "auto" else "try --exporter auto."))
 
 
-def _drop_stack_traces(path: Path) -> None:
+def _drop_stack_traces(path: Path) -> int:
     """The dynamo exporter annotates the graph with its Python stack traces, which hold this
     machine's file paths: they go, so no exported file carries them and its bytes do not depend
-    on where the project lives."""
+    on where the project lives. Returns the file's opset."""
     import onnx
 
     model = onnx.load(str(path))
@@ -146,6 +146,7 @@ def _drop_stack_traces(path: Path) -> None:
         if hasattr(item, "metadata_props"):
             del item.metadata_props[:]
     onnx.save(model, str(path))
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def add_onnx_metadata(path: Path, meta: dict) -> int:
@@ -175,7 +176,7 @@ def export_torchscript(model: torch.nn.Module, path: Path, size: int, meta: dict
 
 # --------------------------------------------------------------------------- checks and latency
 def logits_of(run, images: torch.Tensor, batch_size: int) -> np.ndarray:
-    out = [run(images[i:i + batch_size].float().div_(255).numpy()) for i in range(0, len(images), batch_size)]
+    out = [run(images[i:i + batch_size].float().div(255).numpy()) for i in range(0, len(images), batch_size)]
     return np.concatenate(out)
 
 
@@ -198,8 +199,7 @@ def export(model_path: Path, out: Path, test_set: Path | None = None, *, toleran
     meta = {"classes": classes, "input_size": size, "arch": ckpt["arch"],
             "input": f"float32 [N, 3, {size}, {size}] RGB in [0, 1] (uint8 / 255); normalisation is inside the model",
             "output": "logits [N, classes]"}
-    previous_threads = torch.get_num_threads()
-    threads = threads or previous_threads
+    previous_threads, threads = torch.get_num_threads(), threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         result = _export(model, ckpt, model_path, out, images, labels, checked_on, meta, threads,

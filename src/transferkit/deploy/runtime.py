@@ -150,9 +150,12 @@ class Classifier:
         try:  # one image of that size through the model: the class names must match its outputs
             width = self(np.zeros((1, 3, self.input_size, self.input_size), np.float32)).shape[-1]
         except Exception as e:  # ONNX Runtime and TorchScript raise their own types for a wrong input shape
-            raise TransferkitError(f"{self.path} does not take the {self.input_size}x{self.input_size} images its "
-                                   f"metadata names ({' '.join(str(e).split())[:300]}). Fix: export the model "
-                                   f"again (`transferkit export MODEL.pt`).") from e
+            named = "its metadata names" if "input_size" in info else "assumed where its metadata names no size"
+            fix = (": its weights do not fit together (altered or damaged). Fix: write it again with the stage that "
+                   "made it (`dvc repro STAGE`)" if self.kind == "pytorch" else
+                   ". Fix: export the model again (`transferkit export MODEL.pt`)")
+            raise TransferkitError(f"{self.path} does not take the {self.input_size}x{self.input_size} images "
+                                   f"{named} ({' '.join(str(e).split())[:300]}){fix}.") from e
         if width != len(self.classes):
             raise TransferkitError(f"{self.path} scores {width} classes, and its metadata names {len(self.classes)} "
                                    f"({self.classes}). Fix: export the model again (`transferkit export MODEL.pt`).")
@@ -204,6 +207,9 @@ def read_images(paths: list[Path], size: int) -> np.ndarray:
 
     out, bad = [], []
     for p in paths:
+        if p.exists() and not (p.is_file() or p.is_dir()):  # a device or a pipe: reading it may never end
+            bad.append(f"{p} (not a file)")
+            continue
         try:
             out.append(decode_image(p.read_bytes(), str(p), size))
         except FileNotFoundError:
