@@ -204,6 +204,20 @@ def test_load_backbone_refuses_a_truncated_probe(tmp_path):
         load_backbone(tmp_path / "probe.pt", SMALL["fastnet"], 3, "probe")
 
 
+def test_load_backbone_refuses_a_pruned_model(tmp_path):
+    """A pruned model's arch records the widths it had before the cut: as a backbone (distill.student_init)
+    it would train a narrower network than the config and the report say."""
+    from transferkit.prune.structured import conv_widths, prune_channels
+
+    model = model_from_config(SMALL["fastnet"], 3).eval()
+    prune_channels(model, criterion="l2", target="channels", ratio=0.5, keep=["head"])
+    model.arch["pruned"] = True
+    save_checkpoint(model, tmp_path / "pruned.pt", ["a", "b", "c"])
+    assert conv_widths(load_checkpoint(tmp_path / "pruned.pt", "prune")[0]) == conv_widths(model)
+    with pytest.raises(TransferkitError, match="'pruned': True.*Fix: rerun 'pretrain'"):
+        load_backbone(tmp_path / "pruned.pt", SMALL["fastnet"], 3, "pretrain")
+
+
 def test_non_checkpoint_files_give_clear_errors(tmp_path):
     whole, junk = tmp_path / "whole.pt", tmp_path / "junk.pt"  # a copy cut short
     save_checkpoint(model_from_config(SMALL["fastnet"], 3), whole, ["a", "b", "c"])

@@ -179,6 +179,43 @@ def test_rounds_of_a_channel_cut_are_checked_as_a_whole(tmp_path):
     assert metrics["macs_after"] < metrics["macs_before"]
 
 
+def test_a_rate_that_would_empty_a_block_is_refused():
+    """A block of rate 2 loses twice the common share (at most 0.95): 16 channels keep int(16 x 0.05) = 0,
+    where Torch-Pruning leaves the block whole without a word."""
+    with pytest.raises(TransferkitError, match=r"prune.ratio=0.5 would leave \d layer\(s\) no channel \(blocks.1.0.0"
+                                               r".*the narrowest has 16\). Fix: set prune.ratio <= 0.468, lower the"):
+        prune_channels(_student(), criterion="l2", target="channels", ratio=0.5, keep=["head"], rates=[1, 2, 1, 1])
+    model = _student()
+    prune_channels(model, criterion="l2", target="channels", ratio=0.468, keep=["head"], rates=[1, 2, 1, 1])
+    assert conv_widths(model)[1] == 1  # 16 x (1 - 0.936): the block is cut as the rate says
+
+
+def test_rounds_of_a_cut_with_rates_end_where_one_cut_does():
+    """Each round's rates make a block of rate r lose r x the ratio after the last round, as one cut does,
+    not r x each round's share of what the earlier rounds left, compounded."""
+    from transferkit.prune.structured import round_rates
+
+    rates, ratio, steps = [0, 0.5, 1, 1.2], 0.7, 3
+    kept = [1.0] * len(rates)
+    for step in range(1, steps + 1):
+        common = 1 - (1 - ratio * step / steps) / (1 - ratio * (step - 1) / steps)
+        kept = [k * (1 - min(r * common, 0.95)) for k, r in zip(kept, round_rates(rates, ratio, step, steps))]
+    assert kept == pytest.approx([1 - min(r * ratio, 0.95) for r in rates])
+    assert round_rates(rates, ratio, 1, steps) == pytest.approx(rates)  # the first round: the rates as given
+
+
+def test_round_to_stays_where_the_cut_leaves_a_layer_whole_whatever_the_rounding():
+    """resnet18's first block's convolutions feed residual additions with the kept stem: no cut reaches
+    them, with rounding or without, so they are no reason to give up round_to for the whole model."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5).eval()
+    before = conv_widths(model)
+    result = prune_channels(model, criterion="l2", target="channels", ratio=0.5, keep=["head", "blocks.0"],
+                            round_to=16)
+    assert result["round_to"] == 16
+    assert all(w == b or w % 16 == 0 for w, b in zip(conv_widths(model), before)) and conv_widths(model) != before
+
+
 def test_round_to_gives_way_when_the_model_is_too_narrow_for_it():
     model = _student()  # 8-32 channels: multiples of 32 cannot remove half the MACs
     before = count_macs(model)

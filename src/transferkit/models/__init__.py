@@ -147,7 +147,9 @@ def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_
     wanted = {k: v for k, v in dict(model_cfg).items() if k != "weights"}
     # a setting the checkpoint does not record is the one its builder used: its default
     made = {**builder_defaults(ckpt["arch"]["name"]), **ckpt["arch"]}
-    if {k: made.get(k) for k in wanted} != wanted or ckpt["arch"].get("depth") is not None:
+    # a pruned model's arch records the widths it had before the cut: its layers are narrower than they say
+    if ({k: made.get(k) for k in wanted} != wanted or ckpt["arch"].get("depth") is not None
+            or ckpt["arch"].get("pruned")):
         raise TransferkitError(
             f"checkpoint {path} holds architecture {ckpt['arch']}, but the config asks for {wanted}. "
             f"Fix: {remake or f'rerun {produced_by!r} with this model config (`dvc repro {produced_by}`)'} or set "

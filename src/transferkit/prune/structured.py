@@ -83,6 +83,17 @@ def check_rates(model: nn.Module, rates: list[float]) -> None:
                                f"Fix: give one rate per block (1 = the common share), or [] for none.")
 
 
+def round_rates(rates: list[float], ratio: float, step: int, steps: int) -> list[float]:
+    """Each block's rate in round `step` of `steps` of a channel cut, so that a block of rate r has then lost
+    min(r x ratio x step / steps, 0.95) of its channels, as one cut would, rather than r times each round's share
+    of what the earlier rounds left, compounded."""
+    def kept(r: float, k: int) -> float:
+        return 1 - min(r * ratio * k / steps, 0.95)
+
+    common = 1 - (1 - ratio * step / steps) / (1 - ratio * (step - 1) / steps)  # the round's ratio (rate 1)
+    return [(1 - kept(r, step) / kept(r, step - 1)) / common for r in rates]
+
+
 def count_macs_params(model: nn.Module, input_size: int = 32) -> tuple[int, int]:
     """The same MAC count evaluate reports (torch's FLOP counter), so targets and reports agree."""
     was = model.training
@@ -115,19 +126,28 @@ def prunable_widths(model: nn.Module, keep: list[str]) -> dict[str, int]:
             and not any(name == k or name.startswith(f"{k}.") for k in keep)}
 
 
-def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str]) -> None:
-    """target=channels keeps int(c x (1 - ratio)) of a layer's c channels: where that is 0, Torch-Pruning
-    leaves the layer whole without a word (a cut that reports a reduction of nothing)."""
-    if empty := sorted((c, n) for n, c in prunable_widths(model, keep).items() if int(c * (1 - ratio)) < 1):
-        c = empty[0][0]
-        bound = math.floor((1 - 1 / c) * 1000) / 1000
-        while int(c * (1 - bound)) < 1:  # the float product can fall just under 1
-            bound = round(bound - 0.001, 3)
-        names = [n for _, n in empty]
+def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str], rates: list[float] | None = None) -> None:
+    """target=channels keeps int(c x (1 - share)) of a layer's c channels, the share being the ratio times its
+    block's rate (at most 0.95): where that is 0, Torch-Pruning leaves the layer whole without a word (a cut that
+    reports a reduction of nothing)."""
+    widths = prunable_widths(model, keep)
+    rate = {n: rates[int(n.split(".")[1])] if rates and n.startswith("blocks.") else 1 for n in widths}
+
+    def ratio_bound(c: int, r: float) -> float:  # the largest ratio (3 decimals) that leaves the layer a channel
+        share = math.floor((1 - 1 / c) * 1000) / 1000
+        while int(c * (1 - share)) < 1:  # the float product can fall just under 1
+            share = round(share - 0.001, 3)
+        return math.floor(share / r * 1000) / 1000
+
+    if empty := sorted((ratio_bound(c, rate[n]), n, c) for n, c in widths.items()
+                       if int(c * (1 - min(rate[n] * ratio, 0.95))) < 1):
+        bound, _, c = empty[0]
+        names = [n for _, n, _ in empty]
         listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise TransferkitError(f"prune.ratio={ratio} would leave {len(names)} layer(s) no channel ({listed}; the "
-                               f"narrowest has {c}). Fix: set prune.ratio <= {bound}, or name those layers in "
-                               f"prune.keep.")
+                               f"narrowest has {c}). Fix: set prune.ratio <= {bound}, "
+                               f"{'lower the rates of their blocks (prune.rates), ' * bool(rates)}or name those "
+                               f"layers in prune.keep.")
 
 
 def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],
@@ -150,14 +170,20 @@ def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: floa
     refuse a ratio that would leave a layer no channel (rounds of a cut checked as a whole pass False)."""
     if scope not in SCOPES:
         raise TransferkitError(f"unknown prune.scope '{scope}'. Fix: use one of {list(SCOPES)}.")
-    if refuse_empty and target == "channels" and scope == "layer" and not rates:
-        check_no_layer_emptied(model, ratio, keep)
+    if refuse_empty and target == "channels" and scope == "layer":  # ranked across layers: the ranking decides
+        check_no_layer_emptied(model, ratio, keep, rates)
     settings = dict(criterion=criterion, target=target, ratio=ratio, keep=keep, calibration=calibration,
                     input_size=input_size, max_search_steps=max_search_steps, scope=scope, rates=list(rates or []))
     if round_to:
         rng = torch.get_rng_state()  # the random criterion's draws: the cut below is the one tried here
-        try:  # on a copy first: Torch-Pruning changes the model in place, and a failed try cannot be undone
-            _prune(copy.deepcopy(model), round_to=round_to, **settings)
+        try:  # on copies first: Torch-Pruning changes the model in place, and a failed try cannot be undone
+            _prune(rounded := copy.deepcopy(model), round_to=round_to, **settings)
+            if target == "channels":  # rounding to the nearest multiple may leave whole a layer the cut reaches
+                torch.set_rng_state(rng)
+                _prune(reached := copy.deepcopy(model), round_to=None, **settings)
+                before, with_rounding, without = (prunable_widths(m, keep) for m in (model, rounded, reached))
+                if [n for n, c in before.items() if with_rounding[n] == c and without[n] < c]:
+                    round_to = None
         except TransferkitError:
             round_to = None
         torch.set_rng_state(rng)
@@ -169,7 +195,6 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
            round_to: int | None, scope: str, rates: list[float]) -> dict:
     example = torch.zeros(1, 3, input_size, input_size)
     base_macs, base_params = count_macs_params(model, input_size)
-    widths = prunable_widths(model, keep)
     imp = importance(criterion)
     steps = 1 if target == "channels" else max_search_steps
     check_rates(model, rates)
@@ -192,13 +217,6 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
         if target == "macs" and macs <= (1 - ratio) * base_macs:
             break
     macs, params = count_macs_params(model, input_size)
-    modules = dict(model.named_modules())
-    # channels: rounding to the nearest multiple may not leave whole a layer the ratio cuts (then: any count)
-    if target == "channels" and round_to and not rates and (whole := [
-            n for n, c in widths.items() if int(ratio * c) >= 1 and modules[n].out_channels == c]):
-        raise TransferkitError(f"round_to={round_to} keeps {modules[whole[0]].out_channels} of {whole[0]}'s "
-                               f"{widths[whole[0]]} channels at prune.ratio={ratio}. Fix: lower prune.round_to or "
-                               f"raise prune.ratio.")
     if target == "macs" and macs > (1 - ratio) * base_macs:
         raise TransferkitError(f"could not reach prune.ratio={ratio} of MACs (reached "
                                f"{1 - macs / base_macs:.2f}) without emptying a layer. Fix: lower prune.ratio "

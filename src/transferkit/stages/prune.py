@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from transferkit.data.tasks import train_sample
 from transferkit.distill.module import DistillerModule
 from transferkit.models import load_checkpoint
-from transferkit.prune.structured import check_rates, conv_widths, group_regularizer, kept_modules, prune_channels
+from transferkit.prune.structured import (check_rates, conv_widths, group_regularizer, kept_modules, prune_channels,
+                                          round_rates)
 from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
 from transferkit.stages.common import load_task
 from transferkit.stages.distill import distillation, load_teacher
@@ -54,9 +55,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     images, labels = train_sample(task, min(256, len(task["train_y"])))  # taylor ranks by gradients on these
     calibration = (images.float() / 255, labels)
     if p.mode == "structured":
-        def cut(model, ratio: float, refuse_empty: bool = True) -> dict:  # the trial cut and every round cut alike
+        def cut(model, ratio: float, refuse_empty: bool = True, rates=p.rates) -> dict:  # the trial cut and rounds
             return prune_channels(model, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
-                                  calibration=calibration, round_to=p.round_to, scope=p.scope, rates=p.rates,
+                                  calibration=calibration, round_to=p.round_to, scope=p.scope, rates=rates,
                                   refuse_empty=refuse_empty)
 
         if p.sparse_epochs or p.steps > 1:  # training comes before the last cut: a target it cannot reach fails now
@@ -73,7 +74,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             left = (info["macs_after"] / info["macs_before"] if p.target == "macs" and "macs_after" in info
                     else 1 - p.ratio * (step - 1) / p.steps)
             if (ratio := 1 - (1 - goal) / left) > 0:  # else the earlier rounds' overshoot reached this goal
-                result = cut(student, ratio, refuse_empty=p.steps == 1)  # rounds: the trial cut checked prune.ratio
+                rates = round_rates(list(p.rates), p.ratio, step, p.steps) if p.target == "channels" else p.rates
+                result = cut(student, ratio, p.steps == 1, rates)  # rounds: the trial cut checked prune.ratio
                 if p.round_to and result["round_to"] is None:
                     widths = "/".join(map(str, conv_widths(student)))
                     why = ("the student is too narrow to reach the target" if p.steps == 1 else  # else: a small share
