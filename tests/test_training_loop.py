@@ -191,6 +191,8 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results
     work = tmp_path / "resumed" / "artifacts" / ".pretrain.incomplete"
     assert (work / "checkpoints" / "last.ckpt").exists(), "the interrupted run left nothing to resume"
     monkeypatch.setattr(trainer_module, "make_trainer", make)
+    # settings that change nothing pretrain computes (its display, another stage's) discard no training
+    resumed = compose(*overrides, "trainer.progress_bar=false", "distill.alpha=0.5", tmp=tmp_path / "resumed")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run("pretrain", resumed)
@@ -236,6 +238,30 @@ def test_stages_with_several_fits_or_mixup_resume_with_identical_results(tmp_pat
         for f in sorted(a.glob("**/metrics.json")) + sorted(a.glob("**/model.pt")):
             assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f"{stage}: {f.relative_to(a)} differs"
         assert not (tmp_path / "resumed" / "artifacts" / f".{stage}.incomplete").exists()
+
+
+def test_a_resumed_freeze_curve_keeps_the_points_it_finished(tmp_path, monkeypatch):
+    """Killed in its second point, freeze_curve resumes that point and trains the first no more."""
+    import transferkit.training.trainer as trainer_module
+
+    cfg = compose("experiment=smoke", "trainer.checkpoint_budget=1", "freeze_curve.depths=[0,2]", tmp=tmp_path)
+    for stage in ("prepare", "pretrain"):
+        run(stage, cfg)
+    make, fits = trainer_module.make_trainer, []
+
+    def counting(*a, callbacks=(), **k):
+        fits.append(1)
+        return make(*a, callbacks=(*callbacks, *[Interrupt(3)] * (len(fits) == 2)), **k)
+
+    monkeypatch.setattr(trainer_module, "make_trainer", counting)
+    with pytest.raises(SystemExit):
+        run("freeze_curve", cfg)
+    assert len(fits) == 2
+    fits.append(1)  # no interruption from here on
+    results = run("freeze_curve", cfg)
+    assert len(fits) == 4 and set(results) == {"depth0", "depth2"}  # one fit: the second point's
+    timing = json.loads((tmp_path / "artifacts" / "freeze_curve" / "depth2" / "timing.json").read_text())
+    assert 1 <= timing["resumed_at_epoch"] <= 3
 
 
 def test_a_poisoned_resume_checkpoint_is_refused(tmp_path, monkeypatch):
@@ -422,6 +448,24 @@ def test_a_run_resumed_from_a_pair_mid_swap_keeps_it_until_its_own_is_whole(tmp_
     assert k > 5 and _whole_pair(out) == ("checkpoints", "epoch 1")
 
 
+def test_devices_the_machine_lacks_end_in_one_error(monkeypatch, tmp_path):
+    """Lightning finds the machine short of the GPUs asked for only as it builds the trainer (the config
+    checks cannot count GPUs): one error line, not its traceback."""
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    import transferkit.training.trainer as trainer_module
+    from transferkit.errors import TransferkitError
+
+    def short(**kwargs):
+        raise MisconfigurationException("You requested gpu: [0, 1]\n But your machine only has: [0]")
+
+    monkeypatch.setattr(trainer_module.pl, "Trainer", short)
+    with pytest.raises(TransferkitError, match=r"trainer.\{accelerator, devices, strategy\} = gpu, 2, ddp here: You "
+                                               r"requested gpu: \[0, 1\] But your machine only has: \[0\]\. Fix"):
+        trainer_module.make_trainer({"accelerator": "gpu", "devices": 2, "strategy": "ddp", "loggers": [],
+                                    "precision": "32-true"}, tmp_path, 1)
+
+
 def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
     from transferkit.training import precision
 
@@ -441,6 +485,13 @@ def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
     assert len(cache) == 1 and next(iter(cache.values()))["speedup"] == first
     monkeypatch.setattr(precision, "matmul_gflops", lambda *a, **k: pytest.fail("measured twice"))
     assert precision.cpu_bf16_speedup() == first
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    key = next(iter(cache))
+    for damaged in ({key: 1.5}, {key: {"speedup": "fast"}}, [1, 2], None):  # JSON, but not as written there
+        precision.cache_file().write_text(json.dumps(damaged))
+        assert precision.cpu_bf16_speedup() > 0  # measured again
+        assert json.loads(precision.cache_file().read_text())[key]["speedup"] > 0
 
 
 def test_the_matmul_probe_stops_growing_once_a_product_is_slow(monkeypatch):
@@ -548,7 +599,7 @@ def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_sw
     def leftover(*files: str, inputs=()) -> None:
         (work / "checkpoints").mkdir(parents=True)
         (work / PARAMS_FILE).write_text("lr: 0.1\n")
-        (work / RESUME_KEY).write_text(resume_key(inputs))
+        (work / RESUME_KEY).write_text(resume_key(inputs, "lr: 0.1\n"))
         for name in files:
             (work / "checkpoints" / name).write_text("epoch 3")
 

@@ -31,15 +31,15 @@ PARAMS_FILE = "params.yaml"  # the resolved config a stage ran with, saved besid
 RESUME_KEY = ".resume_key"  # in a work folder only: what else its resume checkpoints were trained from
 
 
-def resume_key(inputs: Iterable[Path]) -> str:
-    """What a run trains from besides its params: this package's code, and each file of the folders
-    it reads by path, size and modification time (a file remade by an earlier stage is a new file,
-    and no stage start has to read every input through a hash)."""
+def resume_key(inputs: Iterable[Path], params: str = "") -> str:
+    """What a run trains from: its params, this package's code, and each file of the folders it reads
+    by path, size and modification time (a file remade by an earlier stage is a new file, and no stage
+    start has to read every input through a hash)."""
     import hashlib
 
     import transferkit
 
-    digest, package = hashlib.sha256(), Path(transferkit.__file__).parent
+    digest, package = hashlib.sha256(f"{params}\0".encode()), Path(transferkit.__file__).parent
     for f in sorted(package.rglob("*.py")):
         digest.update(f"{f.relative_to(package).as_posix()}\0".encode() + f.read_bytes())
     for f in sorted(f for folder in inputs for f in Path(folder).rglob("*") if f.is_file()):
@@ -76,12 +76,13 @@ def check_replaceable(final: Path, inputs: Iterable[Path] = (), others: Iterable
 
 
 @contextmanager
-def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), others: Iterable[Path] = ()
-                  ) -> Iterator[Path]:
+def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), others: Iterable[Path] = (),
+                  tracked: str | None = None) -> Iterator[Path]:
     """Yield a work folder; on success swap it into `final`, on failure delete it.
 
-    The work folder starts with `params` (the resolved config) in PARAMS_FILE. A folder left by
-    a killed run with the same params, code and inputs (resume_key) and resume checkpoints is kept:
+    The work folder starts with `params` (the resolved config) in PARAMS_FILE. A folder left by a
+    killed run with the same `tracked` params (default: all of `params`), code and inputs (resume_key)
+    and resume checkpoints is kept:
     its fits resume from them (training/trainer.py). Any other leftover is deleted: resuming it
     would mix two runs' training in one model. The folder name is the same in every
     DDP process, so ranks agree on paths; only rank 0 creates, swaps and cleans it. `final` must
@@ -93,11 +94,10 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), ot
     rank0 = first_process()
     if rank0:
         try:
-            key = resume_key(inputs)
+            key = resume_key(inputs, params if tracked is None else tracked)
             # only fits resume: a leftover without their checkpoints could only add stale files
-            resumable = all((work / name).is_file() and (work / name).read_text() == text
-                            for name, text in ((PARAMS_FILE, params), (RESUME_KEY, key))) and any(
-                work.rglob(RESUME_CHECKPOINT))
+            resumable = ((work / RESUME_KEY).is_file() and (work / RESUME_KEY).read_text() == key
+                         and any(work.rglob(RESUME_CHECKPOINT)))
             if work.exists() and not resumable:  # left by a killed run of another config, code or input
                 shutil.rmtree(work)
             if old.exists() and not final.exists():  # killed between the two renames below

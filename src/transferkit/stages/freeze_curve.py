@@ -6,6 +6,7 @@ The transfer stage's own depth is not trained again: evaluate takes that point f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     validate_depths(cfg, "freeze_curve", backbone.num_blocks)
     results = {}
     for depth in [d for d in cfg.freeze_curve.depths if d != cfg.transfer.freeze_depth]:
+        if (point_dir(out, depth) / "timing.json").is_file():  # finished by a killed run this one resumes
+            results[f"depth{depth}"] = json.loads((point_dir(out, depth) / "metrics.json").read_text())
+            continue
         point = OmegaConf.merge(cfg, {"transfer": {"freeze_depth": depth}})
         seed_everything(cfg.seed)  # every point starts where a lone transfer run would
         results[f"depth{depth}"] = transfer.run(point, inputs, point_dir(out, depth))

@@ -4,6 +4,7 @@ folder that replaces its output folder only when the stage succeeds."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from transferkit.stages import BY_NAME, inputs_of, module_of
 
 def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | None = None) -> dict:
     """`inputs` defaults to the stages' folders under paths.artifacts_dir (the stage table's reads)."""
-    from transferkit.config.compose import to_params
     from transferkit.config.checks import validate
+    from transferkit.config.compose import to_params
     from transferkit.stages.common import seed_everything, staged_output, storage_errors
     from transferkit.training.precision import check_accelerator
 
@@ -26,12 +27,22 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     seed_everything(cfg.seed)
     inputs = {**inputs_of(stage, cfg.paths.artifacts_dir), **(inputs or {})}
     module = importlib.import_module(module_of(stage))
-    # the params saved with the outputs say what produced them: collect reads them, and a killed
-    # run's folder is resumed only by a run with the same params
+    # the params saved with the outputs say what produced them: collect reads them
     params = yaml.safe_dump(to_params(cfg), sort_keys=False)
     others = [Path(cfg.paths.artifacts_dir) / name for name in BY_NAME if name != stage]  # dvc.yaml's outputs
-    with storage_errors(out), staged_output(out, params, inputs.values(), others) as work:
+    with storage_errors(out), staged_output(out, params, inputs.values(), others, tracked(stage, cfg)) as work:
         return module.run(cfg, inputs, work)
+
+
+def tracked(stage: str, cfg: DictConfig) -> str:
+    """The values of the params DVC tracks for `stage`: a killed run's folder is resumed only by a run with
+    the same (a progress bar turned off, or another stage's setting changed, discards no training)."""
+    from transferkit.config.compose import flatten, to_params
+    from transferkit.config.dvcyaml import tracked_params
+
+    keys = tracked_params(BY_NAME[stage].params, list(cfg.trainer))
+    return json.dumps({k: v for k, v in flatten(to_params(cfg)).items()
+                       if any(k == key or k.startswith(f"{key}.") for key in keys)}, sort_keys=True)
 
 
 def check_files_tracked(stage: str, cfg: DictConfig) -> None:

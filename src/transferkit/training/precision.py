@@ -80,7 +80,9 @@ def cpu_matmul() -> dict:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key not in cache:
+    cache = cache if isinstance(cache, dict) else {}  # an entry not as written here is measured again
+    if not (isinstance(cache.get(key), dict) and all(isinstance(cache[key].get(k), (int, float)) for k in (
+            "fp32_gflops", "bf16_gflops", "speedup"))):
         peaks = matmul_peaks()
         cache[key] = {**peaks, "speedup": round(peaks["bf16_gflops"] / peaks["fp32_gflops"], 3)}
         try:

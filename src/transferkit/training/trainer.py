@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.profilers import PassThroughProfiler
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from transferkit.errors import TransferkitError
 from transferkit.models.blocknet import BlockNet
@@ -193,6 +193,8 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
     cfg = dict(trainer_cfg)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
+        # Lightning's DDP launcher sets cores / processes threads in every rank unless this is set
+        os.environ["OMP_NUM_THREADS"] = str(int(cfg["num_threads"]))
     loggers = make_loggers(cfg.get("loggers", ["dvclive"]), out_dir, resume)
     callbacks = [ResumeCheckpoint(out_dir, float(cfg.get("checkpoint_budget", 0.02))), *callbacks]
     if loggers:  # the learning rate goes to the logs (there are none with trainer.loggers=[])
@@ -202,20 +204,25 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
     show_bar = bool(cfg.get("progress_bar", True)) and sys.stdout is not None and sys.stdout.isatty()
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))))
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        logger=loggers or False,
-        callbacks=callbacks,
-        enable_progress_bar=show_bar,
-        enable_model_summary=False,
-        profiler=NoProfiler(),
-        enable_checkpointing=True,
-        num_sanity_val_steps=0,
-        log_every_n_steps=int(cfg.get("log_every_n_steps", 10)),
-        default_root_dir=str(out_dir),
-        precision=resolve_precision(cfg.get("precision", "auto"), str(cfg.get("accelerator", "cpu"))),
-        **{k: cfg[k] for k in TRAINER_KEYS if k in cfg and cfg[k] is not None},
-    )
+    try:
+        return pl.Trainer(
+            max_epochs=max_epochs,
+            logger=loggers or False,
+            callbacks=callbacks,
+            enable_progress_bar=show_bar,
+            enable_model_summary=False,
+            profiler=NoProfiler(),
+            enable_checkpointing=True,
+            num_sanity_val_steps=0,
+            log_every_n_steps=int(cfg.get("log_every_n_steps", 10)),
+            default_root_dir=str(out_dir),
+            precision=resolve_precision(cfg.get("precision", "auto"), str(cfg.get("accelerator", "cpu"))),
+            **{k: cfg[k] for k in TRAINER_KEYS if k in cfg and cfg[k] is not None},
+        )
+    except MisconfigurationException as e:  # more devices than the machine has, say: found before any training
+        raise TransferkitError(f"Lightning cannot set up trainer.{{accelerator, devices, strategy}} = "
+                               f"{cfg.get('accelerator')}, {cfg.get('devices')}, {cfg.get('strategy')} here: "
+                               f"{' '.join(str(e).split())}. Fix: set them to what this machine has.") from e
 
 
 @dataclass
@@ -254,7 +261,9 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
     except SIGTERMException as e:  # a SystemExit without a code: the process would exit 0 and DVC record the stage
         raise SystemExit(128 + signal.SIGTERM) from e  # as done; 143 is what a shell reports for a SIGTERM
-    seconds = time.perf_counter() - start
+    # from the start of the training loop: not the other DDP ranks' start-up, nor moving data and model
+    seconds = time.perf_counter() - max(getattr(c, "start", start) for c in trainer.callbacks
+                                        if isinstance(c, ResumeCheckpoint))
     for folder in (CHECKPOINTS, NEXT, PREVIOUS):  # finished: nothing to resume
         shutil.rmtree(out_dir / folder, ignore_errors=True)
     return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds,
