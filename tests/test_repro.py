@@ -117,6 +117,14 @@ def test_check_repro_refuses_bad_input_before_copying_anything(tmp_path, capsys)
         assert len(errors) == 1 and needle in errors[0], errors
 
 
+def test_a_keep_folder_that_cannot_be_made_fails_the_check_without_a_traceback(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert main(["--keep", str(tmp_path / "file" / "runs")]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  cannot copy the project into {tmp_path / 'file'}" in out and "Fix: free space there" in out
+    assert "check-repro: FAILED" in out
+
+
 def test_a_metrics_difference_names_the_keys_and_both_values():
     a = b'{"models": {"transfer": {"top1": 0.5, "top5": 0.9}}, "n": 10}'
     b = b'{"models": {"transfer": {"top1": 0.625, "top5": 0.9}}, "n": 10}'

@@ -163,6 +163,9 @@ def _same_source_quadrants_share_one_pretraining(tiny):
     assert ("--in pretrain=pretrain-similar --out scenario_large_similar/fine_tune"
             in stages["scenario_large_similar-fine_tune"]["cmd"])
     assert "similar-pretrain" in stages and "large_similar-pretrain" not in " ".join(stages)
+    # scratch reads no pretraining: a change to pretraining does not train it again
+    scratch = stages["scenario_large_similar-scratch"]
+    assert "--in pretrain" not in scratch["cmd"] and not [d for d in scratch["deps"] if "pretrain-" in d]
     # different sources, different backbones
     assert ((out / "pretrain-similar" / "model.pt").read_bytes()
             != (out / "pretrain-different" / "model.pt").read_bytes())

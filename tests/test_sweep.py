@@ -68,8 +68,11 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     from transferkit.config.dvcyaml import code_files
     from transferkit.stages import BY_NAME
 
-    deps = yaml.safe_load((out / "dvc.yaml").read_text())["stages"]["point0"]["deps"]
-    assert [d for d in deps if "transferkit" in d] == code_files(BY_NAME["transfer"])
+    point0 = yaml.safe_load((out / "dvc.yaml").read_text())["stages"]["point0"]
+    assert [d for d in point0["deps"] if "transferkit" in d] == code_files(BY_NAME["transfer"])
+    # and its params the keys transfer's entry in dvc.yaml tracks: another stage's setting reruns no point
+    tracked = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["transfer"]["params"]
+    assert point0["params"] == [{"params/seed=0,transfer.freeze_depth=0.yaml": tracked}]
     # a point is named by every override given, varying or not (seed=0 here)
     assert yaml.safe_load((out / "params" / "seed=0,transfer.freeze_depth=0.yaml").read_text())["name"] == "smoke"
     kept = out / "seed=0,transfer.freeze_depth=0" / "transfer" / "model.pt"
@@ -168,6 +171,10 @@ def test_a_point_is_named_by_the_overrides_given():
     assert point_name(point, {"transfer.freeze_depth", "seed", "distill.student_init"}) == \
         "distill.student_init=%2Fruns%2Fa%2Fmodel.pt,seed=0,transfer.freeze_depth=2"  # one folder, not three
     assert point_name(point, set()) == "default"  # params.yaml's overrides (experiment=smoke) name nothing
+    # a setting that changes no result, added on a rerun, renames nothing: DVC would train every point again
+    given = {"transfer.freeze_depth", "seed", "trainer.progress_bar", "trainer.num_threads"}
+    assert point_name([*point, "trainer.progress_bar=false", "trainer.num_threads=1"], given) == \
+        "seed=0,transfer.freeze_depth=2"
 
 
 @pytest.mark.parametrize("option", ["--dry-run", "--uot=/elsewhere"])
@@ -313,6 +320,22 @@ def test_transfer_from_another_pretraining_is_compared_with_the_one_scratch_base
     score(runs)
     rows = [r for r in summarize(runs)["rows"] if r["stage"] == "transfer"]
     assert rows and all(r["vs_scratch"]["difference"] is not None for r in rows)
+
+
+@pytest.mark.parametrize("name, text", [("params.yaml", "seed: [0\n"), ("metrics.json", '{"val_acc": 0.5'),
+                                        ("params.yaml", "just text\n")])
+def test_collect_names_a_damaged_run_file(tmp_path, name, text):
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.collect import find_runs
+
+    run = tmp_path / "sweep" / "seed=0" / "transfer"
+    run.mkdir(parents=True)
+    (run / "model.pt").touch()
+    (run / "params.yaml").write_text("seed: 0\nname: smoke\n")
+    (run / name).write_text(text)
+    with pytest.raises(TransferkitError, match=rf"{run} holds a damaged params.yaml, metrics.json or timing.json "
+                                               rf"\(.*\)\. Fix: rerun it, or move it out of the sweep folder"):
+        find_runs([tmp_path / "sweep"])
 
 
 def test_collect_without_runs(tmp_path):
@@ -609,6 +632,20 @@ def test_seeds_run_with_other_thread_counts_are_one_row(tmp_path):
     assert [r.label for r in find_runs([tmp_path])] == ["transfer"] * 3
 
 
+def test_runs_trained_in_another_precision_are_another_row(tmp_path):
+    """A sweep over trainer.precision is a sweep (check_points lets it run): collect tells its points apart
+    rather than count them as two seeds of one run."""
+    from transferkit.sweep.collect import find_runs
+
+    for precision in ("32-true", "bf16-mixed"):
+        (tmp_path / precision / "transfer").mkdir(parents=True)
+        (tmp_path / precision / "transfer" / "model.pt").touch()
+        (tmp_path / precision / "transfer" / "params.yaml").write_text(yaml.safe_dump(
+            {"name": "smoke", "seed": 0, "data": {}, "transfer": {"lr": 0.1}, "trainer": {"precision": precision}}))
+    assert sorted(r.label for r in find_runs([tmp_path])) == [
+        "transfer trainer.precision=32-true", "transfer trainer.precision=bf16-mixed"]
+
+
 def test_the_main_stage_of_a_tie_is_the_same_in_every_process():
     """Two stages with as many rows, no transfer: the first in the stage table's order (student before
     distill), whatever the process's hash seed."""
@@ -660,3 +697,23 @@ def test_a_sweep_over_a_transfer_setting_scratch_follows_pairs_each_row_with_its
     assert row.endswith("| 80.5 ± 0.7 | no scratch run with its settings | – |")
     alone = sweep_table(summarize([r for r in runs if r.stage == "transfer"]))
     assert "| no scratch run with its settings |" not in alone
+
+
+def test_a_sweep_without_val_splits_writes_plain_json_and_chooses_nothing(tmp_path):
+    """Runs trained with val_per_class=0 have no val accuracy: sweep.json says null (NaN is not JSON),
+    the table a dash, and no point is marked as chosen on val."""
+    import torch
+
+    from transferkit.evaluation.plots import sweep_png
+    from transferkit.evaluation.runs import Run, summarize
+    from transferkit.evaluation.tables import sweep_table
+
+    runs = [Run(stage, tmp_path / f"{stage}{seed}", {"seed": seed}, None, test_acc=0.5 + seed / 10,
+                correct=torch.tensor([True, bool(seed), False, True]))
+            for stage in ("transfer", "scratch") for seed in (0, 1)]
+    summary = summarize(runs)
+    text = json.dumps(summary, default=str, allow_nan=False)  # raises on NaN
+    assert '"val_mean": null' in text and not any(r["chosen_on_val"] for r in summary["rows"])
+    assert "| – ± – | 55.0 ± 7.1 |" in sweep_table(summary)
+    sweep_png(summary, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0

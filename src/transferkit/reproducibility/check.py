@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -143,6 +144,8 @@ def main(argv: list[str]) -> int:
         raise TransferkitError(f"{args.keep}/run1 or run2 already exists. Fix: delete them or pass another "
                                f"--keep folder.")
     report = Report()
+    # a CI timeout's SIGTERM: leave through `with`, so the temporary copies (data/ included) go
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
     try:
         drift = generated_drift(root / "params.yaml", root / "conf")
         if not report.check(not drift, "params.yaml and dvc.yaml " + ("differ from what they are made from:" if drift
@@ -157,6 +160,11 @@ def main(argv: list[str]) -> int:
             compare_outputs(*runs, report)
     except TransferkitError as e:
         report.check(False, str(e))
+    except OSError as e:  # copying the project: a full disk, a --keep that cannot be a folder
+        report.check(False, f"cannot copy the project into {e.filename or 'the run folders'}: {e.strerror or e}",
+                     "Fix: free space there, or pass --keep a folder that can hold two copies of the project.")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return report.summary()
 
 

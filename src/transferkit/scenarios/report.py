@@ -100,10 +100,11 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
         if first[0] == preset:
             stages[f"{similarity}-pretrain"] = stage_run("pretrain", params, f"pretrain-{similarity}", prepared,
                                                          code["pretrain"], keys["pretrain"])
-        for s in plan:
-            stages[f"{preset}-{s.name}"] = stage_run(s.stage, params, f"{preset}/{s.name}",
-                                                     {**prepared, "pretrain": f"pretrain-{similarity}"},
-                                                     code[s.stage], keys[s.stage], s.sets())
+        for s in plan:  # each reads what its stage reads: scratch is no rerun when only pretraining changes
+            inputs = {k: v for k, v in {**prepared, "pretrain": f"pretrain-{similarity}"}.items()
+                      if k in BY_NAME[s.stage].reads}
+            stages[f"{preset}-{s.name}"] = stage_run(s.stage, params, f"{preset}/{s.name}", inputs, code[s.stage],
+                                                     keys[s.stage], s.sets())
     return stages
 
 

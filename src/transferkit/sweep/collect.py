@@ -60,9 +60,10 @@ def find_runs(dirs: list[Path]) -> list[Run]:
                     and not k.startswith(NOT_SWEPT)})
     seen = {}
     for r, f in zip(runs, flats):  # a run's setting: the swept keys of what made it (its stage's params and those
-        # of the stages it reads: student's include distill.student, transfer's pretrain) and of how collect scores
-        # it; not another stage's (scratch is the same run whatever pretrain.epochs says)
-        made = made_with(r.stage) | {"evaluate"}
+        # of the stages it reads: student's include distill.student, transfer's pretrain), of how it trained
+        # (trainer.precision) and of how collect scores it; not another stage's (scratch is the same run whatever
+        # pretrain.epochs says)
+        made = made_with(r.stage) | {"evaluate", "trainer"}
         r.setting = tuple(f"{k}={f.get(k)}" for k in swept if any(k == p or k.startswith(f"{p}.") for p in made))
         if twin := seen.get((r.stage, r.setting, r.seed)):  # two seeds' worth of confidence from one seed
             raise TransferkitError(f"{twin.folder} and {r.folder} are the same run ({r.stage}, seed {r.seed}"

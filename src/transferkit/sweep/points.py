@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import (compose, differing, find_conf_dir, flatten, params_drift, params_text,
                                         project_overrides, to_params)
-from transferkit.config.dvcyaml import code_files
+from transferkit.config.dvcyaml import code_files, tracked_params
 from transferkit.errors import TransferkitError
 from transferkit.stages import BY_NAME
 
@@ -143,8 +143,10 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
 def point_name(point: list[str], given: set[str]) -> str:
     """The point's overrides of the keys `given` on the command line, varying or not, as Hydra names its
     folders: `seed=1,transfer.freeze_depth=2`. A point keeps its name when the sweep grows along an axis
-    of one value, so DVC runs only the new points; a "/" in a value would make a subfolder."""
-    return ",".join(sorted(o.replace("/", "%2F") for o in point if override_key(o) in given)) or "default"
+    of one value, or gains a setting that changes no result (trainer.progress_bar), so DVC runs only the
+    new points; a "/" in a value would make a subfolder."""
+    return ",".join(sorted(o.replace("/", "%2F") for o in point if (k := override_key(o)) in given
+                           and (k == "seed" or not k.startswith(NOT_SWEPT)))) or "default"
 
 
 def main(argv: list[str]) -> int:
@@ -192,9 +194,10 @@ def main(argv: list[str]) -> int:
                 files.append(str(Path(value).resolve()))
                 OmegaConf.update(cfg, key, files[-1])
         save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
+        # DVC watches the settings the stage's own dvc.yaml entry tracks: a change to another stage's reruns nothing
         stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
-                                        {r: str(artifacts / r) for r in BY_NAME[args.stage].reads},
-                                        [*code, f"params/{name}.yaml", *files])
+                                        {r: str(artifacts / r) for r in BY_NAME[args.stage].reads}, [*code, *files],
+                                        tracked_params(BY_NAME[args.stage].params, list(cfg.trainer)))
     ran = run_pipeline(out, stages)
     done = len(stages) - len(ran)
     print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} were done already" if done else ""))
