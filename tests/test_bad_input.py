@@ -194,7 +194,7 @@ CASES = {
                                     experiment="cifar10_split"),
     "damaged zip archive": Case("prepare", needle="BadZipFile", setup=damaged_zip, experiment="cifar10_split"),
     "corrupt image": Case("prepare", needle="0001.jpg", setup=corrupt_image, experiment="cifar10_split"),
-    "empty image folder": Case("prepare", needle="empty", setup=empty_folder, experiment="cifar10_split"),
+    "empty image folder": Case("prepare", needle="no images found", setup=empty_folder, experiment="cifar10_split"),
     "CIFAR pickles failing their checksum": Case("prepare", needle="checksum", setup=unofficial_cifar_pickles,
                                                  experiment="cifar10_split"),
     "unreadable CIFAR pickle": Case("prepare", needle="data_batch_3", setup=unreadable_cifar_pickle,

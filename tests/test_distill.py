@@ -196,10 +196,13 @@ def test_mixup_distills_and_recovers_the_pruned_student(tmp_path):
     ("distill.alpha=1.5", "distill.alpha"),
     ("distill.alpha=-0.1", "distill.alpha"),
 ])
-def test_bad_distill_settings_fail_before_training(tmp_path, override, needle):
+def test_bad_distill_settings_fail_before_training(tmp_path, monkeypatch, override, needle):
+    import transferkit.stages.training as training
+
     cfg = _smoke_with_teacher(tmp_path)
     run("distill", cfg)
     before = (tmp_path / "artifacts" / "distill" / "model.pt").read_bytes()
+    monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(TransferkitError, match=needle):
         run("distill", compose("experiment=smoke", override, tmp=tmp_path))
     assert (tmp_path / "artifacts" / "distill" / "model.pt").read_bytes() == before
@@ -307,3 +310,7 @@ def test_the_report_says_a_slower_student_is_slower_and_gives_no_share_of_an_unr
     text = "\n".join(distillation_section({**dist, "gap_recovered": 1.5}, models, {}, cfg))
     assert "that is 150% of the gap between the student alone and the teacher" in text
     assert "not measured" not in text and "than the teacher at batch 1" not in text
+    beaten = {**dist, "teacher_vs_student": {"difference": -0.10, "ci95": [-0.13, -0.07]}}
+    text = "\n".join(distillation_section(beaten, models, timing, cfg))
+    assert "the student alone beats the teacher, by 10.0 points (+7.0 to +13.0), so there is no gap" in text
+    assert "not resolved" not in text and "| student alone | 58.3% | – | – |" in text  # a timing not measured: –

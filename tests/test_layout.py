@@ -64,9 +64,14 @@ def test_model_comes_back_in_the_default_layout_and_trainable():
     model = _model("fastnet")
     conv = model.blocks[1][0][0].weight
     assert conv.dim() == 4 and conv.is_contiguous()
+    seen = []  # each inference call's weights and input: channels_last while it runs
+    model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(
+        conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        and args[0].is_contiguous(memory_format=torch.channels_last)))
     predict(model, _images(8), batch_size=4, tta="flip_translate")
     speed.cpu_throughput({"a": model}, batch=4, repeats=1)
     speed.cpu_latency_ms({"a": model}, repeats=2)
+    assert len(seen) > 20 and all(seen)
     assert _default_layout(model)
     assert not any(p.is_inference() for p in model.parameters())
     # a model predicted on can be trained again (the training stages predict, then may go on)

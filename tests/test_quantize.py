@@ -55,6 +55,41 @@ def test_int8_file_of_a_real_sized_model_is_over_3x_smaller(tmp_path):
     assert int8.stat().st_size * 3 < fp32.stat().st_size
 
 
+def test_int8_logits_follow_fp32_on_a_model_whose_classes_vary(tmp_path):
+    """The smoke pipeline's model gives most test images one class, so agreeing with it says little: here
+    a model whose fp32 classes vary, quantized every way, must keep its logits and most of its classes."""
+    import torch
+
+    from transferkit.deploy.export import export_onnx
+    from transferkit.deploy.quantize import quantize
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("fastnet", 5, widths=[16, 32, 32], stem_width=8)
+    torch.nn.init.normal_(model.head.fc.weight)  # a head whose classes differ by more than its init's
+    rng = np.random.default_rng(0)
+    calibration, test = (np.clip(rng.random((n, 3, 1, 1), dtype=np.float32)  # each image a colour of its own
+                                 + 0.3 * rng.standard_normal((n, 3, 32, 32), dtype=np.float32), 0, 1)
+                         for n in (64, 200))
+    model.train()
+    with torch.no_grad():
+        for _ in range(30):  # BatchNorm statistics of these images, not of its init
+            model(torch.from_numpy(calibration))
+    export_onnx(model.eval(), tmp_path / "fp32.onnx", 32, "auto", None, log=lambda *_: None)
+    import onnxruntime as ort
+
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"images": test})[0]
+    ref = run(tmp_path / "fp32.onnx")
+    assert len(set(ref.argmax(1))) >= 3  # a reference whose classes vary
+    for method, fmt in (("minmax", "qoperator"), ("entropy", "qdq"), ("percentile", "qoperator")):
+        quantize(tmp_path / "fp32.onnx", tmp_path / f"{method}.onnx", calibration, method=method, fmt=fmt,
+                 per_channel=True, reduce_range=True)
+        got = run(tmp_path / f"{method}.onnx")
+        assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.95, method
+        assert (got.argmax(1) == ref.argmax(1)).mean() > 0.7, method
+
+
 def test_reduce_range_keeps_every_int8_weight_within_7_bits(tmp_path):
     """8-bit weights overflow the 16-bit pair sums of CPUs without VNNI (AVX2): reduce_range
     keeps them in [-64, 64], in the file and in the fake quantization that fine-tunes for it."""

@@ -54,6 +54,7 @@ def test_warm_stages_write_what_fresh_processes_write(tmp_path, server_dir, monk
     # none, starts it and answers None (its caller runs the command); the next one is served
     monkeypatch.chdir(tmp_path / "warm")
     monkeypatch.setenv("TRANSFERKIT_WARM", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the commands above ran (conftest.cli): the same numbers
     assert warm.run(["prepare", "--params", "params.yaml"]) is None
     deadline = time.monotonic() + 60
     while not warm.socket_path().exists() and time.monotonic() < deadline:  # the server binds, then imports
@@ -63,6 +64,10 @@ def test_warm_stages_write_what_fresh_processes_write(tmp_path, server_dir, monk
     # the handlers that pass signals on to the worker end with its command: a caller in this process (cli.main
     # as a library, pytest) kept one that killed a pid long gone at its next SIGTERM (a later test's failure)
     assert {sig: signal.getsignal(sig) for sig in warm.FORWARDED} == handlers
+    # a training stage served (0, not None: it ran in a worker) writes what the fresh process wrote
+    shutil.rmtree(tmp_path / "warm" / "artifacts" / "transfer")
+    assert warm.run(["transfer", "--params", "params.yaml"]) == 0
+    assert _outputs(tmp_path / "warm" / "artifacts") == cold
 
 
 def test_bad_input_gives_the_same_one_error_line_and_exit_code(tmp_path, server_dir):
