@@ -170,8 +170,7 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
           f"{measured(timing.get(k, {}), 'latency_ms_bs1', '.2f', ' ms')} | "
           f"{measured(timing.get(k, {}), 'latency_ms_bs1_1thread', '.2f', ' ms')} | "
           f"{measured(timing.get(k, {}), 'throughput_img_s', '.0f', ' img/s')} | "
-          + (f"{timing[k]['throughput_img_s_1thread']:.0f} img/s |" if "throughput_img_s_1thread" in timing.get(k, {})
-             else "– |") for label, k in rows], "",
+          f"{measured(timing.get(k, {}), 'throughput_img_s_1thread', '.0f', ' img/s')} |" for label, k in rows], "",
         f"INT8 against fp32 ONNX: the file {times(q['size_ratio'], 'smaller', 'larger')}, the throughput "
         f"x{speedup('throughput_img_s'):.2f} (on 1 thread x{speedup('throughput_img_s_1thread'):.2f}), the batch-1 "
         f"latency x{speedup('latency_ms_bs1'):.2f}. "
