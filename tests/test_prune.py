@@ -183,7 +183,7 @@ def test_a_rate_that_would_empty_a_block_is_refused():
     """A block of rate 2 loses twice the common share (at most 0.95): 16 channels keep int(16 x 0.05) = 0,
     where Torch-Pruning leaves the block whole without a word."""
     with pytest.raises(TransferkitError, match=r"prune.ratio=0.5 would leave \d layer\(s\) no channel \(blocks.1.0.0"
-                                               r".*the narrowest has 16\). Fix: set prune.ratio <= 0.468, lower the"):
+                                               r".*the first has 16\). Fix: set prune.ratio <= 0.468, lower the"):
         prune_channels(_student(), criterion="l2", target="channels", ratio=0.5, keep=["head"], rates=[1, 2, 1, 1])
     model = _student()
     prune_channels(model, criterion="l2", target="channels", ratio=0.468, keep=["head"], rates=[1, 2, 1, 1])
@@ -423,6 +423,17 @@ def test_an_unreachable_ratio_fails_before_sparse_learning_or_a_round_trains(tmp
     for more in (["prune.sparse_epochs=2"], ["prune.steps=3"]):
         with pytest.raises(TransferkitError, match="could not reach prune.ratio=0.999"):
             run("prune", compose("experiment=smoke", "prune.epochs=1", "prune.ratio=0.999", *more, tmp=tmp_path))
+
+
+def test_the_stage_refuses_a_rate_that_would_empty_a_block_and_takes_the_bound_it_names(tmp_path):
+    """The smoke student's block 1 has 4 channels: at rate 2 and ratio 0.4 it would keep int(4 x 0.2) = 0."""
+    sets = ("prune.target=channels", "prune.rates=[1,2,1,1]", "prune.round_to=null", "prune.epochs=1")
+    _smoke_with_student(tmp_path, *sets)
+    with pytest.raises(TransferkitError, match=r"prune.ratio <= 0.375, lower the rates of their blocks"):
+        run("prune", compose("experiment=smoke", *sets, "prune.ratio=0.4", tmp=tmp_path))
+    run("prune", compose("experiment=smoke", *sets, "prune.ratio=0.375", tmp=tmp_path))
+    model, _ = load_checkpoint(tmp_path / "artifacts" / "prune" / "model.pt", "prune")
+    assert conv_widths(model)[1] == 1  # 4 x (1 - 0.75): block 1 cut at twice the share
 
 
 @pytest.mark.parametrize("override, needle", [

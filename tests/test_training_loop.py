@@ -448,6 +448,36 @@ def test_a_run_resumed_from_a_pair_mid_swap_keeps_it_until_its_own_is_whole(tmp_
     assert k > 5 and _whole_pair(out) == ("checkpoints", "epoch 1")
 
 
+def test_train_seconds_start_with_the_training_loop_and_num_threads_reach_its_processes(tmp_path, monkeypatch):
+    """What comes before the loop (DDP's other ranks starting, stood in for here by a slow setup) is no
+    training time; OMP_NUM_THREADS says trainer.num_threads while the fit runs (Lightning's DDP launcher
+    gives each rank cores / processes threads otherwise), and is as it was after it."""
+    import time
+
+    import transferkit.training.trainer as trainer_module
+
+    cfg = compose("experiment=smoke", "trainer.num_threads=1", tmp=tmp_path)
+    run("prepare", cfg)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = []
+
+    class SlowStart(pl.Callback):
+        def setup(self, trainer, module, stage):
+            time.sleep(3)
+
+        def on_train_epoch_start(self, trainer, module):
+            seen.append(os.environ.get("OMP_NUM_THREADS"))
+
+    make = trainer_module.make_trainer
+    monkeypatch.setattr(trainer_module, "make_trainer",
+                        lambda *a, callbacks=(), **k: make(*a, callbacks=(*callbacks, SlowStart()), **k))
+    started = time.perf_counter()
+    run("pretrain", cfg)
+    wall = time.perf_counter() - started
+    assert json.loads((tmp_path / "artifacts" / "pretrain" / "timing.json").read_text())["train_seconds"] < wall - 3
+    assert seen and set(seen) == {"1"} and "OMP_NUM_THREADS" not in os.environ
+
+
 def test_devices_the_machine_lacks_end_in_one_error(monkeypatch, tmp_path):
     """Lightning finds the machine short of the GPUs asked for only as it builds the trainer (the config
     checks cannot count GPUs): one error line, not its traceback."""
@@ -463,6 +493,11 @@ def test_devices_the_machine_lacks_end_in_one_error(monkeypatch, tmp_path):
     with pytest.raises(TransferkitError, match=r"trainer.\{accelerator, devices, strategy\} = gpu, 2, ddp here: You "
                                                r"requested gpu: \[0, 1\] But your machine only has: \[0\]\. Fix"):
         trainer_module.make_trainer({"accelerator": "gpu", "devices": 2, "strategy": "ddp", "loggers": [],
+                                    "precision": "32-true"}, tmp_path, 1)
+    monkeypatch.undo()  # Lightning itself: a strategy this accelerator cannot run (a ValueError), no double stop
+    with pytest.raises(TransferkitError, match=r"= cpu, 1, fsdp here: The strategy `fsdp` requires a GPU "
+                                               r"accelerator.*to use FSDP\. Fix: set them"):
+        trainer_module.make_trainer({"accelerator": "cpu", "devices": 1, "strategy": "fsdp", "loggers": [],
                                     "precision": "32-true"}, tmp_path, 1)
 
 

@@ -15,7 +15,8 @@ def to_html(markdown_text: str, folder: Path) -> str:
     converter = markdown.Markdown(extensions=["tables", "fenced_code"])
     # HTML in the text (a class named after a folder can hold any) shows as text, never runs
     converter.preprocessors.deregister("html_block")
-    converter.inlinePatterns.deregister("html")
+    for pattern in ("html", "autolink", "automail"):  # <a@b.c> and <http://...> in a name are no links either
+        converter.inlinePatterns.deregister(pattern)
     body = converter.convert(markdown_text)
 
     def embed(match: re.Match) -> str:

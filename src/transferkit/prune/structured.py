@@ -145,7 +145,7 @@ def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str], rate
         names = [n for _, n, _ in empty]
         listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise TransferkitError(f"prune.ratio={ratio} would leave {len(names)} layer(s) no channel ({listed}; the "
-                               f"narrowest has {c}). Fix: set prune.ratio <= {bound}, "
+                               f"{'first' if rates else 'narrowest'} has {c}). Fix: set prune.ratio <= {bound}, "
                                f"{'lower the rates of their blocks (prune.rates), ' * bool(rates)}or name those "
                                f"layers in prune.keep.")
 

@@ -74,7 +74,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             left = (info["macs_after"] / info["macs_before"] if p.target == "macs" and "macs_after" in info
                     else 1 - p.ratio * (step - 1) / p.steps)
             if (ratio := 1 - (1 - goal) / left) > 0:  # else the earlier rounds' overshoot reached this goal
-                rates = round_rates(list(p.rates), p.ratio, step, p.steps) if p.target == "channels" else p.rates
+                rates = (round_rates(list(p.rates), p.ratio, step, p.steps) if p.target == "channels" and p.steps > 1
+                         else p.rates)  # one cut: as given (its check names the ratio that fits them)
                 result = cut(student, ratio, p.steps == 1, rates)  # rounds: the trial cut checked prune.ratio
                 if p.round_to and result["round_to"] is None:
                     widths = "/".join(map(str, conv_widths(student)))

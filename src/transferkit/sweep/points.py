@@ -194,10 +194,12 @@ def main(argv: list[str]) -> int:
                 files.append(str(Path(value).resolve()))
                 OmegaConf.update(cfg, key, files[-1])
         save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
-        # DVC watches the settings the stage's own dvc.yaml entry tracks: a change to another stage's reruns nothing
+        # DVC watches the settings the stage's own dvc.yaml entry tracks, and evaluate's, which collect scores the
+        # point with (as its saved params say): a change to another stage's reruns nothing
+        keys = [k for k in tracked_params(BY_NAME[args.stage].params, list(cfg.trainer)) if k != "evaluate"]
         stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
                                         {r: str(artifacts / r) for r in BY_NAME[args.stage].reads}, [*code, *files],
-                                        tracked_params(BY_NAME[args.stage].params, list(cfg.trainer)))
+                                        [*keys, "evaluate"])
     ran = run_pipeline(out, stages)
     done = len(stages) - len(ran)
     print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} were done already" if done else ""))

@@ -21,6 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytorch_lightning as pl
 import torch
@@ -193,8 +194,6 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
     cfg = dict(trainer_cfg)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
-        # Lightning's DDP launcher sets cores / processes threads in every rank unless this is set
-        os.environ["OMP_NUM_THREADS"] = str(int(cfg["num_threads"]))
     loggers = make_loggers(cfg.get("loggers", ["dvclive"]), out_dir, resume)
     callbacks = [ResumeCheckpoint(out_dir, float(cfg.get("checkpoint_budget", 0.02))), *callbacks]
     if loggers:  # the learning rate goes to the logs (there are none with trainer.loggers=[])
@@ -219,10 +218,11 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
             precision=resolve_precision(cfg.get("precision", "auto"), str(cfg.get("accelerator", "cpu"))),
             **{k: cfg[k] for k in TRAINER_KEYS if k in cfg and cfg[k] is not None},
         )
-    except MisconfigurationException as e:  # more devices than the machine has, say: found before any training
-        raise TransferkitError(f"Lightning cannot set up trainer.{{accelerator, devices, strategy}} = "
+    except (MisconfigurationException, ValueError) as e:  # more GPUs than the machine has, fsdp on a CPU: before
+        raise TransferkitError(f"Lightning cannot set up trainer.{{accelerator, devices, strategy}} = "  # training
                                f"{cfg.get('accelerator')}, {cfg.get('devices')}, {cfg.get('strategy')} here: "
-                               f"{' '.join(str(e).split())}. Fix: set them to what this machine has.") from e
+                               f"{' '.join(str(e).split()).rstrip('.')}. Fix: set them to what this machine "
+                               f"has.") from e
 
 
 @dataclass
@@ -250,6 +250,8 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
             shutil.rmtree(out_dir / name, ignore_errors=True)
             if (saved / "logs" / name).is_dir():
                 shutil.copytree(saved / "logs" / name, out_dir / name)
+    # Lightning's DDP launcher gives every rank cores / processes threads unless OMP_NUM_THREADS says otherwise
+    threads = {"OMP_NUM_THREADS": str(int(trainer_cfg["num_threads"]))} if trainer_cfg.get("num_threads") else {}
     # the CSV logger warns, as _resume_csv opens it, that it deletes its file: _resume_csv restores it
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")
@@ -258,7 +260,8 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
             _resume_csv(trainer, saved / "logs" / "csv" / "metrics.csv")
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
+        with mock.patch.dict(os.environ, threads):  # set for the fit alone (stdlib: restores what was there)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
     except SIGTERMException as e:  # a SystemExit without a code: the process would exit 0 and DVC record the stage
         raise SystemExit(128 + signal.SIGTERM) from e  # as done; 143 is what a shell reports for a SIGTERM
     # from the start of the training loop: not the other DDP ranks' start-up, nor moving data and model
