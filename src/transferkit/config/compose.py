@@ -150,6 +150,11 @@ def load_params(path: Path) -> DictConfig:
     return cfg
 
 
+def under(key: str, prefixes) -> bool:
+    """Whether the flattened `key` is one of `prefixes` or inside one (transfer.lr is under transfer)."""
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
 def flatten(obj, lists: bool = False, prefix: str = "") -> dict[str, object]:
     """{'models': {'transfer': {'top1': 0.5}}} -> {'models.transfer.top1': 0.5}; with `lists`,
     list items too, by index."""

@@ -37,12 +37,11 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
 def tracked(stage: str, cfg: DictConfig) -> str:
     """The values of the params DVC tracks for `stage`: a killed run's folder is resumed only by a run with
     the same (a progress bar turned off, or another stage's setting changed, discards no training)."""
-    from transferkit.config.compose import flatten, to_params
+    from transferkit.config.compose import flatten, to_params, under
     from transferkit.config.dvcyaml import tracked_params
 
     keys = tracked_params(BY_NAME[stage].params, list(cfg.trainer))
-    return json.dumps({k: v for k, v in flatten(to_params(cfg)).items()
-                       if any(k == key or k.startswith(f"{key}.") for key in keys)}, sort_keys=True)
+    return json.dumps({k: v for k, v in flatten(to_params(cfg)).items() if under(k, keys)}, sort_keys=True)
 
 
 def check_files_tracked(stage: str, cfg: DictConfig) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from transferkit.config.compose import flatten
+from transferkit.config.compose import flatten, under
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.plots import sweep_png
 from transferkit.evaluation.runs import Run, read_run, score, summarize
@@ -64,7 +64,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         # (trainer.precision) and of how collect scores it; not another stage's (scratch is the same run whatever
         # pretrain.epochs says)
         made = made_with(r.stage) | {"evaluate", "trainer"}
-        r.setting = tuple(f"{k}={f.get(k)}" for k in swept if any(k == p or k.startswith(f"{p}.") for p in made))
+        r.setting = tuple(f"{k}={f.get(k)}" for k in swept if under(k, made))
         if twin := seen.get((r.stage, r.setting, r.seed)):  # two seeds' worth of confidence from one seed
             raise TransferkitError(f"{twin.folder} and {r.folder} are the same run ({r.stage}, seed {r.seed}"
                                    f"{''.join(f', {o}' for o in r.setting)}), which the table would count as two "

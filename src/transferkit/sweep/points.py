@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import (compose, differing, find_conf_dir, flatten, params_drift, params_text,
-                                        project_overrides, to_params)
+                                        project_overrides, to_params, under)
 from transferkit.config.dvcyaml import code_files, tracked_params
 from transferkit.errors import TransferkitError
 from transferkit.stages import BY_NAME
@@ -90,12 +90,12 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None) -> 
         # a key both have first: a key only one has follows from another that differs (model=vgg_mini has
         # no model.bn_momentum), or from code that changed since
         for k in sorted(differing(mine, saved), key=lambda k: k not in mine or k not in saved):
-            if any(k == key or k.startswith(f"{key}.") for key in keys):
+            if under(k, keys):
                 here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
                 fix = (f"run with {k}={there}; to vary what {name} computes, run the pipeline once per value "
                        f"(`dvc exp run --queue {exp_run_sets(k)}-S {k}=...`)"
-                       if k in mine and k in saved and (given is None or any(  # model@distill.student: its package
-                           k == g or k.startswith(f"{g}.") for g in (o.split("@")[-1] for o in given)))
+                       if k in mine and k in saved  # model@distill.student: its package, distill.student
+                       and (given is None or under(k, (o.split("@")[-1] for o in given)))
                        else f"make it again with this code and config (`dvc repro {name}`)")
                 raise TransferkitError(f"{k}={here} here, but {saved_file.parent} was made with {k}={there}, "
                                        f"and {stage} reads it. Fix: {fix}.")
@@ -128,8 +128,7 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
         keys, seen = {*BY_NAME[stage].params, *made_with(stage), "evaluate"}, {}  # collect scores with evaluate.*
         for point, cfg in zip(points, composed):
             run = json.dumps({k: v for k, v in flatten(to_params(cfg)).items()
-                              if any(k == key or k.startswith(f"{key}.") for key in keys)
-                              and (k == "seed" or not k.startswith(NOT_SWEPT))}, sort_keys=True)
+                              if under(k, keys) and (k == "seed" or not k.startswith(NOT_SWEPT))}, sort_keys=True)
             if (twin := seen.setdefault(run, point)) is not point:
                 a, b = (" ".join(o for o in p if o not in q) for p, q in ((twin, point), (point, twin)))
                 unread = ", ".join(override_key(o) for o in point if o not in twin)
