@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=Path, help="run in this (new) folder and keep it (default: a temporary folder)")
     ap.add_argument("--warm", action="store_true", help="then the same stages with TRANSFERKIT_WARM=1, side by side")
     args = ap.parse_args(argv)
+    if args.keep and args.keep.exists():
+        ap.error(f"--keep {args.keep} exists: the run copies the project into a new folder. Fix: name a new "
+                 f"folder, or delete that one")
     composed = params_text(compose([f"experiment={args.experiment}"], ROOT / "conf"))  # before the peaks' seconds
 
     info = {"when": now(), "machine": machine(), "experiment": args.experiment}

@@ -4,7 +4,8 @@
 
 1. The bf16 matrix-multiply peak of this device (8192^3 products), the yardstick for MFU (of bf16 stages).
 2. Every stage of dvc.yaml, in its order and with its command, in a fresh folder (conf/ composed
-   with trainer=gpu, its loggers the default; the repository's data/): wall seconds measured outside the
+   with trainer=gpu, its loggers the default (CSV where dvclive is not installed, as on the device image);
+   the repository's data/): wall seconds measured outside the
    process, training seconds from the stage's timing.json, the rest (start-up, loading,
    evaluation, saving), training images/s, model-FLOPs utilisation and the stage's accuracy; a
    stage that fails is marked so, and the stages after it run where their inputs exist.
@@ -177,7 +178,9 @@ def _stages(folder: Path, trainer: list[str], experiment: list[str], peak: float
                      "precision": t[0].get("precision") if t else None,
                      "accuracy": accuracy(folder / "artifacts", name)})
         print(table(rows[-1:], PIPELINE), flush=True)
-    rows.append({"stage": "**all**", "wall": sum(r.get("wall") or 0 for r in rows),
+    failed = [r["stage"] for r in rows if "wall" not in r]
+    total = "**all**" if not failed else f"**all but {', '.join(failed)}** (failed)"  # no total of a part run
+    rows.append({"stage": total, "wall": sum(r.get("wall") or 0 for r in rows),
                  "train": sum(r.get("train") or 0 for r in rows), "rest": sum(r.get("rest") or 0 for r in rows)})
     return rows
 
@@ -487,6 +490,9 @@ def main(argv=None) -> int:
                     "whose packages ship without bytecode, each module is then compiled once, not per process")
     ap.add_argument("--airbench", type=Path, help="legacy/airbench94.py, to run it on the same images (part 9)")
     args = ap.parse_args(argv)
+    args.out = args.out.resolve()  # part 7's profiles are written by processes in another folder
+    from importlib.util import find_spec
+
     from transferkit.stages import STAGES
 
     if unknown := [s for s in args.stages if s not in STAGES]:
@@ -494,6 +500,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() and not args.dry_run:
         print("bench/gpu.py: no CUDA device here; nothing measured (--dry-run runs the code on the CPU).")
         return 0
+    # what the stages import: a device image lacking one would fail every stage after minutes of GPU time
+    if missing := [m for m in ("hydra", "omegaconf", "pydantic", "torch_pruning", "onnx", "onnxruntime", "yaml")
+                   if find_spec(m) is None]:
+        ap.error(f"{', '.join(missing)} not installed: the stages import them. Fix: install the project's "
+                 f"dependencies (on a machine without network, the wheels ../shared/tools/gpu-prepare.sh copies)")
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     if args.pycache:
         os.environ["PYTHONPYCACHEPREFIX"] = str(args.pycache.resolve())
@@ -505,7 +516,10 @@ def main(argv=None) -> int:
           f"{describe(info['machine'])}", flush=True)
     # the dry run composes the GPU preset too (autotuning, no deterministic kernels), on the CPU
     trainer = ["trainer=gpu", "trainer.progress_bar=false",
-               *([] if device == "cuda" else ["trainer.accelerator=cpu"])]
+               *([] if device == "cuda" else ["trainer.accelerator=cpu"]),
+               # the stages log as users' do (dvclive) where it is installed; device images lack it
+               *([] if find_spec("dvclive") else ["trainer.loggers=[csv]"])]
+    info["trainer"] = trainer
     experiment = ["experiment=smoke"] if args.dry_run else []
     full_extra = ["data.source.train_per_class=40", "data.source.test_per_class=10", "pretrain.epochs=1",
                   "pretrain.batch_size=64"] if args.dry_run else []

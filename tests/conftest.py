@@ -84,14 +84,15 @@ def resumable_leftover(stage: str, cfg) -> Path:
     import yaml
 
     from transferkit.config.compose import to_params
-    from transferkit.stages import inputs_of
+    from transferkit.stages import inputs_of, named_files
     from transferkit.stages.common import PARAMS_FILE, RESUME_KEY, resume_key
     from transferkit.stages.run import tracked
 
     work = Path(cfg.paths.artifacts_dir) / f".{stage}.incomplete"
     work.mkdir(parents=True)
     (work / PARAMS_FILE).write_text(yaml.safe_dump(to_params(cfg), sort_keys=False))
-    (work / RESUME_KEY).write_text(resume_key(inputs_of(stage, cfg.paths.artifacts_dir).values(), tracked(stage, cfg)))
+    reads = [*inputs_of(stage, cfg.paths.artifacts_dir).values(), *named_files(stage, cfg)]
+    (work / RESUME_KEY).write_text(resume_key(reads, tracked(stage, cfg)))
     return work
 
 

@@ -363,7 +363,9 @@ def test_bad_input(name, smoke_artifacts, tmp_path):
     ("scratch", "notes", "files no stage wrote"),
     ("scratch", "artifacts/transfer", "is the transfer stage's"),
     ("prepare", "project", r"holds a project \(dvc.yaml, conf\)"),  # its params.yaml, as a stage's folder has
-    ("prepare", "project/..", "is or holds the current folder")])
+    ("prepare", "project/..", "is or holds the current folder"),
+    # the swap would rename the link away and leave a folder in its place, the folder it pointed to unchanged
+    ("scratch", "linked", r"is a symbolic link .*Fix: pass the folder it points to \(.*store\)")])
 def test_an_output_folder_that_holds_other_things_is_never_replaced(smoke_artifacts, tmp_path, monkeypatch, stage, out,
                                                                      needle):
     """`--out DIR` names the stage's own folder: the swap that installs a stage's outputs would delete
@@ -379,6 +381,8 @@ def test_an_output_folder_that_holds_other_things_is_never_replaced(smoke_artifa
         (tmp_path / "project" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "project" / name).write_text("the project's own")
     (tmp_path / "params.yaml").write_text("looks like a stage's output folder")
+    shutil.copytree(tmp_path / "artifacts" / "scratch", tmp_path / "store")  # a stage's earlier outputs
+    (tmp_path / "linked").symlink_to(tmp_path / "store")
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     before = _snapshot(tmp_path)

@@ -17,6 +17,8 @@ def test_help_lists_stages_experiments_and_overrides():
     for word in ("prepare", "pretrain", "transfer", "probe", "scratch", "evaluate", "cifar10_split",
                  "seed_aquatic", "smoke", "transfer.freeze_depth", "trainer=ddp", "collect", "check-repro"):
         assert word in out
+    models = out.split("Models: model=")[1].split("\n")[0].split(" | ")
+    assert sorted(models) == sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))  # every one conf/ has
 
 
 def test_check_params_passes_on_the_committed_params():
@@ -31,6 +33,22 @@ def test_every_command_has_help(command):
     proc = cli(command, "--help")
     assert proc.returncode == 0 and f"transferkit {command}" in proc.stdout, proc.stdout + proc.stderr
     assert (ROOT / "params.yaml").read_bytes() == before  # asking for help writes nothing
+
+
+@pytest.mark.parametrize("flag", ["--help", "--cfg=job"])
+def test_a_stage_prints_help_and_its_config_where_a_run_of_it_would_be_refused(tmp_path, flag):
+    """Outputs of another experiment under artifacts/ refuse a run (it would read them); asking how to
+    run it, or what it would run with, is when a user needs an answer most."""
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "artifacts" / "prepare").mkdir(parents=True)
+    (tmp_path / "artifacts" / "prepare" / "params.yaml").write_text(params_text(compose("experiment=smoke")))
+    assert "was made by experiment=smoke" in cli("transfer", cwd=tmp_path).stderr  # the run: refused
+    proc = cli("transfer", *flag.split("="), cwd=tmp_path)
+    assert proc.returncode == 0 and ("Configuration groups" in proc.stdout if flag == "--help"
+                                     else "freeze_depth:" in proc.stdout), proc.stdout + proc.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 
 def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_path, monkeypatch, capsys):
@@ -162,7 +180,8 @@ def test_params_refuses_what_a_stage_would_refuse_and_keeps_its_files(tmp_path, 
     for bad, needle in (("~seed", "seed is missing"),
                         ("paths.artifacts_dir=null", "paths.artifacts_dir=None is invalid"),
                         ("paths=5", "paths=5 is invalid"), ("name=[1]", "name=[1] is invalid"),
-                        ("+transfer.lrr=0.1", "conf/ has no setting transfer.lrr (did you mean transfer.lr")):
+                        ("+transfer.lrr=0.1", "conf/ has no setting transfer.lrr (did you mean transfer.lr or"),
+                        ("+seedx=1", "conf/ has no setting seedx (did you mean seed?)")):
         assert needle in _error(capsys, ["params", bad])
     for name in ("params.yaml", "dvc.yaml"):
         assert (tmp_path / name).read_text() == "# earlier\n"
@@ -173,6 +192,8 @@ def test_params_refuses_what_a_stage_would_refuse_and_keeps_its_files(tmp_path, 
     (["--params", "params.yaml", "seed"], "seed: an override is key=value"),
     (["--params", "params.yaml", "transfer.lr=[1"], "transfer.lr=[1: not a value"),
     (["--params", "params.yaml", "transfer.lrr=1"],
+     "params.yaml has no setting transfer.lrr (did you mean transfer.lr"),
+    (["--params", "params.yaml", "+transfer.lrr=1"],  # Hydra's "add": the file must have the key all the same
      "params.yaml has no setting transfer.lrr (did you mean transfer.lr"),
 ])
 def test_a_stage_given_a_bad_params_file_or_override_says_so_in_one_line(capsys, args, needle):

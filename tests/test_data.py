@@ -112,6 +112,22 @@ def test_a_cifar_array_larger_than_its_file_is_refused(tmp_path, key):
         read_cifar_pickles(folder, "cifar10", verify_checksums=False)
 
 
+@pytest.mark.parametrize("key, fault", [(b"data", "images that are not uint8 rows of 3072 bytes .* but a list"),
+                                        (b"labels", "labels that are no flat list of numbers")])
+def test_a_cifar_array_in_a_list_is_refused_before_it_is_copied_out(tmp_path, key, fault):
+    """np.asarray would copy a zero-stride array out of a list in full (8 TB here) before its size is seen."""
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=10, test_per_class=2)
+    bomb = b"]" + _strided_array(2 ** 40, "u1" if key == b"data" else "i8", bytes(1 if key == b"data" else 8)) + b"a"
+    if key == b"data":
+        pickled = b"\x80\x02}(C\x04data" + bomb + b"C\x06labels]u."
+    else:
+        images = pickle.dumps({b"data": np.zeros((200, 3072), np.uint8)}, protocol=2)[:-1]  # no STOP opcode
+        pickled = images + b"C\x06labels" + bomb + b"s."
+    (folder / "data_batch_2").write_bytes(pickled)
+    with pytest.raises(TransferkitError, match=f"data_batch_2 (holds|has) {fault}.*Fix: delete"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
 @pytest.mark.parametrize("names, fault", [
     ([b"a\xff", b"b"], "class names that are not UTF-8 text"),
     (5, "class names that are no list"),
@@ -291,18 +307,71 @@ def test_archives_read_by_header_scan_or_by_tarfile_give_the_same_images(tmp_pat
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
 
 
+COMPRESS = {"": bytes, "gz": gzip.compress, "bz2": __import__("bz2").compress, "xz": __import__("lzma").compress}
+
+
+@pytest.mark.parametrize("damage", ["checksum", "zeroed"])
+@pytest.mark.parametrize("fmt", ["ustar", "gnu"])
+@pytest.mark.parametrize("compression", sorted(COMPRESS))
 @pytest.mark.parametrize("member", [0, 5])
-def test_a_damaged_tar_header_is_reported_not_read_as_the_end(tmp_path, member):
-    """The first header damaged: tarfile reports it; a later one: the scan reports it, where tarfile
-    alone would end the archive there and leave the images after it out without a word."""
-    path = write_image_folder(tmp_path, CLASSES4, 2, 1)
-    raw = bytearray(gzip.decompress(path.read_bytes()))
+def test_a_damaged_tar_header_is_reported_not_read_as_the_end(tmp_path, member, compression, fmt, damage):
+    """The first header damaged: tarfile reports it; a later one, whichever reader reads the tar (the
+    header scan; tarfile for GNU long names, which it would end the archive at without a word),
+    and whatever compression it is in: the images after it are not left out without a word."""
+    folder = write_image_folder(tmp_path / "src", CLASSES4, 2, 1, archive=False)
+    deep = "d" * 60 + "/" + "e" * 60 if fmt == "gnu" else "d"  # a long name: a GNU record before each member
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=getattr(tarfile, f"{fmt.upper()}_FORMAT")) as tar:
+        for p in sorted(folder.rglob("*")):
+            tar.add(p, arcname=f"{deep}/{p.relative_to(folder.parent)}", recursive=False)
+    raw = bytearray(buffer.getvalue())
     offset = [info.offset for info in tarfile.open(fileobj=io.BytesIO(raw)).getmembers()][member]
-    raw[offset + 10] ^= 0xFF  # a byte of that header's name: its checksum no longer matches
-    path.write_bytes(gzip.compress(bytes(raw)))
+    if damage == "checksum":
+        raw[offset + 10] ^= 0xFF  # a byte of that header's name: its checksum no longer matches
+    else:
+        raw[offset:offset + 512] = bytes(512)  # a header wiped: it reads as the end of the archive
+    path = tmp_path / f"{fmt}.tar{'.' + compression if compression else ''}"
+    path.write_bytes(COMPRESS[compression](bytes(raw)))
     with pytest.raises(TransferkitError, match="corrupt or unreadable archive") as error:
         read_image_folder(path)
     assert member == 0 or f"header at byte {offset} is damaged" in str(error.value)
+
+
+def test_a_damaged_xz_stream_is_one_error(tmp_path):
+    raw = bytearray(__import__("lzma").compress(gzip.decompress(write_image_folder(tmp_path, CLASSES4, 2, 1)
+                                                                .read_bytes())))
+    raw[len(raw) // 2] ^= 0xFF
+    path = tmp_path / "cifar10-jpeg.tar.xz"
+    path.write_bytes(raw)
+    with pytest.raises(TransferkitError, match=r"corrupt or unreadable archive .*LZMAError.*Fix"):
+        read_image_folder(path)
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_a_name_stored_twice_is_the_version_extracting_gives(tmp_path, kind):
+    """`tar -r` and `zip -u` append a file's new version and keep the old: the folder the archive
+    extracts to holds one image there, and so does what prepare reads (not two, in train and val)."""
+    import warnings
+
+    folder = write_image_folder(tmp_path / "src", CLASSES4, 3, 1, archive=False)
+    files = {f"cifar10-jpeg/{p.relative_to(folder)}": p.read_bytes() for p in sorted(folder.rglob("*.jpg"))}
+    name, new = "cifar10-jpeg/train/cat/0000.jpg", files["cifar10-jpeg/train/cat/0001.jpg"]
+    path = tmp_path / f"cifar10-jpeg.{kind}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of a duplicate name
+        if kind == "zip":
+            with zipfile.ZipFile(path, "w") as archive:
+                for member, data in [*files.items(), (name, new)]:
+                    archive.writestr(member, data)
+        else:
+            with tarfile.open(path, "w") as archive:
+                for member, data in [*files.items(), (name, new)]:
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    read = archives.archive_files(path)
+    assert sorted(n for n, _ in read) == sorted(files) and bytes(dict(read)[name]) == new
+    assert len(read_image_folder(path).train.images) == len(read_image_folder(folder).train.images)
 
 
 def test_a_tar_header_summed_as_signed_bytes_is_read(tmp_path):
@@ -653,6 +722,7 @@ def test_corrupt_image_in_folder_names_the_file(tmp_path, payload):
     with pytest.raises(TransferkitError) as e:
         read_image_folder(folder)
     assert str(bad) in str(e.value) and "corrupt image" in str(e.value)
+    assert "0x" not in str(e.value)  # PIL names the in-memory buffer it read by its address: nothing to act on
 
 
 def _cut_png() -> bytes:

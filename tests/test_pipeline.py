@@ -185,7 +185,8 @@ def test_a_mobilenet_student_goes_through_distill_prune_export_quantize_and_eval
 
 
 def test_results_command_prints_the_models_and_each_stage_training(smoke_artifacts, capsys):
-    from transferkit.evaluation.tables import main
+    from transferkit.evaluation.report import LABELS
+    from transferkit.evaluation.tables import main, results_table
 
     cfg, results = smoke_artifacts
     assert main([str(Path(cfg.paths.artifacts_dir) / "evaluate")]) == 0
@@ -196,6 +197,12 @@ def test_results_command_prints_the_models_and_each_stage_training(smoke_artifac
     timing = json.loads((Path(cfg.paths.artifacts_dir) / "pretrain" / "timing.json").read_text())
     assert f"| pretrain | {timing['train_seconds']:,.0f} | {timing['train_images_per_second']:,.0f} | cpu |" in out
     assert "| distill |" in out and "| prune |" in out and "Training in all:" in out
+    # every model evaluate scored, in its order, a stage the labels do not know by its own name
+    metrics = json.loads((Path(cfg.paths.artifacts_dir) / "evaluate" / "metrics.json").read_text())
+    metrics["models"] = {"newstage": metrics["models"]["scratch"], **metrics["models"]}
+    table = results_table(metrics, json.loads((Path(cfg.paths.artifacts_dir) / "evaluate" / "timing.json").read_text()))
+    assert [row.split(" | ")[0] for row in table.splitlines()[2:2 + len(metrics["models"])]] == [
+        f"| {LABELS.get(name, name)}" for name in metrics["models"]]
 
 
 @pytest.mark.parametrize("folder, needle", [
@@ -227,6 +234,22 @@ def test_results_command_names_evaluates_folder(tmp_path, monkeypatch, folder, n
     with pytest.raises(TransferkitError) as e:
         main([folder] if folder else [])
     assert needle in str(e.value)
+
+
+def test_results_command_finds_evaluate_where_the_projects_params_put_the_artifacts(tmp_path, monkeypatch):
+    from conftest import compose
+    from transferkit.config.compose import params_text
+    from transferkit.evaluation.tables import main
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").touch()
+    (tmp_path / "params.yaml").write_text(params_text(compose("paths.artifacts_dir=runs")))
+    (tmp_path / "runs" / "evaluate").mkdir(parents=True)
+    (tmp_path / "runs" / "evaluate" / "metrics.json").write_text(json.dumps({"models": {}, "transfer_vs_scratch": {}}))
+    (tmp_path / "docs").mkdir()
+    monkeypatch.chdir(tmp_path / "docs")
+    with pytest.raises(TransferkitError, match=r"cannot read \.\./runs/evaluate/timing.json"):
+        main([])
 
 
 def test_results_command_names_a_stages_unreadable_timing(smoke_artifacts, tmp_path):

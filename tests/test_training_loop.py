@@ -529,18 +529,32 @@ def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
         assert json.loads(precision.cache_file().read_text())[key]["speedup"] > 0
 
 
-def test_the_matmul_probe_stops_growing_once_a_product_is_slow(monkeypatch):
-    """bf16 on a CPU without AVX-512 runs at about 1 GFLOP/s: a 1024 x 1024 product takes seconds,
-    so the probe measures at the first size whose product takes `slow_s`."""
+@pytest.mark.parametrize("seconds, sizes_measured", [
+    (lambda n: 2 * n ** 3 / 1e9, [128, 256]),  # 1 GFLOP/s, as bf16 without AVX-512: the first slow size is the measure
+    (lambda n: 2 * n ** 3 / 100e9, [128, 256, 512, 1024]),  # 100 GFLOP/s: up to max_n
+    (lambda n: 0.03, [128, 256, 512, 1024]),  # a busy machine: every product waits 30 ms for a thread
+])
+def test_the_matmul_probe_stops_growing_once_a_product_is_slow_for_its_arithmetic(monkeypatch, seconds,
+                                                                                  sizes_measured):
+    """bf16 on a CPU without AVX-512 runs at about 1 GFLOP/s: a 1024 x 1024 product takes seconds, so
+    the probe stops at a size whose product takes `slow_s`, unless a product that much larger took
+    about as long, which is a machine busy with other work (a reading of 0.1 GFLOP/s would decide
+    `precision: auto` wrongly, and be cached). The clock is the test's: each product takes `seconds(n)`."""
+    from types import SimpleNamespace
+
     from transferkit.training import precision
 
-    sizes, randn = [], torch.randn
+    sizes, randn, now = [], torch.randn, [0.0]
+
+    def clock() -> float:  # a timed product lies between two readings
+        now[0] += seconds(sizes[-1])
+        return now[0]
+
     monkeypatch.setattr(torch, "randn", lambda n, m, **k: sizes.append(n) or randn(n, m, **k))
-    assert precision.matmul_gflops(torch.float32, max_n=512, slow_s=float("inf")) > 0
-    assert sorted(set(sizes)) == [128, 256, 512]  # fast: up to max_n
-    sizes.clear()
-    assert precision.matmul_gflops(torch.float32, max_n=4096, slow_s=0) > 0
-    assert set(sizes) == {128}  # every product counts as slow: the first size is the measure
+    monkeypatch.setattr(precision, "time", SimpleNamespace(perf_counter=clock))
+    n = sizes_measured[-1]
+    assert precision.matmul_gflops(torch.float32, max_n=1024) == pytest.approx(2 * n ** 3 / seconds(n) / 1e9)
+    assert sorted(set(sizes)) == sizes_measured
     assert precision.cpu_isa().startswith(torch.backends.cpu.get_cpu_capability())
 
 

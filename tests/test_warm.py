@@ -89,6 +89,10 @@ def test_the_server_is_picked_by_what_shapes_imports_and_threads_not_by_what_tor
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # imports run under it: another server
     assert warm.socket_path() != first
     monkeypatch.delenv("OMP_NUM_THREADS")
+    for name, value in (("MPLBACKEND", "svg"), ("DVCLIVE_LOGLEVEL", "DEBUG")):  # read as their libraries import
+        with monkeypatch.context() as m:
+            m.setenv(name, value if os.environ.get(name) != value else "agg")
+            assert warm.socket_path() != first
     with monkeypatch.context() as m:  # the locale: the encoding of the streams a worker opens
         m.setenv("LC_ALL", "C" if os.environ.get("LC_ALL") != "C" else "C.UTF-8")
         assert warm.socket_path() != first
@@ -162,6 +166,15 @@ def main(argv):
         import atexit
         atexit.register(lambda: open(argv[1], "w").write("ran"))
         raise RuntimeError("crash")
+    if argv[0] == "exit":  # an exit status, at once or (with "term") from a SIGTERM handler, as the trainer's
+        if argv[2:]:
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(int(argv[1])))
+            print("ready", flush=True)
+            time.sleep(30)
+        sys.exit(int(argv[1]))
+    if argv[0] == "streams":  # each standard stream's encoding and error handling, and a character ASCII lacks
+        print(*(f"{s.encoding}:{s.errors}" for s in (sys.stdin, sys.stdout, sys.stderr)), "\u2013")
+        return 0
     if argv[0] == "masks":  # each thread's blocked signals (/proc: SigBlk, a hex bit mask), the main thread first
         tasks = sorted(os.listdir("/proc/self/task"), key=lambda t: int(t) != os.getpid())
         for task in tasks:
@@ -223,6 +236,41 @@ def test_a_warm_command_takes_its_own_signal_dispositions_and_dies_of_the_signal
         start = time.monotonic()
         client.send_signal(sig)
         assert client.wait(20) == -sig and time.monotonic() - start < 10  # as `python -c ...` dies of either
+
+
+@pytest.mark.parametrize("argv, status", [(("exit", "-1"), 255), (("exit", "143", "term"), 143)])
+def test_a_warm_command_exits_with_the_status_a_fresh_process_exits_with(tmp_path, server_dir, argv, status):
+    """The trainer's SIGTERM handler exits with 143 so that DVC records a failure: an exit with that
+    status, not death by SIGTERM (-15 to its parent); sys.exit(-1) exits with 255, not by signal 1."""
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    cold = [sys.executable, "-c", "import sys; from transferkit.cli import main; sys.exit(main(sys.argv[1:]))", *argv]
+    codes = []
+    for client in (subprocess.Popen(cold, env={**os.environ, "PYTHONPATH": str(fake)}, stdout=subprocess.PIPE,
+                                    text=True), _warm_client(fake, server_dir, *argv)):
+        if argv[2:]:
+            assert client.stdout.readline() == "ready\n"
+            client.send_signal(signal.SIGTERM)
+        codes.append(client.wait(20))
+    assert codes == [status, status]
+
+
+@pytest.mark.parametrize("encoding", ["ascii:replace", "latin-1", None])
+def test_a_warm_command_writes_in_the_encoding_a_fresh_process_writes_in(tmp_path, server_dir, monkeypatch, encoding):
+    """PYTHONIOENCODING (and the locale) pick the streams' encoding and error handling at start-up; a
+    worker's streams are opened anew, so they take them from its server, which the same settings picked."""
+    if encoding:
+        monkeypatch.setenv("PYTHONIOENCODING", encoding)
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    cold = [sys.executable, "-c", "import sys; from transferkit.cli import main; sys.exit(main(sys.argv[1:]))",
+            "streams"]
+    outputs = []
+    for client in (subprocess.Popen(cold, env={**os.environ, "PYTHONPATH": str(fake)}, stdout=subprocess.PIPE),
+                   _warm_client(fake, server_dir, "streams")):
+        out = client.stdout.read()
+        outputs.append((out if isinstance(out, bytes) else out.encode(), client.wait(20)))
+    assert outputs[0] == outputs[1], outputs  # latin-1 has no en dash: an error and exit 1 either way
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads each thread's signal mask from /proc")
@@ -356,6 +404,19 @@ def test_an_idle_time_that_is_no_positive_number_turns_warm_off_in_one_line(monk
     assert capsys.readouterr().err.strip().splitlines() == [
         f"transferkit: TRANSFERKIT_WARM_IDLE={idle} is no number of seconds > 0, so no warm server starts. Fix: "
         f"unset it or set a number such as 600."]
+
+
+def test_a_socket_folder_others_can_open_turns_warm_off_in_one_line(server_dir, monkeypatch, capsys):
+    """Another user's folder (or this user's, opened to others) could hold a socket someone else serves:
+    the command runs cold, and says why and what to do, rather than silently losing warm starts."""
+    folder = server_dir / f"transferkit-warm-{os.getuid()}"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    assert warm.run(["prepare", "--params", "params.yaml"]) is None
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"transferkit: TRANSFERKIT_WARM=1, but no warm server can serve: {folder} is not a folder private to this "
+        f"user (mode 700, owned by it). Fix: remove it, or set TMPDIR to a folder of your own."]
+    assert list(folder.iterdir()) == []  # no server started
 
 
 def test_a_server_that_closes_as_a_command_connects_leaves_the_command_to_run_itself(tmp_path, monkeypatch):

@@ -33,7 +33,8 @@ Deploying:
   transferkit predict MODEL IMAGE [IMAGE ...] classify image files (model.pt or .onnx)
 
 Experiments: experiment=cifar10_split (default) | cifar10_full | seed_aquatic | smoke | scenario_...
-Models: model=fastnet | vgg_mini | resnet18 | mobilenet | fastnet_student;  model@distill.student=NAME
+Models: model=fastnet | fastnet_tiny | fastnet_micro | fastnet_student | vgg_mini | resnet18 | mobilenet
+        model@distill.student=NAME
 Trainers: trainer=cpu | trainer=gpu | trainer=ddp | trainer=ddp_multinode;  trainer.precision=auto
 Common overrides: transfer.freeze_depth=K  seed=N  pretrain.epochs=N  trainer.loggers=[dvclive,csv]
 Each command has --help; docs/ has the details.
@@ -101,6 +102,9 @@ def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
         sys.exit(code)  # the child has already printed its one error line
 
 
+INFO_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
+
+
 def _hydra_mode(stage: str, argv: list[str]) -> None:
     """A real Hydra app, so -m sweeps, launchers and --cfg work as Hydra users expect."""
     import hydra
@@ -111,14 +115,16 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     from transferkit.training import multi_process
 
     # Compose and validate every point of a sweep before the first one trains, so a typo'd
-    # key or an out-of-range value ends in one error line at once, not after hours.
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    multirun = {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(argv)  # Hydra's two ways to ask for one
-    if not multirun and (swept := [o for o in overrides if len(expand([o])) > 1]):
-        raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a Hydra "
-                               f"multirun, into multirun/), or run `transferkit sweep {stage} {' '.join(overrides)}` "
-                               f"(DVC stages: cached and resumable).")
-    check_points(stage, overrides)
+    # key or an out-of-range value ends in one error line at once, not after hours; not for Hydra's
+    # flags that print and run nothing (help, the composed config), wanted most when a run is refused
+    if not INFO_FLAGS & {a.partition("=")[0] for a in argv}:
+        overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+        multirun = {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(argv)  # Hydra's two ways to ask for one
+        if not multirun and (swept := [o for o in overrides if len(expand([o])) > 1]):
+            raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a "
+                                   f"Hydra multirun, into multirun/), or run `transferkit sweep {stage} "
+                                   f"{' '.join(overrides)}` (DVC stages: cached and resumable).")
+        check_points(stage, overrides)
 
     @hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base="1.3")
     def app(cfg) -> None:

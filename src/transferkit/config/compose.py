@@ -80,7 +80,7 @@ def no_such_setting(key: str, keys: list[str], where: str = "conf/") -> str:
     """The one message for a key conf/ (or a params file) lacks, with the keys it has that look like it."""
     import difflib
 
-    close = difflib.get_close_matches(key, keys, n=3)
+    close = difflib.get_close_matches(key, [k for k in keys if not under(k, [key])], n=3)  # not what +key added
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     return (f"{where} has no setting {key}{hint}. Fix: override a setting {where} has (`transferkit --help` lists "
             f"the common ones).")
@@ -134,8 +134,8 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path) -> DictCo
         if "=" not in override:
             raise TransferkitError(f"{override}: an override is key=value (and the options are --params, --out and "
                                    f"--in). Fix: write it as key=value (key=null for none).")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+        try:  # a params file holds every setting: +key (Hydra's "add a key") is a key it must have too
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override.removeprefix("++").removeprefix("+")]))
         except ConfigKeyError as e:  # struct mode: a key the file lacks
             raise TransferkitError(no_such_setting(e.full_key, list(flatten(to_params(cfg))), str(path))) from e
         except (yaml.YAMLError, OmegaConfBaseException) as e:

@@ -4,8 +4,11 @@ to capped by this machine's memory (a few kilobytes of compressed zeros can clai
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
+import re
 import struct
 import tarfile
 import zipfile
@@ -48,9 +51,9 @@ def _bounded(read: Callable[[int], bytes], total: int, limit: int) -> bytearray:
 
 def _tar_files(raw: bytearray, keep: Callable[[str], bool] = lambda name: True) -> Members | None:
     """The regular files of an uncompressed tar, as (name, bytes), read from its 512-byte headers;
-    None where it holds anything else (pax records, long names, links; no tar, or one compressed by
-    bz2 or xz), which tarfile then reads. A damaged header after the first raises tarfile.ReadError:
-    tarfile would end the archive there without a word. By hand because tarfile builds a full
+    None where it holds anything else (pax records, long names, links; no tar), which tarfile then
+    reads. A damaged header after the first raises tarfile.ReadError, as do members after a zeroed
+    header: tarfile would end the archive there without a word. By hand because tarfile builds a full
     TarInfo in Python for every member, which costs more than decoding a small JPEG."""
     files, offsets, checksums, off, plain = [], [], [], 0, True
     while off + 512 <= len(raw) and (header := raw[off:off + 512]) != ZERO_BLOCK:  # two of them end a tar
@@ -76,7 +79,16 @@ def _tar_files(raw: bytearray, keep: Callable[[str], bool] = lambda name: True) 
         if not ok[0]:  # no tar at all, or a compressed one: tarfile decides
             return None
         raise tarfile.ReadError(f"the header at byte {offsets[int(np.argmin(ok))]} is damaged (wrong checksum)")
+    if plain and offsets:
+        _check_ended(raw, off)
     return files if plain and offsets else None
+
+
+def _check_ended(raw: bytearray, end: int) -> None:
+    """What follows the zero block at `end` where a reader stopped is zeros (the end of the archive and
+    its padding), not more members after a damaged or zeroed header."""
+    if any(raw[end:]):
+        raise tarfile.ReadError(f"the header at byte {end} is damaged: the archive goes on after it")
 
 
 def _checksums_hold(raw: bytearray, offsets: list[int], checksums: list[int]) -> np.ndarray:
@@ -96,21 +108,34 @@ def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
     if raw[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record (a file; the directory of an empty one)
         with zipfile.ZipFile(io.BytesIO(raw)) as archive:
             try:
-                return _kept(((m.filename, lambda m=m: archive.open(m)) for m in archive.infolist() if not m.is_dir()),
-                             keep, limit)
+                return _last_of_each_name(_kept(((m.filename, lambda m=m: archive.open(m))
+                                                 for m in archive.infolist() if not m.is_dir()), keep, limit))
             except (RuntimeError, NotImplementedError) as e:  # an encrypted member; a method zipfile lacks
                 raise TransferkitError(f"{path} holds a member Python's zipfile cannot read ({e}): a password, or a "
                                        f"compression such as Deflate64, which Windows uses for large folders. Fix: "
                                        f"re-create it with standard Deflate and no password (`zip -r`), or as a "
                                        f".tar.gz.") from e
-    if raw[:2] == b"\x1f\x8b":  # decompressed here: through tarfile, gzip seeks and inflates in small pieces
-        raw = _bounded(gzip.GzipFile(fileobj=io.BytesIO(raw)).read, 0, limit)
+    # decompressed here, so that the tar's every header is checked: through tarfile, gzip also seeks
+    # and inflates in small pieces
+    # (bz2: "BZh", the block size, a block's or the stream end's magic, which no tar member's name starts with)
+    for magic, opened in ((rb"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)), (rb"BZh[1-9](1AY&SY|\x17rE8P\x90)",
+                          bz2.BZ2File), (rb"\xfd7zXZ\x00", lzma.LZMAFile)):
+        if re.match(magic, raw):
+            raw = _bounded(opened(io.BytesIO(raw)).read, 0, limit)
+            break
     if (files := _tar_files(raw, keep)) is not None:
-        return files
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
+        return _last_of_each_name(files)
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
         # a hard link is a file stored once under two names (GNU tar writes one per inode it met before):
         # extractfile reads its target's bytes. Symbolic links are skipped: they may point out of the archive.
-        return _kept(((m.name, lambda m=m: tar.extractfile(m)) for m in tar if m.isfile() or m.islnk()), keep, limit)
+        files = _kept(((m.name, lambda m=m: tar.extractfile(m)) for m in tar if m.isfile() or m.islnk()), keep, limit)
+        _check_ended(raw, tar.offset)  # where tarfile stopped: at a damaged header, it says nothing
+    return _last_of_each_name(files)
+
+
+def _last_of_each_name(files: Members) -> Members:
+    """A name stored twice (`tar -r` or `zip -u` appends the new version) is the version extracting gives."""
+    return list(dict(files).items())
 
 
 def _kept(members, keep: Callable[[str], bool], limit: int) -> Members:
@@ -139,8 +164,8 @@ def archive_files(path: Path, keep: Callable[[str], bool] = lambda name: True) -
             f"read. Fix: extract it (`tar -xf` or `unzip`) and give that folder as the dataset: a folder is read "
             f"image by image, and only the classes asked for.") from None
     # KeyError: a hard link whose target the archive lacks; ValueError, struct.error: a zip directory that lies
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError, KeyError, ValueError,
-            struct.error) as e:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError, KeyError,
+            ValueError, struct.error) as e:
         raise TransferkitError(
             f"corrupt or unreadable archive {path} ({type(e).__name__}: {' '.join(str(e).split())}). Fix: copy the "
             f"archive into {path.parent}/ again (a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip).") from e

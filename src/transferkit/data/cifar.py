@@ -96,9 +96,17 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
         images, labels = [], []
         for f in files:
             batch = unpickle(f)
-            x, y = np.asarray(field(batch, b"data", f)), np.asarray(field(batch, label_key, f))
+            x, y = field(batch, b"data", f), field(batch, label_key, f)
             # numpy.ndarray, which the files need to name, can also be called to build an array of any size
-            # over a few bytes by a zero stride: no array of a real file holds more bytes than the file
+            # over a few bytes by a zero stride: no array of a real file holds more bytes than the file, and
+            # none lies in a list, where np.asarray would copy it out in full before its size is seen
+            if not isinstance(x, np.ndarray):
+                raise TransferkitError(f"{folder / f} holds images that are not uint8 rows of 3072 bytes (32x32 RGB "
+                                       f"planes) but a {type(x).__name__}. Fix: {refetch}")
+            if isinstance(y, list) and not all(isinstance(v, (int, float)) for v in y):
+                raise TransferkitError(f"{folder / f} has labels that are no flat list of numbers (each image needs "
+                                       f"one label in 0..{len(classes) - 1}, its class's index). Fix: {refetch}")
+            y = np.asarray(y)
             if (big := max(x.nbytes, y.nbytes)) > (size := (folder / f).stat().st_size):
                 raise TransferkitError(f"{folder / f} holds an array of {big} bytes in a file of {size} bytes: no "
                                        f"official file does. Fix: {refetch}")

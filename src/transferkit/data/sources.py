@@ -50,7 +50,8 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
         img = _to_rgb(Image.open(io.BytesIO(data)))
     # a broken file raises whatever its format's reader hits: a PNG chunk SyntaxError, a frameless GIF EOFError
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise TransferkitError(f"corrupt image {where} ({e}). Fix: delete or replace that file.") from e
+        why = "no image format PIL reads" if isinstance(e, UnidentifiedImageError) else e  # its text: a buffer's id
+        raise TransferkitError(f"corrupt image {where} ({why}). Fix: delete or replace that file.") from e
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
     return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # a copy: PIL's own array is read-only

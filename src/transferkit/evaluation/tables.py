@@ -104,7 +104,7 @@ def results_table(metrics: dict, timing: dict) -> str:
              f"{timing.get('throughput_batch', 256)} |", "|---|---|---|---|---|---|"]
     from transferkit.evaluation.report import LABELS
 
-    for name in [n for n in LABELS if n in metrics["models"]]:  # baselines first, the deployed model last
+    for name in metrics["models"]:  # in evaluate's order: baselines first, the deployed model last
         r, t = metrics["models"][name], timing.get(name, {})
         lines.append(f"| {LABELS.get(name, name)} | {pct(r['top1'])} "
                      f"({pct(r['top1_ci95'][0])}–{pct(r['top1_ci95'][1])}) | "
@@ -152,13 +152,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("dir", nargs="?", type=Path,
                         help="evaluate's output folder or its metrics.json (default: the project's artifacts/evaluate)")
     folder = parser.parse_args(argv).dir
-    if folder is None:  # the project's, from any folder inside it
-        from transferkit.config.compose import find_conf_dir
+    if folder is None:  # the project's, from any folder inside it, where its params.yaml puts the stages' outputs
+        from transferkit.config.compose import find_conf_dir, read_params
 
         try:
-            folder = Path(os.path.relpath(find_conf_dir().parent / "artifacts" / "evaluate"))
+            project = find_conf_dir().parent
         except TransferkitError:
-            folder = Path("artifacts/evaluate")
+            project = Path()
+        try:
+            artifacts = read_params(project / "params.yaml")["paths"].get("artifacts_dir") or "artifacts"
+        except TransferkitError:  # no params.yaml yet: the default's
+            artifacts = "artifacts"
+        folder = Path(os.path.relpath(project / artifacts / "evaluate"))
     elif folder.name == "metrics.json" and folder.is_file():
         folder = folder.parent
     if any((folder / s).is_dir() for s in STAGES):  # the artifacts folder itself

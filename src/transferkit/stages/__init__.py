@@ -69,3 +69,12 @@ def inputs_of(stage: str, artifacts_dir) -> dict:
     from pathlib import Path
 
     return {name: Path(artifacts_dir) / name for name in BY_NAME[stage].reads}
+
+
+def named_files(stage: str, cfg) -> list:
+    """The files a stage's settings name (the stage table's `files`), where set: it reads them beside its inputs."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    return [Path(str(value)) for key in BY_NAME[stage].files if (value := OmegaConf.select(cfg, key))]

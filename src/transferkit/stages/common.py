@@ -32,9 +32,9 @@ RESUME_KEY = ".resume_key"  # in a work folder only: what else its resume checkp
 
 
 def resume_key(inputs: Iterable[Path], params: str = "") -> str:
-    """What a run trains from: its params, this package's code, and each file of the folders it reads
-    by path, size and modification time (a file remade by an earlier stage is a new file, and no stage
-    start has to read every input through a hash)."""
+    """What a run trains from: its params, this package's code, and each file it reads (the files of its
+    input folders, and input files) by path, size and modification time (a file remade by an earlier stage
+    is a new file, and no stage start has to read every input through a hash)."""
     import hashlib
 
     import transferkit
@@ -42,7 +42,8 @@ def resume_key(inputs: Iterable[Path], params: str = "") -> str:
     digest, package = hashlib.sha256(f"{params}\0".encode()), Path(transferkit.__file__).parent
     for f in sorted(package.rglob("*.py")):
         digest.update(f"{f.relative_to(package).as_posix()}\0".encode() + f.read_bytes())
-    for f in sorted(f for folder in inputs for f in Path(folder).rglob("*") if f.is_file()):
+    files = (f for path in map(Path, inputs) for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file())
+    for f in sorted(files):
         stat = f.stat()
         digest.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -55,6 +56,11 @@ def check_replaceable(final: Path, inputs: Iterable[Path] = (), others: Iterable
     the folder of another stage (`others`)."""
     target, here = final.resolve(), Path.cwd().resolve()
     fix = "Fix: write them to a folder of their own (--out DIR, a new or empty folder)."
+    if final.is_symlink():
+        raise TransferkitError(f"the output folder {final} is a symbolic link (to {target}), and a stage installs its "
+                               f"outputs by renaming a new folder into place, which would replace the link, not what "
+                               f"it points to. Fix: pass the folder it points to ({target}) as --out, or remove the "
+                               f"link.")
     if target == here or target in here.parents:
         raise TransferkitError(f"the output folder {final} is or holds the current folder, and the stage's outputs "
                                f"would replace everything in it. {fix}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from transferkit.stages import BY_NAME, inputs_of, module_of
+from transferkit.stages import BY_NAME, inputs_of, module_of, named_files
 
 
 def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | None = None) -> dict:
@@ -30,7 +30,9 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     # the params saved with the outputs say what produced them: collect reads them
     params = yaml.safe_dump(to_params(cfg), sort_keys=False)
     others = [Path(cfg.paths.artifacts_dir) / name for name in BY_NAME if name != stage]  # dvc.yaml's outputs
-    with storage_errors(out), staged_output(out, params, inputs.values(), others, tracked(stage, cfg)) as work:
+    # a file a setting names is read as the input folders are: a changed one is no run to resume
+    reads = [*inputs.values(), *named_files(stage, cfg)]
+    with storage_errors(out), staged_output(out, params, reads, others, tracked(stage, cfg)) as work:
         return module.run(cfg, inputs, work)
 
 

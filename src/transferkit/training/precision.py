@@ -43,9 +43,11 @@ def cpu_model() -> str:
 
 def matmul_gflops(dtype: torch.dtype, max_n: int = 1024, repeats: int = 3, slow_s: float = 0.02) -> float:
     """Best-of-`repeats` GFLOP/s of an n x n matrix product on the CPU, n doubling from 128 up to
-    `max_n` until one product takes `slow_s`: an emulated dtype is measured in a fraction of a
-    second, not in the seconds a 1024 x 1024 product of it takes."""
-    n = 128
+    `max_n` until one product takes `slow_s` and the rate has stopped growing with n: an emulated
+    dtype is measured in a fraction of a second, not in the seconds a 1024 x 1024 product of it takes,
+    while on a busy machine, where a product of any size waits about as long for a descheduled
+    thread, the probe goes on to sizes whose time is the arithmetic's."""
+    n, rate = 128, 0.0
     while True:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b  # warm-up: thread pool, kernel selection
@@ -54,8 +56,9 @@ def matmul_gflops(dtype: torch.dtype, max_n: int = 1024, repeats: int = 3, slow_
             t = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t)
-        if n >= max_n or best >= slow_s:
-            return 2 * n ** 3 / best / 1e9
+        previous, rate = rate, 2 * n ** 3 / best / 1e9
+        if n >= max_n or (best >= slow_s and rate < 2 * previous):
+            return rate
         n *= 2
 
 

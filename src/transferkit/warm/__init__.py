@@ -47,10 +47,12 @@ from transferkit.warm import server
 from transferkit.warm.server import FORWARDED, STREAMS, recv_exactly
 
 # the variables that pick the server: what shapes imports and threads, the locale and the time zone, which
-# the interpreter reads once at start-up (the encoding of the streams a worker opens), and tqdm's defaults,
-# which it reads once on import
+# the interpreter reads once at start-up (the encoding of the streams a worker opens), and what the libraries
+# it imports read once on import (tqdm's defaults, matplotlib's backend, dvclive's log level, numpy's and
+# protobuf's options, torch's compiler settings, the rank Lightning logs as)
 SHAPES_IMPORTS = ("PYTHON", "OMP_", "GOMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_", "TORCH", "PYTORCH", "LD_", "NCCL_",
-                  "LANG", "LC_", "TZ", "TQDM_")
+                  "LANG", "LC_", "TZ", "TQDM_", "MPL", "DVCLIVE_", "NPY_", "PROTOCOL_BUFFERS", "INDUCTOR_",
+                  "AOT_INDUCTOR", "RANK", "LOCAL_RANK", "SLURM_", "CI")
 # set by torch in its own process the first time it uses its compiler's cache, so a script's commands
 # before and after that differ in it; read at run time, from the environment the worker takes on
 SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
@@ -82,7 +84,8 @@ def socket_path() -> Path:
     folder.mkdir(mode=0o700, exist_ok=True)
     st = folder.lstat()  # not a link someone else planted
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise OSError(f"{folder} is not a folder private to this user")
+        raise OSError(f"{folder} is not a folder private to this user (mode 700, owned by it). Fix: remove it, or "
+                      f"set TMPDIR to a folder of your own")
     key = hashlib.sha256()
     for part in (sys.executable, sys.version, Path(__file__).read_text(), Path(server.__file__).read_text(), *sys.path,
                  *(f"{k}={v}" for k, v in sorted(os.environ.items())
@@ -94,7 +97,7 @@ def socket_path() -> Path:
             key.update(str(os.stat(entry).st_mtime_ns).encode())
     path = folder / f"{key.hexdigest()[:20]}.sock"
     if len(str(path).encode()) > 100:  # a socket's address holds about 100 bytes
-        raise OSError(f"{path} is too long for a socket's address")
+        raise OSError(f"{path} is too long for a socket's address. Fix: set TMPDIR to a shorter path")
     return path
 
 
@@ -120,6 +123,10 @@ def run(argv: list[str]) -> int | None:
     command runs here while the server imports, and the commands after it are served."""
     try:
         path = socket_path()
+    except OSError as e:  # the command runs cold, and says why
+        print(f"transferkit: TRANSFERKIT_WARM=1, but no warm server can serve: {e}.", file=sys.stderr)
+        return None
+    try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.settimeout(HANDSHAKE_S)
         try:
@@ -169,9 +176,10 @@ def run(argv: list[str]) -> int | None:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    # what the worker sent, or what the server saw it die of (-signal); the command ends the same way
+    # the status the worker exits with, or the signal it dies of (-signal: the server saw it die, or the
+    # worker's KeyboardInterrupt); the command ends the same way
     code = None if code is None else struct.unpack("!i", code)[0]
-    if passed and code in (None, 128 + passed[-1]):  # a KeyboardInterrupt from the SIGINT passed on
+    if passed and code is None:  # the server went away with the worker a passed-on signal ended
         code = -passed[-1]
     if code is not None and code < 0:
         with contextlib.suppress(OSError, ValueError):  # SIGKILL's handler cannot be set, and needs none

@@ -152,12 +152,14 @@ def _work(conn: socket.socket) -> None:
         os.environ.clear()
         os.environ.update({k: v for k, v in header["env"].items() if k != "TRANSFERKIT_WARM"})
         sys.path[:] = header["path"]
-        # the streams as a fresh process opens them: line-buffered on a terminal, stderr always
+        # the streams as a fresh process opens them: line-buffered on a terminal, stderr always, in the
+        # encoding and error handling of PYTHONIOENCODING and the locale, which picked this server
         unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-        sys.stdin = open(0, closefd=False)
-        sys.stdout = open(1, "w", buffering=1 if os.isatty(1) or unbuffered else -1, closefd=False,
-                          errors=sys.__stdout__.errors)  # the locale's choice, which picked this server
-        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+        sys.stdin, sys.stdout, sys.stderr = (
+            open(fd, mode, buffering=buffering, closefd=False, encoding=like.encoding, errors=like.errors)
+            for fd, mode, buffering, like in ((0, "r", -1, sys.__stdin__),
+                                              (1, "w", 1 if os.isatty(1) or unbuffered else -1, sys.__stdout__),
+                                              (2, "w", 1, sys.__stderr__)))
         for stream in (sys.stdout, sys.stderr) if unbuffered else ():
             stream.reconfigure(write_through=True)
         sys.argv = [header["argv0"], *header["argv"]]
@@ -180,10 +182,11 @@ def _work(conn: socket.socket) -> None:
         except SystemExit as e:  # as the interpreter ends on it: an int is the code, anything else is printed
             if e.code is not None and not isinstance(e.code, int):
                 print(e.code, file=sys.stderr)
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            # the status the process would exit with (sys.exit(-1): 255; 143 is an exit, not SIGTERM)
+            code = e.code & 0xFF if isinstance(e.code, int) else (0 if e.code is None else 1)
         except KeyboardInterrupt:  # the interpreter prints it and dies of SIGINT: the command does (run())
             traceback.print_exc()
-            code = 128 + signal.SIGINT
+            code = -signal.SIGINT
     except BaseException:  # reported on the command's stderr, as an uncaught error would be
         traceback.print_exc()
     finally:
