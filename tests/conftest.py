@@ -91,7 +91,8 @@ def resumable_leftover(stage: str, cfg) -> Path:
     work = Path(cfg.paths.artifacts_dir) / f".{stage}.incomplete"
     work.mkdir(parents=True)
     (work / PARAMS_FILE).write_text(yaml.safe_dump(to_params(cfg), sort_keys=False))
-    reads = [*inputs_of(stage, cfg.paths.artifacts_dir).values(), *named_files(stage, cfg)]
+    named = named_files(stage, to_params(cfg)).values()
+    reads = [*inputs_of(stage, cfg.paths.artifacts_dir).values(), *map(Path, named)]
     (work / RESUME_KEY).write_text(resume_key(reads, tracked(stage, cfg)))
     return work
 

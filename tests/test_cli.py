@@ -35,6 +35,16 @@ def test_every_command_has_help(command):
     assert (ROOT / "params.yaml").read_bytes() == before  # asking for help writes nothing
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("hydra/launcher=local_paralel", "hydra/launcher=local_paralel: conf/hydra/launcher/ has no such option"),
+    ("hydra.job.chdirr=true", "conf/ has no setting hydra.job.chdirr"),
+])
+def test_a_sweeps_bad_hydra_setting_is_one_line(capsys, override, needle):
+    """The launchers conf/hydra/launcher/ documents are picked on a stage's command line."""
+    line = _error(capsys, ["transfer", "-m", override, "transfer.freeze_depth=0,1"])
+    assert needle in line and "Fix:" in line, line
+
+
 @pytest.mark.parametrize("flag", ["--help", "--cfg=job"])
 def test_a_stage_prints_help_and_its_config_where_a_run_of_it_would_be_refused(tmp_path, flag):
     """Outputs of another experiment under artifacts/ refuse a run (it would read them); asking how to
@@ -178,6 +188,11 @@ def test_params_refuses_what_a_stage_would_refuse_and_keeps_its_files(tmp_path, 
     for name in ("params.yaml", "dvc.yaml"):
         (tmp_path / name).write_text("# earlier\n")
     for bad, needle in (("~seed", "seed is missing"),
+                        ("~transfer.backbone_lr_mult", "transfer.backbone_lr_mult is missing: the stages read it"),
+                        ("~distill.student", "distill.student is missing"),
+                        ("~evaluate.tta", "evaluate.tta is missing"),
+                        # found by prune when it starts, hours into `dvc repro`: found by params before it writes
+                        ("prune.keep=[hed]", "prune.keep names ['hed']"), ("prune.rates=[1,2]", "prune.rates has 2"),
                         ("paths.artifacts_dir=null", "paths.artifacts_dir=None is invalid"),
                         ("paths=5", "paths=5 is invalid"), ("name=[1]", "name=[1] is invalid"),
                         ("+transfer.lrr=0.1", "conf/ has no setting transfer.lrr (did you mean transfer.lr or"),

@@ -102,6 +102,19 @@ def test_unknown_config_group_option_is_one_line_with_the_options(override, need
     assert str(e.value).startswith(needle) and "\n" not in str(e.value) and "provider=" not in str(e.value)
 
 
+def test_a_conf_file_that_is_no_yaml_is_one_line_naming_it(tmp_path):
+    import shutil
+
+    from transferkit.config.compose import compose as compose_in
+
+    shutil.copytree(CONF, tmp_path / "conf")
+    (tmp_path / "conf" / "model" / "fastnet.yaml").write_text("name: fastnet\nwidths: [64, 256\n")  # an edit cut short
+    with pytest.raises(TransferkitError) as e:
+        compose_in([], tmp_path / "conf")
+    assert str(e.value).startswith("conf/ holds a file that is not valid YAML") and "\n" not in str(e.value)
+    assert "fastnet.yaml" in str(e.value) and "line 3" in str(e.value) and "Fix:" in str(e.value)
+
+
 @pytest.mark.parametrize("override, key, value", [
     ("++transfer.freeze_depth=2", "transfer.freeze_depth", 2),
     ("+probe.depth=1", "probe.depth", 1),  # a key conf/ sets to null

@@ -4,6 +4,7 @@ the project, then a second `dvc repro` that does nothing, a clean `dvc status`, 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -136,6 +137,35 @@ def test_stage_modules_read_only_the_inputs_the_table_declares():
         assert used == set(stage.reads) or (used <= set(stage.reads) and stage.name == "evaluate"), stage.name
         assert "artifacts_dir" not in text and "stage_dir" not in text, stage.name
         assert callable(getattr(importlib.import_module(module_of(stage.name)), "run", None))
+
+
+def test_a_dataset_read_from_outside_data_dir_is_a_dep_of_prepare(tmp_path, monkeypatch):
+    """data.target.dataset=PATH reads a folder or archive wherever it is. Inside data/ (or by name) the
+    `data` dep covers it; anywhere else it is a dep of its own, or `dvc repro` would keep the images
+    prepare made from its old contents."""
+    from conftest import write_image_folder
+    from transferkit.config.compose import compose, params_text, to_params
+    from transferkit.stages import named_files
+
+    archive = write_image_folder(tmp_path / "mine", ["cat", "dog"], 3, 2)
+    split = ["data.target.classes=[cat,dog]", "data.target.train_per_class=2", "data.target.val_per_class=1"]
+    cfg = compose(["experiment=smoke", f"data.target.dataset={archive}", *split])
+    assert named_files("prepare", to_params(cfg)) == {"data.target.dataset": str(archive)}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    shutil.copy(archive, tmp_path / "data" / "in_data.tar.gz")
+    for name in ("cifar10", "synthetic", "in_data.tar.gz", "data/in_data.tar.gz", tmp_path / "data" / "in_data.tar.gz",
+                 "missing.tar.gz"):  # by name, or in data/: the data dep's (a missing one: prepare says so)
+        other = compose(["experiment=smoke", f"data.target.dataset={name}"], ROOT / "conf")
+        assert named_files("prepare", to_params(other)) == {}, name
+
+    proj = copy_project(ROOT, tmp_path / "proj", params_text(cfg))
+    assert str(archive) in yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]["prepare"]["deps"]
+    _sh(["dvc", "repro", "prepare"], proj)
+    assert "up to date" in _sh(["dvc", "status", "prepare"], proj)
+    write_image_folder(tmp_path / "mine", ["cat", "dog"], 4, 2)  # the archive made again, with more images
+    assert "modified:" in _sh(["dvc", "status", "prepare"], proj)
+    assert "Running stage 'prepare'" in _sh(["dvc", "repro", "prepare"], proj)
 
 
 def test_a_file_a_setting_names_must_be_a_dep_of_the_stage_dvc_runs(tmp_path, monkeypatch):

@@ -110,7 +110,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from transferkit.config.compose import find_conf_dir
+    from transferkit.config.compose import compose, find_conf_dir
     from transferkit.sweep.points import check_points, expand
     from transferkit.training import multi_process
 
@@ -124,7 +124,9 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
             raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a "
                                    f"Hydra multirun, into multirun/), or run `transferkit sweep {stage} "
                                    f"{' '.join(overrides)}` (DVC stages: cached and resumable).")
-        check_points(stage, overrides)
+        check_points(stage, overrides)  # its points leave hydra.* out: they are composed here, a typo one line
+        if settings := [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]:
+            compose(settings)
 
     @hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base="1.3")
     def app(cfg) -> None:

@@ -138,3 +138,9 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
     n = {key: num_blocks(key) for key in ("model", "distill.student") if OmegaConf.select(cfg, key) is not None}
     for name in [s for s in DEPTHS if s in cfg] if all_stages else [stage] if stage in DEPTHS else []:
         validate_depths(cfg, name, n["model"])
+    if "prune" in cfg and "distill.student" in n and (all_stages or stage == "prune"):  # not after hours of training
+        from transferkit.prune.structured import check_rates, kept_modules
+
+        student = model_from_config(to_params(cfg.distill.student), 2, key="distill.student", fetch_weights=False)
+        kept_modules(student, list(cfg.prune.keep))
+        check_rates(student, list(cfg.prune.rates))

@@ -35,17 +35,25 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
 
     conf_dir = conf_dir or find_conf_dir()
     overrides = list(overrides or [])
+    # every setting conf/ has is read by a stage (a key inside a block would pass the schema's checks missing)
+    if deleted := [o.removeprefix("~").partition("=")[0] for o in overrides
+                   if o.startswith("~") and not o.startswith("~hydra")]:
+        raise TransferkitError(f"{deleted[0]} is missing: the stages read it. Fix: leave it in conf/ (no "
+                               f"~{deleted[0]}), or set it with {deleted[0]}=VALUE.")
     try:
         with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
             cfg = hydra_compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: a group set to null
         raise TransferkitError(_override_error(str(e), overrides, conf_dir)) from e
+    except yaml.YAMLError as e:  # an edited file of conf/ (its name, line and column are in the message)
+        raise TransferkitError(f"conf/ holds a file that is not valid YAML: {' '.join(str(e).split())}. Fix: correct "
+                               f"that line (`git diff conf/` shows what changed).") from e
     try:  # values refer to others (${transfer.lr}): a block replaced or a key deleted breaks them here
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise TransferkitError(f"conf/ composed with {' '.join(overrides)} does not resolve: "
                                f"{' '.join(str(e).split())}. Fix: override single settings (key=value), not whole "
-                               f"blocks, and delete (~key) none that another setting refers to.") from e
+                               f"blocks.") from e
     return cfg
 
 

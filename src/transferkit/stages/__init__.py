@@ -22,6 +22,7 @@ class Stage:
     module: str = ""                # its code, if not transferkit.stages.<name>
     command: str = ""               # its dvc.yaml command, if not `transferkit NAME --params params.yaml`
     files: tuple[str, ...] = ()     # config keys that may name a file it reads (a dep when set)
+    datasets: tuple[str, ...] = ()  # config keys naming a dataset: a file it reads where a path outside data_dir
 
 
 COMMON = ("seed", "trainer")
@@ -29,7 +30,8 @@ COMMON = ("seed", "trainer")
 PRUNE_PARAMS = ("prune", "distill.method", "distill.temperature", "distill.alpha", "distill.dkd_alpha",
                 "distill.dkd_beta", "distill.mixup")
 PIPELINE = (
-    Stage("prepare", params=("seed", "data", "paths.data_dir")),
+    Stage("prepare", params=("seed", "data", "paths.data_dir"),
+          datasets=("data.source.dataset", "data.target.dataset")),
     Stage("pretrain", ("prepare",), (*COMMON, "model", "pretrain"), trains=True),
     Stage("transfer", ("prepare", "pretrain"), (*COMMON, "model", "transfer"), trains=True, target_model=True),
     Stage("probe", ("prepare", "pretrain"), (*COMMON, "model", "probe"), trains=True, target_model=True),
@@ -71,10 +73,25 @@ def inputs_of(stage: str, artifacts_dir) -> dict:
     return {name: Path(artifacts_dir) / name for name in BY_NAME[stage].reads}
 
 
-def named_files(stage: str, cfg) -> list:
-    """The files a stage's settings name (the stage table's `files`), where set: it reads them beside its inputs."""
+def named_files(stage: str, params: dict) -> dict[str, str]:
+    """The files a stage's settings name, by key: its `files` where set, and its `datasets` where they are
+    read from outside paths.data_dir (a dataset there is read through data_dir's dep). They are deps of its
+    dvc.yaml entry, and it reads them as it reads its input folders."""
     from pathlib import Path
 
-    from omegaconf import OmegaConf
+    def value(key: str):
+        found = params
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        return found
 
-    return [Path(str(value)) for key in BY_NAME[stage].files if (value := OmegaConf.select(cfg, key))]
+    named = {key: str(value(key)) for key in BY_NAME[stage].files if value(key)}
+    if BY_NAME[stage].datasets:
+        from transferkit.data.sources import dataset_location
+
+        data_dir = Path(str(value("paths.data_dir") or "data")).resolve()
+        for key in BY_NAME[stage].datasets:
+            where = dataset_location(str(value(key)), data_dir)
+            if where is not None and data_dir not in where.resolve().parents:
+                named[key] = str(value(key))
+    return named

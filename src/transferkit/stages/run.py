@@ -31,7 +31,7 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     params = yaml.safe_dump(to_params(cfg), sort_keys=False)
     others = [Path(cfg.paths.artifacts_dir) / name for name in BY_NAME if name != stage]  # dvc.yaml's outputs
     # a file a setting names is read as the input folders are: a changed one is no run to resume
-    reads = [*inputs.values(), *named_files(stage, cfg)]
+    reads = [*inputs.values(), *map(Path, named_files(stage, to_params(cfg)).values())]
     with storage_errors(out), staged_output(out, params, reads, others, tracked(stage, cfg)) as work:
         return module.run(cfg, inputs, work)
 
@@ -47,15 +47,14 @@ def tracked(stage: str, cfg: DictConfig) -> str:
 
 
 def check_files_tracked(stage: str, cfg: DictConfig) -> None:
-    """Under `dvc repro` (which sets DVC_STAGE): every file a setting of the stage names (the stage
-    table's `files`) is a dep of the stage's dvc.yaml entry, or DVC would not run the stage again when
-    the file changes. `dvc exp run -S` sets such a value in params.yaml without writing dvc.yaml."""
-    from omegaconf import OmegaConf
-
+    """Under `dvc repro` (which sets DVC_STAGE): every file a setting of the stage names (named_files) is a
+    dep of the stage's dvc.yaml entry, or DVC would not run the stage again when the file changes. `dvc exp
+    run -S` sets such a value in params.yaml without writing dvc.yaml."""
+    from transferkit.config.compose import to_params
     from transferkit.errors import TransferkitError
 
     address = os.environ.get("DVC_STAGE")
-    if not address or not BY_NAME[stage].files:
+    if not address or not (named := named_files(stage, to_params(cfg))):
         return
     file, _, name = address.rpartition(":")
     dvc_file = Path(os.environ.get("DVC_ROOT", ".")) / (file or "dvc.yaml")
@@ -63,8 +62,8 @@ def check_files_tracked(stage: str, cfg: DictConfig) -> None:
         deps = yaml.safe_load(dvc_file.read_text())["stages"][name].get("deps") or []
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):  # not one of ours: nothing to check
         return
-    for key in BY_NAME[stage].files:
-        if (value := OmegaConf.select(cfg, key)) and str(value) not in deps:
+    for key, value in named.items():
+        if value not in deps:
             raise TransferkitError(f"{key}={value} names a file that is not among the deps of {name} in {dvc_file}, "
                                    f"so DVC would not run {name} again when that file changes (params.yaml was set "
                                    f"without `transferkit params`, as `dvc exp run -S` sets it). Fix: set it with "
