@@ -34,6 +34,12 @@ class Case:
 
 
 # --------------------------------------------------------------------- file breakers
+def _write(path: Path, text: str | None) -> tuple:
+    """`text` into a stage's file (None: delete it)."""
+    path.write_text(text) if text is not None else path.unlink()
+    return ()
+
+
 def _archive_with(tmp: Path, **kw) -> Path:
     return write_image_folder(tmp / "data", CIFAR10_CLASSES, train_per_class=kw.get("train", 3),
                               test_per_class=1)
@@ -153,6 +159,19 @@ def truncated_prepared_task(tmp):
     return ()
 
 
+def altered_prepared_task(change: Callable[[dict], None]) -> Callable[[Path], tuple]:
+    """A loadable target.pt whose content is not a task as prepare writes one."""
+    def setup(tmp: Path) -> tuple:
+        import torch
+
+        path = tmp / "artifacts" / "prepare" / "target.pt"
+        task = torch.load(path, weights_only=True)
+        change(task)
+        torch.save(task, path)
+        return ()
+    return setup
+
+
 def student_of_other_classes(tmp):
     shutil.copy(tmp / "artifacts" / "pretrain" / "model.pt", tmp / "artifacts" / "distill" / "model.pt")
     return ()
@@ -188,6 +207,15 @@ CASES = {
     # ---- dataset paths and formats
     "missing dataset": Case("prepare", ("data.download=false",), "three ways", experiment="cifar10_split"),
     "corrupt archive": Case("prepare", needle="archive", setup=corrupt_archive, experiment="cifar10_split"),
+    # a target.pt that loads but is no task: a crash mid-way, or training on the wrong data without a word
+    "a prepared task without its val split": Case("scratch", needle="target.pt is not a prepared task: it lacks val_x",
+                                                  setup=altered_prepared_task(lambda t: t.pop("val_x"))),
+    "prepared labels beyond the classes": Case("scratch", needle="labels outside 0..2", setup=altered_prepared_task(
+        lambda t: t.update(train_y=t["train_y"] + 5))),
+    "fewer prepared labels than images": Case("scratch", needle="not one int64 label per image",
+                                              setup=altered_prepared_task(lambda t: t.update(train_y=t["val_y"]))),
+    "prepared images in float": Case("scratch", needle="not uint8 images", setup=altered_prepared_task(
+        lambda t: t.update(train_x=t["train_x"].float()))),
     "archive with a damaged header": Case("prepare", needle="is damaged", setup=damaged_header_archive,
                                           experiment="cifar10_split"),
     "archive of random bytes": Case("prepare", needle="archive", setup=random_bytes_archive,
@@ -237,6 +265,9 @@ CASES = {
                                             "(item 0: 'a')"),
     "negative learning rate": Case("transfer", ("transfer.lr=-0.1",), "transfer.lr"),
     "zero learning rate": Case("pretrain", ("pretrain.lr=0",), "pretrain.lr"),
+    "infinite learning rate": Case("scratch", ("scratch.lr=inf",), "scratch.lr=inf is invalid"),
+    # a valid setting that blows the loss up: NaN weights, saved as a model and read by every later stage
+    "a learning rate that diverges": Case("scratch", ("scratch.lr=1e6", "scratch.epochs=2"), "training diverged"),
     "negative backbone LR multiplier": Case("transfer", ("transfer.backbone_lr_mult=-1",), "backbone_lr_mult"),
     "zero epochs": Case("scratch", ("scratch.epochs=0",), "scratch.epochs"),
     "zero batch size": Case("transfer", ("transfer.batch_size=0",), "transfer.batch_size"),
@@ -302,6 +333,16 @@ CASES = {
     "channel scope in unstructured mode": Case("prune", ("prune.mode=unstructured", "prune.scope=isomorphic"),
                                                "prune.scope"),
     "zero latency repeats": Case("evaluate", ("evaluate.latency_repeats=0",), "evaluate.latency_repeats"),
+    # what evaluate quotes from other stages: one line naming the stage to run again, before any scoring
+    "a training stage's timing.json cut short": Case(
+        "evaluate", needle="artifacts/pretrain/timing.json (Expecting", setup=lambda tmp: _write(
+            tmp / "artifacts" / "pretrain" / "timing.json", '{"train_seconds": 3')),
+    "quantize.json that is no object": Case("evaluate", needle="holds a list, not the object the 'quantize' stage",
+                                            setup=lambda tmp: _write(tmp / "artifacts" / "quantize" / "quantize.json",
+                                                                     "[1, 2]")),
+    "prepare's summary.json gone": Case("evaluate", needle="prepare/summary.json (No such file or directory). Fix: "
+                                        "run the 'prepare' stage again", setup=lambda tmp: _write(
+                                            tmp / "artifacts" / "prepare" / "summary.json", None)),
     "zero throughput repeats": Case("evaluate", ("evaluate.throughput_repeats=0",), "evaluate.throughput_repeats"),
     "unknown quantization method": Case("quantize", ("quantize.method=kl",), "quantize.method"),
     "unknown quantization format": Case("quantize", ("quantize.format=int4",), "quantize.format"),
@@ -361,7 +402,8 @@ def test_bad_input(name, smoke_artifacts, tmp_path):
     ("scratch", "artifacts", "holds .*prepare, which this stage reads"),
     ("scratch", "artifacts/transfer/../prepare", "prepare, which this stage reads"),
     ("scratch", "notes", "files no stage wrote"),
-    ("scratch", "artifacts/transfer", "is the transfer stage's"),
+    ("scratch", "artifacts/transfer", "is or is inside the transfer stage's"),
+    ("scratch", "artifacts/transfer/dvclive", "is or is inside the transfer stage's"),  # dvclive writes params.yaml
     ("prepare", "project", r"holds a project \(dvc.yaml, conf\)"),  # its params.yaml, as a stage's folder has
     ("prepare", "project/..", "is or holds the current folder"),
     # the swap would rename the link away and leave a folder in its place, the folder it pointed to unchanged

@@ -35,6 +35,47 @@ def test_every_command_has_help(command):
     assert (ROOT / "params.yaml").read_bytes() == before  # asking for help writes nothing
 
 
+def test_a_stage_run_by_hand_refuses_inputs_another_config_made(smoke_artifacts, tmp_path, monkeypatch, capsys):
+    """`transferkit evaluate --params params.yaml` after `transferkit scratch --params params.yaml scratch.epochs=2`
+    would set a 2-epoch scratch against the transfer run: refused, as a Hydra run and a sweep refuse it. Under
+    `dvc repro` (DVC_STAGE set) DVC made every input from this params file."""
+    import shutil
+
+    import yaml
+
+    from transferkit import cli as transferkit_cli
+    from transferkit.stages import run as stages_run
+
+    cfg, _ = smoke_artifacts
+    shutil.copytree(cfg.paths.artifacts_dir, tmp_path / "artifacts")
+    params = tmp_path / "params.yaml"
+    params.write_text(params_text(compose("experiment=smoke", tmp=tmp_path)))
+    made = yaml.safe_load((tmp_path / "artifacts" / "scratch" / "params.yaml").read_text())
+    made["scratch"]["epochs"] += 1  # as `scratch.epochs=...` on scratch's command line made it
+    (tmp_path / "artifacts" / "scratch" / "params.yaml").write_text(yaml.safe_dump(made))
+    ran = []
+    monkeypatch.setattr(stages_run, "run_stage", lambda *a, **k: ran.append(a[0]))
+    line = _error(capsys, ["evaluate", "--params", str(params)])
+    assert f"scratch.epochs={made['scratch']['epochs'] - 1} here, but" in line and "Fix:" in line and not ran
+    monkeypatch.setenv("DVC_STAGE", "evaluate")
+    assert transferkit_cli.main(["evaluate", "--params", str(params)]) in (0, None) and ran == ["evaluate"]
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Evaluate's scoring, say: Lightning reports a Ctrl+C in a fit itself; anywhere else it was a traceback."""
+    from transferkit import cli as transferkit_cli
+    from transferkit.evaluation import tables
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tables, "main", interrupted)
+    assert transferkit_cli.main(["results"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "transferkit results: interrupted; its earlier outputs are unchanged. Fix: run it again to finish (a training "
+        "stage resumes where it stopped)."]
+
+
 @pytest.mark.parametrize("override, needle", [
     ("hydra/launcher=local_paralel", "hydra/launcher=local_paralel: conf/hydra/launcher/ has no such option"),
     ("hydra.job.chdirr=true", "conf/ has no setting hydra.job.chdirr"),

@@ -75,6 +75,10 @@ def _params_mode(stage: str, args: list[str]) -> None:
     if missing := [f"{k}={v}" for k, v in inputs.items() if not Path(v).is_dir()]:
         raise TransferkitError(f"--in {missing[0]}: no such folder. Fix: give the folder the "
                                f"'{missing[0].partition('=')[0]}' stage wrote its outputs to.")
+    if not os.environ.get("DVC_STAGE"):  # by hand: its inputs may be another run's (`dvc repro` made them with this)
+        from transferkit.sweep.points import check_inputs, override_key
+
+        check_inputs(stage, cfg, {override_key(o) for o in overrides}, inputs)
     try:
         run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir) / stage,
                   {k: Path(v) for k, v in inputs.items()})
@@ -204,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     except TransferkitError as e:
         print(f"transferkit {command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C outside a fit (Lightning ends a fit with its own line): no traceback
+        print(f"transferkit {command}: interrupted; its earlier outputs are unchanged. Fix: run it again to finish "
+              f"(a training stage resumes where it stopped).", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `transferkit results | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 1

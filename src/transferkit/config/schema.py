@@ -29,14 +29,14 @@ def rule(**limits):
 class Schema(BaseModel):
     # strict: no bool for a number or "3" for an int; forbid: a key conf/ lacks (added by `+key=value`) is
     # read by no stage, so a typo would pass unnoticed
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)  # .inf: a run that trains NaN
 
 
 Names = list[str]  # a YAML list: a bare string would be read as its letters
 
 
 class Model(Schema):  # conf/model/: model and distill.student; the builders check which keys a network takes
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
     name: str = rule()
     widths: list[Annotated[int, Field(ge=1)]] = rule(min_length=1)
     stem_width: int = rule(ge=1)

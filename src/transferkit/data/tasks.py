@@ -14,6 +14,25 @@ from transferkit.data.sources import RawDataset
 from transferkit.errors import TransferkitError
 
 
+def task_fault(task) -> str | None:
+    """What makes `task` no prepared task (None: nothing): every split uint8 images [N, 3, S, S] of one
+    size, one label per image, each the index of one of its classes."""
+    classes = task.get("classes") if isinstance(task, dict) else None
+    if not (isinstance(classes, list) and len(classes) >= 2):
+        return "it holds no list of classes"
+    for split in ("train", "val", "test"):
+        x, y = task.get(f"{split}_x"), task.get(f"{split}_y")
+        if not (torch.is_tensor(x) and torch.is_tensor(y)):
+            return f"it lacks {split}_x or {split}_y"
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[2:] != task["train_x"].shape[2:]:
+            return f"its {split}_x is {x.dtype} of shape {tuple(x.shape)}, not uint8 images [N, 3, S, S] as train_x"
+        if y.dtype != torch.int64 or y.shape != (len(x),):
+            return f"its {split}_y is {y.dtype} of shape {tuple(y.shape)}, not one int64 label per image ({len(x)})"
+        if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(classes)):
+            return f"its {split}_y holds labels outside 0..{len(classes) - 1} (one per class)"
+    return None
+
+
 def check_disjoint(source_classes, target_classes) -> None:
     """Source and target tasks drawn from one dataset share no class."""
     if both := sorted(set(source_classes) & set(target_classes)):

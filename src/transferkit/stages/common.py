@@ -22,9 +22,15 @@ def point_dir(freeze_curve_dir: Path, depth: int) -> Path:
 
 def load_task(prepare_dir: Path, role: str) -> dict:
     """The source or target task the prepare stage wrote into `prepare_dir`."""
+    from transferkit.data.tasks import task_fault
     from transferkit.io import load_torch
 
-    return load_torch(Path(prepare_dir) / f"{role}.pt", f"prepared {role} task", "prepare")
+    path = Path(prepare_dir) / f"{role}.pt"
+    task = load_torch(path, f"prepared {role} task", "prepare")
+    if fault := task_fault(task):  # a stage would crash on it mid-way, or train on the wrong data without a word
+        raise TransferkitError(f"{path} is not a prepared task: {fault}. Fix: run the 'prepare' stage again "
+                               f"(`dvc repro -s -f prepare`).")
+    return task
 
 
 PARAMS_FILE = "params.yaml"  # the resolved config a stage ran with, saved beside its outputs
@@ -71,10 +77,10 @@ def check_replaceable(final: Path, inputs: Iterable[Path] = (), others: Iterable
         if target == folder.resolve() or target in folder.resolve().parents:
             raise TransferkitError(f"the output folder {final} is or holds {folder}, which this stage reads, and the "
                                    f"stage's outputs would replace it. {fix}")
-    for folder in map(Path, others):
-        if target == folder.resolve():
-            raise TransferkitError(f"the output folder {final} is the {folder.name} stage's, and this stage's outputs "
-                                   f"would replace that stage's. {fix}")
+    for folder in map(Path, others):  # its folder, or one inside it (its dvclive/ has a params.yaml too)
+        if target == folder.resolve() or folder.resolve() in target.parents:
+            raise TransferkitError(f"the output folder {final} is or is inside the {folder.name} stage's, and this "
+                                   f"stage's outputs would replace what that stage wrote there. {fix}")
     if final.exists() and not (final / PARAMS_FILE).is_file() and (not final.is_dir() or any(final.iterdir())):
         raise TransferkitError(f"the output folder {final} holds files no stage wrote (it has no {PARAMS_FILE}), "
                                f"and the stage's outputs would replace all of them. Fix: write them to a new or "

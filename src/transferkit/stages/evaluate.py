@@ -4,7 +4,6 @@ with intervals, per-class accuracy, confusion matrices, cost; metrics.json and r
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from transferkit.evaluation import cost, html, plots, report, speed
 from transferkit.evaluation.metrics import (VIEWS, classification_metrics, paired_difference, predict, predict_onnx,
                                             wilson_interval)
 from transferkit.evaluation.tables import results_table
-from transferkit.io import atomic_path, save_json, save_text
+from transferkit.io import atomic_path, load_json, save_json, save_text
 from transferkit.models import load_checkpoint
 from transferkit.progress import progress
 from transferkit.stages import TARGET_MODELS
@@ -64,7 +63,7 @@ def freeze_curve(cfg: DictConfig, inputs: dict[str, Path], x: torch.Tensor, y: t
         else:
             model, _ = load_checkpoint(folder / "model.pt", stage, classes)
             hits = predict(model, x, ev.batch_size, ev.tta, eval_device(str(cfg.trainer.accelerator))).argmax(1) == y
-        val = json.loads((folder / "metrics.json").read_text()).get("val_acc")
+        val = load_json(folder / "metrics.json", stage).get("val_acc")
         n_correct = int(hits.sum())
         rows.append({"freeze_depth": depth, "top1": n_correct / len(y),
                      "top1_ci95": list(wilson_interval(n_correct, len(y))), "val_acc": val,
@@ -76,6 +75,14 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     task = load_task(inputs["prepare"], "target")
     classes, x, y = task["classes"], task["test_x"], task["test_y"]
     ev = cfg.evaluate
+    # what the report quotes from the other stages, read before minutes of scoring and timing
+    summary = load_json(inputs["prepare"] / "summary.json", "prepare")
+    pruned = load_json(inputs["prune"] / "metrics.json", "prune")
+    trained = {stage: t for stage in ("pretrain", *TARGET_MODELS)  # the precision and device each model trained in
+               if (t := load_json(inputs[stage] / "timing.json", stage, optional=True)) is not None}
+    # the deployable model's checks (dvc.yaml runs export and quantize first)
+    checks = {name: c for name, stage in (("export", "export"), ("quantize", "quantize"))
+              if (c := load_json(inputs[stage] / f"{name}.json", stage, optional=True)) is not None}
     torch.manual_seed(cfg.seed)
     models, timing, correct, loaded = {}, {}, {}, {}
     for name in progress(TARGET_MODELS, "scoring models", "model"):
@@ -138,7 +145,6 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     save_json(timing, out / "timing.json")
     plots.pareto_png(models, timing, out / "pareto.png")
     plots.curves_png({n: inputs[n] / "dvclive" for n in ("pretrain", *TARGET_MODELS)}, out / "curves.png")
-    summary = json.loads((inputs["prepare"] / "summary.json").read_text())
     cfg_summary = {
         "experiment": cfg.name, "model": cfg.model.name, "seed": cfg.seed, "tta": ev.tta, "tta_views": VIEWS[ev.tta],
         "freeze_depth": cfg.transfer.freeze_depth, "backbone_lr_mult": cfg.transfer.backbone_lr_mult,
@@ -147,18 +153,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe", "distill", "prune")},
         "prune": {k: cfg.prune[k] for k in ("mode", "criterion", "target", "ratio", "steps", "scope")},
     }
-    if "sparsity" in (pruned := json.loads((inputs["prune"] / "metrics.json").read_text())):  # unstructured
+    if "sparsity" in pruned:  # unstructured
         cfg_summary["prune"]["sparsity"] = pruned["sparsity"]
-    cfg_summary["training"] = {}  # the precision and device each model trained in (its timing.json)
-    for stage in ("pretrain", *TARGET_MODELS):
-        t = inputs[stage] / "timing.json"
-        if t.exists():
-            cfg_summary["training"][stage] = json.loads(t.read_text())
-    export_file = inputs["export"] / "export.json"
-    if export_file.exists():  # the deployable model's checks (dvc.yaml runs export first)
-        cfg_summary["export"] = json.loads(export_file.read_text())
-    if (inputs["quantize"] / "quantize.json").exists():
-        cfg_summary["quantize"] = json.loads((inputs["quantize"] / "quantize.json").read_text())
+    cfg_summary.update(training=trained, **checks)
     text = report.render(cfg_summary, metrics, timing, summary)
     save_text(text, out / "report.md")
     save_text(html.to_html(text, out), out / "report.html")

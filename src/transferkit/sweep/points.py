@@ -67,15 +67,16 @@ def exp_run_sets(key: str) -> str:
     return "".join(f"-S {shlex.quote(o)} " for o in base if override_key(o) != key)
 
 
-def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None) -> None:
-    """A run reads the outputs of earlier stages under paths.artifacts_dir, whatever its own settings
-    say: a setting of theirs that differs (a swept pretrain.epochs, data.target.train_per_class) would
-    make every point reuse one earlier result. Each output's saved params.yaml says what made it. `given`:
-    the keys the command line set (None: all); the others come from the project's params.yaml, so an
-    output made with another value of one is older than params.yaml, not another sweep's."""
+def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, folders: dict | None = None) -> None:
+    """A run reads the outputs of earlier stages under paths.artifacts_dir (or in `folders`, by stage),
+    whatever its own settings say: a setting of theirs that differs (a swept pretrain.epochs,
+    data.target.train_per_class) would make every point reuse one earlier result. Each output's saved
+    params.yaml says what made it. `given`: the keys the command line set (None: all); the others come
+    from the project's params.yaml, so an output made with another value of one is older than params.yaml,
+    not another sweep's."""
     mine = flatten(to_params(cfg))
     for name in BY_NAME[stage].reads:
-        saved_file = Path(cfg.paths.artifacts_dir) / name / "params.yaml"
+        saved_file = Path((folders or {}).get(name) or Path(cfg.paths.artifacts_dir) / name) / "params.yaml"
         try:  # missing (not made yet) or unreadable: the stage checks the files it reads itself
             data = yaml.safe_load(saved_file.read_text())
         except (OSError, yaml.YAMLError):

@@ -269,6 +269,10 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
                                         if isinstance(c, ResumeCheckpoint))
     for folder in (CHECKPOINTS, NEXT, PREVIOUS):  # finished: nothing to resume
         shutil.rmtree(out_dir / folder, ignore_errors=True)
+    # a loss gone to NaN trains on without a word, and every later stage would read the NaN weights
+    if not all(bool(t.isfinite().all()) for t in module.model.state_dict().values() if t.is_floating_point()):
+        raise TransferkitError(f"training diverged: after {max_epochs} epochs the model's weights are not finite (NaN "
+                               f"or inf). Fix: lower this stage's learning rate (its lr), or warm up longer.")
     return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds,
                getattr(module, "trained_images", 0) * trainer.world_size)
 
