@@ -102,6 +102,14 @@ def test_unknown_config_group_option_is_one_line_with_the_options(override, need
     assert str(e.value).startswith(needle) and "\n" not in str(e.value) and "provider=" not in str(e.value)
 
 
+def test_several_values_outside_a_sweep_are_one_line_naming_the_sweep_command():
+    with pytest.raises(TransferkitError) as e:
+        compose("transfer.freeze_depth=0,1,2")
+    assert str(e.value) == ("transfer.freeze_depth=0,1,2 lists several values, and a composition holds one run's. "
+                            "Fix: write a list as key=[a,b]; to run each value, `transferkit sweep STAGE "
+                            "transfer.freeze_depth=0,1,2`.")
+
+
 def test_a_conf_file_that_is_no_yaml_is_one_line_naming_it(tmp_path):
     import shutil
 
