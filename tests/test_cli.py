@@ -61,27 +61,29 @@ def test_a_stage_run_by_hand_refuses_inputs_another_config_made(smoke_artifacts,
     assert transferkit_cli.main(["evaluate", "--params", str(params)]) in (0, None) and ran == ["evaluate"]
 
 
-def test_ctrl_c_outside_training_is_one_line_and_exit_130(monkeypatch, capsys):
-    """Evaluate's scoring, say: Lightning reports a Ctrl+C in a fit itself; anywhere else it was a traceback."""
-    from transferkit import cli as transferkit_cli
-    from transferkit.evaluation import tables
+def test_ctrl_c_outside_training_is_one_line_and_death_by_sigint():
+    """Evaluate's scoring, say: Lightning reports a Ctrl+C in a fit itself; anywhere else it was a traceback.
+    The command then dies of SIGINT, as Python does, so that a shell loop around it stops too."""
+    import subprocess
+    import sys
 
-    def interrupted(argv):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tables, "main", interrupted)
-    assert transferkit_cli.main(["results"]) == 130
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "transferkit results: interrupted; its earlier outputs are unchanged. Fix: run it again to finish (a training "
-        "stage resumes where it stopped)."]
+    code = ("from transferkit.evaluation import tables\n"
+            "def interrupted(argv): raise KeyboardInterrupt\n"
+            "tables.main = interrupted\n"
+            "from transferkit.cli import main\n"
+            "main(['results'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["transferkit results: interrupted; its earlier outputs are unchanged."]
 
 
 @pytest.mark.parametrize("override, needle", [
+    ("~data.target.val_per_class", "data.target.val_per_class is missing: the stages read it"),  # no "=" in it
     ("hydra/launcher=local_paralel", "hydra/launcher=local_paralel: conf/hydra/launcher/ has no such option"),
     ("hydra.job.chdirr=true", "conf/ has no setting hydra.job.chdirr"),
 ])
 def test_a_sweeps_bad_hydra_setting_is_one_line(capsys, override, needle):
-    """The launchers conf/hydra/launcher/ documents are picked on a stage's command line."""
+    """The launchers conf/hydra/launcher/ documents are picked on a stage's command line, as settings are deleted."""
     line = _error(capsys, ["transfer", "-m", override, "transfer.freeze_depth=0,1"])
     assert needle in line and "Fix:" in line, line
 

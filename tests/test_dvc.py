@@ -151,13 +151,19 @@ def test_a_dataset_read_from_outside_data_dir_is_a_dep_of_prepare(tmp_path, monk
     split = ["data.target.classes=[cat,dog]", "data.target.train_per_class=2", "data.target.val_per_class=1"]
     cfg = compose(["experiment=smoke", f"data.target.dataset={archive}", *split])
     assert named_files("prepare", to_params(cfg)) == {"data.target.dataset": str(archive)}
-    monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     shutil.copy(archive, tmp_path / "data" / "in_data.tar.gz")
+    (tmp_path / "data" / "linked.tar.gz").symlink_to(archive)  # a link in data/ to a file elsewhere: data/'s
+    (tmp_path / "data" / "cifar10-jpeg.tar.gz").symlink_to(archive)  # as the README's offline setup makes it
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # the project's folder, not the current one, is what relative paths mean
     for name in ("cifar10", "synthetic", "in_data.tar.gz", "data/in_data.tar.gz", tmp_path / "data" / "in_data.tar.gz",
-                 "missing.tar.gz"):  # by name, or in data/: the data dep's (a missing one: prepare says so)
+                 "linked.tar.gz", "data/linked.tar.gz", "missing.tar.gz"):  # by name, or in data/: data's dep
         other = compose(["experiment=smoke", f"data.target.dataset={name}"], ROOT / "conf")
-        assert named_files("prepare", to_params(other)) == {}, name
+        assert named_files("prepare", to_params(other), tmp_path) == {}, name
+    shutil.copy(archive, tmp_path / "beside.tar.gz")  # in the project, outside data/: a dep as given
+    other = compose(["experiment=smoke", "data.target.dataset=beside.tar.gz"], ROOT / "conf")
+    assert named_files("prepare", to_params(other), tmp_path) == {"data.target.dataset": "beside.tar.gz"}
 
     proj = copy_project(ROOT, tmp_path / "proj", params_text(cfg))
     assert str(archive) in yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]["prepare"]["deps"]

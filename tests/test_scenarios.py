@@ -63,6 +63,18 @@ def test_bad_requests_fail_before_any_work(tmp_path, argv, needle):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_dataset_outside_data_dir_is_a_dep_of_each_quadrants_prepare(tmp_path):
+    """As in dvc.yaml: under DVC, prepare refuses a dataset file its stage does not depend on."""
+    from transferkit.scenarios.report import pipeline, strategies
+
+    archive = tmp_path / "elsewhere.tar.gz"
+    archive.write_bytes(b"an archive")
+    stages = pipeline(tmp_path / "out", [f"data.source.dataset={archive}", f"data.target.dataset={archive}"],
+                      strategies())
+    prepares = [stage for name, stage in stages.items() if name.endswith("-prepare")]
+    assert len(prepares) == 4 and all(stage["deps"].count(str(archive)) == 1 for stage in prepares)
+
+
 def _quadrant(epochs: dict) -> dict:
     rows = [{"strategy": name, "label": name.replace("_", " "), "what": "", "epochs": n, "val_acc": 0.5,
              "val_ci95": [0.4, 0.6], "test_acc": 0.5, "test_ci95": [0.4, 0.6], "train_seconds": 1.0,

@@ -233,6 +233,7 @@ def test_a_warm_command_takes_its_own_signal_dispositions_and_dies_of_the_signal
     for sig in (signal.SIGINT, signal.SIGTERM):
         client = _warm_client(fake, server_dir, "sleep", preexec_fn=default)
         assert client.stdout.readline() == "ready\n"  # served: the worker runs the command
+        assert _until(lambda: _catches(client, sig))
         start = time.monotonic()
         client.send_signal(sig)
         assert client.wait(20) == -sig and time.monotonic() - start < 10  # as `python -c ...` dies of either
@@ -249,7 +250,7 @@ def test_a_warm_command_exits_with_the_status_a_fresh_process_exits_with(tmp_pat
     for client in (subprocess.Popen(cold, env={**os.environ, "PYTHONPATH": str(fake)}, stdout=subprocess.PIPE,
                                     text=True), _warm_client(fake, server_dir, *argv)):
         if argv[2:]:
-            assert client.stdout.readline() == "ready\n"
+            assert client.stdout.readline() == "ready\n" and _until(lambda: _catches(client, signal.SIGTERM))
             client.send_signal(signal.SIGTERM)
         codes.append(client.wait(20))
     assert codes == [status, status]
@@ -309,6 +310,16 @@ def _until(condition, seconds: float = 10) -> bool:
     return condition()
 
 
+def _catches(client: subprocess.Popen, sig: int) -> bool:
+    """Whether the client has its handler for `sig` in place (/proc's SigCgt mask): it sets them once its worker
+    is forked, and the worker may print before that; a person's Ctrl+C or Ctrl+Z comes later than a test's."""
+    if not Path(f"/proc/{client.pid}/status").exists():
+        return True
+    status = Path(f"/proc/{client.pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
 def _stopped_client(tmp_path: Path, server_dir: Path) -> tuple[subprocess.Popen, int]:
     """A served command and its worker, after Ctrl+Z (SIGTSTP) reached the command."""
     fake = _fake_project(tmp_path)
@@ -317,6 +328,7 @@ def _stopped_client(tmp_path: Path, server_dir: Path) -> tuple[subprocess.Popen,
     client = _warm_client(fake, server_dir, "pid", process_group=0,
                           preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
     worker = int(client.stdout.readline())
+    assert _until(lambda: _catches(client, signal.SIGTSTP))
     client.send_signal(signal.SIGTSTP)
     return client, worker
 
@@ -366,6 +378,7 @@ def test_a_stop_that_an_orphaned_command_never_takes_leaves_its_worker_running(t
     client = _warm_client(fake, server_dir, "pid", start_new_session=True,
                           preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
     worker = int(client.stdout.readline())
+    assert _until(lambda: _catches(client, signal.SIGTSTP))
     client.send_signal(signal.SIGTSTP)
     time.sleep(1)
     assert _state(client.pid) != "T" and _state(worker) != "T"

@@ -122,7 +122,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     # key or an out-of-range value ends in one error line at once, not after hours; not for Hydra's
     # flags that print and run nothing (help, the composed config), wanted most when a run is refused
     if not INFO_FLAGS & {a.partition("=")[0] for a in argv}:
-        overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+        overrides = [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]  # ~key: no "="
         multirun = {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(argv)  # Hydra's two ways to ask for one
         if not multirun and (swept := [o for o in overrides if len(expand([o])) > 1]):
             raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a "
@@ -209,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transferkit {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl+C outside a fit (Lightning ends a fit with its own line): no traceback
-        print(f"transferkit {command}: interrupted; its earlier outputs are unchanged. Fix: run it again to finish "
-              f"(a training stage resumes where it stopped).", file=sys.stderr)
-        return 130
+        import signal
+
+        print(f"transferkit {command}: interrupted; its earlier outputs are unchanged.", file=sys.stderr)
+        # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 130  # where SIGINT is blocked
     except BrokenPipeError:  # `transferkit results | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 1

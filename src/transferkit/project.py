@@ -59,7 +59,7 @@ def copy_project(root: Path, dest: Path, params_text: str) -> Path:
                                                          or Path(d) == root and n not in PROJECT_ITEMS])
     (dest / "data").mkdir(exist_ok=True)
     (dest / "params.yaml").write_text(params_text)
-    (dest / "dvc.yaml").write_text(dvc_yaml_text(yaml.safe_load(params_text)))
+    (dest / "dvc.yaml").write_text(dvc_yaml_text(yaml.safe_load(params_text), dest))
     run(["git", "init", "-q"], dest)
     run(["dvc", "init", "-q"], dest)
     if (root / ".dvc" / "config").is_file():  # tracked, so a clone has it: `dvc exp run -S` composes conf/

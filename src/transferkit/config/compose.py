@@ -225,7 +225,7 @@ def write_generated(overrides: list[str]) -> list[Path]:
     root = find_conf_dir().parent
     cfg = compose(overrides)
     validate_run(cfg, None, {}, all_stages=True)
-    files = {root / "params.yaml": params_text(cfg, overrides), root / "dvc.yaml": dvc_yaml_text(to_params(cfg))}
+    files = {root / "params.yaml": params_text(cfg, overrides), root / "dvc.yaml": dvc_yaml_text(to_params(cfg), root)}
     for path, text in files.items():
         save_text(text, path)
     return list(files)
@@ -241,7 +241,7 @@ def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str
         return [str(e).split(" Fix: ")[0]]
     drift = [f"params.yaml differs from conf/: {d}" for d in params_drift(params_path, conf_dir)]
     dvc_file = params_path.parent / "dvc.yaml"
-    want = dvc_yaml_text(saved)
+    want = dvc_yaml_text(saved, params_path.parent)
     if not dvc_file.exists() or dvc_file.read_text() != want:
         drift.append(f"{dvc_file} differs from the stage table (src/transferkit/stages/__init__.py) or the "
                      f"code its stages import")

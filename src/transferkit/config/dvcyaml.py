@@ -98,15 +98,17 @@ def stage_entry(stage: Stage, artifacts: str, data: str, files: list[str] = (), 
     return entry
 
 
-def dvc_yaml(params: dict | None = None) -> dict:
-    """dvc.yaml for the composed `params` (its folders, and the files its settings name)."""
+def dvc_yaml(params: dict | None = None, root: Path | None = None) -> dict:
+    """dvc.yaml for the composed `params` (its folders, and the files its settings name) of the project in
+    `root` (default: here), against which relative paths are read."""
     flat = flatten(params or {})
     artifacts, data = flat.get("paths.artifacts_dir", "artifacts"), flat.get("paths.data_dir", "data")
     trained = [s.name for s in PIPELINE if s.trains and s.name != "freeze_curve"]
     models = [s.name for s in PIPELINE if s.target_model]
     curves = [name for name in trained if name != "prune"]
     return {
-        "stages": {s.name: stage_entry(s, artifacts, data, list(named_files(s.name, params or {}).values()),
+        "stages": {s.name: stage_entry(s, artifacts, data, sorted(set(named_files(s.name, params or {}, root)
+                                                                          .values())),
                                        list((params or {}).get("trainer") or {})) for s in PIPELINE},
         "metrics": [f"{artifacts}/evaluate/metrics.json", f"{artifacts}/evaluate/timing.json",
                     *(f"{artifacts}/{name}/metrics.json" for name in trained)],
@@ -124,5 +126,5 @@ def dvc_yaml(params: dict | None = None) -> dict:
     }
 
 
-def dvc_yaml_text(params: dict | None = None) -> str:
-    return HEADER + yaml.safe_dump(dvc_yaml(params), sort_keys=False, width=120)
+def dvc_yaml_text(params: dict | None = None, root: Path | None = None) -> str:
+    return HEADER + yaml.safe_dump(dvc_yaml(params, root), sort_keys=False, width=120)

@@ -22,7 +22,7 @@ from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
 from transferkit.project import check_runs_folder, run_pipeline, stage_run
 from transferkit.stages import BY_NAME
-from transferkit.sweep.points import check_points, expand, override_key
+from transferkit.sweep.points import check_points, expand, override_key, pin_named_files
 
 # preset -> (target size, source similarity), in the order of the report
 QUADRANTS = {"scenario_small_similar": ("small", "similar"), "scenario_small_different": ("small", "different"),
@@ -89,6 +89,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
         if "trainer.progress_bar" not in map(override_key, overrides):
             cfg.trainer.progress_bar = False
         cfg.paths.data_dir = data_dir = str(Path(cfg.paths.data_dir).resolve())
+        datasets = pin_named_files("prepare", cfg)  # outside data_dir: deps of their own
         first = sources.setdefault(similarity, (preset, cfg))
         if any(OmegaConf.select(first[1], k) != OmegaConf.select(cfg, k) for k in SHARED_BY_SOURCE):
             raise TransferkitError(f"{preset} and {first[0]} have the same source but other pretraining settings: "
@@ -96,7 +97,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
         params, prepared = f"params/{preset}.yaml", {"prepare": f"{preset}/prepare"}
         save_text(params_text(cfg), out / params)
         stages[f"{preset}-prepare"] = stage_run("prepare", params, f"{preset}/prepare", {},
-                                                [data_dir, *code["prepare"]], keys["prepare"])
+                                                [data_dir, *datasets, *code["prepare"]], keys["prepare"])
         if first[0] == preset:
             stages[f"{similarity}-pretrain"] = stage_run("pretrain", params, f"pretrain-{similarity}", prepared,
                                                          code["pretrain"], keys["pretrain"])

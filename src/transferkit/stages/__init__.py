@@ -73,10 +73,12 @@ def inputs_of(stage: str, artifacts_dir) -> dict:
     return {name: Path(artifacts_dir) / name for name in BY_NAME[stage].reads}
 
 
-def named_files(stage: str, params: dict) -> dict[str, str]:
-    """The files a stage's settings name, by key: its `files` where set, and its `datasets` where they are
-    read from outside paths.data_dir (a dataset there is read through data_dir's dep). They are deps of its
-    dvc.yaml entry, and it reads them as it reads its input folders."""
+def named_files(stage: str, params: dict, root=None) -> dict[str, str]:
+    """The files a stage's settings name, by key: its `files` where set, and its `datasets` where read from
+    outside paths.data_dir (a dataset's name, cifar10 or a folder there, is read through data_dir's dep,
+    whatever a link there points to). They are deps of its dvc.yaml entry, and it reads them as it reads its
+    input folders. Relative paths are read as the stage reads them, from `root` (the project; default: here)."""
+    import os
     from pathlib import Path
 
     def value(key: str):
@@ -86,12 +88,16 @@ def named_files(stage: str, params: dict) -> dict[str, str]:
         return found
 
     named = {key: str(value(key)) for key in BY_NAME[stage].files if value(key)}
-    if BY_NAME[stage].datasets:
-        from transferkit.data.sources import dataset_location
+    root = Path(root or ".")
+    data_dir = Path(os.path.abspath(root / str(value("paths.data_dir") or "data")))
+    for key in BY_NAME[stage].datasets:
+        from transferkit.data.cifar import CIFAR
 
-        data_dir = Path(str(value("paths.data_dir") or "data")).resolve()
-        for key in BY_NAME[stage].datasets:
-            where = dataset_location(str(value(key)), data_dir)
-            if where is not None and data_dir not in where.resolve().parents:
-                named[key] = str(value(key))
+        if not (name := value(key)) or name in (*CIFAR, "synthetic"):  # names, never paths
+            continue
+        # as data.sources.dataset_location finds it: as given, else in data_dir; by its name, not its link's target
+        where = Path(name) if Path(name).is_absolute() else root / name
+        where = Path(os.path.abspath(where if where.exists() else data_dir / name))
+        if data_dir != where and data_dir not in where.parents:
+            named[key] = str(name)
     return named

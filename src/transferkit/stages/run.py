@@ -31,7 +31,7 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     params = yaml.safe_dump(to_params(cfg), sort_keys=False)
     others = [Path(cfg.paths.artifacts_dir) / name for name in BY_NAME if name != stage]  # dvc.yaml's outputs
     # a file a setting names is read as the input folders are: a changed one is no run to resume
-    reads = [*inputs.values(), *map(Path, named_files(stage, to_params(cfg)).values())]
+    reads = [*inputs.values(), *map(Path, named_files(stage, to_params(cfg)).values())]  # read from here, as the stage
     with storage_errors(out), staged_output(out, params, reads, others, tracked(stage, cfg)) as work:
         return module.run(cfg, inputs, work)
 
@@ -54,10 +54,12 @@ def check_files_tracked(stage: str, cfg: DictConfig) -> None:
     from transferkit.errors import TransferkitError
 
     address = os.environ.get("DVC_STAGE")
-    if not address or not (named := named_files(stage, to_params(cfg))):
+    if not address:
         return
     file, _, name = address.rpartition(":")
     dvc_file = Path(os.environ.get("DVC_ROOT", ".")) / (file or "dvc.yaml")
+    if not (named := named_files(stage, to_params(cfg), dvc_file.parent)):
+        return
     try:
         deps = yaml.safe_load(dvc_file.read_text())["stages"][name].get("deps") or []
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):  # not one of ours: nothing to check

@@ -102,6 +102,18 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, fol
                                        f"and {stage} reads it. Fix: {fix}.")
 
 
+def pin_named_files(stage: str, cfg: DictConfig) -> list[str]:
+    """The files the run's settings name (named_files), as absolute paths, set so in `cfg` too: its commands run
+    in another folder (a sweep's or the scenarios' out/), and its dvc.yaml entry depends on them."""
+    from transferkit.stages import named_files
+
+    files = []
+    for key, value in named_files(stage, to_params(cfg)).items():
+        files.append(str(Path(value).resolve()))
+        OmegaConf.update(cfg, key, files[-1])
+    return list(dict.fromkeys(files))  # source and target may be one archive: one dep
+
+
 def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | None = None, given: set[str] | None = None
                  ) -> list[tuple[list[str], DictConfig]]:
     """Compose and validate every point of the sweep; return each point's overrides and config.
@@ -188,11 +200,7 @@ def main(argv: list[str]) -> int:
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
         name, artifacts = point_name(point, given), Path(cfg.paths.artifacts_dir).resolve()
         names.append(name)
-        files = []  # the files the point's settings name: absolute (the points run in out/), and deps
-        for key in BY_NAME[args.stage].files:
-            if value := OmegaConf.select(cfg, key):
-                files.append(str(Path(value).resolve()))
-                OmegaConf.update(cfg, key, files[-1])
+        files = pin_named_files(args.stage, cfg)
         save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
         # DVC watches the settings the stage's own dvc.yaml entry tracks, and evaluate's, which collect scores the
         # point with (as its saved params say): a change to another stage's reruns nothing
