@@ -81,19 +81,16 @@ def named_files(stage: str, params: dict, root=None) -> dict[str, str]:
     import os
     from pathlib import Path
 
-    def value(key: str):
-        found = params
-        for part in key.split("."):
-            found = found.get(part) if isinstance(found, dict) else None
-        return found
+    from transferkit.config.compose import flatten
 
-    named = {key: str(value(key)) for key in BY_NAME[stage].files if value(key)}
+    flat = flatten(params)
+    named = {key: str(flat[key]) for key in BY_NAME[stage].files if flat.get(key)}
     root = Path(root or ".")
-    data_dir = Path(os.path.abspath(root / str(value("paths.data_dir") or "data")))
-    for key in BY_NAME[stage].datasets:
+    data_dir = Path(os.path.abspath(root / str(flat.get("paths.data_dir") or "data")))
+    if BY_NAME[stage].datasets:
         from transferkit.data.cifar import CIFAR
-
-        if not (name := value(key)) or name in (*CIFAR, "synthetic"):  # names, never paths
+    for key in BY_NAME[stage].datasets:
+        if not (name := flat.get(key)) or name in (*CIFAR, "synthetic"):  # names, never paths
             continue
         # as data.sources.dataset_location finds it: as given, else in data_dir; by its name, not its link's target
         where = Path(name) if Path(name).is_absolute() else root / name

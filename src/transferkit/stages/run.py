@@ -31,7 +31,7 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     params = yaml.safe_dump(to_params(cfg), sort_keys=False)
     others = [Path(cfg.paths.artifacts_dir) / name for name in BY_NAME if name != stage]  # dvc.yaml's outputs
     # a file a setting names is read as the input folders are: a changed one is no run to resume
-    reads = [*inputs.values(), *map(Path, named_files(stage, to_params(cfg)).values())]  # read from here, as the stage
+    reads = [*inputs.values(), *map(Path, named_files(stage, to_params(cfg)).values())]
     with storage_errors(out), staged_output(out, params, reads, others, tracked(stage, cfg)) as work:
         return module.run(cfg, inputs, work)
 
