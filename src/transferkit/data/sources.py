@@ -207,15 +207,16 @@ def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
         f"needed: `experiment=smoke`.")
 
 
-def dataset_location(dataset: str, data_dir: Path) -> Path | None:
+def dataset_location(dataset: str, data_dir: Path, root: Path | None = None) -> Path | None:
     """The folder or archive `load_dataset` reads `dataset` from (its name names the dataset; resolve it to
-    compare two), None where it is not on disk (a CIFAR name to download, or a missing path)."""
+    compare two), None where it is not on disk (a CIFAR name to download, or a missing path). A relative
+    path is read from `root` (default: here), else from data_dir."""
     if dataset in CIFAR:
         official = data_dir / CIFAR[dataset][0]
         candidates = [official, *(data_dir / f"{dataset}-jpeg{ext}" for ext in (".tar.gz", ".zip", ""))]
         return next((c for c in candidates if (c.is_dir() if c == official else c.exists())), None)
     path = Path(dataset)
-    if not path.is_absolute() and not path.exists():
+    if not path.is_absolute() and not (path := (root or Path()) / dataset).exists():
         path = data_dir / dataset
     return path if path.exists() else None
 

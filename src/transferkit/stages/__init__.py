@@ -88,13 +88,16 @@ def named_files(stage: str, params: dict, root=None) -> dict[str, str]:
     root = Path(root or ".")
     data_dir = Path(os.path.abspath(root / str(flat.get("paths.data_dir") or "data")))
     if BY_NAME[stage].datasets:
-        from transferkit.data.cifar import CIFAR
+        from transferkit.data.sources import dataset_location
     for key in BY_NAME[stage].datasets:
-        if not (name := flat.get(key)) or name in (*CIFAR, "synthetic"):  # names, never paths
+        name = flat.get(key)
+        if not name or name == "synthetic":  # synthetic images: made, not read
             continue
-        # as data.sources.dataset_location finds it: as given, else in data_dir; by its name, not its link's target
-        where = Path(name) if Path(name).is_absolute() else root / name
-        where = Path(os.path.abspath(where if where.exists() else data_dir / name))
+        # where prepare reads it from, by that path, not a link's target; an absolute path not there yet, as given
+        where = dataset_location(str(name), data_dir, root) or (Path(name) if Path(name).is_absolute() else None)
+        if where is None:  # a CIFAR name to download, or a relative path found nowhere (prepare says so)
+            continue
+        where = Path(os.path.abspath(where))
         if data_dir != where and data_dir not in where.parents:
             named[key] = str(name)
     return named
