@@ -253,6 +253,13 @@ def test_params_refuses_what_a_stage_would_refuse_and_keeps_its_files(tmp_path, 
      "params.yaml has no setting transfer.lrr (did you mean transfer.lr"),
     (["--params", "params.yaml", "+transfer.lrr=1"],  # Hydra's "add": the file must have the key all the same
      "params.yaml has no setting transfer.lrr (did you mean transfer.lr"),
+    # read by Hydra's grammar, as Hydra runs read them: YAML 1.1 made 010 the octal 8 and yes a boolean
+    (["--params", "params.yaml", "seed=010"], "seed='010' is invalid: must be a valid integer"),
+    (["--params", "params.yaml", "trainer.progress_bar=yes"], "trainer.progress_bar='yes' is invalid"),
+    (["--params", "params.yaml", "transfer.freeze_depth=0,1"], "transfer.freeze_depth=0,1 lists several values"),
+    (["--params", "params.yaml", "~seed=1"], "seed is missing: the stages read it"),
+    (["--params", "params.yaml", "model=resnet18"], "model=resnet18: params.yaml holds settings, not conf/'s config"),
+    (["--params", "params.yaml", "model@distill.student=fastnet"], "set its keys one by one (distill.student.KEY"),
 ])
 def test_a_stage_given_a_bad_params_file_or_override_says_so_in_one_line(capsys, args, needle):
     line = _error(capsys, ["pretrain", *args])

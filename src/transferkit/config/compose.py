@@ -138,20 +138,42 @@ def read_params(path: Path) -> dict:
 
 
 def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path) -> DictConfig:
-    """A loaded params file with key=value overrides (values read as YAML), each refused alone by name."""
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+    """A loaded params file with key=value overrides, each read by Hydra's override grammar (as Hydra runs and
+    `dvc exp run -S` read them: seed=010 is the text '010', not YAML 1.1's octal 8) and refused alone by name."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+    parser = OverridesParser.create()
     for override in overrides:
         if "=" not in override:
             raise TransferkitError(f"{override}: an override is key=value (and the options are --params, --out and "
                                    f"--in). Fix: write it as key=value (key=null for none).")
         try:  # a params file holds every setting: +key (Hydra's "add a key") is a key it must have too
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override.removeprefix("++").removeprefix("+")]))
-        except ConfigKeyError as e:  # struct mode: a key the file lacks
+            parsed = parser.parse_override(override.removeprefix("++").removeprefix("+"))
+        except HydraException as e:
+            raise TransferkitError(f"{override}: not a value Hydra's override grammar reads "
+                                   f"({str(e).splitlines()[0]}). Fix: write a number, a word, a list [a,b] or "
+                                   f"null, or quote it.") from e
+        key = parsed.key_or_group
+        if parsed.is_delete():
+            raise TransferkitError(f"{key} is missing: the stages read it. Fix: leave it in {path} (no ~{key}), or set "
+                                   f"it with {key}=VALUE.")
+        if parsed.is_sweep_override():
+            raise TransferkitError(f"{override} lists several values, and a params file holds one run's. Fix: write a "
+                                   f"list as {key}=[a,b]; to run each value, `transferkit sweep STAGE {override}`.")
+        if parsed.package is not None or (OmegaConf.is_dict(OmegaConf.select(cfg, key))
+                                          and not isinstance(parsed.value(), dict)):  # model=resnet18
+            raise TransferkitError(f"{override}: {path} holds settings, not conf/'s config groups. Fix: choose the "
+                                   f"option when composing (`transferkit params {override}`), or set its keys one by "
+                                   f"one ({parsed.package or key}.KEY=VALUE).")
+        try:
+            OmegaConf.update(cfg, key, parsed.value(), merge=True)
+        except (ConfigKeyError, ConfigAttributeError) as e:  # struct mode: a key the file lacks
             raise TransferkitError(no_such_setting(e.full_key, list(flatten(to_params(cfg))), str(path))) from e
-        except (yaml.YAMLError, OmegaConfBaseException) as e:
-            raise TransferkitError(f"{override}: not a value YAML reads ({' '.join(str(e).split())}). Fix: write a "
-                                   f"number, a word, a list [a,b] or null, or quote it.") from e
+        except OmegaConfBaseException as e:
+            raise TransferkitError(f"{override}: {' '.join(str(e).split())}. Fix: write a number, a word, a list [a,b] "
+                                   f"or null, or quote it.") from e
     return cfg
 
 
