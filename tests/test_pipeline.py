@@ -268,6 +268,30 @@ def test_results_command_names_a_stages_unreadable_timing(smoke_artifacts, tmp_p
         main([str(art / "evaluate")])
 
 
+@pytest.mark.parametrize("damage", ["metrics", "timing"])
+def test_results_command_names_files_of_another_shape(smoke_artifacts, tmp_path, damage):
+    """evaluate's files from another version (a model without top1), or a training stage's timing.json with text
+    for seconds: one line naming the folder and the fix, not a traceback."""
+    import shutil
+
+    from transferkit.evaluation.tables import main
+
+    cfg, _ = smoke_artifacts
+    art = tmp_path / "artifacts"
+    for stage in ("evaluate", "transfer"):
+        shutil.copytree(Path(cfg.paths.artifacts_dir) / stage, art / stage)
+    if damage == "metrics":
+        metrics = json.loads((art / "evaluate" / "metrics.json").read_text())
+        del metrics["models"]["transfer"]["top1"]
+        (art / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
+    else:
+        (art / "transfer" / "timing.json").write_text('{"train_seconds": "3"}')
+    needle = (r"evaluate's metrics.json or timing.json is of another shape \(KeyError: 'top1'\)\. Fix: run evaluate "
+              if damage == "metrics" else r"transfer/timing.json is of another shape \(.*\)\. Fix: run transfer again")
+    with pytest.raises(TransferkitError, match=needle):
+        main([str(art / "evaluate")])
+
+
 def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     """Class names come from folder names in an archive: in report.html they are text, never HTML or links,
     and a | in one does not split its table row."""

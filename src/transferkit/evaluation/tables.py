@@ -192,7 +192,19 @@ def main(argv: list[str]) -> int:
     timings = {path.parent.relative_to(runs).as_posix(): read(path, f"run {s.name} again (`dvc repro {s.name}`)")
                for s in PIPELINE if s.trains
                for path in [*(runs / s.name).glob("timing.json"), *sorted((runs / s.name).glob("*/timing.json"))]}
-    print(results_table(metrics, timing), end="")
-    if timings:
-        print(f"\nTraining, from each stage's timing.json:\n\n{training_table(timings)}", end="")
+    def shaped(make, what: str, fix: str) -> str:  # another version's file, or an edited one: one line, no traceback
+        try:
+            return make()
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise TransferkitError(f"{what} is of another shape ({type(e).__name__}: {e}). Fix: {fix}.") from e
+
+    table = shaped(lambda: results_table(metrics, timing), f"{folder}'s metrics.json or timing.json", rerun)
+    for name, t in timings.items():
+        stage = name.split("/")[0]
+        shaped(lambda: training_table({name: t}), str(runs / name / "timing.json"),
+               f"run {stage} again (`dvc repro {stage}`)")
+    training = training_table(timings) if timings else ""
+    print(table, end="")
+    if training:
+        print(f"\nTraining, from each stage's timing.json:\n\n{training}", end="")
     return 0
