@@ -197,6 +197,42 @@ def test_scratch_builds_the_architecture_of_published_weights_from_random_init(t
     assert count_params(built[0]) == count_params(reference)
 
 
+def test_published_weights_bring_their_own_normalisation_into_checkpoints(tmp_path):
+    """ImageNet weights were trained on inputs normalised with ImageNet's mean and std, not CIFAR's; the checkpoint
+    records them, so every later stage and the export normalise as the weights expect."""
+    from torchvision.models import ResNet18_Weights
+
+    published = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    model = build_model("resnet18", 3, weights="IMAGENET1K_V1", fetch_weights=False)
+    assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(published.mean))
+    assert torch.allclose(model.normalize.std.flatten(), torch.tensor(published.std))
+    save_checkpoint(model, tmp_path / "model.pt", ["a", "b", "c"])
+    assert load_checkpoint(tmp_path / "model.pt", "pretrain")[0].arch["mean"] == list(published.mean)
+    assert build_model("resnet18", 3).arch["mean"] == model_from_config(SMALL["fastnet"], 3).arch["mean"]
+
+
+@pytest.mark.parametrize("doctor, needle", [
+    # one value strided over 20000x20000: a few bytes in the file, 1.6 GB once made dense
+    (lambda ck: ck["state_dict"].update({"head.fc.weight": torch.zeros(1).expand(20000, 20000)}),
+     "its tensor head.fc.weight has 400,000,000 values, more than the file holds"),
+    (lambda ck: ck["arch"].update(widths=[4096, 4096, 4096]), "its architecture has 3,02"),
+])
+def test_a_doctored_checkpoint_is_refused_before_it_allocates_what_it_names(tmp_path, doctor, needle):
+    """Files are data: the sizes a stranger's model.pt names are checked against the file before memory is taken."""
+    save_checkpoint(model_from_config(SMALL["fastnet"], 3), tmp_path / "model.pt", ["a", "b", "c"])
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    doctor(ckpt)
+    torch.save(ckpt, tmp_path / "doctored.pt")
+    with pytest.raises(TransferkitError, match=rf"does not fit its own architecture .*\({needle}"):
+        load_checkpoint(tmp_path / "doctored.pt", "pretrain")
+
+
+def test_widths_that_leave_nothing_of_a_32x32_image_are_one_error():
+    with pytest.raises(TransferkitError, match=r"model \(model 'fastnet', .*\) does not fit 32x32 images: .*Fix: give "
+                                               r"it fewer downsampling stages"):
+        build_model("fastnet", 3, widths=[8, 8, 8, 8, 8], stem_width=8)
+
+
 def test_load_backbone_refuses_a_truncated_probe(tmp_path):
     model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, depth=2)
     save_checkpoint(model, tmp_path / "probe.pt", ["a", "b", "c"])

@@ -168,13 +168,31 @@ class Interrupt(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _tensorboard_scalars(run_dir: Path) -> list[tuple[str, int, float]]:
+    """Every scalar in the run's TensorBoard event files (records: 8-byte length, 4-byte CRC, the event, 4-byte CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = []
+    for path in (run_dir / "tensorboard").rglob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + length])
+            scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value
+                        if not v.tag.startswith(("_hparams_/", "hp_metric"))]
+            i += 12 + length + 4
+    return sorted(scalars)
+
+
 @pytest.mark.parametrize("sigterm, code", [(False, 1), (True, 143)], ids=["ctrl_c", "sigterm"])
 def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results(tmp_path, monkeypatch, sigterm, code):
     """The stage exits non-zero, so that DVC does not record it as done (Lightning ends a SIGTERM with
     an exit code of 0, which it turns to 143), and the next run resumes."""
     import transferkit.training.trainer as trainer_module
 
-    overrides = ("experiment=smoke", "trainer.checkpoint_budget=1", "trainer.loggers=[dvclive,csv]",
+    overrides = ("experiment=smoke", "trainer.checkpoint_budget=1", "trainer.loggers=[dvclive,csv,tensorboard]",
                  "pretrain.lookahead=true")
     straight = compose(*overrides, tmp=tmp_path / "straight")
     run("prepare", straight)
@@ -204,8 +222,17 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results
     assert (a / "metrics.json").read_bytes() == (b / "metrics.json").read_bytes()
     assert torch.equal(torch.load(a / "model.pt")["state_dict"]["head.fc.weight"],
                        torch.load(b / "model.pt")["state_dict"]["head.fc.weight"])
-    for log in ("dvclive/metrics.json", "dvclive/plots/metrics/train/loss.tsv", "csv/metrics.csv"):
-        assert (a / log).read_text() == (b / log).read_text(), log  # the curves carry on where they stopped
+    # the curves carry on where they stopped: every file of the logs as in the uninterrupted run (the learning
+    # rate's included, which LearningRateMonitor logs as an epoch starts, before the checkpoint's pair is made)
+    logs = sorted(p.relative_to(a) for p in (*(a / "dvclive").rglob("*"), a / "csv" / "metrics.csv") if p.is_file())
+    assert any("lr-" in str(p) for p in logs)
+    assert logs == sorted(p.relative_to(b) for p in (*(b / "dvclive").rglob("*"), b / "csv" / "metrics.csv")
+                          if p.is_file())
+    for log in logs:
+        assert (a / log).read_text() == (b / log).read_text(), log
+    # TensorBoard buffers its events: the copy in the pair has them all (its files are named by time and host;
+    # each process that starts logs its hyperparameters again)
+    assert _tensorboard_scalars(a) == _tensorboard_scalars(b) != []
     assert not (b / "checkpoints").exists() and not work.exists()
 
 
@@ -345,7 +372,7 @@ class _Killed(BaseException):
 
 
 class _SavingTrainer:  # just what the callback reads; the state file and the logs name their epoch
-    current_epoch, max_epochs, global_rank = 0, 100, 0
+    current_epoch, max_epochs, global_rank, loggers = 0, 100, 0, ()
 
     class strategy:
         broadcast = staticmethod(lambda x: x)
@@ -370,7 +397,7 @@ def _epoch(cb, trainer, out: Path, n: int) -> None:
     (out / "dvclive").mkdir(exist_ok=True)
     (out / "dvclive" / "metrics.json").write_text(f"epoch {n}")
     trainer.current_epoch = n + 1
-    cb.on_train_epoch_start(trainer, None)
+    cb.committer.on_train_epoch_start(trainer, None)
 
 
 @pytest.fixture

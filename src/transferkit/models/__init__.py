@@ -10,7 +10,7 @@ from transferkit.errors import TransferkitError
 from transferkit.models.blocknet import BlockNet
 from transferkit.models.fastnet import fastnet_blocks, whiten_stem
 from transferkit.models.mobilenet import mobilenet_blocks
-from transferkit.models.resnet import resnet18_blocks
+from transferkit.models.resnet import resnet18_blocks, resnet18_normalisation
 from transferkit.models.vgg import vgg_mini_blocks
 
 # name -> (blocks builder, head pooling, head bias, logit scale)
@@ -21,13 +21,16 @@ ARCHITECTURES = {
     "mobilenet": (mobilenet_blocks, "avg", True, 1.0),
 }
 
+# name -> the input normalisation of its published weights (model.weights), by their name
+PUBLISHED_NORMALISATION = {"resnet18": resnet18_normalisation}
 CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR_STD = [0.2470, 0.2435, 0.2616]
 
 
-def build_model(name: str, num_classes: int, *, mean=CIFAR_MEAN, std=CIFAR_STD,
+def build_model(name: str, num_classes: int, *, mean=None, std=None,
                 depth: int | None = None, fetch_weights: bool = True, key: str = "model", **kwargs) -> BlockNet:
-    """`key`: the config key the settings come from (model, distill.student), for error messages."""
+    """`key`: the config key the settings come from (model, distill.student), for error messages; `mean`, `std`:
+    the input normalisation (default: CIFAR's, or the one published weights were trained with)."""
     if name not in ARCHITECTURES:
         raise TransferkitError(f"unknown {key}.name '{name}'. Fix: use one of {sorted(ARCHITECTURES)}.")
     builder, pool, bias, scale = ARCHITECTURES[name]
@@ -37,9 +40,17 @@ def build_model(name: str, num_classes: int, *, mean=CIFAR_MEAN, std=CIFAR_STD,
     except TypeError as e:
         raise TransferkitError(f"bad settings for {key} (model '{name}'): {e}. Fix: give {key} only the keys "
                                f"that conf/model/{name}.yaml sets.") from e
+    if mean is None or std is None:
+        weights = kwargs.get("weights")
+        mean, std = PUBLISHED_NORMALISATION[name](weights) if weights else (CIFAR_MEAN, CIFAR_STD)
     arch = {"name": name, "mean": list(mean), "std": list(std), **kwargs}
-    model = BlockNet(blocks, num_classes, mean=mean, std=std, arch=arch, pool=pool, head_bias=bias,
-                     head_scale=scale)
+    try:
+        model = BlockNet(blocks, num_classes, mean=mean, std=std, arch=arch, pool=pool, head_bias=bias,
+                         head_scale=scale)
+    except RuntimeError as e:  # its dry run through the blocks: settings that leave nothing of a 32x32 image
+        raise TransferkitError(f"{key} (model '{name}', {kwargs}) does not fit 32x32 images: "
+                               f"{' '.join(str(e).split())}. Fix: give it fewer downsampling stages (fewer widths), "
+                               f"as conf/model/{name}.yaml does.") from e
     if depth is not None:
         model.truncate(depth, num_classes)
     return model
@@ -100,24 +111,46 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
         raise TransferkitError(
             f"{what} {path} was trained on classes {list(ckpt['classes'])}, but the target task is {list(classes)}. "
             f"Fix: rerun '{produced_by}' on this task (`dvc repro {produced_by}`).")
-    arch = dict(ckpt["arch"])
-    pruned = arch.pop("pruned", False)
     try:
-        # the state_dict below overwrites every tensor: never fetch pretrained weights again
-        model = build_model(arch.pop("name"), len(ckpt["classes"]), fetch_weights=False, **arch)
-        if pruned:  # rebuild the original, then shrink each layer to its saved channel counts
-            from transferkit.models.serialize import shrink_to
-
-            shrink_to(model, ckpt["layer_shapes"], ckpt["state_dict"])
-            model.arch["pruned"] = True
-        else:
-            model.load_state_dict(ckpt["state_dict"])
+        # sizes first: a tensor whose values the file does not hold (one value strided over 20000x20000), or a
+        # doctored arch (widths of 4096), would allocate gigabytes before any shape is compared
+        size = Path(path).stat().st_size
+        if big := next((k for k, v in ckpt["state_dict"].items() if v.numel() * v.element_size() > size), None):
+            raise ValueError(f"its tensor {big} has {ckpt['state_dict'][big].numel():,} values, more than the file "
+                             f"holds")
+        if (planned := _weight_bytes(ckpt["arch"])) > max(64 * size, 2**30):  # pruned: the original, then cut
+            raise ValueError(f"its architecture has {planned / 1e6:,.0f} MB of weights, the file {size / 1e6:,.1f} MB")
+        model = _rebuild(ckpt)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
         why = " ".join(str(e).split())  # torch's message spans lines; the error is one
         fix = remake or f"write it again (`dvc repro {produced_by}`)"
         raise TransferkitError(f"{path} does not fit its own architecture {ckpt['arch']} ({why}): it was altered "
                                f"after a stage wrote it. Fix: {fix}.") from e
     return model, ckpt
+
+
+def _weight_bytes(arch: dict) -> int:
+    """The bytes of the blocks' weights `arch` builds, counted on the meta device (no memory, no forward pass)."""
+    settings = {k: v for k, v in arch.items() if k not in ("name", "mean", "std", "pruned", "depth")}
+    with torch.device("meta"):
+        blocks = ARCHITECTURES[arch["name"]][0](**settings, **({"load_weights": False} if arch.get("weights") else {}))
+    return sum(p.numel() * p.element_size() for block in blocks for p in block.parameters())
+
+
+def _rebuild(ckpt: dict) -> BlockNet:
+    """The checkpoint's model: its architecture built (pruned ones shrunk to their saved channel counts), then its
+    weights loaded; published weights are never fetched again, since the state_dict overwrites every tensor."""
+    arch = dict(ckpt["arch"])
+    pruned = arch.pop("pruned", False)
+    model = build_model(arch.pop("name"), len(ckpt["classes"]), fetch_weights=False, **arch)
+    if pruned:
+        from transferkit.models.serialize import shrink_to
+
+        shrink_to(model, ckpt["layer_shapes"], ckpt["state_dict"])
+        model.arch["pruned"] = True
+    else:
+        model.load_state_dict(ckpt["state_dict"])
+    return model
 
 
 def _not_a_checkpoint(ckpt) -> str | None:

@@ -35,3 +35,11 @@ def resnet18_blocks(weights: str | None = None, load_weights: bool = True) -> li
         net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
     stem = nn.Sequential(net.conv1, net.bn1, net.relu)  # no max pool at 32x32
     return [stem, net.layer1, net.layer2, net.layer3, net.layer4]
+
+
+def resnet18_normalisation(weights: str) -> tuple[list[float], list[float]]:
+    """The mean and std the published weights were trained with (their inputs' normalisation, not CIFAR's)."""
+    from torchvision.models import ResNet18_Weights
+
+    transforms = ResNet18_Weights[weights].transforms()
+    return list(transforms.mean), list(transforms.std)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 
-def vgg_mini_blocks(widths: list[int], fc_width: int, input_size: int = 32) -> list[nn.Module]:
+def vgg_mini_blocks(widths: list[int], fc_width: int) -> list[nn.Module]:
     """Blocks: conv1..conv9 (pooling after conv3, conv6, conv9), then fc1, fc2; the head is fc3."""
     blocks, c_in = [], 3
     for i, w in enumerate(widths):
@@ -16,7 +16,7 @@ def vgg_mini_blocks(widths: list[int], fc_width: int, input_size: int = 32) -> l
             layers.append(nn.MaxPool2d(2))
         blocks.append(nn.Sequential(*layers))
         c_in = w
-    side = input_size // 2 ** (len(widths) // 3)
+    side = 32 // 2 ** (len(widths) // 3)  # images are 32x32 (data.image_size)
     blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, fc_width, bias=False),
                                 nn.BatchNorm1d(fc_width), nn.ReLU(inplace=True), nn.Dropout(0.3)))
     blocks.append(nn.Sequential(nn.Linear(fc_width, fc_width, bias=False), nn.BatchNorm1d(fc_width),

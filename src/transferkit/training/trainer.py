@@ -11,7 +11,6 @@ logs as they were then) at epoch ends, as often as a budget of the training time
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import shutil
@@ -25,13 +24,14 @@ from unittest import mock
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from transferkit.errors import TransferkitError
 from transferkit.models.blocknet import BlockNet
-from transferkit.training import LOGGERS, RESUME_CHECKPOINT, first_process
+from transferkit.training import RESUME_CHECKPOINT, first_process
+from transferkit.training.loggers import copy_logs, make_loggers, resume_csv
 from transferkit.training.precision import resolve_precision
 
 # Lightning warnings that are about choices made on purpose here:
@@ -71,59 +71,6 @@ def resume_folder(out_dir: Path) -> Path | None:
     return None
 
 
-# The Lightning calls after which dvclive writes its files out (dvclive.lightning._should_sync's list).
-DVCLIVE_SYNC_CALLERS = frozenset({"update_train_step_metrics", "update_train_epoch_metrics", "log_eval_end_metrics"})
-
-
-def _called_from(names: frozenset) -> bool:
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name in names:
-            return True
-        frame = frame.f_back
-    return False
-
-
-@functools.cache  # one class, made on first use: dvclive is imported only where it logs
-def _dvclive_class() -> type:
-    from dvclive.lightning import DVCLiveLogger
-    from pytorch_lightning.utilities import rank_zero_only
-
-    class FrameNameDVCLiveLogger(DVCLiveLogger):
-        """dvclive's own log_metrics picks `sync` by inspect.stack(), which reads the source lines of
-        every frame on the stack at every call (and, in a TRANSFERKIT_WARM worker, searches all
-        loaded modules for runpy's frames); the frames' function names alone decide the same."""
-
-        @rank_zero_only
-        def log_metrics(self, metrics, step=None, sync=False) -> None:
-            super(DVCLiveLogger, self).log_metrics(metrics, step, sync or _called_from(DVCLIVE_SYNC_CALLERS))
-
-    return FrameNameDVCLiveLogger
-
-
-def make_loggers(names, out_dir: Path, resume: bool = False) -> list:
-    """dvclive feeds `dvc metrics/plots` and the report's curves; TensorBoard and CSV are
-    there for users who already read their runs that way (trainer.loggers=[dvclive,tensorboard])."""
-    loggers = []
-    for name in names or []:
-        if name == "dvclive":
-            # dvcyaml=None: dvclive must not rewrite the project's dvc.yaml; the stage declares
-            # its metrics and plots there itself.
-            loggers.append(_dvclive_class()(dir=str(out_dir / "dvclive"), dvcyaml=None, save_dvc_exp=False,
-                                            report=None, resume=resume))
-        elif name == "tensorboard":
-            from pytorch_lightning.loggers import TensorBoardLogger
-
-            loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version=""))
-        elif name == "csv":
-            from pytorch_lightning.loggers import CSVLogger
-
-            loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
-        else:
-            raise TransferkitError(f"unknown logger '{name}' in trainer.loggers. Fix: use any of {list(LOGGERS)}.")
-    return loggers
-
-
 class ResumeCheckpoint(Checkpoint):
     """Saves the training state at an epoch end whenever the time spent saving so far, plus the
     expected cost of this save, stays within `budget` x the training time: a slow epoch is
@@ -135,6 +82,7 @@ class ResumeCheckpoint(Checkpoint):
     def __init__(self, out_dir: Path, budget: float):
         self.out_dir, self.budget = out_dir, budget
         self.pending: Path | None = None
+        self.committer = CommitCheckpoint(self)
 
     def on_train_start(self, trainer, module) -> None:
         self.start, self.spent = time.perf_counter(), 0.0
@@ -158,16 +106,15 @@ class ResumeCheckpoint(Checkpoint):
         self.expected = time.perf_counter() - t
         self.spent += self.expected
 
-    def on_train_epoch_start(self, trainer, module) -> None:
+    def commit(self, trainer) -> None:
         if self.pending is None or trainer.global_rank != 0:
             self.pending = None
             return
         t = time.perf_counter()
         current, following, previous = (self.out_dir / f for f in (CHECKPOINTS, NEXT, PREVIOUS))
-        (following / "logs").mkdir()
-        for name in LOGGERS:
-            if (self.out_dir / name).is_dir():
-                shutil.copytree(self.out_dir / name, following / "logs" / name)
+        for logger in trainer.loggers:  # what they buffer (TensorBoard's events) belongs to the copy
+            logger.save()
+        copy_logs(self.out_dir, following / "logs")
         os.replace(self.pending, following / RESUME_CHECKPOINT)  # a whole pair from here on
         if current.exists():  # while checkpoints/ is whole, a PREVIOUS a kill left is stale
             shutil.rmtree(previous, ignore_errors=True)
@@ -176,6 +123,18 @@ class ResumeCheckpoint(Checkpoint):
         shutil.rmtree(previous, ignore_errors=True)
         self.pending = None
         self.spent += time.perf_counter() - t
+
+
+class CommitCheckpoint(Callback):
+    """Makes ResumeCheckpoint's pair as an epoch starts. Lightning runs Checkpoint callbacks last, after
+    LearningRateMonitor has logged the new epoch's rate; a plain callback listed first runs before it, so
+    the logs in the pair end where its training state does."""
+
+    def __init__(self, saver: ResumeCheckpoint):
+        self.saver = saver
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.saver.commit(trainer)
 
 
 class NoProfiler(PassThroughProfiler):
@@ -195,7 +154,8 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
     loggers = make_loggers(cfg.get("loggers", ["dvclive"]), out_dir, resume)
-    callbacks = [ResumeCheckpoint(out_dir, float(cfg.get("checkpoint_budget", 0.02))), *callbacks]
+    saver = ResumeCheckpoint(out_dir, float(cfg.get("checkpoint_budget", 0.02)))
+    callbacks = [saver, saver.committer, *callbacks]
     if loggers:  # the learning rate goes to the logs (there are none with trainer.loggers=[])
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     # as tqdm draws the other bars (progress.py): on a terminal only, never redrawn into a log file
@@ -246,18 +206,16 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     if resume:  # checked like any file: plain data only, nothing in it may run
         state = load_plain(ckpt, f"delete {out_dir} (the work folder of an interrupted run) and run the stage again.")
         resumed_at = int(state["epoch"]) + 1
-        for name in LOGGERS if first_process() else ():  # the logs as at the checkpoint
-            shutil.rmtree(out_dir / name, ignore_errors=True)
-            if (saved / "logs" / name).is_dir():
-                shutil.copytree(saved / "logs" / name, out_dir / name)
+        if first_process():  # the logs as at the checkpoint
+            copy_logs(saved / "logs", out_dir)
     # Lightning's DDP launcher gives every rank cores / processes threads unless OMP_NUM_THREADS says otherwise
     threads = {"OMP_NUM_THREADS": str(int(trainer_cfg["num_threads"]))} if trainer_cfg.get("num_threads") else {}
-    # the CSV logger warns, as _resume_csv opens it, that it deletes its file: _resume_csv restores it
+    # the CSV logger warns, as resume_csv opens it, that it deletes its file: resume_csv restores it
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")
         trainer = make_trainer(trainer_cfg, out_dir, max_epochs, resume=resume, callbacks=callbacks)
         if resume and first_process():  # the other ranks' loggers write nothing
-            _resume_csv(trainer, saved / "logs" / "csv" / "metrics.csv")
+            resume_csv(trainer, saved / "logs" / "csv" / "metrics.csv")
     start = time.perf_counter()
     try:
         with mock.patch.dict(os.environ, threads):  # set for the fit alone (stdlib: restores what was there)
@@ -275,18 +233,3 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
                                f"or inf). Fix: lower this stage's learning rate (its lr), or warm up longer.")
     return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds,
                getattr(module, "trained_images", 0) * trainer.world_size)
-
-
-def _resume_csv(trainer: pl.Trainer, saved: Path) -> None:
-    """Lightning's CSV logger cannot resume: it deletes metrics.csv when it starts. Put the rows
-    logged up to the checkpoint back and tell it their columns, so it appends after them."""
-    import csv
-
-    from pytorch_lightning.loggers import CSVLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, CSVLogger) and saved.is_file():
-            writer = logger.experiment
-            shutil.copy(saved, writer.metrics_file_path)
-            with open(saved, newline="") as f:
-                writer.metrics_keys = list(csv.DictReader(f).fieldnames or [])
