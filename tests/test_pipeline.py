@@ -197,12 +197,18 @@ def test_results_command_prints_the_models_and_each_stage_training(smoke_artifac
     timing = json.loads((Path(cfg.paths.artifacts_dir) / "pretrain" / "timing.json").read_text())
     assert f"| pretrain | {timing['train_seconds']:,.0f} | {timing['train_images_per_second']:,.0f} | cpu |" in out
     assert "| distill |" in out and "| prune |" in out and "Training in all:" in out
-    # every model evaluate scored, in its order, a stage the labels do not know by its own name
+    # every model evaluate scored, in evaluate's order (metrics.json sorts its keys: distill would come first), the
+    # deployed files after the trained models, and a stage the labels do not know by its own name
+    from transferkit.stages import TARGET_MODELS
+
     metrics = json.loads((Path(cfg.paths.artifacts_dir) / "evaluate" / "metrics.json").read_text())
     metrics["models"] = {"newstage": metrics["models"]["scratch"], **metrics["models"]}
     table = results_table(metrics, json.loads((Path(cfg.paths.artifacts_dir) / "evaluate" / "timing.json").read_text()))
-    assert [row.split(" | ")[0] for row in table.splitlines()[2:2 + len(metrics["models"])]] == [
-        f"| {LABELS.get(name, name)}" for name in metrics["models"]]
+    names = [*TARGET_MODELS, "newstage", "onnx_fp32", "onnx_int8"]
+    assert sorted(names) == sorted(metrics["models"])
+    assert [row.split(" | ")[0] for row in table.splitlines()[2:2 + len(names)]] == [
+        f"| {LABELS.get(name, name)}" for name in names]
+    assert out.index("| scratch (baseline) |") < out.index("| transfer (fine-tuned) |") < out.index("| pruned, ONNX")
 
 
 @pytest.mark.parametrize("folder, needle", [

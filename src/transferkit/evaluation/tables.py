@@ -104,7 +104,11 @@ def results_table(metrics: dict, timing: dict) -> str:
              f"{timing.get('throughput_batch', 256)} |", "|---|---|---|---|---|---|"]
     from transferkit.evaluation.report import LABELS
 
-    for name in metrics["models"]:  # in evaluate's order: baselines first, the deployed model last
+    from transferkit.stages import TARGET_MODELS
+
+    # in evaluate's order, baselines first and the deployed files last (metrics.json keeps its keys sorted)
+    rank = {name: i for i, name in enumerate(TARGET_MODELS)}
+    for name in sorted(metrics["models"], key=lambda n: rank.get(n, len(rank))):
         r, t = metrics["models"][name], timing.get(name, {})
         lines.append(f"| {LABELS.get(name, name)} | {pct(r['top1'])} "
                      f"({pct(r['top1_ci95'][0])}–{pct(r['top1_ci95'][1])}) | "
