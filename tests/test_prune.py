@@ -132,7 +132,7 @@ def test_the_random_criterion_cuts_the_channels_the_round_to_trial_tried():
     assert prune_channels(models[0], round_to=8, **settings)["round_to"] == 8
     torch.manual_seed(0)
     _prune(models[1], round_to=8, calibration=None, input_size=32, max_search_steps=40, scope="layer", rates=[],
-           **settings)  # the trial's cut alone
+           widths=None, **settings)  # the trial's cut alone
     assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
 
 
@@ -401,13 +401,30 @@ def test_rounds_of_a_macs_target_end_where_one_cut_does(tmp_path, monkeypatch, c
     three = run("prune", compose("experiment=smoke", *wide, "prune.steps=3", tmp=tmp_path))
     removed = [1 - m["macs_after"] / m["macs_before"] for m in (one, three)]
     assert 0.7 <= removed[1] <= removed[0] + 0.02, removed
-    # a round's small share of channels, rounded to 16, can give a layer its width back: the round says so
-    # (it fell back to any channel count), rather than calling a student that one cut rounds too narrow
+    # rounds of a channel cut take their part of the way to one cut's widths in multiples of 16: a round's small
+    # share is no longer rounded back to a layer's whole width, nor the student called too narrow
     with caplog.at_level(logging.WARNING, logger="transferkit.stages.prune"):
-        run("prune", compose("experiment=smoke", *wide, "prune.steps=3", "prune.target=channels", "prune.ratio=0.5",
-                             tmp=tmp_path))
-    assert "round 1 of 3 could not take its share in multiples of 16" in caplog.text
-    assert "too narrow" not in caplog.text
+        channels = run("prune", compose("experiment=smoke", *wide, "prune.steps=3", "prune.target=channels",
+                                        "prune.ratio=0.5", tmp=tmp_path))
+    assert "prune.round_to" not in caplog.text and channels["round_to"] == 16
+
+
+@pytest.mark.parametrize("more", [[], ["prune.rates=[1,0.5,1,2]"], ["prune.round_to=null"]])
+def test_rounds_of_a_channel_cut_end_with_the_widths_of_one_cut(tmp_path, monkeypatch, more):
+    """Each round aims, layer by layer, at its share of the original widths: a round's rounding (to multiples of
+    round_to, or down to whole channels) is not compounded by the next (five rounds left 10 of 24 channels where one
+    cut leaves 16, and a block of rate 0.5 lost 42% of its channels for a share of 22.5%)."""
+    import transferkit.stages.prune as prune_stage
+
+    monkeypatch.setattr(prune_stage, "_recover", lambda *a, **k: None)  # the cuts are under test, not the training
+    wide = ("model@distill.student=fastnet_student", "distill.epochs=1", "prune.epochs=1", "prune.round_to=16",
+            "prune.target=channels", "prune.ratio=0.45", *more)
+    widths = []
+    rounds = compose("experiment=smoke", *wide, "prune.steps=5", tmp=tmp_path)
+    for cfg in (_smoke_with_student(tmp_path, *wide), rounds):
+        run("prune", cfg)
+        widths.append(conv_widths(load_checkpoint(tmp_path / "artifacts" / "prune" / "model.pt", "prune")[0]))
+    assert widths[0] == widths[1]
 
 
 def test_an_unreachable_ratio_fails_before_sparse_learning_or_a_round_trains(tmp_path, monkeypatch):

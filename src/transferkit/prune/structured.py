@@ -94,6 +94,11 @@ def round_rates(rates: list[float], ratio: float, step: int, steps: int) -> list
     return [(1 - kept(r, step) / kept(r, step - 1)) / common for r in rates]
 
 
+def block_rate(layer: str, rates: list[float] | None) -> float:
+    """The rate of the block a layer (blocks.<i>.…) is in; 1 outside the blocks or without rates."""
+    return rates[int(layer.split(".")[1])] if rates and layer.startswith("blocks.") else 1
+
+
 def count_macs_params(model: nn.Module, input_size: int = 32) -> tuple[int, int]:
     """The same MAC count evaluate reports (torch's FLOP counter), so targets and reports agree."""
     was = model.training
@@ -131,7 +136,7 @@ def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str], rate
     block's rate (at most 0.95): where that is 0, Torch-Pruning leaves the layer whole without a word (a cut that
     reports a reduction of nothing)."""
     widths = prunable_widths(model, keep)
-    rate = {n: rates[int(n.split(".")[1])] if rates and n.startswith("blocks.") else 1 for n in widths}
+    rate = {n: block_rate(n, rates) for n in widths}
 
     def ratio_bound(c: int, r: float) -> float:  # the largest ratio (3 decimals) that leaves the layer a channel
         share = math.floor((1 - 1 / c) * 1000) / 1000
@@ -153,7 +158,8 @@ def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str], rate
 def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],
                    calibration: tuple[torch.Tensor, torch.Tensor] | None = None, input_size: int = 32,
                    max_search_steps: int = 40, round_to: int | None = None, scope: str = "layer",
-                   rates: list[float] | None = None, refuse_empty: bool = True) -> dict:
+                   rates: list[float] | None = None, refuse_empty: bool = True,
+                   widths: dict[str, int] | None = None) -> dict:
     """Remove channels in place until `target` is met:
     - target="channels": remove `ratio` of the channels of every prunable layer;
     - target="macs": remove channels in small uniform steps until MACs <= (1 - ratio) x before.
@@ -167,13 +173,15 @@ def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: floa
     `rates` (one per block of the model, in order) cuts each block's channels at that many times the
     share of the others (0.5: half as fast), so the cut can spare the blocks where channels cost
     few MACs; none or [] cuts every block at the same share. `refuse_empty`: with target="channels",
-    refuse a ratio that would leave a layer no channel (rounds of a cut checked as a whole pass False)."""
+    refuse a ratio that would leave a layer no channel (rounds of a cut checked as a whole pass False).
+    `widths` (convolution name -> channels to keep; a round of a cut, round_widths) overrides the ratio there."""
     if scope not in SCOPES:
         raise TransferkitError(f"unknown prune.scope '{scope}'. Fix: use one of {list(SCOPES)}.")
     if refuse_empty and target == "channels" and scope == "layer":  # ranked across layers: the ranking decides
         check_no_layer_emptied(model, ratio, keep, rates)
     settings = dict(criterion=criterion, target=target, ratio=ratio, keep=keep, calibration=calibration,
-                    input_size=input_size, max_search_steps=max_search_steps, scope=scope, rates=list(rates or []))
+                    input_size=input_size, max_search_steps=max_search_steps, scope=scope, rates=list(rates or []),
+                    widths=widths)
     if round_to:
         rng = torch.get_rng_state()  # the random criterion's draws: the cut below is the one tried here
         try:  # on copies first: Torch-Pruning changes the model in place, and a failed try cannot be undone
@@ -192,7 +200,7 @@ def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: floa
 
 def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep: list[str],
            calibration: tuple[torch.Tensor, torch.Tensor] | None, input_size: int, max_search_steps: int,
-           round_to: int | None, scope: str, rates: list[float]) -> dict:
+           round_to: int | None, scope: str, rates: list[float], widths: dict[str, int] | None) -> dict:
     example = torch.zeros(1, 3, input_size, input_size)
     base_macs, base_params = count_macs_params(model, input_size)
     imp = importance(criterion)
@@ -201,6 +209,9 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
     # the search ramps every share linearly to its maximum: the fastest block's is 0.95, the others' in proportion
     max_ratio = ratio if target == "channels" else 0.95 / max([1, *rates])
     per_module = {block: min(rate * max_ratio, 0.95) for block, rate in zip(model.blocks, rates) if rate != 1}
+    modules = dict(model.named_modules())  # a layer's own goal comes after its block's, and Torch-Pruning keeps
+    per_module.update({modules[n]: min(max(1 - (k + 0.5) / modules[n].out_channels, 0.0), 0.95)  # the last
+                       for n, k in (widths or {}).items()})  # int(c x (1 - ratio)) is then k
     # channels: each layer's share is the target; macs: the search cuts until MACs meet it, so rounding down is safe
     pruner_class = NearestMultiplePruner if target == "channels" else tp.pruner.MetaPruner
     pruner = pruner_class(model, example, imp, pruning_ratio=max_ratio, iterative_steps=steps,

@@ -14,8 +14,8 @@ from omegaconf import DictConfig
 from transferkit.data.tasks import train_sample
 from transferkit.distill.module import DistillerModule
 from transferkit.models import load_checkpoint
-from transferkit.prune.structured import (check_rates, conv_widths, group_regularizer, kept_modules, prune_channels,
-                                          round_rates)
+from transferkit.prune.structured import (check_rates, conv_widths, group_regularizer, kept_modules, prunable_widths,
+                                          prune_channels, round_rates)
 from transferkit.prune.unstructured import make_permanent, prune_weights, sparsity
 from transferkit.stages.common import load_task
 from transferkit.stages.distill import distillation, load_teacher
@@ -55,14 +55,20 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     images, labels = train_sample(task, min(256, len(task["train_y"])))  # taylor ranks by gradients on these
     calibration = (images.float() / 255, labels)
     if p.mode == "structured":
-        def cut(model, ratio: float, refuse_empty: bool = True, rates=p.rates) -> dict:  # the trial cut and rounds
+        def cut(model, ratio: float, refuse_empty: bool = True, rates=p.rates, widths=None) -> dict:  # trial, rounds
             return prune_channels(model, criterion=p.criterion, target=p.target, ratio=ratio, keep=keep,
-                                  calibration=calibration, round_to=p.round_to, scope=p.scope, rates=rates,
-                                  refuse_empty=refuse_empty)
+                                  calibration=calibration, round_to=None if widths else p.round_to, scope=p.scope,
+                                  rates=rates, refuse_empty=refuse_empty, widths=widths)
 
         if p.sparse_epochs or p.steps > 1:  # training comes before the last cut: a target it cannot reach fails now
             with torch.random.fork_rng(devices=[]):  # a trial cut of a copy: the run's randomness is untouched
-                cut(copy.deepcopy(student), p.ratio)
+                trial = cut(one_cut := copy.deepcopy(student), p.ratio)
+        # rounds of a channel cut (each layer losing a count, not a ranked share) take, layer by layer, their part of
+        # the way to the widths one cut leaves (the trial's, rounded to round_to as it was): a round's rounding is
+        # then not compounded by the next
+        by_layer = p.target == "channels" and p.scope == "layer" and p.steps > 1
+        if by_layer:
+            original, final = prunable_widths(student, keep), prunable_widths(one_cut, keep)
         if p.sparse_epochs:  # KD fine-tune that empties the channel groups the cut will remove
             fit_stage(cfg, cfg.prune, student, task, out / "rounds" / "sparse", module_cls=SparseDistiller,
                       epochs=p.sparse_epochs, **distillation(cfg, teacher),
@@ -75,16 +81,19 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                     else 1 - p.ratio * (step - 1) / p.steps)
             if (ratio := 1 - (1 - goal) / left) > 0:  # else the earlier rounds' overshoot reached this goal
                 rates = (round_rates(list(p.rates), p.ratio, step, p.steps) if p.target == "channels" and p.steps > 1
-                         else p.rates)  # one cut: as given (its check names the ratio that fits them)
-                result = cut(student, ratio, p.steps == 1, rates)  # rounds: the trial cut checked prune.ratio
-                if p.round_to and result["round_to"] is None:
-                    widths = "/".join(map(str, conv_widths(student)))
-                    why = ("the student is too narrow to reach the target" if p.steps == 1 else  # else: a small share
-                           f"round {step} of {p.steps} could not take its share")  # rounded back to a layer's width
+                         and not by_layer else p.rates)  # one cut: as given (its check names the ratio that fits)
+                widths = {n: c - (c - final[n]) * step // p.steps for n, c in original.items()} if by_layer else None
+                result = cut(student, ratio, p.steps == 1, rates, widths)  # rounds: the trial cut checked prune.ratio
+                if by_layer:
+                    result["round_to"] = trial["round_to"]
+                if p.round_to and result["round_to"] is None and (step == 1 or not by_layer):
+                    now = "/".join(map(str, conv_widths(student)))
+                    why = ("the student is too narrow to reach the target" if p.steps == 1 or by_layer else  # else:
+                           f"round {step} of {p.steps} could not take its share")  # a small share rounded back
                     log.warning("prune.round_to=%s: %s in multiples of %s channels, so it was pruned to any channel "
                                 "count (conv widths %s). Fix: set prune.round_to to a smaller multiple%s, or null to "
-                                "silence this.", p.round_to, why, p.round_to, widths,
-                                "" if p.steps == 1 else " or fewer prune.steps")
+                                "silence this.", p.round_to, why, p.round_to, now,
+                                "" if p.steps == 1 or by_layer else " or fewer prune.steps")
                 info.setdefault("macs_before", result["macs_before"])
                 info.setdefault("params_before", result["params_before"])
                 info.update(macs_after=result["macs_after"], params_after=result["params_after"],
