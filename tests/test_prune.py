@@ -390,12 +390,35 @@ def test_iterative_and_unstructured_modes_run(tmp_path):
     assert saved["sparsity"] == metrics["sparsity"]
 
 
+def _untrained(cfg, model, *args):
+    """A recovery round that trains nothing (its Fit counts no time)."""
+    from transferkit.training.trainer import Fit
+
+    return Fit(model, "32-true", "cpu", None, 0.0, 0)
+
+
+def test_the_prune_stage_counts_the_training_of_every_fit_it_runs(tmp_path, monkeypatch):
+    """Sparse learning and the rounds' recoveries train too: timing.json's seconds and images are theirs and the
+    final fit's together, not the final fit's alone."""
+    from transferkit.training import trainer
+
+    fits, fit = [], trainer.fit
+    monkeypatch.setattr("transferkit.stages.training.fit", lambda *a, **k: fits.append(fit(*a, **k)) or fits[-1])
+    cfg = _smoke_with_student(tmp_path, "prune.steps=2", "prune.sparse_epochs=1", "prune.epochs=2")
+    fits.clear()
+    run("prune", cfg)
+    timing = json.loads((tmp_path / "artifacts" / "prune" / "timing.json").read_text())
+    assert len(fits) == 3  # sparse learning, round 1's recovery, the final fit
+    assert timing["train_seconds"] == round(sum(f.seconds for f in fits), 2)
+    assert timing["train_images_per_second"] == round(sum(f.images for f in fits) / sum(f.seconds for f in fits), 1)
+
+
 def test_rounds_of_a_macs_target_end_where_one_cut_does(tmp_path, monkeypatch, caplog):
     """Each round's search stops past its goal; the next round aims from the MACs left, so the overshoots
     do not add up (three rounds aiming by the plan alone removed 0.78 of the MACs for a ratio of 0.7)."""
     import transferkit.stages.prune as prune_stage
 
-    monkeypatch.setattr(prune_stage, "_recover", lambda *a, **k: None)  # the cuts are under test, not the training
+    monkeypatch.setattr(prune_stage, "_recover", _untrained)  # the cuts are under test, not the training
     wide = ("model@distill.student=fastnet_student", "distill.epochs=1", "prune.epochs=1", "prune.round_to=16")
     one = run("prune", _smoke_with_student(tmp_path, *wide))
     three = run("prune", compose("experiment=smoke", *wide, "prune.steps=3", tmp=tmp_path))
@@ -416,7 +439,7 @@ def test_rounds_of_a_channel_cut_end_with_the_widths_of_one_cut(tmp_path, monkey
     cut leaves 16, and a block of rate 0.5 lost 42% of its channels for a share of 22.5%)."""
     import transferkit.stages.prune as prune_stage
 
-    monkeypatch.setattr(prune_stage, "_recover", lambda *a, **k: None)  # the cuts are under test, not the training
+    monkeypatch.setattr(prune_stage, "_recover", _untrained)  # the cuts are under test, not the training
     wide = ("model@distill.student=fastnet_student", "distill.epochs=1", "prune.epochs=1", "prune.round_to=16",
             "prune.target=channels", "prune.ratio=0.45", *more)
     widths = []

@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def _recover(cfg, model, teacher, task, out, epochs, step):
-    """An intermediate recovery round (iterative pruning): KD fine-tune, nothing saved."""
-    fit_stage(cfg, cfg.prune, model, task, out / "rounds" / f"round{step}", module_cls=DistillerModule,
+    """An intermediate recovery round (iterative pruning): KD fine-tune, nothing saved but its Fit."""
+    return fit_stage(cfg, cfg.prune, model, task, out / "rounds" / f"round{step}", module_cls=DistillerModule,
               epochs=epochs, **distillation(cfg, teacher))
 
 
@@ -52,6 +52,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     kept_modules(student, keep)  # unknown names and a wrong count of rates fail here, before any work
     check_rates(student, list(p.rates))
     info: dict = {"mode": p.mode}
+    fits = []  # sparse learning's and the rounds' recoveries, before the final fit
     images, labels = train_sample(task, min(256, len(task["train_y"])))  # taylor ranks by gradients on these
     calibration = (images.float() / 255, labels)
     if p.mode == "structured":
@@ -70,9 +71,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         if by_layer:
             original, final = prunable_widths(student, keep), prunable_widths(one_cut, keep)
         if p.sparse_epochs:  # KD fine-tune that empties the channel groups the cut will remove
-            fit_stage(cfg, cfg.prune, student, task, out / "rounds" / "sparse", module_cls=SparseDistiller,
+            fits.append(fit_stage(cfg, cfg.prune, student, task, out / "rounds" / "sparse", module_cls=SparseDistiller,
                       epochs=p.sparse_epochs, **distillation(cfg, teacher),
-                      regularize=group_regularizer(student, p.sparse_reg, keep))
+                      regularize=group_regularizer(student, p.sparse_reg, keep)))
         for step in range(1, p.steps + 1):
             # round k of n has removed k/n of the requested share of the original MACs or channels; its ratio
             # applies to what the earlier rounds left: MACs as measured (each round's search overshoots its goal)
@@ -99,7 +100,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                 info.update(macs_after=result["macs_after"], params_after=result["params_after"],
                             round_to=result["round_to"])
             if step < p.steps:
-                _recover(cfg, student, teacher, task, out, max(1, p.epochs // p.steps), step)
+                fits.append(_recover(cfg, student, teacher, task, out, max(1, p.epochs // p.steps), step))
         student.arch["pruned"] = True
         info["macs_reduction"] = info["macs_before"] / info["macs_after"]
         finalize = None
@@ -110,4 +111,4 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             make_permanent(model)
             return {"sparsity": sparsity(model, keep)}
     return train_stage(cfg, "prune", student, task, out, module_cls=DistillerModule, **distillation(cfg, teacher),
-                       finalize=finalize, extra_metrics=info)
+                       finalize=finalize, extra_metrics=info, earlier_fits=fits)

@@ -53,17 +53,18 @@ def fit_stage(cfg: DictConfig, settings: DictConfig, model: BlockNet, task: dict
 
 def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: Path, *,
                 module_cls=ClassifierModule, finalize=None, extra_metrics: dict | None = None,
-                **module_kwargs) -> dict:
+                earlier_fits: list = (), **module_kwargs) -> dict:
     """Train `model` with the optimisation block cfg[stage]. `finalize(model)` runs after
-    training, before evaluation and saving; it may return metrics to record (as may `extra_metrics`)."""
+    training, before evaluation and saving; it may return metrics to record (as may `extra_metrics`).
+    `earlier_fits`: the stage's fits before this one (prune's sparse learning and rounds), counted in its timing."""
     settings = cfg[stage]
     run = {"train_seconds": 0.0, "train_images_per_second": None, "precision": None, "device": None,
            "resumed_at_epoch": None}
     if settings.epochs > 0:  # pretrain.epochs=0: export published weights as they are
         result = fit_stage(cfg, settings, model, task, out, module_cls=module_cls, **module_kwargs)
         model = result.model
-        run = {"train_seconds": round(result.seconds, 2),
-               "train_images_per_second": round(result.images / max(result.seconds, 1e-9), 1),
+        seconds, images = (sum(getattr(f, k) for f in (*earlier_fits, result)) for k in ("seconds", "images"))
+        run = {"train_seconds": round(seconds, 2), "train_images_per_second": round(images / max(seconds, 1e-9), 1),
                "precision": result.precision, "device": result.device, "resumed_at_epoch": result.resumed_at_epoch}
     model = model.float().to(memory_format=torch.contiguous_format).eval()
     metrics = dict(extra_metrics or {})
