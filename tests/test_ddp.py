@@ -3,6 +3,7 @@ exactly as dvc repro calls it, with no code change: only `trainer=ddp`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -47,6 +48,82 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path, server_dir, warm):
             == pytest.approx(cfg.transfer.epochs * 2 * 2 * 16, rel=0.02))
     assert not (tmp_path / "artifacts" / f".{stage}.incomplete").exists()
     assert bool(list(server_dir.glob("*/*.sock"))) == warm
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The live processes whose command line contains `text` (Linux /proc)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_stage_that_fits_and_cuts_several_times_runs_under_ddp(tmp_path):
+    """prune in two rounds ranked across layers at random: its later fits find the ranks Lightning started for the
+    first (one rank 1, none left behind waiting for a process group), and every cut is rank 0's in every process (a
+    rank ranking by its own BatchNorm statistics and draws cut a model of another shape, and DDP stopped)."""
+    single = compose("experiment=smoke", "distill.epochs=1", tmp=tmp_path)
+    for stage in ("prepare", "pretrain", "transfer", "distill"):
+        run(stage, single)
+    cfg = compose("experiment=smoke", "distill.epochs=1", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  "trainer.num_threads=1", "prune.scope=global", "prune.criterion=random", "prune.steps=2",
+                  "prune.ratio=0.5", "prune.epochs=2", tmp=tmp_path)
+    params = tmp_path / "ddp.yaml"
+    params.write_text(params_text(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TRANSFERKIT_WARM": "0"}
+    with open(tmp_path / "log.txt", "w") as log:  # a file, not a pipe: a process left behind would hold a pipe open
+        code = subprocess.run([sys.executable, "-m", "transferkit.cli", "prune", "--params", str(params)],
+                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300).returncode
+    output = (tmp_path / "log.txt").read_text()
+    left = _processes_naming(str(params))
+    for pid in left:
+        os.kill(pid, 9)
+    assert code == 0, output[-3000:]
+    assert output.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 1 and not left, (left, output[-3000:])
+    assert json.loads((tmp_path / "artifacts" / "prune" / "metrics.json").read_text())["macs_reduction"] > 1
+
+
+@pytest.mark.slow
+def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path):
+    """Lightning's own handler broadcasts the signal from inside the handler while the other rank waits in another
+    collective: both hung until the process group timed out (30 minutes)."""
+    import signal
+    import time
+
+    single = compose("experiment=smoke", tmp=tmp_path)
+    for stage in ("prepare", "pretrain"):
+        run(stage, single)
+    cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  "trainer.num_threads=1", "trainer.checkpoint_budget=1", "transfer.epochs=30", tmp=tmp_path)
+    params = tmp_path / "ddp.yaml"
+    params.write_text(params_text(cfg))
+    command = [sys.executable, "-m", "transferkit.cli", "transfer", "--params", str(params)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0"}
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        checkpoint = tmp_path / "artifacts" / ".transfer.incomplete" / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        finally:
+            left = _processes_naming(str(params))
+            for pid in [proc.pid, *left]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+    assert code == -signal.SIGTERM and not left, ((tmp_path / "log.txt").read_text()[-3000:], left)
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((tmp_path / "artifacts" / "transfer" / "timing.json").read_text())["resumed_at_epoch"]
 
 
 @pytest.mark.parametrize("env, first", [

@@ -30,6 +30,23 @@ def _recover(cfg, model, teacher, task, out, epochs, step):
               epochs=epochs, **distillation(cfg, teacher))
 
 
+def same_on_every_rank(model) -> None:
+    """Under DDP, rank 0's weights, BatchNorm statistics and random state in every process: after a fit each holds
+    its own statistics and draws, and a cut ranked by them (taylor, random, a global ranking) would give the ranks
+    models of other shapes. No-op in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    rng = torch.get_rng_state()
+    for tensor in (*model.state_dict().values(), rng):
+        moved = tensor.to(device)
+        dist.broadcast(moved, 0)
+        tensor.copy_(moved)
+    torch.set_rng_state(rng)
+
+
 class SparseDistiller(DistillerModule):
     """Distillation with group-norm regularisation added to the gradients before each step."""
 
@@ -84,6 +101,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                 rates = (round_rates(list(p.rates), p.ratio, step, p.steps) if p.target == "channels" and p.steps > 1
                          and not by_layer else p.rates)  # one cut: as given (its check names the ratio that fits)
                 widths = {n: c - (c - final[n]) * step // p.steps for n, c in original.items()} if by_layer else None
+                same_on_every_rank(student)  # after the sparse fit or a round's recovery
                 result = cut(student, ratio, p.steps == 1, rates, widths)  # rounds: the trial cut checked prune.ratio
                 if by_layer:
                     result["round_to"] = trial["round_to"]

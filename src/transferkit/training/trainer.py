@@ -20,7 +20,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import pytorch_lightning as pl
 import torch
@@ -39,6 +38,8 @@ warnings.filterwarnings("ignore", r".*module\(s\) in eval mode.*")  # frozen blo
 warnings.filterwarnings("ignore", r".*smaller than the logging interval.*")  # tiny smoke datasets
 warnings.filterwarnings("ignore", r".*Total length of .* across ranks is zero.*")  # no val split (pretrain)
 warnings.filterwarnings("ignore", r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")  # Lightning vs torch 2.15
+# under DDP: the epoch's sums are reduced across processes before they are logged (ClassifierModule._log_sums)
+warnings.filterwarnings("ignore", r".*It is recommended to use `self.log\(.*sync_dist=True\)`.*")
 
 
 class _DropMessages(logging.Filter):
@@ -155,7 +156,7 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
         torch.set_num_threads(int(cfg["num_threads"]))
     loggers = make_loggers(cfg.get("loggers", ["dvclive"]), out_dir, resume)
     saver = ResumeCheckpoint(out_dir, float(cfg.get("checkpoint_budget", 0.02)))
-    callbacks = [saver, saver.committer, *callbacks]
+    callbacks = [saver, saver.committer, DieOnSigterm(), *callbacks]
     if loggers:  # the learning rate goes to the logs (there are none with trainer.loggers=[])
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     # as tqdm draws the other bars (progress.py): on a terminal only, never redrawn into a log file
@@ -183,6 +184,38 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
                                f"{cfg.get('accelerator')}, {cfg.get('devices')}, {cfg.get('strategy')} here: "
                                f"{' '.join(str(e).split()).rstrip('.')}. Fix: set them to what this machine "
                                f"has.") from e
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """`values` set in os.environ, and those keys alone put back after: the variables Lightning's DDP launcher sets
+    during a fit (LOCAL_RANK, MASTER_PORT, ...) stay, and tell a stage's next fit that its other ranks are running."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class DieOnSigterm(Callback):
+    """Under several processes, a SIGTERM ends every rank at once. Lightning's handler broadcasts the signal to the
+    other ranks from inside the handler, while they wait in another collective: both hang until the process group
+    times out (30 minutes). The pair of the last checkpoint is whole at any moment, so the next run resumes."""
+
+    def on_train_start(self, trainer, module) -> None:  # after Lightning installed its handlers
+        if trainer.world_size > 1:
+            def die(signum, frame):
+                if (launcher := trainer.strategy.launcher) is not None:
+                    launcher.kill(signum)  # the ranks this process started
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)  # exit status 143, as a shell reports a SIGTERM
+
+            signal.signal(signal.SIGTERM, die)
 
 
 @dataclass
@@ -218,7 +251,7 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
             resume_csv(trainer, saved / "logs" / "csv" / "metrics.csv")
     start = time.perf_counter()
     try:
-        with mock.patch.dict(os.environ, threads):  # set for the fit alone (stdlib: restores what was there)
+        with _environ(threads):  # set for the fit alone
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
     except SIGTERMException as e:  # a SystemExit without a code: the process would exit 0 and DVC record the stage
         raise SystemExit(128 + signal.SIGTERM) from e  # as done; 143 is what a shell reports for a SIGTERM
