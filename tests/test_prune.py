@@ -169,6 +169,15 @@ def test_the_bound_a_refusal_gives_is_one_the_cut_takes(width, ratio, bound):
     assert all(w == 1 for w in conv_widths(pruned)), conv_widths(pruned)
 
 
+def test_a_ratio_that_would_empty_a_fully_connected_block_is_refused():
+    """vgg_mini's blocks 9 and 10 are linear layers, which Torch-Pruning cuts as it cuts convolutions, and leaves
+    whole without a word where the cut would empty them."""
+    with pytest.raises(TransferkitError, match=r"prune.ratio=0.9 would leave 2 layer\(s\) no channel \(blocks.10.0, "
+                                               r"blocks.9.1; the narrowest has 8\)\. Fix: set prune.ratio <= 0.875"):
+        prune_channels(build_model("vgg_mini", 5, widths=[64] * 9, fc_width=8).eval(), criterion="l2",
+                       target="channels", ratio=0.9, keep=["head"])
+
+
 def test_rounds_of_a_channel_cut_are_checked_as_a_whole(tmp_path):
     """prune.steps=2 at a ratio one cut can take: the second round's own ratio, on layers the first
     narrowed, may round a layer to no channel; the trial cut checked prune.ratio before any training,

@@ -126,9 +126,14 @@ def smallest_channel_count(model: nn.Module) -> int:
 
 
 def prunable_widths(model: nn.Module, keep: list[str]) -> dict[str, int]:
-    """Output channels of each convolution that prune.keep does not name (nor a module above it)."""
-    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
-            and not any(name == k or name.startswith(f"{k}.") for k in keep)}
+    """Output channels (features, for vgg_mini's fully connected blocks) of each convolution and linear layer that
+    prune.keep does not name (nor a module above it); the head's outputs are the classes, never cut."""
+    return {name: _width(m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+            and not any(name == k or name.startswith(f"{k}.") for k in [*keep, "head"])}
+
+
+def _width(layer: nn.Module) -> int:
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
 def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str], rates: list[float] | None = None) -> None:
@@ -210,7 +215,7 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
     max_ratio = ratio if target == "channels" else 0.95 / max([1, *rates])
     per_module = {block: min(rate * max_ratio, 0.95) for block, rate in zip(model.blocks, rates) if rate != 1}
     modules = dict(model.named_modules())  # a layer's own goal comes after its block's, and Torch-Pruning keeps
-    per_module.update({modules[n]: min(max(1 - (k + 0.5) / modules[n].out_channels, 0.0), 0.95)  # the last
+    per_module.update({modules[n]: min(max(1 - (k + 0.5) / _width(modules[n]), 0.0), 0.95)  # the last
                        for n, k in (widths or {}).items()})  # int(c x (1 - ratio)) is then k
     # channels: each layer's share is the target; macs: the search cuts until MACs meet it, so rounding down is safe
     pruner_class = NearestMultiplePruner if target == "channels" else tp.pruner.MetaPruner
