@@ -87,11 +87,25 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     seeds = sweep("0", "0,1")
     assert "1 of 2 points ran" in seeds and "| transfer ← best on val | 2 |" in seeds and "depth=3" not in seeds
     # collect on the folder takes the points its dvc.yaml lists now, not the earlier sweeps' left on disk
+    from transferkit.errors import TransferkitError
     from transferkit.sweep.collect import find_runs
 
     assert (out / "seed=0,transfer.freeze_depth=3").is_dir()
     points = sorted(r.folder.parent.name for r in find_runs([out]))
     assert points == [f"seed={s},transfer.freeze_depth=0" for s in (0, 1)]
+    # and so does the sweep's own table: a scratch sweep's points into the folder stay out of the transfer table
+    proc = cli("sweep", "scratch", "seed=0", "transfer.freeze_depth=0", "--out", str(out), cwd=proj)  # one folder
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = sweep("0", "0,1")
+    assert "0 of 2 points ran" in again and "| scratch" not in again
+    # a sweep stopped before it finished: a point's settings are new, its output is older (DVC would run it again)
+    point = out / "params" / "seed=1,transfer.freeze_depth=0.yaml"
+    settings = yaml.safe_load(point.read_text())
+    settings["transfer"]["epochs"] += 1
+    point.write_text(yaml.safe_dump(settings))
+    with pytest.raises(TransferkitError, match=r"has points not made with their settings and code as they are now "
+                                               r"\(seed=1,transfer.freeze_depth=0/transfer\).*Fix: run the sweep"):
+        find_runs([out])
 
 
 @pytest.mark.parametrize("command", ["transferkit.sweep.points", "transferkit.scenarios.report"])

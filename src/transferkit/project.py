@@ -95,6 +95,18 @@ def check_runs_folder(folder: Path) -> None:
                                f"made.")
 
 
+def stale_stages(folder: Path) -> list[str]:
+    """The stages of folder/dvc.yaml that `dvc repro` would run: never finished, or made with other settings,
+    code or inputs than the ones it names now."""
+    import json
+
+    proc = subprocess.run(["dvc", "status", "--json"], cwd=folder, env=child_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise TransferkitError(f"`dvc status` failed in {folder}: {' '.join(proc.stderr.split())[-300:]}. Fix: run "
+                               f"the sweep command again there.")
+    return sorted(json.loads(proc.stdout or "{}"))
+
+
 def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None) -> list[str]:
     """Write `stages` as folder/dvc.yaml (folder becomes a DVC repository of its own if it is
     not one) and `dvc repro` them: DVC runs what is missing or changed, skips the rest and

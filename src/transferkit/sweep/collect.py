@@ -24,18 +24,25 @@ from transferkit.evaluation.plots import sweep_png
 from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import save_json, save_text
-from transferkit.project import RUNS_HEADER
+from transferkit.project import RUNS_HEADER, stale_stages
 from transferkit.stages import TARGET_MODELS
 from transferkit.sweep.points import NOT_SWEPT, made_with
 
 
 def run_roots(d: Path) -> list[Path]:
     """Where d's runs are: a `transferkit sweep` folder's runs are the outputs its dvc.yaml lists now
-    (the points of an earlier sweep into it stay on disk, unlisted); any other folder, all of it."""
+    (the points of an earlier sweep into it stay on disk, unlisted), once DVC finds them all up to date;
+    any other folder, all of it."""
     dvc_file = d / "dvc.yaml"
     if not (dvc_file.is_file() and dvc_file.read_text().startswith(RUNS_HEADER)):
         return [d]
-    return [d / out for stage in yaml.safe_load(dvc_file.read_text())["stages"].values() for out in stage["outs"]]
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    if stale := [out for name in stale_stages(d) for out in stages.get(name, {}).get("outs", [])]:
+        raise TransferkitError(f"{d} has points not made with their settings and code as they are now ("
+                               f"{', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): the sweep stopped before "
+                               f"it finished them, or something they read changed since. Fix: run the sweep command "
+                               f"again (DVC runs only those points), then collect.")
+    return [d / out for stage in stages.values() for out in stage["outs"]]
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:

@@ -211,6 +211,6 @@ def main(argv: list[str]) -> int:
     ran = run_pipeline(out, stages)
     done = len(stages) - len(ran)
     print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} were done already" if done else ""))
-    # this sweep's points only: out/ may keep the points of an earlier, other sweep
-    print(sweep_table(collect([out / name for name in names], out / "collected")))
+    # this sweep's points only, those its dvc.yaml lists: out/ may keep the points of an earlier, other sweep
+    print(sweep_table(collect([out], out / "collected")))
     return 0
