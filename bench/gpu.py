@@ -57,7 +57,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, describe, machine, main_of, now, provenance, table, timed, warm_commands  # noqa: E402
+from _common import ROOT, describe, fresh_inductor_cache, machine, main_of, now, provenance, table, timed, warm_commands  # noqa: E402
 
 TRAINED = {"pretrain", "transfer", "probe", "scratch", "freeze_curve", "distill", "student", "prune"}
 
@@ -204,10 +204,8 @@ def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], p
     compose_params(folder, overrides)
     prepare = run_command("transferkit prepare --params params.yaml", folder)
     summary = json.loads((folder / "artifacts" / "prepare" / "summary.json").read_text())["source"]
-    # one epoch first, not counted: the first fit on a device pays one-off costs (cuDNN autotuning,
-    # kernel loading) that would otherwise land on whichever epoch count ran first
-    compose_params(folder, overrides + ["pretrain.epochs=1"])
-    run_command("transferkit pretrain --params params.yaml", folder)
+    # every pretrain is a process of its own, which pays its one-off costs (CUDA start-up, cuDNN autotuning) again:
+    # the difference row between two epoch counts leaves them out
     rows = []
     for n in epochs or [None]:
         compose_params(folder, overrides + ([f"pretrain.epochs={n}"] if n else []))
@@ -235,14 +233,17 @@ def full_cifar10(root: Path, data: Path, trainer: list[str], extra: list[str], p
 
 
 def deterministic_cost(root: Path, data: Path, trainer: list[str], experiment: list[str], pairs: int = 2) -> dict:
-    """pretrain on the pipeline's prepared data with trainer.deterministic false and true, taking
+    """pretrain on the pipeline's prepared data with trainer.deterministic false (the GPU preset) and true (with
+    trainer.benchmark false, as bit-identical reruns need), taking
     turns `pairs` times (in one process after another, so neither setting runs first each time)."""
     folder = workdir(root, "deterministic", data)
     shutil.copytree(root / "pipeline" / "artifacts" / "prepare", folder / "artifacts" / "prepare")
     seconds: dict[str, list[float]] = {"false": [], "true": []}
     for i in range(pairs):
         for setting in (("false", "true") if i % 2 == 0 else ("true", "false")):
-            compose_params(folder, [*experiment, *trainer, f"trainer.deterministic={setting}"])
+            # bit-identical reruns need cuDNN autotuning off too: it picks kernels by timing them
+            compose_params(folder, [*experiment, *trainer, f"trainer.deterministic={setting}",
+                                    f"trainer.benchmark={'false' if setting == 'true' else 'true'}"])
             run_command("transferkit pretrain --params params.yaml", folder)
             seconds[setting].append(timings(folder / "artifacts" / "pretrain")[0]["train_seconds"])
     default, deterministic = (statistics.median(seconds[k]) for k in ("false", "true"))
@@ -292,6 +293,8 @@ def host_syncs(root: Path, device: str) -> dict:
 def compile_cost(device: str, batch: int) -> dict:
     """One training step of the default fastnet at `batch` (bf16 autocast), eager vs torch.compile."""
     import torch.nn.functional as F
+
+    fresh_inductor_cache()  # a rerun on the same machine would read the compiled kernels back and time nothing
 
     from transferkit.models import build_model
 

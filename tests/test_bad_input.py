@@ -293,6 +293,8 @@ CASES = {
     "an image size that is no integer": Case("prepare", ("data.image_size=32.0",), "data.image_size=32.0 is invalid"),
     "a student init that is no path": Case("student", ("distill.student_init=5",), "distill.student_init=5 is invalid"),
     "unknown strategy": Case("pretrain", ("trainer.strategy=bogus",), "trainer.strategy='bogus' is invalid"),
+    "determinism with cuDNN autotuning": Case("pretrain", ("trainer=gpu", "trainer.deterministic=true"),
+                                              "reruns are not bit-identical. Fix: add trainer.benchmark=false"),
     "devices that are no count": Case("transfer", ("trainer.devices=foo",), "trainer.devices='foo' is invalid"),
     "device ids on the CPU": Case("transfer", ("trainer.devices=[0,1]",), "trainer.devices=[0, 1] is invalid"),
     "a block replaced by a number": Case("transfer", ("transfer=5",), "transfer=5"),

@@ -6,6 +6,7 @@ collected into one table and plot."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -391,7 +392,7 @@ def _scorable(tmp_path):
     return task, task_file, params, scored
 
 
-def test_collect_scores_where_evaluate_does(tmp_path, monkeypatch):
+def test_collect_scores_where_evaluate_does(tmp_path, monkeypatch, caplog):
     """A run trained on the GPU is scored there, as evaluate scores it (eval_device): on the CPU, an image
     whose logits nearly tie could count otherwise, and collect would report another top-1."""
     from transferkit.evaluation import runs
@@ -402,8 +403,15 @@ def test_collect_scores_where_evaluate_does(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "predict", lambda *a, device="cpu", **k: devices.append(device) or real(*a, **k))
     scored()
     params["trainer"] = {"accelerator": "gpu"}  # the cached CPU score is not this run's
+    monkeypatch.setattr(runs.torch.cuda, "is_available", lambda: True)
     scored()
     assert devices == ["cpu", "cuda"]
+    # collected where there is no GPU: scored on the CPU, with a warning, not a traceback from torch
+    monkeypatch.setattr(runs.torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="transferkit.evaluation.runs"):
+        scored()
+    assert devices == ["cpu", "cuda"] and "trained on a GPU and this machine has none" in caplog.text  # the CPU's,
+    # cached above
 
 
 def test_score_cache_is_renewed_when_the_task_is_prepared_again(tmp_path):

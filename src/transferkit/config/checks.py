@@ -44,6 +44,9 @@ def validate(cfg: DictConfig) -> None:
                                f"has none set (model.weights): the backbone would be random. Fix: set pretrain.epochs "
                                f">= 1, or model.weights (model=resnet18 model.weights=IMAGENET1K_V1).")
     check_devices(cfg.trainer)
+    if cfg.trainer.deterministic is True and cfg.trainer.get("benchmark"):  # torch ignores cuDNN's determinism then
+        raise TransferkitError("trainer.deterministic=true with trainer.benchmark=true: cuDNN autotuning picks kernels "
+                               "by timing them, so reruns are not bit-identical. Fix: add trainer.benchmark=false.")
     if "distill" in cfg:
         get_loss(cfg.distill.method)  # an unknown name -> an error listing the registered methods
         if cfg.distill.mixup and cfg.distill.method != "kd":  # dkd splits its loss by each image's one label

@@ -131,6 +131,10 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
             check_task(run, task_file, prepared)
         stamp = task_file.stat().st_mtime_ns if task is None else None
         device = eval_device(str(run.params.get("trainer", {}).get("accelerator", "cpu")))  # as evaluate scores it
+        if device == "cuda" and not torch.cuda.is_available():  # a GPU's sweep collected on a machine without one
+            log.warning("%s trained on a GPU and this machine has none: scored on the CPU, where an image whose "
+                        "logits nearly tie may count otherwise.", run.folder)
+            device = "cpu"
         key = (f"{run.folder.resolve()}|{(run.folder / 'model.pt').stat().st_mtime_ns}|{stamp}|"
                f"{run.params.get('evaluate')}|{device}|{code}")
         if key not in cache:

@@ -108,7 +108,7 @@ def uses_cuda(accelerator: str) -> bool:
 
 
 def eval_device(accelerator: str) -> str:
-    """Where a run's models are scored: its training GPU if it had one (fp32, deterministic kernels)."""
+    """Where a run's models are scored: the first visible GPU if it trained on GPUs (fp32, deterministic kernels)."""
     return "cuda" if uses_cuda(accelerator) else "cpu"
 
 
