@@ -73,6 +73,11 @@ def test_a_dataset_outside_data_dir_is_a_dep_of_each_quadrants_prepare(tmp_path)
                       strategies())
     prepares = [stage for name, stage in stages.items() if name.endswith("-prepare")]
     assert len(prepares) == 4 and all(stage["deps"].count(str(archive)) == 1 for stage in prepares)
+    # each strategy reruns when a setting it is scored with changes (evaluate.tta), not when evaluate's timings do
+    for name, stage in stages.items():
+        if not name.endswith(("-prepare", "-pretrain")):
+            tracked = next(iter(stage["params"][0].values()))
+            assert "evaluate.tta" in tracked and not any(k.startswith("evaluate.latency") for k in tracked), name
 
 
 def _quadrant(epochs: dict) -> dict:

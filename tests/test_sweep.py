@@ -71,10 +71,11 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
 
     point0 = yaml.safe_load((out / "dvc.yaml").read_text())["stages"]["point0"]
     assert [d for d in point0["deps"] if "transferkit" in d] == code_files(BY_NAME["transfer"])
-    # and its params the keys transfer's entry in dvc.yaml tracks and evaluate's (collect scores with them):
-    # another stage's setting reruns no point
+    # and its params the keys transfer's entry in dvc.yaml tracks and the evaluate settings collect scores with:
+    # another stage's setting, or evaluate's timings, rerun no point
     tracked = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["transfer"]["params"]
-    assert point0["params"] == [{"params/seed=0,transfer.freeze_depth=0.yaml": [*tracked, "evaluate"]}]
+    assert point0["params"] == [{"params/seed=0,transfer.freeze_depth=0.yaml": [*tracked, "evaluate.batch_size",
+                                                                                 "evaluate.tta"]}]
     # a point is named by every override given, varying or not (seed=0 here)
     assert yaml.safe_load((out / "params" / "seed=0,transfer.freeze_depth=0.yaml").read_text())["name"] == "smoke"
     kept = out / "seed=0,transfer.freeze_depth=0" / "transfer" / "model.pt"

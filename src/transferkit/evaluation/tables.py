@@ -30,7 +30,8 @@ def sweep_table(summary: dict) -> str:
                      f"{pct(r['val_mean'])} ± {pct(r['val_std'])} | {pct(r['test_mean'])} ± {pct(r['test_std'])} | "
                      f"{diff} | {verdict} |")
     methods = sorted({r["vs_scratch"]["method"] for r in summary["rows"] if r.get("vs_scratch")})
-    return "\n".join(lines + [""] + [f"Intervals: {m}." for m in methods]) + "\n"
+    views = "Val top-1: one view of each image, as the stages score it; test top-1: with evaluate.tta."
+    return "\n".join(lines + ["", views] + [f"Intervals: {m}." for m in methods]) + "\n"
 
 
 def scenario_verdict(q: dict) -> str:
@@ -63,8 +64,9 @@ def scenarios_markdown(results: list[dict]) -> str:
     lines = ["# The four transfer scenarios, measured", "",
              f"Target: {names(first['target_classes'])} in every quadrant, so the quadrants compare; test = "
              f"{first['n_test']:,} official test images. {epochs_sentence(results)} The winner is chosen on "
-             "validation accuracy (◀ val); test accuracy is reported, never used to "
-             "choose. Intervals: 95%, Wilson for an accuracy, paired by image for a difference (agrees?). One seed.",
+             "validation accuracy (◀ val, one view of each image); test accuracy (with evaluate.tta) is reported, "
+             "never used to choose. Intervals: 95%, Wilson for an accuracy, paired by image for a difference "
+             "(agrees?). One seed.",
              "", "## Summary", "",
              "| quadrant | target train | source (pretrain epochs: source test top-1) | source material says | "
              "winner on val | its test top-1 % | best on test | agrees? |", "|---|---|---|---|---|---|---|---|"]

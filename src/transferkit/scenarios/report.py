@@ -17,6 +17,7 @@ from transferkit.config.compose import params_text
 from transferkit.config.dvcyaml import code_files
 from transferkit.config.checks import validate_run
 from transferkit.errors import TransferkitError
+from transferkit.evaluation import SCORED_WITH
 from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
@@ -105,7 +106,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
             inputs = {k: v for k, v in {**prepared, "pretrain": f"pretrain-{similarity}"}.items()
                       if k in BY_NAME[s.stage].reads}
             stages[f"{preset}-{s.name}"] = stage_run(s.stage, params, f"{preset}/{s.name}", inputs, code[s.stage],
-                                                     keys[s.stage], s.sets())
+                                                     [*keys[s.stage], *SCORED_WITH], s.sets())  # as it is scored
     return stages
 
 

@@ -22,6 +22,7 @@ from transferkit.config.compose import (compose, differing, find_conf_dir, flatt
                                         project_overrides, to_params, under)
 from transferkit.config.dvcyaml import code_files, tracked_params
 from transferkit.errors import TransferkitError
+from transferkit.evaluation import SCORED_WITH
 from transferkit.stages import BY_NAME
 
 # May differ between a run and the outputs it reads: a seed sweep keeps the data split and the
@@ -202,12 +203,12 @@ def main(argv: list[str]) -> int:
         names.append(name)
         files = pin_named_files(args.stage, cfg)
         save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
-        # DVC watches the settings the stage's own dvc.yaml entry tracks, and evaluate's, which collect scores the
-        # point with (as its saved params say): a change to another stage's reruns nothing
-        keys = [k for k in tracked_params(BY_NAME[args.stage].params, list(cfg.trainer)) if k != "evaluate"]
+        # DVC watches the settings the stage's own dvc.yaml entry tracks, and those collect scores the point with
+        # (as its saved params say): a change to another stage's, or to evaluate's timings, reruns nothing
+        keys = tracked_params(BY_NAME[args.stage].params, list(cfg.trainer))
         stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
                                         {r: str(artifacts / r) for r in BY_NAME[args.stage].reads}, [*code, *files],
-                                        [*keys, "evaluate"])
+                                        [*keys, *SCORED_WITH])
     ran = run_pipeline(out, stages)
     done = len(stages) - len(ran)
     print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} were done already" if done else ""))
