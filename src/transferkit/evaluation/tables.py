@@ -137,11 +137,14 @@ def training_table(stages: dict[str, dict]) -> str:
     trained = {name: t for name, t in stages.items() if "train_seconds" in t}
     lines = ["| stage | training s | train img/s | device | precision | resumed at epoch |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {cell(t['train_seconds'], ',.0f')} | {cell(t.get('train_images_per_second'), ',.0f')} | "
+    def seconds(value) -> str:  # a smoke run trains for fractions of a second: not 0
+        return cell(value, f",.{int(value is not None and value < 10)}f")
+
+    lines += [f"| {name} | {seconds(t['train_seconds'])} | {cell(t.get('train_images_per_second'), ',.0f')} | "
               f"{cell(t.get('device'))} | {cell(t.get('precision'))} | {cell(t.get('resumed_at_epoch'))} |"
               for name, t in trained.items()]
     total = sum(t["train_seconds"] or 0 for t in trained.values())
-    return "\n".join(lines + ["", f"Training in all: {total:,.0f} s."]) + "\n"
+    return "\n".join(lines + ["", f"Training in all: {seconds(total)} s."]) + "\n"
 
 
 def main(argv: list[str]) -> int:
