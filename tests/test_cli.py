@@ -258,6 +258,8 @@ def test_params_refuses_what_a_stage_would_refuse_and_keeps_its_files(tmp_path, 
     (["--params", "params.yaml", "trainer.progress_bar=yes"], "trainer.progress_bar='yes' is invalid"),
     (["--params", "params.yaml", "transfer.freeze_depth=0,1"], "transfer.freeze_depth=0,1 lists several values"),
     (["--params", "params.yaml", "~seed=1"], "seed is missing: the stages read it"),
+    (["--params", "params.yaml", "~seed"], "seed is missing: the stages read it"),
+    (["--params", "params.yaml", "data.target.classes.x=1"], "data.target.classes.x=1: invalid literal for int()"),
     (["--params", "params.yaml", "model=resnet18"], "model=resnet18: params.yaml holds settings, not conf/'s config"),
     (["--params", "params.yaml", "model@distill.student=fastnet"], "set its keys one by one (distill.student.KEY"),
 ])

@@ -91,24 +91,27 @@ def test_a_stage_that_fits_and_cuts_several_times_runs_under_ddp(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("stage, overrides", [("transfer", ("transfer.epochs=30",)),
+                                              ("prune", ("prune.steps=2", "prune.epochs=30"))])
+def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path, stage, overrides):
     """Lightning's own handler broadcasts the signal from inside the handler while the other rank waits in another
-    collective: both hung until the process group timed out (30 minutes)."""
+    collective: both hung until the process group timed out (30 minutes). prune is signalled in its last fit, whose
+    trainer started no rank of its own (the first fit's rank 1 trains on)."""
     import signal
     import time
 
-    single = compose("experiment=smoke", tmp=tmp_path)
-    for stage in ("prepare", "pretrain"):
-        run(stage, single)
-    cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                  "trainer.num_threads=1", "trainer.checkpoint_budget=1", "transfer.epochs=30", tmp=tmp_path)
+    single = compose("experiment=smoke", "distill.epochs=1", tmp=tmp_path)
+    for made in ("prepare", "pretrain", *(("transfer", "distill") if stage == "prune" else ())):
+        run(made, single)
+    cfg = compose("experiment=smoke", "distill.epochs=1", "trainer=ddp", "trainer.accelerator=cpu",
+                  "trainer.devices=2", "trainer.num_threads=1", "trainer.checkpoint_budget=1", *overrides, tmp=tmp_path)
     params = tmp_path / "ddp.yaml"
     params.write_text(params_text(cfg))
-    command = [sys.executable, "-m", "transferkit.cli", "transfer", "--params", str(params)]
+    command = [sys.executable, "-m", "transferkit.cli", stage, "--params", str(params)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0"}
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-        checkpoint = tmp_path / "artifacts" / ".transfer.incomplete" / "checkpoints" / "last.ckpt"
+        checkpoint = tmp_path / "artifacts" / f".{stage}.incomplete" / "checkpoints" / "last.ckpt"  # the last fit's
         deadline = time.monotonic() + 120
         while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -123,7 +126,7 @@ def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path):
     assert code == -signal.SIGTERM and not left, ((tmp_path / "log.txt").read_text()[-3000:], left)
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert json.loads((tmp_path / "artifacts" / "transfer" / "timing.json").read_text())["resumed_at_epoch"]
+    assert json.loads((tmp_path / "artifacts" / stage / "timing.json").read_text())["resumed_at_epoch"]
 
 
 @pytest.mark.parametrize("env, first", [

@@ -216,6 +216,8 @@ def test_published_weights_bring_their_own_normalisation_into_checkpoints(tmp_pa
     (lambda ck: ck["state_dict"].update({"head.fc.weight": torch.zeros(1).expand(20000, 20000)}),
      "its tensor head.fc.weight has 400,000,000 values, more than the file holds"),
     (lambda ck: ck["arch"].update(widths=[4096, 4096, 4096]), "its architecture has 3,02"),
+    # too deep for 32x32 images: named as this file's fault, not the config's
+    (lambda ck: ck["arch"].update(widths=[8] * 6), r"model \(model 'fastnet', .*\) does not fit 32x32 images"),
 ])
 def test_a_doctored_checkpoint_is_refused_before_it_allocates_what_it_names(tmp_path, doctor, needle):
     """Files are data: the sizes a stranger's model.pt names are checked against the file before memory is taken."""

@@ -275,7 +275,7 @@ def test_results_command_names_a_stages_unreadable_timing(smoke_artifacts, tmp_p
         main([str(art / "evaluate")])
 
 
-@pytest.mark.parametrize("damage", ["metrics", "timing"])
+@pytest.mark.parametrize("damage", ["metrics", "timing", "machine"])
 def test_results_command_names_files_of_another_shape(smoke_artifacts, tmp_path, damage):
     """evaluate's files from another version (a model without top1), or a training stage's timing.json with text
     for seconds: one line naming the folder and the fix, not a traceback."""
@@ -291,10 +291,16 @@ def test_results_command_names_files_of_another_shape(smoke_artifacts, tmp_path,
         metrics = json.loads((art / "evaluate" / "metrics.json").read_text())
         del metrics["models"]["transfer"]["top1"]
         (art / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
+    elif damage == "machine":
+        timing = json.loads((art / "evaluate" / "timing.json").read_text())
+        (art / "evaluate" / "timing.json").write_text(json.dumps({**timing, "machine": "a string"}))
     else:
         (art / "transfer" / "timing.json").write_text('{"train_seconds": "3"}')
-    needle = (r"evaluate's metrics.json or timing.json is of another shape \(KeyError: 'top1'\)\. Fix: run evaluate "
-              if damage == "metrics" else r"transfer/timing.json is of another shape \(.*\)\. Fix: run transfer again")
+    needle = {"metrics": r"evaluate's metrics.json or timing.json is of another shape \(KeyError: 'top1'\)\. Fix: run "
+                         r"evaluate ",
+              "machine": r"evaluate's metrics.json or timing.json is of another shape \(AttributeError: .*\)\. Fix: "
+                         r"run evaluate ",
+              "timing": r"transfer/timing.json is of another shape \(.*\)\. Fix: run transfer again"}[damage]
     with pytest.raises(TransferkitError, match=needle):
         main([str(art / "evaluate")])
 

@@ -58,7 +58,7 @@ def _params_mode(stage: str, args: list[str]) -> None:
 
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    from transferkit.config.compose import load_params, merge_overrides
+    from transferkit.config.compose import find_conf_dir, load_params, merge_overrides
     from transferkit.stages.run import run_stage
 
     parser = argparse.ArgumentParser(prog=f"transferkit {stage}", allow_abbrev=False)
@@ -66,7 +66,11 @@ def _params_mode(stage: str, args: list[str]) -> None:
     parser.add_argument("--out", type=Path, help=f"default: paths.artifacts_dir/{stage}")
     parser.add_argument("--in", dest="inputs", action="append", default=[], metavar="STAGE=DIR")
     opts, overrides = parser.parse_known_args(args)
-    cfg = merge_overrides(load_params(opts.params), overrides, opts.params)
+    try:  # conf/'s config groups name what an override of the file cannot choose
+        conf_dir = find_conf_dir()
+    except TransferkitError:  # a params file run outside a project
+        conf_dir = None
+    cfg = merge_overrides(load_params(opts.params), overrides, opts.params, conf_dir)
     inputs = dict(item.partition("=")[::2] for item in opts.inputs)
     if bad := [f"{k}={v}" for k, v in inputs.items() if k not in STAGES or not v]:  # unread inputs are ignored
         what = "no folder given" if bad[0].partition("=")[0] in STAGES else "no stage by that name"

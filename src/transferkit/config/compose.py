@@ -137,7 +137,7 @@ def read_params(path: Path) -> dict:
                            f"params.yaml that `transferkit params` writes.")
 
 
-def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path) -> DictConfig:
+def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir: Path | None = None) -> DictConfig:
     """A loaded params file with key=value overrides, each read by Hydra's override grammar (as Hydra runs and
     `dvc exp run -S` read them: seed=010 is the text '010', not YAML 1.1's octal 8) and refused alone by name."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -146,12 +146,12 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path) -> DictCo
 
     parser = OverridesParser.create()
     for override in overrides:
-        if "=" not in override:
-            raise TransferkitError(f"{override}: an override is key=value (and the options are --params, --out and "
-                                   f"--in). Fix: write it as key=value (key=null for none).")
         try:  # a params file holds every setting: +key (Hydra's "add a key") is a key it must have too
             parsed = parser.parse_override(override.removeprefix("++").removeprefix("+"))
         except HydraException as e:
+            if "=" not in override:
+                raise TransferkitError(f"{override}: an override is key=value (and the options are --params, --out "
+                                       f"and --in). Fix: write it as key=value (key=null for none).") from e
             raise TransferkitError(f"{override}: not a value Hydra's override grammar reads "
                                    f"({str(e).splitlines()[0]}). Fix: write a number, a word, a list [a,b] or "
                                    f"null, or quote it.") from e
@@ -162,8 +162,9 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path) -> DictCo
         if parsed.is_sweep_override():
             raise TransferkitError(f"{override} lists several values, and a params file holds one run's. Fix: write a "
                                    f"list as {key}=[a,b]; to run each value, `transferkit sweep STAGE {override}`.")
-        if parsed.package is not None or (OmegaConf.is_dict(OmegaConf.select(cfg, key))
-                                          and not isinstance(parsed.value(), dict)):  # model=resnet18
+        group = parsed.package is not None or (conf_dir is not None and (conf_dir / key).is_dir()
+                                               and not isinstance(parsed.value(), dict))
+        if group:  # model=resnet18, model@distill.student=fastnet: options of conf/, not settings of the file
             raise TransferkitError(f"{override}: {path} holds settings, not conf/'s config groups. Fix: choose the "
                                    f"option when composing (`transferkit params {override}`), or set its keys one by "
                                    f"one ({parsed.package or key}.KEY=VALUE).")
@@ -171,7 +172,7 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path) -> DictCo
             OmegaConf.update(cfg, key, parsed.value(), merge=True)
         except (ConfigKeyError, ConfigAttributeError) as e:  # struct mode: a key the file lacks
             raise TransferkitError(no_such_setting(e.full_key, list(flatten(to_params(cfg))), str(path))) from e
-        except OmegaConfBaseException as e:
+        except (OmegaConfBaseException, ValueError) as e:  # ValueError: an index into a list that is no number
             raise TransferkitError(f"{override}: {' '.join(str(e).split())}. Fix: write a number, a word, a list [a,b] "
                                    f"or null, or quote it.") from e
     return cfg

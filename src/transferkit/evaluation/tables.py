@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
     def shaped(make, what: str, fix: str) -> str:  # another version's file, or an edited one: one line, no traceback
         try:
             return make()
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise TransferkitError(f"{what} is of another shape ({type(e).__name__}: {e}). Fix: {fix}.") from e
 
     table = shaped(lambda: results_table(metrics, timing), f"{folder}'s metrics.json or timing.json", rerun)

@@ -121,8 +121,8 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
         if (planned := _weight_bytes(ckpt["arch"])) > max(64 * size, 2**30):  # pruned: the original, then cut
             raise ValueError(f"its architecture has {planned / 1e6:,.0f} MB of weights, the file {size / 1e6:,.1f} MB")
         model = _rebuild(ckpt)
-    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        why = " ".join(str(e).split())  # torch's message spans lines; the error is one
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, TransferkitError) as e:
+        why = " ".join(str(e).split(" Fix: ")[0].split())  # torch's message spans lines; the error is one
         fix = remake or f"write it again (`dvc repro {produced_by}`)"
         raise TransferkitError(f"{path} does not fit its own architecture {ckpt['arch']} ({why}): it was altered "
                                f"after a stage wrote it. Fix: {fix}.") from e

@@ -20,6 +20,7 @@ import yaml
 
 from transferkit.config.compose import flatten, under
 from transferkit.errors import TransferkitError
+from transferkit.evaluation import SCORED_WITH
 from transferkit.evaluation.plots import sweep_png
 from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
@@ -70,7 +71,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         # of the stages it reads: student's include distill.student, transfer's pretrain), of how it trained
         # (trainer.precision) and of how collect scores it; not another stage's (scratch is the same run whatever
         # pretrain.epochs says)
-        made = made_with(r.stage) | {"evaluate", "trainer"}
+        made = made_with(r.stage) | {*SCORED_WITH, "trainer"}
         r.setting = tuple(f"{k}={f.get(k)}" for k in swept if under(k, made))
         if twin := seen.get((r.stage, r.setting, r.seed)):  # two seeds' worth of confidence from one seed
             raise TransferkitError(f"{twin.folder} and {r.folder} are the same run ({r.stage}, seed {r.seed}"

@@ -139,7 +139,7 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
                 raise
             raise TransferkitError(f"sweep point [{' '.join(point)}]: {e}") from e
     if stage:  # points that differ in nothing the stage or collect reads: one run, trained twice, counted twice
-        keys, seen = {*BY_NAME[stage].params, *made_with(stage), "evaluate"}, {}  # collect scores with evaluate.*
+        keys, seen = {*BY_NAME[stage].params, *made_with(stage), *SCORED_WITH}, {}  # and what collect scores with
         for point, cfg in zip(points, composed):
             run = json.dumps({k: v for k, v in flatten(to_params(cfg)).items()
                               if under(k, keys) and (k == "seed" or not k.startswith(NOT_SWEPT))}, sort_keys=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -59,7 +60,7 @@ def make_loggers(names, out_dir: Path, resume: bool = False) -> list:
 
             # its event files are named by the second they start in: a resumed run's must not replace the copy's
             loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version="",
-                                             **({"filename_suffix": ".resumed"} if resume else {})))
+                                             **({"filename_suffix": f".resumed-{time.time_ns()}"} if resume else {})))
         elif name == "csv":
             from pytorch_lightning.loggers import CSVLogger
 

@@ -207,11 +207,16 @@ class DieOnSigterm(Callback):
     other ranks from inside the handler, while they wait in another collective: both hang until the process group
     times out (30 minutes). The pair of the last checkpoint is whole at any moment, so the next run resumes."""
 
+    started: list = []  # the ranks Lightning's launcher started in this process's first fit: later fits start none
+
     def on_train_start(self, trainer, module) -> None:  # after Lightning installed its handlers
         if trainer.world_size > 1:
+            if procs := getattr(trainer.strategy.launcher, "procs", None):
+                DieOnSigterm.started[:] = procs
+
             def die(signum, frame):
-                if (launcher := trainer.strategy.launcher) is not None:
-                    launcher.kill(signum)  # the ranks this process started
+                for proc in DieOnSigterm.started:
+                    proc.send_signal(signum)  # a no-op for one that has ended
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)  # exit status 143, as a shell reports a SIGTERM
 
