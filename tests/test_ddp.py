@@ -129,6 +129,23 @@ def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path, sta
     assert json.loads((tmp_path / "artifacts" / stage / "timing.json").read_text())["resumed_at_epoch"]
 
 
+@pytest.mark.slow
+def test_an_error_every_rank_meets_is_one_line_under_ddp(tmp_path):
+    single = compose("experiment=smoke", tmp=tmp_path)
+    for stage in ("prepare", "pretrain"):
+        run(stage, single)
+    cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  "trainer.num_threads=1", "transfer.lr=1e30", "transfer.epochs=2", tmp=tmp_path)
+    params = tmp_path / "ddp.yaml"
+    params.write_text(params_text(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0"}
+    with open(tmp_path / "log.txt", "w") as log:
+        code = subprocess.run([sys.executable, "-m", "transferkit.cli", "transfer", "--params", str(params)],
+                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300).returncode
+    output = (tmp_path / "log.txt").read_text()
+    assert code == 2 and output.count("transferkit transfer: error: training diverged") == 1, output[-3000:]
+
+
 @pytest.mark.parametrize("env, first", [
     ({}, True), ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True), ({"SLURM_PROCID": "0"}, True),
     # `NODE_RANK=1 transferkit STAGE` on a second node (ddp_multinode's plain launch): before Lightning starts

@@ -82,3 +82,30 @@ def test_the_report_clips_intervals_to_what_an_accuracy_difference_can_be():
              "vs_scratch": {"difference": 0.25, "ci95": [-1.3, 1.8]}} for k in (0, 1)]
     text = "\n".join(freeze_curve_section(rows, {"scratch": {"top1": 0.25}}, {"freeze_depth": 1}))
     assert text.count("+25.0 (-100.0 to +100.0)") == 2 and "-130.0" not in text and "+180.0" not in text
+
+
+def test_a_run_killed_between_two_points_keeps_the_finished_one(smoke_artifacts, tmp_path, monkeypatch):
+    """A finished point has no checkpoint left, and the next had none yet: the work folder is still the killed run's
+    to resume, and its finished point is not trained again."""
+    import pytest
+
+    from transferkit.stages import freeze_curve
+
+    ref = Path(smoke_artifacts[0].paths.artifacts_dir)
+    shutil.copytree(ref, tmp_path / "artifacts", ignore=lambda d, names: ["freeze_curve"] if Path(d) == ref else [])
+    cfg = compose("experiment=smoke", "freeze_curve.depths=[0,2]", "transfer.freeze_depth=1", tmp=tmp_path)
+    trained, real = [], freeze_curve.transfer.run
+
+    def killed_after_one(point, inputs, out):
+        if trained:
+            raise KeyboardInterrupt  # as a kill between the two points
+        trained.append(point.transfer.freeze_depth)
+        return real(point, inputs, out)
+
+    monkeypatch.setattr(freeze_curve.transfer, "run", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run("freeze_curve", cfg)
+    monkeypatch.setattr(freeze_curve.transfer, "run", lambda point, *a: trained.append(point.transfer.freeze_depth)
+                        or real(point, *a))
+    run("freeze_curve", cfg)
+    assert trained == [0, 2]  # depth 0 once, in the killed run

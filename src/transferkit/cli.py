@@ -210,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     except TransferkitError as e:
-        print(f"transferkit {command}: error: {e}", file=sys.stderr)
+        from transferkit.training import first_process
+
+        if first_process():  # under DDP every rank meets the error: one line, from rank 0
+            print(f"transferkit {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl+C outside a fit (Lightning ends a fit with its own line): no traceback
         import signal

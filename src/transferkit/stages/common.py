@@ -107,9 +107,9 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), ot
     if rank0:
         try:
             key = resume_key(inputs, params if tracked is None else tracked)
-            # only fits resume: a leftover without their checkpoints could only add stale files
+            # only fits resume: a leftover without their state could only add stale files
             resumable = ((work / RESUME_KEY).is_file() and (work / RESUME_KEY).read_text() == key
-                         and any(work.rglob(RESUME_CHECKPOINT)))
+                         and fits_to_resume(work))
             if work.exists() and not resumable:  # left by a killed run of another config, code or input
                 shutil.rmtree(work)
             if old.exists() and not final.exists():  # killed between the two renames below
@@ -125,7 +125,7 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), ot
         yield work
     except BaseException:
         # a failed run's folder goes, unless a fit in it can resume (Ctrl+C, a crash mid-training)
-        if rank0 and not any(work.rglob(RESUME_CHECKPOINT)):
+        if rank0 and not fits_to_resume(work):
             shutil.rmtree(work, ignore_errors=True)
         raise
     if not rank0:
@@ -137,6 +137,12 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), ot
         final.rename(old)
     work.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def fits_to_resume(work: Path) -> bool:
+    """Whether a killed run's work folder holds fits' state: their checkpoints or, finished, their outputs (a point
+    of freeze_curve, whose timing.json is written last)."""
+    return any(work.rglob(RESUME_CHECKPOINT)) or any(work.glob("*/timing.json"))
 
 
 @contextmanager

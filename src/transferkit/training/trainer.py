@@ -213,14 +213,14 @@ class DieOnSigterm(Callback):
         if trainer.world_size > 1:
             if procs := getattr(trainer.strategy.launcher, "procs", None):
                 DieOnSigterm.started[:] = procs
+            signal.signal(signal.SIGTERM, DieOnSigterm.die)
 
-            def die(signum, frame):
-                for proc in DieOnSigterm.started:
-                    proc.send_signal(signum)  # a no-op for one that has ended
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)  # exit status 143, as a shell reports a SIGTERM
-
-            signal.signal(signal.SIGTERM, die)
+    @staticmethod
+    def die(signum, frame) -> None:
+        for proc in DieOnSigterm.started:
+            proc.send_signal(signum)  # a no-op for one that has ended
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # exit status 143, as a shell reports a SIGTERM
 
 
 @dataclass
@@ -260,6 +260,9 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
     except SIGTERMException as e:  # a SystemExit without a code: the process would exit 0 and DVC record the stage
         raise SystemExit(128 + signal.SIGTERM) from e  # as done; 143 is what a shell reports for a SIGTERM
+    finally:  # between a stage's fits too (Lightning puts its handlers back after each): the started ranks go with it
+        if DieOnSigterm.started:
+            signal.signal(signal.SIGTERM, DieOnSigterm.die)
     # from the start of the training loop: not the other DDP ranks' start-up, nor moving data and model
     seconds = time.perf_counter() - max(getattr(c, "start", start) for c in trainer.callbacks
                                         if isinstance(c, ResumeCheckpoint))
