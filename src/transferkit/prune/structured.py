@@ -179,7 +179,7 @@ def prune_channels(model: nn.Module, *, criterion: str, target: str, ratio: floa
     share of the others (0.5: half as fast), so the cut can spare the blocks where channels cost
     few MACs; none or [] cuts every block at the same share. `refuse_empty`: with target="channels",
     refuse a ratio that would leave a layer no channel (rounds of a cut checked as a whole pass False).
-    `widths` (convolution name -> channels to keep; a round of a cut, round_widths) overrides the ratio there."""
+    `widths` (layer name -> channels to keep: a round of a channel cut, stages/prune.py) overrides the ratio there."""
     if scope not in SCOPES:
         raise TransferkitError(f"unknown prune.scope '{scope}'. Fix: use one of {list(SCOPES)}.")
     if refuse_empty and target == "channels" and scope == "layer":  # ranked across layers: the ranking decides

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def _recover(cfg, model, teacher, task, out, epochs, step):
     """An intermediate recovery round (iterative pruning): KD fine-tune, nothing saved but its Fit."""
     return fit_stage(cfg, cfg.prune, model, task, out / "rounds" / f"round{step}", module_cls=DistillerModule,
-              epochs=epochs, **distillation(cfg, teacher))
+                     epochs=epochs, **distillation(cfg, teacher))
 
 
 def same_on_every_rank(model) -> None:
