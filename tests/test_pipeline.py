@@ -333,7 +333,7 @@ def test_training_table_shows_a_stage_that_trained_nothing():
                                         "precision": "32-true", "resumed_at_epoch": None},
                            "transfer": {"train_seconds": 12.4, "train_images_per_second": 401.6, "device": "cuda",
                                         "precision": "bf16-mixed", "resumed_at_epoch": 3}})
-    assert "| pretrain | 0 | – | cpu | 32-true | – |" in text
+    assert "| pretrain | 0.0 | – | cpu | 32-true | – |" in text  # under 10 s: with a decimal
     assert "| transfer | 12 | 402 | cuda | bf16-mixed | 3 |" in text and "Training in all: 12 s." in text
 
 

@@ -656,6 +656,20 @@ def test_seeds_run_with_other_thread_counts_are_one_row(tmp_path):
     assert [r.label for r in find_runs([tmp_path])] == ["transfer"] * 3
 
 
+def test_seeds_timed_with_other_evaluate_settings_are_one_row(tmp_path):
+    """evaluate's timing settings (latency_repeats) change no score: a sweep's points do not rerun for them, so old
+    and new points differ there, and are one row all the same; the settings a run is scored with set rows apart."""
+    from transferkit.sweep.collect import find_runs
+
+    for seed, repeats, tta in ((0, 300, "flip"), (1, 300, "flip"), (2, 100, "flip"), (3, 100, "none")):
+        (tmp_path / str(seed) / "transfer").mkdir(parents=True)
+        (tmp_path / str(seed) / "transfer" / "model.pt").touch()
+        (tmp_path / str(seed) / "transfer" / "params.yaml").write_text(yaml.safe_dump(
+            {"name": "smoke", "seed": seed, "data": {}, "transfer": {"lr": 0.1},
+             "evaluate": {"latency_repeats": repeats, "tta": tta}}))
+    assert [r.setting for r in find_runs([tmp_path])] == [("evaluate.tta=flip",)] * 3 + [("evaluate.tta=none",)]
+
+
 def test_runs_trained_in_another_precision_are_another_row(tmp_path):
     """A sweep over trainer.precision is a sweep (check_points lets it run): collect tells its points apart
     rather than count them as two seeds of one run."""
