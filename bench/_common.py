@@ -127,8 +127,9 @@ def commit() -> str | None:
     """The checkout's commit (with '+changes' when files differ from it), or None outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True)
+        # untracked files count where runs read them (a copy of the project takes in conf/ and src/ as they are)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "conf", "src", "bench"], cwd=ROOT,
+                               capture_output=True, text=True)
     except OSError:
         return None
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if head.returncode == 0 else None

@@ -197,3 +197,56 @@ def test_a_file_a_setting_names_must_be_a_dep_of_the_stage_dvc_runs(tmp_path, mo
         check_files_tracked("student", untracked)
     monkeypatch.delenv("DVC_STAGE")  # run by hand, not by DVC: nothing to check
     check_files_tracked("distill", untracked)
+
+
+def test_a_copy_of_the_project_ignores_the_users_git_hooks_and_commits_no_data(tmp_path, monkeypatch):
+    """A failing (or file-editing) global hook must not break or change the copy check-repro tests, and
+    data/ stays out of the copy's git, as in a clone."""
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    for item in ("conf", "src", ".dvcignore", ".gitignore", ".dvc"):
+        (root / item).symlink_to(ROOT / item)
+    (root / "data" / "images.tar.gz").write_bytes(b"not code, not for git")
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "pre-commit").write_text("#!/bin/sh\necho hook ran >&2\nexit 1\n")
+    (hooks / "pre-commit").chmod(0o755)
+    (tmp_path / "gitconfig").write_text(f"[core]\n\thooksPath = {hooks}\n[init]\n\ttemplateDir = {tmp_path}/tpl\n")
+    shutil.copytree(hooks, tmp_path / "tpl" / "hooks")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
+    proj = copy_project(root, tmp_path / "proj", (ROOT / "params.yaml").read_text())
+    assert (proj / "data" / "images.tar.gz").read_bytes() == b"not code, not for git"
+    assert "data/images.tar.gz" not in _sh(["git", "ls-files"], proj)
+    assert not list((proj / ".git" / "hooks").glob("*"))
+
+
+def test_stopping_a_dvc_run_ends_the_stage_it_started(tmp_path):
+    """check-repro turns SIGTERM into an exit: the process dvc started (here a shell's child) must end with
+    it, not go on training into a copy being deleted."""
+    import os
+    import signal
+    import sys
+    import time
+
+    pidfile = tmp_path / "pid"
+    script = ("import signal, sys\nfrom pathlib import Path\nfrom transferkit.project import run\n"
+              "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))\n"
+              f"run(['sh', '-c', 'sleep 60 & echo $! > {pidfile}; wait'], Path('.'))\n")
+    caller = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not (pidfile.is_file() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline and caller.poll() is None
+        time.sleep(0.05)
+    sleeper = int(pidfile.read_text())
+    caller.send_signal(signal.SIGTERM)
+    assert caller.wait(timeout=30) == 128 + signal.SIGTERM
+
+    def running(pid: int) -> bool:  # a zombie no one reaps (PID 1 in a container may not) has ended
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.is_file() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+    try:
+        assert not running(sleeper)
+    finally:
+        if running(sleeper):
+            os.kill(sleeper, signal.SIGKILL)

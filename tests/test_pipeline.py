@@ -311,7 +311,9 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     from transferkit.evaluation.html import to_html
     from transferkit.evaluation.report import render
 
-    bad = ["<img src=x onerror=alert(1)>", "b|c", "[x](javascript:alert(1))", "<me@evil.example>", "<http://e.example>"]
+    bad = ["<img src=x onerror=alert(1)>", "b|c", "[x](javascript:alert(1))", "<me@evil.example>", "<http://e.example>",
+           'src="secret.png"']
+    (tmp_path / "secret.png").write_bytes(b"a file beside the report")  # embedded only where the report shows a plot
     m = {"top1": .5, "top1_ci95": [.4, .6], "params": 1000, "macs": 1000, "size_bytes": 100,
          "per_class": dict.fromkeys(bad, 0.5)}
     cfg = {"experiment": "<script>alert(1)</script>", "model": "fastnet", "freeze_depth": 1, "backbone_lr_mult": 0,
@@ -323,6 +325,7 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     page = to_html(text, tmp_path)
     assert "<img src=x" not in page and "<script>" not in page and "href=" not in page and "mailto" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "<td>b|c</td>" in page
+    assert 'src="secret.png"' in page and "base64" not in page
     assert "| – | – | – |" in text  # no timings measured: a dash, not nan
 
 

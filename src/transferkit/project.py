@@ -4,12 +4,15 @@ write and run a generated pipeline of runs in a folder of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -18,7 +21,7 @@ from transferkit.errors import TransferkitError
 
 # What a clone of the project holds that `dvc repro` needs (params.yaml and dvc.yaml are made per copy;
 # data/ is copied; artifacts/, outputs and caches are left behind: the copy starts clean).
-PROJECT_ITEMS = ("conf", "src", ".dvcignore", "data")
+PROJECT_ITEMS = ("conf", "src", ".dvcignore", ".gitignore", "data")
 
 
 def child_env() -> dict[str, str]:
@@ -32,15 +35,35 @@ def child_env() -> dict[str, str]:
 def run(cmd: list[str], cwd: Path, tail: int = 25) -> str:
     """Run `cmd` in `cwd`; its output (stdout and stderr together), or an error with the end of it."""
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        # a session of its own: on Ctrl+C or SIGTERM here, the stages dvc started end with it (stop_session)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
     except OSError as e:  # e.g. git is not installed
         raise TransferkitError(f"`{' '.join(cmd)}` could not start: {e}") from e
+    try:
+        output, _ = proc.communicate()
+    except BaseException as e:  # KeyboardInterrupt, or a SIGTERM handler's SystemExit
+        stop_session(proc, signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
+        raise
     if proc.returncode:
-        end = "\n".join(proc.stdout.rstrip().splitlines()[-tail:])
+        end = "\n".join(output.rstrip().splitlines()[-tail:])
         raise TransferkitError(f"`{' '.join(cmd)}` exited with code {proc.returncode} in {cwd}"
                                + (f"; its output ends:\n{end}" if end else ""))
-    return proc.stdout
+    return output
+
+
+def stop_session(proc: subprocess.Popen, sig: int, grace_s: float = 15.0) -> None:
+    """Send `sig` to every process of `proc`'s session (dvc and the stage it runs), and SIGKILL what is
+    left after `grace_s`: a stage outliving its caller would go on writing into a folder being deleted."""
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+        while time.monotonic() < deadline:
+            proc.poll()  # reaps dvc, so the group ends when its last process does
+            os.killpg(proc.pid, 0)  # ProcessLookupError once the whole group is gone
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def stages_run(output: str) -> list[str]:
@@ -60,14 +83,14 @@ def copy_project(root: Path, dest: Path, params_text: str) -> Path:
     (dest / "data").mkdir(exist_ok=True)
     (dest / "params.yaml").write_text(params_text)
     (dest / "dvc.yaml").write_text(dvc_yaml_text(yaml.safe_load(params_text), dest))
-    run(["git", "init", "-q"], dest)
+    run(["git", "init", "-q", "--template="], dest)  # no hooks from the user's git templates
     run(["dvc", "init", "-q"], dest)
     if (root / ".dvc" / "config").is_file():  # tracked, so a clone has it: `dvc exp run -S` composes conf/
         shutil.copy(root / ".dvc" / "config", dest / ".dvc" / "config")
     run(["git", "add", "-A"], dest)
-    # -c options: independent of the user's git identity and signing setup
-    run(["git", "-c", "user.name=transferkit", "-c", "user.email=transferkit@localhost",
-         "-c", "commit.gpgsign=false", "commit", "-qm", "a fresh clone"], dest)
+    # -c options: independent of the user's git identity, signing setup and hooks (which could fail or edit the copy)
+    run(["git", "-c", "user.name=transferkit", "-c", "user.email=transferkit@localhost", "-c", "commit.gpgsign=false",
+         "-c", f"core.hooksPath={os.devnull}", "commit", "--no-verify", "-qm", "a fresh clone"], dest)
     return dest
 
 

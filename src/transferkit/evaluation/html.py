@@ -20,12 +20,13 @@ def to_html(markdown_text: str, folder: Path) -> str:
     body = converter.convert(markdown_text)
 
     def embed(match: re.Match) -> str:
-        src = folder / match.group(1)
-        if not src.exists():
+        src = folder / match.group(2)
+        if not src.is_file():
             return match.group(0)
-        return f'src="data:image/png;base64,{base64.b64encode(src.read_bytes()).decode()}"'
+        return f'{match.group(1)}"data:image/png;base64,{base64.b64encode(src.read_bytes()).decode()}"'
 
-    body = re.sub(r'src="([^":]+\.png)"', embed, body)
+    # only the report's own images, by plain file name: text that reads src="..." (a class name) stays text
+    body = re.sub(r'(<img [^>]*src=)"([^"/\\:]+\.png)"', embed, body)
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
              "text-align:left}th{background:#f3f3f3}img{max-width:100%}code,pre{background:#f6f6f6}")
