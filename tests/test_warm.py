@@ -162,6 +162,12 @@ def main(argv):
         print(os.getpid(), flush=True)
         time.sleep(30)
         return 0
+    if argv[0] == "nap":  # a command that runs for a while
+        time.sleep(float(argv[1]))
+        return 0
+    if argv[0] == "env":  # a variable as this process has it
+        print(os.environ.get(argv[1]), flush=True)
+        return 0
     if argv[0] == "crash":  # an exit handler, then an error nothing catches
         import atexit
         atexit.register(lambda: open(argv[1], "w").write("ran"))
@@ -204,6 +210,8 @@ def _fake_project(folder: Path) -> Path:
     (package / "warm").mkdir()
     for module in (warm, warm.server):
         (package / "warm" / Path(module.__file__).name).write_text(Path(module.__file__).read_text())
+    (package / "training").mkdir()  # warm reads who is a first process from it
+    shutil.copy(Path(warm.__file__).parents[1] / "training" / "__init__.py", package / "training")
     (package / "cli.py").write_text(FAKE_CLI)
     return package.parent
 
@@ -460,3 +468,58 @@ def test_a_command_under_other_resource_limits_gets_a_server_of_its_own(server_d
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert warm.socket_path() == first
+
+
+def test_the_idle_time_counts_from_the_end_of_a_command_and_workers_keep_what_the_imports_set(tmp_path, server_dir,
+                                                                                             monkeypatch):
+    """A stage longer than the idle time must not leave the next one without a server; and a worker has what
+    importing Lightning sets in a fresh process (PYTORCH_NVML_BASED_CUDA_CHECK), though its command had not."""
+    monkeypatch.setenv("TRANSFERKIT_WARM_IDLE", "2")
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    assert _warm_client(fake, server_dir, "nap", "0").wait(60) == 0  # served once the server has imported
+    assert _warm_client(fake, server_dir, "nap", "4").wait(60) == 0
+    client = _warm_client(fake, server_dir, "env", "PYTORCH_NVML_BASED_CUDA_CHECK")
+    assert client.wait(60) == 0 and client.stdout.read() == "1\n"
+
+
+@pytest.mark.parametrize("value", ["true", "off", "yes"])
+def test_a_warm_setting_other_than_1_or_0_turns_warm_off_in_one_line(monkeypatch, capsys, value):
+    monkeypatch.setenv("TRANSFERKIT_WARM", value)
+    assert not warm.enabled()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"transferkit: TRANSFERKIT_WARM={value} is neither 1 nor 0, so no warm server serves. Fix: set it to 1 (on) "
+        f"or 0 (off)."]
+
+
+def test_the_ranks_a_command_run_cold_starts_start_no_servers(tmp_path, monkeypatch):
+    """Lightning starts DDP's other ranks with the command's environment and a LOCAL_RANK of their own: each
+    would otherwise find no server for its key and start one."""
+    from transferkit import cli as tk_cli
+
+    monkeypatch.setenv("TRANSFERKIT_WARM", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not warm.enabled()  # a rank runs as its launcher starts it
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(warm, "run", lambda argv: None)  # no server yet: the command runs itself
+    assert tk_cli.main(["pretrain", "--params", str(tmp_path / "none.yaml")]) == 2  # ran here (and failed)
+    assert "TRANSFERKIT_WARM" not in os.environ
+
+
+def test_ctrl_c_while_a_command_waits_for_its_server_is_one_line(tmp_path):
+    code = ("import sys; from transferkit import cli, warm\n"
+            "def interrupted(argv): raise KeyboardInterrupt\n"
+            "warm.run = interrupted\nsys.exit(cli.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "pretrain", "--params", "params.yaml"], cwd=tmp_path,
+                          env={**os.environ, "TRANSFERKIT_WARM": "1"}, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGINT
+    assert proc.stderr.splitlines() == ["transferkit pretrain: interrupted; its earlier outputs are unchanged."]
+
+
+def test_a_command_started_with_other_interpreter_options_gets_a_server_of_its_own(server_dir):
+    """A worker runs with its server's -O, -W and -X: a command with others must not be served by it."""
+    code = "from transferkit import warm; print(warm.socket_path())"
+    paths = {subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True,
+                            check=True).stdout for flags in ([], ["-O"], ["-W", "error"], ["-X", "dev"])}
+    assert len(paths) == 4

@@ -161,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     params_mode = any(a == "--params" or a.startswith("--params=") for a in rest)
-    if (command == "export" or (command in RUNNABLE and params_mode)) and warm.enabled():  # what dvc.yaml runs
-        code = warm.run(argv)
-        if code is not None:
-            return code
     if command in ("params", "check-params") and {"-h", "--help"} & set(rest):
         print("\n".join(line for line in HELP.splitlines() if line.lstrip().startswith(f"transferkit {command} ")))
         return 0
     try:
+        if (command == "export" or (command in RUNNABLE and params_mode)) and warm.enabled():  # what dvc.yaml runs
+            if (code := warm.run(argv)) is not None:
+                return code
+            os.environ.pop("TRANSFERKIT_WARM")  # run here: the DDP ranks this starts start no servers of their own
         if command == "params":
             from transferkit.config.compose import find_conf_dir, recorded_overrides, write_generated
 

@@ -18,7 +18,7 @@ one process only, and no kept library serves separate commands.
 - It serves the commands dvc.yaml runs (`transferkit STAGE --params ...` and `export`); the
   others start as usual. A command that finds no server starts one and runs itself while the
   server imports; the commands after it are served.
-- After TRANSFERKIT_WARM_IDLE seconds (default 600) without a command it takes no more, and it exits
+- After TRANSFERKIT_WARM_IDLE seconds (default 600) with no command running it takes no more, and it exits
   once the workers still running have ended.
 - Killing the command (kill -9 too) kills its worker; SIGINT, SIGTERM and SIGHUP are passed on (or
   ignored, where the command ignores them), Ctrl+Z stops the worker with its command, and a worker
@@ -43,6 +43,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from transferkit.training import RANK_VARIABLES, first_process
 from transferkit.warm import server
 from transferkit.warm.server import FORWARDED, STREAMS, recv_exactly
 
@@ -52,7 +53,7 @@ from transferkit.warm.server import FORWARDED, STREAMS, recv_exactly
 # protobuf's options, torch's compiler settings, the rank Lightning logs as)
 SHAPES_IMPORTS = ("PYTHON", "OMP_", "GOMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_", "TORCH", "PYTORCH", "LD_", "NCCL_",
                   "LANG", "LC_", "TZ", "TQDM_", "MPL", "DVCLIVE_", "NPY_", "PROTOCOL_BUFFERS", "INDUCTOR_",
-                  "AOT_INDUCTOR", "RANK", "LOCAL_RANK", "SLURM_", "CI")
+                  "AOT_INDUCTOR", "POSSIBLE_USER_WARNINGS", *RANK_VARIABLES, "SLURM_", "CI")
 # set by torch in its own process the first time it uses its compiler's cache, so a script's commands
 # before and after that differ in it; read at run time, from the environment the worker takes on
 SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
@@ -60,9 +61,13 @@ HANDSHAKE_S = 30.0  # a server that has not forked a worker by then is stopped o
 
 
 def enabled() -> bool:
-    wanted = os.environ.get("TRANSFERKIT_WARM", "") not in ("", "0")
-    return wanted and hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds") and (
-        idle_seconds() is not None)
+    """TRANSFERKIT_WARM=1, on a system that can serve, in a first process: the ranks a DDP launcher starts
+    run as it starts them."""
+    if (value := os.environ.get("TRANSFERKIT_WARM", "")) not in ("", "0", "1"):
+        print(f"transferkit: TRANSFERKIT_WARM={value} is neither 1 nor 0, so no warm server serves. Fix: set it to 1 "
+              f"(on) or 0 (off).", file=sys.stderr)
+    return (value == "1" and first_process() and hasattr(os, "fork") and hasattr(socket, "AF_UNIX")
+            and hasattr(socket, "send_fds") and idle_seconds() is not None)
 
 
 def idle_seconds() -> float | None:
@@ -87,7 +92,8 @@ def socket_path() -> Path:
         raise OSError(f"{folder} is not a folder private to this user (mode 700, owned by it). Fix: remove it, or "
                       f"set TMPDIR to a folder of your own")
     key = hashlib.sha256()
-    for part in (sys.executable, sys.version, Path(__file__).read_text(), Path(server.__file__).read_text(), *sys.path,
+    for part in (sys.executable, sys.version, *interpreter_flags(), Path(__file__).read_text(),
+                 Path(server.__file__).read_text(), *sys.path,
                  *(f"{k}={v}" for k, v in sorted(os.environ.items())
                    if k.startswith(SHAPES_IMPORTS) and k not in SET_BY_TORCH)):
         key.update(part.encode() + b"\0")
@@ -99,6 +105,14 @@ def socket_path() -> Path:
     if len(str(path).encode()) > 100:  # a socket's address holds about 100 bytes
         raise OSError(f"{path} is too long for a socket's address. Fix: set TMPDIR to a shorter path")
     return path
+
+
+def interpreter_flags() -> list[str]:
+    """This interpreter's options (-O, -W, -X, ...) as a command line: a server started with them serves
+    commands started with them (multiprocessing starts its children the same way)."""
+    import subprocess
+
+    return subprocess._args_from_interpreter_flags()
 
 
 def _process_traits() -> str:
@@ -199,5 +213,6 @@ def _start_server(path: Path) -> None:
     with open(path.with_suffix(".log"), "ab") as log:
         # the file, not `-m`: runpy's frames at the bottom of every worker's stack have no source
         # file, and inspect.stack() then searches every loaded module for them at each call
-        subprocess.Popen([sys.executable, "-P", server.__file__, str(path), str(idle_seconds())], cwd="/", env=env,
+        subprocess.Popen([sys.executable, *interpreter_flags(), "-P", server.__file__, str(path), str(idle_seconds())],
+                         cwd="/", env=env,
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)

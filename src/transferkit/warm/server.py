@@ -25,6 +25,9 @@ PRELOAD = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "omegaco
            "onnxscript.function_libs.torch_lib.ops", "torch._functorch.partitioners")
 STREAMS = 3
 TICK_S = 1.0  # how often the server looks for commands gone and for its idle time
+# what importing PRELOAD sets in the environment (Lightning: PYTORCH_NVML_BASED_CUDA_CHECK), which a worker
+# sets again over its command's environment, as the imports of a fresh process would
+SET_BY_IMPORTS: dict[str, str] = {}
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # passed from a command to its worker
 
 
@@ -53,7 +56,9 @@ def serve(path: Path, idle: float) -> None:
             probe.close()
     server.listen(64)
     inode = path.stat().st_ino
+    before = dict(os.environ)
     preload()
+    SET_BY_IMPORTS.update({k: v for k, v in os.environ.items() if before.get(k) != v})
     # the imported objects move out of the collector's sight: a worker's collections then leave the
     # pages it shares with the server unwritten, so they are not copied (Python's gc.freeze docs)
     gc.collect()
@@ -75,6 +80,8 @@ def serve(path: Path, idle: float) -> None:
     signal.signal(signal.SIGCHLD, reap)
     accepting, last = True, time.monotonic()
     while accepting or workers:
+        if workers:  # the idle time counts from the end of the last command
+            last = time.monotonic()
         # a command gone while its worker is stopped (Ctrl+Z, then kill -9): the worker's own watcher cannot run
         for pid, conn in list(workers.items()):
             with contextlib.suppress(OSError):  # BlockingIOError: the command is there, and quiet
@@ -151,6 +158,7 @@ def _work(conn: socket.socket) -> None:
         os.chdir(header["cwd"])
         os.environ.clear()
         os.environ.update({k: v for k, v in header["env"].items() if k != "TRANSFERKIT_WARM"})
+        os.environ.update(SET_BY_IMPORTS)  # as the imports of a fresh process would, after its start
         sys.path[:] = header["path"]
         # the streams as a fresh process opens them: line-buffered on a terminal, stderr always, in the
         # encoding and error handling of PYTHONIOENCODING and the locale, which picked this server
