@@ -15,6 +15,7 @@ import stat
 import struct
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,6 +110,15 @@ def test_a_cifar_array_larger_than_its_file_is_refused(tmp_path, key):
     (folder / "data_batch_2").write_bytes(pickled)
     with pytest.raises(TransferkitError, match=r"data_batch_2 holds an array of .* bytes in a file of "
                                                r"\d+ bytes.*Fix: delete"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
+def test_cifar_labels_in_a_tuple_are_refused_before_they_are_copied_out(tmp_path):
+    """A tuple holding a zero-stride array: np.asarray would copy it out in full (8 TB here) too."""
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=10, test_per_class=2)
+    images = pickle.dumps({b"data": np.zeros((200, 3072), np.uint8)}, protocol=2)[:-1]  # no STOP opcode
+    (folder / "data_batch_2").write_bytes(images + b"C\x06labels(" + _strided_array(2 ** 40, "i8", bytes(8)) + b"ts.")
+    with pytest.raises(TransferkitError, match="data_batch_2 has labels that are no flat list of numbers.*Fix: delete"):
         read_cifar_pickles(folder, "cifar10", verify_checksums=False)
 
 
@@ -241,8 +251,57 @@ def test_a_hard_linked_image_in_an_archive_counts_as_in_its_folder(jpeg_pair, tm
         for m in tar:
             if not (m.isfile() and m.name.endswith("bird/0000.jpg")):
                 out.addfile(m, tar.extractfile(m) if m.isfile() else None)
-    with pytest.raises(TransferkitError, match="corrupt or unreadable archive .*broken.tar"):
+    with pytest.raises(TransferkitError, match="0099.jpg in .*broken.tar links to linked/train/bird/0000.jpg, which is "
+                                               "no file in the archive. Fix"):
         read_image_folder(tmp_path / "broken.tar")
+
+
+def test_a_symlinked_image_counts_in_an_archive_as_in_its_folder(jpeg_pair, tmp_path):
+    """A folder's reader follows a symbolic link, so the archive made from it (plain `tar`, which stores
+    the link) must hold the same images; links to nothing in the archive, or in a loop, are one error."""
+    import subprocess
+
+    folder, _ = jpeg_pair
+    copy = tmp_path / "linked"
+    shutil.copytree(folder, copy)
+    (copy / "train" / "cat" / "0099.jpg").symlink_to("../bird/0000.jpg")
+    archive = tmp_path / "linked.tar"
+    subprocess.run(["tar", "cf", str(archive), "-C", str(tmp_path), "linked"], check=True)
+    a, b = read_image_folder(copy), read_image_folder(archive)
+    assert len(b.train.labels) == len(a.train.labels) == 13 and b.train.labels.tolist() == a.train.labels.tolist()
+    assert torch.equal(a.train.images, b.train.images)
+    for name, links in (("outside", [("linked/train/cat/0099.jpg", "/etc/passwd")]),
+                        ("loop", [("linked/train/cat/s1.jpg", "s2.jpg"), ("linked/train/cat/s2.jpg", "s1.jpg")])):
+        with tarfile.open(tmp_path / f"{name}.tar", "w") as out:
+            for link, target in links:
+                info = tarfile.TarInfo(link)
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                out.addfile(info)
+        with pytest.raises(TransferkitError, match=f"{name}.tar links to .*, which is no file in the archive. Fix"):
+            read_image_folder(tmp_path / f"{name}.tar")
+
+
+def test_a_tar_cut_short_between_two_members_is_refused(jpeg_pair, tmp_path):
+    """A copy interrupted on a 4 KiB boundary usually stops between two members of a tar of small JPEGs:
+    read as it is, the dataset would silently lose images."""
+    folder, _ = jpeg_pair
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(folder, arcname="d")
+    with tarfile.open(whole) as tar:
+        ends = [m.offset_data + -(-m.size // 512) * 512 for m in tar if m.isfile()]
+    for fmt in ("", "-pax"):  # the header scan reads a plain tar; tarfile reads one with pax records
+        raw = whole.read_bytes()
+        if fmt:
+            with tarfile.open(tmp_path / "p.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+                tar.add(folder, arcname="d" * 120)  # a long name: a pax record, which the scan leaves to tarfile
+            raw = (tmp_path / "p.tar").read_bytes()
+            with tarfile.open(tmp_path / "p.tar") as tar:
+                ends = [m.offset_data + -(-m.size // 512) * 512 for m in tar if m.isfile()]
+        cut = tmp_path / f"cut{fmt}.tar"
+        cut.write_bytes(raw[:ends[len(ends) // 2]])
+        with pytest.raises(TransferkitError, match=f"cut{fmt}.tar .*without tar's end marker: it was cut short"):
+            read_image_folder(cut)
 
 
 def test_image_archive_via_load_dataset(tmp_path):
@@ -289,12 +348,12 @@ def test_archives_read_by_header_scan_or_by_tarfile_give_the_same_images(tmp_pat
     with tarfile.open(path, f"w:{compression}", format=getattr(tarfile, f"{fmt.upper()}_FORMAT")) as tar:
         for p in sorted(folder.rglob("*")):
             tar.add(p, arcname=f"{deep}/{p.relative_to(folder.parent)}", recursive=False)
-        if fmt == "gnu":  # a link: tarfile's to read (and skip)
+        if fmt == "gnu":  # a link: tarfile's to read (its target's bytes)
             link = tarfile.TarInfo(f"{deep}/cifar10-jpeg/train/cat/link.jpg")
             link.type, link.linkname = tarfile.SYMTYPE, "0000.jpg"
             tar.addfile(link)
     with tarfile.open(path) as tar:
-        want = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        want = {m.name: tar.extractfile(m).read() for m in tar if m.isfile() or m.issym()}
     raw = bytearray(path.read_bytes())
     if compression == "gz":
         raw = bytearray(gzip.decompress(raw))
@@ -303,6 +362,8 @@ def test_archives_read_by_header_scan_or_by_tarfile_give_the_same_images(tmp_pat
     if scanned is not None:
         assert {name: bytes(data) for name, data in scanned} == want
     assert {name: bytes(data) for name, data in archives.archive_files(path)} == want
+    if fmt == "gnu":  # the folder with the link the archive holds
+        (folder / "train" / "cat" / "link.jpg").symlink_to("0000.jpg")
     a, b = read_image_folder(folder), read_image_folder(path)
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
 
@@ -539,7 +600,7 @@ def test_a_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(monk
     batched, decode_jpeg = [], torchvision.io.decode_jpeg
     monkeypatch.setattr(torchvision.io, "decode_jpeg",
                         lambda files, **kw: batched.extend(files) or decode_jpeg(files, **kw))
-    with pytest.raises(TransferkitError, match=r"corrupt image huge.jpg \(.*exceeds limit.*Fix: delete or replace"):
+    with pytest.raises(TransferkitError, match=r"image huge.jpg has more than 67 million pixels.*Fix: downscale it"):
         sources.decode_images([("fine.jpg", buf.getvalue()), ("huge.jpg", bytes(data))], 8)
     assert len(batched) == 1  # fine.jpg alone went to the batched decoder
 
@@ -745,8 +806,8 @@ def test_a_file_cut_short_is_a_corrupt_image_by_name(name, data):
 
 
 def test_a_decompression_bomb_is_refused_by_name(tmp_path):
-    """A PNG whose header claims 200 M pixels: PIL refuses it with its own exception class, which
-    is not an OSError; it still ends in one error naming the file."""
+    """A PNG whose header claims more pixels than any camera photo: one error naming the file, before
+    anything is decoded."""
     import struct
     import zlib
 
@@ -755,10 +816,12 @@ def test_a_decompression_bomb_is_refused_by_name(tmp_path):
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0))
-            + chunk(b"IEND", b""))
-    with pytest.raises(TransferkitError, match=r"corrupt image bomb.png \(.*exceeds limit.*Fix: delete or replace"):
-        decode_image(bomb, "bomb.png", 32)
+    # 200 M pixels, which PIL refuses; 80 M, which it would decode (warning only below 179 M), a few GB per thread
+    for width, height in ((20000, 10000), (10000, 8000)):
+        bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                + chunk(b"IEND", b""))
+        with pytest.raises(TransferkitError, match=r"image bomb.png has more than 67 million pixels.*Fix: downscale"):
+            decode_image(bomb, "bomb.png", 32)
 
 
 def test_corrupt_image_in_archive_names_the_member(tmp_path):
@@ -1153,3 +1216,78 @@ def test_a_linked_archive_is_named_by_its_link(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "cifar10-jpeg.tar.gz").symlink_to(tmp_path / "store" / "3fa9c1e0")
     assert _load("cifar10", tmp_path / "data").name == "cifar10-jpeg.tar.gz"
+
+
+def _png(size: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(random_images(1, 0, size)[0]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_tiff_with_a_tag_of_the_wrong_type_is_one_error():
+    """PIL raises a TypeError for a StripOffsets tag stored as a float: a damaged file, in one line."""
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 20)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    for entry in range(10, 10 + 12 * int.from_bytes(data[8:10], "little"), 12):
+        if int.from_bytes(data[entry:entry + 2], "little") == 273:  # StripOffsets: type FLOAT (11)
+            data[entry + 2:entry + 4] = (11).to_bytes(2, "little")
+    with pytest.raises(TransferkitError, match=r"corrupt image a.tif \(.*\). Fix: delete or replace that file."):
+        sources.decode_image(bytes(data), "a.tif", 32)
+
+
+def test_a_zip_of_a_version_zipfile_lacks_is_one_error(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for split in ("train", "test"):
+            z.writestr(f"{split}/a/0.png", _png())
+    data = bytearray(buf.getvalue())
+    data[data.find(b"PK\x01\x02") + 6] = 64  # the first member needs zip version 6.4 to extract
+    (tmp_path / "v.zip").write_bytes(data)
+    with pytest.raises(TransferkitError, match=r"v.zip holds a member Python's zipfile cannot read \(zip file version "
+                                               r"6.4\).*Fix: re-create it"):
+        read_image_folder(tmp_path / "v.zip")
+
+
+def test_an_unreadable_image_in_a_folder_is_one_error(tmp_path, monkeypatch):
+    """A folder copied from another user may hold files this one cannot open (root reads anything, so the
+    refusal is simulated)."""
+    folder = write_image_folder(tmp_path, ["a", "b"], 2, 1, archive=False)
+    locked = sorted(folder.rglob("*.jpg"))[1]
+    read_bytes = Path.read_bytes
+
+    def refused(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    with pytest.raises(TransferkitError, match=f"cannot read {locked} \\(Permission denied\\). Fix: make it readable"):
+        read_image_folder(folder)
+
+
+def test_an_xmp_orientation_is_applied_by_prepare_as_by_predict():
+    """PIL turns a JPEG by the orientation its XMP block gives, with no EXIF block: prepare's batched
+    decoder must leave such a file to PIL, or prepare and predict see different pixels."""
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, :8] = 255  # a white bar on the left
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=95, xmp=xmp)
+    prepared = sources.decode_images([("a.jpg", buf.getvalue())], 32)[0]
+    predicted = torch.from_numpy(sources.decode_image(buf.getvalue(), "a.jpg", 32))
+    assert predicted[:, :8].float().mean() > 200  # turned: the bar is on top
+    assert torch.equal(prepared, predicted)
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_images_in_a_folder_inside_a_class_are_one_error(tmp_path, as_archive):
+    """train/cat/batch2/1.png would be silently left out of the dataset: refused, naming the file."""
+    folder = write_image_folder(tmp_path / "d", ["cat", "dog"], 1, 1, archive=False)
+    (folder / "train" / "cat" / "batch2").mkdir()
+    (folder / "train" / "cat" / "batch2" / "1.png").write_bytes(_png())
+    path = shutil.make_archive(str(tmp_path / "d"), "gztar", folder) if as_archive else folder
+    with pytest.raises(TransferkitError, match=r"train/cat/batch2/1.png lies in a folder inside its class's folder.*"
+                                               r"Fix: move it up"):
+        read_image_folder(Path(path))

@@ -85,8 +85,11 @@ def _tar_files(raw: bytearray, keep: Callable[[str], bool] = lambda name: True) 
 
 
 def _check_ended(raw: bytearray, end: int) -> None:
-    """What follows the zero block at `end` where a reader stopped is zeros (the end of the archive and
-    its padding), not more members after a damaged or zeroed header."""
+    """The archive ends at `end`, where a reader stopped, with tar's end marker (a zero block) and zeros after
+    it: not more members after a damaged or zeroed header, nor nothing at all (a copy cut short between two
+    members, which tarfile reads as a whole archive)."""
+    if len(raw) < end + 512:
+        raise tarfile.ReadError(f"the archive stops at byte {len(raw)} without tar's end marker: it was cut short")
     if any(raw[end:]):
         raise tarfile.ReadError(f"the header at byte {end} is damaged: the archive goes on after it")
 
@@ -106,15 +109,15 @@ def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
         raise _TooLarge
     raw = bytearray(path.read_bytes())
     if raw[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record (a file; the directory of an empty one)
-        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            try:
+        try:  # an encrypted member; a compression method or zip version that zipfile lacks
+            with zipfile.ZipFile(io.BytesIO(raw)) as archive:
                 return _last_of_each_name(_kept(((m.filename, lambda m=m: archive.open(m))
                                                  for m in archive.infolist() if not m.is_dir()), keep, limit))
-            except (RuntimeError, NotImplementedError) as e:  # an encrypted member; a method zipfile lacks
-                raise TransferkitError(f"{path} holds a member Python's zipfile cannot read ({e}): a password, or a "
-                                       f"compression such as Deflate64, which Windows uses for large folders. Fix: "
-                                       f"re-create it with standard Deflate and no password (`zip -r`), or as a "
-                                       f".tar.gz.") from e
+        except (RuntimeError, NotImplementedError) as e:
+            raise TransferkitError(f"{path} holds a member Python's zipfile cannot read ({e}): a password, a newer "
+                                   f"zip version, or a compression such as Deflate64, which Windows uses for large "
+                                   f"folders. Fix: re-create it with standard Deflate and no password (`zip -r`), or "
+                                   f"as a .tar.gz.") from e
     # decompressed here, so that the tar's every header is checked: through tarfile, gzip also seeks
     # and inflates in small pieces
     # (bz2: "BZh", the block size, a block's or the stream end's magic, which no tar member's name starts with)
@@ -126,11 +129,25 @@ def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
     if (files := _tar_files(raw, keep)) is not None:
         return _last_of_each_name(files)
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-        # a hard link is a file stored once under two names (GNU tar writes one per inode it met before):
-        # extractfile reads its target's bytes. Symbolic links are skipped: they may point out of the archive.
-        files = _kept(((m.name, lambda m=m: tar.extractfile(m)) for m in tar if m.isfile() or m.islnk()), keep, limit)
+        # a hard link is a file stored once under two names (GNU tar writes one per inode it met before), and a
+        # symbolic link one more name for a file: extractfile reads its target's bytes, from inside the archive
+        # only (a target outside it is a KeyError), as a folder's reader follows a link
+        files = _kept(((m.name, lambda m=m: _member(tar, m, path)) for m in tar
+                       if m.isfile() or m.islnk() or m.issym()), keep, limit)
         _check_ended(raw, tar.offset)  # where tarfile stopped: at a damaged header, it says nothing
     return _last_of_each_name(files)
+
+
+def _member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path):
+    try:
+        opened = tar.extractfile(member)
+    except (KeyError, RecursionError):  # a target the archive lacks; links in a loop
+        opened = None
+    if opened is None:
+        raise TransferkitError(f"{member.name} in {path} links to {member.linkname}, which is no "
+                               f"file in the archive. Fix: make the archive with the files the links name "
+                               f"(`tar -h` follows links).")
+    return opened
 
 
 def _last_of_each_name(files: Members) -> Members:
@@ -163,9 +180,10 @@ def archive_files(path: Path, keep: Callable[[str], bool] = lambda name: True) -
             f"{path} expands to more than {size}, over a quarter of this machine's memory, into which archives are "
             f"read. Fix: extract it (`tar -xf` or `unzip`) and give that folder as the dataset: a folder is read "
             f"image by image, and only the classes asked for.") from None
-    # KeyError: a hard link whose target the archive lacks; ValueError, struct.error: a zip directory that lies
+    # KeyError: a link whose target the archive lacks; RecursionError: links in a loop; ValueError, struct.error:
+    # a zip directory that lies
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError, KeyError,
-            ValueError, struct.error) as e:
+            RecursionError, ValueError, struct.error) as e:
         raise TransferkitError(
             f"corrupt or unreadable archive {path} ({type(e).__name__}: {' '.join(str(e).split())}). Fix: copy the "
             f"archive into {path.parent}/ again (a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip).") from e

@@ -67,7 +67,12 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
         if not path.exists():
             raise TransferkitError(f"{path} is missing: the official {name} folder is incomplete. "
                                    f"Fix: re-extract the official archive into {folder.parent}.")
-        if fname in md5s and _md5(path) != md5s[fname]:
+        try:
+            digest = _md5(path) if fname in md5s else None
+        except OSError as e:  # no permission, a file being replaced, a disk error
+            raise TransferkitError(f"cannot read {path} ({e.strerror or e}). Fix: make it readable, or "
+                                   f"{refetch}") from e
+        if fname in md5s and digest != md5s[fname]:
             raise TransferkitError(
                 f"{path} does not match the official {name} checksum: the file is corrupt or not "
                 f"the official release. Fix: delete {folder} and download or extract it again "
@@ -103,7 +108,8 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
             if not isinstance(x, np.ndarray):
                 raise TransferkitError(f"{folder / f} holds images that are not uint8 rows of 3072 bytes (32x32 RGB "
                                        f"planes) but a {type(x).__name__}. Fix: {refetch}")
-            if isinstance(y, list) and not all(isinstance(v, (int, float)) for v in y):
+            if not isinstance(y, (list, np.ndarray)) or isinstance(y, list) and not all(isinstance(v, (int, float))
+                                                                                        for v in y):
                 raise TransferkitError(f"{folder / f} has labels that are no flat list of numbers (each image needs "
                                        f"one label in 0..{len(classes) - 1}, its class's index). Fix: {refetch}")
             y = np.asarray(y)

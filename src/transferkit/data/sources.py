@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from transferkit.errors import TransferkitError
 from transferkit.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+# the most pixels an image may have: the largest camera photos; PIL only warns below twice its own 89 million
+MAX_PIXELS = 1 << 26
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # decode_image refuses those itself
 
 
 # --------------------------------------------------------------------------- image folders
@@ -47,9 +51,16 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
     """Any image file's bytes -> uint8 [3, S, S] RGB, resized (bilinear) when not S x S: EXIF
     orientation applied, 16-bit and float images scaled to 8 bits, transparency over white."""
     try:
-        img = _to_rgb(Image.open(io.BytesIO(data)))
-    # a broken file raises whatever its format's reader hits: a PNG chunk SyntaxError, a frameless GIF EOFError
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as e:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_PIXELS:
+            raise Image.DecompressionBombError
+        img = _to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise TransferkitError(f"image {where} has more than {MAX_PIXELS / 1e6:.0f} million pixels, more than this "
+                               f"reads (a few kilobytes can declare billions). Fix: downscale it.") from e
+    # a broken file raises whatever its format's reader hits: a PNG chunk SyntaxError, a frameless GIF EOFError, a
+    # TIFF tag of the wrong type TypeError
+    except Exception as e:
         why = "no image format PIL reads" if isinstance(e, UnidentifiedImageError) else e  # its text: a buffer's id
         raise TransferkitError(f"corrupt image {where} ({why}). Fix: delete or replace that file.") from e
     if img.size != (image_size, image_size):
@@ -82,11 +93,11 @@ def _decode_part(part: list[tuple[str, bytes]], image_size: int) -> list[torch.T
     (libjpeg-turbo, the same pixels as PIL, several times faster, and it lets other threads run), which
     decodes the whole part at full size before anything checks it; other formats, other sizes (through
     PIL's decompression-bomb limit), files with EXIF (whose orientation, damaged, the two readers read
-    differently) and any file it refuses through decode_image, as predict reads them."""
+    differently) or an XMP orientation and any file it refuses through decode_image, as predict reads them."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     jpeg = [i for i, (_, data) in enumerate(part) if data[:2] == b"\xff\xd8" and data.find(b"Exif\0\0", 0, 65536) < 0
-            and jpeg_size(data) == (image_size, image_size)]
+            and data.find(b"tiff:Orientation", 0, 65536) < 0 and jpeg_size(data) == (image_size, image_size)]
     out: list[torch.Tensor | None] = [None] * len(part)
     try:  # torch reads a bytearray in place; bytes, which it cannot, are copied into one
         decoded = decode_jpeg([torch.frombuffer(_writable(part[i][1]), dtype=torch.uint8) for i in jpeg],
@@ -127,6 +138,9 @@ def _parse_member(path: str) -> tuple[str, str] | None:
     if len(parts) < 3 or not is_image_file(parts):  # a hidden folder anywhere in the dataset, as data/README says
         return None
     split, cls = parts[-3], parts[-2]
+    if split not in ("train", "test") and {"train", "test"} & set(parts[:-3]):
+        raise TransferkitError(f"{path} lies in a folder inside its class's folder, where no image is read (only "
+                               f"<split>/<class>/<image>). Fix: move it up into the class's folder.")
     return (split, cls) if split in ("train", "test") else None
 
 
@@ -144,7 +158,11 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
             if key and f.is_file():
                 seen_classes.add(key[1])
                 if wanted is None or key[1] in wanted:
-                    items.setdefault(key, []).append((str(f), f.read_bytes()))
+                    try:
+                        items.setdefault(key, []).append((str(f), f.read_bytes()))
+                    except OSError as e:  # no permission (a folder copied from another user), a disk error
+                        raise TransferkitError(f"cannot read {f} ({e.strerror or e}). Fix: make it readable, or "
+                                               f"remove it.") from e
     else:
         def keep(name: str) -> bool:  # only the wanted classes' images are held in memory
             return (key := _parse_member(name)) is not None and (wanted is None or key[1] in wanted)
