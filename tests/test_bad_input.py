@@ -404,8 +404,8 @@ def test_bad_input(name, smoke_artifacts, tmp_path):
     ("scratch", "artifacts", "holds .*prepare, which this stage reads"),
     ("scratch", "artifacts/transfer/../prepare", "prepare, which this stage reads"),
     ("scratch", "notes", "files no stage wrote"),
-    ("scratch", "artifacts/transfer", "is or is inside the transfer stage's"),
-    ("scratch", "artifacts/transfer/dvclive", "is or is inside the transfer stage's"),  # dvclive writes params.yaml
+    ("scratch", "artifacts/transfer", "is, holds or is inside the transfer stage's"),
+    ("scratch", "artifacts/transfer/dvclive", "is, holds or is inside the transfer stage's"),  # dvclive writes params.yaml
     ("prepare", "project", r"holds a project \(dvc.yaml, conf\)"),  # its params.yaml, as a stage's folder has
     ("prepare", "project/..", "is or holds the current folder"),
     # the swap would rename the link away and leave a folder in its place, the folder it pointed to unchanged
@@ -436,6 +436,20 @@ def test_an_output_folder_that_holds_other_things_is_never_replaced(smoke_artifa
     (tmp_path / "mine").mkdir()  # an empty folder, or a stage's earlier outputs, may be replaced
     run_stage("scratch", compose("experiment=smoke", "scratch.epochs=1", tmp=tmp_path), tmp_path / "mine")
     assert (tmp_path / "mine" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_the_artifacts_folder_as_a_stages_output_is_refused_before_any_stage_ran(tmp_path, monkeypatch, made):
+    """In a fresh clone `artifacts/` is missing or empty: prepare's files loose in it would make it look like
+    a stage's folder, and the next `--out artifacts` would replace every stage's outputs with its own."""
+    from transferkit.stages.run import run_stage
+
+    monkeypatch.chdir(tmp_path)
+    if made:
+        (tmp_path / "artifacts").mkdir()
+    with pytest.raises(TransferkitError, match=r"artifacts is, holds or is inside the pretrain stage's.*Fix"):
+        run_stage("prepare", compose("experiment=smoke", tmp=tmp_path), tmp_path / "artifacts")
+    assert list(tmp_path.glob("artifacts/*")) == []
 
 
 @pytest.mark.parametrize("overrides, needle", [

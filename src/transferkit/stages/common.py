@@ -77,10 +77,12 @@ def check_replaceable(final: Path, inputs: Iterable[Path] = (), others: Iterable
         if target == folder.resolve() or target in folder.resolve().parents:
             raise TransferkitError(f"the output folder {final} is or holds {folder}, which this stage reads, and the "
                                    f"stage's outputs would replace it. {fix}")
-    for folder in map(Path, others):  # its folder, or one inside it (its dvclive/ has a params.yaml too)
-        if target == folder.resolve() or folder.resolve() in target.parents:
-            raise TransferkitError(f"the output folder {final} is or is inside the {folder.name} stage's, and this "
-                                   f"stage's outputs would replace what that stage wrote there. {fix}")
+    # its folder, one inside it (its dvclive/ has a params.yaml too), or one that holds it (`--out artifacts`),
+    # whether or not that stage has run yet
+    for folder in map(Path, others):
+        if target == folder.resolve() or folder.resolve() in target.parents or target in folder.resolve().parents:
+            raise TransferkitError(f"the output folder {final} is, holds or is inside the {folder.name} stage's, and "
+                                   f"this stage's outputs would replace what that stage writes there. {fix}")
     if final.exists() and not (final / PARAMS_FILE).is_file() and (not final.is_dir() or any(final.iterdir())):
         raise TransferkitError(f"the output folder {final} holds files no stage wrote (it has no {PARAMS_FILE}), "
                                f"and the stage's outputs would replace all of them. Fix: write them to a new or "
