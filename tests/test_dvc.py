@@ -96,6 +96,20 @@ def test_dvc_yaml_is_generated_from_the_stage_table():
     assert not any(k in stages["pretrain"]["params"] for k in ("trainer.progress_bar", "trainer.checkpoint_budget"))
 
 
+
+@pytest.mark.parametrize("experiment, pretrain_validates", [("cifar10_split", False), ("smoke", True)])
+def test_the_validation_plot_names_only_curves_the_stages_write(experiment, pretrain_validates):
+    """The default source task has no val images, so pretrain writes no val/acc.tsv: listed, `dvc plots
+    show` fails to load it."""
+    from transferkit.config.compose import compose, to_params
+    from transferkit.config.dvcyaml import dvc_yaml
+
+    plots = dvc_yaml(to_params(compose([f"experiment={experiment}"])))["plots"]
+    curves = next(plot["Validation accuracy"]["y"] for plot in plots if "Validation accuracy" in plot)
+    assert any("/pretrain/" in path for path in curves) == pretrain_validates
+    assert any("/transfer/" in path for path in curves)
+
+
 def test_every_stage_depends_on_the_code_it_imports():
     """dvc.yaml's deps come from an import walk: an edit to anything a stage imports reruns it."""
     import yaml

@@ -106,6 +106,9 @@ def dvc_yaml(params: dict | None = None, root: Path | None = None) -> dict:
     trained = [s.name for s in PIPELINE if s.trains and s.name != "freeze_curve"]
     models = [s.name for s in PIPELINE if s.target_model]
     curves = [name for name in trained if name != "prune"]
+    # pretrain learns the source task, the rest the target task: a task without val images has no val curve
+    validated = [name for name in curves
+                 if flat.get(f"data.{'source' if name == 'pretrain' else 'target'}.val_per_class", 1)]
     return {
         "stages": {s.name: stage_entry(s, artifacts, data, sorted(set(named_files(s.name, params or {}, root)
                                                                           .values())),
@@ -119,7 +122,7 @@ def dvc_yaml(params: dict | None = None, root: Path | None = None) -> dict:
             {"Test accuracy vs freeze depth": {"template": "linear", "x": "freeze_depth",
                                                "y": {f"{artifacts}/evaluate/freeze_curve.json": "top1"}}},
             {"Validation accuracy": {"x": "step", "y": {
-                f"{artifacts}/{name}/dvclive/plots/metrics/val/acc.tsv": "acc" for name in curves}}},
+                f"{artifacts}/{name}/dvclive/plots/metrics/val/acc.tsv": "acc" for name in validated}}},
             {"Training loss": {"x": "step", "y": {
                 f"{artifacts}/{name}/dvclive/plots/metrics/train/loss.tsv": "loss" for name in curves}}},
         ],
