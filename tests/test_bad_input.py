@@ -405,7 +405,7 @@ def test_bad_input(name, smoke_artifacts, tmp_path):
     ("scratch", "artifacts/transfer/../prepare", "prepare, which this stage reads"),
     ("scratch", "notes", "files no stage wrote"),
     ("scratch", "artifacts/transfer", "is, holds or is inside the transfer stage's"),
-    ("scratch", "artifacts/transfer/dvclive", "is, holds or is inside the transfer stage's"),  # dvclive writes params.yaml
+    ("scratch", "artifacts/transfer/dvclive", "is, holds or is inside the transfer stage's"),  # dvclive's params.yaml
     ("prepare", "project", r"holds a project \(dvc.yaml, conf\)"),  # its params.yaml, as a stage's folder has
     ("prepare", "project/..", "is or holds the current folder"),
     # the swap would rename the link away and leave a folder in its place, the folder it pointed to unchanged

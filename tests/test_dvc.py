@@ -213,6 +213,25 @@ def test_a_file_a_setting_names_must_be_a_dep_of_the_stage_dvc_runs(tmp_path, mo
     check_files_tracked("distill", untracked)
 
 
+@pytest.mark.parametrize("stage, setting", [("transfer", "paths.artifacts_dir=elsewhere"),
+                                            ("prepare", "paths.data_dir=other_data")])
+def test_folders_set_without_transferkit_params_are_refused_under_dvc(tmp_path, monkeypatch, stage, setting):
+    """`dvc exp run -S paths.artifacts_dir=elsewhere` leaves dvc.yaml tracking artifacts/: the stage would write
+    elsewhere while DVC locked artifacts/STAGE's earlier outputs against the new params."""
+    from transferkit.config.compose import compose, to_params
+    from transferkit.config.dvcyaml import dvc_yaml_text
+    from transferkit.errors import TransferkitError
+    from transferkit.stages.run import check_files_tracked
+
+    (tmp_path / "dvc.yaml").write_text(dvc_yaml_text(to_params(compose(["experiment=smoke"]))))
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_STAGE", stage)
+    check_files_tracked(stage, compose(["experiment=smoke"]))
+    with pytest.raises(TransferkitError, match=rf"{setting} is not where {stage}'s entry in .*dvc.yaml has DVC track "
+                                               rf"it.*Fix: set it with `transferkit params`"):
+        check_files_tracked(stage, compose(["experiment=smoke", setting]))
+
+
 def test_a_copy_of_the_project_ignores_the_users_git_hooks_and_commits_no_data(tmp_path, monkeypatch):
     """A failing (or file-editing) global hook must not break or change the copy check-repro tests, and
     data/ stays out of the copy's git, as in a clone."""

@@ -58,12 +58,21 @@ def check_files_tracked(stage: str, cfg: DictConfig) -> None:
         return
     file, _, name = address.rpartition(":")
     dvc_file = Path(os.environ.get("DVC_ROOT", ".")) / (file or "dvc.yaml")
-    if not (named := named_files(stage, to_params(cfg), dvc_file.parent)):
-        return
     try:
-        deps = yaml.safe_load(dvc_file.read_text())["stages"][name].get("deps") or []
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):  # not one of ours: nothing to check
+        entry = yaml.safe_load(dvc_file.read_text())["stages"][name]
+        deps, outs = entry.get("deps") or [], [next(iter(o)) if isinstance(o, dict) else o for o in entry["outs"]]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, StopIteration):  # not one of ours
         return
+    if name == stage:  # the project's pipeline (a sweep's points name their folders on the command line)
+        folders = {"paths.artifacts_dir": f"{cfg.paths.artifacts_dir}/{stage}" not in outs,
+                   "paths.data_dir": not BY_NAME[stage].reads and str(cfg.paths.data_dir) not in deps}
+        if key := next((k for k, stale in folders.items() if stale), None):
+            raise TransferkitError(f"{key}={cfg.paths[key.split('.')[1]]} is not where {name}'s entry in {dvc_file} "
+                                   f"has DVC track it, so DVC would record the outputs there against these params "
+                                   f"(params.yaml was set without `transferkit params`, as `dvc exp run -S` sets "
+                                   f"it). Fix: set it with `transferkit params` (it writes dvc.yaml), then "
+                                   f"`dvc repro`.")
+    named = named_files(stage, to_params(cfg), dvc_file.parent)
     for key, value in named.items():
         if value not in deps:
             raise TransferkitError(f"{key}={value} names a file that is not among the deps of {name} in {dvc_file}, "
