@@ -55,6 +55,47 @@ def test_dkd_is_zero_beyond_cross_entropy_when_student_equals_teacher():
     assert dkd_loss(s, t, y).item() > F.cross_entropy(s, y).item()
 
 
+def _dkd_by_hand(s, t, y, temperature, alpha, beta):
+    """Decoupled KD as Zhao et al. (CVPR 2022) define it, one image at a time in float64: cross-entropy
+    + alpha x T^2 KL(teacher || student) of the binary (target, not target) probabilities
+    + beta x T^2 KL(teacher || student) of the probabilities over the non-target classes alone."""
+    s, t, temp = s.double(), t.double(), temperature
+    tckd = nckd = 0.0
+    for si, ti, yi in zip(s, t, y.tolist()):
+        ps, pt = F.softmax(si / temp, 0)[yi], F.softmax(ti / temp, 0)[yi]
+        tckd += pt * (pt / ps).log() + (1 - pt) * ((1 - pt) / (1 - ps)).log()
+        others = [k for k in range(len(si)) if k != yi]
+        qs, qt = F.softmax(si[others] / temp, 0), F.softmax(ti[others] / temp, 0)
+        nckd += (qt * (qt / qs).log()).sum()
+    n = len(y)
+    return F.cross_entropy(s, y) + temp * temp * (alpha * tckd + beta * nckd) / n
+
+
+@pytest.mark.parametrize("temperature, alpha, beta", [(4.0, 1.0, 0.0), (4.0, 0.0, 1.0), (2.0, 1.0, 8.0)])
+def test_dkd_is_zhao_et_als_decoupled_kd(temperature, alpha, beta):
+    """distill.method=dkd's loss on fixed logits, term by term against a plain implementation of the paper's:
+    the target-class term alone (beta 0), the non-target term alone (alpha 0), and both at another T."""
+    s, t, y = _logits(11), _logits(12), torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(13))
+    got = dkd_loss(s, t, y, temperature=temperature, dkd_alpha=alpha, dkd_beta=beta)
+    assert got.item() == pytest.approx(_dkd_by_hand(s, t, y, temperature, alpha, beta).item(), rel=1e-4)
+
+
+def test_dkd_non_target_term_ignores_the_target_logit():
+    """NCKD compares the distributions over the non-target classes only: moving the student's target logit
+    alone changes the cross-entropy and the target-class term, never the non-target term."""
+    s, t, y = _logits(14), _logits(15), torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(16))
+    moved = s + 2.5 * F.one_hot(y, 5)
+
+    def nckd(student):
+        return (dkd_loss(student, t, y, dkd_alpha=0.0, dkd_beta=1.0) - F.cross_entropy(student, y)).item()
+
+    def tckd(student):
+        return (dkd_loss(student, t, y, dkd_alpha=1.0, dkd_beta=0.0) - F.cross_entropy(student, y)).item()
+
+    assert nckd(moved) == pytest.approx(nckd(s), rel=1e-4) and nckd(s) > 0.01
+    assert tckd(moved) != pytest.approx(tckd(s), rel=1e-2)
+
+
 def test_mixed_cross_entropy_is_split_between_the_two_labels_by_lam():
     s, t = _logits(7), _logits(8)
     y, other = torch.randint(0, 5, (16,)), torch.randint(0, 5, (16,))
@@ -87,6 +128,36 @@ def test_mixup_shows_teacher_and_student_the_same_blend_of_two_images():
     assert torch.allclose(mixed, mixed[:, :1].expand_as(mixed))  # a blend of two flat images is flat
     assert not torch.allclose(mixed[:, 0], values)  # and the images did change
     assert ((mixed[:, 0] >= 0) & (mixed[:, 0] <= values.max())).all()
+
+
+def test_mixup_splits_the_cross_entropy_with_the_label_of_the_image_each_blend_took_in():
+    """With distill.mixup each image i is blended with image j = other[i] (lam_i of its own): the loss gets
+    mixed_with = (labels of the j's, lam), so the second cross-entropy term is against the label of the image
+    the blend really contains, not the image's own label again (mixup would then teach nothing of image j)."""
+    classes = 8
+    teacher = build_model("fastnet", classes, widths=[4, 8, 8], stem_width=4).eval()
+    student = build_model("fastnet", classes, widths=[4, 4, 4], stem_width=4)
+    module = DistillerModule(student, teacher, method="kd",
+                             method_kwargs={"temperature": 4.0, "alpha": 0.5, "mixup": 1.0},
+                             lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1,
+                             channels_last=False)
+    calls, seen = [], {}
+    loss_fn = module.loss_fn
+    module.loss_fn = lambda *a, **kw: calls.append(kw) or loss_fn(*a, **kw)
+    student.register_forward_pre_hook(lambda m, a: seen.__setitem__("student", a[0].clone()))
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])  # one image per class: a label names its image
+    index = torch.empty(8, dtype=torch.long)
+    index[labels] = torch.arange(8)
+    module._train_sums = torch.zeros(3)
+    torch.manual_seed(0)
+    module.training_loss((x, labels))
+    (kw,) = calls
+    other_labels, lam = kw["mixed_with"]
+    other = index[other_labels]  # the image each blend's label names
+    w = lam.view(-1, 1, 1, 1)
+    torch.testing.assert_close(seen["student"], w * x + (1 - w) * x[other])
+    assert not torch.equal(other_labels, labels)  # the blends do take in other images
 
 
 @pytest.mark.parametrize("method", sorted(LOSSES))

@@ -4,6 +4,7 @@ transfer, the unfrozen part does, and the learning-rate multiplier is applied.""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -128,3 +129,19 @@ def test_a_resumed_run_starts_with_the_blocks_unfrozen_before(monkeypatch, epoch
     monkeypatch.setattr(ClassifierModule, "current_epoch", property(lambda self: epoch))  # as a resume sets it
     module.on_train_epoch_start()
     assert frozen_depth(module.model) == frozen
+
+
+def test_the_linear_probe_keeps_every_pretrained_block_as_it_was(smoke_artifacts):
+    """probe trains a linear head on frozen features: every block of its model, weights and BatchNorm
+    statistics alike, is pretrain's bit for bit (with the backbone trained too it would be no linear probe,
+    and its row in the report no reference line)."""
+    from transferkit.models import load_checkpoint
+
+    artifacts = Path(smoke_artifacts[0].paths.artifacts_dir)
+    probe, _ = load_checkpoint(artifacts / "probe" / "model.pt", "probe")
+    pretrained, _ = load_checkpoint(artifacts / "pretrain" / "model.pt", "pretrain")
+    assert probe.num_blocks == pretrained.num_blocks  # the smoke preset's probe.depth: null, every block
+    for i in range(probe.num_blocks):
+        after, before = _block_state(probe, i), _block_state(pretrained, i)
+        assert after.keys() == before.keys() and _same(before, after), f"block {i} changed in the linear probe"
+    assert sum(k.endswith("running_mean") for k in probe.blocks.state_dict()) >= 3  # BatchNorm statistics compared

@@ -109,3 +109,18 @@ def test_a_run_killed_between_two_points_keeps_the_finished_one(smoke_artifacts,
                         or real(point, *a))
     run("freeze_curve", cfg)
     assert trained == [0, 2]  # depth 0 once, in the killed run
+
+
+def test_the_report_marks_the_depth_best_on_val():
+    """The freeze curve's table marks one depth "(best on val)": the one with the highest val accuracy (the
+    choice a reader is told to make by val), whatever its test accuracy; a row without a val score is never it."""
+    from transferkit.evaluation.report import freeze_curve_section
+
+    def row(depth, val, top1):
+        return {"freeze_depth": depth, "val_acc": val, "top1": top1, "top1_ci95": [top1 - 0.1, top1 + 0.1],
+                "vs_scratch": {"difference": 0.0, "ci95": [-0.1, 0.1]}}
+
+    rows = [row(0, 0.40, 0.70), row(1, 0.65, 0.50), row(3, 0.55, 0.60), {**row(4, None, 0.80), "val_acc": None}]
+    lines = freeze_curve_section(rows, {"scratch": {"top1": 0.5}}, {"freeze_depth": 1})
+    marked = [ln for ln in lines if "(best on val)" in ln]
+    assert len(marked) == 1 and marked[0].startswith("| 1 (best on val) | 65.0% |")

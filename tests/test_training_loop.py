@@ -9,10 +9,12 @@ import shutil
 import signal
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
 from conftest import compose, run
 from transferkit.data.loader import TaskDataModule
@@ -733,3 +735,119 @@ def test_lightnings_routine_info_lines_are_dropped_and_the_telling_ones_kept():
     assert not shown("Loading `train_dataloader` to estimate number of stepping batches.")
     assert shown("`Trainer.fit` stopped: No training batches.")  # a task too small for one batch
     assert shown("GPU available: False, used: False")  # where a stage trains
+
+
+# ------------------------------------------------------------------ what a step computes
+def _fixed_module(**settings):
+    """A small classifier in eval mode (BatchNorm on its running statistics: the same predictions at every call)."""
+    pl.seed_everything(0, verbose=False)
+    module = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8),
+                              **{**SETTINGS, "channels_last": False, **settings})
+    return module.eval()
+
+
+def test_the_logged_accuracy_is_the_share_of_argmax_predictions_equal_to_the_label():
+    """val/acc and train/acc (dvclive's curves, the report's training plots) come from the sums the steps keep on
+    the device, [loss x n, correct, n]: on a batch whose predictions are known (5 of 8 right), correct is 5
+    and the logged accuracy 5/8, both from the validation step and from the training loss."""
+    module = _fixed_module()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = module.model(x)
+    pred = logits.argmax(1)
+    y = pred.clone()
+    y[:3] = (pred[:3] + 1) % 3  # the first three wrong, the other five right
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda sums, reduce_op: sums))  # one process
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        module.validation_step((x, y), 0)
+    module.on_validation_epoch_end()
+    assert logged["val/acc"] == pytest.approx(5 / 8)
+    assert logged["val/loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    module._train_sums = torch.zeros(3)
+    with torch.no_grad():
+        module.training_loss((x, y))
+    assert module._train_sums[1:].tolist() == [5.0, 8.0]
+    module.on_train_epoch_end()
+    assert logged["train/acc"] == pytest.approx(5 / 8)
+
+
+def test_the_loss_smooths_the_labels_by_the_stages_label_smoothing():
+    """label_smoothing (the optimisation block's, 0.2 by default) reaches the classifier's loss: its cross-entropy is
+    F.cross_entropy's with that smoothing, and differs from the unsmoothed one."""
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8) % 3
+    logits = torch.randn(8, 3, generator=torch.Generator().manual_seed(1)) * 3  # confident: smoothing shows
+    losses = [_fixed_module(label_smoothing=smoothing).loss(logits, x, y).item() for smoothing in (0.0, 0.3)]
+    assert losses[0] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert losses[1] == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.3).item(), rel=1e-5)
+    assert losses[1] != pytest.approx(losses[0])
+
+
+def test_the_learning_rate_warms_up_from_warmup_from_and_decays_towards_decay_to():
+    """The schedule conf/optim/sgd.yaml documents (airbench's): a linear warm-up over warmup_fraction of the steps,
+    from warmup_from x lr (the first step one warm-up step above it) to lr, then a linear decay towards
+    decay_to x lr (the last step one decay step above it), in every parameter group."""
+    total, warmup, start, end = 20, 5, 0.2, 0.1
+    module = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8),
+                              **{**SETTINGS, "warmup_fraction": warmup / total, "warmup_from": start, "decay_to": end},
+                              backbone_lr_mult=0.5)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=total)
+    optimizers = module.configure_optimizers()
+    opt, sched = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    assert optimizers["lr_scheduler"]["interval"] == "step"
+    base = [g["initial_lr"] for g in opt.param_groups]
+    factors = []
+    for _ in range(total):
+        assert all(g["lr"] == pytest.approx(b * sched.lr_lambdas[0](len(factors)))
+                   for g, b in zip(opt.param_groups, base))
+        factors.append(opt.param_groups[0]["lr"] / base[0])
+        opt.step()
+        sched.step()
+    up, down = (1 - start) / warmup, (1 - end) / (total - warmup)  # one step of each
+    assert factors[0] == pytest.approx(start + up)
+    assert factors[warmup - 1] == pytest.approx(1.0) and factors[warmup] == pytest.approx(1.0)
+    assert factors[total - 1] == pytest.approx(end + down)
+    # linear in between: equal steps up, then equal steps down
+    assert [b - a for a, b in zip(factors, factors[1:warmup])] == pytest.approx([up] * (warmup - 1))
+    decay = factors[warmup:]
+    assert [a - b for a, b in zip(decay, decay[1:])] == pytest.approx([down] * (total - warmup - 1))
+
+
+# ------------------------------------------------------------------ augmentation on the device
+def test_augment_translates_the_images_it_is_given_shifts_for():
+    """augment with shifts is translate (after the flip): each image a crop of its reflect-padded self."""
+    from transferkit.data.augment import augment, draw_flips, draw_shifts, flip, translate
+
+    pad, gen = 2, torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 8, 8, generator=gen)
+    mask, shifts = draw_flips(16, gen, "cpu"), draw_shifts(16, pad, gen, "cpu")
+    assert (shifts != pad).any()  # some image moves
+    moved = augment(x, None, shifts, pad)
+    assert torch.equal(moved, translate(x, shifts, pad)) and not torch.equal(moved, x)
+    assert torch.equal(augment(x, mask, shifts, pad), translate(flip(x, mask), shifts, pad))
+
+
+def test_training_batches_are_shifted_crops_of_the_reflect_padded_images():
+    """DeviceBatches with translate=k serves each training image as the crop of the image reflect-padded by k at
+    a shift drawn per image in 0..2k (rows and columns): every image one such crop, many shifts used, most not
+    the image itself; the validation batches are the images as they are."""
+    from transferkit.data.loader import DeviceBatches
+
+    n, pad, h = 64, 2, 8
+    images = torch.randint(0, 256, (n, 3, h, h), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    ref = images.float() / 255
+    padded = F.pad(ref, (pad, pad, pad, pad), mode="reflect")
+    seen = []
+    for x, y in DeviceBatches(images, torch.arange(n), 16, device="cpu", train=True, translate=pad, seed=0,
+                              channels_last=False):
+        for img, i in zip(x, y.tolist()):
+            at = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                  if torch.equal(img, padded[i, :, dy:dy + h, dx:dx + h])]
+            assert len(at) == 1, f"image {i} is not one crop of its padded self"
+            seen.append(at[0])
+    assert len(seen) == n and len(set(seen)) >= 15  # of the 25 shifts
+    assert sum(s != (pad, pad) for s in seen) > n // 2
+    val = DeviceBatches(images, torch.arange(n), 16, device="cpu", train=False, translate=pad, channels_last=False)
+    assert torch.equal(torch.cat([x for x, _ in val]), ref)
