@@ -43,6 +43,7 @@ def frozen_depth(model: BlockNet) -> int:
 
 
 def keep_frozen_in_eval(model: BlockNet) -> None:
-    """Lightning calls model.train() at the start of fit; put frozen blocks back in eval."""
+    """Frozen blocks back in eval mode, whatever put the whole model in train mode (older Lightning at the start
+    of fit, a user's callback): their BatchNorm statistics stay the pretrained ones."""
     for block in model.blocks[: frozen_depth(model)]:
         block.eval()
