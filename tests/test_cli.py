@@ -183,6 +183,22 @@ def test_params_files_that_are_not_or_no_longer_params_files(tmp_path, capsys):
     assert "is not a params file composed from conf/ (its paths is 5, not a block of keys)" in line
 
 
+def test_a_params_file_lacking_a_key_is_refused_before_the_stage_runs(tmp_path, capsys, monkeypatch):
+    """pretrain reads pretrain.tta only after its fit: a file that lacks it (a line deleted by hand, an older
+    conf/) must fail before the training, not throw it away."""
+    import yaml
+
+
+    text = params_text(compose("experiment=smoke", tmp=tmp_path), ["experiment=smoke"])  # as `transferkit params`
+    stale = yaml.safe_load(text)
+    del stale["pretrain"]["tta"]
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))  # the overrides it records
+    (tmp_path / "stale.yaml").write_text(header + yaml.safe_dump(stale))
+    monkeypatch.setattr("transferkit.stages.run.run_stage", lambda *a, **k: pytest.fail("the stage ran"))
+    line = _error(capsys, ["pretrain", "--params", str(tmp_path / "stale.yaml")])
+    assert "stale.yaml has no pretrain.tta: it was written from another conf/" in line and "transferkit params" in line
+
+
 @pytest.mark.parametrize("content, needle", [
     ((ROOT / "params.yaml").read_text().replace("seed: 0\n", "<<<<<<< HEAD\nseed: 0\n=======\nseed: 1\n>>>>>>> b\n"),
      "params.yaml is not valid YAML"),

@@ -101,8 +101,10 @@ def to_params(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def params_text(cfg: DictConfig, overrides: list[str] = ()) -> str:
-    recorded = OVERRIDES_LINE + " ".join(map(shlex.quote, overrides)) + "\n" if overrides else ""
+def params_text(cfg: DictConfig, overrides: list[str] | None = None) -> str:
+    """The params file of `cfg`; with the `overrides` conf/ was composed with (none too), recorded in it."""
+    recorded = OVERRIDES_LINE.rstrip() + "".join(f" {shlex.quote(o)}" for o in overrides) + "\n" \
+        if overrides is not None else ""
     return PARAMS_HEADER + recorded + yaml.safe_dump(to_params(cfg), sort_keys=False, default_flow_style=None)
 
 
@@ -225,9 +227,22 @@ def recorded_overrides(params_path: Path) -> list[str] | None:
     for line in lines:
         if not line.startswith("#"):
             break
-        if line.startswith(OVERRIDES_LINE):
-            return shlex.split(line[len(OVERRIDES_LINE):])
+        if line.startswith(OVERRIDES_LINE.rstrip()):
+            return shlex.split(line[len(OVERRIDES_LINE.rstrip()):])
     return None
+
+
+def missing_keys(params_path: Path, cfg: DictConfig, conf_dir: Path | None) -> list[str]:
+    """The keys conf/, composed with the overrides the file records, has and `cfg` (read from the file) lacks;
+    none where the file records none (written by hand, or by DVC) or they no longer compose."""
+    if conf_dir is None or (overrides := recorded_overrides(params_path)) is None:
+        return []
+    try:
+        want = flatten(to_params(compose(overrides, conf_dir)))
+    except TransferkitError:
+        return []
+    have = flatten(to_params(cfg))
+    return [k for k in want if k not in have]
 
 
 def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
