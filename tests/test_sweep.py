@@ -755,3 +755,15 @@ def test_a_sweep_without_val_splits_writes_plain_json_and_chooses_nothing(tmp_pa
     assert "| – ± – | 55.0 ± 7.1 |" in sweep_table(summary)
     sweep_png(summary, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_glob_sweeps_a_config_groups_options_from_conf():
+    """Hydra's glob() needs the config loader of a run, which a sweep's points are expanded without."""
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import expand
+
+    points = expand(["model=glob(fastnet_*,exclude=fastnet_micro)", "transfer.lr=0.1,0.2"])
+    assert points == [[f"model={m}", f"transfer.lr={lr}"] for m in ("fastnet_student", "fastnet_tiny")
+                      for lr in ("0.1", "0.2")]
+    with pytest.raises(TransferkitError, match=r"transfer.lr=glob\(\*\) chooses none of the options .*Fix: list"):
+        expand(["transfer.lr=glob(*)"])

@@ -42,6 +42,7 @@ def expand(argv: list[str]) -> list[list[str]]:
     """Every combination of the sweep values in `argv` (Hydra's own parser: a=1,2, range(),
     choice(), glob()), as plain override lists; hydra.* settings are left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
     from hydra.errors import HydraException
 
     try:
@@ -49,10 +50,21 @@ def expand(argv: list[str]) -> list[list[str]]:
     except HydraException as e:
         raise TransferkitError(f"cannot parse the overrides: {str(e).splitlines()[0]}. Fix: write them as key=value, "
                                f"sweeps as key=a,b or key='range(0,5)'.") from e
-    axes = [[f"{o.get_key_element()}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override()
+    axes = [[f"{o.get_key_element()}={v}" for v in (_glob(o) if isinstance(o.value(), Glob) else
+                                                    o.sweep_string_iterator() if o.is_sweep_override()
                                                     else [o.get_value_element_as_str()])]
             for o in overrides if not o.is_hydra_override()]
     return [list(point) for point in itertools.product(*axes)]
+
+
+def _glob(override) -> list[str]:
+    """glob()'s options of a config group, from conf/ (Hydra reads them through the config loader of a run)."""
+    group = find_conf_dir() / override.key_or_group
+    if not (options := override.value().filter(sorted(f.stem for f in group.glob("*.yaml")))):
+        raise TransferkitError(f"{override.input_line} chooses none of the options of a config group in conf/ "
+                               f"({override.key_or_group} is none, or none of its options match). Fix: list the "
+                               f"values (key=a,b), or match a group's options (model='glob(fast*)').")
+    return options
 
 
 def made_with(stage: str) -> set[str]:
