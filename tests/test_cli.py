@@ -197,6 +197,11 @@ def test_a_params_file_lacking_a_key_is_refused_before_the_stage_runs(tmp_path, 
     monkeypatch.setattr("transferkit.stages.run.run_stage", lambda *a, **k: pytest.fail("the stage ran"))
     line = _error(capsys, ["pretrain", "--params", str(tmp_path / "stale.yaml")])
     assert "stale.yaml has no pretrain.tta: it was written from another conf/" in line and "transferkit params" in line
+    stale["pretrain"]["tta"], stale["pretrain"]["lrr"] = "flip", stale["pretrain"].pop("lr")  # a typo
+    (tmp_path / "typo.yaml").write_text(header + yaml.safe_dump(stale))
+    line = _error(capsys, ["pretrain", "--params", str(tmp_path / "typo.yaml")])
+    typo = tmp_path / "typo.yaml"
+    assert f"{typo} has pretrain.lrr, which conf/ has not (a typo for pretrain.lr?). Fix: correct it in {typo}" in line
 
 
 @pytest.mark.parametrize("content, needle", [

@@ -58,7 +58,7 @@ def _params_mode(stage: str, args: list[str]) -> None:
 
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    from transferkit.config.compose import find_conf_dir, load_params, merge_overrides, missing_keys
+    from transferkit.config.compose import find_conf_dir, load_params, merge_overrides, stale_keys
     from transferkit.stages.run import run_stage
 
     parser = argparse.ArgumentParser(prog=f"transferkit {stage}", allow_abbrev=False)
@@ -71,10 +71,8 @@ def _params_mode(stage: str, args: list[str]) -> None:
     except TransferkitError:  # a params file run outside a project
         conf_dir = None
     cfg = merge_overrides(load_params(opts.params), overrides, opts.params, conf_dir)
-    stale = ("it was written from another conf/ or edited by hand. Fix: write it again with `transferkit params` "
-             "(`transferkit check-params` lists what differs).")
-    if missing := missing_keys(opts.params, cfg, conf_dir):  # else read where first used: after training, maybe
-        raise TransferkitError(f"{opts.params} has no {missing[0]}: {stale}")
+    if stale := stale_keys(opts.params, cfg, conf_dir):  # else read where first used: after training, maybe
+        raise TransferkitError(stale)
     inputs = dict(item.partition("=")[::2] for item in opts.inputs)
     if bad := [f"{k}={v}" for k, v in inputs.items() if k not in STAGES or not v]:  # unread inputs are ignored
         what = "no folder given" if bad[0].partition("=")[0] in STAGES else "no stage by that name"
@@ -91,7 +89,9 @@ def _params_mode(stage: str, args: list[str]) -> None:
         run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir) / stage,
                   {k: Path(v) for k, v in inputs.items()})
     except (ConfigAttributeError, ConfigKeyError) as e:  # struct mode: a key the code reads is not in the file
-        raise TransferkitError(f"{opts.params} has no {e.full_key}: {stale}") from e
+        raise TransferkitError(f"{opts.params} has no {e.full_key}: it was written from another conf/ or edited by "
+                               f"hand. Fix: write it again with `transferkit params` (`transferkit check-params` "
+                               f"lists what differs).") from e
 
 
 def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:

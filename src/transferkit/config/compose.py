@@ -232,17 +232,28 @@ def recorded_overrides(params_path: Path) -> list[str] | None:
     return None
 
 
-def missing_keys(params_path: Path, cfg: DictConfig, conf_dir: Path | None) -> list[str]:
-    """The keys conf/, composed with the overrides the file records, has and `cfg` (read from the file) lacks;
-    none where the file records none (written by hand, or by DVC) or they no longer compose."""
+def stale_keys(params_path: Path, cfg: DictConfig, conf_dir: Path | None) -> str | None:
+    """What is wrong with the keys of `cfg` (read from the params file) against conf/ composed with the overrides
+    the file records: a key it lacks or one conf/ lacks (a typo), in one line; None where they agree, or where
+    the file records no overrides (written by hand, or by DVC) or they no longer compose."""
+    import difflib
+
     if conf_dir is None or (overrides := recorded_overrides(params_path)) is None:
-        return []
+        return None
     try:
         want = flatten(to_params(compose(overrides, conf_dir)))
     except TransferkitError:
-        return []
+        return None
     have = flatten(to_params(cfg))
-    return [k for k in want if k not in have]
+    fix = "Fix: write it again with `transferkit params` (`transferkit check-params` lists what differs)."
+    missing = [k for k in want if k not in have]
+    if extra := [k for k in have if k not in want]:  # a renamed key: the one it lacks is the likely meaning
+        close = difflib.get_close_matches(extra[0], missing, n=1) or difflib.get_close_matches(extra[0], want, n=1)
+        return (f"{params_path} has {extra[0]}, which conf/ has not{f' (a typo for {close[0]}?)' if close else ''}. "
+                f"Fix: correct it in {params_path}, or write the file again with `transferkit params`.")
+    if missing:
+        return f"{params_path} has no {missing[0]}: it was written from another conf/ or edited by hand. {fix}"
+    return None
 
 
 def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
