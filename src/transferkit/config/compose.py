@@ -272,6 +272,10 @@ def write_generated(overrides: list[str]) -> list[Path]:
     from transferkit.io import save_text
 
     root = find_conf_dir().parent
+    if hydra := [o for o in overrides if o.lstrip("~+").startswith(("hydra.", "hydra/"))]:
+        raise TransferkitError(f"{hydra[0]} is a setting of Hydra's runs (`transferkit STAGE -m ...`): params.yaml "
+                               f"holds none, and `dvc repro` runs each stage itself. Fix: leave it out, or give it to "
+                               f"the Hydra run.")
     cfg = compose(overrides)
     validate_run(cfg, None, {}, all_stages=True)
     files = {root / "params.yaml": params_text(cfg, overrides), root / "dvc.yaml": dvc_yaml_text(to_params(cfg), root)}
