@@ -88,6 +88,16 @@ def test_a_sweeps_bad_hydra_setting_is_one_line(capsys, override, needle):
     assert needle in line and "Fix:" in line, line
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["transfer", "transfer.freeze_depth"], "transfer.freeze_depth"),  # the `=` forgotten: Hydra's four lines
+    (["transfer", "--cfg", "job", "transfer.lrr=1"], "has no setting transfer.lrr"),  # not Hydra's "use +key"
+    (["transfer", "-c", "job", "-p", "transfer", "transfer.lrr=1"], "has no setting transfer.lrr"),
+    (["transfer", "data.target.classes=[cät,dog]"], "quote a value with other characters (non-ASCII"),
+    (["params", "data.target.classes=[cät,dog]"], "quote a value with other characters (non-ASCII")])
+def test_hydra_runs_name_a_bad_override_in_one_line(capsys, argv, needle):
+    assert needle in _error(capsys, argv)
+
+
 @pytest.mark.parametrize("flag", ["--help", "--cfg=job"])
 def test_a_stage_prints_help_and_its_config_where_a_run_of_it_would_be_refused(tmp_path, flag):
     """Outputs of another experiment under artifacts/ refuse a run (it would read them); asking how to

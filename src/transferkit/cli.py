@@ -115,6 +115,16 @@ def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
 
 
+def _overrides(argv: list[str]) -> list[str]:
+    """The overrides of a Hydra app's command line: every argument but its flags and their values (a key
+    without `=` too, which Hydra refuses)."""
+    valued = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+              "-sc", "--shell-completion", "--experimental-rerun"}
+    info = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # what --info may take
+    return [a for i, a in enumerate(argv) if not a.startswith("-") and not (
+        i and (argv[i - 1] in valued or argv[i - 1] in ("--info", "-i") and a in info))]
+
+
 def _hydra_mode(stage: str, argv: list[str]) -> None:
     """A real Hydra app, so -m sweeps, launchers and --cfg work as Hydra users expect."""
     import hydra
@@ -125,10 +135,14 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     from transferkit.training import multi_process
 
     # Compose and validate every point of a sweep before the first one trains, so a typo'd
-    # key or an out-of-range value ends in one error line at once, not after hours; not for Hydra's
-    # flags that print and run nothing (help, the composed config), wanted most when a run is refused
-    if not INFO_FLAGS & {a.partition("=")[0] for a in argv}:
-        overrides = [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]  # ~key: no "="
+    # key or an out-of-range value ends in one error line at once, not after hours; with Hydra's
+    # flags that print and run nothing (help, the composed config), wanted most when a run is refused,
+    # only compose them
+    overrides = _overrides(argv)
+    if INFO_FLAGS & {a.partition("=")[0] for a in argv}:
+        for point in expand(overrides):  # a typo'd key in one line, not Hydra's advice to add it with +key
+            compose(point)
+    else:
         multirun = {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(argv)  # Hydra's two ways to ask for one
         if not multirun and (swept := [o for o in overrides if len(expand([o])) > 1]):
             raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a "

@@ -84,7 +84,11 @@ def _override_error(message: str, overrides: list[str], conf_dir: Path) -> str:
         return (f"{m.group(1)} lists several values, and a composition holds one run's. Fix: write a list as "
                 f"key=[a,b]; to run each value, `transferkit sweep STAGE {m.group(1)}`.")
     return (f"bad override: {message.splitlines()[0]}. Fix: write overrides as key=value with keys from conf/ "
-            f"(`transferkit --help` lists the common ones).")
+            f"(`transferkit --help` lists the common ones){QUOTING}.")
+
+
+# what Hydra's grammar reads unquoted is ASCII letters, digits and a few signs: the rest needs quotes
+QUOTING = ", and quote a value with other characters (non-ASCII letters, spaces, #): key='cät', key=['a b',c]"
 
 
 def no_such_setting(key: str, keys: list[str], where: str = "conf/") -> str:

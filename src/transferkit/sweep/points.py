@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.compose import (compose, differing, find_conf_dir, flatten, params_drift, params_text,
+from transferkit.config.compose import (QUOTING, compose, differing, find_conf_dir, flatten, params_drift, params_text,
                                         project_overrides, to_params, under)
 from transferkit.config.dvcyaml import code_files, tracked_params
 from transferkit.errors import TransferkitError
@@ -49,7 +49,7 @@ def expand(argv: list[str]) -> list[list[str]]:
         overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
     except HydraException as e:
         raise TransferkitError(f"cannot parse the overrides: {str(e).splitlines()[0]}. Fix: write them as key=value, "
-                               f"sweeps as key=a,b or key='range(0,5)'.") from e
+                               f"sweeps as key=a,b or key='range(0,5)'{QUOTING}.") from e
     axes = [[f"{o.get_key_element()}={v}" for v in (_glob(o) if isinstance(o.value(), Glob) else
                                                     o.sweep_string_iterator() if o.is_sweep_override()
                                                     else [o.get_value_element_as_str()])]
