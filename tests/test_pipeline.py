@@ -243,6 +243,16 @@ def test_results_command_names_evaluates_folder(tmp_path, monkeypatch, folder, n
     assert needle in str(e.value)
 
 
+def test_results_before_any_run_says_to_run_the_pipeline(tmp_path, monkeypatch):
+    """Not to pass the very folder it just failed to read."""
+    from transferkit.evaluation.tables import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransferkitError, match=r"cannot read artifacts/evaluate/metrics.json \(No such file or "
+                                               r"directory\). Fix: run the pipeline first \(`dvc repro`\).$"):
+        main([])
+
+
 def test_results_command_finds_evaluate_where_the_projects_params_put_the_artifacts(tmp_path, monkeypatch):
     from conftest import compose
     from transferkit.config.compose import params_text

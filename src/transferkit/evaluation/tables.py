@@ -160,7 +160,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="transferkit results", description=main.__doc__)
     parser.add_argument("dir", nargs="?", type=Path,
                         help="evaluate's output folder or its metrics.json (default: the project's artifacts/evaluate)")
-    folder = parser.parse_args(argv).dir
+    folder = given = parser.parse_args(argv).dir
     if folder is None:  # the project's, from any folder inside it, where its params.yaml puts the stages' outputs
         from transferkit.config.compose import find_conf_dir, read_params
 
@@ -190,8 +190,9 @@ def main(argv: list[str]) -> int:
         return data if isinstance(data, dict) else {}
 
     rerun = "run evaluate again (`dvc repro evaluate`), which writes metrics.json and timing.json"
-    metrics = read(folder / "metrics.json", "pass evaluate's output folder (`transferkit results artifacts/evaluate`), "
-                                   "after running the pipeline (`dvc repro`)")
+    metrics = read(folder / "metrics.json", "run the pipeline first (`dvc repro`)" if given is None else
+                   "pass evaluate's output folder (`transferkit results artifacts/evaluate`), after running the "
+                   "pipeline (`dvc repro`)")
     if "models" not in metrics or "transfer_vs_scratch" not in metrics:  # another stage's metrics.json
         raise TransferkitError(f"{folder / 'metrics.json'} is not evaluate's: it scores no models. Fix: "
                                + (rerun if folder.name == "evaluate" else
