@@ -381,9 +381,14 @@ def test_there_are_at_least_25_cases():
     assert len(CASES) >= 25
 
 
+TRAINS_FIRST = {"a learning rate that diverges"}  # found only by training
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(name, smoke_artifacts, tmp_path):
+def test_bad_input(name, smoke_artifacts, tmp_path, monkeypatch):
     case = CASES[name]
+    if name not in TRAINS_FIRST:
+        monkeypatch.setattr("transferkit.stages.training.fit", lambda *a, **k: pytest.fail("it trained first"))
     ref_cfg, _ = smoke_artifacts
     shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
     (tmp_path / "data").mkdir(exist_ok=True)
@@ -395,7 +400,7 @@ def test_bad_input(name, smoke_artifacts, tmp_path):
         run(case.stage, cfg)
     message = str(err.value)
     assert case.needle in message, message
-    assert "Fix" in message or "fix" in message, f"no fix named: {message}"
+    assert "Fix:" in message or "fix" in message.split(), f"no fix named: {message}"
     assert _snapshot(out) == before, f"{case.stage}'s previous outputs changed"
     assert not (tmp_path / "artifacts" / f".{case.stage}.incomplete").exists()
 
