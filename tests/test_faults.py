@@ -227,3 +227,21 @@ def test_unwritable_output_folder_gives_one_message(tmp_path):
     (tmp_path / "params.yaml").write_text(params_text(cfg))
     line = one_error_line(cli("prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path))
     assert "cannot" in line and "writable" in line
+
+
+def test_ctrl_c_mid_training_ends_the_command_by_sigint(smoke_artifacts, tmp_path):
+    """Lightning ends an interrupted fit with exit(1), as a failure: a shell's loop around the command would
+    go on to the next one. The command dies of SIGINT (130 in a shell) with its one line, as Python does."""
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(ref_cfg.paths.artifacts_dir, tmp_path / "artifacts")
+    params = tmp_path / "params.yaml"
+    params.write_text(params_text(compose("experiment=smoke", "pretrain.epochs=200", tmp=tmp_path)))
+    proc = _start("pretrain", params, tmp_path)
+    deadline = time.monotonic() + 120
+    while not _appeared(tmp_path / "artifacts" / ".pretrain.incomplete", "**/dvclive") and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == -signal.SIGINT
+    assert "transferkit pretrain: interrupted; its earlier outputs are unchanged." in proc.stderr.read()

@@ -260,6 +260,10 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
     except SIGTERMException as e:  # a SystemExit without a code: the process would exit 0 and DVC record the stage
         raise SystemExit(128 + signal.SIGTERM) from e  # as done; 143 is what a shell reports for a SIGTERM
+    except SystemExit as e:  # Lightning ends a fit that Ctrl+C stopped with exit(1), as a failure would
+        if e.code == 1 and trainer.interrupted:  # the command dies of SIGINT (cli.main): a shell's loop stops too
+            raise KeyboardInterrupt from e
+        raise
     finally:  # between a stage's fits too (Lightning puts its handlers back after each): the started ranks go with it
         if DieOnSigterm.started:
             signal.signal(signal.SIGTERM, DieOnSigterm.die)
