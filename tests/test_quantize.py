@@ -255,6 +255,7 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
 
     import transferkit
     from conftest import compose, run
+    from transferkit.deploy import qat
     from transferkit.stages import quantize as stage
 
     real_check, results = stage.check, []
@@ -264,9 +265,14 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
         return {**results[-1][1], "int8_top1": 0.0} if len(results) == 1 else results[-1][1]
 
     monkeypatch.setattr(stage, "check", check)
+    real_add, kept = qat.add_fake_quant, []  # the layers fine-tuning leaves in float: those INT8 leaves in float
+    monkeypatch.setattr(qat, "add_fake_quant", lambda *args, keep, **kwargs: kept.append(keep) or real_add(
+        *args, keep=keep, **kwargs))
     ref_cfg, _ = smoke_artifacts
     shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
-    run("quantize", compose("experiment=smoke", "quantize.max_drop=0.3", "quantize.qat_epochs=2", tmp=tmp_path))
+    run("quantize", compose("experiment=smoke", "quantize.max_drop=0.3", "quantize.qat_epochs=2",
+                            "quantize.keep_float=[Gemm]", tmp=tmp_path))
+    assert kept == [{"head.fc"}]
     out = tmp_path / "artifacts" / "quantize"
     q = json.loads((out / "quantize.json").read_text())
     # judged on val, post-training scored on test for the report, judged again on val, scored on test
@@ -380,3 +386,39 @@ def test_quantization_aware_fine_tuning_keeps_an_unstructured_pruned_model_spars
     model.to("meta")
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert all(m.parametrizations.weight[0].mask.is_meta for m in layers)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_quantization_aware_fine_tuning_leaves_the_layers_keep_float_names_in_float(tmp_path, exporter):
+    """quantize.keep_float names nodes of the exported file (or their op types), which ONNX Runtime leaves in
+    float: fine-tuning for INT8 leaves the same layers unquantized, whichever exporter wrote the file (the
+    TorchScript-based one writes a Linear without bias as MatMul, its weight transposed and renamed)."""
+    import onnx
+    import torch
+    from torch.nn.utils import parametrize
+
+    from transferkit.deploy.export import export_onnx
+    from transferkit.deploy.fold import deployable
+    from transferkit.deploy.qat import add_fake_quant, float_layers
+    from transferkit.errors import TransferkitError
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    model = deployable(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu").eval())
+    export_onnx(model, tmp_path / "model.onnx", 32, exporter, None, log=lambda *_: None)
+    nodes = onnx.load(str(tmp_path / "model.onnx")).graph.node
+    classifier = next(n.op_type for n in nodes if n.op_type in ("Gemm", "MatMul"))
+    assert classifier == {"dynamo": "Gemm", "legacy": "MatMul"}[exporter]
+    convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    second_conv = [n.name for n in nodes if n.op_type == "Conv"][1]
+    assert float_layers(model, tmp_path / "model.onnx", [classifier]) == {"head.fc"}
+    assert float_layers(model, tmp_path / "model.onnx", [second_conv, "Relu"]) == {convs[1]}  # ReLU: no layer
+    assert float_layers(model, tmp_path / "model.onnx", ["Conv"]) == set(convs)
+    assert float_layers(model, tmp_path / "model.onnx", []) == set()
+    with pytest.raises(TransferkitError, match=r"\['Softmax'\] is neither a node name nor an op type"):
+        float_layers(model, tmp_path / "model.onnx", ["Softmax"])
+
+    add_fake_quant(model, per_channel=True, reduce_range=True, keep={"head.fc", convs[1]})
+    float_ones = [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                  and not parametrize.is_parametrized(m, "weight") and not hasattr(m, "input_quant")]
+    assert float_ones == [convs[1], "head.fc"]

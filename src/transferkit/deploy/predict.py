@@ -71,8 +71,10 @@ def predict(model: str | Path | Classifier, images: list[str | Path], top: int =
     clf = model if isinstance(model, Classifier) else Classifier(model, trust_code=trust_code)
     paths = expand([Path(p) for p in images])
     pixels = read_images(paths, clf.input_size)
-    probs = np.concatenate([softmax(clf(pixels[i:i + BATCH].astype(np.float32) / 255))
-                            for i in range(0, len(pixels), BATCH)]) if len(pixels) else np.zeros((0, 1))
+    logits = [clf(pixels[i:i + BATCH].astype(np.float32) / 255) for i in range(0, len(pixels), BATCH)]
+    logits = np.concatenate(logits) if logits else np.zeros((0, len(clf.classes)), np.float32)
+    clf.check_finite(logits, [str(p) for p in paths])
+    probs = softmax(logits)
     results = []
     for path, p in zip(paths, probs):
         order = np.argsort(-p, kind="stable")[:top]

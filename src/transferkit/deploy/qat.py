@@ -2,20 +2,26 @@
 (BatchNorm folded, as export writes it) trains a few epochs with every convolution's and linear
 layer's weights and inputs fake-quantized as ONNX Runtime quantizes them (int8 weights with one
 symmetric scale per output channel, 7-bit with reduce_range; uint8 inputs with a running
-min/max), so its weights learn to sit where INT8 rounds them well. The fake quantization is then
-removed: the result is an ordinary fp32 model, exported and quantized again by the quantize stage.
+min/max), so its weights learn to sit where INT8 rounds them well; the layers quantize.keep_float
+leaves in float stay float here too (float_layers). The fake quantization is then removed: the
+result is an ordinary fp32 model, exported and quantized again by the quantize stage.
 
 Written with torch's parametrizations and FakeQuantize modules rather than torch.ao's QAT flows,
 because those produce PyTorch INT8 modules, while the deployed INT8 model is ONNX Runtime's."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
 from torch.nn.utils import parametrize
 
 QUANTIZED = (nn.Conv2d, nn.Linear)
+# the ONNX ops those layers export as (the TorchScript-based exporter writes a Linear without bias as MatMul)
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
 
 class FakeQuantWeight(nn.Module):
@@ -43,11 +49,47 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quant(args[0]), *args[1:])
 
 
-def add_fake_quant(model: nn.Module, per_channel: bool, reduce_range: bool, keep_zeros: bool = False) -> list:
-    """Fake-quantize every convolution and linear layer of `model` in place; returns the hooks. With
-    `keep_zeros` (an unstructured-pruned model) the weights that are zero now stay zero."""
+def float_layers(model: nn.Module, onnx_file: Path, keep_float) -> set[str]:
+    """The layers of `model` whose nodes in `onnx_file`, its export, `keep_float` (node names or op types)
+    leaves in float. Found by their weights, which the file holds as they are in `model` (or transposed,
+    for MatMul), since the exporters name the nodes and, for MatMul, the weights in their own ways."""
+    import onnx
+    from onnx import numpy_helper
+
+    from transferkit.deploy.quantize import float_nodes
+    from transferkit.errors import TransferkitError
+
+    if not keep_float:
+        return set()
+    kept = set(float_nodes(onnx_file, keep_float))
+    graph = onnx.load(str(onnx_file)).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    key = lambda a: (a.shape, np.ascontiguousarray(a).tobytes())  # noqa: E731
+    by_weight = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, QUANTIZED):
+            w = layer.weight.detach().cpu().numpy()
+            by_weight |= {key(w): name, key(w.T): name}
+    found = set()
+    for node in graph.node:
+        if node.name in kept and node.op_type in LAYER_OPS:
+            weight = weights.get(node.input[1])
+            if weight is None or key(weight) not in by_weight:
+                raise TransferkitError(f"quantize.keep_float={list(keep_float)}: node {node.name} of {onnx_file} "
+                                       f"holds the weights of no layer of the pruned student, so fine-tuning cannot "
+                                       f"leave that layer in float. Fix: export the student again (`dvc repro "
+                                       f"export`).")
+            found.add(by_weight[key(weight)])
+    return found
+
+
+def add_fake_quant(model: nn.Module, per_channel: bool, reduce_range: bool, keep_zeros: bool = False,
+                   keep: set[str] | frozenset[str] = frozenset()) -> list:
+    """Fake-quantize every convolution and linear layer of `model` in place, except the layers named in
+    `keep` (float_layers); returns the hooks. With `keep_zeros` (an unstructured-pruned model) the weights
+    that are zero now stay zero."""
     hooks = []
-    for layer in [m for m in model.modules() if isinstance(m, QUANTIZED)]:
+    for layer in [m for name, m in model.named_modules() if isinstance(m, QUANTIZED) and name not in keep]:
         mask = (layer.weight.detach() != 0).to(layer.weight.dtype) if keep_zeros else None
         parametrize.register_parametrization(layer, "weight", FakeQuantWeight(per_channel, reduce_range, mask))
         layer.input_quant = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,

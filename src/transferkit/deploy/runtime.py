@@ -26,6 +26,9 @@ META_KEY = "transferkit"
 
 # what stage_of says when the path does not name the stage that wrote the file
 UNKNOWN_STAGE = "<stage>"
+# a file's own word on its input, bounded: predict allocates for it before running a single image
+MAX_FIXED_BATCH = 256  # predict's batch: a file fixed at more would be padded up to it on every call
+INPUT_SIZES = range(8, 1025)  # pixels a side: CIFAR's 32 to well past ImageNet's 224
 
 
 def stage_of(path: Path) -> str:
@@ -108,6 +111,7 @@ class Classifier:
     def __init__(self, path: str | Path, threads: int | None = None, trust_code: bool = False):
         self.path = Path(path)
         threads = threads or torch.get_num_threads()
+        spatial = []  # the image height and width an ONNX graph declares: numbers or names (any size)
         if not self.path.is_file():
             raise not_a_file(self.path, f"pass a model.pt a stage wrote (artifacts/<stage>/model.pt) or a model.onnx "
                                         f"/ {TORCHSCRIPT_FILE} from `transferkit export`.",
@@ -123,6 +127,12 @@ class Classifier:
                                        f"(`transferkit export MODEL.pt`).")
             # a file exported without a dynamic batch axis takes batches of exactly its traced size
             self._input, self._batch = inp.name, inp.shape[0] if isinstance(inp.shape[0], int) else None
+            spatial = inp.shape[2:]
+            if self._batch is not None and not 1 <= self._batch <= MAX_FIXED_BATCH:
+                raise TransferkitError(f"{self.path} takes batches of exactly {self._batch} images, outside the 1 to "
+                                       f"{MAX_FIXED_BATCH} predict runs at once (it pads each batch up to a fixed "
+                                       f"size). Fix: export the model again (`transferkit export MODEL.pt` writes a "
+                                       f"dynamic batch axis).")
         elif is_torchscript(self.path):
             if not trust_code:
                 raise TransferkitError(
@@ -147,15 +157,25 @@ class Classifier:
             info = {"classes": list(ckpt["classes"]), "input_size": int(self.module.input_size)}
         self.classes: list[str] = list(info["classes"])
         self.input_size: int = int(info.get("input_size", 32))
+        # the fix for a file that is not what its maker wrote, or that its maker wrote wrong
+        self.remake = ("Fix: write it again with the stage that made it (`dvc repro STAGE`)." if self.kind == "pytorch"
+                       else "Fix: export the model again (`transferkit export MODEL.pt`).")
+        size, named = self.input_size, ("its metadata names" if "input_size" in info else
+                                        "assumed where its metadata names no size")
+        if size not in INPUT_SIZES:
+            raise TransferkitError(f"{self.path} takes {size}x{size} images, the size {named}, outside the "
+                                   f"{INPUT_SIZES[0]} to {INPUT_SIZES[-1]} pixels a side predict reads. {self.remake}")
+        if any(isinstance(d, int) and d != size for d in spatial):
+            raise TransferkitError(f"{self.path}'s graph takes {'x'.join(map(str, spatial))} images, not the "
+                                   f"{size}x{size} {named}. {self.remake}")
         try:  # one image of that size through the model: the class names must match its outputs
-            width = self(np.zeros((1, 3, self.input_size, self.input_size), np.float32)).shape[-1]
+            logits = self(np.zeros((1, 3, size, size), np.float32))
         except Exception as e:  # ONNX Runtime and TorchScript raise their own types for a wrong input shape
-            named = "its metadata names" if "input_size" in info else "assumed where its metadata names no size"
-            fix = (": its weights do not fit together (altered or damaged). Fix: write it again with the stage that "
-                   "made it (`dvc repro STAGE`)" if self.kind == "pytorch" else
-                   ". Fix: export the model again (`transferkit export MODEL.pt`)")
-            raise TransferkitError(f"{self.path} does not take the {self.input_size}x{self.input_size} images "
-                                   f"{named} ({' '.join(str(e).split())[:300]}){fix}.") from e
+            why = ": its weights do not fit together (altered or damaged)" if self.kind == "pytorch" else ""
+            raise TransferkitError(f"{self.path} does not take the {size}x{size} images {named} "
+                                   f"({' '.join(str(e).split())[:300]}){why}. {self.remake}") from e
+        self.check_finite(logits, ["a black image"])
+        width = logits.shape[-1]
         if width != len(self.classes):
             raise TransferkitError(f"{self.path} scores {width} classes, and its metadata names {len(self.classes)} "
                                    f"({self.classes}). Fix: export the model again (`transferkit export MODEL.pt`).")
@@ -184,6 +204,15 @@ class Classifier:
             raise TransferkitError(f"{source} is not what `transferkit export` writes (class names and an input "
                                    f"size). {fix}")
         return info
+
+    def check_finite(self, logits: np.ndarray, names: list[str]) -> None:
+        """Refuses scores that overflowed or divided by zero (an input std of 0): their probabilities are NaN.
+        `names`: what each row of `logits` scored, for the message."""
+        bad = [name for name, finite in zip(names, np.isfinite(logits).all(1)) if not finite]
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise TransferkitError(f"{self.path} scores {shown} as NaN or infinity: its weights or input scaling "
+                                   f"are broken. {self.remake}")
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """float32 [N, 3, S, S] in [0, 1] -> float32 logits [N, classes]."""
@@ -218,8 +247,9 @@ def read_images(paths: list[Path], size: int) -> np.ndarray:
             bad.append(f"{p} (a folder)")
         except OSError as e:
             bad.append(f"{p} ({e.strerror or e})")
-        except TransferkitError as e:
-            bad.append(f"{p} (not an image PIL can read: {e.__cause__})")
+        except TransferkitError as e:  # decode_image's own words, which name the file; its fix joins them
+            problem, _, fix = str(e).partition(" Fix: ")
+            bad.append(f"{problem.rstrip('.')}: {fix.rstrip('.')}" if fix else problem.rstrip("."))
     if bad:
         raise TransferkitError(
             f"cannot read {len(bad)} of {len(paths)} image(s): {'; '.join(bad)}. "

@@ -61,7 +61,7 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     the student before pruning is not among this stage's inputs); returns its fp32 ONNX file."""
     from transferkit.deploy.export import export_onnx
     from transferkit.deploy.fold import deployable
-    from transferkit.deploy.qat import add_fake_quant, remove_fake_quant
+    from transferkit.deploy.qat import add_fake_quant, float_layers, remove_fake_quant
     from transferkit.distill.module import DistillerModule
     from transferkit.models import load_checkpoint
     from transferkit.stages.distill import distillation, load_teacher
@@ -70,8 +70,10 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     q = cfg.quantize
     student, _ = load_checkpoint(inputs["prune"] / "model.pt", "prune", task["classes"], what="the pruned student")
     model = deployable(student).train()
+    keep = float_layers(model, inputs["export"] / "model.onnx", q.keep_float)  # the layers INT8 leaves in float
     # an unstructured-pruned student ships sparse: its zeroed weights stay zero
-    hooks = add_fake_quant(model, q.per_channel, q.reduce_range, keep_zeros=cfg.prune.mode == "unstructured")
+    hooks = add_fake_quant(model, q.per_channel, q.reduce_range, keep_zeros=cfg.prune.mode == "unstructured",
+                           keep=keep)
     settings = OmegaConf.merge(cfg.prune, {"epochs": q.qat_epochs, "lr": q.qat_lr})
     # in fp32 (the fake quantization's arithmetic), in this one process: a few epochs of a small model
     fp32_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true", "devices": 1, "num_nodes": 1,
