@@ -46,7 +46,8 @@ def prune_like_the_stage(model: torch.nn.Module, prune: dict, **overrides) -> di
 
     settings = {"criterion": "l2" if prune["criterion"] == "taylor" else prune["criterion"],
                 "target": prune["target"], "ratio": prune["ratio"], "keep": list(prune["keep"]),
-                "round_to": prune.get("round_to"), "scope": prune.get("scope", "layer")}
+                "round_to": prune.get("round_to"), "scope": prune.get("scope", "layer"),
+                "rates": list(prune.get("rates") or [])}
     return prune_channels(model, **{**settings, **overrides})
 
 
@@ -127,17 +128,22 @@ def commit() -> str | None:
     """The checkout's commit (with '+changes' when files differ from it), or None outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        # untracked files count where runs read them (a copy of the project takes in conf/ and src/ as they are)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "conf", "src", "bench"], cwd=ROOT,
-                               capture_output=True, text=True)
+        # any change, untracked files too: a copy of the project takes in conf/ and src/ as they are, and the
+        # scripts read params.yaml
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
     except OSError:
         return None
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if head.returncode == 0 else None
 
 
 def provenance() -> dict:
-    """What produced a result: the command line and the commit."""
-    return {"command": " ".join(sys.argv), "commit": commit()}
+    """What produced a result: the command line and the commit (and the one at the start, where the checkout
+    changed during the run)."""
+    now = commit()
+    return {"command": " ".join(sys.argv), "commit": now, **({"commit_at_start": START} if START != now else {})}
+
+
+START = commit()  # as the script starts: the code its runs began with
 
 
 def save(name: str, result: dict) -> Path:

@@ -28,12 +28,15 @@ import time
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, conv_widths, describe, finish, machine, main_of, now, table  # noqa: E402
 
 from transferkit.config.compose import flatten, load_params, to_params  # noqa: E402
+from transferkit.errors import TransferkitError  # noqa: E402
 from transferkit.evaluation.metrics import mean_difference, predict  # noqa: E402
 from transferkit.models import load_checkpoint  # noqa: E402
 from transferkit.stages.common import load_task  # noqa: E402
@@ -92,7 +95,16 @@ def main(argv=None) -> int:
     ap.add_argument("--only-done", action="store_true", help="score the runs already made; train nothing")
     args = ap.parse_args(argv)
     base = load_params(ROOT / "params.yaml")
+    try:  # every override merged now: a typo in the last recipe would otherwise end the run after hours
+        for recipe in args.recipe:
+            OmegaConf.merge(base, overrides(args.base), overrides(recipe))
+    except (OmegaConfBaseException, HydraException) as e:
+        raise TransferkitError(f"bad override in --base or --recipe: {' '.join(str(e).split())[:300]}. Fix: write "
+                               f"them as key=value with keys params.yaml has.") from e
     task = load_task(args.artifacts / "prepare", "target")  # the inputs first, before the seconds of the peaks
+    # the teacher and the task the students learn from: another transfer or prepare in DIR is another run
+    made_from = hashlib.sha1(b"".join((args.artifacts / f).read_bytes()
+                                      for f in ("transfer/model.pt", "prepare/target.pt"))).hexdigest()[:6]
     info = {"when": now(), "machine": machine(), "seeds": args.seeds, "recipes": args.recipe,
             "base": args.base}
     print(f"{describe(info['machine'])}\nevery stage with: {args.base or '(params.yaml)'}", flush=True)
@@ -104,7 +116,7 @@ def main(argv=None) -> int:
                               overrides(args.base))
         for recipe in args.recipe:
             rcfg = OmegaConf.merge(cfg, overrides(recipe))
-            student_key = settings_key(to_params(rcfg), "distill")  # the student that is pruned
+            student_key = f"{settings_key(to_params(rcfg), 'distill')}-{made_from}"  # the student that is pruned
             distill = work / f"seed{seed}" / f"distill-{student_key}"
             inputs = {"prepare": args.artifacts / "prepare", "transfer": args.artifacts / "transfer",
                       "distill": distill}

@@ -249,6 +249,10 @@ def test_a_copy_of_the_project_ignores_the_users_git_hooks_and_commits_no_data(t
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
     proj = copy_project(root, tmp_path / "proj", (ROOT / "params.yaml").read_text())
     assert (proj / "data" / "images.tar.gz").read_bytes() == b"not code, not for git"
+    from transferkit.project import run  # what check-repro and the benchmarks run there: the copy's code
+
+    assert run(["python", "-c", "import transferkit; print(transferkit.__file__)"], proj).strip() == str(
+        proj.resolve() / "src" / "transferkit" / "__init__.py")
     assert "data/images.tar.gz" not in _sh(["git", "ls-files"], proj)
     assert not list((proj / ".git" / "hooks").glob("*"))
 

@@ -34,9 +34,12 @@ def child_env() -> dict[str, str]:
 
 def run(cmd: list[str], cwd: Path, tail: int = 25) -> str:
     """Run `cmd` in `cwd`; its output (stdout and stderr together), or an error with the end of it."""
+    env = child_env()
+    if (Path(cwd) / "src" / "transferkit").is_dir():  # a copy of the project runs its own code, not this install's
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(cwd).resolve() / "src"), env.get("PYTHONPATH")]))
     try:
         # a session of its own: on Ctrl+C or SIGTERM here, the stages dvc started end with it (stop_session)
-        proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
     except OSError as e:  # e.g. git is not installed
         raise TransferkitError(f"`{' '.join(cmd)}` could not start: {e}") from e
