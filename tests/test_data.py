@@ -600,7 +600,7 @@ def test_a_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(monk
     batched, decode_jpeg = [], torchvision.io.decode_jpeg
     monkeypatch.setattr(torchvision.io, "decode_jpeg",
                         lambda files, **kw: batched.extend(files) or decode_jpeg(files, **kw))
-    with pytest.raises(TransferkitError, match=r"image huge.jpg has more than 67 million pixels.*Fix: downscale it"):
+    with pytest.raises(TransferkitError, match=r"image huge.jpg has more than 179 million pixels.*Fix: downscale it"):
         sources.decode_images([("fine.jpg", buf.getvalue()), ("huge.jpg", bytes(data))], 8)
     assert len(batched) == 1  # fine.jpg alone went to the batched decoder
 
@@ -806,8 +806,8 @@ def test_a_file_cut_short_is_a_corrupt_image_by_name(name, data):
 
 
 def test_a_decompression_bomb_is_refused_by_name(tmp_path):
-    """A PNG whose header claims more pixels than any camera photo: one error naming the file, before
-    anything is decoded."""
+    """A PNG whose header claims more pixels than PIL reads: one error naming the file, before anything is
+    decoded."""
     import struct
     import zlib
 
@@ -816,11 +816,10 @@ def test_a_decompression_bomb_is_refused_by_name(tmp_path):
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    # 200 M pixels, which PIL refuses; 80 M, which it would decode (warning only below 179 M), a few GB per thread
-    for width, height in ((20000, 10000), (10000, 8000)):
+    for width, height in ((20000, 10000), (14000, 12800)):  # 200 and 179.2 million pixels
         bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
                 + chunk(b"IEND", b""))
-        with pytest.raises(TransferkitError, match=r"image bomb.png has more than 67 million pixels.*Fix: downscale"):
+        with pytest.raises(TransferkitError, match=r"image bomb.png has more than 179 million pixels.*Fix: downscale"):
             decode_image(bomb, "bomb.png", 32)
 
 
@@ -1281,6 +1280,35 @@ def test_an_xmp_orientation_is_applied_by_prepare_as_by_predict():
     assert torch.equal(prepared, predicted)
 
 
+def test_an_unreadable_class_folder_is_one_error(tmp_path, monkeypatch):
+    """A class folder this user cannot list would be a class with no images, and the error about that names
+    the wrong fix (root lists anything, so the refusal is simulated)."""
+    folder = write_image_folder(tmp_path, ["cat", "dog"], 2, 1, archive=False)
+    scandir = os.scandir
+
+    def refused(path="."):
+        if Path(path) == folder / "train" / "dog":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    with pytest.raises(TransferkitError, match=r"cannot read .*train/dog \(Permission denied\). Fix: make it readable"):
+        read_image_folder(folder)
+
+
+def test_a_split_named_like_a_top_folder_is_no_nested_class(tmp_path):
+    """An archive whose top folder is itself called test/, holding train/, test/ and val/: val/'s images
+    (test/val/cat/*) are no images nested in a class "val" that the task asks for."""
+    top = tmp_path / "d" / "test"
+    for split in ("train", "test", "val"):
+        for cls in ("cat", "dog"):
+            (top / split / cls).mkdir(parents=True)
+            (top / split / cls / "0.png").write_bytes(_png())
+    path = Path(shutil.make_archive(str(tmp_path / "d"), "gztar", tmp_path / "d"))
+    raw = read_image_folder(path, wanted={"cat", "dog"})
+    assert raw.classes == ["cat", "dog"] and len(raw.train.labels) == 2 and len(raw.test.labels) == 2
+
+
 @pytest.mark.parametrize("as_archive", [False, True])
 def test_images_in_a_folder_inside_a_class_are_one_error(tmp_path, as_archive):
     """train/cat/batch2/1.png would be silently left out of the dataset: refused, naming the file."""
@@ -1291,3 +1319,4 @@ def test_images_in_a_folder_inside_a_class_are_one_error(tmp_path, as_archive):
     with pytest.raises(TransferkitError, match=r"train/cat/batch2/1.png lies in a folder inside its class's folder.*"
                                                r"Fix: move it up"):
         read_image_folder(Path(path))
+    assert read_image_folder(Path(path), wanted={"dog"}).classes == ["cat", "dog"]  # not a class the task reads

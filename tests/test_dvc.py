@@ -257,9 +257,11 @@ def test_a_copy_of_the_project_ignores_the_users_git_hooks_and_commits_no_data(t
     assert not list((proj / ".git" / "hooks").glob("*"))
 
 
-def test_stopping_a_dvc_run_ends_the_stage_it_started(tmp_path):
-    """check-repro turns SIGTERM into an exit: the process dvc started (here a shell's child) must end with
-    it, not go on training into a copy being deleted."""
+@pytest.mark.parametrize("handler", ["check-repro's", "none (a sweep's)"])
+def test_stopping_a_dvc_run_ends_the_stage_it_started(tmp_path, handler):
+    """check-repro turns SIGTERM into an exit, and a sweep has no handler at all (`timeout`, `kill`): the
+    process dvc started (here a shell's child) must end with it, not go on training into a folder being
+    deleted or holding DVC's lock."""
     import os
     import signal
     import sys
@@ -267,8 +269,8 @@ def test_stopping_a_dvc_run_ends_the_stage_it_started(tmp_path):
 
     pidfile = tmp_path / "pid"
     script = ("import signal, sys\nfrom pathlib import Path\nfrom transferkit.project import run\n"
-              "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))\n"
-              f"run(['sh', '-c', 'sleep 60 & echo $! > {pidfile}; wait'], Path('.'))\n")
+              + ("signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))\n" if handler.startswith("check")
+                 else "") + f"run(['sh', '-c', 'sleep 60 & echo $! > {pidfile}; wait'], Path('.'))\n")
     caller = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
     deadline = time.monotonic() + 60
     while not (pidfile.is_file() and pidfile.read_text().strip()):

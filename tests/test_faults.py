@@ -31,10 +31,11 @@ STAGES = TRAIN_STAGES if os.environ.get("KILL_STAGES") == "all" else ("pretrain"
 TRIALS = int(os.environ.get("KILL_TRIALS", "1"))
 
 
-def _start(stage: str, params: Path, cwd: Path, entry: tuple[str, ...] = ("-m", "transferkit.cli")) -> subprocess.Popen:
+def _start(stage: str, params: Path, cwd: Path, entry: tuple[str, ...] = ("-m", "transferkit.cli"),
+           **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, *entry, stage, "--params", str(params)],
-                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def _files(folder: Path) -> dict[Path, bytes]:
@@ -236,7 +237,8 @@ def test_ctrl_c_mid_training_ends_the_command_by_sigint(smoke_artifacts, tmp_pat
     shutil.copytree(ref_cfg.paths.artifacts_dir, tmp_path / "artifacts")
     params = tmp_path / "params.yaml"
     params.write_text(params_text(compose("experiment=smoke", "pretrain.epochs=200", tmp=tmp_path)))
-    proc = _start("pretrain", params, tmp_path)
+    # as from a terminal: a test worker may ignore SIGINT, and a child inherits that
+    proc = _start("pretrain", params, tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not _appeared(tmp_path / "artifacts" / ".pretrain.incomplete", "**/dvclive") and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()

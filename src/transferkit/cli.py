@@ -231,10 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         if first_process():  # under DDP every rank meets the error: one line, from rank 0
             print(f"transferkit {command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl+C outside a fit (Lightning ends a fit with its own line): no traceback
+    except KeyboardInterrupt:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback
         import signal
 
-        print(f"transferkit {command}: interrupted; its earlier outputs are unchanged.", file=sys.stderr)
+        from transferkit.training import first_process
+
+        if first_process():  # under DDP every rank is interrupted: one line, rank 0's
+            print(f"transferkit {command}: interrupted; its earlier outputs are unchanged.", file=sys.stderr)
         # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)

@@ -44,8 +44,9 @@ def run(cmd: list[str], cwd: Path, tail: int = 25) -> str:
     except OSError as e:  # e.g. git is not installed
         raise TransferkitError(f"`{' '.join(cmd)}` could not start: {e}") from e
     try:
-        output, _ = proc.communicate()
-    except BaseException as e:  # KeyboardInterrupt, or a SIGTERM handler's SystemExit
+        with _exits_on(signal.SIGTERM, signal.SIGHUP):
+            output, _ = proc.communicate()
+    except BaseException as e:  # KeyboardInterrupt, or a SIGTERM or SIGHUP turned into SystemExit
         stop_session(proc, signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
         raise
     if proc.returncode:
@@ -53,6 +54,26 @@ def run(cmd: list[str], cwd: Path, tail: int = 25) -> str:
         raise TransferkitError(f"`{' '.join(cmd)}` exited with code {proc.returncode} in {cwd}"
                                + (f"; its output ends:\n{end}" if end else ""))
     return output
+
+
+@contextlib.contextmanager
+def _exits_on(*signals: int):
+    """`signals` (where they would end this process as they come: `kill`, `timeout`, a closed terminal) end it
+    by SystemExit while the block runs, so that the session dvc runs in is stopped with it (run)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig, handler in previous.items():
+        if handler == signal.SIG_DFL:
+            signal.signal(sig, lambda number, _frame: sys.exit(128 + number))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stop_session(proc: subprocess.Popen, sig: int, grace_s: float = 15.0) -> None:

@@ -87,8 +87,8 @@ def _override_error(message: str, overrides: list[str], conf_dir: Path) -> str:
             f"(`transferkit --help` lists the common ones){QUOTING}.")
 
 
-# what Hydra's grammar reads unquoted is ASCII letters, digits and a few signs: the rest needs quotes
-QUOTING = ", and quote a value with other characters (non-ASCII letters, spaces, #): key='cät', key=['a b',c]"
+# what Hydra's grammar reads unquoted is ASCII letters, digits, spaces and a few signs: the rest needs quotes
+QUOTING = ", and quote a value with other characters (non-ASCII letters, #): key='cät', key=['a#b',c]"
 
 
 def no_such_setting(key: str, keys: list[str], where: str = "conf/") -> str:

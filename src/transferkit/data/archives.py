@@ -8,6 +8,7 @@ import bz2
 import gzip
 import io
 import lzma
+import posixpath
 import re
 import struct
 import tarfile
@@ -132,22 +133,28 @@ def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
         # a hard link is a file stored once under two names (GNU tar writes one per inode it met before), and a
         # symbolic link one more name for a file: extractfile reads its target's bytes, from inside the archive
         # only (a target outside it is a KeyError), as a folder's reader follows a link
-        files = _kept(((m.name, lambda m=m: _member(tar, m, path)) for m in tar
+        by_name = {posixpath.normpath(m.name): m for m in tar.getmembers()}
+        files = _kept(((m.name, lambda m=m: _member(tar, m, path, by_name)) for m in tar
                        if m.isfile() or m.islnk() or m.issym()), keep, limit)
         _check_ended(raw, tar.offset)  # where tarfile stopped: at a damaged header, it says nothing
     return _last_of_each_name(files)
 
 
-def _member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path):
-    try:
-        opened = tar.extractfile(member)
-    except (KeyError, RecursionError):  # a target the archive lacks; links in a loop
-        opened = None
-    if opened is None:
-        raise TransferkitError(f"{member.name} in {path} links to {member.linkname}, which is no "
-                               f"file in the archive. Fix: make the archive with the files the links name "
-                               f"(`tar -h` follows links).")
-    return opened
+def _member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, by_name: dict[str, tarfile.TarInfo]):
+    """The member's bytes, a link's from the file it names inside the archive (a hard link's name from the
+    archive's top, a symbolic link's from its own folder), looked up by name: tarfile's own lookup scans every
+    member for each link."""
+    target = member
+    for _ in range(32):  # links to links, never in a loop
+        if not (target.islnk() or target.issym()):
+            break
+        name = target.linkname if target.islnk() else posixpath.join(posixpath.dirname(target.name), target.linkname)
+        if (target := by_name.get(posixpath.normpath(name))) is None:
+            break
+    if target is None or not target.isfile():
+        raise TransferkitError(f"{member.name} in {path} links to {member.linkname}, which is no file in the archive. "
+                               f"Fix: make the archive with the files the links name (`tar -h` follows links).")
+    return tar.extractfile(target)
 
 
 def _last_of_each_name(files: Members) -> Members:

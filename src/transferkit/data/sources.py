@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import warnings
 import zlib
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from transferkit.errors import TransferkitError
 from transferkit.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-# the most pixels an image may have: the largest camera photos; PIL only warns below twice its own 89 million
-MAX_PIXELS = 1 << 26
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # decode_image refuses those itself
+# the most pixels an image may have: PIL's own refusal point (twice the 89 million it warns above), checked
+# here from the header alone, for every format
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 
 # --------------------------------------------------------------------------- image folders
@@ -56,7 +55,7 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
             raise Image.DecompressionBombError
         img = _to_rgb(img)
     except Image.DecompressionBombError as e:
-        raise TransferkitError(f"image {where} has more than {MAX_PIXELS / 1e6:.0f} million pixels, more than this "
+        raise TransferkitError(f"image {where} has more than {MAX_PIXELS / 1e6:.0f} million pixels, more than PIL "
                                f"reads (a few kilobytes can declare billions). Fix: downscale it.") from e
     # a broken file raises whatever its format's reader hits: a PNG chunk SyntaxError, a frameless GIF EOFError, a
     # TIFF tag of the wrong type TypeError
@@ -132,16 +131,30 @@ def is_image_file(parts: list[str] | tuple[str, ...]) -> bool:
             and not any(p.startswith(".") and p not in (".", "..") for p in parts))
 
 
-def _parse_member(path: str) -> tuple[str, str] | None:
-    """'.../train/<class>/<file>' -> ('train', class); anything else -> None."""
+def _parse_member(path: str, wanted: set[str] | None = None) -> tuple[str, str] | None:
+    """'.../train/<class>/<file>' -> ('train', class); anything else -> None. An image in a folder inside a
+    wanted class's folder ('train/<class>/<folder>/<file>') is refused: it would be left out without a word."""
     parts = path.replace("\\", "/").split("/")
     if len(parts) < 3 or not is_image_file(parts):  # a hidden folder anywhere in the dataset, as data/README says
         return None
     split, cls = parts[-3], parts[-2]
-    if split not in ("train", "test") and {"train", "test"} & set(parts[:-3]):
+    if split in ("train", "test"):
+        return split, cls
+    inner = [i for i, p in enumerate(parts[:-3]) if p in ("train", "test")]  # the split it may lie deeper in
+    if inner and (wanted is None or parts[inner[-1] + 1] in wanted):
         raise TransferkitError(f"{path} lies in a folder inside its class's folder, where no image is read (only "
                                f"<split>/<class>/<image>). Fix: move it up into the class's folder.")
-    return (split, cls) if split in ("train", "test") else None
+    return None
+
+
+def _folder_files(path: Path) -> list[Path]:
+    """Every file under `path`, links followed (as rglob does), sorted; an unreadable folder is an error
+    rather than a class left out."""
+    def refuse(e: OSError):
+        raise TransferkitError(f"cannot read {e.filename} ({e.strerror or e}). Fix: make it readable, or remove it.")
+
+    return sorted(Path(root) / name for root, _, names in os.walk(path, onerror=refuse, followlinks=True)
+                  for name in names)
 
 
 def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None = None) -> RawDataset:
@@ -153,8 +166,8 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
     items: dict[tuple[str, str], list[tuple[str, bytes | bytearray]]] = {}
     seen_classes: set[str] = set()
     if path.is_dir():
-        for f in sorted(path.rglob("*")):
-            key = _parse_member(str(f.relative_to(path)))
+        for f in _folder_files(path):
+            key = _parse_member(str(f.relative_to(path)), wanted)
             if key and f.is_file():
                 seen_classes.add(key[1])
                 if wanted is None or key[1] in wanted:
@@ -165,10 +178,10 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
                                                f"remove it.") from e
     else:
         def keep(name: str) -> bool:  # only the wanted classes' images are held in memory
-            return (key := _parse_member(name)) is not None and (wanted is None or key[1] in wanted)
+            return (key := _parse_member(name, wanted)) is not None and (wanted is None or key[1] in wanted)
 
         for name, data in archive_files(path, keep):
-            if key := _parse_member(name):
+            if key := _parse_member(name, wanted):
                 seen_classes.add(key[1])
                 if data is not None:
                     items.setdefault(key, []).append((name, data))
