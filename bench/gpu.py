@@ -179,7 +179,8 @@ def _stages(folder: Path, trainer: list[str], experiment: list[str], peak: float
                      "accuracy": accuracy(folder / "artifacts", name)})
         print(table(rows[-1:], PIPELINE), flush=True)
     failed = [r["stage"] for r in rows if "wall" not in r]
-    total = "**all**" if not failed else f"**all but {', '.join(failed)}** (failed)"  # no total of a part run
+    done = f"these {len(rows)} stages" if only else "all"  # a part run (--stages) is no whole pipeline
+    total = f"**{done}**" if not failed else f"**{done} but {', '.join(failed)}** (failed)"
     rows.append({"stage": total, "wall": sum(r.get("wall") or 0 for r in rows),
                  "train": sum(r.get("train") or 0 for r in rows), "rest": sum(r.get("rest") or 0 for r in rows)})
     return rows
@@ -284,6 +285,7 @@ def host_syncs(root: Path, device: str) -> dict:
     from transferkit.io import load_torch
 
     task = load_torch(root / "pipeline" / "artifacts" / "prepare" / "source.pt", "task", "prepare")
+    _fit_counting_syncs(task, 4, device, root)  # the process's first fit pays one-off syncs: not the step's
     few, many = (_fit_counting_syncs(task, s, device, root) for s in (8, 24))
     if device != "cuda":  # CUDA's sync debug mode is what counts them: the dry run checks the code only
         return {"steps": [8, 24], "syncs": None, "per_step": None, "note": "not measured: no CUDA device"}
