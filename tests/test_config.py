@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import CONF, ROOT, compose
-from transferkit.config.compose import params_drift, params_text
+from transferkit.config.compose import params_text
+from transferkit.config.drift import params_drift
 from transferkit.config.checks import validate, validate_depths
 from transferkit.errors import TransferkitError
 

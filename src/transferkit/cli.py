@@ -58,7 +58,8 @@ def _params_mode(stage: str, args: list[str]) -> None:
 
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    from transferkit.config.compose import find_conf_dir, load_params, merge_overrides, stale_keys
+    from transferkit.config.compose import find_conf_dir, load_params, merge_overrides
+    from transferkit.config.drift import stale_keys
     from transferkit.stages.run import run_stage
 
     parser = argparse.ArgumentParser(prog=f"transferkit {stage}", allow_abbrev=False)
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"composed with {' '.join(rest) or 'no overrides'}; no longer with {' '.join(dropped)} (give "
                       f"every override you want each time)")
         elif command == "check-params":
-            from transferkit.config.compose import REGENERATE, find_conf_dir, generated_drift
+            from transferkit.config.compose import find_conf_dir
+            from transferkit.config.drift import REGENERATE, generated_drift
 
             usage = "Fix: `transferkit check-params [PARAMS_FILE]`."
             if options := [a for a in rest if a.startswith("-")]:

@@ -15,7 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from transferkit.config.compose import REGENERATE, compose, find_conf_dir, flatten, generated_drift, params_text
+from transferkit.config.compose import compose, find_conf_dir, flatten, params_text
+from transferkit.config.drift import REGENERATE, generated_drift
 from transferkit.errors import TransferkitError
 from transferkit.project import copy_project, run, stages_run
 from transferkit.stages import STAGES

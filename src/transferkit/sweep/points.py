@@ -18,8 +18,9 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.compose import (QUOTING, compose, differing, find_conf_dir, flatten, params_drift, params_text,
+from transferkit.config.compose import (QUOTING, compose, differing, find_conf_dir, flatten, params_text,
                                         project_overrides, to_params, under)
+from transferkit.config.drift import params_drift
 from transferkit.config.dvcyaml import code_files, tracked_params
 from transferkit.errors import TransferkitError
 from transferkit.evaluation import SCORED_WITH

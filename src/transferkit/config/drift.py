@@ -1,0 +1,64 @@
+"""What differs between a params file and what it is made from (conf/, the overrides it records, the
+stage table): check-params, check-repro and the stages run with --params read it here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transferkit.config.compose import (compose, differing, flatten, project_overrides, read_params, read_yaml,
+                                        recorded_overrides, to_params)
+from transferkit.errors import TransferkitError
+
+REGENERATE = ("Fix: run `transferkit params` with the overrides you want (params.yaml records them) and commit "
+              "the files it writes.")  # what ends every report of drift
+
+
+def stale_keys(params_path: Path, cfg: DictConfig, conf_dir: Path | None) -> str | None:
+    """What is wrong with the keys of `cfg` (read from the params file) against conf/ composed with the overrides
+    the file records: a key it lacks or one conf/ lacks (a typo), in one line; None where they agree, or where
+    the file records no overrides (written by hand, or by DVC) or they no longer compose."""
+    import difflib
+
+    if conf_dir is None or (overrides := recorded_overrides(params_path)) is None:
+        return None
+    try:
+        want = flatten(to_params(compose(overrides, conf_dir)))
+    except TransferkitError:
+        return None
+    have = flatten(to_params(cfg))
+    fix = "Fix: write it again with `transferkit params` (`transferkit check-params` lists what differs)."
+    missing = [k for k in want if k not in have]
+    if extra := [k for k in have if k not in want]:  # a renamed key: the one it lacks is the likely meaning
+        close = difflib.get_close_matches(extra[0], missing, n=1) or difflib.get_close_matches(extra[0], want, n=1)
+        return (f"{params_path} has {extra[0]}, which conf/ has not{f' (a typo for {close[0]}?)' if close else ''}. "
+                f"Fix: correct it in {params_path}, or write the file again with `transferkit params`.")
+    if missing:
+        return f"{params_path} has no {missing[0]}: it was written from another conf/ or edited by hand. {fix}"
+    return None
+
+
+def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
+    """Keys whose values differ between params.yaml and conf/ composed with project_overrides."""
+    saved = read_yaml(params_path) or {}
+    a, b = flatten(saved), flatten(to_params(compose(project_overrides(params_path), conf_dir)))
+    return [f"{k}: params.yaml has {a.get(k, '<missing>')!r}, conf/ composes {b.get(k, '<missing>')!r}"
+            for k in differing(a, b)]
+
+
+def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
+    """What differs between the committed params.yaml / dvc.yaml and what they are made from."""
+    from transferkit.config.dvcyaml import dvc_yaml_text
+
+    try:
+        saved = read_params(params_path)
+    except TransferkitError as e:  # the message without its fix, which REGENERATE gives
+        return [str(e).split(" Fix: ")[0]]
+    drift = [f"params.yaml differs from conf/: {d}" for d in params_drift(params_path, conf_dir)]
+    dvc_file = params_path.parent / "dvc.yaml"
+    want = dvc_yaml_text(saved, params_path.parent)
+    if not dvc_file.exists() or dvc_file.read_text() != want:
+        drift.append(f"{dvc_file} differs from the stage table (src/transferkit/stages/__init__.py) or the "
+                     f"code its stages import")
+    return drift
