@@ -131,8 +131,8 @@ def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
         return _last_of_each_name(files)
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
         # a hard link is a file stored once under two names (GNU tar writes one per inode it met before), and a
-        # symbolic link one more name for a file: extractfile reads its target's bytes, from inside the archive
-        # only (a target outside it is a KeyError), as a folder's reader follows a link
+        # symbolic link one more name for a file: read from the file it names inside the archive (_member), as a
+        # folder's reader follows a link
         by_name = {posixpath.normpath(m.name): m for m in tar.getmembers()}
         files = _kept(((m.name, lambda m=m: _member(tar, m, path, by_name)) for m in tar
                        if m.isfile() or m.islnk() or m.issym()), keep, limit)
@@ -187,10 +187,9 @@ def archive_files(path: Path, keep: Callable[[str], bool] = lambda name: True) -
             f"{path} expands to more than {size}, over a quarter of this machine's memory, into which archives are "
             f"read. Fix: extract it (`tar -xf` or `unzip`) and give that folder as the dataset: a folder is read "
             f"image by image, and only the classes asked for.") from None
-    # KeyError: a link whose target the archive lacks; RecursionError: links in a loop; ValueError, struct.error:
-    # a zip directory that lies
+    # KeyError, ValueError, struct.error: a zip directory that lies
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError, KeyError,
-            RecursionError, ValueError, struct.error) as e:
+            ValueError, struct.error) as e:
         raise TransferkitError(
             f"corrupt or unreadable archive {path} ({type(e).__name__}: {' '.join(str(e).split())}). Fix: copy the "
             f"archive into {path.parent}/ again (a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip).") from e
