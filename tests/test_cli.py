@@ -61,9 +61,12 @@ def test_a_stage_run_by_hand_refuses_inputs_another_config_made(smoke_artifacts,
     assert transferkit_cli.main(["evaluate", "--params", str(params)]) in (0, None) and ran == ["evaluate"]
 
 
-def test_ctrl_c_outside_training_is_one_line_and_death_by_sigint():
-    """Evaluate's scoring, say: Lightning reports a Ctrl+C in a fit itself; anywhere else it was a traceback.
-    The command then dies of SIGINT, as Python does, so that a shell loop around it stops too."""
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_ctrl_c_outside_training_is_one_line_and_death_by_sigint(rank):
+    """Evaluate's scoring, say (a fit's Ctrl+C reaches here too: training/trainer.py): one line, not a traceback,
+    and under DDP rank 0's alone. The command then dies of SIGINT, as Python does, so that a shell loop around
+    it stops too."""
+    import os
     import subprocess
     import sys
 
@@ -72,9 +75,11 @@ def test_ctrl_c_outside_training_is_one_line_and_death_by_sigint():
             "tables.main = interrupted\n"
             "from transferkit.cli import main\n"
             "main(['results'])")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LOCAL_RANK": rank})
     assert proc.returncode == -2, proc.stderr
-    assert proc.stderr.strip().splitlines() == ["transferkit results: interrupted; its earlier outputs are unchanged."]
+    assert proc.stderr.strip().splitlines() == (
+        ["transferkit results: interrupted; its earlier outputs are unchanged."] if rank == "0" else [])
 
 
 @pytest.mark.parametrize("override, needle", [
