@@ -9,6 +9,7 @@ from pathlib import Path
 from transferkit import warm
 from transferkit.errors import TransferkitError
 from transferkit.stages import BY_NAME, STAGES
+from transferkit.training import first_process  # light: warm imports it too
 
 # export is a stage of dvc.yaml with a command of its own (under Deploying below)
 RUNNABLE = tuple(s for s in STAGES if not BY_NAME[s].command)
@@ -228,15 +229,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     except TransferkitError as e:
-        from transferkit.training import first_process
-
         if first_process():  # under DDP every rank meets the error: one line, from rank 0
             print(f"transferkit {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback
         import signal
-
-        from transferkit.training import first_process
 
         if first_process():  # under DDP every rank is interrupted: one line, rank 0's
             print(f"transferkit {command}: interrupted; its earlier outputs are unchanged.", file=sys.stderr)

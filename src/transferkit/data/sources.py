@@ -147,11 +147,16 @@ def _parse_member(path: str, wanted: set[str] | None = None) -> tuple[str, str] 
     return None
 
 
+def _unreadable(e: OSError) -> TransferkitError:
+    """A file or folder of a dataset this user cannot read (copied from another user), or a disk error."""
+    return TransferkitError(f"cannot read {e.filename} ({e.strerror or e}). Fix: make it readable, or remove it.")
+
+
 def _folder_files(path: Path) -> list[Path]:
     """Every file under `path`, links followed (as rglob does), sorted; an unreadable folder is an error
     rather than a class left out."""
     def refuse(e: OSError):
-        raise TransferkitError(f"cannot read {e.filename} ({e.strerror or e}). Fix: make it readable, or remove it.")
+        raise _unreadable(e) from e
 
     return sorted(Path(root) / name for root, _, names in os.walk(path, onerror=refuse, followlinks=True)
                   for name in names)
@@ -173,9 +178,8 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
                 if wanted is None or key[1] in wanted:
                     try:
                         items.setdefault(key, []).append((str(f), f.read_bytes()))
-                    except OSError as e:  # no permission (a folder copied from another user), a disk error
-                        raise TransferkitError(f"cannot read {f} ({e.strerror or e}). Fix: make it readable, or "
-                                               f"remove it.") from e
+                    except OSError as e:
+                        raise _unreadable(e) from e
     else:
         def keep(name: str) -> bool:  # only the wanted classes' images are held in memory
             return (key := _parse_member(name, wanted)) is not None and (wanted is None or key[1] in wanted)
