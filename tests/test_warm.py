@@ -241,10 +241,42 @@ def test_a_warm_command_takes_its_own_signal_dispositions_and_dies_of_the_signal
     for sig in (signal.SIGINT, signal.SIGTERM):
         client = _warm_client(fake, server_dir, "sleep", preexec_fn=default)
         assert client.stdout.readline() == "ready\n"  # served: the worker runs the command
-        assert _until(lambda: _catches(client, sig))
+        # SIGINT's bit is set from start-up (Python's own handler); SIGCONT's is set with the passing-on ones
+        assert _until(lambda: _catches(client, sig) and _catches(client, signal.SIGCONT))
         start = time.monotonic()
         client.send_signal(sig)
         assert client.wait(20) == -sig and time.monotonic() - start < 10  # as `python -c ...` dies of either
+
+
+SIGNAL_FROM_ANOTHER_THREAD = """import os, signal, sys, threading, time
+from transferkit import warm
+def later():  # once the command passes SIGTERM on and waits for its worker: a signal this thread takes
+    while signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    while True:  # here to take the SIGTERM the command ends itself with
+        time.sleep(1)
+threading.Thread(target=later, daemon=True).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+r = warm.run(sys.argv[1:])
+sys.exit(100 if r is None else r)
+"""
+
+
+def test_a_signal_that_comes_just_before_the_command_waits_for_its_worker_still_reaches_the_worker(tmp_path,
+                                                                                                   server_dir):
+    """A handler runs between bytecodes: a signal that came as the command entered its blocking wait (or that
+    another of its threads took, as here, the same case made sure) ran no handler until the worker ended on
+    its own, and a Ctrl+C then went unheeded for a whole training run. The wait wakes for it."""
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    env = {**os.environ, "PYTHONPATH": str(fake), "TRANSFERKIT_WARM": "1", "TMPDIR": str(server_dir)}
+    client = subprocess.Popen([sys.executable, "-c", SIGNAL_FROM_ANOTHER_THREAD, "sleep"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert client.stdout.readline() == "ready\n"
+    start = time.monotonic()
+    assert client.wait(40) == -signal.SIGTERM and time.monotonic() - start < 10  # the worker sleeps 30 s
 
 
 @pytest.mark.parametrize("argv, status", [(("exit", "-1"), 255), (("exit", "143", "term"), 143)])

@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -186,7 +187,7 @@ def run(argv: list[str]) -> int | None:
             handlers[signal.SIGTSTP] = stop
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
-            code = recv_exactly(conn, 4)
+            code = _wait_for_code(conn)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -204,6 +205,31 @@ def run(argv: list[str]) -> int | None:
         return code
     print("transferkit: the warm worker ended without an exit code", file=sys.stderr)
     return 1
+
+
+def _wait_for_code(conn: socket.socket) -> bytes | None:
+    """The worker's exit code (4 bytes), or None where the connection closed first. A signal's handler runs
+    between bytecodes, so one that came as a blocking recv() began (or that another thread took) would wait for
+    the worker to end; the signal module's wakeup socket (as asyncio uses it) wakes select() for it instead."""
+    wake, woken = socket.socketpair()
+    with wake, woken:
+        wake.setblocking(False)
+        woken.setblocking(False)
+        previous = signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
+        try:
+            data = b""
+            while len(data) < 4:
+                ready, _, _ = select.select([conn, woken], [], [])
+                if woken in ready:  # the handlers ran as select() returned
+                    with contextlib.suppress(BlockingIOError):
+                        woken.recv(256)
+                if conn in ready:
+                    if not (chunk := conn.recv(4 - len(data))):
+                        return None
+                    data += chunk
+            return data
+        finally:
+            signal.set_wakeup_fd(previous)
 
 
 def _start_server(path: Path) -> None:
