@@ -62,6 +62,22 @@ def test_an_empty_curve_skips_the_stage_and_the_section(smoke_artifacts, tmp_pat
     assert "How many blocks to freeze" not in (tmp_path / "artifacts" / "evaluate" / "report.md").read_text()
 
 
+def test_a_curve_depth_never_trained_fails_before_the_timings(smoke_artifacts, tmp_path, monkeypatch):
+    """evaluate run with a curve freeze_curve did not train: the missing point is one line before the minutes of
+    throughput and latency timing, not after them."""
+    import pytest
+
+    from transferkit.errors import TransferkitError
+    from transferkit.evaluation import speed
+
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    monkeypatch.setattr(speed, "cpu_throughput", lambda *a: pytest.fail("timed before the curve was read"))
+    cfg = compose("experiment=smoke", "freeze_curve.depths=[0,2]", tmp=tmp_path)
+    with pytest.raises(TransferkitError, match=r"freeze_curve/depth2/model.pt.*Fix: run the 'freeze_curve' stage"):
+        run("evaluate", cfg)
+
+
 def test_a_frozen_backbone_is_the_curves_deepest_point(smoke_artifacts, tmp_path):
     """transfer.backbone_lr_mult=0 trains the head alone whatever transfer.freeze_depth says: the transfer
     run is the point with every block frozen (it was filed under freeze_depth, 1)."""

@@ -322,7 +322,7 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     from transferkit.evaluation.report import render
 
     bad = ["<img src=x onerror=alert(1)>", "b|c", "[x](javascript:alert(1))", "<me@evil.example>", "<http://e.example>",
-           'src="secret.png"']
+           'src="secret.png"', "__init__", "a_b_c", "&lt;b&gt;"]
     (tmp_path / "secret.png").write_bytes(b"a file beside the report")  # embedded only where the report shows a plot
     m = {"top1": .5, "top1_ci95": [.4, .6], "params": 1000, "macs": 1000, "size_bytes": 100,
          "per_class": dict.fromkeys(bad, 0.5)}
@@ -335,6 +335,8 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     page = to_html(text, tmp_path)
     assert "<img src=x" not in page and "<script>" not in page and "href=" not in page and "mailto" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "<td>b|c</td>" in page
+    # no emphasis from underscores, and an entity in a name shows as written
+    assert "<td>__init__</td>" in page and "<td>a_b_c</td>" in page and "<td>&amp;lt;b&amp;gt;</td>" in page
     assert 'src="secret.png"' in page and "base64" not in page
     assert "| – | – | – |" in text  # no timings measured: a dash, not nan
 

@@ -203,6 +203,14 @@ def test_sweep_refuses_an_unknown_option(option, capsys):
     assert e.value.code == 2 and f"unrecognized arguments: {option}" in capsys.readouterr().err
 
 
+def test_a_sweep_of_values_hydra_cannot_list_is_one_line():
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import expand
+
+    with pytest.raises(TransferkitError, match=r"cannot list the sweep's values: .*INTERVAL.*Fix: list them"):
+        expand(["transfer.lr=interval(0.01,0.1)"])
+
+
 @pytest.mark.parametrize("override", ["hydra/launcher=local_parallel", "+hydra.launcher.n_jobs=2"])
 def test_sweep_refuses_hydra_settings_it_would_ignore(override):
     import re

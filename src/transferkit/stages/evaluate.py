@@ -99,6 +99,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                  size_bytes=cost.file_size(path))
         models[name] = m
         loaded[name] = model
+    # before the minutes of timing: a depth freeze_curve did not train fails here
+    curve = freeze_curve(cfg, inputs, x, y, classes, correct, loaded["transfer"].num_blocks)
     before = matmul_peaks()  # now: the precision probe's cache is from another hour
     for name, img_s in speed.cpu_throughput(loaded, ev.throughput_batch, ev.throughput_repeats).items():
         timing[name] = {"throughput_img_s": round(img_s, 1)}
@@ -134,7 +136,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     metrics = {"models": models,
                "transfer_vs_scratch": paired_difference(correct["transfer"], correct["scratch"]),
                "distillation": distillation_summary(models, correct),
-               "freeze_curve": freeze_curve(cfg, inputs, x, y, classes, correct, loaded["transfer"].num_blocks)}
+               "freeze_curve": curve}
     save_json(metrics, out / "metrics.json")
     save_json(metrics["freeze_curve"], out / "freeze_curve.json")  # `dvc plots show` draws it
     plots.freeze_curve_png(metrics["freeze_curve"], models, cfg.probe.depth, out / "freeze_curve.png")

@@ -51,10 +51,14 @@ def expand(argv: list[str]) -> list[list[str]]:
     except HydraException as e:
         raise TransferkitError(f"cannot parse the overrides: {str(e).splitlines()[0]}. Fix: write them as key=value, "
                                f"sweeps as key=a,b or key='range(0,5)'{QUOTING}.") from e
-    axes = [[f"{o.get_key_element()}={v}" for v in (_glob(o) if isinstance(o.value(), Glob) else
-                                                    o.sweep_string_iterator() if o.is_sweep_override()
-                                                    else [o.get_value_element_as_str()])]
-            for o in overrides if not o.is_hydra_override()]
+    try:
+        axes = [[f"{o.get_key_element()}={v}" for v in (_glob(o) if isinstance(o.value(), Glob) else
+                                                        o.sweep_string_iterator() if o.is_sweep_override()
+                                                        else [o.get_value_element_as_str()])]
+                for o in overrides if not o.is_hydra_override()]
+    except HydraException as e:  # interval() parses, but only an optimising sweeper can pick its points
+        raise TransferkitError(f"cannot list the sweep's values: {str(e).splitlines()[0]}. Fix: list them (key=a,b) or "
+                               f"use key='range(start,stop,step)'{QUOTING}.") from e
     return [list(point) for point in itertools.product(*axes)]
 
 
