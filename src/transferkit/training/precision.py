@@ -119,6 +119,13 @@ def check_accelerator(trainer) -> None:
         raise TransferkitError(f"trainer.sync_batchnorm=true works only on CUDA GPUs (torch's SyncBatchNorm), and "
                                f"trainer.accelerator={accelerator} trains on the CPU here. Fix: set "
                                f"trainer.sync_batchnorm=false, or run on GPUs.")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not uses_cuda(accelerator)
+                                      and not torch.backends.mps.is_available())
+    if on_cpu and str(trainer.precision).startswith("16"):
+        raise TransferkitError(f"trainer.precision={trainer.precision} is fp16, which torch runs on GPUs only, and "
+                               f"trainer.accelerator={accelerator} trains on the CPU here. Fix: set "
+                               f"trainer.precision=auto (bf16 where this CPU runs it faster, else fp32), 32-true or "
+                               f"bf16-mixed.")
     missing = {"gpu": "CUDA GPU", "cuda": "CUDA GPU", "mps": "Apple GPU (MPS)"}.get(accelerator)
     if missing and not (torch.backends.mps.is_available() if accelerator == "mps" else torch.cuda.is_available()):
         raise TransferkitError(f"trainer.accelerator={accelerator}, but torch sees no {missing} on this machine. "
