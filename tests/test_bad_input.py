@@ -462,9 +462,10 @@ def test_the_artifacts_folder_as_a_stages_output_is_refused_before_any_stage_ran
     # the ddp preset's accelerator is auto: the CPU here, where SyncBatchNorm fails on the first batch
     (("trainer=ddp", "trainer.sync_batchnorm=true"), "sync_batchnorm=true works only on CUDA GPUs.*auto.*Fix"),
     # Lightning would train in bf16 instead, with a warning: the slow path on a CPU without native bf16
-    (("trainer=cpu", "trainer.precision=16-mixed"), r"trainer.precision=16-mixed is fp16, which torch runs on GPUs "
-                                                    r"only.*trains on the CPU here. Fix: .*auto"),
-    (("trainer.accelerator=auto", "trainer.precision=16-true"), r"trainer.precision=16-true is fp16.*accelerator=auto trains on the CPU"),
+    (("trainer=cpu", "trainer.precision=16-mixed"),
+     r"trainer.precision=16-mixed is fp16, which torch runs on GPUs only.*trains on the CPU here. Fix: .*auto"),
+    (("trainer.accelerator=auto", "trainer.precision=16-true"),
+     r"trainer.precision=16-true is fp16.*accelerator=auto trains on the CPU"),
 ])
 def test_a_gpu_trainer_on_a_machine_without_one(smoke_artifacts, tmp_path, monkeypatch, overrides, needle):
     """Refused when the stage runs, not by `transferkit params`: params.yaml may be written for another machine."""

@@ -10,9 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import compose, run
 from transferkit.config.compose import params_text
+from transferkit.io import load_torch
 from transferkit.models import load_checkpoint
 
 
@@ -48,6 +50,13 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path, server_dir, warm):
             == pytest.approx(cfg.transfer.epochs * 2 * 2 * 16, rel=0.02))
     assert not (tmp_path / "artifacts" / f".{stage}.incomplete").exists()
     assert bool(list(server_dir.glob("*/*.sock"))) == warm
+    # the val loss logged at the last epoch is the saved model's: each rank scored its shard with rank 0's
+    # BatchNorm statistics, not the ones its own last batch left
+    task = load_torch(tmp_path / "artifacts" / "prepare" / "target.pt", "target", "prepare")
+    model.eval()
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(task["val_x"].float() / 255), task["val_y"]).item()
+    assert json.loads((out / "dvclive" / "metrics.json").read_text())["val"]["loss"] == pytest.approx(loss, rel=1e-4)
 
 
 def _processes_naming(text: str) -> list[int]:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import CONF, cli, compose, made_once, run
+from conftest import CONF, cli, compose, made_once, one_error_line, run
 from transferkit.config.compose import params_text, to_params
 from transferkit.config.checks import validate
 
@@ -209,3 +209,31 @@ def test_multinode_ddp_two_nodes(base, tmp_path, launch):
     assert (out / "model.pt").exists() and (out / "metrics.json").exists()
     assert yaml.safe_load((out / "params.yaml").read_text())["trainer"]["num_nodes"] == 2
     assert not (out.parent / ".transfer.incomplete").exists()
+
+
+@pytest.mark.parametrize("rank", [{"RANK": "1"}, {"SLURM_PROCID": "1"}])
+def test_a_stage_that_trains_nothing_runs_once_under_a_launcher(tmp_path, rank):
+    """srun or torchrun starts the command on every rank: prepare (or export, quantize, evaluate) runs on rank 0
+    alone, not once more in each other rank, into rank 0's work folder."""
+    params = tmp_path / "params.yaml"
+    params.write_text(params_text(compose("experiment=smoke", tmp=tmp_path)))
+    proc = cli("prepare", "--params", str(params), "--out", str(tmp_path / "other"), cwd=tmp_path, env=rank)
+    assert proc.returncode == 0 and proc.stderr == "" and list(tmp_path.iterdir()) == [params]
+    assert cli("prepare", "--params", str(params), "--out", str(tmp_path / "first"), cwd=tmp_path).returncode == 0
+    assert (tmp_path / "first" / "target.pt").exists()
+
+
+@pytest.mark.parametrize("env, line", [({"NODE_RANK": "1"}, "transferkit transfer (node 1): error: prepared"),
+                                       ({"SLURM_PROCID": "3", "SLURM_LOCALID": "0", "SLURM_NODEID": "1"},
+                                        "(node 1): error:"),
+                                       ({"LOCAL_RANK": "1"}, None), ({"GROUP_RANK": "1", "LOCAL_RANK": "1"}, None)])
+def test_an_error_on_another_node_is_printed_there(tmp_path, env, line):
+    """A node that lacks an input fails alone while node 0 waits for it: its first process says why, in one line
+    naming the node; the other processes of a node leave it to that node's first."""
+    params = tmp_path / "params.yaml"
+    params.write_text(params_text(compose("experiment=smoke", tmp=tmp_path)))
+    proc = cli("transfer", "--params", str(params), cwd=tmp_path, env=env)
+    if line:
+        assert line in one_error_line(proc)
+    else:
+        assert proc.returncode == 2 and proc.stderr == ""

@@ -9,7 +9,7 @@ from pathlib import Path
 from transferkit import warm
 from transferkit.errors import TransferkitError
 from transferkit.stages import BY_NAME, STAGES
-from transferkit.training import first_process  # light: warm imports it too
+from transferkit.training import first_process, other_node  # light: warm imports it too
 
 # export is a stage of dvc.yaml with a command of its own (under Deploying below)
 RUNNABLE = tuple(s for s in STAGES if not BY_NAME[s].command)
@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("params", "check-params") and {"-h", "--help"} & set(rest):
         print("\n".join(line for line in HELP.splitlines() if line.lstrip().startswith(f"transferkit {command} ")))
         return 0
+    if command in STAGES and not BY_NAME[command].trains and not first_process():
+        return 0  # under srun or torchrun every rank runs the command: a stage that fits nothing runs once, on rank 0
     try:
         if (command == "export" or (command in RUNNABLE and params_mode)) and warm.enabled():  # what dvc.yaml runs
             if (code := warm.run(argv)) is not None:
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     except TransferkitError as e:
         if first_process():  # under DDP every rank meets the error: one line, from rank 0
             print(f"transferkit {command}: error: {e}", file=sys.stderr)
+        elif node := other_node():  # and one from each other node, which may meet it alone
+            print(f"transferkit {command} (node {node}): error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback
         import signal

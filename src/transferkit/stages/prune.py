@@ -20,6 +20,7 @@ from transferkit.prune.unstructured import make_permanent, prune_weights, sparsi
 from transferkit.stages.common import load_task
 from transferkit.stages.distill import distillation, load_teacher
 from transferkit.stages.training import fit_stage, train_stage
+from transferkit.training import from_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,8 @@ def same_on_every_rank(model) -> None:
     """Under DDP, rank 0's weights, BatchNorm statistics and random state in every process: after a fit each holds
     its own statistics and draws, and a cut ranked by them (taylor, random, a global ranking) would give the ranks
     models of other shapes. No-op in one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     rng = torch.get_rng_state()
-    for tensor in (*model.state_dict().values(), rng):
-        moved = tensor.to(device)
-        dist.broadcast(moved, 0)
-        tensor.copy_(moved)
+    from_rank_zero((*model.state_dict().values(), rng))
     torch.set_rng_state(rng)
 
 

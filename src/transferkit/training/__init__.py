@@ -19,6 +19,15 @@ def first_process() -> bool:
     return all(os.environ.get(var, "0") == "0" for var in RANK_VARIABLES)
 
 
+def other_node() -> str | None:
+    """The node number of the first process on a node other than node 0 (as NODE_RANK, torchrun's GROUP_RANK or
+    srun's SLURM_NODEID give it), else None: what it meets, a path that node lacks, rank 0 may never meet."""
+    if any(os.environ.get(var, "0") != "0" for var in ("LOCAL_RANK", "SLURM_LOCALID", "JSM_NAMESPACE_LOCAL_RANK")):
+        return None
+    return next((n for var in ("NODE_RANK", "GROUP_RANK", "SLURM_NODEID") if (n := os.environ.get(var, "0")) != "0"),
+                None)
+
+
 def multi_process(trainer) -> bool:
     """Whether the `trainer` config runs several processes: a DDP strategy, or several devices or
     nodes, which Lightning runs as DDP under strategy auto too."""
@@ -43,3 +52,18 @@ def device_count(trainer) -> int:
 
         return torch.cuda.device_count()
     return len([i for i in text.split(",") if i.strip()]) if "," in text else int(text)
+
+
+def from_rank_zero(tensors) -> None:
+    """Under DDP, rank 0's values of `tensors` in every process, in place (through the device the process group
+    communicates on); nothing in one process."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    for tensor in tensors:
+        moved = tensor.to(device)
+        dist.broadcast(moved, 0)
+        tensor.copy_(moved)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from transferkit.data.loader import module_seed
 from transferkit.models.blocknet import BlockNet
+from transferkit.training import from_rank_zero
 from transferkit.training.freeze import freeze_blocks, keep_frozen_in_eval, start_depth
 
 
@@ -101,6 +102,9 @@ class ClassifierModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, device=self.device)
+        # DDP hands rank 0's buffers to the others at each training forward only: after the epoch's last step each
+        # rank holds the BatchNorm statistics of its own last batch, and the val score would mix models
+        from_rank_zero(self.model.buffers())
 
     def on_validation_epoch_end(self) -> None:
         self._log_sums("val", self._val_sums)
