@@ -1320,3 +1320,19 @@ def test_images_in_a_folder_inside_a_class_are_one_error(tmp_path, as_archive):
                                                r"Fix: move it up"):
         read_image_folder(Path(path))
     assert read_image_folder(Path(path), wanted={"dog"}).classes == ["cat", "dog"]  # not a class the task reads
+
+
+def test_a_task_whose_tensors_claim_more_than_their_storage_is_refused():
+    """A view with stride 0 in a file of a few KB can claim 200 million images: every step that reads them
+    would run for hours. A prepared task's tensors hold what they claim."""
+    from transferkit.data.tasks import task_fault
+
+    splits = ("train", "val", "test")
+    task = {"classes": ["a", "b"], **{f"{s}_x": torch.zeros(4, 3, 8, 8, dtype=torch.uint8) for s in splits},
+            **{f"{s}_y": torch.zeros(4, dtype=torch.long) for s in splits}}
+    assert task_fault(task) is None
+    task["test_x"] = torch.zeros(1, 3, 8, 8, dtype=torch.uint8).expand(200_000_000, 3, 8, 8)
+    task["test_y"] = torch.zeros(1, dtype=torch.long).expand(200_000_000)
+    assert task_fault(task) == "its test_x or test_y claims 200000000 images, more than the file holds (a view " \
+                               "repeating it)"
+    assert task_fault(task, splits=("train", "val")) is None  # the splits asked about only (export's: test)

@@ -5,6 +5,7 @@ files like the PyTorch model with every kind of model file, and bad input ends i
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -427,12 +428,19 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
     assert "not a prepared task" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "notes.txt")])
     torch.save({"classes": CLASSES, "test_x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)}, tmp_path / "no_y.pt")
-    assert "not a prepared task (uint8 test_x, test_y, classes)" in _one_error(
+    assert "not a prepared task: it lacks test_x or test_y" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "no_y.pt")])
     torch.save({"classes": CLASSES, "test_x": torch.zeros(2, 3, 32, 32), "test_y": torch.zeros(2, dtype=torch.long)},
                tmp_path / "float_x.pt")  # images as floats: scaled twice (/255 of /255), the check would fail wrongly
-    assert "not a prepared task (uint8 test_x" in _one_error(
+    assert "not a prepared task: its test_x is torch.float32" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "float_x.pt")])
+    for name, y in (("short_y", torch.zeros(1, dtype=torch.long)), ("column_y", torch.zeros(2, 1, dtype=torch.long)),
+                    ("big_y", torch.full((2,), len(CLASSES), dtype=torch.long))):
+        # a label per image, each a class's index: (N, 1) labels broadcast against (N,) predictions, a wrong top-1
+        torch.save({"classes": CLASSES, "test_x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "test_y": y},
+                   tmp_path / f"{name}.pt")
+        line = _one_error(capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / f"{name}.pt")])
+        assert re.search(r"is not a prepared task: its test_y (is torch.int64 of shape|holds labels outside)", line)
     assert f"--test-set {tmp_path} is a folder. Fix: pass the target.pt" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path)])
     line = _one_error(capsys, ["export", str(folder / "model.pt"), "--out", str(tmp_path / "notes.txt")])

@@ -14,18 +14,23 @@ from transferkit.data.sources import RawDataset
 from transferkit.errors import TransferkitError
 
 
-def task_fault(task) -> str | None:
-    """What makes `task` no prepared task (None: nothing): every split uint8 images [N, 3, S, S] of one
-    size, one label per image, each the index of one of its classes."""
+def task_fault(task, splits=("train", "val", "test")) -> str | None:
+    """What makes `task` no prepared task (None: nothing): in every split of `splits`, uint8 images [N, 3, S, S]
+    of one size, one label per image, each the index of one of its classes."""
     classes = task.get("classes") if isinstance(task, dict) else None
     if not (isinstance(classes, list) and len(classes) >= 2):
         return "it holds no list of classes"
-    for split in ("train", "val", "test"):
+    for split in splits:
         x, y = task.get(f"{split}_x"), task.get(f"{split}_y")
         if not (torch.is_tensor(x) and torch.is_tensor(y)):
             return f"it lacks {split}_x or {split}_y"
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[2:] != task["train_x"].shape[2:]:
-            return f"its {split}_x is {x.dtype} of shape {tuple(x.shape)}, not uint8 images [N, 3, S, S] as train_x"
+        first = task[f"{splits[0]}_x"]
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[2:] != first.shape[2:]:
+            return (f"its {split}_x is {x.dtype} of shape {tuple(x.shape)}, not uint8 images [N, 3, S, S]"
+                    f"{f' as {splits[0]}_x' if split != splits[0] else ''}")
+        # a view that repeats its storage (stride 0) claims images a file of a few bytes never held
+        if any(t.untyped_storage().nbytes() < t.numel() * t.element_size() for t in (x, y)):
+            return f"its {split}_x or {split}_y claims {len(x)} images, more than the file holds (a view repeating it)"
         if y.dtype != torch.int64 or y.shape != (len(x),):
             return f"its {split}_y is {y.dtype} of shape {tuple(y.shape)}, not one int64 label per image ({len(x)})"
         if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(classes)):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit.data.tasks import task_fault
 from transferkit.deploy.fold import deployable
 from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHSCRIPT_FILE, Classifier,
                                         load_pipeline_checkpoint, ort_session)
@@ -35,7 +36,6 @@ from transferkit.layout import channels_last, to_nhwc
 DEFAULT_TEST_SET = Path("artifacts/prepare/target.pt")
 RANDOM_IMAGES = 256  # checked on these (seeded) when no test set fits the model
 TEST_SET_FIX = "Fix: pass the target.pt that the prepare stage wrote (artifacts/prepare/target.pt)."
-XY = ("test_x", "test_y")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -79,10 +79,8 @@ def check_images(test_set: Path | None, classes: list[str], size: int) -> tuple[
         raise TransferkitError(f"--test-set {path} {'is a folder' if path.is_dir() else 'not found'}. {TEST_SET_FIX}")
     if path.exists() or explicit:
         task = load_torch(path, "prepared task", "prepare") if zipfile.is_zipfile(path) else None  # torch.save's
-        if not (isinstance(task, dict) and "classes" in task and all(torch.is_tensor(task.get(k)) for k in XY)
-                and task["test_x"].dtype == torch.uint8):
-            raise TransferkitError(f"{'--test-set ' * explicit}{path} is not a prepared task (uint8 test_x, test_y, "
-                                   f"classes) or cut short. {TEST_SET_FIX}")
+        if fault := task_fault(task, splits=("test",)):
+            raise TransferkitError(f"{'--test-set ' * explicit}{path} is not a prepared task: {fault}. {TEST_SET_FIX}")
         if list(task["classes"]) == classes and tuple(task["test_x"].shape[1:]) == (3, size, size):
             return task["test_x"], task["test_y"], f"test set of {path} ({len(task['test_x'])} images)"
         if explicit:
