@@ -6,13 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from conftest import compose, run
+from conftest import ROOT, compose, run
 from transferkit.config.compose import params_text
 from transferkit.io import load_torch
 from transferkit.models import load_checkpoint
@@ -136,6 +138,40 @@ def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path, sta
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((tmp_path / "artifacts" / stage / "timing.json").read_text())["resumed_at_epoch"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_ddp_run_in_hydra_mode_is_one_line_and_leaves_no_rank(tmp_path):
+    """Hydra mode runs a DDP job as a child command in the same terminal: Ctrl+C reaches both. The child says
+    so in its one line and ends its ranks; the parent waits for it (it was killed 0.25 s later by
+    subprocess.run) and dies of SIGINT without a second line."""
+    single = compose("experiment=smoke", tmp=tmp_path)
+    for stage in ("prepare", "pretrain"):
+        run(stage, single)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0", "PYTHONUNBUFFERED": "1"}
+    marker = str(tmp_path / "hydra")
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "transfer", "experiment=smoke", "trainer=ddp",
+                                 "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_threads=1",
+                                 "transfer.epochs=200", "trainer.checkpoint_budget=1", "trainer.progress_bar=false",
+                                 f"paths.artifacts_dir={tmp_path / 'artifacts'}", f"hydra.run.dir={marker}"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 120
+        while (not list((tmp_path / "hydra").glob(".transfer.incomplete/checkpoints/last.ckpt"))
+               and proc.poll() is None and time.monotonic() < deadline):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl+C: the whole foreground group
+        try:
+            code = proc.wait(timeout=60)
+        finally:
+            left = _processes_naming(marker)
+            for pid in [proc.pid, *left]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+    output = (tmp_path / "log.txt").read_text()
+    assert code == -signal.SIGINT and not left, (output[-3000:], left)
+    assert output.count("transferkit transfer: interrupted") == 1, output[-3000:]
 
 
 @pytest.mark.slow

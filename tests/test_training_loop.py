@@ -480,6 +480,23 @@ def test_a_run_resumed_from_a_pair_mid_swap_keeps_it_until_its_own_is_whole(tmp_
     assert k > 5 and _whole_pair(out) == ("checkpoints", "epoch 1")
 
 
+def test_trainer_num_threads_holds_in_every_stage_and_ends_with_it(tmp_path, monkeypatch):
+    """evaluate's and quantize's timings run at trainer.num_threads too, not only the fits; a caller in this
+    process (a test, cli.main as a library) keeps its own count afterwards."""
+    import transferkit.stages.evaluate as evaluate
+    from transferkit.stages.run import run_stage
+
+    seen = []
+    monkeypatch.setattr(evaluate, "run", lambda cfg, inputs, out: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_stage("evaluate", compose("experiment=smoke", "trainer.num_threads=1", tmp=tmp_path), tmp_path / "ev")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_train_seconds_start_with_the_training_loop_and_num_threads_reach_its_processes(tmp_path, monkeypatch):
     """What comes before the loop (DDP's other ranks starting, stood in for here by a slow setup) is no
     training time; OMP_NUM_THREADS says trainer.num_threads while the fit runs (Lightning's DDP launcher

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -108,10 +109,24 @@ def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
 
     params = job_dir / f"{stage}.params.yaml"
     save_text(params_text(cfg), params)
-    code = subprocess.run([sys.executable, "-m", "transferkit.cli", stage, "--params", str(params),
-                           "--out", str(out)]).returncode
+    with subprocess.Popen([sys.executable, "-m", "transferkit.cli", stage, "--params", str(params),
+                           "--out", str(out)]) as child:
+        while (code := _wait_through_ctrl_c(child)) is None:
+            pass
+    if code < 0:  # the child died of the terminal's Ctrl+C (or another signal) and said so: so does this process
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
     if code:
         sys.exit(code)  # the child has already printed its one error line
+
+
+def _wait_through_ctrl_c(child) -> int | None:
+    """The child's exit status; None after a Ctrl+C, which reached the child in the same terminal too: it
+    stops its ranks and says so in its own line, and this process waits for it (subprocess.run killed it)."""
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        return None
 
 
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
@@ -237,8 +252,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"transferkit {command} (node {node}): error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback
-        import signal
-
         if first_process():  # under DDP every rank is interrupted: one line, rank 0's
             print(f"transferkit {command}: interrupted; its earlier outputs are unchanged.", file=sys.stderr)
         # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too

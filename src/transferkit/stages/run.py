@@ -16,6 +16,8 @@ from transferkit.stages import BY_NAME, inputs_of, module_of, named_files
 
 def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | None = None) -> dict:
     """`inputs` defaults to the stages' folders under paths.artifacts_dir (the stage table's reads)."""
+    import torch
+
     from transferkit.config.checks import validate
     from transferkit.config.compose import to_params
     from transferkit.stages.common import seed_everything, staged_output, storage_errors
@@ -32,8 +34,14 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     others = [Path(cfg.paths.artifacts_dir) / name for name in BY_NAME if name != stage]  # dvc.yaml's outputs
     # a file a setting names is read as the input folders are: a changed one is no run to resume
     reads = [*inputs.values(), *map(Path, named_files(stage, to_params(cfg)).values())]
-    with storage_errors(out), staged_output(out, params, reads, others, tracked(stage, cfg)) as work:
-        return module.run(cfg, inputs, work)
+    threads = torch.get_num_threads()
+    if cfg.trainer.get("num_threads"):  # every stage's: evaluate's and quantize's timings as well as the fits
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    try:
+        with storage_errors(out), staged_output(out, params, reads, others, tracked(stage, cfg)) as work:
+            return module.run(cfg, inputs, work)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tracked(stage: str, cfg: DictConfig) -> str:

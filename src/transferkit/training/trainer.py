@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -152,8 +151,6 @@ class NoProfiler(PassThroughProfiler):
 def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: bool = False,
                  callbacks: tuple = ()) -> pl.Trainer:
     cfg = dict(trainer_cfg)
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg["num_threads"]))
     loggers = make_loggers(cfg.get("loggers", ["dvclive"]), out_dir, resume)
     saver = ResumeCheckpoint(out_dir, float(cfg.get("checkpoint_budget", 0.02)))
     callbacks = [saver, saver.committer, DieOnSigterm(), *callbacks]
