@@ -58,6 +58,9 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     assert "Top-1 averages each test image's 2 views (`evaluate.tta: flip`), 2 forward passes" in report
     assert f"there the deployed files score {pct(m['onnx_fp32']['top1_one_view'])} (pruned, ONNX fp32)" in report
     assert f"| student distilled | {pct(m['distill']['top1'])} |" in report
+    assert "Scratch trained unlike transfer" not in report  # the smoke preset's scratch takes transfer's recipe
+    # teacher and student share a builder (fastnet): the report tells them apart by their widths
+    assert "- model: `fastnet (8/16/16 channels)`" in report and "Student: `fastnet (4/8/8 channels)`" in report
     assert 0 < metrics["distillation"]["student_params_ratio"] < 1
     assert "## Pruning" in report
     # its commands for more runs are DVC sweeps, composed as params.yaml is, into sweeps/<name>-<stage>
@@ -339,6 +342,22 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     assert "<td>__init__</td>" in page and "<td>a_b_c</td>" in page and "<td>&amp;lt;b&amp;gt;</td>" in page
     assert 'src="secret.png"' in page and "base64" not in page
     assert "| – | – | – |" in text  # no timings measured: a dash, not nan
+
+
+def test_the_verdict_on_transfer_names_what_scratch_trained_with_apart():
+    """scratch takes transfer's recipe key for key unless a user tunes it apart: the verdict then says so."""
+    from transferkit.evaluation.report import render
+
+    m = {"top1": .5, "top1_ci95": [.4, .6], "params": 1000, "macs": 1000, "size_bytes": 100, "per_class": {"a": .5}}
+    cfg = {"experiment": "e", "model": "fastnet", "freeze_depth": 1, "backbone_lr_mult": 0, "probe_depth": None,
+           "epochs": dict.fromkeys(["pretrain", "transfer", "scratch", "probe", "distill"], 1), "seed": 0,
+           "tta": "none", "tta_views": 1, "scratch_differs": ["scratch.lr=0.5 vs transfer.lr=0.05"]}
+    data = {"source": {"dataset": "d", "classes": ["a"], "n_train": 1, "n_val": 1},
+            "target": {"dataset": "d", "classes": ["a"], "n_train": 1, "n_val": 1, "n_test": 2}}
+    gain = {"difference": 0.0, "ci95": [-0.1, 0.1], "n": 2}
+    text = render(cfg, {"models": {"scratch": m, "transfer": m}, "transfer_vs_scratch": gain}, {}, data)
+    assert ("within noise (the interval includes 0). Scratch trained unlike transfer (scratch.lr=0.5 vs "
+            "transfer.lr=0.05), so the difference measures these settings too") in text
 
 
 def test_training_table_shows_a_stage_that_trained_nothing():

@@ -104,6 +104,17 @@ def test_round_to_keeps_channel_counts_a_multiple(target):
     assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
 
 
+@pytest.mark.parametrize("round_to, widths", [(16, [16, 16, 16, 112, 112, 112, 112]),
+                                               (None, [13, 26, 26, 105, 105, 105, 105])])
+def test_a_macs_target_with_round_to_costs_a_narrow_layer_more(round_to, widths):
+    """docs/deploy.md's widths for the default student at the default cut (target macs, ratio 0.7, scope
+    layer): Torch-Pruning rounds each layer down to round_to at every step of its search, so the 48-channel
+    layers keep a third and the 192-channel ones 58%; with no rounding every layer keeps about the same share."""
+    model = build_model("fastnet", 3, widths=[48, 192, 192], stem_width=24, activation="relu").eval()
+    prune_channels(model, criterion="l2", target="macs", ratio=0.7, keep=["head"], round_to=round_to)
+    assert conv_widths(model) == widths
+
+
 def test_channels_target_removes_the_ratio_to_the_nearest_multiple_of_round_to():
     """target=channels, ratio 0.3: every layer keeps the multiple of round_to nearest 70% of its channels
     (24 -> 16, 64 -> 48, 256 -> 176), not the one below it (64 -> 32 was half the layer gone)."""

@@ -223,7 +223,10 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
             "## Does transfer pay?", "",
             f"Transfer minus scratch: **{100 * gain['difference']:+.1f} points** "
             f"(95% paired interval {interval(lo, hi)}, {gain['n']} test images; one seed, so the test set's "
-            f"noise and not training's): {verdict}.",
+            f"noise and not training's): {verdict}."
+            + (f" Scratch trained unlike transfer ({', '.join(cfg_summary['scratch_differs'])}), so the difference "
+               f"measures these settings too, not the pretrained start alone."
+               if cfg_summary.get("scratch_differs") else ""),
             "",
             "| | scratch | transfer | gain |", "|---|---|---|---|",
             f"| this run | {_pct(models['scratch']['top1'])} | {_pct(models['transfer']['top1'])} | "

@@ -47,6 +47,12 @@ def distillation_summary(models: dict, correct: dict) -> dict:
     }
 
 
+def described(model_cfg) -> str:
+    """A builder's name with its widths: the teacher and the student may share a builder (fastnet)."""
+    widths = model_cfg.get("widths")
+    return f"{model_cfg.name} ({'/'.join(map(str, widths))} channels)" if widths else str(model_cfg.name)
+
+
 def freeze_curve(cfg: DictConfig, inputs: dict[str, Path], x: torch.Tensor, y: torch.Tensor, classes: list[str],
                  correct: dict, num_blocks: int) -> list[dict]:
     """Test accuracy at every freeze depth: the transfer stage's own point and freeze_curve's,
@@ -148,11 +154,15 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     plots.pareto_png(models, timing, out / "pareto.png")
     plots.curves_png({n: inputs[n] / "dvclive" for n in ("pretrain", *TARGET_MODELS)}, out / "curves.png")
     cfg_summary = {
-        "experiment": cfg.name, "model": cfg.model.name, "seed": cfg.seed, "tta": ev.tta, "tta_views": VIEWS[ev.tta],
+        "experiment": cfg.name, "model": described(cfg.model), "seed": cfg.seed, "tta": ev.tta,
+        "tta_views": VIEWS[ev.tta],
         "freeze_depth": cfg.transfer.freeze_depth, "backbone_lr_mult": cfg.transfer.backbone_lr_mult,
         "probe_depth": cfg.probe.depth, "distill_method": cfg.distill.method,
-        "distill_temperature": cfg.distill.temperature, "student": cfg.distill.student.name,
+        "distill_temperature": cfg.distill.temperature, "student": described(cfg.distill.student),
         "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe", "distill", "prune")},
+        # scratch takes transfer's recipe unless set apart (tuning a baseline is a choice the verdict must show)
+        "scratch_differs": [f"scratch.{k}={cfg.scratch[k]} vs transfer.{k}={cfg.transfer[k]}" for k in cfg.scratch
+                            if k != "freeze_depth" and k in cfg.transfer and cfg.scratch[k] != cfg.transfer[k]],
         "prune": {k: cfg.prune[k] for k in ("mode", "criterion", "target", "ratio", "steps", "scope")},
     }
     if "sparsity" in pruned:  # unstructured
