@@ -80,6 +80,29 @@ def test_dkd_is_zhao_et_als_decoupled_kd(temperature, alpha, beta):
     assert got.item() == pytest.approx(_dkd_by_hand(s, t, y, temperature, alpha, beta).item(), rel=1e-4)
 
 
+def test_dkd_ramps_its_distillation_terms_up_over_its_warmup_epochs(monkeypatch):
+    """As the reference implementation (mdistiller's DKD) does: the decoupled terms weigh epoch / warmup of
+    their weight (epochs counted from 1) until the warm-up ends; cross-entropy weighs 1 from the start. The module
+    hands the loss the epoch it trains."""
+    s, t, y = _logits(21), _logits(22), torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(23))
+    ce, full = F.cross_entropy(s, y).item(), dkd_loss(s, t, y).item()
+    for epoch, share in ((0, 0.2), (3, 0.8), (4, 1.0), (40, 1.0)):
+        got = dkd_loss(s, t, y, dkd_warmup=5, epoch=epoch).item()
+        assert got == pytest.approx(ce + share * (full - ce), rel=1e-5), epoch
+    assert dkd_loss(s, t, y, dkd_warmup=0, epoch=0).item() == pytest.approx(full)
+    teacher = build_model("fastnet", 3, widths=[4, 8, 8], stem_width=4).eval()
+    student = build_model("fastnet", 3, widths=[4, 4, 4], stem_width=4)
+    module = DistillerModule(student, teacher, method="dkd", method_kwargs={"temperature": 4.0, "dkd_warmup": 10},
+                             lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1,
+                             channels_last=False)
+    monkeypatch.setattr(DistillerModule, "current_epoch", property(lambda self: 4))
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8) % 3
+    with torch.no_grad():
+        got = module.loss(student(x), x, y).item()
+        assert got == pytest.approx(dkd_loss(student(x), teacher(x), y, dkd_warmup=10, epoch=4).item())
+        assert got != pytest.approx(dkd_loss(student(x), teacher(x), y).item())
+
+
 def test_dkd_non_target_term_ignores_the_target_logit():
     """NCKD compares the distributions over the non-target classes only: moving the student's target logit
     alone changes the cross-entropy and the target-class term, never the non-target term."""

@@ -93,6 +93,7 @@ class Distill(Optim):
     alpha: float = rule(ge=0, le=1)
     dkd_alpha: float = rule(ge=0)
     dkd_beta: float = rule(ge=0)
+    dkd_warmup: int = rule(ge=0)
     mixup: float = rule(ge=0)
 
 

@@ -56,10 +56,13 @@ def kd_loss(student, teacher, labels, *, temperature: float = 4.0, alpha: float 
 
 @register("dkd")
 def dkd_loss(student, teacher, labels, *, temperature: float = 4.0, dkd_alpha: float = 1.0,
-             dkd_beta: float = 8.0, label_smoothing: float = 0.0, **_) -> torch.Tensor:
+             dkd_beta: float = 8.0, dkd_warmup: int = 0, epoch: int = 0, label_smoothing: float = 0.0,
+             **_) -> torch.Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022): KD split into the target-class part (TCKD,
     weight alpha) and the non-target-class part (NCKD, weight beta), plus cross-entropy.
-    Weighting NCKD up is what lets the student learn the teacher's 'dark knowledge'."""
+    Weighting NCKD up is what lets the student learn the teacher's 'dark knowledge'. As the
+    reference implementation does, the two terms ramp up over the first `dkd_warmup` epochs: at
+    full weight on a random student, they swamp the labels (0: no ramp)."""
     t = temperature
     s, tt = student.float() / t, teacher.float() / t
     gt = F.one_hot(labels, s.shape[1]).bool()
@@ -73,4 +76,5 @@ def dkd_loss(student, teacher, labels, *, temperature: float = 4.0, dkd_alpha: f
     nckd = F.kl_div(F.log_softmax(s - mask, dim=1), F.softmax(tt - mask, dim=1),
                     reduction="batchmean") * t * t
     ce = F.cross_entropy(student.float(), labels, label_smoothing=label_smoothing)
-    return ce + dkd_alpha * tckd + dkd_beta * nckd
+    ramp = min((epoch + 1) / dkd_warmup, 1.0) if dkd_warmup else 1.0
+    return ce + ramp * (dkd_alpha * tckd + dkd_beta * nckd)

@@ -52,4 +52,4 @@ class DistillerModule(ClassifierModule):
         with torch.no_grad():  # the teacher's forward pass builds no graph: no backward cost
             teacher_logits = self.teacher(x)
         return self.loss_fn(logits, teacher_logits, y, label_smoothing=self.hparams.label_smoothing,
-                            **self.method_kwargs, **mixed)
+                            epoch=self.current_epoch, **self.method_kwargs, **mixed)

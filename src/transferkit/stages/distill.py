@@ -29,7 +29,7 @@ def distillation(cfg: DictConfig, teacher) -> dict:
     d = cfg.distill
     return {"teacher": teacher, "method": d.method,
             "method_kwargs": {"temperature": d.temperature, "alpha": d.alpha, "dkd_alpha": d.dkd_alpha,
-                              "dkd_beta": d.dkd_beta, "mixup": d.mixup}}
+                              "dkd_beta": d.dkd_beta, "dkd_warmup": d.dkd_warmup, "mixup": d.mixup}}
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
