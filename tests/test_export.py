@@ -264,16 +264,16 @@ def test_onnx_without_embedded_names_reads_export_json(exported, tmp_path):
 
 
 def test_a_pruned_checkpoint_whose_weights_do_not_fit_together_is_refused(exported, tmp_path):
-    """A pruned model.pt sets its layers' sizes from the file: one weight of another width (altered or
-    damaged) loads, then fails on the first image, which `predict` reports as the file's fault."""
+    """A pruned model.pt sets its layers' sizes from the file: one weight of another width than its
+    layer_shapes say (altered or damaged) is refused as it loads, before any layer is allocated."""
     ckpt = torch.load(exported[2]["pruned"][0] / "model.pt", weights_only=True)
     assert ckpt["arch"]["pruned"]
     key = [k for k, v in ckpt["state_dict"].items() if k.startswith("blocks.") and v.ndim == 4][1]  # a conv weight
     w = ckpt["state_dict"][key]
     ckpt["state_dict"][key] = torch.zeros(w.shape[0], w.shape[1] + 1, *w.shape[2:])
     torch.save(ckpt, tmp_path / "model.pt")
-    with pytest.raises(TransferkitError, match=r"does not take the 32x32 images its metadata names \(.*\): its "
-                                               r"weights do not fit together .* Fix: write it again with the stage"):
+    with pytest.raises(TransferkitError, match=r"does not fit its own architecture .*its layer_shapes say .* Fix: "
+                                               r"write it again with the stage"):
         Classifier(tmp_path / "model.pt")
 
 

@@ -275,3 +275,116 @@ def test_a_pruned_model_file_with_a_field_altered_is_one_error(tmp_path, field, 
     with pytest.raises(TransferkitError, match="altered.pt (is not a transferkit checkpoint|does not fit)") as e:
         load_checkpoint(tmp_path / "altered.pt", "prune")
     assert problem in str(e.value) and "Fix:" in str(e.value)
+
+
+# ------------------------------------------------------------------ sizes a stranger's file forges
+def _small_checkpoint(path: Path, pruned: bool = False) -> dict:
+    """A small fastnet checkpoint (pruned: cut by half, with its layer_shapes) saved at `path`, read back."""
+    from transferkit.models import build_model, save_checkpoint
+
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8).eval()
+    if pruned:
+        from transferkit.prune.structured import prune_channels
+
+        prune_channels(model, criterion="l2", target="channels", ratio=0.5, keep=["head"])
+        model.arch["pruned"] = True
+    save_checkpoint(model, path, ["a", "b", "c"])
+    return torch.load(path, weights_only=True)
+
+
+def _laughs(levels: int) -> list:
+    """A nested list of 10**levels leaves that pickle's memo keeps to a few bytes per level."""
+    nested = ["x"]
+    for _ in range(levels):
+        nested = [nested] * 10
+    return nested
+
+
+@pytest.mark.parametrize("key, value", [
+    ("dirac_init", _laughs(6)),    # truthy: accepted, and torch.export would then walk it
+    ("junk", _laughs(5)),          # refused by the builder, with the whole arch in its message
+    ("activation", "x" * 100_000), ("widths", [8, [16], 16]), ("stem_width", {"a": 8}), ("widths", [8] * 100)])
+def test_an_arch_setting_that_is_no_plain_value_is_one_short_error(tmp_path, key, value):
+    """Pickle's memo lets a 50 KB file hold a list of a billion lists: an arch value must be a number, a name or
+    a short flat list, refused by its key otherwise, and never written out in the message."""
+    from transferkit.models import load_checkpoint
+
+    ckpt = _small_checkpoint(tmp_path / "model.pt")
+    torch.save({**ckpt, "arch": {**ckpt["arch"], key: value}}, tmp_path / "forged.pt")
+    with pytest.raises(TransferkitError) as e:
+        load_checkpoint(tmp_path / "forged.pt", "pretrain")
+    message = str(e.value)
+    assert "not a transferkit checkpoint" in message and repr(key) in message and "Fix:" in message
+    assert len(message) < 500 and "\n" not in message
+
+
+def _rezip(source: Path, target: Path, compress_type: int, repeat: str | None = None) -> None:
+    """`source`'s records in a zip written by Python (`repeat`: a record whose central entry appears 50 times,
+    all of them pointing at the one copy of its bytes)."""
+    import copy
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w", compress_type) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        if repeat:
+            entry = next(i for i in zout.filelist if i.filename.endswith(repeat))
+            zout.filelist.extend(copy.copy(entry) for _ in range(50))
+
+
+@pytest.mark.parametrize("compress_type, repeat, problem", [
+    (8, None, "compressed records"),               # deflate: 40 MB of zeros in 40 KB
+    (0, "data/0", "records that add up to"),       # stored, but one record's bytes claimed 50 times
+])
+def test_a_zip_that_expands_beyond_its_size_is_refused_before_it_is_read(tmp_path, compress_type, repeat, problem):
+    from transferkit.io import load_torch
+
+    torch.save({"big": torch.zeros(10_000_000)}, tmp_path / "plain.pt")
+    _rezip(tmp_path / "plain.pt", tmp_path / "forged.pt", compress_type, repeat)
+    with pytest.raises(TransferkitError) as e:
+        load_torch(tmp_path / "forged.pt", "model checkpoint", "pretrain")
+    message = str(e.value)
+    assert message.startswith(f"model checkpoint at {tmp_path / 'forged.pt'} ") and problem in message
+    assert "torch.save never writes" in message and message.endswith("(`dvc repro -s -f pretrain`).")
+    # the same records stored once each, as torch.save writes them, read as before
+    _rezip(tmp_path / "plain.pt", tmp_path / "stored.pt", 0)
+    stored = load_torch(tmp_path / "stored.pt", "model checkpoint", "pretrain")
+    assert torch.equal(stored["big"], torch.zeros(10_000_000))
+
+
+def test_class_names_the_head_does_not_have_are_refused_before_the_head_is_built(tmp_path):
+    """One string referenced 300,000 times is 1 MB of file and a head of 300,000 outputs."""
+    from transferkit.models import load_checkpoint
+
+    ckpt = _small_checkpoint(tmp_path / "model.pt")
+    torch.save({**ckpt, "classes": ["c"] * 300_000}, tmp_path / "repeated.pt")
+    with pytest.raises(TransferkitError, match=r"repeated.pt is not a transferkit checkpoint \(its 'classes' are no "
+                                               r"list of distinct names"):
+        load_checkpoint(tmp_path / "repeated.pt", "pretrain")
+    torch.save({**ckpt, "classes": ["a", "b", "c", "d"]}, tmp_path / "four.pt")
+    with pytest.raises(TransferkitError, match=r"four.pt does not fit .*\(its head has 3 outputs for 4 classes\)"):
+        load_checkpoint(tmp_path / "four.pt", "pretrain")
+
+
+def test_the_weight_guard_counts_the_head_the_class_names_build():
+    from transferkit.models import _weight_bytes, build_model
+
+    arch = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8).arch
+    assert _weight_bytes(arch, 1003) - _weight_bytes(arch, 3) == 1000 * 16 * 4  # 16 features, no bias
+
+
+@pytest.mark.parametrize("forge, problem", [
+    # every entry a view of one storage: each loads as a tensor the size of the file
+    (lambda sd: dict.fromkeys(sd, torch.zeros(500_000)), "its tensors add up to"),
+    # one tensor of another shape than its layer's recorded channel counts
+    (lambda sd: {**sd, "blocks.1.0.0.weight": torch.zeros(16, 4, 3, 3)},
+     "blocks.1.0.0.weight has shape (16, 4, 3, 3), its layer_shapes say (4, 4, 3, 3)"),
+])
+def test_a_pruned_model_allocates_only_what_its_layer_shapes_say(tmp_path, forge, problem):
+    from transferkit.models import load_checkpoint
+
+    ckpt = _small_checkpoint(tmp_path / "model.pt", pruned=True)
+    torch.save({**ckpt, "state_dict": forge(ckpt["state_dict"])}, tmp_path / "forged.pt")
+    with pytest.raises(TransferkitError, match=r"forged.pt does not fit its own architecture") as e:
+        load_checkpoint(tmp_path / "forged.pt", "prune")
+    assert problem in str(e.value)

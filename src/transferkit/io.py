@@ -109,6 +109,9 @@ def load_plain(path: str | Path, fix: str, what: str = "") -> Any:
     lists, dicts. A file holding anything else is refused before any of it runs; a damaged one
     is reported as unreadable (`what` names it in the message)."""
     subject = f"{what} at {path}" if what else str(path)
+    if problem := _inflating_records(path):
+        raise TransferkitError(f"{subject} {problem}, which torch.save never writes: reading it would take memory "
+                               f"the file does not hold. Fix: {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -120,6 +123,24 @@ def load_plain(path: str | Path, fix: str, what: str = "") -> Any:
                                f"Fix: {fix}") from e
     except Exception as e:  # truncated or foreign: torch raises many types
         raise TransferkitError(f"{subject} is unreadable ({type(e).__name__}: {e}). Fix: {fix}") from e
+
+
+def _inflating_records(path: str | Path) -> str | None:
+    """What in a zip (torch.save's format) would expand beyond the file's own size, or None: torch.load inflates
+    compressed records and reads every record at the size its entry claims."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            records = z.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):  # no zip, or a damaged one: torch.load says which
+        return None
+    if any(r.compress_type != zipfile.ZIP_STORED for r in records):
+        return "holds compressed records"
+    # stored records hold their bytes once each: entries that share bytes claim more than the file has
+    if (total := sum(r.file_size for r in records)) > os.path.getsize(path):
+        return f"holds records that add up to {total:,} bytes, more than its {os.path.getsize(path):,}"
+    return None
 
 
 def load_torch(path: str | Path, what: str, produced_by: str, remake: str | None = None) -> Any:

@@ -114,11 +114,17 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
     try:
         # sizes first: a tensor whose values the file does not hold (one value strided over 20000x20000), or a
         # doctored arch (widths of 4096), would allocate gigabytes before any shape is compared
-        size = Path(path).stat().st_size
-        if big := next((k for k, v in ckpt["state_dict"].items() if v.numel() * v.element_size() > size), None):
-            raise ValueError(f"its tensor {big} has {ckpt['state_dict'][big].numel():,} values, more than the file "
-                             f"holds")
-        if (planned := _weight_bytes(ckpt["arch"])) > max(64 * size, 2**30):  # pruned: the original, then cut
+        size, state, names = Path(path).stat().st_size, ckpt["state_dict"], ckpt["classes"]
+        if big := next((k for k, v in state.items() if v.numel() * v.element_size() > size), None):
+            raise ValueError(f"its tensor {big} has {state[big].numel():,} values, more than the file holds")
+        # views of one storage are saved once but loaded (a pruned model's layers made) once each
+        if (total := sum(v.numel() * v.element_size() for v in state.values())) > size:
+            raise ValueError(f"its tensors add up to {total / 1e6:,.1f} MB, more than the file's {size / 1e6:,.1f} MB")
+        # the head is built with a row per class name, before its weights are compared
+        if (head := state.get("head.fc.weight")) is not None and head.shape[:1] != (len(names),):
+            raise ValueError(f"its head has {head.shape[0] if head.dim() else 'no'} outputs for {len(names):,} classes")
+        # pruned: the original is built, then cut
+        if (planned := _weight_bytes(ckpt["arch"], len(names))) > max(64 * size, 2**30):
             raise ValueError(f"its architecture has {planned / 1e6:,.0f} MB of weights, the file {size / 1e6:,.1f} MB")
         model = _rebuild(ckpt)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, TransferkitError) as e:
@@ -129,12 +135,15 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
     return model, ckpt
 
 
-def _weight_bytes(arch: dict) -> int:
-    """The bytes of the blocks' weights `arch` builds, counted on the meta device (no memory, no forward pass)."""
-    settings = {k: v for k, v in arch.items() if k not in ("name", "mean", "std", "pruned", "depth")}
+def _weight_bytes(arch: dict, num_classes: int) -> int:
+    """The bytes of the weights `arch` builds with a head of `num_classes` (a truncated model's blocks are all built
+    first, then a second head), counted on the meta device (no memory)."""
+    settings = {k: v for k, v in arch.items() if k not in ("name", "pruned", "depth")}
     with torch.device("meta"):
-        blocks = ARCHITECTURES[arch["name"]][0](**settings, **({"load_weights": False} if arch.get("weights") else {}))
-    return sum(p.numel() * p.element_size() for block in blocks for p in block.parameters())
+        model = build_model(arch["name"], num_classes, fetch_weights=False, **settings)
+        depth = arch.get("depth")
+        probe = (model.feature_dim(depth) + 1) * num_classes * 4 if depth is not None else 0
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) + probe
 
 
 def _rebuild(ckpt: dict) -> BlockNet:
@@ -158,10 +167,16 @@ def _not_a_checkpoint(ckpt) -> str | None:
     if not isinstance(ckpt, dict) or not {"arch", "state_dict", "classes"} <= ckpt.keys():
         return "no 'arch'/'state_dict'/'classes'"
     arch, state, classes = ckpt["arch"], ckpt["state_dict"], ckpt["classes"]
-    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not all(isinstance(k, str) for k in arch):
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or len(arch) > 32 or not all(
+            isinstance(k, str) and len(k) <= 64 for k in arch):
         return "its 'arch' is no settings with a 'name'"
-    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
-        return "its 'classes' are no list of names"
+    # pickle's memo lets a small file hold a list of a billion lists, which a message or an export would walk
+    if bad := next((k for k, v in arch.items() if not all(map(_plain_setting, v if type(v) in (list, tuple)
+                                                                  and len(v) <= 64 else [v]))), None):
+        return f"its 'arch' setting {bad!r} is no number, name or short flat list"
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) and len(c) <= 255 for c in classes) \
+            or len(set(classes)) != len(classes):
+        return "its 'classes' are no list of distinct names"
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         return "its 'state_dict' is no tensors by name"
@@ -170,6 +185,12 @@ def _not_a_checkpoint(ckpt) -> str | None:
             isinstance(a, dict) and all(type(v) is int and v > 0 for v in a.values()) for a in shapes.values())):
         return "a pruned model's 'layer_shapes' are no channel counts by layer"
     return None
+
+
+def _plain_setting(value) -> bool:
+    """A number or a short name: what a config sets (an int short enough to print)."""
+    return type(value) in (bool, float, type(None)) or (type(value) is int and abs(value) < 2**63) or (
+        type(value) is str and len(value) <= 100)
 
 
 def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_by: str, key: str = "model",

@@ -27,6 +27,18 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     return shapes
 
 
+def _implied_shape(module: nn.Module, attr: str, current: torch.Tensor) -> tuple[int, ...]:
+    """The shape of `module`'s tensor `attr` once its sizes are set; that of `current` for a module without any."""
+    if isinstance(module, nn.Conv2d):
+        out = module.out_channels
+        return {"weight": (out, module.in_channels // module.groups, *module.kernel_size)}.get(attr, (out,))
+    if isinstance(module, nn.Linear):
+        return {"weight": (module.out_features, module.in_features)}.get(attr, (module.out_features,))
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return () if attr == "num_batches_tracked" else (module.num_features,)
+    return tuple(current.shape)
+
+
 @torch.no_grad()
 def shrink_to(model: nn.Module, shapes: dict[str, dict[str, int]], state_dict: dict) -> nn.Module:
     """Resize layers of a freshly built model to the recorded shapes, then load weights."""
@@ -41,6 +53,9 @@ def shrink_to(model: nn.Module, shapes: dict[str, dict[str, int]], state_dict: d
         module = modules[module_name]
         current = getattr(module, attr)
         if isinstance(current, torch.Tensor) and current.shape != tensor.shape:
+            # a tensor takes the shape its layer's recorded sizes give it, never one of the file's choosing
+            if (implied := _implied_shape(module, attr, current)) != tuple(tensor.shape):
+                raise ValueError(f"{key} has shape {tuple(tensor.shape)}, its layer_shapes say {implied}")
             if isinstance(current, nn.Parameter):
                 setattr(module, attr, nn.Parameter(torch.empty_like(tensor), current.requires_grad))
             else:
