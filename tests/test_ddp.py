@@ -175,6 +175,39 @@ def test_ctrl_c_of_a_ddp_run_in_hydra_mode_is_one_line_and_leaves_no_rank(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_rank_killed_mid_fit_is_one_line_naming_it_and_its_checkpoint_is_kept(tmp_path):
+    """The out-of-memory killer takes rank 1: rank 0's collective fails with its backend's traceback unless
+    the command says which rank died and how, and that the next run resumes."""
+    single = compose("experiment=smoke", tmp=tmp_path)
+    for stage in ("prepare", "pretrain"):
+        run(stage, single)
+    cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  "trainer.num_threads=1", "transfer.epochs=200", "trainer.checkpoint_budget=1", tmp=tmp_path)
+    params = tmp_path / "ddp.yaml"
+    params.write_text(params_text(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0"}
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "transfer", "--params", str(params)],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        checkpoint = tmp_path / "artifacts" / ".transfer.incomplete" / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        try:
+            rank1 = [pid for pid in _processes_naming(str(params)) if pid != proc.pid]
+            os.kill(rank1[0], signal.SIGKILL)
+            code = proc.wait(timeout=60)
+        finally:
+            for pid in [proc.pid, *_processes_naming(str(params))]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+    output = (tmp_path / "log.txt").read_text()
+    assert code == 2 and "Traceback" not in output, output[-3000:]
+    assert output.count("transferkit transfer: error: rank 1 of the fit was killed by signal 9 (Killed)") == 1
+    assert "Fix: run the stage again: it resumes from its last checkpoint" in output and checkpoint.exists()
+
+
+@pytest.mark.slow
 def test_an_error_every_rank_meets_is_one_line_under_ddp(tmp_path):
     single = compose("experiment=smoke", tmp=tmp_path)
     for stage in ("prepare", "pretrain"):

@@ -220,6 +220,21 @@ class DieOnSigterm(Callback):
         os.kill(os.getpid(), signum)  # exit status 143, as a shell reports a SIGTERM
 
 
+def ended_rank(wait_s: float = 2.0) -> tuple[int, str] | None:
+    """The first rank Lightning's launcher started in this process that has ended, and how; None if all run. A
+    rank killed a moment ago may not be reaped yet: it is given `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while DieOnSigterm.started:
+        for rank, proc in enumerate(DieOnSigterm.started, start=1):
+            if (code := proc.poll()) is not None:
+                return rank, (f"was killed by signal {-code} ({signal.strsignal(-code)})" if code < 0
+                              else f"exited with status {code}")
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+    return None
+
+
 @dataclass
 class Fit:
     model: BlockNet       # trained, on the CPU
@@ -260,6 +275,12 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     except SystemExit as e:  # Lightning ends a fit that Ctrl+C stopped with exit(1), as a failure would
         if e.code == 1 and trainer.interrupted:  # the command dies of SIGINT (cli.main): a shell's loop stops too
             raise KeyboardInterrupt from e
+        raise
+    except RuntimeError as e:  # a collective that lost a rank: which one died, and how, says more than its backend
+        if dead := ended_rank():
+            raise TransferkitError(f"rank {dead[0]} of the fit {dead[1]}, and the collective waiting for it failed "
+                                   f"({type(e).__name__}). Fix: run the stage again: it resumes from its last "
+                                   f"checkpoint (if memory ran out, lower its batch_size or trainer.devices).") from e
         raise
     finally:  # between a stage's fits too (Lightning puts its handlers back after each): the started ranks go with it
         if DieOnSigterm.started:
