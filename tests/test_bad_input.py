@@ -457,6 +457,19 @@ def test_the_artifacts_folder_as_a_stages_output_is_refused_before_any_stage_ran
     assert list(tmp_path.glob("artifacts/*")) == []
 
 
+def test_a_gpu_clusters_params_prepare_on_a_cpu_node(tmp_path, monkeypatch):
+    """prepare touches no device, and evaluate trains nothing: a params file for fp16 on GPUs (accelerator auto)
+    prepares on a CPU-only login node, where the download works; transfer there is refused."""
+    from transferkit.stages.run import run_stage
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = compose("experiment=smoke", "trainer=ddp", "trainer.precision=16-mixed", tmp=tmp_path)
+    run_stage("prepare", cfg, tmp_path / "artifacts" / "prepare")
+    assert (tmp_path / "artifacts" / "prepare" / "target.pt").exists()
+    with pytest.raises(TransferkitError, match="trainer.precision=16-mixed is fp16"):
+        run_stage("pretrain", cfg, tmp_path / "artifacts" / "pretrain")
+
+
 @pytest.mark.parametrize("overrides, needle", [
     (("trainer=gpu",), "trainer.accelerator=gpu, but torch sees no CUDA GPU.*Fix: train on"),
     # the ddp preset's accelerator is auto: the CPU here, where SyncBatchNorm fails on the first batch

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,10 +142,12 @@ def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path, sta
 
 
 @pytest.mark.slow
-def test_ctrl_c_of_a_ddp_run_in_hydra_mode_is_one_line_and_leaves_no_rank(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl_c", "sigint_to_the_parent", "kill_9_of_the_child"])
+def test_a_ddp_run_in_hydra_mode_stopped_is_one_line_and_leaves_no_rank(tmp_path, how):
     """Hydra mode runs a DDP job as a child command in the same terminal: Ctrl+C reaches both. The child says
     so in its one line and ends its ranks; the parent waits for it (it was killed 0.25 s later by
-    subprocess.run) and dies of SIGINT without a second line."""
+    subprocess.run) and dies of SIGINT without a second line. A SIGINT to the parent alone (kill -INT, an IDE)
+    is passed on; a child killed outright (out of memory) is one line from the parent, exit 137."""
     single = compose("experiment=smoke", tmp=tmp_path)
     for stage in ("prepare", "pretrain"):
         run(stage, single)
@@ -161,7 +164,14 @@ def test_ctrl_c_of_a_ddp_run_in_hydra_mode_is_one_line_and_leaves_no_rank(tmp_pa
         while (not list((tmp_path / "hydra").glob(".transfer.incomplete/checkpoints/last.ckpt"))
                and proc.poll() is None and time.monotonic() < deadline):
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl+C: the whole foreground group
+        if how == "ctrl_c":
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's: the whole foreground group
+        elif how == "sigint_to_the_parent":
+            proc.send_signal(signal.SIGINT)
+        else:
+            child = [p for p in _processes_naming("transfer.params.yaml")  # rank 0, not the rank it started
+                     if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+            os.kill(child[0], signal.SIGKILL)
         try:
             code = proc.wait(timeout=60)
         finally:
@@ -170,8 +180,12 @@ def test_ctrl_c_of_a_ddp_run_in_hydra_mode_is_one_line_and_leaves_no_rank(tmp_pa
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
     output = (tmp_path / "log.txt").read_text()
-    assert code == -signal.SIGINT and not left, (output[-3000:], left)
-    assert output.count("transferkit transfer: interrupted") == 1, output[-3000:]
+    if how == "kill_9_of_the_child":
+        assert code == 137 and "Traceback" not in output, output[-3000:]
+        assert output.count("transferkit transfer: error: its process was killed by signal 9") == 1, output[-3000:]
+    else:
+        assert code == -signal.SIGINT and not left, (output[-3000:], left)
+        assert output.count("transferkit transfer: interrupted") == 1, output[-3000:]
 
 
 @pytest.mark.slow

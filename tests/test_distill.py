@@ -103,6 +103,23 @@ def test_dkd_ramps_its_distillation_terms_up_over_its_warmup_epochs(monkeypatch)
         assert got != pytest.approx(dkd_loss(student(x), teacher(x), y).item())
 
 
+def test_only_the_distill_stage_warms_dkd_up(tmp_path, monkeypatch):
+    """prune's recovery and quantize's fine-tune distil a student that has learned already: at full weight from
+    their first epoch (their rounds and QAT's few epochs would each start again at a fifth)."""
+    import transferkit.stages.distill as distill_stage
+    from transferkit.stages.distill import distillation
+
+    cfg = compose("experiment=smoke", "distill.method=dkd", "distill.dkd_warmup=3", "distill.epochs=4", tmp=tmp_path)
+    assert distillation(cfg, None)["method_kwargs"]["dkd_warmup"] == 0  # what prune and quantize take
+    seen = []
+    monkeypatch.setattr(distill_stage, "train_stage", lambda *a, **k: seen.append(k["method_kwargs"]) or {})
+    monkeypatch.setattr(distill_stage, "load_teacher", lambda *a: build_model("fastnet", 3, widths=[8, 16, 16]))
+    monkeypatch.setattr(distill_stage, "load_task", lambda *a: {"classes": ["a", "b", "c"], "train_x": torch.randint(
+        0, 256, (8, 3, 32, 32), dtype=torch.uint8)})
+    distill_stage.run(cfg, {"prepare": tmp_path, "transfer": tmp_path}, tmp_path)
+    assert seen[0]["dkd_warmup"] == 3
+
+
 def test_dkd_non_target_term_ignores_the_target_logit():
     """NCKD compares the distributions over the non-target classes only: moving the student's target logit
     alone changes the cross-entropy and the target-class term, never the non-target term."""

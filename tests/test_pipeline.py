@@ -325,7 +325,7 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     from transferkit.evaluation.report import render
 
     bad = ["<img src=x onerror=alert(1)>", "b|c", "[x](javascript:alert(1))", "<me@evil.example>", "<http://e.example>",
-           'src="secret.png"', "__init__", "a_b_c", "&lt;b&gt;"]
+           'src="secret.png"', "__init__", "a_b_c", "&lt;b&gt;", "<sup>x"]
     (tmp_path / "secret.png").write_bytes(b"a file beside the report")  # embedded only where the report shows a plot
     m = {"top1": .5, "top1_ci95": [.4, .6], "params": 1000, "macs": 1000, "size_bytes": 100,
          "per_class": dict.fromkeys(bad, 0.5)}
@@ -340,8 +340,20 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "<td>b|c</td>" in page
     # no emphasis from underscores, and an entity in a name shows as written
     assert "<td>__init__</td>" in page and "<td>a_b_c</td>" in page and "<td>&amp;lt;b&amp;gt;</td>" in page
+    assert "| &lt;sup>x |" in text and "<sup>" not in page  # a tag GitHub's preview renders stays text in report.md
     assert 'src="secret.png"' in page and "base64" not in page
     assert "| – | – | – |" in text  # no timings measured: a dash, not nan
+
+
+def test_the_report_tells_models_of_one_builder_apart():
+    from omegaconf import OmegaConf
+
+    from transferkit.stages.evaluate import described
+
+    assert described(OmegaConf.create({"name": "mobilenet", "width_mult": 0.5})) == "mobilenet (width x0.5)"
+    assert described(OmegaConf.create({"name": "resnet18", "weights": "IMAGENET1K_V1"})) == \
+        "resnet18 (weights IMAGENET1K_V1)"
+    assert described(OmegaConf.create({"name": "resnet18", "weights": None})) == "resnet18"
 
 
 def test_the_verdict_on_transfer_names_what_scratch_trained_with_apart():

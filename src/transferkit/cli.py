@@ -113,19 +113,32 @@ def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
                            "--out", str(out)]) as child:
         while (code := _wait_through_ctrl_c(child)) is None:
             pass
-    if code < 0:  # the child died of the terminal's Ctrl+C (or another signal) and said so: so does this process
+    if code in (-signal.SIGINT, -signal.SIGTERM):  # the child said so in its line: this process dies of it too
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
+    if code < 0:  # a signal the child could not report (the out-of-memory killer, kill -9): 137 for SIGKILL
+        print(f"transferkit {stage}: error: its process was killed by signal {-code} ({signal.strsignal(-code)}; "
+              f"out of memory, or kill -9). Fix: run it again: it resumes from its last checkpoint.", file=sys.stderr)
+        sys.exit(128 - code)
     if code:
         sys.exit(code)  # the child has already printed its one error line
 
 
-def _wait_through_ctrl_c(child) -> int | None:
-    """The child's exit status; None after a Ctrl+C, which reached the child in the same terminal too: it
-    stops its ranks and says so in its own line, and this process waits for it (subprocess.run killed it)."""
+def _wait_through_ctrl_c(child, grace_s: float = 5.0) -> int | None:
+    """The child's exit status; None after a Ctrl+C. From a terminal it reached the child too, which stops its
+    ranks and says so in its own line (subprocess.run killed it 0.25 s on); sent to this process alone (kill
+    -INT, an IDE's stop button), it is passed on once the child has not stopped within `grace_s`."""
+    import subprocess
+
     try:
         return child.wait()
     except KeyboardInterrupt:
+        try:
+            return child.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGINT)
+        except KeyboardInterrupt:  # a second Ctrl+C: the child has it too
+            pass
         return None
 
 

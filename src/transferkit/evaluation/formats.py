@@ -30,9 +30,9 @@ def measured(timing: dict, key: str, spec: str, unit: str = "") -> str:
     return f"{timing[key]:{spec}}{unit}" if isinstance(timing.get(key), (int, float)) else "–"
 
 
-# a name from the data (a class, a dataset path) stays literal text: never a link, emphasis, an entity (&lt;)
-# or a table cell's end
-LITERAL = str.maketrans({**{c: f"\\{c}" for c in "\\`*_[]|"}, "&": "&amp;"})
+# a name from the data (a class, a dataset path) stays literal text: never a link, emphasis, an entity (&lt;),
+# a tag (GitHub's preview renders some) or a table cell's end
+LITERAL = str.maketrans({**{c: f"\\{c}" for c in "\\`*_[]|"}, "&": "&amp;", "<": "&lt;"})
 
 
 def names(items) -> str:

@@ -174,8 +174,8 @@ def _not_a_checkpoint(ckpt) -> str | None:
     if bad := next((k for k, v in arch.items() if not all(map(_plain_setting, v if type(v) in (list, tuple)
                                                                   and len(v) <= 64 else [v]))), None):
         return f"its 'arch' setting {bad!r} is no number, name or short flat list"
-    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) and len(c) <= 255 for c in classes) \
-            or len(set(classes)) != len(classes):
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes) \
+            or len(set(classes)) != len(classes):  # prepare refuses a class listed twice
         return "its 'classes' are no list of distinct names"
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):

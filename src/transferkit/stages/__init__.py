@@ -28,7 +28,7 @@ class Stage:
 COMMON = ("seed", "trainer")
 # prune's recovery settings, with the distillation settings it uses (stages/distill.py: distillation)
 PRUNE_PARAMS = ("prune", "distill.method", "distill.temperature", "distill.alpha", "distill.dkd_alpha",
-                "distill.dkd_beta", "distill.dkd_warmup", "distill.mixup")
+                "distill.dkd_beta", "distill.mixup")
 PIPELINE = (
     Stage("prepare", params=("seed", "data", "paths.data_dir"),
           datasets=("data.source.dataset", "data.target.dataset")),

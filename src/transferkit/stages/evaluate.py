@@ -48,9 +48,11 @@ def distillation_summary(models: dict, correct: dict) -> dict:
 
 
 def described(model_cfg) -> str:
-    """A builder's name with its widths: the teacher and the student may share a builder (fastnet)."""
-    widths = model_cfg.get("widths")
-    return f"{model_cfg.name} ({'/'.join(map(str, widths))} channels)" if widths else str(model_cfg.name)
+    """A builder's name with what sizes or starts it: the teacher and the student may share a builder."""
+    widths, mult, weights = (model_cfg.get(k) for k in ("widths", "width_mult", "weights"))
+    parts = [f"{'/'.join(map(str, widths))} channels" if widths else None, f"width x{mult}" if mult else None,
+             f"weights {weights}" if weights else None]
+    return f"{model_cfg.name} ({', '.join(p for p in parts if p)})" if any(parts) else str(model_cfg.name)
 
 
 def freeze_curve(cfg: DictConfig, inputs: dict[str, Path], x: torch.Tensor, y: torch.Tensor, classes: list[str],

@@ -25,7 +25,8 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
 
     validate(cfg)
     check_files_tracked(stage, cfg)
-    check_accelerator(cfg.trainer)
+    if any(key.split(".")[0] == "trainer" for key in BY_NAME[stage].params):  # prepare touches no device
+        check_accelerator(cfg.trainer, BY_NAME[stage].trains)
     seed_everything(cfg.seed)
     inputs = {**inputs_of(stage, cfg.paths.artifacts_dir), **(inputs or {})}
     module = importlib.import_module(module_of(stage))

@@ -112,16 +112,17 @@ def eval_device(accelerator: str) -> str:
     return "cuda" if uses_cuda(accelerator) else "cpu"
 
 
-def check_accelerator(trainer) -> None:
-    """At run time, not in the config's checks: params.yaml may be written for another machine."""
+def check_accelerator(trainer, trains: bool = True) -> None:
+    """At run time, not in the config's checks: params.yaml may be written for another machine. The precision and
+    SyncBatchNorm are a fit's alone: evaluate on a CPU node runs with a GPU cluster's params file."""
     accelerator = str(trainer.accelerator)
-    if trainer.sync_batchnorm and not uses_cuda(accelerator):
+    if trains and trainer.sync_batchnorm and not uses_cuda(accelerator):
         raise TransferkitError(f"trainer.sync_batchnorm=true works only on CUDA GPUs (torch's SyncBatchNorm), and "
                                f"trainer.accelerator={accelerator} trains on the CPU here. Fix: set "
                                f"trainer.sync_batchnorm=false, or run on GPUs.")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not uses_cuda(accelerator)
                                       and not torch.backends.mps.is_available())
-    if on_cpu and str(trainer.precision).startswith("16"):
+    if trains and on_cpu and str(trainer.precision).startswith("16"):
         raise TransferkitError(f"trainer.precision={trainer.precision} is fp16, which torch runs on GPUs only, and "
                                f"trainer.accelerator={accelerator} trains on the CPU here. Fix: set "
                                f"trainer.precision=auto (bf16 where this CPU runs it faster, else fp32), 32-true or "

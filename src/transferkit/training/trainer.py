@@ -220,19 +220,19 @@ class DieOnSigterm(Callback):
         os.kill(os.getpid(), signum)  # exit status 143, as a shell reports a SIGTERM
 
 
-def ended_rank(wait_s: float = 2.0) -> tuple[int, str] | None:
-    """The first rank Lightning's launcher started in this process that has ended, and how; None if all run. A
-    rank killed a moment ago may not be reaped yet: it is given `wait_s`."""
+def ended_rank(parent: int, wait_s: float = 2.0) -> str | None:
+    """Which rank of the fit has ended, and how: one Lightning's launcher started in this process (given `wait_s` to
+    be reaped), or, in a rank it started, rank 0, its parent (`parent` at the start). None: all run."""
     deadline = time.monotonic() + wait_s
     while DieOnSigterm.started:
         for rank, proc in enumerate(DieOnSigterm.started, start=1):
             if (code := proc.poll()) is not None:
-                return rank, (f"was killed by signal {-code} ({signal.strsignal(-code)})" if code < 0
-                              else f"exited with status {code}")
+                return f"rank {rank} of the fit " + (f"was killed by signal {-code} ({signal.strsignal(-code)})"
+                                                     if code < 0 else f"exited with status {code}")
         if time.monotonic() > deadline:
             return None
         time.sleep(0.05)
-    return None
+    return "rank 0 of the fit ended" if os.getppid() != parent else None
 
 
 @dataclass
@@ -266,7 +266,7 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
         trainer = make_trainer(trainer_cfg, out_dir, max_epochs, resume=resume, callbacks=callbacks)
         if resume and first_process():  # the other ranks' loggers write nothing
             resume_csv(trainer, saved / "logs" / "csv" / "metrics.csv")
-    start = time.perf_counter()
+    start, parent = time.perf_counter(), os.getppid()
     try:
         with _environ(threads):  # set for the fit alone
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
@@ -277,8 +277,8 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
             raise KeyboardInterrupt from e
         raise
     except RuntimeError as e:  # a collective that lost a rank: which one died, and how, says more than its backend
-        if dead := ended_rank():
-            raise TransferkitError(f"rank {dead[0]} of the fit {dead[1]}, and the collective waiting for it failed "
+        if trainer.world_size > 1 and (dead := ended_rank(parent)):
+            raise TransferkitError(f"{dead}, and the collective waiting for it failed "
                                    f"({type(e).__name__}). Fix: run the stage again: it resumes from its last "
                                    f"checkpoint (if memory ran out, lower its batch_size or trainer.devices).") from e
         raise
