@@ -141,6 +141,19 @@ def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path, sta
     assert json.loads((tmp_path / "artifacts" / stage / "timing.json").read_text())["resumed_at_epoch"]
 
 
+def _ddp_params(tmp_path, *overrides: str):
+    """The smoke experiment's prepare and pretrain, run in one process, and a params file that trains transfer in
+    2 CPU processes with `overrides`."""
+    single = compose("experiment=smoke", tmp=tmp_path)
+    for stage in ("prepare", "pretrain"):
+        run(stage, single)
+    cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  "trainer.num_threads=1", *overrides, tmp=tmp_path)
+    params = tmp_path / "ddp.yaml"
+    params.write_text(params_text(cfg))
+    return params
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl_c", "sigint_to_the_parent", "kill_9_of_the_child"])
 def test_a_ddp_run_in_hydra_mode_stopped_is_one_line_and_leaves_no_rank(tmp_path, how):
@@ -192,13 +205,7 @@ def test_a_ddp_run_in_hydra_mode_stopped_is_one_line_and_leaves_no_rank(tmp_path
 def test_a_rank_killed_mid_fit_is_one_line_naming_it_and_its_checkpoint_is_kept(tmp_path):
     """The out-of-memory killer takes rank 1: rank 0's collective fails with its backend's traceback unless
     the command says which rank died and how, and that the next run resumes."""
-    single = compose("experiment=smoke", tmp=tmp_path)
-    for stage in ("prepare", "pretrain"):
-        run(stage, single)
-    cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                  "trainer.num_threads=1", "transfer.epochs=200", "trainer.checkpoint_budget=1", tmp=tmp_path)
-    params = tmp_path / "ddp.yaml"
-    params.write_text(params_text(cfg))
+    params = _ddp_params(tmp_path, "transfer.epochs=200", "trainer.checkpoint_budget=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0"}
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "transfer", "--params", str(params)],
@@ -223,13 +230,7 @@ def test_a_rank_killed_mid_fit_is_one_line_naming_it_and_its_checkpoint_is_kept(
 
 @pytest.mark.slow
 def test_an_error_every_rank_meets_is_one_line_under_ddp(tmp_path):
-    single = compose("experiment=smoke", tmp=tmp_path)
-    for stage in ("prepare", "pretrain"):
-        run(stage, single)
-    cfg = compose("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                  "trainer.num_threads=1", "transfer.lr=1e30", "transfer.epochs=2", tmp=tmp_path)
-    params = tmp_path / "ddp.yaml"
-    params.write_text(params_text(cfg))
+    params = _ddp_params(tmp_path, "transfer.lr=1e30", "transfer.epochs=2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0"}
     with open(tmp_path / "log.txt", "w") as log:
         code = subprocess.run([sys.executable, "-m", "transferkit.cli", "transfer", "--params", str(params)],

@@ -279,6 +279,30 @@ def test_a_signal_that_comes_just_before_the_command_waits_for_its_worker_still_
     assert client.wait(40) == -signal.SIGTERM and time.monotonic() - start < 10  # the worker sleeps 30 s
 
 
+MANY_FILES_OPEN = """import os, sys
+from transferkit import warm
+while os.dup(0) < 1100:  # a caller with many files open (a test run, a long-lived library user)
+    pass
+r = warm.run(sys.argv[1:])
+sys.exit(100 if r is None else r)
+"""
+
+
+def test_a_command_with_over_a_thousand_files_open_is_served(tmp_path, server_dir):
+    """select() takes no descriptor past 1023: a caller holding more files (the test run that found it) got a
+    ValueError traceback instead of its command's exit code."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("this process may not open 1,200 files")
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    env = {**os.environ, "PYTHONPATH": str(fake), "TRANSFERKIT_WARM": "1", "TMPDIR": str(server_dir)}
+    client = subprocess.run([sys.executable, "-c", MANY_FILES_OPEN, "exit", "7"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert client.returncode == 7 and client.stderr == "", client.stderr[-2000:]
+
+
 @pytest.mark.parametrize("argv, status", [(("exit", "-1"), 255), (("exit", "143", "term"), 143)])
 def test_a_warm_command_exits_with_the_status_a_fresh_process_exits_with(tmp_path, server_dir, argv, status):
     """The trainer's SIGTERM handler exits with 143 so that DVC records a failure: an exit with that

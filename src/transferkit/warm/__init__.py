@@ -35,7 +35,7 @@ import contextlib
 import hashlib
 import json
 import os
-import select
+import selectors
 import signal
 import socket
 import stat
@@ -210,17 +210,20 @@ def run(argv: list[str]) -> int | None:
 def _wait_for_code(conn: socket.socket) -> bytes | None:
     """The worker's exit code (4 bytes), or None where the connection closed first. A signal's handler runs
     between bytecodes, so one that came as a blocking recv() began (or that another thread took) would wait for
-    the worker to end; the signal module's wakeup socket (as asyncio uses it) wakes select() for it instead."""
+    the worker to end; the signal module's wakeup socket (as asyncio uses it) wakes the selector for it instead
+    (epoll or poll: select() takes no descriptor past 1023, and a caller may hold more files)."""
     wake, woken = socket.socketpair()
-    with wake, woken:
+    with wake, woken, selectors.DefaultSelector() as selector:
         wake.setblocking(False)
         woken.setblocking(False)
+        selector.register(conn, selectors.EVENT_READ)
+        selector.register(woken, selectors.EVENT_READ)
         previous = signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
         try:
             data = b""
             while len(data) < 4:
-                ready, _, _ = select.select([conn, woken], [], [])
-                if woken in ready:  # the handlers ran as select() returned
+                ready = {key.fileobj for key, _ in selector.select()}
+                if woken in ready:  # the handlers ran as the selector returned
                     with contextlib.suppress(BlockingIOError):
                         woken.recv(256)
                 if conn in ready:
