@@ -116,6 +116,7 @@ def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
     if code in (-signal.SIGINT, -signal.SIGTERM):  # the child said so in its line: this process dies of it too
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
+        sys.exit(128 - code)  # where the signal is blocked: its status, not the line for a signal unreported
     if code < 0:  # a signal the child could not report (the out-of-memory killer, kill -9): 137 for SIGKILL
         print(f"transferkit {stage}: error: its process was killed by signal {-code} ({signal.strsignal(-code)}; "
               f"out of memory, or kill -9). Fix: run it again: it resumes from its last checkpoint.", file=sys.stderr)

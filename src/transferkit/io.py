@@ -138,8 +138,8 @@ def _inflating_records(path: str | Path) -> str | None:
     if any(r.compress_type != zipfile.ZIP_STORED for r in records):
         return "holds compressed records"
     # stored records hold their bytes once each: entries that share bytes claim more than the file has
-    if (total := sum(r.file_size for r in records)) > os.path.getsize(path):
-        return f"holds records that add up to {total:,} bytes, more than its {os.path.getsize(path):,}"
+    if (total := sum(r.file_size for r in records)) > (size := os.path.getsize(path)):
+        return f"holds records that add up to {total:,} bytes, more than its {size:,}"
     return None
 
 
