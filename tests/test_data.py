@@ -13,6 +13,7 @@ import random
 import shutil
 import stat
 import struct
+import zlib
 import tarfile
 import zipfile
 from pathlib import Path
@@ -252,7 +253,7 @@ def test_a_hard_linked_image_in_an_archive_counts_as_in_its_folder(jpeg_pair, tm
             if not (m.isfile() and m.name.endswith("bird/0000.jpg")):
                 out.addfile(m, tar.extractfile(m) if m.isfile() else None)
     with pytest.raises(TransferkitError, match="0099.jpg in .*broken.tar links to linked/train/bird/0000.jpg, which is "
-                                               "no file in the archive. Fix"):
+                                               "no file or folder in the archive. Fix"):
         read_image_folder(tmp_path / "broken.tar")
 
 
@@ -277,7 +278,7 @@ def test_a_symlinked_image_counts_in_an_archive_as_in_its_folder(jpeg_pair, tmp_
                 info = tarfile.TarInfo(link)
                 info.type, info.linkname = tarfile.SYMTYPE, target
                 out.addfile(info)
-        with pytest.raises(TransferkitError, match=f"{name}.tar links to .*, which is no file in the archive. Fix"):
+        with pytest.raises(TransferkitError, match=f"{name}.tar links to .*, which is no file or folder in the"):
             read_image_folder(tmp_path / f"{name}.tar")
 
 
@@ -1336,3 +1337,175 @@ def test_a_task_whose_tensors_claim_more_than_their_storage_is_refused():
     assert task_fault(task) == "its test_x or test_y claims 200000000 images, more than the file holds (a view " \
                                "repeating it)"
     assert task_fault(task, splits=("train", "val")) is None  # the splits asked about only (export's: test)
+
+
+# ============================================================== archives and names as other tools write them
+def _zip_link(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
+    """A symbolic link as `zip -y` stores it: a Unix member whose mode says link and whose bytes are its target."""
+    info = zipfile.ZipInfo(name)
+    info.create_system, info.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
+    return info, target.encode()
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_a_linked_class_folder_in_an_archive_counts_as_in_its_folder(jpeg_pair, tmp_path, kind):
+    """train/cat/ a link to a folder elsewhere: the folder's reader follows it, and so does the archive's reader
+    (`tar` and `zip -y` store the link, not the files)."""
+    import subprocess
+
+    folder, _ = jpeg_pair
+    copy = tmp_path / "linked"
+    shutil.copytree(folder, copy)
+    (copy / "pool").mkdir()
+    shutil.move(copy / "train" / "cat", copy / "pool" / "cat")
+    (copy / "train" / "cat").symlink_to("../pool/cat")
+    archive = tmp_path / f"linked.{kind}"
+    if kind == "tar":
+        subprocess.run(["tar", "cf", str(archive), "-C", str(tmp_path), "linked"], check=True)
+    else:
+        with zipfile.ZipFile(archive, "w") as out:
+            for f in sorted(p for p in copy.rglob("*") if p.is_file() and not p.is_symlink()):
+                out.writestr(f"linked/{f.relative_to(copy)}", f.read_bytes())
+            out.writestr(*_zip_link("linked/train/cat", "../pool/cat"))
+    a, b = read_image_folder(copy), read_image_folder(archive)
+    assert "cat" in a.classes and a.classes == b.classes
+    assert b.train.labels.tolist() == a.train.labels.tolist() and torch.equal(a.train.images, b.train.images)
+
+
+def test_a_symlinked_image_in_a_zip_is_the_file_it_names(jpeg_pair, tmp_path):
+    """`zip -y` stores a link to a file as a member holding the target's name, which is no image."""
+    folder, _ = jpeg_pair
+    archive = tmp_path / "linked.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            out.writestr(f"top/{f.relative_to(folder)}", f.read_bytes())
+        out.writestr(*_zip_link("top/train/cat/0099.jpg", "../bird/0000.jpg"))
+        out.writestr(*_zip_link("top/train/cat/0098.jpg", "/etc/passwd"))
+    with pytest.raises(TransferkitError, match=r"0098.jpg in .*linked.zip links to /etc/passwd, which is no file"):
+        read_image_folder(archive)
+    with zipfile.ZipFile(archive) as old, zipfile.ZipFile(tmp_path / "fixed.zip", "w") as out:
+        for m in old.infolist():
+            if not m.filename.endswith("0098.jpg"):
+                out.writestr(m, old.read(m))
+    raw = read_image_folder(tmp_path / "fixed.zip")
+    cat, bird = raw.classes.index("cat"), raw.classes.index("bird")
+    assert int((raw.train.labels == cat).sum()) == int((read_image_folder(folder).train.labels == cat).sum()) + 1
+    assert torch.equal(raw.train.images[raw.train.labels == cat][-1], raw.train.images[raw.train.labels == bird][0])
+
+
+def test_one_file_under_two_spellings_of_its_name_is_read_once(tmp_path):
+    """`./train/cat/0.png` (what `tar -C dir .` writes) and `train/cat/0.png` (a later `tar -r`) are one file on
+    extraction: read once, as its last version, or it would be both a train and a val image."""
+    png = {c: _png() for c in ("a", "b")}
+    members = {"./train/cat/0.png": png["a"], "./train/dog/0.png": png["a"], "train/cat/0.png": png["b"],
+               "test//cat/0.png": png["a"], "/test/dog/0.png": png["a"]}
+    for fmt in ("tar", "zip"):
+        path = _archive_with(tmp_path / fmt, fmt, members)
+        read = dict(archives.archive_files(path))
+        assert sorted(read) == ["test/cat/0.png", "test/dog/0.png", "train/cat/0.png", "train/dog/0.png"]
+        assert bytes(read["train/cat/0.png"]) == png["b"]
+        assert len(read_image_folder(path).train.labels) == 2
+
+
+class _InfoZipName(zipfile.ZipInfo):
+    """A member whose name is stored in the given encoding without zip's UTF-8 flag, as Info-ZIP's zip does."""
+    encoding = "utf-8"
+
+    def _encodeFilenameFlags(self):
+        return self.filename.encode(self.encoding), self.flag_bits
+
+
+def test_zip_names_in_utf8_without_the_flag_keep_their_letters(tmp_path):
+    """Info-ZIP's zip writes names in UTF-8 without the flag that says so (and adds them in a field of its own,
+    0x7075, beside a name in the local code page): read as cp437 alone, `café` would become `caf├⌐`."""
+    path = tmp_path / "names.zip"
+    with zipfile.ZipFile(path, "w") as out:
+        for split in ("train", "test"):
+            out.writestr(_InfoZipName(f"top/{split}/café/0.png"), _png())
+            legacy = _InfoZipName(f"top/{split}/naïve/0.png")
+            legacy.encoding = "latin-1"  # not UTF-8: read from the 0x7075 field
+            stored = legacy.filename.encode("latin-1")
+            field = b"\x01" + struct.pack("<I", zlib.crc32(stored)) + legacy.filename.encode()
+            legacy.extra = struct.pack("<HH", 0x7075, len(field)) + field
+            out.writestr(legacy, _png())
+    with zipfile.ZipFile(path) as check:
+        assert not any(m.flag_bits & 0x800 for m in check.infolist())  # what this test is about
+    assert read_image_folder(path).classes == ["café", "naïve"]
+
+
+def test_class_names_match_whatever_unicode_form_they_are_written_in(tmp_path):
+    """macOS writes folder names decomposed (e + a combining accent), a config typed elsewhere composed: one class."""
+    import unicodedata
+
+    nfd, nfc = unicodedata.normalize("NFD", "café"), "café"
+    assert nfd != nfc
+    folder = write_image_folder(tmp_path, [nfd, "dog"], 6, 2, archive=False)
+    raw = read_image_folder(folder, wanted={nfc, "dog"})
+    assert raw.classes == [nfc, "dog"] and len(raw.train.labels) == 12
+    for classes in ([nfc, "dog"], [nfd, "dog"]):
+        task = select_task(raw, classes, train_per_class=4, val_per_class=2, test_per_class=None, seed=0,
+                           role="target")
+        assert task["classes"] == [nfc, "dog"] and len(task["train_y"]) == 8
+    with pytest.raises(TransferkitError, match="more than once"):
+        select_task(raw, [nfc, nfd], train_per_class=4, val_per_class=2, test_per_class=None, seed=0, role="target")
+
+
+def test_a_class_with_test_images_only_names_its_missing_train_folder(tmp_path):
+    """test/dog/ but train/Dog/: no count is low enough, so the fix is the folder, not train_per_class."""
+    folder = write_image_folder(tmp_path, ["cat", "dog"], 6, 2, archive=False)
+    (folder / "train" / "dog").rename(folder / "train" / "Dog")
+    with pytest.raises(TransferkitError) as e:
+        select_task(read_image_folder(folder), ["cat", "dog"], train_per_class=4, val_per_class=2,
+                    test_per_class=None, seed=0, role="target")
+    msg = str(e.value)
+    assert "'dog' has no train images" in msg and "['Dog']" in msg and "train/dog/" in msg
+    assert "train_per_class" not in msg
+
+
+def test_every_picture_format_pil_reads_is_an_image_and_data_files_are_not(tmp_path):
+    """A .jfif or .pgm in a class folder is a picture PIL reads: left out, the class would silently shrink."""
+    folder = write_image_folder(tmp_path, ["cat", "dog"], 2, 1, archive=False)
+    img = Image.fromarray(random_images(1, seed=5)[0])
+    img.save(folder / "train" / "cat" / "extra.jfif", format="JPEG")
+    img.convert("L").save(folder / "train" / "cat" / "extra.pgm", format="PPM")
+    for name in ("labels.txt", "features.h5", "notes.csv"):
+        (folder / "train" / "cat" / name).write_text("not a picture")
+    raw = read_image_folder(folder)
+    assert torch.bincount(raw.train.labels).tolist() == [4, 2]
+    assert {".jfif", ".jpe", ".pgm", ".pbm", ".pnm", ".mpo", ".avif", ".apng"} <= sources.IMAGE_SUFFIXES
+    assert not {".h5", ".txt", ".pdf", ".eps"} & sources.IMAGE_SUFFIXES
+
+
+@pytest.mark.parametrize("magic, kind", [(b"\x28\xb5\x2f\xfd", "Zstandard"), (b"7z\xbc\xaf\x27\x1c", "7-Zip"),
+                                         (b"Rar!\x1a\x07\x01\x00", "RAR")])
+def test_an_archive_in_a_compression_not_read_says_so(tmp_path, magic, kind):
+    """A .tar.zst, .7z or .rar is not corrupt, and copying it again would not help."""
+    path = tmp_path / "cifar10-jpeg.tar.zst"
+    path.write_bytes(magic + bytes(range(256)) * 4)
+    with pytest.raises(TransferkitError, match=f"compressed as {kind}.*Fix: extract it") as e:
+        read_image_folder(path)
+    assert "corrupt" not in str(e.value)
+
+
+def test_a_drawn_test_subset_spans_the_class_not_its_first_files():
+    """test_per_class below what a class has draws its images by a seeded shuffle (kept in file order): the first
+    files of a folder may be one photo session. null keeps every test image."""
+    raw = _tagged_raw()
+    drawn = [_ids(_select(raw, seed=s, test_per_class=3)["test_x"]) for s in range(6)]
+    assert drawn[0] == _ids(_select(raw, seed=0, test_per_class=3)["test_x"]) and drawn[0] != drawn[1]
+    assert all(ids[:3] == sorted(ids[:3]) and ids[3:] == sorted(ids[3:]) for ids in drawn)
+    dog = [i for i in range(N_TEST * len(RAW_CLASSES)) if RAW_CLASSES[i % len(RAW_CLASSES)] == "dog"]
+    assert {i for ids in drawn for i in ids[:3]} - set(dog[:3])  # beyond the first three files
+    everything = _ids(_select(raw, test_per_class=None)["test_x"])
+    assert everything[:N_TEST] == dog
+
+
+def test_synthetic_tasks_made_with_one_seed_share_no_noise():
+    """The source and target synthetic tasks are made with one seed: each class draws from its own stream, or
+    the target's images would repeat the source's noise and phases, a correlation no real dataset has."""
+    def residual(classes):
+        x = make_synthetic(classes, 48, 4, seed=0).train.images[:48].float()
+        return (x - x.mean(0)).flatten()
+
+    a, b = residual(["src_a", "src_b"]), residual(["tgt_a", "tgt_b"])
+    assert float(a @ b / (a.norm() * b.norm())) < 0.1

@@ -5,11 +5,13 @@ to capped by this machine's memory (a few kilobytes of compressed zeros can clai
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import io
 import lzma
 import posixpath
 import re
+import stat
 import struct
 import tarfile
 import zipfile
@@ -72,7 +74,7 @@ def _tar_files(raw: bytearray, keep: Callable[[str], bool] = lambda name: True) 
         if header[257:263] == b"ustar\0" and header[345]:  # POSIX ustar: a long path's folders
             name = header[345:500].partition(b"\0")[0] + b"/" + name
         if kind != b"5":
-            name = name.decode("utf-8", "surrogateescape")
+            name = _normal(name.decode("utf-8", "surrogateescape"))
             files.append((name, raw[start:start + size] if keep(name) else None))
         off = start + -(-size // 512) * 512
     ok = _checksums_hold(raw, offsets, checksums)
@@ -105,6 +107,11 @@ def _checksums_hold(raw: bytearray, offsets: list[int], checksums: list[int]) ->
     return (unsigned == checksums) | (unsigned - 256 * (headers >= 128).sum(1) == checksums)
 
 
+# formats read as archives elsewhere, which would otherwise read here as a corrupt tar
+UNSUPPORTED = {b"\x28\xb5\x2f\xfd": "Zstandard (.zst)", b"7z\xbc\xaf\x27\x1c": "7-Zip (.7z)", b"Rar!\x1a\x07": "RAR",
+               b"\x04\x22\x4d\x18": "LZ4 (.lz4)", b"LZIP": "lzip (.lz)", b"\x1f\x9d": "compress (.Z)"}
+
+
 def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
     if path.stat().st_size > limit:
         raise _TooLarge
@@ -112,13 +119,15 @@ def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
     if raw[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record (a file; the directory of an empty one)
         try:  # an encrypted member; a compression method or zip version that zipfile lacks
             with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-                return _last_of_each_name(_kept(((m.filename, lambda m=m: archive.open(m))
-                                                 for m in archive.infolist() if not m.is_dir()), keep, limit))
+                return _zip_files(archive, path, keep, limit)
         except (RuntimeError, NotImplementedError) as e:
             raise TransferkitError(f"{path} holds a member Python's zipfile cannot read ({e}): a password, a newer "
                                    f"zip version, or a compression such as Deflate64, which Windows uses for large "
                                    f"folders. Fix: re-create it with standard Deflate and no password (`zip -r`), or "
                                    f"as a .tar.gz.") from e
+    if kind := next((kind for magic, kind in UNSUPPORTED.items() if raw.startswith(magic)), None):
+        raise TransferkitError(f"{path} is compressed as {kind}, which transferkit does not read. Fix: extract it and "
+                               f"give that folder, or re-create it as a .tar.gz or .zip.")
     # decompressed here, so that the tar's every header is checked: through tarfile, gzip also seeks
     # and inflates in small pieces
     # (bz2: "BZh", the block size, a block's or the stream end's magic, which no tar member's name starts with)
@@ -128,38 +137,102 @@ def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
             raw = _bounded(opened(io.BytesIO(raw)).read, 0, limit)
             break
     if (files := _tar_files(raw, keep)) is not None:
-        return _last_of_each_name(files)
+        return list(dict(files).items())  # a name stored twice (`tar -r`): its last version
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-        # a hard link is a file stored once under two names (GNU tar writes one per inode it met before), and a
-        # symbolic link one more name for a file: read from the file it names inside the archive (_member), as a
-        # folder's reader follows a link
-        by_name = {posixpath.normpath(m.name): m for m in tar.getmembers()}
-        files = _kept(((m.name, lambda m=m: _member(tar, m, path, by_name)) for m in tar
-                       if m.isfile() or m.islnk() or m.issym()), keep, limit)
+        regular, links = {}, {}
+        for m in tar:
+            if m.isfile() or m.islnk() or m.issym():
+                name = _normal(m.name)
+                regular.pop(name, None), links.pop(name, None)  # a name stored twice: its last version
+                if m.isfile():
+                    regular[name] = lambda m=m: tar.extractfile(m)
+                else:  # a hard link names its file from the archive's top, a symbolic link from its own folder
+                    links[name] = (m.linkname, _normal(m.linkname) if m.islnk() else
+                                   posixpath.join(posixpath.dirname(name), m.linkname))
+        files = _kept(_linked(regular, links, path, keep), keep, limit)
         _check_ended(raw, tar.offset)  # where tarfile stopped: at a damaged header, it says nothing
-    return _last_of_each_name(files)
+    return files
 
 
-def _member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, by_name: dict[str, tarfile.TarInfo]):
-    """The member's bytes, a link's from the file it names inside the archive (a hard link's name from the
-    archive's top, a symbolic link's from its own folder), looked up by name: tarfile's own lookup scans every
-    member for each link."""
-    target = member
-    for _ in range(32):  # links to links, never in a loop
-        if not (target.islnk() or target.issym()):
-            break
-        name = target.linkname if target.islnk() else posixpath.join(posixpath.dirname(target.name), target.linkname)
-        if (target := by_name.get(posixpath.normpath(name))) is None:
-            break
-    if target is None or not target.isfile():
-        raise TransferkitError(f"{member.name} in {path} links to {member.linkname}, which is no file in the archive. "
-                               f"Fix: make the archive with the files the links name (`tar -h` follows links).")
-    return tar.extractfile(target)
+def _normal(name: str) -> str:
+    """A member's path as extracting places it: `./train/a.png`, `/train/a.png` and `train//a.png` are one file."""
+    return posixpath.normpath("/" + name.replace("\\", "/")).lstrip("/")
 
 
-def _last_of_each_name(files: Members) -> Members:
-    """A name stored twice (`tar -r` or `zip -u` appends the new version) is the version extracting gives."""
-    return list(dict(files).items())
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    """A member's name, read as UTF-8 where the zip's flag says cp437 but the name is UTF-8 (Info-ZIP's zip, which
+    adds the name in UTF-8 in a field of its own, 0x7075; archivers that write UTF-8 without the flag)."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        stored = info.filename.encode("cp437")  # the bytes zipfile decoded as cp437
+    except UnicodeEncodeError:
+        return info.filename
+    extra = info.extra
+    while len(extra) >= 4:
+        tag, size = struct.unpack("<HH", extra[:4])
+        field, extra = extra[4:4 + size], extra[4 + size:]
+        # version 1, then the CRC-32 of the name it stands for: a stale field (the name renamed since) is not read
+        if tag == 0x7075 and size >= 5 and field[0] == 1 and struct.unpack("<I", field[1:5])[0] == zlib.crc32(stored):
+            with contextlib.suppress(UnicodeDecodeError):
+                return field[5:].decode("utf-8")
+    try:
+        return stored.decode("utf-8")
+    except UnicodeDecodeError:  # a name in a local code page: cp437, as zipfile read it
+        return info.filename
+
+
+def _zip_files(archive: zipfile.ZipFile, path: Path, keep: Callable[[str], bool], limit: int) -> Members:
+    regular, links = {}, {}
+    for m in archive.infolist():
+        if not m.is_dir():
+            name = _normal(_zip_name(m))
+            regular.pop(name, None), links.pop(name, None)  # a name stored twice (`zip -u`): its last version
+            if m.create_system == 3 and stat.S_ISLNK(m.external_attr >> 16):  # `zip -y` stores a link's target
+                target = bytes(_bounded(archive.open(m).read, 0, 4096)).decode("utf-8", "surrogateescape")
+                links[name] = (target, posixpath.join(posixpath.dirname(name), target))
+            else:
+                regular[name] = lambda m=m: archive.open(m)
+    return _kept(_linked(regular, links, path, keep), keep, limit)
+
+
+def _resolve(name: str, regular: dict, links: dict[str, tuple[str, str]]) -> str | None:
+    """The file or folder inside the archive that `name` is, links on its way followed; None where it leads outside
+    the archive (an absolute link, one above its top) or round in a loop."""
+    for _ in range(32):
+        if name.startswith(("/", "../")) or name == "..":
+            return None
+        if name in regular:
+            return name
+        parts = name.split("/")
+        head = next((i for i in range(len(parts), 0, -1) if "/".join(parts[:i]) in links), None)
+        if head is None:
+            return name
+        name = posixpath.normpath(posixpath.join(links["/".join(parts[:head])][1], *parts[head:]))
+    return None
+
+
+def _linked(regular: dict, links: dict[str, tuple[str, str]], path: Path, keep: Callable[[str], bool]):
+    """(name, opener) for every file, and for every file a link gives a name, as a folder's reader follows a link:
+    a link to a file is that file, a link to a folder holds that folder's files. A link that names nothing in the
+    archive is an error where a file it stood for would be read."""
+    files = list(regular.items())
+    for link, (written, at) in links.items():
+        target = _resolve(posixpath.normpath(at), regular, links)
+        under = [] if target is None or target in regular else \
+            [(link + name[len(target):], regular[name]) for name in regular if name.startswith(target + "/")]
+        if target in regular:
+            files.append((link, regular[target]))
+        elif under:
+            files += under
+            if len(files) > 8 * len(regular) + 1000:  # links to folders above themselves multiply every file
+                raise TransferkitError(f"{path} holds links to folders that name its files more than 8 times over "
+                                       f"(a link to a folder above itself). Fix: extract it and give that folder.")
+        elif keep(link) or keep(f"{link}/0.png"):  # a file it stands for, or an image in a folder it stands for
+            raise TransferkitError(
+                f"{link} in {path} links to {written}, which is no file or folder in the archive. Fix: make the "
+                f"archive with the files the links name (`tar -h` follows links; `zip` does unless given -y).")
+    return files
 
 
 def _kept(members, keep: Callable[[str], bool], limit: int) -> Members:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import torch
+
+
+def class_name(name: str) -> str:
+    """A class's name in one Unicode form (NFC): macOS writes folder names decomposed (`cafe` + an accent),
+    a config typed elsewhere composed (`café`), and the two are one class."""
+    return unicodedata.normalize("NFC", name)
 
 
 @dataclass

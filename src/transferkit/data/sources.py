@@ -15,11 +15,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transferkit.data.archives import archive_files
 from transferkit.data.cifar import CIFAR, download_cifar, read_cifar_pickles
-from transferkit.data.dataset import RawDataset, Split
+from transferkit.data.dataset import RawDataset, Split, class_name
 from transferkit.errors import TransferkitError
 from transferkit.progress import progress
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+# formats PIL registers a reader for but that hold no picture it decodes: page descriptions it needs Ghostscript
+# for, stubs that only identify a file (scientific data, video), and .h5 / .fits arrays
+NOT_PICTURES = {"EPS", "WMF", "BUFR", "GRIB", "HDF5", "FITS", "MPEG", "IPTC"}
+Image.init()  # registers every format PIL reads
+# every file suffix PIL opens as a picture (.mpo, a JPEG with more frames, is read by the JPEG reader)
+IMAGE_SUFFIXES = frozenset({ext for ext, fmt in Image.registered_extensions().items()
+                            if fmt in Image.OPEN and fmt not in NOT_PICTURES} | {".mpo"})
 # the most pixels an image may have: PIL's own refusal point (twice the 89 million it warns above), checked
 # here from the header alone, for every format
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
@@ -137,11 +143,11 @@ def _parse_member(path: str, wanted: set[str] | None = None) -> tuple[str, str] 
     parts = path.replace("\\", "/").split("/")
     if len(parts) < 3 or not is_image_file(parts):  # a hidden folder anywhere in the dataset, as data/README says
         return None
-    split, cls = parts[-3], parts[-2]
+    split, cls = parts[-3], class_name(parts[-2])
     if split in ("train", "test"):
         return split, cls
     inner = [i for i, p in enumerate(parts[:-3]) if p in ("train", "test")]  # the split it may lie deeper in
-    if inner and (wanted is None or parts[inner[-1] + 1] in wanted):
+    if inner and (wanted is None or class_name(parts[inner[-1] + 1]) in wanted):
         raise TransferkitError(f"{path} lies in a folder inside its class's folder, where no image is read (only "
                                f"<split>/<class>/<image>). Fix: move it up into the class's folder.")
     return None
@@ -168,6 +174,7 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
     Only classes in `wanted` are decoded (all if None): the rest of the archive is skipped.
     Files are sorted by path so the result does not depend on archive or filesystem order.
     """
+    wanted = None if wanted is None else {class_name(c) for c in wanted}
     items: dict[tuple[str, str], list[tuple[str, bytes | bytearray]]] = {}
     seen_classes: set[str] = set()
     if path.is_dir():
@@ -209,12 +216,14 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
 def make_synthetic(classes: list[str], train_per_class: int, test_per_class: int,
                    image_size: int = 32, seed: int = 0) -> RawDataset:
     """Learnable class-conditional images: each class is an oriented colour grating
-    (its look fixed by the class name) with random phase and noise per image."""
-    gen = torch.Generator().manual_seed(seed)
+    (its look fixed by the class name) with random phase and noise per image, drawn from a stream
+    of the class's own: two tasks made with one seed share no noise."""
+    classes = [class_name(c) for c in classes]
+    draws = {c: torch.Generator().manual_seed(zlib.crc32(f"{seed}/{c}".encode())) for c in classes}
     yy, xx = torch.meshgrid(torch.arange(image_size), torch.arange(image_size), indexing="ij")
 
     def images(cls: str, n: int) -> torch.Tensor:
-        look = torch.Generator().manual_seed(zlib.crc32(cls.encode()))
+        look, gen = torch.Generator().manual_seed(zlib.crc32(cls.encode())), draws[cls]
         colour = torch.rand(3, 1, 1, generator=look) * 0.6 + 0.2
         angle = torch.rand(1, generator=look) * torch.pi
         freq = 0.2 + torch.rand(1, generator=look) * 0.6

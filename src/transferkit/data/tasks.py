@@ -10,6 +10,7 @@ import difflib
 
 import torch
 
+from transferkit.data.dataset import class_name
 from transferkit.data.sources import RawDataset
 from transferkit.errors import TransferkitError
 
@@ -40,7 +41,7 @@ def task_fault(task, splits=("train", "val", "test")) -> str | None:
 
 def check_disjoint(source_classes, target_classes) -> None:
     """Source and target tasks drawn from one dataset share no class."""
-    if both := sorted(set(source_classes) & set(target_classes)):
+    if both := sorted({class_name(c) for c in source_classes} & {class_name(c) for c in target_classes}):
         raise TransferkitError(f"classes {both} are in both data.source.classes and data.target.classes: the target "
                                f"test images of a class the backbone was pretrained on would leak. Fix: remove them "
                                f"from one of the two lists.")
@@ -50,7 +51,8 @@ def check_class_list(classes: list[str], role: str) -> None:
     if len(classes) < 2:
         raise TransferkitError(f"data.{role}.classes needs at least 2 classes, got {classes}. "
                                f"Fix: list two or more class names.")
-    dupes = sorted({c for c in classes if classes.count(c) > 1})
+    names = [class_name(c) for c in classes]
+    dupes = sorted({c for c in names if names.count(c) > 1})
     if dupes:
         raise TransferkitError(f"data.{role}.classes lists {dupes} more than once. Fix: list each class once.")
 
@@ -70,14 +72,25 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
                 val_per_class: int, test_per_class: int | None, seed: int, role: str) -> dict:
     """Per class: a seeded shuffle of its train images, the first `train_per_class` for
     training and the next `val_per_class` for validation (None = all that remain);
-    test images come from the official test split only."""
+    test images come from the official test split only: all of them, or `test_per_class` drawn
+    by a seeded shuffle of their own (the first ones in file order may be one photo session)."""
+    classes = [class_name(c) for c in classes]
     _check_classes(raw, classes, role)
-    gen = torch.Generator().manual_seed(seed)
+    gen, test_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    trained = {raw.classes[i] for i in raw.train.labels.unique().tolist()}
     parts: dict[str, list] = {k: [] for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
     for new_label, name in enumerate(classes):
         old = raw.classes.index(name)
         idx = torch.nonzero(raw.train.labels == old).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
+        if not len(idx):  # its folder in test/ only: no count is low enough
+            near = difflib.get_close_matches(name, sorted(trained), n=3) + [c for c in sorted(trained) if
+                                                                             c.casefold() == name.casefold()]
+            hint = f" ({raw.name} has train images for {sorted(set(near))})" if near else ""
+            raise TransferkitError(
+                f"class '{name}' has no train images in {raw.name}, only test images{hint}. Fix: put its training "
+                f"images in train/{name}/ (the folder named exactly as in test/), or remove it from "
+                f"data.{role}.classes.")
         n_train = len(idx) - val_per_class if train_per_class is None else train_per_class
         if n_train <= 0 or n_train + val_per_class > len(idx):
             raise TransferkitError(
@@ -91,7 +104,7 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
                 raise TransferkitError(
                     f"class '{name}' has {len(test_idx)} test images, data.{role}.test_per_class is "
                     f"{test_per_class}. Fix: lower it or set it to null (all).")
-            test_idx = test_idx[:test_per_class]
+            test_idx = test_idx[torch.randperm(len(test_idx), generator=test_gen)[:test_per_class].sort().values]
         for split, ix, images in (("train", train_idx, raw.train), ("val", val_idx, raw.train),
                                   ("test", test_idx, raw.test)):
             parts[f"{split}_x"].append(images.images[ix])

@@ -44,14 +44,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def expand(paths: list[Path]) -> list[Path]:
     """Folders -> the image files inside them (sorted, recursive); files stay as given."""
-    from transferkit.data.sources import IMAGE_SUFFIXES, is_image_file
+    from transferkit.data.sources import is_image_file
 
     out = []
     for p in paths:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if is_image_file(f.relative_to(p).parts) and f.is_file())
             if not found:
-                raise TransferkitError(f"folder {p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}). "
+                raise TransferkitError(f"folder {p} holds no image files (none in a format PIL reads, such as "
+                                       f".jpg or .png). "
                                        f"Fix: pass image files or a folder that contains some.")
             out += found
         else:
