@@ -1460,6 +1460,9 @@ def test_a_class_with_test_images_only_names_its_missing_train_folder(tmp_path):
     msg = str(e.value)
     assert "'dog' has no train images" in msg and "['Dog']" in msg and "train/dog/" in msg
     assert "train_per_class" not in msg
+    with pytest.raises(TransferkitError, match=r"'dog' has no train images.*\['Dog'\]"):  # as prepare reads: Dog unread
+        select_task(read_image_folder(folder, wanted={"cat", "dog"}), ["cat", "dog"], train_per_class=4,
+                    val_per_class=2, test_per_class=None, seed=0, role="target")
 
 
 def test_every_picture_format_pil_reads_is_an_image_and_data_files_are_not(tmp_path):
@@ -1468,12 +1471,12 @@ def test_every_picture_format_pil_reads_is_an_image_and_data_files_are_not(tmp_p
     img = Image.fromarray(random_images(1, seed=5)[0])
     img.save(folder / "train" / "cat" / "extra.jfif", format="JPEG")
     img.convert("L").save(folder / "train" / "cat" / "extra.pgm", format="PPM")
-    for name in ("labels.txt", "features.h5", "notes.csv"):
+    for name in ("labels.txt", "features.h5", "notes.csv", "scan.pcd", "frame.rgb", "disparity.pfm"):
         (folder / "train" / "cat" / name).write_text("not a picture")
     raw = read_image_folder(folder)
     assert torch.bincount(raw.train.labels).tolist() == [4, 2]
     assert {".jfif", ".jpe", ".pgm", ".pbm", ".pnm", ".mpo", ".avif", ".apng"} <= sources.IMAGE_SUFFIXES
-    assert not {".h5", ".txt", ".pdf", ".eps"} & sources.IMAGE_SUFFIXES
+    assert not {".h5", ".txt", ".pdf", ".eps", ".pcd", ".rgb", ".pfm"} & sources.IMAGE_SUFFIXES
 
 
 @pytest.mark.parametrize("magic, kind", [(b"\x28\xb5\x2f\xfd", "Zstandard"), (b"7z\xbc\xaf\x27\x1c", "7-Zip"),
@@ -1509,3 +1512,48 @@ def test_synthetic_tasks_made_with_one_seed_share_no_noise():
 
     a, b = residual(["src_a", "src_b"]), residual(["tgt_a", "tgt_b"])
     assert float(a @ b / (a.norm() * b.norm())) < 0.1
+
+
+def _tar_of(path: Path, files: dict[str, bytes], links: dict[str, str]) -> Path:
+    with tarfile.open(path, "w") as out:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+        for name, target in links.items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            out.addfile(info)
+    return path
+
+
+def test_links_in_an_archive_that_lead_nowhere_matter_only_where_an_image_is_read(tmp_path):
+    """A link to a note outside the archive beside the images, or an archive whose first name starts like another
+    compression's magic, reads as before; a link inside a linked folder is followed too."""
+    files = {f"LZIP-export/{split}/{c}/0.png": _png() for split in ("train", "test") for c in ("cat", "dog")}
+    files["LZIP-export/pool/cat/1.png"] = _png()
+    links = {"LZIP-export/train/cat/notes.txt": "/home/me/notes.txt", "LZIP-export/train/bird": "../pool/bird",
+             "LZIP-export/train/fox": "../pool/cat", "LZIP-export/pool/cat/2.png": "../../train/dog/0.png"}
+    raw = read_image_folder(_tar_of(tmp_path / "notes.tar", files, links), wanted={"cat", "dog", "fox"})
+    assert raw.classes == ["cat", "dog", "fox"] and torch.bincount(raw.train.labels).tolist() == [1, 1, 2]
+    with pytest.raises(TransferkitError, match=r"train/bird in .* links to \.\./pool/bird, which is no file"):
+        read_image_folder(tmp_path / "notes.tar", wanted={"cat", "dog", "bird"})
+
+
+def test_links_too_many_or_too_deep_to_follow_are_one_error_not_a_stall(tmp_path):
+    """Resolving a link looks up its folders at every depth links sit at: hundreds of links at as many depths
+    would cost their number squared, so past a budget no ordinary archive reaches, the archive is refused."""
+    links = {"/".join(["d"] * depth) + "/l": "x" for depth in range(1, 500)}
+    with pytest.raises(TransferkitError, match="links too many or too deep to follow. Fix: extract it"):
+        read_image_folder(_tar_of(tmp_path / "deep.tar", {"top/train/cat/0.png": _png()}, links))
+
+
+def test_a_zip_link_past_the_longest_path_is_no_file_not_a_memory_error(jpeg_pair, tmp_path):
+    folder, _ = jpeg_pair
+    with zipfile.ZipFile(tmp_path / "long.zip", "w") as out:
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            out.writestr(f"top/{f.relative_to(folder)}", f.read_bytes())
+        out.writestr(*_zip_link("top/train/cat/0099.jpg", "a/" * 3000))
+        out.writestr(*_zip_link("top/notes.txt", "a/" * 3000))
+    with pytest.raises(TransferkitError, match=r"0099.jpg in .*long.zip links to (a/)+\.\.\., which is no file"):
+        read_image_folder(tmp_path / "long.zip")

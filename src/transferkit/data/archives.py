@@ -4,6 +4,7 @@ to capped by this machine's memory (a few kilobytes of compressed zeros can clai
 
 from __future__ import annotations
 
+import bisect
 import bz2
 import contextlib
 import gzip
@@ -24,6 +25,7 @@ import numpy as np
 from transferkit.errors import TransferkitError
 
 ZERO_BLOCK = bytes(512)
+PATH_MAX = 4096  # the longest path Linux resolves
 Members = list[tuple[str, "bytes | bytearray | None"]]
 
 
@@ -109,7 +111,7 @@ def _checksums_hold(raw: bytearray, offsets: list[int], checksums: list[int]) ->
 
 # formats read as archives elsewhere, which would otherwise read here as a corrupt tar
 UNSUPPORTED = {b"\x28\xb5\x2f\xfd": "Zstandard (.zst)", b"7z\xbc\xaf\x27\x1c": "7-Zip (.7z)", b"Rar!\x1a\x07": "RAR",
-               b"\x04\x22\x4d\x18": "LZ4 (.lz4)", b"LZIP": "lzip (.lz)", b"\x1f\x9d": "compress (.Z)"}
+               b"\x04\x22\x4d\x18": "LZ4 (.lz4)", b"LZIP\x01": "lzip (.lz)", b"\x1f\x9d": "compress (.Z)"}
 
 
 def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
@@ -183,55 +185,84 @@ def _zip_name(info: zipfile.ZipInfo) -> str:
 
 
 def _zip_files(archive: zipfile.ZipFile, path: Path, keep: Callable[[str], bool], limit: int) -> Members:
-    regular, links = {}, {}
+    regular, links, held = {}, {}, 0
     for m in archive.infolist():
         if not m.is_dir():
             name = _normal(_zip_name(m))
             regular.pop(name, None), links.pop(name, None)  # a name stored twice (`zip -u`): its last version
             if m.create_system == 3 and stat.S_ISLNK(m.external_attr >> 16):  # `zip -y` stores a link's target
-                target = bytes(_bounded(archive.open(m).read, 0, 4096)).decode("utf-8", "surrogateescape")
+                with archive.open(m) as member:  # a target past PATH_MAX leads nowhere: no more is read
+                    target = member.read(PATH_MAX + 1).decode("utf-8", "surrogateescape")
                 links[name] = (target, posixpath.join(posixpath.dirname(name), target))
+                if (held := held + len(target)) > limit:
+                    raise _TooLarge
             else:
                 regular[name] = lambda m=m: archive.open(m)
     return _kept(_linked(regular, links, path, keep), keep, limit)
 
 
-def _resolve(name: str, regular: dict, links: dict[str, tuple[str, str]]) -> str | None:
-    """The file or folder inside the archive that `name` is, links on its way followed; None where it leads outside
-    the archive (an absolute link, one above its top) or round in a loop."""
-    for _ in range(32):
-        if name.startswith(("/", "../")) or name == "..":
-            return None
-        if name in regular:
-            return name
-        parts = name.split("/")
-        head = next((i for i in range(len(parts), 0, -1) if "/".join(parts[:i]) in links), None)
-        if head is None:
-            return name
-        name = posixpath.normpath(posixpath.join(links["/".join(parts[:head])][1], *parts[head:]))
-    return None
+def _resolver(regular: dict, links: dict[str, tuple[str, str]], path: Path) -> Callable[[str], str | None]:
+    """name -> the file or folder inside the archive it is, the links on its way followed from its first folder on,
+    as the filesystem follows them; None where it leads outside the archive (an absolute link, one above its top),
+    round in a loop or past PATH_MAX. A name's folders are looked up only at the depths links sit at, and no more
+    than a budget that ordinary links never use up: a few hundred bytes of hostile links cannot keep it busy."""
+    depths, budget = sorted({name.count("/") + 1 for name in links}), [64 * len(links) + 100_000]
+
+    def resolve(name: str) -> str | None:
+        for _ in range(32):  # links to links, never in a loop
+            name = posixpath.normpath(name)
+            if len(name) > PATH_MAX or name.startswith(("/", "../")) or name == "..":
+                return None
+            if name in regular:
+                return name
+            parts = name.split("/")
+            budget[0] -= len(depths)
+            if budget[0] < 0:
+                raise TransferkitError(f"{path} holds links too many or too deep to follow. Fix: extract it and give "
+                                       f"that folder, or make it with `tar -h`, which stores files, not links.")
+            head = next((d for d in depths if d <= len(parts) and "/".join(parts[:d]) in links), None)
+            if head is None:
+                return name
+            name = posixpath.join(links["/".join(parts[:head])][1], *parts[head:])
+        return None
+    return resolve
+
+
+def _inside(names: list[str], folder: str) -> list[str]:
+    """The sorted `names` that lie inside `folder`: a range of them, found by bisection, not a scan."""
+    return names[bisect.bisect_left(names, folder + "/"):bisect.bisect_left(names, folder + "0")]  # "0" follows "/"
+
+
+def _stands_for_a_kept_folder(keep: Callable[[str], bool], link: str) -> bool:
+    try:  # an image in the folder the link would be is read where that folder is a wanted class's
+        return keep(f"{link}/0.png")
+    except TransferkitError:  # the link is a file inside a class's folder (train/cat/notes.txt), not a folder
+        return False
 
 
 def _linked(regular: dict, links: dict[str, tuple[str, str]], path: Path, keep: Callable[[str], bool]):
     """(name, opener) for every file, and for every file a link gives a name, as a folder's reader follows a link:
-    a link to a file is that file, a link to a folder holds that folder's files. A link that names nothing in the
-    archive is an error where a file it stood for would be read."""
-    files = list(regular.items())
-    for link, (written, at) in links.items():
-        target = _resolve(posixpath.normpath(at), regular, links)
-        under = [] if target is None or target in regular else \
-            [(link + name[len(target):], regular[name]) for name in regular if name.startswith(target + "/")]
+    a link to a file is that file, a link to a folder holds that folder's files and the files its links name. A
+    link that names nothing in the archive is an error where a file it stood for would be read."""
+    resolve, names, link_names = _resolver(regular, links, path), sorted(regular), sorted(links)
+    targets = {link: resolve(at) for link, (_, at) in links.items()}
+    files = list(regular.items()) + [(link, regular[t]) for link, t in targets.items() if t in regular]
+    for link, target in targets.items():
         if target in regular:
-            files.append((link, regular[target]))
-        elif under:
+            continue
+        under = [] if target is None else [(link + n[len(target):], regular[n]) for n in _inside(names, target)] + [
+            (link + n[len(target):], regular[targets[n]]) for n in _inside(link_names, target) if targets[n] in regular]
+        if under:
             files += under
             if len(files) > 8 * len(regular) + 1000:  # links to folders above themselves multiply every file
                 raise TransferkitError(f"{path} holds links to folders that name its files more than 8 times over "
                                        f"(a link to a folder above itself). Fix: extract it and give that folder.")
-        elif keep(link) or keep(f"{link}/0.png"):  # a file it stands for, or an image in a folder it stands for
+        elif keep(link) or _stands_for_a_kept_folder(keep, link):
+            written = links[link][0]
             raise TransferkitError(
-                f"{link} in {path} links to {written}, which is no file or folder in the archive. Fix: make the "
-                f"archive with the files the links name (`tar -h` follows links; `zip` does unless given -y).")
+                f"{link} in {path} links to {written[:200]}{'...' if len(written) > 200 else ''}, which is no file or "
+                f"folder in the archive. Fix: make the archive with the files the links name (`tar -h` follows "
+                f"links; `zip` does unless given -y).")
     return files
 
 

@@ -20,12 +20,14 @@ from transferkit.errors import TransferkitError
 from transferkit.progress import progress
 
 # formats PIL registers a reader for but that hold no picture it decodes: page descriptions it needs Ghostscript
-# for, stubs that only identify a file (scientific data, video), and .h5 / .fits arrays
-NOT_PICTURES = {"EPS", "WMF", "BUFR", "GRIB", "HDF5", "FITS", "MPEG", "IPTC"}
+# for, stubs that only identify a file (scientific data, video), arrays (.h5, .fits), brushes and textures
+NOT_PICTURES = {"EPS", "WMF", "BUFR", "GRIB", "HDF5", "FITS", "MPEG", "IPTC", "PCD", "GBR", "FTEX", "IM"}
+# suffixes other files share: raw pixel dumps (.rgb, .rgba, .bw), disparity maps (.pfm)
+SHARED_SUFFIXES = {".rgb", ".rgba", ".bw", ".pfm"}
 Image.init()  # registers every format PIL reads
 # every file suffix PIL opens as a picture (.mpo, a JPEG with more frames, is read by the JPEG reader)
 IMAGE_SUFFIXES = frozenset({ext for ext, fmt in Image.registered_extensions().items()
-                            if fmt in Image.OPEN and fmt not in NOT_PICTURES} | {".mpo"})
+                            if fmt in Image.OPEN and fmt not in NOT_PICTURES} - SHARED_SUFFIXES | {".mpo"})
 # the most pixels an image may have: PIL's own refusal point (twice the 89 million it warns above), checked
 # here from the header alone, for every format
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS

@@ -77,16 +77,16 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
     classes = [class_name(c) for c in classes]
     _check_classes(raw, classes, role)
     gen, test_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    trained = {raw.classes[i] for i in raw.train.labels.unique().tolist()}
     parts: dict[str, list] = {k: [] for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
     for new_label, name in enumerate(classes):
         old = raw.classes.index(name)
         idx = torch.nonzero(raw.train.labels == old).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
         if not len(idx):  # its folder in test/ only: no count is low enough
-            near = difflib.get_close_matches(name, sorted(trained), n=3) + [c for c in sorted(trained) if
-                                                                             c.casefold() == name.casefold()]
-            hint = f" ({raw.name} has train images for {sorted(set(near))})" if near else ""
+            others = [c for c in raw.classes if c != name]  # every folder name seen, decoded or not
+            near = sorted({*difflib.get_close_matches(name, others, n=3), *(c for c in others
+                                                                          if c.casefold() == name.casefold())})
+            hint = f" (a folder of a near name: {near})" if near else ""
             raise TransferkitError(
                 f"class '{name}' has no train images in {raw.name}, only test images{hint}. Fix: put its training "
                 f"images in train/{name}/ (the folder named exactly as in test/), or remove it from "
