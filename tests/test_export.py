@@ -316,9 +316,11 @@ def test_an_onnx_file_with_a_fixed_batch_size_classifies_any_number_of_images(ex
     assert np.allclose([p for _, p in fixed], [p for _, p in dynamic], atol=1e-6)
 
 
-def _crafted_onnx(path, *, batch="N", height="H", width="W", input_size=32, brightest=None):
+def _crafted_onnx(path, *, batch="N", height="H", width="W", input_size=32, brightest=None, classes=CLASSES,
+                  output=None):
     """A small ONNX classifier written by hand, as a stranger might: each image's mean colour times a 3x5 matrix;
-    with `brightest`, sqrt(brightest - mean colour) first: NaN for an image brighter than that."""
+    with `brightest`, sqrt(brightest - mean colour) first: NaN for an image brighter than that; with `output`, the
+    logits pooled over the batch ("pooled": one row; "flat": one number per class) or cast to text ("text")."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -326,14 +328,21 @@ def _crafted_onnx(path, *, batch="N", height="H", width="W", input_size=32, brig
     if brightest is not None:
         nodes += [helper.make_node("Sub", ["brightest", "colour"], ["room"]),
                   helper.make_node("Sqrt", ["room"], ["root"])]
-    nodes.append(helper.make_node("MatMul", [nodes[-1].output[0], "w"], ["logits"]))
+    nodes.append(helper.make_node("MatMul", [nodes[-1].output[0], "w"], ["logits" if output is None else "scores"]))
+    kind, shape = TensorProto.FLOAT, [batch, 5]
+    if output in ("pooled", "flat"):
+        nodes.append(helper.make_node("ReduceMean", ["scores"], ["logits"], axes=[0], keepdims=int(output == "pooled")))
+        shape = [1, 5] if output == "pooled" else [5]
+    elif output == "text":
+        nodes.append(helper.make_node("Cast", ["scores"], ["logits"], to=TensorProto.STRING))
+        kind = TensorProto.STRING
     graph = helper.make_graph(
         nodes, "stranger", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, height, width])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 5])],
+        [helper.make_tensor_value_info("logits", kind, shape)],
         initializer=[numpy_helper.from_array(np.arange(15, dtype=np.float32).reshape(3, 5) / 15, "w"),
                      *([numpy_helper.from_array(np.float32(brightest), "brightest")] if brightest else [])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    helper.set_model_props(model, {"transferkit": json.dumps({"classes": CLASSES, "input_size": input_size})})
+    helper.set_model_props(model, {"transferkit": json.dumps({"classes": classes, "input_size": input_size})})
     onnx.save(model, str(path))
     return path
 
@@ -353,6 +362,28 @@ def test_an_onnx_file_that_asks_for_outsized_or_inconsistent_input_is_refused(tm
     assert needle in line and "Fix: export the model again" in line, line
     _crafted_onnx(tmp_path / "fits.onnx", batch=256, height=32, width=32)  # the most that is allowed: it runs
     assert len(predict(tmp_path / "fits.onnx", _write_images(tmp_path / "images"))) == 5
+
+
+@pytest.mark.parametrize("output, needle", [("pooled", "float32 of shape (1, 5) for 2 image(s)"),
+                                            ("flat", "float32 of shape (5,) for 2 image(s)"),
+                                            ("text", "object of shape (2, 5) for 2 image(s)")])
+def test_a_model_whose_output_is_no_row_of_scores_per_image_is_refused(tmp_path, capsys, output, needle):
+    """A graph that pools its scores over the batch would print one result for three images (zip stops at the
+    shorter list), and one that returns a vector or text would end in a numpy traceback."""
+    model = _crafted_onnx(tmp_path / "model.onnx", output=output)
+    line = _one_error(capsys, ["predict", str(model), *map(str, _write_images(tmp_path / "images")[:3])])
+    assert f"returns {needle}, not one row of class scores per image. Fix: export the model again" in line, line
+
+
+def test_class_names_that_would_forge_a_result_line_are_refused(tmp_path, capsys):
+    """predict prints one line per image: a class name holding a line break, or a terminal escape, would print
+    a result of its own making."""
+    forged = ["dog\n/tmp/x.png  cat  0.999  top-1: cat 0.999", "\x1b[31mred\x1b[0m", "c", "d", "e"]
+    model = _crafted_onnx(tmp_path / "model.onnx", classes=forged)
+    line = _one_error(capsys, ["predict", str(model), str(_write_images(tmp_path / "images")[0])])
+    assert "names classes that are no printable names" in line and "\\x1b[31mred" in line and "Fix: export" in line
+    assert len(predict(_crafted_onnx(tmp_path / "fine.onnx", classes=["café", "a b", "c", "d", "e"]),
+                       _write_images(tmp_path / "images")[:1])) == 1
 
 
 def test_a_model_that_scores_nan_or_infinity_is_refused(exported, tmp_path, capsys):

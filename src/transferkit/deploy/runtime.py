@@ -160,6 +160,10 @@ class Classifier:
         # the fix for a file that is not what its maker wrote, or that its maker wrote wrong
         self.remake = ("Fix: write it again with the stage that made it (`dvc repro STAGE`)." if self.kind == "pytorch"
                        else "Fix: export the model again (`transferkit export MODEL.pt`).")
+        # a name is printed one result per line: a line break or a terminal escape in it would forge results
+        if odd := [c for c in self.classes if not (isinstance(c, str) and c.isprintable() and len(c) <= 200)][:3]:
+            raise TransferkitError(f"{self.path} names classes that are no printable names of at most 200 characters "
+                                   f"({', '.join(ascii(c)[:60] for c in odd)}). {self.remake}")
         size, named = self.input_size, ("its metadata names" if "input_size" in info else
                                         "assumed where its metadata names no size")
         if size not in INPUT_SIZES:
@@ -168,13 +172,15 @@ class Classifier:
         if any(isinstance(d, int) and d != size for d in spatial):
             raise TransferkitError(f"{self.path}'s graph takes {'x'.join(map(str, spatial))} images, not the "
                                    f"{size}x{size} {named}. {self.remake}")
-        try:  # one image of that size through the model: the class names must match its outputs
-            logits = self(np.zeros((1, 3, size, size), np.float32))
+        try:  # two images of that size through the model: the class names must match its outputs, row by row
+            logits = self(np.zeros((2, 3, size, size), np.float32))
+        except TransferkitError:
+            raise
         except Exception as e:  # ONNX Runtime and TorchScript raise their own types for a wrong input shape
             why = ": its weights do not fit together (altered or damaged)" if self.kind == "pytorch" else ""
             raise TransferkitError(f"{self.path} does not take the {size}x{size} images {named} "
                                    f"({' '.join(str(e).split())[:300]}){why}. {self.remake}") from e
-        self.check_finite(logits, ["a black image"])
+        self.check_finite(logits[:1], ["a black image"])  # the two rows score one image
         width = logits.shape[-1]
         if width != len(self.classes):
             raise TransferkitError(f"{self.path} scores {width} classes, and its metadata names {len(self.classes)} "
@@ -218,15 +224,29 @@ class Classifier:
         """float32 [N, 3, S, S] in [0, 1] -> float32 logits [N, classes]."""
         images = np.ascontiguousarray(images, dtype=np.float32)
         if self.kind == "onnx":
+            def run(x: np.ndarray) -> np.ndarray:
+                return self._scores(self.session.run(None, {self._input: x})[0], len(x))
+
             if self._batch in (None, len(images)):
-                return self.session.run(None, {self._input: images})[0]
+                return run(images)
             pad = -len(images) % self._batch if len(images) else self._batch  # at least one run: the output's width
             padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
-            return np.concatenate([self.session.run(None, {self._input: padded[i:i + self._batch]})[0]
+            return np.concatenate([run(padded[i:i + self._batch])
                                    for i in range(0, len(padded), self._batch)])[:len(images)]
         x = torch.from_numpy(images)
         with torch.inference_mode():
-            return self.module(to_nhwc(x) if self.kind == "pytorch" else x).float().numpy()
+            out = self.module(to_nhwc(x) if self.kind == "pytorch" else x)
+        return self._scores(out.float().numpy() if torch.is_tensor(out) else out, len(images))
+
+    def _scores(self, out, n: int) -> np.ndarray:
+        """A model's output as float32 logits [n, classes]; anything else (another shape, text, rows that pool the
+        batch, so that images would go missing from the results) is refused."""
+        if not (isinstance(out, np.ndarray) and out.ndim == 2 and len(out) == n
+                and (np.issubdtype(out.dtype, np.floating) or np.issubdtype(out.dtype, np.integer))):
+            what = f"{out.dtype} of shape {tuple(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+            raise TransferkitError(f"{self.path} returns {what} for {n} image(s), not one row of class scores per "
+                                   f"image. {self.remake}")
+        return out.astype(np.float32, copy=False)
 
 
 def read_images(paths: list[Path], size: int) -> np.ndarray:
