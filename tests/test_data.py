@@ -1475,8 +1475,8 @@ def test_every_picture_format_pil_reads_is_an_image_and_data_files_are_not(tmp_p
         (folder / "train" / "cat" / name).write_text("not a picture")
     raw = read_image_folder(folder)
     assert torch.bincount(raw.train.labels).tolist() == [4, 2]
-    assert {".jfif", ".jpe", ".pgm", ".pbm", ".pnm", ".mpo", ".avif", ".apng"} <= sources.IMAGE_SUFFIXES
-    assert not {".h5", ".txt", ".pdf", ".eps", ".pcd", ".rgb", ".pfm"} & sources.IMAGE_SUFFIXES
+    assert {".jfif", ".jpe", ".pgm", ".pbm", ".pnm", ".mpo", ".avif", ".apng"} <= sources.image_suffixes()
+    assert not {".h5", ".txt", ".pdf", ".eps", ".pcd", ".rgb", ".pfm"} & sources.image_suffixes()
 
 
 @pytest.mark.parametrize("magic, kind", [(b"\x28\xb5\x2f\xfd", "Zstandard"), (b"7z\xbc\xaf\x27\x1c", "7-Zip"),

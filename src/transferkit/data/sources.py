@@ -3,6 +3,7 @@ synthetic images made in-process. Each loader returns uint8 NCHW tensors, decode
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -24,10 +25,16 @@ from transferkit.progress import progress
 NOT_PICTURES = {"EPS", "WMF", "BUFR", "GRIB", "HDF5", "FITS", "MPEG", "IPTC", "PCD", "GBR", "FTEX", "IM"}
 # suffixes other files share: raw pixel dumps (.rgb, .rgba, .bw), disparity maps (.pfm)
 SHARED_SUFFIXES = {".rgb", ".rgba", ".bw", ".pfm"}
-Image.init()  # registers every format PIL reads
-# every file suffix PIL opens as a picture (.mpo, a JPEG with more frames, is read by the JPEG reader)
-IMAGE_SUFFIXES = frozenset({ext for ext, fmt in Image.registered_extensions().items()
-                            if fmt in Image.OPEN and fmt not in NOT_PICTURES} - SHARED_SUFFIXES | {".mpo"})
+
+
+@functools.cache
+def image_suffixes() -> frozenset[str]:
+    """Every file suffix PIL opens as a picture (.mpo, a JPEG with more frames, is read by the JPEG reader).
+    Computed on first use: registering every PIL format is start-up time a stage reading no image need not spend."""
+    return frozenset({ext for ext, fmt in Image.registered_extensions().items()
+                      if fmt in Image.OPEN and fmt not in NOT_PICTURES} - SHARED_SUFFIXES | {".mpo"})
+
+
 # the most pixels an image may have: PIL's own refusal point (twice the 89 million it warns above), checked
 # here from the header alone, for every format
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
@@ -135,7 +142,7 @@ def is_image_file(parts: list[str] | tuple[str, ...]) -> bool:
     leaves .ipynb_checkpoints): never a picture. (String operations, not pathlib: this runs once
     per archive member.)"""
     name = parts[-1]
-    return ("." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_SUFFIXES
+    return ("." in name and "." + name.rsplit(".", 1)[1].lower() in image_suffixes()
             and not any(p.startswith(".") and p not in (".", "..") for p in parts))
 
 
