@@ -684,7 +684,7 @@ def test_exif_orientation_is_applied(tmp_path):
     """A phone stores its pixels sideways with EXIF orientation 6 (display rotated 90 degrees clockwise);
     prepare (image folders, JPEG fast path included) and predict see the upright image."""
     from transferkit.data.sources import decode_image
-    from transferkit.deploy.runtime import read_images
+    from transferkit.deploy.runtime import decode_images
 
     ramp = np.linspace(0, 255, 32)
     upright = np.stack([ramp[None, :].repeat(32, 0), ramp[:, None].repeat(32, 1), np.full((32, 32), 90.0)], -1)
@@ -702,7 +702,7 @@ def test_exif_orientation_is_applied(tmp_path):
         (root / split / "a" / "0.jpg").write_bytes(jpeg)
     (tmp_path / "p.jpg").write_bytes(jpeg)
     want = upright.transpose(2, 0, 1).astype(int)
-    for got in (read_image_folder(root).train.images[0].numpy(), read_images([tmp_path / "p.jpg"], 32)[0]):
+    for got in (read_image_folder(root).train.images[0].numpy(), decode_images([tmp_path / "p.jpg"], 32)[0][0]):
         assert np.abs(got.astype(int) - want).mean() < 3  # JPEG tolerance
         assert np.abs(got.astype(int) - np.asarray(sideways).transpose(2, 0, 1)).mean() > 40
 

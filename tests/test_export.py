@@ -375,6 +375,42 @@ def test_a_model_whose_output_is_no_row_of_scores_per_image_is_refused(tmp_path,
     assert f"returns {needle}, not one row of class scores per image. Fix: export the model again" in line, line
 
 
+def test_predict_reads_and_classifies_a_batch_at_a_time(tmp_path, monkeypatch, capsys):
+    """Memory stays flat however many images are given: at 1024 px a side, 40 images are 500 MB of float32 pixels,
+    and predict held every image decoded before it classified any. Files that do not read, in the first batch and
+    the last, are still named in one error."""
+    import tracemalloc
+
+    from transferkit.deploy.predict import batch_size
+
+    model = _crafted_onnx(tmp_path / "model.onnx", input_size=1024)
+    folder = tmp_path / "images"
+    paths = [*_write_images(folder)] * 8
+    alone = {r["path"]: r for r in predict(model, paths[:5])}  # the five differ in colour, so in probability
+    runs = []
+    call = Classifier.__call__
+    monkeypatch.setattr(Classifier, "__call__", lambda self, x: runs.append(len(x)) or call(self, x))
+    tracemalloc.start()
+    try:
+        results = predict(model, paths)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert results == [alone[str(p)] for p in paths] and len({r["probability"] for r in results}) == 5
+    step = batch_size(1024)
+    assert 1 <= step < 10 and runs[1:] == [step] * 8  # runs[0]: the black image probed at load
+    assert peak < 12 * 1024 ** 2 * step * 4, f"{peak / 2**20:.0f} MiB"  # a few copies of one batch, not 40 images
+    assert batch_size(32) == 256 and batch_size(224) > 64
+
+    runs.clear()
+    (folder / "broken.png").write_bytes(b"not a picture")
+    line = _one_error(capsys, ["predict", str(model), str(folder / "broken.png"), *map(str, paths),
+                               str(folder / "missing.png")])
+    assert "cannot read 2 of 42 image(s)" in line and "broken.png (no image format PIL reads)" in line, line
+    assert "missing.png (no such file)" in line
+    assert len(runs) == 1  # the probe at load: no model run once a file has failed
+
+
 def test_class_names_that_would_forge_a_result_line_are_refused(tmp_path, capsys):
     """predict prints one line per image: a class name holding a line break, or a terminal escape, would print
     a result of its own making."""

@@ -20,10 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.deploy.runtime import Classifier, read_images
+from transferkit.deploy.runtime import Classifier, decode_images, unreadable
 from transferkit.errors import TransferkitError
 
-BATCH = 256
+BATCH = 256  # images a model runs on at once, at most
+BATCH_BYTES = 64 * 2**20  # and their float32 pixels at most: 256 CIFAR images, 111 at 224 px, 5 at 1024 px
+
+
+def batch_size(input_size: int) -> int:
+    """How many images to decode and classify at once, so that memory stays flat however many are given."""
+    return max(1, min(BATCH, BATCH_BYTES // (4 * 3 * input_size ** 2)))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -71,8 +77,14 @@ def predict(model: str | Path | Classifier, images: list[str | Path], top: int =
     """[{path, class, probability, top: [{class, probability}, ...]}] for each image, in order."""
     clf = model if isinstance(model, Classifier) else Classifier(model, trust_code=trust_code)
     paths = expand([Path(p) for p in images])
-    pixels = read_images(paths, clf.input_size)
-    logits = [clf(pixels[i:i + BATCH].astype(np.float32) / 255) for i in range(0, len(pixels), BATCH)]
+    logits, bad, step = [], [], batch_size(clf.input_size)
+    for i in range(0, len(paths), step):
+        pixels, problems = decode_images(paths[i:i + step], clf.input_size)
+        bad += problems
+        if not bad:  # after a file fails, the rest are only read, so that one error names every file that fails
+            logits.append(clf(pixels.astype(np.float32) / 255))
+    if bad:
+        raise unreadable(bad, len(paths))
     logits = np.concatenate(logits) if logits else np.zeros((0, len(clf.classes)), np.float32)
     clf.check_finite(logits, [str(p) for p in paths])
     probs = softmax(logits)

@@ -249,9 +249,9 @@ class Classifier:
         return out.astype(np.float32, copy=False)
 
 
-def read_images(paths: list[Path], size: int) -> np.ndarray:
-    """Image files (anything PIL opens) -> uint8 [N, 3, size, size], resized (bilinear) exactly
-    as the image-folder source does. Every unreadable file is named in one error."""
+def decode_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[str]]:
+    """Image files (anything PIL opens) -> uint8 [N, 3, size, size] of those that read, resized (bilinear) exactly
+    as the image-folder source does, and what is wrong with each file that does not."""
     from transferkit.data.sources import decode_image
 
     out, bad = [], []
@@ -270,8 +270,11 @@ def read_images(paths: list[Path], size: int) -> np.ndarray:
         except TransferkitError as e:  # decode_image's own words, which name the file; its fix joins them
             problem, _, fix = str(e).partition(" Fix: ")
             bad.append(f"{problem.rstrip('.')}: {fix.rstrip('.')}" if fix else problem.rstrip("."))
-    if bad:
-        raise TransferkitError(
-            f"cannot read {len(bad)} of {len(paths)} image(s): {'; '.join(bad)}. "
-            f"Fix: pass image files PIL can open (PNG, JPEG, BMP, ...).")
-    return np.stack(out) if out else np.zeros((0, 3, size, size), np.uint8)
+    return (np.stack(out) if out else np.zeros((0, 3, size, size), np.uint8)), bad
+
+
+def unreadable(bad: list[str], total: int) -> TransferkitError:
+    """One error naming every file `decode_images` could not read, of `total`."""
+    return TransferkitError(f"cannot read {len(bad)} of {total} image(s): {'; '.join(bad)}. "
+                            f"Fix: pass image files PIL can open (PNG, JPEG, BMP, ...).")
+
