@@ -1,6 +1,7 @@
 """One GPU: the default pipeline with the GPU trainer, and full CIFAR-10 pretraining.
 
-    python bench/gpu.py [--out DIR] [--dry-run]
+    python bench/gpu.py [--out DIR]              (on the GPU machine, whose Python has torch)
+    uv run python bench/gpu.py --dry-run         (here: the same code on the CPU, tiny settings)
 
 1. The bf16 matrix-multiply peak of this device (8192^3 products), the yardstick for MFU (of bf16 stages).
 2. Every stage of dvc.yaml, in its order and with its command, in a fresh folder (conf/ composed
