@@ -56,6 +56,12 @@ def test_quadrants_differ_only_in_their_axis():
     # the strategies' own keys: an override would be replaced by each strategy's value
     (["transfer.freeze_depth=3"], r"override 'transfer.freeze_depth=3' .* Fix: use --partial-depth K\.$"),
     (["+probe.depth=1"], r"Fix: use --early-depth K\.$"),
+    # what sets the quadrants apart: all four would be one experiment, reported under the quadrants' names
+    (["data.target.train_per_class=100"], r"data.target.train_per_class=100 sets data.target.train_per_class, which "
+                                          r"sets the quadrants apart \(scenario_small_similar has "
+                                          r"data.target.train_per_class=400\).* Fix: leave it out"),
+    (["data.source.classes=[airplane,automobile,truck]"], r"sets data.source.classes, which sets the quadrants apart"),
+    (["seed=range(1,1)"], r"seed=range\(1,1\) lists no values\. Fix:"),
 ])
 def test_bad_requests_fail_before_any_work(tmp_path, argv, needle):
     with pytest.raises(TransferkitError, match=needle):

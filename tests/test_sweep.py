@@ -211,6 +211,50 @@ def test_a_sweep_of_values_hydra_cannot_list_is_one_line():
         expand(["transfer.lr=interval(0.01,0.1)"])
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["seed=range(3,0)"], r"seed=range\(3,0\) lists no values\. Fix: key='range\(start,stop\)' with start < stop"),
+    (["transfer.freeze_depth=0,1,1"], r"transfer.freeze_depth=0,1,1 lists 1 twice\. Fix: list each value once"),
+    (["transfer.lr=0.1,0.10"], r"transfer.lr=0.1,0.10 lists 0.1 twice"),  # one number to Hydra
+    (["seed=0,1", "seed=2"], r"seed is given more than once \(seed=0,1 and seed=2\): the last would set it in every "
+                             r"point\. Fix: give each swept key once"),
+])
+def test_a_sweep_that_lists_a_point_twice_or_none_is_one_line(overrides, needle):
+    """An empty range ended in a traceback; a value listed twice, or a swept key given again, made points that
+    are one run, named by a message with blanks where their differences go."""
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import expand
+
+    with pytest.raises(TransferkitError, match=needle):
+        expand(overrides)
+    assert expand(["seed=1", "seed=2"]) == [["seed=1", "seed=2"]]  # a value given again: the last one wins
+    assert expand(["seed=0", "seed=0,1"]) == [["seed=0", "seed=0"], ["seed=0", "seed=1"]]  # the sweep is the last
+
+
+@pytest.mark.parametrize("stage, override, needle", [
+    ("scratch", "transfer.epochs=2", "scratch does not read transfer.epochs: 'transfer.epochs=2' would change nothing "
+                                     "but the params.yaml saved with its outputs. Fix: scratch.epochs=2, or compose it "
+                                     "(`transferkit params transfer.epochs=2`), where scratch.epochs follows "
+                                     "transfer.epochs."),
+    ("transfer", "distill.epochs=3", "transfer does not read distill.epochs: 'distill.epochs=3' would change nothing "
+                                     "but the params.yaml saved with its outputs. Fix: set what transfer reads (seed, "
+                                     "trainer, model, transfer)."),
+])
+def test_an_override_of_a_setting_the_stage_does_not_read_is_refused(tmp_path, stage, override, needle):
+    """A params file holds values: scratch.epochs follows transfer.epochs only where conf/ is composed, so
+    `transferkit scratch --params params.yaml transfer.epochs=2` trained scratch's epochs unchanged and saved a
+    params.yaml saying transfer.epochs=2. (A sweep composes conf/, where scratch.epochs follows.)"""
+    from transferkit.config.compose import compose, params_text
+    from transferkit.sweep.points import check_read
+
+    params = tmp_path / "params.yaml"
+    params.write_text(params_text(compose(["experiment=smoke"])))
+    proc = cli(stage, "--params", str(params), override, "--out", str(tmp_path / "out"))
+    assert needle in one_error_line(proc) and not (tmp_path / "out").exists()
+    # its own settings, how it runs, how collect scores it, and what its inputs were made with: no error
+    check_read(stage, [f"{stage}.epochs=2", "seed=1", "trainer.progress_bar=false", "evaluate.tta=none",
+                       "model=resnet18", "data.target.train_per_class=5"])
+
+
 @pytest.mark.parametrize("override", ["hydra/launcher=local_parallel", "+hydra.launcher.n_jobs=2"])
 def test_sweep_refuses_hydra_settings_it_would_ignore(override):
     import re

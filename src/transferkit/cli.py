@@ -74,6 +74,10 @@ def _params_mode(stage: str, args: list[str]) -> None:
     except TransferkitError:  # a params file run outside a project
         conf_dir = None
     cfg = merge_overrides(load_params(opts.params), overrides, opts.params, conf_dir)
+    if conf_dir:  # outside a project there is no conf/ to say which keys a stage reads
+        from transferkit.sweep.points import check_read
+
+        check_read(stage, overrides)
     if stale := stale_keys(opts.params, cfg, conf_dir):  # else read where first used: after training, maybe
         raise TransferkitError(stale)
     inputs = dict(item.partition("=")[::2] for item in opts.inputs)

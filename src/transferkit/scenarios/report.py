@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.compose import params_text
+from transferkit.config.compose import compose, differing, flatten, params_text, to_params, under
 from transferkit.config.dvcyaml import code_files
 from transferkit.config.checks import validate_run
 from transferkit.errors import TransferkitError
@@ -71,6 +71,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
         raise TransferkitError(f"{' '.join(overrides)}: a sweep of scenarios is one run per setting. Fix: give one "
                                f"value per key and a separate --out DIR per run.")
     check_runs_folder(out)
+    design = quadrant_data()
     stages, sources, blocks = {}, {}, {}
     # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
     keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
@@ -80,6 +81,14 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
             cfg = check_points(None, [f"experiment={preset}", *overrides], blocks)[0][1]
         except TransferkitError as e:
             raise TransferkitError(f"{preset}: {e}") from e
+        composed = flatten(to_params(cfg))
+        if changed := [k for k, v in design[preset].items() if composed.get(k) != v]:
+            k = changed[0]
+            by = [o for o in overrides if under(k, [override_key(o)]) or under(override_key(o), [k])] or overrides
+            raise TransferkitError(f"{' '.join(by)} sets {k}, which sets the quadrants apart ({preset} has "
+                                   f"{k}={design[preset][k]}): the report would compare quadrants that do not differ "
+                                   f"in it. Fix: leave it out, or change the quadrants in "
+                                   f"conf/experiment/scenario_*.yaml.")
         for s in plan:  # a strategy's settings are plain values: set on the composed quadrant, not composed again
             try:
                 validate_run(OmegaConf.merge(cfg, OmegaConf.from_dotlist(s.sets())), s.stage, blocks)
@@ -110,9 +119,18 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     return stages
 
 
+def quadrant_data() -> dict[str, dict]:
+    """Each quadrant's data settings that differ between quadrants (target size, source classes): the design,
+    which no override may change."""
+    data = {preset: {k: v for k, v in flatten(to_params(compose([f"experiment={preset}"]))).items()
+                     if under(k, ["data"])} for preset in QUADRANTS}
+    first = next(iter(data.values()))
+    keys = {k for d in data.values() for k in differing(first, d)}
+    return {preset: {k: d.get(k) for k in keys} for preset, d in data.items()}
+
+
 def depth_error(preset: str, cfg: DictConfig, s: Strategy) -> TransferkitError:
     """A strategy's depth out of its model's range, named by the option that set it."""
-    from transferkit.config.compose import to_params
     from transferkit.models import model_from_config
 
     n = model_from_config(to_params(cfg.model), 2, key="model", fetch_weights=False).num_blocks

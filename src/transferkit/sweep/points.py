@@ -59,6 +59,19 @@ def expand(argv: list[str]) -> list[list[str]]:
     except HydraException as e:  # interval() parses, but only an optimising sweeper can pick its points
         raise TransferkitError(f"cannot list the sweep's values: {str(e).splitlines()[0]}. Fix: list them (key=a,b) or "
                                f"use key='range(start,stop,step)'{QUOTING}.") from e
+    swept = [o for o in overrides if not o.is_hydra_override()]
+    for o, axis in zip(swept, axes):
+        if not axis:
+            raise TransferkitError(f"{o.input_line} lists no values. Fix: key='range(start,stop)' with start < stop, "
+                                   f"or key=a,b.")
+        if len(set(axis)) < len(axis):  # 1,1 or 0.1,0.10: one point twice, trained twice and counted twice
+            twice = next(v for v in axis if axis.count(v) > 1).partition("=")[2]
+            raise TransferkitError(f"{o.input_line} lists {twice} twice. Fix: list each value once.")
+    keys = [o.get_key_element() for o in swept]
+    if twice := next((k for i, k in enumerate(keys) if len(axes[i]) > 1 and k in keys[i + 1:]), None):
+        given = " and ".join(o.input_line for o in swept if o.get_key_element() == twice)
+        raise TransferkitError(f"{twice} is given more than once ({given}): the last would set it in every point. "
+                               f"Fix: give each swept key once.")
     return [list(point) for point in itertools.product(*axes)]
 
 
@@ -76,6 +89,24 @@ def made_with(stage: str) -> set[str]:
     """The config keys that change what `stage` computes, its own and those of every stage it reads."""
     keys = {k for k in BY_NAME[stage].params if k.split(".")[0] not in RUN_SETTINGS}
     return keys.union(*(made_with(r) for r in BY_NAME[stage].reads))
+
+
+def check_read(stage: str, overrides: list[str]) -> None:
+    """Refuses an override of a setting `stage` does not read: it would change nothing but the params.yaml saved
+    with the outputs. A stage's setting that follows another in conf/ (scratch.epochs: ${transfer.epochs}) follows
+    it only where conf/ is composed, not in a params file, which holds values."""
+    reads = {*BY_NAME[stage].params, *made_with(stage), *SCORED_WITH, *RUN_SETTINGS}
+    for override in overrides:
+        key = override_key(override)
+        if under(key, reads) or any(under(r, [key]) for r in reads):
+            continue
+        raw = flatten(OmegaConf.to_container(OmegaConf.load(find_conf_dir() / "config.yaml"), resolve=False))
+        follows = [k for k, v in raw.items() if v == f"${{{key}}}" and under(k, BY_NAME[stage].params)]
+        fix = (f"{follows[0]}={override.partition('=')[2]}, or compose it (`transferkit params {override}`), where "
+               f"{follows[0]} follows {key}" if follows else
+               f"set what {stage} reads ({', '.join(BY_NAME[stage].params)})")
+        raise TransferkitError(f"{stage} does not read {key}: '{override}' would change nothing but the params.yaml "
+                               f"saved with its outputs. Fix: {fix}.")
 
 
 def exp_run_sets(key: str) -> str:
