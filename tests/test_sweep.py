@@ -217,6 +217,8 @@ def test_a_sweep_of_values_hydra_cannot_list_is_one_line():
     (["transfer.lr=0.1,0.10"], r"transfer.lr=0.1,0.10 lists 0.1 twice"),  # one number to Hydra
     (["seed=0,1", "seed=2"], r"seed is given more than once \(seed=0,1 and seed=2\): the last would set it in every "
                              r"point\. Fix: give each swept key once"),
+    (["transfer.lr=0.1,0.2", "++transfer.lr=0.3"], r"transfer.lr is given more than once \(transfer.lr=0.1,0.2 and "
+                                                 r"\+\+transfer.lr=0.3\)"),
 ])
 def test_a_sweep_that_lists_a_point_twice_or_none_is_one_line(overrides, needle):
     """An empty range ended in a traceback; a value listed twice, or a swept key given again, made points that

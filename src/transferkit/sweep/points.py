@@ -67,9 +67,9 @@ def expand(argv: list[str]) -> list[list[str]]:
         if len(set(axis)) < len(axis):  # 1,1 or 0.1,0.10: one point twice, trained twice and counted twice
             twice = next(v for v in axis if axis.count(v) > 1).partition("=")[2]
             raise TransferkitError(f"{o.input_line} lists {twice} twice. Fix: list each value once.")
-    keys = [o.get_key_element() for o in swept]
+    keys = [override_key(o.input_line) for o in swept]  # ++seed and seed set one key
     if twice := next((k for i, k in enumerate(keys) if len(axes[i]) > 1 and k in keys[i + 1:]), None):
-        given = " and ".join(o.input_line for o in swept if o.get_key_element() == twice)
+        given = " and ".join(o.input_line for o, k in zip(swept, keys) if k == twice)
         raise TransferkitError(f"{twice} is given more than once ({given}): the last would set it in every point. "
                                f"Fix: give each swept key once.")
     return [list(point) for point in itertools.product(*axes)]
