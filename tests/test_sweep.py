@@ -215,6 +215,9 @@ def test_a_sweep_of_values_hydra_cannot_list_is_one_line():
     (["seed=range(3,0)"], r"seed=range\(3,0\) lists no values\. Fix: key='range\(start,stop\)' with start < stop"),
     (["transfer.freeze_depth=0,1,1"], r"transfer.freeze_depth=0,1,1 lists 1 twice\. Fix: list each value once"),
     (["transfer.lr=0.1,0.10"], r"transfer.lr=0.1,0.10 lists 0.1 twice"),  # one number to Hydra
+    (["transfer.lr=1,1.0"], r"transfer.lr=1,1.0 lists 1 and 1.0, one value twice\. Fix"),  # int and float: one lr
+    (["name=a,'a'"], r"name=a,'a' lists a and 'a', one value twice"),
+    (["seed=range(0,3,-1)"], r"lists no values\. Fix: .*\(start > stop for a negative step\)"),
     (["seed=0,1", "seed=2"], r"seed is given more than once \(seed=0,1 and seed=2\): the last would set it in every "
                              r"point\. Fix: give each swept key once"),
     (["transfer.lr=0.1,0.2", "++transfer.lr=0.3"], r"transfer.lr is given more than once \(transfer.lr=0.1,0.2 and "
@@ -230,13 +233,13 @@ def test_a_sweep_that_lists_a_point_twice_or_none_is_one_line(overrides, needle)
         expand(overrides)
     assert expand(["seed=1", "seed=2"]) == [["seed=1", "seed=2"]]  # a value given again: the last one wins
     assert expand(["seed=0", "seed=0,1"]) == [["seed=0", "seed=0"], ["seed=0", "seed=1"]]  # the sweep is the last
+    assert len(expand(["x=1,true"])) == 2  # equal in Python, yet a number and a boolean
 
 
 @pytest.mark.parametrize("stage, override, needle", [
     ("scratch", "transfer.epochs=2", "scratch does not read transfer.epochs: 'transfer.epochs=2' would change nothing "
-                                     "but the params.yaml saved with its outputs. Fix: scratch.epochs=2, or compose it "
-                                     "(`transferkit params transfer.epochs=2`), where scratch.epochs follows "
-                                     "transfer.epochs."),
+                                     "but the params.yaml saved with its outputs. Fix: scratch.epochs=2 (it follows "
+                                     "transfer.epochs where conf/ is composed; a params file holds its own value)."),
     ("transfer", "distill.epochs=3", "transfer does not read distill.epochs: 'distill.epochs=3' would change nothing "
                                      "but the params.yaml saved with its outputs. Fix: set what transfer reads (seed, "
                                      "trainer, model, transfer)."),
@@ -253,8 +256,9 @@ def test_an_override_of_a_setting_the_stage_does_not_read_is_refused(tmp_path, s
     proc = cli(stage, "--params", str(params), override, "--out", str(tmp_path / "out"))
     assert needle in one_error_line(proc) and not (tmp_path / "out").exists()
     # its own settings, how it runs, how collect scores it, and what its inputs were made with: no error
+    # the experiment's name, which check_inputs compares with the name its inputs were made under, too
     check_read(stage, [f"{stage}.epochs=2", "seed=1", "trainer.progress_bar=false", "evaluate.tta=none",
-                       "model=resnet18", "data.target.train_per_class=5"])
+                       "model=resnet18", "data.target.train_per_class=5", "name=mine"])
 
 
 @pytest.mark.parametrize("override", ["hydra/launcher=local_parallel", "+hydra.launcher.n_jobs=2"])

@@ -108,6 +108,12 @@ def params_text(cfg: DictConfig, overrides: list[str] | None = None) -> str:
     return PARAMS_HEADER + recorded + yaml.safe_dump(to_params(cfg), sort_keys=False, default_flow_style=None)
 
 
+def as_override(value) -> str:
+    """`value` as an override writes it: [bird, cat] and null, not Python's ['bird', 'cat'] and None."""
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).removesuffix("\n").removesuffix(
+        "\n...")
+
+
 PARAMS_KEYS = {"name", "seed", "paths", "trainer"}  # what every stage reads: a file without them is another file
 
 

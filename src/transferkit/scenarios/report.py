@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.compose import compose, differing, flatten, params_text, to_params, under
+from transferkit.config.compose import as_override, compose, differing, flatten, params_text, to_params, under
 from transferkit.config.dvcyaml import code_files
 from transferkit.config.checks import validate_run
 from transferkit.errors import TransferkitError
@@ -72,7 +72,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                                f"value per key and a separate --out DIR per run.")
     check_runs_folder(out)
     design = quadrant_data()
-    stages, sources, blocks = {}, {}, {}
+    stages, sources, blocks, params_files = {}, {}, {}, {}
     # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
     keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
     code = {stage: code_files(BY_NAME[stage]) for stage in {"prepare", "pretrain", *(s.stage for s in plan)}}
@@ -86,8 +86,8 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
             k = changed[0]
             by = [o for o in overrides if under(k, [override_key(o)]) or under(override_key(o), [k])] or overrides
             raise TransferkitError(f"{' '.join(by)} sets {k}, which sets the quadrants apart ({preset} has "
-                                   f"{k}={design[preset][k]}): the report would compare quadrants that do not differ "
-                                   f"in it. Fix: leave it out, or change the quadrants in "
+                                   f"{k}={as_override(design[preset][k])}): the report would compare quadrants that "
+                                   f"do not differ in it. Fix: leave it out, or change the quadrants in "
                                    f"conf/experiment/scenario_*.yaml.")
         for s in plan:  # a strategy's settings are plain values: set on the composed quadrant, not composed again
             try:
@@ -105,7 +105,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
             raise TransferkitError(f"{preset} and {first[0]} have the same source but other pretraining settings: "
                                    f"they cannot share one pretraining. Fix: override only what both may share.")
         params, prepared = f"params/{preset}.yaml", {"prepare": f"{preset}/prepare"}
-        save_text(params_text(cfg), out / params)
+        params_files[out / params] = params_text(cfg)  # written once every quadrant is checked
         stages[f"{preset}-prepare"] = stage_run("prepare", params, f"{preset}/prepare", {},
                                                 [data_dir, *datasets, *code["prepare"]], keys["prepare"])
         if first[0] == preset:
@@ -116,6 +116,8 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                       if k in BY_NAME[s.stage].reads}
             stages[f"{preset}-{s.name}"] = stage_run(s.stage, params, f"{preset}/{s.name}", inputs, code[s.stage],
                                                      [*keys[s.stage], *SCORED_WITH], s.sets())  # as it is scored
+    for path, text in params_files.items():
+        save_text(text, path)
     return stages
 
 

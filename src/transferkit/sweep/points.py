@@ -62,17 +62,28 @@ def expand(argv: list[str]) -> list[list[str]]:
     swept = [o for o in overrides if not o.is_hydra_override()]
     for o, axis in zip(swept, axes):
         if not axis:
-            raise TransferkitError(f"{o.input_line} lists no values. Fix: key='range(start,stop)' with start < stop, "
-                                   f"or key=a,b.")
-        if len(set(axis)) < len(axis):  # 1,1 or 0.1,0.10: one point twice, trained twice and counted twice
-            twice = next(v for v in axis if axis.count(v) > 1).partition("=")[2]
-            raise TransferkitError(f"{o.input_line} lists {twice} twice. Fix: list each value once.")
+            raise TransferkitError(f"{o.input_line} lists no values. Fix: key='range(start,stop)' with start < stop "
+                                   f"(start > stop for a negative step), or key=a,b.")
+        values = ([_same_value(v) for v in o.sweep_iterator()] if o.is_sweep_override()
+                  and not isinstance(o.value(), Glob) else [])
+        if len(set(values)) < len(values):  # 1,1 or 1,1.0: one point twice, trained twice and counted twice
+            first = next(i for i, same in enumerate(values) if values.count(same) > 1)
+            a, b = (axis[i].partition("=")[2] for i in (first, values.index(values[first], first + 1)))
+            twice = f"{a} twice" if a == b else f"{a} and {b}, one value twice"
+            raise TransferkitError(f"{o.input_line} lists {twice}. Fix: list each value once.")
     keys = [override_key(o.input_line) for o in swept]  # ++seed and seed set one key
     if twice := next((k for i, k in enumerate(keys) if len(axes[i]) > 1 and k in keys[i + 1:]), None):
         given = " and ".join(o.input_line for o, k in zip(swept, keys) if k == twice)
         raise TransferkitError(f"{twice} is given more than once ({given}): the last would set it in every point. "
                                f"Fix: give each swept key once.")
     return [list(point) for point in itertools.product(*axes)]
+
+
+def _same_value(value) -> tuple:
+    """A value Hydra parsed, as a key equal for values that compose alike: 1 and 1.0 are one number, 'a' and a one
+    string, true no number."""
+    value = getattr(value, "text", value)  # a QuotedString
+    return (type(value) is bool, value) if isinstance(value, bool | int | float | str | None) else (None, str(value))
 
 
 def _glob(override) -> list[str]:
@@ -95,15 +106,15 @@ def check_read(stage: str, overrides: list[str]) -> None:
     """Refuses an override of a setting `stage` does not read: it would change nothing but the params.yaml saved
     with the outputs. A stage's setting that follows another in conf/ (scratch.epochs: ${transfer.epochs}) follows
     it only where conf/ is composed, not in a params file, which holds values."""
-    reads = {*BY_NAME[stage].params, *made_with(stage), *SCORED_WITH, *RUN_SETTINGS}
+    reads = {"name", *BY_NAME[stage].params, *made_with(stage), *SCORED_WITH, *RUN_SETTINGS}  # name: check_inputs
     for override in overrides:
         key = override_key(override)
         if under(key, reads) or any(under(r, [key]) for r in reads):
             continue
         raw = flatten(OmegaConf.to_container(OmegaConf.load(find_conf_dir() / "config.yaml"), resolve=False))
         follows = [k for k, v in raw.items() if v == f"${{{key}}}" and under(k, BY_NAME[stage].params)]
-        fix = (f"{follows[0]}={override.partition('=')[2]}, or compose it (`transferkit params {override}`), where "
-               f"{follows[0]} follows {key}" if follows else
+        fix = (f"{follows[0]}={override.partition('=')[2]} (it follows {key} where conf/ is composed; a params "
+               f"file holds its own value)" if follows else
                f"set what {stage} reads ({', '.join(BY_NAME[stage].params)})")
         raise TransferkitError(f"{stage} does not read {key}: '{override}' would change nothing but the params.yaml "
                                f"saved with its outputs. Fix: {fix}.")
