@@ -78,7 +78,7 @@ def predict(model: str | Path | Classifier, images: list[str | Path], top: int =
     clf = model if isinstance(model, Classifier) else Classifier(model, trust_code=trust_code)
     paths = expand([Path(p) for p in images])
     logits, bad, step = [], [], batch_size(clf.input_size)
-    if fixed := getattr(clf, "_batch", None):  # a file fixed at N images is padded to N: whole runs of N
+    if fixed := clf.fixed_batch:  # a file fixed at N images is padded to N: whole runs of N
         step = fixed * max(1, step // fixed)
     for i in range(0, len(paths), step):
         pixels, problems = decode_images(paths[i:i + step], clf.input_size)

@@ -112,6 +112,7 @@ class Classifier:
         self.path = Path(path)
         threads = threads or torch.get_num_threads()
         spatial = []  # the image height and width an ONNX graph declares: numbers or names (any size)
+        self.fixed_batch: int | None = None  # the images per run a file takes exactly (None: any number)
         if not self.path.is_file():
             raise not_a_file(self.path, f"pass a model.pt a stage wrote (artifacts/<stage>/model.pt) or a model.onnx "
                                         f"/ {TORCHSCRIPT_FILE} from `transferkit export`.",
@@ -126,10 +127,10 @@ class Classifier:
                                        f"transferkit's exports do. Fix: export the model again "
                                        f"(`transferkit export MODEL.pt`).")
             # a file exported without a dynamic batch axis takes batches of exactly its traced size
-            self._input, self._batch = inp.name, inp.shape[0] if isinstance(inp.shape[0], int) else None
+            self._input, self.fixed_batch = inp.name, inp.shape[0] if isinstance(inp.shape[0], int) else None
             spatial = inp.shape[2:]
-            if self._batch is not None and not 1 <= self._batch <= MAX_FIXED_BATCH:
-                raise TransferkitError(f"{self.path} takes batches of exactly {self._batch} images, outside the 1 to "
+            if (n := self.fixed_batch) is not None and not 1 <= n <= MAX_FIXED_BATCH:
+                raise TransferkitError(f"{self.path} takes batches of exactly {n} images, outside the 1 to "
                                        f"{MAX_FIXED_BATCH} predict runs at once (it pads each batch up to a fixed "
                                        f"size). Fix: export the model again (`transferkit export MODEL.pt` writes a "
                                        f"dynamic batch axis).")
@@ -227,12 +228,11 @@ class Classifier:
             def run(x: np.ndarray) -> np.ndarray:
                 return self._scores(self.session.run(None, {self._input: x})[0], len(x))
 
-            if self._batch in (None, len(images)):
+            if (n := self.fixed_batch) in (None, len(images)):
                 return run(images)
-            pad = -len(images) % self._batch if len(images) else self._batch  # at least one run: the output's width
+            pad = -len(images) % n if len(images) else n  # at least one run: the output's width
             padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
-            return np.concatenate([run(padded[i:i + self._batch])
-                                   for i in range(0, len(padded), self._batch)])[:len(images)]
+            return np.concatenate([run(padded[i:i + n]) for i in range(0, len(padded), n)])[:len(images)]
         x = torch.from_numpy(images)
         with torch.inference_mode():
             out = self.module(to_nhwc(x) if self.kind == "pytorch" else x)
