@@ -212,6 +212,7 @@ def _fake_project(folder: Path) -> Path:
         (package / "warm" / Path(module.__file__).name).write_text(Path(module.__file__).read_text())
     (package / "training").mkdir()  # warm reads who is a first process from it
     shutil.copy(Path(warm.__file__).parents[1] / "training" / "__init__.py", package / "training")
+    shutil.copy(Path(warm.__file__).parents[1] / "errors.py", package)  # and how it dies of a signal
     (package / "cli.py").write_text(FAKE_CLI)
     return package.parent
 

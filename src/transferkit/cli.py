@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from transferkit import warm
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, die_of
 from transferkit.stages import BY_NAME, STAGES
 from transferkit.training import first_process, other_node  # light: warm imports it too
 
@@ -118,9 +118,7 @@ def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
         while (code := _wait_through_ctrl_c(child)) is None:
             pass
     if code in (-signal.SIGINT, -signal.SIGTERM):  # the child said so in its line: this process dies of it too
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-        sys.exit(128 - code)  # where the signal is blocked: its status, not the line for a signal unreported
+        sys.exit(die_of(-code))  # where the signal is blocked: its status, not the line for a signal unreported
     if code < 0:  # a signal the child could not report (the out-of-memory killer, kill -9): 137 for SIGKILL
         print(f"transferkit {stage}: error: its process was killed by signal {-code} ({signal.strsignal(-code)}; "
               f"out of memory, or kill -9). Fix: run it again: it resumes from its last checkpoint.", file=sys.stderr)
@@ -273,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         if first_process():  # under DDP every rank is interrupted: one line, rank 0's
             print(f"transferkit {command}: interrupted; its earlier outputs are unchanged.", file=sys.stderr)
         # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        return 130  # where SIGINT is blocked
+        return die_of(signal.SIGINT)
     except BrokenPipeError:  # `transferkit results | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 1

@@ -4,6 +4,10 @@ The CLI prints its message (which names the problem and the fix) without a trace
 so a bad class name reads like an answer, not like a crash.
 """
 
+import contextlib
+import os
+import signal
+
 
 class TransferkitError(Exception):
     """A problem with the user's input: data, config or checkpoint."""
@@ -11,3 +15,12 @@ class TransferkitError(Exception):
 
 class NotPlainData(TransferkitError):
     """A file that would run code when loaded (a foreign or tampered pickle): refused, never repaired."""
+
+
+def die_of(signum: int) -> int:
+    """End this process by `signum` as its default action would, so that a shell, and a loop around the command,
+    sees the signal rather than an exit status; 128 + signum is the status to exit with where it is blocked."""
+    with contextlib.suppress(OSError, ValueError):  # SIGKILL's handler cannot be set, and needs none
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return 128 + signum

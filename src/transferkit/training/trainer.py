@@ -26,7 +26,7 @@ from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonito
 from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, die_of
 from transferkit.models.blocknet import BlockNet
 from transferkit.training import RESUME_CHECKPOINT, first_process
 from transferkit.training.loggers import copy_logs, make_loggers, resume_csv
@@ -216,8 +216,7 @@ class DieOnSigterm(Callback):
     def die(signum, frame) -> None:
         for proc in DieOnSigterm.started:
             proc.send_signal(signum)  # a no-op for one that has ended
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)  # exit status 143, as a shell reports a SIGTERM
+        die_of(signum)  # exit status 143, as a shell reports a SIGTERM
 
 
 def ended_rank(parent: int, wait_s: float = 2.0) -> str | None:

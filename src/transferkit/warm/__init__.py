@@ -44,6 +44,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from transferkit.errors import die_of
 from transferkit.training import RANK_VARIABLES, first_process
 from transferkit.warm import server
 from transferkit.warm.server import FORWARDED, STREAMS, recv_exactly
@@ -197,10 +198,7 @@ def run(argv: list[str]) -> int | None:
     if passed and code is None:  # the server went away with the worker a passed-on signal ended
         code = -passed[-1]
     if code is not None and code < 0:
-        with contextlib.suppress(OSError, ValueError):  # SIGKILL's handler cannot be set, and needs none
-            signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-        return 128 - code  # a signal this process ignores after all
+        return die_of(-code)
     if code is not None:
         return code
     print("transferkit: the warm worker ended without an exit code", file=sys.stderr)
