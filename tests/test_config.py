@@ -283,3 +283,18 @@ def test_the_baselines_take_their_recipe_from_the_stage_they_are_compared_with()
     assert (cfg.scratch.epochs, cfg.scratch.lr, cfg.student.batch_size) == (7, 0.2, 8)
     assert cfg.scratch.freeze_depth == 0 != cfg.transfer.freeze_depth  # from random init: its own depth
     assert compose("scratch.epochs=9").scratch.epochs == 9 != compose().transfer.epochs
+
+
+@pytest.mark.parametrize("value", [["bird", "deer"], None, 3, 0.001, float("inf"), "a,b", "a=b", "a b",
+                                   {"a": [1, None]}, True, [1.5, "x,y"]])
+def test_as_override_writes_what_hydra_reads_back(value):
+    """A value the scenarios name in a fix, written as an override: Hydra reads the same value back (YAML wrote
+    a,b, a sweep of two, and .inf, a word)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from transferkit.config.compose import as_override
+
+    assert OverridesParser.create().parse_override(f"k={as_override(value)}").value() == value
+    assert as_override(["bird", "deer"]) == "[bird, deer]" and as_override(None) == "null"
+    nan = OverridesParser.create().parse_override(f"k={as_override(float('nan'))}").value()
+    assert nan != nan

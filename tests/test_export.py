@@ -314,6 +314,39 @@ def test_an_onnx_file_with_a_fixed_batch_size_classifies_any_number_of_images(ex
     assert len({c for c, _ in dynamic}) >= 2 and np.ptp([p for _, p in dynamic]) > 0.05  # answers that vary
     assert [c for c, _ in fixed] == [c for c, _ in dynamic]
     assert np.allclose([p for _, p in fixed], [p for _, p in dynamic], atol=1e-6)
+    # what predict reads to cut the images: 2 for this file, None (any number) for every other kind
+    assert Classifier(tmp_path / "model.onnx").fixed_batch == 2
+    assert Classifier(folder / "export" / "model.onnx").fixed_batch is None
+    assert Classifier(folder / "model.pt").fixed_batch is None
+    assert Classifier(folder / "export" / "model.torchscript.pt", trust_code=True).fixed_batch is None
+
+
+def test_predict_gives_a_fixed_batch_file_whole_runs(exported, tmp_path, monkeypatch):
+    """A batch of decoded images smaller than a file's fixed batch was padded up to it one batch at a time:
+    5 images read 1 by 1 ran 10 rows through a file fixed at 2. They are read in whole runs: 3 runs, 6 rows."""
+    import onnx
+
+    from transferkit.deploy import predict as predict_module
+
+    folder, _ = exported[2]["fastnet"]
+    model = onnx.load(str(folder / "export" / "model.onnx"))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    clf, rows = Classifier(tmp_path / "model.onnx"), []
+
+    class Counting:  # ONNX Runtime's session, counting the rows of each run
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feeds):
+            rows.extend(len(x) for x in feeds.values())
+            return self.session.run(names, feeds)
+
+    clf.session = Counting(clf.session)
+    monkeypatch.setattr(predict_module, "batch_size", lambda input_size: 1)  # a tiny decode batch
+    results = predict(clf, _write_images(tmp_path / "images"))
+    assert len(results) == 5 and rows == [2, 2, 2]
 
 
 def _crafted_onnx(path, *, batch="N", height="H", width="W", input_size=32, brightest=None, classes=CLASSES,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -207,17 +208,24 @@ def test_a_sweep_of_values_hydra_cannot_list_is_one_line():
     from transferkit.errors import TransferkitError
     from transferkit.sweep.points import expand
 
-    with pytest.raises(TransferkitError, match=r"cannot list the sweep's values: .*INTERVAL.*Fix: list them"):
+    with pytest.raises(TransferkitError, match=r"cannot list the values of transfer.lr=interval\(0.01,0.1\): .*INTERVAL"
+                                               r".*Fix: list them"):
         expand(["transfer.lr=interval(0.01,0.1)"])
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["seed=range(3,0)"], r"seed=range\(3,0\) lists no values\. Fix: key='range\(start,stop\)' with start < stop"),
+    (["seed=range(3,0)"], r"seed=range\(3,0\) lists no values\. Fix: key='range\(start,stop,step\)' with start < stop "
+                          r"\(start > stop when step < 0\)"),
     (["transfer.freeze_depth=0,1,1"], r"transfer.freeze_depth=0,1,1 lists 1 twice\. Fix: list each value once"),
     (["transfer.lr=0.1,0.10"], r"transfer.lr=0.1,0.10 lists 0.1 twice"),  # one number to Hydra
     (["transfer.lr=1,1.0"], r"transfer.lr=1,1.0 lists 1 and 1.0, one value twice\. Fix"),  # int and float: one lr
     (["name=a,'a'"], r"name=a,'a' lists a and 'a', one value twice"),
-    (["seed=range(0,3,-1)"], r"lists no values\. Fix: .*\(start > stop for a negative step\)"),
+    (["seed=range(0,3,-1)"], r"lists no values\. Fix: .*\(start > stop when step < 0\)"),
+    (["seed=range(0,3,0)"], r"cannot list the values of seed=range\(0,3,0\): .*zero\. Fix: .*a step that is not 0"),
+    (["seed=range(1,3),2"], r"seed=range\(1,3\),2 puts a sweep among listed values\. Fix: list every value"),
+    (["x=[1,2],[1,2.0]"], r"x=\[1,2\],\[1,2.0\] lists \[1,2\] and \[1,2.0\], one value twice"),  # one list
+    (["x={a:1,b:2},{b:2,a:1}"], r"lists \{a:1,b:2\} and \{b:2,a:1\}, one value twice"),  # one dict
+    (["x=nan,nan"], r"x=nan,nan lists nan twice"),  # nan is not equal to itself, yet one value
     (["seed=0,1", "seed=2"], r"seed is given more than once \(seed=0,1 and seed=2\): the last would set it in every "
                              r"point\. Fix: give each swept key once"),
     (["transfer.lr=0.1,0.2", "++transfer.lr=0.3"], r"transfer.lr is given more than once \(transfer.lr=0.1,0.2 and "
@@ -234,6 +242,18 @@ def test_a_sweep_that_lists_a_point_twice_or_none_is_one_line(overrides, needle)
     assert expand(["seed=1", "seed=2"]) == [["seed=1", "seed=2"]]  # a value given again: the last one wins
     assert expand(["seed=0", "seed=0,1"]) == [["seed=0", "seed=0"], ["seed=0", "seed=1"]]  # the sweep is the last
     assert len(expand(["x=1,true"])) == 2  # equal in Python, yet a number and a boolean
+    assert len(expand(["x=[1],[true]", "y={a:1},{a:2}"])) == 4
+
+
+def test_a_shuffled_sweep_names_the_values_it_lists_twice():
+    """shuffle() reordered the values once to find a repeat and again to name it: the message named other values."""
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import expand
+
+    for _ in range(20):  # 1,2,1 shuffles to one of three orders; each must name 1
+        with pytest.raises(TransferkitError, match=r"seed=shuffle\(1,2,1\) lists 1 twice\. Fix"):
+            expand(["seed=shuffle(1,2,1)"])
+    assert sorted(expand(["seed=shuffle(0,1,2)"])) == [["seed=0"], ["seed=1"], ["seed=2"]]
 
 
 @pytest.mark.parametrize("stage, override, needle", [
@@ -257,8 +277,9 @@ def test_an_override_of_a_setting_the_stage_does_not_read_is_refused(tmp_path, s
     assert needle in one_error_line(proc) and not (tmp_path / "out").exists()
     # its own settings, how it runs, how collect scores it, and what its inputs were made with: no error
     # the experiment's name, which check_inputs compares with the name its inputs were made under, too
+    # (a params file's run takes keys, not conf/'s groups: model.name=, not model=)
     check_read(stage, [f"{stage}.epochs=2", "seed=1", "trainer.progress_bar=false", "evaluate.tta=none",
-                       "model=resnet18", "data.target.train_per_class=5", "name=mine"])
+                       "model.name=resnet18", "data.target.train_per_class=5", "name=mine"])
 
 
 @pytest.mark.parametrize("override", ["hydra/launcher=local_parallel", "+hydra.launcher.n_jobs=2"])
@@ -597,6 +618,17 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
     (tmp_path / "artifacts" / "pretrain" / "params.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(TransferkitError, match=r'model.name="\w+" here, but .* Fix: run with model.name="vgg_mini"'):
         check_inputs("transfer", cfg)
+    # another experiment's input: a sweep or a Hydra run adds experiment=, a --params run (which refuses
+    # experiment=) takes another params file or another folder
+    saved["name"] = "default"
+    (tmp_path / "artifacts" / "pretrain" / "params.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(TransferkitError, match=r"was made by experiment=default, this run composes experiment=smoke, "
+                                               r"and transfer reads it\. Fix: add experiment=default\.$"):
+        check_inputs("transfer", cfg)
+    with pytest.raises(TransferkitError, match=r"Fix: run with a params file of experiment=default \(`transferkit "
+                                               r"params experiment=default` writes one\), or give --in pretrain=DIR, "
+                                               r"a folder p.yaml made\.$"):
+        check_inputs("transfer", cfg, {"seed"}, {}, Path("p.yaml"))
 
 
 def _run(stage: str, seed: int, accuracy: float, n: int = 5000):

@@ -91,7 +91,7 @@ def _params_mode(stage: str, args: list[str]) -> None:
     if not os.environ.get("DVC_STAGE"):  # by hand: its inputs may be another run's (`dvc repro` made them with this)
         from transferkit.sweep.points import check_inputs, override_key
 
-        check_inputs(stage, cfg, {override_key(o) for o in overrides}, inputs)
+        check_inputs(stage, cfg, {override_key(o) for o in overrides}, inputs, opts.params)
     try:
         run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir) / stage,
                   {k: Path(v) for k, v in inputs.items()})

@@ -109,9 +109,12 @@ def params_text(cfg: DictConfig, overrides: list[str] | None = None) -> str:
 
 
 def as_override(value) -> str:
-    """`value` as an override writes it: [bird, cat] and null, not Python's ['bird', 'cat'] and None."""
-    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).removesuffix("\n").removesuffix(
-        "\n...")
+    """`value` as an override writes it, by Hydra's own writer: [bird, cat], null, inf, a\\,b. A string Hydra reads
+    as another value, or not at all, unquoted ('1', "it's", a newline) comes back otherwise; the settings scenarios
+    name hold none."""
+    from hydra.core.override_parser.types import Override
+
+    return Override._get_value_element_as_str(value, space_after_sep=True)
 
 
 PARAMS_KEYS = {"name", "seed", "paths", "trainer"}  # what every stage reads: a file without them is another file

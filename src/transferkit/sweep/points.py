@@ -43,7 +43,7 @@ def expand(argv: list[str]) -> list[list[str]]:
     """Every combination of the sweep values in `argv` (Hydra's own parser: a=1,2, range(),
     choice(), glob()), as plain override lists; hydra.* settings are left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Glob
+    from hydra.core.override_parser.types import Glob, Override, Sweep
     from hydra.errors import HydraException
 
     try:
@@ -51,26 +51,28 @@ def expand(argv: list[str]) -> list[list[str]]:
     except HydraException as e:
         raise TransferkitError(f"cannot parse the overrides: {str(e).splitlines()[0]}. Fix: write them as key=value, "
                                f"sweeps as key=a,b or key='range(0,5)'{QUOTING}.") from e
-    try:
-        axes = [[f"{o.get_key_element()}={v}" for v in (_glob(o) if isinstance(o.value(), Glob) else
-                                                        o.sweep_string_iterator() if o.is_sweep_override()
-                                                        else [o.get_value_element_as_str()])]
-                for o in overrides if not o.is_hydra_override()]
-    except HydraException as e:  # interval() parses, but only an optimising sweeper can pick its points
-        raise TransferkitError(f"cannot list the sweep's values: {str(e).splitlines()[0]}. Fix: list them (key=a,b) or "
-                               f"use key='range(start,stop,step)'{QUOTING}.") from e
-    swept = [o for o in overrides if not o.is_hydra_override()]
-    for o, axis in zip(swept, axes):
-        if not axis:
-            raise TransferkitError(f"{o.input_line} lists no values. Fix: key='range(start,stop)' with start < stop "
-                                   f"(start > stop for a negative step), or key=a,b.")
-        values = ([_same_value(v) for v in o.sweep_iterator()] if o.is_sweep_override()
-                  and not isinstance(o.value(), Glob) else [])
-        if len(set(values)) < len(values):  # 1,1 or 1,1.0: one point twice, trained twice and counted twice
-            first = next(i for i, same in enumerate(values) if values.count(same) > 1)
-            a, b = (axis[i].partition("=")[2] for i in (first, values.index(values[first], first + 1)))
+    swept, axes = [o for o in overrides if not o.is_hydra_override()], []
+    for o in swept:
+        try:  # one pass: shuffle() would order a second one otherwise, and a repeat would name other values
+            values = (_glob(o) if isinstance(o.value(), Glob) else list(o.sweep_iterator()) if o.is_sweep_override()
+                      else [o.value()])
+        except (HydraException, ValueError) as e:  # interval(): only an optimising sweeper picks its points
+            raise TransferkitError(f"cannot list the values of {o.input_line}: {str(e).splitlines()[0]}. Fix: list "
+                                   f"them (key=a,b) or use key='range(start,stop,step)' with a step that is not 0"
+                                   f"{QUOTING}.") from e
+        if any(isinstance(v, Sweep) for v in values):
+            raise TransferkitError(f"{o.input_line} puts a sweep among listed values. Fix: list every value "
+                                   f"(key=1,2,3) or give one range() (key='range(1,4)'){QUOTING}.")
+        if not values:
+            raise TransferkitError(f"{o.input_line} lists no values. Fix: key='range(start,stop,step)' with start < "
+                                   f"stop (start > stop when step < 0), or key=a,b.")
+        same = [_same_value(v) for v in values]
+        if len(set(same)) < len(same):  # 1,1 or 1,1.0: one point twice, trained twice and counted twice
+            first = next(i for i, v in enumerate(same) if same.count(v) > 1)
+            a, b = (Override._get_value_element_as_str(values[i]) for i in (first, same.index(same[first], first + 1)))
             twice = f"{a} twice" if a == b else f"{a} and {b}, one value twice"
             raise TransferkitError(f"{o.input_line} lists {twice}. Fix: list each value once.")
+        axes.append([f"{o.get_key_element()}={Override._get_value_element_as_str(v)}" for v in values])
     keys = [override_key(o.input_line) for o in swept]  # ++seed and seed set one key
     if twice := next((k for i, k in enumerate(keys) if len(axes[i]) > 1 and k in keys[i + 1:]), None):
         given = " and ".join(o.input_line for o, k in zip(swept, keys) if k == twice)
@@ -81,9 +83,13 @@ def expand(argv: list[str]) -> list[list[str]]:
 
 def _same_value(value) -> tuple:
     """A value Hydra parsed, as a key equal for values that compose alike: 1 and 1.0 are one number, 'a' and a one
-    string, true no number."""
+    string, true no number, [1,2] and [1,2.0] one list, {a:1,b:2} and {b:2,a:1} one dict, nan and nan one value."""
+    if isinstance(value, list):
+        return "list", tuple(_same_value(v) for v in value)
+    if isinstance(value, dict):
+        return "dict", frozenset((_same_value(k), _same_value(v)) for k, v in value.items())
     value = getattr(value, "text", value)  # a QuotedString
-    return (type(value) is bool, value) if isinstance(value, bool | int | float | str | None) else (None, str(value))
+    return ("nan",) if value != value else (type(value) is bool, value)  # nan alone is not equal to itself
 
 
 def _glob(override) -> list[str]:
@@ -127,13 +133,14 @@ def exp_run_sets(key: str) -> str:
     return "".join(f"-S {shlex.quote(o)} " for o in base if override_key(o) != key)
 
 
-def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, folders: dict | None = None) -> None:
+def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, folders: dict | None = None,
+                 params_file: Path | None = None) -> None:
     """A run reads the outputs of earlier stages under paths.artifacts_dir (or in `folders`, by stage),
     whatever its own settings say: a setting of theirs that differs (a swept pretrain.epochs,
     data.target.train_per_class) would make every point reuse one earlier result. Each output's saved
     params.yaml says what made it. `given`: the keys the command line set (None: all); the others come
     from the project's params.yaml, so an output made with another value of one is older than params.yaml,
-    not another sweep's."""
+    not another sweep's. `params_file`: the run's (`--params`), where experiment= is no override."""
     mine = flatten(to_params(cfg))
     for name in BY_NAME[stage].reads:
         saved_file = Path((folders or {}).get(name) or Path(cfg.paths.artifacts_dir) / name) / "params.yaml"
@@ -145,9 +152,11 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, fol
             continue
         saved, keys = flatten(data), made_with(name)
         if mine.get("name") != saved.get("name"):
+            fix = (f"run with a params file of experiment={saved.get('name')} (`transferkit params "
+                   f"experiment={saved.get('name')}` writes one), or give --in {name}=DIR, a folder {params_file} "
+                   f"made" if params_file else f"add experiment={saved.get('name')}")
             raise TransferkitError(f"{saved_file.parent} was made by experiment={saved.get('name')}, this run composes "
-                                   f"experiment={mine.get('name')}, and {stage} reads it. Fix: add "
-                                   f"experiment={saved.get('name')}.")
+                                   f"experiment={mine.get('name')}, and {stage} reads it. Fix: {fix}.")
         # a key both have first: a key only one has follows from another that differs (model=vgg_mini has
         # no model.bn_momentum), or from code that changed since
         for k in sorted(differing(mine, saved), key=lambda k: k not in mine or k not in saved):
