@@ -231,6 +231,9 @@ def ended_rank(parent: int, wait_s: float = 2.0) -> str | None:
         if time.monotonic() > deadline:
             return None
         time.sleep(0.05)
+    # a killed rank 0's sockets close before its children pass to another parent: the collective fails first
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.05)
     return "rank 0 of the fit ended" if os.getppid() != parent else None
 
 
