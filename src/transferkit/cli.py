@@ -180,7 +180,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
         check_points(stage, overrides)  # its points leave hydra.* out: they are composed here, a typo one line
         if settings := [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]:
             compose(settings)
-        _check_output_folder([*expand(overrides)[0], *settings], bool(multirun))
+        _check_output_folder(overrides, bool(multirun))
 
     @hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base="1.3")
     def app(cfg) -> None:
@@ -197,19 +197,20 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
             sys.exit(2)
 
     # Hydra's parser takes the overrides in one run: `a=1 -m b=2` would be refused for b=2
-    sys.argv = [f"transferkit {stage}", *(a for a in argv if a not in overrides), *overrides]
+    sys.argv = [f"transferkit {stage}", *(a for i, a in enumerate(argv) if a not in overrides), *overrides]
     app()
 
 
-def _check_output_folder(first: list[str], multirun: bool) -> None:
-    """Hydra makes its run (or sweep) folder only as the run starts, and says it cannot in a traceback. `first`:
-    the first point's overrides and the hydra.* settings (the folder may name the experiment)."""
+def _check_output_folder(overrides: list[str], multirun: bool) -> None:
+    """Hydra makes its run (or sweep) folder only as the run starts, and says it cannot in a traceback."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from transferkit.config.compose import find_conf_dir
+    from transferkit.sweep.points import expand
 
-    with initialize_config_dir(str(find_conf_dir()), version_base="1.3"):
+    first = [*expand(overrides)[0], *(o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/")))]
+    with initialize_config_dir(str(find_conf_dir()), version_base="1.3"):  # the folder may name the experiment
         folder = Path(OmegaConf.select(compose("config", first, return_hydra_config=True),
                                        key := "hydra.sweep.dir" if multirun else "hydra.run.dir")).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
