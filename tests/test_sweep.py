@@ -316,21 +316,6 @@ def test_bad_sweeps_fail_before_any_point_trains(base, tmp_path, overrides, need
     assert not sweep.exists()
 
 
-def test_a_run_whose_folder_cannot_be_made_is_one_line(base, tmp_path):
-    """Hydra makes its run or sweep folder as the run starts and, where it cannot, printed a traceback; its
-    parser took no override after -m (a=1 -m b=2), and two of its modes (--cfg with -m) were a traceback too."""
-    (blocker := tmp_path / "a_file").write_text("")
-    artifacts = f"paths.artifacts_dir={base / 'artifacts'}"
-    proc = cli("transfer", "experiment=smoke", "-m", artifacts, "transfer.freeze_depth=0,1",
-               f"hydra.sweep.dir={blocker / 'sweep'}")
-    assert (f"hydra.sweep.dir={blocker / 'sweep'} cannot be made: {blocker} is not a folder. Fix: set "
-            f"hydra.sweep.dir to a folder you can write to.") in one_error_line(proc)
-    proc = cli("transfer", "experiment=smoke", artifacts, f"hydra.run.dir={blocker / 'run' / 'deeper'}")
-    assert f"hydra.run.dir={blocker / 'run' / 'deeper'} cannot be made: {blocker} is not" in one_error_line(proc)
-    proc = cli("transfer", "--cfg", "job", "-m", "experiment=smoke", "transfer.freeze_depth=0,1")
-    assert "--cfg and -m: a run takes one of --run, --multirun, --cfg" in one_error_line(proc)
-
-
 def test_a_run_of_another_experiment_than_its_inputs_is_refused(base, tmp_path):
     proc = cli("transfer", f"paths.artifacts_dir={base / 'artifacts'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert "made by experiment=smoke, this run composes experiment=cifar10_split" in one_error_line(proc)

@@ -43,10 +43,15 @@ Each command has --help; docs/ has the details.
 """
 
 # Commands beside the stages: each module has main(argv) -> exit code, and its own --help.
-TOOLS = {"collect": "transferkit.sweep.collect", "sweep": "transferkit.sweep.points",
-         "check-repro": "transferkit.reproducibility.check", "results": "transferkit.evaluation.tables",
-         "scenarios": "transferkit.scenarios.report", "export": "transferkit.deploy.export",
-         "predict": "transferkit.deploy.predict"}
+TOOLS = {
+    "collect": "transferkit.sweep.collect",
+    "sweep": "transferkit.sweep.points",
+    "check-repro": "transferkit.reproducibility.check",
+    "results": "transferkit.evaluation.tables",
+    "scenarios": "transferkit.scenarios.report",
+    "export": "transferkit.deploy.export",
+    "predict": "transferkit.deploy.predict",
+}
 
 
 def _params_mode(stage: str, args: list[str]) -> None:
@@ -97,9 +102,10 @@ def _params_mode(stage: str, args: list[str]) -> None:
 
 
 def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
-    """Run one Hydra job's stage as `transferkit STAGE --params FILE --out DIR` in a fresh process. Under DDP,
-    Lightning starts the other ranks by re-running the command line; under Hydra it re-runs the whole (multi)run,
-    which makes duplicate output folders and launches every point again. A child that knows no Hydra avoids both."""
+    """Run one Hydra job's stage as `transferkit STAGE --params FILE --out DIR` in a fresh
+    process. Under DDP, Lightning starts the other ranks by re-running the command line; under
+    Hydra it re-runs the whole (multi)run, which makes duplicate output folders and, in a
+    sweep, launches every point again. A child that knows nothing of Hydra avoids both."""
     import subprocess
 
     from transferkit.config.compose import params_text
@@ -139,12 +145,12 @@ def _wait_through_ctrl_c(child, grace_s: float = 5.0) -> int | None:
         return None
 
 
-MODE_FLAGS = {"-r", "--run", "-m", "--multirun", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
 
 
 def _overrides(argv: list[str]) -> list[str]:
-    """A Hydra app's overrides: every argument but its flags and their values (and keys without =, refused)."""
+    """The overrides of a Hydra app's command line: every argument but its flags and their values (a key
+    without `=` too, which Hydra refuses)."""
     valued = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
               "-sc", "--shell-completion", "--experimental-rerun"}
     info = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # what --info may take
@@ -161,13 +167,11 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     from transferkit.sweep.points import check_points, expand
     from transferkit.training import multi_process
 
-    # Compose and validate every point of a sweep before the first one trains, so a typo'd key or an out-of-range
-    # value ends in one error line at once, not after hours; with Hydra's flags that print and run nothing (help,
-    # the composed config), wanted most when a run is refused, only compose them
+    # Compose and validate every point of a sweep before the first one trains, so a typo'd
+    # key or an out-of-range value ends in one error line at once, not after hours; with Hydra's
+    # flags that print and run nothing (help, the composed config), wanted most when a run is refused,
+    # only compose them
     overrides = _overrides(argv)
-    if len(modes := [a for a in argv if a.partition("=")[0] in MODE_FLAGS]) > 1:  # Hydra's is a traceback
-        raise TransferkitError(f"{' and '.join(modes)}: a run takes one of --run, --multirun, --cfg, --info and "
-                               f"--shell-completion. Fix: give one (--cfg job prints one run's config, without -m).")
     if INFO_FLAGS & {a.partition("=")[0] for a in argv}:
         for point in expand(overrides):  # a typo'd key in one line, not Hydra's advice to add it with +key
             compose(point)
@@ -180,7 +184,6 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
         check_points(stage, overrides)  # its points leave hydra.* out: they are composed here, a typo one line
         if settings := [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]:
             compose(settings)
-        _check_output_folder(overrides, bool(multirun))
 
     @hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base="1.3")
     def app(cfg) -> None:
@@ -196,28 +199,8 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
             print(f"transferkit {stage}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    # Hydra's parser takes the overrides in one run: `a=1 -m b=2` would be refused for b=2
-    sys.argv = [f"transferkit {stage}", *(a for i, a in enumerate(argv) if a not in overrides), *overrides]
+    sys.argv = [f"transferkit {stage}", *argv]
     app()
-
-
-def _check_output_folder(overrides: list[str], multirun: bool) -> None:
-    """Hydra makes its run (or sweep) folder only as the run starts, and says it cannot in a traceback."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from transferkit.config.compose import find_conf_dir
-    from transferkit.sweep.points import expand
-
-    first = [*expand(overrides)[0], *(o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/")))]
-    with initialize_config_dir(str(find_conf_dir()), version_base="1.3"):  # the folder may name the experiment
-        folder = Path(OmegaConf.select(compose("config", first, return_hydra_config=True),
-                                       key := "hydra.sweep.dir" if multirun else "hydra.run.dir")).absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        what = "a folder this user cannot write to" if existing.is_dir() else "not a folder"
-        raise TransferkitError(f"{key}={folder} cannot be made: {existing} is {what}. Fix: set {key} to a folder "
-                               f"you can write to.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             if len(rest) > 1:
                 raise TransferkitError(f"check-params checks one params file, not {len(rest)} ({' '.join(rest)}). "
                                        f"{usage}")
-            if drift := generated_drift(Path(rest[0]) if rest else find_conf_dir().parent / "params.yaml"):
+            drift = generated_drift(Path(rest[0]) if rest else find_conf_dir().parent / "params.yaml")
+            if drift:
                 print("\n".join([*drift, REGENERATE]), file=sys.stderr)
                 return 1
             print("params.yaml and dvc.yaml match conf/ and the stage table")
