@@ -243,6 +243,8 @@ def test_a_sweep_that_lists_a_point_twice_or_none_is_one_line(overrides, needle)
     assert expand(["seed=0", "seed=0,1"]) == [["seed=0", "seed=0"], ["seed=0", "seed=1"]]  # the sweep is the last
     assert len(expand(["x=1,true"])) == 2  # equal in Python, yet a number and a boolean
     assert len(expand(["x=[1],[true]", "y={a:1},{a:2}"])) == 4
+    quoted = ["a='1'", "c=[1,'2']", "d='null'", "e='true'"]  # quotes kept: text, not a number, null or a bool
+    assert expand(quoted) == [quoted]
 
 
 def test_a_shuffled_sweep_names_the_values_it_lists_twice():

@@ -72,7 +72,9 @@ def expand(argv: list[str]) -> list[list[str]]:
             a, b = (Override._get_value_element_as_str(values[i]) for i in (first, same.index(same[first], first + 1)))
             twice = f"{a} twice" if a == b else f"{a} and {b}, one value twice"
             raise TransferkitError(f"{o.input_line} lists {twice}. Fix: list each value once.")
-        axes.append([f"{o.get_key_element()}={Override._get_value_element_as_str(v)}" for v in values])
+        axes.append([f"{o.get_key_element()}={Override._get_value_element_as_str(v)}" for v in values]
+                    if o.is_sweep_override() or isinstance(o.value(), Glob)
+                    else [f"{o.get_key_element()}={o.get_value_element_as_str()}"])  # quotes kept: '1' is text
     keys = [override_key(o.input_line) for o in swept]  # ++seed and seed set one key
     if twice := next((k for i, k in enumerate(keys) if len(axes[i]) > 1 and k in keys[i + 1:]), None):
         given = " and ".join(o.input_line for o, k in zip(swept, keys) if k == twice)
