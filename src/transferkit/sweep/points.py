@@ -53,9 +53,11 @@ def expand(argv: list[str]) -> list[list[str]]:
                                f"sweeps as key=a,b or key='range(0,5)'{QUOTING}.") from e
     swept, axes = [o for o in overrides if not o.is_hydra_override()], []
     for o in swept:
+        if not (o.is_sweep_override() or isinstance(o.value(), Glob)):  # one value, quotes kept: '1' is text
+            axes.append([f"{o.get_key_element()}={o.get_value_element_as_str()}"])
+            continue
         try:  # one pass: shuffle() would order a second one otherwise, and a repeat would name other values
-            values = (_glob(o) if isinstance(o.value(), Glob) else list(o.sweep_iterator()) if o.is_sweep_override()
-                      else [o.value()])
+            values = _glob(o) if isinstance(o.value(), Glob) else list(o.sweep_iterator())
         except (HydraException, ValueError) as e:  # interval(): only an optimising sweeper picks its points
             raise TransferkitError(f"cannot list the values of {o.input_line}: {str(e).splitlines()[0]}. Fix: list "
                                    f"them (key=a,b) or use key='range(start,stop,step)' with a step that is not 0"
@@ -72,9 +74,7 @@ def expand(argv: list[str]) -> list[list[str]]:
             a, b = (Override._get_value_element_as_str(values[i]) for i in (first, same.index(same[first], first + 1)))
             twice = f"{a} twice" if a == b else f"{a} and {b}, one value twice"
             raise TransferkitError(f"{o.input_line} lists {twice}. Fix: list each value once.")
-        axes.append([f"{o.get_key_element()}={Override._get_value_element_as_str(v)}" for v in values]
-                    if o.is_sweep_override() or isinstance(o.value(), Glob)
-                    else [f"{o.get_key_element()}={o.get_value_element_as_str()}"])  # quotes kept: '1' is text
+        axes.append([f"{o.get_key_element()}={Override._get_value_element_as_str(v)}" for v in values])
     keys = [override_key(o.input_line) for o in swept]  # ++seed and seed set one key
     if twice := next((k for i, k in enumerate(keys) if len(axes[i]) > 1 and k in keys[i + 1:]), None):
         given = " and ".join(o.input_line for o, k in zip(swept, keys) if k == twice)
