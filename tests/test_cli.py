@@ -444,3 +444,31 @@ def test_output_cut_short_by_its_reader_ends_quietly(smoke_artifacts):
     proc = subprocess.run(f"{command} | head -c 1", shell=True, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout == "|" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_minus_m_among_the_overrides_runs_the_sweep(tmp_path):
+    """Hydra's parser takes flags before the overrides only (`a=1 -m b=2` was "unrecognized arguments: b=2")."""
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    proc = cli("prepare", "experiment=smoke", "-m", "seed=0,1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "multirun").rglob("target.pt"))) == 2
+
+
+@pytest.mark.parametrize("argv", [["--cfg", "job", "-m"], ["-m", "-c", "job"], ["--info", "--multirun"]])
+def test_two_modes_of_a_hydra_run_are_one_line(capsys, argv):
+    """Hydra runs one of a run, a multirun, --cfg and --info; two were its ValueError traceback."""
+    line = _error(capsys, ["transfer", *argv])
+    assert "one of" in line and "Fix:" in line, line
+
+
+@pytest.mark.parametrize("argv, key", [(["seed=0"], "hydra.run.dir"), (["-m", "seed=0,1"], "hydra.sweep.dir")])
+def test_a_hydra_output_folder_that_cannot_be_made_is_one_line(tmp_path, argv, key):
+    """A file in its path was Hydra's traceback; --cfg, which writes no folder, still prints the config."""
+    (tmp_path / "file").write_text("")
+    folder = f"{key}={tmp_path / 'file' / 'out'}"
+    line = one_error_line(cli("prepare", "experiment=smoke", *argv, folder, cwd=ROOT))
+    assert str(tmp_path / "file" / "out") in line and key in line and "Fix:" in line, line
+    proc = cli("prepare", "experiment=smoke", "seed=0", folder, "--cfg", "job", cwd=ROOT)
+    assert proc.returncode == 0 and "seed: 0" in proc.stdout, proc.stderr[-2000:]

@@ -146,6 +146,8 @@ def _wait_through_ctrl_c(child, grace_s: float = 5.0) -> int | None:
 
 
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
+MODES = {"-r": "--run", "-m": "--multirun", "-c": "--cfg", "-i": "--info", "-sc": "--shell-completion"}  # Hydra's
+NO_VALUE = {"-r", "--run", "-m", "--multirun", "--resolve", "-h", "--help", "--hydra-help", "--version"}
 
 
 def _overrides(argv: list[str]) -> list[str]:
@@ -171,6 +173,10 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     # key or an out-of-range value ends in one error line at once, not after hours; with Hydra's
     # flags that print and run nothing (help, the composed config), wanted most when a run is refused,
     # only compose them
+    if len(modes := {MODES.get(f, f) for a in argv if (f := a.partition("=")[0]) in {*MODES, *MODES.values()}}) > 1:
+        raise TransferkitError(f"{' and '.join(sorted(modes))} ask for two things: Hydra does one of --run, "
+                               f"--multirun, --cfg, --info and --shell-completion at a time. Fix: give one of them.")
+    argv = [a for a in argv if a in NO_VALUE] + [a for a in argv if a not in NO_VALUE]  # Hydra's parser: flags first
     overrides = _overrides(argv)
     if INFO_FLAGS & {a.partition("=")[0] for a in argv}:
         for point in expand(overrides):  # a typo'd key in one line, not Hydra's advice to add it with +key
@@ -199,8 +205,13 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
             print(f"transferkit {stage}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
+    from transferkit.config.hydra_callbacks import Refused
+
     sys.argv = [f"transferkit {stage}", *argv]
-    app()
+    try:
+        app()
+    except Refused as e:
+        raise TransferkitError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
