@@ -169,20 +169,20 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     from transferkit.sweep.points import check_points, expand
     from transferkit.training import multi_process
 
-    # Compose and validate every point of a sweep before the first one trains, so a typo'd
-    # key or an out-of-range value ends in one error line at once, not after hours; with Hydra's
-    # flags that print and run nothing (help, the composed config), wanted most when a run is refused,
-    # only compose them
     if len(modes := {MODES.get(f, f) for a in argv if (f := a.partition("=")[0]) in {*MODES, *MODES.values()}}) > 1:
         raise TransferkitError(f"{' and '.join(sorted(modes))} ask for two things: Hydra does one of --run, "
                                f"--multirun, --cfg, --info and --shell-completion at a time. Fix: give one of them.")
     argv = [a for a in argv if a in NO_VALUE] + [a for a in argv if a not in NO_VALUE]  # Hydra's parser: flags first
+    # Compose and validate every point of a sweep before the first one trains, so a typo'd
+    # key or an out-of-range value ends in one error line at once, not after hours; with Hydra's
+    # flags that print and run nothing (help, the composed config), wanted most when a run is refused,
+    # only compose them
     overrides = _overrides(argv)
     if INFO_FLAGS & {a.partition("=")[0] for a in argv}:
         for point in expand(overrides):  # a typo'd key in one line, not Hydra's advice to add it with +key
             compose(point)
     else:
-        multirun = {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(argv)  # Hydra's two ways to ask for one
+        multirun = "--multirun" in modes or "hydra.mode=MULTIRUN" in argv  # Hydra's two ways to ask for one
         if not multirun and (swept := [o for o in overrides if len(expand([o])) > 1]):
             raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a "
                                    f"Hydra multirun, into multirun/), or run `transferkit sweep {stage} "
