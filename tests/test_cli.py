@@ -456,11 +456,23 @@ def test_minus_m_among_the_overrides_runs_the_sweep(tmp_path):
     assert len(list((tmp_path / "multirun").rglob("target.pt"))) == 2
 
 
-@pytest.mark.parametrize("argv", [["--cfg", "job", "-m"], ["-m", "-c", "job"], ["--info", "--multirun"]])
-def test_two_modes_of_a_hydra_run_are_one_line(capsys, argv):
-    """Hydra runs one of a run, a multirun, --cfg and --info; two were its ValueError traceback."""
+@pytest.mark.parametrize("argv, needle", [(["--cfg", "job", "-m"], "--multirun and --cfg ask for two things"),
+                                          (["-m", "-c", "job"], "--multirun and --cfg ask for two things"),
+                                          (["--inf", "--multirun"], "--multirun and --info ask"),  # abbreviated
+                                          (["--resolve"], "--resolve resolves the config that --cfg or --help")])
+def test_flags_hydra_refuses_together_are_one_line(capsys, argv, needle):
+    """Hydra runs one of a run, a multirun, --cfg and --info, and resolves only what it prints: its ValueError
+    traceback before."""
     line = _error(capsys, ["transfer", *argv])
-    assert "one of" in line and "Fix:" in line, line
+    assert needle in line and "Fix:" in line, line
+
+
+def test_a_flag_with_a_value_among_the_overrides_is_read_as_hydra_reads_it():
+    """`--cfg job seed=3` was "unrecognized arguments: seed=3" from Hydra's parser."""
+    proc = cli("prepare", "experiment=smoke", "--cfg", "job", "seed=3", "-p", "seed")
+    assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr[-2000:]
+    proc = cli("prepare", "experiment=smoke", "seed=3", "--info")  # --info last takes no value
+    assert proc.returncode == 0 and "seed: 3" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("argv, key", [(["seed=0"], "hydra.run.dir"), (["-m", "seed=0,1"], "hydra.sweep.dir")])

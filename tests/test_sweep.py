@@ -245,8 +245,8 @@ def test_a_sweep_that_lists_a_point_twice_or_none_is_one_line(overrides, needle)
     assert len(expand(["x=[1],[true]", "y={a:1},{a:2}"])) == 4
     quoted = ["a='1'", "c=[1,'2']", "d='null'", "e='true'"]  # quotes kept: text, not a number, null or a bool
     assert expand(quoted) == [quoted]
-    assert expand(["a='1','2'", "c=[1,'2'],[3]"]) == [["a='1'", "c=[1,'2']"], ["a='1'", "c=[3]"], ["a='2'", "c=[1,'2']"],
-                                                     ["a='2'", "c=[3]"]]  # a sweep's values keep theirs too
+    swept = [["a='1'", "c=[1,'2']"], ["a='1'", "c=[3]"], ["a='2'", "c=[1,'2']"], ["a='2'", "c=[3]"]]
+    assert expand(["a='1','2'", "c=[1,'2'],[3]"]) == swept  # a sweep's values keep their quotes too
     assert len(expand(["n='1.0','1'"])) == 2  # two texts, though one number unquoted
 
 

@@ -145,44 +145,38 @@ def _wait_through_ctrl_c(child, grace_s: float = 5.0) -> int | None:
         return None
 
 
-INFO_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
-MODES = {"-r": "--run", "-m": "--multirun", "-c": "--cfg", "-i": "--info", "-sc": "--shell-completion"}  # Hydra's
-NO_VALUE = {"-r", "--run", "-m", "--multirun", "--resolve", "-h", "--help", "--hydra-help", "--version"}
-
-
-def _overrides(argv: list[str]) -> list[str]:
-    """The overrides of a Hydra app's command line: every argument but its flags and their values (a key
-    without `=` too, which Hydra refuses)."""
-    valued = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
-              "-sc", "--shell-completion", "--experimental-rerun"}
-    info = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # what --info may take
-    return [a for i, a in enumerate(argv) if not a.startswith("-") and not (
-        i and (argv[i - 1] in valued or argv[i - 1] in ("--info", "-i") and a in info))]
-
-
 def _hydra_mode(stage: str, argv: list[str]) -> None:
     """A real Hydra app, so -m sweeps, launchers and --cfg work as Hydra users expect."""
     import hydra
+    from hydra._internal.utils import get_args_parser
     from hydra.core.hydra_config import HydraConfig
 
     from transferkit.config.compose import compose, find_conf_dir
     from transferkit.sweep.points import check_points, expand
     from transferkit.training import multi_process
 
-    if len(modes := {MODES.get(f, f) for a in argv if (f := a.partition("=")[0]) in {*MODES, *MODES.values()}}) > 1:
-        raise TransferkitError(f"{' and '.join(sorted(modes))} ask for two things: Hydra does one of --run, "
-                               f"--multirun, --cfg, --info and --shell-completion at a time. Fix: give one of them.")
-    argv = [a for a in argv if a in NO_VALUE] + [a for a in argv if a not in NO_VALUE]  # Hydra's parser: flags first
+    parser = get_args_parser()  # Hydra's reading of its flags (abbreviated ones too), the overrides taken from
+    parser.prog = f"transferkit {stage}"  # anywhere: its own parse refuses `a=1 -m b=2`
+    args = parser.parse_intermixed_args(argv)
+    modes = [f"--{m}" for m in ("run", "multirun", "cfg", "info", "shell-completion")
+             if getattr(args, m.replace("-", "_")) not in (None, False)]
+    if len(modes) > 1:
+        raise TransferkitError(f"{' and '.join(modes)} ask for two things: Hydra does one of --run, --multirun, "
+                               f"--cfg, --info and --shell-completion at a time. Fix: give one of them.")
+    if args.resolve and not (args.cfg or args.help):
+        raise TransferkitError("--resolve resolves the config that --cfg or --help prints. Fix: add --cfg job, or "
+                               "leave --resolve out.")
+    overrides = args.overrides
+    argv = [*overrides, *(a for a in argv if a not in overrides)]  # Hydra's parser: then its flags, --info last too
     # Compose and validate every point of a sweep before the first one trains, so a typo'd
     # key or an out-of-range value ends in one error line at once, not after hours; with Hydra's
     # flags that print and run nothing (help, the composed config), wanted most when a run is refused,
     # only compose them
-    overrides = _overrides(argv)
-    if INFO_FLAGS & {a.partition("=")[0] for a in argv}:
+    if args.help or args.hydra_help or args.cfg or args.info is not None:
         for point in expand(overrides):  # a typo'd key in one line, not Hydra's advice to add it with +key
             compose(point)
-    else:
-        multirun = "--multirun" in modes or "hydra.mode=MULTIRUN" in argv  # Hydra's two ways to ask for one
+    elif not args.shell_completion:  # its install=bash is no override of conf/
+        multirun = args.multirun or "hydra.mode=MULTIRUN" in overrides  # Hydra's two ways to ask for one
         if not multirun and (swept := [o for o in overrides if len(expand([o])) > 1]):
             raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a "
                                    f"Hydra multirun, into multirun/), or run `transferkit sweep {stage} "

@@ -14,30 +14,31 @@ class Refused(BaseException):
 
 
 class OutputFolder(Callback):
-    """Makes the run's (or the sweep's) folder before Hydra does, so one that cannot be made or written (a file in
-    its path, no write access) is one line naming the setting, not Hydra's traceback. Hydra calls it only for a run
-    or a multirun: --cfg, --info and --help write no folder."""
+    """Checks the run's (or the sweep's) folder before Hydra makes it, so one that cannot be made or written (a
+    file in its path, no write access) is one line naming the setting, not Hydra's traceback. Hydra calls it only
+    for a run or a multirun: --cfg, --info and --help write no folder."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        _make(config, "hydra.run.dir")
+        _check(config, "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        _make(config, "hydra.sweep.dir")
+        _check(config, "hydra.sweep.dir")
 
 
-def _make(config, key: str) -> None:
+def _check(config, key: str) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    hydra_config = HydraConfig.instance()
+    before = hydra_config.cfg  # put back after: what Hydra resolves next is what it would without this check
     try:  # ${hydra:job.name} resolves once HydraConfig holds the config, as Hydra's own run_job sets it
-        HydraConfig.instance().set_config(copy.deepcopy(config))
-        folder = Path(str(OmegaConf.select(config, key)))
+        hydra_config.set_config(copy.deepcopy(config))
+        folder = Path(str(OmegaConf.select(config, key))).absolute()
     except Exception:  # a folder this cannot resolve is Hydra's to report
         return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(13, "no write access")
-    except OSError as e:
-        raise Refused(f"{key}={folder} cannot be made or written ({e.strerror}). Fix: set {key} to a folder you can "
-                      f"write to.") from e
+    finally:
+        hydra_config.cfg = before
+    there = next(p for p in (folder, *folder.parents) if p.exists())  # what Hydra would make the folder in
+    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+        problem = f"{there} is a file" if not there.is_dir() else f"{there} is not writable"
+        raise Refused(f"{key}={folder} cannot be made ({problem}). Fix: set {key} to a folder you can write to.")
