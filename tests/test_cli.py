@@ -473,14 +473,22 @@ def test_a_flag_with_a_value_among_the_overrides_is_read_as_hydra_reads_it():
     assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr[-2000:]
     proc = cli("prepare", "experiment=smoke", "seed=3", "--info")  # --info last takes no value
     assert proc.returncode == 0 and "seed: 3" in proc.stdout, proc.stderr[-2000:]
+    proc = cli("prepare", "--cfg", "job", "-p", "seed", "--", "experiment=smoke", "seed=-5")  # argparse's --
+    assert proc.returncode == 0 and proc.stdout.strip() == "-5", proc.stderr[-2000:]
+    proc = cli("prepare", "--help", "-m", "--cfg", "job")  # help first, as Hydra gives it: two modes are no error
+    assert proc.returncode == 0 and "powered by Hydra" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("argv, key", [(["seed=0"], "hydra.run.dir"), (["-m", "seed=0,1"], "hydra.sweep.dir")])
 def test_a_hydra_output_folder_that_cannot_be_made_is_one_line(tmp_path, argv, key):
-    """A file in its path was Hydra's traceback; --cfg, which writes no folder, still prints the config."""
+    """A file in its path, or a link to nothing, was Hydra's traceback; --cfg, which writes no folder, still
+    prints the config."""
     (tmp_path / "file").write_text("")
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    for bad, problem in ((tmp_path / "file" / "out", "is a file"), (tmp_path / "broken", "is a link to nothing")):
+        line = one_error_line(cli("prepare", "experiment=smoke", *argv, f"{key}={bad}", cwd=ROOT))
+        assert f"{key}={bad} cannot be made" in line and problem in line and "Fix:" in line, line
+    assert not (tmp_path / "nowhere").exists()
     folder = f"{key}={tmp_path / 'file' / 'out'}"
-    line = one_error_line(cli("prepare", "experiment=smoke", *argv, folder, cwd=ROOT))
-    assert str(tmp_path / "file" / "out") in line and key in line and "Fix:" in line, line
     proc = cli("prepare", "experiment=smoke", "seed=0", folder, "--cfg", "job", cwd=ROOT)
     assert proc.returncode == 0 and "seed: 0" in proc.stdout, proc.stderr[-2000:]

@@ -158,16 +158,17 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     parser = get_args_parser()  # Hydra's reading of its flags (abbreviated ones too), the overrides taken from
     parser.prog = f"transferkit {stage}"  # anywhere: its own parse refuses `a=1 -m b=2`
     args = parser.parse_intermixed_args(argv)
-    modes = [f"--{m}" for m in ("run", "multirun", "cfg", "info", "shell-completion")
-             if getattr(args, m.replace("-", "_")) not in (None, False)]
-    if len(modes) > 1:
-        raise TransferkitError(f"{' and '.join(modes)} ask for two things: Hydra does one of --run, --multirun, "
-                               f"--cfg, --info and --shell-completion at a time. Fix: give one of them.")
-    if args.resolve and not (args.cfg or args.help):
+    if args.resolve and not (args.cfg or args.help):  # Hydra's checks, in its order (help first)
         raise TransferkitError("--resolve resolves the config that --cfg or --help prints. Fix: add --cfg job, or "
                                "leave --resolve out.")
-    overrides = args.overrides
-    argv = [*overrides, *(a for a in argv if a not in overrides)]  # Hydra's parser: then its flags, --info last too
+    modes = [f"--{m}" for m in ("run", "multirun", "cfg", "info", "shell-completion")
+             if getattr(args, m.replace("-", "_")) not in (None, False)]
+    if len(modes) > 1 and not (args.help or args.hydra_help):
+        raise TransferkitError(f"{' and '.join(modes)} ask for two things: Hydra does one of --run, --multirun, "
+                               f"--cfg, --info and --shell-completion at a time. Fix: give one of them.")
+    overrides, defaults = args.overrides, vars(parser.parse_args([]))
+    argv = [*(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
+              if k != "overrides" and v != defaults[k]), "--", *overrides]  # each flag as Hydra's parser read it
     # Compose and validate every point of a sweep before the first one trains, so a typo'd
     # key or an out-of-range value ends in one error line at once, not after hours; with Hydra's
     # flags that print and run nothing (help, the composed config), wanted most when a run is refused,

@@ -38,7 +38,9 @@ def _check(config, key: str) -> None:
         return
     finally:
         hydra_config.cfg = before
-    there = next(p for p in (folder, *folder.parents) if p.exists())  # what Hydra would make the folder in
-    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
-        problem = f"{there} is a file" if not there.is_dir() else f"{there} is not writable"
+    there = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())  # where Hydra would make it
+    problem = (f"{there} is a link to nothing (broken, or a loop)" if not there.exists() else
+               f"{there} is a file" if not there.is_dir() else
+               f"{there} is not writable" if not os.access(there, os.W_OK | os.X_OK) else None)
+    if problem:
         raise Refused(f"{key}={folder} cannot be made ({problem}). Fix: set {key} to a folder you can write to.")
