@@ -152,11 +152,14 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from transferkit.config.compose import compose, find_conf_dir
+    from transferkit.config.hydra_callbacks import Refused
     from transferkit.sweep.points import check_points, expand
     from transferkit.training import multi_process
 
-    parser = get_args_parser()  # Hydra's reading of its flags (abbreviated ones too), the overrides taken from
-    parser.prog = f"transferkit {stage}"  # anywhere: its own parse refuses `a=1 -m b=2`
+    # Hydra's own parser reads the flags (abbreviated ones too), and the overrides from anywhere among
+    # them: Hydra's parse_args refuses `a=1 -m b=2`
+    parser = get_args_parser()
+    parser.prog = f"transferkit {stage}"
     args = parser.parse_intermixed_args(argv)
     if args.resolve and not (args.cfg or args.help):  # Hydra's checks, in its order (help first)
         raise TransferkitError("--resolve resolves the config that --cfg or --help prints. Fix: add --cfg job, or "
@@ -199,8 +202,6 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
         except TransferkitError as e:  # Hydra would print it with its own wrapper and exit 1
             print(f"transferkit {stage}: error: {e}", file=sys.stderr)
             sys.exit(2)
-
-    from transferkit.config.hydra_callbacks import Refused
 
     sys.argv = [f"transferkit {stage}", *argv]
     try:
