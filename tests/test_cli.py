@@ -459,10 +459,12 @@ def test_minus_m_among_the_overrides_runs_the_sweep(tmp_path):
 @pytest.mark.parametrize("argv, needle", [(["--cfg", "job", "-m"], "--multirun and --cfg ask for two things"),
                                           (["-m", "-c", "job"], "--multirun and --cfg ask for two things"),
                                           (["--inf", "--multirun"], "--multirun and --info ask"),  # abbreviated
-                                          (["--resolve"], "--resolve resolves the config that --cfg or --help")])
+                                          (["--resolve"], "--resolve resolves the config that --cfg or --help"),
+                                          (["seed=1", "--foo"], "unrecognized arguments: --foo. Fix: Hydra's flags"),
+                                          (["--cfg"], "argument --cfg/-c: expected one argument. Fix:")])
 def test_flags_hydra_refuses_together_are_one_line(capsys, argv, needle):
     """Hydra runs one of a run, a multirun, --cfg and --info, and resolves only what it prints: its ValueError
-    traceback before."""
+    traceback before; a flag it does not know, or one without its value, was argparse's usage block and a line."""
     line = _error(capsys, ["transfer", *argv])
     assert needle in line and "Fix:" in line, line
 

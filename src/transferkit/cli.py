@@ -159,7 +159,12 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     # Hydra's own parser reads the flags (abbreviated ones too), and the overrides from anywhere among
     # them: Hydra's parse_args refuses `a=1 -m b=2`
     parser = get_args_parser()
-    parser.prog = f"transferkit {stage}"
+
+    def usage_error(message: str):  # one line, not argparse's usage block before it
+        raise TransferkitError(f"{message}. Fix: Hydra's flags are listed by `transferkit {stage} --hydra-help`; "
+                               f"settings are key=value.")
+
+    parser.error = usage_error
     args = parser.parse_intermixed_args(argv)
     if args.resolve and not (args.cfg or args.help):  # Hydra's checks, in its order (help first)
         raise TransferkitError("--resolve resolves the config that --cfg or --help prints. Fix: add --cfg job, or "
