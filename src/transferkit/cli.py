@@ -174,7 +174,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     if len(modes) > 1 and not (args.help or args.hydra_help):
         raise TransferkitError(f"{' and '.join(modes)} ask for two things: Hydra does one of --run, --multirun, "
                                f"--cfg, --info and --shell-completion at a time. Fix: give one of them.")
-    overrides, defaults = args.overrides, vars(parser.parse_args([]))
+    overrides, defaults = [] if args.hydra_help else args.overrides, vars(parser.parse_args([]))  # Hydra's own help
     argv = [*(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
               if k != "overrides" and v != defaults[k]), "--", *overrides]  # each flag as Hydra's parser read it
     # Compose and validate every point of a sweep before the first one trains, so a typo'd
@@ -182,8 +182,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     # flags that print and run nothing (help, the composed config), wanted most when a run is refused,
     # only compose them
     if args.help or args.hydra_help or args.cfg or args.info is not None:
-        for point in expand(overrides):  # a typo'd key in one line, not Hydra's advice to add it with +key
-            compose(point)
+        compose(overrides)  # a typo'd key in one line, not Hydra's advice to add it with +key; a sweep's values too
     elif not args.shell_completion:  # its install=bash is no override of conf/
         multirun = args.multirun or "hydra.mode=MULTIRUN" in overrides  # Hydra's two ways to ask for one
         if not multirun and (swept := [o for o in overrides if len(expand([o])) > 1]):
