@@ -481,6 +481,8 @@ def test_a_flag_with_a_value_among_the_overrides_is_read_as_hydra_reads_it():
     assert proc.returncode == 0 and "powered by Hydra" in proc.stdout, proc.stderr[-2000:]
     proc = cli("prepare", "experiment=smoke", "--hydra-help")  # Hydra's own help, which no override changes
     assert proc.returncode == 0 and "== Flags ==" in proc.stdout, proc.stderr[-2000:]
+    proc = cli("prepare", "--info", "plugins", "seed=0,1")  # it composes no config: a sweep's values are fine
+    assert proc.returncode == 0 and "Sweeper" in proc.stdout, proc.stderr[-2000:]
     line = one_error_line(cli("prepare", "seed=1,2", "--cfg", "job"))  # a config holds one value: Hydra's 6 lines
     assert "seed=1,2 lists several values, and a composition holds one run's" in line, line
 

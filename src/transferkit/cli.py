@@ -170,20 +170,21 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
         raise TransferkitError("--resolve resolves the config that --cfg or --help prints. Fix: add --cfg job, or "
                                "leave --resolve out.")
     modes = [f"--{m}" for m in ("run", "multirun", "cfg", "info", "shell-completion")
-             if getattr(args, m.replace("-", "_")) not in (None, False)]
+             if getattr(args, m.replace("-", "_"))]
     if len(modes) > 1 and not (args.help or args.hydra_help):
         raise TransferkitError(f"{' and '.join(modes)} ask for two things: Hydra does one of --run, --multirun, "
                                f"--cfg, --info and --shell-completion at a time. Fix: give one of them.")
-    overrides, defaults = [] if args.hydra_help else args.overrides, vars(parser.parse_args([]))  # Hydra's own help
+    overrides = [] if args.hydra_help else args.overrides  # Hydra's own help, which composes none of conf/
     argv = [*(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
-              if k != "overrides" and v != defaults[k]), "--", *overrides]  # each flag as Hydra's parser read it
+              if k != "overrides" and v != parser.get_default(k)), "--", *overrides]  # each flag as Hydra read it
     # Compose and validate every point of a sweep before the first one trains, so a typo'd
     # key or an out-of-range value ends in one error line at once, not after hours; with Hydra's
     # flags that print and run nothing (help, the composed config), wanted most when a run is refused,
     # only compose them
-    if args.help or args.hydra_help or args.cfg or args.info is not None:
-        compose(overrides)  # a typo'd key in one line, not Hydra's advice to add it with +key; a sweep's values too
-    elif not args.shell_completion:  # its install=bash is no override of conf/
+    if args.help or args.cfg or args.info:  # a typo'd key in one line, not Hydra's advice to add it with +key
+        for point in expand(overrides) if args.info in ("defaults", "defaults-tree", "plugins") else [overrides]:
+            compose(point)  # where Hydra composes one config, a sweep's values too
+    elif not (args.shell_completion or args.hydra_help):  # install=bash is no override of conf/
         multirun = args.multirun or "hydra.mode=MULTIRUN" in overrides  # Hydra's two ways to ask for one
         if not multirun and (swept := [o for o in overrides if len(expand([o])) > 1]):
             raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a "

@@ -31,16 +31,19 @@ def _check(config, key: str) -> None:
 
     hydra_config = HydraConfig.instance()
     before = hydra_config.cfg  # put back after: what Hydra resolves next is what it would without this check
-    try:  # ${hydra:job.name} resolves once HydraConfig holds the config, as Hydra's own run_job sets it
+    # ${hydra:job.name} resolves once HydraConfig holds the config, as Hydra's run_job sets it; on a copy, as
+    # set_config makes the hydra node of what it is given read-only
+    try:
         hydra_config.set_config(copy.deepcopy(config))
         folder = Path(str(OmegaConf.select(config, key))).absolute()
     except Exception:  # a folder this cannot resolve is Hydra's to report
         return
     finally:
         hydra_config.cfg = before
-    there = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())  # where Hydra would make it
-    problem = (f"{there} is a link to nothing (broken, or a loop)" if not there.exists() else
-               f"{there} is a file" if not there.is_dir() else
+    # where Hydra would make it (lexists: a path this user cannot look into counts as missing, not as an error)
+    there = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    problem = (f"{there} is a link to nothing (broken, or a loop)" if not os.path.exists(there) else
+               f"{there} is a file" if not os.path.isdir(there) else
                f"{there} is not writable" if not os.access(there, os.W_OK | os.X_OK) else None)
     if problem:
         raise Refused(f"{key}={folder} cannot be made ({problem}). Fix: set {key} to a folder you can write to.")
