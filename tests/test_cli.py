@@ -500,3 +500,26 @@ def test_a_hydra_output_folder_that_cannot_be_made_is_one_line(tmp_path, argv, k
     folder = f"{key}={tmp_path / 'file' / 'out'}"
     proc = cli("prepare", "experiment=smoke", "seed=0", folder, "--cfg", "job", cwd=ROOT)
     assert proc.returncode == 0 and "seed: 0" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_shell_completion_completes_the_command_then_a_stages_overrides(tmp_path):
+    """Hydra's install script registered "transferkit pretrain", a name with a space that bash never completes,
+    and asked `transferkit -sc query=bash`, an unknown command: the shell completed nothing."""
+    import shutil
+    import subprocess
+    import sys
+
+    script = cli("pretrain", "-sc", "install=bash").stdout
+    assert script.rstrip().endswith("hydra_bash_completion transferkit"), script[-300:]
+    assert cli("-sc", "install=bash").stdout == script  # as `transferkit --help` gives it
+    assert "complete -c transferkit -x" in cli("-sc", "install=fish").stdout
+    (tmp_path / "install.sh").write_text(script)
+    ask = ('source "$0"; for line in "$@"; do COMP_LINE=$line; COMP_POINT=${#line}; COMP_WORDS=($line); '
+           'COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); hydra_bash_completion; echo "${COMPREPLY[*]}"; done')
+    lines = ["transferkit pre", "transferkit pretrain model=fastnet_s", "transferkit transfer -m seed=0,1 trainer=g",
+             "transferkit pretrain 'half-typed trainer=g"]  # a line Hydra cannot parse: nothing, not its error
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # where `transferkit` is installed
+    proc = subprocess.run([shutil.which("bash"), "-c", ask, tmp_path / "install.sh", *lines], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PATH": path})
+    assert proc.stdout.splitlines() == ["prepare pretrain predict", "model=fastnet_student", "trainer=gpu", ""], proc
+    assert proc.stderr == "", proc.stderr

@@ -39,11 +39,13 @@ Models: model=fastnet | fastnet_tiny | fastnet_micro | fastnet_student | vgg_min
         model@distill.student=NAME
 Trainers: trainer=cpu | trainer=gpu | trainer=ddp | trainer=ddp_multinode;  trainer.precision=auto
 Common overrides: transfer.freeze_depth=K  seed=N  pretrain.epochs=N  trainer.loggers=[dvclive,csv]
+Shell completion: eval "$(transferkit -sc install=bash)"   (Hydra's flags: transferkit STAGE --hydra-help)
 Each command has --help; docs/ has the details.
 """
 
 # Commands beside the stages: each module has main(argv) -> exit code, and its own --help.
 TOOLS = {
+    "check-params": "transferkit.config.drift",
     "collect": "transferkit.sweep.collect",
     "sweep": "transferkit.sweep.points",
     "check-repro": "transferkit.reproducibility.check",
@@ -208,11 +210,28 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
             print(f"transferkit {stage}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    sys.argv = [f"transferkit {stage}", *argv]
+    # the name Hydra's help shows; a completion script registers the command itself (_shell_completion)
+    sys.argv = ["transferkit" if args.shell_completion else f"transferkit {stage}", *argv]
     try:
         app()
     except Refused as e:
         raise TransferkitError(str(e)) from None
+
+
+def _shell_completion(argv: list[str]) -> None:
+    """Answers the completion script Hydra's `-sc install=SHELL` prints, which runs `transferkit -sc query=SHELL`
+    with the line typed so far: the command, then Hydra completes a stage's overrides."""
+    if not any("query=" in a for a in argv):  # install, uninstall: one script for every stage
+        return _hydra_mode(RUNNABLE[0], argv)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())  # a line typed half-way: nothing under the prompt
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if len(words) + line.endswith(" ") <= 2:
+        print("\n".join([*RUNNABLE, "params", *TOOLS]))  # the shell keeps those the word begins
+    elif words[1] in RUNNABLE:  # else the shell's own completion: files
+        start = line.index(words[1], len(line) - len(line.lstrip()) + len(words[0]))
+        os.environ["COMP_LINE"] = line[:start] + line[start + len(words[1]):].lstrip()  # as Hydra's own app has it
+        _hydra_mode(words[1], argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     params_mode = any(a == "--params" or a.startswith("--params=") for a in rest)
-    if command in ("params", "check-params") and {"-h", "--help"} & set(rest):
+    if command == "params" and {"-h", "--help"} & set(rest):
         print("\n".join(line for line in HELP.splitlines() if line.lstrip().startswith(f"transferkit {command} ")))
         return 0
     if command in STAGES and not BY_NAME[command].trains and not first_process():
@@ -241,24 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             if dropped := [o for o in before if o not in rest]:  # overrides replace the earlier ones
                 print(f"composed with {' '.join(rest) or 'no overrides'}; no longer with {' '.join(dropped)} (give "
                       f"every override you want each time)")
-        elif command == "check-params":
-            from transferkit.config.compose import find_conf_dir
-            from transferkit.config.drift import REGENERATE, generated_drift
-
-            usage = "Fix: `transferkit check-params [PARAMS_FILE]`."
-            if options := [a for a in rest if a.startswith("-")]:
-                raise TransferkitError(f"check-params has no option {options[0]}. {usage}")
-            if overrides := [a for a in rest if "=" in a and not Path(a).exists()]:  # a Hydra job folder has "="
-                raise TransferkitError(f"check-params takes a params file, not overrides ({overrides[0]}): it "
-                                       f"composes conf/ with the overrides params.yaml records. {usage}")
-            if len(rest) > 1:
-                raise TransferkitError(f"check-params checks one params file, not {len(rest)} ({' '.join(rest)}). "
-                                       f"{usage}")
-            drift = generated_drift(Path(rest[0]) if rest else find_conf_dir().parent / "params.yaml")
-            if drift:
-                print("\n".join([*drift, REGENERATE]), file=sys.stderr)
-                return 1
-            print("params.yaml and dvc.yaml match conf/ and the stage table")
+        elif command in ("-sc", "--shell-completion") or command.startswith("--shell-completion="):
+            _shell_completion(argv)
         elif command in TOOLS:
             import importlib
 
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 _hydra_mode(command, rest)
         else:
             print(f"transferkit: unknown command '{command}'. Fix: use one of "
-                  f"{', '.join([*RUNNABLE, 'params', 'check-params', *TOOLS])} (see `transferkit --help`).",
+                  f"{', '.join([*RUNNABLE, 'params', *TOOLS])} (see `transferkit --help`).",
                   file=sys.stderr)
             return 2
     except TransferkitError as e:

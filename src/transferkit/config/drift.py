@@ -1,5 +1,5 @@
 """What differs between a params file and what it is made from (conf/, the overrides it records, the
-stage table): check-params, check-repro and the stages run with --params read it here."""
+stage table): `transferkit check-params` itself, and check-repro and the stages run with --params."""
 
 from __future__ import annotations
 
@@ -62,3 +62,29 @@ def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str
         drift.append(f"{dvc_file} differs from the stage table (src/transferkit/stages/__init__.py) or the "
                      f"code its stages import")
     return drift
+
+
+def main(argv: list[str]) -> int:
+    """`transferkit check-params [FILE]`: exit 1 where params.yaml or dvc.yaml differs from what it is made from."""
+    import sys
+
+    from transferkit.config.compose import find_conf_dir
+
+    usage = "Fix: `transferkit check-params [PARAMS_FILE]`."
+    if {"-h", "--help"} & set(argv):
+        print("usage: transferkit check-params [PARAMS_FILE]\n\nExits 1, listing what differs, where params.yaml "
+              "(default: the project's) or dvc.yaml differs from what it is made from: conf/ composed with the "
+              "overrides params.yaml records, and the stage table.")
+        return 0
+    if options := [a for a in argv if a.startswith("-")]:
+        raise TransferkitError(f"check-params has no option {options[0]}. {usage}")
+    if overrides := [a for a in argv if "=" in a and not Path(a).exists()]:  # a Hydra job folder has "="
+        raise TransferkitError(f"check-params takes a params file, not overrides ({overrides[0]}): it composes "
+                               f"conf/ with the overrides params.yaml records. {usage}")
+    if len(argv) > 1:
+        raise TransferkitError(f"check-params checks one params file, not {len(argv)} ({' '.join(argv)}). {usage}")
+    if drift := generated_drift(Path(argv[0]) if argv else find_conf_dir().parent / "params.yaml"):
+        print("\n".join([*drift, REGENERATE]), file=sys.stderr)
+        return 1
+    print("params.yaml and dvc.yaml match conf/ and the stage table")
+    return 0
