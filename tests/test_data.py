@@ -824,6 +824,24 @@ def test_a_decompression_bomb_is_refused_by_name(tmp_path):
             decode_image(bomb, "bomb.png", 32)
 
 
+def test_a_postscript_file_by_any_name_is_no_image_and_runs_nothing(tmp_path, monkeypatch):
+    """PIL picks a reader by the file's content: an EPS named x.png went to its EPS reader, which runs
+    Ghostscript (`gs`, here a stub that leaves a mark) on the file's PostScript."""
+    from PIL import EpsImagePlugin
+
+    from transferkit.data.sources import decode_image
+
+    gs = tmp_path / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {tmp_path / 'ran'}\n[ \"$1\" = --version ] && echo 10.0\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # found on first use
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n0 0 moveto 32 32 lineto stroke\nshowpage\n"
+    with pytest.raises(TransferkitError, match=r"corrupt image x.png \(no image format PIL reads\)"):
+        decode_image(eps, "x.png", 32)
+    assert not (tmp_path / "ran").exists()
+
+
 def test_corrupt_image_in_archive_names_the_member(tmp_path):
     path = tmp_path / "x.tar.gz"
     with tarfile.open(path, "w:gz") as tar:

@@ -20,19 +20,27 @@ from transferkit.data.dataset import RawDataset, Split, class_name
 from transferkit.errors import TransferkitError
 from transferkit.progress import progress
 
-# formats PIL registers a reader for but that hold no picture it decodes: page descriptions it needs Ghostscript
-# for, stubs that only identify a file (scientific data, video), arrays (.h5, .fits), brushes and textures
+# formats PIL registers a reader for but that hold no picture it decodes: page descriptions (PostScript: a program,
+# which PIL runs Ghostscript on, so never read, whatever the file's name), stubs that only identify a file
+# (scientific data, video), arrays (.h5, .fits), brushes and textures
 NOT_PICTURES = {"EPS", "WMF", "BUFR", "GRIB", "HDF5", "FITS", "MPEG", "IPTC", "PCD", "GBR", "FTEX", "IM"}
 # suffixes other files share: raw pixel dumps (.rgb, .rgba, .bw), disparity maps (.pfm)
 SHARED_SUFFIXES = {".rgb", ".rgba", ".bw", ".pfm"}
 
 
 @functools.cache
+def picture_formats() -> tuple[str, ...]:
+    """The formats PIL may read a file as. Computed on first use: registering every PIL format is start-up time a
+    stage reading no image need not spend."""
+    Image.init()
+    return tuple(fmt for fmt in Image.OPEN if fmt not in NOT_PICTURES)
+
+
+@functools.cache
 def image_suffixes() -> frozenset[str]:
-    """Every file suffix PIL opens as a picture (.mpo, a JPEG with more frames, is read by the JPEG reader).
-    Computed on first use: registering every PIL format is start-up time a stage reading no image need not spend."""
+    """Every file suffix PIL opens as a picture (.mpo, a JPEG with more frames, is read by the JPEG reader)."""
     return frozenset({ext for ext, fmt in Image.registered_extensions().items()
-                      if fmt in Image.OPEN and fmt not in NOT_PICTURES} - SHARED_SUFFIXES | {".mpo"})
+                      if fmt in picture_formats()} - SHARED_SUFFIXES | {".mpo"})
 
 
 # the most pixels an image may have: PIL's own refusal point (twice the 89 million it warns above), checked
@@ -65,7 +73,7 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
     """Any image file's bytes -> uint8 [3, S, S] RGB, resized (bilinear) when not S x S: EXIF
     orientation applied, 16-bit and float images scaled to 8 bits, transparency over white."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=picture_formats())  # PIL picks by content, not by suffix
         if img.width * img.height > MAX_PIXELS:
             raise Image.DecompressionBombError
         img = _to_rgb(img)
