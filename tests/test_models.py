@@ -229,6 +229,21 @@ def test_a_doctored_checkpoint_is_refused_before_it_allocates_what_it_names(tmp_
         load_checkpoint(tmp_path / "doctored.pt", "pretrain")
 
 
+@pytest.mark.parametrize("width_mult, needle", [(float("inf"), "cannot convert float infinity to integer"),
+                                                (-1.0, "Error.* ...")])
+def test_a_checkpoint_whose_arch_builds_no_such_model_is_one_short_error(tmp_path, width_mult, needle):
+    """An infinite width was torchvision's OverflowError traceback; a negative one, torch's message naming every
+    key of the state dict (25 KB on one line)."""
+    save_checkpoint(model_from_config(SMALL["mobilenet"], 3), tmp_path / "model.pt", ["a", "b", "c"])
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    ckpt["arch"]["width_mult"] = width_mult
+    torch.save(ckpt, tmp_path / "doctored.pt")
+    with pytest.raises(TransferkitError, match=rf"does not fit its own architecture .*\({needle}\): it was altered"
+                                               rf" after a stage wrote it\. Fix: ") as e:
+        load_checkpoint(tmp_path / "doctored.pt", "pretrain")
+    assert len(str(e.value)) < 1000 and "\n" not in str(e.value), str(e.value)
+
+
 def test_widths_that_leave_nothing_of_a_32x32_image_are_one_error():
     with pytest.raises(TransferkitError, match=r"model \(model 'fastnet', .*\) does not fit 32x32 images: .*Fix: give "
                                                r"it fewer downsampling stages"):

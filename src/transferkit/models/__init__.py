@@ -127,8 +127,10 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
         if (planned := _weight_bytes(ckpt["arch"], len(names))) > max(64 * size, 2**30):
             raise ValueError(f"its architecture has {planned / 1e6:,.0f} MB of weights, the file {size / 1e6:,.1f} MB")
         model = _rebuild(ckpt)
-    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, TransferkitError) as e:
-        why = " ".join(str(e).split(" Fix: ")[0].split())  # torch's message spans lines; the error is one
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, ArithmeticError, TransferkitError) as e:
+        import textwrap  # torch's message spans lines and names every key that differs; the error is one line
+
+        why = textwrap.shorten(str(e).split(" Fix: ")[0], 400, placeholder=" ...")
         fix = remake or f"write it again (`dvc repro {produced_by}`)"
         raise TransferkitError(f"{path} does not fit its own architecture {ckpt['arch']} ({why}): it was altered "
                                f"after a stage wrote it. Fix: {fix}.") from e
