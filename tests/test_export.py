@@ -397,6 +397,47 @@ def test_an_onnx_file_that_asks_for_outsized_or_inconsistent_input_is_refused(tm
     assert len(predict(tmp_path / "fits.onnx", _write_images(tmp_path / "images"))) == 5
 
 
+@pytest.mark.parametrize("where", ["graph", "subgraph", "function"])
+def test_an_onnx_file_that_loops_is_refused_before_it_runs(tmp_path, capsys, where):
+    """A Loop node's trip count is the file's: 2**62 iterations kept predict busy for ever, on its first
+    two blank images. Inside an If's branch or a model function it is found too."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import cli as command, one_error_line  # in a process of its own: the old code never returned
+
+    def graph(nodes, name, inputs, outputs, initializer=()):
+        return helper.make_graph(nodes, name, [helper.make_tensor_value_info(*i) for i in inputs],
+                                 [helper.make_tensor_value_info(*o) for o in outputs], initializer=initializer)
+
+    body = graph([helper.make_node("Identity", ["c"], ["c_out"]), helper.make_node("Identity", ["v"], ["v_out"])],
+                 "body", [("i", TensorProto.INT64, []), ("c", TensorProto.BOOL, []), ("v", TensorProto.FLOAT, None)],
+                 [("c_out", TensorProto.BOOL, []), ("v_out", TensorProto.FLOAT, None)])
+    loop = helper.make_node("Loop", ["trips", "go", "features"], ["logits"], body=body)
+    if where == "subgraph":  # the Loop in the branch an If always takes
+        loop = helper.make_node("If", ["go"], ["logits"], then_branch=graph([loop], "then", [], [("logits", 1, None)]),
+                                else_branch=graph([helper.make_node("Identity", ["features"], ["logits"])], "else",
+                                                  [], [("logits", 1, None)]))
+    functions = []
+    if where == "function":
+        functions = [helper.make_function("local", "spin", ["trips", "go", "features"], ["logits"], [loop],
+                                          [helper.make_opsetid("", 17)])]
+        loop = helper.make_node("spin", ["trips", "go", "features"], ["logits"], domain="local")
+    nodes = [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["features"], axis=1), loop]
+    model = helper.make_model(graph(nodes, "g", [("images", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                                    [("logits", TensorProto.FLOAT, ["N", 3])],
+                                    [numpy_helper.from_array(np.array(2**62, np.int64), "trips"),
+                                     numpy_helper.from_array(np.array(True), "go")]),
+                              functions=functions, opset_imports=[helper.make_opsetid("", 17),
+                                                                  helper.make_opsetid("local", 1)])
+    helper.set_model_props(model, {"transferkit": json.dumps({"classes": ["a", "b", "c"], "input_size": 32})})
+    onnx.save(model, str(tmp_path / "loop.onnx"))
+    line = one_error_line(command("predict", str(tmp_path / "loop.onnx"),
+                                  str(_write_images(tmp_path / "images")[0]), timeout=120))
+    assert "loop.onnx's graph has a Loop node: a loop whose length the file sets" in line and "Fix: export" in line
+
+
 @pytest.mark.parametrize("output, needle", [("pooled", "float32 of shape (1, 5) for 2 image(s)"),
                                             ("flat", "float32 of shape (5,) for 2 image(s)"),
                                             ("text", "object of shape (2, 5) for 2 image(s)")])

@@ -102,6 +102,20 @@ def ort_session(path: Path | str, threads: int):
                                f"`transferkit export MODEL.pt` for one you exported.") from e
 
 
+def control_flow(path: Path) -> str | None:
+    """The first Loop or Scan node in an ONNX file's graph, its functions' and subgraphs' included: iterations the
+    file counts (a Loop of 2**62 runs for ever), where an exported classifier runs each of its layers once."""
+    import onnx
+
+    graphs = [*(model := onnx.load(str(path), load_external_data=False)).functions, model.graph]
+    while graphs:
+        for node in graphs.pop().node:
+            if node.op_type in ("Loop", "Scan"):
+                return node.op_type
+            graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+    return None
+
+
 class Classifier:
     """Any model file -> logits for float32 [N, 3, S, S] images in [0, 1].
 
@@ -120,6 +134,10 @@ class Classifier:
         if self.path.suffix.lower() == ".onnx":
             self.kind = "onnx"
             self.session = ort_session(self.path, threads)
+            if loop := control_flow(self.path):
+                raise TransferkitError(f"{self.path}'s graph has a {loop} node: a loop whose length the file sets, "
+                                       f"which no classifier transferkit exports has. Fix: export the model again "
+                                       f"(`transferkit export MODEL.pt`).")
             info = self._metadata(self.session.get_modelmeta().custom_metadata_map.get(META_KEY))
             inp = self.session.get_inputs()[0]
             if inp.type != "tensor(float)":
