@@ -289,3 +289,14 @@ def test_stopping_a_dvc_run_ends_the_stage_it_started(tmp_path, handler):
     finally:
         if running(sleeper):
             os.kill(sleeper, signal.SIGKILL)
+
+
+def test_the_readme_draws_and_lists_every_stage():
+    """The README's stage table had no row for `student`, a stage of the graph above it."""
+    from transferkit.stages import STAGES
+
+    section = (ROOT / "README.md").read_text().split("## The stage graph")[1].split("\n## ")[0]
+    graph = section.split("```")[1]
+    rows = {name.strip() for line in section.splitlines() if line.startswith("| ")
+            for name in line.split("|")[1].split(",")}
+    assert [s for s in STAGES if s not in graph] == [] and [s for s in STAGES if s not in rows] == []
