@@ -388,3 +388,17 @@ def test_a_pruned_model_allocates_only_what_its_layer_shapes_say(tmp_path, forge
     with pytest.raises(TransferkitError, match=r"forged.pt does not fit its own architecture") as e:
         load_checkpoint(tmp_path / "forged.pt", "prune")
     assert problem in str(e.value)
+
+
+_ALIAS_BOMB = "".join(f"l{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else 'x'] * 10)}]\n" for i in range(5))
+
+
+@pytest.mark.parametrize("text, needle", [(_ALIAS_BOMB, "an alias (*name), which no file transferkit writes holds"),
+                                          ("a: " + "[" * 5000 + "]" * 5000, "nested deeper than Python reads")])
+def test_a_params_file_that_expands_or_nests_without_end_is_one_line(tmp_path, capsys, text, needle):
+    """Aliases of aliases multiply what reading builds, ten times a level here: a params file of a few kilobytes
+    expanded to gigabytes before any key of it was checked. A file nested 5,000 deep was a RecursionError
+    traceback."""
+    (tmp_path / "params.yaml").write_text(text)
+    line = _cli_error(capsys, ["prepare", "--params", str(tmp_path / "params.yaml")])
+    assert "params.yaml is not valid YAML" in line and needle in line and "Fix:" in line, line

@@ -120,9 +120,28 @@ def as_override(value) -> str:
 PARAMS_KEYS = {"name", "seed", "paths", "trainer"}  # what every stage reads: a file without them is another file
 
 
+class _NoAliases(yaml.SafeLoader):
+    """YAML without aliases (*name): the files transferkit writes hold none, and aliases of aliases multiply what
+    reading builds, a few kilobytes to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "an alias (*name), which no file transferkit writes holds",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def plain_yaml(text: str):
+    """The data of a params.yaml, which a stranger may have sent: plain values, no aliases, a sane depth."""
+    try:
+        return yaml.load(text, Loader=_NoAliases)  # a SafeLoader: plain values only
+    except RecursionError:
+        raise yaml.YAMLError("nested deeper than Python reads") from None
+
+
 def read_yaml(path: Path):
     try:
-        return yaml.safe_load(path.read_text())
+        return plain_yaml(path.read_text())
     except OSError as e:
         raise TransferkitError(f"{path} cannot be read ({e.strerror}). Fix: give a params file you can read.") from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:  # bytes that are no UTF-8 text are no YAML either

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from transferkit.config.compose import differing, flatten
+from transferkit.config.compose import differing, flatten, plain_yaml
 from transferkit.errors import NotPlainData, TransferkitError
 from transferkit.evaluation.metrics import mean_difference, paired_difference, predict
 from transferkit.stages import TARGET_MODELS
@@ -50,7 +50,7 @@ def read_run(folder: Path, stage: str) -> Run:
         raise TransferkitError(f"{folder} has a model but no {PARAMS_FILE} saying how it was made. Fix: rerun it, "
                                f"or move it out of the sweep folder.")
     try:
-        params = yaml.safe_load((folder / PARAMS_FILE).read_text())
+        params = plain_yaml((folder / PARAMS_FILE).read_text())
         metrics, timing = (json.loads((folder / name).read_text()) if (folder / name).exists() else {}
                            for name in ("metrics.json", "timing.json"))
         if not all(isinstance(d, dict) for d in (params, metrics, timing)):
@@ -73,7 +73,7 @@ def check_task(run: Run, task_file: Path, prepared: dict[Path, dict]) -> None:
             raise TransferkitError(f"{run.folder} is scored on the target test set at {task_file}, which does not "
                                    f"exist ({where}). {fix}, after its 'prepare' stage ran (`dvc repro prepare`).")
         try:
-            saved = yaml.safe_load((task_file.parent / PARAMS_FILE).read_text())
+            saved = plain_yaml((task_file.parent / PARAMS_FILE).read_text())
         except (OSError, yaml.YAMLError):
             saved = None
         if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict):

@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import (QUOTING, compose, differing, find_conf_dir, flatten, params_text,
-                                        project_overrides, to_params, under)
+                                        plain_yaml, project_overrides, to_params, under)
 from transferkit.config.drift import params_drift
 from transferkit.config.dvcyaml import code_files, tracked_params
 from transferkit.errors import TransferkitError
@@ -147,7 +147,7 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, fol
     for name in BY_NAME[stage].reads:
         saved_file = Path((folders or {}).get(name) or Path(cfg.paths.artifacts_dir) / name) / "params.yaml"
         try:  # missing (not made yet) or unreadable: the stage checks the files it reads itself
-            data = yaml.safe_load(saved_file.read_text())
+            data = plain_yaml(saved_file.read_text())
         except (OSError, yaml.YAMLError):
             continue
         if not isinstance(data, dict):
