@@ -842,6 +842,20 @@ def test_a_postscript_file_by_any_name_is_no_image_and_runs_nothing(tmp_path, mo
     assert not (tmp_path / "ran").exists()
 
 
+def test_an_image_above_the_pixels_pil_warns_about_decodes_without_its_warning(tmp_path):
+    """An image of 90 million pixels, under the limit, printed PIL's DecompressionBombWarning, two lines of it
+    among predict's results."""
+    import subprocess
+    import sys
+
+    Image.new("L", (9500, 9500)).save(tmp_path / "big.png")
+    code = ("import sys; from transferkit.data.sources import decode_image; "
+            "print(decode_image(open(sys.argv[1], 'rb').read(), 'big.png', 32).shape)")
+    proc = subprocess.run([sys.executable, "-c", code, tmp_path / "big.png"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "(3, 32, 32)\n" and proc.stderr == "", proc.stderr
+
+
 def test_corrupt_image_in_archive_names_the_member(tmp_path):
     path = tmp_path / "x.tar.gz"
     with tarfile.open(path, "w:gz") as tar:

@@ -7,6 +7,7 @@ import functools
 import io
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def image_suffixes() -> frozenset[str]:
 
 
 # the most pixels an image may have: PIL's own refusal point (twice the 89 million it warns above), checked
-# here from the header alone, for every format
+# here from the header alone, for every format; below it PIL's warning would print under the results
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 # --------------------------------------------------------------------------- image folders
