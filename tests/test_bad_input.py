@@ -356,6 +356,8 @@ CASES = {
     "float layers as a string, not a list": Case("quantize", ("quantize.keep_float=Gemm",),
                                                  "quantize.keep_float='Gemm' is invalid"),
     "an ONNX file ONNX Runtime cannot quantize": Case("quantize", needle="cannot quantize", setup=broken_onnx),
+    "the exported model gone": Case("quantize", needle="exported fp32 model not found at", setup=lambda tmp: _write(
+        tmp / "artifacts" / "export" / "model.onnx", None)),  # was "ONNX Runtime cannot quantize", try qdq
     "an INT8 model that loses too much": Case("quantize", ("quantize.max_drop=0", "quantize.qat_epochs=0"),
                                               "quantize.qat_epochs",
                                               setup=weaker_int8),

@@ -243,6 +243,9 @@ def test_check_params_on_a_file_that_is_no_params_file_says_so_in_one_line(tmp_p
     ("pretrain=/no/such/folder", "--in pretrain=/no/such/folder: no such folder. Fix: give the folder the 'pretrain' "
                                  "stage wrote its outputs to."),
     ("pretrian=/tmp", "--in pretrian=/tmp: no stage by that name. Fix: --in STAGE=DIR"),
+    # was ignored: transfer trained on artifacts/pretrain, whatever was meant
+    ("prune=/tmp", "--in prune=/tmp: transfer reads no output of prune. Fix: --in STAGE=DIR, with STAGE one of the "
+                   "stages transfer reads: prepare, pretrain."),
 ])
 def test_a_bad_input_folder_is_named_as_given(given, needle):
     line = one_error_line(cli("transfer", "--params", "params.yaml", "--in", given, "--out", "/no/such/out"))
@@ -523,3 +526,26 @@ def test_shell_completion_completes_the_command_then_a_stages_overrides(tmp_path
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PATH": path})
     assert proc.stdout.splitlines() == ["prepare pretrain predict", "model=fastnet_student", "trainer=gpu", ""], proc
     assert proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["predict", "model.pt", "x.png", "--top", "0"], "--top must be >= 1. Fix: see `transferkit predict --help`"),
+    (["export", "model.pt", "--tolerance", "nan"], "--tolerance must be a number > 0"),  # nan passed `<= 0`
+    (["export", "model.pt", "--opset", "5"], "argument --opset: invalid choice: 5"),  # 167 lines of the exporters
+    (["export"], "the following arguments are required: model. Fix: see `transferkit export --help`"),
+    (["collect", "--bogus"], "unrecognized arguments: --bogus"),
+    (["check-repro", "--target", "nope"], "argument --target: invalid choice: 'nope'"),
+    (["transfer", "--params"], "expected one argument. Fix: transferkit transfer --params FILE [--out DIR]")])
+def test_a_bad_option_is_one_line_not_a_usage_block(capsys, argv, needle):
+    """argparse printed its usage block before the error line (and export ran on with an opset no exporter writes
+    or a tolerance of nan, which nothing exceeds)."""
+    line = _error(capsys, argv)
+    assert needle in line, line  # _error: one line on stderr, no usage block before it
+
+
+def test_collect_onto_a_file_is_one_line_before_any_scoring(smoke_artifacts, tmp_path, capsys):
+    """It was a FileExistsError traceback."""
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        line = _error(capsys, ["collect", smoke_artifacts[0].paths.artifacts_dir, "--out", str(out)])
+        assert f"cannot write to {out}: a file stands where the folder would be. Fix:" in line, line

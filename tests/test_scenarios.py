@@ -119,8 +119,8 @@ def test_overrides_are_told_apart_from_options():
     assert (str(args.out), args.only, args.early_depth) == (
         "runs/seed=1", ["small_similar", "large_different", "small_different"], 3)
     for argv in (["--only", "seed=1"], ["--only", "small_similar", "large_different"], ["--uot=runs"]):
-        with pytest.raises(SystemExit):  # an override or a second name where --only takes NAME,NAME; a typo'd option
-            parse(argv)
+        with pytest.raises(TransferkitError, match="unrecognized arguments.*Fix: see `transferkit scenarios --help`"):
+            parse(argv)  # an override or a second name where --only takes NAME,NAME; a typo'd option
 
 
 # ------------------------------------------------------------------ end to end, tiny

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from transferkit import warm
-from transferkit.errors import TransferkitError, die_of
+from transferkit.errors import TransferkitError, die_of, one_line_errors
 from transferkit.stages import BY_NAME, STAGES
 from transferkit.training import first_process, other_node  # light: warm imports it too
 
@@ -66,7 +66,8 @@ def _params_mode(stage: str, args: list[str]) -> None:
     from transferkit.config.drift import stale_keys
     from transferkit.stages.run import run_stage
 
-    parser = argparse.ArgumentParser(prog=f"transferkit {stage}", allow_abbrev=False)
+    parser = one_line_errors(argparse.ArgumentParser(prog=f"transferkit {stage}", allow_abbrev=False),
+                             f"transferkit {stage} --params FILE [--out DIR] [--in STAGE=DIR ...] [key=value ...]")
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("--out", type=Path, help=f"default: paths.artifacts_dir/{stage}")
     parser.add_argument("--in", dest="inputs", action="append", default=[], metavar="STAGE=DIR")
@@ -83,10 +84,12 @@ def _params_mode(stage: str, args: list[str]) -> None:
     if stale := stale_keys(opts.params, cfg, conf_dir):  # else read where first used: after training, maybe
         raise TransferkitError(stale)
     inputs = dict(item.partition("=")[::2] for item in opts.inputs)
-    if bad := [f"{k}={v}" for k, v in inputs.items() if k not in STAGES or not v]:  # unread inputs are ignored
-        what = "no folder given" if bad[0].partition("=")[0] in STAGES else "no stage by that name"
-        raise TransferkitError(f"--in {bad[0]}: {what}. Fix: --in STAGE=DIR, with STAGE one of "
-                               f"{', '.join(STAGES)} ({stage} reads {', '.join(BY_NAME[stage].reads) or 'none'}).")
+    if bad := [f"{k}={v}" for k, v in inputs.items() if k not in BY_NAME[stage].reads or not v]:
+        name = bad[0].partition("=")[0]  # a stage it does not read: a typo, which would run on the default's
+        what = ("no folder given" if name in BY_NAME[stage].reads else f"{stage} reads no output of {name}"
+                if name in STAGES else "no stage by that name")
+        raise TransferkitError(f"--in {bad[0]}: {what}. Fix: --in STAGE=DIR, with STAGE one of the stages "
+                               f"{stage} reads: {', '.join(BY_NAME[stage].reads) or 'none'}.")
     if missing := [f"{k}={v}" for k, v in inputs.items() if not Path(v).is_dir()]:
         raise TransferkitError(f"--in {missing[0]}: no such folder. Fix: give the folder the "
                                f"'{missing[0].partition('=')[0]}' stage wrote its outputs to.")
@@ -160,13 +163,8 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
 
     # Hydra's own parser reads the flags (abbreviated ones too), and the overrides from anywhere among
     # them: Hydra's parse_args refuses `a=1 -m b=2`
-    parser = get_args_parser()
-
-    def usage_error(message: str):  # one line, not argparse's usage block before it
-        raise TransferkitError(f"{message}. Fix: Hydra's flags are listed by `transferkit {stage} --hydra-help`; "
-                               f"settings are key=value.")
-
-    parser.error = usage_error
+    parser = one_line_errors(get_args_parser(), f"Hydra's flags are listed by `transferkit {stage} --hydra-help`; "
+                                                "settings are key=value")
     args = parser.parse_intermixed_args(argv)
     if args.resolve and not (args.cfg or args.help):  # Hydra's checks, in its order (help first)
         raise TransferkitError("--resolve resolves the config that --cfg or --help prints. Fix: add --cfg job, or "

@@ -24,3 +24,13 @@ def die_of(signum: int) -> int:
         signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     return 128 + signum
+
+
+def one_line_errors(parser, fix: str | None = None):
+    """`parser` (argparse) ends a bad command line in one TransferkitError, which the command prints as its one error
+    line, where argparse prints its usage block before the line; returns the parser."""
+    def error(message: str):
+        raise TransferkitError(f"{message}. Fix: {fix or f'see `{parser.prog} --help`'}.")
+
+    parser.error = error
+    return parser

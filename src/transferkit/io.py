@@ -30,6 +30,21 @@ def disk_full(e: BaseException) -> bool:
         (isinstance(e, (OSError, RuntimeError)) and any(t in str(e) for t in _DISK_FULL_TEXT))
 
 
+def _cannot_write(folder: Path, e: OSError) -> TransferkitError:
+    problem = "a file stands where the folder would be" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror
+    return TransferkitError(f"cannot write to {folder}: {problem}. Fix: make it a writable folder, or write elsewhere "
+                            f"(--out DIR; for the pipeline's stages, paths.artifacts_dir).")
+
+
+def make_folder(folder: Path) -> None:
+    """`folder`, made and written to once, before the work whose outputs go there: else one error, at once."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a read-only file system, a folder of another user's
+    except OSError as e:
+        raise _cannot_write(folder, e) from e
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only on success."""
@@ -40,11 +55,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
     except OSError as e:
-        problem = "a file stands where the folder would be" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror
-        raise TransferkitError(
-            f"cannot write to {path.parent}: {problem}. Fix: make it a writable folder, or write elsewhere "
-            f"(--out DIR; for the pipeline's stages, paths.artifacts_dir)."
-        ) from e
+        raise _cannot_write(path.parent, e) from e
     tmp = Path(tmp)
     try:
         yield tmp
@@ -143,15 +154,18 @@ def _inflating_records(path: str | Path) -> str | None:
     return None
 
 
+def require(path: str | Path, what: str, produced_by: str) -> Path:
+    """`path`, which an earlier stage writes: where it is missing, one error naming that stage."""
+    if not (path := Path(path)).exists():
+        raise TransferkitError(f"{what} not found at {path}. Fix: run the '{produced_by}' stage first "
+                               f"(`dvc repro {produced_by}`).")
+    return path
+
+
 def load_torch(path: str | Path, what: str, produced_by: str, remake: str | None = None) -> Any:
     """Load a file a previous stage wrote, with an error that says which stage to run (or, for a
     file the user names, `remake`: how to write one)."""
-    path = Path(path)
-    if not path.exists():
-        raise TransferkitError(
-            f"{what} not found at {path}. Fix: run the '{produced_by}' stage first "
-            f"(`dvc repro {produced_by}`)."
-        )
+    path = require(path, what, produced_by)
     # -s: -f alone would rerun every stage before it too
     rerun = (f"{remake}." if remake
              else f"delete it and rerun the '{produced_by}' stage (`dvc repro -s -f {produced_by}`).")

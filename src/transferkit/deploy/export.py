@@ -29,7 +29,7 @@ from transferkit.data.tasks import task_fault
 from transferkit.deploy.fold import deployable
 from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHSCRIPT_FILE, Classifier,
                                         load_pipeline_checkpoint, ort_session)
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation.speed import latency_ms
 from transferkit.layout import channels_last, to_nhwc
 
@@ -39,9 +39,9 @@ TEST_SET_FIX = "Fix: pass the target.pt that the prepare stage wrote (artifacts/
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="transferkit export", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[2:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = one_line_errors(argparse.ArgumentParser(prog="transferkit export", description=__doc__.split("\n\n")[0],
+                                                epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("model", type=Path, help="a model.pt written by any stage (artifacts/<stage>/model.pt)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: outputs/export/<stage>, outside artifacts/)")
@@ -59,10 +59,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",
                    help="ONNX exporter: torch.export-based (dynamo), the TorchScript-based one (legacy), or auto "
                         "(default): dynamo, and legacy where dynamo fails")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    opsets = range(torch.onnx._constants.ONNX_MIN_OPSET, torch.onnx._constants.ONNX_MAX_OPSET + 1)  # torch's
+    p.add_argument("--opset", type=int, choices=opsets, default=None, metavar="N",
+                   help=f"ONNX opset, {opsets[0]} to {opsets[-1]} (default: the exporter's)")
     args = p.parse_args(argv)
-    if args.tolerance <= 0:
-        p.error("--tolerance must be > 0")
+    if not 0 < args.tolerance < float("inf"):  # nan and inf too: nothing would differ from PyTorch by more
+        p.error("--tolerance must be a number > 0")
     if args.repeats < 1 or args.batch_size < 1 or (args.threads is not None and args.threads < 1):
         p.error("--repeats, --batch-size and --threads must be >= 1")
     return args
@@ -128,8 +130,8 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
             if exporter == "auto" and name == "dynamo":
                 log(f"transferkit export: the dynamo ONNX exporter failed ({tried[name][:200]}); "
                     f"falling back to the TorchScript-based exporter")
-    raise TransferkitError(f"ONNX export failed: {'; '.join(f'{k}: {v}' for k, v in tried.items())}. Fix: "
-                           + ("report the architecture." if exporter == "auto" else "try --exporter auto."))
+    fix = "try --exporter auto" if exporter != "auto" else "leave --opset out" if opset else "report the architecture"
+    raise TransferkitError(f"ONNX export failed: {'; '.join(f'{k}: {v}' for k, v in tried.items())}. Fix: {fix}.")
 
 
 def _drop_stack_traces(path: Path) -> int:

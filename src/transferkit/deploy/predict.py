@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.deploy.runtime import Classifier, decode_images, unreadable
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, one_line_errors
 
 BATCH = 256  # images a model runs on at once, at most
 BATCH_BYTES = 64 * 2**20  # and their float32 pixels at most: 256 CIFAR images, 111 at 224 px, 5 at 1024 px
@@ -33,9 +33,9 @@ def batch_size(input_size: int) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="transferkit predict", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[2:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = one_line_errors(argparse.ArgumentParser(prog="transferkit predict", description=__doc__.split("\n\n")[0],
+                                                epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("model", type=Path, help="model.pt (any stage), model.onnx or model.torchscript.pt")
     p.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of lines")

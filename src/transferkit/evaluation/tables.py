@@ -154,10 +154,10 @@ def main(argv: list[str]) -> int:
     import os
     from pathlib import Path
 
-    from transferkit.errors import TransferkitError
+    from transferkit.errors import TransferkitError, one_line_errors
     from transferkit.stages import PIPELINE, STAGES
 
-    parser = argparse.ArgumentParser(prog="transferkit results", description=main.__doc__)
+    parser = one_line_errors(argparse.ArgumentParser(prog="transferkit results", description=main.__doc__))
     parser.add_argument("dir", nargs="?", type=Path,
                         help="evaluate's output folder or its metrics.json (default: the project's artifacts/evaluate)")
     folder = given = parser.parse_args(argv).dir

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transferkit.config.compose import compose, find_conf_dir, flatten, params_text
 from transferkit.config.drift import REGENERATE, generated_drift
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.project import copy_project, run, stages_run
 from transferkit.stages import STAGES
 
@@ -129,7 +129,8 @@ def compare_outputs(run1: Path, run2: Path, report: Report) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="transferkit check-repro", description=__doc__.split("\n\n")[0])
+    parser = one_line_errors(argparse.ArgumentParser(prog="transferkit check-repro",
+                                                     description=__doc__.split("\n\n")[0]))
     parser.add_argument("--target", metavar="STAGE", choices=STAGES,
                         help=f"run `dvc repro STAGE` (default: the whole pipeline), one of {', '.join(STAGES)}")
     parser.add_argument("--keep", metavar="DIR", type=Path, help="keep the two run folders in DIR (default: temporary)")

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferkit.config.compose import as_override, compose, differing, flatten, params_text, to_params, under
 from transferkit.config.dvcyaml import code_files
 from transferkit.config.checks import validate_run
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
 from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
@@ -165,7 +165,8 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The options, and the key=value overrides (the other arguments, in argv's order: the last value of a key wins)."""
-    parser = argparse.ArgumentParser(prog="transferkit scenarios", description=__doc__.split("\n\n")[0])
+    parser = one_line_errors(argparse.ArgumentParser(prog="transferkit scenarios",
+                                                     description=__doc__.split("\n\n")[0]))
     parser.add_argument("--out", type=Path, default=Path("scenarios"), help="output folder (default scenarios/)")
     parser.add_argument("--only", action="extend", type=lambda names: names.split(","), default=[], metavar="NAME,...",
                         help=f"run only these of {', '.join(QUADRANTS)}")

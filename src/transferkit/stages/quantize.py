@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferkit.deploy.quantize import (calibration_images, check, copy_metadata, decision_split, loss_of, quantize,
                                          refuse, sizes)
-from transferkit.io import atomic_path, save_json
+from transferkit.io import atomic_path, require, save_json
 from transferkit.stages.common import load_task
 
 INT8_FILE = "model.onnx"  # an INT8 ONNX model, read by ONNX Runtime (and `transferkit predict`)
@@ -26,7 +26,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     calibration = calibration_images(task, q.calibration_images)
     settings = dict(method=q.method, fmt=q.format, per_channel=q.per_channel, reduce_range=q.reduce_range,
                     keep_float=list(q.keep_float))
-    fp32 = inputs["export"] / "model.onnx"
+    fp32 = require(inputs["export"] / "model.onnx", "exported fp32 model", "export")
     threads = torch.get_num_threads()
     produced_by = "post-training quantization"
     split, post_training = decision_split(task), {}

@@ -19,12 +19,12 @@ from pathlib import Path
 import yaml
 
 from transferkit.config.compose import flatten, under
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
 from transferkit.evaluation.plots import sweep_png
 from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
-from transferkit.io import save_json, save_text
+from transferkit.io import make_folder, save_json, save_text
 from transferkit.project import RUNS_HEADER, stale_stages
 from transferkit.stages import TARGET_MODELS
 from transferkit.sweep.points import NOT_SWEPT, made_with
@@ -83,7 +83,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
 
 def collect(dirs: list[Path], out: Path) -> dict:
     runs = find_runs(dirs)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)  # before scoring, which takes a while
     score(runs, cache_file=out / "scores.pt")
     summary = summarize(runs)
     save_json(summary, out / "sweep.json")
@@ -93,7 +93,8 @@ def collect(dirs: list[Path], out: Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="transferkit collect", description=__doc__.split("\n\n")[0])
+    parser = one_line_errors(argparse.ArgumentParser(prog="transferkit collect",
+                                                     description=__doc__.split("\n\n")[0]))
     parser.add_argument("dirs", nargs="*", type=Path, help="sweep folders (hydra.sweep.dir, sweeps/NAME, ...)")
     parser.add_argument("--out", type=Path, help="where sweep.md/.json/.png go (default DIR/collected)")
     args = parser.parse_args(argv)

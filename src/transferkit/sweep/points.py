@@ -22,7 +22,7 @@ from transferkit.config.compose import (QUOTING, compose, differing, find_conf_d
                                         plain_yaml, project_overrides, to_params, under)
 from transferkit.config.drift import params_drift
 from transferkit.config.dvcyaml import code_files, tracked_params
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
 from transferkit.stages import BY_NAME
 
@@ -239,7 +239,8 @@ def main(argv: list[str]) -> int:
     from transferkit.stages import TARGET_MODELS
     from transferkit.sweep.collect import collect
 
-    parser = argparse.ArgumentParser(prog="transferkit sweep", description=__doc__.split("\n\n")[0])
+    parser = one_line_errors(argparse.ArgumentParser(prog="transferkit sweep",
+                                                     description=__doc__.split("\n\n")[0]))
     parser.add_argument("stage", choices=TARGET_MODELS, help="a stage whose models collect scores")
     parser.add_argument("--out", type=Path, help="the sweep's folder (default sweeps/<experiment>-<stage>)")
     args, overrides = parser.parse_known_args(argv)
