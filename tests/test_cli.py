@@ -549,3 +549,15 @@ def test_collect_onto_a_file_is_one_line_before_any_scoring(smoke_artifacts, tmp
     for out in (tmp_path / "file", tmp_path / "file" / "below"):
         line = _error(capsys, ["collect", smoke_artifacts[0].paths.artifacts_dir, "--out", str(out)])
         assert f"cannot write to {out}: a file stands where the folder would be. Fix:" in line, line
+
+
+def test_check_params_says_a_missing_dvc_yaml_is_missing(tmp_path, capsys):
+    """It said the dvc.yaml that is not there "differs from the stage table"."""
+    import shutil
+
+    from transferkit import cli as transferkit_cli
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == f"{tmp_path / 'dvc.yaml'} is missing: the stage table writes it"

@@ -58,7 +58,9 @@ def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str
     drift = [f"params.yaml differs from conf/: {d}" for d in params_drift(params_path, conf_dir)]
     dvc_file = params_path.parent / "dvc.yaml"
     want = dvc_yaml_text(saved, params_path.parent)
-    if not dvc_file.exists() or dvc_file.read_text() != want:
+    if not dvc_file.exists():
+        drift.append(f"{dvc_file} is missing: the stage table writes it")
+    elif dvc_file.read_text() != want:
         drift.append(f"{dvc_file} differs from the stage table (src/transferkit/stages/__init__.py) or the "
                      f"code its stages import")
     return drift
