@@ -28,8 +28,8 @@ from conftest import CIFAR10_CLASSES, random_images, write_cifar_pickles, write_
 from transferkit.data import archives, sources
 from transferkit.data.augment import augment, draw_flips, draw_shifts, flip, translate
 from transferkit.data.loader import DeviceBatches
-from transferkit.data.sources import (RawDataset, Split, load_dataset, make_synthetic, read_cifar_pickles,
-                                      read_image_folder)
+from transferkit.data.sources import RawDataset, Split, load_dataset, read_cifar_pickles, read_image_folder
+from transferkit.data.synthetic import make_synthetic
 from transferkit.data.tasks import select_task, task_summary
 from transferkit.errors import TransferkitError
 from transferkit.io import atomic_path, load_torch, save_json, save_torch

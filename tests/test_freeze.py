@@ -12,7 +12,7 @@ import torch
 
 from conftest import compose
 from transferkit.data.loader import TaskDataModule
-from transferkit.data.sources import make_synthetic
+from transferkit.data.synthetic import make_synthetic
 from transferkit.data.tasks import select_task
 from transferkit.models import build_model
 from transferkit.training.classifier import ClassifierModule

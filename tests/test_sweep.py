@@ -451,7 +451,7 @@ def _scorable(tmp_path):
     the model scored by score() with tmp_path/scores.pt as the cache."""
     import torch
 
-    from transferkit.data.sources import make_synthetic
+    from transferkit.data.synthetic import make_synthetic
     from transferkit.data.tasks import select_task
     from transferkit.evaluation.runs import Run, score
     from transferkit.io import save_torch
