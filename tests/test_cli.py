@@ -514,8 +514,11 @@ def test_shell_completion_completes_the_command_then_a_stages_overrides(tmp_path
 
     script = cli("pretrain", "-sc", "install=bash").stdout
     assert script.rstrip().endswith("hydra_bash_completion transferkit"), script[-300:]
-    assert cli("-sc", "install=bash").stdout == script  # as `transferkit --help` gives it
+    assert cli("-sc", "install=bash", cwd=tmp_path).stdout == script  # as `transferkit --help` gives it, anywhere
     assert "complete -c transferkit -x" in cli("-sc", "install=fish").stdout
+    for argv in (["-sc"], ["-sc", "install"], ["-sc", "install=tcsh"], ["pretrain", "-sc", "install=bash", "seed=1"]):
+        line = one_error_line(cli(*argv))  # Hydra's traceback: "Expecting one subcommand"
+        assert "--shell-completion takes install=SHELL or uninstall=SHELL" in line and "Fix: eval" in line, line
     (tmp_path / "install.sh").write_text(script)
     ask = ('source "$0"; for line in "$@"; do COMP_LINE=$line; COMP_POINT=${#line}; COMP_WORDS=($line); '
            'COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); hydra_bash_completion; echo "${COMPREPLY[*]}"; done')

@@ -117,6 +117,14 @@ def test_check_repro_refuses_bad_input_before_copying_anything(tmp_path, capsys)
         assert len(errors) == 1 and needle in errors[0], errors
 
 
+def test_the_module_run_by_itself_refuses_bad_input_in_one_line_too():
+    """`python -m transferkit.reproducibility.check --target nope` ended in a TransferkitError traceback."""
+    for args, needle in ((["--target", "nope"], "invalid choice: 'nope'"), (["--experiment", "smok"], "smok")):
+        proc = _check_repro(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+        assert proc.stdout.count("error:") == 1 and needle in proc.stdout, proc.stdout[-2000:]
+
+
 def test_a_keep_folder_that_cannot_be_made_fails_the_check_without_a_traceback(tmp_path, capsys):
     (tmp_path / "file").write_text("a file, not a folder")
     assert main(["--keep", str(tmp_path / "file" / "runs")]) == 1

@@ -394,11 +394,12 @@ _ALIAS_BOMB = "".join(f"l{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else 'x'] * 1
 
 
 @pytest.mark.parametrize("text, needle", [(_ALIAS_BOMB, "an alias (*name), which no file transferkit writes holds"),
-                                          ("a: " + "[" * 5000 + "]" * 5000, "nested deeper than Python reads")])
+                                          ("a: " + "[" * 5000 + "]" * 5000, "nested more than 32 levels deep"),
+                                          ("a: " + "[" * 200 + "]" * 200, "nested more than 32 levels deep")])
 def test_a_params_file_that_expands_or_nests_without_end_is_one_line(tmp_path, capsys, text, needle):
     """Aliases of aliases multiply what reading builds, ten times a level here: a params file of a few kilobytes
     expanded to gigabytes before any key of it was checked. A file nested 5,000 deep was a RecursionError
-    traceback."""
+    traceback from the parser, one 200 deep from OmegaConf."""
     (tmp_path / "params.yaml").write_text(text)
     line = _cli_error(capsys, ["prepare", "--params", str(tmp_path / "params.yaml")])
     assert "params.yaml is not valid YAML" in line and needle in line and "Fix:" in line, line

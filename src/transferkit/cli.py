@@ -175,6 +175,10 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
         raise TransferkitError(f"{' and '.join(modes)} ask for two things: Hydra does one of --run, --multirun, "
                                f"--cfg, --info and --shell-completion at a time. Fix: give one of them.")
     overrides = [] if args.hydra_help else args.overrides  # Hydra's own help, which composes none of conf/
+    scripts = {f"{a}={shell}" for a in ("install", "uninstall") for shell in ("bash", "zsh", "fish")}  # Hydra's
+    if args.shell_completion and overrides not in [[s] for s in (*scripts, "query=bash", "query=fish")]:
+        raise TransferkitError(f"--shell-completion takes install=SHELL or uninstall=SHELL (bash, zsh, fish), not "
+                               f"'{' '.join(overrides)}'. Fix: eval \"$(transferkit -sc install=bash)\".")
     argv = [*(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
               if k != "overrides" and v != parser.get_default(k)), "--", *overrides]  # each flag as Hydra read it
     # Compose and validate every point of a sweep before the first one trains, so a typo'd
@@ -194,7 +198,8 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
         if settings := [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]:
             compose(settings)
 
-    @hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base="1.3")
+    conf = None if overrides and overrides[0] in scripts else str(find_conf_dir())  # a script for any folder
+    @hydra.main(config_path=conf, config_name="config", version_base="1.3")
     def app(cfg) -> None:
         from transferkit.stages.run import run_stage
 
@@ -217,8 +222,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
 
 
 def _shell_completion(argv: list[str]) -> None:
-    """Answers the completion script Hydra's `-sc install=SHELL` prints, which runs `transferkit -sc query=SHELL`
-    with the line typed so far: the command, then Hydra completes a stage's overrides."""
+    """`transferkit -sc query=SHELL`, as Hydra's completion script asks: the command, then a stage's overrides."""
     if not any("query=" in a for a in argv):  # install, uninstall: one script for every stage
         return _hydra_mode(RUNNABLE[0], argv)
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())  # a line typed half-way: nothing under the prompt

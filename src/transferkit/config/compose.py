@@ -131,12 +131,24 @@ class _NoAliases(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+MAX_DEPTH = 32  # a params file nests four deep; OmegaConf and flatten recurse once a level
+
+
 def plain_yaml(text: str):
     """The data of a params.yaml, which a stranger may have sent: plain values, no aliases, a sane depth."""
+    too_deep = yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep, where a params file nests a few")
     try:
-        return yaml.load(text, Loader=_NoAliases)  # a SafeLoader: plain values only
-    except RecursionError:
-        raise yaml.YAMLError("nested deeper than Python reads") from None
+        data = yaml.load(text, Loader=_NoAliases)  # a SafeLoader: plain values only
+    except RecursionError:  # deeper than the parser reads
+        raise too_deep from None
+    below = [(data, 0)]
+    while below:
+        item, depth = below.pop()
+        if depth >= MAX_DEPTH:
+            raise too_deep
+        below += [(v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)
+                  if isinstance(v, (dict, list))] if isinstance(item, (dict, list)) else []
+    return data
 
 
 def read_yaml(path: Path):

@@ -128,9 +128,9 @@ def load_checkpoint(path: str | Path, produced_by: str, classes: list[str] | Non
             raise ValueError(f"its architecture has {planned / 1e6:,.0f} MB of weights, the file {size / 1e6:,.1f} MB")
         model = _rebuild(ckpt)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, ArithmeticError, TransferkitError) as e:
-        import textwrap  # torch's message spans lines and names every key that differs; the error is one line
-
-        why = textwrap.shorten(str(e).split(" Fix: ")[0], 400, placeholder=" ...")
+        # torch's message spans lines and names every key that differs; the error is one line
+        why = " ".join(str(e).split(" Fix: ")[0].split())
+        why = why if len(why) <= 400 else f"{why[:400]} ..."
         fix = remake or f"write it again (`dvc repro {produced_by}`)"
         raise TransferkitError(f"{path} does not fit its own architecture {ckpt['arch']} ({why}): it was altered "
                                f"after a stage wrote it. Fix: {fix}.") from e

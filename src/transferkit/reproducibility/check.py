@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--experiment", metavar="NAME", default="smoke", help="what the runs compose (default: smoke)")
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+    except SystemExit as e:  # --help
         return int(e.code or 0)
     # bad input is one error line and exit code 2 (cli.main), before anything is copied or run
     root = find_conf_dir().parent
@@ -171,4 +171,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except TransferkitError as e:  # one line and exit code 2, as `transferkit check-repro` (cli.main) ends
+        print(f"transferkit check-repro: error: {e}", file=sys.stderr)
+        sys.exit(2)
