@@ -118,9 +118,10 @@ def test_cifar10_full_preset_on_tiny_official_pickles(tmp_path):
                   "data.target.val_per_class=2", "model.widths=[8,16,16]", "model.stem_width=8", "pretrain.epochs=2",
                   tmp=tmp_path)  # 2 epochs: enough steps for lookahead to average (at step 5)
     assert cfg.model.dirac_init and cfg.pretrain.lookahead and cfg.pretrain.tta == "flip_translate"
-    results = {stage: run(stage, cfg) for stage in ("prepare", "pretrain", "transfer")}
+    results = run_all(cfg)  # every stage: scratch and freeze_curve with its dirac init, evaluate with its six views
     assert results["prepare"]["source"]["n_train"] == 10 * 6 and results["prepare"]["target"]["classes"] == AQUATIC
     assert 0.0 <= results["pretrain"]["test_acc_tta"] <= 1.0
+    assert "test-time augmentation: flip_translate" in (tmp_path / "artifacts" / "evaluate" / "report.md").read_text()
     _, ckpt = load_checkpoint(tmp_path / "artifacts" / "pretrain" / "model.pt", "pretrain")
     assert ckpt["arch"]["dirac_init"] is True
     # pretrain.freeze_depth=1: the stem whitened from the source images is the stem that was saved
@@ -185,6 +186,57 @@ def test_a_mobilenet_student_goes_through_distill_prune_export_quantize_and_eval
     models = json.loads((art / "evaluate" / "metrics.json").read_text())["models"]
     assert models["prune"]["macs"] <= (1 - 0.7) * models["distill"]["macs"]  # prune.ratio=0.7 of the MACs
     assert models["onnx_fp32"]["macs"] == models["prune"]["macs"] and models["onnx_int8"]["n_test"] == 3 * 16
+
+
+DEPLOY_STAGES = ("prune", "export", "quantize", "evaluate")
+
+
+def _deploy_again(smoke_artifacts, tmp_path, *overrides) -> Path:
+    """The smoke pipeline's teacher and student reused, the stages from prune on run again with `overrides`."""
+    ref = Path(smoke_artifacts[0].paths.artifacts_dir)
+    shutil.copytree(ref, tmp_path / "artifacts", ignore=lambda d, names: DEPLOY_STAGES if Path(d) == ref else [])
+    cfg = compose("experiment=smoke", *overrides, tmp=tmp_path)
+    for stage in DEPLOY_STAGES:
+        run(stage, cfg)
+    return tmp_path / "artifacts"
+
+
+def test_an_unstructured_prune_goes_through_export_quantize_and_evaluate(smoke_artifacts, tmp_path, monkeypatch):
+    """Zeroed single weights, recovered and fine-tuned for INT8 with dkd, scored with airbench's six views: each
+    of these ran in its own stage only, never through the stages after it."""
+    from transferkit.stages import quantize
+
+    real_check, calls = quantize.check, []
+
+    def check(*args, **kwargs):  # post-training INT8 judged to score 0: the stage fine-tunes for INT8
+        calls.append(real_check(*args, **kwargs))
+        return {**calls[-1], "int8_top1": 0.0} if len(calls) == 1 else calls[-1]
+
+    monkeypatch.setattr(quantize, "check", check)
+    art = _deploy_again(smoke_artifacts, tmp_path, "prune.mode=unstructured", "prune.ratio=0.5", "prune.epochs=1",
+                        "distill.method=dkd", "quantize.max_drop=0.3", "quantize.qat_epochs=1",
+                        "evaluate.tta=flip_translate")
+    assert json.loads((art / "prune" / "metrics.json").read_text())["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert json.loads((art / "quantize" / "quantize.json").read_text())["produced_by"].startswith(
+        "quantization-aware fine-tuning (1 epochs")
+    report = (art / "evaluate" / "report.md").read_text()
+    assert "unstructured: single weights zeroed" in report and "test-time augmentation: flip_translate" in report
+    assert "Top-1 averages each test image's 6 views" in report
+    assert json.loads((art / "evaluate" / "metrics.json").read_text())["models"]["onnx_int8"]["n_test"] == 3 * 16
+
+
+def test_other_quantizer_settings_and_a_pruning_scope_go_through_to_evaluate(smoke_artifacts, tmp_path):
+    """Entropy calibration into Quantize/DequantizeLinear pairs with one scale per tensor, after a cut with
+    isomorphic scope, scored without test-time augmentation: until now composed or unit-tested only."""
+    art = _deploy_again(smoke_artifacts, tmp_path, "prune.scope=isomorphic", "prune.epochs=1",
+                        "quantize.method=entropy", "quantize.format=qdq", "quantize.per_channel=false",
+                        "quantize.max_drop=1", "evaluate.tta=none")
+    quantized = json.loads((art / "quantize" / "quantize.json").read_text())
+    assert (quantized["method"], quantized["format"], quantized["per_channel"]) == ("entropy", "qdq", False)
+    report = (art / "evaluate" / "report.md").read_text()
+    assert "test-time augmentation: none" in report and "each of one forward pass per image" in report
+    models = json.loads((art / "evaluate" / "metrics.json").read_text())["models"]
+    assert models["prune"]["macs"] <= (1 - 0.7) * models["distill"]["macs"]
 
 
 def test_results_command_prints_the_models_and_each_stage_training(smoke_artifacts, capsys):

@@ -146,6 +146,22 @@ def test_scenarios_end_to_end(tmp_path, server_dir, one_thread, monkeypatch):
     _rerun_skips_finished_work_and_reruns_what_a_change_touches(tiny)
 
 
+@pytest.mark.parametrize("preset", ["scenario_small_different", "scenario_large_similar"])
+def test_the_quadrants_the_end_to_end_run_leaves_out_prepare_pretrain_and_transfer(tmp_path, preset):
+    """The end-to-end run trains one quadrant per source; the other two presets were only composed."""
+    from conftest import run as run_stage
+
+    others = [c for c in CIFAR10_CLASSES if c not in TARGET]
+    write_image_folder(tmp_path / "data", TARGET, train_per_class=410, test_per_class=6, archive=False)
+    write_image_folder(tmp_path / "data", others, train_per_class=10, test_per_class=2, archive=False)
+    cfg = compose(f"experiment={preset}", *TINY, tmp=tmp_path)
+    results = {stage: run_stage(stage, cfg) for stage in ("prepare", "pretrain", "transfer")}
+    source, target = results["prepare"]["source"], results["prepare"]["target"]
+    assert source["classes"] == sorted(cfg.data.source.classes) and target["classes"] == TARGET
+    assert target["n_train"] == 3 * (400 if "small" in preset else 406) and target["n_test"] == 18
+    assert 0.0 <= results["transfer"]["val_acc"] <= 1.0
+
+
 def _tiny(tmp):
     others = [c for c in CIFAR10_CLASSES if c not in TARGET]
     write_image_folder(tmp / "data", TARGET, train_per_class=410, test_per_class=6, archive=False)
