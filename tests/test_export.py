@@ -81,6 +81,8 @@ def _make(kind: str) -> torch.nn.Module:
         return _fit_head(_busy_batchnorm(model_from_config({"name": "mobilenet", "width_mult": 0.35}, 5)))
     if kind == "resnet18":
         return _busy_batchnorm(model_from_config({"name": "resnet18", "weights": None}, 5))
+    if kind == "vgg_mini":
+        return _busy_batchnorm(model_from_config({"name": "vgg_mini", "widths": [8] * 9, "fc_width": 16}, 5))
     model = _busy_batchnorm(build_model("fastnet", 5, widths=[16, 32, 32], stem_width=8))
     prune_channels(model, criterion="l2", target="channels", ratio=0.3, keep=["head"])
     model.arch["pruned"] = True  # as the prune stage records it
@@ -106,6 +108,17 @@ def exported(tmp_path_factory):
     root = made_once(tmp_path_factory, "export", make)
     results = json.loads((root / "results.json").read_text())
     return root, root / "target.pt", {kind: (root / kind, results[kind]) for kind in MODELS}
+
+
+@pytest.mark.parametrize("kind", ["resnet18", "vgg_mini"])
+def test_the_other_model_presets_export_and_match_pytorch(tmp_path, kind):
+    """Any stage's model.pt exports (a transfer teacher of model=resnet18, a student of model@distill.student=
+    vgg_mini): until now only fastnet, mobilenet and a pruned fastnet were exported by a test."""
+    save_checkpoint(_make(kind), tmp_path / "model.pt", CLASSES, stage="transfer")
+    result = export(tmp_path / "model.pt", tmp_path / "export", repeats=2, batch_size=64, threads=1,
+                    log=lambda *_: None)
+    assert result["onnx"]["within"] and result["torchscript"]["within"] and result["onnx"]["top1_agreement"] == 1.0
+    assert len(predict(tmp_path / "export" / "model.onnx", _write_images(tmp_path / "images"))) == 5
 
 
 @pytest.mark.parametrize("kind", MODELS)
