@@ -97,7 +97,7 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     points = sorted(r.folder.parent.name for r in find_runs([out]))
     assert points == [f"seed={s},transfer.freeze_depth=0" for s in (0, 1)]
     # and so does the sweep's own table: a scratch sweep's points into the folder stay out of the transfer table
-    proc = cli("sweep", "scratch", "seed=0", "transfer.freeze_depth=0", "--out", str(out), cwd=proj)  # one folder
+    proc = cli("sweep", "scratch", "seed=0", "--out", str(out), cwd=proj)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = sweep("0", "0,1")
     assert "0 of 2 points ran" in again and "| scratch" not in again
@@ -127,6 +127,26 @@ def test_a_folder_with_a_pipeline_of_its_own_is_never_overwritten(tmp_path, comm
     assert [p.name for p in project.iterdir()] == ["dvc.yaml"] and "prepare" in (project / "dvc.yaml").read_text()
 
 
+@pytest.mark.parametrize("command", ["transferkit.sweep.points", "transferkit.scenarios.report"])
+def test_a_folder_of_other_files_is_no_runs_folder(tmp_path, command):
+    """`--out artifacts` (or a Hydra multirun's folder, docs/) became a DVC repository of its own inside the
+    project's, whose `dvc status` then called every stage's outputs modified."""
+    import importlib
+
+    from transferkit.errors import TransferkitError
+    from transferkit.project import check_runs_folder
+
+    folder = tmp_path / "artifacts"
+    (folder / "prepare").mkdir(parents=True)
+    argv = ["transfer", "transfer.freeze_depth=0"] if command.endswith("points") else ["seed=1"]
+    with pytest.raises(TransferkitError, match=r"artifacts holds prepare and no sweep or scenarios run: .*Fix: pass"):
+        importlib.import_module(command).main([*argv, "--out", str(folder)])
+    assert [p.name for p in folder.iterdir()] == ["prepare"]
+    (tmp_path / "stopped" / "params").mkdir(parents=True)  # a run that stopped before its dvc.yaml: its own
+    check_runs_folder(tmp_path / "stopped")
+    check_runs_folder(tmp_path / "new")
+
+
 def test_a_sweep_whose_inputs_are_not_made_names_the_stage_to_run(tmp_path, monkeypatch):
     from transferkit.config.compose import params_text
     from transferkit.errors import TransferkitError
@@ -141,6 +161,24 @@ def test_a_sweep_whose_inputs_are_not_made_names_the_stage_to_run(tmp_path, monk
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_a_sweep_refuses_a_setting_its_stage_does_not_read_given_on_its_command_line(tmp_path, monkeypatch):
+    """One value of it trained the stage unchanged, under a name saying otherwise; one that params.yaml records,
+    or one the stage's own setting follows where conf/ is composed (scratch.epochs: ${transfer.epochs}), is fine."""
+    from transferkit.config.compose import params_text
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import main
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    recorded = ["experiment=smoke", "probe.depth=2"]
+    (tmp_path / "params.yaml").write_text(params_text(compose(*recorded), recorded))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransferkitError, match=r"^transfer does not read probe.depth: 'probe.depth=1' would change"):
+        main(["transfer", "probe.depth=1", "seed=0,1"])
+    for argv in (["transfer", "seed=0,1"], ["scratch", "transfer.epochs=1,2"]):  # on to the inputs it lacks
+        with pytest.raises(TransferkitError, match=r"^artifacts/prepare does not exist"):
+            main(argv)
+
+
 @pytest.mark.parametrize("axis", ["evaluate.tta=none,flip", "trainer.precision=32-true,bf16-mixed", "seed=0,1"])
 def test_points_that_train_or_score_differently_are_a_sweep(tmp_path, axis):
     """collect scores each run with its own evaluate.tta; precision changes what a run computes."""
@@ -153,15 +191,16 @@ def test_points_that_train_or_score_differently_are_a_sweep(tmp_path, axis):
 def test_a_missing_input_is_refused_before_dvc_removes_any_output(tmp_path):
     """DVC stops at a missing dep only after removing that stage's outputs (a finished point's model)."""
     from transferkit.errors import TransferkitError
-    from transferkit.project import run_pipeline, stage_run
+    from transferkit.project import RUNS_HEADER, run_pipeline, stage_run
 
     out, missing = tmp_path / "runs", tmp_path / "artifacts" / "pretrain"
     (out / "seed=0" / "transfer").mkdir(parents=True)
     (out / "seed=0" / "transfer" / "model.pt").write_text("a finished point")
+    (out / "dvc.yaml").write_text(RUNS_HEADER + "stages: {}\n")  # the sweep's, from its earlier run
     stages = {"point0": stage_run("transfer", "params/seed=0.yaml", "seed=0/transfer", {"pretrain": str(missing)}, [])}
     with pytest.raises(TransferkitError, match=rf"{missing} does not exist, and point0 reads it\. Fix:"):
         run_pipeline(out, stages)
-    assert sorted(p.name for p in out.iterdir()) == ["seed=0"]
+    assert sorted(p.name for p in out.iterdir()) == ["dvc.yaml", "seed=0"]
     assert (out / "seed=0" / "transfer" / "model.pt").read_text() == "a finished point"
 
 
@@ -308,10 +347,10 @@ def test_sweep_refuses_hydra_settings_it_would_ignore(override):
     (["pretrain.epochs=1,2"], "pretrain.epochs=1 here, but "),
     (["data.target.train_per_class=5,10"], "data.target.train_per_class=5 here, but "),
     # a setting transfer does not read: both points would be one run, trained twice
-    (["distill.temperature=2,4", "seed=0"], "the sweep points with distill.temperature=2 and with "
-                                            "distill.temperature=4 are one transfer run: transfer does not read "
-                                            "distill.temperature, or it changes only how the run shares the machine. "
-                                            "Fix: sweep settings transfer reads (seed, trainer, model, transfer,"),
+    (["distill.temperature=2,4", "seed=0"], "transfer does not read distill.temperature: 'distill.temperature=2,4' "
+                                            "would change nothing but the params.yaml saved with its outputs. Fix: "
+                                            "set what transfer reads (seed, trainer, model, transfer)."),
+    (["probe.depth=1", "seed=0,1"], "transfer does not read probe.depth: 'probe.depth=1'"),  # one value: it trained
     (["trainer.num_threads=1,2", "seed=0"], "are one transfer run: transfer does not read trainer.num_threads, or"),
 ])
 def test_bad_sweeps_fail_before_any_point_trains(base, tmp_path, overrides, needle):

@@ -110,10 +110,10 @@ def made_with(stage: str) -> set[str]:
     return keys.union(*(made_with(r) for r in BY_NAME[stage].reads))
 
 
-def check_read(stage: str, overrides: list[str]) -> None:
+def check_read(stage: str, overrides: list[str], composed: bool = False) -> None:
     """Refuses an override of a setting `stage` does not read: it would change nothing but the params.yaml saved
     with the outputs. A stage's setting that follows another in conf/ (scratch.epochs: ${transfer.epochs}) follows
-    it only where conf/ is composed, not in a params file, which holds values."""
+    it only where conf/ is `composed`, not in a params file, which holds values."""
     reads = {"name", *BY_NAME[stage].params, *made_with(stage), *SCORED_WITH, *RUN_SETTINGS}  # name: check_inputs
     for override in overrides:
         key = override_key(override)
@@ -121,6 +121,8 @@ def check_read(stage: str, overrides: list[str]) -> None:
             continue
         raw = flatten(OmegaConf.to_container(OmegaConf.load(find_conf_dir() / "config.yaml"), resolve=False))
         follows = [k for k, v in raw.items() if v == f"${{{key}}}" and under(k, BY_NAME[stage].params)]
+        if follows and composed:
+            continue
         fix = (f"{follows[0]}={override.partition('=')[2]} (it follows {key} where conf/ is composed; a params "
                f"file holds its own value)" if follows else
                f"set what {stage} reads ({', '.join(BY_NAME[stage].params)})")
@@ -191,6 +193,10 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     `blocks` caches each model config's block count across calls (validate_run); a `stage`'s points read
     earlier stages' outputs under paths.artifacts_dir (check_inputs); `given`: the keys the command line
     set, where the others come from the project's params.yaml (None: every key is the command line's)."""
+    if stage:  # one value of a setting the stage does not read would run it unchanged under another name
+        check_read(stage, [o for o in argv if (given is None or override_key(o) in given) and not override_key(
+            o).startswith(("hydra.", "hydra/")) and not (find_conf_dir() / override_key(o).split("@")[0]).is_dir()],
+                   composed=True)
     points = expand(argv)
     # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
     # the value checks below import torch and Lightning, which take seconds to load.
