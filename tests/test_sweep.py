@@ -902,3 +902,22 @@ def test_glob_sweeps_a_config_groups_options_from_conf():
                       for lr in ("0.1", "0.2")]
     with pytest.raises(TransferkitError, match=r"transfer.lr=glob\(\*\) chooses none of the options .*Fix: list"):
         expand(["transfer.lr=glob(*)"])
+
+
+def test_the_sweep_table_says_when_scratch_is_missing_and_when_the_best_on_val_is_a_tie():
+    """Every row showed "– | –" for scratch without a word why, and one of two rows tied on val was marked best
+    as if it had won."""
+    from transferkit.evaluation.runs import summarize
+    from transferkit.evaluation.tables import sweep_table
+
+    runs = [_run("transfer", seed, 0.7) for seed in (0, 1)]
+    for r in runs:
+        r.setting = ("transfer.freeze_depth=0",)
+    tied = [_run("transfer", seed, 0.6) for seed in (0, 1)]  # the same val (_run's 0.5), worse on test
+    for r in tied:
+        r.setting, r.folder = ("transfer.freeze_depth=1",), r.folder.with_name(f"d1-{r.seed}")
+    table = sweep_table(summarize(runs + tied))
+    assert "No scratch runs among these: the scratch columns need a scratch sweep of the same seeds" in table
+    assert "Best on val: tied with transfer transfer.freeze_depth=1 (ties go to the first row)." in table
+    with_scratch = sweep_table(summarize(runs + [_run("scratch", seed, 0.6) for seed in (0, 1)]))
+    assert "No scratch runs" not in with_scratch and "tied with" not in with_scratch

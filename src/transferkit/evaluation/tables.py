@@ -31,7 +31,13 @@ def sweep_table(summary: dict) -> str:
                      f"{diff} | {verdict} |")
     methods = sorted({r["vs_scratch"]["method"] for r in summary["rows"] if r.get("vs_scratch")})
     views = "Val top-1: one view of each image, as the stages score it; test top-1: with evaluate.tta."
-    return "\n".join(lines + ["", views] + [f"Intervals: {m}." for m in methods]) + "\n"
+    notes = [] if scratch_ran else ["No scratch runs among these: the scratch columns need a scratch sweep of the "
+                                    "same seeds (`transferkit sweep scratch seed=...`), collected with this one."]
+    if best := next((r for r in summary["rows"] if r["chosen_on_val"]), None):
+        if tied := [r["label"] for r in summary["rows"] if r is not best and r["stage"] == best["stage"]
+                    and r["val_mean"] == best["val_mean"]]:
+            notes.append(f"Best on val: tied with {', '.join(tied)} (ties go to the first row).")
+    return "\n".join(lines + ["", views] + [f"Intervals: {m}." for m in methods] + notes) + "\n"
 
 
 def scenario_verdict(q: dict) -> str:
