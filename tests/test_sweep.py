@@ -438,7 +438,8 @@ def test_collect_tells_settings_apart_and_refuses_other_experiments(collected_sw
     params["data"]["target"]["classes"] = ["tgt_a", "tgt_b"]  # another task: another test set
     p.write_text(yaml.safe_dump(params))
     line = one_error_line(cli("collect", str(mixed), "--out", str(tmp_path / "out2"), cwd=base))
-    assert "different experiments or data" in line
+    assert "different experiments or data" in line  # named: the two runs and the first setting they differ in
+    assert 'b/scratch data.target.classes=["tgt_a", "tgt_b"]. Fix: collect each' in line, line
 
 
 @pytest.mark.slow

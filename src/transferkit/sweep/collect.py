@@ -59,11 +59,13 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         raise TransferkitError(f"no finished runs under {', '.join(map(str, dirs))}. Fix: run a sweep first, "
                                f"e.g. `transferkit transfer -m transfer.freeze_depth=0,1,2`.")
     flats = [flatten(r.params) for r in runs]
-    data = {(f.get("name"), json.dumps({k: v for k, v in f.items() if k.startswith("data.")}, sort_keys=True))
-            for f in flats}
-    if len(data) > 1:
-        raise TransferkitError("the runs come from different experiments or data, so they score different test sets. "
-                               "Fix: collect each experiment's sweep folder on its own.")
+    tasks = [{k: v for k, v in f.items() if k == "name" or k.startswith("data.")} for f in flats]
+    if other := next((i for i, t in enumerate(tasks) if t != tasks[0]), None):
+        key = next(k for k in sorted({*tasks[0], *tasks[other]}) if tasks[0].get(k) != tasks[other].get(k))
+        raise TransferkitError(f"the runs come from different experiments or data, so they score different test sets: "
+                               f"{runs[0].folder} has {key}={json.dumps(tasks[0].get(key))}, {runs[other].folder} "
+                               f"{key}={json.dumps(tasks[other].get(key))}. Fix: collect each experiment's sweep "
+                               f"folder on its own.")
     swept = sorted({k for f in flats for k in f if len({json.dumps(g.get(k)) for g in flats}) > 1
                     and not k.startswith(NOT_SWEPT)})
     seen = {}
