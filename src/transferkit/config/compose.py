@@ -204,9 +204,7 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir:
         if parsed.is_sweep_override():
             raise TransferkitError(f"{override} lists several values, and a params file holds one run's. Fix: write a "
                                    f"list as {key}=[a,b]; to run each value, `transferkit sweep STAGE {override}`.")
-        group = parsed.package is not None or (conf_dir is not None and (conf_dir / key).is_dir()
-                                               and not isinstance(parsed.value(), dict))
-        if group:  # model=resnet18, model@distill.student=fastnet: options of conf/, not settings of the file
+        if group_choice(parsed, conf_dir):  # options of conf/, not settings of the file
             raise TransferkitError(f"{override}: {path} holds settings, not conf/'s config groups. Fix: choose the "
                                    f"option when composing (`transferkit params {override}`), or set its keys one by "
                                    f"one ({parsed.package or key}.KEY=VALUE).")
@@ -218,6 +216,13 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir:
             raise TransferkitError(f"{override}: {' '.join(str(e).split())}. Fix: write a number, a word, a list [a,b] "
                                    f"or null, or quote it.") from e
     return cfg
+
+
+def group_choice(override, conf_dir: Path | None) -> bool:
+    """Whether `override` (as Hydra's parser reads it) chooses options of a conf/ group (model=resnet18,
+    model@distill.student=fastnet, a sweep over them) rather than setting a value: a dict for a group's key is one."""
+    return override.package is not None or (conf_dir is not None and (conf_dir / override.key_or_group).is_dir()
+                                            and not isinstance(override.value(), dict))
 
 
 def load_params(path: Path) -> DictConfig:

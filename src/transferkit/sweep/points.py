@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.compose import (QUOTING, compose, differing, find_conf_dir, flatten, params_text,
-                                        plain_yaml, project_overrides, to_params, under)
+from transferkit.config.compose import (QUOTING, compose, differing, find_conf_dir, flatten, group_choice,
+                                        params_text, plain_yaml, project_overrides, to_params, under)
 from transferkit.config.drift import params_drift
 from transferkit.config.dvcyaml import code_files, tracked_params
 from transferkit.errors import TransferkitError, one_line_errors
@@ -193,11 +193,14 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     `blocks` caches each model config's block count across calls (validate_run); a `stage`'s points read
     earlier stages' outputs under paths.artifacts_dir (check_inputs); `given`: the keys the command line
     set, where the others come from the project's params.yaml (None: every key is the command line's)."""
+    points = expand(argv)  # a line Hydra cannot parse is one error line there
     if stage:  # one value of a setting the stage does not read would run it unchanged under another name
-        check_read(stage, [o for o in argv if (given is None or override_key(o) in given) and not override_key(
-            o).startswith(("hydra.", "hydra/")) and not (find_conf_dir() / override_key(o).split("@")[0]).is_dir()],
-                   composed=True)
-    points = expand(argv)
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed, conf_dir = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")]), \
+            find_conf_dir()
+        check_read(stage, [o.input_line for o in parsed if not (o.is_hydra_override() or group_choice(o, conf_dir))
+                           and (given is None or o.key_or_group in given)], composed=True)
     # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
     # the value checks below import torch and Lightning, which take seconds to load.
     composed = [compose(point) for point in points]
