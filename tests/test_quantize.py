@@ -212,6 +212,30 @@ def test_fake_quantization_trains_and_comes_off_without_a_trace():
         assert torch.equal(model(x), ref)  # the weights untouched by the forwards above, no hooks left
 
 
+def test_fake_quantization_observes_activation_ranges_in_training_only():
+    """Validation (eval mode) moved the ranges too, torch's FakeQuantize observing whatever it sees: the val
+    images that decide whether the INT8 model ships set the ranges the next training steps quantized with."""
+    import torch
+
+    from transferkit.deploy.qat import add_fake_quant
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu")
+    add_fake_quant(model, per_channel=True, reduce_range=False)
+    model.train()(torch.rand(4, 3, 32, 32))
+    observers = [m.activation_post_process for m in model.modules() if hasattr(m, "activation_post_process")]
+
+    def ranges() -> torch.Tensor:
+        return torch.stack([torch.stack([o.min_val, o.max_val]) for o in observers])
+
+    trained = ranges()
+    model.eval()(100 * torch.rand(4, 3, 32, 32))  # far outside what training saw
+    assert torch.equal(ranges(), trained)
+    model.train()(100 * torch.rand(4, 3, 32, 32))
+    assert (ranges()[:, 1] > trained[:, 1]).any()  # training observes again
+
+
 def test_lookahead_averages_weights_and_batchnorm_statistics_not_the_fake_quantization_observers():
     """Quantization-aware fine-tuning trains with prune's block, lookahead included where it is on: the
     observers' running min and max start at +-inf, and averaging them too turned every weight into NaN

@@ -45,6 +45,15 @@ class FakeQuantWeight(nn.Module):
         return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -n, n)
 
 
+class TrainingFakeQuantize(FakeQuantize):
+    """Observes activation ranges in training mode only: torch's FakeQuantize observes in eval mode too, and the
+    val images it would then see decide whether the INT8 model ships."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.observer_enabled.fill_(int(self.training))
+        return super().forward(x)
+
+
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quant(args[0]), *args[1:])
 
@@ -92,7 +101,7 @@ def add_fake_quant(model: nn.Module, per_channel: bool, reduce_range: bool, keep
     for layer in [m for name, m in model.named_modules() if isinstance(m, QUANTIZED) and name not in keep]:
         mask = (layer.weight.detach() != 0).to(layer.weight.dtype) if keep_zeros else None
         parametrize.register_parametrization(layer, "weight", FakeQuantWeight(per_channel, reduce_range, mask))
-        layer.input_quant = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+        layer.input_quant = TrainingFakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
                                          dtype=torch.quint8, qscheme=torch.per_tensor_affine)
         hooks.append(layer.register_forward_pre_hook(_quantize_input))
     return hooks
