@@ -1090,6 +1090,17 @@ def _batches(n=40, **kw):
     return DeviceBatches(images, torch.arange(n), **{**args, **kw})
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_a_split_smaller_than_the_processes_is_one_error(train):
+    """3 images, 4 DDP ranks: the training shards were empty (a fit of no steps, which 'succeeded'), and a rank
+    without validation images skipped the collectives of the others' validation, which then waited for ever."""
+    from transferkit.errors import TransferkitError
+
+    with pytest.raises(TransferkitError, match="a split of 3 images cannot be shared by 4 training processes"):
+        _batches(n=3, batch_size=8, train=train, rank=3, world_size=4)
+    assert len(_batches(n=4, batch_size=8, train=train, rank=3, world_size=4)) == 1
+
+
 def test_device_batches_epoch_is_a_permutation_fixed_by_seed_and_epoch():
     b = _batches(batch_size=8)
     assert len(b) == 5

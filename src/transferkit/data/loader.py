@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from transferkit.data.augment import FLIP_MODES, augment, draw_flips, draw_shifts
+from transferkit.errors import TransferkitError
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -53,6 +54,10 @@ class DeviceBatches:
         self.images = images.to(self.device).contiguous()
         self.labels = labels.to(self.device)
         n = len(self.labels)
+        if n < world_size:  # a rank without images: an empty fit, or ranks that wait for its validation for ever
+            raise TransferkitError(f"a split of {n} images cannot be shared by {world_size} training processes: each "
+                                   f"needs one at least. Fix: prepare more images per class (data.*_per_class), or "
+                                   f"train in fewer processes (trainer.devices, trainer.num_nodes).")
         if train:  # equal shards (the remainder is dropped), equal batches: every step the same shape
             self.per_rank = n // world_size
             self.batch_size = min(batch_size, self.per_rank)
