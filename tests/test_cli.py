@@ -252,6 +252,20 @@ def test_a_bad_input_folder_is_named_as_given(given, needle):
     assert needle in line
 
 
+def test_an_input_folder_of_another_stage_is_named_as_such(smoke_artifacts, tmp_path):
+    """--in pretrain=artifacts/prepare: the fix said "run the 'pretrain' stage first", which had run."""
+    from transferkit.config.compose import params_text
+
+    cfg, _ = smoke_artifacts
+    (tmp_path / "params.yaml").write_text(params_text(cfg))
+    prepared = f"{cfg.paths.artifacts_dir}/prepare"
+    line = one_error_line(cli("transfer", "--params", "params.yaml", "--in", f"pretrain={prepared}", "--out", "out",
+                              cwd=tmp_path))
+    assert (f"not found at {prepared}/model.pt. Fix: give the folder the 'pretrain' stage wrote (--in pretrain=DIR), "
+            f"or run the 'pretrain' stage first") in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_check_params_refuses_overrides(capsys, tmp_path):
     line = _error(capsys, ["check-params", "experiment=smoke"])
     assert "check-params takes a params file, not overrides (experiment=smoke)" in line and "Fix:" in line

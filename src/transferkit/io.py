@@ -157,8 +157,10 @@ def _inflating_records(path: str | Path) -> str | None:
 def require(path: str | Path, what: str, produced_by: str) -> Path:
     """`path`, which an earlier stage writes: where it is missing, one error naming that stage."""
     if not (path := Path(path)).exists():
-        raise TransferkitError(f"{what} not found at {path}. Fix: run the '{produced_by}' stage first "
-                               f"(`dvc repro {produced_by}`).")
+        run = f"run the '{produced_by}' stage first (`dvc repro {produced_by}`)"
+        if path.parent.is_dir() and any(path.parent.iterdir()):  # a folder of another stage's (--in), or a stale one
+            run = f"give the folder the '{produced_by}' stage wrote (--in {produced_by}=DIR), or {run}"
+        raise TransferkitError(f"{what} not found at {path}. Fix: {run}.")
     return path
 
 
