@@ -61,8 +61,12 @@ def test_a_stage_run_by_hand_refuses_inputs_another_config_made(smoke_artifacts,
     assert transferkit_cli.main(["evaluate", "--params", str(params)]) in (0, None) and ran == ["evaluate"]
 
 
-@pytest.mark.parametrize("rank", ["0", "1"])
-def test_ctrl_c_outside_training_is_one_line_and_death_by_sigint(rank):
+@pytest.mark.parametrize("rank, command, module, ending", [
+    ("0", "results", "transferkit.evaluation.tables", "."),
+    ("1", "results", "transferkit.evaluation.tables", "."),
+    ("0", "sweep", "transferkit.sweep.points", "; the same command again resumes."),  # DVC runs what is missing
+])
+def test_ctrl_c_outside_training_is_one_line_and_death_by_sigint(rank, command, module, ending):
     """Evaluate's scoring, say (a fit's Ctrl+C reaches here too: training/trainer.py): one line, not a traceback,
     and under DDP rank 0's alone. The command then dies of SIGINT, as Python does, so that a shell loop around
     it stops too."""
@@ -70,16 +74,16 @@ def test_ctrl_c_outside_training_is_one_line_and_death_by_sigint(rank):
     import subprocess
     import sys
 
-    code = ("from transferkit.evaluation import tables\n"
+    code = (f"import {module} as tool\n"
             "def interrupted(argv): raise KeyboardInterrupt\n"
-            "tables.main = interrupted\n"
+            "tool.main = interrupted\n"
             "from transferkit.cli import main\n"
-            "main(['results'])")
+            f"main(['{command}'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "LOCAL_RANK": rank})
     assert proc.returncode == -2, proc.stderr
     assert proc.stderr.strip().splitlines() == (
-        ["transferkit results: interrupted; its earlier outputs are unchanged."] if rank == "0" else [])
+        [f"transferkit {command}: interrupted; its earlier outputs are unchanged{ending}"] if rank == "0" else [])
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -246,4 +246,5 @@ def test_ctrl_c_mid_training_ends_the_command_by_sigint(smoke_artifacts, tmp_pat
     time.sleep(1)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == -signal.SIGINT
-    assert "transferkit pretrain: interrupted; its earlier outputs are unchanged." in proc.stderr.read()
+    assert ("transferkit pretrain: interrupted; its earlier outputs are unchanged; the same command again resumes."
+            in proc.stderr.read())

@@ -274,19 +274,19 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _hydra_mode(command, rest)
         else:
-            print(f"transferkit: unknown command '{command}'. Fix: use one of "
-                  f"{', '.join([*RUNNABLE, 'params', *TOOLS])} (see `transferkit --help`).",
-                  file=sys.stderr)
-            return 2
+            raise TransferkitError(f"unknown command '{command}'. Fix: use one of "
+                                   f"{', '.join([*RUNNABLE, 'params', *TOOLS])} (see `transferkit --help`).")
     except TransferkitError as e:
         if first_process():  # under DDP every rank meets the error: one line, from rank 0
             print(f"transferkit {command}: error: {e}", file=sys.stderr)
         elif node := other_node():  # and one from each other node, which may meet it alone
             print(f"transferkit {command} (node {node}): error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback
-        if first_process():  # under DDP every rank is interrupted: one line, rank 0's
-            print(f"transferkit {command}: interrupted; its earlier outputs are unchanged.", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback, rank 0's
+        if first_process():
+            again = command in ("sweep", "scenarios") or params_mode and command in STAGES and BY_NAME[command].trains
+            print(f"transferkit {command}: interrupted; its earlier outputs are unchanged"
+                  f"{'; the same command again resumes' if again else ''}.", file=sys.stderr)
         # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too
         return die_of(signal.SIGINT)
     except BrokenPipeError:  # `transferkit results | head`: the reader has all it wants
