@@ -1084,6 +1084,27 @@ def test_augment_has_no_host_synchronisation():
     assert torch.equal(compiled(x, mask, shifts, 2), augment(x, mask, shifts, 2))
 
 
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(monkeypatch):
+    """A photo decoded at full size, 12 million pixels to make 32 x 32, took 6x the time and 64x the memory: the
+    JPEG decoder scales by 1/2 to 1/8 on the way (to twice the size at least), as PIL's thumbnail() does."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:768, 0:1024]
+    pixels = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    seen = []
+    to_rgb = sources._to_rgb
+    monkeypatch.setattr(sources, "_to_rgb", lambda img: seen.append(img.size) or to_rgb(img))
+    got = sources.decode_image(buf.getvalue(), "photo.jpg", 32)
+    assert seen == [(128, 96)]  # 1/8 scale: 64 x 64 at least
+    full = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB").resize((32, 32), Image.BILINEAR))
+    assert np.abs(got.astype(int) - full.transpose(2, 0, 1).astype(int)).mean() < 2  # what a resize to 32 keeps
+
+
 def _batches(n=40, **kw):
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
     args = dict(device="cpu", train=True, seed=0, channels_last=False)
