@@ -241,7 +241,7 @@ def test_other_quantizer_settings_and_a_pruning_scope_go_through_to_evaluate(smo
 
 def test_results_command_prints_the_models_and_each_stage_training(smoke_artifacts, capsys):
     from transferkit.evaluation.report import LABELS
-    from transferkit.evaluation.tables import main, results_table
+    from transferkit.evaluation.tables import main, pct, results_table
 
     cfg, results = smoke_artifacts
     assert main([str(Path(cfg.paths.artifacts_dir) / "evaluate")]) == 0
@@ -265,6 +265,11 @@ def test_results_command_prints_the_models_and_each_stage_training(smoke_artifac
     assert [row.split(" | ")[0] for row in table.splitlines()[2:2 + len(names)]] == [
         f"| {LABELS.get(name, name)}" for name in names]
     assert out.index("| scratch (baseline) |") < out.index("| transfer (fine-tuned) |") < out.index("| pruned, ONNX")
+    # top-1 is over evaluate.tta's views (smoke: flip); the deployed files as predict runs them, one view, too
+    m = metrics["models"]
+    assert (f"`transferkit predict` runs one, and there the deployed files score "
+            f"{pct(m['onnx_fp32']['top1_one_view'])} (pruned, ONNX fp32) and "
+            f"{pct(m['onnx_int8']['top1_one_view'])} (pruned, ONNX INT8)") in out
 
 
 @pytest.mark.parametrize("folder, needle", [
@@ -377,13 +382,13 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     from transferkit.evaluation.report import render
 
     bad = ["<img src=x onerror=alert(1)>", "b|c", "[x](javascript:alert(1))", "<me@evil.example>", "<http://e.example>",
-           'src="secret.png"', "__init__", "a_b_c", "&lt;b&gt;", "<sup>x"]
+           'src="secret.png"', "__init__", "a_b_c", "&lt;b&gt;", "<sup>x", "line\nbreak"]
     (tmp_path / "secret.png").write_bytes(b"a file beside the report")  # embedded only where the report shows a plot
     m = {"top1": .5, "top1_ci95": [.4, .6], "params": 1000, "macs": 1000, "size_bytes": 100,
          "per_class": dict.fromkeys(bad, 0.5)}
     cfg = {"experiment": "<script>alert(1)</script>", "model": "fastnet", "freeze_depth": 1, "backbone_lr_mult": 0,
            "probe_depth": None, "epochs": dict.fromkeys(["pretrain", "transfer", "scratch", "probe", "distill"], 1),
-           "seed": 0, "tta": "none", "tta_views": 1}
+           "seed": 0, "tta": "none", "tta_views": 1, "blocks": 11}
     data = {"source": {"dataset": "d", "classes": ["a"], "n_train": 1, "n_val": 1},
             "target": {"dataset": "archive.tar", "classes": bad, "n_train": 1, "n_val": 1, "n_test": 2}}
     text = render(cfg, {"models": {"scratch": m}}, {}, data)
@@ -395,6 +400,27 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     assert "| &lt;sup>x |" in text and "<sup>" not in page  # a tag GitHub's preview renders stays text in report.md
     assert 'src="secret.png"' in page and "base64" not in page
     assert "| – | – | – |" in text  # no timings measured: a dash, not nan
+    assert "\n| line break | 50.0% |" in text  # a newline in a name split its table row
+    # the freeze sweep to run next covers the model's blocks (it was 0 to 4 whatever the model)
+    assert "transferkit sweep transfer transfer.freeze_depth=0,1,2,3,4,5,6,7,8,9,10,11 seed=0,1,2" in text
+
+
+def test_plots_show_names_from_the_data_as_text(tmp_path):
+    """matplotlib reads text between two $ as TeX: a class "a$\\q$" stopped evaluate with its ParseFatalException,
+    and "c$d$" was drawn as an italic d."""
+    from transferkit.evaluation.plots import confusion_png
+
+    confusion_png([[1, 0], [0, 1]], ["cost $5", "a$\\q$"], "fastnet: top-1 50.0%", tmp_path / "confusion.png")
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_interval_bound_that_is_not_0_does_not_print_as_0():
+    """A verdict reads whether the interval excludes 0: "+0.0 to +20.0 ... excludes 0" read as a contradiction."""
+    from transferkit.evaluation.formats import interval
+
+    assert interval(0.0004, 0.2) == "+0.04 to +20.0"
+    assert interval(-0.3, -0.00001) == "-30.0 to -0.001"
+    assert interval(0.0, 1.5) == "+0.0 to +100.0"
 
 
 def test_the_report_tells_models_of_one_builder_apart():
@@ -415,7 +441,7 @@ def test_the_verdict_on_transfer_names_what_scratch_trained_with_apart():
     m = {"top1": .5, "top1_ci95": [.4, .6], "params": 1000, "macs": 1000, "size_bytes": 100, "per_class": {"a": .5}}
     cfg = {"experiment": "e", "model": "fastnet", "freeze_depth": 1, "backbone_lr_mult": 0, "probe_depth": None,
            "epochs": dict.fromkeys(["pretrain", "transfer", "scratch", "probe", "distill"], 1), "seed": 0,
-           "tta": "none", "tta_views": 1, "scratch_differs": ["scratch.lr=0.5 vs transfer.lr=0.05"]}
+           "tta": "none", "tta_views": 1, "blocks": 4, "scratch_differs": ["scratch.lr=0.5 vs transfer.lr=0.05"]}
     data = {"source": {"dataset": "d", "classes": ["a"], "n_train": 1, "n_val": 1},
             "target": {"dataset": "d", "classes": ["a"], "n_train": 1, "n_val": 1, "n_test": 2}}
     gain = {"difference": 0.0, "ci95": [-0.1, 0.1], "n": 2}

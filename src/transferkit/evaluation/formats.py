@@ -6,8 +6,14 @@ import math
 
 
 def interval(lo: float, hi: float) -> str:
-    """A 95% interval of an accuracy difference in points, clipped to the -100 to +100 it can be."""
-    return f"{100 * max(lo, -1.0):+.1f} to {100 * min(hi, 1.0):+.1f}"
+    """A 95% interval of an accuracy difference in points, clipped to the -100 to +100 it can be; a bound that
+    is not 0 keeps digits enough not to print as 0 (the verdicts read whether the interval excludes 0)."""
+    return f"{_points(max(lo, -1.0))} to {_points(min(hi, 1.0))}"
+
+
+def _points(x: float) -> str:
+    digits = next((d for d in (1, 2, 3) if round(100 * x, d) != 0), 3) if x else 1
+    return f"{100 * x:+.{digits}f}"
 
 
 def millions(n: int, digits: int) -> str:
@@ -31,8 +37,8 @@ def measured(timing: dict, key: str, spec: str, unit: str = "") -> str:
 
 
 # a name from the data (a class, a dataset path) stays literal text: never a link, emphasis, an entity (&lt;),
-# a tag (GitHub's preview renders some) or a table cell's end
-LITERAL = str.maketrans({**{c: f"\\{c}" for c in "\\`*_[]|"}, "&": "&amp;", "<": "&lt;"})
+# a tag (GitHub's preview renders some), a table cell's end or a line's
+LITERAL = str.maketrans({**{c: f"\\{c}" for c in "\\`*_[]|"}, "&": "&amp;", "<": "&lt;", "\n": " ", "\r": " "})
 
 
 def names(items) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on servers and CI
+matplotlib.rcParams["text.parse_math"] = False  # names from the data ("cost $5", a class) are text, never TeX
 import matplotlib.pyplot as plt  # noqa: E402
 
 from transferkit.io import atomic_path  # noqa: E402

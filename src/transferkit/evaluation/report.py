@@ -26,7 +26,9 @@ def freeze_curve_section(rows: list[dict], models: dict, cfg_summary: dict) -> l
     if len(rows) < 2:
         return []
     with_val = [r for r in rows if r.get("val_acc") is not None]
-    best = max(with_val, key=lambda r: r["val_acc"])["freeze_depth"] if with_val else None
+    best = max(with_val, key=lambda r: r["val_acc"]) if with_val else None
+    tied = [str(r["freeze_depth"]) for r in with_val if r is not best and r["val_acc"] == best["val_acc"]]
+    mark = f" (best on val{', tied with ' + ', '.join(tied) if tied else ''})"  # ties go to the shallowest depth
     lines = ["## How many blocks to freeze?", "",
              "The transfer recipe at each freeze depth (blocks[:k] frozen, the rest fine-tuned), same seed "
              "and budget; the `transfer` stage's own depth is "
@@ -35,10 +37,10 @@ def freeze_curve_section(rows: list[dict], models: dict, cfg_summary: dict) -> l
              "|---|---|---|---|---|"]
     for r in rows:
         d = r["vs_scratch"]
-        mark = " (best on val)" if r["freeze_depth"] == best else ""
         val = "–" if r.get("val_acc") is None else _pct(r["val_acc"])
-        lines.append(f"| {r['freeze_depth']}{mark} | {val} | **{_pct(r['top1'])}** | {_pct(r['top1_ci95'][0])} – "
-                     f"{_pct(r['top1_ci95'][1])} | {100 * d['difference']:+.1f} ({interval(*d['ci95'])}) |")
+        lines.append(f"| {r['freeze_depth']}{mark if r is best else ''} | {val} | **{_pct(r['top1'])}** | "
+                     f"{_pct(r['top1_ci95'][0])} – {_pct(r['top1_ci95'][1])} | {100 * d['difference']:+.1f} "
+                     f"({interval(*d['ci95'])}) |")
     refs = [f"{LABELS[k]} {_pct(models[k]['top1'])}" for k in ("scratch", "probe") if k in models]
     lines += ["", f"Reference lines: {', '.join(refs)}. One seed: the sweep commands under Reproduce "
               "give mean ± std over seeds.", "", "![accuracy vs freeze depth](freeze_curve.png)", ""]
@@ -64,7 +66,7 @@ def export_section(export: dict) -> list[str]:
         "## The model to ship", "",
         f"`{export['model']}` exported by the `export` stage to ONNX (opset {export['exporter']['opset']}) and "
         f"TorchScript, then checked against PyTorch in fp32 on the {export['n_checked']} test images:", "",
-        "| runtime | max abs logit difference vs PyTorch | top-1 agreement | CPU latency (batch 1) |",
+        "| runtime | max abs logit difference vs PyTorch | top-1 agreement | CPU latency (batch 1, export's timing) |",
         "|---|---|---|---|",
         f"| PyTorch (eager; BatchNorm not folded, as the exports fold it) | – | – | {lat['pytorch']:.2f} ms |",
         # export.json keys the checks by format ("onnx") and the latency by runtime ("onnxruntime")
@@ -255,20 +257,26 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
     for name in models:
         if not name.startswith("onnx_"):  # the ONNX models are the pruned one's: its matrix is theirs
             lines += [f"![confusion matrix: {name}](confusion_{name}.png)", ""]
-    lines += [
+    return "\n".join(lines + reproduce_section(cfg_summary["experiment"], cfg_summary["blocks"]))
+
+
+def reproduce_section(experiment: str, blocks: int) -> list[str]:
+    """The commands that made the report, and those for more runs: a sweep over every freeze depth the model has."""
+    return [
         "## Reproduce", "",
         "```",
         "uv sync --compile-bytecode && uv run dvc repro   # this whole pipeline; reruns only what changed",
         "uv run dvc metrics show          # the numbers above",
         "uv run dvc plots show            # curves and confusion matrices (HTML)",
         # sweeps compose as params.yaml does (its overrides kept) and go to sweeps/<name>-<stage>
-        "uv run transferkit sweep transfer transfer.freeze_depth=0,1,2,3,4 seed=0,1,2   # how many blocks to freeze",
+        f"uv run transferkit sweep transfer transfer.freeze_depth={','.join(map(str, range(blocks + 1)))} "
+        "seed=0,1,2   # how many blocks to freeze",
         "uv run transferkit sweep scratch seed=0,1,2 && uv run transferkit sweep probe seed=0,1,2",
-        "uv run transferkit collect " + " ".join(f"sweeps/{cfg_summary['experiment']}-{stage}"
-                                                 for stage in ("transfer", "scratch", "probe"))
+        "uv run transferkit collect " + " ".join(f"sweeps/{experiment}-{stage}" for stage in ("transfer", "scratch",
+                                                                                              "probe"))
         + "   # -> accuracy vs freeze depth over seeds, minus scratch",
         "uv run transferkit check-repro   # the smoke pipeline twice: identical metrics, clean dvc status",
         "```", "",
-        "Latency and throughput are measured on the machine that ran `evaluate` (timing.json); "
-        "every other number is in metrics.json and is identical from run to run.", ""]
-    return "\n".join(lines)
+        "Latency and throughput are measured on the machine that ran `evaluate` (timing.json), those of the model "
+        "to ship by `export` (export.json); every other number is in metrics.json and is identical from run to run.",
+        ""]

@@ -132,6 +132,10 @@ def results_table(metrics: dict, timing: dict) -> str:
                   f"{interval(*d['ci95'])}), {d['n']:,} test images. Latency and "
                   f"throughput: {cpu}, {m.get('threads', '?')} threads (matmul peak {peaks}), "
                   f"torch {m.get('torch', '?')}."]
+    if one_view := [f"{pct(metrics['models'][k]['top1_one_view'])} ({LABELS[k]})" for k in ("onnx_fp32", "onnx_int8")
+                    if "top1_one_view" in metrics["models"].get(k, {})]:  # top-1 is over evaluate.tta's views
+        lines.append(f"Top-1 is over the test-time views of evaluate.tta; `transferkit predict` runs one, and there "
+                     f"the deployed files score {' and '.join(one_view)}.")
     return "\n".join(lines) + "\n"
 
 

@@ -156,7 +156,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     plots.pareto_png(models, timing, out / "pareto.png")
     plots.curves_png({n: inputs[n] / "dvclive" for n in ("pretrain", *TARGET_MODELS)}, out / "curves.png")
     cfg_summary = {
-        "experiment": cfg.name, "model": described(cfg.model), "seed": cfg.seed, "tta": ev.tta,
+        "experiment": cfg.name, "model": described(cfg.model), "blocks": loaded["transfer"].num_blocks,
+        "seed": cfg.seed, "tta": ev.tta,
         "tta_views": VIEWS[ev.tta],
         "freeze_depth": cfg.transfer.freeze_depth, "backbone_lr_mult": cfg.transfer.backbone_lr_mult,
         "probe_depth": cfg.probe.depth, "distill_method": cfg.distill.method,
