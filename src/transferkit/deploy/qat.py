@@ -102,7 +102,7 @@ def add_fake_quant(model: nn.Module, per_channel: bool, reduce_range: bool, keep
         mask = (layer.weight.detach() != 0).to(layer.weight.dtype) if keep_zeros else None
         parametrize.register_parametrization(layer, "weight", FakeQuantWeight(per_channel, reduce_range, mask))
         layer.input_quant = TrainingFakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-                                         dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+                                                 dtype=torch.quint8, qscheme=torch.per_tensor_affine)
         hooks.append(layer.register_forward_pre_hook(_quantize_input))
     return hooks
 

@@ -47,12 +47,17 @@ def freeze_curve_section(rows: list[dict], models: dict, cfg_summary: dict) -> l
     return lines
 
 
+def deployed_one_view(models: dict, pct) -> list[str]:
+    """The deployed files' top-1 with one view of each image, as `transferkit predict` runs them."""
+    return [f"{pct(models[k]['top1_one_view'])} ({LABELS[k]})" for k in ("onnx_fp32", "onnx_int8")
+            if "top1_one_view" in models.get(k, {})]
+
+
 def one_view_note(tta: str, views: int, models: dict) -> list[str]:
     """What the top-1 column costs, and the deployed files' accuracy as `transferkit predict` gets it."""
     if tta == "none":
         return ["Top-1, MACs, latency and throughput are each of one forward pass per image."]
-    deployed = [f"{_pct(models[k]['top1_one_view'])} ({LABELS[k]})" for k in ("onnx_fp32", "onnx_int8")
-                if "top1_one_view" in models.get(k, {})]
+    deployed = deployed_one_view(models, _pct)
     return [f"Top-1 averages each test image's {views} views (`evaluate.tta: {tta}`), {views} forward "
             "passes; MACs, latency and throughput are one pass's."
             + (f" `transferkit predict` runs one view: there the deployed files score {' and '.join(deployed)}."

@@ -110,7 +110,7 @@ def results_table(metrics: dict, timing: dict) -> str:
     m = timing.get("machine", {})
     lines = ["| model | test top-1 % (95% interval) | params | MACs | CPU latency, batch 1 | CPU img/s, batch "
              f"{timing.get('throughput_batch', 256)} |", "|---|---|---|---|---|---|"]
-    from transferkit.evaluation.report import LABELS
+    from transferkit.evaluation.report import LABELS, deployed_one_view
 
     from transferkit.stages import TARGET_MODELS
 
@@ -132,8 +132,7 @@ def results_table(metrics: dict, timing: dict) -> str:
                   f"{interval(*d['ci95'])}), {d['n']:,} test images. Latency and "
                   f"throughput: {cpu}, {m.get('threads', '?')} threads (matmul peak {peaks}), "
                   f"torch {m.get('torch', '?')}."]
-    if one_view := [f"{pct(metrics['models'][k]['top1_one_view'])} ({LABELS[k]})" for k in ("onnx_fp32", "onnx_int8")
-                    if "top1_one_view" in metrics["models"].get(k, {})]:  # top-1 is over evaluate.tta's views
+    if one_view := deployed_one_view(metrics["models"], pct):  # top-1 is over evaluate.tta's views
         lines.append(f"Top-1 is over the test-time views of evaluate.tta; `transferkit predict` runs one, and there "
                      f"the deployed files score {' and '.join(one_view)}.")
     return "\n".join(lines) + "\n"
