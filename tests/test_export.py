@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import made_once
+from conftest import cli as command, made_once, one_error_line
 from transferkit import cli
 from transferkit.deploy.export import export
 from transferkit.deploy.fold import deployable, first_conv, fold_batchnorm
@@ -261,6 +261,24 @@ def test_predict_command_lines_json_and_folders(exported, tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     assert sorted(r["path"] for r in results) == sorted(map(str, paths))
     assert all(r["class"] in CLASSES and 0 < r["probability"] <= 1 for r in results)
+
+
+def test_predict_shows_file_names_as_text(exported, tmp_path, capsys):
+    """A file named "b\\nevil.png tgt_a 0.999" printed a line of results of its own, and one holding an escape
+    sequence drove the terminal: in the results and in the error naming unreadable files."""
+    folder, _ = exported[2]["fastnet"]
+    onnx = str(folder / "export" / "model.onnx")
+    paths = _write_images(tmp_path / "images")[:2]
+    forged = [paths[0].rename(tmp_path / "images" / "b\nforged  cat  0.999.png"),
+              paths[1].rename(tmp_path / "images" / "c\x1b[31mred.png")]
+    assert cli.main(["predict", onnx, *map(str, forged)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "\x1b" not in "".join(lines)
+    assert lines[0].startswith(str(tmp_path / "images" / "b\\nforged  cat  0.999.png")) and "\\x1b[31mred" in lines[1]
+    (tmp_path / "images" / "d\x1b[2Jx.png").write_bytes(b"not an image")
+    assert cli.main(["predict", onnx, str(tmp_path / "images")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "\x1b" not in err and "d\\x1b[2Jx.png" in err
 
 
 def test_onnx_without_embedded_names_reads_export_json(exported, tmp_path):
@@ -733,6 +751,21 @@ def test_an_opset_the_exporter_did_not_write_is_not_passed_off_as_done(exported,
         export(models["fastnet"][0] / "model.pt", tmp_path / "dynamo", test_set, repeats=2, batch_size=16,
                threads=1, opset=17, exporter="dynamo", log=lambda *_: None)
     assert not (tmp_path / "dynamo" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", [7, 17])
+def test_the_exporters_own_output_stays_out_of_the_terminal(exported, tmp_path, opset):
+    """The exporters print from C++ and through their loggers, past Python's warnings filter: --opset 7 put a
+    98-line graph and a traceback around its one error line, and --opset 17, which succeeds (dynamo's version
+    converter fails, the TorchScript-based exporter writes it), a traceback from onnxscript."""
+    root, test_set, models = exported
+    proc = command("export", str(models["fastnet"][0] / "model.pt"), "--out", str(tmp_path / "out"), "--test-set",
+                   str(test_set), "--opset", str(opset))
+    if opset == 7:  # below what the network's adaptive max pooling exports to
+        assert "Fix: leave --opset out." in one_error_line(proc) and len(proc.stderr.splitlines()) == 1
+    else:
+        assert proc.returncode == 0 and proc.stderr == "" and "ONNX opset 17, legacy exporter" in proc.stdout
+    assert len(proc.stdout.splitlines()) <= 8  # the fallback's line and the summary, no graph
 
 
 @pytest.mark.parametrize("kind", MODELS)

@@ -17,6 +17,12 @@ class NotPlainData(TransferkitError):
     """A file that would run code when loaded (a foreign or tampered pickle): refused, never repaired."""
 
 
+def printable(text: str, keep: str = "") -> str:
+    """`text` with every character a terminal acts on (an escape sequence, a newline but those in `keep`) written as
+    its escape: a name from the data (a file's, a class's) cannot drive the terminal or forge a line of output."""
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+
+
 def die_of(signum: int) -> int:
     """End this process by `signum` as its default action would, so that a shell, and a loop around the command,
     sees the signal rather than an exit status; 128 + signum is the status to exit with where it is blocked."""

@@ -154,6 +154,31 @@ def _inflating_records(path: str | Path) -> str | None:
     return None
 
 
+@contextmanager
+def quiet_output() -> Iterator[None]:
+    """Standard output and error, as file descriptors, into a discarded file while the block runs: what a library
+    prints from C++ or through its own logger (the ONNX exporters' graphs and tracebacks) bypasses sys.stdout."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
 def require(path: str | Path, what: str, produced_by: str) -> Path:
     """`path`, which an earlier stage writes: where it is missing, one error naming that stage."""
     if not (path := Path(path)).exists():

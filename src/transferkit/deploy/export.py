@@ -31,6 +31,7 @@ from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHS
                                         load_pipeline_checkpoint, ort_session)
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation.speed import latency_ms
+from transferkit.io import atomic_path, load_torch, quiet_output, save_json
 from transferkit.layout import channels_last, to_nhwc
 
 DEFAULT_TEST_SET = Path("artifacts/prepare/target.pt")
@@ -73,8 +74,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # --------------------------------------------------------------------------- images to check on
 def check_images(test_set: Path | None, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """uint8 [N, 3, S, S] images (+ labels when from a test set) and a description."""
-    from transferkit.io import load_torch
-
     explicit = test_set is not None
     path = test_set if explicit else DEFAULT_TEST_SET
     if explicit and not path.is_file():
@@ -119,7 +118,7 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
     tried = {}
     for name in (("dynamo", "legacy") if exporter == "auto" else (exporter,)):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet_output():  # the failure's own words go into `tried`
                 warnings.simplefilter("ignore")
                 EXPORTERS[name](model, path, example, opset)
             if (got := _drop_stack_traces(path)) != (opset or got):  # dynamo keeps its own where it cannot convert
@@ -212,8 +211,6 @@ def export(model_path: Path, out: Path, test_set: Path | None = None, *, toleran
 
 def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, threads, tolerance, repeats,
             batch_size, exporter, opset) -> dict:
-    from transferkit.io import atomic_path, save_json
-
     classes, size = meta["classes"], meta["input_size"]
     with (atomic_path(out / EXPORT_JSON) as record, atomic_path(out / ONNX_FILE) as onnx_tmp,
           atomic_path(out / TORCHSCRIPT_FILE) as ts_tmp):  # all written inside; the record renamed last

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.deploy.runtime import Classifier, decode_images, unreadable
-from transferkit.errors import TransferkitError, one_line_errors
+from transferkit.errors import TransferkitError, one_line_errors, printable
 
 BATCH = 256  # images a model runs on at once, at most
 BATCH_BYTES = 64 * 2**20  # and their float32 pixels at most: 256 CIFAR images, 111 at 224 px, 5 at 1024 px
@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        width = max(len(r["path"]) for r in results)
-        cls = max(len(r["class"]) for r in results)
-        for r in results:
+        shown = [printable(r["path"]) for r in results]  # a file name cannot forge a line (class names are checked)
+        width, cls = max(map(len, shown)), max(len(r["class"]) for r in results)
+        for path, r in zip(shown, results):
             top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-            print(f"{r['path']:<{width}}  {r['class']:<{cls}}  {r['probability']:.3f}  top-{len(r['top'])}: {top}")
+            print(f"{path:<{width}}  {r['class']:<{cls}}  {r['probability']:.3f}  top-{len(r['top'])}: {top}")
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, printable
 from transferkit.layout import to_nhwc
 
 EXPORT_JSON = "export.json"
@@ -274,17 +274,18 @@ def decode_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[str]]:
 
     out, bad = [], []
     for p in paths:
+        name = printable(str(p))  # one line per file in the error: a name cannot forge another
         if p.exists() and not (p.is_file() or p.is_dir()):  # a device or a pipe: reading it may never end
-            bad.append(f"{p} (not a file)")
+            bad.append(f"{name} (not a file)")
             continue
         try:
-            out.append(decode_image(p.read_bytes(), str(p), size))
+            out.append(decode_image(p.read_bytes(), name, size))
         except FileNotFoundError:
-            bad.append(f"{p} (no such file)")
+            bad.append(f"{name} (no such file)")
         except IsADirectoryError:
-            bad.append(f"{p} (a folder)")
+            bad.append(f"{name} (a folder)")
         except OSError as e:
-            bad.append(f"{p} ({e.strerror or e})")
+            bad.append(f"{name} ({e.strerror or e})")
         except TransferkitError as e:  # decode_image's own words, which name the file; its fix joins them
             problem, _, fix = str(e).partition(" Fix: ")
             bad.append(f"{problem.rstrip('.')}: {fix.rstrip('.')}" if fix else problem.rstrip("."))
