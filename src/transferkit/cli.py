@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from transferkit import warm
-from transferkit.errors import TransferkitError, die_of, one_line_errors, printable
+from transferkit.errors import TransferkitError, die_of, error_line, one_line_errors
 from transferkit.stages import BY_NAME, STAGES
 from transferkit.training import first_process, other_node  # light: warm imports it too
 
@@ -210,7 +210,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
             else:
                 run_stage(stage, cfg, job_dir / stage)
         except TransferkitError as e:  # Hydra would print it with its own wrapper and exit 1
-            print(f"transferkit {stage}: error: {printable(str(e), keep=chr(10))}", file=sys.stderr)
+            print(error_line(stage, e), file=sys.stderr)
             sys.exit(2)
 
     # the name Hydra's help shows; a completion script registers the command itself (_shell_completion)
@@ -278,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{', '.join([*RUNNABLE, 'params', *TOOLS])} (see `transferkit --help`).")
     except TransferkitError as e:
         if first_process():  # under DDP every rank meets the error: one line, from rank 0
-            print(f"transferkit {command}: error: {printable(str(e), keep=chr(10))}", file=sys.stderr)  # \n: dvc's
+            print(error_line(command, e), file=sys.stderr)
         elif node := other_node():  # and one from each other node, which may meet it alone
-            print(f"transferkit {command} (node {node}): error: {printable(str(e), keep=chr(10))}", file=sys.stderr)
+            print(error_line(f"{command} (node {node})", e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback, rank 0's
         if first_process():

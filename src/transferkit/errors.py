@@ -23,6 +23,11 @@ def printable(text: str, keep: str = "") -> str:
     return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
 
 
+def error_line(command: str, error: Exception) -> str:
+    """The one line a command ends bad input with; a newline in it stays one (dvc's output an error quotes)."""
+    return f"transferkit {command}: error: {printable(str(error), keep=chr(10))}"
+
+
 def die_of(signum: int) -> int:
     """End this process by `signum` as its default action would, so that a shell, and a loop around the command,
     sees the signal rather than an exit status; 128 + signum is the status to exit with where it is blocked."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transferkit.config.compose import compose, find_conf_dir, flatten, params_text
 from transferkit.config.drift import REGENERATE, generated_drift
-from transferkit.errors import TransferkitError, one_line_errors
+from transferkit.errors import TransferkitError, error_line, one_line_errors
 from transferkit.project import copy_project, run, stages_run
 from transferkit.stages import STAGES
 
@@ -174,5 +174,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except TransferkitError as e:  # one line and exit code 2, as `transferkit check-repro` (cli.main) ends
-        print(f"transferkit check-repro: error: {e}", file=sys.stderr)
+        print(error_line("check-repro", e), file=sys.stderr)
         sys.exit(2)
