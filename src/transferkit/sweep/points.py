@@ -197,8 +197,8 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     if stage:  # one value of a setting the stage does not read would run it unchanged under another name
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        parsed, conf_dir = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")]), \
-            find_conf_dir()
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        conf_dir = find_conf_dir()
         check_read(stage, [o.input_line for o in parsed if not (o.is_hydra_override() or group_choice(o, conf_dir))
                            and (given is None or o.key_or_group in given)], composed=True)
     # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
