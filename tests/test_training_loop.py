@@ -372,6 +372,22 @@ def test_checkpoint_budget_bounds_the_time_spent_saving(tmp_path, monkeypatch):
             assert cb.spent <= budget * now[0] + 1e-9  # within the budget at every save, so at the end
 
 
+def test_resume_checkpoints_are_written_in_the_work_folder_alone(tmp_path, monkeypatch):
+    """Lightning's own save writes each checkpoint to the system's temporary folder first and copies it over:
+    a kill mid-save left a checkpoint-sized file there for good, and a full or missing temporary folder failed
+    the stage as if the artifacts disk were full."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    pl.seed_everything(0, verbose=False)
+    trainer_cfg = {**compose("experiment=smoke").trainer, "loggers": ["csv"], "checkpoint_budget": 1}
+    saves = []
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: saves.append(f) or save(obj, f, *args, **kwargs))
+    fit(_module("classifier"), TaskDataModule(_task(8), 8, 64), trainer_cfg, tmp_path / "out", max_epochs=3)
+    assert [Path(f).relative_to(tmp_path / "out").as_posix() for f in saves] == ["checkpoints.next/state.tmp"] * 2
+
+
 class _Killed(BaseException):
     """What a kill -9 does to the callback: it stops between two file operations."""
 

@@ -304,6 +304,19 @@ def test_a_command_with_over_a_thousand_files_open_is_served(tmp_path, server_di
     assert client.returncode == 7 and client.stderr == "", client.stderr[-2000:]
 
 
+def test_a_command_whose_environment_outgrows_the_socket_buffer_is_served(tmp_path, server_dir):
+    """A header larger than the socket's buffer (an environment of exported shell functions, HPC modules) is
+    sent in parts: the first send took what fit and the worker waited for the rest for ever."""
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    big = {f"BIG{i}": "a" * 100_000 for i in range(4)}
+    env = {**os.environ, **big, "PYTHONPATH": str(fake), "TRANSFERKIT_WARM": "1", "TMPDIR": str(server_dir)}
+    code = "import sys; from transferkit import warm; r = warm.run(sys.argv[1:]); sys.exit(100 if r is None else r)"
+    client = subprocess.run([sys.executable, "-c", code, "env", "BIG3"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert client.returncode == 0 and client.stdout == big["BIG3"] + "\n", client.stderr[-2000:]
+
+
 @pytest.mark.parametrize("argv, status", [(("exit", "-1"), 255), (("exit", "143", "term"), 143)])
 def test_a_warm_command_exits_with_the_status_a_fresh_process_exits_with(tmp_path, server_dir, argv, status):
     """The trainer's SIGTERM handler exits with 143 so that DVC records a failure: an exit with that

@@ -1,11 +1,8 @@
-"""Build a Lightning Trainer from the `trainer` config group and fit a module.
+"""Build a Lightning Trainer from the `trainer` config group and fit a module: accelerator, devices, strategy, nodes
+and precision come only from config, so the same stage code runs on a CPU, a GPU, or DDP over many processes.
 
-Accelerator, devices, strategy, nodes and precision come only from config: the same stage
-code runs on a CPU, a GPU, or DDP over many processes.
-
-A fit that is killed resumes: `ResumeCheckpoint` saves the training state (and a copy of the
-logs as they were then) at epoch ends, as often as a budget of the training time allows, and
-`fit` picks it up when the stage runs again in the same work folder.
+A fit that is killed resumes: `ResumeCheckpoint` saves the training state (and a copy of the logs as they were then)
+at epoch ends, as often as a budget of the training time allows, and `fit` picks it up when the stage runs again.
 """
 
 from __future__ import annotations
@@ -22,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonitor, TQDMProgressBar
+from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -42,9 +41,9 @@ warnings.filterwarnings("ignore", r".*It is recommended to use `self.log\(.*sync
 
 
 class _DropMessages(logging.Filter):
-    """Lightning's info lines that say nothing about this run: an advertisement, a note on the
-    default of save_checkpoint's weights_only (the resume checkpoint saves all state), the data
-    loaded to count the steps the schedule needs, and that training ended as planned."""
+    """Lightning's info lines that say nothing about this run: an advertisement, a note on the default of
+    save_checkpoint's weights_only (the resume checkpoint saves all state), the data loaded to count the steps the
+    schedule needs, and that training ended as planned."""
 
     DROPPED = ("💡 Tip", "`weights_only` was not set", "Loading `train_dataloader` to estimate",
                "`Trainer.fit` stopped: `max_epochs=")
@@ -72,12 +71,11 @@ def resume_folder(out_dir: Path) -> Path | None:
 
 
 class ResumeCheckpoint(Checkpoint):
-    """Saves the training state at an epoch end whenever the time spent saving so far, plus the
-    expected cost of this save, stays within `budget` x the training time: a slow epoch is
-    checkpointed every time, fast ones (a GPU, a tiny model) only now and then. budget 0 never
-    saves, 1 saves every epoch. The state goes to a temporary file in checkpoints.next/; at the next
-    epoch's start, once the loggers have written that epoch's metrics, a copy of the logs joins it and
-    the folder replaces checkpoints/ by renames, so a kill at any moment leaves one whole pair."""
+    """Saves the training state at an epoch end whenever the time spent saving so far, plus the expected cost of this
+    save, stays within `budget` x the training time: a slow epoch is checkpointed every time, fast ones (a GPU, a tiny
+    model) only now and then. budget 0 never saves, 1 saves every epoch. The state goes to a temporary file in
+    checkpoints.next/; at the next epoch's start, once the loggers have written that epoch's metrics, a copy of the
+    logs joins it and the folder replaces checkpoints/ by renames, so a kill at any moment leaves one whole pair."""
 
     def __init__(self, out_dir: Path, budget: float):
         self.out_dir, self.budget = out_dir, budget
@@ -137,6 +135,15 @@ class CommitCheckpoint(Callback):
         self.saver.commit(trainer)
 
 
+class DirectCheckpointIO(TorchCheckpointIO):
+    """Writes the state to the path given, ResumeCheckpoint's temporary file: Lightning's own save writes a copy to the
+    system's temporary folder first, which a kill mid-save leaves there and a full one fails the stage with."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        Path(path).parent.mkdir(exist_ok=True)
+        torch.save(checkpoint, path)
+
+
 class NoProfiler(PassThroughProfiler):
     """Lightning's default profiler records nothing, yet enters a generator-based context manager
     (about ten Python calls) around every hook call, dozens of times a training step; this one
@@ -156,23 +163,16 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
     callbacks = [saver, saver.committer, DieOnSigterm(), *callbacks]
     if loggers:  # the learning rate goes to the logs (there are none with trainer.loggers=[])
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-    # as tqdm draws the other bars (progress.py): on a terminal only, never redrawn into a log file
-    # (no stdout at all, as when it was closed: no bar either)
+    # as tqdm draws the other bars (progress.py): on a terminal only, never into a log file (nor with stdout closed)
     show_bar = bool(cfg.get("progress_bar", True)) and sys.stdout is not None and sys.stdout.isatty()
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))))
     try:
         return pl.Trainer(
-            max_epochs=max_epochs,
-            logger=loggers or False,
-            callbacks=callbacks,
-            enable_progress_bar=show_bar,
-            enable_model_summary=False,
-            profiler=NoProfiler(),
-            enable_checkpointing=True,
-            num_sanity_val_steps=0,
+            max_epochs=max_epochs, logger=loggers or False, callbacks=callbacks, enable_progress_bar=show_bar,
+            enable_model_summary=False, profiler=NoProfiler(), plugins=[DirectCheckpointIO()],
+            enable_checkpointing=True, num_sanity_val_steps=0, default_root_dir=str(out_dir),
             log_every_n_steps=int(cfg.get("log_every_n_steps", 10)),
-            default_root_dir=str(out_dir),
             precision=resolve_precision(cfg.get("precision", "auto"), str(cfg.get("accelerator", "cpu"))),
             **{k: cfg[k] for k in TRAINER_KEYS if k in cfg and cfg[k] is not None},
         )

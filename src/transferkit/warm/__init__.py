@@ -160,7 +160,9 @@ def run(argv: list[str]) -> int | None:
         header = json.dumps({"argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(), "env": dict(os.environ),
                              "path": sys.path, "ignored": ignored}).encode()
         try:
-            socket.send_fds(conn, [struct.pack("!I", len(header)) + header], list(range(STREAMS)))
+            message = struct.pack("!I", len(header)) + header
+            # one send takes what fits in the socket's buffer: the rest of a large environment follows
+            conn.sendall(message[socket.send_fds(conn, [message], list(range(STREAMS))):])
             if (pid_bytes := recv_exactly(conn, 4)) is None:
                 return None  # the server went away before forking: run here
         except OSError:  # closed as this connected (its idle timeout; killed), or stopped (timeout): nothing ran
