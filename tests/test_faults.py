@@ -230,17 +230,37 @@ def test_unwritable_output_folder_gives_one_message(tmp_path):
     assert "cannot" in line and "writable" in line
 
 
+def test_ctrl_c_before_a_fit_saved_anything_promises_no_resume(smoke_artifacts, tmp_path):
+    """The line said "the same command again resumes" whatever was left: a run stopped before its first checkpoint
+    (or after its fit, once the checkpoints are gone) starts over, and its work folder is deleted."""
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(ref_cfg.paths.artifacts_dir, tmp_path / "artifacts")
+    (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke", tmp=tmp_path)))
+    before = (tmp_path / "artifacts" / "pretrain" / "model.pt").read_bytes()
+    code = ("import sys\nimport transferkit.stages.pretrain as stage\n"
+            "def run(cfg, inputs, work): raise KeyboardInterrupt\n"
+            "stage.run = run\nfrom transferkit.cli import main\nsys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "pretrain", "--params", "params.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGINT
+    assert proc.stderr.splitlines() == ["transferkit pretrain: interrupted; its earlier outputs are unchanged."]
+    assert (tmp_path / "artifacts" / "pretrain" / "model.pt").read_bytes() == before
+    assert not (tmp_path / "artifacts" / ".pretrain.incomplete").exists()
+
+
 def test_ctrl_c_mid_training_ends_the_command_by_sigint(smoke_artifacts, tmp_path):
     """Lightning ends an interrupted fit with exit(1), as a failure: a shell's loop around the command would
     go on to the next one. The command dies of SIGINT (130 in a shell) with its one line, as Python does."""
     ref_cfg, _ = smoke_artifacts
     shutil.copytree(ref_cfg.paths.artifacts_dir, tmp_path / "artifacts")
     params = tmp_path / "params.yaml"
-    params.write_text(params_text(compose("experiment=smoke", "pretrain.epochs=200", tmp=tmp_path)))
+    params.write_text(params_text(compose("experiment=smoke", "pretrain.epochs=200", "trainer.checkpoint_budget=1",
+                                          tmp=tmp_path)))
     # as from a terminal: a test worker may ignore SIGINT, and a child inherits that
     proc = _start("pretrain", params, tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while not _appeared(tmp_path / "artifacts" / ".pretrain.incomplete", "**/dvclive") and time.monotonic() < deadline:
+    work = tmp_path / "artifacts" / ".pretrain.incomplete"
+    while not _appeared(work, "**/last.ckpt") and time.monotonic() < deadline:  # something to resume from
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
     time.sleep(1)

@@ -700,6 +700,25 @@ def test_the_training_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, set
     assert any(isinstance(c, TQDMProgressBar) for c in trainer.callbacks) == drawn
 
 
+def test_a_second_run_of_a_stage_while_one_builds_its_folder_is_refused_and_changes_nothing(tmp_path):
+    """Two runs of one stage at once (two terminals, a run by hand beside `dvc repro`): the second deleted or resumed
+    the first one's work folder, replaced its logs mid-run, and swapped its own outputs in."""
+    from transferkit.errors import TransferkitError
+    from transferkit.stages.common import staged_output
+
+    final = tmp_path / "artifacts" / "transfer"
+    with staged_output(final, "a: 1\n") as work:
+        (work / "model.pt").write_text("first")
+        with pytest.raises(TransferkitError, match=rf"another run \(process {os.getpid()}\) is writing .*Fix: wait"):
+            with staged_output(final, "a: 1\n"):
+                pass
+        assert (work / "model.pt").read_text() == "first"
+    assert (final / "model.pt").read_text() == "first"
+    with staged_output(final, "a: 1\n") as work:  # free again once the first run has ended
+        (work / "model.pt").write_text("second")
+    assert (final / "model.pt").read_text() == "second"
+
+
 def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_swap_cut_short(tmp_path):
     """A killed run's work folder is resumed only by a run with the same params and only when it
     holds a resume checkpoint (anything else in it could only be stale); a kill between the two

@@ -98,8 +98,7 @@ def _params_mode(stage: str, args: list[str]) -> None:
 
         check_inputs(stage, cfg, {override_key(o) for o in overrides}, inputs, opts.params)
     try:
-        run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir) / stage,
-                  {k: Path(v) for k, v in inputs.items()})
+        run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir, stage), {k: Path(v) for k, v in inputs.items()})
     except (ConfigAttributeError, ConfigKeyError) as e:  # struct mode: a key the code reads is not in the file
         raise TransferkitError(f"{opts.params} has no {e.full_key}: it was written from another conf/ or edited by "
                                f"hand. Fix: write it again with `transferkit params` (`transferkit check-params` "
@@ -282,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         elif node := other_node():  # and one from each other node, which may meet it alone
             print(error_line(f"{command} (node {node})", e), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback, rank 0's
-        if first_process():
-            again = command in ("sweep", "scenarios") or params_mode and command in STAGES and BY_NAME[command].trains
+    except KeyboardInterrupt as e:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback, rank 0's
+        if first_process():  # a stage's own run resumes where a checkpoint is left (stages/common.py says if none is)
+            again = command in ("sweep", "scenarios") or (params_mode and command in STAGES and BY_NAME[command].trains
+                                                          and getattr(e, "resumes", True))
             print(f"transferkit {command}: interrupted; its earlier outputs are unchanged"
                   f"{'; the same command again resumes' if again else ''}.", file=sys.stderr)
         # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too

@@ -142,7 +142,8 @@ def check_runs_folder(folder: Path) -> None:
                                f"run's pipeline would replace it. Fix: pass --out a new folder, or one such a run "
                                f"made.")
     if not dvc_file.is_file() and folder.is_dir() and (
-            other := sorted(p.name for p in folder.iterdir() if p.name not in ("params", ".dvc", ".dvcignore"))):
+            other := sorted((p.name for p in folder.iterdir() if p.name not in ("params", ".dvc", ".dvcignore")),
+                            key=lambda name: (name.startswith("."), name))):  # a stage's lock file is no example
         raise TransferkitError(f"{folder} holds {other[0]}{' and more' if other[1:] else ''} and no sweep or scenarios "
                                f"run: a run there would make it a DVC repository of its own. Fix: pass --out a new "
                                f"folder, or one such a run made.")

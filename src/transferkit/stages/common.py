@@ -90,8 +90,46 @@ def check_replaceable(final: Path, inputs: Iterable[Path] = (), others: Iterable
 
 
 @contextmanager
+def exclusive(final: Path) -> Iterator[None]:
+    """Held (rank 0's) while a run builds `final`. A second run of the stage beside it (another terminal, a run by
+    hand beside `dvc repro`) would resume from the first one's live checkpoints and replace its logs mid-run."""
+    import fcntl  # POSIX: the lock goes with the process, however it ends
+    import os
+
+    if not first_process():
+        yield
+        return
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(final.parent / f".{final.name}.lock", "a+")
+    except OSError:  # staged_output says what is wrong with the folder
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise TransferkitError(f"another run (process {lock.read().strip() or '?'}) is writing {final}: two runs "
+                                   f"of a stage at once would mix their training. Fix: wait for it to end (or stop "
+                                   f"it), then run the command again.") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+@contextmanager
 def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), others: Iterable[Path] = (),
                   tracked: str | None = None) -> Iterator[Path]:
+    """`_staged_output`, with no other run of the stage building `final` meanwhile (exclusive)."""
+    with exclusive(final), _staged_output(final, params, inputs, others, tracked) as work:
+        yield work
+
+
+@contextmanager
+def _staged_output(final: Path, params: str, inputs: Iterable[Path], others: Iterable[Path],
+                   tracked: str | None) -> Iterator[Path]:
     """Yield a work folder; on success swap it into `final`, on failure delete it.
 
     The work folder starts with `params` (the resolved config) in PARAMS_FILE. A folder left by a
@@ -125,10 +163,12 @@ def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), ot
                                    f"writable or set paths.artifacts_dir elsewhere.") from e
     try:
         yield work
-    except BaseException:
+    except BaseException as e:
         # a failed run's folder goes, unless a fit in it can resume (Ctrl+C, a crash mid-training)
         if rank0 and not fits_to_resume(work):
             shutil.rmtree(work, ignore_errors=True)
+            if isinstance(e, KeyboardInterrupt):  # cli's Ctrl+C line then promises no resume
+                e.resumes = False
         raise
     if not rank0:
         return
