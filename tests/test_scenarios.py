@@ -106,6 +106,7 @@ def test_the_report_says_whether_the_strategies_train_equally_long():
 
     even = scenarios_markdown([_quadrant(dict.fromkeys(STRATEGIES, 4))])
     assert "Every strategy of a quadrant trains for the same number of epochs." in even
+    assert "| 1.0 |" in even and "| 1 |" not in even  # a smoke run's seconds keep a decimal: not 0
     uneven = scenarios_markdown([_quadrant({**dict.fromkeys(STRATEGIES, 4), "partial_freeze": 3, "fine_tune": 3})])
     assert "same number of epochs" not in uneven
     assert ("The strategies train for different numbers of epochs, so their budgets differ: small target + similar "

@@ -707,11 +707,12 @@ def test_versus_scratch_pairs_only_the_seeds_both_ran():
     assert vs["pairs"] == 1 and vs["method"] == "paired by image on the one seed both ran (test-set noise only)"
     assert vs["ci95"][0] < 0 < vs["ci95"][1]
     table = sweep_table(summarize(transfer + scratch))
-    assert "best on val | 3 |" in table and "| +0.0 (-1.7 to +1.7) | not shown (interval includes 0) |" in table
+    # the mean columns are over seeds 0-2: the difference says it pairs seed 0 alone
+    assert "best on val | 3 |" in table and "| +0.0 (-1.7 to +1.7), seed 0 alone | not shown (interval" in table
 
     # no seed in common: no difference and no interval, and the table says why
     vs = versus(transfer[1:], scratch)
-    assert vs == {"difference": None, "ci95": None, "pairs": 0,
+    assert vs == {"difference": None, "ci95": None, "pairs": 0, "seeds": [],
                   "method": "none where no seed pairs with the baseline's"}
     table = sweep_table(summarize(transfer[1:] + scratch))
     assert "| no paired seed | – |" in table and "Intervals: none where no seed pairs" in table
@@ -728,6 +729,30 @@ def test_versus_scratch_pairs_only_the_seeds_both_ran():
     assert half > seeds["ci95"][1] - seeds["difference"]
     assert versus(transfer[:1], scratch[:1])["ci95"] == pytest.approx(alone["ci95"])
     assert versus(transfer, []) is None
+
+
+def test_a_row_that_pairs_some_seeds_or_ran_other_seeds_says_so():
+    """A row's difference over the seeds it shares with scratch sat beside means over all of each side's seeds
+    (a +4.9 by eye, -2.1 in the column), and best on val compared means over different seeds; a difference under
+    0.05 points printed as +0.0 beside an interval that excludes 0."""
+    from transferkit.evaluation.runs import summarize
+    from transferkit.evaluation.tables import sweep_table
+
+    def at(stage, seed, acc, depth):
+        run = _run(stage, seed, acc)
+        run.setting = (f"transfer.freeze_depth={depth}",) if stage == "transfer" else ()
+        return run
+
+    runs = [at("transfer", 0, 0.80, 0), at("transfer", 1, 0.82, 0), at("transfer", 0, 0.90, 1),
+            *(at("scratch", seed, 0.70, None) for seed in (0, 1, 2))]
+    table = sweep_table(summarize(runs))
+    assert "), seeds 0, 1 alone |" in table and "), seed 0 alone |" in table
+    assert "Best on val compares means over different seeds" in table
+    even = [at("transfer", seed, 0.80, 0) for seed in (0, 1)] + [at("scratch", seed, 0.70, None) for seed in (0, 1)]
+    assert " alone |" not in sweep_table(summarize(even)) and "different seeds" not in sweep_table(summarize(even))
+    from transferkit.evaluation.formats import points
+
+    assert points(0.0004) == "+0.04" and points(-0.0001) == "-0.01" and points(0.0) == "+0.0"
 
 
 def test_seeds_that_agree_leave_the_test_sets_noise_in_the_interval():

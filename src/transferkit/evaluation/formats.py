@@ -8,10 +8,11 @@ import math
 def interval(lo: float, hi: float) -> str:
     """A 95% interval of an accuracy difference in points, clipped to the -100 to +100 it can be; a bound that
     is not 0 keeps digits enough not to print as 0 (the verdicts read whether the interval excludes 0)."""
-    return f"{_points(max(lo, -1.0))} to {_points(min(hi, 1.0))}"
+    return f"{points(max(lo, -1.0))} to {points(min(hi, 1.0))}"
 
 
-def _points(x: float) -> str:
+def points(x: float) -> str:
+    """A difference of accuracies in signed points, with digits enough not to print as 0 where it is not."""
     digits = next((d for d in (1, 2, 3) if round(100 * x, d) != 0), 3) if x else 1
     return f"{100 * x:+.{digits}f}"
 

@@ -161,19 +161,21 @@ def versus(group: list[Run], baseline: list[Run]) -> dict | None:
         return None
     by_seed = {r.seed: r for r in baseline}
     pairs = [(r, by_seed[r.seed]) for r in group if r.seed in by_seed]
+    paired = {"seeds": sorted(r.seed for r, _ in pairs)}  # the table says which, where they are not every seed
     if len(pairs) >= 2:
         seeds = mean_difference([a.test_acc - b.test_acc for a, b in pairs])
         images = paired_difference(torch.stack([a.correct for a, _ in pairs]).float().mean(0),
                                    torch.stack([b.correct for _, b in pairs]).float().mean(0))
         mean = seeds["difference"]
         half = math.hypot(seeds["ci95"][1] - mean, images["ci95"][1] - images["difference"])
-        return {**seeds, "ci95": [mean - half, mean + half],
+        return {**seeds, **paired, "ci95": [mean - half, mean + half],
                 "method": f"paired by seed over {len(pairs)} seeds (t interval) and by image, combined"}
     if not pairs:
-        return {"difference": None, "ci95": None, "pairs": 0, "method": "none where no seed pairs with the baseline's"}
+        return {"difference": None, "ci95": None, "pairs": 0, **paired,
+                "method": "none where no seed pairs with the baseline's"}
     (a, b), = pairs
     d = paired_difference(a.correct, b.correct)
-    return {"difference": d["difference"], "ci95": d["ci95"], "pairs": 1,
+    return {"difference": d["difference"], "ci95": d["ci95"], "pairs": 1, **paired,
             "method": "paired by image on the one seed both ran (test-set noise only)"}
 
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import math
 
-from transferkit.evaluation.formats import interval, measured, millions, names
+from transferkit.evaluation.formats import interval, measured, millions, names, points
 
 
 def pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def seconds(value) -> str:
+    """Training seconds: a smoke run trains for fractions of a second, not 0."""
+    return "–" if value is None else f"{value:,.{int(value < 10)}f}"
+
+
 def sweep_table(summary: dict) -> str:
     lines = ["| run | seeds | val top-1 % (mean ± std) | test top-1 % (mean ± std) "
              "| test − scratch, points (95% interval) | beats scratch? |", "|---|---|---|---|---|---|"]
     scratch_ran = any(r["stage"] == "scratch" for r in summary["rows"])
+    scratch_seeds = next((r["seeds"] for r in summary["rows"] if r["stage"] == "scratch"), [])
     for r in summary["rows"]:
         vs = r.get("vs_scratch")
         diff, verdict = "–", "–"
@@ -24,7 +30,9 @@ def sweep_table(summary: dict) -> str:
             diff = "no paired seed"
         elif vs:
             lo, hi = vs["ci95"]
-            diff = f"{100 * vs['difference']:+.1f} ({interval(lo, hi)})"
+            diff = f"{points(vs['difference'])} ({interval(lo, hi)})"
+            if vs["seeds"] != r["seeds"] or vs["seeds"] != scratch_seeds:  # the means' columns are over others
+                diff += f", seed{'s' * (len(vs['seeds']) > 1)} {', '.join(map(str, vs['seeds']))} alone"
             verdict = "yes" if lo > 0 else ("no: worse" if hi < 0 else "not shown (interval includes 0)")
         lines.append(f"| {r['label']}{' ← best on val' * r['chosen_on_val']} | {len(r['seeds'])} | "
                      f"{pct(r['val_mean'])} ± {pct(r['val_std'])} | {pct(r['test_mean'])} ± {pct(r['test_std'])} | "
@@ -37,6 +45,9 @@ def sweep_table(summary: dict) -> str:
         if tied := [r["label"] for r in summary["rows"] if r is not best and r["stage"] == best["stage"]
                     and r["val_mean"] == best["val_mean"]]:
             notes.append(f"Best on val: tied with {', '.join(tied)} (ties go to the first row).")
+        if len({tuple(r["seeds"]) for r in summary["rows"] if r["stage"] == best["stage"]}) > 1:
+            notes.append("Best on val compares means over different seeds (the rows ran different ones): run the "
+                         "missing seeds for a fair choice.")
     return "\n".join(lines + ["", views] + [f"Intervals: {m}." for m in methods] + notes) + "\n"
 
 
@@ -100,7 +111,7 @@ def scenarios_markdown(results: list[dict]) -> str:
             test = f"{pct(r['test_acc'])} ({pct(r['test_ci95'][0])}–{pct(r['test_ci95'][1])})"
             lines.append(f"| {name} | {r['what']} | {r['epochs']} | {val} | "
                          f"{test}{' (best on test)' * r['best_on_test']} | "
-                         f"{'–' if r['train_seconds'] is None else round(r['train_seconds'])} |")
+                         f"{seconds(r['train_seconds'])} |")
         lines += ["", f"Source material: {q['guidance']['text']}. Agrees with the val winner: {scenario_verdict(q)}."]
     return "\n".join(lines) + "\n"
 
@@ -146,9 +157,6 @@ def training_table(stages: dict[str, dict]) -> str:
     trained = {name: t for name, t in stages.items() if "train_seconds" in t}
     lines = ["| stage | training s | train img/s | device | precision | resumed at epoch |",
              "|---|---|---|---|---|---|"]
-    def seconds(value) -> str:  # a smoke run trains for fractions of a second: not 0
-        return cell(value, f",.{int(value is not None and value < 10)}f")
-
     lines += [f"| {name} | {seconds(t['train_seconds'])} | {cell(t.get('train_images_per_second'), ',.0f')} | "
               f"{cell(t.get('device'))} | {cell(t.get('precision'))} | {cell(t.get('resumed_at_epoch'))} |"
               for name, t in trained.items()]
