@@ -51,8 +51,12 @@ def test_quadrants_differ_only_in_their_axis():
     (["experiment=smoke"], "--only NAME"),
     # a depth out of the model's range names the option that set it, not the config key it sets
     (["--early-depth", "9"], r"--early-depth 9 is out of range: model 'fastnet' has 4 blocks .*"
-                             r"Fix: --early-depth K with K in 1\.\.4\.$"),
-    (["--partial-depth", "-1"], r"Fix: --partial-depth K with K in 0\.\.4\.$"),
+                             r"Fix: --early-depth K with K in 1\.\.3\.$"),
+    (["--partial-depth", "-1"], r"Fix: --partial-depth K with K in 1\.\.3\.$"),
+    # depths that make the strategy another one: the report would compare a strategy with its own copy
+    (["--partial-depth", "0"], r"--partial-depth 0 is out of range: .* depths 0 and 4 are other strategies' "
+                               r"\(full fine-tune, linear probe\)\. Fix: --partial-depth K with K in 1\.\.3\.$"),
+    (["--early-depth", "4"], r"--early-depth 4 is out of range: .* Fix: --early-depth K with K in 1\.\.3\.$"),
     # the strategies' own keys: an override would be replaced by each strategy's value
     (["transfer.freeze_depth=3"], r"override 'transfer.freeze_depth=3' .* Fix: use --partial-depth K\.$"),
     (["+probe.depth=1"], r"Fix: use --early-depth K\.$"),

@@ -96,6 +96,8 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                 if s.option and str(e).startswith(tuple(f"{k}=" for k in s.overrides)):
                     raise depth_error(preset, cfg, s) from e  # the option's value, not a config key's
                 raise TransferkitError(f"{preset}, strategy {s.name}: {e}") from e
+            if s.option and (error := depth_error(preset, cfg, s)):  # in range, but another strategy's setting
+                raise error
         if "trainer.progress_bar" not in map(override_key, overrides):
             cfg.trainer.progress_bar = False
         cfg.paths.data_dir = data_dir = str(Path(cfg.paths.data_dir).resolve())
@@ -131,15 +133,17 @@ def quadrant_data() -> dict[str, dict]:
     return {preset: {k: d.get(k) for k in keys} for preset, d in data.items()}
 
 
-def depth_error(preset: str, cfg: DictConfig, s: Strategy) -> TransferkitError:
-    """A strategy's depth out of its model's range, named by the option that set it."""
+def depth_error(preset: str, cfg: DictConfig, s: Strategy) -> TransferkitError | None:
+    """A strategy's depth out of its model's range, or one that makes it another strategy (0 blocks frozen:
+    fine_tune; all of them probed: linear_probe, or frozen: no fine-tuning left), named by the option that set it."""
     from transferkit.models import model_from_config
 
     n = model_from_config(to_params(cfg.model), 2, key="model", fetch_weights=False).num_blocks
-    low = int(s.stage == "probe")  # a probe needs one block at least
-    return TransferkitError(f"{s.option} {next(iter(s.overrides.values()))} is out of range: model "
-                            f"'{cfg.model.name}' has {n} blocks ({preset}, strategy {s.name}). "
-                            f"Fix: {s.option} K with K in {low}..{n}.")
+    if isinstance(depth := next(iter(s.overrides.values())), int) and 0 < depth < n:
+        return None
+    return TransferkitError(f"{s.option} {depth} is out of range: model '{cfg.model.name}' has {n} blocks ({preset}, "
+                            f"strategy {s.name}), and depths 0 and {n} are other strategies' (full fine-tune, linear "
+                            f"probe). Fix: {s.option} K with K in 1..{n - 1}.")
 
 
 def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = None,
