@@ -713,6 +713,21 @@ def test_failed_check_keeps_the_previous_export(exported, tmp_path, monkeypatch,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_an_export_clears_the_temporaries_a_killed_one_left(exported, tmp_path):
+    """A kill -9 mid-export left .model.onnx.XXXX.tmp and its kin in the output folder, which a later export kept
+    and DVC then recorded among the stage's outputs."""
+    root, test_set, models = exported
+    out = tmp_path / "export"
+    out.mkdir()
+    left = [out / ".model.onnx.k1ll3d.tmp", out / ".export.json.k1ll3d.tmp", out / ".model.torchscript.pt.k1ll3d.tmp"]
+    for f in left:
+        f.write_bytes(b"half")
+    (out / "notes.tmp").write_text("the user's")  # no temporary of export's: kept
+    export(models["fastnet"][0] / "model.pt", out, test_set, repeats=1, batch_size=16, threads=1, log=lambda *_: None)
+    assert not [f for f in left if f.exists()] and (out / "notes.tmp").exists()
+    assert not list(out.glob(".*.tmp"))
+
+
 @pytest.mark.parametrize("failing", [None, "dynamo"])
 def test_auto_exporter_falls_back_to_the_torchscript_based_one(exported, tmp_path, monkeypatch, failing):
     """Both exporters produce a checked file; where the dynamo one fails (it did on torch 2.11),

@@ -212,6 +212,8 @@ def export(model_path: Path, out: Path, test_set: Path | None = None, *, toleran
 def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, threads, tolerance, repeats,
             batch_size, exporter, opset) -> dict:
     classes, size = meta["classes"], meta["input_size"]
+    for stale in (f for name in (EXPORT_JSON, ONNX_FILE, TORCHSCRIPT_FILE) for f in out.glob(f".{name}.*.tmp")):
+        stale.unlink(missing_ok=True)  # a killed export's temporaries: DVC would track them as outputs
     with (atomic_path(out / EXPORT_JSON) as record, atomic_path(out / ONNX_FILE) as onnx_tmp,
           atomic_path(out / TORCHSCRIPT_FILE) as ts_tmp):  # all written inside; the record renamed last
         t = time.perf_counter()
