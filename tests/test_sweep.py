@@ -435,6 +435,9 @@ def test_collect_tells_settings_apart_and_refuses_other_experiments(collected_sw
     shutil.copytree(collected_sweep / "seed=0", tmp_path / "again")  # the same runs twice: not two seeds
     with pytest.raises(TransferkitError, match=r"are the same run \(\w+, seed 0"):
         find_runs([mixed, tmp_path / "again"])
+    for twice in ([mixed, Path(f"{mixed}/")], [mixed, mixed / "seed=0"], [mixed / "seed=0", mixed]):  # one folder
+        with pytest.raises(TransferkitError, match=r"are one folder, or one holds the other: .* Fix: give each"):
+            find_runs(twice)
     params["data"]["target"]["classes"] = ["tgt_a", "tgt_b"]  # another task: another test set
     p.write_text(yaml.safe_dump(params))
     line = one_error_line(cli("collect", str(mixed), "--out", str(tmp_path / "out2"), cwd=base))

@@ -47,6 +47,11 @@ def run_roots(d: Path) -> list[Path]:
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
+    for i, d in enumerate(dirs):  # `collect multirun/x multirun/x/` or a folder and one inside it: runs twice over
+        if same := next((e for e in dirs[:i] if e.resolve() in (d.resolve(), *d.resolve().parents)
+                         or d.resolve() in e.resolve().parents), None):
+            raise TransferkitError(f"{same} and {d} are one folder, or one holds the other: their runs would be "
+                                   f"found twice. Fix: give each folder once.")
     runs = []
     for d in dirs:
         if not d.is_dir():
