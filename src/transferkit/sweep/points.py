@@ -275,8 +275,8 @@ def main(argv: list[str]) -> int:
     # DVC would stop at a missing input only after removing the points' earlier outputs (run_pipeline refuses)
     inputs = Path(cfgs[0].paths.artifacts_dir)
     if missing := [name for name in BY_NAME[args.stage].reads if not (inputs / name).is_dir()]:
-        raise TransferkitError(f"{inputs / missing[0]} does not exist, and {args.stage} reads it. Fix: make it "
-                               f"first (`dvc repro {missing[0]}`).")
+        raise TransferkitError(f"{inputs.resolve() / missing[0]} does not exist, and {args.stage} reads it. Fix: make "
+                               f"it first (`dvc repro {missing[0]}`), or sweep from the project's folder.")
     stages, code, names = {}, code_files(BY_NAME[args.stage]), []
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
         name, artifacts = point_name(point, given), Path(cfg.paths.artifacts_dir).resolve()
