@@ -178,6 +178,10 @@ def main(argv):
             print("ready", flush=True)
             time.sleep(30)
         sys.exit(int(argv[1]))
+    if argv[0] == "rc":  # a matplotlib setting as this process has it
+        import matplotlib
+        print(matplotlib.rcParams[argv[1]], flush=True)
+        return 0
     if argv[0] == "streams":  # each standard stream's encoding and error handling, and a character ASCII lacks
         print(*(f"{s.encoding}:{s.errors}" for s in (sys.stdin, sys.stdout, sys.stderr)), "\u2013")
         return 0
@@ -315,6 +319,18 @@ def test_a_command_whose_environment_outgrows_the_socket_buffer_is_served(tmp_pa
     client = subprocess.run([sys.executable, "-c", code, "env", "BIG3"], env=env, capture_output=True, text=True,
                             timeout=60)
     assert client.returncode == 0 and client.stdout == big["BIG3"] + "\n", client.stderr[-2000:]
+
+
+def test_a_warm_command_reads_the_matplotlibrc_of_its_folder(tmp_path, server_dir):
+    """The server imports matplotlib (through Lightning) in /, so a worker's plots ignored the matplotlibrc of the
+    command's folder, which a fresh process reads: the same stage drew other plots warm."""
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "matplotlibrc").write_text("font.size: 17\n")
+    assert _warm_client(fake, server_dir, "rc", "font.size", cwd=project).communicate(timeout=60)[0] == "17.0\n"
+    assert _warm_client(fake, server_dir, "rc", "font.size", cwd=tmp_path).communicate(timeout=60)[0] == "10.0\n"
 
 
 @pytest.mark.parametrize("argv, status", [(("exit", "-1"), 255), (("exit", "143", "term"), 143)])

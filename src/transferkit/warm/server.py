@@ -160,6 +160,8 @@ def _work(conn: socket.socket) -> None:
         os.environ.update({k: v for k, v in header["env"].items() if k != "TRANSFERKIT_WARM"})
         os.environ.update(SET_BY_IMPORTS)  # as the imports of a fresh process would, after its start
         sys.path[:] = header["path"]
+        if (mpl := sys.modules.get("matplotlib")) is not None:  # the server imported it in /: the command's own
+            mpl.rc_file(mpl.matplotlib_fname())  # matplotlibrc (its folder's, MATPLOTLIBRC's), as a fresh import reads
         # the streams as a fresh process opens them: line-buffered on a terminal, stderr always, in the
         # encoding and error handling of PYTHONIOENCODING and the locale, which picked this server
         unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
