@@ -201,6 +201,23 @@ def test_unreadable_pickle_is_reported(tmp_path):
         _load("cifar10", tmp_path)
 
 
+def test_a_pickle_asking_for_an_array_of_python_objects_is_refused_before_it_is_filled(tmp_path):
+    """numpy fills an object array with None as it is unpickled: a 178-byte file asked for 800 MB, before any
+    size check (with data.verify_checksums=false, for a modified copy of the files)."""
+    import pickle
+
+    import numpy as np
+
+    class Objects:
+        def __reduce__(self):
+            return np.ndarray, ((10**9,), np.dtype("O"))
+
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=5, test_per_class=1)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Objects(), b"labels": [0]}, protocol=2))
+    with pytest.raises(TransferkitError, match=r"test_batch .*numpy\.dtype of Python objects"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
 # ============================================================== image folders and archives
 CLASSES4 = ["bird", "cat", "dog", "frog"]
 
@@ -596,6 +613,12 @@ def test_a_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(monk
     assert sources.jpeg_size(bytes(data)) == (20000, 20000)
     assert sources.jpeg_size(buf.getvalue()) == (8, 8)
     assert sources.jpeg_size(b"\xff\xd8 no segments") is None
+    # a marker libjpeg reads without a length (RST0) in front of the real frame, whose length-like bytes skip it,
+    # then a decoy 8 x 8 frame header: the decoder would decode the real one, of any size, before a check
+    body = bytes(data[2:])
+    decoy = b"\xff\xc0\x00\x11\x08\x00\x08\x00\x08\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    hidden = b"\xff\xd8\xff\xd0" + struct.pack(">H", 2 + len(body)) + body + decoy + b"\xff\xd9"
+    assert sources.jpeg_size(hidden) is None  # not the batched decoder's: PIL's limit applies
     import torchvision.io
 
     batched, decode_jpeg = [], torchvision.io.decode_jpeg
@@ -604,6 +627,9 @@ def test_a_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(monk
     with pytest.raises(TransferkitError, match=r"image huge.jpg has more than 179 million pixels.*Fix: downscale it"):
         sources.decode_images([("fine.jpg", buf.getvalue()), ("huge.jpg", bytes(data))], 8)
     assert len(batched) == 1  # fine.jpg alone went to the batched decoder
+    with pytest.raises(TransferkitError, match=r"image hidden.jpg "):
+        sources.decode_images([("fine.jpg", buf.getvalue()), ("hidden.jpg", hidden)], 8)
+    assert len(batched) == 2  # fine.jpg again, and never hidden.jpg
 
 
 def test_other_image_sizes_are_resized(tmp_path):

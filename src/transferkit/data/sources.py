@@ -95,6 +95,7 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
 
 # the frame headers that hold a JPEG's size: SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC)
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xDA)})  # TEM, RST0-RST7, SOI, EOI: markers without a length
 
 
 def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
@@ -105,6 +106,8 @@ def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
         marker = data[at + 1]
         if marker in _FRAME_MARKERS:
             return int.from_bytes(data[at + 7:at + 9], "big"), int.from_bytes(data[at + 5:at + 7], "big")
+        if marker in _NO_LENGTH:  # libjpeg reads on after these two bytes: a length read here would skip to a decoy
+            return None  # frame header, and the decoder would decode the real one, of any size, before a check
         at += 1 if marker == 0xFF else 2 + int.from_bytes(data[at + 2:at + 4], "big")  # 0xFF: a fill byte
     return None
 
