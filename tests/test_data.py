@@ -274,6 +274,18 @@ def test_a_hard_linked_image_in_an_archive_counts_as_in_its_folder(jpeg_pair, tm
         read_image_folder(tmp_path / "broken.tar")
 
 
+@pytest.mark.parametrize("link, target", [("current", "."), ("train/cat/up", "../..")])
+def test_a_link_back_to_a_folder_read_already_is_one_error(jpeg_pair, tmp_path, link, target):
+    """`current -> .` read every image 41 times (os.walk stops at the link depth limit without a word), val images
+    among train's; two links to a folder above hung prepare with memory growing. A link to a folder beside (a
+    class folder kept elsewhere) is read once: test_a_linked_class_folder_in_an_archive_counts_as_in_its_folder."""
+    folder, _ = jpeg_pair
+    (folder / link).symlink_to(target)
+    with pytest.raises(TransferkitError, match=r"is .* again \(through a link\): its images would be read over "
+                                               r"and over\. Fix: remove the link"):
+        read_image_folder(folder, 8)
+
+
 def test_a_symlinked_image_counts_in_an_archive_as_in_its_folder(jpeg_pair, tmp_path):
     """A folder's reader follows a symbolic link, so the archive made from it (plain `tar`, which stores
     the link) must hold the same images; links to nothing in the archive, or in a loop, are one error."""

@@ -187,8 +187,15 @@ def _folder_files(path: Path) -> list[Path]:
     def refuse(e: OSError):
         raise _unreadable(e) from e
 
-    return sorted(Path(root) / name for root, _, names in os.walk(path, onerror=refuse, followlinks=True)
-                  for name in names)
+    files, ids = [], {}
+    for root, _, names in os.walk(path, onerror=refuse, followlinks=True):
+        here = os.stat(root)  # a link to a folder above it: os.walk reads it over and over, to its depth limit
+        ids[Path(root)] = key = (here.st_dev, here.st_ino)
+        if loop := next((p for p in Path(root).parents if ids.get(p) == key), None):
+            raise TransferkitError(f"{root} is {loop} again (through a link): its images would be read over and over. "
+                                   f"Fix: remove the link.")
+        files += [Path(root) / name for name in names]
+    return sorted(files)
 
 
 def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None = None) -> RawDataset:
