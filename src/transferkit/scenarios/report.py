@@ -93,9 +93,9 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
             try:
                 validate_run(OmegaConf.merge(cfg, OmegaConf.from_dotlist(s.sets())), s.stage, blocks)
             except TransferkitError as e:
-                if s.option and str(e).startswith(tuple(f"{k}=" for k in s.overrides)):
-                    raise depth_error(preset, cfg, s) from e  # the option's value, not a config key's
-                raise TransferkitError(f"{preset}, strategy {s.name}: {e}") from e
+                # a depth the option set is named by the option, not by the config key it sets
+                named = s.option and str(e).startswith(tuple(f"{k}=" for k in s.overrides))
+                raise (named and depth_error(preset, cfg, s)) or TransferkitError(f"{preset}, strategy {s.name}: {e}")
             if s.option and (error := depth_error(preset, cfg, s)):  # in range, but another strategy's setting
                 raise error
         if "trainer.progress_bar" not in map(override_key, overrides):
