@@ -717,6 +717,7 @@ def test_a_second_run_of_a_stage_while_one_builds_its_folder_is_refused_and_chan
     with staged_output(final, "a: 1\n") as work:  # free again once the first run has ended
         (work / "model.pt").write_text("second")
     assert (final / "model.pt").read_text() == "second"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["transfer"]  # no lock file left beside it
 
 
 def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_swap_cut_short(tmp_path):

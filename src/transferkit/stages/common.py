@@ -99,9 +99,10 @@ def exclusive(final: Path) -> Iterator[None]:
     if not first_process():
         yield
         return
+    path = final.parent / f".{final.name}.lock"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(final.parent / f".{final.name}.lock", "a+")
+        lock = open(path, "a+")
     except OSError:  # staged_output says what is wrong with the folder
         yield
         return
@@ -116,20 +117,25 @@ def exclusive(final: Path) -> Iterator[None]:
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
-        yield
+        try:
+            yield
+        finally:  # removed while still held: the folder keeps no trace of the run (a kill -9 leaves a file, unlocked)
+            path.unlink(missing_ok=True)
 
 
 @contextmanager
 def staged_output(final: Path, params: str = "", inputs: Iterable[Path] = (), others: Iterable[Path] = (),
                   tracked: str | None = None) -> Iterator[Path]:
-    """`_staged_output`, with no other run of the stage building `final` meanwhile (exclusive)."""
-    with exclusive(final), _staged_output(final, params, inputs, others, tracked) as work:
+    """`_staged_output`, with no other run of the stage building `final` meanwhile (exclusive), once `final` may be
+    replaced (check_replaceable, given the folders the stage reads and other stages' folders)."""
+    inputs = list(inputs)
+    check_replaceable(final, inputs, others)  # on every rank: a rank that went on alone would wait for rank 0
+    with exclusive(final), _staged_output(final, params, inputs, tracked) as work:
         yield work
 
 
 @contextmanager
-def _staged_output(final: Path, params: str, inputs: Iterable[Path], others: Iterable[Path],
-                   tracked: str | None) -> Iterator[Path]:
+def _staged_output(final: Path, params: str, inputs: list[Path], tracked: str | None) -> Iterator[Path]:
     """Yield a work folder; on success swap it into `final`, on failure delete it.
 
     The work folder starts with `params` (the resolved config) in PARAMS_FILE. A folder left by a
@@ -137,10 +143,7 @@ def _staged_output(final: Path, params: str, inputs: Iterable[Path], others: Ite
     and resume checkpoints is kept:
     its fits resume from them (training/trainer.py). Any other leftover is deleted: resuming it
     would mix two runs' training in one model. The folder name is the same in every
-    DDP process, so ranks agree on paths; only rank 0 creates, swaps and cleans it. `final` must
-    be replaceable (check_replaceable, given the folders the stage reads and other stages' folders)."""
-    inputs = list(inputs)
-    check_replaceable(final, inputs, others)  # on every rank: a rank that went on alone would wait for rank 0
+    DDP process, so ranks agree on paths; only rank 0 creates, swaps and cleans it."""
     work = final.parent / f".{final.name}.incomplete"
     old = final.parent / f".{final.name}.old"
     rank0 = first_process()
