@@ -637,10 +637,10 @@ def test_a_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(monk
     monkeypatch.setattr(torchvision.io, "decode_jpeg",
                         lambda files, **kw: batched.extend(files) or decode_jpeg(files, **kw))
     with pytest.raises(TransferkitError, match=r"image huge.jpg has more than 179 million pixels.*Fix: downscale it"):
-        sources.decode_images([("fine.jpg", buf.getvalue()), ("huge.jpg", bytes(data))], 8)
+        sources.decode_images([("fine.jpg", bytearray(buf.getvalue())), ("huge.jpg", data)], 8, "decoding")
     assert len(batched) == 1  # fine.jpg alone went to the batched decoder
     with pytest.raises(TransferkitError, match=r"image hidden.jpg "):
-        sources.decode_images([("fine.jpg", buf.getvalue()), ("hidden.jpg", hidden)], 8)
+        sources.decode_images([("fine.jpg", bytearray(buf.getvalue())), ("hidden.jpg", bytearray(hidden))], 8, "")
     assert len(batched) == 2  # fine.jpg again, and never hidden.jpg
 
 
@@ -757,7 +757,7 @@ def test_a_damaged_exif_block_is_read_alike_by_prepare_and_predict(blob, fmt):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     data = _encode(image, fmt, exif=blob, **({"quality": 95} if fmt == "JPEG" else {}))
     alone = decode_image(data, "a", 32)
-    assert np.array_equal(sources.decode_images([("a", data)], 32)[0].numpy(), alone)
+    assert np.array_equal(sources.decode_images([("a", bytearray(data))], 32, "decoding")[0].numpy(), alone)
     if fmt == "PNG":
         assert np.array_equal(alone, np.asarray(image).transpose(2, 0, 1))
 
@@ -1356,15 +1356,26 @@ def test_an_unreadable_image_in_a_folder_is_one_error(tmp_path, monkeypatch):
     refusal is simulated)."""
     folder = write_image_folder(tmp_path, ["a", "b"], 2, 1, archive=False)
     locked = sorted(folder.rglob("*.jpg"))[1]
-    read_bytes = Path.read_bytes
+    opened = Path.open
 
-    def refused(self):
+    def refused(self, *args, **kwargs):
         if self == locked:
             raise PermissionError(13, "Permission denied", str(self))
-        return read_bytes(self)
+        return opened(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", refused)
+    monkeypatch.setattr(Path, "open", refused)
     with pytest.raises(TransferkitError, match=f"cannot read {locked} \\(Permission denied\\). Fix: make it readable"):
+        read_image_folder(folder)
+
+
+def test_a_file_larger_than_any_image_in_a_folder_is_refused_before_it_is_read(tmp_path):
+    """A folder's files are read as they are decoded, never all at once; one larger than a quarter of memory (a disk
+    image, a video renamed) is refused by its size, not read into a MemoryError."""
+    folder = write_image_folder(tmp_path, ["a", "b"], 2, 1, archive=False)
+    with open(folder / "train" / "a" / "huge.png", "wb") as f:
+        f.truncate(archives.memory_limit() + 1)  # sparse: no disk used
+    with pytest.raises(TransferkitError, match=r"train/a/huge.png is [0-9.]+ GB, more than a quarter of this "
+                                               r"machine's memory: no image to read. Fix: remove it"):
         read_image_folder(folder)
 
 
@@ -1377,7 +1388,7 @@ def test_an_xmp_orientation_is_applied_by_prepare_as_by_predict():
            b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "JPEG", quality=95, xmp=xmp)
-    prepared = sources.decode_images([("a.jpg", buf.getvalue())], 32)[0]
+    prepared = sources.decode_images([("a.jpg", bytearray(buf.getvalue()))], 32, "decoding")[0]
     predicted = torch.from_numpy(sources.decode_image(buf.getvalue(), "a.jpg", 32))
     assert predicted[:, :8].float().mean() > 200  # turned: the bar is on top
     assert torch.equal(prepared, predicted)

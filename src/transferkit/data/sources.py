@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from transferkit.data.archives import archive_files
+from transferkit.data.archives import archive_files, memory_limit
 from transferkit.data.cifar import CIFAR, download_cifar, read_cifar_pickles
 from transferkit.data.dataset import RawDataset, Split, class_name
 from transferkit.errors import TransferkitError
@@ -112,11 +112,7 @@ def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
     return None
 
 
-def _writable(data: bytes | bytearray) -> bytearray:
-    return data if isinstance(data, bytearray) else bytearray(data)
-
-
-def _decode_part(part: list[tuple[str, bytes]], image_size: int) -> list[torch.Tensor]:
+def _decode_part(part: list[tuple[str, bytearray | Path]], image_size: int) -> list[torch.Tensor]:
     """JPEG files whose header says S x S and that hold no EXIF block through torchvision's decoder
     (libjpeg-turbo, the same pixels as PIL, several times faster, and it lets other threads run), which
     decodes the whole part at full size before anything checks it; other formats, other sizes (through
@@ -124,11 +120,13 @@ def _decode_part(part: list[tuple[str, bytes]], image_size: int) -> list[torch.T
     differently) or an XMP orientation and any file it refuses through decode_image, as predict reads them."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    limit = memory_limit()  # once a part: it reads /proc
+    part = [(where, _file_bytes(data, limit) if isinstance(data, Path) else data) for where, data in part]
     jpeg = [i for i, (_, data) in enumerate(part) if data[:2] == b"\xff\xd8" and data.find(b"Exif\0\0", 0, 65536) < 0
             and data.find(b"tiff:Orientation", 0, 65536) < 0 and jpeg_size(data) == (image_size, image_size)]
     out: list[torch.Tensor | None] = [None] * len(part)
-    try:  # torch reads a bytearray in place; bytes, which it cannot, are copied into one
-        decoded = decode_jpeg([torch.frombuffer(_writable(part[i][1]), dtype=torch.uint8) for i in jpeg],
+    try:  # torch reads a bytearray (what archives and folders give) in place
+        decoded = decode_jpeg([torch.frombuffer(part[i][1], dtype=torch.uint8) for i in jpeg],
                               mode=ImageReadMode.RGB) if jpeg else []
     except RuntimeError:  # a corrupt file among them: decode_image names it
         decoded = []
@@ -138,8 +136,9 @@ def _decode_part(part: list[tuple[str, bytes]], image_size: int) -> list[torch.T
             for img, (where, data) in zip(out, part)]
 
 
-def decode_images(files: list[tuple[str, bytes]], image_size: int, desc: str = "decoding images") -> torch.Tensor:
-    """(name, bytes) pairs -> uint8 [N, 3, S, S], decoded in parallel threads."""
+def decode_images(files: list[tuple[str, bytearray | Path]], image_size: int, desc: str) -> torch.Tensor:
+    """(name, bytes or the file holding them) pairs -> uint8 [N, 3, S, S], decoded in parallel threads, a file read
+    as its part is decoded: a folder's images are never all in memory at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     if not files:
@@ -181,6 +180,20 @@ def _unreadable(e: OSError) -> TransferkitError:
     return TransferkitError(f"cannot read {e.filename} ({e.strerror or e}). Fix: make it readable, or remove it.")
 
 
+def _file_bytes(path: Path, limit: int) -> bytearray:
+    """A folder's file, refused before it is read where it is past the limit (no picture is that large)."""
+    try:
+        with path.open("rb") as f:
+            if (size := os.fstat(f.fileno()).st_size) > limit:
+                raise TransferkitError(f"{path} is {size / 1e9:.1f} GB, more than a quarter of this machine's memory: "
+                                       f"no image to read. Fix: remove it from the dataset's folder.")
+            data = bytearray(size)  # a bytearray, which torch decodes in place
+            del data[f.readinto(data):]
+            return data
+    except OSError as e:
+        raise _unreadable(e) from e
+
+
 def _folder_files(path: Path) -> list[Path]:
     """Every file under `path`, links followed (as rglob does), sorted; an unreadable folder is an error
     rather than a class left out."""
@@ -205,7 +218,7 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
     Files are sorted by path so the result does not depend on archive or filesystem order.
     """
     wanted = None if wanted is None else {class_name(c) for c in wanted}
-    items: dict[tuple[str, str], list[tuple[str, bytes | bytearray]]] = {}
+    items: dict[tuple[str, str], list[tuple[str, bytearray | Path]]] = {}
     seen_classes: set[str] = set()
     if path.is_dir():
         for f in _folder_files(path):
@@ -213,10 +226,7 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
             if key and f.is_file():
                 seen_classes.add(key[1])
                 if wanted is None or key[1] in wanted:
-                    try:
-                        items.setdefault(key, []).append((str(f), f.read_bytes()))
-                    except OSError as e:
-                        raise _unreadable(e) from e
+                    items.setdefault(key, []).append((str(f), f))  # read as decoded
     else:
         def keep(name: str) -> bool:  # only the wanted classes' images are held in memory
             return (key := _parse_member(name, wanted)) is not None and (wanted is None or key[1] in wanted)
@@ -244,13 +254,11 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
 
 # --------------------------------------------------------------------------- resolution
 def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
-    folder = CIFAR[name][0]
     return TransferkitError(
-        f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Fix: provide it one "
-        f"of three ways: (1) the official python version: extract it to {data_dir}/{folder}/ (or run "
-        f"with network access and data.download=true); (2) an image-folder tree, .tar.gz or .zip "
-        f"(train/<class>/*, test/<class>/*) at {data_dir}/{name}-jpeg.tar.gz (or .zip) or given as the "
-        f"dataset path; (3) synthetic images, no files "
+        f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Fix: provide it one of three ways: "
+        f"(1) the official python version: extract it to {data_dir}/{CIFAR[name][0]}/ (or run with network access "
+        f"and data.download=true); (2) an image-folder tree, .tar.gz or .zip (train/<class>/*, test/<class>/*) at "
+        f"{data_dir}/{name}-jpeg.tar.gz (or .zip) or given as the dataset path; (3) synthetic images, no files "
         f"needed: `experiment=smoke`.")
 
 
