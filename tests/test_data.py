@@ -1042,6 +1042,30 @@ def test_a_class_without_test_images_beside_classes_with_some_is_an_error(tmp_pa
                     test_per_class=None, seed=0, role="target")
 
 
+@pytest.mark.parametrize("how", ["link", "copy", "archived link"])
+def test_a_test_folder_that_is_its_train_folder_is_an_error(tmp_path, how):
+    """test/dog/ linked to (or copied from) train/dog/, as one does to make a tool run that wants a test split: every
+    model's test score would be a score on its training images. A test image that is also a train image (datasets
+    hold a few such duplicates) is no such fault."""
+    folder = write_image_folder(tmp_path / "d", ["cat", "dog", "fox"], 10, 3, archive=False)
+    shutil.copy(folder / "train" / "cat" / "0004.jpg", folder / "test" / "cat" / "0000.jpg")
+    shutil.copy(folder / "train" / "cat" / "0007.jpg", folder / "test" / "cat" / "0002.jpg")
+    shutil.rmtree(folder / "test" / "dog")
+    if how == "copy":
+        shutil.copytree(folder / "train" / "dog", folder / "test" / "dog")
+    else:
+        (folder / "test" / "dog").symlink_to(Path("..", "train", "dog"))
+    path = Path(shutil.make_archive(str(tmp_path / "a"), "gztar", folder)) if how == "archived link" else folder
+    raw = read_image_folder(path)
+    with pytest.raises(TransferkitError, match=r"every test image of class 'dog' in .* is also one of its train images "
+                                               r"\(test/dog/ a link to or a copy of train/dog/\).*Fix: give test/dog/"):
+        select_task(raw, ["cat", "dog"], train_per_class=8, val_per_class=2, test_per_class=None, seed=0,
+                    role="target")
+    task = select_task(raw, ["cat", "fox"], train_per_class=8, val_per_class=2, test_per_class=None, seed=0,
+                       role="target")
+    assert len(task["test_y"]) == 6
+
+
 def test_duplicated_or_single_class_is_an_error():
     with pytest.raises(TransferkitError, match="more than once"):
         _select(_tagged_raw(), classes=("dog", "ant", "dog"))

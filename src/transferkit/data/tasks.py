@@ -68,6 +68,15 @@ def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
                 f"Fix: use one of those names.")
 
 
+def _copied(test: torch.Tensor, train: torch.Tensor) -> bool:
+    """Whether every test image is, pixel for pixel, one of the train images: test/<class> a link to (or a copy of)
+    train/<class>, which would score a model on images it trained on."""
+    if not len(test) or not (train == test[0]).flatten(1).all(1).any():  # the first image settles most cases
+        return False
+    seen = {hash(img.numpy().tobytes()) for img in train}
+    return all(hash(img.numpy().tobytes()) in seen for img in test)
+
+
 def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | None,
                 val_per_class: int, test_per_class: int | None, seed: int, role: str) -> dict:
     """Per class: a seeded shuffle of its train images, the first `train_per_class` for
@@ -105,6 +114,11 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
                     f"class '{name}' has {len(test_idx)} test images, data.{role}.test_per_class is "
                     f"{test_per_class}. Fix: lower it or set it to null (all).")
             test_idx = test_idx[torch.randperm(len(test_idx), generator=test_gen)[:test_per_class].sort().values]
+        if _copied(raw.test.images[test_idx], raw.train.images[idx]):
+            raise TransferkitError(
+                f"every test image of class '{name}' in {raw.name} is also one of its train images (test/{name}/ a "
+                f"link to or a copy of train/{name}/): its test score would be a score on training images. Fix: give "
+                f"test/{name}/ images of its own.")
         for split, ix, images in (("train", train_idx, raw.train), ("val", val_idx, raw.train),
                                   ("test", test_idx, raw.test)):
             parts[f"{split}_x"].append(images.images[ix])
