@@ -58,6 +58,21 @@ TRAINERS = {"cpu": ("SingleDeviceStrategy", 1, 1, True, False, False),
             "ddp_multinode": ("DDPStrategy", 4, 2, False, False, True)}
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="auto is a GPU here, which takes -1")
+@pytest.mark.parametrize("devices", [-1])
+def test_devices_this_machine_lacks_are_one_error_naming_the_trainer_keys(devices, tmp_path):
+    """accelerator auto on a machine without a GPU is a CPU, where Lightning refuses -1 devices (every GPU) with a
+    TypeError: one error, not a traceback."""
+    from transferkit.config.compose import to_params
+    from transferkit.training.trainer import make_trainer
+
+    cfg = compose("trainer.accelerator=auto", f"trainer.devices={devices}")
+    validate(cfg)
+    with pytest.raises(TransferkitError, match=rf"Lightning cannot set up trainer.{{accelerator, devices, strategy}} "
+                                               rf"= auto, {devices}, auto here: .*Fix: set them to what this machine"):
+        make_trainer({**to_params(cfg.trainer), "loggers": []}, tmp_path, 1)
+
+
 @pytest.mark.parametrize("trainer", list(TRAINERS))
 def test_every_trainer_preset_reaches_lightning(trainer, tmp_path):
     """Each preset's Trainer, built on this CPU (accelerator=cpu: the rest as on GPUs or a cluster)."""
@@ -142,6 +157,12 @@ def test_overrides_hydra_accepts_compose(override, key, value):
     ("transfer.batch_size=2.5", "transfer.batch_size"),
     ("probe.momentum=1.5", "probe.momentum"),
     ("transfer.label_smoothing=-1", "transfer.label_smoothing"),
+    # in range for a float, useless for training: uniform targets, no gradient forgotten, BatchNorm statistics frozen
+    ("transfer.label_smoothing=1", "transfer.label_smoothing=1 is invalid: must be less than 1"),
+    ("pretrain.momentum=1", "pretrain.momentum=1 is invalid: must be less than 1"),
+    ("model.bn_momentum=0", "model.bn_momentum=0 is invalid: must be greater than 0"),
+    # Lightning refuses -1 devices on a CPU with a TypeError, after prepare and any earlier stage
+    ("trainer.devices=-1", "trainer.devices=-1 is invalid: must be a count >= 1, auto, or on a GPU -1"),
     ("seed=-3", "seed"),
     ("data.target.train_per_class=0", "data.target.train_per_class"),
     ("data.target.val_per_class=-1", "data.target.val_per_class"),

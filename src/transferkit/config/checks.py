@@ -92,12 +92,12 @@ def check_devices(trainer: DictConfig) -> None:
         ids = list(devices)
     elif isinstance(devices, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)+,?\s*|\s*\d+\s*,\s*", devices):
         ids = [int(i) for i in devices.split(",") if i.strip()]
-    count = devices in (-1, "auto", "-1") or (type(devices) is int and devices >= 1) or (
-        isinstance(devices, str) and devices.strip().isdigit() and int(devices) >= 1)
+    text = str(devices).strip()  # an int or a string as Lightning reads them; a bool, float or list is no count
+    count = devices == "auto" or (text == "-1" and trainer.accelerator != "cpu") or (text.isdecimal() and int(text) > 0)
     distinct_ids = ids and all(type(i) is int and i >= 0 for i in ids) and len(set(ids)) == len(ids)
     if not count and not (distinct_ids and trainer.accelerator != "cpu"):
-        fail("trainer.devices", devices, "must be a count >= 1, -1 or auto (every device), or distinct device ids "
-             "(a list, or \"0,1\") of a GPU; a CPU takes a count")
+        fail("trainer.devices", devices, "must be a count >= 1, auto, or on a GPU -1 (every device) or distinct "
+             "device ids (a list, or \"0,1\"); a CPU takes a count or auto")
     if trainer.strategy not in ("auto", "ddp"):
         from pytorch_lightning.strategies import StrategyRegistry
 

@@ -42,7 +42,7 @@ class Model(Schema):  # conf/model/: model and distill.student; the builders che
     stem_width: int = rule(ge=1)
     fc_width: int = rule(ge=1)
     width_mult: float = rule(gt=0)
-    bn_momentum: float = rule(ge=0, le=1)
+    bn_momentum: float = rule(gt=0, le=1)  # 0: BatchNorm's running statistics never move from 0 and 1
     dirac_init: bool = rule()
     activation: Literal[tuple(ACTIVATIONS)] = rule()
     weights: Optional[str] = rule()
@@ -52,9 +52,9 @@ class Optim(Schema):  # conf/optim/sgd.yaml
     epochs: int = rule(ge=1)
     batch_size: int = rule(ge=1)
     lr: float = rule(gt=0)
-    momentum: float = rule(ge=0, le=1)
+    momentum: float = rule(ge=0, lt=1)  # 1: no gradient is ever forgotten
     weight_decay: float = rule(ge=0)
-    label_smoothing: float = rule(ge=0, le=1)
+    label_smoothing: float = rule(ge=0, lt=1)  # 1: every target uniform, nothing to learn
     warmup_fraction: float = rule(ge=0, le=1)
     warmup_from: float = rule(ge=0, le=1)
     decay_to: float = rule(ge=0, le=1)

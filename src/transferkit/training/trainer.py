@@ -176,7 +176,7 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
             precision=resolve_precision(cfg.get("precision", "auto"), str(cfg.get("accelerator", "cpu"))),
             **{k: cfg[k] for k in TRAINER_KEYS if k in cfg and cfg[k] is not None},
         )
-    except (MisconfigurationException, ValueError) as e:  # more GPUs than the machine has, fsdp on a CPU: before
+    except (MisconfigurationException, ValueError, TypeError) as e:  # more GPUs than there are, -1 on a CPU: before
         raise TransferkitError(f"Lightning cannot set up trainer.{{accelerator, devices, strategy}} = "  # training
                                f"{cfg.get('accelerator')}, {cfg.get('devices')}, {cfg.get('strategy')} here: "
                                f"{' '.join(str(e).split()).rstrip('.')}. Fix: set them to what this machine "
