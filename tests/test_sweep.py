@@ -309,8 +309,9 @@ def test_a_shuffled_sweep_names_the_values_it_lists_twice():
 
 @pytest.mark.parametrize("stage, override, needle", [
     ("scratch", "transfer.epochs=2", "scratch does not read transfer.epochs: 'transfer.epochs=2' would change nothing "
-                                     "but the params.yaml saved with its outputs. Fix: scratch.epochs=2 (it follows "
-                                     "transfer.epochs where conf/ is composed; a params file holds its own value)."),
+                                     "but the params.yaml saved with its outputs. Fix: scratch.epochs=2, or both alike "
+                                     "(transfer.epochs=2 scratch.epochs=2): it follows transfer.epochs where conf/ is "
+                                     "composed, a params file holds its own value."),
     ("transfer", "distill.epochs=3", "transfer does not read distill.epochs: 'distill.epochs=3' would change nothing "
                                      "but the params.yaml saved with its outputs. Fix: set what transfer reads (seed, "
                                      "trainer, model, transfer)."),
@@ -331,6 +332,23 @@ def test_an_override_of_a_setting_the_stage_does_not_read_is_refused(tmp_path, s
     # (a params file's run takes keys, not conf/'s groups: model.name=, not model=)
     check_read(stage, [f"{stage}.epochs=2", "seed=1", "trainer.progress_bar=false", "evaluate.tta=none",
                        "model.name=resnet18", "data.target.train_per_class=5", "name=mine"])
+
+
+def test_a_student_run_by_hand_takes_a_new_optimisation_given_for_both_it_and_distill():
+    """The student baseline must train as distill does, and follows distill.* where conf/ is composed; a params file
+    holds both values. Each refusal's fix leads to a command that runs: no override could change a params file's
+    student.lr (student.lr alone trains unlike distill; distill.lr is not the student's setting)."""
+    from transferkit.config.checks import validate
+    from transferkit.config.compose import compose
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import check_read
+
+    with pytest.raises(TransferkitError, match=r"trains unlike distill \(student.lr=0.1 vs distill.lr=1.0\).* Fix: set "
+                                               r"distill.lr=0.1, .*--params takes both: distill.lr=0.1 student.lr=0.1"):
+        validate(compose(["distill.lr=1.0", "student.lr=0.1"]))
+    check_read("student", ["distill.lr=0.1", "student.lr=0.1"])
+    with pytest.raises(TransferkitError, match=r"Fix: student.lr=0.1, or both alike"):
+        check_read("student", ["distill.lr=0.1", "student.lr=0.2"])
 
 
 @pytest.mark.parametrize("override", ["hydra/launcher=local_parallel", "+hydra.launcher.n_jobs=2"])

@@ -63,11 +63,16 @@ def validate(cfg: DictConfig) -> None:
                                    f"pruning, which prune.mode=unstructured ignores. Fix: set prune.mode=structured, "
                                    f"or {', '.join(f'prune.{k}={STRUCTURED_ONLY[k]}' for k in ignored)}.")
     if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
-        differ = [f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}"
-                  for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
-        if differ:
-            raise TransferkitError(f"the student baseline trains unlike distill ({'; '.join(differ)}): the comparison "
-                                   f"would measure more than the teacher. Fix: set the same values for both.")
+        differ = [k for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
+        if differ:  # conf/'s student.* follow distill.*: one override sets both, in conf/ and in params.yaml
+            from transferkit.config.compose import as_override
+
+            both = "; ".join(f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}" for k in differ)
+            fix = " ".join(f"distill.{k}={as_override(cfg.student[k])}" for k in differ)
+            raise TransferkitError(f"the student baseline trains unlike distill ({both}): the comparison would measure "
+                                   f"more than the teacher. Fix: set {fix}, which the student follows where conf/ is "
+                                   f"composed (a stage run with --params takes both: {fix} "
+                                   f"{fix.replace('distill.', 'student.')}).")
     if cfg.get("transfer", {}).get("unfreeze_every_epochs") and multi_process(cfg.trainer):
         t = cfg.trainer
         raise TransferkitError(f"transfer.unfreeze_every_epochs > 0 is not supported in several processes (strategy "

@@ -115,16 +115,18 @@ def check_read(stage: str, overrides: list[str], composed: bool = False) -> None
     with the outputs. A stage's setting that follows another in conf/ (scratch.epochs: ${transfer.epochs}) follows
     it only where conf/ is `composed`, not in a params file, which holds values."""
     reads = {"name", *BY_NAME[stage].params, *made_with(stage), *SCORED_WITH, *RUN_SETTINGS}  # name: check_inputs
+    given = {override_key(o): o.partition("=")[2] for o in overrides}
     for override in overrides:
         key = override_key(override)
         if under(key, reads) or any(under(r, [key]) for r in reads):
             continue
         raw = flatten(OmegaConf.to_container(OmegaConf.load(find_conf_dir() / "config.yaml"), resolve=False))
         follows = [k for k, v in raw.items() if v == f"${{{key}}}" and under(k, BY_NAME[stage].params)]
-        if follows and composed:
+        value = override.partition("=")[2]  # a params file holds a follower's value: given alike, as composing sets it
+        if follows and (composed or all(given.get(k) == value for k in follows)):
             continue
-        fix = (f"{follows[0]}={override.partition('=')[2]} (it follows {key} where conf/ is composed; a params "
-               f"file holds its own value)" if follows else
+        fix = (f"{follows[0]}={value}, or both alike ({override} {follows[0]}={value}): it follows {key} where conf/ "
+               f"is composed, a params file holds its own value" if follows else
                f"set what {stage} reads ({', '.join(BY_NAME[stage].params)})")
         raise TransferkitError(f"{stage} does not read {key}: '{override}' would change nothing but the params.yaml "
                                f"saved with its outputs. Fix: {fix}.")
