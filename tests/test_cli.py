@@ -17,7 +17,7 @@ def test_help_lists_stages_experiments_and_overrides():
     for word in ("prepare", "pretrain", "transfer", "probe", "scratch", "evaluate", "cifar10_split",
                  "seed_aquatic", "smoke", "transfer.freeze_depth", "trainer=ddp", "collect", "check-repro"):
         assert word in out
-    models = out.split("Models: model=")[1].split("\n")[0].split(" | ")
+    models = " ".join(out.split("Models: model=")[1].split(";")[0].split()).split(" | ")  # over two lines
     assert sorted(models) == sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))  # every one conf/ has
 
 

@@ -58,6 +58,30 @@ TRAINERS = {"cpu": ("SingleDeviceStrategy", 1, 1, True, False, False),
             "ddp_multinode": ("DDPStrategy", 4, 2, False, False, True)}
 
 
+def test_a_fixed_random_first_block_is_refused_when_params_are_written():
+    """pretrain's or scratch's freeze_depth=1 keeps a first block fixed that only fastnet initialises from the data
+    (and published weights, in pretrain): refused by `transferkit params`, not once the earlier stages have run."""
+    for stage in ("pretrain", "scratch"):
+        with pytest.raises(TransferkitError, match=rf"{stage}.freeze_depth=1 keeps the first block fixed, but model "
+                                                   rf"'vgg_mini' starts it at random.*Fix: set {stage}.freeze_depth=0"):
+            validate(compose("model=vgg_mini", f"{stage}.freeze_depth=1"))
+    validate(compose("model=resnet18", "model.weights=IMAGENET1K_V1", "pretrain.freeze_depth=1"))
+    validate(compose("model=fastnet_tiny", "scratch.freeze_depth=1"))
+
+
+def test_an_experiment_with_a_model_recipe_takes_another_model_whole():
+    """experiment=cifar10_full trains fastnet as airbench does (model=fastnet_airbench): model=NAME beside it
+    replaces that recipe's keys with the chosen model's, which no override could remove before (~model.KEY)."""
+    from transferkit.config.checks import validate_run
+    from transferkit.config.compose import to_params
+
+    assert to_params(compose("experiment=cifar10_full").model) == {**to_params(compose("model=fastnet").model),
+                                                                   "bn_momentum": 0.4, "dirac_init": True}
+    cfg = compose("experiment=cifar10_full", "model=vgg_mini", "pretrain.freeze_depth=0")
+    assert to_params(cfg.model) == to_params(compose("model=vgg_mini").model)
+    validate_run(cfg, None, {}, all_stages=True)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="auto is a GPU here, which takes -1")
 @pytest.mark.parametrize("devices", [-1])
 def test_devices_this_machine_lacks_are_one_error_naming_the_trainer_keys(devices, tmp_path):

@@ -951,8 +951,8 @@ def test_glob_sweeps_a_config_groups_options_from_conf():
     from transferkit.sweep.points import expand
 
     points = expand(["model=glob(fastnet_*,exclude=fastnet_micro)", "transfer.lr=0.1,0.2"])
-    assert points == [[f"model={m}", f"transfer.lr={lr}"] for m in ("fastnet_student", "fastnet_tiny")
-                      for lr in ("0.1", "0.2")]
+    assert points == [[f"model={m}", f"transfer.lr={lr}"]
+                      for m in ("fastnet_airbench", "fastnet_student", "fastnet_tiny") for lr in ("0.1", "0.2")]
     with pytest.raises(TransferkitError, match=r"transfer.lr=glob\(\*\) chooses none of the options .*Fix: list"):
         expand(["transfer.lr=glob(*)"])
 

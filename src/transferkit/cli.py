@@ -35,8 +35,8 @@ Deploying:
   transferkit predict MODEL IMAGE [IMAGE ...] classify image files (model.pt or .onnx)
 
 Experiments: experiment=cifar10_split (default) | cifar10_full | seed_aquatic | smoke | scenario_...
-Models: model=fastnet | fastnet_tiny | fastnet_micro | fastnet_student | vgg_mini | resnet18 | mobilenet
-        model@distill.student=NAME
+Models: model=fastnet | fastnet_tiny | fastnet_micro | fastnet_student | fastnet_airbench | vgg_mini | resnet18
+        | mobilenet;  model@distill.student=NAME
 Trainers: trainer=cpu | trainer=gpu | trainer=ddp | trainer=ddp_multinode;  trainer.precision=auto
 Common overrides: transfer.freeze_depth=K  seed=N  pretrain.epochs=N  trainer.loggers=[dvclive,csv]
 Shell completion: eval "$(transferkit -sc install=bash)"   (Hydra's flags: transferkit STAGE --hydra-help)

@@ -20,6 +20,7 @@ def validate(cfg: DictConfig) -> None:
     from transferkit.config.compose import to_params
     from transferkit.data.tasks import check_class_list, check_disjoint
     from transferkit.distill.losses import get_loss
+    from transferkit.models import DATA_INITIALISED
     from transferkit.prune import unstructured
     from transferkit.prune.structured import importance
     from transferkit.training import multi_process
@@ -43,6 +44,13 @@ def validate(cfg: DictConfig) -> None:
         raise TransferkitError(f"pretrain.epochs=0 passes on published weights untrained, and model '{cfg.model.name}' "
                                f"has none set (model.weights): the backbone would be random. Fix: set pretrain.epochs "
                                f">= 1, or model.weights (model=resnet18 model.weights=IMAGENET1K_V1).")
+    for stage in ("pretrain", "scratch"):  # freeze_depth=1 keeps the first block fixed: a random one never learns
+        weights = stage == "pretrain" and cfg.model.get("weights")  # published weights initialise it in pretrain
+        if stage in cfg and cfg[stage].freeze_depth and cfg.model.name not in DATA_INITIALISED and not weights:
+            raise TransferkitError(f"{stage}.freeze_depth={cfg[stage].freeze_depth} keeps the first block fixed, but "
+                                   f"model '{cfg.model.name}' starts it at random here (only fastnet's is initialised "
+                                   f"from the data; others' from published weights, model.weights, in pretrain). Fix: "
+                                   f"set {stage}.freeze_depth=0.")
     check_devices(cfg.trainer)
     if cfg.trainer.deterministic is True and cfg.trainer.get("benchmark"):  # torch ignores cuDNN's determinism then
         raise TransferkitError("trainer.deterministic=true with trainer.benchmark=true: cuDNN autotuning picks kernels "

@@ -56,12 +56,15 @@ def build_model(name: str, num_classes: int, *, mean=None, std=None,
     return model
 
 
+DATA_INITIALISED = frozenset({"fastnet"})  # the architectures whose first block init_from_data sets
+
+
 @torch.no_grad()
 def init_from_data(model: BlockNet, images: torch.Tensor, max_images: int = 5000) -> bool:
     """Data-dependent initialisation for models trained from random init (fastnet's whitening
     stem); a no-op for other architectures. `images`: uint8 [N, 3, H, W]. Returns whether it
     initialised anything (the first block, which freeze_depth=1 may then keep fixed)."""
-    if model.arch["name"] != "fastnet":
+    if model.arch["name"] not in DATA_INITIALISED:
         return False
     # a strided subset: prepared tasks are sorted by class, so the first N would be one class;
     # the stride rounds up, so that the subset reaches the last image's class

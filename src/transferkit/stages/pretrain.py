@@ -8,13 +8,12 @@ from omegaconf import DictConfig
 
 from transferkit.models import init_from_data, model_from_config
 from transferkit.stages.common import container, load_task
-from transferkit.stages.training import check_frozen_stem, train_stage
+from transferkit.stages.training import train_stage
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     task = load_task(inputs["prepare"], "source")
     model = model_from_config(container(cfg.model), len(task["classes"]))
-    # published weights are the init; else a data-dependent one
-    initialised = bool(cfg.model.get("weights")) or init_from_data(model, task["train_x"])
-    check_frozen_stem("pretrain", cfg.pretrain.freeze_depth, initialised, cfg.model.name)
+    if not cfg.model.get("weights"):  # published weights are the init; else a data-dependent one
+        init_from_data(model, task["train_x"])
     return train_stage(cfg, "pretrain", model, task, out, freeze_depth=cfg.pretrain.freeze_depth)

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from transferkit.models import init_from_data, model_from_config
 from transferkit.stages.common import container, load_task
-from transferkit.stages.training import check_frozen_stem, train_stage
+from transferkit.stages.training import train_stage
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
@@ -16,6 +16,5 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     # random init, even when pretrain starts from published weights: their architecture (resnet18's
     # 7x7 stem), never their values
     model = model_from_config(container(cfg.model), len(task["classes"]), fetch_weights=False)
-    # freeze_depth here can only keep data-initialised blocks fixed (fastnet's whitening stem)
-    check_frozen_stem("scratch", cfg.scratch.freeze_depth, init_from_data(model, task["train_x"]), cfg.model.name)
+    init_from_data(model, task["train_x"])  # freeze_depth=1 keeps only such a block fixed (validate checks)
     return train_stage(cfg, "scratch", model, task, out, freeze_depth=cfg.scratch.freeze_depth)

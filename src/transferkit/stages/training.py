@@ -10,7 +10,6 @@ import torch
 from omegaconf import DictConfig
 
 from transferkit.data.loader import TaskDataModule
-from transferkit.errors import TransferkitError
 from transferkit.evaluation.metrics import predict
 from transferkit.evaluation.tables import pct
 from transferkit.io import save_json
@@ -25,16 +24,6 @@ from transferkit.training.trainer import fit
 
 def channels_last(cfg: DictConfig) -> bool:
     return cfg.trainer.accelerator != "mps"
-
-
-def check_frozen_stem(stage: str, freeze_depth: int, initialised: bool, model_name: str) -> None:
-    """pretrain's and scratch's freeze_depth=1 keeps a first block fixed that the data (fastnet's whitening)
-    or published weights initialised: a random one would never learn."""
-    if freeze_depth and not initialised:
-        raise TransferkitError(f"{stage}.freeze_depth={freeze_depth} keeps the first block fixed, but model "
-                               f"'{model_name}' starts it at random here (only fastnet's is initialised from the "
-                               f"data; others' from published weights, model.weights, in pretrain). Fix: set "
-                               f"{stage}.freeze_depth=0.")
 
 
 def fit_stage(cfg: DictConfig, settings: DictConfig, model: BlockNet, task: dict, out: Path, *,
