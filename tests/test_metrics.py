@@ -34,17 +34,29 @@ def test_intervals():
 
 
 def test_intervals_match_their_textbook_values():
-    """Worked by hand: Wilson's score interval; the paired one is mean +- 1.96 s / sqrt(n) with the
+    """Worked by hand: Wilson's score interval; the paired one is mean +- (1.96 s / sqrt(n) + 1 / n) with the
     unbiased s (here sqrt(1/3)); over seeds, Student's t with n - 1 = 2 degrees of freedom, 4.303."""
     from transferkit.evaluation.metrics import mean_difference
 
     assert wilson_interval(50, 100) == pytest.approx((0.403832, 0.596168), abs=1e-6)
     assert wilson_interval(90, 100) == pytest.approx((0.825634, 0.944771), abs=1e-6)
     d = paired_difference(torch.tensor([1, 1, 0, 1]), torch.tensor([1, 0, 0, 0]))
-    assert d["ci95"] == pytest.approx([0.5 - 0.565793, 0.5 + 0.565793], abs=1e-6)
+    assert d["ci95"] == pytest.approx([0.5 - 0.815793, 0.5 + 0.815793], abs=1e-6)
     m = mean_difference([0.01, 0.03, 0.05])
     assert (m["difference"] == pytest.approx(0.03)
             and m["ci95"] == pytest.approx([0.03 - 0.049687, 0.03 + 0.049687], abs=1e-6))
+
+
+@pytest.mark.parametrize("a_only, b_only, excludes_zero", [(4, 0, False), (5, 0, False), (7, 1, False),
+                                                          (10, 2, True), (30, 10, True)])
+def test_the_paired_interval_agrees_with_mcnemars_exact_test(a_only, b_only, excludes_zero):
+    """Two models that differ on a handful of 10,000 images: the interval excludes 0 where McNemar's exact test
+    (two-sided binomial on the images they differ on: p 0.125, 0.062, 0.070, 0.039, 0.002) finds a difference."""
+    a, b = torch.zeros(10_000), torch.zeros(10_000)
+    a[:a_only] = 1
+    b[a_only:a_only + b_only] = 1
+    low, high = paired_difference(a, b)["ci95"]
+    assert (low > 0) == excludes_zero and high > 0
 
 
 def test_t_critical_value_beyond_30_degrees_of_freedom_is_t_not_the_normal():

@@ -272,6 +272,23 @@ def test_results_command_prints_the_models_and_each_stage_training(smoke_artifac
             f"{pct(m['onnx_int8']['top1_one_view'])} (pruned, ONNX INT8)") in out
 
 
+def test_results_from_inside_evaluates_folder_print_the_training_table_too(smoke_artifacts, capsys, monkeypatch):
+    """`transferkit results .` (or metrics.json) in artifacts/evaluate: the stages' folders are "..", not "."'s
+    parent, which is "." again: the training table was left out without a word."""
+    from transferkit.evaluation.tables import main
+
+    cfg, _ = smoke_artifacts
+    main([str(Path(cfg.paths.artifacts_dir) / "evaluate")])
+    want = capsys.readouterr().out
+    assert "Training, from each stage's timing.json" in want
+    monkeypatch.chdir(Path(cfg.paths.artifacts_dir) / "evaluate")
+    for given in (".", "metrics.json"):
+        assert main([given]) == 0 and capsys.readouterr().out == want
+    monkeypatch.chdir("../transfer")
+    with pytest.raises(TransferkitError, match=r"Fix: pass evaluate's folder, `transferkit results ../evaluate`"):
+        main(["."])
+
+
 @pytest.mark.parametrize("folder, needle", [
     ("artifacts/transfer", "artifacts/transfer/metrics.json is not evaluate's: it scores no models. "
                            "Fix: pass evaluate's folder, `transferkit results artifacts/evaluate`."),
@@ -400,6 +417,7 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     assert "| &lt;sup>x |" in text and "<sup>" not in page  # a tag GitHub's preview renders stays text in report.md
     assert 'src="secret.png"' in page and "base64" not in page
     assert "| – | – | – |" in text  # no timings measured: a dash, not nan
+    assert "trained in" not in text  # no stage's precision known: no line, not an empty one
     assert "\n| line break | 50.0% |" in text  # a newline in a name split its table row
     # the freeze sweep to run next covers the model's blocks (it was 0 to 4 whatever the model)
     assert "transferkit sweep transfer transfer.freeze_depth=0,1,2,3,4,5,6,7,8,9,10,11 seed=0,1,2" in text

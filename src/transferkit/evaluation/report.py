@@ -189,6 +189,8 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
     lines = [f"# transferkit report: {names([cfg_summary['experiment']])}", ""]
     lines += ["## What was run", ""]
     src, tgt = data_summary["source"], data_summary["target"]
+    trained = "; ".join(f"{stage} {t['precision']} on {t['device']}"
+                        for stage, t in cfg_summary.get("training", {}).items() if t.get("precision"))
     lines += [
         f"- source task: {names([src['dataset']])} {names(src['classes'])} "
         f"({src['n_train']} train, {src['n_val']} val images)",
@@ -200,8 +202,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         f"{cfg_summary['epochs']['transfer']}, scratch {cfg_summary['epochs']['scratch']}, probe "
         f"{cfg_summary['epochs']['probe']}, distill and student alone {cfg_summary['epochs']['distill']}; "
         f"seed {cfg_summary['seed']}; test-time augmentation: {cfg_summary['tta']}",
-        "- trained in: " + "; ".join(f"{stage} {t['precision']} on {t['device']}"
-                                     for stage, t in cfg_summary.get("training", {}).items() if t.get("precision")),
+        *([f"- trained in: {trained}"] if trained else []),  # none where no stage's timing.json names its precision
         "",
         "## Results on the target test set", "",
         "| model | top-1 | 95% interval | params | MACs | file | CPU latency (batch 1) | same, 1 thread "

@@ -210,15 +210,18 @@ def main(argv: list[str]) -> int:
     metrics = read(folder / "metrics.json", "run the pipeline first (`dvc repro`)" if given is None else
                    "pass evaluate's output folder (`transferkit results artifacts/evaluate`), after running the "
                    "pipeline (`dvc repro`)")
+    runs = Path(os.path.normpath(folder / os.pardir))  # the stages' folders beside evaluate's (of ".": "..")
     if "models" not in metrics or "transfer_vs_scratch" not in metrics:  # another stage's metrics.json
         raise TransferkitError(f"{folder / 'metrics.json'} is not evaluate's: it scores no models. Fix: "
-                               + (rerun if folder.name == "evaluate" else
-                                  f"pass evaluate's folder, `transferkit results {folder.parent / 'evaluate'}`") + ".")
+                               + (rerun if folder.resolve().name == "evaluate" else
+                                  f"pass evaluate's folder, `transferkit results {runs / 'evaluate'}`") + ".")
     timing = read(folder / "timing.json", rerun)
-    runs = folder.parent  # the stages' folders beside evaluate's (freeze_curve's runs one level down)
+
+    def numbered(path: Path) -> tuple:  # freeze_curve's depth2 before depth11
+        return len(path.parent.name), path.parent.name
     timings = {path.parent.relative_to(runs).as_posix(): read(path, f"run {s.name} again (`dvc repro {s.name}`)")
-               for s in PIPELINE if s.trains
-               for path in [*(runs / s.name).glob("timing.json"), *sorted((runs / s.name).glob("*/timing.json"))]}
+               for s in PIPELINE if s.trains for path in [*(runs / s.name).glob("timing.json"),
+                                                          *sorted((runs / s.name).glob("*/timing.json"), key=numbered)]}
     def shaped(make, what: str, fix: str) -> str:  # another version's file, or an edited one: one line, no traceback
         try:
             return make()
