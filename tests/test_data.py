@@ -722,7 +722,7 @@ def test_exif_orientation_is_applied(tmp_path):
     """A phone stores its pixels sideways with EXIF orientation 6 (display rotated 90 degrees clockwise);
     prepare (image folders, JPEG fast path included) and predict see the upright image."""
     from transferkit.data.sources import decode_image
-    from transferkit.deploy.runtime import decode_images
+    from transferkit.deploy.predict import decode_images
 
     ramp = np.linspace(0, 255, 32)
     upright = np.stack([ramp[None, :].repeat(32, 0), ramp[:, None].repeat(32, 1), np.full((32, 32), 90.0)], -1)

@@ -263,6 +263,38 @@ def test_predict_command_lines_json_and_folders(exported, tmp_path, capsys):
     assert all(r["class"] in CLASSES and 0 < r["probability"] <= 1 for r in results)
 
 
+def test_predict_refuses_a_folder_it_cannot_list_and_a_file_too_large_to_be_an_image(exported, tmp_path, monkeypatch):
+    """A subfolder this user cannot list (copied from another user) was left out of the results without a word; a
+    file larger than a quarter of memory (a video renamed .png) was read whole. Root lists anything: simulated."""
+    import os
+    from pathlib import Path
+
+    from transferkit.data.archives import memory_limit
+    from transferkit.deploy.predict import predict
+
+    folder, _ = exported[2]["fastnet"]
+    onnx = folder / "export" / "model.onnx"
+    (tmp_path / "images" / "b").mkdir(parents=True)
+    paths = _write_images(tmp_path / "images" / "a")
+    (tmp_path / "images" / "b" / "1.png").write_bytes(paths[0].read_bytes())
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(memory_limit() + 1)  # sparse: no disk used
+    with pytest.raises(TransferkitError, match=r"cannot read 1 of 2 image\(s\): .*huge.png \([0-9.]+ GB, more than a "
+                                               r"quarter of this machine's memory: no image\)"):
+        predict(onnx, [paths[0], tmp_path / "huge.png"])
+    scandir = os.scandir
+
+    def refused(path="."):
+        if Path(path) == tmp_path / "images" / "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    with pytest.raises(TransferkitError, match=r"cannot read folder .*images/b \(Permission denied\). Fix: make it "
+                                               r"readable"):
+        predict(onnx, [tmp_path / "images"])
+
+
 def test_predict_shows_file_names_as_text(exported, tmp_path, capsys):
     """A file named "b\\nevil.png tgt_a 0.999" printed a line of results of its own, and one holding an escape
     sequence drove the terminal: in the results and in the error naming unreadable files."""

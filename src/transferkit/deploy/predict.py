@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.deploy.runtime import Classifier, decode_images, unreadable
+from transferkit.deploy.runtime import Classifier
 from transferkit.errors import TransferkitError, one_line_errors, printable
 
 BATCH = 256  # images a model runs on at once, at most
@@ -49,13 +49,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def expand(paths: list[Path]) -> list[Path]:
-    """Folders -> the image files inside them (sorted, recursive); files stay as given."""
+    """Folders -> the image files inside them (sorted, recursive, links to folders not followed); files stay as
+    given. A folder this user cannot list is an error, not its images left out."""
+    import os
+
     from transferkit.data.sources import is_image_file
+
+    def refuse(e: OSError):
+        raise TransferkitError(f"cannot read folder {e.filename} ({e.strerror or e}). Fix: make it readable, or "
+                               f"pass the images outside it.") from e
 
     out = []
     for p in paths:
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if is_image_file(f.relative_to(p).parts) and f.is_file())
+            found = sorted(f for root, _, names in os.walk(p, onerror=refuse) for f in map(Path(root).joinpath, names)
+                           if is_image_file(f.relative_to(p).parts) and f.is_file())
             if not found:
                 raise TransferkitError(f"folder {p} holds no image files (none in a format PIL reads, such as "
                                        f".jpg or .png). "
@@ -64,6 +72,41 @@ def expand(paths: list[Path]) -> list[Path]:
         else:
             out.append(p)
     return out
+
+
+def decode_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[str]]:
+    """Image files (anything PIL opens) -> uint8 [N, 3, size, size] of those that read, resized (bilinear) exactly
+    as the image-folder source does, and what is wrong with each file that does not."""
+    from transferkit.data.archives import memory_limit
+    from transferkit.data.sources import decode_image
+
+    out, bad, limit = [], [], memory_limit()
+    for p in paths:
+        name = printable(str(p))  # one line per file in the error: a name cannot forge another
+        if p.exists() and not (p.is_file() or p.is_dir()):  # a device or a pipe: reading it may never end
+            bad.append(f"{name} (not a file)")
+            continue
+        try:
+            if (n := p.stat().st_size) > limit:  # a disk image or a video renamed: refused before it is read
+                bad.append(f"{name} ({n / 1e9:.1f} GB, more than a quarter of this machine's memory: no image)")
+                continue
+            out.append(decode_image(p.read_bytes(), name, size))
+        except FileNotFoundError:
+            bad.append(f"{name} (no such file)")
+        except IsADirectoryError:
+            bad.append(f"{name} (a folder)")
+        except OSError as e:
+            bad.append(f"{name} ({e.strerror or e})")
+        except TransferkitError as e:  # decode_image's own words, which name the file; its fix joins them
+            problem, _, fix = str(e).partition(" Fix: ")
+            bad.append(f"{problem.rstrip('.')}: {fix.rstrip('.')}" if fix else problem.rstrip("."))
+    return (np.stack(out) if out else np.zeros((0, 3, size, size), np.uint8)), bad
+
+
+def unreadable(bad: list[str], total: int) -> TransferkitError:
+    """One error naming every file `decode_images` could not read, of `total`."""
+    return TransferkitError(f"cannot read {len(bad)} of {total} image(s): {'; '.join(bad)}. "
+                            f"Fix: pass image files PIL can open (PNG, JPEG, BMP, ...).")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

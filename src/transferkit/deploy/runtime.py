@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.errors import TransferkitError, printable
+from transferkit.errors import TransferkitError
 from transferkit.layout import to_nhwc
 
 EXPORT_JSON = "export.json"
@@ -76,11 +76,10 @@ def load_pipeline_checkpoint(path: Path):
             f"wrote (artifacts/<stage>/model.pt); `transferkit predict --trust-code` takes this file, if you made it.")
     with open(path, "rb") as f:  # torch.save writes zip archives: anything else is foreign (a cut-off
         head = f.read(4)  # or empty one is damaged, and load_checkpoint says which stage remakes it)
-    foreign = len(head) == 4 and head != b"PK\x03\x04"
-    if foreign:
+    if len(head) == 4 and head != b"PK\x03\x04":
         raise TransferkitError(
             f"{path} is not a transferkit checkpoint (not a file written by torch.save). Fix: pass "
-            f"the model.pt a stage wrote, e.g. artifacts/prune/model.pt.")
+            f"the model.pt a stage wrote, e.g. artifacts/prune/model.pt (an ONNX model is read by its name: *.onnx).")
     model, ckpt = load_checkpoint(path, produced_by, remake=None if produced_by != UNKNOWN_STAGE else
                                   "write it again with the stage that made it, or pass a model.pt that a stage "
                                   "wrote, e.g. artifacts/prune/model.pt")
@@ -265,35 +264,3 @@ class Classifier:
             raise TransferkitError(f"{self.path} returns {what} for {n} image(s), not one row of class scores per "
                                    f"image. {self.remake}")
         return out.astype(np.float32, copy=False)
-
-
-def decode_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[str]]:
-    """Image files (anything PIL opens) -> uint8 [N, 3, size, size] of those that read, resized (bilinear) exactly
-    as the image-folder source does, and what is wrong with each file that does not."""
-    from transferkit.data.sources import decode_image
-
-    out, bad = [], []
-    for p in paths:
-        name = printable(str(p))  # one line per file in the error: a name cannot forge another
-        if p.exists() and not (p.is_file() or p.is_dir()):  # a device or a pipe: reading it may never end
-            bad.append(f"{name} (not a file)")
-            continue
-        try:
-            out.append(decode_image(p.read_bytes(), name, size))
-        except FileNotFoundError:
-            bad.append(f"{name} (no such file)")
-        except IsADirectoryError:
-            bad.append(f"{name} (a folder)")
-        except OSError as e:
-            bad.append(f"{name} ({e.strerror or e})")
-        except TransferkitError as e:  # decode_image's own words, which name the file; its fix joins them
-            problem, _, fix = str(e).partition(" Fix: ")
-            bad.append(f"{problem.rstrip('.')}: {fix.rstrip('.')}" if fix else problem.rstrip("."))
-    return (np.stack(out) if out else np.zeros((0, 3, size, size), np.uint8)), bad
-
-
-def unreadable(bad: list[str], total: int) -> TransferkitError:
-    """One error naming every file `decode_images` could not read, of `total`."""
-    return TransferkitError(f"cannot read {len(bad)} of {total} image(s): {'; '.join(bad)}. "
-                            f"Fix: pass image files PIL can open (PNG, JPEG, BMP, ...).")
-
