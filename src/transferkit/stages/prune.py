@@ -20,7 +20,7 @@ from transferkit.prune.unstructured import make_permanent, prune_weights, sparsi
 from transferkit.stages.common import load_task
 from transferkit.stages.distill import distillation, load_teacher
 from transferkit.stages.training import fit_stage, train_stage
-from transferkit.training import from_rank_zero
+from transferkit.training.classifier import from_rank_zero
 
 log = logging.getLogger(__name__)
 

@@ -52,18 +52,3 @@ def device_count(trainer) -> int:
 
         return torch.cuda.device_count()
     return len([i for i in text.split(",") if i.strip()]) if "," in text else int(text)
-
-
-def from_rank_zero(tensors) -> None:
-    """Under DDP, rank 0's values of `tensors` in every process, in place (through the device the process group
-    communicates on); nothing in one process."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    for tensor in tensors:
-        moved = tensor.to(device)
-        dist.broadcast(moved, 0)
-        tensor.copy_(moved)

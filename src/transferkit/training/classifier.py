@@ -16,8 +16,21 @@ import torch.nn.functional as F
 
 from transferkit.data.loader import module_seed
 from transferkit.models.blocknet import BlockNet
-from transferkit.training import from_rank_zero
 from transferkit.training.freeze import freeze_blocks, keep_frozen_in_eval, start_depth
+
+
+def from_rank_zero(tensors) -> None:
+    """Under DDP, rank 0's values of `tensors` in every process, in place (through the device the process group
+    communicates on); nothing in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    for tensor in tensors:
+        moved = tensor.to(device)
+        dist.broadcast(moved, 0)
+        tensor.copy_(moved)
 
 
 class ClassifierModule(pl.LightningModule):
