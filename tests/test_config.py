@@ -185,6 +185,9 @@ def test_overrides_hydra_accepts_compose(override, key, value):
     ("transfer.label_smoothing=1", "transfer.label_smoothing=1 is invalid: must be less than 1"),
     ("pretrain.momentum=1", "pretrain.momentum=1 is invalid: must be less than 1"),
     ("model.bn_momentum=0", "model.bn_momentum=0 is invalid: must be greater than 0"),
+    # quantize's own check, once prune has trained: the count is known from the config where train_per_class is set
+    ("quantize.calibration_images=100000", "quantize.calibration_images=100000 is invalid: the target task has 2000 "
+                                           "training images to calibrate on"),
     # Lightning refuses -1 devices on a CPU with a TypeError, after prepare and any earlier stage
     ("trainer.devices=-1", "trainer.devices=-1 is invalid: must be a count >= 1, auto, or on a GPU -1"),
     ("seed=-3", "seed"),

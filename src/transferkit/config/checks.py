@@ -52,6 +52,10 @@ def validate(cfg: DictConfig) -> None:
                                    f"from the data; others' from published weights, model.weights, in pretrain). Fix: "
                                    f"set {stage}.freeze_depth=0.")
     check_devices(cfg.trainer)
+    per_class = d.target.get("train_per_class")  # None: all a class has, known once prepare has read them
+    if "quantize" in cfg and per_class and cfg.quantize.calibration_images > (n := per_class * len(d.target.classes)):
+        fail("quantize.calibration_images", cfg.quantize.calibration_images, f"the target task has {n} training "
+             f"images to calibrate on ({per_class} per class), so it must be in 1..{n}")
     if cfg.trainer.deterministic is True and cfg.trainer.get("benchmark"):  # torch ignores cuDNN's determinism then
         raise TransferkitError("trainer.deterministic=true with trainer.benchmark=true: cuDNN autotuning picks kernels "
                                "by timing them, so reruns are not bit-identical. Fix: add trainer.benchmark=false.")
