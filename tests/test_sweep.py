@@ -227,6 +227,18 @@ def test_a_sweep_in_a_project_whose_params_record_no_overrides_is_refused(tmp_pa
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_params_without_overrides_whose_name_is_no_experiment_are_compared_with_the_default(tmp_path):
+    """`dvc exp run -S name=mine` writes params.yaml without the overrides line and with a name conf/experiment/ does
+    not hold: the check names the key that differs, not an experiment=mine the user never typed."""
+    from transferkit.config.compose import params_text, project_overrides
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke")))
+    assert project_overrides(tmp_path / "params.yaml") == ["experiment=smoke"]
+    (tmp_path / "params.yaml").write_text(params_text(compose("name=mine")))
+    assert project_overrides(tmp_path / "params.yaml") == []
+
+
 def test_a_point_is_named_by_the_overrides_given():
     from transferkit.sweep.points import point_name
 

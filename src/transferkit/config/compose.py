@@ -253,14 +253,16 @@ def differing(a: dict, b: dict) -> list[str]:
 
 def project_overrides(params_path: Path) -> list[str]:
     """What params.yaml composes conf/ with: the overrides `transferkit params` recorded in it or,
-    where it recorded none, the experiment it names (as `dvc exp run -S experiment=smoke` leaves it)."""
+    where it recorded none, the experiment it names where conf/ has one so named (as `dvc exp run -S
+    experiment=smoke` leaves it; `-S name=mine` leaves a name that is no experiment)."""
     if not params_path.is_file():
         return []
     if (recorded := recorded_overrides(params_path)) is not None:
         return recorded
     data = read_yaml(params_path)
     name = data.get("name") if isinstance(data, dict) else None
-    return [f"experiment={name}"] if name else []
+    return [f"experiment={name}"] if isinstance(name, str) and (
+        params_path.parent / "conf" / "experiment" / f"{name}.yaml").is_file() else []
 
 
 def recorded_overrides(params_path: Path) -> list[str] | None:
