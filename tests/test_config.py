@@ -58,6 +58,20 @@ TRAINERS = {"cpu": ("SingleDeviceStrategy", 1, 1, True, False, False),
             "ddp_multinode": ("DDPStrategy", 4, 2, False, False, True)}
 
 
+def test_more_calibration_images_than_the_target_trains_on_are_refused_when_params_are_written():
+    """quantize's own check came once prune had trained; where train_per_class sets the count, `transferkit params`
+    (every stage) and a quantize run refuse it first. A run of another stage is no concern of it."""
+    from transferkit.config.checks import validate_run
+
+    cfg = compose("quantize.calibration_images=100000")
+    for stage, all_stages in (("quantize", False), (None, True)):
+        with pytest.raises(TransferkitError, match=r"quantize.calibration_images=100000 is invalid: the target task "
+                                                   r"has 2000 training images to calibrate on \(400 per class\)"):
+            validate_run(cfg, stage, {}, all_stages)
+    validate_run(cfg, "transfer", {})
+    validate_run(compose("quantize.calibration_images=100000", "data.target.train_per_class=null"), None, {}, True)
+
+
 def test_a_fixed_random_first_block_is_refused_when_params_are_written():
     """pretrain's or scratch's freeze_depth=1 keeps a first block fixed that only fastnet initialises from the data
     (and published weights, in pretrain): refused by `transferkit params`, not once the earlier stages have run."""
@@ -185,9 +199,6 @@ def test_overrides_hydra_accepts_compose(override, key, value):
     ("transfer.label_smoothing=1", "transfer.label_smoothing=1 is invalid: must be less than 1"),
     ("pretrain.momentum=1", "pretrain.momentum=1 is invalid: must be less than 1"),
     ("model.bn_momentum=0", "model.bn_momentum=0 is invalid: must be greater than 0"),
-    # quantize's own check, once prune has trained: the count is known from the config where train_per_class is set
-    ("quantize.calibration_images=100000", "quantize.calibration_images=100000 is invalid: the target task has 2000 "
-                                           "training images to calibrate on"),
     # Lightning refuses -1 devices on a CPU with a TypeError, after prepare and any earlier stage
     ("trainer.devices=-1", "trainer.devices=-1 is invalid: must be a count >= 1, auto, or on a GPU -1"),
     ("seed=-3", "seed"),

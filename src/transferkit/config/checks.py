@@ -52,10 +52,6 @@ def validate(cfg: DictConfig) -> None:
                                    f"from the data; others' from published weights, model.weights, in pretrain). Fix: "
                                    f"set {stage}.freeze_depth=0.")
     check_devices(cfg.trainer)
-    per_class = d.target.get("train_per_class")  # None: all a class has, known once prepare has read them
-    if "quantize" in cfg and per_class and cfg.quantize.calibration_images > (n := per_class * len(d.target.classes)):
-        fail("quantize.calibration_images", cfg.quantize.calibration_images, f"the target task has {n} training "
-             f"images to calibrate on ({per_class} per class), so it must be in 1..{n}")
     if cfg.trainer.deterministic is True and cfg.trainer.get("benchmark"):  # torch ignores cuDNN's determinism then
         raise TransferkitError("trainer.deterministic=true with trainer.benchmark=true: cuDNN autotuning picks kernels "
                                "by timing them, so reruns are not bit-identical. Fix: add trainer.benchmark=false.")
@@ -158,6 +154,11 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
     n = {key: num_blocks(key) for key in ("model", "distill.student") if OmegaConf.select(cfg, key) is not None}
     for name in [s for s in DEPTHS if s in cfg] if all_stages else [stage] if stage in DEPTHS else []:
         validate_depths(cfg, name, n["model"])
+    per_class = cfg.data.target.get("train_per_class")  # None: all a class has, known once prepare has read them
+    if "quantize" in cfg and per_class and (all_stages or stage == "quantize") and cfg.quantize.calibration_images > (
+            count := per_class * len(cfg.data.target.classes)):
+        fail("quantize.calibration_images", cfg.quantize.calibration_images, f"the target task has {count} training "
+             f"images to calibrate on ({per_class} per class), so it must be in 1..{count}")
     if "prune" in cfg and "distill.student" in n and (all_stages or stage == "prune"):  # not after hours of training
         from transferkit.prune.structured import check_rates, kept_modules
 
