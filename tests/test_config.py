@@ -72,6 +72,17 @@ def test_more_calibration_images_than_the_target_trains_on_are_refused_when_para
     validate_run(compose("quantize.calibration_images=100000", "data.target.train_per_class=null"), None, {}, True)
 
 
+def test_a_channel_ratio_that_would_empty_a_layer_is_refused_when_params_are_written():
+    """The prune stage refuses it, once pretrain, transfer and distill have trained: `transferkit params` first."""
+    from transferkit.config.checks import validate_run
+
+    cfg = compose("experiment=smoke", "prune.target=channels", "prune.ratio=0.9")
+    with pytest.raises(TransferkitError, match=r"prune.ratio=0.9 would leave \d+ layer\(s\) no channel"):
+        validate_run(cfg, None, {}, all_stages=True)
+    validate_run(cfg, "transfer", {})
+    validate_run(compose("experiment=smoke", "prune.target=channels", "prune.ratio=0.5"), None, {}, all_stages=True)
+
+
 def test_a_fixed_random_first_block_is_refused_when_params_are_written():
     """pretrain's or scratch's freeze_depth=1 keeps a first block fixed that only fastnet initialises from the data
     (and published weights, in pretrain): refused by `transferkit params`, not once the earlier stages have run."""

@@ -160,8 +160,11 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
         fail("quantize.calibration_images", cfg.quantize.calibration_images, f"the target task has {count} training "
              f"images to calibrate on ({per_class} per class), so it must be in 1..{count}")
     if "prune" in cfg and "distill.student" in n and (all_stages or stage == "prune"):  # not after hours of training
-        from transferkit.prune.structured import check_rates, kept_modules
+        from transferkit.prune.structured import check_no_layer_emptied, check_rates, kept_modules
 
         student = model_from_config(to_params(cfg.distill.student), 2, key="distill.student", fetch_weights=False)
         kept_modules(student, list(cfg.prune.keep))
         check_rates(student, list(cfg.prune.rates))
+        p = cfg.prune
+        if p.mode == "structured" and p.target == "channels" and p.scope == "layer":  # as prune_channels checks it
+            check_no_layer_emptied(student, p.ratio, list(p.keep), list(p.rates))

@@ -21,9 +21,9 @@ SHAPE_ATTRS = {
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     shapes = {}
     for name, m in model.named_modules():
-        for cls, attrs in SHAPE_ATTRS.items():
-            if type(m) is cls:
-                shapes[name] = {a: int(getattr(m, a)) for a in attrs}
+        # any BatchNorm: a DDP fit under sync_batchnorm gives them back as Lightning's _BatchNormXd
+        if attrs := ("num_features",) if isinstance(m, nn.modules.batchnorm._BatchNorm) else SHAPE_ATTRS.get(type(m)):
+            shapes[name] = {a: int(getattr(m, a)) for a in attrs}
     return shapes
 
 

@@ -137,9 +137,9 @@ def _width(layer: nn.Module) -> int:
 
 
 def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str], rates: list[float] | None = None) -> None:
-    """target=channels keeps int(c x (1 - share)) of a layer's c channels, the share being the ratio times its
-    block's rate (at most 0.95): where that is 0, Torch-Pruning leaves the layer whole without a word (a cut that
-    reports a reduction of nothing)."""
+    """target=channels keeps int(c x (1 - share)) of a layer's c channels, the share being the ratio in a block at
+    rate 1, else the ratio times its block's rate, at most 0.95 (as _prune sets them): where that is 0, Torch-Pruning
+    leaves the layer whole without a word (a cut that reports a reduction of nothing)."""
     widths = prunable_widths(model, keep)
     rate = {n: block_rate(n, rates) for n in widths}
 
@@ -150,7 +150,7 @@ def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str], rate
         return math.floor(share / r * 1000) / 1000
 
     if empty := sorted((ratio_bound(c, rate[n]), n, c) for n, c in widths.items()
-                       if int(c * (1 - min(rate[n] * ratio, 0.95))) < 1):
+                       if int(c * (1 - (ratio if rate[n] == 1 else min(rate[n] * ratio, 0.95)))) < 1):
         bound, _, c = empty[0]
         names = [n for _, n, _ in empty]
         listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
