@@ -190,6 +190,18 @@ def write_cifar_pickles(root: Path, name: str, classes: list[str], train_per_cla
     return folder
 
 
+def refuse_listing(monkeypatch, folder: Path) -> None:
+    """os.scandir refuses `folder` as it does a user without read access to it (root lists anything)."""
+    scandir = os.scandir
+
+    def refused(path="."):
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+
+
 def write_image_folder(root: Path, classes: list[str], train_per_class: int, test_per_class: int,
                        archive: bool | str = True, top: str = "cifar10-jpeg") -> Path:
     """train/<class>/*.jpg + test/<class>/*.jpg, as a .tar.gz (default), a .zip (archive="zip") or a

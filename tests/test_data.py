@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import CIFAR10_CLASSES, random_images, write_cifar_pickles, write_image_folder
+from conftest import CIFAR10_CLASSES, random_images, refuse_listing, write_cifar_pickles, write_image_folder
 from transferkit.data import archives, sources
 from transferkit.data.augment import augment, draw_flips, draw_shifts, flip, translate
 from transferkit.data.loader import DeviceBatches
@@ -1422,14 +1422,7 @@ def test_an_unreadable_class_folder_is_one_error(tmp_path, monkeypatch):
     """A class folder this user cannot list would be a class with no images, and the error about that names
     the wrong fix (root lists anything, so the refusal is simulated)."""
     folder = write_image_folder(tmp_path, ["cat", "dog"], 2, 1, archive=False)
-    scandir = os.scandir
-
-    def refused(path="."):
-        if Path(path) == folder / "train" / "dog":
-            raise PermissionError(13, "Permission denied", str(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refused)
+    refuse_listing(monkeypatch, folder / "train" / "dog")
     with pytest.raises(TransferkitError, match=r"cannot read .*train/dog \(Permission denied\). Fix: make it readable"):
         read_image_folder(folder)
 

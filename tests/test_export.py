@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli as command, made_once, one_error_line
+from conftest import cli as command, made_once, one_error_line, refuse_listing
 from transferkit import cli
 from transferkit.deploy.export import export
 from transferkit.deploy.fold import deployable, first_conv, fold_batchnorm
@@ -266,9 +266,6 @@ def test_predict_command_lines_json_and_folders(exported, tmp_path, capsys):
 def test_predict_refuses_a_folder_it_cannot_list_and_a_file_too_large_to_be_an_image(exported, tmp_path, monkeypatch):
     """A subfolder this user cannot list (copied from another user) was left out of the results without a word; a
     file larger than a quarter of memory (a video renamed .png) was read whole. Root lists anything: simulated."""
-    import os
-    from pathlib import Path
-
     from transferkit.data.archives import memory_limit
     from transferkit.deploy.predict import predict
 
@@ -282,14 +279,7 @@ def test_predict_refuses_a_folder_it_cannot_list_and_a_file_too_large_to_be_an_i
     with pytest.raises(TransferkitError, match=r"cannot read 1 of 2 image\(s\): .*huge.png \([0-9.]+ GB, more than a "
                                                r"quarter of this machine's memory: no image\)"):
         predict(onnx, [paths[0], tmp_path / "huge.png"])
-    scandir = os.scandir
-
-    def refused(path="."):
-        if Path(path) == tmp_path / "images" / "b":
-            raise PermissionError(13, "Permission denied", str(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refused)
+    refuse_listing(monkeypatch, tmp_path / "images" / "b")
     with pytest.raises(TransferkitError, match=r"cannot read folder .*images/b \(Permission denied\). Fix: make it "
                                                r"readable"):
         predict(onnx, [tmp_path / "images"])
