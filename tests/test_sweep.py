@@ -729,6 +729,17 @@ def _run(stage: str, seed: int, accuracy: float, n: int = 5000):
                correct=correct)
 
 
+def test_a_probe_collected_with_scratch_alone_is_the_main_stage():
+    """Probe and scratch runs, and nothing else: the best on val is chosen among the probes, each compared with
+    scratch (scratch, first in row order, was the main stage, its rows marked best and compared with nothing)."""
+    from transferkit.evaluation.runs import summarize
+
+    table = summarize([_run("probe", 0, 0.6), _run("probe", 1, 0.62), _run("scratch", 0, 0.7), _run("scratch", 1, 0.7)])
+    assert table["stage"] == "probe"
+    assert [r["stage"] for r in table["rows"] if r["chosen_on_val"]] == ["probe"]
+    assert next(r for r in table["rows"] if r["stage"] == "probe")["vs_scratch"]["pairs"] == 2
+
+
 def test_versus_scratch_pairs_only_the_seeds_both_ran():
     """Transfer over seeds 0, 1, 2 against scratch run once with seed 0: seed 0's runs, paired by image,
     not the three seeds' mean against it with an interval that leaves out the spread across seeds."""

@@ -221,7 +221,8 @@ def summarize(runs: list[Run]) -> dict:
                      **({"vs_scratch": versus(group, [r for r in scratch if set(r.setting) <= set(setting) | {
                          f"{k}={v}" for k, v in flatten(group[0].params).items()}])} if stage != "scratch" else {})})
     stages = [r["stage"] for r in rows]
-    swept = [s for s in stages if s not in REFERENCES] or stages
+    # a probe collected with scratch alone is what is compared with scratch: the main stage, not its baseline
+    swept = [s for s in stages if s not in REFERENCES] or [s for s in stages if s != "scratch"] or stages
     # ties: the first in row order (TARGET_MODELS'), so the choice is the same in every process
     main = "transfer" if "transfer" in stages else max(swept, key=swept.count)
     best = max((r for r in rows if r["stage"] == main and r["val_mean"] is not None), key=lambda r: r["val_mean"],
