@@ -270,6 +270,23 @@ def test_an_input_folder_of_another_stage_is_named_as_such(smoke_artifacts, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_key_given_twice_is_refused_by_name_wherever_overrides_are_read(capsys, tmp_path):
+    """Hydra would keep the last value without a word; `transferkit params` would record both, one unapplied."""
+    before = {name: (ROOT / name).read_bytes() for name in ("params.yaml", "dvc.yaml")}
+    for argv, given in [(["params", "experiment=smoke", "pretrain.epochs=1", "pretrain.epochs=2"],
+                         "(pretrain.epochs=1 and pretrain.epochs=2)"),
+                        (["params", "model=resnet18", "model=fastnet"], "(model=resnet18 and model=fastnet)"),
+                        (["pretrain", "--params", str(ROOT / "params.yaml"), "--out", str(tmp_path / "out"), "seed=1",
+                          "seed=2"], "(seed=1 and seed=2)"),
+                        (["pretrain", "seed=1", "+seed=2", "--cfg", "job"], "(seed=1 and +seed=2)"),
+                        (["sweep", "transfer", "seed=1", "seed=2"], "(seed=1 and seed=2)")]:
+        line = _error(capsys, argv)
+        assert f"is given twice {given}" in line and "Fix: give it once" in line, line
+    assert "seed is given more than once (seed=0,1 and seed=2)" in _error(capsys, ["sweep", "transfer", "seed=0,1",
+                                                                                 "seed=2"])
+    assert {name: (ROOT / name).read_bytes() for name in before} == before and not (tmp_path / "out").exists()
+
+
 def test_check_params_refuses_overrides(capsys, tmp_path):
     line = _error(capsys, ["check-params", "experiment=smoke"])
     assert "check-params takes a params file, not overrides (experiment=smoke)" in line and "Fix:" in line

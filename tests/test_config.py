@@ -39,6 +39,34 @@ def test_overrides_recorded_by_transferkit_params_are_not_drift(tmp_path):
             == {"transfer.freeze_depth", "prune.keep"})
 
 
+def test_the_fix_for_drift_names_the_command_that_keeps_the_values_params_yaml_has(tmp_path):
+    """`dvc exp run -S experiment=smoke -S pretrain.epochs=2` writes params.yaml without the overrides line: the
+    fix gives both commands, conf/ as it is and the one that writes params.yaml again as it is; a file no command
+    writes (a key edited to a value of the wrong kind, say) gets the first alone."""
+    import shlex
+
+    from transferkit.config.drift import regenerate_fix
+    from transferkit.config.compose import flatten, to_params
+
+    file = tmp_path / "params.yaml"
+    (tmp_path / "conf").symlink_to(CONF)  # a project: its name is an experiment of its conf/
+    file.write_text(params_text(compose("experiment=smoke", "pretrain.epochs=2", "prune.keep=[head,blocks.0]")))
+    fix = regenerate_fix(file, CONF)
+    assert fix.startswith("Fix: run `transferkit params experiment=smoke` to compose conf/ as it is now, or "
+                          "`transferkit params experiment=smoke pretrain.epochs=2 'prune.keep=[head, blocks.0]'` to "
+                          "keep the values params.yaml has"), fix
+    kept = shlex.split(fix.split(" or `transferkit params ")[1].split("`")[0])
+    assert flatten(to_params(compose(*kept))) == flatten(yaml_of(file))  # it writes the same file again
+    file.write_text(file.read_text().replace("name: smoke", "name: smoke\nextra: 1"))
+    assert " or `" not in regenerate_fix(file, CONF)
+
+
+def yaml_of(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
 def test_params_yaml_is_the_default_experiment():
     assert params_text(compose(), []) == (ROOT / "params.yaml").read_text()  # as `transferkit params` writes it
 
@@ -362,7 +390,7 @@ def test_as_override_writes_what_hydra_reads_back(value):
     a,b, a sweep of two, and .inf, a word)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from transferkit.config.compose import as_override
+    from transferkit.config.overrides import as_override
 
     assert OverridesParser.create().parse_override(f"k={as_override(value)}").value() == value
     assert as_override(["bird", "deer"]) == "[bird, deer]" and as_override(None) == "null"

@@ -221,8 +221,9 @@ def test_a_sweep_in_a_project_whose_params_record_no_overrides_is_refused(tmp_pa
     (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke", "transfer.lr=0.2")))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TransferkitError, match=r"params.yaml is not conf/ composed with experiment=smoke \(scratch.lr: "
-                                               r"params.yaml has 0.2, conf/ composes 0.05; 1 more\).*Fix: write it "
-                                               r"with `transferkit params`"):
+                                               r"params.yaml has 0.2, conf/ composes 0.05; 1 more\).*Fix: run "
+                                               r"`transferkit params experiment=smoke` to compose conf/ as it is now, "
+                                               r"or `transferkit params experiment=smoke transfer.lr=0.2` to keep"):
         main(["transfer", "seed=0,1"])
     assert not (tmp_path / "sweeps").exists()
 

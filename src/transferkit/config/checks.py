@@ -73,7 +73,7 @@ def validate(cfg: DictConfig) -> None:
     if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
         differ = [k for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
         if differ:  # conf/'s student.* follow distill.*: one override sets both, in conf/ and in params.yaml
-            from transferkit.config.compose import as_override
+            from transferkit.config.overrides import as_override
 
             both = "; ".join(f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}" for k in differ)
             fix = " ".join(f"distill.{k}={as_override(cfg.student[k])}" for k in differ)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import (compose, differing, flatten, project_overrides, read_params, read_yaml,
                                         recorded_overrides, to_params)
+from transferkit.config.overrides import as_override, override_key
 from transferkit.errors import TransferkitError
 
-REGENERATE = ("Fix: run `transferkit params` with the overrides you want (params.yaml records them) and commit "
-              "the files it writes.")  # what ends every report of drift
 
 
 def stale_keys(params_path: Path, cfg: DictConfig, conf_dir: Path | None) -> str | None:
@@ -47,13 +46,41 @@ def params_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
             for k in differing(a, b)]
 
 
+def regenerate_fix(params_path: Path, conf_dir: Path | None = None) -> str:
+    """What ends every report of drift: the command that composes conf/ as it is now and, where params.yaml's values
+    were set some other way (by hand, or by `dvc exp run -S`, which records no overrides), the one that writes them
+    where one does."""
+    import shlex
+
+    def command(overrides: list[str]) -> str:
+        return "`transferkit params" + "".join(f" {shlex.quote(o)}" for o in overrides) + "`"
+
+    base, fix = recorded_overrides(params_path) or [], ""
+    try:
+        base = project_overrides(params_path)
+        cfg, saved = compose(base, conf_dir), flatten(read_params(params_path))
+        composed, raw = flatten(to_params(cfg)), flatten(OmegaConf.to_container(cfg, resolve=False))
+        keep = {k: saved[k] for k in differing(saved, composed) if k in saved and k in composed and k != "name"}
+        others = [o for o in base if override_key(o) not in keep]
+        leaders = {k: v for k, v in keep.items() if not str(raw[k]).startswith("${")}  # a ${key} follows its key
+        for values in (leaders, keep):  # the shorter command where it writes the same
+            kept = [*others, *(f"{k}={as_override(v)}" for k, v in values.items())]
+            if values and flatten(to_params(compose(kept, conf_dir))) == saved:
+                fix = f", or {command(kept)} to keep the values params.yaml has"
+                break
+    except TransferkitError:  # no params file, or one that composes no longer: the first command alone
+        pass
+    return (f"Fix: run {command(base)} to compose conf/ as it is now{fix} (each run of it replaces the overrides of "
+            f"the last), and commit the files it writes.")
+
+
 def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
     """What differs between the committed params.yaml / dvc.yaml and what they are made from."""
     from transferkit.config.dvcyaml import dvc_yaml_text
 
     try:
         saved = read_params(params_path)
-    except TransferkitError as e:  # the message without its fix, which REGENERATE gives
+    except TransferkitError as e:  # the message without its fix, which regenerate_fix gives
         return [str(e).split(" Fix: ")[0]]
     drift = [f"params.yaml differs from conf/: {d}" for d in params_drift(params_path, conf_dir)]
     dvc_file = params_path.parent / "dvc.yaml"
@@ -85,8 +112,9 @@ def main(argv: list[str]) -> int:
                                f"conf/ with the overrides params.yaml records. {usage}")
     if len(argv) > 1:
         raise TransferkitError(f"check-params checks one params file, not {len(argv)} ({' '.join(argv)}). {usage}")
-    if drift := generated_drift(Path(argv[0]) if argv else find_conf_dir().parent / "params.yaml"):
-        print("\n".join([*drift, REGENERATE]), file=sys.stderr)
+    path = Path(argv[0]) if argv else find_conf_dir().parent / "params.yaml"
+    if drift := generated_drift(path):
+        print("\n".join([*drift, regenerate_fix(path)]), file=sys.stderr)
         return 1
     print("params.yaml and dvc.yaml match conf/ and the stage table")
     return 0

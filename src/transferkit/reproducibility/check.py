@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from transferkit.config.compose import compose, find_conf_dir, flatten, params_text
-from transferkit.config.drift import REGENERATE, generated_drift
+from transferkit.config.drift import generated_drift, regenerate_fix
 from transferkit.errors import TransferkitError, error_line, one_line_errors
 from transferkit.project import copy_project, run, stages_run
 from transferkit.stages import STAGES
@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
         drift = generated_drift(root / "params.yaml", root / "conf")
         if not report.check(not drift, "params.yaml and dvc.yaml " + ("differ from what they are made from:" if drift
                                                                       else "match conf/ and the stage table"),
-                            "\n".join([*drift, REGENERATE])):
+                            "\n".join([*drift, regenerate_fix(root / "params.yaml", root / "conf")]) if drift else ""):
             return report.summary()
         with tempfile.TemporaryDirectory(prefix="transferkit-repro-", ignore_cleanup_errors=True) as tmp:
             work = (args.keep or Path(tmp)).resolve()

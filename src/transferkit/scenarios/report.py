@@ -13,9 +13,10 @@ from typing import NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.compose import as_override, compose, differing, flatten, params_text, to_params, under
+from transferkit.config.compose import compose, differing, flatten, params_text, to_params, under
 from transferkit.config.dvcyaml import code_files
 from transferkit.config.checks import validate_run
+from transferkit.config.overrides import as_override, override_key
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
 from transferkit.evaluation.scenarios import score_quadrant
@@ -23,7 +24,7 @@ from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
 from transferkit.project import check_runs_folder, run_pipeline, stage_run
 from transferkit.stages import BY_NAME
-from transferkit.sweep.points import check_points, expand, override_key, pin_named_files
+from transferkit.sweep.points import check_points, expand, pin_named_files
 
 # preset -> (target size, source similarity), in the order of the report
 QUADRANTS = {"scenario_small_similar": ("small", "similar"), "scenario_small_different": ("small", "different"),

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import (QUOTING, compose, differing, find_conf_dir, flatten, group_choice,
                                         params_text, plain_yaml, project_overrides, to_params, under)
-from transferkit.config.drift import params_drift
+from transferkit.config.drift import params_drift, regenerate_fix
+from transferkit.config.overrides import override_key
 from transferkit.config.dvcyaml import code_files, tracked_params
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
@@ -32,11 +33,6 @@ RUN_SETTINGS = ("seed", "trainer", "paths")
 # never what sets runs apart: where a run went, what it showed and how it shared the machine
 NOT_SWEPT = ("seed", "trainer.progress_bar", "trainer.loggers", "trainer.num_threads", "trainer.checkpoint_budget",
              "paths")
-
-
-def override_key(override: str) -> str:
-    """The key an override sets: `+a.b=1`, `~a.b` and `a.b=1` all set a.b."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def expand(argv: list[str]) -> list[list[str]]:
@@ -268,8 +264,7 @@ def main(argv: list[str]) -> int:
     if params_file.is_file() and (drift := params_drift(params_file)):  # `dvc exp run -S` records no overrides
         raise TransferkitError(f"params.yaml is not conf/ composed with {' '.join(recorded) or 'no overrides'} "
                                f"({drift[0]}{f'; {len(drift) - 1} more' if len(drift) > 1 else ''}), so the points "
-                               f"could not compose as it is. Fix: write it with `transferkit params` and the overrides "
-                               f"it was made with (it records them), then sweep.")
+                               f"could not compose as it is. {regenerate_fix(params_file).rstrip('.')}; then sweep.")
     base = [o for o in recorded if override_key(o) not in given]
     points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides], given=given)))
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()

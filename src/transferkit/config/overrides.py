@@ -1,0 +1,28 @@
+"""Overrides (key=value, as Hydra, `dvc exp run -S` and `transferkit params` read them): the key each sets,
+one value a key, and a value written back as one."""
+
+from __future__ import annotations
+
+from transferkit.errors import TransferkitError
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: `+a.b=1`, `~a.b` and `a.b=1` all set a.b."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def refuse_repeats(overrides: list[str]) -> None:
+    """One value a key: Hydra keeps the last of a key given twice, and the first would look applied."""
+    keys = [override_key(o) for o in overrides if "=" in o]
+    if twice := next((k for k in keys if keys.count(k) > 1), None):
+        given = " and ".join(o for o in overrides if "=" in o and override_key(o) == twice)
+        raise TransferkitError(f"{twice} is given twice ({given}), and a run has one value of it. Fix: give it once.")
+
+
+def as_override(value) -> str:
+    """`value` as an override writes it, by Hydra's own writer: [bird, cat], null, inf, a\\,b. A string Hydra reads
+    as another value, or not at all, unquoted ('1', "it's", a newline) comes back otherwise; the settings scenarios
+    name hold none."""
+    from hydra.core.override_parser.types import Override
+
+    return Override._get_value_element_as_str(value, space_after_sep=True)
