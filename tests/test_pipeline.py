@@ -468,6 +468,27 @@ def test_the_verdict_on_transfer_names_what_scratch_trained_with_apart():
             "transfer.lr=0.05), so the difference measures these settings too") in text
 
 
+def test_the_report_names_the_models_not_shown_better_than_guessing():
+    """The smoke preset's probe and pruned model scored 33.3% on three classes, a number the report gave no
+    reading of: a model whose interval reaches chance is named as such, with the fix; the others are not."""
+    from transferkit.evaluation.report import render
+
+    def model(lo):
+        return {"top1": lo + .1, "top1_ci95": [lo, lo + .2], "params": 1000, "macs": 1000, "size_bytes": 100,
+                "per_class": dict.fromkeys("abc", lo + .1)}
+
+    cfg = {"experiment": "e", "model": "fastnet", "freeze_depth": 1, "backbone_lr_mult": 0, "probe_depth": None,
+           "epochs": dict.fromkeys(["pretrain", "transfer", "scratch", "probe", "distill"], 1), "seed": 0,
+           "tta": "none", "tta_views": 1, "blocks": 4}
+    data = {"source": {"dataset": "d", "classes": ["a"], "n_train": 1, "n_val": 1},
+            "target": {"dataset": "d", "classes": list("abc"), "n_train": 1, "n_val": 1, "n_test": 30}}
+    text = render(cfg, {"models": {"transfer": model(.5), "probe": model(.2), "prune": model(1 / 3)}}, {}, data)
+    line = next(x for x in text.splitlines() if x.startswith("Not shown better than guessing"))
+    assert line == ("Not shown better than guessing: linear probe, student pruned + recovered (the 95% interval "
+                    "reaches 33.3%, one class in 3). Fix: more epochs or training images."), line
+    assert "guessing" not in render(cfg, {"models": {"transfer": model(.5)}}, {}, data)
+
+
 def test_training_table_shows_a_stage_that_trained_nothing():
     from transferkit.evaluation.tables import training_table
 
