@@ -43,8 +43,11 @@ warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
 def compose(*overrides: str, tmp: Path | None = None):
     from transferkit.config.compose import compose as _compose
 
+    from transferkit.config.overrides import override_key
+
     extra = [f"paths.artifacts_dir={tmp / 'artifacts'}", f"paths.data_dir={tmp / 'data'}"] if tmp else []
-    return _compose([*overrides, *extra], CONF)
+    layered = {override_key(o): o for o in [*overrides, *extra]}  # a test's own value of a key replaces a preset's
+    return _compose(list(layered.values()), CONF)
 
 
 def cli(*args, cwd=ROOT, timeout=300, env=None):

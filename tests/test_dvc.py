@@ -40,6 +40,7 @@ def test_dvc_repro_twice_is_a_no_op_and_status_is_clean(tmp_path, server_dir, on
         assert f"Running stage '{stage}'" in first
     assert "| transfer (fine-tuned) |" in first and "Transfer minus scratch" in first  # evaluate prints the answer
     assert "transfer (freeze depth 1): top-1 val " in first  # and each training stage its own scores
+    assert "quantize: INT8 top-1 test " in first  # and quantize what it made
     second = _sh(["dvc", "repro"], proj)
     assert "Running stage" not in second
     assert "up to date" in _sh(["dvc", "status"], proj)

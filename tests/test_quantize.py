@@ -269,7 +269,8 @@ def test_lookahead_averages_weights_and_batchnorm_statistics_not_the_fake_quanti
     assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
 
 
-def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_artifacts, tmp_path, monkeypatch):
+def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_artifacts, tmp_path, monkeypatch,
+                                                                         capsys, caplog):
     """Post-training INT8 made to score 0 on the val images (the stage's first check, doctored):
     the stage fine-tunes the model for INT8, quantizes it again, judges it on val for real, scores
     it on test and says so. The test images decide nothing."""
@@ -294,8 +295,10 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
         *args, keep=keep, **kwargs))
     ref_cfg, _ = smoke_artifacts
     shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    caplog.set_level("INFO", logger="transferkit")
     run("quantize", compose("experiment=smoke", "quantize.max_drop=0.3", "quantize.qat_epochs=2",
                             "quantize.keep_float=[Gemm]", tmp=tmp_path))
+    shown = capsys.readouterr().out + caplog.text  # printed, or logged where a Hydra app (pytest too) has handlers
     assert kept == [{"head.fc"}]
     out = tmp_path / "artifacts" / "quantize"
     q = json.loads((out / "quantize.json").read_text())
@@ -306,6 +309,10 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
     assert q["post_training"]["int8_top1"] == results[1][1]["int8_top1"]
     assert q["val"] == results[2][1] and q["int8_top1"] == results[3][1]["int8_top1"]
     assert q["fp32_top1"] == results[3][1]["fp32_top1"] and q["n_test"] == results[3][1]["n_test"]
+    # the stage ends with one line of what it made, as the training stages do
+    assert (f"quantize: INT8 top-1 test {100 * q['int8_top1']:.1f}%, fp32 {100 * q['fp32_top1']:.1f}% (the same "
+            f"prediction on {100 * q['top1_agreement']:.1f}% of {q['n_test']} images); ") in shown, shown
+    assert f"-> {q['bytes']['int8'] / 1e6:.2f} MB; by quantization-aware fine-tuning (2 epochs" in shown
     assert (out / "qat" / "model_fp32.onnx").is_file() and (out / "qat" / "dvclive").is_dir()
     paths = [str(Path(m.__file__).resolve().parents[1]).encode() for m in (transferkit, torch)]  # src/, site-packages/
     for onnx_file in (out / "model.onnx", out / "qat" / "model_fp32.onnx"):  # no stack traces of this machine

@@ -4,6 +4,7 @@ output folder so that a failed or killed run never replaces the previous good on
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -241,3 +242,10 @@ def data_settings(stage_cfg: DictConfig, seed: int) -> dict:
 
 def container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
+
+
+def announce(line: str) -> None:
+    """A stage's closing line: a Hydra app's job log keeps it beside Lightning's; a stage command (`--params`)
+    configures no logging, and prints it."""
+    log = logging.getLogger("transferkit")
+    log.info(line) if log.hasHandlers() else print(line)

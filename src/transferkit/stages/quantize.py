@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferkit.deploy.quantize import (calibration_images, check, copy_metadata, decision_split, loss_of, quantize,
                                          refuse, sizes)
+from transferkit.evaluation.tables import pct
 from transferkit.io import atomic_path, require, save_json
-from transferkit.stages.common import load_task
+from transferkit.stages.common import announce, load_task
 
 INT8_FILE = "model.onnx"  # an INT8 ONNX model, read by ONNX Runtime (and `transferkit predict`)
 QAT_DIR = "qat"           # the fine-tuning's logs and its fp32 ONNX model
@@ -52,6 +53,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                "judged_on": split, split: judged, **post_training},
               out / "quantize.json")
     save_json({"quantize_seconds": round(seconds, 2)}, out / "timing.json")
+    announce(f"quantize: INT8 top-1 test {pct(result['int8_top1'])}%, fp32 {pct(result['fp32_top1'])}% (the same "
+             f"prediction on {pct(result['top1_agreement'])}% of {result['n_test']:,} images); "
+             f"{result['bytes']['fp32'] / 1e6:.2f} MB -> {result['bytes']['int8'] / 1e6:.2f} MB; by {produced_by}")
     return result
 
 

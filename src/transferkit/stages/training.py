@@ -3,7 +3,6 @@ save a self-describing checkpoint and a metrics file."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from transferkit.evaluation.tables import pct
 from transferkit.io import save_json
 from transferkit.models import save_checkpoint
 from transferkit.models.blocknet import BlockNet
-from transferkit.stages.common import data_settings, train_settings
+from transferkit.stages.common import announce, data_settings, train_settings
 from transferkit.training import first_process
 from transferkit.training.classifier import ClassifierModule
 from transferkit.training.precision import eval_device
@@ -73,11 +72,7 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     save_checkpoint(model, out / "model.pt", task["classes"], stage=stage, experiment=cfg.name)
     save_json(metrics, out / "metrics.json")
     save_json(run, out / "timing.json")  # how this machine ran it: not part of the reproducible metrics
-    line, log = summary_line(stage, settings, metrics, run), logging.getLogger("transferkit")
-    if log.hasHandlers():  # a Hydra app: its job log keeps the line beside Lightning's
-        log.info(line)
-    else:  # a stage command (`--params`) configures no logging
-        print(line)
+    announce(summary_line(stage, settings, metrics, run))
     return metrics
 
 
