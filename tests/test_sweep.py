@@ -64,7 +64,10 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
-    assert "2 of 2 points ran\n" in sweep("0,2")
+    first = sweep("0,2")
+    assert "2 of 2 points ran\n" in first
+    assert first.endswith(f"Each point's outputs are in {out}/POINT/transfer/, this table in "
+                          f"{out}/collected/sweep.md.\n")
     # a point's code deps are its stage's source files, as in dvc.yaml: the package folder would hold the
     # bytecode later imports write (every point done would be stale) and files that change no result
     from transferkit.config.dvcyaml import code_files

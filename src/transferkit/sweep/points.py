@@ -291,4 +291,6 @@ def main(argv: list[str]) -> int:
     print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} were done already" if done else ""))
     # this sweep's points only, those its dvc.yaml lists: out/ may keep the points of an earlier, other sweep
     print(sweep_table(collect([out], out / "collected")))
+    where = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
+    print(f"Each point's outputs are in {where}/POINT/{args.stage}/, this table in {where}/collected/sweep.md.")
     return 0
