@@ -652,6 +652,9 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
     assert (tmp_path / "quantize" / "model.onnx").read_text() == "int8"
 
     assert "not found" in _one_error(capsys, ["predict", str(tmp_path / "missing.onnx"), good])
+    line = _one_error(capsys, ["predict", good, str(folder / "export" / "model.onnx")])  # the two swapped
+    assert line.endswith(f"{good} is an image, where predict takes the model first. Fix: `transferkit predict MODEL "
+                         f"IMAGE_OR_FOLDER...` (MODEL: a model.pt, model.onnx or model.torchscript.pt)."), line
     # a stage's folder for the model: the file in it, not "not found"
     assert f"{folder / 'export'} is a folder. Fix: pass the model file in it ({folder / 'export' / 'model.onnx'})" \
         in _one_error(capsys, ["predict", str(folder / "export"), good])

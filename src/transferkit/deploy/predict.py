@@ -45,6 +45,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.top < 1:
         p.error("--top must be >= 1")
+    from transferkit.data.sources import is_image_file
+
+    if is_image_file((args.model.name,)):  # an image where the model goes: the arguments swapped, most likely
+        raise TransferkitError(f"{args.model} is an image, where predict takes the model first. Fix: `transferkit "
+                               f"predict MODEL IMAGE_OR_FOLDER...` (MODEL: a model.pt, model.onnx or "
+                               f"model.torchscript.pt).")
     return args
 
 
