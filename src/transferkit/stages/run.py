@@ -12,6 +12,7 @@ import yaml
 from omegaconf import DictConfig
 
 from transferkit.stages import BY_NAME, inputs_of, module_of, named_files
+from transferkit.training import first_process
 
 
 def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | None = None) -> dict:
@@ -40,9 +41,24 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
         torch.set_num_threads(int(cfg.trainer.num_threads))
     try:
         with storage_errors(out), staged_output(out, params, reads, others, tracked(stage, cfg)) as work:
-            return module.run(cfg, inputs, work)
+            result = module.run(cfg, inputs, work)
     finally:
         torch.set_num_threads(threads)
+    if not os.environ.get("DVC_STAGE") and first_process() and kept_by_dvc(stage, out):
+        print(f"{out} is where `dvc repro` keeps {stage}'s outputs, and DVC did not make these: `dvc commit {stage}` "
+              f"records them if params.yaml holds the settings they were made with; else the next `dvc repro` "
+              f"runs {stage} and the stages after it again.")
+    return result
+
+
+def kept_by_dvc(stage: str, out: Path) -> bool:
+    """Whether `out` is an output of `stage`'s entry in the dvc.yaml of this folder."""
+    try:
+        entry = yaml.safe_load(Path("dvc.yaml").read_text())["stages"][stage]
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in entry["outs"]]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, StopIteration):  # not one of ours
+        return False
+    return out.resolve() in {Path(o).resolve() for o in outs if isinstance(o, str)}
 
 
 def tracked(stage: str, cfg: DictConfig) -> str:
