@@ -686,6 +686,17 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
         check_inputs("pretrain", cfg)
     with pytest.raises(TransferkitError, match=r"Fix: run with data.target.train_per_class="):  # a block given
         check_inputs("pretrain", cfg, given={"seed", "data"})
+    saved["data"]["target"]["classes"] = ["tgt_b", "tgt_a", "tgt_c"]  # two settings apart: both in one fix
+    params.write_text(yaml.safe_dump(saved))
+    with pytest.raises(TransferkitError, match=rf" \(and other values of data.target.train_per_class\), and "
+                                               rf"pretrain reads it\. Fix: run with "
+                                               rf'data.target.classes=\["tgt_b","tgt_a","tgt_c"\] '
+                                               rf"data.target.train_per_class={n}; to vary"):
+        check_inputs("pretrain", cfg)
+    with pytest.raises(TransferkitError, match=r"Fix: make it again with this code and config"):  # params.yaml's
+        check_inputs("pretrain", cfg, given={"seed"})
+    saved["data"]["target"]["classes"] = ["tgt_a", "tgt_b", "tgt_c"]
+    params.write_text(yaml.safe_dump(saved))
     with pytest.raises(TransferkitError, match=r"Fix: run with data.target.train_per_class="):  # a group's package
         check_inputs("pretrain", cfg, given={"seed", "dataset@data.target"})
     # the value is params.yaml's, not the sweep's: the input is older than params.yaml

@@ -161,16 +161,20 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, fol
                                    f"experiment={mine.get('name')}, and {stage} reads it. Fix: {fix}.")
         # a key both have first: a key only one has follows from another that differs (model=vgg_mini has
         # no model.bn_momentum), or from code that changed since
-        for k in sorted(differing(mine, saved), key=lambda k: k not in mine or k not in saved):
-            if under(k, keys):
-                here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
-                fix = (f"run with {k}={there}; to vary what {name} computes, run the pipeline once per value "
-                       f"(`dvc exp run --queue {exp_run_sets(k)}-S {k}=...`)"
-                       if k in mine and k in saved  # model@distill.student: its package, distill.student
-                       and (given is None or under(k, (o.split("@")[-1] for o in given)))
-                       else f"make it again with this code and config (`dvc repro {name}`)")
-                raise TransferkitError(f"{k}={here} here, but {saved_file.parent} was made with {k}={there}, "
-                                       f"and {stage} reads it. Fix: {fix}.")
+        found = [k for k in sorted(differing(mine, saved), key=lambda k: k not in mine or k not in saved)
+                 if under(k, keys)]
+        # each setting the command line can give the input's value of, in one fix: not one error per attempt
+        settable = [k for k in found if k in mine and k in saved  # model@distill.student: its package
+                    and (given is None or under(k, (o.split("@")[-1] for o in given)))]
+        if found:
+            k, also = found[0], f" (and other values of {', '.join(found[1:])})" if len(found) > 1 else ""
+            here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
+            values = " ".join(f"{x}={json.dumps(saved[x], separators=(',', ':'))}" for x in settable)
+            fix = (f"run with {values}; to vary what {name} computes, run the pipeline once per value "
+                   f"(`dvc exp run --queue {exp_run_sets(k)}-S {k}=...`)" if k in settable
+                   else f"make it again with this code and config (`dvc repro {name}`)")
+            raise TransferkitError(f"{k}={here} here, but {saved_file.parent} was made with {k}={there}{also}, "
+                                   f"and {stage} reads it. Fix: {fix}.")
 
 
 def pin_named_files(stage: str, cfg: DictConfig) -> list[str]:
