@@ -392,27 +392,34 @@ def test_bad_data_choices_on_the_real_layout(tmp_path, override, needle):
     assert all(part in line for part in needle), line
 
 
-def test_a_stage_run_by_hand_into_the_folder_dvc_keeps_says_how_to_record_it(tmp_path, monkeypatch, capsys):
+def test_a_stage_run_by_hand_into_the_folder_dvc_keeps_says_how_to_record_it(tmp_path, monkeypatch, capsys, caplog):
     """DVC sees a hand run's outputs in artifacts/ as changed, and its next `dvc repro` made them and every stage
     after them again without a word: the run says so, and how to record them instead; under `dvc repro`
-    (DVC_STAGE set) or into another folder it says nothing."""
+    (DVC_STAGE set) it says nothing, and into another folder where the outputs went."""
+    def shown() -> str:  # printed, or logged where a Hydra app (pytest too) has handlers
+        text = capsys.readouterr().out + caplog.text
+        caplog.clear()
+        return text
+
+    caplog.set_level("INFO", logger="transferkit")
     monkeypatch.chdir(tmp_path)
     cfg = compose("experiment=smoke", tmp=tmp_path)  # paths.artifacts_dir: tmp_path/artifacts, as dvc.yaml has it
     (tmp_path / "dvc.yaml").write_text(f"stages:\n  prepare:\n    cmd: transferkit prepare --params params.yaml\n"
                                        f"    deps:\n    - {cfg.paths.data_dir}\n    outs:\n"
                                        f"    - {cfg.paths.artifacts_dir}/prepare\n")
     run("prepare", cfg)
-    assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        f"{tmp_path / 'artifacts' / 'prepare'} is where `dvc repro` keeps prepare's outputs, and DVC did not make "
+    assert (f"{tmp_path / 'artifacts' / 'prepare'} is where `dvc repro` keeps prepare's outputs, and DVC did not make "
         f"these: `dvc commit prepare` records them if params.yaml holds the settings they were made with; else the "
-        f"next `dvc repro` runs prepare and the stages after it again.")
+        f"next `dvc repro` runs prepare and the stages after it again.") in shown()
     monkeypatch.setenv("DVC_STAGE", "prepare")
     run("prepare", cfg)
+    assert "prepare" not in shown()
     monkeypatch.delenv("DVC_STAGE")
     from transferkit.stages.run import run_stage
 
     run_stage("prepare", cfg, tmp_path / "elsewhere")
-    assert "dvc commit" not in capsys.readouterr().out
+    text = shown()
+    assert "dvc commit" not in text and f"prepare: outputs in {tmp_path / 'elsewhere'}" in text
 
 
 def test_missing_dataset_through_the_cli_keeps_previous_outputs(tmp_path):

@@ -37,8 +37,9 @@ def _sweep(base, sweep_dir, stage, *overrides):
 @pytest.mark.slow
 def test_multirun_writes_one_folder_per_point(base, tmp_path):
     sweep = tmp_path / "sweep"
-    _sweep(base, sweep, "transfer", "transfer.freeze_depth=0,2")
+    shown = _sweep(base, sweep, "transfer", "transfer.freeze_depth=0,2").stdout
     points = {p.name for p in sweep.iterdir() if p.is_dir()}
+    assert all(f"transfer: outputs in {sweep / p / 'transfer'}\n" in shown for p in points), shown  # where each went
     assert points == {"transfer.freeze_depth=0", "transfer.freeze_depth=2"}
     for depth in (0, 2):
         out = sweep / f"transfer.freeze_depth={depth}" / "transfer"

@@ -21,7 +21,7 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
 
     from transferkit.config.checks import validate
     from transferkit.config.compose import to_params
-    from transferkit.stages.common import seed_everything, staged_output, storage_errors
+    from transferkit.stages.common import announce, seed_everything, staged_output, storage_errors
     from transferkit.training.precision import check_accelerator
 
     validate(cfg)
@@ -44,10 +44,11 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
             result = module.run(cfg, inputs, work)
     finally:
         torch.set_num_threads(threads)
-    if not os.environ.get("DVC_STAGE") and first_process() and kept_by_dvc(stage, out):
-        print(f"{out} is where `dvc repro` keeps {stage}'s outputs, and DVC did not make these: `dvc commit {stage}` "
-              f"records them if params.yaml holds the settings they were made with; else the next `dvc repro` "
-              f"runs {stage} and the stages after it again.")
+    if not os.environ.get("DVC_STAGE") and first_process():  # DVC says where its stages write
+        announce(f"{out} is where `dvc repro` keeps {stage}'s outputs, and DVC did not make these: `dvc commit "
+                 f"{stage}` records them if params.yaml holds the settings they were made with; else the next `dvc "
+                 f"repro` runs {stage} and the stages after it again." if kept_by_dvc(stage, out)
+                 else f"{stage}: outputs in {out}")
     return result
 
 
