@@ -610,3 +610,39 @@ def test_a_command_started_with_other_interpreter_options_gets_a_server_of_its_o
     paths = {subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True,
                             check=True).stdout for flags in ([], ["-O"], ["-W", "error"], ["-X", "dev"])}
     assert len(paths) == 4
+
+
+def test_a_command_its_worker_ran_before_the_handshake_ended_is_not_run_again(tmp_path, monkeypatch):
+    """A fast command on a busy machine: the worker ran, answered and closed before the command process sent its
+    (empty) rest of the header, whose EPIPE read as "nothing ran", and the command ran a second time, cold."""
+    import socket
+    import struct
+    import threading
+
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def server() -> None:  # what server.py does for a command that exits 3 at once
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(struct.pack("!I", os.getpid()))
+            _, fds, _, _ = socket.recv_fds(conn, 1 << 16, warm.STREAMS)
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(struct.pack("!i", 3))
+
+    real_send_fds = socket.send_fds
+
+    def slow_send_fds(*args):  # the command process loses the CPU right after its first send
+        sent = real_send_fds(*args)
+        thread.join()
+        return sent
+
+    thread = threading.Thread(target=server)
+    thread.start()
+    monkeypatch.setattr(warm, "socket_path", lambda: path)
+    monkeypatch.setattr(socket, "send_fds", slow_send_fds)
+    assert warm.run(["prepare", "--params", "params.yaml"]) == 3
+    listener.close()

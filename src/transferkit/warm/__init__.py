@@ -161,8 +161,10 @@ def run(argv: list[str]) -> int | None:
                              "path": sys.path, "ignored": ignored}).encode()
         try:
             message = struct.pack("!I", len(header)) + header
-            # one send takes what fits in the socket's buffer: the rest of a large environment follows
-            conn.sendall(message[socket.send_fds(conn, [message], list(range(STREAMS))):])
+            # one send takes what fits in the socket's buffer: the rest of a large environment follows (only
+            # then: a worker that took it all may have ended, and a send to its closed socket fails, after it ran)
+            if (sent := socket.send_fds(conn, [message], list(range(STREAMS)))) < len(message):
+                conn.sendall(message[sent:])
             if (pid_bytes := recv_exactly(conn, 4)) is None:
                 return None  # the server went away before forking: run here
         except OSError:  # closed as this connected (its idle timeout; killed), or stopped (timeout): nothing ran
