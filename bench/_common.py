@@ -177,6 +177,9 @@ def main_of(main) -> int:
     as transferkit's own commands end."""
     from transferkit.errors import TransferkitError
 
+    # the commands a benchmark starts run fresh (a user's exported TRANSFERKIT_WARM=1 made a "fresh" column
+    # warm too); warm_commands turns warm on for the arm that measures it
+    os.environ.pop("TRANSFERKIT_WARM", None)
     try:
         return main()
     except TransferkitError as e:
