@@ -646,3 +646,22 @@ def test_a_command_its_worker_ran_before_the_handshake_ended_is_not_run_again(tm
     monkeypatch.setattr(socket, "send_fds", slow_send_fds)
     assert warm.run(["prepare", "--params", "params.yaml"]) == 3
     listener.close()
+
+
+def test_a_server_that_does_not_answer_is_named_once_and_left_for_a_new_one(tmp_path, monkeypatch, capsys):
+    """A stopped or stuck server accepts into its socket's backlog and never forks: every command waited
+    HANDSHAKE_S, then ran cold, without a word and for as long as the server lived."""
+    import socket
+
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)  # and never accepts: a server stuck in its imports, or stopped
+    monkeypatch.setattr(warm, "socket_path", lambda: path)
+    monkeypatch.setattr(warm, "HANDSHAKE_S", 1.0)
+    assert warm.run(["prepare", "--params", "params.yaml"]) is None  # the command runs itself
+    assert capsys.readouterr().err.splitlines() == [
+        f"transferkit: the warm server did not answer within 1 s (stopped or stuck; its log: {tmp_path / 's.log'}), "
+        f"so this command runs cold and the next starts a new server."]
+    assert not path.exists()  # the next command starts a server of its own
+    listener.close()

@@ -24,7 +24,7 @@ one process only, and no kept library serves separate commands.
   ignored, where the command ignores them), Ctrl+Z stops the worker with its command, and a worker
   ended by a signal (passed on, or any other: kill -9, out of memory) ends its command by it too.
 - A server that has not forked a worker within HANDSHAKE_S (stopped, stuck) leaves the command to run
-  itself.
+  itself, says so, and gives up its socket: the next command starts a new server.
 - It never initialises CUDA itself (a forked child could not use a CUDA the parent initialised):
   the device is set up in each worker, as in a fresh process.
 """
@@ -146,6 +146,7 @@ def run(argv: list[str]) -> int | None:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.settimeout(HANDSHAKE_S)
         try:
+            inode = path.stat().st_ino
             conn.connect(str(path))  # a server still importing has bound its socket: its worker comes later
         except OSError:
             conn.close()
@@ -167,7 +168,15 @@ def run(argv: list[str]) -> int | None:
                 conn.sendall(message[sent:])
             if (pid_bytes := recv_exactly(conn, 4)) is None:
                 return None  # the server went away before forking: run here
-        except OSError:  # closed as this connected (its idle timeout; killed), or stopped (timeout): nothing ran
+        except TimeoutError:  # stopped or stuck: every later command would wait as long, without a word
+            with contextlib.suppress(OSError):
+                if path.stat().st_ino == inode:  # its socket still: the next command starts a new server
+                    path.unlink()
+            print(f"transferkit: the warm server did not answer within {HANDSHAKE_S:.0f} s (stopped or stuck; its "
+                  f"log: {path.with_suffix('.log')}), so this command runs cold and the next starts a new server.",
+                  file=sys.stderr)
+            return None
+        except OSError:  # closed as this connected (its idle timeout; killed): nothing ran
             return None
         conn.settimeout(None)
         pid, passed = struct.unpack("!I", pid_bytes)[0], []
