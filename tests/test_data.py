@@ -218,6 +218,28 @@ def test_a_pickle_asking_for_an_array_of_python_objects_is_refused_before_it_is_
         read_cifar_pickles(folder, "cifar10", verify_checksums=False)
 
 
+def test_a_pickle_that_encodes_bytes_into_more_bytes_is_refused_before_they_grow(tmp_path):
+    """_codecs.encode, which protocol-2 pickles of numpy arrays call to turn text into latin-1 bytes, took any
+    codec: hex doubles its input, and 312 bytes of nested calls asked for 16 MB (36 levels: about 100 GB)."""
+    import codecs
+    import pickle
+
+    class Hex:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __reduce__(self):
+            return codecs.encode, (self.inner, "hex")
+
+    payload = b"x"
+    for _ in range(3):
+        payload = Hex(payload)
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=5, test_per_class=1)
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": payload}, protocol=2))
+    with pytest.raises(TransferkitError, match=r"batches.meta .*_codecs.encode of bytes to hex"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
 # ============================================================== image folders and archives
 CLASSES4 = ["bird", "cat", "dog", "frog"]
 

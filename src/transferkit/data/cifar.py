@@ -51,6 +51,8 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) == ("numpy", "dtype"):
             return _plain_dtype
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         if (module, name) in _CIFAR_GLOBALS:
             return super().find_class(module, name)
         raise _RefusedGlobal(f"{module}.{name}")
@@ -65,6 +67,16 @@ def _plain_dtype(*args):
     if dtype.hasobject:
         raise _RefusedGlobal("numpy.dtype of Python objects")
     return dtype
+
+
+def _latin1_encode(text, encoding: str = "utf-8", *_):
+    """_codecs.encode as protocol-2 pickles of numpy arrays call it, text to latin-1 bytes of the same length: other
+    codecs grow what they are given (hex doubles it, and twelve bytes of pickle nest another hex)."""
+    import codecs
+
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _RefusedGlobal(f"_codecs.encode of {type(text).__name__} to {encoding}")
+    return codecs.encode(text, "latin1")
 
 
 def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -> RawDataset:
