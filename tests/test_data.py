@@ -740,6 +740,16 @@ def test_high_bit_depth_grey_decodes_like_its_8bit_version(mode):
     assert np.array_equal(want[0], eight) and 120 <= got.mean() <= 135  # mid grey on average, not white
 
 
+def test_a_float_image_in_pils_own_0_to_255_range_is_not_read_as_white():
+    """PIL's convert("F") keeps 0..255; read as 0..1, every sample above 1 came out white."""
+    from transferkit.data.sources import decode_image
+
+    eight = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
+    data = _encode(Image.fromarray(eight).convert("F"), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "F"
+    assert np.array_equal(decode_image(data, "f.tif", 32)[0], eight)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     """A phone stores its pixels sideways with EXIF orientation 6 (display rotated 90 degrees clockwise);
     prepare (image folders, JPEG fast path included) and predict see the upright image."""
@@ -1458,8 +1468,28 @@ def test_a_split_named_like_a_top_folder_is_no_nested_class(tmp_path):
             (top / split / cls).mkdir(parents=True)
             (top / split / cls / "0.png").write_bytes(_png())
     path = Path(shutil.make_archive(str(tmp_path / "d"), "gztar", tmp_path / "d"))
+    with pytest.raises(TransferkitError, match=r"test/val/cat/0.png lies in val/, which prepare does not read"):
+        read_image_folder(path, wanted={"cat", "dog"})  # val/ itself, not a class "val" it would be nested in
+    shutil.rmtree(top / "val")
+    path = Path(shutil.make_archive(str(tmp_path / "d"), "gztar", tmp_path / "d"))
     raw = read_image_folder(path, wanted={"cat", "dog"})
     assert raw.classes == ["cat", "dog"] and len(raw.train.labels) == 2 and len(raw.test.labels) == 2
+
+
+@pytest.mark.parametrize("split, fix", [("val", "into train/ or out of the dataset"), ("validation", "into train/ or "
+                                        "out of the dataset"), ("Test", "into test/"), ("TRAIN", "into train/")])
+def test_a_split_folder_prepare_does_not_read_is_one_error(tmp_path, split, fix):
+    """val/ (or Test/) beside train/ and test/: its images were left out without a word (and a target's Test/
+    then read as no test images at all)."""
+    folder = write_image_folder(tmp_path / "d", ["cat", "dog"], 1, 1, archive=False)
+    (folder / split / "cat").mkdir(parents=True)
+    (folder / split / "cat" / "0.png").write_bytes(_png())
+    for path in (folder, Path(shutil.make_archive(str(tmp_path / "d"), "zip", folder))):
+        with pytest.raises(TransferkitError, match=rf"{split}/cat/0.png lies in {split}/, which prepare does not read: "
+                                                   rf"it reads train/ and test/, and draws validation images from "
+                                                   rf"train/ \(val_per_class\). Fix: move {split}/'s images {fix}\.$"):
+            read_image_folder(path)
+        assert read_image_folder(path, wanted={"dog"}).classes == ["cat", "dog"]  # not a class the task reads
 
 
 @pytest.mark.parametrize("as_archive", [False, True])

@@ -57,12 +57,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         ImageOps.exif_transpose(img, in_place=True)
     except (SyntaxError, ValueError, OSError, struct.error):  # a damaged EXIF block: the pixels as stored
         pass
-    # convert() clips values above 255, so wider samples are scaled to 8 bits first: integer
-    # modes (I;16*, I) hold 16-bit data (0..65535) and float mode F holds 0..1
+    # convert() clips values above 255, so wider samples are scaled to 8 bits first: integer modes (I;16*, I) hold
+    # 16-bit data (0..65535), and float mode F 0..1 (most writers) or 0..255 (PIL's own convert("F")), told by range
     if img.mode.startswith("I;16") or img.mode == "I":
         img = Image.fromarray((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
     elif img.mode == "F":
-        img = Image.fromarray(np.round(np.clip(np.asarray(img), 0.0, 1.0) * 255).astype(np.uint8))
+        floats = np.asarray(img)
+        img = Image.fromarray(np.round(np.clip(floats * (255 if floats.max() <= 1 else 1), 0, 255)).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         # transparent pixels show the white of the page a viewer draws them on, not the colour stored under them
         img = img.convert("RGBA")
@@ -83,9 +84,7 @@ def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
     except Image.DecompressionBombError as e:
         raise TransferkitError(f"image {where} has more than {MAX_PIXELS / 1e6:.0f} million pixels, more than PIL "
                                f"reads (a few kilobytes can declare billions). Fix: downscale it.") from e
-    # a broken file raises whatever its format's reader hits: a PNG chunk SyntaxError, a frameless GIF EOFError, a
-    # TIFF tag of the wrong type TypeError
-    except Exception as e:
+    except Exception as e:  # a broken file raises what its reader hits (a PNG chunk SyntaxError, a GIF EOFError...)
         why = "no image format PIL reads" if isinstance(e, UnidentifiedImageError) else e  # its text: a buffer's id
         raise TransferkitError(f"corrupt image {where} ({why}). Fix: delete or replace that file.") from e
     if img.size != (image_size, image_size):
@@ -168,6 +167,10 @@ def _parse_member(path: str, wanted: set[str] | None = None) -> tuple[str, str] 
     split, cls = parts[-3], class_name(parts[-2])
     if split in ("train", "test"):
         return split, cls
+    if split.lower() in ("train", "test", "val", "valid", "validation") and (wanted is None or cls in wanted):
+        raise TransferkitError(f"{path} lies in {split}/, which prepare does not read: it reads train/ and test/, and "
+                               f"draws validation images from train/ (val_per_class). Fix: move {split}/'s images "
+                               f"into {'train/ or out of the dataset' if split[0] in 'vV' else split.lower() + '/'}.")
     inner = [i for i, p in enumerate(parts[:-3]) if p in ("train", "test")]  # the split it may lie deeper in
     if inner and (wanted is None or class_name(parts[inner[-1] + 1]) in wanted):
         raise TransferkitError(f"{path} lies in a folder inside its class's folder, where no image is read (only "
@@ -237,9 +240,8 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
                 if data is not None:
                     items.setdefault(key, []).append((name, data))
     if not seen_classes:
-        raise TransferkitError(
-            f"no images found in {path}: expected train/<class>/<image> and test/<class>/<image>. "
-            f"Fix: arrange the images in that layout.")
+        raise TransferkitError(f"no images found in {path}: expected train/<class>/<image> and test/<class>/<image>. "
+                               f"Fix: arrange the images in that layout.")
     classes = sorted(seen_classes)
     index = {c: i for i, c in enumerate(classes)}
 
@@ -254,12 +256,11 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
 
 # --------------------------------------------------------------------------- resolution
 def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
-    return TransferkitError(
-        f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Fix: provide it one of three ways: "
-        f"(1) the official python version: extract it to {data_dir}/{CIFAR[name][0]}/ (or run with network access "
-        f"and data.download=true); (2) an image-folder tree, .tar.gz or .zip (train/<class>/*, test/<class>/*) at "
-        f"{data_dir}/{name}-jpeg.tar.gz (or .zip) or given as the dataset path; (3) synthetic images, no files "
-        f"needed: `experiment=smoke`.")
+    return TransferkitError(f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Fix: provide "
+                            f"it one of three ways: (1) the official python version: extract it to {data_dir}/"
+                            f"{CIFAR[name][0]}/ (or run with network access and data.download=true); (2) an image-"
+                            f"folder tree, .tar.gz or .zip (train/<class>/*, test/<class>/*) at {data_dir}/{name}-jpeg"
+                            f".tar.gz (or .zip) or as the dataset path; (3) synthetic images: `experiment=smoke`.")
 
 
 def dataset_location(dataset: str, data_dir: Path, root: Path | None = None) -> Path | None:
@@ -293,8 +294,7 @@ def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksu
             raise _not_found(dataset, data_dir, f"download failed: {type(e).__name__}: {e}") from e
         return read_cifar_pickles(official, dataset, verify_checksums)
     if where is None:
-        raise TransferkitError(
-            f"dataset '{dataset}' is neither 'cifar10', 'cifar100', 'synthetic' nor an existing "
-            f"image folder or archive. Fix: give one of those names or the path to a folder, .tar.gz or .zip "
-            f"laid out as train/<class>/*, test/<class>/*.")
+        raise TransferkitError(f"dataset '{dataset}' is neither 'cifar10', 'cifar100', 'synthetic' nor an existing "
+                               f"image folder or archive. Fix: give one of those names or the path to a folder, "
+                               f".tar.gz or .zip laid out as train/<class>/*, test/<class>/*.")
     return read_image_folder(where, image_size, wanted)
