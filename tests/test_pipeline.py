@@ -484,7 +484,7 @@ def test_the_report_names_the_models_not_shown_better_than_guessing():
             "target": {"dataset": "d", "classes": list("abc"), "n_train": 1, "n_val": 1, "n_test": 30}}
     text = render(cfg, {"models": {"transfer": model(.5), "probe": model(.2), "prune": model(1 / 3)}}, {}, data)
     line = next(x for x in text.splitlines() if x.startswith("Not shown better than guessing"))
-    assert line == ("Not shown better than guessing: linear probe, student pruned + recovered (the 95% interval "
+    assert line == ("Not shown better than guessing: linear probe; student pruned + recovered (the 95% interval "
                     "reaches 33.3%, one class in 3). Fix: more epochs or training images."), line
     assert "guessing" not in render(cfg, {"models": {"transfer": model(.5)}}, {}, data)
 

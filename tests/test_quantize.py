@@ -312,7 +312,7 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
     # the stage ends with one line of what it made, as the training stages do
     assert (f"quantize: INT8 top-1 test {100 * q['int8_top1']:.1f}%, fp32 {100 * q['fp32_top1']:.1f}% (the same "
             f"prediction on {100 * q['top1_agreement']:.1f}% of {q['n_test']} images); ") in shown, shown
-    assert f"-> {q['bytes']['int8'] / 1e6:.2f} MB; by quantization-aware fine-tuning (2 epochs" in shown
+    assert f"-> {q['bytes']['int8'] / 1e3:.1f} KB; by quantization-aware fine-tuning (2 epochs" in shown  # tiny
     assert (out / "qat" / "model_fp32.onnx").is_file() and (out / "qat" / "dvclive").is_dir()
     paths = [str(Path(m.__file__).resolve().parents[1]).encode() for m in (transferkit, torch)]  # src/, site-packages/
     for onnx_file in (out / "model.onnx", out / "qat" / "model_fp32.onnx"):  # no stack traces of this machine

@@ -23,6 +23,11 @@ def millions(n: int, digits: int) -> str:
     return f"{n / 1e6:.{digits}f} M" if n >= 10 ** (7 - digits) else f"{n:,}"
 
 
+def file_size(n: int) -> str:
+    """A file's bytes in MB, or in KB where MB would print a tiny model's file as 0.01."""
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} KB"
+
+
 def times(ratio: float, less: str, more: str, digits: int = 2) -> str:
     """A ratio (before / after) in words: "3.90x smaller", or "1.20x larger" for 0.83 (a tiny model's
     INT8 file, whose scales and zero points outweigh the bytes its weights save; a pruned model whose

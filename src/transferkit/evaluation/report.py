@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transferkit.evaluation.formats import interval, measured, millions, names, times
+from transferkit.evaluation.formats import file_size, interval, measured, millions, names, times
 
 # The source material's reference experiment (mini-VGG+BN, CIFAR-10 -> 10 aquatic CIFAR-100
 # classes, 400 train / 100 eval per class, conv1-6 frozen, 50 epochs, hours on a CPU).
@@ -15,10 +15,6 @@ LABELS = {"scratch": "scratch (baseline)", "probe": "linear probe", "transfer": 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
 
 
 def freeze_curve_section(rows: list[dict], models: dict, cfg_summary: dict) -> list[str]:
@@ -100,7 +96,7 @@ def prune_section(pc: dict, models: dict, timing: dict) -> list[str]:
         "|---|---|---|---|---|---|---|"]
     for label, m, t in (("before (distilled)", before, tb), ("after (pruned + recovered)", after, ta)):
         lines.append(f"| {label} | {_pct(m['top1'])} | {millions(m['params'], 3)} | {millions(m['macs'], 1)} | "
-                     f"{_mb(m['size_bytes'])} | {measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
+                     f"{file_size(m['size_bytes'])} | {measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
                      f"{measured(t, 'throughput_img_s', '.0f', ' img/s')} |")
     lat = tb.get("latency_ms_bs1", float("nan")) / ta.get("latency_ms_bs1", float("nan"))
     lat1 = tb.get("latency_ms_bs1_1thread", float("nan")) / ta.get("latency_ms_bs1_1thread", float("nan"))
@@ -173,7 +169,7 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
            f"on the test images (fp32: {_pct(q['fp32_top1'])})." if "post_training" in q else ""), "",
         "| model | top-1 | file | CPU latency (batch 1) | same, 1 thread | CPU throughput | same, 1 thread |",
         "|---|---|---|---|---|---|---|",
-        *[f"| {label} | {_pct(models[k]['top1'])} | {_mb(models[k]['size_bytes'])} | "
+        *[f"| {label} | {_pct(models[k]['top1'])} | {file_size(models[k]['size_bytes'])} | "
           f"{measured(timing.get(k, {}), 'latency_ms_bs1', '.2f', ' ms')} | "
           f"{measured(timing.get(k, {}), 'latency_ms_bs1_1thread', '.2f', ' ms')} | "
           f"{measured(timing.get(k, {}), 'throughput_img_s', '.0f', ' img/s')} | "
@@ -214,13 +210,13 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         lines.append(
             f"| {LABELS.get(name, name)} | **{_pct(m['top1'])}** | {_pct(m['top1_ci95'][0])} – "
             f"{_pct(m['top1_ci95'][1])} | {millions(m['params'], 2)} | {millions(m['macs'], 1)} | "
-            f"{_mb(m['size_bytes'])} | {measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
+            f"{file_size(m['size_bytes'])} | {measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
             f"{measured(t, 'latency_ms_bs1_1thread', '.2f', ' ms')} | "
             f"{measured(t, 'throughput_img_s', '.0f', ' img/s')} |")
     lines += ["", *one_view_note(cfg_summary["tta"], cfg_summary["tta_views"], models), ""]
     classes = len(next(iter(models.values()))["per_class"])
     if guessing := [LABELS.get(n, n) for n, m in models.items() if m["top1_ci95"][0] <= 1 / classes]:
-        lines += [f"Not shown better than guessing: {', '.join(guessing)} (the 95% interval reaches "
+        lines += [f"Not shown better than guessing: {'; '.join(guessing)} (the 95% interval reaches "
                   f"{_pct(1 / classes)}, one class in {classes}). Fix: more epochs or training images.", ""]
     gain = metrics.get("transfer_vs_scratch")
     if gain:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from transferkit.evaluation.formats import interval, measured, millions, names, points
+from transferkit.evaluation.formats import file_size, interval, measured, millions, names, points
 
 
 def pct(x) -> str:
@@ -147,6 +147,13 @@ def results_table(metrics: dict, timing: dict) -> str:
         lines.append(f"Top-1 is over the test-time views of evaluate.tta; `transferkit predict` runs one, and there "
                      f"the deployed files score {' and '.join(one_view)}.")
     return "\n".join(lines) + "\n"
+
+
+def quantize_line(result: dict, produced_by: str) -> str:
+    """What the quantize stage ends with on the console."""
+    return (f"quantize: INT8 top-1 test {pct(result['int8_top1'])}%, fp32 {pct(result['fp32_top1'])}% (the same "
+            f"prediction on {pct(result['top1_agreement'])}% of {result['n_test']:,} images); "
+            f"{file_size(result['bytes']['fp32'])} -> {file_size(result['bytes']['int8'])}; by {produced_by}")
 
 
 def training_table(stages: dict[str, dict]) -> str:

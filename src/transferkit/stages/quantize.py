@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferkit.deploy.quantize import (calibration_images, check, copy_metadata, decision_split, loss_of, quantize,
                                          refuse, sizes)
-from transferkit.evaluation.tables import pct
+from transferkit.evaluation.tables import quantize_line
 from transferkit.io import atomic_path, require, save_json
 from transferkit.stages.common import announce, load_task
 
@@ -53,9 +53,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                "judged_on": split, split: judged, **post_training},
               out / "quantize.json")
     save_json({"quantize_seconds": round(seconds, 2)}, out / "timing.json")
-    announce(f"quantize: INT8 top-1 test {pct(result['int8_top1'])}%, fp32 {pct(result['fp32_top1'])}% (the same "
-             f"prediction on {pct(result['top1_agreement'])}% of {result['n_test']:,} images); "
-             f"{result['bytes']['fp32'] / 1e6:.2f} MB -> {result['bytes']['int8'] / 1e6:.2f} MB; by {produced_by}")
+    announce(quantize_line(result, produced_by))
     return result
 
 
