@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import CIFAR10_CLASSES, random_images, refuse_listing, write_cifar_pickles, write_image_folder
-from transferkit.data import archives, sources
+from transferkit.data import archives, resolve, sources
 from transferkit.data.augment import augment, draw_flips, draw_shifts, flip, translate
 from transferkit.data.loader import DeviceBatches
-from transferkit.data.sources import RawDataset, Split, load_dataset, read_cifar_pickles, read_image_folder
+from transferkit.data.cifar import read_cifar_pickles
+from transferkit.data.dataset import RawDataset, Split
+from transferkit.data.resolve import load_dataset
+from transferkit.data.sources import read_image_folder
 from transferkit.data.synthetic import make_synthetic
 from transferkit.data.tasks import select_task, task_summary
 from transferkit.errors import TransferkitError
@@ -49,7 +52,7 @@ def _no_download(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a test tried to download CIFAR")
 
-    monkeypatch.setattr(sources, "download_cifar", refuse)
+    monkeypatch.setattr(resolve, "download_cifar", refuse)
 
 
 # ============================================================== official CIFAR pickles
@@ -957,7 +960,7 @@ def test_failed_download_gives_the_same_advice(tmp_path, monkeypatch):
     def offline(name, data_dir):
         raise OSError("Network is unreachable")
 
-    monkeypatch.setattr(sources, "download_cifar", offline)
+    monkeypatch.setattr(resolve, "download_cifar", offline)
     with pytest.raises(TransferkitError) as e:
         _load("cifar10", tmp_path, download=True)
     msg = str(e.value)

@@ -194,7 +194,7 @@ def test_the_cifar_reader_still_reads_protocol_2_pickles(tmp_path):
     """The official files are Python 2 pickles (protocol 2, numpy arrays via _codecs.encode)."""
     import numpy as np
 
-    from transferkit.data.sources import read_cifar_pickles
+    from transferkit.data.cifar import read_cifar_pickles
 
     folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, 5, 1)
     for f in folder.iterdir():
@@ -225,7 +225,7 @@ def test_download_extracts_without_unpickling(tmp_path, monkeypatch):
 
     from torchvision.datasets import CIFAR10
 
-    from transferkit.data.sources import download_cifar
+    from transferkit.data.cifar import download_cifar
 
     marker = tmp_path / "marker"
     folder = write_cifar_pickles(tmp_path / "src", "cifar10", CIFAR10_CLASSES, 5, 1)

@@ -1,5 +1,5 @@
-"""Raw datasets: official CIFAR pickles, image-folder trees or their .tar.gz / .zip archives, and
-synthetic images made in-process. Each loader returns uint8 NCHW tensors, decoded once."""
+"""Image-folder datasets: trees or their .tar.gz / .zip archives of train/<class>/<image> and test/<class>/<image>,
+decoded once into uint8 NCHW tensors, and the image files' decoding that predict shares."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transferkit.data.archives import archive_files, memory_limit
-from transferkit.data.cifar import CIFAR, download_cifar, read_cifar_pickles
 from transferkit.data.dataset import RawDataset, Split, class_name
 from transferkit.errors import TransferkitError
 from transferkit.progress import progress
@@ -252,49 +251,3 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
         return Split(images, torch.tensor([index[c] for _, _, c in todo], dtype=torch.long))
 
     return RawDataset(path.name, classes, split("train"), split("test"))
-
-
-# --------------------------------------------------------------------------- resolution
-def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
-    return TransferkitError(f"{name.upper()} not found in {data_dir}/ and not downloadable ({reason}). Fix: provide "
-                            f"it one of three ways: (1) the official python version: extract it to {data_dir}/"
-                            f"{CIFAR[name][0]}/ (or run with network access and data.download=true); (2) an image-"
-                            f"folder tree, .tar.gz or .zip (train/<class>/*, test/<class>/*) at {data_dir}/{name}-jpeg"
-                            f".tar.gz (or .zip) or as the dataset path; (3) synthetic images: `experiment=smoke`.")
-
-
-def dataset_location(dataset: str, data_dir: Path, root: Path | None = None) -> Path | None:
-    """The folder or archive `load_dataset` reads `dataset` from (its name names the dataset; resolve it to
-    compare two), None where it is not on disk (a CIFAR name to download, or a missing path). A relative
-    path is read from `root` (default: here), else from data_dir."""
-    if dataset in CIFAR:
-        official = data_dir / CIFAR[dataset][0]
-        candidates = [official, *(data_dir / f"{dataset}-jpeg{ext}" for ext in (".tar.gz", ".zip", ""))]
-        return next((c for c in candidates if (c.is_dir() if c == official else c.exists())), None)
-    path = Path(dataset)
-    if not path.is_absolute() and not (path := (root or Path()) / dataset).exists():
-        path = data_dir / dataset
-    return path if path.exists() else None
-
-
-def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksums: bool,
-                 image_size: int, wanted: set[str] | None) -> RawDataset:
-    """Resolve a dataset name ('cifar10', 'cifar100') or a path to an image folder/archive."""
-    where = dataset_location(dataset, data_dir)
-    if dataset in CIFAR:
-        official = data_dir / CIFAR[dataset][0]
-        if where is not None:
-            return (read_cifar_pickles(where, dataset, verify_checksums) if where == official
-                    else read_image_folder(where, image_size, wanted))
-        if not download:
-            raise _not_found(dataset, data_dir, "data.download=false")
-        try:
-            download_cifar(dataset, data_dir)
-        except Exception as e:  # URLError, timeouts, DNS failures, checksum mismatch
-            raise _not_found(dataset, data_dir, f"download failed: {type(e).__name__}: {e}") from e
-        return read_cifar_pickles(official, dataset, verify_checksums)
-    if where is None:
-        raise TransferkitError(f"dataset '{dataset}' is neither 'cifar10', 'cifar100', 'synthetic' nor an existing "
-                               f"image folder or archive. Fix: give one of those names or the path to a folder, "
-                               f".tar.gz or .zip laid out as train/<class>/*, test/<class>/*.")
-    return read_image_folder(where, image_size, wanted)

@@ -88,7 +88,7 @@ def named_files(stage: str, params: dict, root=None) -> dict[str, str]:
     root = Path(root or ".")
     data_dir = Path(os.path.abspath(root / str(flat.get("paths.data_dir") or "data")))
     if BY_NAME[stage].datasets:
-        from transferkit.data.sources import dataset_location
+        from transferkit.data.resolve import dataset_location
     for key in BY_NAME[stage].datasets:
         name = flat.get(key)
         if not name or name == "synthetic":  # synthetic images: made, not read

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferkit.data.sources import RawDataset, dataset_location, load_dataset
+from transferkit.data.dataset import RawDataset
+from transferkit.data.resolve import dataset_location, load_dataset
 from transferkit.data.synthetic import make_synthetic
 from transferkit.data.tasks import check_disjoint, select_task, task_summary
 from transferkit.io import save_json, save_torch
