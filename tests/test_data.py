@@ -1508,6 +1508,29 @@ def test_images_in_a_folder_inside_a_class_are_one_error(tmp_path, as_archive):
     assert read_image_folder(Path(path), wanted={"dog"}).classes == ["cat", "dog"]  # not a class the task reads
 
 
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_two_datasets_in_one_folder_are_one_error(tmp_path, as_archive):
+    """flowers/ and flowers_backup/ in one archive (or the folder above a dataset given): read as one dataset, an
+    image's copy could land in train and its twin in val, without a word."""
+    for root in ("flowers", "flowers_backup"):
+        write_image_folder(tmp_path / "d" / root, ["rose", "tulip"], 2, 1, archive=False)
+    path = Path(shutil.make_archive(str(tmp_path / "d"), "zip", tmp_path / "d")) if as_archive else tmp_path / "d"
+    with pytest.raises(TransferkitError, match=r"holds train/ and test/ in flowers/cifar10-jpeg/ and in "
+                                               r"flowers_backup/cifar10-jpeg/: two datasets, or two copies of one\. "
+                                               r"Fix: give the folder or archive of one dataset alone\.$"):
+        read_image_folder(path)
+    assert read_image_folder(tmp_path / "d" / "flowers").classes == ["rose", "tulip"]  # one of them: read
+
+
+def test_a_link_to_nothing_in_a_folder_dataset_is_one_error_as_in_an_archive(tmp_path):
+    """A broken link was skipped in a folder (its image left out without a word) and refused in an archive."""
+    folder = write_image_folder(tmp_path / "d", ["cat", "dog"], 2, 1, archive=False)
+    (folder / "train" / "cat" / "9.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(TransferkitError, match=rf"train/cat/9.png links to {tmp_path / 'nowhere.png'}, which is no "
+                                               rf"file\. Fix: remove the link"):
+        read_image_folder(folder)
+
+
 def test_a_task_whose_tensors_claim_more_than_their_storage_is_refused():
     """A view with stride 0 in a file of a few KB can claim 200 million images: every step that reads them
     would run for hours. A prepared task's tensors hold what they claim."""

@@ -222,11 +222,21 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
     wanted = None if wanted is None else {class_name(c) for c in wanted}
     items: dict[tuple[str, str], list[tuple[str, bytearray | Path]]] = {}
     seen_classes: set[str] = set()
+    roots: set[str] = set()  # the folder each image's train/ or test/ lies in: one dataset has one
+
+    def root(name: str) -> str:
+        parts = name.replace("\\", "/").rsplit("/", 3)
+        return parts[0] if len(parts) == 4 else "."
+
     if path.is_dir():
         for f in _folder_files(path):
             key = _parse_member(str(f.relative_to(path)), wanted)
+            if key and f.is_symlink() and not f.exists():  # as an archive's link to nothing is
+                raise TransferkitError(f"{f} links to {os.readlink(f)}, which is no file. Fix: remove the link, or "
+                                       f"put the image it meant in its place.")
             if key and f.is_file():
                 seen_classes.add(key[1])
+                roots.add(root(str(f.relative_to(path))))
                 if wanted is None or key[1] in wanted:
                     items.setdefault(key, []).append((str(f), f))  # read as decoded
     else:
@@ -236,8 +246,13 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
         for name, data in archive_files(path, keep):
             if key := _parse_member(name, wanted):
                 seen_classes.add(key[1])
+                roots.add(root(name))
                 if data is not None:
                     items.setdefault(key, []).append((name, data))
+    if len(roots) > 1:  # merged, a copy of an image could land in train and its twin in val
+        a, b = sorted(roots)[:2]
+        raise TransferkitError(f"{path} holds train/ and test/ in {a}/ and in {b}/: two datasets, or two copies of "
+                               f"one. Fix: give the folder or archive of one dataset alone.")
     if not seen_classes:
         raise TransferkitError(f"no images found in {path}: expected train/<class>/<image> and test/<class>/<image>. "
                                f"Fix: arrange the images in that layout.")
