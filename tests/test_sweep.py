@@ -897,6 +897,31 @@ def test_seeds_timed_with_other_evaluate_settings_are_one_row(tmp_path):
     assert [r.setting for r in find_runs([tmp_path])] == [("evaluate.tta=flip",)] * 3 + [("evaluate.tta=none",)]
 
 
+def test_a_setting_written_as_an_int_by_one_sweep_and_a_float_by_another_is_one_row(tmp_path):
+    """transfer.lr=1 and transfer.lr=1.0 compose alike: they were two rows, and the first had no scratch to be
+    compared with (scratch's lr was 1.0)."""
+    import torch
+
+    from transferkit.evaluation.runs import summarize
+    from transferkit.sweep.collect import find_runs
+
+    for seed, stage, lr in ((0, "transfer", 1), (1, "transfer", 1.0), (2, "transfer", 0.5), (0, "scratch", 1.0),
+                            (1, "scratch", 1)):
+        (tmp_path / f"{stage}{seed}{lr}" / stage).mkdir(parents=True)
+        (tmp_path / f"{stage}{seed}{lr}" / stage / "model.pt").touch()
+        (tmp_path / f"{stage}{seed}{lr}" / stage / "params.yaml").write_text(yaml.safe_dump(
+            {"name": "smoke", "seed": seed, "data": {}, "transfer": {"lr": lr, "widths": [8, 16.0]},
+             "scratch": {"lr": lr}}))
+    runs = find_runs([tmp_path])
+    assert sorted({r.label for r in runs}) == ["scratch scratch.lr=1", "transfer transfer.lr=0.5",
+                                               "transfer transfer.lr=1"]
+    for r in runs:
+        r.val_acc, r.test_acc, r.correct = 0.5, 0.5, torch.tensor([True, False] * 50)
+    rows = {r["label"]: r for r in summarize(runs)["rows"]}
+    assert rows["transfer transfer.lr=1"]["seeds"] == [0, 1]
+    assert rows["transfer transfer.lr=1"]["vs_scratch"]["seeds"] == [0, 1]  # compared with scratch's two seeds
+
+
 def test_runs_trained_in_another_precision_are_another_row(tmp_path):
     """A sweep over trainer.precision is a sweep (check_points lets it run): collect tells its points apart
     rather than count them as two seeds of one run."""

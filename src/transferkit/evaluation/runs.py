@@ -59,7 +59,17 @@ def read_run(folder: Path, stage: str) -> Run:
         raise TransferkitError(f"{folder} holds a damaged {PARAMS_FILE}, metrics.json or timing.json "
                                f"({' '.join(str(e).split())[:200]}). Fix: rerun it, or move it out of the sweep "
                                f"folder.") from e
-    return Run(stage, folder, params, metrics.get("val_acc"), timing.get("train_seconds"))
+    return Run(stage, folder, integral(params), metrics.get("val_acc"), timing.get("train_seconds"))
+
+
+def integral(value):
+    """A whole float as the int it is, in lists and dicts too: runs made with lr=1 and with lr=1.0 (Hydra composes
+    the two alike) are one setting, not two rows, and scratch's match."""
+    if isinstance(value, dict):
+        return {k: integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [integral(v) for v in value]
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def check_task(run: Run, task_file: Path, prepared: dict[Path, dict]) -> None:
