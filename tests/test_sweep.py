@@ -922,6 +922,31 @@ def test_a_setting_written_as_an_int_by_one_sweep_and_a_float_by_another_is_one_
     assert rows["transfer transfer.lr=1"]["vs_scratch"]["seeds"] == [0, 1]  # compared with scratch's two seeds
 
 
+def test_a_difference_over_fewer_seeds_than_its_scratch_row_says_so(tmp_path):
+    """The note was checked against the first scratch row (lr=0.5, seeds 0 and 1), not the one compared with
+    (lr=1.0, seeds 0 to 2): a difference over seeds 0 and 1 alone read as one over the rows' means."""
+    import torch
+
+    from transferkit.evaluation.runs import summarize
+    from transferkit.evaluation.tables import sweep_table
+    from transferkit.sweep.collect import find_runs
+
+    for seed, stage, lr in ((0, "scratch", 0.5), (1, "scratch", 0.5), (0, "scratch", 1.0), (1, "scratch", 1.0),
+                            (2, "scratch", 1.0), (0, "transfer", 1.0), (1, "transfer", 1.0), (0, "transfer", 0.5)):
+        folder = tmp_path / f"{stage}{seed}{lr}" / stage
+        folder.mkdir(parents=True)
+        (folder / "model.pt").touch()
+        (folder / "params.yaml").write_text(yaml.safe_dump(
+            {"name": "smoke", "seed": seed, "data": {}, "transfer": {"lr": lr}, "scratch": {"lr": lr}}))
+    runs = find_runs([tmp_path])
+    for i, r in enumerate(runs):
+        r.val_acc = r.test_acc = 0.5
+        r.correct = torch.arange(100) % (2 + i % 3) == 0
+    table = sweep_table(summarize(runs))
+    row = next(line for line in table.splitlines() if line.startswith("| transfer transfer.lr=1 "))
+    assert ", seeds 0, 1 alone |" in row, table
+
+
 def test_runs_trained_in_another_precision_are_another_row(tmp_path):
     """A sweep over trainer.precision is a sweep (check_points lets it run): collect tells its points apart
     rather than count them as two seeds of one run."""

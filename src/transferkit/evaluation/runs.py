@@ -171,7 +171,8 @@ def versus(group: list[Run], baseline: list[Run]) -> dict | None:
         return None
     by_seed = {r.seed: r for r in baseline}
     pairs = [(r, by_seed[r.seed]) for r in group if r.seed in by_seed]
-    paired = {"seeds": sorted(r.seed for r, _ in pairs)}  # the table says which, where they are not every seed
+    # the table says which, where they are not every seed of the row or of the baseline it is compared with
+    paired = {"seeds": sorted(r.seed for r, _ in pairs), "baseline_seeds": sorted(by_seed)}
     if len(pairs) >= 2:
         seeds = mean_difference([a.test_acc - b.test_acc for a, b in pairs])
         images = paired_difference(torch.stack([a.correct for a, _ in pairs]).float().mean(0),

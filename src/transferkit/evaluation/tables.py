@@ -31,7 +31,7 @@ def sweep_table(summary: dict) -> str:
         elif vs:
             lo, hi = vs["ci95"]
             diff = f"{points(vs['difference'])} ({interval(lo, hi)})"
-            if vs["seeds"] != r["seeds"] or vs["seeds"] != scratch_seeds:  # the means' columns are over others
+            if vs["seeds"] != r["seeds"] or vs["seeds"] != vs.get("baseline_seeds", scratch_seeds):  # means: others
                 diff += f", seed{'s' * (len(vs['seeds']) > 1)} {', '.join(map(str, vs['seeds']))} alone"
             verdict = "yes" if lo > 0 else ("no: worse" if hi < 0 else "not shown (interval includes 0)")
         lines.append(f"| {r['label']}{' ← best on val' * r['chosen_on_val']} | {len(r['seeds'])} | "
