@@ -530,6 +530,25 @@ def test_collect_without_runs(tmp_path):
     assert "no finished runs" in line
 
 
+def test_a_folder_above_a_sweep_folder_is_refused_rather_than_collected_whole(tmp_path):
+    """`collect sweeps` walked every model.pt below it: the points of an earlier sweep into sweeps/x, which
+    its dvc.yaml no longer lists (and which DVC was never asked about), counted too."""
+    from transferkit.errors import TransferkitError
+    from transferkit.project import RUNS_HEADER
+    from transferkit.sweep.collect import find_runs
+
+    sweep = tmp_path / "sweeps" / "x-transfer"
+    for point in ("seed=0", "seed=0,transfer.freeze_depth=2"):
+        (sweep / point / "transfer").mkdir(parents=True)
+        (sweep / point / "transfer" / "model.pt").touch()
+        (sweep / point / "transfer" / "params.yaml").write_text(yaml.safe_dump({"name": "smoke", "seed": 0}))
+    (sweep / "dvc.yaml").write_text(RUNS_HEADER + "stages:\n  point0:\n    cmd: x\n    outs:\n"
+                                    "    - seed=0,transfer.freeze_depth=2/transfer\n")
+    with pytest.raises(TransferkitError, match=rf"{tmp_path / 'sweeps'} holds the sweep folder {sweep}: collected "
+                                               rf"from above, .* Fix: give the sweep folders themselves"):
+        find_runs([tmp_path / "sweeps"])
+
+
 def _scorable(tmp_path):
     """A prepared task (with the params.yaml prepare saves beside it), a model trained for it, and `scored()`:
     the model scored by score() with tmp_path/scores.pt as the cache."""
@@ -778,7 +797,7 @@ def test_versus_scratch_pairs_only_the_seeds_both_ran():
 
     # no seed in common: no difference and no interval, and the table says why
     vs = versus(transfer[1:], scratch)
-    assert vs == {"difference": None, "ci95": None, "pairs": 0, "seeds": [],
+    assert vs == {"difference": None, "ci95": None, "pairs": 0, "seeds": [], "baseline_seeds": [0],
                   "method": "none where no seed pairs with the baseline's"}
     table = sweep_table(summarize(transfer[1:] + scratch))
     assert "| no paired seed | – |" in table and "Intervals: none where no seed pairs" in table
@@ -983,6 +1002,9 @@ def test_one_seed_has_no_spread_and_intervals_stay_within_100_points():
     summary = summarize([_run("transfer", 0, 0.70), _run("scratch", 0, 0.60)])
     assert [(r["val_std"], r["test_std"]) for r in summary["rows"]] == [(None, None)] * 2
     assert "| scratch | 1 | 50.0 ± – | 60.0 ± – |" in sweep_table(summary)  # unknown, not 0.0
+    # its interval is the test set's noise alone: the verdict says it rests on one seed
+    row = next(x for x in sweep_table(summary).splitlines() if x.startswith("| transfer"))
+    assert row.endswith(" | yes, on one seed |"), row
     # two seeds that disagree wildly: a t interval far wider than an accuracy difference can be
     table = sweep_table(summarize([_run("transfer", 0, 0.90), _run("transfer", 1, 0.30),
                                    _run("scratch", 0, 0.30), _run("scratch", 1, 0.40)]))

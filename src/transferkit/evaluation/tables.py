@@ -34,6 +34,8 @@ def sweep_table(summary: dict) -> str:
             if vs["seeds"] != r["seeds"] or vs["seeds"] != vs.get("baseline_seeds", scratch_seeds):  # means: others
                 diff += f", seed{'s' * (len(vs['seeds']) > 1)} {', '.join(map(str, vs['seeds']))} alone"
             verdict = "yes" if lo > 0 else ("no: worse" if hi < 0 else "not shown (interval includes 0)")
+            if len(vs["seeds"]) == 1 and verdict != "not shown (interval includes 0)":  # no training noise in it
+                verdict += ", on one seed"
         lines.append(f"| {r['label']}{' ← best on val' * r['chosen_on_val']} | {len(r['seeds'])} | "
                      f"{pct(r['val_mean'])} ± {pct(r['val_std'])} | {pct(r['test_mean'])} ± {pct(r['test_std'])} | "
                      f"{diff} | {verdict} |")

@@ -36,6 +36,11 @@ def run_roots(d: Path) -> list[Path]:
     any other folder, all of it."""
     dvc_file = d / "dvc.yaml"
     if not (dvc_file.is_file() and dvc_file.read_text().startswith(RUNS_HEADER)):
+        sweeps = (f.parent for f in sorted(d.rglob("dvc.yaml")) if f.read_text().startswith(RUNS_HEADER))
+        if inner := next(sweeps, None):
+            raise TransferkitError(f"{d} holds the sweep folder {inner}: collected from above, the points of an "
+                                   f"earlier sweep into it, which its dvc.yaml no longer lists, would count too. Fix: "
+                                   f"give the sweep folders themselves (`transferkit collect {inner} ...`).")
         return [d]
     stages = yaml.safe_load(dvc_file.read_text())["stages"]
     if stale := [out for name in stale_stages(d) for out in stages.get(name, {}).get("outs", [])]:
