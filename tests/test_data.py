@@ -564,8 +564,13 @@ def test_a_zip_archive_is_found_and_read_as_a_tar_is(tmp_path):
     assert torch.equal(a.test.labels, b.test.labels)
     damaged = tmp_path / "damaged.zip"
     damaged.write_bytes((tmp_path / "data" / "cifar10-jpeg.zip").read_bytes()[:-40])  # its directory cut
-    with pytest.raises(TransferkitError, match=r"corrupt or unreadable archive .* Fix: copy the archive .*\.zip\)"):
+    with pytest.raises(TransferkitError, match=r"corrupt or unreadable archive .* Fix: copy it into .*\.zip\), or give "
+                                               r"a folder or archive of train/<class>/\*, test/<class>/\* as the "
+                                               r"dataset\.$"):
         read_image_folder(damaged)
+    (tmp_path / "labels.csv").write_text("file,label\n")  # no archive at all: the fix names what is one
+    with pytest.raises(TransferkitError, match=r"labels.csv .* or give a folder or archive of train/<class>/\*"):
+        read_image_folder(tmp_path / "labels.csv")
     stored = tmp_path / "stored.zip"  # its members' method set to deflate64, which zipfile cannot read
     with zipfile.ZipFile(stored, "w") as archive:
         archive.writestr("cifar10-jpeg/train/cat/0000.jpg", b"\xff\xd8 a jpeg")
@@ -587,7 +592,7 @@ def test_a_zip_whose_directory_points_outside_it_is_one_error(tmp_path):
     end = raw.rfind(b"PK\x05\x06")  # the end-of-directory record: the directory's offset at +16
     raw[end + 16:end + 20] = (int.from_bytes(raw[end + 16:end + 20], "little") + 100).to_bytes(4, "little")
     path.write_bytes(raw)
-    with pytest.raises(TransferkitError, match=r"corrupt or unreadable archive .*ValueError.* Fix: copy the archive"):
+    with pytest.raises(TransferkitError, match=r"corrupt or unreadable archive .*ValueError.* Fix: copy it into"):
         read_image_folder(path)
 
 

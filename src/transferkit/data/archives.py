@@ -294,6 +294,7 @@ def archive_files(path: Path, keep: Callable[[str], bool] = lambda name: True) -
     # KeyError, ValueError, struct.error: a zip directory that lies
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError, KeyError,
             ValueError, struct.error) as e:
-        raise TransferkitError(
-            f"corrupt or unreadable archive {path} ({type(e).__name__}: {' '.join(str(e).split())}). Fix: copy the "
-            f"archive into {path.parent}/ again (a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip).") from e
+        raise TransferkitError(  # or no archive at all: a .csv, one image, an empty file
+            f"corrupt or unreadable archive {path} ({type(e).__name__}: {' '.join(str(e).split())}). Fix: copy it into "
+            f"{path.parent}/ again (a .tar, .tar.gz, .tar.bz2, .tar.xz or .zip), or give a folder or archive of "
+            f"train/<class>/*, test/<class>/* as the dataset.") from e
