@@ -536,6 +536,9 @@ def test_predict_reads_and_classifies_a_batch_at_a_time(tmp_path, monkeypatch, c
     assert "cannot read 2 of 42 image(s)" in line and "broken.png (no image format PIL reads)" in line, line
     assert "missing.png (no such file)" in line
     assert len(runs) == 1  # the probe at load: no model run once a file has failed
+    line = _one_error(capsys, ["predict", str(model), *(str(folder / f"gone{i}.png") for i in range(8))])
+    assert "cannot read 8 of 8 image(s): " in line and "gone4.png (no such file); and 3 more. Fix:" in line, line
+    assert "gone5.png" not in line  # the first few name the problem; thousands made a line no one reads
 
 
 def test_class_names_that_would_forge_a_result_line_are_refused(tmp_path, capsys):

@@ -110,9 +110,14 @@ def decode_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[str]]:
 
 
 def unreadable(bad: list[str], total: int) -> TransferkitError:
-    """One error naming every file `decode_images` could not read, of `total`."""
-    return TransferkitError(f"cannot read {len(bad)} of {total} image(s): {'; '.join(bad)}. "
+    """One error naming the files `decode_images` could not read, of `total`: the first few, and how many more (a
+    folder of thousands of text files made a line of thousands of names)."""
+    more = f"; and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
+    return TransferkitError(f"cannot read {len(bad)} of {total} image(s): {'; '.join(bad[:SHOWN])}{more}. "
                             f"Fix: pass image files PIL can open (PNG, JPEG, BMP, ...).")
+
+
+SHOWN = 5  # unreadable files an error names
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
