@@ -665,3 +665,31 @@ def test_a_server_that_does_not_answer_is_named_once_and_left_for_a_new_one(tmp_
         f"so this command runs cold and the next starts a new server."]
     assert not path.exists()  # the next command starts a server of its own
     listener.close()
+
+
+def test_a_server_starting_while_another_binds_leaves_it_its_socket(tmp_path):
+    """Two first commands start two servers: where the second probed the first between its bind and its listen,
+    the probe was refused, and the second took the socket over, leaving the first orphaned for its idle time."""
+    import fcntl
+    import socket
+    import threading
+
+    from transferkit.warm import server
+
+    path = tmp_path / "s.sock"
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first server, bound and not yet listening
+        first.bind(str(path))
+        second = threading.Thread(target=server.serve, args=(path, 1.0))
+        second.start()
+        second.join(0.5)
+        assert second.is_alive()  # it waits for the first to listen
+        first.listen(1)
+    second.join(10)
+    assert not second.is_alive()  # it found the first listening, and left
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.connect(str(path))  # the socket at the path is still the first server's: it takes the connection
+    first.settimeout(5)
+    conn, _ = first.accept()
+    conn.close(), probe.close(), first.close()

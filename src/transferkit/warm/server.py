@@ -41,20 +41,26 @@ def recv_exactly(conn: socket.socket, n: int) -> bytes | None:
 
 
 def serve(path: Path, idle: float) -> None:
+    import fcntl
+
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        server.bind(str(path))
-    except OSError:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # two servers starting at once: one binds, and the other, waiting here, probes it listening (between the
+    # first's bind and listen its probe was refused, and it took over the socket of a server then orphaned)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            probe.connect(str(path))
-            return  # another server has it
-        except OSError:
-            path.unlink(missing_ok=True)  # a dead server's socket
             server.bind(str(path))
-        finally:
-            probe.close()
-    server.listen(64)
+        except OSError:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+                return  # another server has it
+            except OSError:
+                path.unlink(missing_ok=True)  # a dead server's socket
+                server.bind(str(path))
+            finally:
+                probe.close()
+        server.listen(64)
     inode = path.stat().st_ino
     before = dict(os.environ)
     preload()
