@@ -52,13 +52,18 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     return result
 
 
+def dvc_entry(dvc_file: Path, name: str) -> tuple[list, list] | None:
+    """The deps and outs of stage `name` in `dvc_file`; None where it has no such entry (or is no dvc.yaml)."""
+    try:
+        entry = yaml.safe_load(dvc_file.read_text())["stages"][name]
+        return entry.get("deps") or [], [next(iter(o)) if isinstance(o, dict) else o for o in entry["outs"]]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, StopIteration):  # not one of ours
+        return None
+
+
 def kept_by_dvc(stage: str, out: Path) -> bool:
     """Whether `out` is an output of `stage`'s entry in the dvc.yaml of this folder."""
-    try:
-        entry = yaml.safe_load(Path("dvc.yaml").read_text())["stages"][stage]
-        outs = [next(iter(o)) if isinstance(o, dict) else o for o in entry["outs"]]
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, StopIteration):  # not one of ours
-        return False
+    _, outs = dvc_entry(Path("dvc.yaml"), stage) or ([], [])
     return out.resolve() in {Path(o).resolve() for o in outs if isinstance(o, str)}
 
 
@@ -84,11 +89,9 @@ def check_files_tracked(stage: str, cfg: DictConfig) -> None:
         return
     file, _, name = address.rpartition(":")
     dvc_file = Path(os.environ.get("DVC_ROOT", ".")) / (file or "dvc.yaml")
-    try:
-        entry = yaml.safe_load(dvc_file.read_text())["stages"][name]
-        deps, outs = entry.get("deps") or [], [next(iter(o)) if isinstance(o, dict) else o for o in entry["outs"]]
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, StopIteration):  # not one of ours
+    if (entry := dvc_entry(dvc_file, name)) is None:
         return
+    deps, outs = entry
     if name == stage:  # the project's pipeline (a sweep's points name their folders on the command line)
         folders = {"paths.artifacts_dir": f"{cfg.paths.artifacts_dir}/{stage}" not in outs,
                    "paths.data_dir": not BY_NAME[stage].reads and str(cfg.paths.data_dir) not in deps}
