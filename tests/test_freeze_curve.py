@@ -144,3 +144,21 @@ def test_the_report_marks_the_depth_best_on_val():
     lines = freeze_curve_section([*rows[:2], row(3, 0.65, 0.60)], {"scratch": {"top1": 0.5}}, {"freeze_depth": 1})
     marked = [ln for ln in lines if "best on val" in ln]
     assert len(marked) == 1 and marked[0].startswith("| 1 (best on val, tied with 3) | 65.0% |")
+
+
+def test_the_stages_of_several_fits_run_with_no_logger(smoke_artifacts, tmp_path):
+    """trainer.loggers=[] (the schema allows it): each fit's own folder (freeze_curve's depth0/, prune's rounds/)
+    had been made by a logger, and the first resume checkpoint into it failed with FileNotFoundError."""
+    ref_cfg, _ = smoke_artifacts
+    ref = Path(ref_cfg.paths.artifacts_dir)
+    shutil.copytree(ref, tmp_path / "artifacts", ignore=lambda d, names: ["freeze_curve", "prune"] if Path(d) == ref
+                    else [])
+    # a checkpoint at every epoch end (the budget as large as the run): one is written into each fit's folder
+    cfg = compose("experiment=smoke", "trainer.loggers=[]", "trainer.checkpoint_budget=1", "prune.sparse_epochs=1",
+                  tmp=tmp_path)
+    run("freeze_curve", cfg)
+    run("prune", cfg)
+    for stage in ("freeze_curve", "prune"):
+        assert (tmp_path / "artifacts" / stage / "params.yaml").is_file()
+    assert (tmp_path / "artifacts" / "freeze_curve" / "depth0" / "model.pt").is_file()
+    assert not list((tmp_path / "artifacts").rglob("checkpoints"))  # finished: nothing to resume left

@@ -140,7 +140,7 @@ class DirectCheckpointIO(TorchCheckpointIO):
     system's temporary folder first, which a kill mid-save leaves there and a full one fails the stage with."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        Path(path).parent.mkdir(exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # a fit's own folder too: no logger made it
         torch.save(checkpoint, path)
 
 
