@@ -94,6 +94,12 @@ def round_rates(rates: list[float], ratio: float, step: int, steps: int) -> list
     return [(1 - kept(r, step) / kept(r, step - 1)) / common for r in rates]
 
 
+def channel_share(ratio: float, rate: float) -> float:
+    """The share of its channels a channel cut takes from a layer in a block of `rate`: the ratio at rate 1, else
+    the ratio times the rate, at most 0.95."""
+    return ratio if rate == 1 else min(rate * ratio, 0.95)
+
+
 def block_rate(layer: str, rates: list[float] | None) -> float:
     """The rate of the block a layer (blocks.<i>.…) is in; 1 outside the blocks or without rates."""
     return rates[int(layer.split(".")[1])] if rates and layer.startswith("blocks.") else 1
@@ -137,9 +143,8 @@ def _width(layer: nn.Module) -> int:
 
 
 def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str], rates: list[float] | None = None) -> None:
-    """target=channels keeps int(c x (1 - share)) of a layer's c channels, the share being the ratio in a block at
-    rate 1, else the ratio times its block's rate, at most 0.95 (as _prune sets them): where that is 0, Torch-Pruning
-    leaves the layer whole without a word (a cut that reports a reduction of nothing)."""
+    """target=channels keeps int(c x (1 - share)) of a layer's c channels (channel_share, as _prune sets it): where
+    that is 0, Torch-Pruning leaves the layer whole without a word (a cut that reports a reduction of nothing)."""
     widths = prunable_widths(model, keep)
     rate = {n: block_rate(n, rates) for n in widths}
 
@@ -150,7 +155,7 @@ def check_no_layer_emptied(model: nn.Module, ratio: float, keep: list[str], rate
         return math.floor(share / r * 1000) / 1000
 
     if empty := sorted((ratio_bound(c, rate[n]), n, c) for n, c in widths.items()
-                       if int(c * (1 - (ratio if rate[n] == 1 else min(rate[n] * ratio, 0.95)))) < 1):
+                       if int(c * (1 - channel_share(ratio, rate[n]))) < 1):
         bound, _, c = empty[0]
         names = [n for _, n, _ in empty]
         listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
@@ -213,7 +218,7 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
     check_rates(model, rates)
     # the search ramps every share linearly to its maximum: the fastest block's is 0.95, the others' in proportion
     max_ratio = ratio if target == "channels" else 0.95 / max([1, *rates])
-    per_module = {block: min(rate * max_ratio, 0.95) for block, rate in zip(model.blocks, rates) if rate != 1}
+    per_module = {block: channel_share(max_ratio, rate) for block, rate in zip(model.blocks, rates) if rate != 1}
     modules = dict(model.named_modules())  # a layer's own goal comes after its block's, and Torch-Pruning keeps
     per_module.update({modules[n]: min(max(1 - (k + 0.5) / _width(modules[n]), 0.0), 0.95)  # the last
                        for n, k in (widths or {}).items()})  # int(c x (1 - ratio)) is then k
