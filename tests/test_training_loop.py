@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from conftest import compose, run
+from conftest import compose, resumable_leftover, run
 from transferkit.data.loader import TaskDataModule
 from transferkit.data.synthetic import make_synthetic
 from transferkit.data.tasks import select_task
@@ -297,7 +297,6 @@ def test_a_resumed_freeze_curve_keeps_the_points_it_finished(tmp_path, monkeypat
 
 
 def test_a_poisoned_resume_checkpoint_is_refused(tmp_path, monkeypatch):
-    from conftest import resumable_leftover
     from test_safe_files import Payload
 
     from transferkit.errors import TransferkitError
@@ -313,7 +312,25 @@ def test_a_poisoned_resume_checkpoint_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("state", [
+    {"epoch": 1, "global_step": 4, "loops": {}, "optimizer_states": [], "state_dict": {"model.x": torch.ones(3)}},
+    {"epoch": 1, "state_dict": {}},
+], ids=["other_model", "not_lightnings"])
+def test_a_resume_checkpoint_that_does_not_fit_the_model_is_left_and_the_fit_starts_over(tmp_path, capsys, state):
+    """Lightning's restore would fail on it with its own error, and the next run would meet it again."""
+    cfg = compose("experiment=smoke", tmp=tmp_path)
+    run("prepare", cfg)
+    work = resumable_leftover("pretrain", cfg)
+    (work / "checkpoints" / "logs").mkdir(parents=True)
+    torch.save(state, work / "checkpoints" / "last.ckpt")
+    run("pretrain", cfg)
+    assert "is not a checkpoint of this fit" in capsys.readouterr().err
+    timing = json.loads((Path(cfg.paths.artifacts_dir) / "pretrain" / "timing.json").read_text())
+    assert timing["resumed_at_epoch"] is None and not work.exists()
+
+
 def test_the_resume_key_changes_with_the_code_and_with_any_input_file(tmp_path, monkeypatch):
+    import importlib.metadata
     import os
     import shutil
 
@@ -332,7 +349,8 @@ def test_the_resume_key_changes_with_the_code_and_with_any_input_file(tmp_path, 
     for change in (lambda: (inputs[1] / "dvclive" / "metrics.json").write_text("{}  "),  # size
                    lambda: os.utime(inputs[0] / "dvclive" / "metrics.json", ns=(1, 1)),  # remade, same size
                    lambda: (inputs[0] / "target.pt").write_text(""),  # a new file
-                   lambda: (code / "errors.py").write_text((code / "errors.py").read_text() + "# edited\n")):
+                   lambda: (code / "errors.py").write_text((code / "errors.py").read_text() + "# edited\n"),
+                   lambda: monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0")):  # torch, Lightning
         change()
         assert resume_key(inputs) != key
         key = resume_key(inputs)

@@ -39,14 +39,16 @@ RESUME_KEY = ".resume_key"  # in a work folder only: what else its resume checkp
 
 
 def resume_key(inputs: Iterable[Path], params: str = "") -> str:
-    """What a run trains from: its params, this package's code, and each file it reads (the files of its
-    input folders, and input files) by path, size and modification time (a file remade by an earlier stage
-    is a new file, and no stage start has to read every input through a hash)."""
+    """What a run trains from: its params, this package's code and the torch and Lightning it runs on, and each file
+    it reads (the files of its input folders, and input files) by path, size and modification time (a file remade by
+    an earlier stage is a new file, and no stage start has to read every input through a hash)."""
     import hashlib
+    from importlib.metadata import version
 
     import transferkit
 
-    digest, package = hashlib.sha256(f"{params}\0".encode()), Path(transferkit.__file__).parent
+    versions = f"torch {version('torch')}, Lightning {version('pytorch-lightning')}"  # read, not imported
+    digest, package = hashlib.sha256(f"{params}\0{versions}\0".encode()), Path(transferkit.__file__).parent
     for f in sorted(package.rglob("*.py")):
         digest.update(f"{f.relative_to(package).as_posix()}\0".encode() + f.read_bytes())
     files = (f for path in map(Path, inputs) for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file())

@@ -25,11 +25,12 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from transferkit.errors import TransferkitError, die_of
+from transferkit.errors import TransferkitError
 from transferkit.models.blocknet import BlockNet
 from transferkit.training import RESUME_CHECKPOINT, first_process
 from transferkit.training.loggers import copy_logs, make_loggers, resume_csv
 from transferkit.training.precision import resolve_precision
+from transferkit.training.ranks import DieOnSigterm, ended_rank
 
 # Lightning warnings that are about choices made on purpose here:
 warnings.filterwarnings("ignore", r".*module\(s\) in eval mode.*")  # frozen blocks stay in eval mode
@@ -199,42 +200,17 @@ def _environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
-class DieOnSigterm(Callback):
-    """Under several processes, a SIGTERM ends every rank at once. Lightning's handler broadcasts the signal to the
-    other ranks from inside the handler, while they wait in another collective: both hang until the process group
-    times out (30 minutes). The pair of the last checkpoint is whole at any moment, so the next run resumes."""
-
-    started: list = []  # the ranks Lightning's launcher started in this process's first fit: later fits start none
-
-    def on_train_start(self, trainer, module) -> None:  # after Lightning installed its handlers
-        if trainer.world_size > 1:
-            if procs := getattr(trainer.strategy.launcher, "procs", None):
-                DieOnSigterm.started[:] = procs
-            signal.signal(signal.SIGTERM, DieOnSigterm.die)
-
-    @staticmethod
-    def die(signum, frame) -> None:
-        for proc in DieOnSigterm.started:
-            proc.send_signal(signum)  # a no-op for one that has ended
-        die_of(signum)  # exit status 143, as a shell reports a SIGTERM
-
-
-def ended_rank(parent: int, wait_s: float = 2.0) -> str | None:
-    """Which rank of the fit has ended, and how: one Lightning's launcher started in this process (given `wait_s` to
-    be reaped), or, in a rank it started, rank 0, its parent (`parent` at the start). None: all run."""
-    deadline = time.monotonic() + wait_s
-    while DieOnSigterm.started:
-        for rank, proc in enumerate(DieOnSigterm.started, start=1):
-            if (code := proc.poll()) is not None:
-                return f"rank {rank} of the fit " + (f"was killed by signal {-code} ({signal.strsignal(-code)})"
-                                                     if code < 0 else f"exited with status {code}")
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
-    # a killed rank 0's sockets close before its children pass to another parent: the collective fails first
-    while os.getppid() == parent and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return "rank 0 of the fit ended" if os.getppid() != parent else None
+def checkpoint_fault(state, module: pl.LightningModule) -> str | None:
+    """What keeps Lightning from resuming `module`'s fit from `state`, a loaded resume checkpoint: None if nothing."""
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        return "it holds no model weights"
+    if missing := [key for key in ("epoch", "global_step", "loops", "optimizer_states") if key not in state]:
+        return f"it lacks {', '.join(missing)}"
+    saved = {name: tuple(getattr(t, "shape", ())) for name, t in state["state_dict"].items()}
+    if saved != (wanted := {name: tuple(t.shape) for name, t in module.state_dict().items()}):
+        differ = sorted(set(saved) ^ set(wanted) or {n for n in saved if saved[n] != wanted[n]})
+        return f"its weights differ from the model's, first at {differ[0]}"
+    return None
 
 
 @dataclass
@@ -257,6 +233,10 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     resumed_at = None
     if resume:  # checked like any file: plain data only, nothing in it may run
         state = load_plain(ckpt, f"delete {out_dir} (the work folder of an interrupted run) and run the stage again.")
+        if fault := checkpoint_fault(state, module):  # Lightning's restore would fail on it at every rerun
+            print(f"{ckpt} is not a checkpoint of this fit ({fault}): training from the start.", file=sys.stderr)
+            saved, resume = None, False  # the fit's own first checkpoint replaces it
+    if resume:
         resumed_at = int(state["epoch"]) + 1
         if first_process():  # the logs as at the checkpoint
             copy_logs(saved / "logs", out_dir)
