@@ -1106,6 +1106,32 @@ def test_a_test_folder_that_is_its_train_folder_is_an_error(tmp_path, how):
     assert len(task["test_y"]) == 6
 
 
+def test_prepare_counts_the_test_images_that_are_also_training_images(tmp_path, capsys):
+    """A few copies in test/ (a dataset's own duplicates, or a slip) pass, and prepare says how many: a target test
+    image that is a source train image counts too, as the backbone trained on it."""
+    from conftest import compose, run
+
+    folder = write_image_folder(tmp_path / "d", ["cat", "dog", "ship", "truck"], 6, 3, archive=False)
+    shutil.copy(folder / "train" / "cat" / "0001.jpg", folder / "test" / "cat" / "0000.jpg")
+    shutil.copy(folder / "train" / "ship" / "0002.jpg", folder / "test" / "dog" / "0001.jpg")  # source -> target
+    shutil.copy(folder / "train" / "truck" / "0005.jpg", folder / "test" / "truck" / "0000.jpg")
+    cfg = compose("experiment=smoke", f"data.source.dataset={folder}", f"data.target.dataset={folder}",
+                  "data.source.classes=[ship,truck]", "data.target.classes=[cat,dog]", "data.source.train_per_class=5",
+                  "data.target.train_per_class=5", "data.source.val_per_class=1", "data.target.val_per_class=1",
+                  tmp=tmp_path)
+    run("prepare", cfg)
+    err = capsys.readouterr().err
+    assert "prepare: 1 of the source task's 6 test images are also training images (pixel for pixel, in the source " \
+           "task's train or val split)" in err, err
+    assert "prepare: 2 of the target task's 6 test images are also training images (pixel for pixel, in the source " \
+           "or target task's train or val split)" in err and "Fix: remove those copies" in err, err
+    shutil.rmtree(Path(cfg.paths.artifacts_dir))
+    for copy in ("cat/0000.jpg", "dog/0001.jpg", "truck/0000.jpg"):
+        (folder / "test" / copy).unlink()
+    run("prepare", cfg)
+    assert "training images" not in capsys.readouterr().err
+
+
 def test_duplicated_or_single_class_is_an_error():
     with pytest.raises(TransferkitError, match="more than once"):
         _select(_tagged_raw(), classes=("dog", "ant", "dog"))

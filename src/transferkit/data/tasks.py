@@ -137,6 +137,13 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
     return task
 
 
+def seen_in_training(test: torch.Tensor, *trained: torch.Tensor) -> int:
+    """How many `test` images are, pixel for pixel, among the `trained` ones: a score on them is a score on images
+    the model trained on. By hash (64 bits: a chance collision is far below one in a billion at CIFAR's sizes)."""
+    seen = {hash(row.tobytes()) for images in trained for row in images.flatten(1).numpy()}
+    return sum(hash(row.tobytes()) in seen for row in test.flatten(1).numpy())
+
+
 def task_summary(task: dict) -> dict:
     return {"dataset": task["dataset"], "classes": task["classes"],
             **{f"n_{s}": int(len(task[f"{s}_y"])) for s in ("train", "val", "test")}}

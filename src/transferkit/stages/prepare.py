@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -10,7 +11,7 @@ from omegaconf import DictConfig
 from transferkit.data.dataset import RawDataset
 from transferkit.data.resolve import dataset_location, load_dataset
 from transferkit.data.synthetic import make_synthetic
-from transferkit.data.tasks import check_disjoint, select_task, task_summary
+from transferkit.data.tasks import check_disjoint, seen_in_training, select_task, task_summary
 from transferkit.io import save_json, save_torch
 
 
@@ -34,13 +35,19 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         check_disjoint(d.source.classes, d.target.classes)
     # cifar10_split takes both tasks from one archive: read (and decode) it once
     shared = load_raw(cfg, "source", set(d.source.classes) | set(d.target.classes)) if same else None
-    summary = {}
+    summary, trained = {}, []
     for role in ("source", "target"):
         spec = d[role]
         raw = shared or load_raw(cfg, role, set(spec.classes))
         task = select_task(raw, list(spec.classes), train_per_class=spec.train_per_class,
                            val_per_class=spec.val_per_class, test_per_class=spec.test_per_class,
                            seed=cfg.seed, role=role)
+        trained += [task["train_x"], task["val_x"]]  # the target's models start from the source's training
+        if seen := seen_in_training(task["test_x"], *trained):  # some: a dataset's own duplicates, or a copying slip
+            splits = "the source task's" if role == "source" else "the source or target task's"
+            print(f"prepare: {seen} of the {role} task's {len(task['test_y'])} test images are also training images "
+                  f"(pixel for pixel, in {splits} train or val split): their scores are scores on training images. "
+                  f"Fix: remove those copies from the test (or train) split of {d[role].dataset}.", file=sys.stderr)
         save_torch(task, out / f"{role}.pt")
         summary[role] = task_summary(task)
     save_json(summary, out / "summary.json")
