@@ -596,6 +596,10 @@ def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native:
                             n or including_emulation)
         assert precision.resolve_precision("auto", "gpu") == want
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.0)  # a Mac: Lightning's auto picks its GPU (MPS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert precision.resolve_precision("auto", "auto") == precision.resolve_precision("auto", "mps") == "32-true"
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = precision.cpu_bf16_speedup()  # measured once, then read from the cache

@@ -141,6 +141,6 @@ def resolve_precision(setting, accelerator: str) -> str:
     if uses_cuda(accelerator):
         # native bf16 only: torch also reports GPUs that emulate it (before Ampere), where it is slower
         return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
-    if accelerator == "mps":
-        return "32-true"
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):  # as Lightning picks
+        return "32-true"  # the CPU's probe says nothing of an Apple GPU
     return "bf16-mixed" if cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP else "32-true"
