@@ -62,6 +62,8 @@ def test_check_repro_passes_on_the_project(monkeypatch, one_thread, capsys):
     assert "FAIL" not in out
     assert "PASS  artifacts/pretrain/metrics.json is identical in both runs" in out
     assert "PASS  artifacts/pretrain/model.pt is identical in both runs" in out  # weights, bit for bit
+    assert "PASS  artifacts/prepare/source.pt is identical in both runs" in out  # the data every stage reads
+    assert "both runs compose experiment=smoke" in out
     assert "check-repro: reproducible" in out
 
 
@@ -125,12 +127,42 @@ def test_the_module_run_by_itself_refuses_bad_input_in_one_line_too():
         assert proc.stdout.count("error:") == 1 and needle in proc.stdout, proc.stdout[-2000:]
 
 
-def test_a_keep_folder_that_cannot_be_made_fails_the_check_without_a_traceback(tmp_path, capsys):
+def test_a_keep_folder_that_cannot_hold_the_runs_is_refused_before_anything_is_copied(tmp_path, capsys):
+    """A file on its path, or a folder each run copies (data/, src/, conf/): the copy copied itself until Python's
+    recursion limit, and left a hundred megabytes in data/."""
+    from transferkit import cli
+
     (tmp_path / "file").write_text("a file, not a folder")
-    assert main(["--keep", str(tmp_path / "file" / "runs")]) == 1
+    for keep, needle in ((tmp_path / "file" / "runs", f"{tmp_path / 'file'} is a file, not a folder"),
+                         (ROOT / "data" / "rk", f"is inside {ROOT / 'data'}, which each run copies"),
+                         (ROOT / "src" / "transferkit" / "rk", f"is inside {ROOT / 'src'}")):
+        assert cli.main(["check-repro", "--keep", str(keep)]) == 2
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and needle in errors[0] and "Fix: pass a folder" in errors[0], errors
+        assert not keep.exists()
+
+
+def test_prepares_outputs_are_compared_and_a_difference_names_the_tensor(tmp_path, capsys):
+    """`--target prepare` failed with nothing to compare although its files were identical."""
+    import torch
+
+    from transferkit.reproducibility.check import Report, compare_outputs
+
+    runs = [tmp_path / "run1", tmp_path / "run2"]
+    for i, run in enumerate(runs):
+        (run / "artifacts" / "prepare").mkdir(parents=True)
+        (run / "artifacts" / "prepare" / "summary.json").write_text('{"source": {"n_train": 4}}')
+        for role in ("source", "target"):
+            images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+            images[0, 0, 0, 0] += i * (role == "target")  # one pixel of run 2's target differs
+            torch.save({"train_x": images, "classes": ["a", "b"]}, run / "artifacts" / "prepare" / f"{role}.pt")
+    report = Report()
+    compare_outputs(*runs, report)
     out = capsys.readouterr().out
-    assert f"FAIL  cannot copy the project into {tmp_path / 'file'}" in out and "Fix: free space there" in out
-    assert "check-repro: FAILED" in out
+    assert "PASS  artifacts/prepare/source.pt is identical in both runs" in out, out
+    assert "PASS  artifacts/prepare/summary.json is identical in both runs" in out, out
+    assert "FAIL  artifacts/prepare/target.pt differs between the two runs" in out, out
+    assert "train_x: max |difference| 1" in out and (report.passed, report.failed) == (3, 1), out
 
 
 def test_a_metrics_difference_names_the_keys_and_both_values():

@@ -18,7 +18,7 @@ from pathlib import Path
 from transferkit.config.compose import compose, find_conf_dir, flatten, params_text
 from transferkit.config.drift import generated_drift, regenerate_fix
 from transferkit.errors import TransferkitError, error_line, one_line_errors
-from transferkit.project import copy_project, run, stages_run
+from transferkit.project import PROJECT_ITEMS, copy_project, run, stages_run
 from transferkit.stages import STAGES
 
 SHOWN = 5  # differing keys or tensors listed per file
@@ -66,17 +66,18 @@ def describe_difference(a: bytes, b: bytes) -> str:
 
 
 def weights_difference(a: Path, b: Path) -> str:
-    """Which tensors of two checkpoints differ, and by how much (or why they cannot be read)."""
+    """Which tensors of two checkpoints (or prepared tasks) differ, and by how much (or why they cannot be read)."""
     from transferkit.io import load_plain
 
     try:
-        sa, sb = (load_plain(p, "delete the run folders and run check-repro again.")["state_dict"] for p in (a, b))
+        sa, sb = (load_plain(p, "delete the run folders and run check-repro again.") for p in (a, b))
+        sa, sb = (s.get("state_dict", s) for s in (sa, sb))  # a checkpoint's weights; a task's splits
     except Exception as e:  # noqa: BLE001 - any unreadable or refused file is reported, not raised
         return f"cannot compare the weights: {e}"
     def line(k: str) -> str:
-        if k in sa and k in sb and sa[k].shape == sb[k].shape:
+        if k in sa and k in sb and hasattr(sa[k], "shape") and getattr(sb[k], "shape", None) == sa[k].shape:
             return f"{k}: max |difference| {(sa[k].double() - sb[k].double()).abs().max().item():.3g}"
-        return f"{k}: missing or another shape in one run"
+        return f"{k}: missing, another shape or another value in one run"
 
     return _differing(sa, sb, line) or "same tensors, different bytes (checkpoint metadata differs)"
 
@@ -87,8 +88,11 @@ def size_difference(a: Path, b: Path) -> str:
 
 # Equal metrics on a small test set can hide weights that drifted in the last bits: both compared,
 # and the deployed files, which must not depend on where the project lives either.
+# prepare's outputs too: every later stage reads them, and `--target prepare` has nothing else.
 COMPARED = {"metrics.json": lambda a, b: describe_difference(a.read_bytes(), b.read_bytes()),
-            "model.pt": weights_difference, "model.onnx": size_difference, "model.torchscript.pt": size_difference}
+            "model.pt": weights_difference, "model.onnx": size_difference, "model.torchscript.pt": size_difference,
+            "source.pt": weights_difference, "target.pt": weights_difference,
+            "summary.json": lambda a, b: describe_difference(a.read_bytes(), b.read_bytes())}
 
 
 def reproduce(proj: Path, target: str | None, label: str, report: Report) -> None:
@@ -113,9 +117,9 @@ def compare_outputs(run1: Path, run2: Path, report: Report) -> None:
     def files(proj: Path, name: str) -> set[str]:
         return {p.relative_to(proj).as_posix() for p in (proj / "artifacts").rglob(name)}
 
-    if not report.check(bool(files(run1, "metrics.json") | files(run2, "metrics.json")),
-                        "metrics.json under artifacts/ to compare",
-                        "Fix: choose a --target that trains (e.g. pretrain), or none for the whole pipeline."):
+    if not report.check(any(files(r, name) for r in (run1, run2) for name in COMPARED),
+                        f"outputs under artifacts/ to compare ({', '.join(COMPARED)})",
+                        "Fix: choose a --target that makes some (e.g. pretrain), or none for the whole pipeline."):
         return
     for kind, describe in COMPARED.items():
         one, two = files(run1, kind), files(run2, kind)
@@ -126,6 +130,21 @@ def compare_outputs(run1: Path, run2: Path, report: Report) -> None:
             report.check(same, f"{name} {'is identical in both runs' if same else 'differs between the two runs'}",
                          "" if same else f"{describe(run1 / name, run2 / name)}\n"
                                          f"Unseeded randomness or a nondeterministic operation changed it.")
+
+
+def check_keep(keep: Path, root: Path) -> None:
+    """--keep names a folder, new or without run1/ and run2/, outside what each run copies of the project."""
+    blocker = next((p for p in (keep, *keep.parents) if p.exists()), keep)
+    if blocker.exists() and not blocker.is_dir():
+        raise TransferkitError(f"--keep {keep}: {blocker} is a file, not a folder. Fix: pass a folder for the two "
+                               f"runs (new, or one without run1/ and run2/).")
+    if any((keep / name).exists() for name in ("run1", "run2")):
+        raise TransferkitError(f"{keep}/run1 or run2 already exists. Fix: delete them or pass another --keep folder.")
+    copied = next((root / item for item in PROJECT_ITEMS if keep.resolve().is_relative_to((root / item).resolve())),
+                  None)
+    if copied:
+        raise TransferkitError(f"--keep {keep} is inside {copied}, which each run copies: the copy would copy itself "
+                               f"without end. Fix: pass a folder outside {copied.name}/ (e.g. outside the project).")
 
 
 def main(argv: list[str]) -> int:
@@ -142,9 +161,8 @@ def main(argv: list[str]) -> int:
     # bad input is one error line and exit code 2 (cli.main), before anything is copied or run
     root = find_conf_dir().parent
     text = params_text(compose([f"experiment={args.experiment}"], root / "conf"))
-    if args.keep and any((args.keep / name).exists() for name in ("run1", "run2")):
-        raise TransferkitError(f"{args.keep}/run1 or run2 already exists. Fix: delete them or pass another "
-                               f"--keep folder.")
+    if args.keep:
+        check_keep(args.keep, root)
     report = Report()
     # a CI timeout's SIGTERM: leave through `with`, so the temporary copies (data/ included) go
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
@@ -154,6 +172,8 @@ def main(argv: list[str]) -> int:
                                                                       else "match conf/ and the stage table"),
                             "\n".join([*drift, regenerate_fix(root / "params.yaml", root / "conf")]) if drift else ""):
             return report.summary()
+        print(f"....  both runs compose experiment={args.experiment} from conf/ (--experiment NAME for another)",
+              flush=True)
         with tempfile.TemporaryDirectory(prefix="transferkit-repro-", ignore_cleanup_errors=True) as tmp:
             work = (args.keep or Path(tmp)).resolve()
             runs = [copy_project(root, work / name, text) for name in ("run1", "run2")]
