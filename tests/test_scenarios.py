@@ -70,6 +70,9 @@ def test_quadrants_differ_only_in_their_axis():
                                                           r"data.source.classes=\[bird, deer, frog\]\)"),
     (["data.target.train_per_class=400"], r"\(scenario_large_similar has data.target.train_per_class=null\)"),
     (["seed=range(1,1)"], r"seed=range\(1,1\) lists no values\. Fix:"),
+    # run from another folder: data/ is not there, and the params files were written before DVC said so
+    (["paths.data_dir=/no/such/dir"], r"^/no/such/dir does not exist, and prepare reads the datasets there "
+                                      r"\(paths.data_dir\)\. Fix: run from the project's folder"),
 ])
 def test_bad_requests_fail_before_any_work(tmp_path, argv, needle):
     with pytest.raises(TransferkitError, match=needle):

@@ -82,13 +82,14 @@ def scenarios_markdown(results: list[dict]) -> str:
     first = results[0]
     lines = ["# The four transfer scenarios, measured", "",
              f"Target: {names(first['target_classes'])} in every quadrant, so the quadrants compare; test = "
-             f"{first['n_test']:,} official test images. {epochs_sentence(results)} The winner is chosen on "
-             "validation accuracy (◀ val, one view of each image); test accuracy (with evaluate.tta) is reported, "
-             "never used to choose. Intervals: 95%, Wilson for an accuracy, paired by image for a difference "
+             f"{first['n_test']:,} images of the dataset's test split. {epochs_sentence(results)} The winner is "
+             "chosen on validation accuracy (◀ val, one view of each image); test accuracy (with evaluate.tta) is "
+             "reported, never used to choose. Intervals: 95%, Wilson for an accuracy, paired by image for a difference "
              "(agrees?). One seed.",
              "", "## Summary", "",
-             "| quadrant | target train | source (pretrain epochs: source test top-1) | source material says | "
-             "winner on val | its test top-1 % | best on test | agrees? |", "|---|---|---|---|---|---|---|---|"]
+             "| quadrant | target train | source (pretrain epochs: source test top-1, one view) | "
+             "source material says | winner on val | its test top-1 % | best on test | agrees? |",
+             "|---|---|---|---|---|---|---|---|"]
     for q in results:
         win = next((r for r in q["rows"] if r["chosen_on_val"]), None)
         best = next(r for r in q["rows"] if r["best_on_test"])

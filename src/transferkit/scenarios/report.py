@@ -102,6 +102,10 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
         if "trainer.progress_bar" not in map(override_key, overrides):
             cfg.trainer.progress_bar = False
         cfg.paths.data_dir = data_dir = str(Path(cfg.paths.data_dir).resolve())
+        if not Path(data_dir).is_dir():  # before any params file is written
+            raise TransferkitError(f"{data_dir} does not exist, and prepare reads the datasets there "
+                                   f"(paths.data_dir). Fix: run from the project's folder (where data/ is), or set "
+                                   f"paths.data_dir to the folder that holds them.")
         datasets = pin_named_files("prepare", cfg)  # outside data_dir: deps of their own
         first = sources.setdefault(similarity, (preset, cfg))
         if any(OmegaConf.select(first[1], k) != OmegaConf.select(cfg, k) for k in SHARED_BY_SOURCE):
