@@ -334,7 +334,7 @@ def test_a_pruned_checkpoint_whose_weights_do_not_fit_together_is_refused(export
     ("not json", "metadata is damaged"),
     ('["a", "b"]', "is not what `transferkit export` writes"),
     ('{"classes": [0, 1, 2, 3, 4]}', "is not what `transferkit export` writes"),  # names, not numbers
-    ('{"classes": ["a"]}', r"scores 5 classes, and its metadata names 1 \(\['a'\]\)"),
+    ('{"classes": ["a", "b"]}', r"scores 5 classes, and its metadata names 2 \(\['a', 'b'\]\)"),
     ('{"classes": ["a", "b", "c"], "input_size": 64}', "graph takes 32x32 images, not the 64x64 its metadata names")])
 def test_an_onnx_file_with_damaged_or_mismatched_metadata_is_refused(exported, tmp_path, metadata, needle):
     """The class names travel inside the file: edited or damaged, they would name the wrong class."""
@@ -392,9 +392,9 @@ def test_predict_gives_a_fixed_batch_file_whole_runs(exported, tmp_path, monkeyp
         def __init__(self, session):
             self.session = session
 
-        def run(self, names, feeds):
+        def run(self, names, feeds, options=None):
             rows.extend(len(x) for x in feeds.values())
-            return self.session.run(names, feeds)
+            return self.session.run(names, feeds, options)
 
     clf.session = Counting(clf.session)
     monkeypatch.setattr(predict_module, "batch_size", lambda input_size: 1)  # a tiny decode batch
@@ -422,6 +422,8 @@ def _crafted_onnx(path, *, batch="N", height="H", width="W", input_size=32, brig
     elif output == "text":
         nodes.append(helper.make_node("Cast", ["scores"], ["logits"], to=TensorProto.STRING))
         kind = TensorProto.STRING
+    elif output == "softmax":  # probabilities, where transferkit's files give logits
+        nodes.append(helper.make_node("Softmax", ["scores"], ["logits"], axis=1))
     graph = helper.make_graph(
         nodes, "stranger", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, height, width])],
         [helper.make_tensor_value_info("logits", kind, shape)],
@@ -500,6 +502,55 @@ def test_a_model_whose_output_is_no_row_of_scores_per_image_is_refused(tmp_path,
     model = _crafted_onnx(tmp_path / "model.onnx", output=output)
     line = _one_error(capsys, ["predict", str(model), *map(str, _write_images(tmp_path / "images")[:3])])
     assert f"returns {needle}, not one row of class scores per image. Fix: export the model again" in line, line
+
+
+def test_an_onnx_file_that_ends_in_softmax_gets_its_own_probabilities(tmp_path):
+    """predict's softmax over a file's probabilities flattened them: 0.405 where the model says 0.9999."""
+    import onnxruntime as ort
+
+    model = _crafted_onnx(tmp_path / "model.onnx", output="softmax")
+    paths = _write_images(tmp_path / "images")[:2]
+    images = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32).transpose(2, 0, 1) / 255 for p in paths])
+    own = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
+    results = predict(model, paths)
+    assert [r["class"] for r in results] == [CLASSES[i] for i in own.argmax(1)]
+    assert np.allclose([[t["probability"] for t in r["top"]] for r in results],
+                       [sorted(row, reverse=True)[:len(results[0]["top"])] for row in own], atol=1e-6)
+
+
+def test_a_model_with_fewer_than_two_distinct_classes_is_refused(exported, tmp_path, capsys):
+    """No model transferkit trains has one class, none or a class twice: the maximum over no scores ended in a
+    numpy traceback."""
+    good = str(_write_images(tmp_path / "images")[0])
+    line = _one_error(capsys, ["predict", str(_crafted_onnx(tmp_path / "twice.onnx", classes=["a"] * 5)), good])
+    assert "names 5 classes ['a', 'a', 'a', 'a', 'a'], not two or more distinct ones" in line, line
+    ckpt = torch.load(exported[2]["fastnet"][0] / "model.pt", weights_only=True)
+    torch.save({**ckpt, "classes": []}, tmp_path / "model.pt")
+    for argv in (["predict", str(tmp_path / "model.pt"), good], ["export", str(tmp_path / "model.pt"), "--out",
+                                                                   str(tmp_path / "out")]):
+        assert "its 'classes' are no list of two or more distinct names" in _one_error(capsys, argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_fails_as_it_runs_gives_one_line_not_onnx_runtimes_log_too(tmp_path):
+    """ONNX Runtime printed its own error log (C++, on stderr) above transferkit's line."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceMean", ["images"], ["colour"], axes=[2, 3], keepdims=0),
+             helper.make_node("Reshape", ["colour", "shape"], ["square"]),  # 3 values an image: never 2x2
+             helper.make_node("MatMul", ["square", "w"], ["logits"])]
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              initializer=[numpy_helper.from_array(np.array([2, 2], np.int64), "shape"),
+                                           numpy_helper.from_array(np.ones((2, 5), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"transferkit": json.dumps({"classes": CLASSES, "input_size": 32})})
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    proc = command("predict", str(tmp_path / "model.onnx"), str(_write_images(tmp_path / "images")[0]))
+    line = one_error_line(proc)
+    assert "does not take the 32x32 images" in line and proc.stderr.strip() == line, proc.stderr
 
 
 def test_predict_reads_and_classifies_a_batch_at_a_time(tmp_path, monkeypatch, capsys):
@@ -624,6 +675,11 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     assert "not a prepared task" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "notes.txt")])
+    torch.save({"classes": CLASSES, "test_x": torch.zeros(0, 3, 32, 32, dtype=torch.uint8),
+                "test_y": torch.zeros(0, dtype=torch.long)}, tmp_path / "no_test.pt")  # np.concatenate of nothing
+    assert "not a prepared task: its test split holds no images, which the exported files are checked on" in \
+        _one_error(capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "no_test.pt"), "--out",
+                            str(tmp_path / "out")])
     torch.save({"classes": CLASSES, "test_x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)}, tmp_path / "no_y.pt")
     assert "not a prepared task: it lacks test_x or test_y" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "no_y.pt")])

@@ -359,7 +359,7 @@ def test_class_names_the_head_does_not_have_are_refused_before_the_head_is_built
     ckpt = _small_checkpoint(tmp_path / "model.pt")
     torch.save({**ckpt, "classes": ["c"] * 300_000}, tmp_path / "repeated.pt")
     with pytest.raises(TransferkitError, match=r"repeated.pt is not a transferkit checkpoint \(its 'classes' are no "
-                                               r"list of distinct names"):
+                                               r"list of two or more distinct names"):
         load_checkpoint(tmp_path / "repeated.pt", "pretrain")
     torch.save({**ckpt, "classes": ["a", "b", "c", "d"]}, tmp_path / "four.pt")
     with pytest.raises(TransferkitError, match=r"four.pt does not fit .*\(its head has 3 outputs for 4 classes\)"):

@@ -133,7 +133,8 @@ def load_plain(path: str | Path, fix: str, what: str = "") -> Any:
         raise TransferkitError(f"{subject} is unreadable: damaged, or not a file PyTorch wrote ({detail}). "
                                f"Fix: {fix}") from e
     except Exception as e:  # truncated or foreign: torch raises many types
-        raise TransferkitError(f"{subject} is unreadable ({type(e).__name__}: {e}). Fix: {fix}") from e
+        raise TransferkitError(f"{subject} is unreadable: damaged, cut off, or not a file PyTorch wrote "
+                               f"({type(e).__name__}: {e}). Fix: {fix}") from e
 
 
 def _inflating_records(path: str | Path) -> str | None:

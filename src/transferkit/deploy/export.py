@@ -80,7 +80,8 @@ def check_images(test_set: Path | None, classes: list[str], size: int) -> tuple[
         raise TransferkitError(f"--test-set {path} {'is a folder' if path.is_dir() else 'not found'}. {TEST_SET_FIX}")
     if path.exists() or explicit:
         task = load_torch(path, "prepared task", "prepare") if zipfile.is_zipfile(path) else None  # torch.save's
-        if fault := task_fault(task, splits=("test",)):
+        if fault := task_fault(task, splits=("test",)) or (not len(task["test_x"]) and "its test split holds no "
+                                                             "images, which the exported files are checked on"):
             raise TransferkitError(f"{'--test-set ' * explicit}{path} is not a prepared task: {fault}. {TEST_SET_FIX}")
         if list(task["classes"]) == classes and tuple(task["test_x"].shape[1:]) == (3, size, size):
             return task["test_x"], task["test_y"], f"test set of {path} ({len(task['test_x'])} images)"

@@ -92,7 +92,7 @@ def ort_session(path: Path | str, threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # errors only
+    opts.log_severity_level = 4  # fatal only: an error reaches the user once, as transferkit's own line
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for broken files
@@ -113,6 +113,15 @@ def control_flow(path: Path) -> str | None:
                 return node.op_type
             graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
     return None
+
+
+def final_op(path: Path) -> str:
+    """The kind of node that makes an ONNX file's first output ('' for a graph input or a constant)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    out = graph.output[0].name
+    return next((node.op_type for node in reversed(graph.node) if out in node.output), "")
 
 
 class Classifier:
@@ -138,6 +147,12 @@ class Classifier:
                                        f"which no classifier transferkit exports has. Fix: export the model again "
                                        f"(`transferkit export MODEL.pt`).")
             info = self._metadata(self.session.get_modelmeta().custom_metadata_map.get(META_KEY))
+            import onnxruntime as ort
+
+            self._run_options = ort.RunOptions()
+            self._run_options.log_severity_level = 4  # as the session's: a failed run is one error line
+            # a file that ends in Softmax gives probabilities: their logs are logits that give them back
+            self._probabilities = final_op(self.path) == "Softmax"
             inp = self.session.get_inputs()[0]
             if inp.type != "tensor(float)":
                 raise TransferkitError(f"{self.path} takes {inp.type} input, not float32 images in [0, 1] as "
@@ -182,6 +197,9 @@ class Classifier:
         if odd := [c for c in self.classes if not (isinstance(c, str) and c.isprintable() and len(c) <= 200)][:3]:
             raise TransferkitError(f"{self.path} names classes that are no printable names of at most 200 characters "
                                    f"({', '.join(ascii(c)[:60] for c in odd)}). {self.remake}")
+        if len(set(self.classes)) < max(2, len(self.classes)):  # what prepare makes: two or more, each once
+            raise TransferkitError(f"{self.path} names {len(self.classes)} classes {self.classes[:5]}, not two or "
+                                   f"more distinct ones as every model transferkit trains has. {self.remake}")
         size, named = self.input_size, ("its metadata names" if "input_size" in info else
                                         "assumed where its metadata names no size")
         if size not in INPUT_SIZES:
@@ -243,7 +261,8 @@ class Classifier:
         images = np.ascontiguousarray(images, dtype=np.float32)
         if self.kind == "onnx":
             def run(x: np.ndarray) -> np.ndarray:
-                return self._scores(self.session.run(None, {self._input: x})[0], len(x))
+                out = self._scores(self.session.run(None, {self._input: x}, self._run_options)[0], len(x))
+                return np.log(np.maximum(out, np.finfo(np.float32).tiny)) if self._probabilities else out
 
             if (n := self.fixed_batch) in (None, len(images)):
                 return run(images)

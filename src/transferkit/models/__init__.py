@@ -180,8 +180,8 @@ def _not_a_checkpoint(ckpt) -> str | None:
                                                                   and len(v) <= 64 else [v]))), None):
         return f"its 'arch' setting {bad!r} is no number, name or short flat list"
     if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes) \
-            or len(set(classes)) != len(classes):  # prepare refuses a class listed twice
-        return "its 'classes' are no list of distinct names"
+            or len(set(classes)) != len(classes) or len(classes) < 2:  # as prepare's: two or more, each once
+        return "its 'classes' are no list of two or more distinct names"
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         return "its 'state_dict' is no tensors by name"
