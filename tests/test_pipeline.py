@@ -265,11 +265,14 @@ def test_results_command_prints_the_models_and_each_stage_training(smoke_artifac
     assert [row.split(" | ")[0] for row in table.splitlines()[2:2 + len(names)]] == [
         f"| {LABELS.get(name, name)}" for name in names]
     assert out.index("| scratch (baseline) |") < out.index("| transfer (fine-tuned) |") < out.index("| pruned, ONNX")
-    # top-1 is over evaluate.tta's views (smoke: flip); the deployed files as predict runs them, one view, too
+    # top-1 is over evaluate.tta's views (smoke: flip, as evaluate's params.yaml says); the deployed files as
+    # predict runs them, one view, too
     m = metrics["models"]
-    assert (f"`transferkit predict` runs one, and there the deployed files score "
-            f"{pct(m['onnx_fp32']['top1_one_view'])} (pruned, ONNX fp32) and "
-            f"{pct(m['onnx_int8']['top1_one_view'])} (pruned, ONNX INT8)") in out
+    assert "Top-1 averages each test image's 2 views (`evaluate.tta: flip`)" in out, out
+    one_view = (f"{pct(m['onnx_fp32']['top1_one_view'])}% (pruned, ONNX fp32) and "
+                f"{pct(m['onnx_int8']['top1_one_view'])}% (pruned, ONNX INT8)")
+    assert f"`transferkit predict` runs one view: there the deployed files score {one_view}" in out, out
+    assert f"the deployed files score {one_view}" in table  # no params.yaml to say which views: the % kept
 
 
 def test_results_from_inside_evaluates_folder_print_the_training_table_too(smoke_artifacts, capsys, monkeypatch):

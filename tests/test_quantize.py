@@ -5,6 +5,7 @@ fp32 ONNX and PyTorch."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,9 @@ def test_evaluate_scores_int8_beside_fp32_and_pytorch(smoke_artifacts):
                        ("onnx_int8", artifacts / "quantize" / "model.onnx")):
         assert models[name]["size_bytes"] == file.stat().st_size
     report = (folder / "report.md").read_text()
-    assert "## INT8" in report and "(on 1 thread x" in report
+    assert "## INT8" in report and re.search(r"the throughput \d+\.\d\dx (higher|lower) \(on 1 thread "
+                                             r"\d+\.\d\dx (higher|lower)\), the batch-1 latency \d+\.\d\dx "
+                                             r"(shorter|longer)\.", report), report
 
 
 def test_keep_float_leaves_the_classifier_in_float(smoke_artifacts, tmp_path):
@@ -341,6 +344,11 @@ def test_report_says_which_quantization_produced_the_model():
     tiny = "\n".join(quantize_section({**q, "size_ratio": 7796 / 9398, "produced_by": "post-training quantization"},
                                       models, {}))
     assert "the file 1.21x larger" in tiny  # a tiny model: INT8's scales outweigh what its weights save
+    # faster is one word each way: throughput 2x higher and latency 2x shorter, not "x2.00" and "x0.50"
+    timed = {"onnx_fp32": {"throughput_img_s": 100.0, "throughput_img_s_1thread": 60.0, "latency_ms_bs1": 0.5},
+             "onnx_int8": {"throughput_img_s": 200.0, "throughput_img_s_1thread": 40.0, "latency_ms_bs1": 0.25}}
+    fast = "\n".join(quantize_section({**q, "produced_by": "post-training quantization"}, models, timed))
+    assert ("the throughput 2.00x higher (on 1 thread 1.50x lower), the batch-1 latency 2.00x shorter." in fast), fast
 
 
 def test_int8_keeps_the_relu_after_max_pooling(tmp_path):

@@ -175,8 +175,9 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
           f"{measured(timing.get(k, {}), 'throughput_img_s', '.0f', ' img/s')} | "
           f"{measured(timing.get(k, {}), 'throughput_img_s_1thread', '.0f', ' img/s')} |" for label, k in rows], "",
         f"INT8 against fp32 ONNX: the file {times(q['size_ratio'], 'smaller', 'larger')}, the throughput "
-        f"x{speedup('throughput_img_s'):.2f} (on 1 thread x{speedup('throughput_img_s_1thread'):.2f}), the batch-1 "
-        f"latency x{speedup('latency_ms_bs1'):.2f}. "
+        f"{times(speedup('throughput_img_s'), 'higher', 'lower')} (on 1 thread "
+        f"{times(speedup('throughput_img_s_1thread'), 'higher', 'lower')}), the batch-1 latency "
+        f"{times(1 / speedup('latency_ms_bs1'), 'shorter', 'longer')}. "
         "Classify image files with it: `uv run transferkit predict artifacts/quantize/model.onnx IMAGE ...`.", ""]
 
 

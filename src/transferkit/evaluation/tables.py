@@ -119,12 +119,14 @@ def scenarios_markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_table(metrics: dict, timing: dict) -> str:
-    """The pipeline's results from evaluate's metrics.json and timing.json, naming the machine."""
+def results_table(metrics: dict, timing: dict, tta: str | None = None) -> str:
+    """The pipeline's results from evaluate's metrics.json and timing.json, naming the machine (`tta`: the
+    evaluate.tta its params.yaml records, None where it records none)."""
     m = timing.get("machine", {})
     lines = ["| model | test top-1 % (95% interval) | params | MACs | CPU latency, batch 1 | CPU img/s, batch "
              f"{timing.get('throughput_batch', 256)} |", "|---|---|---|---|---|---|"]
-    from transferkit.evaluation.report import LABELS, deployed_one_view
+    from transferkit.evaluation.metrics import VIEWS
+    from transferkit.evaluation.report import LABELS, deployed_one_view, one_view_note
 
     from transferkit.stages import TARGET_MODELS
 
@@ -146,7 +148,9 @@ def results_table(metrics: dict, timing: dict) -> str:
                   f"{interval(*d['ci95'])}), {d['n']:,} test images. Latency and "
                   f"throughput: {cpu}, {m.get('threads', '?')} threads (matmul peak {peaks}), "
                   f"torch {m.get('torch', '?')}."]
-    if one_view := deployed_one_view(metrics["models"], pct):  # top-1 is over evaluate.tta's views
+    if tta in VIEWS:  # as the report says it: how many views, and the deployed files' one-view top-1
+        lines += one_view_note(tta, VIEWS[tta], metrics["models"])
+    elif one_view := deployed_one_view(metrics["models"], lambda x: f"{pct(x)}%"):
         lines.append(f"Top-1 is over the test-time views of evaluate.tta; `transferkit predict` runs one, and there "
                      f"the deployed files score {' and '.join(one_view)}.")
     return "\n".join(lines) + "\n"
@@ -238,7 +242,13 @@ def main(argv: list[str]) -> int:
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise TransferkitError(f"{what} is of another shape ({type(e).__name__}: {e}). Fix: {fix}.") from e
 
-    table = shaped(lambda: results_table(metrics, timing), f"{folder}'s metrics.json or timing.json", rerun)
+    try:  # the views top-1 averages, as evaluate ran (its params.yaml beside its outputs)
+        import yaml
+
+        tta = yaml.safe_load((folder / "params.yaml").read_text())["evaluate"]["tta"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        tta = None
+    table = shaped(lambda: results_table(metrics, timing, tta), f"{folder}'s metrics.json or timing.json", rerun)
     for name, t in timings.items():
         stage = name.split("/")[0]
         shaped(lambda: training_table({name: t}), str(runs / name / "timing.json"),
