@@ -157,7 +157,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     plots.curves_png({n: inputs[n] / "dvclive" for n in ("pretrain", *TARGET_MODELS)}, out / "curves.png")
     cfg_summary = {
         "experiment": cfg.name, "model": described(cfg.model), "blocks": loaded["transfer"].num_blocks,
-        "seed": cfg.seed, "tta": ev.tta,
+        "seed": cfg.seed, "tta": ev.tta, "chance": int(torch.bincount(y).max()) / len(y),
         "tta_views": VIEWS[ev.tta],
         "freeze_depth": cfg.transfer.freeze_depth, "backbone_lr_mult": cfg.transfer.backbone_lr_mult,
         "probe_depth": cfg.probe.depth, "distill_method": cfg.distill.method,
