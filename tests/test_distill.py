@@ -376,7 +376,8 @@ def test_student_init_starts_the_student_from_a_checkpoint_dvc_tracks(tmp_path):
     broken = tmp_path / "broken.pt"  # the user's own file: the fix must not tell them to delete it
     broken.write_bytes(init.read_bytes()[:300])
     with pytest.raises(TransferkitError,
-                       match=r"unreadable .*Fix: do not use this file; point distill.student_init at a model") as err:
+                       match=r"unreadable: damaged, cut off.*Fix: do not use this file; point "
+                             r"distill.student_init at a model") as err:
         run("distill", compose("experiment=smoke", f"distill.student_init={broken}", tmp=tmp_path))
     assert "delete" not in str(err.value)
     teacher = tmp_path / "artifacts" / "pretrain" / "model.pt"  # the teacher's architecture, not the student's
