@@ -180,7 +180,7 @@ def _tiny(tmp):
 
 
 def _fills_its_quadrants_by_five_strategies(tiny):
-    tmp, _, summary = tiny
+    tmp, overrides, summary = tiny
     quadrants = summary["quadrants"]
     assert [q["preset"] for q in quadrants] == [f"scenario_{q}" for q in ONE_PER_SOURCE]
     stages = yaml.safe_load((tmp / "out" / "dvc.yaml").read_text())["stages"]  # all four are declared
@@ -200,6 +200,10 @@ def _fills_its_quadrants_by_five_strategies(tiny):
             assert lo <= r["test_acc"] <= hi
     table = (tmp / "out" / "scenarios.md").read_text()
     assert table.count("** ◀ val") == 2 and "linear classifier on the features" in table
+    # what made it, so a report an earlier run with other settings left says so itself
+    made_by = (f"Made by `transferkit scenarios --only {','.join(ONE_PER_SOURCE)} --early-depth 2 --partial-depth 2 "
+               f"{' '.join(overrides)}`.")
+    assert made_by in table, table[:600]
     assert "fine-tune all from the pretrained init" in table
 
 

@@ -78,9 +78,11 @@ def epochs_sentence(results: list[dict]) -> str:
             + ".")
 
 
-def scenarios_markdown(results: list[dict]) -> str:
+def scenarios_markdown(results: list[dict], made_by: str = "") -> str:
+    """The scenarios' report; `made_by`: the command that made it (a report left by an earlier run with other
+    settings then says so itself)."""
     first = results[0]
-    lines = ["# The four transfer scenarios, measured", "",
+    lines = ["# The four transfer scenarios, measured", "", *([f"Made by `{made_by}`.", ""] if made_by else []),
              f"Target: {names(first['target_classes'])} in every quadrant, so the quadrants compare; test = "
              f"{first['n_test']:,} images of the dataset's test split. {epochs_sentence(results)} The winner is "
              "chosen on validation accuracy (◀ val, one view of each image); test accuracy (with evaluate.tta) is "

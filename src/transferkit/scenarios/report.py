@@ -7,6 +7,7 @@ scenarios.json (docs/sweeps.md). key=value overrides apply to every quadrant (se
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -166,7 +167,10 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
                "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides}
                               for s in plan]}
     save_json(summary, out / "scenarios.json")
-    save_text(scenarios_markdown(results), out / "scenarios.md")
+    made_by = " ".join(["transferkit scenarios", *(["--only", ",".join(only)] if only else []),
+                        f"--early-depth {early_depth} --partial-depth {partial_depth}",
+                        *map(shlex.quote, overrides or [])])
+    save_text(scenarios_markdown(results, made_by), out / "scenarios.md")
     save_json({"this_run_seconds": round(time.perf_counter() - start, 1), "stages_run": ran},
               out / "scenarios_timing.json")
     return summary
