@@ -68,13 +68,19 @@ def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
                 f"Fix: use one of those names.")
 
 
+def image_hashes(images: torch.Tensor) -> list[int]:
+    """Each image's hash, pixel for pixel: equal images, equal hashes (64 bits, so two different images share one
+    with a chance far below one in a billion at CIFAR's sizes)."""
+    return [hash(row.tobytes()) for row in images.flatten(1).numpy()]
+
+
 def _copied(test: torch.Tensor, train: torch.Tensor) -> bool:
     """Whether every test image is, pixel for pixel, one of the train images: test/<class> a link to (or a copy of)
     train/<class>, which would score a model on images it trained on."""
     if not len(test) or not (train == test[0]).flatten(1).all(1).any():  # the first image settles most cases
         return False
-    seen = {hash(img.numpy().tobytes()) for img in train}
-    return all(hash(img.numpy().tobytes()) in seen for img in test)
+    seen = set(image_hashes(train))
+    return all(h in seen for h in image_hashes(test))
 
 
 def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | None,
@@ -135,13 +141,6 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
     task["classes"] = list(classes)
     task["dataset"] = raw.name
     return task
-
-
-def seen_in_training(test: torch.Tensor, *trained: torch.Tensor) -> int:
-    """How many `test` images are, pixel for pixel, among the `trained` ones: a score on them is a score on images
-    the model trained on. By hash (64 bits: a chance collision is far below one in a billion at CIFAR's sizes)."""
-    seen = {hash(row.tobytes()) for images in trained for row in images.flatten(1).numpy()}
-    return sum(hash(row.tobytes()) in seen for row in test.flatten(1).numpy())
 
 
 def task_summary(task: dict) -> dict:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from transferkit.data.dataset import RawDataset
 from transferkit.data.resolve import dataset_location, load_dataset
 from transferkit.data.synthetic import make_synthetic
-from transferkit.data.tasks import check_disjoint, seen_in_training, select_task, task_summary
+from transferkit.data.tasks import check_disjoint, image_hashes, select_task, task_summary
 from transferkit.io import save_json, save_torch
 
 
@@ -35,15 +35,16 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         check_disjoint(d.source.classes, d.target.classes)
     # cifar10_split takes both tasks from one archive: read (and decode) it once
     shared = load_raw(cfg, "source", set(d.source.classes) | set(d.target.classes)) if same else None
-    summary, trained = {}, []
+    summary, trained = {}, set()  # the images trained on so far, by hash: the target's models start from the source's
     for role in ("source", "target"):
         spec = d[role]
         raw = shared or load_raw(cfg, role, set(spec.classes))
         task = select_task(raw, list(spec.classes), train_per_class=spec.train_per_class,
                            val_per_class=spec.val_per_class, test_per_class=spec.test_per_class,
                            seed=cfg.seed, role=role)
-        trained += [task["train_x"], task["val_x"]]  # the target's models start from the source's training
-        if seen := seen_in_training(task["test_x"], *trained):  # some: a dataset's own duplicates, or a copying slip
+        trained.update(image_hashes(task["train_x"]), image_hashes(task["val_x"]))
+        # some: a dataset's own duplicates, or a copying slip (select_task refuses a test folder of train images)
+        if seen := sum(h in trained for h in image_hashes(task["test_x"])):
             splits = "the source task's" if role == "source" else "the source or target task's"
             print(f"prepare: {seen} of the {role} task's {len(task['test_y'])} test images are also training images "
                   f"(pixel for pixel, in {splits} train or val split): their scores are scores on training images. "
