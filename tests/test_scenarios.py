@@ -73,8 +73,12 @@ def test_quadrants_differ_only_in_their_axis():
     # run from another folder: data/ is not there, and the params files were written before DVC said so
     (["paths.data_dir=/no/such/dir"], r"^/no/such/dir does not exist, and prepare reads the datasets there "
                                       r"\(paths.data_dir\)\. Fix: run from the project's folder"),
+    # DVC's own error came after the params files: a stage's output inside another's dependency
+    (["paths.data_dir=OUT_PARENT"], r"--out .*/out is inside the data folder .* \(paths.data_dir\), which each "
+                                    r"quadrant's prepare reads whole\. Fix: pass --out a folder outside it\.$"),
 ])
 def test_bad_requests_fail_before_any_work(tmp_path, argv, needle):
+    argv = [a.replace("OUT_PARENT", str(tmp_path)) for a in argv]
     with pytest.raises(TransferkitError, match=needle):
         main(["--out", str(tmp_path / "out"), *argv])
     assert not (tmp_path / "out").exists()

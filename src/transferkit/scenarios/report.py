@@ -107,6 +107,9 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
             raise TransferkitError(f"{data_dir} does not exist, and prepare reads the datasets there "
                                    f"(paths.data_dir). Fix: run from the project's folder (where data/ is), or set "
                                    f"paths.data_dir to the folder that holds them.")
+        if out.resolve().is_relative_to(data_dir):  # each prepare reads data_dir whole: its outputs would be in it
+            raise TransferkitError(f"--out {out} is inside the data folder {data_dir} (paths.data_dir), which each "
+                                   f"quadrant's prepare reads whole. Fix: pass --out a folder outside it.")
         datasets = pin_named_files("prepare", cfg)  # outside data_dir: deps of their own
         first = sources.setdefault(similarity, (preset, cfg))
         if any(OmegaConf.select(first[1], k) != OmegaConf.select(cfg, k) for k in SHARED_BY_SOURCE):
