@@ -1334,6 +1334,28 @@ def test_atomic_path_replaces_on_success(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["out.txt"]
 
 
+def test_atomic_path_syncs_the_bytes_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """A power cut after a rename whose file was never synced can leave an empty file in place of the old one."""
+    target, events = tmp_path / "out.json", []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(a)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_json({"a": 1}, target)
+    tmp = events[1][1]
+    assert events == [("fsync", tmp), ("replace", tmp), ("fsync", str(tmp_path))]
+    assert Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".out.json.")
+    assert json.loads(target.read_text()) == {"a": 1}
+
+
 def test_save_json_sorted_readable_normal_permissions(tmp_path):
     target = tmp_path / "m.json"
     save_json({"b": 1, "a": {"z": 2, "y": [1, 2]}}, target)

@@ -214,6 +214,32 @@ def test_a_missing_input_is_refused_before_dvc_removes_any_output(tmp_path):
     assert (out / "seed=0" / "transfer" / "model.pt").read_text() == "a finished point"
 
 
+def test_a_full_disk_while_writing_the_runs_dvc_yaml_leaves_the_earlier_one(tmp_path, monkeypatch):
+    """A dvc.yaml cut off as it was written would make the folder refuse every rerun (not written by a sweep)."""
+    import errno
+    import pathlib
+
+    from transferkit.errors import TransferkitError
+    from transferkit.project import RUNS_HEADER, check_runs_folder, run_pipeline, stage_run
+
+    out, earlier = tmp_path / "runs", RUNS_HEADER + "stages: {}\n"
+    (out / ".dvc").mkdir(parents=True)  # a DVC repository already: nothing runs dvc init
+    (out / "dvc.yaml").write_text(earlier)
+    real = pathlib.Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        real(self, text[:10], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    stages = {"point0": stage_run("transfer", "params/seed=0.yaml", "seed=0/transfer", {}, [])}
+    with pytest.raises(TransferkitError, match="the disk is full"):
+        run_pipeline(out, stages)
+    monkeypatch.undo()
+    assert (out / "dvc.yaml").read_text() == earlier
+    check_runs_folder(out)  # still the sweep's folder: a rerun is taken
+
+
 def test_a_sweep_in_a_project_whose_params_record_no_overrides_is_refused(tmp_path, monkeypatch):
     """`dvc exp run -S experiment=smoke -S transfer.lr=0.2` writes params.yaml without the overrides line:
     composed again from what it names (the experiment), the points would lose transfer.lr silently."""

@@ -45,6 +45,17 @@ def make_folder(folder: Path) -> None:
         raise _cannot_write(folder, e) from e
 
 
+def _to_disk(path: Path) -> None:
+    """fsync a file's bytes, or a folder's entries (POSIX: Windows opens no folder, and writes its renames through)."""
+    if path.is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)  # Windows flushes only what it may write
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only on success."""
@@ -60,7 +71,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         try:
+            _to_disk(tmp)  # else a power cut after the rename can leave an empty file where the old one was
             os.replace(tmp, path)
+            _to_disk(path.parent)  # the rename itself
         except OSError as e:
             if not disk_full(e):  # a folder standing at `path`, a read-only file system, ...
                 raise TransferkitError(f"cannot write {path}: {e.strerror or e}. Fix: move away what stands "

@@ -175,5 +175,7 @@ def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None) -
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / ".dvc").is_dir():
         run(["dvc", "init", "--no-scm", "-q"], folder)
-    dvc_file.write_text(RUNS_HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120))
+    from transferkit.io import save_text  # here: it imports torch, which check-repro (a user of this module) needs not
+
+    save_text(RUNS_HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120), dvc_file)
     return stages_run(run(["dvc", "repro", *(targets or [])], folder, tail=40))
