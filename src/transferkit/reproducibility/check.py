@@ -2,7 +2,7 @@
 reproducibility promise, checked the way a user's CI runs it (docs/pipeline.md, Reproducibility):
 params.yaml and dvc.yaml are what they are made from; twice, in a fresh copy of the project,
 `dvc repro` runs, a second one runs nothing and `dvc status` is clean; every metrics.json,
-checkpoint and exported model is byte-identical in the two copies. One PASS/FAIL line per
+prepared task, checkpoint and exported model is byte-identical in the two copies. One PASS/FAIL line per
 check; exits 0 when all pass, 1 otherwise.
 """
 

@@ -1,12 +1,11 @@
 """`trainer.precision: auto`: the precision this machine trains fastest in.
 
-bf16 autocast is about twice as fast as fp32 on CPUs whose matrix units do bf16 natively, about
-half as fast on CPUs that emulate it in AVX-512, and a hundred times slower on CPUs without
-AVX-512 at all, so no fixed default suits every machine. auto picks bf16-mixed on CUDA GPUs that
-run bf16 natively (16-mixed on older ones), and on a CPU only where a bf16 matrix multiply
-measures clearly faster than an fp32 one; the probe takes a fraction of a second and its result
-is cached per CPU (model name and instruction set), torch version and thread count, so every
-stage of a run agrees.
+bf16 autocast is faster than fp32 on CPUs whose matrix units do bf16 natively and slower, often
+far slower, on the others, so no fixed default suits every machine. auto picks bf16-mixed on CUDA
+GPUs that run bf16 natively (16-mixed on older ones), and on a CPU only where a bf16 matrix
+multiply measures clearly faster than an fp32 one; the probe takes a fraction of a second and its
+result is cached per CPU (model name and instruction set), torch version and thread count, so
+every stage of a run agrees.
 """
 
 from __future__ import annotations
