@@ -101,43 +101,35 @@ def _strided_array(n: int, dtype: str, item: bytes) -> bytes:
             + b"K\x00K\x00\x85tR")
 
 
-@pytest.mark.parametrize("key", [b"data", b"labels"])
-def test_a_cifar_array_larger_than_its_file_is_refused(tmp_path, key):
-    """A few bytes of pickle can build an array of any size by a zero stride (no official file does):
-    refused before anything copies it, instead of filling the machine's memory."""
-    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=10, test_per_class=2)
-    if key == b"data":  # 600 MB of images from one byte
-        pickled = b"\x80\x02}(C\x04data" + _strided_array(2 * 10 ** 5 * 3072, "u1", b"\0") + b"C\x06labels]u."
-    else:  # 8 MB of labels from 8 bytes, beside 200 real images
-        images = pickle.dumps({b"data": np.zeros((200, 3072), np.uint8)}, protocol=2)[:-1]  # no STOP opcode
-        pickled = images + b"C\x06labels" + _strided_array(10 ** 6, "i8", bytes(8)) + b"s."
-    (folder / "data_batch_2").write_bytes(pickled)
-    with pytest.raises(TransferkitError, match=r"data_batch_2 holds an array of .* bytes in a file of "
-                                               r"\d+ bytes.*Fix: delete"):
-        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
-
-
-def test_cifar_labels_in_a_tuple_are_refused_before_they_are_copied_out(tmp_path):
-    """A tuple holding a zero-stride array: np.asarray would copy it out in full (8 TB here) too."""
-    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=10, test_per_class=2)
+def _batch_with(labels: bytes) -> bytes:
+    """A data_batch pickle of 200 real images whose labels are the pickle opcodes `labels`."""
     images = pickle.dumps({b"data": np.zeros((200, 3072), np.uint8)}, protocol=2)[:-1]  # no STOP opcode
-    (folder / "data_batch_2").write_bytes(images + b"C\x06labels(" + _strided_array(2 ** 40, "i8", bytes(8)) + b"ts.")
-    with pytest.raises(TransferkitError, match="data_batch_2 has labels that are no flat list of numbers.*Fix: delete"):
+    return images + b"C\x06labels" + labels + b"s."
+
+
+@pytest.mark.parametrize("pickled", [
+    b"\x80\x02}(C\x04data" + _strided_array(2 * 10 ** 5 * 3072, "u1", b"\0") + b"C\x06labels]u.",  # 600 MB, 1 byte
+    _batch_with(_strided_array(10 ** 6, "i8", bytes(8))),  # 8 MB of labels from 8 bytes
+    _batch_with(b"(" + _strided_array(2 ** 40, "i8", bytes(8)) + b"t"),  # in a tuple: np.asarray copies it out
+    _batch_with(b"]" + _strided_array(2 ** 40, "i8", bytes(8)) + b"a"),  # in a list, likewise (8 TB)
+], ids=["images", "labels", "labels in a tuple", "labels in a list"])
+def test_a_cifar_array_larger_than_its_file_is_refused(tmp_path, pickled):
+    """A few bytes of pickle can build an array of any size by a zero stride (no official file does): refused as
+    the file is read, before anything copies it, instead of filling the machine's memory."""
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=10, test_per_class=2)
+    (folder / "data_batch_2").write_bytes(pickled)
+    with pytest.raises(TransferkitError, match=r"data_batch_2 is not plain data.*it calls numpy\.ndarray directly"
+                                               r".*Fix: delete"):
         read_cifar_pickles(folder, "cifar10", verify_checksums=False)
 
 
-@pytest.mark.parametrize("key, fault", [(b"data", "images that are not uint8 rows of 3072 bytes .* but a list"),
-                                        (b"labels", "labels that are no flat list of numbers")])
-def test_a_cifar_array_in_a_list_is_refused_before_it_is_copied_out(tmp_path, key, fault):
-    """np.asarray would copy a zero-stride array out of a list in full (8 TB here) before its size is seen."""
+@pytest.mark.parametrize("batch, fault", [({b"data": [0] * 3072, b"labels": [0]}, "images that are not uint8 rows of "
+                                           "3072 bytes .* but a list"),
+                                          ({b"data": np.zeros((1, 3072), np.uint8), b"labels": (0,)},
+                                           "labels that are no flat list of numbers")])
+def test_cifar_images_or_labels_of_another_type_are_refused(tmp_path, batch, fault):
     folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=10, test_per_class=2)
-    bomb = b"]" + _strided_array(2 ** 40, "u1" if key == b"data" else "i8", bytes(1 if key == b"data" else 8)) + b"a"
-    if key == b"data":
-        pickled = b"\x80\x02}(C\x04data" + bomb + b"C\x06labels]u."
-    else:
-        images = pickle.dumps({b"data": np.zeros((200, 3072), np.uint8)}, protocol=2)[:-1]  # no STOP opcode
-        pickled = images + b"C\x06labels" + bomb + b"s."
-    (folder / "data_batch_2").write_bytes(pickled)
+    (folder / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
     with pytest.raises(TransferkitError, match=f"data_batch_2 (holds|has) {fault}.*Fix: delete"):
         read_cifar_pickles(folder, "cifar10", verify_checksums=False)
 
@@ -219,6 +211,45 @@ def test_a_pickle_asking_for_an_array_of_python_objects_is_refused_before_it_is_
     (folder / "test_batch").write_bytes(pickle.dumps({b"data": Objects(), b"labels": [0]}, protocol=2))
     with pytest.raises(TransferkitError, match=r"test_batch .*numpy\.dtype of Python objects"):
         read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
+@pytest.mark.parametrize("call", ["ndarray of text 'O'", "_reconstruct of a large shape", "zero-size dtype"])
+def test_a_pickle_cannot_make_an_array_larger_than_its_own_bytes(tmp_path, call):
+    """numpy.ndarray called with the dtype as text ("O": Python objects) skipped the dtype check, and _reconstruct
+    took any shape: a few hundred bytes of pickle asked for gigabytes. numpy's own pickles make an empty array and
+    fill it from the file's bytes."""
+    import pickle
+
+    import numpy as np
+    from numpy._core.multiarray import _reconstruct
+
+    big = (10**7,)
+    reduced = {"ndarray of text 'O'": (np.ndarray, (big, "O")),
+               "_reconstruct of a large shape": (_reconstruct, (np.ndarray, big, b"O")),
+               "zero-size dtype": (_reconstruct, (np.ndarray, (0,), np.dtype("S0")))}[call]
+
+    class Big:
+        def __reduce__(self):
+            return reduced
+
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=5, test_per_class=1)
+    meta = pickle.loads((folder / "batches.meta").read_bytes())
+    (folder / "batches.meta").write_bytes(pickle.dumps({**meta, b"x": Big()}, protocol=2))
+    with pytest.raises(TransferkitError, match=r"batches.meta is not plain data.*it calls numpy"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
+def test_pickles_of_protocol_5_are_read(tmp_path):
+    """A modified copy saved by today's pickle.dump(protocol=5) holds its arrays through numpy's _frombuffer."""
+    import pickle
+
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=5, test_per_class=2)
+    expected = read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+    for f in folder.iterdir():
+        f.write_bytes(pickle.dumps(pickle.loads(f.read_bytes()), protocol=5))
+    assert b"_frombuffer" in (folder / "data_batch_1").read_bytes()
+    raw = read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+    assert torch.equal(raw.train.images, expected.train.images) and torch.equal(raw.test.labels, expected.test.labels)
 
 
 def test_a_pickle_that_encodes_bytes_into_more_bytes_is_refused_before_they_grow(tmp_path):

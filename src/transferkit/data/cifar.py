@@ -34,10 +34,42 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-# What the official CIFAR pickles hold besides builtin containers, numbers and bytes: numpy
-# arrays (rebuilt by these three) and, in protocol-2 files, bytes encoded through _codecs.
-_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+# What the official CIFAR pickles hold besides builtin containers, numbers and bytes: numpy arrays (an empty array
+# of numpy.ndarray made by _reconstruct, then filled from the file's own bytes; _frombuffer in protocol 5) and, in
+# protocol-2 files, bytes encoded through _codecs. Each maps to a guard that admits numbers only, in bounded size.
+def _refuse_array_call(*_args, **_kwargs):
+    raise _RefusedGlobal("numpy.ndarray directly (numpy's pickles name it only for _reconstruct, which makes it empty)")
+
+
+def _empty_array(subtype, shape, dtype):
+    """numpy's _reconstruct as its pickles call it: an empty array, which the pickle's state fills with data the
+    file holds (numpy checks their sizes agree). Any other shape is an allocation no byte of the file bounds."""
+    import numpy
+
+    if subtype is not _refuse_array_call or not isinstance(shape, tuple) or 0 not in shape:
+        raise _RefusedGlobal(f"numpy _reconstruct of a {shape!r} array")
+    return numpy.ndarray((0,), dtype=_plain_dtype(dtype))
+
+
+def _array_from_bytes(buffer, dtype, shape, order, axis_order=None):
+    """numpy's _frombuffer (protocol 5): an array over bytes the file holds, of a plain dtype."""
+    import numpy
+
+    if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, numpy.dtype):
+        raise _RefusedGlobal(f"numpy _frombuffer of {type(buffer).__name__}")
+    array = numpy.frombuffer(buffer, dtype=_plain_dtype(dtype))
+    if order == "K" and axis_order is not None:
+        return array.reshape(shape, order="C").transpose(axis_order)
+    return array.reshape(shape, order=order)
+
+
+_CIFAR_GLOBALS = {
+    **dict.fromkeys([("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")],
+                    _empty_array),
+    **dict.fromkeys([("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")],
+                    _array_from_bytes),
+    ("numpy", "ndarray"): _refuse_array_call,
+}
 
 
 class _RefusedGlobal(pickle.UnpicklingError):
@@ -54,7 +86,7 @@ class _CifarUnpickler(pickle.Unpickler):
         if (module, name) == ("_codecs", "encode"):
             return _latin1_encode
         if (module, name) in _CIFAR_GLOBALS:
-            return super().find_class(module, name)
+            return _CIFAR_GLOBALS[module, name]
         raise _RefusedGlobal(f"{module}.{name}")
 
 
@@ -63,9 +95,9 @@ def _plain_dtype(*args):
     for as it is unpickled (gigabytes from a file of a few hundred bytes), which no raw data bounds."""
     import numpy
 
-    dtype = numpy.dtype(*args)
-    if dtype.hasobject:
-        raise _RefusedGlobal("numpy.dtype of Python objects")
+    dtype = args[0] if len(args) == 1 and isinstance(args[0], numpy.dtype) else numpy.dtype(*args)
+    if dtype.hasobject or dtype.kind not in "biuf":  # bytes of size 0 would let any shape fit in no data
+        raise _RefusedGlobal(f"numpy.dtype of {'Python objects' if dtype.hasobject else dtype.str}")
     return dtype
 
 
@@ -127,9 +159,7 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
         for f in files:
             batch = unpickle(f)
             x, y = field(batch, b"data", f), field(batch, label_key, f)
-            # numpy.ndarray, which the files need to name, can also be called to build an array of any size
-            # over a few bytes by a zero stride: no array of a real file holds more bytes than the file, and
-            # none lies in a list, where np.asarray would copy it out in full before its size is seen
+            # every array is as large as the bytes the file holds for it (_empty_array, _array_from_bytes)
             if not isinstance(x, np.ndarray):
                 raise TransferkitError(f"{folder / f} holds images that are not uint8 rows of 3072 bytes (32x32 RGB "
                                        f"planes) but a {type(x).__name__}. Fix: {refetch}")
@@ -138,9 +168,6 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
                 raise TransferkitError(f"{folder / f} has labels that are no flat list of numbers (each image needs "
                                        f"one label in 0..{len(classes) - 1}, its class's index). Fix: {refetch}")
             y = np.asarray(y)
-            if (big := max(x.nbytes, y.nbytes)) > (size := (folder / f).stat().st_size):
-                raise TransferkitError(f"{folder / f} holds an array of {big} bytes in a file of {size} bytes: no "
-                                       f"official file does. Fix: {refetch}")
             if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
                 raise TransferkitError(f"{folder / f} holds images that are not uint8 rows of 3072 bytes (32x32 RGB "
                                        f"planes) but a {x.dtype} array of shape {x.shape}. Fix: {refetch}")
