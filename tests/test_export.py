@@ -266,7 +266,7 @@ def test_predict_command_lines_json_and_folders(exported, tmp_path, capsys):
 def test_predict_refuses_a_folder_it_cannot_list_and_a_file_too_large_to_be_an_image(exported, tmp_path, monkeypatch):
     """A subfolder this user cannot list (copied from another user) was left out of the results without a word; a
     file larger than a quarter of memory (a video renamed .png) was read whole. Root lists anything: simulated."""
-    from transferkit.data.archives import memory_limit
+    from transferkit.data.memory import memory_limit
     from transferkit.deploy.predict import predict
 
     folder, _ = exported[2]["fastnet"]
@@ -277,7 +277,7 @@ def test_predict_refuses_a_folder_it_cannot_list_and_a_file_too_large_to_be_an_i
     with open(tmp_path / "huge.png", "wb") as f:
         f.truncate(memory_limit() + 1)  # sparse: no disk used
     with pytest.raises(TransferkitError, match=r"cannot read 1 of 2 image\(s\): .*huge.png \([0-9.]+ GB, more than a "
-                                               r"quarter of this machine's memory: no image\)"):
+                                               r"quarter of the memory this process may use: no image\)"):
         predict(onnx, [paths[0], tmp_path / "huge.png"])
     refuse_listing(monkeypatch, tmp_path / "images" / "b")
     with pytest.raises(TransferkitError, match=r"cannot read folder .*images/b \(Permission denied\). Fix: make it "

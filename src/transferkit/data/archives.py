@@ -1,6 +1,6 @@
 """Image-folder archives (.tar, .tar.gz, .tar.bz2, .tar.xz, .zip) read into memory in one go: every
 regular member's name, and the bytes of the members a caller keeps, with what the archive expands
-to capped by this machine's memory (a few kilobytes of compressed zeros can claim gigabytes)."""
+to capped by the memory this process may use (a few kilobytes of compressed zeros can claim gigabytes)."""
 
 from __future__ import annotations
 
@@ -22,19 +22,12 @@ from typing import Callable
 
 import numpy as np
 
+from transferkit.data.memory import memory_limit
 from transferkit.errors import TransferkitError
 
 ZERO_BLOCK = bytes(512)
 PATH_MAX = 4096  # the longest path Linux resolves
 Members = list[tuple[str, "bytes | bytearray | None"]]
-
-
-def memory_limit() -> int:
-    """The most bytes an archive may expand to: a quarter of this machine's memory, as decoding its
-    images holds about three copies of what it read."""
-    import psutil
-
-    return psutil.virtual_memory().total // 4
 
 
 class _TooLarge(Exception):
@@ -285,12 +278,13 @@ def archive_files(path: Path, keep: Callable[[str], bool] = lambda name: True) -
     limit = memory_limit()
     try:
         return _read(path, keep, limit)
-    except _TooLarge:
+    except (_TooLarge, MemoryError) as e:  # MemoryError: under a process limit (ulimit -v) below the cap
         size = f"{limit / 1e9:.1f} GB" if limit >= 1e9 else f"{limit / 1e6:.1f} MB"
+        what = ("does not fit in the memory this process may use" if isinstance(e, MemoryError) else
+                f"expands to more than {size}, over a quarter of the memory this process may use")
         raise TransferkitError(
-            f"{path} expands to more than {size}, over a quarter of this machine's memory, into which archives are "
-            f"read. Fix: extract it (`tar -xf` or `unzip`) and give that folder as the dataset: a folder is read "
-            f"image by image, and only the classes asked for.") from None
+            f"{path} {what}, into which archives are read. Fix: extract it (`tar -xf` or `unzip`) and give that "
+            f"folder as the dataset: a folder is read image by image, and only the classes asked for.") from None
     # KeyError, ValueError, struct.error: a zip directory that lies
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError, KeyError,
             ValueError, struct.error) as e:

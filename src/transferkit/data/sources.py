@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from transferkit.data.archives import archive_files, memory_limit
+from transferkit.data.archives import archive_files
+from transferkit.data.memory import memory_limit
 from transferkit.data.dataset import RawDataset, Split, class_name
 from transferkit.errors import TransferkitError
 from transferkit.progress import progress
@@ -59,7 +60,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     # convert() clips values above 255, so wider samples are scaled to 8 bits first: integer modes (I;16*, I) hold
     # 16-bit data (0..65535), and float mode F 0..1 (most writers) or 0..255 (PIL's own convert("F")), told by range
     if img.mode.startswith("I;16") or img.mode == "I":
-        img = Image.fromarray((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+        pixels = np.asarray(img)  # in its own width: int64 copies took 24 bytes a pixel, a large scan gigabytes
+        if pixels.dtype.kind == "i":  # mode I (32-bit), I;16S: below 0 and past 16 bits clipped
+            pixels = np.clip(pixels, 0, 65535)
+        img = Image.fromarray((pixels >> 8).astype(np.uint8))
     elif img.mode == "F":
         floats = np.asarray(img)
         img = Image.fromarray(np.round(np.clip(floats * (255 if floats.max() <= 1 else 1), 0, 255)).astype(np.uint8))
@@ -134,6 +138,26 @@ def _decode_part(part: list[tuple[str, bytearray | Path]], image_size: int) -> l
             for img, (where, data) in zip(out, part)]
 
 
+PART_FILES, PART_BYTES = 2000, 1 << 26  # a part's files are in memory together, and up to 16 parts decode at once
+
+
+def _parts(files: list[tuple[str, bytearray | Path]]) -> list[list[tuple[str, bytearray | Path]]]:
+    """`files` in runs of at most PART_FILES files and PART_BYTES bytes (a larger file alone): CIFAR's JPEGs fill
+    a part by count, photos by bytes, so a folder of photos takes a few parts' bytes of memory, not its size."""
+    parts, part, size = [], [], 0
+    for where, data in files:
+        try:
+            n = data.stat().st_size if isinstance(data, Path) else len(data)
+        except OSError:  # the read names the problem
+            n = 0
+        if part and (len(part) == PART_FILES or size + n > PART_BYTES):
+            parts.append(part)
+            part, size = [], 0
+        part.append((where, data))
+        size += n
+    return [*parts, part]
+
+
 def decode_images(files: list[tuple[str, bytearray | Path]], image_size: int, desc: str) -> torch.Tensor:
     """(name, bytes or the file holding them) pairs -> uint8 [N, 3, S, S], decoded in parallel threads, a file read
     as its part is decoded: a folder's images are never all in memory at once."""
@@ -141,7 +165,7 @@ def decode_images(files: list[tuple[str, bytearray | Path]], image_size: int, de
 
     if not files:
         return torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
-    parts = [files[i:i + 2000] for i in range(0, len(files), 2000)]
+    parts = _parts(files)
     with ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1, 16)) as pool:
         decoded = progress(pool.map(lambda part: _decode_part(part, image_size), parts), desc, "part", len(parts))
         return torch.stack([img for chunk in decoded for img in chunk])
@@ -187,8 +211,8 @@ def _file_bytes(path: Path, limit: int) -> bytearray:
     try:
         with path.open("rb") as f:
             if (size := os.fstat(f.fileno()).st_size) > limit:
-                raise TransferkitError(f"{path} is {size / 1e9:.1f} GB, more than a quarter of this machine's memory: "
-                                       f"no image to read. Fix: remove it from the dataset's folder.")
+                raise TransferkitError(f"{path} is {size / 1e9:.1f} GB, more than a quarter of the memory this "
+                                       f"process may use: no image to read. Fix: remove it from the dataset's folder.")
             data = bytearray(size)  # a bytearray, which torch decodes in place
             del data[f.readinto(data):]
             return data

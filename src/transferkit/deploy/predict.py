@@ -83,7 +83,7 @@ def expand(paths: list[Path]) -> list[Path]:
 def decode_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[str]]:
     """Image files (anything PIL opens) -> uint8 [N, 3, size, size] of those that read, resized (bilinear) exactly
     as the image-folder source does, and what is wrong with each file that does not."""
-    from transferkit.data.archives import memory_limit
+    from transferkit.data.memory import memory_limit
     from transferkit.data.sources import decode_image
 
     out, bad, limit = [], [], memory_limit()
@@ -94,7 +94,8 @@ def decode_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[str]]:
             continue
         try:
             if (n := p.stat().st_size) > limit:  # a disk image or a video renamed: refused before it is read
-                bad.append(f"{name} ({n / 1e9:.1f} GB, more than a quarter of this machine's memory: no image)")
+                bad.append(f"{name} ({n / 1e9:.1f} GB, more than a quarter of the memory this process may use: "
+                           f"no image)")
                 continue
             out.append(decode_image(p.read_bytes(), name, size))
         except FileNotFoundError:
