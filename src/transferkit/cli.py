@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -165,9 +166,10 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     parser = one_line_errors(get_args_parser(), f"Hydra's flags are listed by `transferkit {stage} --hydra-help`; "
                                                 "settings are key=value")
     args = parser.parse_intermixed_args(argv)
-    if args.resolve and not (args.cfg or args.help):  # Hydra's checks, in its order (help first)
-        raise TransferkitError("--resolve resolves the config that --cfg or --help prints. Fix: add --cfg job, or "
-                               "leave --resolve out.")
+    for flag, does in (("resolve", "resolves"), ("package", "picks the package of")):  # alone, Hydra ignores them
+        if getattr(args, flag) and not (args.cfg or args.help):  # and -p FILE reads like --params FILE
+            raise TransferkitError(f"--{flag} {does} the config that --cfg or --help prints. Fix: add --cfg job, or "
+                                   f"leave --{flag} out{'; a params file is --params FILE' * (flag == 'package')}.")
     modes = [f"--{m}" for m in ("run", "multirun", "cfg", "info", "shell-completion")
              if getattr(args, m.replace("-", "_"))]
     if len(modes) > 1 and not (args.help or args.hydra_help):
@@ -264,8 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         elif command in ("-sc", "--shell-completion") or command.startswith("--shell-completion="):
             _shell_completion(argv)
         elif command in TOOLS:
-            import importlib
-
             return importlib.import_module(TOOLS[command]).main(rest)
         elif command in RUNNABLE:
             if params_mode:
