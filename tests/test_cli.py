@@ -136,7 +136,10 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
     for bad, needle in (("transfer.lr=-1", "transfer.lr=-1 is invalid"), ("transfer.freeze_depth=9", "has 4 blocks"),
                         # recorded, then without effect: dvc repro has no launcher
                         ("hydra/launcher=basic", "is a setting of Hydra's runs"),
-                        ("hydra.run.dir=x", "is a setting of Hydra's runs")):
+                        ("hydra.run.dir=x", "is a setting of Hydra's runs"),
+                        # DVC refused the dvc.yaml written: an output inside a dependency
+                        ("paths.artifacts_dir=data/artifacts", "must lie outside paths.data_dir=data, which prepare"),
+                        ("paths.artifacts_dir=data", "paths.artifacts_dir='data' is invalid")):
         assert transferkit_cli.main(["params", bad]) == 2
         err = capsys.readouterr().err
         assert needle in err and ("transferkit params" in err or "Fix: leave it out" in err), err
@@ -391,6 +394,25 @@ def test_bad_data_choices_on_the_real_layout(tmp_path, override, needle):
     (tmp_path / "params.yaml").write_text(params_text(cfg))
     line = one_error_line(cli("prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path))
     assert all(part in line for part in needle), line
+
+
+def test_under_dvc_the_first_stage_refuses_a_value_a_later_stage_cannot_run_with(tmp_path, monkeypatch):
+    """`dvc exp run -S transfer.freeze_depth=9` writes params.yaml past `transferkit params`' checks: prepare and
+    pretrain ran (an hour of the default pipeline on a CPU) before transfer refused the depth."""
+    from transferkit.errors import TransferkitError
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose("experiment=smoke", "transfer.freeze_depth=9", tmp=tmp_path)
+    (tmp_path / "dvc.yaml").write_text(f"stages:\n  prepare:\n    cmd: transferkit prepare --params params.yaml\n"
+                                       f"    deps:\n    - {cfg.paths.data_dir}\n    outs:\n"
+                                       f"    - {cfg.paths.artifacts_dir}/prepare\n")  # where the stage's outputs go
+    monkeypatch.setenv("DVC_STAGE", "prepare")
+    with pytest.raises(TransferkitError, match="transfer.freeze_depth=9 is invalid: model 'fastnet' has 4 blocks"):
+        run("prepare", cfg)
+    assert not (tmp_path / "artifacts" / "prepare").exists()
+    monkeypatch.delenv("DVC_STAGE")  # by hand, a stage checks what it reads: prepare reads no depth
+    run("prepare", cfg)
+    assert (tmp_path / "artifacts" / "prepare" / "target.pt").is_file()
 
 
 def test_a_stage_run_by_hand_into_the_folder_dvc_keeps_says_how_to_record_it(tmp_path, monkeypatch, capsys, caplog):

@@ -4,6 +4,8 @@ check_schema (schema.py) first checks each key alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.schema import check_schema, fail
@@ -51,6 +53,10 @@ def validate(cfg: DictConfig) -> None:
                                    f"model '{cfg.model.name}' starts it at random here (only fastnet's is initialised "
                                    f"from the data; others' from published weights, model.weights, in pretrain). Fix: "
                                    f"set {stage}.freeze_depth=0.")
+    if Path(cfg.paths.artifacts_dir).resolve().is_relative_to(Path(cfg.paths.data_dir).resolve()):
+        fail("paths.artifacts_dir", cfg.paths.artifacts_dir, f"it must lie outside paths.data_dir="
+             f"{cfg.paths.data_dir}, which prepare reads whole: the stages' outputs would be its input (DVC refuses "
+             f"such a dvc.yaml)")
     check_devices(cfg.trainer)
     if cfg.trainer.deterministic is True and cfg.trainer.get("benchmark"):  # torch ignores cuDNN's determinism then
         raise TransferkitError("trainer.deterministic=true with trainer.benchmark=true: cuDNN autotuning picks kernels "
