@@ -163,7 +163,8 @@ def test_a_dataset_read_from_outside_data_dir_is_a_dep_of_prepare(tmp_path, monk
     from transferkit.stages import named_files
 
     archive = write_image_folder(tmp_path / "mine", ["cat", "dog"], 3, 2)
-    split = ["data.target.classes=[cat,dog]", "data.target.train_per_class=2", "data.target.val_per_class=1"]
+    split = ["data.target.classes=[cat,dog]", "data.target.train_per_class=2", "data.target.val_per_class=1",
+             "quantize.calibration_images=4"]  # a valid pipeline: under DVC, prepare checks every stage's settings
     cfg = compose(["experiment=smoke", f"data.target.dataset={archive}", *split])
     assert named_files("prepare", to_params(cfg)) == {"data.target.dataset": str(archive)}
     (tmp_path / "data").mkdir()
