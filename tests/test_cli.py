@@ -139,7 +139,9 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
                         ("hydra.run.dir=x", "is a setting of Hydra's runs"),
                         # DVC refused the dvc.yaml written: an output inside a dependency
                         ("paths.artifacts_dir=data/artifacts", "must lie outside paths.data_dir=data, which prepare"),
-                        ("paths.artifacts_dir=data", "paths.artifacts_dir='data' is invalid")):
+                        ("paths.artifacts_dir=data", "paths.artifacts_dir='data' is invalid"),
+                        # dvc repro trained prepare, pretrain and transfer before DVC's raw "No such file"
+                        ("distill.student_init=none.pt", "distill.student_init='none.pt' is invalid: no such file")):
         assert transferkit_cli.main(["params", bad]) == 2
         err = capsys.readouterr().err
         assert needle in err and ("transferkit params" in err or "Fix: leave it out" in err), err
