@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -409,12 +410,19 @@ def test_under_dvc_the_first_stage_refuses_a_value_a_later_stage_cannot_run_with
                                        f"    deps:\n    - {cfg.paths.data_dir}\n    outs:\n"
                                        f"    - {cfg.paths.artifacts_dir}/prepare\n")  # where the stage's outputs go
     monkeypatch.setenv("DVC_STAGE", "prepare")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     with pytest.raises(TransferkitError, match="transfer.freeze_depth=9 is invalid: model 'fastnet' has 4 blocks"):
         run("prepare", cfg)
     assert not (tmp_path / "artifacts" / "prepare").exists()
-    monkeypatch.delenv("DVC_STAGE")  # by hand, a stage checks what it reads: prepare reads no depth
-    run("prepare", cfg)
-    assert (tmp_path / "artifacts" / "prepare" / "target.pt").is_file()
+    # a sweep's point (pointN to DVC) and a run by hand check what the stage reads, as `transferkit sweep` does
+    for dvc_stage in ("sweeps/smoke-prepare/dvc.yaml:point0", None):
+        if dvc_stage:
+            monkeypatch.setenv("DVC_STAGE", dvc_stage)
+        else:
+            monkeypatch.delenv("DVC_STAGE")
+        shutil.rmtree(tmp_path / "artifacts", ignore_errors=True)
+        run("prepare", cfg)
+        assert (tmp_path / "artifacts" / "prepare" / "target.pt").is_file()
 
 
 def test_a_stage_run_by_hand_into_the_folder_dvc_keeps_says_how_to_record_it(tmp_path, monkeypatch, capsys, caplog):

@@ -4,6 +4,7 @@ check_schema (schema.py) first checks each key alone."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -158,14 +159,6 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
         return blocks[repr(model_cfg)]
 
     n = {key: num_blocks(key) for key in ("model", "distill.student") if OmegaConf.select(cfg, key) is not None}
-    if all_stages:  # DVC would stop at a missing file only at its stage, after the stages before it trained
-        from transferkit.config.compose import find_conf_dir, flatten
-        from transferkit.stages import BY_NAME
-
-        flat, root = flatten(to_params(cfg)), find_conf_dir().parent  # where dvc.yaml's paths start
-        for key in dict.fromkeys(key for s in BY_NAME.values() for key in s.files):
-            if (value := flat.get(key)) and not (root / str(value)).is_file():
-                fail(key, value, f"no such file (a path in the project {root}, or an absolute one)")
     for name in [s for s in DEPTHS if s in cfg] if all_stages else [stage] if stage in DEPTHS else []:
         validate_depths(cfg, name, n["model"])
     per_class = cfg.data.target.get("train_per_class")  # None: all a class has, known once prepare has read them
@@ -182,3 +175,11 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
         p = cfg.prune
         if p.mode == "structured" and p.target == "channels" and p.scope == "layer":  # as prune_channels checks it
             check_no_layer_emptied(student, p.ratio, list(p.keep), list(p.rates))
+    if all_stages:  # DVC would stop at a missing file only at its stage, after the stages before it trained
+        from transferkit.config.compose import find_conf_dir, flatten
+        from transferkit.stages import BY_NAME
+
+        flat, root = flatten(to_params(cfg)), Path(os.environ.get("DVC_ROOT") or find_conf_dir().parent)  # dvc.yaml's
+        for key in dict.fromkeys(key for s in BY_NAME.values() for key in s.files):
+            if (value := flat.get(key)) and not (root / str(value)).is_file():
+                fail(key, value, f"no such file (a path in the project {root}, or an absolute one)")
