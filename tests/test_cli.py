@@ -601,6 +601,13 @@ def test_a_hydra_output_folder_that_cannot_be_made_is_one_line(tmp_path, argv, k
         line = one_error_line(cli("prepare", "experiment=smoke", *argv, f"{key}={bad}", cwd=ROOT))
         assert f"{key}={bad} cannot be made" in line and problem in line and "Fix:" in line, line
     assert not (tmp_path / "nowhere").exists()
+    # inside what DVC tracks: Hydra wrote .hydra/ and its log into a stage's outputs before the stage refused
+    for inside, what in ((tmp_path / "artifacts" / "transfer", "transfer's outputs"),
+                         (tmp_path / "data" / "runs", "paths.data_dir, prepare's input")):
+        paths = [f"paths.artifacts_dir={tmp_path / 'artifacts'}", f"paths.data_dir={tmp_path / 'data'}"]
+        line = one_error_line(cli("prepare", "experiment=smoke", *argv, f"{key}={inside}", *paths, cwd=ROOT))
+        assert f"{key}={inside} is inside {what}, which DVC tracks" in line and "Fix:" in line, line
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "data").exists()
     folder = f"{key}={tmp_path / 'file' / 'out'}"
     proc = cli("prepare", "experiment=smoke", "seed=0", folder, "--cfg", "job", cwd=ROOT)
     assert proc.returncode == 0 and "seed: 0" in proc.stdout, proc.stderr[-2000:]

@@ -47,3 +47,11 @@ def _check(config, key: str) -> None:
                f"{there} is not writable" if not os.access(there, os.W_OK | os.X_OK) else None)
     if problem:
         raise Refused(f"{key}={folder} cannot be made ({problem}). Fix: set {key} to a folder you can write to.")
+    from transferkit.stages import BY_NAME
+
+    paths = config.get("paths") or {}  # what DVC tracks: a run's files there would change them
+    tracked = {"paths.data_dir, prepare's input": paths.get("data_dir"),
+               **{f"{s}'s outputs": f"{paths.get('artifacts_dir')}/{s}" for s in BY_NAME if paths.get("artifacts_dir")}}
+    if inside := next((what for what, p in tracked.items() if p and folder.is_relative_to(Path(p).absolute())), None):
+        raise Refused(f"{key}={folder} is inside {inside}, which DVC tracks: the run's .hydra/ and log would change "
+                      f"it. Fix: set {key} to a folder outside paths.data_dir and paths.artifacts_dir's stage folders.")
