@@ -608,6 +608,11 @@ def test_a_hydra_output_folder_that_cannot_be_made_is_one_line(tmp_path, argv, k
         line = one_error_line(cli("prepare", "experiment=smoke", *argv, f"{key}={inside}", *paths, cwd=ROOT))
         assert f"{key}={inside} is inside {what}, which DVC tracks" in line and "Fix:" in line, line
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "data").exists()
+    # from a subfolder of the project: artifacts/ read there ("run prepare first", though it ran), outputs/ left
+    line = one_error_line(cli("prepare", "experiment=smoke", *argv, cwd=ROOT / "docs"))
+    assert (f"paths.data_dir=data is relative to the folder a run starts in, and this one starts in {ROOT / 'docs'}, "
+            f"not in the project {ROOT}") in line and "Fix:" in line, line
+    assert not any((ROOT / "docs" / name).exists() for name in ("outputs", "multirun"))
     folder = f"{key}={tmp_path / 'file' / 'out'}"
     proc = cli("prepare", "experiment=smoke", "seed=0", folder, "--cfg", "job", cwd=ROOT)
     assert proc.returncode == 0 and "seed: 0" in proc.stdout, proc.stderr[-2000:]

@@ -47,9 +47,15 @@ def _check(config, key: str) -> None:
                f"{there} is not writable" if not os.access(there, os.W_OK | os.X_OK) else None)
     if problem:
         raise Refused(f"{key}={folder} cannot be made ({problem}). Fix: set {key} to a folder you can write to.")
+    from transferkit.config.compose import find_conf_dir
     from transferkit.stages import BY_NAME
 
-    paths = config.get("paths") or {}  # what DVC tracks: a run's files there would change them
+    paths, root = config.get("paths") or {}, find_conf_dir().parent
+    if Path.cwd().resolve() != root and (loose := [k for k, v in paths.items() if not Path(str(v)).is_absolute()]):
+        raise Refused(f"paths.{loose[0]}={paths[loose[0]]} is relative to the folder a run starts in, and this one "
+                      f"starts in {Path.cwd()}, not in the project {root}: it would read and make other folders. Fix: "
+                      f"run it from {root}, or set paths.{loose[0]} to an absolute path.")
+    # what DVC tracks: a run's files there would change them
     tracked = {"paths.data_dir, prepare's input": paths.get("data_dir"),
                **{f"{s}'s outputs": f"{paths.get('artifacts_dir')}/{s}" for s in BY_NAME if paths.get("artifacts_dir")}}
     if inside := next((what for what, p in tracked.items() if p and folder.is_relative_to(Path(p).absolute())), None):
