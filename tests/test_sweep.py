@@ -769,7 +769,8 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
     saved["name"] = "default"
     (tmp_path / "artifacts" / "pretrain" / "params.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(TransferkitError, match=r"was made by experiment=default, this run composes experiment=smoke, "
-                                               r"and transfer reads it\. Fix: add experiment=default\.$"):
+                                               r"and transfer reads it\. Fix: add experiment=default \(and no "
+                                               r"name=, which it sets\)\.$"):
         check_inputs("transfer", cfg)
     with pytest.raises(TransferkitError, match=r"Fix: run with a params file of experiment=default \(`transferkit "
                                                r"params experiment=default` writes one\), or give --in pretrain=DIR, "

@@ -156,7 +156,7 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, fol
         if mine.get("name") != saved.get("name"):
             fix = (f"run with a params file of experiment={saved.get('name')} (`transferkit params "
                    f"experiment={saved.get('name')}` writes one), or give --in {name}=DIR, a folder {params_file} "
-                   f"made" if params_file else f"add experiment={saved.get('name')}")
+                   f"made" if params_file else f"add experiment={saved.get('name')} (and no name=, which it sets)")
             raise TransferkitError(f"{saved_file.parent} was made by experiment={saved.get('name')}, this run composes "
                                    f"experiment={mine.get('name')}, and {stage} reads it. Fix: {fix}.")
         # a key both have first: a key only one has follows from another that differs (model=vgg_mini has
