@@ -370,6 +370,15 @@ def test_every_model_preset_builds(model):
     assert net.num_blocks >= 4 and net.num_classes == 5
 
 
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("fastnet*.yaml")))
+def test_every_fastnet_preset_takes_every_fastnet_setting(model):
+    """The presets hold their differences from fastnet: with experiment=smoke (fastnet_tiny), model.activation=relu
+    was 'no setting model.activation', and the suggested model.dirac_init was refused too."""
+    base = compose("model=fastnet").model
+    cfg = compose(f"model={model}", "model.activation=relu", "model.dirac_init=true")
+    assert set(cfg.model) == set(base) and cfg.model.activation == "relu" and cfg.model.dirac_init is True
+
+
 def test_the_baselines_take_their_recipe_from_the_stage_they_are_compared_with():
     """scratch trains as transfer does and student as distill does, key for key: a change to the
     compared stage's block changes the baseline's with it (an explicit value of the baseline's own stays)."""
