@@ -613,6 +613,11 @@ def test_a_hydra_output_folder_that_cannot_be_made_is_one_line(tmp_path, argv, k
     assert (f"paths.data_dir=data is relative to the folder a run starts in, and this one starts in {ROOT / 'docs'}, "
             f"not in the project {ROOT}") in line and "Fix:" in line, line
     assert not any((ROOT / "docs" / name).exists() for name in ("outputs", "multirun"))
+    run_dir = tmp_path / "run"  # hydra.job.chdir=true: the job starts there, as from a subfolder
+    line = one_error_line(cli("prepare", "experiment=smoke", *argv, "hydra.job.chdir=true", f"{key}={run_dir}",
+                              cwd=ROOT))
+    assert (f"paths.data_dir=data is relative to the folder a run starts in, and this one starts in {run_dir} "
+            f"(hydra.job.chdir=true)") in line and "without hydra.job.chdir=true" in line, line
     folder = f"{key}={tmp_path / 'file' / 'out'}"
     proc = cli("prepare", "experiment=smoke", "seed=0", folder, "--cfg", "job", cwd=ROOT)
     assert proc.returncode == 0 and "seed: 0" in proc.stdout, proc.stderr[-2000:]

@@ -50,11 +50,14 @@ def _check(config, key: str) -> None:
     from transferkit.config.compose import find_conf_dir
     from transferkit.stages import BY_NAME
 
-    paths, root = config.get("paths") or {}, find_conf_dir().parent
-    if Path.cwd().resolve() != root and (loose := [k for k, v in paths.items() if not Path(str(v)).is_absolute()]):
+    paths, root, chdir = config.get("paths") or {}, find_conf_dir().parent, OmegaConf.select(config, "hydra.job.chdir")
+    starts = folder if chdir else Path.cwd()  # hydra.job.chdir=true: each job starts in its run's folder
+    if starts.resolve() != root and (loose := [k for k, v in paths.items() if not Path(str(v)).is_absolute()]):
+        how = " (hydra.job.chdir=true)" if chdir else ""
         raise Refused(f"paths.{loose[0]}={paths[loose[0]]} is relative to the folder a run starts in, and this one "
-                      f"starts in {Path.cwd()}, not in the project {root}: it would read and make other folders. Fix: "
-                      f"run it from {root}, or set paths.{loose[0]} to an absolute path.")
+                      f"starts in {starts}{how}, not in the project {root}: it would read and make other folders. "
+                      f"Fix: run it from {root}{' without hydra.job.chdir=true' if chdir else ''}, or "
+                      f"set paths.{loose[0]} to an absolute path.")
     # what DVC tracks: a run's files there would change them
     tracked = {"paths.data_dir, prepare's input": paths.get("data_dir"),
                **{f"{s}'s outputs": f"{paths.get('artifacts_dir')}/{s}" for s in BY_NAME if paths.get("artifacts_dir")}}
