@@ -582,7 +582,7 @@ def test_a_flag_with_a_value_among_the_overrides_is_read_as_hydra_reads_it():
     proc = cli("prepare", "--cfg", "job", "-p", "seed", "--", "experiment=smoke", "seed=-5")  # argparse's --
     assert proc.returncode == 0 and proc.stdout.strip() == "-5", proc.stderr[-2000:]
     proc = cli("prepare", "--help", "-m", "--cfg", "job")  # help first, as Hydra gives it: two modes are no error
-    assert proc.returncode == 0 and "powered by Hydra" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 0 and "transferkit is powered by Hydra" in proc.stdout, proc.stderr[-2000:]
     proc = cli("prepare", "experiment=smoke", "--hydra-help")  # Hydra's own help, which no override changes
     assert proc.returncode == 0 and "== Flags ==" in proc.stdout, proc.stderr[-2000:]
     proc = cli("prepare", "--info", "plugins", "seed=0,1")  # it composes no config: a sweep's values are fine
