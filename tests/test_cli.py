@@ -142,7 +142,8 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
                         ("paths.artifacts_dir=data/artifacts", "must lie outside paths.data_dir=data, which prepare"),
                         ("paths.artifacts_dir=data", "paths.artifacts_dir='data' is invalid"),
                         # dvc repro trained prepare, pretrain and transfer before DVC's raw "No such file"
-                        ("distill.student_init=none.pt", "distill.student_init='none.pt' is invalid: no such file")):
+                        ("distill.student_init=none.pt", "distill.student_init='none.pt' is invalid: no such file"),
+                        ("--cfg", "takes key=value overrides only, not --cfg. Fix: leave it out")):  # was Hydra's lexer
         assert transferkit_cli.main(["params", bad]) == 2
         err = capsys.readouterr().err
         assert needle in err and ("transferkit params" in err or "Fix: leave it out" in err), err

@@ -281,6 +281,9 @@ def write_generated(overrides: list[str]) -> list[Path]:
     from transferkit.io import save_text
 
     root = find_conf_dir().parent
+    if flags := [o for o in overrides if o.startswith("-")]:
+        raise TransferkitError(f"transferkit params takes key=value overrides only, not {flags[0]}. Fix: leave it out "
+                               f"(a stage's Hydra flags: `transferkit STAGE --cfg job ...`; `--help` lists them).")
     if hydra := [o for o in overrides if o.lstrip("~+").startswith(("hydra.", "hydra/"))]:
         raise TransferkitError(f"{hydra[0]} is a setting of Hydra's runs (`transferkit STAGE -m ...`): params.yaml "
                                f"holds none, and `dvc repro` runs each stage itself. Fix: leave it out, or give it to "
