@@ -181,6 +181,14 @@ def test_unknown_override_key_is_refused_with_the_key_it_meant():
     assert "\n" not in message and "+transfer" not in message
 
 
+@pytest.mark.parametrize("choice, typo, meant", [("model=mobilenet", "model.width_mul=0.3", "model.width_mult"),
+                                                  ("model=resnet18", "model.weight=x", "model.weights")])
+def test_an_unknown_key_is_likened_to_the_keys_of_what_the_other_overrides_choose(choice, typo, meant):
+    """The suggestions came from conf/'s default model (fastnet's widths, stem_width) whatever model= chose."""
+    with pytest.raises(TransferkitError, match=rf"no setting {typo.split('=')[0]} \(did you mean {meant}[ ?]"):
+        compose(choice, typo)
+
+
 @pytest.mark.parametrize("override, needle", [
     ("experiment=smok", "experiment=smok: conf/experiment/ has no such option. Fix: use one of "
                         + ", ".join(EXPERIMENTS) + "."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from pathlib import Path
 
@@ -67,9 +68,13 @@ def _override_error(message: str, overrides: list[str], conf_dir: Path) -> str:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    if m := re.match(r"Could not override '([^']+)'", message):  # a key conf/ does not have
-        with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
-            return no_such_setting(m.group(1), list(flatten(OmegaConf.to_container(hydra_compose("config")))))
+    if m := re.match(r"Could not override '([^']+)'", message):  # a key conf/ lacks, likened to those of the config
+        groups = [o for o in overrides if (conf_dir / o.lstrip("+~").partition("=")[0].split("@")[0]).is_dir()]
+        with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):  # the others choose
+            for chosen in (groups, []):  # a bad choice among them: Hydra names it once this key is fixed
+                with contextlib.suppress(Exception):
+                    return no_such_setting(m.group(1), list(flatten(OmegaConf.to_container(hydra_compose(
+                        "config", overrides=chosen)))))
     if m := re.search(r"Could not find '([^']+)/([^']+)'", message):  # an option a config group does not have
         group, option = m.groups()
         given = next((o for o in overrides if o.lstrip("+~").split("=")[0].split("@")[0] == group
@@ -282,8 +287,7 @@ def write_generated(overrides: list[str]) -> list[Path]:
 
     root = find_conf_dir().parent
     if flags := [o for o in overrides if o.startswith("-")]:
-        raise TransferkitError(f"transferkit params takes key=value overrides only, not {flags[0]}. Fix: leave it out "
-                               f"(a stage's Hydra flags: `transferkit STAGE --cfg job ...`; `--help` lists them).")
+        raise TransferkitError(f"transferkit params takes key=value overrides only, not {flags[0]}. Fix: leave it out.")
     if hydra := [o for o in overrides if o.lstrip("~+").startswith(("hydra.", "hydra/"))]:
         raise TransferkitError(f"{hydra[0]} is a setting of Hydra's runs (`transferkit STAGE -m ...`): params.yaml "
                                f"holds none, and `dvc repro` runs each stage itself. Fix: leave it out, or give it to "
