@@ -410,8 +410,7 @@ def test_under_dvc_the_first_stage_refuses_a_value_a_later_stage_cannot_run_with
     (tmp_path / "dvc.yaml").write_text(f"stages:\n  prepare:\n    cmd: transferkit prepare --params params.yaml\n"
                                        f"    deps:\n    - {cfg.paths.data_dir}\n    outs:\n"
                                        f"    - {cfg.paths.artifacts_dir}/prepare\n")  # where the stage's outputs go
-    monkeypatch.setenv("DVC_STAGE", "prepare")
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_STAGE", "prepare")  # DVC runs it in the folder of its dvc.yaml
     with pytest.raises(TransferkitError, match="transfer.freeze_depth=9 is invalid: model 'fastnet' has 4 blocks"):
         run("prepare", cfg)
     assert not (tmp_path / "artifacts" / "prepare").exists()
@@ -590,6 +589,18 @@ def test_a_flag_with_a_value_among_the_overrides_is_read_as_hydra_reads_it():
     assert proc.returncode == 0 and "Sweeper" in proc.stdout, proc.stderr[-2000:]
     line = one_error_line(cli("prepare", "seed=1,2", "--cfg", "job"))  # a config holds one value: Hydra's 6 lines
     assert "seed=1,2 lists several values, and a composition holds one run's" in line, line
+
+
+def test_a_run_folder_lies_in_a_tracked_one_by_where_it_leads(tmp_path):
+    """By text alone data/../outputs was inside data/, and a folder reached through a link to data/ was not."""
+    from transferkit.config.hydra_callbacks import _within
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "real")
+    assert not _within(tmp_path / "data" / ".." / "outputs", tmp_path / "data")
+    data = tmp_path / "data"
+    assert _within(tmp_path / "real" / "run", data) and _within(data / "run", data)
+    assert not _within(tmp_path / "outputs", tmp_path / "data")
 
 
 @pytest.mark.parametrize("argv, key", [(["seed=0"], "hydra.run.dir"), (["-m", "seed=0,1"], "hydra.sweep.dir")])

@@ -1427,6 +1427,7 @@ def test_atomic_path_replaces_on_success(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["out.txt"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc (Linux)")
 def test_atomic_path_syncs_the_bytes_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
     """A power cut after a rename whose file was never synced can leave an empty file in place of the old one."""
     target, events = tmp_path / "out.json", []
@@ -1447,6 +1448,23 @@ def test_atomic_path_syncs_the_bytes_before_the_rename_and_the_rename_after(tmp_
     assert events == [("fsync", tmp), ("replace", tmp), ("fsync", str(tmp_path))]
     assert Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".out.json.")
     assert json.loads(target.read_text()) == {"a": 1}
+
+
+def test_a_folder_that_cannot_be_synced_leaves_the_finished_write_in_place(tmp_path, monkeypatch):
+    """The file is renamed into place before its folder is synced: a folder this user may write but not read (or a
+    network file system that syncs no folder) made a finished write an error naming a fix that does not apply."""
+    from transferkit import io as tk_io
+
+    to_disk = tk_io._to_disk
+
+    def no_folders(path):
+        if path.is_dir():
+            raise PermissionError(13, "Permission denied")
+        to_disk(path)
+
+    monkeypatch.setattr(tk_io, "_to_disk", no_folders)
+    save_json({"a": 1}, tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text()) == {"a": 1}
 
 
 def test_save_json_sorted_readable_normal_permissions(tmp_path):

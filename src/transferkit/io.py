@@ -4,6 +4,7 @@ sibling first and renamed into place, which is atomic on POSIX filesystems."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -73,7 +74,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         try:
             _to_disk(tmp)  # else a power cut after the rename can leave an empty file where the old one was
             os.replace(tmp, path)
-            _to_disk(path.parent)  # the rename itself
+            with contextlib.suppress(OSError):  # the rename itself; a folder this user may write but not read
+                _to_disk(path.parent)
         except OSError as e:
             if not disk_full(e):  # a folder standing at `path`, a read-only file system, ...
                 raise TransferkitError(f"cannot write {path}: {e.strerror or e}. Fix: move away what stands "

@@ -179,7 +179,8 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
         from transferkit.config.compose import find_conf_dir, flatten
         from transferkit.stages import BY_NAME
 
-        flat, root = flatten(to_params(cfg)), Path(os.environ.get("DVC_ROOT") or find_conf_dir().parent)  # dvc.yaml's
+        # DVC runs a stage in its dvc.yaml's folder (DVC_ROOT is the repository's, or the workspace of a queued run)
+        flat, root = flatten(to_params(cfg)), Path.cwd() if os.environ.get("DVC_STAGE") else find_conf_dir().parent
         for key in dict.fromkeys(key for s in BY_NAME.values() for key in s.files):
             if (value := flat.get(key)) and not (root / str(value)).is_file():
                 fail(key, value, f"no such file (a path in the project {root}, or an absolute one)")

@@ -61,6 +61,12 @@ def _check(config, key: str) -> None:
     # what DVC tracks: a run's files there would change them
     tracked = {"paths.data_dir, prepare's input": paths.get("data_dir"),
                **{f"{s}'s outputs": f"{paths.get('artifacts_dir')}/{s}" for s in BY_NAME if paths.get("artifacts_dir")}}
-    if inside := next((what for what, p in tracked.items() if p and folder.is_relative_to(Path(p).absolute())), None):
+    if inside := next((what for what, p in tracked.items() if p and _within(folder, Path(p))), None):
         raise Refused(f"{key}={folder} is inside {inside}, which DVC tracks: the run's .hydra/ and log would change "
                       f"it. Fix: set {key} to a folder outside paths.data_dir and paths.artifacts_dir's stage folders.")
+
+
+def _within(folder: Path, other: Path) -> bool:
+    """Whether `folder` lies in `other`, as written (data/../outputs does not) or through links (a link to it does)."""
+    as_written = Path(os.path.normpath(folder)).is_relative_to(os.path.normpath(other.absolute()))
+    return as_written or folder.resolve().is_relative_to(other.resolve())
