@@ -239,6 +239,37 @@ def test_a_pickle_cannot_make_an_array_larger_than_its_own_bytes(tmp_path, call)
         read_cifar_pickles(folder, "cifar10", verify_checksums=False)
 
 
+@pytest.mark.parametrize("flags", [0x01, 0x0A])  # hasobject; LIST_PICKLE | NEEDS_INIT
+def test_a_pickle_cannot_give_a_dtype_flags_that_make_numpy_read_bytes_as_objects(tmp_path, flags):
+    """A dtype's pickled state sets its flags: as 'holding Python objects', 3,072 bytes of pixels were read as
+    pointers (the interpreter died later), and with the list flags reading them crashed the process (rc 139)."""
+    import pickle
+
+    import numpy as np
+    from numpy._core.multiarray import _reconstruct
+
+    class Flagged:
+        def __reduce__(self):
+            return np.dtype, ("u1", False, True), (3, "|", None, None, None, -1, -1, flags)
+
+    class Pixels:
+        def __reduce__(self):
+            return _reconstruct, (np.ndarray, (0,), b"b"), (1, (1, 3072), Flagged(), False, bytes(3072))
+
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=5, test_per_class=1)
+    (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": Pixels(), b"labels": [0]}, protocol=2))
+    with pytest.raises(TransferkitError, match=r"data_batch_2 is not plain data.*numpy.dtype with the state"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
+def test_a_pickle_cannot_set_state_on_what_the_reader_hands_out(tmp_path):
+    """BUILD on a global sets its attributes (a function's, for the rest of the process): refused."""
+    folder = write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, train_per_class=5, test_per_class=1)
+    (folder / "batches.meta").write_bytes(b"\x80\x02cnumpy\ndtype\n}X\x01\x00\x00\x00xK\x01sb.")
+    with pytest.raises(TransferkitError, match=r"batches.meta is not plain data.*a state set on numpy.dtype"):
+        read_cifar_pickles(folder, "cifar10", verify_checksums=False)
+
+
 def test_pickles_of_protocol_5_are_read(tmp_path):
     """A modified copy saved by today's pickle.dump(protocol=5) holds its arrays through numpy's _frombuffer."""
     import pickle

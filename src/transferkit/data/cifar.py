@@ -4,6 +4,7 @@ unpickles only what the official files hold."""
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 import socket
 from pathlib import Path
@@ -34,71 +35,95 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-# What the official CIFAR pickles hold besides builtin containers, numbers and bytes: numpy arrays (an empty array
-# of numpy.ndarray made by _reconstruct, then filled from the file's own bytes; _frombuffer in protocol 5) and, in
-# protocol-2 files, bytes encoded through _codecs. Each maps to a guard that admits numbers only, in bounded size.
-def _refuse_array_call(*_args, **_kwargs):
-    raise _RefusedGlobal("numpy.ndarray directly (numpy's pickles name it only for _reconstruct, which makes it empty)")
-
-
-def _empty_array(subtype, shape, dtype):
-    """numpy's _reconstruct as its pickles call it: an empty array, which the pickle's state fills with data the
-    file holds (numpy checks their sizes agree). Any other shape is an allocation no byte of the file bounds."""
-    import numpy
-
-    if subtype is not _refuse_array_call or not isinstance(shape, tuple) or 0 not in shape:
-        raise _RefusedGlobal(f"numpy _reconstruct of a {shape!r} array")
-    return numpy.ndarray((0,), dtype=_plain_dtype(dtype))
-
-
-def _array_from_bytes(buffer, dtype, shape, order, axis_order=None):
-    """numpy's _frombuffer (protocol 5): an array over bytes the file holds, of a plain dtype."""
-    import numpy
-
-    if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, numpy.dtype):
-        raise _RefusedGlobal(f"numpy _frombuffer of {type(buffer).__name__}")
-    array = numpy.frombuffer(buffer, dtype=_plain_dtype(dtype))
-    if order == "K" and axis_order is not None:
-        return array.reshape(shape, order="C").transpose(axis_order)
-    return array.reshape(shape, order=order)
-
-
-_CIFAR_GLOBALS = {
-    **dict.fromkeys([("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")],
-                    _empty_array),
-    **dict.fromkeys([("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")],
-                    _array_from_bytes),
-    ("numpy", "ndarray"): _refuse_array_call,
-}
-
-
+# What the official CIFAR pickles hold besides builtin containers, numbers and bytes: numpy arrays (an empty one
+# from _reconstruct, given its dtype and bytes by its state; or _frombuffer's, protocol 5) and, in protocol-2
+# files, bytes encoded through _codecs. The unpickler gives stand-ins for them, not numpy's own objects, whose
+# states (a dtype's flags, an array's dtype) could make numpy read pixels as pointers; each checks what it is
+# given, and an array becomes numpy's only once its bytes are known to fill it.
 class _RefusedGlobal(pickle.UnpicklingError):
     """A global the official files never reference: loading it would run code."""
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Admits only what the official files hold, so a tampered file cannot call anything else.
-    Hand-written because the format is a pickle: torch's weights-only loader reads torch files only."""
+class _Guarded:
+    """A callable the unpickler hands out: a pickle may set no state on it (a function's attributes, say)."""
 
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("numpy", "dtype"):
-            return _plain_dtype
-        if (module, name) == ("_codecs", "encode"):
-            return _latin1_encode
-        if (module, name) in _CIFAR_GLOBALS:
-            return _CIFAR_GLOBALS[module, name]
-        raise _RefusedGlobal(f"{module}.{name}")
+    __slots__ = ("call", "name")
+
+    def __init__(self, call, name: str):
+        self.call, self.name = call, name
+
+    def __call__(self, *args):
+        return self.call(*args)
+
+    def __setstate__(self, state):
+        raise _RefusedGlobal(f"a state set on {self.name}")
 
 
-def _plain_dtype(*args):
-    """numpy.dtype, of numbers only: an array of Python objects is filled with as many Nones as its shape asks
-    for as it is unpickled (gigabytes from a file of a few hundred bytes), which no raw data bounds."""
-    import numpy
+class _Dtype:
+    """numpy.dtype as numpy's pickles call it (('u1', False, True), then a state of its byte order): numbers only."""
 
-    dtype = args[0] if len(args) == 1 and isinstance(args[0], numpy.dtype) else numpy.dtype(*args)
-    if dtype.hasobject or dtype.kind not in "biuf":  # bytes of size 0 would let any shape fit in no data
-        raise _RefusedGlobal(f"numpy.dtype of {'Python objects' if dtype.hasobject else dtype.str}")
-    return dtype
+    __slots__ = ("dtype",)
+
+    def __init__(self, spec, *_):
+        import numpy
+
+        dtype = numpy.dtype(spec.decode() if isinstance(spec, bytes) else spec)  # Python 2's files: bytes
+        if dtype.hasobject or dtype.kind not in "biuf":  # objects: Nones in any number; size 0: any shape fits
+            raise _RefusedGlobal(f"numpy.dtype of {'Python objects' if dtype.hasobject else dtype.str}")
+        self.dtype = dtype
+
+    def __setstate__(self, state):  # (3, byte order, no fields, sizes -1, no flags): flags could mark objects
+        plain = isinstance(state, tuple) and state[:1] + state[2:] == (3, None, None, None, -1, -1, 0)
+        order = (state[1].decode("latin1") if isinstance(state[1], bytes) else state[1]) if plain else None
+        if order not in ("<", ">", "|", "="):
+            raise _RefusedGlobal(f"numpy.dtype with the state {state!r:.80}")
+        self.dtype = self.dtype.newbyteorder(order) if order in "<>" else self.dtype
+
+
+class _Array:
+    """An array to be: empty until its dtype, shape and bytes arrive, which must agree (no array larger than
+    the bytes the file holds for it), and filled once."""
+
+    __slots__ = ("array",)
+
+    def __init__(self):
+        self.array = None
+
+    def fill(self, dtype, shape, data, order: str = "C") -> _Array:
+        import numpy
+
+        if self.array is not None or not isinstance(dtype, _Dtype) or not isinstance(data, (bytes, bytearray)) or \
+                not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape):
+            raise _RefusedGlobal("numpy array state that is not a number type, a shape and its bytes")
+        if len(data) != math.prod(shape) * dtype.dtype.itemsize:
+            raise _RefusedGlobal(f"numpy array of shape {shape} over {len(data)} bytes")
+        self.array = numpy.frombuffer(bytearray(data), dtype.dtype).reshape(shape, order=order)
+        return self
+
+    def __setstate__(self, state):  # ndarray's: (version,) shape, dtype, Fortran order, bytes
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _RefusedGlobal("numpy array state that is not a number type, a shape and its bytes")
+        shape, dtype, fortran, data = state[-4:]
+        self.fill(dtype, shape, data, "F" if fortran else "C")
+
+
+def _refuse_array_call(*_):
+    raise _RefusedGlobal("numpy.ndarray directly (numpy's pickles name it only for _reconstruct, which makes it empty)")
+
+
+def _empty_array(subtype, shape, _dtype):
+    """numpy's _reconstruct as its pickles call it: (ndarray, (0,), b'b'), an array its state then fills."""
+    if subtype is not _GLOBALS["numpy", "ndarray"] or not isinstance(shape, tuple) or 0 not in shape:
+        raise _RefusedGlobal(f"numpy _reconstruct of a {shape!r} array")
+    return _Array()
+
+
+def _array_from_bytes(data, dtype, shape, order, axis_order=None):
+    """numpy's _frombuffer (protocol 5): an array over bytes the file holds."""
+    array = _Array().fill(dtype, shape, data, "C" if order == "K" else order)
+    if order == "K" and axis_order is not None:
+        array.array = array.array.transpose(axis_order)
+    return array
 
 
 def _latin1_encode(text, encoding: str = "utf-8", *_):
@@ -109,6 +134,37 @@ def _latin1_encode(text, encoding: str = "utf-8", *_):
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise _RefusedGlobal(f"_codecs.encode of {type(text).__name__} to {encoding}")
     return codecs.encode(text, "latin1")
+
+
+_GLOBALS = {key: _Guarded(call, f"{key[0]}.{key[1]}") for keys, call in [
+    ([("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")], _empty_array),
+    ([("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")], _array_from_bytes),
+    ([("numpy", "ndarray")], _refuse_array_call), ([("numpy", "dtype")], _Dtype),
+    ([("_codecs", "encode")], _latin1_encode),
+] for key in keys}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the official files hold, so a tampered file cannot call anything else.
+    Hand-written because the format is a pickle: torch's weights-only loader reads torch files only."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _GLOBALS:
+            return _GLOBALS[module, name]
+        raise _RefusedGlobal(f"{module}.{name}")
+
+
+def _arrays(data, depth: int = 0):
+    """`data` with each array stand-in as its numpy array, in the dict and the lists in it (the official layout)."""
+    if isinstance(data, _Array):
+        if data.array is None:
+            raise _RefusedGlobal("numpy _reconstruct of an array no state filled")
+        return data.array
+    if depth < 2 and isinstance(data, dict):
+        return {k: _arrays(v, depth + 1) for k, v in data.items()}
+    if depth < 2 and isinstance(data, (list, tuple)):
+        return type(data)(_arrays(v, depth + 1) for v in data)
+    return data
 
 
 def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -> RawDataset:
@@ -136,7 +192,7 @@ def read_cifar_pickles(folder: Path, name: str, verify_checksums: bool = True) -
                 f"(or set data.verify_checksums=false for a deliberately modified copy).")
         try:
             with open(path, "rb") as f:
-                data = _CifarUnpickler(f, encoding="bytes").load()
+                data = _arrays(_CifarUnpickler(f, encoding="bytes").load())
         except _RefusedGlobal as e:
             raise not_plain_data(path, f"it calls {e}", refetch) from e
         except Exception as e:
