@@ -19,7 +19,7 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     """`inputs` defaults to the stages' folders under paths.artifacts_dir (the stage table's reads)."""
     import torch
 
-    from transferkit.config.checks import validate_run
+    from transferkit.config.checks import validate, validate_run
     from transferkit.config.compose import to_params
     from transferkit.stages.common import announce, seed_everything, staged_output, storage_errors
     from transferkit.training.precision import check_accelerator
@@ -27,7 +27,10 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     # in the project's pipeline under DVC the params file is the whole pipeline's: a value a later stage cannot run
     # with (a freeze depth past the model's blocks, set by `dvc exp run -S`) fails the first stage that runs, not one
     # an hour in (a sweep's points, `pointN` to DVC, are checked for their own stage, as `transferkit sweep` does)
-    validate_run(cfg, stage, {}, all_stages=os.environ.get("DVC_STAGE", "").rpartition(":")[2] == stage)
+    if os.environ.get("DVC_STAGE", "").rpartition(":")[2] == stage:
+        validate_run(cfg, stage, {}, all_stages=True)
+    else:  # the stage checks its own depths as it builds its model
+        validate(cfg)
     check_files_tracked(stage, cfg)
     if any(key.split(".")[0] == "trainer" for key in BY_NAME[stage].params):  # prepare touches no device
         check_accelerator(cfg.trainer, BY_NAME[stage].trains)
