@@ -1488,10 +1488,10 @@ def test_a_folder_that_cannot_be_synced_leaves_the_finished_write_in_place(tmp_p
 
     to_disk = tk_io._to_disk
 
-    def no_folders(path):
+    def no_folders(path, *flags):
         if path.is_dir():
             raise PermissionError(13, "Permission denied")
-        to_disk(path)
+        to_disk(path, *flags)
 
     monkeypatch.setattr(tk_io, "_to_disk", no_folders)
     save_json({"a": 1}, tmp_path / "out.json")
