@@ -710,7 +710,7 @@ def test_runs_are_scored_only_on_the_task_they_were_trained_for(tmp_path, monkey
 def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkeypatch):
     """check_inputs on its own: a differing setting (run with the input's value, or vary it with a
     DVC experiment that keeps the project's overrides), a key the input was made without (make it
-    again), and an unreadable params file (left to the stage)."""
+    again), and an unreadable params file, YAML or text (left to the stage)."""
     from transferkit.config.compose import params_text, to_params
     from transferkit.errors import TransferkitError
     from transferkit.sweep.points import check_inputs
@@ -753,6 +753,8 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
     with pytest.raises(TransferkitError, match=r"Fix: make it again with this code and config \(`dvc repro prepare`\)"):
         check_inputs("pretrain", cfg)
     params.write_text("data: [unclosed")
+    check_inputs("pretrain", cfg)
+    params.write_bytes(b"name: \xff\xfe\n")  # no UTF-8 text: left to the stage too, not a traceback
     check_inputs("pretrain", cfg)
     saved["seed"], saved["trainer"]["precision"] = 7, "32-true"  # how a run is made, not what it reads
     saved["data"]["target"]["train_per_class"] = n - 1

@@ -154,10 +154,7 @@ def main(argv: list[str]) -> int:
                         help=f"run `dvc repro STAGE` (default: the whole pipeline), one of {', '.join(STAGES)}")
     parser.add_argument("--keep", metavar="DIR", type=Path, help="keep the two run folders in DIR (default: temporary)")
     parser.add_argument("--experiment", metavar="NAME", default="smoke", help="what the runs compose (default: smoke)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    args = parser.parse_args(argv)  # --help exits 0; a bad option is one TransferkitError (one_line_errors)
     # bad input is one error line and exit code 2 (cli.main), before anything is copied or run
     root = find_conf_dir().parent
     text = params_text(compose([f"experiment={args.experiment}"], root / "conf"))

@@ -15,11 +15,10 @@ import json
 import shlex
 from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import (QUOTING, compose, differing, find_conf_dir, flatten, group_choice,
-                                        params_text, plain_yaml, project_overrides, to_params, under)
+                                        params_text, project_overrides, read_yaml, to_params, under)
 from transferkit.config.drift import params_drift, regenerate_fix
 from transferkit.config.overrides import override_key
 from transferkit.config.dvcyaml import code_files, tracked_params
@@ -147,10 +146,9 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, fol
     for name in BY_NAME[stage].reads:
         saved_file = Path((folders or {}).get(name) or Path(cfg.paths.artifacts_dir) / name) / "params.yaml"
         try:  # missing (not made yet) or unreadable: the stage checks the files it reads itself
-            data = plain_yaml(saved_file.read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        if not isinstance(data, dict):
+            if not isinstance(data := read_yaml(saved_file), dict):
+                continue
+        except TransferkitError:
             continue
         saved, keys = flatten(data), made_with(name)
         if mine.get("name") != saved.get("name"):
