@@ -211,6 +211,13 @@ def test_params_files_that_are_not_or_no_longer_params_files(tmp_path, capsys):
     (tmp_path / "scalar.yaml").write_text("name: x\nseed: 0\npaths: 5\ntrainer: {}\n")
     line = _error(capsys, ["transfer", "--params", str(tmp_path / "scalar.yaml")])
     assert "is not a params file composed from conf/ (its paths is 5, not a block of keys)" in line
+    # a stranger's file: OmegaConf would resolve ${oc.env:...} into the outputs' params.yaml, and nested
+    # ${a}${a} references grow exponentially; transferkit writes every value resolved
+    env = yaml.safe_load(good.read_text())
+    env["trainer"]["loggers"] = ["csv", "${oc.env:HOME}"]
+    (tmp_path / "env.yaml").write_text(yaml.safe_dump(env))
+    line = _error(capsys, ["prepare", "--params", str(tmp_path / "env.yaml")])
+    assert "(its trainer.loggers.1 is a ${...} reference, which could read the environment, not a value)" in line
 
 
 def test_a_params_file_lacking_a_key_is_refused_before_the_stage_runs(tmp_path, capsys, monkeypatch):

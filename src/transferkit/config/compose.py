@@ -171,6 +171,8 @@ def read_params(path: Path) -> dict:
         problem = f"it lacks {sorted(PARAMS_KEYS - (data.keys() if isinstance(data, dict) else set()))}"
     elif blocks := [k for k in ("paths", "trainer") if not isinstance(data[k], dict)]:
         problem = f"its {blocks[0]} is {data[blocks[0]]!r}, not a block of keys"
+    elif refs := [k for k, v in flatten(data, lists=True).items() if isinstance(v, str) and "${" in v]:
+        problem = f"its {refs[0]} is a ${{...}} reference, which could read the environment, not a value"
     else:
         return data
     raise TransferkitError(f"{path} is not a params file composed from conf/ ({problem}). Fix: pass the "
@@ -225,9 +227,7 @@ def group_choice(override, conf_dir: Path | None) -> bool:
 
 
 def load_params(path: Path) -> DictConfig:
-    cfg = OmegaConf.create(read_params(path))
-    OmegaConf.set_struct(cfg, True)
-    return cfg
+    return OmegaConf.create(read_params(path), flags={"struct": True})
 
 
 def under(key: str, prefixes) -> bool:
