@@ -797,9 +797,21 @@ def test_failed_check_keeps_the_previous_export(exported, tmp_path, monkeypatch,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_an_export_clears_the_temporaries_a_killed_one_left(exported, tmp_path):
+def test_an_export_clears_the_temporaries_a_killed_one_left(exported, tmp_path, monkeypatch):
     """A kill -9 mid-export left .model.onnx.XXXX.tmp and its kin in the output folder, which a later export kept
-    and DVC then recorded among the stage's outputs."""
+    and DVC then recorded among the stage's outputs; every temporary it makes is one of those (export.json's was
+    written through a second temporary, ..export.json.X.tmp.Y.tmp, which no export cleared)."""
+    from pathlib import Path
+
+    import transferkit.io
+
+    made, atomic_path = [], transferkit.io.atomic_path
+
+    def recorded(path):
+        made.append(Path(path).name)
+        return atomic_path(path)
+
+    monkeypatch.setattr(transferkit.io, "atomic_path", recorded)
     root, test_set, models = exported
     out = tmp_path / "export"
     out.mkdir()
@@ -810,6 +822,7 @@ def test_an_export_clears_the_temporaries_a_killed_one_left(exported, tmp_path):
     export(models["fastnet"][0] / "model.pt", out, test_set, repeats=1, batch_size=16, threads=1, log=lambda *_: None)
     assert not [f for f in left if f.exists()] and (out / "notes.tmp").exists()
     assert not list(out.glob(".*.tmp"))
+    assert not [name for name in made if name.startswith(".")]  # no temporary of a temporary
 
 
 @pytest.mark.parametrize("failing", [None, "dynamo"])

@@ -31,7 +31,7 @@ from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHS
                                         load_pipeline_checkpoint, ort_session)
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation.speed import latency_ms
-from transferkit.io import atomic_path, load_torch, quiet_output, save_json
+from transferkit.io import atomic_path, load_torch, quiet_output
 from transferkit.layout import channels_last, to_nhwc
 
 DEFAULT_TEST_SET = Path("artifacts/prepare/target.pt")
@@ -265,7 +265,7 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
             "export_seconds": round(export_s, 2), "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
         }
-        save_json(result, record)
+        record.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")  # record is the temporary
     return result
 
 
