@@ -1026,6 +1026,29 @@ def test_a_decompression_bomb_is_refused_by_name(tmp_path):
             decode_image(bomb, "bomb.png", 32)
 
 
+def test_an_image_whose_decoding_would_outgrow_the_memory_bound_is_refused_before_it_is_decoded(monkeypatch):
+    """A 657 KB PNG of 13000 x 13000 zeros, under PIL's pixel cap, took 2.5 GB to decode (RGBA copies to lay it
+    over white): its decoded size is checked against the bound the file sizes are (memory_limit), from its header."""
+    import struct
+    import zlib
+
+    import transferkit.data.sources as sources
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header_only = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4000, 3000, 8, 6, 0, 0, 0))
+                   + chunk(b"IEND", b""))  # RGBA, no pixels: reading them would fail as corrupt
+    with pytest.raises(TransferkitError, match=r"image big.png \(4000x3000 pixels\) takes about 0.2 GB to decode, "
+                                               r"more than a quarter of the memory.*Fix: downscale it"):
+        sources.decode_image(header_only, "big.png", 32, max_bytes=100_000_000)
+    monkeypatch.setattr(sources, "memory_limit", lambda: 100_000_000)  # the default bound: predict's, prepare's
+    with pytest.raises(TransferkitError, match=r"image big.png \(4000x3000 pixels\) takes about 0.2 GB"):
+        sources.decode_image(header_only, "big.png", 32)
+    with pytest.raises(TransferkitError, match=r"corrupt image big.png"):  # within the bound: read, and corrupt
+        sources.decode_image(header_only, "big.png", 32, max_bytes=200_000_000)
+
+
 def test_a_postscript_file_by_any_name_is_no_image_and_runs_nothing(tmp_path, monkeypatch):
     """PIL picks a reader by the file's content: an EPS named x.png went to its EPS reader, which runs
     Ghostscript (`gs`, here a stub that leaves a mark) on the file's PostScript."""

@@ -74,16 +74,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, where: str, image_size: int) -> np.ndarray:
+def decode_image(data: bytes, where: str, image_size: int, max_bytes: int | None = None) -> np.ndarray:
     """Any image file's bytes -> uint8 [3, S, S] RGB, resized (bilinear) when not S x S: EXIF
-    orientation applied, 16-bit and float images scaled to 8 bits, transparency over white."""
+    orientation applied, 16-bit and float images scaled to 8 bits, transparency over white; one whose
+    decoding would take more than `max_bytes` (default: memory_limit()) is refused."""
     try:
         img = Image.open(io.BytesIO(data), formats=picture_formats())  # PIL picks by content, not by suffix
         if img.width * img.height > MAX_PIXELS:
             raise Image.DecompressionBombError
         if min(img.size) >= 4 * image_size:  # a JPEG decodes at 1/2 to 1/8 scale, to twice S at least, as PIL's
             img.draft(None, (2 * image_size, 2 * image_size))  # thumbnail() does: a photo in a fraction of the time
+        if (need := 16 * img.width * img.height) > (max_bytes or memory_limit()):  # _to_rgb: 4 copies, 4 B a pixel
+            raise TransferkitError(f"image {where} ({img.width}x{img.height} pixels) takes about {need / 1e9:.1f} GB "
+                                   f"to decode, more than a quarter of the memory this process may use. Fix: "
+                                   f"downscale it, or run where more memory is free.")
         img = _to_rgb(img)
+    except TransferkitError:
+        raise
     except Image.DecompressionBombError as e:
         raise TransferkitError(f"image {where} has more than {MAX_PIXELS / 1e6:.0f} million pixels, more than PIL "
                                f"reads (a few kilobytes can declare billions). Fix: downscale it.") from e
@@ -134,7 +141,7 @@ def _decode_part(part: list[tuple[str, bytearray | Path]], image_size: int) -> l
         decoded = []
     for i, img in zip(jpeg, decoded):
         out[i] = img if img.shape == (3, image_size, image_size) else None
-    return [img if img is not None else torch.from_numpy(decode_image(data, where, image_size))
+    return [img if img is not None else torch.from_numpy(decode_image(data, where, image_size, limit))
             for img, (where, data) in zip(out, part)]
 
 

@@ -97,7 +97,7 @@ def decode_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[str]]:
                 bad.append(f"{name} ({n / 1e9:.1f} GB, more than a quarter of the memory this process may use: "
                            f"no image)")
                 continue
-            out.append(decode_image(p.read_bytes(), name, size))
+            out.append(decode_image(p.read_bytes(), name, size, limit))
         except FileNotFoundError:
             bad.append(f"{name} (no such file)")
         except IsADirectoryError:
