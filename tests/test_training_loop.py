@@ -393,17 +393,22 @@ def test_checkpoint_budget_bounds_the_time_spent_saving(tmp_path, monkeypatch):
 def test_resume_checkpoints_are_written_in_the_work_folder_alone(tmp_path, monkeypatch):
     """Lightning's own save writes each checkpoint to the system's temporary folder first and copies it over:
     a kill mid-save left a checkpoint-sized file there for good, and a full or missing temporary folder failed
-    the stage as if the artifacts disk were full."""
+    the stage as if the artifacts disk were full. Each reaches the disk before it is renamed into place: after a
+    power cut, an empty last.ckpt stopped the rerun."""
+    import os
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
     pl.seed_everything(0, verbose=False)
     trainer_cfg = {**compose("experiment=smoke").trainer, "loggers": ["csv"], "checkpoint_budget": 1}
-    saves = []
-    save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: saves.append(f) or save(obj, f, *args, **kwargs))
+    saves, synced = [], []
+    save, fsync = torch.save, os.fsync
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: saves.append(f.name if hasattr(f, "write") else f)
+                        or save(obj, f, *a, **kw))
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
     fit(_module("classifier"), TaskDataModule(_task(8), 8, 64), trainer_cfg, tmp_path / "out", max_epochs=3)
     assert [Path(f).relative_to(tmp_path / "out").as_posix() for f in saves] == ["checkpoints.next/state.tmp"] * 2
+    assert [str(f) for f in saves] == [f for f in synced if f.endswith("state.tmp")]
 
 
 class _Killed(BaseException):

@@ -138,11 +138,15 @@ class CommitCheckpoint(Callback):
 
 class DirectCheckpointIO(TorchCheckpointIO):
     """Writes the state to the path given, ResumeCheckpoint's temporary file: Lightning's own save writes a copy to the
-    system's temporary folder first, which a kill mid-save leaves there and a full one fails the stage with."""
+    system's temporary folder first, which a kill mid-save leaves there and a full one fails the stage with. Its
+    bytes reach the disk before commit renames them into place: after a power cut, an empty last.ckpt stops a rerun."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)  # a fit's own folder too: no logger made it
-        torch.save(checkpoint, path)
+        with open(path, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class NoProfiler(PassThroughProfiler):
