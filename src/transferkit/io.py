@@ -46,7 +46,7 @@ def make_folder(folder: Path) -> None:
         raise _cannot_write(folder, e) from e
 
 
-def _to_disk(path: Path, flags: int = os.O_RDWR) -> None:
+def to_disk(path: Path, flags: int = os.O_RDWR) -> None:
     """fsync a file's bytes (opened for writing: Windows flushes only that), or with O_RDONLY a folder's entries."""
     fd = os.open(path, flags)
     try:
@@ -70,10 +70,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         try:
-            _to_disk(tmp)  # else a power cut after the rename can leave an empty file where the old one was
+            to_disk(tmp)  # else a power cut after the rename can leave an empty file where the old one was
             os.replace(tmp, path)
             with contextlib.suppress(OSError):  # the rename itself, where the folder opens: not on Windows,
-                _to_disk(path.parent, os.O_RDONLY)  # nor for a user who may write to it but not read it
+                to_disk(path.parent, os.O_RDONLY)  # nor for a user who may write to it but not read it
         except OSError as e:
             if not disk_full(e):  # a folder standing at `path`, a read-only file system, ...
                 raise TransferkitError(f"cannot write {path}: {e.strerror or e}. Fix: move away what stands "

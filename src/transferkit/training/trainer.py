@@ -26,6 +26,7 @@ from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from transferkit.errors import TransferkitError
+from transferkit.io import to_disk
 from transferkit.models.blocknet import BlockNet
 from transferkit.training import RESUME_CHECKPOINT, first_process
 from transferkit.training.loggers import copy_logs, make_loggers, resume_csv
@@ -143,10 +144,8 @@ class DirectCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)  # a fit's own folder too: no logger made it
-        with open(path, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        torch.save(checkpoint, path)
+        to_disk(Path(path))
 
 
 class NoProfiler(PassThroughProfiler):
