@@ -356,6 +356,34 @@ def test_the_resume_key_changes_with_the_code_and_with_any_input_file(tmp_path, 
         key = resume_key(inputs)
 
 
+def test_a_killed_fit_resumes_only_on_as_many_processes_and_in_the_precision_it_trained_with(monkeypatch):
+    """`devices: auto` and `precision: auto` read the same in params.yaml on every node: resumed on more GPUs, a fit
+    would take fewer steps an epoch than its schedule was counted in, and end before its last warm-down."""
+    from transferkit.stages.run import tracked
+    from transferkit.training import precision
+
+    cfg = compose("experiment=smoke", "trainer.accelerator=gpu", "trainer.devices=auto", "trainer.precision=auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    keys = {}
+    for gpus in (2, 2, 4):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        keys.setdefault(gpus, set()).add(tracked("transfer", cfg))
+    assert len(keys[2]) == 1 and keys[2] != keys[4]
+    assert json.loads(keys[4].pop())["processes"] == 4
+    for devices, processes in (("'0,2'", 2), ("[1]", 1), (3, 3)):
+        on_nodes = compose("experiment=smoke", "trainer.accelerator=gpu", f"trainer.devices={devices}",
+                           "trainer.num_nodes=2")
+        assert json.loads(tracked("transfer", on_nodes))["processes"] == 2 * processes
+    on_cpu = compose("experiment=smoke", "trainer.accelerator=cpu", "trainer.precision=auto")
+    chosen = {}
+    for speedup in (0.5, 2.0):
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
+        chosen[speedup] = json.loads(tracked("pretrain", on_cpu))["precision"]
+    assert chosen == {0.5: "32-true", 2.0: "bf16-mixed"}
+    assert "processes" not in tracked("prepare", on_cpu)  # it fits nothing
+
+
 def test_checkpoint_budget_bounds_the_time_spent_saving(tmp_path, monkeypatch):
     """On a clock the test moves (a real one on a busy machine would test nothing): epochs of 1 s and
     saves of 0.1 s under budgets of 2%, every epoch (1) and never (0)."""

@@ -74,13 +74,20 @@ def kept_by_dvc(stage: str, out: Path) -> bool:
 
 
 def tracked(stage: str, cfg: DictConfig) -> str:
-    """The values of the params DVC tracks for `stage`: a killed run's folder is resumed only by a run with
-    the same (a progress bar turned off, or another stage's setting changed, discards no training)."""
+    """The values of the params DVC tracks for `stage`, and for a fit the processes and precision they resolve to
+    here: a killed run's folder is resumed only by a run with the same (a progress bar turned off, or another
+    stage's setting changed, discards no training)."""
     from transferkit.config.compose import flatten, to_params, under
     from transferkit.config.dvcyaml import tracked_params
+    from transferkit.training.precision import processes, resolve_precision
 
     keys = tracked_params(BY_NAME[stage].params, list(cfg.trainer))
-    return json.dumps({k: v for k, v in flatten(to_params(cfg)).items() if under(k, keys)}, sort_keys=True)
+    values = {k: v for k, v in flatten(to_params(cfg)).items() if under(k, keys)}
+    if BY_NAME[stage].trains:  # as resolved here: `devices: auto` counts another node's GPUs, and a resume on more
+        trainer = cfg.trainer  # processes takes fewer steps an epoch than its schedule was counted in
+        values |= {"processes": processes(trainer),
+                   "precision": resolve_precision(trainer.get("precision", "auto"), str(trainer.accelerator))}
+    return json.dumps(values, sort_keys=True)
 
 
 def check_files_tracked(stage: str, cfg: DictConfig) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -131,6 +132,22 @@ def check_accelerator(trainer, trains: bool = True) -> None:
         raise TransferkitError(f"trainer.accelerator={accelerator}, but torch sees no {missing} on this machine. "
                                f"Fix: train on the CPU here (trainer=cpu; for dvc repro `transferkit params "
                                f"trainer=cpu`), or run where torch sees that device.")
+
+
+def processes(trainer) -> int | str:
+    """The processes a fit with `trainer` settings runs in, as Lightning counts them (devices 'auto' or -1: every
+    GPU torch sees; "0,2" or [0, 2]: GPUs by index); a value Lightning refuses is returned as set, for it to say so."""
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and "," in devices:
+        devices = [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        return len(devices) * int(trainer.get("num_nodes") or 1)
+    if str(devices) in ("auto", "-1"):
+        devices = torch.cuda.device_count() if uses_cuda(str(trainer.get("accelerator", "auto"))) else 1
+    try:
+        return int(devices) * int(trainer.get("num_nodes") or 1)
+    except (TypeError, ValueError):
+        return str(devices)
 
 
 def resolve_precision(setting, accelerator: str) -> str:
