@@ -35,7 +35,8 @@ from omegaconf.errors import OmegaConfBaseException
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, conv_widths, describe, finish, machine, main_of, now, table  # noqa: E402
 
-from transferkit.config.compose import flatten, load_params, to_params  # noqa: E402
+from transferkit.config.compose import load_params, to_params  # noqa: E402
+from transferkit.plain import flatten  # noqa: E402
 from transferkit.errors import TransferkitError  # noqa: E402
 from transferkit.evaluation.metrics import mean_difference, predict  # noqa: E402
 from transferkit.models import load_checkpoint  # noqa: E402

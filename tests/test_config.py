@@ -46,7 +46,8 @@ def test_the_fix_for_drift_names_the_command_that_keeps_the_values_params_yaml_h
     import shlex
 
     from transferkit.config.drift import regenerate_fix
-    from transferkit.config.compose import flatten, to_params
+    from transferkit.config.compose import to_params
+    from transferkit.plain import flatten
 
     file = tmp_path / "params.yaml"
     (tmp_path / "conf").symlink_to(CONF)  # a project: its name is an experiment of its conf/

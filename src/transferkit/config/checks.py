@@ -5,13 +5,24 @@ check_schema (schema.py) first checks each key alone."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from transferkit.config.compose import find_conf_dir, to_params
+from transferkit.config.overrides import as_override
 from transferkit.config.schema import check_schema, fail
+from transferkit.data.tasks import check_class_list, check_disjoint
+from transferkit.distill.losses import get_loss
 from transferkit.errors import TransferkitError
+from transferkit.models import DATA_INITIALISED, model_from_config
 from transferkit.models.fastnet import MAX_STEM_WIDTH
+from transferkit.plain import flatten
+from transferkit.prune import unstructured
+from transferkit.prune.structured import check_no_layer_emptied, check_rates, importance, kept_modules
+from transferkit.stages import BY_NAME
+from transferkit.training import multi_process
 
 # The structured-only prune keys whose default turns them off (target and round_to have live defaults,
 # which unstructured pruning, a share of single weights, ignores).
@@ -20,14 +31,6 @@ STRUCTURED_ONLY = {"rates": [], "sparse_epochs": 0, "steps": 1}
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model or data (validate_run adds those that need the model)."""
-    from transferkit.config.compose import to_params
-    from transferkit.data.tasks import check_class_list, check_disjoint
-    from transferkit.distill.losses import get_loss
-    from transferkit.models import DATA_INITIALISED
-    from transferkit.prune import unstructured
-    from transferkit.prune.structured import importance
-    from transferkit.training import multi_process
-
     params = to_params(cfg)
     splits = [(params.get("data") or {}).get(role) for role in ("source", "target")]
     if not any(isinstance(s, dict) and s.get("dataset") == "synthetic" for s in splits):
@@ -80,8 +83,6 @@ def validate(cfg: DictConfig) -> None:
     if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
         differ = [k for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
         if differ:  # conf/'s student.* follow distill.*: one override sets both, in conf/ and in params.yaml
-            from transferkit.config.overrides import as_override
-
             both = "; ".join(f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}" for k in differ)
             fix = " ".join(f"distill.{k}={as_override(cfg.student[k])}" for k in differ)
             raise TransferkitError(f"the student baseline trains unlike distill ({both}): the comparison would measure "
@@ -105,8 +106,6 @@ def validate(cfg: DictConfig) -> None:
 def check_devices(trainer: DictConfig) -> None:
     """trainer.devices as Lightning reads it (a count, -1 or auto, or distinct device ids: a list or "0,1"),
     ids only on an accelerator that has them; trainer.strategy a name Lightning registers."""
-    import re
-
     devices, ids = trainer.devices, None
     if OmegaConf.is_list(devices):
         ids = list(devices)
@@ -149,8 +148,6 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
     `validate`, the networks built (model, distill.student), and the stages' depths against the model's
     block count (`blocks` caches it per model config)."""
     validate(cfg)
-    from transferkit.config.compose import to_params
-    from transferkit.models import model_from_config
 
     def num_blocks(key: str) -> int:
         model_cfg = to_params(OmegaConf.select(cfg, key))
@@ -167,8 +164,6 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
         fail("quantize.calibration_images", cfg.quantize.calibration_images, f"the target task has {count} training "
              f"images to calibrate on ({per_class} per class), so it must be in 1..{count}")
     if "prune" in cfg and "distill.student" in n and (all_stages or stage == "prune"):  # not after hours of training
-        from transferkit.prune.structured import check_no_layer_emptied, check_rates, kept_modules
-
         student = model_from_config(to_params(cfg.distill.student), 2, key="distill.student", fetch_weights=False)
         kept_modules(student, list(cfg.prune.keep))
         check_rates(student, list(cfg.prune.rates))
@@ -176,9 +171,6 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
         if p.mode == "structured" and p.target == "channels" and p.scope == "layer":  # as prune_channels checks it
             check_no_layer_emptied(student, p.ratio, list(p.keep), list(p.rates))
     if all_stages:  # DVC would stop at a missing file only at its stage, after the stages before it trained
-        from transferkit.config.compose import find_conf_dir, flatten
-        from transferkit.stages import BY_NAME
-
         # DVC runs a stage in its dvc.yaml's folder (DVC_ROOT is the repository's, or the workspace of a queued run)
         flat, root = flatten(to_params(cfg)), Path.cwd() if os.environ.get("DVC_STAGE") else find_conf_dir().parent
         for key in dict.fromkeys(key for s in BY_NAME.values() for key in s.files):

@@ -3,23 +3,25 @@ stage table): `transferkit check-params` itself, and check-repro and the stages 
 
 from __future__ import annotations
 
+import difflib
+import shlex
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.compose import (compose, differing, flatten, project_overrides, read_params, read_yaml,
+from transferkit.config.compose import (compose, find_conf_dir, project_overrides, read_params, read_yaml,
                                         recorded_overrides, to_params)
+from transferkit.config.dvcyaml import dvc_yaml_text
 from transferkit.config.overrides import as_override, override_key
 from transferkit.errors import TransferkitError
-
+from transferkit.plain import differing, flatten
 
 
 def stale_keys(params_path: Path, cfg: DictConfig, conf_dir: Path | None) -> str | None:
     """What is wrong with the keys of `cfg` (read from the params file) against conf/ composed with the overrides
     the file records: a key it lacks or one conf/ lacks (a typo), in one line; None where they agree, or where
     the file records no overrides (written by hand, or by DVC) or they no longer compose."""
-    import difflib
-
     if conf_dir is None or (overrides := recorded_overrides(params_path)) is None:
         return None
     try:
@@ -50,8 +52,6 @@ def regenerate_fix(params_path: Path, conf_dir: Path | None = None) -> str:
     """What ends every report of drift: the command that composes conf/ as it is now and, where params.yaml's values
     were set some other way (by hand, or by `dvc exp run -S`, which records no overrides), the one that writes them
     where one does."""
-    import shlex
-
     def command(overrides: list[str]) -> str:
         return "`transferkit params" + "".join(f" {shlex.quote(o)}" for o in overrides) + "`"
 
@@ -76,8 +76,6 @@ def regenerate_fix(params_path: Path, conf_dir: Path | None = None) -> str:
 
 def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str]:
     """What differs between the committed params.yaml / dvc.yaml and what they are made from."""
-    from transferkit.config.dvcyaml import dvc_yaml_text
-
     try:
         saved = read_params(params_path)
     except TransferkitError as e:  # the message without its fix, which regenerate_fix gives
@@ -95,10 +93,6 @@ def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str
 
 def main(argv: list[str]) -> int:
     """`transferkit check-params [FILE]`: exit 1 where params.yaml or dvc.yaml differs from what it is made from."""
-    import sys
-
-    from transferkit.config.compose import find_conf_dir
-
     usage = "Fix: `transferkit check-params [PARAMS_FILE]`."
     if {"-h", "--help"} & set(argv):
         print("usage: transferkit check-params [PARAMS_FILE]\n\nExits 1, listing what differs, where params.yaml "

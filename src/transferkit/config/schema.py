@@ -9,11 +9,13 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from transferkit.config.compose import no_such_setting
 from transferkit.data.augment import FLIP_MODES
 from transferkit.deploy.quantize import FORMATS as QUANTIZE_FORMATS, METHODS as QUANTIZE_METHODS
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.metrics import TTA as TTA_MODES
 from transferkit.models.fastnet import ACTIVATIONS
+from transferkit.plain import flatten
 from transferkit.prune.structured import SCOPES
 from transferkit.training import LOGGERS
 
@@ -212,8 +214,6 @@ def check_schema(params: dict) -> None:
     except ValidationError as e:
         errors = e.errors()
         if errors[0]["type"] == "extra_forbidden":  # what compose says of a key conf/ lacks
-            from transferkit.config.compose import flatten, no_such_setting
-
             key = ".".join(map(str, errors[0]["loc"]))
             raise TransferkitError(no_such_setting(key, list(flatten(params)))) from None
         keys, item = _where(errors[0]["loc"])

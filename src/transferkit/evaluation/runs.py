@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from transferkit.config.compose import differing, flatten, plain_yaml
 from transferkit.errors import NotPlainData, TransferkitError
 from transferkit.evaluation.metrics import mean_difference, paired_difference, predict
+from transferkit.plain import differing, flatten, plain_yaml
 from transferkit.stages import TARGET_MODELS
 from transferkit.stages.common import PARAMS_FILE
 

@@ -15,9 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from transferkit.config.compose import compose, find_conf_dir, flatten, params_text
+from transferkit.config.compose import compose, find_conf_dir, params_text
 from transferkit.config.drift import generated_drift, regenerate_fix
 from transferkit.errors import TransferkitError, error_line, one_line_errors
+from transferkit.plain import flatten
 from transferkit.project import PROJECT_ITEMS, copy_project, run, stages_run
 from transferkit.stages import STAGES
 

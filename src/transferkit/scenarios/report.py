@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.compose import compose, differing, flatten, params_text, to_params, under
+from transferkit.config.compose import compose, params_text, to_params
 from transferkit.config.dvcyaml import code_files
 from transferkit.config.checks import validate_run
 from transferkit.config.overrides import as_override, override_key
@@ -23,6 +23,7 @@ from transferkit.evaluation import SCORED_WITH
 from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
+from transferkit.plain import differing, flatten, under
 from transferkit.project import check_runs_folder, run_pipeline, stage_run
 from transferkit.stages import BY_NAME
 from transferkit.sweep.points import check_points, expand, pin_named_files
@@ -92,14 +93,12 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                                    f"do not differ in it. Fix: leave it out, or change the quadrants in "
                                    f"conf/experiment/scenario_*.yaml.")
         for s in plan:  # a strategy's settings are plain values: set on the composed quadrant, not composed again
+            if s.option and (error := depth_error(preset, cfg, s)):  # named by the option
+                raise error
             try:
                 validate_run(OmegaConf.merge(cfg, OmegaConf.from_dotlist(s.sets())), s.stage, blocks)
             except TransferkitError as e:
-                # a depth the option set is named by the option, not by the config key it sets
-                named = s.option and str(e).startswith(tuple(f"{k}=" for k in s.overrides))
-                raise (named and depth_error(preset, cfg, s)) or TransferkitError(f"{preset}, strategy {s.name}: {e}")
-            if s.option and (error := depth_error(preset, cfg, s)):  # in range, but another strategy's setting
-                raise error
+                raise TransferkitError(f"{preset}, strategy {s.name}: {e}") from e
         if "trainer.progress_bar" not in map(override_key, overrides):
             cfg.trainer.progress_bar = False
         cfg.paths.data_dir = data_dir = str(Path(cfg.paths.data_dir).resolve())

@@ -81,7 +81,7 @@ def named_files(stage: str, params: dict, root=None) -> dict[str, str]:
     import os
     from pathlib import Path
 
-    from transferkit.config.compose import flatten
+    from transferkit.plain import flatten
 
     flat = flatten(params)
     named = {key: str(flat[key]) for key in BY_NAME[stage].files if flat.get(key)}

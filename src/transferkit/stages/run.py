@@ -77,8 +77,9 @@ def tracked(stage: str, cfg: DictConfig) -> str:
     """The values of the params DVC tracks for `stage`, and for a fit the processes and precision they resolve to
     here: a killed run's folder is resumed only by a run with the same (a progress bar turned off, or another
     stage's setting changed, discards no training)."""
-    from transferkit.config.compose import flatten, to_params, under
+    from transferkit.config.compose import to_params
     from transferkit.config.dvcyaml import tracked_params
+    from transferkit.plain import flatten, under
     from transferkit.training.precision import processes, resolve_precision
 
     keys = tracked_params(BY_NAME[stage].params, list(cfg.trainer))

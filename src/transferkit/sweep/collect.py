@@ -18,13 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from transferkit.config.compose import flatten, under
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
 from transferkit.evaluation.plots import sweep_png
 from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import make_folder, save_json, save_text
+from transferkit.plain import flatten, under
 from transferkit.project import RUNS_HEADER, stale_stages
 from transferkit.stages import TARGET_MODELS
 from transferkit.sweep.points import NOT_SWEPT, made_with

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.compose import (QUOTING, compose, differing, find_conf_dir, flatten, group_choice,
-                                        params_text, project_overrides, read_yaml, to_params, under)
+from transferkit.config.compose import (QUOTING, compose, find_conf_dir, group_choice, params_text,
+                                        project_overrides, read_yaml, to_params)
 from transferkit.config.drift import params_drift, regenerate_fix
 from transferkit.config.overrides import override_key
 from transferkit.config.dvcyaml import code_files, tracked_params
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
+from transferkit.plain import differing, flatten, under
 from transferkit.stages import BY_NAME
 
 # May differ between a run and the outputs it reads: a seed sweep keeps the data split and the
