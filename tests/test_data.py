@@ -1509,14 +1509,14 @@ def test_a_folder_that_cannot_be_synced_leaves_the_finished_write_in_place(tmp_p
     network file system that syncs no folder) made a finished write an error naming a fix that does not apply."""
     from transferkit import io as tk_io
 
-    to_disk = tk_io._to_disk
+    to_disk = tk_io.to_disk
 
     def no_folders(path, *flags):
         if path.is_dir():
             raise PermissionError(13, "Permission denied")
         to_disk(path, *flags)
 
-    monkeypatch.setattr(tk_io, "_to_disk", no_folders)
+    monkeypatch.setattr(tk_io, "to_disk", no_folders)
     save_json({"a": 1}, tmp_path / "out.json")
     assert json.loads((tmp_path / "out.json").read_text()) == {"a": 1}
 
