@@ -493,6 +493,39 @@ def test_an_onnx_file_that_loops_is_refused_before_it_runs(tmp_path, capsys, whe
     assert "loop.onnx's graph has a Loop node: a loop whose length the file sets" in line and "Fix: export" in line
 
 
+@pytest.mark.parametrize("side, chain, needle", [(None, 1, "more than the"), (1000, 200, "took over 0 s")])
+def test_an_onnx_file_whose_graph_outgrows_its_bytes_is_refused(tmp_path, monkeypatch, side, chain, needle):
+    """A few hundred bytes of graph can ask for a tensor of terabytes (ConstantOfShape), or for minutes of matrix
+    products over one: ONNX Runtime's arena is bounded, and the first two images are given PROBE_SECONDS."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from transferkit.deploy import runtime
+    from transferkit.deploy.sessions import bounded_arena
+    from transferkit.errors import TransferkitError
+
+    monkeypatch.setattr(runtime, "PROBE_SECONDS", 0.3)
+    side = side or int((1.2 * bounded_arena() / 4) ** 0.5)  # float32s past the bound, which the OS would give
+    fill = helper.make_tensor("one", TensorProto.FLOAT, [1], [1e-3])
+    nodes = [helper.make_node("ConstantOfShape", ["side"], ["m0"], value=fill),
+             *(helper.make_node("MatMul", [f"m{i}", f"m{i}"], [f"m{i + 1}"]) for i in range(chain)),
+             helper.make_node("ReduceSum", [f"m{chain}"], ["total"], keepdims=0),
+             helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+             helper.make_node("Add", ["features", "total"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                         ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(np.array([side, side], np.int64), "side")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"transferkit": json.dumps({"classes": ["a", "b", "c"], "input_size": 32})})
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    assert (tmp_path / "model.onnx").stat().st_size < 50_000
+    with pytest.raises(TransferkitError, match="to score two 32x32 images") as error:
+        runtime.Classifier(tmp_path / "model.onnx", threads=1)
+    assert needle in str(error.value) and "Fix: export the model again" in str(error.value)
+
+
 @pytest.mark.parametrize("output, needle", [("pooled", "float32 of shape (1, 5) for 2 image(s)"),
                                             ("flat", "float32 of shape (5,) for 2 image(s)"),
                                             ("text", "object of shape (2, 5) for 2 image(s)")])

@@ -28,7 +28,8 @@ import torch
 from transferkit.data.tasks import task_fault
 from transferkit.deploy.fold import deployable
 from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHSCRIPT_FILE, Classifier,
-                                        load_pipeline_checkpoint, ort_session)
+                                        load_pipeline_checkpoint)
+from transferkit.deploy.sessions import ort_session
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation.speed import latency_ms
 from transferkit.io import atomic_path, load_torch, quiet_output
@@ -115,8 +116,7 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
     """Export with `exporter`; 'auto' tries the torch.export-based exporter and falls back to the
     TorchScript-based one, which some torch versions need. Returns which one produced the file
     (and why the first failed)."""
-    example = (torch.rand(2, 3, size, size),)
-    tried = {}
+    example, tried = (torch.rand(2, 3, size, size),), {}
     for name in (("dynamo", "legacy") if exporter == "auto" else (exporter,)):
         try:
             with warnings.catch_warnings(), quiet_output():  # the failure's own words go into `tried`

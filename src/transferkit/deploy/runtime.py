@@ -6,6 +6,7 @@ and returns logits; normalisation is inside the model."""
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit.deploy.sessions import bounded_arena, control_flow, final_op, ort_session
 from transferkit.errors import TransferkitError
 from transferkit.layout import to_nhwc
 
@@ -29,6 +31,9 @@ UNKNOWN_STAGE = "<stage>"
 # a file's own word on its input, bounded: predict allocates for it before running a single image
 MAX_FIXED_BATCH = 256  # predict's batch: a file fixed at more would be padded up to it on every call
 INPUT_SIZES = range(8, 1025)  # pixels a side: CIFAR's 32 to well past ImageNet's 224
+# a file's graph may build tensors its bytes do not pay for (ConstantOfShape, broadcasts): ONNX Runtime allocates
+# within memory_limit(), and the first two images may take this long (a classifier takes a fraction of a second)
+PROBE_SECONDS = 60.0
 
 
 def stage_of(path: Path) -> str:
@@ -84,44 +89,6 @@ def load_pipeline_checkpoint(path: Path):
                                   "write it again with the stage that made it, or pass a model.pt that a stage "
                                   "wrote, e.g. artifacts/prune/model.pt")
     return model.eval(), ckpt
-
-
-def ort_session(path: Path | str, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 4  # fatal only: an error reaches the user once, as transferkit's own line
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for broken files
-        raise TransferkitError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e}). "
-                               f"Fix: write it again: `dvc repro` for the pipeline's own (export, quantize), "
-                               f"`transferkit export MODEL.pt` for one you exported.") from e
-
-
-def control_flow(path: Path) -> str | None:
-    """The first Loop or Scan node in an ONNX file's graph, its functions' and subgraphs' included: iterations the
-    file counts (a Loop of 2**62 runs for ever), where an exported classifier runs each of its layers once."""
-    import onnx
-
-    graphs = [*(model := onnx.load(str(path), load_external_data=False)).functions, model.graph]
-    while graphs:
-        for node in graphs.pop().node:
-            if node.op_type in ("Loop", "Scan"):
-                return node.op_type
-            graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
-    return None
-
-
-def final_op(path: Path) -> str:
-    """The kind of node that makes an ONNX file's first output ('' for a graph input or a constant)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    out = graph.output[0].name
-    return next((node.op_type for node in reversed(graph.node) if out in node.output), "")
 
 
 class Classifier:
@@ -208,14 +175,28 @@ class Classifier:
         if any(isinstance(d, int) and d != size for d in spatial):
             raise TransferkitError(f"{self.path}'s graph takes {'x'.join(map(str, spatial))} images, not the "
                                    f"{size}x{size} {named}. {self.remake}")
+        # ONNX Runtime ends a run whose terminate flag is set, between two of its nodes
+        timer = threading.Timer(PROBE_SECONDS, setattr, (getattr(self, "_run_options", None), "terminate", True))
+        if self.kind == "onnx":
+            timer.start()
         try:  # two images of that size through the model: the class names must match its outputs, row by row
             logits = self(np.zeros((2, 3, size, size), np.float32))
         except TransferkitError:
             raise
         except Exception as e:  # ONNX Runtime and TorchScript raise their own types for a wrong input shape
+            if timer.finished.is_set() or "bfc_arena" in str(e):  # past sessions.py's memory bound
+                took = (f"over {PROBE_SECONDS:.0f} s" if timer.finished.is_set() else
+                        f"more than the {bounded_arena() / 2**30:.1f} GiB of memory ONNX Runtime may take here")
+                raise TransferkitError(f"{self.path} took {took} to score two {size}x{size} images, where a "
+                                       f"classifier takes a fraction of a second and a few MB: its graph does work "
+                                       f"its file size does not show. {self.remake}") from e
             why = ": its weights do not fit together (altered or damaged)" if self.kind == "pytorch" else ""
             raise TransferkitError(f"{self.path} does not take the {size}x{size} images {named} "
                                    f"({' '.join(str(e).split())[:300]}){why}. {self.remake}") from e
+        finally:
+            timer.cancel()
+        if self.kind == "onnx":  # a timer that fired as the run ended would end the next
+            self._run_options.terminate = False
         self.check_finite(logits[:1], ["a black image"])  # the two rows score one image
         width = logits.shape[-1]
         if width != len(self.classes):

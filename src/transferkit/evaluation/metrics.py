@@ -59,7 +59,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, tta: 
 def predict_onnx(path, images: torch.Tensor, batch_size: int, tta: str = "none",
                  threads: int | None = None) -> torch.Tensor:
     """`predict` for an ONNX file, run by ONNX Runtime on the CPU: the same views and averaging."""
-    from transferkit.deploy.runtime import ort_session
+    from transferkit.deploy.sessions import ort_session
 
     session = ort_session(path, threads or torch.get_num_threads())
     name = session.get_inputs()[0].name

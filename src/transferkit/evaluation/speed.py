@@ -42,7 +42,7 @@ def cpu_latency_ms(models: dict[str, torch.nn.Module], repeats: int, input_size:
     ONNX file under ONNX Runtime with as many threads as torch uses. Each runtime's models take
     turns among themselves: ONNX Runtime's threads keep spinning after a call (its default, which
     deployments get too) and would slow down whichever PyTorch model ran next."""
-    from transferkit.deploy.runtime import ort_session
+    from transferkit.deploy.sessions import ort_session
 
     x = to_nhwc(torch.rand(1, 3, input_size, input_size))
     with all_channels_last(models.values()), torch.inference_mode():
@@ -59,7 +59,7 @@ def onnx_throughput(files: dict[str, Path], batch: int, repeats: int, input_size
     """Images per second of each ONNX file under ONNX Runtime at `batch`, best of `repeats` rounds.
     The files take turns within a round, so a slow spell of the machine hits them alike, with one
     session alive at a time: an idle session's threads slow the running one down."""
-    from transferkit.deploy.runtime import ort_session
+    from transferkit.deploy.sessions import ort_session
 
     feed = torch.rand(batch, 3, input_size, input_size).numpy()
     best = dict.fromkeys(files, float("inf"))
