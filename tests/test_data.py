@@ -1040,13 +1040,35 @@ def test_an_image_whose_decoding_would_outgrow_the_memory_bound_is_refused_befor
     header_only = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4000, 3000, 8, 6, 0, 0, 0))
                    + chunk(b"IEND", b""))  # RGBA, no pixels: reading them would fail as corrupt
     with pytest.raises(TransferkitError, match=r"image big.png \(4000x3000 pixels\) takes about 0.2 GB to decode, "
-                                               r"more than a quarter of the memory.*Fix: downscale it"):
+                                               r"more than the 0.1 GB one image may take here.*Fix: downscale it"):
         sources.decode_image(header_only, "big.png", 32, max_bytes=100_000_000)
     monkeypatch.setattr(sources, "memory_limit", lambda: 100_000_000)  # the default bound: predict's, prepare's
     with pytest.raises(TransferkitError, match=r"image big.png \(4000x3000 pixels\) takes about 0.2 GB"):
         sources.decode_image(header_only, "big.png", 32)
     with pytest.raises(TransferkitError, match=r"corrupt image big.png"):  # within the bound: read, and corrupt
         sources.decode_image(header_only, "big.png", 32, max_bytes=200_000_000)
+
+
+def test_the_images_decoded_at_once_share_the_memory_bound(monkeypatch):
+    """prepare decodes up to 16 parts in threads at once: each image within memory_limit alone, 16 at the bound
+    would take four times the process's memory. An image may take its thread's share."""
+    import struct
+    import zlib
+
+    import transferkit.data.sources as sources
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header_only = bytearray(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4000, 3000, 8, 6, 0, 0, 0))
+                            + chunk(b"IEND", b""))  # 0.19 GB to decode, under the bound, over a quarter of it
+    monkeypatch.setattr(sources, "memory_limit", lambda: 400_000_000)
+    monkeypatch.setattr(sources, "PART_FILES", 1)
+    for threads, error in ((4, r"takes about 0.2 GB to decode, more than the 0.1 GB one image may take here"),
+                           (1, r"corrupt image big.png")):  # alone, it is read (and has no pixels)
+        monkeypatch.setattr(os, "cpu_count", lambda: threads)
+        with pytest.raises(TransferkitError, match=error):
+            sources.decode_images([("big.png", header_only)] * 4, 32, "decoding")
 
 
 def test_a_postscript_file_by_any_name_is_no_image_and_runs_nothing(tmp_path, monkeypatch):
@@ -1652,9 +1674,9 @@ def test_a_folder_of_large_images_is_read_a_few_megabytes_at_a_time(tmp_path, mo
     expected = read_image_folder(folder)
     sizes, decode = [], sources._decode_part
 
-    def recorded(part, image_size):
+    def recorded(part, image_size, limit):
         sizes.append([len(d) if not isinstance(d, Path) else d.stat().st_size for _, d in part])
-        return decode(part, image_size)
+        return decode(part, image_size, limit)
 
     monkeypatch.setattr(sources, "_decode_part", recorded)
     monkeypatch.setattr(sources, "PART_BYTES", 4000)
@@ -1670,8 +1692,8 @@ def test_a_file_larger_than_any_image_in_a_folder_is_refused_before_it_is_read(t
     folder = write_image_folder(tmp_path, ["a", "b"], 2, 1, archive=False)
     with open(folder / "train" / "a" / "huge.png", "wb") as f:
         f.truncate(archives.memory_limit() + 1)  # sparse: no disk used
-    with pytest.raises(TransferkitError, match=r"train/a/huge.png is [0-9.]+ GB, more than a quarter of the "
-                                               r"memory this process may use: no image to read. Fix: remove it"):
+    with pytest.raises(TransferkitError, match=r"train/a/huge.png is [0-9.]+ GB, more than the [0-9.]+ GB one file "
+                                               r"may take here: no image to read. Fix: remove it"):
         read_image_folder(folder)
 
 

@@ -84,10 +84,10 @@ def decode_image(data: bytes, where: str, image_size: int, max_bytes: int | None
             raise Image.DecompressionBombError
         if min(img.size) >= 4 * image_size:  # a JPEG decodes at 1/2 to 1/8 scale, to twice S at least, as PIL's
             img.draft(None, (2 * image_size, 2 * image_size))  # thumbnail() does: a photo in a fraction of the time
-        if (need := 16 * img.width * img.height) > (max_bytes or memory_limit()):  # _to_rgb: 4 copies, 4 B a pixel
+        if (need := 16 * img.width * img.height) > (bound := max_bytes or memory_limit()):  # _to_rgb: 4 copies
             raise TransferkitError(f"image {where} ({img.width}x{img.height} pixels) takes about {need / 1e9:.1f} GB "
-                                   f"to decode, more than a quarter of the memory this process may use. Fix: "
-                                   f"downscale it, or run where more memory is free.")
+                                   f"to decode, more than the {bound / 1e9:.1f} GB one image may take here (its "
+                                   f"share of a quarter of this process's memory). Fix: downscale it.")
         img = _to_rgb(img)
     except TransferkitError:
         raise
@@ -121,7 +121,7 @@ def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
     return None
 
 
-def _decode_part(part: list[tuple[str, bytearray | Path]], image_size: int) -> list[torch.Tensor]:
+def _decode_part(part: list[tuple[str, bytearray | Path]], image_size: int, limit: int) -> list[torch.Tensor]:
     """JPEG files whose header says S x S and that hold no EXIF block through torchvision's decoder
     (libjpeg-turbo, the same pixels as PIL, several times faster, and it lets other threads run), which
     decodes the whole part at full size before anything checks it; other formats, other sizes (through
@@ -129,7 +129,6 @@ def _decode_part(part: list[tuple[str, bytearray | Path]], image_size: int) -> l
     differently) or an XMP orientation and any file it refuses through decode_image, as predict reads them."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    limit = memory_limit()  # once a part: it reads /proc
     part = [(where, _file_bytes(data, limit) if isinstance(data, Path) else data) for where, data in part]
     jpeg = [i for i, (_, data) in enumerate(part) if data[:2] == b"\xff\xd8" and data.find(b"Exif\0\0", 0, 65536) < 0
             and data.find(b"tiff:Orientation", 0, 65536) < 0 and jpeg_size(data) == (image_size, image_size)]
@@ -173,8 +172,10 @@ def decode_images(files: list[tuple[str, bytearray | Path]], image_size: int, de
     if not files:
         return torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
     parts = _parts(files)
-    with ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1, 16)) as pool:
-        decoded = progress(pool.map(lambda part: _decode_part(part, image_size), parts), desc, "part", len(parts))
+    workers = min(len(parts), os.cpu_count() or 1, 16)
+    limit = memory_limit() // workers  # a file's bytes and an image's decoding, in each part decoded at once
+    with ThreadPoolExecutor(workers) as pool:
+        decoded = progress(pool.map(lambda p: _decode_part(p, image_size, limit), parts), desc, "part", len(parts))
         return torch.stack([img for chunk in decoded for img in chunk])
 
 
@@ -218,8 +219,8 @@ def _file_bytes(path: Path, limit: int) -> bytearray:
     try:
         with path.open("rb") as f:
             if (size := os.fstat(f.fileno()).st_size) > limit:
-                raise TransferkitError(f"{path} is {size / 1e9:.1f} GB, more than a quarter of the memory this "
-                                       f"process may use: no image to read. Fix: remove it from the dataset's folder.")
+                raise TransferkitError(f"{path} is {size / 1e9:.1f} GB, more than the {limit / 1e9:.1f} GB one file "
+                                       f"may take here: no image to read. Fix: remove it from the dataset's folder.")
             data = bytearray(size)  # a bytearray, which torch decodes in place
             del data[f.readinto(data):]
             return data

@@ -32,7 +32,8 @@ UNKNOWN_STAGE = "<stage>"
 MAX_FIXED_BATCH = 256  # predict's batch: a file fixed at more would be padded up to it on every call
 INPUT_SIZES = range(8, 1025)  # pixels a side: CIFAR's 32 to well past ImageNet's 224
 # a file's graph may build tensors its bytes do not pay for (ConstantOfShape, broadcasts): ONNX Runtime allocates
-# within memory_limit(), and the first two images may take this long (a classifier takes a fraction of a second)
+# within sessions.bounded_arena(), and the first two images may take this long (a classifier takes a fraction of a
+# second)
 PROBE_SECONDS = 60.0
 
 
