@@ -315,14 +315,18 @@ def test_a_poisoned_resume_checkpoint_is_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize("state", [
     {"epoch": 1, "global_step": 4, "loops": {}, "optimizer_states": [], "state_dict": {"model.x": torch.ones(3)}},
     {"epoch": 1, "state_dict": {}},
-], ids=["other_model", "not_lightnings"])
+    "cut off",
+], ids=["other_model", "not_lightnings", "cut_off"])
 def test_a_resume_checkpoint_that_does_not_fit_the_model_is_left_and_the_fit_starts_over(tmp_path, capsys, state):
     """Lightning's restore would fail on it with its own error, and the next run would meet it again."""
     cfg = compose("experiment=smoke", tmp=tmp_path)
     run("prepare", cfg)
     work = resumable_leftover("pretrain", cfg)
     (work / "checkpoints" / "logs").mkdir(parents=True)
-    torch.save(state, work / "checkpoints" / "last.ckpt")
+    torch.save({"epoch": 1, "weights": torch.ones(1000)} if state == "cut off" else state,
+               work / "checkpoints" / "last.ckpt")
+    if state == "cut off":  # a disk that failed mid-write
+        os.truncate(work / "checkpoints" / "last.ckpt", 600)
     run("pretrain", cfg)
     assert "is not a checkpoint of this fit" in capsys.readouterr().err
     timing = json.loads((Path(cfg.paths.artifacts_dir) / "pretrain" / "timing.json").read_text())

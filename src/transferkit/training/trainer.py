@@ -25,7 +25,7 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import NotPlainData, TransferkitError
 from transferkit.io import to_disk
 from transferkit.models.blocknet import BlockNet
 from transferkit.training import RESUME_CHECKPOINT, first_process
@@ -140,7 +140,7 @@ class CommitCheckpoint(Callback):
 class DirectCheckpointIO(TorchCheckpointIO):
     """Writes the state to the path given, ResumeCheckpoint's temporary file: Lightning's own save writes a copy to the
     system's temporary folder first, which a kill mid-save leaves there and a full one fails the stage with. Its
-    bytes reach the disk before commit renames them into place: after a power cut, an empty last.ckpt stops a rerun."""
+    bytes reach the disk before commit renames them into place: after a power cut, a rerun resumes from them."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)  # a fit's own folder too: no logger made it
@@ -234,9 +234,15 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     saved = resume_folder(out_dir)
     resume, ckpt = saved is not None, saved and saved / RESUME_CHECKPOINT
     resumed_at = None
-    if resume:  # checked like any file: plain data only, nothing in it may run
-        state = load_plain(ckpt, f"delete {out_dir} (the work folder of an interrupted run) and run the stage again.")
-        if fault := checkpoint_fault(state, module):  # Lightning's restore would fail on it at every rerun
+    if resume:  # checked like any file: plain data only, nothing in it may run (one that would is refused)
+        try:
+            state = load_plain(ckpt, f"delete {out_dir} (the work folder of an interrupted run) and run again.")
+            fault = checkpoint_fault(state, module)  # Lightning's restore would fail on it at every rerun
+        except NotPlainData:
+            raise
+        except TransferkitError:  # a disk that failed mid-write: the next checkpoint replaces it
+            fault = "it is unreadable: damaged or cut off"
+        if fault:
             print(f"{ckpt} is not a checkpoint of this fit ({fault}): training from the start.", file=sys.stderr)
             saved, resume = None, False  # the fit's own first checkpoint replaces it
     if resume:
