@@ -52,6 +52,12 @@ def _module(kind: str, automatic: bool = False, **settings):
     base = ClassifierModule if kind == "classifier" else DistillerModule
     cls = type(f"Automatic{base.__name__}", (_Automatic, base), {}) if automatic else base
     student = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
+    if kind.startswith("fake-quantized"):  # as the quantize stage fine-tunes it for INT8
+        from transferkit.deploy.fold import deployable
+        from transferkit.deploy.qat import add_fake_quant
+
+        student = deployable(student).train()
+        add_fake_quant(student, per_channel="per-tensor" not in kind, reduce_range=True)
     if kind == "classifier":
         return cls(student, **SETTINGS, **settings)
     teacher = build_model("fastnet", 3, widths=[16, 16, 16], stem_width=8)  # distilled on mixed images
@@ -78,7 +84,8 @@ def _count_reads(monkeypatch, train_per_class: int, tmp_path: Path, kind: str = 
     return count[0]
 
 
-@pytest.mark.parametrize("kind", ["classifier", "distiller with mixup"])
+@pytest.mark.parametrize("kind", ["classifier", "distiller with mixup", "fake-quantized distiller",
+                                  "fake-quantized per-tensor distiller"])
 def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path, kind):
     """An epoch of 3x the steps reads exactly as many values back: none of them per step
     (what is read happens at the epoch's end: the logged loss and accuracy)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+from torch.ao.quantization import FusedMovingAvgObsFakeQuantize, MovingAverageMinMaxObserver
 from torch.nn.utils import parametrize
 
 QUANTIZED = (nn.Conv2d, nn.Linear)
@@ -37,17 +37,19 @@ class FakeQuantWeight(nn.Module):
         n = self.levels
         if self.mask is not None:  # a pruned weight stays zero: it gets no gradient, so its float value stays 0
             w = w * self.mask
-        if not self.per_channel:
-            scale = float(w.detach().abs().max().clamp_min(1e-8)) / n
-            return torch.fake_quantize_per_tensor_affine(w, scale, 0, -n, n)
+        if not self.per_channel:  # the scale as a tensor: a float read it back from the GPU at every step
+            scale = (w.detach().abs().max().clamp_min(1e-8) / n).float()
+            return torch.fake_quantize_per_tensor_affine(w, scale, torch.zeros((), dtype=torch.int32,
+                                                                               device=w.device), -n, n)
         scale = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / n
         zero = torch.zeros(len(scale), dtype=torch.int32, device=w.device)
         return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -n, n)
 
 
-class TrainingFakeQuantize(FakeQuantize):
+class TrainingFakeQuantize(FusedMovingAvgObsFakeQuantize):
     """Observes activation ranges in training mode only: torch's FakeQuantize observes in eval mode too, and the
-    val images it would then see decide whether the INT8 model ships."""
+    val images it would then see decide whether the INT8 model ships. Fused: FakeQuantize's forward reads its
+    enabled flags back from the device, twice a layer at every step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observer_enabled.fill_(int(self.training))
