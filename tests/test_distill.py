@@ -388,9 +388,9 @@ def test_student_init_starts_the_student_from_a_checkpoint_dvc_tracks(tmp_path):
     assert "models/student.pt" in stages["distill"]["deps"] and "models/student.pt" in stages["student"]["deps"]
 
 
-def test_a_killed_run_is_not_resumed_once_its_student_init_file_changed(tmp_path):
+def test_a_killed_run_is_not_resumed_once_its_student_init_file_changed(tmp_path, capsys):
     """DVC reruns the stage when the file changes: the rerun must start from the new file, not go on
-    with the old run's checkpoint (a leftover it would resume fails here, as its checkpoint is no checkpoint)."""
+    with the old run's checkpoint (a leftover it would resume is read, and set aside as damaged, here)."""
     from conftest import resumable_leftover
     from transferkit.training.trainer import CHECKPOINT, LOG_SNAPSHOT
 
@@ -400,13 +400,15 @@ def test_a_killed_run_is_not_resumed_once_its_student_init_file_changed(tmp_path
     init = tmp_path / "init.pt"
     init.write_bytes((tmp_path / "artifacts" / "student" / "model.pt").read_bytes())
     cfg = compose("experiment=smoke", "distill.epochs=1", f"distill.student_init={init}", tmp=tmp_path)
-    work = resumable_leftover("student", cfg)
-    (work / LOG_SNAPSHOT).mkdir(parents=True)
-    (work / CHECKPOINT).write_bytes(b"the killed run's checkpoint")
-    with pytest.raises(TransferkitError):  # the same file: the leftover is resumed
-        run("student", cfg)
-    os.utime(init, ns=(1, 1))  # the file made again
-    assert 0.0 <= run("student", cfg)["val_acc"] <= 1.0
+    for made_again, resumed in ((False, True), (True, False)):
+        work = resumable_leftover("student", cfg)
+        (work / LOG_SNAPSHOT).mkdir(parents=True)
+        (work / CHECKPOINT).write_bytes(b"the killed run's checkpoint")
+        if made_again:
+            os.utime(init, ns=(1, 1))
+        capsys.readouterr()
+        assert 0.0 <= run("student", cfg)["val_acc"] <= 1.0
+        assert ("is not a checkpoint of this fit (it is unreadable" in capsys.readouterr().err) == resumed
 
 
 def test_the_share_of_the_gap_is_given_only_where_the_gap_is_resolved():
