@@ -124,6 +124,16 @@ def test_the_report_says_whether_the_strategies_train_equally_long():
             "source: linear probe 4, early probe 4, partial freeze 3, fine tune 3, scratch 4.") in uneven
 
 
+def test_a_frozen_backbone_is_refused_before_it_makes_two_strategies_the_linear_probe(tmp_path):
+    """partial_freeze and fine_tune differ only in their depth, which a backbone without a learning rate ignores."""
+    from transferkit.scenarios.report import pipeline, strategies
+
+    with pytest.raises(TransferkitError, match=r"^transfer.backbone_lr_mult=0 keeps every block frozen, "
+                       r"so strategies partial_freeze and fine_tune would each train the linear probe again .* Fix: "):
+        pipeline(tmp_path / "out", ["transfer.backbone_lr_mult=0"], strategies())
+    assert not (tmp_path / "out" / "params").exists()
+
+
 def test_overrides_are_told_apart_from_options():
     args, overrides = parse(["--out", "runs/seed=1", "seed=1", "--only", "small_similar,large_different",
                              "model=vgg_mini", "--early-depth", "3", "--only", "small_different", "seed=2"])

@@ -419,6 +419,10 @@ def test_sweep_refuses_hydra_settings_it_would_ignore(override):
                                             "set what transfer reads (seed, trainer, model, transfer)."),
     (["probe.depth=1", "seed=0,1"], "transfer does not read probe.depth: 'probe.depth=1'"),  # one value: it trained
     (["trainer.num_threads=1,2", "seed=0"], "are one transfer run: transfer does not read trainer.num_threads, or"),
+    # no block has a learning rate: each depth is the linear probe again
+    (["transfer.freeze_depth=0,1", "transfer.backbone_lr_mult=0"],
+     "transfer.backbone_lr_mult=0 keeps every block frozen whatever transfer.freeze_depth, so the points with depths "
+     "[0, 1] would train one model"),
 ])
 def test_bad_sweeps_fail_before_any_point_trains(base, tmp_path, overrides, needle):
     sweep = tmp_path / "sweep"

@@ -92,6 +92,10 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                                    f"{k}={as_override(design[preset][k])}): the report would compare quadrants that "
                                    f"do not differ in it. Fix: leave it out, or change the quadrants in "
                                    f"conf/experiment/scenario_*.yaml.")
+        if cfg.transfer.backbone_lr_mult == 0 and (frozen := [s.name for s in plan if s.stage == "transfer"]):
+            raise TransferkitError(f"transfer.backbone_lr_mult=0 keeps every block frozen, so strategies "
+                                   f"{' and '.join(frozen)} would each train the linear probe again under their "
+                                   f"names. Fix: leave transfer.backbone_lr_mult out, or set it > 0.")
         for s in plan:  # a strategy's settings are plain values: set on the composed quadrant, not composed again
             if s.option and (error := depth_error(preset, cfg, s)):  # named by the option
                 raise error

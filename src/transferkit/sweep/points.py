@@ -206,7 +206,7 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     # the value checks below import torch and Lightning, which take seconds to load.
     composed = [compose(point) for point in points]
 
-    from transferkit.config.checks import validate_run
+    from transferkit.config.checks import check_frozen_sweep, validate_run
 
     blocks = {} if blocks is None else blocks
     for point, cfg in zip(points, composed):
@@ -218,6 +218,7 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
             if len(points) == 1:
                 raise
             raise TransferkitError(f"sweep point [{' '.join(point)}]: {e}") from e
+    check_frozen_sweep(composed)
     if stage:  # points that differ in nothing the stage or collect reads: one run, trained twice, counted twice
         keys, seen = {*BY_NAME[stage].params, *made_with(stage), *SCORED_WITH}, {}  # and what collect scores with
         for point, cfg in zip(points, composed):
