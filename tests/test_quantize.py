@@ -454,10 +454,37 @@ def test_quantization_aware_fine_tuning_leaves_the_layers_keep_float_names_in_fl
     assert float_layers(model, tmp_path / "model.onnx", [second_conv, "Relu"]) == {convs[1]}  # ReLU: no layer
     assert float_layers(model, tmp_path / "model.onnx", ["Conv"]) == set(convs)
     assert float_layers(model, tmp_path / "model.onnx", []) == set()
-    with pytest.raises(TransferkitError, match=r"\['Softmax'\] is neither a node name nor an op type"):
+    with pytest.raises(TransferkitError, match=rf"\['Softmax'\] is neither a node name nor an op type.* Fix: .*"
+                                               rf"\({classifier} keeps the classifier in float\)\.$"):
         float_layers(model, tmp_path / "model.onnx", ["Softmax"])
 
     add_fake_quant(model, per_channel=True, reduce_range=True, keep={"head.fc", convs[1]})
     float_ones = [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
                   and not parametrize.is_parametrized(m, "weight") and not hasattr(m, "input_quant")]
     assert float_ones == [convs[1], "head.fc"]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_a_linear_layers_batchnorm_is_folded_so_keep_float_finds_its_weights_in_the_file(tmp_path, exporter):
+    """vgg_mini's hidden Linear layers each feed a BatchNorm1d, which both exporters fold into the layer's Gemm:
+    the deployable model folds it first, so each Gemm holds the weights of a layer that fine-tuning can leave
+    in float, and the model computes what it did."""
+    import torch
+
+    from transferkit.deploy.export import export_onnx
+    from transferkit.deploy.fold import deployable
+    from transferkit.deploy.qat import float_layers
+    from transferkit.models import model_from_config
+
+    torch.manual_seed(0)
+    model = model_from_config({"name": "vgg_mini", "widths": [8] * 9, "fc_width": 16}, 5).eval()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(-2, 2)
+    deployed = deployable(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in deployed.modules())
+    x = torch.randn(8, 3, 32, 32)
+    torch.testing.assert_close(deployed(x), model(x), atol=1e-4, rtol=1e-4)
+    export_onnx(deployed, tmp_path / "model.onnx", 32, exporter, None, log=lambda *_: None)
+    linears = {name for name, m in deployed.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(linears) == 3 and float_layers(deployed, tmp_path / "model.onnx", ["Gemm"]) == linears

@@ -1,5 +1,5 @@
-"""BatchNorm folded into the convolution before it: the deployed graph has one op where training
-needed two, in fp32 as in INT8. Max pooling between the two is no obstacle when every BatchNorm
+"""BatchNorm folded into the convolution (or linear layer) before it: the deployed graph has one op
+where training needed two, in fp32 as in INT8. Max pooling between the two is no obstacle when every BatchNorm
 scale is positive, since pooling then commutes with the per-channel affine map (fastnet pools
 between its convolution and BatchNorm). A ReLU after the pooling then moves before it (max
 pooling commutes with any non-decreasing function), so that runtimes fuse it into the
@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+def _scale(bn: nn.BatchNorm2d | nn.BatchNorm1d) -> torch.Tensor:
     return bn.weight / torch.sqrt(bn.running_var + bn.eps)
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, scale: torch.Tensor) -> None:
+def _fold(conv: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d, scale: torch.Tensor) -> None:
     shift = bn.bias - bn.running_mean * scale
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    conv.weight.mul_(scale.view(-1, *[1] * (conv.weight.dim() - 1)))
     conv.bias = nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift)
 
 
@@ -34,7 +34,8 @@ RESNET_BLOCKS = ("torchvision.models.resnet.BasicBlock", "torchvision.models.res
 
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of `model` (eval mode) with every Conv2d -> [MaxPool2d] -> BatchNorm2d folded."""
+    """A copy of `model` (eval mode) with every Conv2d -> [MaxPool2d] -> BatchNorm2d and Linear -> BatchNorm1d
+    folded (the exporters fold a Linear's BatchNorm themselves: the file's layer would match none of the model's)."""
     model = copy.deepcopy(model).eval()
     for seq in model.modules():
         if f"{type(seq).__module__}.{type(seq).__name__}" in RESNET_BLOCKS:
@@ -45,6 +46,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         if not isinstance(seq, nn.Sequential):
             continue
         for i, conv in enumerate(list(seq)):
+            if isinstance(conv, nn.Linear) and i + 1 < len(seq) and isinstance(bn := seq[i + 1], nn.BatchNorm1d):
+                _fold(conv, bn, _scale(bn))
+                seq[i + 1] = nn.Identity()
+                continue
             j = i + 1 + (i + 1 < len(seq) and isinstance(seq[i + 1], nn.MaxPool2d))
             if not isinstance(conv, nn.Conv2d) or j >= len(seq) or not isinstance(seq[j], nn.BatchNorm2d):
                 continue
