@@ -395,6 +395,24 @@ def test_results_command_names_files_of_another_shape(smoke_artifacts, tmp_path,
         main([str(art / "evaluate")])
 
 
+@pytest.mark.parametrize("params", ["evaluate: {tta: [flip, none]}\n", "evaluate: {tta: &v [*v]}\n", b"\xff\xfe"])
+def test_results_print_the_table_whatever_evaluates_params_yaml_says_of_tta(smoke_artifacts, tmp_path, capsys, params):
+    """evaluate.tta in the params.yaml beside evaluate's outputs only names the views in a note: with a value that
+    is no mode, an alias or bytes that are not text, the note names none and the table prints (where a list was
+    blamed on metrics.json)."""
+    import shutil
+
+    from transferkit.evaluation.tables import main
+
+    cfg, _ = smoke_artifacts
+    shutil.copytree(Path(cfg.paths.artifacts_dir) / "evaluate", tmp_path / "evaluate")
+    path = tmp_path / "evaluate" / "params.yaml"
+    path.write_bytes(params) if isinstance(params, bytes) else path.write_text(params)
+    assert main([str(tmp_path / "evaluate")]) == 0
+    out = capsys.readouterr().out
+    assert "| transfer (fine-tuned) |" in out and "Top-1 is over the test-time views of evaluate.tta; " in out
+
+
 def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     """Class names come from folder names in an archive: in report.html they are text, never HTML or links,
     and a | in one does not split its table row."""

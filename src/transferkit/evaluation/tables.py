@@ -244,12 +244,15 @@ def main(argv: list[str]) -> int:
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise TransferkitError(f"{what} is of another shape ({type(e).__name__}: {e}). Fix: {fix}.") from e
 
-    try:  # the views top-1 averages, as evaluate ran (its params.yaml beside its outputs)
+    try:  # the views top-1 averages, as evaluate ran (its params.yaml beside its outputs, which may be a stranger's)
         import yaml
 
-        tta = yaml.safe_load((folder / "params.yaml").read_text())["evaluate"]["tta"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        from transferkit.plain import plain_yaml
+
+        tta = plain_yaml((folder / "params.yaml").read_text(encoding="utf-8"))["evaluate"]["tta"]
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
         tta = None
+    tta = tta if isinstance(tta, str) else None  # any other value is no mode: the table names none
     table = shaped(lambda: results_table(metrics, timing, tta), f"{folder}'s metrics.json or timing.json", rerun)
     for name, t in timings.items():
         stage = name.split("/")[0]
