@@ -797,6 +797,21 @@ def _run(stage: str, seed: int, accuracy: float, n: int = 5000):
                correct=correct)
 
 
+def test_the_stage_swept_is_the_main_one_when_its_teacher_is_collected_with_it():
+    """A distill sweep's folder holds the transfer run that taught it: the best on val is chosen among the distill
+    settings (the single transfer row was marked best, chosen from one), and transfer wins only a tie."""
+    from dataclasses import replace
+
+    from transferkit.evaluation.runs import summarize
+
+    distill = [replace(_run("distill", seed, 0.7), setting=(f"distill.temperature={t}",), val_acc=v)
+               for seed in (0, 1) for t, v in ((2, 0.6), (4, 0.65))]
+    table = summarize([_run("transfer", 0, 0.8), _run("transfer", 1, 0.8), *distill])
+    assert table["stage"] == "distill"
+    assert [r["label"] for r in table["rows"] if r["chosen_on_val"]] == ["distill distill.temperature=4"]
+    assert summarize([_run("transfer", 0, 0.8), _run("distill", 0, 0.7)])["stage"] == "transfer"
+
+
 def test_a_probe_collected_with_scratch_alone_is_the_main_stage():
     """Probe and scratch runs, and nothing else: the best on val is chosen among the probes, each compared with
     scratch (scratch, first in row order, was the main stage, its rows marked best and compared with nothing)."""

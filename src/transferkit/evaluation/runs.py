@@ -234,8 +234,9 @@ def summarize(runs: list[Run]) -> dict:
     stages = [r["stage"] for r in rows]
     # a probe collected with scratch alone is what is compared with scratch: the main stage, not its baseline
     swept = [s for s in stages if s not in REFERENCES] or [s for s in stages if s != "scratch"] or stages
-    # ties: the first in row order (TARGET_MODELS'), so the choice is the same in every process
-    main = "transfer" if "transfer" in stages else max(swept, key=swept.count)
+    # the stage with the most settings is the one swept (a teacher collected with a distill sweep is one row);
+    # ties: the first in row order (TARGET_MODELS': transfer before the stages after it), the same in every process
+    main = max(swept, key=swept.count)
     best = max((r for r in rows if r["stage"] == main and r["val_mean"] is not None), key=lambda r: r["val_mean"],
                default=None)
     for r in rows:
