@@ -711,6 +711,45 @@ def test_runs_are_scored_only_on_the_task_they_were_trained_for(tmp_path, monkey
     assert scored().any()
 
 
+def test_runs_scored_on_different_test_images_are_not_compared_image_by_image(tmp_path):
+    """Two projects whose prepare made other test images under the same settings (another dataset file at the
+    same path): a transfer run of one and a scratch run of the other were paired by image, as if one test set."""
+    import os
+    import shutil
+
+    import torch
+
+    from transferkit.errors import TransferkitError
+    from transferkit.evaluation.runs import Run, score, summarize
+    from transferkit.io import save_torch
+    from transferkit.models import build_model, save_checkpoint
+
+    task, task_file, params, _ = _scorable(tmp_path / "a")
+    other = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", other)
+    torch.manual_seed(1)
+    save_checkpoint(build_model("fastnet", 3, widths=[8, 8, 8], stem_width=8).eval(), other / "run" / "model.pt",
+                    task["classes"], stage="scratch")
+    save_torch({**task, "test_x": task["test_x"].flip(-1)}, other / "artifacts" / "prepare" / "target.pt")
+
+    def runs() -> list:
+        made = [Run("transfer", tmp_path / "a" / "run", params, 0.5),
+                Run("scratch", other / "run", {**params, "paths": {"artifacts_dir": str(other / "artifacts")}}, 0.5)]
+        score(made, cache_file=tmp_path / "scores.pt")
+        return made
+
+    with pytest.raises(TransferkitError, match=rf"^{tmp_path / 'a' / 'run'} and {other / 'run'} were scored on "
+                                               r"different test images .* Fix: collect runs of one project's"):
+        summarize(runs())
+    with pytest.raises(TransferkitError, match="were scored on different test images"):
+        summarize(runs())  # from the cache too
+    save_torch(task, other / "artifacts" / "prepare" / "target.pt")  # the same images: compared image by image
+    stamp = (other / "artifacts" / "prepare" / "target.pt").stat()
+    os.utime(other / "artifacts" / "prepare" / "target.pt", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    row = next(r for r in summarize(runs())["rows"] if r["stage"] == "transfer")
+    assert row["vs_scratch"]["pairs"] == 1 and row["vs_scratch"]["method"].startswith("paired by image")
+
+
 def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkeypatch):
     """check_inputs on its own: a differing setting (run with the input's value, or vary it with a
     DVC experiment that keeps the project's overrides), a key the input was made without (make it

@@ -35,6 +35,7 @@ class Run:
     setting: tuple[str, ...] = ()
     test_acc: float = math.nan
     correct: torch.Tensor | None = field(default=None, repr=False)
+    test_set: str | None = None  # the digest of the test images it was scored on (score): pairs share one
 
     @property
     def seed(self) -> int:
@@ -126,6 +127,13 @@ def scoring_code() -> str:
     return hashlib.sha256(b"".join((SRC / "transferkit" / f).read_bytes() for f in sorted(files))).hexdigest()[:16]
 
 
+def test_set_digest(task: dict) -> torch.Tensor:
+    """The test images' and labels' digest: runs are compared image by image only on the same images."""
+    digest = hashlib.sha256(task["test_x"].contiguous().numpy().tobytes())
+    digest.update(task["test_y"].contiguous().numpy().tobytes())
+    return torch.tensor(list(digest.digest()), dtype=torch.uint8)  # the cache holds tensors only
+
+
 def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = None) -> None:
     """Top-1 of every run on its target test set (the prepared task named by its params, or
     `task`), with the per-image results cached by model and test-set file stamps and the scoring code: a
@@ -135,6 +143,7 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
     from transferkit.training.precision import eval_device
 
     cache, tasks, prepared, code = load_cache(cache_file), {}, {}, scoring_code()
+    given = None if task is None else bytes(test_set_digest(task).tolist()).hex()
     for run in runs:
         task_file = Path(run.params["paths"]["artifacts_dir"]) / "prepare" / "target.pt"
         if task is None:
@@ -147,15 +156,19 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
             device = "cpu"
         key = (f"{run.folder.resolve()}|{(run.folder / 'model.pt').stat().st_mtime_ns}|{stamp}|"
                f"{run.params.get('evaluate')}|{device}|{code}")
+        test_set = f"{task_file.resolve()}|{stamp}|test set"
+        if task is None and not {key, test_set} <= cache.keys() and task_file not in tasks:
+            tasks[task_file] = load_torch(task_file, "prepared target task", "prepare")
+        t = task if task is not None else tasks.get(task_file)
+        if task is None and test_set not in cache:
+            cache[test_set] = test_set_digest(t)
         if key not in cache:
-            if task is None and task_file not in tasks:
-                tasks[task_file] = load_torch(task_file, "prepared target task", "prepare")
-            t = task if task is not None else tasks[task_file]
             model, _ = load_checkpoint(run.folder / "model.pt", run.stage, t["classes"])
             ev = run.params.get("evaluate", {})
             logits = predict(model, t["test_x"], int(ev.get("batch_size", 1000)), ev.get("tta", "flip"), device=device)
             cache[key] = logits.argmax(1) == t["test_y"]
         run.correct = cache[key]
+        run.test_set = given or bytes(cache[test_set].tolist()).hex()
         run.test_acc = float(run.correct.float().mean())
     if cache_file:
         save_torch(cache, cache_file)
@@ -171,6 +184,14 @@ def versus(group: list[Run], baseline: list[Run]) -> dict | None:
         return None
     by_seed = {r.seed: r for r in baseline}
     pairs = [(r, by_seed[r.seed]) for r in group if r.seed in by_seed]
+    if len({r.test_set for pair in pairs for r in pair}) > 1:
+        b = pairs[0][0]
+        a = next(r for pair in pairs for r in pair if r.test_set != b.test_set)
+        raise TransferkitError(f"{b.folder} and {a.folder} were scored on different test images (their prepare "
+                               f"folders, {b.params['paths']['artifacts_dir']} and {a.params['paths']['artifacts_dir']}"
+                               f", hold other test sets under the same settings), so an image-by-image comparison "
+                               f"would pair different images. Fix: collect runs of one project's prepared data, or "
+                               f"prepare both from the same dataset files.")
     # the table says which, where they are not every seed of the row or of the baseline it is compared with
     paired = {"seeds": sorted(r.seed for r, _ in pairs), "baseline_seeds": sorted(by_seed)}
     if len(pairs) >= 2:
