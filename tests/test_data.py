@@ -1275,6 +1275,25 @@ def test_a_test_folder_that_is_its_train_folder_is_an_error(tmp_path, how):
     assert len(task["test_y"]) == 6
 
 
+def test_prepare_counts_the_val_images_that_are_also_train_images(tmp_path, capsys):
+    """A class's duplicate images can be drawn into train and val both: prepare says how many val images the
+    model trains on, since val accuracy chooses checkpoints and sweep settings."""
+    from conftest import compose, run
+
+    folder = write_image_folder(tmp_path / "d", ["cat", "dog", "ship", "truck"], 6, 3, archive=False)
+    for i in range(1, 6):  # every dog a copy of the first: whichever are drawn, train and val share it
+        shutil.copy(folder / "train" / "dog" / "0000.jpg", folder / "train" / "dog" / f"{i:04d}.jpg")
+    cfg = compose("experiment=smoke", f"data.source.dataset={folder}", f"data.target.dataset={folder}",
+                  "data.source.classes=[ship,truck]", "data.target.classes=[cat,dog]", "data.source.train_per_class=4",
+                  "data.target.train_per_class=4", "data.source.val_per_class=2", "data.target.val_per_class=2",
+                  tmp=tmp_path)
+    run("prepare", cfg)
+    err = capsys.readouterr().err
+    assert "prepare: 2 of the target task's 4 val images are also its train images (pixel for pixel: the dataset's " \
+           "own duplicates)" in err and f"Fix: remove the duplicates from the train split of {folder}." in err, err
+    assert "source task's 4 val images" not in err, err
+
+
 def test_prepare_counts_the_test_images_that_are_also_training_images(tmp_path, capsys):
     """A few copies in test/ (a dataset's own duplicates, or a slip) pass, and prepare says how many: a target test
     image that is a source train image counts too, as the backbone trained on it."""
@@ -1294,6 +1313,7 @@ def test_prepare_counts_the_test_images_that_are_also_training_images(tmp_path, 
            "task's train or val split)" in err, err
     assert "prepare: 2 of the target task's 6 test images are also training images (pixel for pixel, in the source " \
            "or target task's train or val split)" in err and "Fix: remove those copies" in err, err
+    assert "val images are also" not in err, err
     shutil.rmtree(Path(cfg.paths.artifacts_dir))
     for copy in ("cat/0000.jpg", "dog/0001.jpg", "truck/0000.jpg"):
         (folder / "test" / copy).unlink()

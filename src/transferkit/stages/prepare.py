@@ -42,7 +42,13 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         task = select_task(raw, list(spec.classes), train_per_class=spec.train_per_class,
                            val_per_class=spec.val_per_class, test_per_class=spec.test_per_class,
                            seed=cfg.seed, role=role)
-        trained.update(image_hashes(task["train_x"]), image_hashes(task["val_x"]))
+        train, val = set(image_hashes(task["train_x"])), image_hashes(task["val_x"])
+        if seen := sum(h in train for h in val):  # a class's duplicates, drawn into both splits
+            print(f"prepare: {seen} of the {role} task's {len(val)} val images are also its train images (pixel for "
+                  f"pixel: the dataset's own duplicates): val accuracy, which chooses checkpoints and sweep settings, "
+                  f"counts them as unseen. Fix: remove the duplicates from the train split of {d[role].dataset}.",
+                  file=sys.stderr)
+        trained.update(train, val)
         # some: a dataset's own duplicates, or a copying slip (select_task refuses a test folder of train images)
         if seen := sum(h in trained for h in image_hashes(task["test_x"])):
             splits = "the source task's" if role == "source" else "the source or target task's"
