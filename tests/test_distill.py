@@ -80,6 +80,17 @@ def test_dkd_is_zhao_et_als_decoupled_kd(temperature, alpha, beta):
     assert got.item() == pytest.approx(_dkd_by_hand(s, t, y, temperature, alpha, beta).item(), rel=1e-4)
 
 
+def test_dkds_non_target_term_leaves_the_target_out_at_a_small_temperature():
+    """At T=0.02 the logits / T differ by more than 1000: pushing the target's logit down by 1000 left it in the
+    non-target distribution, and the term came out twice its value (0.1997 for 0.1000 here)."""
+    s, t, y = torch.tensor([[10.0, 0.0, 5.0]]), torch.tensor([[25.0, 5.0, 0.0]]), torch.tensor([0])
+    temp = 0.02
+    qs, qt = F.softmax(s[0, 1:].double() / temp, 0), F.softmax(t[0, 1:].double() / temp, 0)
+    nckd = temp * temp * (qt * (qt.clamp_min(1e-300) / qs).log()).sum().item()
+    got = dkd_loss(s, t, y, temperature=temp, dkd_alpha=0.0, dkd_beta=1.0) - F.cross_entropy(s, y)
+    assert got.item() == pytest.approx(nckd, rel=1e-4) and nckd == pytest.approx(0.1, rel=1e-3)
+
+
 def test_dkd_ramps_its_distillation_terms_up_over_its_warmup_epochs(monkeypatch):
     """As the reference implementation (mdistiller's DKD) does: the decoupled terms weigh epoch / warmup of
     their weight (epochs counted from 1) until the warm-up ends; cross-entropy weighs 1 from the start. The module

@@ -71,10 +71,11 @@ def dkd_loss(student, teacher, labels, *, temperature: float = 4.0, dkd_alpha: f
     b_s = torch.stack([(p_s * gt).sum(1), (p_s * ~gt).sum(1)], dim=1).clamp_min(1e-8)
     b_t = torch.stack([(p_t * gt).sum(1), (p_t * ~gt).sum(1)], dim=1).clamp_min(1e-8)
     tckd = F.kl_div(b_s.log(), b_t, reduction="batchmean") * t * t
-    # distributions over the non-target classes only (target logit pushed to -inf)
-    mask = gt * 1000.0
-    nckd = F.kl_div(F.log_softmax(s - mask, dim=1), F.softmax(tt - mask, dim=1),
-                    reduction="batchmean") * t * t
+    # distributions over the non-target classes only: those columns taken out, where pushing the target's logit
+    # down by a constant leaves it in the sum once the logits / T differ by more than that constant (a small T)
+    s_nt, t_nt = (x[~gt].view(len(x), -1) for x in (s, tt))
+    nckd = F.kl_div(F.log_softmax(s_nt, dim=1), F.log_softmax(t_nt, dim=1), reduction="batchmean",
+                    log_target=True) * t * t
     ce = F.cross_entropy(student.float(), labels, label_smoothing=label_smoothing)
     ramp = min((epoch + 1) / dkd_warmup, 1.0) if dkd_warmup else 1.0
     return ce + ramp * (dkd_alpha * tckd + dkd_beta * nckd)
