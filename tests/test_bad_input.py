@@ -307,6 +307,8 @@ CASES = {
                                                                  "transfer.backbone_lr_mult=0"),
                                                     "transfer.backbone_lr_mult=0 keeps frozen"),
     "unknown distillation method": Case("distill", ("distill.method=fitnets",), "fitnets"),
+    "OmegaConf's mark of a value not given": Case("distill", ("distill.method=???",),
+                                                  "distill.method='???' is invalid: ??? is OmegaConf's mark"),
     "temperature 0": Case("distill", ("distill.temperature=0",), "distill.temperature"),
     "mixup with a method that needs one label per image": Case("distill", ("distill.method=dkd", "distill.mixup=1"),
                                                                "distill.mixup"),

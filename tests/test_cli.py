@@ -218,6 +218,17 @@ def test_params_files_that_are_not_or_no_longer_params_files(tmp_path, capsys):
     (tmp_path / "env.yaml").write_text(yaml.safe_dump(env))
     line = _error(capsys, ["prepare", "--params", str(tmp_path / "env.yaml")])
     assert "(its trainer.loggers.1 is a ${...} reference, which could read the environment, not a value)" in line
+    # YAML's dates and sets, and a key that is no text: no setting holds them (OmegaConf raised a traceback)
+    for i, (line, odd) in enumerate([("seed: 0", "seed: 2024-01-01"), ("name: smoke", "name: !!set {a, b}"),
+                                     ("seed: 0", "seed: 0\nnull: 1")]):
+        assert f"\n{line}\n" in good.read_text()
+        (tmp_path / f"odd{i}.yaml").write_text(good.read_text().replace(f"\n{line}\n", f"\n{odd}\n"))
+        line = _error(capsys, ["prepare", "--params", str(tmp_path / f"odd{i}.yaml")])
+        assert "holds a value no setting can hold (" in line and "Fix: quote it to make it text" in line, line
+    # OmegaConf's mark of a value not given reads as text to the schema and raised once a stage read it
+    (tmp_path / "missing.yaml").write_text(good.read_text().replace("\nname: smoke\n", "\nname: ???\n"))
+    line = _error(capsys, ["prepare", "--params", str(tmp_path / "missing.yaml")])
+    assert "name='???' is invalid: ??? is OmegaConf's mark of a value not given" in line, line
 
 
 def test_a_params_file_lacking_a_key_is_refused_before_the_stage_runs(tmp_path, capsys, monkeypatch):

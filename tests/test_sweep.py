@@ -270,6 +270,25 @@ def test_params_without_overrides_whose_name_is_no_experiment_are_compared_with_
     assert project_overrides(tmp_path / "params.yaml") == []
 
 
+def test_an_override_with_a_line_break_is_refused_before_it_breaks_the_params_files_header(tmp_path, monkeypatch):
+    """The header records the overrides on one comment line: a line break in one ended the comment and made the rest
+    settings, and every later `transferkit params` and `check-params` stopped on the unclosed quote it left."""
+    from transferkit.config.compose import OVERRIDES_LINE, params_text, project_overrides, write_generated
+    from transferkit.errors import TransferkitError
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "params.yaml").write_text(before := params_text(compose("experiment=smoke"), ["experiment=smoke"]))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransferkitError, match=r"^\"name='smoke\\nrun'\" holds a line break, which would end the "
+                                               r"params file's comment line of overrides .* Fix: write the value on"):
+        write_generated(["experiment=smoke", "name='smoke\nrun'"])
+    assert (tmp_path / "params.yaml").read_text() == before and not (tmp_path / "dvc.yaml").exists()
+    # a header broken by hand (an unclosed quote) is read as no record: the experiment it names
+    (tmp_path / "params.yaml").write_text(before.replace(OVERRIDES_LINE.rstrip() + " experiment=smoke",
+                                                         OVERRIDES_LINE.rstrip() + " 'name=smoke"))
+    assert project_overrides(tmp_path / "params.yaml") == ["experiment=smoke"]
+
+
 def test_a_point_is_named_by_the_overrides_given():
     from transferkit.sweep.points import point_name
 

@@ -31,6 +31,8 @@ STRUCTURED_ONLY = {"rates": [], "sparse_epochs": 0, "steps": 1}
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model or data (validate_run adds those that need the model)."""
+    if missing := sorted(OmegaConf.missing_keys(cfg)):  # the schema would read '???' as text; OmegaConf raises
+        fail(missing[0], "???", "??? is OmegaConf's mark of a value not given, which a run reads as an error")
     params = to_params(cfg)
     splits = [(params.get("data") or {}).get(role) for role in ("source", "target")]
     if not any(isinstance(s, dict) and s.get("dataset") == "synthetic" for s in splits):

@@ -109,6 +109,9 @@ def to_params(cfg: DictConfig) -> dict:
 
 def params_text(cfg: DictConfig, overrides: list[str] | None = None) -> str:
     """The params file of `cfg`; with the `overrides` conf/ was composed with (none too), recorded in it."""
+    if broken := [o for o in overrides or [] if "\n" in o or "\r" in o]:  # it would end the header's comment line
+        raise TransferkitError(f"{broken[0]!r} holds a line break, which would end the params file's comment line of "
+                               f"overrides and turn the rest into settings. Fix: write the value on one line.")
     recorded = OVERRIDES_LINE.rstrip() + "".join(f" {shlex.quote(o)}" for o in overrides) + "\n" \
         if overrides is not None else ""
     return PARAMS_HEADER + recorded + yaml.safe_dump(to_params(cfg), sort_keys=False, default_flow_style=None)
@@ -195,7 +198,13 @@ def group_choice(override, conf_dir: Path | None) -> bool:
 
 
 def load_params(path: Path) -> DictConfig:
-    return OmegaConf.create(read_params(path), flags={"struct": True})
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.create(read_params(path), flags={"struct": True})
+    except OmegaConfBaseException as e:  # YAML's dates and sets, or a key that is no text: no setting holds them
+        raise TransferkitError(f"{path} holds a value no setting can hold ({' '.join(str(e).split())}). Fix: quote "
+                               f"it to make it text, or write the file again with `transferkit params`.") from e
 
 
 def project_overrides(params_path: Path) -> list[str]:
@@ -222,7 +231,10 @@ def recorded_overrides(params_path: Path) -> list[str] | None:
         if not line.startswith("#"):
             break
         if line.startswith(OVERRIDES_LINE.rstrip()):
-            return shlex.split(line[len(OVERRIDES_LINE.rstrip()):])
+            try:
+                return shlex.split(line[len(OVERRIDES_LINE.rstrip()):])
+            except ValueError:  # an unclosed quote: a line edited by hand, read as no record
+                return None
     return None
 
 
