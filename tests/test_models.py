@@ -392,6 +392,10 @@ def test_unknown_architecture_and_bad_settings():
     with pytest.raises(TransferkitError, match=r"bad settings for distill.student \(model 'fastnet'\).*give "
                                                r"distill.student only the keys"):
         build_model("fastnet", 5, widths=[8], width_mult=0.5, key="distill.student")
+    # another architecture by its name alone keeps the other's keys, which `~key` cannot delete: the group can
+    with pytest.raises(TransferkitError, match=r"unexpected keyword argument 'widths'.* \(to change the architecture, "
+                                               r"choose it whole: model@distill.student=mobilenet\)\.$"):
+        build_model("mobilenet", 5, widths=[8], key="distill.student")
 
 
 # ------------------------------------------------------------------ cost

@@ -38,8 +38,10 @@ def build_model(name: str, num_classes: int, *, mean=None, std=None,
         extra = {} if fetch_weights or not kwargs.get("weights") else {"load_weights": False}
         blocks = builder(**kwargs, **extra)
     except TypeError as e:
+        group = "model" if key == "model" else f"model@{key}"  # a changed name keeps the other model's keys
         raise TransferkitError(f"bad settings for {key} (model '{name}'): {e}. Fix: give {key} only the keys "
-                               f"that conf/model/{name}.yaml sets.") from e
+                               f"that conf/model/{name}.yaml sets (to change the architecture, choose it whole: "
+                               f"{group}={name}).") from e
     if mean is None or std is None:
         weights = kwargs.get("weights")
         mean, std = PUBLISHED_NORMALISATION[name](weights) if weights else (CIFAR_MEAN, CIFAR_STD)
