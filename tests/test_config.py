@@ -180,6 +180,10 @@ def test_unknown_override_key_is_refused_with_the_key_it_meant():
     message = str(e.value)
     assert message.startswith("conf/ has no setting transfer.freez_depth (did you mean transfer.freeze_depth")
     assert "\n" not in message and "+transfer" not in message
+    # a key inside a block given whole: that key is the one named, not the block conf/ has
+    with pytest.raises(TransferkitError, match=r"^conf/ has no setting distill.student.width_mult \(did you mean "
+                                               r"distill.student.widths"):
+        compose("distill.student={name:fastnet,width_mult:0.5}")
 
 
 @pytest.mark.parametrize("choice, typo, meant", [("model=mobilenet", "model.width_mul=0.3", "model.width_mult"),

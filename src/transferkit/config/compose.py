@@ -50,7 +50,8 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
         with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
             cfg = hydra_compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: a group set to null
-        raise TransferkitError(_override_error(str(e), overrides, conf_dir)) from e
+        key = getattr(e.__cause__, "full_key", None)  # a key inside a dict override: the one conf/ lacks
+        raise TransferkitError(_override_error(str(e), overrides, conf_dir, key)) from e
     except yaml.YAMLError as e:  # an edited file of conf/ (its name, line and column are in the message)
         raise TransferkitError(f"conf/ holds a file that is not valid YAML: {' '.join(str(e).split())}. Fix: correct "
                                f"that line (`git diff conf/` shows what changed).") from e
@@ -63,7 +64,7 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     return cfg
 
 
-def _override_error(message: str, overrides: list[str], conf_dir: Path) -> str:
+def _override_error(message: str, overrides: list[str], conf_dir: Path, key: str | None = None) -> str:
     """Hydra's report of a bad override, as one line that names the problem and the fix (Hydra's own
     advice for a key conf/ lacks, `+key=value`, would add a setting no stage reads)."""
     from hydra import compose as hydra_compose
@@ -74,7 +75,7 @@ def _override_error(message: str, overrides: list[str], conf_dir: Path) -> str:
         with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):  # the others choose
             for chosen in (groups, []):  # a bad choice among them: Hydra names it once this key is fixed
                 with contextlib.suppress(Exception):
-                    return no_such_setting(m.group(1), list(flatten(OmegaConf.to_container(hydra_compose(
+                    return no_such_setting(key or m.group(1), list(flatten(OmegaConf.to_container(hydra_compose(
                         "config", overrides=chosen)))))
     if m := re.search(r"Could not find '([^']+)/([^']+)'", message):  # an option a config group does not have
         group, option = m.groups()
