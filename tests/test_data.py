@@ -1275,18 +1275,26 @@ def test_a_test_folder_that_is_its_train_folder_is_an_error(tmp_path, how):
     assert len(task["test_y"]) == 6
 
 
+def _ships_to_cats(folder: Path, tmp_path: Path, train: int, val: int):
+    """The smoke experiment on the image folder `folder`: ship and truck the source, cat and dog the target, `train`
+    and `val` images of each class."""
+    from conftest import compose
+
+    return compose("experiment=smoke", f"data.source.dataset={folder}", f"data.target.dataset={folder}",
+                   "data.source.classes=[ship,truck]", "data.target.classes=[cat,dog]",
+                   *(f"data.{role}.{split}_per_class={n}" for role in ("source", "target")
+                     for split, n in (("train", train), ("val", val))), tmp=tmp_path)
+
+
 def test_prepare_counts_the_val_images_that_are_also_train_images(tmp_path, capsys):
     """A class's duplicate images can be drawn into train and val both: prepare says how many val images the
     model trains on, since val accuracy chooses checkpoints and sweep settings."""
-    from conftest import compose, run
+    from conftest import run
 
     folder = write_image_folder(tmp_path / "d", ["cat", "dog", "ship", "truck"], 6, 3, archive=False)
     for i in range(1, 6):  # every dog a copy of the first: whichever are drawn, train and val share it
         shutil.copy(folder / "train" / "dog" / "0000.jpg", folder / "train" / "dog" / f"{i:04d}.jpg")
-    cfg = compose("experiment=smoke", f"data.source.dataset={folder}", f"data.target.dataset={folder}",
-                  "data.source.classes=[ship,truck]", "data.target.classes=[cat,dog]", "data.source.train_per_class=4",
-                  "data.target.train_per_class=4", "data.source.val_per_class=2", "data.target.val_per_class=2",
-                  tmp=tmp_path)
+    cfg = _ships_to_cats(folder, tmp_path, train=4, val=2)
     run("prepare", cfg)
     err = capsys.readouterr().err
     assert "prepare: 2 of the target task's 4 val images are also its train images (pixel for pixel: the dataset's " \
@@ -1297,16 +1305,13 @@ def test_prepare_counts_the_val_images_that_are_also_train_images(tmp_path, caps
 def test_prepare_counts_the_test_images_that_are_also_training_images(tmp_path, capsys):
     """A few copies in test/ (a dataset's own duplicates, or a slip) pass, and prepare says how many: a target test
     image that is a source train image counts too, as the backbone trained on it."""
-    from conftest import compose, run
+    from conftest import run
 
     folder = write_image_folder(tmp_path / "d", ["cat", "dog", "ship", "truck"], 6, 3, archive=False)
     shutil.copy(folder / "train" / "cat" / "0001.jpg", folder / "test" / "cat" / "0000.jpg")
     shutil.copy(folder / "train" / "ship" / "0002.jpg", folder / "test" / "dog" / "0001.jpg")  # source -> target
     shutil.copy(folder / "train" / "truck" / "0005.jpg", folder / "test" / "truck" / "0000.jpg")
-    cfg = compose("experiment=smoke", f"data.source.dataset={folder}", f"data.target.dataset={folder}",
-                  "data.source.classes=[ship,truck]", "data.target.classes=[cat,dog]", "data.source.train_per_class=5",
-                  "data.target.train_per_class=5", "data.source.val_per_class=1", "data.target.val_per_class=1",
-                  tmp=tmp_path)
+    cfg = _ships_to_cats(folder, tmp_path, train=5, val=1)
     run("prepare", cfg)
     err = capsys.readouterr().err
     assert "prepare: 1 of the source task's 6 test images are also training images (pixel for pixel, in the source " \
