@@ -440,7 +440,7 @@ def test_sweep_refuses_hydra_settings_it_would_ignore(override):
     (["trainer.num_threads=1,2", "seed=0"], "are one transfer run: transfer does not read trainer.num_threads, or"),
     # no block has a learning rate: each depth is the linear probe again
     (["transfer.freeze_depth=0,1", "transfer.backbone_lr_mult=0"],
-     "transfer.backbone_lr_mult=0 keeps every block frozen whatever transfer.freeze_depth, so the points with depths "
+     "transfer.backbone_lr_mult=0 keeps every block frozen whatever transfer.freeze_depth, so the runs with depths "
      "[0, 1] would train one model"),
 ])
 def test_bad_sweeps_fail_before_any_point_trains(base, tmp_path, overrides, needle):

@@ -133,13 +133,14 @@ DEPTHS = {"transfer": lambda cfg: ("transfer.freeze_depth", [cfg.transfer.freeze
           "probe": lambda cfg: ("probe.depth", [d for d in [cfg.probe.depth] if d is not None])}
 
 
-def check_frozen_sweep(points: list[DictConfig]) -> None:
-    """Points that differ only in transfer.freeze_depth under transfer.backbone_lr_mult=0 are one run:
-    no block has a learning rate, so each depth trains the linear probe again under another label."""
-    if len(depths := sorted({c.transfer.freeze_depth for c in points if c.transfer.backbone_lr_mult == 0})) > 1:
+def check_frozen_sweep(runs: list[DictConfig]) -> None:
+    """Runs (a sweep's points, scenarios' transfer strategies) that differ in transfer.freeze_depth under
+    transfer.backbone_lr_mult=0 are one run: no block has a learning rate, so each depth trains the linear
+    probe again under another label."""
+    if len(depths := sorted({c.transfer.freeze_depth for c in runs if c.transfer.backbone_lr_mult == 0})) > 1:
         raise TransferkitError(f"transfer.backbone_lr_mult=0 keeps every block frozen whatever transfer.freeze_depth, "
-                               f"so the points with depths {depths} would train one model, the linear probe, under "
-                               f"{len(depths)} labels. Fix: set transfer.backbone_lr_mult > 0, or sweep one depth.")
+                               f"so the runs with depths {depths} would train one model, the linear probe, under "
+                               f"{len(depths)} labels. Fix: set transfer.backbone_lr_mult > 0, or run one depth.")
 
 
 def validate_depths(cfg: DictConfig, stage: str, num_blocks: int) -> None:

@@ -42,7 +42,7 @@ def float_nodes(model_path: Path, keep_float, shown: Path | None = None) -> list
     nodes = onnx.load(str(model_path)).graph.node
     known = {n.name for n in nodes} | {n.op_type for n in nodes}
     unknown = [k for k in keep_float if k not in known]
-    if unknown:  # the classifier is the last Gemm, or a MatMul where the exporter wrote a Linear without bias so
+    if unknown:  # the classifier: the last Gemm, or MatMul where the legacy exporter wrote a Linear without bias
         head = next((f" ({n.op_type} keeps the classifier in float)" for n in reversed(nodes)
                      if n.op_type in ("Gemm", "MatMul")), "")
         raise TransferkitError(f"quantize.keep_float={list(keep_float)}: {unknown} is neither a node name nor an op "

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import compose, params_text, to_params
 from transferkit.config.dvcyaml import code_files
-from transferkit.config.checks import validate_run
+from transferkit.config.checks import check_frozen_sweep, validate_run
 from transferkit.config.overrides import as_override, override_key
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
@@ -92,17 +92,16 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                                    f"{k}={as_override(design[preset][k])}): the report would compare quadrants that "
                                    f"do not differ in it. Fix: leave it out, or change the quadrants in "
                                    f"conf/experiment/scenario_*.yaml.")
-        if cfg.transfer.backbone_lr_mult == 0 and (frozen := [s.name for s in plan if s.stage == "transfer"]):
-            raise TransferkitError(f"transfer.backbone_lr_mult=0 keeps every block frozen, so strategies "
-                                   f"{' and '.join(frozen)} would each train the linear probe again under their "
-                                   f"names. Fix: leave transfer.backbone_lr_mult out, or set it > 0.")
-        for s in plan:  # a strategy's settings are plain values: set on the composed quadrant, not composed again
+        runs = {}  # each strategy's settings are plain values: set on the composed quadrant, not composed again
+        for s in plan:
             if s.option and (error := depth_error(preset, cfg, s)):  # named by the option
                 raise error
+            runs[s.name] = OmegaConf.merge(cfg, OmegaConf.from_dotlist(s.sets()))
             try:
-                validate_run(OmegaConf.merge(cfg, OmegaConf.from_dotlist(s.sets())), s.stage, blocks)
+                validate_run(runs[s.name], s.stage, blocks)
             except TransferkitError as e:
                 raise TransferkitError(f"{preset}, strategy {s.name}: {e}") from e
+        check_frozen_sweep([runs[s.name] for s in plan if s.stage == "transfer"])  # depths alone set them apart
         if "trainer.progress_bar" not in map(override_key, overrides):
             cfg.trainer.progress_bar = False
         cfg.paths.data_dir = data_dir = str(Path(cfg.paths.data_dir).resolve())
