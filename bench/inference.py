@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     models = {k: m for k, (m, _) in stage_models(p, args.artifacts, n_classes).items()}
     for f in sorted((ROOT / "conf" / "model").glob("*.yaml")):
         cfg = yaml.safe_load(f.read_text())
-        if cfg["name"] != "fastnet":  # the fastnet sizes are the stage models above
+        # fastnet and its presets (which inherit its name through defaults) are the stage models above
+        if cfg.get("name", "fastnet") != "fastnet":
             torch.manual_seed(0)
             models[f.stem] = model_from_config(cfg, n_classes)
     print(f"images for the logit check: {len(images)} from {source}\n", flush=True)

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             if not (distill / "model.pt").exists():
                 if args.only_done:
                     continue
-                run_stage("distill", rcfg, distill, inputs)
+                run_stage("distill", rcfg, distill, {k: v for k, v in inputs.items() if k != "distill"})
             if (seed, student_key) not in students:
                 students[seed, student_key] = (top1(distill, "distill", task, rcfg),
                                                json.loads((distill / "metrics.json").read_text())["val_acc"])
