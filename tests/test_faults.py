@@ -182,6 +182,7 @@ def test_kill_9_mid_quantization_aware_fine_tuning_then_rerun_gives_identical_fi
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert results(_files(out)) == reference
+    assert not [p for p in _files(out) if p.name.endswith(".tmp")]  # no half-written file of a killed run
     assert not (tmp_path / "artifacts" / ".quantize.incomplete").exists()
 
 

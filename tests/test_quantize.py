@@ -488,3 +488,30 @@ def test_a_linear_layers_batchnorm_is_folded_so_keep_float_finds_its_weights_in_
     export_onnx(deployed, tmp_path / "model.onnx", 32, exporter, None, log=lambda *_: None)
     linears = {name for name, m in deployed.named_modules() if isinstance(m, torch.nn.Linear)}
     assert len(linears) == 3 and float_layers(deployed, tmp_path / "model.onnx", ["Gemm"]) == linears
+
+
+def test_a_full_disk_while_quantizing_is_not_blamed_on_the_model(tmp_path, monkeypatch):
+    import errno
+
+    import onnxruntime.quantization
+    import torch
+
+    from transferkit.deploy.export import export
+    from transferkit.deploy.quantize import quantize
+    from transferkit.io import disk_full
+    from transferkit.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(build_model("fastnet", 5, widths=[8, 16, 16], stem_width=8).eval(), tmp_path / "model.pt",
+                    list("abcde"), stage="prune")
+    export(tmp_path / "model.pt", tmp_path / "export", None, repeats=1, batch_size=8, threads=1, log=lambda *_: None)
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", no_room)
+    calibration = np.random.default_rng(0).random((8, 3, 32, 32), dtype=np.float32)
+    with pytest.raises(OSError) as raised:  # the stage turns it into its one disk-full line, naming the fix
+        quantize(tmp_path / "export" / "model.onnx", tmp_path / "int8.onnx", calibration, method="minmax",
+                 fmt="qoperator", per_channel=True, reduce_range=True)
+    assert disk_full(raised.value) and "cannot quantize" not in str(raised.value)

@@ -786,6 +786,28 @@ def test_a_second_run_of_a_stage_while_one_builds_its_folder_is_refused_and_chan
     assert sorted(p.name for p in final.parent.iterdir()) == ["transfer"]  # no lock file left beside it
 
 
+def test_a_resumed_work_folder_loses_the_half_written_files_of_the_killed_run(tmp_path):
+    """A kill -9 while atomic_path writes leaves its temporary in the work folder that the rerun
+    resumes; the finished output holds only what an uninterrupted run writes."""
+    from transferkit.io import atomic_path
+    from transferkit.stages.common import PARAMS_FILE, RESUME_KEY, resume_key, staged_output
+    from transferkit.training import RESUME_CHECKPOINT
+
+    final, work = tmp_path / "quantize", tmp_path / ".quantize.incomplete"
+    (work / "qat" / "checkpoints").mkdir(parents=True)
+    (work / PARAMS_FILE).write_text("lr: 0.1\n")
+    (work / RESUME_KEY).write_text(resume_key([], "lr: 0.1\n"))
+    (work / "qat" / "checkpoints" / RESUME_CHECKPOINT).write_text("epoch 3")
+    (work / ".model.onnx.x1y2z3.tmp").write_text("half an onnx file")  # as the killed run's atomic_path left it
+    (work / "qat" / ".model.pt.a1b2c3.tmp").write_text("half a checkpoint")
+    with staged_output(final, "lr: 0.1\n") as folder:
+        assert (folder / "qat" / "checkpoints" / RESUME_CHECKPOINT).read_text() == "epoch 3"  # still resumed
+        with atomic_path(folder / "model.onnx") as tmp:
+            tmp.write_text("the whole onnx file")
+    assert not [p for p in final.rglob("*") if p.name.endswith(".tmp")]
+    assert (final / "model.onnx").read_text() == "the whole onnx file"
+
+
 def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_swap_cut_short(tmp_path):
     """A killed run's work folder is resumed only by a run with the same params and only when it
     holds a resume checkpoint (anything else in it could only be stale); a kill between the two

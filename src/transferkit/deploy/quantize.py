@@ -21,6 +21,7 @@ from transferkit.data.tasks import train_sample
 from transferkit.deploy.runtime import META_KEY
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.metrics import predict_onnx
+from transferkit.io import disk_full
 
 METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qoperator", "qdq")
@@ -83,6 +84,8 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
         except TransferkitError:
             raise
         except Exception as e:  # onnx/onnxruntime raise many types for models they cannot handle
+            if disk_full(e):  # the storage, not the model: the stage's disk-full error names the fix
+                raise
             raise TransferkitError(f"ONNX Runtime cannot quantize {fp32} ({type(e).__name__}: {str(e)[:300]}). Fix: "
                                    f"export the model again (`dvc repro export`), or try quantize.format=qdq.") from e
     copy_metadata(fp32, out)
