@@ -196,3 +196,29 @@ def test_the_same_checkpoint_saved_twice_is_byte_identical(tmp_path):
     save_torch(obj, tmp_path / "a" / "model.pt")
     save_torch(obj, tmp_path / "b" / "model.pt")
     assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("elsewhere", ["build/artifacts", "ABSOLUTE"])
+def test_check_repro_compares_the_outputs_where_paths_artifacts_dir_puts_them(elsewhere, tmp_path, monkeypatch,
+                                                                              one_thread, capsys):
+    """An experiment's own paths.artifacts_dir: a relative one failed with "choose a --target", as only artifacts/
+    was searched; an absolute one, shared by both runs and outside either copy, made DVC exit with code 255."""
+    proj = tmp_path / "proj"
+    for item in ("conf", "src"):
+        shutil.copytree(ROOT / item, proj / item, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, proj / name)
+    artifacts = str(tmp_path / "shared") if elsewhere == "ABSOLUTE" else elsewhere
+    smoke = (proj / "conf" / "experiment" / "smoke.yaml").read_text()
+    (proj / "conf" / "experiment" / "elsewhere.yaml").write_text(f"{smoke}\npaths:\n  artifacts_dir: {artifacts}\n")
+    monkeypatch.chdir(proj)
+
+    code = main(["--target", "prepare", "--experiment", "elsewhere"])
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    compared = "artifacts" if elsewhere == "ABSOLUTE" else elsewhere
+    assert f"PASS  {compared}/prepare/source.pt is identical in both runs" in out, out
+    assert (f"paths.artifacts_dir={artifacts} lies outside the project" in out) == (elsewhere == "ABSOLUTE"), out
+    assert not (tmp_path / "shared").exists()

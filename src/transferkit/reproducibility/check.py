@@ -113,13 +113,13 @@ def reproduce(proj: Path, target: str | None, label: str, report: Report) -> Non
     report.check(clean, f"{label}: dvc status is {'' if clean else 'not '}up to date", status)
 
 
-def compare_outputs(run1: Path, run2: Path, report: Report) -> None:
-    """Every file of a COMPARED name is byte-identical in the two runs."""
+def compare_outputs(run1: Path, run2: Path, report: Report, artifacts: str = "artifacts") -> None:
+    """Every file of a COMPARED name under each run's `artifacts` folder (paths.artifacts_dir) is byte-identical."""
     def files(proj: Path, name: str) -> set[str]:
-        return {p.relative_to(proj).as_posix() for p in (proj / "artifacts").rglob(name)}
+        return {p.relative_to(proj).as_posix() for p in (proj / artifacts).rglob(name)}
 
     if not report.check(any(files(r, name) for r in (run1, run2) for name in COMPARED),
-                        f"outputs under artifacts/ to compare ({', '.join(COMPARED)})",
+                        f"outputs under {artifacts}/ to compare ({', '.join(COMPARED)})",
                         "Fix: choose a --target that makes some (e.g. pretrain), or none for the whole pipeline."):
         return
     for kind, describe in COMPARED.items():
@@ -158,7 +158,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)  # --help exits 0; a bad option is one TransferkitError (one_line_errors)
     # bad input is one error line and exit code 2 (cli.main), before anything is copied or run
     root = find_conf_dir().parent
-    text = params_text(compose([f"experiment={args.experiment}"], root / "conf"))
+    overrides = [f"experiment={args.experiment}"]
+    artifacts = Path(compose(overrides, root / "conf").paths.artifacts_dir)
+    outside = artifacts.is_absolute() or ".." in artifacts.parts
+    if outside:  # both runs would write one folder, which DVC cannot track from either copy
+        overrides.append("paths.artifacts_dir=artifacts")
+    text = params_text(compose(overrides, root / "conf"))
     if args.keep:
         check_keep(args.keep, root)
     report = Report()
@@ -172,12 +177,15 @@ def main(argv: list[str]) -> int:
             return report.summary()
         print(f"....  both runs compose experiment={args.experiment} from conf/ (--experiment NAME for another)",
               flush=True)
+        if outside:
+            print(f"....  paths.artifacts_dir={artifacts} lies outside the project: each run writes its outputs "
+                  f"to artifacts/ in its own copy instead", flush=True)
         with tempfile.TemporaryDirectory(prefix="transferkit-repro-", ignore_cleanup_errors=True) as tmp:
             work = (args.keep or Path(tmp)).resolve()
             runs = [copy_project(root, work / name, text) for name in ("run1", "run2")]
             for i, proj in enumerate(runs, start=1):
                 reproduce(proj, args.target, f"run {i}", report)
-            compare_outputs(*runs, report)
+            compare_outputs(*runs, report, "artifacts" if outside else artifacts.as_posix())
     except TransferkitError as e:
         report.check(False, str(e))
     except OSError as e:  # copying the project: a full disk, a --keep that cannot be a folder
