@@ -390,6 +390,20 @@ def test_a_pruned_model_allocates_only_what_its_layer_shapes_say(tmp_path, forge
     assert problem in str(e.value)
 
 
+def test_a_pruned_model_whose_layers_do_not_fit_each_other_is_refused_as_it_loads(tmp_path):
+    """Each tensor fits its own layer's recorded sizes, but a conv gives 5 channels to a BatchNorm of 4: the model
+    loaded, and export and evaluate then ended in a RuntimeError traceback from the first forward."""
+    from transferkit.models import load_checkpoint
+
+    ckpt = _small_checkpoint(tmp_path / "model.pt", pruned=True)
+    ckpt["layer_shapes"]["blocks.1.0.0"]["out_channels"] = 5
+    ckpt["state_dict"]["blocks.1.0.0.weight"] = torch.zeros(5, 4, 3, 3)
+    torch.save(ckpt, tmp_path / "forged.pt")
+    with pytest.raises(TransferkitError, match=r"forged.pt does not fit its own architecture .*Fix: ") as e:
+        load_checkpoint(tmp_path / "forged.pt", "prune")
+    assert "\n" not in str(e.value) and "running_mean" in str(e.value)  # one line, naming what does not fit
+
+
 _ALIAS_BOMB = "".join(f"l{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else 'x'] * 10)}]\n" for i in range(5))
 
 

@@ -164,6 +164,11 @@ def _rebuild(ckpt: dict) -> BlockNet:
 
         shrink_to(model, ckpt["layer_shapes"], ckpt["state_dict"])
         model.arch["pruned"] = True
+        # each tensor fits its own layer's recorded sizes; whether the layers fit each other shows in a forward
+        was_training = model.training
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, model.input_size, model.input_size))
+        model.train(was_training)
     else:
         model.load_state_dict(ckpt["state_dict"])
     return model
