@@ -501,6 +501,24 @@ def test_tqdm_disable_turns_the_progress_bars_off_on_a_terminal_too(monkeypatch)
         assert ("scoring" in sys.stderr.getvalue()) == drawn
 
 
+def test_tqdm_disable_turns_lightnings_training_bar_off_on_a_terminal_too(monkeypatch, tmp_path):
+    """Lightning gives tqdm its `disable` itself, which wins over TQDM_DISABLE: the training bar still drew."""
+    import io
+    import sys
+
+    from transferkit.training.trainer import make_trainer
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    for value, drawn in (("1", False), ("", True)):
+        monkeypatch.setenv("TQDM_DISABLE", value)
+        trainer = make_trainer({"loggers": []}, tmp_path / value, max_epochs=1)
+        assert (trainer.progress_bar_callback is not None) == drawn
+
+
 def test_prepare_and_evaluate_draw_progress_bars_on_a_terminal_only(smoke_artifacts, tmp_path):
     """The long steps outside training show tqdm bars on a terminal, and nothing in a log."""
     import fcntl

@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from transferkit.errors import NotPlainData, TransferkitError
 from transferkit.io import to_disk
 from transferkit.models.blocknet import BlockNet
+from transferkit.progress import bars_disabled
 from transferkit.training import RESUME_CHECKPOINT, first_process
 from transferkit.training.loggers import copy_logs, make_loggers, resume_csv
 from transferkit.training.precision import resolve_precision
@@ -168,7 +169,8 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
     if loggers:  # the learning rate goes to the logs (there are none with trainer.loggers=[])
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     # as tqdm draws the other bars (progress.py): on a terminal only, never into a log file (nor with stdout closed)
-    show_bar = bool(cfg.get("progress_bar", True)) and sys.stdout is not None and sys.stdout.isatty()
+    show_bar = (bool(cfg.get("progress_bar", True)) and sys.stdout is not None and sys.stdout.isatty()
+                and not bars_disabled())
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))))
     try:
