@@ -55,9 +55,16 @@ def to_disk(path: Path, flags: int = os.O_RDWR) -> None:
         os.close(fd)
 
 
+def delete_half_written(folder: Path) -> None:
+    """Delete the temporaries atomic_path left under `folder` when a kill -9 cut their writes short."""
+    for tmp in folder.rglob(".*.tmp"):  # the names atomic_path gives them
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only on success."""
+    """Yield a temporary path next to `path` (`.NAME.XXXX.tmp`, delete_half_written's); rename it onto `path`
+    only on success."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -158,8 +158,10 @@ def _staged_output(final: Path, params: str, inputs: list[Path], tracked: str | 
                          and fits_to_resume(work))
             if work.exists() and not resumable:  # left by a killed run of another config, code or input
                 shutil.rmtree(work)
-            for half_written in work.rglob(".*.tmp") if resumable else ():  # atomic_path's, cut short by a kill -9
-                half_written.unlink(missing_ok=True)
+            elif resumable:  # its fits resume; the files a kill -9 cut short are written again
+                from transferkit.io import delete_half_written
+
+                delete_half_written(work)
             if old.exists() and not final.exists():  # killed between the two renames below
                 old.rename(final)
             work.mkdir(parents=True, exist_ok=True)
