@@ -667,6 +667,57 @@ def test_a_server_that_does_not_answer_is_named_once_and_left_for_a_new_one(tmp_
     listener.close()
 
 
+SLOW_IMPORT = """import os, time
+deadline = time.monotonic() + 60  # a test killed midway leaves no server importing for ever
+while not os.path.exists(os.environ["TKW_IMPORTED"]) and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+HURRIED = ("import sys; from transferkit import warm; warm.HANDSHAKE_S = 1.0; r = warm.run(sys.argv[1:]); "
+           "sys.exit(100 if r is None else r)")
+
+
+def test_a_server_still_importing_after_the_handshake_keeps_its_socket_and_serves_the_next_command(
+        tmp_path, server_dir, monkeypatch):
+    """Imports longer than HANDSHAKE_S (a slow disk, a cold cache) read as a stuck server: the command unlinked the
+    socket of a server that was only importing, which then served nobody until its idle time ran out. The command
+    runs cold and says so, leaves the socket, and passes the server none of its streams, whose end a reader of
+    its output (`| tee`) would otherwise wait for until the server had imported."""
+    fake = _fake_project(tmp_path)
+    server_file = fake / "transferkit" / "warm" / "server.py"  # a server whose imports end when the test says
+    server_file.write_text(server_file.read_text().replace('\nif __name__ == "__main__":',
+                                                           '\nPRELOAD = ("slow_import",)\nif __name__ == "__main__":'))
+    assert "slow_import" in server_file.read_text()
+    (fake / "slow_import.py").write_text(SLOW_IMPORT)
+    imported = tmp_path / "imported"
+    monkeypatch.setenv("TKW_IMPORTED", str(imported))
+    try:
+        _started_server(fake, server_dir)
+        env = {**os.environ, "PYTHONPATH": str(fake), "TRANSFERKIT_WARM": "1", "TMPDIR": str(server_dir)}
+        with open(tmp_path / "stderr", "w") as stderr:
+            client = subprocess.Popen([sys.executable, "-c", HURRIED, "exit", "7"], env=env, stdout=subprocess.PIPE,
+                                      stderr=stderr)
+            assert client.wait(30) == 100  # not served: it ran cold
+        [log] = server_dir.glob("*/*.log")
+        assert (tmp_path / "stderr").read_text().splitlines() == [
+            f"transferkit: the warm server is still importing its libraries after 1 s (its log: {log}), so this "
+            f"command runs cold and leaves it to the commands after it."]
+        assert list(server_dir.glob("*/*.sock"))  # still the importing server's
+        assert client.communicate(timeout=10)[0] == b""  # its output ended with it
+    finally:
+        imported.touch()
+    assert _warm_client(fake, server_dir, "exit", "7").wait(60) == 7  # served by that server, now imported
+
+
+def test_a_command_with_another_idle_time_gets_a_server_of_its_own(server_dir, monkeypatch):
+    """A server keeps the idle time it started with: a command setting another was served by it, and its
+    TRANSFERKIT_WARM_IDLE silently did nothing."""
+    first = warm.socket_path()
+    with monkeypatch.context() as m:
+        m.setenv("TRANSFERKIT_WARM_IDLE", str(float(os.environ["TRANSFERKIT_WARM_IDLE"]) + 1))
+        assert warm.socket_path() != first
+    assert warm.socket_path() == first
+
+
 def test_a_server_starting_while_another_binds_leaves_it_its_socket(tmp_path):
     """Two first commands start two servers: where the second probed the first between its bind and its listen,
     the probe was refused, and the second took the socket over, leaving the first orphaned for its idle time."""

@@ -14,17 +14,20 @@ one process only, and no kept library serves separate commands.
   peers of another user are refused, and the interpreter, `sys.path` (and when each folder on it
   last changed: an install), the variables that shape imports, threads and the locale, what a
   forked worker keeps from its server (CPUs, control group, niceness, groups, umask, resource
-  limits) and the two files of this package pick the server; another environment gets another one.
+  limits), the two files of this package and TRANSFERKIT_WARM_IDLE pick the server; another environment
+  gets another one.
 - It serves the commands dvc.yaml runs (`transferkit STAGE --params ...` and `export`); the
   others start as usual. A command that finds no server starts one and runs itself while the
   server imports; the commands after it are served.
 - After TRANSFERKIT_WARM_IDLE seconds (default 600) with no command running it takes no more, and it exits
   once the workers still running have ended.
 - Killing the command (kill -9 too) kills its worker; SIGINT, SIGTERM and SIGHUP are passed on (or
-  ignored, where the command ignores them), Ctrl+Z stops the worker with its command, and a worker
+  ignored, where the command ignores them), Ctrl+Z (SIGTSTP) stops the worker with its command and
+  SIGCONT resumes both (SIGSTOP, which no process can catch, stops the command only), and a worker
   ended by a signal (passed on, or any other: kill -9, out of memory) ends its command by it too.
-- A server that has not forked a worker within HANDSHAKE_S (stopped, stuck) leaves the command to run
-  itself, says so, and gives up its socket: the next command starts a new server.
+- A server that has not forked a worker within HANDSHAKE_S leaves the command to run itself, and says
+  so: one still importing (it holds its start-up lock until it has) keeps its socket for the commands
+  after it; one stopped or stuck gives it up, and the next command starts a new server.
 - It never initialises CUDA itself (a forked child could not use a CUDA the parent initialised):
   the device is set up in each worker, as in a fresh process.
 """
@@ -59,7 +62,7 @@ SHAPES_IMPORTS = ("PYTHON", "OMP_", "GOMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_"
 # set by torch in its own process the first time it uses its compiler's cache, so a script's commands
 # before and after that differ in it; read at run time, from the environment the worker takes on
 SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
-HANDSHAKE_S = 30.0  # a server that has not forked a worker by then is stopped or stuck: the command runs itself
+HANDSHAKE_S = 30.0  # a server that has not forked a worker by then is still importing, stopped or stuck
 
 
 def enabled() -> bool:
@@ -94,8 +97,9 @@ def socket_path() -> Path:
         raise OSError(f"{folder} is not a folder private to this user (mode 700, owned by it). Fix: remove it, or "
                       f"set TMPDIR to a folder of your own")
     key = hashlib.sha256()
-    for part in (sys.executable, sys.version, *interpreter_flags(), Path(__file__).read_text(),
-                 Path(server.__file__).read_text(), *sys.path,
+    # a server keeps the idle time it started with: a command that sets another gets a server of its own
+    for part in (os.environ.get("TRANSFERKIT_WARM_IDLE", "600"), sys.executable, sys.version, *interpreter_flags(),
+                 Path(__file__).read_text(), Path(server.__file__).read_text(), *sys.path,
                  *(f"{k}={v}" for k, v in sorted(os.environ.items())
                    if k.startswith(SHAPES_IMPORTS) and k not in SET_BY_TORCH)):
         key.update(part.encode() + b"\0")
@@ -158,6 +162,16 @@ def run(argv: list[str]) -> int | None:
     # ignores too, as a process started here would; the others it passes on
     ignored = [sig for sig in FORWARDED if signal.getsignal(sig) == signal.SIG_IGN]
     with conn:
+        try:
+            # the worker's pid first, then the command: one that gives up waiting (below) has sent the server
+            # none of its streams, which would stay open in the server's backlog, and a reader of its output
+            # (`| tee`, a CI log) would wait for their end as long as the server imports or is stuck
+            if (pid_bytes := recv_exactly(conn, 4)) is None:
+                return None  # the server went away before forking: run here
+        except TimeoutError:
+            return _unanswered(path, inode)
+        except OSError:  # closed as this connected (its idle timeout; killed): nothing ran
+            return None
         header = json.dumps({"argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(), "env": dict(os.environ),
                              "path": sys.path, "ignored": ignored}).encode()
         try:
@@ -166,17 +180,7 @@ def run(argv: list[str]) -> int | None:
             # then: a worker that took it all may have ended, and a send to its closed socket fails, after it ran)
             if (sent := socket.send_fds(conn, [message], list(range(STREAMS)))) < len(message):
                 conn.sendall(message[sent:])
-            if (pid_bytes := recv_exactly(conn, 4)) is None:
-                return None  # the server went away before forking: run here
-        except TimeoutError:  # stopped or stuck: every later command would wait as long, without a word
-            with contextlib.suppress(OSError):
-                if path.stat().st_ino == inode:  # its socket still: the next command starts a new server
-                    path.unlink()
-            print(f"transferkit: the warm server did not answer within {HANDSHAKE_S:.0f} s (stopped or stuck; its "
-                  f"log: {path.with_suffix('.log')}), so this command runs cold and the next starts a new server.",
-                  file=sys.stderr)
-            return None
-        except OSError:  # closed as this connected (its idle timeout; killed): nothing ran
+        except OSError:  # the worker ended before it had the whole command: nothing ran
             return None
         conn.settimeout(None)
         pid, passed = struct.unpack("!I", pid_bytes)[0], []
@@ -216,6 +220,30 @@ def run(argv: list[str]) -> int | None:
         return code
     print("transferkit: the warm worker ended without an exit code", file=sys.stderr)
     return 1
+
+
+def _unanswered(path: Path, inode: int) -> None:
+    """No worker within HANDSHAKE_S. A server holds its start-up lock until it has imported: one that holds it
+    is still importing (a slow disk, a cold cache) and keeps its socket for the commands after this one; one
+    that holds it no more is stopped or stuck, and every later command would wait as long, without a word."""
+    import fcntl
+
+    log = path.with_suffix(".log")
+    with open(path.with_suffix(".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"transferkit: the warm server is still importing its libraries after {HANDSHAKE_S:.0f} s (its "
+                  f"log: {log}), so this command runs cold and leaves it to the commands after it.",
+                  file=sys.stderr)
+            return None
+        # under the lock: no server starting binds this path as its stuck server's socket goes
+        with contextlib.suppress(OSError):
+            if path.stat().st_ino == inode:  # its socket still: the next command starts a new server
+                path.unlink()
+    print(f"transferkit: the warm server did not answer within {HANDSHAKE_S:.0f} s (stopped or stuck; its log: "
+          f"{log}), so this command runs cold and the next starts a new server.", file=sys.stderr)
+    return None
 
 
 def _wait_for_code(conn: socket.socket) -> bytes | None:

@@ -61,10 +61,12 @@ def serve(path: Path, idle: float) -> None:
             finally:
                 probe.close()
         server.listen(64)
-    inode = path.stat().st_ino
-    before = dict(os.environ)
-    preload()
-    SET_BY_IMPORTS.update({k: v for k, v in os.environ.items() if before.get(k) != v})
+        inode = path.stat().st_ino
+        before = dict(os.environ)
+        # under the lock: a command that waited HANDSHAKE_S for a worker finds it held, and leaves the socket
+        # to this server, still importing (a slow disk, a cold cache), rather than to a new one
+        preload()
+        SET_BY_IMPORTS.update({k: v for k, v in os.environ.items() if before.get(k) != v})
     # the imported objects move out of the collector's sight: a worker's collections then leave the
     # pages it shares with the server unwritten, so they are not copied (Python's gc.freeze docs)
     gc.collect()
@@ -150,7 +152,10 @@ def _work(conn: socket.socket) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         conn.settimeout(None)
-        conn.sendall(struct.pack("!I", os.getpid()))  # first, whatever happens next
+        try:
+            conn.sendall(struct.pack("!I", os.getpid()))  # first, whatever happens next
+        except OSError:  # its command gave up waiting (the server was still importing, or stopped) and ran cold
+            os._exit(0)
         first, fds, _, _ = socket.recv_fds(conn, 4, STREAMS)
         size = struct.unpack("!I", first + (recv_exactly(conn, 4 - len(first)) or b""))[0]
         header = json.loads(recv_exactly(conn, size))
