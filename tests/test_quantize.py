@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -515,3 +516,25 @@ def test_a_full_disk_while_quantizing_is_not_blamed_on_the_model(tmp_path, monke
         quantize(tmp_path / "export" / "model.onnx", tmp_path / "int8.onnx", calibration, method="minmax",
                  fmt="qoperator", per_channel=True, reduce_range=True)
     assert disk_full(raised.value) and "cannot quantize" not in str(raised.value)
+
+
+@pytest.mark.parametrize("stage", ["quantize", "evaluate"])
+def test_an_exported_model_of_another_task_is_refused_before_it_is_scored(smoke_artifacts, tmp_path, stage):
+    """The pretrained model exported (the source task's four classes) and handed to quantize or evaluate as the
+    deployable model: it was scored against the target task's labels, and evaluate's report put its accuracy
+    beside the pruned student's size, without a word."""
+    from transferkit.deploy.export import export
+    from transferkit.errors import TransferkitError
+    from transferkit.stages import inputs_of
+    from transferkit.stages.run import run_stage
+
+    cfg, _ = smoke_artifacts
+    artifacts = Path(cfg.paths.artifacts_dir)
+    export(artifacts / "pretrain" / "model.pt", tmp_path / "export")
+    out = tmp_path / stage
+    shutil.copytree(artifacts / stage, out)  # an earlier run's outputs
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(TransferkitError, match=r"export/model.onnx was exported from a model of classes \[.*\], but "
+                                               r"the target task is .*Fix: rerun 'export' on this task"):
+        run_stage(stage, cfg, out, {**inputs_of(stage, artifacts), "export": tmp_path / "export"})
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

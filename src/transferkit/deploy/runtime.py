@@ -265,3 +265,11 @@ class Classifier:
             raise TransferkitError(f"{self.path} returns {what} for {n} image(s), not one row of class scores per "
                                    f"image. {self.remake}")
         return out.astype(np.float32, copy=False)
+
+
+def require_classes(path: Path, classes: list[str], produced_by: str) -> None:
+    """An exported model scores exactly the task's classes, in its order, by the names the file carries: the check
+    load_checkpoint makes of a model.pt (another task's file would be scored against this task's labels)."""
+    if (named := Classifier(path, threads=1).classes) != list(classes):
+        raise TransferkitError(f"{path} was exported from a model of classes {named}, but the target task is "
+                               f"{list(classes)}. Fix: rerun '{produced_by}' on this task (`dvc repro {produced_by}`).")

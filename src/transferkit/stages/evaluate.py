@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from transferkit.deploy.runtime import require_classes
 from transferkit.evaluation import cost, html, plots, report, speed
 from transferkit.evaluation.metrics import (VIEWS, classification_metrics, paired_difference, predict, predict_onnx,
                                             wilson_interval)
@@ -91,6 +92,11 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     # the deployable model's checks (dvc.yaml runs export and quantize first)
     checks = {name: c for name, stage in (("export", "export"), ("quantize", "quantize"))
               if (c := load_json(inputs[stage] / f"{name}.json", stage, optional=True)) is not None}
+    # the deployable model as shipped: the pruned student in ONNX, fp32 and INT8, run by ONNX Runtime
+    onnx = {name: inputs[stage] / "model.onnx" for name, stage in DEPLOYED.items()
+            if (inputs[stage] / "model.onnx").exists()}
+    for name, path in onnx.items():
+        require_classes(path, classes, DEPLOYED[name])
     torch.manual_seed(cfg.seed)
     models, timing, correct, loaded = {}, {}, {}, {}
     for name in progress(TARGET_MODELS, "scoring models", "model"):
@@ -112,9 +118,6 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     before = matmul_peaks()  # now: the precision probe's cache is from another hour
     for name, img_s in speed.cpu_throughput(loaded, ev.throughput_batch, ev.throughput_repeats).items():
         timing[name] = {"throughput_img_s": round(img_s, 1)}
-    # the deployable model as shipped: the pruned student in ONNX, fp32 and INT8, run by ONNX Runtime
-    onnx = {name: inputs[stage] / "model.onnx" for name, stage in DEPLOYED.items()
-            if (inputs[stage] / "model.onnx").exists()}
     for name, path in onnx.items():
         logits = predict_onnx(path, x, ev.batch_size, ev.tta)
         correct[name] = logits.argmax(1) == y

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferkit.deploy.quantize import (calibration_images, check, copy_metadata, decision_split, loss_of, quantize,
                                          refuse, sizes)
+from transferkit.deploy.runtime import require_classes
 from transferkit.evaluation.tables import quantize_line
 from transferkit.io import atomic_path, require, save_json
 from transferkit.stages.common import announce, load_task
@@ -28,6 +29,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     settings = dict(method=q.method, fmt=q.format, per_channel=q.per_channel, reduce_range=q.reduce_range,
                     keep_float=list(q.keep_float))
     fp32 = require(inputs["export"] / "model.onnx", "exported fp32 model", "export")
+    require_classes(fp32, task["classes"], "export")
     threads = torch.get_num_threads()
     produced_by = "post-training quantization"
     split, post_training = decision_split(task), {}
