@@ -882,6 +882,21 @@ def test_a_float_image_in_pils_own_0_to_255_range_is_not_read_as_white():
     assert np.array_equal(decode_image(data, "f.tif", 32)[0], eight)
 
 
+def test_a_float_image_with_a_missing_sample_keeps_the_rest_of_its_pixels():
+    """One NaN made the image's maximum NaN, so a 0..1 image was not scaled to 0..255 and came out black (with a
+    RuntimeWarning from the cast). NaN shows black; infinities the ends of the range."""
+    import warnings
+
+    from transferkit.data.sources import decode_image
+
+    floats = np.full((32, 32), 0.5, np.float32)
+    floats[0, :3] = [np.nan, np.inf, -np.inf]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning
+        got = decode_image(_encode(Image.fromarray(floats), "TIFF"), "nan.tif", 32)[0]
+    assert got[0, :3].tolist() == [0, 255, 0] and (got[1:] == 128).all() and (got[0, 3:] == 128).all()
+
+
 def test_exif_orientation_is_applied(tmp_path):
     """A phone stores its pixels sideways with EXIF orientation 6 (display rotated 90 degrees clockwise);
     prepare (image folders, JPEG fast path included) and predict see the upright image."""

@@ -58,7 +58,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     except (SyntaxError, ValueError, OSError, struct.error):  # a damaged EXIF block: the pixels as stored
         pass
     # convert() clips values above 255, so wider samples are scaled to 8 bits first: integer modes (I;16*, I) hold
-    # 16-bit data (0..65535), and float mode F 0..1 (most writers) or 0..255 (PIL's own convert("F")), told by range
+    # 16-bit data (0..65535), and float mode F 0..1 (most writers) or 0..255 (PIL's own convert("F")), told by the
+    # range of its finite samples (NaN, no value, shows black; infinities the ends of the range)
     if img.mode.startswith("I;16") or img.mode == "I":
         pixels = np.asarray(img)  # in its own width: int64 copies took 24 bytes a pixel, a large scan gigabytes
         if pixels.dtype.kind == "i":  # mode I (32-bit), I;16S: below 0 and past 16 bits clipped
@@ -66,7 +67,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray((pixels >> 8).astype(np.uint8))
     elif img.mode == "F":
         floats = np.asarray(img)
-        img = Image.fromarray(np.round(np.clip(floats * (255 if floats.max() <= 1 else 1), 0, 255)).astype(np.uint8))
+        scale = 255 if floats.max(initial=0, where=np.isfinite(floats)) <= 1 else 1
+        img = Image.fromarray(np.nan_to_num(floats * scale).clip(0, 255).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         # transparent pixels show the white of the page a viewer draws them on, not the colour stored under them
         img = img.convert("RGBA")
@@ -122,11 +124,10 @@ def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
 
 
 def _decode_part(part: list[tuple[str, bytearray | Path]], image_size: int, limit: int) -> list[torch.Tensor]:
-    """JPEG files whose header says S x S and that hold no EXIF block through torchvision's decoder
-    (libjpeg-turbo, the same pixels as PIL, several times faster, and it lets other threads run), which
-    decodes the whole part at full size before anything checks it; other formats, other sizes (through
-    PIL's decompression-bomb limit), files with EXIF (whose orientation, damaged, the two readers read
-    differently) or an XMP orientation and any file it refuses through decode_image, as predict reads them."""
+    """JPEGs whose header says S x S and that hold no EXIF block through torchvision's decoder (libjpeg-turbo: PIL's
+    pixels, several times faster, other threads run), which decodes the whole part at full size before any check;
+    other formats and sizes (through PIL's decompression-bomb limit), files with EXIF (whose orientation, damaged,
+    the two readers read differently) or an XMP orientation, and any file it refuses through decode_image."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     part = [(where, _file_bytes(data, limit) if isinstance(data, Path) else data) for where, data in part]
@@ -180,10 +181,9 @@ def decode_images(files: list[tuple[str, bytearray | Path]], image_size: int, de
 
 
 def is_image_file(parts: list[str] | tuple[str, ...]) -> bool:
-    """Whether the file at these path parts is an image to read: an image suffix, and no hidden file
-    or folder among them (macOS puts a `._` copy of every file into an archive made there; Jupyter
-    leaves .ipynb_checkpoints): never a picture. (String operations, not pathlib: this runs once
-    per archive member.)"""
+    """Whether the file at these path parts is an image to read: an image suffix, and no hidden file or folder among
+    them (macOS puts a `._` copy of every file into an archive made there; Jupyter leaves .ipynb_checkpoints): never
+    a picture. (String operations, not pathlib: this runs once per archive member.)"""
     name = parts[-1]
     return ("." in name and "." + name.rsplit(".", 1)[1].lower() in image_suffixes()
             and not any(p.startswith(".") and p not in (".", "..") for p in parts))
