@@ -101,6 +101,22 @@ def test_a_dataset_outside_data_dir_is_a_dep_of_each_quadrants_prepare(tmp_path)
             assert "evaluate.tta" in tracked and not any(k.startswith("evaluate.latency") for k in tracked), name
 
 
+def test_turning_the_progress_bar_on_reruns_no_scenario_stage(tmp_path):
+    """DVC watched the whole trainer block of each quadrant's params file: rerunning a finished scenarios run
+    with trainer.progress_bar=true (to watch it) or another trainer.checkpoint_budget retrained everything."""
+    from transferkit.config.dvcyaml import TRAINER_DISPLAY
+    from transferkit.scenarios.report import pipeline, strategies
+
+    stages = pipeline(tmp_path / "out", ["trainer.progress_bar=true"], strategies())
+    trainers = [stage for stage in stages.values() if any(k.startswith("trainer.")
+                                                           for k in next(iter(stage["params"][0].values())))]
+    assert trainers, stages  # the trainer settings that change a result are watched, key by key
+    for stage in trainers:
+        tracked = next(iter(stage["params"][0].values()))
+        assert "trainer" not in tracked
+        assert "trainer.precision" in tracked and not {f"trainer.{k}" for k in TRAINER_DISPLAY} & set(tracked)
+
+
 def _quadrant(epochs: dict) -> dict:
     rows = [{"strategy": name, "label": name.replace("_", " "), "what": "", "epochs": n, "val_acc": 0.5,
              "val_ci95": [0.4, 0.6], "test_acc": 0.5, "test_ci95": [0.4, 0.6], "train_seconds": 1.0,

@@ -15,7 +15,7 @@ from typing import NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import compose, params_text, to_params
-from transferkit.config.dvcyaml import code_files
+from transferkit.config.dvcyaml import code_files, tracked_params
 from transferkit.config.checks import check_frozen_sweep, validate_run
 from transferkit.config.overrides import as_override, override_key
 from transferkit.errors import TransferkitError, one_line_errors
@@ -76,8 +76,6 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     check_runs_folder(out)
     design = quadrant_data()
     stages, sources, blocks, params_files = {}, {}, {}, {}
-    # the keys of a quadrant's params file DVC watches per stage (the data folder is a dep instead)
-    keys = {stage: [k for k in BY_NAME[stage].params if k != "paths.data_dir"] for stage in BY_NAME}
     code = {stage: code_files(BY_NAME[stage]) for stage in {"prepare", "pretrain", *(s.stage for s in plan)}}
     for preset, (_, similarity) in QUADRANTS.items():
         try:  # each quadrant's stages read its own folders, not paths.artifacts_dir
@@ -104,6 +102,9 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
         check_frozen_sweep([runs[s.name] for s in plan if s.stage == "transfer"])  # depths alone set them apart
         if "trainer.progress_bar" not in map(override_key, overrides):
             cfg.trainer.progress_bar = False
+        # the keys of the quadrant's params file DVC watches per stage, as dvc.yaml's (the data folder is a dep)
+        keys = {stage: [k for k in tracked_params(BY_NAME[stage].params, list(cfg.trainer)) if k != "paths.data_dir"]
+                for stage in code}
         cfg.paths.data_dir = data_dir = str(Path(cfg.paths.data_dir).resolve())
         if not Path(data_dir).is_dir():  # before any params file is written
             raise TransferkitError(f"{data_dir} does not exist, and prepare reads the datasets there "
