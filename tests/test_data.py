@@ -689,6 +689,16 @@ def test_an_archive_that_expands_past_the_memory_limit_is_refused_before_it_is_r
         read_image_folder(bomb)
 
 
+def test_a_dataset_path_that_is_a_device_or_a_pipe_is_refused_before_it_is_read(tmp_path):
+    """A device says 0 bytes, so the size check passed and /dev/zero was read until memory ran out; a pipe's read
+    waited for a writer for ever."""
+    fifo = tmp_path / "pipe.tar.gz"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo):
+        with pytest.raises(TransferkitError, match=rf"{path} is no file but a device or a pipe. Fix: give a folder"):
+            read_image_folder(path)
+
+
 def test_an_archive_that_meets_a_process_memory_limit_below_the_cap_is_one_error(tmp_path, monkeypatch):
     """Under `ulimit -v`, reading a large archive ran out of memory before the cap: a traceback ending in
     MemoryError, where the same one line as past the cap says to extract it."""

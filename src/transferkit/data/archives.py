@@ -108,9 +108,13 @@ UNSUPPORTED = {b"\x28\xb5\x2f\xfd": "Zstandard (.zst)", b"7z\xbc\xaf\x27\x1c": "
 
 
 def _read(path: Path, keep: Callable[[str], bool], limit: int) -> Members:
-    if path.stat().st_size > limit:
+    if not stat.S_ISREG((info := path.stat()).st_mode):  # /dev/zero would be read without end, a pipe wait for ever
+        raise TransferkitError(f"{path} is no file but a device or a pipe. Fix: give a folder or an archive file of "
+                               f"train/<class>/*, test/<class>/* as the dataset.")
+    if info.st_size > limit:
         raise _TooLarge
-    raw = bytearray(path.read_bytes())
+    with path.open("rb") as f:  # in chunks: a file that grows as it is read (or says 0 bytes, as /proc's) is bounded
+        raw = _bounded(f.read, 0, limit)
     if raw[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record (a file; the directory of an empty one)
         try:  # an encrypted member; a compression method or zip version that zipfile lacks
             with zipfile.ZipFile(io.BytesIO(raw)) as archive:
