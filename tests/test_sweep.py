@@ -573,6 +573,44 @@ def test_collect_names_a_damaged_run_file(tmp_path, name, text):
         find_runs([tmp_path / "sweep"])
 
 
+@pytest.mark.parametrize("file, edit, reason", [
+    ("params.yaml", lambda p: p["paths"].pop("artifacts_dir"), "its paths.artifacts_dir is no folder name"),
+    ("params.yaml", lambda p: p.update(seed="one"), "seed 'one' is no whole number"),
+    ("params.yaml", lambda p: p.update(trainer=["cpu"]), "its trainer block is no mapping"),
+    ("metrics.json", lambda m: m.update(val_acc="0.5"), "its val_acc is no number"),
+    ("timing.json", lambda t: t.update(train_seconds=[1]), "its train_seconds is no number")])
+def test_collect_names_a_run_file_that_parses_but_is_not_what_a_stage_writes(tmp_path, file, edit, reason):
+    """Files that parse but hold another shape ended collect in a KeyError, TypeError, ValueError or AttributeError
+    traceback when it scored or summarised the run."""
+    from transferkit.config.compose import params_text
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.collect import find_runs
+
+    run = tmp_path / "sweep" / "seed=0" / "transfer"
+    run.mkdir(parents=True)
+    (run / "model.pt").touch()
+    files = {"params.yaml": yaml.safe_load(params_text(compose("experiment=smoke", tmp=tmp_path))),
+             "metrics.json": {"val_acc": 0.5}, "timing.json": {"train_seconds": 1.0}}
+    edit(files[file])
+    (run / "params.yaml").write_text(yaml.safe_dump(files["params.yaml"]))
+    for name in ("metrics.json", "timing.json"):
+        (run / name).write_text(json.dumps(files[name]))
+    with pytest.raises(TransferkitError, match=rf"{run} holds a damaged params.yaml, metrics.json or timing.json "
+                                               rf"\({reason}\)\. Fix: rerun it"):
+        find_runs([tmp_path / "sweep"])
+
+
+def test_scoring_a_run_whose_params_name_no_artifacts_folder_is_one_error(tmp_path):
+    """A params.yaml without its paths block: a KeyError traceback once collect scored the run."""
+    from transferkit.errors import TransferkitError
+    from transferkit.evaluation.runs import read_run, score
+
+    (tmp_path / "params.yaml").write_text("seed: 0\nname: smoke\n")
+    with pytest.raises(TransferkitError, match=rf"{tmp_path}'s params.yaml names no paths.artifacts_dir, where the "
+                                               r"test set it is scored on lies. Fix: rerun it"):
+        score([read_run(tmp_path, "transfer")])
+
+
 def test_collect_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     line = one_error_line(cli("collect", str(tmp_path / "empty")))

@@ -56,11 +56,28 @@ def read_run(folder: Path, stage: str) -> Run:
                            for name in ("metrics.json", "timing.json"))
         if not all(isinstance(d, dict) for d in (params, metrics, timing)):
             raise ValueError("not a mapping")
+        if fault := _shape_fault(params := integral(params), metrics, timing):
+            raise ValueError(fault)
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise TransferkitError(f"{folder} holds a damaged {PARAMS_FILE}, metrics.json or timing.json "
                                f"({' '.join(str(e).split())[:200]}). Fix: rerun it, or move it out of the sweep "
                                f"folder.") from e
-    return Run(stage, folder, integral(params), metrics.get("val_acc"), timing.get("train_seconds"))
+    return Run(stage, folder, params, metrics.get("val_acc"), timing.get("train_seconds"))
+
+
+def _shape_fault(params: dict, metrics: dict, timing: dict) -> str | None:
+    """What a run's files lack of what a stage writes and scoring reads, or None."""
+    if "paths" in params and not (isinstance(paths := params["paths"], dict)  # scoring reads it (score)
+                                  and isinstance(paths.get("artifacts_dir"), str)):
+        return "its paths.artifacts_dir is no folder name"
+    if type(params.get("seed", 0)) is not int:
+        return f"seed {params['seed']!r} is no whole number"
+    if block := next((k for k in ("data", "trainer", "evaluate") if not isinstance(params.get(k, {}), dict)), None):
+        return f"its {block} block is no mapping"
+    if key := next((k for k, v in (("val_acc", metrics.get("val_acc")), ("train_seconds", timing.get("train_seconds")))
+                    if v is not None and type(v) not in (int, float)), None):
+        return f"its {key} is no number"
+    return None
 
 
 def integral(value):
@@ -145,6 +162,9 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
     cache, tasks, prepared, code = load_cache(cache_file), {}, {}, scoring_code()
     given = None if task is None else bytes(test_set_digest(task).tolist()).hex()
     for run in runs:
+        if "paths" not in run.params:  # every stage writes it: summarising needs none of it, scoring its test set
+            raise TransferkitError(f"{run.folder}'s {PARAMS_FILE} names no paths.artifacts_dir, where the test set it "
+                                   f"is scored on lies. Fix: rerun it, or move it out of the sweep folder.")
         task_file = Path(run.params["paths"]["artifacts_dir"]) / "prepare" / "target.pt"
         if task is None:
             check_task(run, task_file, prepared)
