@@ -29,12 +29,12 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     settings = dict(method=q.method, fmt=q.format, per_channel=q.per_channel, reduce_range=q.reduce_range,
                     keep_float=list(q.keep_float))
     fp32 = require(inputs["export"] / "model.onnx", "exported fp32 model", "export")
-    require_classes(fp32, task["classes"], "export")
     threads = torch.get_num_threads()
     produced_by = "post-training quantization"
     split, post_training = decision_split(task), {}
     with atomic_path(out / INT8_FILE) as tmp:
-        seconds = quantize(fp32, tmp, calibration, **settings)
+        seconds = quantize(fp32, tmp, calibration, **settings)  # first: it names a file it cannot read
+        require_classes(fp32, task["classes"], "export")  # before any scoring against this task's labels
         judged = check(fp32, tmp, task, threads, split)
         if loss_of(judged) > q.max_drop and q.qat_epochs > 0:
             scored = check(fp32, tmp, task, threads)  # reported beside the fine-tuned model, never used to choose
