@@ -484,6 +484,40 @@ def test_missing_dataset_through_the_cli_keeps_previous_outputs(tmp_path):
     assert (tmp_path / "artifacts" / "prepare" / "target.pt").read_bytes() == before
 
 
+def test_a_path_this_user_may_not_open_or_too_long_a_name_is_one_error_line(smoke_artifacts, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Path.is_dir() and friends raise for EACCES and ENAMETOOLONG (only a missing file reads as False): predict,
+    export and prepare ended in a PermissionError or 'File name too long' traceback."""
+    import errno
+    from pathlib import Path
+
+    from transferkit import cli as transferkit
+
+    cfg, _ = smoke_artifacts
+    model, long_name = Path(cfg.paths.artifacts_dir) / "export" / "model.onnx", str(tmp_path / ("a" * 300 + ".png"))
+    line = one_error_line(cli("predict", str(model), long_name))
+    assert f"cannot use {long_name} (File name too long). Fix: give a shorter path." in line
+    locked = tmp_path / "locked"
+    is_dir = Path.is_dir
+
+    def refused(path):
+        if path == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return is_dir(path)
+
+    monkeypatch.setattr(Path, "is_dir", refused)  # as for a user other than root, whom no permission stops
+    assert transferkit.main(["predict", str(model), str(locked)]) == 2
+    assert capsys.readouterr().err.strip() == (f"transferkit predict: error: cannot use {locked} (Permission denied). "
+                                               f"Fix: give this user access to it and the folders above it (`ls -ld` "
+                                               f"shows who may), or give another path.")
+    def broken(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(Path, "is_dir", broken)
+    with pytest.raises(OSError, match="Input/output error"):  # any other OSError: a bug's traceback
+        transferkit.main(["predict", str(model), str(locked)])
+
+
 def test_tqdm_disable_turns_the_progress_bars_off_on_a_terminal_too(monkeypatch):
     import io
     import sys

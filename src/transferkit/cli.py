@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from transferkit import warm
-from transferkit.errors import TransferkitError, die_of, error_line, one_line_errors
+from transferkit.errors import TransferkitError, die_of, error_line, one_line_errors, user_error
 from transferkit.stages import BY_NAME, STAGES
 from transferkit.training import first_process, other_node  # light: warm imports it too
 
@@ -73,10 +73,8 @@ def _params_mode(stage: str, args: list[str]) -> None:
     parser.add_argument("--out", type=Path, help=f"default: paths.artifacts_dir/{stage}")
     parser.add_argument("--in", dest="inputs", action="append", default=[], metavar="STAGE=DIR")
     opts, overrides = parser.parse_known_args(args)
-    try:  # conf/'s config groups name what an override of the file cannot choose
-        conf_dir = find_conf_dir()
-    except TransferkitError:  # a params file run outside a project
-        conf_dir = None
+    # conf/'s config groups name what an override of the file cannot choose (None: a params file run outside a project)
+    conf_dir = find_conf_dir(required=False)
     cfg = merge_overrides(load_params(opts.params), overrides, opts.params, conf_dir)
     if conf_dir:  # outside a project there is no conf/ to say which keys a stage reads
         from transferkit.sweep.points import check_read
@@ -275,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise TransferkitError(f"unknown command '{command}'. Fix: use one of "
                                    f"{', '.join([*RUNNABLE, 'params', *TOOLS])} (see `transferkit --help`).")
-    except TransferkitError as e:
+    except BrokenPipeError:  # `transferkit results | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 1
+    except (TransferkitError, OSError) as e:
+        if (e := user_error(e)) is None:  # an OSError other than a path this user may not open: a bug's traceback
+            raise
         if first_process():  # under DDP every rank meets the error: one line, from rank 0
             print(error_line(command, e), file=sys.stderr)
         elif node := other_node():  # and one from each other node, which may meet it alone
@@ -289,9 +292,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'; the same command again resumes' if again else ''}.", file=sys.stderr)
         # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too
         return die_of(signal.SIGINT)
-    except BrokenPipeError:  # `transferkit results | head`: the reader has all it wants
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
-        return 1
     return 0
 
 

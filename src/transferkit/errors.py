@@ -5,6 +5,7 @@ so a bad class name reads like an answer, not like a crash.
 """
 
 import contextlib
+import errno
 import os
 import signal
 
@@ -21,6 +22,19 @@ def printable(text: str, keep: str = "") -> str:
     """`text` with every character a terminal acts on (an escape sequence, a newline but those in `keep`) written as
     its escape: a name from the data (a file's, a class's) cannot drive the terminal or forge a line of output."""
     return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+
+
+def user_error(error: Exception) -> TransferkitError | None:
+    """`error` as the one line a command ends with: itself, or an OSError of a path given that this user may not
+    open, or that is too long a name, wherever it is first used (no call site need foresee it); None for any other
+    error, whose traceback a bug report needs."""
+    if isinstance(error, TransferkitError):
+        return error
+    if isinstance(error, OSError) and error.filename and error.errno in (errno.EACCES, errno.EPERM, errno.ENAMETOOLONG):
+        fix = ("give a shorter path" if error.errno == errno.ENAMETOOLONG else
+               "give this user access to it and the folders above it (`ls -ld` shows who may), or give another path")
+        return TransferkitError(f"cannot use {error.filename} ({error.strerror}). Fix: {fix}.")
+    return None
 
 
 def error_line(command: str, error: Exception) -> str:

@@ -22,11 +22,14 @@ OVERRIDES_LINE = "# overrides: "  # what `transferkit params` composed conf/ wit
 QUOTING = ", and quote a value with other characters (non-ASCII letters, #): key='cät', key=['a#b',c]"
 
 
-def find_conf_dir() -> Path:
+def find_conf_dir(required: bool = True) -> Path | None:
+    """The project's conf/, in the current folder or above; None where there is none and it is not `required`."""
     here = Path.cwd().resolve()
     for d in (here, *here.parents):
         if (d / "conf" / "config.yaml").exists():
             return d / "conf"
+    if not required:
+        return None
     raise TransferkitError(f"no conf/config.yaml in {here} or above. Fix: run transferkit from the "
                            f"project folder (the one holding conf/ and dvc.yaml).")
 
