@@ -74,6 +74,23 @@ def test_cifar10_pickles_are_read(tmp_path):
     assert torch.equal(raw.test.images, torch.from_numpy(test_batch.transpose(0, 3, 1, 2).copy()))
 
 
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_the_official_release_given_as_a_dataset_path_names_the_fix(tmp_path, name):
+    """Its folder or its download as data.X.dataset went to the image-folder reader, whose 'no images found ...
+    arrange the images in that layout' sent the user to rearrange a dataset prepare reads by its name."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    folder = write_cifar_pickles(tmp_path, name, CIFAR10_CLASSES if name == "cifar10" else CIFAR100_SOME, 5, 2)
+    download = tmp_path / (CIFAR10 if name == "cifar10" else CIFAR100).filename
+    download.write_bytes(b"the official archive")
+    for path in (folder, download):
+        with pytest.raises(TransferkitError, match=rf"{path} is the official {name.upper()} release, which is read "
+                                                   rf"by its name.*Fix: extract it into paths.data_dir \(as "
+                                                   rf"{tmp_path / 'data'}/{folder.name}/\) and set the dataset to "
+                                                   rf"{name}\."):
+            _load(str(path), tmp_path / "data")
+
+
 @pytest.mark.parametrize("labels, fault", [
     (lambda y: y[:-3], "17 labels for 20 images"),  # later labels would shift onto the wrong images
     (lambda y: [*y[:-1], 12], "label 12"),

@@ -53,4 +53,20 @@ def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksu
         raise TransferkitError(f"dataset '{dataset}' is neither 'cifar10', 'cifar100', 'synthetic' nor an existing "
                                f"image folder or archive. Fix: give one of those names or the path to a folder, "
                                f".tar.gz or .zip laid out as train/<class>/*, test/<class>/*.")
+    if name := official_release(where):  # read as an image folder, it holds no images, and that error misleads
+        raise TransferkitError(f"{where} is the official {name.upper()} release, which is read by its name, not as an "
+                               f"image folder. Fix: extract it into paths.data_dir (as {data_dir}/{CIFAR[name][0]}/) "
+                               f"and set the dataset to {name}.")
     return read_image_folder(where, image_size, wanted)
+
+
+def official_release(path: Path) -> str | None:
+    """The CIFAR name of an official release given as a path (its extracted folder, by its meta and first training
+    file, where an image folder has train/ as a folder; or its download, by the name torchvision fetches it as)."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    for name, cls in (("cifar10", CIFAR10), ("cifar100", CIFAR100)):
+        _, train, _, meta, *_ = CIFAR[name]
+        if (path / meta).is_file() and (path / train[0]).is_file() if path.is_dir() else path.name == cls.filename:
+            return name
+    return None
