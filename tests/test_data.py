@@ -1561,6 +1561,19 @@ def test_atomic_path_keeps_old_content_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp file left
 
 
+def test_a_file_name_longer_than_the_file_system_holds_is_named_as_the_problem(tmp_path):
+    """A sweep of many overrides names each point's params file by them: 'cannot write to .../params: File name too
+    long. Fix: make it a writable folder, or write elsewhere (--out DIR)' blamed a writable folder, and neither fix
+    shortens a name."""
+    from transferkit.io import save_text
+
+    long_name = tmp_path / "params" / ("seed=0," + "scratch.lr=0.05," * 20 + ".yaml")
+    with pytest.raises(TransferkitError, match=r"cannot write .*scratch.lr=0.05.*: File name too long. Fix: give it "
+                                               r"a shorter name \(a sweep names each point by the overrides given"):
+        save_text("seed: 0\n", long_name)
+    assert not long_name.parent.exists() or not any(long_name.parent.iterdir())
+
+
 def test_atomic_path_replaces_on_success(tmp_path):
     target = tmp_path / "deep" / "er" / "out.txt"
     with atomic_path(target) as tmp:

@@ -32,6 +32,10 @@ def disk_full(e: BaseException) -> bool:
 
 
 def _cannot_write(folder: Path, e: OSError) -> TransferkitError:
+    if e.errno == errno.ENAMETOOLONG:  # the file's name, not the folder: most file systems hold 255 bytes a name
+        return TransferkitError(f"cannot write {e.filename or folder}: {e.strerror}. Fix: give it a shorter name (a "
+                                f"sweep names each point by the overrides given: give fewer, and set constant ones "
+                                f"with `transferkit params KEY=VALUE`).")
     problem = "a file stands where the folder would be" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror
     return TransferkitError(f"cannot write to {folder}: {problem}. Fix: make it a writable folder, or write elsewhere "
                             f"(--out DIR; for the pipeline's stages, paths.artifacts_dir).")
