@@ -263,6 +263,17 @@ def test_predict_command_lines_json_and_folders(exported, tmp_path, capsys):
     assert all(r["class"] in CLASSES and 0 < r["probability"] <= 1 for r in results)
 
 
+def test_predict_names_a_link_to_nothing_in_a_folder_rather_than_leaving_it_out(exported, tmp_path, capsys):
+    """A dangling link among a folder's images was skipped without a word (is_file() is False), where prepare
+    refuses it: the folder's results silently lacked an image the user asked for."""
+    folder, _ = exported[2]["fastnet"]
+    paths = _write_images(tmp_path / "images")
+    (tmp_path / "images" / "gone.png").symlink_to(tmp_path / "moved.png")
+    assert cli.main(["predict", str(folder / "export" / "model.onnx"), str(tmp_path / "images")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read 1 of {len(paths) + 1} image(s): {tmp_path / 'images' / 'gone.png'} (a link to nothing)" in err
+
+
 def test_predict_refuses_a_folder_it_cannot_list_and_a_file_too_large_to_be_an_image(exported, tmp_path, monkeypatch):
     """A subfolder this user cannot list (copied from another user) was left out of the results without a word; a
     file larger than a quarter of memory (a video renamed .png) was read whole. Root lists anything: simulated."""

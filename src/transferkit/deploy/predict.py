@@ -69,7 +69,7 @@ def expand(paths: list[Path]) -> list[Path]:
     for p in paths:
         if p.is_dir():
             found = sorted(f for root, _, names in os.walk(p, onerror=refuse) for f in map(Path(root).joinpath, names)
-                           if is_image_file(f.relative_to(p).parts) and f.is_file())
+                           if is_image_file(f.relative_to(p).parts) and (f.is_file() or f.is_symlink()))
             if not found:
                 raise TransferkitError(f"folder {p} holds no image files (none in a format PIL reads, such as "
                                        f".jpg or .png). "
@@ -98,8 +98,8 @@ def decode_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[str]]:
                            f"no image)")
                 continue
             out.append(decode_image(p.read_bytes(), name, size, limit))
-        except FileNotFoundError:
-            bad.append(f"{name} (no such file)")
+        except FileNotFoundError:  # a link to nothing in a folder too, as prepare refuses it
+            bad.append(f"{name} ({'a link to nothing' if p.is_symlink() else 'no such file'})")
         except IsADirectoryError:
             bad.append(f"{name} (a folder)")
         except OSError as e:
@@ -115,7 +115,7 @@ def unreadable(bad: list[str], total: int) -> TransferkitError:
     folder of thousands of text files made a line of thousands of names)."""
     more = f"; and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
     return TransferkitError(f"cannot read {len(bad)} of {total} image(s): {'; '.join(bad[:SHOWN])}{more}. "
-                            f"Fix: pass image files PIL can open (PNG, JPEG, BMP, ...).")
+                            f"Fix: pass image files that this user may read and PIL can open (PNG, JPEG, BMP, ...).")
 
 
 SHOWN = 5  # unreadable files an error names
