@@ -158,12 +158,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)  # --help exits 0; a bad option is one TransferkitError (one_line_errors)
     # bad input is one error line and exit code 2 (cli.main), before anything is copied or run
     root = find_conf_dir().parent
-    overrides = [f"experiment={args.experiment}"]
-    artifacts = Path(compose(overrides, root / "conf").paths.artifacts_dir)
+    cfg = compose([f"experiment={args.experiment}"], root / "conf")
+    artifacts = Path(cfg.paths.artifacts_dir)
     outside = artifacts.is_absolute() or ".." in artifacts.parts
     if outside:  # both runs would write one folder, which DVC cannot track from either copy
-        overrides.append("paths.artifacts_dir=artifacts")
-    text = params_text(compose(overrides, root / "conf"))
+        cfg = compose([f"experiment={args.experiment}", "paths.artifacts_dir=artifacts"], root / "conf")
+    text = params_text(cfg)
     if args.keep:
         check_keep(args.keep, root)
     report = Report()
