@@ -636,6 +636,36 @@ def test_a_folder_above_a_sweep_folder_is_refused_rather_than_collected_whole(tm
         find_runs([tmp_path / "sweeps"])
 
 
+@pytest.mark.parametrize("given", [".", "scenario_small_similar"])
+def test_collect_reads_a_runs_folder_strategies_by_the_stage_that_made_them(tmp_path, monkeypatch, given):
+    """A scenarios folder's runs are named after strategies (linear_probe, partial_freeze), not stages: collect
+    on it, or on one quadrant, took only scratch, whose folder is a stage's name, and left the rest out unsaid."""
+    from transferkit.project import RUNS_HEADER
+    from transferkit.sweep import collect
+    from transferkit.sweep.collect import find_runs
+
+    monkeypatch.setattr(collect, "stale_stages", lambda folder: [])  # DVC's own check, tested with a real sweep
+    folder, stages = tmp_path / "scenarios", {}
+    for name, stage, setting in (("pretrain", "pretrain", {}), ("linear_probe", "probe", {"probe": {"depth": None}}),
+                                 ("early_probe", "probe", {"probe": {"depth": 2}}),
+                                 ("fine_tune", "transfer", {"transfer": {"freeze_depth": 0}}),
+                                 ("partial_freeze", "transfer", {"transfer": {"freeze_depth": 2}}),
+                                 ("scratch", "scratch", {})):
+        run = folder / "scenario_small_similar" / name
+        run.mkdir(parents=True)
+        (run / "model.pt").touch()
+        (run / "params.yaml").write_text(yaml.safe_dump({"name": "scenario_small_similar", "seed": 0, **setting}))
+        stages[f"scenario_small_similar-{name}"] = {
+            "cmd": f"transferkit {stage} --params params/scenario_small_similar.yaml --out {run.relative_to(folder)}",
+            "outs": [str(run.relative_to(folder))]}
+    (folder / "dvc.yaml").write_text(RUNS_HEADER + yaml.safe_dump({"stages": stages}))
+    runs = find_runs([folder / given])
+    assert sorted((r.folder.name, r.label) for r in runs) == [
+        ("early_probe", "probe probe.depth=2"), ("fine_tune", "transfer transfer.freeze_depth=0"),
+        ("linear_probe", "probe probe.depth=None"), ("partial_freeze", "transfer transfer.freeze_depth=2"),
+        ("scratch", "scratch")]
+
+
 def _scorable(tmp_path):
     """A prepared task (with the params.yaml prepare saves beside it), a model trained for it, and `scored()`:
     the model scored by score() with tmp_path/scores.pt as the cache."""

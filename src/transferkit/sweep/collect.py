@@ -30,25 +30,29 @@ from transferkit.stages import TARGET_MODELS
 from transferkit.sweep.points import NOT_SWEPT, made_with
 
 
-def run_roots(d: Path) -> list[Path]:
-    """Where d's runs are: a `transferkit sweep` folder's runs are the outputs its dvc.yaml lists now
+def run_roots(d: Path) -> list[tuple[Path, str | None]]:
+    """Where d's runs are, with the stage that made each where a runs folder's dvc.yaml names it: in a
+    `transferkit sweep` or `scenarios` folder (d, or the one d lies in), the outputs its dvc.yaml lists now
     (the points of an earlier sweep into it stay on disk, unlisted), once DVC finds them all up to date;
-    any other folder, all of it."""
-    dvc_file = d / "dvc.yaml"
-    if not (dvc_file.is_file() and dvc_file.read_text().startswith(RUNS_HEADER)):
+    in any other folder, all of it, each run named by its folder (STAGE or NAME-STAGE)."""
+    home = next((p for p in (d.resolve(), *d.resolve().parents)
+                 if (p / "dvc.yaml").is_file() and (p / "dvc.yaml").read_text().startswith(RUNS_HEADER)), None)
+    if home is None:
         sweeps = (f.parent for f in sorted(d.rglob("dvc.yaml")) if f.read_text().startswith(RUNS_HEADER))
         if inner := next(sweeps, None):
             raise TransferkitError(f"{d} holds the sweep folder {inner}: collected from above, the points of an "
                                    f"earlier sweep into it, which its dvc.yaml no longer lists, would count too. Fix: "
                                    f"give the sweep folders themselves (`transferkit collect {inner} ...`).")
-        return [d]
-    stages = yaml.safe_load(dvc_file.read_text())["stages"]
-    if stale := [out for name in stale_stages(d) for out in stages.get(name, {}).get("outs", [])]:
+        return [(d, None)]
+    stages = {name: stage for name, stage in yaml.safe_load((home / "dvc.yaml").read_text())["stages"].items()
+              if any((home / out).resolve().is_relative_to(d.resolve()) for out in stage["outs"])}
+    if stale := [out for name in stale_stages(home) if name in stages for out in stages[name]["outs"]]:
         raise TransferkitError(f"{d} has points not made with their settings and code as they are now ("
                                f"{', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): the sweep stopped before "
                                f"it finished them, or something they read changed since. Fix: run the sweep command "
                                f"again (DVC runs only those points), then collect.")
-    return [d / out for stage in stages.values() for out in stage["outs"]]
+    # a scenarios strategy's folder (linear_probe, partial_freeze) is no stage's name: its command names the stage
+    return [(home / out, stage["cmd"].split()[1]) for stage in stages.values() for out in stage["outs"]]
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
@@ -61,10 +65,12 @@ def find_runs(dirs: list[Path]) -> list[Run]:
     for d in dirs:
         if not d.is_dir():
             raise TransferkitError(f"{d} is not a folder. Fix: pass a sweep folder (by default multirun/<experiment>).")
-        for model in sorted(m for root in run_roots(d) if root.is_dir() for m in root.rglob("model.pt")):
-            stage = model.parent.name.split("-")[-1]  # STAGE, or NAME-STAGE
-            if stage in TARGET_MODELS and not any(p.startswith(".") for p in model.relative_to(d).parts):
-                runs.append(read_run(model.parent, stage))  # (dot folders: a stage's unfinished work)
+        for root, stage in run_roots(d):
+            for model in sorted(root.rglob("model.pt")) if stage is None else [root / "model.pt"]:
+                made_by = stage or model.parent.name.split("-")[-1]  # STAGE, or NAME-STAGE
+                if model.is_file() and made_by in TARGET_MODELS and not any(
+                        p.startswith(".") for p in model.relative_to(root).parts):  # a stage's unfinished work
+                    runs.append(read_run(model.parent, made_by))
     if not runs:
         raise TransferkitError(f"no finished runs under {', '.join(map(str, dirs))}. Fix: run a sweep first, "
                                f"e.g. `transferkit transfer -m transfer.freeze_depth=0,1,2`.")
