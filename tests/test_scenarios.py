@@ -271,10 +271,18 @@ def _rerun_skips_finished_work_and_reruns_what_a_change_touches(tiny):
     assert json.loads((out / "scenarios_timing.json").read_text())["stages_run"] == []  # DVC: all up to date
     assert {p: p.stat().st_mtime_ns for p in models} == stamps
     assert json.loads((out / "scenarios.json").read_text()) == json.loads(json.dumps(summary))
+    # one quadrant asked for: the other, finished with these settings and code, stays in the report (it was
+    # rewritten with the one quadrant asked for)
+    run(out, only=["small_similar"], overrides=overrides)
+    assert json.loads((out / "scenarios.json").read_text()) == json.loads(json.dumps(summary))
+    assert f"--only {','.join(ONE_PER_SOURCE)} " in (out / "scenarios.md").read_text()
     # another setting: DVC reruns the stages whose settings changed, nothing else (scratch trains
     # with transfer's block: its baseline follows it)
     run(out, only=["small_similar"], overrides=[*overrides, "transfer.lr=0.5"])
     ran = json.loads((out / "scenarios_timing.json").read_text())["stages_run"]
     assert sorted(ran) == [f"scenario_small_similar-{s}" for s in ("fine_tune", "partial_freeze", "scratch")], ran
+    # the other quadrant was made with the old setting: it leaves the report until it is run with the new one
+    assert [q["preset"] for q in json.loads((out / "scenarios.json").read_text())["quadrants"]] == [
+        "scenario_small_similar"]
     assert (out / "scenario_large_different" / "scratch" / "model.pt").stat().st_mtime_ns == \
         stamps[out / "scenario_large_different" / "scratch" / "model.pt"]
