@@ -1344,6 +1344,31 @@ def test_prepare_counts_the_val_images_that_are_also_train_images(tmp_path, caps
     assert "source task's 4 val images" not in err, err
 
 
+def test_prepare_counts_the_target_train_images_the_source_task_trained_on(tmp_path, capsys):
+    """One dataset given twice (a folder and its archive) escapes the shared-class check, which compares where
+    the datasets lie: a class in both tasks puts the target's train images into pretraining, and transfer's gain
+    over scratch would count images the backbone already learned. prepare says how many, as it does for test."""
+    from conftest import compose, run
+
+    folder = write_image_folder(tmp_path / "d", ["cat", "dog", "ship", "fox"], 6, 3, archive=False)
+    archive = Path(shutil.make_archive(str(tmp_path / "copy"), "gztar", folder))
+    cfg = compose("experiment=smoke", f"data.source.dataset={folder}", f"data.target.dataset={archive}",
+                  "data.source.classes=[ship,cat]", "data.target.classes=[cat,dog]",
+                  *(f"data.{role}.{split}_per_class={n}" for role in ("source", "target")
+                    for split, n in (("train", 5), ("val", 1))), tmp=tmp_path)
+    run("prepare", cfg)
+    err = capsys.readouterr().err
+    assert "prepare: 5 of the target task's 10 train images are also source training images (pixel for pixel, in " \
+           "the source task's train or val split)" in err and "Fix: take the target task's classes from other " \
+           "images than the source task's" in err, err
+    cfg = compose("experiment=smoke", f"data.source.dataset={folder}", f"data.target.dataset={archive}",
+                  "data.source.classes=[ship,fox]", "data.target.classes=[cat,dog]",
+                  *(f"data.{role}.{split}_per_class={n}" for role in ("source", "target")
+                    for split, n in (("train", 5), ("val", 1))), tmp=tmp_path / "disjoint")
+    run("prepare", cfg)
+    assert "source training images" not in capsys.readouterr().err
+
+
 def test_prepare_counts_the_test_images_that_are_also_training_images(tmp_path, capsys):
     """A few copies in test/ (a dataset's own duplicates, or a slip) pass, and prepare says how many: a target test
     image that is a source train image counts too, as the backbone trained on it."""

@@ -48,6 +48,11 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                   f"pixel: the dataset's own duplicates): val accuracy, which chooses checkpoints and sweep settings, "
                   f"counts them as unseen. Fix: remove the duplicates from the train split of {d[role].dataset}.",
                   file=sys.stderr)
+        if seen := len(train & trained):  # one dataset given twice (a folder and its archive) escapes check_disjoint
+            print(f"prepare: {seen} of the target task's {len(task['train_y'])} train images are also source training "
+                  f"images (pixel for pixel, in the source task's train or val split): pretraining learned them, so "
+                  f"transfer's gain over scratch counts them. Fix: take the target task's classes from other images "
+                  f"than the source task's ({d.source.dataset}).", file=sys.stderr)
         trained.update(train, val)
         # some: a dataset's own duplicates, or a copying slip (select_task refuses a test folder of train images)
         if seen := sum(h in trained for h in image_hashes(task["test_x"])):
