@@ -715,6 +715,9 @@ def test_a_command_with_another_idle_time_gets_a_server_of_its_own(server_dir, m
     with monkeypatch.context() as m:
         m.setenv("TRANSFERKIT_WARM_IDLE", str(float(os.environ["TRANSFERKIT_WARM_IDLE"]) + 1))
         assert warm.socket_path() != first
+        other = warm.socket_path()
+        m.setenv("TRANSFERKIT_WARM_IDLE", f" {float(os.environ['TRANSFERKIT_WARM_IDLE']):.3e} ")
+        assert warm.socket_path() == other  # one time written another way: the same server
     assert warm.socket_path() == first
 
 

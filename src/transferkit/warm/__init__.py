@@ -98,7 +98,7 @@ def socket_path() -> Path:
                       f"set TMPDIR to a folder of your own")
     key = hashlib.sha256()
     # a server keeps the idle time it started with: a command that sets another gets a server of its own
-    for part in (os.environ.get("TRANSFERKIT_WARM_IDLE", "600"), sys.executable, sys.version, *interpreter_flags(),
+    for part in (str(idle_seconds()), sys.executable, sys.version, *interpreter_flags(),
                  Path(__file__).read_text(), Path(server.__file__).read_text(), *sys.path,
                  *(f"{k}={v}" for k, v in sorted(os.environ.items())
                    if k.startswith(SHAPES_IMPORTS) and k not in SET_BY_TORCH)):
