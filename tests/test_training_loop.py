@@ -660,6 +660,20 @@ def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
         assert json.loads(precision.cache_file().read_text())[key]["speedup"] > 0
 
 
+def test_the_precision_probe_draws_nothing_from_the_runs_seeded_generator(monkeypatch, tmp_path):
+    """run_stage seeds, then resolves trainer.precision=auto (tracked): a first run on a machine, with no cached
+    probe, measured its matmuls on torch's global generator, so its model started from other weights than every
+    later run's (pretrain's model.pt differed with the same config on the same machine)."""
+    from transferkit.training import precision
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: the probe measures
+    torch.manual_seed(0)
+    precision.resolve_precision("auto", "cpu")
+    drawn = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(4))
+
+
 @pytest.mark.parametrize("seconds, sizes_measured", [
     (lambda n: 2 * n ** 3 / 1e9, [128, 256]),  # 1 GFLOP/s, as bf16 without AVX-512: the first slow size is the measure
     (lambda n: 2 * n ** 3 / 100e9, [128, 256, 512, 1024]),  # 100 GFLOP/s: up to max_n

@@ -48,8 +48,11 @@ def matmul_gflops(dtype: torch.dtype, max_n: int = 1024, repeats: int = 3, slow_
     while on a busy machine, where a product of any size waits about as long for a descheduled
     thread, the probe goes on to sizes whose time is the arithmetic's."""
     n, rate = 128, 0.0
+    # a generator of its own: a run seeds torch's before it resolves `precision: auto`, and a first run (nothing
+    # cached) that drew from it would start its model from other weights than every later run
+    gen = torch.Generator().manual_seed(0)
     while True:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, generator=gen), torch.randn(n, n, dtype=dtype, generator=gen)
         a @ b  # warm-up: thread pool, kernel selection
         best = float("inf")
         for _ in range(repeats):
