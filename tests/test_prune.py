@@ -157,6 +157,17 @@ def test_the_classifier_keeps_every_class_whatever_keep_lists(target, keep):
     assert model.head.fc.out_features == 5 and model(torch.rand(2, 3, 32, 32)).shape == (2, 5)
 
 
+@pytest.mark.parametrize("mode", ["channels", "macs", "unstructured layer", "unstructured global"])
+def test_a_keep_list_that_leaves_no_layer_to_prune_is_refused(mode):
+    """prune.keep=[blocks] keeps every layer: a channel cut reported a reduction of 1.0x and unstructured pruning a
+    sparsity of 0 without a word, and unstructured pruning with scope global failed on a traceback (torch.cat)."""
+    with pytest.raises(TransferkitError, match=r"prune.keep=\['blocks'\] keeps every convolution and linear layer"):
+        if mode.startswith("unstructured"):
+            prune_weights(_student(), 0.5, ["blocks"], criterion="l2", scope=mode.split()[1])
+        else:
+            prune_channels(_student(), criterion="l2", target=mode, ratio=0.5, keep=["blocks"])
+
+
 def test_a_channel_ratio_that_would_empty_a_layer_is_refused():
     """Torch-Pruning leaves whole a layer whose kept count rounds to 0 channels: the cut reported a
     reduction of nothing, or left the narrow layers alone, without a word."""
@@ -529,6 +540,7 @@ def test_the_stage_refuses_a_rate_that_would_empty_a_block_and_takes_the_bound_i
     ("prune.ratio=1.5", "prune.ratio"),
     ("prune.criterion=entropy", "unknown prune.criterion 'entropy'"),
     ("prune.keep=[head,classifier]", "prune.keep names \\['classifier'\\]"),
+    ("prune.keep=[blocks]", "keeps every convolution and linear layer"),
     ("prune.ratio=0.999", "could not reach prune.ratio"),
     ("prune.mode=magic", "prune.mode"),
 ])

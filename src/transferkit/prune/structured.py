@@ -60,6 +60,9 @@ def kept_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
         top = sorted({n.split(".")[0] for n in modules if n})
         raise TransferkitError(f"prune.keep names {missing}, which the model does not have. Fix: use module "
                                f"names such as {top} (or dotted paths below them).")
+    if not prunable_widths(model, names):  # else a cut of nothing: no channel or weight goes, without a word
+        raise TransferkitError(f"prune.keep={names} keeps every convolution and linear layer of the model, so "
+                               f"pruning would remove nothing. Fix: name fewer modules in prune.keep (e.g. [head]).")
     return [modules[n] for n in names] + [model.head]
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from transferkit.errors import TransferkitError
-from transferkit.prune.structured import taylor_gradients
+from transferkit.prune.structured import kept_modules, taylor_gradients
 
 
 def _magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,7 @@ def prune_weights(model: nn.Module, ratio: float, keep: list[str], *, criterion:
     """Mask the `ratio` lowest-scoring weights (masks stay during recovery training).
     `calibration` (images, labels) feeds the gradient-based criterion (taylor)."""
     check_settings(criterion, scope)
+    kept_modules(model, keep)  # names the model has, and a layer left to prune
     targets = prunable(model, keep)
     if criterion == "taylor":
         taylor_gradients(model, calibration)
