@@ -236,9 +236,14 @@ def _smoke_with_teacher(tmp_path, *overrides):
 
 
 @pytest.mark.parametrize("method", sorted(LOSSES))
-def test_every_method_runs_on_the_smoke_experiment(tmp_path, method):
+def test_every_method_runs_on_the_smoke_experiment(tmp_path, monkeypatch, method):
     cfg = _smoke_with_teacher(tmp_path, f"distill.method={method}")
+    trained_with = []  # the registry's losses the stage's training steps call: distill.method's, no other
+    for name, loss in list(LOSSES.items()):
+        monkeypatch.setitem(LOSSES, name, lambda *a, name=name, loss=loss, **k: trained_with.append(name) or loss(
+            *a, **k))
     metrics = run("distill", cfg)
+    assert trained_with and set(trained_with) == {method}, sorted(set(trained_with))
     assert 0.0 <= metrics["val_acc"] <= 1.0
     student, ckpt = load_checkpoint(tmp_path / "artifacts" / "distill" / "model.pt", "distill")
     teacher, _ = load_checkpoint(tmp_path / "artifacts" / "transfer" / "model.pt", "transfer")

@@ -23,6 +23,12 @@ def test_classification_metrics_agree_with_torchmetrics(k):
     assert m["top1"] == pytest.approx(float((pred == labels).float().mean()))
     lo, hi = m["top1_ci95"]
     assert lo < m["top1"] < hi
+    # the interval is Wilson's 95% score interval of top-1 over the 997 images, worked here by hand
+    p, n, z = m["top1"], 997, 1.959964
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (
+        1 + z * z / n)
+    assert m["top1_ci95"] == pytest.approx([centre - half, centre + half], abs=1e-6)
+    assert m["n_test"] == n
 
 
 def test_intervals():

@@ -1,0 +1,64 @@
+"""The speed figures timing.json and the report give (evaluation/speed.py): each is computed from the calls it
+times, on a clock the test drives, so a wrong statistic, unit or count of calls shows as a wrong number."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from transferkit.evaluation import speed
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """speed's perf_counter, which only the runners below move forward."""
+    now = [0.0]
+    monkeypatch.setattr(speed, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    return now
+
+
+def test_latency_is_the_median_of_the_timed_calls_in_milliseconds(clock):
+    calls = {"a": 0, "b": 0}
+
+    def runner(name, seconds):
+        def run():
+            calls[name] += 1
+            clock[0] += seconds(calls[name])
+        return run
+
+    # a: 2 ms a call; b: 5 ms, and 100 ms every 7th call (a slow spell the median leaves out, a mean would not)
+    got = speed.latency_ms({"a": runner("a", lambda i: 0.002),
+                            "b": runner("b", lambda i: 0.1 if i % 7 == 0 else 0.005)}, repeats=25)
+    assert got == pytest.approx({"a": 2.0, "b": 5.0}, rel=1e-9)
+    # each: 5 warm-up calls, then 3 blocks (10, 10, 5 timed calls) each opened by one untimed call
+    assert calls == {"a": 5 + 3 + 25, "b": 5 + 3 + 25}
+    assert speed.latency_ms({}, repeats=3) == {}
+
+
+class _Timed(torch.nn.Module):
+    """A model whose forward pass takes `seconds(call)` on the test's clock."""
+
+    def __init__(self, clock, seconds):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3)
+        self.clock, self.seconds, self.calls = clock, seconds, 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.clock[0] += self.seconds(self.calls)
+        return self.conv(x)
+
+
+def test_cpu_latency_and_throughput_time_each_model_as_it_runs(clock):
+    # fast: 1 ms at batch 1; 20 ms at batch 8 but for a slow spell in the last round (the best round counts)
+    fast = _Timed(clock, lambda i: 0.001)
+    slow = _Timed(clock, lambda i: 0.004)
+    assert speed.cpu_latency_ms({"fast": fast, "slow": slow}, repeats=12) == pytest.approx(
+        {"fast": 1.0, "slow": 4.0}, rel=1e-9)
+    fast.seconds, fast.calls = (lambda i: 0.08 if i == 4 else 0.02), 0
+    slow.seconds = lambda i: 0.05
+    got = speed.cpu_throughput({"fast": fast, "slow": slow}, batch=8, repeats=3)
+    assert got == pytest.approx({"fast": 8 / 0.02, "slow": 8 / 0.05}, rel=1e-9)
+    assert fast.calls == 1 + 3  # one warm-up, one timed call a round
