@@ -231,6 +231,23 @@ def test_params_files_that_are_not_or_no_longer_params_files(tmp_path, capsys):
     assert "name='???' is invalid: ??? is OmegaConf's mark of a value not given" in line, line
 
 
+@pytest.mark.parametrize("dvc_stage", ["prepare", ""])
+def test_a_params_file_or_override_whose_artifacts_dir_is_no_text_is_one_line(tmp_path, capsys, monkeypatch, dvc_stage):
+    """paths.artifacts_dir names the stage's output folder, read before run_stage validated it: a null (an empty
+    value left by hand, `dvc exp run -S paths.artifacts_dir=null`) or a number ended in a TypeError traceback."""
+    import yaml
+
+    monkeypatch.setenv("DVC_STAGE", dvc_stage)
+    monkeypatch.setattr("transferkit.stages.run.run_stage", lambda *a, **k: pytest.fail("the stage ran"))
+    params = yaml.safe_load(params_text(compose("experiment=smoke", tmp=tmp_path)))
+    params["paths"]["artifacts_dir"] = None
+    (tmp_path / "null.yaml").write_text(yaml.safe_dump(params))
+    line = _error(capsys, ["prepare", "--params", str(tmp_path / "null.yaml")])
+    assert "paths.artifacts_dir=None is invalid: must be a valid string" in line, line
+    line = _error(capsys, ["scratch", "--params", str(ROOT / "params.yaml"), "paths.artifacts_dir=5"])
+    assert "paths.artifacts_dir=5 is invalid" in line, line
+
+
 def test_a_params_file_lacking_a_key_is_refused_before_the_stage_runs(tmp_path, capsys, monkeypatch):
     """pretrain reads pretrain.tta only after its fit: a file that lacks it (a line deleted by hand, an older
     conf/) must fail before the training, not throw it away."""
@@ -269,6 +286,14 @@ def test_check_params_on_a_file_that_is_no_params_file_says_so_in_one_line(tmp_p
     assert needle in proc.stderr and "transferkit params" in proc.stderr and len(proc.stderr.splitlines()) == 2
 
 
+@pytest.mark.parametrize("given, needle", [("no-such-params.yaml", "no-such-params.yaml is no file, not a params file"),
+                                           ("conf", "conf is a folder, not a params file")])
+def test_check_params_on_a_mistyped_path_is_one_line(given, needle):
+    """Was exit 1 with "not found" and the fix `transferkit params`, which writes the project's params.yaml, not it."""
+    line = one_error_line(cli("check-params", given))
+    assert needle in line and "Fix: `transferkit check-params [PARAMS_FILE]`" in line, line
+
+
 @pytest.mark.parametrize("given, needle", [
     ("pretrain=/no/such/folder", "--in pretrain=/no/such/folder: no such folder. Fix: give the folder the 'pretrain' "
                                  "stage wrote its outputs to."),
@@ -276,9 +301,12 @@ def test_check_params_on_a_file_that_is_no_params_file_says_so_in_one_line(tmp_p
     # was ignored: transfer trained on artifacts/pretrain, whatever was meant
     ("prune=/tmp", "--in prune=/tmp: transfer reads no output of prune. Fix: --in STAGE=DIR, with STAGE one of the "
                    "stages transfer reads: prepare, pretrain."),
+    # the first was dropped without a word: the run read the last, whatever was meant
+    ("pretrain=/no/such/folder pretrain=/tmp", "--in pretrain=/tmp: given twice. Fix: --in STAGE=DIR"),
 ])
 def test_a_bad_input_folder_is_named_as_given(given, needle):
-    line = one_error_line(cli("transfer", "--params", "params.yaml", "--in", given, "--out", "/no/such/out"))
+    folders = [arg for item in given.split() for arg in ("--in", item)]
+    line = one_error_line(cli("transfer", "--params", "params.yaml", *folders, "--out", "/no/such/out"))
     assert needle in line
 
 
@@ -641,6 +669,21 @@ def test_flags_hydra_refuses_together_are_one_line(capsys, argv, needle):
     traceback before; a flag it does not know, or one without its value, was argparse's usage block and a line."""
     line = _error(capsys, ["transfer", *argv])
     assert re.search(needle, line) and "Fix:" in line, line
+
+
+def test_hydras_rerun_of_a_pickle_is_refused_before_the_file_is_read(capsys, tmp_path):
+    """--experimental-rerun FILE made Hydra pickle.load FILE: a config.pickle from a stranger's run folder ran its code
+    (and any other file ended in a traceback)."""
+    import pickle
+
+    class Runs:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "ran"),)
+
+    (tmp_path / "config.pickle").write_bytes(pickle.dumps(Runs()))
+    line = _error(capsys, ["transfer", "experiment=smoke", "--experimental-rerun", str(tmp_path / "config.pickle")])
+    assert "Hydra unpickles that file, which runs any code it holds" in line and "Fix:" in line, line
+    assert not (tmp_path / "ran").exists()
 
 
 def test_a_flag_with_a_value_among_the_overrides_is_read_as_hydra_reads_it():

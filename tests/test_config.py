@@ -201,6 +201,9 @@ def test_an_unknown_key_is_likened_to_the_keys_of_what_the_other_overrides_choos
                                        "one of fastnet, "),
     ("hydra/launcher=local_paralel", "hydra/launcher=local_paralel: conf/hydra/launcher/ has no such option. Fix: "
                                      "use one of local_parallel, slurm or a Hydra plugin's."),
+    # no option at all: was "bad override: In 'config': Could not find 'model/'", with no options named
+    ("model=", "model=: conf/model/ has no such option. Fix: use one of fastnet, "),
+    ("model@distill.student=", "model@distill.student=: conf/model/ has no such option. Fix: use one of fastnet, "),
 ])
 def test_unknown_config_group_option_is_one_line_with_the_options(override, needle):
     with pytest.raises(TransferkitError) as e:

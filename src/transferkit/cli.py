@@ -63,6 +63,7 @@ def _params_mode(stage: str, args: list[str]) -> None:
 
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+    from transferkit.config.checks import validate
     from transferkit.config.compose import find_conf_dir, load_params, merge_overrides
     from transferkit.config.drift import stale_keys
     from transferkit.stages.run import run_stage
@@ -82,21 +83,22 @@ def _params_mode(stage: str, args: list[str]) -> None:
         check_read(stage, overrides)
     if stale := stale_keys(opts.params, cfg, conf_dir):  # else read where first used: after training, maybe
         raise TransferkitError(stale)
-    inputs = dict(item.partition("=")[::2] for item in opts.inputs)
-    if bad := [f"{k}={v}" for k, v in inputs.items() if k not in BY_NAME[stage].reads or not v]:
+    inputs, given = dict(item.partition("=")[::2] for item in opts.inputs), [i.partition("=")[0] for i in opts.inputs]
+    if bad := [f"{k}={v}" for k, v in inputs.items() if k not in BY_NAME[stage].reads or not v or given.count(k) > 1]:
         name = bad[0].partition("=")[0]  # a stage it does not read: a typo, which would run on the default's
-        what = ("no folder given" if name in BY_NAME[stage].reads else f"{stage} reads no output of {name}"
-                if name in STAGES else "no stage by that name")
+        what = ("given twice" if given.count(name) > 1 else "no folder given" if name in BY_NAME[stage].reads
+                else f"{stage} reads no output of {name}" if name in STAGES else "no stage by that name")
         raise TransferkitError(f"--in {bad[0]}: {what}. Fix: --in STAGE=DIR, with STAGE one of the stages "
                                f"{stage} reads: {', '.join(BY_NAME[stage].reads) or 'none'}.")
     if missing := [f"{k}={v}" for k, v in inputs.items() if not Path(v).is_dir()]:
         raise TransferkitError(f"--in {missing[0]}: no such folder. Fix: give the folder the "
                                f"'{missing[0].partition('=')[0]}' stage wrote its outputs to.")
-    if not os.environ.get("DVC_STAGE"):  # by hand: its inputs may be another run's (`dvc repro` made them with this)
-        from transferkit.sweep.points import check_inputs, override_key
-
-        check_inputs(stage, cfg, {override_key(o) for o in overrides}, inputs, opts.params)
     try:
+        validate(cfg)  # first: name and paths.* are read below, and a null or a number there was a TypeError
+        if not os.environ.get("DVC_STAGE"):  # by hand: its inputs may be another run's (`dvc repro` made them so)
+            from transferkit.sweep.points import check_inputs, override_key
+
+            check_inputs(stage, cfg, {override_key(o) for o in overrides}, inputs, opts.params)
         run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir, stage), {k: Path(v) for k, v in inputs.items()})
     except (ConfigAttributeError, ConfigKeyError) as e:  # struct mode: a key the code reads is not in the file
         raise TransferkitError(f"{opts.params} has no {e.full_key}: it was written from another conf/ or edited by "
@@ -155,7 +157,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from transferkit.config.compose import compose, find_conf_dir
-    from transferkit.config.hydra_callbacks import Refused
+    from transferkit.config.hydra_callbacks import Refused, without_rerun
     from transferkit.sweep.points import check_points, expand
     from transferkit.training import multi_process
 
@@ -163,7 +165,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     # them: Hydra's parse_args refuses `a=1 -m b=2`
     parser = one_line_errors(get_args_parser(), f"Hydra's flags are listed by `transferkit {stage} --hydra-help`; "
                                                 "settings are key=value")
-    args = parser.parse_intermixed_args(argv)
+    args = without_rerun(parser.parse_intermixed_args(argv))  # --experimental-rerun unpickles a file: refused
     for flag, does in (("resolve", "resolves"), ("package", "picks the package of")):  # alone, Hydra ignores them
         if getattr(args, flag) and not (args.cfg or args.help):  # and -p FILE reads like --params FILE
             raise TransferkitError(f"--{flag} {does} the config that --cfg or --help prints. Fix: add --cfg job, or "
@@ -266,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command in TOOLS:
             return importlib.import_module(TOOLS[command]).main(rest)
         elif command in RUNNABLE:
-            if params_mode:
-                _params_mode(command, rest)
-            else:
-                _hydra_mode(command, rest)
+            (_params_mode if params_mode else _hydra_mode)(command, rest)
         else:
             raise TransferkitError(f"unknown command '{command}'. Fix: use one of "
                                    f"{', '.join([*RUNNABLE, 'params', *TOOLS])} (see `transferkit --help`).")

@@ -80,7 +80,7 @@ def _override_error(message: str, overrides: list[str], conf_dir: Path, key: str
                 with contextlib.suppress(Exception):
                     return no_such_setting(key or m.group(1), list(flatten(OmegaConf.to_container(hydra_compose(
                         "config", overrides=chosen)))))
-    if m := re.search(r"Could not find '([^']+)/([^']+)'", message):  # an option a config group does not have
+    if m := re.search(r"Could not find '([^']+)/([^']*)'", message):  # an option a config group does not have (or '')
         group, option = m.groups()
         given = next((o for o in overrides if o.lstrip("+~").split("=")[0].split("@")[0] == group
                       and o.endswith(f"={option}")), f"{group}={option}")  # as typed: model@distill.student=...

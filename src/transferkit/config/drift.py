@@ -107,6 +107,9 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise TransferkitError(f"check-params checks one params file, not {len(argv)} ({' '.join(argv)}). {usage}")
     path = Path(argv[0]) if argv else find_conf_dir().parent / "params.yaml"
+    if argv and not path.is_file():  # a mistyped path: `transferkit params` would write the project's, not this one
+        raise TransferkitError(f"{argv[0] or repr('')} is {'a folder' if path.is_dir() else 'no file'}, not a params "
+                               f"file. {usage}")
     if drift := generated_drift(path):
         print("\n".join([*drift, regenerate_fix(path)]), file=sys.stderr)
         return 1

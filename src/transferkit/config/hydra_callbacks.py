@@ -13,6 +13,18 @@ class Refused(BaseException):
     """A refusal that passes through Hydra, whose callbacks turn an Exception into a warning and go on."""
 
 
+def without_rerun(args):
+    """Hydra's parsed flags (`args`), refused with --experimental-rerun FILE: Hydra reads FILE with pickle.load, and a
+    pickle calls any function it names (every file transferkit reads is plain data, docs/faults.md)."""
+    if getattr(args, "experimental_rerun", None) is not None:
+        from transferkit.errors import TransferkitError
+
+        raise TransferkitError(f"--experimental-rerun {args.experimental_rerun}: Hydra unpickles that file, which runs "
+                               f"any code it holds, so transferkit does not read it. Fix: run the job again with its "
+                               f"overrides (its .hydra/overrides.yaml lists them).")
+    return args
+
+
 class OutputFolder(Callback):
     """Checks the run's (or the sweep's) folder before Hydra makes it, so one that cannot be made or written (a
     file in its path, no write access) is one line naming the setting, not Hydra's traceback. Hydra calls it only
