@@ -1662,6 +1662,17 @@ def test_save_json_sorted_readable_normal_permissions(tmp_path):
     assert mode == 0o666 & ~umask
 
 
+def test_a_json_file_nested_without_end_is_one_error(tmp_path):
+    """json.loads raises RecursionError, no ValueError, on arrays nested thousands deep: an earlier stage's
+    metrics.json so made (`transferkit evaluate --params ... --in prune=DIR`) ended in that traceback."""
+    from transferkit.io import load_json
+
+    (tmp_path / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TransferkitError, match=r"cannot read .*metrics.json \(maximum recursion depth exceeded.*\)\. "
+                                               r"Fix: run the 'prune' stage again"):
+        load_json(tmp_path / "metrics.json", "prune")
+
+
 def test_save_and_load_torch(tmp_path):
     save_torch({"x": torch.arange(3)}, tmp_path / "t.pt")
     assert torch.equal(load_torch(tmp_path / "t.pt", "thing", "prepare")["x"], torch.arange(3))

@@ -343,6 +343,7 @@ def test_a_pruned_checkpoint_whose_weights_do_not_fit_together_is_refused(export
 
 @pytest.mark.parametrize("metadata, needle", [
     ("not json", "metadata is damaged"),
+    ("[" * 100_000 + "]" * 100_000, r"metadata is damaged \(maximum recursion depth"),  # a RecursionError traceback
     ('["a", "b"]', "is not what `transferkit export` writes"),
     ('{"classes": [0, 1, 2, 3, 4]}', "is not what `transferkit export` writes"),  # names, not numbers
     ('{"classes": ["a", "b"]}', r"scores 5 classes, and its metadata names 2 \(\['a', 'b'\]\)"),

@@ -349,7 +349,8 @@ def test_results_command_finds_evaluate_where_the_projects_params_put_the_artifa
         main([])
 
 
-def test_results_command_names_a_stages_unreadable_timing(smoke_artifacts, tmp_path):
+@pytest.mark.parametrize("text", ['{"train_seconds": 3', "[" * 100_000 + "]" * 100_000])  # (a RecursionError)
+def test_results_command_names_a_stages_unreadable_timing(smoke_artifacts, tmp_path, text):
     """A damaged timing.json of a training stage: one error naming it and the fix, before any table."""
     import shutil
 
@@ -359,7 +360,7 @@ def test_results_command_names_a_stages_unreadable_timing(smoke_artifacts, tmp_p
     art = tmp_path / "artifacts"
     for stage in ("evaluate", "transfer"):
         shutil.copytree(Path(cfg.paths.artifacts_dir) / stage, art / stage)
-    (art / "transfer" / "timing.json").write_text('{"train_seconds": 3')
+    (art / "transfer" / "timing.json").write_text(text)
     with pytest.raises(TransferkitError, match=r"cannot read .*transfer/timing.json \(.*\)\. Fix: run transfer "
                                                r"again \(`dvc repro transfer`\)\.$"):
         main([str(art / "evaluate")])

@@ -558,7 +558,8 @@ def test_transfer_from_another_pretraining_is_compared_with_the_one_scratch_base
 
 
 @pytest.mark.parametrize("name, text", [("params.yaml", "seed: [0\n"), ("metrics.json", '{"val_acc": 0.5'),
-                                        ("params.yaml", "just text\n")])
+                                        ("params.yaml", "just text\n"),
+                                        ("timing.json", "[" * 100_000 + "]" * 100_000)])  # RecursionError
 def test_collect_names_a_damaged_run_file(tmp_path, name, text):
     from transferkit.errors import TransferkitError
     from transferkit.sweep.collect import find_runs

@@ -654,8 +654,8 @@ def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     key = next(iter(cache))
-    for damaged in ({key: 1.5}, {key: {"speedup": "fast"}}, [1, 2], None):  # JSON, but not as written there
-        precision.cache_file().write_text(json.dumps(damaged))
+    for damaged in ({key: 1.5}, {key: {"speedup": "fast"}}, [1, 2], None, "deep"):  # JSON, not as written there
+        precision.cache_file().write_text("[" * 100_000 + "]" * 100_000 if damaged == "deep" else json.dumps(damaged))
         assert precision.cpu_bf16_speedup() > 0  # measured again
         assert json.loads(precision.cache_file().read_text())[key]["speedup"] > 0
 

@@ -235,7 +235,7 @@ def load_json(path: str | Path, produced_by: str, optional: bool = False) -> dic
     rerun = f"run the '{produced_by}' stage again (`dvc repro -s -f {produced_by}`)."
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
         raise TransferkitError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}). Fix: {rerun}") from e
     if not isinstance(data, dict):
         raise TransferkitError(f"{path} holds a {type(data).__name__}, not the object the '{produced_by}' stage "

@@ -221,7 +221,7 @@ class Classifier:
                 raise TransferkitError(f"{source} is unreadable ({e}). {fix}") from e
         try:
             info = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
             raise TransferkitError(f"{source} is damaged ({e}). {fix}") from e
         if not (isinstance(info, dict) and isinstance(info.get("classes"), list)
                 and all(isinstance(c, str) for c in info["classes"]) and type(info.get("input_size", 32)) is int):

@@ -58,7 +58,7 @@ def read_run(folder: Path, stage: str) -> Run:
             raise ValueError("not a mapping")
         if fault := _shape_fault(params := integral(params), metrics, timing):
             raise ValueError(fault)
-    except (OSError, ValueError, yaml.YAMLError) as e:
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:  # RecursionError: JSON nested thousands deep
         raise TransferkitError(f"{folder} holds a damaged {PARAMS_FILE}, metrics.json or timing.json "
                                f"({' '.join(str(e).split())[:200]}). Fix: rerun it, or move it out of the sweep "
                                f"folder.") from e

@@ -218,7 +218,7 @@ def main(argv: list[str]) -> int:
     def read(path: Path, fix: str) -> dict:
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
             raise TransferkitError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}). Fix: {fix}.") from e
         return data if isinstance(data, dict) else {}
 

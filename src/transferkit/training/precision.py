@@ -84,7 +84,7 @@ def cpu_matmul() -> dict:
     path = cache_file()
     try:
         cache = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a damaged cache is measured again
         cache = {}
     cache = cache if isinstance(cache, dict) else {}  # an entry not as written here is measured again
     if not (isinstance(cache.get(key), dict) and all(isinstance(cache[key].get(k), (int, float)) for k in (
