@@ -219,6 +219,17 @@ def test_several_values_outside_a_sweep_are_one_line_naming_the_sweep_command():
                             "transfer.freeze_depth=0,1,2`.")
 
 
+@pytest.mark.parametrize("override", ["+seed=1", "+transfer.lr=0.5"])
+def test_adding_a_setting_conf_has_is_one_line_saying_to_drop_the_plus(override):
+    """Was Hydra's "Could not append to config. An item is already at 'seed'.." under "bad override", whose fix (write
+    key=value with keys from conf/) the key already met."""
+    with pytest.raises(TransferkitError) as e:
+        compose(override)
+    key, value = override[1:].split("=")
+    assert str(e.value) == (f"{override}: conf/ has {key} already, and + adds a setting it lacks. Fix: drop the + "
+                            f"({key}={value}).")
+
+
 def test_a_conf_file_that_is_no_yaml_is_one_line_naming_it(tmp_path):
     import shutil
 

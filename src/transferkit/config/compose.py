@@ -92,6 +92,9 @@ def _override_error(message: str, overrides: list[str], conf_dir: Path, key: str
         group = given.partition("=")[0].lstrip("+~").split("@")[0]
         options = ", ".join(sorted(p.stem for p in (conf_dir / group).glob("*.yaml")))
         return f"{given}: a config group takes one of its options. Fix: use one of {options}."
+    if m := re.match(r"Could not append to config. An item is already at '([^']+)'", message):  # +KEY=v, KEY in conf/
+        given = next((o for o in overrides if o.startswith(f"+{m.group(1)}=")), f"+{m.group(1)}=...")
+        return f"{given}: conf/ has {m.group(1)} already, and + adds a setting it lacks. Fix: drop the + ({given[1:]})."
     if m := re.match(r"Ambiguous value for argument '([^']+)'", message):  # a=1,2: Hydra's sweep syntax
         return (f"{m.group(1)} lists several values, and a composition holds one run's. Fix: write a list as "
                 f"key=[a,b]; to run each value, `transferkit sweep STAGE {m.group(1)}`.")
