@@ -1253,6 +1253,32 @@ def test_select_task_all_remaining_for_training():
     assert not set(_ids(task["train_x"])) & set(_ids(task["val_x"]))
 
 
+def test_test_per_class_is_a_seeded_draw_of_each_classs_test_images_in_file_order():
+    """test_per_class images of a class are drawn by a seeded shuffle of its test images (the first ones in file
+    order may be one photo session), then kept in file order: one seed draws the same images every time,
+    other seeds other images, not always the first ones."""
+    raw = _tagged_raw()
+    firsts = [i for c in ("dog", "ant") for i in torch.nonzero(raw.test.labels == RAW_CLASSES.index(c)).flatten()[:3]
+              .tolist()]
+    draws = [_ids(_select(raw, seed=seed, test_per_class=3)["test_x"]) for seed in range(4)]
+    assert _ids(_select(raw, seed=0, test_per_class=3)["test_x"]) == draws[0]
+    assert len({tuple(d) for d in draws}) > 1 and any(d != firsts for d in draws)
+    for d in draws:
+        assert d[:3] == sorted(d[:3]) and d[3:] == sorted(d[3:])
+
+
+def test_train_sample_takes_images_of_every_class():
+    """train_sample (quantize's calibration images, taylor's gradients) spreads its images over the train
+    split, which is sorted by class: its first images would all be of one class."""
+    from transferkit.data.tasks import train_sample
+
+    task = _select(_tagged_raw(), train_per_class=6)  # 6 of dog, then 6 of ant
+    x, y = train_sample(task, 4)
+    assert torch.bincount(y, minlength=2).tolist() == [2, 2]
+    assert all(any(torch.equal(img, t) and int(label) == int(lt) for t, lt in zip(task["train_x"], task["train_y"]))
+               for img, label in zip(x, y))
+
+
 def test_unknown_class_suggests_close_match():
     with pytest.raises(TransferkitError) as e:
         _select(_tagged_raw(), classes=("dgo", "ant"))

@@ -953,3 +953,18 @@ def test_folding_batchnorm_keeps_the_logits(kind):
     n_bn = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
     assert n_bn(folded) == 0
     assert n_bn(model) > 0  # the original is left as it was
+
+
+def test_a_negative_batchnorm_scale_behind_max_pooling_is_not_folded():
+    """fastnet pools between a convolution and its BatchNorm: a negative scale folded into the convolution
+    would turn the max into a min. That pair stays as it is, the pairs after it fold, the logits are the same."""
+    model = _make("fastnet")
+    bn = model.blocks[1][0][2]  # conv -> max pool -> this BatchNorm
+    with torch.no_grad():
+        bn.weight[::2].neg_()
+    folded = fold_batchnorm(model)
+    x = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(folded.blocks[1][0][2], torch.nn.BatchNorm2d)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 1

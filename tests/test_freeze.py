@@ -97,6 +97,20 @@ def test_discriminative_learning_rate_groups():
     assert [g["weight_decay"] for g in backbone_groups] == [5e-4, 0, 0]
 
 
+def test_the_optimiser_is_sgd_with_the_blocks_nesterov_momentum_and_decays_the_heads_weights():
+    """conf/optim/sgd.yaml: SGD with Nesterov momentum at the block's momentum, and the block's weight decay on
+    the head's weights as on the backbone's (only the backbone's 1-D parameters go undecayed)."""
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8)
+    module = ClassifierModule(model, **{**SETTINGS, "momentum": 0.8, "weight_decay": 1e-3})
+    module.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.SGD)
+    assert all(g["momentum"] == 0.8 and g["nesterov"] for g in opt.param_groups)
+    head, weights = opt.param_groups[:2]
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head.parameters()}
+    assert head["weight_decay"] == weights["weight_decay"] == 1e-3
+
+
 def test_batchnorm_shifts_can_learn_faster_and_decay_like_weights():
     """airbench's setting: BatchNorm shifts at 64x the learning rate, decayed by the same amount
     per step as the weights (lr x weight_decay equal); BatchNorm scales and biases untouched."""
@@ -129,6 +143,42 @@ def test_a_resumed_run_starts_with_the_blocks_unfrozen_before(monkeypatch, epoch
     monkeypatch.setattr(ClassifierModule, "current_epoch", property(lambda self: epoch))  # as a resume sets it
     module.on_train_epoch_start()
     assert frozen_depth(module.model) == frozen
+
+
+def test_each_epoch_starts_with_the_frozen_blocks_in_eval_mode_and_the_released_ones_training(monkeypatch):
+    """A frozen block's BatchNorm normalises with, and keeps, the pretrained statistics: at each epoch start the
+    frozen blocks are in eval mode whatever put the whole model in train mode (a callback, older Lightning's
+    fit), and a block that gradual unfreezing releases trains again, its BatchNorm statistics included."""
+    epoch = 0
+    monkeypatch.setattr(ClassifierModule, "current_epoch", property(lambda self: epoch))
+    module = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), **SETTINGS,
+                              freeze_depth=2)
+    module.model.train()
+    module.on_train_epoch_start()
+    assert [b.training for b in module.model.blocks] == [False, False, True, True]
+    gradual = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), **SETTINGS,
+                               freeze_depth=4, unfreeze_every_epochs=1)
+    for epoch, training in ((0, [False] * 4), (1, [False, False, False, True]), (2, [False, False, True, True])):
+        gradual.on_train_epoch_start()
+        assert [b.training for b in gradual.model.blocks] == training, f"epoch {epoch}"
+
+
+def test_a_probe_at_a_depth_trains_a_linear_head_on_that_many_pretrained_blocks(tmp_path):
+    """probe.depth=k (an earlier block: the "small and different data" scenario) keeps blocks[:k] of the
+    pretrained backbone, as pretrain left them, and trains a head on their features alone."""
+    from conftest import run
+    from transferkit.models import load_checkpoint
+
+    cfg = compose("experiment=smoke", "probe.depth=2", tmp=tmp_path)
+    for stage in ("prepare", "pretrain", "probe"):
+        run(stage, cfg)
+    artifacts = tmp_path / "artifacts"
+    probe, _ = load_checkpoint(artifacts / "probe" / "model.pt", "probe")
+    pretrained, _ = load_checkpoint(artifacts / "pretrain" / "model.pt", "pretrain")
+    assert pretrained.num_blocks > 2 and probe.num_blocks == 2 and probe.arch["depth"] == 2
+    assert probe.head.fc.in_features == pretrained.feature_dim(2)
+    for i in range(2):
+        assert _same(_block_state(pretrained, i), _block_state(probe, i)), f"block {i} changed in the probe"
 
 
 def test_the_linear_probe_keeps_every_pretrained_block_as_it_was(smoke_artifacts):

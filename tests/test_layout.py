@@ -60,6 +60,30 @@ def test_flip_translate_tta_averages_airbenchs_six_views():
     torch.testing.assert_close(predict(model, images, batch_size=4, tta="flip_translate"), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("tta", ["flip", "flip_translate"])
+def test_each_test_time_view_counts_with_its_own_weight(tta):
+    """A model that sees every pixel (a linear layer on the flattened image) scores each view differently (the
+    small networks above barely tell a one-pixel shift apart): flip is the mean of the image's and its mirror's
+    logits; flip_translate half that pair's mean and a quarter of each pair shifted one pixel up-left and
+    down-right."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)).eval()
+    images = _images(8)
+    x = images.float() / 255
+    with torch.no_grad():
+        def mirror(v):
+            return (model(v) + model(v.flip(-1))) / 2
+
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        pairs = [mirror(x), mirror(padded[..., :32, :32]), mirror(padded[..., 2:, 2:])]
+        assert min((a - b).abs().max() for a, b in ((pairs[0], model(x)), (pairs[0], pairs[1]),
+                                                   (pairs[0], pairs[2]), (pairs[1], pairs[2]))) > 1e-2
+        want = pairs[0] if tta == "flip" else 0.5 * pairs[0] + 0.25 * pairs[1] + 0.25 * pairs[2]
+    torch.testing.assert_close(predict(model, images, batch_size=4, tta=tta), want, rtol=1e-4, atol=1e-5)
+
+
 def test_model_comes_back_in_the_default_layout_and_trainable():
     model = _model("fastnet")
     conv = model.blocks[1][0][0].weight

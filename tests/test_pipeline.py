@@ -78,6 +78,37 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 48
 
 
+def test_evaluate_scores_with_evaluate_tta_and_the_deployed_files_one_view_with_one_view(smoke_artifacts):
+    """Every top-1 evaluate reports is over the test-time views of evaluate.tta (smoke: flip), worked here again
+    from the saved models and files; the deployed files' top1_one_view is over one view, as `transferkit
+    predict` runs them. On this test set the views change some model's top-1, so the check can tell."""
+    from transferkit.evaluation.metrics import predict, predict_onnx
+    from transferkit.stages import TARGET_MODELS
+    from transferkit.stages.common import load_task
+    from transferkit.stages.evaluate import DEPLOYED
+
+    cfg, _ = smoke_artifacts
+    art, ev = Path(cfg.paths.artifacts_dir), cfg.evaluate
+    assert ev.tta != "none"
+    models = json.loads((art / "evaluate" / "metrics.json").read_text())["models"]
+    task = load_task(art / "prepare", "target")
+    x, y = task["test_x"], task["test_y"]
+    top1 = lambda logits: float((logits.argmax(1) == y).float().mean())  # noqa: E731
+    views_matter = []
+    for name in TARGET_MODELS:
+        model, _ = load_checkpoint(art / name / "model.pt", name)
+        with_views, one = (top1(predict(model, x, ev.batch_size, tta)) for tta in (ev.tta, "none"))
+        assert models[name]["top1"] == pytest.approx(with_views), name
+        views_matter.append(with_views != one)
+    for name, stage in DEPLOYED.items():
+        path = art / stage / "model.onnx"
+        with_views, one = (top1(predict_onnx(path, x, ev.batch_size, tta)) for tta in (ev.tta, "none"))
+        assert models[name]["top1"] == pytest.approx(with_views), name
+        assert models[name]["top1_one_view"] == pytest.approx(one), name
+        views_matter.append(with_views != one)
+    assert any(views_matter)
+
+
 def test_smoke_learns_something(smoke_artifacts):
     # synthetic classes are easy: a model that learned nothing would sit at 1/3
     cfg, results = smoke_artifacts

@@ -158,6 +158,27 @@ def test_the_classifier_keeps_every_class_whatever_keep_lists(target, keep):
 
 
 @pytest.mark.parametrize("mode", ["channels", "macs", "unstructured layer", "unstructured global"])
+def test_the_layers_keep_names_lose_no_channel_and_no_weight(mode):
+    """prune.keep=[head, blocks.2]: the channel cut leaves every output channel of blocks.2's convolutions (and
+    its BatchNorm statistics) and cuts the layers around it; unstructured pruning zeroes none of its weights and
+    reaches the ratio over the layers it may prune."""
+    model = _student()
+    block = {k: v.clone() for k, v in model.blocks[2].state_dict().items() if "running" in k}
+    weights = {k: v.clone() for k, v in model.blocks[2].state_dict().items() if v.dim() == 4}  # the convolutions'
+    keep = ["head", "blocks.2"]
+    if mode.startswith("unstructured"):
+        prune_weights(model, 0.5, keep, criterion="l1", scope=mode.split()[1])
+        make_permanent(model)
+        assert weights and all(torch.equal(model.blocks[2].state_dict()[k], w) for k, w in weights.items())
+        assert sparsity(model, keep) == pytest.approx(0.5, abs=0.01)
+        return
+    prune_channels(model, criterion="l2", target=mode, ratio=0.5, keep=keep)
+    widths = conv_widths(model)  # stem, blocks 1, 2 and 3 (two convolutions each)
+    assert widths[3:5] == [32, 32] and all(w < b for w, b in zip(widths[:3] + widths[5:], [8, 16, 16, 32, 32]))
+    assert all(torch.equal(v, model.blocks[2].state_dict()[k]) for k, v in block.items())
+
+
+@pytest.mark.parametrize("mode", ["channels", "macs", "unstructured layer", "unstructured global"])
 def test_a_keep_list_that_leaves_no_layer_to_prune_is_refused(mode):
     """prune.keep=[blocks] keeps every layer: a channel cut reported a reduction of 1.0x and unstructured pruning a
     sparsity of 0 without a word, and unstructured pruning with scope global failed on a traceback (torch.cat)."""
@@ -317,6 +338,18 @@ def test_group_regularizer_pulls_the_weakest_channel_group_hardest():
     pull = (bn.weight.grad / bn.weight.detach()).tolist()  # reg x (1 .. 16), by the group's importance
     assert pull[0] == pytest.approx(16e-3) and min(pull) == pytest.approx(1e-3)
     assert int((first.weight.grad / first.weight.detach()).flatten(1).mean(1).argmax()) == 0
+
+
+def test_taylor_gradients_leave_the_batchnorm_statistics_and_the_mode_as_they_were():
+    """taylor ranks by the cross-entropy's gradients on the calibration images, computed in eval mode: a model
+    in train mode comes back in train mode, its BatchNorm statistics those it had, its gradients filled."""
+    from transferkit.prune.structured import taylor_gradients
+
+    model = _student().train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    taylor_gradients(model, (torch.rand(16, 3, 32, 32), torch.randint(0, 5, (16,))))
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    assert all(p.grad is not None and p.grad.any() for p in model.head.parameters())
 
 
 def test_unstructured_pruning_is_sparsity_not_smaller_tensors():

@@ -39,6 +39,23 @@ def test_int8_model_has_smaller_weights_and_agrees_with_fp32(smoke_artifacts):
     assert any(n.op_type == "QLinearConv" for n in graph.node)  # ONNX Runtime's native INT8 kernels
 
 
+def test_calibration_images_are_spread_training_images_scaled_as_the_model_takes_them():
+    """The ranges INT8 activations are calibrated on come from training images as the exported model takes
+    them, float32 in [0, 1] (uint8 values would set every range 255 times too wide), spread over the classes."""
+    import numpy as np
+    import torch
+
+    from transferkit.deploy.quantize import calibration_images
+
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[0, 0, 0, 0] = 255
+    task = {"train_x": images, "train_y": torch.arange(12) // 6}  # sorted by class, as a prepared task is
+    got = calibration_images(task, 4)
+    assert got.dtype == np.float32 and got.shape == (4, 3, 8, 8)
+    np.testing.assert_array_equal(got, (images[[0, 4, 7, 11]].float() / 255).numpy())
+    assert got.max() == 1.0
+
+
 def test_int8_file_of_a_real_sized_model_is_over_3x_smaller(tmp_path):
     import numpy as np
     import torch
@@ -120,6 +137,34 @@ def test_reduce_range_keeps_every_int8_weight_within_7_bits(tmp_path):
         levels = (FakeQuantWeight(per_channel=True, reduce_range=reduce_range)(w)
                   / (w.abs().flatten(1).amax(1) / bound).view(-1, 1, 1, 1))
         assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= bound + 1e-4
+
+
+def test_per_channel_gives_each_output_channel_of_a_convolution_its_own_weight_scale(tmp_path):
+    """quantize.per_channel=true: each QLinearConv's weights carry one scale per output channel; false: one
+    scale for the whole tensor."""
+    import numpy as np
+    import onnx
+    import torch
+
+    from transferkit.deploy.export import export_onnx
+    from transferkit.deploy.quantize import quantize
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    export_onnx(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8).eval(), tmp_path / "fp32.onnx", 32, "auto",
+                None, log=lambda *_: None)
+    calibration = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
+    for per_channel in (True, False):
+        out = tmp_path / f"int8_{per_channel}.onnx"
+        quantize(tmp_path / "fp32.onnx", out, calibration, method="minmax", fmt="qoperator", per_channel=per_channel,
+                 reduce_range=True)
+        graph = onnx.load(str(out)).graph
+        tensors = {t.name: t for t in graph.initializer}
+        # QLinearConv's inputs: x, x_scale, x_zero_point, w, w_scale, ...
+        convs = [(tensors[n.input[3]], tensors[n.input[4]]) for n in graph.node if n.op_type == "QLinearConv"]
+        assert convs
+        for weight, scale in convs:
+            assert int(np.prod(scale.dims)) == (weight.dims[0] if per_channel else 1), per_channel
 
 
 def test_predict_takes_the_int8_file(smoke_artifacts, tmp_path):

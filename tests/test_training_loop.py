@@ -734,6 +734,25 @@ def _lookahead_run(every: int, steps: int):
     return start, model.model, cb
 
 
+def test_each_epoch_draws_its_own_dropout_and_mixup_randomness_and_a_repeat_of_it_the_same(monkeypatch):
+    """The module seeds torch at each epoch start from (seed, epoch, rank): every epoch draws other dropout masks
+    and mixup partners than the last, and a resumed epoch draws the ones it drew before."""
+    epoch = 0
+    monkeypatch.setattr(ClassifierModule, "current_epoch", property(lambda self: epoch))
+    module = _fixed_module()
+
+    def draws():
+        module.on_train_epoch_start()
+        return torch.rand(8)
+
+    first = draws()
+    epoch = 1
+    second = draws()
+    assert not torch.equal(first, second)
+    epoch = 0
+    assert torch.equal(draws(), first)
+
+
 def test_lookahead_ends_on_the_averaged_weights():
     start, layer, cb = _lookahead_run(every=2, steps=4)
     # step 2: decay 0.95^2 * (2/4)^3; step 4: 0.95^2 * 1; the weights end on the average
@@ -744,6 +763,70 @@ def test_lookahead_ends_on_the_averaged_weights():
     want = 0.95 ** 2 * avg + (1 - 0.95 ** 2) * w4
     torch.testing.assert_close(layer.weight, want)
     torch.testing.assert_close(cb.average[0], want)
+
+
+@pytest.mark.parametrize("every, steps", [(2, 5), (3, 3)])
+def test_lookahead_lands_the_weights_and_batchnorm_statistics_on_their_average_at_the_last_step(every, steps):
+    """Every `every` steps the average moves toward the weights and the weights onto it; at the last step the
+    model is the average even where that step averages nothing (5 steps of 2: the average of step 4), and a
+    run of exactly `every` steps averages once. BatchNorm's running mean and variance go as the weights do."""
+    from transferkit.training.lookahead import Lookahead
+
+    holder = torch.nn.Module()
+    holder.model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    tensors = [holder.model[0].weight, holder.model[1].running_mean, holder.model[1].running_var]
+    cb = Lookahead(every=every)
+    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=steps)
+    cb.on_train_start(trainer, holder)
+    want = [t.detach().clone() for t in tensors]  # the average, by hand
+    current = [t.clone() for t in want]
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for t in tensors:
+                t.add_(1.0)  # an optimiser step, and a batch's BatchNorm update
+        current = [c + 1 for c in current]
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, holder, None, None, step)
+        if step % every == 0:
+            decay = 0.95 ** every * (step / steps) ** 3
+            want = [decay * a + (1 - decay) * c for a, c in zip(want, current)]
+        if step % every == 0 or step == steps:
+            current = [a.clone() for a in want]
+    for name, t, w in zip(("weight", "running_mean", "running_var"), tensors, want):
+        torch.testing.assert_close(t.detach(), w, msg=name)
+
+
+def test_a_resumed_lookahead_carries_on_from_the_average_its_checkpoint_holds():
+    """A run resumed after step 3 of 6 takes its average from the checkpoint (the callback's state_dict), not
+    from the weights it resumes with, and ends on the weights of the run that was never interrupted."""
+    from transferkit.training.lookahead import Lookahead
+
+    def steps(holder, cb, trainer, start, stop):
+        for step in range(start, stop + 1):
+            with torch.no_grad():
+                holder.model.weight.add_(1.0)  # an optimiser step
+            trainer.global_step = step
+            cb.on_train_batch_end(trainer, holder, None, None, step)
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.model = torch.nn.Linear(2, 2)
+    start = holder.model.weight.detach().clone()
+    trainer, straight = SimpleNamespace(global_step=0, estimated_stepping_batches=6), Lookahead(every=2)
+    straight.on_train_start(trainer, holder)
+    steps(holder, straight, trainer, 1, 6)
+    want = holder.model.weight.detach().clone()
+
+    with torch.no_grad():
+        holder.model.weight.copy_(start)
+    first = Lookahead(every=2)
+    first.on_train_start(trainer, holder)
+    steps(holder, first, trainer, 1, 3)  # interrupted here: the checkpoint keeps the weights and the state_dict
+    resumed = Lookahead(every=2)
+    resumed.load_state_dict(first.state_dict())
+    resumed.on_train_start(trainer, holder)
+    steps(holder, resumed, trainer, 4, 6)
+    torch.testing.assert_close(holder.model.weight.detach(), want)
 
 
 def test_lookahead_keeps_the_trained_weights_of_a_run_shorter_than_its_interval():
@@ -983,6 +1066,32 @@ def test_augment_translates_the_images_it_is_given_shifts_for():
     moved = augment(x, None, shifts, pad)
     assert torch.equal(moved, translate(x, shifts, pad)) and not torch.equal(moved, x)
     assert torch.equal(augment(x, mask, shifts, pad), translate(flip(x, mask), shifts, pad))
+
+
+def test_the_datamodule_augments_training_batches_with_its_flip_and_translate_and_never_val_batches():
+    """TaskDataModule hands its flip and translate (the stage block's, through data_settings) to the training
+    batches: with either one on, most training images come mirrored or shifted, with both off none does; the
+    validation batches are the images as they are whatever the settings."""
+    from transferkit.data.loader import TaskDataModule
+
+    n = 32
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    task = {"train_x": images, "train_y": torch.arange(n), "val_x": images, "val_y": torch.arange(n),
+            "classes": ["a", "b"]}
+    ref = images.float() / 255
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), current_epoch=0,
+                              global_rank=0, world_size=1)
+
+    def changed(flip, translate, train):
+        datamodule = TaskDataModule(task, 8, 64, flip=flip, translate=translate, channels_last=False)
+        datamodule.trainer = trainer
+        batches = datamodule.train_dataloader() if train else datamodule.val_dataloader()
+        return sum(int((x != ref[y]).flatten(1).any(1).sum()) for x, y in batches)
+
+    for flip, translate in (("random", 0), ("none", 2)):
+        assert changed(flip, translate, train=True) > n // 4, (flip, translate)
+        assert changed(flip, translate, train=False) == 0
+    assert changed("none", 0, train=True) == 0
 
 
 def test_training_batches_are_shifted_crops_of_the_reflect_padded_images():
