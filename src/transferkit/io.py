@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from transferkit.errors import NotPlainData, TransferkitError
+from transferkit.plain import plain_json
 
 
 _UMASK = os.umask(0)
@@ -227,15 +228,14 @@ def load_torch(path: str | Path, what: str, produced_by: str, remake: str | None
 def load_json(path: str | Path, produced_by: str, optional: bool = False) -> dict | None:
     """A JSON object a previous stage wrote (None where `optional` and missing), with an error that says
     which stage to run where it is missing, damaged or not an object."""
-    import json
 
     path = Path(path)
     if optional and not path.exists():
         return None
     rerun = f"run the '{produced_by}' stage again (`dvc repro -s -f {produced_by}`)."
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
+        data = plain_json(path.read_text())
+    except (OSError, ValueError) as e:
         raise TransferkitError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}). Fix: {rerun}") from e
     if not isinstance(data, dict):
         raise TransferkitError(f"{path} holds a {type(data).__name__}, not the object the '{produced_by}' stage "

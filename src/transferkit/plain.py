@@ -1,7 +1,10 @@
-"""Plain data, below the config: YAML read without aliases or runaway nesting (a params.yaml someone sent), and
-nested dicts as flat dotted keys (what configs, saved params and metrics are compared by)."""
+"""Plain data, below the config: YAML read without aliases or runaway nesting (a params.yaml someone sent), JSON
+nested deeper than the parser reads refused as damage, and nested dicts as flat dotted keys (what configs, saved
+params and metrics are compared by)."""
 
 from __future__ import annotations
+
+import json
 
 import yaml
 
@@ -35,6 +38,15 @@ def plain_yaml(text: str):
         below += [(v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)
                   if isinstance(v, (dict, list))] if isinstance(item, (dict, list)) else []
     return data
+
+
+def plain_json(text: str):
+    """json.loads, with arrays or objects nested thousands deep (RecursionError, which no caller expects) raised as
+    the ValueError any other damage is."""
+    try:
+        return json.loads(text)
+    except RecursionError as e:
+        raise ValueError(str(e)) from None
 
 
 def under(key: str, prefixes) -> bool:

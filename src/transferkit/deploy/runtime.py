@@ -5,7 +5,6 @@ and returns logits; normalisation is inside the model."""
 
 from __future__ import annotations
 
-import json
 import threading
 import warnings
 import zipfile
@@ -17,6 +16,7 @@ import torch
 from transferkit.deploy.sessions import bounded_arena, control_flow, final_op, ort_session
 from transferkit.errors import TransferkitError
 from transferkit.layout import to_nhwc
+from transferkit.plain import plain_json
 
 EXPORT_JSON = "export.json"
 ONNX_FILE = "model.onnx"
@@ -220,8 +220,8 @@ class Classifier:
             except (OSError, UnicodeDecodeError) as e:
                 raise TransferkitError(f"{source} is unreadable ({e}). {fix}") from e
         try:
-            info = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
+            info = plain_json(text)
+        except ValueError as e:
             raise TransferkitError(f"{source} is damaged ({e}). {fix}") from e
         if not (isinstance(info, dict) and isinstance(info.get("classes"), list)
                 and all(isinstance(c, str) for c in info["classes"]) and type(info.get("input_size", 32)) is int):

@@ -17,7 +17,7 @@ import yaml
 
 from transferkit.errors import NotPlainData, TransferkitError
 from transferkit.evaluation.metrics import mean_difference, paired_difference, predict
-from transferkit.plain import differing, flatten, plain_yaml
+from transferkit.plain import differing, flatten, plain_json, plain_yaml
 from transferkit.stages import TARGET_MODELS
 from transferkit.stages.common import PARAMS_FILE
 
@@ -52,13 +52,13 @@ def read_run(folder: Path, stage: str) -> Run:
                                f"or move it out of the sweep folder.")
     try:
         params = plain_yaml((folder / PARAMS_FILE).read_text())
-        metrics, timing = (json.loads((folder / name).read_text()) if (folder / name).exists() else {}
+        metrics, timing = (plain_json((folder / name).read_text()) if (folder / name).exists() else {}
                            for name in ("metrics.json", "timing.json"))
         if not all(isinstance(d, dict) for d in (params, metrics, timing)):
             raise ValueError("not a mapping")
         if fault := _shape_fault(params := integral(params), metrics, timing):
             raise ValueError(fault)
-    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:  # RecursionError: JSON nested thousands deep
+    except (OSError, ValueError, yaml.YAMLError) as e:
         raise TransferkitError(f"{folder} holds a damaged {PARAMS_FILE}, metrics.json or timing.json "
                                f"({' '.join(str(e).split())[:200]}). Fix: rerun it, or move it out of the sweep "
                                f"folder.") from e

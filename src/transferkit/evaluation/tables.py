@@ -183,11 +183,11 @@ def training_table(stages: dict[str, dict]) -> str:
 def main(argv: list[str]) -> int:
     """`transferkit results [DIR]`: the results table of a pipeline run (DIR: evaluate's output folder)."""
     import argparse
-    import json
     import os
     from pathlib import Path
 
     from transferkit.errors import TransferkitError, one_line_errors
+    from transferkit.plain import plain_json
     from transferkit.stages import PIPELINE, STAGES
 
     parser = one_line_errors(argparse.ArgumentParser(prog="transferkit results", description=main.__doc__))
@@ -217,8 +217,8 @@ def main(argv: list[str]) -> int:
 
     def read(path: Path, fix: str) -> dict:
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
+            data = plain_json(path.read_text())
+        except (OSError, ValueError) as e:
             raise TransferkitError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}). Fix: {fix}.") from e
         return data if isinstance(data, dict) else {}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from transferkit.errors import TransferkitError
+from transferkit.plain import plain_json
 
 CPU_BF16_MIN_SPEEDUP = 1.2  # below this the probe's noise could flip the choice between runs
 
@@ -83,8 +84,8 @@ def cpu_matmul() -> dict:
     key = f"{cpu_model()} | {cpu_isa()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = cache_file()
     try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):  # a damaged cache is measured again
+        cache = plain_json(path.read_text())
+    except (OSError, ValueError):
         cache = {}
     cache = cache if isinstance(cache, dict) else {}  # an entry not as written here is measured again
     if not (isinstance(cache.get(key), dict) and all(isinstance(cache[key].get(k), (int, float)) for k in (
