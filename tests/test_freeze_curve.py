@@ -49,6 +49,24 @@ def test_evaluate_reports_accuracy_vs_freeze_depth(smoke_artifacts):
     assert "data:image/png;base64" in (ev / "report.html").read_text()
 
 
+def test_each_curve_row_carries_its_own_runs_val_accuracy(smoke_artifacts, tmp_path):
+    """The report marks the depth to choose by each row's val accuracy: a row must carry the val_acc of the run
+    that made it (the curve point's, transfer's), not one run's for every depth. The smoke run's depths tie on val,
+    so each run's is set apart here."""
+    from transferkit.stages.common import point_dir
+
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    art = tmp_path / "artifacts"
+    for folder, val in ((point_dir(art / "freeze_curve", 0), 0.125), (art / "transfer", 0.625)):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "val_acc": val}))
+    cfg = compose("experiment=smoke", "evaluate.latency_repeats=1", "evaluate.throughput_repeats=1", tmp=tmp_path)
+    rows = run("evaluate", cfg)["freeze_curve"]
+    assert [(r["freeze_depth"], r["stage"], r["val_acc"]) for r in rows] == [(0, "freeze_curve", 0.125),
+                                                                             (1, "transfer", 0.625)]
+
+
 def test_an_empty_curve_skips_the_stage_and_the_section(smoke_artifacts, tmp_path):
     ref_cfg, _ = smoke_artifacts
     shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")

@@ -446,3 +446,25 @@ def test_the_whitening_subset_takes_images_of_every_class(monkeypatch, per_class
     images = torch.arange(3, dtype=torch.uint8).repeat_interleave(per_class).mul(100)[:, None, None, None]
     models.init_from_data(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), images.expand(-1, 3, 32, 32))
     assert len(seen[0]) <= 5_000 and len(seen[0][:, 0, 0, 0].unique()) == 3
+
+
+def test_the_whitening_stem_takes_the_strongest_directions_first_and_their_negatives():
+    """fastnet's stem after init_from_data: on the 0..1 images it normalises, each filter's response has unit
+    variance (whitened), a narrow stem keeps the highest-variance directions (the smallest filters, scaled by
+    1/sqrt(eigenvalue)), and the second half are the first half's negatives."""
+    from transferkit.models import build_model, init_from_data
+
+    torch.manual_seed(0)
+    base = torch.rand(64, 1, 16, 16)  # channels that share most of their variance: eigenvalues far apart
+    images = ((0.8 * base + 0.2 * torch.rand(64, 3, 16, 16)) * 255).to(torch.uint8)
+    model = build_model("fastnet", 3, widths=[8, 8, 8], stem_width=24)
+    assert init_from_data(model, images)
+    conv = model.blocks[0][0]
+    w = conv.weight.detach()
+    assert torch.equal(w[12:], -w[:12])
+    norms = w[:12].flatten(1).norm(dim=1)
+    assert bool((norms[1:] >= norms[:-1] - 1e-6).all())  # strongest direction first
+    x = model.normalize(images.float() / 255)
+    out = torch.nn.functional.conv2d(x, w[:12])  # no bias: centred below
+    var = out.transpose(0, 1).flatten(1).var(dim=1)
+    assert var[0] == pytest.approx(1.0, rel=0.1)  # whitened: the strongest direction at unit variance

@@ -621,3 +621,17 @@ def test_unknown_logger_is_refused(smoke):
     with pytest.raises(TransferkitError,
                        match=r"trainer.loggers=\['wandb'\] is invalid: must be 'dvclive', 'tensorboard' or 'csv'.*Fix"):
         validate(cfg)
+
+
+def test_the_deployed_files_and_the_students_ratios_count_the_right_models(smoke_artifacts):
+    """The ONNX rows are the pruned student's (its params and MACs, not the distilled one's before pruning), and the
+    distillation ratios divide the student's MACs by the teacher's MACs (and params by params)."""
+    cfg, _ = smoke_artifacts
+    metrics = json.loads((Path(cfg.paths.artifacts_dir) / "evaluate" / "metrics.json").read_text())
+    m, dist = metrics["models"], metrics["distillation"]
+    for name in ("onnx_fp32", "onnx_int8"):
+        assert (m[name]["params"], m[name]["macs"]) == (m["prune"]["params"], m["prune"]["macs"])
+    assert m["prune"]["macs"] < m["distill"]["macs"]
+    assert dist["student_macs_ratio"] == pytest.approx(m["distill"]["macs"] / m["transfer"]["macs"])
+    assert dist["student_params_ratio"] == pytest.approx(m["distill"]["params"] / m["transfer"]["params"])
+    assert dist["student_macs_ratio"] != pytest.approx(dist["student_params_ratio"])

@@ -286,3 +286,55 @@ def _rerun_skips_finished_work_and_reruns_what_a_change_touches(tiny):
         "scenario_small_similar"]
     assert (out / "scenario_large_different" / "scratch" / "model.pt").stat().st_mtime_ns == \
         stamps[out / "scenario_large_different" / "scratch" / "model.pt"]
+
+
+def test_a_quadrant_names_its_winner_on_val_its_best_on_test_and_the_guidance_against_the_winner(tmp_path,
+                                                                                                monkeypatch):
+    """score_quadrant on made-up scores: the winner is the best on val, the best on test is chosen on test (not
+    on val), and guided_minus_winner_test is the guided strategy's test accuracy minus the winner's."""
+    import torch
+
+    from transferkit.data.synthetic import make_synthetic
+    from transferkit.data.tasks import select_task
+    from transferkit.evaluation import scenarios
+    from transferkit.io import save_torch
+    from transferkit.scenarios.report import strategies
+
+    preset = "scenario_small_similar"
+    task = select_task(make_synthetic(TARGET, 4, 40, seed=0), TARGET, train_per_class=2, val_per_class=1,
+                       test_per_class=None, seed=0, role="target")
+    save_torch(task, tmp_path / preset / "prepare" / "target.pt")
+    n = len(task["test_y"])
+    (tmp_path / preset / "prepare" / "summary.json").write_text(json.dumps(
+        {"source": {"classes": ANIMALS, "n_train": 30}}))
+    (tmp_path / "pretrain-similar").mkdir()
+    (tmp_path / "pretrain-similar" / "metrics.json").write_text(json.dumps({"test_acc": 0.5}))
+    # val: fine_tune wins; test: linear_probe (the guidance) is best, 10 points over fine_tune
+    scores = {"linear_probe": (0.5, 0.80), "early_probe": (0.4, 0.60), "partial_freeze": (0.6, 0.65),
+              "fine_tune": (0.7, 0.70), "scratch": (0.3, 0.50)}
+    plan = strategies()
+    for s in plan:
+        folder = tmp_path / preset / s.name
+        folder.mkdir()
+        (folder / "params.yaml").write_text(yaml.safe_dump({"seed": 0, s.stage: {"epochs": 1},
+                                                            "pretrain": {"epochs": 1}}))
+        (folder / "metrics.json").write_text(json.dumps({"val_acc": scores[s.name][0]}))
+
+    def score(runs, task=None, cache_file=None):
+        for r in runs:
+            r.correct = torch.arange(n) < round(scores[r.folder.name][1] * n)
+            r.test_acc = float(r.correct.float().mean())
+
+    monkeypatch.setattr(scenarios, "score", score)
+    q = scenarios.score_quadrant(tmp_path, preset, "small", "similar", plan)
+    assert q["winner_on_val"] == "fine_tune" and q["best_on_test"] == "linear_probe"
+    assert [r["strategy"] for r in q["rows"] if r["best_on_test"]] == ["linear_probe"]
+    assert q["agrees"] is False and q["guidance"]["strategy"] == "linear_probe"
+    assert q["guided_minus_winner_test"]["difference"] == pytest.approx(0.10)
+    lo, hi = q["guided_minus_winner_test"]["ci95"]
+    assert 0 < lo < hi
+    from transferkit.evaluation.metrics import wilson_interval
+
+    probe = q["rows"][0]  # each interval over its own split's images: val 3, test 120
+    assert probe["val_ci95"] == list(wilson_interval(round(0.5 * 3), 3)) and q["n_val"] == 3
+    assert probe["test_ci95"] == list(wilson_interval(96, 120)) and q["n_test"] == n == 120

@@ -1260,3 +1260,76 @@ def test_the_sweep_table_says_when_scratch_is_missing_and_when_the_best_on_val_i
     assert "Best on val: tied with transfer transfer.freeze_depth=1 (ties go to the first row)." in table
     with_scratch = sweep_table(summarize(runs + [_run("scratch", seed, 0.6) for seed in (0, 1)]))
     assert "No scratch runs" not in with_scratch and "tied with" not in with_scratch
+
+
+def test_a_transfer_seed_sweep_collected_with_its_probe_and_scratch_baselines_chooses_among_transfer():
+    """The report's own `transferkit collect sweeps/x-transfer sweeps/x-scratch sweeps/x-probe`: one row each, the
+    probe first in row order; probe is a baseline, so the main stage is transfer and its row is the one chosen."""
+    from transferkit.evaluation.runs import summarize
+
+    runs = [_run(stage, seed, acc) for stage, acc in (("transfer", 0.8), ("probe", 0.6), ("scratch", 0.7))
+            for seed in (0, 1)]
+    for r in runs:
+        if r.stage == "probe":
+            r.val_acc = 0.9  # better on val than transfer: still a baseline, not a candidate
+    table = summarize(runs)
+    assert table["stage"] == "transfer"
+    assert [r["stage"] for r in table["rows"] if r["chosen_on_val"]] == ["transfer"]
+
+
+def test_collect_scores_with_the_test_time_views_evaluate_tta_names(tmp_path, monkeypatch):
+    """A run made with evaluate.tta=none is scored on one view, as evaluate scored it: collect's test top-1 is
+    evaluate's, not the flip views' (and another tta is another score, not the cached one)."""
+    from transferkit.evaluation import runs
+
+    _, _, params, scored = _scorable(tmp_path)
+    views = []
+    real = runs.predict
+    monkeypatch.setattr(runs, "predict",
+                        lambda model, x, bs, tta, **k: views.append(tta) or real(model, x, bs, tta, **k))
+    scored()
+    params["evaluate"] = {**params["evaluate"], "tta": "flip"}
+    scored()
+    assert views == ["none", "flip"]
+
+
+def test_numeric_settings_sort_as_numbers_and_a_tie_on_val_goes_to_the_first_of_them():
+    """freeze_depth=10 after 2 (as text, "10" < "2"): the rows in numeric order, and of two depths tied on val
+    the shallower one is chosen, as the table's note says (ties go to the first row)."""
+    from transferkit.evaluation.runs import summarize
+
+    runs = []
+    for depth in (10, 2):
+        for seed in (0, 1):
+            r = _run("transfer", seed, 0.7)
+            r.setting, r.folder = (f"transfer.freeze_depth={depth}",), r.folder.with_name(f"d{depth}-{seed}")
+            runs.append(r)
+    table = summarize(runs)
+    assert [r["setting"] for r in table["rows"]] == [["transfer.freeze_depth=2"], ["transfer.freeze_depth=10"]]
+    assert [r["label"] for r in table["rows"] if r["chosen_on_val"]] == ["transfer transfer.freeze_depth=2"]
+
+
+def test_a_run_folder_named_name_dash_stage_is_read_as_that_stage(tmp_path):
+    """Outside a sweep folder a run is named by its folder, STAGE or NAME-STAGE: lr1-transfer is a transfer run."""
+    from transferkit.sweep.collect import find_runs
+
+    for name, lr in (("lr1-transfer", 0.1), ("lr2-transfer", 0.2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.pt").touch()
+        (tmp_path / name / "params.yaml").write_text(yaml.safe_dump(
+            {"name": "smoke", "seed": 0, "data": {}, "transfer": {"lr": lr}}))
+    assert sorted(r.label for r in find_runs([tmp_path])) == ["transfer transfer.lr=0.1", "transfer transfer.lr=0.2"]
+
+
+def test_runs_of_two_experiments_over_the_same_data_are_refused(tmp_path):
+    """Two experiments (name=) may prepare the same data and still differ in what a table must not mix."""
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.collect import find_runs
+
+    for name in ("smoke", "default"):
+        (tmp_path / name / "transfer").mkdir(parents=True)
+        (tmp_path / name / "transfer" / "model.pt").touch()
+        (tmp_path / name / "transfer" / "params.yaml").write_text(yaml.safe_dump(
+            {"name": name, "seed": 0, "data": {}, "transfer": {"lr": 0.1}}))
+    with pytest.raises(TransferkitError, match="the runs come from different experiments or data.*name="):
+        find_runs([tmp_path])
