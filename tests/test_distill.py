@@ -268,6 +268,20 @@ def test_teacher_weights_and_batchnorm_statistics_do_not_change(tmp_path):
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
 
 
+def test_each_epoch_puts_the_teacher_back_in_eval_mode_whatever_set_the_module_training():
+    """Lightning's model.train() at the start of a fit (in versions that call it on the whole module) or a user's
+    callback would put the teacher's BatchNorm in train mode: batch statistics in its targets, and running ones
+    that drift. Each epoch starts with the teacher in eval mode again."""
+    teacher = build_model("fastnet", 3, widths=[4, 8, 8], stem_width=4)
+    module = DistillerModule(build_model("fastnet", 3, widths=[4, 8, 8], stem_width=4), teacher, method="kd",
+                             method_kwargs={"temperature": 4.0, "alpha": 0.9}, lr=0.05, weight_decay=5e-4,
+                             momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1)
+    module.train()
+    assert module.teacher.training
+    module.on_train_epoch_start()
+    assert not any(m.training for m in module.teacher.modules()) and module.model.training
+
+
 def test_student_alone_is_the_same_network_and_budget(tmp_path):
     cfg = _smoke_with_teacher(tmp_path)
     run("student", cfg)
