@@ -25,7 +25,7 @@ from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import make_folder, save_json, save_text
 from transferkit.plain import flatten, under
-from transferkit.project import RUNS_HEADER, stale_stages
+from transferkit.project import is_runs_file, stale_stages
 from transferkit.stages import TARGET_MODELS
 from transferkit.sweep.points import NOT_SWEPT, made_with
 
@@ -35,10 +35,9 @@ def run_roots(d: Path) -> list[tuple[Path, str | None]]:
     `transferkit sweep` or `scenarios` folder (d, or the one d lies in), the outputs its dvc.yaml lists now
     (the points of an earlier sweep into it stay on disk, unlisted), once DVC finds them all up to date;
     in any other folder, all of it, each run named by its folder (STAGE or NAME-STAGE)."""
-    home = next((p for p in (d.resolve(), *d.resolve().parents)
-                 if (p / "dvc.yaml").is_file() and (p / "dvc.yaml").read_text().startswith(RUNS_HEADER)), None)
+    home = next((p for p in (d.resolve(), *d.resolve().parents) if is_runs_file(p / "dvc.yaml")), None)
     if home is None:
-        sweeps = (f.parent for f in sorted(d.rglob("dvc.yaml")) if f.read_text().startswith(RUNS_HEADER))
+        sweeps = (f.parent for f in sorted(d.rglob("dvc.yaml")) if is_runs_file(f))
         if inner := next(sweeps, None):
             raise TransferkitError(f"{d} holds the sweep folder {inner}: collected from above, the points of an "
                                    f"earlier sweep into it, which its dvc.yaml no longer lists, would count too. Fix: "
