@@ -238,6 +238,26 @@ def test_a_rank_killed_mid_fit_is_one_line_naming_it_and_its_checkpoint_is_kept(
     assert "Fix: run the stage again: it resumes from its last checkpoint" in output and checkpoint.exists()
 
 
+def test_lightnings_rank_observer_gives_this_process_time_to_say_which_rank_ended():
+    """Lightning's observer SIGKILLs the main process within 5 s of a rank ending, which can come before the main
+    process's collective fails and it names the rank (a loaded CI machine ended the test above -9, with no line)."""
+    from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    from transferkit.training.ranks import hold_observer
+
+    main = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands for the main process
+    rank = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    try:
+        _ChildProcessObserver(main_pid=main.pid, child_processes=(procs := [rank]), sleep_period=0.5).start()
+        hold_observer(procs, grace_s=3.0)
+        rank.wait()
+        time.sleep(1.5)  # the observer has seen the rank end
+        assert main.poll() is None
+        assert main.wait(timeout=10) == -signal.SIGKILL  # a main process that hangs is still ended
+    finally:
+        main.kill()
+
+
 @pytest.mark.slow
 def test_an_error_every_rank_meets_is_one_line_under_ddp(tmp_path):
     params = _ddp_params(tmp_path, "transfer.lr=1e30", "transfer.epochs=2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 from pytorch_lightning.callbacks import Callback
@@ -19,6 +20,10 @@ class DieOnSigterm(Callback):
 
     started: list = []  # the ranks Lightning's launcher started in this process's first fit: later fits start none
 
+    def setup(self, trainer, module, stage: str) -> None:
+        if procs := getattr(trainer.strategy.launcher, "procs", None):
+            hold_observer(procs)
+
     def on_train_start(self, trainer, module) -> None:  # after Lightning installed its handlers
         if trainer.world_size > 1:
             if procs := getattr(trainer.strategy.launcher, "procs", None):
@@ -30,6 +35,21 @@ class DieOnSigterm(Callback):
         for proc in DieOnSigterm.started:
             proc.send_signal(signum)  # a no-op for one that has ended
         die_of(signum)  # exit status 143, as a shell reports a SIGTERM
+
+
+def hold_observer(procs: list, grace_s: float = 30.0) -> None:
+    """Lightning's launcher watches the ranks it started from a thread which, within 5 s of one ending, SIGKILLs them
+    all and this process, often before this process's collective fails and it can say which rank ended (fit, in
+    trainer.py). That thread now waits `grace_s` first: a process that has reported and ended takes the thread with
+    it, and one whose collective hangs (a backend that does not notice a lost peer) is still ended as before."""
+    for thread in threading.enumerate():
+        # held once: a stage's later fit meets the thread of its first while those ranks run
+        if getattr(thread, "_child_processes", None) is procs and "_terminate_all" not in vars(thread):
+            def later(terminate=thread._terminate_all) -> None:
+                time.sleep(grace_s)
+                terminate()
+
+            thread._terminate_all = later
 
 
 def ended_rank(parent: int, wait_s: float = 2.0) -> str | None:
