@@ -547,6 +547,30 @@ def test_the_report_names_the_models_not_shown_better_than_guessing():
                     "always naming the test set's most common class scores). Fix: more epochs or training images.")
 
 
+def test_evaluate_takes_chance_from_the_test_set_it_scores(smoke_artifacts, tmp_path, monkeypatch):
+    """An image folder's test classes can be uneven: always naming the most common class then scores its share,
+    which is what a model's interval must clear, not 1/classes."""
+    from transferkit.stages import evaluate
+    from transferkit.stages.run import run_stage
+
+    cfg, _ = smoke_artifacts
+    load = evaluate.load_task
+
+    def uneven(folder, role):  # class 0 whole, every fourth image of the others
+        task = load(folder, role)
+        keep = (task["test_y"] == 0) | (torch.arange(len(task["test_y"])) % 4 == 0)
+        return {**task, "test_x": task["test_x"][keep], "test_y": task["test_y"][keep]}
+
+    monkeypatch.setattr(evaluate, "load_task", uneven)
+    run_stage("evaluate", cfg, tmp_path / "evaluate")
+    y = uneven(Path(cfg.paths.artifacts_dir) / "prepare", "target")["test_y"]
+    share = int(torch.bincount(y).max()) / len(y)
+    assert share > 1.5 / len(load(Path(cfg.paths.artifacts_dir) / "prepare", "target")["classes"])
+    report = (tmp_path / "evaluate" / "report.md").read_text()
+    line = next(x for x in report.splitlines() if x.startswith("Not shown better than guessing"))
+    assert f"the 95% interval reaches {100 * share:.1f}%, what always naming the test set's most common class" in line
+
+
 def test_training_table_shows_a_stage_that_trained_nothing():
     from transferkit.evaluation.tables import training_table
 
