@@ -718,11 +718,12 @@ def test_a_run_folder_lies_in_a_tracked_one_by_where_it_leads(tmp_path):
 
 @pytest.mark.parametrize("argv, key", [(["seed=0"], "hydra.run.dir"), (["-m", "seed=0,1"], "hydra.sweep.dir")])
 def test_a_hydra_output_folder_that_cannot_be_made_is_one_line(tmp_path, argv, key):
-    """A file in its path, or a link to nothing, was Hydra's traceback; --cfg, which writes no folder, still
-    prints the config."""
+    """A file in its path, a link to nothing, or a folder that takes none (/proc, root's too) was Hydra's
+    traceback; --cfg, which writes no folder, still prints the config."""
     (tmp_path / "file").write_text("")
     (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
-    for bad, problem in ((tmp_path / "file" / "out", "is a file"), (tmp_path / "broken", "is a link to nothing")):
+    for bad, problem in ((tmp_path / "file" / "out", "is a file"), (tmp_path / "broken", "is a link to nothing"),
+                         (Path("/proc/transferkit"), "no folder can be made in /proc")):  # even as root
         line = one_error_line(cli("prepare", "experiment=smoke", *argv, f"{key}={bad}", cwd=ROOT))
         assert f"{key}={bad} cannot be made" in line and problem in line and "Fix:" in line, line
     assert not (tmp_path / "nowhere").exists()

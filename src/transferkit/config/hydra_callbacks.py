@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -37,6 +38,15 @@ class OutputFolder(Callback):
         _check(config, "hydra.sweep.dir")
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why no folder can be made in `folder`, found by making one (os.access answers yes to root, for /proc too)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".transferkit-check-", dir=folder))
+    except OSError as e:
+        return f"no folder can be made in {folder}: {e.strerror}"
+    return None
+
+
 def _check(config, key: str) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -55,8 +65,7 @@ def _check(config, key: str) -> None:
     # where Hydra would make it (lexists: a path this user cannot look into counts as missing, not as an error)
     there = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
     problem = (f"{there} is a link to nothing (broken, or a loop)" if not os.path.exists(there) else
-               f"{there} is a file" if not os.path.isdir(there) else
-               f"{there} is not writable" if not os.access(there, os.W_OK | os.X_OK) else None)
+               f"{there} is a file" if not os.path.isdir(there) else _unwritable(there))
     if problem:
         raise Refused(f"{key}={folder} cannot be made ({problem}). Fix: set {key} to a folder you can write to.")
     from transferkit.config.compose import find_conf_dir
