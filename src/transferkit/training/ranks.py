@@ -20,7 +20,7 @@ class DieOnSigterm(Callback):
 
     started: list = []  # the ranks Lightning's launcher started in this process's first fit: later fits start none
 
-    def setup(self, trainer, module, stage: str) -> None:
+    def setup(self, trainer, module, stage: str) -> None:  # before the first step: a rank may end at any point
         if procs := getattr(trainer.strategy.launcher, "procs", None):
             hold_observer(procs)
 
@@ -39,9 +39,9 @@ class DieOnSigterm(Callback):
 
 def hold_observer(procs: list, grace_s: float = 30.0) -> None:
     """Lightning's launcher watches the ranks it started from a thread which, within 5 s of one ending, SIGKILLs them
-    all and this process, often before this process's collective fails and it can say which rank ended (fit, in
-    trainer.py). That thread now waits `grace_s` first: a process that has reported and ended takes the thread with
-    it, and one whose collective hangs (a backend that does not notice a lost peer) is still ended as before."""
+    all and this process, at times before this process's collective fails and it can say which rank ended (fit, in
+    trainer.py). Held, that thread waits `grace_s` first: a process that has reported and ended takes the thread with
+    it, and one whose collective hangs (a backend that does not notice a lost peer) is still ended."""
     for thread in threading.enumerate():
         # held once: a stage's later fit meets the thread of its first while those ranks run
         if getattr(thread, "_child_processes", None) is procs and "_terminate_all" not in vars(thread):
