@@ -786,6 +786,11 @@ def test_a_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(monk
     assert sources.jpeg_size(bytes(data)) == (20000, 20000)
     assert sources.jpeg_size(buf.getvalue()) == (8, 8)
     assert sources.jpeg_size(b"\xff\xd8 no segments") is None
+    wide = io.BytesIO()
+    Image.new("RGB", (12, 8)).save(wide, "JPEG")
+    assert sources.jpeg_size(wide.getvalue()) == (12, 8)  # (width, height)
+    filled = wide.getvalue()[:2] + b"\xff" + wide.getvalue()[2:]  # a fill byte before a marker, which JPEG allows
+    assert sources.jpeg_size(filled) == (12, 8)
     # a marker libjpeg reads without a length (RST0) in front of the real frame, whose length-like bytes skip it,
     # then a decoy 8 x 8 frame header: the decoder would decode the real one, of any size, before a check
     body = bytes(data[2:])
@@ -922,6 +927,28 @@ def test_a_float_image_with_a_missing_sample_keeps_the_rest_of_its_pixels():
         warnings.simplefilter("error")  # no RuntimeWarning
         got = decode_image(_encode(Image.fromarray(floats), "TIFF"), "nan.tif", 32)[0]
     assert got[0, :3].tolist() == [0, 255, 0] and (got[1:] == 128).all() and (got[0, 3:] == 128).all()
+
+
+def test_a_float_image_whose_brightest_sample_is_exactly_1_is_scaled_from_0_to_1():
+    """A 0..1 float image holding pure white (its maximum exactly 1.0, as any normalised image's) is scaled to
+    0..255 as one whose maximum is below 1: its white decodes to 255, its mid grey to 128."""
+    from transferkit.data.sources import decode_image
+
+    eight = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
+    floats = eight.astype(np.float32) / 255
+    assert floats.max() == 1.0
+    assert np.array_equal(decode_image(_encode(Image.fromarray(floats), "TIFF"), "f.tif", 32)[0], eight)
+
+
+def test_a_32_bit_integer_image_shows_values_outside_16_bits_as_black_and_white():
+    """A mode I (signed 32-bit) TIFF may hold values below 0 and above 65535: they decode to 0 and 255, the ends
+    of the 16-bit range it is scaled from, not the low bits of the value wrapped into 0..255."""
+    from transferkit.data.sources import decode_image
+
+    row = np.array([-70000, -1, 0, 32768, 65535, 70000, 2**31 - 1, 256], dtype=np.int32)
+    data = _encode(Image.fromarray(np.tile(row, (8, 1))), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    assert decode_image(data, "i.tif", 8)[0, 0].tolist() == [0, 0, 0, 128, 255, 255, 255, 1]
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -1081,7 +1108,7 @@ def test_an_image_whose_decoding_would_outgrow_the_memory_bound_is_refused_befor
 
     header_only = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4000, 3000, 8, 6, 0, 0, 0))
                    + chunk(b"IEND", b""))  # RGBA, no pixels: reading them would fail as corrupt
-    with pytest.raises(TransferkitError, match=r"image big.png \(4000x3000 pixels\) takes about 0.2 GB to decode, "
+    with pytest.raises(TransferkitError, match=r"^image big.png \(4000x3000 pixels\) takes about 0.2 GB to decode, "
                                                r"more than the 0.1 GB one image may take here.*Fix: downscale it"):
         sources.decode_image(header_only, "big.png", 32, max_bytes=100_000_000)
     monkeypatch.setattr(sources, "memory_limit", lambda: 100_000_000)  # the default bound: predict's, prepare's
@@ -1544,7 +1571,9 @@ def test_device_batches_epoch_is_a_permutation_fixed_by_seed_and_epoch():
     assert sorted(labels.tolist()) == list(range(40))
     again = torch.cat([y for _, y in _batches(batch_size=8)])
     other_epoch = torch.cat([y for _, y in _batches(batch_size=8, epoch=lambda: 1)])
+    other_seed = torch.cat([y for _, y in _batches(batch_size=8, seed=1)])
     assert torch.equal(labels, again) and not torch.equal(labels, other_epoch)
+    assert not torch.equal(labels, other_seed)
     for x, y in b:  # images stay paired with their labels through the gather
         assert torch.equal((x[:, 0, 0, 0] * 255).round().long(), y)
 
@@ -1557,6 +1586,14 @@ def test_device_batches_shard_across_ranks_and_drop_the_remainder():
              for r in (0, 1)]
     assert sorted(torch.cat(evals).tolist()) == list(range(41))  # evaluation sees every image once
     assert torch.equal(torch.cat([y for _, y in _batches(n=10, batch_size=4, train=False)]), torch.arange(10))
+
+
+@pytest.mark.parametrize("n, world_size, batch_size, sizes", [(41, 2, 8, [8, 8]), (5, 2, 8, [2])])
+def test_every_training_batch_of_every_rank_has_one_size(n, world_size, batch_size, sizes):
+    """Each rank's training shard is n // world_size images, served in whole batches only (the rest dropped; a
+    batch larger than the shard shrinks to it): every step of every rank has the same shape."""
+    for rank in range(world_size):
+        assert [len(y) for _, y in _batches(n=n, batch_size=batch_size, rank=rank, world_size=world_size)] == sizes
 
 
 def test_each_rank_draws_its_own_augmentation_and_rank_0_draws_as_one_process(monkeypatch):
@@ -1586,9 +1623,9 @@ def test_alternating_flip_mirrors_each_image_every_other_epoch():
     images = torch.rand(n, 3, 4, 4).mul(255).round().to(torch.uint8)
     ref = images.float() / 255
 
-    def flipped(epoch):
+    def flipped(epoch, seed=3):
         b = DeviceBatches(images, torch.arange(n), 16, device="cpu", train=True, flip="alternating",
-                          seed=3, epoch=lambda: epoch, channels_last=False)
+                          seed=seed, epoch=lambda: epoch, channels_last=False)
         out = torch.zeros(n, dtype=torch.bool)
         for x, y in b:
             out[y] = (x != ref[y]).flatten(1).any(1)
@@ -1597,6 +1634,7 @@ def test_alternating_flip_mirrors_each_image_every_other_epoch():
     even, odd = flipped(0), flipped(1)
     assert torch.equal(even, ~odd) and torch.equal(even, flipped(2))
     assert 0.3 < even.float().mean() < 0.7
+    assert not torch.equal(even, flipped(0, seed=4))  # the half mirrored is the seed's draw
 
 
 # ============================================================== atomic writes
@@ -1906,6 +1944,8 @@ def test_images_in_a_folder_inside_a_class_are_one_error(tmp_path, as_archive):
     with pytest.raises(TransferkitError, match=r"train/cat/batch2/1.png lies in a folder inside its class's folder.*"
                                                r"Fix: move it up"):
         read_image_folder(Path(path))
+    with pytest.raises(TransferkitError, match=r"train/cat/batch2/1.png lies in a folder inside its class's folder"):
+        read_image_folder(Path(path), wanted={"cat"})  # as prepare reads it: the task's classes only
     assert read_image_folder(Path(path), wanted={"dog"}).classes == ["cat", "dog"]  # not a class the task reads
 
 

@@ -211,6 +211,49 @@ def test_mixup_splits_the_cross_entropy_with_the_label_of_the_image_each_blend_t
     assert not torch.equal(other_labels, labels)  # the blends do take in other images
 
 
+def _mixup_module(mixup: float, classes: int = 3) -> DistillerModule:
+    teacher = build_model("fastnet", classes, widths=[4, 8, 8], stem_width=4).eval()
+    student = build_model("fastnet", classes, widths=[4, 4, 4], stem_width=4)
+    module = DistillerModule(student, teacher, method="kd",
+                             method_kwargs={"temperature": 4.0, "alpha": 0.5, "mixup": mixup},
+                             lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1,
+                             channels_last=False)
+    module._train_sums = torch.zeros(3)
+    return module
+
+
+def test_mixup_draws_each_images_lam_from_beta_m_m_and_its_partner_from_the_seeded_generator():
+    """distill.mixup=m: every image gets a lam of its own, lam ~ Beta(m, m) (mean 1/2, variance 1 / (4 (2m + 1))),
+    and a partner from a random permutation of the batch, both drawn from the global generator the module seeds
+    each epoch: the same seed draws the same blends (a resumed epoch repeats them), another seed others."""
+    m, n = 0.4, 2048
+    module = _mixup_module(m)
+    blends = []
+    loss_fn = module.loss_fn
+    module.loss_fn = lambda *a, **kw: blends.append(kw["mixed_with"]) or loss_fn(*a, **kw)
+    x, y = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(n) % 3
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        module.training_loss((x, y))
+    (partners, lam), (partners_again, lam_again), (other_partners, _) = blends
+    assert lam.shape == (n,)
+    assert lam.mean().item() == pytest.approx(0.5, abs=0.03)
+    assert lam.var().item() == pytest.approx(1 / (4 * (2 * m + 1)), abs=0.015)
+    assert torch.equal(partners, partners_again) and torch.equal(lam, lam_again)
+    assert not torch.equal(partners, other_partners)
+
+
+def test_a_mixup_step_counts_its_images_loss_and_correct_predictions():
+    """The training metrics (train/loss, train/acc) are the sums of each step's loss x images, correct predictions
+    (against each image's own label) and images: a mixup step adds its batch to them as a plain step does."""
+    module = _mixup_module(1.0)
+    x, y = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 3
+    torch.manual_seed(0)
+    loss = module.training_loss((x, y))
+    loss_sum, correct, images = module._train_sums.tolist()
+    assert images == 8 and loss_sum == pytest.approx(8 * loss.item()) and 0 <= correct <= 8
+
+
 @pytest.mark.parametrize("method", sorted(LOSSES))
 def test_the_labels_are_smoothed_by_the_block_the_module_trains_with(method):
     # prune's recovery and quantize's fine-tune distil with their own block's label_smoothing

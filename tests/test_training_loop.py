@@ -1096,13 +1096,37 @@ def test_the_datamodule_augments_training_batches_with_its_flip_and_translate_an
     assert changed("none", 0, train=True) == 0
 
 
-def test_training_batches_are_shifted_crops_of_the_reflect_padded_images():
+def test_the_datamodule_serves_the_trainers_epoch_and_rank_at_the_runs_seed():
+    """TaskDataModule's training batches follow the trainer and the seed it is given: another epoch or another
+    seed is another permutation, the same (seed, epoch) the same one (what a resumed run repeats), and each DDP
+    rank (global_rank of world_size) takes its own shard of it."""
+    from transferkit.data.loader import TaskDataModule
+
+    n = 32
+    images = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    task = {"train_x": images, "train_y": torch.arange(n), "val_x": images, "val_y": torch.arange(n),
+            "classes": ["a", "b"]}
+
+    def order(seed=0, epoch=0, rank=0, world_size=1):
+        datamodule = TaskDataModule(task, 8, 64, flip="none", translate=0, seed=seed, channels_last=False)
+        datamodule.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                                             current_epoch=epoch, global_rank=rank, world_size=world_size)
+        return [int(i) for _, y in datamodule.train_dataloader() for i in y]
+
+    assert order() == order() and sorted(order()) == list(range(n))
+    assert order(epoch=1) != order() and order(seed=1) != order()
+    shards = [order(rank=rank, world_size=2) for rank in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == list(range(n))
+
+
+@pytest.mark.parametrize("pad", [1, 2])
+def test_training_batches_are_shifted_crops_of_the_reflect_padded_images(pad):
     """DeviceBatches with translate=k serves each training image as the crop of the image reflect-padded by k at
     a shift drawn per image in 0..2k (rows and columns): every image one such crop, many shifts used, most not
     the image itself; the validation batches are the images as they are."""
     from transferkit.data.loader import DeviceBatches
 
-    n, pad, h = 64, 2, 8
+    n, h = 64, 8
     images = torch.randint(0, 256, (n, 3, h, h), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     ref = images.float() / 255
     padded = F.pad(ref, (pad, pad, pad, pad), mode="reflect")
@@ -1114,7 +1138,7 @@ def test_training_batches_are_shifted_crops_of_the_reflect_padded_images():
                   if torch.equal(img, padded[i, :, dy:dy + h, dx:dx + h])]
             assert len(at) == 1, f"image {i} is not one crop of its padded self"
             seen.append(at[0])
-    assert len(seen) == n and len(set(seen)) >= 15  # of the 25 shifts
+    assert len(seen) == n and len(set(seen)) >= 0.6 * (2 * pad + 1) ** 2  # of the (2k + 1)^2 shifts
     assert sum(s != (pad, pad) for s in seen) > n // 2
     val = DeviceBatches(images, torch.arange(n), 16, device="cpu", train=False, translate=pad, channels_last=False)
     assert torch.equal(torch.cat([x for x, _ in val]), ref)
