@@ -501,6 +501,15 @@ def test_a_stage_run_by_hand_into_the_folder_dvc_keeps_says_how_to_record_it(tmp
     assert "dvc commit" not in text and f"prepare: outputs in {tmp_path / 'elsewhere'}" in text
 
 
+def test_a_stage_command_prints_where_its_outputs_went(tmp_path):
+    """`transferkit STAGE --params` configures no logging: its closing line is printed, not handed to a logger that
+    shows nothing."""
+    (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke", tmp=tmp_path)))
+    proc = cli("prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"prepare: outputs in {tmp_path / 'artifacts' / 'prepare'}" in proc.stdout.splitlines()
+
+
 def test_missing_dataset_through_the_cli_keeps_previous_outputs(tmp_path):
     ok = compose("experiment=smoke", tmp=tmp_path)
     run("prepare", ok)

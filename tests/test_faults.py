@@ -231,6 +231,36 @@ def test_unwritable_output_folder_gives_one_message(tmp_path):
     assert "cannot" in line and "writable" in line
 
 
+def test_a_read_only_file_system_gives_one_message(tmp_path):
+    """A disk mounted read-only refuses writes with EROFS wherever in a stage they happen: one line naming the file
+    and the fix, as for a folder this user may not write to."""
+    import errno
+
+    from transferkit.errors import TransferkitError
+    from transferkit.stages.common import storage_errors
+
+    out = tmp_path / "artifacts" / "transfer"
+    for code in (errno.EROFS, errno.EACCES):
+        with pytest.raises(TransferkitError, match=rf"cannot write {out / 'model.pt'}: {os.strerror(code)}\. Fix: "
+                                                   rf"make {out.parent} writable"):
+            with storage_errors(out):
+                raise OSError(code, os.strerror(code), str(out / "model.pt"))
+
+
+def test_an_artifacts_dir_that_is_a_file_gives_one_message(tmp_path):
+    """paths.artifacts_dir naming a file: the stage's work folder cannot be made in it, which one line says, with
+    the fix, before the stage starts."""
+    from transferkit.errors import TransferkitError
+    from transferkit.stages.common import staged_output
+
+    (tmp_path / "artifacts").write_text("a file")
+    with pytest.raises(TransferkitError, match=r"cannot create .*\.transfer\.incomplete: Not a directory\. Fix: make "
+                                               r".*artifacts writable or set paths\.artifacts_dir elsewhere"):
+        with staged_output(tmp_path / "artifacts" / "transfer", "a: 1\n"):
+            pytest.fail("the stage ran")
+    assert (tmp_path / "artifacts").read_text() == "a file"
+
+
 def test_ctrl_c_before_a_fit_saved_anything_promises_no_resume(smoke_artifacts, tmp_path):
     """The line said "the same command again resumes" whatever was left: a run stopped before its first checkpoint
     (or after its fit, once the checkpoints are gone) starts over, and its work folder is deleted."""

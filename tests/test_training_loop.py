@@ -342,6 +342,83 @@ def test_a_resume_checkpoint_that_does_not_fit_the_model_is_left_and_the_fit_sta
     assert timing["resumed_at_epoch"] is None and not work.exists()
 
 
+class _EpochsStarted(pl.Callback):
+    def __init__(self):
+        self.started = []
+
+    def on_train_epoch_start(self, trainer, module):
+        self.started.append(trainer.current_epoch)
+
+
+def _fit_stopped_at(out: Path, epoch: int, max_epochs: int) -> dict:
+    """A fit saving every epoch, stopped as `epoch` starts (as Ctrl+C would); its trainer config."""
+    trainer_cfg = {**compose("experiment=smoke").trainer, "loggers": [], "checkpoint_budget": 1}
+    with pytest.raises(KeyboardInterrupt):
+        fit(_module("classifier"), TaskDataModule(_task(8), 8, 64), trainer_cfg, out, max_epochs,
+            callbacks=(Interrupt(epoch),))
+    return trainer_cfg
+
+
+def test_a_resumed_fit_trains_only_the_epochs_after_its_checkpoint_and_reports_the_first_of_them(tmp_path):
+    """Stopped as epoch 2 starts (epochs 0 and 1 trained and checkpointed), the rerun trains epochs 2 and 3 alone,
+    and its resumed_at_epoch (timing.json's) is 2, the first epoch it trains."""
+    trainer_cfg = _fit_stopped_at(tmp_path, 2, 4)
+    epochs = _EpochsStarted()
+    done = fit(_module("classifier"), TaskDataModule(_task(8), 8, 64), trainer_cfg, tmp_path, 4, callbacks=(epochs,))
+    assert done.resumed_at_epoch == 2 and epochs.started == [2, 3]
+
+
+@pytest.mark.parametrize("flaw", ["a_layer_of_another_width", "no_optimizer_state"])
+def test_a_resume_checkpoint_lightning_could_not_restore_is_left_and_the_fit_starts_over(tmp_path, capsys, flaw):
+    """A checkpoint with the model's tensor names but one of another shape (a model of another width), or one
+    without the optimiser's state, would fail Lightning's restore at every rerun: the fit trains from the start."""
+    trainer_cfg = _fit_stopped_at(tmp_path, 1, 2)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(path, weights_only=True)
+    if flaw == "no_optimizer_state":
+        del state["optimizer_states"]
+    else:
+        name, weight = next((k, v) for k, v in state["state_dict"].items() if v.dim() > 1)
+        state["state_dict"][name] = torch.zeros(weight.shape[0] + 1, *weight.shape[1:])
+    torch.save(state, path)
+    epochs = _EpochsStarted()
+    done = fit(_module("classifier"), TaskDataModule(_task(8), 8, 64), trainer_cfg, tmp_path, 2, callbacks=(epochs,))
+    assert "is not a checkpoint of this fit" in capsys.readouterr().err
+    assert done.resumed_at_epoch is None and epochs.started == [0, 1]
+
+
+def test_a_resumed_fit_leaves_no_checkpoint_that_a_kill_left_beside_its_pair(tmp_path):
+    """A kill mid-swap can leave checkpoints.previous/ beside the pair a rerun resumes from; a rerun that saves no
+    checkpoint of its own (it resumes at the last epoch) leaves neither folder in the stage's outputs."""
+    trainer_cfg = _fit_stopped_at(tmp_path, 2, 3)
+    shutil.copytree(tmp_path / "checkpoints", tmp_path / "checkpoints.previous")  # as the killed swap left it
+    done = fit(_module("classifier"), TaskDataModule(_task(8), 8, 64), trainer_cfg, tmp_path, 3)
+    assert done.resumed_at_epoch == 2 and sorted(p.name for p in tmp_path.glob("checkpoints*")) == []
+
+
+class _WeightsBecome(pl.Callback):
+    """Sets one weight to `value` as training ends: what a loss that overflowed leaves."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def on_train_end(self, trainer, module):
+        with torch.no_grad():
+            weight = next(module.model.parameters())
+            weight[(0,) * weight.dim()] = self.value
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "minus_inf"])
+def test_weights_that_are_not_finite_after_a_fit_end_it_in_the_divergence_error(tmp_path, value):
+    """Every later stage would read them: one NaN, inf or -inf weight ends the fit in the error that names the fix."""
+    from transferkit.errors import TransferkitError
+
+    trainer_cfg = {**compose("experiment=smoke").trainer, "loggers": [], "checkpoint_budget": 0}
+    with pytest.raises(TransferkitError, match=r"training diverged: .*not finite.*Fix: lower"):
+        fit(_module("classifier"), TaskDataModule(_task(8), 8, 64), trainer_cfg, tmp_path, 1,
+            callbacks=(_WeightsBecome(value),))
+
+
 def test_the_resume_key_changes_with_the_code_and_with_any_input_file(tmp_path, monkeypatch):
     import importlib.metadata
     import os
@@ -558,6 +635,22 @@ def test_a_run_resumed_from_a_pair_mid_swap_keeps_it_until_its_own_is_whole(tmp_
             break
         _whole_pair(out)
     assert k > 5 and _whole_pair(out) == ("checkpoints", "epoch 1")
+
+
+def test_a_rerun_after_a_kill_at_any_step_of_a_checkpoint_swap_saves_and_swaps_its_own_pair(tmp_path, killed_after):
+    """Whatever a kill mid-swap leaves beside the pair it resumes from (a checkpoints.previous/ not yet deleted, a
+    checkpoints.next/), the rerun's own next save and swap succeed and leave the pair of its epoch."""
+    for k in range(100):
+        out = tmp_path / str(k)
+        out.mkdir()
+        cb, trainer = _started(out)
+        _epoch(cb, trainer, out, 0)
+        if not killed_after(k, lambda: _epoch(cb, trainer, out, 1)):
+            break
+        cb, trainer = _started(out)  # the rerun
+        _epoch(cb, trainer, out, 2)
+        assert _whole_pair(out) == ("checkpoints", "epoch 2"), f"killed after {k} file operations"
+    assert k > 5
 
 
 def test_trainer_num_threads_holds_in_every_stage_and_ends_with_it(tmp_path, monkeypatch):
@@ -962,6 +1055,41 @@ def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_sw
             assert (final / "model.pt").read_text() == "trained with lr 0.02"  # back before any work
             raise RuntimeError("this run fails")
     assert (final / "model.pt").read_text() == "trained with lr 0.02" and not work.exists()
+
+
+def test_outputs_a_swap_killed_before_its_cleanup_left_in_old_do_not_stop_the_next_swap(tmp_path):
+    """A kill after the swap's second rename (work -> final) leaves the outputs before them in .NAME.old beside
+    the new ones: the next run still installs its own outputs, and removes the old ones."""
+    from transferkit.stages.common import PARAMS_FILE, staged_output
+
+    final, old = tmp_path / "transfer", tmp_path / ".transfer.old"
+    with staged_output(final, "a: 1\n") as work:
+        (work / "model.pt").write_text("second")
+    old.mkdir()  # as the killed swap left the outputs of the run before
+    (old / PARAMS_FILE).write_text("a: 1\n")
+    (old / "model.pt").write_text("first")
+    with staged_output(final, "a: 1\n") as work:
+        (work / "model.pt").write_text("third")
+    assert (final / "model.pt").read_text() == "third" and not old.exists()
+
+
+def test_the_finished_points_of_a_run_killed_before_its_next_checkpoint_are_kept_for_the_rerun(tmp_path):
+    """freeze_curve stopped between two points, before the second saved a checkpoint: its work folder holds
+    only the first point's outputs (their timing.json written last), which the failed run keeps and the next
+    run with the same config resumes with."""
+    from transferkit.stages.common import staged_output
+
+    final, work = tmp_path / "freeze_curve", tmp_path / ".freeze_curve.incomplete"
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(final, "a: 1\n") as folder:
+            (folder / "depth0").mkdir()
+            (folder / "depth0" / "metrics.json").write_text("{}")
+            (folder / "depth0" / "timing.json").write_text("{}")
+            raise KeyboardInterrupt
+    assert (work / "depth0" / "timing.json").is_file()
+    with staged_output(final, "a: 1\n") as folder:
+        assert (folder / "depth0" / "metrics.json").is_file() and (folder / "depth0" / "timing.json").is_file()
+    assert (final / "depth0" / "timing.json").is_file()
 
 
 def test_lightnings_routine_info_lines_are_dropped_and_the_telling_ones_kept():
