@@ -94,6 +94,7 @@ def test_the_official_release_given_as_a_dataset_path_names_the_fix(tmp_path, na
 @pytest.mark.parametrize("labels, fault", [
     (lambda y: y[:-3], "17 labels for 20 images"),  # later labels would shift onto the wrong images
     (lambda y: [*y[:-1], 12], "label 12"),
+    (lambda y: [*y[:-1], 10], "label 10"),  # one past the last of cifar10's 10 classes
     (lambda y: [-1, *y[1:]], "label -1"),
     (lambda y: [0.5] * len(y), "not integers"),
     (lambda y: 5, "labels that are no flat list"),
@@ -706,6 +707,18 @@ def test_an_archive_that_expands_past_the_memory_limit_is_refused_before_it_is_r
         read_image_folder(bomb)
 
 
+def test_a_zip_whose_members_together_expand_past_the_memory_limit_is_refused(tmp_path, monkeypatch):
+    """The limit bounds what a zip's members expand to together, not each member alone: two members of 0.6 MB
+    go past a 1 MB limit, one fits."""
+    monkeypatch.setattr(archives, "memory_limit", lambda: 10 ** 6)
+    one = _archive_with(tmp_path / "one", "zip", {"top/train/cat/a.png": bytes(600_000)})
+    assert [len(data) for _, data in archives.archive_files(one)] == [600_000]
+    two = _archive_with(tmp_path / "two", "zip", {"top/train/cat/a.png": bytes(600_000),
+                                                  "top/train/cat/b.png": bytes(600_000)})
+    with pytest.raises(TransferkitError, match=r"big.zip expands to more than 1.0 MB"):
+        archives.archive_files(two)
+
+
 def test_a_dataset_path_that_is_a_device_or_a_pipe_is_refused_before_it_is_read(tmp_path):
     """A device says 0 bytes, so the size check passed and /dev/zero was read until memory ran out; a pipe's read
     waited for a writer for ever."""
@@ -1278,6 +1291,29 @@ def test_select_task_all_remaining_for_training():
     assert torch.bincount(task["train_y"]).tolist() == [N_TRAIN - 5] * 2
     assert torch.bincount(task["test_y"]).tolist() == [N_TEST] * 2
     assert not set(_ids(task["train_x"])) & set(_ids(task["val_x"]))
+
+
+def test_a_class_whose_val_split_takes_every_train_image_is_an_error():
+    """train_per_class null trains on what remains after val_per_class: a class with no more train images than
+    val_per_class would train on none, so it is refused; one image more leaves one to train on."""
+    with pytest.raises(TransferkitError, match=rf"class 'dog' has {N_TRAIN} train images in tagged, but data.target "
+                                               rf"asks for all train \+ {N_TRAIN} val"):
+        _select(_tagged_raw(), train_per_class=None, val_per_class=N_TRAIN)
+    task = _select(_tagged_raw(), train_per_class=None, val_per_class=N_TRAIN - 1)
+    assert torch.bincount(task["train_y"]).tolist() == [1, 1]
+    assert torch.bincount(task["val_y"]).tolist() == [N_TRAIN - 1] * 2
+
+
+def test_test_per_class_may_take_every_test_image_of_a_class():
+    """test_per_class equal to a class's test images takes them all, in file order (as null does); one more is an
+    error naming the class."""
+    raw = _tagged_raw()
+    every = _select(raw, test_per_class=N_TEST)
+    assert torch.bincount(every["test_y"]).tolist() == [N_TEST] * 2
+    assert _ids(every["test_x"]) == _ids(_select(raw, test_per_class=None)["test_x"])
+    with pytest.raises(TransferkitError, match=rf"class 'dog' has {N_TEST} test images, data.target.test_per_class "
+                                               rf"is {N_TEST + 1}"):
+        _select(raw, test_per_class=N_TEST + 1)
 
 
 def test_test_per_class_is_a_seeded_draw_of_each_classs_test_images_in_file_order():
@@ -1988,6 +2024,20 @@ def test_a_task_whose_tensors_claim_more_than_their_storage_is_refused():
     assert task_fault(task, splits=("train", "val")) is None  # the splits asked about only (export's: test)
 
 
+def test_a_task_whose_splits_hold_images_of_other_sizes_is_refused():
+    """Every split of a prepared task holds images of one size: a model fitted on 8x8 train images is never scored
+    on 16x16 test images."""
+    from transferkit.data.tasks import task_fault
+
+    splits = ("train", "val", "test")
+    task = {"classes": ["a", "b"], **{f"{s}_x": torch.zeros(4, 3, 8, 8, dtype=torch.uint8) for s in splits},
+            **{f"{s}_y": torch.zeros(4, dtype=torch.long) for s in splits}}
+    task["test_x"] = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
+    assert task_fault(task) == "its test_x is torch.uint8 of shape (4, 3, 16, 16), not uint8 images [N, 3, S, S] " \
+                               "as train_x"
+    assert task_fault(task, splits=("test",)) is None  # alone, its size is the one it is checked against
+
+
 # ============================================================== archives and names as other tools write them
 def _zip_link(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
     """A symbolic link as `zip -y` stores it: a Unix member whose mode says link and whose bytes are its target."""
@@ -2080,6 +2130,32 @@ def test_zip_names_in_utf8_without_the_flag_keep_their_letters(tmp_path):
     with zipfile.ZipFile(path) as check:
         assert not any(m.flag_bits & 0x800 for m in check.infolist())  # what this test is about
     assert read_image_folder(path).classes == ["café", "naïve"]
+
+
+def test_a_stale_utf8_name_field_in_a_zip_is_not_read(tmp_path):
+    """Info-ZIP's 0x7075 field holds the name it stood for when written, with that name's CRC-32: after a rename
+    the CRC no longer matches the stored name, and the stored name is the member's."""
+    path = tmp_path / "renamed.zip"
+    with zipfile.ZipFile(path, "w") as out:
+        member = zipfile.ZipInfo("top/train/dog/0.png")
+        field = b"\x01" + struct.pack("<I", zlib.crc32(b"top/train/cat/0.png")) + b"top/train/cat/0.png"
+        member.extra = struct.pack("<HH", 0x7075, len(field)) + field
+        out.writestr(member, _png())
+    assert [name for name, _ in archives.archive_files(path)] == ["top/train/dog/0.png"]
+
+
+def test_member_names_with_backslashes_are_read_as_folders(tmp_path):
+    """Some Windows archivers store `train\\cat\\0.png`; extracting places it in train/cat/, and so does reading
+    the archive as a dataset."""
+    path = tmp_path / "windows.zip"
+    with zipfile.ZipFile(path, "w") as out:
+        for split in ("train", "test"):
+            for c in ("cat", "dog"):
+                out.writestr(f"top\\{split}\\{c}\\0.png", _png())
+    assert sorted(name for name, _ in archives.archive_files(path)) == [f"top/{split}/{c}/0.png" for split in
+                                                                        ("test", "train") for c in ("cat", "dog")]
+    raw = read_image_folder(path)
+    assert raw.classes == ["cat", "dog"] and len(raw.train.labels) == len(raw.test.labels) == 2
 
 
 def test_class_names_match_whatever_unicode_form_they_are_written_in(tmp_path):

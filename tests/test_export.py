@@ -968,3 +968,97 @@ def test_a_negative_batchnorm_scale_behind_max_pooling_is_not_folded():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
     assert isinstance(folded.blocks[1][0][2], torch.nn.BatchNorm2d)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 1
+
+
+def test_predict_lists_a_folders_images_in_sorted_order(tmp_path):
+    """A folder's images are classified in the order of their sorted paths, subfolders included, whatever order
+    the file system lists them in: one folder gives its results in one order on every machine."""
+    model = _crafted_onnx(tmp_path / "model.onnx")
+    (tmp_path / "images").mkdir()
+    paths = _write_images(tmp_path / "images" / "b") + _write_images(tmp_path / "images" / "a")
+    assert [r["path"] for r in predict(model, [tmp_path / "images"])] == sorted(map(str, paths))
+
+
+def test_predict_gives_the_probabilities_of_large_logits(tmp_path):
+    """A confident model's logits in the thousands give probabilities near 1 and 0, not NaN from an overflowing
+    exp: the same classes as the same model with its logits scaled down, the top one near 1."""
+    import onnx
+    from onnx import numpy_helper
+
+    small = _crafted_onnx(tmp_path / "small.onnx")
+    model = onnx.load(str(small))
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2000, "w"))
+    onnx.save(model, str(tmp_path / "large.onnx"))
+    paths = _write_images(tmp_path / "images")
+    large, reference = predict(tmp_path / "large.onnx", paths), predict(small, paths)
+    assert [r["class"] for r in large] == [r["class"] for r in reference]
+    probabilities = [t["probability"] for r in large for t in r["top"]]
+    assert np.isfinite(probabilities).all() and all(r["probability"] > 0.99 for r in large), large
+
+
+def test_a_model_of_one_class_is_refused(tmp_path, capsys):
+    """A model that scores one class names it for every image with probability 1: no model transferkit trains
+    has fewer than two classes, so a file of one is refused as it loads."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(_crafted_onnx(tmp_path / "five.onnx", classes=["a"])))
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w)[:, :1].copy(), "w"))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.save(model, str(tmp_path / "one.onnx"))
+    line = _one_error(capsys, ["predict", str(tmp_path / "one.onnx"), str(_write_images(tmp_path / "images")[0])])
+    assert "names 1 classes ['a'], not two or more distinct ones" in line, line
+
+
+def test_a_fixed_batch_onnx_file_gives_one_row_per_image(tmp_path):
+    """A file fixed at 2 images a run is padded up to whole runs: the Classifier returns the rows of the images it
+    was given, 5 for 5, not the 6 it ran."""
+    clf = Classifier(_crafted_onnx(tmp_path / "model.onnx", batch=2))
+    images = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
+    logits = clf(images)
+    assert clf.fixed_batch == 2 and logits.shape == (5, len(CLASSES))
+    np.testing.assert_allclose(logits, images.mean((2, 3)) @ (np.arange(15, dtype=np.float32).reshape(3, 5) / 15),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_scores_one_class_as_nan_or_infinity_is_refused(tmp_path, capsys):
+    """One score of NaN or infinity in an image's row makes its probabilities NaN: a row is refused for any such
+    score, not only where all of them are (here a class's score divided by zero)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceMean", ["images"], ["colour"], axes=[2, 3], keepdims=0),
+             helper.make_node("MatMul", ["colour", "w"], ["scores"]),
+             helper.make_node("Div", ["scores", "d"], ["logits"])]
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              initializer=[numpy_helper.from_array(np.ones((3, 5), np.float32), "w"),
+                                           numpy_helper.from_array(np.array([1, 1, 1, 1, 0], np.float32), "d")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"transferkit": json.dumps({"classes": CLASSES, "input_size": 32})})
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    line = _one_error(capsys, ["predict", str(tmp_path / "model.onnx"), str(_write_images(tmp_path / "images")[0])])
+    assert "as NaN or infinity" in line, line
+
+
+def test_an_exported_model_of_the_tasks_classes_in_another_order_is_refused(tmp_path):
+    """Labels are indices into the task's class list: a file of the same classes in another order would score every
+    image against another class's label, so require_classes wants the task's order, not only its names."""
+    from transferkit.deploy.runtime import require_classes
+
+    model = _crafted_onnx(tmp_path / "model.onnx")
+    require_classes(model, CLASSES, "export")
+    with pytest.raises(TransferkitError, match=r"was exported from a model of classes \['cat', 'deer'.* but the "
+                                               r"target task is \['horse', 'frog'"):
+        require_classes(model, CLASSES[::-1], "export")
+
+
+def test_an_onnx_file_named_in_capitals_is_read_as_onnx(tmp_path):
+    """A file copied from a system that names it MODEL.ONNX is an ONNX model still, not a checkpoint refused as
+    'not a file written by torch.save'."""
+    shutil.copy(_crafted_onnx(tmp_path / "model.onnx"), tmp_path / "MODEL.ONNX")
+    clf = Classifier(tmp_path / "MODEL.ONNX")
+    assert clf.kind == "onnx" and clf.classes == CLASSES
