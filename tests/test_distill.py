@@ -158,19 +158,24 @@ def test_mixed_cross_entropy_is_split_between_the_two_labels_by_lam():
     assert half == pytest.approx((kd_loss(s, t, y, **kw).item() + kd_loss(s, t, other, **kw).item()) / 2)
 
 
-def test_mixup_shows_teacher_and_student_the_same_blend_of_two_images():
-    teacher = build_model("fastnet", 3, widths=[4, 8, 8], stem_width=4).eval()
-    student = build_model("fastnet", 3, widths=[4, 4, 4], stem_width=4)
+def _mixup_module(mixup: float, classes: int = 3, alpha: float = 0.5) -> DistillerModule:
+    teacher = build_model("fastnet", classes, widths=[4, 8, 8], stem_width=4).eval()
+    student = build_model("fastnet", classes, widths=[4, 4, 4], stem_width=4)
     module = DistillerModule(student, teacher, method="kd",
-                             method_kwargs={"temperature": 4.0, "alpha": 0.9, "mixup": 1.0},
+                             method_kwargs={"temperature": 4.0, "alpha": alpha, "mixup": mixup},
                              lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1,
                              channels_last=False)
+    module._train_sums = torch.zeros(3)
+    return module
+
+
+def test_mixup_shows_teacher_and_student_the_same_blend_of_two_images():
+    module = _mixup_module(1.0, alpha=0.9)
     seen = {}
-    teacher.register_forward_pre_hook(lambda m, a: seen.__setitem__("teacher", a[0].clone()))
-    student.register_forward_pre_hook(lambda m, a: seen.__setitem__("student", a[0].clone()))
+    module.teacher.register_forward_pre_hook(lambda m, a: seen.__setitem__("teacher", a[0].clone()))
+    module.model.register_forward_pre_hook(lambda m, a: seen.__setitem__("student", a[0].clone()))
     values = torch.arange(8.0) / 8
     x = values.view(-1, 1, 1, 1).expand(8, 3, 32, 32).contiguous()  # image i: every pixel i/8
-    module._train_sums = torch.zeros(3)
     torch.manual_seed(0)
     loss = module.training_loss((x, torch.arange(8) % 3))
     assert torch.isfinite(loss)
@@ -185,22 +190,15 @@ def test_mixup_splits_the_cross_entropy_with_the_label_of_the_image_each_blend_t
     """With distill.mixup each image i is blended with image j = other[i] (lam_i of its own): the loss gets
     mixed_with = (labels of the j's, lam), so the second cross-entropy term is against the label of the image
     the blend really contains, not the image's own label again (mixup would then teach nothing of image j)."""
-    classes = 8
-    teacher = build_model("fastnet", classes, widths=[4, 8, 8], stem_width=4).eval()
-    student = build_model("fastnet", classes, widths=[4, 4, 4], stem_width=4)
-    module = DistillerModule(student, teacher, method="kd",
-                             method_kwargs={"temperature": 4.0, "alpha": 0.5, "mixup": 1.0},
-                             lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1,
-                             channels_last=False)
+    module = _mixup_module(1.0, classes=8)
     calls, seen = [], {}
     loss_fn = module.loss_fn
     module.loss_fn = lambda *a, **kw: calls.append(kw) or loss_fn(*a, **kw)
-    student.register_forward_pre_hook(lambda m, a: seen.__setitem__("student", a[0].clone()))
+    module.model.register_forward_pre_hook(lambda m, a: seen.__setitem__("student", a[0].clone()))
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])  # one image per class: a label names its image
     index = torch.empty(8, dtype=torch.long)
     index[labels] = torch.arange(8)
-    module._train_sums = torch.zeros(3)
     torch.manual_seed(0)
     module.training_loss((x, labels))
     (kw,) = calls
@@ -209,17 +207,6 @@ def test_mixup_splits_the_cross_entropy_with_the_label_of_the_image_each_blend_t
     w = lam.view(-1, 1, 1, 1)
     torch.testing.assert_close(seen["student"], w * x + (1 - w) * x[other])
     assert not torch.equal(other_labels, labels)  # the blends do take in other images
-
-
-def _mixup_module(mixup: float, classes: int = 3) -> DistillerModule:
-    teacher = build_model("fastnet", classes, widths=[4, 8, 8], stem_width=4).eval()
-    student = build_model("fastnet", classes, widths=[4, 4, 4], stem_width=4)
-    module = DistillerModule(student, teacher, method="kd",
-                             method_kwargs={"temperature": 4.0, "alpha": 0.5, "mixup": mixup},
-                             lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, warmup_fraction=0.1,
-                             channels_last=False)
-    module._train_sums = torch.zeros(3)
-    return module
 
 
 def test_mixup_draws_each_images_lam_from_beta_m_m_and_its_partner_from_the_seeded_generator():
