@@ -133,6 +133,32 @@ def test_the_training_step_scales_fp16_gradients_as_automatic_optimization_does(
     assert scales[0] == scales[1] and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_a_fit_calls_no_inherited_empty_step_hook_and_every_overridden_one(monkeypatch, tmp_path):
+    """Lightning calls each step hook on every callback and on the module (about ten Python calls each): those
+    left as the base class's no-op are skipped, the overridden ones run each step, and all are back after."""
+    from pytorch_lightning.callbacks import Callback
+
+    from transferkit.training.hooks import STEP_HOOKS
+
+    empty = []
+    for base in (Callback, pl.LightningModule):  # the no-ops, counted: each is still the one the classes inherit
+        for name in STEP_HOOKS:
+            monkeypatch.setattr(base, name, lambda *args, _n=name, **kwargs: empty.append(_n))
+
+    class Counted(Callback):
+        steps = 0
+
+        def on_train_batch_end(self, *args) -> None:
+            Counted.steps += 1
+
+    counted, module = Counted(), _module("classifier")
+    trainer_cfg = {**compose("experiment=smoke").trainer, "loggers": ["csv"], "checkpoint_budget": 0}
+    fit(module, TaskDataModule(_task(8), 8, 64), trainer_cfg, tmp_path, max_epochs=2, callbacks=(counted,))
+    assert empty == [] and Counted.steps == 2 * 3  # 24 images in batches of 8, two epochs
+    assert module.trained_images == 2 * 24  # the module's own on_train_batch_end ran every step too
+    assert all(callable(getattr(o, name)) for o in (counted, module) for name in STEP_HOOKS)
+
+
 def test_the_training_rate_counts_the_images_trained_on(tmp_path):
     """30 images in batches of 8 are 3 steps an epoch (the remainder is dropped): 24 images, not 30."""
     module = ClassifierModule(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8), **SETTINGS)

@@ -22,7 +22,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.plugins import TorchCheckpointIO
-from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from transferkit.errors import NotPlainData, TransferkitError
@@ -30,6 +29,7 @@ from transferkit.io import to_disk
 from transferkit.models.blocknet import BlockNet
 from transferkit.progress import bars_disabled
 from transferkit.training import RESUME_CHECKPOINT, first_process
+from transferkit.training.hooks import NoProfiler, no_empty_hooks
 from transferkit.training.loggers import copy_logs, make_loggers, resume_csv
 from transferkit.training.precision import resolve_precision
 from transferkit.training.ranks import DieOnSigterm, ended_rank
@@ -149,17 +149,6 @@ class DirectCheckpointIO(TorchCheckpointIO):
         to_disk(Path(path))
 
 
-class NoProfiler(PassThroughProfiler):
-    """Lightning's default profiler records nothing, yet enters a generator-based context manager
-    (about ten Python calls) around every hook call, dozens of times a training step; this one
-    enters a reusable null context."""
-
-    _null = contextlib.nullcontext()
-
-    def profile(self, action_name: str) -> contextlib.nullcontext:
-        return self._null
-
-
 def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: bool = False,
                  callbacks: tuple = ()) -> pl.Trainer:
     cfg = dict(trainer_cfg)
@@ -261,7 +250,7 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
             resume_csv(trainer, saved / "logs" / "csv" / "metrics.csv")
     start, parent = time.perf_counter(), os.getppid()
     try:
-        with _environ(threads):  # set for the fit alone
+        with _environ(threads), no_empty_hooks(module, trainer.callbacks):  # set for the fit alone
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt if resume else None, weights_only=True)
     except SIGTERMException as e:  # a SystemExit without a code: the process would exit 0 and DVC record the stage
         raise SystemExit(128 + signal.SIGTERM) from e  # as done; 143 is what a shell reports for a SIGTERM
