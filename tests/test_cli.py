@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -652,6 +653,19 @@ def test_output_cut_short_by_its_reader_ends_quietly(smoke_artifacts):
     proc = subprocess.run(f"{command} | head -c 1", shell=True, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout == "|" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_a_completion_script_cut_short_by_its_reader_ends_quietly():
+    """`transferkit -sc install=bash | head -1`: Hydra prints the script, and reported a closed pipe in a traceback."""
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # a reader gone before the first write: the write fails with EPIPE every time
+    proc = subprocess.run([sys.executable, "-m", "transferkit.cli", "-sc", "install=bash"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert proc.stderr == "" and proc.returncode == -signal.SIGPIPE  # as `yes | head` ends: no output, no line
 
 
 def test_minus_m_among_the_overrides_runs_the_sweep(tmp_path):

@@ -107,10 +107,9 @@ def _params_mode(stage: str, args: list[str]) -> None:
 
 
 def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
-    """Run one Hydra job's stage as `transferkit STAGE --params FILE --out DIR` in a fresh
-    process. Under DDP, Lightning starts the other ranks by re-running the command line; under
-    Hydra it re-runs the whole (multi)run, which makes duplicate output folders and, in a
-    sweep, launches every point again. A child that knows nothing of Hydra avoids both."""
+    """Run one Hydra job's stage as `transferkit STAGE --params FILE --out DIR` in a fresh process. Under DDP,
+    Lightning starts the other ranks by re-running the command line; under Hydra it re-runs the whole (multi)run,
+    making duplicate output folders and, in a sweep, launching every point again. A child without Hydra does neither."""
     import subprocess
 
     from transferkit.config.compose import params_text
@@ -216,6 +215,8 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
 
     # the name Hydra's help shows; a completion script registers the command itself (_shell_completion)
     sys.argv = ["transferkit" if args.shell_completion else f"transferkit {stage}", *argv]
+    if args.shell_completion:  # `| head`: Hydra would print the closed pipe's BrokenPipeError as a traceback
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         app()
     except Refused as e:
