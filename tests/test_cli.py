@@ -831,3 +831,21 @@ def test_check_params_says_a_missing_dvc_yaml_is_missing(tmp_path, capsys):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 1
     assert capsys.readouterr().err.splitlines()[0] == f"{tmp_path / 'dvc.yaml'} is missing: the stage table writes it"
+
+
+def test_check_params_says_an_override_its_header_records_is_gone_from_conf(tmp_path, capsys):
+    """A renamed experiment: it said "experiment=smokey: conf/experiment/ has no such option", not that the value
+    comes from params.yaml's header, and exited 2 as for a bad command."""
+    import shutil
+
+    from transferkit import cli as transferkit_cli
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    text = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(re.sub(r"(?m)^# overrides:.*$", "# overrides: experiment=smokey", text))
+    assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 1
+    drift, fix = capsys.readouterr().err.splitlines()
+    assert drift == (f"{tmp_path / 'params.yaml'} is composed with experiment=smokey (its header says so), which "
+                     f"conf/ composes no longer: experiment=smokey: conf/experiment/ has no such option.")
+    assert fix.startswith("Fix: run `transferkit params` with overrides conf/ has (use one of cifar10_full, "), fix

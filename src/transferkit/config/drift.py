@@ -58,7 +58,12 @@ def regenerate_fix(params_path: Path, conf_dir: Path | None = None) -> str:
     base, fix = recorded_overrides(params_path) or [], ""
     try:
         base = project_overrides(params_path)
-        cfg, saved = compose(base, conf_dir), flatten(read_params(params_path))
+        try:
+            cfg = compose(base, conf_dir)
+        except TransferkitError as e:  # its own overrides compose no longer: the options conf/ has
+            options = str(e).partition(" Fix: ")[2].rstrip(".")
+            return f"Fix: run `transferkit params` with overrides conf/ has ({options}); commit the files it writes."
+        saved = flatten(read_params(params_path))
         composed, raw = flatten(to_params(cfg)), flatten(OmegaConf.to_container(cfg, resolve=False))
         keep = {k: saved[k] for k in differing(saved, composed) if k in saved and k in composed and k != "name"}
         others = [o for o in base if override_key(o) not in keep]
@@ -80,7 +85,11 @@ def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str
         saved = read_params(params_path)
     except TransferkitError as e:  # the message without its fix, which regenerate_fix gives
         return [str(e).split(" Fix: ")[0]]
-    drift = [f"params.yaml differs from conf/: {d}" for d in params_drift(params_path, conf_dir)]
+    try:
+        drift = [f"params.yaml differs from conf/: {d}" for d in params_drift(params_path, conf_dir)]
+    except TransferkitError as e:  # an option conf/ has no longer (a renamed experiment), recorded in its header
+        return [f"{params_path} is composed with {' '.join(project_overrides(params_path))} (its header says so), "
+                f"which conf/ composes no longer: {str(e).split(' Fix: ')[0]}"]
     dvc_file = params_path.parent / "dvc.yaml"
     want = dvc_yaml_text(saved, params_path.parent)
     if not dvc_file.exists():
