@@ -911,6 +911,50 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
         check_inputs("transfer", cfg, {"seed"}, {}, Path("p.yaml"))
 
 
+def test_an_input_made_by_dvc_repro_with_other_code_is_named_with_the_fix(tmp_path, monkeypatch):
+    """Its settings match, but a source file of its stage has changed since `dvc repro` made it (dvc.lock records
+    another md5): every point of a sweep trained on it, an output of the code before the edit."""
+    import hashlib
+
+    from transferkit.config.compose import params_text, to_params
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import check_inputs
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke"), ["experiment=smoke"]))
+    monkeypatch.chdir(tmp_path)
+    cfg = compose("experiment=smoke", tmp=tmp_path)
+    (folder := tmp_path / "artifacts" / "prepare").mkdir(parents=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(to_params(cfg)))
+    code = tmp_path / "src" / "transferkit" / "stages" / "prepare.py"
+    code.parent.mkdir(parents=True)
+    code.write_text("ran = 1\n")
+
+    def lock(out: str) -> None:
+        made_by = hashlib.md5(b"ran = 1\n").hexdigest()
+        deps = [{"path": "data", "hash": "md5", "md5": "0" * 32 + ".dir"},
+                {"path": "src/transferkit/stages/prepare.py", "hash": "md5", "md5": made_by}]
+        (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prepare": {
+            "cmd": "transferkit prepare --params params.yaml", "deps": deps, "outs": [{"path": out}]}}}))
+
+    lock("artifacts/prepare")
+    check_inputs("pretrain", cfg)  # made with the code there is
+    code.write_text("ran = 2\n")
+    with pytest.raises(TransferkitError, match=rf"^{folder} was made with other code: "
+                                               rf"src/transferkit/stages/prepare.py changed since `dvc repro` made it "
+                                               rf"\(dvc\.lock says so\), and pretrain reads it\. Fix: make it again "
+                                               rf"with this code \(`dvc repro prepare`\), or, where the change "
+                                               rf"cannot alter it, record that it stands \(`dvc commit prepare`\)\.$"):
+        check_inputs("pretrain", cfg)
+    code.unlink()  # a file deleted since is changed too
+    with pytest.raises(TransferkitError, match="was made with other code"):
+        check_inputs("pretrain", cfg)
+    lock("other/prepare")  # dvc.lock says how another folder was made: its saved params.yaml is all there is
+    check_inputs("pretrain", cfg)
+    (tmp_path / "dvc.lock").write_text("stages: [unclosed")  # a damaged lock: left to DVC to report
+    check_inputs("pretrain", cfg)
+
+
 def _run(stage: str, seed: int, accuracy: float, n: int = 5000):
     """A scored run whose first `accuracy * n` of `n` test images (shuffled by seed) are right."""
     import torch

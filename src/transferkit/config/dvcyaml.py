@@ -131,3 +131,27 @@ def dvc_yaml(params: dict | None = None, root: Path | None = None) -> dict:
 
 def dvc_yaml_text(params: dict | None = None, root: Path | None = None) -> str:
     return HEADER + yaml.safe_dump(dvc_yaml(params, root), sort_keys=False, width=120)
+
+
+def stale_code(name: str, folder: Path, reader: str, conf_dir: Path | None) -> str | None:
+    """What says that `folder`, stage `name`'s output in the project of `conf_dir`, was made with other code than the
+    project has now: the source files that differ from those dvc.lock records for it. None where they agree, or where
+    dvc.lock records no such output (a folder made outside `dvc repro`, which its saved params.yaml describes)."""
+    import hashlib
+
+    if conf_dir is None:  # a params file run outside a project
+        return None
+    root = conf_dir.parent
+    try:
+        lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {}).get(name) or {}
+        if not any((root / out["path"]).resolve() == folder.resolve() for out in lock.get("outs", [])):
+            return None
+        code = [(root / dep["path"], dep) for dep in lock.get("deps", []) if dep["path"].endswith(".py")]
+        changed = [dep["path"] for path, dep in code
+                   if not path.is_file() or hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, KeyError, TypeError):  # no lock, or damaged
+        return None
+    more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+    return (f"{folder} was made with other code: {changed[0]}{more} changed since `dvc repro` made it (dvc.lock says "
+            f"so), and {reader} reads it. Fix: make it again with this code (`dvc repro {name}`), or, where the change "
+            f"cannot alter it, record that it stands (`dvc commit {name}`).") if changed else None

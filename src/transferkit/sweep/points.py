@@ -1,11 +1,9 @@
-"""`transferkit sweep STAGE key=a,b ... [--out DIR]`: every point of a sweep as a DVC stage in
-DIR/dvc.yaml, reading the project's artifacts/ and composed as params.yaml is, plus the sweep; DVC
-runs the points not yet done (a rerun after a crash trains only what is missing) and `collect`
-makes the table (docs/sweeps.md).
+"""`transferkit sweep STAGE key=a,b ... [--out DIR]`: every point of a sweep as a DVC stage in DIR/dvc.yaml, reading
+the project's artifacts/ and composed as params.yaml is, plus the sweep; DVC runs the points not yet done (a rerun
+after a crash trains only what is missing) and `collect` makes the table (docs/sweeps.md).
 
-Every point is composed and validated before any runs: Hydra itself finds a bad value only when
-it reaches that job, after the earlier points have trained for minutes.
-"""
+Every point is composed and validated before any runs: Hydra itself finds a bad value only when it reaches that job,
+after the earlier points have trained for minutes."""
 
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ from transferkit.config.compose import (QUOTING, compose, find_conf_dir, group_c
                                         project_overrides, read_yaml, to_params)
 from transferkit.config.drift import params_drift, regenerate_fix
 from transferkit.config.overrides import override_key
-from transferkit.config.dvcyaml import code_files, tracked_params
+from transferkit.config.dvcyaml import code_files, stale_code, tracked_params
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
 from transferkit.plain import differing, flatten, under
@@ -137,12 +135,12 @@ def exp_run_sets(key: str) -> str:
 
 def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, folders: dict | None = None,
                  params_file: Path | None = None) -> None:
-    """A run reads the outputs of earlier stages under paths.artifacts_dir (or in `folders`, by stage),
-    whatever its own settings say: a setting of theirs that differs (a swept pretrain.epochs,
-    data.target.train_per_class) would make every point reuse one earlier result. Each output's saved
-    params.yaml says what made it. `given`: the keys the command line set (None: all); the others come
-    from the project's params.yaml, so an output made with another value of one is older than params.yaml,
-    not another sweep's. `params_file`: the run's (`--params`), where experiment= is no override."""
+    """A run reads the outputs of earlier stages under paths.artifacts_dir (or in `folders`, by stage), whatever its
+    own settings say: a setting of theirs that differs (a swept pretrain.epochs, data.target.train_per_class) would
+    make every point reuse one earlier result. Each output's saved params.yaml says what made it, and dvc.lock with
+    what code. `given`: the keys the command line set (None: all); the others come from the project's params.yaml,
+    so an output made with another value of one is older than params.yaml, not another sweep's. `params_file`: the
+    run's (`--params`), where experiment= is no override."""
     mine = flatten(to_params(cfg))
     for name in BY_NAME[stage].reads:
         saved_file = Path((folders or {}).get(name) or Path(cfg.paths.artifacts_dir) / name) / "params.yaml"
@@ -158,6 +156,8 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, fol
                    f"made" if params_file else f"add experiment={saved.get('name')} (and no name=, which it sets)")
             raise TransferkitError(f"{saved_file.parent} was made by experiment={saved.get('name')}, this run composes "
                                    f"experiment={mine.get('name')}, and {stage} reads it. Fix: {fix}.")
+        if stale := stale_code(name, saved_file.parent, stage, find_conf_dir(required=False)):
+            raise TransferkitError(stale)  # its settings may match: the code that ran with them does not
         # a key both have first: a key only one has follows from another that differs (model=vgg_mini has
         # no model.bn_momentum), or from code that changed since
         found = [k for k in sorted(differing(mine, saved), key=lambda k: k not in mine or k not in saved)
