@@ -1062,3 +1062,68 @@ def test_an_onnx_file_named_in_capitals_is_read_as_onnx(tmp_path):
     shutil.copy(_crafted_onnx(tmp_path / "model.onnx"), tmp_path / "MODEL.ONNX")
     clf = Classifier(tmp_path / "MODEL.ONNX")
     assert clf.kind == "onnx" and clf.classes == CLASSES
+
+
+def test_the_check_counts_agreement_and_top1_from_the_runtimes_own_logits():
+    """A runtime that picks another class on one image of four agrees with PyTorch on 3/4 of them and scores
+    its own top-1 against the labels, not PyTorch's."""
+    from transferkit.deploy.export import compare
+
+    ref = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [1.0, 4.0]], dtype=np.float32)
+    other = ref.copy()
+    other[1] = [3.0, 0.0]
+    result = compare(ref, other, torch.tensor([0, 1, 0, 1]), 1e-4)
+    assert result["top1_agreement"] == 0.75 and result["top1"] == 0.75 and not result["within"]
+    assert compare(ref, ref, torch.tensor([0, 1, 0, 1]), 1e-4)["top1"] == 1.0
+
+
+def test_export_json_records_each_files_size_and_the_pytorch_top1_on_the_test_set(exported):
+    root, test_set, models = exported
+    folder, result = models["fastnet"]
+    files = folder / "export"
+    assert result["bytes"] == {"onnx": (files / "model.onnx").stat().st_size,
+                               "torchscript": (files / "model.torchscript.pt").stat().st_size,
+                               "checkpoint": (folder / "model.pt").stat().st_size}
+    model, _ = load_checkpoint(folder / "model.pt", "prune")
+    task = torch.load(test_set, weights_only=True)
+    with torch.no_grad():
+        predicted = model.eval()(task["test_x"].float() / 255).argmax(1)
+    assert result["pytorch"]["top1"] == pytest.approx(float((predicted == task["test_y"]).float().mean()))
+
+
+def test_export_gives_back_the_thread_count_it_found(exported, tmp_path):
+    """--threads sets the threads of the checks and the latency only: export() called in a process (as the
+    pipeline's export stage is) leaves torch's thread count for whatever runs next."""
+    root, test_set, models = exported
+    before = torch.get_num_threads()
+    export(models["fastnet"][0] / "model.pt", tmp_path / "export", test_set, repeats=1, batch_size=16,
+           threads=before + 1, log=lambda *_: None)
+    assert torch.get_num_threads() == before
+
+
+def test_a_scan_node_counts_as_control_flow_as_a_loop_does(tmp_path):
+    """Scan iterates over a dimension of its input, which a file can make as long as it likes: predict refuses
+    it before it runs, as it refuses a Loop."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from transferkit.deploy.sessions import control_flow
+
+    body = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "body",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    scan = helper.make_node("Scan", ["features"], ["logits"], body=body, num_scan_inputs=1)
+    graph = helper.make_graph([helper.make_node("Flatten", ["images"], ["features"]), scan], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 1, 1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "scan.onnx"))
+    assert control_flow(tmp_path / "scan.onnx") == "Scan"
+    assert control_flow(_crafted_onnx(tmp_path / "plain.onnx")) is None
+
+
+def test_a_damaged_onnx_file_is_one_error_line_that_calls_it_unreadable(tmp_path, capsys):
+    """ONNX Runtime's own exception for a file it cannot parse (a cut download, another format) ended in its
+    traceback."""
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07not really a protobuf")
+    line = _one_error(capsys, ["predict", str(tmp_path / "model.onnx"), str(_write_images(tmp_path / "images")[0])])
+    assert f"{tmp_path / 'model.onnx'} is not a readable ONNX model" in line and "Fix: write it again" in line, line

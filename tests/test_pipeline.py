@@ -250,6 +250,12 @@ def test_an_unstructured_prune_goes_through_export_quantize_and_evaluate(smoke_a
     assert json.loads((art / "prune" / "metrics.json").read_text())["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert json.loads((art / "quantize" / "quantize.json").read_text())["produced_by"].startswith(
         "quantization-aware fine-tuning (1 epochs")
+    import onnx
+    from onnx import numpy_helper
+
+    convs = [numpy_helper.to_array(t) for t in onnx.load(str(art / "quantize" / "qat" / "model_fp32.onnx")).graph
+             .initializer if len(t.dims) == 4]  # fine-tuned for INT8, the zeros pruning left stay zero
+    assert sum(int((w == 0).sum()) for w in convs) / sum(w.size for w in convs) >= 0.45
     report = (art / "evaluate" / "report.md").read_text()
     assert "unstructured: single weights zeroed" in report and "test-time augmentation: flip_translate" in report
     assert "Top-1 averages each test image's 6 views" in report

@@ -426,6 +426,7 @@ def test_every_criterion_runs_the_prune_stage(tmp_path, criterion):
     assert metrics["macs_after"] <= (1 - 0.7) * metrics["macs_before"]
     model, ckpt = load_checkpoint(tmp_path / "artifacts" / "prune" / "model.pt", "prune")
     assert ckpt["arch"]["pruned"] and count_macs(model) == metrics["macs_after"]
+    assert metrics["macs_reduction"] == pytest.approx(metrics["macs_before"] / metrics["macs_after"])
 
 
 def test_recovery_can_learn_from_the_unpruned_student(tmp_path):
@@ -605,3 +606,80 @@ def test_report_describes_unstructured_pruning_by_its_sparsity():
                                       "prune": {"latency_ms_bs1": 7.0, "latency_ms_bs1_1thread": 1.0}}))
     assert "measured batch-1 latency 3.50x higher (2.00x lower on one thread)" in slower
     assert "(not measured on one thread)" in channels
+
+
+@pytest.mark.parametrize("criterion, survivors", [("l1", "flat"), ("l2", "spiky")])
+def test_l1_ranks_a_channel_by_the_sum_of_its_weights_magnitudes_and_l2_by_their_squares(criterion, survivors):
+    """Block 1's even channels hold one weight of 20 (l1 20, l2 400), its odd ones 72 weights of 1 (l1 72, l2 72):
+    l1 keeps the odd channels, l2 the even ones. BatchNorm and the next layer weigh every channel alike; a tag in
+    the BatchNorm's running mean says which channels survived."""
+    model = _student()
+    conv, bn, following = model.blocks[1][0][0], model.blocks[1][0][2], model.blocks[1][1][0]
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.weight[::2] = 0.0
+        conv.weight[::2, 0, 0, 0] = 20.0
+        bn.weight.fill_(1.0)
+        following.weight.fill_(1.0)
+        bn.running_mean.copy_(torch.arange(16, dtype=torch.float32))
+    prune_channels(model, criterion=criterion, target="channels", ratio=0.5, keep=["head", "blocks.0"])
+    kept = sorted(int(t) for t in model.blocks[1][0][2].running_mean)
+    assert kept == list(range(1 if survivors == "flat" else 0, 16, 2)), kept
+
+
+def test_group_regularizer_leaves_the_channels_keep_names_alone():
+    """prune.keep=[head, blocks.2]: sparse learning pulls no output channel of blocks.2 towards zero (its
+    BatchNorm entries get no pull), as the cut removes none of them; the other blocks' are pulled."""
+    model = _student()
+    regularize = group_regularizer(model, reg=1e-3, keep=["head", "blocks.2"])
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    regularize()
+    norms = lambda block: [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # noqa: E731
+    assert all(not bn.weight.grad.any() for bn in norms(model.blocks[2]))
+    assert all(bn.weight.grad.any() for bn in norms(model.blocks[1]) + norms(model.blocks[3]))
+
+
+def test_unstructured_keep_names_a_block_not_every_block_whose_number_starts_alike():
+    """prune.keep=[head, blocks.1] keeps vgg_mini's blocks.1, not blocks.10 (its second linear layer) too."""
+    torch.manual_seed(0)
+    model = build_model("vgg_mini", 5, widths=[8] * 9, fc_width=16).eval()
+    kept = {k: v.clone() for k, v in model.blocks[1].state_dict().items()}
+    prune_weights(model, 0.5, ["head", "blocks.1"], criterion="l1", scope="layer")
+    make_permanent(model)
+    assert all(torch.equal(v, model.blocks[1].state_dict()[k]) for k, v in kept.items())
+    linear = next(m for m in model.blocks[10].modules() if isinstance(m, torch.nn.Linear))
+    assert float((linear.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_sparsity_counts_the_weights_that_are_exactly_zero():
+    """A weight of 1e-4 is a weight that computes: only zeros count as pruned."""
+    model = _student()
+    layers = [m for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+              and not name.startswith("head")]
+    with torch.no_grad():
+        for m in layers:
+            m.weight.fill_(1e-4)
+        layers[1].weight.zero_()
+    total = sum(m.weight.numel() for m in layers)
+    assert sparsity(model, ["head"]) == layers[1].weight.numel() / total
+
+
+def test_the_unstructured_stage_reports_the_sparsity_of_the_layers_it_may_prune(tmp_path):
+    """prune.keep=[head, blocks.1]: blocks.1 keeps every weight, and the sparsity the stage reports is that of
+    the layers it pruned (the ratio), not diluted by the ones it kept."""
+    cfg = _smoke_with_student(tmp_path, "prune.mode=unstructured", "prune.ratio=0.5", "prune.keep=[head,blocks.1]",
+                              "prune.epochs=1")
+    metrics = run("prune", cfg)
+    model, _ = load_checkpoint(tmp_path / "artifacts" / "prune" / "model.pt", "prune")
+    assert all((m.weight != 0).all() for m in model.blocks[1].modules() if isinstance(m, torch.nn.Conv2d))
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=0.02) == sparsity(model, ["head", "blocks.1"])
+
+
+def test_a_round_of_a_channel_cut_keeps_the_channel_count_it_names_for_a_layer():
+    """`widths` (a round of a channel cut) names the channels each layer keeps: 24 cut to 8 keeps 8 and 24 cut to
+    11 keeps 11, where the share 1 - k/24 in floats kept int(24 x (1 - share)) = k - 1."""
+    model = build_model("fastnet", 5, widths=[24, 32, 32], stem_width=8).eval()
+    prune_channels(model, criterion="l2", target="channels", ratio=0.5, keep=["head"],
+                   widths={"blocks.1.0.0": 8, "blocks.1.1.0": 11})
+    assert conv_widths(model)[1:3] == [8, 11], conv_widths(model)

@@ -583,3 +583,119 @@ def test_an_exported_model_of_another_task_is_refused_before_it_is_scored(smoke_
                                                r"the target task is .*Fix: rerun 'export' on this task"):
         run_stage(stage, cfg, out, {**inputs_of(stage, artifacts), "export": tmp_path / "export"})
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_fake_quantization_with_one_scale_per_tensor_rounds_to_the_grid_of_the_largest_weight():
+    """quantize.per_channel=false: one scale, the largest |weight| / 64 (reduce_range), for the whole tensor, as
+    ONNX Runtime quantizes it: every weight lands on that grid and none is clipped."""
+    import torch
+
+    from transferkit.deploy.qat import FakeQuantWeight
+
+    w = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    step = w.abs().max() / 64
+    levels = FakeQuantWeight(per_channel=False, reduce_range=True)(w) / step
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert (levels * step - w).abs().max() <= step / 2 + 1e-6 and levels.abs().max() == pytest.approx(64)
+
+
+def test_fake_quantization_gives_each_layers_input_the_256_levels_of_uint8():
+    """The inputs are fake-quantized as ONNX Runtime quantizes them, to uint8: 256 levels over the range
+    training observed, not fewer."""
+    import torch
+
+    from transferkit.deploy.qat import add_fake_quant
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("fastnet", 3, widths=[8, 8, 8], stem_width=8, activation="relu")
+    add_fake_quant(model, per_channel=True, reduce_range=True)
+    model.train()(torch.rand(4, 3, 32, 32))
+    quant = model.blocks[1][0][0].input_quant.eval()
+    seen = quant.activation_post_process
+    levels = torch.unique(quant(torch.linspace(float(seen.min_val), float(seen.max_val), 10_000)))
+    assert 250 <= len(levels) <= 256
+
+
+def test_the_int8_check_scores_each_file_by_its_own_logits_and_sizes_compare_the_files(tmp_path, monkeypatch):
+    import torch
+
+    from transferkit.deploy import quantize as q
+
+    logits = {"fp32.onnx": [[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]],  # classes 0 1 0 1
+              "int8.onnx": [[2.0, 0.0], [1.5, 0.5], [2.0, 0.0], [1.0, 0.0]]}  # classes 0 0 0 0
+    monkeypatch.setattr(q, "predict_onnx", lambda path, images, batch_size, threads: torch.tensor(logits[path.name]))
+    task = {"val_x": torch.zeros(4, 3, 8, 8, dtype=torch.uint8), "val_y": torch.tensor([0, 1, 0, 1])}
+    got = q.check(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", task, threads=1, split="val")
+    assert got == {"fp32_top1": 1.0, "int8_top1": 0.5, "top1_agreement": 0.5, "max_abs_logit_diff": 2.0,
+                   "n_val": 4}
+    (tmp_path / "fp32.onnx").write_bytes(b"x" * 400)
+    (tmp_path / "int8.onnx").write_bytes(b"x" * 100)
+    assert q.sizes(tmp_path / "fp32.onnx", tmp_path / "int8.onnx") == {"bytes": {"fp32": 400, "int8": 100},
+                                                                       "size_ratio": 4.0}
+
+
+def test_the_int8_model_is_judged_on_training_images_where_the_task_keeps_no_val_images():
+    """Never on the test images it is scored on."""
+    import torch
+
+    from transferkit.deploy.quantize import decision_split
+
+    assert decision_split({"val_y": torch.zeros(3, dtype=torch.long)}) == "val"
+    assert decision_split({"val_y": torch.zeros(0, dtype=torch.long)}) == "train"
+
+
+def test_keep_zeros_fake_quantizes_the_weights_pruning_kept_and_only_those():
+    """An unstructured-pruned student fine-tuned for INT8: its zeros stay zero, and every weight it kept trains
+    fake-quantized, within half a step of its INT8 grid of what it was (not masked away with the zeros)."""
+    import torch
+
+    from transferkit.deploy.qat import QUANTIZED, add_fake_quant
+    from transferkit.models import build_model
+    from transferkit.prune.unstructured import make_permanent, prune_weights
+
+    torch.manual_seed(0)
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu")
+    prune_weights(model, 0.6, ["head"], criterion="l1", scope="layer")
+    make_permanent(model)
+    before = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    add_fake_quant(model, per_channel=True, reduce_range=True, keep_zeros=True)
+    for name, m in model.named_modules():
+        if name in before:
+            w = before[name]
+            half_step = (w.abs().flatten(1).amax(1) / 64 / 2).view(-1, *[1] * (w.dim() - 1))
+            assert not m.weight[w == 0].any() and ((m.weight - w).abs() <= half_step + 1e-6).all(), name
+
+
+def test_a_keep_float_node_whose_weights_no_layer_holds_is_one_error(tmp_path):
+    """The exported file is of another student than the pruned one fine-tuning reads (an export not rerun): the
+    layer keep_float names cannot be found, and the stage says so in one line."""
+    import torch
+
+    from transferkit.deploy.export import export_onnx
+    from transferkit.deploy.fold import deployable
+    from transferkit.deploy.qat import float_layers
+    from transferkit.errors import TransferkitError
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    model = deployable(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu").eval())
+    export_onnx(model, tmp_path / "model.onnx", 32, "legacy", None, log=lambda *_: None)
+    with torch.no_grad():
+        model.head.fc.weight.add_(1.0)  # retrained since the export
+    with pytest.raises(TransferkitError, match=r"holds the weights of no layer of the pruned student.*Fix: export"):
+        float_layers(model, tmp_path / "model.onnx", ["MatMul"])
+
+
+def test_calibration_can_take_every_training_image_and_no_more():
+    import torch
+
+    from transferkit.deploy.quantize import calibration_images
+    from transferkit.errors import TransferkitError
+
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    task = {"train_x": images, "train_y": torch.arange(6) // 3}
+    assert calibration_images(task, 6).shape == (6, 3, 8, 8)
+    for n in (7, 0):  # 0 stopped the comparison before it counted the images: an UnboundLocalError
+        with pytest.raises(TransferkitError, match=rf"quantize.calibration_images={n} is invalid.*set it in 1..6"):
+            calibration_images(task, n)

@@ -29,7 +29,8 @@ FORMATS = ("qoperator", "qdq")
 
 def calibration_images(task: dict, n: int) -> np.ndarray:
     """`n` training images spread evenly over the (class-sorted) train split, as the model takes them."""
-    if not 1 <= n <= (count := len(task["train_y"])):
+    count = len(task["train_y"])
+    if not 1 <= n <= count:
         raise TransferkitError(f"quantize.calibration_images={n} is invalid: the target task has {count} training "
                                f"images to calibrate on. Fix: set it in 1..{count}.")
     return (train_sample(task, n)[0].float() / 255).contiguous().numpy()
