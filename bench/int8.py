@@ -3,9 +3,10 @@ the deployable model (export's fp32 ONNX file) quantized as the quantize stage d
 Runtime's QOperator format (QLinearConv and friends: the default) and in its QDQ format
 (Quantize/DequantizeLinear pairs around float operators, which the runtime fuses), per-channel
 or not, with 7-bit weights (quantize.reduce_range, the default) or 8-bit ones (accurate only on
-CPUs with VNNI: deploy/quantize.py). For each: top-1 on the target test set (no TTA), agreement
-with fp32, file size, batch-1 latency (median) and throughput at batch 256 (best round) on 2
-threads and on 1, the models taking turns.
+CPUs with VNNI: deploy/quantize.py), with minmax calibration (the default) and the other
+quantize.method values. For each: top-1 on the target test set (no TTA), agreement with fp32,
+file size, batch-1 latency (median) and throughput at batch 256 (best round) on 2 threads and on
+1, the models taking turns.
 
     uv run python bench/int8.py --artifacts DIR [--repeats 300] [--throughput-repeats 10] [--profile]
 
@@ -35,7 +36,7 @@ from _common import ROOT, describe, finish, machine, main_of, now, table  # noqa
 from transferkit.config.compose import load_params  # noqa: E402
 from transferkit.deploy.export import add_onnx_metadata, export_onnx  # noqa: E402
 from transferkit.deploy.fold import fold_batchnorm, fold_input_scaling  # noqa: E402
-from transferkit.deploy.quantize import calibration_images, quantize  # noqa: E402
+from transferkit.deploy.quantize import METHODS, calibration_images, quantize  # noqa: E402
 from transferkit.evaluation.speed import cpu_latency_ms, onnx_throughput  # noqa: E402
 from transferkit.evaluation.metrics import predict_onnx  # noqa: E402
 from transferkit.models import load_checkpoint  # noqa: E402
@@ -48,7 +49,10 @@ VARIANTS = {"int8 qoperator, per-channel, 7-bit weights (default)": {"fmt": "qop
                                                            "reduce_range": False},
             "int8 qdq, per-channel, 7-bit weights": {"fmt": "qdq", "per_channel": True, "reduce_range": True},
             "int8 qoperator, per-tensor, 7-bit weights": {"fmt": "qoperator", "per_channel": False,
-                                                          "reduce_range": True}}
+                                                          "reduce_range": True},
+            **{f"int8 qoperator, per-channel, 7-bit weights, {method} calibration":
+               {"fmt": "qoperator", "per_channel": True, "reduce_range": True, "method": method}
+               for method in METHODS if method != "minmax"}}
 
 
 def on_threads(threads: int, measure, *args):
@@ -129,8 +133,8 @@ def main(argv=None) -> int:
                                                                       "reduce_range": True}}
         for name, v in variants.items():
             files[name] = Path(tmp) / f"{len(files)}.onnx"
-            quantize(unpadded if "3 input" in name else fp32, files[name], calibration, method=q["method"],
-                     **{"keep_float": q["keep_float"], **v})
+            quantize(unpadded if "3 input" in name else fp32, files[name], calibration,
+                     **{"method": q["method"], "keep_float": q["keep_float"], **v})
         y = task["test_y"].numpy()
         logits = {name: predict_onnx(path, task["test_x"], 500).numpy() for name, path in files.items()}
         two, one = (on_threads(n, lambda: cpu_latency_ms({}, args.repeats, onnx_files=files)) for n in (2, 1))

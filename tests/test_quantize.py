@@ -216,6 +216,8 @@ def test_keep_float_leaves_the_classifier_in_float(smoke_artifacts, tmp_path):
 
 @pytest.mark.parametrize("method, fmt", [("entropy", "qoperator"), ("percentile", "qoperator"), ("minmax", "qdq")])
 def test_every_calibration_method_and_format_quantizes(smoke_artifacts, tmp_path, method, fmt):
+    """Each method and format gives a file that mostly agrees with fp32, calibrated on every training image: more
+    than one batch, the last one short of 64, which the histogram methods must take as well."""
     import onnx
 
     from transferkit.deploy.quantize import calibration_images, quantize
@@ -226,7 +228,9 @@ def test_every_calibration_method_and_format_quantizes(smoke_artifacts, tmp_path
     artifacts = Path(cfg.paths.artifacts_dir)
     task = load_task(artifacts / "prepare", "target")
     out = tmp_path / "int8.onnx"
-    quantize(artifacts / "export" / "model.onnx", out, calibration_images(task, 16), method=method, fmt=fmt,
+    count = len(task["train_y"])
+    assert count > 64 and count % 64
+    quantize(artifacts / "export" / "model.onnx", out, calibration_images(task, count), method=method, fmt=fmt,
              per_channel=True, reduce_range=True)
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert ({"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops) if fmt == "qdq" else ("QLinearConv" in ops)
@@ -699,3 +703,38 @@ def test_calibration_can_take_every_training_image_and_no_more():
     for n in (7, 0):  # 0 stopped the comparison before it counted the images: an UnboundLocalError
         with pytest.raises(TransferkitError, match=rf"quantize.calibration_images={n} is invalid.*set it in 1..6"):
             calibration_images(task, n)
+
+
+def test_entropy_and_percentile_calibration_clip_the_ranges_minmax_keeps_whole(tmp_path):
+    """quantize.method picks how activation ranges are calibrated: minmax keeps each range whole, while entropy
+    (the KL search over a fine histogram) and percentile clip the rare large values, each in its own way, so
+    the three give three sets of activation scales."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from transferkit.deploy.export import export_onnx
+    from transferkit.deploy.quantize import METHODS, quantize
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    export_onnx(build_model("fastnet", 3, widths=[8, 8, 8], stem_width=8).eval(), tmp_path / "fp32.onnx", 32, "auto",
+                None, log=lambda *_: None)
+    rng = np.random.default_rng(0)
+    calibration = np.clip(0.5 + 0.05 * rng.standard_normal((32, 3, 32, 32), dtype=np.float32), 0, 1)
+    calibration[0, :, :2, :2] = 1.0  # a few extreme pixels: the tails
+    scales = {}
+    for method in METHODS:
+        out = tmp_path / f"{method}.onnx"
+        quantize(tmp_path / "fp32.onnx", out, calibration, method=method, fmt="qoperator", per_channel=True,
+                 reduce_range=True)
+        graph = onnx.load(str(out)).graph
+        tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        # QLinearConv's inputs: x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, ...
+        scales[method] = np.array([float(tensors[n.input[6]]) for n in graph.node if n.op_type == "QLinearConv"])
+    assert len(scales["minmax"]) >= 4
+    for method in ("entropy", "percentile"):
+        assert (scales[method] <= scales["minmax"] * (1 + 1e-6)).all(), method  # a clipped range, never a wider one
+        assert not np.allclose(scales[method], scales["minmax"], rtol=1e-4), method
+    assert (scales["entropy"] < 0.5 * scales["minmax"]).any()  # the KL search cuts a long tail hard
+    assert not np.allclose(scales["entropy"], scales["percentile"], rtol=1e-4)

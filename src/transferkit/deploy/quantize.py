@@ -24,6 +24,10 @@ from transferkit.evaluation.metrics import predict_onnx
 from transferkit.io import disk_full
 
 METHODS = ("minmax", "entropy", "percentile")
+# Calibrator settings by method. quantize_static builds the entropy calibrator with 128 histogram bins,
+# as many as the KL search's quantized bins, so its only candidate is the full range (minmax's); 2048
+# bins give the search TensorRT's and PyTorch's histogram resolution.
+CALIBRATOR_OPTIONS = {"minmax": {}, "entropy": {"num_bins": 2048}, "percentile": {}}
 FORMATS = ("qoperator", "qdq")
 
 
@@ -57,15 +61,19 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
              reduce_range: bool, keep_float=()) -> float:
     """Write the INT8 model to `out`; returns the seconds it took."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
+                                          create_calibrator, quant_pre_process, quantize_static)
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     if method not in METHODS or fmt not in FORMATS:
         raise TransferkitError(f"quantize.method={method!r} / quantize.format={fmt!r}: use a method of {list(METHODS)} "
                                f"and a format of {list(FORMATS)}. Fix: set them in conf/ or as overrides.")
 
+    # batches of one size: the histogram calibrators (entropy, percentile) stack all batches' activations as one array
+    size = next(d for d in range(min(64, len(calibration)), 0, -1) if len(calibration) % d == 0)
+
     class Batches(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter({"images": calibration[i:i + 64]} for i in range(0, len(calibration), 64))
+            self.batches = iter({"images": calibration[i:i + size]} for i in range(0, len(calibration), size))
 
         def get_next(self):
             return next(self.batches, None)
@@ -76,12 +84,18 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
         try:  # shape inference and graph clean-up first, as ONNX Runtime recommends
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
             excluded = float_nodes(prepared, keep_float, shown=fp32)
-            quantize_static(str(prepared), str(out), Batches(), per_channel=per_channel, reduce_range=reduce_range,
+            calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                "percentile": CalibrationMethod.Percentile}[method]
+            # the ranges are computed here and handed over as quantize_static's cache: it takes no calibrator settings
+            calibrator = create_calibrator(prepared, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                           calibrate_method=calibrate_method, extra_options=CALIBRATOR_OPTIONS[method])
+            calibrator.collect_data(Batches())
+            save_tensors_data(calibrator.compute_data(), Path(tmp) / "ranges.json")
+            quantize_static(str(prepared), str(out), None, per_channel=per_channel, reduce_range=reduce_range,
                             nodes_to_exclude=excluded,
                             quant_format={"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}[fmt],
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                              "percentile": CalibrationMethod.Percentile}[method])
+                            calibrate_method=calibrate_method, calibration_cache_path=str(Path(tmp) / "ranges.json"))
         except TransferkitError:
             raise
         except Exception as e:  # onnx/onnxruntime raise many types for models they cannot handle
