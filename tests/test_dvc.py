@@ -97,6 +97,17 @@ def test_dvc_yaml_is_generated_from_the_stage_table():
     assert not any(k in stages["pretrain"]["params"] for k in ("trainer.progress_bar", "trainer.checkpoint_budget"))
 
 
+def test_dvc_files_are_read_as_the_safe_yaml_parser_reads_them_and_as_data_only():
+    """dvc.yaml and dvc.lock are read with libyaml's parser where PyYAML has it: the same values as yaml.safe_load
+    gives for the project's own files, and a tag that would build a Python object is refused, not run."""
+    from transferkit.plain import dvc_file_data
+
+    for name in ("dvc.yaml", "dvc.lock"):
+        text = (ROOT / name).read_text()
+        assert dvc_file_data(text) == yaml.safe_load(text), name
+    with pytest.raises(yaml.YAMLError, match="python/object"):
+        dvc_file_data("stages: !!python/object/apply:os.system ['echo ran']\n")
+
 
 @pytest.mark.parametrize("experiment, pretrain_validates", [("cifar10_split", False), ("smoke", True)])
 def test_the_validation_plot_names_only_curves_the_stages_write(experiment, pretrain_validates):

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
+from transferkit.plain import dvc_file_data
 from transferkit.stages import BY_NAME, inputs_of, module_of, named_files
 from transferkit.training import first_process
 
@@ -61,7 +62,7 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
 def dvc_entry(dvc_file: Path, name: str) -> tuple[list, list] | None:
     """The deps and outs of stage `name` in `dvc_file`; None where it has no such entry (or is no dvc.yaml)."""
     try:
-        entry = yaml.safe_load(dvc_file.read_text())["stages"][name]
+        entry = dvc_file_data(dvc_file.read_text())["stages"][name]
         return entry.get("deps") or [], [next(iter(o)) if isinstance(o, dict) else o for o in entry["outs"]]
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, StopIteration):  # not one of ours
         return None

@@ -16,7 +16,6 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
 
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
@@ -24,7 +23,7 @@ from transferkit.evaluation.plots import sweep_png
 from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import make_folder, save_json, save_text
-from transferkit.plain import flatten, under
+from transferkit.plain import dvc_file_data, flatten, under
 from transferkit.project import is_runs_file, stale_stages
 from transferkit.stages import TARGET_MODELS
 from transferkit.sweep.points import NOT_SWEPT, made_with
@@ -43,7 +42,7 @@ def run_roots(d: Path) -> list[tuple[Path, str | None]]:
                                    f"earlier sweep into it, which its dvc.yaml no longer lists, would count too. Fix: "
                                    f"give the sweep folders themselves (`transferkit collect {inner} ...`).")
         return [(d, None)]
-    stages = {name: stage for name, stage in yaml.safe_load((home / "dvc.yaml").read_text())["stages"].items()
+    stages = {name: stage for name, stage in dvc_file_data((home / "dvc.yaml").read_text())["stages"].items()
               if any((home / out).resolve().is_relative_to(d.resolve()) for out in stage["outs"])}
     if stale := [out for name in stale_stages(home) if name in stages for out in stages[name]["outs"]]:
         raise TransferkitError(f"{d} has points not made with their settings and code as they are now ("
