@@ -771,6 +771,33 @@ def test_the_memory_cap_is_a_quarter_of_a_container_limit_below_the_machines(tmp
     assert memory.memory_limit() == min(psutil.virtual_memory().total, 2_000_000_000) // 4
 
 
+def test_a_container_limit_above_the_machines_memory_leaves_the_machines_cap(tmp_path, monkeypatch):
+    """cgroup v1 writes "no limit" as a number (9223372036854771712): the cap stays a quarter of the machine's
+    memory, and a group's limit file this process may not read is passed over, the readable ones still count."""
+    import psutil
+
+    from transferkit.data import memory
+
+    monkeypatch.setattr(memory, "cgroup_limit", lambda: 9223372036854771712)
+    assert memory.memory_limit() == psutil.virtual_memory().total // 4
+    monkeypatch.undo()
+    root, proc = tmp_path / "cgroup", tmp_path / "cgroup.txt"
+    proc.write_text("0::/slice/job\n")
+    for group, limit in [("slice", "2000000000"), ("slice/job", "1000000000")]:
+        (root / group).mkdir(parents=True)
+        (root / group / "memory.max").write_text(limit + "\n")
+    unreadable = root / "slice" / "job" / "memory.max"
+    read_text = Path.read_text
+
+    def refused(path, *args, **kwargs):
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    assert memory.cgroup_limit(proc, root) == 2_000_000_000
+
+
 def test_an_archive_is_read_in_chunks_never_asking_for_the_whole_limit(tmp_path, monkeypatch):
     """A reader allocates what it is asked for up front: asking for the limit (a quarter of the memory) at
     once fails under `ulimit -v` and costs time for every small member."""

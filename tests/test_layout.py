@@ -45,6 +45,18 @@ def test_predict_matches_the_default_layout(name, tta):
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
+def test_predict_scores_a_model_left_in_training_mode_as_in_eval_mode():
+    """A model handed over in training mode (as a stage's trainer leaves it) is scored with its BatchNorm running
+    statistics and no dropout, not with each batch's own statistics: the logits do not depend on the batching."""
+    model = _model("fastnet")
+    images = _images(8)
+    with torch.no_grad():
+        want = model.eval()(images.float() / 255)
+    model.train()
+    torch.testing.assert_close(predict(model, images, batch_size=3), want, rtol=1e-4, atol=1e-5)
+    assert not model.training  # left in eval mode, as predict puts it
+
+
 def test_flip_translate_tta_averages_airbenchs_six_views():
     import torch.nn.functional as F
 

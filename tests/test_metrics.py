@@ -76,3 +76,13 @@ def test_t_critical_value_beyond_30_degrees_of_freedom_is_t_not_the_normal():
     m = mean_difference(diffs)
     s = torch.tensor(diffs, dtype=torch.float64).std().item()
     assert m["ci95"][1] - m["difference"] == pytest.approx(2.021 * s / 41 ** 0.5, rel=1e-9)
+
+
+def test_the_wilson_interval_holds_the_observed_accuracy_and_stays_within_0_and_1():
+    """At 0 or 100% the bound on that side is the accuracy itself: unclamped, rounding puts it a hair past it
+    (0 of 3 right: a lower bound of 5.6e-17, an interval that excludes the 0% it was computed from)."""
+    for n in range(1, 200):
+        for correct in range(n + 1):
+            lo, hi = wilson_interval(correct, n)
+            assert 0.0 <= lo <= correct / n <= hi <= 1.0, (correct, n, lo, hi)
+    assert wilson_interval(0, 3)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0

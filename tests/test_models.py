@@ -416,6 +416,14 @@ def test_count_macs_conv_plus_linear():
     assert count_macs(net) == 216 * 32 * 32 + 40
 
 
+def test_count_params_counts_frozen_parameters_too():
+    """A model's size is every parameter it holds: a probe's frozen backbone counts, not its trainable head alone."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 5, bias=False))
+    net[0].requires_grad_(False)
+    assert count_params(net) == 216 + 40
+
+
 def test_resnet18_cost_is_plausible():
     model = build_model("resnet18", 5)
     # CIFAR ResNet-18 (3x3 stride-1 stem): ~11.17M parameters and ~0.56 GMACs at 32x32

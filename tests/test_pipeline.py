@@ -78,6 +78,19 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 48
 
 
+def test_every_plot_the_report_shows_is_a_file_evaluate_wrote(smoke_artifacts):
+    """report.md shows its plots by file name, each one in evaluate's folder (the deployed ONNX models have no
+    confusion matrix of their own: the pruned model's is theirs), and report.html embeds every one of them."""
+    import re
+
+    cfg, _ = smoke_artifacts
+    out = Path(cfg.paths.artifacts_dir) / "evaluate"
+    shown = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (out / "report.md").read_text())
+    assert "confusion_prune.png" in shown and not [name for name in shown if not (out / name).is_file()]
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', (out / "report.html").read_text())
+    assert len(sources) == len(shown) and all(src.startswith("data:image/png;base64,") for src in sources)
+
+
 def test_evaluate_scores_with_evaluate_tta_and_the_deployed_files_one_view_with_one_view(smoke_artifacts):
     """Every top-1 evaluate reports is over the test-time views of evaluate.tta (smoke: flip), worked here again
     from the saved models and files; the deployed files' top1_one_view is over one view, as `transferkit
@@ -500,6 +513,19 @@ def test_an_interval_bound_that_is_not_0_does_not_print_as_0():
     assert interval(0.0, 1.5) == "+0.0 to +100.0"
 
 
+def test_sizes_and_timings_print_in_units_that_show_them():
+    """A tiny model's file in KB (as MB it read 0.01 MB), a large one's in MB; a timing that timing.json lacks or
+    holds as no number prints as a dash, not a traceback or "None ms"."""
+    from transferkit.evaluation.formats import file_size, measured
+
+    assert file_size(12_345) == "12.3 KB"
+    assert file_size(100_000) == "0.10 MB" and file_size(2_500_000) == "2.50 MB"
+    assert measured({"latency_ms_bs1": 1.234}, "latency_ms_bs1", ".2f", " ms") == "1.23 ms"
+    assert measured({"latency_ms_bs1": None}, "latency_ms_bs1", ".2f", " ms") == "–"
+    assert measured({"latency_ms_bs1": "n/a"}, "latency_ms_bs1", ".2f", " ms") == "–"
+    assert measured({}, "latency_ms_bs1", ".2f", " ms") == "–"
+
+
 def test_the_report_tells_models_of_one_builder_apart():
     from omegaconf import OmegaConf
 
@@ -586,6 +612,16 @@ def test_training_table_shows_a_stage_that_trained_nothing():
                                         "precision": "bf16-mixed", "resumed_at_epoch": 3}})
     assert "| pretrain | 0.0 | – | cpu | 32-true | – |" in text  # under 10 s: with a decimal
     assert "| transfer | 12 | 402 | cuda | bf16-mixed | 3 |" in text and "Training in all: 12 s." in text
+
+
+def test_the_training_table_totals_every_stages_seconds():
+    """"Training in all" is the sum over the stages that trained, a stage without seconds counting as none."""
+    from transferkit.evaluation.tables import training_table
+
+    text = training_table({"pretrain": {"train_seconds": 30.0}, "transfer": {"train_seconds": 12.4},
+                           "probe": {"train_seconds": None}, "evaluate": {}})
+    assert "Training in all: 42 s." in text
+    assert "| evaluate |" not in text and "| probe | – |" in text
 
 
 def test_gradual_unfreezing_and_earlier_block_probe(tmp_path):

@@ -288,10 +288,9 @@ def _rerun_skips_finished_work_and_reruns_what_a_change_touches(tiny):
         stamps[out / "scenario_large_different" / "scratch" / "model.pt"]
 
 
-def test_a_quadrant_names_its_winner_on_val_its_best_on_test_and_the_guidance_against_the_winner(tmp_path,
-                                                                                                monkeypatch):
-    """score_quadrant on made-up scores: the winner is the best on val, the best on test is chosen on test (not
-    on val), and guided_minus_winner_test is the guided strategy's test accuracy minus the winner's."""
+def _scored_quadrant(tmp_path, monkeypatch, scores: dict, size: str = "small", similarity: str = "similar") -> dict:
+    """score_quadrant of a quadrant whose strategies score `scores` (strategy -> (val top-1 or None where the run
+    has no val split, test top-1)) on 120 synthetic test images; the scoring itself is stubbed."""
     import torch
 
     from transferkit.data.synthetic import make_synthetic
@@ -300,25 +299,23 @@ def test_a_quadrant_names_its_winner_on_val_its_best_on_test_and_the_guidance_ag
     from transferkit.io import save_torch
     from transferkit.scenarios.report import strategies
 
-    preset = "scenario_small_similar"
+    preset = f"scenario_{size}_{similarity}"
     task = select_task(make_synthetic(TARGET, 4, 40, seed=0), TARGET, train_per_class=2, val_per_class=1,
                        test_per_class=None, seed=0, role="target")
     save_torch(task, tmp_path / preset / "prepare" / "target.pt")
     n = len(task["test_y"])
     (tmp_path / preset / "prepare" / "summary.json").write_text(json.dumps(
         {"source": {"classes": ANIMALS, "n_train": 30}}))
-    (tmp_path / "pretrain-similar").mkdir()
-    (tmp_path / "pretrain-similar" / "metrics.json").write_text(json.dumps({"test_acc": 0.5}))
-    # val: fine_tune wins; test: linear_probe (the guidance) is best, 10 points over fine_tune
-    scores = {"linear_probe": (0.5, 0.80), "early_probe": (0.4, 0.60), "partial_freeze": (0.6, 0.65),
-              "fine_tune": (0.7, 0.70), "scratch": (0.3, 0.50)}
+    (tmp_path / f"pretrain-{similarity}").mkdir()
+    (tmp_path / f"pretrain-{similarity}" / "metrics.json").write_text(json.dumps({"test_acc": 0.5}))
     plan = strategies()
     for s in plan:
         folder = tmp_path / preset / s.name
         folder.mkdir()
         (folder / "params.yaml").write_text(yaml.safe_dump({"seed": 0, s.stage: {"epochs": 1},
                                                             "pretrain": {"epochs": 1}}))
-        (folder / "metrics.json").write_text(json.dumps({"val_acc": scores[s.name][0]}))
+        val = scores[s.name][0]
+        (folder / "metrics.json").write_text(json.dumps({} if val is None else {"val_acc": val}))
 
     def score(runs, task=None, cache_file=None):
         for r in runs:
@@ -326,15 +323,61 @@ def test_a_quadrant_names_its_winner_on_val_its_best_on_test_and_the_guidance_ag
             r.test_acc = float(r.correct.float().mean())
 
     monkeypatch.setattr(scenarios, "score", score)
-    q = scenarios.score_quadrant(tmp_path, preset, "small", "similar", plan)
+    return scenarios.score_quadrant(tmp_path, preset, size, similarity, plan)
+
+
+def test_a_quadrant_names_its_winner_on_val_its_best_on_test_and_the_guidance_against_the_winner(tmp_path,
+                                                                                                monkeypatch):
+    """score_quadrant on made-up scores: the winner is the best on val, the best on test is chosen on test (not
+    on val), and guided_minus_winner_test is the guided strategy's test accuracy minus the winner's."""
+    from transferkit.evaluation.tables import scenario_verdict
+
+    # val: fine_tune wins; test: linear_probe (the guidance) is best, 10 points over fine_tune
+    scores = {"linear_probe": (0.5, 0.80), "early_probe": (0.4, 0.60), "partial_freeze": (0.6, 0.65),
+              "fine_tune": (0.7, 0.70), "scratch": (0.3, 0.50)}
+    q = _scored_quadrant(tmp_path, monkeypatch, scores)
+    n = q["n_test"]
     assert q["winner_on_val"] == "fine_tune" and q["best_on_test"] == "linear_probe"
     assert [r["strategy"] for r in q["rows"] if r["best_on_test"]] == ["linear_probe"]
     assert q["agrees"] is False and q["guidance"]["strategy"] == "linear_probe"
     assert q["guided_minus_winner_test"]["difference"] == pytest.approx(0.10)
     lo, hi = q["guided_minus_winner_test"]["ci95"]
     assert 0 < lo < hi
+    assert scenario_verdict(q).startswith("no: linear probe is +10.0 points on test vs the winner (")
+    assert scenario_verdict(q).endswith("; guidance better on test)")
     from transferkit.evaluation.metrics import wilson_interval
 
     probe = q["rows"][0]  # each interval over its own split's images: val 3, test 120
     assert probe["val_ci95"] == list(wilson_interval(round(0.5 * 3), 3)) and q["n_val"] == 3
     assert probe["test_ci95"] == list(wilson_interval(96, 120)) and q["n_test"] == n == 120
+
+
+def test_a_tie_on_val_goes_to_the_earlier_strategy_and_the_verdict_says_the_guidance_tied(tmp_path, monkeypatch):
+    """small target + different source advises early_probe: tied on val with linear_probe, the earlier (cheaper)
+    linear_probe wins, and the verdict says the guidance lost a tie, not that it was worse on val."""
+    from transferkit.evaluation.tables import scenario_verdict
+
+    scores = {"linear_probe": (0.6, 0.50), "early_probe": (0.6, 0.50), "partial_freeze": (0.5, 0.80),
+              "fine_tune": (0.4, 0.80), "scratch": (0.3, 0.50)}
+    q = _scored_quadrant(tmp_path, monkeypatch, scores, similarity="different")
+    assert q["winner_on_val"] == "linear_probe" and q["guidance"]["strategy"] == "early_probe"
+    assert [r["strategy"] for r in q["rows"] if r["chosen_on_val"]] == ["linear_probe"]
+    assert q["agrees"] is False and q["guided_ties_winner_on_val"] is True
+    label = next(r["label"] for r in q["rows"] if r["strategy"] == "early_probe")
+    assert scenario_verdict(q).startswith(f"no, tied on val (ties go to the earlier strategy): {label} is +0.0 "
+                                          "points on test vs the winner (")
+    assert scenario_verdict(q).endswith("; within noise)")
+
+
+def test_a_quadrant_without_val_splits_chooses_no_winner(tmp_path, monkeypatch):
+    """Runs without a val split have no val accuracy: no winner and no verdict on the advice (not a TypeError from
+    comparing None), the best on test still named."""
+    from transferkit.evaluation.tables import scenario_verdict, scenarios_markdown
+
+    scores = {"linear_probe": (None, 0.80), "early_probe": (None, 0.60), "partial_freeze": (None, 0.65),
+              "fine_tune": (None, 0.70), "scratch": (None, 0.50)}
+    q = _scored_quadrant(tmp_path, monkeypatch, scores)
+    assert q["winner_on_val"] is None and q["agrees"] is None and q["guided_minus_winner_test"] is None
+    assert not any(r["chosen_on_val"] for r in q["rows"]) and q["best_on_test"] == "linear_probe"
+    assert scenario_verdict(q) == "– (no validation split)"
+    assert "| linear probe (80.0) | – (no validation split) |" in scenarios_markdown([q])

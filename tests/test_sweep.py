@@ -1012,7 +1012,8 @@ def test_versus_scratch_pairs_only_the_seeds_both_ran():
     assert vs["ci95"][0] < 0 < vs["ci95"][1]
     table = sweep_table(summarize(transfer + scratch))
     # the mean columns are over seeds 0-2: the difference says it pairs seed 0 alone
-    assert "best on val | 3 |" in table and "| +0.0 (-1.7 to +1.7), seed 0 alone | not shown (interval" in table
+    assert "best on val | 3 |" in table
+    assert "| +0.0 (-1.7 to +1.7), seed 0 alone | not shown (interval includes 0) |" in table  # not "on one seed"
 
     # no seed in common: no difference and no interval, and the table says why
     vs = versus(transfer[1:], scratch)
@@ -1057,6 +1058,20 @@ def test_a_row_that_pairs_some_seeds_or_ran_other_seeds_says_so():
     from transferkit.evaluation.formats import points
 
     assert points(0.0004) == "+0.04" and points(-0.0001) == "-0.01" and points(0.0) == "+0.0"
+
+
+def test_an_interval_that_reaches_0_does_not_show_a_row_beats_scratch():
+    """"yes" and "no: worse" need an interval that excludes 0: one whose bound is 0 is "not shown"."""
+    from transferkit.evaluation.runs import summarize
+    from transferkit.evaluation.tables import sweep_table
+
+    runs = [_run(stage, seed, 0.7) for stage in ("transfer", "scratch") for seed in (0, 1)]
+    for bounds, verdict in (([0.0, 0.02], "not shown (interval includes 0)"), ([0.001, 0.02], "yes"),
+                            ([-0.02, 0.0], "not shown (interval includes 0)"), ([-0.02, -0.001], "no: worse")):
+        summary = summarize(runs)
+        next(r for r in summary["rows"] if r["stage"] == "transfer")["vs_scratch"]["ci95"] = bounds
+        row = next(x for x in sweep_table(summary).splitlines() if x.startswith("| transfer"))
+        assert row.endswith(f" | {verdict} |"), (bounds, row)
 
 
 def test_seeds_that_agree_leave_the_test_sets_noise_in_the_interval():
