@@ -17,7 +17,7 @@ from torch import nn
 from conftest import CONF
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.cost import count_macs, count_params
-from transferkit.models import (ARCHITECTURES, build_model, load_backbone, load_checkpoint,
+from transferkit.models import (ARCHITECTURES, BlockNet, build_model, load_backbone, load_checkpoint,
                                 model_from_config, save_checkpoint)
 from transferkit.training.freeze import freeze_blocks, frozen_depth
 
@@ -112,6 +112,19 @@ def test_truncate_probes_an_earlier_block(name, depth, features):
         assert model(_x(2)).shape == (2, 5)
 
 
+def test_a_linear_probe_averages_its_blocks_features_through_a_layer_with_a_bias():
+    """truncate's probe head is the same for every architecture: the features averaged over the map, then a linear
+    layer with a bias (fastnet's own head takes the max and has none): the probe stage scores, and its model.pt
+    holds, that head."""
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, depth=2).eval()
+    fc = model.head.fc
+    assert fc.bias is not None
+    with torch.no_grad():
+        nn.init.normal_(fc.bias)
+        features = model.features(_x(2))
+        assert torch.allclose(model(_x(2)), fc(features.mean((2, 3))) * model.head.scale)
+
+
 @pytest.mark.parametrize("name", ["fastnet", "vgg_mini"])
 def test_checkpoint_round_trip(tmp_path, name):
     model = model_from_config(SMALL[name], 5)
@@ -134,6 +147,74 @@ def test_truncated_model_checkpoint_round_trip(tmp_path):
     assert loaded.num_blocks == 2
     with torch.no_grad():
         assert torch.equal(loaded.eval()(_x(2)), model(_x(2)))
+
+
+# the side of the square feature maps after each block of SMALL's models (None: a block of flat features)
+SIDES = {
+    "fastnet": [31, 15, 7, 3],  # 2x2 stem without padding, then a pool per group
+    "vgg_mini": [32, 32, 16, 16, 16, 8, 8, 8, 4, None, None],  # pooling after conv3, conv6 and conv9, then fc1, fc2
+    "resnet18": [32, 32, 16, 8, 4],  # stride-1 stem, no max pool: the last stage sees 4x4
+    "mobilenet": [32, 16, 8, 4, 4],  # by resolution stage; the last 1x1 conv keeps 4x4
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_each_block_downsamples_where_its_architecture_says(name):
+    """The resolution after each block is the documented one: freeze_depth and a probe at depth k cut the network
+    at the stage the docs name, and 32x32 images end at the stated map size."""
+    cfg = dict(SMALL[name])
+    model = build_model(cfg.pop("name"), 5, **cfg).eval()
+    with torch.no_grad():
+        sides = [None if f.dim() == 2 else f.shape[-1] for f in
+                 (model.features(_x(1), depth) for depth in range(1, model.num_blocks + 1))]
+    assert sides == SIDES[name]
+
+
+def test_the_model_scales_plain_images_by_the_mean_and_std_it_records():
+    """A model takes [0, 1] images and normalises them itself: an image one std above the mean reads as 1."""
+    mean, std = [0.5, 0.25, 0.125], [0.5, 0.2, 0.1]
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, mean=mean, std=std)
+    image = (torch.tensor(mean) + torch.tensor(std)).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    assert torch.allclose(model.normalize(image), torch.ones(1, 3, 4, 4))
+    assert model.arch["mean"] == mean and model.arch["std"] == std
+
+
+def test_dirac_init_starts_each_convolution_as_the_identity_on_its_first_channels():
+    """model.dirac_init=true (fastnet_airbench): every 3x3 convolution of the groups passes its first
+    min(in, out) channels through unchanged at first."""
+    model = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, dirac_init=True)
+    convs = [m for block in model.blocks[1:] for m in block.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 6
+    for conv in convs:
+        x, kept = _x(1)[:, :1].expand(1, conv.in_channels, 32, 32), min(conv.in_channels, conv.out_channels)
+        with torch.no_grad():
+            assert torch.allclose(conv(x)[:, :kept], x[:, :kept])
+
+
+def test_models_come_back_in_the_mode_they_were_made_in(tmp_path):
+    """build_model, truncate, new_head and load_checkpoint (a pruned model's too) size the head by a dry run in eval
+    mode: what they give back is in a new module's training mode (BatchNorm learning its statistics, dropout on)."""
+    model = model_from_config(SMALL["vgg_mini"], 5)
+    assert all(m.training for m in model.modules())
+    model.new_head(3)
+    assert all(m.training for m in model.modules())
+    assert all(m.training for m in build_model("vgg_mini", 5, widths=[4] * 9, fc_width=16, depth=4).modules())
+    save_checkpoint(model_from_config(SMALL["fastnet"], 3), tmp_path / "model.pt", ["a", "b", "c"])
+    _pruned_checkpoint(tmp_path / "pruned.pt")
+    for path in (tmp_path / "model.pt", tmp_path / "pruned.pt"):
+        assert all(m.training for m in load_checkpoint(path, "prune")[0].modules()), path
+
+
+def test_the_size_a_truncated_checkpoint_is_checked_against_counts_both_its_heads():
+    """A truncated model is loaded by building every block and the full head, then a probe head: the bytes its
+    file's size is checked against (before anything is allocated) are never fewer than those."""
+    from transferkit.models import _weight_bytes
+
+    model = build_model("fastnet", 1000, widths=[8, 16, 64], stem_width=8)
+    built = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    probe = build_model("fastnet", 1000, widths=[8, 16, 64], stem_width=8, depth=2).head
+    assert _weight_bytes({**model.arch, "depth": 2}, 1000) >= built + sum(
+        t.numel() * t.element_size() for t in probe.state_dict().values())
 
 
 def test_load_backbone_matching_config_gets_fresh_head(tmp_path):
@@ -257,15 +338,23 @@ def test_load_backbone_refuses_a_truncated_probe(tmp_path):
         load_backbone(tmp_path / "probe.pt", SMALL["fastnet"], 3, "probe")
 
 
-def test_load_backbone_refuses_a_pruned_model(tmp_path):
-    """A pruned model's arch records the widths it had before the cut: as a backbone (distill.student_init)
-    it would train a narrower network than the config and the report say."""
-    from transferkit.prune.structured import conv_widths, prune_channels
+def _pruned_checkpoint(path: Path) -> BlockNet:
+    """A small fastnet with half its channels cut, saved to `path` as the prune stage saves one."""
+    from transferkit.prune.structured import prune_channels
 
     model = model_from_config(SMALL["fastnet"], 3).eval()
     prune_channels(model, criterion="l2", target="channels", ratio=0.5, keep=["head"])
     model.arch["pruned"] = True
-    save_checkpoint(model, tmp_path / "pruned.pt", ["a", "b", "c"])
+    save_checkpoint(model, path, ["a", "b", "c"])
+    return model
+
+
+def test_load_backbone_refuses_a_pruned_model(tmp_path):
+    """A pruned model's arch records the widths it had before the cut: as a backbone (distill.student_init)
+    it would train a narrower network than the config and the report say."""
+    from transferkit.prune.structured import conv_widths
+
+    model = _pruned_checkpoint(tmp_path / "pruned.pt")
     assert conv_widths(load_checkpoint(tmp_path / "pruned.pt", "prune")[0]) == conv_widths(model)
     with pytest.raises(TransferkitError, match="'pruned': True.*Fix: rerun 'pretrain'"):
         load_backbone(tmp_path / "pruned.pt", SMALL["fastnet"], 3, "pretrain")
@@ -292,6 +381,10 @@ def test_non_checkpoint_files_give_clear_errors(tmp_path):
     torch.save({k: v for k, v in saved.items() if k != "classes"}, edited)  # no class names
     with pytest.raises(TransferkitError, match="not a transferkit checkpoint.*'classes'"):
         load_checkpoint(edited, "pretrain")
+    one_class = tmp_path / "one_class.pt"  # a whole model of one class: no classifier, as prepare refuses one
+    save_checkpoint(model_from_config(SMALL["fastnet"], 1), one_class, ["a"])
+    with pytest.raises(TransferkitError, match="not a transferkit checkpoint.*two or more distinct names"):
+        load_checkpoint(one_class, "pretrain")
     torch.save({**saved, "state_dict": dict(list(saved["state_dict"].items())[1:])}, edited)  # a tensor gone
     with pytest.raises(TransferkitError, match=r"does not fit its own architecture .*Missing key.* altered after "
                                                 r"a stage wrote it\. Fix: write it again \(`dvc repro pretrain`\)"):
@@ -459,7 +552,7 @@ def test_the_whitening_subset_takes_images_of_every_class(monkeypatch, per_class
 def test_the_whitening_stem_takes_the_strongest_directions_first_and_their_negatives():
     """fastnet's stem after init_from_data: on the 0..1 images it normalises, each filter's response has unit
     variance (whitened), a narrow stem keeps the highest-variance directions (the smallest filters, scaled by
-    1/sqrt(eigenvalue)), and the second half are the first half's negatives."""
+    1/sqrt(eigenvalue)), the second half are the first half's negatives, and no filter has an offset."""
     from transferkit.models import build_model, init_from_data
 
     torch.manual_seed(0)
@@ -470,6 +563,7 @@ def test_the_whitening_stem_takes_the_strongest_directions_first_and_their_negat
     conv = model.blocks[0][0]
     w = conv.weight.detach()
     assert torch.equal(w[12:], -w[:12])
+    assert torch.equal(conv.bias, torch.zeros_like(conv.bias))  # centred patches: no offset to start from
     norms = w[:12].flatten(1).norm(dim=1)
     assert bool((norms[1:] >= norms[:-1] - 1e-6).all())  # strongest direction first
     x = model.normalize(images.float() / 255)

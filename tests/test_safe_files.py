@@ -257,7 +257,9 @@ def test_download_extracts_without_unpickling(tmp_path, monkeypatch):
     ("arch", {"name": ["fastnet"], "pruned": True}, "'arch'"), ("classes", "abc", "'classes'"),
     ("state_dict", {"head.fc.weight": 3}, "'state_dict'"), ("layer_shapes", {"head.fc": 5}, "layer_shapes"),
     # plain data, but not a channel count: setting a module's `forward` (or any attribute) is refused
-    ("layer_shapes", {"head": {"forward": 1}}, "head.forward is no channel count")])
+    ("layer_shapes", {"head": {"forward": 1}}, "head.forward is no channel count"),
+    # a count of no channels is refused as what it is, before any layer is resized to it
+    ("layer_shapes", {"blocks.1.0.0": {"in_channels": 4, "out_channels": 0, "groups": 1}}, "no channel counts")])
 def test_a_pruned_model_file_with_a_field_altered_is_one_error(tmp_path, field, value, problem):
     """A model.pt is plain data, so what a stranger can send is a checkpoint with fields of the wrong kind:
     each is one error naming the field, never a traceback or a model with other attributes set."""

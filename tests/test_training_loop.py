@@ -754,13 +754,15 @@ def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert precision.resolve_precision("32-true", "cpu") == "32-true"  # an explicit setting wins
-    for speedup, want in ((2.0, "bf16-mixed"), (0.5, "32-true"), (1.1, "32-true")):
+    for speedup, want in ((2.0, "bf16-mixed"), (0.5, "32-true"), (1.1, "32-true"),
+                          (precision.CPU_BF16_MIN_SPEEDUP, "bf16-mixed")):  # the threshold itself is fast enough
         monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda s=speedup: s)
         assert precision.resolve_precision("auto", "cpu") == want
     for native, want in ((True, "bf16-mixed"), (False, "16-mixed")):  # a GPU before Ampere emulates bf16
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native:
                             n or including_emulation)
-        assert precision.resolve_precision("auto", "gpu") == want
+        assert precision.resolve_precision("auto", "gpu") == precision.resolve_precision("auto", "cuda") == want
+    assert precision.eval_device("cuda") == precision.eval_device("gpu") == "cuda"  # Lightning's two names of it
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.0)  # a Mac: Lightning's auto picks its GPU (MPS)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
@@ -779,6 +781,28 @@ def test_precision_auto_follows_the_machine(monkeypatch, tmp_path):
         precision.cache_file().write_text("[" * 100_000 + "]" * 100_000 if damaged == "deep" else json.dumps(damaged))
         assert precision.cpu_bf16_speedup() > 0  # measured again
         assert json.loads(precision.cache_file().read_text())[key]["speedup"] > 0
+
+
+def test_the_precision_probe_is_measured_again_for_another_thread_count_or_cpu(monkeypatch, tmp_path):
+    """bf16's speedup depends on how many threads multiply and on the CPU's instruction set: a probe cached at one
+    thread count (or on one CPU) decides nothing for another, which measures its own and keeps the first."""
+    from transferkit.training import precision
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: the probe measures
+    measured = []
+    monkeypatch.setattr(precision, "matmul_peaks", lambda: measured.append(1) or {
+        "fp32_gflops": 10.0, "bf16_gflops": 10.0 * (1 + len(measured))})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert precision.cpu_bf16_speedup() == 2.0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert precision.cpu_bf16_speedup() == 3.0
+    isa = precision.cpu_isa()
+    monkeypatch.setattr(precision, "cpu_isa", lambda: f"{isa} amx_bf16")
+    assert precision.cpu_bf16_speedup() == 4.0
+    monkeypatch.setattr(precision, "cpu_isa", lambda: isa)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert precision.cpu_bf16_speedup() == 2.0 and len(measured) == 3  # each one measured once, then read back
+    assert len(json.loads(precision.cache_file().read_text())) == 3
 
 
 def test_the_precision_probe_draws_nothing_from_the_runs_seeded_generator(monkeypatch, tmp_path):

@@ -747,3 +747,94 @@ def test_a_server_starting_while_another_binds_leaves_it_its_socket(tmp_path):
     first.settimeout(5)
     conn, _ = first.accept()
     conn.close(), probe.close(), first.close()
+
+
+def test_a_signal_a_command_ignores_its_worker_ignores_too(tmp_path, server_dir):
+    """`nohup transferkit ...` ignores SIGHUP: the hangup neither ends the command nor reaches its worker, which
+    still ends by the SIGTERM its command passes on later."""
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    client = _warm_client(fake, server_dir, "sleep", preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert client.stdout.readline() == "ready\n"
+    assert _until(lambda: _catches(client, signal.SIGTERM))
+    client.send_signal(signal.SIGHUP)
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(20) == -signal.SIGTERM
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the server from /proc")
+def test_a_command_whose_server_died_dies_of_the_signal_it_passed_on(tmp_path, server_dir):
+    """A server gone (killed) cannot report how the worker ended: a worker that a signal the command passed on ended
+    still ends its command by that signal (-15), not with exit 1."""
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    client = _warm_client(fake, server_dir, "pid")
+    worker = int(client.stdout.readline())
+    server = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the worker's parent
+    os.kill(server, signal.SIGKILL)
+    assert _until(lambda: not Path(f"/proc/{server}").exists() or _state(server) == "Z")
+    assert _until(lambda: _catches(client, signal.SIGTERM))
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(20) == -signal.SIGTERM
+
+
+def test_a_command_after_an_install_or_under_another_niceness_gets_a_server_of_its_own(server_dir, tmp_path,
+                                                                                        monkeypatch):
+    """An install changes a site-packages folder, whose modules a server imported before it; a worker keeps its
+    server's niceness (`nice transferkit ...`): either picks another server."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    os.utime(site, ns=(1, 1))
+    monkeypatch.setattr(sys, "path", [*sys.path, str(site)])
+    first = warm.socket_path()
+    os.utime(site, ns=(2, 2))  # a package installed or removed
+    assert warm.socket_path() != first
+    os.utime(site, ns=(1, 1))
+    assert warm.socket_path() == first
+    niceness = os.nice(0)
+    monkeypatch.setattr(os, "nice", lambda increment: niceness + 1)
+    assert warm.socket_path() != first
+
+
+def test_a_server_idle_for_its_idle_time_gives_up_its_socket(tmp_path, server_dir, monkeypatch):
+    """TRANSFERKIT_WARM_IDLE seconds with no command: the server takes no more commands (its socket goes), so an
+    unused one does not hold its memory for ever."""
+    monkeypatch.setenv("TRANSFERKIT_WARM_IDLE", "1")
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    assert _until(lambda: not list(server_dir.glob("*/*.sock")), 60)
+
+
+def test_a_served_command_has_no_transferkit_warm_in_its_environment(tmp_path, server_dir):
+    """As a command run cold drops TRANSFERKIT_WARM before it runs: the processes a served one starts (DDP ranks,
+    subprocesses) start no servers of their own."""
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    client = _warm_client(fake, server_dir, "env", "TRANSFERKIT_WARM")
+    assert client.wait(60) == 0 and client.stdout.read() == "None\n"
+
+
+def test_a_server_takes_over_the_socket_a_dead_server_left(tmp_path, monkeypatch):
+    """A server killed (kill -9) leaves its socket file: the next server binds that path and serves there, rather
+    than leaving every later command cold."""
+    import socket
+
+    from transferkit.warm import server
+
+    path = tmp_path / "s.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays, with no server behind it
+
+    class Listening(Exception):
+        pass
+
+    def preload() -> None:  # the new server binds, listens, then imports: here, it stops
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with probe:
+            probe.connect(str(path))
+        raise Listening
+
+    monkeypatch.setattr(server, "preload", preload)
+    with pytest.raises(Listening):
+        server.serve(path, 1.0)
