@@ -270,6 +270,20 @@ def test_a_params_file_lacking_a_key_is_refused_before_the_stage_runs(tmp_path, 
     assert f"{typo} has pretrain.lrr, which conf/ has not (a typo for pretrain.lr?). Fix: correct it in {typo}" in line
 
 
+def test_a_params_file_lacking_a_folder_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """paths.data_dir and paths.artifacts_dir have no default: a params file without one (a line deleted by hand)
+    ends in one line naming the key, before the stage runs."""
+    import yaml
+
+    monkeypatch.setattr("transferkit.stages.run.run_stage", lambda *a, **k: pytest.fail("the stage ran"))
+    params = yaml.safe_load(params_text(compose("experiment=smoke", tmp=tmp_path)))
+    for key in ("data_dir", "artifacts_dir"):
+        lacking = {**params, "paths": {k: v for k, v in params["paths"].items() if k != key}}
+        (tmp_path / "lacking.yaml").write_text(yaml.safe_dump(lacking))
+        line = _error(capsys, ["prepare", "--params", str(tmp_path / "lacking.yaml")])
+        assert f"paths.{key} is missing: every stage reads it" in line and "Fix:" in line, line
+
+
 @pytest.mark.parametrize("content, needle", [
     ((ROOT / "params.yaml").read_text().replace("seed: 0\n", "<<<<<<< HEAD\nseed: 0\n=======\nseed: 1\n>>>>>>> b\n"),
      "params.yaml is not valid YAML"),
@@ -325,21 +339,28 @@ def test_an_input_folder_of_another_stage_is_named_as_such(smoke_artifacts, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_a_key_given_twice_is_refused_by_name_wherever_overrides_are_read(capsys, tmp_path):
-    """Hydra would keep the last value without a word; `transferkit params` would record both, one unapplied."""
-    before = {name: (ROOT / name).read_bytes() for name in ("params.yaml", "dvc.yaml")}
+def test_a_key_given_twice_is_refused_by_name_wherever_overrides_are_read(capsys, tmp_path, monkeypatch):
+    """Hydra would keep the last value without a word; `transferkit params` would record both, one unapplied. Run in
+    a copy of the project: were the refusal to break, `transferkit params` would write the copy's files."""
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("params.yaml", "dvc.yaml")}
     for argv, given in [(["params", "experiment=smoke", "pretrain.epochs=1", "pretrain.epochs=2"],
                          "(pretrain.epochs=1 and pretrain.epochs=2)"),
                         (["params", "model=resnet18", "model=fastnet"], "(model=resnet18 and model=fastnet)"),
-                        (["pretrain", "--params", str(ROOT / "params.yaml"), "--out", str(tmp_path / "out"), "seed=1",
-                          "seed=2"], "(seed=1 and seed=2)"),
+                        (["pretrain", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out"),
+                          "seed=1", "seed=2"], "(seed=1 and seed=2)"),
                         (["pretrain", "seed=1", "+seed=2", "--cfg", "job"], "(seed=1 and +seed=2)"),
                         (["sweep", "transfer", "seed=1", "seed=2"], "(seed=1 and seed=2)")]:
         line = _error(capsys, argv)
         assert f"is given twice {given}" in line and "Fix: give it once" in line, line
     assert "seed is given more than once (seed=0,1 and seed=2)" in _error(capsys, ["sweep", "transfer", "seed=0,1",
                                                                                  "seed=2"])
-    assert {name: (ROOT / name).read_bytes() for name in before} == before and not (tmp_path / "out").exists()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before and not (tmp_path / "out").exists()
 
 
 def test_check_params_refuses_overrides(capsys, tmp_path):
@@ -831,6 +852,28 @@ def test_check_params_says_a_missing_dvc_yaml_is_missing(tmp_path, capsys):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 1
     assert capsys.readouterr().err.splitlines()[0] == f"{tmp_path / 'dvc.yaml'} is missing: the stage table writes it"
+
+
+def test_check_params_says_a_dvc_yaml_edited_by_hand_differs_from_the_stage_table(tmp_path, capsys):
+    """dvc.yaml is generated: one that differs from what the stage table makes of params.yaml (a stage's command
+    edited by hand) is drift, and check-params exits 1 naming it."""
+    import shutil
+
+    from transferkit import cli as transferkit_cli
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 0
+    capsys.readouterr()
+    text = (tmp_path / "dvc.yaml").read_text()
+    assert "transferkit transfer --params params.yaml" in text
+    (tmp_path / "dvc.yaml").write_text(text.replace("transferkit transfer --params params.yaml",
+                                                    "transferkit transfer --params other.yaml"))
+    assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == (f"{tmp_path / 'dvc.yaml'} differs from the stage table "
+                                                       f"(src/transferkit/stages/__init__.py) or the code its stages "
+                                                       f"import")
 
 
 def test_check_params_says_an_override_its_header_records_is_gone_from_conf(tmp_path, capsys):

@@ -99,6 +99,7 @@ def test_more_calibration_images_than_the_target_trains_on_are_refused_when_para
             validate_run(cfg, stage, {}, all_stages)
     validate_run(cfg, "transfer", {})
     validate_run(compose("quantize.calibration_images=100000", "data.target.train_per_class=null"), None, {}, True)
+    validate_run(compose("quantize.calibration_images=2000"), "quantize", {})  # every training image: allowed
 
 
 def test_a_channel_ratio_that_would_empty_a_layer_is_refused_when_params_are_written():
@@ -114,11 +115,15 @@ def test_a_channel_ratio_that_would_empty_a_layer_is_refused_when_params_are_wri
 
 def test_a_fixed_random_first_block_is_refused_when_params_are_written():
     """pretrain's or scratch's freeze_depth=1 keeps a first block fixed that only fastnet initialises from the data
-    (and published weights, in pretrain): refused by `transferkit params`, not once the earlier stages have run."""
+    (and published weights, in pretrain): refused by `transferkit params`, not once the earlier stages have run.
+    scratch starts at random whatever model.weights names, so published weights do not let it freeze its first block."""
     for stage in ("pretrain", "scratch"):
         with pytest.raises(TransferkitError, match=rf"{stage}.freeze_depth=1 keeps the first block fixed, but model "
                                                    rf"'vgg_mini' starts it at random.*Fix: set {stage}.freeze_depth=0"):
             validate(compose("model=vgg_mini", f"{stage}.freeze_depth=1"))
+    with pytest.raises(TransferkitError, match=r"scratch.freeze_depth=1 keeps the first block fixed, but model "
+                                               r"'resnet18' starts it at random"):
+        validate(compose("model=resnet18", "model.weights=IMAGENET1K_V1", "scratch.freeze_depth=1"))
     validate(compose("model=resnet18", "model.weights=IMAGENET1K_V1", "pretrain.freeze_depth=1"))
     validate(compose("model=fastnet_tiny", "scratch.freeze_depth=1"))
 
@@ -274,6 +279,8 @@ def test_overrides_hydra_accepts_compose(override, key, value):
     ("scratch.freeze_depth=2", "scratch.freeze_depth"),
     ("data.image_size=64", "data.image_size"),
     ("seed=4294967296", "seed"),  # numpy's generator, which every stage seeds, takes 32 bits
+    ("transfer.warmup_fraction=1.5", "transfer.warmup_fraction=1.5 is invalid"),  # a share of the steps
+    ("trainer.checkpoint_budget=2", "trainer.checkpoint_budget=2 is invalid"),  # a share of the training time
     # Lightning acts on true and "warn" only: any other value turns determinism off without a word
     ("trainer.deterministic=1", "trainer.deterministic"),
     ("trainer.deterministic=warm", "trainer.deterministic"),
@@ -313,6 +320,20 @@ def test_a_schema_error_names_the_key_and_the_one_value_it_is_about(override, ne
                                       "trainer.deterministic=warn"])
 def test_values_lightning_takes_pass_the_schema(override):
     validate(compose(override))
+
+
+def test_every_seed_numpys_generator_takes_passes_the_schema():
+    """seed is any 32-bit unsigned value (2**32 and above are refused, test_bad_numbers_name_the_key)."""
+    for seed in (0, 2**31, 2**32 - 1):
+        validate(compose(f"seed={seed}"))
+
+
+@pytest.mark.parametrize("devices", ["[0,0]", "'1,1'", "'0, 1, 0'"])
+def test_a_device_id_listed_twice_is_refused_naming_the_key(devices):
+    """trainer.devices on a GPU lists distinct device ids: one given twice is refused before any stage runs."""
+    with pytest.raises(TransferkitError, match=r"trainer.devices=.* is invalid: .*distinct device ids"):
+        validate(compose("trainer=gpu", f"trainer.devices={devices}"))
+    validate(compose("trainer=gpu", "trainer.devices=[0,1]"))
 
 
 def test_class_in_both_source_and_target_is_refused():

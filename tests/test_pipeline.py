@@ -495,6 +495,21 @@ def test_report_html_shows_names_from_the_data_as_text(tmp_path):
     assert "transferkit sweep transfer transfer.freeze_depth=0,1,2,3,4,5,6,7,8,9,10,11 seed=0,1,2" in text
 
 
+def test_report_html_embeds_only_the_reports_own_plots_and_shows_html_as_text(tmp_path):
+    """report.html embeds the PNGs beside report.md by their plain file names, never a file elsewhere a path
+    leads to; HTML in the text, a block of it too, shows as text and never runs."""
+    from transferkit.evaluation.html import to_html
+
+    folder = tmp_path / "evaluate"
+    folder.mkdir()
+    (folder / "curves.png").write_bytes(b"\x89PNG the plot")
+    (tmp_path / "outside.png").write_bytes(b"\x89PNG another file")
+    page = to_html("![curves](curves.png)\n\n![x](../outside.png)\n\n<script>alert(1)</script>\n\n"
+                   "<div onclick=alert(1)>x</div>\n", folder)
+    assert page.count("data:image/png;base64,") == 1 and 'src="../outside.png"' in page
+    assert "<script>" not in page and "<div" not in page and "&lt;script&gt;" in page
+
+
 def test_plots_show_names_from_the_data_as_text(tmp_path):
     """matplotlib reads text between two $ as TeX: a class "a$\\q$" stopped evaluate with its ParseFatalException,
     and "c$d$" was drawn as an italic d."""
@@ -502,6 +517,116 @@ def test_plots_show_names_from_the_data_as_text(tmp_path):
 
     confusion_png([[1, 0], [0, 1]], ["cost $5", "a$\\q$"], "fastnet: top-1 50.0%", tmp_path / "confusion.png")
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _drawn(monkeypatch, draw) -> list:
+    """The figures `draw()` saves through the plots module, to read what they show (legend, axes, lines)."""
+    from transferkit.evaluation import plots
+
+    figures, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path)))
+    draw()
+    return figures
+
+
+def _legend(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+def test_every_plot_is_written_and_closes_its_figure(tmp_path):
+    """evaluate and collect draw a plot per model and per sweep: each one is a PNG file, and its figure is closed
+    once written (matplotlib keeps every open figure in memory)."""
+    import matplotlib.pyplot as plt
+
+    from transferkit.evaluation import plots
+
+    plt.close("all")
+    run = {"freeze_depth": 1, "top1": 0.6, "top1_ci95": [0.5, 0.7], "val_acc": 0.6}
+    model = {"top1": 0.5, "macs": 1e6}
+    summary = {"stage": "transfer", "rows": [{"stage": "transfer", "setting": ["transfer.lr=0.1"], "test_mean": 0.6,
+                                              "test_std": None, "val_mean": None, "seeds": [0]}]}
+    for name, draw in (("confusion", lambda p: plots.confusion_png([[1, 0], [0, 1]], ["a", "b"], "t", p)),
+                       ("curves", lambda p: plots.curves_png({"transfer": tmp_path / "none"}, p)),
+                       ("pareto", lambda p: plots.pareto_png({"transfer": model}, {"transfer": {"latency_ms_bs1": 1}},
+                                                             p)),
+                       ("freeze_curve", lambda p: plots.freeze_curve_png([run], {"scratch": model}, None, p)),
+                       ("sweep", lambda p: plots.sweep_png(summary, p))):
+        draw(tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+        assert plt.get_fignums() == [], name
+
+
+def test_the_curves_plot_draws_each_stages_own_series_and_skips_what_it_did_not_log(tmp_path, monkeypatch):
+    """curves.png: validation accuracy on the left, training loss on the right, one line per stage; a stage that
+    logged no val accuracy (prune, a task without val images) has no line there, and no error."""
+    from transferkit.evaluation.plots import curves_png
+
+    def log(stage, metric, values):
+        path = tmp_path / stage / "plots" / "metrics" / f"{metric}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        name = metric.split("/")[-1]
+        path.write_text(f"step\t{name}\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
+
+    log("transfer", "val/acc", [0.5, 0.7])
+    log("transfer", "train/loss", [2.0, 1.5])
+    log("prune", "train/loss", [1.0, 0.8, 0.6])
+    (fig,) = _drawn(monkeypatch, lambda: curves_png({n: tmp_path / n for n in ("transfer", "prune")},
+                                                    tmp_path / "curves.png"))
+    series = {ax.get_title(): {line.get_label(): list(line.get_ydata()) for line in ax.lines} for ax in fig.axes}
+    assert series == {"validation accuracy": {"transfer": [0.5, 0.7]},
+                      "training loss": {"transfer": [2.0, 1.5], "prune": [1.0, 0.8, 0.6]}}
+
+
+def test_the_freeze_curve_plot_rings_the_depth_best_on_val(tmp_path, monkeypatch):
+    """The ringed point is the depth with the highest val accuracy, whatever its test accuracy."""
+    from transferkit.evaluation.plots import freeze_curve_png
+
+    rows = [{"freeze_depth": d, "top1": t, "top1_ci95": [t - 0.1, t + 0.1], "val_acc": v}
+            for d, t, v in ((0, 0.7, 0.4), (1, 0.5, 0.65), (3, 0.6, 0.55))]
+    (fig,) = _drawn(monkeypatch, lambda: freeze_curve_png(rows, {}, None, tmp_path / "freeze_curve.png"))
+    assert "best on val (depth 1)" in _legend(fig)
+
+
+def test_the_pareto_plot_shows_only_the_models_that_were_timed(tmp_path, monkeypatch):
+    """A model without a measured latency has no place on the accuracy-vs-latency plot: it is left out."""
+    from transferkit.evaluation.plots import pareto_png
+
+    models = {"transfer": {"top1": 0.6, "macs": 2e6}, "onnx_fp32": {"top1": 0.6, "macs": 2e6}}
+    (fig,) = _drawn(monkeypatch, lambda: pareto_png(models, {"transfer": {"latency_ms_bs1": 1.5}, "onnx_fp32": {}},
+                                                    tmp_path / "pareto.png"))
+    assert [t.get_text() for t in fig.axes[0].texts] == ["transfer"]
+
+
+def _sweep_row(stage, setting, mean):
+    return {"stage": stage, "setting": setting, "test_mean": mean, "test_std": 0.01, "val_mean": mean, "seeds": [0, 1]}
+
+
+def test_a_sweep_plot_over_two_settings_labels_each_point_by_its_setting(tmp_path, monkeypatch):
+    """One swept key gives a numeric x axis named after it; two keys (a point each) are no axis of numbers: each
+    point is labelled by its setting."""
+    from transferkit.evaluation.plots import sweep_png
+
+    numeric = []
+    one = {"stage": "transfer", "rows": [_sweep_row("transfer", [f"transfer.lr={lr}"], 0.6) for lr in (0.1, 0.2)]}
+    (fig,) = _drawn(monkeypatch, lambda: numeric.append(sweep_png(one, tmp_path / "one.png")))
+    assert numeric == [True] and fig.axes[0].get_xlabel() == "transfer.lr"
+    two = {"stage": "transfer", "rows": [_sweep_row("transfer", ["transfer.lr=0.1"], 0.6),
+                                         _sweep_row("transfer", ["transfer.epochs=2"], 0.7)]}
+    (fig,) = _drawn(monkeypatch, lambda: numeric.append(sweep_png(two, tmp_path / "two.png")))
+    assert numeric == [True, False]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["transfer.lr=0.1", "transfer.epochs=2"]
+
+
+def test_a_sweep_plot_draws_reference_lines_only_for_the_other_stages(tmp_path, monkeypatch):
+    """scratch and the probe are reference lines beside another stage's sweep; a scratch sweep's own default run is
+    one of its points, not a reference line too."""
+    from transferkit.evaluation.plots import sweep_png
+
+    rows = [_sweep_row("scratch", [], 0.5), _sweep_row("scratch", ["scratch.lr=0.2"], 0.55),
+            _sweep_row("probe", [], 0.4)]
+    (fig,) = _drawn(monkeypatch, lambda: sweep_png({"stage": "scratch", "rows": rows}, tmp_path / "sweep.png"))
+    legend = _legend(fig)
+    assert "probe, test (2 seeds)" in legend and not [t for t in legend if t.startswith("scratch, test (")], legend
 
 
 def test_an_interval_bound_that_is_not_0_does_not_print_as_0():
