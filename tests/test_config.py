@@ -42,7 +42,8 @@ def test_overrides_recorded_by_transferkit_params_are_not_drift(tmp_path):
 def test_the_fix_for_drift_names_the_command_that_keeps_the_values_params_yaml_has(tmp_path):
     """`dvc exp run -S experiment=smoke -S pretrain.epochs=2` writes params.yaml without the overrides line: the
     fix gives both commands, conf/ as it is and the one that writes params.yaml again as it is; a file no command
-    writes (a key edited to a value of the wrong kind, say) gets the first alone."""
+    writes (a key edited to a value of the wrong kind, say) gets the first alone. A name of its own is one of the
+    values kept."""
     import shlex
 
     from transferkit.config.drift import regenerate_fix
@@ -60,6 +61,9 @@ def test_the_fix_for_drift_names_the_command_that_keeps_the_values_params_yaml_h
     assert flatten(to_params(compose(*kept))) == flatten(yaml_of(file))  # it writes the same file again
     file.write_text(file.read_text().replace("name: smoke", "name: smoke\nextra: 1"))
     assert " or `" not in regenerate_fix(file, CONF)
+    file.write_text(params_text(compose("name=mine", "transfer.lr=0.2")))  # -S name=mine: a name, no experiment
+    fix = regenerate_fix(file, CONF)
+    assert "or `transferkit params name=mine transfer.lr=0.2` to keep the values params.yaml has" in fix, fix
 
 
 def yaml_of(path):

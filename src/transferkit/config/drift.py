@@ -65,7 +65,7 @@ def regenerate_fix(params_path: Path, conf_dir: Path | None = None) -> str:
             return f"Fix: run `transferkit params` with overrides conf/ has ({options}); commit the files it writes."
         saved = flatten(read_params(params_path))
         composed, raw = flatten(to_params(cfg)), flatten(OmegaConf.to_container(cfg, resolve=False))
-        keep = {k: saved[k] for k in differing(saved, composed) if k in saved and k in composed and k != "name"}
+        keep = {k: saved[k] for k in differing(saved, composed) if k in saved and k in composed}
         others = [o for o in base if override_key(o) not in keep]
         leaders = {k: v for k, v in keep.items() if not str(raw[k]).startswith("${")}  # a ${key} follows its key
         for values in (leaders, keep):  # the shorter command where it writes the same
