@@ -16,7 +16,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
 from transferkit.evaluation.plots import sweep_png
