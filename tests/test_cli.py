@@ -409,7 +409,8 @@ def test_params_refuses_what_a_stage_would_refuse_and_keeps_its_files(tmp_path, 
     # read by Hydra's grammar, as Hydra runs read them: YAML 1.1 made 010 the octal 8 and yes a boolean
     (["--params", "params.yaml", "seed=010"], "seed='010' is invalid: must be a valid integer"),
     (["--params", "params.yaml", "trainer.progress_bar=yes"], "trainer.progress_bar='yes' is invalid"),
-    (["--params", "params.yaml", "transfer.freeze_depth=0,1"], "transfer.freeze_depth=0,1 lists several values"),
+    (["--params", "params.yaml", "transfer.freeze_depth=0,1"],
+     "to run each value, `transferkit sweep pretrain transfer.freeze_depth=0,1`"),
     (["--params", "params.yaml", "~seed=1"], "seed is missing: the stages read it"),
     (["--params", "params.yaml", "~seed"], "seed is missing: the stages read it"),
     (["--params", "params.yaml", "data.target.classes.x=1"], "data.target.classes.x=1: invalid literal for int()"),
@@ -856,8 +857,12 @@ def test_check_params_says_a_missing_dvc_yaml_is_missing(tmp_path, capsys):
 
 def test_check_params_says_a_dvc_yaml_edited_by_hand_differs_from_the_stage_table(tmp_path, capsys):
     """dvc.yaml is generated: one that differs from what the stage table makes of params.yaml (a stage's command
-    edited by hand) is drift, and check-params exits 1 naming it."""
+    edited by hand, settings changed without it) is drift, and check-params exits 1 naming where it differs."""
     import shutil
+
+    import yaml
+
+    from transferkit.config.compose import to_params
 
     from transferkit import cli as transferkit_cli
 
@@ -870,10 +875,21 @@ def test_check_params_says_a_dvc_yaml_edited_by_hand_differs_from_the_stage_tabl
     assert "transferkit transfer --params params.yaml" in text
     (tmp_path / "dvc.yaml").write_text(text.replace("transferkit transfer --params params.yaml",
                                                     "transferkit transfer --params other.yaml"))
+    made = ("from what the stage table (src/transferkit/stages/__init__.py) and the code its stages import write "
+            "for params.yaml's settings")
     assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 1
-    assert capsys.readouterr().err.splitlines()[0] == (f"{tmp_path / 'dvc.yaml'} differs from the stage table "
-                                                       f"(src/transferkit/stages/__init__.py) or the code its stages "
-                                                       f"import")
+    assert capsys.readouterr().err.splitlines()[0] == f"{tmp_path / 'dvc.yaml'} differs (transfer's cmd) {made}"
+    (tmp_path / "dvc.yaml").write_text(text + "[")
+    assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == f"{tmp_path / 'dvc.yaml'} differs {made}"  # no YAML: all of it
+    # `dvc exp run -S experiment=smoke` composes params.yaml (with no header) and leaves dvc.yaml as it was: it
+    # was blamed on the stage table or the code
+    (tmp_path / "dvc.yaml").write_text(text)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(to_params(compose("experiment=smoke")), sort_keys=False))
+    assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 1
+    drift, fix = capsys.readouterr().err.splitlines()
+    assert drift == f"{tmp_path / 'dvc.yaml'} differs (plots) {made}"
+    assert fix.startswith("Fix: run `transferkit params experiment=smoke` to compose conf/ as it is now"), fix
 
 
 def test_check_params_says_an_override_its_header_records_is_gone_from_conf(tmp_path, capsys):

@@ -76,7 +76,7 @@ def _params_mode(stage: str, args: list[str]) -> None:
     opts, overrides = parser.parse_known_args(args)
     # conf/'s config groups name what an override of the file cannot choose (None: a params file run outside a project)
     conf_dir = find_conf_dir(required=False)
-    cfg = merge_overrides(load_params(opts.params), overrides, opts.params, conf_dir)
+    cfg = merge_overrides(load_params(opts.params), overrides, opts.params, conf_dir, stage)
     if conf_dir:  # outside a project there is no conf/ to say which keys a stage reads
         from transferkit.sweep.points import check_read
 

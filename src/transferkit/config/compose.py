@@ -157,9 +157,11 @@ def read_params(path: Path) -> dict:
                            f"params.yaml that `transferkit params` writes.")
 
 
-def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir: Path | None = None) -> DictConfig:
-    """A loaded params file with key=value overrides, each read by Hydra's override grammar (as Hydra runs and
-    `dvc exp run -S` read them: seed=010 is the text '010', not YAML 1.1's octal 8) and refused alone by name."""
+def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir: Path | None = None,
+                    stage: str = "STAGE") -> DictConfig:
+    """A loaded params file with key=value overrides for `stage`, each read by Hydra's override grammar (as Hydra
+    runs and `dvc exp run -S` read them: seed=010 is the text '010', not YAML 1.1's octal 8) and refused alone by
+    name."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -182,7 +184,7 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir:
                                    f"it with {key}=VALUE.")
         if parsed.is_sweep_override():
             raise TransferkitError(f"{override} lists several values, and a params file holds one run's. Fix: write a "
-                                   f"list as {key}=[a,b]; to run each value, `transferkit sweep STAGE {override}`.")
+                                   f"list as {key}=[a,b]; to run each value, `transferkit sweep {stage} {override}`.")
         if group_choice(parsed, conf_dir):  # options of conf/, not settings of the file
             raise TransferkitError(f"{override}: {path} holds settings, not conf/'s config groups. Fix: choose the "
                                    f"option when composing (`transferkit params {override}`), or set its keys one by "

@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config.compose import (compose, find_conf_dir, project_overrides, read_params, read_yaml,
@@ -15,7 +16,7 @@ from transferkit.config.compose import (compose, find_conf_dir, project_override
 from transferkit.config.dvcyaml import dvc_yaml_text
 from transferkit.config.overrides import as_override, override_key
 from transferkit.errors import TransferkitError
-from transferkit.plain import differing, flatten
+from transferkit.plain import differing, dvc_file_data, flatten
 
 
 def stale_keys(params_path: Path, cfg: DictConfig, conf_dir: Path | None) -> str | None:
@@ -94,10 +95,31 @@ def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str
     want = dvc_yaml_text(saved, params_path.parent)
     if not dvc_file.exists():
         drift.append(f"{dvc_file} is missing: the stage table writes it")
-    elif dvc_file.read_text() != want:
-        drift.append(f"{dvc_file} differs from the stage table (src/transferkit/stages/__init__.py) or the "
-                     f"code its stages import")
+    elif (have := dvc_file.read_text()) != want:  # made for other settings (`dvc exp run -S`), or by other code
+        where = "".join(f" ({', '.join(parts)})" for parts in [differing_parts(have, want)] if parts)
+        drift.append(f"{dvc_file} differs{where} from what the stage table (src/transferkit/stages/__init__.py) and "
+                     f"the code its stages import write for {params_path.name}'s settings")
     return drift
+
+
+def differing_parts(have: str, want: str) -> list[str]:
+    """Where a dvc.yaml differs from the one wanted: each stage's field (`prepare's deps`), each other section."""
+    try:
+        a, b = (dvc_file_data(text) for text in (have, want))
+    except yaml.YAMLError:  # edited by hand into no YAML: the whole file differs
+        return []
+    if not isinstance(a, dict):
+        return []
+    stages_a, stages_b = (d.get("stages") if isinstance(d.get("stages"), dict) else {} for d in (a, b))
+    parts = []
+    for name in dict.fromkeys([*stages_a, *stages_b]):
+        stage_a, stage_b = stages_a.get(name), stages_b.get(name)
+        if not (isinstance(stage_a, dict) and isinstance(stage_b, dict)):  # one file lacks it
+            parts += [f"stage {name}"] * (stage_a != stage_b)
+        else:
+            parts += [f"{name}'s {field}" for field in dict.fromkeys([*stage_a, *stage_b])
+                      if stage_a.get(field) != stage_b.get(field)]
+    return parts + [key for key in dict.fromkeys([*a, *b]) if key != "stages" and a.get(key) != b.get(key)]
 
 
 def main(argv: list[str]) -> int:
