@@ -40,13 +40,18 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
 
 
+def outside(tmp: Path) -> list[str]:
+    """Overrides that keep a run's data and artifacts in `tmp`: a command run in the checkout, from a test that
+    expects it refused, writes nothing there if the refusal breaks."""
+    return [f"paths.artifacts_dir={tmp / 'artifacts'}", f"paths.data_dir={tmp / 'data'}"]
+
+
 def compose(*overrides: str, tmp: Path | None = None):
     from transferkit.config.compose import compose as _compose
 
     from transferkit.config.overrides import override_key
 
-    extra = [f"paths.artifacts_dir={tmp / 'artifacts'}", f"paths.data_dir={tmp / 'data'}"] if tmp else []
-    layered = {override_key(o): o for o in [*overrides, *extra]}  # a test's own value of a key replaces a preset's
+    layered = {override_key(o): o for o in [*overrides, *(outside(tmp) if tmp else [])]}  # a test's own value wins
     return _compose(list(layered.values()), CONF)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli, compose, one_error_line, run
+from conftest import ROOT, cli, compose, one_error_line, outside, run
 from transferkit.config.compose import params_text
 
 
@@ -176,10 +176,13 @@ def test_params_says_which_earlier_overrides_it_no_longer_composes_with(tmp_path
 
 
 def _error(capsys, argv: list[str]) -> str:
-    """The one `error:` line of an in-process command that ends with exit code 2."""
+    """The one `error:` line of an in-process command that ends with exit code 2, before any stage runs (one that
+    ran where a refusal was due would write into the checkout's artifacts/, from the folder pytest started in)."""
     from transferkit import cli as transferkit_cli
 
-    assert transferkit_cli.main(argv) == 2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("transferkit.stages.common.staged_output", lambda *a, **k: pytest.fail(f"{' '.join(argv)} ran"))
+        assert transferkit_cli.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0], lines
     return lines[0]
@@ -239,7 +242,6 @@ def test_a_params_file_or_override_whose_artifacts_dir_is_no_text_is_one_line(tm
     import yaml
 
     monkeypatch.setenv("DVC_STAGE", dvc_stage)
-    monkeypatch.setattr("transferkit.stages.run.run_stage", lambda *a, **k: pytest.fail("the stage ran"))
     params = yaml.safe_load(params_text(compose("experiment=smoke", tmp=tmp_path)))
     params["paths"]["artifacts_dir"] = None
     (tmp_path / "null.yaml").write_text(yaml.safe_dump(params))
@@ -260,7 +262,6 @@ def test_a_params_file_lacking_a_key_is_refused_before_the_stage_runs(tmp_path, 
     del stale["pretrain"]["tta"]
     header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))  # the overrides it records
     (tmp_path / "stale.yaml").write_text(header + yaml.safe_dump(stale))
-    monkeypatch.setattr("transferkit.stages.run.run_stage", lambda *a, **k: pytest.fail("the stage ran"))
     line = _error(capsys, ["pretrain", "--params", str(tmp_path / "stale.yaml")])
     assert "stale.yaml has no pretrain.tta: it was written from another conf/" in line and "transferkit params" in line
     stale["pretrain"]["tta"], stale["pretrain"]["lrr"] = "flip", stale["pretrain"].pop("lr")  # a typo
@@ -275,7 +276,6 @@ def test_a_params_file_lacking_a_folder_is_one_line_naming_it(tmp_path, capsys, 
     ends in one line naming the key, before the stage runs."""
     import yaml
 
-    monkeypatch.setattr("transferkit.stages.run.run_stage", lambda *a, **k: pytest.fail("the stage ran"))
     params = yaml.safe_load(params_text(compose("experiment=smoke", tmp=tmp_path)))
     for key in ("data_dir", "artifacts_dir"):
         lacking = {**params, "paths": {k: v for k, v in params["paths"].items() if k != key}}
@@ -431,7 +431,7 @@ def test_check_params_finds_the_project_from_a_subfolder_and_names_what_it_refus
 
 
 def test_a_sweep_value_without_multirun_is_one_line_naming_the_two_ways(tmp_path):
-    line = one_error_line(cli("transfer", "experiment=smoke", "transfer.freeze_depth=0,1", cwd=ROOT))
+    line = one_error_line(cli("transfer", "experiment=smoke", "transfer.freeze_depth=0,1", *outside(tmp_path)))
     assert "transfer.freeze_depth=0,1 lists several values" in line and "-m" in line and "transferkit sweep" in line
 
 
@@ -450,7 +450,7 @@ def test_unknown_command():
 
 
 def test_unknown_override_key_via_hydra_mode(tmp_path):
-    line = one_error_line(cli("transfer", "experiment=smoke", "transfer.freez_depth=1", cwd=ROOT))
+    line = one_error_line(cli("transfer", "experiment=smoke", "transfer.freez_depth=1", *outside(tmp_path), cwd=ROOT))
     assert "freez_depth" in line
 
 
@@ -731,13 +731,14 @@ def test_hydras_rerun_of_a_pickle_is_refused_before_the_file_is_read(capsys, tmp
     assert not (tmp_path / "ran").exists()
 
 
-def test_a_flag_with_a_value_among_the_overrides_is_read_as_hydra_reads_it():
+def test_a_flag_with_a_value_among_the_overrides_is_read_as_hydra_reads_it(tmp_path):
     """`--cfg job seed=3` was "unrecognized arguments: seed=3" from Hydra's parser."""
-    proc = cli("prepare", "experiment=smoke", "--cfg", "job", "seed=3", "-p", "seed")
+    away = outside(tmp_path)  # were a flag read as an override, prepare would run here
+    proc = cli("prepare", "experiment=smoke", "--cfg", "job", "seed=3", "-p", "seed", *away)
     assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr[-2000:]
-    proc = cli("prepare", "experiment=smoke", "seed=3", "--info")  # --info last takes no value
+    proc = cli("prepare", "experiment=smoke", *away, "seed=3", "--info")  # --info last takes no value
     assert proc.returncode == 0 and "seed: 3" in proc.stdout, proc.stderr[-2000:]
-    proc = cli("prepare", "--cfg", "job", "-p", "seed", "--", "experiment=smoke", "seed=-5")  # argparse's --
+    proc = cli("prepare", "--cfg", "job", "-p", "seed", "--", "experiment=smoke", "seed=-5", *away)  # argparse's --
     assert proc.returncode == 0 and proc.stdout.strip() == "-5", proc.stderr[-2000:]
     proc = cli("prepare", "--help", "-m", "--cfg", "job")  # help first, as Hydra gives it: two modes are no error
     assert proc.returncode == 0 and "transferkit is powered by Hydra" in proc.stdout, proc.stderr[-2000:]
@@ -745,7 +746,7 @@ def test_a_flag_with_a_value_among_the_overrides_is_read_as_hydra_reads_it():
     assert proc.returncode == 0 and "== Flags ==" in proc.stdout, proc.stderr[-2000:]
     proc = cli("prepare", "--info", "plugins", "seed=0,1")  # it composes no config: a sweep's values are fine
     assert proc.returncode == 0 and "Sweeper" in proc.stdout, proc.stderr[-2000:]
-    line = one_error_line(cli("prepare", "seed=1,2", "--cfg", "job"))  # a config holds one value: Hydra's 6 lines
+    line = one_error_line(cli("prepare", "seed=1,2", "--cfg", "job", *away))  # a config holds one value: was 6 lines
     assert "seed=1,2 lists several values, and a composition holds one run's" in line, line
 
 
@@ -769,7 +770,7 @@ def test_a_hydra_output_folder_that_cannot_be_made_is_one_line(tmp_path, argv, k
     (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
     for bad, problem in ((tmp_path / "file" / "out", "is a file"), (tmp_path / "broken", "is a link to nothing"),
                          (Path("/proc/transferkit"), "no folder can be made in /proc")):  # even as root
-        line = one_error_line(cli("prepare", "experiment=smoke", *argv, f"{key}={bad}", cwd=ROOT))
+        line = one_error_line(cli("prepare", "experiment=smoke", *argv, f"{key}={bad}", *outside(tmp_path), cwd=ROOT))
         assert f"{key}={bad} cannot be made" in line and problem in line and "Fix:" in line, line
     assert not (tmp_path / "nowhere").exists()
     # inside what DVC tracks: Hydra wrote .hydra/ and its log into a stage's outputs before the stage refused

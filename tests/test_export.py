@@ -694,7 +694,8 @@ def _one_error(capsys, argv) -> str:
     return lines[0]
 
 
-def test_bad_input_gives_one_error_line(exported, tmp_path, capsys):
+def test_bad_input_gives_one_error_line(exported, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # export's defaults, outputs/ and artifacts/prepare/, here and not in the checkout
     root, test_set, models = exported
     folder = models["fastnet"][0]
     (tmp_path / "notes.txt").write_text("not a model")

@@ -303,13 +303,13 @@ def test_a_point_is_named_by_the_overrides_given():
 
 
 @pytest.mark.parametrize("option", ["--dry-run", "--uot=/elsewhere"])
-def test_sweep_refuses_an_unknown_option(option):
+def test_sweep_refuses_an_unknown_option(option, tmp_path):
     from transferkit.sweep.points import main
 
     from transferkit.errors import TransferkitError
 
     with pytest.raises(TransferkitError, match=f"unrecognized arguments: {option}"):
-        main(["transfer", option, "transfer.freeze_depth=0,1"])
+        main(["transfer", option, "transfer.freeze_depth=0,1", "--out", str(tmp_path)])  # not into the checkout
 
 
 def test_a_sweep_of_values_hydra_cannot_list_is_one_line():
@@ -414,14 +414,14 @@ def test_a_student_run_by_hand_takes_a_new_optimisation_given_for_both_it_and_di
 
 
 @pytest.mark.parametrize("override", ["hydra/launcher=local_parallel", "+hydra.launcher.n_jobs=2"])
-def test_sweep_refuses_hydra_settings_it_would_ignore(override):
+def test_sweep_refuses_hydra_settings_it_would_ignore(override, tmp_path):
     import re
 
     from transferkit.errors import TransferkitError
     from transferkit.sweep.points import main
 
     with pytest.raises(TransferkitError, match=rf"override '{re.escape(override)}' cannot be used here.*-m"):
-        main(["transfer", "transfer.freeze_depth=0,1", override])
+        main(["transfer", "transfer.freeze_depth=0,1", override, "--out", str(tmp_path)])  # not into the checkout
 
 
 @pytest.mark.parametrize("overrides, needle", [
