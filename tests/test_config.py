@@ -228,6 +228,18 @@ def test_several_values_outside_a_sweep_are_one_line_naming_the_sweep_command():
                             "transfer.freeze_depth=0,1,2`.")
 
 
+@pytest.mark.parametrize("override", ['hydra.sweeper.params={seed:"0,1"}', "+hydra.sweeper.params.seed='0,1'",
+                                      "++hydra.sweeper.params={seed:'0,1'}"])
+def test_a_sweep_declared_on_the_command_line_is_one_line_naming_the_two_ways(override):
+    """hydra.sweeper.params is null in conf/: Hydra merging a value into it ended in OmegaConf's AttributeError or
+    AssertionError traceback."""
+    with pytest.raises(TransferkitError) as e:
+        compose(override)
+    assert str(e.value) == (f"{override}: hydra.sweeper.params is null in conf/, and Hydra cannot add to it from the "
+                            f"command line. Fix: give each swept key as an override with -m (seed=0,1), or declare "
+                            f"the sweep under hydra.sweeper.params in conf/config.yaml.")
+
+
 @pytest.mark.parametrize("override", ["+seed=1", "+transfer.lr=0.5"])
 def test_adding_a_setting_conf_has_is_one_line_saying_to_drop_the_plus(override):
     """Was Hydra's "Could not append to config. An item is already at 'seed'.." under "bad override", whose fix (write

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config.overrides import refuse_repeats
+from transferkit.config.overrides import override_key, refuse_repeats
 from transferkit.errors import TransferkitError
 from transferkit.plain import flatten, plain_yaml, under
 
@@ -55,6 +55,12 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: a group set to null
         key = getattr(e.__cause__, "full_key", None)  # a key inside a dict override: the one conf/ lacks
         raise TransferkitError(_override_error(str(e), overrides, conf_dir, key)) from e
+    except (AttributeError, AssertionError) as e:  # OmegaConf's own, where Hydra merges into a null block
+        if not (given := next((o for o in overrides if override_key(o).startswith("hydra.sweeper.params")), None)):
+            raise
+        raise TransferkitError(f"{given}: hydra.sweeper.params is null in conf/, and Hydra cannot add to it from the "
+                               f"command line. Fix: give each swept key as an override with -m (seed=0,1), or "
+                               f"declare the sweep under hydra.sweeper.params in conf/config.yaml.") from e
     except yaml.YAMLError as e:  # an edited file of conf/ (its name, line and column are in the message)
         raise TransferkitError(f"conf/ holds a file that is not valid YAML: {' '.join(str(e).split())}. Fix: correct "
                                f"that line (`git diff conf/` shows what changed).") from e
