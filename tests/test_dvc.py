@@ -304,6 +304,30 @@ def test_stopping_a_dvc_run_ends_the_stage_it_started(tmp_path, handler):
             os.kill(sleeper, signal.SIGKILL)
 
 
+def test_a_stage_that_does_not_end_on_sigterm_is_killed_when_the_grace_period_ends():
+    """stop_session sends SIGKILL to what is left of the session once `grace_s` has passed: a stage that ignores
+    SIGTERM ends all the same, and its caller is not left waiting on it."""
+    import os
+    import signal
+    import threading
+
+    from transferkit.project import stop_session
+
+    proc = subprocess.Popen(["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"  # SIGTERM is ignored from here on
+        stopper = threading.Thread(target=stop_session, args=(proc, signal.SIGTERM, 0.5), daemon=True)
+        stopper.start()
+        stopper.join(timeout=60)
+        assert not stopper.is_alive() and proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+
+
 def test_the_readme_draws_and_lists_every_stage():
     """The README's stage table had no row for `student`, a stage of the graph above it."""
     from transferkit.stages import STAGES

@@ -132,14 +132,22 @@ def test_a_keep_folder_that_cannot_hold_the_runs_is_refused_before_anything_is_c
     recursion limit, and left a hundred megabytes in data/."""
     from transferkit import cli
 
+    import shutil
+
     (tmp_path / "file").write_text("a file, not a folder")
-    for keep, needle in ((tmp_path / "file" / "runs", f"{tmp_path / 'file'} is a file, not a folder"),
-                         (ROOT / "data" / "rk", f"is inside {ROOT / 'data'}, which each run copies"),
-                         (ROOT / "src" / "transferkit" / "rk", f"is inside {ROOT / 'src'}")):
-        assert cli.main(["check-repro", "--keep", str(keep)]) == 2
-        errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
-        assert len(errors) == 1 and needle in errors[0] and "Fix: pass a folder" in errors[0], errors
-        assert not keep.exists()
+    keeps = ((tmp_path / "file" / "runs", f"{tmp_path / 'file'} is a file, not a folder"),
+             (ROOT / "data" / "rk", f"is inside {ROOT / 'data'}, which each run copies"),
+             (ROOT / "src" / "transferkit" / "rk", f"is inside {ROOT / 'src'}"))
+    assert not any(keep.exists() for keep, _ in keeps)
+    try:
+        for keep, needle in keeps:
+            assert cli.main(["check-repro", "--keep", str(keep)]) == 2
+            errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+            assert len(errors) == 1 and needle in errors[0] and "Fix: pass a folder" in errors[0], errors
+            assert not keep.exists()
+    finally:  # where a refusal breaks, the copies it made go with it, not left in the checkout for other tests
+        for keep, _ in keeps:
+            shutil.rmtree(keep, ignore_errors=True)
 
 
 def test_prepares_outputs_are_compared_and_a_difference_names_the_tensor(tmp_path, capsys):
@@ -170,6 +178,67 @@ def test_a_metrics_difference_names_the_keys_and_both_values():
     b = b'{"models": {"transfer": {"top1": 0.625, "top5": 0.9}}, "n": 10}'
     assert describe_difference(a, b) == "models.transfer.top1: 0.5 in run 1, 0.625 in run 2"
     assert "key order" in describe_difference(b'{"a": 1, "b": 2}', b'{"b": 2, "a": 1}')
+    # a list's items are named by index: the value that drifted, not the whole list
+    assert describe_difference(b'{"per_class": [0.5, 0.7]}', b'{"per_class": [0.5, 0.8]}') == \
+        "per_class.1: 0.7 in run 1, 0.8 in run 2"
+
+
+def test_an_output_only_one_run_made_fails_the_comparison(tmp_path, capsys):
+    """A file of a compared name that one run made and the other did not is a difference, whichever run lacks it."""
+    from transferkit.reproducibility.check import Report, compare_outputs
+
+    runs = [tmp_path / "run1", tmp_path / "run2"]
+    for run in runs:
+        (run / "artifacts" / "pretrain").mkdir(parents=True)
+        (run / "artifacts" / "pretrain" / "metrics.json").write_text('{"val_acc": 0.5}')
+    for run, stage in zip(runs, ("probe", "transfer")):
+        (run / "artifacts" / stage).mkdir()
+        (run / "artifacts" / stage / "metrics.json").write_text('{"val_acc": 0.5}')
+    report = Report()
+    compare_outputs(*runs, report)
+    out = capsys.readouterr().out
+    assert "FAIL  artifacts/probe/metrics.json exists only in run 1" in out, out
+    assert "FAIL  artifacts/transfer/metrics.json exists only in run 2" in out, out
+    assert (report.passed, report.failed) == (2, 2), out  # something to compare; pretrain's identical
+    assert report.summary() == 1
+
+
+def test_runs_that_made_no_file_to_compare_fail_the_comparison(tmp_path, capsys):
+    """A --target whose stages write none of the compared files is no evidence of reproducibility: it fails, with
+    the fix, rather than pass with nothing compared."""
+    from transferkit.reproducibility.check import Report, compare_outputs
+
+    runs = [tmp_path / "run1", tmp_path / "run2"]
+    for run in runs:
+        (run / "artifacts" / "pretrain").mkdir(parents=True)
+        (run / "artifacts" / "pretrain" / "notes.txt").write_text("no file check-repro compares")
+    report = Report()
+    compare_outputs(*runs, report)
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL  outputs under artifacts/ to compare (metrics.json, model.pt") and \
+        "Fix: choose a --target that makes some (e.g. pretrain)" in out, out
+    assert (report.passed, report.failed) == (0, 1)
+
+
+@pytest.mark.parametrize("second, status, failed", [
+    ("", "Data and pipelines are up to date.\n", []),
+    ("Running stage 'pretrain':\n", "Data and pipelines are up to date.\n",
+     ["a second dvc repro pretrain ran pretrain"]),
+    ("", "pretrain:\n\tchanged outs:\n\t\tmodified: artifacts/pretrain\n", ["dvc status is not up to date"]),
+])
+def test_a_copy_whose_second_repro_runs_a_stage_or_whose_status_is_not_clean_fails(tmp_path, monkeypatch, capsys,
+                                                                                  second, status, failed):
+    """The promise checked in each copy: the second `dvc repro` runs nothing and `dvc status` then reports nothing
+    to do; dvc's own reports (here given as dvc prints them) decide each check."""
+    from transferkit.reproducibility import check
+
+    replies = iter(["Running stage 'prepare':\nRunning stage 'pretrain':\n", second, status])
+    monkeypatch.setattr(check, "run", lambda cmd, cwd: next(replies))
+    report = check.Report()
+    check.reproduce(tmp_path, "pretrain", "run 1", report)
+    fails = [line.removeprefix("FAIL  run 1: ") for line in capsys.readouterr().out.splitlines()
+             if line.startswith("FAIL")]
+    assert fails == failed and (report.passed, report.failed) == (3 - len(failed), len(failed))
 
 
 def test_a_weights_difference_names_the_tensors_and_how_far_they_drifted(tmp_path):

@@ -419,3 +419,14 @@ def test_a_params_file_that_expands_or_nests_without_end_is_one_line(tmp_path, c
     (tmp_path / "params.yaml").write_text(text)
     line = _cli_error(capsys, ["prepare", "--params", str(tmp_path / "params.yaml")])
     assert "params.yaml is not valid YAML" in line and needle in line and "Fix:" in line, line
+
+
+def test_a_params_file_nested_32_levels_deep_is_read_and_one_33_deep_is_refused():
+    """The limit is the one the refusal names: "nested more than 32 levels deep"."""
+    import yaml
+
+    from transferkit.plain import plain_yaml
+
+    assert plain_yaml("a: " + "[" * 31 + "]" * 31)  # the top mapping and 31 lists: 32 levels
+    with pytest.raises(yaml.YAMLError, match="nested more than 32 levels deep"):
+        plain_yaml("a: " + "[" * 32 + "]" * 32)

@@ -128,6 +128,30 @@ def _quadrant(epochs: dict) -> dict:
             "rows": rows, "agrees": True, "guidance": {"strategy": "linear_probe", "text": "linear classifier"}}
 
 
+def test_the_progress_bar_is_off_in_every_quadrant_unless_asked_for(tmp_path):
+    """Each quadrant's params file turns the progress bar off; trainer.progress_bar=true, given to watch the runs,
+    is kept."""
+    from transferkit.scenarios.report import pipeline, strategies
+
+    for overrides, shown in (([], False), (["trainer.progress_bar=true"], True)):
+        out = tmp_path / str(shown)
+        pipeline(out, overrides, strategies())
+        for preset in QUADRANTS:
+            assert yaml.safe_load((out / "params" / f"{preset}.yaml").read_text())["trainer"]["progress_bar"] is shown
+
+
+def test_quadrants_of_one_source_whose_pretraining_would_differ_are_refused(tmp_path):
+    """The two quadrants of a source share one pretraining: an override that composes differently in each (it
+    follows a setting the quadrants set apart) would train the second quadrant's strategies on the first one's."""
+    from transferkit.scenarios.report import pipeline, strategies
+
+    with pytest.raises(TransferkitError, match=r"^scenario_large_similar and scenario_small_similar have the same "
+                                               r"source but other pretraining settings: they cannot share one "
+                                               r"pretraining\. Fix: override only what both may share\.$"):
+        pipeline(tmp_path / "out", ["pretrain.epochs=${transfer.epochs}"], strategies())
+    assert not (tmp_path / "out" / "params").exists()
+
+
 def test_the_report_says_whether_the_strategies_train_equally_long():
     from transferkit.evaluation.tables import scenarios_markdown
 

@@ -300,6 +300,9 @@ def test_a_point_is_named_by_the_overrides_given():
     given = {"transfer.freeze_depth", "seed", "trainer.progress_bar", "trainer.num_threads"}
     assert point_name([*point, "trainer.progress_bar=false", "trainer.num_threads=1"], given) == \
         "seed=0,transfer.freeze_depth=2"
+    # a setting is left out with the keys inside it, not with every key its name begins like
+    assert point_name(["trainer.progress_bar_x=1", "pathsx=2"], {"trainer.progress_bar_x", "pathsx"}) == \
+        "pathsx=2,trainer.progress_bar_x=1"
 
 
 @pytest.mark.parametrize("option", ["--dry-run", "--uot=/elsewhere"])
@@ -394,6 +397,18 @@ def test_an_override_of_a_setting_the_stage_does_not_read_is_refused(tmp_path, s
     # (a params file's run takes keys, not conf/'s groups: model.name=, not model=)
     check_read(stage, [f"{stage}.epochs=2", "seed=1", "trainer.progress_bar=false", "evaluate.tta=none",
                        "model.name=resnet18", "data.target.train_per_class=5", "name=mine"])
+
+
+def test_a_key_whose_name_only_begins_like_a_setting_the_stage_reads_is_not_read():
+    """transfer reads transfer.* and seed, not +transfer_note or +seeds: a key is inside a setting only below a
+    dot, so either would change nothing but the saved params.yaml."""
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import check_read
+
+    for override, key in (("+transfer_note=x", "transfer_note"), ("+seeds=1", "seeds")):
+        with pytest.raises(TransferkitError, match=rf"^transfer does not read {key}: '\{override}' would change"):
+            check_read("transfer", [override])
+    check_read("transfer", ["transfer.lr=0.1", "seed=1"])
 
 
 def test_a_student_run_by_hand_takes_a_new_optimisation_given_for_both_it_and_distill():
@@ -667,6 +682,27 @@ def test_collect_reads_a_runs_folder_strategies_by_the_stage_that_made_them(tmp_
         ("scratch", "scratch")]
 
 
+def test_collect_of_a_folder_inside_a_sweep_folder_takes_only_the_points_in_it(tmp_path, monkeypatch):
+    """`collect sweep/seed=1` reads what the sweep's dvc.yaml (in the folder above) lists, and keeps the points
+    that lie in the folder given: the sweep's other points are not collected with it."""
+    from transferkit.project import RUNS_HEADER
+    from transferkit.sweep import collect
+    from transferkit.sweep.collect import find_runs
+
+    monkeypatch.setattr(collect, "stale_stages", lambda folder: [])  # DVC's own check, tested with a real sweep
+    sweep, stages = tmp_path / "sweep", {}
+    for seed in (0, 1):
+        run = sweep / f"seed={seed}" / "transfer"
+        run.mkdir(parents=True)
+        (run / "model.pt").touch()
+        (run / "params.yaml").write_text(yaml.safe_dump({"name": "smoke", "seed": seed}))
+        stages[f"point{seed}"] = {"cmd": f"transferkit transfer --out seed={seed}/transfer",
+                                  "outs": [f"seed={seed}/transfer"]}
+    (sweep / "dvc.yaml").write_text(RUNS_HEADER + yaml.safe_dump({"stages": stages}))
+    assert [r.seed for r in find_runs([sweep / "seed=1"])] == [1]
+    assert sorted(r.seed for r in find_runs([sweep])) == [0, 1]
+
+
 def _scorable(tmp_path):
     """A prepared task (with the params.yaml prepare saves beside it), a model trained for it, and `scored()`:
     the model scored by score() with tmp_path/scores.pt as the cache."""
@@ -909,6 +945,31 @@ def test_inputs_made_with_other_settings_are_named_with_the_fix(tmp_path, monkey
                                                r"params experiment=default` writes one\), or give --in pretrain=DIR, "
                                                r"a folder p.yaml made\.$"):
         check_inputs("transfer", cfg, {"seed"}, {}, Path("p.yaml"))
+
+
+def test_an_input_made_without_a_setting_this_run_sets_to_null_is_named_to_be_made_again(tmp_path, monkeypatch):
+    """A key the input's saved params lack (code older than the setting made it) is no match for the key set to
+    null here: the input is named to be made again, not read as if it were made with null."""
+    from transferkit.config.compose import params_text, to_params
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.points import check_inputs
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke"), ["experiment=smoke"]))
+    monkeypatch.chdir(tmp_path)
+    cfg = compose("experiment=smoke", tmp=tmp_path)
+    saved = to_params(cfg)
+    assert saved["data"]["target"]["test_per_class"] is None
+    (folder := tmp_path / "artifacts" / "prepare").mkdir(parents=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(saved))
+    check_inputs("pretrain", cfg)  # made with these settings
+    saved["data"]["target"].pop("test_per_class")
+    (folder / "params.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(TransferkitError, match=rf'^data.target.test_per_class=null here, but {folder} was made with '
+                                               rf'data.target.test_per_class="<missing>", and pretrain reads it\. '
+                                               rf"Fix: make it again with this code and config \(`dvc repro "
+                                               rf"prepare`\)\.$"):
+        check_inputs("pretrain", cfg)
 
 
 def test_an_input_made_by_dvc_repro_with_other_code_is_named_with_the_fix(tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
                                f"{key}={json.dumps(tasks[other].get(key))}. Fix: collect each experiment's sweep "
                                f"folder on its own.")
     swept = sorted({k for f in flats for k in f if len({json.dumps(g.get(k)) for g in flats}) > 1
-                    and not k.startswith(NOT_SWEPT)})
+                    and not under(k, NOT_SWEPT)})
     seen = {}
     for r, f in zip(runs, flats):  # a run's setting: the swept keys of what made it (its stage's params and those
         # of the stages it reads: student's include distill.student, transfer's pretrain), of how it trained

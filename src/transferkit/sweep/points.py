@@ -223,7 +223,7 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
         keys, seen = {*BY_NAME[stage].params, *made_with(stage), *SCORED_WITH}, {}  # and what collect scores with
         for point, cfg in zip(points, composed):
             run = json.dumps({k: v for k, v in flatten(to_params(cfg)).items()
-                              if under(k, keys) and (k == "seed" or not k.startswith(NOT_SWEPT))}, sort_keys=True)
+                              if under(k, keys) and (k == "seed" or not under(k, NOT_SWEPT))}, sort_keys=True)
             if (twin := seen.setdefault(run, point)) is not point:
                 a, b = (" ".join(o for o in p if o not in q) for p, q in ((twin, point), (point, twin)))
                 unread = ", ".join(override_key(o) for o in point if o not in twin)
@@ -240,7 +240,7 @@ def point_name(point: list[str], given: set[str]) -> str:
     of one value, or gains a setting that changes no result (trainer.progress_bar), so DVC runs only the
     new points; a "/" in a value would make a subfolder."""
     return ",".join(sorted(o.replace("/", "%2F") for o in point if (k := override_key(o)) in given
-                           and (k == "seed" or not k.startswith(NOT_SWEPT)))) or "default"
+                           and (k == "seed" or not under(k, NOT_SWEPT)))) or "default"
 
 
 def main(argv: list[str]) -> int:
