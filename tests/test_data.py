@@ -543,28 +543,34 @@ def test_a_damaged_xz_stream_is_one_error(tmp_path):
         read_image_folder(path)
 
 
+@pytest.mark.parametrize("linked", [False, True])
 @pytest.mark.parametrize("kind", ["tar", "zip"])
-def test_a_name_stored_twice_is_the_version_extracting_gives(tmp_path, kind):
+def test_a_name_stored_twice_is_the_version_extracting_gives(tmp_path, kind, linked):
     """`tar -r` and `zip -u` append a file's new version and keep the old: the folder the archive
-    extracts to holds one image there, and so does what prepare reads (not two, in train and val)."""
+    extracts to holds one image there, and so does what prepare reads (not two, in train and val). With
+    `linked`, the version before the last is a link: the file that replaced it is all the name holds."""
     import warnings
 
     folder = write_image_folder(tmp_path / "src", CLASSES4, 3, 1, archive=False)
     files = {f"cifar10-jpeg/{p.relative_to(folder)}": p.read_bytes() for p in sorted(folder.rglob("*.jpg"))}
     name, new = "cifar10-jpeg/train/cat/0000.jpg", files["cifar10-jpeg/train/cat/0001.jpg"]
+    versions = [*files.items(), *([(name, None)] if linked else []), (name, new)]  # None: a link to 0002.jpg
     path = tmp_path / f"cifar10-jpeg.{kind}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zipfile warns of a duplicate name
         if kind == "zip":
             with zipfile.ZipFile(path, "w") as archive:
-                for member, data in [*files.items(), (name, new)]:
-                    archive.writestr(member, data)
+                for member, data in versions:
+                    archive.writestr(*((member, data) if data is not None else _zip_link(member, "0002.jpg")))
         else:
             with tarfile.open(path, "w") as archive:
-                for member, data in [*files.items(), (name, new)]:
+                for member, data in versions:
                     info = tarfile.TarInfo(member)
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
+                    if data is None:
+                        info.type, info.linkname = tarfile.SYMTYPE, "0002.jpg"
+                    else:
+                        info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data) if data is not None else None)
     read = archives.archive_files(path)
     assert sorted(n for n, _ in read) == sorted(files) and bytes(dict(read)[name]) == new
     assert len(read_image_folder(path).train.images) == len(read_image_folder(folder).train.images)
@@ -1251,6 +1257,42 @@ def test_failed_download_gives_the_same_advice(tmp_path, monkeypatch):
     assert "cifar10-jpeg.tar.gz" in msg and "experiment=smoke" in msg
 
 
+def test_a_download_gives_up_on_a_silent_network_and_leaves_the_socket_timeout_as_it_was(monkeypatch):
+    """download_cifar waits a bounded time on the network (an offline machine fails in seconds, not never), and the
+    process's default socket timeout is the caller's again afterwards, when the download fails too."""
+    import socket
+
+    import torchvision.datasets.utils
+
+    from transferkit.data.cifar import download_cifar
+
+    seen = []
+
+    def unreachable(url, download_root, **kwargs):
+        seen.append(socket.getdefaulttimeout())
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", unreachable)
+    before = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(None)
+        with pytest.raises(OSError, match="unreachable"):
+            download_cifar("cifar10", Path("unused"))
+        assert seen and seen[0] is not None and 0 < seen[0] <= 60, seen
+        assert socket.getdefaulttimeout() is None
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def test_a_file_where_the_official_folder_goes_does_not_hide_the_image_archive(tmp_path):
+    """cifar10 is the official folder cifar-10-batches-py/ when there is one; a file of that name (a download
+    saved under it) is no such folder, and the image archive beside it is what is read."""
+    (tmp_path / "cifar-10-batches-py").write_bytes(b"not the extracted release")
+    write_image_folder(tmp_path, CLASSES4, train_per_class=2, test_per_class=1)
+    raw = _load("cifar10", tmp_path)
+    assert raw.classes == CLASSES4 and len(raw.train.labels) == 2 * len(CLASSES4)
+
+
 def test_unknown_dataset_name(tmp_path):
     with pytest.raises(TransferkitError, match="neither"):
         _load("cifar11", tmp_path)
@@ -1433,15 +1475,33 @@ def test_a_test_folder_that_is_its_train_folder_is_an_error(tmp_path, how):
     assert len(task["test_y"]) == 6
 
 
-def _ships_to_cats(folder: Path, tmp_path: Path, train: int, val: int):
+def _ships_to_cats(folder: Path, tmp_path: Path, train: int, val: int, *more: str):
     """The smoke experiment on the image folder `folder`: ship and truck the source, cat and dog the target, `train`
-    and `val` images of each class."""
+    and `val` images of each class (`more`: further overrides)."""
     from conftest import compose
 
     return compose("experiment=smoke", f"data.source.dataset={folder}", f"data.target.dataset={folder}",
                    "data.source.classes=[ship,truck]", "data.target.classes=[cat,dog]",
                    *(f"data.{role}.{split}_per_class={n}" for role in ("source", "target")
-                     for split, n in (("train", train), ("val", val))), tmp=tmp_path)
+                     for split, n in (("train", train), ("val", val))), *more, tmp=tmp_path)
+
+
+def test_prepare_draws_each_classs_train_and_val_images_by_the_runs_seed(tmp_path):
+    """The train/val split is a seeded draw of each class's train images: another `seed` draws other val images
+    from the same dataset (runs over seeds vary the split as well as the training), the same seed the same ones."""
+    from conftest import run
+    from transferkit.stages.common import load_task
+
+    folder = write_image_folder(tmp_path / "d", ["cat", "dog", "ship", "truck"], 8, 2, archive=False)
+    tasks = []
+    for seed, where in ((0, "a"), (1, "b"), (0, "c")):
+        run("prepare", _ships_to_cats(folder, tmp_path / where, 4, 4, f"seed={seed}"))
+        tasks.append(load_task(tmp_path / where / "artifacts" / "prepare", "target"))
+    first, other, again = tasks
+    assert torch.equal(first["val_x"], again["val_x"]) and torch.equal(first["train_x"], again["train_x"])
+    assert not torch.equal(first["val_x"], other["val_x"])
+    pooled = [sorted(map(bytes, torch.cat([t["train_x"], t["val_x"]]).flatten(1).numpy())) for t in (first, other)]
+    assert pooled[0] == pooled[1]  # the same images, split another way
 
 
 def test_prepare_counts_the_val_images_that_are_also_train_images(tmp_path, capsys):

@@ -67,6 +67,25 @@ def test_backbone_lr_mult_zero_freezes_the_whole_backbone(tmp_path):
     assert all(_same(before[i], _block_state(model, i)) for i in range(model.num_blocks))
 
 
+def test_the_transfer_stage_with_backbone_lr_mult_zero_keeps_every_pretrained_block(smoke_artifacts, tmp_path):
+    """transfer.backbone_lr_mult=0 trains the new head alone whatever transfer.freeze_depth says: the transfer
+    stage's model holds pretrain's blocks, weights and BatchNorm statistics, bit for bit."""
+    import shutil
+
+    from conftest import run
+    from transferkit.models import load_checkpoint
+
+    shutil.copytree(Path(smoke_artifacts[0].paths.artifacts_dir), tmp_path / "artifacts")
+    cfg = compose("experiment=smoke", "transfer.backbone_lr_mult=0", "transfer.epochs=2", tmp=tmp_path)
+    assert cfg.transfer.freeze_depth < 4  # the smoke preset's depth leaves blocks a rate would train
+    run("transfer", cfg)
+    transferred, _ = load_checkpoint(tmp_path / "artifacts" / "transfer" / "model.pt", "transfer")
+    pretrained, _ = load_checkpoint(tmp_path / "artifacts" / "pretrain" / "model.pt", "pretrain")
+    assert transferred.num_blocks == pretrained.num_blocks == 4
+    for i in range(pretrained.num_blocks):
+        assert _same(_block_state(pretrained, i), _block_state(transferred, i)), f"block {i} changed"
+
+
 @pytest.mark.parametrize("overrides, says", [
     ([], "transfer (freeze depth 1): top-1 val 81.2%; "),
     (["transfer.backbone_lr_mult=0"], "transfer (backbone frozen: backbone_lr_mult 0): "),

@@ -108,6 +108,21 @@ def test_a_frozen_backbone_is_the_curves_deepest_point(smoke_artifacts, tmp_path
     assert "probe depth=all" in report  # probe.depth null: every block, never "None"
 
 
+def test_a_curve_depth_that_is_transfers_own_is_scored_from_the_transfer_stage(smoke_artifacts, tmp_path):
+    """freeze_curve trains no point at transfer.freeze_depth (it leaves no folder for it): evaluate takes that
+    depth's row from the transfer stage's model and metrics, listed among the curve's depths or not."""
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(Path(ref_cfg.paths.artifacts_dir), tmp_path / "artifacts")
+    cfg = compose("experiment=smoke", "freeze_curve.depths=[0,1]", tmp=tmp_path)
+    assert cfg.transfer.freeze_depth == 1
+    metrics = run("evaluate", cfg)
+    assert [(r["freeze_depth"], r["stage"]) for r in metrics["freeze_curve"]] == [(0, "freeze_curve"), (1, "transfer")]
+    transfer_row = metrics["freeze_curve"][1]
+    assert transfer_row["top1"] == metrics["models"]["transfer"]["top1"]
+    assert transfer_row["val_acc"] == json.loads((tmp_path / "artifacts" / "transfer" / "metrics.json").read_text())[
+        "val_acc"]
+
+
 def test_the_report_clips_intervals_to_what_an_accuracy_difference_can_be():
     # a handful of test images gives a normal-approximation interval wider than -100 to +100 points
     from transferkit.evaluation.report import freeze_curve_section
@@ -120,7 +135,7 @@ def test_the_report_clips_intervals_to_what_an_accuracy_difference_can_be():
 
 def test_a_run_killed_between_two_points_keeps_the_finished_one(smoke_artifacts, tmp_path, monkeypatch):
     """A finished point has no checkpoint left, and the next had none yet: the work folder is still the killed run's
-    to resume, and its finished point is not trained again."""
+    to resume, and its finished point is not trained again (the run gives its metrics as the killed run saved them)."""
     import pytest
 
     from transferkit.stages import freeze_curve
@@ -141,8 +156,10 @@ def test_a_run_killed_between_two_points_keeps_the_finished_one(smoke_artifacts,
         run("freeze_curve", cfg)
     monkeypatch.setattr(freeze_curve.transfer, "run", lambda point, *a: trained.append(point.transfer.freeze_depth)
                         or real(point, *a))
-    run("freeze_curve", cfg)
+    results = run("freeze_curve", cfg)
     assert trained == [0, 2]  # depth 0 once, in the killed run
+    out = tmp_path / "artifacts" / "freeze_curve"
+    assert results == {f"depth{d}": json.loads((out / f"depth{d}" / "metrics.json").read_text()) for d in (0, 2)}
 
 
 def test_the_report_marks_the_depth_best_on_val():

@@ -128,6 +128,36 @@ def test_smoke_learns_something(smoke_artifacts):
     assert results["evaluate"]["models"]["scratch"]["top1"] > 0.5
 
 
+def test_pretrain_scores_the_model_it_saved_on_the_source_tasks_test_split(smoke_artifacts):
+    """pretrain's metrics.json holds the source task's test accuracy of the backbone it saved (the scenarios
+    table quotes it as how well the source task was learned); the target stages score val alone."""
+    from transferkit.stages.common import load_task
+
+    cfg, results = smoke_artifacts
+    artifacts = Path(cfg.paths.artifacts_dir)
+    source = load_task(artifacts / "prepare", "source")
+    model, _ = load_checkpoint(artifacts / "pretrain" / "model.pt", "pretrain")
+    with torch.no_grad():
+        hits = model.eval()(source["test_x"].float() / 255).argmax(1) == source["test_y"]
+    saved = json.loads((artifacts / "pretrain" / "metrics.json").read_text())
+    assert saved == results["pretrain"]
+    assert saved["test_acc"] == pytest.approx(float(hits.float().mean()), abs=1.5 / len(hits))  # float rounding
+    assert "test_acc" not in results["transfer"] and "val_acc" in results["transfer"]
+
+
+def test_a_target_task_without_val_images_trains_and_records_no_val_score(tmp_path, capsys, caplog):
+    """data.target.val_per_class=0: a training stage fits on the train split, saves its model, and its
+    metrics.json holds no val accuracy (nothing was scored), as its closing line says."""
+    cfg = compose("experiment=smoke", "data.target.val_per_class=0", "scratch.epochs=1", tmp=tmp_path)
+    caplog.set_level("INFO", logger="transferkit")
+    run("prepare", cfg)
+    metrics = run("scratch", cfg)
+    assert metrics == {} == json.loads((tmp_path / "artifacts" / "scratch" / "metrics.json").read_text())
+    assert (tmp_path / "artifacts" / "scratch" / "model.pt").is_file()
+    shown = capsys.readouterr().out + caplog.text  # printed, or logged where a Hydra app (pytest too) has handlers
+    assert "scratch: top-1 not scored (no val split)" in shown, shown
+
+
 def test_same_config_gives_identical_metrics(smoke_artifacts, tmp_path):
     cfg, _ = smoke_artifacts
     again = compose("experiment=smoke", tmp=tmp_path)

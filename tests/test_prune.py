@@ -491,7 +491,8 @@ def _untrained(cfg, model, *args):
 
 def test_the_prune_stage_counts_the_training_of_every_fit_it_runs(tmp_path, monkeypatch):
     """Sparse learning and the rounds' recoveries train too: timing.json's seconds and images are theirs and the
-    final fit's together, not the final fit's alone."""
+    final fit's together, not the final fit's alone. Each round before the last recovers for its share of
+    prune.epochs (prune.epochs // prune.steps), sparse learning for prune.sparse_epochs."""
     from transferkit.training import trainer
 
     fits, fit = [], trainer.fit
@@ -501,6 +502,8 @@ def test_the_prune_stage_counts_the_training_of_every_fit_it_runs(tmp_path, monk
     run("prune", cfg)
     timing = json.loads((tmp_path / "artifacts" / "prune" / "timing.json").read_text())
     assert len(fits) == 3  # sparse learning, round 1's recovery, the final fit
+    epoch = fits[0].images  # one epoch of the target's train split
+    assert epoch > 0 and [f.images for f in fits] == [epoch, epoch, 2 * epoch]
     assert timing["train_seconds"] == round(sum(f.seconds for f in fits), 2)
     assert timing["train_images_per_second"] == round(sum(f.images for f in fits) / sum(f.seconds for f in fits), 1)
 
@@ -540,6 +543,28 @@ def test_rounds_of_a_channel_cut_end_with_the_widths_of_one_cut(tmp_path, monkey
         run("prune", cfg)
         widths.append(conv_widths(load_checkpoint(tmp_path / "artifacts" / "prune" / "model.pt", "prune")[0]))
     assert widths[0] == widths[1]
+
+
+def test_the_trial_cut_before_the_rounds_draws_nothing_from_the_runs_random_stream(smoke_artifacts, tmp_path,
+                                                                                    monkeypatch):
+    """Rounds (or sparse learning) first try the whole cut on a copy, to fail an unreachable target before any
+    training; a random criterion's draws for that trial are not taken from the run: its first real cut draws
+    what it would draw with no trial before it."""
+    import shutil
+    from pathlib import Path
+
+    import transferkit.stages.prune as prune_stage
+
+    states, real = [], prune_stage.prune_channels
+    monkeypatch.setattr(prune_stage, "prune_channels",
+                        lambda *a, **k: states.append(torch.get_rng_state()) or real(*a, **k))
+    monkeypatch.setattr(prune_stage, "_recover", _untrained)  # the cuts are under test, not the training
+    shutil.copytree(Path(smoke_artifacts[0].paths.artifacts_dir), tmp_path / "artifacts")
+    run("prune", compose("experiment=smoke", "prune.criterion=random", "prune.steps=2", "prune.epochs=1",
+                         tmp=tmp_path))
+    assert len(states) == 3  # the trial, then the two rounds
+    assert torch.equal(states[0], states[1])
+    assert not torch.equal(states[1], states[2])  # the first round's cut drew from the stream
 
 
 def test_an_unreachable_ratio_fails_before_sparse_learning_or_a_round_trains(tmp_path, monkeypatch):

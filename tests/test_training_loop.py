@@ -696,6 +696,17 @@ def test_trainer_num_threads_holds_in_every_stage_and_ends_with_it(tmp_path, mon
         torch.set_num_threads(before)
 
 
+def test_evaluate_records_the_thread_count_its_timings_ran_at_after_its_one_thread_latency(smoke_artifacts, tmp_path):
+    """evaluate times each model at one thread as well, then goes back to trainer.num_threads: timing.json's
+    machine names the count the stage ran at, not the one-thread section's."""
+    shutil.copytree(Path(smoke_artifacts[0].paths.artifacts_dir), tmp_path / "artifacts")
+    before = torch.get_num_threads()
+    run("evaluate", compose("experiment=smoke", "trainer.num_threads=2", tmp=tmp_path))
+    timing = json.loads((tmp_path / "artifacts" / "evaluate" / "timing.json").read_text())
+    assert timing["machine"]["threads"] == 2
+    assert torch.get_num_threads() == before
+
+
 def test_train_seconds_start_with_the_training_loop_and_num_threads_reach_its_processes(tmp_path, monkeypatch):
     """What comes before the loop (DDP's other ranks starting, stood in for here by a slow setup) is no
     training time; OMP_NUM_THREADS says trainer.num_threads while the fit runs (Lightning's DDP launcher
@@ -896,6 +907,31 @@ def test_each_epoch_draws_its_own_dropout_and_mixup_randomness_and_a_repeat_of_i
     assert not torch.equal(first, second)
     epoch = 0
     assert torch.equal(draws(), first)
+
+
+def test_a_stage_with_lookahead_on_saves_the_averaged_weights(smoke_artifacts, tmp_path, monkeypatch):
+    """A block's `lookahead: true` trains its stage with Lookahead: the model the stage saves is the average the
+    callback ended on, weights and BatchNorm statistics; with it off the stage keeps no average."""
+    from transferkit.models import load_checkpoint
+    from transferkit.training.lookahead import Lookahead
+
+    made, init = [], Lookahead.__init__
+    monkeypatch.setattr(Lookahead, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    shutil.copytree(Path(smoke_artifacts[0].paths.artifacts_dir), tmp_path / "artifacts")
+    settings = ("scratch.epochs=1", "scratch.batch_size=8")  # 9 steps: past the callback's interval of 5
+    run("scratch", compose("experiment=smoke", *settings, tmp=tmp_path))
+    assert made == []
+    run("scratch", compose("experiment=smoke", *settings, "scratch.lookahead=true", tmp=tmp_path))
+    assert len(made) == 1
+    model, _ = load_checkpoint(tmp_path / "artifacts" / "scratch" / "model.pt", "scratch")
+    state = model.state_dict()
+    averaged = [name for name, _ in model.named_parameters()] + [
+        f"{name}.{stat}" for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+        for stat in ("running_mean", "running_var")]
+    names = [name for name in state if name in averaged]
+    assert len(names) == len(made[0].average) == len(averaged)
+    for name, average in zip(names, made[0].average):
+        assert torch.equal(state[name], average.to(state[name].dtype)), name
 
 
 def test_lookahead_ends_on_the_averaged_weights():
