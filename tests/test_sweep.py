@@ -966,7 +966,7 @@ def test_an_input_made_without_a_setting_this_run_sets_to_null_is_named_to_be_ma
     saved["data"]["target"].pop("test_per_class")
     (folder / "params.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(TransferkitError, match=rf'^data.target.test_per_class=null here, but {folder} was made with '
-                                               rf'data.target.test_per_class="<missing>", and pretrain reads it\. '
+                                               rf'no data.target.test_per_class, and pretrain reads it\. '
                                                rf"Fix: make it again with this code and config \(`dvc repro "
                                                rf"prepare`\)\.$"):
         check_inputs("pretrain", cfg)

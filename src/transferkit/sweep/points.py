@@ -167,12 +167,12 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, fol
                     and (given is None or under(k, (o.split("@")[-1] for o in given)))]
         if found:
             k, also = found[0], f" (and other values of {', '.join(found[1:])})" if len(found) > 1 else ""
-            here, there = (json.dumps(d.get(k, "<missing>")) for d in (mine, saved))
+            here, there = (f"{k}={json.dumps(d[k])}" if k in d else f"no {k}" for d in (mine, saved))
             values = " ".join(f"{x}={json.dumps(saved[x], separators=(',', ':'))}" for x in settable)
             fix = (f"run with {values}; to vary what {name} computes, run the pipeline once per value "
                    f"(`dvc exp run --queue {exp_run_sets(k)}-S {k}=...`)" if k in settable
                    else f"make it again with this code and config (`dvc repro {name}`)")
-            raise TransferkitError(f"{k}={here} here, but {saved_file.parent} was made with {k}={there}{also}, "
+            raise TransferkitError(f"{here} here, but {saved_file.parent} was made with {there}{also}, "
                                    f"and {stage} reads it. Fix: {fix}.")
 
 
