@@ -883,6 +883,11 @@ def test_check_params_says_a_dvc_yaml_edited_by_hand_differs_from_the_stage_tabl
     (tmp_path / "dvc.yaml").write_text(text + "[")
     assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 1
     assert capsys.readouterr().err.splitlines()[0] == f"{tmp_path / 'dvc.yaml'} differs {made}"  # no YAML: all of it
+    lacking = yaml.safe_load(text)
+    del lacking["stages"]["student"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(lacking))  # written otherwise, and lacking a stage
+    assert transferkit_cli.main(["check-params", str(tmp_path / "params.yaml")]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == f"{tmp_path / 'dvc.yaml'} differs (stage student) {made}"
     # `dvc exp run -S experiment=smoke` composes params.yaml (with no header) and leaves dvc.yaml as it was: it
     # was blamed on the stage table or the code
     (tmp_path / "dvc.yaml").write_text(text)

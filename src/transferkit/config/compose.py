@@ -56,7 +56,7 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
         key = getattr(e.__cause__, "full_key", None)  # a key inside a dict override: the one conf/ lacks
         raise TransferkitError(_override_error(str(e), overrides, conf_dir, key)) from e
     except (AttributeError, AssertionError) as e:  # OmegaConf's own, where Hydra merges into a null block
-        if not (given := next((o for o in overrides if override_key(o).startswith("hydra.sweeper.params")), None)):
+        if not (given := next((o for o in overrides if under(override_key(o), ["hydra.sweeper.params"])), None)):
             raise
         raise TransferkitError(f"{given}: hydra.sweeper.params is null in conf/, and Hydra cannot add to it from the "
                                f"command line. Fix: give each swept key as an override with -m (seed=0,1), or "

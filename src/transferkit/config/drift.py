@@ -96,7 +96,8 @@ def generated_drift(params_path: Path, conf_dir: Path | None = None) -> list[str
     if not dvc_file.exists():
         drift.append(f"{dvc_file} is missing: the stage table writes it")
     elif (have := dvc_file.read_text()) != want:  # made for other settings (`dvc exp run -S`), or by other code
-        where = "".join(f" ({', '.join(parts)})" for parts in [differing_parts(have, want)] if parts)
+        parts = differing_parts(have, want)
+        where = f" ({', '.join(parts)})" if parts else ""
         drift.append(f"{dvc_file} differs{where} from what the stage table (src/transferkit/stages/__init__.py) and "
                      f"the code its stages import write for {params_path.name}'s settings")
     return drift
@@ -115,7 +116,7 @@ def differing_parts(have: str, want: str) -> list[str]:
     for name in dict.fromkeys([*stages_a, *stages_b]):
         stage_a, stage_b = stages_a.get(name), stages_b.get(name)
         if not (isinstance(stage_a, dict) and isinstance(stage_b, dict)):  # one file lacks it
-            parts += [f"stage {name}"] * (stage_a != stage_b)
+            parts.append(f"stage {name}")
         else:
             parts += [f"{name}'s {field}" for field in dict.fromkeys([*stage_a, *stage_b])
                       if stage_a.get(field) != stage_b.get(field)]
