@@ -914,3 +914,65 @@ def test_check_params_says_an_override_its_header_records_is_gone_from_conf(tmp_
     assert drift == (f"{tmp_path / 'params.yaml'} is composed with experiment=smokey (its header says so), which "
                      f"conf/ composes no longer: experiment=smokey: conf/experiment/ has no such option.")
     assert fix.startswith("Fix: run `transferkit params` with overrides conf/ has (use one of cifar10_full, "), fix
+
+
+@pytest.mark.parametrize("code", ["EACCES", "EPERM"])
+def test_an_input_folder_the_system_refuses_is_one_line_naming_it(capsys, monkeypatch, tmp_path, code):
+    """Permission denied and Operation not permitted (an ACL, a mount or a security module that forbids it, to
+    root too) alike: the path and the fix in one line, not a traceback."""
+    import errno
+
+    locked, is_dir, number = tmp_path / "locked", Path.is_dir, getattr(errno, code)
+
+    def refused(path):
+        if path == locked:
+            raise PermissionError(number, os.strerror(number), str(path))
+        return is_dir(path)
+
+    monkeypatch.setattr(Path, "is_dir", refused)
+    line = _error(capsys, ["transfer", "--params", str(ROOT / "params.yaml"), "--in", f"pretrain={locked}"])
+    assert f"cannot use {locked} ({os.strerror(number)}). Fix: give this user access to it" in line
+
+
+def test_an_error_line_shows_control_characters_as_text_and_keeps_a_quoted_newline(capsys):
+    """A message quoting what the user typed cannot drive the terminal: an escape sequence in it is shown as its
+    escape; a newline it quotes (dvc's output) stays a newline."""
+    from transferkit.errors import TransferkitError, error_line
+
+    line = _error(capsys, ["transfer", "--params", str(ROOT / "params.yaml"), "--in", "pretrian=\x1b[2J"])
+    assert "\x1b" not in line and "--in pretrian=\\x1b[2J: no stage by that name" in line
+    assert (error_line("check-repro", TransferkitError("dvc repro failed:\nERROR: \x1b[31mfailed")) ==
+            "transferkit check-repro: error: dvc repro failed:\nERROR: \\x1b[31mfailed")
+
+
+@pytest.mark.parametrize("ending, code, stderr", [
+    ("os.kill(os.getpid(), signal.SIGTERM)", -signal.SIGTERM, ""),  # a scheduler's or `docker stop`'s
+    ("os.kill(os.getpid(), signal.SIGINT)", -signal.SIGINT, ""),
+    ("os.kill(os.getpid(), signal.SIGKILL)", 137, "transferkit transfer: error: its process was killed by signal 9"),
+    ("sys.exit(2)", 2, "")], ids=["sigterm", "sigint", "kill_9", "refused"])
+def test_a_hydra_job_run_as_a_child_command_ends_as_its_child_did(tmp_path, ending, code, stderr):
+    """Hydra mode runs a DDP job as `transferkit STAGE --params FILE` in a child process. A child stopped by SIGTERM
+    or SIGINT has said so in its own line: the command dies of the same signal, without a second line. One killed
+    outright (out of memory, kill -9) is one line from the command, exit 137; a child's refusal keeps its code."""
+    import subprocess
+    import sys
+
+    child = f"import os, signal, sys\nsignal.signal(signal.SIGINT, signal.SIG_DFL)\n{ending}\n"  # as a stage does
+    script = ("import subprocess, sys\nfrom pathlib import Path\n"
+              "import transferkit.config.compose as compose\nfrom transferkit import cli\n"
+              "compose.params_text = lambda cfg: 'seed: 0\\n'\n"
+              "popen = subprocess.Popen  # the child command, as the test's script\n"
+              f"subprocess.Popen = lambda argv, **kw: popen([sys.executable, '-c', {child!r}], **kw)\n"
+              "cli._run_job_in_subprocess('transfer', None, Path(sys.argv[1]), Path(sys.argv[1]) / 'transfer')\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert (proc.stderr.strip().startswith(stderr) and len(proc.stderr.strip().splitlines()) == 1 if stderr
+            else proc.stderr == ""), proc.stderr[-2000:]
+
+
+def test_a_hydra_run_its_stage_refuses_is_one_line_with_exit_code_2(tmp_path):
+    """An error a stage meets as it runs (here no CIFAR-10 in data_dir, and no download) ends a Hydra-mode run as
+    a refusal before it does: one line and exit code 2, not Hydra's wrapper and exit code 1."""
+    proc = cli("prepare", "data.download=false", *outside(tmp_path), f"hydra.run.dir={tmp_path / 'run'}")
+    line = one_error_line(proc)
+    assert "CIFAR10 not found" in line

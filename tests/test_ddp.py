@@ -258,6 +258,59 @@ def test_lightnings_rank_observer_gives_this_process_time_to_say_which_rank_ende
         main.kill()
 
 
+def test_the_rank_observer_is_held_once_whatever_the_fits_that_meet_it(monkeypatch):
+    """A stage's later fits meet the observer thread of its first while those ranks run: the thread waits `grace_s`
+    once before it ends the processes, not once more for each fit."""
+    import threading
+
+    from transferkit.training.ranks import hold_observer
+
+    slept, ended = [], []
+
+    class Observer(threading.Thread):  # what hold_observer finds of Lightning's _ChildProcessObserver
+        def __init__(self, procs):
+            super().__init__(daemon=True)
+            self._child_processes, self.done = procs, threading.Event()
+
+        def run(self):
+            self.done.wait()
+
+        def _terminate_all(self):
+            ended.append(True)
+
+    observer = Observer(procs := [object()])
+    observer.start()
+    try:
+        for _ in range(3):  # prune: its first fit and two later ones
+            hold_observer(procs, grace_s=30.0)
+        monkeypatch.setattr(time, "sleep", slept.append)
+        observer._terminate_all()
+    finally:
+        observer.done.set()
+    assert slept == [30.0] and ended == [True]
+
+
+def test_a_sigterm_is_passed_on_to_every_rank_this_process_started():
+    """The SIGTERM that reaches rank 0 (a scheduler, `kill`) is sent on to the ranks it started before it dies of it:
+    a rank waiting in a collective whose backend does not notice a lost peer would wait for the process group's
+    timeout (30 minutes)."""
+    rank = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (print('rank 1: SIGTERM', file=sys.stderr), sys.exit(0)))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(30)\n")  # ends without a word only where the signal never comes
+    main = ("import os, signal, subprocess, sys, time\n"
+            "from transferkit.training.ranks import DieOnSigterm\n"
+            f"rank = subprocess.Popen([sys.executable, '-c', {rank!r}], stdout=subprocess.PIPE, text=True)\n"
+            "assert rank.stdout.readline() == 'ready\\n'\n"
+            "DieOnSigterm.started[:] = [rank]\n"
+            "signal.signal(signal.SIGTERM, DieOnSigterm.die)  # as on_train_start installs it\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", main], capture_output=True, text=True, timeout=120)  # and its rank's
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == ["rank 1: SIGTERM"], proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_an_error_every_rank_meets_is_one_line_under_ddp(tmp_path):
     params = _ddp_params(tmp_path, "transfer.lr=1e30", "transfer.epochs=2")

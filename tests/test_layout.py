@@ -9,7 +9,7 @@ import torch
 from test_models import SMALL, _warm_bn
 from transferkit.evaluation import speed
 from transferkit.evaluation.metrics import predict
-from transferkit.layout import channels_last
+from transferkit.layout import all_channels_last, channels_last, to_nhwc
 from transferkit.models import build_model
 
 
@@ -104,10 +104,14 @@ def test_model_comes_back_in_the_default_layout_and_trainable():
     model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(
         conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
         and args[0].is_contiguous(memory_format=torch.channels_last)))
+    inputs = []  # the images as the model itself receives them, not only as its first convolution hands them on
+    model.register_forward_pre_hook(lambda module, args: inputs.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
     predict(model, _images(8), batch_size=4, tta="flip_translate")
     speed.cpu_throughput({"a": model}, batch=4, repeats=1)
     speed.cpu_latency_ms({"a": model}, repeats=2)
     assert len(seen) > 20 and all(seen)
+    assert len(inputs) == len(seen) and all(inputs)
     assert _default_layout(model)
     assert not any(p.is_inference() for p in model.parameters())
     # a model predicted on can be trained again (the training stages predict, then may go on)
@@ -130,3 +134,26 @@ def test_layout_is_restored_when_the_block_raises():
         with channels_last(model):
             raise RuntimeError("boom")
     assert _default_layout(model)
+
+
+def test_every_model_timed_together_runs_in_channels_last_and_comes_back():
+    """speed times several models in one block (all_channels_last): each of them in channels_last while it runs,
+    each back in the default layout afterwards."""
+    models = [_model("fastnet") for _ in range(3)]
+    convs = [model.blocks[1][0][0].weight for model in models]
+    with all_channels_last(models):
+        assert all(c.is_contiguous(memory_format=torch.channels_last) and not c.is_contiguous() for c in convs)
+    assert all(_default_layout(model) for model in models)
+
+
+def test_a_model_run_under_inference_mode_comes_back_trainable():
+    """A caller may enter channels_last inside torch.inference_mode: the weights it converts, and converts back as
+    the block ends there, stay ordinary tensors, so the model trains afterwards."""
+    model = _model("fastnet").eval()
+    with torch.inference_mode(), channels_last(model):
+        model(to_nhwc(torch.rand(2, 3, 32, 32)))
+    assert _default_layout(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

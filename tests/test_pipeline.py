@@ -344,7 +344,10 @@ def test_results_command_prints_the_models_and_each_stage_training(smoke_artifac
     assert sorted(names) == sorted(metrics["models"])
     assert [row.split(" | ")[0] for row in table.splitlines()[2:2 + len(names)]] == [
         f"| {LABELS.get(name, name)}" for name in names]
-    assert out.index("| scratch (baseline) |") < out.index("| transfer (fine-tuned) |") < out.index("| pruned, ONNX")
+    # baselines first, then the fine-tuned teacher, then its student: alone, distilled, pruned, deployed
+    rows = [out.index(f"| {LABELS[name]} |") for name in ("scratch", "probe", "transfer", "student", "distill", "prune",
+                                                          "onnx_fp32", "onnx_int8")]
+    assert rows == sorted(rows)
     # top-1 is over evaluate.tta's views (smoke: flip, as evaluate's params.yaml says); the deployed files as
     # predict runs them, one view, too
     m = metrics["models"]
