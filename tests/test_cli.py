@@ -134,6 +134,8 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     for name in ("params.yaml", "dvc.yaml"):
         (tmp_path / name).write_text(f"# the {name} of an earlier, valid composition\n")
+    (tmp_path / "artifacts" / "student").mkdir(parents=True)
+    (tmp_path / "artifacts" / "student" / "model.pt").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     for bad, needle in (("transfer.lr=-1", "transfer.lr=-1 is invalid"), ("transfer.freeze_depth=9", "has 4 blocks"),
                         # recorded, then without effect: dvc repro has no launcher
@@ -144,6 +146,11 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
                         ("paths.artifacts_dir=data", "paths.artifacts_dir='data' is invalid"),
                         # dvc repro trained prepare, pretrain and transfer before DVC's raw "No such file"
                         ("distill.student_init=none.pt", "distill.student_init='none.pt' is invalid: no such file"),
+                        # DVC refused it: student's model.pt both a dep and an output of student
+                        ("distill.student_init=artifacts/student/model.pt", "lies in paths.artifacts_dir ("),
+                        # DVC 3 refused, after prepare had run: "Saving cached external output ... is not supported"
+                        (f"paths.artifacts_dir={tmp_path.parent}", f"lies outside the project {tmp_path}, and DVC"),
+                        ("paths.artifacts_dir=../elsewhere", "lies outside the project"),
                         ("--cfg", "takes key=value overrides only, not --cfg. Fix: leave it out")):  # was Hydra's lexer
         assert transferkit_cli.main(["params", bad]) == 2
         err = capsys.readouterr().err

@@ -4,6 +4,7 @@ the project, then a second `dvc repro` that does nothing, a clean `dvc status`, 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -120,6 +121,10 @@ def test_the_validation_plot_names_only_curves_the_stages_write(experiment, pret
     curves = next(plot["Validation accuracy"]["y"] for plot in plots if "Validation accuracy" in plot)
     assert any("/pretrain/" in path for path in curves) == pretrain_validates
     assert any("/transfer/" in path for path in curves)
+    # the curves are dvclive's files: with trainer.loggers=[csv] they were listed, and `dvc plots show` failed
+    for loggers, listed in (("[csv]", False), ("[]", False), ("[csv,dvclive]", True)):
+        plots = dvc_yaml(to_params(compose([f"experiment={experiment}", f"trainer.loggers={loggers}"])))["plots"]
+        assert any("dvclive" in json.dumps(plot) for plot in plots) == listed, loggers
 
 
 def test_every_stage_depends_on_the_code_it_imports():

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import cli as command, made_once, one_error_line, refuse_listing
@@ -692,6 +693,39 @@ def _one_error(capsys, argv) -> str:
     lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(lines) == 1 and "Traceback" not in err and "Fix:" in lines[0], err
     return lines[0]
+
+
+def _project(root):
+    """A project's folders as DVC sees them: data/ an input, each stage's folder in artifacts/ an output."""
+    (root / "conf").mkdir(parents=True)
+    (root / "conf" / "config.yaml").write_text("seed: 0\n")
+    (root / "data").mkdir()
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "prepare": {"cmd": "transferkit prepare", "deps": ["data"], "outs": [{"artifacts/prepare": {"persist": True}}]},
+        "export": {"cmd": "transferkit export", "deps": ["artifacts/prepare"], "outs": ["artifacts/export"]}}}))
+    return root
+
+
+def test_export_writes_nowhere_dvc_tracks_nor_into_a_projects_own_folders(exported, tmp_path, capsys, monkeypatch):
+    """`export --out conf`, `--out artifacts` or `--out data/exported` wrote its three files there: into conf/,
+    beside the stage folders, or into prepare's input, which reran the whole pipeline at the next `dvc repro`."""
+    from transferkit.tracked import check_untracked
+
+    project = _project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    model = str(exported[2]["fastnet"][0] / "model.pt")
+    for out, says in (("conf", f"is in the project's conf/ ({project / 'conf'})"), ("conf/exported", "is in the proj"),
+                      (".", "holds"), ("artifacts", f"holds {project / 'artifacts'}/"),
+                      ("artifacts/prepare", "is"), ("artifacts/prepare/sub", "lies in"),
+                      ("data/exported", f"lies in {project / 'data'}, an input of the prepare stage")):
+        line = _one_error(capsys, ["export", model, "--out", out])
+        assert f"--out {out} {says}" in line and "--out a new folder of its own" in line, line
+    assert not list(project.rglob("*.onnx")) and not (project / "artifacts").exists()
+    check_untracked(project / "artifacts" / "export", "--out", "export")  # what dvc.yaml's export stage runs
+    with pytest.raises(TransferkitError, match="is .*artifacts/export, the export stage's outputs in"):
+        check_untracked(project / "artifacts" / "export", "--out")  # another command's files would mix with them
+    check_untracked(project / "outputs" / "export", "--out")
+    check_untracked(tmp_path / "elsewhere", "--out")
 
 
 def test_bad_input_gives_one_error_line(exported, tmp_path, capsys, monkeypatch):

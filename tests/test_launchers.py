@@ -21,7 +21,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import CONF, cli, compose, made_once, one_error_line, run
+from conftest import CONF, cli, compose, made_once, one_error_line, outside, run
 from transferkit.config.compose import params_text, to_params
 from transferkit.config.checks import validate
 
@@ -99,6 +99,24 @@ def test_slurm_preset_makes_the_expected_sbatch_script(monkeypatch, tmp_path):
     assert sbatch["partition"] == "gpu" and sbatch["time"] == "60" and sbatch["cpus-per-task"] == "8"
     assert sbatch["array"] == "0-4%5" and sbatch["mem"] == "32GB"
     assert "module load cuda" in script and "srun" in script
+
+
+def test_a_launcher_that_cannot_run_the_sweep_is_one_line_before_any_folder(tmp_path):
+    """Without Slurm's tools, submitit's "Could not detect srun" came as a traceback once the sweep started; so
+    did joblib's "n_jobs == 0 in Parallel has no meaning"."""
+    bin_dir = tmp_path / "bin"  # srun alone on PATH, whatever this machine has
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "srun").chmod(0o755)
+    sweep = [*outside(tmp_path), f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0,1"]
+    line = one_error_line(cli("transfer", "-m", "experiment=smoke", "hydra/launcher=slurm", *sweep,
+                              env={"PATH": str(bin_dir)}))
+    assert "hydra/launcher=slurm submits each point with Slurm's sbatch and srun, and this machine has no " \
+           "sbatch. Fix: run it on a Slurm cluster's login node" in line, line
+    line = one_error_line(cli("transfer", "-m", "experiment=smoke", "hydra/launcher=local_parallel",
+                              "hydra.launcher.n_jobs=0", *sweep))
+    assert "hydra.launcher.n_jobs=0 runs no point at a time. Fix: set it to a count >= 1" in line, line
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "artifacts").exists()
 
 
 def test_multinode_trainer_composes_and_validates():

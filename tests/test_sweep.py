@@ -86,10 +86,10 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     kept = out / "seed=0,transfer.freeze_depth=0" / "transfer" / "model.pt"
     stamp = kept.stat().st_mtime_ns
     grown = sweep("0,2,3")  # a point added: only it trains
-    assert "1 of 3 points ran; 2 were done already" in grown and "| transfer transfer.freeze_depth=3 |" in grown
+    assert "1 of 3 points ran; 2 done already" in grown and "| transfer transfer.freeze_depth=3 |" in grown
     assert kept.stat().st_mtime_ns == stamp
     shutil.rmtree(kept.parent)  # an output deleted by hand comes back from DVC's cache, untrained
-    assert "0 of 3 points ran; 3 were done already" in sweep("0,2,3") and kept.exists()
+    assert "0 of 3 points ran; 3 done already" in sweep("0,2,3") and kept.exists()
     # an axis of one value grown: the points done keep their names, and the table is this sweep's points only
     seeds = sweep("0", "0,1")
     assert "1 of 2 points ran" in seeds and "| transfer ← best on val | 2 |" in seeds and "depth=3" not in seeds
@@ -522,6 +522,25 @@ def test_collect_makes_one_table_and_plot(collected_sweep, base, tmp_path):
 
 
 @pytest.mark.slow
+def test_collect_names_the_hydra_jobs_it_leaves_out(collected_sweep, base, tmp_path):
+    """A point that failed or was killed (no model.pt, or only a stage's hidden unfinished folder) was left out
+    of the table with nothing said but a smaller seed count."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(collected_sweep, sweep)
+    (sweep / "seed=1" / "scratch" / "model.pt").unlink()
+    failed = sweep / "seed=0,transfer.freeze_depth=2"
+    (failed / "transfer").rename(failed / ".transfer.incomplete")
+    proc = cli("collect", str(sweep), "--out", str(tmp_path / "out"), cwd=base)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"transferkit collect: 2 of 8 Hydra jobs in {sweep} have no finished run (failed, killed or still "
+            f"running) and are left out: seed=0,transfer.freeze_depth=2, seed=1") in proc.stderr, proc.stderr
+    rows = {r["label"]: r for r in json.loads((tmp_path / "out" / "sweep.json").read_text())["rows"]}
+    assert rows["scratch"]["seeds"] == [0] and rows["transfer transfer.freeze_depth=2"]["seeds"] == [1]
+    proc = cli("collect", str(collected_sweep), "--out", str(tmp_path / "all"), cwd=base)
+    assert proc.returncode == 0 and "left out" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_collect_tells_settings_apart_and_refuses_other_experiments(collected_sweep, base, tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(collected_sweep / "seed=0", mixed / "a")
@@ -631,6 +650,27 @@ def test_collect_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     line = one_error_line(cli("collect", str(tmp_path / "empty")))
     assert "no finished runs" in line
+
+
+def test_collect_writes_nowhere_dvc_tracks(tmp_path, monkeypatch):
+    """`collect multirun/x --out artifacts/evaluate` wrote sweep.md, .json, .png and scores.pt into evaluate's
+    outputs (dvc status: changed outs), and `collect artifacts/transfer` into transfer's, by default."""
+    from transferkit.errors import TransferkitError
+    from transferkit.sweep.collect import main
+
+    project = tmp_path / "project"
+    (project / "conf").mkdir(parents=True)
+    (project / "multirun").mkdir()
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "transfer": {"cmd": "x", "outs": [{"artifacts/transfer": {"persist": True}}]},
+        "evaluate": {"cmd": "y", "deps": ["artifacts/transfer"], "outs": ["artifacts/evaluate"]}}}))
+    monkeypatch.chdir(project)
+    for argv, says in ((["multirun", "--out", "artifacts/evaluate"], "--out artifacts/evaluate is "),
+                       (["artifacts/transfer"], "--out artifacts/transfer/collected lies in "),
+                       (["multirun", "--out", "conf"], "--out conf is in the project's conf/")):
+        with pytest.raises(TransferkitError, match=f"^{says}.* Fix: --out a new folder of its own"):
+            main(argv)
+    assert not (project / "artifacts").exists() and not list(project.rglob("sweep.*"))
 
 
 def test_a_folder_above_a_sweep_folder_is_refused_rather_than_collected_whole(tmp_path):

@@ -185,6 +185,11 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
     if all_stages:  # DVC would stop at a missing file only at its stage, after the stages before it trained
         # DVC runs a stage in its dvc.yaml's folder (DVC_ROOT is the repository's, or the workspace of a queued run)
         flat, root = flatten(to_params(cfg)), Path.cwd() if os.environ.get("DVC_STAGE") else find_conf_dir().parent
+        artifacts = (root / str(cfg.paths.artifacts_dir)).resolve()
         for key in dict.fromkeys(key for s in BY_NAME.values() for key in s.files):
             if (value := flat.get(key)) and not (root / str(value)).is_file():
                 fail(key, value, f"no such file (a path in the project {root}, or an absolute one)")
+            if value and (root / str(value)).resolve().is_relative_to(artifacts):  # DVC: "both a dep and an output"
+                fail(key, value, f"it lies in paths.artifacts_dir ({artifacts}), the stages' outputs, which "
+                     f"dvc.yaml cannot also make a setting's input (the stage that writes it, or one before it, "
+                     f"reads it); copy the file out of {cfg.paths.artifacts_dir}/ and give that path")

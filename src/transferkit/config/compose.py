@@ -269,6 +269,10 @@ def write_generated(overrides: list[str]) -> list[Path]:
                                f"the Hydra run.")
     cfg = compose(overrides)
     validate_run(cfg, None, {}, all_stages=True)
+    if not (root / cfg.paths.artifacts_dir).resolve().is_relative_to(root.resolve()):  # DVC 3 refuses such outputs
+        raise TransferkitError(f"paths.artifacts_dir={cfg.paths.artifacts_dir} lies outside the project {root}, and "
+                               f"DVC tracks no outputs outside its repository. Fix: a folder in the project "
+                               f"(paths.artifacts_dir=artifacts, the default).")
     files = {root / "params.yaml": params_text(cfg, overrides), root / "dvc.yaml": dvc_yaml_text(to_params(cfg), root)}
     for path, text in files.items():
         save_text(text, path)

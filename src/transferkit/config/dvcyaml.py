@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parents[2]  # src/
 NEUTRAL = {"__init__.py", "errors.py", "progress.py", "cli.py", "config/__init__.py", "config/compose.py",
            "config/schema.py", "config/checks.py", "config/dvcyaml.py", "data/__init__.py", "evaluation/__init__.py",
            "stages/__init__.py", "training/__init__.py", "deploy/__init__.py", "prune/__init__.py",
-           "evaluation/tables.py", "plain.py"}
+           "evaluation/tables.py", "plain.py", "tracked.py"}
 
 
 def imported_files(module: str, src: Path = SRC) -> set[str]:
@@ -109,6 +109,7 @@ def dvc_yaml(params: dict | None = None, root: Path | None = None) -> dict:
     # pretrain learns the source task, the rest the target task: a task without val images has no val curve
     validated = [name for name in curves
                  if flat.get(f"data.{'source' if name == 'pretrain' else 'target'}.val_per_class", 1)]
+    live = "dvclive" in flat.get("trainer.loggers", ["dvclive"])  # the curves' files: dvclive's, where it logs
     return {
         "stages": {s.name: stage_entry(s, artifacts, data, sorted(set(named_files(s.name, params or {}, root)
                                                                           .values())),
@@ -121,10 +122,10 @@ def dvc_yaml(params: dict | None = None, root: Path | None = None) -> dict:
                                                             "pareto", "freeze_curve")),
             {"Test accuracy vs freeze depth": {"template": "linear", "x": "freeze_depth",
                                                "y": {f"{artifacts}/evaluate/freeze_curve.json": "top1"}}},
-            {"Validation accuracy": {"x": "step", "y": {
+            *([{"Validation accuracy": {"x": "step", "y": {
                 f"{artifacts}/{name}/dvclive/plots/metrics/val/acc.tsv": "acc" for name in validated}}},
-            {"Training loss": {"x": "step", "y": {
-                f"{artifacts}/{name}/dvclive/plots/metrics/train/loss.tsv": "loss" for name in curves}}},
+               {"Training loss": {"x": "step", "y": {
+                   f"{artifacts}/{name}/dvclive/plots/metrics/train/loss.tsv": "loss" for name in curves}}}] * live),
         ],
     }
 

@@ -36,6 +36,21 @@ class OutputFolder(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         _check(config, "hydra.sweep.dir")
+        _check_launcher(config.hydra.launcher)
+
+
+def _check_launcher(launcher) -> None:
+    """What the launchers of conf/hydra/launcher/ end in a traceback for once the sweep starts."""
+    import shutil
+
+    if str(launcher.get("_target_")).endswith(".SlurmLauncher") and (missing := [
+            tool for tool in ("sbatch", "srun") if not shutil.which(tool)]):
+        raise Refused(f"hydra/launcher=slurm submits each point with Slurm's sbatch and srun, and this machine has no "
+                      f"{missing[0]}. Fix: run it on a Slurm cluster's login node, or here without it (the points one "
+                      f"after another) or with hydra/launcher=local_parallel.")
+    if str(launcher.get("_target_")).endswith(".JoblibLauncher") and launcher.get("n_jobs") == 0:
+        raise Refused("hydra.launcher.n_jobs=0 runs no point at a time. Fix: set it to a count >= 1, or -1 (one "
+                      "point per CPU core).")
 
 
 def _unwritable(folder: Path) -> str | None:

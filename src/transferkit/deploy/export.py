@@ -34,6 +34,7 @@ from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation.speed import latency_ms
 from transferkit.io import atomic_path, load_torch, quiet_output
 from transferkit.layout import channels_last, to_nhwc
+from transferkit.tracked import check_untracked
 
 DEFAULT_TEST_SET = Path("artifacts/prepare/target.pt")
 RANDOM_IMAGES = 256  # checked on these (seeded) when no test set fits the model
@@ -290,9 +291,7 @@ def summary(r: dict, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     out = args.out or Path("outputs/export") / args.model.parent.name
-    if held := [name for name in ("params.yaml", "dvc.yaml", "conf") if (out / name).exists()]:  # a stage's, a project
-        raise TransferkitError(f"--out {out} holds {held[0]}: a stage's outputs or a project, whose files the export "
-                               f"would overwrite (a quantize folder's model.onnx). Fix: --out a folder of its own.")
+    check_untracked(out, "--out", "export")  # as dvc.yaml's export stage: its own folder
     if taken := [name for name in (ONNX_FILE, TORCHSCRIPT_FILE, EXPORT_JSON) if (out / name).is_dir()]:
         raise TransferkitError(f"cannot write {out / taken[0]}: it is a folder. Fix: move it away, or --out elsewhere.")
     export(args.model, out, args.test_set, tolerance=args.tolerance, repeats=args.repeats,

@@ -227,10 +227,11 @@ def main(argv: list[str]) -> int:
                    "pass evaluate's output folder (`transferkit results artifacts/evaluate`), after running the "
                    "pipeline (`dvc repro`)")
     runs = Path(os.path.normpath(folder / os.pardir))  # the stages' folders beside evaluate's (of ".": "..")
+    beside = runs / "evaluate" if (runs / "evaluate").is_dir() else "artifacts/evaluate"
     if "models" not in metrics or "transfer_vs_scratch" not in metrics:  # another stage's metrics.json
         raise TransferkitError(f"{folder / 'metrics.json'} is not evaluate's: it scores no models. Fix: "
                                + (rerun if folder.resolve().name == "evaluate" else
-                                  f"pass evaluate's folder, `transferkit results {runs / 'evaluate'}`") + ".")
+                                  f"pass evaluate's folder, `transferkit results {beside}`") + ".")
     timing = read(folder / "timing.json", rerun)
 
     def numbered(path: Path) -> tuple:  # freeze_curve's depth2 before depth11

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from transferkit.errors import TransferkitError, one_line_errors
@@ -25,6 +26,7 @@ from transferkit.io import make_folder, save_json, save_text
 from transferkit.plain import dvc_file_data, flatten, under
 from transferkit.project import is_runs_file, stale_stages
 from transferkit.stages import TARGET_MODELS
+from transferkit.tracked import check_untracked
 from transferkit.sweep.points import NOT_SWEPT, made_with
 
 
@@ -63,11 +65,18 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         if not d.is_dir():
             raise TransferkitError(f"{d} is not a folder. Fix: pass a sweep folder (by default multirun/<experiment>).")
         for root, stage in run_roots(d):
+            found = len(runs)
             for model in sorted(root.rglob("model.pt")) if stage is None else [root / "model.pt"]:
                 made_by = stage or model.parent.name.split("-")[-1]  # STAGE, or NAME-STAGE
                 if model.is_file() and made_by in TARGET_MODELS and not any(
                         p.startswith(".") for p in model.relative_to(root).parts):  # a stage's unfinished work
                     runs.append(read_run(model.parent, made_by))
+            # a Hydra job (its .hydra/) that left no finished run: failed, killed or still running, and not counted
+            jobs = [h.parent for h in sorted(root.rglob(".hydra")) if h.is_dir()]
+            if left := [str(j.relative_to(root)) for j in jobs
+                        if not any(r.folder.is_relative_to(j) for r in runs[found:])]:
+                print(f"transferkit collect: {len(left)} of {len(jobs)} Hydra jobs in {root} have no finished run "
+                      f"(failed, killed or still running) and are left out: {', '.join(left)}", file=sys.stderr)
     if not runs:
         raise TransferkitError(f"no finished runs under {', '.join(map(str, dirs))}. Fix: run a sweep first, "
                                f"e.g. `transferkit transfer -m transfer.freeze_depth=0,1,2`.")
@@ -116,6 +125,7 @@ def main(argv: list[str]) -> int:
     if not args.dirs:
         raise TransferkitError("collect needs a sweep folder. Fix: `transferkit collect multirun/<experiment>`.")
     out = args.out or args.dirs[0] / "collected"
+    check_untracked(out, "--out")
     summary = collect(args.dirs, out)
     print(sweep_table(summary))
     print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")

@@ -292,7 +292,7 @@ def main(argv: list[str]) -> int:
                                         [*keys, *SCORED_WITH])
     ran = run_pipeline(out, stages)
     done = len(stages) - len(ran)
-    print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} were done already" if done else ""))
+    print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} done already" if done else ""))
     # this sweep's points only, those its dvc.yaml lists: out/ may keep the points of an earlier, other sweep
     print(sweep_table(collect([out], out / "collected")))
     where = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out

@@ -135,7 +135,7 @@ def check_accelerator(trainer, trains: bool = True) -> None:
     if missing and not (torch.backends.mps.is_available() if accelerator == "mps" else torch.cuda.is_available()):
         raise TransferkitError(f"trainer.accelerator={accelerator}, but torch sees no {missing} on this machine. "
                                f"Fix: train on the CPU here (trainer=cpu; for dvc repro `transferkit params "
-                               f"trainer=cpu`), or run where torch sees that device.")
+                               f"trainer=cpu` with the other overrides you use), or run where torch sees that device.")
 
 
 def processes(trainer) -> int | str:
