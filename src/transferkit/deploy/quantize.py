@@ -10,6 +10,8 @@ weights overflow, so a full-range file is accurate only on CPUs with VNNI."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import tempfile
 import time
@@ -89,8 +91,10 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
             # the ranges are computed here and handed over as quantize_static's cache: it takes no calibrator settings
             calibrator = create_calibrator(prepared, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                            calibrate_method=calibrate_method, extra_options=CALIBRATOR_OPTIONS[method])
-            calibrator.collect_data(Batches())
-            save_tensors_data(calibrator.compute_data(), Path(tmp) / "ranges.json")
+            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+                calibrator.collect_data(Batches())
+                ranges = calibrator.compute_data()
+            save_tensors_data(ranges, Path(tmp) / "ranges.json")
             quantize_static(str(prepared), str(out), None, per_channel=per_channel, reduce_range=reduce_range,
                             nodes_to_exclude=excluded,
                             quant_format={"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}[fmt],

@@ -179,5 +179,5 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     save_text(html.to_html(text, out), out / "report.html")
     # the answer at the end of `dvc repro`, as `transferkit results` prints it again later
     print(f"{results_table(metrics, timing, ev.tta)}\nreport.md, report.html and the plots are in evaluate's output "
-          f"folder; `transferkit results` prints this table again.")
+          f"folder; `transferkit results [FOLDER]` (default artifacts/evaluate) prints this table again.")
     return metrics
