@@ -497,3 +497,22 @@ def test_a_gpu_trainer_on_a_machine_without_one(smoke_artifacts, tmp_path, monke
     with pytest.raises(TransferkitError, match=needle):
         run("transfer", cfg)
     assert _snapshot(tmp_path / "artifacts") == before
+
+
+def test_a_missing_input_read_from_a_projects_subfolder_names_the_folder_to_run_from(tmp_path, monkeypatch):
+    """`transferkit transfer --params ../params.yaml` from docs/ said to run prepare first, which had run: its
+    relative paths were read from docs/."""
+    from transferkit.io import require
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "docs").mkdir()
+    monkeypatch.chdir(tmp_path / "docs")
+    with pytest.raises(TransferkitError, match=rf"target task not found at artifacts/prepare/target.pt, read from "
+                                               rf"{tmp_path / 'docs'}, a folder inside the project {tmp_path}, .* "
+                                               rf"Fix: run it from {tmp_path}\.$"):
+        require("artifacts/prepare/target.pt", "target task", "prepare")
+    for where, path in ((tmp_path, "artifacts/prepare/target.pt"), (tmp_path / "docs", tmp_path / "x" / "target.pt")):
+        monkeypatch.chdir(where)  # from the project's folder, or an absolute path: the stage has not run
+        with pytest.raises(TransferkitError, match=r"Fix: run the 'prepare' stage first \(`dvc repro prepare`\)\.$"):
+            require(path, "target task", "prepare")

@@ -208,6 +208,13 @@ def quiet_output() -> Iterator[None]:
 def require(path: str | Path, what: str, produced_by: str) -> Path:
     """`path`, which an earlier stage writes: where it is missing, one error naming that stage."""
     if not (path := Path(path)).exists():
+        # a project's relative paths, read from one of its subfolders (docs/), not from a runs folder (dvc.yaml)
+        here, markers = Path.cwd().resolve(), ("conf/config.yaml", "dvc.yaml")
+        project = next((d for d in here.parents if (d / markers[0]).is_file()), None)
+        if not path.is_absolute() and project and not any((here / f).is_file() for f in markers):
+            raise TransferkitError(f"{what} not found at {path}, read from {here}, a folder inside the project "
+                                   f"{project}, whose paths are relative to its own folder. Fix: run it from "
+                                   f"{project}.")
         run = f"run the '{produced_by}' stage first (`dvc repro {produced_by}`)"
         if path.parent.is_dir() and any(path.parent.iterdir()):  # a folder of another stage's (--in), or a stale one
             run = f"give the folder the '{produced_by}' stage wrote (--in {produced_by}=DIR), or {run}"
