@@ -423,6 +423,12 @@ def test_params_refuses_what_a_stage_would_refuse_and_keeps_its_files(tmp_path, 
     (["--params", "params.yaml", "data.target.classes.x=1"], "data.target.classes.x=1: invalid literal for int()"),
     (["--params", "params.yaml", "model=resnet18"], "model=resnet18: params.yaml holds settings, not conf/'s config"),
     (["--params", "params.yaml", "model@distill.student=fastnet"], "set its keys one by one (distill.student.KEY"),
+    # an experiment sets keys all over the config: there is no experiment.KEY to set
+    (["--params", "params.yaml", "experiment=smoke"], "(`transferkit params experiment=smoke`)."),
+    # Hydra's flags were "an override is key=value"
+    (["--params", "params.yaml", "-m", "seed=1"], "-m: a run from a params file takes --params, --out and --in, not "
+                                                  "Hydra's flags. Fix: leave it out; to sweep, `transferkit sweep "
+                                                  "pretrain key=a,b`, or `transferkit pretrain -m key=a,b`"),
 ])
 def test_a_stage_given_a_bad_params_file_or_override_says_so_in_one_line(capsys, args, needle):
     line = _error(capsys, ["pretrain", *args])

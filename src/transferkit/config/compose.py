@@ -178,6 +178,10 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir:
         try:  # a params file holds every setting: +key (Hydra's "add a key") is a key it must have too
             parsed = parser.parse_override(override.removeprefix("++").removeprefix("+"))
         except HydraException as e:
+            if override.startswith("-"):  # -m, --cfg: Hydra's flags, for runs composed from conf/
+                raise TransferkitError(f"{override}: a run from a params file takes --params, --out and --in, not "
+                                       f"Hydra's flags. Fix: leave it out; to sweep, `transferkit sweep {stage} "
+                                       f"key=a,b`, or `transferkit {stage} -m key=a,b` without --params.") from e
             if "=" not in override:
                 raise TransferkitError(f"{override}: an override is key=value (and the options are --params, --out "
                                        f"and --in). Fix: write it as key=value (key=null for none).") from e
@@ -192,9 +196,10 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir:
             raise TransferkitError(f"{override} lists several values, and a params file holds one run's. Fix: write a "
                                    f"list as {key}=[a,b]; to run each value, `transferkit sweep {stage} {override}`.")
         if group_choice(parsed, conf_dir):  # options of conf/, not settings of the file
+            spread = conf_dir and any("@package _global_" in f.read_text() for f in (conf_dir / key).glob("*.yaml"))
             raise TransferkitError(f"{override}: {path} holds settings, not conf/'s config groups. Fix: choose the "
-                                   f"option when composing (`transferkit params {override}`), or set its keys one by "
-                                   f"one ({parsed.package or key}.KEY=VALUE).")
+                                   f"option when composing (`transferkit params {override}`)" + ("." if spread else
+                                   f", or set its keys one by one ({parsed.package or key}.KEY=VALUE)."))
         try:
             OmegaConf.update(cfg, key, parsed.value(), merge=True)
         except (ConfigKeyError, ConfigAttributeError) as e:  # struct mode: a key the file lacks
