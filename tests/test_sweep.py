@@ -67,6 +67,9 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
 
     first = sweep("0,2")
     assert "2 of 2 points ran\n" in first
+    # each point as it starts, not nothing until the whole sweep ends
+    assert first.index("running point seed=0,transfer.freeze_depth=0 (1 of 2)\n") < first.index(
+        "running point seed=0,transfer.freeze_depth=2 (2 of 2)\n") < first.index("2 of 2 points ran")
     assert first.endswith(f"Each point's outputs are in {out}/POINT/transfer/, this table in "
                           f"{out}/collected/sweep.md.\n")
     # a point's code deps are its stage's source files, as in dvc.yaml: the package folder would hold the
@@ -87,6 +90,7 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     stamp = kept.stat().st_mtime_ns
     grown = sweep("0,2,3")  # a point added: only it trains
     assert "1 of 3 points ran; 2 done already" in grown and "| transfer transfer.freeze_depth=3 |" in grown
+    assert grown.count("running point") == 1 and "running point seed=0,transfer.freeze_depth=3 (3 of 3)" in grown
     assert kept.stat().st_mtime_ns == stamp
     shutil.rmtree(kept.parent)  # an output deleted by hand comes back from DVC's cache, untrained
     assert "0 of 3 points ran; 3 done already" in sweep("0,2,3") and kept.exists()

@@ -32,8 +32,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, tail: int = 25) -> str:
-    """Run `cmd` in `cwd`; its output (stdout and stderr together), or an error with the end of it."""
+def run(cmd: list[str], cwd: Path, tail: int = 25, show=None) -> str:
+    """Run `cmd` in `cwd`; its output (stdout and stderr together), or an error with the end of it. `show`: what
+    to print of each line as it comes (None: nothing)."""
     env = child_env()
     if (Path(cwd) / "src" / "transferkit").is_dir():  # a copy of the project runs its own code, not this install's
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(cwd).resolve() / "src"), env.get("PYTHONPATH")]))
@@ -45,7 +46,13 @@ def run(cmd: list[str], cwd: Path, tail: int = 25) -> str:
         raise TransferkitError(f"`{' '.join(cmd)}` could not start: {e}") from e
     try:
         with _exits_on(signal.SIGTERM, signal.SIGHUP):
-            output, _ = proc.communicate()
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if show and (text := show(line)):
+                    print(text, flush=True)
+            output = "".join(lines)
+            proc.wait()
     except BaseException as e:  # KeyboardInterrupt, or a SIGTERM or SIGHUP turned into SystemExit
         stop_session(proc, signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
         raise
@@ -166,10 +173,12 @@ def stale_stages(folder: Path) -> list[str]:
     return sorted(json.loads(proc.stdout or "{}"))
 
 
-def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None) -> list[str]:
+def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None, labels: dict | None = None
+                 ) -> list[str]:
     """Write `stages` as folder/dvc.yaml (folder becomes a DVC repository of its own if it is
     not one) and `dvc repro` them: DVC runs what is missing or changed, skips the rest and
-    resumes nothing by hand. Returns the stages that ran."""
+    resumes nothing by hand; each stage is announced as it starts (by its name in `labels`).
+    Returns the stages that ran."""
     check_runs_folder(folder)
     # a missing dep outside the folder stops `dvc repro` only after it has removed that stage's earlier outputs
     if missing := [(name, dep) for name, stage in stages.items() for dep in stage["deps"]
@@ -183,4 +192,11 @@ def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None) -
     from transferkit.io import save_text  # here: it imports torch, which check-repro (a user of this module) needs not
 
     save_text(RUNS_HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120), dvc_file)
-    return stages_run(run(["dvc", "repro", *(targets or [])], folder, tail=40))
+    names = {name: (labels or {}).get(name, name) for name in stages}
+
+    def started(line: str) -> str | None:  # a sweep of hours says which run it is on, not nothing until the end
+        if (m := re.match(r"Running stage '(.+)':", line)) and m[1] in names:
+            return f"running {names[m[1]]} ({list(names).index(m[1]) + 1} of {len(names)})"
+        return None
+
+    return stages_run(run(["dvc", "repro", *(targets or [])], folder, tail=40, show=started))

@@ -290,7 +290,7 @@ def main(argv: list[str]) -> int:
         stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
                                         {r: str(artifacts / r) for r in BY_NAME[args.stage].reads}, [*code, *files],
                                         [*keys, *SCORED_WITH])
-    ran = run_pipeline(out, stages)
+    ran = run_pipeline(out, stages, labels={f"point{i}": f"point {name}" for i, name in enumerate(names)})
     done = len(stages) - len(ran)
     print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} done already" if done else ""))
     # this sweep's points only, those its dvc.yaml lists: out/ may keep the points of an earlier, other sweep
