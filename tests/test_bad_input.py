@@ -507,12 +507,15 @@ def test_a_missing_input_read_from_a_projects_subfolder_names_the_folder_to_run_
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "config.yaml").write_text("seed: 0\n")
     (tmp_path / "docs").mkdir()
+    (tmp_path / "artifacts" / "prepare").mkdir(parents=True)  # where the project's own folder has it
+    (tmp_path / "artifacts" / "prepare" / "target.pt").write_bytes(b"")
     monkeypatch.chdir(tmp_path / "docs")
     with pytest.raises(TransferkitError, match=rf"target task not found at artifacts/prepare/target.pt, read from "
                                                rf"{tmp_path / 'docs'}, a folder inside the project {tmp_path}, .* "
                                                rf"Fix: run it from {tmp_path}\.$"):
         require("artifacts/prepare/target.pt", "target task", "prepare")
-    for where, path in ((tmp_path, "artifacts/prepare/target.pt"), (tmp_path / "docs", tmp_path / "x" / "target.pt")):
-        monkeypatch.chdir(where)  # from the project's folder, or an absolute path: the stage has not run
-        with pytest.raises(TransferkitError, match=r"Fix: run the 'prepare' stage first \(`dvc repro prepare`\)\.$"):
+    for where, path in ((tmp_path, "artifacts/prepare/source.pt"), (tmp_path / "docs", "artifacts/prepare/source.pt"),
+                        (tmp_path / "docs", tmp_path / "x" / "target.pt")):
+        monkeypatch.chdir(where)  # from the project's folder, a file it lacks too, an absolute path: not run yet
+        with pytest.raises(TransferkitError, match=r"run the 'prepare' stage first \(`dvc repro prepare`\)\.$"):
             require(path, "target task", "prepare")

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT, cli, compose, one_error_line, outside, run
 from transferkit.config.compose import params_text
@@ -147,7 +148,8 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
                         # dvc repro trained prepare, pretrain and transfer before DVC's raw "No such file"
                         ("distill.student_init=none.pt", "distill.student_init='none.pt' is invalid: no such file"),
                         # DVC refused it: student's model.pt both a dep and an output of student
-                        ("distill.student_init=artifacts/student/model.pt", "lies in paths.artifacts_dir ("),
+                        ("distill.student_init=artifacts/student/model.pt", "lies in the student stage's outputs, "
+                         "and student reads distill.student_init or comes after a stage that does (distill, student)"),
                         # DVC 3 refused, after prepare had run: "Saving cached external output ... is not supported"
                         (f"paths.artifacts_dir={tmp_path.parent}", f"lies outside the project {tmp_path}, and DVC"),
                         ("paths.artifacts_dir=../elsewhere", "lies outside the project"),
@@ -157,6 +159,36 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
         assert needle in err and ("transferkit params" in err or "Fix: leave it out" in err), err
     for name in ("params.yaml", "dvc.yaml"):
         assert (tmp_path / name).read_text() == f"# the {name} of an earlier, valid composition\n"
+
+
+def test_params_takes_a_file_an_earlier_stage_wrote_as_a_setting(tmp_path, monkeypatch, capsys):
+    """DVC takes a dep inside an earlier stage's output (pretrain's model.pt for distill.student_init): no cycle."""
+    import shutil
+
+    from transferkit import cli as transferkit_cli
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "artifacts" / "pretrain").mkdir(parents=True)
+    (tmp_path / "artifacts" / "pretrain" / "model.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert transferkit_cli.main(["params", "distill.student_init=artifacts/pretrain/model.pt"]) == 0, \
+        capsys.readouterr().err
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert "artifacts/pretrain/model.pt" in stages["distill"]["deps"]
+
+
+def test_params_takes_an_artifacts_folder_that_links_elsewhere(tmp_path, monkeypatch, capsys):
+    """artifacts/ as a link to scratch storage is inside the project as DVC reads paths: it was refused as outside."""
+    import shutil
+
+    from transferkit import cli as transferkit_cli
+
+    shutil.copytree(ROOT / "conf", tmp_path / "project" / "conf")
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "project" / "artifacts").symlink_to(tmp_path / "scratch")
+    monkeypatch.chdir(tmp_path / "project")
+    assert transferkit_cli.main(["params", "experiment=smoke"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "project" / "dvc.yaml").is_file()
 
 
 def test_params_says_which_earlier_overrides_it_no_longer_composes_with(tmp_path, monkeypatch, capsys):
@@ -417,7 +449,7 @@ def test_params_refuses_what_a_stage_would_refuse_and_keeps_its_files(tmp_path, 
     (["--params", "params.yaml", "seed=010"], "seed='010' is invalid: must be a valid integer"),
     (["--params", "params.yaml", "trainer.progress_bar=yes"], "trainer.progress_bar='yes' is invalid"),
     (["--params", "params.yaml", "transfer.freeze_depth=0,1"],
-     "to run each value, `transferkit sweep pretrain transfer.freeze_depth=0,1`"),
+     "to run each value, `transferkit pretrain -m transfer.freeze_depth=0,1`"),
     (["--params", "params.yaml", "~seed=1"], "seed is missing: the stages read it"),
     (["--params", "params.yaml", "~seed"], "seed is missing: the stages read it"),
     (["--params", "params.yaml", "data.target.classes.x=1"], "data.target.classes.x=1: invalid literal for int()"),
@@ -426,13 +458,21 @@ def test_params_refuses_what_a_stage_would_refuse_and_keeps_its_files(tmp_path, 
     # an experiment sets keys all over the config: there is no experiment.KEY to set
     (["--params", "params.yaml", "experiment=smoke"], "(`transferkit params experiment=smoke`)."),
     # Hydra's flags were "an override is key=value"
+    # `transferkit sweep` takes the stages whose models collect scores, not pretrain
     (["--params", "params.yaml", "-m", "seed=1"], "-m: a run from a params file takes --params, --out and --in, not "
-                                                  "Hydra's flags. Fix: leave it out; to sweep, `transferkit sweep "
-                                                  "pretrain key=a,b`, or `transferkit pretrain -m key=a,b`"),
+                                                  "Hydra's flags. Fix: leave it out; to sweep, `transferkit pretrain "
+                                                  "-m key=a,b`, composed from conf/."),
 ])
 def test_a_stage_given_a_bad_params_file_or_override_says_so_in_one_line(capsys, args, needle):
     line = _error(capsys, ["pretrain", *args])
     assert needle in line and "Fix:" in line, line
+
+
+def test_a_params_file_run_of_a_scored_stage_offers_transferkit_sweep(capsys):
+    assert "to run each value, `transferkit sweep transfer seed=0,1`." in _error(
+        capsys, ["transfer", "--params", "params.yaml", "seed=0,1"])
+    assert "to sweep, `transferkit sweep distill key=a,b`, composed from conf/." in _error(
+        capsys, ["distill", "--params", "params.yaml", "-m"])
 
 
 def test_check_params_finds_the_project_from_a_subfolder_and_names_what_it_refuses(capsys):

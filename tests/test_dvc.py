@@ -122,7 +122,7 @@ def test_the_validation_plot_names_only_curves_the_stages_write(experiment, pret
     assert any("/pretrain/" in path for path in curves) == pretrain_validates
     assert any("/transfer/" in path for path in curves)
     # the curves are dvclive's files: with trainer.loggers=[csv] they were listed, and `dvc plots show` failed
-    for loggers, listed in (("[csv]", False), ("[]", False), ("[csv,dvclive]", True)):
+    for loggers, listed in (("[csv]", False), ("[]", False), ("null", False), ("[csv,dvclive]", True)):
         plots = dvc_yaml(to_params(compose([f"experiment={experiment}", f"trainer.loggers={loggers}"])))["plots"]
         assert any("dvclive" in json.dumps(plot) for plot in plots) == listed, loggers
 

@@ -211,7 +211,8 @@ def require(path: str | Path, what: str, produced_by: str) -> Path:
         # a project's relative paths, read from one of its subfolders (docs/), not from a runs folder (dvc.yaml)
         here, markers = Path.cwd().resolve(), ("conf/config.yaml", "dvc.yaml")
         project = next((d for d in here.parents if (d / markers[0]).is_file()), None)
-        if not path.is_absolute() and project and not any((here / f).is_file() for f in markers):
+        if not path.is_absolute() and project and (project / path).exists() and not any(
+                (here / f).is_file() for f in markers):
             raise TransferkitError(f"{what} not found at {path}, read from {here}, a folder inside the project "
                                    f"{project}, whose paths are relative to its own folder. Fix: run it from "
                                    f"{project}.")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -32,7 +33,7 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, tail: int = 25, show=None) -> str:
+def run(cmd: list[str], cwd: Path, tail: int = 25, show: Callable[[str], str | None] | None = None) -> str:
     """Run `cmd` in `cwd`; its output (stdout and stderr together), or an error with the end of it. `show`: what
     to print of each line as it comes (None: nothing)."""
     env = child_env()
@@ -47,10 +48,14 @@ def run(cmd: list[str], cwd: Path, tail: int = 25, show=None) -> str:
     try:
         with _exits_on(signal.SIGTERM, signal.SIGHUP):
             lines = []
-            for line in proc.stdout:
-                lines.append(line)
-                if show and (text := show(line)):
-                    print(text, flush=True)
+            with proc.stdout:
+                for line in proc.stdout:
+                    lines.append(line)
+                    if show and (text := show(line)):
+                        try:
+                            print(text, flush=True)
+                        except BrokenPipeError:  # `| head`: the reader has gone, the runs go on
+                            show = None
             output = "".join(lines)
             proc.wait()
     except BaseException as e:  # KeyboardInterrupt, or a SIGTERM or SIGHUP turned into SystemExit
@@ -194,9 +199,9 @@ def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None, l
     save_text(RUNS_HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120), dvc_file)
     names = {name: (labels or {}).get(name, name) for name in stages}
 
-    def started(line: str) -> str | None:  # a sweep of hours says which run it is on, not nothing until the end
+    def started(line: str) -> str | None:  # a sweep runs for hours: each run is announced as DVC starts it
         if (m := re.match(r"Running stage '(.+)':", line)) and m[1] in names:
-            return f"running {names[m[1]]} ({list(names).index(m[1]) + 1} of {len(names)})"
+            return f"running {names[m[1]]}"
         return None
 
     return stages_run(run(["dvc", "repro", *(targets or [])], folder, tail=40, show=started))

@@ -185,11 +185,17 @@ def validate_run(cfg: DictConfig, stage: str | None, blocks: dict[str, int], all
     if all_stages:  # DVC would stop at a missing file only at its stage, after the stages before it trained
         # DVC runs a stage in its dvc.yaml's folder (DVC_ROOT is the repository's, or the workspace of a queued run)
         flat, root = flatten(to_params(cfg)), Path.cwd() if os.environ.get("DVC_STAGE") else find_conf_dir().parent
-        artifacts = (root / str(cfg.paths.artifacts_dir)).resolve()
+        artifacts = Path(os.path.abspath(root / str(cfg.paths.artifacts_dir)))
         for key in dict.fromkeys(key for s in BY_NAME.values() for key in s.files):
             if (value := flat.get(key)) and not (root / str(value)).is_file():
                 fail(key, value, f"no such file (a path in the project {root}, or an absolute one)")
-            if value and (root / str(value)).resolve().is_relative_to(artifacts):  # DVC: "both a dep and an output"
-                fail(key, value, f"it lies in paths.artifacts_dir ({artifacts}), the stages' outputs, which "
-                     f"dvc.yaml cannot also make a setting's input (the stage that writes it, or one before it, "
-                     f"reads it); copy the file out of {cfg.paths.artifacts_dir}/ and give that path")
+            readers = after = {s.name for s in BY_NAME.values() if key in s.files}
+            while later := {s.name for s in BY_NAME.values() if after & set(s.reads)} - after:
+                after = after | later
+            # DVC refuses a stage that reads what it, or a stage after it, writes (a cycle)
+            if value and (owner := next((s for s in sorted(after) if Path(os.path.abspath(root / str(value)))
+                                         .is_relative_to(artifacts / s)), None)):
+                raise TransferkitError(f"{key}={value} lies in the {owner} stage's outputs, and {owner} reads {key} or "
+                                       f"comes after a stage that does ({', '.join(sorted(readers))}): dvc.yaml cannot "
+                                       f"make a stage read what it or a later stage writes. Fix: copy the file out of "
+                                       f"{artifacts / owner} (to models/, say) and set {key} to the copy.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 import re
 import shlex
 from pathlib import Path
@@ -172,7 +173,10 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir:
     from hydra.errors import HydraException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-    parser = OverridesParser.create()
+    from transferkit.stages import TARGET_MODELS
+
+    parser = OverridesParser.create()  # `transferkit sweep` takes the stages whose models collect scores
+    sweep = f"transferkit sweep {stage}" if stage in TARGET_MODELS else f"transferkit {stage} -m"
     refuse_repeats(overrides)
     for override in overrides:
         try:  # a params file holds every setting: +key (Hydra's "add a key") is a key it must have too
@@ -180,8 +184,8 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir:
         except HydraException as e:
             if override.startswith("-"):  # -m, --cfg: Hydra's flags, for runs composed from conf/
                 raise TransferkitError(f"{override}: a run from a params file takes --params, --out and --in, not "
-                                       f"Hydra's flags. Fix: leave it out; to sweep, `transferkit sweep {stage} "
-                                       f"key=a,b`, or `transferkit {stage} -m key=a,b` without --params.") from e
+                                       f"Hydra's flags. Fix: leave it out; to sweep, `{sweep} key=a,b`, composed "
+                                       f"from conf/.") from e
             if "=" not in override:
                 raise TransferkitError(f"{override}: an override is key=value (and the options are --params, --out "
                                        f"and --in). Fix: write it as key=value (key=null for none).") from e
@@ -194,7 +198,7 @@ def merge_overrides(cfg: DictConfig, overrides: list[str], path: Path, conf_dir:
                                    f"it with {key}=VALUE.")
         if parsed.is_sweep_override():
             raise TransferkitError(f"{override} lists several values, and a params file holds one run's. Fix: write a "
-                                   f"list as {key}=[a,b]; to run each value, `transferkit sweep {stage} {override}`.")
+                                   f"list as {key}=[a,b]; to run each value, `{sweep} {override}`.")
         if group_choice(parsed, conf_dir):  # options of conf/, not settings of the file
             spread = conf_dir and any("@package _global_" in f.read_text() for f in (conf_dir / key).glob("*.yaml"))
             raise TransferkitError(f"{override}: {path} holds settings, not conf/'s config groups. Fix: choose the "
@@ -274,7 +278,8 @@ def write_generated(overrides: list[str]) -> list[Path]:
                                f"the Hydra run.")
     cfg = compose(overrides)
     validate_run(cfg, None, {}, all_stages=True)
-    if not (root / cfg.paths.artifacts_dir).resolve().is_relative_to(root.resolve()):  # DVC 3 refuses such outputs
+    # DVC 3 tracks no output outside the repository, as written: artifacts/ may be a link to scratch storage
+    if not Path(os.path.abspath(root / cfg.paths.artifacts_dir)).is_relative_to(os.path.abspath(root)):
         raise TransferkitError(f"paths.artifacts_dir={cfg.paths.artifacts_dir} lies outside the project {root}, and "
                                f"DVC tracks no outputs outside its repository. Fix: a folder in the project "
                                f"(paths.artifacts_dir=artifacts, the default).")

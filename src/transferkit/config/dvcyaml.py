@@ -109,7 +109,11 @@ def dvc_yaml(params: dict | None = None, root: Path | None = None) -> dict:
     # pretrain learns the source task, the rest the target task: a task without val images has no val curve
     validated = [name for name in curves
                  if flat.get(f"data.{'source' if name == 'pretrain' else 'target'}.val_per_class", 1)]
-    live = "dvclive" in flat.get("trainer.loggers", ["dvclive"])  # the curves' files: dvclive's, where it logs
+    live = "dvclive" in (flat.get("trainer.loggers", ["dvclive"]) or [])  # the curves' files: dvclive's, if it logs
+    curves_plots = [{"Validation accuracy": {"x": "step", "y": {
+                        f"{artifacts}/{name}/dvclive/plots/metrics/val/acc.tsv": "acc" for name in validated}}},
+                    {"Training loss": {"x": "step", "y": {
+                        f"{artifacts}/{name}/dvclive/plots/metrics/train/loss.tsv": "loss" for name in curves}}}]
     return {
         "stages": {s.name: stage_entry(s, artifacts, data, sorted(set(named_files(s.name, params or {}, root)
                                                                           .values())),
@@ -122,10 +126,7 @@ def dvc_yaml(params: dict | None = None, root: Path | None = None) -> dict:
                                                             "pareto", "freeze_curve")),
             {"Test accuracy vs freeze depth": {"template": "linear", "x": "freeze_depth",
                                                "y": {f"{artifacts}/evaluate/freeze_curve.json": "top1"}}},
-            *([{"Validation accuracy": {"x": "step", "y": {
-                f"{artifacts}/{name}/dvclive/plots/metrics/val/acc.tsv": "acc" for name in validated}}},
-               {"Training loss": {"x": "step", "y": {
-                   f"{artifacts}/{name}/dvclive/plots/metrics/train/loss.tsv": "loss" for name in curves}}}] * live),
+            *(curves_plots if live else []),
         ],
     }
 

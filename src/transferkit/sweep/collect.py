@@ -25,9 +25,9 @@ from transferkit.evaluation.tables import sweep_table
 from transferkit.io import make_folder, save_json, save_text
 from transferkit.plain import dvc_file_data, flatten, under
 from transferkit.project import is_runs_file, stale_stages
-from transferkit.stages import TARGET_MODELS
-from transferkit.tracked import check_untracked
+from transferkit.stages import STAGES, TARGET_MODELS
 from transferkit.sweep.points import NOT_SWEPT, made_with
+from transferkit.tracked import check_untracked
 
 
 def run_roots(d: Path) -> list[tuple[Path, str | None]]:
@@ -71,10 +71,12 @@ def find_runs(dirs: list[Path]) -> list[Run]:
                 if model.is_file() and made_by in TARGET_MODELS and not any(
                         p.startswith(".") for p in model.relative_to(root).parts):  # a stage's unfinished work
                     runs.append(read_run(model.parent, made_by))
-            # a Hydra job (its .hydra/) that left no finished run: failed, killed or still running, and not counted
+            # a Hydra job (its .hydra/) that left no finished run: failed, killed or still running, and not counted;
+            # one that finished a stage collect does not score (pretrain -m, into the same multirun/) is no such job
             jobs = [h.parent for h in sorted(root.rglob(".hydra")) if h.is_dir()]
             if left := [str(j.relative_to(root)) for j in jobs
-                        if not any(r.folder.is_relative_to(j) for r in runs[found:])]:
+                        if not any(r.folder.is_relative_to(j) for r in runs[found:])
+                        and not any((j / s / "params.yaml").is_file() for s in STAGES if s not in TARGET_MODELS)]:
                 print(f"transferkit collect: {len(left)} of {len(jobs)} Hydra jobs in {root} have no finished run "
                       f"(failed, killed or still running) and are left out: {', '.join(left)}", file=sys.stderr)
     if not runs:
