@@ -46,6 +46,16 @@ def outside(tmp: Path) -> list[str]:
     return [f"paths.artifacts_dir={tmp / 'artifacts'}", f"paths.data_dir={tmp / 'data'}"]
 
 
+def dvc_project(root: Path, stages: dict) -> Path:
+    """A project's folder as DVC and transferkit find it: conf/config.yaml and a dvc.yaml of `stages`."""
+    import yaml
+
+    (root / "conf").mkdir(parents=True)
+    (root / "conf" / "config.yaml").write_text("seed: 0\n")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    return root
+
+
 def compose(*overrides: str, tmp: Path | None = None):
     from transferkit.config.compose import compose as _compose
 

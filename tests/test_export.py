@@ -11,10 +11,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from conftest import cli as command, made_once, one_error_line, refuse_listing
+from conftest import cli as command, dvc_project, made_once, one_error_line, refuse_listing
 from transferkit import cli
 from transferkit.deploy.export import export
 from transferkit.deploy.fold import deployable, first_conv, fold_batchnorm
@@ -695,23 +694,15 @@ def _one_error(capsys, argv) -> str:
     return lines[0]
 
 
-def _project(root):
-    """A project's folders as DVC sees them: data/ an input, each stage's folder in artifacts/ an output."""
-    (root / "conf").mkdir(parents=True)
-    (root / "conf" / "config.yaml").write_text("seed: 0\n")
-    (root / "data").mkdir()
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "prepare": {"cmd": "transferkit prepare", "deps": ["data"], "outs": [{"artifacts/prepare": {"persist": True}}]},
-        "export": {"cmd": "transferkit export", "deps": ["artifacts/prepare"], "outs": ["artifacts/export"]}}}))
-    return root
-
-
 def test_export_writes_nowhere_dvc_tracks_nor_into_a_projects_own_folders(exported, tmp_path, capsys, monkeypatch):
     """`export --out conf`, `--out artifacts` or `--out data/exported` wrote its three files there: into conf/,
     beside the stage folders, or into prepare's input, which reran the whole pipeline at the next `dvc repro`."""
     from transferkit.tracked import check_untracked
 
-    project = _project(tmp_path / "project")
+    project = dvc_project(tmp_path / "project", {  # data/ an input, each stage's folder in artifacts/ an output
+        "prepare": {"cmd": "transferkit prepare", "deps": ["data"], "outs": [{"artifacts/prepare": {"persist": True}}]},
+        "export": {"cmd": "transferkit export", "deps": ["artifacts/prepare"], "outs": ["artifacts/export"]}})
+    (project / "data").mkdir()
     monkeypatch.chdir(project)
     model = str(exported[2]["fastnet"][0] / "model.pt")
     for out, says in (("conf", f"is in the project's conf/ ({project / 'conf'})"), ("conf/exported", "is in the proj"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, cli, compose, made_once, one_error_line, run
+from conftest import ROOT, cli, compose, dvc_project, made_once, one_error_line, run
 
 
 @pytest.fixture(scope="module")
@@ -667,12 +667,10 @@ def test_collect_writes_nowhere_dvc_tracks(tmp_path, monkeypatch):
     from transferkit.errors import TransferkitError
     from transferkit.sweep.collect import main
 
-    project = tmp_path / "project"
-    (project / "conf").mkdir(parents=True)
-    (project / "multirun").mkdir()
-    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+    project = dvc_project(tmp_path / "project", {
         "transfer": {"cmd": "x", "outs": [{"artifacts/transfer": {"persist": True}}]},
-        "evaluate": {"cmd": "y", "deps": ["artifacts/transfer"], "outs": ["artifacts/evaluate"]}}}))
+        "evaluate": {"cmd": "y", "deps": ["artifacts/transfer"], "outs": ["artifacts/evaluate"]}})
+    (project / "multirun").mkdir()
     monkeypatch.chdir(project)
     for argv, says in ((["multirun", "--out", "artifacts/evaluate"], "--out artifacts/evaluate is "),
                        (["artifacts/transfer"], "--out artifacts/transfer/collected lies in "),
