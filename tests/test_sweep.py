@@ -211,8 +211,11 @@ def test_a_missing_input_is_refused_before_dvc_removes_any_output(tmp_path):
     (out / "seed=0" / "transfer").mkdir(parents=True)
     (out / "seed=0" / "transfer" / "model.pt").write_text("a finished point")
     (out / "dvc.yaml").write_text(RUNS_HEADER + "stages: {}\n")  # the sweep's, from its earlier run
-    stages = {"point0": stage_run("transfer", "params/seed=0.yaml", "seed=0/transfer", {"pretrain": str(missing)}, [])}
-    with pytest.raises(TransferkitError, match=rf"{missing} does not exist, and point0 reads it\. Fix:"):
+    (tmp_path / "artifacts" / "prepare").mkdir(parents=True)
+    (tmp_path / "artifacts" / "prepare" / "target.pt").write_text("a prepared task")
+    inputs = {"prepare": str(tmp_path / "artifacts" / "prepare"), "pretrain": str(missing)}
+    stages = {"point0": stage_run("transfer", "params/seed=0.yaml", "seed=0/transfer", inputs, [])}
+    with pytest.raises(TransferkitError, match=rf"{missing}/model\.pt does not exist, and point0 reads it\. Fix:"):
         run_pipeline(out, stages)
     assert sorted(p.name for p in out.iterdir()) == ["dvc.yaml", "seed=0"]
     assert (out / "seed=0" / "transfer" / "model.pt").read_text() == "a finished point"

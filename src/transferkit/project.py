@@ -133,11 +133,13 @@ def copy_project(root: Path, dest: Path, params_text: str) -> Path:
 def stage_run(stage: str, params: str, out: str, inputs: dict[str, str], deps: list[str], keys: list[str] | None = None,
               sets: list[str] = ()) -> dict:
     """A DVC stage running `transferkit STAGE --params FILE --in NAME=DIR ... --out DIR [key=value ...]`:
-    the input folders are deps beside `deps`, and DVC watches `keys` of the params file."""
+    what it reads in the input folders are deps beside `deps`, and DVC watches `keys` of the params file."""
     cmd = " ".join([f"transferkit {stage} --params {shlex.quote(params)}",
                     *(f"--in {name}={shlex.quote(folder)}" for name, folder in inputs.items()),
                     f"--out {shlex.quote(out)}", *sets])
-    return {"cmd": cmd, "deps": [*deps, *inputs.values()], **({"params": [{params: keys}]} if keys else {}),
+    from transferkit.stages import input_deps
+
+    return {"cmd": cmd, "deps": [*deps, *input_deps(stage, inputs)], **({"params": [{params: keys}]} if keys else {}),
             "outs": [out]}
 
 

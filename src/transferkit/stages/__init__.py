@@ -15,7 +15,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Stage:
     name: str
-    reads: tuple[str, ...] = ()     # stages whose output folders it reads, by name
+    uses: tuple[str, ...] = ()      # what it reads of earlier stages' outputs: STAGE/FILE, or STAGE (the whole folder)
     params: tuple[str, ...] = ()    # the config keys that change what it computes (DVC's params)
     trains: bool = False            # fits models with an optimisation block (conf/optim/)
     target_model: bool = False      # writes a model.pt for the target task that evaluate scores
@@ -23,6 +23,11 @@ class Stage:
     command: str = ""               # its dvc.yaml command, if not `transferkit NAME --params params.yaml`
     files: tuple[str, ...] = ()     # config keys that may name a file it reads (a dep when set)
     datasets: tuple[str, ...] = ()  # config keys naming a dataset: a file it reads where a path outside data_dir
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The stages whose outputs it reads, by name."""
+        return tuple(dict.fromkeys(use.split("/")[0] for use in self.uses))
 
 
 COMMON = ("seed", "trainer")
@@ -32,25 +37,31 @@ PRUNE_PARAMS = ("prune", "distill.method", "distill.temperature", "distill.alpha
 PIPELINE = (
     Stage("prepare", params=("seed", "data", "paths.data_dir"),
           datasets=("data.source.dataset", "data.target.dataset")),
-    Stage("pretrain", ("prepare",), (*COMMON, "model", "pretrain"), trains=True),
-    Stage("transfer", ("prepare", "pretrain"), (*COMMON, "model", "transfer"), trains=True, target_model=True),
-    Stage("probe", ("prepare", "pretrain"), (*COMMON, "model", "probe"), trains=True, target_model=True),
-    Stage("scratch", ("prepare",), (*COMMON, "model", "scratch"), trains=True, target_model=True),
-    Stage("distill", ("prepare", "transfer"), (*COMMON, "distill"), trains=True, target_model=True,
-          files=("distill.student_init",)),
-    # the distillation baseline: the same student and budget, no teacher
-    Stage("student", ("prepare",), (*COMMON, "distill.student", "distill.student_init", "student"), trains=True,
+    Stage("pretrain", ("prepare/source.pt",), (*COMMON, "model", "pretrain"), trains=True),
+    Stage("transfer", ("prepare/target.pt", "pretrain/model.pt"), (*COMMON, "model", "transfer"), trains=True,
+          target_model=True),
+    Stage("probe", ("prepare/target.pt", "pretrain/model.pt"), (*COMMON, "model", "probe"), trains=True,
+          target_model=True),
+    Stage("scratch", ("prepare/target.pt",), (*COMMON, "model", "scratch"), trains=True, target_model=True),
+    Stage("distill", ("prepare/target.pt", "transfer/model.pt"), (*COMMON, "distill"), trains=True,
           target_model=True, files=("distill.student_init",)),
+    # the distillation baseline: the same student and budget, no teacher
+    Stage("student", ("prepare/target.pt",), (*COMMON, "distill.student", "distill.student_init", "student"),
+          trains=True, target_model=True, files=("distill.student_init",)),
     # the distillation settings the recovery fine-tune uses (stages/distill.py: distillation)
-    Stage("prune", ("prepare", "transfer", "distill"), (*COMMON, *PRUNE_PARAMS), trains=True, target_model=True),
+    Stage("prune", ("prepare/target.pt", "transfer/model.pt", "distill/model.pt"), (*COMMON, *PRUNE_PARAMS),
+          trains=True, target_model=True),
     # the deployable model: ONNX + TorchScript, checked against PyTorch on the test set
-    Stage("export", ("prune", "prepare"), module="transferkit.deploy.export",
+    Stage("export", ("prune/model.pt", "prepare/target.pt"), module="transferkit.deploy.export",
           command="transferkit export {prune}/model.pt --out {out} --test-set {prepare}/target.pt"),
     # the deployable model in INT8, calibrated on training images, checked against fp32; past
     # quantize.max_drop, fine-tuned for INT8 (distilled from the teacher, as prune recovers) and quantized again
-    Stage("quantize", ("export", "prepare", "prune", "transfer"), (*COMMON, "quantize", *PRUNE_PARAMS)),
+    Stage("quantize", ("export/model.onnx", "prepare/target.pt", "prune/model.pt", "transfer/model.pt"),
+          (*COMMON, "quantize", *PRUNE_PARAMS)),
     # accuracy vs freeze depth: the transfer recipe at each of freeze_curve.depths
-    Stage("freeze_curve", ("prepare", "pretrain"), (*COMMON, "model", "transfer", "freeze_curve"), trains=True),
+    Stage("freeze_curve", ("prepare/target.pt", "pretrain/model.pt"), (*COMMON, "model", "transfer", "freeze_curve"),
+          trains=True),
+    # every model's metrics, timings and costs: whole folders
     Stage("evaluate", ("prepare", "pretrain", "scratch", "probe", "transfer", "student", "distill", "prune",
                        "freeze_curve", "export", "quantize"),
           ("name", "evaluate", "freeze_curve", "transfer.freeze_depth", "probe.depth", "trainer.accelerator")),
@@ -71,6 +82,13 @@ def inputs_of(stage: str, artifacts_dir) -> dict:
     from pathlib import Path
 
     return {name: Path(artifacts_dir) / name for name in BY_NAME[stage].reads}
+
+
+def input_deps(stage: str, folders: dict) -> list[str]:
+    """The paths of what `stage` reads in the input `folders` given (by stage), as its deps: the files where it
+    reads files, so a rerun upstream that remakes them byte for byte (its timings differ) reruns nothing here."""
+    return [f"{folders[name]}/{file}" if file else str(folders[name])
+            for name, _, file in (use.partition("/") for use in BY_NAME[stage].uses) if name in folders]
 
 
 def named_files(stage: str, params: dict, root=None) -> dict[str, str]:
