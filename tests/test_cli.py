@@ -728,6 +728,10 @@ def test_output_cut_short_by_its_reader_ends_quietly(smoke_artifacts):
     proc = subprocess.run(f"{command} | head -c 1", shell=True, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout == "|" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    for help_ in ("--help", "params --help"):  # printed before any command ran, and outside the pipe's handling
+        proc = subprocess.run(f"{shlex.quote(sys.executable)} -m transferkit.cli {help_} | head -c 1", shell=True,
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.stdout in ("u", " ") and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_a_completion_script_cut_short_by_its_reader_ends_quietly():
@@ -794,7 +798,7 @@ def test_a_flag_with_a_value_among_the_overrides_is_read_as_hydra_reads_it(tmp_p
     proc = cli("prepare", "--cfg", "job", "-p", "seed", "--", "experiment=smoke", "seed=-5", *away)  # argparse's --
     assert proc.returncode == 0 and proc.stdout.strip() == "-5", proc.stderr[-2000:]
     proc = cli("prepare", "--help", "-m", "--cfg", "job")  # help first, as Hydra gives it: two modes are no error
-    assert proc.returncode == 0 and "transferkit is powered by Hydra" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 0 and "dvc.yaml runs it: transferkit STAGE --params" in proc.stdout, proc.stderr[-2000:]
     proc = cli("prepare", "experiment=smoke", "--hydra-help")  # Hydra's own help, which no override changes
     assert proc.returncode == 0 and "== Flags ==" in proc.stdout, proc.stderr[-2000:]
     proc = cli("prepare", "--info", "plugins", "seed=0,1")  # it composes no config: a sweep's values are fine

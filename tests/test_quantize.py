@@ -374,6 +374,24 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
         assert not any(p in onnx_file.read_bytes() for p in paths), onnx_file
 
 
+def test_fine_tuning_for_int8_refuses_an_export_of_another_model(smoke_artifacts, tmp_path):
+    """The fine-tuning trains prune's model.pt: with `--in export=DIR` of another model's export, the INT8 file
+    would be the pruned student's under that export's name."""
+    from transferkit.deploy.export import export
+    from transferkit.errors import TransferkitError
+    from transferkit.stages.common import load_task
+    from transferkit.stages.quantize import check_export_of
+
+    cfg, _ = smoke_artifacts
+    artifacts = Path(cfg.paths.artifacts_dir)
+    task = load_task(artifacts / "prepare", "target")
+    check_export_of(artifacts / "prune" / "model.pt", artifacts / "export" / "model.onnx", task)  # its own: passes
+    export(artifacts / "transfer" / "model.pt", tmp_path / "teacher", repeats=2, threads=1, log=lambda *_: None)
+    with pytest.raises(TransferkitError, match=r"model\.onnx is not the export of .*prune/model\.pt \(their logits "
+                                               r"differ on training images\).*Fix: give --in export= a folder"):
+        check_export_of(artifacts / "prune" / "model.pt", tmp_path / "teacher" / "model.onnx", task)
+
+
 def test_report_says_which_quantization_produced_the_model():
     from transferkit.evaluation.report import quantize_section
 

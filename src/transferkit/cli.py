@@ -240,17 +240,15 @@ def _shell_completion(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(HELP)
-        return 0
-    command, rest = argv[0], argv[1:]
+    command, rest = (argv or ["--help"])[0], argv[1:]
     params_mode = any(a == "--params" or a.startswith("--params=") for a in rest)
-    if command == "params" and {"-h", "--help"} & set(rest):
-        print("\n".join(line for line in HELP.splitlines() if line.lstrip().startswith(f"transferkit {command} ")))
-        return 0
     if command in STAGES and not BY_NAME[command].trains and not first_process():
         return 0  # under srun or torchrun every rank runs the command: a stage that fits nothing runs once, on rank 0
-    try:
+    try:  # `transferkit --help | head` too: a closed pipe below
+        if command in ("-h", "--help", "help") or (command == "params" and {"-h", "--help"} & set(rest)):
+            print(HELP if command != "params" else "\n".join(line for line in HELP.splitlines()
+                                                             if line.lstrip().startswith("transferkit params ")))
+            return 0
         if (command == "export" or (command in RUNNABLE and params_mode)) and warm.enabled():  # what dvc.yaml runs
             if (code := warm.run(argv)) is not None:
                 return code

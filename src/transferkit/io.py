@@ -71,6 +71,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path` (`.NAME.XXXX.tmp`, delete_half_written's); rename it onto `path`
     only on success."""
     path = Path(path)
+    made, done = [p for p in (path.parent, *path.parent.parents) if not p.exists()], False  # made: deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -84,6 +85,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         try:
             to_disk(tmp)  # else a power cut after the rename can leave an empty file where the old one was
             os.replace(tmp, path)
+            done = True
             with contextlib.suppress(OSError):  # the rename itself, where the folder opens: not on Windows,
                 to_disk(path.parent, os.O_RDONLY)  # nor for a user who may write to it but not read it
         except OSError as e:
@@ -98,6 +100,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+        for folder in () if done else made:  # a failed write leaves no folder of its own behind (an empty --out)
+            with contextlib.suppress(OSError):  # one that holds something now stays
+                folder.rmdir()
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

@@ -72,6 +72,7 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     from transferkit.stages.training import fit_stage
 
     q = cfg.quantize
+    check_export_of(inputs["prune"] / "model.pt", inputs["export"] / "model.onnx", task)
     student, _ = load_checkpoint(inputs["prune"] / "model.pt", "prune", task["classes"], what="the pruned student")
     model = deployable(student).train()
     keep = float_layers(model, inputs["export"] / "model.onnx", q.keep_float)  # the layers INT8 leaves in float
@@ -88,3 +89,20 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     path = out / "model_fp32.onnx"
     export_onnx(tuned, path, int(student.input_size), "auto", None, log=lambda *_: None)
     return path
+
+
+def check_export_of(model: Path, fp32: Path, task: dict, n: int = 64) -> None:
+    """The fine-tuning trains `model`: an export of another one (`--in export=DIR` by hand) would get that model's
+    INT8 file under its name. The export's logits match its model.pt within export's check, where others differ."""
+    import numpy as np
+
+    from transferkit.deploy.runtime import Classifier
+    from transferkit.errors import TransferkitError
+
+    x = calibration_images(task, min(n, len(task["train_y"])))
+    a, b = Classifier(model)(x), Classifier(fp32)(x)
+    if a.shape != b.shape or np.abs(a - b).max() > 1e-3 * max(1.0, float(np.abs(a).max())):
+        raise TransferkitError(f"{fp32} is not the export of {model} (their logits differ on training images), and "
+                               f"quantize fine-tunes that model for INT8. Fix: give --in export= a folder of its "
+                               f"export (`transferkit export {model} --out DIR`), or --in prune= the folder of the "
+                               f"model exported.")
