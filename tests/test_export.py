@@ -347,7 +347,8 @@ def test_a_pruned_checkpoint_whose_weights_do_not_fit_together_is_refused(export
     ('["a", "b"]', "is not what `transferkit export` writes"),
     ('{"classes": [0, 1, 2, 3, 4]}', "is not what `transferkit export` writes"),  # names, not numbers
     ('{"classes": ["a", "b"]}', r"scores 5 classes, and its metadata names 2 \(\['a', 'b'\]\)"),
-    ('{"classes": ["a", "b", "c"], "input_size": 64}', "graph takes 32x32 images, not the 64x64 its metadata names")])
+    ('{"classes": ["a", "b", "c"], "input_size": 64}',
+     r"graph takes input of shape \[.*, 3, 32, 32\], not the \[N, 3, 64, 64\] images its metadata names")])
 def test_an_onnx_file_with_damaged_or_mismatched_metadata_is_refused(exported, tmp_path, metadata, needle):
     """The class names travel inside the file: edited or damaged, they would name the wrong class."""
     import onnx
@@ -452,8 +453,8 @@ def _crafted_onnx(path, *, batch="N", height="H", width="W", input_size=32, brig
     ({"batch": 0}, "takes batches of exactly 0 images, outside the 1 to 256"),
     ({"input_size": 1_000_000}, "takes 1000000x1000000 images, the size its metadata names, outside the 8 to 1024"),
     ({"input_size": 0}, "takes 0x0 images, the size its metadata names, outside the 8 to 1024"),
-    ({"height": 64, "width": 64}, "graph takes 64x64 images, not the 32x32 its metadata names"),
-    ({"height": 32, "width": 33}, "graph takes 32x33 images, not the 32x32 its metadata names")])
+    ({"height": 64, "width": 64}, ", 3, 64, 64], not the [N, 3, 32, 32] images its metadata names"),
+    ({"height": 32, "width": 33}, ", 3, 32, 33], not the [N, 3, 32, 32] images its metadata names")])
 def test_an_onnx_file_that_asks_for_outsized_or_inconsistent_input_is_refused(tmp_path, capsys, shape, needle):
     """A file's own word on its input sets what predict allocates: a fixed batch it pads every run up to, an
     image size it makes a blank image of first. Out of bounds or at odds with the graph, it is refused."""

@@ -101,7 +101,8 @@ class Classifier:
     def __init__(self, path: str | Path, threads: int | None = None, trust_code: bool = False):
         self.path = Path(path)
         threads = threads or torch.get_num_threads()
-        spatial = []  # the image height and width an ONNX graph declares: numbers or names (any size)
+        spatial, shape = [], []  # the image height and width an ONNX graph declares: numbers or names (any size)
+        self.meta_source = "its metadata"  # where the class names and input size come from (_metadata)
         self.fixed_batch: int | None = None  # the images per run a file takes exactly (None: any number)
         if not self.path.is_file():
             raise not_a_file(self.path, f"pass a model.pt a stage wrote (artifacts/<stage>/model.pt) or a model.onnx "
@@ -128,7 +129,7 @@ class Classifier:
                                        f"(`transferkit export MODEL.pt`).")
             # a file exported without a dynamic batch axis takes batches of exactly its traced size
             self._input, self.fixed_batch = inp.name, inp.shape[0] if isinstance(inp.shape[0], int) else None
-            spatial = inp.shape[2:]
+            spatial, shape = inp.shape[2:], inp.shape
             if (n := self.fixed_batch) is not None and not 1 <= n <= MAX_FIXED_BATCH:
                 raise TransferkitError(f"{self.path} takes batches of exactly {n} images, outside the 1 to "
                                        f"{MAX_FIXED_BATCH} predict runs at once (it pads each batch up to a fixed "
@@ -168,14 +169,14 @@ class Classifier:
         if len(set(self.classes)) < max(2, len(self.classes)):  # what prepare makes: two or more, each once
             raise TransferkitError(f"{self.path} names {len(self.classes)} classes {self.classes[:5]}, not two or "
                                    f"more distinct ones as every model transferkit trains has. {self.remake}")
-        size, named = self.input_size, ("its metadata names" if "input_size" in info else
-                                        "assumed where its metadata names no size")
+        size, named = self.input_size, (f"{self.meta_source} names" if "input_size" in info else
+                                        f"assumed where {self.meta_source} names no size")
         if size not in INPUT_SIZES:
             raise TransferkitError(f"{self.path} takes {size}x{size} images, the size {named}, outside the "
                                    f"{INPUT_SIZES[0]} to {INPUT_SIZES[-1]} pixels a side predict reads. {self.remake}")
         if any(isinstance(d, int) and d != size for d in spatial):
-            raise TransferkitError(f"{self.path}'s graph takes {'x'.join(map(str, spatial))} images, not the "
-                                   f"{size}x{size} {named}. {self.remake}")
+            raise TransferkitError(f"{self.path}'s graph takes input of shape {list(shape)}, not the [N, 3, {size}, "
+                                   f"{size}] images {named}. {self.remake}")
         # ONNX Runtime ends a run whose terminate flag is set, between two of its nodes
         timer = threading.Timer(PROBE_SECONDS, setattr, (getattr(self, "_run_options", None), "terminate", True))
         if self.kind == "onnx":
@@ -206,10 +207,10 @@ class Classifier:
 
     def _metadata(self, text: str | None) -> dict:
         """The class names and input size an exported file carries, or the export.json beside it."""
-        source = f"{self.path}'s {META_KEY} metadata"
+        source, self.meta_source = f"{self.path}'s {META_KEY} metadata", "its metadata"
         fix = "Fix: export the model again (`transferkit export MODEL.pt`)."
         if not text:
-            source = self.path.parent / EXPORT_JSON
+            source, self.meta_source = self.path.parent / EXPORT_JSON, f"the {EXPORT_JSON} beside it"
             if not source.is_file():
                 raise TransferkitError(
                     f"{self.path} carries no class names and there is no {EXPORT_JSON} beside it. "
