@@ -205,7 +205,9 @@ def weaker_int8(tmp):
 
 CASES = {
     # ---- dataset paths and formats
-    "missing dataset": Case("prepare", ("data.download=false",), "three ways", experiment="cifar10_split"),
+    # three ways, the synthetic images no fix for the scenarios, whose quadrants are real classes
+    "missing dataset": Case("prepare", ("data.download=false",), "(3) synthetic images: `experiment=smoke` (the "
+                            "pipeline; `transferkit scenarios` needs real images)", experiment="cifar10_split"),
     "corrupt archive": Case("prepare", needle="archive", setup=corrupt_archive, experiment="cifar10_split"),
     # a target.pt that loads but is no task: a crash mid-way, or training on the wrong data without a word
     "a prepared task without its val split": Case("scratch", needle="target.pt is not a prepared task: it lacks val_x",

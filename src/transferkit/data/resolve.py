@@ -16,7 +16,8 @@ def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
                             f"it one of three ways: (1) the official python version: extract it to {data_dir}/"
                             f"{CIFAR[name][0]}/ (or run with network access and data.download=true); (2) an image-"
                             f"folder tree, .tar.gz or .zip (train/<class>/*, test/<class>/*) at {data_dir}/{name}-jpeg"
-                            f".tar.gz (or .zip) or as the dataset path; (3) synthetic images: `experiment=smoke`.")
+                            f".tar.gz (or .zip) or as the dataset path; (3) synthetic images: `experiment=smoke` (the "
+                            f"pipeline; `transferkit scenarios` needs real images).")
 
 
 def dataset_location(dataset: str, data_dir: Path, root: Path | None = None) -> Path | None:
