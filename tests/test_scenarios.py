@@ -253,6 +253,13 @@ def _fills_its_quadrants_by_five_strategies(tiny):
         for r in q["rows"]:
             lo, hi = r["test_ci95"]
             assert lo <= r["test_acc"] <= hi
+    # collect takes a quadrant as a runs folder, scored on the quadrant's own prepare (not the project's artifacts/)
+    from transferkit.evaluation.runs import score
+    from transferkit.sweep.collect import find_runs
+
+    runs = find_runs([tmp / "out" / quadrants[0]["preset"]])
+    score(runs)
+    assert {r.folder.name: r.test_acc for r in runs} == {r["strategy"]: r["test_acc"] for r in quadrants[0]["rows"]}
     table = (tmp / "out" / "scenarios.md").read_text()
     assert table.count("** ◀ val") == 2 and "linear classifier on the features" in table
     # what made it, so a report an earlier run with other settings left says so itself

@@ -115,7 +115,8 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     settings["transfer"]["epochs"] += 1
     point.write_text(yaml.safe_dump(settings))
     with pytest.raises(TransferkitError, match=r"has points not made with their settings and code as they are now "
-                                               r"\(seed=1,transfer.freeze_depth=0/transfer\).*Fix: run the sweep"):
+                                               r"\(seed=1,transfer.freeze_depth=0/transfer\).*Fix: run the command "
+                                               r"that made them again"):
         find_runs([out])
 
 
@@ -150,9 +151,37 @@ def test_a_folder_of_other_files_is_no_runs_folder(tmp_path, command):
     with pytest.raises(TransferkitError, match=r"artifacts holds prepare and no sweep or scenarios run: .*Fix: pass"):
         importlib.import_module(command).main([*argv, "--out", str(folder)])
     assert [p.name for p in folder.iterdir()] == ["prepare"]
+    # as collect's --out: nowhere in what a project's dvc.yaml tracks (its data/ input, its outputs), nor its conf/
+    project = dvc_project(tmp_path / "project", {"prepare": {"cmd": "x", "deps": ["data"],
+                                                             "outs": ["artifacts/prepare"]}})
+    for out in (project / "data" / "sw", project / "artifacts" / "prepare" / "sw", project / "conf" / "sw"):
+        with pytest.raises(TransferkitError, match=r"^--out .*(lies in|in the project's conf/).* Fix: --out a new"):
+            importlib.import_module(command).main([*argv, "--out", str(out)])
+        assert not out.exists()
     (tmp_path / "stopped" / "params").mkdir(parents=True)  # a run that stopped before its dvc.yaml: its own
     check_runs_folder(tmp_path / "stopped")
     check_runs_folder(tmp_path / "new")
+
+
+@pytest.mark.parametrize("command", ["transferkit.sweep.points", "transferkit.scenarios.report"])
+def test_a_second_run_into_a_runs_folder_in_use_is_refused(tmp_path, command):
+    """Two sweeps into one folder at once: the second rewrote dvc.yaml under the first, whose table then lacked its
+    own points and whose last line blamed them for being unfinished."""
+    import importlib
+
+    from transferkit.errors import TransferkitError
+    from transferkit.stages.common import exclusive
+
+    out, artifacts = tmp_path / "runs", tmp_path / "artifacts"
+    for name in ("prepare", "pretrain"):  # the inputs a sweep of transfer checks for first
+        (artifacts / name).mkdir(parents=True)
+    argv = (["transfer", "transfer.freeze_depth=0", f"paths.artifacts_dir={artifacts}"] if command.endswith("points")
+            else ["--only", "small_similar"])
+    with exclusive(out, "held by the test"):
+        with pytest.raises(TransferkitError, match=r"another run \(process \d+\) is writing .*runs: two runs into one "
+                                                   r"folder at once would replace each other's dvc.yaml.* Fix: wait"):
+            importlib.import_module(command).main([*argv, "--out", str(out)])
+    assert not out.exists()
 
 
 def test_a_sweep_whose_inputs_are_not_made_names_the_stage_to_run(tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ class Run:
     test_acc: float = math.nan
     correct: torch.Tensor | None = field(default=None, repr=False)
     test_set: str | None = None  # the digest of the test images it was scored on (score): pairs share one
+    prepared: Path | None = None  # the prepare folder it read, where not paths.artifacts_dir's (a scenarios quadrant)
 
     @property
     def seed(self) -> int:
@@ -46,7 +47,7 @@ class Run:
         return " ".join([self.stage, *self.setting])
 
 
-def read_run(folder: Path, stage: str) -> Run:
+def read_run(folder: Path, stage: str, prepared: Path | None = None) -> Run:
     if not (folder / PARAMS_FILE).exists():
         raise TransferkitError(f"{folder} has a model but no {PARAMS_FILE} saying how it was made. Fix: rerun it, "
                                f"or move it out of the sweep folder.")
@@ -62,7 +63,7 @@ def read_run(folder: Path, stage: str) -> Run:
         raise TransferkitError(f"{folder} holds a damaged {PARAMS_FILE}, metrics.json or timing.json "
                                f"({' '.join(str(e).split())[:200]}). Fix: rerun it, or move it out of the sweep "
                                f"folder.") from e
-    return Run(stage, folder, params, metrics.get("val_acc"), timing.get("train_seconds"))
+    return Run(stage, folder, params, metrics.get("val_acc"), timing.get("train_seconds"), prepared=prepared)
 
 
 def _shape_fault(params: dict, metrics: dict, timing: dict) -> str | None:
@@ -94,8 +95,10 @@ def check_task(run: Run, task_file: Path, prepared: dict[Path, dict]) -> None:
     """The prepared task at `task_file` is the one `run` was trained for: the data block of the params
     prepare saved beside it is the run's (seeds may differ: a seed sweep reads one prepare).
     `prepared` caches each task file's data block."""
-    where = f"a relative paths.artifacts_dir resolves from the current folder, {Path.cwd()}"
-    fix = "Fix: run collect from the project folder that made the runs"
+    where, fix = (("the prepare folder its runs folder's dvc.yaml gives it", "Fix: run the command that made the runs "
+                   "again (DVC remakes what changed)") if run.prepared else
+                  (f"a relative paths.artifacts_dir resolves from the current folder, {Path.cwd()}",
+                   "Fix: run collect from the project folder that made the runs"))
     if task_file not in prepared:
         if not task_file.is_file():
             raise TransferkitError(f"{run.folder} is scored on the target test set at {task_file}, which does not "
@@ -152,7 +155,7 @@ def test_set_digest(task: dict) -> torch.Tensor:
 
 
 def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = None) -> None:
-    """Top-1 of every run on its target test set (the prepared task named by its params, or
+    """Top-1 of every run on its target test set (the prepared task it read, else the one its params name, or
     `task`), with the per-image results cached by model and test-set file stamps and the scoring code: a
     retrained model, a re-prepared task or edited scoring code is scored again."""
     from transferkit.io import load_torch, save_torch
@@ -162,10 +165,10 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
     cache, tasks, prepared, code = load_cache(cache_file), {}, {}, scoring_code()
     given = None if task is None else bytes(test_set_digest(task).tolist()).hex()
     for run in runs:
-        if "paths" not in run.params:  # every stage writes it: summarising needs none of it, scoring its test set
+        if "paths" not in run.params and not run.prepared:  # every stage writes it: scoring reads its test set
             raise TransferkitError(f"{run.folder}'s {PARAMS_FILE} names no paths.artifacts_dir, where the test set it "
                                    f"is scored on lies. Fix: rerun it, or move it out of the sweep folder.")
-        task_file = Path(run.params["paths"]["artifacts_dir"]) / "prepare" / "target.pt"
+        task_file = (run.prepared or Path(run.params["paths"]["artifacts_dir"]) / "prepare") / "target.pt"
         if task is None:
             check_task(run, task_file, prepared)
         stamp = task_file.stat().st_mtime_ns if task is None else None

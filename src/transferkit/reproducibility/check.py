@@ -21,6 +21,7 @@ from transferkit.errors import TransferkitError, error_line, one_line_errors
 from transferkit.plain import flatten
 from transferkit.project import PROJECT_ITEMS, copy_project, run, stages_run
 from transferkit.stages import STAGES
+from transferkit.tracked import check_untracked
 
 SHOWN = 5  # differing keys or tensors listed per file
 
@@ -146,6 +147,7 @@ def check_keep(keep: Path, root: Path) -> None:
     if copied:
         raise TransferkitError(f"--keep {keep} is inside {copied}, which each run copies: the copy would copy itself "
                                f"without end. Fix: pass a folder outside {copied.name}/ (e.g. outside the project).")
+    check_untracked(keep, "--keep")  # two copies of the project inside a stage's outputs, which DVC replaces
 
 
 def main(argv: list[str]) -> int:

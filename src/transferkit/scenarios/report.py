@@ -24,8 +24,9 @@ from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
 from transferkit.plain import differing, flatten, under
-from transferkit.project import check_runs_folder, run_pipeline, stage_run, stale_stages
+from transferkit.project import WHY_LOCKED, check_runs_folder, run_pipeline, stage_run, stale_stages
 from transferkit.stages import BY_NAME
+from transferkit.stages.common import exclusive
 from transferkit.sweep.points import check_points, expand, pin_named_files
 
 # preset -> (target size, source similarity), in the order of the report
@@ -165,24 +166,27 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
         raise TransferkitError(f"unknown scenario '{unknown[0]}'. Fix: use one of {', '.join(QUADRANTS)} "
                                f"(or without the scenario_ prefix).")
     chosen, plan = [p for p in QUADRANTS if not named or p in named], strategies(early_depth, partial_depth)
-    stages = pipeline(out, list(overrides or []), plan)
-    start = time.perf_counter()
-    ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen])
-    if named:  # the quadrants an earlier run finished, with these settings and code, stay in the report
-        stale = {name.split("-")[0] for name in stale_stages(out)}
-        chosen = [p for p in QUADRANTS if p in chosen or not stale & {p, QUADRANTS[p][1]}]  # (its pretraining's)
-    results = [score_quadrant(out, preset, *QUADRANTS[preset], plan) for preset in chosen]
-    summary = {"quadrants": results, "overrides": list(overrides or []),
-               "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides}
-                              for s in plan]}
-    save_json(summary, out / "scenarios.json")
-    short = [p.removeprefix("scenario_") for p in chosen]
-    made_by = " ".join(["transferkit scenarios", *(["--only", ",".join(short)] if len(chosen) < len(QUADRANTS) else []),
-                        f"--early-depth {early_depth} --partial-depth {partial_depth}",
-                        *map(shlex.quote, overrides or [])])
-    save_text(scenarios_markdown(results, made_by), out / "scenarios.md")
-    save_json({"this_run_seconds": round(time.perf_counter() - start, 1), "stages_run": ran},
-              out / "scenarios_timing.json")
+    check_runs_folder(out)  # before the lock, which makes out's parent
+    with exclusive(out, WHY_LOCKED):  # from its params files to the report of the runs its dvc.yaml lists
+        stages = pipeline(out, list(overrides or []), plan)
+        start = time.perf_counter()
+        ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen])
+        if named:  # the quadrants an earlier run finished, with these settings and code, stay in the report
+            stale = {name.split("-")[0] for name in stale_stages(out)}
+            chosen = [p for p in QUADRANTS if p in chosen or not stale & {p, QUADRANTS[p][1]}]  # (its pretraining's)
+        results = [score_quadrant(out, preset, *QUADRANTS[preset], plan) for preset in chosen]
+        summary = {"quadrants": results, "overrides": list(overrides or []),
+                   "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides}
+                                  for s in plan]}
+        save_json(summary, out / "scenarios.json")
+        short = [p.removeprefix("scenario_") for p in chosen]
+        only = ["--only", ",".join(short)] if len(chosen) < len(QUADRANTS) else []
+        made_by = " ".join(["transferkit scenarios", *only,
+                            f"--early-depth {early_depth} --partial-depth {partial_depth}",
+                            *map(shlex.quote, overrides or [])])
+        save_text(scenarios_markdown(results, made_by), out / "scenarios.md")
+        save_json({"this_run_seconds": round(time.perf_counter() - start, 1), "stages_run": ran},
+                  out / "scenarios_timing.json")
     return summary
 
 

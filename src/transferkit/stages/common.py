@@ -93,7 +93,7 @@ def check_replaceable(final: Path, inputs: Iterable[Path] = (), others: Iterable
 
 
 @contextmanager
-def exclusive(final: Path) -> Iterator[None]:
+def exclusive(final: Path, why: str = "two runs of a stage at once would mix their training") -> Iterator[None]:
     """Held (rank 0's) while a run builds `final`. A second run of the stage beside it (another terminal, a run by
     hand beside `dvc repro`) would resume from the first one's live checkpoints and replace its logs mid-run."""
     import fcntl  # POSIX: the lock goes with the process, however it ends
@@ -114,9 +114,8 @@ def exclusive(final: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            raise TransferkitError(f"another run (process {lock.read().strip() or '?'}) is writing {final}: two runs "
-                                   f"of a stage at once would mix their training. Fix: wait for it to end (or stop "
-                                   f"it), then run the command again.") from None
+            raise TransferkitError(f"another run (process {lock.read().strip() or '?'}) is writing {final}: {why}. "
+                                   f"Fix: wait for it to end (or stop it), then run the command again.") from None
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,8 +32,9 @@ from transferkit.sweep.points import NOT_SWEPT, made_with
 from transferkit.tracked import check_untracked
 
 
-def run_roots(d: Path) -> list[tuple[Path, str | None]]:
-    """Where d's runs are, with the stage that made each where a runs folder's dvc.yaml names it: in a
+def run_roots(d: Path) -> list[tuple[Path, str | None, Path | None]]:
+    """Where d's runs are, with the stage that made each and the prepared task it read (`--in prepare=`: a
+    scenarios quadrant's own) where a runs folder's dvc.yaml names them: in a
     `transferkit sweep` or `scenarios` folder (d, or the one d lies in), the outputs its dvc.yaml lists now
     (the points of an earlier sweep into it stay on disk, unlisted), once DVC finds them all up to date;
     in any other folder, all of it, each run named by its folder (STAGE or NAME-STAGE)."""
@@ -42,16 +45,20 @@ def run_roots(d: Path) -> list[tuple[Path, str | None]]:
             raise TransferkitError(f"{d} holds the sweep folder {inner}: collected from above, the points of an "
                                    f"earlier sweep into it, which its dvc.yaml no longer lists, would count too. Fix: "
                                    f"give the sweep folders themselves (`transferkit collect {inner} ...`).")
-        return [(d, None)]
+        return [(d, None, None)]
     stages = {name: stage for name, stage in dvc_file_data((home / "dvc.yaml").read_text())["stages"].items()
               if any((home / out).resolve().is_relative_to(d.resolve()) for out in stage["outs"])}
     if stale := [out for name in stale_stages(home) if name in stages for out in stages[name]["outs"]]:
         raise TransferkitError(f"{d} has points not made with their settings and code as they are now ("
                                f"{', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): the sweep stopped before "
-                               f"it finished them, or something they read changed since. Fix: run the sweep command "
-                               f"again (DVC runs only those points), then collect.")
+                               f"it finished them, something they read changed since, or a scenarios run with --only "
+                               f"left them out. Fix: run the command that made them again (DVC runs only those; the "
+                               f"scenarios with --only naming them), then collect; or collect a finished quadrant's "
+                               f"own folder.")
     # a scenarios strategy's folder (linear_probe, partial_freeze) is no stage's name: its command names the stage
-    return [(home / out, stage["cmd"].split()[1]) for stage in stages.values() for out in stage["outs"]]
+    return [(home / out, stage["cmd"].split()[1], next((home / a.split("=", 1)[1] for a in shlex.split(stage["cmd"])
+                                                        if a.startswith("prepare=")), None))
+            for stage in stages.values() for out in stage["outs"]]
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
@@ -64,13 +71,13 @@ def find_runs(dirs: list[Path]) -> list[Run]:
     for d in dirs:
         if not d.is_dir():
             raise TransferkitError(f"{d} is not a folder. Fix: pass a sweep folder (by default multirun/<experiment>).")
-        for root, stage in run_roots(d):
+        for root, stage, prepared in run_roots(d):
             found = len(runs)
             for model in sorted(root.rglob("model.pt")) if stage is None else [root / "model.pt"]:
                 made_by = stage or model.parent.name.split("-")[-1]  # STAGE, or NAME-STAGE
                 if model.is_file() and made_by in TARGET_MODELS and not any(
                         p.startswith(".") for p in model.relative_to(root).parts):  # a stage's unfinished work
-                    runs.append(read_run(model.parent, made_by))
+                    runs.append(read_run(model.parent, made_by, prepared))
             # a Hydra job (its .hydra/) that left no finished run: failed, killed or still running, and not counted;
             # one that finished a stage collect does not score (pretrain -m, into the same multirun/) is no such job
             jobs = [h.parent for h in sorted(root.rglob(".hydra")) if h.is_dir()]
@@ -109,8 +116,14 @@ def find_runs(dirs: list[Path]) -> list[Run]:
 
 def collect(dirs: list[Path], out: Path) -> dict:
     runs = find_runs(dirs)
+    made = not out.exists()
     make_folder(out)  # before scoring, which takes a while
-    score(runs, cache_file=out / "scores.pt")
+    try:
+        score(runs, cache_file=out / "scores.pt")
+    except BaseException:  # a test set refused, Ctrl+C: no folder of its own left behind
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     summary = summarize(runs)
     save_json(summary, out / "sweep.json")
     save_text(sweep_table(summary), out / "sweep.md")

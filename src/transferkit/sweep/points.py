@@ -246,8 +246,9 @@ def point_name(point: list[str], given: set[str]) -> str:
 def main(argv: list[str]) -> int:
     from transferkit.evaluation.tables import sweep_table
     from transferkit.io import save_text
-    from transferkit.project import check_runs_folder, run_pipeline, stage_run
+    from transferkit.project import WHY_LOCKED, check_runs_folder, run_pipeline, stage_run
     from transferkit.stages import TARGET_MODELS
+    from transferkit.stages.common import exclusive
     from transferkit.sweep.collect import collect
 
     parser = one_line_errors(argparse.ArgumentParser(prog="transferkit sweep",
@@ -278,23 +279,22 @@ def main(argv: list[str]) -> int:
     if missing := [name for name in BY_NAME[args.stage].reads if not (inputs / name).is_dir()]:
         raise TransferkitError(f"{inputs.resolve() / missing[0]} does not exist, and {args.stage} reads it. Fix: make "
                                f"it first (`dvc repro {missing[0]}`), or sweep from the project's folder.")
-    stages, code, names = {}, code_files(BY_NAME[args.stage]), []
-    for i, (point, cfg) in enumerate(zip(points, cfgs)):
-        name, artifacts = point_name(point, given), Path(cfg.paths.artifacts_dir).resolve()
-        names.append(name)
-        files = pin_named_files(args.stage, cfg)
-        save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
-        # DVC watches the settings the stage's own dvc.yaml entry tracks, and those collect scores the point with
-        # (as its saved params say): a change to another stage's, or to evaluate's timings, reruns nothing
-        keys = tracked_params(BY_NAME[args.stage].params, list(cfg.trainer))
-        stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
-                                        {r: str(artifacts / r) for r in BY_NAME[args.stage].reads}, [*code, *files],
-                                        [*keys, *SCORED_WITH])
-    ran = run_pipeline(out, stages, labels={f"point{i}": f"point {name}" for i, name in enumerate(names)})
-    done = len(stages) - len(ran)
-    print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} done already" if done else ""))
-    # this sweep's points only, those its dvc.yaml lists: out/ may keep the points of an earlier, other sweep
-    print(sweep_table(collect([out], out / "collected")))
+    with exclusive(out, WHY_LOCKED):  # from its params files to the table of the points its dvc.yaml lists
+        stages, code, names = {}, code_files(BY_NAME[args.stage]), [point_name(p, given) for p in points]
+        for i, (name, cfg) in enumerate(zip(names, cfgs)):
+            artifacts, files = Path(cfg.paths.artifacts_dir).resolve(), pin_named_files(args.stage, cfg)
+            save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
+            # DVC watches the settings the stage's own dvc.yaml entry tracks, and those collect scores the point with
+            # (as its saved params say): a change to another stage's, or to evaluate's timings, reruns nothing
+            keys = tracked_params(BY_NAME[args.stage].params, list(cfg.trainer))
+            stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
+                                            {r: str(artifacts / r) for r in BY_NAME[args.stage].reads}, [*code, *files],
+                                            [*keys, *SCORED_WITH])
+        ran = run_pipeline(out, stages, labels={f"point{i}": f"point {name}" for i, name in enumerate(names)})
+        done = len(stages) - len(ran)
+        print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} done already" if done else ""))
+        # this sweep's points only, those its dvc.yaml lists: out/ may keep the points of an earlier, other sweep
+        print(sweep_table(collect([out], out / "collected")))
     where = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
     print(f"Each point's outputs are in {where}/POINT/{args.stage}/, this table in {where}/collected/sweep.md.")
     return 0
