@@ -728,7 +728,7 @@ def test_output_cut_short_by_its_reader_ends_quietly(smoke_artifacts):
     proc = subprocess.run(f"{command} | head -c 1", shell=True, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout == "|" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
-    for help_ in ("--help", "params --help"):  # printed before any command ran, and outside the pipe's handling
+    for help_ in ("--help", "params --help"):  # printed before any command runs: a closed pipe there too
         proc = subprocess.run(f"{shlex.quote(sys.executable)} -m transferkit.cli {help_} | head -c 1", shell=True,
                               capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert proc.stdout in ("u", " ") and "Traceback" not in proc.stderr, proc.stderr

@@ -66,7 +66,7 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
         return proc.stdout
 
     first = sweep("0,2")
-    assert "2 of 2 points ran\n" in first
+    assert "2 of 2 points ran\n" in first and not (out.parent / f".{out.name}.lock").exists()  # its lock goes
     # each point as it starts, not nothing until the whole sweep ends
     assert first.index("running point seed=0,transfer.freeze_depth=0\n") < first.index(
         "running point seed=0,transfer.freeze_depth=2\n") < first.index("2 of 2 points ran")
@@ -165,8 +165,8 @@ def test_a_folder_of_other_files_is_no_runs_folder(tmp_path, command):
 
 @pytest.mark.parametrize("command", ["transferkit.sweep.points", "transferkit.scenarios.report"])
 def test_a_second_run_into_a_runs_folder_in_use_is_refused(tmp_path, command):
-    """Two sweeps into one folder at once: the second rewrote dvc.yaml under the first, whose table then lacked its
-    own points and whose last line blamed them for being unfinished."""
+    """Two sweeps into one folder at once: the second would rewrite dvc.yaml under the first, whose table would then
+    lack its own points and blame them for being unfinished."""
     import importlib
 
     from transferkit.errors import TransferkitError
@@ -909,6 +909,14 @@ def test_runs_are_scored_only_on_the_task_they_were_trained_for(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TransferkitError, match="prepared with data.target.train_per_class=4"):
         scored()
+    from transferkit.sweep.collect import collect  # refused so, collect leaves no collected/ of its own behind
+
+    (tmp_path / "sweep" / "transfer").mkdir(parents=True)
+    shutil.copy(tmp_path / "run" / "model.pt", tmp_path / "sweep" / "transfer")
+    (tmp_path / "sweep" / "transfer" / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(TransferkitError, match="prepared with data.target.train_per_class=4"):
+        collect([tmp_path / "sweep"], tmp_path / "sweep" / "collected" / "new")
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["transfer"]
     saved["data"]["target"]["train_per_class"] = 8
     (task_file.parent / "params.yaml").write_text(yaml.safe_dump(saved))
     assert scored().any()

@@ -67,42 +67,55 @@ def delete_half_written(folder: Path) -> None:
 
 
 @contextmanager
+def undone_on_failure(folder: Path, files: tuple[str, ...] = ()) -> Iterator[None]:
+    """Where the block fails, the folders up to `folder` that it made go again, once empty (`files`: its own in
+    `folder`, removed first): a failed command leaves no folder of its own behind (an empty --out)."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for name in files if made else ():
+            with contextlib.suppress(OSError):  # a file stands on the path: nothing was made there
+                (folder / name).unlink()
+        for p in made:
+            with contextlib.suppress(OSError):  # one that holds something else now stays
+                p.rmdir()
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path` (`.NAME.XXXX.tmp`, delete_half_written's); rename it onto `path`
     only on success."""
     path = Path(path)
-    made, done = [p for p in (path.parent, *path.parent.parents) if not p.exists()], False  # made: deepest first
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-    except OSError as e:
-        raise _cannot_write(path.parent, e) from e
-    tmp = Path(tmp)
-    try:
-        yield tmp
+    with undone_on_failure(path.parent):
         try:
-            to_disk(tmp)  # else a power cut after the rename can leave an empty file where the old one was
-            os.replace(tmp, path)
-            done = True
-            with contextlib.suppress(OSError):  # the rename itself, where the folder opens: not on Windows,
-                to_disk(path.parent, os.O_RDONLY)  # nor for a user who may write to it but not read it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         except OSError as e:
-            if not disk_full(e):  # a folder standing at `path`, a read-only file system, ...
-                raise TransferkitError(f"cannot write {path}: {e.strerror or e}. Fix: move away what stands "
-                                       f"there, or write elsewhere (--out DIR).") from e
+            raise _cannot_write(path.parent, e) from e
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            try:
+                to_disk(tmp)  # else a power cut after the rename can leave an empty file where the old one was
+                os.replace(tmp, path)
+                with contextlib.suppress(OSError):  # the rename itself, where the folder opens: not on Windows,
+                    to_disk(path.parent, os.O_RDONLY)  # nor for a user who may write to it but not read it
+            except OSError as e:
+                if not disk_full(e):  # a folder standing at `path`, a read-only file system, ...
+                    raise TransferkitError(f"cannot write {path}: {e.strerror or e}. Fix: move away what stands "
+                                           f"there, or write elsewhere (--out DIR).") from e
+                raise
+        except (OSError, RuntimeError) as e:
+            if disk_full(e):
+                raise TransferkitError(f"the disk is full: writing {path} failed ({e}). Fix: free disk space; "
+                                       f"the previous {path.name} (if any) is untouched.") from e
             raise
-    except (OSError, RuntimeError) as e:
-        if disk_full(e):
-            raise TransferkitError(f"the disk is full: writing {path} failed ({e}). Fix: free disk space; "
-                                   f"the previous {path.name} (if any) is untouched.") from e
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-        for folder in () if done else made:  # a failed write leaves no folder of its own behind (an empty --out)
-            with contextlib.suppress(OSError):  # one that holds something now stays
-                folder.rmdir()
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

@@ -1,6 +1,7 @@
 """dvc.yaml, generated from the stage table (transferkit/stages/__init__.py): each stage's command,
-its inputs' folders, the source files it imports (so editing any of them reruns it), its params
-and its output folder, plus the metrics and plots users read with `dvc metrics/plots show`."""
+the files it reads of its inputs (evaluate: their folders), the source files it imports (so editing
+any of them reruns it), its params and its output folder, plus the metrics and plots users read with
+`dvc metrics/plots show`."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ class Classifier:
     def __init__(self, path: str | Path, threads: int | None = None, trust_code: bool = False):
         self.path = Path(path)
         threads = threads or torch.get_num_threads()
-        spatial, shape = [], []  # the image height and width an ONNX graph declares: numbers or names (any size)
+        spatial, shape = [], []  # an ONNX graph's input shape and its height and width: numbers or names (any size)
         self.meta_source = "its metadata"  # where the class names and input size come from (_metadata)
         self.fixed_batch: int | None = None  # the images per run a file takes exactly (None: any number)
         if not self.path.is_file():

@@ -43,6 +43,11 @@ class Run:
         return int(self.params.get("seed", 0))
 
     @property
+    def prepare_dir(self) -> Path:
+        """The prepared task it is scored on: the one it read, else the one its params name."""
+        return self.prepared or Path(self.params["paths"]["artifacts_dir"]) / "prepare"
+
+    @property
     def label(self) -> str:
         return " ".join([self.stage, *self.setting])
 
@@ -168,7 +173,7 @@ def score(runs: list[Run], task: dict | None = None, cache_file: Path | None = N
         if "paths" not in run.params and not run.prepared:  # every stage writes it: scoring reads its test set
             raise TransferkitError(f"{run.folder}'s {PARAMS_FILE} names no paths.artifacts_dir, where the test set it "
                                    f"is scored on lies. Fix: rerun it, or move it out of the sweep folder.")
-        task_file = (run.prepared or Path(run.params["paths"]["artifacts_dir"]) / "prepare") / "target.pt"
+        task_file = run.prepare_dir / "target.pt"
         if task is None:
             check_task(run, task_file, prepared)
         stamp = task_file.stat().st_mtime_ns if task is None else None
@@ -211,10 +216,10 @@ def versus(group: list[Run], baseline: list[Run]) -> dict | None:
         b = pairs[0][0]
         a = next(r for pair in pairs for r in pair if r.test_set != b.test_set)
         raise TransferkitError(f"{b.folder} and {a.folder} were scored on different test images (their prepare "
-                               f"folders, {b.params['paths']['artifacts_dir']} and {a.params['paths']['artifacts_dir']}"
-                               f", hold other test sets under the same settings), so an image-by-image comparison "
-                               f"would pair different images. Fix: collect runs of one project's prepared data, or "
-                               f"prepare both from the same dataset files.")
+                               f"folders, {b.prepare_dir} and {a.prepare_dir}, hold other test sets under the same "
+                               f"settings), so an image-by-image comparison would pair different images. Fix: "
+                               f"collect runs of one project's prepared data, or prepare both from the same dataset "
+                               f"files.")
     # the table says which, where they are not every seed of the row or of the baseline it is compared with
     paired = {"seeds": sorted(r.seed for r, _ in pairs), "baseline_seeds": sorted(by_seed)}
     if len(pairs) >= 2:

@@ -94,35 +94,39 @@ def check_replaceable(final: Path, inputs: Iterable[Path] = (), others: Iterable
 
 @contextmanager
 def exclusive(final: Path, why: str = "two runs of a stage at once would mix their training") -> Iterator[None]:
-    """Held (rank 0's) while a run builds `final`. A second run of the stage beside it (another terminal, a run by
-    hand beside `dvc repro`) would resume from the first one's live checkpoints and replace its logs mid-run."""
+    """Held (rank 0's) while a run builds `final`, and by a sweep or scenarios run while it fills its folder. A second
+    run of the stage beside it (another terminal, a run by hand beside `dvc repro`) would resume from the first one's
+    live checkpoints and replace its logs mid-run; a second sweep would replace the first's dvc.yaml."""
     import fcntl  # POSIX: the lock goes with the process, however it ends
     import os
 
     if not first_process():
         yield
         return
-    path = final.parent / f".{final.name}.lock"
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path, "a+")
-    except OSError:  # staged_output says what is wrong with the folder
-        yield
-        return
-    with lock:
+    from transferkit.io import undone_on_failure
+
+    with undone_on_failure(final.parent):  # a run refused or failed before its folder leaves no parent it made
+        path = final.parent / f".{final.name}.lock"
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise TransferkitError(f"another run (process {lock.read().strip() or '?'}) is writing {final}: {why}. "
-                                   f"Fix: wait for it to end (or stop it), then run the command again.") from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(path, "a+")
+        except OSError:  # staged_output says what is wrong with the folder
             yield
-        finally:  # removed while still held: the folder keeps no trace of the run (a kill -9 leaves a file, unlocked)
-            path.unlink(missing_ok=True)
+            return
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                raise TransferkitError(f"another run (process {lock.read().strip() or '?'}) is writing {final}: {why}. "
+                                       f"Fix: wait for it to end (or stop it), then run the command again.") from None
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+            try:
+                yield
+            finally:  # removed while held: the folder keeps no trace of the run (a kill -9 leaves a file, unlocked)
+                path.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -93,7 +93,8 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
 
 def check_export_of(model: Path, fp32: Path, task: dict, n: int = 64) -> None:
     """The fine-tuning trains `model`: an export of another one (`--in export=DIR` by hand) would get that model's
-    INT8 file under its name. The export's logits match its model.pt within export's check, where others differ."""
+    INT8 file under its name. An export's logits match its model.pt to within export's tolerance, far below 5% of
+    their range; another model's differ by whole units."""
     import numpy as np
 
     from transferkit.deploy.runtime import Classifier
@@ -101,7 +102,7 @@ def check_export_of(model: Path, fp32: Path, task: dict, n: int = 64) -> None:
 
     x = calibration_images(task, min(n, len(task["train_y"])))
     a, b = Classifier(model)(x), Classifier(fp32)(x)
-    if a.shape != b.shape or np.abs(a - b).max() > 1e-3 * max(1.0, float(np.abs(a).max())):
+    if a.shape != b.shape or np.abs(a - b).max() > 5e-2 * max(1.0, float(np.abs(a).max())):
         raise TransferkitError(f"{fp32} is not the export of {model} (their logits differ on training images), and "
                                f"quantize fine-tunes that model for INT8. Fix: give --in export= a folder of its "
                                f"export (`transferkit export {model} --out DIR`), or --in prune= the folder of the "

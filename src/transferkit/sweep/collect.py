@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from transferkit.evaluation import SCORED_WITH
 from transferkit.evaluation.plots import sweep_png
 from transferkit.evaluation.runs import Run, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
-from transferkit.io import make_folder, save_json, save_text
+from transferkit.io import make_folder, save_json, save_text, undone_on_failure
 from transferkit.plain import dvc_file_data, flatten, under
 from transferkit.project import is_runs_file, stale_stages
 from transferkit.stages import STAGES, TARGET_MODELS
@@ -116,18 +115,13 @@ def find_runs(dirs: list[Path]) -> list[Run]:
 
 def collect(dirs: list[Path], out: Path) -> dict:
     runs = find_runs(dirs)
-    made = not out.exists()
-    make_folder(out)  # before scoring, which takes a while
-    try:
+    with undone_on_failure(out, ("scores.pt",)):  # a test set refused, Ctrl+C: no folder of its own left behind
+        make_folder(out)  # before scoring, which takes a while
         score(runs, cache_file=out / "scores.pt")
-    except BaseException:  # a test set refused, Ctrl+C: no folder of its own left behind
-        if made:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    summary = summarize(runs)
-    save_json(summary, out / "sweep.json")
-    save_text(sweep_table(summary), out / "sweep.md")
-    sweep_png(summary, out / "sweep.png")
+        summary = summarize(runs)
+        save_json(summary, out / "sweep.json")
+        save_text(sweep_table(summary), out / "sweep.md")
+        sweep_png(summary, out / "sweep.png")
     return summary
 
 
