@@ -101,7 +101,7 @@ class Classifier:
     def __init__(self, path: str | Path, threads: int | None = None, trust_code: bool = False):
         self.path = Path(path)
         threads = threads or torch.get_num_threads()
-        spatial, shape = [], []  # an ONNX graph's input shape and its height and width: numbers or names (any size)
+        shape = []  # an ONNX graph's input shape: numbers or names (any size)
         self.meta_source = "its metadata"  # where the class names and input size come from (_metadata)
         self.fixed_batch: int | None = None  # the images per run a file takes exactly (None: any number)
         if not self.path.is_file():
@@ -129,7 +129,7 @@ class Classifier:
                                        f"(`transferkit export MODEL.pt`).")
             # a file exported without a dynamic batch axis takes batches of exactly its traced size
             self._input, self.fixed_batch = inp.name, inp.shape[0] if isinstance(inp.shape[0], int) else None
-            spatial, shape = inp.shape[2:], inp.shape
+            shape = inp.shape
             if (n := self.fixed_batch) is not None and not 1 <= n <= MAX_FIXED_BATCH:
                 raise TransferkitError(f"{self.path} takes batches of exactly {n} images, outside the 1 to "
                                        f"{MAX_FIXED_BATCH} predict runs at once (it pads each batch up to a fixed "
@@ -174,7 +174,7 @@ class Classifier:
         if size not in INPUT_SIZES:
             raise TransferkitError(f"{self.path} takes {size}x{size} images, the size {named}, outside the "
                                    f"{INPUT_SIZES[0]} to {INPUT_SIZES[-1]} pixels a side predict reads. {self.remake}")
-        if any(isinstance(d, int) and d != size for d in spatial):
+        if any(isinstance(d, int) and d != size for d in shape[2:]):  # its height and width
             raise TransferkitError(f"{self.path}'s graph takes input of shape {list(shape)}, not the [N, 3, {size}, "
                                    f"{size}] images {named}. {self.remake}")
         # ONNX Runtime ends a run whose terminate flag is set, between two of its nodes

@@ -74,7 +74,6 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
     if len(expand(overrides)) > 1:
         raise TransferkitError(f"{' '.join(overrides)}: a sweep of scenarios is one run per setting. Fix: give one "
                                f"value per key and a separate --out DIR per run.")
-    check_runs_folder(out)
     design = quadrant_data()
     stages, sources, blocks, params_files = {}, {}, {}, {}
     code = {stage: code_files(BY_NAME[stage]) for stage in {"prepare", "pretrain", *(s.stage for s in plan)}}
@@ -166,7 +165,7 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
         raise TransferkitError(f"unknown scenario '{unknown[0]}'. Fix: use one of {', '.join(QUADRANTS)} "
                                f"(or without the scenario_ prefix).")
     chosen, plan = [p for p in QUADRANTS if not named or p in named], strategies(early_depth, partial_depth)
-    check_runs_folder(out)  # before the lock, which makes out's parent
+    check_runs_folder(out)  # before anything is composed or locked
     with exclusive(out, WHY_LOCKED):  # from its params files to the report of the runs its dvc.yaml lists
         stages = pipeline(out, list(overrides or []), plan)
         start = time.perf_counter()
