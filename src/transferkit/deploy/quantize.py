@@ -106,7 +106,8 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
             if disk_full(e):  # the storage, not the model: the stage's disk-full error names the fix
                 raise
             raise TransferkitError(f"ONNX Runtime cannot quantize {fp32} ({type(e).__name__}: {str(e)[:300]}). Fix: "
-                                   f"export the model again (`dvc repro export`), or try quantize.format=qdq.") from e
+                                   f"export the model again (`dvc repro export`; for a folder given as --in export=, "
+                                   f"`transferkit export MODEL.pt --out DIR`), or try quantize.format=qdq.") from e
     copy_metadata(fp32, out)
     return time.perf_counter() - start
 
