@@ -193,14 +193,15 @@ def test_a_sweep_whose_inputs_are_not_made_names_the_stage_to_run(tmp_path, monk
     (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke"), ["experiment=smoke"]))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TransferkitError, match=rf"^{tmp_path}/artifacts/prepare does not exist, and transfer reads "
-                                               r"it\. Fix: make it first \(`dvc repro prepare`\), or sweep from "
-                                               r"the project's folder\.$"):
+                                               r"it\. Fix: make it \(`dvc repro prepare`\) and sweep in the "
+                                               rf"project's folder {tmp_path}\.$"):
         main(["transfer", "seed=0,1"])
     assert not (tmp_path / "sweeps").exists()
     (tmp_path / "artifacts" / "prepare").mkdir(parents=True)
     (tmp_path / "docs").mkdir()
     monkeypatch.chdir(tmp_path / "docs")  # the folder is there: the path says where the sweep looked
-    with pytest.raises(TransferkitError, match=rf"^{tmp_path}/docs/artifacts/prepare does not exist"):
+    with pytest.raises(TransferkitError, match=rf"^{tmp_path}/docs/artifacts/prepare does not exist.* the "
+                                               rf"project's folder {tmp_path}\.$"):
         main(["transfer", "seed=0,1"])
 
 

@@ -278,7 +278,7 @@ def main(argv: list[str]) -> int:
     inputs = Path(cfgs[0].paths.artifacts_dir)
     if missing := [name for name in BY_NAME[args.stage].reads if not (inputs / name).is_dir()]:
         raise TransferkitError(f"{inputs.resolve() / missing[0]} does not exist, and {args.stage} reads it. Fix: make "
-                               f"it first (`dvc repro {missing[0]}`), or sweep from the project's folder.")
+                               f"it (`dvc repro {missing[0]}`) and sweep in the project's folder {params_file.parent}.")
     with exclusive(out, WHY_LOCKED):  # from its params files to the table of the points its dvc.yaml lists
         stages, code, names = {}, code_files(BY_NAME[args.stage]), [point_name(p, given) for p in points]
         for i, (name, cfg) in enumerate(zip(names, cfgs)):
