@@ -509,6 +509,8 @@ def test_unknown_override_key_via_hydra_mode(tmp_path):
 
 @pytest.mark.parametrize("override, needle", [
     ("data.target.classes=[cat,dgo,horse]", ("unknown class 'dgo'",)),
+    ("data.target.classes=[cat,DOG]", ("unknown class 'DOG'", "Did you mean ['dog']?")),  # case: no close match
+    ("data.target.classes=[0,1]", ("(item 0: 0)", "quote it, as in ['0','1']")),  # numbered class folders
     ("data.target.train_per_class=5000", ("class 'cat' has 5 train images", "asks for 5000")),
 ])
 def test_bad_data_choices_on_the_real_layout(tmp_path, override, needle):

@@ -225,4 +225,7 @@ def check_schema(params: dict) -> None:
             value = value[k]
         need = " or ".join(dict.fromkeys(err["msg"].replace("Input should be", "must be") for err in errors
                                          if _where(err["loc"]) == (keys, item)))
-        fail(".".join(keys), value, need + (f" (item {item}: {errors[0]['input']!r})" if item is not None else ""))
+        need += f" (item {item}: {errors[0]['input']!r})" if item is not None else ""
+        if errors[0]["type"] == "string_type" and errors[0]["input"] is not None:  # classes=[0,1]: folder names
+            need += "; YAML reads an unquoted number or true as no text, so quote it, as in ['0','1']"
+        fail(".".join(keys), value, need)

@@ -61,11 +61,11 @@ def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
     check_class_list(classes, role)
     for c in classes:
         if c not in raw.classes:
-            near = difflib.get_close_matches(c, raw.classes, n=3)
+            near = [k for k in raw.classes if k.casefold() == c.casefold()] or difflib.get_close_matches(c, raw.classes)
             hint = f" Did you mean {near}?" if near else ""
-            raise TransferkitError(
-                f"unknown class '{c}' in data.{role}.classes: {raw.name} has {raw.classes}.{hint} "
-                f"Fix: use one of those names.")
+            raise TransferkitError(  # a folder of files that are no images (.heic, .txt) is no class
+                f"unknown class '{c}' in data.{role}.classes: {raw.name} has {raw.classes}.{hint} Fix: use one of "
+                f"those names (in an image folder or archive, a class is a folder holding PNG, JPEG, ... files).")
 
 
 def image_hashes(images: torch.Tensor) -> list[int]:
