@@ -85,10 +85,12 @@ def test_the_official_release_given_as_a_dataset_path_names_the_fix(tmp_path, na
     download.write_bytes(b"the official archive")
     for path in (folder, download):
         with pytest.raises(TransferkitError, match=rf"{path} is the official {name.upper()} release, which is read "
-                                                   rf"by its name.*Fix: extract it into paths.data_dir \(as "
-                                                   rf"{tmp_path / 'data'}/{folder.name}/\) and set the dataset to "
-                                                   rf"{name}\."):
+                                                   rf"by its name.*Fix: {'move' if path == folder else 'extract'} "
+                                                   rf"it into paths.data_dir \(as {tmp_path / 'data'}/{folder.name}/\)"
+                                                   rf"{f', or set paths.data_dir={tmp_path},' * (path == folder)} and "
+                                                   rf"set the dataset to {name}\."):
             _load(str(path), tmp_path / "data")
+    assert len(_load(name, tmp_path).train.labels) == 5 * (10 if name == "cifar10" else len(CIFAR100_SOME))  # the fix
 
 
 @pytest.mark.parametrize("labels, fault", [

@@ -55,9 +55,11 @@ def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksu
                                f"image folder or archive. Fix: give one of those names or the path to a folder, "
                                f".tar.gz or .zip laid out as train/<class>/*, test/<class>/*.")
     if name := official_release(where):  # read as an image folder, it holds no images, and that error misleads
+        fix = f"{'move' if where.is_dir() else 'extract'} it into paths.data_dir (as {data_dir}/{CIFAR[name][0]}/)"
+        if where.is_dir() and where.name == CIFAR[name][0]:  # extracted already: where it lies can be the data folder
+            fix += f", or set paths.data_dir={where.parent},"
         raise TransferkitError(f"{where} is the official {name.upper()} release, which is read by its name, not as an "
-                               f"image folder. Fix: extract it into paths.data_dir (as {data_dir}/{CIFAR[name][0]}/) "
-                               f"and set the dataset to {name}.")
+                               f"image folder. Fix: {fix} and set the dataset to {name}.")
     return read_image_folder(where, image_size, wanted)
 
 
