@@ -1435,10 +1435,11 @@ def test_a_class_without_test_images_beside_classes_with_some_is_an_error(tmp_pa
     classes' alone. A dataset with no test split at all stays allowed for the source task (pretraining
     needs none), never for the target."""
     folder = write_image_folder(tmp_path, ["cat", "dog", "fox"], 10, 3, archive=False)
-    shutil.rmtree(folder / "test" / "dog")
+    (folder / "test" / "dog").rename(folder / "test" / "Dog")  # named otherwise than train/dog/: offered
     raw = read_image_folder(folder)
     with pytest.raises(TransferkitError, match=r"classes \['dog'\] of data.target.classes have no test images "
-                                               r".* Fix: add test/<class>/ images for them"):
+                                               r".* \(folders of near names: \{'dog': \['Dog'\]\}\)\. Fix: add "
+                                               r"test/<class>/ images for them"):
         select_task(raw, ["cat", "dog"], train_per_class=8, val_per_class=2, test_per_class=None, seed=0,
                     role="target")
     assert len(select_task(raw, ["cat", "fox"], train_per_class=8, val_per_class=2, test_per_class=None, seed=0,

@@ -57,12 +57,19 @@ def check_class_list(classes: list[str], role: str) -> None:
         raise TransferkitError(f"data.{role}.classes lists {dupes} more than once. Fix: list each class once.")
 
 
+def _near(name: str, names: list[str]) -> list[str]:
+    """The other names (every folder seen, decoded or not) a user may have meant: close, or equal but for case,
+    which difflib's matching does not see."""
+    others = [c for c in names if c != name]
+    return sorted({*difflib.get_close_matches(name, others, n=3),
+                   *(c for c in others if c.casefold() == name.casefold())})
+
+
 def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
     check_class_list(classes, role)
     for c in classes:
         if c not in raw.classes:
-            near = [k for k in raw.classes if k.casefold() == c.casefold()] or difflib.get_close_matches(c, raw.classes)
-            hint = f" Did you mean {near}?" if near else ""
+            hint = f" Did you mean {near}?" if (near := _near(c, raw.classes)) else ""
             raise TransferkitError(  # a folder of files that are no images (.heic, .txt) is no class
                 f"unknown class '{c}' in data.{role}.classes: {raw.name} has {raw.classes}.{hint} Fix: use one of "
                 f"those names (in an image folder or archive, a class is a folder holding PNG, JPEG, ... files).")
@@ -98,10 +105,7 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
         idx = torch.nonzero(raw.train.labels == old).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
         if not len(idx):  # its folder in test/ only: no count is low enough
-            others = [c for c in raw.classes if c != name]  # every folder name seen, decoded or not
-            near = sorted({*difflib.get_close_matches(name, others, n=3), *(c for c in others
-                                                                          if c.casefold() == name.casefold())})
-            hint = f" (a folder of a near name: {near})" if near else ""
+            hint = f" (a folder of a near name: {near})" if (near := _near(name, raw.classes)) else ""
             raise TransferkitError(
                 f"class '{name}' has no train images in {raw.name}, only test images{hint}. Fix: put its training "
                 f"images in train/{name}/ (the folder named exactly as in test/), or remove it from "
@@ -135,8 +139,11 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
         missing = [c for c in classes if c not in tested]
         why = f", which has some for {tested}: the test score would leave them out" if tested else \
             " (no test split): evaluate scores every model on the target's test images"
-        raise TransferkitError(f"classes {missing} of data.{role}.classes have no test images in {raw.name}{why}. "
-                               f"Fix: add test/<class>/ images for them, or remove them from data.{role}.classes.")
+        near = {c: n for c in missing if (n := _near(c, raw.classes))}  # test/Blue beside train/blue
+        raise TransferkitError(f"classes {missing} of data.{role}.classes have no test images in {raw.name}{why}"
+                               f"{f' (folders of near names: {near})' if near else ''}. Fix: add test/<class>/ images "
+                               f"for them (each folder named exactly as in train/), or remove them from "
+                               f"data.{role}.classes.")
     task = {k: torch.cat(v) for k, v in parts.items()}
     task["classes"] = list(classes)
     task["dataset"] = raw.name
