@@ -1565,11 +1565,24 @@ def test_prepare_counts_the_test_images_that_are_also_training_images(tmp_path, 
     assert "prepare: 2 of the target task's 6 test images are also training images (pixel for pixel, in the source " \
            "or target task's train or val split)" in err and "Fix: remove those copies" in err, err
     assert "val images are also" not in err, err
+    # the counts outlive the warning: summary.json holds them, and the report's target line says so
+    from transferkit.evaluation.report import render
+
+    summary = json.loads((Path(cfg.paths.artifacts_dir) / "prepare" / "summary.json").read_text())
+    assert summary["source"]["test_seen_in_training"] == 1 and summary["target"]["test_seen_in_training"] == 2
+    assert not {"val_seen_in_train", "train_seen_in_source"} & {*summary["source"], *summary["target"]}, summary
+    m = {"top1": .5, "top1_ci95": [.4, .6], "params": 1, "macs": 1, "size_bytes": 1, "per_class": {"cat": .5}}
+    run_cfg = {"experiment": "x", "model": "fastnet", "freeze_depth": 0, "backbone_lr_mult": 1, "probe_depth": None,
+               "epochs": dict.fromkeys(["pretrain", "transfer", "scratch", "probe", "distill"], 1), "seed": 0,
+               "tta": "none", "tta_views": 1, "blocks": 4}
+    assert "**6 test** images); **2 test images are also training images** (pixel for pixel, as prepare warned)" \
+        in render(run_cfg, {"models": {"scratch": m}}, {}, summary)
     shutil.rmtree(Path(cfg.paths.artifacts_dir))
     for copy in ("cat/0000.jpg", "dog/0001.jpg", "truck/0000.jpg"):
         (folder / "test" / copy).unlink()
     run("prepare", cfg)
     assert "training images" not in capsys.readouterr().err
+    assert "seen_in" not in (Path(cfg.paths.artifacts_dir) / "prepare" / "summary.json").read_text()  # as before
 
 
 def test_duplicated_or_single_class_is_an_error():

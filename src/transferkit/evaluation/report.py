@@ -13,6 +13,12 @@ LABELS = {"scratch": "scratch (baseline)", "probe": "linear probe", "transfer": 
           "onnx_fp32": "pruned, ONNX fp32", "onnx_int8": "pruned, ONNX INT8"}
 
 
+# the copies prepare found (its summary.json): test scores on training images, a gain pretraining saw
+SEEN = {"test_seen_in_training": "test images are also training images",
+        "train_seen_in_source": "train images are also source training images",
+        "val_seen_in_train": "val images are also train images"}
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -192,7 +198,8 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         f"- source task: {names([src['dataset']])} {names(src['classes'])} "
         f"({src['n_train']} train, {src['n_val']} val images)",
         f"- target task: {names([tgt['dataset']])} {names(tgt['classes'])} "
-        f"({tgt['n_train']} train, {tgt['n_val']} val, **{tgt['n_test']} test** images)",
+        f"({tgt['n_train']} train, {tgt['n_val']} val, **{tgt['n_test']} test** images)" + "".join(
+            f"; **{tgt[k]} {what}** (pixel for pixel, as prepare warned)" for k, what in SEEN.items() if tgt.get(k)),
         f"- model: `{cfg_summary['model']}`; transfer: freeze_depth={cfg_summary['freeze_depth']}, "
         f"backbone_lr_mult={cfg_summary['backbone_lr_mult']}; probe depth={cfg_summary['probe_depth'] or 'all'}",
         f"- budgets (epochs): pretrain {cfg_summary['epochs']['pretrain']}, transfer "

@@ -43,24 +43,28 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                            val_per_class=spec.val_per_class, test_per_class=spec.test_per_class,
                            seed=cfg.seed, role=role)
         train, val = set(image_hashes(task["train_x"])), image_hashes(task["val_x"])
-        if seen := sum(h in train for h in val):  # a class's duplicates, drawn into both splits
+        # a class's duplicates drawn into both splits; one dataset given twice (a folder and its archive), which
+        # escapes check_disjoint; in summary.json too, where the report reads them: warnings scroll away
+        seen_in = {"val_seen_in_train": sum(h in train for h in val), "train_seen_in_source": len(train & trained)}
+        if seen := seen_in["val_seen_in_train"]:
             print(f"prepare: {seen} of the {role} task's {len(val)} val images are also its train images (pixel for "
                   f"pixel: the dataset's own duplicates): val accuracy, which chooses checkpoints and sweep settings, "
                   f"counts them as unseen. Fix: remove the duplicates from the train split of {d[role].dataset}.",
                   file=sys.stderr)
-        if seen := len(train & trained):  # one dataset given twice (a folder and its archive) escapes check_disjoint
+        if seen := seen_in["train_seen_in_source"]:
             print(f"prepare: {seen} of the target task's {len(task['train_y'])} train images are also source training "
                   f"images (pixel for pixel, in the source task's train or val split): pretraining learned them, so "
                   f"transfer's gain over scratch counts them. Fix: take the target task's classes from other images "
                   f"than the source task's ({d.source.dataset}).", file=sys.stderr)
         trained.update(train, val)
         # some: a dataset's own duplicates, or a copying slip (select_task refuses a test folder of train images)
-        if seen := sum(h in trained for h in image_hashes(task["test_x"])):
+        seen_in["test_seen_in_training"] = sum(h in trained for h in image_hashes(task["test_x"]))
+        if seen := seen_in["test_seen_in_training"]:
             splits = "the source task's" if role == "source" else "the source or target task's"
             print(f"prepare: {seen} of the {role} task's {len(task['test_y'])} test images are also training images "
                   f"(pixel for pixel, in {splits} train or val split): their scores are scores on training images. "
                   f"Fix: remove those copies from the test (or train) split of {d[role].dataset}.", file=sys.stderr)
         save_torch(task, out / f"{role}.pt")
-        summary[role] = task_summary(task)
+        summary[role] = {**task_summary(task), **{k: n for k, n in seen_in.items() if n}}
     save_json(summary, out / "summary.json")
     return summary
