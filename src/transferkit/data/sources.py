@@ -287,7 +287,7 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
                                f"one. Fix: give the folder or archive of one dataset alone.")
     if not seen_classes:
         raise TransferkitError(f"no images found in {path}: expected train/<class>/<image> and test/<class>/<image>. "
-                               f"Fix: arrange the images in that layout.")
+                               f"Fix: arrange the images in that layout (or, for an archive in it, give that file).")
     classes = sorted(seen_classes)
     index = {c: i for i, c in enumerate(classes)}
 
