@@ -72,7 +72,8 @@ def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
             hint = f" Did you mean {near}?" if (near := _near(c, raw.classes)) else ""
             raise TransferkitError(  # a folder of files that are no images (.heic, .txt) is no class
                 f"unknown class '{c}' in data.{role}.classes: {raw.name} has {raw.classes}.{hint} Fix: use one of "
-                f"those names (in an image folder or archive, a class is a folder holding PNG, JPEG, ... files).")
+                f"those names (in an image folder or archive, a class is a folder holding PNG, JPEG, ... files; "
+                f"a format PIL does not read, such as .heic, is skipped).")
 
 
 def image_hashes(images: torch.Tensor) -> list[int]:
@@ -108,8 +109,8 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
             hint = f" (a folder of a near name: {near})" if (near := _near(name, raw.classes)) else ""
             raise TransferkitError(
                 f"class '{name}' has no train images in {raw.name}, only test images{hint}. Fix: put its training "
-                f"images in train/{name}/ (the folder named exactly as in test/), or remove it from "
-                f"data.{role}.classes.")
+                f"images in train/{name}/ (named exactly as in test/; PNG, JPEG, ...: a format PIL does not read, "
+                f"such as .heic, is skipped), or remove it from data.{role}.classes.")
         n_train = len(idx) - val_per_class if train_per_class is None else train_per_class
         if n_train <= 0 or n_train + val_per_class > len(idx):
             raise TransferkitError(
