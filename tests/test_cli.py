@@ -153,7 +153,9 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
                         # DVC 3 refused, after prepare had run: "Saving cached external output ... is not supported"
                         (f"paths.artifacts_dir={tmp_path.parent}", f"lies outside the project {tmp_path}, and DVC"),
                         ("paths.artifacts_dir=../elsewhere", "lies outside the project"),
-                        ("--cfg", "takes key=value overrides only, not --cfg. Fix: leave it out")):  # was Hydra's lexer
+                        ("--cfg", "takes key=value overrides only, not --cfg. Fix: leave it out"),  # was Hydra's lexer
+                        # as check-repro takes it: "leave it out" composed the default experiment
+                        ("--experiment=smoke", "not --experiment=smoke. Fix: experiment=smoke, as conf/'s groups")):
         assert transferkit_cli.main(["params", bad]) == 2
         err = capsys.readouterr().err
         assert needle in err and ("transferkit params" in err or "Fix: leave it out" in err), err
@@ -566,7 +568,7 @@ def test_a_stage_run_by_hand_into_the_folder_dvc_keeps_says_how_to_record_it(tmp
                                        f"    - {cfg.paths.artifacts_dir}/prepare\n")
     run("prepare", cfg)
     assert (f"{tmp_path / 'artifacts' / 'prepare'} is where `dvc repro` keeps prepare's outputs, and DVC did not make "
-        f"these: `dvc commit prepare` records them if params.yaml holds the settings they were made with; else the "
+        f"these: `dvc commit -f prepare` records them if params.yaml holds the settings they were made with; else the "
         f"next `dvc repro` runs prepare and the stages after it again.") in shown()
     monkeypatch.setenv("DVC_STAGE", "prepare")
     run("prepare", cfg)

@@ -470,7 +470,7 @@ def test_wanted_files_are_the_only_ones_decoded(tmp_path):
     (folder / "train" / "bird" / "0000.jpg").write_bytes(b"garbage" * 20)
     raw = read_image_folder(folder, wanted={"cat", "dog"})
     assert len(raw.train.labels) == 4
-    with pytest.raises(TransferkitError, match=r"corrupt image .*/train/bird/0000\.jpg .*Fix: delete or replace"):
+    with pytest.raises(TransferkitError, match=r"corrupt image .*/train/bird/0000\.jpg .*Fix: leave that file out"):
         read_image_folder(folder)  # wanted, it is
 
 
@@ -1121,7 +1121,7 @@ def test_a_file_cut_short_is_a_corrupt_image_by_name(name, data):
     traceback either way."""
     from transferkit.data.sources import decode_image
 
-    with pytest.raises(TransferkitError, match=rf"corrupt image {name} \(.*Fix: delete or replace"):
+    with pytest.raises(TransferkitError, match=rf"corrupt image {name} \(.*Fix: leave that file out"):
         decode_image(data, name, 32)
 
 
@@ -1952,7 +1952,7 @@ def test_a_tiff_with_a_tag_of_the_wrong_type_is_one_error():
     for entry in range(10, 10 + 12 * int.from_bytes(data[8:10], "little"), 12):
         if int.from_bytes(data[entry:entry + 2], "little") == 273:  # StripOffsets: type FLOAT (11)
             data[entry + 2:entry + 4] = (11).to_bytes(2, "little")
-    with pytest.raises(TransferkitError, match=r"corrupt image a.tif \(.*\). Fix: delete or replace that file."):
+    with pytest.raises(TransferkitError, match=r"corrupt image a.tif \(.*\). Fix: leave that file out, or replace it."):
         sources.decode_image(bytes(data), "a.tif", 32)
 
 

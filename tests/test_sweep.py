@@ -1093,7 +1093,8 @@ def test_an_input_made_by_dvc_repro_with_other_code_is_named_with_the_fix(tmp_pa
                                                rf"src/transferkit/stages/prepare.py changed since `dvc repro` made it "
                                                rf"\(dvc\.lock says so\), and pretrain reads it\. Fix: make it again "
                                                rf"with this code \(`dvc repro prepare`\), or, where the change "
-                                               rf"cannot alter it, record that it stands \(`dvc commit prepare`\)\.$"):
+                                               rf"cannot alter it, record that it stands \(`dvc commit -f "
+                                               rf"prepare`\)\.$"):
         check_inputs("pretrain", cfg)
     code.unlink()  # a file deleted since is changed too
     with pytest.raises(TransferkitError, match="was made with other code"):

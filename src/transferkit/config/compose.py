@@ -271,7 +271,10 @@ def write_generated(overrides: list[str]) -> list[Path]:
 
     root = find_conf_dir().parent
     if flags := [o for o in overrides if o.startswith("-")]:
-        raise TransferkitError(f"transferkit params takes key=value overrides only, not {flags[0]}. Fix: leave it out.")
+        group, _, name = flags[0].lstrip("-").partition("=")  # --experiment smoke, as check-repro takes it
+        name = name or next(iter(overrides[overrides.index(flags[0]) + 1:]), "NAME")
+        raise TransferkitError(f"transferkit params takes key=value overrides only, not {flags[0]}. Fix: " + (
+            f"{group}={name}, as conf/'s groups are chosen." if (root / "conf" / group).is_dir() else "leave it out."))
     if hydra := [o for o in overrides if o.lstrip("~+").startswith(("hydra.", "hydra/"))]:
         raise TransferkitError(f"{hydra[0]} is a setting of Hydra's runs (`transferkit STAGE -m ...`): params.yaml "
                                f"holds none, and `dvc repro` runs each stage itself. Fix: leave it out, or give it to "

@@ -157,4 +157,4 @@ def stale_code(name: str, folder: Path, reader: str, conf_dir: Path | None) -> s
     more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
     return (f"{folder} was made with other code: {changed[0]}{more} changed since `dvc repro` made it (dvc.lock says "
             f"so), and {reader} reads it. Fix: make it again with this code (`dvc repro {name}`), or, where the change "
-            f"cannot alter it, record that it stands (`dvc commit {name}`).") if changed else None
+            f"cannot alter it, record that it stands (`dvc commit -f {name}`).") if changed else None

@@ -98,7 +98,7 @@ def decode_image(data: bytes, where: str, image_size: int, max_bytes: int | None
                                f"reads (a few kilobytes can declare billions). Fix: downscale it.") from e
     except Exception as e:  # a broken file raises what its reader hits (a PNG chunk SyntaxError, a GIF EOFError...)
         why = "no image format PIL reads" if isinstance(e, UnidentifiedImageError) else e  # its text: a buffer's id
-        raise TransferkitError(f"corrupt image {where} ({why}). Fix: delete or replace that file.") from e
+        raise TransferkitError(f"corrupt image {where} ({why}). Fix: leave that file out, or replace it.") from e
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
     return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # a copy: PIL's own array is read-only

@@ -53,7 +53,7 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
         torch.set_num_threads(threads)
     if not os.environ.get("DVC_STAGE") and first_process():  # DVC says where its stages write
         announce(f"{out} is where `dvc repro` keeps {stage}'s outputs, and DVC did not make these: `dvc commit "
-                 f"{stage}` records them if params.yaml holds the settings they were made with; else the next `dvc "
+                 f"-f {stage}` records them if params.yaml holds the settings they were made with; else the next `dvc "
                  f"repro` runs {stage} and the stages after it again." if kept_by_dvc(stage, out)
                  else f"{stage}: outputs in {out}")
     return result
