@@ -504,6 +504,15 @@ def test_unknown_command():
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr
 
 
+def test_version_is_the_installed_packages():
+    """`transferkit --version` was an unknown command."""
+    from importlib.metadata import version
+
+    for flag in ("--version", "-V"):
+        proc = cli(flag)
+        assert proc.returncode == 0 and proc.stdout == f"transferkit {version('transferkit')}\n", proc.stderr
+
+
 def test_unknown_override_key_via_hydra_mode(tmp_path):
     line = one_error_line(cli("transfer", "experiment=smoke", "transfer.freez_depth=1", *outside(tmp_path), cwd=ROOT))
     assert "freez_depth" in line

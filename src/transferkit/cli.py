@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import os
 import signal
 import sys
@@ -41,7 +41,7 @@ Models: model=fastnet | fastnet_tiny | fastnet_micro | fastnet_student | fastnet
 Trainers: trainer=cpu | trainer=gpu | trainer=ddp | trainer=ddp_multinode;  trainer.precision=auto
 Common overrides: transfer.freeze_depth=K  seed=N  pretrain.epochs=N  trainer.loggers=[dvclive,csv]
 Shell completion: eval "$(transferkit -sc install=bash)"   (Hydra's flags: transferkit STAGE --hydra-help)
-Each command has --help; docs/ has the details.
+Each command has --help (transferkit --version: the version); docs/ has the details.
 """
 
 # Commands beside the stages: each module has main(argv) -> exit code, and its own --help.
@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             print(HELP if command != "params" else "\n".join(line for line in HELP.splitlines()
                                                              if line.lstrip().startswith("transferkit params ")))
             return 0
+        if command in ("--version", "-V"):  # the installed package's version, as `pip show` gives it
+            return print(f"transferkit {importlib.metadata.version('transferkit')}") or 0
         if (command == "export" or (command in RUNNABLE and params_mode)) and warm.enabled():  # what dvc.yaml runs
             if (code := warm.run(argv)) is not None:
                 return code

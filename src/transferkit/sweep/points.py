@@ -251,8 +251,8 @@ def main(argv: list[str]) -> int:
     from transferkit.stages.common import exclusive
     from transferkit.sweep.collect import collect
 
-    parser = one_line_errors(argparse.ArgumentParser(prog="transferkit sweep",
-                                                     description=__doc__.split("\n\n")[0]))
+    parser = one_line_errors(argparse.ArgumentParser(prog="transferkit sweep", usage="%(prog)s STAGE key=a,b ... "
+                                                     "[--out DIR]", description=__doc__.split("\n\n")[0]))
     parser.add_argument("stage", choices=TARGET_MODELS, help="a stage whose models collect scores")
     parser.add_argument("--out", type=Path, help="the sweep's folder (default sweeps/<experiment>-<stage>)")
     args, overrides = parser.parse_known_args(argv)
