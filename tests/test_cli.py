@@ -504,6 +504,16 @@ def test_unknown_command():
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr
 
 
+def test_params_help_says_overrides_replace_the_earlier_ones_and_names_check_params(capsys):
+    """It printed its one usage line, which left out both."""
+    from transferkit import cli as transferkit_cli
+
+    assert transferkit_cli.main(["params", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("  transferkit params [key=value ...]") and "they replace the earlier ones" in out, out
+    assert "transferkit check-params [FILE]" in out and "transferkit sweep" not in out, out
+
+
 def test_version_is_the_installed_packages():
     """`transferkit --version` was an unknown command."""
     from importlib.metadata import version

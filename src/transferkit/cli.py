@@ -23,7 +23,8 @@ Stages ({', '.join(RUNNABLE)}):
   transferkit STAGE [key=value ...] [-m]
                         compose conf/ (a Hydra app); outputs to outputs/, or multirun/ with -m
 Configuration:
-  transferkit params [key=value ...]   write params.yaml (conf/ composed) and dvc.yaml (the stage table)
+  transferkit params [key=value ...]   write params.yaml (conf/ composed) and dvc.yaml (the stage table);
+                                       give every override each time: they replace the earlier ones
   transferkit check-params [FILE]      exit 1 if either differs from what it is made from
 Runs and results:
   transferkit sweep STAGE key=a,b seed=0,1,2 [--out DIR]   a sweep as DVC stages, then collect
@@ -246,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # under srun or torchrun every rank runs the command: a stage that fits nothing runs once, on rank 0
     try:  # `transferkit --help | head` too: a closed pipe below
         if command in ("-h", "--help", "help") or (command == "params" and {"-h", "--help"} & set(rest)):
-            print(HELP if command != "params" else "\n".join(line for line in HELP.splitlines()
-                                                             if line.lstrip().startswith("transferkit params ")))
+            print(HELP if command != "params" else HELP.split("Configuration:\n")[1].split("Runs and")[0].rstrip())
             return 0
         if command in ("--version", "-V"):  # the installed package's version, as `pip show` gives it
             return print(f"transferkit {importlib.metadata.version('transferkit')}") or 0
