@@ -788,6 +788,7 @@ def test_minus_m_among_the_overrides_runs_the_sweep(tmp_path):
                                                               " or --help prints. Fix: .*; a params file is --params"),
                                           (["--pa", "my.yaml"], "--package picks the package"),  # abbreviated
                                           (["seed=1", "--foo"], "unrecognized arguments: --foo. Fix: Hydra's flags"),
+                                          (["--param", "p.yaml"], "--param. Fix: .*; a params file is --params FILE"),
                                           (["--cfg"], "argument --cfg/-c: expected one argument. Fix:")])
 def test_flags_hydra_refuses_together_are_one_line(capsys, argv, needle):
     """Hydra runs one of a run, a multirun, --cfg and --info, and resolves only what it prints: its ValueError

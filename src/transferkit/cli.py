@@ -164,7 +164,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     # Hydra's own parser reads the flags (abbreviated ones too), and the overrides from anywhere among
     # them: Hydra's parse_args refuses `a=1 -m b=2`
     parser = one_line_errors(get_args_parser(), f"Hydra's flags are listed by `transferkit {stage} --hydra-help`; "
-                                                "settings are key=value")
+                                                "settings are key=value; a params file is --params FILE")
     args = without_rerun(parser.parse_intermixed_args(argv))  # --experimental-rerun unpickles a file: refused
     for flag, does in (("resolve", "resolves"), ("package", "picks the package of")):  # alone, Hydra ignores them
         if getattr(args, flag) and not (args.cfg or args.help):  # and -p FILE reads like --params FILE

@@ -150,7 +150,8 @@ def read_params(path: Path) -> dict:
         raise TransferkitError(f"{path} is not a file but a folder. Fix: pass the params.yaml that `transferkit "
                                f"params` writes.")
     if not path.exists():
-        raise TransferkitError(f"{path} not found. Fix: run `transferkit params` to compose it from conf/.")
+        raise TransferkitError(f"{path} not found. Fix: give the path of a params file, such as the params.yaml "
+                               f"that `transferkit params` composes from conf/.")
     data = read_yaml(path)
     if not isinstance(data, dict) or not PARAMS_KEYS <= data.keys():
         problem = f"it lacks {sorted(PARAMS_KEYS - (data.keys() if isinstance(data, dict) else set()))}"
