@@ -598,6 +598,15 @@ def test_a_stage_run_by_hand_into_the_folder_dvc_keeps_says_how_to_record_it(tmp
     run_stage("prepare", cfg, tmp_path / "elsewhere")
     text = shown()
     assert "dvc commit" not in text and f"prepare: outputs in {tmp_path / 'elsewhere'}" in text
+    # beside the project's params.yaml: it holds the settings, or the run had an override, which `dvc commit` would
+    # have recorded under params.yaml's settings (the report then compared models trained otherwise than it says)
+    (tmp_path / "params.yaml").write_text(params_text(cfg))
+    run("prepare", cfg)
+    assert "`dvc commit -f prepare` records them (params.yaml holds their settings); without it the next" in shown()
+    run("prepare", compose("experiment=smoke", "seed=3", "data.target.val_per_class=2", tmp=tmp_path))
+    assert ("these were made with settings params.yaml does not hold (data.target.val_per_class=2, seed=3): the next "
+            "`dvc repro` runs prepare and the stages after it again. To keep them, write params.yaml with those "
+            "settings (`transferkit params` with your overrides), then `dvc commit -f prepare`.") in shown()
 
 
 def test_a_stage_command_prints_where_its_outputs_went(tmp_path):

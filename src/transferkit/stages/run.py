@@ -52,11 +52,33 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, inputs: dict[str, Path] | 
     finally:
         torch.set_num_threads(threads)
     if not os.environ.get("DVC_STAGE") and first_process():  # DVC says where its stages write
-        announce(f"{out} is where `dvc repro` keeps {stage}'s outputs, and DVC did not make these: `dvc commit "
-                 f"-f {stage}` records them if params.yaml holds the settings they were made with; else the next `dvc "
-                 f"repro` runs {stage} and the stages after it again." if kept_by_dvc(stage, out)
-                 else f"{stage}: outputs in {out}")
+        announce(hand_run_note(stage, cfg, out) if kept_by_dvc(stage, out) else f"{stage}: outputs in {out}")
     return result
+
+
+def hand_run_note(stage: str, cfg: DictConfig, out: Path) -> str:
+    """What a run by hand into the folder `dvc repro` keeps for `stage` means for the pipeline: recorded as it is
+    (`dvc commit`), only where params.yaml holds the settings DVC tracks for it, or the report would compare
+    models trained otherwise than params.yaml says (an override given to the run)."""
+    from transferkit.config.compose import to_params
+    from transferkit.config.dvcyaml import tracked_params
+    from transferkit.plain import differing, flatten, under
+
+    try:
+        held = flatten(yaml.safe_load(Path("params.yaml").read_text()))
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):  # none, or not one of ours
+        held = None
+    made, keys = flatten(to_params(cfg)), tracked_params(BY_NAME[stage].params, list(cfg.trainer))
+    again = f"the next `dvc repro` runs {stage} and the stages after it again"
+    if held is not None and (other := [k for k in differing(held, made) if under(k, keys)]):
+        return (f"{out} is where `dvc repro` keeps {stage}'s outputs, and these were made with settings params.yaml "
+                f"does not hold ({', '.join(f'{k}={made.get(k)}' for k in other[:3])}{', ...' * (len(other) > 3)}): "
+                f"{again}. To keep them, write params.yaml with those settings (`transferkit params` with your "
+                f"overrides), then `dvc commit -f {stage}`.")
+    record = ("(params.yaml holds their settings); without it" if held is not None else
+              "if params.yaml holds the settings they were made with; else")
+    return (f"{out} is where `dvc repro` keeps {stage}'s outputs, and DVC did not make these: `dvc commit -f {stage}` "
+            f"records them {record} {again}.")
 
 
 def dvc_entry(dvc_file: Path, name: str) -> tuple[list, list] | None:
