@@ -153,6 +153,9 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
                         # DVC 3 refused, after prepare had run: "Saving cached external output ... is not supported"
                         (f"paths.artifacts_dir={tmp_path.parent}", f"lies outside the project {tmp_path}, and DVC"),
                         ("paths.artifacts_dir=../elsewhere", "lies outside the project"),
+                        # dvc repro stopped at DVC's own "[Errno 2] No such file or directory", naming no setting
+                        ("data.target.dataset=mine.zip", f"data.target.dataset=mine.zip is neither cifar10, cifar100, "
+                         f"synthetic nor a folder or archive (in {tmp_path}, paths.data_dir, or absolute)"),
                         ("--cfg", "takes key=value overrides only, not --cfg. Fix: leave it out"),  # was Hydra's lexer
                         # as check-repro takes it: "leave it out" composed the default experiment
                         ("--experiment=smoke", "not --experiment=smoke. Fix: experiment=smoke, as conf/'s groups")):

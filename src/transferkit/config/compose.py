@@ -267,6 +267,8 @@ def write_generated(overrides: list[str]) -> list[Path]:
     """params.yaml (conf/ composed with `overrides`) and dvc.yaml (the stage table), in the project;
     a value no stage could run with is refused before either file is touched."""
     from transferkit.config.dvcyaml import dvc_yaml_text
+    from transferkit.data.cifar import CIFAR
+    from transferkit.data.resolve import dataset_location
     from transferkit.config.checks import validate_run
     from transferkit.io import save_text
 
@@ -282,6 +284,11 @@ def write_generated(overrides: list[str]) -> list[Path]:
                                f"the Hydra run.")
     cfg = compose(overrides)
     validate_run(cfg, None, {}, all_stages=True)
+    for role in ("source", "target"):  # else `dvc repro` stopped at DVC's "No such file or directory", no setting named
+        if (name := cfg.data[role].dataset) not in (*CIFAR, "synthetic") and not dataset_location(name, Path(
+                root, cfg.paths.data_dir), root):
+            raise TransferkitError(f"data.{role}.dataset={name} is neither cifar10, cifar100, synthetic nor a "
+                                   f"folder or archive (in {root}, paths.data_dir, or absolute). Fix: give one.")
     # DVC 3 tracks no output outside the repository, as written: artifacts/ may be a link to scratch storage
     if not Path(os.path.abspath(root / cfg.paths.artifacts_dir)).is_relative_to(os.path.abspath(root)):
         raise TransferkitError(f"paths.artifacts_dir={cfg.paths.artifacts_dir} lies outside the project {root}, and "
