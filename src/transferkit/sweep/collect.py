@@ -108,7 +108,9 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         if twin := seen.get((r.stage, r.setting, r.seed)):  # two seeds' worth of confidence from one seed
             raise TransferkitError(f"{twin.folder} and {r.folder} are the same run ({r.stage}, seed {r.seed}"
                                    f"{''.join(f', {o}' for o in r.setting)}), which the table would count as two "
-                                   f"seeds. Fix: collect one of them, or run the other with another seed.")
+                                   f"seeds. Fix: collect one of them, or run the other with another seed (two "
+                                   f"multiruns of one experiment share multirun/<experiment>/ unless each is given "
+                                   f"hydra.sweep.dir=DIR).")
         seen[(r.stage, r.setting, r.seed)] = r
     return runs
 
