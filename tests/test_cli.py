@@ -158,7 +158,7 @@ def test_params_refuses_a_value_no_stage_could_run_with_and_keeps_its_files(tmp_
                          f"synthetic nor a folder or archive (in {tmp_path}, paths.data_dir, or absolute)"),
                         ("--cfg", "takes key=value overrides only, not --cfg. Fix: leave it out"),  # was Hydra's lexer
                         # as check-repro takes it: "leave it out" composed the default experiment
-                        ("--experiment=smoke", "not --experiment=smoke. Fix: experiment=smoke, as conf/'s groups")):
+                        ("--experiment=smoke", "not --experiment=smoke. Fix: experiment=smoke, as groups are chosen")):
         assert transferkit_cli.main(["params", bad]) == 2
         err = capsys.readouterr().err
         assert needle in err and ("transferkit params" in err or "Fix: leave it out" in err), err

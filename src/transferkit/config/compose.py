@@ -266,18 +266,18 @@ def recorded_overrides(params_path: Path) -> list[str] | None:
 def write_generated(overrides: list[str]) -> list[Path]:
     """params.yaml (conf/ composed with `overrides`) and dvc.yaml (the stage table), in the project;
     a value no stage could run with is refused before either file is touched."""
+    from transferkit.config.checks import validate_run
     from transferkit.config.dvcyaml import dvc_yaml_text
     from transferkit.data.cifar import CIFAR
     from transferkit.data.resolve import dataset_location
-    from transferkit.config.checks import validate_run
     from transferkit.io import save_text
 
     root = find_conf_dir().parent
     if flags := [o for o in overrides if o.startswith("-")]:
         group, _, name = flags[0].lstrip("-").partition("=")  # --experiment smoke, as check-repro takes it
-        name = name or next(iter(overrides[overrides.index(flags[0]) + 1:]), "NAME")
-        raise TransferkitError(f"transferkit params takes key=value overrides only, not {flags[0]}. Fix: " + (
-            f"{group}={name}, as conf/'s groups are chosen." if (root / "conf" / group).is_dir() else "leave it out."))
+        name = name or next((o for o in overrides[overrides.index(flags[0]) + 1:][:1] if "=" not in o), "NAME")
+        fix = f"{group}={name}, as groups are chosen" if group and (root / "conf" / group).is_dir() else "leave it out"
+        raise TransferkitError(f"transferkit params takes key=value overrides only, not {flags[0]}. Fix: {fix}.")
     if hydra := [o for o in overrides if o.lstrip("~+").startswith(("hydra.", "hydra/"))]:
         raise TransferkitError(f"{hydra[0]} is a setting of Hydra's runs (`transferkit STAGE -m ...`): params.yaml "
                                f"holds none, and `dvc repro` runs each stage itself. Fix: leave it out, or give it to "
