@@ -367,7 +367,9 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
     # the stage ends with one line of what it made, as the training stages do
     assert (f"quantize: INT8 top-1 test {100 * q['int8_top1']:.1f}%, fp32 {100 * q['fp32_top1']:.1f}% (the same "
             f"prediction on {100 * q['top1_agreement']:.1f}% of {q['n_test']} images); ") in shown, shown
-    assert f"-> {q['bytes']['int8'] / 1e3:.1f} KB; by quantization-aware fine-tuning (2 epochs" in shown  # tiny
+    larger = " (larger: its quantization nodes outweigh a model this small)" * (q["bytes"]["int8"] > q["bytes"]["fp32"])
+    assert (f"file: fp32 {q['bytes']['fp32'] / 1e3:.1f} KB -> INT8 {q['bytes']['int8'] / 1e3:.1f} KB{larger}; by "
+            f"quantization-aware fine-tuning (2 epochs") in shown  # a tiny model: its INT8 file may be the larger
     assert (out / "qat" / "model_fp32.onnx").is_file() and (out / "qat" / "dvclive").is_dir()
     paths = [str(Path(m.__file__).resolve().parents[1]).encode() for m in (transferkit, torch)]  # src/, site-packages/
     for onnx_file in (out / "model.onnx", out / "qat" / "model_fp32.onnx"):  # no stack traces of this machine
@@ -758,3 +760,14 @@ def test_entropy_and_percentile_calibration_clip_the_ranges_minmax_keeps_whole(t
         assert not np.allclose(scales[method], scales["minmax"], rtol=1e-4), method
     assert (scales["entropy"] < 0.5 * scales["minmax"]).any()  # the KL search cuts a long tail hard
     assert not np.allclose(scales["entropy"], scales["percentile"], rtol=1e-4)
+
+
+def test_the_quantize_line_says_which_file_is_which_and_when_int8_is_the_larger():
+    """'7.8 KB -> 9.4 KB' on the smoke model said neither which file was which nor that INT8 was the larger."""
+    from transferkit.evaluation.tables import quantize_line
+
+    result = {"int8_top1": .5, "fp32_top1": .5, "top1_agreement": 1.0, "n_test": 10}
+    smaller, larger = (quantize_line({**result, "bytes": {"fp32": 7800, "int8": n}}, "post-training")
+                       for n in (2000, 9400))
+    assert "file: fp32 7.8 KB -> INT8 2.0 KB; by post-training" in smaller
+    assert "file: fp32 7.8 KB -> INT8 9.4 KB (larger: its quantization nodes outweigh a model this small); by" in larger

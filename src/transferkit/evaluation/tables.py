@@ -160,9 +160,11 @@ def results_table(metrics: dict, timing: dict, tta: str | None = None) -> str:
 
 def quantize_line(result: dict, produced_by: str) -> str:
     """What the quantize stage ends with on the console."""
+    size = result["bytes"]
+    larger = " (larger: its quantization nodes outweigh a model this small)" * (size["int8"] > size["fp32"])
     return (f"quantize: INT8 top-1 test {pct(result['int8_top1'])}%, fp32 {pct(result['fp32_top1'])}% (the same "
-            f"prediction on {pct(result['top1_agreement'])}% of {result['n_test']:,} images); "
-            f"{file_size(result['bytes']['fp32'])} -> {file_size(result['bytes']['int8'])}; by {produced_by}")
+            f"prediction on {pct(result['top1_agreement'])}% of {result['n_test']:,} images); file: fp32 "
+            f"{file_size(size['fp32'])} -> INT8 {file_size(size['int8'])}{larger}; by {produced_by}")
 
 
 def training_table(stages: dict[str, dict]) -> str:
