@@ -60,17 +60,15 @@ def hand_run_note(stage: str, cfg: DictConfig, out: Path) -> str:
     """What a run by hand into the folder `dvc repro` keeps for `stage` means for the pipeline: recorded as it is
     (`dvc commit`), only where params.yaml holds the settings DVC tracks for it, or the report would compare
     models trained otherwise than params.yaml says (an override given to the run)."""
-    from transferkit.config.compose import to_params
-    from transferkit.config.dvcyaml import tracked_params
-    from transferkit.plain import differing, flatten, under
+    from transferkit.plain import differing
 
     try:
-        held = flatten(yaml.safe_load(Path("params.yaml").read_text()))
+        held = tracked_values(stage, cfg, yaml.safe_load(Path("params.yaml").read_text()))
     except (OSError, yaml.YAMLError, AttributeError, TypeError):  # none, or not one of ours
         held = None
-    made, keys = flatten(to_params(cfg)), tracked_params(BY_NAME[stage].params, list(cfg.trainer))
+    made = tracked_values(stage, cfg)
     again = f"the next `dvc repro` runs {stage} and the stages after it again"
-    if held is not None and (other := [k for k in differing(held, made) if under(k, keys)]):
+    if held is not None and (other := differing(held, made)):
         return (f"{out} is where `dvc repro` keeps {stage}'s outputs, and these were made with settings params.yaml "
                 f"does not hold ({', '.join(f'{k}={made.get(k)}' for k in other[:3])}{', ...' * (len(other) > 3)}): "
                 f"{again}. To keep them, write params.yaml with those settings (`transferkit params` with your "
@@ -96,17 +94,24 @@ def kept_by_dvc(stage: str, out: Path) -> bool:
     return out.resolve() in {Path(o).resolve() for o in outs if isinstance(o, str)}
 
 
+def tracked_values(stage: str, cfg: DictConfig, params: dict | None = None) -> dict:
+    """The values of the params DVC tracks for `stage` (flattened keys), read from `params` (a params file's),
+    else from `cfg`."""
+    from transferkit.config.compose import to_params
+    from transferkit.config.dvcyaml import tracked_params
+    from transferkit.plain import flatten, under
+
+    keys = tracked_params(BY_NAME[stage].params, list(cfg.trainer))
+    return {k: v for k, v in flatten(to_params(cfg) if params is None else params).items() if under(k, keys)}
+
+
 def tracked(stage: str, cfg: DictConfig) -> str:
     """The values of the params DVC tracks for `stage`, and for a fit the processes and precision they resolve to
     here: a killed run's folder is resumed only by a run with the same (a progress bar turned off, or another
     stage's setting changed, discards no training)."""
-    from transferkit.config.compose import to_params
-    from transferkit.config.dvcyaml import tracked_params
-    from transferkit.plain import flatten, under
     from transferkit.training.precision import processes, resolve_precision
 
-    keys = tracked_params(BY_NAME[stage].params, list(cfg.trainer))
-    values = {k: v for k, v in flatten(to_params(cfg)).items() if under(k, keys)}
+    values = tracked_values(stage, cfg)
     if BY_NAME[stage].trains:  # as resolved here: `devices: auto` counts another node's GPUs, and a resume on more
         trainer = cfg.trainer  # processes takes fewer steps an epoch than its schedule was counted in
         values |= {"processes": processes(trainer),
