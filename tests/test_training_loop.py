@@ -4,6 +4,7 @@ identical results, precision chosen by the machine, lookahead weights."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -224,7 +225,8 @@ def _tensorboard_scalars(run_dir: Path) -> list[tuple[str, int, float]]:
 
 
 @pytest.mark.parametrize("sigterm, stop", [(False, KeyboardInterrupt), (True, SystemExit)], ids=["ctrl_c", "sigterm"])
-def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results(tmp_path, monkeypatch, sigterm, stop):
+def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results(tmp_path, monkeypatch, caplog, sigterm,
+                                                                                stop):
     """The stage ends as a failure, so that DVC does not record it as done: Ctrl+C as a KeyboardInterrupt
     (cli.main then dies of SIGINT; Lightning would exit(1)), SIGTERM with 143 (Lightning would exit 0); and
     the next run resumes."""
@@ -249,6 +251,7 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results
     monkeypatch.setattr(trainer_module, "make_trainer", make)
     # settings that change nothing pretrain computes (its display, another stage's) discard no training
     resumed = compose(*overrides, "trainer.progress_bar=false", "distill.alpha=0.5", tmp=tmp_path / "resumed")
+    caplog.set_level(logging.INFO, logger="transferkit")  # the stage's closing line
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run("pretrain", resumed)
@@ -256,7 +259,9 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint_with_identical_results
     assert not [w for w in caught if "Previous log files" in str(w.message)]
 
     a, b = (tmp_path / name / "artifacts" / "pretrain" for name in ("straight", "resumed"))
-    assert 1 <= json.loads((b / "timing.json").read_text())["resumed_at_epoch"] <= 3  # not from scratch
+    epoch = json.loads((b / "timing.json").read_text())["resumed_at_epoch"]
+    assert 1 <= epoch <= 3  # not from scratch, and the closing line says so
+    assert f"resumed after epoch {epoch} of {resumed.pretrain.epochs} from a killed run's checkpoint" in caplog.text
     assert (a / "metrics.json").read_bytes() == (b / "metrics.json").read_bytes()
     assert torch.equal(torch.load(a / "model.pt")["state_dict"]["head.fc.weight"],
                        torch.load(b / "model.pt")["state_dict"]["head.fc.weight"])

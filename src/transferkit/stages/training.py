@@ -87,6 +87,8 @@ def summary_line(stage: str, settings: DictConfig, metrics: dict, run: dict) -> 
     seconds = run["train_seconds"]
     how = (f"{seconds:.{int(seconds < 10)}f} s of training at {run['train_images_per_second']:,.0f} img/s "
            f"({run['precision']} on {run['device']})" if run["precision"] else "not trained (epochs 0)")
+    if run.get("resumed_at_epoch"):  # the seconds are this run's: the killed run's epochs are not in them
+        how += f", resumed after epoch {run['resumed_at_epoch']} of {settings.epochs} from a killed run's checkpoint"
     return f"{name}: top-1 {scores or 'not scored (no val split)'}; {how}"
 
 
