@@ -91,3 +91,40 @@ def test_onnx_throughput_is_the_best_round_of_a_warm_session(clock, monkeypatch)
     files = {"a": Path("a.onnx"), "b": Path("b.onnx")}
     assert speed.onnx_throughput(files, batch=8, repeats=3) == pytest.approx({"a": 8 / 0.02, "b": 8 / 0.04}, rel=1e-9)
     assert sorted(made) == ["a.onnx"] * 3 + ["b.onnx"] * 3
+
+
+def test_other_work_is_the_cpu_time_the_machine_spent_beyond_this_process(clock, monkeypatch):
+    """3 busy seconds on the machine, 1 of them this process's, over 2 s: one core's worth of other work."""
+    readings = iter([(100.0, 5.0), (103.0, 6.0)])
+    monkeypatch.setattr(speed, "busy_seconds", lambda: next(readings))
+    load = {}
+    with speed.other_work(load):
+        clock[0] += 2
+    assert load == {"other_cores": 1.0}
+    monkeypatch.setattr(speed, "busy_seconds", lambda: None)  # not Linux: nothing said
+    with speed.other_work(load := {}):
+        pass
+    assert load == {}
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's /proc/stat")
+def test_other_work_counts_a_busy_process_beside_the_timings():
+    import subprocess
+    import sys
+    import time
+
+    load = {}
+    with speed.other_work(load):
+        subprocess.run([sys.executable, "-c", "import time\nend = time.time() + 1\nwhile time.time() < end: pass"],
+                       check=True)
+        time.sleep(0.1)
+    assert load["other_cores"] > 0.3, load  # the child's second of one core, its start-up included
+
+
+def test_results_warn_where_other_work_slowed_the_timings():
+    from transferkit.evaluation.formats import busy_note
+
+    assert busy_note({"machine": {"other_cores": 0.1}}) == busy_note({}) == []
+    note = busy_note({"machine": {"other_cores": 0.9}})
+    assert note == ["Other processes kept 0.9 cores busy while the timings ran, so they are slower than this machine "
+                    "gives on its own. Fix: on an idle machine, `uv run dvc repro -s -f evaluate` times them again."]

@@ -49,3 +49,11 @@ LITERAL = str.maketrans({**{c: f"\\{c}" for c in "\\`*_[]|"}, "&": "&amp;", "<":
 
 def names(items) -> str:
     return ", ".join(str(i).translate(LITERAL) for i in items)
+
+
+def busy_note(timing: dict) -> list[str]:
+    """Where other processes took a quarter of a core or more while evaluate timed (speed.other_work): a warning."""
+    if (busy := timing.get("machine", {}).get("other_cores", 0)) < 0.25:
+        return []
+    return [f"Other processes kept {busy:.1f} cores busy while the timings ran, so they are slower than this machine "
+            f"gives on its own. Fix: on an idle machine, `uv run dvc repro -s -f evaluate` times them again."]

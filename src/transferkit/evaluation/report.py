@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transferkit.evaluation.formats import file_size, interval, measured, millions, names, times
+from transferkit.evaluation.formats import busy_note, file_size, interval, measured, millions, names, times
 
 # The source material's reference experiment (mini-VGG+BN, CIFAR-10 -> 10 aquatic CIFAR-100
 # classes, 400 train / 100 eval per class, conv1-6 frozen, 50 epochs, hours on a CPU).
@@ -221,7 +221,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
             f"{file_size(m['size_bytes'])} | {measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
             f"{measured(t, 'latency_ms_bs1_1thread', '.2f', ' ms')} | "
             f"{measured(t, 'throughput_img_s', '.0f', ' img/s')} |")
-    lines += ["", *one_view_note(cfg_summary["tta"], cfg_summary["tta_views"], models), ""]
+    lines += ["", *one_view_note(cfg_summary["tta"], cfg_summary["tta_views"], models), "", *busy_note(timing), ""]
     classes = len(next(iter(models.values()))["per_class"])
     # what always naming the most common test class scores: 1/classes on a balanced test set
     chance = cfg_summary.get("chance", 1 / classes)

@@ -4,8 +4,10 @@ apart from evaluation/cost.py so that a change to how speed is measured reruns n
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -90,3 +92,28 @@ def cpu_throughput(models: dict[str, torch.nn.Module], batch: int, repeats: int,
                 model(x)
                 best[name] = min(best[name], time.perf_counter() - t)
     return {name: batch / seconds for name, seconds in best.items()}
+
+
+def busy_seconds() -> tuple[float, float] | None:
+    """CPU seconds since boot that all cores spent busy or stolen by a hypervisor (Linux's /proc/stat), and this
+    process's own (every thread): over a stretch of time, the first's growth less the second's is other work."""
+    try:
+        import resource
+
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    except (ImportError, OSError, ValueError):  # not Linux: nothing to say
+        return None
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+@contextmanager
+def other_work(into: dict):
+    """Sets into["other_cores"]: the cores' worth of CPU time that other processes (and a hypervisor) took
+    while the block ran. Timings taken beside other work are slower than the machine gives on its own."""
+    start, t = busy_seconds(), time.perf_counter()
+    yield
+    end = busy_seconds()
+    if start and end:
+        into["other_cores"] = round(max((end[0] - start[0]) - (end[1] - start[1]), 0.0) / (time.perf_counter() - t), 2)

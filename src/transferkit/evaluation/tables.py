@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from transferkit.evaluation.formats import file_size, interval, measured, millions, names, points
+from transferkit.evaluation.formats import busy_note, file_size, interval, measured, millions, names, points
 
 
 def pct(x) -> str:
@@ -149,7 +149,7 @@ def results_table(metrics: dict, timing: dict, tta: str | None = None) -> str:
     lines += ["", f"Transfer minus scratch: {100 * d['difference']:+.1f} points (95% paired interval "
                   f"{interval(*d['ci95'])}), {d['n']:,} test images. Latency and "
                   f"throughput: {cpu}, {m.get('threads', '?')} threads (matmul peak {peaks}), "
-                  f"torch {m.get('torch', '?')}."]
+                  f"torch {m.get('torch', '?')}." + "".join(f" {note}" for note in busy_note(timing))]
     if tta in VIEWS:  # as the report says it: how many views, and the deployed files' one-view top-1
         lines += one_view_note(tta, VIEWS[tta], metrics["models"])
     elif one_view := deployed_one_view(metrics["models"], lambda x: f"{pct(x)}%"):

@@ -115,35 +115,36 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         loaded[name] = model
     # before the minutes of timing: a depth freeze_curve did not train fails here
     curve = freeze_curve(cfg, inputs, x, y, classes, correct, loaded["transfer"].num_blocks)
-    before = matmul_peaks()  # now: the precision probe's cache is from another hour
-    for name, img_s in speed.cpu_throughput(loaded, ev.throughput_batch, ev.throughput_repeats).items():
-        timing[name] = {"throughput_img_s": round(img_s, 1)}
-    for name, path in onnx.items():
-        logits = predict_onnx(path, x, ev.batch_size, ev.tta)
-        correct[name] = logits.argmax(1) == y
-        m = classification_metrics(logits, y, classes)
-        m.pop("confusion")
-        # `transferkit predict` runs one view: the deployed files' accuracy as a user gets it
-        one_view = logits if ev.tta == "none" else predict_onnx(path, x, ev.batch_size)
-        models[name] = {**m, "top1_one_view": float((one_view.argmax(1) == y).float().mean()),
-                        "params": models["prune"]["params"], "macs": models["prune"]["macs"],
-                        "size_bytes": cost.file_size(path)}
-    for name, img_s in speed.onnx_throughput(onnx, ev.throughput_batch, ev.throughput_repeats).items():
-        timing[name] = {"throughput_img_s": round(img_s, 1)}
-    for name, ms in speed.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
-        timing[name]["latency_ms_bs1"] = round(ms, 3)
-    # one thread too: how a model often runs when deployed beside other work, and where
-    # small models are not dominated by the cost of waking up a second thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for name, ms in speed.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
-            timing[name]["latency_ms_bs1_1thread"] = round(ms, 3)
-        # the deployed files' throughput too: on a shared VM the second thread's speed varies the most
+    before, load = matmul_peaks(), {}  # now: the precision probe's cache is from another hour
+    with speed.other_work(load):  # other processes' share of the CPU while these timings ran
+        for name, img_s in speed.cpu_throughput(loaded, ev.throughput_batch, ev.throughput_repeats).items():
+            timing[name] = {"throughput_img_s": round(img_s, 1)}
+        for name, path in onnx.items():
+            logits = predict_onnx(path, x, ev.batch_size, ev.tta)
+            correct[name] = logits.argmax(1) == y
+            m = classification_metrics(logits, y, classes)
+            m.pop("confusion")
+            # `transferkit predict` runs one view: the deployed files' accuracy as a user gets it
+            one_view = logits if ev.tta == "none" else predict_onnx(path, x, ev.batch_size)
+            models[name] = {**m, "top1_one_view": float((one_view.argmax(1) == y).float().mean()),
+                            "params": models["prune"]["params"], "macs": models["prune"]["macs"],
+                            "size_bytes": cost.file_size(path)}
         for name, img_s in speed.onnx_throughput(onnx, ev.throughput_batch, ev.throughput_repeats).items():
-            timing[name]["throughput_img_s_1thread"] = round(img_s, 1)
-    finally:
-        torch.set_num_threads(threads)
+            timing[name] = {"throughput_img_s": round(img_s, 1)}
+        for name, ms in speed.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
+            timing[name]["latency_ms_bs1"] = round(ms, 3)
+        # one thread too: how a model often runs when deployed beside other work, and where
+        # small models are not dominated by the cost of waking up a second thread
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for name, ms in speed.cpu_latency_ms(loaded, ev.latency_repeats, onnx_files=onnx).items():
+                timing[name]["latency_ms_bs1_1thread"] = round(ms, 3)
+            # the deployed files' throughput too: on a shared VM the second thread's speed varies the most
+            for name, img_s in speed.onnx_throughput(onnx, ev.throughput_batch, ev.throughput_repeats).items():
+                timing[name]["throughput_img_s_1thread"] = round(img_s, 1)
+        finally:
+            torch.set_num_threads(threads)
     metrics = {"models": models,
                "transfer_vs_scratch": paired_difference(correct["transfer"], correct["scratch"]),
                "distillation": distillation_summary(models, correct),
@@ -153,7 +154,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     plots.freeze_curve_png(metrics["freeze_curve"], models, cfg.probe.depth, out / "freeze_curve.png")
     # the speed the timings above ran at, before and after them: a shared machine's speed drifts
     timing["machine"] = {"cpu": cpu_model(), "isa": cpu_isa(), "threads": torch.get_num_threads(),
-                         "torch": torch.__version__, **{f"{k}_before": v for k, v in before.items()}, **matmul_peaks()}
+                         "torch": torch.__version__, **{f"{k}_before": v for k, v in before.items()}, **matmul_peaks(),
+                         **load}
     timing["throughput_batch"] = ev.throughput_batch
     save_json(timing, out / "timing.json")
     plots.pareto_png(models, timing, out / "pareto.png")
