@@ -95,17 +95,19 @@ def cpu_throughput(models: dict[str, torch.nn.Module], batch: int, repeats: int,
 
 
 def busy_seconds() -> tuple[float, float] | None:
-    """CPU seconds since boot that all cores spent busy or stolen by a hypervisor (Linux's /proc/stat), and this
-    process's own (every thread): over a stretch of time, the first's growth less the second's is other work."""
+    """CPU seconds since boot that the cores this process may run on spent busy or stolen by a hypervisor (Linux's
+    /proc/stat), and this process's own (every thread): over a stretch of time, the first's growth less the
+    second's is other work on its cores."""
     try:
         import resource
 
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
-    except (ImportError, OSError, ValueError):  # not Linux: nothing to say
+        mine = {f"cpu{n}" for n in os.sched_getaffinity(0)}
+        ticks = [sum(int(v) for i, v in enumerate(line.split()[1:9]) if i not in (3, 4))  # not idle, iowait
+                 for line in Path("/proc/stat").read_text().splitlines() if line.split(maxsplit=1)[0] in mine]
+    except (ImportError, AttributeError, OSError, ValueError, IndexError):  # not Linux: nothing to say
         return None
     own = resource.getrusage(resource.RUSAGE_SELF)
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+    return sum(ticks) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
 
 
 @contextmanager
