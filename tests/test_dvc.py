@@ -374,3 +374,15 @@ def test_the_readme_draws_and_lists_every_stage():
     rows = {name.strip() for line in section.splitlines() if line.startswith("| ")
             for name in line.split("|")[1].split(",")}
     assert [s for s in STAGES if s not in graph] == [] and [s for s in STAGES if s not in rows] == []
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="git decides against a checkout")
+def test_git_ignores_what_runs_leave_and_tracks_the_project():
+    """Run outputs, Hydra's folders under any folder, and a killed run's lock or work folder beside its output
+    (scenarios/ sits in the root) stay out of `git add -A`; the project's own files do not."""
+    ignored = ["artifacts/x", "sweeps/x", "scenarios/x", "docs/outputs/x", "multirun/x", ".scenarios.lock",
+               "sweeps/.smoke-transfer.lock", "mine/.out.incomplete/x", "data/cifar10-jpeg.tar.gz"]
+    kept = ["dvc.lock", "dvc.yaml", "params.yaml", "data/README.md", "src/transferkit/cli.py", "conf/config.yaml"]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *ignored, *kept], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.stdout.split() == ignored
