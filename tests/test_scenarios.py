@@ -376,6 +376,11 @@ def test_a_quadrant_names_its_winner_on_val_its_best_on_test_and_the_guidance_ag
     assert 0 < lo < hi
     assert scenario_verdict(q).startswith("no: linear probe is +10.0 points on test vs the winner (")
     assert scenario_verdict(q).endswith("; guidance better on test)")
+    labels = {r["strategy"]: r["label"] for r in q["rows"]}
+    for r in q["rows"]:  # the winner given more epochs than the guidance: the verdict says what it compares
+        r["epochs"] = 2 if r["strategy"] == "fine_tune" else 1
+    assert scenario_verdict(q).endswith(f"; guidance better on test; budgets differ: {labels['linear_probe']} 1 epoch, "
+                                        f"{labels['fine_tune']} 2)")
     from transferkit.evaluation.metrics import wilson_interval
 
     probe = q["rows"][0]  # each interval over its own split's images: val 3, test 120
@@ -412,3 +417,5 @@ def test_a_quadrant_without_val_splits_chooses_no_winner(tmp_path, monkeypatch):
     assert not any(r["chosen_on_val"] for r in q["rows"]) and q["best_on_test"] == "linear_probe"
     assert scenario_verdict(q) == "– (no validation split)"
     assert "| linear probe (80.0) | – (no validation split) |" in scenarios_markdown([q])
+    q["pretrain_epochs"] = 1
+    assert ", pretrained 1 epoch (" in scenarios_markdown([q])

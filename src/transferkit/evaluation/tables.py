@@ -62,9 +62,13 @@ def scenario_verdict(q: dict) -> str:
     lo, hi = q["guided_minus_winner_test"]["ci95"]
     noise = "within noise" if lo <= 0 <= hi else ("guidance better on test" if lo > 0 else "guidance worse")
     tie = ", tied on val (ties go to the earlier strategy)" if q["guided_ties_winner_on_val"] else ""
-    label = next(r["label"] for r in q["rows"] if r["strategy"] == q["guidance"]["strategy"])
-    return (f"no{tie}: {label} is {100 * q['guided_minus_winner_test']['difference']:+.1f} points on test vs the "
-            f"winner ({interval(lo, hi)}; {noise})")
+    guided = next(r for r in q["rows"] if r["strategy"] == q["guidance"]["strategy"])
+    winner = next(r for r in q["rows"] if r["chosen_on_val"])
+    n = guided["epochs"]
+    budgets = (f"; budgets differ: {guided['label']} {n} epoch{'s' * (n != 1)}, {winner['label']} {winner['epochs']}"
+               if n != winner["epochs"] else "")
+    return (f"no{tie}: {guided['label']} is {100 * q['guided_minus_winner_test']['difference']:+.1f} points on test "
+            f"vs the winner ({interval(lo, hi)}; {noise}{budgets})")
 
 
 def epochs_sentence(results: list[dict]) -> str:
@@ -104,7 +108,7 @@ def scenarios_markdown(results: list[dict], made_by: str = "") -> str:
         lines += ["", f"## {q['title']} (`{q['preset']}`)", "",
                   f"Target train {q['n_train']:,}, val {q['n_val']:,}, test {q['n_test']:,}. Source "
                   f"{names(q['source_classes'])}: {q['n_source_train']:,} images, "
-                  f"pretrained {q['pretrain_epochs']} epochs "
+                  f"pretrained {q['pretrain_epochs']} epoch{'s' * (q['pretrain_epochs'] != 1)} "
                   f"({q['pretrain_folder']}/, shared by the quadrants with this source).", "",
                   "| strategy | what is trained | epochs | val top-1 % (95% interval) "
                   "| test top-1 % (95% interval) | train s |",
