@@ -1735,6 +1735,27 @@ def test_every_training_batch_of_every_rank_has_one_size(n, world_size, batch_si
         assert [len(y) for _, y in _batches(n=n, batch_size=batch_size, rank=rank, world_size=world_size)] == sizes
 
 
+def test_a_batch_the_settings_do_not_show_is_said():
+    """A split smaller than the batch trains in one smaller batch, and DDP's processes each take a batch (more
+    images a step, fewer steps an epoch): the fit says so, where one process trains on the batch asked for, not."""
+    from transferkit.data.loader import DeviceBatches, batch_note
+
+    def note(n, batch_size, world_size=1):
+        batches = DeviceBatches(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.zeros(n, dtype=torch.long),
+                                batch_size, device="cpu", train=True, world_size=world_size)
+        return batch_note("transfer.batch_size", batch_size, batches)
+
+    assert note(72, 16) is None and note(72, 72) is None
+    assert note(72, 100000) == "transfer.batch_size=100000 is more than the 72 training images: it trains on " \
+                               "batches of 72."
+    assert note(72, 16, 2) == ("2 processes train on batches of 16 each, 32 a step together: 2 steps an epoch "
+                               "against 4 in one process, at the same learning rate (transfer.batch_size is per "
+                               "process; conf/trainer/ddp.yaml says how to keep one process's recipe).")
+    assert note(72, 64, 2).startswith("transfer.batch_size=64 is more than the 36 training images a process: it "
+                                      "trains on batches of 36; 2 processes train on batches of 36 each, 72 a step "
+                                      "together: 1 step an epoch against 1 in one process")
+
+
 def test_each_rank_draws_its_own_augmentation_and_rank_0_draws_as_one_process(monkeypatch):
     """Under DDP the ranks share the epoch's permutation (disjoint shards) but not its flips and shifts:
     with one generator for both, the i-th image of every rank's batch was flipped and shifted alike."""

@@ -43,6 +43,10 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path, server_dir, warm):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MEMBER: 1/2" in proc.stderr + proc.stdout and "MEMBER: 2/2" in proc.stderr + proc.stdout  # two ranks ran
+    # the recipe DDP makes of transfer.batch_size, said once (by rank 0)
+    note = ("2 processes train on batches of 16 each, 32 a step together: 2 steps an epoch against 4 in one process, "
+            "at the same learning rate (transfer.batch_size is per process;")
+    assert proc.stderr.count(note) == 1, proc.stderr[-3000:]
     out = tmp_path / "artifacts" / stage
     model, ckpt = load_checkpoint(out / "model.pt", stage)
     assert ckpt["classes"] == ["tgt_a", "tgt_b", "tgt_c"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from typing import Callable, Iterator
 
 import pytorch_lightning as pl
@@ -102,13 +103,31 @@ class DeviceBatches:
             yield x, self.labels[idx]
 
 
+def batch_note(key: str, batch_size: int, batches: DeviceBatches) -> str | None:
+    """What a fit trains on where it is not `key`'s batch in one process, which the settings alone do not show:
+    a split smaller than the batch is one batch, and DDP's processes each take a batch (a recipe of its own)."""
+    n, world, used = len(batches.labels), batches.world_size, batches.batch_size
+    a = " a process" if world > 1 else ""
+    notes = [f"{key}={batch_size} is more than the {batches.per_rank} training images{a}: it trains on batches of "
+             f"{used}"] if used < batch_size else []
+    if world > 1:
+        steps = batches.steps
+        notes.append(f"{world} processes train on batches of {used} each, {used * world} a step together: "
+                     f"{steps} step{'s' * (steps != 1)} an epoch against {n // min(batch_size, n)} in one process, "
+                     f"at the same learning rate ({key} is per process; conf/trainer/ddp.yaml says how to keep one "
+                     f"process's recipe)")
+    return "; ".join(notes) + "." if notes else None
+
+
 class TaskDataModule(pl.LightningDataModule):
     """A prepared task's train and validation splits as DeviceBatches on the trainer's device."""
 
     def __init__(self, task: dict, batch_size: int, eval_batch_size: int = 1024, val_split: str = "val", *,
-                 flip: str = "random", translate: int = 2, seed: int = 0, channels_last: bool = True):
+                 flip: str = "random", translate: int = 2, seed: int = 0, channels_last: bool = True,
+                 batch_key: str = "batch_size"):
         super().__init__()
         self.task, self.batch_size, self.eval_batch_size = task, batch_size, eval_batch_size
+        self.batch_key = batch_key  # the setting batch_size comes from, for batch_note
         self.val_split, self.flip, self.translate, self.seed = val_split, flip, translate, seed
         self.channels_last = channels_last
 
@@ -129,7 +148,10 @@ class TaskDataModule(pl.LightningDataModule):
         return batch  # DeviceBatches yields batches on the training device already
 
     def train_dataloader(self) -> DeviceBatches:
-        return self._batches("train", True)
+        batches = self._batches("train", True)
+        if self.trainer.global_rank == 0 and (note := batch_note(self.batch_key, self.batch_size, batches)):
+            print(note, file=sys.stderr)
+        return batches
 
     def val_dataloader(self) -> DeviceBatches | list:
         if len(self.task.get(f"{self.val_split}_y", ())) == 0:

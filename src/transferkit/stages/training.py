@@ -34,7 +34,7 @@ def fit_stage(cfg: DictConfig, settings: DictConfig, model: BlockNet, task: dict
     has_val = len(task["val_y"]) > 0
     datamodule = TaskDataModule(task, settings.batch_size, cfg.evaluate.batch_size,
                                 val_split="val" if has_val else "none", channels_last=channels_last(cfg),
-                                **data_settings(settings, cfg.seed))
+                                batch_key=f"{settings._key()}.batch_size", **data_settings(settings, cfg.seed))
     callbacks = (Lookahead(),) if settings.lookahead else ()
     return fit(module, datamodule, dict(cfg.trainer), out, settings.epochs if epochs is None else epochs, callbacks)
 
