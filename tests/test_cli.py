@@ -1069,3 +1069,15 @@ def test_a_hydra_run_its_stage_refuses_is_one_line_with_exit_code_2(tmp_path):
     proc = cli("prepare", "data.download=false", *outside(tmp_path), f"hydra.run.dir={tmp_path / 'run'}")
     line = one_error_line(proc)
     assert "CIFAR10 not found" in line
+
+
+def test_a_stage_closing_line_is_printed_after_a_library_logged_a_warning_to_the_root():
+    """ONNX Runtime's quantizer calls logging.warning(), which gives the root logger a WARNING handler: the closing
+    line went to the transferkit logger there, below its level, and quantize with keep_float printed nothing."""
+    import subprocess
+    import sys
+
+    code = ("import logging\nlogging.warning('a library warns')\nfrom transferkit.stages.common import announce\n"
+            "announce('quantize: INT8 top-1 ...')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "quantize: INT8 top-1 ...\n", proc.stderr[-2000:]

@@ -256,5 +256,5 @@ def container(node) -> dict:
 def announce(line: str) -> None:
     """A stage's closing line: a Hydra app's job log keeps it beside Lightning's; a stage command (`--params`)
     configures no logging, and prints it."""
-    log = logging.getLogger("transferkit")
-    log.info(line) if log.hasHandlers() else print(line)
+    log = logging.getLogger("transferkit")  # a library's logging.warning() gives the root a WARNING handler: not it
+    log.info(line) if log.hasHandlers() and log.isEnabledFor(logging.INFO) else print(line)
