@@ -183,6 +183,11 @@ def broken_onnx(tmp):
     return ()
 
 
+def int8_as_export(tmp):
+    shutil.copyfile(tmp / "artifacts" / "quantize" / "model.onnx", tmp / "artifacts" / "export" / "model.onnx")
+    return ()
+
+
 def weaker_int8(tmp):
     """An INT8 model that must lose top-1: calibrated on blank images and judged on noise images in
     the val split, far outside every calibrated range, labelled with what the fp32 model predicts
@@ -360,6 +365,8 @@ CASES = {
     "float layers as a string, not a list": Case("quantize", ("quantize.keep_float=Gemm",),
                                                  "quantize.keep_float='Gemm' is invalid"),
     "an ONNX file ONNX Runtime cannot quantize": Case("quantize", needle="cannot quantize", setup=broken_onnx),
+    "an INT8 model as the export": Case("quantize", needle="is quantized already (it holds DequantizeLinear, ",
+                                        setup=int8_as_export),
     "the exported model gone": Case("quantize", needle="exported fp32 model not found at", setup=lambda tmp: _write(
         tmp / "artifacts" / "export" / "model.onnx", None)),  # was "ONNX Runtime cannot quantize", try qdq
     "an INT8 model that loses too much": Case("quantize", ("quantize.max_drop=0", "quantize.qat_epochs=0"),

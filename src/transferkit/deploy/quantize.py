@@ -59,6 +59,19 @@ def float_nodes(model_path: Path, keep_float, shown: Path | None = None) -> list
     return [n.name for n in nodes if n.name in keep_float or n.op_type in keep_float]
 
 
+def quantized_ops(path: Path) -> list[str]:
+    """The op types of `path`'s graph that only a quantized model holds (none in an fp32 export); an unreadable
+    file has none here: quantize_static says what is wrong with it."""
+    import onnx
+
+    try:
+        nodes = onnx.load(str(path)).graph.node
+    except Exception:  # noqa: BLE001 - onnx raises several types for a damaged file
+        return []
+    return sorted({n.op_type for n in nodes if n.op_type.startswith(("QLinear", "QGemm")) or n.op_type in
+                   ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")})
+
+
 def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt: str, per_channel: bool,
              reduce_range: bool, keep_float=()) -> float:
     """Write the INT8 model to `out`; returns the seconds it took."""
@@ -80,6 +93,10 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
         def get_next(self):
             return next(self.batches, None)
 
+    if done := quantized_ops(fp32):  # ONNX Runtime would warn, dump its graph and quantize its float parts anyway
+        raise TransferkitError(f"{fp32} is quantized already (it holds {', '.join(done)} nodes), and quantize takes "
+                               f"an fp32 export. Fix: give export's model.onnx (`dvc repro export`; for a folder given "
+                               f"as --in export=, `transferkit export MODEL.pt --out DIR`).")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
