@@ -738,8 +738,10 @@ def test_train_seconds_start_with_the_training_loop_and_num_threads_reach_its_pr
     started = time.perf_counter()
     run("pretrain", cfg)
     wall = time.perf_counter() - started
-    assert json.loads((tmp_path / "artifacts" / "pretrain" / "timing.json").read_text())["train_seconds"] < wall - 3
+    timing = json.loads((tmp_path / "artifacts" / "pretrain" / "timing.json").read_text())
+    assert timing["train_seconds"] < wall - 3
     assert seen and set(seen) == {"1"} and "OMP_NUM_THREADS" not in os.environ
+    assert timing["threads"] == 1  # what the weights' bytes depend on, recorded
 
 
 def test_devices_the_machine_lacks_end_in_one_error(monkeypatch, tmp_path):
