@@ -212,7 +212,9 @@ def test_a_ddp_run_in_hydra_mode_stopped_is_one_line_and_leaves_no_rank(tmp_path
         assert output.count("transferkit transfer: error: its process was killed by signal 9") == 1, output[-3000:]
     else:
         assert code == -signal.SIGINT and not left, (output[-3000:], left)
-        assert output.count("transferkit transfer: interrupted") == 1, output[-3000:]
+        # as without DDP, no promise that the same command resumes: Hydra gives a rerun a new folder by default
+        assert output.count("transferkit transfer: interrupted; its earlier outputs are unchanged.\n") == 1, \
+            output[-3000:]
 
 
 @pytest.mark.slow

@@ -46,16 +46,10 @@ Each command has --help (transferkit --version: the version); docs/ has the deta
 """
 
 # Commands beside the stages: each module has main(argv) -> exit code, and its own --help.
-TOOLS = {
-    "check-params": "transferkit.config.drift",
-    "collect": "transferkit.sweep.collect",
-    "sweep": "transferkit.sweep.points",
-    "check-repro": "transferkit.reproducibility.check",
-    "results": "transferkit.evaluation.tables",
-    "scenarios": "transferkit.scenarios.report",
-    "export": "transferkit.deploy.export",
-    "predict": "transferkit.deploy.predict",
-}
+TOOLS = {"check-params": "transferkit.config.drift", "collect": "transferkit.sweep.collect",
+         "sweep": "transferkit.sweep.points", "check-repro": "transferkit.reproducibility.check",
+         "results": "transferkit.evaluation.tables", "scenarios": "transferkit.scenarios.report",
+         "export": "transferkit.deploy.export", "predict": "transferkit.deploy.predict"}
 
 
 def _params_mode(stage: str, args: list[str]) -> None:
@@ -118,8 +112,8 @@ def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
 
     params = job_dir / f"{stage}.params.yaml"
     save_text(params_text(cfg), params)
-    with subprocess.Popen([sys.executable, "-m", "transferkit.cli", stage, "--params", str(params),
-                           "--out", str(out)]) as child:
+    with subprocess.Popen([sys.executable, "-m", "transferkit.cli", stage, "--params", str(params), "--out", str(out)],
+                          env={**os.environ, "TRANSFERKIT_HYDRA_JOB": "1"}) as child:  # its rerun: a new job folder
         while (code := _wait_through_ctrl_c(child)) is None:
             pass
     if code in (-signal.SIGINT, -signal.SIGTERM):  # the child said so in its line: this process dies of it too
@@ -287,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback, rank 0's
         if first_process():  # a stage's own run resumes where a checkpoint is left (stages/common.py says if none is)
             again = command in ("sweep", "scenarios") or (params_mode and command in STAGES and BY_NAME[command].trains
-                                                          and getattr(e, "resumes", True))
+                                                          and getattr(e, "resumes", True)
+                                                          and "TRANSFERKIT_HYDRA_JOB" not in os.environ)
             print(f"transferkit {command}: interrupted; its earlier outputs are unchanged"
                   f"{'; the same command again resumes' if again else ''}.", file=sys.stderr)
         # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too
