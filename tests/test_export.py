@@ -1154,3 +1154,18 @@ def test_a_damaged_onnx_file_is_one_error_line_that_calls_it_unreadable(tmp_path
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07not really a protobuf")
     line = _one_error(capsys, ["predict", str(tmp_path / "model.onnx"), str(_write_images(tmp_path / "images")[0])])
     assert f"{tmp_path / 'model.onnx'} is not a readable ONNX model" in line and "Fix: write it again" in line, line
+
+
+def test_export_without_out_keeps_two_models_of_one_folder_apart(exported, tmp_path, monkeypatch):
+    """Run by hand without --out: FOLDER/model.pt goes to outputs/export/FOLDER, and FOLDER/NAME.pt to
+    outputs/export/FOLDER-NAME, so prune.pt's export is not replaced by transfer.pt's from the same folder."""
+    from transferkit.deploy.export import main
+
+    (tmp_path / "runs").mkdir()
+    for name in ("model", "prune", "transfer"):
+        shutil.copyfile(exported[0] / "pruned" / "model.pt", tmp_path / "runs" / f"{name}.pt")
+    monkeypatch.chdir(tmp_path)
+    for name in ("model", "prune", "transfer"):
+        assert main([f"runs/{name}.pt", "--repeats", "5", "--batch-size", "16", "--threads", "1"]) == 0
+    made = sorted(p.parent.name for p in (tmp_path / "outputs" / "export").glob("*/export.json"))
+    assert made == ["runs", "runs-prune", "runs-transfer"]

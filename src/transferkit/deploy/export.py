@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("model", type=Path, help="a model.pt written by any stage (artifacts/<stage>/model.pt)")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: outputs/export/<stage>, outside artifacts/)")
+                   help="output folder (default: outputs/export/FOLDER for FOLDER/model.pt, FOLDER-NAME for NAME.pt)")
     p.add_argument("--test-set", type=Path, default=None,
                    help=f"prepared task (prepare's target.pt) whose test images the exports are checked on "
                         f"(default: {DEFAULT_TEST_SET} if it exists and has the model's classes, "
@@ -290,7 +290,8 @@ def summary(r: dict, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    out = args.out or Path("outputs/export") / args.model.parent.name
+    stem = "" if args.model.stem == "model" else f"-{args.model.stem}"  # prune.pt and transfer.pt of one folder apart
+    out = args.out or Path("outputs/export") / f"{args.model.parent.name}{stem}"
     check_untracked(out, "--out", "export")  # as dvc.yaml's export stage: its own folder
     if taken := [name for name in (ONNX_FILE, TORCHSCRIPT_FILE, EXPORT_JSON) if (out / name).is_dir()]:
         raise TransferkitError(f"cannot write {out / taken[0]}: it is a folder. Fix: move it away, or --out elsewhere.")
