@@ -386,3 +386,32 @@ def test_git_ignores_what_runs_leave_and_tracks_the_project():
     proc = subprocess.run(["git", "check-ignore", "--no-index", *ignored, *kept], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.stdout.split() == ignored
+
+
+def test_a_second_ctrl_c_does_not_leave_the_stage_running(tmp_path):
+    """`uv run` passes a Ctrl+C on to the command, which then meets a second SIGINT while it waits for the stages
+    dvc started to end: the wait went with it, and the command exited with the stage still running."""
+    import os
+    import signal
+    import sys
+    import time
+
+    pidfile = tmp_path / "pid"
+    stage = f"trap 'sleep 2; exit 130' INT; echo $$ > {pidfile}; while :; do sleep 0.1; done"
+    script = f"from pathlib import Path\nfrom transferkit.project import run\nrun(['sh', '-c', {stage!r}], Path('.'))\n"
+    caller = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (pidfile.is_file() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline and caller.poll() is None
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    caller.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the stage is ending (2 s) when the second one comes
+    caller.send_signal(signal.SIGINT)
+    caller.wait(timeout=60)
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        assert not stat.is_file() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has ended
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -91,15 +91,24 @@ def _exits_on(*signals: int):
 def stop_session(proc: subprocess.Popen, sig: int, grace_s: float = 15.0) -> None:
     """Send `sig` to every process of `proc`'s session (dvc and the stage it runs), and SIGKILL what is
     left after `grace_s`: a stage outliving its caller would go on writing into a folder being deleted."""
+    import threading
+
     deadline = time.monotonic() + grace_s
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-        while time.monotonic() < deadline:
-            proc.poll()  # reaps dvc, so the group ends when its last process does
-            os.killpg(proc.pid, 0)  # ProcessLookupError once the whole group is gone
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # a second SIGINT meanwhile (`uv run` passes one on too) would end this wait with the stages still running
+    main = threading.current_thread() is threading.main_thread()  # where a handler may be set
+    held = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+            while time.monotonic() < deadline:
+                proc.poll()  # reaps dvc, so the group ends when its last process does
+                os.killpg(proc.pid, 0)  # ProcessLookupError once the whole group is gone
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, signal.default_int_handler if held is None else held)
 
 
 def stages_run(output: str) -> list[str]:
