@@ -480,6 +480,9 @@ def test_sweep_refuses_hydra_settings_it_would_ignore(override, tmp_path):
     (["transfer.freeze_depth=0,9"], "transfer.freeze_depth=9"),           # beyond the 4 blocks of fastnet_tiny
     (["transfer.freeze_depth=range(3,6)"], "transfer.freeze_depth=5"),
     (["transfer.freez_depth=0,1"], "freez_depth"),                         # unknown key
+    # a key conf/ lacks: the keys it has that look like it, not "transfer does not read freeze_depth"
+    (["freeze_depth=0,1"], "conf/ has no setting freeze_depth (did you mean freeze_curve.depths or "
+                           "scratch.freeze_depth or transfer.freeze_depth?)"),
     (["transfer.freeze_depth=0,1", "transfer.lr=-1"], "transfer.lr"),
     # settings of the stages whose outputs the points read: every point would reuse the one result
     (["pretrain.epochs=1,2"], "pretrain.epochs=1 here, but "),

@@ -195,6 +195,9 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     earlier stages' outputs under paths.artifacts_dir (check_inputs); `given`: the keys the command line
     set, where the others come from the project's params.yaml (None: every key is the command line's)."""
     points = expand(argv)  # a line Hydra cannot parse is one error line there
+    # Composing first makes a mistyped key (the commonest mistake) fail in well under a second, with the keys
+    # conf/ has that look like it: the value checks below import torch and Lightning, which take seconds to load.
+    composed = [compose(point) for point in points]
     if stage:  # one value of a setting the stage does not read would run it unchanged under another name
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -202,9 +205,6 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
         conf_dir = find_conf_dir()
         check_read(stage, [o.input_line for o in parsed if not (o.is_hydra_override() or group_choice(o, conf_dir))
                            and (given is None or o.key_or_group in given)], composed=True)
-    # Composing first makes a mistyped key (the commonest mistake) fail in well under a second:
-    # the value checks below import torch and Lightning, which take seconds to load.
-    composed = [compose(point) for point in points]
 
     from transferkit.config.checks import check_frozen_sweep, validate_run
 
