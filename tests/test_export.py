@@ -636,6 +636,8 @@ def test_predict_reads_and_classifies_a_batch_at_a_time(tmp_path, monkeypatch, c
     line = _one_error(capsys, ["predict", str(model), *(str(folder / f"gone{i}.png") for i in range(8))])
     assert "cannot read 8 of 8 image(s): " in line and "gone4.png (no such file); and 3 more. Fix:" in line, line
     assert "gone5.png" not in line  # the first few name the problem; thousands made a line no one reads
+    assert line.endswith("Fix: mend or leave out these files, as each note says: predict reads image files this user "
+                         "may read and PIL can open (PNG, JPEG, BMP, ...).")  # a note's own fix (downscale it) stands
 
 
 def test_class_names_that_would_forge_a_result_line_are_refused(tmp_path, capsys):

@@ -761,7 +761,7 @@ def test_collect_reads_a_runs_folder_strategies_by_the_stage_that_made_them(tmp_
     runs = find_runs([folder / given])
     assert sorted((r.folder.name, r.label) for r in runs) == [
         ("early_probe", "probe probe.depth=2"), ("fine_tune", "transfer transfer.freeze_depth=0"),
-        ("linear_probe", "probe probe.depth=None"), ("partial_freeze", "transfer transfer.freeze_depth=2"),
+        ("linear_probe", "probe probe.depth=null"), ("partial_freeze", "transfer transfer.freeze_depth=2"),
         ("scratch", "scratch")]
 
 

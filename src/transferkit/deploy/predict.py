@@ -115,7 +115,8 @@ def unreadable(bad: list[str], total: int) -> TransferkitError:
     folder of thousands of text files made a line of thousands of names)."""
     more = f"; and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
     return TransferkitError(f"cannot read {len(bad)} of {total} image(s): {'; '.join(bad[:SHOWN])}{more}. "
-                            f"Fix: pass image files that this user may read and PIL can open (PNG, JPEG, BMP, ...).")
+                            f"Fix: mend or leave out these files, as each note says: predict reads image files this "
+                            f"user may read and PIL can open (PNG, JPEG, BMP, ...).")
 
 
 SHOWN = 5  # unreadable files an error names
