@@ -870,6 +870,26 @@ def test_score_cache_is_renewed_when_the_scoring_code_changes(tmp_path, monkeypa
     assert len(calls) == 2
 
 
+def test_scores_on_a_given_test_set_are_cached_by_its_content(tmp_path, monkeypatch):
+    """The scenarios' report scores each quadrant's strategies on the task it gives (a rerun scored every model
+    again, a minute with nothing printed): cached, and scored again where the test set given differs."""
+    from transferkit.evaluation import runs
+
+    task, _, params, _ = _scorable(tmp_path)
+    calls, real = [], runs.predict
+    monkeypatch.setattr(runs, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def scored(given):
+        run = runs.Run("transfer", tmp_path / "run", params, None)
+        runs.score([run], given, cache_file=tmp_path / "scores.pt")
+        return run.correct
+
+    first = scored(task)
+    assert scored(task).equal(first) and len(calls) == 1  # the second from the cache
+    moved = {**task, "test_y": (task["test_y"] + 1) % 3}
+    assert not (scored(moved) & first).any() and len(calls) == 2  # another test set: scored on it
+
+
 def test_a_damaged_score_cache_is_rebuilt(tmp_path, caplog):
     from transferkit.errors import TransferkitError
     from transferkit.io import load_plain

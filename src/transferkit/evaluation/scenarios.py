@@ -22,7 +22,7 @@ def score_quadrant(out: Path, preset: str, size: str, similarity: str, plan: lis
     test set, the winner chosen on validation accuracy, and the source material's advice beside it."""
     task = load_task(out / preset / "prepare", "target")
     runs = {s.name: read_run(out / preset / s.name, s.stage) for s in plan}
-    score(list(runs.values()), task)
+    score(list(runs.values()), task, cache_file=out / preset / "scores.pt")  # a rerun scores only what changed
     n_val, n_test = len(task["val_y"]), len(task["test_y"])
 
     def interval(acc, n):
