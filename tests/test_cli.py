@@ -1061,6 +1061,9 @@ def test_a_hydra_job_run_as_a_child_command_ends_as_its_child_did(tmp_path, endi
     assert proc.returncode == code, proc.stderr[-2000:]
     assert (proc.stderr.strip().startswith(stderr) and len(proc.stderr.strip().splitlines()) == 1 if stderr
             else proc.stderr == ""), proc.stderr[-2000:]
+    if code == 137:  # a Hydra rerun goes to a new folder unless told this one: the fix names it
+        assert proc.stderr.strip().endswith(f"Fix: run it again into {tmp_path} (hydra.run.dir; with -m, "
+                                            f"hydra.sweep.dir): it resumes there."), proc.stderr[-2000:]
 
 
 def test_a_hydra_run_its_stage_refuses_is_one_line_with_exit_code_2(tmp_path):

@@ -1171,3 +1171,6 @@ def test_export_without_out_keeps_two_models_of_one_folder_apart(exported, tmp_p
         assert main([f"runs/{name}.pt", "--repeats", "5", "--batch-size", "16", "--threads", "1"]) == 0
     made = sorted(p.parent.name for p in (tmp_path / "outputs" / "export").glob("*/export.json"))
     assert made == ["runs", "runs-prune", "runs-transfer"]
+    monkeypatch.chdir(tmp_path / "runs")  # a file named from its own folder: the folder's name all the same
+    assert main(["prune.pt", "--repeats", "5", "--batch-size", "16", "--threads", "1"]) == 0
+    assert (tmp_path / "runs" / "outputs" / "export" / "runs-prune" / "export.json").is_file()

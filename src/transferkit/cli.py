@@ -120,7 +120,8 @@ def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
         sys.exit(die_of(-code))  # where the signal is blocked: its status, not the line for a signal unreported
     if code < 0:  # a signal the child could not report (the out-of-memory killer, kill -9): 137 for SIGKILL
         print(f"transferkit {stage}: error: its process was killed by signal {-code} ({signal.strsignal(-code)}; "
-              f"out of memory, or kill -9). Fix: run it again: it resumes from its last checkpoint.", file=sys.stderr)
+              f"out of memory, or kill -9). Fix: run it again into {job_dir} (hydra.run.dir; with -m, hydra.sweep.dir):"
+              f" it resumes there.", file=sys.stderr)
         sys.exit(128 - code)
     if code:
         sys.exit(code)  # the child has already printed its one error line

@@ -45,8 +45,8 @@ def run(cmd: list[str], cwd: Path, tail: int = 25, show: Callable[[str], str | N
                                 text=True, start_new_session=True)
     except OSError as e:  # e.g. git is not installed
         raise TransferkitError(f"`{' '.join(cmd)}` could not start: {e}") from e
-    try:
-        with _exits_on(signal.SIGTERM, signal.SIGHUP):
+    with _exits_on(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        try:
             lines = []
             with proc.stdout:
                 for line in proc.stdout:
@@ -58,9 +58,9 @@ def run(cmd: list[str], cwd: Path, tail: int = 25, show: Callable[[str], str | N
                             show = None
             output = "".join(lines)
             proc.wait()
-    except BaseException as e:  # KeyboardInterrupt, or a SIGTERM or SIGHUP turned into SystemExit
-        stop_session(proc, signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
-        raise
+        except BaseException as e:  # KeyboardInterrupt, or a SIGTERM or SIGHUP turned into SystemExit
+            stop_session(proc, signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
+            raise
     if proc.returncode:
         end = "\n".join(output.rstrip().splitlines()[-tail:])
         raise TransferkitError(f"`{' '.join(cmd)}` exited with code {proc.returncode} in {cwd}"
@@ -70,17 +70,26 @@ def run(cmd: list[str], cwd: Path, tail: int = 25, show: Callable[[str], str | N
 
 @contextlib.contextmanager
 def _exits_on(*signals: int):
-    """`signals` (where they would end this process as they come: `kill`, `timeout`, a closed terminal) end it
-    by SystemExit while the block runs, so that the session dvc runs in is stopped with it (run)."""
+    """`signals` (where they would end this process as they come: Ctrl+C, `kill`, `timeout`, a closed terminal)
+    end it by KeyboardInterrupt or SystemExit while the block runs, so that the session dvc runs in is stopped with
+    it (run); the first one only: a second (`uv run` passes a Ctrl+C on as one) would cut short the wait for it."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
         yield
         return
+
+    def stop(number, _frame):
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        if number == signal.SIGINT:
+            raise KeyboardInterrupt
+        sys.exit(128 + number)
+
     previous = {sig: signal.getsignal(sig) for sig in signals}
     for sig, handler in previous.items():
-        if handler == signal.SIG_DFL:
-            signal.signal(sig, lambda number, _frame: sys.exit(128 + number))
+        if handler in (signal.SIG_DFL, signal.default_int_handler):  # not a handler of the caller's own
+            signal.signal(sig, stop)
     try:
         yield
     finally:
@@ -91,24 +100,15 @@ def _exits_on(*signals: int):
 def stop_session(proc: subprocess.Popen, sig: int, grace_s: float = 15.0) -> None:
     """Send `sig` to every process of `proc`'s session (dvc and the stage it runs), and SIGKILL what is
     left after `grace_s`: a stage outliving its caller would go on writing into a folder being deleted."""
-    import threading
-
     deadline = time.monotonic() + grace_s
-    # a second SIGINT meanwhile (`uv run` passes one on too) would end this wait with the stages still running
-    main = threading.current_thread() is threading.main_thread()  # where a handler may be set
-    held = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-            while time.monotonic() < deadline:
-                proc.poll()  # reaps dvc, so the group ends when its last process does
-                os.killpg(proc.pid, 0)  # ProcessLookupError once the whole group is gone
-                time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, signal.default_int_handler if held is None else held)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+        while time.monotonic() < deadline:
+            proc.poll()  # reaps dvc, so the group ends when its last process does
+            os.killpg(proc.pid, 0)  # ProcessLookupError once the whole group is gone
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def stages_run(output: str) -> list[str]:

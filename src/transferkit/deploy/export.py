@@ -291,7 +291,7 @@ def summary(r: dict, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     stem = "" if args.model.stem == "model" else f"-{args.model.stem}"  # prune.pt and transfer.pt of one folder apart
-    out = args.out or Path("outputs/export") / f"{args.model.parent.name}{stem}"
+    out = args.out or Path("outputs/export") / f"{args.model.resolve().parent.name}{stem}"
     check_untracked(out, "--out", "export")  # as dvc.yaml's export stage: its own folder
     if taken := [name for name in (ONNX_FILE, TORCHSCRIPT_FILE, EXPORT_JSON) if (out / name).is_dir()]:
         raise TransferkitError(f"cannot write {out / taken[0]}: it is a folder. Fix: move it away, or --out elsewhere.")

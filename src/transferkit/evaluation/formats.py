@@ -55,6 +55,6 @@ def busy_note(timing: dict) -> list[str]:
     """Where other processes took a quarter of a core or more while evaluate timed (speed.other_work): a warning."""
     if (busy := timing.get("machine", {}).get("other_cores", 0)) < 0.25:
         return []
-    return [f"While evaluate timed, other processes kept {busy:.1f} of the cores it runs on busy, so the timings may "
+    return [f"While evaluate timed, other processes kept {busy:.2f} of the cores it runs on busy, so the timings may "
             f"be slower than this machine gives on its own. Fix: on an idle machine, `uv run dvc repro -s -f evaluate` "
             f"times them again."]

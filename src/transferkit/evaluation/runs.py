@@ -86,6 +86,11 @@ def _shape_fault(params: dict, metrics: dict, timing: dict) -> str | None:
     return None
 
 
+def assignment(key: str, value) -> str:
+    """`key=value` as a row's setting names it, and as YAML and Hydra write it (null, not Python's None)."""
+    return f"{key}={'null' if value is None else value}"
+
+
 def integral(value):
     """A whole float as the int it is, in lists and dicts too: runs made with lr=1 and with lr=1.0 (Hydra composes
     the two alike) are one setting, not two rows, and scratch's match."""
@@ -131,7 +136,7 @@ def load_cache(cache_file: Path | None) -> dict:
     if not cache_file or not cache_file.exists():
         return {}
     try:
-        cache = load_plain(cache_file, f"delete {cache_file} (a cache: collect rebuilds it).")
+        cache = load_plain(cache_file, f"delete {cache_file} (a cache, made again as runs are scored).")
         if isinstance(cache, dict) and all(isinstance(v, torch.Tensor) for v in cache.values()):
             return cache
         problem = f"{cache_file} is unreadable (not per-image results)"
@@ -279,7 +284,7 @@ def summarize(runs: list[Run]) -> dict:
                      # values too (scratch.epochs follows transfer.epochs, and a transfer.epochs sweep
                      # records only the latter in the row's setting)
                      **({"vs_scratch": versus(group, [r for r in scratch if set(r.setting) <= set(setting) | {
-                         f"{k}={v}" for k, v in flatten(group[0].params).items()}])} if stage != "scratch" else {})})
+                         assignment(*kv) for kv in flatten(group[0].params).items()}])} if stage != "scratch" else {})})
     stages = [r["stage"] for r in rows]
     # a probe collected with scratch alone is what is compared with scratch: the main stage, not its baseline
     swept = [s for s in stages if s not in REFERENCES] or [s for s in stages if s != "scratch"] or stages

@@ -106,6 +106,8 @@ def busy_seconds() -> tuple[float, float] | None:
                  for line in Path("/proc/stat").read_text().splitlines() if line.split(maxsplit=1)[0] in mine]
     except (ImportError, AttributeError, OSError, ValueError, IndexError):  # not Linux: nothing to say
         return None
+    if len(ticks) != len(mine):  # a container's /proc/stat that numbers its CPUs otherwise
+        return None
     own = resource.getrusage(resource.RUSAGE_SELF)
     return sum(ticks) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
 

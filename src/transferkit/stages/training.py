@@ -47,14 +47,15 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     `earlier_fits`: the stage's fits before this one (prune's sparse learning and rounds), counted in its timing."""
     settings = cfg[stage]
     run = {"train_seconds": 0.0, "train_images_per_second": None, "precision": None, "device": None,
-           "resumed_at_epoch": None, "threads": torch.get_num_threads()}  # the weights' float sums depend on it
+           "resumed_at_epoch": None, "threads": None}
     if settings.epochs > 0:  # pretrain.epochs=0: export published weights as they are
         result = fit_stage(cfg, settings, model, task, out, module_cls=module_cls, **module_kwargs)
         model = result.model
         seconds, images = (sum(getattr(f, k) for f in (*earlier_fits, result)) for k in ("seconds", "images"))
         run = {"train_seconds": round(seconds, 2), "train_images_per_second": round(images / max(seconds, 1e-9), 1),
                "precision": result.precision, "device": result.device, "resumed_at_epoch": result.resumed_at_epoch,
-               "threads": run["threads"]}
+               "threads": torch.get_num_threads()}  # the weights' float sums depend on it: after the fit, as
+        # Lightning's DDP launcher sets this process's count to cores / processes as it starts the others
     model = model.float().to(memory_format=torch.contiguous_format).eval()
     metrics = dict(extra_metrics or {})
     if finalize is not None:

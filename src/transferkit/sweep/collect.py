@@ -21,7 +21,7 @@ from pathlib import Path
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
 from transferkit.evaluation.plots import sweep_png
-from transferkit.evaluation.runs import Run, read_run, score, summarize
+from transferkit.evaluation.runs import Run, assignment, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import make_folder, save_json, save_text, undone_on_failure
 from transferkit.plain import dvc_file_data, flatten, under
@@ -104,7 +104,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         # (trainer.precision) and of how collect scores it; not another stage's (scratch is the same run whatever
         # pretrain.epochs says)
         made = made_with(r.stage) | {*SCORED_WITH, "trainer"}
-        r.setting = tuple(f"{k}={'null' if f.get(k) is None else f.get(k)}" for k in swept if under(k, made))  # YAML's
+        r.setting = tuple(assignment(k, f.get(k)) for k in swept if under(k, made))
         if twin := seen.get((r.stage, r.setting, r.seed)):  # two seeds' worth of confidence from one seed
             raise TransferkitError(f"{twin.folder} and {r.folder} are the same run ({r.stage}, seed {r.seed}"
                                    f"{''.join(f', {o}' for o in r.setting)}), which the table would count as two "
