@@ -381,7 +381,8 @@ def test_git_ignores_what_runs_leave_and_tracks_the_project():
     """Run outputs, Hydra's folders under any folder, and a killed run's lock or work folder beside its output
     (scenarios/ sits in the root) stay out of `git add -A`; the project's own files do not."""
     ignored = ["artifacts/x", "sweeps/x", "scenarios/x", "docs/outputs/x", "multirun/x", ".scenarios.lock",
-               "sweeps/.smoke-transfer.lock", "mine/.out.incomplete/x", "data/cifar10-jpeg.tar.gz"]
+               "sweeps/.smoke-transfer.lock", "mine/.out.incomplete/x", "mine/.out.old/x",
+               "data/cifar10-jpeg.tar.gz"]
     kept = ["dvc.lock", "dvc.yaml", "params.yaml", "data/README.md", "src/transferkit/cli.py", "conf/config.yaml"]
     proc = subprocess.run(["git", "check-ignore", "--no-index", *ignored, *kept], cwd=ROOT, capture_output=True,
                           text=True)
