@@ -400,7 +400,9 @@ def test_a_second_ctrl_c_does_not_leave_the_stage_running(tmp_path):
     pidfile = tmp_path / "pid"
     stage = f"trap 'sleep 2; exit 130' INT; echo $$ > {pidfile}; while :; do sleep 0.1; done"
     script = f"from pathlib import Path\nfrom transferkit.project import run\nrun(['sh', '-c', {stage!r}], Path('.'))\n"
-    caller = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.DEVNULL)
+    # SIGINT as a terminal's command has it: a shell's background job (CI's) starts with it ignored
+    caller = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.DEVNULL,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (pidfile.is_file() and pidfile.read_text().strip()):
         assert time.monotonic() < deadline and caller.poll() is None
