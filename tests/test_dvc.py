@@ -403,18 +403,20 @@ def test_a_second_ctrl_c_does_not_leave_the_stage_running(tmp_path):
     # SIGINT as a terminal's command has it: a shell's background job (CI's) starts with it ignored
     caller = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.DEVNULL,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 60
-    while not (pidfile.is_file() and pidfile.read_text().strip()):
-        assert time.monotonic() < deadline and caller.poll() is None
-        time.sleep(0.05)
-    pid = int(pidfile.read_text())
-    caller.send_signal(signal.SIGINT)
-    time.sleep(0.5)  # the stage is ending (2 s) when the second one comes
-    caller.send_signal(signal.SIGINT)
-    caller.wait(timeout=60)
-    stat = Path(f"/proc/{pid}/stat")
+    pid = None
     try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.is_file() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline and caller.poll() is None
+            time.sleep(0.05)
+        pid = int(pidfile.read_text())
+        caller.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # the stage is ending (2 s) when the second one comes
+        caller.send_signal(signal.SIGINT)
+        caller.wait(timeout=60)
+        stat = Path(f"/proc/{pid}/stat")
         assert not stat.is_file() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has ended
-    finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    finally:  # a failure leaves neither process behind
+        for left in (caller.pid, pid):
+            with __import__("contextlib").suppress(ProcessLookupError, TypeError):
+                os.kill(left, signal.SIGKILL)
