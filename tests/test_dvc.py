@@ -307,6 +307,22 @@ def test_a_copy_of_the_project_ignores_the_users_git_hooks_and_commits_no_data(t
     assert not list((proj / ".git" / "hooks").glob("*"))
 
 
+def _started_stage(pidfile: Path, caller: subprocess.Popen) -> int:
+    """The pid the stage `caller` runs writes to `pidfile`, once it has (within 60 s, the caller still running)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while not (pidfile.is_file() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline and caller.poll() is None
+        time.sleep(0.05)
+    return int(pidfile.read_text())
+
+
+def _running(pid: int) -> bool:  # a zombie no one reaps (PID 1 in a container may not) has ended
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.is_file() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @pytest.mark.parametrize("handler", ["check-repro's", "none (a sweep's)"])
 def test_stopping_a_dvc_run_ends_the_stage_it_started(tmp_path, handler):
     """check-repro turns SIGTERM into an exit, and a sweep has no handler at all (`timeout`, `kill`): the
@@ -315,29 +331,19 @@ def test_stopping_a_dvc_run_ends_the_stage_it_started(tmp_path, handler):
     import os
     import signal
     import sys
-    import time
 
     pidfile = tmp_path / "pid"
     script = ("import signal, sys\nfrom pathlib import Path\nfrom transferkit.project import run\n"
               + ("signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))\n" if handler.startswith("check")
                  else "") + f"run(['sh', '-c', 'sleep 60 & echo $! > {pidfile}; wait'], Path('.'))\n")
     caller = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while not (pidfile.is_file() and pidfile.read_text().strip()):
-        assert time.monotonic() < deadline and caller.poll() is None
-        time.sleep(0.05)
-    sleeper = int(pidfile.read_text())
+    sleeper = _started_stage(pidfile, caller)
     caller.send_signal(signal.SIGTERM)
     assert caller.wait(timeout=30) == 128 + signal.SIGTERM
-
-    def running(pid: int) -> bool:  # a zombie no one reaps (PID 1 in a container may not) has ended
-        stat = Path(f"/proc/{pid}/stat")
-        return stat.is_file() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-
     try:
-        assert not running(sleeper)
+        assert not _running(sleeper)
     finally:
-        if running(sleeper):
+        if _running(sleeper):
             os.kill(sleeper, signal.SIGKILL)
 
 
@@ -405,17 +411,12 @@ def test_a_second_ctrl_c_does_not_leave_the_stage_running(tmp_path):
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pid = None
     try:
-        deadline = time.monotonic() + 60
-        while not (pidfile.is_file() and pidfile.read_text().strip()):
-            assert time.monotonic() < deadline and caller.poll() is None
-            time.sleep(0.05)
-        pid = int(pidfile.read_text())
+        pid = _started_stage(pidfile, caller)
         caller.send_signal(signal.SIGINT)
         time.sleep(0.5)  # the stage is ending (2 s) when the second one comes
         caller.send_signal(signal.SIGINT)
         caller.wait(timeout=60)
-        stat = Path(f"/proc/{pid}/stat")
-        assert not stat.is_file() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has ended
+        assert not _running(pid)
     finally:  # a failure leaves neither process behind
         for left in (caller.pid, pid):
             with __import__("contextlib").suppress(ProcessLookupError, TypeError):
