@@ -436,6 +436,35 @@ def test_results_command_finds_evaluate_where_the_projects_params_put_the_artifa
         main([])
 
 
+def test_results_say_when_params_yaml_has_changed_since_evaluate_ran(smoke_artifacts, tmp_path, monkeypatch, capsys):
+    """`transferkit params seed=3` then `transferkit results`: the table is the last run's, which it says with the
+    setting that changed; a setting no stage tracks (the progress bar) and a folder given by hand say nothing."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from transferkit.config.compose import params_text
+    from transferkit.evaluation.tables import main
+
+    cfg, _ = smoke_artifacts
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").touch()
+    shutil.copytree(Path(cfg.paths.artifacts_dir) / "evaluate", tmp_path / "artifacts" / "evaluate")
+    monkeypatch.chdir(tmp_path)
+    notes = {}
+    for change in ([], ["trainer.progress_bar=true"], [f"seed={cfg.seed + 3}", "trainer.progress_bar=true"]):
+        edited = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["paths.artifacts_dir=artifacts", *change]))
+        (tmp_path / "params.yaml").write_text(params_text(edited))
+        assert main([]) == 0
+        notes[len(change)] = capsys.readouterr().out.split("Training in all:")[-1]
+        assert main(["artifacts/evaluate"]) == 0
+        assert "has changed" not in capsys.readouterr().out
+    assert "has changed" not in notes[0] + notes[1]
+    assert notes[2].strip().endswith(f"params.yaml has changed since evaluate ran (seed: {cfg.seed} → {cfg.seed + 3}):"
+                                     " these are the last run's results. Fix: `uv run dvc repro` brings them up to "
+                                     "date."), notes[2]
+
+
 @pytest.mark.parametrize("text", ['{"train_seconds": 3', "[" * 100_000 + "]" * 100_000])  # (a RecursionError)
 def test_results_command_names_a_stages_unreadable_timing(smoke_artifacts, tmp_path, text):
     """A damaged timing.json of a training stage: one error naming it and the fix, before any table."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from transferkit.evaluation.formats import busy_note, file_size, interval, measured, millions, names, points
 
@@ -186,11 +188,30 @@ def training_table(stages: dict[str, dict]) -> str:
     return "\n".join(lines + ["", f"Training in all: {seconds(total)} s."]) + "\n"
 
 
+def changed_since(params: Path, ran: Path) -> str | None:
+    """The settings DVC tracks for the stages that `params` (the project's params.yaml) holds otherwise than `ran`
+    (the one evaluate ran with), as `key: then → now`; None where they agree or either is unreadable."""
+    from transferkit.config.dvcyaml import tracked_params
+    from transferkit.plain import differing, flatten, plain_yaml, under
+    from transferkit.stages import PIPELINE
+
+    try:
+        now, then = (plain_yaml(p.read_text(encoding="utf-8")) for p in (params, ran))
+        keys = {k for s in PIPELINE for k in tracked_params(s.params, list(now["trainer"]))}
+        now, then = ({k: v for k, v in flatten(d).items() if under(k, keys)} for d in (now, then))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    def change(key: str) -> str:  # a long value (a class list) by its key alone
+        values = [json.dumps(d.get(key)) for d in (then, now)]
+        return key if sum(map(len, values)) > 40 else f"{key}: {values[0]} → {values[1]}"
+    other = differing(then, now)
+    return ", ".join(map(change, other[:3])) + ", ..." * (len(other) > 3) or None
+
+
 def main(argv: list[str]) -> int:
     """`transferkit results [DIR]`: the results table of a pipeline run (DIR: evaluate's output folder)."""
     import argparse
     import os
-    from pathlib import Path
 
     from transferkit.errors import TransferkitError, one_line_errors
     from transferkit.plain import plain_json
@@ -269,4 +290,7 @@ def main(argv: list[str]) -> int:
     print(table, end="")
     if training:
         print(f"\nTraining, from each stage's timing.json:\n\n{training}", end="")
+    if given is None and (changed := changed_since(project / "params.yaml", folder / "params.yaml")):
+        print(f"\nparams.yaml has changed since evaluate ran ({changed}): these are the last run's results. "
+              "Fix: `uv run dvc repro` brings them up to date.")
     return 0
