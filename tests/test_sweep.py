@@ -436,6 +436,21 @@ def test_an_override_of_a_setting_the_stage_does_not_read_is_refused(tmp_path, s
                        "model.name=resnet18", "data.target.train_per_class=5", "name=mine"])
 
 
+def test_a_sweep_value_a_setting_refuses_is_named_as_the_sweeps_to_change():
+    """`transferkit sweep transfer transfer.lr=0.1,-1`: the fix is the sweep's value, not conf/ or `transferkit
+    params`; a setting the point does not give keeps the general fix."""
+    from transferkit.errors import TransferkitError
+    from transferkit.config.overrides import swept_fix
+    from transferkit.sweep.points import check_points
+
+    with pytest.raises(TransferkitError, match=r"^sweep point \[experiment=smoke transfer.lr=-1\]: transfer.lr=-1 is "
+                                               r"invalid: must be greater than 0\. Fix: change -1 among the sweep's "
+                                               r"values of transfer.lr\.$"):
+        check_points(None, ["experiment=smoke", "transfer.lr=0.1,-1"])
+    message = "transfer.lr=-1 is invalid: must be greater than 0. Fix: set transfer.lr in conf/ or as an override."
+    assert swept_fix(message, ["experiment=smoke", "seed=1"]) == message
+
+
 def test_a_key_whose_name_only_begins_like_a_setting_the_stage_reads_is_not_read():
     """transfer reads transfer.* and seed, not +transfer_note or +seeds: a key is inside a setting only below a
     dot, so either would change nothing but the saved params.yaml."""

@@ -3,12 +3,22 @@ one value a key, and a value written back as one."""
 
 from __future__ import annotations
 
+import re
+
 from transferkit.errors import TransferkitError
 
 
 def override_key(override: str) -> str:
     """The key an override sets: `+a.b=1`, `~a.b` and `a.b=1` all set a.b."""
     return override.split("=", 1)[0].lstrip("+~")
+
+
+def swept_fix(message: str, point: list[str]) -> str:
+    """A setting's refusal (config.schema.fail) for a sweep point that sets it: the fix is the sweep's value, not
+    conf/ or `transferkit params`."""
+    fix = re.search(r"Fix: set (\S+) in conf/ or as an override .*$", message)
+    given = [o.split("=", 1)[1] for o in point if "=" in o and fix and override_key(o) == fix[1]]
+    return message[:fix.start()] + f"Fix: change {given[0]} among the sweep's values of {fix[1]}." if given else message
 
 
 def refuse_repeats(overrides: list[str]) -> None:

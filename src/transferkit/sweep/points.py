@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferkit.config.compose import (QUOTING, compose, find_conf_dir, group_choice, params_text,
                                         project_overrides, read_yaml, to_params)
 from transferkit.config.drift import params_drift, regenerate_fix
-from transferkit.config.overrides import override_key
+from transferkit.config.overrides import override_key, swept_fix
 from transferkit.config.dvcyaml import code_files, stale_code, tracked_params
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
@@ -217,7 +217,7 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
         except TransferkitError as e:
             if len(points) == 1:
                 raise
-            raise TransferkitError(f"sweep point [{' '.join(point)}]: {e}") from e
+            raise TransferkitError(f"sweep point [{' '.join(point)}]: {swept_fix(str(e), point)}") from e
     check_frozen_sweep(composed)
     if stage:  # points that differ in nothing the stage or collect reads: one run, trained twice, counted twice
         keys, seen = {*BY_NAME[stage].params, *made_with(stage), *SCORED_WITH}, {}  # and what collect scores with
