@@ -199,9 +199,9 @@ def test_a_sweep_whose_inputs_are_not_made_names_the_stage_to_run(tmp_path, monk
     assert not (tmp_path / "sweeps").exists()
     (tmp_path / "artifacts" / "prepare").mkdir(parents=True)
     (tmp_path / "docs").mkdir()
-    monkeypatch.chdir(tmp_path / "docs")  # the folder is there: the path says where the sweep looked
-    with pytest.raises(TransferkitError, match=rf"^{tmp_path}/docs/artifacts/prepare does not exist.* the "
-                                               rf"project's folder {tmp_path}\.$"):
+    monkeypatch.chdir(tmp_path / "docs")  # the folder is there: the path says where the sweep looked, the fix to go
+    with pytest.raises(TransferkitError, match=rf"^{tmp_path}/docs/artifacts/prepare does not exist, and transfer "
+                                               rf"reads it\. Fix: sweep in the project's folder {tmp_path}\.$"):
         main(["transfer", "seed=0,1"])
 
 

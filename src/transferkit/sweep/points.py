@@ -235,10 +235,10 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
 
 
 def point_name(point: list[str], given: set[str]) -> str:
-    """The point's overrides of the keys `given` on the command line, varying or not, as Hydra names its
-    folders: `seed=1,transfer.freeze_depth=2`. A point keeps its name when the sweep grows along an axis
-    of one value, or gains a setting that changes no result (trainer.progress_bar), so DVC runs only the
-    new points; a "/" in a value would make a subfolder."""
+    """The point's overrides of the keys `given` on the command line, varying or not, as Hydra names its folders:
+    `seed=1,transfer.freeze_depth=2`. A point keeps its name when the sweep grows along an axis of one value, or
+    gains a setting that changes no result (trainer.progress_bar), so DVC runs only the new points; a "/" in a
+    value would make a subfolder."""
     return ",".join(sorted(o.replace("/", "%2F") for o in point if (k := override_key(o)) in given
                            and (k == "seed" or not under(k, NOT_SWEPT)))) or "default"
 
@@ -275,10 +275,10 @@ def main(argv: list[str]) -> int:
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
     check_runs_folder(out)
     # DVC would stop at a missing input only after removing the points' earlier outputs (run_pipeline refuses)
-    inputs = Path(cfgs[0].paths.artifacts_dir)
-    if missing := [name for name in BY_NAME[args.stage].reads if not (inputs / name).is_dir()]:
-        raise TransferkitError(f"{inputs.resolve() / missing[0]} does not exist, and {args.stage} reads it. Fix: make "
-                               f"it (`dvc repro {missing[0]}`) and sweep in the project's folder {params_file.parent}.")
+    if missing := [p for n in BY_NAME[args.stage].reads if not (p := Path(cfgs[0].paths.artifacts_dir) / n).is_dir()]:
+        made = "" if (params_file.parent / missing[0]).is_dir() else f"make it (`dvc repro {missing[0].name}`) and "
+        raise TransferkitError(f"{missing[0].resolve()} does not exist, and {args.stage} reads it. Fix: {made}sweep "
+                               f"in the project's folder {params_file.parent}.")
     with exclusive(out, WHY_LOCKED):  # from its params files to the table of the points its dvc.yaml lists
         stages, code, names = {}, code_files(BY_NAME[args.stage]), [point_name(p, given) for p in points]
         for i, (name, cfg) in enumerate(zip(names, cfgs)):
