@@ -3,6 +3,7 @@ times, on a clock the test drives, so a wrong statistic, unit or count of calls 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,6 +106,22 @@ def test_other_work_is_the_cpu_time_the_machine_spent_beyond_this_process(clock,
     with speed.other_work(load := {}):
         pass
     assert load == {}
+
+
+def test_a_cpu_quota_below_the_cores_it_may_run_on_says_nothing_of_other_work(tmp_path, monkeypatch):
+    """`docker --cpus=2` on a 64-core host: /proc/stat's 64 cores hold the neighbours' work, which takes nothing of
+    this process's 2 cores' worth. The tightest limit of its cgroup and those above it counts."""
+    (tmp_path / "job" / "inner").mkdir(parents=True)
+    (tmp_path / "membership").write_text("0::/job/inner\n")
+    (tmp_path / "job" / "inner" / "cpu.max").write_text("max 100000\n")
+    assert speed.cpu_quota(tmp_path, tmp_path / "membership") is None
+    (tmp_path / "job" / "cpu.max").write_text("150000 100000\n")
+    (tmp_path / "cpu.max").write_text("400000 100000\n")
+    assert speed.cpu_quota(tmp_path, tmp_path / "membership") == 1.5
+    monkeypatch.setattr(speed, "cpu_quota", lambda: 1.5)
+    assert speed.busy_seconds() is None or len(os.sched_getaffinity(0)) == 1
+    monkeypatch.setattr(speed, "cpu_quota", lambda: None)
+    assert speed.busy_seconds() is not None or not Path("/proc/stat").exists()
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's /proc/stat")

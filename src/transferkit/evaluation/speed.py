@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable
 
@@ -106,10 +106,27 @@ def busy_seconds() -> tuple[float, float] | None:
                  for line in Path("/proc/stat").read_text().splitlines() if line.split(maxsplit=1)[0] in mine]
     except (ImportError, AttributeError, OSError, ValueError, IndexError):  # not Linux: nothing to say
         return None
-    if len(ticks) != len(mine):  # a container's /proc/stat that numbers its CPUs otherwise
-        return None
+    if len(ticks) != len(mine) or (cpu_quota() or len(mine)) < len(mine):
+        return None  # a container's /proc/stat that numbers its CPUs otherwise, or a quota's share of many cores
     own = resource.getrusage(resource.RUSAGE_SELF)
     return sum(ticks) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def cpu_quota(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The cores' worth of CPU time that this process's cgroup (v2) and those above it allow; None where none
+    sets a limit (or off Linux)."""
+    try:
+        group = root / membership.read_text().partition("0::/")[2].strip()
+    except OSError:
+        return None
+    limits = []
+    for folder in (group, *group.parents):
+        with suppress(OSError, ValueError):  # no such file, or "max": no limit there
+            quota, period = (folder / "cpu.max").read_text().split()
+            limits.append(int(quota) / int(period))
+        if folder == root:
+            break
+    return min(limits, default=None)
 
 
 @contextmanager
