@@ -238,8 +238,11 @@ def test_predict_agrees_with_pytorch_for_every_model_file(exported, tmp_path, ki
     model, _ = load_checkpoint(folder / "model.pt", "prune")
     probs = _reference(model, paths)
     assert len(set(probs.argmax(1))) >= 2 and np.ptp(probs.max(1)) > 0.05  # a model whose answers vary
-    for file in ("model.pt", "export/model.onnx", "export/model.torchscript.pt"):
-        results = predict(folder / file, paths, trust_code=file.endswith("torchscript.pt"))
+    import shutil
+
+    shutil.copy(folder / "model.pt", tmp_path / "renamed.onnx")  # a model.pt given another name: read as what it is
+    for file in ("model.pt", "export/model.onnx", "export/model.torchscript.pt", tmp_path / "renamed.onnx"):
+        results = predict(folder / file, paths, trust_code=str(file).endswith("torchscript.pt"))
         assert [r["path"] for r in results] == [str(p) for p in paths]
         assert [r["class"] for r in results] == [CLASSES[i] for i in probs.argmax(1)], file
         assert np.allclose([r["probability"] for r in results], probs.max(1), atol=1e-4)

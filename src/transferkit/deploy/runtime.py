@@ -45,6 +45,12 @@ def stage_of(path: Path) -> str:
     return next((p.name for p in (path.parent, path.parent.parent) if p.name in STAGES), UNKNOWN_STAGE)
 
 
+def is_zip(path: Path) -> bool:
+    """torch.save and TorchScript files are zip archives; an ONNX file is a protobuf, which never begins so."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def is_torchscript(path: Path) -> bool:
     """TorchScript archives are zip files with code/ and constants.pkl; torch.save files are
     zip files without them."""
@@ -108,7 +114,7 @@ class Classifier:
             raise not_a_file(self.path, f"pass a model.pt a stage wrote (artifacts/<stage>/model.pt) or a model.onnx "
                                         f"/ {TORCHSCRIPT_FILE} from `transferkit export`.",
                              ("model.onnx", "model.pt", TORCHSCRIPT_FILE))
-        if self.path.suffix.lower() == ".onnx":
+        if self.path.suffix.lower() == ".onnx" and not is_zip(self.path):  # a model.pt renamed: read as one
             self.kind = "onnx"
             self.session = ort_session(self.path, threads)
             if loop := control_flow(self.path):
