@@ -47,8 +47,11 @@ def stage_of(path: Path) -> str:
 
 def is_zip(path: Path) -> bool:
     """torch.save and TorchScript files are zip archives; an ONNX file is a protobuf, which never begins so."""
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:  # unreadable: the loader names it
+        return False
 
 
 def is_torchscript(path: Path) -> bool:

@@ -201,6 +201,7 @@ def changed_since(params: Path, ran: Path) -> str | None:
         now, then = ({k: v for k, v in flatten(d).items() if under(k, keys)} for d in (now, then))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
     def change(key: str) -> str:  # a long value (a class list) by its key alone
         values = [json.dumps(d.get(key)) for d in (then, now)]
         return key if sum(map(len, values)) > 40 else f"{key}: {values[0]} → {values[1]}"
