@@ -1072,8 +1072,21 @@ def test_half_transparent_pixels_blend_with_white():
 
 def test_empty_image_folder_is_an_error(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    with pytest.raises(TransferkitError, match="no images found"):
+    with pytest.raises(TransferkitError, match=r"no images found in .*empty as train/<class>/<image> and "
+                                               r"test/<class>/<image>\. Fix: arrange the images in that layout"):
         read_image_folder(tmp_path / "empty")
+
+
+def test_class_folders_without_a_split_are_told_how_to_split(tmp_path):
+    """torchvision's ImageFolder layout (class folders alone) was told 'no images found', which is untrue."""
+    for name in ("cat", "dog", "frog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        (tmp_path / "pets" / name / "0.png").write_bytes(_encode(Image.new("RGB", (32, 32)), "PNG"))
+    with pytest.raises(TransferkitError, match=r"no images found in .*pets as train/<class>/<image> and test/<class>/"
+                                               r"<image>\. Fix: .*pets holds class folders alone \(cat, dog, frog\), "
+                                               r"with no split: move some of each class's images to test/<class>/ and "
+                                               r"the rest to train/<class>/\.$"):
+        read_image_folder(tmp_path / "pets")
 
 
 # ============================================================== corrupt inputs

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transferkit.data.archives import archive_files
 from transferkit.data.memory import memory_limit
-from transferkit.data.dataset import RawDataset, Split, class_name
+from transferkit.data.dataset import RawDataset, Split, class_name, layout_fix
 from transferkit.errors import TransferkitError
 from transferkit.progress import progress
 
@@ -286,8 +286,8 @@ def read_image_folder(path: Path, image_size: int = 32, wanted: set[str] | None 
         raise TransferkitError(f"{path} holds train/ and test/ in {a}/ and in {b}/: two datasets, or two copies of "
                                f"one. Fix: give the folder or archive of one dataset alone.")
     if not seen_classes:
-        raise TransferkitError(f"no images found in {path}: expected train/<class>/<image> and test/<class>/<image>. "
-                               f"Fix: arrange the images in that layout (or, for an archive in it, give that file).")
+        raise TransferkitError(f"no images found in {path} as train/<class>/<image> and test/<class>/<image>. "
+                               f"Fix: {layout_fix(path)}.")
     classes = sorted(seen_classes)
     index = {c: i for i, c in enumerate(classes)}
 
