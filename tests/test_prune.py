@@ -444,6 +444,20 @@ def test_the_stage_says_when_the_student_is_too_narrow_for_round_to(tmp_path, ca
     assert "prune.round_to=16" in caplog.text and "too narrow" in caplog.text
 
 
+def test_rounds_too_narrow_for_round_to_name_the_widths_they_end_with(tmp_path, monkeypatch, caplog):
+    """Rounds of a channel cut say so at the first round: the widths the warning names are the saved model's, not
+    the first round's."""
+    import transferkit.stages.prune as prune_stage
+
+    monkeypatch.setattr(prune_stage, "_recover", _untrained)  # the cuts are under test, not the training
+    cfg = _smoke_with_student(tmp_path, "prune.epochs=1", "prune.round_to=16", "prune.target=channels",
+                              "prune.ratio=0.5", "prune.steps=2")
+    with caplog.at_level(logging.WARNING, logger="transferkit.stages.prune"):
+        run("prune", cfg)
+    saved = conv_widths(load_checkpoint(tmp_path / "artifacts" / "prune" / "model.pt", "prune")[0])
+    assert f"(conv widths {'/'.join(map(str, saved))})" in caplog.text, (saved, caplog.text)
+
+
 def test_sparse_learning_runs_before_the_cut(tmp_path, monkeypatch):
     import transferkit.stages.prune as prune_stage
     from transferkit.stages.common import load_task

@@ -99,7 +99,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                 if by_layer:
                     result["round_to"] = trial["round_to"]
                 if p.round_to and result["round_to"] is None and (step == 1 or not by_layer):
-                    now = "/".join(map(str, conv_widths(student)))
+                    now = "/".join(map(str, conv_widths(one_cut if by_layer else student)))  # rounds: where they end
                     why = ("the student is too narrow to reach the target" if p.steps == 1 or by_layer else  # else:
                            f"round {step} of {p.steps} could not take its share")  # a small share rounded back
                     log.warning("prune.round_to=%s: %s in multiples of %s channels, so it was pruned to any channel "
