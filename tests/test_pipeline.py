@@ -304,7 +304,16 @@ def test_an_unstructured_prune_goes_through_export_quantize_and_evaluate(smoke_a
     report = (art / "evaluate" / "report.md").read_text()
     assert "unstructured: single weights zeroed" in report and "test-time augmentation: flip_translate" in report
     assert "Top-1 averages each test image's 6 views" in report
-    assert json.loads((art / "evaluate" / "metrics.json").read_text())["models"]["onnx_int8"]["n_test"] == 3 * 16
+    models = json.loads((art / "evaluate" / "metrics.json").read_text())["models"]
+    assert models["onnx_int8"]["n_test"] == 3 * 16
+    # the results table's params count the zeros, and say so: the pruned rows read like the distilled one's
+    from transferkit.evaluation.tables import results_table
+
+    sparse = json.loads((art / "prune" / "metrics.json").read_text())["sparsity"]
+    assert {n for n, m in models.items() if m.get("sparsity") == sparse} == {"prune", "onnx_fp32", "onnx_int8"}
+    table = results_table(json.loads((art / "evaluate" / "metrics.json").read_text()),
+                          json.loads((art / "evaluate" / "timing.json").read_text()))
+    assert table.count(f" ({100 * sparse:.0f}% zero) |") == 3, table
 
 
 def test_other_quantizer_settings_and_a_pruning_scope_go_through_to_evaluate(smoke_artifacts, tmp_path):

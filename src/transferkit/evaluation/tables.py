@@ -142,10 +142,11 @@ def results_table(metrics: dict, timing: dict, tta: str | None = None) -> str:
     rank = {name: i for i, name in enumerate(TARGET_MODELS)}
     for name in sorted(metrics["models"], key=lambda n: rank.get(n, len(rank))):
         r, t = metrics["models"][name], timing.get(name, {})
+        zero = f" ({100 * r['sparsity']:.0f}% zero)" if "sparsity" in r else ""  # unstructured pruning's weights
         lines.append(f"| {LABELS.get(name, name)} | {pct(r['top1'])} "
                      f"({pct(r['top1_ci95'][0])}–{pct(r['top1_ci95'][1])}) | "
-                     f"{millions(r['params'], 2)} | {millions(r['macs'], 1)} | "
-                     f"{measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
+                     f"{millions(r['params'], 2)}{zero} | "
+                     f"{millions(r['macs'], 1)} | {measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
                      f"{measured(t, 'throughput_img_s', ',.0f')} |")
     d = metrics["transfer_vs_scratch"]
     fp32, bf16 = m.get("fp32_gflops", "?"), m.get("bf16_gflops", "?")  # evaluate's older files: after only

@@ -145,6 +145,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                 timing[name]["throughput_img_s_1thread"] = round(img_s, 1)
         finally:
             torch.set_num_threads(threads)
+    for name in ("prune", *onnx) if "sparsity" in pruned else ():  # unstructured: params and MACs count the zeros
+        models[name]["sparsity"] = pruned["sparsity"]
     metrics = {"models": models,
                "transfer_vs_scratch": paired_difference(correct["transfer"], correct["scratch"]),
                "distillation": distillation_summary(models, correct),
