@@ -772,6 +772,8 @@ def test_the_report_names_the_models_not_shown_better_than_guessing():
     assert line == ("Not shown better than guessing: linear probe; student pruned + recovered (the 95% interval "
                     "reaches 33.3%, one class in 3). Fix: more epochs or training images."), line
     assert "guessing" not in render(cfg, {"models": {"transfer": model(.5)}}, {}, data)
+    for machine in ({}, {"other_cores": 0.9}):  # one blank line between paragraphs, with the busy note or without
+        assert "\n\n\n" not in render(cfg, {"models": {"transfer": model(.5)}}, {"machine": machine}, data)
     # a test set that is 60% one class (an image folder's, all its test images): naming that class scores 60%
     text = render({**cfg, "chance": 0.6}, {"models": {"transfer": model(.5), "probe": model(.8)}}, {}, data)
     line = next(x for x in text.splitlines() if x.startswith("Not shown better than guessing"))

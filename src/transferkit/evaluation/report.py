@@ -221,7 +221,8 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
             f"{file_size(m['size_bytes'])} | {measured(t, 'latency_ms_bs1', '.2f', ' ms')} | "
             f"{measured(t, 'latency_ms_bs1_1thread', '.2f', ' ms')} | "
             f"{measured(t, 'throughput_img_s', '.0f', ' img/s')} |")
-    lines += ["", *one_view_note(cfg_summary["tta"], cfg_summary["tta_views"], models), "", *busy_note(timing), ""]
+    lines += ["", *one_view_note(cfg_summary["tta"], cfg_summary["tta_views"], models), ""]
+    lines += [line for note in busy_note(timing) for line in (note, "")]
     classes = len(next(iter(models.values()))["per_class"])
     # what always naming the most common test class scores: 1/classes on a balanced test set
     chance = cfg_summary.get("chance", 1 / classes)
@@ -290,8 +291,7 @@ def reproduce_section(experiment: str, blocks: int) -> list[str]:
         f"uv run transferkit sweep transfer transfer.freeze_depth={','.join(map(str, range(blocks + 1)))} "
         "seed=0,1,2   # how many blocks to freeze",
         "uv run transferkit sweep scratch seed=0,1,2 && uv run transferkit sweep probe seed=0,1,2",
-        "uv run transferkit collect " + " ".join(f"sweeps/{experiment}-{stage}" for stage in ("transfer", "scratch",
-                                                                                              "probe"))
+        "uv run transferkit collect " + " ".join(f"sweeps/{experiment}-{s}" for s in ("transfer", "scratch", "probe"))
         + "   # -> accuracy vs freeze depth over seeds, minus scratch",
         "uv run transferkit check-repro   # the smoke pipeline twice: identical metrics, clean dvc status",
         "```", "",
