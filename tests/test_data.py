@@ -451,6 +451,19 @@ def test_image_archive_via_load_dataset(tmp_path):
     assert torch.equal(relative.test.images, raw.test.images)
 
 
+def test_the_official_release_beside_an_archive_of_it_is_read_with_a_word(tmp_path, capsys):
+    """data/ with cifar-10-batches-py/ and cifar10-jpeg.tar.gz: the pickles win, whose images are not the JPEGs'."""
+    write_image_folder(tmp_path, CLASSES4, 2, 1)  # -> tmp_path/cifar10-jpeg.tar.gz
+    _load("cifar10", tmp_path)
+    assert capsys.readouterr().err == ""  # one copy: nothing to say
+    write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, 5, 1)
+    _load("cifar10", tmp_path)
+    assert capsys.readouterr().err == (
+        f"prepare: {tmp_path} holds cifar10 twice, as cifar-10-batches-py/ and as cifar10-jpeg.tar.gz: it reads "
+        f"cifar-10-batches-py/ (the official release comes first), whose images differ from the archive's JPEGs. "
+        f"Fix: remove the one you do not mean.\n")
+
+
 @pytest.mark.parametrize("as_archive", [False, True])
 def test_wanted_restricts_decoded_classes(tmp_path, as_archive):
     path = write_image_folder(tmp_path, CLASSES4, 3, 2, archive=as_archive)

@@ -3,6 +3,7 @@ or an image folder or archive (data/sources.py)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from transferkit.data.cifar import CIFAR, download_cifar, read_cifar_pickles
@@ -20,13 +21,16 @@ def _not_found(name: str, data_dir: Path, reason: str) -> TransferkitError:
                             f"pipeline; `transferkit scenarios` needs real images).")
 
 
-def dataset_location(dataset: str, data_dir: Path, root: Path | None = None) -> Path | None:
+def dataset_location(dataset: str, data_dir: Path, root: Path | None = None, skip_official: bool = False
+                     ) -> Path | None:
     """The folder or archive `load_dataset` reads `dataset` from (its name names the dataset; resolve it to
     compare two), None where it is not on disk (a CIFAR name to download, or a missing path). A relative
-    path is read from `root` (default: here), else from data_dir."""
+    path is read from `root` (default: here), else from data_dir. `skip_official`: the image folder or archive
+    a CIFAR name would be read from without the official release."""
     if dataset in CIFAR:
         official = data_dir / CIFAR[dataset][0]
-        candidates = [official, *(data_dir / f"{dataset}-jpeg{ext}" for ext in (".tar.gz", ".zip", ""))]
+        jpeg = [data_dir / f"{dataset}-jpeg{ext}" for ext in (".tar.gz", ".zip", "")]
+        candidates = jpeg if skip_official else [official, *jpeg]
         return next((c for c in candidates if (c.is_dir() if c == official else c.exists())), None)
     path = Path(dataset)
     if not path.is_absolute() and not (path := (root or Path()) / dataset).exists():
@@ -41,6 +45,10 @@ def load_dataset(dataset: str, data_dir: Path, *, download: bool, verify_checksu
     if dataset in CIFAR:
         official = data_dir / CIFAR[dataset][0]
         if where is not None:
+            if where == official and (other := dataset_location(dataset, data_dir, skip_official=True)):
+                print(f"prepare: {data_dir} holds {dataset} twice, as {where.name}/ and as {other.name}: it reads "
+                      f"{where.name}/ (the official release comes first), whose images differ from the archive's "
+                      f"JPEGs. Fix: remove the one you do not mean.", file=sys.stderr)
             return (read_cifar_pickles(where, dataset, verify_checksums) if where == official
                     else read_image_folder(where, image_size, wanted))
         if not download:
