@@ -293,7 +293,7 @@ CASES = {
     "no seed": Case("transfer", ("~seed",), "seed is missing"),
     # ---- keys conf/ lacks, and values of the wrong kind where no range applies
     "a key conf/ lacks, added with +": Case("transfer", ("+transfer.lrr=0.1",),
-                                            "conf/ has no setting transfer.lrr (did you mean transfer.lr"),
+                                            "no stage reads transfer.lrr (did you mean transfer.lr"),
     "a dataset that is no name or path": Case("prepare", ("data.source.dataset=5",),
                                               "data.source.dataset=5 is invalid"),
     "no target split at all": Case("prepare", ("data.target=null",), "data.target=None is invalid"),

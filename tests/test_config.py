@@ -195,6 +195,23 @@ def test_unknown_override_key_is_refused_with_the_key_it_meant():
         compose("distill.student={name:fastnet,width_mult:0.5}")
 
 
+def test_a_setting_no_stage_reads_in_a_file_of_conf_is_not_called_missing_from_conf(tmp_path):
+    """A typo in conf/config.yaml was "conf/ has no setting transfer.freez_depth ... Fix: override a setting conf/
+    has", though conf/ has it and no override gave it."""
+    import shutil
+
+    from transferkit.config.compose import compose as compose_in
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    text = (tmp_path / "conf" / "config.yaml").read_text()
+    (tmp_path / "conf" / "config.yaml").write_text(text.replace("\ntransfer:\n", "\ntransfer:\n  freez_depth: 2\n", 1))
+    with pytest.raises(TransferkitError, match=r"^no stage reads transfer.freez_depth \(did you mean "
+                                               r"transfer.freeze_depth[ ?].*: a file in conf/ \(`grep -rn "
+                                               r"'freez_depth:' conf/`\), an override \+transfer.freez_depth=\.\.\. or "
+                                               r"a params file sets it\. Fix: rename it, or remove it\.$"):
+        validate(compose_in([], tmp_path / "conf"))
+
+
 @pytest.mark.parametrize("choice, typo, meant", [("model=mobilenet", "model.width_mul=0.3", "model.width_mult"),
                                                   ("model=resnet18", "model.weight=x", "model.weights")])
 def test_an_unknown_key_is_likened_to_the_keys_of_what_the_other_overrides_choose(choice, typo, meant):

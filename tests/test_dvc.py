@@ -421,3 +421,40 @@ def test_a_second_ctrl_c_does_not_leave_the_stage_running(tmp_path):
         for left in (caller.pid, pid):
             with __import__("contextlib").suppress(ProcessLookupError, TypeError):
                 os.kill(left, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads a process's command line from /proc")
+@pytest.mark.parametrize("held_by", ["lock", "rwlock"])
+def test_params_are_not_written_while_dvc_repro_runs(tmp_path, held_by):
+    """`transferkit params` mid-`dvc repro`: DVC recorded the new params.yaml in dvc.lock for a stage that had run
+    with the old, and called it up to date. DVC holds its repository lock between stages, and writes the outputs a
+    stage's command is making into .dvc/tmp/rwlock while it runs."""
+    import os
+    import sys
+    import time
+
+    from transferkit.errors import TransferkitError
+    from transferkit.project import refuse_while_dvc_runs
+
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    (tmp_path / "dvc").write_text("import time\ntime.sleep(60)\n")  # as a venv's dvc: python .../bin/dvc repro
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "dvc"), "repro", "-s", "evaluate"])
+    try:
+        for _ in range(100):  # the new process's command line, which /proc gives once exec has finished
+            if b"repro" in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.05)
+        (tmp_path / ".dvc" / "tmp" / "lock").write_text(f" {proc.pid}\n" if held_by == "lock" else " 1\n")
+        if held_by == "rwlock":
+            (tmp_path / ".dvc" / "tmp" / "rwlock").write_text(json.dumps(
+                {"write": {str(tmp_path / "artifacts" / "evaluate"): {"pid": proc.pid, "cmd": "dvc repro"}}}))
+        with pytest.raises(TransferkitError, match=rf"^`dvc repro -s evaluate` is running in {tmp_path} \(process "
+                                                   rf"{proc.pid}\): a params.yaml written now .* Fix: wait for it to "
+                                                   rf"end \(or stop it\), then write params.yaml\.$"):
+            refuse_while_dvc_runs(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
+    refuse_while_dvc_runs(tmp_path)  # the pid it names has ended: no run
+    (tmp_path / ".dvc" / "tmp" / "lock").write_text(f" {os.getpid()}\n")  # a live process, not dvc's
+    refuse_while_dvc_runs(tmp_path)

@@ -750,8 +750,13 @@ def test_bad_input_gives_one_error_line(exported, tmp_path, capsys, monkeypatch)
     assert "holds classes ['a', 'b']" in _one_error(
         capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "other_task.pt"),
                  "--out", str(tmp_path / "out")])
-    assert "not a prepared task" in _one_error(
-        capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / "notes.txt")])
+    # not a file torch wrote, one cut off, an empty one: unreadable, with the file to give (was "it holds no list of
+    # classes", for the very file the fix named)
+    for name in ("notes.txt", "cut.pt", "empty.pt"):
+        line = _one_error(capsys, ["export", str(folder / "model.pt"), "--test-set", str(tmp_path / name)])
+        assert f"prepared task at {tmp_path / name} is unreadable" in line and line.endswith(
+            "Fix: do not use this file; pass the target.pt that the prepare stage wrote "
+            "(artifacts/prepare/target.pt)."), line
     torch.save({"classes": CLASSES, "test_x": torch.zeros(0, 3, 32, 32, dtype=torch.uint8),
                 "test_y": torch.zeros(0, dtype=torch.long)}, tmp_path / "no_test.pt")  # np.concatenate of nothing
     assert "not a prepared task: its test split holds no images, which the exported files are checked on" in \

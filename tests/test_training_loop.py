@@ -1093,7 +1093,7 @@ def test_a_resumed_work_folder_loses_the_half_written_files_of_the_killed_run(tm
     assert (final / "model.onnx").read_text() == "the whole onnx file"
 
 
-def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_swap_cut_short(tmp_path):
+def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_swap_cut_short(tmp_path, capsys):
     """A killed run's work folder is resumed only by a run with the same params and only when it
     holds a resume checkpoint (anything else in it could only be stale); a kill between the two
     renames of the swap (final -> .old, work -> final) leaves .old, which comes back."""
@@ -1122,19 +1122,25 @@ def test_staged_output_keeps_only_leftovers_of_the_same_config_and_restores_a_sw
     (prepared / "source.pt").write_text("images")
     leftover(RESUME_CHECKPOINT, inputs=[prepared])
     (prepared / "source.pt").write_text("images, made again")  # an earlier stage ran again meanwhile
+    assert capsys.readouterr().err == ""  # resumed: nothing to say
     with staged_output(final, "lr: 0.1\n", [prepared]) as folder:  # same config, another input: the leftover goes
         assert not (folder / "checkpoints").exists()
         (folder / "model.pt").write_text("trained with lr 0.1 on the new input")
+    # with a word: the stopped run's message promised that the same command resumes
+    assert capsys.readouterr().err == (f"{work} holds a stopped run's training with other settings, code or inputs "
+                                       f"than this run's: training from the start.\n")
     leftover(RESUME_CHECKPOINT)
     (work / RESUME_KEY).unlink()  # left by a version that wrote no key: what it trained from is unknown
     with staged_output(final, "lr: 0.1\n") as folder:
         assert not (folder / "checkpoints").exists()
         (folder / "model.pt").write_text("trained with lr 0.1, again")
 
+    capsys.readouterr()
     leftover("table.csv")  # same config, nothing to resume from: the leftover goes
     with staged_output(final, "lr: 0.1\n") as folder:
         assert not (folder / "checkpoints").exists()
         (folder / "model.pt").write_text("trained with lr 0.1, again")
+    assert capsys.readouterr().err == ""  # no training lost
 
     leftover(RESUME_CHECKPOINT)
     with staged_output(final, "lr: 0.02\n") as folder:  # another config: the leftover goes
@@ -1197,6 +1203,11 @@ def test_lightnings_routine_info_lines_are_dropped_and_the_telling_ones_kept():
     assert not shown("Loading `train_dataloader` to estimate number of stepping batches.")
     assert shown("`Trainer.fit` stopped: No training batches.")  # a task too small for one batch
     assert shown("GPU available: False, used: False")  # where a stage trains
+    # what the stage's own lines say (precision, a resume, Ctrl+C), and accelerators no stage uses
+    for said in ("Using bfloat16 Automatic Mixed Precision (AMP)", "Restoring states from the checkpoint path at x",
+                 "Restored all states from the checkpoint at x", "\nDetected KeyboardInterrupt, attempting graceful "
+                 "shutdown ...", "TPU available: False, using: 0 TPU cores"):
+        assert not shown(said), said
 
 
 # ------------------------------------------------------------------ what a step computes

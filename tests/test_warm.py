@@ -601,7 +601,8 @@ def test_ctrl_c_while_a_command_waits_for_its_server_is_one_line(tmp_path):
                           env={**os.environ, "TRANSFERKIT_WARM": "1"}, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGINT
     assert proc.stderr.splitlines() == [
-        "transferkit pretrain: interrupted; its earlier outputs are unchanged; the same command again resumes."]
+        "transferkit pretrain: interrupted; its earlier outputs, if any, are unchanged; the same command again "
+        "resumes."]
 
 
 def test_a_command_started_with_other_interpreter_options_gets_a_server_of_its_own(server_dir):

@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop("TRANSFERKIT_WARM")  # run here: the DDP ranks this starts start no servers of their own
         if command == "params":
             from transferkit.config.compose import find_conf_dir, recorded_overrides, write_generated
+            from transferkit.project import refuse_while_dvc_runs
 
+            refuse_while_dvc_runs(find_conf_dir().parent)
             before = recorded_overrides(find_conf_dir().parent / "params.yaml") or []
             for path in write_generated(rest):
                 print(f"wrote {path}")
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             again = command in ("sweep", "scenarios") or (params_mode and command in STAGES and BY_NAME[command].trains
                                                           and getattr(e, "resumes", True)
                                                           and "TRANSFERKIT_HYDRA_JOB" not in os.environ)
-            print(f"transferkit {command}: interrupted; its earlier outputs are unchanged"
+            print(f"transferkit {command}: interrupted; its earlier outputs, if any, are unchanged"
                   f"{'; the same command again resumes' if again else ''}.", file=sys.stderr)
         # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too
         return die_of(signal.SIGINT)

@@ -27,9 +27,17 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXT = ("No space left on device", "file write failed", "Disk quota exceeded")
 
 
-def disk_full(e: BaseException) -> bool:
-    return (isinstance(e, OSError) and e.errno in _DISK_FULL) or \
-        (isinstance(e, (OSError, RuntimeError)) and any(t in str(e) for t in _DISK_FULL_TEXT))
+def disk_full(e: BaseException | None) -> BaseException | None:
+    """The error in `e`'s chain that says the disk is full (torch's zip writer reports the OSError it got as "unexpected
+    pos", with the OSError as its context); None where none does."""
+    for _ in range(8):  # a chain is short; a cycle is not followed for ever
+        if e is None:
+            return None
+        if (isinstance(e, OSError) and e.errno in _DISK_FULL) or \
+                (isinstance(e, (OSError, RuntimeError)) and any(t in str(e) for t in _DISK_FULL_TEXT)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _cannot_write(folder: Path, e: OSError) -> TransferkitError:
@@ -110,8 +118,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                                            f"there, or write elsewhere (--out DIR).") from e
                 raise
         except (OSError, RuntimeError) as e:
-            if disk_full(e):
-                raise TransferkitError(f"the disk is full: writing {path} failed ({e}). Fix: free disk space; "
+            if full := disk_full(e):
+                raise TransferkitError(f"the disk is full: writing {path} failed ({full}). Fix: free disk space; "
                                        f"the previous {path.name} (if any) is untouched.") from e
             raise
         finally:

@@ -183,6 +183,30 @@ def check_runs_folder(folder: Path) -> None:
         check_untracked(folder, "--out")
 
 
+def refuse_while_dvc_runs(root: Path) -> None:
+    """`transferkit params` while `dvc repro` runs in the project: DVC records the params.yaml it finds as a stage
+    ends in dvc.lock, so stages that ran with the earlier one would be called up to date. A run is the live dvc
+    process that .dvc/tmp/lock (its repository lock) or .dvc/tmp/rwlock (the outputs its stages are writing) names."""
+    import json
+
+    tmp, pids = root / ".dvc" / "tmp", set()
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pids.add(int((tmp / "lock").read_text().split()[0]))
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
+        pids.update(int(entry["pid"]) for entry in json.loads((tmp / "rwlock").read_text())["write"].values())
+    for pid in sorted(pids):
+        try:
+            argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        except OSError:  # ended (or no /proc): nothing to say
+            continue
+        if (at := next((i for i, a in enumerate(argv) if Path(a).name == "dvc"), None)) is not None and \
+                {"repro", "exp"} & set(argv):
+            raise TransferkitError(f"`{' '.join(['dvc', *argv[at + 1:]])}` is "
+                                   f"running in {root} (process {pid}): a params.yaml written now is what dvc.lock "
+                                   f"records for the stages it runs with the earlier one. Fix: wait for it to end (or "
+                                   f"stop it), then write params.yaml.")
+
+
 def stale_stages(folder: Path) -> list[str]:
     """The stages of folder/dvc.yaml that `dvc repro` would run: never finished, or made with other settings,
     code or inputs than the ones it names now."""

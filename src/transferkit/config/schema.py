@@ -5,11 +5,11 @@ The rules between keys, and those that need a model, are in checks.py."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from transferkit.config.compose import no_such_setting
 from transferkit.data.augment import FLIP_MODES
 from transferkit.deploy.quantize import FORMATS as QUANTIZE_FORMATS, METHODS as QUANTIZE_METHODS
 from transferkit.errors import TransferkitError
@@ -213,9 +213,12 @@ def check_schema(params: dict) -> None:
         Config.model_validate(params)
     except ValidationError as e:
         errors = e.errors()
-        if errors[0]["type"] == "extra_forbidden":  # what compose says of a key conf/ lacks
+        if errors[0]["type"] == "extra_forbidden":  # a key Hydra composed: set in a file of conf/, or by +key=value
             key = ".".join(map(str, errors[0]["loc"]))
-            raise TransferkitError(no_such_setting(key, list(flatten(params)))) from None
+            close = " or ".join(difflib.get_close_matches(key, [k for k in flatten(params) if k != key], n=3))
+            raise TransferkitError(f"no stage reads {key}{f' (did you mean {close}?)' if close else ''}: a file in "
+                                   f"conf/ (`grep -rn '{key.rsplit('.', 1)[-1]}:' conf/`), an override +{key}=... or "
+                                   f"a params file sets it. Fix: rename it, or remove it.") from None
         keys, item = _where(errors[0]["loc"])
         if errors[0]["type"] == "missing":
             raise TransferkitError(f"{'.'.join(keys)} is missing: every stage reads it. Fix: leave it in conf/ (no "

@@ -38,7 +38,7 @@ from transferkit.tracked import check_untracked
 
 DEFAULT_TEST_SET = Path("artifacts/prepare/target.pt")
 RANDOM_IMAGES = 256  # checked on these (seeded) when no test set fits the model
-TEST_SET_FIX = "Fix: pass the target.pt that the prepare stage wrote (artifacts/prepare/target.pt)."
+TEST_SET = "pass the target.pt that the prepare stage wrote (artifacts/prepare/target.pt)"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -79,12 +79,13 @@ def check_images(test_set: Path | None, classes: list[str], size: int) -> tuple[
     explicit = test_set is not None
     path = test_set if explicit else DEFAULT_TEST_SET
     if explicit and not path.is_file():
-        raise TransferkitError(f"--test-set {path} {'is a folder' if path.is_dir() else 'not found'}. {TEST_SET_FIX}")
+        raise TransferkitError(f"--test-set {path} {'is a folder' if path.is_dir() else 'not found'}. Fix: {TEST_SET}.")
     if path.exists() or explicit:
-        task = load_torch(path, "prepared task", "prepare") if zipfile.is_zipfile(path) else None  # torch.save's
+        task = load_torch(path, "prepared task", "prepare", TEST_SET if explicit else None)  # or: unreadable
         if fault := task_fault(task, splits=("test",)) or (not len(task["test_x"]) and "its test split holds no "
                                                              "images, which the exported files are checked on"):
-            raise TransferkitError(f"{'--test-set ' * explicit}{path} is not a prepared task: {fault}. {TEST_SET_FIX}")
+            raise TransferkitError(f"{'--test-set ' * explicit}{path} is not a prepared task: {fault}. "
+                                   f"Fix: {TEST_SET}.")
         if list(task["classes"]) == classes and tuple(task["test_x"].shape[1:]) == (3, size, size):
             return task["test_x"], task["test_y"], f"test set of {path} ({len(task['test_x'])} images)"
         if explicit:
@@ -278,8 +279,7 @@ def summary(r: dict, out: Path) -> str:
             f"  {'runtime':<13} {'max |logit diff|':>16} {'top-1 agreement':>16} {'top-1':>7} {'latency b=1':>12}"]
     top1 = lambda d: f"{d['top1']:.2%}" if "top1" in d else "-"  # noqa: E731
     rows.append(f"  {'pytorch':<13} {'(reference)':>16} {'':>16} {top1(r['pytorch']):>7} {lat['pytorch']:>9.3f} ms")
-    for key, name in (("onnx", "onnxruntime"), ("torchscript", "torchscript")):
-        c = r[key]
+    for c, name in ((r["onnx"], "onnxruntime"), (r["torchscript"], "torchscript")):
         rows.append(f"  {name:<13} {c['max_abs_diff']:>16.3g} {c['top1_agreement']:>16.2%} {top1(c):>7} "
                     f"{lat[name]:>9.3f} ms")
     rows.append(f"  (tolerance {r['tolerance']:g}; latency: median of {lat['repeats']} batch-1 calls each on "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -160,6 +161,9 @@ def _staged_output(final: Path, params: str, inputs: list[Path], tracked: str | 
             resumable = ((work / RESUME_KEY).is_file() and (work / RESUME_KEY).read_text() == key
                          and fits_to_resume(work))
             if work.exists() and not resumable:  # left by a killed run of another config, code or input
+                if fits_to_resume(work):  # its training is not resumed: said, as a damaged checkpoint is
+                    print(f"{work} holds a stopped run's training with other settings, code or inputs than this "
+                          f"run's: training from the start.", file=sys.stderr)
                 shutil.rmtree(work)
             elif resumable:  # its fits resume; the files a kill -9 cut short are written again
                 from transferkit.io import delete_half_written
@@ -172,8 +176,8 @@ def _staged_output(final: Path, params: str, inputs: list[Path], tracked: str | 
                 (work / PARAMS_FILE).write_text(params)
             (work / RESUME_KEY).write_text(key)
         except OSError as e:
-            raise TransferkitError(f"cannot create {work}: {e.strerror}. Fix: make {final.parent} "
-                                   f"writable or set paths.artifacts_dir elsewhere.") from e
+            raise TransferkitError(f"cannot create {work}: {e.strerror}. Fix: make {final.parent} writable, or write "
+                                   f"elsewhere (--out DIR; for the pipeline's stages, paths.artifacts_dir).") from e
     try:
         yield work
     except BaseException as e:
@@ -212,13 +216,14 @@ def storage_errors(final: Path) -> Iterator[None]:
         from transferkit.io import disk_full
 
         denied = isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-        if disk_full(e):
-            raise TransferkitError(f"the disk is full: writing {final} failed ({e}). Fix: free disk space or set "
-                                   f"paths.artifacts_dir to a disk with room; the previous {final.name} outputs "
-                                   f"are intact.") from e
+        if full := disk_full(e):
+            raise TransferkitError(f"the disk is full: writing {final} failed ({full}). Fix: free disk space, or write "
+                                   f"to a disk with room (--out DIR; for the pipeline's stages, paths.artifacts_dir); "
+                                   f"the previous {final.name} outputs are intact.") from e
         if denied:
             raise TransferkitError(f"cannot write {getattr(e, 'filename', None) or final}: {e.strerror}. Fix: make "
-                                   f"{final.parent} writable or set paths.artifacts_dir elsewhere.") from e
+                                   f"{final.parent} writable, or write elsewhere (--out DIR; for the pipeline's "
+                                   f"stages, paths.artifacts_dir).") from e
         raise
 
 

@@ -44,18 +44,23 @@ warnings.filterwarnings("ignore", r".*It is recommended to use `self.log\(.*sync
 
 
 class _DropMessages(logging.Filter):
-    """Lightning's info lines that say nothing about this run: an advertisement, a note on the default of
-    save_checkpoint's weights_only (the resume checkpoint saves all state), the data loaded to count the steps the
-    schedule needs, and that training ended as planned."""
+    """Lightning's info lines that say nothing about this run, or what the stage's own lines say: an advertisement, a
+    note on the default of save_checkpoint's weights_only (the resume checkpoint saves all state), the data loaded to
+    count the steps the schedule needs, that training ended as planned; accelerators no stage uses, the precision
+    (the closing line's), a resume ("resumed after epoch N of M") and Ctrl+C (the command's "interrupted" line).
+    Where it trains (GPU available: ..., used: ...) stays."""
 
     DROPPED = ("💡 Tip", "`weights_only` was not set", "Loading `train_dataloader` to estimate",
-               "`Trainer.fit` stopped: `max_epochs=")
+               "`Trainer.fit` stopped: `max_epochs=", "TPU available:", "HPU available:",
+               "Using bfloat16 Automatic Mixed Precision", "Using 16bit Automatic Mixed Precision",
+               "Restoring states from the checkpoint", "Restored all states", "\nDetected KeyboardInterrupt")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.DROPPED)
 
 
-for _name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector"):
+for _name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector",
+              "lightning_fabric.utilities.rank_zero"):
     logging.getLogger(_name).addFilter(_DropMessages())
 
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "deterministic", "sync_batchnorm", "benchmark")
@@ -145,7 +150,8 @@ class DirectCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)  # a fit's own folder too: no logger made it
-        torch.save(checkpoint, path)
+        with open(path, "wb") as f:  # through a file: a full disk's OSError is in the chain io.disk_full reads
+            torch.save(checkpoint, f)
         to_disk(Path(path))
 
 
