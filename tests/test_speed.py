@@ -144,6 +144,6 @@ def test_results_warn_where_other_work_slowed_the_timings():
     assert busy_note({"machine": {"other_cores": 0.1}}) == busy_note({}) == []
     note = busy_note({"machine": {"other_cores": 0.9}})
     assert note == ["While evaluate timed, other processes kept 0.90 of the cores it runs on busy, so the timings may "
-                    "be slower than this machine gives on its own, and the speed-ups between them off (the one-thread "
-                    "timings suffer least). Fix: on an idle machine, `uv run dvc repro -s -f evaluate` times them "
-                    "again."]
+                    "be many times slower than this machine gives on its own, and the speed-ups between them off (the "
+                    "one-thread timings suffer least). Fix: on an idle machine, `uv run dvc repro -s -f evaluate` "
+                    "times them again."]

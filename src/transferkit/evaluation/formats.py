@@ -56,5 +56,6 @@ def busy_note(timing: dict) -> list[str]:
     if (busy := timing.get("machine", {}).get("other_cores", 0)) < 0.25:
         return []
     return [f"While evaluate timed, other processes kept {busy:.2f} of the cores it runs on busy, so the timings may "
-            f"be slower than this machine gives on its own, and the speed-ups between them off (the one-thread timings "
-            f"suffer least). Fix: on an idle machine, `uv run dvc repro -s -f evaluate` times them again."]
+            f"be many times slower than this machine gives on its own, and the speed-ups between them off (the "
+            f"one-thread timings suffer least). Fix: on an idle machine, `uv run dvc repro -s -f evaluate` times them "
+            f"again."]
