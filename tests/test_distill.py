@@ -442,7 +442,8 @@ def test_student_init_starts_the_student_from_a_checkpoint_dvc_tracks(tmp_path):
     assert "delete" not in str(err.value)
     teacher = tmp_path / "artifacts" / "pretrain" / "model.pt"  # the teacher's architecture, not the student's
     fix = r"Fix: point distill.student_init at a model.pt of that architecture .* or set distill.student to match"
-    with pytest.raises(TransferkitError, match=r"holds architecture .* " + fix):
+    with pytest.raises(TransferkitError, match=r"holds a fastnet of another architecture than distill.student asks "
+                                               r"for \(widths \[8, 16, 16\], not \[4, 8, 8\]; .*\)\. " + fix):
         run("distill", compose("experiment=smoke", f"distill.student_init={teacher}", tmp=tmp_path))
     stages = dvc_yaml({"distill": {"student_init": "models/student.pt"}})["stages"]
     assert "models/student.pt" in stages["distill"]["deps"] and "models/student.pt" in stages["student"]["deps"]

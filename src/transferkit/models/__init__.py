@@ -214,10 +214,14 @@ def load_backbone(path: str | Path, model_cfg: dict, num_classes: int, produced_
     # a setting the checkpoint does not record is the one its builder used: its default
     made = {**builder_defaults(ckpt["arch"]["name"]), **ckpt["arch"]}
     # a pruned model's arch records the widths it had before the cut: its layers are narrower than they say
-    if ({k: made.get(k) for k in wanted} != wanted or ckpt["arch"].get("depth") is not None
-            or ckpt["arch"].get("pruned")):
+    # the settings that differ, not both architectures whole (a line of hundreds of characters)
+    other = [f"{k} {made.get(k)!r}, not {v!r}" for k, v in wanted.items() if made.get(k) != v]
+    other += ["its layers pruned"] * bool(ckpt["arch"].get("pruned"))
+    other += [] if ckpt["arch"].get("depth") is None else [f"cut to depth {ckpt['arch']['depth']}"]
+    if other:
         raise TransferkitError(
-            f"checkpoint {path} holds architecture {ckpt['arch']}, but the config asks for {wanted}. "
+            f"checkpoint {path} holds a {made.get('name')} of another architecture than {key} asks for "
+            f"({'; '.join(other)}). "
             f"Fix: {remake or f'rerun {produced_by!r} with this model config (`dvc repro {produced_by}`)'} or set "
             f"{key} to match the checkpoint.")
     model.new_head(num_classes)
