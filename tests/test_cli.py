@@ -1043,7 +1043,9 @@ def test_an_error_line_shows_control_characters_as_text_and_keeps_a_quoted_newli
     ("os.kill(os.getpid(), signal.SIGTERM)", -signal.SIGTERM, ""),  # a scheduler's or `docker stop`'s
     ("os.kill(os.getpid(), signal.SIGINT)", -signal.SIGINT, ""),
     ("os.kill(os.getpid(), signal.SIGKILL)", 137, "transferkit transfer: error: its process was killed by signal 9"),
-    ("sys.exit(2)", 2, "")], ids=["sigterm", "sigint", "kill_9", "refused"])
+    ("sys.exit(2)", 2, ""),
+    ("sys.exit(143)", -signal.SIGTERM, "")],  # a fit's SIGTERM, said in the child's line: no second line
+    ids=["sigterm", "sigint", "kill_9", "refused", "fit_sigterm"])
 def test_a_hydra_job_run_as_a_child_command_ends_as_its_child_did(tmp_path, ending, code, stderr):
     """Hydra mode runs a DDP job as `transferkit STAGE --params FILE` in a child process. A child stopped by SIGTERM
     or SIGINT has said so in its own line: the command dies of the same signal, without a second line. One killed

@@ -301,9 +301,11 @@ def test_ctrl_c_before_a_fit_saved_anything_promises_no_resume(smoke_artifacts, 
     assert not (tmp_path / "artifacts" / ".pretrain.incomplete").exists()
 
 
-def test_ctrl_c_mid_training_ends_the_command_by_sigint(smoke_artifacts, tmp_path):
+@pytest.mark.parametrize("stop", ["sigint", "sigterm"])
+def test_ctrl_c_mid_training_ends_the_command_by_sigint(smoke_artifacts, tmp_path, stop):
     """Lightning ends an interrupted fit with exit(1), as a failure: a shell's loop around the command would
-    go on to the next one. The command dies of SIGINT (130 in a shell) with its one line, as Python does."""
+    go on to the next one. The command dies of SIGINT (130 in a shell) with its one line, as Python does. A SIGTERM
+    (`timeout`, `kill`, a scheduler) exits 143 with its own line, where Lightning's "Received SIGTERM" was all."""
     ref_cfg, _ = smoke_artifacts
     shutil.copytree(ref_cfg.paths.artifacts_dir, tmp_path / "artifacts")
     params = tmp_path / "params.yaml"
@@ -317,7 +319,8 @@ def test_ctrl_c_mid_training_ends_the_command_by_sigint(smoke_artifacts, tmp_pat
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
     time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == -signal.SIGINT
-    assert ("transferkit pretrain: interrupted; its earlier outputs, if any, are unchanged; the same command again "
-            "resumes." in proc.stderr.read())
+    proc.send_signal(signal.SIGINT if stop == "sigint" else signal.SIGTERM)
+    assert proc.wait(60) == (-signal.SIGINT if stop == "sigint" else 128 + signal.SIGTERM)
+    said = "interrupted" if stop == "sigint" else "stopped by SIGTERM"
+    assert (f"transferkit pretrain: {said}; its earlier outputs, if any, are unchanged; the same command again "
+            f"resumes." in proc.stderr.read())

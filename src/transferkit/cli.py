@@ -116,8 +116,8 @@ def _run_job_in_subprocess(stage: str, cfg, job_dir: Path, out: Path) -> None:
                           env={**os.environ, "TRANSFERKIT_HYDRA_JOB": "1"}) as child:  # its rerun: a new job folder
         while (code := _wait_through_ctrl_c(child)) is None:
             pass
-    if code in (-signal.SIGINT, -signal.SIGTERM):  # the child said so in its line: this process dies of it too
-        sys.exit(die_of(-code))  # where the signal is blocked: its status, not the line for a signal unreported
+    if code in (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGTERM):  # the child said so in its line (143: a
+        sys.exit(die_of(-code if code < 0 else signal.SIGTERM))  # fit's SIGTERM): this process dies of it too
     if code < 0:  # a signal the child could not report (the out-of-memory killer, kill -9): 137 for SIGKILL
         print(f"transferkit {stage}: error: its process was killed by signal {-code} ({signal.strsignal(-code)}; "
               f"out of memory, or kill -9). Fix: run it again into {job_dir} (hydra.run.dir; with -m, hydra.sweep.dir):"
@@ -177,10 +177,8 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
                                f"'{' '.join(overrides)}'. Fix: eval \"$(transferkit -sc install=bash)\".")
     argv = [*(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
               if k != "overrides" and v != parser.get_default(k)), "--", *overrides]  # each flag as Hydra read it
-    # Compose and validate every point of a sweep before the first one trains, so a typo'd
-    # key or an out-of-range value ends in one error line at once, not after hours; with Hydra's
-    # flags that print and run nothing (help, the composed config), wanted most when a run is refused,
-    # only compose them
+    # Compose and validate every point of a sweep before the first one trains: a typo'd key or an out-of-range value
+    # is one error line at once, not after hours; flags that print and run nothing (help, --cfg) only compose them
     if args.help or args.cfg or args.info:  # a typo'd key in one line, not Hydra's advice to add it with +key
         for point in expand(overrides) if args.info in ("defaults", "defaults-tree", "plugins") else [overrides]:
             compose(point)  # where Hydra composes one config, a sweep's values too
@@ -281,15 +279,19 @@ def main(argv: list[str] | None = None) -> int:
         elif node := other_node():  # and one from each other node, which may meet it alone
             print(error_line(f"{command} (node {node})", e), file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl+C (in a fit too: training/trainer.py): one line, no traceback, rank 0's
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl+C, or a fit's SIGTERM (training/trainer.py): one line, rank 0's
+        if isinstance(e, SystemExit) and e.code != 128 + signal.SIGTERM:
+            raise
+        sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
         if first_process():  # a stage's own run resumes where a checkpoint is left (stages/common.py says if none is)
             again = command in ("sweep", "scenarios") or (params_mode and command in STAGES and BY_NAME[command].trains
                                                           and getattr(e, "resumes", True)
                                                           and "TRANSFERKIT_HYDRA_JOB" not in os.environ)
-            print(f"transferkit {command}: interrupted; its earlier outputs, if any, are unchanged"
-                  f"{'; the same command again resumes' if again else ''}.", file=sys.stderr)
-        # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too
-        return die_of(signal.SIGINT)
+            print(f"transferkit {command}: {'interrupted' if sig == signal.SIGINT else 'stopped by SIGTERM'}; its "
+                  f"earlier outputs, if any, are unchanged{'; the same command again resumes' if again else ''}.",
+                  file=sys.stderr)
+        # then die of SIGINT, as Python does on an uncaught one: a shell's loop around the command stops too; SIGTERM
+        return die_of(sig) if sig == signal.SIGINT else e.code  # keeps the exit status its SystemExit carries
     return 0
 
 
