@@ -528,3 +528,9 @@ def test_a_missing_input_read_from_a_projects_subfolder_names_the_folder_to_run_
         monkeypatch.chdir(where)  # from the project's folder, a file it lacks too, an absolute path: not run yet
         with pytest.raises(TransferkitError, match=r"run the 'prepare' stage first \(`dvc repro prepare`\)\.$"):
             require(path, "target task", "prepare")
+    # a Hydra run with paths.artifacts_dir=/tmp/x: `dvc repro prepare` would fill the project's folder, not that one
+    elsewhere = tmp_path / "x" / "prepare"
+    with pytest.raises(TransferkitError, match=rf"run the 'prepare' stage first into {elsewhere} \(`transferkit "
+                                               rf"prepare` with the same paths.artifacts_dir; `dvc repro prepare` "
+                                               rf"fills the project's own folder\)\.$"):
+        require(elsewhere / "target.pt", "target task", "prepare")

@@ -243,6 +243,9 @@ def require(path: str | Path, what: str, produced_by: str) -> Path:
                                    f"{project}, whose paths are relative to its own folder. Fix: run it from "
                                    f"{project}.")
         run = f"run the '{produced_by}' stage first (`dvc repro {produced_by}`)"
+        if path.parent.name == produced_by and path.parent.parent.resolve() != Path("artifacts").resolve():
+            run = (f"run the '{produced_by}' stage first into {path.parent} (`transferkit {produced_by}` with the same "
+                   f"paths.artifacts_dir; `dvc repro {produced_by}` fills the project's own folder)")  # a Hydra run's
         if path.parent.is_dir() and any(path.parent.iterdir()):  # a folder of another stage's (--in), or a stale one
             run = f"give the folder the '{produced_by}' stage wrote (--in {produced_by}=DIR), or {run}"
         raise TransferkitError(f"{what} not found at {path}. Fix: {run}.")
