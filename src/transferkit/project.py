@@ -201,10 +201,9 @@ def refuse_while_dvc_runs(root: Path) -> None:
             continue
         if (at := next((i for i, a in enumerate(argv) if Path(a).name == "dvc"), None)) is not None and \
                 {"repro", "exp"} & set(argv):
-            raise TransferkitError(f"`{' '.join(['dvc', *argv[at + 1:]])}` is "
-                                   f"running in {root} (process {pid}): a params.yaml written now is what dvc.lock "
-                                   f"records for the stages it runs with the earlier one. Fix: wait for it to end (or "
-                                   f"stop it), then write params.yaml.")
+            raise TransferkitError(f"`{' '.join(['dvc', *argv[at + 1:]])}` is running in {root} (process {pid}): a "
+                                   f"params.yaml written now is what dvc.lock records for the stages it runs with the "
+                                   f"earlier one. Fix: wait for it to end (or stop it), then write params.yaml.")
 
 
 def stale_stages(folder: Path) -> list[str]:
