@@ -13,10 +13,13 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+SETTING_FIX = "Fix: set {key} in conf/ or as an override"  # config.schema.fail's, which swept_fix finds
+
+
 def swept_fix(message: str, point: list[str]) -> str:
     """A setting's refusal (config.schema.fail) for a sweep point that sets it: the fix is the sweep's value, not
     conf/ or `transferkit params`."""
-    fix = re.search(r"Fix: set (\S+) in conf/ or as an override .*$", message)
+    fix = re.search(re.escape(SETTING_FIX).replace(re.escape("{key}"), r"(\S+)") + ".*$", message)
     given = [o.split("=", 1)[1] for o in point if "=" in o and fix and override_key(o) == fix[1]]
     return message[:fix.start()] + f"Fix: change {given[0]} among the sweep's values of {fix[1]}." if given else message
 

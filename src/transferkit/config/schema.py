@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from transferkit.config.overrides import SETTING_FIX
 from transferkit.data.augment import FLIP_MODES
 from transferkit.deploy.quantize import FORMATS as QUANTIZE_FORMATS, METHODS as QUANTIZE_METHODS
 from transferkit.errors import TransferkitError
@@ -188,7 +189,7 @@ Config = create_model("Config", __base__=Schema, seed=(int, Field(ge=0, lt=2**32
 
 
 def fail(key: str, value, need: str):
-    raise TransferkitError(f"{key}={value!r} is invalid: {need}. Fix: set {key} in conf/ or as an override "
+    raise TransferkitError(f"{key}={value!r} is invalid: {need}. {SETTING_FIX.format(key=key)} "
                            f"(for dvc repro: `transferkit params {key}=VALUE` with the other overrides you use).")
 
 
