@@ -108,7 +108,8 @@ def main(argv=None) -> int:
                                       for f in ("transfer/model.pt", "prepare/target.pt"))).hexdigest()[:6]
     info = {"when": now(), "machine": machine(), "seeds": args.seeds, "recipes": args.recipe,
             "base": args.base}
-    print(f"{describe(info['machine'])}\nevery stage with: {args.base or '(params.yaml)'}", flush=True)
+    then = f", then {args.base}" if args.base else ""
+    print(f"{describe(info['machine'])}\nevery stage: params.yaml's settings{then}", flush=True)
     work = args.artifacts / "prune_seeds"
     rows = []
     students = {}  # (seed, distillation settings) -> (test top-1, val top-1) of the distilled student
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
                          "widths": conv_widths(load_checkpoint(out / "model.pt", "prune")[0]),
                          "seconds": time.perf_counter() - start})
             print(table(rows[-1:], COLUMNS), flush=True)
+    if not rows:  # --only-done, and no run made yet for these seeds and recipes
+        raise TransferkitError(f"{work} holds no pruned run of seeds {args.seeds} with these recipes to score. Fix: "
+                               f"run without --only-done, which trains them.")
     summary = []
     # each recipe's models against the first recipe's on the same seeds: which recipe does better
     first = rows[0]["recipe"] if rows else None
@@ -165,7 +169,7 @@ def main(argv=None) -> int:
                         **points(gains["pruned"], "gain", "gain_lo", "gain_hi"),
                         "macs_reduction": min(r["macs_reduction"] or 0 for r in mine),
                         "macs_after": max(r["macs_after"] or 0 for r in mine) / 1e6})
-    print("\nper seed (top-1 on the target test set, evaluate's TTA):")
+    print("\nper seed (top-1 as a fraction, on the target test set, evaluate's TTA):")
     print(table(rows, COLUMNS))
     print("\nmeans over seeds; pruned minus distilled in points, and each model against the first recipe's, "
           "95% t intervals paired by seed:")

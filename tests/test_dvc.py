@@ -423,20 +423,13 @@ def test_a_second_ctrl_c_does_not_leave_the_stage_running(tmp_path):
                 os.kill(left, signal.SIGKILL)
 
 
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads a process's command line from /proc")
-@pytest.mark.parametrize("held_by", ["lock", "rwlock"])
-def test_params_are_not_written_while_dvc_repro_runs(tmp_path, held_by):
-    """`transferkit params` mid-`dvc repro`: DVC recorded the new params.yaml in dvc.lock for a stage that had run
-    with the old, and called it up to date. DVC holds its repository lock between stages, and writes the outputs a
-    stage's command is making into .dvc/tmp/rwlock while it runs."""
-    import os
+@__import__("contextlib").contextmanager
+def _dvc_repro_running(tmp_path, repo, held_by: str):
+    """A process named dvc running `repro -s evaluate` (its pid yielded), named by repo/.dvc/tmp/`held_by`."""
     import sys
     import time
 
-    from transferkit.errors import TransferkitError
-    from transferkit.project import refuse_while_dvc_runs
-
-    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    (repo / ".dvc" / "tmp").mkdir(parents=True)
     (tmp_path / "dvc").write_text("import time\ntime.sleep(60)\n")  # as a venv's dvc: python .../bin/dvc repro
     proc = subprocess.Popen([sys.executable, str(tmp_path / "dvc"), "repro", "-s", "evaluate"])
     try:
@@ -444,17 +437,53 @@ def test_params_are_not_written_while_dvc_repro_runs(tmp_path, held_by):
             if b"repro" in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
                 break
             time.sleep(0.05)
-        (tmp_path / ".dvc" / "tmp" / "lock").write_text(f" {proc.pid}\n" if held_by == "lock" else " 1\n")
+        (repo / ".dvc" / "tmp" / "lock").write_text(f" {proc.pid}\n" if held_by == "lock" else " 1\n")
         if held_by == "rwlock":
-            (tmp_path / ".dvc" / "tmp" / "rwlock").write_text(json.dumps(
-                {"write": {str(tmp_path / "artifacts" / "evaluate"): {"pid": proc.pid, "cmd": "dvc repro"}}}))
-        with pytest.raises(TransferkitError, match=rf"^`dvc repro -s evaluate` is running in {tmp_path} \(process "
-                                                   rf"{proc.pid}\): a params.yaml written now .* Fix: wait for it to "
-                                                   rf"end \(or stop it\), then write params.yaml\.$"):
-            refuse_while_dvc_runs(tmp_path)
+            (repo / ".dvc" / "tmp" / "rwlock").write_text(json.dumps(
+                {"write": {str(repo / "artifacts" / "evaluate"): {"pid": proc.pid, "cmd": "dvc repro"}}}))
+        yield proc.pid
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads a process's command line from /proc")
+@pytest.mark.parametrize("held_by", ["lock", "rwlock"])
+def test_params_are_not_written_while_dvc_repro_runs(tmp_path, held_by):
+    """`transferkit params` mid-`dvc repro`: DVC recorded the new params.yaml in dvc.lock for a stage that had run
+    with the old, and called it up to date. DVC holds its repository lock between stages, and writes the outputs a
+    stage's command is making into .dvc/tmp/rwlock while it runs."""
+    import os
+
+    from transferkit.errors import TransferkitError
+    from transferkit.project import refuse_while_dvc_runs
+
+    with _dvc_repro_running(tmp_path, tmp_path, held_by) as pid:
+        with pytest.raises(TransferkitError, match=rf"^`dvc repro -s evaluate` is running in {tmp_path} \(process "
+                                                   rf"{pid}\): a params.yaml written now .* Fix: wait for it to "
+                                                   rf"end \(or stop it\), then write params.yaml\.$"):
+            refuse_while_dvc_runs(tmp_path)
     refuse_while_dvc_runs(tmp_path)  # the pid it names has ended: no run
     (tmp_path / ".dvc" / "tmp" / "lock").write_text(f" {os.getpid()}\n")  # a live process, not dvc's
     refuse_while_dvc_runs(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads a process's command line from /proc")
+def test_a_runs_folder_whose_dvc_repro_still_runs_is_neither_run_nor_collected(tmp_path):
+    """A sweep killed by SIGKILL leaves its `dvc repro` running (in a session of its own) and frees its own lock:
+    the same sweep again, and collect, got DVC's error, which offers to delete DVC's lock from under that run."""
+    from transferkit.errors import TransferkitError
+    from transferkit.project import run_pipeline, stale_stages
+
+    runs = tmp_path / "runs"
+    with _dvc_repro_running(tmp_path, runs, "rwlock") as pid:
+        with pytest.raises(TransferkitError, match=rf"^`dvc repro -s evaluate` is running in {runs} \(process {pid}\), "
+                                                   rf"left by an earlier run of this folder stopped by force, .* Fix: "
+                                                   rf"wait for it to end, or stop it \(`kill {pid}`\), then run the "
+                                                   rf"command again\.$"):
+            run_pipeline(runs, {"point0": {"cmd": "true", "deps": [], "outs": ["point0"]}})
+        assert not (runs / "dvc.yaml").exists()
+        with pytest.raises(TransferkitError, match=rf"^`dvc repro -s evaluate` is running in {runs} \(process {pid}\), "
+                                                   rf"making its runs\. Fix: wait for it to end \(or stop it\), then "
+                                                   rf"collect\.$"):
+            stale_stages(runs)

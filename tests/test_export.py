@@ -1046,7 +1046,7 @@ def test_a_model_of_one_class_is_refused(tmp_path, capsys):
     model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
     onnx.save(model, str(tmp_path / "one.onnx"))
     line = _one_error(capsys, ["predict", str(tmp_path / "one.onnx"), str(_write_images(tmp_path / "images")[0])])
-    assert "names 1 classes ['a'], not two or more distinct ones" in line, line
+    assert "names 1 class ['a'], not two or more distinct ones" in line, line
 
 
 def test_a_fixed_batch_onnx_file_gives_one_row_per_image(tmp_path):
@@ -1182,3 +1182,17 @@ def test_export_without_out_keeps_two_models_of_one_folder_apart(exported, tmp_p
     monkeypatch.chdir(tmp_path / "runs")  # a file named from its own folder: the folder's name all the same
     assert main(["prune.pt", "--repeats", "5", "--batch-size", "16", "--threads", "1"]) == 0
     assert (tmp_path / "runs" / "outputs" / "export" / "runs-prune" / "export.json").is_file()
+
+
+def test_a_check_on_random_images_says_why_no_test_set_was_used(tmp_path, monkeypatch):
+    """Export run from a subfolder looks for artifacts/prepare/target.pt there: the description it prints says
+    where it looked and what it found, not that no test set has the model's classes."""
+    from transferkit.deploy.export import check_images
+    from transferkit.io import save_torch
+
+    monkeypatch.chdir(tmp_path)
+    assert check_images(None, CLASSES, 32)[2] == "256 random images (no artifacts/prepare/target.pt here)"
+    other = {"classes": CLASSES[::-1], "test_x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+             "test_y": torch.zeros(2, dtype=torch.long)}
+    save_torch(other, tmp_path / "artifacts" / "prepare" / "target.pt")
+    assert check_images(None, CLASSES, 32)[2] == "256 random images (artifacts/prepare/target.pt holds other classes)"

@@ -120,7 +120,7 @@ def test_turning_the_progress_bar_on_reruns_no_scenario_stage(tmp_path):
 def _quadrant(epochs: dict) -> dict:
     rows = [{"strategy": name, "label": name.replace("_", " "), "what": "", "epochs": n, "val_acc": 0.5,
              "val_ci95": [0.4, 0.6], "test_acc": 0.5, "test_ci95": [0.4, 0.6], "train_seconds": 1.0,
-             "chosen_on_val": name == "linear_probe", "best_on_test": name == "linear_probe"}
+             "chosen_on_val": name == "linear_probe", "best_on_test": name == "linear_probe", "tied_on_val": False}
             for name, n in epochs.items()]
     return {"preset": "scenario_small_similar", "title": "small target + similar source", "target_classes": TARGET,
             "source_classes": ANIMALS, "n_train": 1200, "n_val": 300, "n_test": 3000, "n_source_train": 15000,
@@ -138,6 +138,9 @@ def test_the_progress_bar_is_off_in_every_quadrant_unless_asked_for(tmp_path):
         pipeline(out, overrides, strategies())
         for preset in QUADRANTS:
             assert yaml.safe_load((out / "params" / f"{preset}.yaml").read_text())["trainer"]["progress_bar"] is shown
+        # each run's outputs kept while DVC runs it again, as in the project's dvc.yaml: a Ctrl+C leaves them
+        assert all(stage["outs"] == [{next(iter(stage["outs"][0])): {"persist": True}}]
+                   for stage in pipeline(out, overrides, strategies()).values())
 
 
 def test_quadrants_of_one_source_whose_pretraining_would_differ_are_refused(tmp_path):
@@ -184,6 +187,10 @@ def test_overrides_are_told_apart_from_options():
     for argv in (["--only", "seed=1"], ["--only", "small_similar", "large_different"], ["--uot=runs"]):
         with pytest.raises(TransferkitError, match="unrecognized arguments.*Fix: see `transferkit scenarios --help`"):
             parse(argv)  # an override or a second name where --only takes NAME,NAME; a typo'd option
+    for argv in (["--only", "small_similar,,large_different"], ["--only", ""]):  # no name between two commas
+        with pytest.raises(TransferkitError, match=r"^--only '.*' lists an empty name \(it takes NAME,NAME of "
+                                                   r"small_similar, small_different, large_similar, large_different\)"):
+            parse(argv)
 
 
 # ------------------------------------------------------------------ end to end, tiny
@@ -262,9 +269,9 @@ def _fills_its_quadrants_by_five_strategies(tiny):
     assert {r.folder.name: r.test_acc for r in runs} == {r["strategy"]: r["test_acc"] for r in quadrants[0]["rows"]}
     table = (tmp / "out" / "scenarios.md").read_text()
     assert table.count("** ◀ val") == 2 and "linear classifier on the features" in table
-    # what made it, so a report an earlier run with other settings left says so itself
-    made_by = (f"Made by `transferkit scenarios --only {','.join(ONE_PER_SOURCE)} --early-depth 2 --partial-depth 2 "
-               f"{' '.join(overrides)}`.")
+    # what made it, so a report an earlier run with other settings left says so itself (--out: the same folder)
+    made_by = (f"Made by `transferkit scenarios --out {tmp / 'out'} --only {','.join(ONE_PER_SOURCE)} --early-depth 2 "
+               f"--partial-depth 2 {' '.join(overrides)}`.")
     assert made_by in table, table[:600]
     assert "fine-tune all from the pretrained init" in table
 
@@ -403,6 +410,28 @@ def test_a_tie_on_val_goes_to_the_earlier_strategy_and_the_verdict_says_the_guid
     assert scenario_verdict(q).startswith(f"no, tied on val (ties go to the earlier strategy): {label} is +0.0 "
                                           "points on test vs the winner (")
     assert scenario_verdict(q).endswith("; within noise)")
+
+
+def test_strategies_tied_with_the_winner_on_val_are_marked_in_the_report(tmp_path, monkeypatch):
+    """A winner chosen from a tie on val (the earlier strategy) is not better on val than the strategies it tied
+    with: the report marks them, in its summary, the quadrant's table and the verdict on the advice."""
+    from transferkit.evaluation.tables import scenario_verdict, scenarios_markdown
+
+    scores = {"linear_probe": (0.6, 0.50), "early_probe": (0.5, 0.50), "partial_freeze": (0.5, 0.80),
+              "fine_tune": (0.6, 0.80), "scratch": (0.3, 0.50)}
+    q = _scored_quadrant(tmp_path, monkeypatch, scores)  # small target + similar source advises linear_probe
+    assert q["winner_on_val"] == "linear_probe" and q["agrees"] is True
+    assert [r["strategy"] for r in q["rows"] if r["tied_on_val"]] == ["fine_tune"]
+    fine_tune = next(r["label"] for r in q["rows"] if r["strategy"] == "fine_tune")
+    assert scenario_verdict(q) == f"yes, tied on val with {fine_tune} (ties go to the earlier strategy)"
+    report = scenarios_markdown([q])
+    assert f"| {fine_tune} (tied) | " in report and "(tied) | 50.0 |" in report  # the summary's winner column
+    for tie in ({}, {"fine_tune": (0.5, 0.80)}):  # the guidance wins alone, or loses a tie between two others
+        q = _scored_quadrant(tmp_path / str(len(tie)), monkeypatch, {**scores, **tie, "linear_probe": (0.4, 0.5),
+                                                                     "partial_freeze": (0.6, 0.80)})
+        assert q["agrees"] is False and q["winner_on_val"] == "partial_freeze"
+        assert [r["strategy"] for r in q["rows"] if r["tied_on_val"]] == (["fine_tune"] if not tie else [])
+        assert ("(tied)" in scenarios_markdown([q])) is not bool(tie)
 
 
 def test_a_quadrant_without_val_splits_chooses_no_winner(tmp_path, monkeypatch):

@@ -79,6 +79,8 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
 
     point0 = yaml.safe_load((out / "dvc.yaml").read_text())["stages"]["point0"]
     assert [d for d in point0["deps"] if "transferkit" in d] == code_files(BY_NAME["transfer"])
+    # kept while DVC runs the point again (as in the project's dvc.yaml): a Ctrl+C then leaves the earlier outputs
+    assert point0["outs"] == [{"seed=0,transfer.freeze_depth=0/transfer": {"persist": True}}]
     # and its params the keys transfer's entry in dvc.yaml tracks and the evaluate settings collect scores with:
     # another stage's setting, or evaluate's timings, rerun no point
     tracked = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["transfer"]["params"]
@@ -107,8 +109,9 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     # and so does the sweep's own table: a scratch sweep's points into the folder stay out of the transfer table
     proc = cli("sweep", "scratch", "seed=0", "--out", str(out), cwd=proj)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    again = sweep("0", "0,1")
-    assert "0 of 2 points ran" in again and "| scratch" not in again
+    again = sweep("0", "0,1")  # the scratch sweep's point0 replaced transfer's in dvc.lock, and DVC's run cache
+    # leaves persistent outputs alone: that point trains again
+    assert "1 of 2 points ran; 1 done already" in again and "| scratch" not in again
     # a sweep stopped before it finished: a point's settings are new, its output is older (DVC would run it again)
     point = out / "params" / "seed=1,transfer.freeze_depth=0.yaml"
     settings = yaml.safe_load(point.read_text())
@@ -203,6 +206,12 @@ def test_a_sweep_whose_inputs_are_not_made_names_the_stage_to_run(tmp_path, monk
     with pytest.raises(TransferkitError, match=rf"^{tmp_path}/docs/artifacts/prepare does not exist, and transfer "
                                                rf"reads it\. Fix: sweep in the project's folder {tmp_path}\.$"):
         main(["transfer", "seed=0,1"])
+    monkeypatch.chdir(tmp_path)  # another artifacts folder: `dvc repro` fills the project's own, not that one
+    with pytest.raises(TransferkitError, match=rf"^{tmp_path}/elsewhere/prepare does not exist, and transfer reads "
+                                               r"it\. Fix: make it \(`transferkit prepare` with the same "
+                                               r"paths.artifacts_dir; `dvc repro prepare` fills the project's own "
+                                               r"folder\), or sweep without paths.artifacts_dir\.$"):
+        main(["transfer", "seed=0,1", f"paths.artifacts_dir={tmp_path / 'elsewhere'}"])
 
 
 def test_a_sweep_refuses_a_setting_its_stage_does_not_read_given_on_its_command_line(tmp_path, monkeypatch):
@@ -724,7 +733,8 @@ def test_collect_writes_nowhere_dvc_tracks(tmp_path, monkeypatch):
     (project / "multirun").mkdir()
     monkeypatch.chdir(project)
     for argv, says in ((["multirun", "--out", "artifacts/evaluate"], "--out artifacts/evaluate is "),
-                       (["artifacts/transfer"], "--out artifacts/transfer/collected lies in "),
+                       (["artifacts/transfer"], r"--out \(by default DIR/collected\) artifacts/transfer/collected "
+                                                "lies in "),
                        (["multirun", "--out", "conf"], "--out conf is in the project's conf/")):
         with pytest.raises(TransferkitError, match=f"^{says}.* Fix: --out a new folder of its own"):
             main(argv)

@@ -36,7 +36,7 @@ Deploying:
   transferkit export MODEL.pt --out DIR       ONNX + TorchScript, checked against PyTorch
   transferkit predict MODEL IMAGE [IMAGE ...] classify image files (model.pt or .onnx)
 
-Experiments: experiment=cifar10_split (default) | cifar10_full | seed_aquatic | smoke | scenario_...
+Experiments: experiment=cifar10_split (default) | smoke | scenario_... | cifar10_full, seed_aquatic (CIFAR-100 target)
 Models: model=fastnet | fastnet_tiny | fastnet_micro | fastnet_student | fastnet_airbench | vgg_mini | resnet18
         | mobilenet;  model@distill.student=NAME
 Trainers: trainer=cpu | trainer=gpu | trainer=ddp | trainer=ddp_multinode;  trainer.precision=auto

@@ -29,6 +29,11 @@ def dvc_file_data(text: str):
 MAX_DEPTH = 32  # a params file nests four deep; OmegaConf and flatten recurse once a level
 
 
+def out_paths(entry: dict) -> list[str]:
+    """A dvc.yaml stage's output paths, each written as a path or as {path: options} (persist: true)."""
+    return [next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs") or []]
+
+
 def plain_yaml(text: str):
     """The data of a params.yaml, which a stranger may have sent: plain values, no aliases, a sane depth."""
     too_deep = yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep, where a params file nests a few")

@@ -19,6 +19,7 @@ from typing import Callable
 import yaml
 
 from transferkit.errors import TransferkitError
+from transferkit.plain import out_paths
 
 # What a clone of the project holds that `dvc repro` needs (params.yaml and dvc.yaml are made per copy;
 # data/ is copied; artifacts/, outputs and caches are left behind: the copy starts clean).
@@ -149,7 +150,7 @@ def stage_run(stage: str, params: str, out: str, inputs: dict[str, str], deps: l
     from transferkit.stages import input_deps
 
     return {"cmd": cmd, "deps": [*deps, *input_deps(stage, inputs)], **({"params": [{params: keys}]} if keys else {}),
-            "outs": [out]}
+            "outs": [{out: {"persist": True}}]}
 
 
 # a sweep's or the scenarios' lock (stages.common.exclusive) on its runs folder says why it is held
@@ -183,10 +184,10 @@ def check_runs_folder(folder: Path) -> None:
         check_untracked(folder, "--out")
 
 
-def refuse_while_dvc_runs(root: Path) -> None:
-    """`transferkit params` while `dvc repro` runs in the project: DVC records the params.yaml it finds as a stage
-    ends in dvc.lock, so stages that ran with the earlier one would be called up to date. A run is the live dvc
-    process that .dvc/tmp/lock (its repository lock) or .dvc/tmp/rwlock (the outputs its stages are writing) names."""
+def dvc_running(root: Path) -> tuple[int, str] | None:
+    """The live `dvc repro` or `dvc exp` of the repository in `root`, as (its pid, "`its command` is running in
+    ROOT (process PID)"): the dvc process that .dvc/tmp/lock (its repository lock) or .dvc/tmp/rwlock (the outputs
+    its stages are writing: DVC lets the repository lock go while a stage runs) names."""
     import json
 
     tmp, pids = root / ".dvc" / "tmp", set()
@@ -201,9 +202,17 @@ def refuse_while_dvc_runs(root: Path) -> None:
             continue
         if (at := next((i for i, a in enumerate(argv) if Path(a).name == "dvc"), None)) is not None and \
                 {"repro", "exp"} & set(argv):
-            raise TransferkitError(f"`{' '.join(['dvc', *argv[at + 1:]])}` is running in {root} (process {pid}): a "
-                                   f"params.yaml written now is what dvc.lock records for the stages it runs with the "
-                                   f"earlier one. Fix: wait for it to end (or stop it), then write params.yaml.")
+            return pid, f"`{' '.join(['dvc', *argv[at + 1:]])}` is running in {root} (process {pid})"
+    return None
+
+
+def refuse_while_dvc_runs(root: Path) -> None:
+    """`transferkit params` while `dvc repro` runs in the project: DVC records the params.yaml it finds as a stage
+    ends in dvc.lock, so stages that ran with the earlier one would be called up to date."""
+    if running := dvc_running(root):
+        raise TransferkitError(f"{running[1]}: a params.yaml written now is what dvc.lock records for the stages it "
+                               f"runs with the earlier one. Fix: wait for it to end (or stop it), then write "
+                               f"params.yaml.")
 
 
 def stale_stages(folder: Path) -> list[str]:
@@ -211,6 +220,8 @@ def stale_stages(folder: Path) -> list[str]:
     code or inputs than the ones it names now."""
     import json
 
+    if running := dvc_running(folder):  # DVC's own error would offer to delete its lock from under that run
+        raise TransferkitError(f"{running[1]}, making its runs. Fix: wait for it to end (or stop it), then collect.")
     proc = subprocess.run(["dvc", "status", "--json"], cwd=folder, env=child_env(), capture_output=True, text=True)
     if proc.returncode:
         raise TransferkitError(f"`dvc status` failed in {folder}: {' '.join(proc.stderr.split())[-300:]}. Fix: run "
@@ -230,6 +241,10 @@ def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None, l
                    if Path(dep).is_absolute() and not Path(dep).exists()]:
         raise TransferkitError(f"{missing[0][1]} does not exist, and {missing[0][0]} reads it. Fix: make it, or set "
                                f"the setting that names it to a path that exists.")
+    if running := dvc_running(folder):  # the sweep's own lock is free: the run of one killed by SIGKILL, say
+        raise TransferkitError(f"{running[1]}, left by an earlier run of this folder stopped by force, and would write "
+                               f"what this run writes. Fix: wait for it to end, or stop it (`kill {running[0]}`), then "
+                               f"run the command again.")
     dvc_file = folder / "dvc.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / ".dvc").is_dir():
@@ -237,6 +252,10 @@ def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None, l
     from transferkit.io import save_text  # here: it imports torch, which check-repro (a user of this module) needs not
 
     save_text(RUNS_HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120), dvc_file)
+    # persist: true (stage_run) keeps a run's outputs while DVC makes them again, and so keeps them out of DVC's run
+    # cache: outputs deleted by hand come back from the cache by checkout (what it cannot restore, repro makes)
+    if gone := [name for name, stage in stages.items() if not all((folder / o).exists() for o in out_paths(stage))]:
+        subprocess.run(["dvc", "checkout", "-q", *gone], cwd=folder, env=child_env(), capture_output=True)
     names = {name: (labels or {}).get(name, name) for name in stages}
 
     def started(line: str) -> str | None:  # a sweep runs for hours: each run is announced as DVC starts it

@@ -41,7 +41,7 @@ def _tracked_paths(dvc_file: Path) -> list[tuple[Path, str, str]]:
 def check_untracked(folder: Path, option: str, stage: str | None = None) -> None:
     """Refuses `folder` (given as `option`) where it is, holds or lies in what a dvc.yaml in a folder above it
     tracks, or lies in a project's conf/; `stage`'s own output folder is its to write, as DVC runs it."""
-    fix = f"Fix: {option} a new folder of its own (such as outputs/NAME)."
+    fix = f"Fix: {option.split(' (')[0]} a new folder of its own (such as outputs/NAME)."  # "--out (by default ...)"
     if held := [name for name in ("params.yaml", "dvc.yaml", "conf") if (folder / name).exists()]:
         raise TransferkitError(f"{option} {folder} holds {held[0]}: a stage's outputs or a project, whose files these "
                                f"would mix with or overwrite. {fix}")

@@ -79,9 +79,11 @@ def validate(cfg: DictConfig) -> None:
         # unstructured pruning zeroes weights in one shot: a set structured-only key would be ignored
         ignored = [k for k, off in STRUCTURED_ONLY.items() if cfg.prune[k] != off]
         if cfg.prune.mode == "unstructured" and ignored:
-            raise TransferkitError(f"{', '.join(f'prune.{k}={cfg.prune[k]}' for k in ignored)} act only in structured "
-                                   f"pruning, which prune.mode=unstructured ignores. Fix: set prune.mode=structured, "
-                                   f"or {', '.join(f'prune.{k}={STRUCTURED_ONLY[k]}' for k in ignored)}.")
+            off = ", ".join(f"prune.{k}={STRUCTURED_ONLY[k]}" for k in ignored)
+            raise TransferkitError(f"{', '.join(f'prune.{k}={cfg.prune[k]}' for k in ignored)} "
+                                   f"{'acts' if len(ignored) == 1 else 'act'} only in "
+                                   f"structured pruning, which prune.mode=unstructured ignores. Fix: set "
+                                   f"prune.mode=structured, or {off}.")
     if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
         differ = [k for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
         if differ:  # conf/'s student.* follow distill.*: one override sets both, in conf/ and in params.yaml

@@ -2,13 +2,12 @@
 
     transferkit export MODEL.pt [--out DIR] [--test-set artifacts/prepare/target.pt]
 
-Loads any checkpoint a stage wrote (pruned models are rebuilt from their recorded layer shapes), exports
-ONNX (dynamic batch axis, torch.export-based exporter by default) and TorchScript (traced), runs both and
-the PyTorch model in fp32 on the test set images (uint8 / 255, as `evaluate` feeds them), and reports for
-each the largest absolute logit difference from PyTorch and the top-1 agreement, then the batch-1 CPU
-latency of the three (median of --repeats calls, taking turns). Writes DIR/model.onnx,
-DIR/model.torchscript.pt and DIR/export.json (these numbers, the class names), each renamed into place only
-after the checks pass: a failed export leaves the previous one untouched."""
+Loads any checkpoint a stage wrote (pruned models are rebuilt from their recorded layer shapes), exports ONNX
+(dynamic batch axis, torch.export-based exporter by default) and TorchScript (traced), runs both and the PyTorch
+model in fp32 on the test set images (uint8 / 255, as `evaluate` feeds them), and reports for each the largest
+absolute logit difference from PyTorch and the top-1 agreement, then the batch-1 CPU latency of the three (median of
+--repeats calls, taking turns). Writes DIR/model.onnx, DIR/model.torchscript.pt and DIR/export.json (these numbers,
+the class names), each renamed into place after the checks pass: a failed export leaves the last one untouched."""
 
 from __future__ import annotations
 
@@ -95,7 +94,7 @@ def check_images(test_set: Path | None, classes: list[str], size: int) -> tuple[
                 f"was trained on, or leave --test-set out to check on random images.")
     g = torch.Generator().manual_seed(0)
     return (torch.randint(0, 256, (RANDOM_IMAGES, 3, size, size), dtype=torch.uint8, generator=g), None,
-            f"{RANDOM_IMAGES} random images (no test set with the model's classes)")
+            f"{RANDOM_IMAGES} random images ({f'{path} holds other classes' if path.exists() else f'no {path} here'})")
 
 
 # --------------------------------------------------------------------------- exporters
@@ -133,7 +132,8 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
                 log(f"transferkit export: the dynamo ONNX exporter failed ({tried[name][:200]}); "
                     f"falling back to the TorchScript-based exporter")
     fix = "try --exporter auto" if exporter != "auto" else "leave --opset out" if opset else "report the architecture"
-    raise TransferkitError(f"ONNX export failed: {'; '.join(f'{k}: {v}' for k, v in tried.items())}. Fix: {fix}.")
+    failed = "; ".join(f"{k}: {v.rstrip('.')}" for k, v in tried.items())  # the exporters' own end in a period
+    raise TransferkitError(f"ONNX export failed: {failed}. Fix: {fix}.")
 
 
 def _drop_stack_traces(path: Path) -> int:

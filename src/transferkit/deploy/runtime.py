@@ -92,9 +92,11 @@ def load_pipeline_checkpoint(path: Path):
     with open(path, "rb") as f:  # torch.save writes zip archives: anything else is foreign (a cut-off
         head = f.read(4)  # or empty one is damaged, and load_checkpoint says which stage remakes it)
     if len(head) == 4 and head != b"PK\x03\x04":
+        onnx = path.suffix.lower() == ".onnx"  # given to export (predict reads an ONNX file as one)
+        what = "an ONNX file: an export already" if onnx else "not a file written by torch.save"
         raise TransferkitError(
-            f"{path} is not a transferkit checkpoint (not a file written by torch.save). Fix: pass "
-            f"the model.pt a stage wrote, e.g. artifacts/prune/model.pt (an ONNX model is read by its name: *.onnx).")
+            f"{path} is not a transferkit checkpoint ({what}). Fix: pass the model.pt a stage wrote, e.g. "
+            f"artifacts/prune/model.pt{'' if onnx else ' (an ONNX model is read by its name: *.onnx)'}.")
     model, ckpt = load_checkpoint(path, produced_by, remake=None if produced_by != UNKNOWN_STAGE else
                                   "write it again with the stage that made it, or pass a model.pt that a stage "
                                   "wrote, e.g. artifacts/prune/model.pt")
@@ -176,7 +178,8 @@ class Classifier:
             raise TransferkitError(f"{self.path} names classes that are no printable names of at most 200 characters "
                                    f"({', '.join(ascii(c)[:60] for c in odd)}). {self.remake}")
         if len(set(self.classes)) < max(2, len(self.classes)):  # what prepare makes: two or more, each once
-            raise TransferkitError(f"{self.path} names {len(self.classes)} classes {self.classes[:5]}, not two or "
+            raise TransferkitError(f"{self.path} names {len(self.classes)} class{'es' * (len(self.classes) != 1)} "
+                                   f"{self.classes[:5]}, not two or "
                                    f"more distinct ones as every model transferkit trains has. {self.remake}")
         size, named = self.input_size, (f"{self.meta_source} names" if "input_size" in info else
                                         f"assumed where {self.meta_source} names no size")

@@ -39,6 +39,7 @@ def score_quadrant(out: Path, preset: str, size: str, similarity: str, plan: lis
     guided_name, guidance = GUIDANCE[(size, similarity)]
     for r in rows:
         r["chosen_on_val"], r["best_on_test"] = r is winner, r is best
+        r["tied_on_val"] = bool(winner) and r is not winner and r["val_acc"] == winner["val_acc"]
     versus = None
     if winner and winner["strategy"] != guided_name:
         d = paired_difference(runs[guided_name].correct, runs[winner["strategy"]].correct)

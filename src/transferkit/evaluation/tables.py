@@ -42,7 +42,8 @@ def sweep_table(summary: dict) -> str:
                      f"{pct(r['val_mean'])} ± {pct(r['val_std'])} | {pct(r['test_mean'])} ± {pct(r['test_std'])} | "
                      f"{diff} | {verdict} |")
     methods = sorted({r["vs_scratch"]["method"] for r in summary["rows"] if r.get("vs_scratch")})
-    views = "Val top-1: one view of each image, as the stages score it; test top-1: with evaluate.tta."
+    tta = f"evaluate.tta={summary['tta']}" if summary.get("tta") else "each row's evaluate.tta"
+    views = f"Val top-1: one view of each image, as the stages score it; test top-1: with {tta}."
     notes = [] if scratch_ran else ["No scratch runs among these: the scratch columns need a scratch sweep of the "
                                     "same seeds (`transferkit sweep scratch seed=...`), collected with this one."]
     if best := next((r for r in summary["rows"] if r["chosen_on_val"]), None):
@@ -60,7 +61,8 @@ def scenario_verdict(q: dict) -> str:
     if q["agrees"] is None:
         return "– (no validation split)"
     if q["agrees"]:
-        return "yes"
+        tied = [r["label"] for r in q["rows"] if r["tied_on_val"]]
+        return "yes" + (f", tied on val with {', '.join(tied)} (ties go to the earlier strategy)" if tied else "")
     lo, hi = q["guided_minus_winner_test"]["ci95"]
     noise = "within noise" if lo <= 0 <= hi else ("guidance better on test" if lo > 0 else "guidance worse")
     tie = ", tied on val (ties go to the earlier strategy)" if q["guided_ties_winner_on_val"] else ""
@@ -103,7 +105,8 @@ def scenarios_markdown(results: list[dict], made_by: str = "") -> str:
         best = next(r for r in q["rows"] if r["best_on_test"])
         lines.append(f"| {q['title']} | {q['n_train']:,} | {names(q['source_classes'])} "
                      f"({q['pretrain_epochs']} ep: {pct(q['pretrain_source_test_acc'])}%) | {q['guidance']['text']} | "
-                     f"{win['label'] if win else '–'} | {pct(win['test_acc']) if win else '–'} | "
+                     f"{win['label'] if win else '–'}{' (tied)' * any(r['tied_on_val'] for r in q['rows'])} | "
+                     f"{pct(win['test_acc']) if win else '–'} | "
                      f"{best['label']} ({pct(best['test_acc'])}) | "
                      f"{scenario_verdict(q)} |")
     for q in results:
@@ -116,7 +119,7 @@ def scenarios_markdown(results: list[dict], made_by: str = "") -> str:
                   "| test top-1 % (95% interval) | train s |",
                   "|---|---|---|---|---|---|"]
         for r in q["rows"]:
-            name = f"**{r['label']}** ◀ val" if r["chosen_on_val"] else r["label"]
+            name = f"**{r['label']}** ◀ val" if r["chosen_on_val"] else r["label"] + " (tied)" * r["tied_on_val"]
             val = ("–" if r["val_acc"] is None
                    else f"{pct(r['val_acc'])} ({pct(r['val_ci95'][0])}–{pct(r['val_ci95'][1])})")
             test = f"{pct(r['test_acc'])} ({pct(r['test_ci95'][0])}–{pct(r['test_ci95'][1])})"
@@ -135,7 +138,6 @@ def results_table(metrics: dict, timing: dict, tta: str | None = None) -> str:
              f"{timing.get('throughput_batch', 256)} |", "|---|---|---|---|---|---|"]
     from transferkit.evaluation.metrics import VIEWS
     from transferkit.evaluation.report import LABELS, deployed_one_view, one_view_note
-
     from transferkit.stages import TARGET_MODELS
 
     # in evaluate's order, baselines first and the deployed files last (metrics.json keeps its keys sorted)

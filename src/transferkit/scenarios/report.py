@@ -180,7 +180,8 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
         save_json(summary, out / "scenarios.json")
         short = [p.removeprefix("scenario_") for p in chosen]
         only = ["--only", ",".join(short)] if len(chosen) < len(QUADRANTS) else []
-        made_by = " ".join(["transferkit scenarios", *only,
+        made_by = " ".join(["transferkit scenarios", *(["--out", shlex.quote(str(out))] if out != Path("scenarios")
+                                                         else []), *only,
                             f"--early-depth {early_depth} --partial-depth {partial_depth}",
                             *map(shlex.quote, overrides or [])])
         save_text(scenarios_markdown(results, made_by), out / "scenarios.md")
@@ -199,7 +200,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--early-depth", type=int, default=2, help="probe.depth of the earlier-block probe (2)")
     parser.add_argument("--partial-depth", type=int, default=2, help="transfer.freeze_depth of partial freeze (2)")
     args, rest = parser.parse_known_args(argv)
-    if bad := [a for a in rest if "=" not in a or a.startswith("-")] + [n for n in args.only if "=" in n or not n]:
+    if "" in args.only:  # `--only a,,b`, `--only ""`: no name
+        names = ", ".join(q.removeprefix("scenario_") for q in QUADRANTS)
+        parser.error(f"--only {','.join(args.only)!r} lists an empty name (it takes NAME,NAME of {names})")
+    if bad := [a for a in rest if "=" not in a or a.startswith("-")] + [n for n in args.only if "=" in n]:
         parser.error(f"unrecognized arguments: {' '.join(map(repr, bad))} (--only takes NAME,NAME; the rest is "
                      f"key=value overrides)")
     return args, rest

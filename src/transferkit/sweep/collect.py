@@ -24,7 +24,7 @@ from transferkit.evaluation.plots import sweep_png
 from transferkit.evaluation.runs import Run, assignment, read_run, score, summarize
 from transferkit.evaluation.tables import sweep_table
 from transferkit.io import make_folder, save_json, save_text, undone_on_failure
-from transferkit.plain import dvc_file_data, flatten, under
+from transferkit.plain import dvc_file_data, flatten, out_paths, under
 from transferkit.project import is_runs_file, stale_stages
 from transferkit.stages import STAGES, TARGET_MODELS
 from transferkit.sweep.points import NOT_SWEPT, made_with
@@ -46,8 +46,8 @@ def run_roots(d: Path) -> list[tuple[Path, str | None, Path | None]]:
                                    f"give the sweep folders themselves (`transferkit collect {inner} ...`).")
         return [(d, None, None)]
     stages = {name: stage for name, stage in dvc_file_data((home / "dvc.yaml").read_text())["stages"].items()
-              if any((home / out).resolve().is_relative_to(d.resolve()) for out in stage["outs"])}
-    if stale := [out for name in stale_stages(home) if name in stages for out in stages[name]["outs"]]:
+              if any((home / out).resolve().is_relative_to(d.resolve()) for out in out_paths(stage))}
+    if stale := [out for name in stale_stages(home) if name in stages for out in out_paths(stages[name])]:
         raise TransferkitError(f"{d} has points not made with their settings and code as they are now ("
                                f"{', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): the sweep stopped before "
                                f"it finished them, something they read changed since, or a scenarios run with --only "
@@ -57,7 +57,7 @@ def run_roots(d: Path) -> list[tuple[Path, str | None, Path | None]]:
     # a scenarios strategy's folder (linear_probe, partial_freeze) is no stage's name: its command names the stage
     return [(home / out, stage["cmd"].split()[1], next((home / a.split("=", 1)[1] for a in shlex.split(stage["cmd"])
                                                         if a.startswith("prepare=")), None))
-            for stage in stages.values() for out in stage["outs"]]
+            for stage in stages.values() for out in out_paths(stage)]
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
@@ -121,6 +121,8 @@ def collect(dirs: list[Path], out: Path) -> dict:
         make_folder(out)  # before scoring, which takes a while
         score(runs, cache_file=out / "scores.pt")
         summary = summarize(runs)
+        if len(ttas := {flatten(r.params).get("evaluate.tta") for r in runs}) == 1:  # else the rows name theirs
+            summary["tta"] = ttas.pop()
         save_json(summary, out / "sweep.json")
         save_text(sweep_table(summary), out / "sweep.md")
         sweep_png(summary, out / "sweep.png")
@@ -136,7 +138,7 @@ def main(argv: list[str]) -> int:
     if not args.dirs:
         raise TransferkitError("collect needs a sweep folder. Fix: `transferkit collect multirun/<experiment>`.")
     out = args.out or args.dirs[0] / "collected"
-    check_untracked(out, "--out")
+    check_untracked(out, "--out" if args.out else "--out (by default DIR/collected)")
     summary = collect(args.dirs, out)
     print(sweep_table(summary))
     print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")

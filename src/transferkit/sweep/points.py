@@ -1,9 +1,7 @@
 """`transferkit sweep STAGE key=a,b ... [--out DIR]`: every point of a sweep as a DVC stage in DIR/dvc.yaml, reading
 the project's artifacts/ and composed as params.yaml is, plus the sweep; DVC runs the points not yet done (a rerun
-after a crash trains only what is missing) and `collect` makes the table (docs/sweeps.md).
-
-Every point is composed and validated before any runs: Hydra itself finds a bad value only when it reaches that job,
-after the earlier points have trained for minutes."""
+after a crash trains only what is missing) and `collect` makes the table (docs/sweeps.md). Every point is composed
+and validated before any runs (Hydra finds a bad value only as it reaches that job, after earlier points trained)."""
 
 from __future__ import annotations
 
@@ -276,9 +274,11 @@ def main(argv: list[str]) -> int:
     check_runs_folder(out)
     # DVC would stop at a missing input only after removing the points' earlier outputs (run_pipeline refuses)
     if missing := [p for n in BY_NAME[args.stage].reads if not (p := Path(cfgs[0].paths.artifacts_dir) / n).is_dir()]:
-        made = "" if (params_file.parent / missing[0]).is_dir() else f"make it (`dvc repro {missing[0].name}`) and "
-        raise TransferkitError(f"{missing[0].resolve()} does not exist, and {args.stage} reads it. Fix: {made}sweep "
-                               f"in the project's folder {params_file.parent}.")
+        n, here = missing[0].name, (params_file.parent / missing[0]).is_dir()
+        fix = (f"make it (`transferkit {n}` with the same paths.artifacts_dir; `dvc repro {n}` fills the project's "
+               f"own folder), or sweep without paths.artifacts_dir" if "paths.artifacts_dir" in given else
+               f"{'' if here else f'make it (`dvc repro {n}`) and '}sweep in the project's folder {params_file.parent}")
+        raise TransferkitError(f"{missing[0].resolve()} does not exist, and {args.stage} reads it. Fix: {fix}.")
     with exclusive(out, WHY_LOCKED):  # from its params files to the table of the points its dvc.yaml lists
         stages, code, names = {}, code_files(BY_NAME[args.stage]), [point_name(p, given) for p in points]
         for i, (name, cfg) in enumerate(zip(names, cfgs)):
