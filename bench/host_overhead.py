@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import logging
 import math
 import pstats
 import statistics
@@ -42,6 +43,9 @@ from transferkit.data.loader import DeviceBatches, TaskDataModule  # noqa: E402
 from transferkit.models import build_model  # noqa: E402
 from transferkit.training.classifier import ClassifierModule  # noqa: E402
 from transferkit.training.trainer import fit  # noqa: E402
+
+# each timed fit is a Trainer of its own, and each would print where it trains between the table's lines
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 SETTINGS = dict(lr=0.05, weight_decay=5e-4, momentum=0.9, label_smoothing=0.2, warmup_fraction=0.1)
 STEPS = (40, 200)

@@ -690,6 +690,12 @@ def test_a_sweep_plot_over_two_settings_labels_each_point_by_its_setting(tmp_pat
     (fig,) = _drawn(monkeypatch, lambda: numeric.append(sweep_png(two, tmp_path / "two.png")))
     assert numeric == [True, False]
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["transfer.lr=0.1", "transfer.epochs=2"]
+    # no line joins settings that have no order (it would draw a trend); the title says what the bars are
+    assert {line.get_linestyle() for line in fig.axes[0].get_lines() if len(line.get_xdata()) == 2} == {"None"}
+    assert fig.axes[0].get_title() == "transfer sweep (mean ± std over seeds)"
+    one_seed = {"stage": "transfer", "rows": [{**r, "seeds": [0], "test_std": None} for r in two["rows"]]}
+    (fig,) = _drawn(monkeypatch, lambda: sweep_png(one_seed, tmp_path / "seed.png"))
+    assert fig.axes[0].get_title() == "transfer sweep (one seed)"
 
 
 def test_a_sweep_plot_draws_reference_lines_only_for_the_other_stages(tmp_path, monkeypatch):

@@ -2,12 +2,12 @@
 
     transferkit export MODEL.pt [--out DIR] [--test-set artifacts/prepare/target.pt]
 
-Loads any checkpoint a stage wrote (pruned models are rebuilt from their recorded layer shapes), exports ONNX
-(dynamic batch axis, torch.export-based exporter by default) and TorchScript (traced), runs both and the PyTorch
-model in fp32 on the test set images (uint8 / 255, as `evaluate` feeds them), and reports for each the largest
-absolute logit difference from PyTorch and the top-1 agreement, then the batch-1 CPU latency of the three (median of
---repeats calls, taking turns). Writes DIR/model.onnx, DIR/model.torchscript.pt and DIR/export.json (these numbers,
-the class names), each renamed into place after the checks pass: a failed export leaves the last one untouched."""
+Loads any checkpoint a stage wrote (pruned models are rebuilt from their recorded layer shapes), exports ONNX (dynamic
+batch axis, torch.export-based exporter by default) and TorchScript (traced), runs both and the PyTorch model in fp32
+on the test set images (uint8 / 255, as `evaluate` feeds them), and reports for each the largest absolute logit
+difference from PyTorch and the top-1 agreement, then the batch-1 CPU latency of the three (median of --repeats calls,
+taking turns). Writes DIR/model.onnx, DIR/model.torchscript.pt and DIR/export.json (these numbers, the class names),
+each renamed into place after the checks pass (a failed export leaves the last one)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from transferkit.deploy.runtime import (EXPORT_JSON, META_KEY, ONNX_FILE, TORCHS
                                         load_pipeline_checkpoint)
 from transferkit.deploy.sessions import ort_session
 from transferkit.errors import TransferkitError, one_line_errors
-from transferkit.evaluation.speed import latency_ms
+from transferkit.evaluation.formats import busy_note
+from transferkit.evaluation.speed import latency_ms, other_work
 from transferkit.io import atomic_path, load_torch, quiet_output
 from transferkit.layout import channels_last, to_nhwc
 from transferkit.tracked import check_untracked
@@ -114,9 +115,8 @@ EXPORTERS = {"dynamo": _export_dynamo, "legacy": _export_legacy}
 
 
 def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, opset: int | None, log=print) -> dict:
-    """Export with `exporter`; 'auto' tries the torch.export-based exporter and falls back to the
-    TorchScript-based one, which some torch versions need. Returns which one produced the file
-    (and why the first failed)."""
+    """Export with `exporter`; 'auto' tries the torch.export-based exporter and falls back to the TorchScript-based
+    one, which some torch versions need. Returns which one produced the file (and why the first failed)."""
     example, tried = (torch.rand(2, 3, size, size),), {}
     for name in (("dynamo", "legacy") if exporter == "auto" else (exporter,)):
         try:
@@ -232,7 +232,7 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
 
         session, ts = ort_session(onnx_tmp, threads), Classifier(ts_tmp, threads, trust_code=True)  # written just now
         onnx_run = lambda x, s=session, name=session.get_inputs()[0].name: s.run(None, {name: x})[0]  # noqa: E731
-        with channels_last(model):
+        with channels_last(model), other_work(load := {}):  # load: other processes' share of the CPU meanwhile
             ref = logits_of(eager, images, batch_size)
             checks = {"onnx": compare(ref, logits_of(onnx_run, images, batch_size), labels, tolerance),
                       "torchscript": compare(ref, logits_of(ts, images, batch_size), labels, tolerance)}
@@ -263,7 +263,7 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
             **checks,
             "latency_ms_batch1": {**latency, "repeats": repeats, "threads": threads,
                                   "statistic": "median, runtimes taking turns in blocks of 10 calls",
-                                  "load_average_1min": round(os.getloadavg()[0], 2)},
+                                  "load_average_1min": round(os.getloadavg()[0], 2), **load},
             "export_seconds": round(export_s, 2), "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
         }
@@ -282,9 +282,9 @@ def summary(r: dict, out: Path) -> str:
     for c, name in ((r["onnx"], "onnxruntime"), (r["torchscript"], "torchscript")):
         rows.append(f"  {name:<13} {c['max_abs_diff']:>16.3g} {c['top1_agreement']:>16.2%} {top1(c):>7} "
                     f"{lat[name]:>9.3f} ms")
-    rows.append(f"  (tolerance {r['tolerance']:g}; latency: median of {lat['repeats']} batch-1 calls each on "
-                f"{lat['threads']} CPU thread(s), 1-min load average {lat['load_average_1min']}; "
-                f"ONNX opset {r['exporter']['opset']}, {r['exporter']['onnx']} exporter)")
+    rows += [f"  (tolerance {r['tolerance']:g}; latency: median of {lat['repeats']} batch-1 calls each on "
+             f"{lat['threads']} CPU thread(s), 1-min load average {lat['load_average_1min']}; ONNX opset "
+             f"{r['exporter']['opset']}, {r['exporter']['onnx']} exporter)", *busy_note({"machine": lat}, "export")]
     return "\n".join(rows)
 
 

@@ -51,11 +51,12 @@ def names(items) -> str:
     return ", ".join(str(i).translate(LITERAL) for i in items)
 
 
-def busy_note(timing: dict) -> list[str]:
-    """Where other processes took a quarter of a core or more while evaluate timed (speed.other_work): a warning."""
+def busy_note(timing: dict, stage: str = "evaluate") -> list[str]:
+    """Where other processes took a quarter of a core or more while `stage` timed (speed.other_work): a warning."""
     if (busy := timing.get("machine", {}).get("other_cores", 0)) < 0.25:
         return []
-    return [f"While evaluate timed, other processes kept {busy:.2f} of the cores it runs on busy, so the timings may "
-            f"be many times slower than this machine gives on its own, and the speed-ups between them off (the "
-            f"one-thread timings suffer least). Fix: on an idle machine, `uv run dvc repro -s -f evaluate` times them "
-            f"again."]
+    again = "`uv run dvc repro -s -f evaluate`" if stage == "evaluate" else "the same command"  # export: by hand too
+    return [f"While {stage} timed, other processes kept {busy:.2f} of the cores it runs on busy, so the timings may "
+            f"be many times slower than this machine gives on its own, and the speed-ups between them off"
+            f"{' (the one-thread timings suffer least)' * (stage == 'evaluate')}. Fix: on an idle machine, {again} "
+            f"times them again."]

@@ -122,9 +122,11 @@ def sweep_png(summary: dict, path: Path) -> bool:
         numeric, xs = False, list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     spread = [math.nan if r["test_std"] is None else 100 * r["test_std"] for r in rows]  # one seed: no bar
-    ax.errorbar(xs, [100 * r["test_mean"] for r in rows], yerr=spread, marker="o", capsize=3, label=f"{main}, test")
+    line = "-" if numeric else "none"  # a line between unordered settings would draw a trend that is none
+    ax.errorbar(xs, [100 * r["test_mean"] for r in rows], yerr=spread, marker="o", capsize=3, linestyle=line,
+                label=f"{main}, test")
     val = [math.nan if r["val_mean"] is None else 100 * r["val_mean"] for r in rows]  # no val split: nothing drawn
-    ax.plot(xs, val, "o--", alpha=0.6, label=f"{main}, val")
+    ax.plot(xs, val, marker="o", linestyle="--" if numeric else "none", alpha=0.6, label=f"{main}, val")
     for ref, colour, style in (("scratch", "k", "-"), ("probe", "g", ":")):
         for r in summary["rows"]:
             if r["stage"] == ref != main and not r["setting"]:
@@ -134,8 +136,10 @@ def sweep_png(summary: dict, path: Path) -> bool:
         ax.set_xlabel(next(iter(keys)))
         ax.set_xticks(xs)
     else:
-        ax.set_xticks(xs, [" ".join(r["setting"]) or "default" for r in rows], rotation=30, ha="right")
-    ax.set(ylabel="top-1 accuracy (%)", title=f"{main} sweep (mean ± std over seeds)")
+        ax.set_xticks(xs, [" ".join(r["setting"]) or "default" for r in rows], rotation=30, ha="right",
+                      rotation_mode="anchor")
+    seeds = max(len(r["seeds"]) for r in rows)
+    ax.set(ylabel="top-1 accuracy (%)", title=f"{main} sweep ({'mean ± std over seeds' if seeds > 1 else 'one seed'})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

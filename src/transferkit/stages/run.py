@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from transferkit.plain import dvc_file_data, out_paths
+from transferkit.plain import dvc_file_data
 from transferkit.stages import BY_NAME, inputs_of, module_of, named_files
 from transferkit.training import first_process
 
@@ -83,7 +83,7 @@ def dvc_entry(dvc_file: Path, name: str) -> tuple[list, list] | None:
     """The deps and outs of stage `name` in `dvc_file`; None where it has no such entry (or is no dvc.yaml)."""
     try:
         entry = dvc_file_data(dvc_file.read_text())["stages"][name]
-        return entry.get("deps") or [], out_paths(entry)
+        return entry.get("deps") or [], [next(iter(o)) if isinstance(o, dict) else o for o in entry["outs"]]
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, StopIteration):  # not one of ours
         return None
 
