@@ -33,6 +33,7 @@ from transferkit.sweep.points import check_points, expand, pin_named_files
 QUADRANTS = {"scenario_small_similar": ("small", "similar"), "scenario_small_different": ("small", "different"),
              "scenario_large_similar": ("large", "similar"), "scenario_large_different": ("large", "different")}
 SHARED_BY_SOURCE = ("seed", "model", "pretrain", "data.source", "data.image_size")  # what pretraining reads
+OUT = Path("scenarios")  # --out's default, which the report's "Made by" line leaves out
 
 
 class Strategy(NamedTuple):
@@ -180,8 +181,7 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
         save_json(summary, out / "scenarios.json")
         short = [p.removeprefix("scenario_") for p in chosen]
         only = ["--only", ",".join(short)] if len(chosen) < len(QUADRANTS) else []
-        made_by = " ".join(["transferkit scenarios", *(["--out", shlex.quote(str(out))] if out != Path("scenarios")
-                                                         else []), *only,
+        made_by = " ".join(["transferkit scenarios", *(["--out", shlex.quote(str(out))] if out != OUT else []), *only,
                             f"--early-depth {early_depth} --partial-depth {partial_depth}",
                             *map(shlex.quote, overrides or [])])
         save_text(scenarios_markdown(results, made_by), out / "scenarios.md")
@@ -194,7 +194,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The options, and the key=value overrides (the other arguments, in argv's order: the last value of a key wins)."""
     parser = one_line_errors(argparse.ArgumentParser(prog="transferkit scenarios",
                                                      description=__doc__.split("\n\n")[0]))
-    parser.add_argument("--out", type=Path, default=Path("scenarios"), help="output folder (default scenarios/)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT}/)")
     parser.add_argument("--only", action="extend", type=lambda names: names.split(","), default=[], metavar="NAME,...",
                         help=f"run only these of {', '.join(QUADRANTS)}")
     parser.add_argument("--early-depth", type=int, default=2, help="probe.depth of the earlier-block probe (2)")
