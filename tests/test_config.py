@@ -161,12 +161,14 @@ def test_devices_this_machine_lacks_are_one_error_naming_the_trainer_keys(device
 
 
 @pytest.mark.parametrize("trainer", list(TRAINERS))
-def test_every_trainer_preset_reaches_lightning(trainer, tmp_path):
+def test_every_trainer_preset_reaches_lightning(trainer, tmp_path, monkeypatch):
     """Each preset's Trainer, built on this CPU (accelerator=cpu: the rest as on GPUs or a cluster)."""
     import torch
 
     from transferkit.config.compose import to_params
     from transferkit.training.trainer import make_trainer
+
+    monkeypatch.setenv("NODE_RANK", "0")  # ddp_multinode's copy on the first node
 
     cfg = compose(f"trainer={trainer}")
     validate(cfg)
@@ -177,6 +179,34 @@ def test_every_trainer_preset_reaches_lightning(trainer, tmp_path):
         assert (type(t.strategy).__name__, t.num_devices, t.num_nodes, torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark) == TRAINERS[trainer]
+    finally:  # Lightning sets these process-wide
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+
+
+@pytest.mark.parametrize("overrides", [["trainer=ddp", "trainer.num_nodes=2"], ["trainer=ddp_multinode"]])
+def test_several_nodes_with_no_launcher_nor_node_rank_are_refused_before_they_wait_for_ever(overrides, tmp_path,
+                                                                                           monkeypatch):
+    """`trainer=ddp trainer.num_nodes=2` on one machine, with no Slurm, torchrun or NODE_RANK: every copy took node
+    rank 0 and waited for the other node's processes for ever. With NODE_RANK set (a copy per node), it builds."""
+    import torch
+
+    from transferkit.config.compose import to_params
+    from transferkit.training import RANK_VARIABLES
+    from transferkit.training.trainer import make_trainer
+
+    for var in (*RANK_VARIABLES, "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = {**to_params(compose(*overrides).trainer), "accelerator": "cpu", "loggers": []}
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        with pytest.raises(TransferkitError, match=r"^trainer.num_nodes=2 needs one copy of the command per node, .* "
+                                                   r"Fix: on each node run it with MASTER_ADDR=NODE0 "
+                                                   r"MASTER_PORT=29500 NODE_RANK=R, or under srun or torchrun"):
+            make_trainer(cfg, tmp_path, 1)
+        monkeypatch.setenv("NODE_RANK", "1")
+        assert make_trainer(cfg, tmp_path, 1).node_rank == 1
     finally:  # Lightning sets these process-wide
         torch.backends.cudnn.benchmark = before[0]
         torch.use_deterministic_algorithms(before[1], warn_only=before[2])
@@ -397,7 +427,7 @@ def test_gradual_unfreezing_in_several_processes_is_refused(overrides):
 
 @pytest.mark.parametrize("overrides", [[], ["trainer.devices=auto"], ["trainer.devices=2"], ["trainer=ddp"],
                                        ["trainer.num_nodes=2"], ["trainer=ddp_multinode"]])
-def test_multi_process_says_what_lightning_runs(overrides, tmp_path):
+def test_multi_process_says_what_lightning_runs(overrides, tmp_path, monkeypatch):
     """strategy auto with two devices or nodes is DDP in Lightning: the checks that depend on
     several processes must see it too."""
     import torch
@@ -406,6 +436,8 @@ def test_multi_process_says_what_lightning_runs(overrides, tmp_path):
     from transferkit.config.compose import to_params
     from transferkit.training import multi_process
     from transferkit.training.trainer import make_trainer
+
+    monkeypatch.setenv("NODE_RANK", "0")  # a multi-node run's copy on the first node
 
     trainer_cfg = OmegaConf.merge(compose(*overrides).trainer, {"accelerator": "cpu", "loggers": []})
     before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),

@@ -2432,3 +2432,22 @@ def test_a_zip_link_past_the_longest_path_is_no_file_not_a_memory_error(jpeg_pai
         out.writestr(*_zip_link("top/notes.txt", "a/" * 3000))
     with pytest.raises(TransferkitError, match=r"0099.jpg in .*long.zip links to (a/)+\.\.\., which is no file"):
         read_image_folder(tmp_path / "long.zip")
+
+
+def test_the_memory_cap_is_a_quarter_of_a_shells_ulimit_v_below_the_machines():
+    """`ulimit -v` below the machine's memory: the archive cap and ONNX Runtime's bound were reckoned from the
+    machine's memory and container alone, and named more than the process could map."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from transferkit.data.memory import address_space_limit, cgroup_limit
+
+    total = psutil.virtual_memory().total
+    limit = min(total, cgroup_limit() or total, address_space_limit() or total) // 2  # below every other bound
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, "
+            f"({limit}, resource.getrlimit(resource.RLIMIT_AS)[1])); "
+            "from transferkit.data.memory import memory_limit; print(memory_limit())")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert ran.stdout.strip() == str(limit // 4), ran.stderr

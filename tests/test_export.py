@@ -424,11 +424,12 @@ def test_predict_gives_a_fixed_batch_file_whole_runs(exported, tmp_path, monkeyp
     assert len(results) == 5 and rows == [2, 2, 2]
 
 
-def _crafted_onnx(path, *, batch="N", height="H", width="W", input_size=32, brightest=None, classes=CLASSES,
-                  output=None):
+def _crafted_onnx(path, *, batch="N", channels=3, height="H", width="W", input_size=32, brightest=None,
+                  classes=CLASSES, output=None):
     """A small ONNX classifier written by hand, as a stranger might: each image's mean colour times a 3x5 matrix;
     with `brightest`, sqrt(brightest - mean colour) first: NaN for an image brighter than that; with `output`, the
-    logits pooled over the batch ("pooled": one row; "flat": one number per class) or cast to text ("text")."""
+    logits pooled over the batch ("pooled": one row; "flat": one number per class), cast to text ("text") or made
+    probabilities ("softmax", and "softmax Reshape" with that op after the Softmax)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -444,13 +445,21 @@ def _crafted_onnx(path, *, batch="N", height="H", width="W", input_size=32, brig
     elif output == "text":
         nodes.append(helper.make_node("Cast", ["scores"], ["logits"], to=TensorProto.STRING))
         kind = TensorProto.STRING
-    elif output == "softmax":  # probabilities, where transferkit's files give logits
-        nodes.append(helper.make_node("Softmax", ["scores"], ["logits"], axis=1))
+    elif output and output.startswith("softmax"):  # probabilities, where transferkit's files give logits
+        after = output.split()[1:]  # an op that hands them on unchanged, as `softmax(x).reshape(n, -1)` exports
+        names = [*(f"probabilities{i}" for i in range(len(after))), "logits"]
+        nodes.append(helper.make_node("Softmax", ["scores"], [names[0]], axis=1))
+        for op, source, target in zip(after, names, names[1:]):
+            nodes.append(helper.make_node(op, [source, "rows"] if op == "Reshape" else [source], [target],
+                                          **({"to": TensorProto.FLOAT} if op == "Cast" else {})))
     graph = helper.make_graph(
-        nodes, "stranger", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, height, width])],
+        nodes, "stranger",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, channels, height, width])],
         [helper.make_tensor_value_info("logits", kind, shape)],
-        initializer=[numpy_helper.from_array(np.arange(15, dtype=np.float32).reshape(3, 5) / 15, "w"),
-                     *([numpy_helper.from_array(np.float32(brightest), "brightest")] if brightest else [])])
+        initializer=[numpy_helper.from_array(np.arange(5 * channels, dtype=np.float32).reshape(-1, 5) / 15, "w"),
+                     *([numpy_helper.from_array(np.float32(brightest), "brightest")] if brightest else []),
+                     *([numpy_helper.from_array(np.array([0, -1], np.int64), "rows")]  # Reshape's: [N, rest]
+                       if "Reshape" in (output or "") else [])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     helper.set_model_props(model, {"transferkit": json.dumps({"classes": classes, "input_size": input_size})})
     onnx.save(model, str(path))
@@ -463,7 +472,8 @@ def _crafted_onnx(path, *, batch="N", height="H", width="W", input_size=32, brig
     ({"input_size": 1_000_000}, "takes 1000000x1000000 images, the size its metadata names, outside the 8 to 1024"),
     ({"input_size": 0}, "takes 0x0 images, the size its metadata names, outside the 8 to 1024"),
     ({"height": 64, "width": 64}, ", 3, 64, 64], not the [N, 3, 32, 32] images its metadata names"),
-    ({"height": 32, "width": 33}, ", 3, 32, 33], not the [N, 3, 32, 32] images its metadata names")])
+    ({"height": 32, "width": 33}, ", 3, 32, 33], not the [N, 3, 32, 32] images its metadata names"),
+    ({"channels": 1}, "takes input of shape ['N', 1, 'H', 'W'], not the [N, 3, 32, 32] images its metadata names")])
 def test_an_onnx_file_that_asks_for_outsized_or_inconsistent_input_is_refused(tmp_path, capsys, shape, needle):
     """A file's own word on its input sets what predict allocates: a fixed batch it pads every run up to, an
     image size it makes a blank image of first. Out of bounds or at odds with the graph, it is refused."""
@@ -472,6 +482,20 @@ def test_an_onnx_file_that_asks_for_outsized_or_inconsistent_input_is_refused(tm
     assert needle in line and "Fix: export the model again" in line, line
     _crafted_onnx(tmp_path / "fits.onnx", batch=256, height=32, width=32)  # the most that is allowed: it runs
     assert len(predict(tmp_path / "fits.onnx", _write_images(tmp_path / "images"))) == 5
+
+
+def test_an_onnx_file_whose_fixed_batch_of_its_images_outgrows_memory_is_refused(tmp_path, capsys, monkeypatch):
+    """A batch of 256 and 1024 pixels a side each passed on their own, and predict padded every run to 256 such
+    images in numpy, outside ONNX Runtime's bounded arena: 3 GiB for one image, or the process killed."""
+    from transferkit.deploy import runtime
+
+    monkeypatch.setattr(runtime, "memory_limit", lambda: 2**30)
+    image = str(_write_images(tmp_path / "images")[0])
+    model = _crafted_onnx(tmp_path / "model.onnx", batch=256, height=1024, width=1024, input_size=1024)
+    line = _one_error(capsys, ["predict", str(model), image])
+    assert "takes batches of exactly 256 1024x1024 images, 3.0 GiB of pixels a run, more than the 1.0 GiB" in line
+    _crafted_onnx(tmp_path / "fits.onnx", batch=2, height=1024, width=1024, input_size=1024)
+    assert len(predict(tmp_path / "fits.onnx", [image])) == 1
 
 
 @pytest.mark.parametrize("where", ["graph", "subgraph", "function"])
@@ -559,11 +583,13 @@ def test_a_model_whose_output_is_no_row_of_scores_per_image_is_refused(tmp_path,
     assert f"returns {needle}, not one row of class scores per image. Fix: export the model again" in line, line
 
 
-def test_an_onnx_file_that_ends_in_softmax_gets_its_own_probabilities(tmp_path):
-    """predict's softmax over a file's probabilities flattened them: 0.405 where the model says 0.9999."""
+@pytest.mark.parametrize("output", ["softmax", "softmax Reshape", "softmax Cast Flatten", "softmax Identity"])
+def test_an_onnx_file_that_ends_in_softmax_gets_its_own_probabilities(tmp_path, output):
+    """predict's softmax over a file's probabilities flattened them: 0.405 where the model says 0.9999; and still
+    did where ops that pass them on unchanged come after the Softmax (`softmax(x).reshape(n, -1)` in a forward)."""
     import onnxruntime as ort
 
-    model = _crafted_onnx(tmp_path / "model.onnx", output="softmax")
+    model = _crafted_onnx(tmp_path / "model.onnx", output=output)
     paths = _write_images(tmp_path / "images")[:2]
     images = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32).transpose(2, 0, 1) / 255 for p in paths])
     own = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
@@ -571,6 +597,27 @@ def test_an_onnx_file_that_ends_in_softmax_gets_its_own_probabilities(tmp_path):
     assert [r["class"] for r in results] == [CLASSES[i] for i in own.argmax(1)]
     assert np.allclose([[t["probability"] for t in r["top"]] for r in results],
                        [sorted(row, reverse=True)[:len(results[0]["top"])] for row in own], atol=1e-6)
+
+
+def test_the_final_op_looks_through_reshapes_and_float_casts_alone(tmp_path):
+    """Whether predict takes a file's output as probabilities: a Cast to integers changes the values, and a node of
+    another domain named Softmax is a function of the file's own, which may pass logits through."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from transferkit.deploy.graph import final_op
+
+    def last_op(*nodes) -> str:
+        graph = helper.make_graph(list(nodes), "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
+                                  [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, [1, 5])])
+        onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+        return final_op(tmp_path / "model.onnx")
+
+    softmax = helper.make_node("Softmax", ["x"], ["p"], axis=1)
+    assert last_op(softmax, helper.make_node("Cast", ["p"], ["y"], to=TensorProto.DOUBLE)) == "Softmax"
+    assert last_op(softmax, helper.make_node("Cast", ["p"], ["y"], to=TensorProto.INT64)) == "Cast"
+    assert last_op(helper.make_node("Softmax", ["x"], ["p"], domain="mine")) == ""
+    assert last_op(helper.make_node("Identity", ["x"], ["y"])) == ""  # a graph input, handed on
 
 
 def test_a_model_with_fewer_than_two_distinct_classes_is_refused(exported, tmp_path, capsys):
@@ -1151,7 +1198,7 @@ def test_a_scan_node_counts_as_control_flow_as_a_loop_does(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from transferkit.deploy.sessions import control_flow
+    from transferkit.deploy.graph import control_flow
 
     body = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "body",
                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],

@@ -282,21 +282,23 @@ def test_an_artifacts_dir_that_is_a_file_gives_one_message(tmp_path):
     assert (tmp_path / "artifacts").read_text() == "a file"
 
 
-def test_ctrl_c_before_a_fit_saved_anything_promises_no_resume(smoke_artifacts, tmp_path):
+@pytest.mark.parametrize("stop, code, said", [("KeyboardInterrupt", -signal.SIGINT, "interrupted"),
+                                              ("SystemExit(143)", 143, "stopped by SIGTERM")])  # as DieOnSigterm
+def test_a_stop_before_a_fit_saved_anything_promises_no_resume(smoke_artifacts, tmp_path, stop, code, said):
     """The line said "the same command again resumes" whatever was left: a run stopped before its first checkpoint
-    (or after its fit, once the checkpoints are gone) starts over, and its work folder is deleted."""
+    (or after its fit, once the checkpoints are gone) starts over, and its work folder is deleted. A SIGTERM still
+    promised it."""
     ref_cfg, _ = smoke_artifacts
     shutil.copytree(ref_cfg.paths.artifacts_dir, tmp_path / "artifacts")
     (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke", tmp=tmp_path)))
     before = (tmp_path / "artifacts" / "pretrain" / "model.pt").read_bytes()
-    code = ("import sys\nimport transferkit.stages.pretrain as stage\n"
-            "def run(cfg, inputs, work): raise KeyboardInterrupt\n"
-            "stage.run = run\nfrom transferkit.cli import main\nsys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "pretrain", "--params", "params.yaml"], cwd=tmp_path,
+    program = ("import sys\nimport transferkit.stages.pretrain as stage\n"
+               f"def run(cfg, inputs, work): raise {stop}\n"
+               "stage.run = run\nfrom transferkit.cli import main\nsys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", program, "pretrain", "--params", "params.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGINT
-    assert proc.stderr.splitlines() == [
-        "transferkit pretrain: interrupted; its earlier outputs, if any, are unchanged."]
+    assert proc.returncode == code
+    assert proc.stderr.splitlines() == [f"transferkit pretrain: {said}; its earlier outputs, if any, are unchanged."]
     assert (tmp_path / "artifacts" / "pretrain" / "model.pt").read_bytes() == before
     assert not (tmp_path / "artifacts" / ".pretrain.incomplete").exists()
 

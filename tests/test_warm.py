@@ -513,6 +513,11 @@ def test_an_idle_time_that_is_no_positive_number_turns_warm_off_in_one_line(monk
         f"unset it or set a number such as 600."]
 
 
+def test_an_empty_idle_time_is_the_default_as_an_empty_warm_setting_is_off(monkeypatch, capsys):
+    monkeypatch.setenv("TRANSFERKIT_WARM_IDLE", "")
+    assert warm.idle_seconds() == 600 and capsys.readouterr().err == ""
+
+
 def test_a_socket_folder_others_can_open_turns_warm_off_in_one_line(server_dir, monkeypatch, capsys):
     """Another user's folder (or this user's, opened to others) could hold a socket someone else serves:
     the command runs cold, and says why and what to do, rather than silently losing warm starts."""
@@ -570,6 +575,18 @@ def test_the_idle_time_counts_from_the_end_of_a_command_and_workers_keep_what_th
     assert client.wait(60) == 0 and client.stdout.read() == "1\n"
 
 
+def test_a_worker_keeps_the_compiler_cache_folder_its_command_names(tmp_path, server_dir, monkeypatch):
+    """A server's imports set TORCHINDUCTOR_CACHE_DIR, and a worker took the server's value over its command's own,
+    where torch in a fresh process keeps the user's folder."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    assert _warm_client(fake, server_dir, "nap", "0").wait(60) == 0  # served once the server has imported
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the same server serves it
+    client = _warm_client(fake, server_dir, "env", "TORCHINDUCTOR_CACHE_DIR")
+    assert client.wait(60) == 0 and client.stdout.read() == f"{tmp_path / 'mine'}\n"
+
+
 @pytest.mark.parametrize("value", ["true", "off", "yes"])
 def test_a_warm_setting_other_than_1_or_0_turns_warm_off_in_one_line(monkeypatch, capsys, value):
     monkeypatch.setenv("TRANSFERKIT_WARM", value)
@@ -600,9 +617,8 @@ def test_ctrl_c_while_a_command_waits_for_its_server_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, "pretrain", "--params", "params.yaml"], cwd=tmp_path,
                           env={**os.environ, "TRANSFERKIT_WARM": "1"}, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGINT
-    assert proc.stderr.splitlines() == [
-        "transferkit pretrain: interrupted; its earlier outputs, if any, are unchanged; the same command again "
-        "resumes."]
+    assert proc.stderr.splitlines() == [  # no stage ran, so nothing says a fit is left to resume
+        "transferkit pretrain: interrupted; its earlier outputs, if any, are unchanged."]
 
 
 def test_a_command_started_with_other_interpreter_options_gets_a_server_of_its_own(server_dir):

@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, SystemExit) and e.code != 128 + signal.SIGTERM:
             raise
         sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
-        if first_process():  # a stage's own run resumes where a checkpoint is left (stages/common.py says if none is)
+        if first_process():  # a stage's own run resumes where a checkpoint is left (stages/common.py says if one is)
             again = command in ("sweep", "scenarios") or (params_mode and command in STAGES and BY_NAME[command].trains
-                                                          and getattr(e, "resumes", True)
+                                                          and getattr(e, "resumes", False)
                                                           and "TRANSFERKIT_HYDRA_JOB" not in os.environ)
             print(f"transferkit {command}: {'interrupted' if sig == signal.SIGINT else 'stopped by SIGTERM'}; its "
                   f"earlier outputs, if any, are unchanged{'; the same command again resumes' if again else ''}.",

@@ -1,5 +1,6 @@
 """How much memory data reading may take: a quarter of what this process may use, the machine's memory or a
-smaller limit of its container (cgroup), since decoding images holds about three copies of what was read."""
+smaller limit of its container (cgroup) or of its shell (ulimit -v), since decoding images holds about three copies
+of what was read."""
 
 from __future__ import annotations
 
@@ -34,9 +35,19 @@ def cgroup_limit(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Pat
     return min(limits, default=None)
 
 
+def address_space_limit() -> int | None:
+    """This process's ulimit -v (RLIMIT_AS) in bytes, None where there is none."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def memory_limit() -> int:
     """The most bytes an archive may expand to, and a folder's file may hold."""
     import psutil
 
     total = psutil.virtual_memory().total
-    return min(total, cgroup_limit() or total) // 4
+    return min(total, cgroup_limit() or total, address_space_limit() or total) // 4

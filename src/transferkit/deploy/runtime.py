@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.deploy.sessions import bounded_arena, control_flow, final_op, ort_session
+from transferkit.data.memory import memory_limit
+from transferkit.deploy.graph import control_flow, final_op
+from transferkit.deploy.sessions import bounded_arena, ort_session
 from transferkit.errors import TransferkitError
 from transferkit.layout import to_nhwc
 from transferkit.plain import plain_json
@@ -186,7 +188,12 @@ class Classifier:
         if size not in INPUT_SIZES:
             raise TransferkitError(f"{self.path} takes {size}x{size} images, the size {named}, outside the "
                                    f"{INPUT_SIZES[0]} to {INPUT_SIZES[-1]} pixels a side predict reads. {self.remake}")
-        if any(isinstance(d, int) and d != size for d in shape[2:]):  # its height and width
+        # predict pads each run up to a fixed batch in numpy, outside ONNX Runtime's bounded arena
+        if (n := self.fixed_batch) and (need := n * 3 * size * size * 4) > (limit := memory_limit()):
+            raise TransferkitError(f"{self.path} takes batches of exactly {n} {size}x{size} images, {need / 2**30:.1f} "
+                                   f"GiB of pixels a run, more than the {limit / 2**30:.1f} GiB predict may take "
+                                   f"here. {self.remake}")
+        if any(isinstance(d, int) and d != want for d, want in zip(shape[1:], (3, size, size))):
             raise TransferkitError(f"{self.path}'s graph takes input of shape {list(shape)}, not the [N, 3, {size}, "
                                    f"{size}] images {named}. {self.remake}")
         # ONNX Runtime ends a run whose terminate flag is set, between two of its nodes

@@ -1,5 +1,5 @@
 """ONNX Runtime sessions over files a stranger may have sent: ONNX files are data (no code runs), yet a graph can
-count its own work (a Loop of 2**62 steps) or build tensors its bytes do not pay for (ConstantOfShape)."""
+build tensors its bytes do not pay for (ConstantOfShape), and count its own work (graph.py finds its loops)."""
 
 from __future__ import annotations
 
@@ -39,26 +39,3 @@ def ort_session(path: Path | str, threads: int):
         raise TransferkitError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e}). "
                                f"Fix: write it again: `dvc repro` for the pipeline's own (export, quantize), "
                                f"`transferkit export MODEL.pt` for one you exported.") from e
-
-
-def control_flow(path: Path) -> str | None:
-    """The first Loop or Scan node in an ONNX file's graph, its functions' and subgraphs' included: iterations the
-    file counts (a Loop of 2**62 runs for ever), where an exported classifier runs each of its layers once."""
-    import onnx
-
-    graphs = [*(model := onnx.load(str(path), load_external_data=False)).functions, model.graph]
-    while graphs:
-        for node in graphs.pop().node:
-            if node.op_type in ("Loop", "Scan"):
-                return node.op_type
-            graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
-    return None
-
-
-def final_op(path: Path) -> str:
-    """The kind of node that makes an ONNX file's first output ('' for a graph input or a constant)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    out = graph.output[0].name
-    return next((node.op_type for node in reversed(graph.node) if out in node.output), "")

@@ -182,10 +182,11 @@ def _staged_output(final: Path, params: str, inputs: list[Path], tracked: str | 
         yield work
     except BaseException as e:
         # a failed run's folder goes, unless a fit in it can resume (Ctrl+C, a crash mid-training)
-        if rank0 and not fits_to_resume(work):
+        resumable = rank0 and fits_to_resume(work)  # rank 0 alone: it deletes the folder, and says the line
+        if rank0 and not resumable:
             shutil.rmtree(work, ignore_errors=True)
-            if isinstance(e, KeyboardInterrupt):  # cli's Ctrl+C line then promises no resume
-                e.resumes = False
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):  # cli's Ctrl+C or SIGTERM line promises a resume only then
+            e.resumes = resumable
         raise
     if not rank0:
         return

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.plugins import TorchCheckpointIO
+from pytorch_lightning.plugins.environments import LightningEnvironment
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from transferkit.errors import NotPlainData, TransferkitError
@@ -169,7 +170,7 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))))
     try:
-        return pl.Trainer(
+        trainer = pl.Trainer(
             max_epochs=max_epochs, logger=loggers or False, callbacks=callbacks, enable_progress_bar=show_bar,
             enable_model_summary=False, profiler=NoProfiler(), plugins=[DirectCheckpointIO()],
             enable_checkpointing=True, num_sanity_val_steps=0, default_root_dir=str(out_dir),
@@ -182,6 +183,15 @@ def make_trainer(trainer_cfg: dict, out_dir: Path, max_epochs: int, *, resume: b
                                f"{cfg.get('accelerator')}, {cfg.get('devices')}, {cfg.get('strategy')} here: "
                                f"{' '.join(str(e).split()).rstrip('.')}. Fix: set them to what this machine "
                                f"has.") from e
+    # no cluster launcher (Slurm, torchrun) and no NODE_RANK: every node would take rank 0 and wait for ever
+    if trainer.num_nodes > 1 and isinstance(getattr(trainer.strategy, "cluster_environment", None),
+                                            LightningEnvironment) and not {"NODE_RANK", "GROUP_RANK"} & {*os.environ}:
+        raise TransferkitError(f"trainer.num_nodes={trainer.num_nodes} needs one copy of the command per node, "
+                               f"started by srun or torchrun or with NODE_RANK set: here every copy would be node 0 "
+                               f"and wait for the others for ever. Fix: on each node run it with MASTER_ADDR=NODE0 "
+                               f"MASTER_PORT=29500 NODE_RANK=R, or under srun or torchrun "
+                               f"(conf/trainer/ddp_multinode.yaml); on one machine, trainer.num_nodes=1.")
+    return trainer
 
 
 @contextlib.contextmanager

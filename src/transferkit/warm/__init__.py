@@ -50,7 +50,7 @@ from pathlib import Path
 from transferkit.errors import die_of
 from transferkit.training import RANK_VARIABLES, first_process
 from transferkit.warm import server
-from transferkit.warm.server import FORWARDED, STREAMS, recv_exactly
+from transferkit.warm.server import FORWARDED, SET_BY_TORCH, STREAMS, recv_exactly
 
 # the variables that pick the server: what shapes imports and threads, the locale and the time zone, which
 # the interpreter reads once at start-up (the encoding of the streams a worker opens), and what the libraries
@@ -59,9 +59,6 @@ from transferkit.warm.server import FORWARDED, STREAMS, recv_exactly
 SHAPES_IMPORTS = ("PYTHON", "OMP_", "GOMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA_", "TORCH", "PYTORCH", "LD_", "NCCL_",
                   "LANG", "LC_", "TZ", "TQDM_", "MPL", "DVCLIVE_", "NPY_", "PROTOCOL_BUFFERS", "INDUCTOR_",
                   "AOT_INDUCTOR", "POSSIBLE_USER_WARNINGS", *RANK_VARIABLES, "SLURM_", "CI")
-# set by torch in its own process the first time it uses its compiler's cache, so a script's commands
-# before and after that differ in it; read at run time, from the environment the worker takes on
-SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
 HANDSHAKE_S = 30.0  # a server that has not forked a worker by then is still importing, stopped or stuck
 
 
@@ -77,7 +74,7 @@ def enabled() -> bool:
 
 def idle_seconds() -> float | None:
     """TRANSFERKIT_WARM_IDLE (600 by default); None, said in one line, where it is no number of seconds > 0."""
-    text = os.environ.get("TRANSFERKIT_WARM_IDLE", "600")
+    text = os.environ.get("TRANSFERKIT_WARM_IDLE") or "600"  # set but empty, as TRANSFERKIT_WARM: the default
     try:
         if (idle := float(text)) > 0:
             return idle

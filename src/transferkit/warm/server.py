@@ -28,6 +28,9 @@ TICK_S = 1.0  # how often the server looks for commands gone and for its idle ti
 # what importing PRELOAD sets in the environment (Lightning: PYTORCH_NVML_BASED_CUDA_CHECK), which a worker
 # sets again over its command's environment, as the imports of a fresh process would
 SET_BY_IMPORTS: dict[str, str] = {}
+# set by torch in its own process the first time it uses its compiler's cache, and only where unset: a script's
+# commands before and after that differ in it (no other server for them), and a user's own value stays
+SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # passed from a command to its worker
 
 
@@ -169,7 +172,9 @@ def _work(conn: socket.socket) -> None:
         os.chdir(header["cwd"])
         os.environ.clear()
         os.environ.update({k: v for k, v in header["env"].items() if k != "TRANSFERKIT_WARM"})
-        os.environ.update(SET_BY_IMPORTS)  # as the imports of a fresh process would, after its start
+        for key, value in SET_BY_IMPORTS.items():  # as a fresh process's imports would
+            if key not in SET_BY_TORCH or key not in os.environ:
+                os.environ[key] = value
         sys.path[:] = header["path"]
         if (mpl := sys.modules.get("matplotlib")) is not None:  # the server imported it in /: the command's own
             mpl.rc_file(mpl.matplotlib_fname())  # matplotlibrc (its folder's, MATPLOTLIBRC's), as a fresh import reads
