@@ -530,6 +530,23 @@ def test_bad_sweeps_fail_before_any_point_trains(base, tmp_path, overrides, need
     assert not sweep.exists()
 
 
+@pytest.mark.parametrize("declared, needle", [
+    ("pretrain.epochs: 1,2", "transfer.freeze_depth=0]: pretrain.epochs=1 here, but "),
+    ("distill.temperature: 2,4", "transfer does not read distill.temperature: 'distill.temperature=2,4' would change")])
+def test_a_sweep_conf_declares_is_checked_before_any_point_trains(base, tmp_path, declared, needle):
+    """A sweep declared under hydra.sweeper.params (Hydra's other way, which the +hydra.sweeper.params refusal names)
+    skipped every check: both points trained on the one pretrained backbone, or trained one run twice, under two
+    names. The command line's value of a key it declares too decides it, as in Hydra's sweeper."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    with open(tmp_path / "conf" / "experiment" / "smoke.yaml", "a") as f:
+        f.write(f"hydra:\n  sweeper:\n    params:\n      {declared}\n      transfer.freeze_depth: 0,1\n")
+    sweep = tmp_path / "sweep"
+    line = one_error_line(cli("transfer", "-m", "experiment=smoke", f"paths.artifacts_dir={base / 'artifacts'}",
+                              f"hydra.sweep.dir={sweep}", "transfer.freeze_depth=0", cwd=tmp_path))
+    assert needle in line and "freeze_depth=1" not in line, line
+    assert not sweep.exists()
+
+
 def test_a_run_of_another_experiment_than_its_inputs_is_refused(base, tmp_path):
     proc = cli("transfer", f"paths.artifacts_dir={base / 'artifacts'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert "made by experiment=smoke, this run composes experiment=cifar10_split" in one_error_line(proc)

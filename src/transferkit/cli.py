@@ -152,7 +152,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from transferkit.config.compose import compose, find_conf_dir
-    from transferkit.config.hydra_callbacks import Refused, without_rerun
+    from transferkit.config.hydra_callbacks import Refused, declared_sweep, without_rerun
     from transferkit.sweep.points import check_points, expand
     from transferkit.training import multi_process
 
@@ -188,9 +188,9 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
             raise TransferkitError(f"{swept[0]} lists several values, which only a sweep runs. Fix: add -m (a "
                                    f"Hydra multirun, into multirun/), or run `transferkit sweep {stage} "
                                    f"{' '.join(overrides)}` (DVC stages: cached and resumable).")
-        check_points(stage, overrides)  # its points leave hydra.* out: they are composed here, a typo one line
-        if settings := [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]:
-            compose(settings)
+        check_points(stage, [*(declared_sweep(overrides) if multirun else []), *overrides])  # conf/'s sweep too
+        if settings := [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]:  # points leave
+            compose(settings)  # hydra.* out: composed here, a typo one line
 
     conf = None if overrides and overrides[0] in scripts else str(find_conf_dir())  # a script for any folder
     @hydra.main(config_path=conf, config_name="config", version_base="1.3")

@@ -1,4 +1,5 @@
-"""The Hydra callback conf/config.yaml registers for the stages' Hydra runs (`transferkit STAGE [-m] ...`)."""
+"""The Hydra callback conf/config.yaml registers for the stages' Hydra runs (`transferkit STAGE [-m] ...`), and what
+cli reads of Hydra's own settings before such a run starts."""
 
 from __future__ import annotations
 
@@ -24,6 +25,26 @@ def without_rerun(args):
                                f"any code it holds, so transferkit does not read it. Fix: run the job again with its "
                                f"overrides (its .hydra/overrides.yaml lists them).")
     return args
+
+
+def declared_sweep(overrides: list[str]) -> list[str]:
+    """The sweep conf/ declares under hydra.sweeper.params, composed with `overrides`, as overrides (key=a,b) less the
+    keys `overrides` set: Hydra's basic sweeper adds them to the command line's, which decide a key set in both. By
+    hand: Hydra gives no way to list a multirun's points before it runs them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from transferkit.config.compose import find_conf_dir
+    from transferkit.config.overrides import override_key
+
+    try:
+        with initialize_config_dir(str(find_conf_dir().resolve()), version_base="1.3"):
+            params = compose("config", overrides=overrides, return_hydra_config=True).hydra.sweeper.params or {}
+    except (HydraException, OmegaConfBaseException, ValueError):  # the points' own composing words the error
+        return []
+    given = {override_key(o) for o in overrides}
+    return [f"{key}={value}" for key, value in params.items() if key not in given]  # as Hydra's sweeper writes them
 
 
 class OutputFolder(Callback):

@@ -70,14 +70,15 @@ def curves_png(runs: dict[str, Path], path: Path) -> None:
 def pareto_png(models: dict, timing: dict, path: Path) -> None:
     """Accuracy against measured CPU latency at batch 1: the deployer's trade-off view."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    most = max((m["macs"] for m in models.values()), default=0) or 1  # sizes relative to the largest model's
     for name, m in models.items():
         latency = timing.get(name, {}).get("latency_ms_bs1")
         if latency is None:
             continue
-        ax.scatter(latency, 100 * m["top1"], s=20 + m["macs"] / 2e6)
+        ax.scatter(latency, 100 * m["top1"], s=20 + 280 * m["macs"] / most)
         ax.annotate(name, (latency, 100 * m["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set(xlabel="CPU latency at batch 1 (ms)", ylabel="top-1 (%)",
-           title="accuracy vs latency (marker size ~ MACs)")
+           title="accuracy vs latency (marker size grows with MACs)")
     ax.grid(alpha=0.3)
     _save(fig, path)
 

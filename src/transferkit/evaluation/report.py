@@ -92,8 +92,8 @@ def prune_section(pc: dict, models: dict, timing: dict) -> list[str]:
     tb, ta = timing.get("distill", {}), timing.get("prune", {})
     how = (f"unstructured: single weights zeroed, criterion `{pc['criterion']}`, scope {pc.get('scope')}, "
            f"sparsity {100 * pc['sparsity']:.1f}% of the prunable weights" if pc["mode"] == "unstructured" else
-           f"{pc['mode']}, criterion `{pc['criterion']}`, target {pc['target']} ratio {pc['ratio']}, "
-           f"{pc['steps']} step(s)")
+           f"{pc['mode']}, criterion `{pc['criterion']}`, {pc['ratio']:.0%} of the "
+           f"{pc['target'].replace('macs', 'MACs')} removed, {pc['steps']} step(s)")
     lines = [
         "## Pruning", "",
         f"The distilled student, pruned ({how}) and recovered by a short fine-tune distilled from the "
@@ -285,7 +285,7 @@ def reproduce_section(experiment: str, blocks: int) -> list[str]:
         "## Reproduce", "",
         "```",
         "uv sync --compile-bytecode && uv run dvc repro   # this whole pipeline; reruns only what changed",
-        "uv run dvc metrics show          # the numbers above",
+        "uv run dvc metrics show          # the numbers above, less their intervals (lists, which DVC skips)",
         "uv run dvc plots show            # curves and confusion matrices (HTML)",
         # sweeps compose as params.yaml does (its overrides kept) and go to sweeps/<name>-<stage>
         f"uv run transferkit sweep transfer transfer.freeze_depth={','.join(map(str, range(blocks + 1)))} "
