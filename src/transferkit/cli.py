@@ -189,8 +189,8 @@ def _hydra_mode(stage: str, argv: list[str]) -> None:
                                    f"Hydra multirun, into multirun/), or run `transferkit sweep {stage} "
                                    f"{' '.join(overrides)}` (DVC stages: cached and resumable).")
         check_points(stage, [*(declared_sweep(overrides) if multirun else []), *overrides])  # conf/'s sweep too
-        if settings := [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]:  # points leave
-            compose(settings)  # hydra.* out: composed here, a typo one line
+        if settings := [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]:  # which points
+            compose(settings)  # leave out: composed here, so a typo is one line
 
     conf = None if overrides and overrides[0] in scripts else str(find_conf_dir())  # a script for any folder
     @hydra.main(config_path=conf, config_name="config", version_base="1.3")

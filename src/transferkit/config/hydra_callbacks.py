@@ -32,8 +32,6 @@ def declared_sweep(overrides: list[str]) -> list[str]:
     keys `overrides` set: Hydra's basic sweeper adds them to the command line's, which decide a key set in both. By
     hand: Hydra gives no way to list a multirun's points before it runs them."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     from transferkit.config.compose import find_conf_dir
     from transferkit.config.overrides import override_key
@@ -41,7 +39,7 @@ def declared_sweep(overrides: list[str]) -> list[str]:
     try:
         with initialize_config_dir(str(find_conf_dir().resolve()), version_base="1.3"):
             params = compose("config", overrides=overrides, return_hydra_config=True).hydra.sweeper.params or {}
-    except (HydraException, OmegaConfBaseException, ValueError):  # the points' own composing words the error
+    except Exception:  # conf/ or an override that does not compose: check_points composes them, and words the error
         return []
     given = {override_key(o) for o in overrides}
     return [f"{key}={value}" for key, value in params.items() if key not in given]  # as Hydra's sweeper writes them

@@ -1,5 +1,6 @@
 """What an ONNX file's graph says of itself, read as data before it runs: predict's checks of files a stranger may
-have sent. Apart from sessions.py, which every stage imports, so that a change here reruns predict's stages only."""
+have sent. Apart from sessions.py, which every stage imports: a change here reruns only the stages that import
+runtime.py (export, quantize, evaluate)."""
 
 from __future__ import annotations
 
