@@ -547,6 +547,19 @@ def test_a_sweep_conf_declares_is_checked_before_any_point_trains(base, tmp_path
     assert not sweep.exists()
 
 
+def test_a_hydra_point_whose_folder_holds_other_files_is_told_hydras_folder_setting(base, tmp_path):
+    """The Fix named --out, which a Hydra run does not take: its folders are hydra.run.dir and hydra.sweep.dir."""
+    sweep = tmp_path / "sweep"
+    (sweep / "transfer.freeze_depth=0" / "transfer").mkdir(parents=True)
+    (sweep / "transfer.freeze_depth=0" / "transfer" / "notes.txt").write_text("mine")
+    proc = cli("transfer", "-m", "experiment=smoke", f"paths.artifacts_dir={base / 'artifacts'}",
+               f"hydra.sweep.dir={sweep}", "transfer.freeze_depth=0,1")
+    line = one_error_line(proc)
+    assert "holds files no stage wrote" in line and line.endswith(
+        "Fix: write them to a new or empty folder (hydra.run.dir=DIR, or hydra.sweep.dir=DIR with -m)."), line
+    assert (sweep / "transfer.freeze_depth=0" / "transfer" / "notes.txt").read_text() == "mine"
+
+
 def test_a_run_of_another_experiment_than_its_inputs_is_refused(base, tmp_path):
     proc = cli("transfer", f"paths.artifacts_dir={base / 'artifacts'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert "made by experiment=smoke, this run composes experiment=cifar10_split" in one_error_line(proc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -59,18 +60,27 @@ def resume_key(inputs: Iterable[Path], params: str = "") -> str:
     return digest.hexdigest()
 
 
+def own_folder(detail: str = "") -> str:
+    """What names a stage's output folder, for a Fix: --out (and `detail`), or in a Hydra run (`transferkit STAGE
+    key=value`, which has no --out) Hydra's own settings."""
+    config = sys.modules.get("hydra.core.hydra_config")
+    if "TRANSFERKIT_HYDRA_JOB" in os.environ or (config is not None and config.HydraConfig.initialized()):
+        return "hydra.run.dir=DIR, or hydra.sweep.dir=DIR with -m"
+    return f"--out DIR{detail}"
+
+
 def check_replaceable(final: Path, inputs: Iterable[Path] = (), others: Iterable[Path] = ()) -> None:
     """The swap in staged_output deletes what `final` held: only a stage's earlier outputs (a folder
     with its PARAMS_FILE) may go, never a folder of other things (`--out artifacts`), one it reads,
     the current folder, a project (`--out .`: the project's own params.yaml is a PARAMS_FILE too) or
     the folder of another stage (`others`)."""
     target, here = final.resolve(), Path.cwd().resolve()
-    fix = "Fix: write them to a folder of their own (--out DIR, a new or empty folder)."
+    fix = f"Fix: write them to a folder of their own ({own_folder()}, a new or empty folder)."
     if final.is_symlink():
         raise TransferkitError(f"the output folder {final} is a symbolic link (to {target}), and a stage installs its "
                                f"outputs by renaming a new folder into place, which would replace the link, not what "
-                               f"it points to. Fix: pass the folder it points to ({target}) as --out, or remove the "
-                               f"link.")
+                               f"it points to. Fix: pass the folder it points to ({target}) instead ({own_folder()}), "
+                               f"or remove the link.")
     if target == here or target in here.parents:
         raise TransferkitError(f"the output folder {final} is or holds the current folder, and the stage's outputs "
                                f"would replace everything in it. {fix}")
@@ -88,9 +98,10 @@ def check_replaceable(final: Path, inputs: Iterable[Path] = (), others: Iterable
             raise TransferkitError(f"the output folder {final} is, holds or is inside the {folder.name} stage's, and "
                                    f"this stage's outputs would replace what that stage writes there. {fix}")
     if final.exists() and not (final / PARAMS_FILE).is_file() and (not final.is_dir() or any(final.iterdir())):
+        where = own_folder(": the stage's own folder, e.g. artifacts/<stage>")
         raise TransferkitError(f"the output folder {final} holds files no stage wrote (it has no {PARAMS_FILE}), "
                                f"and the stage's outputs would replace all of them. Fix: write them to a new or "
-                               f"empty folder (--out DIR: the stage's own folder, e.g. artifacts/<stage>).")
+                               f"empty folder ({where}).")
 
 
 @contextmanager
