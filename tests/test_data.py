@@ -459,9 +459,66 @@ def test_the_official_release_beside_an_archive_of_it_is_read_with_a_word(tmp_pa
     write_cifar_pickles(tmp_path, "cifar10", CIFAR10_CLASSES, 5, 1)
     _load("cifar10", tmp_path)
     assert capsys.readouterr().err == (
-        f"prepare: {tmp_path} holds cifar10 twice, as cifar-10-batches-py/ and as cifar10-jpeg.tar.gz: it reads "
-        f"cifar-10-batches-py/ (the official release comes first), whose images differ from the archive's JPEGs. "
-        f"Fix: remove the one you do not mean.\n")
+        f"prepare: {tmp_path} holds cifar10 2 times: it reads cifar-10-batches-py/ (the official release first, then "
+        f".tar.gz, .zip, a folder), not cifar10-jpeg.tar.gz. Fix: remove the copies you do not mean, or give the one "
+        f"you mean by its path as the dataset.\n")
+
+
+def test_an_archive_extracted_beside_itself_is_read_with_a_word_naming_the_copy_read(tmp_path, capsys):
+    """data/cifar10-jpeg.tar.gz and the folder extracting it makes, edited: the archive is read, and prepare says
+    so, rather than take the folder's edits silently for nothing (walk H84)."""
+    write_image_folder(tmp_path, CLASSES4, 2, 1)
+    write_image_folder(tmp_path, ["unicorn", *CLASSES4[1:]], 2, 1, archive=False)  # tmp_path/cifar10-jpeg/
+    write_image_folder(tmp_path, CLASSES4[:2], 2, 1, archive="zip")  # tmp_path/cifar10-jpeg.zip
+    raw = _load("cifar10", tmp_path)
+    assert raw.classes == CLASSES4  # the .tar.gz's
+    assert capsys.readouterr().err == (
+        f"prepare: {tmp_path} holds cifar10 3 times: it reads cifar10-jpeg.tar.gz (the official release first, then "
+        f".tar.gz, .zip, a folder), not cifar10-jpeg.zip and cifar10-jpeg/. Fix: remove the copies you do not mean, "
+        f"or give the one you mean by its path as the dataset.\n")
+    assert "unicorn" in _load(str(tmp_path / "cifar10-jpeg"), tmp_path).classes  # the fix, taken
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_one_split_of_a_dataset_given_as_the_dataset_names_its_parent(tmp_path, split):
+    """D/train/ holds class folders, as a dataset with no split would: the advice is to give D, not to split D/train
+    again (walk H84)."""
+    root = write_image_folder(tmp_path, CLASSES4, 2, 1, archive=False)
+    with pytest.raises(TransferkitError) as e:
+        _load(str(root / split), tmp_path)
+    assert str(e.value) == (f"{root / split} is the {split}/ split of the dataset {root}, which holds train/ and "
+                            f"test/. Fix: give {root} as the dataset.")
+    named = write_image_folder(tmp_path / "p", CLASSES4, 2, 1, archive=False, top=split)  # a dataset named so
+    (tmp_path / "p" / ("test" if split == "train" else "train")).mkdir()  # beside another folder of such a name
+    assert _load(str(named), tmp_path).classes == CLASSES4
+
+
+def test_a_failed_download_leaves_no_folders_it_made(tmp_path, monkeypatch):
+    """An offline download into a mistyped paths.data_dir: torchvision makes the folder before it fails, and a failed
+    run leaves no empty tree behind (walk H84). A folder that was there stays."""
+    def offline(name, data_dir):
+        data_dir.mkdir(parents=True)
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(resolve, "download_cifar", offline)
+    with pytest.raises(TransferkitError, match="download failed"):
+        _load("cifar10", tmp_path / "no" / "such" / "data", download=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_the_official_download_left_unextracted_is_named(tmp_path, monkeypatch, download):
+    """cifar-10-python.tar.gz in data/, not extracted: the error names it and how to extract it; where a download
+    was tried and failed, torchvision did not take it (its md5 is not the official one), and the error says so."""
+    monkeypatch.setattr(resolve, "download_cifar", lambda name, data_dir: (_ for _ in ()).throw(OSError("offline")))
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the official md5")
+    with pytest.raises(TransferkitError) as e:
+        _load("cifar10", tmp_path, download=download)
+    assert (f"{tmp_path}/cifar-10-python.tar.gz is there, not the official file (its md5 differs): remove it before "
+            f"downloading again" if download else
+            f"{tmp_path}/cifar-10-python.tar.gz is there, not extracted: `tar -xzf cifar-10-python.tar.gz` in "
+            f"{tmp_path}/, or data.download=true, which extracts it where its md5 is the official one") in str(e.value)
 
 
 @pytest.mark.parametrize("as_archive", [False, True])
@@ -1383,6 +1440,22 @@ def test_select_task_is_seeded():
     assert _ids(a["train_x"]) != _ids(c["train_x"])
 
 
+def test_a_classs_draw_depends_on_the_seed_and_its_name_not_on_the_classes_before_it():
+    """One generator drawn class after class made a class's train/val/test images depend on its place in the list:
+    [cat, dog] and [dog, cat] shared 36 of cat's 400 train images (walk H84). Each class now draws by the seed and
+    its own name: reordered, or with a class added before it, it keeps its images."""
+    raw = _tagged_raw()
+
+    def images(task, name):
+        label = task["classes"].index(name)
+        return {split: _ids(task[f"{split}_x"][task[f"{split}_y"] == label]) for split in ("train", "val", "test")}
+
+    one = _select(raw, ("dog", "ant"))
+    for other in (_select(raw, ("ant", "dog")), _select(raw, ("cat", "ant", "dog"))):
+        assert all(images(one, name) == images(other, name) for name in ("dog", "ant"))
+    assert images(one, "dog")["train"] != images(_select(raw, ("dog", "ant"), seed=1), "dog")["train"]
+
+
 def test_select_task_all_remaining_for_training():
     task = _select(_tagged_raw(), train_per_class=None, val_per_class=5, test_per_class=None)
     assert torch.bincount(task["train_y"]).tolist() == [N_TRAIN - 5] * 2
@@ -1547,6 +1620,45 @@ def test_prepare_counts_the_val_images_that_are_also_train_images(tmp_path, caps
     assert "prepare: 2 of the target task's 4 val images are also its train images (pixel for pixel: the dataset's " \
            "own duplicates)" in err and f"Fix: remove the duplicates from the train split of {folder}." in err, err
     assert "source task's 4 val images" not in err, err
+
+
+def test_a_class_in_both_tasks_from_the_official_release_and_its_image_folder_copy_is_refused(tmp_path):
+    """source: cifar10 (the official pickles in data/); target: the JPEG archive beside them, by its path. They hold
+    the same photos, which no pixel hash matches (JPEG), so the shared-class check covers them as one dataset
+    (walk H84)."""
+    from conftest import compose, run
+
+    data = tmp_path / "data"
+    write_cifar_pickles(data, "cifar10", CIFAR10_CLASSES, 5, 2)
+    archive = write_image_folder(data, CIFAR10_CLASSES, 5, 2)
+    shared = ("data.source.dataset=cifar10", "data.verify_checksums=false", "data.download=false",
+              f"paths.data_dir={data}", *(f"data.{role}.{split}_per_class={n}" for role in ("source", "target")
+                                          for split, n in (("train", 3), ("val", 1))))
+    for target in (str(archive), "cifar10-jpeg.tar.gz"):  # by its path, or by its name in data/
+        cfg = compose("experiment=smoke", *shared, f"data.target.dataset={target}", "data.source.classes=[ship,cat]",
+                      "data.target.classes=[cat,dog]", tmp=tmp_path)
+        with pytest.raises(TransferkitError, match=r"^classes \['cat'\] are in both data.source.classes and "):
+            run("prepare", cfg)
+    cfg = compose("experiment=smoke", *shared, f"data.target.dataset={archive}", "data.source.classes=[ship,truck]",
+                  "data.target.classes=[cat,dog]", tmp=tmp_path)
+    assert run("prepare", cfg)["target"]["n_train"] == 6  # no class shared: prepared
+
+
+def test_a_missing_target_dataset_fails_before_the_source_is_decoded(tmp_path, monkeypatch):
+    """experiment=seed_aquatic offline with CIFAR-10 only: CIFAR-100 is found missing before minutes of decoding
+    CIFAR-10 (walk H84), and nothing is written."""
+    from conftest import compose, run
+
+    write_image_folder(tmp_path / "data", CLASSES4, 2, 1)  # cifar10-jpeg.tar.gz
+    monkeypatch.setattr(resolve, "read_image_folder", lambda *a, **k: pytest.fail("decoded before the check"))
+    cfg = compose("experiment=smoke", "data.source.dataset=cifar10", "data.target.dataset=cifar100",
+                  f"data.source.classes=[{CLASSES4[0]},{CLASSES4[1]}]", "data.target.classes=[beaver,otter]",
+                  "data.download=false",
+                  f"paths.data_dir={tmp_path / 'data'}", tmp=tmp_path)
+    with pytest.raises(TransferkitError, match=r"^CIFAR100 not found in .*data/ and not downloadable "
+                                               r"\(data.download=false\)"):
+        run("prepare", cfg)
+    assert not (Path(cfg.paths.artifacts_dir) / "prepare").exists()
 
 
 def test_prepare_counts_the_target_train_images_the_source_task_trained_on(tmp_path, capsys):

@@ -1000,6 +1000,24 @@ def test_an_opset_the_exporter_did_not_write_is_not_passed_off_as_done(exported,
     assert not (tmp_path / "dynamo").exists()  # nor the --out folder it made: a failed export writes nothing
 
 
+@pytest.mark.parametrize("exporter, opset, cause", [("auto", 8, "legacy: ValidationError: No Op registered for Erf "
+                                                                 "with domain_version of 8"),
+                                                    ("legacy", 8, "legacy: ValidationError: No Op registered for Erf"),
+                                                    ("legacy", 7, "legacy: .*adaptive_max_pool2d")])
+def test_an_opset_too_old_for_the_model_is_one_error_whose_fix_is_the_opset(exported, tmp_path, exporter, opset,
+                                                                             cause):
+    """fastnet's GELU exports to Erf, which opset 9 brought: at --opset 8 the TorchScript-based exporter's file
+    fails ONNX's checker, an exporter's failure (one error, nothing written), not a traceback; and whichever
+    exporter was asked for, the fix names the opset first, not `--exporter auto` alone, which fails alike
+    (walk I84)."""
+    root, test_set, models = exported
+    fix = "leave --opset out" + ", or try --exporter auto" * (exporter != "auto")
+    with pytest.raises(TransferkitError, match=rf"^ONNX export failed: .*{cause}.* Fix: {fix}\.$"):
+        export(models["fastnet"][0] / "model.pt", tmp_path / "out", test_set, repeats=2, batch_size=16, threads=1,
+               opset=opset, exporter=exporter, log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("opset", [7, 17])
 def test_the_exporters_own_output_stays_out_of_the_terminal(exported, tmp_path, opset):
     """The exporters print from C++ and through their loggers, past Python's warnings filter: --opset 7 put a

@@ -256,6 +256,42 @@ def test_a_weights_difference_names_the_tensors_and_how_far_they_drifted(tmp_pat
     assert "same tensors" in weights_difference(tmp_path / "a.pt", tmp_path / "c.pt")
 
 
+def test_an_onnx_or_torchscript_difference_names_the_weights_or_members_not_two_equal_sizes(tmp_path):
+    """A differing model.onnx was described by its size in both runs, which one graph keeps (walk I84): the
+    weights that differ are named, as model.pt's are; a TorchScript archive's members, without loading (running)
+    it."""
+    import zipfile
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from transferkit.reproducibility.check import onnx_difference, zip_difference
+
+    def graph(bias, doc=""):
+        node = helper.make_node("Add", ["x", "bias"], ["y"])
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [numpy_helper.from_array(np.array(bias, dtype=np.float32), "bias")])
+        return helper.make_model(g, doc_string=doc)
+
+    for name, model in (("a", graph([0, 0])), ("b", graph([0, 0.25])), ("c", graph([0, 0], doc="x"))):
+        onnx.save(model, tmp_path / f"{name}.onnx")
+    assert onnx_difference(tmp_path / "a.onnx", tmp_path / "b.onnx") == "bias: max |difference| 0.25"
+    assert onnx_difference(tmp_path / "a.onnx", tmp_path / "c.onnx") == "same weights, another graph or metadata"
+    assert onnx_difference(tmp_path / "a.onnx", tmp_path / "missing.onnx").startswith("cannot compare the graphs")
+    for name, data in (("a", b"1234"), ("b", b"1235")):
+        with zipfile.ZipFile(tmp_path / f"{name}.zip", "w") as z:
+            z.writestr("model/code.py", "same")
+            z.writestr("model/data/0", data)
+    assert zip_difference(tmp_path / "a.zip", tmp_path / "b.zip") == \
+        "model/data/0: differs (4 bytes in run 1, 4 in run 2)"
+    with zipfile.ZipFile(tmp_path / "c.zip", "w") as z:
+        z.writestr("model/code.py", "same")
+    assert zip_difference(tmp_path / "a.zip", tmp_path / "c.zip") == "model/data/0: missing in run 2"
+    assert zip_difference(tmp_path / "a.zip", tmp_path / "a.onnx").startswith("cannot compare the archives")
+
+
 def test_the_same_checkpoint_saved_twice_is_byte_identical(tmp_path):
     """save_torch goes through a randomly named temporary file: its name must not reach the
     bytes, or DVC and check-repro would see new weights on every run."""

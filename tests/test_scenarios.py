@@ -180,7 +180,7 @@ def test_a_frozen_backbone_is_refused_before_it_makes_two_strategies_the_linear_
 def test_overrides_are_told_apart_from_options():
     args, overrides = parse(["--out", "runs/seed=1", "seed=1", "--only", "small_similar,large_different",
                              "model=vgg_mini", "--early-depth", "3", "--only", "small_different", "seed=2"])
-    assert overrides == ["seed=1", "model=vgg_mini", "seed=2"]  # argv's order: the last seed wins
+    assert overrides == ["seed=1", "model=vgg_mini", "seed=2"]  # argv's order (pipeline() refuses the second seed)
     assert (str(args.out), args.only, args.early_depth) == (
         "runs/seed=1", ["small_similar", "large_different", "small_different"], 3)
     for argv in (["--only", "seed=1"], ["--only", "small_similar", "large_different"], ["--uot=runs"]):
@@ -430,7 +430,24 @@ def test_strategies_tied_with_the_winner_on_val_are_marked_in_the_report(tmp_pat
                                                                      "partial_freeze": (0.6, 0.80)})
         assert q["agrees"] is False and q["winner_on_val"] == "partial_freeze"
         assert [r["strategy"] for r in q["rows"] if r["tied_on_val"]] == (["fine_tune"] if not tie else [])
-        assert ("(tied)" in scenarios_markdown([q])) is not bool(tie)
+        assert (f"| {fine_tune} (tied) | " in scenarios_markdown([q])) is not bool(tie)  # (a tie on test: its own)
+
+
+def test_strategies_tied_on_test_are_all_best_on_test_in_the_report(tmp_path, monkeypatch):
+    """Four strategies level on test: the summary named the first as best on test, so the val winner read as worse
+    on test than it is (walk I84). Each tied strategy is marked, and the summary lists them as tied."""
+    from transferkit.evaluation.tables import scenarios_markdown
+
+    scores = {"linear_probe": (0.5, 0.50), "early_probe": (0.4, 0.50), "partial_freeze": (0.6, 0.50),
+              "fine_tune": (0.3, 0.40), "scratch": (0.2, 0.50)}
+    q = _scored_quadrant(tmp_path, monkeypatch, scores)
+    assert [r["strategy"] for r in q["rows"] if r["best_on_test"]] == ["linear_probe", "early_probe",
+                                                                       "partial_freeze", "scratch"]
+    assert q["best_on_test"] == "linear_probe" and q["tied_on_test"] == ["early_probe", "partial_freeze", "scratch"]
+    labels = [r["label"] for r in q["rows"] if r["best_on_test"]]
+    report = scenarios_markdown([q])
+    assert f"| {', '.join(labels)} (tied, 50.0) | " in report, report
+    assert report.count("(best on test)") == 4
 
 
 def test_a_quadrant_without_val_splits_chooses_no_winner(tmp_path, monkeypatch):

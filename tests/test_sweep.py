@@ -50,7 +50,7 @@ def test_multirun_writes_one_folder_per_point(base, tmp_path):
 
 
 @pytest.mark.slow
-def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one_thread, monkeypatch):
+def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one_thread, monkeypatch, capsys):
     """In a project whose params.yaml is the smoke experiment: the points compose as it does. The
     points train warm (TRANSFERKIT_WARM=1), as test_scenarios_end_to_end's stages do."""
     monkeypatch.setenv("TRANSFERKIT_WARM", "1")
@@ -121,6 +121,44 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
                                                r"\(seed=1,transfer.freeze_depth=0/transfer\).*Fix: run the command "
                                                r"that made them again"):
         find_runs([out])
+    # a point with no run at all (failed: a diverged one fails again, which the fix above cannot mend) is left out
+    # and named, as a multirun's failed job is: the finished points are collected (walk I84)
+    point.write_text(yaml.safe_dump({**settings, "transfer": {**settings["transfer"],
+                                                              "epochs": settings["transfer"]["epochs"] - 1}}))
+    shutil.rmtree(out / "seed=1,transfer.freeze_depth=0")
+    assert [r.folder.parent.name for r in find_runs([out])] == ["seed=0,transfer.freeze_depth=0"]
+    assert capsys.readouterr().err.endswith(
+        f"transferkit collect: 1 of 2 points in {out.resolve()} have no finished run (failed, killed or not run yet) "
+        f"and are left out: seed=1,transfer.freeze_depth=0/transfer\n")
+
+
+def test_only_a_point_with_no_run_is_left_out_a_stale_prepare_or_run_is_refused(tmp_path, monkeypatch, capsys):
+    """collect leaves out a point DVC would run that has no output at all (failed, killed, not run yet), naming it;
+    an out-of-date output of any other kind (a scenarios quadrant's prepare made by older code, which its
+    strategies would be scored on; a point's earlier run) is refused, as before (review of walk I84's fix)."""
+    from transferkit.errors import TransferkitError
+    from transferkit.project import RUNS_HEADER, stage_run
+    from transferkit.sweep import collect
+
+    stages = {"q-prepare": stage_run("prepare", "params/q.yaml", "q/prepare", {}, []),
+              "q-fine_tune": stage_run("transfer", "params/q.yaml", "q/fine_tune", {"prepare": "q/prepare"}, []),
+              "q-scratch": stage_run("scratch", "params/q.yaml", "q/scratch", {"prepare": "q/prepare"}, [])}
+    (tmp_path / "dvc.yaml").write_text(RUNS_HEADER + yaml.safe_dump({"stages": stages}))
+    (tmp_path / "q" / "prepare").mkdir(parents=True)
+    (tmp_path / "q" / "fine_tune").mkdir()
+    for stale, refused in ((["q-scratch"], None), (["q-scratch", "q-prepare"], "q/prepare"),
+                           (["q-fine_tune"], "q/fine_tune")):
+        monkeypatch.setattr(collect, "stale_stages", lambda home, stale=stale: stale)
+        if refused:
+            with pytest.raises(TransferkitError, match=rf"has outputs not made with their settings and code as they "
+                                                       rf"are now \({refused}\)"):
+                collect.run_roots(tmp_path)
+        else:
+            assert sorted(str(root.relative_to(tmp_path)) for root, *_ in collect.run_roots(tmp_path)) == [
+                "q/fine_tune", "q/prepare"]
+            assert capsys.readouterr().err == (f"transferkit collect: 1 of 2 points in {tmp_path.resolve()} have no "
+                                               f"finished run (failed, killed or not run yet) and are left out: "
+                                               f"q/scratch\n")
 
 
 @pytest.mark.parametrize("command", ["transferkit.sweep.points", "transferkit.scenarios.report"])

@@ -127,19 +127,19 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, exporter: str, op
                 raise ValueError(f"it wrote opset {got}, not the {opset} asked for")
             return {"used": name, **({"failed": tried} if tried else {})}
         except Exception as e:  # exporter failures come in many types
-            tried[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            tried[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             if exporter == "auto" and name == "dynamo":
                 log(f"transferkit export: the dynamo ONNX exporter failed ({tried[name][:200]}); "
                     f"falling back to the TorchScript-based exporter")
-    fix = "try --exporter auto" if exporter != "auto" else "leave --opset out" if opset else "report the architecture"
+    fix = ["leave --opset out"] * bool(opset) + ["try --exporter auto"] * (exporter != "auto")
     failed = "; ".join(f"{k}: {v.rstrip('.')}" for k, v in tried.items())  # the exporters' own end in a period
-    raise TransferkitError(f"ONNX export failed: {failed}. Fix: {fix}.")
+    raise TransferkitError(f"ONNX export failed: {failed}. Fix: {', or '.join(fix) or 'report the architecture'}.")
 
 
 def _drop_stack_traces(path: Path) -> int:
     """The dynamo exporter annotates the graph with its Python stack traces, which hold this
-    machine's file paths: they go, so no exported file carries them and its bytes do not depend
-    on where the project lives. Returns the file's opset."""
+    machine's file paths: they go, so no exported file's bytes depend on where the project lives. Checks
+    the graph (an op newer than the opset asked for fails here, which `auto` falls back from); returns its opset."""
     import onnx
 
     model = onnx.load(str(path))
@@ -148,16 +148,16 @@ def _drop_stack_traces(path: Path) -> int:
         if hasattr(item, "metadata_props"):
             del item.metadata_props[:]
     onnx.save(model, str(path))
+    onnx.checker.check_model(model)
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def add_onnx_metadata(path: Path, meta: dict) -> int:
-    """Embed class names (so the ONNX file alone is enough), check the model; returns its opset."""
+    """Embed class names (so the ONNX file alone is enough); returns its opset."""
     import onnx
 
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, {META_KEY: json.dumps(meta)})
-    onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 

@@ -35,10 +35,10 @@ def score_quadrant(out: Path, preset: str, size: str, similarity: str, plan: lis
             for s in plan]
     with_val = [r for r in rows if r["val_acc"] is not None]
     winner = max(with_val, key=lambda r: r["val_acc"], default=None)  # ties: the earlier (cheaper) strategy
-    best = max(rows, key=lambda r: r["test_acc"])
+    best = max(rows, key=lambda r: r["test_acc"])  # the first of a tie; every tied row is marked best on test
     guided_name, guidance = GUIDANCE[(size, similarity)]
     for r in rows:
-        r["chosen_on_val"], r["best_on_test"] = r is winner, r is best
+        r["chosen_on_val"], r["best_on_test"] = r is winner, r["test_acc"] == best["test_acc"]
         r["tied_on_val"] = bool(winner) and r is not winner and r["val_acc"] == winner["val_acc"]
     versus = None
     if winner and winner["strategy"] != guided_name:
@@ -53,7 +53,8 @@ def score_quadrant(out: Path, preset: str, size: str, similarity: str, plan: lis
             "pretrain_folder": f"pretrain-{similarity}",
             "pretrain_source_test_acc": pretrain.get("test_acc"), "n_train": len(task["train_y"]), "n_val": n_val,
             "n_test": n_test, "rows": rows, "winner_on_val": winner["strategy"] if winner else None,
-            "best_on_test": best["strategy"], "guidance": {"strategy": guided_name, "text": guidance},
+            "best_on_test": best["strategy"], "tied_on_test": [r["strategy"] for r in rows if r["best_on_test"]][1:],
+            "guidance": {"strategy": guided_name, "text": guidance},
             "agrees": (winner["strategy"] == guided_name) if winner else None,
             "guided_ties_winner_on_val": bool(winner and versus and runs[guided_name].val_acc == winner["val_acc"]),
             "guided_minus_winner_test": versus}

@@ -102,13 +102,13 @@ def scenarios_markdown(results: list[dict], made_by: str = "") -> str:
              "|---|---|---|---|---|---|---|---|"]
     for q in results:
         win = next((r for r in q["rows"] if r["chosen_on_val"]), None)
-        best = next(r for r in q["rows"] if r["best_on_test"])
+        best = [r for r in q["rows"] if r["best_on_test"]]  # more than one where they tie
+        tops = f"{', '.join(r['label'] for r in best)} ({'tied, ' * (len(best) > 1)}{pct(best[0]['test_acc'])})"
         lines.append(f"| {q['title']} | {q['n_train']:,} | {names(q['source_classes'])} "
                      f"({q['pretrain_epochs']} ep: {pct(q['pretrain_source_test_acc'])}%) | {q['guidance']['text']} | "
                      f"{win['label'] if win else '–'}{' (tied)' * any(r['tied_on_val'] for r in q['rows'])} | "
                      f"{pct(win['test_acc']) if win else '–'} | "
-                     f"{best['label']} ({pct(best['test_acc'])}) | "
-                     f"{scenario_verdict(q)} |")
+                     f"{tops} | {scenario_verdict(q)} |")
     for q in results:
         lines += ["", f"## {q['title']} (`{q['preset']}`)", "",
                   f"Target train {q['n_train']:,}, val {q['n_val']:,}, test {q['n_test']:,}. Source "

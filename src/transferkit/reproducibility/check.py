@@ -1,8 +1,8 @@
 """`transferkit check-repro [--target STAGE] [--keep DIR] [--experiment NAME]`: the project's
 reproducibility promise, checked the way a user's CI runs it (docs/pipeline.md, Reproducibility):
 params.yaml and dvc.yaml are what they are made from; twice, in a fresh copy of the project,
-`dvc repro` runs, a second one runs nothing and `dvc status` is clean; every metrics.json,
-prepared task, checkpoint and exported model is byte-identical in the two copies. One PASS/FAIL line per
+`dvc repro` runs, a second one runs nothing and `dvc status` is clean; every metrics.json, summary.json and
+quantize.json, prepared task, checkpoint and exported model is byte-identical in the two copies. One PASS/FAIL line per
 check; exits 0 when all pass, 1 otherwise.
 """
 
@@ -67,6 +67,18 @@ def describe_difference(a: bytes, b: bytes) -> str:
     return _differing(fa, fb, line) or "same values, different bytes (key order or number formatting)"
 
 
+def json_difference(a: Path, b: Path) -> str:
+    return describe_difference(a.read_bytes(), b.read_bytes())
+
+
+def _tensor_line(sa: dict, sb: dict):
+    def line(k: str) -> str:
+        if k in sa and k in sb and hasattr(sa[k], "shape") and getattr(sb[k], "shape", None) == sa[k].shape:
+            return f"{k}: max |difference| {(sa[k].double() - sb[k].double()).abs().max().item():.3g}"
+        return f"{k}: missing, another shape or another value in one run"
+    return line
+
+
 def weights_difference(a: Path, b: Path) -> str:
     """Which tensors of two checkpoints (or prepared tasks) differ, and by how much (or why they cannot be read)."""
     from transferkit.io import load_plain
@@ -76,25 +88,47 @@ def weights_difference(a: Path, b: Path) -> str:
         sa, sb = (s.get("state_dict", s) for s in (sa, sb))  # a checkpoint's weights; a task's splits
     except Exception as e:  # noqa: BLE001 - any unreadable or refused file is reported, not raised
         return f"cannot compare the weights: {e}"
+    return _differing(sa, sb, _tensor_line(sa, sb)) or "same tensors, different bytes (checkpoint metadata differs)"
+
+
+def onnx_difference(a: Path, b: Path) -> str:
+    """Which weights of two ONNX files differ, and by how much: files of one graph have one size."""
+    import onnx
+    import torch
+    from onnx.numpy_helper import to_array
+
+    try:
+        sa, sb = ({t.name: torch.from_numpy(to_array(t).copy()) for t in onnx.load(str(p)).graph.initializer}
+                  for p in (a, b))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not raised
+        return f"cannot compare the graphs: {e}"
+    return _differing(sa, sb, _tensor_line(sa, sb)) or "same weights, another graph or metadata"
+
+
+def zip_difference(a: Path, b: Path) -> str:
+    """Which members of two TorchScript archives differ: loading them, which runs their code, is not needed."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(a) as za, zipfile.ZipFile(b) as zb:
+            ma, mb = ({i.filename: z.read(i) for i in z.infolist()} for z in (za, zb))
+    except Exception as e:  # noqa: BLE001 - any unreadable archive or member is reported, not raised
+        return f"cannot compare the archives: {e}"
+
     def line(k: str) -> str:
-        if k in sa and k in sb and hasattr(sa[k], "shape") and getattr(sb[k], "shape", None) == sa[k].shape:
-            return f"{k}: max |difference| {(sa[k].double() - sb[k].double()).abs().max().item():.3g}"
-        return f"{k}: missing, another shape or another value in one run"
-
-    return _differing(sa, sb, line) or "same tensors, different bytes (checkpoint metadata differs)"
-
-
-def size_difference(a: Path, b: Path) -> str:
-    return f"{a.stat().st_size:,} bytes in run 1, {b.stat().st_size:,} in run 2"
+        if k not in ma or k not in mb:
+            return f"{k}: missing in run {1 if k not in ma else 2}"
+        return f"{k}: differs ({len(ma[k]):,} bytes in run 1, {len(mb[k]):,} in run 2)"
+    return _differing(ma, mb, line) or "same members, another archive layout"
 
 
 # Equal metrics on a small test set can hide weights that drifted in the last bits: both compared,
 # and the deployed files, which must not depend on where the project lives either.
 # prepare's outputs too: every later stage reads them, and `--target prepare` has nothing else.
-COMPARED = {"metrics.json": lambda a, b: describe_difference(a.read_bytes(), b.read_bytes()),
-            "model.pt": weights_difference, "model.onnx": size_difference, "model.torchscript.pt": size_difference,
-            "source.pt": weights_difference, "target.pt": weights_difference,
-            "summary.json": lambda a, b: describe_difference(a.read_bytes(), b.read_bytes())}
+# quantize.json: the INT8 file's checks (export.json holds timings, which differ from run to run).
+COMPARED = {"metrics.json": json_difference, "model.pt": weights_difference, "model.onnx": onnx_difference,
+            "model.torchscript.pt": zip_difference, "source.pt": weights_difference, "target.pt": weights_difference,
+            "summary.json": json_difference, "quantize.json": json_difference}
 
 
 def reproduce(proj: Path, target: str | None, label: str, report: Report) -> None:

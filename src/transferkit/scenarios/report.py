@@ -191,7 +191,7 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """The options, and the key=value overrides (the other arguments, in argv's order: the last value of a key wins)."""
+    """The options, and the key=value overrides (the other arguments, in argv's order; a key given twice is refused)."""
     parser = one_line_errors(argparse.ArgumentParser(prog="transferkit scenarios",
                                                      description=__doc__.split("\n\n")[0]))
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT}/)")

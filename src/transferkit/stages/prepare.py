@@ -9,36 +9,39 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from transferkit.data.dataset import RawDataset
-from transferkit.data.resolve import dataset_location, load_dataset
+from transferkit.data.resolve import copies_of_one, locate, read_dataset
 from transferkit.data.synthetic import make_synthetic
 from transferkit.data.tasks import check_disjoint, image_hashes, select_task, task_summary
 from transferkit.io import save_json, save_torch
 
 
-def load_raw(cfg: DictConfig, role: str, wanted: set[str]) -> RawDataset:
+def load_raw(cfg: DictConfig, role: str, where: Path | None, wanted: set[str]) -> RawDataset:
     d = cfg.data
     if d[role].dataset == "synthetic":
         # one seed for both tasks; the images differ because the class names do
         return make_synthetic(list(d[role].classes), d.synthetic.train_per_class,
                               d.synthetic.test_per_class, d.image_size, cfg.seed)
-    return load_dataset(d[role].dataset, Path(cfg.paths.data_dir), download=d.download,
-                        verify_checksums=d.verify_checksums, image_size=d.image_size, wanted=wanted)
+    return read_dataset(d[role].dataset, where, verify_checksums=d.verify_checksums, image_size=d.image_size,
+                        wanted=wanted)
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     d = cfg.data
+    # both datasets found (or downloaded) before either is decoded: a missing target fails in a second
+    names = [d[role].dataset for role in ("source", "target")]
+    found = {name: locate(name, Path(cfg.paths.data_dir), download=d.download)
+             for name in dict.fromkeys(names) if name != "synthetic"}
+    where = {role: found.get(name) for role, name in zip(("source", "target"), names)}
     # one dataset under two names (cifar10 and the archive it resolves to): one read, and no shared class
-    where = [dataset_location(d[role].dataset, Path(cfg.paths.data_dir)) for role in ("source", "target")]
-    same = "synthetic" not in (d.source.dataset, d.target.dataset) and (
-        d.source.dataset == d.target.dataset or None not in where and where[0].resolve() == where[1].resolve())
-    if same:
+    same = None not in where.values() and where["source"].resolve() == where["target"].resolve()
+    if None not in where.values() and copies_of_one(names, list(where.values()), Path(cfg.paths.data_dir)):
         check_disjoint(d.source.classes, d.target.classes)
     # cifar10_split takes both tasks from one archive: read (and decode) it once
-    shared = load_raw(cfg, "source", set(d.source.classes) | set(d.target.classes)) if same else None
+    shared = load_raw(cfg, "source", where["source"], set(d.source.classes) | set(d.target.classes)) if same else None
     summary, trained = {}, set()  # the images trained on so far, by hash: the target's models start from the source's
     for role in ("source", "target"):
         spec = d[role]
-        raw = shared or load_raw(cfg, role, set(spec.classes))
+        raw = shared or load_raw(cfg, role, where[role], set(spec.classes))
         task = select_task(raw, list(spec.classes), train_per_class=spec.train_per_class,
                            val_per_class=spec.val_per_class, test_per_class=spec.test_per_class,
                            seed=cfg.seed, role=role)

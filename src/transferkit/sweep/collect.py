@@ -35,7 +35,7 @@ def run_roots(d: Path) -> list[tuple[Path, str | None, Path | None]]:
     """Where d's runs are, with the stage that made each and the prepared task it read (`--in prepare=`: a
     scenarios quadrant's own) where a runs folder's dvc.yaml names them: in a
     `transferkit sweep` or `scenarios` folder (d, or the one d lies in), the outputs its dvc.yaml lists now
-    (the points of an earlier sweep into it stay on disk, unlisted), once DVC finds them all up to date;
+    (the points of an earlier sweep into it stay on disk, unlisted), once DVC finds them up to date or unrun;
     in any other folder, all of it, each run named by its folder (STAGE or NAME-STAGE)."""
     home = next((p for p in (d.resolve(), *d.resolve().parents) if is_runs_file(p / "dvc.yaml")), None)
     if home is None:
@@ -47,13 +47,21 @@ def run_roots(d: Path) -> list[tuple[Path, str | None, Path | None]]:
         return [(d, None, None)]
     stages = {name: stage for name, stage in dvc_file_data((home / "dvc.yaml").read_text())["stages"].items()
               if any((home / out).resolve().is_relative_to(d.resolve()) for out in out_paths(stage))}
-    if stale := [out for name in stale_stages(home) if name in stages for out in out_paths(stages[name])]:
-        raise TransferkitError(f"{d} has points not made with their settings and code as they are now ("
-                               f"{', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): the sweep stopped before "
-                               f"it finished them, something they read changed since, or a scenarios run with --only "
-                               f"left them out. Fix: run the command that made them again (DVC runs only those; the "
-                               f"scenarios with --only naming them), then collect; or collect a finished quadrant's "
-                               f"own folder.")
+    points = {name for name, stage in stages.items() if stage["cmd"].split()[1] in TARGET_MODELS}
+    stale = {name: out_paths(stages[name]) for name in stale_stages(home) if name in stages}
+    # a point with no run at all: failed (a diverged one fails again), killed or not run yet, as a multirun's jobs
+    unrun = [name for name, outs in stale.items() if name in points and not any((home / o).exists() for o in outs)]
+    if changed := [out for name, outs in stale.items() if name not in unrun for out in outs]:
+        raise TransferkitError(f"{d} has outputs not made with their settings and code as they are now ("
+                               f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): something they read "
+                               f"changed since they were made, or a run stopped while remaking them. Fix: run the "
+                               f"command that made them again (DVC runs only those; the scenarios with --only naming "
+                               f"them), then collect; or collect a finished quadrant's own folder.")
+    if unrun:
+        print(f"transferkit collect: {len(unrun)} of {len(points)} points in {home} have no finished run (failed, "
+              f"killed or not run yet) and are left out: {', '.join(o for n in unrun for o in stale[n])}",
+              file=sys.stderr)
+        stages = {name: stage for name, stage in stages.items() if name not in unrun}
     # a scenarios strategy's folder (linear_probe, partial_freeze) is no stage's name: its command names the stage
     return [(home / out, stage["cmd"].split()[1], next((home / a.split("=", 1)[1] for a in shlex.split(stage["cmd"])
                                                         if a.startswith("prepare=")), None))
