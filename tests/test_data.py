@@ -1440,22 +1440,6 @@ def test_select_task_is_seeded():
     assert _ids(a["train_x"]) != _ids(c["train_x"])
 
 
-def test_a_classs_draw_depends_on_the_seed_and_its_name_not_on_the_classes_before_it():
-    """One generator drawn class after class made a class's train/val/test images depend on its place in the list:
-    [cat, dog] and [dog, cat] shared 36 of cat's 400 train images (walk H84). Each class now draws by the seed and
-    its own name: reordered, or with a class added before it, it keeps its images."""
-    raw = _tagged_raw()
-
-    def images(task, name):
-        label = task["classes"].index(name)
-        return {split: _ids(task[f"{split}_x"][task[f"{split}_y"] == label]) for split in ("train", "val", "test")}
-
-    one = _select(raw, ("dog", "ant"))
-    for other in (_select(raw, ("ant", "dog")), _select(raw, ("cat", "ant", "dog"))):
-        assert all(images(one, name) == images(other, name) for name in ("dog", "ant"))
-    assert images(one, "dog")["train"] != images(_select(raw, ("dog", "ant"), seed=1), "dog")["train"]
-
-
 def test_select_task_all_remaining_for_training():
     task = _select(_tagged_raw(), train_per_class=None, val_per_class=5, test_per_class=None)
     assert torch.bincount(task["train_y"]).tolist() == [N_TRAIN - 5] * 2

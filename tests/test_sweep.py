@@ -117,7 +117,7 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     settings = yaml.safe_load(point.read_text())
     settings["transfer"]["epochs"] += 1
     point.write_text(yaml.safe_dump(settings))
-    with pytest.raises(TransferkitError, match=r"has points not made with their settings and code as they are now "
+    with pytest.raises(TransferkitError, match=r"has outputs not made with their settings and code as they are now "
                                                r"\(seed=1,transfer.freeze_depth=0/transfer\).*Fix: run the command "
                                                r"that made them again"):
         find_runs([out])

@@ -7,7 +7,6 @@ read by every training stage: no image is decoded twice.
 from __future__ import annotations
 
 import difflib
-import zlib
 
 import torch
 
@@ -94,17 +93,15 @@ def _copied(test: torch.Tensor, train: torch.Tensor) -> bool:
 
 def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | None,
                 val_per_class: int, test_per_class: int | None, seed: int, role: str) -> dict:
-    """Per class: a shuffle of its train images seeded by the seed and its name (not by the classes listed before
-    it: a class's images stay its own when the list grows or is reordered), the first `train_per_class` for
+    """Per class: a seeded shuffle of its train images, the first `train_per_class` for
     training and the next `val_per_class` for validation (None = all that remain);
     test images come from the official test split only: all of them, or `test_per_class` drawn
     by a seeded shuffle of their own (the first ones in file order may be one photo session)."""
     classes = [class_name(c) for c in classes]
     _check_classes(raw, classes, role)
+    gen, test_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     parts: dict[str, list] = {k: [] for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
     for new_label, name in enumerate(classes):
-        gen, test_gen = (torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{split}".encode()))
-                         for split in ("train", "test"))
         old = raw.classes.index(name)
         idx = torch.nonzero(raw.train.labels == old).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
