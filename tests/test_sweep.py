@@ -132,6 +132,30 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
         f"and are left out: seed=1,transfer.freeze_depth=0/transfer\n")
 
 
+@pytest.mark.slow
+def test_a_failed_point_stops_no_other_point_and_their_table_comes_before_the_error(base, tmp_path, one_thread):
+    """A sweep runs for hours: a point that fails (an lr that diverges) leaves DVC running the points after it
+    (dvc repro --keep-going); the table of those that finished is printed, then the failure, exit 2."""
+    from transferkit.config.compose import params_text
+    from transferkit.project import copy_project
+
+    out, composed_with = tmp_path / "dvc-sweep", ["experiment=smoke", f"paths.artifacts_dir={base / 'artifacts'}"]
+    proj = copy_project(ROOT, tmp_path / "proj", params_text(compose(*composed_with), composed_with))
+    proc = cli("sweep", "transfer", "transfer.lr=1e+30,0.01", "--out", str(out), cwd=proj)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert yaml.safe_load((out / "dvc.yaml").read_text())["stages"]["point0"]["outs"] == [
+        {"transfer.lr=1e+30/transfer": {"persist": True}}]  # the failed point comes first: DVC went on past it
+    assert "running point transfer.lr=1e+30\n" in proc.stdout and "running point transfer.lr=0.01\n" in proc.stdout
+    assert (out / "transfer.lr=0.01" / "transfer" / "model.pt").is_file()
+    assert not (out / "transfer.lr=1e+30" / "transfer").exists()
+    assert "| transfer ← best on val | 1 |" in proc.stdout  # one row: the point that finished
+    assert (f"1 of 2 points in {out.resolve()} have no finished run (failed, killed or not run yet) and are left "
+            f"out: transfer.lr=1e+30/transfer") in proc.stderr
+    assert "transferkit sweep: error: `dvc repro --keep-going` exited with code" in proc.stderr
+    assert "transferkit transfer: error: training diverged" in proc.stderr
+    assert proc.stderr.endswith("ERROR: failed to reproduce 'point0'\n")
+
+
 def test_only_a_point_with_no_run_is_left_out_a_stale_prepare_or_run_is_refused(tmp_path, monkeypatch, capsys):
     """collect leaves out a point DVC would run that has no output at all (failed, killed, not run yet), naming it;
     an out-of-date output of any other kind (a scenarios quadrant's prepare made by older code, which its

@@ -234,7 +234,8 @@ def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None, l
     """Write `stages` as folder/dvc.yaml (folder becomes a DVC repository of its own if it is
     not one) and `dvc repro` them: DVC runs what is missing or changed, skips the rest and
     resumes nothing by hand; each stage is announced as it starts (by its name in `labels`).
-    Returns the stages that ran."""
+    Returns the stages that ran; where one fails, the others that do not need its outputs still run (--keep-going):
+    a sweep's or scenarios' hours of runs do not stop at the first failed point."""
     check_runs_folder(folder)
     # a missing dep outside the folder stops `dvc repro` only after it has removed that stage's earlier outputs
     if missing := [(name, dep) for name, stage in stages.items() for dep in stage["deps"]
@@ -263,4 +264,4 @@ def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None, l
             return f"running {names[m[1]]}"
         return None
 
-    return stages_run(run(["dvc", "repro", *(targets or [])], folder, tail=40, show=started))
+    return stages_run(run(["dvc", "repro", "--keep-going", *(targets or [])], folder, tail=40, show=started))

@@ -6,6 +6,7 @@ and validated before any runs (Hydra finds a bad value only as it reaches that j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import shlex
@@ -124,13 +125,6 @@ def check_read(stage: str, overrides: list[str], composed: bool = False) -> None
                                f"saved with its outputs. Fix: {fix}.")
 
 
-def exp_run_sets(key: str) -> str:
-    """`-S` for each override params.yaml records but `key`: DVC composes conf/ with the -S values
-    alone, so an experiment without them would lose the project's own (experiment=smoke, say)."""
-    base = project_overrides(find_conf_dir().parent / "params.yaml")
-    return "".join(f"-S {shlex.quote(o)} " for o in base if override_key(o) != key)
-
-
 def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, folders: dict | None = None,
                  params_file: Path | None = None) -> None:
     """A run reads the outputs of earlier stages under paths.artifacts_dir (or in `folders`, by stage), whatever its
@@ -167,8 +161,11 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, fol
             k, also = found[0], f" (and other values of {', '.join(found[1:])})" if len(found) > 1 else ""
             here, there = (f"{k}={json.dumps(d[k])}" if k in d else f"no {k}" for d in (mine, saved))
             values = " ".join(f"{x}={json.dumps(saved[x], separators=(',', ':'))}" for x in settable)
+            # DVC composes conf/ with the -S values alone: the project's own overrides (experiment=smoke) again
+            sets = "".join(f"-S {shlex.quote(o)} " for o in project_overrides(find_conf_dir().parent / "params.yaml")
+                           if override_key(o) != k)
             fix = (f"run with {values}; to vary what {name} computes, run the pipeline once per value "
-                   f"(`dvc exp run --queue {exp_run_sets(k)}-S {k}=...`)" if k in settable
+                   f"(`dvc exp run --queue {sets}-S {k}=...`)" if k in settable
                    else f"make it again with this code and config (`dvc repro {name}`)")
             raise TransferkitError(f"{here} here, but {saved_file.parent} was made with {there}{also}, "
                                    f"and {stage} reads it. Fix: {fix}.")
@@ -193,8 +190,7 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     earlier stages' outputs under paths.artifacts_dir (check_inputs); `given`: the keys the command line
     set, where the others come from the project's params.yaml (None: every key is the command line's)."""
     points = expand(argv)  # a line Hydra cannot parse is one error line there
-    # Composing first makes a mistyped key (the commonest mistake) fail in well under a second, with the keys
-    # conf/ has that look like it: the value checks below import torch and Lightning, which take seconds to load.
+    # composed first: a mistyped key fails in well under a second; the value checks below import torch (seconds)
     composed = [compose(point) for point in points]
     if stage:  # one value of a setting the stage does not read would run it unchanged under another name
         from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -284,13 +280,17 @@ def main(argv: list[str]) -> int:
         for i, (name, cfg) in enumerate(zip(names, cfgs)):
             artifacts, files = Path(cfg.paths.artifacts_dir).resolve(), pin_named_files(args.stage, cfg)
             save_text(params_text(cfg), out / "params" / f"{name}.yaml")  # DVC sees content: a rewrite changes nothing
-            # DVC watches the settings the stage's own dvc.yaml entry tracks, and those collect scores the point with
-            # (as its saved params say): a change to another stage's, or to evaluate's timings, reruns nothing
+            # DVC watches the settings the stage's dvc.yaml entry tracks and those collect scores with: no others
             keys = tracked_params(BY_NAME[args.stage].params, list(cfg.trainer))
             stages[f"point{i}"] = stage_run(args.stage, f"params/{name}.yaml", f"{name}/{args.stage}",
                                             {r: str(artifacts / r) for r in BY_NAME[args.stage].reads}, [*code, *files],
                                             [*keys, *SCORED_WITH])
-        ran = run_pipeline(out, stages, labels={f"point{i}": f"point {name}" for i, name in enumerate(names)})
+        try:
+            ran = run_pipeline(out, stages, labels={f"point{i}": f"point {name}" for i, name in enumerate(names)})
+        except TransferkitError:  # a point failed, the others ran: their table (collect names the failed), then why
+            with contextlib.suppress(TransferkitError):  # none finished: no table
+                print(sweep_table(collect([out], out / "collected")))
+            raise
         done = len(stages) - len(ran)
         print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} done already" if done else ""))
         # this sweep's points only, those its dvc.yaml lists: out/ may keep the points of an earlier, other sweep
