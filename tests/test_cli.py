@@ -213,6 +213,9 @@ def test_params_says_which_earlier_overrides_it_no_longer_composes_with(tmp_path
     assert transferkit_cli.main(["params", "transfer.freeze_depth=2"]) == 0
     assert ("composed with transfer.freeze_depth=2; no longer with experiment=smoke (give every override you want "
             "each time)") in capsys.readouterr().out
+    for given in ("transfer.freeze_depth=3", "++transfer.freeze_depth=2"):  # a key given again is no dropped one
+        assert transferkit_cli.main(["params", given]) == 0
+        assert "no longer" not in capsys.readouterr().out
     (tmp_path / "params.yaml").write_text("name: cifar10_split\nseed: 0\n")  # recorded none: nothing dropped
     assert transferkit_cli.main(["params"]) == 0
     assert "no longer" not in capsys.readouterr().out

@@ -456,6 +456,24 @@ def test_gradual_unfreezing_of_a_frozen_backbone_is_refused():
     validate(compose("transfer.backbone_lr_mult=0"))  # a frozen backbone alone is the linear probe's setting
 
 
+def test_gradual_unfreezing_that_unfreezes_no_block_within_the_run_is_refused():
+    """The first block thaws as epoch `unfreeze_every_epochs` starts: a run of no more epochs is a fixed freeze
+    labelled gradual (walk J85). Depth 0 everywhere has nothing to unfreeze, and a sweep over depths keeps it."""
+    from omegaconf import OmegaConf
+
+    for depths in (["transfer.freeze_depth=3", "freeze_curve.depths=[]"],
+                   ["transfer.freeze_depth=0", "freeze_curve.depths=[0,2]"]):
+        with pytest.raises(TransferkitError, match=r"^transfer.unfreeze_every_epochs=6 unfreezes a first block after "
+                                                   r"epoch 6, and transfer.epochs=6: .* Fix: set it below"):
+            validate(compose("experiment=smoke", *depths, "transfer.unfreeze_every_epochs=6"))
+    cfg = compose("experiment=smoke", "transfer.unfreeze_every_epochs=6")  # a config without freeze_curve
+    with pytest.raises(TransferkitError, match=r"^transfer.unfreeze_every_epochs=6 unfreezes"):
+        validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "freeze_curve"]))
+    validate(compose("experiment=smoke", "transfer.freeze_depth=3", "transfer.unfreeze_every_epochs=5"))
+    validate(compose("experiment=smoke", "transfer.freeze_depth=0", "freeze_curve.depths=[0]",
+                     "transfer.unfreeze_every_epochs=6"))  # smoke's transfer depth is 1
+
+
 def test_a_freeze_curve_of_a_frozen_backbone_is_refused():
     """Every point would train the fully frozen model and be labelled with its own depth."""
     from transferkit.config.checks import validate_run

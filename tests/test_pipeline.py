@@ -743,6 +743,34 @@ def test_the_report_tells_models_of_one_builder_apart():
     assert described(OmegaConf.create({"name": "resnet18", "weights": None})) == "resnet18"
 
 
+def test_the_report_says_how_transfer_unfroze_and_what_prunes_recovery_learned_from():
+    """Gradual unfreezing makes a freeze depth where each run starts, and prune.teacher=student recovers from the
+    student before pruning: the report's recipe lines say so, and the budgets name prune's (walk X85)."""
+    from transferkit.evaluation.report import render
+
+    m = {"top1": .5, "top1_ci95": [.4, .6], "params": 1000, "macs": 1000, "size_bytes": 100, "per_class": {"a": .5}}
+    row = {"val_acc": .5, "top1": .5, "top1_ci95": [.4, .6], "vs_scratch": {"difference": 0.0, "ci95": [-.1, .1]}}
+    prune = {"mode": "structured", "criterion": "l2", "target": "macs", "ratio": .5, "steps": 1, "scope": "layer"}
+    cfg = {"experiment": "e", "model": "fastnet", "freeze_depth": 1, "backbone_lr_mult": 0.3, "probe_depth": None,
+           "epochs": dict.fromkeys(["pretrain", "transfer", "scratch", "probe", "distill"], 1), "seed": 0,
+           "tta": "none", "tta_views": 1, "blocks": 4}
+    data = {"source": {"dataset": "d", "classes": ["a"], "n_train": 1, "n_val": 1},
+            "target": {"dataset": "d", "classes": ["a"], "n_train": 1, "n_val": 1, "n_test": 2}}
+    metrics = {"models": {"transfer": m, "distill": m, "prune": m},
+               "freeze_curve": [{**row, "freeze_depth": 0}, {**row, "freeze_depth": 2}]}
+    fixed = render({**cfg, "prune": prune}, metrics, {}, data)
+    assert "backbone_lr_mult=0.3; probe depth=all" in fixed and "distill and student alone 1; seed 0" in fixed
+    assert "(blocks[:k] frozen, the rest fine-tuned), same seed" in fixed and "| blocks frozen | val top-1 |" in fixed
+    assert "recovered by a short fine-tune distilled from the teacher." in fixed
+    gradual = render({**cfg, "unfreeze_every_epochs": 2, "epochs": {**cfg["epochs"], "prune": 3},
+                      "prune": {**prune, "teacher": "student"}}, metrics, {}, data)
+    assert "backbone_lr_mult=0.3, unfreeze_every_epochs=2; probe depth=all" in gradual
+    assert "distill and student alone 1, prune recovery 3; seed 0" in gradual
+    assert "(blocks[:k] frozen at the start, one more unfrozen every 2 epochs), same seed" in gradual
+    assert "| blocks frozen at the start | val top-1 |" in gradual
+    assert "recovered by a short fine-tune distilled from the student before pruning." in gradual
+
+
 def test_the_verdict_on_transfer_names_what_scratch_trained_with_apart():
     """scratch takes transfer's recipe key for key unless a user tunes it apart: the verdict then says so."""
     from transferkit.evaluation.report import render

@@ -104,15 +104,20 @@ def test_round_to_keeps_channel_counts_a_multiple(target):
     assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
 
 
-@pytest.mark.parametrize("round_to, widths", [(16, [16, 16, 16, 112, 112, 112, 112]),
-                                               (None, [13, 26, 26, 105, 105, 105, 105])])
-def test_a_macs_target_with_round_to_costs_a_narrow_layer_more(round_to, widths):
+@pytest.mark.parametrize("round_to, ratio, widths", [(16, 0.7, [16, 16, 16, 112, 112, 112, 112]),
+                                                      (None, 0.7, [13, 26, 26, 105, 105, 105, 105]),
+                                                      (16, 0.05, [16, 32, 32, 176, 176, 176, 176]),
+                                                      (16, 0.3, [16, 32, 32, 176, 176, 176, 176])])
+def test_a_macs_target_with_round_to_costs_a_narrow_layer_more(round_to, ratio, widths):
     """docs/deploy.md's widths for the default student at the default cut (target macs, ratio 0.7, scope
     layer): Torch-Pruning rounds each layer down to round_to at every step of its search, so the 48-channel
-    layers keep a third and the 192-channel ones 58%; with no rounding every layer keeps about the same share."""
+    layers keep a third and the 192-channel ones 58%; with no rounding every layer keeps about the same share.
+    The search's first step already rounds: any ratio up to 0.3 makes one cut, 31% of the MACs."""
     model = build_model("fastnet", 3, widths=[48, 192, 192], stem_width=24, activation="relu").eval()
-    prune_channels(model, criterion="l2", target="macs", ratio=0.7, keep=["head"], round_to=round_to)
+    result = prune_channels(model, criterion="l2", target="macs", ratio=ratio, keep=["head"], round_to=round_to)
     assert conv_widths(model) == widths
+    if ratio < 0.7:
+        assert 1 - result["macs_after"] / result["macs_before"] == pytest.approx(0.306, abs=0.0005)
 
 
 def test_channels_target_removes_the_ratio_to_the_nearest_multiple_of_round_to():
@@ -444,6 +449,22 @@ def test_the_stage_says_when_the_student_is_too_narrow_for_round_to(tmp_path, ca
     assert "prune.round_to=16" in caplog.text and "too narrow" in caplog.text
 
 
+def test_the_stage_says_when_round_to_cuts_far_more_than_the_ratio_asked(tmp_path, caplog):
+    """In multiples of 4 channels fastnet_micro's 4-8 channel layers can only halve: 5% of the MACs asked for
+    removes 23%, which the stage says, naming the fix (walk K85); 30% asked for is not overshot."""
+    cfg = _smoke_with_student(tmp_path, "prune.epochs=1", "prune.round_to=4", "prune.ratio=0.05")
+    with caplog.at_level(logging.WARNING, logger="transferkit.stages.prune"):
+        metrics = run("prune", cfg)
+    removed = 1 - metrics["macs_after"] / metrics["macs_before"]
+    assert metrics["round_to"] == 4 and removed > 0.1, removed
+    assert (f"prune.ratio=0.05 asked for 5% of the MACs removed; in multiples of prune.round_to=4 channels the cut "
+            f"removed {100 * removed:.0f}%. Fix: set prune.round_to to a smaller multiple, or null") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="transferkit.stages.prune"):
+        run("prune", compose("experiment=smoke", "prune.epochs=1", "prune.round_to=4", "prune.ratio=0.3", tmp=tmp_path))
+    assert "asked for" not in caplog.text
+
+
 def test_rounds_too_narrow_for_round_to_name_the_widths_they_end_with(tmp_path, monkeypatch, caplog):
     """Rounds of a channel cut say so at the first round: the widths the warning names are the saved model's, not
     the first round's."""
@@ -638,7 +659,11 @@ def test_report_describes_unstructured_pruning_by_its_sparsity():
     assert "of the MACs removed" not in weights and "MACs do not fall" in weights and "x fewer" not in weights
     channels = "\n".join(prune_section({**settings, "mode": "structured"},
                                        {**models, "prune": {**models["prune"], "macs": 23e6}}, timing))
-    assert "structured, criterion `l2`, 50% of the MACs removed, 1 step(s)" in channels
+    # what was asked and what the cut did: round_to and whole channels overshoot a small share (walk K85)
+    assert "structured, criterion `l2`, asked to remove 50% of the MACs: 67% of the MACs removed, 1 step(s)" in channels
+    by_channels = "\n".join(prune_section({**settings, "mode": "structured", "target": "channels", "ratio": 0.9},
+                                          {**models, "prune": {**models["prune"], "macs": 50e6}}, timing))
+    assert "asked to remove 90% of the channels: 28% of the MACs removed" in by_channels
     assert "MACs 3.00x fewer" in channels
     # a pruned model that runs slower says so: 3.5 times the latency is "3.50x higher", not "0.29x lower"
     slower = "\n".join(prune_section({**settings, "mode": "structured"}, models,

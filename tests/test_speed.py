@@ -145,8 +145,8 @@ def test_results_warn_where_other_work_slowed_the_timings():
     note = busy_note({"machine": {"other_cores": 0.9}})
     assert note == ["While evaluate timed, other processes kept 0.90 of the cores it runs on busy, so the timings may "
                     "be many times slower than this machine gives on its own, and the speed-ups between them off (the "
-                    "one-thread timings suffer least). Fix: on an idle machine, `uv run dvc repro -s -f evaluate` "
-                    "times them again."]
+                    "one-thread timings suffer least). Fix: on an idle machine, running evaluate again as it ran (the "
+                    "project's: `uv run dvc repro -s -f evaluate`) times them again."]
     assert busy_note({"machine": {"other_cores": 0.9}}, "export") == [  # by hand too, and with no one-thread timing
         "While export timed, other processes kept 0.90 of the cores it runs on busy, so the timings may be many times "
         "slower than this machine gives on its own, and the speed-ups between them off. Fix: on an idle machine, the "

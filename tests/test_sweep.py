@@ -133,9 +133,10 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
 
 
 @pytest.mark.slow
-def test_a_failed_point_stops_no_other_point_and_their_table_comes_before_the_error(base, tmp_path, one_thread):
+def test_a_failed_point_stops_no_other_point_and_the_finished_ones_are_tabled(base, tmp_path, one_thread):
     """A sweep runs for hours: a point that fails (an lr that diverges) leaves DVC running the points after it
-    (dvc repro --keep-going); the table of those that finished is printed, then the failure, exit 2."""
+    (dvc repro --keep-going); its error shows as it comes, the table of those that finished is printed, and the
+    sweep ends in the failure, naming the point, exit 2."""
     from transferkit.config.compose import params_text
     from transferkit.project import copy_project
 
@@ -145,14 +146,15 @@ def test_a_failed_point_stops_no_other_point_and_their_table_comes_before_the_er
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert yaml.safe_load((out / "dvc.yaml").read_text())["stages"]["point0"]["outs"] == [
         {"transfer.lr=1e+30/transfer": {"persist": True}}]  # the failed point comes first: DVC went on past it
-    assert "running point transfer.lr=1e+30\n" in proc.stdout and "running point transfer.lr=0.01\n" in proc.stdout
+    assert ("running point transfer.lr=1e+30\ntransferkit transfer: error: training diverged: " in proc.stdout
+            and "running point transfer.lr=0.01\n" in proc.stdout)
     assert (out / "transfer.lr=0.01" / "transfer" / "model.pt").is_file()
     assert not (out / "transfer.lr=1e+30" / "transfer").exists()
     assert "| transfer ← best on val | 1 |" in proc.stdout  # one row: the point that finished
     assert (f"1 of 2 points in {out.resolve()} have no finished run (failed, killed or not run yet) and are left "
             f"out: transfer.lr=1e+30/transfer") in proc.stderr
-    assert "transferkit sweep: error: `dvc repro --keep-going` exited with code" in proc.stderr
-    assert "transferkit transfer: error: training diverged" in proc.stderr
+    assert ("transferkit sweep: error: point transfer.lr=1e+30 failed; `dvc repro --keep-going` exited with code"
+            in proc.stderr)
     assert proc.stderr.endswith("ERROR: failed to reproduce 'point0'\n")
 
 
@@ -537,18 +539,30 @@ def test_a_key_whose_name_only_begins_like_a_setting_the_stage_reads_is_not_read
 def test_a_student_run_by_hand_takes_a_new_optimisation_given_for_both_it_and_distill():
     """The student baseline must train as distill does, and follows distill.* where conf/ is composed; a params file
     holds both values. Each refusal's fix leads to a command that runs: no override could change a params file's
-    student.lr (student.lr alone trains unlike distill; distill.lr is not the student's setting)."""
+    student.lr (student.lr alone trains unlike distill; distill.lr is not the student's setting), and distill, which
+    does not read student.lr, takes it given alike with distill.lr, which it follows (walk J85)."""
     from transferkit.config.checks import validate
     from transferkit.config.compose import compose
     from transferkit.errors import TransferkitError
     from transferkit.sweep.points import check_read
 
-    with pytest.raises(TransferkitError, match=r"trains unlike distill \(student.lr=0.1 vs distill.lr=1.0\).* Fix: set "
-                                               r"distill.lr=0.1, .*--params takes both: distill.lr=0.1 student.lr=0.1"):
+    with pytest.raises(TransferkitError, match=r"trains unlike distill \(student.lr=0.1 vs distill.lr=1.0\).* Fix: "
+                                               r"give both one value, `distill.lr=1.0 student.lr=1.0` or "
+                                               r"`distill.lr=0.1 student.lr=0.1` \(where conf/ is composed, distill's "
+                                               r"alone sets both"):
         validate(compose(["distill.lr=1.0", "student.lr=0.1"]))
-    check_read("student", ["distill.lr=0.1", "student.lr=0.1"])
+    for stage in ("student", "distill"):
+        check_read(stage, ["distill.lr=0.1", "student.lr=0.1"])
+        check_read(stage, ["student.lr=0.1", "distill.lr=0.1"])
     with pytest.raises(TransferkitError, match=r"Fix: student.lr=0.1, or both alike"):
         check_read("student", ["distill.lr=0.1", "student.lr=0.2"])
+    for given in (["distill.lr=0.1", "student.lr=0.2"], ["student.lr=0.2"]):  # the student's own value: not distill's
+        with pytest.raises(TransferkitError, match=r"^distill does not read student.lr: 'student.lr=0.2' would .* "
+                                                   r"Fix: give distill.lr the same value \(distill.lr=0.2\), which "
+                                                   r"student.lr follows in conf/, or leave student.lr out.$"):
+            check_read("distill", given)
+    with pytest.raises(TransferkitError, match=r"Fix: set what distill reads"):  # prune.lr follows no setting
+        check_read("distill", ["prune.lr=0.1"])
 
 
 @pytest.mark.parametrize("override", ["hydra/launcher=local_parallel", "+hydra.launcher.n_jobs=2"])

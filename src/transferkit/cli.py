@@ -249,14 +249,14 @@ def main(argv: list[str] | None = None) -> int:
                 return code
             os.environ.pop("TRANSFERKIT_WARM")  # run here: the DDP ranks this starts start no servers of their own
         if command == "params":
-            from transferkit.config.compose import find_conf_dir, recorded_overrides, write_generated
+            from transferkit.config.compose import find_conf_dir, override_key, recorded_overrides, write_generated
             from transferkit.project import refuse_while_dvc_runs
 
             refuse_while_dvc_runs(find_conf_dir().parent)
             before = recorded_overrides(find_conf_dir().parent / "params.yaml") or []
             for path in write_generated(rest):
                 print(f"wrote {path}")
-            if dropped := [o for o in before if o not in rest]:  # overrides replace the earlier ones
+            if dropped := [o for o in before if override_key(o) not in map(override_key, rest)]:  # keys not given again
                 print(f"composed with {' '.join(rest) or 'no overrides'}; no longer with {' '.join(dropped)} (give "
                       f"every override you want each time)")
         elif command in ("-sc", "--shell-completion") or command.startswith("--shell-completion="):

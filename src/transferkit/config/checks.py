@@ -84,15 +84,21 @@ def validate(cfg: DictConfig) -> None:
                                    f"{'acts' if len(ignored) == 1 else 'act'} only in "
                                    f"structured pruning, which prune.mode=unstructured ignores. Fix: set "
                                    f"prune.mode=structured, or {off}.")
+        # rates that cut nothing are refused as a keep of every layer is: a pruned model no smaller
+        if (p := cfg.prune).rates and not any(r for i, r in enumerate(p.rates) if f"blocks.{i}" not in p.keep):
+            kept = any(f"blocks.{i}" in p.keep for i in range(len(p.rates)))
+            fail("prune.rates", list(p.rates), f"no block{' outside prune.keep' * kept} has a rate above 0, so pruning "
+                 f"would remove nothing (1 is the common share; [] gives every block that)")
     if "student" in cfg and "distill" in cfg:  # the baseline trains like distill: the teacher is the only difference
         differ = [k for k in cfg.student if k in cfg.distill and cfg.student[k] != cfg.distill[k]]
         if differ:  # conf/'s student.* follow distill.*: one override sets both, in conf/ and in params.yaml
             both = "; ".join(f"student.{k}={cfg.student[k]!r} vs distill.{k}={cfg.distill[k]!r}" for k in differ)
-            fix = " ".join(f"distill.{k}={as_override(cfg.student[k])}" for k in differ)
+            # either value may be the one meant: both, each given to both blocks
+            alike = [" ".join(f"{b}.{k}={as_override(cfg[a][k])}" for k in differ for b in ("distill", "student"))
+                     for a in ("distill", "student")]
             raise TransferkitError(f"the student baseline trains unlike distill ({both}): the comparison would measure "
-                                   f"more than the teacher. Fix: set {fix}, which the student follows where conf/ is "
-                                   f"composed (a stage run with --params takes both: {fix} "
-                                   f"{fix.replace('distill.', 'student.')}).")
+                                   f"more than the teacher. Fix: give both one value, `{alike[0]}` or `{alike[1]}` "
+                                   f"(where conf/ is composed, distill's alone sets both: the student follows it).")
     if cfg.get("transfer", {}).get("unfreeze_every_epochs") and multi_process(cfg.trainer):
         t = cfg.trainer
         raise TransferkitError(f"transfer.unfreeze_every_epochs > 0 is not supported in several processes (strategy "
@@ -103,6 +109,13 @@ def validate(cfg: DictConfig) -> None:
         raise TransferkitError(f"transfer.unfreeze_every_epochs={cfg.transfer.unfreeze_every_epochs} unfreezes blocks "
                                f"that transfer.backbone_lr_mult=0 keeps frozen. Fix: set transfer.backbone_lr_mult > 0 "
                                f"for gradual unfreezing, or transfer.unfreeze_every_epochs=0 for a frozen backbone.")
+    if (every := cfg.get("transfer", {}).get("unfreeze_every_epochs")) and every >= cfg.transfer.epochs and max(
+            [cfg.transfer.freeze_depth, *cfg.get("freeze_curve", {}).get("depths", [])]) > 0:
+        # the first block thaws as epoch `every` starts (0 first): a run of no more epochs keeps its depth throughout
+        raise TransferkitError(f"transfer.unfreeze_every_epochs={every} unfreezes a first block after epoch {every}, "
+                               f"and transfer.epochs={cfg.transfer.epochs}: every block frozen at the start stays "
+                               f"frozen, a fixed freeze under another name. Fix: set it below transfer.epochs, or to 0 "
+                               f"for a fixed freeze.")
     if "freeze_curve" in cfg and len(set(cfg.freeze_curve.depths)) != len(cfg.freeze_curve.depths):
         fail("freeze_curve.depths", list(cfg.freeze_curve.depths), "lists a depth twice")
 

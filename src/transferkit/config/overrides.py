@@ -1,5 +1,5 @@
 """Overrides (key=value, as Hydra, `dvc exp run -S` and `transferkit params` read them): the key each sets,
-one value a key, and a value written back as one."""
+one value a key, values that compose alike, and a value written back as one."""
 
 from __future__ import annotations
 
@@ -30,6 +30,17 @@ def refuse_repeats(overrides: list[str]) -> None:
     if twice := next((k for k in keys if keys.count(k) > 1), None):
         given = " and ".join(o for o in overrides if "=" in o and override_key(o) == twice)
         raise TransferkitError(f"{twice} is given twice ({given}), and a run has one value of it. Fix: give it once.")
+
+
+def same_value(value) -> tuple:
+    """A value Hydra parsed, as a key equal for values that compose alike: 1 and 1.0 are one number, 'a' and a one
+    string, true no number, [1,2] and [1,2.0] one list, {a:1,b:2} and {b:2,a:1} one dict, nan and nan one value."""
+    if isinstance(value, list):
+        return "list", tuple(same_value(v) for v in value)
+    if isinstance(value, dict):
+        return "dict", frozenset((same_value(k), same_value(v)) for k, v in value.items())
+    value = getattr(value, "text", value)  # a QuotedString
+    return ("nan",) if value != value else (type(value) is bool, value)  # nan alone is not equal to itself
 
 
 def as_override(value) -> str:

@@ -55,7 +55,9 @@ def busy_note(timing: dict, stage: str = "evaluate") -> list[str]:
     """Where other processes took a quarter of a core or more while `stage` timed (speed.other_work): a warning."""
     if (busy := timing.get("machine", {}).get("other_cores", 0)) < 0.25:
         return []
-    again = "`uv run dvc repro -s -f evaluate`" if stage == "evaluate" else "the same command"  # export: by hand too
+    # both also run by hand (evaluate into another folder, with other settings), where dvc repro times another run
+    again = ("running evaluate again as it ran (the project's: `uv run dvc repro -s -f evaluate`)"
+             if stage == "evaluate" else "the same command")
     return [f"While {stage} timed, other processes kept {busy:.2f} of the cores it runs on busy, so the timings may "
             f"be many times slower than this machine gives on its own, and the speed-ups between them off"
             f"{' (the one-thread timings suffer least)' * (stage == 'evaluate')}. Fix: on an idle machine, {again} "

@@ -31,11 +31,13 @@ def freeze_curve_section(rows: list[dict], models: dict, cfg_summary: dict) -> l
     best = max(with_val, key=lambda r: r["val_acc"]) if with_val else None
     tied = [str(r["freeze_depth"]) for r in with_val if r is not best and r["val_acc"] == best["val_acc"]]
     mark = f" (best on val{', tied with ' + ', '.join(tied) if tied else ''})"  # ties go to the shallowest depth
+    every = cfg_summary.get("unfreeze_every_epochs")  # gradual unfreezing: a depth is where each run starts
+    how = f"frozen at the start, one more unfrozen every {every} epochs" if every else "frozen, the rest fine-tuned"
     lines = ["## How many blocks to freeze?", "",
-             "The transfer recipe at each freeze depth (blocks[:k] frozen, the rest fine-tuned), same seed "
-             "and budget; the `transfer` stage's own depth is "
-             f"{cfg_summary['freeze_depth']}. Choose by val: the test set only reports.", "",
-             "| blocks frozen | val top-1 | test top-1 | 95% interval | minus scratch (95% paired interval) |",
+             f"The transfer recipe at each freeze depth (blocks[:k] {how}), same seed and budget; the `transfer` "
+             f"stage's own depth is {cfg_summary['freeze_depth']}. Choose by val: the test set only reports.", "",
+             f"| blocks frozen{' at the start' * bool(every)} | val top-1 | test top-1 | 95% interval | minus scratch "
+             "(95% paired interval) |",
              "|---|---|---|---|---|"]
     for r in rows:
         d = r["vs_scratch"]
@@ -76,11 +78,10 @@ def export_section(export: dict) -> list[str]:
         "| runtime | max abs logit difference vs PyTorch | top-1 agreement | CPU latency (batch 1, export's timing) |",
         "|---|---|---|---|",
         f"| PyTorch (eager; BatchNorm not folded, as the exports fold it) | – | – | {lat['pytorch']:.2f} ms |",
-        # export.json keys the checks by format ("onnx") and the latency by runtime ("onnxruntime")
         *[f"| {name} | {export[fmt]['max_abs_diff']:.1e} | {100 * export[fmt]['top1_agreement']:.2f}% | "
           f"{lat[runtime]:.2f} ms |"
-          for name, fmt, runtime in (("ONNX Runtime", "onnx", "onnxruntime"),
-                                     ("TorchScript", "torchscript", "torchscript"))
+          for name, fmt, runtime in (("ONNX Runtime", "onnx", "onnxruntime"),  # export.json: checks by format,
+                                     ("TorchScript", "torchscript", "torchscript"))  # latencies by runtime
           if fmt in export and runtime in lat],
         "", "Classify image files with it: `uv run transferkit predict artifacts/export/model.onnx IMAGE ...`.",
         ""]
@@ -88,16 +89,16 @@ def export_section(export: dict) -> list[str]:
 
 def prune_section(pc: dict, models: dict, timing: dict) -> list[str]:
     """The pruned student beside the distilled one it was cut from."""
-    before, after = models["distill"], models["prune"]
-    tb, ta = timing.get("distill", {}), timing.get("prune", {})
+    (before, tb), (after, ta) = ((models[k], timing.get(k, {})) for k in ("distill", "prune"))
     how = (f"unstructured: single weights zeroed, criterion `{pc['criterion']}`, scope {pc.get('scope')}, "
            f"sparsity {100 * pc['sparsity']:.1f}% of the prunable weights" if pc["mode"] == "unstructured" else
-           f"{pc['mode']}, criterion `{pc['criterion']}`, {pc['ratio']:.0%} of the "
-           f"{pc['target'].replace('macs', 'MACs')} removed, {pc['steps']} step(s)")
+           f"{pc['mode']}, criterion `{pc['criterion']}`, asked to remove {pc['ratio']:.0%} of the "
+           f"{pc['target'].replace('macs', 'MACs')}: {1 - after['macs'] / before['macs']:.0%} of the MACs removed, "
+           f"{pc['steps']} step(s)")
     lines = [
         "## Pruning", "",
-        f"The distilled student, pruned ({how}) and recovered by a short fine-tune distilled from the "
-        "teacher.", "",
+        f"The distilled student, pruned ({how}) and recovered by a short fine-tune distilled from "
+        f"{'the student before pruning' if pc.get('teacher') == 'student' else 'the teacher'}.", "",
         "| | top-1 | params | MACs | file | CPU latency (batch 1) | CPU throughput |",
         "|---|---|---|---|---|---|---|"]
     for label, m, t in (("before (distilled)", before, tb), ("after (pruned + recovered)", after, ta)):
@@ -117,8 +118,7 @@ def prune_section(pc: dict, models: dict, timing: dict) -> list[str]:
 
 def distillation_section(dist: dict, models: dict, timing: dict, cfg_summary: dict) -> list[str]:
     """The distilled student beside the student alone and its teacher."""
-    t = timing.get("transfer", {}).get("latency_ms_bs1")
-    st = timing.get("distill", {}).get("latency_ms_bs1")
+    t, st = (timing.get(k, {}).get("latency_ms_bs1") for k in ("transfer", "distill"))
     d = dist["distill_vs_student"]
     rec, gap = dist["gap_recovered"], dist["teacher_vs_student"]
     return [
@@ -189,8 +189,10 @@ def quantize_section(q: dict, models: dict, timing: dict) -> list[str]:
 
 def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -> str:
     models = metrics["models"]
-    lines = [f"# transferkit report: {names([cfg_summary['experiment']])}", ""]
-    lines += ["## What was run", ""]
+    lines = [f"# transferkit report: {names([cfg_summary['experiment']])}", "", "## What was run", ""]
+    epochs, every = cfg_summary["epochs"], cfg_summary.get("unfreeze_every_epochs")
+    unfreezing = f", unfreeze_every_epochs={every}" if every else ""
+    recovery = f", prune recovery {epochs['prune']}" if "prune" in epochs else ""
     src, tgt = data_summary["source"], data_summary["target"]
     trained = "; ".join(f"{stage} {t['precision']} on {t['device']}"
                         for stage, t in cfg_summary.get("training", {}).items() if t.get("precision"))
@@ -200,11 +202,10 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
         f"- target task: {names([tgt['dataset']])} {names(tgt['classes'])} "
         f"({tgt['n_train']} train, {tgt['n_val']} val, **{tgt['n_test']} test** images)" + "".join(
             f"; **{tgt[k]} {what}** (pixel for pixel, as prepare warned)" for k, what in SEEN.items() if tgt.get(k)),
-        f"- model: `{cfg_summary['model']}`; transfer: freeze_depth={cfg_summary['freeze_depth']}, "
-        f"backbone_lr_mult={cfg_summary['backbone_lr_mult']}; probe depth={cfg_summary['probe_depth'] or 'all'}",
-        f"- budgets (epochs): pretrain {cfg_summary['epochs']['pretrain']}, transfer "
-        f"{cfg_summary['epochs']['transfer']}, scratch {cfg_summary['epochs']['scratch']}, probe "
-        f"{cfg_summary['epochs']['probe']}, distill and student alone {cfg_summary['epochs']['distill']}; "
+        f"- model: `{cfg_summary['model']}`; transfer: freeze_depth={cfg_summary['freeze_depth']}, backbone_lr_mult="
+        f"{cfg_summary['backbone_lr_mult']}{unfreezing}; probe depth={cfg_summary['probe_depth'] or 'all'}",
+        f"- budgets (epochs): pretrain {epochs['pretrain']}, transfer {epochs['transfer']}, scratch "
+        f"{epochs['scratch']}, probe {epochs['probe']}, distill and student alone {epochs['distill']}{recovery}; "
         f"seed {cfg_summary['seed']}; test-time augmentation: {cfg_summary['tta']}",
         *([f"- trained in: {trained}"] if trained else []),  # none where no stage's timing.json names its precision
         "",
@@ -231,8 +232,7 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
                "what always naming the test set's most common class scores")
         lines += [f"Not shown better than guessing: {'; '.join(guessing)} (the 95% interval reaches "
                   f"{_pct(chance)}, {why}). Fix: more epochs or training images.", ""]
-    gain = metrics.get("transfer_vs_scratch")
-    if gain:
+    if gain := metrics.get("transfer_vs_scratch"):
         lo, hi = gain["ci95"]
         verdict = ("transfer is better than scratch (the interval excludes 0)" if lo > 0 else
                    "scratch is better than transfer (the interval excludes 0)" if hi < 0 else

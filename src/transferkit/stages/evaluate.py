@@ -167,13 +167,14 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
         "seed": cfg.seed, "tta": ev.tta, "chance": int(torch.bincount(y).max()) / len(y),
         "tta_views": VIEWS[ev.tta],
         "freeze_depth": cfg.transfer.freeze_depth, "backbone_lr_mult": cfg.transfer.backbone_lr_mult,
+        "unfreeze_every_epochs": cfg.transfer.unfreeze_every_epochs,
         "probe_depth": cfg.probe.depth, "distill_method": cfg.distill.method,
         "distill_temperature": cfg.distill.temperature, "student": described(cfg.distill.student),
         "epochs": {s: cfg[s].epochs for s in ("pretrain", "transfer", "scratch", "probe", "distill", "prune")},
         # scratch takes transfer's recipe unless set apart (tuning a baseline is a choice the verdict must show)
         "scratch_differs": [f"scratch.{k}={cfg.scratch[k]} vs transfer.{k}={cfg.transfer[k]}" for k in cfg.scratch
                             if k != "freeze_depth" and k in cfg.transfer and cfg.scratch[k] != cfg.transfer[k]],
-        "prune": {k: cfg.prune[k] for k in ("mode", "criterion", "target", "ratio", "steps", "scope")},
+        "prune": {k: cfg.prune[k] for k in ("mode", "criterion", "target", "ratio", "steps", "scope", "teacher")},
     }
     if "sparsity" in pruned:  # unstructured
         cfg_summary["prune"]["sparsity"] = pruned["sparsity"]

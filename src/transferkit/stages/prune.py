@@ -114,6 +114,13 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                 fits.append(_recover(cfg, student, teacher, task, out, max(1, p.epochs // p.steps), step))
         student.arch["pruned"] = True
         info["macs_reduction"] = info["macs_before"] / info["macs_after"]
+        # each layer loses whole channels, in multiples of round_to (and each round's search overshoots its goal): a
+        # small share asked for can be far overshot
+        if p.target == "macs" and info["round_to"] and (removed := 1 - 1 / info["macs_reduction"]) > p.ratio + 0.05:
+            log.warning("prune.ratio=%s asked for %.0f%% of the MACs removed; in multiples of prune.round_to=%s "
+                        "channels the cut removed %.0f%%. Fix: set prune.round_to to a smaller multiple, or null%s, "
+                        "for finer steps.", p.ratio, 100 * p.ratio, info["round_to"], 100 * removed,
+                        " (or fewer prune.steps)" if p.steps > 1 else "")
         finalize = None
     else:
         prune_weights(student, p.ratio, keep, criterion=p.criterion, scope=p.scope, calibration=calibration)

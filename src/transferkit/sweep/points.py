@@ -6,10 +6,11 @@ and validated before any runs (Hydra finds a bad value only as it reaches that j
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
+import re
 import shlex
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferkit.config.compose import (QUOTING, compose, find_conf_dir, group_choice, params_text,
                                         project_overrides, read_yaml, to_params)
 from transferkit.config.drift import params_drift, regenerate_fix
-from transferkit.config.overrides import override_key, swept_fix
+from transferkit.config.overrides import override_key, same_value, swept_fix
 from transferkit.config.dvcyaml import code_files, stale_code, tracked_params
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
@@ -61,7 +62,7 @@ def expand(argv: list[str]) -> list[list[str]]:
         if not values:
             raise TransferkitError(f"{o.input_line} lists no values. Fix: key='range(start,stop,step)' with start < "
                                    f"stop (start > stop when step < 0), or key=a,b.")
-        same = [_same_value(v) for v in values]
+        same = [same_value(v) for v in values]
         if len(set(same)) < len(same):  # 1,1 or 1,1.0: one point twice, trained twice and counted twice
             first = next(i for i, v in enumerate(same) if same.count(v) > 1)
             a, b = (Override._get_value_element_as_str(values[i]) for i in (first, same.index(same[first], first + 1)))
@@ -74,17 +75,6 @@ def expand(argv: list[str]) -> list[list[str]]:
         raise TransferkitError(f"{twice} is given more than once ({given}): the last would set it in every point. "
                                f"Fix: give each swept key once.")
     return [list(point) for point in itertools.product(*axes)]
-
-
-def _same_value(value) -> tuple:
-    """A value Hydra parsed, as a key equal for values that compose alike: 1 and 1.0 are one number, 'a' and a one
-    string, true no number, [1,2] and [1,2.0] one list, {a:1,b:2} and {b:2,a:1} one dict, nan and nan one value."""
-    if isinstance(value, list):
-        return "list", tuple(_same_value(v) for v in value)
-    if isinstance(value, dict):
-        return "dict", frozenset((_same_value(k), _same_value(v)) for k, v in value.items())
-    value = getattr(value, "text", value)  # a QuotedString
-    return ("nan",) if value != value else (type(value) is bool, value)  # nan alone is not equal to itself
 
 
 def _glob(override) -> list[str]:
@@ -115,12 +105,15 @@ def check_read(stage: str, overrides: list[str], composed: bool = False) -> None
             continue
         raw = flatten(OmegaConf.to_container(OmegaConf.load(find_conf_dir() / "config.yaml"), resolve=False))
         follows = [k for k, v in raw.items() if v == f"${{{key}}}" and under(k, BY_NAME[stage].params)]
+        m = re.fullmatch(r"\$\{([\w.]+)\}", str(raw.get(key, "")))  # the setting `key` follows in conf/, if any
+        led = m[1] if m and under(m[1], BY_NAME[stage].params) else None  # and the stage reads: given alike, it runs
         value = override.partition("=")[2]  # a params file holds a follower's value: given alike, as composing sets it
-        if follows and (composed or all(given.get(k) == value for k in follows)):
+        if follows and (composed or all(given.get(k) == value for k in follows)) or led and given.get(led) == value:
             continue
         fix = (f"{follows[0]}={value}, or both alike ({override} {follows[0]}={value}): it follows {key} where conf/ "
                f"is composed, a params file holds its own value" if follows else
-               f"set what {stage} reads ({', '.join(BY_NAME[stage].params)})")
+               f"give {led} the same value ({led}={value}), which {key} follows in conf/, or leave {key} out" if led
+               else f"set what {stage} reads ({', '.join(BY_NAME[stage].params)})")
         raise TransferkitError(f"{stage} does not read {key}: '{override}' would change nothing but the params.yaml "
                                f"saved with its outputs. Fix: {fix}.")
 
@@ -229,10 +222,9 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
 
 
 def point_name(point: list[str], given: set[str]) -> str:
-    """The point's overrides of the keys `given` on the command line, varying or not, as Hydra names its folders:
-    `seed=1,transfer.freeze_depth=2`. A point keeps its name when the sweep grows along an axis of one value, or
-    gains a setting that changes no result (trainer.progress_bar), so DVC runs only the new points; a "/" in a
-    value would make a subfolder."""
+    """The point's overrides of the keys `given`, varying or not, as Hydra names its folders (seed=1,x=2): a point
+    keeps its name when the sweep grows along an axis of one value, or gains a setting that changes no result
+    (trainer.progress_bar), so DVC runs only the new points; a "/" in a value would make a subfolder."""
     return ",".join(sorted(o.replace("/", "%2F") for o in point if (k := override_key(o)) in given
                            and (k == "seed" or not under(k, NOT_SWEPT)))) or "default"
 
@@ -240,7 +232,7 @@ def point_name(point: list[str], given: set[str]) -> str:
 def main(argv: list[str]) -> int:
     from transferkit.evaluation.tables import sweep_table
     from transferkit.io import save_text
-    from transferkit.project import WHY_LOCKED, check_runs_folder, run_pipeline, stage_run
+    from transferkit.project import WHY_LOCKED, ReproFailed, check_runs_folder, run_pipeline, stage_run
     from transferkit.stages import TARGET_MODELS
     from transferkit.stages.common import exclusive
     from transferkit.sweep.collect import collect
@@ -287,9 +279,11 @@ def main(argv: list[str]) -> int:
                                             [*keys, *SCORED_WITH])
         try:
             ran = run_pipeline(out, stages, labels={f"point{i}": f"point {name}" for i, name in enumerate(names)})
-        except TransferkitError:  # a point failed, the others ran: their table (collect names the failed), then why
-            with contextlib.suppress(TransferkitError):  # none finished: no table
+        except ReproFailed:  # a point failed, the others ran: their table first (collect names the failed one)
+            try:
                 print(sweep_table(collect([out], out / "collected")))
+            except Exception as e:  # a courtesy: the failure is the error to report
+                print(f"transferkit sweep: no table of the points that finished: {e}", file=sys.stderr)
             raise
         done = len(stages) - len(ran)
         print(f"{len(ran)} of {len(stages)} points ran" + (f"; {done} done already" if done else ""))
