@@ -118,6 +118,13 @@ def check_read(stage: str, overrides: list[str], composed: bool = False) -> None
                                f"saved with its outputs. Fix: {fix}.")
 
 
+def exp_run_sets(key: str) -> str:
+    """`-S` for each override params.yaml records but `key`: DVC composes conf/ with the -S values
+    alone, so an experiment without them would lose the project's own (experiment=smoke, say)."""
+    base = project_overrides(find_conf_dir().parent / "params.yaml")
+    return "".join(f"-S {shlex.quote(o)} " for o in base if override_key(o) != key)
+
+
 def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, folders: dict | None = None,
                  params_file: Path | None = None) -> None:
     """A run reads the outputs of earlier stages under paths.artifacts_dir (or in `folders`, by stage), whatever its
@@ -154,11 +161,8 @@ def check_inputs(stage: str, cfg: DictConfig, given: set[str] | None = None, fol
             k, also = found[0], f" (and other values of {', '.join(found[1:])})" if len(found) > 1 else ""
             here, there = (f"{k}={json.dumps(d[k])}" if k in d else f"no {k}" for d in (mine, saved))
             values = " ".join(f"{x}={json.dumps(saved[x], separators=(',', ':'))}" for x in settable)
-            # DVC composes conf/ with the -S values alone: the project's own overrides (experiment=smoke) again
-            sets = "".join(f"-S {shlex.quote(o)} " for o in project_overrides(find_conf_dir().parent / "params.yaml")
-                           if override_key(o) != k)
             fix = (f"run with {values}; to vary what {name} computes, run the pipeline once per value "
-                   f"(`dvc exp run --queue {sets}-S {k}=...`)" if k in settable
+                   f"(`dvc exp run --queue {exp_run_sets(k)}-S {k}=...`)" if k in settable
                    else f"make it again with this code and config (`dvc repro {name}`)")
             raise TransferkitError(f"{here} here, but {saved_file.parent} was made with {there}{also}, "
                                    f"and {stage} reads it. Fix: {fix}.")
@@ -183,7 +187,8 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
     earlier stages' outputs under paths.artifacts_dir (check_inputs); `given`: the keys the command line
     set, where the others come from the project's params.yaml (None: every key is the command line's)."""
     points = expand(argv)  # a line Hydra cannot parse is one error line there
-    # composed first: a mistyped key fails in well under a second; the value checks below import torch (seconds)
+    # Composing first makes a mistyped key (the commonest mistake) fail in well under a second, with the keys
+    # conf/ has that look like it: the value checks below import torch and Lightning, which take seconds to load.
     composed = [compose(point) for point in points]
     if stage:  # one value of a setting the stage does not read would run it unchanged under another name
         from hydra.core.override_parser.overrides_parser import OverridesParser
