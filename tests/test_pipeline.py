@@ -660,6 +660,16 @@ def test_the_freeze_curve_plot_rings_the_depth_best_on_val(tmp_path, monkeypatch
             for d, t, v in ((0, 0.7, 0.4), (1, 0.5, 0.65), (3, 0.6, 0.55))]
     (fig,) = _drawn(monkeypatch, lambda: freeze_curve_png(rows, {}, None, tmp_path / "freeze_curve.png"))
     assert "best on val (depth 1)" in _legend(fig)
+    assert fig.axes[0].get_xlabel() == "blocks frozen (transfer.freeze_depth)"
+
+
+def test_the_freeze_curve_plot_under_gradual_unfreezing_counts_the_blocks_frozen_at_the_start(tmp_path, monkeypatch):
+    from transferkit.evaluation.plots import freeze_curve_png
+
+    rows = [{"freeze_depth": d, "top1": 0.6, "top1_ci95": [0.5, 0.7], "val_acc": 0.6} for d in (0, 2)]
+    (fig,) = _drawn(monkeypatch, lambda: freeze_curve_png(rows, {}, None, tmp_path / "freeze_curve.png", 3))
+    assert fig.axes[0].get_xlabel() == ("blocks frozen at the start (transfer.freeze_depth)\n"
+                                        "one more unfrozen every 3 epochs")
 
 
 def test_the_pareto_plot_shows_only_the_models_that_were_timed(tmp_path, monkeypatch):

@@ -23,6 +23,13 @@ def _student():
     return build_model("fastnet", 5, widths=[16, 32, 32], stem_width=8).eval()
 
 
+def test_an_unreachable_ratio_is_named_as_given_without_float_noise():
+    """The stage computes a cut's ratio (1 - (1 - 0.3) is 0.30000000000000004): the refusal gives it as written."""
+    with pytest.raises(TransferkitError, match=r"could not reach prune\.ratio=0\.3 of MACs \(reached 0\.14"):
+        prune_channels(_student(), criterion="l2", target="macs", ratio=1 - (1 - 0.3),
+                       keep=["head", "blocks.0", "blocks.1", "blocks.2"])
+
+
 @pytest.mark.parametrize("criterion", sorted(CRITERIA))
 def test_structured_pruning_removes_channels(criterion):
     model = _student()

@@ -554,6 +554,8 @@ def test_a_student_run_by_hand_takes_a_new_optimisation_given_for_both_it_and_di
     for stage in ("student", "distill"):
         check_read(stage, ["distill.lr=0.1", "student.lr=0.1"])
         check_read(stage, ["student.lr=0.1", "distill.lr=0.1"])
+        check_read(stage, ["distill.lr=.1", "student.lr=0.1"])  # alike as Hydra reads them, written otherwise
+        check_read(stage, ["distill.lr=1", "student.lr=1.0"])
     with pytest.raises(TransferkitError, match=r"Fix: student.lr=0.1, or both alike"):
         check_read("student", ["distill.lr=0.1", "student.lr=0.2"])
     for given in (["distill.lr=0.1", "student.lr=0.2"], ["student.lr=0.2"]):  # the student's own value: not distill's

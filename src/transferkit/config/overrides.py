@@ -43,6 +43,17 @@ def same_value(value) -> tuple:
     return ("nan",) if value != value else (type(value) is bool, value)  # nan alone is not equal to itself
 
 
+def value_key(override: str) -> tuple:
+    """An override's value as same_value keys it, read as Hydra reads it: a=.5 and a=0.5 set one value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return same_value(OverridesParser.create().parse_override(override).value())
+    except HydraException:  # Hydra refuses it where it composes; as text meanwhile
+        return "text", override.partition("=")[2]
+
+
 def as_override(value) -> str:
     """`value` as an override writes it, by Hydra's own writer: [bird, cat], null, inf, a\\,b. A string Hydra reads
     as another value, or not at all, unquoted ('1', "it's", a newline) comes back otherwise; the settings scenarios

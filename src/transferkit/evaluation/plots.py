@@ -83,9 +83,11 @@ def pareto_png(models: dict, timing: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def freeze_curve_png(rows: list[dict], models: dict, probe_depth: int | None, path: Path) -> None:
-    """Test accuracy (with 95% intervals) against the number of frozen blocks, with scratch and
-    the linear probe as reference lines; the depth best on val is ringed."""
+def freeze_curve_png(rows: list[dict], models: dict, probe_depth: int | None, path: Path,
+                     unfreeze_every: int = 0) -> None:
+    """Test accuracy (with 95% intervals) against the number of frozen blocks (at the start, with gradual
+    unfreezing every `unfreeze_every` epochs), with scratch and the linear probe as reference lines; the depth best
+    on val is ringed."""
     fig, ax = plt.subplots(figsize=(6, 4))
     if rows:
         depths = [r["freeze_depth"] for r in rows]
@@ -104,7 +106,9 @@ def freeze_curve_png(rows: list[dict], models: dict, probe_depth: int | None, pa
         if name in models:
             ax.axhline(100 * models[name]["top1"], linestyle=style, color="grey" if name == "scratch" else "tab:red",
                        label=f"{label}: {100 * models[name]['top1']:.1f}%")
-    ax.set(xlabel="blocks frozen (transfer.freeze_depth)", ylabel="test top-1 (%)", title="accuracy vs freeze depth")
+    more = f"\none more unfrozen every {unfreeze_every} epochs" if unfreeze_every else ""
+    ax.set(xlabel=f"blocks frozen{' at the start' * bool(more)} (transfer.freeze_depth){more}",
+           ylabel="test top-1 (%)", title="accuracy vs freeze depth")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -153,7 +153,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                "freeze_curve": curve}
     save_json(metrics, out / "metrics.json")
     save_json(metrics["freeze_curve"], out / "freeze_curve.json")  # `dvc plots show` draws it
-    plots.freeze_curve_png(metrics["freeze_curve"], models, cfg.probe.depth, out / "freeze_curve.png")
+    plots.freeze_curve_png(metrics["freeze_curve"], models, cfg.probe.depth, out / "freeze_curve.png",
+                           cfg.transfer.unfreeze_every_epochs)
     # the speed the timings above ran at, before and after them: a shared machine's speed drifts
     timing["machine"] = {"cpu": cpu_model(), "isa": cpu_isa(), "threads": torch.get_num_threads(),
                          "torch": torch.__version__, **{f"{k}_before": v for k, v in before.items()}, **matmul_peaks(),

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferkit.config.compose import (QUOTING, compose, find_conf_dir, group_choice, params_text,
                                         project_overrides, read_yaml, to_params)
 from transferkit.config.drift import params_drift, regenerate_fix
-from transferkit.config.overrides import override_key, same_value, swept_fix
+from transferkit.config.overrides import override_key, same_value, swept_fix, value_key
 from transferkit.config.dvcyaml import code_files, stale_code, tracked_params
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
@@ -98,7 +98,7 @@ def check_read(stage: str, overrides: list[str], composed: bool = False) -> None
     with the outputs. A stage's setting that follows another in conf/ (scratch.epochs: ${transfer.epochs}) follows
     it only where conf/ is `composed`, not in a params file, which holds values."""
     reads = {"name", *BY_NAME[stage].params, *made_with(stage), *SCORED_WITH, *RUN_SETTINGS}  # name: check_inputs
-    given = {override_key(o): o.partition("=")[2] for o in overrides}
+    given = {override_key(o): value_key(o) for o in overrides}  # a=.5 and a=0.5 alike
     for override in overrides:
         key = override_key(override)
         if under(key, reads) or any(under(r, [key]) for r in reads):
@@ -108,7 +108,8 @@ def check_read(stage: str, overrides: list[str], composed: bool = False) -> None
         m = re.fullmatch(r"\$\{([\w.]+)\}", str(raw.get(key, "")))  # the setting `key` follows in conf/, if any
         led = m[1] if m and under(m[1], BY_NAME[stage].params) else None  # and the stage reads: given alike, it runs
         value = override.partition("=")[2]  # a params file holds a follower's value: given alike, as composing sets it
-        if follows and (composed or all(given.get(k) == value for k in follows)) or led and given.get(led) == value:
+        if follows and (composed or all(given.get(k) == given[key] for k in follows)) or led and given.get(led) == (
+                given[key]):
             continue
         fix = (f"{follows[0]}={value}, or both alike ({override} {follows[0]}={value}): it follows {key} where conf/ "
                f"is composed, a params file holds its own value" if follows else
