@@ -261,6 +261,8 @@ CASES = {
     "zero nodes": Case("transfer", ("trainer.num_nodes=0",), "trainer.num_nodes"),
     "negative thread count": Case("transfer", ("trainer.num_threads=-1",), "trainer.num_threads"),
     "unknown accelerator": Case("transfer", ("trainer.accelerator=tpu",), "trainer.accelerator='tpu'"),
+    "Lightning's short precision name": Case("transfer", ("trainer.precision=bf16",),
+                                             "'16-true' (Lightning's short name bf16 is bf16-mixed). Fix:"),
     "freeze_depth beyond the blocks": Case("transfer", ("transfer.freeze_depth=9",), "transfer.freeze_depth"),
     "negative freeze_depth": Case("transfer", ("transfer.freeze_depth=-1",), "transfer.freeze_depth"),
     "freeze curve depth beyond the blocks": Case("freeze_curve", ("freeze_curve.depths=[0,9]",),

@@ -21,6 +21,7 @@ from transferkit.prune.structured import SCOPES
 from transferkit.training import LOGGERS
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
+LIGHTNING_SHORT = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}  # params.yaml spells out
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
@@ -230,6 +231,8 @@ def check_schema(params: dict) -> None:
         need = " or ".join(dict.fromkeys(err["msg"].replace("Input should be", "must be") for err in errors
                                          if _where(err["loc"]) == (keys, item)))
         need += f" (item {item}: {errors[0]['input']!r})" if item is not None else ""
+        if keys == ["trainer", "precision"] and (full := LIGHTNING_SHORT.get(str(value))):
+            need += f" (Lightning's short name {value} is {full})"
         if errors[0]["type"] == "string_type" and errors[0]["input"] is not None:  # classes=[0,1]: folder names
             need += "; YAML reads an unquoted number or true as no text, so quote it, as in ['0','1']"
         fail(".".join(keys), value, need)
