@@ -231,6 +231,42 @@ def test_the_quadrants_the_end_to_end_run_leaves_out_prepare_pretrain_and_transf
     assert 0.0 <= results["transfer"]["val_acc"] <= 1.0
 
 
+def test_a_failed_quadrant_leaves_the_report_of_those_that_finished_and_ends_in_its_failure(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """Four quadrants run for hours: one failed stage (DVC went on past it) leaves its quadrant out of the report,
+    the others are reported, and the run ends in the failure; no timing of a run whose stages DVC did not list."""
+    import transferkit.scenarios.report as report
+    from transferkit.project import RUNS_HEADER, ReproFailed
+
+    out, failed = tmp_path / "out", "scenario_small_different-fine_tune"
+
+    def run_pipeline(folder, stages, targets):
+        raise ReproFailed(f"{failed} failed; `dvc repro --keep-going` exited with code 1")
+
+    monkeypatch.setattr(report, "pipeline", lambda out, overrides, plan: {f"{p}-fine_tune": {} for p in QUADRANTS})
+    monkeypatch.setattr(report, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(report, "stale_stages", lambda folder: [failed])
+    monkeypatch.setattr(report, "score_quadrant", lambda out, preset, *args: {"preset": preset})
+    monkeypatch.setattr(report, "scenarios_markdown", lambda results, made_by: f"{len(results)} quadrants: {made_by}")
+    out.mkdir()
+    (out / "dvc.yaml").write_text(f"{RUNS_HEADER}stages: {{}}\n")  # an earlier run's folder, and its timing
+    (out / "scenarios_timing.json").write_text("{}")
+    with pytest.raises(ReproFailed, match=f"^{failed} failed"):
+        run(out)
+    reported = [q["preset"] for q in json.loads((out / "scenarios.json").read_text())["quadrants"]]
+    assert reported == [p for p in QUADRANTS if p != "scenario_small_different"]
+    assert (out / "scenarios.md").read_text() == (f"3 quadrants: transferkit scenarios --out {out} --only "
+                                                  f"small_similar,large_similar,large_different --early-depth 2 "
+                                                  f"--partial-depth 2")
+    assert not (out / "scenarios_timing.json").exists()
+    assert capsys.readouterr().out.startswith("3 quadrants: ")
+    monkeypatch.setattr(report, "stale_stages", lambda folder: [failed, "similar-pretrain"])  # shared pretraining
+    with pytest.raises(ReproFailed):
+        run(out)
+    assert [q["preset"] for q in json.loads((out / "scenarios.json").read_text())["quadrants"]] == [
+        "scenario_large_different"]
+
+
 def _tiny(tmp):
     others = [c for c in CIFAR10_CLASSES if c not in TARGET]
     write_image_folder(tmp / "data", TARGET, train_per_class=410, test_per_class=6, archive=False)

@@ -24,7 +24,7 @@ from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
 from transferkit.plain import differing, flatten, under
-from transferkit.project import WHY_LOCKED, check_runs_folder, run_pipeline, stage_run, stale_stages
+from transferkit.project import WHY_LOCKED, ReproFailed, check_runs_folder, run_pipeline, stage_run, stale_stages
 from transferkit.stages import BY_NAME
 from transferkit.stages.common import exclusive
 from transferkit.sweep.points import check_points, expand, pin_named_files
@@ -169,11 +169,16 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
     check_runs_folder(out)  # before anything is composed or locked
     with exclusive(out, WHY_LOCKED):  # from its params files to the report of the runs its dvc.yaml lists
         stages = pipeline(out, list(overrides or []), plan)
-        start = time.perf_counter()
-        ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen])
-        if named:  # the quadrants an earlier run finished, with these settings and code, stay in the report
+        start, failed = time.perf_counter(), None
+        try:
+            ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen])
+        except ReproFailed as e:  # the other quadrants ran (--keep-going): their report first, then the failure
+            failed = e
+        if named or failed:  # the quadrants finished, now or earlier, with these settings and code are reported
             stale = {name.split("-")[0] for name in stale_stages(out)}
-            chosen = [p for p in QUADRANTS if p in chosen or not stale & {p, QUADRANTS[p][1]}]  # (its pretraining's)
+            chosen = [p for p in QUADRANTS if p in chosen and not failed or not stale & {p, QUADRANTS[p][1]}]
+        if failed and not chosen:
+            raise failed
         results = [score_quadrant(out, preset, *QUADRANTS[preset], plan) for preset in chosen]
         summary = {"quadrants": results, "overrides": list(overrides or []),
                    "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides}
@@ -185,6 +190,11 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
                             f"--early-depth {early_depth} --partial-depth {partial_depth}",
                             *map(shlex.quote, overrides or [])])
         save_text(scenarios_markdown(results, made_by), out / "scenarios.md")
+        if failed:  # which stages ran is DVC's to say where one failed: no timing of this run
+            (out / "scenarios_timing.json").unlink(missing_ok=True)
+            print((out / "scenarios.md").read_text())
+            print(f"wrote {out / 'scenarios.md'} and {out / 'scenarios.json'} of the quadrants that finished")
+            raise failed
         save_json({"this_run_seconds": round(time.perf_counter() - start, 1), "stages_run": ran},
                   out / "scenarios_timing.json")
     return summary
