@@ -616,6 +616,29 @@ def test_a_stage_run_by_hand_into_the_folder_dvc_keeps_says_how_to_record_it(tmp
             "settings (`transferkit params` with your overrides), then `dvc commit -f prepare`.") in shown()
 
 
+def test_a_hand_run_with_a_setting_an_earlier_stage_tracks_too_is_not_offered_dvc_commit(tmp_path, monkeypatch):
+    """trainer.devices is pretrain's setting too: written into params.yaml it reruns pretrain, then transfer, so
+    `dvc commit -f transfer` keeps nothing (walk L86); a setting of transfer's alone can be kept so."""
+    from transferkit.stages.run import hand_run_note
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(params_text(compose("experiment=smoke", "trainer=ddp", tmp=tmp_path)))
+    out = tmp_path / "artifacts" / "transfer"
+    note = hand_run_note("transfer", compose("experiment=smoke", "trainer=ddp", "trainer.devices=3", tmp=tmp_path), out)
+    assert note.endswith("made with settings params.yaml does not hold (trainer.devices=3): the next `dvc repro` runs "
+                         "transfer and the stages after it again. They cannot be kept: trainer.devices is pretrain's "
+                         "setting too, so with it in params.yaml `dvc repro` runs pretrain again, and transfer after "
+                         "it (to have them made so, `transferkit params` with your overrides, then `dvc repro`).")
+    note = hand_run_note("transfer", compose("experiment=smoke", "trainer=ddp", "transfer.lr=0.5", tmp=tmp_path), out)
+    assert note.endswith("(transfer.lr=0.5): the next `dvc repro` runs transfer and the stages after it again. To keep "
+                         "them, write params.yaml with those settings (`transferkit params` with your overrides), then "
+                         "`dvc commit -f transfer`.")
+    assert "They cannot be kept: seed is prepare's setting too" in hand_run_note(
+        "distill", compose("experiment=smoke", "trainer=ddp", "seed=4", tmp=tmp_path), out)
+    assert "They cannot be kept: model.widths is pretrain's setting too" in hand_run_note(
+        "transfer", compose("experiment=smoke", "trainer=ddp", "model.widths=[8,8,8]", tmp=tmp_path), out)
+
+
 def test_a_stage_command_prints_where_its_outputs_went(tmp_path):
     """`transferkit STAGE --params` configures no logging: its closing line is printed, not handed to a logger that
     shows nothing."""

@@ -1871,11 +1871,15 @@ def test_a_batch_the_settings_do_not_show_is_said():
     assert note(72, 100000) == "transfer.batch_size=100000 is more than the 72 training images: it trains on " \
                                "batches of 72."
     assert note(72, 16, 2) == ("2 processes train on batches of 16 each, 32 a step together: 2 steps an epoch "
-                               "against 4 in one process, at the same learning rate (transfer.batch_size is per "
-                               "process; conf/trainer/ddp.yaml says how to keep one process's recipe).")
+                               "on 64 of the 72 images, against 4 on 64 in one process, at the same learning rate "
+                               "(transfer.batch_size is per process; conf/trainer/ddp.yaml says how to keep one "
+                               "process's recipe).")
     assert note(72, 64, 2).startswith("transfer.batch_size=64 is more than the 36 training images a process: it "
                                       "trains on batches of 36; 2 processes train on batches of 36 each, 72 a step "
-                                      "together: 1 step an epoch against 1 in one process")
+                                      "together: 1 step an epoch on 72 of the 72 images, against 1 on 64 in one "
+                                      "process")
+    # a shard's remainder sits out (walk L86): 160 images, 2 x 32 a step, 128 an epoch where one process takes 160
+    assert "2 steps an epoch on 128 of the 160 images, against 5 on 160 in one process" in note(160, 32, 2)
 
 
 def test_each_rank_draws_its_own_augmentation_and_rank_0_draws_as_one_process(monkeypatch):

@@ -44,14 +44,15 @@ def test_transfer_under_ddp_with_two_cpu_processes(tmp_path, server_dir, warm):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MEMBER: 1/2" in proc.stderr + proc.stdout and "MEMBER: 2/2" in proc.stderr + proc.stdout  # two ranks ran
     # the recipe DDP makes of transfer.batch_size, said once (by rank 0)
-    note = ("2 processes train on batches of 16 each, 32 a step together: 2 steps an epoch against 4 in one process, "
-            "at the same learning rate (transfer.batch_size is per process;")
+    note = ("2 processes train on batches of 16 each, 32 a step together: 2 steps an epoch on 64 of the 72 images, "
+            "against 4 on 64 in one process, at the same learning rate (transfer.batch_size is per process;")
     assert proc.stderr.count(note) == 1, proc.stderr[-3000:]
     out = tmp_path / "artifacts" / stage
     model, ckpt = load_checkpoint(out / "model.pt", stage)
     assert ckpt["classes"] == ["tgt_a", "tgt_b", "tgt_c"]
     assert 0.0 <= json.loads((out / "metrics.json").read_text())["val_acc"] <= 1.0
     timing = json.loads((out / "timing.json").read_text())
+    assert timing["processes"] == 2 and f"({timing['precision']} on cpu, 2 processes)" in proc.stderr + proc.stdout
     # 72 target images, 36 a rank: 2 steps of 16 an epoch on each of the 2 ranks (one process alone: 4 steps)
     assert (timing["train_images_per_second"] * timing["train_seconds"]
             == pytest.approx(cfg.transfer.epochs * 2 * 2 * 16, rel=0.02))

@@ -98,6 +98,8 @@ def test_the_line_a_transfer_ends_with_says_what_stayed_frozen(overrides, says):
     line = summary_line("transfer", compose(*overrides).transfer, {"val_acc": 0.8125}, run)
     assert line.startswith(says) and line.endswith("; 0.4 s of training at 500 img/s (32-true on cpu)")
     assert "; 12 s of training" in summary_line("transfer", compose().transfer, {}, {**run, "train_seconds": 12.4})
+    assert summary_line("transfer", compose().transfer, {}, {**run, "processes": 2}).endswith(
+        "(32-true on cpu, 2 processes)")  # DDP's processes each take a batch: a recipe of their own
     resumed = summary_line("transfer", compose().transfer, {}, {**run, "resumed_at_epoch": 2})
     assert resumed.endswith(f"(32-true on cpu), resumed after epoch 2 of {compose().transfer.epochs} "
                             "from a killed run's checkpoint")

@@ -779,6 +779,9 @@ def test_the_report_says_how_transfer_unfroze_and_what_prunes_recovery_learned_f
     assert "(blocks[:k] frozen at the start, one more unfrozen every 2 epochs), same seed" in gradual
     assert "| blocks frozen at the start | val top-1 |" in gradual
     assert "recovered by a short fine-tune distilled from the student before pruning." in gradual
+    training = {"pretrain": {"precision": "32-true", "device": "cpu", "processes": 2}, "probe": {"precision": None}}
+    assert "- trained in: pretrain 32-true on cpu, 2 processes\n" in render(
+        {**cfg, "prune": prune, "training": training}, metrics, {}, data)
 
 
 def test_the_verdict_on_transfer_names_what_scratch_trained_with_apart():
@@ -853,11 +856,21 @@ def test_training_table_shows_a_stage_that_trained_nothing():
     from transferkit.evaluation.tables import training_table
 
     text = training_table({"pretrain": {"train_seconds": 0.0, "train_images_per_second": None, "device": "cpu",
-                                        "precision": "32-true", "resumed_at_epoch": None},
+                                        "processes": None, "precision": "32-true", "resumed_at_epoch": None},
                            "transfer": {"train_seconds": 12.4, "train_images_per_second": 401.6, "device": "cuda",
-                                        "precision": "bf16-mixed", "resumed_at_epoch": 3}})
-    assert "| pretrain | 0.0 | – | cpu | 32-true | – |" in text  # under 10 s: with a decimal
-    assert "| transfer | 12 | 402 | cuda | bf16-mixed | 3 |" in text and "Training in all: 12 s." in text
+                                        "processes": 2, "precision": "bf16-mixed", "resumed_at_epoch": 3}})
+    assert "| pretrain | 0.0 | – | cpu | – | 32-true | – |" in text  # under 10 s: with a decimal
+    assert "| transfer | 12 | 402 | cuda | 2 | bf16-mixed | 3 |" in text and "Training in all: 12 s." in text
+
+
+def test_the_report_says_how_many_processes_trained_a_stage_under_ddp():
+    """DDP's processes each take a batch (a recipe of their own): report.md's "trained in" line names them where
+    more than one trained, as each stage's closing line does (walk L86)."""
+    from transferkit.training.precision import trained_in
+
+    assert trained_in({"precision": "32-true", "device": "cpu", "processes": 2}) == "32-true on cpu, 2 processes"
+    assert trained_in({"precision": "bf16-mixed", "device": "cuda:0", "processes": 1}) == "bf16-mixed on cuda:0"
+    assert trained_in({"precision": "32-true", "device": "cpu"}) == "32-true on cpu"  # an older timing.json
 
 
 def test_the_training_table_totals_every_stages_seconds():

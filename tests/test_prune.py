@@ -24,7 +24,7 @@ def _student():
 
 
 def test_an_unreachable_ratio_is_named_as_given_without_float_noise():
-    """The stage computes a cut's ratio (1 - (1 - 0.3) is 0.30000000000000004): the refusal gives it as written."""
+    """The stage computes a cut's ratio (1 - (1 - 0.3) is 0.30000000000000004): the refusal gives 0.3."""
     with pytest.raises(TransferkitError, match=r"could not reach prune\.ratio=0\.3 of MACs \(reached 0\.14"):
         prune_channels(_student(), criterion="l2", target="macs", ratio=1 - (1 - 0.3),
                        keep=["head", "blocks.0", "blocks.1", "blocks.2"])
@@ -458,18 +458,34 @@ def test_the_stage_says_when_the_student_is_too_narrow_for_round_to(tmp_path, ca
 
 def test_the_stage_says_when_round_to_cuts_far_more_than_the_ratio_asked(tmp_path, caplog):
     """In multiples of 4 channels fastnet_micro's 4-8 channel layers can only halve: 5% of the MACs asked for
-    removes 23%, which the stage says, naming the fix (walk K85); 30% asked for is not overshot."""
+    removes 23%, which the stage says, naming the fix (walk K85); so do rounds and one cut in whole channels (walk
+    M86); 70% in multiples of 2 is not overshot."""
     cfg = _smoke_with_student(tmp_path, "prune.epochs=1", "prune.round_to=4", "prune.ratio=0.05")
     with caplog.at_level(logging.WARNING, logger="transferkit.stages.prune"):
         metrics = run("prune", cfg)
     removed = 1 - metrics["macs_after"] / metrics["macs_before"]
     assert metrics["round_to"] == 4 and removed > 0.1, removed
     assert (f"prune.ratio=0.05 asked for 5% of the MACs removed; in multiples of prune.round_to=4 channels the cut "
-            f"removed {100 * removed:.0f}%. Fix: set prune.round_to to a smaller multiple, or null") in caplog.text
+            f"removed {100 * removed:.0f}%. Fix: set prune.round_to to a smaller multiple, or null (finer channel "
+            f"steps).") in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="transferkit.stages.prune"):
-        run("prune", compose("experiment=smoke", "prune.epochs=1", "prune.round_to=4", "prune.ratio=0.3", tmp=tmp_path))
-    assert "asked for" not in caplog.text
+        metrics = run("prune", compose("experiment=smoke", "prune.epochs=1", "prune.round_to=2", tmp=tmp_path))
+    assert metrics["round_to"] == 2 and "asked for" not in caplog.text
+    # in whole channels too: rounds each overshoot their goal, and the last one's cut goes past it (walk M86)
+    with caplog.at_level(logging.WARNING, logger="transferkit.stages.prune"):
+        metrics = run("prune", compose("experiment=smoke", "prune.epochs=1", "prune.steps=3", tmp=tmp_path))
+    removed = 1 - metrics["macs_after"] / metrics["macs_before"]
+    assert metrics["round_to"] is None and removed > 0.75, removed
+    assert (f"prune.ratio=0.7 asked for 70% of the MACs removed; in whole channels over 3 rounds the cut removed "
+            f"{100 * removed:.0f}%. Fix: fewer prune.steps (the last round cuts a narrower model).") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="transferkit.stages.prune"):  # no setting cuts finer: the cause
+        metrics = run("prune", compose("experiment=smoke", "prune.epochs=1", "prune.ratio=0.05", tmp=tmp_path))
+    removed = 1 - metrics["macs_after"] / metrics["macs_before"]
+    assert (f"prune.ratio=0.05 asked for 5% of the MACs removed; in whole channels the cut removed {100 * removed:.0f}"
+            f"%. The search cuts every layer at once, a whole channel each: one of its steps removes that much of this "
+            f"student.") in caplog.text
 
 
 def test_rounds_too_narrow_for_round_to_name_the_widths_they_end_with(tmp_path, monkeypatch, caplog):

@@ -259,12 +259,28 @@ def test_a_failed_quadrant_leaves_the_report_of_those_that_finished_and_ends_in_
                                                   f"small_similar,large_similar,large_different --early-depth 2 "
                                                   f"--partial-depth 2")
     assert not (out / "scenarios_timing.json").exists()
-    assert capsys.readouterr().out.startswith("3 quadrants: ")
-    monkeypatch.setattr(report, "stale_stages", lambda folder: [failed, "similar-pretrain"])  # shared pretraining
+    assert capsys.readouterr().out.endswith(f"wrote {out / 'scenarios.md'}, {out / 'scenarios.json'} of the "
+                                            f"quadrants that finished\n")
+    # --only: the quadrants an earlier run finished stay, as on success; a failed pretraining takes its two out
+    monkeypatch.setattr(report, "stale_stages", lambda folder: [failed, "similar-pretrain"])
     with pytest.raises(ReproFailed):
-        run(out)
+        run(out, only=["small_different"])
     assert [q["preset"] for q in json.loads((out / "scenarios.json").read_text())["quadrants"]] == [
         "scenario_large_different"]
+    # none finished: the earlier report stays as it was; a report that cannot be made leaves the failure the error
+    before = (out / "scenarios.md").read_text()
+    monkeypatch.setattr(report, "stale_stages", lambda folder: [failed, "similar-pretrain", "different-pretrain"])
+    with pytest.raises(ReproFailed):
+        run(out)
+    assert (out / "scenarios.md").read_text() == before
+
+    def broken(folder):
+        raise TransferkitError("`dvc status` failed")
+
+    monkeypatch.setattr(report, "stale_stages", broken)
+    with pytest.raises(ReproFailed, match=f"^{failed} failed"):
+        run(out)
+    assert capsys.readouterr().err.endswith("no report of the quadrants that finished: `dvc status` failed\n")
 
 
 def _tiny(tmp):

@@ -870,7 +870,7 @@ def test_the_precision_used_is_recorded_and_reported(smoke_artifacts):
     cfg, _ = smoke_artifacts
     artifacts = Path(cfg.paths.artifacts_dir)
     timing = json.loads((artifacts / "pretrain" / "timing.json").read_text())
-    assert timing["precision"] in ("bf16-mixed", "32-true") and timing["device"] == "cpu"
+    assert timing["precision"] in ("bf16-mixed", "32-true") and timing["device"] == "cpu" and timing["processes"] == 1
     assert f"pretrain {timing['precision']} on cpu" in (artifacts / "evaluate" / "report.md").read_text()
 
 

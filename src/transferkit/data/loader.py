@@ -110,12 +110,12 @@ def batch_note(key: str, batch_size: int, batches: DeviceBatches) -> str | None:
     a = " a process" if world > 1 else ""
     notes = [f"{key}={batch_size} is more than the {batches.per_rank} training images{a}: it trains on batches of "
              f"{used}"] if used < batch_size else []
-    if world > 1:
-        steps = batches.steps
+    if world > 1:  # each process's shard, as one process's split, drops what does not fill its last batch
+        steps, one = batches.steps, min(batch_size, n)
         notes.append(f"{world} processes train on batches of {used} each, {used * world} a step together: "
-                     f"{steps} step{'s' * (steps != 1)} an epoch against {n // min(batch_size, n)} in one process, "
-                     f"at the same learning rate ({key} is per process; conf/trainer/ddp.yaml says how to keep one "
-                     f"process's recipe)")
+                     f"{steps} step{'s' * (steps != 1)} an epoch on {steps * used * world} of the {n} images, against "
+                     f"{n // one} on {n // one * one} in one process, at the same learning rate ({key} is per "
+                     f"process; conf/trainer/ddp.yaml says how to keep one process's recipe)")
     return "; ".join(notes) + "." if notes else None
 
 

@@ -37,8 +37,7 @@ def freeze_curve_section(rows: list[dict], models: dict, cfg_summary: dict) -> l
              f"The transfer recipe at each freeze depth (blocks[:k] {how}), same seed and budget; the `transfer` "
              f"stage's own depth is {cfg_summary['freeze_depth']}. Choose by val: the test set only reports.", "",
              f"| blocks frozen{' at the start' * bool(every)} | val top-1 | test top-1 | 95% interval | minus scratch "
-             "(95% paired interval) |",
-             "|---|---|---|---|---|"]
+             "(95% paired interval) |", "|---|---|---|---|---|"]
     for r in rows:
         d = r["vs_scratch"]
         val = "–" if r.get("val_acc") is None else _pct(r["val_acc"])
@@ -194,8 +193,9 @@ def render(cfg_summary: dict, metrics: dict, timing: dict, data_summary: dict) -
     unfreezing = f", unfreeze_every_epochs={every}" if every else ""
     recovery = f", prune recovery {epochs['prune']}" if "prune" in epochs else ""
     src, tgt = data_summary["source"], data_summary["target"]
-    trained = "; ".join(f"{stage} {t['precision']} on {t['device']}"
-                        for stage, t in cfg_summary.get("training", {}).items() if t.get("precision"))
+    from transferkit.training.precision import trained_in  # here: it imports torch, which the results table needs not
+    trained = "; ".join(f"{stage} {trained_in(t)}" for stage, t in cfg_summary.get("training", {}).items()
+                        if t.get("precision"))
     lines += [
         f"- source task: {names([src['dataset']])} {names(src['classes'])} "
         f"({src['n_train']} train, {src['n_val']} val images)",

@@ -182,11 +182,11 @@ def training_table(stages: dict[str, dict]) -> str:
         return "–" if value is None else format(value, spec)
 
     trained = {name: t for name, t in stages.items() if "train_seconds" in t}
-    lines = ["| stage | training s | train img/s | device | precision | resumed at epoch |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| stage | training s | train img/s | device | processes | precision | resumed at epoch |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | {seconds(t['train_seconds'])} | {cell(t.get('train_images_per_second'), ',.0f')} | "
-              f"{cell(t.get('device'))} | {cell(t.get('precision'))} | {cell(t.get('resumed_at_epoch'))} |"
-              for name, t in trained.items()]
+              f"{cell(t.get('device'))} | {cell(t.get('processes'))} | {cell(t.get('precision'))} | "
+              f"{cell(t.get('resumed_at_epoch'))} |" for name, t in trained.items()]
     total = sum(t["train_seconds"] or 0 for t in trained.values())
     return "\n".join(lines + ["", f"Training in all: {seconds(total)} s."]) + "\n"
 

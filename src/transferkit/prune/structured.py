@@ -242,7 +242,7 @@ def _prune(model: nn.Module, *, criterion: str, target: str, ratio: float, keep:
             break
     macs, params = count_macs_params(model, input_size)
     if target == "macs" and macs > (1 - ratio) * base_macs:
-        raise TransferkitError(f"could not reach prune.ratio={ratio:.6g} of MACs (reached "
+        raise TransferkitError(f"could not reach prune.ratio={round(ratio, 12)} of MACs (reached "
                                f"{1 - macs / base_macs:.2f}) without emptying a layer. Fix: lower prune.ratio "
                                f"or keep fewer layers.")
     model.zero_grad(set_to_none=True)

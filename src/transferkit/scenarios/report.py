@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -169,35 +170,55 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
     check_runs_folder(out)  # before anything is composed or locked
     with exclusive(out, WHY_LOCKED):  # from its params files to the report of the runs its dvc.yaml lists
         stages = pipeline(out, list(overrides or []), plan)
-        start, failed = time.perf_counter(), None
+        start = time.perf_counter()
         try:
             ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen])
-        except ReproFailed as e:  # the other quadrants ran (--keep-going): their report first, then the failure
-            failed = e
-        if named or failed:  # the quadrants finished, now or earlier, with these settings and code are reported
-            stale = {name.split("-")[0] for name in stale_stages(out)}
-            chosen = [p for p in QUADRANTS if p in chosen and not failed or not stale & {p, QUADRANTS[p][1]}]
-        if failed and not chosen:
-            raise failed
-        results = [score_quadrant(out, preset, *QUADRANTS[preset], plan) for preset in chosen]
-        summary = {"quadrants": results, "overrides": list(overrides or []),
-                   "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides}
-                                  for s in plan]}
-        save_json(summary, out / "scenarios.json")
-        short = [p.removeprefix("scenario_") for p in chosen]
-        only = ["--only", ",".join(short)] if len(chosen) < len(QUADRANTS) else []
-        made_by = " ".join(["transferkit scenarios", *(["--out", shlex.quote(str(out))] if out != OUT else []), *only,
-                            f"--early-depth {early_depth} --partial-depth {partial_depth}",
-                            *map(shlex.quote, overrides or [])])
-        save_text(scenarios_markdown(results, made_by), out / "scenarios.md")
-        if failed:  # which stages ran is DVC's to say where one failed: no timing of this run
-            (out / "scenarios_timing.json").unlink(missing_ok=True)
-            print((out / "scenarios.md").read_text())
-            print(f"wrote {out / 'scenarios.md'} and {out / 'scenarios.json'} of the quadrants that finished")
-            raise failed
+        except ReproFailed:  # the other quadrants ran (--keep-going): the report of those that finished, then the
+            try:  # failure; none finished: the earlier report stays as it was
+                if finished := finished_quadrants(out, []):
+                    report(out, finished, plan, overrides, early_depth, partial_depth)
+                    (out / "scenarios_timing.json").unlink(missing_ok=True)  # which stages ran is DVC's to say
+                    show(out, "of the quadrants that finished")
+            except Exception as e:  # a courtesy: the failure is the error to report
+                print(f"transferkit scenarios: no report of the quadrants that finished: {e}", file=sys.stderr)
+            raise
+        if named:  # the quadrants an earlier run finished, with these settings and code, stay in the report
+            chosen = finished_quadrants(out, chosen)
+        summary = report(out, chosen, plan, overrides, early_depth, partial_depth)
         save_json({"this_run_seconds": round(time.perf_counter() - start, 1), "stages_run": ran},
                   out / "scenarios_timing.json")
     return summary
+
+
+def finished_quadrants(out: Path, chosen: list[str]) -> list[str]:
+    """`chosen` (just run) and the quadrants whose stages, and their pretraining's, are up to date in `out`."""
+    stale = {name.split("-")[0] for name in stale_stages(out)}
+    return [p for p in QUADRANTS if p in chosen or not stale & {p, QUADRANTS[p][1]}]
+
+
+def report(out: Path, chosen: list[str], plan: list[Strategy], overrides: list[str] | None, early_depth: int,
+           partial_depth: int) -> dict:
+    """Scores the `chosen` quadrants into out/scenarios.json and scenarios.md, which opens with the command that
+    makes it again."""
+    results = [score_quadrant(out, preset, *QUADRANTS[preset], plan) for preset in chosen]
+    summary = {"quadrants": results, "overrides": list(overrides or []),
+               "strategies": [{"name": s.name, "label": s.label, "stage": s.stage, "overrides": s.overrides}
+                              for s in plan]}
+    save_json(summary, out / "scenarios.json")
+    short = [p.removeprefix("scenario_") for p in chosen]
+    only = ["--only", ",".join(short)] if len(chosen) < len(QUADRANTS) else []
+    made_by = " ".join(["transferkit scenarios", *(["--out", shlex.quote(str(out))] if out != OUT else []), *only,
+                        f"--early-depth {early_depth} --partial-depth {partial_depth}",
+                        *map(shlex.quote, overrides or [])])
+    save_text(scenarios_markdown(results, made_by), out / "scenarios.md")
+    return summary
+
+
+def show(out: Path, what: str = "") -> None:
+    """The report on the console, and the files that hold it."""
+    print((out / "scenarios.md").read_text())
+    written = [out / f for f in ("scenarios.md", "scenarios.json", "scenarios_timing.json") if (out / f).is_file()]
+    print(f"wrote {', '.join(map(str, written))}{f' {what}' * bool(what)}")
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -222,6 +243,5 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str]) -> int:
     args, overrides = parse(argv)
     run(args.out, args.only, overrides, args.early_depth, args.partial_depth)
-    print((args.out / "scenarios.md").read_text())
-    print(f"wrote {args.out / 'scenarios.md'}, {args.out / 'scenarios.json'}, {args.out / 'scenarios_timing.json'}")
+    show(args.out)
     return 0

@@ -114,13 +114,16 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
                 fits.append(_recover(cfg, student, teacher, task, out, max(1, p.epochs // p.steps), step))
         student.arch["pruned"] = True
         info["macs_reduction"] = info["macs_before"] / info["macs_after"]
-        # each layer loses whole channels, in multiples of round_to (and each round's search overshoots its goal): a
-        # small share asked for can be far overshot
-        if p.target == "macs" and info["round_to"] and (removed := 1 - 1 / info["macs_reduction"]) > p.ratio + 0.05:
-            log.warning("prune.ratio=%s asked for %.0f%% of the MACs removed; in multiples of prune.round_to=%s "
-                        "channels the cut removed %.0f%%. Fix: set prune.round_to to a smaller multiple, or null%s, "
-                        "for finer steps.", p.ratio, 100 * p.ratio, info["round_to"], 100 * removed,
-                        " (or fewer prune.steps)" if p.steps > 1 else "")
+        # the search lowers every layer's share together, in whole channels (multiples of round_to), and stops past
+        # its goal; the last of several rounds cuts a narrower model: a narrow student's cut can go far past the ratio
+        if p.target == "macs" and (removed := 1 - 1 / info["macs_reduction"]) > p.ratio + 0.05:
+            fixes = ["set prune.round_to to a smaller multiple, or null (finer channel steps)"] * bool(
+                info["round_to"]) + ["fewer prune.steps (the last round cuts a narrower model)"] * (p.steps > 1)
+            log.warning("prune.ratio=%s asked for %.0f%% of the MACs removed; in %s%s the cut removed %.0f%%. %s",
+                        p.ratio, 100 * p.ratio, f"multiples of prune.round_to={info['round_to']} channels"
+                        if info["round_to"] else "whole channels", f" over {p.steps} rounds" * (p.steps > 1),
+                        100 * removed, f"Fix: {', or '.join(fixes)}." if fixes else "The search cuts every layer "
+                        "at once, a whole channel each: one of its steps removes that much of this student.")
         finalize = None
     else:
         prune_weights(student, p.ratio, keep, criterion=p.criterion, scope=p.scope, calibration=calibration)

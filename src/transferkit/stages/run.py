@@ -60,7 +60,8 @@ def hand_run_note(stage: str, cfg: DictConfig, out: Path) -> str:
     """What a run by hand into the folder `dvc repro` keeps for `stage` means for the pipeline: recorded as it is
     (`dvc commit`), only where params.yaml holds the settings DVC tracks for it, or the report would compare
     models trained otherwise than params.yaml says (an override given to the run)."""
-    from transferkit.plain import differing
+    from transferkit.config.dvcyaml import tracked_params
+    from transferkit.plain import differing, under
 
     try:
         held = tracked_values(stage, cfg, yaml.safe_load(Path("params.yaml").read_text()))
@@ -69,14 +70,25 @@ def hand_run_note(stage: str, cfg: DictConfig, out: Path) -> str:
     made = tracked_values(stage, cfg)
     again = f"the next `dvc repro` runs {stage} and the stages after it again"
     if held is not None and (other := differing(held, made)):
+        # a setting an earlier stage tracks too (trainer.*, seed) reruns that stage once params.yaml holds it
+        tracks = {e: tracked_params(BY_NAME[e].params, list(cfg.trainer)) for e in earlier(stage)}
+        shared = next(((k, e) for k in other for e, keys in tracks.items() if under(k, keys)), None)
+        keep = (f"They cannot be kept: {shared[0]} is {shared[1]}'s setting too, so with it in params.yaml `dvc repro` "
+                f"runs {shared[1]} again, and {stage} after it (to have them made so, `transferkit params` with your "
+                f"overrides, then `dvc repro`)" if shared else "To keep them, write params.yaml with those settings "
+                f"(`transferkit params` with your overrides), then `dvc commit -f {stage}`")
         return (f"{out} is where `dvc repro` keeps {stage}'s outputs, and these were made with settings params.yaml "
                 f"does not hold ({', '.join(f'{k}={made.get(k)}' for k in other[:3])}{', ...' * (len(other) > 3)}): "
-                f"{again}. To keep them, write params.yaml with those settings (`transferkit params` with your "
-                f"overrides), then `dvc commit -f {stage}`.")
+                f"{again}. {keep}.")
     record = ("(params.yaml holds their settings); without it" if held is not None else
               "if params.yaml holds the settings they were made with; else")
     return (f"{out} is where `dvc repro` keeps {stage}'s outputs, and DVC did not make these: `dvc commit -f {stage}` "
             f"records them {record} {again}.")
+
+
+def earlier(stage: str) -> list[str]:
+    """The stages whose outputs `stage` reads, itself or through the stages it reads, each once, earliest first."""
+    return list(dict.fromkeys(e for name in BY_NAME[stage].reads for e in (*earlier(name), name)))
 
 
 def dvc_entry(dvc_file: Path, name: str) -> tuple[list, list] | None:

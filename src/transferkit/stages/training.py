@@ -17,7 +17,7 @@ from transferkit.models.blocknet import BlockNet
 from transferkit.stages.common import announce, data_settings, train_settings
 from transferkit.training import first_process
 from transferkit.training.classifier import ClassifierModule
-from transferkit.training.precision import eval_device
+from transferkit.training.precision import eval_device, trained_in
 from transferkit.training.trainer import fit
 
 
@@ -47,13 +47,14 @@ def train_stage(cfg: DictConfig, stage: str, model: BlockNet, task: dict, out: P
     `earlier_fits`: the stage's fits before this one (prune's sparse learning and rounds), counted in its timing."""
     settings = cfg[stage]
     run = {"train_seconds": 0.0, "train_images_per_second": None, "precision": None, "device": None,
-           "resumed_at_epoch": None, "threads": None}
+           "processes": None, "resumed_at_epoch": None, "threads": None}
     if settings.epochs > 0:  # pretrain.epochs=0: export published weights as they are
         result = fit_stage(cfg, settings, model, task, out, module_cls=module_cls, **module_kwargs)
         model = result.model
         seconds, images = (sum(getattr(f, k) for f in (*earlier_fits, result)) for k in ("seconds", "images"))
         run = {"train_seconds": round(seconds, 2), "train_images_per_second": round(images / max(seconds, 1e-9), 1),
-               "precision": result.precision, "device": result.device, "resumed_at_epoch": result.resumed_at_epoch,
+               "precision": result.precision, "device": result.device, "processes": result.processes,
+               "resumed_at_epoch": result.resumed_at_epoch,
                "threads": torch.get_num_threads()}  # the weights' float sums depend on it: after the fit, as
         # Lightning's DDP launcher sets this process's count to cores / processes as it starts the others
     model = model.float().to(memory_format=torch.contiguous_format).eval()
@@ -88,7 +89,7 @@ def summary_line(stage: str, settings: DictConfig, metrics: dict, run: dict) -> 
     scores = ", ".join(f"{label} {pct(metrics[k])}%" for k, label in SCORES.items() if k in metrics)
     seconds = run["train_seconds"]
     how = (f"{seconds:.{int(seconds < 10)}f} s of training at {run['train_images_per_second']:,.0f} img/s "
-           f"({run['precision']} on {run['device']})" if run["precision"] else "not trained (epochs 0)")
+           f"({trained_in(run)})" if run["precision"] else "not trained (epochs 0)")
     if run.get("resumed_at_epoch"):  # the seconds are this run's: the killed run's epochs are not in them
         how += f", resumed after epoch {run['resumed_at_epoch']} of {settings.epochs} from a killed run's checkpoint"
     return f"{name}: top-1 {scores or 'not scored (no val split)'}; {how}"

@@ -164,3 +164,10 @@ def resolve_precision(setting, accelerator: str) -> str:
     if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):  # as Lightning picks
         return "32-true"  # the CPU's probe says nothing of an Apple GPU
     return "bf16-mixed" if cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP else "32-true"
+
+
+def trained_in(timing: dict) -> str:
+    """A training stage's timing.json as how it trained: precision, device and, under DDP, the processes, whose
+    batches made each step together (a recipe of their own)."""
+    many = f", {timing['processes']} processes" if (timing.get("processes") or 1) > 1 else ""
+    return f"{timing['precision']} on {timing['device']}{many}"

@@ -231,6 +231,7 @@ class Fit:
     resumed_at_epoch: int | None
     seconds: float
     images: int           # trained on in those seconds, by every process together
+    processes: int = 1    # DDP's: each trains on a batch of its own, a recipe of their own together
 
 
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: dict,
@@ -293,4 +294,4 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
         raise TransferkitError(f"training diverged: after {max_epochs} epochs the model's weights are not finite (NaN "
                                f"or inf). Fix: lower this stage's learning rate (its lr), or warm up longer.")
     return Fit(module.model.to("cpu"), str(trainer.precision), str(trainer.strategy.root_device), resumed_at, seconds,
-               getattr(module, "trained_images", 0) * trainer.world_size)
+               getattr(module, "trained_images", 0) * trainer.world_size, trainer.world_size)
