@@ -21,7 +21,7 @@ from transferkit.prune.structured import SCOPES
 from transferkit.training import LOGGERS
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true")
-LIGHTNING_SHORT = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}  # params.yaml spells out
+LIGHTNING_SHORT = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}  # its aliases: spelled out
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 

@@ -70,7 +70,7 @@ def hand_run_note(stage: str, cfg: DictConfig, out: Path) -> str:
     made = tracked_values(stage, cfg)
     again = f"the next `dvc repro` runs {stage} and the stages after it again"
     if held is not None and (other := differing(held, made)):
-        # a setting an earlier stage tracks too (trainer.*, seed) reruns that stage once params.yaml holds it
+        # a setting an earlier stage tracks too (seed, trainer.*, model.*) reruns that stage once params.yaml holds it
         tracks = {e: tracked_params(BY_NAME[e].params, list(cfg.trainer)) for e in earlier(stage)}
         shared = next(((k, e) for k in other for e, keys in tracks.items() if under(k, keys)), None)
         keep = (f"They cannot be kept: {shared[0]} is {shared[1]}'s setting too, so with it in params.yaml `dvc repro` "
