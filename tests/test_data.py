@@ -190,6 +190,12 @@ def test_cifar100_pickles_are_read(tmp_path):
     assert raw.test.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
     via_load = _load("cifar100", tmp_path)
     assert torch.equal(via_load.train.images, raw.train.images)
+    # a superclass name (its pickles hold those labels too) is no class here, and the refusal says so (walk H84)
+    with pytest.raises(TransferkitError, match=r"unknown class 'aquatic_mammals' in data.target.classes: .* "
+                                               r"CIFAR-100's classes are its 100 fine labels; a superclass such as "
+                                               r"aquatic_mammals is none\. Fix:"):
+        select_task(raw, [CIFAR100_SOME[0], "aquatic_mammals"], train_per_class=1, val_per_class=1,
+                    test_per_class=None, seed=0, role="target")
 
 
 @pytest.mark.parametrize("name,classes", [("cifar10", CIFAR10_CLASSES), ("cifar100", CIFAR100_SOME)])
@@ -1451,7 +1457,8 @@ def test_a_class_whose_val_split_takes_every_train_image_is_an_error():
     """train_per_class null trains on what remains after val_per_class: a class with no more train images than
     val_per_class would train on none, so it is refused; one image more leaves one to train on."""
     with pytest.raises(TransferkitError, match=rf"class 'dog' has {N_TRAIN} train images in tagged, but data.target "
-                                               rf"asks for all train \+ {N_TRAIN} val"):
+                                               rf"asks for {N_TRAIN} val and at least 1 train\. Fix: lower "
+                                               rf"data.target.val_per_class\.$"):
         _select(_tagged_raw(), train_per_class=None, val_per_class=N_TRAIN)
     task = _select(_tagged_raw(), train_per_class=None, val_per_class=N_TRAIN - 1)
     assert torch.bincount(task["train_y"]).tolist() == [1, 1]

@@ -90,6 +90,7 @@ def test_the_transfer_stage_with_backbone_lr_mult_zero_keeps_every_pretrained_bl
     ([], "transfer (freeze depth 1): top-1 val 81.2%; "),
     (["transfer.backbone_lr_mult=0"], "transfer (backbone frozen: backbone_lr_mult 0): "),
     (["transfer.unfreeze_every_epochs=3"], "transfer (freeze depth 1, one block unfrozen every 3 epochs): "),
+    (["transfer.freeze_depth=0", "transfer.unfreeze_every_epochs=3"], "transfer (freeze depth 0): "),  # none frozen
 ])
 def test_the_line_a_transfer_ends_with_says_what_stayed_frozen(overrides, says):
     from transferkit.stages.training import summary_line

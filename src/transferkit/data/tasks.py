@@ -70,6 +70,8 @@ def _check_classes(raw: RawDataset, classes: list[str], role: str) -> None:
     for c in classes:
         if c not in raw.classes:
             hint = f" Did you mean {near}?" if (near := _near(c, raw.classes)) else ""
+            if raw.name == "cifar100":  # its pickles hold 20 superclass labels too, which are no classes here
+                hint += " CIFAR-100's classes are its 100 fine labels; a superclass such as aquatic_mammals is none."
             raise TransferkitError(  # a folder of files that are no images (.heic, .txt) is no class
                 f"unknown class '{c}' in data.{role}.classes: {raw.name} has {raw.classes}.{hint} Fix: use one of "
                 f"those names (in an image folder or archive, a class is a folder holding PNG, JPEG, ... files; "
@@ -113,10 +115,11 @@ def select_task(raw: RawDataset, classes: list[str], *, train_per_class: int | N
                 f"such as .heic, is skipped), or remove it from data.{role}.classes.")
         n_train = len(idx) - val_per_class if train_per_class is None else train_per_class
         if n_train <= 0 or n_train + val_per_class > len(idx):
+            asks, lower = ((f"{train_per_class} train + {val_per_class} val", f"data.{role}.train_per_class or ")
+                           if train_per_class is not None else (f"{val_per_class} val and at least 1 train", ""))
             raise TransferkitError(
-                f"class '{name}' has {len(idx)} train images in {raw.name}, but data.{role} asks for "
-                f"{train_per_class if train_per_class is not None else 'all'} train + {val_per_class} val. "
-                f"Fix: lower data.{role}.train_per_class or data.{role}.val_per_class.")
+                f"class '{name}' has {len(idx)} train image{'s' * (len(idx) != 1)} in {raw.name}, but data.{role} "
+                f"asks for {asks}. Fix: lower {lower}data.{role}.val_per_class.")
         train_idx, val_idx = idx[:n_train], idx[n_train:n_train + val_per_class]
         test_idx = torch.nonzero(raw.test.labels == old).flatten()
         if test_per_class is not None:

@@ -99,5 +99,5 @@ def frozen(transfer: DictConfig) -> str:
     """What transfer kept frozen, as ClassifierModule applies the settings."""
     if transfer.backbone_lr_mult == 0:  # no rate for any block: the whole backbone stays as pretrained
         return "backbone frozen: backbone_lr_mult 0"
-    every = transfer.unfreeze_every_epochs
+    every = transfer.unfreeze_every_epochs if transfer.freeze_depth else 0  # depth 0: nothing frozen to unfreeze
     return f"freeze depth {transfer.freeze_depth}" + (f", one block unfrozen every {every} epochs" if every else "")
