@@ -60,8 +60,7 @@ def hand_run_note(stage: str, cfg: DictConfig, out: Path) -> str:
     """What a run by hand into the folder `dvc repro` keeps for `stage` means for the pipeline: recorded as it is
     (`dvc commit`), only where params.yaml holds the settings DVC tracks for it, or the report would compare
     models trained otherwise than params.yaml says (an override given to the run)."""
-    from transferkit.config.dvcyaml import tracked_params
-    from transferkit.plain import differing, under
+    from transferkit.plain import differing
 
     try:
         held = tracked_values(stage, cfg, yaml.safe_load(Path("params.yaml").read_text()))
@@ -71,8 +70,8 @@ def hand_run_note(stage: str, cfg: DictConfig, out: Path) -> str:
     again = f"the next `dvc repro` runs {stage} and the stages after it again"
     if held is not None and (other := differing(held, made)):
         # a setting an earlier stage tracks too (seed, trainer.*, model.*) reruns that stage once params.yaml holds it
-        tracks = {e: tracked_params(BY_NAME[e].params, list(cfg.trainer)) for e in earlier(stage)}
-        shared = next(((k, e) for k in other for e, keys in tracks.items() if under(k, keys)), None)
+        tracks = {e: tracked_values(e, cfg) for e in earlier(stage)}
+        shared = next(((k, e) for k in other for e, values in tracks.items() if k in values), None)
         keep = (f"They cannot be kept: {shared[0]} is {shared[1]}'s setting too, so with it in params.yaml `dvc repro` "
                 f"runs {shared[1]} again, and {stage} after it (to have them made so, `transferkit params` with your "
                 f"overrides, then `dvc repro`)" if shared else "To keep them, write params.yaml with those settings "
