@@ -928,7 +928,7 @@ def test_failed_check_keeps_the_previous_export(exported, tmp_path, monkeypatch,
     monkeypatch.setattr(export_module, "compare", wrong)  # as if the exporter had mistranslated a layer
     line = _one_error(capsys, ["export", str(folder / "model.pt"), "--out", str(out), "--test-set", str(test_set),
                                "--repeats", "1", "--threads", "1"])
-    assert "differs from PyTorch" in line and "nothing written" in line
+    assert "differs from PyTorch" in line and "nothing written" in line and "a larger --tolerance" in line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -1048,6 +1048,27 @@ def test_folding_the_input_scaling_keeps_the_logits(kind):
     # the input is padded to 4 channels, whose weights are zero, for ONNX Runtime's INT8 kernels
     assert (first_conv(model).in_channels, first_conv(folded).in_channels) == (3, 4)
     assert not first_conv(folded).weight[:, 3:].any()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_the_logit_scale_folds_into_the_classifier_so_the_graph_ends_in_it(tmp_path, exporter):
+    """fastnet scales its logits by 1/9, exported as a Mul after the classifier, which INT8 quantizes again where
+    quantize.keep_float=[Gemm] leaves the classifier in float. Folded, the same logits come from the classifier
+    itself; fine-tuning for INT8 keeps the scale a scale, so the classifier learns at the rate it trained at."""
+    import onnx
+
+    from transferkit.deploy.export import export_onnx
+
+    model = _make("fastnet").eval()
+    folded = deployable(model)
+    x = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    assert (model.head.scale, folded.head.scale, deployable(model, for_training=True).head.scale) == (1 / 9, 1, 1 / 9)
+    export_onnx(folded, tmp_path / "model.onnx", 32, exporter, None, log=lambda *_: None)
+    # fastnet's classifier has no bias: the TorchScript-based exporter writes it as MatMul
+    assert onnx.load(str(tmp_path / "model.onnx")).graph.node[-1].op_type == {"dynamo": "Gemm", "legacy": "MatMul"}[
+        exporter]
 
 
 @pytest.mark.parametrize("kind", [*MODELS, "resnet18"])

@@ -294,7 +294,7 @@ def test_an_unstructured_prune_goes_through_export_quantize_and_evaluate(smoke_a
                         "evaluate.tta=flip_translate")
     assert json.loads((art / "prune" / "metrics.json").read_text())["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert json.loads((art / "quantize" / "quantize.json").read_text())["produced_by"].startswith(
-        "quantization-aware fine-tuning (1 epochs")
+        "quantization-aware fine-tuning (1 epoch,")
     import onnx
     from onnx import numpy_helper
 

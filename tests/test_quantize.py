@@ -212,8 +212,11 @@ def test_keep_float_leaves_the_classifier_in_float(smoke_artifacts, tmp_path):
     out = tmp_path / "int8.onnx"
     quantize(artifacts / "export" / "model.onnx", out, images, method="minmax", fmt="qoperator", per_channel=True,
              reduce_range=True, keep_float=["Gemm"])
-    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
-    assert "Gemm" in ops and "QLinearConv" in ops  # the classifier in float, the convolutions in INT8
+    graph = onnx.load(str(out)).graph
+    logits = next(n for n in graph.node if graph.output[0].name in n.output)
+    # the logits straight from the classifier in float (fastnet's logit scale is folded into it), the convolutions
+    # in INT8
+    assert logits.op_type == "Gemm" and "QLinearConv" in [n.op_type for n in graph.node]
 
 
 @pytest.mark.parametrize("method, fmt", [("entropy", "qoperator"), ("percentile", "qoperator"), ("minmax", "qdq")])
@@ -515,11 +518,14 @@ def test_quantization_aware_fine_tuning_leaves_the_layers_keep_float_names_in_fl
     from transferkit.models import build_model
 
     torch.manual_seed(0)
-    model = deployable(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu").eval())
-    export_onnx(model, tmp_path / "model.onnx", 32, exporter, None, log=lambda *_: None)
+    trained = build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu").eval()
+    # as the stage does: the export folds the logit scale into the classifier, fine-tuning keeps it a scale
+    export_onnx(deployable(trained), tmp_path / "model.onnx", 32, exporter, None, log=lambda *_: None)
+    model = deployable(trained, for_training=True)
+    assert model.head.scale != 1.0
     nodes = onnx.load(str(tmp_path / "model.onnx")).graph.node
     classifier = next(n.op_type for n in nodes if n.op_type in ("Gemm", "MatMul"))
-    assert classifier == {"dynamo": "Gemm", "legacy": "MatMul"}[exporter]
+    assert classifier == {"dynamo": "Gemm", "legacy": "MatMul"}[exporter] == nodes[-1].op_type
     convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     second_conv = [n.name for n in nodes if n.op_type == "Conv"][1]
     assert float_layers(model, tmp_path / "model.onnx", [classifier]) == {"head.fc"}

@@ -594,7 +594,14 @@ def test_sweep_refuses_hydra_settings_it_would_ignore(override, tmp_path):
                                             "would change nothing but the params.yaml saved with its outputs. Fix: "
                                             "set what transfer reads (seed, trainer, model, transfer)."),
     (["probe.depth=1", "seed=0,1"], "transfer does not read probe.depth: 'probe.depth=1'"),  # one value: it trained
-    (["trainer.num_threads=1,2", "seed=0"], "are one transfer run: transfer does not read trainer.num_threads, or"),
+    # a setting that says how a run shares the machine: read, but no point's name or score tells them apart
+    (["trainer.num_threads=1,2", "seed=0"], "are one transfer run: a sweep names and scores its points without "
+                                            "trainer.num_threads. Fix: set it once for the sweep, or run `transferkit "
+                                            "transfer trainer.num_threads=VALUE` by hand once per value."),
+    # a config group's options that differ in nothing transfer reads
+    (["model@distill.student=fastnet_student,mobilenet"], "are one transfer run: transfer does not read "
+     "model@distill.student. Fix: sweep settings transfer reads (seed, trainer, model, transfer, and those of the "
+     "stages it reads)."),
     # no block has a learning rate: each depth is the linear probe again
     (["transfer.freeze_depth=0,1", "transfer.backbone_lr_mult=0"],
      "transfer.backbone_lr_mult=0 keeps every block frozen whatever transfer.freeze_depth, so the runs with depths "

@@ -57,7 +57,7 @@ def _module(kind: str, automatic: bool = False, **settings):
         from transferkit.deploy.fold import deployable
         from transferkit.deploy.qat import add_fake_quant
 
-        student = deployable(student).train()
+        student = deployable(student, for_training=True).train()
         add_fake_quant(student, per_channel="per-tensor" not in kind, reduce_range=True)
     if kind == "classifier":
         return cls(student, **SETTINGS, **settings)

@@ -397,6 +397,13 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+def _read(path: Path) -> bytes:  # a process's /proc file, empty once it has ended
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
 def _until(condition, seconds: float = 10) -> bool:
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:
@@ -820,6 +827,24 @@ def test_a_server_idle_for_its_idle_time_gives_up_its_socket(tmp_path, server_di
     fake = _fake_project(tmp_path)
     _started_server(fake, server_dir)
     assert _until(lambda: not list(server_dir.glob("*/*.sock")), 60)
+
+
+def test_a_server_whose_socket_is_gone_ends(tmp_path, server_dir, monkeypatch):
+    """A server stopped (SIGSTOP) past a command's handshake loses its socket: the command unlinks it for the
+    next one's new server. Resumed, the old one could reach no command, yet held its memory for its idle time."""
+    monkeypatch.setenv("TRANSFERKIT_WARM_IDLE", "600")
+    fake = _fake_project(tmp_path)
+    _started_server(fake, server_dir)
+    sock = next(server_dir.glob("*/*.sock"))
+    (pid,) = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+              if b"server.py" in (line := _read(p)) and str(sock).encode() in line]
+    sock.unlink()  # as a command that waited HANDSHAKE_S does
+
+    def ended() -> bool:  # gone, or a zombie where no init reaps it
+        status = _read(Path(f"/proc/{pid}/status"))
+        return not status or b"\nState:\tZ" in status
+
+    assert _until(ended, 30)
 
 
 def test_a_served_command_has_no_transferkit_warm_in_its_environment(tmp_path, server_dir):

@@ -241,8 +241,8 @@ def _export(model, ckpt, model_path, out, images, labels, checked_on, meta, thre
                 raise TransferkitError(
                     f"exported model differs from PyTorch on {checked_on}: max abs logit difference "
                     f"{', '.join(f'{k} {v:.3g}' for k, v in failed.items())} > {tolerance:g} + 1e-6 x |logit|; "
-                    f"nothing written. Fix: try --exporter {'dynamo' if used['used'] == 'legacy' else 'legacy'} "
-                    f"or report the architecture.")
+                    f"nothing written. Fix: try --exporter {'dynamo' if used['used'] == 'legacy' else 'legacy'}, "
+                    f"a larger --tolerance if that difference is acceptable, or report the architecture.")
             x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
             latency = latency_ms({name: (lambda run=run: run(x)) for name, run in
                                   {"pytorch": eager, "onnxruntime": onnx_run, "torchscript": ts}.items()}, repeats)

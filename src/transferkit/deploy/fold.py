@@ -4,7 +4,9 @@ scale is positive, since pooling then commutes with the per-channel affine map (
 between its convolution and BatchNorm). A ReLU after the pooling then moves before it (max
 pooling commutes with any non-decreasing function), so that runtimes fuse it into the
 convolution: ONNX Runtime's INT8 operators do, and mishandle Conv -> MaxPool -> Relu.
-The input scaling folds into the first convolution too, where that convolution pads nothing.
+The input scaling folds into the first convolution too, where that convolution pads nothing, and a
+head's logit scale (fastnet's 1/9) into the classifier, so that the graph ends in the classifier's
+own op: `quantize.keep_float=[Gemm]` then leaves the logits in float (a Mul after it would be quantized).
 Last, the first convolution's input gains zero channels up to a multiple of 4 (weights zero too,
 so the output is the same): ONNX Runtime's INT8 convolution runs a 3-channel input on a slow path
 (bench/int8.py measures both, docs/deploy.md says by how much)."""
@@ -124,7 +126,21 @@ def pad_input_channels(model: nn.Module, multiple: int = 4) -> nn.Module:
     return model
 
 
-def deployable(model: nn.Module) -> nn.Module:
-    """The model as export writes it and INT8 fine-tuning trains it: a copy with BatchNorm and the
-    input scaling folded and the input channels padded to 4."""
-    return pad_input_channels(fold_input_scaling(fold_batchnorm(model)))
+@torch.no_grad()
+def fold_head_scale(model: nn.Module) -> nn.Module:
+    """`model` (a copy) with its head's logit scale folded into the classifier's weights and bias."""
+    head = getattr(model, "head", None)
+    if getattr(head, "scale", 1.0) != 1.0:
+        head.fc.weight.mul_(head.scale)
+        if head.fc.bias is not None:
+            head.fc.bias.mul_(head.scale)
+        head.scale = 1.0
+    return model
+
+
+def deployable(model: nn.Module, for_training: bool = False) -> nn.Module:
+    """The model as export writes it: a copy with BatchNorm, the input scaling and the logit scale folded and the
+    input channels padded to 4. For INT8 fine-tuning (`for_training`), the logit scale stays a scale until its
+    export: folded into the weights, it would make the classifier learn 1/scale^2 times as fast."""
+    model = pad_input_channels(fold_input_scaling(fold_batchnorm(model)))
+    return model if for_training else fold_head_scale(model)

@@ -11,6 +11,7 @@ because those produce PyTorch INT8 modules, while the deployed INT8 model is ONN
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +63,13 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
 
 def float_layers(model: nn.Module, onnx_file: Path, keep_float) -> set[str]:
     """The layers of `model` whose nodes in `onnx_file`, its export, `keep_float` (node names or op types)
-    leaves in float. Found by their weights, which the file holds as they are in `model` (or transposed,
-    for MatMul), since the exporters name the nodes and, for MatMul, the weights in their own ways."""
+    leaves in float. Found by their weights, which the file holds as they are in `model` with its logit scale
+    folded (or transposed, for MatMul), since the exporters name the nodes and, for MatMul, the weights in their
+    own ways."""
     import onnx
     from onnx import numpy_helper
 
+    from transferkit.deploy.fold import fold_head_scale
     from transferkit.deploy.quantize import float_nodes
     from transferkit.errors import TransferkitError
 
@@ -77,7 +80,7 @@ def float_layers(model: nn.Module, onnx_file: Path, keep_float) -> set[str]:
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     key = lambda a: (a.shape, np.ascontiguousarray(a).tobytes())  # noqa: E731
     by_weight = {}
-    for name, layer in model.named_modules():
+    for name, layer in fold_head_scale(copy.deepcopy(model)).named_modules():  # its names are the model's
         if isinstance(layer, QUANTIZED):
             w = layer.weight.detach().cpu().numpy()
             by_weight |= {key(w): name, key(w.T): name}

@@ -168,8 +168,8 @@ def decision_split(task: dict) -> str:
 
 def refuse(result: dict, max_drop: float, qat_epochs: int, reduce_range: bool = True,
            split: str = "val") -> TransferkitError:
-    how = (f"after {qat_epochs} epochs of quantization-aware fine-tuning" if qat_epochs else "after post-training "
-           "quantization")
+    how = (f"after {qat_epochs} epoch{'s' * (qat_epochs != 1)} of quantization-aware fine-tuning" if qat_epochs
+           else "after post-training quantization")
     fix = ("more quantize.qat_epochs, more calibration images (quantize.calibration_images) or another "
            "quantize.method" if qat_epochs else "set quantize.qat_epochs (e.g. 5) to fine-tune the model for INT8, "
            "or calibrate on more images (quantize.calibration_images) or with another quantize.method")

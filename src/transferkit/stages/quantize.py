@@ -45,7 +45,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             copy_metadata(fp32, tuned)
             seconds += quantize(tuned, tmp, calibration, **settings)
             judged = check(fp32, tmp, task, threads, split)  # against the model it came from
-            produced_by = f"quantization-aware fine-tuning ({q.qat_epochs} epochs, distilled from the teacher)"
+            produced_by = (f"quantization-aware fine-tuning ({q.qat_epochs} epoch{'s' * (q.qat_epochs != 1)}, "
+                           f"distilled from the teacher)")
         if loss_of(judged) > q.max_drop:
             raise refuse(judged, q.max_drop, q.qat_epochs if post_training else 0, q.reduce_range, split)
         result = {**check(fp32, tmp, task, threads), **sizes(fp32, tmp)}
@@ -64,7 +65,7 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     distilled from the transfer model with prune's optimisation block (prune.teacher is not read:
     the student before pruning is not among this stage's inputs); returns its fp32 ONNX file."""
     from transferkit.deploy.export import export_onnx
-    from transferkit.deploy.fold import deployable
+    from transferkit.deploy.fold import deployable, fold_head_scale
     from transferkit.deploy.qat import add_fake_quant, float_layers, remove_fake_quant
     from transferkit.distill.module import DistillerModule
     from transferkit.models import load_checkpoint
@@ -74,7 +75,7 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     q = cfg.quantize
     check_export_of(inputs["prune"] / "model.pt", inputs["export"] / "model.onnx", task)
     student, _ = load_checkpoint(inputs["prune"] / "model.pt", "prune", task["classes"], what="the pruned student")
-    model = deployable(student).train()
+    model = deployable(student, for_training=True).train()
     keep = float_layers(model, inputs["export"] / "model.onnx", q.keep_float)  # the layers INT8 leaves in float
     # an unstructured-pruned student ships sparse: its zeroed weights stay zero
     hooks = add_fake_quant(model, q.per_channel, q.reduce_range, keep_zeros=cfg.prune.mode == "unstructured",
@@ -87,7 +88,7 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
                     **distillation(cfg, load_teacher(inputs["transfer"], task["classes"])))
     tuned = remove_fake_quant(fit.model, hooks).eval()
     path = out / "model_fp32.onnx"
-    export_onnx(tuned, path, int(student.input_size), "auto", None, log=lambda *_: None)
+    export_onnx(fold_head_scale(tuned), path, int(student.input_size), "auto", None, log=lambda *_: None)
     return path
 
 

@@ -23,7 +23,7 @@ from transferkit.config.dvcyaml import code_files, stale_code, tracked_params
 from transferkit.errors import TransferkitError, one_line_errors
 from transferkit.evaluation import SCORED_WITH
 from transferkit.plain import differing, flatten, under
-from transferkit.stages import BY_NAME
+from transferkit.stages import BY_NAME, TARGET_MODELS
 
 # May differ between a run and the outputs it reads: a seed sweep keeps the data split and the
 # backbone, and trainer and paths say how and where a stage ran, not what it computed.
@@ -219,11 +219,13 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
                               if under(k, keys) and (k == "seed" or not under(k, NOT_SWEPT))}, sort_keys=True)
             if (twin := seen.setdefault(run, point)) is not point:
                 a, b = (" ".join(o for o in p if o not in q) for p, q in ((twin, point), (point, twin)))
-                unread = ", ".join(override_key(o) for o in point if o not in twin)
-                raise TransferkitError(f"the sweep points with {a} and with {b} are one {stage} run: {stage} does not "
-                                       f"read {unread}, or it changes only how the run shares the machine. Fix: sweep "
-                                       f"settings {stage} reads ({', '.join(BY_NAME[stage].params)}, and those of the "
-                                       f"stages it reads).")
+                unread = [override_key(o) for o in point if o not in twin]
+                named = all(under(k, NOT_SWEPT) for k in unread)  # read, but how a run shares the machine or shows
+                raise TransferkitError(f"the sweep points with {a} and with {b} are one {stage} run: " + (
+                    f"a sweep names and scores its points without {', '.join(unread)}. Fix: set it once for the "
+                    f"sweep, or run `transferkit {stage} {unread[0]}=VALUE` by hand once per value." if named else
+                    f"{stage} does not read {', '.join(unread)}. Fix: sweep settings {stage} reads "
+                    f"({', '.join(BY_NAME[stage].params)}, and those of the stages it reads)."))
     return list(zip(points, composed))
 
 
@@ -239,7 +241,6 @@ def main(argv: list[str]) -> int:
     from transferkit.evaluation.tables import sweep_table
     from transferkit.io import save_text
     from transferkit.project import WHY_LOCKED, ReproFailed, check_runs_folder, run_pipeline, stage_run
-    from transferkit.stages import TARGET_MODELS
     from transferkit.stages.common import exclusive
     from transferkit.sweep.collect import collect
 
@@ -249,8 +250,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="the sweep's folder (default sweeps/<experiment>-<stage>)")
     args, overrides = parser.parse_known_args(argv)
     if unknown := [o for o in overrides if o.startswith("-")]:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (the options are --out DIR; the rest is "
-                     f"key=value overrides)")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (the options: --out DIR; the rest: key=value)")
     if hydra := [o for o in overrides if override_key(o).startswith("hydra")]:
         raise TransferkitError(f"override '{hydra[0]}' cannot be used here: the points run as DVC stages, not through "
                                f"Hydra. Fix: leave it out, or run them as a Hydra multirun (`transferkit {args.stage} "

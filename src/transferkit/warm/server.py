@@ -104,10 +104,12 @@ def serve(path: Path, idle: float) -> None:
         try:
             conn, _ = server.accept()
         except TimeoutError:
-            if time.monotonic() - last >= idle:  # no new commands; the running ones are still reported
+            # its socket unlinked (by a command it did not answer, being stopped) or replaced: none can reach it
+            reachable = _inode(path) == inode
+            if not reachable or time.monotonic() - last >= idle:  # the running commands are still reported
                 accepting = False
-                if path.exists() and path.stat().st_ino == inode:
-                    path.unlink()
+                if reachable:
+                    path.unlink(missing_ok=True)
                 server.close()
             continue
         last = time.monotonic()
@@ -122,6 +124,13 @@ def serve(path: Path, idle: float) -> None:
             _work(conn)  # never returns
         workers[pid] = conn
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def _report(conn: socket.socket, status: int) -> None:
