@@ -220,10 +220,10 @@ def check_points(stage: str | None, argv: list[str], blocks: dict[str, int] | No
             if (twin := seen.setdefault(run, point)) is not point:
                 a, b = (" ".join(o for o in p if o not in q) for p, q in ((twin, point), (point, twin)))
                 unread = [override_key(o) for o in point if o not in twin]
-                named = all(under(k, NOT_SWEPT) for k in unread)  # read, but how a run shares the machine or shows
+                not_swept = all(under(k, NOT_SWEPT) for k in unread)  # read, but how a run shares the machine
                 raise TransferkitError(f"the sweep points with {a} and with {b} are one {stage} run: " + (
                     f"a sweep names and scores its points without {', '.join(unread)}. Fix: set it once for the "
-                    f"sweep, or run `transferkit {stage} {unread[0]}=VALUE` by hand once per value." if named else
+                    f"sweep, or run `transferkit {stage} {unread[0]}=VALUE` by hand once per value." if not_swept else
                     f"{stage} does not read {', '.join(unread)}. Fix: sweep settings {stage} reads "
                     f"({', '.join(BY_NAME[stage].params)}, and those of the stages it reads)."))
     return list(zip(points, composed))
