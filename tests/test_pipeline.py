@@ -42,6 +42,10 @@ def test_smoke_pipeline_produces_every_output(smoke_artifacts):
     machine = timing["machine"]  # what the timings ran on: the CPU, its matmul peaks before and after them
     assert machine["cpu"] and machine["fp32_gflops_before"] > 0 and machine["bf16_gflops"] > 0
     report = (art / "evaluate" / "report.md").read_text()
+    trained = next(x for x in report.splitlines() if x.startswith("- trained in: "))
+    # every training stage's precision, freeze_curve's points by depth too (walk R88)
+    assert all(f"{s} 32-true on cpu" in trained or f"{s} bf16-mixed on cpu" in trained
+               for s in ("pretrain", "transfer", "probe", "prune", "freeze_curve/depth0")), trained
     assert machine["other_cores"] >= 0  # the other processes' share of the CPU then, warned of where it slows them
     assert ("other processes kept" in report) == (machine["other_cores"] >= 0.25)
     assert "57.4%" in report and "60.1%" in report and "Transfer minus scratch" in report

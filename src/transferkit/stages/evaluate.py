@@ -87,8 +87,11 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     # what the report quotes from the other stages, read before minutes of scoring and timing
     summary = load_json(inputs["prepare"] / "summary.json", "prepare")
     pruned = load_json(inputs["prune"] / "metrics.json", "prune")
-    trained = {stage: t for stage in ("pretrain", *TARGET_MODELS)  # the precision and device each model trained in
-               if (t := load_json(inputs[stage] / "timing.json", stage, optional=True)) is not None}
+    # the precision and device each model trained in; freeze_curve's by depth (none at the depth transfer trained)
+    folders = {**{s: inputs[s] for s in ("pretrain", *TARGET_MODELS)},
+               **{f"freeze_curve/depth{d}": point_dir(inputs["freeze_curve"], d) for d in cfg.freeze_curve.depths}}
+    trained = {name: t for name, folder in folders.items()
+               if (t := load_json(folder / "timing.json", name.split("/")[0], optional=True)) is not None}
     # the deployable model's checks (dvc.yaml runs export and quantize first)
     checks = {name: c for name, stage in (("export", "export"), ("quantize", "quantize"))
               if (c := load_json(inputs[stage] / f"{name}.json", stage, optional=True)) is not None}
