@@ -240,7 +240,7 @@ def test_a_failed_quadrant_leaves_the_report_of_those_that_finished_and_ends_in_
 
     out, failed = tmp_path / "out", "scenario_small_different-fine_tune"
 
-    def run_pipeline(folder, stages, targets):
+    def run_pipeline(folder, stages, targets, by):
         raise ReproFailed(f"{failed} failed; `dvc repro --keep-going` exited with code 1")
 
     monkeypatch.setattr(report, "pipeline", lambda out, overrides, plan: {f"{p}-fine_tune": {} for p in QUADRANTS})

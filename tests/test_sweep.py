@@ -106,12 +106,13 @@ def test_dvc_sweep_runs_only_the_points_not_done(base, tmp_path, server_dir, one
     assert (out / "seed=0,transfer.freeze_depth=3").is_dir()
     points = sorted(r.folder.parent.name for r in find_runs([out]))
     assert points == [f"seed={s},transfer.freeze_depth=0" for s in (0, 1)]
-    # and so does the sweep's own table: a scratch sweep's points into the folder stay out of the transfer table
+    # a scratch sweep into the folder would replace its dvc.yaml and its point0's record in dvc.lock (walk P88)
+    before = (out / "dvc.yaml").read_text()
     proc = cli("sweep", "scratch", "seed=0", "--out", str(out), cwd=proj)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    again = sweep("0", "0,1")  # the scratch sweep's point0 replaced transfer's in dvc.lock, and DVC's run cache
-    # leaves persistent outputs alone: that point trains again
-    assert "1 of 2 points ran; 1 done already" in again and "| scratch" not in again
+    assert proc.returncode == 2 and "lists the runs of `transferkit sweep transfer`" in proc.stderr, proc.stderr
+    assert (out / "dvc.yaml").read_text() == before and not (out / "seed=0" / "scratch").exists()
+    again = sweep("0", "0,1")
+    assert "0 of 2 points ran; 2 done already" in again and "| scratch" not in again
     # a sweep stopped before it finished: a point's settings are new, its output is older (DVC would run it again)
     point = out / "params" / "seed=1,transfer.freeze_depth=0.yaml"
     settings = yaml.safe_load(point.read_text())
@@ -228,6 +229,33 @@ def test_a_folder_of_other_files_is_no_runs_folder(tmp_path, command):
     (tmp_path / "stopped" / "params").mkdir(parents=True)  # a run that stopped before its dvc.yaml: its own
     check_runs_folder(tmp_path / "stopped")
     check_runs_folder(tmp_path / "new")
+
+
+@pytest.mark.parametrize("command", ["transferkit.sweep.points", "transferkit.scenarios.report"])
+def test_a_runs_folder_of_another_command_is_refused(tmp_path, command):
+    """`scenarios --out` a sweep's folder replaced the sweep's dvc.yaml, and collect then found none of its points
+    (walk P88): a runs folder takes the runs of the command its header names, and of any command where it names
+    none (written before the header did)."""
+    import importlib
+
+    from transferkit.errors import TransferkitError
+    from transferkit.project import MADE_BY, RUNS_HEADER, check_runs_folder
+
+    argv = ["transfer", "transfer.freeze_depth=0"] if command.endswith("points") else ["seed=1"]
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for other in ("sweep scratch", "scenarios" if command.endswith("points") else "sweep transfer"):
+        earlier = f"{RUNS_HEADER}{MADE_BY}{other}\nstages: {{}}\n"
+        (folder / "dvc.yaml").write_text(earlier)
+        with pytest.raises(TransferkitError, match=rf"runs/dvc.yaml lists the runs of `transferkit {other}`, and "
+                                                   rf"`transferkit (sweep transfer|scenarios)` would replace it: "
+                                                   rf"collect .* Fix: pass --out a new folder"):
+            importlib.import_module(command).main([*argv, "--out", str(folder)])
+        assert (folder / "dvc.yaml").read_text() == earlier and sorted(p.name for p in folder.iterdir()) == ["dvc.yaml"]
+    (folder / "dvc.yaml").write_text(f"{RUNS_HEADER}{MADE_BY}sweep scratch\nstages: {{}}\n")
+    check_runs_folder(folder, "sweep scratch")  # its own command's
+    (folder / "dvc.yaml").write_text(f"{RUNS_HEADER}stages: {{}}\n")  # an older run's: no command named
+    check_runs_folder(folder, "scenarios")
 
 
 @pytest.mark.parametrize("command", ["transferkit.sweep.points", "transferkit.scenarios.report"])

@@ -167,12 +167,12 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
         raise TransferkitError(f"unknown scenario '{unknown[0]}'. Fix: use one of {', '.join(QUADRANTS)} "
                                f"(or without the scenario_ prefix).")
     chosen, plan = [p for p in QUADRANTS if not named or p in named], strategies(early_depth, partial_depth)
-    check_runs_folder(out)  # before anything is composed or locked
+    check_runs_folder(out, "scenarios")  # before anything is composed or locked
     with exclusive(out, WHY_LOCKED):  # from its params files to the report of the runs its dvc.yaml lists
         stages = pipeline(out, list(overrides or []), plan)
         start = time.perf_counter()
         try:
-            ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen])
+            ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen], by="scenarios")
         except ReproFailed:  # the other quadrants ran (--keep-going): the report of those that finished, then the
             try:  # failure; none finished: the earlier report stays as it was
                 if finished := finished_quadrants(out, []):

@@ -265,7 +265,7 @@ def main(argv: list[str]) -> int:
     base = [o for o in recorded if override_key(o) not in given]
     points, cfgs = map(list, zip(*check_points(args.stage, [*base, *overrides], given=given)))
     out = (args.out or Path("sweeps") / f"{cfgs[0].name}-{args.stage}").resolve()
-    check_runs_folder(out)
+    check_runs_folder(out, by := f"sweep {args.stage}")  # the command the folder's runs come from
     # DVC would stop at a missing input only after removing the points' earlier outputs (run_pipeline refuses)
     if missing := [p for n in BY_NAME[args.stage].reads if not (p := Path(cfgs[0].paths.artifacts_dir) / n).is_dir()]:
         n, here = missing[0].name, (params_file.parent / missing[0]).is_dir()
@@ -284,7 +284,7 @@ def main(argv: list[str]) -> int:
                                             {r: str(artifacts / r) for r in BY_NAME[args.stage].reads}, [*code, *files],
                                             [*keys, *SCORED_WITH])
         try:
-            ran = run_pipeline(out, stages, labels={f"point{i}": f"point {name}" for i, name in enumerate(names)})
+            ran = run_pipeline(out, stages, labels=dict(zip(stages, map("point {}".format, names))), by=by)
         except ReproFailed:  # a point failed, the others ran: their table first (collect names the failed one)
             try:
                 print(sweep_table(collect([out], out / "collected")))
