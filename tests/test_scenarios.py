@@ -84,6 +84,16 @@ def test_bad_requests_fail_before_any_work(tmp_path, argv, needle):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_dataset_fails_before_any_file_is_written(tmp_path):
+    """Without CIFAR-10 in data/, the run wrote its params files and dvc.yaml, ran `dvc init`, and then each
+    quadrant's prepare printed the same error amid DVC's warnings (walk P88): prepare's one error comes first."""
+    (tmp_path / "data").mkdir()
+    with pytest.raises(TransferkitError, match=r"^CIFAR10 not found in .*/data/ and not downloadable "
+                                               r"\(data.download=false\)\. Fix: provide it one of three ways"):
+        main(["--out", str(tmp_path / "out"), f"paths.data_dir={tmp_path / 'data'}", "data.download=false"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_dataset_outside_data_dir_is_a_dep_of_each_quadrants_prepare(tmp_path):
     """As in dvc.yaml: under DVC, prepare refuses a dataset file its stage does not depend on."""
     from transferkit.scenarios.report import pipeline, strategies
@@ -243,7 +253,7 @@ def test_a_failed_quadrant_leaves_the_report_of_those_that_finished_and_ends_in_
     def run_pipeline(folder, stages, targets, by):
         raise ReproFailed(f"{failed} failed; `dvc repro --keep-going` exited with code 1")
 
-    monkeypatch.setattr(report, "pipeline", lambda out, overrides, plan: {f"{p}-fine_tune": {} for p in QUADRANTS})
+    monkeypatch.setattr(report, "pipeline", lambda *args, **kwargs: {f"{p}-fine_tune": {} for p in QUADRANTS})
     monkeypatch.setattr(report, "run_pipeline", run_pipeline)
     monkeypatch.setattr(report, "stale_stages", lambda folder: [failed])
     monkeypatch.setattr(report, "score_quadrant", lambda out, preset, *args: {"preset": preset})

@@ -61,9 +61,13 @@ def strategies(early: int = 2, partial: int = 2) -> list[Strategy]:
             Strategy("scratch", "scratch", "scratch", {}, "every block from random init")]
 
 
-def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
+def pipeline(out: Path, overrides: list[str], plan: list[Strategy], find_data: bool = False) -> dict:
     """Compose and check every quadrant and strategy (a bad override fails in a second, before
-    anything trains), write each quadrant's params file and return the DVC stages."""
+    anything trains), write each quadrant's params file and return the DVC stages. `find_data`: each CIFAR
+    dataset is found (or downloaded, as data.download allows) first, as its prepare would, or prepare's error."""
+    from transferkit.data.cifar import CIFAR  # here, as models in depth_error: importing this module needs no torch
+    from transferkit.data.resolve import dataset_location, locate
+
     if bad := [o for o in overrides if override_key(o).startswith("hydra") or
                override_key(o) in ("experiment", "name", "paths.artifacts_dir")]:
         raise TransferkitError(f"override '{bad[0]}' cannot be used here: each quadrant sets its experiment and "
@@ -77,7 +81,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
         raise TransferkitError(f"{' '.join(overrides)}: a sweep of scenarios is one run per setting. Fix: give one "
                                f"value per key and a separate --out DIR per run.")
     design = quadrant_data()
-    stages, sources, blocks, params_files = {}, {}, {}, {}
+    stages, sources, blocks, params_files, wanted = {}, {}, {}, {}, set()
     code = {stage: code_files(BY_NAME[stage]) for stage in {"prepare", "pretrain", *(s.stage for s in plan)}}
     for preset, (_, similarity) in QUADRANTS.items():
         try:  # each quadrant's stages read its own folders, not paths.artifacts_dir
@@ -116,6 +120,7 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
             raise TransferkitError(f"--out {out} is inside the data folder {data_dir} (paths.data_dir), which each "
                                    f"quadrant's prepare reads whole. Fix: pass --out a folder outside it.")
         datasets = pin_named_files("prepare", cfg)  # outside data_dir: deps of their own
+        wanted.update((d, data_dir, cfg.data.download) for d in (cfg.data.source.dataset, cfg.data.target.dataset))
         first = sources.setdefault(similarity, (preset, cfg))
         if any(OmegaConf.select(first[1], k) != OmegaConf.select(cfg, k) for k in SHARED_BY_SOURCE):
             raise TransferkitError(f"{preset} and {first[0]} have the same source but other pretraining settings: "
@@ -132,6 +137,10 @@ def pipeline(out: Path, overrides: list[str], plan: list[Strategy]) -> dict:
                       if k in BY_NAME[s.stage].reads}
             stages[f"{preset}-{s.name}"] = stage_run(s.stage, params, f"{preset}/{s.name}", inputs, code[s.stage],
                                                      [*keys[s.stage], *SCORED_WITH], s.sets())  # as it is scored
+    # each CIFAR dataset found (or downloaded) now: prepare's one error, not one per quadrant amid DVC's output
+    for dataset, data_dir, download in sorted(wanted) if find_data else []:
+        if dataset in CIFAR and dataset_location(dataset, Path(data_dir)) is None:
+            locate(dataset, Path(data_dir), download=download)
     for path, text in params_files.items():
         save_text(text, path)
     return stages
@@ -169,7 +178,7 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
     chosen, plan = [p for p in QUADRANTS if not named or p in named], strategies(early_depth, partial_depth)
     check_runs_folder(out, "scenarios")  # before anything is composed or locked
     with exclusive(out, WHY_LOCKED):  # from its params files to the report of the runs its dvc.yaml lists
-        stages = pipeline(out, list(overrides or []), plan)
+        stages = pipeline(out, list(overrides or []), plan, find_data=True)
         start = time.perf_counter()
         try:
             ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen], by="scenarios")
