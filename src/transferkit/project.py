@@ -265,8 +265,8 @@ def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None, l
         run(["dvc", "init", "--no-scm", "-q"], folder)
     from transferkit.io import save_text  # here: it imports torch, which check-repro (a user of this module) needs not
 
-    save_text(RUNS_HEADER + (f"{MADE_BY}{by}\n" if by else "") + yaml.safe_dump({"stages": stages}, sort_keys=False,
-                                                                                width=120), dvc_file)
+    header = RUNS_HEADER + (f"{MADE_BY}{by}\n" if by else "")
+    save_text(header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120), dvc_file)
     # persist: true (stage_run) keeps a run's outputs while DVC makes them again, and so keeps them out of DVC's run
     # cache: outputs deleted by hand come back from the cache by checkout (what it cannot restore, repro makes)
     if gone := [name for name, stage in stages.items() if not all((folder / o).exists() for o in out_paths(stage))]:
