@@ -326,3 +326,46 @@ def test_ctrl_c_mid_training_ends_the_command_by_sigint(smoke_artifacts, tmp_pat
     said = "interrupted" if stop == "sigint" else "stopped by SIGTERM"
     assert (f"transferkit pretrain: {said}; its earlier outputs, if any, are unchanged; the same command again "
             f"resumes." in proc.stderr.read())
+
+
+def _ended(pid: int) -> bool:
+    """Whether process `pid` has ended: gone, or a zombie its new parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a parent's death reaches a child through prctl")
+def test_a_stage_ends_with_the_dvc_that_runs_it(smoke_artifacts, tmp_path):
+    """`kill` of dvc repro alone (a CI cancel, a supervisor that signals the top process) ends the stage it runs at
+    its next step, as a SIGTERM to the stage does, leaving its checkpoint to resume from and the earlier outputs as
+    they were: an orphan would train on unseen and swap in outputs that dvc.lock does not record."""
+    ref_cfg, _ = smoke_artifacts
+    shutil.copytree(ref_cfg.paths.artifacts_dir, tmp_path / "artifacts")
+    before = (tmp_path / "artifacts" / "pretrain" / "model.pt").read_bytes()
+    params = tmp_path / "params.yaml"
+    params.write_text(params_text(compose("experiment=smoke", "pretrain.epochs=200", "trainer.checkpoint_budget=1",
+                                          tmp=tmp_path)))
+    stand_in = ("import subprocess, sys\n"  # dvc's part: start the stage with DVC_STAGE set, and wait for it
+                "child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+                "print(child.pid, flush=True)\nchild.wait()")
+    dvc = subprocess.Popen([sys.executable, "-c", stand_in, sys.executable, "-m", "transferkit.cli", "pretrain",
+                            "--params", str(params)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DVC_STAGE": "pretrain"})
+    stage = int(dvc.stdout.readline())
+    deadline = time.monotonic() + 120
+    work = tmp_path / "artifacts" / ".pretrain.incomplete"
+    while not _appeared(work, "**/last.ckpt") and time.monotonic() < deadline:
+        assert dvc.poll() is None, dvc.stderr.read()
+        time.sleep(0.05)
+    dvc.kill()
+    dvc.wait()
+    deadline = time.monotonic() + 60
+    while not _ended(stage) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ended(stage), "the stage trains on after dvc ended"
+    assert _appeared(work, "**/last.ckpt")
+    assert (tmp_path / "artifacts" / "pretrain" / "model.pt").read_bytes() == before
+    assert "stopped by SIGTERM; its earlier outputs, if any, are unchanged; the same command again resumes." in (
+        dvc.stderr.read())

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from transferkit import warm
-from transferkit.errors import TransferkitError, die_of, error_line, one_line_errors, user_error
+from transferkit.errors import TransferkitError, die_of, end_with_parent, error_line, one_line_errors, user_error
 from transferkit.stages import BY_NAME, STAGES
 from transferkit.training import first_process, other_node  # light: warm imports it too
 
@@ -62,6 +62,7 @@ def _params_mode(stage: str, args: list[str]) -> None:
     from transferkit.config.compose import find_conf_dir, load_params, merge_overrides
     from transferkit.config.drift import stale_keys
     from transferkit.stages.run import run_stage
+    from transferkit.sweep.points import check_inputs, check_read, override_key
 
     parser = one_line_errors(argparse.ArgumentParser(prog=f"transferkit {stage}", allow_abbrev=False),
                              f"transferkit {stage} --params FILE [--out DIR] [--in STAGE=DIR ...] [key=value ...]")
@@ -73,8 +74,6 @@ def _params_mode(stage: str, args: list[str]) -> None:
     conf_dir = find_conf_dir(required=False)
     cfg = merge_overrides(load_params(opts.params), overrides, opts.params, conf_dir, stage)
     if conf_dir:  # outside a project there is no conf/ to say which keys a stage reads
-        from transferkit.sweep.points import check_read
-
         check_read(stage, overrides)
     if stale := stale_keys(opts.params, cfg, conf_dir):  # else read where first used: after training, maybe
         raise TransferkitError(stale)
@@ -91,8 +90,6 @@ def _params_mode(stage: str, args: list[str]) -> None:
     try:
         validate(cfg)  # first: name and paths.* are read below, and a null or a number there was a TypeError
         if not os.environ.get("DVC_STAGE"):  # by hand: its inputs may be another run's (`dvc repro` made them so)
-            from transferkit.sweep.points import check_inputs, override_key
-
             check_inputs(stage, cfg, {override_key(o) for o in overrides}, inputs, opts.params)
         run_stage(stage, cfg, opts.out or Path(cfg.paths.artifacts_dir, stage), {k: Path(v) for k, v in inputs.items()})
     except (ConfigAttributeError, ConfigKeyError) as e:  # struct mode: a key the code reads is not in the file
@@ -238,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     params_mode = any(a == "--params" or a.startswith("--params=") for a in rest)
     if command in STAGES and not BY_NAME[command].trains and not first_process():
         return 0  # under srun or torchrun every rank runs the command: a stage that fits nothing runs once, on rank 0
+    if os.environ.get("DVC_STAGE") and first_process():  # a stage dvc runs ends with it: its rerun resumes
+        end_with_parent()
     try:  # `transferkit --help | head` too: a closed pipe below
         if command in ("-h", "--help", "help") or (command == "params" and {"-h", "--help"} & set(rest)):
             print(HELP if command != "params" else HELP.split("Configuration:\n")[1].split("Runs and")[0].rstrip())

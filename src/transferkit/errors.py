@@ -8,6 +8,7 @@ import contextlib
 import errno
 import os
 import signal
+import sys
 
 
 class TransferkitError(Exception):
@@ -49,6 +50,21 @@ def die_of(signum: int) -> int:
         signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     return 128 + signum
+
+
+def end_with_parent() -> None:
+    """Have this process sent SIGTERM when the process that started it ends (dvc stopped by `kill` or a CI cancel,
+    which signal dvc alone): it then stops as a SIGTERM to it would, where an orphan would train on unseen, swap in
+    outputs that dvc.lock does not record and delete the checkpoint its rerun would resume from. Linux's prctl: a
+    parent's death is not an event other systems give a child."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) == 0 and os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)  # PR_SET_PDEATHSIG (1) came after the parent's end
 
 
 def one_line_errors(parser, fix: str | None = None):
