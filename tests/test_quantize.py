@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import numpy as np
+from omegaconf import OmegaConf
 from PIL import Image
 
 
@@ -379,13 +380,15 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
         assert not any(p in onnx_file.read_bytes() for p in paths), onnx_file
 
 
-def test_fine_tuning_for_int8_refuses_an_export_of_another_model(smoke_artifacts, tmp_path):
-    """The fine-tuning trains prune's model.pt: with `--in export=DIR` of another model's export, the INT8 file
-    would be the pruned student's under that export's name."""
+def test_quantize_refuses_an_export_of_another_model(smoke_artifacts, tmp_path):
+    """The INT8 file ships, and the fine-tuning trains, as prune's model.pt: an export of another model (`--in
+    export=DIR`, or `transferkit export` by hand into the export stage's folder) would be reported in evaluate's
+    table as the pruned model, with its size. Post-training quantization refuses it too."""
     from transferkit.deploy.export import export
     from transferkit.errors import TransferkitError
     from transferkit.stages.common import load_task
     from transferkit.stages.quantize import check_export_of
+    from transferkit.stages.run import run_stage
 
     cfg, _ = smoke_artifacts
     artifacts = Path(cfg.paths.artifacts_dir)
@@ -395,6 +398,10 @@ def test_fine_tuning_for_int8_refuses_an_export_of_another_model(smoke_artifacts
     with pytest.raises(TransferkitError, match=r"model\.onnx is not the export of .*prune/model\.pt \(their logits "
                                                r"differ on training images\).*Fix: give --in export= a folder"):
         check_export_of(artifacts / "prune" / "model.pt", tmp_path / "teacher" / "model.onnx", task)
+    post_training = OmegaConf.merge(cfg, {"quantize": {"qat_epochs": 0, "max_drop": 1.0}})
+    with pytest.raises(TransferkitError, match=r"is not the export of .*its INT8 file would ship as that model's"):
+        run_stage("quantize", post_training, tmp_path / "quantize", {"export": tmp_path / "teacher"})
+    assert not (tmp_path / "quantize").exists()
 
 
 def test_report_says_which_quantization_produced_the_model():

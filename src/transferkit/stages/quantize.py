@@ -35,6 +35,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     with atomic_path(out / INT8_FILE) as tmp:
         seconds = quantize(fp32, tmp, calibration, **settings)  # first: it names a file it cannot read
         require_classes(fp32, task["classes"], "export")  # before any scoring against this task's labels
+        check_export_of(inputs["prune"] / "model.pt", fp32, task)  # its INT8 file ships as the pruned model's
         judged = check(fp32, tmp, task, threads, split)
         if loss_of(judged) > q.max_drop and q.qat_epochs > 0:
             scored = check(fp32, tmp, task, threads)  # reported beside the fine-tuned model, never used to choose
@@ -73,7 +74,6 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     from transferkit.stages.training import fit_stage
 
     q = cfg.quantize
-    check_export_of(inputs["prune"] / "model.pt", inputs["export"] / "model.onnx", task)
     student, _ = load_checkpoint(inputs["prune"] / "model.pt", "prune", task["classes"], what="the pruned student")
     model = deployable(student, for_training=True).train()
     keep = float_layers(model, inputs["export"] / "model.onnx", q.keep_float)  # the layers INT8 leaves in float
@@ -93,9 +93,10 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
 
 
 def check_export_of(model: Path, fp32: Path, task: dict, n: int = 64) -> None:
-    """The fine-tuning trains `model`: an export of another one (`--in export=DIR` by hand) would get that model's
-    INT8 file under its name. An export's logits match its model.pt to within export's tolerance, far below 5% of
-    their range; another model's differ by whole units."""
+    """The INT8 file ships, and the fine-tuning trains, as `model`: an export of another one (`--in export=DIR`, or
+    `transferkit export` by hand into the export stage's folder) would be reported under its name and size. An
+    export's logits match its model.pt to within export's tolerance, far below 5% of their range; another model's
+    differ by whole units."""
     import numpy as np
 
     from transferkit.deploy.runtime import Classifier
@@ -105,6 +106,6 @@ def check_export_of(model: Path, fp32: Path, task: dict, n: int = 64) -> None:
     a, b = Classifier(model)(x), Classifier(fp32)(x)
     if a.shape != b.shape or np.abs(a - b).max() > 5e-2 * max(1.0, float(np.abs(a).max())):
         raise TransferkitError(f"{fp32} is not the export of {model} (their logits differ on training images), and "
-                               f"quantize fine-tunes that model for INT8. Fix: give --in export= a folder of its "
+                               f"its INT8 file would ship as that model's. Fix: give --in export= a folder of its "
                                f"export (`transferkit export {model} --out DIR`), or --in prune= the folder of the "
-                               f"model exported.")
+                               f"model exported; in the pipeline, `dvc repro export` exports the pruned model again.")
