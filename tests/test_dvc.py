@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, running
 from transferkit.project import child_env, copy_project
 
 
@@ -318,11 +320,6 @@ def _started_stage(pidfile: Path, caller: subprocess.Popen) -> int:
     return int(pidfile.read_text())
 
 
-def _running(pid: int) -> bool:  # a zombie no one reaps (PID 1 in a container may not) has ended
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.is_file() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.mark.parametrize("handler", ["check-repro's", "none (a sweep's)"])
 def test_stopping_a_dvc_run_ends_the_stage_it_started(tmp_path, handler):
     """check-repro turns SIGTERM into an exit, and a sweep has no handler at all (`timeout`, `kill`): the
@@ -341,10 +338,38 @@ def test_stopping_a_dvc_run_ends_the_stage_it_started(tmp_path, handler):
     caller.send_signal(signal.SIGTERM)
     assert caller.wait(timeout=30) == 128 + signal.SIGTERM
     try:
-        assert not _running(sleeper)
+        assert not running(sleeper)
     finally:
-        if _running(sleeper):
+        if running(sleeper):
             os.kill(sleeper, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a parent's end reaches a child through prctl")
+def test_a_sweep_killed_by_sigkill_takes_its_dvc_and_the_stage_with_it(tmp_path):
+    """A sweep killed by SIGKILL (kill -9, the out-of-memory killer) has no handler to stop the dvc it started in a
+    session of its own: dvc and its stage trained on, holding DVC's lock. dvc (here a shell that waits on the stage)
+    has a SIGTERM at its caller's end, and a stage (cli.py) one at dvc's."""
+    import os
+    import signal
+
+    pidfile = tmp_path / "pid"
+    (tmp_path / "stage.py").write_text("import os, time\nfrom transferkit.errors import end_with_parent\n"
+                                       f"end_with_parent()\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+                                       "time.sleep(60)\n")
+    script = ("from pathlib import Path\nfrom transferkit.project import run\n"
+              f"run(['sh', '-c', '{sys.executable} stage.py; true'], Path('.'))\n")
+    caller = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+    stage = _started_stage(pidfile, caller)
+    caller.kill()
+    caller.wait()
+    try:
+        deadline = time.monotonic() + 30
+        while running(stage) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(stage)
+    finally:
+        if running(stage):
+            os.kill(stage, signal.SIGKILL)
 
 
 def test_a_stage_that_does_not_end_on_sigterm_is_killed_when_the_grace_period_ends():
@@ -395,7 +420,7 @@ def test_git_ignores_what_runs_leave_and_tracks_the_project():
     assert proc.stdout.split() == ignored
 
 
-def test_a_second_ctrl_c_does_not_leave_the_stage_running(tmp_path):
+def test_a_second_ctrl_c_does_not_leave_the_stagerunning(tmp_path):
     """`uv run` passes a Ctrl+C on to the command, which then meets a second SIGINT while it waits for the stages
     dvc started to end: the wait went with it, and the command exited with the stage still running."""
     import os
@@ -416,7 +441,7 @@ def test_a_second_ctrl_c_does_not_leave_the_stage_running(tmp_path):
         time.sleep(0.5)  # the stage is ending (2 s) when the second one comes
         caller.send_signal(signal.SIGINT)
         caller.wait(timeout=60)
-        assert not _running(pid)
+        assert not running(pid)
     finally:  # a failure leaves neither process behind
         for left in (caller.pid, pid):
             with __import__("contextlib").suppress(ProcessLookupError, TypeError):
@@ -424,7 +449,7 @@ def test_a_second_ctrl_c_does_not_leave_the_stage_running(tmp_path):
 
 
 @__import__("contextlib").contextmanager
-def _dvc_repro_running(tmp_path, repo, held_by: str):
+def _dvc_reprorunning(tmp_path, repo, held_by: str):
     """A process named dvc running `repro -s evaluate` (its pid yielded), named by repo/.dvc/tmp/`held_by`."""
     import sys
     import time
@@ -458,7 +483,7 @@ def test_params_are_not_written_while_dvc_repro_runs(tmp_path, held_by):
     from transferkit.errors import TransferkitError
     from transferkit.project import refuse_while_dvc_runs
 
-    with _dvc_repro_running(tmp_path, tmp_path, held_by) as pid:
+    with _dvc_reprorunning(tmp_path, tmp_path, held_by) as pid:
         with pytest.raises(TransferkitError, match=rf"^`dvc repro -s evaluate` is running in {tmp_path} \(process "
                                                    rf"{pid}\): a params.yaml written now .* Fix: wait for it to "
                                                    rf"end \(or stop it\), then write params.yaml\.$"):
@@ -476,7 +501,7 @@ def test_a_runs_folder_whose_dvc_repro_still_runs_is_neither_run_nor_collected(t
     from transferkit.project import run_pipeline, stale_stages
 
     runs = tmp_path / "runs"
-    with _dvc_repro_running(tmp_path, runs, "rwlock") as pid:
+    with _dvc_reprorunning(tmp_path, runs, "rwlock") as pid:
         with pytest.raises(TransferkitError, match=rf"^`dvc repro -s evaluate` is running in {runs} \(process {pid}\), "
                                                    rf"left by an earlier run of this folder stopped by force, .* Fix: "
                                                    rf"wait for it to end, or stop it \(`kill {pid}`\), then run the "

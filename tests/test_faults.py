@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose
+from conftest import compose, running
 from transferkit.config.compose import params_text
 from transferkit.training.trainer import resume_folder
 
@@ -328,14 +328,6 @@ def test_ctrl_c_mid_training_ends_the_command_by_sigint(smoke_artifacts, tmp_pat
             f"resumes." in proc.stderr.read())
 
 
-def _ended(pid: int) -> bool:
-    """Whether process `pid` has ended: gone, or a zombie its new parent has not reaped yet."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
-    except FileNotFoundError:
-        return True
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a parent's death reaches a child through prctl")
 def test_a_stage_ends_with_the_dvc_that_runs_it(smoke_artifacts, tmp_path):
     """`kill` of dvc repro alone (a CI cancel, a supervisor that signals the top process) ends the stage it runs at
@@ -362,9 +354,9 @@ def test_a_stage_ends_with_the_dvc_that_runs_it(smoke_artifacts, tmp_path):
     dvc.kill()
     dvc.wait()
     deadline = time.monotonic() + 60
-    while not _ended(stage) and time.monotonic() < deadline:
+    while running(stage) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _ended(stage), "the stage trains on after dvc ended"
+    assert not running(stage), "the stage trains on after dvc ended"
     assert _appeared(work, "**/last.ckpt")
     assert (tmp_path / "artifacts" / "pretrain" / "model.pt").read_bytes() == before
     assert "stopped by SIGTERM; its earlier outputs, if any, are unchanged; the same command again resumes." in (

@@ -18,7 +18,7 @@ from typing import Callable
 
 import yaml
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, end_with_parent
 from transferkit.plain import out_paths
 
 # What a clone of the project holds that `dvc repro` needs (params.yaml and dvc.yaml are made per copy;
@@ -41,9 +41,10 @@ def run(cmd: list[str], cwd: Path, tail: int = 25, show: Callable[[str], str | N
     if (Path(cwd) / "src" / "transferkit").is_dir():  # a copy of the project runs its own code, not this install's
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(cwd).resolve() / "src"), env.get("PYTHONPATH")]))
     try:
-        # a session of its own: on Ctrl+C or SIGTERM here, the stages dvc started end with it (stop_session)
+        # a session of its own: on Ctrl+C or SIGTERM here, the stages dvc started end with it (stop_session); on
+        # a SIGKILL, which no handler sees, dvc has a SIGTERM at this process's end, and its stage one at dvc's
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True, preexec_fn=end_with_parent)
     except OSError as e:  # e.g. git is not installed
         raise TransferkitError(f"`{' '.join(cmd)}` could not start: {e}") from e
     with _exits_on(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
