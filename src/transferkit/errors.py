@@ -53,10 +53,10 @@ def die_of(signum: int) -> int:
 
 
 def end_with_parent() -> None:
-    """Have this process sent SIGTERM when the process that started it ends (dvc stopped by `kill` or a CI cancel,
-    which signal dvc alone): it then stops as a SIGTERM to it would, where an orphan would train on unseen, swap in
-    outputs that dvc.lock does not record and delete the checkpoint its rerun would resume from. Linux's prctl: a
-    parent's death is not an event other systems give a child."""
+    """Have this process sent SIGTERM when the process that started it ends, by any signal (a stage when its dvc is
+    stopped by `kill` or a CI cancel; dvc when the sweep that runs it is killed by SIGKILL): it then stops as a
+    SIGTERM to it would, where an orphan would train on unseen, swap in outputs that dvc.lock does not record and
+    delete the checkpoint its rerun would resume from. Linux's prctl: other systems give a child no such event."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
