@@ -174,12 +174,12 @@ def server_dir(monkeypatch):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-# ------------------------------------------------------------------ fake datasets on disk
 def running(pid: int) -> bool:  # a zombie no one reaps (PID 1 in a container may not) has ended
     stat = Path(f"/proc/{pid}/stat")
     return stat.is_file() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+# ------------------------------------------------------------------ fake datasets on disk
 def random_images(n: int, seed: int, size: int = 32) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 

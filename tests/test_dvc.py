@@ -420,7 +420,7 @@ def test_git_ignores_what_runs_leave_and_tracks_the_project():
     assert proc.stdout.split() == ignored
 
 
-def test_a_second_ctrl_c_does_not_leave_the_stagerunning(tmp_path):
+def test_a_second_ctrl_c_does_not_leave_the_stage_running(tmp_path):
     """`uv run` passes a Ctrl+C on to the command, which then meets a second SIGINT while it waits for the stages
     dvc started to end: the wait went with it, and the command exited with the stage still running."""
     import os
@@ -449,7 +449,7 @@ def test_a_second_ctrl_c_does_not_leave_the_stagerunning(tmp_path):
 
 
 @__import__("contextlib").contextmanager
-def _dvc_reprorunning(tmp_path, repo, held_by: str):
+def _dvc_repro_running(tmp_path, repo, held_by: str):
     """A process named dvc running `repro -s evaluate` (its pid yielded), named by repo/.dvc/tmp/`held_by`."""
     import sys
     import time
@@ -483,7 +483,7 @@ def test_params_are_not_written_while_dvc_repro_runs(tmp_path, held_by):
     from transferkit.errors import TransferkitError
     from transferkit.project import refuse_while_dvc_runs
 
-    with _dvc_reprorunning(tmp_path, tmp_path, held_by) as pid:
+    with _dvc_repro_running(tmp_path, tmp_path, held_by) as pid:
         with pytest.raises(TransferkitError, match=rf"^`dvc repro -s evaluate` is running in {tmp_path} \(process "
                                                    rf"{pid}\): a params.yaml written now .* Fix: wait for it to "
                                                    rf"end \(or stop it\), then write params.yaml\.$"):
@@ -501,7 +501,7 @@ def test_a_runs_folder_whose_dvc_repro_still_runs_is_neither_run_nor_collected(t
     from transferkit.project import run_pipeline, stale_stages
 
     runs = tmp_path / "runs"
-    with _dvc_reprorunning(tmp_path, runs, "rwlock") as pid:
+    with _dvc_repro_running(tmp_path, runs, "rwlock") as pid:
         with pytest.raises(TransferkitError, match=rf"^`dvc repro -s evaluate` is running in {runs} \(process {pid}\), "
                                                    rf"left by an earlier run of this folder stopped by force, .* Fix: "
                                                    rf"wait for it to end, or stop it \(`kill {pid}`\), then run the "
