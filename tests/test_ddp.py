@@ -91,6 +91,21 @@ def _left_after(text: str, grace_s: float = 15.0) -> list[int]:
     return left
 
 
+def _ended(proc, log: Path, marker: str, timeout_s: float = 60.0) -> int:
+    """The exit status of `proc`, stopped a moment ago. One still running after `timeout_s` fails the test with the
+    Python stacks of every thread of it and of each process naming `marker`: started with PYTHONFAULTHANDLER=1, a
+    process prints them into the log on SIGABRT."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *_processes_naming(marker)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(3)
+        pytest.fail(f"{proc.args[3:5]} still ran {timeout_s:.0f} s after it was stopped; its log and stacks:\n"
+                    f"{log.read_text()[-15000:]}")
+
+
 @pytest.mark.slow
 def test_a_stage_that_fits_and_cuts_several_times_runs_under_ddp(tmp_path):
     """prune in two rounds ranked across layers at random: its later fits find the ranks Lightning started for the
@@ -135,7 +150,7 @@ def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path, sta
     params = tmp_path / "ddp.yaml"
     params.write_text(params_text(cfg))
     command = [sys.executable, "-m", "transferkit.cli", stage, "--params", str(params)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0", "PYTHONFAULTHANDLER": "1"}
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         checkpoint = tmp_path / "artifacts" / f".{stage}.incomplete" / "checkpoints" / "last.ckpt"  # the last fit's
@@ -144,7 +159,7 @@ def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path, sta
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(timeout=60)
+            code = _ended(proc, tmp_path / "log.txt", str(params))
         finally:
             left = _left_after(str(params))
             for pid in [proc.pid, *left]:
@@ -179,7 +194,8 @@ def test_a_ddp_run_in_hydra_mode_stopped_is_one_line_and_leaves_no_rank(tmp_path
     single = compose("experiment=smoke", tmp=tmp_path)
     for stage in ("prepare", "pretrain"):
         run(stage, single)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0", "PYTHONUNBUFFERED": "1",
+           "PYTHONFAULTHANDLER": "1"}  # _ended shows where a process that did not stop is
     marker = str(tmp_path / "hydra")
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "transfer", "experiment=smoke", "trainer=ddp",
@@ -202,7 +218,7 @@ def test_a_ddp_run_in_hydra_mode_stopped_is_one_line_and_leaves_no_rank(tmp_path
                      if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
             os.kill(child[0], signal.SIGKILL)
         try:
-            code = proc.wait(timeout=60)
+            code = _ended(proc, tmp_path / "log.txt", marker)
         finally:
             left = _processes_naming(marker) if how == "kill_9_of_the_child" else _left_after(marker)
             for pid in [proc.pid, *left]:
@@ -224,7 +240,7 @@ def test_a_rank_killed_mid_fit_is_one_line_naming_it_and_its_checkpoint_is_kept(
     """The out-of-memory killer takes rank 1: rank 0's collective fails with its backend's traceback unless
     the command says which rank died and how, and that the next run resumes."""
     params = _ddp_params(tmp_path, "transfer.epochs=200", "trainer.checkpoint_budget=1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0", "PYTHONFAULTHANDLER": "1"}
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "transfer", "--params", str(params)],
                                 cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -235,7 +251,7 @@ def test_a_rank_killed_mid_fit_is_one_line_naming_it_and_its_checkpoint_is_kept(
         try:
             rank1 = [pid for pid in _processes_naming(str(params)) if pid != proc.pid]
             os.kill(rank1[0], signal.SIGKILL)
-            code = proc.wait(timeout=60)
+            code = _ended(proc, tmp_path / "log.txt", str(params))
         finally:
             for pid in [proc.pid, *_processes_naming(str(params))]:
                 with contextlib.suppress(ProcessLookupError):
