@@ -245,19 +245,22 @@ def test_every_calibration_method_and_format_quantizes(smoke_artifacts, tmp_path
     assert (fp32 == int8).float().mean() > 0.5  # most test images: the same class as fp32
 
 
-def test_fake_quantization_trains_and_comes_off_without_a_trace():
+def test_fake_quantization_trains_and_comes_off_leaving_each_input_clamped_to_its_trained_range():
+    """Inputs beyond a layer's range saturate in INT8 and get no gradient in training, so the weights learn that they
+    saturate: the model fine-tuning hands on keeps each range as a clamp, and computes what was trained. Without
+    the clamps the fp32 model exported and calibrated again was another function."""
     import copy
 
     import torch
 
     from transferkit.deploy.fold import fold_batchnorm
-    from transferkit.deploy.qat import add_fake_quant, remove_fake_quant
+    from transferkit.deploy.qat import TrainedRange, add_fake_quant, remove_fake_quant
     from transferkit.models import build_model
 
     torch.manual_seed(0)
     plain = fold_batchnorm(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu"))
     model = copy.deepcopy(plain)
-    hooks = add_fake_quant(model, per_channel=True, reduce_range=True)
+    add_fake_quant(model, per_channel=True, reduce_range=True)
     x = torch.rand(4, 3, 32, 32)
     model.train()(x)  # the observers see a batch
     model.eval()
@@ -265,10 +268,25 @@ def test_fake_quantization_trains_and_comes_off_without_a_trace():
     assert not torch.equal(fake, ref) and (fake - ref).abs().max() < 0.1 * ref.abs().max()  # INT8 rounding, no more
     fake.sum().backward()  # straight-through: the float weights get gradients
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    remove_fake_quant(model, hooks)
-    assert model.state_dict().keys() == plain.state_dict().keys()
+    bright = 8 * x  # far beyond the range the first layer saw
     with torch.no_grad():
-        assert torch.equal(model(x), ref)  # the weights untouched by the forwards above, no hooks left
+        fake_bright = model(bright)
+    remove_fake_quant(model)
+    assert model.state_dict().keys() == plain.state_dict().keys()  # no observer, no parametrization left
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert all(isinstance(m.input_quant, TrainedRange) for m in layers)
+    with torch.no_grad():
+        # the weights as they were, untouched by the forwards; a range ends where INT8's does, within half a step
+        # of what the observer saw: at most a hair of the batch it saw is clamped
+        assert (model(x) - ref).abs().max() < 0.01 * ref.abs().max()
+        clamped, unclamped = (model(bright) - fake_bright).abs().max(), (plain(bright) - fake_bright).abs().max()
+    assert clamped < 0.1 * fake_bright.abs().max() < unclamped, (clamped, unclamped)  # rounding, not saturation
+    # an input range no training step observed is left as it is
+    untrained = copy.deepcopy(plain)
+    add_fake_quant(untrained, per_channel=True, reduce_range=True)
+    remove_fake_quant(untrained)
+    with torch.no_grad():
+        assert torch.equal(untrained(bright), plain(bright))
 
 
 def test_fake_quantization_observes_activation_ranges_in_training_only():
@@ -335,6 +353,7 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
     it on test and says so. The test images decide nothing."""
     import shutil
 
+    import onnx
     import torch
 
     import transferkit
@@ -375,6 +394,10 @@ def test_quantization_aware_fine_tuning_when_post_training_loses_too_much(smoke_
     assert (f"file: fp32 {q['bytes']['fp32'] / 1e3:.1f} KB -> INT8 {q['bytes']['int8'] / 1e3:.1f} KB{larger}; by "
             f"quantization-aware fine-tuning (2 epochs") in shown  # a tiny model: its INT8 file may be the larger
     assert (out / "qat" / "model_fp32.onnx").is_file() and (out / "qat" / "dvclive").is_dir()
+    # each fine-tuned layer's input keeps its trained range, as a Clip: the convolutions, not the Gemm kept in float
+    ops = [[n.op_type for n in onnx.load(str(f)).graph.node]
+           for f in (tmp_path / "artifacts" / "export" / "model.onnx", out / "qat" / "model_fp32.onnx")]
+    assert ops[1].count("Clip") - ops[0].count("Clip") == ops[1].count("Conv") > 0 and ops[1].count("Gemm") == 1
     paths = [str(Path(m.__file__).resolve().parents[1]).encode() for m in (transferkit, torch)]  # src/, site-packages/
     for onnx_file in (out / "model.onnx", out / "qat" / "model_fp32.onnx"):  # no stack traces of this machine
         assert not any(p in onnx_file.read_bytes() for p in paths), onnx_file
@@ -489,13 +512,13 @@ def test_quantization_aware_fine_tuning_keeps_an_unstructured_pruned_model_spars
         make_permanent(student)
         model = deployable(student.eval()).train()
         before = sparsity(model, ["head"])
-        hooks = add_fake_quant(model, per_channel=True, reduce_range=True, keep_zeros=keep_zeros)
+        add_fake_quant(model, per_channel=True, reduce_range=True, keep_zeros=keep_zeros)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         for _ in range(5):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.randint(0, 3, (8,))).backward()
             opt.step()
-        remove_fake_quant(model, hooks)
+        remove_fake_quant(model)
         assert before == pytest.approx(0.6, abs=0.01)
         return sparsity(model, ["head"])
 

@@ -3,8 +3,10 @@
 layer's weights and inputs fake-quantized as ONNX Runtime quantizes them (int8 weights with one
 symmetric scale per output channel, 7-bit with reduce_range; uint8 inputs with a running
 min/max), so its weights learn to sit where INT8 rounds them well; the layers quantize.keep_float
-leaves in float stay float here too (float_layers). The fake quantization is then removed: the
-result is an ordinary fp32 model, exported and quantized again by the quantize stage.
+leaves in float stay float here too (float_layers). The fake quantization then comes off, but each
+layer's input keeps the range it trained under as a clamp (an ONNX Clip once exported): the weights
+learned that inputs beyond it saturate, as INT8 saturates them, and without the clamp the fp32 model
+the quantize stage exports and calibrates again is another function.
 
 Written with torch's parametrizations and FakeQuantize modules rather than torch.ao's QAT flows,
 because those produce PyTorch INT8 modules, while the deployed INT8 model is ONNX Runtime's."""
@@ -98,27 +100,39 @@ def float_layers(model: nn.Module, onnx_file: Path, keep_float) -> set[str]:
 
 
 def add_fake_quant(model: nn.Module, per_channel: bool, reduce_range: bool, keep_zeros: bool = False,
-                   keep: set[str] | frozenset[str] = frozenset()) -> list:
+                   keep: set[str] | frozenset[str] = frozenset()) -> None:
     """Fake-quantize every convolution and linear layer of `model` in place, except the layers named in
-    `keep` (float_layers); returns the hooks. With `keep_zeros` (an unstructured-pruned model) the weights
+    `keep` (float_layers). With `keep_zeros` (an unstructured-pruned model) the weights
     that are zero now stay zero."""
-    hooks = []
     for layer in [m for name, m in model.named_modules() if isinstance(m, QUANTIZED) and name not in keep]:
         mask = (layer.weight.detach() != 0).to(layer.weight.dtype) if keep_zeros else None
         parametrize.register_parametrization(layer, "weight", FakeQuantWeight(per_channel, reduce_range, mask))
         layer.input_quant = TrainingFakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
                                                  dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-        hooks.append(layer.register_forward_pre_hook(_quantize_input))
-    return hooks
+        layer.register_forward_pre_hook(_quantize_input)
 
 
-def remove_fake_quant(model: nn.Module, hooks: list) -> nn.Module:
-    """The trained fp32 weights, without fake quantization: an ordinary model again."""
-    for hook in hooks:
-        hook.remove()
+class TrainedRange(nn.Module):
+    """A layer's input clamped to the range its fake quantization trained under: exported, an ONNX Clip, whose
+    output ONNX Runtime's calibration then finds within that range."""
+
+    def __init__(self, low: float, high: float):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(self.low, self.high)
+
+
+def remove_fake_quant(model: nn.Module) -> nn.Module:
+    """The trained fp32 weights without fake quantization, each quantized layer's input clamped to the range
+    it trained under (TrainedRange); an input whose observer saw nothing stays unclamped."""
     for layer in [m for m in model.modules() if isinstance(m, QUANTIZED)]:
         if parametrize.is_parametrized(layer, "weight"):
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-        if hasattr(layer, "input_quant"):
-            del layer.input_quant
+        if isinstance(quant := getattr(layer, "input_quant", None), TrainingFakeQuantize):
+            seen = quant.activation_post_process.min_val.isfinite().all()
+            scale, zero = float(quant.scale), int(quant.zero_point)  # the range its last step quantized to
+            layer.input_quant = (TrainedRange((quant.quant_min - zero) * scale, (quant.quant_max - zero) * scale)
+                                 if seen else nn.Identity())
     return model

@@ -78,15 +78,14 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     model = deployable(student, for_training=True).train()
     keep = float_layers(model, inputs["export"] / "model.onnx", q.keep_float)  # the layers INT8 leaves in float
     # an unstructured-pruned student ships sparse: its zeroed weights stay zero
-    hooks = add_fake_quant(model, q.per_channel, q.reduce_range, keep_zeros=cfg.prune.mode == "unstructured",
-                           keep=keep)
+    add_fake_quant(model, q.per_channel, q.reduce_range, keep_zeros=cfg.prune.mode == "unstructured", keep=keep)
     settings = OmegaConf.merge(cfg.prune, {"epochs": q.qat_epochs, "lr": q.qat_lr})
     # in fp32 (the fake quantization's arithmetic), in this one process: a few epochs of a small model
     fp32_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true", "devices": 1, "num_nodes": 1,
                                                  "strategy": "auto", "sync_batchnorm": False}})
     fit = fit_stage(fp32_cfg, settings, model, task, out, module_cls=DistillerModule,
                     **distillation(cfg, load_teacher(inputs["transfer"], task["classes"])))
-    tuned = remove_fake_quant(fit.model, hooks).eval()
+    tuned = remove_fake_quant(fit.model).eval()  # each layer's input clamped to its trained range
     path = out / "model_fp32.onnx"
     export_onnx(fold_head_scale(tuned), path, int(student.input_size), "auto", None, log=lambda *_: None)
     return path
