@@ -82,6 +82,16 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
+def _rank_of(pid: int) -> str | None:
+    """The LOCAL_RANK Lightning's launcher started process `pid` with: a process forked from rank 0 (to run another
+    command, or rank 1 before it runs) names the same params file."""
+    with contextlib.suppress(OSError):
+        for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            if entry.startswith(b"LOCAL_RANK="):
+                return entry.split(b"=", 1)[1].decode()
+    return None
+
+
 def _left_after(text: str, grace_s: float = 15.0) -> list[int]:
     """The processes naming `text` still live `grace_s` after their parent ended: a signalled rank takes a moment to
     exit on a loaded machine, and one stranded in a collective (what these tests guard against) hangs for minutes."""
@@ -259,21 +269,53 @@ def test_a_rank_killed_mid_fit_is_one_line_naming_it_and_its_checkpoint_is_kept(
     output = (tmp_path / "log.txt").read_text()
     assert code == 2 and "Traceback" not in output, output[-3000:]
     assert output.count("transferkit transfer: error: rank 1 of the fit was killed by signal 9 (Killed)") == 1
+    assert "Forcefully terminating" not in output, output[-3000:]  # Lightning's observer, had it seen the rank end
     assert "Fix: run the stage again: it resumes from its last checkpoint" in output and checkpoint.exists()
 
 
-def test_lightnings_rank_observer_gives_this_process_time_to_say_which_rank_ended():
+
+@pytest.mark.slow
+def test_a_rank_killed_as_the_fit_starts_is_one_line_naming_it(tmp_path):
+    """Killed before it joined the process group, rank 1 left rank 0 waiting for it, where no collective fails:
+    Lightning's observer SIGKILLed rank 0 5 s on, and the command ended -9 without a word."""
+    params = _ddp_params(tmp_path, "transfer.epochs=200")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_WARM": "0", "PYTHONFAULTHANDLER": "1"}
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "transfer", "--params", str(params)],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while (not (rank1 := [pid for pid in _processes_naming(str(params)) if _rank_of(pid) == "1"])
+                   and proc.poll() is None and time.monotonic() < deadline):
+                time.sleep(0.02)
+            os.kill(rank1[0], signal.SIGKILL)  # still importing its libraries
+            code = _ended(proc, tmp_path / "log.txt", str(params))
+        finally:
+            left = _left_after(str(params))
+            for pid in [proc.pid, *left]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+    output = (tmp_path / "log.txt").read_text()
+    assert code == 2 and "Traceback" not in output and not left, (left, output[-3000:])
+    assert output.count("transferkit transfer: error: rank 1 of the fit was killed by signal 9 (Killed) while the fit "
+                        "started. Fix: run the stage again") == 1, output[-3000:]
+    assert "Forcefully terminating" not in output, output[-3000:]  # Lightning's own line on it: one line says it
+
+
+def test_lightnings_rank_observer_gives_this_process_time_to_say_which_rank_ended(monkeypatch):
     """Lightning's observer SIGKILLs the main process within 5 s of a rank ending, which can come before the main
     process's collective fails and it names the rank (a loaded CI machine ended the test above -9, with no line)."""
     from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
-    from transferkit.training.ranks import hold_observer
+    from transferkit.training.ranks import DieOnSigterm, watch_ranks
 
+    monkeypatch.setattr(_ChildProcessObserver, "_terminate_all", _ChildProcessObserver._terminate_all)
+    monkeypatch.setattr(DieOnSigterm, "fitting", True)  # its process group made: a collective fails
+    watch_ranks(grace_s=3.0)
     main = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands for the main process
     rank = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     try:
-        _ChildProcessObserver(main_pid=main.pid, child_processes=(procs := [rank]), sleep_period=0.5).start()
-        hold_observer(procs, grace_s=3.0)
+        _ChildProcessObserver(main_pid=main.pid, child_processes=[rank], sleep_period=0.5).start()
         rank.wait()
         time.sleep(1.5)  # the observer has seen the rank end
         assert main.poll() is None
@@ -282,36 +324,22 @@ def test_lightnings_rank_observer_gives_this_process_time_to_say_which_rank_ende
         main.kill()
 
 
-def test_the_rank_observer_is_held_once_whatever_the_fits_that_meet_it(monkeypatch):
-    """A stage's later fits meet the observer thread of its first while those ranks run: the thread waits `grace_s`
-    once before it ends the processes, not once more for each fit."""
-    import threading
+def test_the_rank_observer_waits_once_whatever_the_fits_that_watch_it(monkeypatch):
+    """Every fit (prune has several) makes a DieOnSigterm, and so watches the ranks again: the observer still waits
+    `grace_s` once before Lightning's own end of the processes, not once more for each fit."""
+    from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
-    from transferkit.training.ranks import hold_observer
+    from transferkit.training.ranks import DieOnSigterm, watch_ranks
 
-    slept, ended = [], []
-
-    class Observer(threading.Thread):  # what hold_observer finds of Lightning's _ChildProcessObserver
-        def __init__(self, procs):
-            super().__init__(daemon=True)
-            self._child_processes, self.done = procs, threading.Event()
-
-        def run(self):
-            self.done.wait()
-
-        def _terminate_all(self):
-            ended.append(True)
-
-    observer = Observer(procs := [object()])
-    observer.start()
-    try:
-        for _ in range(3):  # prune: its first fit and two later ones
-            hold_observer(procs, grace_s=30.0)
-        monkeypatch.setattr(time, "sleep", slept.append)
-        observer._terminate_all()
-    finally:
-        observer.done.set()
-    assert slept == [30.0] and ended == [True]
+    ended, slept = [], []
+    monkeypatch.setattr(_ChildProcessObserver, "_terminate_all", lambda observer: ended.append(observer))
+    monkeypatch.setattr(DieOnSigterm, "fitting", True)
+    for _ in range(3):  # prune: its first fit and two later ones
+        watch_ranks(grace_s=30.0)
+    monkeypatch.setattr(time, "sleep", slept.append)
+    observer = _ChildProcessObserver(main_pid=os.getpid(), child_processes=[])
+    observer._terminate_all()
+    assert slept == [30.0] and ended == [observer]
 
 
 def test_a_sigterm_is_passed_on_to_every_rank_this_process_started():

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
+import sys
 import time
 
 from pytorch_lightning.callbacks import Callback
 
-from transferkit.errors import die_of
+from transferkit.errors import TransferkitError, die_of, error_line
 
 
 class DieOnSigterm(Callback):
@@ -19,10 +19,13 @@ class DieOnSigterm(Callback):
     times out (30 minutes). The pair of the last checkpoint is whole at any moment, so the next run resumes."""
 
     started: list = []  # the ranks Lightning's launcher started in this process's first fit: later fits start none
+    fitting = False  # the process group is made: a collective that loses a rank fails
 
-    def setup(self, trainer, module, stage: str) -> None:  # before the first step: a rank may end at any point
-        if procs := getattr(trainer.strategy.launcher, "procs", None):
-            hold_observer(procs)
+    def __init__(self):
+        watch_ranks()
+
+    def setup(self, trainer, module, stage: str) -> None:  # after the process group is made, before the first step
+        DieOnSigterm.fitting = True
 
     def on_train_start(self, trainer, module) -> None:  # after Lightning installed its handlers
         if trainer.world_size > 1:
@@ -37,19 +40,38 @@ class DieOnSigterm(Callback):
         die_of(signum)  # exit status 143, as a shell reports a SIGTERM
 
 
-def hold_observer(procs: list, grace_s: float = 30.0) -> None:
+def watch_ranks(grace_s: float = 30.0) -> None:
     """Lightning's launcher watches the ranks it started from a thread which, within 5 s of one ending, SIGKILLs them
-    all and this process, at times before this process's collective fails and it can say which rank ended (fit, in
-    trainer.py). Held, that thread waits `grace_s` first: a process that has reported and ended takes the thread with
-    it, and one whose collective hangs (a backend that does not notice a lost peer) is still ended."""
-    for thread in threading.enumerate():
-        # held once: a stage's later fit meets the thread of its first while those ranks run
-        if getattr(thread, "_child_processes", None) is procs and "_terminate_all" not in vars(thread):
-            def later(terminate=thread._terminate_all) -> None:
-                time.sleep(grace_s)
-                terminate()
+    all and this process, without a word. In a fit, this process's collective fails and says which rank ended (fit,
+    in trainer.py): the thread waits `grace_s` first, and still ends a process whose collective hangs (a backend that
+    does not notice a lost peer). Before it (a rank killed while it starts, out of memory) this process waits for
+    the rank to join the process group, where nothing fails: the thread says which rank ended, in the command's one
+    error line, and ends the ranks and this process with exit status 2, as any error does."""
+    from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
-            thread._terminate_all = later
+    lightning = getattr(_ChildProcessObserver._terminate_all, "lightning", _ChildProcessObserver._terminate_all)
+
+    def end(observer) -> None:
+        if DieOnSigterm.fitting:
+            time.sleep(grace_s)  # a process that has reported and ended takes the thread with it
+            return lightning(observer)
+        dead = next((_how(rank, p.returncode) for rank, p in enumerate(observer._child_processes, start=1)
+                     if p.returncode), "a rank of the fit ended")
+        command = sys.argv[1] if len(sys.argv) > 1 else "stage"  # `python -m transferkit.cli STAGE ...`
+        print(error_line(command, TransferkitError(f"{dead} while the fit started. Fix: run the stage again (if memory "
+                                                   f"ran out, lower its batch_size or trainer.devices).")),
+              file=sys.stderr, flush=True)
+        for proc in observer._child_processes:
+            proc.kill()
+        os._exit(2)
+
+    end.lightning = lightning
+    _ChildProcessObserver._terminate_all = end  # once per process: DieOnSigterm's every fit calls this again
+
+
+def _how(rank: int, code: int) -> str:
+    return f"rank {rank} of the fit " + (f"was killed by signal {-code} ({signal.strsignal(-code)})" if code < 0
+                                         else f"exited with status {code}")
 
 
 def ended_rank(parent: int, wait_s: float = 2.0) -> str | None:
@@ -59,8 +81,7 @@ def ended_rank(parent: int, wait_s: float = 2.0) -> str | None:
     while DieOnSigterm.started:
         for rank, proc in enumerate(DieOnSigterm.started, start=1):
             if (code := proc.poll()) is not None:
-                return f"rank {rank} of the fit " + (f"was killed by signal {-code} ({signal.strsignal(-code)})"
-                                                     if code < 0 else f"exited with status {code}")
+                return _how(rank, code)
         if time.monotonic() > deadline:
             return None
         time.sleep(0.05)

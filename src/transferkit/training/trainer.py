@@ -48,20 +48,21 @@ class _DropMessages(logging.Filter):
     """Lightning's info lines that say nothing about this run, or what the stage's own lines say: an advertisement, a
     note on the default of save_checkpoint's weights_only (the resume checkpoint saves all state), the data loaded to
     count the steps the schedule needs, that training ended as planned; accelerators no stage uses, the precision
-    (the closing line's), a resume ("resumed after epoch N of M") and Ctrl+C (the command's "interrupted" line).
-    Where it trains (GPU available: ..., used: ...) stays."""
+    (the closing line's), a resume ("resumed after epoch N of M"), Ctrl+C (the command's "interrupted" line) and
+    a rank that ended (the command's error line: training/ranks.py). Where it trains (GPU available: ...) stays."""
 
     DROPPED = ("💡 Tip", "`weights_only` was not set", "Loading `train_dataloader` to estimate",
                "`Trainer.fit` stopped: `max_epochs=", "TPU available:", "HPU available:",
                "Using bfloat16 Automatic Mixed Precision", "Using 16bit Automatic Mixed Precision",
-               "Restoring states from the checkpoint", "Restored all states", "\nDetected KeyboardInterrupt")
+               "Restoring states from the checkpoint", "Restored all states", "\nDetected KeyboardInterrupt",
+               "[rank: ")  # the launcher's observer thread: "[rank: 1] Child process with PID ... terminated"
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.DROPPED)
 
 
 for _name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector",
-              "lightning_fabric.utilities.rank_zero"):
+              "lightning_fabric.utilities.rank_zero", "lightning_fabric.strategies.launchers.subprocess_script"):
     logging.getLogger(_name).addFilter(_DropMessages())
 
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "deterministic", "sync_batchnorm", "benchmark")
