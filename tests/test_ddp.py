@@ -259,7 +259,7 @@ def test_a_rank_killed_mid_fit_is_one_line_naming_it_and_its_checkpoint_is_kept(
         while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         try:
-            rank1 = [pid for pid in _processes_naming(str(params)) if pid != proc.pid]
+            rank1 = [pid for pid in _processes_naming(str(params)) if _rank_of(pid) == "1"]
             os.kill(rank1[0], signal.SIGKILL)
             code = _ended(proc, tmp_path / "log.txt", str(params))
         finally:
