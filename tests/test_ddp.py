@@ -82,6 +82,16 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
+def _kill_left(proc, text: str, grace_s: float = 15.0) -> list[int]:
+    """The processes naming `text` left `grace_s` after `proc`, a stopped command, ended (_left_after); they and
+    `proc`, if it still runs, are then SIGKILLed, for the next test."""
+    left = _left_after(text, grace_s)
+    for pid in [proc.pid, *left]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    return left
+
+
 def _rank_of(pid: int) -> str | None:
     """The LOCAL_RANK Lightning's launcher started process `pid` with: a process forked from rank 0 (to run another
     command, or rank 1 before it runs) names the same params file."""
@@ -171,10 +181,7 @@ def test_a_sigterm_under_ddp_ends_every_rank_and_the_rerun_resumes(tmp_path, sta
         try:
             code = _ended(proc, tmp_path / "log.txt", str(params))
         finally:
-            left = _left_after(str(params))
-            for pid in [proc.pid, *left]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, 9)
+            left = _kill_left(proc, str(params))
     assert code == -signal.SIGTERM and not left, ((tmp_path / "log.txt").read_text()[-3000:], left)
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -230,10 +237,7 @@ def test_a_ddp_run_in_hydra_mode_stopped_is_one_line_and_leaves_no_rank(tmp_path
         try:
             code = _ended(proc, tmp_path / "log.txt", marker)
         finally:
-            left = _processes_naming(marker) if how == "kill_9_of_the_child" else _left_after(marker)
-            for pid in [proc.pid, *left]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, 9)
+            left = _kill_left(proc, marker, grace_s=0 if how == "kill_9_of_the_child" else 15.0)
     output = (tmp_path / "log.txt").read_text()
     if how == "kill_9_of_the_child":
         assert code == 137 and "Traceback" not in output, output[-3000:]
@@ -291,10 +295,7 @@ def test_a_rank_killed_as_the_fit_starts_is_one_line_naming_it(tmp_path):
             os.kill(rank1[0], signal.SIGKILL)  # still importing its libraries
             code = _ended(proc, tmp_path / "log.txt", str(params))
         finally:
-            left = _left_after(str(params))
-            for pid in [proc.pid, *left]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, 9)
+            left = _kill_left(proc, str(params))
     output = (tmp_path / "log.txt").read_text()
     assert code == 2 and "Traceback" not in output and not left, (left, output[-3000:])
     assert output.count("transferkit transfer: error: rank 1 of the fit was killed by signal 9 (Killed) while the fit "
