@@ -277,7 +277,6 @@ def test_a_rank_killed_mid_fit_is_one_line_naming_it_and_its_checkpoint_is_kept(
     assert "Fix: run the stage again: it resumes from its last checkpoint" in output and checkpoint.exists()
 
 
-
 @pytest.mark.slow
 def test_a_rank_killed_as_the_fit_starts_is_one_line_naming_it(tmp_path):
     """Killed before it joined the process group, rank 1 left rank 0 waiting for it, where no collective fails:
