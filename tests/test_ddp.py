@@ -307,10 +307,10 @@ def test_lightnings_rank_observer_gives_this_process_time_to_say_which_rank_ende
     process's collective fails and it names the rank (a loaded CI machine ended the test above -9, with no line)."""
     from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
-    from transferkit.training.ranks import DieOnSigterm, watch_ranks
+    from transferkit.training.ranks import watch_ranks
 
     monkeypatch.setattr(_ChildProcessObserver, "_terminate_all", _ChildProcessObserver._terminate_all)
-    monkeypatch.setattr(DieOnSigterm, "fitting", True)  # its process group made: a collective fails
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # a process group: a collective fails
     watch_ranks(grace_s=3.0)
     main = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands for the main process
     rank = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
@@ -329,11 +329,11 @@ def test_the_rank_observer_waits_once_whatever_the_fits_that_watch_it(monkeypatc
     `grace_s` once before Lightning's own end of the processes, not once more for each fit."""
     from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
-    from transferkit.training.ranks import DieOnSigterm, watch_ranks
+    from transferkit.training.ranks import watch_ranks
 
     ended, slept = [], []
     monkeypatch.setattr(_ChildProcessObserver, "_terminate_all", lambda observer: ended.append(observer))
-    monkeypatch.setattr(DieOnSigterm, "fitting", True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     for _ in range(3):  # prune: its first fit and two later ones
         watch_ranks(grace_s=30.0)
     monkeypatch.setattr(time, "sleep", slept.append)

@@ -19,13 +19,9 @@ class DieOnSigterm(Callback):
     times out (30 minutes). The pair of the last checkpoint is whole at any moment, so the next run resumes."""
 
     started: list = []  # the ranks Lightning's launcher started in this process's first fit: later fits start none
-    fitting = False  # the process group is made: a collective that loses a rank fails
 
     def __init__(self):
         watch_ranks()
-
-    def setup(self, trainer, module, stage: str) -> None:  # after the process group is made, before the first step
-        DieOnSigterm.fitting = True
 
     def on_train_start(self, trainer, module) -> None:  # after Lightning installed its handlers
         if trainer.world_size > 1:
@@ -52,7 +48,9 @@ def watch_ranks(grace_s: float = 30.0) -> None:
     lightning = getattr(_ChildProcessObserver._terminate_all, "lightning", _ChildProcessObserver._terminate_all)
 
     def end(observer) -> None:
-        if DieOnSigterm.fitting:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # the process group is made: a collective fails
             time.sleep(grace_s)  # a process that has reported and ended takes the thread with it
             return lightning(observer)
         dead = next((_how(rank, p.returncode) for rank, p in enumerate(observer._child_processes, start=1)
