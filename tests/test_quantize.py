@@ -289,6 +289,47 @@ def test_fake_quantization_trains_and_comes_off_leaving_each_input_clamped_to_it
         assert torch.equal(untrained(bright), plain(bright))
 
 
+@pytest.mark.parametrize("exporter, fmt", [("dynamo", "qoperator"), ("legacy", "qdq")])
+def test_int8_of_a_fine_tuned_model_quantizes_each_input_over_its_trained_range(tmp_path, exporter, fmt):
+    """The INT8 file of a model fine-tuned for INT8 puts each quantized layer's input on the grid it trained on
+    (scale = range / 255): the calibration images, here dimmer than the batch the ranges trained on, reach only
+    part of each range, and the ranges calibrated on them put the inputs on other grids. fastnet's MaxPool sits
+    between a convolution's ReLU and the next clamp."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from transferkit.deploy.export import export_onnx
+    from transferkit.deploy.fold import fold_batchnorm
+    from transferkit.deploy.qat import TrainedRange, add_fake_quant, remove_fake_quant
+    from transferkit.deploy.quantize import quantize
+    from transferkit.models import build_model
+
+    torch.manual_seed(0)
+    model = fold_batchnorm(build_model("fastnet", 3, widths=[8, 16, 16], stem_width=8, activation="relu"))
+    add_fake_quant(model, per_channel=True, reduce_range=True)
+    x = torch.rand(16, 3, 32, 32)
+    model.train()(x)  # the observers see a batch
+    model = remove_fake_quant(model).eval()
+    trained = [(m.low, m.high) for m in model.modules() if isinstance(m, TrainedRange)]
+    assert len(trained) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    export_onnx(model, tmp_path / "model.onnx", 32, exporter, None, log=lambda *_: None)
+
+    def grids(ranges) -> np.ndarray:  # the activation scales of the INT8 file
+        quantize(tmp_path / "model.onnx", tmp_path / "int8.onnx", (0.3 * x).numpy(), method="minmax", fmt=fmt,
+                 per_channel=True, reduce_range=True, trained_ranges=ranges)
+        saved = onnx.load(str(tmp_path / "int8.onnx")).graph.initializer
+        return np.array([float(numpy_helper.to_array(t)) for t in saved
+                         if t.name.endswith("_scale") and numpy_helper.to_array(t).size == 1])
+
+    def on_a_grid(scales: np.ndarray) -> list[bool]:
+        return [bool(np.isclose(scales, (high - low) / 255, rtol=1e-5).any()) for low, high in trained]
+
+    assert all(on_a_grid(grids(trained))), on_a_grid(grids(trained))
+    assert not any(on_a_grid(grids([])))  # calibrated: each on its own
+
+
 def test_fake_quantization_observes_activation_ranges_in_training_only():
     """Validation (eval mode) moved the ranges too, torch's FakeQuantize observing whatever it sees: the val
     images that decide whether the INT8 model ships set the ranges the next training steps quantized with."""

@@ -10,6 +10,7 @@ weights overflow, so a full-range file is accurate only on CPUs with VNNI."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -31,6 +32,8 @@ METHODS = ("minmax", "entropy", "percentile")
 # bins give the search TensorRT's and PyTorch's histogram resolution.
 CALIBRATOR_OPTIONS = {"minmax": {}, "entropy": {"num_bins": 2048}, "percentile": {}}
 FORMATS = ("qoperator", "qdq")
+# ops whose INT8 output keeps their input's scale and zero point, and that commute with a clamp
+SAME_GRID = ("MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
 
 
 def calibration_images(task: dict, n: int) -> np.ndarray:
@@ -73,8 +76,9 @@ def quantized_ops(path: Path) -> list[str]:
 
 
 def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt: str, per_channel: bool,
-             reduce_range: bool, keep_float=()) -> float:
-    """Write the INT8 model to `out`; returns the seconds it took."""
+             reduce_range: bool, keep_float=(), trained_ranges=()) -> float:
+    """Write the INT8 model to `out`; returns the seconds it took. `trained_ranges`: the (low, high) bounds of the
+    Clips whose outputs keep that range instead of a calibrated one (qat.TrainedRange's)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           create_calibrator, quant_pre_process, quantize_static)
     from onnxruntime.quantization.calibrate import save_tensors_data
@@ -111,6 +115,7 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
                 calibrator.collect_data(Batches())
                 ranges = calibrator.compute_data()
+            keep_trained_ranges(ranges, prepared, trained_ranges)
             save_tensors_data(ranges, Path(tmp) / "ranges.json")
             quantize_static(str(prepared), str(out), None, per_channel=per_channel, reduce_range=reduce_range,
                             nodes_to_exclude=excluded,
@@ -127,6 +132,36 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, *, method: str, fmt
                                    f"`transferkit export MODEL.pt --out DIR`), or try quantize.format=qdq.") from e
     copy_metadata(fp32, out)
     return time.perf_counter() - start
+
+
+def keep_trained_ranges(ranges, model_path: Path, trained) -> None:
+    """Each Clip of `model_path` bounded by a pair of `trained` gives its output that range: quantization-aware
+    fine-tuning trained the next layer's weights on inputs quantized over it, and the few images calibration sees
+    reach only part of it, so a calibrated range would round them on another grid. The range also goes up through
+    the ops before the Clip that INT8 runs on their input's grid (MaxPool, Reshape...): a clamp commutes with them,
+    and ONNX Runtime quantizes their output with their input's range."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.calibrate import TensorData
+
+    wanted = {(np.float32(low), np.float32(high)) for low, high in trained}
+    graph = onnx.load(str(model_path)).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                  if n.op_type == "Constant" and n.attribute[0].name == "value"}
+    producer = {out: n for n in graph.node for out in n.output}
+    readers = collections.Counter(i for n in graph.node for i in n.input)
+    for node in graph.node:
+        bounds = tuple(np.float32(constants[b]) for b in node.input[1:3] if b in constants)
+        if node.op_type != "Clip" or bounds not in wanted or node.output[0] not in ranges:
+            continue
+        tensor, kept = node.output[0], TensorData(lowest=bounds[0], highest=bounds[1])
+        ranges[tensor] = kept
+        # up to the Clip's input, then on through each op before it that keeps its input's grid
+        while (tensor := producer[tensor].input[0]) in ranges and readers[tensor] == 1:
+            ranges[tensor] = kept
+            if tensor not in producer or producer[tensor].op_type not in SAME_GRID:
+                break
 
 
 def copy_metadata(src: Path, dest: Path) -> None:

@@ -42,9 +42,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
             post_training = {"post_training": {k: scored[k] for k in ("int8_top1", "top1_agreement",
                                                                         "max_abs_logit_diff")},
                              f"post_training_{split}": judged}
-            tuned = fine_tune(cfg, inputs, task, out / QAT_DIR)
+            tuned, trained_ranges = fine_tune(cfg, inputs, task, out / QAT_DIR)
             copy_metadata(fp32, tuned)
-            seconds += quantize(tuned, tmp, calibration, **settings)
+            seconds += quantize(tuned, tmp, calibration, **settings, trained_ranges=trained_ranges)
             judged = check(fp32, tmp, task, threads, split)  # against the model it came from
             produced_by = (f"quantization-aware fine-tuning ({q.qat_epochs} epoch{'s' * (q.qat_epochs != 1)}, "
                            f"distilled from the teacher)")
@@ -61,13 +61,14 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict:
     return result
 
 
-def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -> Path:
+def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -> tuple[Path, list]:
     """The pruned student as deployed (fold.deployable), trained with fake INT8 quantization and
     distilled from the transfer model with prune's optimisation block (prune.teacher is not read:
-    the student before pruning is not among this stage's inputs); returns its fp32 ONNX file."""
+    the student before pruning is not among this stage's inputs); returns its fp32 ONNX file and the input
+    ranges it trained under, which its INT8 file keeps."""
     from transferkit.deploy.export import export_onnx
     from transferkit.deploy.fold import deployable, fold_head_scale
-    from transferkit.deploy.qat import add_fake_quant, float_layers, remove_fake_quant
+    from transferkit.deploy.qat import TrainedRange, add_fake_quant, float_layers, remove_fake_quant
     from transferkit.distill.module import DistillerModule
     from transferkit.models import load_checkpoint
     from transferkit.stages.distill import distillation, load_teacher
@@ -88,7 +89,7 @@ def fine_tune(cfg: DictConfig, inputs: dict[str, Path], task: dict, out: Path) -
     tuned = remove_fake_quant(fit.model).eval()  # each layer's input clamped to its trained range
     path = out / "model_fp32.onnx"
     export_onnx(fold_head_scale(tuned), path, int(student.input_size), "auto", None, log=lambda *_: None)
-    return path
+    return path, [(m.low, m.high) for m in tuned.modules() if isinstance(m, TrainedRange)]
 
 
 def check_export_of(model: Path, fp32: Path, task: dict, n: int = 64) -> None:
