@@ -127,6 +127,23 @@ def test_turning_the_progress_bar_on_reruns_no_scenario_stage(tmp_path):
         assert "trainer.precision" in tracked and not {f"trainer.{k}" for k in TRAINER_DISPLAY} & set(tracked)
 
 
+def test_a_dry_run_names_the_stages_a_run_would_run_and_runs_none(tmp_path, capsys):
+    """--dry: the stages DVC would run, the other quadrant's prepare among them where the chosen quadrant's
+    pretraining reads it (both similar-source quadrants share one pretraining, made from small_similar's prepared
+    source); none runs, and no report is written."""
+    import re
+
+    write_image_folder(tmp_path / "data", CIFAR10_CLASSES, train_per_class=1, test_per_class=1, archive=False)
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--only", "large_similar", "--dry", f"paths.data_dir={tmp_path / 'data'}"]) == 0
+    shown = capsys.readouterr().out
+    would = re.findall(r"^would run (\S+)$", shown, re.M)
+    assert sorted(would) == sorted(["scenario_small_similar-prepare", "similar-pretrain", "scenario_large_similar-"
+                                    "prepare", *(f"scenario_large_similar-{s}" for s in STRATEGIES)]), shown
+    assert f"transferkit scenarios --dry: 8 stages of {out} would run, and none ran (without --dry" in shown
+    assert sorted(p.name for p in out.iterdir()) == [".dvc", ".dvcignore", "dvc.yaml", "params"]  # no run's folder
+
+
 def _quadrant(epochs: dict) -> dict:
     rows = [{"strategy": name, "label": name.replace("_", " "), "what": "", "epochs": n, "val_acc": 0.5,
              "val_ci95": [0.4, 0.6], "test_acc": 0.5, "test_ci95": [0.4, 0.6], "train_seconds": 1.0,
@@ -377,9 +394,11 @@ def _rerun_skips_finished_work_and_reruns_what_a_change_touches(tiny):
     assert f"--only {','.join(ONE_PER_SOURCE)} " in (out / "scenarios.md").read_text()
     # another setting: DVC reruns the stages whose settings changed, nothing else (scratch trains
     # with transfer's block: its baseline follows it)
+    would = run(out, only=["small_similar"], overrides=[*overrides, "transfer.lr=0.5"], dry=True)["would_run"]
     run(out, only=["small_similar"], overrides=[*overrides, "transfer.lr=0.5"])
     ran = json.loads((out / "scenarios_timing.json").read_text())["stages_run"]
     assert sorted(ran) == [f"scenario_small_similar-{s}" for s in ("fine_tune", "partial_freeze", "scratch")], ran
+    assert sorted(would) == sorted(ran)  # what --dry said the run would run
     # the other quadrant was made with the old setting: it leaves the report until it is run with the new one
     assert [q["preset"] for q in json.loads((out / "scenarios.json").read_text())["quadrants"]] == [
         "scenario_small_similar"]

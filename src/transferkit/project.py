@@ -243,13 +243,14 @@ def stale_stages(folder: Path) -> list[str]:
 
 
 def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None, labels: dict | None = None,
-                 by: str | None = None) -> list[str]:
+                 by: str | None = None, dry: bool = False) -> list[str]:
     """Write `stages` as folder/dvc.yaml (folder becomes a DVC repository of its own if it is
     not one) and `dvc repro` them: DVC runs what is missing or changed, skips the rest and
     resumes nothing by hand; each stage is announced as it starts (by its name in `labels`).
     Returns the stages that ran. Where one fails, the others that do not need its outputs still run (--keep-going:
     a sweep's hours of runs do not stop at its first failed point), and then ReproFailed is raised, naming it.
-    `by`: the command whose runs these are (`sweep transfer`), in the file's header for check_runs_folder."""
+    `by`: the command whose runs these are (`sweep transfer`), in the file's header for check_runs_folder.
+    `dry`: the folder as a run leaves it before `dvc repro`, and no stage run."""
     check_runs_folder(folder, by)
     # a missing dep outside the folder stops `dvc repro` only after it has removed that stage's earlier outputs
     if missing := [(name, dep) for name, stage in stages.items() for dep in stage["deps"]
@@ -269,9 +270,15 @@ def run_pipeline(folder: Path, stages: dict, targets: list[str] | None = None, l
     header = RUNS_HEADER + (f"{MADE_BY}{by}\n" if by else "")
     save_text(header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120), dvc_file)
     # persist: true (stage_run) keeps a run's outputs while DVC makes them again, and so keeps them out of DVC's run
-    # cache: outputs deleted by hand come back from the cache by checkout (what it cannot restore, repro makes)
-    if gone := [name for name, stage in stages.items() if not all((folder / o).exists() for o in out_paths(stage))]:
+    # cache: outputs deleted by hand come back from the cache by checkout (what it cannot restore, repro makes), for
+    # the stages dvc.lock records (a checkout of a stage never run makes an empty folder for its output)
+    lock = folder / "dvc.lock"
+    made = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    if gone := [name for name, stage in stages.items()
+                if name in made and not all((folder / o).exists() for o in out_paths(stage))]:
         subprocess.run(["dvc", "checkout", "-q", *gone], cwd=folder, env=child_env(), capture_output=True)
+    if dry:
+        return []
     names = {name: (labels or {}).get(name, name) for name in stages}
 
     # a sweep runs for hours: each run is announced as DVC starts it, and a stage's error line as it comes (the runs

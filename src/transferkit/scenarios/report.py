@@ -1,4 +1,4 @@
-"""`transferkit scenarios [--out DIR] [--only NAME,...] [--early-depth K] [--partial-depth K] [key=value ...]`:
+"""`transferkit scenarios [--out DIR] [--only NAME,...] [--early-depth K] [--partial-depth K] [--dry] [key=value ...]`:
 the four scenarios (target data small or large x source similar or different, one preset each in
 conf/experiment/scenario_*.yaml) as one DVC pipeline in DIR, scored into DIR/scenarios.md and
 scenarios.json (docs/sweeps.md). key=value overrides apply to every quadrant (seed=1, model=vgg_mini).
@@ -25,7 +25,8 @@ from transferkit.evaluation.scenarios import score_quadrant
 from transferkit.evaluation.tables import scenarios_markdown
 from transferkit.io import save_json, save_text
 from transferkit.plain import differing, flatten, under
-from transferkit.project import WHY_LOCKED, ReproFailed, check_runs_folder, run_pipeline, stage_run, stale_stages
+from transferkit.project import (WHY_LOCKED, ReproFailed, check_runs_folder, out_paths, run_pipeline, stage_run,
+                                 stale_stages)
 from transferkit.stages import BY_NAME
 from transferkit.stages.common import exclusive
 from transferkit.sweep.points import check_points, expand, pin_named_files
@@ -170,7 +171,7 @@ def depth_error(preset: str, cfg: DictConfig, s: Strategy) -> TransferkitError |
 
 
 def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = None,
-        early_depth: int = 2, partial_depth: int = 2) -> dict:
+        early_depth: int = 2, partial_depth: int = 2, dry: bool = False) -> dict:
     named = {o if o in QUADRANTS else f"scenario_{o}": o for o in only or []}
     if unknown := [o for name, o in named.items() if name not in QUADRANTS]:
         raise TransferkitError(f"unknown scenario '{unknown[0]}'. Fix: use one of {', '.join(QUADRANTS)} "
@@ -179,9 +180,16 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
     check_runs_folder(out, "scenarios")  # before anything is composed or locked
     with exclusive(out, WHY_LOCKED):  # from its params files to the report of the runs its dvc.yaml lists
         stages = pipeline(out, list(overrides or []), plan, find_data=True)
-        start = time.perf_counter()
+        start, targets = time.perf_counter(), [name for name in stages if name.split("-")[0] in chosen]
+        if dry:
+            run_pipeline(out, stages, targets, by="scenarios", dry=True)
+            for name in (would := would_run(out, stages, targets)):
+                print(f"would run {name}")
+            print(f"transferkit scenarios --dry: {len(would)} stage{'s' * (len(would) != 1)} of {out} would run, and "
+                  f"none ran{' (without --dry, the command runs them)' * bool(would)}.")
+            return {"would_run": would}
         try:
-            ran = run_pipeline(out, stages, [name for name in stages if name.split("-")[0] in chosen], by="scenarios")
+            ran = run_pipeline(out, stages, targets, by="scenarios")
         except ReproFailed:  # the other quadrants ran (--keep-going): the report of those that finished, then the
             try:  # failure; none finished: the earlier report stays as it was
                 if finished := finished_quadrants(out, []):
@@ -197,6 +205,25 @@ def run(out: Path, only: list[str] | None = None, overrides: list[str] | None = 
         save_json({"this_run_seconds": round(time.perf_counter() - start, 1), "stages_run": ran},
                   out / "scenarios_timing.json")
     return summary
+
+
+def would_run(out: Path, stages: dict, targets: list[str]) -> list[str]:
+    """The stages `dvc repro TARGETS` would run in `out` (`dvc repro --dry` fails where a stage reads files not made
+    yet): those out of date among the targets and the stages they read (the other quadrant's prepare, where a shared
+    pretraining reads it), and each of those that reads one of them."""
+    maker = {o: name for name, stage in stages.items() for o in out_paths(stage)}
+    reads = {name: {maker[o] for d in stage["deps"] for o in maker if d == o or d.startswith(f"{o}/")}
+             for name, stage in stages.items()}
+    needed, todo = set(), list(targets)
+    while todo:
+        if (name := todo.pop()) not in needed:
+            needed.add(name)
+            todo += reads[name]
+    stale, runs = set(stale_stages(out)), []
+    for name in stages:  # pipeline() lists each stage after the stages it reads
+        if name in needed and (name in stale or reads[name] & set(runs)):
+            runs.append(name)
+    return runs
 
 
 def finished_quadrants(out: Path, chosen: list[str]) -> list[str]:
@@ -239,6 +266,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help=f"run only these of {', '.join(QUADRANTS)}")
     parser.add_argument("--early-depth", type=int, default=2, help="probe.depth of the earlier-block probe (2)")
     parser.add_argument("--partial-depth", type=int, default=2, help="transfer.freeze_depth of partial freeze (2)")
+    parser.add_argument("--dry", action="store_true", help="name the stages a run would run, and run none")
     args, rest = parser.parse_known_args(argv)
     if "" in args.only:  # `--only a,,b`, `--only ""`: no name
         names = ", ".join(q.removeprefix("scenario_") for q in QUADRANTS)
@@ -251,6 +279,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str]) -> int:
     args, overrides = parse(argv)
-    run(args.out, args.only, overrides, args.early_depth, args.partial_depth)
-    show(args.out)
+    run(args.out, args.only, overrides, args.early_depth, args.partial_depth, args.dry)
+    if not args.dry:
+        show(args.out)
     return 0
