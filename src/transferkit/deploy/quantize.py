@@ -144,6 +144,8 @@ def keep_trained_ranges(ranges, model_path: Path, trained) -> None:
     from onnx import numpy_helper
     from onnxruntime.quantization.calibrate import TensorData
 
+    if not trained:  # post-training quantization: nothing to read the graph for
+        return
     wanted = {(np.float32(low), np.float32(high)) for low, high in trained}
     graph = onnx.load(str(model_path)).graph
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -151,9 +153,9 @@ def keep_trained_ranges(ranges, model_path: Path, trained) -> None:
                   if n.op_type == "Constant" and n.attribute[0].name == "value"}
     producer = {out: n for n in graph.node for out in n.output}
     readers = collections.Counter(i for n in graph.node for i in n.input)
-    for node in graph.node:
+    for node in (n for n in graph.node if n.op_type == "Clip"):
         bounds = tuple(np.float32(constants[b]) for b in node.input[1:3] if b in constants)
-        if node.op_type != "Clip" or bounds not in wanted or node.output[0] not in ranges:
+        if bounds not in wanted or node.output[0] not in ranges:
             continue
         tensor, kept = node.output[0], TensorData(lowest=bounds[0], highest=bounds[1])
         ranges[tensor] = kept
